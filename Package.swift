@@ -1,0 +1,29 @@
+// swift-tools-version: 6.1
+import PackageDescription
+
+// Our own modules build in Swift 6 language mode (complete concurrency
+// checking) with warnings treated as errors.
+let strict: [SwiftSetting] = [
+    .unsafeFlags(["-warnings-as-errors"])
+]
+
+let package = Package(
+    name: "Warrant",
+    platforms: [.macOS(.v14)],
+    products: [
+        .library(name: "Raft", targets: ["Raft"]),
+        .executable(name: "warrant-sim", targets: ["warrant-sim"]),
+    ],
+    targets: [
+        // The pure consensus core: messages in, Ready out. No I/O, no clock,
+        // no global randomness, no dependencies at all.
+        .target(name: "Raft", swiftSettings: strict),
+        // Deterministic whole-cluster simulator over the pure core.
+        .target(name: "RaftSimulator", dependencies: ["Raft"], swiftSettings: strict),
+        // Simulator soak runs, seed replay and the core benchmark.
+        .executableTarget(name: "warrant-sim", dependencies: ["Raft", "RaftSimulator"], swiftSettings: strict),
+        .testTarget(name: "RaftTests", dependencies: ["Raft", "RaftSimulator"], swiftSettings: strict),
+        .testTarget(name: "RaftSimulatorTests", dependencies: ["Raft", "RaftSimulator"], swiftSettings: strict),
+    ],
+    swiftLanguageModes: [.v6]
+)

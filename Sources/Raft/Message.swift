@@ -1,0 +1,95 @@
+/// One message between two members. `term` is the sender's term, except for
+/// a granted pre-vote, which echoes the term the pre-candidate would use.
+public struct Message: Sendable, Hashable {
+    public var from: NodeID
+    public var to: NodeID
+    public var term: Term
+    public var body: MessageBody
+
+    public init(from: NodeID, to: NodeID, term: Term, body: MessageBody) {
+        self.from = from
+        self.to = to
+        self.term = term
+        self.body = body
+    }
+
+    /// Approximate encoded size, for flow control and tests.
+    public var byteCount: Int {
+        switch body {
+        case .appendEntries(let append): return 48 + append.entries.reduce(0) { $0 + $1.byteCount }
+        case .installSnapshot(let snapshot): return 64 + snapshot.data.count
+        case .forwardedProposal(let payloads): return 32 + payloads.reduce(0) { $0 + $1.byteCount }
+        default: return 48
+        }
+    }
+}
+
+public enum MessageBody: Sendable, Hashable {
+    case appendEntries(AppendEntries)
+    case appendEntriesResponse(AppendEntriesResponse)
+    case requestVote(RequestVote)
+    case requestVoteResponse(RequestVoteResponse)
+    case heartbeat(Heartbeat)
+    case heartbeatResponse(HeartbeatResponse)
+    case installSnapshot(Snapshot)
+    /// Tells the transfer target to start an election at once.
+    case timeoutNow
+    /// A follower's proposals, sent on to the leader.
+    case forwardedProposal([EntryPayload])
+    /// A follower asks the leader to confirm a read index for it.
+    case readIndexRequest(requestID: UInt64)
+    case readIndexResponse(requestID: UInt64, index: LogIndex)
+
+    /// Messages a leader sends in its own (already durable) term; a driver
+    /// may send these before persisting the Ready that carries them.
+    var isLeaderOutbound: Bool {
+        switch self {
+        case .appendEntries, .heartbeat, .installSnapshot, .timeoutNow, .readIndexResponse: return true
+        default: return false
+        }
+    }
+}
+
+public struct AppendEntries: Sendable, Hashable {
+    public var prevLogIndex: LogIndex
+    public var prevLogTerm: Term
+    public var entries: [Entry]
+    public var leaderCommit: LogIndex
+}
+
+public struct AppendEntriesResponse: Sendable, Hashable {
+    /// On success, the highest index known to match the leader's log.
+    /// On rejection, the `prevLogIndex` that did not match.
+    public var index: LogIndex
+    public var rejected: Bool
+    /// On rejection, a guess at where the logs agree: the follower's last
+    /// index at or below `index` whose term is at most the leader's
+    /// `prevLogTerm`, and that term. The leader skips back to it at once.
+    public var hintIndex: LogIndex
+    public var hintTerm: Term
+}
+
+public struct RequestVote: Sendable, Hashable {
+    public var lastLogIndex: LogIndex
+    public var lastLogTerm: Term
+    public var preVote: Bool
+    /// Set when a leader handed over leadership: voters skip the lease check.
+    public var leadershipTransfer: Bool
+}
+
+public struct RequestVoteResponse: Sendable, Hashable {
+    public var granted: Bool
+    public var preVote: Bool
+}
+
+public struct Heartbeat: Sendable, Hashable {
+    /// min(leader's commit, follower's known match): never past what the
+    /// follower's log is known to share with the leader's.
+    public var commit: LogIndex
+    /// The leader's read round this heartbeat confirms leadership for.
+    public var readRound: UInt64
+}
+
+public struct HeartbeatResponse: Sendable, Hashable {
+    public var readRound: UInt64
+}

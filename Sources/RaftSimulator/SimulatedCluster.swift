@@ -1,0 +1,290 @@
+import Raft
+
+/// Tunables shared by every node of a simulated cluster.
+public struct NodeOptions: Sendable {
+    public var electionTimeoutTicks = 10
+    public var heartbeatIntervalTicks = 1
+    public var preVote = true
+    public var checkQuorum = true
+    public var followerProposals: FollowerProposalPolicy = .forwardToLeader
+    public var messageBytesMax = 1 << 20
+    public var inflightMessagesMax = 256
+    public var uncommittedBytesMax = 64 << 20
+    public var promotionLagEntriesMax: LogIndex = 64
+    package var plantedBug: PlantedBug?
+
+    public init() {}
+
+    func configuration(id: NodeID, seed: UInt64) -> Configuration {
+        var c = Configuration(id: id, randomSeed: seed)
+        c.electionTimeoutTicks = electionTimeoutTicks
+        c.heartbeatIntervalTicks = heartbeatIntervalTicks
+        c.preVote = preVote
+        c.checkQuorum = checkQuorum
+        c.followerProposals = followerProposals
+        c.messageBytesMax = messageBytesMax
+        c.inflightMessagesMax = inflightMessagesMax
+        c.inflightBytesMax = max(c.inflightBytesMax, messageBytesMax)
+        c.uncommittedBytesMax = max(uncommittedBytesMax, messageBytesMax)
+        c.promotionLagEntriesMax = promotionLagEntriesMax
+        c.plantedBug = plantedBug
+        return c
+    }
+}
+
+/// What a simulated node has on "disk": exactly what its Readies asked to
+/// persist, nothing more. A crash keeps this and loses everything else.
+public struct SimulatedStorage: Sendable {
+    public var hardState = HardState()
+    public var snapshot: Snapshot?
+    public var entries: [Entry] = []
+
+    var durableState: DurableState {
+        DurableState(hardState: hardState, snapshot: snapshot, entries: entries)
+    }
+
+    mutating func persist(_ ready: Ready) {
+        if let snapshot = ready.snapshot {
+            self.snapshot = snapshot
+            entries.removeAll()
+        }
+        if let first = ready.entries.first {
+            // Replace any stored suffix from the first new index on.
+            if let position = entries.firstIndex(where: { $0.index >= first.index }) {
+                entries.removeSubrange(position...)
+            }
+            precondition(first.index == (entries.last?.index ?? snapshot?.metadata.index ?? 0) + 1, "storage gap")
+            entries.append(contentsOf: ready.entries)
+        }
+        if let hardState = ready.hardState { self.hardState = hardState }
+    }
+
+    mutating func compact(through metadata: SnapshotMetadata, data: [UInt8]) {
+        snapshot = Snapshot(metadata: metadata, data: data)
+        entries.removeAll { $0.index <= metadata.index }
+    }
+}
+
+/// One simulated member: its core (nil while crashed), its disk and its
+/// state machine, which is a running digest of everything applied.
+public struct SimulatedNode: Sendable {
+    public let id: NodeID
+    public internal(set) var raft: RaftNode?
+    public internal(set) var storage: SimulatedStorage
+    public internal(set) var appliedIndex: LogIndex = 0
+    public internal(set) var digest: UInt64 = 0
+    public internal(set) var incarnation = 0
+    /// Command ids this node applied, in order (for tests).
+    public internal(set) var appliedCommands: [[UInt8]] = []
+    public internal(set) var readStates: [ReadState] = []
+    /// Crash in the middle of the next Ready: after sending what may be sent
+    /// before persisting, before persisting anything.
+    var crashDuringNextReady = false
+
+    public var isRunning: Bool { raft != nil }
+}
+
+/// A whole cluster of pure Raft cores in one process. Messages are not
+/// delivered here: they collect in `outgoing`, and a network (the scenario
+/// tests' direct one, or the simulator's faulty one) decides their fate.
+public final class SimulatedCluster {
+    public let options: NodeOptions
+    public private(set) var nodes: [NodeID: SimulatedNode] = [:]
+    public var checker = SafetyChecker()
+    /// Messages sent and not yet handed to a network.
+    public var outgoing: [Message] = []
+    /// Whether to keep every applied command per node (tests), or only digests.
+    public var recordAppliedCommands = true
+    private var seeds: SeededGenerator
+    /// Called with every (node, read state) a node produced.
+    public var onReadState: ((NodeID, ReadState) -> Void)?
+    /// Called with every (node, entry) a node applied.
+    public var onApplied: ((NodeID, Entry) -> Void)?
+
+    public init(voters: [NodeID], options: NodeOptions = NodeOptions(), seed: UInt64) {
+        self.options = options
+        seeds = SeededGenerator(seed: seed)
+        for id in voters {
+            nodes[id] = SimulatedNode(id: id, raft: nil, storage: SimulatedStorage())
+            let durable = DurableState.bootstrap(voters: voters)
+            nodes[id]!.storage = SimulatedStorage(hardState: durable.hardState, snapshot: nil, entries: durable.entries)
+            start(id)
+        }
+    }
+
+    public var ids: [NodeID] { nodes.keys.sorted() }
+    public var runningIDs: [NodeID] { ids.filter { nodes[$0]!.isRunning } }
+
+    public func raft(_ id: NodeID) -> RaftNode {
+        guard let raft = nodes[id]?.raft else { preconditionFailure("node \(id) is not running") }
+        return raft
+    }
+
+    /// The leader with the highest term among running nodes, if any.
+    public var leader: NodeID? {
+        var best: (NodeID, Term)?
+        for id in runningIDs {
+            let r = nodes[id]!.raft!
+            if r.role == .leader, best == nil || r.term > best!.1 { best = (id, r.term) }
+        }
+        return best?.0
+    }
+
+    // MARK: - Life cycle
+
+    private func start(_ id: NodeID) {
+        let configuration = options.configuration(id: id, seed: seeds.next())
+        let durable = nodes[id]!.storage.durableState
+        do {
+            let raft = try RaftNode(configuration: configuration, durable: durable)
+            nodes[id]!.raft = raft
+            nodes[id]!.incarnation += 1
+            // The state machine restarts from the snapshot, if any.
+            if let snapshot = durable.snapshot {
+                nodes[id]!.appliedIndex = snapshot.metadata.index
+                nodes[id]!.digest = Self.digest(from: snapshot.data)
+            } else {
+                nodes[id]!.appliedIndex = 0
+                nodes[id]!.digest = 0
+            }
+            nodes[id]!.appliedCommands = []
+            checker.restarted(raft)
+        } catch {
+            preconditionFailure("node \(id) could not restart: \(error)")
+        }
+    }
+
+    /// Adds a brand-new, empty node (it joins once the leader adds it).
+    public func addEmptyNode(_ id: NodeID) {
+        precondition(nodes[id] == nil, "node ids are never reused")
+        nodes[id] = SimulatedNode(id: id, raft: nil, storage: SimulatedStorage())
+        start(id)
+    }
+
+    /// Stops a node; it keeps only what it had persisted.
+    public func crash(_ id: NodeID) {
+        nodes[id]?.raft = nil
+        nodes[id]?.crashDuringNextReady = false
+    }
+
+    /// Arms a crash in the middle of this node's next Ready.
+    public func crashDuringNextReady(_ id: NodeID) {
+        guard nodes[id]?.isRunning == true else { return }
+        nodes[id]!.crashDuringNextReady = true
+    }
+
+    /// Cancels every armed crash.
+    public func disarmCrashes() {
+        for id in ids { nodes[id]!.crashDuringNextReady = false }
+    }
+
+    public func restart(_ id: NodeID) {
+        guard let node = nodes[id], !node.isRunning else { return }
+        start(id)
+    }
+
+    /// Forgets a removed node entirely (an operator shut it down).
+    public func decommission(_ id: NodeID) {
+        nodes[id] = nil
+    }
+
+    // MARK: - Input
+
+    /// Runs `action` on a running node and then carries out its Readies.
+    /// Returns what the action returned, or nil if the node is down.
+    @discardableResult
+    public func with<T, E: Error>(_ id: NodeID, _ action: (inout RaftNode) throws(E) -> T) throws(E) -> T? {
+        guard nodes[id]?.raft != nil else { return nil }
+        let wasLeader = nodes[id]!.raft!.role == .leader
+        let result = try action(&nodes[id]!.raft!)
+        if let raft = nodes[id]?.raft { checker.observe(raft, wasLeader: wasLeader) }
+        processReadies(id)
+        return result
+    }
+
+    public func deliver(_ message: Message) {
+        with(message.to) { $0.step(message) }
+    }
+
+    public func tick(_ id: NodeID) {
+        with(id) { $0.tick() }
+    }
+
+    public func tickAll() {
+        for id in runningIDs { tick(id) }
+    }
+
+    /// Compacts a node's log up to its applied index.
+    public func compact(_ id: NodeID) {
+        guard let node = nodes[id], let raft = node.raft, node.appliedIndex > raft.snapshotIndex else { return }
+        let data = Self.snapshotData(index: node.appliedIndex, digest: node.digest)
+        let index = node.appliedIndex
+        let metadata = with(id) { try? $0.compactLog(through: index, snapshotData: data) }
+        if let metadata, let metadata {
+            nodes[id]!.storage.compact(through: metadata, data: data)
+        }
+    }
+
+    // MARK: - The driver loop
+
+    private func processReadies(_ id: NodeID) {
+        var rounds = 0
+        while let raft = nodes[id]?.raft, raft.hasReady {
+            rounds += 1
+            precondition(rounds < 10_000, "node \(id) never runs out of Ready")
+            let wasLeader = raft.role == .leader
+            let ready = nodes[id]!.raft!.ready()
+            // 1. Leader traffic may go before persisting.
+            outgoing.append(contentsOf: ready.messagesToSendNow)
+            if nodes[id]!.crashDuringNextReady {
+                crash(id)
+                return
+            }
+            // 2. Persist atomically.
+            let previousTerm = ready.entries.first.flatMap { nodes[id]!.raft!.term(at: $0.index - 1) }
+            checker.persisted(ready.entries, previousTerm: previousTerm, by: id)
+            nodes[id]!.storage.persist(ready)
+            if let snapshot = ready.snapshot {
+                let digest = Self.digest(from: snapshot.data)
+                checker.installedSnapshot(index: snapshot.metadata.index, digest: digest, by: id)
+                nodes[id]!.appliedIndex = snapshot.metadata.index
+                nodes[id]!.digest = digest
+            }
+            // 3. Then what depends on it.
+            outgoing.append(contentsOf: ready.messagesAfterPersist)
+            // 4. Apply.
+            for entry in ready.committedEntries {
+                precondition(entry.index == nodes[id]!.appliedIndex + 1, "node \(id) applies \(entry.index) after \(nodes[id]!.appliedIndex)")
+                nodes[id]!.digest = checker.applied(entry, after: nodes[id]!.digest, by: id)
+                nodes[id]!.appliedIndex = entry.index
+                if case .command(let bytes) = entry.payload, recordAppliedCommands {
+                    nodes[id]!.appliedCommands.append(bytes)
+                }
+                onApplied?(id, entry)
+            }
+            for state in ready.readStates {
+                if recordAppliedCommands { nodes[id]!.readStates.append(state) }
+                onReadState?(id, state)
+            }
+            nodes[id]!.raft!.advance()
+            checker.observe(nodes[id]!.raft!, wasLeader: wasLeader)
+        }
+    }
+
+    // MARK: - Snapshot bytes: the applied index and digest
+
+    static func snapshotData(index: LogIndex, digest: UInt64) -> [UInt8] {
+        var bytes: [UInt8] = []
+        for value in [index, digest] {
+            for shift in stride(from: 0, to: 64, by: 8) { bytes.append(UInt8(truncatingIfNeeded: value >> UInt64(shift))) }
+        }
+        return bytes
+    }
+
+    static func digest(from data: [UInt8]) -> UInt64 {
+        guard data.count == 16 else { return 0 }
+        var value: UInt64 = 0
+        for (offset, byte) in data[8..<16].enumerated() { value |= UInt64(byte) << UInt64(offset * 8) }
+        return value
+    }
+}
