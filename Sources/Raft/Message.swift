@@ -55,6 +55,13 @@ public struct AppendEntries: Sendable, Hashable {
     public var prevLogTerm: Term
     public var entries: [Entry]
     public var leaderCommit: LogIndex
+
+    public init(prevLogIndex: LogIndex, prevLogTerm: Term, entries: [Entry], leaderCommit: LogIndex) {
+        self.prevLogIndex = prevLogIndex
+        self.prevLogTerm = prevLogTerm
+        self.entries = entries
+        self.leaderCommit = leaderCommit
+    }
 }
 
 public struct AppendEntriesResponse: Sendable, Hashable {
@@ -67,6 +74,13 @@ public struct AppendEntriesResponse: Sendable, Hashable {
     /// `prevLogTerm`, and that term. The leader skips back to it at once.
     public var hintIndex: LogIndex
     public var hintTerm: Term
+
+    public init(index: LogIndex, rejected: Bool, hintIndex: LogIndex, hintTerm: Term) {
+        self.index = index
+        self.rejected = rejected
+        self.hintIndex = hintIndex
+        self.hintTerm = hintTerm
+    }
 }
 
 public struct RequestVote: Sendable, Hashable {
@@ -75,11 +89,23 @@ public struct RequestVote: Sendable, Hashable {
     public var preVote: Bool
     /// Set when a leader handed over leadership: voters skip the lease check.
     public var leadershipTransfer: Bool
+
+    public init(lastLogIndex: LogIndex, lastLogTerm: Term, preVote: Bool, leadershipTransfer: Bool) {
+        self.lastLogIndex = lastLogIndex
+        self.lastLogTerm = lastLogTerm
+        self.preVote = preVote
+        self.leadershipTransfer = leadershipTransfer
+    }
 }
 
 public struct RequestVoteResponse: Sendable, Hashable {
     public var granted: Bool
     public var preVote: Bool
+
+    public init(granted: Bool, preVote: Bool) {
+        self.granted = granted
+        self.preVote = preVote
+    }
 }
 
 public struct Heartbeat: Sendable, Hashable {
@@ -88,8 +114,17 @@ public struct Heartbeat: Sendable, Hashable {
     public var commit: LogIndex
     /// The leader's read round this heartbeat confirms leadership for.
     public var readRound: UInt64
+
+    public init(commit: LogIndex, readRound: UInt64) {
+        self.commit = commit
+        self.readRound = readRound
+    }
 }
 
 public struct HeartbeatResponse: Sendable, Hashable {
     public var readRound: UInt64
+
+    public init(readRound: UInt64) {
+        self.readRound = readRound
+    }
 }

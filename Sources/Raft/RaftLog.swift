@@ -116,11 +116,11 @@ struct RaftLog {
         commitIndex = index
     }
 
-    /// Committed, durable entries not yet handed out, cut at `bytesMax`.
+    /// Committed entries not yet handed out, cut at `bytesMax`. Some may be
+    /// in the same Ready's `entries`: the driver persists before applying.
     func entriesToApply(bytesMax: Int) -> ArraySlice<Entry> {
-        let through = min(commitIndex, stableIndex)
-        guard through > appliedIndex else { return [] }
-        return entries(from: appliedIndex + 1, through: through, bytesMax: bytesMax)
+        guard commitIndex > appliedIndex else { return [] }
+        return entries(from: appliedIndex + 1, through: commitIndex, bytesMax: bytesMax)
     }
 
     mutating func markApplied(through index: LogIndex) {

@@ -62,6 +62,22 @@ public struct SimulationStats: Sendable {
     public var finalCommitIndex: LogIndex = 0
 
     public init() {}
+
+    /// Adds another run's counts to these (the final index is the maximum).
+    public mutating func add(_ other: SimulationStats) {
+        messagesDelivered += other.messagesDelivered
+        messagesDropped += other.messagesDropped
+        commandsApplied += other.commandsApplied
+        leaderTerms += other.leaderTerms
+        crashes += other.crashes
+        partitions += other.partitions
+        compactions += other.compactions
+        snapshotsInstalled += other.snapshotsInstalled
+        membershipChanges += other.membershipChanges
+        leadershipTransfers += other.leadershipTransfers
+        readsAnswered += other.readsAnswered
+        finalCommitIndex = max(finalCommitIndex, other.finalCommitIndex)
+    }
 }
 
 public struct SimulationResult: Sendable {
@@ -127,6 +143,9 @@ public final class Simulation {
         nodeOptions.inflightMessagesMax = 1 + random.below(8)
         nodeOptions.promotionLagEntriesMax = 16
         nodeOptions.followerProposals = random.chance(0.5) ? .forwardToLeader : .refuseWithLeaderHint
+        // Safety must not rest on PreVote or CheckQuorum: some runs go without.
+        nodeOptions.preVote = random.chance(0.75)
+        nodeOptions.checkQuorum = random.chance(0.75)
         cluster = SimulatedCluster(voters: (1...NodeID(nodeCount)).map { $0 }, options: nodeOptions, seed: random.next())
         cluster.recordAppliedCommands = false
         churnLeaders = random.chance(0.5)
@@ -402,8 +421,15 @@ public final class Simulation {
             }
             _ = try? cluster.with(id) { raft throws(RaftError) in try raft.propose(batch: batch) }
         }
-        if random.chance(0.25) {
-            let id = running[random.below(running.count)]
+        if random.chance(0.4) {
+            // Half the reads go to the node that believes it leads in the
+            // oldest term: during a partition that is the deposed leader of
+            // the classic stale read.
+            let running = cluster.runningIDs // the proposal may have crashed one
+            guard !running.isEmpty else { return }
+            let leaders = running.filter { cluster.raft($0).role == .leader }
+            let oldestLeader = leaders.min { cluster.raft($0).term < cluster.raft($1).term }
+            let id = oldestLeader != nil && random.chance(0.5) ? oldestLeader! : running[random.below(running.count)]
             let requestID = nextRequestID
             nextRequestID += 1
             // Every write acknowledged before this read began is at or below this index.

@@ -95,12 +95,7 @@ func runSeeds(_ arguments: Arguments) throws -> Int32 {
     for offset in 0..<count {
         let seed = UInt64(start + offset)
         let result = Simulation(seed: seed, options: options).run()
-        totals.messagesDelivered += result.stats.messagesDelivered
-        totals.crashes += result.stats.crashes
-        totals.partitions += result.stats.partitions
-        totals.membershipChanges += result.stats.membershipChanges
-        totals.commandsApplied += result.stats.commandsApplied
-        totals.readsAnswered += result.stats.readsAnswered
+        totals.add(result.stats)
         if let violation = result.violation {
             print("FAIL seed \(seed) (\(result.nodeCount) nodes): \(violation)")
             print("replay: \(result.replayCommand) --trace")
