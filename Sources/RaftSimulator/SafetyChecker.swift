@@ -35,6 +35,10 @@ public struct SafetyChecker: Sendable {
     private var entryRegistry: [EntryKey: (payload: UInt64, previousTerm: Term)] = [:]
     /// committedTerms[i - 1] is the term of the entry committed at index i.
     public private(set) var committedTerms: [Term] = []
+    /// commitTerms[i - 1] bounds the term in which index i was committed: the
+    /// lowest term of a node seen holding it committed (the committing leader
+    /// is normally the first). Leader Completeness binds later terms only.
+    private var commitTerms: [Term] = []
     /// State Machine Safety: digests[i - 1] is the state machine's digest
     /// after applying index i, the same on every node.
     public private(set) var digests: [UInt64] = []
@@ -83,30 +87,33 @@ public struct SafetyChecker: Sendable {
         for index in max(from, node.snapshotIndex)...through where index > 0 {
             guard let term = node.term(at: index) else { continue }
             let slot = Int(index - 1)
+            // A snapshot may have committed earlier indices we never saw
+            // entry by entry: fill them from this node's log where it has them.
+            while committedTerms.count < slot {
+                let missing = LogIndex(committedTerms.count + 1)
+                committedTerms.append(node.term(at: missing) ?? 0)
+                commitTerms.append(node.term)
+            }
             if slot < committedTerms.count {
                 if committedTerms[slot] != term {
                     record(.stateMachineSafety, "node \(node.id) committed term \(term) at index \(index), but term \(committedTerms[slot]) was committed there before")
                 }
-            } else if slot == committedTerms.count {
-                committedTerms.append(term)
+                commitTerms[slot] = min(commitTerms[slot], node.term)
             } else {
-                // A gap: earlier indices were committed by a snapshot we never
-                // saw entry by entry. Fill them from this node's log when known.
-                while committedTerms.count < slot {
-                    let missing = LogIndex(committedTerms.count + 1)
-                    committedTerms.append(node.term(at: missing) ?? 0)
-                }
                 committedTerms.append(term)
+                commitTerms.append(node.term)
             }
         }
     }
 
-    /// Leader Completeness: a new leader holds every entry committed so far.
+    /// Leader Completeness: a new leader holds every entry committed in an
+    /// earlier term. (A slow candidate may still win an older term after a
+    /// newer term committed entries; it need not hold those.)
     private mutating func checkLeaderCompleteness(_ node: RaftNode) {
         var index = max(node.snapshotIndex + 1, 1)
         while index <= LogIndex(committedTerms.count) {
             let expected = committedTerms[Int(index - 1)]
-            if expected != 0 {
+            if expected != 0 && commitTerms[Int(index - 1)] < node.term {
                 let actual = node.term(at: index)
                 if actual != expected {
                     record(.leaderCompleteness, "node \(node.id) leads term \(node.term) but holds term \(actual.map(String.init) ?? "nothing") at committed index \(index) (committed term \(expected))")

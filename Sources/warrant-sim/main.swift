@@ -105,6 +105,7 @@ func runSeeds(_ arguments: Arguments) throws -> Int32 {
             lastReport = clock.now
             let rate = Double(offset + 1) / seconds(clock.now - began)
             print("... \(offset + 1)/\(count) seeds clean, \(String(format: "%.1f", rate)) seeds/s")
+            fflush(nil) // progress should show as it happens, even when piped
         }
     }
     let elapsed = seconds(clock.now - began)

@@ -18,6 +18,15 @@ struct SimulatorTests {
         }
     }
 
+    /// Seeds that once failed, kept so they stay fixed.
+    /// 36542: a clogged candidate won term 4 after term 5 had committed an
+    /// entry; the checker wrongly demanded that entry of the term-4 leader.
+    @Test("Regression seeds stay clean", arguments: [UInt64(36542)])
+    func regressionSeed(seed: UInt64) {
+        let result = Simulation(seed: seed).run()
+        #expect(result.violation == nil, "\(result.violation.map(String.init(describing:)) ?? "")")
+    }
+
     @Test("The schedules vary: crashes, partitions, membership changes, snapshots and transfers all happen")
     func schedulesCoverEveryFault() {
         var totals = SimulationStats()

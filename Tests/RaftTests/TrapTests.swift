@@ -165,6 +165,22 @@ struct TrapTests {
         #expect(state.index == net.cluster.raft(newLeader).commitIndex)
     }
 
+    @Test("Stale reads with the quorum check planted away: the deposed leader answers, and the answer is stale")
+    func readWithoutQuorumCheckIsStale() throws {
+        // CheckQuorum off, so the isolated leader keeps believing it leads.
+        let options = scenarioOptions(checkQuorum: false) { $0.plantedBug = .readIndexWithoutQuorumCheck }
+        let net = ScenarioNetwork(voters: [1, 2, 3], options: options)
+        net.elect(1)
+        net.isolate(1)
+        net.elect(2)
+        try net.propose(Array("newer".utf8), on: 2)
+        let acknowledged = net.cluster.raft(2).commitIndex
+        try net.cluster.with(1) { raft throws(RaftError) in try raft.readIndex(requestID: 9) }
+        net.deliverAll()
+        let state = try #require(net.cluster.nodes[1]!.readStates.first, "the bug answers at once")
+        #expect(state.index < acknowledged, "and misses a write acknowledged before the read")
+    }
+
     @Test("ReadIndex reports abandoned reads when leadership is lost")
     func abandonedReadsAreReported() throws {
         var node = try makeLeader(1, checkQuorum: true)
