@@ -66,8 +66,9 @@ public struct SimulatedStorage: Sendable {
 }
 
 /// One simulated member: its core (nil while crashed), its disk and its
-/// state machine, which is a running digest of everything applied.
-public struct SimulatedNode: Sendable {
+/// state machine, which is a running digest of everything applied. A class,
+/// so looking a node up never copies its whole core.
+public final class SimulatedNode {
     public let id: NodeID
     public internal(set) var raft: RaftNode?
     public internal(set) var storage: SimulatedStorage
@@ -81,6 +82,11 @@ public struct SimulatedNode: Sendable {
     /// before persisting, before persisting anything.
     var crashDuringNextReady = false
 
+    init(id: NodeID, storage: SimulatedStorage) {
+        self.id = id
+        self.storage = storage
+    }
+
     public var isRunning: Bool { raft != nil }
 }
 
@@ -90,6 +96,8 @@ public struct SimulatedNode: Sendable {
 public final class SimulatedCluster {
     public let options: NodeOptions
     public private(set) var nodes: [NodeID: SimulatedNode] = [:]
+    /// `nodes.keys`, sorted; kept up to date where nodes come and go.
+    private var sortedIDs: [NodeID] = []
     public var checker = SafetyChecker()
     /// Messages sent and not yet handed to a network.
     public var outgoing: [Message] = []
@@ -104,28 +112,33 @@ public final class SimulatedCluster {
     public init(voters: [NodeID], options: NodeOptions = NodeOptions(), seed: UInt64) {
         self.options = options
         seeds = SeededGenerator(seed: seed)
+        let durable = DurableState.bootstrap(voters: voters)
         for id in voters {
-            nodes[id] = SimulatedNode(id: id, raft: nil, storage: SimulatedStorage())
-            let durable = DurableState.bootstrap(voters: voters)
-            nodes[id]!.storage = SimulatedStorage(hardState: durable.hardState, snapshot: nil, entries: durable.entries)
+            nodes[id] = SimulatedNode(id: id, storage: SimulatedStorage(hardState: durable.hardState, snapshot: nil, entries: durable.entries))
             start(id)
         }
+        sortedIDs = nodes.keys.sorted()
     }
 
-    public var ids: [NodeID] { nodes.keys.sorted() }
-    public var runningIDs: [NodeID] { ids.filter { nodes[$0]!.isRunning } }
+    public var ids: [NodeID] { sortedIDs }
+    public var runningIDs: [NodeID] { sortedIDs.filter { nodes[$0]!.isRunning } }
 
+    /// A copy of a running node's core (for inspection; changes go through `with`).
     public func raft(_ id: NodeID) -> RaftNode {
         guard let raft = nodes[id]?.raft else { preconditionFailure("node \(id) is not running") }
         return raft
     }
 
+    /// A running node's role, read without copying its core.
+    public func role(of id: NodeID) -> Role? { nodes[id]?.raft?.role }
+    public func term(of id: NodeID) -> Term? { nodes[id]?.raft?.term }
+
     /// The leader with the highest term among running nodes, if any.
     public var leader: NodeID? {
         var best: (NodeID, Term)?
-        for id in runningIDs {
-            let r = nodes[id]!.raft!
-            if r.role == .leader, best == nil || r.term > best!.1 { best = (id, r.term) }
+        for id in sortedIDs {
+            guard let node = nodes[id], node.raft?.role == .leader, let term = node.raft?.term else { continue }
+            if best == nil || term > best!.1 { best = (id, term) }
         }
         return best?.0
     }
@@ -157,7 +170,8 @@ public final class SimulatedCluster {
     /// Adds a brand-new, empty node (it joins once the leader adds it).
     public func addEmptyNode(_ id: NodeID) {
         precondition(nodes[id] == nil, "node ids are never reused")
-        nodes[id] = SimulatedNode(id: id, raft: nil, storage: SimulatedStorage())
+        nodes[id] = SimulatedNode(id: id, storage: SimulatedStorage())
+        sortedIDs = nodes.keys.sorted()
         start(id)
     }
 
@@ -186,6 +200,7 @@ public final class SimulatedCluster {
     /// Forgets a removed node entirely (an operator shut it down).
     public func decommission(_ id: NodeID) {
         nodes[id] = nil
+        sortedIDs = nodes.keys.sorted()
     }
 
     // MARK: - Input
@@ -194,11 +209,11 @@ public final class SimulatedCluster {
     /// Returns what the action returned, or nil if the node is down.
     @discardableResult
     public func with<T, E: Error>(_ id: NodeID, _ action: (inout RaftNode) throws(E) -> T) throws(E) -> T? {
-        guard nodes[id]?.raft != nil else { return nil }
-        let wasLeader = nodes[id]!.raft!.role == .leader
-        let result = try action(&nodes[id]!.raft!)
-        if let raft = nodes[id]?.raft { checker.observe(raft, wasLeader: wasLeader) }
-        processReadies(id)
+        guard let node = nodes[id], node.raft != nil else { return nil }
+        let wasLeader = node.raft!.role == .leader
+        let result = try action(&node.raft!)
+        if node.raft != nil { checker.observe(node.raft!, wasLeader: wasLeader) }
+        processReadies(node)
         return result
     }
 
@@ -227,47 +242,48 @@ public final class SimulatedCluster {
 
     // MARK: - The driver loop
 
-    private func processReadies(_ id: NodeID) {
+    private func processReadies(_ node: SimulatedNode) {
+        let id = node.id
         var rounds = 0
-        while let raft = nodes[id]?.raft, raft.hasReady {
+        while node.raft?.hasReady == true {
             rounds += 1
             precondition(rounds < 10_000, "node \(id) never runs out of Ready")
-            let wasLeader = raft.role == .leader
-            let ready = nodes[id]!.raft!.ready()
+            let wasLeader = node.raft!.role == .leader
+            let ready = node.raft!.ready()
             // 1. Leader traffic may go before persisting.
             outgoing.append(contentsOf: ready.messagesToSendNow)
-            if nodes[id]!.crashDuringNextReady {
+            if node.crashDuringNextReady {
                 crash(id)
                 return
             }
             // 2. Persist atomically.
-            let previousTerm = ready.entries.first.flatMap { nodes[id]!.raft!.term(at: $0.index - 1) }
+            let previousTerm = ready.entries.first.flatMap { node.raft!.term(at: $0.index - 1) }
             checker.persisted(ready.entries, previousTerm: previousTerm, by: id)
-            nodes[id]!.storage.persist(ready)
+            node.storage.persist(ready)
             if let snapshot = ready.snapshot {
                 let digest = Self.digest(from: snapshot.data)
                 checker.installedSnapshot(index: snapshot.metadata.index, digest: digest, by: id)
-                nodes[id]!.appliedIndex = snapshot.metadata.index
-                nodes[id]!.digest = digest
+                node.appliedIndex = snapshot.metadata.index
+                node.digest = digest
             }
             // 3. Then what depends on it.
             outgoing.append(contentsOf: ready.messagesAfterPersist)
             // 4. Apply.
             for entry in ready.committedEntries {
-                precondition(entry.index == nodes[id]!.appliedIndex + 1, "node \(id) applies \(entry.index) after \(nodes[id]!.appliedIndex)")
-                nodes[id]!.digest = checker.applied(entry, after: nodes[id]!.digest, by: id)
-                nodes[id]!.appliedIndex = entry.index
+                precondition(entry.index == node.appliedIndex + 1, "node \(id) applies \(entry.index) after \(node.appliedIndex)")
+                node.digest = checker.applied(entry, after: node.digest, by: id)
+                node.appliedIndex = entry.index
                 if case .command(let bytes) = entry.payload, recordAppliedCommands {
-                    nodes[id]!.appliedCommands.append(bytes)
+                    node.appliedCommands.append(bytes)
                 }
                 onApplied?(id, entry)
             }
             for state in ready.readStates {
-                if recordAppliedCommands { nodes[id]!.readStates.append(state) }
+                if recordAppliedCommands { node.readStates.append(state) }
                 onReadState?(id, state)
             }
-            nodes[id]!.raft!.advance()
-            checker.observe(nodes[id]!.raft!, wasLeader: wasLeader)
+            node.raft!.advance()
+            checker.observe(node.raft!, wasLeader: wasLeader)
         }
     }
 

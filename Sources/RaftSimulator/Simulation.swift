@@ -222,10 +222,10 @@ public final class Simulation {
         }
         now = tickEnd
         for id in cluster.runningIDs {
-            let wasLeader = cluster.raft(id).role == .leader
+            let wasLeader = cluster.role(of: id) == .leader
             cluster.tick(id)
-            if let r = cluster.nodes[id]?.raft, r.role != .leader, wasLeader {
-                note("node \(id) stepped down in term \(r.term)")
+            if wasLeader, let role = cluster.role(of: id), role != .leader {
+                note("node \(id) stepped down in term \(cluster.term(of: id)!)")
             }
         }
         enqueueOutgoing()
@@ -400,7 +400,9 @@ public final class Simulation {
     /// Nodes whose removal has committed are shut down, as an operator would.
     private func decommissionRemovedNodes() {
         var removed: Set<NodeID> = []
-        for id in cluster.runningIDs { removed.formUnion(cluster.raft(id).membership.removed) }
+        for id in cluster.runningIDs {
+            if let ids = cluster.nodes[id]?.raft?.membership.removed, !ids.isEmpty { removed.formUnion(ids) }
+        }
         for id in removed.sorted() where cluster.nodes[id] != nil {
             cluster.decommission(id)
             note("decommission \(id)")
@@ -427,8 +429,8 @@ public final class Simulation {
             // the classic stale read.
             let running = cluster.runningIDs // the proposal may have crashed one
             guard !running.isEmpty else { return }
-            let leaders = running.filter { cluster.raft($0).role == .leader }
-            let oldestLeader = leaders.min { cluster.raft($0).term < cluster.raft($1).term }
+            let leaders = running.filter { cluster.role(of: $0) == .leader }
+            let oldestLeader = leaders.min { cluster.term(of: $0)! < cluster.term(of: $1)! }
             let id = oldestLeader != nil && random.chance(0.5) ? oldestLeader! : running[random.below(running.count)]
             let requestID = nextRequestID
             nextRequestID += 1
