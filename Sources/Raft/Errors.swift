@@ -21,6 +21,8 @@ public enum RaftError: Error, Sendable, Hashable, CustomStringConvertible {
     /// A proposal larger than the maximum message size can never be sent.
     case proposalTooLarge(bytes: Int, limitBytes: Int)
     case invalidCompaction(String)
+    /// This node was removed from the group; it hands over and stops leading.
+    case removedFromCluster
     case invalidConfiguration(String)
 
     public var description: String {
@@ -37,6 +39,7 @@ public enum RaftError: Error, Sendable, Hashable, CustomStringConvertible {
         case .tooManyPendingReads(let limit): return "more than \(limit) reads wait for the new leader's first commit"
         case .proposalTooLarge(let bytes, let limit): return "proposal of \(bytes) bytes exceeds the \(limit)-byte message limit"
         case .invalidCompaction(let reason): return "cannot compact the log: \(reason)"
+        case .removedFromCluster: return "this node was removed from the cluster; send requests to another member"
         case .invalidConfiguration(let reason): return "invalid Raft configuration: \(reason)"
         }
     }

@@ -39,12 +39,14 @@ public enum MessageBody: Sendable, Hashable {
     /// A follower asks the leader to confirm a read index for it.
     case readIndexRequest(requestID: UInt64)
     case readIndexResponse(requestID: UInt64, index: LogIndex)
+    /// The leader will not serve this forwarded read (too many pending).
+    case readIndexRefused(requestID: UInt64)
 
     /// Messages a leader sends in its own (already durable) term; a driver
     /// may send these before persisting the Ready that carries them.
     var isLeaderOutbound: Bool {
         switch self {
-        case .appendEntries, .heartbeat, .installSnapshot, .timeoutNow, .readIndexResponse: return true
+        case .appendEntries, .heartbeat, .installSnapshot, .timeoutNow, .readIndexResponse, .readIndexRefused: return true
         default: return false
         }
     }
@@ -74,12 +76,17 @@ public struct AppendEntriesResponse: Sendable, Hashable {
     /// `prevLogTerm`, and that term. The leader skips back to it at once.
     public var hintIndex: LogIndex
     public var hintTerm: Term
+    /// The follower's commit index after handling the append: the leader
+    /// learns who knows what has committed (needed before a removed leader
+    /// leaves, and before a new voter is asked to take over).
+    public var commitIndex: LogIndex
 
-    public init(index: LogIndex, rejected: Bool, hintIndex: LogIndex, hintTerm: Term) {
+    public init(index: LogIndex, rejected: Bool, hintIndex: LogIndex, hintTerm: Term, commitIndex: LogIndex = 0) {
         self.index = index
         self.rejected = rejected
         self.hintIndex = hintIndex
         self.hintTerm = hintTerm
+        self.commitIndex = commitIndex
     }
 }
 
@@ -123,8 +130,11 @@ public struct Heartbeat: Sendable, Hashable {
 
 public struct HeartbeatResponse: Sendable, Hashable {
     public var readRound: UInt64
+    /// The follower's commit index after handling the heartbeat.
+    public var commitIndex: LogIndex
 
-    public init(readRound: UInt64) {
+    public init(readRound: UInt64, commitIndex: LogIndex = 0) {
         self.readRound = readRound
+        self.commitIndex = commitIndex
     }
 }

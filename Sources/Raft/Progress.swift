@@ -24,6 +24,8 @@ struct Progress {
     var inflight: Inflight
     /// Highest read round this follower has acknowledged in this term.
     var readRoundAcknowledged: UInt64 = 0
+    /// Highest commit index this follower reported having.
+    var commitKnown: LogIndex = 0
 
     init(nextIndex: LogIndex, isLearner: Bool, inflightMessagesMax: Int, inflightBytesMax: Int) {
         self.nextIndex = nextIndex

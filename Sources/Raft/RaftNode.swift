@@ -36,6 +36,9 @@ public struct RaftNode: Sendable {
     /// A new configuration change may be proposed once this index commits.
     private var pendingConfigIndex: LogIndex = 0
     private var uncommittedBytes = 0
+    /// Set when this leader's own removal committed: it keeps leading (not
+    /// counting itself) until the remaining voters know, then hands over.
+    private var selfRemoval: (index: LogIndex, tick: Int)?
 
     // Candidate state.
     private var votes: [NodeID: Bool] = [:]
@@ -53,6 +56,8 @@ public struct RaftNode: Sendable {
     private var readsAwaitingFirstCommit: [(origin: NodeID, requestID: UInt64)] = []
     private var readStates: [ReadState] = []
     private var abandonedReads: [UInt64] = []
+    /// A follower's reads sent to its leader, abandoned if leader or term change.
+    private var forwardedReads: [(requestID: UInt64, leader: NodeID, term: Term)] = []
 
     // Output and the Ready handshake.
     private var outbox: [Message] = []
@@ -64,7 +69,8 @@ public struct RaftNode: Sendable {
     public init(configuration: Configuration, durable: DurableState) throws(RaftError) {
         try configuration.validate()
         self.configuration = configuration
-        random = SeededGenerator(seed: configuration.randomSeed)
+        // Mixing in the id keeps nodes given the same seed from timing out in step.
+        random = SeededGenerator(seed: configuration.randomSeed ^ (configuration.id &* 0x9E37_79B9_7F4A_7C15))
         term = durable.hardState.term
         votedFor = durable.hardState.votedFor
         persistedHardState = durable.hardState
@@ -130,12 +136,14 @@ public struct RaftNode: Sendable {
         ticksTotal += 1
         if role == .leader {
             tickLeader()
+            maybeHandOverAfterRemoval()
         } else {
             electionElapsedTicks += 1
             if isPromotable && electionElapsedTicks >= randomizedElectionTimeoutTicks {
                 startElection(leadershipTransfer: false)
             }
         }
+        abandonStaleForwardedReads()
     }
 
     private mutating func tickLeader() {
@@ -183,6 +191,7 @@ public struct RaftNode: Sendable {
         precondition(pendingReady == nil, "campaign between ready() and advance()")
         guard role != .leader else { return }
         startElection(leadershipTransfer: false)
+        abandonStaleForwardedReads()
     }
 
     // MARK: - Input: messages
@@ -192,6 +201,11 @@ public struct RaftNode: Sendable {
     public mutating func step(_ message: Message) {
         precondition(pendingReady == nil, "step between ready() and advance()")
         guard message.to == id, message.from != id, message.from != noNode else { return }
+        handle(message)
+        abandonStaleForwardedReads()
+    }
+
+    private mutating func handle(_ message: Message) {
 
         if message.term > term {
             switch message.body {
@@ -214,7 +228,7 @@ public struct RaftNode: Sendable {
             switch message.body {
             case .appendEntries, .heartbeat:
                 // A deposed leader: our higher term makes it step down.
-                send(to: message.from, .appendEntriesResponse(AppendEntriesResponse(index: 0, rejected: true, hintIndex: 0, hintTerm: 0)))
+                send(to: message.from, .appendEntriesResponse(AppendEntriesResponse(index: 0, rejected: true, hintIndex: 0, hintTerm: 0, commitIndex: log.commitIndex)))
             case .requestVote(let request):
                 send(to: message.from, .requestVoteResponse(RequestVoteResponse(granted: false, preVote: request.preVote)))
             default:
@@ -255,10 +269,19 @@ public struct RaftNode: Sendable {
             _ = try? appendProposals(commands)
         case .readIndexRequest(let requestID):
             guard role == .leader else { return }
-            try? registerRead(origin: message.from, requestID: requestID)
+            do {
+                try registerRead(origin: message.from, requestID: requestID)
+            } catch {
+                send(to: message.from, .readIndexRefused(requestID: requestID))
+            }
         case .readIndexResponse(let requestID, let index):
-            guard role != .leader else { return }
+            guard let position = forwardedReads.firstIndex(where: { $0.requestID == requestID && $0.leader == message.from }) else { return }
+            forwardedReads.remove(at: position)
             readStates.append(ReadState(requestID: requestID, index: index))
+        case .readIndexRefused(let requestID):
+            guard let position = forwardedReads.firstIndex(where: { $0.requestID == requestID && $0.leader == message.from }) else { return }
+            forwardedReads.remove(at: position)
+            abandonedReads.append(requestID)
         }
     }
 
@@ -373,6 +396,7 @@ public struct RaftNode: Sendable {
         progress.removeAll()
         transferTarget = noNode
         uncommittedBytes = 0
+        selfRemoval = nil
     }
 
     private mutating func becomeFollower(term newTerm: Term, leader: NodeID) {
@@ -436,31 +460,31 @@ public struct RaftNode: Sendable {
     private mutating func handleAppendEntries(from leader: NodeID, _ append: AppendEntries) {
         if append.prevLogIndex < log.commitIndex {
             // Everything up to our commit index already matches the leader's log.
-            send(to: leader, .appendEntriesResponse(AppendEntriesResponse(index: log.commitIndex, rejected: false, hintIndex: 0, hintTerm: 0)))
+            send(to: leader, .appendEntriesResponse(AppendEntriesResponse(index: log.commitIndex, rejected: false, hintIndex: 0, hintTerm: 0, commitIndex: log.commitIndex)))
             return
         }
         // Figure 2, AppendEntries receiver steps 2-5.
         if log.matches(index: append.prevLogIndex, term: append.prevLogTerm) {
             let lastNew = log.appendMatching(afterIndex: append.prevLogIndex, append.entries)
             commit(to: min(append.leaderCommit, lastNew))
-            send(to: leader, .appendEntriesResponse(AppendEntriesResponse(index: lastNew, rejected: false, hintIndex: 0, hintTerm: 0)))
+            send(to: leader, .appendEntriesResponse(AppendEntriesResponse(index: lastNew, rejected: false, hintIndex: 0, hintTerm: 0, commitIndex: log.commitIndex)))
         } else {
             let hintIndex = log.lastIndexAtOrBelow(min(append.prevLogIndex, log.lastIndex), withTermAtMost: append.prevLogTerm)
             let hintTerm = log.term(at: hintIndex) ?? 0
             send(to: leader, .appendEntriesResponse(AppendEntriesResponse(index: append.prevLogIndex, rejected: true,
-                                                                          hintIndex: hintIndex, hintTerm: hintTerm)))
+                                                                          hintIndex: hintIndex, hintTerm: hintTerm, commitIndex: log.commitIndex)))
         }
     }
 
     private mutating func handleHeartbeat(from leader: NodeID, _ heartbeat: Heartbeat) {
         commit(to: min(heartbeat.commit, log.lastIndex))
-        send(to: leader, .heartbeatResponse(HeartbeatResponse(readRound: heartbeat.readRound)))
+        send(to: leader, .heartbeatResponse(HeartbeatResponse(readRound: heartbeat.readRound, commitIndex: log.commitIndex)))
     }
 
     private mutating func handleSnapshot(from leader: NodeID, _ snapshot: Snapshot) {
         let metadata = snapshot.metadata
         if metadata.index <= log.commitIndex {
-            send(to: leader, .appendEntriesResponse(AppendEntriesResponse(index: log.commitIndex, rejected: false, hintIndex: 0, hintTerm: 0)))
+            send(to: leader, .appendEntriesResponse(AppendEntriesResponse(index: log.commitIndex, rejected: false, hintIndex: 0, hintTerm: 0, commitIndex: log.commitIndex)))
             return
         }
         if log.matches(index: metadata.index, term: metadata.term) {
@@ -474,7 +498,7 @@ public struct RaftNode: Sendable {
             membershipHistory.removeAll()
             refreshPeers()
         }
-        send(to: leader, .appendEntriesResponse(AppendEntriesResponse(index: metadata.index, rejected: false, hintIndex: 0, hintTerm: 0)))
+        send(to: leader, .appendEntriesResponse(AppendEntriesResponse(index: metadata.index, rejected: false, hintIndex: 0, hintTerm: 0, commitIndex: log.commitIndex)))
     }
 
     // MARK: - Replication: leader side
@@ -482,6 +506,8 @@ public struct RaftNode: Sendable {
     private mutating func handleAppendResponse(from peer: NodeID, _ response: AppendEntriesResponse) {
         guard progress[peer] != nil else { return }
         progress[peer]!.recentlyActive = true
+        progress[peer]!.commitKnown = max(progress[peer]!.commitKnown, response.commitIndex)
+        defer { maybeHandOverAfterRemoval() }
         if response.rejected {
             let hintNext = log.lastIndexAtOrBelow(response.hintIndex, withTermAtMost: response.hintTerm) + 1
             if progress[peer]!.rejected(at: response.index, hintNext: hintNext) {
@@ -510,14 +536,44 @@ public struct RaftNode: Sendable {
         } else {
             sendAppends(to: peer)
         }
-        if peer == transferTarget && progress[peer]?.matchIndex == log.lastIndex {
-            send(to: peer, .timeoutNow)
+        maybeSendTimeoutNow(to: peer)
+    }
+
+    /// The transfer target may take over once it holds the whole log and
+    /// knows it is a voter (a just-promoted learner learns that on commit).
+    private mutating func maybeSendTimeoutNow(to peer: NodeID) {
+        guard role == .leader, peer == transferTarget, let p = progress[peer], p.matchIndex == log.lastIndex else { return }
+        let latestMembershipIndex = membershipHistory.last?.index ?? log.snapshotIndex
+        guard p.commitKnown >= latestMembershipIndex else { return }
+        send(to: peer, .timeoutNow)
+    }
+
+    /// A leader whose removal committed waits until every remaining voter
+    /// has reported a commit index covering the removal (or an election
+    /// timeout passed), hands leadership to the best-placed voter and
+    /// steps down. Leaving at once could strand voters that never heard the
+    /// change had committed, still counting the old, larger quorum.
+    private mutating func maybeHandOverAfterRemoval() {
+        guard role == .leader, let removal = selfRemoval else { return }
+        let voters = membership.voters.sorted()
+        let everyoneKnows = voters.allSatisfy { (progress[$0]?.commitKnown ?? 0) >= removal.index }
+        guard everyoneKnows || ticksTotal - removal.tick >= configuration.electionTimeoutTicks else { return }
+        let successor = voters.max { a, b in
+            let pa = progress[a], pb = progress[b]
+            let ka = (pa?.commitKnown ?? 0) >= removal.index, kb = (pb?.commitKnown ?? 0) >= removal.index
+            if ka != kb { return !ka }
+            return (pa?.matchIndex ?? 0, a) < (pb?.matchIndex ?? 0, b)
         }
+        if let successor { send(to: successor, .timeoutNow) }
+        becomeFollower(term: term, leader: noNode)
     }
 
     private mutating func handleHeartbeatResponse(from peer: NodeID, _ response: HeartbeatResponse) {
         guard progress[peer] != nil else { return }
         progress[peer]!.recentlyActive = true
+        progress[peer]!.commitKnown = max(progress[peer]!.commitKnown, response.commitIndex)
+        defer { maybeHandOverAfterRemoval() }
+        maybeSendTimeoutNow(to: peer)
         if progress[peer]!.state == .probe { progress[peer]!.probeSent = false }
         if progress[peer]!.state == .replicate && progress[peer]!.inflight.isFull {
             // Appends may have been lost; let one more through so a gap shows.
@@ -642,12 +698,14 @@ public struct RaftNode: Sendable {
         for peer in Array(progress.keys) where !membership.contains(peer) { progress[peer] = nil }
         for peer in peers { progress[peer]!.isLearner = !membership.voters.contains(peer) }
         if transferTarget != noNode && !membership.voters.contains(transferTarget) { transferTarget = noNode }
-        if !membership.voters.contains(id) {
-            // This leader was removed: tell the others the entry committed,
-            // then stand down so the remaining voters elect a leader.
+        if !membership.voters.contains(id) && selfRemoval == nil {
+            // This leader was removed: it stops counting itself at once and
+            // hands over once the others know (maybeHandOverAfterRemoval).
+            selfRemoval = (index, ticksTotal)
             broadcastAppend()
-            becomeFollower(term: term, leader: noNode)
         }
+        // A smaller quorum may already have confirmed waiting reads.
+        releaseConfirmedReads()
     }
 
     // MARK: - Proposals
@@ -674,6 +732,7 @@ public struct RaftNode: Sendable {
             return .forwarded(to: leaderID)
         }
         guard transferTarget == noNode else { throw .leadershipTransferInProgress(to: transferTarget) }
+        guard selfRemoval == nil else { throw .removedFromCluster }
         var bytes = 0
         for payload in payloads {
             let size = payload.byteCount + Entry.overheadBytes
@@ -710,8 +769,11 @@ public struct RaftNode: Sendable {
         if case .bootstrap = change { throw .invalidConfigChange("bootstrap is only written when a cluster is created") }
         try membership.validate(change)
         if case .promoteLearner(let learner) = change {
+            // It must have answered (a silent learner never counts as caught
+            // up, however short the log) and be within the allowed lag.
             let match = progress[learner]?.matchIndex ?? 0
-            guard match + configuration.promotionLagEntriesMax >= log.lastIndex else {
+            let answered = match > 0 && progress[learner]?.recentlyActive == true
+            guard answered && match + configuration.promotionLagEntriesMax >= log.lastIndex else {
                 throw .learnerNotCaughtUp(id: learner, matchIndex: match, leaderLastIndex: log.lastIndex)
             }
         }
@@ -732,8 +794,28 @@ public struct RaftNode: Sendable {
             try registerRead(origin: id, requestID: requestID)
         } else {
             guard leaderID != noNode else { throw .noLeader }
+            guard forwardedReads.count < configuration.pendingReadsMax else {
+                throw .tooManyPendingReads(limit: configuration.pendingReadsMax)
+            }
             send(to: leaderID, .readIndexRequest(requestID: requestID))
+            forwardedReads.append((requestID, leaderID, term))
         }
+    }
+
+    /// Forwarded reads whose leader or term is no longer current will never
+    /// be answered: report them abandoned so their callers fail fast.
+    private mutating func abandonStaleForwardedReads() {
+        guard !forwardedReads.isEmpty else { return }
+        let current = (leader: role == .leader ? noNode : leaderID, term: term)
+        var kept: [(requestID: UInt64, leader: NodeID, term: Term)] = []
+        for read in forwardedReads {
+            if read.leader == current.leader && read.term == current.term {
+                kept.append(read)
+            } else {
+                abandonedReads.append(read.requestID)
+            }
+        }
+        forwardedReads = kept
     }
 
     private mutating func registerRead(origin: NodeID, requestID: UInt64) throws(RaftError) {
@@ -747,11 +829,16 @@ public struct RaftNode: Sendable {
             return
         }
         let read = PendingRead(origin: origin, requestID: requestID, index: log.commitIndex, round: 0)
-        if membership.voters == [id] || configuration.plantedBug == .readIndexWithoutQuorumCheck {
+        if configuration.plantedBug == .readIndexWithoutQuorumCheck {
             release(read)
             return
         }
+        guard pendingReads.count < configuration.pendingReadsMax else {
+            throw .tooManyPendingReads(limit: configuration.pendingReadsMax)
+        }
         pendingReads.append(read)
+        // A lone voter is its own quorum: answer now (after any older reads).
+        if membership.voters == [id] { releaseConfirmedReads() }
     }
 
     /// Gives every read registered since the last round a new round and
@@ -768,15 +855,18 @@ public struct RaftNode: Sendable {
     }
 
     private mutating func releaseConfirmedReads() {
+        guard role == .leader, !pendingReads.isEmpty, !membership.voters.isEmpty else { return }
         var rounds: [UInt64] = []
         for voter in membership.voters {
             rounds.append(voter == id ? .max : (progress[voter]?.readRoundAcknowledged ?? 0))
         }
         rounds.sort(by: >)
+        // .max means this leader alone is a quorum: every read is confirmed,
+        // even one whose round was not assigned yet.
         let confirmed = rounds[membership.quorum - 1]
         var released = 0
         for read in pendingReads {
-            guard read.round != 0, read.round <= confirmed else { break }
+            guard confirmed == .max || (read.round != 0 && read.round <= confirmed) else { break }
             release(read)
             released += 1
         }

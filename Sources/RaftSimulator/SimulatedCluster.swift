@@ -78,6 +78,7 @@ public final class SimulatedNode {
     /// Command ids this node applied, in order (for tests).
     public internal(set) var appliedCommands: [[UInt8]] = []
     public internal(set) var readStates: [ReadState] = []
+    public internal(set) var abandonedReads: [UInt64] = []
     /// Crash in the middle of the next Ready: after sending what may be sent
     /// before persisting, before persisting anything.
     var crashDuringNextReady = false
@@ -278,6 +279,7 @@ public final class SimulatedCluster {
                 }
                 onApplied?(id, entry)
             }
+            if recordAppliedCommands { node.abandonedReads.append(contentsOf: ready.abandonedReads) }
             for state in ready.readStates {
                 if recordAppliedCommands { node.readStates.append(state) }
                 onReadState?(id, state)

@@ -397,13 +397,14 @@ public final class Simulation {
         }
     }
 
-    /// Nodes whose removal has committed are shut down, as an operator would.
+    /// Nodes whose removal has committed are shut down, as an operator
+    /// would, once they no longer lead (a removed leader hands over first).
     private func decommissionRemovedNodes() {
         var removed: Set<NodeID> = []
         for id in cluster.runningIDs {
             if let ids = cluster.nodes[id]?.raft?.membership.removed, !ids.isEmpty { removed.formUnion(ids) }
         }
-        for id in removed.sorted() where cluster.nodes[id] != nil {
+        for id in removed.sorted() where cluster.nodes[id] != nil && cluster.role(of: id) != .leader {
             cluster.decommission(id)
             note("decommission \(id)")
         }

@@ -382,3 +382,88 @@ struct TrapTests {
         #expect(node.snapshotIndex == 0)
     }
 }
+
+/// Liveness holes found in review, each pinned by a scenario.
+@Suite("Membership and reads at the edges")
+struct MembershipEdgeTests {
+    @Test("A removed leader hands over only once the survivors know the removal committed")
+    func removedLeaderWaitsUntilSurvivorsKnow() throws {
+        let net = ScenarioNetwork(voters: [1, 2], options: scenarioOptions())
+        net.elect(1)
+        _ = try net.cluster.with(1) { raft throws(RaftError) in try raft.proposeConfigChange(.removeNode(1)) }
+        // Node 2 stores and acknowledges the change, but everything that
+        // would tell it the change committed is lost for now.
+        var lostCommitNotice = false
+        net.deliverAll { message in
+            guard message.from == 1, net.cluster.raft(1).membership.voters == [2] else { return false }
+            lostCommitNotice = true
+            return true
+        }
+        #expect(lostCommitNotice)
+        #expect(net.cluster.raft(1).role == .leader, "it must not leave while node 2 still counts it as a voter")
+        #expect(throws: RaftError.removedFromCluster) { try net.propose(Array("no".utf8), on: 1) }
+        net.tick(3)
+        #expect(net.cluster.raft(2).membership.voters == [2])
+        #expect(net.cluster.raft(2).role == .leader, "node 1 handed over to node 2")
+        #expect(net.cluster.raft(1).role == .follower)
+        net.cluster.decommission(1)
+        try net.propose(Array("alone".utf8), on: 2)
+        #expect(commands(net.cluster.nodes[2]!) == ["alone"])
+        #expect(net.cluster.checker.isClean)
+    }
+
+    @Test("A read waiting for confirmation is answered when a removal shrinks the quorum to the leader alone")
+    func readSurvivesQuorumShrink() throws {
+        let net = ScenarioNetwork(voters: [1, 2], options: scenarioOptions())
+        net.elect(1)
+        _ = try net.cluster.with(1) { raft throws(RaftError) in try raft.proposeConfigChange(.removeNode(2)) }
+        try net.cluster.with(1) { raft throws(RaftError) in try raft.readIndex(requestID: 11) }
+        // Node 2 acknowledges the removal before its heartbeat answer, which
+        // then arrives from a node that is no longer a member.
+        net.deliverAll()
+        #expect(net.cluster.raft(1).membership.voters == [1])
+        #expect(net.cluster.nodes[1]!.readStates.map(\.requestID) == [11])
+    }
+
+    @Test("A follower's forwarded read is abandoned when its leader changes, and refused when the leader is full")
+    func forwardedReadsAreNeverLeftHanging() throws {
+        let net = ScenarioNetwork(voters: [1, 2, 3], options: scenarioOptions())
+        net.elect(1)
+        try net.cluster.with(3) { raft throws(RaftError) in try raft.readIndex(requestID: 21) }
+        net.dropQueued() // the request is lost
+        try net.cluster.with(1) { raft throws(RaftError) in try raft.transferLeadership(to: 2) }
+        net.deliverAll()
+        #expect(net.cluster.raft(3).leaderID == 2)
+        #expect(net.cluster.nodes[3]!.abandonedReads == [21])
+        #expect(net.cluster.nodes[3]!.readStates.isEmpty)
+
+        let full = ScenarioNetwork(voters: [1, 2, 3], options: scenarioOptions())
+        full.elect(1)
+        // No heartbeat answer gets through, so node 1 confirms nothing and
+        // its pending reads fill up; node 3's read is then refused, not dropped.
+        for request in 0..<UInt64(4096) {
+            try full.cluster.with(1) { raft throws(RaftError) in try raft.readIndex(requestID: request) }
+        }
+        #expect(throws: RaftError.tooManyPendingReads(limit: 4096)) {
+            try full.cluster.with(1) { raft throws(RaftError) in try raft.readIndex(requestID: 5000) }
+        }
+        try full.cluster.with(3) { raft throws(RaftError) in try raft.readIndex(requestID: 99_999) }
+        full.deliverAll { if case .heartbeatResponse = $0.body { return true } else { return false } }
+        #expect(full.cluster.nodes[3]!.abandonedReads == [99_999])
+    }
+
+    @Test("A learner that never answered is not promoted, however short the log")
+    func silentLearnerIsNotPromoted() throws {
+        let net = ScenarioNetwork(voters: [1], options: scenarioOptions())
+        net.elect(1)
+        net.cluster.addEmptyNode(2)
+        net.isolate(2)
+        _ = try net.cluster.with(1) { raft throws(RaftError) in try raft.proposeConfigChange(.addLearner(2)) }
+        net.deliverAll()
+        #expect(net.cluster.raft(1).membership.learners == [2])
+        #expect(throws: RaftError.learnerNotCaughtUp(id: 2, matchIndex: 0, leaderLastIndex: net.cluster.raft(1).lastIndex)) {
+            _ = try net.cluster.with(1) { raft throws(RaftError) in try raft.proposeConfigChange(.promoteLearner(2)) }
+        }
+        #expect(net.cluster.raft(1).membership.voters == [1], "a promotion would have made a dead node half the quorum")
+    }
+}
