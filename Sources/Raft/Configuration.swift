@@ -32,7 +32,8 @@ public struct Configuration: Sendable {
     public var preVote: Bool = true
     public var checkQuorum: Bool = true
     public var followerProposals: FollowerProposalPolicy = .forwardToLeader
-    /// Seed for the node's election-timeout randomness.
+    /// Seed for the election-timeout randomness (mixed with the id). Draw a
+    /// fresh one at every start, so a restarted node does not repeat itself.
     public var randomSeed: UInt64
 
     /// Entry bytes in one AppendEntries (at least one entry is always sent).

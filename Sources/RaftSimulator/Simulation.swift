@@ -230,7 +230,13 @@ public final class Simulation {
         }
         enqueueOutgoing()
         decommissionRemovedNodes()
+        if tracing, cluster.checker.leaderTermCount != leaderTermsTraced, let leader = cluster.leader {
+            leaderTermsTraced = cluster.checker.leaderTermCount
+            note("node \(leader) leads term \(cluster.term(of: leader)!)")
+        }
     }
+
+    private var leaderTermsTraced = 0
 
     private func enqueueOutgoing() {
         guard !cluster.outgoing.isEmpty else { return }
