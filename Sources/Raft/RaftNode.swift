@@ -140,7 +140,7 @@ public struct RaftNode: Sendable {
         } else {
             electionElapsedTicks += 1
             if isPromotable && electionElapsedTicks >= randomizedElectionTimeoutTicks {
-                startElection(leadershipTransfer: false)
+                startElection(timeoutElection)
             }
         }
         abandonStaleForwardedReads()
@@ -190,7 +190,7 @@ public struct RaftNode: Sendable {
     public mutating func campaign() {
         precondition(pendingReady == nil, "campaign between ready() and advance()")
         guard role != .leader else { return }
-        startElection(leadershipTransfer: false)
+        startElection(timeoutElection)
         abandonStaleForwardedReads()
     }
 
@@ -260,7 +260,7 @@ public struct RaftNode: Sendable {
         case .timeoutNow:
             // Leadership transfer: campaign at once, skipping pre-vote.
             guard role != .leader, isPromotable else { return }
-            startElection(leadershipTransfer: true)
+            startElection(.transfer)
         case .forwardedProposal(let payloads):
             guard role == .leader else { return }
             // Only plain commands may arrive this way; membership changes go
@@ -302,9 +302,8 @@ public struct RaftNode: Sendable {
 
     private enum ElectionKind { case preVote, vote, transfer }
 
-    private mutating func startElection(leadershipTransfer: Bool) {
-        startElection(configuration.preVote && !leadershipTransfer ? .preVote : (leadershipTransfer ? .transfer : .vote))
-    }
+    /// An election after a timeout: a pre-vote first when configured.
+    private var timeoutElection: ElectionKind { configuration.preVote ? .preVote : .vote }
 
     private mutating func startElection(_ kind: ElectionKind) {
         guard isPromotable else { return }
@@ -894,11 +893,8 @@ public struct RaftNode: Sendable {
         guard transferTarget != target else { return }
         transferTarget = target
         transferElapsedTicks = 0
-        if progress[target]?.matchIndex == log.lastIndex {
-            send(to: target, .timeoutNow)
-        } else {
-            sendAppends(to: target)
-        }
+        sendAppends(to: target)
+        maybeSendTimeoutNow(to: target)
     }
 
     // MARK: - Snapshots and compaction

@@ -452,6 +452,53 @@ struct MembershipEdgeTests {
         #expect(full.cluster.nodes[3]!.abandonedReads == [99_999])
     }
 
+    @Test("Heartbeats never carry a commit index past what the follower is known to hold")
+    func heartbeatCommitIsBoundedByMatch() throws {
+        let net = ScenarioNetwork(voters: [1, 2, 3], options: scenarioOptions())
+        net.elect(1)
+        net.isolate(3)
+        for i in 0..<3 { try net.propose(Array("h\(i)".utf8), on: 1) }
+        let leaderCommit = net.cluster.raft(1).commitIndex
+        let match = try #require(net.cluster.raft(1).status.followers[3]?.matchIndex)
+        #expect(match < leaderCommit)
+        net.heal()
+        net.cluster.tick(1)
+        let beats = net.cluster.outgoing.compactMap { message -> Heartbeat? in
+            if message.to == 3, case .heartbeat(let heartbeat) = message.body { return heartbeat }
+            return nil
+        }
+        #expect(!beats.isEmpty)
+        #expect(beats.allSatisfy { $0.commit <= match }, "a lagging follower could commit entries it does not share with the leader")
+    }
+
+    @Test("Leadership goes to a just-promoted voter only once it knows it is a voter")
+    func transferToAJustPromotedVoter() throws {
+        let net = ScenarioNetwork(voters: [1, 2, 3], options: scenarioOptions())
+        net.elect(1)
+        net.cluster.addEmptyNode(4)
+        _ = try net.cluster.with(1) { raft throws(RaftError) in try raft.proposeConfigChange(.addLearner(4)) }
+        net.deliverAll()
+        net.tick(2)
+        _ = try net.cluster.with(1) { raft throws(RaftError) in try raft.proposeConfigChange(.promoteLearner(4)) }
+        // Node 4 stores the promotion but does not hear that it committed.
+        net.deliverAll { $0.from == 1 && $0.to == 4 && net.cluster.raft(1).membership.voters.contains(4) }
+        #expect(net.cluster.raft(1).membership.voters == [1, 2, 3, 4])
+        #expect(!net.cluster.raft(4).isPromotable)
+        try net.cluster.with(1) { raft throws(RaftError) in try raft.transferLeadership(to: 4) }
+        var wasted = 0
+        for _ in 0..<3 {
+            net.deliverAll { message in
+                if case .timeoutNow = message.body, !net.cluster.raft(4).isPromotable { wasted += 1 }
+                return false
+            }
+            net.cluster.tickAll()
+        }
+        net.deliverAll()
+        #expect(wasted == 0, "no TimeoutNow is spent on a node that cannot campaign yet")
+        #expect(net.cluster.raft(4).role == .leader, "the TimeoutNow waited until node 4 knew it could campaign")
+        #expect(net.cluster.checker.isClean)
+    }
+
     @Test("A learner that never answered is not promoted, however short the log")
     func silentLearnerIsNotPromoted() throws {
         let net = ScenarioNetwork(voters: [1], options: scenarioOptions())
