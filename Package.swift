@@ -14,16 +14,23 @@ let package = Package(
         .library(name: "Raft", targets: ["Raft"]),
         .executable(name: "warrant-sim", targets: ["warrant-sim"]),
     ],
+    dependencies: [
+        .package(url: "https://github.com/groue/GRDB.swift", exact: "7.10.0"),
+    ],
     targets: [
         // The pure consensus core: messages in, Ready out. No I/O, no clock,
         // no global randomness, no dependencies at all.
         .target(name: "Raft", swiftSettings: strict),
+        // Durable state in SQLite (the system library): the Raft log, hard
+        // state and snapshot metadata, with checksums verified on read.
+        .target(name: "Storage", dependencies: ["Raft", .product(name: "GRDB", package: "GRDB.swift")], swiftSettings: strict),
         // Deterministic whole-cluster simulator over the pure core.
         .target(name: "RaftSimulator", dependencies: ["Raft"], swiftSettings: strict),
         // Simulator soak runs, seed replay and the core benchmark.
         .executableTarget(name: "warrant-sim", dependencies: ["Raft", "RaftSimulator"], swiftSettings: strict),
         .testTarget(name: "RaftTests", dependencies: ["Raft", "RaftSimulator"], swiftSettings: strict),
         .testTarget(name: "RaftSimulatorTests", dependencies: ["Raft", "RaftSimulator"], swiftSettings: strict),
+        .testTarget(name: "StorageTests", dependencies: ["Raft", "Storage", .product(name: "GRDB", package: "GRDB.swift")], swiftSettings: strict),
     ],
     swiftLanguageModes: [.v6]
 )

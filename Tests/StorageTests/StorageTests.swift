@@ -1,0 +1,228 @@
+import Foundation
+import GRDB
+import Raft
+import Testing
+@testable import Storage
+
+/// A fresh database file in a directory of its own, removed afterwards.
+final class TemporaryStore {
+    let directory: URL
+    let path: String
+
+    init() throws {
+        directory = FileManager.default.temporaryDirectory.appendingPathComponent("warrant-storage-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        path = directory.appendingPathComponent("raft.sqlite").path
+    }
+
+    func open() throws -> RaftStore { try RaftStore(path: path) }
+
+    /// Runs raw SQL against the file, as damage from outside would.
+    func tamper(_ sql: String) throws {
+        let queue = try DatabaseQueue(path: path)
+        try queue.write { db in try db.execute(sql: sql) }
+    }
+
+    deinit { try? FileManager.default.removeItem(at: directory) }
+}
+
+/// Drives a single-voter core, persisting every Ready into `store`.
+func drive(_ node: inout RaftNode, _ store: RaftStore) throws {
+    while node.hasReady {
+        let ready = node.ready()
+        try store.persist(ready)
+        node.advance()
+    }
+}
+
+@Suite("SQLite Raft store")
+struct RaftStoreTests {
+    @Test("A node restarts from the store exactly where it stopped")
+    func restartFromStore() throws {
+        let temporary = try TemporaryStore()
+        var store = try temporary.open()
+        try store.initialize(with: .bootstrap(voters: [1]))
+        var node = try RaftNode(configuration: Configuration(id: 1, randomSeed: 1), durable: try store.loadDurableState())
+        node.campaign()
+        try drive(&node, store)
+        for i in 0..<50 { try node.propose(Array("value-\(i)".utf8)) }
+        try drive(&node, store)
+        let before = (node.term, node.lastIndex, node.commitIndex)
+        #expect(before.1 == 52)
+
+        store = try temporary.open() // as after a crash: only the file remains
+        let durable = try store.loadDurableState()
+        #expect(durable.entries.count == 52)
+        #expect(durable.hardState.term == before.0)
+        #expect(durable.hardState.votedFor == 1)
+        var restarted = try RaftNode(configuration: Configuration(id: 1, randomSeed: 2), durable: durable)
+        #expect((restarted.term, restarted.lastIndex, restarted.commitIndex) == before)
+        #expect(restarted.entries(from: 1, through: 52) == node.entries(from: 1, through: 52))
+        restarted.campaign()
+        try drive(&restarted, store)
+        try restarted.propose(Array("after".utf8))
+        try drive(&restarted, store)
+        #expect(try store.loadDurableState().entries.last?.payload == .command(Array("after".utf8)))
+    }
+
+    @Test("Entries from a new leader replace the stored suffix from their first index on")
+    func conflictingSuffixIsReplaced() throws {
+        let temporary = try TemporaryStore()
+        let store = try temporary.open()
+        try store.initialize(with: .bootstrap(voters: [1, 2, 3]))
+        var follower = try RaftNode(configuration: Configuration(id: 1, randomSeed: 1), durable: try store.loadDurableState())
+        let old = (2...5).map { Entry(term: 2, index: $0, payload: .command([UInt8($0)])) }
+        follower.step(Message(from: 2, to: 1, term: 2, body: .appendEntries(AppendEntries(prevLogIndex: 1, prevLogTerm: 1, entries: old, leaderCommit: 1))))
+        try drive(&follower, store)
+        let replacement = [Entry(term: 3, index: 3, payload: .command([33]))]
+        follower.step(Message(from: 3, to: 1, term: 3, body: .appendEntries(AppendEntries(prevLogIndex: 2, prevLogTerm: 2, entries: replacement, leaderCommit: 1))))
+        try drive(&follower, store)
+        let stored = try store.loadDurableState().entries
+        #expect(stored.map(\.index) == [1, 2, 3])
+        #expect(stored.last == replacement.first)
+    }
+
+    @Test("Compaction keeps the entries after the snapshot and the snapshot itself")
+    func compaction() throws {
+        let temporary = try TemporaryStore()
+        let store = try temporary.open()
+        try store.initialize(with: .bootstrap(voters: [1]))
+        var node = try RaftNode(configuration: Configuration(id: 1, randomSeed: 1), durable: try store.loadDurableState())
+        node.campaign()
+        for i in 0..<10 { try node.propose([UInt8(i)]) }
+        try drive(&node, store)
+        let metadata = try node.compactLog(through: 7, snapshotData: Array("state at 7".utf8))
+        try store.compact(through: metadata, data: Array("state at 7".utf8))
+        let durable = try temporary.open().loadDurableState()
+        #expect(durable.snapshot?.metadata == metadata)
+        #expect(durable.snapshot?.data == Array("state at 7".utf8))
+        #expect(durable.entries.map(\.index) == Array(8...12))
+        let restarted = try RaftNode(configuration: Configuration(id: 1, randomSeed: 3), durable: durable)
+        #expect(restarted.snapshotIndex == 7)
+        #expect(restarted.lastIndex == 12)
+        #expect(restarted.membership.voters == [1])
+    }
+
+    @Test("An installed snapshot replaces the whole stored log")
+    func snapshotInstallReplacesLog() throws {
+        let temporary = try TemporaryStore()
+        let store = try temporary.open()
+        try store.initialize(with: .bootstrap(voters: [1, 2, 3]))
+        var follower = try RaftNode(configuration: Configuration(id: 2, randomSeed: 1), durable: try store.loadDurableState())
+        let snapshot = Snapshot(metadata: SnapshotMetadata(index: 40, term: 3, membership: Membership(voters: [1, 2, 3])), data: [9, 9])
+        follower.step(Message(from: 1, to: 2, term: 3, body: .installSnapshot(snapshot)))
+        try drive(&follower, store)
+        let durable = try temporary.open().loadDurableState()
+        #expect(durable.snapshot == snapshot)
+        #expect(durable.entries.isEmpty)
+        #expect(durable.hardState.commitIndex == 40)
+    }
+
+    @Test("A damaged entry stops the node with the file, the index and what to do")
+    func corruptEntryIsRefused() throws {
+        let temporary = try TemporaryStore()
+        let store = try temporary.open()
+        try store.initialize(with: .bootstrap(voters: [1]))
+        var node = try RaftNode(configuration: Configuration(id: 1, randomSeed: 1), durable: try store.loadDurableState())
+        node.campaign()
+        for i in 0..<5 { try node.propose(Array("v\(i)".utf8)) }
+        try drive(&node, store)
+        try temporary.tamper("UPDATE raft_entry SET payload = X'01020000007639' WHERE log_index = 4")
+        let error = try #require(throws: StorageError.self) { try temporary.open().loadDurableState() }
+        #expect(error.code == .corruptEntry)
+        #expect(error.reason.contains(temporary.path))
+        #expect(error.reason.contains("entry 4"))
+        #expect(error.reason.contains("new member"))
+    }
+
+    @Test("A hole in the log or a commit index past its end is refused, never skipped")
+    func truncatedLogIsRefused() throws {
+        let temporary = try TemporaryStore()
+        let store = try temporary.open()
+        try store.initialize(with: .bootstrap(voters: [1]))
+        var node = try RaftNode(configuration: Configuration(id: 1, randomSeed: 1), durable: try store.loadDurableState())
+        node.campaign()
+        for i in 0..<5 { try node.propose([UInt8(i)]) }
+        try drive(&node, store)
+        try temporary.tamper("DELETE FROM raft_entry WHERE log_index = 3")
+        let gap = try #require(throws: StorageError.self) { try temporary.open().loadDurableState() }
+        #expect(gap.code == .logGap)
+        #expect(gap.reason.contains("from index 2 to 4"))
+
+        try temporary.tamper("DELETE FROM raft_entry WHERE log_index >= 3")
+        let lost = try #require(throws: StorageError.self) { try temporary.open().loadDurableState() }
+        #expect(lost.code == .logGap)
+        #expect(lost.reason.contains("commit index"))
+    }
+
+    @Test("Initializing a store that already holds state is refused and changes nothing")
+    func initializeTwiceIsRefused() throws {
+        let temporary = try TemporaryStore()
+        let store = try temporary.open()
+        try store.initialize(with: .bootstrap(voters: [1, 2, 3]))
+        #expect(throws: StorageError.self) { try store.initialize(with: .bootstrap(voters: [7])) }
+        #expect(try store.loadDurableState().entries.first?.payload == .configChange(.bootstrap(voters: [1, 2, 3])))
+    }
+
+    @Test("CRC-32C matches the standard check value")
+    func crcCheckValue() {
+        var crc = CRC32C()
+        crc.update(Array("123456789".utf8))
+        #expect(crc.value == 0xE306_9283)
+    }
+}
+
+@Suite("Binary codec")
+struct CodecTests {
+    @Test("Every payload kind round-trips")
+    func payloadsRoundTrip() throws {
+        let payloads: [EntryPayload] = [
+            .noop, .command([]), .command(Array(0...255)),
+            .configChange(.bootstrap(voters: [1, 2, 3])), .configChange(.addLearner(9)),
+            .configChange(.promoteLearner(9)), .configChange(.removeNode(UInt64.max)),
+        ]
+        for payload in payloads {
+            #expect(try EntryPayload(decoding: payload.encoded) == payload)
+        }
+        let membership = Membership(voters: [1, 2], learners: [3], removed: [4, 5])
+        #expect(try Membership(decoding: membership.encoded) == membership)
+    }
+
+    @Test("Malformed input is refused with a specific error")
+    func malformedInput() {
+        #expect(throws: CodecError.unknownTag(field: "payload", tag: 7)) { try EntryPayload(decoding: [7]) }
+        #expect(throws: CodecError.truncated(field: "command", needed: 5, remaining: 2)) { try EntryPayload(decoding: [1, 5, 0, 0, 0, 1, 2]) }
+        #expect(throws: CodecError.trailingBytes(count: 1)) { try EntryPayload(decoding: [0, 0]) }
+        #expect(throws: CodecError.tooLarge(field: "bootstrap voters", length: 0xFFFF_FFFF, limit: CodecLimits.nodeIDsMax)) {
+            try EntryPayload(decoding: [2, 0, 0xFF, 0xFF, 0xFF, 0xFF])
+        }
+    }
+
+    @Test("100,000 random and mutated inputs never crash the decoder")
+    func fuzzDecoder() {
+        var random = SeededGenerator(seed: 2026)
+        let seeds: [[UInt8]] = [
+            EntryPayload.command(Array("seed".utf8)).encoded, EntryPayload.noop.encoded,
+            EntryPayload.configChange(.bootstrap(voters: [1, 2, 3])).encoded, Membership(voters: [1], learners: [2]).encoded,
+        ]
+        var decoded = 0
+        for round in 0..<100_000 {
+            var input: [UInt8]
+            if round % 2 == 0 {
+                input = (0..<random.below(24)).map { _ in UInt8(truncatingIfNeeded: random.next()) }
+            } else {
+                input = seeds[random.below(seeds.count)]
+                for _ in 0...random.below(3) where !input.isEmpty {
+                    input[random.below(input.count)] = UInt8(truncatingIfNeeded: random.next())
+                }
+                if random.chance(0.3) { input.removeLast(random.below(input.count + 1)) }
+            }
+            if let payload = try? EntryPayload(decoding: input) {
+                decoded += 1
+                #expect(payload.encoded == input, "a decoded payload re-encodes to the same bytes")
+            }
+            _ = try? Membership(decoding: input)
+        }
+        #expect(decoded > 1000, "the mutations also produce valid inputs, so both paths are exercised")
+    }
+}
