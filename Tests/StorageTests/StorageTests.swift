@@ -35,6 +35,18 @@ func drive(_ node: inout RaftNode, _ store: RaftStore) throws {
     }
 }
 
+/// A fresh store holding a single-voter node that led and wrote `commands`.
+func storeWithCommands(_ commands: [[UInt8]]) throws -> (TemporaryStore, RaftStore, RaftNode) {
+    let temporary = try TemporaryStore()
+    let store = try temporary.open()
+    try store.initialize(with: .bootstrap(voters: [1]))
+    var node = try RaftNode(configuration: Configuration(id: 1, randomSeed: 1), durable: try store.loadDurableState())
+    node.campaign()
+    for command in commands { try node.propose(command) }
+    try drive(&node, store)
+    return (temporary, store, node)
+}
+
 @Suite("SQLite Raft store")
 struct RaftStoreTests {
     @Test("A node restarts from the store exactly where it stopped")
@@ -84,13 +96,8 @@ struct RaftStoreTests {
 
     @Test("Compaction keeps the entries after the snapshot and the snapshot itself")
     func compaction() throws {
-        let temporary = try TemporaryStore()
-        let store = try temporary.open()
-        try store.initialize(with: .bootstrap(voters: [1]))
-        var node = try RaftNode(configuration: Configuration(id: 1, randomSeed: 1), durable: try store.loadDurableState())
-        node.campaign()
-        for i in 0..<10 { try node.propose([UInt8(i)]) }
-        try drive(&node, store)
+        let (temporary, store, written) = try storeWithCommands((0..<10).map { i in [UInt8(i)] })
+        var node = written
         let metadata = try node.compactLog(through: 7, snapshotData: Array("state at 7".utf8))
         try store.compact(through: metadata, data: Array("state at 7".utf8))
         let durable = try temporary.open().loadDurableState()
@@ -120,13 +127,7 @@ struct RaftStoreTests {
 
     @Test("A damaged entry stops the node with the file, the index and what to do")
     func corruptEntryIsRefused() throws {
-        let temporary = try TemporaryStore()
-        let store = try temporary.open()
-        try store.initialize(with: .bootstrap(voters: [1]))
-        var node = try RaftNode(configuration: Configuration(id: 1, randomSeed: 1), durable: try store.loadDurableState())
-        node.campaign()
-        for i in 0..<5 { try node.propose(Array("v\(i)".utf8)) }
-        try drive(&node, store)
+        let (temporary, _, _) = try storeWithCommands((0..<5).map { i in Array("v\(i)".utf8) })
         try temporary.tamper("UPDATE raft_entry SET payload = X'01020000007639' WHERE log_index = 4")
         let error = try #require(throws: StorageError.self) { try temporary.open().loadDurableState() }
         #expect(error.code == .corruptEntry)
@@ -137,13 +138,7 @@ struct RaftStoreTests {
 
     @Test("A hole in the log or a commit index past its end is refused, never skipped")
     func truncatedLogIsRefused() throws {
-        let temporary = try TemporaryStore()
-        let store = try temporary.open()
-        try store.initialize(with: .bootstrap(voters: [1]))
-        var node = try RaftNode(configuration: Configuration(id: 1, randomSeed: 1), durable: try store.loadDurableState())
-        node.campaign()
-        for i in 0..<5 { try node.propose([UInt8(i)]) }
-        try drive(&node, store)
+        let (temporary, _, _) = try storeWithCommands((0..<5).map { i in [UInt8(i)] })
         try temporary.tamper("DELETE FROM raft_entry WHERE log_index = 3")
         let gap = try #require(throws: StorageError.self) { try temporary.open().loadDurableState() }
         #expect(gap.code == .logGap)
