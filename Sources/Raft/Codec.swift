@@ -190,3 +190,192 @@ extension Membership {
         self.init(voters: voters, learners: learners, removed: removed)
     }
 }
+
+extension CodecLimits {
+    /// Entries in one AppendEntries or forwarded proposal.
+    public static let entriesPerMessageMax = 1 << 20
+    /// Snapshot bytes carried inline in one message.
+    public static let snapshotBytesMax = 256 << 20
+}
+
+extension BinaryWriter {
+    mutating func write(_ flag: Bool) { write(UInt8(flag ? 1 : 0)) }
+
+    mutating func write(_ entry: Entry) {
+        write(entry.term)
+        write(entry.index)
+        entry.payload.encode(into: &self)
+    }
+}
+
+extension BinaryReader {
+    mutating func readBool(_ field: String) throws(CodecError) -> Bool {
+        switch try readUInt8(field) {
+        case 0: return false
+        case 1: return true
+        case let other: throw .invalid(field: field, reason: "\(other) is neither 0 nor 1")
+        }
+    }
+
+    mutating func readCount(_ field: String, limit: Int, bytesEachMin: Int) throws(CodecError) -> Int {
+        let count = Int(try readUInt32(field + " count"))
+        guard count <= limit else { throw .tooLarge(field: field, length: count, limit: limit) }
+        // Refuse counts the remaining bytes cannot hold before allocating.
+        guard count * bytesEachMin <= remaining else { throw .truncated(field: field, needed: count * bytesEachMin, remaining: remaining) }
+        return count
+    }
+
+    mutating func readEntry() throws(CodecError) -> Entry {
+        let term = try readUInt64("entry term")
+        let index = try readUInt64("entry index")
+        return Entry(term: term, index: index, payload: try EntryPayload.decode(from: &self))
+    }
+}
+
+extension Message {
+    /// The encoding version; a decoder refuses any other.
+    public static let encodingVersion: UInt8 = 1
+
+    /// The message as bytes: version, sender, receiver, term, a body tag and
+    /// the body's fields.
+    public var encoded: [UInt8] {
+        var w = BinaryWriter(capacity: byteCount + 32)
+        w.write(Message.encodingVersion)
+        w.write(from)
+        w.write(to)
+        w.write(term)
+        switch body {
+        case .appendEntries(let a):
+            w.write(UInt8(0))
+            w.write(a.prevLogIndex)
+            w.write(a.prevLogTerm)
+            w.write(a.leaderCommit)
+            w.write(UInt32(a.entries.count))
+            for entry in a.entries { w.write(entry) }
+        case .appendEntriesResponse(let r):
+            w.write(UInt8(1))
+            w.write(r.index)
+            w.write(r.rejected)
+            w.write(r.hintIndex)
+            w.write(r.hintTerm)
+            w.write(r.commitIndex)
+        case .requestVote(let v):
+            w.write(UInt8(2))
+            w.write(v.lastLogIndex)
+            w.write(v.lastLogTerm)
+            w.write(v.preVote)
+            w.write(v.leadershipTransfer)
+        case .requestVoteResponse(let r):
+            w.write(UInt8(3))
+            w.write(r.granted)
+            w.write(r.preVote)
+        case .heartbeat(let h):
+            w.write(UInt8(4))
+            w.write(h.commit)
+            w.write(h.readRound)
+        case .heartbeatResponse(let r):
+            w.write(UInt8(5))
+            w.write(r.readRound)
+            w.write(r.commitIndex)
+        case .installSnapshot(let s):
+            w.write(UInt8(6))
+            w.write(s.metadata.index)
+            w.write(s.metadata.term)
+            w.writeBytes(s.metadata.membership.encoded)
+            w.writeBytes(s.data)
+        case .timeoutNow:
+            w.write(UInt8(7))
+        case .forwardedProposal(let payloads):
+            w.write(UInt8(8))
+            w.write(UInt32(payloads.count))
+            for payload in payloads { payload.encode(into: &w) }
+        case .readIndexRequest(let requestID):
+            w.write(UInt8(9))
+            w.write(requestID)
+        case .readIndexResponse(let requestID, let index):
+            w.write(UInt8(10))
+            w.write(requestID)
+            w.write(index)
+        case .readIndexRefused(let requestID):
+            w.write(UInt8(11))
+            w.write(requestID)
+        }
+        return w.bytes
+    }
+
+    /// Decodes exactly one message; anything else (another version, an
+    /// unknown tag, a bad flag, a count past its limit, trailing bytes) is
+    /// a `CodecError`.
+    public init(decoding bytes: [UInt8]) throws(CodecError) {
+        var r = BinaryReader(bytes)
+        let version = try r.readUInt8("version")
+        guard version == Message.encodingVersion else {
+            throw .invalid(field: "version", reason: "version \(version) is not supported (expected \(Message.encodingVersion))")
+        }
+        let from = try r.readUInt64("from")
+        let to = try r.readUInt64("to")
+        let term = try r.readUInt64("term")
+        let body: MessageBody
+        switch try r.readUInt8("message tag") {
+        case 0:
+            let prevLogIndex = try r.readUInt64("prevLogIndex")
+            let prevLogTerm = try r.readUInt64("prevLogTerm")
+            let leaderCommit = try r.readUInt64("leaderCommit")
+            let count = try r.readCount("entries", limit: CodecLimits.entriesPerMessageMax, bytesEachMin: 17)
+            var entries: [Entry] = []
+            entries.reserveCapacity(count)
+            for _ in 0..<count { entries.append(try r.readEntry()) }
+            body = .appendEntries(AppendEntries(prevLogIndex: prevLogIndex, prevLogTerm: prevLogTerm, entries: entries, leaderCommit: leaderCommit))
+        case 1:
+            let index = try r.readUInt64("index")
+            let rejected = try r.readBool("rejected")
+            let hintIndex = try r.readUInt64("hintIndex")
+            let hintTerm = try r.readUInt64("hintTerm")
+            let commitIndex = try r.readUInt64("commitIndex")
+            body = .appendEntriesResponse(AppendEntriesResponse(index: index, rejected: rejected, hintIndex: hintIndex, hintTerm: hintTerm, commitIndex: commitIndex))
+        case 2:
+            let lastLogIndex = try r.readUInt64("lastLogIndex")
+            let lastLogTerm = try r.readUInt64("lastLogTerm")
+            let preVote = try r.readBool("preVote")
+            let transfer = try r.readBool("leadershipTransfer")
+            body = .requestVote(RequestVote(lastLogIndex: lastLogIndex, lastLogTerm: lastLogTerm, preVote: preVote, leadershipTransfer: transfer))
+        case 3:
+            let granted = try r.readBool("granted")
+            let preVote = try r.readBool("preVote")
+            body = .requestVoteResponse(RequestVoteResponse(granted: granted, preVote: preVote))
+        case 4:
+            let commit = try r.readUInt64("commit")
+            let readRound = try r.readUInt64("readRound")
+            body = .heartbeat(Heartbeat(commit: commit, readRound: readRound))
+        case 5:
+            let readRound = try r.readUInt64("readRound")
+            let commitIndex = try r.readUInt64("commitIndex")
+            body = .heartbeatResponse(HeartbeatResponse(readRound: readRound, commitIndex: commitIndex))
+        case 6:
+            let index = try r.readUInt64("snapshot index")
+            let snapshotTerm = try r.readUInt64("snapshot term")
+            let membership = try Membership(decoding: try r.readBytes("snapshot membership", limit: 16 * CodecLimits.nodeIDsMax))
+            let data = try r.readBytes("snapshot data", limit: CodecLimits.snapshotBytesMax)
+            body = .installSnapshot(Snapshot(metadata: SnapshotMetadata(index: index, term: snapshotTerm, membership: membership), data: data))
+        case 7:
+            body = .timeoutNow
+        case 8:
+            let count = try r.readCount("proposals", limit: CodecLimits.entriesPerMessageMax, bytesEachMin: 1)
+            var payloads: [EntryPayload] = []
+            payloads.reserveCapacity(count)
+            for _ in 0..<count { payloads.append(try EntryPayload.decode(from: &r)) }
+            body = .forwardedProposal(payloads)
+        case 9:
+            body = .readIndexRequest(requestID: try r.readUInt64("requestID"))
+        case 10:
+            let requestID = try r.readUInt64("requestID")
+            body = .readIndexResponse(requestID: requestID, index: try r.readUInt64("index"))
+        case 11:
+            body = .readIndexRefused(requestID: try r.readUInt64("requestID"))
+        case let tag:
+            throw .unknownTag(field: "message", tag: tag)
+        }
+        try r.expectEnd()
+        self.init(from: from, to: to, term: term, body: body)
+    }
+}
