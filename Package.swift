@@ -24,12 +24,15 @@ let package = Package(
         // Durable state in SQLite (the system library): the Raft log, hard
         // state and snapshot metadata, with checksums verified on read.
         .target(name: "Storage", dependencies: ["Raft", .product(name: "GRDB", package: "GRDB.swift")], swiftSettings: strict),
+        // Node-to-node framing (and, with issue 3, TCP and mutual TLS).
+        .target(name: "Transport", dependencies: ["Raft"], swiftSettings: strict),
         // Deterministic whole-cluster simulator over the pure core.
         .target(name: "RaftSimulator", dependencies: ["Raft"], swiftSettings: strict),
         // Simulator soak runs, seed replay and the core benchmark.
         .executableTarget(name: "warrant-sim", dependencies: ["Raft", "RaftSimulator"], swiftSettings: strict),
         .testTarget(name: "RaftTests", dependencies: ["Raft", "RaftSimulator"], swiftSettings: strict),
         .testTarget(name: "RaftSimulatorTests", dependencies: ["Raft", "RaftSimulator"], swiftSettings: strict),
+        .testTarget(name: "TransportTests", dependencies: ["Raft", "Transport"], swiftSettings: strict),
         .testTarget(name: "StorageTests", dependencies: ["Raft", "Storage", .product(name: "GRDB", package: "GRDB.swift")], swiftSettings: strict),
     ],
     swiftLanguageModes: [.v6]
