@@ -33,7 +33,7 @@ let package = Package(
         .testTarget(name: "RaftTests", dependencies: ["Raft", "RaftSimulator"], swiftSettings: strict),
         .testTarget(name: "RaftSimulatorTests", dependencies: ["Raft", "RaftSimulator"], swiftSettings: strict),
         .testTarget(name: "TransportTests", dependencies: ["Raft", "Transport"], swiftSettings: strict),
-        .testTarget(name: "StorageTests", dependencies: ["Raft", "Storage", .product(name: "GRDB", package: "GRDB.swift")], swiftSettings: strict),
+        .testTarget(name: "StorageTests", dependencies: ["Raft", "Storage", "RaftSimulator", .product(name: "GRDB", package: "GRDB.swift")], swiftSettings: strict),
     ],
     swiftLanguageModes: [.v6]
 )

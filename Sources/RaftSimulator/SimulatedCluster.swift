@@ -32,8 +32,32 @@ public struct NodeOptions: Sendable {
     }
 }
 
-/// What a simulated node has on "disk": exactly what its Readies asked to
-/// persist, nothing more. A crash keeps this and loses everything else.
+/// A simulated node's disk: exactly what its Readies asked to persist,
+/// nothing more. A crash keeps it and loses everything else. The default
+/// is `MemoryDisk`; a test may plug in the real SQLite store.
+public protocol SimulatedDisk: AnyObject {
+    func persist(_ ready: Ready) throws
+    func compact(through metadata: SnapshotMetadata, data: [UInt8]) throws
+    func load() throws -> DurableState
+}
+
+/// Makes the disk of a node, holding `initial` (bootstrap or empty).
+public typealias DiskFactory = (_ id: NodeID, _ initial: DurableState) throws -> any SimulatedDisk
+
+/// The in-memory disk.
+public final class MemoryDisk: SimulatedDisk {
+    public private(set) var storage: SimulatedStorage
+
+    public init(_ initial: DurableState) {
+        storage = SimulatedStorage(hardState: initial.hardState, snapshot: initial.snapshot, entries: initial.entries)
+    }
+
+    public func persist(_ ready: Ready) { storage.persist(ready) }
+    public func compact(through metadata: SnapshotMetadata, data: [UInt8]) { storage.compact(through: metadata, data: data) }
+    public func load() -> DurableState { storage.durableState }
+}
+
+/// The in-memory disk's contents.
 public struct SimulatedStorage: Sendable {
     public var hardState = HardState()
     public var snapshot: Snapshot?
@@ -71,7 +95,7 @@ public struct SimulatedStorage: Sendable {
 public final class SimulatedNode {
     public let id: NodeID
     public internal(set) var raft: RaftNode?
-    public internal(set) var storage: SimulatedStorage
+    public internal(set) var disk: any SimulatedDisk
     public internal(set) var appliedIndex: LogIndex = 0
     public internal(set) var digest: UInt64 = 0
     public internal(set) var incarnation = 0
@@ -83,9 +107,9 @@ public final class SimulatedNode {
     /// before persisting, before persisting anything.
     var crashDuringNextReady = false
 
-    init(id: NodeID, storage: SimulatedStorage) {
+    init(id: NodeID, disk: any SimulatedDisk) {
         self.id = id
-        self.storage = storage
+        self.disk = disk
     }
 
     public var isRunning: Bool { raft != nil }
@@ -110,12 +134,15 @@ public final class SimulatedCluster {
     /// Called with every (node, entry) a node applied.
     public var onApplied: ((NodeID, Entry) -> Void)?
 
-    public init(voters: [NodeID], options: NodeOptions = NodeOptions(), seed: UInt64) {
+    private let makeDisk: DiskFactory
+
+    public init(voters: [NodeID], options: NodeOptions = NodeOptions(), seed: UInt64, disk: DiskFactory? = nil) {
         self.options = options
+        makeDisk = disk ?? { _, initial in MemoryDisk(initial) }
         seeds = SeededGenerator(seed: seed)
         let durable = DurableState.bootstrap(voters: voters)
         for id in voters {
-            nodes[id] = SimulatedNode(id: id, storage: SimulatedStorage(hardState: durable.hardState, snapshot: nil, entries: durable.entries))
+            nodes[id] = SimulatedNode(id: id, disk: Self.mustMake(makeDisk, id, durable))
             start(id)
         }
         sortedIDs = nodes.keys.sorted()
@@ -148,7 +175,12 @@ public final class SimulatedCluster {
 
     private func start(_ id: NodeID) {
         let configuration = options.configuration(id: id, seed: seeds.next())
-        let durable = nodes[id]!.storage.durableState
+        let durable: DurableState
+        do {
+            durable = try nodes[id]!.disk.load()
+        } catch {
+            preconditionFailure("node \(id) could not load its disk: \(error)")
+        }
         do {
             let raft = try RaftNode(configuration: configuration, durable: durable)
             nodes[id]!.raft = raft
@@ -171,7 +203,7 @@ public final class SimulatedCluster {
     /// Adds a brand-new, empty node (it joins once the leader adds it).
     public func addEmptyNode(_ id: NodeID) {
         precondition(nodes[id] == nil, "node ids are never reused")
-        nodes[id] = SimulatedNode(id: id, storage: SimulatedStorage())
+        nodes[id] = SimulatedNode(id: id, disk: Self.mustMake(makeDisk, id, .empty))
         sortedIDs = nodes.keys.sorted()
         start(id)
     }
@@ -237,7 +269,11 @@ public final class SimulatedCluster {
         let index = node.appliedIndex
         let metadata = with(id) { try? $0.compactLog(through: index, snapshotData: data) }
         if let metadata, let metadata {
-            nodes[id]!.storage.compact(through: metadata, data: data)
+            do {
+                try nodes[id]!.disk.compact(through: metadata, data: data)
+            } catch {
+                preconditionFailure("node \(id) could not compact its disk: \(error)")
+            }
         }
     }
 
@@ -260,7 +296,11 @@ public final class SimulatedCluster {
             // 2. Persist atomically.
             let previousTerm = ready.entries.first.flatMap { node.raft!.term(at: $0.index - 1) }
             checker.persisted(ready.entries, previousTerm: previousTerm, by: id)
-            node.storage.persist(ready)
+            do {
+                try node.disk.persist(ready)
+            } catch {
+                preconditionFailure("node \(id) could not persist a Ready: \(error)")
+            }
             if let snapshot = ready.snapshot {
                 let digest = Self.digest(from: snapshot.data)
                 checker.installedSnapshot(index: snapshot.metadata.index, digest: digest, by: id)
@@ -286,6 +326,14 @@ public final class SimulatedCluster {
             }
             node.raft!.advance()
             checker.observe(node.raft!, wasLeader: wasLeader)
+        }
+    }
+
+    private static func mustMake(_ factory: DiskFactory, _ id: NodeID, _ initial: DurableState) -> any SimulatedDisk {
+        do {
+            return try factory(id, initial)
+        } catch {
+            preconditionFailure("could not make the disk of node \(id): \(error)")
         }
     }
 

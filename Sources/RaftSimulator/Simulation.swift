@@ -128,7 +128,8 @@ public final class Simulation {
     /// Drawn per seed: whether this run cuts new leaders short.
     private let churnLeaders: Bool
 
-    public init(seed: UInt64, options: SimulationOptions = SimulationOptions(), tracing: Bool = false) {
+    /// `disk` makes each node's disk; the default keeps it in memory.
+    public init(seed: UInt64, options: SimulationOptions = SimulationOptions(), tracing: Bool = false, disk: DiskFactory? = nil) {
         self.seed = seed
         self.options = options
         self.tracing = tracing
@@ -146,7 +147,7 @@ public final class Simulation {
         // Safety must not rest on PreVote or CheckQuorum: some runs go without.
         nodeOptions.preVote = random.chance(0.75)
         nodeOptions.checkQuorum = random.chance(0.75)
-        cluster = SimulatedCluster(voters: (1...NodeID(nodeCount)).map { $0 }, options: nodeOptions, seed: random.next())
+        cluster = SimulatedCluster(voters: (1...NodeID(nodeCount)).map { $0 }, options: nodeOptions, seed: random.next(), disk: disk)
         cluster.recordAppliedCommands = false
         churnLeaders = random.chance(0.5)
         self.random = random
