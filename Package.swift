@@ -16,6 +16,7 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/groue/GRDB.swift", exact: "7.10.0"),
+        .package(url: "https://github.com/apple/swift-crypto", exact: "4.5.2"),
     ],
     targets: [
         // The pure consensus core: messages in, Ready out. No I/O, no clock,
@@ -24,6 +25,9 @@ let package = Package(
         // Durable state in SQLite (the system library): the Raft log, hard
         // state and snapshot metadata, with checksums verified on read.
         .target(name: "Storage", dependencies: ["Raft", .product(name: "GRDB", package: "GRDB.swift")], swiftSettings: strict),
+        // The replicated state machine: documents and the audit chain.
+        // apply() is deterministic: time and actors come stamped in commands.
+        .target(name: "Ledger", dependencies: ["Raft", .product(name: "Crypto", package: "swift-crypto")], swiftSettings: strict),
         // Node-to-node framing (and, with issue 3, TCP and mutual TLS).
         .target(name: "Transport", dependencies: ["Raft"], swiftSettings: strict),
         // Deterministic whole-cluster simulator over the pure core.
@@ -32,6 +36,7 @@ let package = Package(
         .executableTarget(name: "warrant-sim", dependencies: ["Raft", "RaftSimulator"], swiftSettings: strict),
         .testTarget(name: "RaftTests", dependencies: ["Raft", "RaftSimulator"], swiftSettings: strict),
         .testTarget(name: "RaftSimulatorTests", dependencies: ["Raft", "RaftSimulator"], swiftSettings: strict),
+        .testTarget(name: "LedgerTests", dependencies: ["Raft", "Ledger", "RaftSimulator"], swiftSettings: strict),
         .testTarget(name: "TransportTests", dependencies: ["Raft", "Transport"], swiftSettings: strict),
         .testTarget(name: "StorageTests", dependencies: ["Raft", "Storage", "RaftSimulator", .product(name: "GRDB", package: "GRDB.swift")], swiftSettings: strict),
     ],

@@ -1,0 +1,143 @@
+import Raft
+
+/// Limits on what a command may carry, checked before proposing and again
+/// when applying (so a log holding a bad command still applies the same way
+/// everywhere).
+public enum LedgerLimits {
+    public static let documentNameBytesMax = 256
+    public static let documentContentBytesMax = 256 << 10
+    public static let actorBytesMax = 256
+    public static let requestIDBytesMax = 128
+}
+
+public enum DocumentFormat: UInt8, Sendable, Hashable {
+    case json = 1
+    case yaml = 2
+}
+
+/// One change to the replicated state, as the leader proposes it: stamped
+/// with the leader's time and the caller's identity, so applying it reads
+/// no clock and everyone applies the same thing.
+public struct LedgerCommand: Sendable, Hashable {
+    public enum Operation: Sendable, Hashable {
+        /// Creates (expectedVersion 0), replaces if the version matches
+        /// (expectedVersion > 0), or writes unconditionally (nil).
+        case putDocument(name: String, format: DocumentFormat, content: [UInt8], expectedVersion: UInt64?)
+        case deleteDocument(name: String, expectedVersion: UInt64?)
+    }
+
+    public var timeMillis: UInt64
+    public var actor: String
+    public var requestID: String
+    public var operation: Operation
+
+    public init(timeMillis: UInt64, actor: String, requestID: String, operation: Operation) {
+        self.timeMillis = timeMillis
+        self.actor = actor
+        self.requestID = requestID
+        self.operation = operation
+    }
+
+    /// Why the command may not be proposed, or nil if it may.
+    public var invalidReason: String? {
+        if actor.utf8.count > LedgerLimits.actorBytesMax { return "actor is longer than \(LedgerLimits.actorBytesMax) bytes" }
+        if requestID.utf8.count > LedgerLimits.requestIDBytesMax { return "request id is longer than \(LedgerLimits.requestIDBytesMax) bytes" }
+        switch operation {
+        case .putDocument(let name, _, let content, _):
+            if let reason = Self.invalidName(name) { return reason }
+            if content.count > LedgerLimits.documentContentBytesMax {
+                return "document content is \(content.count) bytes; the limit is \(LedgerLimits.documentContentBytesMax)"
+            }
+        case .deleteDocument(let name, _):
+            if let reason = Self.invalidName(name) { return reason }
+        }
+        return nil
+    }
+
+    /// Names are lower-case paths: letters, digits, '.', '_', '-' and '/',
+    /// no empty or dot segments, at most `documentNameBytesMax` bytes.
+    static func invalidName(_ name: String) -> String? {
+        let bytes = Array(name.utf8)
+        guard !bytes.isEmpty else { return "document name is empty" }
+        guard bytes.count <= LedgerLimits.documentNameBytesMax else { return "document name is longer than \(LedgerLimits.documentNameBytesMax) bytes" }
+        for byte in bytes {
+            let allowed = (byte >= 0x61 && byte <= 0x7A) || (byte >= 0x30 && byte <= 0x39) || byte == 0x2E || byte == 0x5F || byte == 0x2D || byte == 0x2F
+            guard allowed else { return "document name '\(name)' may hold only a-z, 0-9, '.', '_', '-' and '/'" }
+        }
+        for segment in name.split(separator: "/", omittingEmptySubsequences: false) where segment.isEmpty || segment == "." || segment == ".." {
+            return "document name '\(name)' has an empty, '.' or '..' segment"
+        }
+        return nil
+    }
+
+    // MARK: - Encoding (inside an entry's command bytes)
+
+    static let encodingVersion: UInt8 = 1
+
+    public var encoded: [UInt8] {
+        var w = BinaryWriter()
+        w.write(Self.encodingVersion)
+        w.write(timeMillis)
+        w.writeBytes(Array(actor.utf8))
+        w.writeBytes(Array(requestID.utf8))
+        switch operation {
+        case .putDocument(let name, let format, let content, let expected):
+            w.write(UInt8(1))
+            w.writeBytes(Array(name.utf8))
+            w.write(format.rawValue)
+            w.writeBytes(content)
+            Self.write(expected, &w)
+        case .deleteDocument(let name, let expected):
+            w.write(UInt8(2))
+            w.writeBytes(Array(name.utf8))
+            Self.write(expected, &w)
+        }
+        return w.bytes
+    }
+
+    private static func write(_ version: UInt64?, _ w: inout BinaryWriter) {
+        w.write(UInt8(version == nil ? 0 : 1))
+        w.write(version ?? 0)
+    }
+
+    public init(decoding bytes: [UInt8]) throws(CodecError) {
+        var r = BinaryReader(bytes)
+        let version = try r.readUInt8("ledger command version")
+        guard version == Self.encodingVersion else {
+            throw .invalid(field: "ledger command version", reason: "version \(version) is not supported")
+        }
+        timeMillis = try r.readUInt64("time")
+        actor = try Self.readString(&r, "actor", LedgerLimits.actorBytesMax)
+        requestID = try Self.readString(&r, "request id", LedgerLimits.requestIDBytesMax)
+        switch try r.readUInt8("operation") {
+        case 1:
+            let name = try Self.readString(&r, "document name", LedgerLimits.documentNameBytesMax)
+            let rawFormat = try r.readUInt8("format")
+            guard let format = DocumentFormat(rawValue: rawFormat) else { throw .unknownTag(field: "format", tag: rawFormat) }
+            let content = try r.readBytes("content", limit: LedgerLimits.documentContentBytesMax)
+            operation = .putDocument(name: name, format: format, content: content, expectedVersion: try Self.readVersion(&r))
+        case 2:
+            let name = try Self.readString(&r, "document name", LedgerLimits.documentNameBytesMax)
+            operation = .deleteDocument(name: name, expectedVersion: try Self.readVersion(&r))
+        case let tag:
+            throw .unknownTag(field: "operation", tag: tag)
+        }
+        try r.expectEnd()
+    }
+
+    private static func readString(_ r: inout BinaryReader, _ field: String, _ limit: Int) throws(CodecError) -> String {
+        let bytes = try r.readBytes(field, limit: limit)
+        guard let text = String(validating: bytes, as: UTF8.self) else { throw .invalid(field: field, reason: "not UTF-8") }
+        return text
+    }
+
+    private static func readVersion(_ r: inout BinaryReader) throws(CodecError) -> UInt64? {
+        let present = try r.readUInt8("expected version flag")
+        let value = try r.readUInt64("expected version")
+        switch present {
+        case 0: return nil
+        case 1: return value
+        default: throw .invalid(field: "expected version flag", reason: "\(present) is neither 0 nor 1")
+        }
+    }
+}

@@ -1,0 +1,140 @@
+import Raft
+
+public struct Document: Sendable, Hashable {
+    public var name: String
+    public var format: DocumentFormat
+    public var content: [UInt8]
+    /// 1 on creation, +1 on every replacement.
+    public var version: UInt64
+    /// The log index that wrote this version.
+    public var logIndex: LogIndex
+
+    public init(name: String, format: DocumentFormat, content: [UInt8], version: UInt64, logIndex: LogIndex) {
+        self.name = name
+        self.format = format
+        self.content = content
+        self.version = version
+        self.logIndex = logIndex
+    }
+}
+
+/// Where the ledger's state lives. `InMemoryLedgerTables` here; the SQLite
+/// tables (same database as the Raft log) come with the node.
+public protocol LedgerTables {
+    func document(named name: String) -> Document?
+    mutating func put(_ document: Document)
+    mutating func deleteDocument(named name: String)
+    /// The last audit record's sequence and hash (0 and the genesis hash when empty).
+    var auditHead: (sequence: UInt64, hash: [UInt8]) { get }
+    mutating func append(_ record: AuditRecord)
+    var appliedIndex: LogIndex { get set }
+}
+
+/// What applying one command did, for the caller waiting on it.
+public struct LedgerOutcome: Sendable, Hashable {
+    public enum Result: Sendable, Hashable {
+        case written(version: UInt64)
+        case deleted
+        case rejected(String)
+    }
+
+    public var logIndex: LogIndex
+    public var requestID: String
+    public var result: Result
+}
+
+/// The replicated state machine. `apply` is deterministic: it reads no
+/// clock and draws no randomness; every node applying the same entries to
+/// the same tables reaches the same documents and the same audit chain.
+public enum Ledger {
+    /// Applies one committed entry. Every change, accepted or refused,
+    /// appends an audit record; a no-op changes nothing.
+    @discardableResult
+    public static func apply(_ entry: Entry, to tables: inout some LedgerTables) -> LedgerOutcome? {
+        precondition(entry.index > tables.appliedIndex, "entry \(entry.index) applied twice (applied index \(tables.appliedIndex))")
+        defer { tables.appliedIndex = entry.index }
+        switch entry.payload {
+        case .noop:
+            return nil
+        case .configChange(let change):
+            audit(&tables, entry, timeMillis: 0, actor: "raft", action: "membership.change", target: describe(change), result: "ok")
+            return nil
+        case .command(let bytes):
+            let command: LedgerCommand
+            do {
+                command = try LedgerCommand(decoding: bytes)
+            } catch {
+                audit(&tables, entry, timeMillis: 0, actor: "unknown", action: "invalid", target: "", result: "rejected: \(error)")
+                return LedgerOutcome(logIndex: entry.index, requestID: "", result: .rejected("malformed command: \(error)"))
+            }
+            let result = execute(command, entry.index, &tables)
+            let (action, target): (String, String)
+            switch command.operation {
+            case .putDocument(let name, _, _, _): (action, target) = ("document.put", name)
+            case .deleteDocument(let name, _): (action, target) = ("document.delete", name)
+            }
+            let resultText: String
+            switch result {
+            case .written(let version): resultText = "ok: version \(version)"
+            case .deleted: resultText = "ok: deleted"
+            case .rejected(let reason): resultText = "rejected: \(reason)"
+            }
+            audit(&tables, entry, timeMillis: command.timeMillis, actor: command.actor, action: action, target: target, result: resultText)
+            return LedgerOutcome(logIndex: entry.index, requestID: command.requestID, result: result)
+        }
+    }
+
+    private static func execute(_ command: LedgerCommand, _ index: LogIndex, _ tables: inout some LedgerTables) -> LedgerOutcome.Result {
+        if let reason = command.invalidReason { return .rejected(reason) }
+        switch command.operation {
+        case .putDocument(let name, let format, let content, let expected):
+            let current = tables.document(named: name)
+            if let expected, expected != (current?.version ?? 0) {
+                return .rejected(current == nil
+                    ? "version conflict: '\(name)' does not exist (expected version \(expected))"
+                    : "version conflict: '\(name)' is at version \(current!.version), not \(expected)")
+            }
+            let version = (current?.version ?? 0) + 1
+            tables.put(Document(name: name, format: format, content: content, version: version, logIndex: index))
+            return .written(version: version)
+        case .deleteDocument(let name, let expected):
+            guard let current = tables.document(named: name) else { return .rejected("'\(name)' does not exist") }
+            if let expected, expected != current.version {
+                return .rejected("version conflict: '\(name)' is at version \(current.version), not \(expected)")
+            }
+            tables.deleteDocument(named: name)
+            return .deleted
+        }
+    }
+
+    private static func audit(_ tables: inout some LedgerTables, _ entry: Entry, timeMillis: UInt64, actor: String,
+                              action: String, target: String, result: String) {
+        let head = tables.auditHead
+        tables.append(AuditRecord(sequence: head.sequence + 1, logIndex: entry.index, timeMillis: timeMillis, actor: actor,
+                                  action: action, target: target, result: result, previousHash: head.hash))
+    }
+
+    private static func describe(_ change: ConfigChange) -> String {
+        switch change {
+        case .bootstrap(let voters): return "bootstrap voters \(voters.map(String.init).joined(separator: ","))"
+        case .addLearner(let id): return "add learner \(id)"
+        case .promoteLearner(let id): return "promote \(id)"
+        case .removeNode(let id): return "remove \(id)"
+        }
+    }
+}
+
+/// The ledger's tables in memory (tests, the simulator).
+public struct InMemoryLedgerTables: LedgerTables, Sendable {
+    public private(set) var documents: [String: Document] = [:]
+    public private(set) var audit: [AuditRecord] = []
+    public var appliedIndex: LogIndex = 0
+
+    public init() {}
+
+    public func document(named name: String) -> Document? { documents[name] }
+    public mutating func put(_ document: Document) { documents[document.name] = document }
+    public mutating func deleteDocument(named name: String) { documents[name] = nil }
+    public var auditHead: (sequence: UInt64, hash: [UInt8]) { (audit.last?.sequence ?? 0, audit.last?.hash ?? AuditRecord.genesisHash) }
+    public mutating func append(_ record: AuditRecord) { audit.append(record) }
+}
