@@ -24,7 +24,7 @@ let package = Package(
         .target(name: "Raft", swiftSettings: strict),
         // Durable state in SQLite (the system library): the Raft log, hard
         // state and snapshot metadata, with checksums verified on read.
-        .target(name: "Storage", dependencies: ["Raft", .product(name: "GRDB", package: "GRDB.swift")], swiftSettings: strict),
+        .target(name: "Storage", dependencies: ["Raft", "Ledger", .product(name: "GRDB", package: "GRDB.swift")], swiftSettings: strict),
         // The replicated state machine: documents and the audit chain.
         // apply() is deterministic: time and actors come stamped in commands.
         .target(name: "Ledger", dependencies: ["Raft", .product(name: "Crypto", package: "swift-crypto")], swiftSettings: strict),
@@ -38,7 +38,7 @@ let package = Package(
         .testTarget(name: "RaftSimulatorTests", dependencies: ["Raft", "RaftSimulator"], swiftSettings: strict),
         .testTarget(name: "LedgerTests", dependencies: ["Raft", "Ledger", "RaftSimulator"], swiftSettings: strict),
         .testTarget(name: "TransportTests", dependencies: ["Raft", "Transport"], swiftSettings: strict),
-        .testTarget(name: "StorageTests", dependencies: ["Raft", "Storage", "RaftSimulator", .product(name: "GRDB", package: "GRDB.swift")], swiftSettings: strict),
+        .testTarget(name: "StorageTests", dependencies: ["Raft", "Storage", "Ledger", "RaftSimulator", .product(name: "GRDB", package: "GRDB.swift")], swiftSettings: strict),
     ],
     swiftLanguageModes: [.v6]
 )

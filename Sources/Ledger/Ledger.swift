@@ -20,14 +20,17 @@ public struct Document: Sendable, Hashable {
 
 /// Where the ledger's state lives. `InMemoryLedgerTables` here; the SQLite
 /// tables (same database as the Raft log) come with the node.
+/// Its methods throw only for storage failures (a full disk, say), never
+/// for the ledger's own refusals, which are outcomes.
 public protocol LedgerTables {
-    func document(named name: String) -> Document?
-    mutating func put(_ document: Document)
-    mutating func deleteDocument(named name: String)
+    func document(named name: String) throws -> Document?
+    mutating func put(_ document: Document) throws
+    mutating func deleteDocument(named name: String) throws
     /// The last audit record's sequence and hash (0 and the genesis hash when empty).
-    var auditHead: (sequence: UInt64, hash: [UInt8]) { get }
-    mutating func append(_ record: AuditRecord)
-    var appliedIndex: LogIndex { get set }
+    func auditHead() throws -> (sequence: UInt64, hash: [UInt8])
+    mutating func append(_ record: AuditRecord) throws
+    func appliedIndex() throws -> LogIndex
+    mutating func setAppliedIndex(_ index: LogIndex) throws
 }
 
 /// What applying one command did, for the caller waiting on it.
@@ -50,24 +53,30 @@ public enum Ledger {
     /// Applies one committed entry. Every change, accepted or refused,
     /// appends an audit record; a no-op changes nothing.
     @discardableResult
-    public static func apply(_ entry: Entry, to tables: inout some LedgerTables) -> LedgerOutcome? {
-        precondition(entry.index > tables.appliedIndex, "entry \(entry.index) applied twice (applied index \(tables.appliedIndex))")
-        defer { tables.appliedIndex = entry.index }
+    public static func apply(_ entry: Entry, to tables: inout some LedgerTables) throws -> LedgerOutcome? {
+        let applied = try tables.appliedIndex()
+        precondition(entry.index > applied, "entry \(entry.index) applied twice (applied index \(applied))")
+        let outcome = try outcome(of: entry, &tables)
+        try tables.setAppliedIndex(entry.index)
+        return outcome
+    }
+
+    private static func outcome(of entry: Entry, _ tables: inout some LedgerTables) throws -> LedgerOutcome? {
         switch entry.payload {
         case .noop:
             return nil
         case .configChange(let change):
-            audit(&tables, entry, timeMillis: 0, actor: "raft", action: "membership.change", target: describe(change), result: "ok")
+            try audit(&tables, entry, timeMillis: 0, actor: "raft", action: "membership.change", target: describe(change), result: "ok")
             return nil
         case .command(let bytes):
             let command: LedgerCommand
             do {
                 command = try LedgerCommand(decoding: bytes)
             } catch {
-                audit(&tables, entry, timeMillis: 0, actor: "unknown", action: "invalid", target: "", result: "rejected: \(error)")
+                try audit(&tables, entry, timeMillis: 0, actor: "unknown", action: "invalid", target: "", result: "rejected: \(error)")
                 return LedgerOutcome(logIndex: entry.index, requestID: "", result: .rejected("malformed command: \(error)"))
             }
-            let result = execute(command, entry.index, &tables)
+            let result = try execute(command, entry.index, &tables)
             let (action, target): (String, String)
             switch command.operation {
             case .putDocument(let name, _, _, _): (action, target) = ("document.put", name)
@@ -79,38 +88,38 @@ public enum Ledger {
             case .deleted: resultText = "ok: deleted"
             case .rejected(let reason): resultText = "rejected: \(reason)"
             }
-            audit(&tables, entry, timeMillis: command.timeMillis, actor: command.actor, action: action, target: target, result: resultText)
+            try audit(&tables, entry, timeMillis: command.timeMillis, actor: command.actor, action: action, target: target, result: resultText)
             return LedgerOutcome(logIndex: entry.index, requestID: command.requestID, result: result)
         }
     }
 
-    private static func execute(_ command: LedgerCommand, _ index: LogIndex, _ tables: inout some LedgerTables) -> LedgerOutcome.Result {
+    private static func execute(_ command: LedgerCommand, _ index: LogIndex, _ tables: inout some LedgerTables) throws -> LedgerOutcome.Result {
         if let reason = command.invalidReason { return .rejected(reason) }
         switch command.operation {
         case .putDocument(let name, let format, let content, let expected):
-            let current = tables.document(named: name)
+            let current = try tables.document(named: name)
             if let expected, expected != (current?.version ?? 0) {
                 return .rejected(current == nil
                     ? "version conflict: '\(name)' does not exist (expected version \(expected))"
                     : "version conflict: '\(name)' is at version \(current!.version), not \(expected)")
             }
             let version = (current?.version ?? 0) + 1
-            tables.put(Document(name: name, format: format, content: content, version: version, logIndex: index))
+            try tables.put(Document(name: name, format: format, content: content, version: version, logIndex: index))
             return .written(version: version)
         case .deleteDocument(let name, let expected):
-            guard let current = tables.document(named: name) else { return .rejected("'\(name)' does not exist") }
+            guard let current = try tables.document(named: name) else { return .rejected("'\(name)' does not exist") }
             if let expected, expected != current.version {
                 return .rejected("version conflict: '\(name)' is at version \(current.version), not \(expected)")
             }
-            tables.deleteDocument(named: name)
+            try tables.deleteDocument(named: name)
             return .deleted
         }
     }
 
     private static func audit(_ tables: inout some LedgerTables, _ entry: Entry, timeMillis: UInt64, actor: String,
-                              action: String, target: String, result: String) {
-        let head = tables.auditHead
-        tables.append(AuditRecord(sequence: head.sequence + 1, logIndex: entry.index, timeMillis: timeMillis, actor: actor,
+                              action: String, target: String, result: String) throws {
+        let head = try tables.auditHead()
+        try tables.append(AuditRecord(sequence: head.sequence + 1, logIndex: entry.index, timeMillis: timeMillis, actor: actor,
                                   action: action, target: target, result: result, previousHash: head.hash))
     }
 
@@ -128,13 +137,15 @@ public enum Ledger {
 public struct InMemoryLedgerTables: LedgerTables, Sendable {
     public private(set) var documents: [String: Document] = [:]
     public private(set) var audit: [AuditRecord] = []
-    public var appliedIndex: LogIndex = 0
+    public private(set) var applied: LogIndex = 0
 
     public init() {}
 
     public func document(named name: String) -> Document? { documents[name] }
     public mutating func put(_ document: Document) { documents[document.name] = document }
     public mutating func deleteDocument(named name: String) { documents[name] = nil }
-    public var auditHead: (sequence: UInt64, hash: [UInt8]) { (audit.last?.sequence ?? 0, audit.last?.hash ?? AuditRecord.genesisHash) }
+    public func auditHead() -> (sequence: UInt64, hash: [UInt8]) { (audit.last?.sequence ?? 0, audit.last?.hash ?? AuditRecord.genesisHash) }
     public mutating func append(_ record: AuditRecord) { audit.append(record) }
+    public func appliedIndex() -> LogIndex { applied }
+    public mutating func setAppliedIndex(_ index: LogIndex) { applied = index }
 }

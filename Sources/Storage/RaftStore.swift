@@ -1,5 +1,6 @@
 import Foundation
 import GRDB
+import Ledger
 import Raft
 
 /// How hard SQLite syncs. `.full` (the default) fsyncs every commit, so an
@@ -80,6 +81,33 @@ public final class RaftStore: Sendable {
                     data BLOB NOT NULL,
                     checksum INTEGER NOT NULL
                 );
+                """)
+        }
+        migrator.registerMigration("ledger-v1") { db in
+            try db.execute(sql: """
+                CREATE TABLE ledger_document (
+                    name TEXT PRIMARY KEY,
+                    format INTEGER NOT NULL,
+                    content BLOB NOT NULL,
+                    version INTEGER NOT NULL,
+                    log_index INTEGER NOT NULL
+                );
+                CREATE TABLE ledger_audit (
+                    sequence INTEGER PRIMARY KEY,
+                    log_index INTEGER NOT NULL,
+                    time_millis INTEGER NOT NULL,
+                    actor TEXT NOT NULL,
+                    action TEXT NOT NULL,
+                    target TEXT NOT NULL,
+                    result TEXT NOT NULL,
+                    previous_hash BLOB NOT NULL,
+                    hash BLOB NOT NULL
+                );
+                CREATE TABLE ledger_meta (
+                    id INTEGER PRIMARY KEY CHECK (id = 1),
+                    applied_index INTEGER NOT NULL
+                );
+                INSERT INTO ledger_meta (id, applied_index) VALUES (1, 0);
                 """)
         }
         return migrator
@@ -193,7 +221,11 @@ public final class RaftStore: Sendable {
             guard hardState.commitIndex <= lastIndex else {
                 throw StorageError(code: .logGap, reason: "\(path): the commit index \(hardState.commitIndex) is past the last stored entry \(lastIndex) (entries were lost). \(StorageError.rejoinAdvice)")
             }
-            return DurableState(hardState: hardState, snapshot: snapshot, entries: entries)
+            // The ledger applied committed entries durably up to here: a
+            // restart resumes after it instead of replaying from zero.
+            let applied = UInt64(try Int64.fetchOne(db, sql: "SELECT applied_index FROM ledger_meta WHERE id = 1") ?? 0)
+            return DurableState(hardState: hardState, snapshot: snapshot, entries: entries,
+                                appliedIndex: max(applied, snapshot?.metadata.index ?? 0))
         }
     }
 
@@ -218,6 +250,9 @@ public final class RaftStore: Sendable {
         }
         return Snapshot(metadata: metadata, data: data)
     }
+
+    func write<T>(_ body: (Database) throws -> T) throws -> T { try database.write(body) }
+    func read<T>(_ body: (Database) throws -> T) throws -> T { try database.read(body) }
 
     /// Entries stored now (for tests and status).
     public func storedEntryCount() throws -> Int {
