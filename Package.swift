@@ -30,12 +30,16 @@ let package = Package(
         .target(name: "Ledger", dependencies: ["Raft", .product(name: "Crypto", package: "swift-crypto")], swiftSettings: strict),
         // Node-to-node framing (and, with issue 3, TCP and mutual TLS).
         .target(name: "Transport", dependencies: ["Raft"], swiftSettings: strict),
+        // Wires it all: the driver loop (and, with issue 3, the HTTP API,
+        // forwarding, lifecycle and metrics).
+        .target(name: "Node", dependencies: ["Raft", "Ledger", "Storage", "Transport"], swiftSettings: strict),
         // Deterministic whole-cluster simulator over the pure core.
         .target(name: "RaftSimulator", dependencies: ["Raft"], swiftSettings: strict),
         // Simulator soak runs, seed replay and the core benchmark.
         .executableTarget(name: "warrant-sim", dependencies: ["Raft", "RaftSimulator"], swiftSettings: strict),
         .testTarget(name: "RaftTests", dependencies: ["Raft", "RaftSimulator"], swiftSettings: strict),
         .testTarget(name: "RaftSimulatorTests", dependencies: ["Raft", "RaftSimulator"], swiftSettings: strict),
+        .testTarget(name: "NodeTests", dependencies: ["Raft", "Ledger", "Storage", "Node"], swiftSettings: strict),
         .testTarget(name: "LedgerTests", dependencies: ["Raft", "Ledger", "RaftSimulator"], swiftSettings: strict),
         .testTarget(name: "TransportTests", dependencies: ["Raft", "Transport"], swiftSettings: strict),
         .testTarget(name: "StorageTests", dependencies: ["Raft", "Storage", "Ledger", "RaftSimulator", .product(name: "GRDB", package: "GRDB.swift")], swiftSettings: strict),

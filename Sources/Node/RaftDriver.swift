@@ -1,0 +1,209 @@
+import Ledger
+import Raft
+import Storage
+
+/// Hands messages to the transport. Synchronous on purpose: the driver
+/// calls it between `ready()` and `advance()`, where no other call may
+/// reach the core, so it must not suspend (a transport queues and returns).
+public protocol MessageSender: Sendable {
+    func send(_ messages: [Message])
+}
+
+/// Why a write or read through the driver did not succeed.
+public enum DriverError: Error, Sendable, Hashable, CustomStringConvertible {
+    case notLeader(leaderHint: NodeID)
+    case invalidCommand(String)
+    /// The entry was replaced by a new leader's log: it will never apply.
+    case lostLeadership
+    case timedOut(ticks: Int)
+    case raft(RaftError)
+    case stopped
+
+    public var description: String {
+        switch self {
+        case .notLeader(let hint): return hint == noNode ? "this node is not the leader and knows of none" : "this node is not the leader; node \(hint) is"
+        case .invalidCommand(let reason): return "invalid command: \(reason)"
+        case .lostLeadership: return "leadership changed before the write committed; it was not applied"
+        case .timedOut(let ticks): return "no answer within \(ticks) ticks"
+        case .raft(let error): return error.description
+        case .stopped: return "the node is stopping"
+        }
+    }
+}
+
+/// One node's driver loop (DESIGN.md): take input (peer messages, ticks,
+/// proposals), step the core, persist the Ready in one transaction, send,
+/// apply committed entries to the ledger in one transaction, answer the
+/// callers waiting on them, advance.
+public actor RaftDriver {
+    public nonisolated let id: NodeID
+    private var raft: RaftNode
+    private let store: RaftStore
+    private let sender: any MessageSender
+    /// A caller gets an answer or an error within this many ticks.
+    public nonisolated let requestTimeoutTicks: Int
+    private var ticks = 0
+    private var stopped = false
+
+    private struct PendingWrite {
+        var term: Term
+        var deadlineTick: Int
+        var continuation: CheckedContinuation<LedgerOutcome, any Error>
+    }
+    /// Writes appended on this node, by log index.
+    private var pendingWrites: [LogIndex: PendingWrite] = [:]
+
+    private struct PendingRead {
+        var deadlineTick: Int
+        var index: LogIndex?
+        var continuation: CheckedContinuation<LogIndex, any Error>
+    }
+    private var pendingReads: [UInt64: PendingRead] = [:]
+    private var nextReadID: UInt64 = 1
+    private var appliedIndex: LogIndex
+
+    /// Opens the node from its store (which must be initialized).
+    public init(configuration: Configuration, store: RaftStore, sender: any MessageSender, requestTimeoutTicks: Int = 100) throws {
+        id = configuration.id
+        let durable = try store.loadDurableState()
+        raft = try RaftNode(configuration: configuration, durable: durable)
+        appliedIndex = durable.appliedIndex
+        self.store = store
+        self.sender = sender
+        self.requestTimeoutTicks = requestTimeoutTicks
+    }
+
+    public var status: Status { raft.status }
+
+    // MARK: - Input
+
+    public func receive(_ message: Message) throws {
+        guard !stopped else { return }
+        raft.step(message)
+        try processReadies()
+    }
+
+    public func tick() throws {
+        guard !stopped else { return }
+        ticks += 1
+        raft.tick()
+        expireRequests()
+        try processReadies()
+    }
+
+    public func campaign() throws {
+        raft.campaign()
+        try processReadies()
+    }
+
+    /// Proposes a ledger command on this node (the leader) and returns its
+    /// outcome once it is committed and applied here: no outcome before the
+    /// audit record is durable.
+    public func propose(_ command: LedgerCommand) async throws -> LedgerOutcome {
+        guard !stopped else { throw DriverError.stopped }
+        if let reason = command.invalidReason { throw DriverError.invalidCommand(reason) }
+        guard raft.role == .leader else { throw DriverError.notLeader(leaderHint: raft.leaderID) }
+        let receipt: ProposalReceipt
+        do {
+            receipt = try raft.propose(command.encoded)
+        } catch {
+            throw DriverError.raft(error)
+        }
+        guard case .appended(let term, let index, _) = receipt else { throw DriverError.notLeader(leaderHint: raft.leaderID) }
+        return try await withCheckedThrowingContinuation { continuation in
+            pendingWrites[index] = PendingWrite(term: term, deadlineTick: ticks + requestTimeoutTicks, continuation: continuation)
+            do {
+                try processReadies()
+            } catch {
+                failAll(error)
+            }
+        }
+    }
+
+    /// A linearizable read point: returns once this node has applied every
+    /// write acknowledged before the call, confirmed through ReadIndex.
+    public func linearizableReadIndex() async throws -> LogIndex {
+        guard !stopped else { throw DriverError.stopped }
+        let requestID = nextReadID
+        nextReadID += 1
+        do {
+            try raft.readIndex(requestID: requestID)
+        } catch {
+            throw DriverError.raft(error)
+        }
+        return try await withCheckedThrowingContinuation { continuation in
+            pendingReads[requestID] = PendingRead(deadlineTick: ticks + requestTimeoutTicks, index: nil, continuation: continuation)
+            do {
+                try processReadies()
+            } catch {
+                failAll(error)
+            }
+        }
+    }
+
+    /// Fails every waiting caller and ignores further input.
+    public func stop() {
+        stopped = true
+        failAll(DriverError.stopped)
+    }
+
+    // MARK: - The loop
+
+    private func processReadies() throws {
+        var rounds = 0
+        while raft.hasReady {
+            rounds += 1
+            precondition(rounds <= 10_000, "the core never runs out of work")
+            let ready = raft.ready()
+            sender.send(ready.messagesToSendNow)
+            try store.persist(ready)
+            sender.send(ready.messagesAfterPersist)
+            let outcomes = try store.apply(ready.committedEntries)
+            for entry in ready.committedEntries { settleWrite(at: entry, outcomes: outcomes) }
+            if let last = ready.committedEntries.last { appliedIndex = last.index }
+            for state in ready.readStates { pendingReads[state.requestID]?.index = state.index }
+            for requestID in ready.abandonedReads {
+                pendingReads.removeValue(forKey: requestID)?.continuation.resume(throwing: DriverError.notLeader(leaderHint: ready.leaderID))
+            }
+            raft.advance()
+            answerReads()
+        }
+    }
+
+    private func settleWrite(at entry: Entry, outcomes: [LedgerOutcome]) {
+        guard let pending = pendingWrites.removeValue(forKey: entry.index) else { return }
+        if entry.term != pending.term {
+            pending.continuation.resume(throwing: DriverError.lostLeadership)
+        } else if let outcome = outcomes.first(where: { $0.logIndex == entry.index }) {
+            pending.continuation.resume(returning: outcome)
+        } else {
+            pending.continuation.resume(throwing: DriverError.lostLeadership)
+        }
+    }
+
+    private func answerReads() {
+        for (requestID, read) in pendingReads {
+            guard let index = read.index, index <= appliedIndex else { continue }
+            pendingReads.removeValue(forKey: requestID)
+            read.continuation.resume(returning: index)
+        }
+    }
+
+    private func expireRequests() {
+        for (index, write) in pendingWrites where write.deadlineTick <= ticks {
+            pendingWrites.removeValue(forKey: index)
+            write.continuation.resume(throwing: DriverError.timedOut(ticks: requestTimeoutTicks))
+        }
+        for (requestID, read) in pendingReads where read.deadlineTick <= ticks {
+            pendingReads.removeValue(forKey: requestID)
+            read.continuation.resume(throwing: DriverError.timedOut(ticks: requestTimeoutTicks))
+        }
+    }
+
+    private func failAll(_ error: any Error) {
+        for (_, write) in pendingWrites { write.continuation.resume(throwing: error) }
+        pendingWrites.removeAll()
+        for (_, read) in pendingReads { read.continuation.resume(throwing: error) }
+        pendingReads.removeAll()
+    }
+}
