@@ -61,7 +61,7 @@ final class LocalCluster {
             try store.initialize(with: .bootstrap(voters: voters))
             var configuration = Configuration(id: id, randomSeed: UInt64.random(in: 1...UInt64.max))
             configuration.electionTimeoutTicks = 10
-            let driver = try RaftDriver(configuration: configuration, store: store, sender: network.sender(), requestTimeoutTicks: 400)
+            let driver = try RaftDriver(configuration: configuration, store: store, sender: network.sender(), requestTimeoutTicks: 2_000)
             drivers[id] = driver
             stores[id] = store
             tasks.append(network.attach(id, driver))
@@ -76,7 +76,8 @@ final class LocalCluster {
     }
 
     /// Polls until `condition` holds or `seconds` pass.
-    func eventually(within seconds: Double = 5, _ condition: () async throws -> Bool) async rethrows -> Bool {
+    /// Generous: other tests may be keeping both cores busy meanwhile.
+    func eventually(within seconds: Double = 30, _ condition: () async throws -> Bool) async rethrows -> Bool {
         let deadline = ContinuousClock.now + .milliseconds(Int(seconds * 1000))
         while ContinuousClock.now < deadline {
             if try await condition() { return true }

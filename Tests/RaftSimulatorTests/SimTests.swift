@@ -9,8 +9,9 @@ struct SimulatorTests {
     static let slices = (0..<8).map { $0 * 50 }
 
     @Test("Seeds run clean: safety after every step, recovery after healing", arguments: slices)
-    func seedsRunClean(firstSeed: Int) {
+    func seedsRunClean(firstSeed: Int) async {
         for seed in UInt64(firstSeed)..<UInt64(firstSeed + 50) {
+            await Task.yield() // long and CPU-bound: let other tests' tasks run
             let result = Simulation(seed: seed).run()
             #expect(result.violation == nil, "seed \(seed): \(result.violation.map(String.init(describing:)) ?? "") — replay: \(result.replayCommand) --trace")
             if result.violation != nil { return }
@@ -28,10 +29,11 @@ struct SimulatorTests {
     }
 
     @Test("The schedules vary: crashes, partitions, membership changes, snapshots and transfers all happen")
-    func schedulesCoverEveryFault() {
+    func schedulesCoverEveryFault() async {
         var totals = SimulationStats()
         var nodeCounts: Set<Int> = []
         for seed in UInt64(0)..<40 {
+            await Task.yield()
             let result = Simulation(seed: seed).run()
             nodeCounts.insert(result.nodeCount)
             totals.add(result.stats)
@@ -66,12 +68,13 @@ struct SimulatorTests {
     ]
 
     @Test("A planted safety bug is found within a bounded number of seeds", arguments: plantedBugs.indices)
-    func plantedBugIsFound(which: Int) {
+    func plantedBugIsFound(which: Int) async {
         let (bug, seedsMax) = Self.plantedBugs[which]
         var options = SimulationOptions()
         options.plantedBug = bug
         var found: SimulationResult?
         for seed in 0..<seedsMax {
+            await Task.yield()
             let result = Simulation(seed: seed, options: options).run()
             if result.violation != nil {
                 found = result

@@ -64,7 +64,7 @@ struct CodecTests {
     }
 
     @Test("100,000 random and mutated messages never crash the decoder")
-    func fuzzMessageDecoder() {
+    func fuzzMessageDecoder() async {
         var random = SeededGenerator(seed: 77)
         let corpus: [[UInt8]] = [
             Message(from: 1, to: 2, term: 3, body: .appendEntries(AppendEntries(prevLogIndex: 4, prevLogTerm: 2, entries: [Entry(term: 3, index: 5, payload: .command([1, 2, 3])), Entry(term: 3, index: 6, payload: .noop)], leaderCommit: 4))).encoded,
@@ -75,6 +75,7 @@ struct CodecTests {
         ]
         var decoded = 0
         for round in 0..<100_000 {
+            if round % 2_000 == 0 { await Task.yield() }
             var input: [UInt8]
             if round % 4 == 0 {
                 input = (0..<random.below(64)).map { _ in UInt8(truncatingIfNeeded: random.next()) }
@@ -118,7 +119,7 @@ struct CodecTests {
     }
 
     @Test("100,000 random and mutated inputs never crash the decoder")
-    func fuzzDecoder() {
+    func fuzzDecoder() async {
         var random = SeededGenerator(seed: 2026)
         let seeds: [[UInt8]] = [
             EntryPayload.command(Array("seed".utf8)).encoded, EntryPayload.noop.encoded,
@@ -126,6 +127,7 @@ struct CodecTests {
         ]
         var decoded = 0
         for round in 0..<100_000 {
+            if round % 2_000 == 0 { await Task.yield() }
             var input: [UInt8]
             if round % 2 == 0 {
                 input = (0..<random.below(24)).map { _ in UInt8(truncatingIfNeeded: random.next()) }
