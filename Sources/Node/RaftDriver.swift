@@ -16,6 +16,10 @@ public enum DriverError: Error, Sendable, Hashable, CustomStringConvertible {
     /// The entry was replaced by a new leader's log: it will never apply.
     case lostLeadership
     case timedOut(ticks: Int)
+    /// A snapshot replaced this node's log before the write's fate was
+    /// known here; it may or may not have been applied (retry with the same
+    /// request id once idempotency keys exist).
+    case outcomeUnknown
     case raft(RaftError)
     case stopped
 
@@ -25,6 +29,7 @@ public enum DriverError: Error, Sendable, Hashable, CustomStringConvertible {
         case .invalidCommand(let reason): return "invalid command: \(reason)"
         case .lostLeadership: return "leadership changed before the write committed; it was not applied"
         case .timedOut(let ticks): return "no answer within \(ticks) ticks"
+        case .outcomeUnknown: return "a snapshot replaced the log before this write's outcome was known here"
         case .raft(let error): return error.description
         case .stopped: return "the node is stopping"
         }
@@ -42,6 +47,9 @@ public actor RaftDriver {
     private let sender: any MessageSender
     /// A caller gets an answer or an error within this many ticks.
     public nonisolated let requestTimeoutTicks: Int
+    /// The log is compacted behind a ledger snapshot every this many
+    /// applied entries.
+    public nonisolated let compactEveryEntries: LogIndex
     private var ticks = 0
     private var stopped = false
 
@@ -63,7 +71,10 @@ public actor RaftDriver {
     private var appliedIndex: LogIndex
 
     /// Opens the node from its store (which must be initialized).
-    public init(configuration: Configuration, store: RaftStore, sender: any MessageSender, requestTimeoutTicks: Int = 100) throws {
+    public init(configuration: Configuration, store: RaftStore, sender: any MessageSender, requestTimeoutTicks: Int = 100,
+                compactEveryEntries: LogIndex = 10_000) throws {
+        precondition(requestTimeoutTicks > 0 && compactEveryEntries > 0)
+        self.compactEveryEntries = compactEveryEntries
         id = configuration.id
         let durable = try store.loadDurableState()
         raft = try RaftNode(configuration: configuration, durable: durable)
@@ -158,6 +169,14 @@ public actor RaftDriver {
             sender.send(ready.messagesToSendNow)
             try store.persist(ready)
             sender.send(ready.messagesAfterPersist)
+            if let snapshot = ready.snapshot {
+                // persist() installed the ledger from it in the same transaction.
+                appliedIndex = snapshot.metadata.index
+                for (index, write) in pendingWrites where index <= snapshot.metadata.index {
+                    pendingWrites.removeValue(forKey: index)
+                    write.continuation.resume(throwing: DriverError.outcomeUnknown)
+                }
+            }
             let outcomes = try store.apply(ready.committedEntries)
             for entry in ready.committedEntries { settleWrite(at: entry, outcomes: outcomes) }
             if let last = ready.committedEntries.last { appliedIndex = last.index }
@@ -167,7 +186,23 @@ public actor RaftDriver {
             }
             raft.advance()
             answerReads()
+            try compactIfDue()
         }
+    }
+
+    /// Takes a ledger snapshot at the applied index and drops the log
+    /// behind it, in the store and in the core.
+    private func compactIfDue() throws {
+        guard appliedIndex >= raft.snapshotIndex + compactEveryEntries else { return }
+        let (index, data) = try store.takeLedgerSnapshot()
+        precondition(index == appliedIndex, "the ledger's applied index \(index) differs from the driver's \(appliedIndex)")
+        let metadata: SnapshotMetadata
+        do {
+            metadata = try raft.compactLog(through: index, snapshotData: data)
+        } catch {
+            throw DriverError.raft(error)
+        }
+        try store.compact(through: metadata, data: data)
     }
 
     private func settleWrite(at entry: Entry, outcomes: [LedgerOutcome]) {

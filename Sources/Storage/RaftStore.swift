@@ -42,9 +42,13 @@ public struct StorageError: Error, Sendable, CustomStringConvertible {
 public final class RaftStore: Sendable {
     public let path: String
     private let database: DatabaseQueue
+    /// Whether snapshot data is a ledger snapshot to install into the
+    /// ledger tables (a node), or opaque bytes (the simulator's tests).
+    public let snapshotsHoldLedger: Bool
 
-    public init(path: String, synchronous: SynchronousMode = .full) throws {
+    public init(path: String, synchronous: SynchronousMode = .full, snapshotsHoldLedger: Bool = true) throws {
         self.path = path
+        self.snapshotsHoldLedger = snapshotsHoldLedger
         var configuration = GRDB.Configuration()
         configuration.label = "raft-store"
         configuration.prepareDatabase { db in
@@ -128,6 +132,11 @@ public final class RaftStore: Sendable {
             if let snapshot {
                 try db.execute(sql: "DELETE FROM raft_entry")
                 try Self.writeSnapshot(snapshot, db)
+                // The state machine is replaced in the same transaction, so
+                // a crash never leaves a snapshot without its ledger.
+                if snapshotsHoldLedger && snapshot.metadata.index > 0 {
+                    try LedgerSnapshot.install(snapshot.data, at: snapshot.metadata.index, db, path: path)
+                }
             }
             if let first = entries.first {
                 try db.execute(sql: "DELETE FROM raft_entry WHERE log_index >= ?", arguments: [Int64(first.index)])

@@ -53,7 +53,7 @@ final class LocalCluster {
     var stores: [NodeID: RaftStore] = [:]
     var tasks: [Task<Void, Never>] = []
 
-    init(voters: [NodeID] = [1, 2, 3]) throws {
+    init(voters: [NodeID] = [1, 2, 3], compactEveryEntries: LogIndex = 10_000) throws {
         directory = FileManager.default.temporaryDirectory.appendingPathComponent("warrant-driver-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         for id in voters {
@@ -61,7 +61,8 @@ final class LocalCluster {
             try store.initialize(with: .bootstrap(voters: voters))
             var configuration = Configuration(id: id, randomSeed: UInt64.random(in: 1...UInt64.max))
             configuration.electionTimeoutTicks = 10
-            let driver = try RaftDriver(configuration: configuration, store: store, sender: network.sender(), requestTimeoutTicks: 2_000)
+            let driver = try RaftDriver(configuration: configuration, store: store, sender: network.sender(), requestTimeoutTicks: 2_000,
+                                         compactEveryEntries: compactEveryEntries)
             drivers[id] = driver
             stores[id] = store
             tasks.append(network.attach(id, driver))
@@ -165,5 +166,40 @@ struct DriverTests {
             }
             #expect(count == 22, "bootstrap membership, twenty writes and the write after failover (invalid commands never reach the log)")
         }
+    }
+
+    @Test("A follower cut off while the log was compacted is caught up by a ledger snapshot")
+    func snapshotCatchUp() async throws {
+        let cluster = try LocalCluster(compactEveryEntries: 10)
+        do {
+            try await catchUp(cluster)
+        } catch {
+            await cluster.shutdown()
+            throw error
+        }
+        await cluster.shutdown()
+    }
+
+    private func catchUp(_ cluster: LocalCluster) async throws {
+        #expect(await cluster.eventually { await cluster.leader() != nil })
+        let leader = try #require(await cluster.leader())
+        let lagging = [NodeID(1), 2, 3].first { $0 != leader }!
+        cluster.network.isolate(lagging)
+        for i in 0..<40 {
+            _ = try await cluster.drivers[leader]!.propose(write("docs/\(i % 5)", "{\"i\":\(i)}"))
+        }
+        #expect(await cluster.drivers[leader]!.status.snapshotIndex >= 30, "the leader compacted its log")
+        cluster.network.heal()
+        let caughtUp = try await cluster.eventually {
+            try cluster.stores[lagging]!.verifyAudit() == cluster.stores[leader]!.verifyAudit()
+        }
+        #expect(caughtUp)
+        #expect(await cluster.drivers[lagging]!.status.snapshotIndex >= 30, "it was brought up by a snapshot, not entry by entry")
+        for i in 0..<5 {
+            #expect(try cluster.stores[lagging]!.document(named: "docs/\(i)") == cluster.stores[leader]!.document(named: "docs/\(i)"))
+        }
+        // And it keeps up afterwards.
+        _ = try await cluster.drivers[leader]!.propose(write("docs/after", "{}"))
+        #expect(try await cluster.eventually { try cluster.stores[lagging]!.document(named: "docs/after") != nil })
     }
 }

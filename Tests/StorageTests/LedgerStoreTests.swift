@@ -82,4 +82,43 @@ struct LedgerStoreTests {
         try temporary.tamper("UPDATE ledger_audit SET actor = 'mallory' WHERE sequence = 6")
         #expect(try temporary.open().verifyAudit() == .broken(sequence: 6, reason: "its contents do not match its hash"))
     }
+
+    @Test("A ledger snapshot installs on another node atomically with the Raft snapshot")
+    func ledgerSnapshotInstalls() throws {
+        let source = try TemporaryStore()
+        let leader = try source.open()
+        let entries = commands(seed: 3, count: 60).enumerated().map { Entry(term: 2, index: LogIndex($0.offset + 1), payload: .command($0.element.encoded)) }
+        _ = try leader.apply(entries)
+        let (index, data) = try leader.takeLedgerSnapshot()
+        #expect(index == 60)
+
+        let target = try TemporaryStore()
+        let follower = try target.open()
+        let snapshot = Snapshot(metadata: SnapshotMetadata(index: 60, term: 2, membership: Membership(voters: [1, 2, 3])), data: data)
+        try follower.initialize(with: DurableState(hardState: HardState(term: 2, votedFor: 0, commitIndex: 60), snapshot: snapshot, entries: []))
+        #expect(try follower.ledgerAppliedIndex() == 60)
+        #expect(try follower.auditRecords(limit: 10_000) == leader.auditRecords(limit: 10_000))
+        #expect(try follower.verifyAudit() == leader.verifyAudit())
+        for name in (0..<6).map({ "docs/\($0)" }) { #expect(try follower.document(named: name) == leader.document(named: name)) }
+        #expect(try follower.loadDurableState().appliedIndex == 60)
+    }
+
+    @Test("A damaged ledger snapshot is refused and nothing of it is installed")
+    func damagedLedgerSnapshotIsRefused() throws {
+        let source = try TemporaryStore()
+        let leader = try source.open()
+        _ = try leader.apply(commands(seed: 4, count: 20).enumerated().map { Entry(term: 1, index: LogIndex($0.offset + 1), payload: .command($0.element.encoded)) })
+        var (_, data) = try leader.takeLedgerSnapshot()
+        data[data.count - 5] ^= 0xFF // inside the last audit record's hash
+        let target = try TemporaryStore()
+        let follower = try target.open()
+        let snapshot = Snapshot(metadata: SnapshotMetadata(index: 20, term: 1, membership: Membership(voters: [1])), data: data)
+        let error = try #require(throws: StorageError.self) {
+            try follower.initialize(with: DurableState(hardState: HardState(term: 1, votedFor: 0, commitIndex: 20), snapshot: snapshot, entries: []))
+        }
+        #expect(error.reason.contains("does not verify"))
+        #expect(try follower.ledgerAppliedIndex() == 0)
+        #expect(try follower.auditRecords().isEmpty)
+        #expect(try follower.loadDurableState().snapshot == nil, "the Raft snapshot rolled back with it")
+    }
 }

@@ -16,7 +16,7 @@ final class SQLiteDisk: SimulatedDisk {
         self.path = path
         // NORMAL: the simulator's crashes are process crashes, which WAL
         // survives without an fsync per commit; FULL would only slow the test.
-        store = try RaftStore(path: path, synchronous: .normal)
+        store = try RaftStore(path: path, synchronous: .normal, snapshotsHoldLedger: false)
         try store.initialize(with: initial)
     }
 
@@ -28,7 +28,7 @@ final class SQLiteDisk: SimulatedDisk {
 
     func load() throws -> DurableState {
         loads += 1
-        store = try RaftStore(path: path, synchronous: .normal) // what a restarted process would do
+        store = try RaftStore(path: path, synchronous: .normal, snapshotsHoldLedger: false) // what a restarted process would do
         return try store.loadDurableState()
     }
 }

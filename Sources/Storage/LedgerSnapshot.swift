@@ -1,0 +1,103 @@
+import Foundation
+import GRDB
+import Ledger
+import Raft
+
+/// A consistent copy of the ledger's tables (documents, the audit chain,
+/// the applied index), taken inside one read transaction and encoded with
+/// the `Raft` codec; installing it replaces the tables in the caller's
+/// transaction.
+enum LedgerSnapshot {
+    static let encodingVersion: UInt8 = 1
+
+    static func take(_ db: Database) throws -> (index: LogIndex, data: [UInt8]) {
+        let tables = SQLiteLedgerTables(db: db)
+        let applied = try tables.appliedIndex()
+        var w = BinaryWriter(capacity: 4096)
+        w.write(encodingVersion)
+        w.write(applied)
+        let documents = try Row.fetchAll(db, sql: "SELECT name, format, content, version, log_index FROM ledger_document ORDER BY name")
+        w.write(UInt32(documents.count))
+        for row in documents {
+            w.writeBytes(Array((row["name"] as String).utf8))
+            w.write(UInt8(truncatingIfNeeded: row["format"] as Int64))
+            w.writeBytes([UInt8](row["content"] as Data))
+            w.write(UInt64(row["version"] as Int64))
+            w.write(UInt64(row["log_index"] as Int64))
+        }
+        let audit = try Row.fetchAll(db, sql: """
+            SELECT sequence, log_index, time_millis, actor, action, target, result, previous_hash, hash FROM ledger_audit ORDER BY sequence
+            """)
+        w.write(UInt32(audit.count))
+        for row in audit {
+            w.write(UInt64(row["sequence"] as Int64))
+            w.write(UInt64(row["log_index"] as Int64))
+            w.write(UInt64(row["time_millis"] as Int64))
+            for column in ["actor", "action", "target", "result"] { w.writeBytes(Array((row[column] as String).utf8)) }
+            w.writeBytes([UInt8](row["previous_hash"] as Data))
+            w.writeBytes([UInt8](row["hash"] as Data))
+        }
+        return (applied, w.bytes)
+    }
+
+    static func install(_ data: [UInt8], at index: LogIndex, _ db: Database, path: String) throws {
+        func damaged(_ reason: String) -> StorageError {
+            StorageError(code: .corruptState, reason: "\(path): the ledger snapshot at index \(index) is unusable (\(reason)); nothing was installed")
+        }
+        var r = BinaryReader(data)
+        do {
+            guard try r.readUInt8("version") == encodingVersion else { throw damaged("unknown version") }
+            let applied = try r.readUInt64("applied index")
+            guard applied == index else { throw damaged("it was taken at \(applied), not \(index)") }
+            try db.execute(sql: "DELETE FROM ledger_document")
+            try db.execute(sql: "DELETE FROM ledger_audit")
+            let tables = SQLiteLedgerTables(db: db)
+            let documentCount = Int(try r.readUInt32("document count"))
+            guard documentCount <= r.remaining else { throw damaged("impossible document count") }
+            for _ in 0..<documentCount {
+                let name = try text(&r, "name")
+                let rawFormat = try r.readUInt8("format")
+                guard let format = DocumentFormat(rawValue: rawFormat) else { throw damaged("unknown document format \(rawFormat)") }
+                let content = try r.readBytes("content", limit: LedgerLimits.documentContentBytesMax)
+                let version = try r.readUInt64("version")
+                let logIndex = try r.readUInt64("log index")
+                try tables.put(Document(name: name, format: format, content: content, version: version, logIndex: logIndex))
+            }
+            let auditCount = Int(try r.readUInt32("audit count"))
+            guard auditCount <= r.remaining else { throw damaged("impossible audit count") }
+            var previous = AuditRecord.genesisHash
+            for _ in 0..<auditCount {
+                let sequence = try r.readUInt64("sequence")
+                let logIndex = try r.readUInt64("log index")
+                let time = try r.readUInt64("time")
+                let actor = try text(&r, "actor"), action = try text(&r, "action"), target = try text(&r, "target"), result = try text(&r, "result")
+                let previousHash = try r.readBytes("previous hash", limit: 64)
+                let hash = try r.readBytes("hash", limit: 64)
+                var record = AuditRecord(sequence: sequence, logIndex: logIndex, timeMillis: time, actor: actor, action: action,
+                                         target: target, result: result, previousHash: previousHash)
+                // A snapshot must carry an intact chain: check every link.
+                guard previousHash == previous, record.hash == hash else { throw damaged("audit record \(sequence) does not verify") }
+                record.hash = hash
+                try tables.append(record)
+                previous = hash
+            }
+            try r.expectEnd()
+            try tables.setAppliedIndex(index)
+        } catch let error as CodecError {
+            throw damaged("\(error)")
+        }
+    }
+
+    private static func text(_ r: inout BinaryReader, _ field: String) throws -> String {
+        let bytes = try r.readBytes(field, limit: 1 << 20)
+        guard let value = String(validating: bytes, as: UTF8.self) else { throw CodecError.invalid(field: field, reason: "not UTF-8") }
+        return value
+    }
+}
+
+extension RaftStore {
+    /// A consistent copy of the ledger at its applied index.
+    public func takeLedgerSnapshot() throws -> (index: LogIndex, data: [UInt8]) {
+        try read { db in try LedgerSnapshot.take(db) }
+    }
+}
