@@ -94,6 +94,18 @@ final class LocalCluster {
         return nil
     }
 
+    /// Runs `body` against a fresh cluster and always shuts it down.
+    static func running(compactEveryEntries: LogIndex = 10_000, _ body: (LocalCluster) async throws -> Void) async throws {
+        let cluster = try LocalCluster(compactEveryEntries: compactEveryEntries)
+        do {
+            try await body(cluster)
+        } catch {
+            await cluster.shutdown()
+            throw error
+        }
+        await cluster.shutdown()
+    }
+
     func shutdown() async {
         for task in tasks { task.cancel() }
         network.close()
@@ -111,14 +123,7 @@ private func write(_ name: String, _ text: String) -> LedgerCommand {
 struct DriverTests {
     @Test("Three drivers elect a leader, commit writes, refuse writes on followers, serve reads, survive losing the leader, and converge")
     func threeNodes() async throws {
-        let cluster = try LocalCluster()
-        do {
-            try await exercise(cluster)
-        } catch {
-            await cluster.shutdown()
-            throw error
-        }
-        await cluster.shutdown()
+        try await LocalCluster.running { try await exercise($0) }
     }
 
     private func exercise(_ cluster: LocalCluster) async throws {
@@ -170,14 +175,7 @@ struct DriverTests {
 
     @Test("A follower cut off while the log was compacted is caught up by a ledger snapshot")
     func snapshotCatchUp() async throws {
-        let cluster = try LocalCluster(compactEveryEntries: 10)
-        do {
-            try await catchUp(cluster)
-        } catch {
-            await cluster.shutdown()
-            throw error
-        }
-        await cluster.shutdown()
+        try await LocalCluster.running(compactEveryEntries: 10) { try await catchUp($0) }
     }
 
     private func catchUp(_ cluster: LocalCluster) async throws {
