@@ -17,6 +17,7 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/groue/GRDB.swift", exact: "7.10.0"),
         .package(url: "https://github.com/apple/swift-crypto", exact: "4.5.2"),
+        .package(url: "https://github.com/apple/swift-nio", exact: "2.101.3"),
     ],
     targets: [
         // The pure consensus core: messages in, Ready out. No I/O, no clock,
@@ -29,7 +30,11 @@ let package = Package(
         // apply() is deterministic: time and actors come stamped in commands.
         .target(name: "Ledger", dependencies: ["Raft", .product(name: "Crypto", package: "swift-crypto")], swiftSettings: strict),
         // Node-to-node framing (and, with issue 3, TCP and mutual TLS).
-        .target(name: "Transport", dependencies: ["Raft"], swiftSettings: strict),
+        .target(name: "Transport", dependencies: [
+            "Raft",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+        ], swiftSettings: strict),
         // Wires it all: the driver loop (and, with issue 3, the HTTP API,
         // forwarding, lifecycle and metrics).
         .target(name: "Node", dependencies: ["Raft", "Ledger", "Storage", "Transport"], swiftSettings: strict),
@@ -39,9 +44,9 @@ let package = Package(
         .executableTarget(name: "warrant-sim", dependencies: ["Raft", "RaftSimulator"], swiftSettings: strict),
         .testTarget(name: "RaftTests", dependencies: ["Raft", "RaftSimulator"], swiftSettings: strict),
         .testTarget(name: "RaftSimulatorTests", dependencies: ["Raft", "RaftSimulator"], swiftSettings: strict),
-        .testTarget(name: "NodeTests", dependencies: ["Raft", "Ledger", "Storage", "Node"], swiftSettings: strict),
+        .testTarget(name: "NodeTests", dependencies: ["Raft", "Ledger", "Storage", "Node", "Transport", .product(name: "NIOPosix", package: "swift-nio"), .product(name: "NIOCore", package: "swift-nio")], swiftSettings: strict),
         .testTarget(name: "LedgerTests", dependencies: ["Raft", "Ledger", "RaftSimulator"], swiftSettings: strict),
-        .testTarget(name: "TransportTests", dependencies: ["Raft", "Transport"], swiftSettings: strict),
+        .testTarget(name: "TransportTests", dependencies: ["Raft", "Transport", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio")], swiftSettings: strict),
         .testTarget(name: "StorageTests", dependencies: ["Raft", "Storage", "Ledger", "RaftSimulator", .product(name: "GRDB", package: "GRDB.swift")], swiftSettings: strict),
     ],
     swiftLanguageModes: [.v6]

@@ -242,3 +242,8 @@ public actor RaftDriver {
         pendingReads.removeAll()
     }
 }
+
+import Transport
+
+/// The TCP transport queues without suspending, as the driver requires.
+extension TCPTransport: MessageSender {}

@@ -1,0 +1,188 @@
+import NIOCore
+import NIOPosix
+import Raft
+import Synchronization
+
+/// Turns inbound bytes into frames with `FrameDecoder`; a bad stream
+/// closes the connection (the error travels to the reader, which logs it).
+struct FrameByteDecoder: ByteToMessageDecoder {
+    typealias InboundOut = Frame
+    private var decoder: FrameDecoder
+
+    init(frameBytesMax: Int) {
+        decoder = FrameDecoder(frameBytesMax: frameBytesMax)
+    }
+
+    mutating func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
+        if let bytes = buffer.readBytes(length: buffer.readableBytes) { decoder.append(bytes) }
+        while let frame = try decoder.next() {
+            context.fireChannelRead(wrapInboundOut(frame))
+        }
+        return .needMoreData
+    }
+
+    mutating func decodeLast(context: ChannelHandlerContext, buffer: inout ByteBuffer, seenEOF: Bool) throws -> DecodingState {
+        try decode(context: context, buffer: &buffer)
+    }
+}
+
+struct FrameByteEncoder: MessageToByteEncoder {
+    typealias OutboundIn = Frame
+    func encode(data: Frame, out: inout ByteBuffer) throws {
+        out.writeBytes(data.encoded)
+    }
+}
+
+/// Limits of one node's transport.
+public struct TransportLimits: Sendable {
+    public var frameBytesMax = 16 << 20
+    /// Messages queued for one peer; past this the oldest are dropped
+    /// (Raft retransmits what matters).
+    public var queuedMessagesPerPeerMax = 4096
+    public var connectTimeout: TimeAmount = .seconds(2)
+    public var reconnectBackoffMin: Duration = .milliseconds(20)
+    public var reconnectBackoffMax: Duration = .seconds(2)
+
+    public init() {}
+}
+
+/// Node-to-node TCP: one listening socket for inbound connections, one
+/// outbound connection per peer fed from a bounded queue and re-established
+/// with exponential backoff. Every message travels as a `Frame`. Bad
+/// inbound streams close their connection; the transport carries on.
+/// (Mutual TLS is added on top of this with issue 3.)
+public final class TCPTransport: Sendable {
+    public let id: NodeID
+    public let limits: TransportLimits
+    private let group: any EventLoopGroup
+    private let peerAddresses: Mutex<[NodeID: SocketAddress]>
+    private let queues: [NodeID: AsyncStream<Message>.Continuation]
+    private let streams: Mutex<[NodeID: AsyncStream<Message>]>
+    private let rejected = Mutex<[String]>([])
+
+    /// `peers` names every other member; addresses may come later through
+    /// `setAddress(_:of:)` (a link waits, backing off, until it has one).
+    public init(id: NodeID, peers: [NodeID: SocketAddress?], group: any EventLoopGroup, limits: TransportLimits = TransportLimits()) {
+        self.id = id
+        peerAddresses = Mutex(peers.compactMapValues { $0 })
+        self.group = group
+        self.limits = limits
+        var queues: [NodeID: AsyncStream<Message>.Continuation] = [:]
+        var streams: [NodeID: AsyncStream<Message>] = [:]
+        for peer in peers.keys where peer != id {
+            let (stream, continuation) = AsyncStream<Message>.makeStream(bufferingPolicy: .bufferingNewest(limits.queuedMessagesPerPeerMax))
+            queues[peer] = continuation
+            streams[peer] = stream
+        }
+        self.queues = queues
+        self.streams = Mutex(streams)
+    }
+
+    public func setAddress(_ address: SocketAddress, of peer: NodeID) {
+        peerAddresses.withLock { $0[peer] = address }
+    }
+
+    /// Queues messages for their peers; never blocks.
+    public func send(_ messages: [Message]) {
+        for message in messages { queues[message.to]?.yield(message) }
+    }
+
+    /// Why inbound connections were closed, most recent last (for logs and tests).
+    public var rejectedConnections: [String] { rejected.withLock { $0 } }
+
+    /// Listens on `address` and delivers every inbound message to `deliver`,
+    /// and keeps the outbound links, until the task is cancelled. Calls
+    /// `ready` with the bound address once listening.
+    public func run(listeningOn address: SocketAddress, ready: @Sendable (SocketAddress) -> Void = { _ in },
+                    deliver: @escaping @Sendable (Message) async -> Void) async throws {
+        let frameBytesMax = limits.frameBytesMax
+        let server = try await ServerBootstrap(group: group)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .bind(to: address) { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(FrameByteDecoder(frameBytesMax: frameBytesMax)))
+                    return try NIOAsyncChannel<Frame, Never>(wrappingChannelSynchronously: channel)
+                }
+            }
+        if let local = server.channel.localAddress { ready(local) }
+        let outbound = streams.withLock { streams in
+            defer { streams.removeAll() }
+            return streams
+        }
+        try await withThrowingDiscardingTaskGroup { group in
+            for (peer, stream) in outbound {
+                group.addTask { await self.maintainLink(to: peer, stream) }
+            }
+            try await server.executeThenClose { connections in
+                for try await connection in connections {
+                    group.addTask { await self.serve(connection, deliver) }
+                }
+            }
+        }
+    }
+
+    private func serve(_ connection: NIOAsyncChannel<Frame, Never>, _ deliver: @Sendable (Message) async -> Void) async {
+        do {
+            try await connection.executeThenClose { inbound, _ in
+                for try await frame in inbound {
+                    switch frame {
+                    case .raftMessage(let message):
+                        await deliver(message)
+                    }
+                }
+            }
+        } catch {
+            let peer = connection.channel.remoteAddress.map { "\($0)" } ?? "unknown peer"
+            rejected.withLock { log in
+                log.append("closed connection from \(peer): \(error)")
+                if log.count > 100 { log.removeFirst(log.count - 100) }
+            }
+        }
+    }
+
+    /// Connects to one peer and writes its queued messages, reconnecting
+    /// with exponential backoff after any failure, until cancelled.
+    private func maintainLink(to peer: NodeID, _ stream: AsyncStream<Message>) async {
+        var backoff = limits.reconnectBackoffMin
+        var iterator = stream.makeAsyncIterator()
+        var carried: Message?
+        while !Task.isCancelled {
+            guard let address = peerAddresses.withLock({ $0[peer] }) else {
+                guard (try? await Task.sleep(for: backoff)) != nil else { return }
+                continue
+            }
+            do {
+                let channel = try await ClientBootstrap(group: group)
+                    .connectTimeout(limits.connectTimeout)
+                    .channelOption(.socketOption(.tcp_nodelay), value: 1)
+                    .connect(to: address) { channel in
+                        channel.eventLoop.makeCompletedFuture {
+                            try channel.pipeline.syncOperations.addHandler(MessageToByteHandler(FrameByteEncoder()))
+                            return try NIOAsyncChannel<Never, Frame>(wrappingChannelSynchronously: channel)
+                        }
+                    }
+                backoff = limits.reconnectBackoffMin
+                try await channel.executeThenClose { _, outbound in
+                    if let message = carried {
+                        try await outbound.write(.raftMessage(message))
+                        carried = nil
+                    }
+                    while let message = await iterator.next() {
+                        carried = message
+                        try await outbound.write(.raftMessage(message))
+                        carried = nil
+                    }
+                }
+                return // the queue finished: the transport is shutting down
+            } catch {
+                guard (try? await Task.sleep(for: backoff)) != nil else { return }
+                backoff = min(backoff * 2, limits.reconnectBackoffMax)
+            }
+        }
+    }
+
+    /// Ends every outbound queue; `run` returns once its task is cancelled.
+    public func finish() {
+        for queue in queues.values { queue.finish() }
+    }
+}

@@ -1,0 +1,87 @@
+import Foundation
+import Ledger
+import NIOCore
+import NIOPosix
+import Node
+import Raft
+import Storage
+import Synchronization
+import Testing
+import Transport
+
+final class BoundAddresses: Sendable {
+    private let addresses = Mutex<[NodeID: SocketAddress]>([:])
+    func set(_ id: NodeID, _ address: SocketAddress) { addresses.withLock { $0[id] = address } }
+    var all: [NodeID: SocketAddress] { addresses.withLock { $0 } }
+}
+
+@Suite("Three nodes over TCP", .serialized)
+struct TCPClusterTests {
+    @Test("Drivers replicate over loopback TCP: a leader is elected, writes commit, every store ends with the same audit chain")
+    func replicateOverTCP() async throws {
+        let ids: [NodeID] = [1, 2, 3]
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("warrant-tcp-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        var transports: [NodeID: TCPTransport] = [:]
+        var drivers: [NodeID: RaftDriver] = [:]
+        var stores: [NodeID: RaftStore] = [:]
+        for id in ids {
+            let transport = TCPTransport(id: id, peers: Dictionary(uniqueKeysWithValues: ids.filter { $0 != id }.map { ($0, nil) }), group: group)
+            let store = try RaftStore(path: directory.appendingPathComponent("node-\(id).sqlite").path, synchronous: .normal)
+            try store.initialize(with: .bootstrap(voters: ids))
+            var configuration = Configuration(id: id, randomSeed: UInt64.random(in: 1...UInt64.max))
+            configuration.electionTimeoutTicks = 10
+            transports[id] = transport
+            stores[id] = store
+            drivers[id] = try RaftDriver(configuration: configuration, store: store, sender: transport, requestTimeoutTicks: 2_000)
+        }
+        let bound = BoundAddresses()
+        let loopback = try SocketAddress(ipAddress: "127.0.0.1", port: 0)
+        var tasks: [Task<Void, Never>] = []
+        for id in ids {
+            let transport = transports[id]!, driver = drivers[id]!
+            tasks.append(Task { try? await transport.run(listeningOn: loopback, ready: { bound.set(id, $0) }) { try? await driver.receive($0) } })
+            tasks.append(Task {
+                for _ in 0..<20_000 {
+                    guard (try? await Task.sleep(for: .milliseconds(5))) != nil else { return }
+                    try? await driver.tick()
+                }
+            })
+        }
+        defer { try? FileManager.default.removeItem(at: directory) }
+        func eventually(_ condition: () async throws -> Bool) async rethrows -> Bool {
+            for _ in 0..<3_000 { // at most about 30 s
+                if try await condition() { return true }
+                try? await Task.sleep(for: .milliseconds(10))
+            }
+            return try await condition()
+        }
+        #expect(await eventually { bound.all.count == 3 })
+        for (id, address) in bound.all { for other in ids where other != id { transports[other]!.setAddress(address, of: id) } }
+
+        var leader: NodeID?
+        #expect(await eventually {
+            for id in ids where await drivers[id]!.status.role == .leader { leader = id; return true }
+            return false
+        })
+        if let leader {
+            for i in 0..<30 {
+                let outcome = try await drivers[leader]!.propose(LedgerCommand(
+                    timeMillis: UInt64(i), actor: "tcp-test", requestID: "w\(i)",
+                    operation: .putDocument(name: "docs/\(i % 3)", format: .json, content: Array("{\"i\":\(i)}".utf8), expectedVersion: nil)))
+                #expect(outcome.result == .written(version: UInt64(i / 3 + 1)))
+            }
+            let converged = try await eventually {
+                let chains = try ids.map { try stores[$0]!.verifyAudit() }
+                return Set(chains).count == 1 && chains.first.map { if case .intact(31, _) = $0 { true } else { false } } == true
+            }
+            #expect(converged, "all three stores hold the bootstrap record and thirty writes, identically chained")
+        }
+        for task in tasks { task.cancel() }
+        for transport in transports.values { transport.finish() }
+        for task in tasks { await task.value }
+        for driver in drivers.values { await driver.stop() }
+        try await group.shutdownGracefully()
+    }
+}
