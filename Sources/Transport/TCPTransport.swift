@@ -33,6 +33,27 @@ struct FrameByteEncoder: MessageToByteEncoder {
     }
 }
 
+/// Each peer has two links: bulk traffic (entries, snapshots, forwarded
+/// proposals) and everything else, so heartbeats, votes and
+/// acknowledgements never wait behind a large append or snapshot.
+public enum Lane: Sendable, Hashable {
+    case control
+    case bulk
+
+    public init(_ message: Message) {
+        switch message.body {
+        case .appendEntries(let append) where !append.entries.isEmpty: self = .bulk
+        case .installSnapshot, .forwardedProposal: self = .bulk
+        default: self = .control
+        }
+    }
+}
+
+struct LinkKey: Hashable, Sendable {
+    var peer: NodeID
+    var lane: Lane
+}
+
 /// Limits of one node's transport.
 public struct TransportLimits: Sendable {
     public var frameBytesMax = 16 << 20
@@ -56,8 +77,8 @@ public final class TCPTransport: Sendable {
     public let limits: TransportLimits
     private let group: any EventLoopGroup
     private let peerAddresses: Mutex<[NodeID: SocketAddress]>
-    private let queues: [NodeID: AsyncStream<Message>.Continuation]
-    private let streams: Mutex<[NodeID: AsyncStream<Message>]>
+    private let queues: [LinkKey: AsyncStream<Message>.Continuation]
+    private let streams: Mutex<[LinkKey: AsyncStream<Message>]>
     private let rejected = Mutex<[String]>([])
 
     /// `peers` names every other member; addresses may come later through
@@ -67,12 +88,14 @@ public final class TCPTransport: Sendable {
         peerAddresses = Mutex(peers.compactMapValues { $0 })
         self.group = group
         self.limits = limits
-        var queues: [NodeID: AsyncStream<Message>.Continuation] = [:]
-        var streams: [NodeID: AsyncStream<Message>] = [:]
+        var queues: [LinkKey: AsyncStream<Message>.Continuation] = [:]
+        var streams: [LinkKey: AsyncStream<Message>] = [:]
         for peer in peers.keys where peer != id {
-            let (stream, continuation) = AsyncStream<Message>.makeStream(bufferingPolicy: .bufferingNewest(limits.queuedMessagesPerPeerMax))
-            queues[peer] = continuation
-            streams[peer] = stream
+            for lane in [Lane.control, .bulk] {
+                let (stream, continuation) = AsyncStream<Message>.makeStream(bufferingPolicy: .bufferingNewest(limits.queuedMessagesPerPeerMax))
+                queues[LinkKey(peer: peer, lane: lane)] = continuation
+                streams[LinkKey(peer: peer, lane: lane)] = stream
+            }
         }
         self.queues = queues
         self.streams = Mutex(streams)
@@ -84,7 +107,7 @@ public final class TCPTransport: Sendable {
 
     /// Queues messages for their peers; never blocks.
     public func send(_ messages: [Message]) {
-        for message in messages { queues[message.to]?.yield(message) }
+        for message in messages { queues[LinkKey(peer: message.to, lane: Lane(message))]?.yield(message) }
     }
 
     /// Why inbound connections were closed, most recent last (for logs and tests).
@@ -110,8 +133,8 @@ public final class TCPTransport: Sendable {
             return streams
         }
         try await withThrowingDiscardingTaskGroup { group in
-            for (peer, stream) in outbound {
-                group.addTask { await self.maintainLink(to: peer, stream) }
+            for (key, stream) in outbound {
+                group.addTask { await self.maintainLink(to: key.peer, stream) }
             }
             try await server.executeThenClose { connections in
                 for try await connection in connections {
