@@ -13,6 +13,7 @@ let package = Package(
     products: [
         .library(name: "Raft", targets: ["Raft"]),
         .executable(name: "warrant-sim", targets: ["warrant-sim"]),
+        .executable(name: "warrant-bench", targets: ["warrant-bench"]),
     ],
     dependencies: [
         .package(url: "https://github.com/groue/GRDB.swift", exact: "7.10.0"),
@@ -42,6 +43,8 @@ let package = Package(
         .target(name: "RaftSimulator", dependencies: ["Raft"], swiftSettings: strict),
         // Simulator soak runs, seed replay and the core benchmark.
         .executableTarget(name: "warrant-sim", dependencies: ["Raft", "RaftSimulator"], swiftSettings: strict),
+        // Benchmarks of the parts below the node (storage today).
+        .executableTarget(name: "warrant-bench", dependencies: ["Raft", "Storage"], swiftSettings: strict),
         .testTarget(name: "RaftTests", dependencies: ["Raft", "RaftSimulator"], swiftSettings: strict),
         .testTarget(name: "RaftSimulatorTests", dependencies: ["Raft", "RaftSimulator"], swiftSettings: strict),
         .testTarget(name: "NodeTests", dependencies: ["Raft", "Ledger", "Storage", "Node", "Transport", .product(name: "NIOPosix", package: "swift-nio"), .product(name: "NIOCore", package: "swift-nio")], swiftSettings: strict),

@@ -1,0 +1,109 @@
+import Foundation
+import Raft
+import Storage
+
+// warrant-bench storage: fsynced group commit through the real core.
+// A single-voter node proposes B entries of 256 bytes per cycle; every
+// Ready is persisted to a RaftStore (WAL, synchronous=FULL) before advance.
+// Prints cycles/s (one transaction and fsync each), entries/s and the
+// per-cycle latency percentiles, for several batch sizes in one run.
+
+let usage = """
+warrant-bench: measures parts of Warrant below the node.
+
+USAGE
+  warrant-bench storage [--seconds S] [--batches 1,10,100] [--directory DIR]
+      Fsynced group commit: a single-voter core persisting each Ready to
+      SQLite (WAL, synchronous=FULL), 256-byte entries, B entries per Ready.
+"""
+
+func seconds(_ duration: Duration) -> Double {
+    Double(duration.components.seconds) + Double(duration.components.attoseconds) / 1e18
+}
+
+func runStorage(secondsEach: Double, batches: [Int], directory: URL) throws {
+    print("storage: single-voter core + SQLite (WAL, synchronous=FULL), 256-byte entries, \(secondsEach) s per batch size")
+    print("batch  cycles/s  entries/s  p50 ms  p99 ms  max ms")
+    for batch in batches {
+        let path = directory.appendingPathComponent("bench-\(batch)-\(UUID().uuidString).sqlite").path
+        defer {
+            for suffix in ["", "-wal", "-shm"] { try? FileManager.default.removeItem(atPath: path + suffix) }
+        }
+        let store = try RaftStore(path: path, synchronous: .full)
+        try store.initialize(with: .bootstrap(voters: [1]))
+        var node = try RaftNode(configuration: Configuration(id: 1, randomSeed: 1), durable: try store.loadDurableState())
+        node.campaign()
+        func drain() throws {
+            while node.hasReady {
+                let ready = node.ready()
+                try store.persist(ready)
+                node.advance()
+            }
+        }
+        try drain()
+        let payloads = [[UInt8]](repeating: [UInt8](repeating: 0x5A, count: 256), count: batch)
+        let clock = ContinuousClock()
+        var latencies: [Double] = []
+        let started = clock.now
+        var entries = 0
+        var compactedThrough: LogIndex = 0
+        while seconds(clock.now - started) < secondsEach && latencies.count < 1_000_000 {
+            let cycleStart = clock.now
+            try node.propose(batch: payloads)
+            try drain()
+            latencies.append(seconds(clock.now - cycleStart) * 1000)
+            entries += batch
+            if node.appliedIndex - compactedThrough > 50_000 {
+                let metadata = try node.compactLog(through: node.appliedIndex, snapshotData: [])
+                try store.compact(through: metadata, data: [])
+                compactedThrough = metadata.index
+            }
+        }
+        let elapsed = seconds(clock.now - started)
+        latencies.sort()
+        func percentile(_ p: Double) -> Double { latencies[min(latencies.count - 1, Int(Double(latencies.count) * p))] }
+        print(String(format: "%5d  %8.0f  %9.0f  %6.2f  %6.2f  %6.2f", batch, Double(latencies.count) / elapsed, Double(entries) / elapsed,
+                     percentile(0.5), percentile(0.99), latencies.last ?? 0))
+    }
+}
+
+var arguments = CommandLine.arguments.dropFirst()
+guard let command = arguments.popFirst(), command == "storage" else {
+    print(usage)
+    exit(CommandLine.arguments.count > 1 && !["--help", "-h"].contains(CommandLine.arguments[1]) ? 2 : 0)
+}
+var secondsEach = 3.0
+var batches = [1, 10, 100]
+var directory = FileManager.default.temporaryDirectory
+while let option = arguments.popFirst() {
+    guard let value = arguments.popFirst() else {
+        FileHandle.standardError.write(Data("warrant-bench: \(option) needs a value\n".utf8))
+        exit(2)
+    }
+    switch option {
+    case "--seconds":
+        guard let parsed = Double(value), parsed > 0, parsed <= 600 else {
+            FileHandle.standardError.write(Data("warrant-bench: --seconds must be in (0, 600], got '\(value)'\n".utf8))
+            exit(2)
+        }
+        secondsEach = parsed
+    case "--batches":
+        let parsed = value.split(separator: ",").compactMap { Int($0) }
+        guard !parsed.isEmpty, parsed.allSatisfy({ (1...100_000).contains($0) }) else {
+            FileHandle.standardError.write(Data("warrant-bench: --batches takes sizes in 1...100000, like 1,10,100\n".utf8))
+            exit(2)
+        }
+        batches = parsed
+    case "--directory":
+        directory = URL(fileURLWithPath: value)
+    default:
+        FileHandle.standardError.write(Data("warrant-bench: unknown option \(option)\n".utf8))
+        exit(2)
+    }
+}
+do {
+    try runStorage(secondsEach: secondsEach, batches: batches, directory: directory)
+} catch {
+    FileHandle.standardError.write(Data("warrant-bench: \(error)\n".utf8))
+    exit(1)
+}
