@@ -12,6 +12,9 @@ let usage = """
 warrant-bench: measures parts of Warrant below the node.
 
 USAGE
+  warrant-bench crash-writer --path FILE
+      Writes until killed, printing "acked N" once commit index N is durable
+      (used by the SIGKILL crash test).
   warrant-bench storage [--seconds S] [--batches 1,10,100] [--directory DIR]
       Fsynced group commit: a single-voter core persisting each Ready to
       SQLite (WAL, synchronous=FULL), 256-byte entries, B entries per Ready.
@@ -67,7 +70,51 @@ func runStorage(secondsEach: Double, batches: [Int], directory: URL) throws {
     }
 }
 
+/// Writes forever through a single-voter core into `path`, printing
+/// "acked N" after each Ready whose commit index N is durable. For the
+/// SIGKILL crash test: whatever was printed must survive the kill.
+func crashWriter(path: String) throws -> Never {
+    let store = try RaftStore(path: path, synchronous: .full)
+    var durable = try store.loadDurableState()
+    if durable.entries.isEmpty && durable.snapshot == nil {
+        try store.initialize(with: .bootstrap(voters: [1]))
+        durable = try store.loadDurableState()
+    }
+    var node = try RaftNode(configuration: Configuration(id: 1, randomSeed: UInt64(getpid())), durable: durable)
+    node.campaign()
+    var counter: UInt64 = 0
+    while true {
+        var batch: [[UInt8]] = []
+        for _ in 0..<10 {
+            counter += 1
+            batch.append((0..<8).map { UInt8(truncatingIfNeeded: counter >> UInt64($0 * 8)) } + [UInt8](repeating: 0x61, count: 56))
+        }
+        if node.role == .leader { try node.propose(batch: batch) }
+        while node.hasReady {
+            let ready = node.ready()
+            try store.persist(ready)
+            node.advance()
+            if ready.hardState != nil || !ready.entries.isEmpty {
+                print("acked \(ready.hardState?.commitIndex ?? node.commitIndex)")
+                fflush(nil)
+            }
+        }
+    }
+}
+
 var arguments = CommandLine.arguments.dropFirst()
+if arguments.first == "crash-writer" {
+    guard arguments.count == 3, arguments[arguments.startIndex + 1] == "--path" else {
+        FileHandle.standardError.write(Data("warrant-bench: crash-writer --path FILE\n".utf8))
+        exit(2)
+    }
+    do {
+        try crashWriter(path: arguments[arguments.startIndex + 2])
+    } catch {
+        FileHandle.standardError.write(Data("warrant-bench: \(error)\n".utf8))
+        exit(1)
+    }
+}
 guard let command = arguments.popFirst(), command == "storage" else {
     print(usage)
     exit(CommandLine.arguments.count > 1 && !["--help", "-h"].contains(CommandLine.arguments[1]) ? 2 : 0)
