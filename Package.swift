@@ -19,6 +19,7 @@ let package = Package(
         .package(url: "https://github.com/groue/GRDB.swift", exact: "7.10.0"),
         .package(url: "https://github.com/apple/swift-crypto", exact: "4.5.2"),
         .package(url: "https://github.com/apple/swift-nio", exact: "2.101.3"),
+        .package(url: "https://github.com/jpsim/Yams", exact: "6.2.2"),
     ],
     targets: [
         // The pure consensus core: messages in, Ready out. No I/O, no clock,
@@ -38,7 +39,7 @@ let package = Package(
         ], swiftSettings: strict),
         // Wires it all: the driver loop (and, with issue 3, the HTTP API,
         // forwarding, lifecycle and metrics).
-        .target(name: "Node", dependencies: ["Raft", "Ledger", "Storage", "Transport"], swiftSettings: strict),
+        .target(name: "Node", dependencies: ["Raft", "Ledger", "Storage", "Transport", .product(name: "Yams", package: "Yams")], swiftSettings: strict),
         // Deterministic whole-cluster simulator over the pure core.
         .target(name: "RaftSimulator", dependencies: ["Raft"], swiftSettings: strict),
         // Simulator soak runs, seed replay and the core benchmark.

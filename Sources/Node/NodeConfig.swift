@@ -1,0 +1,183 @@
+import Raft
+import Yams
+
+/// A host and port, as written in configuration ("127.0.0.1:7401", "[::1]:7401").
+public struct HostPort: Sendable, Hashable, CustomStringConvertible {
+    public var host: String
+    public var port: Int
+
+    public var description: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
+
+    init(parsing text: String, at path: String) throws(NodeConfigError) {
+        let host: Substring, portText: Substring
+        if text.hasPrefix("["), let close = text.firstIndex(of: "]") {
+            host = text[text.index(after: text.startIndex)..<close]
+            let rest = text[text.index(after: close)...]
+            guard rest.hasPrefix(":") else { throw NodeConfigError(path: path, problem: "'\(text)' needs a port: [host]:port") }
+            portText = rest.dropFirst()
+        } else {
+            guard let colon = text.lastIndex(of: ":"), !text[..<colon].contains(":") else {
+                throw NodeConfigError(path: path, problem: "'\(text)' is not host:port (write IPv6 as [::1]:port)")
+            }
+            host = text[..<colon]
+            portText = text[text.index(after: colon)...]
+        }
+        guard !host.isEmpty else { throw NodeConfigError(path: path, problem: "'\(text)' has an empty host") }
+        guard let port = Int(portText), (1...65535).contains(port) else {
+            throw NodeConfigError(path: path, problem: "'\(text)' has no valid port (1-65535)")
+        }
+        self.host = String(host)
+        self.port = port
+    }
+}
+
+/// One problem in a configuration file: where, and what is wrong.
+public struct NodeConfigError: Error, Sendable, Hashable, CustomStringConvertible {
+    public var path: String
+    public var problem: String
+
+    public init(path: String, problem: String) {
+        self.path = path
+        self.problem = problem
+    }
+
+    public var description: String { path.isEmpty ? problem : "\(path): \(problem)" }
+}
+
+/// What `warrant node start --config FILE` reads. Every field is checked
+/// when loaded; unknown keys are errors, so a typo never passes silently.
+public struct NodeConfig: Sendable, Hashable {
+    public struct Peer: Sendable, Hashable {
+        public var id: NodeID
+        public var address: HostPort
+    }
+
+    public var id: NodeID
+    public var dataDirectory: String
+    public var peerListen: HostPort
+    public var apiListen: HostPort
+    public var peers: [Peer]
+    public var tlsCAFile: String
+    public var tlsCertificateFile: String
+    public var tlsKeyFile: String
+    public var keyEncryptionKeyFile: String
+    public var tickIntervalMilliseconds: Int
+    public var electionTimeoutTicks: Int
+    public var heartbeatIntervalTicks: Int
+
+    /// Limits checked at load time.
+    public static let peersMax = 8
+    public static let tickIntervalMilliseconds = 1...1_000
+    public static let electionTimeoutTicks = 2...1_000
+    public static let fileBytesMax = 64 << 10
+
+    public init(yaml text: String) throws(NodeConfigError) {
+        guard text.utf8.count <= Self.fileBytesMax else {
+            throw NodeConfigError(path: "", problem: "the file is larger than \(Self.fileBytesMax) bytes")
+        }
+        let root: Yams.Node
+        do {
+            guard let composed = try Yams.compose(yaml: text) else { throw NodeConfigError(path: "", problem: "the file is empty") }
+            root = composed
+        } catch let error as NodeConfigError {
+            throw error
+        } catch {
+            throw NodeConfigError(path: "", problem: "not valid YAML: \(error)")
+        }
+        let top = try Section(root, "", keys: ["node", "peers", "tls", "key_encryption_key_file", "raft"])
+        let node = try top.section("node", keys: ["id", "data_dir", "listen"])
+        id = try node.integer("id", in: 1...Int.max).asNodeID
+        dataDirectory = try node.string("data_dir")
+        let listen = try node.section("listen", keys: ["peer", "api"])
+        peerListen = try HostPort(parsing: listen.string("peer"), at: listen.path("peer"))
+        apiListen = try HostPort(parsing: listen.string("api"), at: listen.path("api"))
+        guard peerListen != apiListen else { throw NodeConfigError(path: listen.path("api"), problem: "must differ from node.listen.peer") }
+
+        let peerNodes = try top.sequence("peers")
+        guard peerNodes.count <= Self.peersMax else {
+            throw NodeConfigError(path: "peers", problem: "at most \(Self.peersMax) peers, found \(peerNodes.count)")
+        }
+        var peers: [Peer] = []
+        for (offset, peerNode) in peerNodes.enumerated() {
+            let peer = try Section(peerNode, "peers[\(offset)]", keys: ["id", "address"])
+            let peerID = try peer.integer("id", in: 1...Int.max).asNodeID
+            guard peerID != id else { throw NodeConfigError(path: peer.path("id"), problem: "\(peerID) is this node's own id") }
+            guard !peers.contains(where: { $0.id == peerID }) else { throw NodeConfigError(path: peer.path("id"), problem: "\(peerID) is listed twice") }
+            peers.append(Peer(id: peerID, address: try HostPort(parsing: peer.string("address"), at: peer.path("address"))))
+        }
+        self.peers = peers
+
+        let tls = try top.section("tls", keys: ["ca", "certificate", "key"])
+        tlsCAFile = try tls.string("ca")
+        tlsCertificateFile = try tls.string("certificate")
+        tlsKeyFile = try tls.string("key")
+        keyEncryptionKeyFile = try top.string("key_encryption_key_file")
+
+        let raft = try top.section("raft", keys: ["tick_interval_ms", "election_timeout_ticks", "heartbeat_interval_ticks"], optional: true)
+        tickIntervalMilliseconds = try raft.integer("tick_interval_ms", in: Self.tickIntervalMilliseconds, default: 10)
+        electionTimeoutTicks = try raft.integer("election_timeout_ticks", in: Self.electionTimeoutTicks, default: 10)
+        heartbeatIntervalTicks = try raft.integer("heartbeat_interval_ticks", in: 1...Self.electionTimeoutTicks.upperBound, default: 1)
+        guard electionTimeoutTicks > heartbeatIntervalTicks else {
+            throw NodeConfigError(path: raft.path("election_timeout_ticks"),
+                                  problem: "must exceed heartbeat_interval_ticks (\(heartbeatIntervalTicks))")
+        }
+    }
+}
+
+private extension Int {
+    var asNodeID: NodeID { NodeID(self) }
+}
+
+/// A mapping read with its path, allowing only the keys given.
+private struct Section {
+    let path: String
+    let mapping: Yams.Node.Mapping?
+
+    init(_ node: Yams.Node?, _ path: String, keys: Set<String>, optional: Bool = false) throws(NodeConfigError) {
+        self.path = path
+        guard let node else {
+            guard optional else { throw NodeConfigError(path: path, problem: "is missing") }
+            mapping = nil
+            return
+        }
+        guard let mapping = node.mapping else { throw NodeConfigError(path: path, problem: "must be a mapping of keys to values") }
+        for key in mapping.keys {
+            guard let name = key.string, keys.contains(name) else {
+                throw NodeConfigError(path: path, problem: "unknown key '\(key.string ?? "?")' (expected one of: \(keys.sorted().joined(separator: ", ")))")
+            }
+        }
+        self.mapping = mapping
+    }
+
+    func path(_ key: String) -> String { path.isEmpty ? key : "\(path).\(key)" }
+
+    func section(_ key: String, keys: Set<String>, optional: Bool = false) throws(NodeConfigError) -> Section {
+        try Section(mapping?[key], path(key), keys: keys, optional: optional)
+    }
+
+    func sequence(_ key: String) throws(NodeConfigError) -> [Yams.Node] {
+        guard let node = mapping?[key] else { throw NodeConfigError(path: path(key), problem: "is missing") }
+        guard let sequence = node.sequence else { throw NodeConfigError(path: path(key), problem: "must be a list") }
+        return Array(sequence)
+    }
+
+    func string(_ key: String) throws(NodeConfigError) -> String {
+        guard let node = mapping?[key] else { throw NodeConfigError(path: path(key), problem: "is missing") }
+        guard let scalar = node.scalar, !scalar.string.isEmpty else { throw NodeConfigError(path: path(key), problem: "must be a non-empty string") }
+        return scalar.string
+    }
+
+    func integer(_ key: String, in range: ClosedRange<Int>, default fallback: Int? = nil) throws(NodeConfigError) -> Int {
+        guard let node = mapping?[key] else {
+            guard let fallback else { throw NodeConfigError(path: path(key), problem: "is missing") }
+            return fallback
+        }
+        guard let text = node.scalar?.string, let value = Int(text) else {
+            throw NodeConfigError(path: path(key), problem: "must be an integer")
+        }
+        guard range.contains(value) else {
+            throw NodeConfigError(path: path(key), problem: "\(value) is outside \(range.lowerBound)...\(range.upperBound)")
+        }
+        return value
+    }
+}

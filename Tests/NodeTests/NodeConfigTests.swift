@@ -1,0 +1,75 @@
+import Node
+import Testing
+
+private let valid = """
+node:
+  id: 1
+  data_dir: /var/lib/warrant/node-1
+  listen:
+    peer: 127.0.0.1:7401
+    api: "[::1]:8401"
+peers:
+  - id: 2
+    address: 127.0.0.1:7402
+  - id: 3
+    address: 127.0.0.1:7403
+tls:
+  ca: ca.pem
+  certificate: node-1.pem
+  key: node-1.key
+key_encryption_key_file: kek.bin
+raft:
+  tick_interval_ms: 20
+"""
+
+/// The valid file with one line replaced.
+private func variant(_ line: String, with replacement: String) -> String {
+    precondition(valid.contains(line), "the sample has no line '\(line)'")
+    return valid.replacingOccurrences(of: line, with: replacement)
+}
+
+@Suite("Node configuration")
+struct NodeConfigTests {
+    @Test("A complete file loads, with defaults for what it leaves out")
+    func loads() throws {
+        let config = try NodeConfig(yaml: valid)
+        #expect(config.id == 1)
+        #expect(config.peers.map(\.id) == [2, 3])
+        #expect(config.peers[1].address.description == "127.0.0.1:7403")
+        #expect(config.apiListen.host == "::1")
+        #expect(config.apiListen.description == "[::1]:8401")
+        #expect(config.tickIntervalMilliseconds == 20)
+        #expect(config.electionTimeoutTicks == 10)
+        #expect(config.heartbeatIntervalTicks == 1)
+    }
+
+    @Test("Each kind of mistake gets a specific error naming where it is", arguments: [
+        ("  id: 1\n  data_dir", "  id: 0\n  data_dir", "node.id: 0 is outside 1..."),
+        ("  data_dir: /var/lib/warrant/node-1", "  data_dir: /x\n  datadir: /y", "node: unknown key 'datadir'"),
+        ("    peer: 127.0.0.1:7401", "    peer: 127.0.0.1", "node.listen.peer: '127.0.0.1' is not host:port"),
+        ("    peer: 127.0.0.1:7401", "    peer: 127.0.0.1:70000", "node.listen.peer: '127.0.0.1:70000' has no valid port"),
+        ("  - id: 3", "  - id: 2", "peers[1].id: 2 is listed twice"),
+        ("  - id: 3", "  - id: 1", "peers[1].id: 1 is this node's own id"),
+        ("  key: node-1.key", "  key: \"\"", "tls.key: must be a non-empty string"),
+        ("  tick_interval_ms: 20", "  tick_interval_ms: 5000", "raft.tick_interval_ms: 5000 is outside 1...1000"),
+        ("  tick_interval_ms: 20", "  tick_interval_ms: 20\n  election_timeout_ticks: 1", "raft.election_timeout_ticks: 1 is outside 2...1000"),
+        ("  tick_interval_ms: 20", "  heartbeat_interval_ticks: 10", "raft.election_timeout_ticks: must exceed heartbeat_interval_ticks (10)"),
+        ("key_encryption_key_file: kek.bin", "", "key_encryption_key_file: is missing"),
+        ("    api: \"[::1]:8401\"", "    api: 127.0.0.1:7401", "node.listen.api: must differ from node.listen.peer"),
+    ])
+    func mistakes(line: String, replacement: String, expected: String) {
+        do {
+            _ = try NodeConfig(yaml: variant(line, with: replacement))
+            Issue.record("expected an error containing \(expected)")
+        } catch {
+            #expect(error.description.contains(expected), "got: \(error)")
+        }
+    }
+
+    @Test("Not YAML, an empty file or an oversized one is refused")
+    func notYAML() {
+        #expect(throws: NodeConfigError.self) { try NodeConfig(yaml: "node: [unclosed") }
+        #expect(throws: NodeConfigError(path: "", problem: "the file is empty")) { try NodeConfig(yaml: "") }
+        #expect(throws: NodeConfigError.self) { try NodeConfig(yaml: String(repeating: "# padding\n", count: 10_000)) }
+    }
+}
