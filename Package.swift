@@ -48,7 +48,7 @@ let package = Package(
         .executableTarget(name: "warrant-bench", dependencies: ["Raft", "Storage"], swiftSettings: strict),
         .testTarget(name: "RaftTests", dependencies: ["Raft", "RaftSimulator"], swiftSettings: strict),
         .testTarget(name: "RaftSimulatorTests", dependencies: ["Raft", "RaftSimulator"], swiftSettings: strict),
-        .testTarget(name: "NodeTests", dependencies: ["Raft", "Ledger", "Storage", "Node", "Transport", .product(name: "NIOPosix", package: "swift-nio"), .product(name: "NIOCore", package: "swift-nio")], swiftSettings: strict),
+        .testTarget(name: "NodeTests", dependencies: ["Raft", "Ledger", "Storage", "Node", "Transport", .product(name: "GRDB", package: "GRDB.swift"), .product(name: "NIOPosix", package: "swift-nio"), .product(name: "NIOCore", package: "swift-nio")], swiftSettings: strict),
         .testTarget(name: "LedgerTests", dependencies: ["Raft", "Ledger", "RaftSimulator"], swiftSettings: strict),
         .testTarget(name: "TransportTests", dependencies: ["Raft", "Transport", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio")], swiftSettings: strict),
         .testTarget(name: "StorageTests", dependencies: ["Raft", "Storage", "Ledger", "RaftSimulator", .product(name: "GRDB", package: "GRDB.swift")], swiftSettings: strict),

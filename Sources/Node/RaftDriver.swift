@@ -103,6 +103,7 @@ public actor RaftDriver {
     }
 
     public func campaign() throws {
+        guard !stopped else { return }
         raft.campaign()
         try processReadies()
     }
@@ -160,7 +161,20 @@ public actor RaftDriver {
 
     // MARK: - The loop
 
+    /// Runs the loop; a storage failure stops the node (fail-stop): the
+    /// core is left mid-Ready and must not be fed again, so every waiting
+    /// caller gets the error and further input is ignored.
     private func processReadies() throws {
+        do {
+            try runLoop()
+        } catch {
+            stopped = true
+            failAll(error)
+            throw error
+        }
+    }
+
+    private func runLoop() throws {
         var rounds = 0
         while raft.hasReady {
             rounds += 1
