@@ -1,5 +1,6 @@
 import NIOCore
 import NIOPosix
+import NIOSSL
 import Raft
 import Synchronization
 
@@ -54,6 +55,12 @@ struct LinkKey: Hashable, Sendable {
     var lane: Lane
 }
 
+/// A peer whose certificate does not match what it claims.
+public struct PeerIdentityError: Error, Sendable, CustomStringConvertible {
+    public var reason: String
+    public var description: String { reason }
+}
+
 /// Limits of one node's transport.
 public struct TransportLimits: Sendable {
     public var frameBytesMax = 16 << 20
@@ -80,11 +87,37 @@ public final class TCPTransport: Sendable {
     private let queues: [LinkKey: AsyncStream<Message>.Continuation]
     private let streams: Mutex<[LinkKey: AsyncStream<Message>]>
     private let rejected = Mutex<[String]>([])
+    private let tls: (identity: NodeIdentity, server: NIOSSLContext, client: NIOSSLContext)?
 
     /// `peers` names every other member; addresses may come later through
     /// `setAddress(_:of:)` (a link waits, backing off, until it has one).
-    public init(id: NodeID, peers: [NodeID: SocketAddress?], group: any EventLoopGroup, limits: TransportLimits = TransportLimits()) {
+    /// With `identity`, every connection is mutual TLS 1.3: both ends show
+    /// a certificate from the cluster CA, and a peer's messages must come
+    /// from the node its certificate names.
+    public init(id: NodeID, peers: [NodeID: SocketAddress?], group: any EventLoopGroup, limits: TransportLimits = TransportLimits(),
+                identity: NodeIdentity? = nil) throws {
         self.id = id
+        if let identity {
+            precondition(identity.nodeID == id, "the identity names node \(identity.nodeID), not \(id)")
+            let certificate = try NIOSSLCertificate(bytes: Array(try identity.certificate.serializeAsPEM().pemString.utf8), format: .pem)
+            let ca = try NIOSSLCertificate(bytes: Array(try identity.caCertificate.serializeAsPEM().pemString.utf8), format: .pem)
+            let key = try NIOSSLPrivateKey(bytes: Array(identity.privateKey.pemRepresentation.utf8), format: .pem)
+            func configure(_ configuration: inout TLSConfiguration) {
+                configuration.minimumTLSVersion = .tlsv13
+                configuration.trustRoots = .certificates([ca])
+                configuration.additionalTrustRoots = []
+                configuration.certificateVerification = .noHostnameVerification
+            }
+            var server = TLSConfiguration.makeServerConfiguration(certificateChain: [.certificate(certificate)], privateKey: .privateKey(key))
+            configure(&server)
+            var client = TLSConfiguration.makeClientConfiguration()
+            client.certificateChain = [.certificate(certificate)]
+            client.privateKey = .privateKey(key)
+            configure(&client)
+            tls = (identity, try NIOSSLContext(configuration: server), try NIOSSLContext(configuration: client))
+        } else {
+            tls = nil
+        }
         peerAddresses = Mutex(peers.compactMapValues { $0 })
         self.group = group
         self.limits = limits
@@ -119,10 +152,12 @@ public final class TCPTransport: Sendable {
     public func run(listeningOn address: SocketAddress, ready: @Sendable (SocketAddress) -> Void = { _ in },
                     deliver: @escaping @Sendable (Message) async -> Void) async throws {
         let frameBytesMax = limits.frameBytesMax
+        let serverTLS = tls?.server
         let server = try await ServerBootstrap(group: group)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .bind(to: address) { channel in
                 channel.eventLoop.makeCompletedFuture {
+                    if let serverTLS { try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: serverTLS)) }
                     try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(FrameByteDecoder(frameBytesMax: frameBytesMax)))
                     return try NIOAsyncChannel<Frame, Never>(wrappingChannelSynchronously: channel)
                 }
@@ -147,9 +182,17 @@ public final class TCPTransport: Sendable {
     private func serve(_ connection: NIOAsyncChannel<Frame, Never>, _ deliver: @Sendable (Message) async -> Void) async {
         do {
             try await connection.executeThenClose { inbound, _ in
+                var certifiedPeer: NodeID?
                 for try await frame in inbound {
                     switch frame {
                     case .raftMessage(let message):
+                        if let tls {
+                            // The handshake is done once a frame arrives.
+                            if certifiedPeer == nil { certifiedPeer = try await self.certifiedNode(of: connection.channel, tls.identity.clusterID) }
+                            guard message.from == certifiedPeer else {
+                                throw PeerIdentityError(reason: "message claims node \(message.from) but the certificate names node \(certifiedPeer.map(String.init) ?? "none")")
+                            }
+                        }
                         await deliver(message)
                     }
                 }
@@ -163,12 +206,27 @@ public final class TCPTransport: Sendable {
         }
     }
 
+    /// The node the peer's (already verified) certificate names.
+    private func certifiedNode(of channel: any Channel, _ clusterID: String) async throws -> NodeID {
+        let der = try await channel.eventLoop.submit { () throws -> [UInt8] in
+            guard let certificate = try channel.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self).peerCertificate else {
+                throw PeerIdentityError(reason: "the peer presented no certificate")
+            }
+            return try certificate.toDERBytes()
+        }.get()
+        guard let node = NodeIdentity.nodeID(inCertificateDER: der, clusterID: clusterID) else {
+            throw PeerIdentityError(reason: "the peer certificate names no node of cluster \(clusterID)")
+        }
+        return node
+    }
+
     /// Connects to one peer and writes its queued messages, reconnecting
     /// with exponential backoff after any failure, until cancelled.
     private func maintainLink(to peer: NodeID, _ stream: AsyncStream<Message>) async {
         var backoff = limits.reconnectBackoffMin
         var iterator = stream.makeAsyncIterator()
         var carried: Message?
+        let clientTLS = tls?.client
         while !Task.isCancelled {
             guard let address = peerAddresses.withLock({ $0[peer] }) else {
                 guard (try? await Task.sleep(for: backoff)) != nil else { return }
@@ -180,6 +238,9 @@ public final class TCPTransport: Sendable {
                     .channelOption(.socketOption(.tcp_nodelay), value: 1)
                     .connect(to: address) { channel in
                         channel.eventLoop.makeCompletedFuture {
+                            if let clientTLS {
+                                try channel.pipeline.syncOperations.addHandler(try NIOSSLClientHandler(context: clientTLS, serverHostname: nil))
+                            }
                             try channel.pipeline.syncOperations.addHandler(MessageToByteHandler(FrameByteEncoder()))
                             return try NIOAsyncChannel<Never, Frame>(wrappingChannelSynchronously: channel)
                         }

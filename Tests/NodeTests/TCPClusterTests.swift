@@ -15,19 +15,21 @@ final class BoundAddresses: Sendable {
     var all: [NodeID: SocketAddress] { addresses.withLock { $0 } }
 }
 
-@Suite("Three nodes over TCP", .serialized)
+@Suite("Three nodes over mutual TLS", .serialized)
 struct TCPClusterTests {
-    @Test("Drivers replicate over loopback TCP: a leader is elected, writes commit, every store ends with the same audit chain")
+    @Test("Drivers replicate over loopback TCP with mutual TLS: a leader is elected, writes commit, every store ends with the same audit chain")
     func replicateOverTCP() async throws {
         let ids: [NodeID] = [1, 2, 3]
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("warrant-tcp-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        let ca = try ClusterCA.create(clusterID: "test-\(UUID().uuidString.prefix(8))")
         var transports: [NodeID: TCPTransport] = [:]
         var drivers: [NodeID: RaftDriver] = [:]
         var stores: [NodeID: RaftStore] = [:]
         for id in ids {
-            let transport = TCPTransport(id: id, peers: Dictionary(uniqueKeysWithValues: ids.filter { $0 != id }.map { ($0, nil) }), group: group)
+            let transport = try TCPTransport(id: id, peers: Dictionary(uniqueKeysWithValues: ids.filter { $0 != id }.map { ($0, nil) }), group: group,
+                                             identity: try ca.issueNodeIdentity(id))
             let store = try RaftStore(path: directory.appendingPathComponent("node-\(id).sqlite").path, synchronous: .normal)
             try store.initialize(with: .bootstrap(voters: ids))
             var configuration = Configuration(id: id, randomSeed: UInt64.random(in: 1...UInt64.max))

@@ -37,8 +37,8 @@ struct TCPTransportTests {
     @Test("Two nodes exchange framed messages over loopback, in order; garbage closes only its own connection")
     func exchangeOverLoopback() async throws {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        let one = TCPTransport(id: 1, peers: [2: nil], group: group)
-        let two = TCPTransport(id: 2, peers: [1: nil], group: group)
+        let one = try TCPTransport(id: 1, peers: [2: nil], group: group)
+        let two = try TCPTransport(id: 2, peers: [1: nil], group: group)
         let inboxOne = Inbox(), inboxTwo = Inbox()
         let bound = AddressBook()
         let loopback = try SocketAddress(ipAddress: "127.0.0.1", port: 0)
@@ -85,22 +85,22 @@ struct TCPTransportTests {
         let address = probe.localAddress!
         try await probe.close()
 
-        let one = TCPTransport(id: 1, peers: [2: address], group: group)
+        let one = try TCPTransport(id: 1, peers: [2: address], group: group)
         let runOne = Task { try? await one.run(listeningOn: try SocketAddress(ipAddress: "127.0.0.1", port: 0)) { _ in } }
         one.send([heartbeat(1, 2, 1)]) // queued while node 2 is down
 
-        func startTwo(_ inbox: Inbox) -> Task<Void, Never> {
-            let two = TCPTransport(id: 2, peers: [1: nil], group: group)
+        func startTwo(_ inbox: Inbox) throws -> Task<Void, Never> {
+            let two = try TCPTransport(id: 2, peers: [1: nil], group: group)
             return Task { try? await two.run(listeningOn: address) { inbox.append($0) } }
         }
         let firstInbox = Inbox()
-        var runTwo = startTwo(firstInbox)
+        var runTwo = try startTwo(firstInbox)
         #expect(await eventually { firstInbox.all.count == 1 }, "the queued message arrives once node 2 listens")
 
         runTwo.cancel()
         await runTwo.value
         let secondInbox = Inbox()
-        runTwo = startTwo(secondInbox)
+        runTwo = try startTwo(secondInbox)
         // Messages sent around the restart may be lost (Raft retransmits);
         // keep sending until one arrives over the new connection.
         var delivered = false
@@ -122,8 +122,8 @@ struct TCPTransportTests {
     @Test("A heartbeat overtakes a queue of large snapshots to the same peer")
     func controlLaneOvertakesBulk() async throws {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        let one = TCPTransport(id: 1, peers: [2: nil], group: group)
-        let two = TCPTransport(id: 2, peers: [1: nil], group: group)
+        let one = try TCPTransport(id: 1, peers: [2: nil], group: group)
+        let two = try TCPTransport(id: 2, peers: [1: nil], group: group)
         let inbox = Inbox()
         let bound = AddressBook()
         let loopback = try SocketAddress(ipAddress: "127.0.0.1", port: 0)

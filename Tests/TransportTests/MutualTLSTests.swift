@@ -1,0 +1,99 @@
+import NIOCore
+import NIOPosix
+import Raft
+import Testing
+import Transport
+import X509
+
+/// Runs transports 1 and 2 on loopback, wires their addresses, and hands
+/// back node 2's inbox and transport; shuts everything down afterwards.
+private func withPair(one oneIdentity: NodeIdentity?, two twoIdentity: NodeIdentity?, oneID: NodeID = 1,
+                      _ body: (_ one: TCPTransport, _ two: TCPTransport, _ inbox: Inbox) async throws -> Void) async throws {
+    let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+    let one = try TCPTransport(id: oneID, peers: [2: nil], group: group, identity: oneIdentity)
+    let two = try TCPTransport(id: 2, peers: [oneID: nil], group: group, identity: twoIdentity)
+    let inbox = Inbox()
+    let bound = AddressBook()
+    let loopback = try SocketAddress(ipAddress: "127.0.0.1", port: 0)
+    let runners = Task {
+        await withTaskGroup(of: Void.self) { tasks in
+            tasks.addTask { try? await one.run(listeningOn: loopback) { _ in } }
+            tasks.addTask { try? await two.run(listeningOn: loopback, ready: { bound.set(2, $0) }) { inbox.append($0) } }
+        }
+    }
+    for _ in 0..<2_000 where bound.all.isEmpty { try await Task.sleep(for: .milliseconds(10)) }
+    one.setAddress(bound.all[2]!, of: 2)
+    do {
+        try await body(one, two, inbox)
+    } catch {
+        runners.cancel(); one.finish(); two.finish(); await runners.value
+        try await group.shutdownGracefully()
+        throw error
+    }
+    runners.cancel(); one.finish(); two.finish(); await runners.value
+    try await group.shutdownGracefully()
+}
+
+private func ping(_ from: NodeID, _ round: UInt64) -> Message {
+    Message(from: from, to: 2, term: 1, body: .heartbeat(Heartbeat(commit: 0, readRound: round)))
+}
+
+private func waitFor(_ condition: () -> Bool) async -> Bool {
+    for _ in 0..<2_000 {
+        if condition() { return true }
+        try? await Task.sleep(for: .milliseconds(10))
+    }
+    return condition()
+}
+
+@Suite("Mutual TLS between nodes", .serialized)
+struct MutualTLSTests {
+    @Test("Nodes with certificates from the cluster CA talk over TLS 1.3")
+    func sameClusterTalks() async throws {
+        let ca = try ClusterCA.create(clusterID: "c1")
+        try await withPair(one: try ca.issueNodeIdentity(1), two: try ca.issueNodeIdentity(2)) { one, _, inbox in
+            one.send((1...20).map { ping(1, $0) })
+            #expect(await waitFor { inbox.all.count == 20 })
+            #expect(inbox.all == (1...20).map { ping(1, $0) })
+        }
+    }
+
+    @Test("A peer from another cluster is refused at the handshake, and the refusal is recorded")
+    func otherClusterIsRefused() async throws {
+        let ours = try ClusterCA.create(clusterID: "ours")
+        let theirs = try ClusterCA.create(clusterID: "theirs")
+        try await withPair(one: try theirs.issueNodeIdentity(1), two: try ours.issueNodeIdentity(2)) { one, two, inbox in
+            one.send([ping(1, 1)])
+            #expect(await waitFor { !two.rejectedConnections.isEmpty })
+            try await Task.sleep(for: .milliseconds(200))
+            #expect(inbox.all.isEmpty, "nothing from another cluster is delivered")
+        }
+    }
+
+    @Test("A node whose certificate names node 3 cannot send as node 1")
+    func impersonationIsRefused() async throws {
+        let ca = try ClusterCA.create(clusterID: "c1")
+        // Transport 1 runs with node 3's certificate but sends messages from 1.
+        let stolen = try ca.issueNodeIdentity(3)
+        let impostor = NodeIdentity(clusterID: stolen.clusterID, nodeID: 1, certificate: stolen.certificate,
+                                    privateKey: stolen.privateKey, caCertificate: stolen.caCertificate)
+        try await withPair(one: impostor, two: try ca.issueNodeIdentity(2)) { one, two, inbox in
+            one.send([ping(1, 1)])
+            #expect(await waitFor { two.rejectedConnections.contains { $0.contains("claims node 1 but the certificate names node 3") } })
+            #expect(inbox.all.isEmpty)
+        }
+    }
+
+    @Test("Node certificates carry what clients and verifiers expect")
+    func certificateShape() throws {
+        let ca = try ClusterCA.create(clusterID: "c9")
+        let identity = try ca.issueNodeIdentity(7)
+        #expect(NodeIdentity.nodeID(inCertificateDER: try identity.certificateDER, clusterID: "c9") == 7)
+        #expect(NodeIdentity.nodeID(inCertificateDER: try identity.certificateDER, clusterID: "other") == nil)
+        #expect(identity.certificate.issuer == ca.certificate.subject)
+        #expect(identity.certificate.notValidAfter <= ca.certificate.notValidAfter)
+        let serial = identity.certificate.serialNumber.bytes
+        #expect(serial.count <= 16 && serial.first.map { $0 & 0x80 == 0 } == true)
+        #expect(try ClusterCA.create(clusterID: "c9").certificate.subject != ca.certificate.subject, "every CA has a unique subject")
+    }
+}
