@@ -38,14 +38,6 @@ private func ping(_ from: NodeID, _ round: UInt64) -> Message {
     Message(from: from, to: 2, term: 1, body: .heartbeat(Heartbeat(commit: 0, readRound: round)))
 }
 
-private func waitFor(_ condition: () -> Bool) async -> Bool {
-    for _ in 0..<2_000 {
-        if condition() { return true }
-        try? await Task.sleep(for: .milliseconds(10))
-    }
-    return condition()
-}
-
 @Suite("Mutual TLS between nodes", .serialized)
 struct MutualTLSTests {
     @Test("Nodes with certificates from the cluster CA talk over TLS 1.3")
@@ -53,7 +45,7 @@ struct MutualTLSTests {
         let ca = try ClusterCA.create(clusterID: "c1")
         try await withPair(one: try ca.issueNodeIdentity(1), two: try ca.issueNodeIdentity(2)) { one, _, inbox in
             one.send((1...20).map { ping(1, $0) })
-            #expect(await waitFor { inbox.all.count == 20 })
+            #expect(await eventually { inbox.all.count == 20 })
             #expect(inbox.all == (1...20).map { ping(1, $0) })
         }
     }
@@ -64,7 +56,7 @@ struct MutualTLSTests {
         let theirs = try ClusterCA.create(clusterID: "theirs")
         try await withPair(one: try theirs.issueNodeIdentity(1), two: try ours.issueNodeIdentity(2)) { one, two, inbox in
             one.send([ping(1, 1)])
-            #expect(await waitFor { !two.rejectedConnections.isEmpty })
+            #expect(await eventually { !two.rejectedConnections.isEmpty })
             try await Task.sleep(for: .milliseconds(200))
             #expect(inbox.all.isEmpty, "nothing from another cluster is delivered")
         }
@@ -79,7 +71,7 @@ struct MutualTLSTests {
                                     privateKey: stolen.privateKey, caCertificate: stolen.caCertificate)
         try await withPair(one: impostor, two: try ca.issueNodeIdentity(2)) { one, two, inbox in
             one.send([ping(1, 1)])
-            #expect(await waitFor { two.rejectedConnections.contains { $0.contains("claims node 1 but the certificate names node 3") } })
+            #expect(await eventually { two.rejectedConnections.contains { $0.contains("claims node 1 but the certificate names node 3") } })
             #expect(inbox.all.isEmpty)
         }
     }

@@ -24,7 +24,7 @@ private func heartbeat(_ from: NodeID, _ to: NodeID, _ round: UInt64) -> Message
 }
 
 /// Polls until `condition` holds or about `seconds` pass (bounded).
-private func eventually(_ seconds: Double = 20, _ condition: () -> Bool) async -> Bool {
+func eventually(_ seconds: Double = 20, _ condition: () -> Bool) async -> Bool {
     for _ in 0..<Int(seconds * 100) {
         if condition() { return true }
         try? await Task.sleep(for: .milliseconds(10))
