@@ -5,9 +5,10 @@ import Testing
 import Transport
 import X509
 
-/// Runs transports 1 and 2 on loopback, wires their addresses, and hands
-/// back node 2's inbox and transport; shuts everything down afterwards.
-private func withPair(one oneIdentity: NodeIdentity?, two twoIdentity: NodeIdentity?, oneID: NodeID = 1,
+/// Runs transports 1 and 2 on loopback (with TLS identities, or none),
+/// wires their addresses, and hands back both and node 2's inbox; shuts
+/// everything down afterwards.
+func withPair(one oneIdentity: NodeIdentity?, two twoIdentity: NodeIdentity?, oneID: NodeID = 1,
                       _ body: (_ one: TCPTransport, _ two: TCPTransport, _ inbox: Inbox) async throws -> Void) async throws {
     let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
     let one = try TCPTransport(id: oneID, peers: [2: nil], group: group, identity: oneIdentity)

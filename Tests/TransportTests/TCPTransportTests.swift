@@ -121,20 +121,12 @@ struct TCPTransportTests {
 
     @Test("A heartbeat overtakes a queue of large snapshots to the same peer")
     func controlLaneOvertakesBulk() async throws {
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        let one = try TCPTransport(id: 1, peers: [2: nil], group: group)
-        let two = try TCPTransport(id: 2, peers: [1: nil], group: group)
-        let inbox = Inbox()
-        let bound = AddressBook()
-        let loopback = try SocketAddress(ipAddress: "127.0.0.1", port: 0)
-        let runners = Task {
-            await withTaskGroup(of: Void.self) { tasks in
-                tasks.addTask { try? await one.run(listeningOn: loopback) { _ in } }
-                tasks.addTask { try? await two.run(listeningOn: loopback, ready: { bound.set(2, $0) }) { inbox.append($0) } }
-            }
+        try await withPair(one: nil, two: nil) { one, _, inbox in
+            try await overtake(one, inbox)
         }
-        #expect(await eventually { bound.all.count == 1 })
-        one.setAddress(bound.all[2]!, of: 2)
+    }
+
+    private func overtake(_ one: TCPTransport, _ inbox: Inbox) async throws {
         let big = Snapshot(metadata: SnapshotMetadata(index: 9, term: 1, membership: Membership(voters: [1, 2])),
                            data: [UInt8](repeating: 7, count: 4 << 20))
         let snapshots = (0..<12).map { _ in Message(from: 1, to: 2, term: 1, body: .installSnapshot(big)) }
@@ -144,10 +136,5 @@ struct TCPTransportTests {
         let position = inbox.all.firstIndex(of: heartbeat(1, 2, 42))
         #expect(position != nil)
         #expect((position ?? 99) < 12, "the heartbeat did not wait for all twelve 4 MiB snapshots")
-        runners.cancel()
-        one.finish()
-        two.finish()
-        await runners.value
-        try await group.shutdownGracefully()
     }
 }
