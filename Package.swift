@@ -14,6 +14,7 @@ let package = Package(
         .library(name: "Raft", targets: ["Raft"]),
         .executable(name: "warrant-sim", targets: ["warrant-sim"]),
         .executable(name: "warrant-bench", targets: ["warrant-bench"]),
+        .executable(name: "warrant", targets: ["warrant"]),
     ],
     dependencies: [
         .package(url: "https://github.com/groue/GRDB.swift", exact: "7.10.0"),
@@ -22,6 +23,7 @@ let package = Package(
         .package(url: "https://github.com/jpsim/Yams", exact: "6.2.2"),
         .package(url: "https://github.com/apple/swift-nio-ssl", exact: "2.37.6"),
         .package(url: "https://github.com/apple/swift-certificates", exact: "1.21.1"),
+        .package(url: "https://github.com/apple/swift-argument-parser", exact: "1.8.2"),
     ],
     targets: [
         // The pure consensus core: messages in, Ready out. No I/O, no clock,
@@ -42,9 +44,26 @@ let package = Package(
             .product(name: "X509", package: "swift-certificates"),
             .product(name: "Crypto", package: "swift-crypto"),
         ], swiftSettings: strict),
-        // Wires it all: the driver loop (and, with issue 3, the HTTP API,
-        // forwarding, lifecycle and metrics).
-        .target(name: "Node", dependencies: ["Raft", "Ledger", "Storage", "Transport", .product(name: "Yams", package: "Yams")], swiftSettings: strict),
+        // Wires it all: the driver loop, the node process, the HTTPS API
+        // (forwarding, metrics), the cluster's files and the admin client.
+        .target(name: "Node", dependencies: [
+            "Raft", "Ledger", "Storage", "Transport",
+            .product(name: "Yams", package: "Yams"),
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "NIOSSL", package: "swift-nio-ssl"),
+            .product(name: "X509", package: "swift-certificates"),
+            .product(name: "Crypto", package: "swift-crypto"),
+        ], swiftSettings: strict),
+        // The operator's command: node start, cluster init/status, documents,
+        // audit, membership.
+        .executableTarget(name: "warrant", dependencies: [
+            "Node",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+        ], swiftSettings: strict),
         // Deterministic whole-cluster simulator over the pure core.
         .target(name: "RaftSimulator", dependencies: ["Raft"], swiftSettings: strict),
         // Simulator soak runs, seed replay and the core benchmark.

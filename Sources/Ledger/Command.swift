@@ -56,18 +56,22 @@ public struct LedgerCommand: Sendable, Hashable {
 
     /// Names are lower-case paths: letters, digits, '.', '_', '-' and '/',
     /// no empty or dot segments, at most `documentNameBytesMax` bytes.
-    static func invalidName(_ name: String) -> String? {
+    public static func invalidName(_ name: String) -> String? {
         let bytes = Array(name.utf8)
         guard !bytes.isEmpty else { return "document name is empty" }
         guard bytes.count <= LedgerLimits.documentNameBytesMax else { return "document name is longer than \(LedgerLimits.documentNameBytesMax) bytes" }
-        for byte in bytes {
-            let allowed = (byte >= 0x61 && byte <= 0x7A) || (byte >= 0x30 && byte <= 0x39) || byte == 0x2E || byte == 0x5F || byte == 0x2D || byte == 0x2F
-            guard allowed else { return "document name '\(name)' may hold only a-z, 0-9, '.', '_', '-' and '/'" }
+        for byte in bytes where !isNameByte(byte) {
+            return "document name '\(name)' may hold only a-z, 0-9, '.', '_', '-' and '/'"
         }
         for segment in name.split(separator: "/", omittingEmptySubsequences: false) where segment.isEmpty || segment == "." || segment == ".." {
             return "document name '\(name)' has an empty, '.' or '..' segment"
         }
         return nil
+    }
+
+    /// a-z, 0-9, '.', '_', '-', '/'.
+    public static func isNameByte(_ byte: UInt8) -> Bool {
+        (byte >= 0x61 && byte <= 0x7A) || (byte >= 0x30 && byte <= 0x39) || byte == 0x2E || byte == 0x5F || byte == 0x2D || byte == 0x2F
     }
 
     // MARK: - Encoding (inside an entry's command bytes)

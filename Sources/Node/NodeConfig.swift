@@ -8,7 +8,7 @@ public struct HostPort: Sendable, Hashable, CustomStringConvertible {
 
     public var description: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
 
-    init(parsing text: String, at path: String) throws(NodeConfigError) {
+    public init(parsing text: String, at path: String) throws(NodeConfigError) {
         let host: Substring, portText: Substring
         if text.hasPrefix("["), let close = text.firstIndex(of: "]") {
             host = text[text.index(after: text.startIndex)..<close]
@@ -50,12 +50,17 @@ public struct NodeConfig: Sendable, Hashable {
     public struct Peer: Sendable, Hashable {
         public var id: NodeID
         public var address: HostPort
+        /// Its HTTPS API, where this node forwards writes when it leads.
+        public var api: HostPort
     }
 
     public var id: NodeID
     public var dataDirectory: String
     public var peerListen: HostPort
     public var apiListen: HostPort
+    /// A node added to a running cluster starts with an empty log and waits
+    /// to be added as a learner; the founding nodes bootstrap together.
+    public var joinsExistingCluster: Bool
     public var peers: [Peer]
     public var tlsCAFile: String
     public var tlsCertificateFile: String
@@ -85,13 +90,14 @@ public struct NodeConfig: Sendable, Hashable {
             throw NodeConfigError(path: "", problem: "not valid YAML: \(error)")
         }
         let top = try Section(root, "", keys: ["node", "peers", "tls", "key_encryption_key_file", "raft"])
-        let node = try top.section("node", keys: ["id", "data_dir", "listen"])
+        let node = try top.section("node", keys: ["id", "data_dir", "listen", "join"])
         id = try node.integer("id", in: 1...Int.max).asNodeID
         dataDirectory = try node.string("data_dir")
         let listen = try node.section("listen", keys: ["peer", "api"])
         peerListen = try HostPort(parsing: listen.string("peer"), at: listen.path("peer"))
         apiListen = try HostPort(parsing: listen.string("api"), at: listen.path("api"))
         guard peerListen != apiListen else { throw NodeConfigError(path: listen.path("api"), problem: "must differ from node.listen.peer") }
+        joinsExistingCluster = try node.boolean("join", default: false)
 
         let peerNodes = try top.sequence("peers")
         guard peerNodes.count <= Self.peersMax else {
@@ -99,11 +105,12 @@ public struct NodeConfig: Sendable, Hashable {
         }
         var peers: [Peer] = []
         for (offset, peerNode) in peerNodes.enumerated() {
-            let peer = try Section(peerNode, "peers[\(offset)]", keys: ["id", "address"])
+            let peer = try Section(peerNode, "peers[\(offset)]", keys: ["id", "address", "api"])
             let peerID = try peer.integer("id", in: 1...Int.max).asNodeID
             guard peerID != id else { throw NodeConfigError(path: peer.path("id"), problem: "\(peerID) is this node's own id") }
             guard !peers.contains(where: { $0.id == peerID }) else { throw NodeConfigError(path: peer.path("id"), problem: "\(peerID) is listed twice") }
-            peers.append(Peer(id: peerID, address: try HostPort(parsing: peer.string("address"), at: peer.path("address"))))
+            peers.append(Peer(id: peerID, address: try HostPort(parsing: peer.string("address"), at: peer.path("address")),
+                              api: try HostPort(parsing: peer.string("api"), at: peer.path("api"))))
         }
         self.peers = peers
 
@@ -165,6 +172,15 @@ private struct Section {
         guard let node = mapping?[key] else { throw NodeConfigError(path: path(key), problem: "is missing") }
         guard let scalar = node.scalar, !scalar.string.isEmpty else { throw NodeConfigError(path: path(key), problem: "must be a non-empty string") }
         return scalar.string
+    }
+
+    func boolean(_ key: String, default fallback: Bool) throws(NodeConfigError) -> Bool {
+        guard let node = mapping?[key] else { return fallback }
+        switch node.scalar?.string {
+        case "true": return true
+        case "false": return false
+        default: throw NodeConfigError(path: path(key), problem: "must be true or false")
+        }
     }
 
     func integer(_ key: String, in range: ClosedRange<Int>, default fallback: Int? = nil) throws(NodeConfigError) -> Int {

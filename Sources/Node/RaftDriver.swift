@@ -1,4 +1,6 @@
 import Ledger
+import NIOCore
+import NIOPosix
 import Raft
 import Storage
 
@@ -37,11 +39,23 @@ public enum DriverError: Error, Sendable, Hashable, CustomStringConvertible {
 }
 
 /// One node's driver loop (DESIGN.md): take input (peer messages, ticks,
-/// proposals), step the core, persist the Ready in one transaction, send,
-/// apply committed entries to the ledger in one transaction, answer the
-/// callers waiting on them, advance.
+/// proposals), step the core, persist the Ready and apply its committed
+/// entries in one transaction, send, answer the callers waiting on them,
+/// advance.
+///
+/// Group commit: proposals, peer messages and read requests only step the
+/// core and schedule one flush; everything that arrived meanwhile shares
+/// that flush's transaction and fsync. The actor runs on its own event
+/// loop thread, so a blocking fsync never holds Swift's cooperative pool.
 public actor RaftDriver {
     public nonisolated let id: NodeID
+    private nonisolated let loop: any EventLoop
+    public nonisolated var unownedExecutor: UnownedSerialExecutor { loop.executor.asUnownedSerialExecutor() }
+    public nonisolated let metrics: NodeMetrics
+    /// Called on the driver's thread with each batch of applied entries
+    /// (the node watches membership and member addresses this way).
+    private let onApplied: (@Sendable ([Entry]) -> Void)?
+    private var flushScheduled = false
     private var raft: RaftNode
     private let store: RaftStore
     private let sender: any MessageSender
@@ -56,7 +70,8 @@ public actor RaftDriver {
     private struct PendingWrite {
         var term: Term
         var deadlineTick: Int
-        var continuation: CheckedContinuation<LedgerOutcome, any Error>
+        var startedAt: ContinuousClock.Instant
+        var continuation: CheckedContinuation<LedgerOutcome?, any Error>
     }
     /// Writes appended on this node, by log index.
     private var pendingWrites: [LogIndex: PendingWrite] = [:]
@@ -71,9 +86,15 @@ public actor RaftDriver {
     private var appliedIndex: LogIndex
 
     /// Opens the node from its store (which must be initialized).
+    /// `loop` should be a thread of its own in a node (a blocking fsync
+    /// runs on it); tests may share one.
     public init(configuration: Configuration, store: RaftStore, sender: any MessageSender, requestTimeoutTicks: Int = 100,
-                compactEveryEntries: LogIndex = 10_000) throws {
+                compactEveryEntries: LogIndex = 10_000, loop: any EventLoop = MultiThreadedEventLoopGroup.singleton.next(),
+                metrics: NodeMetrics = NodeMetrics(), onApplied: (@Sendable ([Entry]) -> Void)? = nil) throws {
         precondition(requestTimeoutTicks > 0 && compactEveryEntries > 0)
+        self.loop = loop
+        self.metrics = metrics
+        self.onApplied = onApplied
         self.compactEveryEntries = compactEveryEntries
         id = configuration.id
         let durable = try store.loadDurableState()
@@ -86,12 +107,23 @@ public actor RaftDriver {
 
     public var status: Status { raft.status }
 
+    public var statusSnapshot: NodeStatusSnapshot {
+        NodeStatusSnapshot(term: raft.term, role: raft.role.rawValue, leaderID: raft.leaderID, commitIndex: raft.commitIndex,
+                           appliedIndex: appliedIndex, lastIndex: raft.lastIndex, snapshotIndex: raft.snapshotIndex)
+    }
+
+    /// Writes and reads waiting for an answer.
+    public var pendingRequestCount: Int { pendingWrites.count + pendingReads.count }
+
     // MARK: - Input
 
-    public func receive(_ message: Message) throws {
+    /// Steps the message; the resulting Ready is handled by a flush
+    /// shared with whatever else arrives meanwhile.
+    public func receive(_ message: Message) {
         guard !stopped else { return }
+        metrics.messagesReceived.add(1)
         raft.step(message)
-        try processReadies()
+        scheduleFlush()
     }
 
     public func tick() throws {
@@ -114,21 +146,51 @@ public actor RaftDriver {
     public func propose(_ command: LedgerCommand) async throws -> LedgerOutcome {
         guard !stopped else { throw DriverError.stopped }
         if let reason = command.invalidReason { throw DriverError.invalidCommand(reason) }
+        metrics.proposals.add(1)
+        guard let outcome = try await appendAndWait({ (raft: inout RaftNode) throws(RaftError) in try raft.propose(command.encoded) }) else {
+            throw DriverError.lostLeadership
+        }
+        return outcome
+    }
+
+    /// Proposes a single-server membership change and returns once it is
+    /// committed and in effect on this node.
+    public func proposeConfigChange(_ change: ConfigChange) async throws -> LogIndex {
+        guard !stopped else { throw DriverError.stopped }
+        var appendedAt: LogIndex = 0
+        _ = try await appendAndWait { (raft: inout RaftNode) throws(RaftError) in
+            let receipt = try raft.proposeConfigChange(change)
+            if case .appended(_, let index, _) = receipt { appendedAt = index }
+            return receipt
+        }
+        return appendedAt
+    }
+
+    /// Asks the leader (this node) to hand leadership to `target`.
+    public func transferLeadership(to target: NodeID) throws {
+        guard !stopped else { throw DriverError.stopped }
+        do {
+            try raft.transferLeadership(to: target)
+        } catch {
+            throw DriverError.raft(error)
+        }
+        scheduleFlush()
+    }
+
+    /// Appends through `append` and waits until the entry is applied here.
+    private func appendAndWait(_ append: (inout RaftNode) throws(RaftError) -> ProposalReceipt) async throws -> LedgerOutcome? {
         guard raft.role == .leader else { throw DriverError.notLeader(leaderHint: raft.leaderID) }
         let receipt: ProposalReceipt
         do {
-            receipt = try raft.propose(command.encoded)
+            receipt = try append(&raft)
         } catch {
             throw DriverError.raft(error)
         }
         guard case .appended(let term, let index, _) = receipt else { throw DriverError.notLeader(leaderHint: raft.leaderID) }
+        let startedAt = ContinuousClock.now
         return try await withCheckedThrowingContinuation { continuation in
-            pendingWrites[index] = PendingWrite(term: term, deadlineTick: ticks + requestTimeoutTicks, continuation: continuation)
-            do {
-                try processReadies()
-            } catch {
-                failAll(error)
-            }
+            pendingWrites[index] = PendingWrite(term: term, deadlineTick: ticks + requestTimeoutTicks, startedAt: startedAt, continuation: continuation)
+            scheduleFlush()
         }
     }
 
@@ -145,11 +207,7 @@ public actor RaftDriver {
         }
         return try await withCheckedThrowingContinuation { continuation in
             pendingReads[requestID] = PendingRead(deadlineTick: ticks + requestTimeoutTicks, index: nil, continuation: continuation)
-            do {
-                try processReadies()
-            } catch {
-                failAll(error)
-            }
+            scheduleFlush()
         }
     }
 
@@ -160,6 +218,20 @@ public actor RaftDriver {
     }
 
     // MARK: - The loop
+
+    /// Handles the core's Ready once, after every input already queued on
+    /// this actor: they all share one transaction.
+    private func scheduleFlush() {
+        guard !flushScheduled else { return }
+        flushScheduled = true
+        Task { self.flush() }
+    }
+
+    private func flush() {
+        flushScheduled = false
+        guard !stopped else { return }
+        try? processReadies() // a failure stops the node and fails every caller
+    }
 
     /// Runs the loop; a storage failure stops the node (fail-stop): the
     /// core is left mid-Ready and must not be fed again, so every waiting
@@ -181,9 +253,17 @@ public actor RaftDriver {
             precondition(rounds <= 10_000, "the core never runs out of work")
             let ready = raft.ready()
             sender.send(ready.messagesToSendNow)
-            try store.persist(ready)
+            let writeStart = ContinuousClock.now
+            // Persisting and applying share one transaction (one fsync):
+            // committed entries may be applied before it ends.
+            let outcomes = try store.persistAndApply(ready)
+            if ready.snapshot != nil || !ready.entries.isEmpty || ready.hardState != nil || !ready.committedEntries.isEmpty {
+                metrics.storageWriteSeconds.observe(writeStart.duration(to: .now))
+            }
+            metrics.messagesSent.add(ready.messagesToSendNow.count + ready.messagesAfterPersist.count)
             sender.send(ready.messagesAfterPersist)
             if let snapshot = ready.snapshot {
+                metrics.snapshotsInstalled.add(1)
                 // persist() installed the ledger from it in the same transaction.
                 appliedIndex = snapshot.metadata.index
                 for (index, write) in pendingWrites where index <= snapshot.metadata.index {
@@ -191,9 +271,9 @@ public actor RaftDriver {
                     write.continuation.resume(throwing: DriverError.outcomeUnknown)
                 }
             }
-            let outcomes = try store.apply(ready.committedEntries)
             for entry in ready.committedEntries { settleWrite(at: entry, outcomes: outcomes) }
             if let last = ready.committedEntries.last { appliedIndex = last.index }
+            if !ready.committedEntries.isEmpty { onApplied?(ready.committedEntries) }
             for state in ready.readStates { pendingReads[state.requestID]?.index = state.index }
             for requestID in ready.abandonedReads {
                 pendingReads.removeValue(forKey: requestID)?.continuation.resume(throwing: DriverError.notLeader(leaderHint: ready.leaderID))
@@ -217,12 +297,16 @@ public actor RaftDriver {
             throw DriverError.raft(error)
         }
         try store.compact(through: metadata, data: data)
+        metrics.snapshotsTaken.add(1)
     }
 
     private func settleWrite(at entry: Entry, outcomes: [LedgerOutcome]) {
         guard let pending = pendingWrites.removeValue(forKey: entry.index) else { return }
+        metrics.commitSeconds.observe(pending.startedAt.duration(to: .now))
         if entry.term != pending.term {
             pending.continuation.resume(throwing: DriverError.lostLeadership)
+        } else if case .configChange = entry.payload {
+            pending.continuation.resume(returning: nil)
         } else if let outcome = outcomes.first(where: { $0.logIndex == entry.index }) {
             pending.continuation.resume(returning: outcome)
         } else {

@@ -61,14 +61,16 @@ extension RaftStore {
     /// none are applied, and a restart resumes right after the last.
     public func apply(_ entries: [Entry]) throws -> [LedgerOutcome] {
         guard !entries.isEmpty else { return [] }
-        return try write { db in
-            var tables = SQLiteLedgerTables(db: db)
-            var outcomes: [LedgerOutcome] = []
-            for entry in entries {
-                if let outcome = try Ledger.apply(entry, to: &tables) { outcomes.append(outcome) }
-            }
-            return outcomes
+        return try write { db in try Self.apply(entries, db) }
+    }
+
+    static func apply(_ entries: [Entry], _ db: Database) throws -> [LedgerOutcome] {
+        var tables = SQLiteLedgerTables(db: db)
+        var outcomes: [LedgerOutcome] = []
+        for entry in entries {
+            if let outcome = try Ledger.apply(entry, to: &tables) { outcomes.append(outcome) }
         }
+        return outcomes
     }
 
     public func document(named name: String) throws -> Document? {
@@ -106,5 +108,21 @@ extension RaftStore {
             after = last.sequence
         }
         return AuditChain.verify(records)
+    }
+}
+
+extension RaftStore {
+    /// Documents whose names start with `prefix`, by name, at most `limit`
+    /// (content left out).
+    public func documents(prefix: String, after: String = "", limit: Int) throws -> [Document] {
+        try read { db in
+            try Row.fetchAll(db, sql: """
+                SELECT name, format, version, log_index FROM ledger_document
+                WHERE substr(name, 1, ?) = ? AND name > ? ORDER BY name LIMIT ?
+                """, arguments: [prefix.utf8.count, prefix, after, min(max(limit, 0), 10_000)]).map { row in
+                Document(name: row["name"], format: DocumentFormat(rawValue: UInt8(truncatingIfNeeded: row["format"] as Int64)) ?? .json,
+                         content: [], version: UInt64(row["version"] as Int64), logIndex: UInt64(row["log_index"] as Int64))
+            }
+        }
     }
 }

@@ -41,7 +41,9 @@ public struct StorageError: Error, Sendable, CustomStringConvertible {
 /// whenever the log is loaded.
 public final class RaftStore: Sendable {
     public let path: String
-    private let database: DatabaseQueue
+    /// A pool: one writer, and readers (API reads, status) that see the
+    /// last committed state without waiting for the writer's fsync.
+    private let database: DatabasePool
     /// Whether snapshot data is a ledger snapshot to install into the
     /// ledger tables (a node), or opaque bytes (the simulator's tests).
     public let snapshotsHoldLedger: Bool
@@ -54,10 +56,8 @@ public final class RaftStore: Sendable {
         configuration.prepareDatabase { db in
             try db.execute(sql: "PRAGMA synchronous = \(synchronous.rawValue)")
         }
-        database = try DatabaseQueue(path: path, configuration: configuration)
-        try database.writeWithoutTransaction { db in
-            _ = try String.fetchOne(db, sql: "PRAGMA journal_mode = WAL")
-        }
+        configuration.maximumReaderCount = 4
+        database = try DatabasePool(path: path, configuration: configuration) // WAL mode
         try Self.migrator.migrate(database)
     }
 
@@ -126,34 +126,53 @@ public final class RaftStore: Sendable {
         try persist(snapshot: ready.snapshot, entries: ready.entries, hardState: ready.hardState)
     }
 
+    /// `persist(_:)` and then `apply(_:)` of the Ready's committed entries,
+    /// in one transaction and so one fsync. The entries to apply are
+    /// committed, so applying them before the transaction's end is safe;
+    /// a crash loses both or neither.
+    public func persistAndApply(_ ready: Ready) throws -> [LedgerOutcome] {
+        guard ready.snapshot != nil || !ready.entries.isEmpty || ready.hardState != nil || !ready.committedEntries.isEmpty else { return [] }
+        return try database.write { db in
+            try persist(snapshot: ready.snapshot, entries: ready.entries, hardState: ready.hardState, db)
+            return try Self.apply(ready.committedEntries, db)
+        }
+    }
+
     private func persist(snapshot: Snapshot?, entries: [Entry], hardState: HardState?) throws {
         guard snapshot != nil || !entries.isEmpty || hardState != nil else { return }
-        try database.write { db in
-            if let snapshot {
-                try db.execute(sql: "DELETE FROM raft_entry")
-                try Self.writeSnapshot(snapshot, db)
-                // The state machine is replaced in the same transaction, so
-                // a crash never leaves a snapshot without its ledger.
-                if snapshotsHoldLedger && snapshot.metadata.index > 0 {
-                    try LedgerSnapshot.install(snapshot.data, at: snapshot.metadata.index, db, path: path)
-                }
-            }
-            if let first = entries.first {
-                try db.execute(sql: "DELETE FROM raft_entry WHERE log_index >= ?", arguments: [Int64(first.index)])
-                let statement = try db.cachedStatement(sql: "INSERT INTO raft_entry (log_index, term, payload, checksum) VALUES (?, ?, ?, ?)")
-                for entry in entries {
-                    let payload = entry.payload.encoded
-                    try statement.execute(arguments: [Int64(entry.index), Int64(entry.term), Data(payload),
-                                                      Int64(Self.checksum(index: entry.index, term: entry.term, payload: payload))])
-                }
-            }
-            if let hardState {
-                try db.execute(sql: """
-                    INSERT INTO raft_hard_state (id, term, voted_for, commit_index) VALUES (1, ?, ?, ?)
-                    ON CONFLICT(id) DO UPDATE SET term = excluded.term, voted_for = excluded.voted_for, commit_index = excluded.commit_index
-                    """, arguments: [Int64(hardState.term), Int64(bitPattern: hardState.votedFor), Int64(hardState.commitIndex)])
+        try database.write { db in try persist(snapshot: snapshot, entries: entries, hardState: hardState, db) }
+    }
+
+    private func persist(snapshot: Snapshot?, entries: [Entry], hardState: HardState?, _ db: Database) throws {
+        if let snapshot {
+            try db.execute(sql: "DELETE FROM raft_entry")
+            try Self.writeSnapshot(snapshot, db)
+            // The state machine is replaced in the same transaction, so
+            // a crash never leaves a snapshot without its ledger.
+            if snapshotsHoldLedger && snapshot.metadata.index > 0 {
+                try LedgerSnapshot.install(snapshot.data, at: snapshot.metadata.index, db, path: path)
             }
         }
+        if let first = entries.first {
+            try db.execute(sql: "DELETE FROM raft_entry WHERE log_index >= ?", arguments: [Int64(first.index)])
+            let statement = try db.cachedStatement(sql: "INSERT INTO raft_entry (log_index, term, payload, checksum) VALUES (?, ?, ?, ?)")
+            for entry in entries {
+                let payload = entry.payload.encoded
+                try statement.execute(arguments: [Int64(entry.index), Int64(entry.term), Data(payload),
+                                                  Int64(Self.checksum(index: entry.index, term: entry.term, payload: payload))])
+            }
+        }
+        if let hardState {
+            try db.execute(sql: """
+                INSERT INTO raft_hard_state (id, term, voted_for, commit_index) VALUES (1, ?, ?, ?)
+                ON CONFLICT(id) DO UPDATE SET term = excluded.term, voted_for = excluded.voted_for, commit_index = excluded.commit_index
+                """, arguments: [Int64(hardState.term), Int64(bitPattern: hardState.votedFor), Int64(hardState.commitIndex)])
+        }
+    }
+
+    /// Whether this store was initialized (holds a hard state).
+    public var hasState: Bool {
+        get throws { try database.read { db in try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM raft_hard_state") ?? 0 } > 0 }
     }
 
     /// Writes a brand-new node's starting state (bootstrap or empty).

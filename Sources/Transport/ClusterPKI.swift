@@ -1,5 +1,6 @@
 import Crypto
 import Foundation
+import NIOSSL
 import Raft
 import SwiftASN1
 import X509
@@ -34,7 +35,9 @@ public struct ClusterCA: Sendable {
     }
 
     /// A certificate for node `id`, valid for both ends of a connection.
-    public func issueNodeIdentity(_ id: NodeID, now: Date = Date(), validity: TimeInterval = 365 * 86_400) throws -> NodeIdentity {
+    /// `hosts` (IP addresses or DNS names where the node serves its API)
+    /// go in the SAN too, so ordinary HTTPS clients can verify the node.
+    public func issueNodeIdentity(_ id: NodeID, hosts: [String] = [], now: Date = Date(), validity: TimeInterval = 365 * 86_400) throws -> NodeIdentity {
         let key = P256.Signing.PrivateKey(compactRepresentable: false)
         let certificate = try Certificate(
             version: .v3, serialNumber: Self.randomSerial(), publicKey: .init(key.publicKey),
@@ -46,10 +49,69 @@ public struct ClusterCA: Sendable {
                 Critical(BasicConstraints.notCertificateAuthority)
                 Critical(KeyUsage(digitalSignature: true))
                 try ExtendedKeyUsage([.serverAuth, .clientAuth])
-                SubjectAlternativeNames([.uniformResourceIdentifier(Self.nodeURI(clusterID: clusterID, node: id))])
+                SubjectAlternativeNames([.uniformResourceIdentifier(Self.nodeURI(clusterID: clusterID, node: id))] + hosts.map(Self.generalName))
             },
             issuerPrivateKey: .init(self.key))
         return NodeIdentity(clusterID: clusterID, nodeID: id, certificate: certificate, privateKey: key, caCertificate: self.certificate)
+    }
+
+    /// A client certificate for an operator: it names `name` in a URI SAN
+    /// `warrant-admin://<cluster id>/<name>` and is good only for clientAuth.
+    public func issueAdminIdentity(name: String, now: Date = Date(), validity: TimeInterval = 365 * 86_400) throws -> (certificate: Certificate, privateKey: P256.Signing.PrivateKey) {
+        precondition(!name.isEmpty && name.utf8.allSatisfy { $0 > 0x20 && $0 < 0x7F && $0 != UInt8(ascii: "/") }, "admin names are printable ASCII without '/'")
+        let key = P256.Signing.PrivateKey(compactRepresentable: false)
+        let certificate = try Certificate(
+            version: .v3, serialNumber: Self.randomSerial(), publicKey: .init(key.publicKey),
+            notValidBefore: now.addingTimeInterval(-60), notValidAfter: min(now.addingTimeInterval(validity), self.certificate.notValidAfter),
+            issuer: self.certificate.subject,
+            subject: try DistinguishedName { CommonName("warrant admin \(name)") },
+            signatureAlgorithm: .ecdsaWithSHA256,
+            extensions: try Certificate.Extensions {
+                Critical(BasicConstraints.notCertificateAuthority)
+                Critical(KeyUsage(digitalSignature: true))
+                try ExtendedKeyUsage([.clientAuth])
+                SubjectAlternativeNames([.uniformResourceIdentifier("warrant-admin://\(clusterID)/\(name)")])
+            },
+            issuerPrivateKey: .init(self.key))
+        return (certificate, key)
+    }
+
+    /// The admin name in a `warrant-admin://<cluster>/<name>` URI of this cluster.
+    public static func adminName(inURI uri: String, clusterID: String) -> String? {
+        let prefix = "warrant-admin://\(clusterID)/"
+        guard uri.hasPrefix(prefix) else { return nil }
+        let name = String(uri.dropFirst(prefix.count))
+        return name.isEmpty || name.contains("/") ? nil : name
+    }
+
+    /// The CA's key in PEM (to be stored encrypted).
+    public var privateKeyPEM: String { key.pemRepresentation }
+
+    /// A CA loaded from its certificate and key.
+    public init(clusterID: String, certificate: Certificate, privateKey: P256.Signing.PrivateKey) throws {
+        guard certificate.publicKey == Certificate.PublicKey(privateKey.publicKey) else {
+            throw PeerIdentityError(reason: "the CA key does not match the CA certificate")
+        }
+        self.init(clusterID: clusterID, certificate: certificate, key: privateKey)
+    }
+
+    private init(clusterID: String, certificate: Certificate, key: P256.Signing.PrivateKey) {
+        self.clusterID = clusterID
+        self.certificate = certificate
+        self.key = key
+    }
+
+    /// An IP address SAN for a literal address, a DNS name otherwise.
+    static func generalName(_ host: String) -> GeneralName {
+        var v4 = in_addr()
+        if inet_pton(AF_INET, host, &v4) == 1 {
+            return .ipAddress(ASN1OctetString(contentBytes: withUnsafeBytes(of: &v4) { ArraySlice($0) }))
+        }
+        var v6 = in6_addr()
+        if inet_pton(AF_INET6, host, &v6) == 1 {
+            return .ipAddress(ASN1OctetString(contentBytes: withUnsafeBytes(of: &v6) { ArraySlice($0) }))
+        }
+        return .dnsName(host)
     }
 
     static func nodeURI(clusterID: String, node: NodeID) -> String { "warrant-node://\(clusterID)/\(node)" }
@@ -86,6 +148,45 @@ public struct NodeIdentity: Sendable {
             try serializer.serialize(certificate)
             return serializer.serializedBytes
         }
+    }
+
+    /// An identity read from PEM files: the cluster and node come from the
+    /// certificate's `warrant-node://` URI, which must be the only one.
+    public init(certificatePEM: String, privateKeyPEM: String, caCertificatePEM: String) throws {
+        let certificate = try Certificate(pemEncoded: certificatePEM)
+        let key = try P256.Signing.PrivateKey(pemRepresentation: privateKeyPEM)
+        let ca = try Certificate(pemEncoded: caCertificatePEM)
+        guard certificate.publicKey == Certificate.PublicKey(key.publicKey) else {
+            throw PeerIdentityError(reason: "the private key does not match the certificate")
+        }
+        guard certificate.issuer == ca.subject else {
+            throw PeerIdentityError(reason: "the certificate was not issued by the given CA (issuer \(certificate.issuer), CA \(ca.subject))")
+        }
+        let names = try certificate.extensions.subjectAlternativeNames.map { Array($0) } ?? []
+        let uris = names.compactMap { name -> String? in
+            if case .uniformResourceIdentifier(let uri) = name { return uri }
+            return nil
+        }
+        guard let uri = uris.first(where: { $0.hasPrefix("warrant-node://") }), uris.count == 1 else {
+            throw PeerIdentityError(reason: "the certificate names no single warrant-node://<cluster>/<id> URI")
+        }
+        let parts = uri.dropFirst("warrant-node://".count).split(separator: "/")
+        guard parts.count == 2, let id = NodeID(parts[1]), id != noNode else {
+            throw PeerIdentityError(reason: "'\(uri)' is not warrant-node://<cluster>/<id>")
+        }
+        self.init(clusterID: String(parts[0]), nodeID: id, certificate: certificate, privateKey: key, caCertificate: ca)
+    }
+
+    public var nioCertificate: NIOSSLCertificate {
+        get throws { try NIOSSLCertificate(bytes: Array(try certificate.serializeAsPEM().pemString.utf8), format: .pem) }
+    }
+
+    public var nioCACertificate: NIOSSLCertificate {
+        get throws { try NIOSSLCertificate(bytes: Array(try caCertificate.serializeAsPEM().pemString.utf8), format: .pem) }
+    }
+
+    public var nioPrivateKey: NIOSSLPrivateKey {
+        get throws { try NIOSSLPrivateKey(bytes: Array(privateKey.pemRepresentation.utf8), format: .pem) }
     }
 
     /// The node a peer certificate (DER) names in this cluster, if any.

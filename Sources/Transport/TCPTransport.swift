@@ -84,8 +84,10 @@ public final class TCPTransport: Sendable {
     public let limits: TransportLimits
     private let group: any EventLoopGroup
     private let peerAddresses: Mutex<[NodeID: SocketAddress]>
-    private let queues: [LinkKey: AsyncStream<Message>.Continuation]
-    private let streams: Mutex<[LinkKey: AsyncStream<Message>]>
+    private let queues: Mutex<[LinkKey: AsyncStream<Message>.Continuation]>
+    /// Outbound links to start: the initial peers', then members added later.
+    private let newLinks: AsyncStream<(LinkKey, AsyncStream<Message>)>
+    private let newLinksContinuation: AsyncStream<(LinkKey, AsyncStream<Message>)>.Continuation
     private let rejected = Mutex<[String]>([])
     private let tls: (identity: NodeIdentity, server: NIOSSLContext, client: NIOSSLContext)?
 
@@ -99,9 +101,7 @@ public final class TCPTransport: Sendable {
         self.id = id
         if let identity {
             precondition(identity.nodeID == id, "the identity names node \(identity.nodeID), not \(id)")
-            let certificate = try NIOSSLCertificate(bytes: Array(try identity.certificate.serializeAsPEM().pemString.utf8), format: .pem)
-            let ca = try NIOSSLCertificate(bytes: Array(try identity.caCertificate.serializeAsPEM().pemString.utf8), format: .pem)
-            let key = try NIOSSLPrivateKey(bytes: Array(identity.privateKey.pemRepresentation.utf8), format: .pem)
+            let certificate = try identity.nioCertificate, ca = try identity.nioCACertificate, key = try identity.nioPrivateKey
             func configure(_ configuration: inout TLSConfiguration) {
                 configuration.minimumTLSVersion = .tlsv13
                 configuration.trustRoots = .certificates([ca])
@@ -121,26 +121,38 @@ public final class TCPTransport: Sendable {
         peerAddresses = Mutex(peers.compactMapValues { $0 })
         self.group = group
         self.limits = limits
-        var queues: [LinkKey: AsyncStream<Message>.Continuation] = [:]
-        var streams: [LinkKey: AsyncStream<Message>] = [:]
-        for peer in peers.keys where peer != id {
-            for lane in [Lane.control, .bulk] {
-                let (stream, continuation) = AsyncStream<Message>.makeStream(bufferingPolicy: .bufferingNewest(limits.queuedMessagesPerPeerMax))
-                queues[LinkKey(peer: peer, lane: lane)] = continuation
-                streams[LinkKey(peer: peer, lane: lane)] = stream
-            }
-        }
-        self.queues = queues
-        self.streams = Mutex(streams)
+        queues = Mutex([:])
+        (newLinks, newLinksContinuation) = AsyncStream.makeStream()
+        for peer in peers.keys { addPeer(peer) }
     }
 
     public func setAddress(_ address: SocketAddress, of peer: NodeID) {
         peerAddresses.withLock { $0[peer] = address }
     }
 
+    /// Starts links to a peer (a member added after start); does nothing
+    /// for a known peer or this node.
+    public func addPeer(_ peer: NodeID, address: SocketAddress? = nil) {
+        guard peer != id else { return }
+        if let address { setAddress(address, of: peer) }
+        queues.withLock { queues in
+            guard queues[LinkKey(peer: peer, lane: .control)] == nil else { return }
+            for lane in [Lane.control, .bulk] {
+                let (stream, continuation) = AsyncStream<Message>.makeStream(bufferingPolicy: .bufferingNewest(limits.queuedMessagesPerPeerMax))
+                queues[LinkKey(peer: peer, lane: lane)] = continuation
+                newLinksContinuation.yield((LinkKey(peer: peer, lane: lane), stream))
+            }
+        }
+    }
+
+    /// The peers this transport keeps links to.
+    public var peers: Set<NodeID> { queues.withLock { Set($0.keys.map(\.peer)) } }
+
     /// Queues messages for their peers; never blocks.
     public func send(_ messages: [Message]) {
-        for message in messages { queues[LinkKey(peer: message.to, lane: Lane(message))]?.yield(message) }
+        queues.withLock { queues in
+            for message in messages { queues[LinkKey(peer: message.to, lane: Lane(message))]?.yield(message) }
+        }
     }
 
     /// Why inbound connections were closed, most recent last (for logs and tests).
@@ -163,13 +175,14 @@ public final class TCPTransport: Sendable {
                 }
             }
         if let local = server.channel.localAddress { ready(local) }
-        let outbound = streams.withLock { streams in
-            defer { streams.removeAll() }
-            return streams
-        }
+        let newLinks = self.newLinks
         try await withThrowingDiscardingTaskGroup { group in
-            for (key, stream) in outbound {
-                group.addTask { await self.maintainLink(to: key.peer, stream) }
+            group.addTask {
+                await withDiscardingTaskGroup { links in
+                    for await (key, stream) in newLinks {
+                        links.addTask { await self.maintainLink(to: key.peer, stream) }
+                    }
+                }
             }
             try await server.executeThenClose { connections in
                 for try await connection in connections {
@@ -267,6 +280,9 @@ public final class TCPTransport: Sendable {
 
     /// Ends every outbound queue; `run` returns once its task is cancelled.
     public func finish() {
-        for queue in queues.values { queue.finish() }
+        newLinksContinuation.finish()
+        queues.withLock { queues in
+            for queue in queues.values { queue.finish() }
+        }
     }
 }

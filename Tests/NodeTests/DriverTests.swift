@@ -27,7 +27,7 @@ final class LoopbackNetwork: Sendable {
         let (stream, continuation) = AsyncStream<Message>.makeStream(bufferingPolicy: .bufferingNewest(100_000))
         state.withLock { $0.inboxes[id] = continuation }
         return Task {
-            for await message in stream { try? await driver.receive(message) }
+            for await message in stream { await driver.receive(message) }
         }
     }
 

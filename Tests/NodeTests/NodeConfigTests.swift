@@ -11,8 +11,10 @@ node:
 peers:
   - id: 2
     address: 127.0.0.1:7402
+    api: 127.0.0.1:8402
   - id: 3
     address: 127.0.0.1:7403
+    api: 127.0.0.1:8403
 tls:
   ca: ca.pem
   certificate: node-1.pem
@@ -41,6 +43,8 @@ struct NodeConfigTests {
         #expect(config.tickIntervalMilliseconds == 20)
         #expect(config.electionTimeoutTicks == 10)
         #expect(config.heartbeatIntervalTicks == 1)
+        #expect(config.peers[0].api.description == "127.0.0.1:8402")
+        #expect(config.joinsExistingCluster == false)
     }
 
     @Test("Each kind of mistake gets a specific error naming where it is", arguments: [
@@ -56,6 +60,9 @@ struct NodeConfigTests {
         ("  tick_interval_ms: 20", "  heartbeat_interval_ticks: 10", "raft.election_timeout_ticks: must exceed heartbeat_interval_ticks (10)"),
         ("key_encryption_key_file: kek.bin", "", "key_encryption_key_file: is missing"),
         ("    api: \"[::1]:8401\"", "    api: 127.0.0.1:7401", "node.listen.api: must differ from node.listen.peer"),
+        ("    api: 127.0.0.1:8403", "    apı: 127.0.0.1:8403", "peers[1]: unknown key"),
+        ("    api: 127.0.0.1:8402", "    api: 8402", "peers[0].api: '8402' is not host:port"),
+        ("    api: \"[::1]:8401\"", "    api: \"[::1]:8401\"\n  join: yes", "node.join: must be true or false"),
     ])
     func mistakes(line: String, replacement: String, expected: String) {
         do {

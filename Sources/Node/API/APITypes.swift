@@ -1,0 +1,168 @@
+import Foundation
+import NIOHTTP1
+
+/// An API failure: an HTTP status, a stable machine-readable code and a
+/// sentence for the operator. Rendered as {"error": {"code", "message"}}.
+public struct APIError: Error, Sendable, CustomStringConvertible {
+    public var status: HTTPResponseStatus
+    public var code: String
+    public var message: String
+    public var headers: [(String, String)] = []
+
+    public var description: String { "\(status.code) \(code): \(message)" }
+
+    public static func badRequest(_ message: String) -> APIError { APIError(status: .badRequest, code: "bad_request", message: message) }
+    public static func notFound(_ message: String) -> APIError { APIError(status: .notFound, code: "not_found", message: message) }
+    public static func payloadTooLarge(_ message: String) -> APIError { APIError(status: .payloadTooLarge, code: "too_large", message: message) }
+    public static func unavailable(_ code: String, _ message: String) -> APIError {
+        APIError(status: .serviceUnavailable, code: code, message: message, headers: [("retry-after", "1")])
+    }
+
+    public var response: HTTPResponse {
+        let body = APIJSON.encode(ErrorBody(error: .init(code: code, message: message)))
+        return HTTPResponse(status: status, headers: [("content-type", "application/json")] + headers, body: body)
+    }
+
+    struct ErrorBody: Codable {
+        struct Detail: Codable {
+            var code: String
+            var message: String
+        }
+        var error: Detail
+    }
+}
+
+/// JSON as the API writes and reads it: snake_case keys, sorted.
+public enum APIJSON {
+    public static func encode(_ value: some Encodable) -> [UInt8] {
+        let encoder = JSONEncoder()
+        encoder.keyEncodingStrategy = .convertToSnakeCase
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        return Array((try? encoder.encode(value)) ?? Data("{}".utf8))
+    }
+
+    public static func decode<T: Decodable>(_ type: T.Type, from bytes: [UInt8]) throws -> T {
+        let decoder = JSONDecoder()
+        decoder.keyDecodingStrategy = .convertFromSnakeCase
+        return try decoder.decode(type, from: Data(bytes))
+    }
+
+    public static func response(_ value: some Encodable, status: HTTPResponseStatus = .ok, headers: [(String, String)] = []) -> HTTPResponse {
+        HTTPResponse(status: status, headers: [("content-type", "application/json")] + headers, body: encode(value))
+    }
+}
+
+// MARK: - Bodies (docs/openapi.yaml describes each)
+
+public struct DocumentBody: Codable, Sendable {
+    public var name: String
+    public var format: String
+    public var version: UInt64
+    public var logIndex: UInt64
+    public var content: String?
+}
+
+public struct DocumentListBody: Codable, Sendable {
+    public var documents: [DocumentBody]
+}
+
+public struct WriteResultBody: Codable, Sendable {
+    public var name: String
+    /// The new version; absent after a delete.
+    public var version: UInt64?
+    public var deleted: Bool
+    public var logIndex: UInt64
+    public var leader: UInt64
+}
+
+public struct AuditRecordBody: Codable, Sendable, Equatable {
+    public var sequence: UInt64
+    public var logIndex: UInt64
+    public var timeMillis: UInt64
+    public var actor: String
+    public var action: String
+    public var target: String
+    public var result: String
+    public var previousHash: String
+    public var hash: String
+}
+
+public struct AuditPageBody: Codable, Sendable {
+    public var records: [AuditRecordBody]
+}
+
+public struct AuditVerifyBody: Codable, Sendable {
+    public var node: UInt64
+    public var intact: Bool
+    public var records: UInt64
+    public var headHash: String?
+    public var brokenAt: UInt64?
+    public var reason: String?
+}
+
+public struct MemberBody: Codable, Sendable {
+    public var id: UInt64
+    public var role: String
+    public var peerAddress: String?
+    public var apiAddress: String?
+    /// Known on the leader only.
+    public var matchIndex: UInt64?
+    public var lag: UInt64?
+    public var replication: String?
+}
+
+public struct ClusterStatusBody: Codable, Sendable {
+    public var id: UInt64
+    public var role: String
+    public var term: UInt64
+    public var leader: UInt64
+    public var commitIndex: UInt64
+    public var appliedIndex: UInt64
+    public var lastIndex: UInt64
+    public var snapshotIndex: UInt64
+    public var members: [MemberBody]
+}
+
+public struct ReadinessBody: Codable, Sendable {
+    public var ready: Bool
+    public var leader: UInt64
+    public var reason: String?
+}
+
+public struct AddMemberRequest: Codable, Sendable {
+    public var id: UInt64
+    public var peerAddress: String
+    public var apiAddress: String
+
+    public init(id: UInt64, peerAddress: String, apiAddress: String) {
+        self.id = id
+        self.peerAddress = peerAddress
+        self.apiAddress = apiAddress
+    }
+}
+
+public struct MemberChangeBody: Codable, Sendable {
+    public var id: UInt64
+    public var change: String
+    public var logIndex: UInt64
+    public var leader: UInt64
+}
+
+public struct TransferRequest: Codable, Sendable {
+    public var to: UInt64
+    public init(to: UInt64) { self.to = to }
+}
+
+public struct TransferResultBody: Codable, Sendable {
+    public var leader: UInt64
+}
+
+/// What a `cluster/members/<id>` document holds: where a member listens.
+public struct MemberAddressesBody: Codable, Sendable, Hashable {
+    public var peerAddress: String
+    public var apiAddress: String
+}
+
+extension Array where Element == UInt8 {
+    var hexString: String { map { String($0, radix: 16).count == 1 ? "0" + String($0, radix: 16) : String($0, radix: 16) }.joined() }
+}

@@ -1,0 +1,97 @@
+import Foundation
+import Ledger
+import NIOCore
+import NIOHTTP1
+import NIOSSL
+import Raft
+import Synchronization
+import Transport
+
+/// Where each member listens, for the transport (peer address) and for
+/// forwarding (API address). Starts from the node's configuration and
+/// follows the replicated `cluster/members/<id>` documents, so members
+/// added later are reachable from every node.
+public final class MemberDirectory: Sendable {
+    public struct Addresses: Sendable, Hashable {
+        public var peer: HostPort
+        public var api: HostPort
+    }
+    private let addresses: Mutex<[NodeID: Addresses]>
+
+    public init(_ initial: [NodeID: Addresses]) {
+        addresses = Mutex(initial)
+    }
+
+    public var all: [NodeID: Addresses] { addresses.withLock { $0 } }
+
+    public func set(_ id: NodeID, _ value: Addresses) { addresses.withLock { $0[id] = value } }
+
+    public static func documentName(_ id: NodeID) -> String { "\(NodeAPI.reservedPrefix)members/\(id)" }
+
+    /// The member a `cluster/members/<id>` write names and its addresses,
+    /// if `entry` is one.
+    public static func addresses(in entry: Entry) -> (NodeID, Addresses)? {
+        guard case .command(let bytes) = entry.payload, let command = try? LedgerCommand(decoding: bytes),
+              case .putDocument(let name, _, let content, _) = command.operation,
+              name.hasPrefix("\(NodeAPI.reservedPrefix)members/"),
+              let id = NodeID(name.dropFirst("\(NodeAPI.reservedPrefix)members/".count)),
+              let body = try? APIJSON.decode(MemberAddressesBody.self, from: content),
+              let peer = try? HostPort(parsing: body.peerAddress, at: "peer_address"),
+              let api = try? HostPort(parsing: body.apiAddress, at: "api_address") else { return nil }
+        return (id, Addresses(peer: peer, api: api))
+    }
+}
+
+/// Sends a follower's writes on to the leader's API over mutual TLS with
+/// this node's certificate; the leader trusts the `warrant-actor` header
+/// only from a node certificate.
+public final class Forwarder: Sendable {
+    private let tls: NIOSSLContext
+    private let nodeID: NodeID
+    private let pools = Mutex<[HostPort: HTTPConnectionPool]>([:])
+
+    public init(identity: NodeIdentity) throws {
+        var configuration = TLSConfiguration.makeClientConfiguration()
+        configuration.certificateChain = [.certificate(try identity.nioCertificate)]
+        configuration.privateKey = .privateKey(try identity.nioPrivateKey)
+        configuration.trustRoots = .certificates([try identity.nioCACertificate])
+        configuration.additionalTrustRoots = []
+        configuration.certificateVerification = .noHostnameVerification
+        configuration.minimumTLSVersion = .tlsv12
+        tls = try NIOSSLContext(configuration: configuration)
+        nodeID = identity.nodeID
+    }
+
+    func forward(_ request: HTTPRequest, to leader: NodeID, at address: HostPort, actor: String) async throws -> HTTPResponse {
+        let pool: HTTPConnectionPool
+        do {
+            pool = try pools.withLock { pools in
+                if let pool = pools[address] { return pool }
+                let pool = HTTPConnectionPool(address: try SocketAddress.makeAddressResolvingHost(address.host, port: address.port), tls: tls)
+                pools[address] = pool
+                return pool
+            }
+        } catch {
+            throw APIError.unavailable("not_leader", "node \(leader) leads but its API address \(address) does not resolve: \(error)")
+        }
+        var headers: [(String, String)] = [("warrant-actor", actor), ("warrant-forwarded-by", String(nodeID))]
+        for name in ["content-type", "warrant-request-id"] {
+            if let value = request.headers.first(name: name) { headers.append((name, value)) }
+        }
+        var uri = request.path.addingPercentEncoding(withAllowedCharacters: .urlPathAllowed) ?? request.path
+        if !request.query.isEmpty {
+            uri += "?" + request.query.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value.addingPercentEncoding(withAllowedCharacters: .urlQueryAllowed) ?? "")" }.joined(separator: "&")
+        }
+        let response: HTTPClientResponse
+        do {
+            response = try await pool.request(request.method, uri, headers: headers, body: request.body)
+        } catch {
+            throw APIError.unavailable("leader_unreachable", "could not forward to the leader, node \(leader) at \(address): \(error)")
+        }
+        var passed: [(String, String)] = [("warrant-forwarded-by", String(nodeID))]
+        for name in ["content-type", "warrant-leader", "retry-after"] {
+            if let value = response.headers.first(name: name) { passed.append((name, value)) }
+        }
+        return HTTPResponse(status: response.status, headers: passed, body: response.body)
+    }
+}

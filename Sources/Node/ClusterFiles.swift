@@ -1,0 +1,261 @@
+import Crypto
+import Foundation
+import Raft
+import Transport
+import X509
+import Yams
+
+/// A problem with a file the node or CLI reads: which file, what is wrong.
+public struct FileProblem: Error, Sendable, CustomStringConvertible {
+    public var path: String
+    public var problem: String
+    public var description: String { "\(path): \(problem)" }
+}
+
+/// Private keys at rest, sealed with the key-encryption key (AES-256-GCM,
+/// the key's purpose bound as associated data):
+///
+///     -----BEGIN WARRANT SEALED KEY-----
+///     base64("WSK1" | nonce(12) | ciphertext | tag(16))
+///     -----END WARRANT SEALED KEY-----
+public enum SealedKey {
+    static let magic = Array("WSK1".utf8)
+    static let begin = "-----BEGIN WARRANT SEALED KEY-----"
+    static let end = "-----END WARRANT SEALED KEY-----"
+
+    public static func seal(_ plaintext: String, purpose: String, with kek: SymmetricKey) throws -> String {
+        let box = try AES.GCM.seal(Array(plaintext.utf8), using: kek, authenticating: Array(purpose.utf8))
+        let bytes = magic + Array(box.nonce) + Array(box.ciphertext) + Array(box.tag)
+        let lines = Data(bytes).base64EncodedString(options: [.lineLength64Characters, .endLineWithLineFeed])
+        return "\(begin)\n\(lines)\n\(end)\n"
+    }
+
+    public static func open(_ text: String, purpose: String, with kek: SymmetricKey, path: String) throws -> String {
+        let body = text.replacingOccurrences(of: begin, with: "").replacingOccurrences(of: end, with: "")
+            .split(whereSeparator: \.isWhitespace).joined()
+        guard text.contains(begin), let data = Data(base64Encoded: body), data.count > magic.count + 12 + 16, Array(data.prefix(4)) == magic else {
+            throw FileProblem(path: path, problem: "is not a Warrant sealed key (expected a \(begin) block)")
+        }
+        let bytes = Array(data)
+        do {
+            let box = try AES.GCM.SealedBox(nonce: AES.GCM.Nonce(data: bytes[4..<16]), ciphertext: bytes[16..<(bytes.count - 16)],
+                                            tag: bytes[(bytes.count - 16)...])
+            let plaintext = try AES.GCM.open(box, using: kek, authenticating: Array(purpose.utf8))
+            return String(decoding: plaintext, as: UTF8.self)
+        } catch {
+            throw FileProblem(path: path, problem: "cannot be opened with the key-encryption key (wrong key, or the file was altered)")
+        }
+    }
+}
+
+public enum KeyEncryptionKey {
+    /// Reads a KEK file: 32 random bytes in base64 on one line, readable
+    /// only by its owner.
+    public static func load(path: String) throws -> SymmetricKey {
+        let attributes: [FileAttributeKey: Any]
+        do {
+            attributes = try FileManager.default.attributesOfItem(atPath: path)
+        } catch {
+            throw FileProblem(path: path, problem: "cannot be read (\(error.localizedDescription))")
+        }
+        if let mode = attributes[.posixPermissions] as? Int, mode & 0o077 != 0 {
+            throw FileProblem(path: path, problem: "is readable by others (mode \(String(mode, radix: 8))); run chmod 600 on it")
+        }
+        let text = try ClusterFiles.read(path, bytesMax: 1024)
+        guard let data = Data(base64Encoded: text.trimmingCharacters(in: .whitespacesAndNewlines)), data.count == 32 else {
+            throw FileProblem(path: path, problem: "must hold 32 bytes in base64 (a key-encryption key)")
+        }
+        return SymmetricKey(data: data)
+    }
+
+    public static func generate() -> SymmetricKey { SymmetricKey(size: .bits256) }
+
+    static func encoded(_ key: SymmetricKey) -> String {
+        key.withUnsafeBytes { Data($0).base64EncodedString() } + "\n"
+    }
+}
+
+/// What `warrant cluster init` writes and the node and CLI read.
+///
+///     DIR/cluster.yaml            cluster id, members (for the CLI)
+///     DIR/ca.pem, ca.key.sealed   internal CA (key sealed with the KEK)
+///     DIR/kek                     key-encryption key (mode 600)
+///     DIR/admin.pem, admin.key    operator client certificate (key mode 600)
+///     DIR/node-N/config.yaml      node N's configuration
+///     DIR/node-N/node.pem, node.key.sealed
+///     DIR/node-N/data/            node N's database (created at start)
+public enum ClusterFiles {
+    public struct Member: Sendable, Hashable {
+        public var id: NodeID
+        public var peer: HostPort
+        public var api: HostPort
+
+        public init(id: NodeID, peer: HostPort, api: HostPort) {
+            self.id = id
+            self.peer = peer
+            self.api = api
+        }
+    }
+
+    public static let fileBytesMax = 1 << 20
+
+    static func read(_ path: String, bytesMax: Int = fileBytesMax) throws -> String {
+        guard let data = FileManager.default.contents(atPath: path) else { throw FileProblem(path: path, problem: "cannot be read") }
+        guard data.count <= bytesMax else { throw FileProblem(path: path, problem: "is larger than \(bytesMax) bytes") }
+        return String(decoding: data, as: UTF8.self)
+    }
+
+    static func write(_ text: String, to path: String, mode: Int = 0o644) throws {
+        guard FileManager.default.createFile(atPath: path, contents: Data(text.utf8), attributes: [.posixPermissions: mode]) else {
+            throw FileProblem(path: path, problem: "cannot be written")
+        }
+    }
+
+    static func pem(_ certificate: Certificate) throws -> String { try certificate.serializeAsPEM().pemString + "\n" }
+
+    /// Creates a new cluster's files in `directory` (which must not exist or
+    /// be empty): a CA, a KEK, an admin certificate, and one configuration,
+    /// certificate and sealed key per member.
+    public static func initialize(directory: String, clusterID: String, members: [Member], tickIntervalMilliseconds: Int = 10,
+                                  electionTimeoutTicks: Int = 20) throws {
+        let fm = FileManager.default
+        if let existing = try? fm.contentsOfDirectory(atPath: directory), !existing.isEmpty {
+            throw FileProblem(path: directory, problem: "already exists and is not empty; refusing to overwrite a cluster")
+        }
+        try fm.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        let ca = try ClusterCA.create(clusterID: clusterID)
+        let kek = KeyEncryptionKey.generate()
+        try write(KeyEncryptionKey.encoded(kek), to: "\(directory)/kek", mode: 0o600)
+        try write(pem(ca.certificate), to: "\(directory)/ca.pem")
+        try write(SealedKey.seal(ca.privateKeyPEM, purpose: "warrant ca key", with: kek), to: "\(directory)/ca.key.sealed", mode: 0o600)
+        let admin = try ca.issueAdminIdentity(name: "admin")
+        try write(pem(admin.certificate), to: "\(directory)/admin.pem")
+        try write(admin.privateKey.pemRepresentation + "\n", to: "\(directory)/admin.key", mode: 0o600)
+        var listing = "cluster_id: \(clusterID)\nmembers:\n"
+        for member in members {
+            listing += "  - id: \(member.id)\n    peer: \"\(member.peer)\"\n    api: \"\(member.api)\"\n"
+        }
+        try write(listing, to: "\(directory)/cluster.yaml")
+        for member in members {
+            try writeNode(member, peers: members.filter { $0.id != member.id }, ca: ca, kek: kek, directory: directory, joining: false,
+                          tickIntervalMilliseconds: tickIntervalMilliseconds, electionTimeoutTicks: electionTimeoutTicks)
+        }
+    }
+
+    /// Writes the files of a node that will join the running cluster in
+    /// `directory` (made by `initialize`).
+    public static func addNode(directory: String, member: Member, peers: [Member], tickIntervalMilliseconds: Int = 10,
+                               electionTimeoutTicks: Int = 20) throws {
+        let listing = try ClusterListing(directory: directory)
+        let kek = try KeyEncryptionKey.load(path: "\(directory)/kek")
+        let caKey = try SealedKey.open(read("\(directory)/ca.key.sealed"), purpose: "warrant ca key", with: kek, path: "\(directory)/ca.key.sealed")
+        let ca = try ClusterCA(clusterID: listing.clusterID, certificate: Certificate(pemEncoded: read("\(directory)/ca.pem")),
+                               privateKey: P256.Signing.PrivateKey(pemRepresentation: caKey))
+        if FileManager.default.fileExists(atPath: "\(directory)/node-\(member.id)") {
+            throw FileProblem(path: "\(directory)/node-\(member.id)", problem: "already exists; node ids are never reused")
+        }
+        try writeNode(member, peers: peers, ca: ca, kek: kek, directory: directory, joining: true,
+                      tickIntervalMilliseconds: tickIntervalMilliseconds, electionTimeoutTicks: electionTimeoutTicks)
+    }
+
+    private static func writeNode(_ member: Member, peers: [Member], ca: ClusterCA, kek: SymmetricKey, directory: String, joining: Bool,
+                                  tickIntervalMilliseconds: Int, electionTimeoutTicks: Int) throws {
+        let nodeDirectory = "\(directory)/node-\(member.id)"
+        try FileManager.default.createDirectory(atPath: nodeDirectory, withIntermediateDirectories: true)
+        let identity = try ca.issueNodeIdentity(member.id, hosts: Array(Set([member.api.host, member.peer.host])).sorted())
+        try write(pem(identity.certificate), to: "\(nodeDirectory)/node.pem")
+        try write(SealedKey.seal(identity.privateKey.pemRepresentation, purpose: nodeKeyPurpose(member.id), with: kek),
+                  to: "\(nodeDirectory)/node.key.sealed", mode: 0o600)
+        var config = """
+            node:
+              id: \(member.id)
+              data_dir: data
+              listen:
+                peer: "\(member.peer)"
+                api: "\(member.api)"
+              join: \(joining)
+            peers:
+
+            """
+        for peer in peers {
+            config += "  - id: \(peer.id)\n    address: \"\(peer.peer)\"\n    api: \"\(peer.api)\"\n"
+        }
+        config += """
+            tls:
+              ca: ../ca.pem
+              certificate: node.pem
+              key: node.key.sealed
+            key_encryption_key_file: ../kek
+            raft:
+              tick_interval_ms: \(tickIntervalMilliseconds)
+              election_timeout_ticks: \(electionTimeoutTicks)
+
+            """
+        try write(config, to: "\(nodeDirectory)/config.yaml")
+    }
+
+    static func nodeKeyPurpose(_ id: NodeID) -> String { "warrant node \(id) key" }
+
+    /// Resolves `path` against the directory holding the configuration.
+    public static func resolve(_ path: String, relativeTo configPath: String) -> String {
+        if path.hasPrefix("/") { return path }
+        return URL(fileURLWithPath: configPath).deletingLastPathComponent().appendingPathComponent(path).standardizedFileURL.path
+    }
+
+    /// The node's identity from the files its configuration names.
+    public static func loadIdentity(_ config: NodeConfig, configPath: String) throws -> NodeIdentity {
+        let kekPath = resolve(config.keyEncryptionKeyFile, relativeTo: configPath)
+        let keyPath = resolve(config.tlsKeyFile, relativeTo: configPath)
+        let certificatePath = resolve(config.tlsCertificateFile, relativeTo: configPath)
+        let kek = try KeyEncryptionKey.load(path: kekPath)
+        let key = try SealedKey.open(read(keyPath), purpose: nodeKeyPurpose(config.id), with: kek, path: keyPath)
+        let identity: NodeIdentity
+        do {
+            identity = try NodeIdentity(certificatePEM: read(certificatePath), privateKeyPEM: key,
+                                        caCertificatePEM: read(resolve(config.tlsCAFile, relativeTo: configPath)))
+        } catch let problem as FileProblem {
+            throw problem
+        } catch {
+            throw FileProblem(path: certificatePath, problem: "\(error)")
+        }
+        guard identity.nodeID == config.id else {
+            throw FileProblem(path: certificatePath, problem: "names node \(identity.nodeID), but the configuration is node \(config.id)")
+        }
+        return identity
+    }
+}
+
+/// `cluster.yaml`: the cluster id and its founding members, for the CLI.
+public struct ClusterListing: Sendable {
+    public var clusterID: String
+    public var members: [ClusterFiles.Member]
+
+    private struct File: Decodable {
+        struct Member: Decodable {
+            var id: UInt64
+            var peer: String
+            var api: String
+        }
+        var cluster_id: String
+        var members: [Member]
+    }
+
+    public init(directory: String) throws {
+        let path = "\(directory)/cluster.yaml"
+        let file: File
+        do {
+            file = try YAMLDecoder().decode(File.self, from: ClusterFiles.read(path, bytesMax: 64 << 10))
+        } catch let problem as FileProblem {
+            throw problem
+        } catch {
+            throw FileProblem(path: path, problem: "is not a cluster listing: \(error)")
+        }
+        guard !file.cluster_id.isEmpty else { throw FileProblem(path: path, problem: "has an empty cluster_id") }
+        clusterID = file.cluster_id
+        do {
+            members = try file.members.map { ClusterFiles.Member(id: $0.id, peer: try HostPort(parsing: $0.peer, at: "peer"), api: try HostPort(parsing: $0.api, at: "api")) }
+        } catch {
+            throw FileProblem(path: path, problem: "\(error)")
+        }
+    }
+}

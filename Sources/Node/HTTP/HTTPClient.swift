@@ -1,0 +1,181 @@
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import NIOSSL
+import Synchronization
+
+/// A response as the client received it.
+public struct HTTPClientResponse: Sendable {
+    public var status: HTTPResponseStatus
+    public var headers: HTTPHeaders
+    public var body: [UInt8]
+
+    public var text: String { String(decoding: body, as: UTF8.self) }
+}
+
+public struct HTTPClientError: Error, Sendable, CustomStringConvertible {
+    public var description: String
+}
+
+/// One keep-alive HTTPS/1.1 connection: requests go one at a time, in
+/// order. Used by the CLI, by followers forwarding writes to the leader,
+/// and by the load generator.
+public final class HTTPConnection: Sendable {
+    public let address: SocketAddress
+    private let channel: any Channel
+    /// Requests waiting for answers, oldest first.
+    private let pending: NIOLoopBoundBox<[EventLoopPromise<HTTPClientResponse>]>
+
+    /// Connects with TLS (`tls` non-nil) or in the clear, within `timeout`.
+    public static func connect(to address: SocketAddress, tls: NIOSSLContext?, group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
+                               timeout: TimeAmount = .seconds(3), responseBytesMax: Int = 64 << 20) async throws -> HTTPConnection {
+        let channel = try await ClientBootstrap(group: group)
+            .connectTimeout(timeout)
+            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            .connect(to: address).get()
+        let box = try await channel.eventLoop.submit {
+            let box = NIOLoopBoundBox<[EventLoopPromise<HTTPClientResponse>]>([], eventLoop: channel.eventLoop)
+            let sync = channel.pipeline.syncOperations
+            if let tls { try sync.addHandler(try NIOSSLClientHandler(context: tls, serverHostname: nil)) }
+            try sync.addHTTPClientHandlers()
+            try sync.addHandler(ResponseHandler(pending: box, responseBytesMax: responseBytesMax))
+            return box
+        }.get()
+        return HTTPConnection(address: address, channel: channel, pending: box)
+    }
+
+    private init(address: SocketAddress, channel: any Channel, pending: NIOLoopBoundBox<[EventLoopPromise<HTTPClientResponse>]>) {
+        self.address = address
+        self.channel = channel
+        self.pending = pending
+    }
+
+    public var isActive: Bool { channel.isActive }
+
+    /// Sends one request and waits for its response, at most `timeout`.
+    public func request(_ method: HTTPMethod, _ uri: String, headers: [(String, String)] = [], body: [UInt8] = [],
+                        timeout: TimeAmount = .seconds(10)) async throws -> HTTPClientResponse {
+        let channel = self.channel, pending = self.pending
+        let future: EventLoopFuture<HTTPClientResponse> = channel.eventLoop.flatSubmit {
+            guard channel.isActive else {
+                return channel.eventLoop.makeFailedFuture(HTTPClientError(description: "the connection to \(self.address) is closed"))
+            }
+            let promise = channel.eventLoop.makePromise(of: HTTPClientResponse.self)
+            pending.value.append(promise)
+            var head = HTTPRequestHead(version: .http1_1, method: method, uri: uri)
+            head.headers.add(name: "host", value: "\(self.address.ipAddress ?? "localhost")")
+            for (name, value) in headers { head.headers.add(name: name, value: value) }
+            head.headers.add(name: "content-length", value: String(body.count))
+            channel.write(HTTPClientRequestPart.head(head), promise: nil)
+            if !body.isEmpty { channel.write(HTTPClientRequestPart.body(.byteBuffer(channel.allocator.buffer(bytes: body))), promise: nil) }
+            channel.writeAndFlush(HTTPClientRequestPart.end(nil), promise: nil)
+            let deadline = channel.eventLoop.scheduleTask(in: timeout) {
+                promise.fail(HTTPClientError(description: "no response from \(self.address) within \(timeout.nanoseconds / 1_000_000) ms"))
+                channel.close(promise: nil)
+            }
+            promise.futureResult.whenComplete { _ in deadline.cancel() }
+            return promise.futureResult
+        }
+        return try await future.get()
+    }
+
+    public func close() async {
+        try? await channel.close()
+    }
+}
+
+private final class ResponseHandler: ChannelInboundHandler {
+    typealias InboundIn = HTTPClientResponsePart
+
+    private let pending: NIOLoopBoundBox<[EventLoopPromise<HTTPClientResponse>]>
+    private let responseBytesMax: Int
+    private var head: HTTPResponseHead?
+    private var body: [UInt8] = []
+
+    init(pending: NIOLoopBoundBox<[EventLoopPromise<HTTPClientResponse>]>, responseBytesMax: Int) {
+        self.pending = pending
+        self.responseBytesMax = responseBytesMax
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let head):
+            self.head = head
+            body = []
+        case .body(var buffer):
+            guard body.count + buffer.readableBytes <= responseBytesMax else {
+                failAll(HTTPClientError(description: "the response is larger than \(responseBytesMax) bytes"))
+                context.close(promise: nil)
+                return
+            }
+            body += buffer.readBytes(length: buffer.readableBytes) ?? []
+        case .end:
+            guard let head, !pending.value.isEmpty else { return }
+            self.head = nil
+            let promise = pending.value.removeFirst()
+            promise.succeed(HTTPClientResponse(status: head.status, headers: head.headers, body: body))
+            body = []
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        failAll(HTTPClientError(description: "the server closed the connection"))
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        failAll(HTTPClientError(description: "connection failed: \(error)"))
+        context.close(promise: nil)
+    }
+
+    private func failAll(_ error: HTTPClientError) {
+        let promises = pending.value
+        pending.value.removeAll()
+        for promise in promises { promise.fail(error) }
+    }
+}
+
+/// A few reusable connections to one address.
+public final class HTTPConnectionPool: Sendable {
+    public let address: SocketAddress
+    private let tls: NIOSSLContext?
+    private let idle = Mutex<[HTTPConnection]>([])
+    private let idleMax: Int
+
+    public init(address: SocketAddress, tls: NIOSSLContext?, idleMax: Int = 32) {
+        self.address = address
+        self.tls = tls
+        self.idleMax = idleMax
+    }
+
+    public func request(_ method: HTTPMethod, _ uri: String, headers: [(String, String)] = [], body: [UInt8] = [],
+                        timeout: TimeAmount = .seconds(10)) async throws -> HTTPClientResponse {
+        let reused = idle.withLock { $0.popLast() }
+        let connection: HTTPConnection
+        if let reused, reused.isActive {
+            connection = reused
+        } else {
+            connection = try await HTTPConnection.connect(to: address, tls: tls)
+        }
+        let response = try await connection.request(method, uri, headers: headers, body: body, timeout: timeout)
+        let kept = idle.withLock { idle in
+            guard idle.count < idleMax, connection.isActive else { return false }
+            idle.append(connection)
+            return true
+        }
+        if !kept { await connection.close() }
+        return response
+    }
+
+    public func closeAll() async {
+        for connection in idle.withLock({ idle in defer { idle.removeAll() }; return idle }) { await connection.close() }
+    }
+}
+
+extension SocketAddress {
+    /// "127.0.0.1:8401" or "[::1]:8401".
+    public var hostPort: String {
+        let host = ipAddress ?? "?"
+        return host.contains(":") ? "[\(host)]:\(port ?? 0)" : "\(host):\(port ?? 0)"
+    }
+}

@@ -1,0 +1,271 @@
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import NIOSSL
+import Synchronization
+import Transport
+import X509
+
+/// Who is on the other end of an API connection, from the client
+/// certificate (verified against the cluster CA by the TLS layer).
+public enum APICaller: Sendable, Hashable {
+    /// No client certificate: only the public endpoints answer.
+    case anonymous
+    /// An operator with an admin certificate (`warrant-admin://<cluster>/<name>`).
+    case admin(name: String)
+    /// Another node of this cluster (forwarding a caller's write).
+    case node(id: UInt64)
+
+    /// The identity written into audit records.
+    public var actor: String {
+        switch self {
+        case .anonymous: return "anonymous"
+        case .admin(let name): return "admin:\(name)"
+        case .node(let id): return "node:\(id)"
+        }
+    }
+
+    static func from(certificateDER der: [UInt8], clusterID: String) -> APICaller {
+        guard let certificate = try? Certificate(derEncoded: der),
+              let names = try? certificate.extensions.subjectAlternativeNames else { return .anonymous }
+        for name in names {
+            guard case .uniformResourceIdentifier(let uri) = name else { continue }
+            if let admin = ClusterCA.adminName(inURI: uri, clusterID: clusterID) { return .admin(name: admin) }
+        }
+        if let id = NodeIdentity.nodeID(inCertificateDER: der, clusterID: clusterID) { return .node(id: id) }
+        return .anonymous
+    }
+}
+
+public struct HTTPRequest: Sendable {
+    public var method: HTTPMethod
+    /// The path without the query, percent-decoded.
+    public var path: String
+    public var query: [String: String]
+    public var headers: HTTPHeaders
+    public var body: [UInt8]
+    public var caller: APICaller
+}
+
+public struct HTTPResponse: Sendable {
+    public var status: HTTPResponseStatus
+    public var headers: [(String, String)]
+    public var body: [UInt8]
+
+    public init(status: HTTPResponseStatus, headers: [(String, String)] = [], body: [UInt8] = []) {
+        self.status = status
+        self.headers = headers
+        self.body = body
+    }
+}
+
+/// Limits on what the API accepts.
+public struct HTTPServerLimits: Sendable {
+    /// Larger bodies get 413 and the connection is closed.
+    public var requestBodyBytesMax = 512 << 10
+    public var connectionsMax = 1_024
+    /// Connections idle this long are closed.
+    public var idleTimeout: TimeAmount = .seconds(60)
+    public init() {}
+}
+
+/// HTTPS/1.1 on SwiftNIO: TLS 1.2+ with an optional client certificate
+/// that must chain to the cluster CA when presented; each request is
+/// handed, whole, to an async handler; keep-alive; bounded bodies and
+/// connection count.
+public final class HTTPServer: Sendable {
+    public typealias Handler = @Sendable (HTTPRequest) async -> HTTPResponse
+
+    private let group: any EventLoopGroup
+    private let tls: NIOSSLContext
+    private let clusterID: String
+    private let limits: HTTPServerLimits
+    private let handler: Handler
+    private let openConnections = ConnectionCount()
+    private let channel = Mutex<(any Channel)?>(nil)
+
+    public init(group: any EventLoopGroup, identity: NodeIdentity, limits: HTTPServerLimits = HTTPServerLimits(), handler: @escaping Handler) throws {
+        self.group = group
+        self.clusterID = identity.clusterID
+        self.limits = limits
+        self.handler = handler
+        var configuration = TLSConfiguration.makeServerConfiguration(certificateChain: [.certificate(try identity.nioCertificate)],
+                                                                     privateKey: .privateKey(try identity.nioPrivateKey))
+        configuration.minimumTLSVersion = .tlsv12
+        configuration.trustRoots = .certificates([try identity.nioCACertificate])
+        configuration.additionalTrustRoots = []
+        configuration.certificateVerification = .optionalVerification
+        tls = try NIOSSLContext(configuration: configuration)
+    }
+
+    /// Binds and starts serving; returns the bound address.
+    public func start(at address: SocketAddress) async throws -> SocketAddress {
+        let tls = self.tls, limits = self.limits, handler = self.handler, clusterID = self.clusterID
+        let server = try await ServerBootstrap(group: group)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .serverChannelOption(.backlog, value: 256)
+            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            .childChannelInitializer { [openConnections] channel in
+                guard openConnections.value.wrappingAdd(1, ordering: .relaxed).newValue <= limits.connectionsMax else {
+                    openConnections.value.wrappingSubtract(1, ordering: .relaxed)
+                    return channel.close()
+                }
+                channel.closeFuture.whenComplete { _ in openConnections.value.wrappingSubtract(1, ordering: .relaxed) }
+                return channel.eventLoop.makeCompletedFuture {
+                    let sync = channel.pipeline.syncOperations
+                    try sync.addHandler(NIOSSLServerHandler(context: tls))
+                    try sync.addHandler(IdleStateHandler(allTimeout: limits.idleTimeout))
+                    try sync.configureHTTPServerPipeline(withErrorHandling: true)
+                    try sync.addHandler(RequestHandler(clusterID: clusterID, bodyBytesMax: limits.requestBodyBytesMax, handler: handler))
+                }
+            }
+            .bind(to: address).get()
+        channel.withLock { $0 = server }
+        guard let local = server.localAddress else { throw ChannelError.unknownLocalAddress }
+        return local
+    }
+
+    /// Stops accepting connections (open ones finish their request).
+    public func stop() async {
+        let server = channel.withLock { $0 }
+        try? await server?.close()
+    }
+}
+
+private final class ConnectionCount: Sendable {
+    let value = Atomic<Int>(0)
+}
+
+/// Collects one request, runs the handler, writes the response; requests
+/// on a connection are answered in order, one at a time.
+private final class RequestHandler: ChannelInboundHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    private let clusterID: String
+    private let bodyBytesMax: Int
+    private let handler: HTTPServer.Handler
+    private var head: HTTPRequestHead?
+    private var body: [UInt8] = []
+    private var tooLarge = false
+    private var caller: APICaller?
+
+    init(clusterID: String, bodyBytesMax: Int, handler: @escaping HTTPServer.Handler) {
+        self.clusterID = clusterID
+        self.bodyBytesMax = bodyBytesMax
+        self.handler = handler
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let head):
+            self.head = head
+            body = []
+            tooLarge = false
+        case .body(var buffer):
+            if body.count + buffer.readableBytes > bodyBytesMax {
+                tooLarge = true
+                body = []
+            } else if !tooLarge {
+                body += buffer.readBytes(length: buffer.readableBytes) ?? []
+            }
+        case .end:
+            guard let head else { return }
+            self.head = nil
+            if tooLarge {
+                let response = APIError.payloadTooLarge("the request body is larger than \(bodyBytesMax) bytes").response
+                write(response, keepAlive: false, context: context)
+                return
+            }
+            let request = makeRequest(head, context: context)
+            let keepAlive = head.isKeepAlive
+            let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+            let handler = self.handler
+            context.eventLoop.makeFutureWithTask { await handler(request) }.whenSuccess { response in
+                let (this, context) = loopBound.value
+                this.write(response, keepAlive: keepAlive, context: context)
+            }
+        }
+    }
+
+    private func makeRequest(_ head: HTTPRequestHead, context: ChannelHandlerContext) -> HTTPRequest {
+        if caller == nil {
+            let certificate = try? context.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self).peerCertificate
+            if let der = try? certificate?.toDERBytes() {
+                caller = APICaller.from(certificateDER: der, clusterID: clusterID)
+            } else {
+                caller = .anonymous
+            }
+        }
+        let (path, query) = Self.split(head.uri)
+        return HTTPRequest(method: head.method, path: path, query: query, headers: head.headers, body: body, caller: caller ?? .anonymous)
+    }
+
+    private func write(_ response: HTTPResponse, keepAlive: Bool, context: ChannelHandlerContext) {
+        var headers = HTTPHeaders(response.headers)
+        headers.replaceOrAdd(name: "content-length", value: String(response.body.count))
+        if !keepAlive { headers.replaceOrAdd(name: "connection", value: "close") }
+        context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: response.status, headers: headers))), promise: nil)
+        if !response.body.isEmpty {
+            context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(bytes: response.body)))), promise: nil)
+        }
+        let done = context.writeAndFlushWithPromise(wrapOutboundOut(.end(nil)))
+        if !keepAlive {
+            let channel = context.channel
+            done.whenComplete { _ in channel.close(promise: nil) }
+        }
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if event is IdleStateHandler.IdleStateEvent {
+            context.close(promise: nil)
+        } else {
+            context.fireUserInboundEventTriggered(event)
+        }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        context.close(promise: nil)
+    }
+
+    /// "/a%2Fb?x=1&y" → ("/a/b", ["x": "1", "y": ""]).
+    static func split(_ uri: String) -> (String, [String: String]) {
+        let parts = uri.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false)
+        let path = String(parts[0]).removingPercentEncodingSafely
+        var query: [String: String] = [:]
+        if parts.count > 1 {
+            for pair in parts[1].split(separator: "&") {
+                let kv = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+                query[String(kv[0]).removingPercentEncodingSafely] = kv.count > 1 ? String(kv[1]).removingPercentEncodingSafely : ""
+            }
+        }
+        return (path, query)
+    }
+}
+
+private extension ChannelHandlerContext {
+    func writeAndFlushWithPromise(_ data: NIOAny) -> EventLoopFuture<Void> {
+        let promise = eventLoop.makePromise(of: Void.self)
+        writeAndFlush(data, promise: promise)
+        return promise.futureResult
+    }
+}
+
+extension String {
+    /// Percent-decoding that leaves malformed escapes as they are.
+    var removingPercentEncodingSafely: String {
+        guard contains("%") else { return self }
+        var bytes: [UInt8] = []
+        var iterator = Array(utf8)[...]
+        while let byte = iterator.popFirst() {
+            if byte == UInt8(ascii: "%"), iterator.count >= 2,
+               let value = UInt8(String(decoding: iterator.prefix(2), as: UTF8.self), radix: 16) {
+                bytes.append(value)
+                iterator = iterator.dropFirst(2)
+            } else {
+                bytes.append(byte)
+            }
+        }
+        return String(decoding: bytes, as: UTF8.self)
+    }
+}

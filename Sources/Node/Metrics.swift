@@ -1,0 +1,106 @@
+import Synchronization
+
+/// A monotonically increasing count.
+public final class Counter: Sendable {
+    public let name: String
+    public let help: String
+    private let value = Atomic<Int>(0)
+
+    init(_ name: String, _ help: String) {
+        self.name = name
+        self.help = help
+    }
+
+    public func add(_ amount: Int) { value.add(amount, ordering: .relaxed) }
+    public var current: Int { value.load(ordering: .relaxed) }
+}
+
+/// Durations in fixed buckets (seconds), as Prometheus histograms count them.
+public final class Histogram: Sendable {
+    public let name: String
+    public let help: String
+    public static let bucketBounds: [Double] = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5]
+    private struct State {
+        var counts = [Int](repeating: 0, count: Histogram.bucketBounds.count + 1)
+        var sum = 0.0
+    }
+    private let state = Mutex(State())
+
+    init(_ name: String, _ help: String) {
+        self.name = name
+        self.help = help
+    }
+
+    public func observe(_ duration: Duration) {
+        let seconds = Double(duration.components.seconds) + Double(duration.components.attoseconds) / 1e18
+        let bucket = Self.bucketBounds.firstIndex { seconds <= $0 } ?? Self.bucketBounds.count
+        state.withLock {
+            $0.counts[bucket] += 1
+            $0.sum += seconds
+        }
+    }
+
+    public var count: Int { state.withLock { $0.counts.reduce(0, +) } }
+
+    func render(into text: inout String) {
+        let (counts, sum) = state.withLock { ($0.counts, $0.sum) }
+        text += "# HELP \(name) \(help)\n# TYPE \(name) histogram\n"
+        var cumulative = 0
+        for (bound, count) in zip(Self.bucketBounds, counts) {
+            cumulative += count
+            text += "\(name)_bucket{le=\"\(bound)\"} \(cumulative)\n"
+        }
+        cumulative += counts.last ?? 0
+        text += "\(name)_bucket{le=\"+Inf\"} \(cumulative)\n\(name)_sum \(sum)\n\(name)_count \(cumulative)\n"
+    }
+}
+
+/// What a node counts and times, rendered at /metrics in the Prometheus
+/// text format together with the gauges read from the Raft status.
+public final class NodeMetrics: Sendable {
+    public let proposals = Counter("warrant_raft_proposals_total", "Ledger commands proposed on this node as leader.")
+    public let messagesSent = Counter("warrant_raft_messages_sent_total", "Raft messages handed to the transport.")
+    public let messagesReceived = Counter("warrant_raft_messages_received_total", "Raft messages received from peers.")
+    public let snapshotsTaken = Counter("warrant_raft_snapshots_taken_total", "Ledger snapshots taken (log compactions).")
+    public let snapshotsInstalled = Counter("warrant_raft_snapshots_installed_total", "Snapshots received from a leader and installed.")
+    public let forwardedWrites = Counter("warrant_api_forwarded_writes_total", "Writes this node forwarded to the leader.")
+    public let storageWriteSeconds = Histogram("warrant_storage_write_seconds", "One Ready's transaction (persist and apply, one fsync).")
+    public let commitSeconds = Histogram("warrant_raft_commit_seconds", "From proposal to applied outcome, on the leader.")
+
+    public init() {}
+
+    /// The Prometheus exposition of these metrics and the status gauges.
+    public func render(status: NodeStatusSnapshot) -> String {
+        var text = ""
+        func gauge(_ name: String, _ help: String, _ value: UInt64) {
+            text += "# HELP \(name) \(help)\n# TYPE \(name) gauge\n\(name) \(value)\n"
+        }
+        gauge("warrant_raft_term", "Current Raft term.", status.term)
+        text += "# HELP warrant_raft_role Role of this node (1 for the current role).\n# TYPE warrant_raft_role gauge\n"
+        for role in ["follower", "preCandidate", "candidate", "leader"] {
+            text += "warrant_raft_role{role=\"\(role)\"} \(status.role == role ? 1 : 0)\n"
+        }
+        gauge("warrant_raft_leader_id", "The node this node believes leads (0 if none).", status.leaderID)
+        gauge("warrant_raft_commit_index", "Highest log index known committed.", status.commitIndex)
+        gauge("warrant_raft_applied_index", "Highest log index applied to the ledger.", status.appliedIndex)
+        gauge("warrant_raft_last_index", "Last index in this node's log.", status.lastIndex)
+        gauge("warrant_raft_snapshot_index", "Index of the latest snapshot.", status.snapshotIndex)
+        for counter in [proposals, messagesSent, messagesReceived, snapshotsTaken, snapshotsInstalled, forwardedWrites] {
+            text += "# HELP \(counter.name) \(counter.help)\n# TYPE \(counter.name) counter\n\(counter.name) \(counter.current)\n"
+        }
+        storageWriteSeconds.render(into: &text)
+        commitSeconds.render(into: &text)
+        return text
+    }
+}
+
+/// The numbers /metrics and /v1/cluster/status report, read from the driver.
+public struct NodeStatusSnapshot: Sendable {
+    public var term: UInt64
+    public var role: String
+    public var leaderID: UInt64
+    public var commitIndex: UInt64
+    public var appliedIndex: UInt64
+    public var lastIndex: UInt64
+    public var snapshotIndex: UInt64
+}

@@ -1,0 +1,218 @@
+import Foundation
+import NIOCore
+import NIOPosix
+import Raft
+import Storage
+import Synchronization
+import Transport
+
+/// One line per event on standard error: time, level, message, fields.
+/// Nothing secret is ever passed here (keys and certificates stay out).
+public struct NodeLog: Sendable {
+    let nodeID: NodeID
+    public init(nodeID: NodeID) { self.nodeID = nodeID }
+
+    public func info(_ message: String, _ fields: KeyValuePairs<String, String> = [:]) { emit("info", message, fields) }
+    public func warning(_ message: String, _ fields: KeyValuePairs<String, String> = [:]) { emit("warn", message, fields) }
+    public func error(_ message: String, _ fields: KeyValuePairs<String, String> = [:]) { emit("error", message, fields) }
+
+    private func emit(_ level: String, _ message: String, _ fields: KeyValuePairs<String, String>) {
+        var line = "\(Date().formatted(.iso8601)) \(level) node=\(nodeID) \(message)"
+        for (key, value) in fields { line += " \(key)=\(value.contains(" ") ? "\"\(value)\"" : value)" }
+        FileHandle.standardError.write(Data((line + "\n").utf8))
+    }
+}
+
+/// `warrant node start`: storage, driver, transport, API, ticker and
+/// shutdown, wired together.
+public final class NodeServer: Sendable {
+    public let config: NodeConfig
+    public let identity: NodeIdentity
+    let log: NodeLog
+    let store: RaftStore
+    let driver: RaftDriver
+    let transport: TCPTransport
+    let members: MemberDirectory
+    let api: NodeAPI
+    let http: HTTPServer
+    let networkGroup: MultiThreadedEventLoopGroup
+    let driverGroup: MultiThreadedEventLoopGroup
+    private let stopping = Atomic<Bool>(false)
+    private let stopRequests = AsyncStream<String>.makeStream()
+
+    /// How long a graceful stop lets in-flight writes finish.
+    public static let drainTimeout: Duration = .seconds(2)
+
+    public init(configPath: String) throws {
+        let text = try ClusterFiles.read(configPath, bytesMax: NodeConfig.fileBytesMax)
+        let config: NodeConfig
+        do {
+            config = try NodeConfig(yaml: text)
+        } catch {
+            throw FileProblem(path: configPath, problem: error.description)
+        }
+        self.config = config
+        log = NodeLog(nodeID: config.id)
+        identity = try ClusterFiles.loadIdentity(config, configPath: configPath)
+
+        let dataDirectory = ClusterFiles.resolve(config.dataDirectory, relativeTo: configPath)
+        try FileManager.default.createDirectory(atPath: dataDirectory, withIntermediateDirectories: true)
+        store = try RaftStore(path: "\(dataDirectory)/raft.sqlite")
+        if try !store.hasState {
+            let voters = [config.id] + config.peers.map(\.id)
+            try store.initialize(with: config.joinsExistingCluster ? .empty : .bootstrap(voters: voters.sorted()))
+        }
+
+        var initial: [NodeID: MemberDirectory.Addresses] = [config.id: .init(peer: config.peerListen, api: config.apiListen)]
+        for peer in config.peers { initial[peer.id] = .init(peer: peer.address, api: peer.api) }
+        // Members added after the configuration was written.
+        for document in try store.documents(prefix: "\(NodeAPI.reservedPrefix)members/", limit: 1_000) {
+            guard let full = try store.document(named: document.name),
+                  let id = NodeID(document.name.dropFirst("\(NodeAPI.reservedPrefix)members/".count)),
+                  let body = try? APIJSON.decode(MemberAddressesBody.self, from: full.content),
+                  let peer = try? HostPort(parsing: body.peerAddress, at: ""), let api = try? HostPort(parsing: body.apiAddress, at: "") else { continue }
+            initial[id] = .init(peer: peer, api: api)
+        }
+        let members = MemberDirectory(initial)
+        self.members = members
+
+        networkGroup = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+        driverGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        var peers: [NodeID: SocketAddress?] = [:]
+        for (id, addresses) in initial where id != config.id {
+            peers[id] = try? SocketAddress.makeAddressResolvingHost(addresses.peer.host, port: addresses.peer.port)
+        }
+        let transport = try TCPTransport(id: config.id, peers: peers, group: networkGroup, identity: identity)
+        self.transport = transport
+
+        var configuration = Configuration(id: config.id, randomSeed: UInt64.random(in: 1...UInt64.max))
+        configuration.electionTimeoutTicks = config.electionTimeoutTicks
+        configuration.heartbeatIntervalTicks = config.heartbeatIntervalTicks
+        let metrics = NodeMetrics()
+        let log = self.log
+        driver = try RaftDriver(
+            configuration: configuration, store: store, sender: transport,
+            requestTimeoutTicks: max(1, 5_000 / config.tickIntervalMilliseconds), loop: driverGroup.next(), metrics: metrics,
+            onApplied: { entries in
+                for entry in entries {
+                    if let (id, addresses) = MemberDirectory.addresses(in: entry) {
+                        members.set(id, addresses)
+                        transport.addPeer(id, address: try? SocketAddress.makeAddressResolvingHost(addresses.peer.host, port: addresses.peer.port))
+                    }
+                    if case .configChange(let change) = entry.payload {
+                        log.info("membership change applied", ["change": "\(change)", "index": "\(entry.index)"])
+                        if case .addLearner(let id) = change { transport.addPeer(id) }
+                    }
+                }
+            })
+        api = NodeAPI(id: config.id, driver: driver, store: store, members: members, forwarder: try Forwarder(identity: identity), metrics: metrics)
+        let api = self.api
+        http = try HTTPServer(group: networkGroup, identity: identity) { request in await api.handle(request) }
+    }
+
+    /// Serves until SIGTERM or SIGINT (or `stop()`), then shuts down
+    /// gracefully: no new requests, in-flight writes get `drainTimeout`
+    /// to finish, leadership is handed over, then everything closes.
+    public func run() async throws {
+        let peerAddress = try SocketAddress.makeAddressResolvingHost(config.peerListen.host, port: config.peerListen.port)
+        let apiAddress = try SocketAddress.makeAddressResolvingHost(config.apiListen.host, port: config.apiListen.port)
+        Self.watchSignals(stopRequests.continuation)
+        let transport = self.transport, driver = self.driver
+        let transportTask = Task { try await transport.run(listeningOn: peerAddress) { message in await driver.receive(message) } }
+        let boundAPI = try await http.start(at: apiAddress)
+        log.info("node started", ["cluster": identity.clusterID, "peer": "\(config.peerListen)", "api": boundAPI.hostPort,
+                                  "term": "\(await driver.status.term)", "applied": "\(await driver.status.appliedIndex)"])
+        let tickerTask = Task { await self.tickUntilStopped() }
+        for await signal in stopRequests.stream {
+            log.info("shutting down", ["signal": signal])
+            break
+        }
+        await shutdown()
+        tickerTask.cancel()
+        transportTask.cancel()
+        _ = await tickerTask.result
+        _ = await transportTask.result
+        try? await networkGroup.shutdownGracefully()
+        try? await driverGroup.shutdownGracefully()
+        log.info("stopped")
+    }
+
+    /// Ends `run()` as a signal would.
+    public func stop() {
+        stopRequests.continuation.yield("stop")
+    }
+
+    private func tickUntilStopped() async {
+        let interval = Duration.milliseconds(config.tickIntervalMilliseconds)
+        let clock = ContinuousClock()
+        var next = clock.now
+        var ticks = 0
+        var lastRole: Role = .follower
+        var lastLeader: NodeID = noNode
+        while !Task.isCancelled && !stopping.load(ordering: .relaxed) {
+            next = next.advanced(by: interval)
+            if next < clock.now { next = clock.now } // never try to catch up in a burst
+            try? await Task.sleep(until: next, clock: clock)
+            do {
+                try await driver.tick()
+            } catch {
+                log.error("the node stopped after a storage failure; it will not serve until restarted", ["error": "\(error)"])
+                return
+            }
+            ticks += 1
+            let status = await driver.status
+            if status.role != lastRole || status.leaderID != lastLeader {
+                log.info("role changed", ["role": status.role.rawValue, "term": "\(status.term)", "leader": "\(status.leaderID)"])
+                lastRole = status.role
+                lastLeader = status.leaderID
+            }
+            if ticks % 10 == 0, status.role == .leader { await promoteCaughtUpLearners(status) }
+        }
+    }
+
+    /// A learner whose log has reached the leader's commit index becomes a voter.
+    private func promoteCaughtUpLearners(_ status: Status) async {
+        for learner in status.membership.learners {
+            guard let follower = status.followers[learner], follower.matchIndex >= status.commitIndex else { continue }
+            do {
+                let index = try await driver.proposeConfigChange(.promoteLearner(learner))
+                log.info("learner promoted to voter", ["learner": "\(learner)", "index": "\(index)"])
+            } catch {
+                log.warning("could not promote learner yet", ["learner": "\(learner)", "error": "\(error)"])
+            }
+        }
+    }
+
+    private func shutdown() async {
+        stopping.store(true, ordering: .relaxed)
+        await http.stop()
+        // A leader hands over first, so the cluster need not wait for an election.
+        let status = await driver.status
+        if status.role == .leader, let target = status.followers.filter({ !$0.value.isLearner }).max(by: { $0.value.matchIndex < $1.value.matchIndex })?.key {
+            try? await driver.transferLeadership(to: target)
+        }
+        let deadline = ContinuousClock.now.advanced(by: Self.drainTimeout)
+        while ContinuousClock.now < deadline {
+            let (pending, role) = (await driver.pendingRequestCount, await driver.status.role)
+            if pending == 0 && role != .leader { break }
+            try? await driver.tick()
+            try? await Task.sleep(for: .milliseconds(config.tickIntervalMilliseconds))
+        }
+        await driver.stop()
+        transport.finish()
+    }
+
+    // MARK: - Signals
+
+    /// Sends SIGTERM and SIGINT to `continuation` (their default action,
+    /// ending the process at once, is disabled).
+    private static func watchSignals(_ continuation: AsyncStream<String>.Continuation) {
+        for (number, name) in [(SIGTERM, "SIGTERM"), (SIGINT, "SIGINT")] {
+            signal(number, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
+            source.setEventHandler { continuation.yield(name) }
+            source.resume()
+            _ = Unmanaged.passRetained(source as AnyObject) // lives as long as the process
+        }
+    }
+}

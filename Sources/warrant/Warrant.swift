@@ -1,0 +1,359 @@
+import ArgumentParser
+import Foundation
+import NIOCore
+import NIOHTTP1
+import Node
+
+@main
+struct Warrant: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "warrant",
+        abstract: "Short-lived machine identity, issued by a replicated cluster.",
+        subcommands: [NodeCommand.self, ClusterCommand.self, DocumentCommand.self, AuditCommand.self, MemberCommand.self, LeaderCommand.self])
+}
+
+/// How the CLI reaches the cluster: the directory `cluster init` wrote
+/// (CA, admin certificate, member list), or explicit endpoints.
+struct ConnectionOptions: ParsableArguments {
+    @Option(name: .customLong("dir"), help: "The cluster directory written by 'warrant cluster init' (or $WARRANT_DIR).")
+    var directory: String?
+
+    @Option(help: "Comma-separated API addresses (host:port) to try in order; default: every member in the cluster directory.")
+    var endpoints: String?
+
+    var clusterDirectory: String {
+        get throws {
+            guard let directory = directory ?? ProcessInfo.processInfo.environment["WARRANT_DIR"] else {
+                throw ValidationError("say where the cluster's files are: --dir DIR or WARRANT_DIR")
+            }
+            return directory
+        }
+    }
+
+    func client() throws -> AdminClient {
+        let directory = try clusterDirectory
+        var addresses: [SocketAddress]?
+        if let endpoints {
+            addresses = try endpoints.split(separator: ",").map { text in
+                let hostPort = try HostPort(parsing: String(text), at: "--endpoints")
+                return try SocketAddress.makeAddressResolvingHost(hostPort.host, port: hostPort.port)
+            }
+        }
+        return try AdminClient(clusterDirectory: directory, endpoints: addresses)
+    }
+}
+
+/// Prints a response body and fails (exit 1) on an error status.
+func finish(_ response: HTTPClientResponse) throws {
+    let text = response.text
+    if response.status.code >= 400 {
+        FileHandle.standardError.write(Data("error: \(response.status.code) \(text)\n".utf8))
+        throw ExitCode.failure
+    }
+    print(text)
+}
+
+func percentEncoded(_ text: String) -> String {
+    text.addingPercentEncoding(withAllowedCharacters: .alphanumerics.union(CharacterSet(charactersIn: "-._~"))) ?? text
+}
+
+struct NodeCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "node", abstract: "Run a node.", subcommands: [Start.self])
+
+    struct Start: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Start a node from its configuration; SIGTERM stops it gracefully.")
+        @Option(help: "The node's YAML configuration.") var config: String
+
+        func run() async throws {
+            let server: NodeServer
+            do {
+                server = try NodeServer(configPath: config)
+            } catch {
+                FileHandle.standardError.write(Data("warrant: cannot start: \(error)\n".utf8))
+                throw ExitCode.failure
+            }
+            try await server.run()
+        }
+    }
+}
+
+struct ClusterCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "cluster", abstract: "Create and inspect a cluster.",
+                                                    subcommands: [Init.self, AddNode.self, Status.self])
+
+    struct Init: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Write a new cluster's CA, certificates, key-encryption key and node configurations.")
+        @Option(name: .customLong("dir"), help: "Directory to create (must not exist or be empty).") var directory: String
+        @Option(help: "Number of nodes.") var nodes = 3
+        @Option(help: "Host the nodes listen on.") var host = "127.0.0.1"
+        @Option(help: "Peer port of node 1 (node N uses this + N - 1).") var peerPort = 7401
+        @Option(help: "API port of node 1 (node N uses this + N - 1).") var apiPort = 8401
+        @Option(help: "Cluster id (default: random).") var clusterID: String?
+        @Option(help: "Raft tick interval in milliseconds.") var tickMs = 10
+        @Option(help: "Election timeout in ticks.") var electionTicks = 20
+
+        func validate() throws {
+            guard (1...7).contains(nodes) else { throw ValidationError("--nodes must be 1...7") }
+            guard (1...65_000).contains(peerPort), (1...65_000).contains(apiPort) else { throw ValidationError("ports must be 1...65000") }
+            if let clusterID, clusterID.isEmpty || !clusterID.utf8.allSatisfy({ ($0 >= 0x61 && $0 <= 0x7A) || ($0 >= 0x30 && $0 <= 0x39) || $0 == 0x2D }) {
+                throw ValidationError("--cluster-id may hold only a-z, 0-9 and '-'")
+            }
+        }
+
+        func run() throws {
+            let clusterID = self.clusterID ?? "c" + UUID().uuidString.lowercased().replacingOccurrences(of: "-", with: "").prefix(12)
+            let members = try (1...nodes).map { n in
+                ClusterFiles.Member(id: UInt64(n), peer: try HostPort(parsing: "\(host):\(peerPort + n - 1)", at: "--host"),
+                                    api: try HostPort(parsing: "\(host):\(apiPort + n - 1)", at: "--host"))
+            }
+            try ClusterFiles.initialize(directory: directory, clusterID: clusterID, members: members,
+                                        tickIntervalMilliseconds: tickMs, electionTimeoutTicks: electionTicks)
+            print("cluster \(clusterID): \(nodes) node configurations, CA, admin certificate and key-encryption key written to \(directory)")
+            for member in members { print("  node \(member.id): \(directory)/node-\(member.id)/config.yaml  peer \(member.peer)  api https://\(member.api)") }
+        }
+    }
+
+    struct AddNode: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "add-node",
+            abstract: "Write a configuration and certificate for a node that will join the running cluster (then start it and run 'warrant member add').")
+        @Option(name: .customLong("dir")) var directory: String
+        @Option var id: UInt64
+        @Option(help: "host:port for peer traffic.") var peerAddress: String
+        @Option(help: "host:port for the API.") var apiAddress: String
+
+        func run() throws {
+            let listing = try ClusterListing(directory: directory)
+            let member = ClusterFiles.Member(id: id, peer: try HostPort(parsing: peerAddress, at: "--peer-address"),
+                                             api: try HostPort(parsing: apiAddress, at: "--api-address"))
+            guard id != 0, !listing.members.contains(where: { $0.id == id }) else { throw ValidationError("node \(id) is already a founding member") }
+            try ClusterFiles.addNode(directory: directory, member: member, peers: listing.members)
+            print("node \(id): \(directory)/node-\(id)/config.yaml written; start it, then: warrant member add --dir \(directory) --id \(id) --peer-address \(peerAddress) --api-address \(apiAddress)")
+        }
+    }
+
+    struct Status: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Members, roles, terms, indexes, lag and health, asking every node.")
+        @OptionGroup var connection: ConnectionOptions
+        @Flag(help: "Print each node's JSON instead of the table.") var json = false
+
+        func run() async throws {
+            let client = try connection.client()
+            defer { Task { await client.closeAll() } }
+            var rows: [(String, ClusterStatusBody?, String)] = []
+            for (index, endpoint) in client.endpoints.enumerated() {
+                do {
+                    let response = try await client.request(at: index, .GET, "/v1/cluster/status", timeout: .seconds(3))
+                    guard response.status == .ok else { rows.append((endpoint.hostPort, nil, "HTTP \(response.status.code)")); continue }
+                    if json { print(response.text) }
+                    let status = try APIJSON.decode(ClusterStatusBody.self, from: response.body)
+                    let ready = try await client.request(at: index, .GET, "/readyz", timeout: .seconds(3))
+                    rows.append((endpoint.hostPort, status, ready.status == .ok ? "ready" : "not ready"))
+                } catch {
+                    rows.append((endpoint.hostPort, nil, "unreachable"))
+                }
+            }
+            if json { return }
+            print(StatusTable.render(rows))
+            if rows.allSatisfy({ $0.1 == nil }) { throw ExitCode.failure }
+        }
+    }
+}
+
+enum StatusTable {
+    static func render(_ rows: [(String, ClusterStatusBody?, String)]) -> String {
+        var lines = [["NODE", "API", "ROLE", "TERM", "LEADER", "COMMIT", "APPLIED", "MATCH", "LAG", "HEALTH"]]
+        let leader = rows.compactMap(\.1).first { $0.role == "leader" }
+        for (endpoint, status, health) in rows {
+            guard let status else {
+                lines.append(["?", endpoint, "-", "-", "-", "-", "-", "-", "-", health])
+                continue
+            }
+            let member = leader?.members.first { $0.id == status.id }
+            lines.append(["\(status.id)", endpoint, status.role, "\(status.term)", "\(status.leader)", "\(status.commitIndex)", "\(status.appliedIndex)",
+                          member?.matchIndex.map(String.init) ?? "-", member?.lag.map(String.init) ?? "-", health])
+        }
+        if let leader {
+            let shown = Set(rows.compactMap { $0.1?.id })
+            for member in leader.members where !shown.contains(member.id) {
+                lines.append(["\(member.id)", member.apiAddress ?? "?", member.role, "-", "-", "-", "-",
+                              member.matchIndex.map(String.init) ?? "-", member.lag.map(String.init) ?? "-", "not asked"])
+            }
+        }
+        let widths = lines[0].indices.map { column in lines.map { $0[column].count }.max() ?? 0 }
+        return lines.map { line in
+            zip(line, widths).map { $0.0.padding(toLength: $0.1, withPad: " ", startingAt: 0) }.joined(separator: "  ")
+        }.joined(separator: "\n")
+    }
+}
+
+struct DocumentCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "doc", abstract: "Versioned documents.",
+                                                    subcommands: [Put.self, Get.self, Delete.self, List.self])
+
+    struct Put: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Create or replace a document (compare-and-set with --expected-version).")
+        @OptionGroup var connection: ConnectionOptions
+        @Argument var name: String
+        @Option(help: "Read the content from this file ('-' for stdin).") var file: String?
+        @Option(help: "The content itself.") var value: String?
+        @Flag(help: "The content is YAML (default: JSON).") var yaml = false
+        @Option(help: "Write only if the document is at this version (0: only if it does not exist).") var expectedVersion: UInt64?
+
+        func run() async throws {
+            let content: [UInt8]
+            switch (file, value) {
+            case (let file?, nil): content = file == "-" ? Array(FileHandle.standardInput.readDataToEndOfFile()) : Array(try Data(contentsOf: URL(fileURLWithPath: file)))
+            case (nil, let value?): content = Array(value.utf8)
+            default: throw ValidationError("give exactly one of --file or --value")
+            }
+            let client = try connection.client()
+            var uri = "/v1/documents/\(percentEncoded(name))"
+            if let expectedVersion { uri += "?expected_version=\(expectedVersion)" }
+            try finish(try await client.request(.PUT, uri, headers: [("content-type", yaml ? "application/yaml" : "application/json")], body: content))
+        }
+    }
+
+    struct Get: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Read a document (linearizable unless --serializable).")
+        @OptionGroup var connection: ConnectionOptions
+        @Argument var name: String
+        @Flag(help: "Read this node's applied state without confirming leadership (may be stale).") var serializable = false
+
+        func run() async throws {
+            let client = try connection.client()
+            try finish(try await client.request(.GET, "/v1/documents/\(percentEncoded(name))?consistency=\(serializable ? "serializable" : "linearizable")"))
+        }
+    }
+
+    struct Delete: AsyncParsableCommand {
+        @OptionGroup var connection: ConnectionOptions
+        @Argument var name: String
+        @Option var expectedVersion: UInt64?
+
+        func run() async throws {
+            let client = try connection.client()
+            var uri = "/v1/documents/\(percentEncoded(name))"
+            if let expectedVersion { uri += "?expected_version=\(expectedVersion)" }
+            try finish(try await client.request(.DELETE, uri))
+        }
+    }
+
+    struct List: AsyncParsableCommand {
+        @OptionGroup var connection: ConnectionOptions
+        @Option var prefix = ""
+        @Option var limit = 100
+
+        func run() async throws {
+            let client = try connection.client()
+            try finish(try await client.request(.GET, "/v1/documents?prefix=\(percentEncoded(prefix))&limit=\(limit)"))
+        }
+    }
+}
+
+struct AuditCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "audit", abstract: "The replicated, hash-chained audit log.",
+                                                    subcommands: [Tail.self, Verify.self])
+
+    struct Tail: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Print the latest audit records, one per line.")
+        @OptionGroup var connection: ConnectionOptions
+        @Option(help: "How many of the latest records.") var count = 20
+
+        func run() async throws {
+            guard (1...1_000).contains(count) else { throw ValidationError("--count must be 1...1000") }
+            let client = try connection.client()
+            let verify = try await client.request(.GET, "/v1/audit/verify")
+            guard verify.status == .ok else { return try finish(verify) }
+            let total = try APIJSON.decode(AuditVerifyBody.self, from: verify.body).records
+            let response = try await client.request(.GET, "/v1/audit?after=\(total > UInt64(count) ? total - UInt64(count) : 0)&limit=\(count)")
+            guard response.status == .ok else { return try finish(response) }
+            for record in try APIJSON.decode(AuditPageBody.self, from: response.body).records {
+                let time = Date(timeIntervalSince1970: Double(record.timeMillis) / 1000).formatted(.iso8601)
+                print("#\(record.sequence) idx=\(record.logIndex) \(time) \(record.actor) \(record.action) \(record.target) -> \(record.result) hash=\(record.hash.prefix(16))")
+            }
+        }
+    }
+
+    struct Verify: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Recompute the chain on every node and compare the heads.")
+        @OptionGroup var connection: ConnectionOptions
+
+        func run() async throws {
+            let client = try connection.client()
+            var results: [(Int, AuditVerifyBody)] = []
+            var failed = false
+            for index in client.endpoints.indices {
+                do {
+                    let response = try await client.request(at: index, .GET, "/v1/audit/verify")
+                    let body = try APIJSON.decode(AuditVerifyBody.self, from: response.body)
+                    results.append((index, body))
+                    print("node \(body.node): \(body.intact ? "intact" : "BROKEN at record \(body.brokenAt ?? 0): \(body.reason ?? "")"), \(body.records) records, head \(body.headHash?.prefix(16) ?? "-")")
+                    if !body.intact { failed = true }
+                } catch {
+                    print("\(client.endpoints[index].hostPort): unreachable (\(error))")
+                }
+            }
+            // Nodes may be at different lengths: compare each at the shortest.
+            if let common = results.map(\.1.records).min(), common > 0 {
+                var hashes: [UInt64: String] = [:]
+                for (index, body) in results where body.intact {
+                    let response = try await client.request(at: index, .GET, "/v1/audit?after=\(common - 1)&limit=1")
+                    hashes[body.node] = try APIJSON.decode(AuditPageBody.self, from: response.body).records.first?.hash
+                }
+                if Set(hashes.values).count == 1 {
+                    print("all \(hashes.count) nodes agree on record \(common): \(hashes.values.first!.prefix(16))")
+                } else {
+                    print("DISAGREEMENT at record \(common): " + hashes.sorted { $0.key < $1.key }.map { "node \($0.key) \($0.value.prefix(16))" }.joined(separator: ", "))
+                    failed = true
+                }
+            }
+            if failed || results.isEmpty { throw ExitCode.failure }
+        }
+    }
+}
+
+struct MemberCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "member", abstract: "Change the cluster's membership.",
+                                                    subcommands: [Add.self, Remove.self])
+
+    struct Add: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Add a node as a learner; the leader promotes it to voter once it has caught up.")
+        @OptionGroup var connection: ConnectionOptions
+        @Option var id: UInt64
+        @Option var peerAddress: String
+        @Option var apiAddress: String
+
+        func run() async throws {
+            let client = try connection.client()
+            let body = APIJSON.encode(AddMemberRequest(id: id, peerAddress: peerAddress, apiAddress: apiAddress))
+            try finish(try await client.request(.POST, "/v1/cluster/members", headers: [("content-type", "application/json")], body: body))
+        }
+    }
+
+    struct Remove: AsyncParsableCommand {
+        @OptionGroup var connection: ConnectionOptions
+        @Argument var id: UInt64
+
+        func run() async throws {
+            let client = try connection.client()
+            try finish(try await client.request(.DELETE, "/v1/cluster/members/\(id)"))
+        }
+    }
+}
+
+struct LeaderCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "leader", abstract: "Leadership.", subcommands: [Transfer.self])
+
+    struct Transfer: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Hand leadership to another voter.")
+        @OptionGroup var connection: ConnectionOptions
+        @Option var to: UInt64
+
+        func run() async throws {
+            let client = try connection.client()
+            try finish(try await client.request(.POST, "/v1/cluster/leader", headers: [("content-type", "application/json")],
+                                                body: APIJSON.encode(TransferRequest(to: to))))
+        }
+    }
+}
