@@ -68,8 +68,18 @@ let package = Package(
         .target(name: "RaftSimulator", dependencies: ["Raft"], swiftSettings: strict),
         // Simulator soak runs, seed replay and the core benchmark.
         .executableTarget(name: "warrant-sim", dependencies: ["Raft", "RaftSimulator"], swiftSettings: strict),
-        // Benchmarks of the parts below the node (storage today).
-        .executableTarget(name: "warrant-bench", dependencies: ["Raft", "Storage"], swiftSettings: strict),
+        // Real node processes on loopback, load generation and acknowledged-
+        // write tracking: shared by the benchmarks and the crash tests.
+        .target(name: "ClusterHarness", dependencies: [
+            "Node",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOSSL", package: "swift-nio-ssl"),
+        ], swiftSettings: strict),
+        // Benchmarks: storage, the running cluster against etcd, failover.
+        .executableTarget(name: "warrant-bench", dependencies: ["Raft", "Storage", "Node", "ClusterHarness",
+                                                                 .product(name: "NIOCore", package: "swift-nio")], swiftSettings: strict),
         .testTarget(name: "RaftTests", dependencies: ["Raft", "RaftSimulator"], swiftSettings: strict),
         .testTarget(name: "RaftSimulatorTests", dependencies: ["Raft", "RaftSimulator"], swiftSettings: strict),
         .testTarget(name: "NodeTests", dependencies: ["Raft", "Ledger", "Storage", "Node", "Transport", .product(name: "GRDB", package: "GRDB.swift"), .product(name: "NIOPosix", package: "swift-nio"), .product(name: "NIOCore", package: "swift-nio")], swiftSettings: strict),

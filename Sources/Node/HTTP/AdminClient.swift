@@ -12,6 +12,18 @@ public final class AdminClient: Sendable {
 
     public init(endpoints: [SocketAddress], caPEM: String, certificatePEM: String, keyPEM: String) throws {
         guard !endpoints.isEmpty else { throw HTTPClientError(description: "no endpoints given") }
+        let tls = try Self.tlsContext(caPEM: caPEM, certificatePEM: certificatePEM, keyPEM: keyPEM)
+        self.endpoints = endpoints
+        pools = endpoints.map { HTTPConnectionPool(address: $0, tls: tls, idleMax: 4) }
+    }
+
+    /// The admin's TLS client context for the cluster in `directory`.
+    public static func tlsContext(clusterDirectory directory: String) throws -> NIOSSLContext {
+        try tlsContext(caPEM: ClusterFiles.read("\(directory)/ca.pem"), certificatePEM: ClusterFiles.read("\(directory)/admin.pem"),
+                       keyPEM: ClusterFiles.read("\(directory)/admin.key"))
+    }
+
+    static func tlsContext(caPEM: String, certificatePEM: String, keyPEM: String) throws -> NIOSSLContext {
         var configuration = TLSConfiguration.makeClientConfiguration()
         configuration.trustRoots = .certificates(try NIOSSLCertificate.fromPEMBytes(Array(caPEM.utf8)))
         configuration.additionalTrustRoots = []
@@ -20,9 +32,7 @@ public final class AdminClient: Sendable {
         // Node certificates name the node (a URI), not a host: the chain to
         // the cluster CA is what is checked.
         configuration.certificateVerification = .noHostnameVerification
-        let tls = try NIOSSLContext(configuration: configuration)
-        self.endpoints = endpoints
-        pools = endpoints.map { HTTPConnectionPool(address: $0, tls: tls, idleMax: 4) }
+        return try NIOSSLContext(configuration: configuration)
     }
 
     /// A client for the cluster whose files `cluster init` wrote to `directory`.
@@ -42,10 +52,11 @@ public final class AdminClient: Sendable {
     /// Sends to the first endpoint that answers with something other than
     /// 503; returns the last answer or error if none does.
     public func request(_ method: HTTPMethod, _ uri: String, headers: [(String, String)] = [], body: [UInt8] = [],
-                        timeout: TimeAmount = .seconds(10)) async throws -> HTTPClientResponse {
+                        timeout: TimeAmount = .seconds(10), startingAt first: Int = 0) async throws -> HTTPClientResponse {
         var lastError: (any Error)?
         var lastResponse: HTTPClientResponse?
-        for index in pools.indices {
+        for offset in pools.indices {
+            let index = (first + offset) % pools.count
             do {
                 let response = try await request(at: index, method, uri, headers: headers, body: body, timeout: timeout)
                 if response.status != .serviceUnavailable { return response }

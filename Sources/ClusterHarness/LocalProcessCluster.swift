@@ -1,0 +1,169 @@
+import Foundation
+import NIOCore
+import NIOHTTP1
+import Node
+import Synchronization
+
+/// A cluster of real `warrant node start` processes on loopback, for the
+/// crash test, the failover benchmark and the load benchmark. Every wait
+/// is bounded; `stopAll()` (or deinit) kills what is left.
+public final class LocalProcessCluster: Sendable {
+    public let directory: String
+    public let binary: String
+    public let nodeIDs: [UInt64]
+    public let client: AdminClient
+    public let apiPorts: [UInt64: Int]
+    private let processes = Mutex<[UInt64: Process]>([:])
+
+    /// Writes a new cluster's files with ports from `basePort` (peer ports
+    /// basePort+N-1, API ports basePort+100+N-1) and starts every node.
+    public init(binary: String, directory: String, nodes: Int = 3, basePort: Int, tickMilliseconds: Int = 10, electionTicks: Int = 20) throws {
+        self.binary = binary
+        self.directory = directory
+        nodeIDs = (1...nodes).map { UInt64($0) }
+        let members = try nodeIDs.map { id in
+            ClusterFiles.Member(id: id, peer: try HostPort(parsing: "127.0.0.1:\(basePort + Int(id) - 1)", at: "peer"),
+                                api: try HostPort(parsing: "127.0.0.1:\(basePort + 100 + Int(id) - 1)", at: "api"))
+        }
+        try ClusterFiles.initialize(directory: directory, clusterID: "bench" + String(UInt32.random(in: 0...UInt32.max), radix: 16),
+                                    members: members, tickIntervalMilliseconds: tickMilliseconds, electionTimeoutTicks: electionTicks)
+        apiPorts = Dictionary(uniqueKeysWithValues: nodeIDs.map { ($0, basePort + 100 + Int($0) - 1) })
+        client = try AdminClient(clusterDirectory: directory)
+        for id in nodeIDs { try start(id) }
+    }
+
+    deinit {
+        for process in processes.withLock({ $0.values }) where process.isRunning { kill(process.processIdentifier, SIGKILL) }
+    }
+
+    /// A free-looking base port: random in 20000..<50000, checked by binding.
+    public static func pickBasePort() -> Int {
+        for _ in 0..<50 {
+            let base = Int.random(in: 200...499) * 100
+            let ports = (0..<8).flatMap { [base + $0, base + 100 + $0] }
+            if ports.allSatisfy(isFree) { return base }
+        }
+        return Int.random(in: 200...499) * 100
+    }
+
+    private static func isFree(_ port: Int) -> Bool {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { return false }
+        defer { Glibc.close(fd) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = in_port_t(UInt16(port).bigEndian)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        return withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0 }
+        }
+    }
+
+    public func start(_ id: UInt64) throws {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: binary)
+        process.arguments = ["node", "start", "--config", "config.yaml"]
+        process.currentDirectoryURL = URL(fileURLWithPath: "\(directory)/node-\(id)")
+        let logPath = "\(directory)/node-\(id)/log"
+        if !FileManager.default.fileExists(atPath: logPath) { _ = FileManager.default.createFile(atPath: logPath, contents: nil) }
+        let log = try FileHandle(forWritingTo: URL(fileURLWithPath: logPath))
+        log.seekToEndOfFile()
+        process.standardOutput = log
+        process.standardError = log
+        process.standardInput = FileHandle.nullDevice
+        try process.run()
+        processes.withLock { $0[id] = process }
+    }
+
+    public func isRunning(_ id: UInt64) -> Bool { processes.withLock { $0[id]?.isRunning ?? false } }
+
+    /// SIGKILL, and waits (bounded) for the process to be gone.
+    public func kill9(_ id: UInt64) {
+        guard let process = processes.withLock({ $0[id] }) else { return }
+        kill(process.processIdentifier, SIGKILL)
+        process.waitUntilExit()
+    }
+
+    /// SIGTERM; returns the exit status, or nil if it did not exit within `seconds`.
+    public func terminate(_ id: UInt64, seconds: Double = 10) async -> Int32? {
+        guard let process = processes.withLock({ $0[id] }) else { return nil }
+        process.terminate()
+        let deadline = Date().addingTimeInterval(seconds)
+        while process.isRunning && Date() < deadline { try? await Task.sleep(for: .milliseconds(20)) }
+        return process.isRunning ? nil : process.terminationStatus
+    }
+
+    public func stopAll() {
+        for id in nodeIDs where isRunning(id) { kill9(id) }
+    }
+
+    public func endpointIndex(of id: UInt64) -> Int { nodeIDs.firstIndex(of: id) ?? 0 }
+
+    /// The node's status, or nil if it does not answer.
+    public func status(of id: UInt64, timeout: TimeAmount = .milliseconds(500)) async -> ClusterStatusBody? {
+        guard let response = try? await client.request(at: endpointIndex(of: id), .GET, "/v1/cluster/status", timeout: timeout),
+              response.status == .ok else { return nil }
+        return try? APIJSON.decode(ClusterStatusBody.self, from: response.body)
+    }
+
+    /// The leader every running node agrees on, waiting at most `seconds`.
+    public func waitForLeader(seconds: Double = 10) async -> UInt64? {
+        let deadline = Date().addingTimeInterval(seconds)
+        while Date() < deadline {
+            for id in nodeIDs where isRunning(id) {
+                if let status = await status(of: id), status.role == "leader" { return id }
+            }
+            try? await Task.sleep(for: .milliseconds(20))
+        }
+        return nil
+    }
+
+    /// Waits until every running node answers /readyz with 200.
+    public func waitUntilReady(seconds: Double = 20) async -> Bool {
+        let deadline = Date().addingTimeInterval(seconds)
+        while Date() < deadline {
+            var all = true
+            for id in nodeIDs where isRunning(id) {
+                let response = try? await client.request(at: endpointIndex(of: id), .GET, "/readyz", timeout: .milliseconds(500))
+                if response?.status != .ok { all = false }
+            }
+            if all { return true }
+            try? await Task.sleep(for: .milliseconds(50))
+        }
+        return false
+    }
+
+    /// Each running node's audit verification.
+    public func auditVerifications() async -> [UInt64: AuditVerifyBody] {
+        var results: [UInt64: AuditVerifyBody] = [:]
+        for id in nodeIDs where isRunning(id) {
+            if let response = try? await client.request(at: endpointIndex(of: id), .GET, "/v1/audit/verify", timeout: .seconds(30)),
+               let body = try? APIJSON.decode(AuditVerifyBody.self, from: response.body) {
+                results[id] = body
+            }
+        }
+        return results
+    }
+
+    /// Whether every running node holds the same audit chain: same length
+    /// once caught up (waits up to `seconds`), intact, same head hash.
+    public func auditChainsAgree(seconds: Double = 20) async -> (Bool, String) {
+        let deadline = Date().addingTimeInterval(seconds)
+        var last = ""
+        while Date() < deadline {
+            let results = await auditVerifications()
+            let running = nodeIDs.filter(isRunning)
+            last = results.sorted { $0.key < $1.key }.map { "node \($0.key): \($0.value.intact ? "intact" : "BROKEN") \($0.value.records) records head \($0.value.headHash?.prefix(16) ?? "-")" }.joined(separator: "; ")
+            if results.count == running.count, results.values.allSatisfy(\.intact), Set(results.values.map(\.headHash)).count == 1 {
+                return (true, last)
+            }
+            try? await Task.sleep(for: .milliseconds(200))
+        }
+        return (false, last)
+    }
+
+    public func close() async {
+        stopAll()
+        await client.closeAll()
+    }
+}
