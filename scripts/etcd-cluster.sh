@@ -42,8 +42,17 @@ as_root() {
 
 # index NAME -> 1 for e1, 2 for e2, ...
 index() { echo "${1#e}"; }
-client_url() { echo "http://$host:$((client_base + $(index "$1")))"; }
-peer_url() { echo "http://$host:$((peer_base + $(index "$1")))"; }
+# With ETCD_TLS_DIR (holding ca.pem, server.pem, server.key, client.pem,
+# client.key), clients and peers use mutual TLS, as Warrant's nodes do.
+tls_dir=${ETCD_TLS_DIR:-}
+scheme=http
+[ -n "$tls_dir" ] && scheme=https
+client_url() { echo "$scheme://$host:$((client_base + $(index "$1")))"; }
+peer_url() { echo "$scheme://$host:$((peer_base + $(index "$1")))"; }
+curl_tls=()
+if [ -n "$tls_dir" ]; then
+  curl_tls=(--cacert "$tls_dir/ca.pem" --cert "$tls_dir/client.pem" --key "$tls_dir/client.key")
+fi
 
 # The pid in DIR/NAME.pid if that process is alive and is etcd, else nothing.
 live_pid() {
@@ -143,7 +152,7 @@ stop_members() {
 healthy() {
   local name body
   for name in "${members[@]}"; do
-    body=$(curl -s --max-time 2 "$(client_url "$name")/health" 2>/dev/null) || return 1
+    body=$(curl -s --max-time 2 "${curl_tls[@]}" "$(client_url "$name")/health" 2>/dev/null) || return 1
     [[ "$body" =~ \"health\":[[:space:]]*\"?true ]] || return 1
   done
 }
@@ -180,6 +189,11 @@ up() {
   fi
   if "$etcd" --help 2>&1 | grep -q -- '--log-level'; then
     extra+=(--log-level warn)
+  fi
+  if [ -n "$tls_dir" ]; then
+    extra+=(--cert-file "$tls_dir/server.pem" --key-file "$tls_dir/server.key" --trusted-ca-file "$tls_dir/ca.pem" --client-cert-auth
+            --peer-cert-file "$tls_dir/server.pem" --peer-key-file "$tls_dir/server.key" --peer-trusted-ca-file "$tls_dir/ca.pem"
+            --peer-client-cert-auth)
   fi
 
   for name in "${members[@]}"; do

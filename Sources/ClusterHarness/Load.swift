@@ -37,8 +37,12 @@ extension Duration {
 /// certificate) or etcd's v3 JSON gateway (plain HTTP), the same value
 /// size and concurrency either way.
 public enum LoadTarget: Sendable {
-    case warrant(clusterDirectory: String)
-    case etcd(endpoints: [SocketAddress])
+    /// `leaderOnly`: every client talks to the leader (found through the
+    /// status endpoint), as a leader-aware client would; otherwise clients
+    /// are spread over all nodes and followers forward.
+    case warrant(clusterDirectory: String, leaderOnly: Bool)
+    /// With `tls`, etcd is reached over mutual TLS (its client-cert-auth).
+    case etcd(endpoints: [SocketAddress], tls: NIOSSLContext?)
 }
 
 public enum LoadGenerator {
@@ -48,7 +52,7 @@ public enum LoadGenerator {
     public static func run(_ target: LoadTarget, clients: Int, seconds: Double, warmup: Double = 1, valueBytes: Int = 256,
                            keys: Int = 10_000) async throws -> LoadReport {
         precondition(clients > 0 && seconds > 0 && valueBytes >= 16)
-        let writer = try Writer(target)
+        let writer = try await Writer(target)
         let start = ContinuousClock.now
         let measureFrom = start.advanced(by: .milliseconds(Int(warmup * 1000)))
         let end = measureFrom.advanced(by: .milliseconds(Int(seconds * 1000)))
@@ -99,16 +103,27 @@ public enum LoadGenerator {
         let tls: NIOSSLContext?
         let isEtcd: Bool
 
-        init(_ target: LoadTarget) throws {
+        init(_ target: LoadTarget) async throws {
             switch target {
-            case .warrant(let directory):
+            case .warrant(let directory, let leaderOnly):
                 let client = try AdminClient(clusterDirectory: directory)
-                endpoints = client.endpoints
+                if leaderOnly {
+                    let response = try await client.request(.GET, "/v1/cluster/status")
+                    let leader = try APIJSON.decode(ClusterStatusBody.self, from: response.body).leader
+                    let listing = try ClusterListing(directory: directory)
+                    guard let index = listing.members.firstIndex(where: { $0.id == leader }) else {
+                        throw HarnessFailure(description: "no leader known to aim the load at")
+                    }
+                    endpoints = [client.endpoints[index]]
+                } else {
+                    endpoints = client.endpoints
+                }
+                await client.closeAll()
                 tls = try AdminClient.tlsContext(clusterDirectory: directory)
                 isEtcd = false
-            case .etcd(let endpoints):
+            case .etcd(let endpoints, let tls):
                 self.endpoints = endpoints
-                tls = nil
+                self.tls = tls
                 isEtcd = true
             }
         }

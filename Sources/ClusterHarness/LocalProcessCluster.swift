@@ -14,11 +14,15 @@ public final class LocalProcessCluster: Sendable {
     public let client: AdminClient
     public let apiPorts: [UInt64: Int]
     private let processes = Mutex<[UInt64: Process]>([:])
+    /// Added to each node process's environment.
+    public let environment: [String: String]
 
     /// Writes a new cluster's files with ports from `basePort` (peer ports
     /// basePort+N-1, API ports basePort+100+N-1) and starts every node.
-    public init(binary: String, directory: String, nodes: Int = 3, basePort: Int, tickMilliseconds: Int = 10, electionTicks: Int = 20) throws {
+    public init(binary: String, directory: String, nodes: Int = 3, basePort: Int, tickMilliseconds: Int = 10, electionTicks: Int = 20,
+                environment: [String: String] = [:]) throws {
         self.binary = binary
+        self.environment = environment
         self.directory = directory
         nodeIDs = (1...nodes).map { UInt64($0) }
         let members = try nodeIDs.map { id in
@@ -71,6 +75,7 @@ public final class LocalProcessCluster: Sendable {
         process.standardOutput = log
         process.standardError = log
         process.standardInput = FileHandle.nullDevice
+        if !environment.isEmpty { process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 } }
         try process.run()
         processes.withLock { $0[id] = process }
     }

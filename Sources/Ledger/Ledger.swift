@@ -44,6 +44,12 @@ public struct LedgerOutcome: Sendable, Hashable {
     public var logIndex: LogIndex
     public var requestID: String
     public var result: Result
+
+    public init(logIndex: LogIndex, requestID: String, result: Result) {
+        self.logIndex = logIndex
+        self.requestID = requestID
+        self.result = result
+    }
 }
 
 /// The replicated state machine. `apply` is deterministic: it reads no

@@ -117,7 +117,7 @@ public enum ClusterFiles {
     /// be empty): a CA, a KEK, an admin certificate, and one configuration,
     /// certificate and sealed key per member.
     public static func initialize(directory: String, clusterID: String, members: [Member], tickIntervalMilliseconds: Int = 10,
-                                  electionTimeoutTicks: Int = 20) throws {
+                                  electionTimeoutTicks: Int = 20, snapshotEveryEntries: Int? = nil) throws {
         let fm = FileManager.default
         if let existing = try? fm.contentsOfDirectory(atPath: directory), !existing.isEmpty {
             throw FileProblem(path: directory, problem: "already exists and is not empty; refusing to overwrite a cluster")
@@ -138,14 +138,15 @@ public enum ClusterFiles {
         try write(listing, to: "\(directory)/cluster.yaml")
         for member in members {
             try writeNode(member, peers: members.filter { $0.id != member.id }, ca: ca, kek: kek, directory: directory, joining: false,
-                          tickIntervalMilliseconds: tickIntervalMilliseconds, electionTimeoutTicks: electionTimeoutTicks)
+                          tickIntervalMilliseconds: tickIntervalMilliseconds, electionTimeoutTicks: electionTimeoutTicks,
+                          snapshotEveryEntries: snapshotEveryEntries)
         }
     }
 
     /// Writes the files of a node that will join the running cluster in
     /// `directory` (made by `initialize`).
     public static func addNode(directory: String, member: Member, peers: [Member], tickIntervalMilliseconds: Int = 10,
-                               electionTimeoutTicks: Int = 20) throws {
+                               electionTimeoutTicks: Int = 20, snapshotEveryEntries: Int? = nil) throws {
         let listing = try ClusterListing(directory: directory)
         let kek = try KeyEncryptionKey.load(path: "\(directory)/kek")
         let caKey = try SealedKey.open(read("\(directory)/ca.key.sealed"), purpose: "warrant ca key", with: kek, path: "\(directory)/ca.key.sealed")
@@ -155,11 +156,12 @@ public enum ClusterFiles {
             throw FileProblem(path: "\(directory)/node-\(member.id)", problem: "already exists; node ids are never reused")
         }
         try writeNode(member, peers: peers, ca: ca, kek: kek, directory: directory, joining: true,
-                      tickIntervalMilliseconds: tickIntervalMilliseconds, electionTimeoutTicks: electionTimeoutTicks)
+                      tickIntervalMilliseconds: tickIntervalMilliseconds, electionTimeoutTicks: electionTimeoutTicks,
+                      snapshotEveryEntries: snapshotEveryEntries)
     }
 
     private static func writeNode(_ member: Member, peers: [Member], ca: ClusterCA, kek: SymmetricKey, directory: String, joining: Bool,
-                                  tickIntervalMilliseconds: Int, electionTimeoutTicks: Int) throws {
+                                  tickIntervalMilliseconds: Int, electionTimeoutTicks: Int, snapshotEveryEntries: Int?) throws {
         let nodeDirectory = "\(directory)/node-\(member.id)"
         try FileManager.default.createDirectory(atPath: nodeDirectory, withIntermediateDirectories: true)
         let identity = try ca.issueNodeIdentity(member.id, hosts: Array(Set([member.api.host, member.peer.host])).sorted())
@@ -174,7 +176,7 @@ public enum ClusterFiles {
                 peer: "\(member.peer)"
                 api: "\(member.api)"
               join: \(joining)
-            peers:
+            peers:\(peers.isEmpty ? " []" : "")
 
             """
         for peer in peers {
@@ -191,6 +193,7 @@ public enum ClusterFiles {
               election_timeout_ticks: \(electionTimeoutTicks)
 
             """
+        if let snapshotEveryEntries { config += "  snapshot_every_entries: \(snapshotEveryEntries)\n" }
         try write(config, to: "\(nodeDirectory)/config.yaml")
     }
 

@@ -63,6 +63,7 @@ public final class NodeMetrics: Sendable {
     public let messagesReceived = Counter("warrant_raft_messages_received_total", "Raft messages received from peers.")
     public let snapshotsTaken = Counter("warrant_raft_snapshots_taken_total", "Ledger snapshots taken (log compactions).")
     public let snapshotsInstalled = Counter("warrant_raft_snapshots_installed_total", "Snapshots received from a leader and installed.")
+    public let compactionFailures = Counter("warrant_raft_compaction_failures_total", "Log compactions abandoned (the log stays longer).")
     public let forwardedWrites = Counter("warrant_api_forwarded_writes_total", "Writes this node forwarded to the leader.")
     public let storageWriteSeconds = Histogram("warrant_storage_write_seconds", "One Ready's transaction (persist and apply, one fsync).")
     public let commitSeconds = Histogram("warrant_raft_commit_seconds", "From proposal to applied outcome, on the leader.")
@@ -85,7 +86,7 @@ public final class NodeMetrics: Sendable {
         gauge("warrant_raft_applied_index", "Highest log index applied to the ledger.", status.appliedIndex)
         gauge("warrant_raft_last_index", "Last index in this node's log.", status.lastIndex)
         gauge("warrant_raft_snapshot_index", "Index of the latest snapshot.", status.snapshotIndex)
-        for counter in [proposals, messagesSent, messagesReceived, snapshotsTaken, snapshotsInstalled, forwardedWrites] {
+        for counter in [proposals, messagesSent, messagesReceived, snapshotsTaken, snapshotsInstalled, compactionFailures, forwardedWrites] {
             text += "# HELP \(counter.name) \(counter.help)\n# TYPE \(counter.name) counter\n\(counter.name) \(counter.current)\n"
         }
         storageWriteSeconds.render(into: &text)

@@ -69,12 +69,15 @@ public struct NodeConfig: Sendable, Hashable {
     public var tickIntervalMilliseconds: Int
     public var electionTimeoutTicks: Int
     public var heartbeatIntervalTicks: Int
+    /// The log is compacted behind a ledger snapshot this often (entries).
+    public var snapshotEveryEntries: Int
 
     /// Limits checked at load time.
     public static let peersMax = 8
     public static let tickIntervalMilliseconds = 1...1_000
     public static let electionTimeoutTicks = 2...1_000
     public static let fileBytesMax = 64 << 10
+    public static let snapshotEveryEntries = 100...10_000_000
 
     public init(yaml text: String) throws(NodeConfigError) {
         guard text.utf8.count <= Self.fileBytesMax else {
@@ -120,7 +123,8 @@ public struct NodeConfig: Sendable, Hashable {
         tlsKeyFile = try tls.string("key")
         keyEncryptionKeyFile = try top.string("key_encryption_key_file")
 
-        let raft = try top.section("raft", keys: ["tick_interval_ms", "election_timeout_ticks", "heartbeat_interval_ticks"], optional: true)
+        let raft = try top.section("raft", keys: ["tick_interval_ms", "election_timeout_ticks", "heartbeat_interval_ticks", "snapshot_every_entries"], optional: true)
+        snapshotEveryEntries = try raft.integer("snapshot_every_entries", in: Self.snapshotEveryEntries, default: 50_000)
         tickIntervalMilliseconds = try raft.integer("tick_interval_ms", in: Self.tickIntervalMilliseconds, default: 10)
         electionTimeoutTicks = try raft.integer("election_timeout_ticks", in: Self.electionTimeoutTicks, default: 10)
         heartbeatIntervalTicks = try raft.integer("heartbeat_interval_ticks", in: 1...Self.electionTimeoutTicks.upperBound, default: 1)

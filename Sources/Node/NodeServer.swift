@@ -92,7 +92,8 @@ public final class NodeServer: Sendable {
         let log = self.log
         driver = try RaftDriver(
             configuration: configuration, store: store, sender: transport,
-            requestTimeoutTicks: max(1, 5_000 / config.tickIntervalMilliseconds), loop: driverGroup.next(), metrics: metrics,
+            requestTimeoutTicks: max(1, 5_000 / config.tickIntervalMilliseconds),
+            compactEveryEntries: LogIndex(config.snapshotEveryEntries), loop: driverGroup.next(), metrics: metrics,
             onApplied: { entries in
                 for entry in entries {
                     if let (id, addresses) = MemberDirectory.addresses(in: entry) {
@@ -113,15 +114,21 @@ public final class NodeServer: Sendable {
     /// Serves until SIGTERM or SIGINT (or `stop()`), then shuts down
     /// gracefully: no new requests, in-flight writes get `drainTimeout`
     /// to finish, leadership is handed over, then everything closes.
-    public func run() async throws {
+    public func run(handleSignals: Bool = true) async throws {
         let peerAddress = try SocketAddress.makeAddressResolvingHost(config.peerListen.host, port: config.peerListen.port)
         let apiAddress = try SocketAddress.makeAddressResolvingHost(config.apiListen.host, port: config.apiListen.port)
-        Self.watchSignals(stopRequests.continuation)
+        if handleSignals { Self.watchSignals(stopRequests.continuation) }
         let transport = self.transport, driver = self.driver
-        let transportTask = Task { try await transport.run(listeningOn: peerAddress) { message in await driver.receive(message) } }
+        let transportTask = Task { try await transport.run(listeningOn: peerAddress) { message in driver.enqueue(message) } }
         let boundAPI = try await http.start(at: apiAddress)
         log.info("node started", ["cluster": identity.clusterID, "peer": "\(config.peerListen)", "api": boundAPI.hostPort,
                                   "term": "\(await driver.status.term)", "applied": "\(await driver.status.appliedIndex)"])
+        #if DEBUG
+        if ProcessInfo.processInfo.environment["WARRANT_PLANTED_BUG"] == "acknowledge-before-commit" {
+            log.warning("PLANTED BUG: writes are acknowledged before they commit (test builds only)")
+            await driver.plantAcknowledgeBeforeCommit()
+        }
+        #endif
         let tickerTask = Task { await self.tickUntilStopped() }
         for await signal in stopRequests.stream {
             log.info("shutting down", ["signal": signal])

@@ -1,8 +1,10 @@
+import Foundation
 import Ledger
 import NIOCore
 import NIOPosix
 import Raft
 import Storage
+import Synchronization
 
 /// Hands messages to the transport. Synchronous on purpose: the driver
 /// calls it between `ready()` and `advance()`, where no other call may
@@ -56,6 +58,14 @@ public actor RaftDriver {
     /// (the node watches membership and member addresses this way).
     private let onApplied: (@Sendable ([Entry]) -> Void)?
     private var flushScheduled = false
+    /// A deliberate bug for showing that the crash harness catches lost
+    /// acknowledged writes: writes are answered as soon as the leader
+    /// appends them in memory; they are persisted, sent and committed at
+    /// the next tick.
+    /// Only debug builds let a node turn it on (WARRANT_PLANTED_BUG).
+    private var acknowledgeBeforeCommit = false
+
+    package func plantAcknowledgeBeforeCommit() { acknowledgeBeforeCommit = true }
     private var raft: RaftNode
     private let store: RaftStore
     private let sender: any MessageSender
@@ -113,7 +123,7 @@ public actor RaftDriver {
     }
 
     /// Writes and reads waiting for an answer.
-    public var pendingRequestCount: Int { pendingWrites.count + pendingReads.count }
+    public var pendingRequestCount: Int { pendingWrites.count + pendingReads.count + queuedProposals.count + forwardedWrites.count }
 
     // MARK: - Input
 
@@ -122,8 +132,45 @@ public actor RaftDriver {
     public func receive(_ message: Message) {
         guard !stopped else { return }
         metrics.messagesReceived.add(1)
-        raft.step(message)
+        raft.step(restamp(message))
         scheduleFlush()
+    }
+
+    private struct Inbox {
+        var messages: [Message] = []
+        var scheduled = false
+    }
+    private nonisolated let inbox = Mutex(Inbox())
+    /// Messages beyond this many waiting are dropped (Raft resends).
+    public static let inboxMessagesMax = 16_384
+
+    /// Queues a peer's message without waiting: messages arriving together
+    /// are stepped together, in one hop to the driver's thread, and share
+    /// one flush.
+    public nonisolated func enqueue(_ message: Message) {
+        let schedule = inbox.withLock { inbox in
+            guard inbox.messages.count < Self.inboxMessagesMax else { return false }
+            inbox.messages.append(message)
+            guard !inbox.scheduled else { return false }
+            inbox.scheduled = true
+            return true
+        }
+        guard schedule else { return }
+        loop.execute { self.assumeIsolated { $0.drainInbox() } }
+    }
+
+    private func drainInbox() {
+        let messages = inbox.withLock { inbox in
+            defer {
+                inbox.messages.removeAll(keepingCapacity: true)
+                inbox.scheduled = false
+            }
+            return inbox.messages
+        }
+        guard !stopped else { return }
+        metrics.messagesReceived.add(messages.count)
+        for message in messages { raft.step(restamp(message)) }
+        try? processReadies() // a failure stops the node and fails every caller
     }
 
     public func tick() throws {
@@ -144,13 +191,124 @@ public actor RaftDriver {
     /// outcome once it is committed and applied here: no outcome before the
     /// audit record is durable.
     public func propose(_ command: LedgerCommand) async throws -> LedgerOutcome {
+        try await write(command).outcome
+    }
+
+    /// Proposes a ledger command from any node: the leader appends it; a
+    /// follower sends it to the leader over the Raft links (batched with
+    /// whatever else goes there) and answers when it applies the entry
+    /// carrying the command's request id. Returns the outcome and the
+    /// node that led.
+    public func write(_ command: LedgerCommand) async throws -> (outcome: LedgerOutcome, leader: NodeID) {
         guard !stopped else { throw DriverError.stopped }
         if let reason = command.invalidReason { throw DriverError.invalidCommand(reason) }
+        if raft.role != .leader {
+            return try await forward(command)
+        }
         metrics.proposals.add(1)
-        guard let outcome = try await appendAndWait({ (raft: inout RaftNode) throws(RaftError) in try raft.propose(command.encoded) }) else {
+        let bytes = command.encoded
+        if acknowledgeBeforeCommit {
+            // The planted bug: answered now; persisted and sent at the next tick.
+            guard case .appended(_, let index, _) = try? raft.propose(bytes) else { throw DriverError.notLeader(leaderHint: raft.leaderID) }
+            return (LedgerOutcome(logIndex: index, requestID: command.requestID, result: .written(version: 1)), id)
+        }
+        guard let outcome = try await withCheckedThrowingContinuation({ continuation in
+            queuedProposals.append(QueuedProposal(bytes: bytes, startedAt: .now, continuation: continuation))
+            scheduleFlush()
+        }) else {
             throw DriverError.lostLeadership
         }
-        return outcome
+        return (outcome, id)
+    }
+
+    private struct ForwardedWrite {
+        var term: Term
+        var deadlineTick: Int
+        var continuation: CheckedContinuation<(outcome: LedgerOutcome, leader: NodeID), any Error>
+    }
+    /// Writes this follower sent to the leader, by request id.
+    private var forwardedWrites: [String: ForwardedWrite] = [:]
+    public static let forwardedWritesMax = 10_000
+
+    private func forward(_ command: LedgerCommand) async throws -> (outcome: LedgerOutcome, leader: NodeID) {
+        guard raft.leaderID != noNode else { throw DriverError.notLeader(leaderHint: noNode) }
+        guard !command.requestID.isEmpty, forwardedWrites[command.requestID] == nil else {
+            throw DriverError.invalidCommand("request id '\(command.requestID)' is empty or already in flight on this node")
+        }
+        guard forwardedWrites.count < Self.forwardedWritesMax else {
+            throw DriverError.raft(.uncommittedLimitReached(limitBytes: 0))
+        }
+        do {
+            _ = try raft.propose(command.encoded)
+        } catch {
+            throw DriverError.raft(error)
+        }
+        metrics.forwardedWrites.add(1)
+        let term = raft.term
+        return try await withCheckedThrowingContinuation { continuation in
+            forwardedWrites[command.requestID] = ForwardedWrite(term: term, deadlineTick: ticks + requestTimeoutTicks, continuation: continuation)
+            scheduleFlush()
+        }
+    }
+
+    /// Answers forwarded writes that just applied; gives up on those sent
+    /// in an earlier term (the old leader may or may not have kept them).
+    private func settleForwarded(_ outcomes: [LedgerOutcome]) {
+        guard !forwardedWrites.isEmpty else { return }
+        for outcome in outcomes where !outcome.requestID.isEmpty {
+            forwardedWrites.removeValue(forKey: outcome.requestID)?.continuation.resume(returning: (outcome, raft.leaderID))
+        }
+        for (requestID, write) in forwardedWrites where write.term < raft.term {
+            forwardedWrites.removeValue(forKey: requestID)
+            write.continuation.resume(throwing: DriverError.outcomeUnknown)
+        }
+    }
+
+    /// Forwarded commands get the leader's time, as the leader's own do.
+    private func restamp(_ message: Message) -> Message {
+        guard raft.role == .leader, case .forwardedProposal(let payloads) = message.body else { return message }
+        let now = UInt64(Date().timeIntervalSince1970 * 1000)
+        var restamped = message
+        restamped.body = .forwardedProposal(payloads.map { payload in
+            guard case .command(let bytes) = payload, var command = try? LedgerCommand(decoding: bytes) else { return payload }
+            command.timeMillis = now
+            return .command(command.encoded)
+        })
+        return restamped
+    }
+
+    private struct QueuedProposal {
+        var bytes: [UInt8]
+        var startedAt: ContinuousClock.Instant
+        var continuation: CheckedContinuation<LedgerOutcome?, any Error>
+    }
+    /// Commands waiting for the next flush, proposed to the core together
+    /// (one append, one AppendEntries per follower).
+    private var queuedProposals: [QueuedProposal] = []
+
+    private func proposeQueued() {
+        guard !queuedProposals.isEmpty else { return }
+        let queued = queuedProposals
+        queuedProposals.removeAll(keepingCapacity: true)
+        let receipt: ProposalReceipt
+        do {
+            guard raft.role == .leader else { throw DriverError.notLeader(leaderHint: raft.leaderID) }
+            do {
+                receipt = try raft.propose(batch: queued.map(\.bytes))
+            } catch {
+                throw DriverError.raft(error)
+            }
+            guard case .appended = receipt else { throw DriverError.notLeader(leaderHint: raft.leaderID) }
+        } catch {
+            for proposal in queued { proposal.continuation.resume(throwing: error) }
+            return
+        }
+        guard case .appended(let term, let first, _) = receipt else { return }
+        for (offset, proposal) in queued.enumerated() {
+            let index = first + LogIndex(offset)
+            pendingWrites[index] = PendingWrite(term: term, deadlineTick: ticks + requestTimeoutTicks, startedAt: proposal.startedAt,
+                                                continuation: proposal.continuation)
+        }
     }
 
     /// Proposes a single-server membership change and returns once it is
@@ -247,6 +405,7 @@ public actor RaftDriver {
     }
 
     private func runLoop() throws {
+        proposeQueued()
         var rounds = 0
         while raft.hasReady {
             rounds += 1
@@ -272,6 +431,7 @@ public actor RaftDriver {
                 }
             }
             for entry in ready.committedEntries { settleWrite(at: entry, outcomes: outcomes) }
+            settleForwarded(outcomes)
             if let last = ready.committedEntries.last { appliedIndex = last.index }
             if !ready.committedEntries.isEmpty { onApplied?(ready.committedEntries) }
             for state in ready.readStates { pendingReads[state.requestID]?.index = state.index }
@@ -284,20 +444,38 @@ public actor RaftDriver {
         }
     }
 
-    /// Takes a ledger snapshot at the applied index and drops the log
-    /// behind it, in the store and in the core.
+    /// Every `compactEveryEntries` applied entries, pins the ledger's state
+    /// and encodes it off this thread; `finishCompaction` then drops the
+    /// log behind it, in the core and the store. The node keeps serving
+    /// while the snapshot is encoded.
+    private var compactionInProgress = false
+
     private func compactIfDue() throws {
-        guard appliedIndex >= raft.snapshotIndex + compactEveryEntries else { return }
-        let (index, data) = try store.takeLedgerSnapshot()
-        precondition(index == appliedIndex, "the ledger's applied index \(index) differs from the driver's \(appliedIndex)")
-        let metadata: SnapshotMetadata
-        do {
-            metadata = try raft.compactLog(through: index, snapshotData: data)
-        } catch {
-            throw DriverError.raft(error)
+        guard !compactionInProgress, appliedIndex >= raft.snapshotIndex + compactEveryEntries else { return }
+        let capture = try store.beginLedgerSnapshot()
+        compactionInProgress = true
+        let index = appliedIndex
+        Task.detached { [self] in
+            let result = Result { try capture.take() }
+            await self.finishCompaction(expected: index, result)
         }
-        try store.compact(through: metadata, data: data)
-        metrics.snapshotsTaken.add(1)
+    }
+
+    private func finishCompaction(expected: LogIndex, _ result: Result<(index: LogIndex, data: [UInt8]), any Error>) {
+        compactionInProgress = false
+        guard !stopped else { return }
+        do {
+            let (index, data) = try result.get()
+            precondition(index == expected, "the pinned ledger is at \(index), not the applied index \(expected) it was pinned at")
+            // A snapshot from the leader may have replaced the log meanwhile.
+            guard index > raft.snapshotIndex, index <= appliedIndex else { return }
+            let metadata = try raft.compactLog(through: index, snapshotData: data)
+            try store.compact(through: metadata, data: data)
+            metrics.snapshotsTaken.add(1)
+        } catch {
+            // Compaction is an optimisation: the log simply stays longer.
+            metrics.compactionFailures.add(1)
+        }
     }
 
     private func settleWrite(at entry: Entry, outcomes: [LedgerOutcome]) {
@@ -323,6 +501,10 @@ public actor RaftDriver {
     }
 
     private func expireRequests() {
+        for (requestID, write) in forwardedWrites where write.deadlineTick <= ticks {
+            forwardedWrites.removeValue(forKey: requestID)
+            write.continuation.resume(throwing: DriverError.timedOut(ticks: requestTimeoutTicks))
+        }
         for (index, write) in pendingWrites where write.deadlineTick <= ticks {
             pendingWrites.removeValue(forKey: index)
             write.continuation.resume(throwing: DriverError.timedOut(ticks: requestTimeoutTicks))
@@ -334,6 +516,10 @@ public actor RaftDriver {
     }
 
     private func failAll(_ error: any Error) {
+        for (_, write) in forwardedWrites { write.continuation.resume(throwing: error) }
+        forwardedWrites.removeAll()
+        for proposal in queuedProposals { proposal.continuation.resume(throwing: error) }
+        queuedProposals.removeAll()
         for (_, write) in pendingWrites { write.continuation.resume(throwing: error) }
         pendingWrites.removeAll()
         for (_, read) in pendingReads { read.continuation.resume(throwing: error) }

@@ -61,6 +61,10 @@ public struct RaftNode: Sendable {
 
     // Output and the Ready handshake.
     private var outbox: [Message] = []
+    /// New entries or a new commit index to send to every follower at the
+    /// next `ready()`: proposals and acknowledgements arriving together
+    /// share one AppendEntries per follower.
+    private var broadcastPending = false
     private var persistedHardState: HardState
     private var pendingReady: (lastEntry: (index: LogIndex, term: Term)?, appliedThrough: LogIndex?, hardState: HardState?)?
 
@@ -531,7 +535,7 @@ public struct RaftNode: Sendable {
             progress[peer]!.inflight.free(through: response.index)
         }
         if maybeCommit() {
-            broadcastAppend()
+            broadcastPending = true // once per Ready, however many answers advanced it
         } else {
             sendAppends(to: peer)
         }
@@ -753,7 +757,9 @@ public struct RaftNode: Sendable {
         }
         log.append(newEntries)
         uncommittedBytes += bytes
-        broadcastAppend()
+        // Sent when the driver next takes a Ready: every proposal made
+        // until then travels in the same AppendEntries.
+        broadcastPending = true
         return .appended(term: term, firstIndex: first, lastIndex: log.lastIndex)
     }
 
@@ -940,6 +946,7 @@ public struct RaftNode: Sendable {
 
     /// True when `ready()` would return something to do.
     public var hasReady: Bool {
+        if broadcastPending && role == .leader { return true }
         if !outbox.isEmpty || !readStates.isEmpty || !abandonedReads.isEmpty { return true }
         if hardState != persistedHardState || log.pendingSnapshot != nil || log.stableIndex < log.lastIndex { return true }
         if log.commitIndex > log.appliedIndex { return true }
@@ -950,6 +957,8 @@ public struct RaftNode: Sendable {
     /// What to persist, send and apply now; see `Ready` for the order.
     public mutating func ready() -> Ready {
         precondition(pendingReady == nil, "ready() called twice without advance()")
+        if broadcastPending && role == .leader { broadcastAppend() }
+        broadcastPending = false
         startReadRoundIfNeeded()
         let current = hardState
         let changedHardState = current != persistedHardState ? current : nil
@@ -986,7 +995,7 @@ public struct RaftNode: Sendable {
         }
         if let applied = done.appliedThrough { log.markApplied(through: applied) }
         if role == .leader && maybeCommit() {
-            broadcastAppend()
+            broadcastPending = true
         }
     }
 }

@@ -51,7 +51,7 @@ enum LedgerSnapshot {
             guard applied == index else { throw damaged("it was taken at \(applied), not \(index)") }
             try db.execute(sql: "DELETE FROM ledger_document")
             try db.execute(sql: "DELETE FROM ledger_audit")
-            let tables = SQLiteLedgerTables(db: db)
+            var tables = SQLiteLedgerTables(db: db)
             let documentCount = Int(try r.readUInt32("document count"))
             guard documentCount <= r.remaining else { throw damaged("impossible document count") }
             for _ in 0..<documentCount {
@@ -83,6 +83,7 @@ enum LedgerSnapshot {
             }
             try r.expectEnd()
             try tables.setAppliedIndex(index)
+            try tables.finish()
         } catch let error as CodecError {
             throw damaged("\(error)")
         }
@@ -99,5 +100,27 @@ extension RaftStore {
     /// A consistent copy of the ledger at its applied index.
     public func takeLedgerSnapshot() throws -> (index: LogIndex, data: [UInt8]) {
         try read { db in try LedgerSnapshot.take(db) }
+    }
+}
+
+/// A ledger snapshot being taken away from the writer: the read view is
+/// pinned when this is made (so it holds exactly what was applied then),
+/// and `take()` may run on any thread while the node keeps writing.
+public final class LedgerSnapshotCapture: Sendable {
+    private let snapshot: DatabaseSnapshot
+
+    init(_ snapshot: DatabaseSnapshot) {
+        self.snapshot = snapshot
+    }
+
+    public func take() throws -> (index: LogIndex, data: [UInt8]) {
+        try snapshot.read { db in try LedgerSnapshot.take(db) }
+    }
+}
+
+extension RaftStore {
+    /// Pins the current committed state for a snapshot taken later.
+    public func beginLedgerSnapshot() throws -> LedgerSnapshotCapture {
+        LedgerSnapshotCapture(try makeSnapshot())
     }
 }

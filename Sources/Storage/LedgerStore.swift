@@ -3,14 +3,23 @@ import GRDB
 import Ledger
 import Raft
 
-/// The ledger's tables inside one SQLite transaction.
+/// The ledger's tables inside one SQLite transaction. Statements are
+/// prepared once per connection (cached); the audit head and the applied
+/// index are read once and kept here while a batch applies, and the
+/// applied index is written once at the end (`finish()`).
 struct SQLiteLedgerTables: LedgerTables {
     let db: Database
+    private var head: (sequence: UInt64, hash: [UInt8])?
+    private var applied: LogIndex?
+    private var appliedChanged = false
+
+    init(db: Database) {
+        self.db = db
+    }
 
     func document(named name: String) throws -> Document? {
-        guard let row = try Row.fetchOne(db, sql: "SELECT format, content, version, log_index FROM ledger_document WHERE name = ?", arguments: [name]) else {
-            return nil
-        }
+        let statement = try db.cachedStatement(sql: "SELECT format, content, version, log_index FROM ledger_document WHERE name = ?")
+        guard let row = try Row.fetchOne(statement, arguments: [name]) else { return nil }
         let rawFormat = UInt8(truncatingIfNeeded: row["format"] as Int64)
         guard let format = DocumentFormat(rawValue: rawFormat) else {
             throw StorageError(code: .corruptState, reason: "document '\(name)' has unknown format \(rawFormat)")
@@ -20,38 +29,48 @@ struct SQLiteLedgerTables: LedgerTables {
     }
 
     func put(_ document: Document) throws {
-        try db.execute(sql: """
+        try db.cachedStatement(sql: """
             INSERT INTO ledger_document (name, format, content, version, log_index) VALUES (?, ?, ?, ?, ?)
             ON CONFLICT(name) DO UPDATE SET format = excluded.format, content = excluded.content,
                 version = excluded.version, log_index = excluded.log_index
-            """, arguments: [document.name, Int64(document.format.rawValue), Data(document.content), Int64(document.version), Int64(document.logIndex)])
+            """).execute(arguments: [document.name, Int64(document.format.rawValue), Data(document.content), Int64(document.version), Int64(document.logIndex)])
     }
 
     func deleteDocument(named name: String) throws {
-        try db.execute(sql: "DELETE FROM ledger_document WHERE name = ?", arguments: [name])
+        try db.cachedStatement(sql: "DELETE FROM ledger_document WHERE name = ?").execute(arguments: [name])
     }
 
     func auditHead() throws -> (sequence: UInt64, hash: [UInt8]) {
-        guard let row = try Row.fetchOne(db, sql: "SELECT sequence, hash FROM ledger_audit ORDER BY sequence DESC LIMIT 1") else {
-            return (0, AuditRecord.genesisHash)
-        }
+        if let head { return head }
+        let statement = try db.cachedStatement(sql: "SELECT sequence, hash FROM ledger_audit ORDER BY sequence DESC LIMIT 1")
+        guard let row = try Row.fetchOne(statement) else { return (0, AuditRecord.genesisHash) }
         return (UInt64(row["sequence"] as Int64), [UInt8](row["hash"] as Data))
     }
 
-    func append(_ record: AuditRecord) throws {
-        try db.execute(sql: """
+    mutating func append(_ record: AuditRecord) throws {
+        try db.cachedStatement(sql: """
             INSERT INTO ledger_audit (sequence, log_index, time_millis, actor, action, target, result, previous_hash, hash)
             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
-            """, arguments: [Int64(record.sequence), Int64(record.logIndex), Int64(record.timeMillis), record.actor, record.action,
-                             record.target, record.result, Data(record.previousHash), Data(record.hash)])
+            """).execute(arguments: [Int64(record.sequence), Int64(record.logIndex), Int64(record.timeMillis), record.actor, record.action,
+                                     record.target, record.result, Data(record.previousHash), Data(record.hash)])
+        head = (record.sequence, record.hash)
     }
 
     func appliedIndex() throws -> LogIndex {
-        UInt64(try Int64.fetchOne(db, sql: "SELECT applied_index FROM ledger_meta WHERE id = 1") ?? 0)
+        if let applied { return applied }
+        return UInt64(try Int64.fetchOne(db.cachedStatement(sql: "SELECT applied_index FROM ledger_meta WHERE id = 1")) ?? 0)
     }
 
-    func setAppliedIndex(_ index: LogIndex) throws {
-        try db.execute(sql: "UPDATE ledger_meta SET applied_index = ? WHERE id = 1", arguments: [Int64(index)])
+    mutating func setAppliedIndex(_ index: LogIndex) throws {
+        applied = index
+        appliedChanged = true
+    }
+
+    /// Writes what was kept in memory; call before the transaction ends.
+    mutating func finish() throws {
+        guard appliedChanged, let applied else { return }
+        try db.cachedStatement(sql: "UPDATE ledger_meta SET applied_index = ? WHERE id = 1").execute(arguments: [Int64(applied)])
+        appliedChanged = false
     }
 }
 
@@ -70,6 +89,7 @@ extension RaftStore {
         for entry in entries {
             if let outcome = try Ledger.apply(entry, to: &tables) { outcomes.append(outcome) }
         }
+        try tables.finish()
         return outcomes
     }
 

@@ -281,6 +281,7 @@ public final class RaftStore: Sendable {
 
     func write<T>(_ body: (Database) throws -> T) throws -> T { try database.write(body) }
     func read<T>(_ body: (Database) throws -> T) throws -> T { try database.read(body) }
+    func makeSnapshot() throws -> DatabaseSnapshot { try database.makeSnapshot() }
 
     /// Entries stored now (for tests and status).
     public func storedEntryCount() throws -> Int {

@@ -5,9 +5,25 @@ import Raft
 public enum Frame: Sendable, Hashable {
     /// A Raft message in the `Raft` codec.
     case raftMessage(Message)
+    /// One piece of a message too large for one frame (a snapshot): the
+    /// pieces of one message travel in order on one connection.
+    case chunk(MessageChunk)
 
     public enum Kind: UInt8, Sendable {
         case raftMessage = 1
+        case chunk = 2
+    }
+
+    /// The frames that carry `message`: one, or pieces of at most
+    /// `chunkBytes` when it is larger.
+    public static func frames(for message: Message, chunkBytes: Int, messageID: UInt64) -> [Frame] {
+        guard message.byteCount > chunkBytes else { return [.raftMessage(message)] }
+        let bytes = message.encoded
+        guard bytes.count > chunkBytes, bytes.count <= Int(UInt32.max) else { return [.raftMessage(message)] }
+        return stride(from: 0, to: bytes.count, by: chunkBytes).map { offset in
+            .chunk(MessageChunk(messageID: messageID, totalBytes: UInt32(bytes.count), offset: UInt32(offset),
+                                bytes: Array(bytes[offset..<min(offset + chunkBytes, bytes.count)])))
+        }
     }
 
     /// Bytes of the length prefix.
@@ -19,6 +35,14 @@ public enum Frame: Sendable, Hashable {
         case .raftMessage(let message):
             body = [Kind.raftMessage.rawValue]
             body.append(contentsOf: message.encoded)
+        case .chunk(let chunk):
+            var w = BinaryWriter(capacity: chunk.bytes.count + 17)
+            w.write(Kind.chunk.rawValue)
+            w.write(chunk.messageID)
+            w.write(chunk.totalBytes)
+            w.write(chunk.offset)
+            body = w.bytes
+            body.append(contentsOf: chunk.bytes)
         }
         var writer = BinaryWriter(capacity: body.count + Frame.headerBytes)
         writer.write(UInt32(body.count))
@@ -35,6 +59,7 @@ public enum FrameError: Error, Sendable, Hashable, CustomStringConvertible {
     case empty
     case unknownKind(UInt8)
     case malformed(kind: UInt8, CodecError)
+    case chunkOutOfOrder(String)
 
     public var description: String {
         switch self {
@@ -42,6 +67,7 @@ public enum FrameError: Error, Sendable, Hashable, CustomStringConvertible {
         case .empty: return "empty frame"
         case .unknownKind(let kind): return "unknown frame kind \(kind)"
         case .malformed(let kind, let error): return "malformed frame of kind \(kind): \(error)"
+        case .chunkOutOfOrder(let reason): return "chunked message out of order: \(reason)"
         }
     }
 }
@@ -108,8 +134,75 @@ public struct FrameDecoder: Sendable {
             } catch {
                 throw .malformed(kind: kind, error)
             }
+        case .chunk:
+            do throws(CodecError) {
+                var r = BinaryReader(body)
+                let id = try r.readUInt64("message id")
+                let total = try r.readUInt32("total bytes")
+                let offset = try r.readUInt32("offset")
+                let bytes = Array(body[16...])
+                guard !bytes.isEmpty, UInt64(offset) + UInt64(bytes.count) <= UInt64(total) else {
+                    throw CodecError.invalid(field: "chunk", reason: "\(bytes.count) bytes at \(offset) do not fit in \(total)")
+                }
+                return .chunk(MessageChunk(messageID: id, totalBytes: total, offset: offset, bytes: bytes))
+            } catch {
+                throw .malformed(kind: kind, error)
+            }
         case nil:
             throw .unknownKind(kind)
+        }
+    }
+}
+
+public struct MessageChunk: Sendable, Hashable {
+    public var messageID: UInt64
+    public var totalBytes: UInt32
+    public var offset: UInt32
+    public var bytes: [UInt8]
+
+    public init(messageID: UInt64, totalBytes: UInt32, offset: UInt32, bytes: [UInt8]) {
+        self.messageID = messageID
+        self.totalBytes = totalBytes
+        self.offset = offset
+        self.bytes = bytes
+    }
+}
+
+/// Puts a chunked message back together on one connection. Pieces must
+/// come in order, one message at a time, within `messageBytesMax`; anything
+/// else is an error (the connection is closed, the sender retries).
+public struct ChunkAssembler: Sendable {
+    public let messageBytesMax: Int
+    private var current: (id: UInt64, total: Int, bytes: [UInt8])?
+
+    public init(messageBytesMax: Int) {
+        self.messageBytesMax = messageBytesMax
+    }
+
+    /// The whole message once its last piece arrived, else nil.
+    public mutating func add(_ chunk: MessageChunk) throws(FrameError) -> Message? {
+        if chunk.offset == 0 {
+            guard current == nil else { throw .chunkOutOfOrder("a new message began before message \(current!.id) was complete") }
+            guard Int(chunk.totalBytes) <= messageBytesMax else {
+                throw .oversized(length: Int(chunk.totalBytes), limitBytes: messageBytesMax)
+            }
+            current = (chunk.messageID, Int(chunk.totalBytes), [])
+            current!.bytes.reserveCapacity(Int(chunk.totalBytes))
+        }
+        guard var assembling = current, assembling.id == chunk.messageID, Int(chunk.offset) == assembling.bytes.count,
+              Int(chunk.totalBytes) == assembling.total else {
+            throw .chunkOutOfOrder("piece at \(chunk.offset) of message \(chunk.messageID) does not continue what was received")
+        }
+        current = nil // keep one copy while appending
+        assembling.bytes.append(contentsOf: chunk.bytes)
+        guard assembling.bytes.count == assembling.total else {
+            current = assembling
+            return nil
+        }
+        do {
+            return try Message(decoding: assembling.bytes)
+        } catch {
+            throw .malformed(kind: Frame.Kind.chunk.rawValue, error)
         }
     }
 }

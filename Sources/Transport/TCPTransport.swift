@@ -64,6 +64,10 @@ public struct PeerIdentityError: Error, Sendable, CustomStringConvertible {
 /// Limits of one node's transport.
 public struct TransportLimits: Sendable {
     public var frameBytesMax = 16 << 20
+    /// Messages larger than this (snapshots) travel in pieces this large.
+    public var chunkBytes = 1 << 20
+    /// The largest message accepted in pieces (a snapshot).
+    public var chunkedMessageBytesMax = 1 << 30
     /// Messages queued for one peer; past this the oldest are dropped
     /// (Raft retransmits what matters).
     public var queuedMessagesPerPeerMax = 4096
@@ -84,10 +88,10 @@ public final class TCPTransport: Sendable {
     public let limits: TransportLimits
     private let group: any EventLoopGroup
     private let peerAddresses: Mutex<[NodeID: SocketAddress]>
-    private let queues: Mutex<[LinkKey: AsyncStream<Message>.Continuation]>
+    private let queues: Mutex<[LinkKey: LinkQueue]>
     /// Outbound links to start: the initial peers', then members added later.
-    private let newLinks: AsyncStream<(LinkKey, AsyncStream<Message>)>
-    private let newLinksContinuation: AsyncStream<(LinkKey, AsyncStream<Message>)>.Continuation
+    private let newLinks: AsyncStream<(LinkKey, LinkQueue)>
+    private let newLinksContinuation: AsyncStream<(LinkKey, LinkQueue)>.Continuation
     private let rejected = Mutex<[String]>([])
     private let tls: (identity: NodeIdentity, server: NIOSSLContext, client: NIOSSLContext)?
 
@@ -138,9 +142,9 @@ public final class TCPTransport: Sendable {
         queues.withLock { queues in
             guard queues[LinkKey(peer: peer, lane: .control)] == nil else { return }
             for lane in [Lane.control, .bulk] {
-                let (stream, continuation) = AsyncStream<Message>.makeStream(bufferingPolicy: .bufferingNewest(limits.queuedMessagesPerPeerMax))
-                queues[LinkKey(peer: peer, lane: lane)] = continuation
-                newLinksContinuation.yield((LinkKey(peer: peer, lane: lane), stream))
+                let queue = LinkQueue(limit: limits.queuedMessagesPerPeerMax)
+                queues[LinkKey(peer: peer, lane: lane)] = queue
+                newLinksContinuation.yield((LinkKey(peer: peer, lane: lane), queue))
             }
         }
     }
@@ -150,9 +154,11 @@ public final class TCPTransport: Sendable {
 
     /// Queues messages for their peers; never blocks.
     public func send(_ messages: [Message]) {
-        queues.withLock { queues in
-            for message in messages { queues[LinkKey(peer: message.to, lane: Lane(message))]?.yield(message) }
-        }
+        guard !messages.isEmpty else { return }
+        var byLink: [LinkKey: [Message]] = [:]
+        for message in messages { byLink[LinkKey(peer: message.to, lane: Lane(message)), default: []].append(message) }
+        let targets = queues.withLock { queues in byLink.compactMap { key, batch in queues[key].map { ($0, batch) } } }
+        for (queue, batch) in targets { queue.push(batch) }
     }
 
     /// Why inbound connections were closed, most recent last (for logs and tests).
@@ -179,8 +185,8 @@ public final class TCPTransport: Sendable {
         try await withThrowingDiscardingTaskGroup { group in
             group.addTask {
                 await withDiscardingTaskGroup { links in
-                    for await (key, stream) in newLinks {
-                        links.addTask { await self.maintainLink(to: key.peer, stream) }
+                    for await (key, queue) in newLinks {
+                        links.addTask { await self.maintainLink(to: key.peer, queue) }
                     }
                 }
             }
@@ -196,18 +202,24 @@ public final class TCPTransport: Sendable {
         do {
             try await connection.executeThenClose { inbound, _ in
                 var certifiedPeer: NodeID?
+                var assembler = ChunkAssembler(messageBytesMax: limits.chunkedMessageBytesMax)
                 for try await frame in inbound {
+                    let message: Message
                     switch frame {
-                    case .raftMessage(let message):
-                        if let tls {
-                            // The handshake is done once a frame arrives.
-                            if certifiedPeer == nil { certifiedPeer = try await self.certifiedNode(of: connection.channel, tls.identity.clusterID) }
-                            guard message.from == certifiedPeer else {
-                                throw PeerIdentityError(reason: "message claims node \(message.from) but the certificate names node \(certifiedPeer.map(String.init) ?? "none")")
-                            }
-                        }
-                        await deliver(message)
+                    case .raftMessage(let whole):
+                        message = whole
+                    case .chunk(let chunk):
+                        guard let whole = try assembler.add(chunk) else { continue }
+                        message = whole
                     }
+                    if let tls {
+                        // The handshake is done once a frame arrives.
+                        if certifiedPeer == nil { certifiedPeer = try await self.certifiedNode(of: connection.channel, tls.identity.clusterID) }
+                        guard message.from == certifiedPeer else {
+                            throw PeerIdentityError(reason: "message claims node \(message.from) but the certificate names node \(certifiedPeer.map(String.init) ?? "none")")
+                        }
+                    }
+                    await deliver(message)
                 }
             }
         } catch {
@@ -235,10 +247,9 @@ public final class TCPTransport: Sendable {
 
     /// Connects to one peer and writes its queued messages, reconnecting
     /// with exponential backoff after any failure, until cancelled.
-    private func maintainLink(to peer: NodeID, _ stream: AsyncStream<Message>) async {
+    private func maintainLink(to peer: NodeID, _ queue: LinkQueue) async {
         var backoff = limits.reconnectBackoffMin
-        var iterator = stream.makeAsyncIterator()
-        var carried: Message?
+        var carried: [Message] = []
         let clientTLS = tls?.client
         while !Task.isCancelled {
             guard let address = peerAddresses.withLock({ $0[peer] }) else {
@@ -260,17 +271,18 @@ public final class TCPTransport: Sendable {
                     }
                 backoff = limits.reconnectBackoffMin
                 try await channel.executeThenClose { _, outbound in
-                    if let message = carried {
-                        try await outbound.write(.raftMessage(message))
-                        carried = nil
+                    // Everything queued goes out in one write and one flush.
+                    if !carried.isEmpty {
+                        try await outbound.write(contentsOf: self.frames(carried))
+                        carried = []
                     }
-                    while let message = await iterator.next() {
-                        carried = message
-                        try await outbound.write(.raftMessage(message))
-                        carried = nil
+                    while let batch = await queue.next() {
+                        carried = batch
+                        try await outbound.write(contentsOf: self.frames(batch))
+                        carried = []
                     }
                 }
-                return // the queue finished: the transport is shutting down
+                return // the queue closed: the transport is shutting down
             } catch {
                 guard (try? await Task.sleep(for: backoff)) != nil else { return }
                 backoff = min(backoff * 2, limits.reconnectBackoffMax)
@@ -278,11 +290,86 @@ public final class TCPTransport: Sendable {
         }
     }
 
+    private let nextMessageID = Atomic<UInt64>(1)
+
+    /// Frames for a batch: large messages (snapshots) in pieces of
+    /// `limits.chunkBytes`, so no frame nears the frame limit.
+    private func frames(_ messages: [Message]) -> [Frame] {
+        messages.flatMap { message in
+            Frame.frames(for: message, chunkBytes: limits.chunkBytes,
+                         messageID: nextMessageID.wrappingAdd(1, ordering: .relaxed).oldValue)
+        }
+    }
+
     /// Ends every outbound queue; `run` returns once its task is cancelled.
     public func finish() {
         newLinksContinuation.finish()
         queues.withLock { queues in
-            for queue in queues.values { queue.finish() }
+            for queue in queues.values { queue.close() }
         }
+    }
+}
+
+/// One link's outbound messages: pushes never block (the oldest are dropped
+/// beyond `limit`; Raft resends what matters), and the link takes
+/// everything queued at once.
+final class LinkQueue: Sendable {
+    private struct State {
+        var messages: [Message] = []
+        var waiter: CheckedContinuation<[Message]?, Never>?
+        var closed = false
+    }
+    private let state = Mutex(State())
+    let limit: Int
+
+    init(limit: Int) {
+        self.limit = limit
+    }
+
+    func push(_ batch: [Message]) {
+        let (waiter, handed): (CheckedContinuation<[Message]?, Never>?, [Message]) = state.withLock { state in
+            guard !state.closed else { return (nil, []) }
+            if let waiter = state.waiter {
+                state.waiter = nil
+                return (waiter, Array(batch.suffix(limit)))
+            }
+            state.messages.append(contentsOf: batch)
+            if state.messages.count > limit { state.messages.removeFirst(state.messages.count - limit) }
+            return (nil, [])
+        }
+        waiter?.resume(returning: handed)
+    }
+
+    /// Everything queued, waiting for something if empty; nil once closed.
+    func next() async -> [Message]? {
+        await withTaskCancellationHandler {
+            await take()
+        } onCancel: {
+            close()
+        }
+    }
+
+    private func take() async -> [Message]? {
+        await withCheckedContinuation { continuation in
+            let ready: [Message]?? = state.withLock { state in
+                if !state.messages.isEmpty {
+                    defer { state.messages.removeAll(keepingCapacity: true) }
+                    return .some(state.messages)
+                }
+                if state.closed { return .some(nil) }
+                state.waiter = continuation
+                return nil
+            }
+            if let ready { continuation.resume(returning: ready) }
+        }
+    }
+
+    func close() {
+        let waiter = state.withLock { state in
+            state.closed = true
+            defer { state.waiter = nil }
+            return state.waiter
+        }
+        waiter?.resume(returning: nil)
     }
 }

@@ -121,7 +121,7 @@ private func write(_ name: String, _ text: String) -> LedgerCommand {
 
 @Suite("Driver loop", .serialized)
 struct DriverTests {
-    @Test("Three drivers elect a leader, commit writes, refuse writes on followers, serve reads, survive losing the leader, and converge")
+    @Test("Three drivers elect a leader, commit writes, forward writes from followers, serve reads, survive losing the leader, and converge")
     func threeNodes() async throws {
         try await LocalCluster.running { try await exercise($0) }
     }
@@ -139,15 +139,15 @@ struct DriverTests {
             }
         }
         let follower = [NodeID(1), 2, 3].first { $0 != leader }!
-        await #expect(throws: DriverError.notLeader(leaderHint: leader)) {
-            _ = try await cluster.drivers[follower]!.propose(write("docs/x", "{}"))
-        }
+        // A follower sends the write to the leader and answers once it applies it.
+        let forwarded = try await cluster.drivers[follower]!.write(write("docs/x", "{}"))
+        #expect(forwarded.outcome.result == .written(version: 1) && forwarded.leader == leader)
         await #expect(throws: DriverError.self) {
             _ = try await leaderDriver.propose(LedgerCommand(timeMillis: 1, actor: "t", requestID: "bad",
                                                              operation: .deleteDocument(name: "Bad Name", expectedVersion: nil)))
         }
         let readIndex = try await cluster.drivers[follower]!.linearizableReadIndex()
-        #expect(readIndex >= 22, "a read on a follower sees every acknowledged write")
+        #expect(readIndex >= 23, "a read on a follower sees every acknowledged write")
 
         // Cut the leader off: the others elect a new one and keep writing.
         cluster.network.isolate(leader)
@@ -169,7 +169,7 @@ struct DriverTests {
                 Issue.record("broken audit chain")
                 continue
             }
-            #expect(count == 22, "bootstrap membership, twenty writes and the write after failover (invalid commands never reach the log)")
+            #expect(count == 23, "bootstrap membership, twenty writes, the forwarded one and the write after failover (invalid commands never reach the log)")
         }
     }
 

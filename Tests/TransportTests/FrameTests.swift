@@ -54,7 +54,7 @@ struct FrameTests {
     func fuzzFrames() async {
         var random = SeededGenerator(seed: 99)
         let frameBytesMax = 2048
-        let valid = sample.map { Frame.raftMessage($0).encoded }
+        let valid = sample.map { Frame.raftMessage($0).encoded } + Frame.frames(for: sample[0], chunkBytes: 100, messageID: 1).map(\.encoded)
         var framesDecoded = 0
         var refused = 0
         for round in 0..<100_000 {
@@ -86,5 +86,39 @@ struct FrameTests {
         }
         #expect(framesDecoded > 10_000)
         #expect(refused > 10_000)
+    }
+
+    @Test("A large message travels in bounded pieces and is put back together; pieces out of order, interleaved or over the limit are refused")
+    func chunkedMessages() throws {
+        let snapshot = Snapshot(metadata: SnapshotMetadata(index: 9, term: 2, membership: Membership(voters: [1, 2, 3])),
+                                data: (0..<300_000).map { UInt8(truncatingIfNeeded: $0 &* 31) })
+        let message = Message(from: 1, to: 2, term: 2, body: .installSnapshot(snapshot))
+        let frames = Frame.frames(for: message, chunkBytes: 64 << 10, messageID: 7)
+        #expect(frames.count == 5)
+        #expect(Frame.frames(for: sample[0], chunkBytes: 64 << 10, messageID: 8) == [.raftMessage(sample[0])], "small messages stay whole")
+        // Through the byte decoder, with a frame limit the whole message would exceed.
+        var decoder = FrameDecoder(frameBytesMax: 70 << 10)
+        decoder.append(frames.flatMap(\.encoded))
+        var assembler = ChunkAssembler(messageBytesMax: 1 << 20)
+        var rebuilt: Message?
+        while let frame = try decoder.next() {
+            guard case .chunk(let chunk) = frame else { Issue.record("expected a chunk"); continue }
+            #expect(chunk.bytes.count <= 64 << 10)
+            if let whole = try assembler.add(chunk) { rebuilt = whole }
+        }
+        #expect(rebuilt == message)
+
+        func pieces(_ frames: [Frame]) -> [MessageChunk] { frames.compactMap { if case .chunk(let c) = $0 { c } else { nil } } }
+        let parts = pieces(frames)
+        var skipping = ChunkAssembler(messageBytesMax: 1 << 20)
+        _ = try skipping.add(parts[0])
+        #expect(throws: FrameError.self) { _ = try skipping.add(parts[2]) }
+        var interleaved = ChunkAssembler(messageBytesMax: 1 << 20)
+        _ = try interleaved.add(parts[0])
+        #expect(throws: FrameError.self) { _ = try interleaved.add(pieces(Frame.frames(for: message, chunkBytes: 64 << 10, messageID: 9))[0]) }
+        var small = ChunkAssembler(messageBytesMax: 100_000)
+        #expect(throws: FrameError.oversized(length: Int(parts[0].totalBytes), limitBytes: 100_000)) { _ = try small.add(parts[0]) }
+        var orphan = ChunkAssembler(messageBytesMax: 1 << 20)
+        #expect(throws: FrameError.self) { _ = try orphan.add(parts[1]) }
     }
 }

@@ -80,7 +80,9 @@ public final class Forwarder: Sendable {
         }
         var uri = request.path.addingPercentEncoding(withAllowedCharacters: .urlPathAllowed) ?? request.path
         if !request.query.isEmpty {
-            uri += "?" + request.query.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value.addingPercentEncoding(withAllowedCharacters: .urlQueryAllowed) ?? "")" }.joined(separator: "&")
+            let unreserved = CharacterSet.alphanumerics.union(CharacterSet(charactersIn: "-._~"))
+            func encode(_ text: String) -> String { text.addingPercentEncoding(withAllowedCharacters: unreserved) ?? "" }
+            uri += "?" + request.query.sorted { $0.key < $1.key }.map { "\(encode($0.key))=\(encode($0.value))" }.joined(separator: "&")
         }
         let response: HTTPClientResponse
         do {

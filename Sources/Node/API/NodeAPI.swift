@@ -195,22 +195,18 @@ public final class NodeAPI: Sendable {
         let command = LedgerCommand(timeMillis: UInt64(Date().timeIntervalSince1970 * 1000), actor: Self.actor(of: request),
                                     requestID: request.headers.first(name: "warrant-request-id") ?? UUID().uuidString, operation: operation)
         if let reason = command.invalidReason { throw APIError.badRequest(reason) }
-        let outcome: LedgerOutcome
-        do {
-            outcome = try await driver.propose(command)
-        } catch DriverError.notLeader(let hint) {
-            return try await forward(request, leaderHint: hint)
-        }
+        let (outcome, leader) = try await driver.write(command)
         let name: String
         switch operation {
         case .putDocument(let n, _, _, _), .deleteDocument(let n, _): name = n
         }
-        let leaderHeader = [("warrant-leader", String(id))]
+        var leaderHeader = [("warrant-leader", String(leader))]
+        if leader != id { leaderHeader.append(("warrant-forwarded-by", String(id))) }
         switch outcome.result {
         case .written(let version):
-            return APIJSON.response(WriteResultBody(name: name, version: version, deleted: false, logIndex: outcome.logIndex, leader: id), headers: leaderHeader)
+            return APIJSON.response(WriteResultBody(name: name, version: version, deleted: false, logIndex: outcome.logIndex, leader: leader), headers: leaderHeader)
         case .deleted:
-            return APIJSON.response(WriteResultBody(name: name, version: nil, deleted: true, logIndex: outcome.logIndex, leader: id), headers: leaderHeader)
+            return APIJSON.response(WriteResultBody(name: name, version: nil, deleted: true, logIndex: outcome.logIndex, leader: leader), headers: leaderHeader)
         case .rejected(let reason):
             let status: HTTPResponseStatus = reason.hasPrefix("version conflict") ? .conflict : (reason.hasSuffix("does not exist") ? .notFound : .unprocessableEntity)
             let code = status == .conflict ? "version_conflict" : (status == .notFound ? "not_found" : "rejected")
@@ -245,7 +241,7 @@ public final class NodeAPI: Sendable {
         case .intact(let count, let head):
             return APIJSON.response(AuditVerifyBody(node: id, intact: true, records: count, headHash: head.hexString))
         case .broken(let sequence, let reason):
-            return APIJSON.response(AuditVerifyBody(node: id, intact: false, records: sequence - 1, brokenAt: sequence, reason: reason))
+            return APIJSON.response(AuditVerifyBody(node: id, intact: false, records: sequence > 0 ? sequence - 1 : 0, brokenAt: sequence, reason: reason))
         }
     }
 
@@ -394,7 +390,19 @@ public final class NodeAPI: Sendable {
             case .lostLeadership: return APIError.unavailable("leadership_changed", error.description + "; retry")
             case .timedOut: return APIError(status: .gatewayTimeout, code: "timed_out", message: error.description + "; the outcome is unknown")
             case .outcomeUnknown: return APIError(status: .gatewayTimeout, code: "outcome_unknown", message: error.description)
-            case .raft(let raft): return APIError.unavailable("raft_refused", raft.description)
+            case .raft(let raft):
+                switch raft {
+                case .invalidConfigChange, .invalidTransferTarget, .learnerNotCaughtUp:
+                    return APIError(status: .conflict, code: "invalid_membership_change", message: raft.description)
+                case .proposalTooLarge:
+                    return APIError.payloadTooLarge(raft.description)
+                case .notLeader(let hint):
+                    return APIError.unavailable("not_leader", raft.description + (hint == noNode ? "" : "; retry there"))
+                case .noLeader:
+                    return APIError.unavailable("no_leader", raft.description)
+                default:
+                    return APIError.unavailable("raft_refused", raft.description)
+                }
             case .stopped: return APIError.unavailable("stopping", error.description)
             }
         case let error as NodeConfigError:

@@ -1,0 +1,101 @@
+import ClusterHarness
+import Foundation
+import NIOCore
+import NIOHTTP1
+import NIOSSL
+import Node
+
+/// Node servers in this process (real TLS, HTTP, TCP and SQLite), on
+/// loopback ports picked at random.
+final class InProcessCluster: @unchecked Sendable {
+    let directory: String
+    let basePort: Int
+    let client: AdminClient
+    private(set) var servers: [UInt64: NodeServer] = [:]
+    private(set) var tasks: [UInt64: Task<Void, any Error>] = [:]
+
+    init(nodes: Int = 3, snapshotEveryEntries: Int? = nil) throws {
+        directory = FileManager.default.temporaryDirectory.appendingPathComponent("warrant-api-\(UUID().uuidString.prefix(8))").path
+        let basePort = LocalProcessCluster.pickBasePort()
+        self.basePort = basePort
+        let members = try (1...nodes).map { n in
+            ClusterFiles.Member(id: UInt64(n), peer: try HostPort(parsing: "127.0.0.1:\(basePort + n - 1)", at: "peer"),
+                                api: try HostPort(parsing: "127.0.0.1:\(basePort + 100 + n - 1)", at: "api"))
+        }
+        try ClusterFiles.initialize(directory: directory, clusterID: "test" + String(UInt16.random(in: 0...UInt16.max), radix: 16), members: members,
+                                    snapshotEveryEntries: snapshotEveryEntries)
+        client = try AdminClient(clusterDirectory: directory)
+        for member in members { try start(member.id) }
+    }
+
+    func start(_ id: UInt64) throws {
+        let server = try NodeServer(configPath: "\(directory)/node-\(id)/config.yaml")
+        servers[id] = server
+        tasks[id] = Task { try await server.run(handleSignals: false) }
+    }
+
+    func apiAddress(_ id: UInt64) throws -> SocketAddress {
+        try SocketAddress(ipAddress: "127.0.0.1", port: basePort + 100 + Int(id) - 1)
+    }
+
+    /// A client for one node's API, with the admin certificate (or none).
+    func connection(to id: UInt64, admin: Bool = true) async throws -> HTTPConnection {
+        var configuration = TLSConfiguration.makeClientConfiguration()
+        configuration.trustRoots = .certificates(try NIOSSLCertificate.fromPEMFile("\(directory)/ca.pem"))
+        configuration.additionalTrustRoots = []
+        configuration.certificateVerification = .noHostnameVerification
+        if admin {
+            configuration.certificateChain = try NIOSSLCertificate.fromPEMFile("\(directory)/admin.pem").map { .certificate($0) }
+            configuration.privateKey = .privateKey(try NIOSSLPrivateKey(file: "\(directory)/admin.key", format: .pem))
+        }
+        return try await HTTPConnection.connect(to: try apiAddress(id), tls: try NIOSSLContext(configuration: configuration))
+    }
+
+    func status(_ id: UInt64) async -> ClusterStatusBody? {
+        guard let connection = try? await connection(to: id) else { return nil }
+        defer { Task { await connection.close() } }
+        guard let response = try? await connection.request(.GET, "/v1/cluster/status", timeout: .seconds(2)), response.status == .ok else { return nil }
+        return try? APIJSON.decode(ClusterStatusBody.self, from: response.body)
+    }
+
+    /// Polls until a node reports itself leader and every node knows it.
+    func waitForLeader(seconds: Double = 20) async -> UInt64? {
+        let deadline = Date().addingTimeInterval(seconds)
+        while Date() < deadline {
+            var leaders: Set<UInt64> = []
+            var all = true
+            for id in servers.keys.sorted() {
+                guard let status = await status(id), status.leader != 0 else { all = false; break }
+                leaders.insert(status.leader)
+            }
+            if all, leaders.count == 1, let leader = leaders.first { return leader }
+            try? await Task.sleep(for: .milliseconds(50))
+        }
+        return nil
+    }
+
+    func stop(_ id: UInt64) async {
+        servers[id]?.stop()
+        _ = await tasks[id]?.result
+        servers[id] = nil
+        tasks[id] = nil
+    }
+
+    func shutdown() async {
+        for id in servers.keys.sorted() { await stop(id) }
+        await client.closeAll()
+        try? FileManager.default.removeItem(atPath: directory)
+    }
+}
+
+/// Polls `condition` every 50 ms for at most `seconds`.
+func eventually(seconds: Double = 20, _ condition: () async throws -> Bool) async rethrows -> Bool {
+    let deadline = Date().addingTimeInterval(seconds)
+    while Date() < deadline {
+        if try await condition() { return true }
+        try? await Task.sleep(for: .milliseconds(50))
+    }
+    return try await condition()
+}
+
+let repositoryRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
