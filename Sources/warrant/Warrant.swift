@@ -269,7 +269,8 @@ struct AuditCommand: AsyncParsableCommand {
             let response = try await client.request(.GET, "/v1/audit?after=\(total > UInt64(count) ? total - UInt64(count) : 0)&limit=\(count)")
             guard response.status == .ok else { return try finish(response) }
             for record in try APIJSON.decode(AuditPageBody.self, from: response.body).records {
-                let time = Date(timeIntervalSince1970: Double(record.timeMillis) / 1000).formatted(.iso8601)
+                // Membership changes carry no caller time (the core writes them).
+                let time = record.timeMillis == 0 ? "-" : Date(timeIntervalSince1970: Double(record.timeMillis) / 1000).formatted(.iso8601)
                 print("#\(record.sequence) idx=\(record.logIndex) \(time) \(record.actor) \(record.action) \(record.target) -> \(record.result) hash=\(record.hash.prefix(16))")
             }
         }

@@ -208,3 +208,12 @@ struct APITests {
         await cluster.shutdown()
     }
 }
+
+@Suite("API bodies")
+struct APIBodyTests {
+    @Test("The hand-written write answer is exactly what the JSON encoder writes", arguments: [UInt64?.some(3), nil])
+    func writeResultJSON(version: UInt64?) {
+        let body = WriteResultBody(name: "policies/ci-1.yaml", version: version, deleted: version == nil, logIndex: 42, leader: 2)
+        #expect(String(decoding: body.json, as: UTF8.self) == String(decoding: APIJSON.encode(body), as: UTF8.self))
+    }
+}

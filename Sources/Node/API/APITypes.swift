@@ -67,12 +67,28 @@ public struct DocumentListBody: Codable, Sendable {
 }
 
 public struct WriteResultBody: Codable, Sendable {
+    public init(name: String, version: UInt64?, deleted: Bool, logIndex: UInt64, leader: UInt64) {
+        self.name = name
+        self.version = version
+        self.deleted = deleted
+        self.logIndex = logIndex
+        self.leader = leader
+    }
+
     public var name: String
     /// The new version; absent after a delete.
     public var version: UInt64?
     public var deleted: Bool
     public var logIndex: UInt64
     public var leader: UInt64
+
+    /// The same JSON as `APIJSON.encode` gives (sorted keys), written
+    /// directly: this is the answer to every write. Document names hold
+    /// only characters that need no escaping.
+    public var json: [UInt8] {
+        let versionField = version.map { ",\"version\":\($0)" } ?? ""
+        return Array("{\"deleted\":\(deleted),\"leader\":\(leader),\"log_index\":\(logIndex),\"name\":\"\(name)\"\(versionField)}".utf8)
+    }
 }
 
 public struct AuditRecordBody: Codable, Sendable, Equatable {

@@ -204,9 +204,11 @@ public final class NodeAPI: Sendable {
         if leader != id { leaderHeader.append(("warrant-forwarded-by", String(id))) }
         switch outcome.result {
         case .written(let version):
-            return APIJSON.response(WriteResultBody(name: name, version: version, deleted: false, logIndex: outcome.logIndex, leader: leader), headers: leaderHeader)
+            return HTTPResponse(status: .ok, headers: [("content-type", "application/json")] + leaderHeader,
+                                body: WriteResultBody(name: name, version: version, deleted: false, logIndex: outcome.logIndex, leader: leader).json)
         case .deleted:
-            return APIJSON.response(WriteResultBody(name: name, version: nil, deleted: true, logIndex: outcome.logIndex, leader: leader), headers: leaderHeader)
+            return HTTPResponse(status: .ok, headers: [("content-type", "application/json")] + leaderHeader,
+                                body: WriteResultBody(name: name, version: nil, deleted: true, logIndex: outcome.logIndex, leader: leader).json)
         case .rejected(let reason):
             let status: HTTPResponseStatus = reason.hasPrefix("version conflict") ? .conflict : (reason.hasSuffix("does not exist") ? .notFound : .unprocessableEntity)
             let code = status == .conflict ? "version_conflict" : (status == .notFound ? "not_found" : "rejected")
@@ -324,7 +326,9 @@ public final class NodeAPI: Sendable {
     }
 
     static func format(of request: HTTPRequest) throws -> DocumentFormat {
-        let type = (request.headers.first(name: "content-type") ?? "").split(separator: ";").first.map { $0.trimmingCharacters(in: .whitespaces).lowercased() } ?? ""
+        let header = request.headers.first(name: "content-type") ?? ""
+        if header == "application/json" { return .json } // the common case, without parsing
+        let type = header.split(separator: ";").first.map { $0.trimmingCharacters(in: .whitespaces).lowercased() } ?? ""
         switch type {
         case "application/json": return .json
         case "application/yaml", "application/x-yaml", "text/yaml": return .yaml

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The run command. Until the node process exists (issue 3), this demonstrates
-# the consensus core: it builds the simulator in release mode, replays one
+# A demonstration of the consensus core alone: it builds the simulator in
+# release mode, replays one
 # seeded cluster run with its fault timeline, runs 500 more seeds under
 # random faults, and measures the pure core's throughput.
 set -euo pipefail
