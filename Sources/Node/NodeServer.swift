@@ -23,6 +23,26 @@ public struct NodeLog: Sendable {
     }
 }
 
+/// At most `perSecond` lines a second from one source (a peer hammering the
+/// port must not flood the log).
+final class LogRateLimit: Sendable {
+    private let state = Mutex<(second: Int, count: Int)>((0, 0))
+    let perSecond: Int
+
+    init(perSecond: Int) {
+        self.perSecond = perSecond
+    }
+
+    func allow() -> Bool {
+        let second = Int(Date().timeIntervalSince1970)
+        return state.withLock { state in
+            if state.second != second { state = (second, 0) }
+            state.count += 1
+            return state.count <= perSecond
+        }
+    }
+}
+
 /// `warrant node start`: storage, driver, transport, API, ticker and
 /// shutdown, wired together.
 public final class NodeServer: Sendable {
@@ -82,14 +102,17 @@ public final class NodeServer: Sendable {
         for (id, addresses) in initial where id != config.id {
             peers[id] = try? SocketAddress.makeAddressResolvingHost(addresses.peer.host, port: addresses.peer.port)
         }
-        let transport = try TCPTransport(id: config.id, peers: peers, group: networkGroup, identity: identity)
+        let log = self.log
+        let refusals = LogRateLimit(perSecond: 10)
+        let transport = try TCPTransport(id: config.id, peers: peers, group: networkGroup, identity: identity, onRejected: { reason in
+            if refusals.allow() { log.warning("peer connection closed", ["reason": reason]) }
+        })
         self.transport = transport
 
         var configuration = Configuration(id: config.id, randomSeed: UInt64.random(in: 1...UInt64.max))
         configuration.electionTimeoutTicks = config.electionTimeoutTicks
         configuration.heartbeatIntervalTicks = config.heartbeatIntervalTicks
         let metrics = NodeMetrics()
-        let log = self.log
         driver = try RaftDriver(
             configuration: configuration, store: store, sender: transport,
             requestTimeoutTicks: max(1, 5_000 / config.tickIntervalMilliseconds),

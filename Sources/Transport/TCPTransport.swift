@@ -93,6 +93,8 @@ public final class TCPTransport: Sendable {
     private let newLinks: AsyncStream<(LinkKey, LinkQueue)>
     private let newLinksContinuation: AsyncStream<(LinkKey, LinkQueue)>.Continuation
     private let rejected = Mutex<[String]>([])
+    /// Told why each inbound connection was closed (the node logs it).
+    private let onRejected: (@Sendable (String) -> Void)?
     private let tls: (identity: NodeIdentity, server: NIOSSLContext, client: NIOSSLContext)?
 
     /// `peers` names every other member; addresses may come later through
@@ -101,8 +103,9 @@ public final class TCPTransport: Sendable {
     /// a certificate from the cluster CA, and a peer's messages must come
     /// from the node its certificate names.
     public init(id: NodeID, peers: [NodeID: SocketAddress?], group: any EventLoopGroup, limits: TransportLimits = TransportLimits(),
-                identity: NodeIdentity? = nil) throws {
+                identity: NodeIdentity? = nil, onRejected: (@Sendable (String) -> Void)? = nil) throws {
         self.id = id
+        self.onRejected = onRejected
         if let identity {
             precondition(identity.nodeID == id, "the identity names node \(identity.nodeID), not \(id)")
             let certificate = try identity.nioCertificate, ca = try identity.nioCACertificate, key = try identity.nioPrivateKey
@@ -224,10 +227,12 @@ public final class TCPTransport: Sendable {
             }
         } catch {
             let peer = connection.channel.remoteAddress.map { "\($0)" } ?? "unknown peer"
+            let reason = "closed connection from \(peer): \(error)"
             rejected.withLock { log in
-                log.append("closed connection from \(peer): \(error)")
+                log.append(reason)
                 if log.count > 100 { log.removeFirst(log.count - 100) }
             }
+            onRejected?(reason)
         }
     }
 

@@ -110,7 +110,7 @@ public final class NodeAPI: Sendable {
         case (.POST, "/v1/cluster/members"): return try await addMember(request)
         case (.DELETE, "/v1/cluster/members/{id}"): return try await removeMember(parameter ?? "", request)
         case (.POST, "/v1/cluster/leader"): return try await transferLeadership(request)
-        case (.GET, "/v1/documents"): return try listDocuments(request)
+        case (.GET, "/v1/documents"): return try await listDocuments(request)
         case (.GET, "/v1/documents/{name}"): return try await readDocument(parameter ?? "", request)
         case (.PUT, "/v1/documents/{name}"): return try await putDocument(parameter ?? "", request)
         case (.DELETE, "/v1/documents/{name}"): return try await deleteDocument(parameter ?? "", request)
@@ -155,23 +155,30 @@ public final class NodeAPI: Sendable {
 
     // MARK: - Documents
 
-    private func readDocument(_ name: String, _ request: HTTPRequest) async throws -> HTTPResponse {
-        if let reason = LedgerCommand.invalidName(name) { throw APIError.badRequest(reason) }
+    /// Linearizable (the default) waits for a ReadIndex confirmation and
+    /// this node's apply; serializable reads what this node has applied.
+    private func waitForConsistency(_ request: HTTPRequest) async throws {
         switch request.query["consistency"] ?? "linearizable" {
         case "linearizable": _ = try await driver.linearizableReadIndex()
         case "serializable": break
         case let other: throw APIError.badRequest("consistency must be 'linearizable' or 'serializable', not '\(other)'")
         }
+    }
+
+    private func readDocument(_ name: String, _ request: HTTPRequest) async throws -> HTTPResponse {
+        if let reason = LedgerCommand.invalidName(name) { throw APIError.badRequest(reason) }
+        try await waitForConsistency(request)
         guard let document = try store.document(named: name) else { throw APIError.notFound("document '\(name)' does not exist") }
         return APIJSON.response(Self.body(document, withContent: true))
     }
 
-    private func listDocuments(_ request: HTTPRequest) throws -> HTTPResponse {
+    private func listDocuments(_ request: HTTPRequest) async throws -> HTTPResponse {
         let prefix = request.query["prefix"] ?? ""
         if !prefix.isEmpty, !prefix.utf8.allSatisfy(LedgerCommand.isNameByte) {
             throw APIError.badRequest("prefix may hold only a-z, 0-9, '.', '_', '-' and '/'")
         }
         let limit = try Self.integer(request.query["limit"], "limit", default: 100, range: 1...Self.listPageMax)
+        try await waitForConsistency(request)
         let documents = try store.documents(prefix: prefix, after: request.query["after"] ?? "", limit: limit)
         return APIJSON.response(DocumentListBody(documents: documents.map { Self.body($0, withContent: false) }))
     }
