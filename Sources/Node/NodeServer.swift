@@ -152,12 +152,17 @@ public final class NodeServer: Sendable {
             await driver.plantAcknowledgeBeforeCommit()
         }
         #endif
-        let tickerTask = Task { await self.tickUntilStopped() }
+        let log = self.log
+        let ticking = driver.startTicking(every: .milliseconds(Int64(config.tickIntervalMilliseconds))) { error in
+            log.error("the node stopped after a storage failure; it will not serve until restarted", ["error": "\(error)"])
+        }
+        let tickerTask = Task { await self.watchUntilStopped() }
         for await signal in stopRequests.stream {
             log.info("shutting down", ["signal": signal])
             break
         }
         await shutdown()
+        ticking.cancel()
         tickerTask.cancel()
         transportTask.cancel()
         _ = await tickerTask.result
@@ -172,31 +177,20 @@ public final class NodeServer: Sendable {
         stopRequests.continuation.yield("stop")
     }
 
-    private func tickUntilStopped() async {
-        let interval = Duration.milliseconds(config.tickIntervalMilliseconds)
-        let clock = ContinuousClock()
-        var next = clock.now
-        var ticks = 0
+    /// Logs role changes and, on the leader, promotes caught-up learners,
+    /// every 10 ticks (the ticks themselves run on the driver's thread).
+    private func watchUntilStopped() async {
         var lastRole: Role = .follower
         var lastLeader: NodeID = noNode
         while !Task.isCancelled && !stopping.load(ordering: .relaxed) {
-            next = next.advanced(by: interval)
-            if next < clock.now { next = clock.now } // never try to catch up in a burst
-            try? await Task.sleep(until: next, clock: clock)
-            do {
-                try await driver.tick()
-            } catch {
-                log.error("the node stopped after a storage failure; it will not serve until restarted", ["error": "\(error)"])
-                return
-            }
-            ticks += 1
+            try? await Task.sleep(for: .milliseconds(10 * config.tickIntervalMilliseconds))
             let status = await driver.status
             if status.role != lastRole || status.leaderID != lastLeader {
                 log.info("role changed", ["role": status.role.rawValue, "term": "\(status.term)", "leader": "\(status.leaderID)"])
                 lastRole = status.role
                 lastLeader = status.leaderID
             }
-            if ticks % 10 == 0, status.role == .leader { await promoteCaughtUpLearners(status) }
+            if status.role == .leader { await promoteCaughtUpLearners(status) }
         }
     }
 

@@ -181,6 +181,22 @@ public actor RaftDriver {
         try processReadies()
     }
 
+    /// Ticks every `interval` on the driver's own thread (not Swift's
+    /// cooperative pool, so busy tasks elsewhere cannot delay elections).
+    /// A storage failure stops the ticking and is reported once.
+    public nonisolated func startTicking(every interval: TimeAmount, onStorageFailure: @escaping @Sendable (any Error) -> Void) -> RepeatedTask {
+        loop.scheduleRepeatedTask(initialDelay: interval, delay: interval) { task in
+            self.assumeIsolated { driver in
+                do {
+                    try driver.tick()
+                } catch {
+                    task.cancel()
+                    onStorageFailure(error)
+                }
+            }
+        }
+    }
+
     public func campaign() throws {
         guard !stopped else { return }
         raft.campaign()

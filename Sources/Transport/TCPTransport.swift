@@ -225,6 +225,8 @@ public final class TCPTransport: Sendable {
                     await deliver(message)
                 }
             }
+        } catch is CancellationError {
+            return // shutting down
         } catch {
             let peer = connection.channel.remoteAddress.map { "\($0)" } ?? "unknown peer"
             let reason = "closed connection from \(peer): \(error)"
