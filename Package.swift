@@ -71,7 +71,7 @@ let package = Package(
         // Real node processes on loopback, load generation and acknowledged-
         // write tracking: shared by the benchmarks and the crash tests.
         .target(name: "ClusterHarness", dependencies: [
-            "Node",
+            "Node", "Raft",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),

@@ -1,4 +1,5 @@
 import Foundation
+import Raft
 import Synchronization
 
 public struct HarnessFailure: Error, CustomStringConvertible {
@@ -28,7 +29,7 @@ public struct KillLoopResult: Sendable {
 public enum KillLoop {
     public static func run(binary: String, kills: Int, leaderOnly: Bool, writers: Int, seed: UInt64, environment: [String: String] = [:],
                            log: @escaping @Sendable (String) -> Void) async throws -> KillLoopResult {
-        var generator = SplitMix64(seed: seed)
+        var generator = SeededGenerator(seed: seed)
         let directory = FileManager.default.temporaryDirectory
             .appendingPathComponent("warrant-\(leaderOnly ? "failover" : "crash")-\(UUID().uuidString.prefix(8))").path
         let cluster = try LocalProcessCluster(binary: binary, directory: directory, basePort: LocalProcessCluster.pickBasePort(),
@@ -49,8 +50,8 @@ public enum KillLoop {
                     guard let leader = await cluster.waitForLeader(seconds: 10) else { throw HarnessFailure(description: "no leader before kill \(kill)") }
                     victim = leader
                 } else {
-                    victim = cluster.nodeIDs[Int(generator.next() % UInt64(cluster.nodeIDs.count))]
-                    try await Task.sleep(for: .milliseconds(Int(generator.next() % 400)))
+                    victim = cluster.nodeIDs[generator.below(cluster.nodeIDs.count)]
+                    try await Task.sleep(for: .milliseconds(generator.below(400)))
                 }
                 let killedAt = ContinuousClock.now
                 cluster.kill9(victim)
@@ -64,7 +65,7 @@ public enum KillLoop {
                     outages.append(outage)
                     log(String(format: "kill %2d: leader %d SIGKILLed; writes succeeded again after %.0f ms", kill, victim, outage))
                 } else {
-                    try await Task.sleep(for: .milliseconds(Int(generator.next() % 300)))
+                    try await Task.sleep(for: .milliseconds(generator.below(300)))
                     log("kill \(kill): node \(victim) SIGKILLed, restarting (\(load.acknowledgedCount) writes acknowledged so far)")
                 }
                 try cluster.start(victim)
@@ -104,17 +105,4 @@ public final class StopFlag: Sendable {
     public init() {}
     public var isSet: Bool { flag.withLock { $0 } }
     public func set() { flag.withLock { $0 = true } }
-}
-
-/// SplitMix64, for seeded kill schedules.
-struct SplitMix64 {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
 }
