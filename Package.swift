@@ -24,6 +24,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-nio-ssl", exact: "2.37.6"),
         .package(url: "https://github.com/apple/swift-certificates", exact: "1.21.1"),
         .package(url: "https://github.com/apple/swift-argument-parser", exact: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-asn1", exact: "1.7.4"),
     ],
     targets: [
         // The pure consensus core: messages in, Ready out. No I/O, no clock,
@@ -35,6 +36,14 @@ let package = Package(
         // The replicated state machine: documents and the audit chain.
         // apply() is deterministic: time and actors come stamped in commands.
         .target(name: "Ledger", dependencies: ["Raft", .product(name: "Crypto", package: "swift-crypto")], swiftSettings: strict),
+        // The trust domain's authority: SPIFFE IDs, X509-SVIDs from CSRs,
+        // JWT-SVIDs, bundles and verification. No I/O.
+        .target(name: "Authority", dependencies: [
+            .product(name: "Crypto", package: "swift-crypto"),
+            .product(name: "_CryptoExtras", package: "swift-crypto"),
+            .product(name: "X509", package: "swift-certificates"),
+            .product(name: "SwiftASN1", package: "swift-asn1"),
+        ], swiftSettings: strict),
         // Node-to-node framing (and, with issue 3, TCP and mutual TLS).
         .target(name: "Transport", dependencies: [
             "Raft",
@@ -87,6 +96,12 @@ let package = Package(
         .testTarget(name: "NodeTests", dependencies: ["Raft", "Ledger", "Storage", "Node", "Transport", .product(name: "GRDB", package: "GRDB.swift"), .product(name: "NIOPosix", package: "swift-nio"), .product(name: "NIOCore", package: "swift-nio")], swiftSettings: strict),
         .testTarget(name: "LedgerTests", dependencies: ["Raft", "Ledger", "RaftSimulator"], swiftSettings: strict),
         .testTarget(name: "TransportTests", dependencies: ["Raft", "Transport", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"), .product(name: "X509", package: "swift-certificates")], swiftSettings: strict),
+        .testTarget(name: "AuthorityTests", dependencies: [
+            "Authority",
+            .product(name: "Crypto", package: "swift-crypto"),
+            .product(name: "X509", package: "swift-certificates"),
+            .product(name: "SwiftASN1", package: "swift-asn1"),
+        ], exclude: ["wycheproof"], swiftSettings: strict),
         .testTarget(name: "ClusterTests", dependencies: [
             "Node", "ClusterHarness",
             .product(name: "NIOCore", package: "swift-nio"),

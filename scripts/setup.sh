@@ -4,7 +4,7 @@
 # test.sh; may also be run on its own.
 set -euo pipefail
 
-apt_packages=(libsqlite3-dev libssl-dev)
+apt_packages=(libsqlite3-dev libssl-dev openssl)
 
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null 2>&1; then sudo "$@"; else
@@ -29,5 +29,15 @@ if ! command -v swift >/dev/null 2>&1; then
     echo "setup: Swift 6.1 or newer is needed and was not found on PATH or in /opt/swift." >&2
     echo "setup: install a Swift toolchain for Linux, then run this again." >&2
     exit 1
+  fi
+fi
+
+# Python's cryptography and PyJWT, for the interoperability tests: pip into
+# the Python on PATH when it allows it, else Debian's packages.
+if ! python3 -c 'import cryptography, jwt' >/dev/null 2>&1; then
+  echo "setup: installing Python cryptography and PyJWT"
+  if ! python3 -m pip install --quiet cryptography pyjwt >/dev/null 2>&1; then
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-cryptography python3-jwt >/dev/null
   fi
 fi

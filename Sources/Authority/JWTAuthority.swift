@@ -1,0 +1,186 @@
+import Crypto
+import Foundation
+
+/// The trust domain's JWT-SVID signer (JWT-SVID.md): ES256 with a `kid`,
+/// `typ: JWT`, `sub` the SPIFFE ID, `aud` and `exp` always present. The
+/// attested context goes in a `warrant` claim.
+public struct JWTAuthority: Sendable {
+    public let trustDomain: String
+    public let keyID: String
+    private let key: P256.Signing.PrivateKey
+
+    public static let tokenBytesMax = 16 << 10
+    public static let audiencesMax = 16
+
+    public static func create(trustDomain: String) -> JWTAuthority {
+        JWTAuthority(trustDomain: trustDomain, key: P256.Signing.PrivateKey(compactRepresentable: false))
+    }
+
+    public init(trustDomain: String, key: P256.Signing.PrivateKey) {
+        self.trustDomain = trustDomain
+        self.key = key
+        keyID = Self.keyID(for: key.publicKey)
+    }
+
+    public var publicKey: P256.Signing.PublicKey { key.publicKey }
+    public var privateKeyPEM: String { key.pemRepresentation }
+
+    /// The first 16 bytes of the SHA-256 of the public key (DER), base64url.
+    public static func keyID(for key: P256.Signing.PublicKey) -> String {
+        Base64URL.encode(Array(SHA256.hash(data: key.derRepresentation).prefix(16)))
+    }
+
+    /// A JWT-SVID for `spiffeID`, for `audiences`, expiring `ttl` seconds
+    /// after `now` (never past `notAfter`, the CA's end).
+    public func issue(spiffeID: SpiffeID, audiences: [String], ttl: TimeInterval, attributes: Attributes, now: Date = Date(),
+                      notAfter: Date? = nil) throws -> IssuedJWT {
+        guard spiffeID.trustDomain == trustDomain else {
+            throw AuthorityError("wrong_trust_domain", "\(spiffeID) is not in trust domain \(trustDomain)")
+        }
+        guard !audiences.isEmpty, audiences.count <= Self.audiencesMax, audiences.allSatisfy({ !$0.isEmpty && $0.utf8.count <= 256 }) else {
+            throw AuthorityError("bad_audience", "give 1 to \(Self.audiencesMax) audiences, each 1 to 256 bytes")
+        }
+        let issuedAt = Int(now.timeIntervalSince1970)
+        var expiry = Int(now.addingTimeInterval(ttl).timeIntervalSince1970)
+        if let notAfter { expiry = min(expiry, Int(notAfter.timeIntervalSince1970)) }
+        guard expiry > issuedAt else { throw AuthorityError("bad_ttl", "the token would expire at once") }
+        let header: [String: String] = ["alg": "ES256", "kid": keyID, "typ": "JWT"]
+        var claims: [String: Any] = ["sub": spiffeID.description, "aud": audiences.count == 1 ? audiences[0] as Any : audiences as Any,
+                                     "exp": expiry, "iat": issuedAt]
+        if !attributes.isEmpty { claims["warrant"] = attributes }
+        let headerPart = Base64URL.encode(Array(try JSONSerialization.data(withJSONObject: header, options: [.sortedKeys])))
+        let claimsPart = Base64URL.encode(Array(try JSONSerialization.data(withJSONObject: claims, options: [.sortedKeys, .withoutEscapingSlashes])))
+        let signingInput = "\(headerPart).\(claimsPart)"
+        let signature = try key.signature(for: Array(signingInput.utf8))
+        let token = "\(signingInput).\(Base64URL.encode(Array(signature.rawRepresentation)))"
+        return IssuedJWT(token: token, spiffeID: spiffeID, expiry: Date(timeIntervalSince1970: TimeInterval(expiry)))
+    }
+}
+
+public struct IssuedJWT: Sendable {
+    public let token: String
+    public let spiffeID: SpiffeID
+    public let expiry: Date
+}
+
+/// What verifying a JWT-SVID found.
+public struct VerifiedJWT: Sendable {
+    public let spiffeID: SpiffeID
+    public let audiences: [String]
+    public let expiry: Date
+    public let attributes: Attributes
+}
+
+/// Checks JWT-SVIDs against a set of keys (by kid). Only ES256 is
+/// accepted, whatever the header asks for; only `alg`, `kid` and `typ` may
+/// appear in the header; `aud` must hold the expected audience; `exp` is
+/// required.
+public struct JWTVerifier: Sendable {
+    public let trustDomain: String
+    public let keys: [String: P256.Signing.PublicKey]
+
+    public init(trustDomain: String, keys: [String: P256.Signing.PublicKey]) {
+        self.trustDomain = trustDomain
+        self.keys = keys
+    }
+
+    public func verify(_ token: String, audience: String, now: Date = Date()) throws(AuthorityError) -> VerifiedJWT {
+        guard token.utf8.count <= JWTAuthority.tokenBytesMax else {
+            throw AuthorityError("token_too_large", "the token is larger than \(JWTAuthority.tokenBytesMax) bytes")
+        }
+        let parts = token.split(separator: ".", omittingEmptySubsequences: false)
+        guard parts.count == 3 else { throw AuthorityError("malformed_token", "a JWT has exactly three dot-separated parts") }
+        guard let headerBytes = Base64URL.decode(parts[0]), let claimBytes = Base64URL.decode(parts[1]),
+              let signatureBytes = Base64URL.decode(parts[2]) else {
+            throw AuthorityError("malformed_token", "a part is not base64url")
+        }
+        guard let header = try? JSONSerialization.jsonObject(with: Data(headerBytes)) as? [String: Any] else {
+            throw AuthorityError("malformed_token", "the header is not a JSON object")
+        }
+        guard Set(header.keys).isSubset(of: ["alg", "kid", "typ"]) else {
+            throw AuthorityError("bad_header", "the header may hold only alg, kid and typ")
+        }
+        guard header["alg"] as? String == "ES256" else { throw AuthorityError("bad_algorithm", "only ES256 is accepted") }
+        if let typ = header["typ"] { guard typ as? String == "JWT" || typ as? String == "JOSE" else { throw AuthorityError("bad_header", "typ must be JWT or JOSE") } }
+        guard let kid = header["kid"] as? String else { throw AuthorityError("missing_kid", "the header has no kid") }
+        guard let key = keys[kid] else { throw AuthorityError("unknown_key", "no key with kid '\(kid)' in the bundle") }
+        guard Self.isValidES256(publicKey: key, message: Array("\(parts[0]).\(parts[1])".utf8), signature: signatureBytes) else {
+            throw AuthorityError("bad_signature", "the signature does not verify")
+        }
+        guard let claims = try? JSONSerialization.jsonObject(with: Data(claimBytes)) as? [String: Any] else {
+            throw AuthorityError("malformed_token", "the claims are not a JSON object")
+        }
+        guard let sub = claims["sub"] as? String else { throw AuthorityError("bad_subject", "sub is missing") }
+        let spiffeID: SpiffeID
+        do {
+            spiffeID = try SpiffeID(parsing: sub)
+        } catch {
+            throw AuthorityError("bad_subject", "sub is not a SPIFFE ID: \(error)")
+        }
+        guard spiffeID.trustDomain == trustDomain else { throw AuthorityError("wrong_trust_domain", "\(sub) is not in \(trustDomain)") }
+        let audiences: [String]
+        if let one = claims["aud"] as? String { audiences = [one] } else if let many = claims["aud"] as? [String] { audiences = many } else {
+            throw AuthorityError("bad_audience", "aud is missing")
+        }
+        guard audiences.contains(audience) else { throw AuthorityError("wrong_audience", "the token is not for '\(audience)'") }
+        guard let exp = (claims["exp"] as? NSNumber)?.doubleValue else { throw AuthorityError("missing_expiry", "exp is missing") }
+        guard exp > now.timeIntervalSince1970 else { throw AuthorityError("expired", "the token expired at \(Date(timeIntervalSince1970: exp))") }
+        return VerifiedJWT(spiffeID: spiffeID, audiences: audiences, expiry: Date(timeIntervalSince1970: exp),
+                           attributes: claims["warrant"] as? [String: String] ?? [:])
+    }
+}
+
+extension JWTVerifier {
+    /// ES256 as JWS uses it: r and s, 32 bytes each (IEEE P1363), over
+    /// SHA-256 of the message. Anything else is invalid.
+    public static func isValidES256(publicKey: P256.Signing.PublicKey, message: [UInt8], signature: [UInt8]) -> Bool {
+        guard signature.count == 64, let parsed = try? P256.Signing.ECDSASignature(rawRepresentation: signature) else { return false }
+        return publicKey.isValidSignature(parsed, for: message)
+    }
+
+    /// An ES256 verification key from a JWK: EC on P-256 only, and only if
+    /// the JWK allows signature checks (`use` absent, `sig` or `jwt-svid`;
+    /// `key_ops`, if present, holding `verify`; `alg`, if present, ES256).
+    public static func verificationKey(fromJWK jwk: [String: Any]) throws(AuthorityError) -> P256.Signing.PublicKey {
+        guard jwk["kty"] as? String == "EC", jwk["crv"] as? String == "P-256" else {
+            throw AuthorityError("unsupported_key", "only EC P-256 keys are accepted")
+        }
+        if let use = jwk["use"] { guard ["sig", "jwt-svid"].contains(use as? String ?? "") else { throw AuthorityError("wrong_key_use", "the key is for '\(use)', not signatures") } }
+        if let ops = jwk["key_ops"] { guard (ops as? [String])?.contains("verify") == true else { throw AuthorityError("wrong_key_use", "the key's key_ops do not allow verify") } }
+        if let alg = jwk["alg"] { guard alg as? String == "ES256" else { throw AuthorityError("bad_algorithm", "the key is for \(alg), not ES256") } }
+        guard let x = (jwk["x"] as? String).flatMap(Base64URL.decode), let y = (jwk["y"] as? String).flatMap(Base64URL.decode),
+              x.count == 32, y.count == 32, let key = try? P256.Signing.PublicKey(x963Representation: [0x04] + x + y) else {
+            throw AuthorityError("bad_key", "x and y are not a point on P-256")
+        }
+        return key
+    }
+
+    /// A compact JWS checked with ES256 pinned: the header must say ES256
+    /// and the signature must verify with `key`. (What a JWT-SVID check does
+    /// before its claims; the Wycheproof JWS vectors run through it.)
+    public static func isValidCompactES256(_ jws: String, key: P256.Signing.PublicKey) -> Bool {
+        let parts = jws.split(separator: ".", omittingEmptySubsequences: false)
+        guard parts.count == 3, let headerBytes = Base64URL.decode(parts[0]), Base64URL.decode(parts[1]) != nil,
+              let signature = Base64URL.decode(parts[2]),
+              let header = try? JSONSerialization.jsonObject(with: Data(headerBytes)) as? [String: Any],
+              header["alg"] as? String == "ES256" else { return false }
+        return isValidES256(publicKey: key, message: Array("\(parts[0]).\(parts[1])".utf8), signature: signature)
+    }
+}
+
+public enum Base64URL {
+    public static func encode(_ bytes: [UInt8]) -> String {
+        Data(bytes).base64EncodedString().replacingOccurrences(of: "+", with: "-").replacingOccurrences(of: "/", with: "_")
+            .replacingOccurrences(of: "=", with: "")
+    }
+
+    public static func decode(_ text: some StringProtocol) -> [UInt8]? {
+        guard text.utf8.allSatisfy({ ($0 >= 0x41 && $0 <= 0x5A) || ($0 >= 0x61 && $0 <= 0x7A) || ($0 >= 0x30 && $0 <= 0x39) || $0 == 0x2D || $0 == 0x5F }) else {
+            return nil
+        }
+        var base64 = text.replacingOccurrences(of: "-", with: "+").replacingOccurrences(of: "_", with: "/")
+        guard base64.count % 4 != 1 else { return nil }
+        base64 += String(repeating: "=", count: (4 - base64.count % 4) % 4)
+        return Data(base64Encoded: base64).map(Array.init)
+    }
+}

@@ -1,0 +1,90 @@
+/// A SPIFFE ID in canonical form (SPIFFE-ID.md): `spiffe://<trust domain>`
+/// followed by an optional path. Parsing refuses anything non-canonical
+/// rather than normalising it, so two spellings never name one identity.
+public struct SpiffeID: Sendable, Hashable, CustomStringConvertible {
+    public let trustDomain: String
+    /// "" or "/segment/segment".
+    public let path: String
+
+    public static let bytesMax = 2048
+    public static let trustDomainBytesMax = 255
+
+    public var description: String { "spiffe://\(trustDomain)\(path)" }
+
+    /// Why `text` is not a canonical SPIFFE ID, or the ID.
+    public init(parsing text: String) throws(SpiffeIDError) {
+        let bytes = Array(text.utf8)
+        guard bytes.count <= Self.bytesMax else { throw .tooLong(bytes.count) }
+        let scheme = Array("spiffe://".utf8)
+        guard bytes.starts(with: scheme) else { throw .badScheme }
+        let rest = bytes[scheme.count...]
+        let slash = rest.firstIndex(of: UInt8(ascii: "/")) ?? rest.endIndex
+        let domain = rest[rest.startIndex..<slash]
+        let pathBytes = rest[slash...]
+        guard !domain.isEmpty else { throw .emptyTrustDomain }
+        guard domain.count <= Self.trustDomainBytesMax else { throw .trustDomainTooLong(domain.count) }
+        for byte in domain where !Self.isTrustDomainByte(byte) {
+            throw .badTrustDomainCharacter(Character(Unicode.Scalar(byte)))
+        }
+        if !pathBytes.isEmpty {
+            guard pathBytes.last != UInt8(ascii: "/") else { throw .trailingSlash }
+            for segment in pathBytes.dropFirst().split(separator: UInt8(ascii: "/"), omittingEmptySubsequences: false) {
+                guard !segment.isEmpty else { throw .emptySegment }
+                guard !(segment.elementsEqual([UInt8(ascii: ".")]) || segment.elementsEqual([UInt8(ascii: "."), UInt8(ascii: ".")])) else {
+                    throw .dotSegment
+                }
+                for byte in segment where !Self.isPathByte(byte) {
+                    throw byte == UInt8(ascii: "%") ? .percentEncoded : .badPathCharacter(Character(Unicode.Scalar(byte)))
+                }
+            }
+        }
+        trustDomain = String(decoding: domain, as: UTF8.self)
+        path = String(decoding: pathBytes, as: UTF8.self)
+    }
+
+    /// An ID in `trustDomain` with `path` (which must start with '/').
+    public init(trustDomain: String, path: String) throws(SpiffeIDError) {
+        self = try SpiffeID(parsing: "spiffe://\(trustDomain)\(path)")
+    }
+
+    /// The trust domain's own ID (`spiffe://<td>`), used for bundles.
+    public var trustDomainID: String { "spiffe://\(trustDomain)" }
+
+    /// Lower-case letters, digits, '-', '.', '_'.
+    static func isTrustDomainByte(_ byte: UInt8) -> Bool {
+        (byte >= 0x61 && byte <= 0x7A) || (byte >= 0x30 && byte <= 0x39) || byte == 0x2D || byte == 0x2E || byte == 0x5F
+    }
+
+    /// Letters, digits, '-', '.', '_'.
+    static func isPathByte(_ byte: UInt8) -> Bool {
+        isTrustDomainByte(byte) || (byte >= 0x41 && byte <= 0x5A)
+    }
+}
+
+public enum SpiffeIDError: Error, Sendable, Hashable, CustomStringConvertible {
+    case tooLong(Int)
+    case badScheme
+    case emptyTrustDomain
+    case trustDomainTooLong(Int)
+    case badTrustDomainCharacter(Character)
+    case trailingSlash
+    case emptySegment
+    case dotSegment
+    case percentEncoded
+    case badPathCharacter(Character)
+
+    public var description: String {
+        switch self {
+        case .tooLong(let count): return "the SPIFFE ID is \(count) bytes; at most \(SpiffeID.bytesMax)"
+        case .badScheme: return "a SPIFFE ID starts with 'spiffe://' (lower case)"
+        case .emptyTrustDomain: return "the trust domain is empty"
+        case .trustDomainTooLong(let count): return "the trust domain is \(count) bytes; at most \(SpiffeID.trustDomainBytesMax)"
+        case .badTrustDomainCharacter(let c): return "the trust domain may hold only a-z, 0-9, '.', '-' and '_', not '\(c)' (it must be lower case)"
+        case .trailingSlash: return "the path must not end with '/'"
+        case .emptySegment: return "the path has an empty segment ('//')"
+        case .dotSegment: return "the path has a '.' or '..' segment"
+        case .percentEncoded: return "the path must not be percent-encoded"
+        case .badPathCharacter(let c): return "path segments may hold only letters, digits, '.', '-' and '_', not '\(c)'"
+        }
+    }
+}

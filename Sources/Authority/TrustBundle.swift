@@ -1,0 +1,134 @@
+import Crypto
+import Foundation
+import SwiftASN1
+@_spi(FixedExpiryValidationTime) import X509
+
+/// The keys a relying party trusts for one trust domain
+/// (SPIFFE_Trust_Domain_and_Bundle.md): X.509 authorities for X509-SVIDs
+/// and JWT keys for JWT-SVIDs, with a sequence number and refresh hint.
+public struct TrustBundle: Sendable {
+    public var trustDomain: String
+    public var x509Authorities: [Certificate]
+    public var jwtKeys: [String: P256.Signing.PublicKey]
+    public var sequence: UInt64
+    public var refreshHintSeconds: Int
+
+    public init(trustDomain: String, x509Authorities: [Certificate], jwtKeys: [String: P256.Signing.PublicKey], sequence: UInt64,
+                refreshHintSeconds: Int = 300) {
+        self.trustDomain = trustDomain
+        self.x509Authorities = x509Authorities
+        self.jwtKeys = jwtKeys
+        self.sequence = sequence
+        self.refreshHintSeconds = refreshHintSeconds
+    }
+
+    /// The SPIFFE bundle as a JWKS: `x509-svid` keys (no kid, the CA
+    /// certificate as the only x5c entry) and `jwt-svid` keys (with kid).
+    public func jwks() throws -> [UInt8] {
+        var keys: [[String: Any]] = []
+        for certificate in x509Authorities {
+            guard let key = P256.Signing.PublicKey(certificate.publicKey) else { continue }
+            var der = DER.Serializer()
+            try der.serialize(certificate)
+            var jwk = Self.ecJWK(key)
+            jwk["use"] = "x509-svid"
+            jwk["x5c"] = [Data(der.serializedBytes).base64EncodedString()]
+            keys.append(jwk)
+        }
+        for (kid, key) in jwtKeys.sorted(by: { $0.key < $1.key }) {
+            var jwk = Self.ecJWK(key)
+            jwk["use"] = "jwt-svid"
+            jwk["kid"] = kid
+            keys.append(jwk)
+        }
+        let bundle: [String: Any] = ["keys": keys, "spiffe_sequence": sequence, "spiffe_refresh_hint": refreshHintSeconds]
+        return Array(try JSONSerialization.data(withJSONObject: bundle, options: [.sortedKeys, .withoutEscapingSlashes]))
+    }
+
+    /// The JWT keys as an OIDC JWKS (`use: sig`, `alg: ES256`), for cloud
+    /// federation through the discovery document.
+    public func oidcJWKS() throws -> [UInt8] {
+        let keys: [[String: Any]] = jwtKeys.sorted(by: { $0.key < $1.key }).map { kid, key in
+            var jwk = Self.ecJWK(key)
+            jwk["use"] = "sig"
+            jwk["alg"] = "ES256"
+            jwk["kid"] = kid
+            return jwk
+        }
+        return Array(try JSONSerialization.data(withJSONObject: ["keys": keys], options: [.sortedKeys, .withoutEscapingSlashes]))
+    }
+
+    /// The X.509 authorities in PEM, for `openssl verify -CAfile`.
+    public func pem() throws -> String {
+        try x509Authorities.map { try $0.serializeAsPEM().pemString + "\n" }.joined()
+    }
+
+    static func ecJWK(_ key: P256.Signing.PublicKey) -> [String: Any] {
+        let raw = Array(key.x963Representation) // 0x04 | x | y
+        return ["kty": "EC", "crv": "P-256", "x": Base64URL.encode(Array(raw[1...32])), "y": Base64URL.encode(Array(raw[33...64]))]
+    }
+
+    /// Checks an X509-SVID chain (leaf first, then any intermediates)
+    /// against this bundle's authorities: RFC 5280 path validation at
+    /// `now`, then the X509-SVID rules on the leaf.
+    public func verifyX509(chain: [Certificate], now: Date = Date()) async throws(AuthorityError) -> VerifiedX509 {
+        guard let leaf = chain.first else { throw AuthorityError("empty_chain", "no certificate was given") }
+        guard !x509Authorities.isEmpty else { throw AuthorityError("untrusted", "the bundle trusts no X.509 authority") }
+        var verifier = Verifier(rootCertificates: CertificateStore(x509Authorities)) {
+            RFC5280Policy(fixedExpiryValidationTime: now)
+        }
+        let result = await verifier.validate(leaf: leaf, intermediates: CertificateStore(Array(chain.dropFirst())))
+        guard case .validCertificate = result else {
+            if case .couldNotValidate(let failures) = result {
+                throw AuthorityError("untrusted", "the chain does not lead to a trusted authority: \(failures.first.map { "\($0.policyFailureReason)" } ?? "no path")")
+            }
+            throw AuthorityError("untrusted", "the chain does not verify")
+        }
+        return try Self.checkLeaf(leaf, trustDomain: trustDomain)
+    }
+
+    /// The X509-SVID rules: one URI SAN naming a SPIFFE ID of this trust
+    /// domain, not a CA, KeyUsage present with digitalSignature and without
+    /// keyCertSign or cRLSign.
+    public static func checkLeaf(_ leaf: Certificate, trustDomain: String) throws(AuthorityError) -> VerifiedX509 {
+        let extensions = leaf.extensions
+        let uris: [String]
+        do {
+            uris = (try extensions.subjectAlternativeNames.map { Array($0) } ?? []).compactMap {
+                if case .uniformResourceIdentifier(let uri) = $0 { return uri }
+                return nil
+            }
+        } catch {
+            throw AuthorityError("bad_svid", "the SAN extension does not parse")
+        }
+        guard uris.count == 1 else { throw AuthorityError("bad_svid", "an X509-SVID has exactly one URI SAN; this has \(uris.count)") }
+        let spiffeID: SpiffeID
+        do {
+            spiffeID = try SpiffeID(parsing: uris[0])
+        } catch {
+            throw AuthorityError("bad_svid", "the URI SAN is not a SPIFFE ID: \(error)")
+        }
+        guard spiffeID.trustDomain == trustDomain else { throw AuthorityError("wrong_trust_domain", "\(spiffeID) is not in \(trustDomain)") }
+        guard let constraints = try? extensions.basicConstraints, case .notCertificateAuthority = constraints else {
+            throw AuthorityError("bad_svid", "a leaf must carry BasicConstraints with CA false")
+        }
+        guard let usage = try? extensions.keyUsage, usage.digitalSignature, !usage.keyCertSign, !usage.cRLSign else {
+            throw AuthorityError("bad_svid", "a leaf must carry KeyUsage with digitalSignature and without keyCertSign or cRLSign")
+        }
+        var attributes: Attributes = [:]
+        if let ext = extensions[oid: X509Authority.attributesExtensionOID],
+           let text = try? ASN1UTF8String(derEncoded: ext.value),
+           let decoded = try? JSONDecoder().decode(Attributes.self, from: Data(text.bytes)) {
+            attributes = decoded
+        }
+        return VerifiedX509(spiffeID: spiffeID, serialHex: leaf.serialNumber.bytes.map { String(format: "%02x", $0) }.joined(),
+                            notAfter: leaf.notValidAfter, attributes: attributes)
+    }
+}
+
+public struct VerifiedX509: Sendable {
+    public let spiffeID: SpiffeID
+    public let serialHex: String
+    public let notAfter: Date
+    public let attributes: Attributes
+}

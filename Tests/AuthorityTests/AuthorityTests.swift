@@ -1,0 +1,208 @@
+import Authority
+import Crypto
+import Foundation
+import SwiftASN1
+import Testing
+import X509
+
+func csr(for key: P256.Signing.PrivateKey, commonName: String = "anything") throws -> [UInt8] {
+    let request = try CertificateSigningRequest(version: .v1, subject: try DistinguishedName { CommonName(commonName) },
+                                                privateKey: .init(key), attributes: CertificateSigningRequest.Attributes())
+    var der = DER.Serializer()
+    try der.serialize(request)
+    return der.serializedBytes
+}
+
+@Suite("SPIFFE IDs")
+struct SpiffeIDTests {
+    @Test("Canonical IDs parse", arguments: ["spiffe://example.org", "spiffe://example.org/ci/github/acme/repo", "spiffe://a-b_c.d/Path.With-Mixed_Case/9"])
+    func valid(text: String) throws {
+        #expect(try SpiffeID(parsing: text).description == text)
+    }
+
+    @Test("Non-canonical IDs are refused with the reason", arguments: [
+        ("SPIFFE://example.org/a", SpiffeIDError.badScheme),
+        ("https://example.org/a", .badScheme),
+        ("spiffe:///a", .emptyTrustDomain),
+        ("spiffe://Example.org/a", .badTrustDomainCharacter("E")),
+        ("spiffe://example.org:443/a", .badTrustDomainCharacter(":")),
+        ("spiffe://user@example.org/a", .badTrustDomainCharacter("@")),
+        ("spiffe://example.org/a/", .trailingSlash),
+        ("spiffe://example.org//a", .emptySegment),
+        ("spiffe://example.org/a/../b", .dotSegment),
+        ("spiffe://example.org/./b", .dotSegment),
+        ("spiffe://example.org/a%2Fb", .percentEncoded),
+        ("spiffe://example.org/a?b", .badPathCharacter("?")),
+        ("spiffe://example.org/a#b", .badPathCharacter("#")),
+    ])
+    func invalid(text: String, error: SpiffeIDError) {
+        #expect(throws: error) { try SpiffeID(parsing: text) }
+    }
+
+    @Test("Length limits: 2048 bytes in all, 255 for the trust domain")
+    func lengths() throws {
+        let longPath = "spiffe://example.org/" + String(repeating: "a", count: 2048 - 21)
+        #expect(try SpiffeID(parsing: longPath).description.utf8.count == 2048)
+        #expect(throws: SpiffeIDError.tooLong(2049)) { try SpiffeID(parsing: longPath + "a") }
+        #expect(throws: SpiffeIDError.trustDomainTooLong(256)) { try SpiffeID(parsing: "spiffe://" + String(repeating: "d", count: 256)) }
+    }
+}
+
+@Suite("X509-SVIDs")
+struct X509SVIDTests {
+    let ca: X509Authority
+    let id: SpiffeID
+
+    init() throws {
+        ca = try X509Authority.create(trustDomain: "example.org")
+        id = try SpiffeID(parsing: "spiffe://example.org/ci/acme/build")
+    }
+
+    @Test("An issued SVID follows every X509-SVID rule and carries the attested context")
+    func rules() async throws {
+        let key = P256.Signing.PrivateKey()
+        let publicKey = try X509Authority.publicKey(fromCSR: try csr(for: key, commonName: "ignored.example"))
+        let now = Date()
+        let issued = try ca.issue(spiffeID: id, publicKey: publicKey, ttl: 600, attributes: ["repository": "acme/build", "sha": "abc123"], now: now)
+        let cert = issued.certificate
+        #expect(cert.publicKey == Certificate.PublicKey(key.publicKey))
+        let uris = try #require(try cert.extensions.subjectAlternativeNames).compactMap { if case .uniformResourceIdentifier(let u) = $0 { u } else { nil } }
+        #expect(uris == [id.description])
+        #expect(try cert.extensions.subjectAlternativeNames?.count == 1, "no other SAN, whatever the CSR asked")
+        #expect(try cert.extensions.basicConstraints == .notCertificateAuthority)
+        let usage = try #require(cert.extensions[oid: .X509ExtensionID.keyUsage])
+        #expect(usage.critical)
+        #expect(try cert.extensions.keyUsage == KeyUsage(digitalSignature: true))
+        #expect(try cert.extensions.extendedKeyUsage.map(Array.init) == [.serverAuth, .clientAuth])
+        let serial = cert.serialNumber.bytes
+        #expect(serial.count <= 16 && serial.first.map { $0 & 0x80 == 0 } == true && serial.contains { $0 != 0 })
+        #expect(cert.notValidBefore < now && cert.notValidBefore > now.addingTimeInterval(-120))
+        #expect(abs(cert.notValidAfter.timeIntervalSince(now.addingTimeInterval(600))) < 2)
+        #expect(!cert.subject.description.contains("ignored.example"))
+        let bundle = TrustBundle(trustDomain: "example.org", x509Authorities: [ca.certificate], jwtKeys: [:], sequence: 1)
+        let verified = try await bundle.verifyX509(chain: [cert])
+        #expect(verified.spiffeID == id && verified.attributes == ["repository": "acme/build", "sha": "abc123"])
+    }
+
+    @Test("Lifetimes stop at the CA's end; other trust domains are refused")
+    func limits() throws {
+        let now = Date()
+        let shortCA = try X509Authority.create(trustDomain: "example.org", now: now, validity: 300)
+        let key = Certificate.PublicKey(P256.Signing.PrivateKey().publicKey)
+        let issued = try shortCA.issue(spiffeID: id, publicKey: key, ttl: 3_600, attributes: [:], now: now)
+        #expect(issued.certificate.notValidAfter == shortCA.certificate.notValidAfter)
+        #expect(throws: AuthorityError.self) { try ca.issue(spiffeID: try SpiffeID(parsing: "spiffe://other.org/x"), publicKey: key, ttl: 60, attributes: [:]) }
+    }
+
+    @Test("A CSR whose signature does not match its key, or that is not a CSR, is refused")
+    func badCSRs() throws {
+        var bytes = try csr(for: P256.Signing.PrivateKey())
+        bytes[bytes.count - 5] ^= 0x55
+        func code(_ der: [UInt8]) -> String? {
+            do {
+                _ = try X509Authority.publicKey(fromCSR: der)
+                return nil
+            } catch {
+                return error.code
+            }
+        }
+        #expect(code(bytes) == "bad_csr_signature" || code(bytes) == "bad_csr")
+        #expect(code([0x30, 0x03, 0x02, 0x01, 0x01]) == "bad_csr")
+        #expect(code(try csr(for: P256.Signing.PrivateKey())) == nil)
+    }
+
+    @Test("Verification refuses another CA's SVID, an expired one, and a CA certificate posing as a leaf")
+    func verificationRefusals() async throws {
+        let key = Certificate.PublicKey(P256.Signing.PrivateKey().publicKey)
+        let issued = try ca.issue(spiffeID: id, publicKey: key, ttl: 60, attributes: [:])
+        let other = try X509Authority.create(trustDomain: "example.org")
+        let wrongBundle = TrustBundle(trustDomain: "example.org", x509Authorities: [other.certificate], jwtKeys: [:], sequence: 1)
+        await #expect(throws: AuthorityError.self) { _ = try await wrongBundle.verifyX509(chain: [issued.certificate]) }
+        let bundle = TrustBundle(trustDomain: "example.org", x509Authorities: [ca.certificate], jwtKeys: [:], sequence: 1)
+        await #expect(throws: AuthorityError.self) { _ = try await bundle.verifyX509(chain: [issued.certificate], now: Date().addingTimeInterval(120)) }
+        #expect(throws: AuthorityError.self) { _ = try TrustBundle.checkLeaf(ca.certificate, trustDomain: "example.org") }
+        let empty = TrustBundle(trustDomain: "example.org", x509Authorities: [], jwtKeys: [:], sequence: 1)
+        await #expect(throws: AuthorityError.self) { _ = try await empty.verifyX509(chain: [issued.certificate]) }
+    }
+}
+
+@Suite("JWT-SVIDs")
+struct JWTSVIDTests {
+    let signer = JWTAuthority.create(trustDomain: "example.org")
+    let id = try! SpiffeID(parsing: "spiffe://example.org/ci/acme/deploy")
+
+    var verifier: JWTVerifier { JWTVerifier(trustDomain: "example.org", keys: [signer.keyID: signer.publicKey]) }
+
+    @Test("A JWT-SVID verifies for its audience, with its claims, and not for another audience")
+    func roundTrip() throws {
+        let issued = try signer.issue(spiffeID: id, audiences: ["sts.amazonaws.com"], ttl: 300, attributes: ["repository": "acme/deploy"])
+        let verified = try verifier.verify(issued.token, audience: "sts.amazonaws.com")
+        #expect(verified.spiffeID == id && verified.attributes == ["repository": "acme/deploy"])
+        #expect(throws: AuthorityError.self) { try verifier.verify(issued.token, audience: "other") }
+        let header = try #require(Base64URL.decode(issued.token.split(separator: ".")[0]))
+        let object = try #require(try JSONSerialization.jsonObject(with: Data(header)) as? [String: String])
+        #expect(object == ["alg": "ES256", "kid": signer.keyID, "typ": "JWT"])
+    }
+
+    /// A token with `header` and `claims`, signed by the real key.
+    func forge(_ header: [String: Any], _ claims: [String: Any], key: P256.Signing.PrivateKey? = nil) throws -> String {
+        let h = Base64URL.encode(Array(try JSONSerialization.data(withJSONObject: header)))
+        let c = Base64URL.encode(Array(try JSONSerialization.data(withJSONObject: claims)))
+        let signingKey = key ?? P256.Signing.PrivateKey()
+        let signature = try signingKey.signature(for: Array("\(h).\(c)".utf8))
+        return "\(h).\(c).\(Base64URL.encode(Array(signature.rawRepresentation)))"
+    }
+
+    @Test("alg none, HS256, extra header fields, unknown kid, a foreign key, no exp, expired, tampered: each refused with its code")
+    func refusals() throws {
+        let exp = Int(Date().timeIntervalSince1970) + 300
+        let claims: [String: Any] = ["sub": id.description, "aud": "x", "exp": exp]
+        let foreign = P256.Signing.PrivateKey()
+        let other = JWTVerifier(trustDomain: "example.org", keys: [signer.keyID: signer.publicKey, "f": foreign.publicKey])
+        let cases: [(String, String)] = [
+            (try forge(["alg": "none", "kid": signer.keyID], claims), "bad_algorithm"),
+            (try forge(["alg": "HS256", "kid": signer.keyID], claims), "bad_algorithm"),
+            (try forge(["alg": "ES256", "kid": signer.keyID, "jku": "https://evil"], claims), "bad_header"),
+            (try forge(["alg": "ES256", "kid": "nope"], claims), "unknown_key"),
+            (try forge(["alg": "ES256"], claims), "missing_kid"),
+            (try forge(["alg": "ES256", "kid": signer.keyID], claims), "bad_signature"),
+            (try forge(["alg": "ES256", "kid": "f"], ["sub": id.description, "aud": "x"], key: foreign), "missing_expiry"),
+            (try forge(["alg": "ES256", "kid": "f"], ["sub": id.description, "aud": "x", "exp": 1], key: foreign), "expired"),
+            (try forge(["alg": "ES256", "kid": "f"], ["sub": "spiffe://other.org/x", "aud": "x", "exp": exp], key: foreign), "wrong_trust_domain"),
+            (try forge(["alg": "ES256", "kid": "f"], ["sub": id.description, "exp": exp], key: foreign), "bad_audience"),
+            ("a.b", "malformed_token"),
+            (String(repeating: "a", count: 20_000), "token_too_large"),
+        ]
+        for (token, code) in cases {
+            do {
+                _ = try other.verify(token, audience: "x")
+                Issue.record("accepted a token that should fail with \(code)")
+            } catch {
+                #expect(error.code == code, "expected \(code), got \(error)")
+            }
+        }
+        // Another subject, the signature left as it was.
+        let parts = try signer.issue(spiffeID: id, audiences: ["x"], ttl: 60, attributes: [:]).token.split(separator: ".").map(String.init)
+        let otherClaims = Base64URL.encode(Array(try JSONSerialization.data(withJSONObject: ["sub": "spiffe://example.org/admin", "aud": "x", "exp": exp])))
+        #expect(throws: AuthorityError.self) { try verifier.verify("\(parts[0]).\(otherClaims).\(parts[2])", audience: "x") }
+        #expect(try verifier.verify(parts.joined(separator: "."), audience: "x").spiffeID == id)
+    }
+}
+
+@Suite("Trust bundles")
+struct BundleTests {
+    @Test("The SPIFFE JWKS: x509-svid keys without kid and one x5c; jwt-svid keys with kid; sequence and refresh hint")
+    func jwks() throws {
+        let ca = try X509Authority.create(trustDomain: "example.org")
+        let signer = JWTAuthority.create(trustDomain: "example.org")
+        let bundle = TrustBundle(trustDomain: "example.org", x509Authorities: [ca.certificate], jwtKeys: [signer.keyID: signer.publicKey], sequence: 7)
+        let object = try #require(try JSONSerialization.jsonObject(with: Data(try bundle.jwks())) as? [String: Any])
+        #expect(object["spiffe_sequence"] as? Int == 7 && object["spiffe_refresh_hint"] as? Int == 300)
+        let keys = try #require(object["keys"] as? [[String: Any]])
+        let x509 = try #require(keys.first { $0["use"] as? String == "x509-svid" })
+        #expect(x509["kid"] == nil && (x509["x5c"] as? [String])?.count == 1 && x509["kty"] as? String == "EC")
+        let jwt = try #require(keys.first { $0["use"] as? String == "jwt-svid" })
+        #expect(jwt["kid"] as? String == signer.keyID && jwt["x5c"] == nil)
+        #expect(try bundle.pem().hasPrefix("-----BEGIN CERTIFICATE-----"))
+    }
+}
