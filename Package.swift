@@ -56,13 +56,14 @@ let package = Package(
         // Wires it all: the driver loop, the node process, the HTTPS API
         // (forwarding, metrics), the cluster's files and the admin client.
         .target(name: "Node", dependencies: [
-            "Raft", "Ledger", "Storage", "Transport",
+            "Raft", "Ledger", "Storage", "Transport", "Authority",
             .product(name: "Yams", package: "Yams"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),
             .product(name: "NIOSSL", package: "swift-nio-ssl"),
             .product(name: "X509", package: "swift-certificates"),
+            .product(name: "SwiftASN1", package: "swift-asn1"),
             .product(name: "Crypto", package: "swift-crypto"),
         ], swiftSettings: strict),
         // The operator's command: node start, cluster init/status, documents,

@@ -24,6 +24,13 @@ public struct LedgerCommand: Sendable, Hashable {
         /// (expectedVersion > 0), or writes unconditionally (nil).
         case putDocument(name: String, format: DocumentFormat, content: [UInt8], expectedVersion: UInt64?)
         case deleteDocument(name: String, expectedVersion: UInt64?)
+        /// Records a join token (its hash) that one issuance may consume.
+        case createJoinToken(JoinToken)
+        /// Stores the trust domain's keyring (keys sealed with the KEK) once.
+        case initializeAuthority(keyring: [UInt8])
+        /// An identity the leader signed: consumes its token (or replays the
+        /// identity already issued for the same idempotency key).
+        case recordIssuance(Issuance)
     }
 
     public var timeMillis: UInt64
@@ -50,6 +57,17 @@ public struct LedgerCommand: Sendable, Hashable {
             }
         case .deleteDocument(let name, _):
             if let reason = Self.invalidName(name) { return reason }
+        case .createJoinToken(let token):
+            guard AuthorityDocuments.isHex(token.hash, count: 64) else { return "a token hash is 64 lower-case hex digits" }
+            guard token.spiffeID.utf8.count <= 2048 else { return "the SPIFFE ID is longer than 2048 bytes" }
+        case .initializeAuthority(let keyring):
+            guard keyring.count <= LedgerLimits.documentContentBytesMax else { return "the keyring is too large" }
+        case .recordIssuance(let issuance):
+            guard AuthorityDocuments.isHex(issuance.tokenHash, count: 64) else { return "a token hash is 64 lower-case hex digits" }
+            guard issuance.idempotencyKey.isEmpty || AuthorityDocuments.isHex(issuance.idempotencyKey, count: 64) else {
+                return "an idempotency key hash is 64 lower-case hex digits"
+            }
+            guard issuance.artifact.count <= 64 << 10 else { return "the issued artifact is larger than 64 KiB" }
         }
         return nil
     }
@@ -95,6 +113,15 @@ public struct LedgerCommand: Sendable, Hashable {
             w.write(UInt8(2))
             w.writeBytes(Array(name.utf8))
             Self.write(expected, &w)
+        case .createJoinToken(let token):
+            w.write(UInt8(3))
+            w.writeBytes((try? CanonicalJSON.encode(token)) ?? [])
+        case .initializeAuthority(let keyring):
+            w.write(UInt8(4))
+            w.writeBytes(keyring)
+        case .recordIssuance(let issuance):
+            w.write(UInt8(5))
+            w.writeBytes((try? CanonicalJSON.encode(issuance)) ?? [])
         }
         return w.bytes
     }
@@ -123,6 +150,18 @@ public struct LedgerCommand: Sendable, Hashable {
         case 2:
             let name = try Self.readString(&r, "document name", LedgerLimits.documentNameBytesMax)
             operation = .deleteDocument(name: name, expectedVersion: try Self.readVersion(&r))
+        case 3:
+            guard let token = CanonicalJSON.decode(JoinToken.self, try r.readBytes("join token", limit: 16 << 10)) else {
+                throw .invalid(field: "join token", reason: "not a join token")
+            }
+            operation = .createJoinToken(token)
+        case 4:
+            operation = .initializeAuthority(keyring: try r.readBytes("keyring", limit: LedgerLimits.documentContentBytesMax))
+        case 5:
+            guard let issuance = CanonicalJSON.decode(Issuance.self, try r.readBytes("issuance", limit: 256 << 10)) else {
+                throw .invalid(field: "issuance", reason: "not an issuance")
+            }
+            operation = .recordIssuance(issuance)
         case let tag:
             throw .unknownTag(field: "operation", tag: tag)
         }

@@ -39,6 +39,9 @@ public struct LedgerOutcome: Sendable, Hashable {
         case written(version: UInt64)
         case deleted
         case rejected(String)
+        /// The identity issued for this request, or (`replayed`) the one
+        /// already issued for the same idempotency key.
+        case issued(artifact: [UInt8], replayed: Bool)
     }
 
     public var logIndex: LogIndex
@@ -87,12 +90,19 @@ public enum Ledger {
             switch command.operation {
             case .putDocument(let name, _, _, _): (action, target) = ("document.put", name)
             case .deleteDocument(let name, _): (action, target) = ("document.delete", name)
+            case .createJoinToken(let token): (action, target) = ("token.create", token.spiffeID)
+            case .initializeAuthority: (action, target) = ("authority.initialize", AuthorityDocuments.keyring)
+            case .recordIssuance(let issuance): (action, target) = ("identity.issue", issuance.spiffeID)
             }
             let resultText: String
             switch result {
             case .written(let version): resultText = "ok: version \(version)"
             case .deleted: resultText = "ok: deleted"
             case .rejected(let reason): resultText = "rejected: \(reason)"
+            case .issued(_, let replayed):
+                guard case .recordIssuance(let i) = command.operation else { resultText = "ok"; break }
+                resultText = (replayed ? "replayed" : "ok") + ": \(i.kind.rawValue) serial=\(i.serial) sha256=\(i.fingerprint) ttl=\(i.ttlSeconds)s"
+                    + " not_after=\(i.notAfterMillis) token=\(i.tokenHash.prefix(16)) node=\(i.node) request=\(command.requestID)"
             }
             try audit(&tables, entry, timeMillis: command.timeMillis, actor: command.actor, action: action, target: target, result: resultText)
             return LedgerOutcome(logIndex: entry.index, requestID: command.requestID, result: result)
@@ -119,7 +129,44 @@ public enum Ledger {
             }
             try tables.deleteDocument(named: name)
             return .deleted
+        case .createJoinToken(let token):
+            let name = AuthorityDocuments.token(token.hash)
+            guard try tables.document(named: name) == nil else { return .rejected("a token with this hash already exists") }
+            try tables.put(Document(name: name, format: .json, content: try CanonicalJSON.encode(token), version: 1, logIndex: index))
+            return .written(version: 1)
+        case .initializeAuthority(let keyring):
+            guard try tables.document(named: AuthorityDocuments.keyring) == nil else { return .rejected("the authority is already initialized") }
+            try tables.put(Document(name: AuthorityDocuments.keyring, format: .json, content: keyring, version: 1, logIndex: index))
+            return .written(version: 1)
+        case .recordIssuance(let issuance):
+            return try issue(issuance, command.timeMillis, index, &tables)
         }
+    }
+
+    /// Replays the identity already issued for the idempotency key, or
+    /// consumes the join token (once, unexpired, for this SPIFFE ID) and
+    /// records the issuance.
+    private static func issue(_ issuance: Issuance, _ now: UInt64, _ index: LogIndex, _ tables: inout some LedgerTables) throws -> LedgerOutcome.Result {
+        if !issuance.idempotencyKey.isEmpty, let earlier = try tables.document(named: AuthorityDocuments.idempotency(issuance.idempotencyKey)),
+           let recorded = CanonicalJSON.decode(Issuance.self, earlier.content) {
+            guard recorded.tokenHash == issuance.tokenHash else { return .rejected("the idempotency key was used with another token") }
+            return .issued(artifact: recorded.artifact, replayed: true)
+        }
+        let tokenName = AuthorityDocuments.token(issuance.tokenHash)
+        guard let document = try tables.document(named: tokenName), var token = CanonicalJSON.decode(JoinToken.self, document.content) else {
+            return .rejected("unknown join token")
+        }
+        guard !token.used else { return .rejected("the join token was already used") }
+        guard token.expiresAtMillis > now else { return .rejected("the join token expired") }
+        guard token.spiffeID == issuance.spiffeID else { return .rejected("the join token is for another SPIFFE ID") }
+        token.used = true
+        token.usedBySerial = issuance.serial
+        try tables.put(Document(name: tokenName, format: .json, content: try CanonicalJSON.encode(token), version: document.version + 1, logIndex: index))
+        if !issuance.idempotencyKey.isEmpty {
+            try tables.put(Document(name: AuthorityDocuments.idempotency(issuance.idempotencyKey), format: .json,
+                                    content: try CanonicalJSON.encode(issuance), version: 1, logIndex: index))
+        }
+        return .issued(artifact: issuance.artifact, replayed: false)
     }
 
     private static func audit(_ tables: inout some LedgerTables, _ entry: Entry, timeMillis: UInt64, actor: String,

@@ -66,6 +66,8 @@ public struct NodeConfig: Sendable, Hashable {
     public var tlsCertificateFile: String
     public var tlsKeyFile: String
     public var keyEncryptionKeyFile: String
+    /// The SPIFFE trust domain this cluster issues identities in.
+    public var trustDomain: String
     public var tickIntervalMilliseconds: Int
     public var electionTimeoutTicks: Int
     public var heartbeatIntervalTicks: Int
@@ -92,7 +94,7 @@ public struct NodeConfig: Sendable, Hashable {
         } catch {
             throw NodeConfigError(path: "", problem: "not valid YAML: \(error)")
         }
-        let top = try Section(root, "", keys: ["node", "peers", "tls", "key_encryption_key_file", "raft"])
+        let top = try Section(root, "", keys: ["node", "peers", "tls", "key_encryption_key_file", "raft", "trust_domain"])
         let node = try top.section("node", keys: ["id", "data_dir", "listen", "join"])
         id = try node.integer("id", in: 1...Int.max).asNodeID
         dataDirectory = try node.string("data_dir")
@@ -122,6 +124,11 @@ public struct NodeConfig: Sendable, Hashable {
         tlsCertificateFile = try tls.string("certificate")
         tlsKeyFile = try tls.string("key")
         keyEncryptionKeyFile = try top.string("key_encryption_key_file")
+        trustDomain = try top.optionalString("trust_domain") ?? "warrant.local"
+        guard !trustDomain.isEmpty, trustDomain.utf8.count <= 255,
+              trustDomain.utf8.allSatisfy({ ($0 >= 0x61 && $0 <= 0x7A) || ($0 >= 0x30 && $0 <= 0x39) || $0 == 0x2D || $0 == 0x2E || $0 == 0x5F }) else {
+            throw NodeConfigError(path: "trust_domain", problem: "'\(trustDomain)' is not a trust domain name (lower-case a-z, 0-9, '.', '-', '_'; at most 255 bytes)")
+        }
 
         let raft = try top.section("raft", keys: ["tick_interval_ms", "election_timeout_ticks", "heartbeat_interval_ticks", "snapshot_every_entries"], optional: true)
         snapshotEveryEntries = try raft.integer("snapshot_every_entries", in: Self.snapshotEveryEntries, default: 50_000)
@@ -170,6 +177,11 @@ private struct Section {
         guard let node = mapping?[key] else { throw NodeConfigError(path: path(key), problem: "is missing") }
         guard let sequence = node.sequence else { throw NodeConfigError(path: path(key), problem: "must be a list") }
         return Array(sequence)
+    }
+
+    func optionalString(_ key: String) throws(NodeConfigError) -> String? {
+        guard mapping?[key] != nil else { return nil }
+        return try string(key)
     }
 
     func string(_ key: String) throws(NodeConfigError) -> String {

@@ -1,4 +1,5 @@
 import Foundation
+import Ledger
 import NIOCore
 import NIOPosix
 import Raft
@@ -55,6 +56,7 @@ public final class NodeServer: Sendable {
     let members: MemberDirectory
     let api: NodeAPI
     let http: HTTPServer
+    let authority: AuthorityService
     let networkGroup: MultiThreadedEventLoopGroup
     let driverGroup: MultiThreadedEventLoopGroup
     private let stopping = Atomic<Bool>(false)
@@ -129,7 +131,11 @@ public final class NodeServer: Sendable {
                     }
                 }
             })
-        api = NodeAPI(id: config.id, driver: driver, store: store, members: members, forwarder: try Forwarder(identity: identity), metrics: metrics)
+        authority = AuthorityService(trustDomain: config.trustDomain,
+                                     kek: try KeyEncryptionKey.load(path: ClusterFiles.resolve(config.keyEncryptionKeyFile, relativeTo: configPath)),
+                                     store: store)
+        api = NodeAPI(id: config.id, driver: driver, store: store, members: members, forwarder: try Forwarder(identity: identity), metrics: metrics,
+                      authority: authority)
         let api = self.api
         http = try HTTPServer(group: networkGroup, identity: identity) { request in await api.handle(request) }
     }
@@ -190,7 +196,27 @@ public final class NodeServer: Sendable {
                 lastRole = status.role
                 lastLeader = status.leaderID
             }
-            if status.role == .leader { await promoteCaughtUpLearners(status) }
+            if status.role == .leader {
+                await promoteCaughtUpLearners(status)
+                await initializeAuthorityIfMissing()
+            }
+        }
+    }
+
+    /// The first leader makes the trust domain's keys (sealed with the
+    /// KEK) and commits them; the ledger keeps the first that commits.
+    private func initializeAuthorityIfMissing() async {
+        do {
+            guard try store.document(named: AuthorityDocuments.keyring) == nil else { return }
+            let keyring = try authority.makeKeyring()
+            let (outcome, _) = try await driver.write(LedgerCommand(timeMillis: UInt64(Date().timeIntervalSince1970 * 1000), actor: "node:\(config.id)",
+                                                                    requestID: "authority-init-\(UUID().uuidString)",
+                                                                    operation: .initializeAuthority(keyring: keyring)))
+            if case .written = outcome.result {
+                log.info("trust domain keys created", ["trust_domain": config.trustDomain])
+            }
+        } catch {
+            log.warning("could not create the trust domain's keys yet", ["error": "\(error)"])
         }
     }
 

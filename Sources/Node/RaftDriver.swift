@@ -60,8 +60,8 @@ public actor RaftDriver {
     private var flushScheduled = false
     /// A deliberate bug for showing that the crash harness catches lost
     /// acknowledged writes: writes are answered as soon as the leader
-    /// appends them in memory; they are persisted, sent and committed at
-    /// the next tick.
+    /// appends them in memory (persisted, sent and committed at the next
+    /// tick), or as soon as a follower sends them on.
     /// Only debug builds let a node turn it on (WARRANT_PLANTED_BUG).
     private var acknowledgeBeforeCommit = false
 
@@ -260,6 +260,10 @@ public actor RaftDriver {
             throw DriverError.raft(error)
         }
         metrics.forwardedWrites.add(1)
+        if acknowledgeBeforeCommit {
+            // The planted bug, follower side: answered as soon as it is sent on.
+            return (LedgerOutcome(logIndex: 0, requestID: command.requestID, result: .written(version: 1)), raft.leaderID)
+        }
         let term = raft.term
         return try await withCheckedThrowingContinuation { continuation in
             forwardedWrites[command.requestID] = ForwardedWrite(term: term, deadlineTick: ticks + requestTimeoutTicks, continuation: continuation)

@@ -9,7 +9,8 @@ struct Warrant: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "warrant",
         abstract: "Short-lived machine identity, issued by a replicated cluster.",
-        subcommands: [NodeCommand.self, ClusterCommand.self, DocumentCommand.self, AuditCommand.self, MemberCommand.self, LeaderCommand.self])
+        subcommands: [NodeCommand.self, ClusterCommand.self, DocumentCommand.self, AuditCommand.self, MemberCommand.self, LeaderCommand.self,
+                      TokenCommand.self, SVIDCommand.self, BundleCommand.self])
 }
 
 /// How the CLI reaches the cluster: the directory `cluster init` wrote
@@ -356,5 +357,83 @@ struct LeaderCommand: AsyncParsableCommand {
             try finish(try await client.request(.POST, "/v1/cluster/leader", headers: [("content-type", "application/json")],
                                                 body: APIJSON.encode(TransferRequest(to: to))))
         }
+    }
+}
+
+struct TokenCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "token", abstract: "One-time join tokens.", subcommands: [Create.self])
+
+    struct Create: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Make a join token that one job can exchange, once, for an identity.")
+        @OptionGroup var connection: ConnectionOptions
+        @Option(help: "The SPIFFE ID the token may be exchanged for.") var spiffeId: String
+        @Option(help: "The longest the identity may live, in seconds.") var ttl: UInt32 = 3_600
+        @Option(help: "How long the token itself stays valid, in seconds.") var validFor: UInt32 = 600
+        @Flag(help: "Print only the token (for scripts).") var quiet = false
+
+        func run() async throws {
+            let client = try connection.client()
+            let request: [String: Any] = ["spiffe_id": spiffeId, "ttl_seconds": ttl, "valid_for_seconds": validFor]
+            let response = try await client.request(.POST, "/v1/tokens", headers: [("content-type", "application/json")],
+                                                    body: Array(try JSONSerialization.data(withJSONObject: request)))
+            if quiet, response.status == .created, let body = try JSONSerialization.jsonObject(with: Data(response.body)) as? [String: Any],
+               let token = body["token"] as? String {
+                print(token)
+                return
+            }
+            try finish(response)
+        }
+    }
+}
+
+struct SVIDCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "svid", abstract: "Exchange a join token for an identity.", subcommands: [X509.self, JWT.self])
+
+    struct X509: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Send a CSR and a join token; write the X509-SVID and the trust bundle as PEM.")
+        @OptionGroup var connection: ConnectionOptions
+        @Option(help: "The join token.") var token: String
+        @Option(help: "A PEM PKCS#10 request (its key is the only thing used).") var csr: String
+        @Option(help: "Where to write the certificate.") var out: String = "svid.pem"
+        @Option(help: "Where to write the trust bundle.") var bundleOut: String = "bundle.pem"
+        @Option(help: "The same key returns the same identity when a request is retried.") var idempotencyKey: String?
+
+        func run() async throws {
+            let client = try connection.client()
+            var request: [String: Any] = ["token": token, "csr": try String(contentsOfFile: csr, encoding: .utf8)]
+            if let idempotencyKey { request["idempotency_key"] = idempotencyKey }
+            let response = try await client.request(.POST, "/v1/svid/x509", headers: [("content-type", "application/json")],
+                                                    body: Array(try JSONSerialization.data(withJSONObject: request)))
+            guard response.status == .ok, let body = try JSONSerialization.jsonObject(with: Data(response.body)) as? [String: Any],
+                  let certificate = body["certificate"] as? String, let bundle = body["bundle"] as? String else { return try finish(response) }
+            try certificate.write(toFile: out, atomically: true, encoding: .utf8)
+            try bundle.write(toFile: bundleOut, atomically: true, encoding: .utf8)
+            print("\(body["spiffe_id"] ?? "") serial \(body["serial"] ?? "") until \(body["expires_at"] ?? ""): wrote \(out) and \(bundleOut)")
+        }
+    }
+
+    struct JWT: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Exchange a join token for a JWT-SVID for the given audiences.")
+        @OptionGroup var connection: ConnectionOptions
+        @Option(help: "The join token.") var token: String
+        @Option(help: "An audience (repeat for more).") var audience: [String]
+
+        func run() async throws {
+            let client = try connection.client()
+            let request: [String: Any] = ["token": token, "audience": audience]
+            try finish(try await client.request(.POST, "/v1/svid/jwt", headers: [("content-type", "application/json")],
+                                                body: Array(try JSONSerialization.data(withJSONObject: request))))
+        }
+    }
+}
+
+struct BundleCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "bundle", abstract: "Print the trust bundle (SPIFFE JWKS, or PEM).")
+    @OptionGroup var connection: ConnectionOptions
+    @Flag(help: "The X.509 authorities in PEM instead of the JWKS.") var pem = false
+
+    func run() async throws {
+        let client = try connection.client()
+        try finish(try await client.request(.GET, pem ? "/v1/bundle.pem" : "/v1/bundle"))
     }
 }

@@ -32,7 +32,7 @@ struct APITests {
 
     @Test("Documents, forwarding, compare-and-set, reads, audit, metrics and every refusal, each status as documented")
     func scenario() async throws {
-        let cluster = try InProcessCluster()
+        let cluster = try await InProcessCluster.start()
         let document = try OpenAPIDocument(path: "\(repositoryRoot)/docs/openapi.yaml")
         var undocumented: [String] = []
         func call(_ connection: HTTPConnection, _ method: HTTPMethod, _ uri: String, route: String, body: String = "",
@@ -161,7 +161,7 @@ struct APITests {
 
     @Test("Membership: a node joins as a learner through a chunked snapshot, is promoted once caught up, takes leadership, and a founding node is removed")
     func membership() async throws {
-        let cluster = try InProcessCluster(snapshotEveryEntries: 100)
+        let cluster = try await InProcessCluster.start(snapshotEveryEntries: 100)
         do {
             let first = try #require(await cluster.waitForLeader())
             // 10 KB documents, enough for a snapshot well over one 1 MiB piece.

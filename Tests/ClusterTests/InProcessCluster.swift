@@ -5,16 +5,47 @@ import NIOHTTP1
 import NIOSSL
 import Node
 
+/// One in-process cluster at a time: they share this process's threads with
+/// every other suite, and two at once starved each other's elections.
+actor ClusterSlot {
+    static let shared = ClusterSlot()
+    private var busy = false
+    private var waiters: [CheckedContinuation<Void, Never>] = []
+
+    func acquire() async {
+        if !busy {
+            busy = true
+            return
+        }
+        await withCheckedContinuation { waiters.append($0) }
+    }
+
+    func release() {
+        if waiters.isEmpty { busy = false } else { waiters.removeFirst().resume() }
+    }
+}
+
 /// Node servers in this process (real TLS, HTTP, TCP and SQLite), on
-/// loopback ports picked at random.
+/// loopback ports picked at random. Make one with `start()`; `shutdown()`
+/// frees the slot for the next.
 final class InProcessCluster: @unchecked Sendable {
+    static func start(nodes: Int = 3, snapshotEveryEntries: Int? = nil) async throws -> InProcessCluster {
+        await ClusterSlot.shared.acquire()
+        do {
+            return try InProcessCluster(nodes: nodes, snapshotEveryEntries: snapshotEveryEntries)
+        } catch {
+            await ClusterSlot.shared.release()
+            throw error
+        }
+    }
+
     let directory: String
     let basePort: Int
     let client: AdminClient
     private(set) var servers: [UInt64: NodeServer] = [:]
     private(set) var tasks: [UInt64: Task<Void, any Error>] = [:]
 
-    init(nodes: Int = 3, snapshotEveryEntries: Int? = nil) throws {
+    private init(nodes: Int, snapshotEveryEntries: Int?) throws {
         directory = FileManager.default.temporaryDirectory.appendingPathComponent("warrant-api-\(UUID().uuidString.prefix(8))").path
         let basePort = LocalProcessCluster.pickBasePort()
         self.basePort = basePort
@@ -54,12 +85,12 @@ final class InProcessCluster: @unchecked Sendable {
     func status(_ id: UInt64) async -> ClusterStatusBody? {
         guard let connection = try? await connection(to: id) else { return nil }
         defer { Task { await connection.close() } }
-        guard let response = try? await connection.request(.GET, "/v1/cluster/status", timeout: .seconds(2)), response.status == .ok else { return nil }
+        guard let response = try? await connection.request(.GET, "/v1/cluster/status", timeout: .seconds(5)), response.status == .ok else { return nil }
         return try? APIJSON.decode(ClusterStatusBody.self, from: response.body)
     }
 
     /// Polls until a node reports itself leader and every node knows it.
-    func waitForLeader(seconds: Double = 20) async -> UInt64? {
+    func waitForLeader(seconds: Double = 60) async -> UInt64? {
         let deadline = Date().addingTimeInterval(seconds)
         while Date() < deadline {
             var leaders: Set<UInt64> = []
@@ -85,6 +116,7 @@ final class InProcessCluster: @unchecked Sendable {
         for id in servers.keys.sorted() { await stop(id) }
         await client.closeAll()
         try? FileManager.default.removeItem(atPath: directory)
+        await ClusterSlot.shared.release()
     }
 }
 

@@ -40,7 +40,7 @@ struct ProcessTests {
     func harnessCatchesPlantedBug() async throws {
         let binary = try #require(warrantBinary(), "build the package first so the warrant executable exists")
         let lines = Lines()
-        let result = try await KillLoop.run(binary: binary, kills: 8, leaderOnly: true, writers: 4, seed: 1,
+        let result = try await KillLoop.run(binary: binary, kills: 10, leaderOnly: true, writers: 8, seed: 1,
                                             environment: ["WARRANT_PLANTED_BUG": "acknowledge-before-commit"], log: lines.add)
         #expect(!result.passed, "the planted bug went unnoticed\n\(lines.text)")
         #expect(!result.lost.isEmpty)

@@ -32,7 +32,7 @@ public final class NodeAPI: Sendable {
         Route(method: .DELETE, template: "/v1/documents/{name}", access: .admin),
         Route(method: .GET, template: "/v1/audit", access: .admin),
         Route(method: .GET, template: "/v1/audit/verify", access: .admin),
-    ]
+    ] + authorityRoutes
 
     /// Documents under this prefix hold cluster configuration (member
     /// addresses) and are written only through the membership endpoints.
@@ -46,8 +46,11 @@ public final class NodeAPI: Sendable {
     let members: MemberDirectory
     let forwarder: Forwarder?
     let metrics: NodeMetrics
+    let authority: AuthorityService?
 
-    public init(id: NodeID, driver: RaftDriver, store: RaftStore, members: MemberDirectory, forwarder: Forwarder?, metrics: NodeMetrics) {
+    public init(id: NodeID, driver: RaftDriver, store: RaftStore, members: MemberDirectory, forwarder: Forwarder?, metrics: NodeMetrics,
+                authority: AuthorityService? = nil) {
+        self.authority = authority
         self.id = id
         self.driver = driver
         self.store = store
@@ -116,7 +119,9 @@ public final class NodeAPI: Sendable {
         case (.DELETE, "/v1/documents/{name}"): return try await deleteDocument(parameter ?? "", request)
         case (.GET, "/v1/audit"): return try auditTail(request)
         case (.GET, "/v1/audit/verify"): return try auditVerify()
-        default: return APIError.notFound("no endpoint \(request.path)").response
+        default:
+            if let response = try await dispatchAuthority(route, request) { return response }
+            return APIError.notFound("no endpoint \(request.path)").response
         }
     }
 
@@ -129,6 +134,8 @@ public final class NodeAPI: Sendable {
             reason = "no known leader"
         } else if status.appliedIndex < status.commitIndex {
             reason = "applied index \(status.appliedIndex) is behind commit index \(status.commitIndex)"
+        } else if let authority, (try? authority.keys()) == nil {
+            reason = "the trust domain's keys are not made yet (or cannot be opened with this node's key-encryption key)"
         }
         return APIJSON.response(ReadinessBody(ready: reason == nil, leader: status.leaderID, reason: reason),
                                 status: reason == nil ? .ok : .serviceUnavailable)
@@ -188,25 +195,21 @@ public final class NodeAPI: Sendable {
         let format = try Self.format(of: request)
         try Self.checkParses(request.body, format)
         let expected = try Self.expectedVersion(request)
-        return try await write(.putDocument(name: name, format: format, content: request.body, expectedVersion: expected), request)
+        return try await write(.putDocument(name: name, format: format, content: request.body, expectedVersion: expected), name: name, request)
     }
 
     private func deleteDocument(_ name: String, _ request: HTTPRequest) async throws -> HTTPResponse {
         try Self.checkUserName(name)
-        return try await write(.deleteDocument(name: name, expectedVersion: try Self.expectedVersion(request)), request)
+        return try await write(.deleteDocument(name: name, expectedVersion: try Self.expectedVersion(request)), name: name, request)
     }
 
     /// Proposes on the leader (here, or forwarded there) and answers with
     /// the outcome and which node led.
-    private func write(_ operation: LedgerCommand.Operation, _ request: HTTPRequest) async throws -> HTTPResponse {
+    private func write(_ operation: LedgerCommand.Operation, name: String, _ request: HTTPRequest) async throws -> HTTPResponse {
         let command = LedgerCommand(timeMillis: UInt64(Date().timeIntervalSince1970 * 1000), actor: Self.actor(of: request),
                                     requestID: request.headers.first(name: "warrant-request-id") ?? UUID().uuidString, operation: operation)
         if let reason = command.invalidReason { throw APIError.badRequest(reason) }
         let (outcome, leader) = try await driver.write(command)
-        let name: String
-        switch operation {
-        case .putDocument(let n, _, _, _), .deleteDocument(let n, _): name = n
-        }
         var leaderHeader = [("warrant-leader", String(leader))]
         if leader != id { leaderHeader.append(("warrant-forwarded-by", String(id))) }
         switch outcome.result {
@@ -220,7 +223,15 @@ public final class NodeAPI: Sendable {
             let status: HTTPResponseStatus = reason.hasPrefix("version conflict") ? .conflict : (reason.hasSuffix("does not exist") ? .notFound : .unprocessableEntity)
             let code = status == .conflict ? "version_conflict" : (status == .notFound ? "not_found" : "rejected")
             throw APIError(status: status, code: code, message: reason, headers: leaderHeader)
+        case .issued:
+            throw APIError(status: .internalServerError, code: "internal", message: "a document write was answered with an issuance")
         }
+    }
+
+    /// Sends a request that only the leader can answer (signing,
+    /// membership) to it.
+    func forwardToLeader(_ request: HTTPRequest, leaderHint: NodeID) async throws -> HTTPResponse {
+        try await forward(request, leaderHint: leaderHint)
     }
 
     /// Sends a write this follower cannot make to the leader, once.
@@ -329,6 +340,9 @@ public final class NodeAPI: Sendable {
         if let reason = LedgerCommand.invalidName(name) { throw APIError.badRequest(reason) }
         if name.hasPrefix(reservedPrefix) {
             throw APIError(status: .forbidden, code: "reserved_name", message: "names under '\(reservedPrefix)' are written only by the membership endpoints")
+        }
+        if name.hasPrefix(AuthorityDocuments.prefix) {
+            throw APIError(status: .forbidden, code: "reserved_name", message: "names under '\(AuthorityDocuments.prefix)' are written only by the authority")
         }
     }
 

@@ -1,0 +1,200 @@
+import Foundation
+import NIOCore
+import NIOHTTP1
+import Node
+import Testing
+
+/// A P-256 CSR made by openssl (a real peer, not our own code).
+func opensslCSR(in directory: String, name: String = "job") throws -> String {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+    process.arguments = ["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                         "-keyout", "\(directory)/\(name).key", "-subj", "/CN=ignored", "-out", "\(directory)/\(name).csr"]
+    process.standardError = FileHandle.nullDevice
+    try process.run()
+    process.waitUntilExit()
+    return try String(contentsOfFile: "\(directory)/\(name).csr", encoding: .utf8)
+}
+
+func json(_ object: [String: Any]) -> [UInt8] { Array((try? JSONSerialization.data(withJSONObject: object)) ?? Data()) }
+func object(_ response: HTTPClientResponse) -> [String: Any] {
+    (try? JSONSerialization.jsonObject(with: Data(response.body)) as? [String: Any]) ?? [:]
+}
+
+@Suite("Issuance on a running cluster", .serialized)
+struct IssuanceTests {
+    @Test("Join token to X509-SVID through a follower: audited, verified by openssl and by every node, replayed by idempotency key, refused on reuse")
+    func x509() async throws {
+        let cluster = try await InProcessCluster.start()
+        do {
+            let leader = try #require(await cluster.waitForLeader())
+            let follower = try #require([UInt64(1), 2, 3].first { $0 != leader })
+            let admin = try await cluster.connection(to: follower)
+            let anonymous = try await cluster.connection(to: follower, admin: false)
+            #expect(await eventually { (try? await anonymous.request(.GET, "/readyz"))?.status == .ok }, "ready once the trust domain's keys exist")
+
+            // Tokens: only admins make them; the SPIFFE ID must be canonical and in the trust domain.
+            let refusedToken = try await anonymous.request(.POST, "/v1/tokens", headers: [("content-type", "application/json")],
+                                                           body: json(["spiffe_id": "spiffe://warrant.local/x"]))
+            #expect(refusedToken.status == .unauthorized)
+            for (id, code) in [("spiffe://Warrant.local/x", "bad_spiffe_id"), ("spiffe://other.org/x", "wrong_trust_domain"),
+                               ("spiffe://warrant.local/a/../b", "bad_spiffe_id")] {
+                let response = try await admin.request(.POST, "/v1/tokens", headers: [("content-type", "application/json")], body: json(["spiffe_id": id]))
+                #expect(response.status == .badRequest && response.text.contains(code), "\(id): \(response.text)")
+            }
+            let created = try await admin.request(.POST, "/v1/tokens", headers: [("content-type", "application/json")],
+                                                  body: json(["spiffe_id": "spiffe://warrant.local/ci/acme/build", "ttl_seconds": 900]))
+            #expect(created.status == .created, "\(created.text)")
+            let token = try #require(object(created)["token"] as? String)
+
+            let scratch = cluster.directory
+            let csr = try opensslCSR(in: scratch)
+            // Bad CSRs are refused before anything is signed or written.
+            var tampered = Array(csr.utf8)
+            if let index = tampered.lastIndex(of: UInt8(ascii: "A")) { tampered[index] = UInt8(ascii: "B") }
+            let badCSR = try await anonymous.request(.POST, "/v1/svid/x509", headers: [("content-type", "application/json")],
+                                                     body: json(["token": token, "csr": String(decoding: tampered, as: UTF8.self)]))
+            #expect(badCSR.status == .badRequest, "\(badCSR.text)")
+            let tooLong = try await anonymous.request(.POST, "/v1/svid/x509", headers: [("content-type", "application/json")],
+                                                      body: json(["token": token, "csr": csr, "ttl_seconds": 901]))
+            #expect(tooLong.status == .badRequest && tooLong.text.contains("bad_ttl"))
+            let unknown = try await anonymous.request(.POST, "/v1/svid/x509", headers: [("content-type", "application/json")],
+                                                      body: json(["token": "wjt.nope", "csr": csr]))
+            #expect(unknown.status == .unauthorized && unknown.text.contains("invalid_token"))
+
+            // Issued through a follower; the leader signed it.
+            let request = json(["token": token, "csr": csr, "idempotency_key": "build-42"])
+            let issued = try await anonymous.request(.POST, "/v1/svid/x509", headers: [("content-type", "application/json")], body: request)
+            #expect(issued.status == .ok, "\(issued.text)")
+            #expect(issued.headers.first(name: "warrant-leader") == String(leader))
+            let body = object(issued)
+            let certificate = try #require(body["certificate"] as? String)
+            let serial = try #require(body["serial"] as? String)
+            #expect(body["spiffe_id"] as? String == "spiffe://warrant.local/ci/acme/build" && body["replayed"] as? Bool == false)
+            try certificate.write(toFile: "\(scratch)/svid.pem", atomically: true, encoding: .utf8)
+            try (body["bundle"] as! String).write(toFile: "\(scratch)/bundle.pem", atomically: true, encoding: .utf8)
+            let verified = try run(["openssl", "verify", "-CAfile", "\(scratch)/bundle.pem", "\(scratch)/svid.pem"])
+            #expect(verified.status == 0 && verified.output.contains("OK"), "\(verified.output)")
+
+            // Retried with the same key: the same certificate, not a second one.
+            let again = try await anonymous.request(.POST, "/v1/svid/x509", headers: [("content-type", "application/json")], body: request)
+            #expect(again.status == .ok && object(again)["serial"] as? String == serial && object(again)["replayed"] as? Bool == true)
+            // Without the key the token is spent.
+            let reuse = try await anonymous.request(.POST, "/v1/svid/x509", headers: [("content-type", "application/json")],
+                                                    body: json(["token": token, "csr": csr]))
+            #expect(reuse.status == .forbidden && reuse.text.contains("token_used"), "\(reuse.text)")
+
+            // Every node verifies it (followers too), and the audit chain names it.
+            for node in [UInt64(1), 2, 3] {
+                let connection = try await cluster.connection(to: node, admin: false)
+                let verdict = object(try await connection.request(.POST, "/v1/verify", headers: [("content-type", "application/json")],
+                                                                  body: json(["x509_chain": certificate])))
+                #expect(verdict["valid"] as? Bool == true && verdict["spiffe_id"] as? String == "spiffe://warrant.local/ci/acme/build", "node \(node): \(verdict)")
+                await connection.close()
+            }
+            let audit = object(try await admin.request(.GET, "/v1/audit?limit=1000"))
+            let records = audit["records"] as? [[String: Any]] ?? []
+            let issuances = records.filter { $0["action"] as? String == "identity.issue" }
+            #expect(issuances.count == 1 && (issuances.first?["result"] as? String)?.contains("serial=\(serial)") == true, "\(issuances)")
+            #expect(!records.contains { ($0["result"] as? String ?? "").contains(token) }, "the token secret reached the audit log")
+            await admin.close()
+            await anonymous.close()
+        } catch {
+            Issue.record(error)
+        }
+        await cluster.shutdown()
+    }
+
+    @Test("One token presented to two nodes at the same moment yields exactly one identity")
+    func tokenWorksOnceClusterWide() async throws {
+        let cluster = try await InProcessCluster.start()
+        do {
+            _ = try #require(await cluster.waitForLeader())
+            let admin = try await cluster.connection(to: 1)
+            #expect(await eventually { (try? await admin.request(.GET, "/readyz"))?.status == .ok })
+            let csr = try opensslCSR(in: cluster.directory)
+            var successes = 0
+            for round in 0..<5 {
+                let created = try await admin.request(.POST, "/v1/tokens", headers: [("content-type", "application/json")],
+                                                      body: json(["spiffe_id": "spiffe://warrant.local/race/\(round)"]))
+                let token = try #require(object(created)["token"] as? String)
+                let statuses = try await withThrowingTaskGroup(of: HTTPResponseStatus.self) { group in
+                    for node in [UInt64(1), 2, 3] {
+                        group.addTask {
+                            let connection = try await cluster.connection(to: node, admin: false)
+                            defer { Task { await connection.close() } }
+                            return try await connection.request(.POST, "/v1/svid/x509", headers: [("content-type", "application/json")],
+                                                                body: json(["token": token, "csr": csr])).status
+                        }
+                    }
+                    var all: [HTTPResponseStatus] = []
+                    for try await status in group { all.append(status) }
+                    return all
+                }
+                #expect(statuses.filter { $0 == .ok }.count == 1, "round \(round): \(statuses)")
+                #expect(statuses.filter { $0 != .ok }.allSatisfy { $0 == .forbidden }, "round \(round): \(statuses)")
+                successes += statuses.filter { $0 == .ok }.count
+            }
+            #expect(successes == 5)
+            await admin.close()
+        } catch {
+            Issue.record(error)
+        }
+        await cluster.shutdown()
+    }
+
+    @Test("JWT-SVIDs, the bundle, OIDC discovery and verification, from a follower")
+    func jwtAndBundles() async throws {
+        let cluster = try await InProcessCluster.start()
+        do {
+            let leader = try #require(await cluster.waitForLeader())
+            let follower = try #require([UInt64(1), 2, 3].first { $0 != leader })
+            let admin = try await cluster.connection(to: follower)
+            let open = try await cluster.connection(to: follower, admin: false)
+            #expect(await eventually { (try? await open.request(.GET, "/readyz"))?.status == .ok })
+            let token = try #require(object(try await admin.request(.POST, "/v1/tokens", headers: [("content-type", "application/json")],
+                                                                    body: json(["spiffe_id": "spiffe://warrant.local/deploy"])))["token"] as? String)
+            let issued = try await open.request(.POST, "/v1/svid/jwt", headers: [("content-type", "application/json")],
+                                                body: json(["token": token, "audience": ["sts.amazonaws.com"]]))
+            #expect(issued.status == .ok, "\(issued.text)")
+            let jwt = try #require(object(issued)["token"] as? String)
+            let good = object(try await open.request(.POST, "/v1/verify", headers: [("content-type", "application/json")],
+                                                     body: json(["jwt": jwt, "audience": "sts.amazonaws.com"])))
+            #expect(good["valid"] as? Bool == true && good["spiffe_id"] as? String == "spiffe://warrant.local/deploy")
+            let wrong = object(try await open.request(.POST, "/v1/verify", headers: [("content-type", "application/json")],
+                                                      body: json(["jwt": jwt, "audience": "someone-else"])))
+            #expect(wrong["valid"] as? Bool == false && wrong["code"] as? String == "wrong_audience")
+
+            let bundle = object(try await open.request(.GET, "/v1/bundle"))
+            let keys = bundle["keys"] as? [[String: Any]] ?? []
+            #expect(keys.contains { $0["use"] as? String == "x509-svid" } && keys.contains { $0["use"] as? String == "jwt-svid" })
+            #expect(bundle["spiffe_sequence"] as? Int != nil)
+            let discovery = object(try await open.request(.GET, "/.well-known/openid-configuration"))
+            #expect((discovery["jwks_uri"] as? String)?.hasSuffix("/v1/keys") == true)
+            let oidc = object(try await open.request(.GET, "/v1/keys"))
+            #expect((oidc["keys"] as? [[String: Any]])?.first?["alg"] as? String == "ES256")
+            let pem = try await open.request(.GET, "/v1/bundle.pem")
+            #expect(pem.text.hasPrefix("-----BEGIN CERTIFICATE-----"))
+            let nonsense = try await open.request(.POST, "/v1/verify", headers: [("content-type", "application/json")], body: json(["jwt": "x"]))
+            #expect(nonsense.status == .badRequest)
+            await admin.close()
+            await open.close()
+        } catch {
+            Issue.record(error)
+        }
+        await cluster.shutdown()
+    }
+}
+
+func run(_ arguments: [String]) throws -> (status: Int32, output: String) {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+    process.arguments = arguments
+    let pipe = Pipe()
+    process.standardOutput = pipe
+    process.standardError = pipe
+    try process.run()
+    let data = pipe.fileHandleForReading.readDataToEndOfFile()
+    process.waitUntilExit()
+    return (process.terminationStatus, String(decoding: data, as: UTF8.self))
+}
