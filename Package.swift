@@ -88,7 +88,10 @@ let package = Package(
             .product(name: "NIOSSL", package: "swift-nio-ssl"),
         ], swiftSettings: strict),
         // Benchmarks: storage, the running cluster against etcd, failover.
-        .executableTarget(name: "warrant-bench", dependencies: ["Raft", "Storage", "Node", "ClusterHarness", "Transport",
+        .executableTarget(name: "warrant-bench", dependencies: ["Raft", "Storage", "Node", "ClusterHarness", "Transport", "Authority",
+                                                                 .product(name: "Crypto", package: "swift-crypto"),
+                                                                 .product(name: "SwiftASN1", package: "swift-asn1"),
+                                                                 .product(name: "NIOHTTP1", package: "swift-nio"),
                                                                  .product(name: "NIOCore", package: "swift-nio"),
                                                                  .product(name: "NIOSSL", package: "swift-nio-ssl"),
                                                                  .product(name: "X509", package: "swift-certificates")], swiftSettings: strict),

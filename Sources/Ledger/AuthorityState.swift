@@ -52,6 +52,39 @@ public struct Issuance: Sendable, Hashable, Codable {
         self.node = node
         self.artifact = artifact
     }
+
+    private enum CodingKeys: String, CodingKey {
+        case kind, spiffeID, serial, fingerprint, notAfterMillis, ttlSeconds, tokenHash, idempotencyKey, node, artifact
+    }
+
+    // The artifact travels as base64 (JSON arrays of numbers tripled its size).
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        kind = try c.decode(Kind.self, forKey: .kind)
+        spiffeID = try c.decode(String.self, forKey: .spiffeID)
+        serial = try c.decode(String.self, forKey: .serial)
+        fingerprint = try c.decode(String.self, forKey: .fingerprint)
+        notAfterMillis = try c.decode(UInt64.self, forKey: .notAfterMillis)
+        ttlSeconds = try c.decode(UInt32.self, forKey: .ttlSeconds)
+        tokenHash = try c.decode(String.self, forKey: .tokenHash)
+        idempotencyKey = try c.decode(String.self, forKey: .idempotencyKey)
+        node = try c.decode(UInt64.self, forKey: .node)
+        artifact = Array(try c.decode(Data.self, forKey: .artifact))
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(kind, forKey: .kind)
+        try c.encode(spiffeID, forKey: .spiffeID)
+        try c.encode(serial, forKey: .serial)
+        try c.encode(fingerprint, forKey: .fingerprint)
+        try c.encode(notAfterMillis, forKey: .notAfterMillis)
+        try c.encode(ttlSeconds, forKey: .ttlSeconds)
+        try c.encode(tokenHash, forKey: .tokenHash)
+        try c.encode(idempotencyKey, forKey: .idempotencyKey)
+        try c.encode(node, forKey: .node)
+        try c.encode(Data(artifact), forKey: .artifact)
+    }
 }
 
 /// Where the authority's state lives among the documents. Names under

@@ -29,7 +29,11 @@ public final class AuthorityService: Sendable {
     public let trustDomain: String
     private let kek: SymmetricKey
     private let store: RaftStore
-    private let cache = Mutex<(version: UInt64, keys: Keys)?>(nil)
+    private let cache = Mutex<(version: UInt64, keys: Keys, checked: ContinuousClock.Instant)?>(nil)
+    /// How long unsealed keys are used before the keyring is read again
+    /// (rotation will change it; every request re-reading it was the
+    /// largest cost of verification).
+    static let recheckInterval: Duration = .seconds(1)
 
     /// The most any identity may live, whatever a token allows.
     public static let ttlMaxSeconds: UInt32 = 86_400
@@ -62,8 +66,12 @@ public final class AuthorityService: Sendable {
     /// The keys in the ledger, unsealed (cached until the keyring changes);
     /// nil before the first leader made them.
     public func keys() throws -> Keys? {
+        if let cached = cache.withLock({ $0 }), cached.checked.duration(to: .now) < Self.recheckInterval { return cached.keys }
         guard let document = try store.document(named: AuthorityDocuments.keyring) else { return nil }
-        if let cached = cache.withLock({ $0 }), cached.version == document.version { return cached.keys }
+        if let cached = cache.withLock({ $0 }), cached.version == document.version {
+            cache.withLock { $0?.checked = .now }
+            return cached.keys
+        }
         let keyring = try JSONDecoder().decode(Keyring.self, from: Data(document.content))
         guard keyring.kekID == kekID else {
             throw AuthorityError("wrong_kek", "the keyring was sealed with key-encryption key \(keyring.kekID), not this node's \(kekID)")
@@ -77,7 +85,7 @@ public final class AuthorityService: Sendable {
         let bundle = TrustBundle(trustDomain: keyring.trustDomain, x509Authorities: [certificate], jwtKeys: [jwt.keyID: jwt.publicKey],
                                  sequence: document.version)
         let keys = Keys(x509: x509, jwt: jwt, bundle: bundle)
-        cache.withLock { $0 = (document.version, keys) }
+        cache.withLock { $0 = (document.version, keys, .now) }
         return keys
     }
 

@@ -25,6 +25,10 @@ USAGE
   warrant-bench crash --warrant-binary PATH [--kills 50] [--writers 4] [--seed S]
       SIGKILLs random nodes at random moments under write load, restarting
       them; checks no acknowledged write was lost and the audit chains agree.
+  warrant-bench issue --warrant-binary PATH [--clients 64] [--seconds 5]
+      Audited issuance on a 3-node cluster: X509-SVIDs from CSRs and JWT-SVIDs
+      (one join token each, made beforehand), verification on a follower, and
+      this machine's raw signing rate measured in the same run.
   warrant-bench storage [--seconds S] [--batches 1,10,100] [--directory DIR]
       Fsynced group commit: a single-voter core persisting each Ready to
       SQLite (WAL, synchronous=FULL), 256-byte entries, B entries per Ready.
@@ -125,7 +129,7 @@ if arguments.first == "crash-writer" {
         exit(1)
     }
 }
-if let command = arguments.first, ["cluster", "failover", "crash"].contains(command) {
+if let command = arguments.first, ["cluster", "failover", "crash", "issue"].contains(command) {
     exit(await runClusterCommand(Array(arguments)))
 }
 guard let command = arguments.popFirst(), command == "storage" else {

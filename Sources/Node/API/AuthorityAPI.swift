@@ -197,8 +197,8 @@ extension NodeAPI {
 
     private func issueX509(_ request: HTTPRequest) async throws -> HTTPResponse {
         let body = try Self.decodeBody(X509SVIDRequest.self, request, expected: "{\"token\", \"csr\" (PEM), \"ttl_seconds\"?, \"idempotency_key\"?}")
-        let status = await driver.status
-        guard status.role == .leader else { return try await forwardToLeader(request, leaderHint: status.leaderID) }
+        let status = await driver.statusSnapshot
+        guard status.role == Role.leader.rawValue else { return try await forwardToLeader(request, leaderHint: status.leaderID) }
         let keys = try requireKeys()
         let admitted = try admit(token: body.token, idempotencyKey: body.idempotencyKey, ttlSeconds: body.ttlSeconds)
         if let earlier = admitted.earlier { return try x509Response(earlier.artifact, keys: keys, replayed: true) }
@@ -240,8 +240,8 @@ extension NodeAPI {
 
     private func issueJWT(_ request: HTTPRequest) async throws -> HTTPResponse {
         let body = try Self.decodeBody(JWTSVIDRequest.self, request, expected: "{\"token\", \"audience\": [..], \"ttl_seconds\"?, \"idempotency_key\"?}")
-        let status = await driver.status
-        guard status.role == .leader else { return try await forwardToLeader(request, leaderHint: status.leaderID) }
+        let status = await driver.statusSnapshot
+        guard status.role == Role.leader.rawValue else { return try await forwardToLeader(request, leaderHint: status.leaderID) }
         let keys = try requireKeys()
         let admitted = try admit(token: body.token, idempotencyKey: body.idempotencyKey, ttlSeconds: body.ttlSeconds)
         if let earlier = admitted.earlier { return try jwtResponse(earlier.artifact, keys: keys, replayed: true) }

@@ -1,0 +1,189 @@
+import Authority
+import ClusterHarness
+import Crypto
+import Foundation
+import NIOCore
+import NIOHTTP1
+import NIOSSL
+import Node
+import Synchronization
+import SwiftASN1
+import X509
+
+// warrant-bench issue: audited issuance on the running 3-node cluster, with
+// the raw signing rate of this machine measured in the same run.
+
+/// Hands out prepared items to concurrent clients, each once.
+final class Queue<Item: Sendable>: Sendable {
+    private let state: Mutex<(items: [Item], next: Int)>
+    init(_ items: [Item]) { state = Mutex((items, 0)) }
+    func take() -> Item? {
+        state.withLock { state in
+            guard state.next < state.items.count else { return nil }
+            defer { state.next += 1 }
+            return state.items[state.next]
+        }
+    }
+}
+
+final class Collected: Sendable {
+    let value = Mutex<[String]>([])
+}
+
+struct Timed: Sendable {
+    var ok = 0
+    var failed = 0
+    var latencies: [Duration] = []
+    var seconds = 0.0
+
+    func line(_ name: String) -> String {
+        let sorted = latencies.sorted()
+        func p(_ q: Double) -> Double { sorted.isEmpty ? .nan : sorted[min(sorted.count - 1, Int(Double(sorted.count) * q))].milliseconds }
+        return String(format: "%-34@ %8.0f /s  p50 %6.2f ms  p99 %6.2f ms  (%d ok, %d failed, %.1f s)", name as NSString,
+                      Double(ok) / seconds, p(0.5), p(0.99), ok, failed, seconds)
+    }
+}
+
+/// `clients` connections to `endpoints` (client mod count) sending
+/// `makeRequest()` bodies to `path` until it returns nil or `seconds` pass.
+func drive(endpoints: [SocketAddress], tls: NIOSSLContext, clients: Int, seconds: Double, path: String,
+           makeRequest: @escaping @Sendable () -> [UInt8]?) async throws -> Timed {
+    let start = ContinuousClock.now
+    let end = start.advanced(by: .milliseconds(Int(seconds * 1000)))
+    let results = try await withThrowingTaskGroup(of: Timed.self) { group in
+        for client in 0..<clients {
+            group.addTask {
+                var timed = Timed()
+                var connection: HTTPConnection?
+                while ContinuousClock.now < end, let body = makeRequest() {
+                    let began = ContinuousClock.now
+                    do {
+                        if connection == nil || !connection!.isActive {
+                            connection = try await HTTPConnection.connect(to: endpoints[client % endpoints.count], tls: tls)
+                        }
+                        let response = try await connection!.request(.POST, path, headers: [("content-type", "application/json")], body: body)
+                        if response.status == .ok && !response.text.contains("\"valid\":false") {
+                            timed.ok += 1
+                            timed.latencies.append(began.duration(to: .now))
+                        } else {
+                            timed.failed += 1
+                        }
+                    } catch {
+                        connection = nil
+                        timed.failed += 1
+                    }
+                }
+                await connection?.close()
+                return timed
+            }
+        }
+        var total = Timed()
+        for try await part in group {
+            total.ok += part.ok
+            total.failed += part.failed
+            total.latencies += part.latencies
+        }
+        return total
+    }
+    var timed = results
+    timed.seconds = start.duration(to: .now).milliseconds / 1000
+    return timed
+}
+
+func jsonBytes(_ object: [String: Any]) -> [UInt8] { Array((try? JSONSerialization.data(withJSONObject: object)) ?? Data()) }
+
+func runIssueBench(binary: String, clients: Int, seconds: Double) async throws {
+    print("issue: 3 nodes on loopback, \(clients) clients spread over all nodes (followers forward to the leader), \(seconds) s per run")
+    // The machine's raw signing rate, one thread, with the same code the leader signs with.
+    let key = P256.Signing.PrivateKey(compactRepresentable: false)
+    var signatures = 0
+    let signStart = ContinuousClock.now
+    while signStart.duration(to: .now) < .seconds(1) {
+        _ = try key.signature(for: Array("warrant".utf8))
+        signatures += 1
+    }
+    let rawSign = Double(signatures) / (signStart.duration(to: .now).milliseconds / 1000)
+    let ca = try X509Authority.create(trustDomain: "bench.local")
+    let subject = Certificate.PublicKey(P256.Signing.PrivateKey().publicKey)
+    let spiffe = try SpiffeID(parsing: "spiffe://bench.local/x")
+    var minted = 0
+    let mintStart = ContinuousClock.now
+    while mintStart.duration(to: .now) < .seconds(1) {
+        _ = try ca.issue(spiffeID: spiffe, publicKey: subject, ttl: 600, attributes: ["a": "b"])
+        minted += 1
+    }
+    let rawMint = Double(minted) / (mintStart.duration(to: .now).milliseconds / 1000)
+    print(String(format: "raw signing on this machine (one thread): %.0f P-256 signatures/s, %.0f X509-SVIDs built and signed/s", rawSign, rawMint))
+
+    let directory = temporaryClusterDirectory("issue")
+    defer { try? FileManager.default.removeItem(atPath: directory) }
+    let cluster = try LocalProcessCluster(binary: binary, directory: directory, basePort: LocalProcessCluster.pickBasePort())
+    guard await cluster.waitForLeader(seconds: 20) != nil, await cluster.waitUntilReady() else {
+        await cluster.close()
+        throw BenchFailure(description: "the cluster did not become ready; logs in \(directory)")
+    }
+    let admin = cluster.client
+    let tls = try AdminClient.tlsContext(clusterDirectory: directory)
+    let listing = try ClusterListing(directory: directory)
+    let endpoints = try listing.members.map { try SocketAddress(ipAddress: "127.0.0.1", port: $0.api.port) }
+
+    // Tokens, made beforehand (not timed): one per issuance.
+    let wanted = Int(seconds * 6_000)
+    print("making \(wanted * 2) join tokens (not timed)...")
+    let tokenQueue = Queue(Array(0..<(wanted * 2)))
+    let made = Collected()
+    try await withThrowingTaskGroup(of: Void.self) { group in
+        for client in 0..<64 {
+            group.addTask {
+                while let n = tokenQueue.take() {
+                    let response = try await admin.request(.POST, "/v1/tokens", headers: [("content-type", "application/json")],
+                                                           body: jsonBytes(["spiffe_id": "spiffe://warrant.local/bench/\(n)", "ttl_seconds": 600]),
+                                                           startingAt: client)
+                    if let token = (try? JSONSerialization.jsonObject(with: Data(response.body)) as? [String: Any])?["token"] as? String {
+                        made.value.withLock { $0.append(token) }
+                    }
+                }
+            }
+        }
+        try await group.waitForAll()
+    }
+    let tokens = made.value.withLock { $0 }
+    let csrPEM = try { () throws -> String in
+        let request = try CertificateSigningRequest(version: .v1, subject: try DistinguishedName { CommonName("bench") },
+                                                    privateKey: .init(P256.Signing.PrivateKey()), attributes: CertificateSigningRequest.Attributes())
+        return try request.serializeAsPEM().pemString
+    }()
+    let x509Tokens = Queue(Array(tokens.prefix(tokens.count / 2)))
+    let jwtTokens = Queue(Array(tokens.dropFirst(tokens.count / 2)))
+    let x509 = try await drive(endpoints: endpoints, tls: tls, clients: clients, seconds: seconds, path: "/v1/svid/x509") {
+        x509Tokens.take().map { jsonBytes(["token": $0, "csr": csrPEM]) }
+    }
+    print(x509.line("X509-SVID (CSR -> certificate)"))
+    let jwt = try await drive(endpoints: endpoints, tls: tls, clients: clients, seconds: seconds, path: "/v1/svid/jwt") {
+        jwtTokens.take().map { jsonBytes(["token": $0, "audience": ["bench"]]) }
+    }
+    print(jwt.line("JWT-SVID"))
+
+    // Verification on one follower.
+    guard let leader = await cluster.waitForLeader(), let followerIndex = listing.members.firstIndex(where: { $0.id != leader }) else {
+        throw BenchFailure(description: "no leader")
+    }
+    let spareToken = try await admin.request(.POST, "/v1/tokens", headers: [("content-type", "application/json")],
+                                             body: jsonBytes(["spiffe_id": "spiffe://warrant.local/bench/verify"]))
+    let secret = (try JSONSerialization.jsonObject(with: Data(spareToken.body)) as? [String: Any])?["token"] as? String ?? ""
+    let svid = try await admin.request(.POST, "/v1/svid/x509", headers: [("content-type", "application/json")], body: jsonBytes(["token": secret, "csr": csrPEM]))
+    let certificate = (try JSONSerialization.jsonObject(with: Data(svid.body)) as? [String: Any])?["certificate"] as? String ?? ""
+    let x509Verify = jsonBytes(["x509_chain": certificate])
+    let verifyX509 = try await drive(endpoints: [endpoints[followerIndex]], tls: tls, clients: clients, seconds: seconds / 2, path: "/v1/verify") { x509Verify }
+    print(verifyX509.line("verify X509-SVID on a follower"))
+    let jwtToken = try await admin.request(.POST, "/v1/tokens", headers: [("content-type", "application/json")],
+                                           body: jsonBytes(["spiffe_id": "spiffe://warrant.local/bench/verify-jwt"]))
+    let jwtSecret = (try JSONSerialization.jsonObject(with: Data(jwtToken.body)) as? [String: Any])?["token"] as? String ?? ""
+    let jwtSVID = try await admin.request(.POST, "/v1/svid/jwt", headers: [("content-type", "application/json")], body: jsonBytes(["token": jwtSecret, "audience": ["bench"]]))
+    let jwtValue = (try JSONSerialization.jsonObject(with: Data(jwtSVID.body)) as? [String: Any])?["token"] as? String ?? ""
+    let jwtVerifyBody = jsonBytes(["jwt": jwtValue, "audience": "bench"])
+    let verifyJWT = try await drive(endpoints: [endpoints[followerIndex]], tls: tls, clients: clients, seconds: seconds / 2, path: "/v1/verify") { jwtVerifyBody }
+    print(verifyJWT.line("verify JWT-SVID on a follower"))
+    print(String(format: "audited X509-SVID issuance / raw single-thread signing: %.2f", Double(x509.ok) / x509.seconds / rawSign))
+    await cluster.close()
+}
