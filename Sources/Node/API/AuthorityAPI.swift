@@ -2,6 +2,7 @@ import Authority
 import Foundation
 import Ledger
 import NIOHTTP1
+import NIOPosix
 import Raft
 import SwiftASN1
 import X509
@@ -156,15 +157,19 @@ extension NodeAPI {
 
     /// Checks the token (and replays an earlier answer for the same
     /// idempotency key) before anything is signed.
-    private func admit(token secret: String, idempotencyKey: String?, ttlSeconds: UInt32?) throws -> (hash: String, token: JoinToken, ttl: UInt32, earlier: Issuance?) {
+    private func admit(token secret: String, idempotencyKey: String?, ttlSeconds: UInt32?) async throws -> (hash: String, token: JoinToken, ttl: UInt32, earlier: Issuance?) {
         guard let authority else { throw APIError.unavailable("no_authority", "this node runs without an authority") }
         guard !secret.isEmpty, secret.utf8.count <= 256 else { throw APIError(status: .unauthorized, code: "invalid_token", message: "the join token is missing or malformed") }
         if let key = idempotencyKey {
             guard !key.isEmpty, key.utf8.count <= 128 else { throw APIError.badRequest("idempotency_key must be 1 to 128 bytes") }
         }
-        let (hash, token) = try authority.token(secret: secret)
+        // SQLite reads block their thread: keep them off Swift's cooperative pool.
+        let (hash, token, earlierIssuance) = try await NIOThreadPool.singleton.runIfActive {
+            let (hash, token) = try authority.token(secret: secret)
+            return (hash, token, try idempotencyKey.flatMap { try authority.earlierIssuance(idempotencyKey: $0) })
+        }
         guard let token else { throw APIError(status: .unauthorized, code: "invalid_token", message: "unknown join token") }
-        if let key = idempotencyKey, let earlier = try authority.earlierIssuance(idempotencyKey: key) {
+        if let earlier = earlierIssuance {
             guard earlier.tokenHash == hash else { throw APIError(status: .conflict, code: "idempotency_conflict", message: "the idempotency key was used with another token") }
             return (hash, token, earlier.ttlSeconds, earlier)
         }
@@ -200,7 +205,7 @@ extension NodeAPI {
         let status = await driver.statusSnapshot
         guard status.role == Role.leader.rawValue else { return try await forwardToLeader(request, leaderHint: status.leaderID) }
         let keys = try requireKeys()
-        let admitted = try admit(token: body.token, idempotencyKey: body.idempotencyKey, ttlSeconds: body.ttlSeconds)
+        let admitted = try await admit(token: body.token, idempotencyKey: body.idempotencyKey, ttlSeconds: body.ttlSeconds)
         if let earlier = admitted.earlier { return try x509Response(earlier.artifact, keys: keys, replayed: true) }
         let csrDER: [UInt8]
         do {
@@ -243,7 +248,7 @@ extension NodeAPI {
         let status = await driver.statusSnapshot
         guard status.role == Role.leader.rawValue else { return try await forwardToLeader(request, leaderHint: status.leaderID) }
         let keys = try requireKeys()
-        let admitted = try admit(token: body.token, idempotencyKey: body.idempotencyKey, ttlSeconds: body.ttlSeconds)
+        let admitted = try await admit(token: body.token, idempotencyKey: body.idempotencyKey, ttlSeconds: body.ttlSeconds)
         if let earlier = admitted.earlier { return try jwtResponse(earlier.artifact, keys: keys, replayed: true) }
         let spiffeID = try Self.spiffeID(admitted.token.spiffeID, trustDomain: keys.jwt.trustDomain)
         let issued: IssuedJWT
