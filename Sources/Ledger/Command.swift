@@ -31,6 +31,10 @@ public struct LedgerCommand: Sendable, Hashable {
         /// An identity the leader signed: consumes its token (or replays the
         /// identity already issued for the same idempotency key).
         case recordIssuance(Issuance)
+        /// A refused request for an identity, for the audit chain only:
+        /// `reason` says why, `count` how many refusals it stands for (the
+        /// node rate-limits them and folds the excess into one record).
+        case recordDenial(reason: String, count: UInt32)
     }
 
     public var timeMillis: UInt64
@@ -68,6 +72,8 @@ public struct LedgerCommand: Sendable, Hashable {
                 return "an idempotency key hash is 64 lower-case hex digits"
             }
             guard issuance.artifact.count <= 64 << 10 else { return "the issued artifact is larger than 64 KiB" }
+        case .recordDenial(let reason, let count):
+            guard reason.utf8.count <= 1024, count > 0 else { return "a denial has a reason of at most 1024 bytes and a count above zero" }
         }
         return nil
     }
@@ -122,6 +128,10 @@ public struct LedgerCommand: Sendable, Hashable {
         case .recordIssuance(let issuance):
             w.write(UInt8(5))
             w.writeBytes((try? CanonicalJSON.encode(issuance)) ?? [])
+        case .recordDenial(let reason, let count):
+            w.write(UInt8(6))
+            w.writeBytes(Array(reason.utf8))
+            w.write(count)
         }
         return w.bytes
     }
@@ -162,6 +172,9 @@ public struct LedgerCommand: Sendable, Hashable {
                 throw .invalid(field: "issuance", reason: "not an issuance")
             }
             operation = .recordIssuance(issuance)
+        case 6:
+            let reason = try Self.readString(&r, "denial reason", 1024)
+            operation = .recordDenial(reason: reason, count: try r.readUInt32("denial count"))
         case let tag:
             throw .unknownTag(field: "operation", tag: tag)
         }

@@ -93,8 +93,9 @@ public enum Ledger {
             case .createJoinToken(let token): (action, target) = ("token.create", token.spiffeID)
             case .initializeAuthority: (action, target) = ("authority.initialize", AuthorityDocuments.keyring)
             case .recordIssuance(let issuance): (action, target) = ("identity.issue", issuance.spiffeID)
+            case .recordDenial(_, let count): (action, target) = ("identity.deny", count == 1 ? "" : "\(count) requests")
             }
-            let resultText: String
+            var resultText: String
             switch result {
             case .written(let version): resultText = "ok: version \(version)"
             case .deleted: resultText = "ok: deleted"
@@ -104,6 +105,7 @@ public enum Ledger {
                 resultText = (replayed ? "replayed" : "ok") + ": \(i.kind.rawValue) serial=\(i.serial) sha256=\(i.fingerprint) ttl=\(i.ttlSeconds)s"
                     + " not_after=\(i.notAfterMillis) token=\(i.tokenHash.prefix(16)) node=\(i.node) request=\(command.requestID)"
             }
+            if case .recordDenial(let reason, _) = command.operation { resultText = "denied: \(reason)" }
             try audit(&tables, entry, timeMillis: command.timeMillis, actor: command.actor, action: action, target: target, result: resultText)
             return LedgerOutcome(logIndex: entry.index, requestID: command.requestID, result: result)
         }
@@ -140,6 +142,8 @@ public enum Ledger {
             return .written(version: 1)
         case .recordIssuance(let issuance):
             return try issue(issuance, command.timeMillis, index, &tables)
+        case .recordDenial:
+            return .written(version: 0) // only the audit record
         }
     }
 

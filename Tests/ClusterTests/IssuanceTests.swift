@@ -92,6 +92,17 @@ struct IssuanceTests {
                 #expect(verdict["valid"] as? Bool == true && verdict["spiffe_id"] as? String == "spiffe://warrant.local/ci/acme/build", "node \(node): \(verdict)")
                 await connection.close()
             }
+            // The refusals were audited too (recorded without delaying the answers).
+            var denials: [[String: Any]] = []
+            #expect(await eventually {
+                guard let response = try? await admin.request(.GET, "/v1/audit?limit=1000") else { return false }
+                let records = object(response)["records"] as? [[String: Any]] ?? []
+                denials = records.filter { $0["action"] as? String == "identity.deny" }
+                return denials.count >= 4
+            }, "denials: \(denials)")
+            for code in ["bad_csr", "bad_ttl", "invalid_token", "token_used"] {
+                #expect(denials.contains { ($0["result"] as? String ?? "").contains(code) }, "no denial record for \(code): \(denials)")
+            }
             let audit = object(try await admin.request(.GET, "/v1/audit?limit=1000"))
             let records = audit["records"] as? [[String: Any]] ?? []
             let issuances = records.filter { $0["action"] as? String == "identity.issue" }

@@ -4,6 +4,7 @@ import Ledger
 import NIOHTTP1
 import NIOPosix
 import Raft
+import Synchronization
 import SwiftASN1
 import X509
 
@@ -82,14 +83,33 @@ extension NodeAPI {
     func dispatchAuthority(_ route: Route, _ request: HTTPRequest) async throws -> HTTPResponse? {
         switch (route.method, route.template) {
         case (.POST, "/v1/tokens"): return try await createToken(request)
-        case (.POST, "/v1/svid/x509"): return try await issueX509(request)
-        case (.POST, "/v1/svid/jwt"): return try await issueJWT(request)
+        case (.POST, "/v1/svid/x509"): return try await auditingDenials(request) { try await issueX509(request) }
+        case (.POST, "/v1/svid/jwt"): return try await auditingDenials(request) { try await issueJWT(request) }
         case (.GET, "/v1/bundle"): return try bundleResponse { try $0.jwks() }
         case (.GET, "/v1/bundle.pem"): return try bundleResponse(type: "application/x-pem-file") { Array(try $0.pem().utf8) }
         case (.GET, "/.well-known/openid-configuration"): return try discovery(request)
         case (.GET, "/v1/keys"): return try bundleResponse { try $0.oidcJWKS() }
         case (.POST, "/v1/verify"): return try await verify(request)
         default: return nil
+        }
+    }
+
+    /// Refused identity requests are audited too (`identity.deny`), at most
+    /// `DenialLimiter.perSecond` records a second per node; the excess is
+    /// folded into the next record's count, so a flood of bad requests
+    /// cannot starve issuance. Recording does not delay the refusal.
+    private func auditingDenials(_ request: HTTPRequest, _ body: () async throws -> HTTPResponse) async throws -> HTTPResponse {
+        do {
+            return try await body()
+        } catch let error as APIError where (400..<500).contains(Int(error.status.code)) && error.code != "not_leader" {
+            if let count = denials.admit() {
+                let driver = self.driver
+                let command = LedgerCommand(timeMillis: UInt64(Date().timeIntervalSince1970 * 1000), actor: Self.actor(of: request),
+                                            requestID: UUID().uuidString,
+                                            operation: .recordDenial(reason: String("\(error.code): \(error.message)".prefix(512)), count: count))
+                Task { _ = try? await driver.write(command) }
+            }
+            throw error
         }
     }
 
@@ -317,4 +337,26 @@ extension NodeAPI {
     }
 
     static func iso(_ date: Date) -> String { date.formatted(.iso8601) }
+}
+
+/// A per-second budget for denial records; what is over it is counted and
+/// carried into the next record.
+final class DenialLimiter: Sendable {
+    static let perSecond = 20
+    private let state = Mutex<(second: Int, used: Int, suppressed: UInt32)>((0, 0, 0))
+
+    /// The count the next record stands for, or nil if over budget.
+    func admit() -> UInt32? {
+        let second = Int(Date().timeIntervalSince1970)
+        return state.withLock { state in
+            if state.second != second { state.second = second; state.used = 0 }
+            guard state.used < Self.perSecond else {
+                state.suppressed &+= 1
+                return nil
+            }
+            state.used += 1
+            defer { state.suppressed = 0 }
+            return state.suppressed + 1
+        }
+    }
 }

@@ -47,6 +47,7 @@ public final class NodeAPI: Sendable {
     let forwarder: Forwarder?
     let metrics: NodeMetrics
     let authority: AuthorityService?
+    let denials = DenialLimiter()
 
     public init(id: NodeID, driver: RaftDriver, store: RaftStore, members: MemberDirectory, forwarder: Forwarder?, metrics: NodeMetrics,
                 authority: AuthorityService? = nil) {
