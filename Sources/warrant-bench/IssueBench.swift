@@ -155,6 +155,7 @@ func runIssueBench(binary: String, clients: Int, seconds: Double) async throws {
     }()
     let x509Tokens = Queue(Array(tokens.prefix(tokens.count / 2)))
     let jwtTokens = Queue(Array(tokens.dropFirst(tokens.count / 2)))
+    print("timing X509-SVID issuance...")
     let x509 = try await drive(endpoints: endpoints, tls: tls, clients: clients, seconds: seconds, path: "/v1/svid/x509") {
         x509Tokens.take().map { jsonBytes(["token": $0, "csr": csrPEM]) }
     }
