@@ -88,3 +88,16 @@ public enum SpiffeIDError: Error, Sendable, Hashable, CustomStringConvertible {
         }
     }
 }
+
+/// Lower-case hexadecimal, two digits a byte (serials, fingerprints, hashes).
+public enum Hex {
+    public static func encode(_ bytes: some Sequence<UInt8>) -> String {
+        let digits = Array("0123456789abcdef".utf8)
+        var out: [UInt8] = []
+        for byte in bytes {
+            out.append(digits[Int(byte >> 4)])
+            out.append(digits[Int(byte & 0x0F)])
+        }
+        return String(decoding: out, as: UTF8.self)
+    }
+}

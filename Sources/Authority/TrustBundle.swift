@@ -121,7 +121,7 @@ public struct TrustBundle: Sendable {
            let decoded = try? JSONDecoder().decode(Attributes.self, from: Data(text.bytes)) {
             attributes = decoded
         }
-        return VerifiedX509(spiffeID: spiffeID, serialHex: leaf.serialNumber.bytes.map { String(format: "%02x", $0) }.joined(),
+        return VerifiedX509(spiffeID: spiffeID, serialHex: Hex.encode(leaf.serialNumber.bytes),
                             notAfter: leaf.notValidAfter, attributes: attributes)
     }
 }

@@ -45,7 +45,7 @@ public struct X509Authority: Sendable {
         let serial = randomSerial()
         let name = try DistinguishedName {
             OrganizationName("Warrant")
-            CommonName("Warrant \(trustDomain) CA \(serial.bytes.map { String(format: "%02x", $0) }.joined().prefix(16))")
+            CommonName("Warrant \(trustDomain) CA \(Hex.encode(serial.bytes).prefix(16))")
         }
         let certificate = try Certificate(
             version: .v3, serialNumber: serial, publicKey: .init(key.publicKey),
@@ -186,7 +186,7 @@ public struct IssuedX509: Sendable {
     public let certificate: Certificate
     public let der: [UInt8]
 
-    public var serialHex: String { certificate.serialNumber.bytes.map { String(format: "%02x", $0) }.joined() }
-    public var fingerprintSHA256: String { SHA256.hash(data: der).map { String(format: "%02x", $0) }.joined() }
+    public var serialHex: String { Hex.encode(certificate.serialNumber.bytes) }
+    public var fingerprintSHA256: String { Hex.encode(SHA256.hash(data: der)) }
     public var pem: String { PEMDocument(type: "CERTIFICATE", derBytes: der).pemString + "\n" }
 }

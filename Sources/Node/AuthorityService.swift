@@ -46,7 +46,7 @@ public final class AuthorityService: Sendable {
     }
 
     /// The first 8 bytes of the KEK's SHA-256, hex: names the KEK without revealing it.
-    var kekID: String { kek.withUnsafeBytes { SHA256.hash(data: Array($0)) }.prefix(8).map { String(format: "%02x", $0) }.joined() }
+    var kekID: String { Hex.encode(kek.withUnsafeBytes { SHA256.hash(data: Array($0)) }.prefix(8)) }
 
     /// New keys for the trust domain, sealed, as the keyring document.
     public func makeKeyring() throws -> [UInt8] {
@@ -104,7 +104,7 @@ public final class AuthorityService: Sendable {
 
     /// SHA-256, lower-case hex.
     public static func hash(_ text: String) -> String {
-        SHA256.hash(data: Array(text.utf8)).map { String(format: "%02x", $0) }.joined()
+        Hex.encode(SHA256.hash(data: Array(text.utf8)))
     }
 
     /// A new join token secret: "wjt." and 32 random bytes in base64url.

@@ -6,13 +6,8 @@ import Testing
 
 /// A P-256 CSR made by openssl (a real peer, not our own code).
 func opensslCSR(in directory: String, name: String = "job") throws -> String {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-    process.arguments = ["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                         "-keyout", "\(directory)/\(name).key", "-subj", "/CN=ignored", "-out", "\(directory)/\(name).csr"]
-    process.standardError = FileHandle.nullDevice
-    try process.run()
-    process.waitUntilExit()
+    try run(["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+             "-keyout", "\(directory)/\(name).key", "-subj", "/CN=ignored", "-out", "\(directory)/\(name).csr"])
     return try String(contentsOfFile: "\(directory)/\(name).csr", encoding: .utf8)
 }
 
@@ -197,6 +192,7 @@ struct IssuanceTests {
     }
 }
 
+@discardableResult
 func run(_ arguments: [String]) throws -> (status: Int32, output: String) {
     let process = Process()
     process.executableURL = URL(fileURLWithPath: "/usr/bin/env")

@@ -178,7 +178,3 @@ public struct MemberAddressesBody: Codable, Sendable, Hashable {
     public var peerAddress: String
     public var apiAddress: String
 }
-
-extension Array where Element == UInt8 {
-    var hexString: String { map { String($0, radix: 16).count == 1 ? "0" + String($0, radix: 16) : String($0, radix: 16) }.joined() }
-}

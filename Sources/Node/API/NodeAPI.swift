@@ -1,3 +1,4 @@
+import Authority
 import Foundation
 import Ledger
 import NIOHTTP1
@@ -260,7 +261,7 @@ public final class NodeAPI: Sendable {
     private func auditVerify() throws -> HTTPResponse {
         switch try store.verifyAudit() {
         case .intact(let count, let head):
-            return APIJSON.response(AuditVerifyBody(node: id, intact: true, records: count, headHash: head.hexString))
+            return APIJSON.response(AuditVerifyBody(node: id, intact: true, records: count, headHash: Hex.encode(head)))
         case .broken(let sequence, let reason):
             return APIJSON.response(AuditVerifyBody(node: id, intact: false, records: sequence > 0 ? sequence - 1 : 0, brokenAt: sequence, reason: reason))
         }
@@ -403,7 +404,7 @@ public final class NodeAPI: Sendable {
     static func body(_ record: AuditRecord) -> AuditRecordBody {
         AuditRecordBody(sequence: record.sequence, logIndex: record.logIndex, timeMillis: record.timeMillis, actor: record.actor,
                         action: record.action, target: record.target, result: record.result,
-                        previousHash: record.previousHash.hexString, hash: record.hash.hexString)
+                        previousHash: Hex.encode(record.previousHash), hash: Hex.encode(record.hash))
     }
 
     /// Driver and storage failures as API errors.
