@@ -69,7 +69,7 @@ let package = Package(
         // The operator's command: node start, cluster init/status, documents,
         // audit, membership.
         .executableTarget(name: "warrant", dependencies: [
-            "Node",
+            "Node", "Authority",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),

@@ -1,34 +1,31 @@
 import Crypto
 import Foundation
 
-/// The trust domain's JWT-SVID signer (JWT-SVID.md): ES256 with a `kid`,
-/// `typ: JWT`, `sub` the SPIFFE ID, `aud` and `exp` always present. The
-/// attested context goes in a `warrant` claim.
+/// The trust domain's JWT-SVID signer (JWT-SVID.md): ES256 (or ES384,
+/// RS256 for those key types) with a `kid`, `typ: JWT`, `sub` the SPIFFE
+/// ID, `aud` and `exp` always present. The attested context goes in a
+/// `warrant` claim.
 public struct JWTAuthority: Sendable {
     public let trustDomain: String
     public let keyID: String
-    private let key: P256.Signing.PrivateKey
+    public let publicKey: VerificationKey
+    private let key: SigningKey
 
     public static let tokenBytesMax = 16 << 10
     public static let audiencesMax = 16
 
-    public static func create(trustDomain: String) -> JWTAuthority {
-        JWTAuthority(trustDomain: trustDomain, key: P256.Signing.PrivateKey(compactRepresentable: false))
+    public static func create(trustDomain: String, algorithm: KeyAlgorithm = .ecdsaP256) throws -> JWTAuthority {
+        JWTAuthority(trustDomain: trustDomain, key: try SigningKey.generate(algorithm))
     }
 
-    public init(trustDomain: String, key: P256.Signing.PrivateKey) {
+    public init(trustDomain: String, key: SigningKey) {
         self.trustDomain = trustDomain
         self.key = key
-        keyID = Self.keyID(for: key.publicKey)
+        publicKey = key.publicKey
+        keyID = publicKey.keyID
     }
 
-    public var publicKey: P256.Signing.PublicKey { key.publicKey }
     public var privateKeyPEM: String { key.pemRepresentation }
-
-    /// The first 16 bytes of the SHA-256 of the public key (DER), base64url.
-    public static func keyID(for key: P256.Signing.PublicKey) -> String {
-        Base64URL.encode(Array(SHA256.hash(data: key.derRepresentation).prefix(16)))
-    }
 
     /// A JWT-SVID for `spiffeID`, for `audiences`, expiring `ttl` seconds
     /// after `now` (never past `notAfter`, the CA's end).
@@ -44,15 +41,15 @@ public struct JWTAuthority: Sendable {
         var expiry = Int(now.addingTimeInterval(ttl).timeIntervalSince1970)
         if let notAfter { expiry = min(expiry, Int(notAfter.timeIntervalSince1970)) }
         guard expiry > issuedAt else { throw AuthorityError("bad_ttl", "the token would expire at once") }
-        let header: [String: String] = ["alg": "ES256", "kid": keyID, "typ": "JWT"]
+        let header: [String: String] = ["alg": publicKey.jwsAlgorithm, "kid": keyID, "typ": "JWT"]
         var claims: [String: Any] = ["sub": spiffeID.description, "aud": audiences.count == 1 ? audiences[0] as Any : audiences as Any,
                                      "exp": expiry, "iat": issuedAt]
         if !attributes.isEmpty { claims["warrant"] = attributes }
         let headerPart = Base64URL.encode(Array(try JSONSerialization.data(withJSONObject: header, options: [.sortedKeys])))
         let claimsPart = Base64URL.encode(Array(try JSONSerialization.data(withJSONObject: claims, options: [.sortedKeys, .withoutEscapingSlashes])))
         let signingInput = "\(headerPart).\(claimsPart)"
-        let signature = try key.signature(for: Array(signingInput.utf8))
-        let token = "\(signingInput).\(Base64URL.encode(Array(signature.rawRepresentation)))"
+        let signature = try key.jwsSignature(for: Array(signingInput.utf8))
+        let token = "\(signingInput).\(Base64URL.encode(signature))"
         return IssuedJWT(token: token, spiffeID: spiffeID, expiry: Date(timeIntervalSince1970: TimeInterval(expiry)))
     }
 }
@@ -68,18 +65,21 @@ public struct VerifiedJWT: Sendable {
     public let spiffeID: SpiffeID
     public let audiences: [String]
     public let expiry: Date
+    public let issuedAt: Date?
     public let attributes: Attributes
+    /// SHA-256 of the token, hex (what the audit records as its fingerprint).
+    public let fingerprint: String
 }
 
-/// Checks JWT-SVIDs against a set of keys (by kid). Only ES256 is
-/// accepted, whatever the header asks for; only `alg`, `kid` and `typ` may
-/// appear in the header; `aud` must hold the expected audience; `exp` is
-/// required.
+/// Checks JWT-SVIDs against a set of keys (by kid). Each key accepts only
+/// the algorithm its type is pinned to, whatever the header asks for; only
+/// `alg`, `kid` and `typ` may appear in the header; `aud` must hold the
+/// expected audience; `exp` is required.
 public struct JWTVerifier: Sendable {
     public let trustDomain: String
-    public let keys: [String: P256.Signing.PublicKey]
+    public let keys: [String: VerificationKey]
 
-    public init(trustDomain: String, keys: [String: P256.Signing.PublicKey]) {
+    public init(trustDomain: String, keys: [String: VerificationKey]) {
         self.trustDomain = trustDomain
         self.keys = keys
     }
@@ -100,11 +100,13 @@ public struct JWTVerifier: Sendable {
         guard Set(header.keys).isSubset(of: ["alg", "kid", "typ"]) else {
             throw AuthorityError("bad_header", "the header may hold only alg, kid and typ")
         }
-        guard header["alg"] as? String == "ES256" else { throw AuthorityError("bad_algorithm", "only ES256 is accepted") }
         if let typ = header["typ"] { guard typ as? String == "JWT" || typ as? String == "JOSE" else { throw AuthorityError("bad_header", "typ must be JWT or JOSE") } }
         guard let kid = header["kid"] as? String else { throw AuthorityError("missing_kid", "the header has no kid") }
         guard let key = keys[kid] else { throw AuthorityError("unknown_key", "no key with kid '\(kid)' in the bundle") }
-        guard Self.isValidES256(publicKey: key, message: Array("\(parts[0]).\(parts[1])".utf8), signature: signatureBytes) else {
+        guard header["alg"] as? String == key.jwsAlgorithm else {
+            throw AuthorityError("bad_algorithm", "the key '\(kid)' accepts only \(key.jwsAlgorithm)")
+        }
+        guard key.isValidJWS(message: Array("\(parts[0]).\(parts[1])".utf8), signature: signatureBytes) else {
             throw AuthorityError("bad_signature", "the signature does not verify")
         }
         guard let claims = try? JSONSerialization.jsonObject(with: Data(claimBytes)) as? [String: Any] else {
@@ -126,7 +128,9 @@ public struct JWTVerifier: Sendable {
         guard let exp = (claims["exp"] as? NSNumber)?.doubleValue else { throw AuthorityError("missing_expiry", "exp is missing") }
         guard exp > now.timeIntervalSince1970 else { throw AuthorityError("expired", "the token expired at \(Date(timeIntervalSince1970: exp))") }
         return VerifiedJWT(spiffeID: spiffeID, audiences: audiences, expiry: Date(timeIntervalSince1970: exp),
-                           attributes: claims["warrant"] as? [String: String] ?? [:])
+                           issuedAt: (claims["iat"] as? NSNumber).map { Date(timeIntervalSince1970: $0.doubleValue) },
+                           attributes: claims["warrant"] as? [String: String] ?? [:],
+                           fingerprint: Hex.encode(SHA256.hash(data: Array(token.utf8))))
     }
 }
 
@@ -134,24 +138,16 @@ extension JWTVerifier {
     /// ES256 as JWS uses it: r and s, 32 bytes each (IEEE P1363), over
     /// SHA-256 of the message. Anything else is invalid.
     public static func isValidES256(publicKey: P256.Signing.PublicKey, message: [UInt8], signature: [UInt8]) -> Bool {
-        guard signature.count == 64, let parsed = try? P256.Signing.ECDSASignature(rawRepresentation: signature) else { return false }
-        return publicKey.isValidSignature(parsed, for: message)
+        VerificationKey.p256(publicKey).isValidJWS(message: message, signature: signature)
     }
 
-    /// An ES256 verification key from a JWK: EC on P-256 only, and only if
-    /// the JWK allows signature checks (`use` absent, `sig` or `jwt-svid`;
-    /// `key_ops`, if present, holding `verify`; `alg`, if present, ES256).
+    /// An ES256 verification key from a JWK (see `VerificationKey.fromJWK`):
+    /// anything but EC P-256 is refused.
     public static func verificationKey(fromJWK jwk: [String: Any]) throws(AuthorityError) -> P256.Signing.PublicKey {
         guard jwk["kty"] as? String == "EC", jwk["crv"] as? String == "P-256" else {
             throw AuthorityError("unsupported_key", "only EC P-256 keys are accepted")
         }
-        if let use = jwk["use"] { guard ["sig", "jwt-svid"].contains(use as? String ?? "") else { throw AuthorityError("wrong_key_use", "the key is for '\(use)', not signatures") } }
-        if let ops = jwk["key_ops"] { guard (ops as? [String])?.contains("verify") == true else { throw AuthorityError("wrong_key_use", "the key's key_ops do not allow verify") } }
-        if let alg = jwk["alg"] { guard alg as? String == "ES256" else { throw AuthorityError("bad_algorithm", "the key is for \(alg), not ES256") } }
-        guard let x = (jwk["x"] as? String).flatMap(Base64URL.decode), let y = (jwk["y"] as? String).flatMap(Base64URL.decode),
-              x.count == 32, y.count == 32, let key = try? P256.Signing.PublicKey(x963Representation: [0x04] + x + y) else {
-            throw AuthorityError("bad_key", "x and y are not a point on P-256")
-        }
+        guard case .p256(let key) = try VerificationKey.fromJWK(jwk) else { throw AuthorityError("unsupported_key", "only EC P-256 keys are accepted") }
         return key
     }
 

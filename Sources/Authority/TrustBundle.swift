@@ -9,11 +9,11 @@ import SwiftASN1
 public struct TrustBundle: Sendable {
     public var trustDomain: String
     public var x509Authorities: [Certificate]
-    public var jwtKeys: [String: P256.Signing.PublicKey]
+    public var jwtKeys: [String: VerificationKey]
     public var sequence: UInt64
     public var refreshHintSeconds: Int
 
-    public init(trustDomain: String, x509Authorities: [Certificate], jwtKeys: [String: P256.Signing.PublicKey], sequence: UInt64,
+    public init(trustDomain: String, x509Authorities: [Certificate], jwtKeys: [String: VerificationKey], sequence: UInt64,
                 refreshHintSeconds: Int = 300) {
         self.trustDomain = trustDomain
         self.x509Authorities = x509Authorities
@@ -27,16 +27,16 @@ public struct TrustBundle: Sendable {
     public func jwks() throws -> [UInt8] {
         var keys: [[String: Any]] = []
         for certificate in x509Authorities {
-            guard let key = P256.Signing.PublicKey(certificate.publicKey) else { continue }
+            guard let key = VerificationKey(certificate.publicKey) else { continue }
             var der = DER.Serializer()
             try der.serialize(certificate)
-            var jwk = Self.ecJWK(key)
+            var jwk = key.jwk()
             jwk["use"] = "x509-svid"
             jwk["x5c"] = [Data(der.serializedBytes).base64EncodedString()]
             keys.append(jwk)
         }
         for (kid, key) in jwtKeys.sorted(by: { $0.key < $1.key }) {
-            var jwk = Self.ecJWK(key)
+            var jwk = key.jwk()
             jwk["use"] = "jwt-svid"
             jwk["kid"] = kid
             keys.append(jwk)
@@ -45,13 +45,13 @@ public struct TrustBundle: Sendable {
         return Array(try JSONSerialization.data(withJSONObject: bundle, options: [.sortedKeys, .withoutEscapingSlashes]))
     }
 
-    /// The JWT keys as an OIDC JWKS (`use: sig`, `alg: ES256`), for cloud
-    /// federation through the discovery document.
+    /// The JWT keys as an OIDC JWKS (`use: sig`, `alg` pinned per key), for
+    /// cloud federation through the discovery document.
     public func oidcJWKS() throws -> [UInt8] {
         let keys: [[String: Any]] = jwtKeys.sorted(by: { $0.key < $1.key }).map { kid, key in
-            var jwk = Self.ecJWK(key)
+            var jwk = key.jwk()
             jwk["use"] = "sig"
-            jwk["alg"] = "ES256"
+            jwk["alg"] = key.jwsAlgorithm
             jwk["kid"] = kid
             return jwk
         }
@@ -63,10 +63,8 @@ public struct TrustBundle: Sendable {
         try x509Authorities.map { try $0.serializeAsPEM().pemString + "\n" }.joined()
     }
 
-    static func ecJWK(_ key: P256.Signing.PublicKey) -> [String: Any] {
-        let raw = Array(key.x963Representation) // 0x04 | x | y
-        return ["kty": "EC", "crv": "P-256", "x": Base64URL.encode(Array(raw[1...32])), "y": Base64URL.encode(Array(raw[33...64]))]
-    }
+    /// The JWS algorithms the JWT keys use, for the discovery document.
+    public var jwtAlgorithms: [String] { Array(Set(jwtKeys.values.map(\.jwsAlgorithm))).sorted() }
 
     /// Checks an X509-SVID chain (leaf first, then any intermediates)
     /// against this bundle's authorities: RFC 5280 path validation at
@@ -121,7 +119,7 @@ public struct TrustBundle: Sendable {
            let decoded = try? JSONDecoder().decode(Attributes.self, from: Data(text.bytes)) {
             attributes = decoded
         }
-        return VerifiedX509(spiffeID: spiffeID, serialHex: Hex.encode(leaf.serialNumber.bytes),
+        return VerifiedX509(spiffeID: spiffeID, serialHex: Hex.encode(leaf.serialNumber.bytes), notBefore: leaf.notValidBefore,
                             notAfter: leaf.notValidAfter, attributes: attributes)
     }
 }
@@ -129,6 +127,7 @@ public struct TrustBundle: Sendable {
 public struct VerifiedX509: Sendable {
     public let spiffeID: SpiffeID
     public let serialHex: String
+    public let notBefore: Date
     public let notAfter: Date
     public let attributes: Attributes
 }

@@ -28,7 +28,7 @@ public typealias Attributes = [String: String]
 public struct X509Authority: Sendable {
     public let trustDomain: String
     public let certificate: Certificate
-    private let key: P256.Signing.PrivateKey
+    private let key: SigningKey
 
     /// The OID of the attested-context extension (content: a UTF8String
     /// holding sorted JSON). Warrant has no registered enterprise number
@@ -40,41 +40,43 @@ public struct X509Authority: Sendable {
     public static let backdate: TimeInterval = 30
     public static let attributesBytesMax = 8 << 10
 
-    public static func create(trustDomain: String, now: Date = Date(), validity: TimeInterval = 365 * 86_400) throws -> X509Authority {
-        let key = P256.Signing.PrivateKey(compactRepresentable: false)
+    public static func create(trustDomain: String, algorithm: KeyAlgorithm = .ecdsaP256, now: Date = Date(),
+                              validity: TimeInterval = 365 * 86_400) throws -> X509Authority {
+        let key = try SigningKey.generate(algorithm)
         let serial = randomSerial()
         let name = try DistinguishedName {
             OrganizationName("Warrant")
             CommonName("Warrant \(trustDomain) CA \(Hex.encode(serial.bytes).prefix(16))")
         }
         let certificate = try Certificate(
-            version: .v3, serialNumber: serial, publicKey: .init(key.publicKey),
+            version: .v3, serialNumber: serial, publicKey: key.certificateKey.publicKey,
             notValidBefore: now.addingTimeInterval(-backdate), notValidAfter: now.addingTimeInterval(validity),
-            issuer: name, subject: name, signatureAlgorithm: .ecdsaWithSHA256,
+            issuer: name, subject: name, signatureAlgorithm: key.certificateSignatureAlgorithm,
             extensions: try Certificate.Extensions {
                 Critical(BasicConstraints.isCertificateAuthority(maxPathLength: 0))
                 Critical(KeyUsage(keyCertSign: true, cRLSign: true))
                 SubjectAlternativeNames([.uniformResourceIdentifier("spiffe://\(trustDomain)")])
-                SubjectKeyIdentifier(hash: .init(key.publicKey))
+                SubjectKeyIdentifier(hash: key.certificateKey.publicKey)
             },
-            issuerPrivateKey: .init(key))
+            issuerPrivateKey: key.certificateKey)
         return X509Authority(trustDomain: trustDomain, certificate: certificate, key: key)
     }
 
-    public init(trustDomain: String, certificate: Certificate, privateKey: P256.Signing.PrivateKey) throws {
-        guard certificate.publicKey == Certificate.PublicKey(privateKey.publicKey) else {
+    public init(trustDomain: String, certificate: Certificate, privateKey: SigningKey) throws {
+        guard certificate.publicKey == privateKey.certificateKey.publicKey else {
             throw AuthorityError("bad_key", "the CA key does not match the CA certificate")
         }
         self.init(trustDomain: trustDomain, certificate: certificate, key: privateKey)
     }
 
-    private init(trustDomain: String, certificate: Certificate, key: P256.Signing.PrivateKey) {
+    private init(trustDomain: String, certificate: Certificate, key: SigningKey) {
         self.trustDomain = trustDomain
         self.certificate = certificate
         self.key = key
     }
 
     public var privateKeyPEM: String { key.pemRepresentation }
+    public var algorithm: KeyAlgorithm { key.algorithm }
 
     /// Positive, 16 random bytes (128 bits) with the top bit cleared, never
     /// zero: at most 16 octets in DER.
@@ -158,7 +160,7 @@ public struct X509Authority: Sendable {
             notValidBefore: now.addingTimeInterval(-Self.backdate), notValidAfter: notAfter,
             issuer: certificate.subject,
             subject: try DistinguishedName { OrganizationName("Warrant") },
-            signatureAlgorithm: .ecdsaWithSHA256,
+            signatureAlgorithm: key.certificateSignatureAlgorithm,
             extensions: try Certificate.Extensions {
                 Critical(BasicConstraints.notCertificateAuthority)
                 Critical(KeyUsage(digitalSignature: true))
@@ -167,10 +169,58 @@ public struct X509Authority: Sendable {
                 try AuthorityKeyIdentifier(keyIdentifier: certificate.extensions.subjectKeyIdentifier?.keyIdentifier)
                 Certificate.Extension(oid: Self.attributesExtensionOID, critical: false, value: ArraySlice(serializer.serializedBytes))
             },
-            issuerPrivateKey: .init(key))
+            issuerPrivateKey: key.certificateKey)
         var der = DER.Serializer()
         try der.serialize(leaf)
         return IssuedX509(certificate: leaf, der: der.serializedBytes)
+    }
+
+    /// A CRL (RFC 5280 section 5, version 2) signed by this authority,
+    /// listing `revoked` (serial bytes and revocation time), valid from
+    /// `now` until `nextUpdate`, with CRL number `number` and the
+    /// authority's key identifier.
+    public func crl(revoked: [(serial: [UInt8], at: Date)], number: UInt64, now: Date = Date(), nextUpdate: Date) throws -> [UInt8] {
+        func time(_ date: Date) throws -> [UInt8] {
+            let c = Calendar(identifier: .gregorian).dateComponents(in: TimeZone(identifier: "UTC")!, from: date)
+            var s = DER.Serializer()
+            try s.serialize(try UTCTime(year: c.year!, month: c.month!, day: c.day!, hours: c.hour!, minutes: c.minute!, seconds: c.second!))
+            return s.serializedBytes
+        }
+        func sequence(_ content: [UInt8], tag: UInt8 = 0x30) -> [UInt8] { [tag] + Self.derLength(content.count) + content }
+        func integer(_ bytes: [UInt8]) -> [UInt8] {
+            var value = Array(bytes.drop { $0 == 0 })
+            if value.isEmpty || value[0] & 0x80 != 0 { value.insert(0, at: 0) }
+            return [0x02] + Self.derLength(value.count) + value
+        }
+        var issuer = DER.Serializer()
+        try issuer.serialize(certificate.subject)
+        var entries: [UInt8] = []
+        for entry in revoked.sorted(by: { $0.serial.lexicographicallyPrecedes($1.serial) }) {
+            entries += sequence(integer(entry.serial) + (try time(entry.at)))
+        }
+        var numberBytes = withUnsafeBytes(of: number.bigEndian) { Array($0) }
+        numberBytes = Array(numberBytes.drop { $0 == 0 })
+        var extensions: [UInt8] = []
+        if let keyID = try certificate.extensions.subjectKeyIdentifier?.keyIdentifier {
+            // authorityKeyIdentifier { [0] keyIdentifier }
+            let aki = sequence([0x80] + Self.derLength(keyID.count) + Array(keyID))
+            extensions += sequence([0x06, 0x03, 0x55, 0x1D, 0x23] + [0x04] + Self.derLength(aki.count) + aki)
+        }
+        // cRLNumber INTEGER
+        let crlNumber = integer(numberBytes)
+        extensions += sequence([0x06, 0x03, 0x55, 0x1D, 0x14] + [0x04] + Self.derLength(crlNumber.count) + crlNumber)
+        var tbs: [UInt8] = [0x02, 0x01, 0x01] + key.algorithmIdentifierDER + issuer.serializedBytes + (try time(now)) + (try time(nextUpdate))
+        if !entries.isEmpty { tbs += sequence(entries) }
+        tbs += sequence(sequence(extensions), tag: 0xA0)
+        let tbsDER = sequence(tbs)
+        let signature = try key.x509Signature(for: tbsDER)
+        return sequence(tbsDER + key.algorithmIdentifierDER + [0x03] + Self.derLength(signature.count + 1) + [0] + signature)
+    }
+
+    static func derLength(_ count: Int) -> [UInt8] {
+        if count < 0x80 { return [UInt8(count)] }
+        let bytes = withUnsafeBytes(of: UInt64(count).bigEndian) { Array($0) }.drop { $0 == 0 }
+        return [0x80 | UInt8(bytes.count)] + bytes
     }
 
     /// Sorted-key JSON of string pairs (deterministic bytes).

@@ -1,4 +1,5 @@
 import Foundation
+import Raft
 
 /// A one-time join token as the ledger keeps it: only the SHA-256 of the
 /// secret (hex), what it may be exchanged for, until when, and whether it
@@ -8,83 +9,261 @@ public struct JoinToken: Sendable, Hashable, Codable {
     public var spiffeID: String
     public var ttlMaxSeconds: UInt32
     public var expiresAtMillis: UInt64
+    /// How long identities obtained with this token may be renewed, from
+    /// the first issuance: no renewed identity outlives it.
+    public var maxLifetimeSeconds: UInt32
     public var used: Bool
     public var usedBySerial: String?
 
-    public init(hash: String, spiffeID: String, ttlMaxSeconds: UInt32, expiresAtMillis: UInt64) {
+    public init(hash: String, spiffeID: String, ttlMaxSeconds: UInt32, expiresAtMillis: UInt64, maxLifetimeSeconds: UInt32? = nil) {
         self.hash = hash
         self.spiffeID = spiffeID
         self.ttlMaxSeconds = ttlMaxSeconds
         self.expiresAtMillis = expiresAtMillis
+        self.maxLifetimeSeconds = maxLifetimeSeconds ?? ttlMaxSeconds
         used = false
     }
 }
 
 /// One identity the leader signed, proposed with its audit facts. The
 /// caller gets `artifact` (certificate DER or JWT) only once this applied.
-public struct Issuance: Sendable, Hashable, Codable {
-    public enum Kind: String, Sendable, Codable { case x509, jwt }
+public struct Issuance: Sendable, Hashable {
+    public enum Kind: UInt8, Sendable, Codable { case x509 = 1, jwt = 2 }
     public var kind: Kind
     public var spiffeID: String
-    /// Hex certificate serial, or the JWT's hash for a JWT-SVID.
+    /// Hex certificate serial, or the first 32 hex digits of the JWT's
+    /// SHA-256 for a JWT-SVID.
     public var serial: String
     /// SHA-256 of the certificate DER or of the JWT, hex.
     public var fingerprint: String
+    /// When it was signed (an X509-SVID's notBefore is a little earlier;
+    /// a JWT-SVID's iat is this, in seconds), and when it expires.
+    public var issuedAtMillis: UInt64
     public var notAfterMillis: UInt64
     public var ttlSeconds: UInt32
-    /// The join token's hash (the evidence), hex.
+    /// The evidence: a join token's hash (hex), or, for a renewal, "" with
+    /// `renewedFrom` naming the serial renewed and `renewedIssuedAtMillis`
+    /// when that one was issued.
     public var tokenHash: String
+    public var renewedFrom: String
+    public var renewedIssuedAtMillis: UInt64
     /// SHA-256 of the caller's idempotency key, hex, or "".
     public var idempotencyKey: String
     public var node: UInt64
+    /// The id of the authority whose key signed it (`AuthorityKeyring.Entry.id`).
+    public var authority: String
+    /// The attested context embedded in the identity.
+    public var attributes: [String: String]
     public var artifact: [UInt8]
 
-    public init(kind: Kind, spiffeID: String, serial: String, fingerprint: String, notAfterMillis: UInt64, ttlSeconds: UInt32,
-                tokenHash: String, idempotencyKey: String, node: UInt64, artifact: [UInt8]) {
+    public init(kind: Kind, spiffeID: String, serial: String, fingerprint: String, issuedAtMillis: UInt64, notAfterMillis: UInt64,
+                ttlSeconds: UInt32, tokenHash: String, renewedFrom: String = "", renewedIssuedAtMillis: UInt64 = 0, idempotencyKey: String,
+                node: UInt64, authority: String, attributes: [String: String], artifact: [UInt8]) {
         self.kind = kind
         self.spiffeID = spiffeID
         self.serial = serial
         self.fingerprint = fingerprint
+        self.issuedAtMillis = issuedAtMillis
         self.notAfterMillis = notAfterMillis
         self.ttlSeconds = ttlSeconds
         self.tokenHash = tokenHash
+        self.renewedFrom = renewedFrom
+        self.renewedIssuedAtMillis = renewedIssuedAtMillis
         self.idempotencyKey = idempotencyKey
         self.node = node
+        self.authority = authority
+        self.attributes = attributes
         self.artifact = artifact
     }
 
-    private enum CodingKeys: String, CodingKey {
-        case kind, spiffeID, serial, fingerprint, notAfterMillis, ttlSeconds, tokenHash, idempotencyKey, node, artifact
+    /// What the identity was obtained with, for idempotency checks.
+    public var evidence: String { tokenHash.isEmpty ? "renew:\(renewedFrom)" : tokenHash }
+
+    static let attributesMax = 64
+
+    // Binary, inside the command (JSON decoding was the largest cost of
+    // applying an issuance).
+    func encode(_ w: inout BinaryWriter) {
+        w.write(kind.rawValue)
+        for text in [spiffeID, serial, fingerprint] { w.writeBytes(Array(text.utf8)) }
+        w.write(issuedAtMillis)
+        w.write(notAfterMillis)
+        w.write(ttlSeconds)
+        for text in [tokenHash, renewedFrom] { w.writeBytes(Array(text.utf8)) }
+        w.write(renewedIssuedAtMillis)
+        w.writeBytes(Array(idempotencyKey.utf8))
+        w.write(node)
+        w.writeBytes(Array(authority.utf8))
+        w.write(UInt32(attributes.count))
+        for (key, value) in attributes.sorted(by: { $0.key < $1.key }) {
+            w.writeBytes(Array(key.utf8))
+            w.writeBytes(Array(value.utf8))
+        }
+        w.writeBytes(artifact)
     }
 
-    // The artifact travels as base64 (JSON arrays of numbers tripled its size).
-    public init(from decoder: any Decoder) throws {
-        let c = try decoder.container(keyedBy: CodingKeys.self)
-        kind = try c.decode(Kind.self, forKey: .kind)
-        spiffeID = try c.decode(String.self, forKey: .spiffeID)
-        serial = try c.decode(String.self, forKey: .serial)
-        fingerprint = try c.decode(String.self, forKey: .fingerprint)
-        notAfterMillis = try c.decode(UInt64.self, forKey: .notAfterMillis)
-        ttlSeconds = try c.decode(UInt32.self, forKey: .ttlSeconds)
-        tokenHash = try c.decode(String.self, forKey: .tokenHash)
-        idempotencyKey = try c.decode(String.self, forKey: .idempotencyKey)
-        node = try c.decode(UInt64.self, forKey: .node)
-        artifact = Array(try c.decode(Data.self, forKey: .artifact))
+    init(decoding r: inout BinaryReader) throws(CodecError) {
+        let rawKind = try r.readUInt8("issuance kind")
+        guard let kind = Kind(rawValue: rawKind) else { throw .unknownTag(field: "issuance kind", tag: rawKind) }
+        self.kind = kind
+        spiffeID = try LedgerCommand.readString(&r, "spiffe id", 2048)
+        serial = try LedgerCommand.readString(&r, "serial", 128)
+        fingerprint = try LedgerCommand.readString(&r, "fingerprint", 128)
+        issuedAtMillis = try r.readUInt64("issued at")
+        notAfterMillis = try r.readUInt64("not after")
+        ttlSeconds = try r.readUInt32("ttl")
+        tokenHash = try LedgerCommand.readString(&r, "token hash", 128)
+        renewedFrom = try LedgerCommand.readString(&r, "renewed from", 128)
+        renewedIssuedAtMillis = try r.readUInt64("renewed issued at")
+        idempotencyKey = try LedgerCommand.readString(&r, "idempotency key", 128)
+        node = try r.readUInt64("node")
+        authority = try LedgerCommand.readString(&r, "authority", 128)
+        let count = Int(try r.readUInt32("attribute count"))
+        guard count <= Self.attributesMax else { throw .invalid(field: "attribute count", reason: "\(count) is over \(Self.attributesMax)") }
+        var attributes: [String: String] = [:]
+        for _ in 0..<count {
+            let key = try LedgerCommand.readString(&r, "attribute name", 256)
+            attributes[key] = try LedgerCommand.readString(&r, "attribute value", 4096)
+        }
+        self.attributes = attributes
+        artifact = try r.readBytes("artifact", limit: 64 << 10)
+    }
+}
+
+/// The answer kept for an idempotency key (the document
+/// `authority/idempotency/<sha256 of the key>`): the evidence it was used
+/// with and the identity issued.
+public struct IdempotentAnswer: Sendable, Hashable, Codable {
+    public var evidence: String
+    public var kind: Issuance.Kind
+    public var artifact: Data
+}
+
+/// What the ledger remembers of an issued identity until it expires (the
+/// document `authority/issued/<not after, 13 digits>/<serial>`): enough to
+/// list it in a CRL when a rule revokes it, and, being ordered by expiry,
+/// to know when the last identity an authority signed expires.
+public struct IssuedRecord: Sendable, Hashable, Codable {
+    public var kind: Issuance.Kind
+    public var spiffeID: String
+    public var serial: String
+    public var authority: String
+    public var issuedAtMillis: UInt64
+    public var notAfterMillis: UInt64
+    public var attributes: [String: String]
+}
+
+/// The trust domain's authorities as the ledger holds them (the document
+/// `authority/keyring`): each an X.509 CA certificate and JWT key in the
+/// clear, with both private keys sealed under the key-encryption key (its
+/// id recorded), moving through prepared (published in bundles, not
+/// signing), active (the one that signs) and retired (still published
+/// until `keepUntilMillis`, when the last identity it signed expires).
+public struct AuthorityKeyring: Sendable, Hashable, Codable {
+    public struct Entry: Sendable, Hashable, Codable {
+        public enum State: String, Sendable, Codable { case prepared, active, retired }
+        public var id: String
+        public var state: State
+        public var algorithm: String
+        public var x509Certificate: String
+        public var x509Key: String
+        public var jwtKeyID: String
+        public var jwtKey: String
+        public var createdAtMillis: UInt64
+        public var activatedAtMillis: UInt64?
+        public var retiredAtMillis: UInt64?
+        public var keepUntilMillis: UInt64?
+
+        public init(id: String, state: State, algorithm: String, x509Certificate: String, x509Key: String, jwtKeyID: String, jwtKey: String,
+                    createdAtMillis: UInt64) {
+            self.id = id
+            self.state = state
+            self.algorithm = algorithm
+            self.x509Certificate = x509Certificate
+            self.x509Key = x509Key
+            self.jwtKeyID = jwtKeyID
+            self.jwtKey = jwtKey
+            self.createdAtMillis = createdAtMillis
+        }
+
+        /// Whether bundles publish it at `millis`.
+        public func isPublished(at millis: UInt64) -> Bool {
+            state != .retired || (keepUntilMillis ?? 0) > millis
+        }
     }
 
-    public func encode(to encoder: any Encoder) throws {
-        var c = encoder.container(keyedBy: CodingKeys.self)
-        try c.encode(kind, forKey: .kind)
-        try c.encode(spiffeID, forKey: .spiffeID)
-        try c.encode(serial, forKey: .serial)
-        try c.encode(fingerprint, forKey: .fingerprint)
-        try c.encode(notAfterMillis, forKey: .notAfterMillis)
-        try c.encode(ttlSeconds, forKey: .ttlSeconds)
-        try c.encode(tokenHash, forKey: .tokenHash)
-        try c.encode(idempotencyKey, forKey: .idempotencyKey)
-        try c.encode(node, forKey: .node)
-        try c.encode(Data(artifact), forKey: .artifact)
+    public var trustDomain: String
+    public var kekID: String
+    public var authorities: [Entry]
+
+    public init(trustDomain: String, kekID: String, authorities: [Entry]) {
+        self.trustDomain = trustDomain
+        self.kekID = kekID
+        self.authorities = authorities
     }
+
+    public var active: Entry? { authorities.first { $0.state == .active } }
+    public var prepared: Entry? { authorities.first { $0.state == .prepared } }
+    public static let authoritiesMax = 8
+}
+
+/// A revocation rule (kept in the document `authority/revocations`). It
+/// covers identities issued at or before `revokedAtMillis` that match:
+/// one serial, every identity of one SPIFFE ID, or every identity whose
+/// attested context has `name=value` (say, every identity of one
+/// repository). Identities issued later are not affected.
+public struct Revocation: Sendable, Hashable, Codable {
+    public enum Kind: String, Sendable, Codable { case serial, spiffeID = "spiffe_id", attribute }
+    public var kind: Kind
+    public var value: String
+    public var reason: String
+    public var revokedAtMillis: UInt64
+
+    public init(kind: Kind, value: String, reason: String, revokedAtMillis: UInt64 = 0) {
+        self.kind = kind
+        self.value = value
+        self.reason = reason
+        self.revokedAtMillis = revokedAtMillis
+    }
+
+    public func matches(serial: String, spiffeID: String, attributes: [String: String], issuedAtMillis: UInt64) -> Bool {
+        guard issuedAtMillis <= revokedAtMillis else { return false }
+        switch kind {
+        case .serial: return serial == value
+        case .spiffeID: return spiffeID == value
+        case .attribute:
+            guard let equals = value.firstIndex(of: "=") else { return false }
+            return attributes[String(value[..<equals])] == String(value[value.index(after: equals)...])
+        }
+    }
+
+    /// Why the rule may not be recorded, or nil.
+    public var invalidReason: String? {
+        guard !value.isEmpty, value.utf8.count <= 2048 else { return "the revoked value must be 1 to 2048 bytes" }
+        guard reason.utf8.count <= 512 else { return "the reason is longer than 512 bytes" }
+        switch kind {
+        case .serial:
+            guard value.utf8.count <= 64, value.utf8.allSatisfy({ ($0 >= 0x30 && $0 <= 0x39) || ($0 >= 0x61 && $0 <= 0x66) }) else {
+                return "a serial is lower-case hex, at most 64 digits"
+            }
+        case .spiffeID:
+            guard value.hasPrefix("spiffe://") else { return "a SPIFFE ID starts with spiffe://" }
+        case .attribute:
+            guard let equals = value.firstIndex(of: "="), equals != value.startIndex else { return "an attribute rule is name=value" }
+        }
+        return nil
+    }
+}
+
+public struct RevocationList: Sendable, Hashable, Codable {
+    public var rules: [Revocation]
+    public init(rules: [Revocation] = []) { self.rules = rules }
+
+    public func revoking(serial: String, spiffeID: String, attributes: [String: String], issuedAtMillis: UInt64) -> Revocation? {
+        rules.first { $0.matches(serial: serial, spiffeID: spiffeID, attributes: attributes, issuedAtMillis: issuedAtMillis) }
+    }
+
+    public static let rulesMax = 10_000
 }
 
 /// Where the authority's state lives among the documents. Names under
@@ -92,8 +271,20 @@ public struct Issuance: Sendable, Hashable, Codable {
 public enum AuthorityDocuments {
     public static let prefix = "authority/"
     public static let keyring = "authority/keyring"
+    /// The id of the active authority alone (read on every issuance).
+    public static let active = "authority/active"
+    public static let revocations = "authority/revocations"
+    public static let issuedPrefix = "authority/issued/"
     public static func token(_ hash: String) -> String { "authority/tokens/\(hash)" }
     public static func idempotency(_ key: String) -> String { "authority/idempotency/\(key)" }
+    public static func issued(notAfterMillis: UInt64, serial: String) -> String {
+        let digits = String(notAfterMillis)
+        return issuedPrefix + String(repeating: "0", count: max(0, 13 - digits.count)) + digits + "/" + serial
+    }
+
+    /// The longest any identity may live, whatever a token allows; a
+    /// revocation rule is kept this long, since nothing it covers outlives it.
+    public static let identityLifetimeMaxSeconds: UInt32 = 86_400
 
     static func isHex(_ text: String, count: Int) -> Bool {
         text.utf8.count == count && text.utf8.allSatisfy { ($0 >= 0x30 && $0 <= 0x39) || ($0 >= 0x61 && $0 <= 0x66) }

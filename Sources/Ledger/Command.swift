@@ -35,6 +35,13 @@ public struct LedgerCommand: Sendable, Hashable {
         /// `reason` says why, `count` how many refusals it stands for (the
         /// node rate-limits them and folds the excess into one record).
         case recordDenial(reason: String, count: UInt32)
+        /// Adds a new authority in the prepared state (published, not signing).
+        case prepareAuthority(AuthorityKeyring.Entry)
+        /// Makes the prepared authority `id` the one that signs; the active
+        /// one retires, kept in bundles until what it signed has expired.
+        case activateAuthority(id: String)
+        /// Records a revocation rule (stamped with the command's time).
+        case revoke(Revocation)
     }
 
     public var timeMillis: UInt64
@@ -72,8 +79,16 @@ public struct LedgerCommand: Sendable, Hashable {
                 return "an idempotency key hash is 64 lower-case hex digits"
             }
             guard issuance.artifact.count <= 64 << 10 else { return "the issued artifact is larger than 64 KiB" }
+            guard issuance.attributes.count <= Issuance.attributesMax else { return "an identity carries at most \(Issuance.attributesMax) attributes" }
+            guard issuance.tokenHash.isEmpty != issuance.renewedFrom.isEmpty else { return "an issuance names either a join token or the serial it renews" }
         case .recordDenial(let reason, let count):
             guard reason.utf8.count <= 1024, count > 0 else { return "a denial has a reason of at most 1024 bytes and a count above zero" }
+        case .prepareAuthority(let entry):
+            guard entry.state == .prepared, !entry.id.isEmpty, entry.id.utf8.count <= 64 else { return "a new authority is prepared and has an id of 1 to 64 bytes" }
+        case .activateAuthority(let id):
+            guard !id.isEmpty, id.utf8.count <= 64 else { return "an authority id is 1 to 64 bytes" }
+        case .revoke(let revocation):
+            if let reason = revocation.invalidReason { return reason }
         }
         return nil
     }
@@ -100,7 +115,7 @@ public struct LedgerCommand: Sendable, Hashable {
 
     // MARK: - Encoding (inside an entry's command bytes)
 
-    static let encodingVersion: UInt8 = 1
+    static let encodingVersion: UInt8 = 2
 
     public var encoded: [UInt8] {
         var w = BinaryWriter()
@@ -127,11 +142,20 @@ public struct LedgerCommand: Sendable, Hashable {
             w.writeBytes(keyring)
         case .recordIssuance(let issuance):
             w.write(UInt8(5))
-            w.writeBytes((try? CanonicalJSON.encode(issuance)) ?? [])
+            issuance.encode(&w)
         case .recordDenial(let reason, let count):
             w.write(UInt8(6))
             w.writeBytes(Array(reason.utf8))
             w.write(count)
+        case .prepareAuthority(let entry):
+            w.write(UInt8(7))
+            w.writeBytes((try? CanonicalJSON.encode(entry)) ?? [])
+        case .activateAuthority(let id):
+            w.write(UInt8(8))
+            w.writeBytes(Array(id.utf8))
+        case .revoke(let revocation):
+            w.write(UInt8(9))
+            w.writeBytes((try? CanonicalJSON.encode(revocation)) ?? [])
         }
         return w.bytes
     }
@@ -168,20 +192,29 @@ public struct LedgerCommand: Sendable, Hashable {
         case 4:
             operation = .initializeAuthority(keyring: try r.readBytes("keyring", limit: LedgerLimits.documentContentBytesMax))
         case 5:
-            guard let issuance = CanonicalJSON.decode(Issuance.self, try r.readBytes("issuance", limit: 256 << 10)) else {
-                throw .invalid(field: "issuance", reason: "not an issuance")
-            }
-            operation = .recordIssuance(issuance)
+            operation = .recordIssuance(try Issuance(decoding: &r))
         case 6:
             let reason = try Self.readString(&r, "denial reason", 1024)
             operation = .recordDenial(reason: reason, count: try r.readUInt32("denial count"))
+        case 7:
+            guard let entry = CanonicalJSON.decode(AuthorityKeyring.Entry.self, try r.readBytes("authority", limit: LedgerLimits.documentContentBytesMax)) else {
+                throw .invalid(field: "authority", reason: "not an authority entry")
+            }
+            operation = .prepareAuthority(entry)
+        case 8:
+            operation = .activateAuthority(id: try Self.readString(&r, "authority id", 64))
+        case 9:
+            guard let revocation = CanonicalJSON.decode(Revocation.self, try r.readBytes("revocation", limit: 8 << 10)) else {
+                throw .invalid(field: "revocation", reason: "not a revocation")
+            }
+            operation = .revoke(revocation)
         case let tag:
             throw .unknownTag(field: "operation", tag: tag)
         }
         try r.expectEnd()
     }
 
-    private static func readString(_ r: inout BinaryReader, _ field: String, _ limit: Int) throws(CodecError) -> String {
+    static func readString(_ r: inout BinaryReader, _ field: String, _ limit: Int) throws(CodecError) -> String {
         let bytes = try r.readBytes(field, limit: limit)
         guard let text = String(validating: bytes, as: UTF8.self) else { throw .invalid(field: field, reason: "not UTF-8") }
         return text

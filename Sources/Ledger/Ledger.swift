@@ -1,3 +1,4 @@
+import Foundation
 import Raft
 
 public struct Document: Sendable, Hashable {
@@ -31,6 +32,8 @@ public protocol LedgerTables {
     mutating func append(_ record: AuditRecord) throws
     func appliedIndex() throws -> LogIndex
     mutating func setAppliedIndex(_ index: LogIndex) throws
+    /// Names `from <= name < to`, in order (or from the end when `reverse`), at most `limit`.
+    func documentNames(from: String, to: String, limit: Int, reverse: Bool) throws -> [String]
 }
 
 /// What applying one command did, for the caller waiting on it.
@@ -94,6 +97,9 @@ public enum Ledger {
             case .initializeAuthority: (action, target) = ("authority.initialize", AuthorityDocuments.keyring)
             case .recordIssuance(let issuance): (action, target) = ("identity.issue", issuance.spiffeID)
             case .recordDenial(_, let count): (action, target) = ("identity.deny", count == 1 ? "" : "\(count) requests")
+            case .prepareAuthority(let entry): (action, target) = ("authority.prepare", entry.id)
+            case .activateAuthority(let id): (action, target) = ("authority.activate", id)
+            case .revoke(let rule): (action, target) = ("identity.revoke", "\(rule.kind.rawValue)=\(rule.value)")
             }
             var resultText: String
             switch result {
@@ -102,10 +108,14 @@ public enum Ledger {
             case .rejected(let reason): resultText = "rejected: \(reason)"
             case .issued(_, let replayed):
                 guard case .recordIssuance(let i) = command.operation else { resultText = "ok"; break }
-                resultText = (replayed ? "replayed" : "ok") + ": \(i.kind.rawValue) serial=\(i.serial) sha256=\(i.fingerprint) ttl=\(i.ttlSeconds)s"
-                    + " not_after=\(i.notAfterMillis) token=\(i.tokenHash.prefix(16)) node=\(i.node) request=\(command.requestID)"
+                let evidence = i.tokenHash.isEmpty ? "renewed_from=\(i.renewedFrom)" : "token=\(i.tokenHash.prefix(16))"
+                let context = i.attributes.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ",")
+                resultText = (replayed ? "replayed" : "ok") + ": \(i.kind == .x509 ? "x509" : "jwt") serial=\(i.serial) sha256=\(i.fingerprint) ttl=\(i.ttlSeconds)s"
+                    + " not_after=\(i.notAfterMillis) \(evidence) authority=\(i.authority) node=\(i.node) request=\(command.requestID)"
+                    + (context.isEmpty ? "" : " context=\(context)")
             }
             if case .recordDenial(let reason, _) = command.operation { resultText = "denied: \(reason)" }
+            if case .revoke(let rule) = command.operation, case .written = result { resultText = "ok: \(rule.reason)" }
             try audit(&tables, entry, timeMillis: command.timeMillis, actor: command.actor, action: action, target: target, result: resultText)
             return LedgerOutcome(logIndex: entry.index, requestID: command.requestID, result: result)
         }
@@ -138,37 +148,129 @@ public enum Ledger {
             return .written(version: 1)
         case .initializeAuthority(let keyring):
             guard try tables.document(named: AuthorityDocuments.keyring) == nil else { return .rejected("the authority is already initialized") }
+            guard let decoded = CanonicalJSON.decode(AuthorityKeyring.self, keyring), decoded.authorities.count == 1, let active = decoded.active else {
+                return .rejected("a new keyring holds exactly one authority, active")
+            }
             try tables.put(Document(name: AuthorityDocuments.keyring, format: .json, content: keyring, version: 1, logIndex: index))
+            try tables.put(Document(name: AuthorityDocuments.active, format: .json, content: try CanonicalJSON.encode(active.id), version: 1, logIndex: index))
             return .written(version: 1)
         case .recordIssuance(let issuance):
             return try issue(issuance, command.timeMillis, index, &tables)
         case .recordDenial:
             return .written(version: 0) // only the audit record
+        case .prepareAuthority(var entry):
+            guard let (document, current) = try keyring(&tables) else { return .rejected("the authority is not initialized") }
+            var keyring = current
+            keyring.authorities.removeAll { !$0.isPublished(at: command.timeMillis) }
+            guard keyring.prepared == nil else { return .rejected("authority \(keyring.prepared!.id) is already prepared; activate it first") }
+            guard !keyring.authorities.contains(where: { $0.id == entry.id }) else { return .rejected("an authority with id \(entry.id) exists") }
+            guard keyring.authorities.count < AuthorityKeyring.authoritiesMax else {
+                return .rejected("\(keyring.authorities.count) authorities are published; wait until a retired one's identities expire")
+            }
+            entry.createdAtMillis = command.timeMillis
+            keyring.authorities.append(entry)
+            return try store(keyring, replacing: document, index, &tables)
+        case .activateAuthority(let id):
+            guard let (document, current) = try keyring(&tables) else { return .rejected("the authority is not initialized") }
+            var keyring = current
+            guard let position = keyring.authorities.firstIndex(where: { $0.id == id && $0.state == .prepared }) else {
+                return .rejected("no prepared authority has id \(id)")
+            }
+            // The retiring authority stays published until the last
+            // identity issued so far expires (the issued records are
+            // ordered by expiry, so that is the last one's).
+            var keepUntil = command.timeMillis
+            if let last = try tables.documentNames(from: AuthorityDocuments.issuedPrefix, to: AuthorityDocuments.issuedPrefix + "~",
+                                                   limit: 1, reverse: true).first,
+               let notAfter = UInt64(last.dropFirst(AuthorityDocuments.issuedPrefix.count).prefix(13)) {
+                keepUntil = max(keepUntil, notAfter)
+            }
+            for i in keyring.authorities.indices where keyring.authorities[i].state == .active {
+                keyring.authorities[i].state = .retired
+                keyring.authorities[i].retiredAtMillis = command.timeMillis
+                keyring.authorities[i].keepUntilMillis = keepUntil
+            }
+            keyring.authorities[position].state = .active
+            keyring.authorities[position].activatedAtMillis = command.timeMillis
+            let active = try tables.document(named: AuthorityDocuments.active)
+            try tables.put(Document(name: AuthorityDocuments.active, format: .json, content: try CanonicalJSON.encode(id),
+                                    version: (active?.version ?? 0) + 1, logIndex: index))
+            return try store(keyring, replacing: document, index, &tables)
+        case .revoke(var rule):
+            let document = try tables.document(named: AuthorityDocuments.revocations)
+            var list = document.flatMap { CanonicalJSON.decode(RevocationList.self, $0.content) } ?? RevocationList()
+            // A rule outlives everything it covers by then.
+            let keepMillis = UInt64(AuthorityDocuments.identityLifetimeMaxSeconds) * 1000 + 60_000
+            list.rules.removeAll { $0.revokedAtMillis + keepMillis < command.timeMillis || ($0.kind == rule.kind && $0.value == rule.value) }
+            guard list.rules.count < RevocationList.rulesMax else { return .rejected("\(list.rules.count) revocation rules are in force; the limit is \(RevocationList.rulesMax)") }
+            rule.revokedAtMillis = command.timeMillis
+            list.rules.append(rule)
+            let version = (document?.version ?? 0) + 1
+            try tables.put(Document(name: AuthorityDocuments.revocations, format: .json, content: try CanonicalJSON.encode(list),
+                                    version: version, logIndex: index))
+            return .written(version: version)
         }
     }
 
+    private static func keyring(_ tables: inout some LedgerTables) throws -> (Document, AuthorityKeyring)? {
+        guard let document = try tables.document(named: AuthorityDocuments.keyring),
+              let keyring = CanonicalJSON.decode(AuthorityKeyring.self, document.content) else { return nil }
+        return (document, keyring)
+    }
+
+    private static func store(_ keyring: AuthorityKeyring, replacing document: Document, _ index: LogIndex,
+                              _ tables: inout some LedgerTables) throws -> LedgerOutcome.Result {
+        try tables.put(Document(name: AuthorityDocuments.keyring, format: .json, content: try CanonicalJSON.encode(keyring),
+                                version: document.version + 1, logIndex: index))
+        return .written(version: document.version + 1)
+    }
+
     /// Replays the identity already issued for the idempotency key, or
-    /// consumes the join token (once, unexpired, for this SPIFFE ID) and
-    /// records the issuance.
+    /// checks the evidence (consumes the join token: once, unexpired, for
+    /// this SPIFFE ID; or, for a renewal, the renewed identity is not
+    /// revoked) and that the signing authority is still the active one,
+    /// then records the issuance.
     private static func issue(_ issuance: Issuance, _ now: UInt64, _ index: LogIndex, _ tables: inout some LedgerTables) throws -> LedgerOutcome.Result {
         if !issuance.idempotencyKey.isEmpty, let earlier = try tables.document(named: AuthorityDocuments.idempotency(issuance.idempotencyKey)),
-           let recorded = CanonicalJSON.decode(Issuance.self, earlier.content) {
-            guard recorded.tokenHash == issuance.tokenHash else { return .rejected("the idempotency key was used with another token") }
-            return .issued(artifact: recorded.artifact, replayed: true)
+           let recorded = CanonicalJSON.decode(IdempotentAnswer.self, earlier.content) {
+            guard recorded.evidence == issuance.evidence else { return .rejected("the idempotency key was used with other evidence") }
+            return .issued(artifact: Array(recorded.artifact), replayed: true)
         }
-        let tokenName = AuthorityDocuments.token(issuance.tokenHash)
-        guard let document = try tables.document(named: tokenName), var token = CanonicalJSON.decode(JoinToken.self, document.content) else {
-            return .rejected("unknown join token")
+        guard let active = try tables.document(named: AuthorityDocuments.active), CanonicalJSON.decode(String.self, active.content) == issuance.authority else {
+            return .rejected("authority rotated: \(issuance.authority) is no longer the active authority")
         }
-        guard !token.used else { return .rejected("the join token was already used") }
-        guard token.expiresAtMillis > now else { return .rejected("the join token expired") }
-        guard token.spiffeID == issuance.spiffeID else { return .rejected("the join token is for another SPIFFE ID") }
-        token.used = true
-        token.usedBySerial = issuance.serial
-        try tables.put(Document(name: tokenName, format: .json, content: try CanonicalJSON.encode(token), version: document.version + 1, logIndex: index))
+        if issuance.tokenHash.isEmpty {
+            if let rules = try tables.document(named: AuthorityDocuments.revocations).flatMap({ CanonicalJSON.decode(RevocationList.self, $0.content) }),
+               let rule = rules.revoking(serial: issuance.renewedFrom, spiffeID: issuance.spiffeID, attributes: issuance.attributes,
+                                         issuedAtMillis: issuance.renewedIssuedAtMillis) {
+                return .rejected("revoked: the identity being renewed was revoked (\(rule.kind.rawValue) \(rule.value))")
+            }
+        } else {
+            let tokenName = AuthorityDocuments.token(issuance.tokenHash)
+            guard let document = try tables.document(named: tokenName), var token = CanonicalJSON.decode(JoinToken.self, document.content) else {
+                return .rejected("unknown join token")
+            }
+            guard !token.used else { return .rejected("the join token was already used") }
+            guard token.expiresAtMillis > now else { return .rejected("the join token expired") }
+            guard token.spiffeID == issuance.spiffeID else { return .rejected("the join token is for another SPIFFE ID") }
+            token.used = true
+            token.usedBySerial = issuance.serial
+            try tables.put(Document(name: tokenName, format: .json, content: try CanonicalJSON.encode(token), version: document.version + 1, logIndex: index))
+        }
         if !issuance.idempotencyKey.isEmpty {
+            let answer = IdempotentAnswer(evidence: issuance.evidence, kind: issuance.kind, artifact: Data(issuance.artifact))
             try tables.put(Document(name: AuthorityDocuments.idempotency(issuance.idempotencyKey), format: .json,
-                                    content: try CanonicalJSON.encode(issuance), version: 1, logIndex: index))
+                                    content: try CanonicalJSON.encode(answer), version: 1, logIndex: index))
+        }
+        let record = IssuedRecord(kind: issuance.kind, spiffeID: issuance.spiffeID, serial: issuance.serial, authority: issuance.authority,
+                                  issuedAtMillis: issuance.issuedAtMillis, notAfterMillis: issuance.notAfterMillis, attributes: issuance.attributes)
+        try tables.put(Document(name: AuthorityDocuments.issued(notAfterMillis: issuance.notAfterMillis, serial: issuance.serial), format: .json,
+                                content: try CanonicalJSON.encode(record), version: 1, logIndex: index))
+        // Forget up to two identities that have expired (as many as are
+        // issued, so the records stay bounded by what is alive).
+        for name in try tables.documentNames(from: AuthorityDocuments.issuedPrefix,
+                                             to: AuthorityDocuments.issued(notAfterMillis: now, serial: ""), limit: 2, reverse: false) {
+            try tables.deleteDocument(named: name)
         }
         return .issued(artifact: issuance.artifact, replayed: false)
     }
@@ -205,4 +307,8 @@ public struct InMemoryLedgerTables: LedgerTables, Sendable {
     public mutating func append(_ record: AuditRecord) { audit.append(record) }
     public func appliedIndex() -> LogIndex { applied }
     public mutating func setAppliedIndex(_ index: LogIndex) { applied = index }
+    public func documentNames(from: String, to: String, limit: Int, reverse: Bool) -> [String] {
+        let names = documents.keys.filter { $0 >= from && $0 < to }.sorted()
+        return Array((reverse ? names.reversed() : names).prefix(limit))
+    }
 }

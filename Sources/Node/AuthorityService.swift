@@ -4,43 +4,75 @@ import Foundation
 import Ledger
 import Storage
 import Synchronization
+import SwiftASN1
 import X509
 
-/// The trust domain's keys as the ledger holds them: the X.509 CA
-/// certificate and JWT public key in the clear, both private keys sealed
-/// with the key-encryption key (whose id is recorded), in the document
-/// `authority/keyring`. Every node can unseal them; the leader signs.
-struct Keyring: Codable {
-    var trustDomain: String
-    var kekID: String
-    var x509Certificate: String
-    var x509Key: String
-    var jwtKeyID: String
-    var jwtKey: String
-}
-
+/// The trust domain's authorities as this node uses them: the keyring in
+/// the ledger (`AuthorityKeyring`) unsealed with the key-encryption key,
+/// the bundle of what is published now, the revocation rules, and the
+/// CRLs. Every node can unseal the keys; only the leader signs identities.
 public final class AuthorityService: Sendable {
-    public struct Keys: Sendable {
+    /// One published authority, unsealed.
+    public struct Authority: Sendable {
+        public let entry: AuthorityKeyring.Entry
         public let x509: X509Authority
         public let jwt: JWTAuthority
+        public var id: String { entry.id }
+    }
+
+    public struct Keys: Sendable {
+        /// The authority that signs.
+        public let active: Authority
+        /// Every authority bundles publish now (prepared, active, retired
+        /// until its identities expire).
+        public let published: [Authority]
         public let bundle: TrustBundle
+        public let bundlePEM: String
+        public let revocations: RevocationList
+        public var x509: X509Authority { active.x509 }
+        public var jwt: JWTAuthority { active.jwt }
+
+        /// The rule that revokes an identity, if any.
+        public func revocation(serial: String, spiffeID: String, attributes: Attributes, issuedAt: Date) -> Revocation? {
+            revocations.revoking(serial: serial, spiffeID: spiffeID, attributes: attributes,
+                                 issuedAtMillis: UInt64(max(0, issuedAt.timeIntervalSince1970 * 1000)))
+        }
+    }
+
+    private struct Cache {
+        var keyringVersion: UInt64
+        var revocationsVersion: UInt64
+        var keys: Keys
+        var checked: ContinuousClock.Instant
+        /// When the next retired authority leaves the bundle.
+        var nextDropMillis: UInt64
+        var unsealed: [String: Authority]
     }
 
     public let trustDomain: String
+    public let keyAlgorithm: KeyAlgorithm
     private let kek: SymmetricKey
     private let store: RaftStore
-    private let cache = Mutex<(version: UInt64, keys: Keys, checked: ContinuousClock.Instant)?>(nil)
-    /// How long unsealed keys are used before the keyring is read again
-    /// (rotation will change it; every request re-reading it was the
-    /// largest cost of verification).
+    private let cache = Mutex<Cache?>(nil)
+    private let crls = Mutex<(key: String, made: ContinuousClock.Instant, pem: String)?>(nil)
+    /// How long the ledger's keyring and revocations are trusted before
+    /// they are read again: rotation and revocation reach verification on
+    /// every node within this (re-reading per request was the largest cost
+    /// of verification).
     static let recheckInterval: Duration = .seconds(1)
+    /// How long a CRL is served before it is signed again.
+    static let crlLifetime: TimeInterval = 3_600
+    static let crlRefresh: Duration = .seconds(600)
 
     /// The most any identity may live, whatever a token allows.
-    public static let ttlMaxSeconds: UInt32 = 86_400
+    public static let ttlMaxSeconds: UInt32 = AuthorityDocuments.identityLifetimeMaxSeconds
     public static let tokenLifetimeMaxSeconds: UInt32 = 7 * 86_400
+    /// How long identities from one piece of evidence may be renewed, at most.
+    public static let evidenceLifetimeMaxSeconds: UInt32 = 30 * 86_400
 
-    public init(trustDomain: String, kek: SymmetricKey, store: RaftStore) {
+    public init(trustDomain: String, keyAlgorithm: KeyAlgorithm = .ecdsaP256, kek: SymmetricKey, store: RaftStore) {
         self.trustDomain = trustDomain
+        self.keyAlgorithm = keyAlgorithm
         self.kek = kek
         self.store = store
     }
@@ -48,45 +80,93 @@ public final class AuthorityService: Sendable {
     /// The first 8 bytes of the KEK's SHA-256, hex: names the KEK without revealing it.
     var kekID: String { Hex.encode(kek.withUnsafeBytes { SHA256.hash(data: Array($0)) }.prefix(8)) }
 
-    /// New keys for the trust domain, sealed, as the keyring document.
-    public func makeKeyring() throws -> [UInt8] {
-        let x509 = try X509Authority.create(trustDomain: trustDomain)
-        let jwt = JWTAuthority.create(trustDomain: trustDomain)
-        let keyring = Keyring(
-            trustDomain: trustDomain, kekID: kekID,
+    /// A new authority (X.509 CA and JWT key), private keys sealed.
+    public func makeAuthority(_ algorithm: KeyAlgorithm? = nil, state: AuthorityKeyring.Entry.State, now: Date = Date()) throws -> AuthorityKeyring.Entry {
+        let algorithm = algorithm ?? keyAlgorithm
+        let x509 = try X509Authority.create(trustDomain: trustDomain, algorithm: algorithm, now: now)
+        let jwt = try JWTAuthority.create(trustDomain: trustDomain, algorithm: algorithm)
+        return AuthorityKeyring.Entry(
+            id: String(Hex.encode(x509.certificate.serialNumber.bytes).prefix(16)), state: state, algorithm: algorithm.rawValue,
             x509Certificate: try x509.certificate.serializeAsPEM().pemString,
             x509Key: try SealedKey.seal(x509.privateKeyPEM, purpose: "warrant trust domain x509 key", with: kek),
-            jwtKeyID: jwt.keyID,
-            jwtKey: try SealedKey.seal(jwt.privateKeyPEM, purpose: "warrant trust domain jwt key", with: kek))
+            jwtKeyID: jwt.keyID, jwtKey: try SealedKey.seal(jwt.privateKeyPEM, purpose: "warrant trust domain jwt key", with: kek),
+            createdAtMillis: UInt64(now.timeIntervalSince1970 * 1000))
+    }
+
+    /// The first keyring of the trust domain: one active authority.
+    public func makeKeyring() throws -> [UInt8] {
+        let keyring = AuthorityKeyring(trustDomain: trustDomain, kekID: kekID, authorities: [try makeAuthority(state: .active)])
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys]
         return Array(try encoder.encode(keyring))
     }
 
-    /// The keys in the ledger, unsealed (cached until the keyring changes);
+    /// The keyring as the ledger has it now (uncached).
+    public func keyring() throws -> AuthorityKeyring? {
+        guard let document = try store.document(named: AuthorityDocuments.keyring) else { return nil }
+        return try JSONDecoder().decode(AuthorityKeyring.self, from: Data(document.content))
+    }
+
+    /// Forgets the cached keys, so the next call reads the ledger.
+    public func invalidate() {
+        cache.withLock { $0?.checked = .now - .seconds(3_600) }
+    }
+
+    /// The keys in the ledger, unsealed (cached; see `recheckInterval`);
     /// nil before the first leader made them.
     public func keys() throws -> Keys? {
-        if let cached = cache.withLock({ $0 }), cached.checked.duration(to: .now) < Self.recheckInterval { return cached.keys }
-        guard let document = try store.document(named: AuthorityDocuments.keyring) else { return nil }
-        if let cached = cache.withLock({ $0 }), cached.version == document.version {
-            cache.withLock { $0?.checked = .now }
+        let nowMillis = UInt64(Date().timeIntervalSince1970 * 1000)
+        if let cached = cache.withLock({ $0 }), cached.checked.duration(to: .now) < Self.recheckInterval, nowMillis < cached.nextDropMillis {
             return cached.keys
         }
-        let keyring = try JSONDecoder().decode(Keyring.self, from: Data(document.content))
+        guard let document = try store.document(named: AuthorityDocuments.keyring) else { return nil }
+        let revocationsDocument = try store.document(named: AuthorityDocuments.revocations)
+        let revocationsVersion = revocationsDocument?.version ?? 0
+        let previous = cache.withLock { $0 }
+        if let previous, previous.keyringVersion == document.version, previous.revocationsVersion == revocationsVersion,
+           nowMillis < previous.nextDropMillis {
+            cache.withLock { $0?.checked = .now }
+            return previous.keys
+        }
+        let keyring = try JSONDecoder().decode(AuthorityKeyring.self, from: Data(document.content))
         guard keyring.kekID == kekID else {
             throw AuthorityError("wrong_kek", "the keyring was sealed with key-encryption key \(keyring.kekID), not this node's \(kekID)")
         }
-        let certificate = try Certificate(pemEncoded: keyring.x509Certificate)
-        let x509Key = try SealedKey.open(keyring.x509Key, purpose: "warrant trust domain x509 key", with: kek, path: AuthorityDocuments.keyring)
-        let jwtKey = try SealedKey.open(keyring.jwtKey, purpose: "warrant trust domain jwt key", with: kek, path: AuthorityDocuments.keyring)
-        let x509 = try X509Authority(trustDomain: keyring.trustDomain, certificate: certificate,
-                                     privateKey: P256.Signing.PrivateKey(pemRepresentation: x509Key))
-        let jwt = JWTAuthority(trustDomain: keyring.trustDomain, key: try P256.Signing.PrivateKey(pemRepresentation: jwtKey))
-        let bundle = TrustBundle(trustDomain: keyring.trustDomain, x509Authorities: [certificate], jwtKeys: [jwt.keyID: jwt.publicKey],
-                                 sequence: document.version)
-        let keys = Keys(x509: x509, jwt: jwt, bundle: bundle)
-        cache.withLock { $0 = (document.version, keys, .now) }
+        var unsealed = previous?.unsealed ?? [:]
+        var published: [Authority] = []
+        for entry in keyring.authorities where entry.isPublished(at: nowMillis) {
+            if let known = unsealed[entry.id], known.entry == entry {
+                published.append(known)
+                continue
+            }
+            let authority = try unseal(entry, trustDomain: keyring.trustDomain)
+            unsealed[entry.id] = authority
+            published.append(authority)
+        }
+        guard let active = published.first(where: { $0.entry.state == .active }) else {
+            throw AuthorityError("no_active_authority", "the keyring has no active authority")
+        }
+        let dropped = keyring.authorities.count - published.count
+        let bundle = TrustBundle(trustDomain: keyring.trustDomain, x509Authorities: published.map(\.x509.certificate),
+                                 jwtKeys: Dictionary(published.map { ($0.jwt.keyID, $0.jwt.publicKey) }, uniquingKeysWith: { a, _ in a }),
+                                 sequence: document.version * 16 + UInt64(dropped))
+        let revocations = revocationsDocument.flatMap { try? JSONDecoder().decode(RevocationList.self, from: Data($0.content)) } ?? RevocationList()
+        let keys = Keys(active: active, published: published, bundle: bundle, bundlePEM: try bundle.pem(), revocations: revocations)
+        let nextDrop = published.compactMap { $0.entry.state == .retired ? $0.entry.keepUntilMillis : nil }.min() ?? .max
+        cache.withLock {
+            $0 = Cache(keyringVersion: document.version, revocationsVersion: revocationsVersion, keys: keys, checked: .now,
+                       nextDropMillis: nextDrop, unsealed: unsealed.filter { id, _ in published.contains { $0.id == id } })
+        }
         return keys
+    }
+
+    private func unseal(_ entry: AuthorityKeyring.Entry, trustDomain: String) throws -> Authority {
+        let certificate = try Certificate(pemEncoded: entry.x509Certificate)
+        let x509Key = try SealedKey.open(entry.x509Key, purpose: "warrant trust domain x509 key", with: kek, path: AuthorityDocuments.keyring)
+        let jwtKey = try SealedKey.open(entry.jwtKey, purpose: "warrant trust domain jwt key", with: kek, path: AuthorityDocuments.keyring)
+        let x509 = try X509Authority(trustDomain: trustDomain, certificate: certificate, privateKey: try SigningKey(pemRepresentation: x509Key))
+        let jwt = JWTAuthority(trustDomain: trustDomain, key: try SigningKey(pemRepresentation: jwtKey))
+        return Authority(entry: entry, x509: x509, jwt: jwt)
     }
 
     /// The join token a secret names, as the ledger has it now.
@@ -96,10 +176,40 @@ public final class AuthorityService: Sendable {
         return (hash, try? JSONDecoder().decode(JoinToken.self, from: Data(document.content)))
     }
 
-    /// The issuance already recorded for an idempotency key, if any.
-    public func earlierIssuance(idempotencyKey: String) throws -> Issuance? {
+    /// The answer already recorded for an idempotency key, if any.
+    public func earlierAnswer(idempotencyKey: String) throws -> IdempotentAnswer? {
         guard let document = try store.document(named: AuthorityDocuments.idempotency(Self.hash(idempotencyKey))) else { return nil }
-        return try? JSONDecoder().decode(Issuance.self, from: Data(document.content))
+        return try? JSONDecoder().decode(IdempotentAnswer.self, from: Data(document.content))
+    }
+
+    /// The CRLs of every published authority, PEM, one after another (what
+    /// `openssl verify -crl_check -CRLfile` reads). Each lists the X.509
+    /// identities that authority issued that a rule revokes and that have
+    /// not expired. Signed again when the rules or authorities change, and
+    /// every `crlRefresh`.
+    public func crlPEM() throws -> String {
+        guard let keys = try keys() else { throw AuthorityError("no_authority", "the trust domain's keys are not made yet") }
+        let key = "\(keys.bundle.sequence)/\(keys.revocations.rules.count)/\(keys.revocations.rules.last?.revokedAtMillis ?? 0)"
+        if let cached = crls.withLock({ $0 }), cached.key == key, cached.made.duration(to: .now) < Self.crlRefresh { return cached.pem }
+        var revoked: [String: [(serial: [UInt8], at: Date)]] = [:]
+        if !keys.revocations.rules.isEmpty {
+            try store.forEachDocument(prefix: AuthorityDocuments.issuedPrefix) { document in
+                guard let record = try? JSONDecoder().decode(IssuedRecord.self, from: Data(document.content)), record.kind == .x509,
+                      let rule = keys.revocations.revoking(serial: record.serial, spiffeID: record.spiffeID, attributes: record.attributes,
+                                                           issuedAtMillis: record.issuedAtMillis),
+                      let serial = Hex.decode(record.serial) else { return }
+                revoked[record.authority, default: []].append((serial, Date(timeIntervalSince1970: TimeInterval(rule.revokedAtMillis) / 1000)))
+            }
+        }
+        let now = Date()
+        var pem = ""
+        for authority in keys.published {
+            let der = try authority.x509.crl(revoked: revoked[authority.id] ?? [], number: UInt64(now.timeIntervalSince1970), now: now,
+                                             nextUpdate: now.addingTimeInterval(Self.crlLifetime))
+            pem += PEMDocument(type: "X509 CRL", derBytes: der).pemString + "\n"
+        }
+        crls.withLock { $0 = (key, .now, pem) }
+        return pem
     }
 
     /// SHA-256, lower-case hex.

@@ -1,3 +1,4 @@
+import Authority
 import Crypto
 import Foundation
 import Raft
@@ -117,7 +118,8 @@ public enum ClusterFiles {
     /// be empty): a CA, a KEK, an admin certificate, and one configuration,
     /// certificate and sealed key per member.
     public static func initialize(directory: String, clusterID: String, members: [Member], tickIntervalMilliseconds: Int = 10,
-                                  electionTimeoutTicks: Int = 20, snapshotEveryEntries: Int? = nil, trustDomain: String = "warrant.local") throws {
+                                  electionTimeoutTicks: Int = 20, snapshotEveryEntries: Int? = nil, trustDomain: String = "warrant.local",
+                                  keyAlgorithm: KeyAlgorithm = .ecdsaP256) throws {
         let fm = FileManager.default
         if let existing = try? fm.contentsOfDirectory(atPath: directory), !existing.isEmpty {
             throw FileProblem(path: directory, problem: "already exists and is not empty; refusing to overwrite a cluster")
@@ -131,7 +133,7 @@ public enum ClusterFiles {
         let admin = try ca.issueAdminIdentity(name: "admin")
         try write(pem(admin.certificate), to: "\(directory)/admin.pem")
         try write(admin.privateKey.pemRepresentation + "\n", to: "\(directory)/admin.key", mode: 0o600)
-        var listing = "cluster_id: \(clusterID)\ntrust_domain: \(trustDomain)\nmembers:\n"
+        var listing = "cluster_id: \(clusterID)\ntrust_domain: \(trustDomain)\nkey_algorithm: \(keyAlgorithm.rawValue)\nmembers:\n"
         for member in members {
             listing += "  - id: \(member.id)\n    peer: \"\(member.peer)\"\n    api: \"\(member.api)\"\n"
         }
@@ -139,7 +141,7 @@ public enum ClusterFiles {
         for member in members {
             try writeNode(member, peers: members.filter { $0.id != member.id }, ca: ca, kek: kek, directory: directory, joining: false,
                           tickIntervalMilliseconds: tickIntervalMilliseconds, electionTimeoutTicks: electionTimeoutTicks,
-                          snapshotEveryEntries: snapshotEveryEntries, trustDomain: trustDomain)
+                          snapshotEveryEntries: snapshotEveryEntries, trustDomain: trustDomain, keyAlgorithm: keyAlgorithm)
         }
     }
 
@@ -157,11 +159,12 @@ public enum ClusterFiles {
         }
         try writeNode(member, peers: peers, ca: ca, kek: kek, directory: directory, joining: true,
                       tickIntervalMilliseconds: tickIntervalMilliseconds, electionTimeoutTicks: electionTimeoutTicks,
-                      snapshotEveryEntries: snapshotEveryEntries, trustDomain: listing.trustDomain)
+                      snapshotEveryEntries: snapshotEveryEntries, trustDomain: listing.trustDomain, keyAlgorithm: listing.keyAlgorithm)
     }
 
     private static func writeNode(_ member: Member, peers: [Member], ca: ClusterCA, kek: SymmetricKey, directory: String, joining: Bool,
-                                  tickIntervalMilliseconds: Int, electionTimeoutTicks: Int, snapshotEveryEntries: Int?, trustDomain: String) throws {
+                                  tickIntervalMilliseconds: Int, electionTimeoutTicks: Int, snapshotEveryEntries: Int?, trustDomain: String,
+                                  keyAlgorithm: KeyAlgorithm) throws {
         let nodeDirectory = "\(directory)/node-\(member.id)"
         try FileManager.default.createDirectory(atPath: nodeDirectory, withIntermediateDirectories: true)
         let identity = try ca.issueNodeIdentity(member.id, hosts: Array(Set([member.api.host, member.peer.host])).sorted())
@@ -189,6 +192,7 @@ public enum ClusterFiles {
               key: node.key.sealed
             key_encryption_key_file: ../kek
             trust_domain: \(trustDomain)
+            key_algorithm: \(keyAlgorithm.rawValue)
             raft:
               tick_interval_ms: \(tickIntervalMilliseconds)
               election_timeout_ticks: \(electionTimeoutTicks)
@@ -233,6 +237,7 @@ public enum ClusterFiles {
 public struct ClusterListing: Sendable {
     public var clusterID: String
     public var trustDomain: String
+    public var keyAlgorithm: KeyAlgorithm
     public var members: [ClusterFiles.Member]
 
     private struct File: Decodable {
@@ -243,6 +248,7 @@ public struct ClusterListing: Sendable {
         }
         var cluster_id: String
         var trust_domain: String?
+        var key_algorithm: String?
         var members: [Member]
     }
 
@@ -259,6 +265,10 @@ public struct ClusterListing: Sendable {
         guard !file.cluster_id.isEmpty else { throw FileProblem(path: path, problem: "has an empty cluster_id") }
         clusterID = file.cluster_id
         trustDomain = file.trust_domain ?? "warrant.local"
+        guard let algorithm = KeyAlgorithm(rawValue: file.key_algorithm ?? KeyAlgorithm.ecdsaP256.rawValue) else {
+            throw FileProblem(path: path, problem: "key_algorithm '\(file.key_algorithm ?? "")' is not one of \(KeyAlgorithm.names)")
+        }
+        keyAlgorithm = algorithm
         do {
             members = try file.members.map { ClusterFiles.Member(id: $0.id, peer: try HostPort(parsing: $0.peer, at: "peer"), api: try HostPort(parsing: $0.api, at: "api")) }
         } catch {

@@ -1,3 +1,4 @@
+import Authority
 import Raft
 import Yams
 
@@ -68,6 +69,9 @@ public struct NodeConfig: Sendable, Hashable {
     public var keyEncryptionKeyFile: String
     /// The SPIFFE trust domain this cluster issues identities in.
     public var trustDomain: String
+    /// The key type of the trust domain's authorities (the first, and each
+    /// rotation unless it names another).
+    public var keyAlgorithm: KeyAlgorithm
     public var tickIntervalMilliseconds: Int
     public var electionTimeoutTicks: Int
     public var heartbeatIntervalTicks: Int
@@ -94,7 +98,7 @@ public struct NodeConfig: Sendable, Hashable {
         } catch {
             throw NodeConfigError(path: "", problem: "not valid YAML: \(error)")
         }
-        let top = try Section(root, "", keys: ["node", "peers", "tls", "key_encryption_key_file", "raft", "trust_domain"])
+        let top = try Section(root, "", keys: ["node", "peers", "tls", "key_encryption_key_file", "raft", "trust_domain", "key_algorithm"])
         let node = try top.section("node", keys: ["id", "data_dir", "listen", "join"])
         id = try node.integer("id", in: 1...Int.max).asNodeID
         dataDirectory = try node.string("data_dir")
@@ -129,6 +133,12 @@ public struct NodeConfig: Sendable, Hashable {
               trustDomain.utf8.allSatisfy({ ($0 >= 0x61 && $0 <= 0x7A) || ($0 >= 0x30 && $0 <= 0x39) || $0 == 0x2D || $0 == 0x2E || $0 == 0x5F }) else {
             throw NodeConfigError(path: "trust_domain", problem: "'\(trustDomain)' is not a trust domain name (lower-case a-z, 0-9, '.', '-', '_'; at most 255 bytes)")
         }
+
+        let algorithm = try top.optionalString("key_algorithm") ?? KeyAlgorithm.ecdsaP256.rawValue
+        guard let keyAlgorithm = KeyAlgorithm(rawValue: algorithm) else {
+            throw NodeConfigError(path: "key_algorithm", problem: "'\(algorithm)' is not one of \(KeyAlgorithm.names)")
+        }
+        self.keyAlgorithm = keyAlgorithm
 
         let raft = try top.section("raft", keys: ["tick_interval_ms", "election_timeout_ticks", "heartbeat_interval_ticks", "snapshot_every_entries"], optional: true)
         snapshotEveryEntries = try raft.integer("snapshot_every_entries", in: Self.snapshotEveryEntries, default: 50_000)

@@ -131,13 +131,19 @@ public final class NodeServer: Sendable {
                     }
                 }
             })
-        authority = AuthorityService(trustDomain: config.trustDomain,
+        authority = AuthorityService(trustDomain: config.trustDomain, keyAlgorithm: config.keyAlgorithm,
                                      kek: try KeyEncryptionKey.load(path: ClusterFiles.resolve(config.keyEncryptionKeyFile, relativeTo: configPath)),
                                      store: store)
         api = NodeAPI(id: config.id, driver: driver, store: store, members: members, forwarder: try Forwarder(identity: identity), metrics: metrics,
                       authority: authority)
         let api = self.api
-        http = try HTTPServer(group: networkGroup, identity: identity) { request in await api.handle(request) }
+        let authority = self.authority
+        // Workloads renewing present X509-SVIDs: their TLS roots are the
+        // trust domain's published authorities, as they are now.
+        http = try HTTPServer(group: networkGroup, identity: identity, clientRoots: {
+            guard let keys = try? authority.keys() else { return nil }
+            return (keys.bundle.sequence, keys.bundle.x509Authorities)
+        }) { request in await api.handle(request) }
     }
 
     /// Serves until SIGTERM or SIGINT (or `stop()`), then shuts down

@@ -11,6 +11,12 @@ enum LedgerSnapshot {
     static let encodingVersion: UInt8 = 1
 
     static func take(_ db: Database) throws -> (index: LogIndex, data: [UInt8]) {
+        let (index, data, _) = try takeCounting(db)
+        return (index, data)
+    }
+
+    /// Also says how many rows (documents and audit records) it holds.
+    static func takeCounting(_ db: Database) throws -> (index: LogIndex, data: [UInt8], records: Int) {
         let tables = SQLiteLedgerTables(db: db)
         let applied = try tables.appliedIndex()
         var w = BinaryWriter(capacity: 4096)
@@ -37,7 +43,7 @@ enum LedgerSnapshot {
             w.writeBytes([UInt8](row["previous_hash"] as Data))
             w.writeBytes([UInt8](row["hash"] as Data))
         }
-        return (applied, w.bytes)
+        return (applied, w.bytes, documents.count + audit.count)
     }
 
     static func install(_ data: [UInt8], at index: LogIndex, _ db: Database, path: String) throws {
@@ -113,8 +119,9 @@ public final class LedgerSnapshotCapture: Sendable {
         self.snapshot = snapshot
     }
 
-    public func take() throws -> (index: LogIndex, data: [UInt8]) {
-        try snapshot.read { db in try LedgerSnapshot.take(db) }
+    /// The snapshot, and how many rows it holds.
+    public func take() throws -> (index: LogIndex, data: [UInt8], records: Int) {
+        try snapshot.read { db in try LedgerSnapshot.takeCounting(db) }
     }
 }
 

@@ -40,6 +40,11 @@ struct SQLiteLedgerTables: LedgerTables {
         try db.cachedStatement(sql: "DELETE FROM ledger_document WHERE name = ?").execute(arguments: [name])
     }
 
+    func documentNames(from: String, to: String, limit: Int, reverse: Bool) throws -> [String] {
+        let sql = "SELECT name FROM ledger_document WHERE name >= ? AND name < ? ORDER BY name \(reverse ? "DESC" : "ASC") LIMIT ?"
+        return try String.fetchAll(db.cachedStatement(sql: sql), arguments: [from, to, limit])
+    }
+
     func auditHead() throws -> (sequence: UInt64, hash: [UInt8]) {
         if let head { return head }
         let statement = try db.cachedStatement(sql: "SELECT sequence, hash FROM ledger_audit ORDER BY sequence DESC LIMIT 1")
@@ -138,10 +143,28 @@ extension RaftStore {
         try read { db in
             try Row.fetchAll(db, sql: """
                 SELECT name, format, version, log_index FROM ledger_document
-                WHERE substr(name, 1, ?) = ? AND name > ? ORDER BY name LIMIT ?
-                """, arguments: [prefix.utf8.count, prefix, after, min(max(limit, 0), 10_000)]).map { row in
+                WHERE substr(name, 1, ?) = ? AND name > ? AND name >= ? ORDER BY name LIMIT ?
+                """, arguments: [prefix.utf8.count, prefix, after, prefix, min(max(limit, 0), 10_000)]).map { row in
                 Document(name: row["name"], format: DocumentFormat(rawValue: UInt8(truncatingIfNeeded: row["format"] as Int64)) ?? .json,
                          content: [], version: UInt64(row["version"] as Int64), logIndex: UInt64(row["log_index"] as Int64))
+            }
+        }
+    }
+}
+
+extension RaftStore {
+    /// Every document under `prefix` with its content, in name order, read
+    /// in one transaction and handed to `body` one at a time (for scans
+    /// such as building a CRL; nothing is held in memory but one row).
+    public func forEachDocument(prefix: String, _ body: (Document) throws -> Void) throws {
+        try read { db in
+            let rows = try Row.fetchCursor(db, sql: """
+                SELECT name, format, content, version, log_index FROM ledger_document WHERE name >= ? AND substr(name, 1, ?) = ? ORDER BY name
+                """, arguments: [prefix, prefix.utf8.count, prefix])
+            while let row = try rows.next() {
+                try body(Document(name: row["name"], format: DocumentFormat(rawValue: UInt8(truncatingIfNeeded: row["format"] as Int64)) ?? .json,
+                                  content: [UInt8](row["content"] as Data), version: UInt64(row["version"] as Int64),
+                                  logIndex: UInt64(row["log_index"] as Int64)))
             }
         }
     }

@@ -93,7 +93,7 @@ func drive(endpoints: [SocketAddress], tls: NIOSSLContext, clients: Int, seconds
 func jsonBytes(_ object: [String: Any]) -> [UInt8] { Array((try? JSONSerialization.data(withJSONObject: object)) ?? Data()) }
 
 func runIssueBench(binary: String, clients: Int, seconds: Double) async throws {
-    print("issue: 3 nodes on loopback, \(clients) clients spread over all nodes (followers forward to the leader), \(seconds) s per run")
+    print("issue: 3 nodes on loopback, \(clients) clients, \(seconds) s per run; spread over all nodes (followers forward to the leader) or on the leader (as a leader-aware client)")
     // The machine's raw signing rate, one thread, with the same code the leader signs with.
     let key = P256.Signing.PrivateKey(compactRepresentable: false)
     var signatures = 0
@@ -127,43 +127,57 @@ func runIssueBench(binary: String, clients: Int, seconds: Double) async throws {
     let listing = try ClusterListing(directory: directory)
     let endpoints = try listing.members.map { try SocketAddress(ipAddress: "127.0.0.1", port: $0.api.port) }
 
-    // Tokens, made beforehand (not timed): one per issuance.
-    let wanted = Int(seconds * 6_000)
-    print("making \(wanted * 2) join tokens (not timed)...")
-    let tokenQueue = Queue(Array(0..<(wanted * 2)))
-    let made = Collected()
-    try await withThrowingTaskGroup(of: Void.self) { group in
-        for client in 0..<64 {
-            group.addTask {
-                while let n = tokenQueue.take() {
-                    let response = try await admin.request(.POST, "/v1/tokens", headers: [("content-type", "application/json")],
-                                                           body: jsonBytes(["spiffe_id": "spiffe://warrant.local/bench/\(n)", "ttl_seconds": 600]),
-                                                           startingAt: client)
-                    if let token = (try? JSONSerialization.jsonObject(with: Data(response.body)) as? [String: Any])?["token"] as? String {
-                        made.value.withLock { $0.append(token) }
+    guard let leaderID = await cluster.waitForLeader(), let leaderIndex = listing.members.firstIndex(where: { $0.id == leaderID }) else {
+        throw BenchFailure(description: "no leader")
+    }
+    let leaderEndpoint = [endpoints[leaderIndex]]
+
+    // Tokens, made beforehand (not timed): one per issuance, for three
+    // timed phases.
+    let perPhase = [("x509-all", 6_000.0), ("x509-leader", 6_000.0), ("jwt-leader", 12_000.0)].map { ($0.0, Int(seconds * $0.1)) }
+    print("making \(perPhase.map(\.1).reduce(0, +)) join tokens (not timed)...")
+    var queues: [String: Queue<String>] = [:]
+    for (phase, count) in perPhase {
+        let numbers = Queue(Array(0..<count))
+        let made = Collected()
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for client in 0..<64 {
+                group.addTask {
+                    while let n = numbers.take() {
+                        let response = try await admin.request(.POST, "/v1/tokens", headers: [("content-type", "application/json")],
+                                                               body: jsonBytes(["spiffe_id": "spiffe://warrant.local/bench/\(phase)/\(n)", "ttl_seconds": 600]),
+                                                               startingAt: client)
+                        if let token = (try? JSONSerialization.jsonObject(with: Data(response.body)) as? [String: Any])?["token"] as? String {
+                            made.value.withLock { $0.append(token) }
+                        }
                     }
                 }
             }
+            try await group.waitForAll()
         }
-        try await group.waitForAll()
+        queues[phase] = Queue(made.value.withLock { $0 })
     }
-    let tokens = made.value.withLock { $0 }
     let csrPEM = try { () throws -> String in
         let request = try CertificateSigningRequest(version: .v1, subject: try DistinguishedName { CommonName("bench") },
                                                     privateKey: .init(P256.Signing.PrivateKey()), attributes: CertificateSigningRequest.Attributes())
         return try request.serializeAsPEM().pemString
     }()
-    let x509Tokens = Queue(Array(tokens.prefix(tokens.count / 2)))
-    let jwtTokens = Queue(Array(tokens.dropFirst(tokens.count / 2)))
     print("timing X509-SVID issuance...")
-    let x509 = try await drive(endpoints: endpoints, tls: tls, clients: clients, seconds: seconds, path: "/v1/svid/x509") {
+    let x509Tokens = queues["x509-all"]!
+    let x509All = try await drive(endpoints: endpoints, tls: tls, clients: clients, seconds: seconds, path: "/v1/svid/x509") {
         x509Tokens.take().map { jsonBytes(["token": $0, "csr": csrPEM]) }
     }
-    print(x509.line("X509-SVID (CSR -> certificate)"))
-    let jwt = try await drive(endpoints: endpoints, tls: tls, clients: clients, seconds: seconds, path: "/v1/svid/jwt") {
+    print(x509All.line("X509-SVID, clients on all nodes"))
+    let x509LeaderTokens = queues["x509-leader"]!
+    let x509 = try await drive(endpoints: leaderEndpoint, tls: tls, clients: clients, seconds: seconds, path: "/v1/svid/x509") {
+        x509LeaderTokens.take().map { jsonBytes(["token": $0, "csr": csrPEM]) }
+    }
+    print(x509.line("X509-SVID, clients on the leader"))
+    let jwtTokens = queues["jwt-leader"]!
+    let jwt = try await drive(endpoints: leaderEndpoint, tls: tls, clients: clients, seconds: seconds, path: "/v1/svid/jwt") {
         jwtTokens.take().map { jsonBytes(["token": $0, "audience": ["bench"]]) }
     }
-    print(jwt.line("JWT-SVID"))
+    print(jwt.line("JWT-SVID, clients on the leader"))
 
     // Verification on one follower.
     guard let leader = await cluster.waitForLeader(), let followerIndex = listing.members.firstIndex(where: { $0.id != leader }) else {

@@ -1,3 +1,4 @@
+import Authority
 import ArgumentParser
 import Foundation
 import NIOCore
@@ -10,7 +11,7 @@ struct Warrant: AsyncParsableCommand {
         commandName: "warrant",
         abstract: "Short-lived machine identity, issued by a replicated cluster.",
         subcommands: [NodeCommand.self, ClusterCommand.self, DocumentCommand.self, AuditCommand.self, MemberCommand.self, LeaderCommand.self,
-                      TokenCommand.self, SVIDCommand.self, BundleCommand.self])
+                      TokenCommand.self, SVIDCommand.self, BundleCommand.self, CACommand.self, RevokeCommand.self, CRLCommand.self])
 }
 
 /// How the CLI reaches the cluster: the directory `cluster init` wrote
@@ -92,6 +93,7 @@ struct ClusterCommand: AsyncParsableCommand {
         @Option(help: "Cluster id (default: random).") var clusterID: String?
         @Option(help: "Raft tick interval in milliseconds.") var tickMs = 10
         @Option(help: "Election timeout in ticks.") var electionTicks = 20
+        @Option(help: "Key type of the trust domain's authorities: \(KeyAlgorithm.names).") var keyAlgorithm = KeyAlgorithm.ecdsaP256.rawValue
 
         func validate() throws {
             guard (1...7).contains(nodes) else { throw ValidationError("--nodes must be 1...7") }
@@ -99,6 +101,7 @@ struct ClusterCommand: AsyncParsableCommand {
             if let clusterID, clusterID.isEmpty || !clusterID.utf8.allSatisfy({ ($0 >= 0x61 && $0 <= 0x7A) || ($0 >= 0x30 && $0 <= 0x39) || $0 == 0x2D }) {
                 throw ValidationError("--cluster-id may hold only a-z, 0-9 and '-'")
             }
+            guard KeyAlgorithm(rawValue: keyAlgorithm) != nil else { throw ValidationError("--key-algorithm must be one of \(KeyAlgorithm.names)") }
         }
 
         func run() throws {
@@ -108,7 +111,8 @@ struct ClusterCommand: AsyncParsableCommand {
                                     api: try HostPort(parsing: "\(host):\(apiPort + n - 1)", at: "--host"))
             }
             try ClusterFiles.initialize(directory: directory, clusterID: clusterID, members: members,
-                                        tickIntervalMilliseconds: tickMs, electionTimeoutTicks: electionTicks)
+                                        tickIntervalMilliseconds: tickMs, electionTimeoutTicks: electionTicks,
+                                        keyAlgorithm: KeyAlgorithm(rawValue: keyAlgorithm) ?? .ecdsaP256)
             print("cluster \(clusterID): \(nodes) node configurations, CA, admin certificate and key-encryption key written to \(directory)")
             for member in members { print("  node \(member.id): \(directory)/node-\(member.id)/config.yaml  peer \(member.peer)  api https://\(member.api)") }
         }
@@ -369,11 +373,14 @@ struct TokenCommand: AsyncParsableCommand {
         @Option(help: "The SPIFFE ID the token may be exchanged for.") var spiffeId: String
         @Option(help: "The longest the identity may live, in seconds.") var ttl: UInt32 = 3_600
         @Option(help: "How long the token itself stays valid, in seconds.") var validFor: UInt32 = 600
+        @Option(help: "How long identities from this token may be renewed, from the first issuance, in seconds (default: a day, or the TTL if longer).")
+        var maxLifetime: UInt32?
         @Flag(help: "Print only the token (for scripts).") var quiet = false
 
         func run() async throws {
             let client = try connection.client()
-            let request: [String: Any] = ["spiffe_id": spiffeId, "ttl_seconds": ttl, "valid_for_seconds": validFor]
+            var request: [String: Any] = ["spiffe_id": spiffeId, "ttl_seconds": ttl, "valid_for_seconds": validFor]
+            if let maxLifetime { request["max_lifetime_seconds"] = maxLifetime }
             let response = try await client.request(.POST, "/v1/tokens", headers: [("content-type", "application/json")],
                                                     body: Array(try JSONSerialization.data(withJSONObject: request)))
             if quiet, response.status == .created, let body = try JSONSerialization.jsonObject(with: Data(response.body)) as? [String: Any],
@@ -387,7 +394,35 @@ struct TokenCommand: AsyncParsableCommand {
 }
 
 struct SVIDCommand: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "svid", abstract: "Exchange a join token for an identity.", subcommands: [X509.self, JWT.self])
+    static let configuration = CommandConfiguration(commandName: "svid", abstract: "Exchange a join token for an identity, or renew one.",
+                                                    subcommands: [X509.self, JWT.self, Renew.self])
+
+    struct Renew: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Renew an X509-SVID over mutual TLS (presenting it), for a new CSR; write the new one.")
+        @OptionGroup var connection: ConnectionOptions
+        @Option(help: "The current X509-SVID (PEM).") var cert: String
+        @Option(help: "Its private key (PEM).") var key: String
+        @Option(help: "A PEM PKCS#10 request for the new key (may be the same key).") var csr: String
+        @Option(help: "Where to write the new certificate.") var out: String = "svid.pem"
+        @Option(help: "Where to write the trust bundle.") var bundleOut: String = "bundle.pem"
+
+        func run() async throws {
+            let directory = try connection.clusterDirectory
+            let listing = try ClusterListing(directory: directory)
+            let addresses = try listing.members.map { try SocketAddress.makeAddressResolvingHost($0.api.host, port: $0.api.port) }
+            let client = try AdminClient(endpoints: addresses, caPEM: try String(contentsOfFile: "\(directory)/ca.pem", encoding: .utf8),
+                                         certificatePEM: try String(contentsOfFile: cert, encoding: .utf8),
+                                         keyPEM: try String(contentsOfFile: key, encoding: .utf8))
+            let request: [String: Any] = ["csr": try String(contentsOfFile: csr, encoding: .utf8)]
+            let response = try await client.request(.POST, "/v1/svid/x509/renew", headers: [("content-type", "application/json")],
+                                                    body: Array(try JSONSerialization.data(withJSONObject: request)))
+            guard response.status == .ok, let body = try JSONSerialization.jsonObject(with: Data(response.body)) as? [String: Any],
+                  let certificate = body["certificate"] as? String, let bundle = body["bundle"] as? String else { return try finish(response) }
+            try certificate.write(toFile: out, atomically: true, encoding: .utf8)
+            try bundle.write(toFile: bundleOut, atomically: true, encoding: .utf8)
+            print("\(body["spiffe_id"] ?? "") serial \(body["serial"] ?? "") until \(body["expires_at"] ?? ""): wrote \(out) and \(bundleOut)")
+        }
+    }
 
     struct X509: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Send a CSR and a join token; write the X509-SVID and the trust bundle as PEM.")
@@ -435,5 +470,71 @@ struct BundleCommand: AsyncParsableCommand {
     func run() async throws {
         let client = try connection.client()
         try finish(try await client.request(.GET, pem ? "/v1/bundle.pem" : "/v1/bundle"))
+    }
+}
+
+struct CACommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "ca", abstract: "The trust domain's authorities.", subcommands: [Status.self, Rotate.self])
+
+    struct Status: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "List the published authorities (prepared, active, retired) and their keys.")
+        @OptionGroup var connection: ConnectionOptions
+
+        func run() async throws {
+            try finish(try await connection.client().request(.GET, "/v1/ca"))
+        }
+    }
+
+    struct Rotate: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "One rotation step: prepare a new authority (published, not signing); the next run activates it and retires the old one.",
+            discussion: "Activation waits until the prepared authority has been in bundles for one refresh interval, so relying parties trust it before it signs; --force skips the wait. A retired authority stays in bundles until the last identity it signed expires.")
+        @OptionGroup var connection: ConnectionOptions
+        @Option(help: "Key type of the new authority: \(KeyAlgorithm.names) (default: the cluster's).") var keyAlgorithm: String?
+        @Flag(help: "Activate without waiting for a bundle refresh interval.") var force = false
+
+        func validate() throws {
+            if let keyAlgorithm, KeyAlgorithm(rawValue: keyAlgorithm) == nil { throw ValidationError("--key-algorithm must be one of \(KeyAlgorithm.names)") }
+        }
+
+        func run() async throws {
+            var request: [String: Any] = ["force": force]
+            if let keyAlgorithm { request["key_algorithm"] = keyAlgorithm }
+            try finish(try await connection.client().request(.POST, "/v1/ca/rotate", headers: [("content-type", "application/json")],
+                                                              body: Array(try JSONSerialization.data(withJSONObject: request))))
+        }
+    }
+}
+
+struct RevokeCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "revoke",
+        abstract: "Revoke identities issued until now: one serial, every identity of a SPIFFE ID, or every identity with an attribute (name=value).")
+    @OptionGroup var connection: ConnectionOptions
+    @Option(help: "A certificate serial (hex) or a JWT-SVID's serial.") var serial: String?
+    @Option(help: "Every identity of this SPIFFE ID.") var spiffeId: String?
+    @Option(help: "Every identity whose attested context has name=value (for example repository=acme/api).") var attribute: String?
+    @Option(help: "Why (recorded in the audit log).") var reason: String = ""
+
+    func validate() throws {
+        guard [serial, spiffeId, attribute].compactMap({ $0 }).count == 1 else { throw ValidationError("give exactly one of --serial, --spiffe-id, --attribute") }
+    }
+
+    func run() async throws {
+        var request: [String: Any] = ["reason": reason]
+        if let serial { request["serial"] = serial }
+        if let spiffeId { request["spiffe_id"] = spiffeId }
+        if let attribute { request["attribute"] = attribute }
+        try finish(try await connection.client().request(.POST, "/v1/revocations", headers: [("content-type", "application/json")],
+                                                          body: Array(try JSONSerialization.data(withJSONObject: request))))
+    }
+}
+
+struct CRLCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "crl", abstract: "Print the CRLs of the published authorities (PEM).")
+    @OptionGroup var connection: ConnectionOptions
+
+    func run() async throws {
+        try finish(try await connection.client().request(.GET, "/v1/crl.pem"))
     }
 }

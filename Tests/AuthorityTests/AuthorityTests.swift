@@ -128,7 +128,7 @@ struct X509SVIDTests {
 
 @Suite("JWT-SVIDs")
 struct JWTSVIDTests {
-    let signer = JWTAuthority.create(trustDomain: "example.org")
+    let signer = try! JWTAuthority.create(trustDomain: "example.org")
     let id = try! SpiffeID(parsing: "spiffe://example.org/ci/acme/deploy")
 
     var verifier: JWTVerifier { JWTVerifier(trustDomain: "example.org", keys: [signer.keyID: signer.publicKey]) }
@@ -158,7 +158,7 @@ struct JWTSVIDTests {
         let exp = Int(Date().timeIntervalSince1970) + 300
         let claims: [String: Any] = ["sub": id.description, "aud": "x", "exp": exp]
         let foreign = P256.Signing.PrivateKey()
-        let other = JWTVerifier(trustDomain: "example.org", keys: [signer.keyID: signer.publicKey, "f": foreign.publicKey])
+        let other = JWTVerifier(trustDomain: "example.org", keys: [signer.keyID: signer.publicKey, "f": .p256(foreign.publicKey)])
         let cases: [(String, String)] = [
             (try forge(["alg": "none", "kid": signer.keyID], claims), "bad_algorithm"),
             (try forge(["alg": "HS256", "kid": signer.keyID], claims), "bad_algorithm"),
@@ -194,7 +194,7 @@ struct BundleTests {
     @Test("The SPIFFE JWKS: x509-svid keys without kid and one x5c; jwt-svid keys with kid; sequence and refresh hint")
     func jwks() throws {
         let ca = try X509Authority.create(trustDomain: "example.org")
-        let signer = JWTAuthority.create(trustDomain: "example.org")
+        let signer = try JWTAuthority.create(trustDomain: "example.org")
         let bundle = TrustBundle(trustDomain: "example.org", x509Authorities: [ca.certificate], jwtKeys: [signer.keyID: signer.publicKey], sequence: 7)
         let object = try #require(try JSONSerialization.jsonObject(with: Data(try bundle.jwks())) as? [String: Any])
         #expect(object["spiffe_sequence"] as? Int == 7 && object["spiffe_refresh_hint"] as? Int == 300)

@@ -135,7 +135,7 @@ struct InteropTests {
     @Test("PyJWT verifies a JWT-SVID with the OIDC JWKS, and refuses it for another audience")
     func pyJWT() throws {
         let python = try #require(try interopPython(), "run scripts/setup.sh: it installs Python's cryptography and PyJWT")
-        let signer = JWTAuthority.create(trustDomain: "example.org")
+        let signer = try JWTAuthority.create(trustDomain: "example.org")
         let bundle = TrustBundle(trustDomain: "example.org", x509Authorities: [], jwtKeys: [signer.keyID: signer.publicKey], sequence: 1)
         let token = try signer.issue(spiffeID: id, audiences: ["sts.amazonaws.com"], ttl: 300, attributes: ["sha": "abc"]).token
         let scratch = try Scratch()

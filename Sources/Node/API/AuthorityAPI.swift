@@ -14,13 +14,64 @@ struct CreateTokenRequest: Codable {
     var spiffeId: String
     var ttlSeconds: UInt32?
     var validForSeconds: UInt32?
+    var maxLifetimeSeconds: UInt32?
 }
 
 struct TokenBody: Codable {
     var token: String
     var spiffeId: String
     var ttlSeconds: UInt32
+    var maxLifetimeSeconds: UInt32
     var expiresAt: String
+}
+
+struct RenewRequest: Codable {
+    var csr: String
+    var ttlSeconds: UInt32?
+    var idempotencyKey: String?
+}
+
+struct RotateRequest: Codable {
+    var keyAlgorithm: String?
+    var force: Bool?
+}
+
+struct AuthorityBody: Codable {
+    var id: String
+    var state: String
+    var algorithm: String
+    var subject: String
+    var notAfter: String
+    var jwtKeyId: String
+    var createdAt: String
+    var activatedAt: String?
+    var retiredAt: String?
+    var publishedUntil: String?
+}
+
+struct AuthoritiesBody: Codable {
+    var trustDomain: String
+    var authorities: [AuthorityBody]
+    var action: String?
+    var next: String?
+}
+
+struct RevokeRequest: Codable {
+    var serial: String?
+    var spiffeId: String?
+    var attribute: String?
+    var reason: String?
+}
+
+struct RevocationBody: Codable {
+    var kind: String
+    var value: String
+    var reason: String
+    var revokedAt: String
+}
+
+struct RevocationsBody: Codable {
+    var revocations: [RevocationBody]
 }
 
 struct X509SVIDRequest: Codable {
@@ -62,6 +113,7 @@ struct VerifyRequest: Codable {
 struct VerifyBody: Codable {
     var valid: Bool
     var spiffeId: String?
+    var serial: String?
     var attributes: [String: String]?
     var expiresAt: String?
     var code: String?
@@ -78,6 +130,13 @@ extension NodeAPI {
         Route(method: .GET, template: "/.well-known/openid-configuration", access: .open),
         Route(method: .GET, template: "/v1/keys", access: .open),
         Route(method: .POST, template: "/v1/verify", access: .open),
+        Route(method: .POST, template: "/v1/svid/x509/renew", access: .open),
+        Route(method: .GET, template: "/v1/federation/bundle", access: .open),
+        Route(method: .GET, template: "/v1/crl.pem", access: .open),
+        Route(method: .GET, template: "/v1/ca", access: .admin),
+        Route(method: .POST, template: "/v1/ca/rotate", access: .admin),
+        Route(method: .GET, template: "/v1/revocations", access: .open),
+        Route(method: .POST, template: "/v1/revocations", access: .admin),
     ]
 
     func dispatchAuthority(_ route: Route, _ request: HTTPRequest) async throws -> HTTPResponse? {
@@ -90,6 +149,13 @@ extension NodeAPI {
         case (.GET, "/.well-known/openid-configuration"): return try discovery(request)
         case (.GET, "/v1/keys"): return try bundleResponse { try $0.oidcJWKS() }
         case (.POST, "/v1/verify"): return try await verify(request)
+        case (.POST, "/v1/svid/x509/renew"): return try await auditingDenials(request) { try await renewX509(request) }
+        case (.GET, "/v1/federation/bundle"): return try bundleResponse { try $0.jwks() }
+        case (.GET, "/v1/crl.pem"): return try crl()
+        case (.GET, "/v1/ca"): return try authorities(action: nil, next: nil)
+        case (.POST, "/v1/ca/rotate"): return try await rotate(request)
+        case (.GET, "/v1/revocations"): return try revocations()
+        case (.POST, "/v1/revocations"): return try await revoke(request)
         default: return nil
         }
     }
@@ -113,8 +179,9 @@ extension NodeAPI {
         }
     }
 
-    private func requireKeys() throws -> AuthorityService.Keys {
+    private func requireKeys(fresh: Bool = false) throws -> AuthorityService.Keys {
         guard let authority else { throw APIError.unavailable("no_authority", "this node runs without an authority") }
+        if fresh { authority.invalidate() }
         let keys: AuthorityService.Keys?
         do {
             keys = try authority.keys()
@@ -132,11 +199,11 @@ extension NodeAPI {
     }
 
     private func discovery(_ request: HTTPRequest) throws -> HTTPResponse {
-        _ = try requireKeys()
+        let keys = try requireKeys()
         let host = request.headers.first(name: "host") ?? "localhost"
         let issuer = "https://\(host)"
         let document: [String: Any] = [
-            "issuer": issuer, "jwks_uri": "\(issuer)/v1/keys", "id_token_signing_alg_values_supported": ["ES256"],
+            "issuer": issuer, "jwks_uri": "\(issuer)/v1/keys", "id_token_signing_alg_values_supported": keys.bundle.jwtAlgorithms,
             "response_types_supported": ["id_token"], "subject_types_supported": ["public"], "claims_supported": ["sub", "aud", "exp", "iat"],
         ]
         return HTTPResponse(status: .ok, headers: [("content-type", "application/json")],
@@ -163,35 +230,40 @@ extension NodeAPI {
         guard (1...AuthorityService.tokenLifetimeMaxSeconds).contains(validFor) else {
             throw APIError(status: .badRequest, code: "bad_ttl", message: "valid_for_seconds must be 1...\(AuthorityService.tokenLifetimeMaxSeconds)")
         }
+        let maxLifetime = body.maxLifetimeSeconds ?? max(ttl, 86_400)
+        guard (ttl...AuthorityService.evidenceLifetimeMaxSeconds).contains(maxLifetime) else {
+            throw APIError(status: .badRequest, code: "bad_ttl", message: "max_lifetime_seconds must be \(ttl)...\(AuthorityService.evidenceLifetimeMaxSeconds) (at least ttl_seconds)")
+        }
         let secret = AuthorityService.newTokenSecret()
         let now = Date()
         let expires = now.addingTimeInterval(TimeInterval(validFor))
         let token = JoinToken(hash: AuthorityService.hash(secret), spiffeID: spiffeID.description, ttlMaxSeconds: ttl,
-                              expiresAtMillis: UInt64(expires.timeIntervalSince1970 * 1000))
+                              expiresAtMillis: UInt64(expires.timeIntervalSince1970 * 1000), maxLifetimeSeconds: maxLifetime)
         let (outcome, _) = try await driver.write(LedgerCommand(timeMillis: UInt64(now.timeIntervalSince1970 * 1000), actor: Self.actor(of: request),
                                                                 requestID: UUID().uuidString, operation: .createJoinToken(token)))
         if case .rejected(let reason) = outcome.result { throw APIError(status: .conflict, code: "rejected", message: reason) }
         // The secret is returned once and never stored or logged.
-        return APIJSON.response(TokenBody(token: secret, spiffeId: spiffeID.description, ttlSeconds: ttl, expiresAt: Self.iso(expires)), status: .created)
+        return APIJSON.response(TokenBody(token: secret, spiffeId: spiffeID.description, ttlSeconds: ttl, maxLifetimeSeconds: maxLifetime,
+                                          expiresAt: Self.iso(expires)), status: .created)
     }
 
     /// Checks the token (and replays an earlier answer for the same
     /// idempotency key) before anything is signed.
-    private func admit(token secret: String, idempotencyKey: String?, ttlSeconds: UInt32?) async throws -> (hash: String, token: JoinToken, ttl: UInt32, earlier: Issuance?) {
+    private func admit(token secret: String, idempotencyKey: String?, ttlSeconds: UInt32?) async throws -> (hash: String, token: JoinToken, ttl: UInt32, earlier: IdempotentAnswer?) {
         guard let authority else { throw APIError.unavailable("no_authority", "this node runs without an authority") }
         guard !secret.isEmpty, secret.utf8.count <= 256 else { throw APIError(status: .unauthorized, code: "invalid_token", message: "the join token is missing or malformed") }
         if let key = idempotencyKey {
             guard !key.isEmpty, key.utf8.count <= 128 else { throw APIError.badRequest("idempotency_key must be 1 to 128 bytes") }
         }
         // SQLite reads block their thread: keep them off Swift's cooperative pool.
-        let (hash, token, earlierIssuance) = try await NIOThreadPool.singleton.runIfActive {
+        let (hash, token, earlierAnswer) = try await NIOThreadPool.singleton.runIfActive {
             let (hash, token) = try authority.token(secret: secret)
-            return (hash, token, try idempotencyKey.flatMap { try authority.earlierIssuance(idempotencyKey: $0) })
+            return (hash, token, try idempotencyKey.flatMap { try authority.earlierAnswer(idempotencyKey: $0) })
         }
         guard let token else { throw APIError(status: .unauthorized, code: "invalid_token", message: "unknown join token") }
-        if let earlier = earlierIssuance {
-            guard earlier.tokenHash == hash else { throw APIError(status: .conflict, code: "idempotency_conflict", message: "the idempotency key was used with another token") }
-            return (hash, token, earlier.ttlSeconds, earlier)
+        if let earlier = earlierAnswer {
+            guard earlier.evidence == hash else { throw APIError(status: .conflict, code: "idempotency_conflict", message: "the idempotency key was used with another token") }
+            return (hash, token, token.ttlMaxSeconds, earlier)
         }
         guard !token.used else { throw APIError(status: .forbidden, code: "token_used", message: "the join token was already used") }
         guard Double(token.expiresAtMillis) / 1000 > Date().timeIntervalSince1970 else {
@@ -207,15 +279,18 @@ extension NodeAPI {
     /// Proposes the issuance; the identity is returned only once its audit
     /// record is committed and applied.
     private func record(_ issuance: Issuance, _ request: HTTPRequest) async throws -> (artifact: [UInt8], replayed: Bool) {
-        let command = LedgerCommand(timeMillis: UInt64(Date().timeIntervalSince1970 * 1000), actor: "token:\(issuance.tokenHash.prefix(16))",
+        let actor = issuance.tokenHash.isEmpty ? Self.actor(of: request) : "token:\(issuance.tokenHash.prefix(16))"
+        let command = LedgerCommand(timeMillis: UInt64(Date().timeIntervalSince1970 * 1000), actor: actor,
                                     requestID: request.headers.first(name: "warrant-request-id") ?? UUID().uuidString, operation: .recordIssuance(issuance))
         if let reason = command.invalidReason { throw APIError.badRequest(reason) }
         let (outcome, _) = try await driver.write(command)
         switch outcome.result {
         case .issued(let artifact, let replayed): return (artifact, replayed)
         case .rejected(let reason):
-            let code = reason.contains("already used") ? "token_used" : reason.contains("expired") ? "token_expired" : "rejected"
-            throw APIError(status: .forbidden, code: code, message: reason)
+            if reason.hasPrefix("authority rotated") { throw AuthorityRotated() }
+            let code = reason.contains("already used") ? "token_used" : reason.contains("expired") ? "token_expired"
+                : reason.hasPrefix("revoked") ? "revoked" : reason.contains("idempotency") ? "idempotency_conflict" : "rejected"
+            throw APIError(status: code == "idempotency_conflict" ? .conflict : .forbidden, code: code, message: reason)
         default: throw APIError(status: .internalServerError, code: "internal", message: "unexpected outcome \(outcome.result)")
         }
     }
@@ -224,70 +299,184 @@ extension NodeAPI {
         let body = try Self.decodeBody(X509SVIDRequest.self, request, expected: "{\"token\", \"csr\" (PEM), \"ttl_seconds\"?, \"idempotency_key\"?}")
         let status = await driver.statusSnapshot
         guard status.role == Role.leader.rawValue else { return try await forwardToLeader(request, leaderHint: status.leaderID) }
-        let keys = try requireKeys()
+        var keys = try requireKeys()
         let admitted = try await admit(token: body.token, idempotencyKey: body.idempotencyKey, ttlSeconds: body.ttlSeconds)
-        if let earlier = admitted.earlier { return try x509Response(earlier.artifact, keys: keys, replayed: true) }
+        if let earlier = admitted.earlier { return try x509Response(replaying: Array(earlier.artifact), keys: keys) }
+        let publicKey = try Self.csrKey(body.csr)
+        let spiffeID = try Self.spiffeID(admitted.token.spiffeID, trustDomain: keys.x509.trustDomain)
+        let evidenceExpires = Int(Date().timeIntervalSince1970) + Int(admitted.token.maxLifetimeSeconds)
+        let attributes = ["evidence": "join_token", "token": String(admitted.hash.prefix(16)), "evidence_expires": String(evidenceExpires)]
+        // Signed by the active authority; if a rotation commits first, the
+        // ledger refuses it and it is signed again by the new one.
+        for attempt in 0..<2 {
+            let issued = try Self.signX509(keys, spiffeID: spiffeID, publicKey: publicKey, ttl: TimeInterval(admitted.ttl), attributes: attributes)
+            let issuance = Issuance(kind: .x509, spiffeID: spiffeID.description, serial: issued.serialHex, fingerprint: issued.fingerprintSHA256,
+                                    issuedAtMillis: Self.millis(issued.certificate.notValidBefore) + UInt64(X509Authority.backdate * 1000),
+                                    notAfterMillis: Self.millis(issued.certificate.notValidAfter), ttlSeconds: admitted.ttl,
+                                    tokenHash: admitted.hash, idempotencyKey: body.idempotencyKey.map(AuthorityService.hash) ?? "", node: id,
+                                    authority: keys.active.id, attributes: attributes, artifact: issued.der)
+            do {
+                let (artifact, replayed) = try await record(issuance, request)
+                if replayed { return try x509Response(replaying: artifact, keys: keys) }
+                return x509Response(issued, spiffeID: spiffeID, keys: keys)
+            } catch is AuthorityRotated where attempt == 0 {
+                keys = try requireKeys(fresh: true)
+            }
+        }
+        throw APIError.unavailable("authority_rotated", "the authority rotated twice while issuing; retry")
+    }
+
+    /// The public key of a PEM CSR whose signature verifies (proof of possession).
+    static func csrKey(_ pem: String) throws -> Certificate.PublicKey {
         let csrDER: [UInt8]
         do {
-            csrDER = try PEMDocument(pemString: body.csr).derBytes
+            csrDER = try PEMDocument(pemString: pem).derBytes
         } catch {
             throw APIError(status: .badRequest, code: "bad_csr", message: "csr must be a PEM CERTIFICATE REQUEST")
         }
-        let publicKey: Certificate.PublicKey
         do {
-            publicKey = try X509Authority.publicKey(fromCSR: csrDER)
+            return try X509Authority.publicKey(fromCSR: csrDER)
         } catch {
             throw APIError(status: .badRequest, code: error.code, message: error.message)
         }
-        let spiffeID = try Self.spiffeID(admitted.token.spiffeID, trustDomain: keys.x509.trustDomain)
-        let issued: IssuedX509
+    }
+
+    static func signX509(_ keys: AuthorityService.Keys, spiffeID: SpiffeID, publicKey: Certificate.PublicKey, ttl: TimeInterval,
+                         attributes: Attributes) throws -> IssuedX509 {
         do {
-            issued = try keys.x509.issue(spiffeID: spiffeID, publicKey: publicKey, ttl: TimeInterval(admitted.ttl),
-                                         attributes: ["evidence": "join_token", "token": String(admitted.hash.prefix(16))])
+            return try keys.x509.issue(spiffeID: spiffeID, publicKey: publicKey, ttl: ttl, attributes: attributes)
         } catch let error as AuthorityError {
             throw APIError(status: .badRequest, code: error.code, message: error.message)
         }
-        let issuance = Issuance(kind: .x509, spiffeID: spiffeID.description, serial: issued.serialHex, fingerprint: issued.fingerprintSHA256,
-                                notAfterMillis: UInt64(issued.certificate.notValidAfter.timeIntervalSince1970 * 1000), ttlSeconds: admitted.ttl,
-                                tokenHash: admitted.hash, idempotencyKey: body.idempotencyKey.map(AuthorityService.hash) ?? "", node: id, artifact: issued.der)
-        let (artifact, replayed) = try await record(issuance, request)
-        return try x509Response(artifact, keys: keys, replayed: replayed)
     }
 
-    private func x509Response(_ der: [UInt8], keys: AuthorityService.Keys, replayed: Bool) throws -> HTTPResponse {
+    static func millis(_ date: Date) -> UInt64 { UInt64(max(0, date.timeIntervalSince1970 * 1000)) }
+
+    private func x509Response(_ issued: IssuedX509, spiffeID: SpiffeID, keys: AuthorityService.Keys) -> HTTPResponse {
+        APIJSON.response(X509SVIDBody(spiffeId: spiffeID.description, certificate: issued.pem, bundle: keys.bundlePEM, serial: issued.serialHex,
+                                      expiresAt: Self.iso(issued.certificate.notValidAfter), replayed: false),
+                         headers: [("warrant-leader", String(id))])
+    }
+
+    private func x509Response(replaying der: [UInt8], keys: AuthorityService.Keys) throws -> HTTPResponse {
         let certificate = try Certificate(derEncoded: der)
         let verified = try TrustBundle.checkLeaf(certificate, trustDomain: keys.x509.trustDomain)
         return APIJSON.response(X509SVIDBody(spiffeId: verified.spiffeID.description,
                                              certificate: PEMDocument(type: "CERTIFICATE", derBytes: der).pemString + "\n",
-                                             bundle: try keys.bundle.pem(), serial: verified.serialHex, expiresAt: Self.iso(certificate.notValidAfter),
-                                             replayed: replayed), headers: [("warrant-leader", String(id))])
+                                             bundle: keys.bundlePEM, serial: verified.serialHex, expiresAt: Self.iso(certificate.notValidAfter),
+                                             replayed: true), headers: [("warrant-leader", String(id))])
+    }
+
+    /// A workload renews its X509-SVID over mutual TLS: the certificate it
+    /// presents must verify against the bundle and not be revoked; the new
+    /// one has the same SPIFFE ID and attested context and never outlives
+    /// the evidence the first one was issued on (`evidence_expires`).
+    private func renewX509(_ request: HTTPRequest) async throws -> HTTPResponse {
+        let presented: [UInt8]
+        switch request.caller {
+        case .workload(_, let der): presented = der
+        case .node:
+            guard let header = request.headers.first(name: "warrant-workload-certificate"), let der = Data(base64Encoded: header) else {
+                throw APIError(status: .unauthorized, code: "unauthenticated", message: "renewal needs the workload's X509-SVID as the TLS client certificate")
+            }
+            presented = Array(der)
+        default:
+            throw APIError(status: .unauthorized, code: "unauthenticated", message: "renewal needs the workload's X509-SVID as the TLS client certificate")
+        }
+        let body = try Self.decodeBody(RenewRequest.self, request, expected: "{\"csr\" (PEM), \"ttl_seconds\"?, \"idempotency_key\"?}")
+        if let key = body.idempotencyKey {
+            guard !key.isEmpty, key.utf8.count <= 128 else { throw APIError.badRequest("idempotency_key must be 1 to 128 bytes") }
+        }
+        var keys = try requireKeys()
+        let current: VerifiedX509
+        do {
+            current = try await keys.bundle.verifyX509(chain: [try Certificate(derEncoded: presented)])
+        } catch let error as AuthorityError {
+            throw APIError(status: .unauthorized, code: error.code, message: "the presented X509-SVID does not verify: \(error.message)")
+        }
+        if let rule = keys.revocation(serial: current.serialHex, spiffeID: current.spiffeID.description, attributes: current.attributes,
+                                      issuedAt: current.notBefore.addingTimeInterval(X509Authority.backdate)) {
+            throw APIError(status: .forbidden, code: "revoked", message: "the presented X509-SVID was revoked (\(rule.kind.rawValue) \(rule.value)): \(rule.reason)")
+        }
+        guard let evidenceExpires = current.attributes["evidence_expires"].flatMap(TimeInterval.init) else {
+            throw APIError(status: .forbidden, code: "not_renewable", message: "the presented X509-SVID carries no evidence lifetime")
+        }
+        let now = Date()
+        let remaining = evidenceExpires - now.timeIntervalSince1970
+        guard remaining >= 1 else {
+            throw APIError(status: .forbidden, code: "evidence_expired", message: "the evidence this identity was first issued on expired at \(Self.iso(Date(timeIntervalSince1970: evidenceExpires))); obtain a new identity")
+        }
+        let previousTTL = UInt32(max(1, min(Double(AuthorityService.ttlMaxSeconds),
+                                            current.notAfter.timeIntervalSince(current.notBefore) - X509Authority.backdate)))
+        let ttl = body.ttlSeconds ?? previousTTL
+        guard ttl >= 1, ttl <= AuthorityService.ttlMaxSeconds else {
+            throw APIError(status: .badRequest, code: "bad_ttl", message: "ttl_seconds must be 1...\(AuthorityService.ttlMaxSeconds)")
+        }
+        let publicKey = try Self.csrKey(body.csr)
+        let status = await driver.statusSnapshot
+        guard status.role == Role.leader.rawValue else { return try await forwardToLeader(request, leaderHint: status.leaderID) }
+        let idempotencyKey = body.idempotencyKey.map(AuthorityService.hash) ?? ""
+        if let key = body.idempotencyKey, let authority, let earlier = try await NIOThreadPool.singleton.runIfActive({ try authority.earlierAnswer(idempotencyKey: key) }) {
+            guard earlier.evidence == "renew:\(current.serialHex)" else {
+                throw APIError(status: .conflict, code: "idempotency_conflict", message: "the idempotency key was used with other evidence")
+            }
+            return try x509Response(replaying: Array(earlier.artifact), keys: keys)
+        }
+        let lifetime = min(TimeInterval(ttl), remaining.rounded(.down))
+        for attempt in 0..<2 {
+            let issued = try Self.signX509(keys, spiffeID: current.spiffeID, publicKey: publicKey, ttl: lifetime, attributes: current.attributes)
+            let issuance = Issuance(kind: .x509, spiffeID: current.spiffeID.description, serial: issued.serialHex, fingerprint: issued.fingerprintSHA256,
+                                    issuedAtMillis: Self.millis(issued.certificate.notValidBefore) + UInt64(X509Authority.backdate * 1000),
+                                    notAfterMillis: Self.millis(issued.certificate.notValidAfter), ttlSeconds: UInt32(lifetime),
+                                    tokenHash: "", renewedFrom: current.serialHex,
+                                    renewedIssuedAtMillis: Self.millis(current.notBefore) + UInt64(X509Authority.backdate * 1000),
+                                    idempotencyKey: idempotencyKey, node: id, authority: keys.active.id, attributes: current.attributes,
+                                    artifact: issued.der)
+            do {
+                let (artifact, replayed) = try await record(issuance, request)
+                if replayed { return try x509Response(replaying: artifact, keys: keys) }
+                return x509Response(issued, spiffeID: current.spiffeID, keys: keys)
+            } catch is AuthorityRotated where attempt == 0 {
+                keys = try requireKeys(fresh: true)
+            }
+        }
+        throw APIError.unavailable("authority_rotated", "the authority rotated twice while issuing; retry")
     }
 
     private func issueJWT(_ request: HTTPRequest) async throws -> HTTPResponse {
         let body = try Self.decodeBody(JWTSVIDRequest.self, request, expected: "{\"token\", \"audience\": [..], \"ttl_seconds\"?, \"idempotency_key\"?}")
         let status = await driver.statusSnapshot
         guard status.role == Role.leader.rawValue else { return try await forwardToLeader(request, leaderHint: status.leaderID) }
-        let keys = try requireKeys()
+        var keys = try requireKeys()
         let admitted = try await admit(token: body.token, idempotencyKey: body.idempotencyKey, ttlSeconds: body.ttlSeconds)
-        if let earlier = admitted.earlier { return try jwtResponse(earlier.artifact, keys: keys, replayed: true) }
+        if let earlier = admitted.earlier { return try jwtResponse(Array(earlier.artifact), replayed: true) }
         let spiffeID = try Self.spiffeID(admitted.token.spiffeID, trustDomain: keys.jwt.trustDomain)
-        let issued: IssuedJWT
-        do {
-            issued = try keys.jwt.issue(spiffeID: spiffeID, audiences: body.audience, ttl: TimeInterval(admitted.ttl),
-                                        attributes: ["evidence": "join_token"], notAfter: keys.x509.certificate.notValidAfter)
-        } catch let error as AuthorityError {
-            throw APIError(status: .badRequest, code: error.code, message: error.message)
+        let attributes = ["evidence": "join_token", "token": String(admitted.hash.prefix(16))]
+        for attempt in 0..<2 {
+            let now = Date(timeIntervalSince1970: Date().timeIntervalSince1970.rounded(.down))
+            let issued: IssuedJWT
+            do {
+                issued = try keys.jwt.issue(spiffeID: spiffeID, audiences: body.audience, ttl: TimeInterval(admitted.ttl),
+                                            attributes: attributes, now: now, notAfter: keys.x509.certificate.notValidAfter)
+            } catch let error as AuthorityError {
+                throw APIError(status: .badRequest, code: error.code, message: error.message)
+            }
+            let fingerprint = AuthorityService.hash(issued.token)
+            let issuance = Issuance(kind: .jwt, spiffeID: spiffeID.description, serial: String(fingerprint.prefix(32)), fingerprint: fingerprint,
+                                    issuedAtMillis: Self.millis(now), notAfterMillis: Self.millis(issued.expiry), ttlSeconds: admitted.ttl,
+                                    tokenHash: admitted.hash, idempotencyKey: body.idempotencyKey.map(AuthorityService.hash) ?? "", node: id,
+                                    authority: keys.active.id, attributes: attributes, artifact: Array(issued.token.utf8))
+            do {
+                let (artifact, replayed) = try await record(issuance, request)
+                return try jwtResponse(artifact, replayed: replayed)
+            } catch is AuthorityRotated where attempt == 0 {
+                keys = try requireKeys(fresh: true)
+            }
         }
-        let fingerprint = AuthorityService.hash(issued.token)
-        let issuance = Issuance(kind: .jwt, spiffeID: spiffeID.description, serial: String(fingerprint.prefix(32)), fingerprint: fingerprint,
-                                notAfterMillis: UInt64(issued.expiry.timeIntervalSince1970 * 1000), ttlSeconds: admitted.ttl,
-                                tokenHash: admitted.hash, idempotencyKey: body.idempotencyKey.map(AuthorityService.hash) ?? "", node: id,
-                                artifact: Array(issued.token.utf8))
-        let (artifact, replayed) = try await record(issuance, request)
-        return try jwtResponse(artifact, keys: keys, replayed: replayed)
+        throw APIError.unavailable("authority_rotated", "the authority rotated twice while issuing; retry")
     }
 
-    private func jwtResponse(_ artifact: [UInt8], keys: AuthorityService.Keys, replayed: Bool) throws -> HTTPResponse {
+    private func jwtResponse(_ artifact: [UInt8], replayed: Bool) throws -> HTTPResponse {
         let token = String(decoding: artifact, as: UTF8.self)
         let claims = token.split(separator: ".").dropFirst().first.flatMap { Base64URL.decode($0) }
             .flatMap { try? JSONSerialization.jsonObject(with: Data($0)) as? [String: Any] } ?? [:]
@@ -305,13 +494,18 @@ extension NodeAPI {
                 guard !documents.isEmpty, documents.count <= 8 else { throw AuthorityError("bad_chain", "give 1 to 8 PEM certificates") }
                 let chain = try documents.map { try Certificate(derEncoded: $0.derBytes) }
                 let verified = try await keys.bundle.verifyX509(chain: chain)
-                return APIJSON.response(VerifyBody(valid: true, spiffeId: verified.spiffeID.description, attributes: verified.attributes,
-                                                   expiresAt: Self.iso(verified.notAfter)))
+                try Self.checkNotRevoked(keys, serial: verified.serialHex, spiffeID: verified.spiffeID, attributes: verified.attributes,
+                                         issuedAt: verified.notBefore.addingTimeInterval(X509Authority.backdate))
+                return APIJSON.response(VerifyBody(valid: true, spiffeId: verified.spiffeID.description, serial: verified.serialHex,
+                                                   attributes: verified.attributes, expiresAt: Self.iso(verified.notAfter)))
             }
             if let jwt = body.jwt, let audience = body.audience, body.x509Chain == nil {
                 let verified = try JWTVerifier(trustDomain: keys.jwt.trustDomain, keys: keys.bundle.jwtKeys).verify(jwt, audience: audience)
-                return APIJSON.response(VerifyBody(valid: true, spiffeId: verified.spiffeID.description, attributes: verified.attributes,
-                                                   expiresAt: Self.iso(verified.expiry)))
+                let serial = String(verified.fingerprint.prefix(32))
+                try Self.checkNotRevoked(keys, serial: serial, spiffeID: verified.spiffeID, attributes: verified.attributes,
+                                         issuedAt: verified.issuedAt ?? Date(timeIntervalSince1970: 0))
+                return APIJSON.response(VerifyBody(valid: true, spiffeId: verified.spiffeID.description, serial: serial,
+                                                   attributes: verified.attributes, expiresAt: Self.iso(verified.expiry)))
             }
             throw APIError.badRequest("give either x509_chain, or jwt with audience")
         } catch let error as AuthorityError {
@@ -321,6 +515,115 @@ extension NodeAPI {
         } catch {
             return APIJSON.response(VerifyBody(valid: false, code: "malformed", reason: "\(error)"))
         }
+    }
+
+    static func checkNotRevoked(_ keys: AuthorityService.Keys, serial: String, spiffeID: SpiffeID, attributes: Attributes, issuedAt: Date) throws(AuthorityError) {
+        if let rule = keys.revocation(serial: serial, spiffeID: spiffeID.description, attributes: attributes, issuedAt: issuedAt) {
+            throw AuthorityError("revoked", "revoked at \(iso(Date(timeIntervalSince1970: TimeInterval(rule.revokedAtMillis) / 1000))) by \(rule.kind.rawValue) \(rule.value)"
+                                 + (rule.reason.isEmpty ? "" : ": \(rule.reason)"))
+        }
+    }
+
+    // MARK: - Authorities, rotation, revocation, CRL
+
+    private func crl() throws -> HTTPResponse {
+        guard let authority else { throw APIError.unavailable("no_authority", "this node runs without an authority") }
+        do {
+            return HTTPResponse(status: .ok, headers: [("content-type", "application/x-pem-file"), ("cache-control", "max-age=300")],
+                                body: Array(try authority.crlPEM().utf8))
+        } catch let error as AuthorityError {
+            throw APIError.unavailable(error.code, error.message)
+        }
+    }
+
+    private func authorities(action: String?, next: String?) throws -> HTTPResponse {
+        guard let authority else { throw APIError.unavailable("no_authority", "this node runs without an authority") }
+        guard let keyring = try authority.keyring() else {
+            throw APIError.unavailable("no_authority", "the trust domain's keys are not made yet (the first leader makes them); retry")
+        }
+        func date(_ millis: UInt64?) -> String? { millis.map { Self.iso(Date(timeIntervalSince1970: TimeInterval($0) / 1000)) } }
+        let now = Self.millis(Date())
+        let bodies = try keyring.authorities.filter { $0.isPublished(at: now) }.map { entry -> AuthorityBody in
+            let certificate = try Certificate(pemEncoded: entry.x509Certificate)
+            return AuthorityBody(id: entry.id, state: entry.state.rawValue, algorithm: entry.algorithm, subject: certificate.subject.description,
+                                 notAfter: Self.iso(certificate.notValidAfter), jwtKeyId: entry.jwtKeyID, createdAt: date(entry.createdAtMillis)!,
+                                 activatedAt: date(entry.activatedAtMillis), retiredAt: date(entry.retiredAtMillis),
+                                 publishedUntil: entry.state == .retired ? date(entry.keepUntilMillis) : nil)
+        }
+        return APIJSON.response(AuthoritiesBody(trustDomain: keyring.trustDomain, authorities: bodies, action: action, next: next))
+    }
+
+    /// One step of a rotation: with no prepared authority, prepares one
+    /// (published in bundles, not signing); with one, activates it once it
+    /// has been published for a bundle refresh interval (or at once with
+    /// `force`), and the active one retires.
+    private func rotate(_ request: HTTPRequest) async throws -> HTTPResponse {
+        guard let authority else { throw APIError.unavailable("no_authority", "this node runs without an authority") }
+        let body = request.body.isEmpty ? RotateRequest() : try Self.decodeBody(RotateRequest.self, request, expected: "{\"key_algorithm\"?, \"force\"?}")
+        var algorithm: KeyAlgorithm?
+        if let name = body.keyAlgorithm {
+            guard let known = KeyAlgorithm(rawValue: name) else { throw APIError(status: .badRequest, code: "bad_key_algorithm", message: "key_algorithm must be one of \(KeyAlgorithm.names)") }
+            algorithm = known
+        }
+        let status = await driver.statusSnapshot
+        guard status.role == Role.leader.rawValue else { return try await forwardToLeader(request, leaderHint: status.leaderID) }
+        let keys = try requireKeys(fresh: true)
+        guard let keyring = try authority.keyring() else { throw APIError.unavailable("no_authority", "the trust domain's keys are not made yet") }
+        let now = Date()
+        let operation: LedgerCommand.Operation
+        let action: String, next: String
+        if let prepared = keyring.prepared {
+            guard algorithm == nil else {
+                throw APIError(status: .conflict, code: "rotation_in_progress", message: "authority \(prepared.id) is prepared; activate it before preparing one with another key type")
+            }
+            let published = now.timeIntervalSince1970 - TimeInterval(prepared.createdAtMillis) / 1000
+            let wait = TimeInterval(keys.bundle.refreshHintSeconds)
+            guard published >= wait || body.force == true else {
+                throw APIError(status: .conflict, code: "too_early",
+                               message: "authority \(prepared.id) has been published for \(Int(published)) s; relying parties refresh bundles every \(Int(wait)) s. Run again after that, or with force")
+            }
+            operation = .activateAuthority(id: prepared.id)
+            action = "activated \(prepared.id); \(keyring.active?.id ?? "the previous authority") retired (published until its identities expire)"
+            next = "run rotate again to prepare the next authority"
+        } else {
+            let chosen = algorithm
+            let entry = try await NIOThreadPool.singleton.runIfActive { try authority.makeAuthority(chosen, state: .prepared, now: now) }
+            operation = .prepareAuthority(entry)
+            action = "prepared \(entry.id) (\(entry.algorithm)): published in bundles, not signing yet"
+            next = "run rotate again after \(keys.bundle.refreshHintSeconds) s (a bundle refresh) to activate it"
+        }
+        let (outcome, _) = try await driver.write(LedgerCommand(timeMillis: Self.millis(now), actor: Self.actor(of: request),
+                                                                requestID: UUID().uuidString, operation: operation))
+        if case .rejected(let reason) = outcome.result { throw APIError(status: .conflict, code: "rejected", message: reason) }
+        authority.invalidate()
+        return try authorities(action: action, next: next)
+    }
+
+    private func revocations() throws -> HTTPResponse {
+        let keys = try requireKeys()
+        return APIJSON.response(RevocationsBody(revocations: keys.revocations.rules.map {
+            RevocationBody(kind: $0.kind.rawValue, value: $0.value, reason: $0.reason,
+                           revokedAt: Self.iso(Date(timeIntervalSince1970: TimeInterval($0.revokedAtMillis) / 1000)))
+        }))
+    }
+
+    private func revoke(_ request: HTTPRequest) async throws -> HTTPResponse {
+        let body = try Self.decodeBody(RevokeRequest.self, request, expected: "{\"serial\" | \"spiffe_id\" | \"attribute\": \"name=value\", \"reason\"?}")
+        let given = [(Revocation.Kind.serial, body.serial), (.spiffeID, body.spiffeId), (.attribute, body.attribute)].compactMap { kind, value in value.map { (kind, $0) } }
+        guard given.count == 1, let (kind, rawValue) = given.first else { throw APIError.badRequest("give exactly one of serial, spiffe_id or attribute") }
+        var value = rawValue
+        if kind == .serial { value = value.lowercased().replacingOccurrences(of: ":", with: "") }
+        if kind == .spiffeID {
+            guard let authority else { throw APIError.unavailable("no_authority", "this node runs without an authority") }
+            value = try Self.spiffeID(value, trustDomain: authority.trustDomain).description
+        }
+        let rule = Revocation(kind: kind, value: value, reason: body.reason ?? "")
+        if let reason = rule.invalidReason { throw APIError(status: .badRequest, code: "bad_revocation", message: reason) }
+        let (outcome, _) = try await driver.write(LedgerCommand(timeMillis: Self.millis(Date()), actor: Self.actor(of: request),
+                                                                requestID: UUID().uuidString, operation: .revoke(rule)))
+        if case .rejected(let reason) = outcome.result { throw APIError(status: .conflict, code: "rejected", message: reason) }
+        authority?.invalidate()
+        return try revocations()
     }
 
     static func spiffeID(_ text: String, trustDomain: String) throws -> SpiffeID {
@@ -338,6 +641,10 @@ extension NodeAPI {
 
     static func iso(_ date: Date) -> String { date.formatted(.iso8601) }
 }
+
+/// The ledger refused an issuance because another authority became active
+/// after it was signed.
+struct AuthorityRotated: Error {}
 
 /// A per-second budget for denial records; what is over it is counted and
 /// carried into the next record.

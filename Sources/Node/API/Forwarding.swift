@@ -78,6 +78,11 @@ public final class Forwarder: Sendable {
         for name in ["content-type", "warrant-request-id"] {
             if let value = request.headers.first(name: name) { headers.append((name, value)) }
         }
+        // A workload's certificate, verified here, travels to the leader
+        // (which believes this header only from a node).
+        if case .workload(_, let der) = request.caller {
+            headers.append(("warrant-workload-certificate", Data(der).base64EncodedString()))
+        }
         var uri = request.path.addingPercentEncoding(withAllowedCharacters: .urlPathAllowed) ?? request.path
         if !request.query.isEmpty {
             let unreserved = CharacterSet.alphanumerics.union(CharacterSet(charactersIn: "-._~"))

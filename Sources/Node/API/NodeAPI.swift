@@ -91,7 +91,7 @@ public final class NodeAPI: Sendable {
                 ? APIError(status: .methodNotAllowed, code: "method_not_allowed", message: "\(request.method) is not allowed on \(request.path)").response
                 : APIError.notFound("no endpoint \(request.path)").response
         }
-        if route.access == .admin && request.caller == .anonymous {
+        if route.access == .admin && !request.caller.isOperator {
             return APIError(status: .unauthorized, code: "unauthenticated",
                             message: "\(route.template) needs a client certificate from this cluster's CA (an admin certificate)").response
         }

@@ -3,11 +3,13 @@ import NIOHTTP1
 import NIOPosix
 import NIOSSL
 import Synchronization
+import SwiftASN1
 import Transport
 import X509
 
 /// Who is on the other end of an API connection, from the client
-/// certificate (verified against the cluster CA by the TLS layer).
+/// certificate (verified by the TLS layer against the cluster CA, or
+/// against the trust domain's published authorities for a workload).
 public enum APICaller: Sendable, Hashable {
     /// No client certificate: only the public endpoints answer.
     case anonymous
@@ -15,6 +17,8 @@ public enum APICaller: Sendable, Hashable {
     case admin(name: String)
     /// Another node of this cluster (forwarding a caller's write).
     case node(id: UInt64)
+    /// A workload holding an X509-SVID of this trust domain (renewal).
+    case workload(spiffeID: String, certificateDER: [UInt8])
 
     /// The identity written into audit records.
     public var actor: String {
@@ -22,17 +26,34 @@ public enum APICaller: Sendable, Hashable {
         case .anonymous: return "anonymous"
         case .admin(let name): return "admin:\(name)"
         case .node(let id): return "node:\(id)"
+        case .workload(let spiffeID, _): return spiffeID
         }
     }
 
-    static func from(certificateDER der: [UInt8], clusterID: String) -> APICaller {
+    public var isOperator: Bool {
+        switch self {
+        case .admin, .node: return true
+        case .anonymous, .workload: return false
+        }
+    }
+
+    /// Admin and node certificates count only when the cluster CA issued
+    /// them; any other verified certificate with a SPIFFE ID is a workload.
+    static func from(certificateDER der: [UInt8], clusterID: String, clusterCA: DistinguishedName) -> APICaller {
         guard let certificate = try? Certificate(derEncoded: der),
               let names = try? certificate.extensions.subjectAlternativeNames else { return .anonymous }
-        for name in names {
-            guard case .uniformResourceIdentifier(let uri) = name else { continue }
-            if let admin = ClusterCA.adminName(inURI: uri, clusterID: clusterID) { return .admin(name: admin) }
+        let uris = names.compactMap { name -> String? in
+            if case .uniformResourceIdentifier(let uri) = name { return uri }
+            return nil
         }
-        if let id = NodeIdentity.nodeID(inCertificateDER: der, clusterID: clusterID) { return .node(id: id) }
+        if certificate.issuer == clusterCA {
+            for uri in uris {
+                if let admin = ClusterCA.adminName(inURI: uri, clusterID: clusterID) { return .admin(name: admin) }
+            }
+            if let id = NodeIdentity.nodeID(inCertificateDER: der, clusterID: clusterID) { return .node(id: id) }
+            return .anonymous
+        }
+        if uris.count == 1, uris[0].hasPrefix("spiffe://") { return .workload(spiffeID: uris[0], certificateDER: der) }
         return .anonymous
     }
 }
@@ -75,48 +96,81 @@ public struct HTTPServerLimits: Sendable {
 /// connection count.
 public final class HTTPServer: Sendable {
     public typealias Handler = @Sendable (HTTPRequest) async -> HTTPResponse
+    /// More roots client certificates may chain to (the trust domain's
+    /// published authorities, for workloads renewing), and a version that
+    /// changes when they do.
+    public typealias ClientRoots = @Sendable () -> (version: UInt64, roots: [Certificate])?
 
     private let group: any EventLoopGroup
     private let tls: NIOSSLContext
+    private let identity: NodeIdentity
+    private let clientRoots: ClientRoots?
+    private let workloadTLS = Mutex<(version: UInt64, context: NIOSSLContext)?>(nil)
+    private let clusterCA: DistinguishedName
     private let clusterID: String
     private let limits: HTTPServerLimits
     private let handler: Handler
     private let openConnections = ConnectionCount()
     private let channel = Mutex<(any Channel)?>(nil)
 
-    public init(group: any EventLoopGroup, identity: NodeIdentity, limits: HTTPServerLimits = HTTPServerLimits(), handler: @escaping Handler) throws {
+    public init(group: any EventLoopGroup, identity: NodeIdentity, limits: HTTPServerLimits = HTTPServerLimits(),
+                clientRoots: ClientRoots? = nil, handler: @escaping Handler) throws {
         self.group = group
+        self.identity = identity
         self.clusterID = identity.clusterID
+        self.clusterCA = identity.caCertificate.subject
         self.limits = limits
         self.handler = handler
+        self.clientRoots = clientRoots
+        tls = try Self.context(identity, extraRoots: [])
+    }
+
+    private static func context(_ identity: NodeIdentity, extraRoots: [Certificate]) throws -> NIOSSLContext {
         var configuration = TLSConfiguration.makeServerConfiguration(certificateChain: [.certificate(try identity.nioCertificate)],
                                                                      privateKey: .privateKey(try identity.nioPrivateKey))
         configuration.minimumTLSVersion = .tlsv12
-        configuration.trustRoots = .certificates([try identity.nioCACertificate])
+        var roots = [try identity.nioCACertificate]
+        for root in extraRoots {
+            var der = DER.Serializer()
+            try der.serialize(root)
+            roots.append(try NIOSSLCertificate(bytes: der.serializedBytes, format: .der))
+        }
+        configuration.trustRoots = .certificates(roots)
         configuration.additionalTrustRoots = []
         configuration.certificateVerification = .optionalVerification
-        tls = try NIOSSLContext(configuration: configuration)
+        return try NIOSSLContext(configuration: configuration)
+    }
+
+    /// The TLS context for a new connection: the cluster CA, plus the
+    /// trust domain's authorities as they are now (rebuilt when they change).
+    private func currentContext() -> NIOSSLContext {
+        guard let clientRoots, let (version, roots) = clientRoots() else { return tls }
+        if let cached = workloadTLS.withLock({ $0 }), cached.version == version { return cached.context }
+        guard let context = try? Self.context(identity, extraRoots: roots) else { return tls }
+        workloadTLS.withLock { $0 = (version, context) }
+        return context
     }
 
     /// Binds and starts serving; returns the bound address.
     public func start(at address: SocketAddress) async throws -> SocketAddress {
-        let tls = self.tls, limits = self.limits, handler = self.handler, clusterID = self.clusterID
+        let limits = self.limits, handler = self.handler, clusterID = self.clusterID, clusterCA = self.clusterCA
         let server = try await ServerBootstrap(group: group)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .serverChannelOption(.backlog, value: 256)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
-            .childChannelInitializer { [openConnections] channel in
+            .childChannelInitializer { [openConnections, self] channel in
                 guard openConnections.value.wrappingAdd(1, ordering: .relaxed).newValue <= limits.connectionsMax else {
                     openConnections.value.wrappingSubtract(1, ordering: .relaxed)
                     return channel.close()
                 }
                 channel.closeFuture.whenComplete { _ in openConnections.value.wrappingSubtract(1, ordering: .relaxed) }
+                let tls = self.currentContext()
                 return channel.eventLoop.makeCompletedFuture {
                     let sync = channel.pipeline.syncOperations
                     try sync.addHandler(NIOSSLServerHandler(context: tls))
                     try sync.addHandler(IdleStateHandler(allTimeout: limits.idleTimeout))
                     try sync.configureHTTPServerPipeline(withErrorHandling: true)
-                    try sync.addHandler(RequestHandler(clusterID: clusterID, bodyBytesMax: limits.requestBodyBytesMax, handler: handler))
+                    try sync.addHandler(RequestHandler(clusterID: clusterID, clusterCA: clusterCA, bodyBytesMax: limits.requestBodyBytesMax, handler: handler))
                 }
             }
             .bind(to: address).get()
@@ -143,6 +197,7 @@ private final class RequestHandler: ChannelInboundHandler {
     typealias OutboundOut = HTTPServerResponsePart
 
     private let clusterID: String
+    private let clusterCA: DistinguishedName
     private let bodyBytesMax: Int
     private let handler: HTTPServer.Handler
     private var head: HTTPRequestHead?
@@ -150,8 +205,9 @@ private final class RequestHandler: ChannelInboundHandler {
     private var tooLarge = false
     private var caller: APICaller?
 
-    init(clusterID: String, bodyBytesMax: Int, handler: @escaping HTTPServer.Handler) {
+    init(clusterID: String, clusterCA: DistinguishedName, bodyBytesMax: Int, handler: @escaping HTTPServer.Handler) {
         self.clusterID = clusterID
+        self.clusterCA = clusterCA
         self.bodyBytesMax = bodyBytesMax
         self.handler = handler
     }
@@ -192,7 +248,7 @@ private final class RequestHandler: ChannelInboundHandler {
         if caller == nil {
             let certificate = try? context.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self).peerCertificate
             if let der = try? certificate?.toDERBytes() {
-                caller = APICaller.from(certificateDER: der, clusterID: clusterID)
+                caller = APICaller.from(certificateDER: der, clusterID: clusterID, clusterCA: clusterCA)
             } else {
                 caller = .anonymous
             }

@@ -1,0 +1,232 @@
+import Crypto
+import Foundation
+import SwiftASN1
+import X509
+import _CryptoExtras
+
+/// The key types a trust domain's authorities may use. P-256 is the
+/// default; P-384 and RSA are for relying parties that require them.
+public enum KeyAlgorithm: String, Sendable, Hashable, Codable, CaseIterable {
+    case ecdsaP256 = "ecdsa-p256"
+    case ecdsaP384 = "ecdsa-p384"
+    case rsa2048 = "rsa-2048"
+    case rsa3072 = "rsa-3072"
+    case rsa4096 = "rsa-4096"
+
+    public static let names = allCases.map(\.rawValue).joined(separator: ", ")
+}
+
+/// A private signing key of one of the supported types.
+public enum SigningKey: Sendable {
+    case p256(P256.Signing.PrivateKey)
+    case p384(P384.Signing.PrivateKey)
+    case rsa(_RSA.Signing.PrivateKey)
+
+    public static func generate(_ algorithm: KeyAlgorithm) throws -> SigningKey {
+        switch algorithm {
+        case .ecdsaP256: return .p256(P256.Signing.PrivateKey(compactRepresentable: false))
+        case .ecdsaP384: return .p384(P384.Signing.PrivateKey(compactRepresentable: false))
+        case .rsa2048: return .rsa(try _RSA.Signing.PrivateKey(keySize: .bits2048))
+        case .rsa3072: return .rsa(try _RSA.Signing.PrivateKey(keySize: .bits3072))
+        case .rsa4096: return .rsa(try _RSA.Signing.PrivateKey(keySize: .bits4096))
+        }
+    }
+
+    /// Reads a PEM private key of any supported type.
+    public init(pemRepresentation pem: String) throws {
+        if let key = try? P256.Signing.PrivateKey(pemRepresentation: pem) {
+            self = .p256(key)
+        } else if let key = try? P384.Signing.PrivateKey(pemRepresentation: pem) {
+            self = .p384(key)
+        } else if let key = try? _RSA.Signing.PrivateKey(pemRepresentation: pem), key.keySizeInBits >= 2048 {
+            self = .rsa(key)
+        } else {
+            throw AuthorityError("bad_key", "the private key is not ECDSA P-256, P-384, or RSA of at least 2048 bits")
+        }
+    }
+
+    public var pemRepresentation: String {
+        switch self {
+        case .p256(let key): return key.pemRepresentation
+        case .p384(let key): return key.pemRepresentation
+        case .rsa(let key): return key.pemRepresentation
+        }
+    }
+
+    public var algorithm: KeyAlgorithm {
+        switch self {
+        case .p256: return .ecdsaP256
+        case .p384: return .ecdsaP384
+        case .rsa(let key):
+            switch key.keySizeInBits {
+            case ..<3072: return .rsa2048
+            case ..<4096: return .rsa3072
+            default: return .rsa4096
+            }
+        }
+    }
+
+    public var publicKey: VerificationKey {
+        switch self {
+        case .p256(let key): return .p256(key.publicKey)
+        case .p384(let key): return .p384(key.publicKey)
+        case .rsa(let key): return .rsa(key.publicKey)
+        }
+    }
+
+    var certificateKey: Certificate.PrivateKey {
+        switch self {
+        case .p256(let key): return .init(key)
+        case .p384(let key): return .init(key)
+        case .rsa(let key): return .init(key)
+        }
+    }
+
+    /// The X.509 signature algorithm this key signs certificates and CRLs with.
+    var certificateSignatureAlgorithm: Certificate.SignatureAlgorithm {
+        switch self {
+        case .p256: return .ecdsaWithSHA256
+        case .p384: return .ecdsaWithSHA384
+        case .rsa: return .sha256WithRSAEncryption
+        }
+    }
+
+    /// The DER AlgorithmIdentifier of `certificateSignatureAlgorithm`.
+    var algorithmIdentifierDER: [UInt8] {
+        switch self {
+        case .p256: return [0x30, 0x0A, 0x06, 0x08, 0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x04, 0x03, 0x02]
+        case .p384: return [0x30, 0x0A, 0x06, 0x08, 0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x04, 0x03, 0x03]
+        case .rsa: return [0x30, 0x0D, 0x06, 0x09, 0x2A, 0x86, 0x48, 0x86, 0xF7, 0x0D, 0x01, 0x01, 0x0B, 0x05, 0x00]
+        }
+    }
+
+    /// An X.509 signature value over `message`: ECDSA in DER, or RSA
+    /// PKCS#1 v1.5 with SHA-256.
+    func x509Signature(for message: [UInt8]) throws -> [UInt8] {
+        switch self {
+        case .p256(let key): return Array(try key.signature(for: message).derRepresentation)
+        case .p384(let key): return Array(try key.signature(for: message).derRepresentation)
+        case .rsa(let key): return Array(try key.signature(for: SHA256.hash(data: message), padding: .insecurePKCS1v1_5).rawRepresentation)
+        }
+    }
+
+    /// A JWS signature over `message` with `publicKey.jwsAlgorithm`:
+    /// r || s for ECDSA (RFC 7518 3.4), PKCS#1 v1.5 for RS256.
+    public func jwsSignature(for message: [UInt8]) throws -> [UInt8] {
+        switch self {
+        case .p256(let key): return Array(try key.signature(for: message).rawRepresentation)
+        case .p384(let key): return Array(try key.signature(for: message).rawRepresentation)
+        case .rsa(let key): return Array(try key.signature(for: SHA256.hash(data: message), padding: .insecurePKCS1v1_5).rawRepresentation)
+        }
+    }
+}
+
+/// A public key that verifies JWT-SVIDs (and appears in bundles), with the
+/// one JWS algorithm it is pinned to: ES256 for P-256, ES384 for P-384,
+/// RS256 for RSA. A token's header never chooses the algorithm.
+public enum VerificationKey: Sendable {
+    case p256(P256.Signing.PublicKey)
+    case p384(P384.Signing.PublicKey)
+    case rsa(_RSA.Signing.PublicKey)
+
+    public init?(_ key: Certificate.PublicKey) {
+        if let key = P256.Signing.PublicKey(key) {
+            self = .p256(key)
+        } else if let key = P384.Signing.PublicKey(key) {
+            self = .p384(key)
+        } else if let key = _RSA.Signing.PublicKey(key), key.keySizeInBits >= 2048 {
+            self = .rsa(key)
+        } else {
+            return nil
+        }
+    }
+
+    public var jwsAlgorithm: String {
+        switch self {
+        case .p256: return "ES256"
+        case .p384: return "ES384"
+        case .rsa: return "RS256"
+        }
+    }
+
+    public var derRepresentation: [UInt8] {
+        switch self {
+        case .p256(let key): return Array(key.derRepresentation)
+        case .p384(let key): return Array(key.derRepresentation)
+        case .rsa(let key): return Array(key.derRepresentation)
+        }
+    }
+
+    /// The first 16 bytes of the SHA-256 of the public key (DER), base64url.
+    public var keyID: String { Base64URL.encode(Array(SHA256.hash(data: derRepresentation).prefix(16))) }
+
+    /// The key's JWK members (kty and its parameters).
+    public func jwk() -> [String: Any] {
+        switch self {
+        case .p256(let key):
+            let raw = Array(key.x963Representation) // 0x04 | x | y
+            return ["kty": "EC", "crv": "P-256", "x": Base64URL.encode(Array(raw[1...32])), "y": Base64URL.encode(Array(raw[33...64]))]
+        case .p384(let key):
+            let raw = Array(key.x963Representation)
+            return ["kty": "EC", "crv": "P-384", "x": Base64URL.encode(Array(raw[1...48])), "y": Base64URL.encode(Array(raw[49...96]))]
+        case .rsa(let key):
+            guard let primitives = try? key.getKeyPrimitives() else { return ["kty": "RSA"] }
+            return ["kty": "RSA", "n": Base64URL.encode(Array(primitives.modulus.drop { $0 == 0 })),
+                    "e": Base64URL.encode(Array(primitives.publicExponent.drop { $0 == 0 }))]
+        }
+    }
+
+    /// Whether `signature` is this key's JWS signature over `message`, with
+    /// the key's own algorithm.
+    public func isValidJWS(message: [UInt8], signature: [UInt8]) -> Bool {
+        switch self {
+        case .p256(let key):
+            guard signature.count == 64, let parsed = try? P256.Signing.ECDSASignature(rawRepresentation: signature) else { return false }
+            return key.isValidSignature(parsed, for: message)
+        case .p384(let key):
+            guard signature.count == 96, let parsed = try? P384.Signing.ECDSASignature(rawRepresentation: signature) else { return false }
+            return key.isValidSignature(parsed, for: message)
+        case .rsa(let key):
+            guard signature.count == key.keySizeInBits / 8 else { return false }
+            return key.isValidSignature(_RSA.Signing.RSASignature(rawRepresentation: signature), for: SHA256.hash(data: message),
+                                        padding: .insecurePKCS1v1_5)
+        }
+    }
+
+    /// A verification key from a JWK: EC P-256 or P-384, or RSA of at least
+    /// 2048 bits; only if the JWK allows signature checks (`use` absent,
+    /// `sig` or `jwt-svid`; `key_ops`, if present, holding `verify`) and,
+    /// when it names an `alg`, only the one this key type is pinned to.
+    public static func fromJWK(_ jwk: [String: Any]) throws(AuthorityError) -> VerificationKey {
+        if let use = jwk["use"] { guard ["sig", "jwt-svid"].contains(use as? String ?? "") else { throw AuthorityError("wrong_key_use", "the key is for '\(use)', not signatures") } }
+        if let ops = jwk["key_ops"] { guard (ops as? [String])?.contains("verify") == true else { throw AuthorityError("wrong_key_use", "the key's key_ops do not allow verify") } }
+        let key: VerificationKey
+        switch (jwk["kty"] as? String, jwk["crv"] as? String) {
+        case ("EC", "P-256"):
+            guard let x = (jwk["x"] as? String).flatMap(Base64URL.decode), let y = (jwk["y"] as? String).flatMap(Base64URL.decode),
+                  x.count == 32, y.count == 32, let point = try? P256.Signing.PublicKey(x963Representation: [0x04] + x + y) else {
+                throw AuthorityError("bad_key", "x and y are not a point on P-256")
+            }
+            key = .p256(point)
+        case ("EC", "P-384"):
+            guard let x = (jwk["x"] as? String).flatMap(Base64URL.decode), let y = (jwk["y"] as? String).flatMap(Base64URL.decode),
+                  x.count == 48, y.count == 48, let point = try? P384.Signing.PublicKey(x963Representation: [0x04] + x + y) else {
+                throw AuthorityError("bad_key", "x and y are not a point on P-384")
+            }
+            key = .p384(point)
+        case ("RSA", _):
+            guard let n = (jwk["n"] as? String).flatMap(Base64URL.decode), let e = (jwk["e"] as? String).flatMap(Base64URL.decode),
+                  !e.isEmpty, e.count <= 8, let rsa = try? _RSA.Signing.PublicKey(n: n, e: e) else {
+                throw AuthorityError("bad_key", "n and e are not an RSA public key")
+            }
+            guard rsa.keySizeInBits >= 2048 else { throw AuthorityError("weak_key", "RSA keys must have at least 2048 bits; this one has \(rsa.keySizeInBits)") }
+            key = .rsa(rsa)
+        default:
+            throw AuthorityError("unsupported_key", "only EC P-256, EC P-384 and RSA keys are accepted")
+        }
+        if let alg = jwk["alg"] {
+            guard alg as? String == key.jwsAlgorithm else { throw AuthorityError("bad_algorithm", "the key is for \(alg), but a key of this type is pinned to \(key.jwsAlgorithm)") }
+        }
+        return key
+    }
+}
