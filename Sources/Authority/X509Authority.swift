@@ -146,7 +146,11 @@ public struct X509Authority: Sendable {
         guard spiffeID.trustDomain == trustDomain else {
             throw AuthorityError("wrong_trust_domain", "\(spiffeID) is not in trust domain \(trustDomain)")
         }
-        let notAfter = min(now.addingTimeInterval(ttl), certificate.notValidAfter)
+        // Whole seconds, as the certificate encodes them: notBefore +
+        // backdate is then exactly when it was signed (revocation rules
+        // compare that with their own time).
+        let now = Date(timeIntervalSince1970: now.timeIntervalSince1970.rounded(.down))
+        let notAfter = min(now.addingTimeInterval(ttl.rounded(.down)), certificate.notValidAfter)
         guard notAfter > now else { throw AuthorityError("ca_expired", "the CA expires before the identity could be valid") }
         let serial = Self.randomSerial()
         let attributesJSON = try Self.canonicalJSON(attributes)

@@ -74,7 +74,9 @@ public struct LedgerCommand: Sendable, Hashable {
         case .initializeAuthority(let keyring):
             guard keyring.count <= LedgerLimits.documentContentBytesMax else { return "the keyring is too large" }
         case .recordIssuance(let issuance):
-            guard AuthorityDocuments.isHex(issuance.tokenHash, count: 64) else { return "a token hash is 64 lower-case hex digits" }
+            guard (issuance.tokenHash.isEmpty && !issuance.renewedFrom.isEmpty) || AuthorityDocuments.isHex(issuance.tokenHash, count: 64) else {
+                return "a token hash is 64 lower-case hex digits"
+            }
             guard issuance.idempotencyKey.isEmpty || AuthorityDocuments.isHex(issuance.idempotencyKey, count: 64) else {
                 return "an idempotency key hash is 64 lower-case hex digits"
             }

@@ -1,0 +1,86 @@
+import Authority
+import Crypto
+import Foundation
+import SwiftASN1
+import Testing
+import X509
+
+@Suite("Authorities of every key type", .serialized)
+struct KeyTypeTests {
+    let id = try! SpiffeID(parsing: "spiffe://example.org/ci/acme/build")
+
+    @Test("P-256, P-384 and RSA authorities issue X509-SVIDs that verify here and with openssl", arguments: KeyAlgorithm.allCases.filter { $0 != .rsa4096 })
+    func x509(algorithm: KeyAlgorithm) async throws {
+        let ca = try X509Authority.create(trustDomain: "example.org", algorithm: algorithm)
+        #expect(ca.algorithm == algorithm)
+        let issued = try ca.issue(spiffeID: id, publicKey: .init(P256.Signing.PrivateKey().publicKey), ttl: 600, attributes: ["a": "b"])
+        let bundle = TrustBundle(trustDomain: "example.org", x509Authorities: [ca.certificate], jwtKeys: [:], sequence: 1)
+        let verified = try await bundle.verifyX509(chain: [issued.certificate])
+        #expect(verified.spiffeID == id && verified.attributes == ["a": "b"])
+        let scratch = try Scratch()
+        let result = try run("openssl", ["verify", "-CAfile", try scratch.write("bundle.pem", try bundle.pem()), try scratch.write("svid.pem", issued.pem)])
+        #expect(result.status == 0, "\(algorithm): \(result.output)")
+        // The bundle's x509-svid key describes the CA's key type.
+        let jwks = try #require(try JSONSerialization.jsonObject(with: Data(try bundle.jwks())) as? [String: Any])
+        let key = try #require((jwks["keys"] as? [[String: Any]])?.first)
+        #expect(key["kty"] as? String == (algorithm == .ecdsaP256 || algorithm == .ecdsaP384 ? "EC" : "RSA"))
+    }
+
+    @Test("JWT-SVIDs: ES256, ES384 and RS256 verify with their own key only, whatever the header claims", arguments: [KeyAlgorithm.ecdsaP256, .ecdsaP384, .rsa2048])
+    func jwt(algorithm: KeyAlgorithm) throws {
+        let signer = try JWTAuthority.create(trustDomain: "example.org", algorithm: algorithm)
+        let token = try signer.issue(spiffeID: id, audiences: ["x"], ttl: 60, attributes: ["repo": "acme"]).token
+        let header = try #require(try JSONSerialization.jsonObject(with: Data(Base64URL.decode(token.split(separator: ".")[0])!)) as? [String: Any])
+        #expect(header["alg"] as? String == signer.publicKey.jwsAlgorithm)
+        let verifier = JWTVerifier(trustDomain: "example.org", keys: [signer.keyID: signer.publicKey])
+        let verified = try verifier.verify(token, audience: "x")
+        #expect(verified.spiffeID == id && verified.attributes == ["repo": "acme"])
+        // The same signature under a header naming another algorithm is refused before any check.
+        var parts = token.split(separator: ".").map(String.init)
+        let otherAlg = signer.publicKey.jwsAlgorithm == "ES256" ? "ES384" : "ES256"
+        parts[0] = Base64URL.encode(Array(try JSONSerialization.data(withJSONObject: ["alg": otherAlg, "kid": signer.keyID, "typ": "JWT"])))
+        #expect(throws: AuthorityError("bad_algorithm", "the key '\(signer.keyID)' accepts only \(signer.publicKey.jwsAlgorithm)")) {
+            try verifier.verify(parts.joined(separator: "."), audience: "x")
+        }
+        // The JWK round-trips, pinned to the same algorithm; a JWK naming another is refused.
+        var jwk = signer.publicKey.jwk()
+        let back = try VerificationKey.fromJWK(jwk)
+        #expect(back.keyID == signer.keyID && back.jwsAlgorithm == signer.publicKey.jwsAlgorithm)
+        jwk["alg"] = otherAlg
+        #expect(throws: AuthorityError.self) { try VerificationKey.fromJWK(jwk) }
+    }
+
+    @Test("RSA JWKs under 2048 bits and unknown curves are refused")
+    func weakJWKs() throws {
+        var modulus = (0..<128).map { _ in UInt8.random(in: 0...255) }
+        modulus[0] |= 0x80
+        modulus[127] |= 1
+        let jwk: [String: Any] = ["kty": "RSA", "n": Base64URL.encode(modulus), "e": "AQAB"]
+        #expect(throws: AuthorityError.self) { try VerificationKey.fromJWK(jwk) }
+        #expect(throws: AuthorityError.self) { try VerificationKey.fromJWK(["kty": "EC", "crv": "P-521", "x": "AA", "y": "AA"]) }
+    }
+
+    @Test("A CRL lists exactly the revoked serials; openssl refuses a listed certificate with -crl_check and accepts the others", arguments: [KeyAlgorithm.ecdsaP256, .rsa2048])
+    func crl(algorithm: KeyAlgorithm) throws {
+        let ca = try X509Authority.create(trustDomain: "example.org", algorithm: algorithm)
+        let revoked = try ca.issue(spiffeID: id, publicKey: .init(P256.Signing.PrivateKey().publicKey), ttl: 600, attributes: [:])
+        let kept = try ca.issue(spiffeID: id, publicKey: .init(P256.Signing.PrivateKey().publicKey), ttl: 600, attributes: [:])
+        let der = try ca.crl(revoked: [(Array(revoked.certificate.serialNumber.bytes), Date())], number: 7, nextUpdate: Date().addingTimeInterval(3_600))
+        let scratch = try Scratch()
+        let crlPath = try scratch.write("crl.pem", PEMDocument(type: "X509 CRL", derBytes: der).pemString + "\n")
+        let bundlePath = try scratch.write("bundle.pem", try TrustBundle(trustDomain: "example.org", x509Authorities: [ca.certificate], jwtKeys: [:], sequence: 1).pem())
+        let text = try run("openssl", ["crl", "-in", crlPath, "-noout", "-text", "-CAfile", bundlePath])
+        #expect(text.status == 0 && text.output.contains("verify OK") && text.output.contains("CRL Number"), "\(text.output)")
+        #expect(text.output.uppercased().contains(revoked.serialHex.uppercased()) && !text.output.uppercased().contains(kept.serialHex.uppercased()))
+        let refused = try run("openssl", ["verify", "-crl_check", "-CAfile", bundlePath, "-CRLfile", crlPath, try scratch.write("r.pem", revoked.pem)])
+        #expect(refused.status != 0 && refused.output.contains("revoked"), "\(refused.output)")
+        let accepted = try run("openssl", ["verify", "-crl_check", "-CAfile", bundlePath, "-CRLfile", crlPath, try scratch.write("k.pem", kept.pem)])
+        #expect(accepted.status == 0, "\(accepted.output)")
+        // Signed by another CA, the CRL does not count.
+        let other = try X509Authority.create(trustDomain: "example.org", algorithm: algorithm)
+        let forged = try other.crl(revoked: [(Array(kept.certificate.serialNumber.bytes), Date())], number: 8, nextUpdate: Date().addingTimeInterval(3_600))
+        let forgedPath = try scratch.write("forged.pem", PEMDocument(type: "X509 CRL", derBytes: forged).pemString + "\n")
+        let notFooled = try run("openssl", ["verify", "-crl_check", "-CAfile", bundlePath, "-CRLfile", forgedPath, try scratch.write("k2.pem", kept.pem)])
+        #expect(!notFooled.output.contains("revoked"), "\(notFooled.output)")
+    }
+}

@@ -1,0 +1,268 @@
+import Foundation
+import NIOCore
+import NIOHTTP1
+import NIOSSL
+import Node
+import Testing
+import X509
+
+/// A client that presents an X509-SVID (and its key) as its TLS certificate.
+func workloadConnection(_ cluster: InProcessCluster, to id: UInt64, certificate: String, key: String) async throws -> HTTPConnection {
+    var configuration = TLSConfiguration.makeClientConfiguration()
+    configuration.trustRoots = .certificates(try NIOSSLCertificate.fromPEMFile("\(cluster.directory)/ca.pem"))
+    configuration.additionalTrustRoots = []
+    configuration.certificateVerification = .noHostnameVerification
+    configuration.certificateChain = try NIOSSLCertificate.fromPEMFile(certificate).map { .certificate($0) }
+    configuration.privateKey = .privateKey(try NIOSSLPrivateKey(file: key, format: .pem))
+    return try await HTTPConnection.connect(to: try cluster.apiAddress(id), tls: try NIOSSLContext(configuration: configuration))
+}
+
+private let jsonHeaders: [(String, String)] = [("content-type", "application/json")]
+
+/// Makes a token for `spiffeID` and exchanges it for an X509-SVID (key made
+/// by openssl); writes `<name>.pem` and returns the response body.
+private func issue(_ cluster: InProcessCluster, admin: HTTPConnection, via connection: HTTPConnection, spiffeID: String, ttl: Int,
+                   maxLifetime: Int? = nil, name: String) async throws -> [String: Any] {
+    var tokenRequest: [String: Any] = ["spiffe_id": spiffeID, "ttl_seconds": ttl]
+    if let maxLifetime { tokenRequest["max_lifetime_seconds"] = maxLifetime }
+    let token = try #require(object(try await admin.request(.POST, "/v1/tokens", headers: jsonHeaders, body: json(tokenRequest)))["token"] as? String)
+    let csr = try opensslCSR(in: cluster.directory, name: name)
+    let response = try await connection.request(.POST, "/v1/svid/x509", headers: jsonHeaders, body: json(["token": token, "csr": csr]))
+    #expect(response.status == .ok, "\(response.text)")
+    let body = object(response)
+    try (body["certificate"] as? String ?? "").write(toFile: "\(cluster.directory)/\(name).pem", atomically: true, encoding: .utf8)
+    return body
+}
+
+private func verdict(_ connection: HTTPConnection, _ body: [String: Any]) async throws -> [String: Any] {
+    object(try await connection.request(.POST, "/v1/verify", headers: jsonHeaders, body: json(body)))
+}
+
+@Suite("Authority lifecycle on a running cluster", .serialized)
+struct LifecycleTests {
+    @Test("CA rotation: prepared (published, not signing) -> active -> retired; old identities verify until the old CA leaves the bundle, then openssl refuses them")
+    func rotation() async throws {
+        let cluster = try await InProcessCluster.start()
+        do {
+            let leader = try #require(await cluster.waitForLeader())
+            let follower = try #require([UInt64(1), 2, 3].first { $0 != leader })
+            let admin = try await cluster.connection(to: follower)
+            let open = try await cluster.connection(to: follower, admin: false)
+            #expect(await eventually { (try? await open.request(.GET, "/readyz"))?.status == .ok })
+            let dir = cluster.directory
+            let initial = object(try await admin.request(.GET, "/v1/ca"))
+            let authorities = initial["authorities"] as? [[String: Any]] ?? []
+            #expect(authorities.count == 1 && authorities.first?["state"] as? String == "active" && authorities.first?["algorithm"] as? String == "ecdsa-p256")
+            let oldID = try #require(authorities.first?["id"] as? String)
+            // Only admins see or rotate authorities.
+            #expect(try await open.request(.POST, "/v1/ca/rotate").status == .unauthorized)
+
+            let a = try await issue(cluster, admin: admin, via: open, spiffeID: "spiffe://warrant.local/svc/a", ttl: 4, name: "a")
+            let aCert = try Certificate(pemEncoded: try #require(a["certificate"] as? String))
+
+            // Prepare a P-384 authority: published in bundles, not signing.
+            let bad = try await admin.request(.POST, "/v1/ca/rotate", headers: jsonHeaders, body: json(["key_algorithm": "dsa-1024"]))
+            #expect(bad.status == .badRequest && bad.text.contains("bad_key_algorithm"))
+            let prepared = try await admin.request(.POST, "/v1/ca/rotate", headers: jsonHeaders, body: json(["key_algorithm": "ecdsa-p384"]))
+            #expect(prepared.status == .ok, "\(prepared.text)")
+            let newID = try #require((object(prepared)["authorities"] as? [[String: Any]])?.first { $0["state"] as? String == "prepared" }?["id"] as? String)
+            #expect(await eventually(seconds: 5) {
+                let pem = (try? await open.request(.GET, "/v1/bundle.pem"))?.text ?? ""
+                return pem.components(separatedBy: "BEGIN CERTIFICATE").count - 1 == 2
+            }, "the prepared CA is published on a follower")
+            let jwks = object(try await open.request(.GET, "/v1/bundle"))["keys"] as? [[String: Any]] ?? []
+            #expect(jwks.filter { $0["use"] as? String == "x509-svid" }.count == 2 && jwks.filter { $0["use"] as? String == "jwt-svid" }.count == 2)
+            #expect(jwks.contains { $0["crv"] as? String == "P-384" })
+            let b = try await issue(cluster, admin: admin, via: open, spiffeID: "spiffe://warrant.local/svc/b", ttl: 4, name: "b")
+            let bCert = try Certificate(pemEncoded: try #require(b["certificate"] as? String))
+            #expect(bCert.issuer == aCert.issuer, "a prepared authority does not sign")
+
+            // Activation waits for a bundle refresh unless forced.
+            let early = try await admin.request(.POST, "/v1/ca/rotate")
+            #expect(early.status == .conflict && early.text.contains("too_early"), "\(early.text)")
+            let activated = try await admin.request(.POST, "/v1/ca/rotate", headers: jsonHeaders, body: json(["force": true]))
+            #expect(activated.status == .ok, "\(activated.text)")
+            let states = Dictionary(uniqueKeysWithValues: (object(activated)["authorities"] as? [[String: Any]] ?? []).map {
+                ($0["id"] as? String ?? "", $0["state"] as? String ?? "")
+            })
+            #expect(states == [oldID: "retired", newID: "active"], "\(states)")
+
+            let c = try await issue(cluster, admin: admin, via: open, spiffeID: "spiffe://warrant.local/svc/c", ttl: 60, name: "c")
+            let cCert = try Certificate(pemEncoded: try #require(c["certificate"] as? String))
+            #expect(cCert.issuer != aCert.issuer && cCert.signatureAlgorithm == .ecdsaWithSHA384, "the new P-384 authority signs")
+            try (c["bundle"] as? String ?? "").write(toFile: "\(dir)/bundle-both.pem", atomically: true, encoding: .utf8)
+            for name in ["a", "c"] {
+                let result = try run(["openssl", "verify", "-CAfile", "\(dir)/bundle-both.pem", "\(dir)/\(name).pem"])
+                #expect(result.status == 0, "\(name): \(result.output)")
+            }
+            for (name, body) in [("a", a), ("c", c)] {
+                let answer = try await verdict(open, ["x509_chain": body["certificate"] as? String ?? ""])
+                #expect(answer["valid"] as? Bool == true, "\(name) on a follower: \(answer)")
+            }
+
+            // JWT-SVIDs from the new authority are ES384; PyJWT verifies one with the keys the discovery document points to.
+            let jwtToken = try #require(object(try await admin.request(.POST, "/v1/tokens", headers: jsonHeaders,
+                                                                       body: json(["spiffe_id": "spiffe://warrant.local/deploy"])))["token"] as? String)
+            let jwt = try #require(object(try await open.request(.POST, "/v1/svid/jwt", headers: jsonHeaders,
+                                                                 body: json(["token": jwtToken, "audience": ["sts.amazonaws.com"]])))["token"] as? String)
+            let script = """
+                import json, ssl, sys, urllib.request, jwt
+                base, token, ca = sys.argv[1], sys.argv[2], sys.argv[3]
+                context = ssl.create_default_context(cafile=ca)
+                context.check_hostname = False
+                discovery = json.load(urllib.request.urlopen(base + "/.well-known/openid-configuration", context=context))
+                keys = jwt.PyJWKSet.from_dict(json.load(urllib.request.urlopen(discovery["jwks_uri"], context=context)))
+                kid = jwt.get_unverified_header(token)["kid"]
+                key = next(k for k in keys.keys if k.key_id == kid)
+                claims = jwt.decode(token, key.key, algorithms=discovery["id_token_signing_alg_values_supported"], audience="sts.amazonaws.com")
+                assert claims["sub"] == "spiffe://warrant.local/deploy", claims
+                try:
+                    jwt.decode(token, key.key, algorithms=discovery["id_token_signing_alg_values_supported"], audience="someone-else")
+                    print("accepted a wrong audience"); sys.exit(1)
+                except jwt.InvalidAudienceError:
+                    pass
+                print("ok", jwt.get_unverified_header(token)["alg"])
+                """
+            let python = try run(["python3", "-c", script, "https://127.0.0.1:\(cluster.basePort + 100 + Int(follower) - 1)", jwt, "\(dir)/ca.pem"])
+            #expect(python.status == 0 && python.output.contains("ok ES384"), "\(python.output)")
+
+            // Once a and b (the last identities the old CA signed) expire, the old CA leaves the bundle.
+            #expect(await eventually(seconds: 20) {
+                let pem = (try? await open.request(.GET, "/v1/bundle.pem"))?.text ?? ""
+                return pem.components(separatedBy: "BEGIN CERTIFICATE").count - 1 == 1
+            }, "the retired CA is dropped after its identities expire")
+            let after = object(try await admin.request(.GET, "/v1/ca"))["authorities"] as? [[String: Any]] ?? []
+            #expect(after.map { $0["id"] as? String ?? "" } == [newID])
+            try (try await open.request(.GET, "/v1/bundle.pem")).text.write(toFile: "\(dir)/bundle-new.pem", atomically: true, encoding: .utf8)
+            // At a time a was still valid: openssl refuses it with the new bundle (its CA is gone), accepts it with the old one.
+            let during = String(Int(aCert.notValidBefore.timeIntervalSince1970) + 31)
+            let refused = try run(["openssl", "verify", "-attime", during, "-CAfile", "\(dir)/bundle-new.pem", "\(dir)/a.pem"])
+            #expect(refused.status != 0, "\(refused.output)")
+            let accepted = try run(["openssl", "verify", "-attime", during, "-CAfile", "\(dir)/bundle-both.pem", "\(dir)/a.pem"])
+            #expect(accepted.status == 0, "\(accepted.output)")
+            let audit = object(try await admin.request(.GET, "/v1/audit?limit=1000"))["records"] as? [[String: Any]] ?? []
+            #expect(audit.contains { $0["action"] as? String == "authority.prepare" } && audit.contains { $0["action"] as? String == "authority.activate" })
+            await admin.close()
+            await open.close()
+        } catch {
+            Issue.record(error)
+        }
+        await cluster.shutdown()
+    }
+
+    @Test("Revocation by serial, SPIFFE ID and attribute reaches verification on every node and the CRL; renewal over mutual TLS keeps the evidence's lifetime and refuses revoked identities")
+    func revocationAndRenewal() async throws {
+        let cluster = try await InProcessCluster.start()
+        do {
+            let leader = try #require(await cluster.waitForLeader())
+            let follower = try #require([UInt64(1), 2, 3].first { $0 != leader })
+            let other = try #require([UInt64(1), 2, 3].first { $0 != leader && $0 != follower })
+            let admin = try await cluster.connection(to: follower)
+            let open = try await cluster.connection(to: follower, admin: false)
+            let elsewhere = try await cluster.connection(to: other, admin: false)
+            #expect(await eventually { (try? await open.request(.GET, "/readyz"))?.status == .ok })
+            let dir = cluster.directory
+
+            // r1 may be renewed for 30 s from its first issuance, whatever TTL is asked.
+            let r1 = try await issue(cluster, admin: admin, via: open, spiffeID: "spiffe://warrant.local/ci/acme/api", ttl: 600, maxLifetime: 600, name: "r1")
+            let r1Cert = try Certificate(pemEncoded: try #require(r1["certificate"] as? String))
+            let shortLived = try await issue(cluster, admin: admin, via: open, spiffeID: "spiffe://warrant.local/ci/acme/web", ttl: 20, maxLifetime: 30, name: "s")
+            let r2 = try await issue(cluster, admin: admin, via: open, spiffeID: "spiffe://warrant.local/ci/other/api", ttl: 600, name: "r2")
+            try (r1["bundle"] as? String ?? "").write(toFile: "\(dir)/bundle.pem", atomically: true, encoding: .utf8)
+
+            // Renewal needs the SVID as the TLS client certificate.
+            let csr2 = try opensslCSR(in: dir, name: "r1-next")
+            let anonymous = try await open.request(.POST, "/v1/svid/x509/renew", headers: jsonHeaders, body: json(["csr": csr2]))
+            #expect(anonymous.status == .unauthorized && anonymous.text.contains("unauthenticated"), "\(anonymous.text)")
+            let asAdmin = try await admin.request(.POST, "/v1/svid/x509/renew", headers: jsonHeaders, body: json(["csr": csr2]))
+            #expect(asAdmin.status == .unauthorized, "an admin certificate is not an identity to renew: \(asAdmin.text)")
+            let shortHolder = try await workloadConnection(cluster, to: follower, certificate: "\(dir)/s.pem", key: "\(dir)/s.key")
+            let renewedShort = try await shortHolder.request(.POST, "/v1/svid/x509/renew", headers: jsonHeaders,
+                                                             body: json(["csr": csr2, "ttl_seconds": 3_600]))
+            #expect(renewedShort.status == .ok, "\(renewedShort.text)")
+            if renewedShort.status != .ok { Issue.record("renewal: \(renewedShort.text)"); throw CancellationError() }
+            let shortCert = try Certificate(pemEncoded: try #require(shortLived["certificate"] as? String))
+            let renewedShortCert = try Certificate(pemEncoded: try #require(object(renewedShort)["certificate"] as? String))
+            let evidenceEnd = shortCert.notValidBefore.addingTimeInterval(30 + 30 + 2) // backdate, max lifetime, rounding
+            #expect(renewedShortCert.notValidAfter <= evidenceEnd, "the renewal outlives its evidence: \(renewedShortCert.notValidAfter) > \(evidenceEnd)")
+            #expect(renewedShortCert.serialNumber != shortCert.serialNumber)
+            let renewedVerdict = try await verdict(elsewhere, ["x509_chain": object(renewedShort)["certificate"] as? String ?? ""])
+            #expect(renewedVerdict["valid"] as? Bool == true && renewedVerdict["spiffe_id"] as? String == "spiffe://warrant.local/ci/acme/web"
+                    && (renewedVerdict["attributes"] as? [String: String])?["evidence"] == "join_token", "\(renewedVerdict)")
+            await shortHolder.close()
+
+            // Revoke r1 by serial: every node refuses it within a second or so; r2 stays valid.
+            let r1Serial = try #require(r1["serial"] as? String)
+            let before = (object(try await open.request(.GET, "/v1/revocations"))["revocations"] as? [Any] ?? []).count
+            for bad in [[:], ["serial": r1Serial, "spiffe_id": "spiffe://warrant.local/x"], ["serial": "xyz"], ["spiffe_id": "spiffe://other.org/x"],
+                        ["attribute": "=x"]] as [[String: String]] {
+                let response = try await admin.request(.POST, "/v1/revocations", headers: jsonHeaders, body: json(bad))
+                #expect(response.status == .badRequest, "\(bad): \(response.text)")
+            }
+            #expect((object(try await open.request(.GET, "/v1/revocations"))["revocations"] as? [Any] ?? []).count == before, "refusals change nothing")
+            #expect(try await open.request(.POST, "/v1/revocations", headers: jsonHeaders, body: json(["serial": r1Serial])).status == .unauthorized)
+            let revoked = try await admin.request(.POST, "/v1/revocations", headers: jsonHeaders,
+                                                  body: json(["serial": r1Serial, "reason": "key leaked in a build log"]))
+            #expect(revoked.status == .ok, "\(revoked.text)")
+            for connection in [open, elsewhere] {
+                #expect(await eventually(seconds: 5) {
+                    let answer = (try? await verdict(connection, ["x509_chain": r1["certificate"] as? String ?? ""])) ?? [:]
+                    return answer["valid"] as? Bool == false && answer["code"] as? String == "revoked"
+                })
+                let fine = try await verdict(connection, ["x509_chain": r2["certificate"] as? String ?? ""])
+                #expect(fine["valid"] as? Bool == true, "\(fine)")
+            }
+            // A revoked identity cannot renew itself.
+            let holder = try await workloadConnection(cluster, to: follower, certificate: "\(dir)/r1.pem", key: "\(dir)/r1.key")
+            let refusedRenewal = try await holder.request(.POST, "/v1/svid/x509/renew", headers: jsonHeaders, body: json(["csr": csr2]))
+            #expect(refusedRenewal.status == .forbidden && refusedRenewal.text.contains("revoked"), "\(refusedRenewal.text)")
+            await holder.close()
+
+            // The CRL lists r1: openssl refuses it with -crl_check and accepts r2.
+            try (try await elsewhere.request(.GET, "/v1/crl.pem")).text.write(toFile: "\(dir)/crl.pem", atomically: true, encoding: .utf8)
+            let crlText = try run(["openssl", "crl", "-in", "\(dir)/crl.pem", "-noout", "-text"])
+            #expect(crlText.status == 0 && crlText.output.uppercased().contains(r1Serial.uppercased()), "\(crlText.output)")
+            let r1Check = try run(["openssl", "verify", "-crl_check", "-CAfile", "\(dir)/bundle.pem", "-CRLfile", "\(dir)/crl.pem", "\(dir)/r1.pem"])
+            #expect(r1Check.status != 0 && r1Check.output.contains("revoked"), "\(r1Check.output)")
+            let r2Check = try run(["openssl", "verify", "-crl_check", "-CAfile", "\(dir)/bundle.pem", "-CRLfile", "\(dir)/crl.pem", "\(dir)/r2.pem"])
+            #expect(r2Check.status == 0, "\(r2Check.output)")
+            _ = r1Cert
+
+            // By attribute: every identity whose context names r2's token.
+            let r2Context = try await verdict(open, ["x509_chain": r2["certificate"] as? String ?? ""])
+            let r2Token = try #require((r2Context["attributes"] as? [String: String])?["token"])
+            #expect(try await admin.request(.POST, "/v1/revocations", headers: jsonHeaders, body: json(["attribute": "token=\(r2Token)"])).status == .ok)
+            #expect(await eventually(seconds: 5) {
+                let answer = (try? await verdict(elsewhere, ["x509_chain": r2["certificate"] as? String ?? ""])) ?? [:]
+                return answer["code"] as? String == "revoked"
+            })
+            // By SPIFFE ID, for a JWT-SVID; one issued afterwards for the same ID is not affected.
+            func jwt() async throws -> String {
+                let token = try #require(object(try await admin.request(.POST, "/v1/tokens", headers: jsonHeaders,
+                                                                        body: json(["spiffe_id": "spiffe://warrant.local/deploy"])))["token"] as? String)
+                return try #require(object(try await open.request(.POST, "/v1/svid/jwt", headers: jsonHeaders,
+                                                                  body: json(["token": token, "audience": ["x"]])))["token"] as? String)
+            }
+            let oldJWT = try await jwt()
+            try await Task.sleep(for: .milliseconds(1_100)) // a JWT's iat has whole seconds
+            #expect(try await admin.request(.POST, "/v1/revocations", headers: jsonHeaders,
+                                            body: json(["spiffe_id": "spiffe://warrant.local/deploy"])).status == .ok)
+            try await Task.sleep(for: .milliseconds(1_100))
+            let newJWT = try await jwt()
+            #expect(await eventually(seconds: 5) {
+                ((try? await verdict(elsewhere, ["jwt": oldJWT, "audience": "x"])) ?? [:])["code"] as? String == "revoked"
+            })
+            #expect(try await verdict(elsewhere, ["jwt": newJWT, "audience": "x"])["valid"] as? Bool == true)
+
+            let audit = object(try await admin.request(.GET, "/v1/audit?limit=1000"))["records"] as? [[String: Any]] ?? []
+            #expect(audit.filter { $0["action"] as? String == "identity.revoke" }.count == 3)
+            #expect(audit.contains { ($0["result"] as? String ?? "").contains("renewed_from=\(shortLived["serial"] as? String ?? "-")") })
+            await admin.close()
+            await open.close()
+            await elsewhere.close()
+        } catch {
+            Issue.record(error)
+        }
+        await cluster.shutdown()
+    }
+}

@@ -1,0 +1,125 @@
+import Foundation
+import Ledger
+import Raft
+import Testing
+
+/// The ledger's side of the authority: rotation, issuance checks,
+/// revocation and the expiry-ordered record of issued identities.
+private struct Book {
+    var tables = InMemoryLedgerTables()
+    var index: LogIndex = 0
+
+    mutating func apply(_ operation: LedgerCommand.Operation, at time: UInt64) -> LedgerOutcome.Result {
+        index += 1
+        let command = LedgerCommand(timeMillis: time, actor: "test", requestID: "r\(index)", operation: operation)
+        return try! Ledger.apply(Entry(term: 1, index: index, payload: .command(command.encoded)), to: &tables)!.result
+    }
+
+    func keyring() -> AuthorityKeyring {
+        try! JSONDecoder().decode(AuthorityKeyring.self, from: Data(tables.document(named: AuthorityDocuments.keyring)!.content))
+    }
+}
+
+private func authority(_ id: String, _ state: AuthorityKeyring.Entry.State) -> AuthorityKeyring.Entry {
+    AuthorityKeyring.Entry(id: id, state: state, algorithm: "ecdsa-p256", x509Certificate: "pem-\(id)", x509Key: "sealed", jwtKeyID: "kid-\(id)",
+                           jwtKey: "sealed", createdAtMillis: 0)
+}
+
+private func token(_ n: Int, spiffeID: String = "spiffe://example.org/job") -> JoinToken {
+    JoinToken(hash: String(repeating: String(n % 10), count: 64), spiffeID: spiffeID, ttlMaxSeconds: 600, expiresAtMillis: 1_000_000_000)
+}
+
+private func issuance(_ n: Int, authority: String, issuedAt: UInt64, notAfter: UInt64, spiffeID: String = "spiffe://example.org/job",
+                      attributes: [String: String] = [:], renewing: (serial: String, issuedAt: UInt64)? = nil) -> Issuance {
+    Issuance(kind: .x509, spiffeID: spiffeID, serial: String(format: "%032x", n), fingerprint: String(repeating: "f", count: 64),
+             issuedAtMillis: issuedAt, notAfterMillis: notAfter, ttlSeconds: 60, tokenHash: renewing == nil ? token(n).hash : "",
+             renewedFrom: renewing?.serial ?? "", renewedIssuedAtMillis: renewing?.issuedAt ?? 0, idempotencyKey: "", node: 1,
+             authority: authority, attributes: attributes, artifact: [1, 2, 3])
+}
+
+@Suite("Ledger: the authority")
+struct AuthorityLedgerTests {
+    private func initialized() throws -> Book {
+        var book = Book()
+        let keyring = AuthorityKeyring(trustDomain: "example.org", kekID: "k", authorities: [authority("old", .active)])
+        #expect(book.apply(.initializeAuthority(keyring: Array(try JSONEncoder().encode(keyring))), at: 1_000) == .written(version: 1))
+        return book
+    }
+
+    @Test("Rotation: prepared -> active; the old one retires, kept until the last identity issued expires; issuances signed by it are refused afterwards")
+    func rotation() throws {
+        var book = try initialized()
+        // A keyring with two authorities, or none active, is not a valid start.
+        var other = Book()
+        let twoActive = AuthorityKeyring(trustDomain: "example.org", kekID: "k", authorities: [authority("a", .active), authority("b", .active)])
+        #expect(other.apply(.initializeAuthority(keyring: Array(try JSONEncoder().encode(twoActive))), at: 1) != .written(version: 1))
+
+        for n in 1...3 { _ = book.apply(.createJoinToken(token(n)), at: 2_000) }
+        #expect(book.apply(.recordIssuance(issuance(1, authority: "old", issuedAt: 2_000, notAfter: 90_000)), at: 2_000) == .issued(artifact: [1, 2, 3], replayed: false))
+        #expect(book.apply(.activateAuthority(id: "new"), at: 3_000) == .rejected("no prepared authority has id new"))
+        #expect(book.apply(.prepareAuthority(authority("new", .prepared)), at: 3_000) == .written(version: 2))
+        #expect(book.apply(.prepareAuthority(authority("newer", .prepared)), at: 3_100) == .rejected("authority new is already prepared; activate it first"))
+        // Prepared: published, but the old one still signs.
+        #expect(book.apply(.recordIssuance(issuance(2, authority: "new", issuedAt: 3_200, notAfter: 60_000)), at: 3_200)
+                == .rejected("authority rotated: new is no longer the active authority"))
+        #expect(book.apply(.activateAuthority(id: "new"), at: 4_000) == .written(version: 3))
+        let keyring = book.keyring()
+        let old = try #require(keyring.authorities.first { $0.id == "old" })
+        #expect(old.state == .retired && old.retiredAtMillis == 4_000 && old.keepUntilMillis == 90_000, "kept until the last identity expires")
+        #expect(keyring.active?.id == "new" && old.isPublished(at: 89_999) && !old.isPublished(at: 90_000))
+        // Signed by the retired authority after the rotation committed: refused (the node signs again).
+        #expect(book.apply(.recordIssuance(issuance(3, authority: "old", issuedAt: 4_100, notAfter: 200_000)), at: 4_100)
+                == .rejected("authority rotated: old is no longer the active authority"))
+        #expect(book.apply(.recordIssuance(issuance(3, authority: "new", issuedAt: 4_200, notAfter: 200_000)), at: 4_200) == .issued(artifact: [1, 2, 3], replayed: false))
+        // Once its identities expired, preparing the next drops it from the keyring.
+        #expect(book.apply(.prepareAuthority(authority("third", .prepared)), at: 95_000) == .written(version: 4))
+        #expect(book.keyring().authorities.map(\.id) == ["new", "third"])
+    }
+
+    @Test("Revocation rules match by serial, SPIFFE ID or attribute, only identities issued at or before them, and block renewal of what they cover")
+    func revocation() throws {
+        let rule = Revocation(kind: .attribute, value: "repository=acme/api", reason: "", revokedAtMillis: 5_000)
+        #expect(rule.matches(serial: "aa", spiffeID: "spiffe://x/y", attributes: ["repository": "acme/api"], issuedAtMillis: 5_000))
+        #expect(!rule.matches(serial: "aa", spiffeID: "spiffe://x/y", attributes: ["repository": "acme/api"], issuedAtMillis: 5_001))
+        #expect(!rule.matches(serial: "aa", spiffeID: "spiffe://x/y", attributes: ["repository": "acme/web"], issuedAtMillis: 1))
+        #expect(Revocation(kind: .serial, value: "XYZ", reason: "").invalidReason != nil)
+        #expect(Revocation(kind: .attribute, value: "novalue", reason: "").invalidReason != nil)
+
+        var book = try initialized()
+        let renewing = issuance(9, authority: "old", issuedAt: 7_000, notAfter: 20_000, spiffeID: "spiffe://example.org/svc",
+                                attributes: ["repository": "acme/api"], renewing: (String(format: "%032x", 8), 2_000))
+        #expect(book.apply(.revoke(Revocation(kind: .attribute, value: "repository=acme/api", reason: "incident")), at: 6_000) == .written(version: 1))
+        #expect(book.apply(.recordIssuance(renewing), at: 7_000) == .rejected("revoked: the identity being renewed was revoked (attribute repository=acme/api)"))
+        // Re-revoking the same thing moves the rule's time instead of adding a rule.
+        #expect(book.apply(.revoke(Revocation(kind: .attribute, value: "repository=acme/api", reason: "again")), at: 6_500) == .written(version: 2))
+        let list = try JSONDecoder().decode(RevocationList.self, from: Data(book.tables.document(named: AuthorityDocuments.revocations)!.content))
+        #expect(list.rules.count == 1 && list.rules[0].revokedAtMillis == 6_500)
+        // A renewal of an identity issued after the rule goes through.
+        var fresh = renewing
+        fresh.renewedIssuedAtMillis = 6_600
+        #expect(book.apply(.recordIssuance(fresh), at: 7_100) == .issued(artifact: [1, 2, 3], replayed: false))
+        // A rule is forgotten once nothing it covers can still be valid.
+        let later = 6_500 + UInt64(AuthorityDocuments.identityLifetimeMaxSeconds) * 1000 + 60_001
+        _ = book.apply(.revoke(Revocation(kind: .serial, value: "ab", reason: "")), at: later)
+        let pruned = try JSONDecoder().decode(RevocationList.self, from: Data(book.tables.document(named: AuthorityDocuments.revocations)!.content))
+        #expect(pruned.rules.map(\.value) == ["ab"])
+    }
+
+    @Test("Issued identities are recorded by expiry and forgotten once expired")
+    func issuedRecords() throws {
+        var book = try initialized()
+        for n in 1...4 { _ = book.apply(.createJoinToken(token(n, spiffeID: "spiffe://example.org/job")), at: 1_000) }
+        for n in 1...3 {
+            _ = book.apply(.recordIssuance(issuance(n, authority: "old", issuedAt: 1_000, notAfter: UInt64(10_000 * n))), at: 1_000)
+        }
+        func issued() -> [String] { book.tables.documentNames(from: AuthorityDocuments.issuedPrefix, to: AuthorityDocuments.issuedPrefix + "~", limit: 100, reverse: false) }
+        #expect(issued().count == 3)
+        #expect(issued().first == AuthorityDocuments.issued(notAfterMillis: 10_000, serial: String(format: "%032x", 1)))
+        // An issuance at 25_000 forgets the two that expired by then.
+        _ = book.apply(.recordIssuance(issuance(4, authority: "old", issuedAt: 25_000, notAfter: 90_000)), at: 25_000)
+        #expect(issued() == [AuthorityDocuments.issued(notAfterMillis: 30_000, serial: String(format: "%032x", 3)),
+                             AuthorityDocuments.issued(notAfterMillis: 90_000, serial: String(format: "%032x", 4))])
+        let record = try JSONDecoder().decode(IssuedRecord.self, from: Data(book.tables.document(named: issued()[1])!.content))
+        #expect(record.authority == "old" && record.issuedAtMillis == 25_000 && record.notAfterMillis == 90_000)
+    }
+}
