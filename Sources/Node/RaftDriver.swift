@@ -110,6 +110,14 @@ public actor RaftDriver {
         let durable = try store.loadDurableState()
         raft = try RaftNode(configuration: configuration, durable: durable)
         appliedIndex = durable.appliedIndex
+        // The stored snapshot's ledger bytes are made from the tables; if
+        // more was applied after it, snapshot at the applied index instead.
+        if store.snapshotsHoldLedger, let snapshot = durable.snapshot, snapshot.metadata.index > 0, snapshot.data.isEmpty,
+           durable.appliedIndex > snapshot.metadata.index {
+            let (index, data) = try store.takeLedgerSnapshot()
+            let metadata = try raft.compactLog(through: index, snapshotData: data)
+            try store.compact(through: metadata, data: data)
+        }
         self.store = store
         self.sender = sender
         self.requestTimeoutTicks = requestTimeoutTicks

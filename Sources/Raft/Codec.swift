@@ -36,12 +36,14 @@ public struct BinaryWriter: Sendable {
 
     public mutating func write(_ value: UInt8) { bytes.append(value) }
 
+    public mutating func reserve(_ capacity: Int) { bytes.reserveCapacity(capacity) }
+
     public mutating func write(_ value: UInt32) {
-        for shift in stride(from: 0, to: 32, by: 8) { bytes.append(UInt8(truncatingIfNeeded: value >> UInt32(shift))) }
+        withUnsafeBytes(of: value.littleEndian) { bytes.append(contentsOf: $0) }
     }
 
     public mutating func write(_ value: UInt64) {
-        for shift in stride(from: 0, to: 64, by: 8) { bytes.append(UInt8(truncatingIfNeeded: value >> UInt64(shift))) }
+        withUnsafeBytes(of: value.littleEndian) { bytes.append(contentsOf: $0) }
     }
 
     /// A 32-bit length, then the bytes.

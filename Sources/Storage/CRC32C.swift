@@ -10,9 +10,14 @@ struct CRC32C {
     private var state: UInt32 = 0xFFFF_FFFF
 
     mutating func update(_ bytes: some Sequence<UInt8>) {
-        for byte in bytes {
-            state = Self.table[Int((state ^ UInt32(byte)) & 0xFF)] ^ (state >> 8)
+        let done: Void? = bytes.withContiguousStorageIfAvailable { buffer in
+            Self.table.withUnsafeBufferPointer { table in
+                var crc = state
+                for byte in buffer { crc = table[Int((crc ^ UInt32(byte)) & 0xFF)] ^ (crc >> 8) }
+                state = crc
+            }
         }
+        if done == nil { update(Array(bytes)) }
     }
 
     /// Eight little-endian bytes.

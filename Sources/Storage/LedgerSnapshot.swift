@@ -22,28 +22,38 @@ enum LedgerSnapshot {
         var w = BinaryWriter(capacity: 4096)
         w.write(encodingVersion)
         w.write(applied)
-        let documents = try Row.fetchAll(db, sql: "SELECT name, format, content, version, log_index FROM ledger_document ORDER BY name")
-        w.write(UInt32(documents.count))
-        for row in documents {
-            w.writeBytes(Array((row["name"] as String).utf8))
-            w.write(UInt8(truncatingIfNeeded: row["format"] as Int64))
-            w.writeBytes([UInt8](row["content"] as Data))
-            w.write(UInt64(row["version"] as Int64))
-            w.write(UInt64(row["log_index"] as Int64))
+        // Sized up front, read through cursors with columns by position:
+        // a snapshot copies the whole ledger, so this loop is the cost.
+        let size = try Int.fetchOne(db, sql: """
+            SELECT (SELECT COALESCE(SUM(LENGTH(name) + LENGTH(content) + 32), 0) FROM ledger_document)
+                 + (SELECT COALESCE(SUM(LENGTH(actor) + LENGTH(action) + LENGTH(target) + LENGTH(result) + 100), 0) FROM ledger_audit)
+            """) ?? 0
+        w.reserve(size + 64)
+        let documentCount = try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM ledger_document") ?? 0
+        w.write(UInt32(documentCount))
+        var written = 0
+        let documents = try Row.fetchCursor(db, sql: "SELECT name, format, content, version, log_index FROM ledger_document ORDER BY name")
+        while let row = try documents.next() {
+            try row.withUnsafeData(atIndex: 0) { w.writeBytes($0 ?? Data()) }
+            w.write(UInt8(truncatingIfNeeded: row[1] as Int64))
+            try row.withUnsafeData(atIndex: 2) { w.writeBytes($0 ?? Data()) }
+            w.write(UInt64(row[3] as Int64))
+            w.write(UInt64(row[4] as Int64))
+            written += 1
         }
-        let audit = try Row.fetchAll(db, sql: """
+        precondition(written == documentCount, "the document count changed inside one read transaction")
+        let auditCount = try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM ledger_audit") ?? 0
+        w.write(UInt32(auditCount))
+        let audit = try Row.fetchCursor(db, sql: """
             SELECT sequence, log_index, time_millis, actor, action, target, result, previous_hash, hash FROM ledger_audit ORDER BY sequence
             """)
-        w.write(UInt32(audit.count))
-        for row in audit {
-            w.write(UInt64(row["sequence"] as Int64))
-            w.write(UInt64(row["log_index"] as Int64))
-            w.write(UInt64(row["time_millis"] as Int64))
-            for column in ["actor", "action", "target", "result"] { w.writeBytes(Array((row[column] as String).utf8)) }
-            w.writeBytes([UInt8](row["previous_hash"] as Data))
-            w.writeBytes([UInt8](row["hash"] as Data))
+        while let row = try audit.next() {
+            w.write(UInt64(row[0] as Int64))
+            w.write(UInt64(row[1] as Int64))
+            w.write(UInt64(row[2] as Int64))
+            for column in 3...8 { try row.withUnsafeData(atIndex: column) { w.writeBytes($0 ?? Data()) } }
         }
-        return (applied, w.bytes, documents.count + audit.count)
+        return (applied, w.bytes, documentCount + auditCount)
     }
 
     static func install(_ data: [UInt8], at index: LogIndex, _ db: Database, path: String) throws {

@@ -46,6 +46,10 @@ public final class RaftStore: Sendable {
     private let database: DatabasePool
     /// Whether snapshot data is a ledger snapshot to install into the
     /// ledger tables (a node), or opaque bytes (the simulator's tests).
+    /// A ledger snapshot's bytes are not stored: the ledger tables are the
+    /// snapshot, and its bytes are made again from them after a restart
+    /// (storing them cost a copy of the whole ledger on the driver thread
+    /// at every compaction).
     public let snapshotsHoldLedger: Bool
 
     public init(path: String, synchronous: SynchronousMode = .full, snapshotsHoldLedger: Bool = true) throws {
@@ -146,7 +150,7 @@ public final class RaftStore: Sendable {
     private func persist(snapshot: Snapshot?, entries: [Entry], hardState: HardState?, _ db: Database) throws {
         if let snapshot {
             try db.execute(sql: "DELETE FROM raft_entry")
-            try Self.writeSnapshot(snapshot, db)
+            try writeSnapshot(snapshot, db)
             // The state machine is replaced in the same transaction, so
             // a crash never leaves a snapshot without its ledger.
             if snapshotsHoldLedger && snapshot.metadata.index > 0 {
@@ -188,19 +192,20 @@ public final class RaftStore: Sendable {
     /// entries it covers, in one transaction.
     public func compact(through metadata: SnapshotMetadata, data: [UInt8]) throws {
         try database.write { db in
-            try Self.writeSnapshot(Snapshot(metadata: metadata, data: data), db)
+            try writeSnapshot(Snapshot(metadata: metadata, data: data), db)
             try db.execute(sql: "DELETE FROM raft_entry WHERE log_index <= ?", arguments: [Int64(metadata.index)])
         }
     }
 
-    private static func writeSnapshot(_ snapshot: Snapshot, _ db: Database) throws {
+    private func writeSnapshot(_ snapshot: Snapshot, _ db: Database) throws {
         let membership = snapshot.metadata.membership.encoded
+        let data = snapshotsHoldLedger ? [] : snapshot.data
         try db.execute(sql: """
             INSERT INTO raft_snapshot (id, log_index, term, membership, data, checksum) VALUES (1, ?, ?, ?, ?, ?)
             ON CONFLICT(id) DO UPDATE SET log_index = excluded.log_index, term = excluded.term,
                 membership = excluded.membership, data = excluded.data, checksum = excluded.checksum
-            """, arguments: [Int64(snapshot.metadata.index), Int64(snapshot.metadata.term), Data(membership), Data(snapshot.data),
-                             Int64(snapshotChecksum(snapshot.metadata, membership: membership, data: snapshot.data))])
+            """, arguments: [Int64(snapshot.metadata.index), Int64(snapshot.metadata.term), Data(membership), Data(data),
+                             Int64(Self.snapshotChecksum(snapshot.metadata, membership: membership, data: data))])
     }
 
     // MARK: - Reading
@@ -275,6 +280,12 @@ public final class RaftStore: Sendable {
         let metadata = SnapshotMetadata(index: index, term: term, membership: membership)
         guard Self.snapshotChecksum(metadata, membership: membershipBytes, data: data) == stored else {
             throw StorageError(code: .corruptState, reason: "\(path): the snapshot record at index \(index) fails its checksum. \(StorageError.rejoinAdvice)")
+        }
+        // The ledger's bytes are made from its tables when they hold
+        // exactly the snapshot's state; when more was applied since, they
+        // stay empty and the driver compacts at the applied index at once.
+        if snapshotsHoldLedger, index > 0, try SQLiteLedgerTables(db: db).appliedIndex() == index {
+            return Snapshot(metadata: metadata, data: try LedgerSnapshot.take(db).data)
         }
         return Snapshot(metadata: metadata, data: data)
     }

@@ -36,9 +36,9 @@ func drive(_ node: inout RaftNode, _ store: RaftStore) throws {
 }
 
 /// A fresh store holding a single-voter node that led and wrote `commands`.
-func storeWithCommands(_ commands: [[UInt8]]) throws -> (TemporaryStore, RaftStore, RaftNode) {
+func storeWithCommands(_ commands: [[UInt8]], snapshotsHoldLedger: Bool = true) throws -> (TemporaryStore, RaftStore, RaftNode) {
     let temporary = try TemporaryStore()
-    let store = try temporary.open()
+    let store = try temporary.open(snapshotsHoldLedger: snapshotsHoldLedger)
     try store.initialize(with: .bootstrap(voters: [1]))
     var node = try RaftNode(configuration: Configuration(id: 1, randomSeed: 1), durable: try store.loadDurableState())
     node.campaign()
@@ -96,11 +96,11 @@ struct RaftStoreTests {
 
     @Test("Compaction keeps the entries after the snapshot and the snapshot itself")
     func compaction() throws {
-        let (temporary, store, written) = try storeWithCommands((0..<10).map { i in [UInt8(i)] })
+        let (temporary, store, written) = try storeWithCommands((0..<10).map { i in [UInt8(i)] }, snapshotsHoldLedger: false)
         var node = written
         let metadata = try node.compactLog(through: 7, snapshotData: Array("state at 7".utf8))
         try store.compact(through: metadata, data: Array("state at 7".utf8))
-        let durable = try temporary.open().loadDurableState()
+        let durable = try temporary.open(snapshotsHoldLedger: false).loadDurableState()
         #expect(durable.snapshot?.metadata == metadata)
         #expect(durable.snapshot?.data == Array("state at 7".utf8))
         #expect(durable.entries.map(\.index) == Array(8...12))
