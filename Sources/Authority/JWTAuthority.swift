@@ -23,7 +23,11 @@ public struct JWTAuthority: Sendable {
         self.key = key
         publicKey = key.publicKey
         keyID = publicKey.keyID
+        headerPart = Base64URL.encode(Array(JSONText.object(["alg": publicKey.jwsAlgorithm, "kid": keyID, "typ": "JWT"]).utf8))
     }
+
+    /// The encoded header, the same for every token of this key.
+    private let headerPart: String
 
     public var privateKeyPEM: String { key.pemRepresentation }
 
@@ -41,13 +45,12 @@ public struct JWTAuthority: Sendable {
         var expiry = Int(now.addingTimeInterval(ttl).timeIntervalSince1970)
         if let notAfter { expiry = min(expiry, Int(notAfter.timeIntervalSince1970)) }
         guard expiry > issuedAt else { throw AuthorityError("bad_ttl", "the token would expire at once") }
-        let header: [String: String] = ["alg": publicKey.jwsAlgorithm, "kid": keyID, "typ": "JWT"]
-        var claims: [String: Any] = ["sub": spiffeID.description, "aud": audiences.count == 1 ? audiences[0] as Any : audiences as Any,
-                                     "exp": expiry, "iat": issuedAt]
-        if !attributes.isEmpty { claims["warrant"] = attributes }
-        let headerPart = Base64URL.encode(Array(try JSONSerialization.data(withJSONObject: header, options: [.sortedKeys])))
-        let claimsPart = Base64URL.encode(Array(try JSONSerialization.data(withJSONObject: claims, options: [.sortedKeys, .withoutEscapingSlashes])))
-        let signingInput = "\(headerPart).\(claimsPart)"
+        // Written by hand (keys sorted): JSONSerialization was most of the cost of issuing one.
+        let audience = audiences.count == 1 ? JSONText.quote(audiences[0]) : "[" + audiences.map(JSONText.quote).joined(separator: ",") + "]"
+        var claims = "{\"aud\":\(audience),\"exp\":\(expiry),\"iat\":\(issuedAt),\"sub\":\(JSONText.quote(spiffeID.description))"
+        if !attributes.isEmpty { claims += ",\"warrant\":" + JSONText.object(attributes) }
+        claims += "}"
+        let signingInput = "\(headerPart).\(Base64URL.encode(Array(claims.utf8)))"
         let signature = try key.jwsSignature(for: Array(signingInput.utf8))
         let token = "\(signingInput).\(Base64URL.encode(signature))"
         return IssuedJWT(token: token, spiffeID: spiffeID, expiry: Date(timeIntervalSince1970: TimeInterval(expiry)))
@@ -165,18 +168,87 @@ extension JWTVerifier {
 }
 
 public enum Base64URL {
-    public static func encode(_ bytes: [UInt8]) -> String {
-        Data(bytes).base64EncodedString().replacingOccurrences(of: "+", with: "-").replacingOccurrences(of: "/", with: "_")
-            .replacingOccurrences(of: "=", with: "")
+    private static let alphabet = Array("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_".utf8)
+    private static let values: [UInt8] = {
+        var table = [UInt8](repeating: 0xFF, count: 256)
+        for (value, character) in alphabet.enumerated() { table[Int(character)] = UInt8(value) }
+        return table
+    }()
+
+    /// Unpadded base64url (RFC 4648 section 5).
+    public static func encode(_ bytes: some Collection<UInt8>) -> String {
+        let input = Array(bytes)
+        var out = [UInt8]()
+        out.reserveCapacity((input.count * 4 + 2) / 3)
+        alphabet.withUnsafeBufferPointer { a in
+            var i = 0
+            while i + 3 <= input.count {
+                let n = UInt32(input[i]) << 16 | UInt32(input[i + 1]) << 8 | UInt32(input[i + 2])
+                out.append(a[Int(n >> 18 & 63)]); out.append(a[Int(n >> 12 & 63)]); out.append(a[Int(n >> 6 & 63)]); out.append(a[Int(n & 63)])
+                i += 3
+            }
+            switch input.count - i {
+            case 1:
+                let n = UInt32(input[i]) << 16
+                out.append(a[Int(n >> 18 & 63)]); out.append(a[Int(n >> 12 & 63)])
+            case 2:
+                let n = UInt32(input[i]) << 16 | UInt32(input[i + 1]) << 8
+                out.append(a[Int(n >> 18 & 63)]); out.append(a[Int(n >> 12 & 63)]); out.append(a[Int(n >> 6 & 63)])
+            default: break
+            }
+        }
+        return String(decoding: out, as: UTF8.self)
     }
 
+    /// Decodes unpadded base64url; nil for any other character, a length
+    /// that cannot occur, or non-zero bits left over in the last character.
     public static func decode(_ text: some StringProtocol) -> [UInt8]? {
-        guard text.utf8.allSatisfy({ ($0 >= 0x41 && $0 <= 0x5A) || ($0 >= 0x61 && $0 <= 0x7A) || ($0 >= 0x30 && $0 <= 0x39) || $0 == 0x2D || $0 == 0x5F }) else {
-            return nil
+        let input = Array(text.utf8)
+        guard input.count % 4 != 1 else { return nil }
+        var out = [UInt8]()
+        out.reserveCapacity(input.count * 3 / 4)
+        var accumulator: UInt32 = 0
+        var bits = 0
+        let ok: Bool = values.withUnsafeBufferPointer { v in
+            for character in input {
+                let value = v[Int(character)]
+                guard value != 0xFF else { return false }
+                accumulator = accumulator << 6 | UInt32(value)
+                bits += 6
+                if bits >= 8 {
+                    bits -= 8
+                    out.append(UInt8(truncatingIfNeeded: accumulator >> UInt32(bits)))
+                }
+            }
+            return accumulator & ((1 << UInt32(bits)) - 1) == 0
         }
-        var base64 = text.replacingOccurrences(of: "-", with: "+").replacingOccurrences(of: "_", with: "/")
-        guard base64.count % 4 != 1 else { return nil }
-        base64 += String(repeating: "=", count: (4 - base64.count % 4) % 4)
-        return Data(base64Encoded: base64).map(Array.init)
+        return ok ? out : nil
+    }
+}
+
+/// JSON text for the few objects Warrant writes by hand on hot paths
+/// (JWT headers and claims): strings escaped as RFC 8259 requires.
+public enum JSONText {
+    public static func quote(_ text: String) -> String {
+        var out = "\""
+        out.reserveCapacity(text.utf8.count + 2)
+        for scalar in text.unicodeScalars {
+            switch scalar {
+            case "\"": out += "\\\""
+            case "\\": out += "\\\\"
+            case "\n": out += "\\n"
+            case "\r": out += "\\r"
+            case "\t": out += "\\t"
+            case _ where scalar.value < 0x20:
+                out += "\\u" + String(repeating: "0", count: 4 - String(scalar.value, radix: 16).count) + String(scalar.value, radix: 16)
+            default: out.unicodeScalars.append(scalar)
+            }
+        }
+        return out + "\""
+    }
+
+    /// An object of string members, keys sorted.
+    public static func object(_ members: [String: String]) -> String {
+        "{" + members.sorted { $0.key < $1.key }.map { quote($0.key) + ":" + quote($0.value) }.joined(separator: ",") + "}"
     }
 }

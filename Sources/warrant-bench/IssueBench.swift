@@ -168,11 +168,32 @@ func runIssueBench(binary: String, clients: Int, seconds: Double) async throws {
         x509Tokens.take().map { jsonBytes(["token": $0, "csr": csrPEM]) }
     }
     print(x509All.line("X509-SVID, clients on all nodes"))
+    /// Storage transactions and Raft messages so far, per node (from /metrics).
+    func counters() async -> [(transactions: Double, messages: Double)] {
+        var result: [(Double, Double)] = []
+        for index in listing.members.indices {
+            let text = (try? await admin.request(at: index, .GET, "/metrics"))?.text ?? ""
+            func value(_ name: String) -> Double {
+                text.split(separator: "\n").first { $0.hasPrefix(name + " ") }.flatMap { Double($0.split(separator: " ").last ?? "") } ?? 0
+            }
+            result.append((value("warrant_storage_write_seconds_count"), value("warrant_raft_messages_sent_total")))
+        }
+        return result
+    }
     let x509LeaderTokens = queues["x509-leader"]!
+    let before = await counters()
     let x509 = try await drive(endpoints: leaderEndpoint, tls: tls, clients: clients, seconds: seconds, path: "/v1/svid/x509") {
         x509LeaderTokens.take().map { jsonBytes(["token": $0, "csr": csrPEM]) }
     }
     print(x509.line("X509-SVID, clients on the leader"))
+    let after = await counters()
+    for (index, member) in listing.members.enumerated() {
+        let transactions = after[index].transactions - before[index].transactions
+        let messages = after[index].messages - before[index].messages
+        print(String(format: "  node %d%@: %.0f storage transactions/s (%.1f issuances each), %.0f Raft messages sent/s", Int(member.id),
+                     member.id == leaderID ? " (leader)" : "", transactions / x509.seconds, Double(x509.ok) / max(transactions, 1),
+                     messages / x509.seconds))
+    }
     let jwtTokens = queues["jwt-leader"]!
     let jwt = try await drive(endpoints: leaderEndpoint, tls: tls, clients: clients, seconds: seconds, path: "/v1/svid/jwt") {
         jwtTokens.take().map { jsonBytes(["token": $0, "audience": ["bench"]]) }

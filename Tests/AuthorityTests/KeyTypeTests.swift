@@ -84,3 +84,26 @@ struct KeyTypeTests {
         #expect(!notFooled.output.contains("revoked"), "\(notFooled.output)")
     }
 }
+
+@Suite("Hand-written encodings")
+struct EncodingTests {
+    @Test("base64url agrees with Foundation for every length and refuses padding, other characters and leftover bits")
+    func base64url() {
+        for length in 0..<70 {
+            let bytes = (0..<length).map { _ in UInt8.random(in: 0...255) }
+            let foundation = Data(bytes).base64EncodedString().replacingOccurrences(of: "+", with: "-").replacingOccurrences(of: "/", with: "_")
+                .replacingOccurrences(of: "=", with: "")
+            #expect(Base64URL.encode(bytes) == foundation)
+            #expect(Base64URL.decode(foundation) == bytes)
+        }
+        #expect(Base64URL.decode("AA==") == nil && Base64URL.decode("A+") == nil && Base64URL.decode("A") == nil)
+        #expect(Base64URL.decode("AB") == nil, "leftover bits must be zero")
+    }
+
+    @Test("JSON text escapes what RFC 8259 requires and parses back to the same strings")
+    func jsonText() throws {
+        let tricky = ["q\"uote": "back\\slash", "control": "\u{01}\n\t\r", "unicode": "é✓𝄞", "slash": "a/b"]
+        let parsed = try #require(try JSONSerialization.jsonObject(with: Data(JSONText.object(tricky).utf8)) as? [String: String])
+        #expect(parsed == tricky)
+    }
+}

@@ -468,7 +468,9 @@ extension NodeAPI {
                                     authority: keys.active.id, attributes: attributes, artifact: Array(issued.token.utf8))
             do {
                 let (artifact, replayed) = try await record(issuance, request)
-                return try jwtResponse(artifact, replayed: replayed)
+                if replayed { return try jwtResponse(artifact, replayed: true) }
+                return APIJSON.response(JWTSVIDBody(spiffeId: spiffeID.description, token: issued.token, expiresAt: Self.iso(issued.expiry), replayed: false),
+                                        headers: [("warrant-leader", String(id))])
             } catch is AuthorityRotated where attempt == 0 {
                 keys = try requireKeys(fresh: true)
             }
