@@ -1,3 +1,4 @@
+import Authority
 import Foundation
 import NIOHTTP1
 
@@ -33,6 +34,22 @@ public struct APIError: Error, Sendable, CustomStringConvertible {
 }
 
 /// JSON as the API writes and reads it: snake_case keys, sorted.
+/// A body on a hot path that writes its own JSON (the same members, snake
+/// case, keys sorted, as `APIJSON.encode` would; JSONEncoder was a large
+/// share of answering an issuance or a verification).
+protocol HandEncodedJSON {
+    var json: String { get }
+}
+
+/// Builds a JSON object member by member, keys in the order given (sorted by the caller).
+struct JSONObjectWriter {
+    private var members: [String] = []
+    mutating func add(_ key: String, _ value: String?) { if let value { members.append(JSONText.quote(key) + ":" + JSONText.quote(value)) } }
+    mutating func add(_ key: String, _ value: Bool?) { if let value { members.append(JSONText.quote(key) + ":" + (value ? "true" : "false")) } }
+    mutating func add(_ key: String, _ value: [String: String]?) { if let value { members.append(JSONText.quote(key) + ":" + JSONText.object(value)) } }
+    var text: String { "{" + members.joined(separator: ",") + "}" }
+}
+
 public enum APIJSON {
     public static func encode(_ value: some Encodable) -> [UInt8] {
         let encoder = JSONEncoder()
@@ -48,7 +65,8 @@ public enum APIJSON {
     }
 
     public static func response(_ value: some Encodable, status: HTTPResponseStatus = .ok, headers: [(String, String)] = []) -> HTTPResponse {
-        HTTPResponse(status: status, headers: [("content-type", "application/json")] + headers, body: encode(value))
+        let body = (value as? any HandEncodedJSON).map { Array($0.json.utf8) } ?? encode(value)
+        return HTTPResponse(status: status, headers: [("content-type", "application/json")] + headers, body: body)
     }
 }
 

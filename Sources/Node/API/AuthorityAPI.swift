@@ -669,3 +669,41 @@ final class DenialLimiter: Sendable {
         }
     }
 }
+
+extension X509SVIDBody: HandEncodedJSON {
+    var json: String {
+        var w = JSONObjectWriter()
+        w.add("bundle", bundle)
+        w.add("certificate", certificate)
+        w.add("expires_at", expiresAt)
+        w.add("replayed", replayed)
+        w.add("serial", serial)
+        w.add("spiffe_id", spiffeId)
+        return w.text
+    }
+}
+
+extension JWTSVIDBody: HandEncodedJSON {
+    var json: String {
+        var w = JSONObjectWriter()
+        w.add("expires_at", expiresAt)
+        w.add("replayed", replayed)
+        w.add("spiffe_id", spiffeId)
+        w.add("token", token)
+        return w.text
+    }
+}
+
+extension VerifyBody: HandEncodedJSON {
+    var json: String {
+        var w = JSONObjectWriter()
+        w.add("attributes", attributes)
+        w.add("code", code)
+        w.add("expires_at", expiresAt)
+        w.add("reason", reason)
+        w.add("serial", serial)
+        w.add("spiffe_id", spiffeId)
+        w.add("valid", valid)
+        return w.text
+    }
+}

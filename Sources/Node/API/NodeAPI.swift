@@ -64,7 +64,13 @@ public final class NodeAPI: Sendable {
     // MARK: - Routing
 
     /// The route a method and path select, with the captured parameter.
+    /// Routes without a parameter, by path (most requests hit one of these).
+    private static let literalRoutes: [String: [Route]] = Dictionary(grouping: routes.filter { !$0.template.contains("{") }, by: \.template)
+
     static func match(_ method: HTTPMethod, _ path: String) -> (route: Route?, parameter: String?, pathKnown: Bool) {
+        if let candidates = literalRoutes[path] {
+            return (candidates.first { $0.method == method }, nil, true)
+        }
         var pathKnown = false
         for route in routes {
             guard let parameter = capture(route.template, path) else { continue }
