@@ -193,6 +193,18 @@ public enum VerificationKey: Sendable {
         }
     }
 
+    /// A compact JWS checked with this key's pinned algorithm: the header
+    /// must name it and the signature must verify. (What a JWT-SVID check
+    /// does before its claims; the Wycheproof JWS vectors run through it.)
+    public func isValidCompactJWS(_ jws: String) -> Bool {
+        let parts = jws.split(separator: ".", omittingEmptySubsequences: false)
+        guard parts.count == 3, let headerBytes = Base64URL.decode(parts[0]), Base64URL.decode(parts[1]) != nil,
+              let signature = Base64URL.decode(parts[2]),
+              let header = try? JSONSerialization.jsonObject(with: Data(headerBytes)) as? [String: Any],
+              header["alg"] as? String == jwsAlgorithm else { return false }
+        return isValidJWS(message: Array("\(parts[0]).\(parts[1])".utf8), signature: signature)
+    }
+
     /// A verification key from a JWK: EC P-256 or P-384, or RSA of at least
     /// 2048 bits; only if the JWK allows signature checks (`use` absent,
     /// `sig` or `jwt-svid`; `key_ops`, if present, holding `verify`) and,
