@@ -71,6 +71,10 @@ struct LifecycleTests {
                 return pem.components(separatedBy: "BEGIN CERTIFICATE").count - 1 == 2
             }, "the prepared CA is published on a follower")
             let jwks = object(try await open.request(.GET, "/v1/bundle"))["keys"] as? [[String: Any]] ?? []
+            // The federation endpoint serves the same SPIFFE bundle.
+            let federation = try await open.request(.GET, "/v1/federation/bundle")
+            #expect(federation.status == .ok && (object(federation)["keys"] as? [[String: Any]])?.count == jwks.count
+                    && object(federation)["spiffe_sequence"] as? Int != nil)
             #expect(jwks.filter { $0["use"] as? String == "x509-svid" }.count == 2 && jwks.filter { $0["use"] as? String == "jwt-svid" }.count == 2)
             #expect(jwks.contains { $0["crv"] as? String == "P-384" })
             let b = try await issue(cluster, admin: admin, via: open, spiffeID: "spiffe://warrant.local/svc/b", ttl: 4, name: "b")
