@@ -35,10 +35,13 @@ let package = Package(
         .target(name: "Storage", dependencies: ["Raft", "Ledger", .product(name: "GRDB", package: "GRDB.swift")], swiftSettings: strict),
         // The replicated state machine: documents and the audit chain.
         // apply() is deterministic: time and actors come stamped in commands.
-        .target(name: "Ledger", dependencies: ["Raft", .product(name: "Crypto", package: "swift-crypto")], swiftSettings: strict),
+        .target(name: "Ledger", dependencies: ["Raft", "Encoding", .product(name: "Crypto", package: "swift-crypto")], swiftSettings: strict),
+        // Hand-written JSON for hot paths (no dependencies).
+        .target(name: "Encoding", swiftSettings: strict),
         // The trust domain's authority: SPIFFE IDs, X509-SVIDs from CSRs,
         // JWT-SVIDs, bundles and verification. No I/O.
         .target(name: "Authority", dependencies: [
+            "Encoding",
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "_CryptoExtras", package: "swift-crypto"),
             .product(name: "X509", package: "swift-certificates"),
@@ -98,7 +101,7 @@ let package = Package(
         .testTarget(name: "RaftTests", dependencies: ["Raft", "RaftSimulator"], swiftSettings: strict),
         .testTarget(name: "RaftSimulatorTests", dependencies: ["Raft", "RaftSimulator"], swiftSettings: strict),
         .testTarget(name: "NodeTests", dependencies: ["Raft", "Ledger", "Storage", "Node", "Transport", .product(name: "GRDB", package: "GRDB.swift"), .product(name: "NIOPosix", package: "swift-nio"), .product(name: "NIOCore", package: "swift-nio")], swiftSettings: strict),
-        .testTarget(name: "LedgerTests", dependencies: ["Raft", "Ledger", "RaftSimulator"], swiftSettings: strict),
+        .testTarget(name: "LedgerTests", dependencies: ["Raft", "Ledger", "RaftSimulator", "Encoding"], swiftSettings: strict),
         .testTarget(name: "TransportTests", dependencies: ["Raft", "Transport", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"), .product(name: "X509", package: "swift-certificates")], swiftSettings: strict),
         .testTarget(name: "AuthorityTests", dependencies: [
             "Authority",

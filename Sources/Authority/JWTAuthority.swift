@@ -225,30 +225,3 @@ public enum Base64URL {
         return ok ? out : nil
     }
 }
-
-/// JSON text for the few objects Warrant writes by hand on hot paths
-/// (JWT headers and claims): strings escaped as RFC 8259 requires.
-public enum JSONText {
-    public static func quote(_ text: String) -> String {
-        var out = "\""
-        out.reserveCapacity(text.utf8.count + 2)
-        for scalar in text.unicodeScalars {
-            switch scalar {
-            case "\"": out += "\\\""
-            case "\\": out += "\\\\"
-            case "\n": out += "\\n"
-            case "\r": out += "\\r"
-            case "\t": out += "\\t"
-            case _ where scalar.value < 0x20:
-                out += "\\u" + String(repeating: "0", count: 4 - String(scalar.value, radix: 16).count) + String(scalar.value, radix: 16)
-            default: out.unicodeScalars.append(scalar)
-            }
-        }
-        return out + "\""
-    }
-
-    /// An object of string members, keys sorted.
-    public static func object(_ members: [String: String]) -> String {
-        "{" + members.sorted { $0.key < $1.key }.map { quote($0.key) + ":" + quote($0.value) }.joined(separator: ",") + "}"
-    }
-}

@@ -1,3 +1,4 @@
+import Encoding
 import Foundation
 import Raft
 
@@ -288,6 +289,44 @@ public enum AuthorityDocuments {
 
     static func isHex(_ text: String, count: Int) -> Bool {
         text.utf8.count == count && text.utf8.allSatisfy { ($0 >= 0x30 && $0 <= 0x39) || ($0 >= 0x61 && $0 <= 0x66) }
+    }
+}
+
+// The ledger's own records on the issuance path, written and read by hand
+// (JSONEncoder/JSONDecoder were most of the cost of applying an issuance);
+// the members are those Codable gives, so JSONDecoder reads them too.
+extension JoinToken {
+    var canonicalJSON: [UInt8] {
+        var text = "{\"expiresAtMillis\":\(expiresAtMillis),\"hash\":\(JSONText.quote(hash)),\"maxLifetimeSeconds\":\(maxLifetimeSeconds)"
+        text += ",\"spiffeID\":\(JSONText.quote(spiffeID)),\"ttlMaxSeconds\":\(ttlMaxSeconds),\"used\":\(used)"
+        if let usedBySerial { text += ",\"usedBySerial\":\(JSONText.quote(usedBySerial))" }
+        return Array((text + "}").utf8)
+    }
+
+    init?(canonical bytes: [UInt8]) {
+        guard let object = JSONText.parseFlatObject(bytes, membersMax: 16) else {
+            guard let decoded = CanonicalJSON.decode(JoinToken.self, bytes) else { return nil }
+            self = decoded
+            return
+        }
+        guard case .string(let hash)? = object["hash"], case .string(let spiffeID)? = object["spiffeID"],
+              case .integer(let ttl)? = object["ttlMaxSeconds"], let ttlMax = UInt32(exactly: ttl),
+              case .integer(let expires)? = object["expiresAtMillis"], let expiresAt = UInt64(exactly: expires),
+              case .bool(let used)? = object["used"] else { return nil }
+        var maxLifetime: UInt32?
+        if case .integer(let value)? = object["maxLifetimeSeconds"] { maxLifetime = UInt32(exactly: value) }
+        self.init(hash: hash, spiffeID: spiffeID, ttlMaxSeconds: ttlMax, expiresAtMillis: expiresAt, maxLifetimeSeconds: maxLifetime)
+        self.used = used
+        if case .string(let serial)? = object["usedBySerial"] { usedBySerial = serial }
+    }
+}
+
+extension IssuedRecord {
+    var canonicalJSON: [UInt8] {
+        var text = "{\"attributes\":\(JSONText.object(attributes)),\"authority\":\(JSONText.quote(authority)),\"issuedAtMillis\":\(issuedAtMillis)"
+        text += ",\"kind\":\(kind.rawValue),\"notAfterMillis\":\(notAfterMillis),\"serial\":\(JSONText.quote(serial))"
+        text += ",\"spiffeID\":\(JSONText.quote(spiffeID))}"
+        return Array(text.utf8)
     }
 }
 

@@ -1,3 +1,4 @@
+import Encoding
 import Foundation
 import Raft
 
@@ -144,7 +145,7 @@ public enum Ledger {
         case .createJoinToken(let token):
             let name = AuthorityDocuments.token(token.hash)
             guard try tables.document(named: name) == nil else { return .rejected("a token with this hash already exists") }
-            try tables.put(Document(name: name, format: .json, content: try CanonicalJSON.encode(token), version: 1, logIndex: index))
+            try tables.put(Document(name: name, format: .json, content: token.canonicalJSON, version: 1, logIndex: index))
             return .written(version: 1)
         case .initializeAuthority(let keyring):
             guard try tables.document(named: AuthorityDocuments.keyring) == nil else { return .rejected("the authority is already initialized") }
@@ -152,7 +153,7 @@ public enum Ledger {
                 return .rejected("a new keyring holds exactly one authority, active")
             }
             try tables.put(Document(name: AuthorityDocuments.keyring, format: .json, content: keyring, version: 1, logIndex: index))
-            try tables.put(Document(name: AuthorityDocuments.active, format: .json, content: try CanonicalJSON.encode(active.id), version: 1, logIndex: index))
+            try tables.put(Document(name: AuthorityDocuments.active, format: .json, content: Array(JSONText.quote(active.id).utf8), version: 1, logIndex: index))
             return .written(version: 1)
         case .recordIssuance(let issuance):
             return try issue(issuance, command.timeMillis, index, &tables)
@@ -193,7 +194,7 @@ public enum Ledger {
             keyring.authorities[position].state = .active
             keyring.authorities[position].activatedAtMillis = command.timeMillis
             let active = try tables.document(named: AuthorityDocuments.active)
-            try tables.put(Document(name: AuthorityDocuments.active, format: .json, content: try CanonicalJSON.encode(id),
+            try tables.put(Document(name: AuthorityDocuments.active, format: .json, content: Array(JSONText.quote(id).utf8),
                                     version: (active?.version ?? 0) + 1, logIndex: index))
             return try store(keyring, replacing: document, index, &tables)
         case .revoke(var rule):
@@ -236,7 +237,7 @@ public enum Ledger {
             guard recorded.evidence == issuance.evidence else { return .rejected("the idempotency key was used with other evidence") }
             return .issued(artifact: Array(recorded.artifact), replayed: true)
         }
-        guard let active = try tables.document(named: AuthorityDocuments.active), CanonicalJSON.decode(String.self, active.content) == issuance.authority else {
+        guard let active = try tables.document(named: AuthorityDocuments.active), active.content.elementsEqual(JSONText.quote(issuance.authority).utf8) else {
             return .rejected("authority rotated: \(issuance.authority) is no longer the active authority")
         }
         if issuance.tokenHash.isEmpty {
@@ -247,7 +248,7 @@ public enum Ledger {
             }
         } else {
             let tokenName = AuthorityDocuments.token(issuance.tokenHash)
-            guard let document = try tables.document(named: tokenName), var token = CanonicalJSON.decode(JoinToken.self, document.content) else {
+            guard let document = try tables.document(named: tokenName), var token = JoinToken(canonical: document.content) else {
                 return .rejected("unknown join token")
             }
             guard !token.used else { return .rejected("the join token was already used") }
@@ -255,7 +256,7 @@ public enum Ledger {
             guard token.spiffeID == issuance.spiffeID else { return .rejected("the join token is for another SPIFFE ID") }
             token.used = true
             token.usedBySerial = issuance.serial
-            try tables.put(Document(name: tokenName, format: .json, content: try CanonicalJSON.encode(token), version: document.version + 1, logIndex: index))
+            try tables.put(Document(name: tokenName, format: .json, content: token.canonicalJSON, version: document.version + 1, logIndex: index))
         }
         if !issuance.idempotencyKey.isEmpty {
             let answer = IdempotentAnswer(evidence: issuance.evidence, kind: issuance.kind, artifact: Data(issuance.artifact))
@@ -265,7 +266,7 @@ public enum Ledger {
         let record = IssuedRecord(kind: issuance.kind, spiffeID: issuance.spiffeID, serial: issuance.serial, authority: issuance.authority,
                                   issuedAtMillis: issuance.issuedAtMillis, notAfterMillis: issuance.notAfterMillis, attributes: issuance.attributes)
         try tables.put(Document(name: AuthorityDocuments.issued(notAfterMillis: issuance.notAfterMillis, serial: issuance.serial), format: .json,
-                                content: try CanonicalJSON.encode(record), version: 1, logIndex: index))
+                                content: record.canonicalJSON, version: 1, logIndex: index))
         // Forget up to two identities that have expired (as many as are
         // issued, so the records stay bounded by what is alive).
         for name in try tables.documentNames(from: AuthorityDocuments.issuedPrefix,

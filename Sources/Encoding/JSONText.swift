@@ -1,0 +1,209 @@
+/// JSON written and read by hand on hot paths (JWT headers and claims, API
+/// answers, the ledger's own records): JSONEncoder and JSONDecoder were a
+/// large share of issuing and verifying an identity. Output is RFC 8259 JSON
+/// with keys in the order given (callers sort them), so every node writes
+/// the same bytes.
+public enum JSONText {
+    /// A JSON string literal for `text`: `"`, `\` and control characters
+    /// escaped, everything else as is.
+    public static func quote(_ text: String) -> String {
+        var text = text
+        return text.withUTF8 { bytes in
+            guard bytes.contains(where: { $0 < 0x20 || $0 == 0x22 || $0 == 0x5C }) else {
+                var out = [UInt8]()
+                out.reserveCapacity(bytes.count + 2)
+                out.append(0x22)
+                out.append(contentsOf: bytes)
+                out.append(0x22)
+                return String(decoding: out, as: UTF8.self)
+            }
+            var out = [UInt8]()
+            out.reserveCapacity(bytes.count + 16)
+            out.append(0x22)
+            let hex = Array("0123456789abcdef".utf8)
+            for byte in bytes {
+                switch byte {
+                case 0x22: out += [0x5C, 0x22]
+                case 0x5C: out += [0x5C, 0x5C]
+                case 0x0A: out += [0x5C, 0x6E]
+                case 0x0D: out += [0x5C, 0x72]
+                case 0x09: out += [0x5C, 0x74]
+                case ..<0x20: out += [0x5C, 0x75, 0x30, 0x30, hex[Int(byte >> 4)], hex[Int(byte & 0x0F)]]
+                default: out.append(byte)
+                }
+            }
+            out.append(0x22)
+            return String(decoding: out, as: UTF8.self)
+        }
+    }
+
+    /// An object of string members, keys sorted.
+    public static func object(_ members: [String: String]) -> String {
+        "{" + members.sorted { $0.key < $1.key }.map { quote($0.key) + ":" + quote($0.value) }.joined(separator: ",") + "}"
+    }
+
+    /// A value of a flat JSON object.
+    public enum Value: Sendable, Hashable {
+        case string(String)
+        case integer(Int64)
+        case bool(Bool)
+        case null
+        /// A nested object of strings (one level only).
+        case strings([String: String])
+    }
+
+    /// Parses a JSON object whose values are strings, integers, booleans,
+    /// null or objects of strings: what the ledger writes for itself. Nil
+    /// for anything else (callers then fall back to JSONDecoder). At most
+    /// `membersMax` members in all.
+    public static func parseFlatObject(_ bytes: [UInt8], membersMax: Int = 256) -> [String: Value]? {
+        var parser = Parser(bytes: bytes)
+        guard let object = parser.object(depth: 0, membersMax: membersMax), parser.atEnd else { return nil }
+        return object
+    }
+
+    private struct Parser {
+        let bytes: [UInt8]
+        var i = 0
+        var members = 0
+
+        var atEnd: Bool {
+            mutating get {
+                skipSpace()
+                return i == bytes.count
+            }
+        }
+
+        mutating func skipSpace() {
+            while i < bytes.count, bytes[i] == 0x20 || bytes[i] == 0x0A || bytes[i] == 0x0D || bytes[i] == 0x09 { i += 1 }
+        }
+
+        mutating func expect(_ byte: UInt8) -> Bool {
+            skipSpace()
+            guard i < bytes.count, bytes[i] == byte else { return false }
+            i += 1
+            return true
+        }
+
+        mutating func object(depth: Int, membersMax: Int) -> [String: Value]? {
+            guard expect(0x7B) else { return nil }
+            var result: [String: Value] = [:]
+            if expect(0x7D) { return result }
+            repeat {
+                members += 1
+                guard members <= membersMax, let key = string(), expect(0x3A) else { return nil }
+                skipSpace()
+                guard i < bytes.count else { return nil }
+                let value: Value
+                switch bytes[i] {
+                case 0x22:
+                    guard let text = string() else { return nil }
+                    value = .string(text)
+                case 0x7B:
+                    guard depth == 0, let nested = object(depth: 1, membersMax: membersMax) else { return nil }
+                    var strings: [String: String] = [:]
+                    for (name, member) in nested {
+                        guard case .string(let text) = member else { return nil }
+                        strings[name] = text
+                    }
+                    value = .strings(strings)
+                case 0x74: guard literal("true") else { return nil }; value = .bool(true)
+                case 0x66: guard literal("false") else { return nil }; value = .bool(false)
+                case 0x6E: guard literal("null") else { return nil }; value = .null
+                default:
+                    guard let number = integer() else { return nil }
+                    value = .integer(number)
+                }
+                guard result.updateValue(value, forKey: key) == nil else { return nil } // duplicate keys: not ours
+            } while expect(0x2C)
+            return expect(0x7D) ? result : nil
+        }
+
+        mutating func literal(_ word: String) -> Bool {
+            let expected = Array(word.utf8)
+            guard i + expected.count <= bytes.count, Array(bytes[i..<(i + expected.count)]) == expected else { return false }
+            i += expected.count
+            return true
+        }
+
+        mutating func integer() -> Int64? {
+            var negative = false
+            if i < bytes.count, bytes[i] == 0x2D { negative = true; i += 1 }
+            let start = i
+            var value: Int64 = 0
+            while i < bytes.count, bytes[i] >= 0x30, bytes[i] <= 0x39 {
+                let (times, o1) = value.multipliedReportingOverflow(by: 10)
+                let (plus, o2) = times.addingReportingOverflow(Int64(bytes[i] - 0x30))
+                guard !o1, !o2 else { return nil }
+                value = plus
+                i += 1
+            }
+            guard i > start, i - start == 1 || bytes[start] != 0x30 else { return nil }
+            // Fractions and exponents are not ours.
+            if i < bytes.count, bytes[i] == 0x2E || bytes[i] == 0x65 || bytes[i] == 0x45 { return nil }
+            return negative ? -value : value
+        }
+
+        mutating func string() -> String? {
+            skipSpace()
+            guard i < bytes.count, bytes[i] == 0x22 else { return nil }
+            i += 1
+            var out: [UInt8] = []
+            while i < bytes.count {
+                let byte = bytes[i]
+                i += 1
+                switch byte {
+                case 0x22:
+                    return String(validating: out, as: UTF8.self)
+                case 0x5C:
+                    guard i < bytes.count else { return nil }
+                    let escape = bytes[i]
+                    i += 1
+                    switch escape {
+                    case 0x22, 0x5C, 0x2F: out.append(escape)
+                    case 0x62: out.append(0x08)
+                    case 0x66: out.append(0x0C)
+                    case 0x6E: out.append(0x0A)
+                    case 0x72: out.append(0x0D)
+                    case 0x74: out.append(0x09)
+                    case 0x75:
+                        guard let unit = hex4() else { return nil }
+                        var scalarValue = UInt32(unit)
+                        if (0xD800..<0xDC00).contains(unit) {
+                            guard i + 1 < bytes.count, bytes[i] == 0x5C, bytes[i + 1] == 0x75 else { return nil }
+                            i += 2
+                            guard let low = hex4(), (0xDC00..<0xE000).contains(low) else { return nil }
+                            scalarValue = 0x10000 + (UInt32(unit) - 0xD800) << 10 + (UInt32(low) - 0xDC00)
+                        }
+                        guard let scalar = Unicode.Scalar(scalarValue) else { return nil }
+                        out.append(contentsOf: Array(String(Character(scalar)).utf8))
+                    default: return nil
+                    }
+                case ..<0x20:
+                    return nil
+                default:
+                    out.append(byte)
+                }
+            }
+            return nil
+        }
+
+        mutating func hex4() -> UInt16? {
+            guard i + 4 <= bytes.count else { return nil }
+            var value: UInt16 = 0
+            for _ in 0..<4 {
+                let c = bytes[i]
+                let digit: UInt8
+                switch c {
+                case 0x30...0x39: digit = c - 0x30
+                case 0x61...0x66: digit = c - 0x61 + 10
+                case 0x41...0x46: digit = c - 0x41 + 10
+                default: return nil
+                }
+                value = value << 4 | UInt16(digit)
+                i += 1
+            }
+            return value
+        }
+    }
+}
