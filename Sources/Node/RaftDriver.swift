@@ -513,9 +513,14 @@ public actor RaftDriver {
         let capture = try store.beginLedgerSnapshot()
         compactionInProgress = true
         let index = appliedIndex
-        Task.detached { [self] in
+        // On a thread of its own at a lower scheduling priority: encoding a
+        // large ledger takes a core for a while, and requests come first.
+        Thread.detachNewThread { [self] in
+            #if os(Linux)
+            _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, 10) // this thread only, on Linux
+            #endif
             let result = Result { try capture.take() }
-            await self.finishCompaction(expected: index, result)
+            Task { await self.finishCompaction(expected: index, result) }
         }
     }
 
