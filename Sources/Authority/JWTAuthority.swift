@@ -97,7 +97,7 @@ public struct JWTVerifier: Sendable {
               let signatureBytes = Base64URL.decode(parts[2]) else {
             throw AuthorityError("malformed_token", "a part is not base64url")
         }
-        guard let header = try? JSONSerialization.jsonObject(with: Data(headerBytes)) as? [String: Any] else {
+        guard let header = Self.jsonObject(headerBytes) else {
             throw AuthorityError("malformed_token", "the header is not a JSON object")
         }
         guard Set(header.keys).isSubset(of: ["alg", "kid", "typ"]) else {
@@ -112,7 +112,7 @@ public struct JWTVerifier: Sendable {
         guard key.isValidJWS(message: Array("\(parts[0]).\(parts[1])".utf8), signature: signatureBytes) else {
             throw AuthorityError("bad_signature", "the signature does not verify")
         }
-        guard let claims = try? JSONSerialization.jsonObject(with: Data(claimBytes)) as? [String: Any] else {
+        guard let claims = Self.jsonObject(claimBytes) else {
             throw AuthorityError("malformed_token", "the claims are not a JSON object")
         }
         guard let sub = claims["sub"] as? String else { throw AuthorityError("bad_subject", "sub is missing") }
@@ -138,6 +138,27 @@ public struct JWTVerifier: Sendable {
 }
 
 extension JWTVerifier {
+    /// A JSON object as JSONSerialization gives it, read by the hand parser
+    /// when it can (JWTs Warrant writes always are) and by JSONSerialization
+    /// otherwise.
+    static func jsonObject(_ bytes: [UInt8]) -> [String: Any]? {
+        guard let flat = JSONText.parseFlatObject(bytes, membersMax: 128) else {
+            return try? JSONSerialization.jsonObject(with: Data(bytes)) as? [String: Any]
+        }
+        var object: [String: Any] = [:]
+        for (key, value) in flat {
+            switch value {
+            case .string(let text): object[key] = text
+            case .integer(let number): object[key] = NSNumber(value: number)
+            case .bool(let flag): object[key] = NSNumber(value: flag)
+            case .null: object[key] = NSNull()
+            case .strings(let members): object[key] = members
+            case .stringArray(let items): object[key] = items
+            }
+        }
+        return object
+    }
+
     /// ES256 as JWS uses it: r and s, 32 bytes each (IEEE P1363), over
     /// SHA-256 of the message. Anything else is invalid.
     public static func isValidES256(publicKey: P256.Signing.PublicKey, message: [UInt8], signature: [UInt8]) -> Bool {

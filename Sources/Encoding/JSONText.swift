@@ -50,10 +50,13 @@ public enum JSONText {
         case null
         /// A nested object of strings (one level only).
         case strings([String: String])
+        /// An array of strings (one level only).
+        case stringArray([String])
     }
 
     /// Parses a JSON object whose values are strings, integers, booleans,
-    /// null or objects of strings: what the ledger writes for itself. Nil
+    /// null, arrays of strings or objects of strings: what the ledger
+    /// writes for itself, API requests and JWT claims. Nil
     /// for anything else (callers then fall back to JSONDecoder). At most
     /// `membersMax` members in all.
     public static func parseFlatObject(_ bytes: [UInt8], membersMax: Int = 256) -> [String: Value]? {
@@ -107,6 +110,9 @@ public enum JSONText {
                         strings[name] = text
                     }
                     value = .strings(strings)
+                case 0x5B:
+                    guard depth == 0, let array = stringArray(membersMax: membersMax) else { return nil }
+                    value = .stringArray(array)
                 case 0x74: guard literal("true") else { return nil }; value = .bool(true)
                 case 0x66: guard literal("false") else { return nil }; value = .bool(false)
                 case 0x6E: guard literal("null") else { return nil }; value = .null
@@ -117,6 +123,18 @@ public enum JSONText {
                 guard result.updateValue(value, forKey: key) == nil else { return nil } // duplicate keys: not ours
             } while expect(0x2C)
             return expect(0x7D) ? result : nil
+        }
+
+        mutating func stringArray(membersMax: Int) -> [String]? {
+            guard expect(0x5B) else { return nil }
+            var result: [String] = []
+            if expect(0x5D) { return result }
+            repeat {
+                members += 1
+                guard members <= membersMax, let text = string() else { return nil }
+                result.append(text)
+            } while expect(0x2C)
+            return expect(0x5D) ? result : nil
         }
 
         mutating func literal(_ word: String) -> Bool {

@@ -26,7 +26,7 @@ struct LedgerEncodingTests {
     func parser() throws {
         let accepted = [
             #"{}"#, #"{"a":"b"}"#, #" { "a" : 1 , "b" : -20 , "c" : true , "d" : false , "e" : null } "#,
-            #"{"s":"\u00e9\ud834\udd1e\n\"\\\/"}"#, #"{"o":{"x":"y"},"n":0}"#,
+            #"{"s":"\u00e9\ud834\udd1e\n\"\\\/"}"#, #"{"o":{"x":"y"},"n":0}"#, #"{"a":["x","y"],"e":[]}"#,
         ]
         for text in accepted {
             let ours = try #require(JSONText.parseFlatObject(Array(text.utf8)), "refused \(text)")
@@ -39,11 +39,12 @@ struct LedgerEncodingTests {
                 case .bool(let b): #expect((theirs[key] as? NSNumber)?.boolValue == b)
                 case .null: #expect(theirs[key] is NSNull)
                 case .strings(let m): #expect(theirs[key] as? [String: String] == m)
+                case .stringArray(let a): #expect(theirs[key] as? [String] == a)
                 }
             }
         }
         let refused = [
-            "", "[]", #"{"a":1.5}"#, #"{"a":01}"#, #"{"a":"b",}"#, #"{"a":"b""#, #"{"a":{"b":{"c":"d"}}}"#, #"{"a":[1]}"#,
+            "", "[]", #"{"a":1.5}"#, #"{"a":01}"#, #"{"a":"b",}"#, #"{"a":"b""#, #"{"a":{"b":{"c":"d"}}}"#, #"{"a":[1]}"#, #"{"a":[["x"]]}"#, #"{"a":["x",]}"#,
             #"{"a":"\x"}"#, "{\"a\":\"\u{01}\"}", #"{"a":"\ud834"}"#, #"{"a":1,"a":2}"#, #"{"a":99999999999999999999}"#, #"{"a":1} x"#,
         ]
         for text in refused { #expect(JSONText.parseFlatObject(Array(text.utf8)) == nil, "accepted \(text)") }

@@ -1,3 +1,4 @@
+import Encoding
 import Foundation
 @testable import Node
 import Testing
@@ -21,5 +22,33 @@ struct APIBodyTests {
         for body in bodies {
             #expect(try parsed(Array(body.json.utf8)) == parsed(APIJSON.encode(body)), "\(body.json)")
         }
+    }
+
+    @Test("Request bodies read by hand give what JSONDecoder gives; anything of another type is left to JSONDecoder")
+    func requestsSameAsDecoder() throws {
+        func slow<T: Decodable>(_ type: T.Type, _ text: String) throws -> T {
+            let decoder = JSONDecoder()
+            decoder.keyDecodingStrategy = .convertFromSnakeCase
+            return try decoder.decode(type, from: Data(text.utf8))
+        }
+        func flat(_ text: String) -> [String: JSONText.Value] { JSONText.parseFlatObject(Array(text.utf8)) ?? [:] }
+        let x509 = #"{"token":"wjt.x","csr":"-----BEGIN\n","ttl_seconds":60,"idempotency_key":"k","extra":true}"#
+        let fastX509 = try #require(X509SVIDRequest(flat: flat(x509)))
+        let slowX509 = try slow(X509SVIDRequest.self, x509)
+        #expect(fastX509.token == slowX509.token && fastX509.csr == slowX509.csr && fastX509.ttlSeconds == slowX509.ttlSeconds
+                && fastX509.idempotencyKey == slowX509.idempotencyKey)
+        let jwt = #"{"token":"t","audience":["a","b"]}"#
+        let fastJWT = try #require(JWTSVIDRequest(flat: flat(jwt)))
+        #expect(fastJWT.audience == (try slow(JWTSVIDRequest.self, jwt)).audience && fastJWT.ttlSeconds == nil)
+        let verify = #"{"jwt":"h.c.s","audience":"x","x509_chain":null}"#
+        let fastVerify = try #require(VerifyRequest(flat: flat(verify)))
+        #expect(fastVerify.jwt == "h.c.s" && fastVerify.audience == "x" && fastVerify.x509Chain == nil)
+        // Wrong types or missing members: not read by hand, and JSONDecoder refuses them.
+        for bad in [#"{"token":"t","csr":"c","ttl_seconds":"60"}"#, #"{"token":"t","csr":"c","ttl_seconds":-1}"#, #"{"csr":"c"}"#,
+                    #"{"token":1,"csr":"c"}"#] {
+            #expect(X509SVIDRequest(flat: flat(bad)) == nil, "\(bad)")
+            #expect(throws: (any Error).self) { try APIJSON.decode(X509SVIDRequest.self, from: Array(bad.utf8)) }
+        }
+        #expect(JWTSVIDRequest(flat: flat(#"{"token":"t","audience":"a"}"#)) == nil)
     }
 }

@@ -41,6 +41,31 @@ protocol HandEncodedJSON {
     var json: String { get }
 }
 
+/// A request body on a hot path that can be read from a flat JSON object:
+/// nil whenever a member has another type than `Decodable` would accept.
+protocol HandDecodedJSON {
+    init?(flat: [String: JSONText.Value])
+}
+
+extension [String: JSONText.Value] {
+    /// .some(nil) when absent or null, nil when of another type.
+    func string(_ key: String) -> String?? {
+        switch self[key] {
+        case nil, .null?: return .some(nil)
+        case .string(let text)?: return .some(text)
+        default: return nil
+        }
+    }
+
+    func uint32(_ key: String) -> UInt32?? {
+        switch self[key] {
+        case nil, .null?: return .some(nil)
+        case .integer(let number)?: return UInt32(exactly: number).map { .some($0) } ?? nil
+        default: return nil
+        }
+    }
+}
+
 /// Builds a JSON object member by member, keys in the order given (sorted by the caller).
 struct JSONObjectWriter {
     private var members: [String] = []
@@ -59,6 +84,12 @@ public enum APIJSON {
     }
 
     public static func decode<T: Decodable>(_ type: T.Type, from bytes: [UInt8]) throws -> T {
+        // Hot request bodies read by hand; anything unusual (or wrong) goes
+        // to JSONDecoder, which says what is wrong with it.
+        if let fast = type as? any HandDecodedJSON.Type, let flat = JSONText.parseFlatObject(bytes, membersMax: 64),
+           let value = fast.init(flat: flat) as? T {
+            return value
+        }
         let decoder = JSONDecoder()
         decoder.keyDecodingStrategy = .convertFromSnakeCase
         return try decoder.decode(type, from: Data(bytes))

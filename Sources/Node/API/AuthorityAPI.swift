@@ -707,3 +707,26 @@ extension VerifyBody: HandEncodedJSON {
         return w.text
     }
 }
+
+extension X509SVIDRequest: HandDecodedJSON {
+    init?(flat: [String: JSONText.Value]) {
+        guard let token = flat.string("token"), let token, let csr = flat.string("csr"), let csr,
+              let ttl = flat.uint32("ttl_seconds"), let key = flat.string("idempotency_key") else { return nil }
+        self.init(token: token, csr: csr, ttlSeconds: ttl, idempotencyKey: key)
+    }
+}
+
+extension JWTSVIDRequest: HandDecodedJSON {
+    init?(flat: [String: JSONText.Value]) {
+        guard let token = flat.string("token"), let token, case .stringArray(let audience)? = flat["audience"],
+              let ttl = flat.uint32("ttl_seconds"), let key = flat.string("idempotency_key") else { return nil }
+        self.init(token: token, audience: audience, ttlSeconds: ttl, idempotencyKey: key)
+    }
+}
+
+extension VerifyRequest: HandDecodedJSON {
+    init?(flat: [String: JSONText.Value]) {
+        guard let chain = flat.string("x509_chain"), let jwt = flat.string("jwt"), let audience = flat.string("audience") else { return nil }
+        self.init(x509Chain: chain, jwt: jwt, audience: audience)
+    }
+}
