@@ -130,6 +130,12 @@ public actor RaftDriver {
 
     public var status: Status { raft.status }
 
+    /// Whether this node leads, and whom it believes leads, as of the last
+    /// Ready handled: read without a hop to the driver's thread (every
+    /// issuance asks, to decide whether to forward).
+    public nonisolated var leadership: (isLeader: Bool, leaderID: NodeID) { leadershipView.withLock { $0 } }
+    private nonisolated let leadershipView = Mutex<(isLeader: Bool, leaderID: NodeID)>((false, 0))
+
     public var statusSnapshot: NodeStatusSnapshot {
         NodeStatusSnapshot(term: raft.term, role: raft.role.rawValue, leaderID: raft.leaderID, commitIndex: raft.commitIndex,
                            appliedIndex: appliedIndex, lastIndex: raft.lastIndex, snapshotIndex: raft.snapshotIndex)
@@ -493,6 +499,8 @@ public actor RaftDriver {
             proposeQueued()
             stepInbox()
         }
+        let view = (raft.role == .leader, raft.leaderID)
+        leadershipView.withLock { $0 = view }
     }
 
     /// Every `compactEveryEntries` applied entries, pins the ledger's state

@@ -297,8 +297,8 @@ extension NodeAPI {
 
     private func issueX509(_ request: HTTPRequest) async throws -> HTTPResponse {
         let body = try Self.decodeBody(X509SVIDRequest.self, request, expected: "{\"token\", \"csr\" (PEM), \"ttl_seconds\"?, \"idempotency_key\"?}")
-        let status = await driver.statusSnapshot
-        guard status.role == Role.leader.rawValue else { return try await forwardToLeader(request, leaderHint: status.leaderID) }
+        let leadership = driver.leadership
+        guard leadership.isLeader else { return try await forwardToLeader(request, leaderHint: leadership.leaderID) }
         var keys = try requireKeys()
         let admitted = try await admit(token: body.token, idempotencyKey: body.idempotencyKey, ttlSeconds: body.ttlSeconds)
         if let earlier = admitted.earlier { return try x509Response(replaying: Array(earlier.artifact), keys: keys) }
@@ -413,8 +413,8 @@ extension NodeAPI {
             throw APIError(status: .badRequest, code: "bad_ttl", message: "ttl_seconds must be 1...\(AuthorityService.ttlMaxSeconds)")
         }
         let publicKey = try Self.csrKey(body.csr)
-        let status = await driver.statusSnapshot
-        guard status.role == Role.leader.rawValue else { return try await forwardToLeader(request, leaderHint: status.leaderID) }
+        let leadership = driver.leadership
+        guard leadership.isLeader else { return try await forwardToLeader(request, leaderHint: leadership.leaderID) }
         let idempotencyKey = body.idempotencyKey.map(AuthorityService.hash) ?? ""
         if let key = body.idempotencyKey, let authority, let earlier = try await NIOThreadPool.singleton.runIfActive({ try authority.earlierAnswer(idempotencyKey: key) }) {
             guard earlier.evidence == "renew:\(current.serialHex)" else {
@@ -445,8 +445,8 @@ extension NodeAPI {
 
     private func issueJWT(_ request: HTTPRequest) async throws -> HTTPResponse {
         let body = try Self.decodeBody(JWTSVIDRequest.self, request, expected: "{\"token\", \"audience\": [..], \"ttl_seconds\"?, \"idempotency_key\"?}")
-        let status = await driver.statusSnapshot
-        guard status.role == Role.leader.rawValue else { return try await forwardToLeader(request, leaderHint: status.leaderID) }
+        let leadership = driver.leadership
+        guard leadership.isLeader else { return try await forwardToLeader(request, leaderHint: leadership.leaderID) }
         var keys = try requireKeys()
         let admitted = try await admit(token: body.token, idempotencyKey: body.idempotencyKey, ttlSeconds: body.ttlSeconds)
         if let earlier = admitted.earlier { return try jwtResponse(Array(earlier.artifact), replayed: true) }
@@ -567,8 +567,8 @@ extension NodeAPI {
             guard let known = KeyAlgorithm(rawValue: name) else { throw APIError(status: .badRequest, code: "bad_key_algorithm", message: "key_algorithm must be one of \(KeyAlgorithm.names)") }
             algorithm = known
         }
-        let status = await driver.statusSnapshot
-        guard status.role == Role.leader.rawValue else { return try await forwardToLeader(request, leaderHint: status.leaderID) }
+        let leadership = driver.leadership
+        guard leadership.isLeader else { return try await forwardToLeader(request, leaderHint: leadership.leaderID) }
         let keys = try requireKeys(fresh: true)
         guard let keyring = try authority.keyring() else { throw APIError.unavailable("no_authority", "the trust domain's keys are not made yet") }
         let now = Date()
