@@ -142,7 +142,7 @@ public struct X509Authority: Sendable {
     /// An X509-SVID for `spiffeID` on `publicKey`, valid from a little before
     /// `now` for `ttl` seconds but never past this CA.
     public func issue(spiffeID: SpiffeID, publicKey: Certificate.PublicKey, ttl: TimeInterval, attributes: Attributes,
-                      now: Date = Date()) throws -> IssuedX509 {
+                      serial chosen: Certificate.SerialNumber? = nil, now: Date = Date()) throws -> IssuedX509 {
         guard spiffeID.trustDomain == trustDomain else {
             throw AuthorityError("wrong_trust_domain", "\(spiffeID) is not in trust domain \(trustDomain)")
         }
@@ -152,7 +152,7 @@ public struct X509Authority: Sendable {
         let now = Date(timeIntervalSince1970: now.timeIntervalSince1970.rounded(.down))
         let notAfter = min(now.addingTimeInterval(ttl.rounded(.down)), certificate.notValidAfter)
         guard notAfter > now else { throw AuthorityError("ca_expired", "the CA expires before the identity could be valid") }
-        let serial = Self.randomSerial()
+        let serial = chosen ?? Self.randomSerial()
         let attributesJSON = try Self.canonicalJSON(attributes)
         guard attributesJSON.count <= Self.attributesBytesMax else {
             throw AuthorityError("attributes_too_large", "the attested context is \(attributesJSON.count) bytes; at most \(Self.attributesBytesMax)")
@@ -187,7 +187,13 @@ public struct X509Authority: Sendable {
         func time(_ date: Date) throws -> [UInt8] {
             let c = Calendar(identifier: .gregorian).dateComponents(in: TimeZone(identifier: "UTC")!, from: date)
             var s = DER.Serializer()
-            try s.serialize(try UTCTime(year: c.year!, month: c.month!, day: c.day!, hours: c.hour!, minutes: c.minute!, seconds: c.second!))
+            // RFC 5280 section 5.1.2.4: UTCTime through 2049, GeneralizedTime after.
+            if c.year! < 2050 {
+                try s.serialize(try UTCTime(year: c.year!, month: c.month!, day: c.day!, hours: c.hour!, minutes: c.minute!, seconds: c.second!))
+            } else {
+                try s.serialize(try GeneralizedTime(year: c.year!, month: c.month!, day: c.day!, hours: c.hour!, minutes: c.minute!, seconds: c.second!,
+                                                    fractionalSeconds: 0))
+            }
             return s.serializedBytes
         }
         func sequence(_ content: [UInt8], tag: UInt8 = 0x30) -> [UInt8] { [tag] + Self.derLength(content.count) + content }

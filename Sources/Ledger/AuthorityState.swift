@@ -227,15 +227,26 @@ public struct Revocation: Sendable, Hashable, Codable {
         self.revokedAtMillis = revokedAtMillis
     }
 
+    /// A serial rule also covers every renewal of that serial's line
+    /// (renewals carry the first serial as the `lineage` attribute).
     public func matches(serial: String, spiffeID: String, attributes: [String: String], issuedAtMillis: UInt64) -> Bool {
         guard issuedAtMillis <= revokedAtMillis else { return false }
         switch kind {
-        case .serial: return serial == value
+        case .serial:
+            let wanted = Self.canonicalSerial(value)
+            return Self.canonicalSerial(serial) == wanted || attributes["lineage"].map(Self.canonicalSerial) == wanted
         case .spiffeID: return spiffeID == value
         case .attribute:
             guard let equals = value.firstIndex(of: "=") else { return false }
             return attributes[String(value[..<equals])] == String(value[value.index(after: equals)...])
         }
+    }
+
+    /// Hex digits without leading zeros, lower case: "0A1B", "a1b" and
+    /// "00a1b" name the same serial.
+    public static func canonicalSerial(_ text: String) -> String {
+        let digits = text.lowercased().drop { $0 == "0" }
+        return digits.isEmpty ? "0" : String(digits)
     }
 
     /// Why the rule may not be recorded, or nil.

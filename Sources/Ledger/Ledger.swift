@@ -199,16 +199,26 @@ public enum Ledger {
             return try store(keyring, replacing: document, index, &tables)
         case .revoke(var rule):
             let document = try tables.document(named: AuthorityDocuments.revocations)
-            var list = document.flatMap { CanonicalJSON.decode(RevocationList.self, $0.content) } ?? RevocationList()
+            var list = RevocationList()
+            if let document {
+                guard let decoded = CanonicalJSON.decode(RevocationList.self, document.content) else {
+                    return .rejected("the revocation list in the ledger does not decode; nothing was changed")
+                }
+                list = decoded
+            }
             // A rule outlives everything it covers by then.
             let keepMillis = UInt64(AuthorityDocuments.identityLifetimeMaxSeconds) * 1000 + 60_000
             list.rules.removeAll { $0.revokedAtMillis + keepMillis < command.timeMillis || ($0.kind == rule.kind && $0.value == rule.value) }
             guard list.rules.count < RevocationList.rulesMax else { return .rejected("\(list.rules.count) revocation rules are in force; the limit is \(RevocationList.rulesMax)") }
             rule.revokedAtMillis = command.timeMillis
             list.rules.append(rule)
+            let content = try CanonicalJSON.encode(list)
+            // Every document must fit what a snapshot may carry.
+            guard content.count <= LedgerLimits.documentContentBytesMax else {
+                return .rejected("the revocation rules would take \(content.count) bytes; at most \(LedgerLimits.documentContentBytesMax) (revoke by attribute or SPIFFE ID to cover many identities with one rule)")
+            }
             let version = (document?.version ?? 0) + 1
-            try tables.put(Document(name: AuthorityDocuments.revocations, format: .json, content: try CanonicalJSON.encode(list),
-                                    version: version, logIndex: index))
+            try tables.put(Document(name: AuthorityDocuments.revocations, format: .json, content: content, version: version, logIndex: index))
             return .written(version: version)
         }
     }
@@ -241,8 +251,10 @@ public enum Ledger {
             return .rejected("authority rotated: \(issuance.authority) is no longer the active authority")
         }
         if issuance.tokenHash.isEmpty {
-            if let rules = try tables.document(named: AuthorityDocuments.revocations).flatMap({ CanonicalJSON.decode(RevocationList.self, $0.content) }),
-               let rule = rules.revoking(serial: issuance.renewedFrom, spiffeID: issuance.spiffeID, attributes: issuance.attributes,
+            let document = try tables.document(named: AuthorityDocuments.revocations)
+            let rules = document.flatMap { CanonicalJSON.decode(RevocationList.self, $0.content) }
+            if document != nil && rules == nil { return .rejected("the revocation list in the ledger does not decode; renewal refused") }
+            if let rules, let rule = rules.revoking(serial: issuance.renewedFrom, spiffeID: issuance.spiffeID, attributes: issuance.attributes,
                                          issuedAtMillis: issuance.renewedIssuedAtMillis) {
                 return .rejected("revoked: the identity being renewed was revoked (\(rule.kind.rawValue) \(rule.value))")
             }

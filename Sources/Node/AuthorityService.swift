@@ -150,7 +150,8 @@ public final class AuthorityService: Sendable {
         let bundle = TrustBundle(trustDomain: keyring.trustDomain, x509Authorities: published.map(\.x509.certificate),
                                  jwtKeys: Dictionary(published.map { ($0.jwt.keyID, $0.jwt.publicKey) }, uniquingKeysWith: { a, _ in a }),
                                  sequence: document.version * 16 + UInt64(dropped))
-        let revocations = revocationsDocument.flatMap { try? JSONDecoder().decode(RevocationList.self, from: Data($0.content)) } ?? RevocationList()
+        // An unreadable list fails closed: no keys, so nothing verifies or issues.
+        let revocations = try revocationsDocument.map { try JSONDecoder().decode(RevocationList.self, from: Data($0.content)) } ?? RevocationList()
         let keys = Keys(active: active, published: published, bundle: bundle, bundlePEM: try bundle.pem(), revocations: revocations)
         let nextDrop = published.compactMap { $0.entry.state == .retired ? $0.entry.keepUntilMillis : nil }.min() ?? .max
         cache.withLock {

@@ -153,13 +153,18 @@ public final class RaftStore: Sendable {
         }
         return try database.writeWithoutTransaction { db in
             try db.execute(sql: "PRAGMA synchronous = NORMAL")
-            defer { try? db.execute(sql: "PRAGMA synchronous = FULL") }
             var outcomes: [LedgerOutcome] = []
-            try db.inTransaction {
-                try persist(snapshot: ready.snapshot, entries: ready.entries, hardState: ready.hardState, db)
-                outcomes = try Self.apply(ready.committedEntries, db)
-                return .commit
+            let result = Result {
+                try db.inTransaction {
+                    try persist(snapshot: ready.snapshot, entries: ready.entries, hardState: ready.hardState, db)
+                    outcomes = try Self.apply(ready.committedEntries, db)
+                    return .commit
+                }
             }
+            // If FULL cannot be restored, later writes that must reach the
+            // disk would not: that is a storage failure (the node stops).
+            try db.execute(sql: "PRAGMA synchronous = FULL")
+            try result.get()
             return outcomes
         }
     }

@@ -181,9 +181,13 @@ struct LifecycleTests {
             let asAdmin = try await admin.request(.POST, "/v1/svid/x509/renew", headers: jsonHeaders, body: json(["csr": csr2]))
             #expect(asAdmin.status == .unauthorized, "an admin certificate is not an identity to renew: \(asAdmin.text)")
             let shortHolder = try await workloadConnection(cluster, to: follower, certificate: "\(dir)/s.pem", key: "\(dir)/s.key")
-            let renewedShort = try await shortHolder.request(.POST, "/v1/svid/x509/renew", headers: jsonHeaders,
-                                                             body: json(["csr": csr2, "ttl_seconds": 3_600]))
+            // More than the token's TTL cap (20 s) is refused; by default the renewal keeps the previous lifetime.
+            let tooLong = try await shortHolder.request(.POST, "/v1/svid/x509/renew", headers: jsonHeaders, body: json(["csr": csr2, "ttl_seconds": 3_600]))
+            #expect(tooLong.status == .badRequest && tooLong.text.contains("bad_ttl"), "\(tooLong.text)")
+            let renewedShort = try await shortHolder.request(.POST, "/v1/svid/x509/renew", headers: jsonHeaders, body: json(["csr": csr2]))
             #expect(renewedShort.status == .ok, "\(renewedShort.text)")
+            #expect((try Certificate(pemEncoded: object(renewedShort)["certificate"] as? String ?? "")).notValidAfter
+                    <= Date().addingTimeInterval(21), "the token's 20 s TTL cap holds for renewals")
             if renewedShort.status != .ok { Issue.record("renewal: \(renewedShort.text)"); throw CancellationError() }
             let shortCert = try Certificate(pemEncoded: try #require(shortLived["certificate"] as? String))
             let renewedShortCert = try Certificate(pemEncoded: try #require(object(renewedShort)["certificate"] as? String))
@@ -195,7 +199,13 @@ struct LifecycleTests {
                     && (renewedVerdict["attributes"] as? [String: String])?["evidence"] == "join_token", "\(renewedVerdict)")
             await shortHolder.close()
 
-            // Revoke r1 by serial: every node refuses it within a second or so; r2 stays valid.
+            // r1 renews itself into r1b before the revocation.
+            let r1Holder = try await workloadConnection(cluster, to: follower, certificate: "\(dir)/r1.pem", key: "\(dir)/r1.key")
+            let r1b = object(try await r1Holder.request(.POST, "/v1/svid/x509/renew", headers: jsonHeaders, body: json(["csr": csr2])))
+            #expect(r1b["certificate"] is String, "\(r1b)")
+            await r1Holder.close()
+
+            // Revoke r1 by serial (as openssl prints it: upper case): every node refuses it and its renewal within a second or so; r2 stays valid.
             let r1Serial = try #require(r1["serial"] as? String)
             let before = (object(try await open.request(.GET, "/v1/revocations"))["revocations"] as? [Any] ?? []).count
             for bad in [[:], ["serial": r1Serial, "spiffe_id": "spiffe://warrant.local/x"], ["serial": "xyz"], ["spiffe_id": "spiffe://other.org/x"],
@@ -206,13 +216,15 @@ struct LifecycleTests {
             #expect((object(try await open.request(.GET, "/v1/revocations"))["revocations"] as? [Any] ?? []).count == before, "refusals change nothing")
             #expect(try await open.request(.POST, "/v1/revocations", headers: jsonHeaders, body: json(["serial": r1Serial])).status == .unauthorized)
             let revoked = try await admin.request(.POST, "/v1/revocations", headers: jsonHeaders,
-                                                  body: json(["serial": r1Serial, "reason": "key leaked in a build log"]))
+                                                  body: json(["serial": r1Serial.uppercased(), "reason": "key leaked in a build log"]))
             #expect(revoked.status == .ok, "\(revoked.text)")
             for connection in [open, elsewhere] {
                 #expect(await eventually(seconds: 5) {
                     let answer = (try? await verdict(connection, ["x509_chain": r1["certificate"] as? String ?? ""])) ?? [:]
                     return answer["valid"] as? Bool == false && answer["code"] as? String == "revoked"
                 })
+                let line = try await verdict(connection, ["x509_chain": r1b["certificate"] as? String ?? ""])
+                #expect(line["code"] as? String == "revoked", "a renewal of a revoked serial is revoked with it: \(line)")
                 let fine = try await verdict(connection, ["x509_chain": r2["certificate"] as? String ?? ""])
                 #expect(fine["valid"] as? Bool == true, "\(fine)")
             }

@@ -83,6 +83,11 @@ struct AuthorityLedgerTests {
         #expect(!rule.matches(serial: "aa", spiffeID: "spiffe://x/y", attributes: ["repository": "acme/api"], issuedAtMillis: 5_001))
         #expect(!rule.matches(serial: "aa", spiffeID: "spiffe://x/y", attributes: ["repository": "acme/web"], issuedAtMillis: 1))
         #expect(Revocation(kind: .serial, value: "XYZ", reason: "").invalidReason != nil)
+        // Serials compare without case or leading zeros, and cover the renewals of their line.
+        let serialRule = Revocation(kind: .serial, value: "0a1b", reason: "", revokedAtMillis: 5_000)
+        #expect(serialRule.matches(serial: "A1B", spiffeID: "spiffe://x/y", attributes: [:], issuedAtMillis: 1))
+        #expect(serialRule.matches(serial: "ff", spiffeID: "spiffe://x/y", attributes: ["lineage": "00a1b"], issuedAtMillis: 1))
+        #expect(!serialRule.matches(serial: "ff", spiffeID: "spiffe://x/y", attributes: ["lineage": "a1c"], issuedAtMillis: 1))
         #expect(Revocation(kind: .attribute, value: "novalue", reason: "").invalidReason != nil)
 
         var book = try initialized()
@@ -98,8 +103,20 @@ struct AuthorityLedgerTests {
         var fresh = renewing
         fresh.renewedIssuedAtMillis = 6_600
         #expect(book.apply(.recordIssuance(fresh), at: 7_100) == .issued(artifact: [1, 2, 3], replayed: false))
+        // The rules must fit in one document a snapshot can carry: a rule that would not is refused.
+        let huge = String(repeating: "a", count: 2_000)
+        var refusedAt = 0
+        for n in 0..<200 {
+            if case .rejected(let reason) = book.apply(.revoke(Revocation(kind: .attribute, value: "k\(n)=\(huge)", reason: "")), at: 6_600) {
+                #expect(reason.contains("at most \(LedgerLimits.documentContentBytesMax)"))
+                refusedAt = n
+                break
+            }
+        }
+        #expect(refusedAt > 100, "refused after \(refusedAt) large rules")
+        #expect(book.tables.document(named: AuthorityDocuments.revocations)!.content.count <= LedgerLimits.documentContentBytesMax)
         // A rule is forgotten once nothing it covers can still be valid.
-        let later = 6_500 + UInt64(AuthorityDocuments.identityLifetimeMaxSeconds) * 1000 + 60_001
+        let later = 6_600 + UInt64(AuthorityDocuments.identityLifetimeMaxSeconds) * 1000 + 60_001
         _ = book.apply(.revoke(Revocation(kind: .serial, value: "ab", reason: "")), at: later)
         let pruned = try JSONDecoder().decode(RevocationList.self, from: Data(book.tables.document(named: AuthorityDocuments.revocations)!.content))
         #expect(pruned.rules.map(\.value) == ["ab"])

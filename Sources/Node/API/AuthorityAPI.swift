@@ -305,11 +305,16 @@ extension NodeAPI {
         let publicKey = try Self.csrKey(body.csr)
         let spiffeID = try Self.spiffeID(admitted.token.spiffeID, trustDomain: keys.x509.trustDomain)
         let evidenceExpires = Int(Date().timeIntervalSince1970) + Int(admitted.token.maxLifetimeSeconds)
-        let attributes = ["evidence": "join_token", "token": String(admitted.hash.prefix(16)), "evidence_expires": String(evidenceExpires)]
+        // The first serial names the line its renewals continue (a serial
+        // rule covers them too); renewals keep the token's TTL cap.
+        let serial = X509Authority.randomSerial()
+        let attributes = ["evidence": "join_token", "token": String(admitted.hash.prefix(16)), "evidence_expires": String(evidenceExpires),
+                          "lineage": Hex.encode(serial.bytes), "ttl_max": String(admitted.token.ttlMaxSeconds)]
         // Signed by the active authority; if a rotation commits first, the
         // ledger refuses it and it is signed again by the new one.
         for attempt in 0..<2 {
-            let issued = try Self.signX509(keys, spiffeID: spiffeID, publicKey: publicKey, ttl: TimeInterval(admitted.ttl), attributes: attributes)
+            let issued = try Self.signX509(keys, spiffeID: spiffeID, publicKey: publicKey, ttl: TimeInterval(admitted.ttl), attributes: attributes,
+                                           serial: serial)
             let issuance = Issuance(kind: .x509, spiffeID: spiffeID.description, serial: issued.serialHex, fingerprint: issued.fingerprintSHA256,
                                     issuedAtMillis: Self.millis(issued.certificate.notValidBefore) + UInt64(X509Authority.backdate * 1000),
                                     notAfterMillis: Self.millis(issued.certificate.notValidAfter), ttlSeconds: admitted.ttl,
@@ -342,9 +347,9 @@ extension NodeAPI {
     }
 
     static func signX509(_ keys: AuthorityService.Keys, spiffeID: SpiffeID, publicKey: Certificate.PublicKey, ttl: TimeInterval,
-                         attributes: Attributes) throws -> IssuedX509 {
+                         attributes: Attributes, serial: Certificate.SerialNumber? = nil) throws -> IssuedX509 {
         do {
-            return try keys.x509.issue(spiffeID: spiffeID, publicKey: publicKey, ttl: ttl, attributes: attributes)
+            return try keys.x509.issue(spiffeID: spiffeID, publicKey: publicKey, ttl: ttl, attributes: attributes, serial: serial)
         } catch let error as AuthorityError {
             throw APIError(status: .badRequest, code: error.code, message: error.message)
         }
@@ -408,9 +413,11 @@ extension NodeAPI {
         }
         let previousTTL = UInt32(max(1, min(Double(AuthorityService.ttlMaxSeconds),
                                             current.notAfter.timeIntervalSince(current.notBefore) - X509Authority.backdate)))
-        let ttl = body.ttlSeconds ?? previousTTL
-        guard ttl >= 1, ttl <= AuthorityService.ttlMaxSeconds else {
-            throw APIError(status: .badRequest, code: "bad_ttl", message: "ttl_seconds must be 1...\(AuthorityService.ttlMaxSeconds)")
+        // The token's TTL cap travels in the identity; older ones fall back to the global cap.
+        let ttlCap = current.attributes["ttl_max"].flatMap(UInt32.init).map { min($0, AuthorityService.ttlMaxSeconds) } ?? AuthorityService.ttlMaxSeconds
+        let ttl = body.ttlSeconds ?? min(previousTTL, ttlCap)
+        guard ttl >= 1, ttl <= ttlCap else {
+            throw APIError(status: .badRequest, code: "bad_ttl", message: "ttl_seconds must be 1...\(ttlCap) for this identity")
         }
         let publicKey = try Self.csrKey(body.csr)
         let leadership = driver.leadership
@@ -614,7 +621,7 @@ extension NodeAPI {
         let given = [(Revocation.Kind.serial, body.serial), (.spiffeID, body.spiffeId), (.attribute, body.attribute)].compactMap { kind, value in value.map { (kind, $0) } }
         guard given.count == 1, let (kind, rawValue) = given.first else { throw APIError.badRequest("give exactly one of serial, spiffe_id or attribute") }
         var value = rawValue
-        if kind == .serial { value = value.lowercased().replacingOccurrences(of: ":", with: "") }
+        if kind == .serial { value = Revocation.canonicalSerial(value.replacingOccurrences(of: ":", with: "")) }
         if kind == .spiffeID {
             guard let authority else { throw APIError.unavailable("no_authority", "this node runs without an authority") }
             value = try Self.spiffeID(value, trustDomain: authority.trustDomain).description
