@@ -393,6 +393,18 @@ struct TokenCommand: AsyncParsableCommand {
     }
 }
 
+/// Posts an X509-SVID request; on success writes the certificate and the
+/// bundle as PEM and says what was issued, else prints the error (exit 1).
+func requestX509SVID(_ client: AdminClient, _ path: String, _ request: [String: Any], out: String, bundleOut: String) async throws {
+    let response = try await client.request(.POST, path, headers: [("content-type", "application/json")],
+                                            body: Array(try JSONSerialization.data(withJSONObject: request)))
+    guard response.status == .ok, let body = try JSONSerialization.jsonObject(with: Data(response.body)) as? [String: Any],
+          let certificate = body["certificate"] as? String, let bundle = body["bundle"] as? String else { return try finish(response) }
+    try certificate.write(toFile: out, atomically: true, encoding: .utf8)
+    try bundle.write(toFile: bundleOut, atomically: true, encoding: .utf8)
+    print("\(body["spiffe_id"] ?? "") serial \(body["serial"] ?? "") until \(body["expires_at"] ?? ""): wrote \(out) and \(bundleOut)")
+}
+
 struct SVIDCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "svid", abstract: "Exchange a join token for an identity, or renew one.",
                                                     subcommands: [X509.self, JWT.self, Renew.self])
@@ -414,13 +426,7 @@ struct SVIDCommand: AsyncParsableCommand {
                                          certificatePEM: try String(contentsOfFile: cert, encoding: .utf8),
                                          keyPEM: try String(contentsOfFile: key, encoding: .utf8))
             let request: [String: Any] = ["csr": try String(contentsOfFile: csr, encoding: .utf8)]
-            let response = try await client.request(.POST, "/v1/svid/x509/renew", headers: [("content-type", "application/json")],
-                                                    body: Array(try JSONSerialization.data(withJSONObject: request)))
-            guard response.status == .ok, let body = try JSONSerialization.jsonObject(with: Data(response.body)) as? [String: Any],
-                  let certificate = body["certificate"] as? String, let bundle = body["bundle"] as? String else { return try finish(response) }
-            try certificate.write(toFile: out, atomically: true, encoding: .utf8)
-            try bundle.write(toFile: bundleOut, atomically: true, encoding: .utf8)
-            print("\(body["spiffe_id"] ?? "") serial \(body["serial"] ?? "") until \(body["expires_at"] ?? ""): wrote \(out) and \(bundleOut)")
+            try await requestX509SVID(client, "/v1/svid/x509/renew", request, out: out, bundleOut: bundleOut)
         }
     }
 
@@ -437,13 +443,7 @@ struct SVIDCommand: AsyncParsableCommand {
             let client = try connection.client()
             var request: [String: Any] = ["token": token, "csr": try String(contentsOfFile: csr, encoding: .utf8)]
             if let idempotencyKey { request["idempotency_key"] = idempotencyKey }
-            let response = try await client.request(.POST, "/v1/svid/x509", headers: [("content-type", "application/json")],
-                                                    body: Array(try JSONSerialization.data(withJSONObject: request)))
-            guard response.status == .ok, let body = try JSONSerialization.jsonObject(with: Data(response.body)) as? [String: Any],
-                  let certificate = body["certificate"] as? String, let bundle = body["bundle"] as? String else { return try finish(response) }
-            try certificate.write(toFile: out, atomically: true, encoding: .utf8)
-            try bundle.write(toFile: bundleOut, atomically: true, encoding: .utf8)
-            print("\(body["spiffe_id"] ?? "") serial \(body["serial"] ?? "") until \(body["expires_at"] ?? ""): wrote \(out) and \(bundleOut)")
+            try await requestX509SVID(client, "/v1/svid/x509", request, out: out, bundleOut: bundleOut)
         }
     }
 

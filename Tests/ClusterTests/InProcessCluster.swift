@@ -4,6 +4,7 @@ import NIOCore
 import NIOHTTP1
 import NIOSSL
 import Node
+import Testing
 
 /// One in-process cluster at a time: they share this process's threads with
 /// every other suite, and two at once starved each other's elections.
@@ -117,6 +118,33 @@ final class InProcessCluster: @unchecked Sendable {
         await client.closeAll()
         try? FileManager.default.removeItem(atPath: directory)
         await ClusterSlot.shared.release()
+    }
+}
+
+extension InProcessCluster {
+    /// A ready 3-node cluster and, on one follower, an admin connection and
+    /// one without a client certificate; `body` runs with them, its errors
+    /// are recorded, and everything is closed and shut down after.
+    static func withReadyFollower(_ body: (InProcessCluster, _ leader: UInt64, _ follower: UInt64, _ admin: HTTPConnection,
+                                           _ open: HTTPConnection) async throws -> Void) async throws {
+        let cluster = try await InProcessCluster.start()
+        do {
+            let leader = try #require(await cluster.waitForLeader())
+            let follower = try #require([UInt64(1), 2, 3].first { $0 != leader })
+            let admin = try await cluster.connection(to: follower)
+            let open = try await cluster.connection(to: follower, admin: false)
+            #expect(await eventually { (try? await open.request(.GET, "/readyz"))?.status == .ok }, "ready once the trust domain's keys exist")
+            do {
+                try await body(cluster, leader, follower, admin, open)
+            } catch {
+                Issue.record(error)
+            }
+            await admin.close()
+            await open.close()
+        } catch {
+            Issue.record(error)
+        }
+        await cluster.shutdown()
     }
 }
 

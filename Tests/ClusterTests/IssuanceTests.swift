@@ -20,13 +20,7 @@ func object(_ response: HTTPClientResponse) -> [String: Any] {
 struct IssuanceTests {
     @Test("Join token to X509-SVID through a follower: audited, verified by openssl and by every node, replayed by idempotency key, refused on reuse")
     func x509() async throws {
-        let cluster = try await InProcessCluster.start()
-        do {
-            let leader = try #require(await cluster.waitForLeader())
-            let follower = try #require([UInt64(1), 2, 3].first { $0 != leader })
-            let admin = try await cluster.connection(to: follower)
-            let anonymous = try await cluster.connection(to: follower, admin: false)
-            #expect(await eventually { (try? await anonymous.request(.GET, "/readyz"))?.status == .ok }, "ready once the trust domain's keys exist")
+        try await InProcessCluster.withReadyFollower { cluster, leader, _, admin, anonymous in
 
             // Tokens: only admins make them; the SPIFFE ID must be canonical and in the trust domain.
             let refusedToken = try await anonymous.request(.POST, "/v1/tokens", headers: [("content-type", "application/json")],
@@ -103,12 +97,7 @@ struct IssuanceTests {
             let issuances = records.filter { $0["action"] as? String == "identity.issue" }
             #expect(issuances.count == 1 && (issuances.first?["result"] as? String)?.contains("serial=\(serial)") == true, "\(issuances)")
             #expect(!records.contains { ($0["result"] as? String ?? "").contains(token) }, "the token secret reached the audit log")
-            await admin.close()
-            await anonymous.close()
-        } catch {
-            Issue.record(error)
         }
-        await cluster.shutdown()
     }
 
     @Test("One token presented to two nodes at the same moment yields exactly one identity")
@@ -151,13 +140,7 @@ struct IssuanceTests {
 
     @Test("JWT-SVIDs, the bundle, OIDC discovery and verification, from a follower")
     func jwtAndBundles() async throws {
-        let cluster = try await InProcessCluster.start()
-        do {
-            let leader = try #require(await cluster.waitForLeader())
-            let follower = try #require([UInt64(1), 2, 3].first { $0 != leader })
-            let admin = try await cluster.connection(to: follower)
-            let open = try await cluster.connection(to: follower, admin: false)
-            #expect(await eventually { (try? await open.request(.GET, "/readyz"))?.status == .ok })
+        try await InProcessCluster.withReadyFollower { _, _, _, admin, open in
             let token = try #require(object(try await admin.request(.POST, "/v1/tokens", headers: [("content-type", "application/json")],
                                                                     body: json(["spiffe_id": "spiffe://warrant.local/deploy"])))["token"] as? String)
             let issued = try await open.request(.POST, "/v1/svid/jwt", headers: [("content-type", "application/json")],
@@ -183,12 +166,7 @@ struct IssuanceTests {
             #expect(pem.text.hasPrefix("-----BEGIN CERTIFICATE-----"))
             let nonsense = try await open.request(.POST, "/v1/verify", headers: [("content-type", "application/json")], body: json(["jwt": "x"]))
             #expect(nonsense.status == .badRequest)
-            await admin.close()
-            await open.close()
-        } catch {
-            Issue.record(error)
         }
-        await cluster.shutdown()
     }
 }
 

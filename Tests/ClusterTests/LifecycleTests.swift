@@ -42,13 +42,7 @@ private func verdict(_ connection: HTTPConnection, _ body: [String: Any]) async 
 struct LifecycleTests {
     @Test("CA rotation: prepared (published, not signing) -> active -> retired; old identities verify until the old CA leaves the bundle, then openssl refuses them")
     func rotation() async throws {
-        let cluster = try await InProcessCluster.start()
-        do {
-            let leader = try #require(await cluster.waitForLeader())
-            let follower = try #require([UInt64(1), 2, 3].first { $0 != leader })
-            let admin = try await cluster.connection(to: follower)
-            let open = try await cluster.connection(to: follower, admin: false)
-            #expect(await eventually { (try? await open.request(.GET, "/readyz"))?.status == .ok })
+        try await InProcessCluster.withReadyFollower { cluster, _, follower, admin, open in
             let dir = cluster.directory
             let initial = object(try await admin.request(.GET, "/v1/ca"))
             let authorities = initial["authorities"] as? [[String: Any]] ?? []
@@ -146,25 +140,14 @@ struct LifecycleTests {
             #expect(accepted.status == 0, "\(accepted.output)")
             let audit = object(try await admin.request(.GET, "/v1/audit?limit=1000"))["records"] as? [[String: Any]] ?? []
             #expect(audit.contains { $0["action"] as? String == "authority.prepare" } && audit.contains { $0["action"] as? String == "authority.activate" })
-            await admin.close()
-            await open.close()
-        } catch {
-            Issue.record(error)
         }
-        await cluster.shutdown()
     }
 
     @Test("Revocation by serial, SPIFFE ID and attribute reaches verification on every node and the CRL; renewal over mutual TLS keeps the evidence's lifetime and refuses revoked identities")
     func revocationAndRenewal() async throws {
-        let cluster = try await InProcessCluster.start()
-        do {
-            let leader = try #require(await cluster.waitForLeader())
-            let follower = try #require([UInt64(1), 2, 3].first { $0 != leader })
+        try await InProcessCluster.withReadyFollower { cluster, leader, follower, admin, open in
             let other = try #require([UInt64(1), 2, 3].first { $0 != leader && $0 != follower })
-            let admin = try await cluster.connection(to: follower)
-            let open = try await cluster.connection(to: follower, admin: false)
             let elsewhere = try await cluster.connection(to: other, admin: false)
-            #expect(await eventually { (try? await open.request(.GET, "/readyz"))?.status == .ok })
             let dir = cluster.directory
 
             // r1 may be renewed for 30 s from its first issuance, whatever TTL is asked.
@@ -273,12 +256,7 @@ struct LifecycleTests {
             let audit = object(try await admin.request(.GET, "/v1/audit?limit=1000"))["records"] as? [[String: Any]] ?? []
             #expect(audit.filter { $0["action"] as? String == "identity.revoke" }.count == 3)
             #expect(audit.contains { ($0["result"] as? String ?? "").contains("renewed_from=\(shortLived["serial"] as? String ?? "-")") })
-            await admin.close()
-            await open.close()
             await elsewhere.close()
-        } catch {
-            Issue.record(error)
         }
-        await cluster.shutdown()
     }
 }
