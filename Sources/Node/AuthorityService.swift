@@ -59,7 +59,7 @@ public final class AuthorityService: Sendable {
     /// they are read again: rotation and revocation reach verification on
     /// every node within this (re-reading per request was the largest cost
     /// of verification).
-    static let recheckInterval: Duration = .seconds(1)
+    public static let recheckInterval: Duration = .seconds(1)
     /// How long a CRL is served before it is signed again.
     static let crlLifetime: TimeInterval = 3_600
     static let crlRefresh: Duration = .seconds(600)
@@ -114,9 +114,13 @@ public final class AuthorityService: Sendable {
 
     /// The keys in the ledger, unsealed (cached; see `recheckInterval`);
     /// nil before the first leader made them.
-    public func keys() throws -> Keys? {
+    ///
+    /// `maxAge` shortens the wait: a verification that fails for want of a
+    /// key asks again with a tenth of a second, so a rotation a moment ago
+    /// is seen without letting bad requests re-read the ledger each time.
+    public func keys(maxAge: Duration = AuthorityService.recheckInterval) throws -> Keys? {
         let nowMillis = UInt64(Date().timeIntervalSince1970 * 1000)
-        if let cached = cache.withLock({ $0 }), cached.checked.duration(to: .now) < Self.recheckInterval, nowMillis < cached.nextDropMillis {
+        if let cached = cache.withLock({ $0 }), cached.checked.duration(to: .now) < maxAge, nowMillis < cached.nextDropMillis {
             return cached.keys
         }
         guard let document = try store.document(named: AuthorityDocuments.keyring) else { return nil }

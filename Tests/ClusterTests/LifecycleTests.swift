@@ -3,6 +3,7 @@ import NIOCore
 import NIOHTTP1
 import NIOSSL
 import Node
+import Synchronization
 import Testing
 import X509
 
@@ -257,6 +258,76 @@ struct LifecycleTests {
             #expect(audit.filter { $0["action"] as? String == "identity.revoke" }.count == 3)
             #expect(audit.contains { ($0["result"] as? String ?? "").contains("renewed_from=\(shortLived["serial"] as? String ?? "-")") })
             await elsewhere.close()
+        }
+    }
+}
+
+/// Tokens handed out to concurrent clients, and how many were answered.
+private final class SharedTokens: Sendable {
+    private let tokens: Mutex<[String]>
+    let answered = Atomic<Int>(0)
+    init(_ tokens: [String]) { self.tokens = Mutex(tokens) }
+    func take() -> String? { tokens.withLock { $0.popLast() } }
+}
+
+@Suite("Rotation under load", .serialized)
+struct RotationUnderLoadTests {
+    @Test("Activating a new authority while identities are being issued loses none: requests signed by the old one are signed again, every identity verifies")
+    func rotationDuringIssuance() async throws {
+        try await InProcessCluster.withReadyFollower { cluster, leader, _, admin, _ in
+            let prepared = try await admin.request(.POST, "/v1/ca/rotate")
+            #expect(prepared.status == .ok, "\(prepared.text)")
+            let csr = try opensslCSR(in: cluster.directory, name: "load")
+            // Tokens first, then 6 clients on the leader issue while the rotation activates.
+            var tokens: [String] = []
+            for n in 0..<120 {
+                let body = object(try await admin.request(.POST, "/v1/tokens", headers: [("content-type", "application/json")],
+                                                          body: json(["spiffe_id": "spiffe://warrant.local/load/\(n)", "ttl_seconds": 120])))
+                tokens.append(try #require(body["token"] as? String))
+            }
+            let queue = SharedTokens(tokens)
+            let results = try await withThrowingTaskGroup(of: [(Int, String)].self) { group in
+                for _ in 0..<6 {
+                    group.addTask {
+                        let connection = try await cluster.connection(to: leader, admin: false)
+                        var answers: [(Int, String)] = []
+                        while let token = queue.take() {
+                            let response = try await connection.request(.POST, "/v1/svid/x509", headers: [("content-type", "application/json")],
+                                                                        body: json(["token": token, "csr": csr]))
+                            answers.append((Int(response.status.code), object(response)["certificate"] as? String ?? response.text))
+                            queue.answered.wrappingAdd(1, ordering: .relaxed)
+                        }
+                        await connection.close()
+                        return answers
+                    }
+                }
+                // Activate once a sixth of the identities are out, with the rest in flight.
+                #expect(await eventually(seconds: 30) { queue.answered.load(ordering: .relaxed) >= 20 })
+                let activated = try await admin.request(.POST, "/v1/ca/rotate", headers: [("content-type", "application/json")], body: json(["force": true]))
+                #expect(activated.status == .ok, "\(activated.text)")
+                var all: [(Int, String)] = []
+                for try await part in group { all += part }
+                return all
+            }
+            #expect(results.count == 120)
+            let failures = results.filter { $0.0 != 200 }
+            #expect(failures.isEmpty, "\(failures.prefix(3))")
+            // Every identity verifies against the bundle now (old and new authorities are both published).
+            var issuers: Set<String> = []
+            for (_, certificate) in results where certificate.hasPrefix("-----BEGIN") {
+                let verdict = object(try await admin.request(.POST, "/v1/verify", headers: [("content-type", "application/json")],
+                                                             body: json(["x509_chain": certificate])))
+                #expect(verdict["valid"] as? Bool == true, "\(verdict)")
+                issuers.insert((try Certificate(pemEncoded: certificate)).issuer.description)
+            }
+            #expect(issuers.count == 2, "issued by both authorities around the rotation: \(issuers)")
+            let audit = object(try await admin.request(.GET, "/v1/audit?limit=1000"))["records"] as? [[String: Any]] ?? []
+            // One audit record per identity; any other issuance record is an
+            // identity the old authority signed after the rotation committed,
+            // refused by the ledger (and signed again by the new one).
+            let issues = audit.filter { $0["action"] as? String == "identity.issue" }.map { $0["result"] as? String ?? "" }
+            #expect(issues.filter { $0.hasPrefix("ok:") }.count == 120, "one audit record per identity")
+            #expect(issues.filter { !$0.hasPrefix("ok:") }.allSatisfy { $0.contains("authority rotated") }, "\(issues.filter { !$0.hasPrefix("ok:") })")
         }
     }
 }

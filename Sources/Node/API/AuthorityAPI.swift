@@ -394,9 +394,24 @@ extension NodeAPI {
         }
         var keys = try requireKeys()
         let current: VerifiedX509
-        do {
-            current = try await keys.bundle.verifyX509(chain: [try Certificate(derEncoded: presented)])
-        } catch let error as AuthorityError {
+        let presentedCertificate = try Certificate(derEncoded: presented)
+        func check(_ keys: AuthorityService.Keys) async -> Result<VerifiedX509, AuthorityError> {
+            do {
+                return .success(try await keys.bundle.verifyX509(chain: [presentedCertificate]))
+            } catch {
+                return .failure(error)
+            }
+        }
+        var checked = await check(keys)
+        // Signed by an authority activated a moment ago? Look again (at most every 100 ms).
+        if case .failure(let error) = checked, error.code == "untrusted", let authority,
+           let fresh = try authority.keys(maxAge: .milliseconds(100)), fresh.bundle.sequence != keys.bundle.sequence {
+            keys = fresh
+            checked = await check(keys)
+        }
+        switch checked {
+        case .success(let verified): current = verified
+        case .failure(let error):
             throw APIError(status: .unauthorized, code: error.code, message: "the presented X509-SVID does not verify: \(error.message)")
         }
         if let rule = keys.revocation(serial: current.serialHex, spiffeID: current.spiffeID.description, attributes: current.attributes,
@@ -497,6 +512,17 @@ extension NodeAPI {
     private func verify(_ request: HTTPRequest) async throws -> HTTPResponse {
         let body = try Self.decodeBody(VerifyRequest.self, request, expected: "{\"x509_chain\": PEM} or {\"jwt\", \"audience\"}")
         let keys = try requireKeys()
+        let answer = try await verify(body, keys)
+        // An authority activated a moment ago may not be in the cached
+        // bundle yet: look again (at most every 100 ms) before saying no.
+        guard let code = answer.code, code == "untrusted" || code == "unknown_key", let authority,
+              let fresh = try authority.keys(maxAge: .milliseconds(100)), fresh.bundle.sequence != keys.bundle.sequence else {
+            return APIJSON.response(answer)
+        }
+        return APIJSON.response(try await verify(body, fresh))
+    }
+
+    private func verify(_ body: VerifyRequest, _ keys: AuthorityService.Keys) async throws -> VerifyBody {
         do {
             if let chainPEM = body.x509Chain, body.jwt == nil {
                 let documents = try PEMDocument.parseMultiple(pemString: chainPEM)
@@ -505,24 +531,24 @@ extension NodeAPI {
                 let verified = try await keys.bundle.verifyX509(chain: chain)
                 try Self.checkNotRevoked(keys, serial: verified.serialHex, spiffeID: verified.spiffeID, attributes: verified.attributes,
                                          issuedAt: verified.notBefore.addingTimeInterval(X509Authority.backdate))
-                return APIJSON.response(VerifyBody(valid: true, spiffeId: verified.spiffeID.description, serial: verified.serialHex,
-                                                   attributes: verified.attributes, expiresAt: Self.iso(verified.notAfter)))
+                return VerifyBody(valid: true, spiffeId: verified.spiffeID.description, serial: verified.serialHex,
+                                  attributes: verified.attributes, expiresAt: Self.iso(verified.notAfter))
             }
             if let jwt = body.jwt, let audience = body.audience, body.x509Chain == nil {
                 let verified = try JWTVerifier(trustDomain: keys.jwt.trustDomain, keys: keys.bundle.jwtKeys).verify(jwt, audience: audience)
                 let serial = String(verified.fingerprint.prefix(32))
                 try Self.checkNotRevoked(keys, serial: serial, spiffeID: verified.spiffeID, attributes: verified.attributes,
                                          issuedAt: verified.issuedAt ?? Date(timeIntervalSince1970: 0))
-                return APIJSON.response(VerifyBody(valid: true, spiffeId: verified.spiffeID.description, serial: serial,
-                                                   attributes: verified.attributes, expiresAt: Self.iso(verified.expiry)))
+                return VerifyBody(valid: true, spiffeId: verified.spiffeID.description, serial: serial,
+                                  attributes: verified.attributes, expiresAt: Self.iso(verified.expiry))
             }
             throw APIError.badRequest("give either x509_chain, or jwt with audience")
         } catch let error as AuthorityError {
-            return APIJSON.response(VerifyBody(valid: false, code: error.code, reason: error.message))
+            return VerifyBody(valid: false, code: error.code, reason: error.message)
         } catch let error as APIError {
             throw error
         } catch {
-            return APIJSON.response(VerifyBody(valid: false, code: "malformed", reason: "\(error)"))
+            return VerifyBody(valid: false, code: "malformed", reason: "\(error)")
         }
     }
 
