@@ -54,7 +54,7 @@ public final class AuthorityService: Sendable {
     private let kek: SymmetricKey
     private let store: RaftStore
     private let cache = Mutex<Cache?>(nil)
-    private let crls = Mutex<(key: String, made: ContinuousClock.Instant, pem: String)?>(nil)
+    private let crls = Mutex<(key: String, made: ContinuousClock.Instant, madeAtMillis: UInt64, pem: String)?>(nil)
     /// How long the ledger's keyring and revocations are trusted before
     /// they are read again: rotation and revocation reach verification on
     /// every node within this (re-reading per request was the largest cost
@@ -195,7 +195,15 @@ public final class AuthorityService: Sendable {
     public func crlPEM() throws -> String {
         guard let keys = try keys() else { throw AuthorityError("no_authority", "the trust domain's keys are not made yet") }
         let key = "\(keys.bundle.sequence)/\(keys.revocations.rules.count)/\(keys.revocations.rules.last?.revokedAtMillis ?? 0)"
-        if let cached = crls.withLock({ $0 }), cached.key == key, cached.made.duration(to: .now) < Self.crlRefresh { return cached.pem }
+        // Also signed again once more after a rule's first seconds: an
+        // identity signed just before the rule but applied just after it is
+        // covered by the rule and must reach the CRL too.
+        let settled = (keys.revocations.rules.map(\.revokedAtMillis).max() ?? 0) + 5_000
+        // (At most once a second meanwhile.)
+        if let cached = crls.withLock({ $0 }), cached.key == key, cached.made.duration(to: .now) < Self.crlRefresh,
+           cached.madeAtMillis > settled || cached.made.duration(to: .now) < .seconds(1) {
+            return cached.pem
+        }
         var revoked: [String: [(serial: [UInt8], at: Date)]] = [:]
         if !keys.revocations.rules.isEmpty {
             try store.forEachDocument(prefix: AuthorityDocuments.issuedPrefix) { document in
@@ -213,7 +221,7 @@ public final class AuthorityService: Sendable {
                                              nextUpdate: now.addingTimeInterval(Self.crlLifetime))
             pem += PEMDocument(type: "X509 CRL", derBytes: der).pemString + "\n"
         }
-        crls.withLock { $0 = (key, .now, pem) }
+        crls.withLock { $0 = (key, .now, UInt64(now.timeIntervalSince1970 * 1000), pem) }
         return pem
     }
 
