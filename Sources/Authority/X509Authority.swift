@@ -248,5 +248,5 @@ public struct IssuedX509: Sendable {
 
     public var serialHex: String { Hex.encode(certificate.serialNumber.bytes) }
     public var fingerprintSHA256: String { Hex.encode(SHA256.hash(data: der)) }
-    public var pem: String { PEMDocument(type: "CERTIFICATE", derBytes: der).pemString + "\n" }
+    public var pem: String { PEMText.encode(der, label: "CERTIFICATE") }
 }

@@ -225,3 +225,84 @@ public enum JSONText {
         }
     }
 }
+
+/// PEM (RFC 7468) written and read by hand on hot paths: one certificate
+/// per issuance, one CSR per request.
+public enum PEMText {
+    /// `-----BEGIN <label>-----`, base64 in lines of 64, the END line, a newline.
+    public static func encode(_ der: [UInt8], label: String) -> String {
+        let base64 = Array(Base64.encode(der).utf8)
+        var out = Array("-----BEGIN \(label)-----\n".utf8)
+        out.reserveCapacity(base64.count + base64.count / 64 + 64)
+        var i = 0
+        while i < base64.count {
+            let end = min(i + 64, base64.count)
+            out += base64[i..<end]
+            out.append(0x0A)
+            i = end
+        }
+        out += Array("-----END \(label)-----\n".utf8)
+        return String(decoding: out, as: UTF8.self)
+    }
+
+    /// The DER inside exactly one PEM block with this label (text around it
+    /// is allowed, other blocks are not); nil for anything else.
+    public static func decode(_ text: String, label: String) -> [UInt8]? {
+        let begin = "-----BEGIN \(label)-----", end = "-----END \(label)-----"
+        guard let start = text.firstRange(of: begin), let stop = text[start.upperBound...].firstRange(of: end),
+              !text[stop.upperBound...].contains("-----BEGIN"), !text[..<start.lowerBound].contains("-----BEGIN") else { return nil }
+        return Base64.decode(text[start.upperBound..<stop.lowerBound].filter { !$0.isWhitespace })
+    }
+}
+
+/// Standard base64 (RFC 4648 section 4), with padding.
+public enum Base64 {
+    private static let alphabet = Array("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/".utf8)
+    private static let values: [UInt8] = {
+        var table = [UInt8](repeating: 0xFF, count: 256)
+        for (value, character) in alphabet.enumerated() { table[Int(character)] = UInt8(value) }
+        return table
+    }()
+
+    public static func encode(_ input: [UInt8]) -> String {
+        var out = [UInt8]()
+        out.reserveCapacity((input.count + 2) / 3 * 4)
+        var i = 0
+        while i < input.count {
+            let b0 = UInt32(input[i]), b1 = i + 1 < input.count ? UInt32(input[i + 1]) : 0, b2 = i + 2 < input.count ? UInt32(input[i + 2]) : 0
+            let n = b0 << 16 | b1 << 8 | b2
+            out.append(alphabet[Int(n >> 18 & 63)])
+            out.append(alphabet[Int(n >> 12 & 63)])
+            out.append(i + 1 < input.count ? alphabet[Int(n >> 6 & 63)] : 0x3D)
+            out.append(i + 2 < input.count ? alphabet[Int(n & 63)] : 0x3D)
+            i += 3
+        }
+        return String(decoding: out, as: UTF8.self)
+    }
+
+    /// Decodes padded base64; nil for a wrong length, another character,
+    /// misplaced padding or non-zero leftover bits.
+    public static func decode(_ text: some StringProtocol) -> [UInt8]? {
+        let input = Array(text.utf8)
+        guard input.count % 4 == 0 else { return nil }
+        var padding = 0
+        if input.last == 0x3D { padding += 1 }
+        if input.count >= 2, input[input.count - 2] == 0x3D { padding += 1 }
+        var out = [UInt8]()
+        out.reserveCapacity(input.count / 4 * 3)
+        var accumulator: UInt32 = 0
+        var bits = 0
+        for character in input.dropLast(padding) {
+            let value = values[Int(character)]
+            guard value != 0xFF else { return nil }
+            accumulator = accumulator << 6 | UInt32(value)
+            bits += 6
+            if bits >= 8 {
+                bits -= 8
+                out.append(UInt8(truncatingIfNeeded: accumulator >> UInt32(bits)))
+            }
+        }
+        guard accumulator & ((1 << UInt32(bits)) - 1) == 0 else { return nil }
+        return out
+    }
+}

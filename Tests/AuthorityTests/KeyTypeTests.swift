@@ -100,6 +100,23 @@ struct EncodingTests {
         #expect(Base64URL.decode("AB") == nil, "leftover bits must be zero")
     }
 
+    @Test("PEM and base64 written by hand agree with SwiftASN1 and Foundation, and read back; anything else is refused")
+    func pem() throws {
+        for length in [0, 1, 2, 3, 47, 48, 49, 300, 777] {
+            let der = (0..<length).map { _ in UInt8.random(in: 0...255) }
+            #expect(Base64.encode(der) == Data(der).base64EncodedString())
+            #expect(Base64.decode(Data(der).base64EncodedString()) == der)
+            let ours = PEMText.encode(der, label: "CERTIFICATE")
+            #expect(ours == PEMDocument(type: "CERTIFICATE", derBytes: der).pemString + "\n")
+            #expect(PEMText.decode("junk before\n" + ours + "after", label: "CERTIFICATE") == der)
+        }
+        let one = PEMText.encode([1, 2, 3], label: "CERTIFICATE REQUEST")
+        #expect(PEMText.decode(one, label: "CERTIFICATE") == nil, "another label")
+        #expect(PEMText.decode(one + one, label: "CERTIFICATE REQUEST") == nil, "two blocks")
+        #expect(PEMText.decode(one.replacingOccurrences(of: "AQID", with: "AQI*"), label: "CERTIFICATE REQUEST") == nil)
+        #expect(Base64.decode("AQI=") != nil && Base64.decode("AQJ=") == nil && Base64.decode("A=AA") == nil && Base64.decode("AQI") == nil)
+    }
+
     @Test("JSON text escapes what RFC 8259 requires and parses back to the same strings")
     func jsonText() throws {
         let tricky = ["q\"uote": "back\\slash", "control": "\u{01}\n\t\r", "unicode": "é✓𝄞", "slash": "a/b"]

@@ -333,11 +333,8 @@ extension NodeAPI {
 
     /// The public key of a PEM CSR whose signature verifies (proof of possession).
     static func csrKey(_ pem: String) throws -> Certificate.PublicKey {
-        let csrDER: [UInt8]
-        do {
-            csrDER = try PEMDocument(pemString: pem).derBytes
-        } catch {
-            throw APIError(status: .badRequest, code: "bad_csr", message: "csr must be a PEM CERTIFICATE REQUEST")
+        guard pem.utf8.count <= 64 << 10, let csrDER = PEMText.decode(pem, label: "CERTIFICATE REQUEST") else {
+            throw APIError(status: .badRequest, code: "bad_csr", message: "csr must be one PEM CERTIFICATE REQUEST")
         }
         do {
             return try X509Authority.publicKey(fromCSR: csrDER)
@@ -367,7 +364,7 @@ extension NodeAPI {
         let certificate = try Certificate(derEncoded: der)
         let verified = try TrustBundle.checkLeaf(certificate, trustDomain: keys.x509.trustDomain)
         return APIJSON.response(X509SVIDBody(spiffeId: verified.spiffeID.description,
-                                             certificate: PEMDocument(type: "CERTIFICATE", derBytes: der).pemString + "\n",
+                                             certificate: PEMText.encode(der, label: "CERTIFICATE"),
                                              bundle: keys.bundlePEM, serial: verified.serialHex, expiresAt: Self.iso(certificate.notValidAfter),
                                              replayed: true), headers: [("warrant-leader", String(id))])
     }
