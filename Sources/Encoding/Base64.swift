@@ -1,0 +1,102 @@
+/// PEM (RFC 7468) written and read by hand on hot paths: one certificate
+/// per issuance, one CSR per request.
+public enum PEMText {
+    /// `-----BEGIN <label>-----`, base64 in lines of 64, the END line, a newline.
+    public static func encode(_ der: [UInt8], label: String) -> String {
+        let base64 = Array(Base64.encode(der).utf8)
+        var out = Array("-----BEGIN \(label)-----\n".utf8)
+        out.reserveCapacity(base64.count + base64.count / 64 + 64)
+        var i = 0
+        while i < base64.count {
+            let end = min(i + 64, base64.count)
+            out += base64[i..<end]
+            out.append(0x0A)
+            i = end
+        }
+        out += Array("-----END \(label)-----\n".utf8)
+        return String(decoding: out, as: UTF8.self)
+    }
+
+    /// The DER inside exactly one PEM block with this label (text around it
+    /// is allowed, other blocks are not); nil for anything else.
+    public static func decode(_ text: String, label: String) -> [UInt8]? {
+        let begin = "-----BEGIN \(label)-----", end = "-----END \(label)-----"
+        guard let start = text.firstRange(of: begin), let stop = text[start.upperBound...].firstRange(of: end),
+              !text[stop.upperBound...].contains("-----BEGIN"), !text[..<start.lowerBound].contains("-----BEGIN") else { return nil }
+        return Base64.decode(text[start.upperBound..<stop.lowerBound].filter { !$0.isWhitespace })
+    }
+}
+
+/// Base64 (RFC 4648): one codec, two alphabets.
+private struct Base64Codec {
+    let alphabet: [UInt8]
+    let values: [UInt8]
+    let padded: Bool
+
+    init(_ characters: String, padded: Bool) {
+        alphabet = Array(characters.utf8)
+        var table = [UInt8](repeating: 0xFF, count: 256)
+        for (value, character) in alphabet.enumerated() { table[Int(character)] = UInt8(value) }
+        values = table
+        self.padded = padded
+    }
+
+    func encode(_ bytes: some Collection<UInt8>) -> String {
+        let input = Array(bytes)
+        var out = [UInt8]()
+        out.reserveCapacity((input.count + 2) / 3 * 4)
+        var i = 0
+        while i < input.count {
+            let b1 = i + 1 < input.count ? UInt32(input[i + 1]) : 0, b2 = i + 2 < input.count ? UInt32(input[i + 2]) : 0
+            let n = UInt32(input[i]) << 16 | b1 << 8 | b2
+            out.append(alphabet[Int(n >> 18 & 63)])
+            out.append(alphabet[Int(n >> 12 & 63)])
+            if i + 1 < input.count { out.append(alphabet[Int(n >> 6 & 63)]) } else if padded { out.append(0x3D) }
+            if i + 2 < input.count { out.append(alphabet[Int(n & 63)]) } else if padded { out.append(0x3D) }
+            i += 3
+        }
+        return String(decoding: out, as: UTF8.self)
+    }
+
+    /// Nil for a length that cannot occur, another character, padding
+    /// where there should be none (or none where there should be), or
+    /// non-zero bits left over in the last character.
+    func decode(_ text: some StringProtocol) -> [UInt8]? {
+        var input = Array(text.utf8)
+        if padded {
+            guard input.count % 4 == 0 else { return nil }
+            if input.last == 0x3D { input.removeLast() }
+            if input.last == 0x3D { input.removeLast() }
+        }
+        guard input.count % 4 != 1 else { return nil }
+        var out = [UInt8]()
+        out.reserveCapacity(input.count * 3 / 4)
+        var accumulator: UInt32 = 0
+        var bits = 0
+        for character in input {
+            let value = values[Int(character)]
+            guard value != 0xFF else { return nil }
+            accumulator = accumulator << 6 | UInt32(value)
+            bits += 6
+            if bits >= 8 {
+                bits -= 8
+                out.append(UInt8(truncatingIfNeeded: accumulator >> UInt32(bits)))
+            }
+        }
+        return accumulator & ((1 << UInt32(bits)) - 1) == 0 ? out : nil
+    }
+}
+
+/// Standard base64 (RFC 4648 section 4), with padding.
+public enum Base64 {
+    private static let codec = Base64Codec("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/", padded: true)
+    public static func encode(_ bytes: some Collection<UInt8>) -> String { codec.encode(bytes) }
+    public static func decode(_ text: some StringProtocol) -> [UInt8]? { codec.decode(text) }
+}
+
+/// Unpadded base64url (RFC 4648 section 5), as JOSE uses it.
+public enum Base64URL {
+    private static let codec = Base64Codec("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_", padded: false)
+    public static func encode(_ bytes: some Collection<UInt8>) -> String { codec.encode(bytes) }
+    public static func decode(_ text: some StringProtocol) -> [UInt8]? { codec.decode(text) }
+}
