@@ -58,9 +58,6 @@ public actor RaftDriver {
     /// (the node watches membership and member addresses this way).
     private let onApplied: (@Sendable ([Entry]) -> Void)?
     private var flushScheduled = false
-    /// The term and vote last written with an fsync.
-    private var syncedTerm: Term = 0
-    private var syncedVote: NodeID = 0
     /// A deliberate bug for showing that the crash harness catches lost
     /// acknowledged writes: writes are answered as soon as the leader
     /// appends them in memory (persisted, sent and committed at the next
@@ -113,8 +110,6 @@ public actor RaftDriver {
         let durable = try store.loadDurableState()
         raft = try RaftNode(configuration: configuration, durable: durable)
         appliedIndex = durable.appliedIndex
-        syncedTerm = durable.hardState.term
-        syncedVote = durable.hardState.votedFor
         // The stored snapshot's ledger bytes are made from the tables; if
         // more was applied after it, snapshot at the applied index instead.
         if store.snapshotsHoldLedger, let snapshot = durable.snapshot, snapshot.metadata.index > 0, snapshot.data.isEmpty,
@@ -459,16 +454,10 @@ public actor RaftDriver {
             sender.send(ready.messagesToSendNow)
             let writeStart = ContinuousClock.now
             // Persisting and applying share one transaction (one fsync):
-            // committed entries may be applied before it ends. Only new
-            // entries, a snapshot, a new term or vote need the disk before
-            // going on; a Ready that only applies does not wait for it.
-            let mustSync = ready.snapshot != nil || !ready.entries.isEmpty
-                || ready.hardState.map { $0.term != syncedTerm || $0.votedFor != syncedVote } == true
-            let outcomes = try store.persistAndApply(ready, mustSync: mustSync)
-            if mustSync, let hardState = ready.hardState {
-                syncedTerm = hardState.term
-                syncedVote = hardState.votedFor
-            }
+            // committed entries may be applied before it ends. (Committing
+            // apply-only Readys without the fsync was tried: switching
+            // SQLite's synchronous mode per transaction cost more than it saved.)
+            let outcomes = try store.persistAndApply(ready)
             if ready.snapshot != nil || !ready.entries.isEmpty || ready.hardState != nil || !ready.committedEntries.isEmpty {
                 metrics.storageWriteSeconds.observe(writeStart.duration(to: .now))
             }

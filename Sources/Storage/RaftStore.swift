@@ -51,11 +51,9 @@ public final class RaftStore: Sendable {
     /// (storing them cost a copy of the whole ledger on the driver thread
     /// at every compaction).
     public let snapshotsHoldLedger: Bool
-    public let synchronous: SynchronousMode
 
     public init(path: String, synchronous: SynchronousMode = .full, snapshotsHoldLedger: Bool = true) throws {
         self.path = path
-        self.synchronous = synchronous
         self.snapshotsHoldLedger = snapshotsHoldLedger
         var configuration = GRDB.Configuration()
         configuration.label = "raft-store"
@@ -136,36 +134,11 @@ public final class RaftStore: Sendable {
     /// in one transaction and so one fsync. The entries to apply are
     /// committed, so applying them before the transaction's end is safe;
     /// a crash loses both or neither.
-    ///
-    /// `mustSync` false (the Ready adds no entries, snapshot, term or vote:
-    /// it applies and moves the commit index) commits without waiting for
-    /// the disk, when the store's mode is FULL: SQLite's WAL then stays
-    /// consistent (NORMAL), and what a power loss could take back is only
-    /// applying, which the log repeats on restart with the same result.
-    /// The next synced commit makes it durable too.
-    public func persistAndApply(_ ready: Ready, mustSync: Bool = true) throws -> [LedgerOutcome] {
+    public func persistAndApply(_ ready: Ready) throws -> [LedgerOutcome] {
         guard ready.snapshot != nil || !ready.entries.isEmpty || ready.hardState != nil || !ready.committedEntries.isEmpty else { return [] }
-        guard !mustSync, synchronous == .full else {
-            return try database.write { db in
-                try persist(snapshot: ready.snapshot, entries: ready.entries, hardState: ready.hardState, db)
-                return try Self.apply(ready.committedEntries, db)
-            }
-        }
-        return try database.writeWithoutTransaction { db in
-            try db.execute(sql: "PRAGMA synchronous = NORMAL")
-            var outcomes: [LedgerOutcome] = []
-            let result = Result {
-                try db.inTransaction {
-                    try persist(snapshot: ready.snapshot, entries: ready.entries, hardState: ready.hardState, db)
-                    outcomes = try Self.apply(ready.committedEntries, db)
-                    return .commit
-                }
-            }
-            // If FULL cannot be restored, later writes that must reach the
-            // disk would not: that is a storage failure (the node stops).
-            try db.execute(sql: "PRAGMA synchronous = FULL")
-            try result.get()
-            return outcomes
+        return try database.write { db in
+            try persist(snapshot: ready.snapshot, entries: ready.entries, hardState: ready.hardState, db)
+            return try Self.apply(ready.committedEntries, db)
         }
     }
 
