@@ -6,7 +6,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
-swift build -c release --product warrant 2>&1 | grep -Ev '^\[[0-9]+/[0-9]+\]' || true
-swift build -c release --product warrant-bench 2>&1 | grep -Ev '^\[[0-9]+/[0-9]+\]' || true
-bin="$(swift build -c release --show-bin-path)"
+source scripts/release-build.sh
 "$bin/warrant-bench" issue --warrant-binary "$bin/warrant" --clients 64 --seconds "${SECONDS_PER_RUN:-8}"

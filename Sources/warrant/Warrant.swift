@@ -55,6 +55,13 @@ func finish(_ response: HTTPClientResponse) throws {
     print(text)
 }
 
+extension AdminClient {
+    /// POSTs `object` as JSON.
+    func post(_ path: String, json object: [String: Any]) async throws -> HTTPClientResponse {
+        try await request(.POST, path, headers: [("content-type", "application/json")], body: Array(try JSONSerialization.data(withJSONObject: object)))
+    }
+}
+
 func percentEncoded(_ text: String) -> String {
     text.addingPercentEncoding(withAllowedCharacters: .alphanumerics.union(CharacterSet(charactersIn: "-._~"))) ?? text
 }
@@ -381,8 +388,7 @@ struct TokenCommand: AsyncParsableCommand {
             let client = try connection.client()
             var request: [String: Any] = ["spiffe_id": spiffeId, "ttl_seconds": ttl, "valid_for_seconds": validFor]
             if let maxLifetime { request["max_lifetime_seconds"] = maxLifetime }
-            let response = try await client.request(.POST, "/v1/tokens", headers: [("content-type", "application/json")],
-                                                    body: Array(try JSONSerialization.data(withJSONObject: request)))
+            let response = try await client.post("/v1/tokens", json: request)
             if quiet, response.status == .created, let body = try JSONSerialization.jsonObject(with: Data(response.body)) as? [String: Any],
                let token = body["token"] as? String {
                 print(token)
@@ -396,8 +402,7 @@ struct TokenCommand: AsyncParsableCommand {
 /// Posts an X509-SVID request; on success writes the certificate and the
 /// bundle as PEM and says what was issued, else prints the error (exit 1).
 func requestX509SVID(_ client: AdminClient, _ path: String, _ request: [String: Any], out: String, bundleOut: String) async throws {
-    let response = try await client.request(.POST, path, headers: [("content-type", "application/json")],
-                                            body: Array(try JSONSerialization.data(withJSONObject: request)))
+    let response = try await client.post(path, json: request)
     guard response.status == .ok, let body = try JSONSerialization.jsonObject(with: Data(response.body)) as? [String: Any],
           let certificate = body["certificate"] as? String, let bundle = body["bundle"] as? String else { return try finish(response) }
     try certificate.write(toFile: out, atomically: true, encoding: .utf8)
@@ -456,8 +461,7 @@ struct SVIDCommand: AsyncParsableCommand {
         func run() async throws {
             let client = try connection.client()
             let request: [String: Any] = ["token": token, "audience": audience]
-            try finish(try await client.request(.POST, "/v1/svid/jwt", headers: [("content-type", "application/json")],
-                                                body: Array(try JSONSerialization.data(withJSONObject: request))))
+            try finish(try await client.post("/v1/svid/jwt", json: request))
         }
     }
 }
@@ -500,8 +504,7 @@ struct CACommand: AsyncParsableCommand {
         func run() async throws {
             var request: [String: Any] = ["force": force]
             if let keyAlgorithm { request["key_algorithm"] = keyAlgorithm }
-            try finish(try await connection.client().request(.POST, "/v1/ca/rotate", headers: [("content-type", "application/json")],
-                                                              body: Array(try JSONSerialization.data(withJSONObject: request))))
+            try finish(try await connection.client().post("/v1/ca/rotate", json: request))
         }
     }
 }
@@ -525,8 +528,7 @@ struct RevokeCommand: AsyncParsableCommand {
         if let serial { request["serial"] = serial }
         if let spiffeId { request["spiffe_id"] = spiffeId }
         if let attribute { request["attribute"] = attribute }
-        try finish(try await connection.client().request(.POST, "/v1/revocations", headers: [("content-type", "application/json")],
-                                                          body: Array(try JSONSerialization.data(withJSONObject: request))))
+        try finish(try await connection.client().post("/v1/revocations", json: request))
     }
 }
 

@@ -86,16 +86,7 @@ struct ProcessTests {
             .init(id: 1, peer: try HostPort(parsing: "127.0.0.1:\(base)", at: ""), api: try HostPort(parsing: "127.0.0.1:\(base + 100)", at: "")),
         ])
         func start() throws -> (Int32, String) {
-            let process = Process()
-            process.executableURL = URL(fileURLWithPath: binary)
-            process.arguments = ["node", "start", "--config", "\(directory)/node-1/config.yaml"]
-            let pipe = Pipe()
-            process.standardError = pipe
-            process.standardOutput = pipe
-            try process.run()
-            let output = pipe.fileHandleForReading.readDataToEndOfFile()
-            process.waitUntilExit()
-            return (process.terminationStatus, String(decoding: output, as: UTF8.self))
+            try run(["node", "start", "--config", "\(directory)/node-1/config.yaml"], executable: binary)
         }
         let config = "\(directory)/node-1/config.yaml"
         let original = try String(contentsOfFile: config, encoding: .utf8)
