@@ -47,6 +47,15 @@ let package = Package(
             .product(name: "X509", package: "swift-certificates"),
             .product(name: "SwiftASN1", package: "swift-asn1"),
         ], swiftSettings: strict),
+        // Platform tokens (GitHub, GitLab, Kubernetes, any OIDC issuer):
+        // strict parsing, pinned algorithms, key sets, claims. No I/O.
+        .target(name: "Attestation", dependencies: [
+            "Encoding", "Authority",
+            .product(name: "Crypto", package: "swift-crypto"),
+        ], swiftSettings: strict),
+        // Issuers and join rules as documents: matching, SPIFFE ID
+        // templates, explanations and lint. No I/O.
+        .target(name: "Policy", dependencies: ["Attestation", "Authority", .product(name: "Yams", package: "Yams")], swiftSettings: strict),
         // Node-to-node framing (and, with issue 3, TCP and mutual TLS).
         .target(name: "Transport", dependencies: [
             "Raft",
@@ -59,7 +68,7 @@ let package = Package(
         // Wires it all: the driver loop, the node process, the HTTPS API
         // (forwarding, metrics), the cluster's files and the admin client.
         .target(name: "Node", dependencies: [
-            "Raft", "Ledger", "Storage", "Transport", "Authority",
+            "Raft", "Ledger", "Storage", "Transport", "Authority", "Attestation", "Policy",
             .product(name: "Yams", package: "Yams"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
@@ -84,7 +93,8 @@ let package = Package(
         // Real node processes on loopback, load generation and acknowledged-
         // write tracking: shared by the benchmarks and the crash tests.
         .target(name: "ClusterHarness", dependencies: [
-            "Node", "Raft",
+            "Node", "Raft", "Authority", "Encoding", "Transport",
+            .product(name: "X509", package: "swift-certificates"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
@@ -109,6 +119,11 @@ let package = Package(
             .product(name: "X509", package: "swift-certificates"),
             .product(name: "SwiftASN1", package: "swift-asn1"),
         ], exclude: ["wycheproof"], swiftSettings: strict),
+        .testTarget(name: "AttestationTests", dependencies: [
+            "Attestation", "Policy", "Authority", "Encoding", "ClusterHarness",
+            .product(name: "Crypto", package: "swift-crypto"),
+            .product(name: "_CryptoExtras", package: "swift-crypto"),
+        ], swiftSettings: strict),
         .testTarget(name: "ClusterTests", dependencies: [
             "Node", "ClusterHarness",
             .product(name: "NIOCore", package: "swift-nio"),

@@ -66,41 +66,24 @@ public enum JSONText {
     }
 
     private struct Parser {
-        let bytes: [UInt8]
-        var i = 0
+        var scanner: JSONScanner
         var members = 0
 
-        var atEnd: Bool {
-            mutating get {
-                skipSpace()
-                return i == bytes.count
-            }
-        }
+        init(bytes: [UInt8]) { scanner = JSONScanner(bytes: bytes) }
 
-        mutating func skipSpace() {
-            while i < bytes.count, bytes[i] == 0x20 || bytes[i] == 0x0A || bytes[i] == 0x0D || bytes[i] == 0x09 { i += 1 }
-        }
-
-        mutating func expect(_ byte: UInt8) -> Bool {
-            skipSpace()
-            guard i < bytes.count, bytes[i] == byte else { return false }
-            i += 1
-            return true
-        }
+        var atEnd: Bool { mutating get { scanner.atEnd } }
 
         mutating func object(depth: Int, membersMax: Int) -> [String: Value]? {
-            guard expect(0x7B) else { return nil }
+            guard scanner.expect(0x7B) else { return nil }
             var result: [String: Value] = [:]
-            if expect(0x7D) { return result }
+            if scanner.expect(0x7D) { return result }
             repeat {
                 members += 1
-                guard members <= membersMax, let key = string(), expect(0x3A) else { return nil }
-                skipSpace()
-                guard i < bytes.count else { return nil }
+                guard members <= membersMax, let key = scanner.string(), scanner.expect(0x3A), let next = scanner.peek() else { return nil }
                 let value: Value
-                switch bytes[i] {
+                switch next {
                 case 0x22:
-                    guard let text = string() else { return nil }
+                    guard let text = scanner.string() else { return nil }
                     value = .string(text)
                 case 0x7B:
                     guard depth == 0, let nested = object(depth: 1, membersMax: membersMax) else { return nil }
@@ -113,115 +96,149 @@ public enum JSONText {
                 case 0x5B:
                     guard depth == 0, let array = stringArray(membersMax: membersMax) else { return nil }
                     value = .stringArray(array)
-                case 0x74: guard literal("true") else { return nil }; value = .bool(true)
-                case 0x66: guard literal("false") else { return nil }; value = .bool(false)
-                case 0x6E: guard literal("null") else { return nil }; value = .null
+                case 0x74: guard scanner.literal("true") else { return nil }; value = .bool(true)
+                case 0x66: guard scanner.literal("false") else { return nil }; value = .bool(false)
+                case 0x6E: guard scanner.literal("null") else { return nil }; value = .null
                 default:
-                    guard let number = integer() else { return nil }
+                    guard let number = scanner.integer() else { return nil }
                     value = .integer(number)
                 }
                 guard result.updateValue(value, forKey: key) == nil else { return nil } // duplicate keys: not ours
-            } while expect(0x2C)
-            return expect(0x7D) ? result : nil
+            } while scanner.expect(0x2C)
+            return scanner.expect(0x7D) ? result : nil
         }
 
         mutating func stringArray(membersMax: Int) -> [String]? {
-            guard expect(0x5B) else { return nil }
+            guard scanner.expect(0x5B) else { return nil }
             var result: [String] = []
-            if expect(0x5D) { return result }
+            if scanner.expect(0x5D) { return result }
             repeat {
                 members += 1
-                guard members <= membersMax, let text = string() else { return nil }
+                guard members <= membersMax, let text = scanner.string() else { return nil }
                 result.append(text)
-            } while expect(0x2C)
-            return expect(0x5D) ? result : nil
+            } while scanner.expect(0x2C)
+            return scanner.expect(0x5D) ? result : nil
         }
+    }
+}
 
-        mutating func literal(_ word: String) -> Bool {
-            let expected = Array(word.utf8)
-            guard i + expected.count <= bytes.count, Array(bytes[i..<(i + expected.count)]) == expected else { return false }
-            i += expected.count
-            return true
-        }
+/// The lexical layer both JSON parsers share: whitespace, literals,
+/// integers and strings (escapes and surrogate pairs checked, UTF-8
+/// validated, control characters refused).
+struct JSONScanner {
+    let bytes: [UInt8]
+    var i = 0
 
-        mutating func integer() -> Int64? {
-            var negative = false
-            if i < bytes.count, bytes[i] == 0x2D { negative = true; i += 1 }
-            let start = i
-            var value: Int64 = 0
-            while i < bytes.count, bytes[i] >= 0x30, bytes[i] <= 0x39 {
-                let (times, o1) = value.multipliedReportingOverflow(by: 10)
-                let (plus, o2) = times.addingReportingOverflow(Int64(bytes[i] - 0x30))
-                guard !o1, !o2 else { return nil }
-                value = plus
-                i += 1
-            }
-            guard i > start, i - start == 1 || bytes[start] != 0x30 else { return nil }
-            // Fractions and exponents are not ours.
-            if i < bytes.count, bytes[i] == 0x2E || bytes[i] == 0x65 || bytes[i] == 0x45 { return nil }
-            return negative ? -value : value
-        }
+    init(bytes: [UInt8]) { self.bytes = bytes }
 
-        mutating func string() -> String? {
+    var atEnd: Bool {
+        mutating get {
             skipSpace()
-            guard i < bytes.count, bytes[i] == 0x22 else { return nil }
-            i += 1
-            var out: [UInt8] = []
-            while i < bytes.count {
-                let byte = bytes[i]
-                i += 1
-                switch byte {
-                case 0x22:
-                    return String(validating: out, as: UTF8.self)
-                case 0x5C:
-                    guard i < bytes.count else { return nil }
-                    let escape = bytes[i]
-                    i += 1
-                    switch escape {
-                    case 0x22, 0x5C, 0x2F: out.append(escape)
-                    case 0x62: out.append(0x08)
-                    case 0x66: out.append(0x0C)
-                    case 0x6E: out.append(0x0A)
-                    case 0x72: out.append(0x0D)
-                    case 0x74: out.append(0x09)
-                    case 0x75:
-                        guard let unit = hex4() else { return nil }
-                        var scalarValue = UInt32(unit)
-                        if (0xD800..<0xDC00).contains(unit) {
-                            guard i + 1 < bytes.count, bytes[i] == 0x5C, bytes[i + 1] == 0x75 else { return nil }
-                            i += 2
-                            guard let low = hex4(), (0xDC00..<0xE000).contains(low) else { return nil }
-                            scalarValue = 0x10000 + (UInt32(unit) - 0xD800) << 10 + (UInt32(low) - 0xDC00)
-                        }
-                        guard let scalar = Unicode.Scalar(scalarValue) else { return nil }
-                        out.append(contentsOf: Array(String(Character(scalar)).utf8))
-                    default: return nil
-                    }
-                case ..<0x20:
-                    return nil
-                default:
-                    out.append(byte)
-                }
-            }
-            return nil
+            return i == bytes.count
         }
+    }
 
-        mutating func hex4() -> UInt16? {
-            guard i + 4 <= bytes.count else { return nil }
-            var value: UInt16 = 0
-            for _ in 0..<4 {
-                let c = bytes[i]
-                let digit: UInt8
-                switch c {
-                case 0x30...0x39: digit = c - 0x30
-                case 0x61...0x66: digit = c - 0x61 + 10
-                case 0x41...0x46: digit = c - 0x41 + 10
+    mutating func skipSpace() {
+        while i < bytes.count, bytes[i] == 0x20 || bytes[i] == 0x0A || bytes[i] == 0x0D || bytes[i] == 0x09 { i += 1 }
+    }
+
+    /// The next byte after whitespace, not consumed.
+    mutating func peek() -> UInt8? {
+        skipSpace()
+        return i < bytes.count ? bytes[i] : nil
+    }
+
+    mutating func expect(_ byte: UInt8) -> Bool {
+        skipSpace()
+        guard i < bytes.count, bytes[i] == byte else { return false }
+        i += 1
+        return true
+    }
+
+    mutating func literal(_ word: String) -> Bool {
+        let expected = Array(word.utf8)
+        guard i + expected.count <= bytes.count, Array(bytes[i..<(i + expected.count)]) == expected else { return false }
+        i += expected.count
+        return true
+    }
+
+    mutating func integer() -> Int64? {
+        var negative = false
+        if i < bytes.count, bytes[i] == 0x2D { negative = true; i += 1 }
+        let start = i
+        var value: Int64 = 0
+        while i < bytes.count, bytes[i] >= 0x30, bytes[i] <= 0x39 {
+            let (times, o1) = value.multipliedReportingOverflow(by: 10)
+            let (plus, o2) = times.addingReportingOverflow(Int64(bytes[i] - 0x30))
+            guard !o1, !o2 else { return nil }
+            value = plus
+            i += 1
+        }
+        guard i > start, i - start == 1 || bytes[start] != 0x30 else { return nil }
+        // Fractions and exponents are not ours.
+        if i < bytes.count, bytes[i] == 0x2E || bytes[i] == 0x65 || bytes[i] == 0x45 { return nil }
+        return negative ? -value : value
+    }
+
+    mutating func string() -> String? {
+        skipSpace()
+        guard i < bytes.count, bytes[i] == 0x22 else { return nil }
+        i += 1
+        var out: [UInt8] = []
+        while i < bytes.count {
+            let byte = bytes[i]
+            i += 1
+            switch byte {
+            case 0x22:
+                return String(validating: out, as: UTF8.self)
+            case 0x5C:
+                guard i < bytes.count else { return nil }
+                let escape = bytes[i]
+                i += 1
+                switch escape {
+                case 0x22, 0x5C, 0x2F: out.append(escape)
+                case 0x62: out.append(0x08)
+                case 0x66: out.append(0x0C)
+                case 0x6E: out.append(0x0A)
+                case 0x72: out.append(0x0D)
+                case 0x74: out.append(0x09)
+                case 0x75:
+                    guard let unit = hex4() else { return nil }
+                    var scalarValue = UInt32(unit)
+                    if (0xD800..<0xDC00).contains(unit) {
+                        guard i + 1 < bytes.count, bytes[i] == 0x5C, bytes[i + 1] == 0x75 else { return nil }
+                        i += 2
+                        guard let low = hex4(), (0xDC00..<0xE000).contains(low) else { return nil }
+                        scalarValue = 0x10000 + (UInt32(unit) - 0xD800) << 10 + (UInt32(low) - 0xDC00)
+                    }
+                    guard let scalar = Unicode.Scalar(scalarValue) else { return nil }
+                    out.append(contentsOf: Array(String(Character(scalar)).utf8))
                 default: return nil
                 }
-                value = value << 4 | UInt16(digit)
-                i += 1
+            case ..<0x20:
+                return nil
+            default:
+                out.append(byte)
             }
-            return value
         }
+        return nil
+    }
+
+    mutating func hex4() -> UInt16? {
+        guard i + 4 <= bytes.count else { return nil }
+        var value: UInt16 = 0
+        for _ in 0..<4 {
+            let c = bytes[i]
+            let digit: UInt8
+            switch c {
+            case 0x30...0x39: digit = c - 0x30
+            case 0x61...0x66: digit = c - 0x61 + 10
+            case 0x41...0x46: digit = c - 0x41 + 10
+            default: return nil
+            }
+            value = value << 4 | UInt16(digit)
+            i += 1
+        }
+        return value
     }
 }

@@ -42,12 +42,16 @@ public struct Issuance: Sendable, Hashable {
     public var issuedAtMillis: UInt64
     public var notAfterMillis: UInt64
     public var ttlSeconds: UInt32
-    /// The evidence: a join token's hash (hex), or, for a renewal, "" with
-    /// `renewedFrom` naming the serial renewed and `renewedIssuedAtMillis`
-    /// when that one was issued.
+    /// The evidence, exactly one of: a join token's hash (hex); for a
+    /// renewal, `renewedFrom` naming the serial renewed and
+    /// `renewedIssuedAtMillis` when that one was issued; for a platform
+    /// token, `platformReplayKey` (hex SHA-256 of its issuer and jti) and
+    /// `platformExpiresAtMillis` (its exp), consumed once.
     public var tokenHash: String
     public var renewedFrom: String
     public var renewedIssuedAtMillis: UInt64
+    public var platformReplayKey: String = ""
+    public var platformExpiresAtMillis: UInt64 = 0
     /// SHA-256 of the caller's idempotency key, hex, or "".
     public var idempotencyKey: String
     public var node: UInt64
@@ -78,7 +82,13 @@ public struct Issuance: Sendable, Hashable {
     }
 
     /// What the identity was obtained with, for idempotency checks.
-    public var evidence: String { tokenHash.isEmpty ? "renew:\(renewedFrom)" : tokenHash }
+    public var evidence: String {
+        if !platformReplayKey.isEmpty { return "platform:\(platformReplayKey)" }
+        return tokenHash.isEmpty ? "renew:\(renewedFrom)" : tokenHash
+    }
+
+    /// Which evidence it names; nil if not exactly one.
+    var evidenceCount: Int { [!tokenHash.isEmpty, !renewedFrom.isEmpty, !platformReplayKey.isEmpty].filter { $0 }.count }
 
     static let attributesMax = 64
 
@@ -289,9 +299,20 @@ public enum AuthorityDocuments {
     public static let issuedPrefix = "authority/issued/"
     public static func token(_ hash: String) -> String { "authority/tokens/\(hash)" }
     public static func idempotency(_ key: String) -> String { "authority/idempotency/\(key)" }
+    /// Platform tokens already used, by expiry then replay key: a token
+    /// always maps to the same name (its exp is signed), and names whose
+    /// time has passed are forgotten, since an expired token cannot join.
+    public static let platformTokensPrefix = "authority/joins/"
+    public static func platformToken(expiresAtMillis: UInt64, replayKey: String) -> String {
+        platformTokensPrefix + padded(expiresAtMillis) + "/" + replayKey
+    }
+
+    static func padded(_ millis: UInt64) -> String {
+        let digits = String(millis)
+        return String(repeating: "0", count: max(0, 13 - digits.count)) + digits
+    }
     public static func issued(notAfterMillis: UInt64, serial: String) -> String {
-        let digits = String(notAfterMillis)
-        return issuedPrefix + String(repeating: "0", count: max(0, 13 - digits.count)) + digits + "/" + serial
+        issuedPrefix + padded(notAfterMillis) + "/" + serial
     }
 
     /// The longest any identity may live, whatever a token allows; a

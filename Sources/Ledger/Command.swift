@@ -74,15 +74,18 @@ public struct LedgerCommand: Sendable, Hashable {
         case .initializeAuthority(let keyring):
             guard keyring.count <= LedgerLimits.documentContentBytesMax else { return "the keyring is too large" }
         case .recordIssuance(let issuance):
-            guard (issuance.tokenHash.isEmpty && !issuance.renewedFrom.isEmpty) || AuthorityDocuments.isHex(issuance.tokenHash, count: 64) else {
+            guard issuance.evidenceCount == 1 else { return "an issuance names exactly one of a join token, the serial it renews, or a platform token" }
+            guard issuance.tokenHash.isEmpty || AuthorityDocuments.isHex(issuance.tokenHash, count: 64) else {
                 return "a token hash is 64 lower-case hex digits"
+            }
+            guard issuance.platformReplayKey.isEmpty || AuthorityDocuments.isHex(issuance.platformReplayKey, count: 64) else {
+                return "a platform token key is 64 lower-case hex digits"
             }
             guard issuance.idempotencyKey.isEmpty || AuthorityDocuments.isHex(issuance.idempotencyKey, count: 64) else {
                 return "an idempotency key hash is 64 lower-case hex digits"
             }
             guard issuance.artifact.count <= 64 << 10 else { return "the issued artifact is larger than 64 KiB" }
             guard issuance.attributes.count <= Issuance.attributesMax else { return "an identity carries at most \(Issuance.attributesMax) attributes" }
-            guard issuance.tokenHash.isEmpty != issuance.renewedFrom.isEmpty else { return "an issuance names either a join token or the serial it renews" }
         case .recordDenial(let reason, let count):
             guard reason.utf8.count <= 1024, count > 0 else { return "a denial has a reason of at most 1024 bytes and a count above zero" }
         case .prepareAuthority(let entry):
@@ -143,8 +146,13 @@ public struct LedgerCommand: Sendable, Hashable {
             w.write(UInt8(4))
             w.writeBytes(keyring)
         case .recordIssuance(let issuance):
-            w.write(UInt8(5))
+            // Tag 10 adds the platform token's evidence; older entries keep tag 5.
+            w.write(UInt8(issuance.platformReplayKey.isEmpty ? 5 : 10))
             issuance.encode(&w)
+            if !issuance.platformReplayKey.isEmpty {
+                w.writeBytes(Array(issuance.platformReplayKey.utf8))
+                w.write(issuance.platformExpiresAtMillis)
+            }
         case .recordDenial(let reason, let count):
             w.write(UInt8(6))
             w.writeBytes(Array(reason.utf8))
@@ -195,6 +203,12 @@ public struct LedgerCommand: Sendable, Hashable {
             operation = .initializeAuthority(keyring: try r.readBytes("keyring", limit: LedgerLimits.documentContentBytesMax))
         case 5:
             operation = .recordIssuance(try Issuance(decoding: &r))
+        case 10:
+            var issuance = try Issuance(decoding: &r)
+            issuance.platformReplayKey = try Self.readString(&r, "platform token key", 64)
+            issuance.platformExpiresAtMillis = try r.readUInt64("platform token expiry")
+            guard !issuance.platformReplayKey.isEmpty else { throw .invalid(field: "platform token key", reason: "empty") }
+            operation = .recordIssuance(issuance)
         case 6:
             let reason = try Self.readString(&r, "denial reason", 1024)
             operation = .recordDenial(reason: reason, count: try r.readUInt32("denial count"))

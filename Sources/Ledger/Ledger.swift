@@ -109,7 +109,8 @@ public enum Ledger {
             case .rejected(let reason): resultText = "rejected: \(reason)"
             case .issued(_, let replayed):
                 guard case .recordIssuance(let i) = command.operation else { resultText = "ok"; break }
-                let evidence = i.tokenHash.isEmpty ? "renewed_from=\(i.renewedFrom)" : "token=\(i.tokenHash.prefix(16))"
+                let evidence = !i.platformReplayKey.isEmpty ? "platform_token=\(i.platformReplayKey.prefix(16))"
+                    : i.tokenHash.isEmpty ? "renewed_from=\(i.renewedFrom)" : "token=\(i.tokenHash.prefix(16))"
                 let context = i.attributes.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ",")
                 resultText = (replayed ? "replayed" : "ok") + ": \(i.kind == .x509 ? "x509" : "jwt") serial=\(i.serial) sha256=\(i.fingerprint) ttl=\(i.ttlSeconds)s"
                     + " not_after=\(i.notAfterMillis) \(evidence) authority=\(i.authority) node=\(i.node) request=\(command.requestID)"
@@ -250,7 +251,19 @@ public enum Ledger {
         guard let active = try tables.document(named: AuthorityDocuments.active), active.content.elementsEqual(JSONText.quote(issuance.authority).utf8) else {
             return .rejected("authority rotated: \(issuance.authority) is no longer the active authority")
         }
-        if issuance.tokenHash.isEmpty {
+        if !issuance.platformReplayKey.isEmpty {
+            // The platform token was verified by the leader; here it is
+            // consumed, once, cluster-wide, while it is still valid.
+            guard issuance.platformExpiresAtMillis > now else { return .rejected("the platform token expired") }
+            let name = AuthorityDocuments.platformToken(expiresAtMillis: issuance.platformExpiresAtMillis, replayKey: issuance.platformReplayKey)
+            guard try tables.document(named: name) == nil else { return .rejected("the platform token was already used") }
+            try tables.put(Document(name: name, format: .json, content: Array(JSONText.object(["serial": issuance.serial]).utf8), version: 1,
+                                    logIndex: index))
+            for name in try tables.documentNames(from: AuthorityDocuments.platformTokensPrefix,
+                                                 to: AuthorityDocuments.platformToken(expiresAtMillis: now, replayKey: ""), limit: 2, reverse: false) {
+                try tables.deleteDocument(named: name)
+            }
+        } else if issuance.tokenHash.isEmpty {
             let document = try tables.document(named: AuthorityDocuments.revocations)
             let rules = document.flatMap { CanonicalJSON.decode(RevocationList.self, $0.content) }
             if document != nil && rules == nil { return .rejected("the revocation list in the ledger does not decode; renewal refused") }

@@ -1,5 +1,6 @@
 import Authority
 import Raft
+import Policy
 import Yams
 
 /// A host and port, as written in configuration ("127.0.0.1:7401", "[::1]:7401").
@@ -32,18 +33,9 @@ public struct HostPort: Sendable, Hashable, CustomStringConvertible {
     }
 }
 
-/// One problem in a configuration file: where, and what is wrong.
-public struct NodeConfigError: Error, Sendable, Hashable, CustomStringConvertible {
-    public var path: String
-    public var problem: String
-
-    public init(path: String, problem: String) {
-        self.path = path
-        self.problem = problem
-    }
-
-    public var description: String { path.isEmpty ? problem : "\(path): \(problem)" }
-}
+/// One problem in a configuration file: where, and what is wrong (the
+/// same shape as a problem in a policy document).
+public typealias NodeConfigError = PolicyError
 
 /// What `warrant node start --config FILE` reads. Every field is checked
 /// when loaded; unknown keys are errors, so a typo never passes silently.
@@ -77,6 +69,11 @@ public struct NodeConfig: Sendable, Hashable {
     public var heartbeatIntervalTicks: Int
     /// The log is compacted behind a ledger snapshot this often (entries).
     public var snapshotEveryEntries: Int
+    /// Lets issuers' keys be fetched over plain HTTP from loopback
+    /// addresses (`join.allow_http_loopback_issuers`; tests only).
+    public var allowHTTPLoopbackIssuers: Bool
+    /// An unknown kid fetches an issuer's keys again at most this often.
+    public var jwksRefetchSeconds: Int
 
     /// Limits checked at load time.
     public static let peersMax = 8
@@ -98,7 +95,7 @@ public struct NodeConfig: Sendable, Hashable {
         } catch {
             throw NodeConfigError(path: "", problem: "not valid YAML: \(error)")
         }
-        let top = try Section(root, "", keys: ["node", "peers", "tls", "key_encryption_key_file", "raft", "trust_domain", "key_algorithm"])
+        let top = try Section(root, "", keys: ["node", "peers", "tls", "key_encryption_key_file", "raft", "trust_domain", "key_algorithm", "join"])
         let node = try top.section("node", keys: ["id", "data_dir", "listen", "join"])
         id = try node.integer("id", in: 1...Int.max).asNodeID
         dataDirectory = try node.string("data_dir")
@@ -139,6 +136,10 @@ public struct NodeConfig: Sendable, Hashable {
             throw NodeConfigError(path: "key_algorithm", problem: "'\(algorithm)' is not one of \(KeyAlgorithm.names)")
         }
         self.keyAlgorithm = keyAlgorithm
+
+        let join = try top.section("join", keys: ["allow_http_loopback_issuers", "jwks_refetch_seconds"], optional: true)
+        allowHTTPLoopbackIssuers = try join.boolean("allow_http_loopback_issuers", default: false)
+        jwksRefetchSeconds = try join.integer("jwks_refetch_seconds", in: 1...3_600, default: 30)
 
         let raft = try top.section("raft", keys: ["tick_interval_ms", "election_timeout_ticks", "heartbeat_interval_ticks", "snapshot_every_entries"], optional: true)
         snapshotEveryEntries = try raft.integer("snapshot_every_entries", in: Self.snapshotEveryEntries, default: 50_000)

@@ -117,6 +117,8 @@ public final class NodeServer: Sendable {
         var configuration = Configuration(id: config.id, randomSeed: UInt64.random(in: 1...UInt64.max))
         configuration.electionTimeoutTicks = config.electionTimeoutTicks
         configuration.heartbeatIntervalTicks = config.heartbeatIntervalTicks
+        // The core requires it above the election timeout, which operators set.
+        configuration.snapshotTimeoutTicks = max(configuration.snapshotTimeoutTicks, 2 * config.electionTimeoutTicks)
         let metrics = NodeMetrics()
         driver = try RaftDriver(
             configuration: configuration, store: store, sender: transport,
@@ -137,8 +139,11 @@ public final class NodeServer: Sendable {
         authority = AuthorityService(trustDomain: config.trustDomain, keyAlgorithm: config.keyAlgorithm,
                                      kek: try KeyEncryptionKey.load(path: ClusterFiles.resolve(config.keyEncryptionKeyFile, relativeTo: configPath)),
                                      store: store)
+        let joins = JoinService(trustDomain: config.trustDomain, store: store,
+                                fetcher: KeySetFetcher(allowHTTPLoopback: config.allowHTTPLoopbackIssuers),
+                                refetchInterval: .seconds(config.jwksRefetchSeconds))
         api = NodeAPI(id: config.id, driver: driver, store: store, members: members, forwarder: try Forwarder(identity: identity), metrics: metrics,
-                      authority: authority)
+                      authority: authority, joins: joins)
         let api = self.api
         let authority = self.authority
         // Workloads renewing present X509-SVIDs: their TLS roots are the

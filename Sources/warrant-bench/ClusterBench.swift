@@ -158,13 +158,17 @@ func runClusterCommand(_ arguments: [String]) async -> Int32 {
     }
     do {
         switch arguments[0] {
-        case "issue":
+        case "issue", "join":
             guard let clients = integer("clients", 64, 1...1024) else { return 2 }
-            guard let seconds = Double(options["seconds"] ?? "5"), seconds > 0, seconds <= 120 else {
-                FileHandle.standardError.write(Data("warrant-bench: --seconds must be in (0, 120]\n".utf8))
+            guard let seconds = Double(options["seconds"] ?? "5"), seconds > 0, seconds <= 60 else {
+                FileHandle.standardError.write(Data("warrant-bench: --seconds must be in (0, 60]\n".utf8))
                 return 2
             }
-            try await runIssueBench(binary: binary, clients: clients, seconds: seconds)
+            if arguments[0] == "issue" {
+                try await runIssueBench(binary: binary, clients: clients, seconds: seconds)
+            } else {
+                try await runJoinBench(binary: binary, clients: clients, seconds: seconds)
+            }
             return 0
         case "cluster":
             let clients = (options["clients"] ?? "1,64").split(separator: ",").compactMap { Int($0) }

@@ -90,6 +90,17 @@ func drive(endpoints: [SocketAddress], tls: NIOSSLContext, clients: Int, seconds
     return timed
 }
 
+/// A 3-node cluster of real processes in `directory`, once it has a leader
+/// and every node is ready.
+func startReadyCluster(binary: String, directory: String) async throws -> LocalProcessCluster {
+    let cluster = try LocalProcessCluster(binary: binary, directory: directory, basePort: LocalProcessCluster.pickBasePort())
+    guard await cluster.waitForLeader(seconds: 20) != nil, await cluster.waitUntilReady() else {
+        await cluster.close()
+        throw BenchFailure(description: "the cluster did not become ready; logs in \(directory)")
+    }
+    return cluster
+}
+
 func jsonBytes(_ object: [String: Any]) -> [UInt8] { Array((try? JSONSerialization.data(withJSONObject: object)) ?? Data()) }
 
 func runIssueBench(binary: String, clients: Int, seconds: Double) async throws {
@@ -117,11 +128,7 @@ func runIssueBench(binary: String, clients: Int, seconds: Double) async throws {
 
     let directory = temporaryClusterDirectory("issue")
     defer { try? FileManager.default.removeItem(atPath: directory) }
-    let cluster = try LocalProcessCluster(binary: binary, directory: directory, basePort: LocalProcessCluster.pickBasePort())
-    guard await cluster.waitForLeader(seconds: 20) != nil, await cluster.waitUntilReady() else {
-        await cluster.close()
-        throw BenchFailure(description: "the cluster did not become ready; logs in \(directory)")
-    }
+    let cluster = try await startReadyCluster(binary: binary, directory: directory)
     let admin = cluster.client
     let tls = try AdminClient.tlsContext(clusterDirectory: directory)
     let listing = try ClusterListing(directory: directory)

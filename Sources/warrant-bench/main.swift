@@ -29,6 +29,10 @@ USAGE
       Audited issuance on a 3-node cluster: X509-SVIDs from CSRs and JWT-SVIDs
       (one join token each, made beforehand), verification on a follower, and
       this machine's raw signing rate measured in the same run.
+  warrant-bench join --warrant-binary PATH [--clients 64] [--seconds 5]
+      Attested join on a 3-node cluster: GitHub-style RS256 tokens from a local
+      OIDC provider (HTTPS, minted beforehand, one per join) exchanged for
+      X509-SVIDs, with the provider's JWKS fetches counted.
   warrant-bench storage [--seconds S] [--batches 1,10,100] [--directory DIR]
       Fsynced group commit: a single-voter core persisting each Ready to
       SQLite (WAL, synchronous=FULL), 256-byte entries, B entries per Ready.
@@ -129,7 +133,7 @@ if arguments.first == "crash-writer" {
         exit(1)
     }
 }
-if let command = arguments.first, ["cluster", "failover", "crash", "issue"].contains(command) {
+if let command = arguments.first, ["cluster", "failover", "crash", "issue", "join"].contains(command) {
     exit(await runClusterCommand(Array(arguments)))
 }
 guard let command = arguments.popFirst(), command == "storage" else {

@@ -11,7 +11,7 @@ struct Warrant: AsyncParsableCommand {
         commandName: "warrant",
         abstract: "Short-lived machine identity, issued by a replicated cluster.",
         subcommands: [NodeCommand.self, ClusterCommand.self, DocumentCommand.self, AuditCommand.self, MemberCommand.self, LeaderCommand.self,
-                      TokenCommand.self, SVIDCommand.self, BundleCommand.self, CACommand.self, RevokeCommand.self, CRLCommand.self])
+                      TokenCommand.self, SVIDCommand.self, BundleCommand.self, CACommand.self, RevokeCommand.self, CRLCommand.self, JoinCommand.self])
 }
 
 /// How the CLI reaches the cluster: the directory `cluster init` wrote
@@ -462,6 +462,80 @@ struct SVIDCommand: AsyncParsableCommand {
             let client = try connection.client()
             let request: [String: Any] = ["token": token, "audience": audience]
             try finish(try await client.post("/v1/svid/jwt", json: request))
+        }
+    }
+}
+
+struct JoinCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "join", abstract: "Attested join: platform tokens (GitHub Actions, GitLab CI, Kubernetes, OIDC) and the rules they meet.",
+        discussion: "Issuers and rules are documents: 'warrant doc put policy/issuers/<name> --file issuer.yaml' and 'warrant doc put policy/join/<name> --file rule.yaml' (see docs/join-rules.md).",
+        subcommands: [Explain.self, Lint.self])
+
+    struct Explain: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Say why a platform token would or would not join: which rule matched, or each rule's failed conditions with the claim's value.",
+            discussion: "Nothing is consumed. Example: warrant join explain --token job-token.jwt")
+        @OptionGroup var connection: ConnectionOptions
+        @Option(help: "A file holding the platform token ('-' for standard input).") var token: String
+        @Flag(help: "Print the answer as JSON.") var json = false
+
+        func run() async throws {
+            let text: String
+            if token == "-" {
+                text = String(decoding: FileHandle.standardInput.readDataToEndOfFile(), as: UTF8.self)
+            } else {
+                guard let contents = try? String(contentsOfFile: token, encoding: .utf8) else {
+                    throw ValidationError("cannot read the token file \(token)")
+                }
+                text = contents
+            }
+            let response = try await connection.client().post("/v1/join/explain", json: ["token": text.trimmingCharacters(in: .whitespacesAndNewlines)])
+            guard !json, response.status.code < 400,
+                  let answer = try? JSONSerialization.jsonObject(with: Data(response.body)) as? [String: Any] else { return try finish(response) }
+            let issuer = answer["issuer"] as? String
+            let verified = answer["verified"] as? Bool == true
+            print(issuer.map { "issuer: \($0) (\(answer["method"] as? String ?? "?"))" } ?? "issuer: none configured for this token")
+            if let error = answer["error"] as? [String: Any] {
+                print("token: not verified: \(error["code"] as? String ?? "?"): \(error["message"] as? String ?? "")")
+            } else if verified {
+                print("token: verified")
+            }
+            for rule in answer["rules"] as? [[String: Any]] ?? [] {
+                let name = rule["rule"] as? String ?? "?"
+                if rule["matched"] as? Bool == true {
+                    print("rule \(name): matches, identity \(rule["spiffe_id"] as? String ?? "?")")
+                } else {
+                    print("rule \(name): does not match")
+                    for failure in rule["failures"] as? [String] ?? [] { print("  - \(failure)") }
+                }
+            }
+            print("decision: \(answer["decision"] as? String ?? "?")")
+            if !(verified && (answer["decision"] as? String ?? "").hasPrefix("allowed")) { throw ExitCode.failure }
+        }
+    }
+
+    struct Lint: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Warn about join rules that trust too much, and list policy documents that do not read.")
+        @OptionGroup var connection: ConnectionOptions
+
+        func run() async throws {
+            let response = try await connection.client().request(.GET, "/v1/join/lint")
+            guard response.status.code < 400, let answer = try? JSONSerialization.jsonObject(with: Data(response.body)) as? [String: Any] else {
+                return try finish(response)
+            }
+            var findings = 0
+            for rule in answer["rules"] as? [[String: Any]] ?? [] {
+                let warnings = rule["warnings"] as? [String] ?? []
+                print("rule \(rule["rule"] as? String ?? "?") (issuer \(rule["issuer"] as? String ?? "?")): \(warnings.isEmpty ? "ok" : "\(warnings.count) warning(s)")")
+                for warning in warnings { print("  - \(warning)") }
+                findings += warnings.count
+            }
+            for (name, problem) in (answer["broken"] as? [String: String] ?? [:]).sorted(by: { $0.key < $1.key }) {
+                print("\(name): does not read: \(problem)")
+                findings += 1
+            }
+            if findings > 0 { throw ExitCode(2) }
         }
     }
 }

@@ -30,15 +30,21 @@ actor ClusterSlot {
 /// loopback ports picked at random. Make one with `start()`; `shutdown()`
 /// frees the slot for the next.
 final class InProcessCluster: @unchecked Sendable {
-    static func start(nodes: Int = 3, snapshotEveryEntries: Int? = nil) async throws -> InProcessCluster {
+    /// `extraConfig` (YAML) is appended to every node's configuration.
+    static func start(nodes: Int = 3, snapshotEveryEntries: Int? = nil, extraConfig: String = "") async throws -> InProcessCluster {
         await ClusterSlot.shared.acquire()
         do {
-            return try InProcessCluster(nodes: nodes, snapshotEveryEntries: snapshotEveryEntries)
+            return try InProcessCluster(nodes: nodes, snapshotEveryEntries: snapshotEveryEntries, extraConfig: extraConfig)
         } catch {
             await ClusterSlot.shared.release()
             throw error
         }
     }
+
+    /// 500 ms to 1 s (ticks of 10 ms), not the default 200 ms: these nodes
+    /// share two cores with every other suite, and a CI run saw one cluster
+    /// re-elect 37 times in a minute while a crash test hammered fsync.
+    static let electionTimeoutTicks = 50
 
     let directory: String
     let basePort: Int
@@ -46,7 +52,7 @@ final class InProcessCluster: @unchecked Sendable {
     private(set) var servers: [UInt64: NodeServer] = [:]
     private(set) var tasks: [UInt64: Task<Void, any Error>] = [:]
 
-    private init(nodes: Int, snapshotEveryEntries: Int?) throws {
+    private init(nodes: Int, snapshotEveryEntries: Int?, extraConfig: String) throws {
         directory = FileManager.default.temporaryDirectory.appendingPathComponent("warrant-api-\(UUID().uuidString.prefix(8))").path
         let basePort = LocalProcessCluster.pickBasePort()
         self.basePort = basePort
@@ -55,8 +61,12 @@ final class InProcessCluster: @unchecked Sendable {
                                 api: try HostPort(parsing: "127.0.0.1:\(basePort + 100 + n - 1)", at: "api"))
         }
         try ClusterFiles.initialize(directory: directory, clusterID: "test" + String(UInt16.random(in: 0...UInt16.max), radix: 16), members: members,
-                                    snapshotEveryEntries: snapshotEveryEntries)
+                                    electionTimeoutTicks: Self.electionTimeoutTicks, snapshotEveryEntries: snapshotEveryEntries)
         client = try AdminClient(clusterDirectory: directory)
+        for member in members where !extraConfig.isEmpty {
+            let path = "\(directory)/node-\(member.id)/config.yaml"
+            try (try String(contentsOfFile: path, encoding: .utf8) + extraConfig).write(toFile: path, atomically: true, encoding: .utf8)
+        }
         for member in members { try start(member.id) }
     }
 
@@ -125,9 +135,10 @@ extension InProcessCluster {
     /// A ready 3-node cluster and, on one follower, an admin connection and
     /// one without a client certificate; `body` runs with them, its errors
     /// are recorded, and everything is closed and shut down after.
-    static func withReadyFollower(_ body: (InProcessCluster, _ leader: UInt64, _ follower: UInt64, _ admin: HTTPConnection,
+    static func withReadyFollower(extraConfig: String = "",
+                                  _ body: (InProcessCluster, _ leader: UInt64, _ follower: UInt64, _ admin: HTTPConnection,
                                            _ open: HTTPConnection) async throws -> Void) async throws {
-        let cluster = try await InProcessCluster.start()
+        let cluster = try await InProcessCluster.start(extraConfig: extraConfig)
         do {
             let leader = try #require(await cluster.waitForLeader())
             let follower = try #require([UInt64(1), 2, 3].first { $0 != leader })

@@ -140,3 +140,42 @@ struct AuthorityLedgerTests {
         #expect(record.authority == "old" && record.issuedAtMillis == 25_000 && record.notAfterMillis == 90_000)
     }
 }
+
+@Suite("Ledger: platform tokens")
+struct PlatformTokenLedgerTests {
+    private func platform(_ n: Int, key: String, expires: UInt64) -> Issuance {
+        var issuance = Issuance(kind: .x509, spiffeID: "spiffe://example.org/gh/acme/api", serial: String(format: "%032x", n),
+                                fingerprint: String(repeating: "f", count: 64), issuedAtMillis: 2_000, notAfterMillis: 60_000, ttlSeconds: 60,
+                                tokenHash: "", idempotencyKey: "", node: 1, authority: "old", attributes: ["repository": "acme/api"], artifact: [UInt8(n)])
+        issuance.platformReplayKey = key
+        issuance.platformExpiresAtMillis = expires
+        return issuance
+    }
+
+    @Test("A platform token is consumed once (its replay key), refused once expired, forgotten after; the encoding round-trips; evidence is exactly one kind")
+    func consumedOnce() throws {
+        var book = Book()
+        let keyring = AuthorityKeyring(trustDomain: "example.org", kekID: "k", authorities: [authority("old", .active)])
+        _ = book.apply(.initializeAuthority(keyring: Array(try JSONEncoder().encode(keyring))), at: 1_000)
+        let a = String(repeating: "a", count: 64), b = String(repeating: "b", count: 64)
+        let first = platform(1, key: a, expires: 300_000)
+        let command = LedgerCommand(timeMillis: 2_000, actor: "x", requestID: "r", operation: .recordIssuance(first))
+        #expect(try LedgerCommand(decoding: command.encoded) == command, "tag 10 carries the platform evidence")
+        #expect(book.apply(.recordIssuance(first), at: 2_000) == .issued(artifact: [1], replayed: false))
+        #expect(book.apply(.recordIssuance(platform(2, key: a, expires: 300_000)), at: 3_000) == .rejected("the platform token was already used"))
+        #expect(book.apply(.recordIssuance(platform(3, key: b, expires: 4_000)), at: 5_000) == .rejected("the platform token expired"))
+        #expect(book.apply(.recordIssuance(platform(4, key: b, expires: 400_000)), at: 5_000) == .issued(artifact: [4], replayed: false))
+        func consumed() -> [String] {
+            book.tables.documentNames(from: AuthorityDocuments.platformTokensPrefix, to: AuthorityDocuments.platformTokensPrefix + "~", limit: 10, reverse: false)
+        }
+        #expect(consumed().count == 2)
+        // Once both tokens expired, issuing forgets them (two per issuance).
+        #expect(book.apply(.recordIssuance(platform(5, key: String(repeating: "c", count: 64), expires: 900_000)), at: 500_000) == .issued(artifact: [5], replayed: false))
+        #expect(consumed() == [AuthorityDocuments.platformToken(expiresAtMillis: 900_000, replayKey: String(repeating: "c", count: 64))])
+        // Two kinds of evidence, or a malformed key, are refused before anything is read.
+        var both = platform(6, key: String(repeating: "d", count: 64), expires: 900_000)
+        both.tokenHash = String(repeating: "1", count: 64)
+        #expect(book.apply(.recordIssuance(both), at: 500_000) == .rejected("an issuance names exactly one of a join token, the serial it renews, or a platform token"))
+        #expect(book.apply(.recordIssuance(platform(7, key: "XYZ", expires: 900_000)), at: 500_000) == .rejected("a platform token key is 64 lower-case hex digits"))
+    }
+}

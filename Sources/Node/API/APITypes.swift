@@ -116,7 +116,8 @@ public struct DocumentListBody: Codable, Sendable {
 }
 
 public struct WriteResultBody: Codable, Sendable {
-    public init(name: String, version: UInt64?, deleted: Bool, logIndex: UInt64, leader: UInt64) {
+    public init(name: String, version: UInt64?, deleted: Bool, logIndex: UInt64, leader: UInt64, warnings: [String]? = nil) {
+        self.warnings = warnings
         self.name = name
         self.version = version
         self.deleted = deleted
@@ -130,13 +131,16 @@ public struct WriteResultBody: Codable, Sendable {
     public var deleted: Bool
     public var logIndex: UInt64
     public var leader: UInt64
+    /// For join rules: what the lint found (the rule is saved anyway).
+    public var warnings: [String]?
 
     /// The same JSON as `APIJSON.encode` gives (sorted keys), written
     /// directly: this is the answer to every write. Document names hold
     /// only characters that need no escaping.
     public var json: [UInt8] {
         let versionField = version.map { ",\"version\":\($0)" } ?? ""
-        return Array("{\"deleted\":\(deleted),\"leader\":\(leader),\"log_index\":\(logIndex),\"name\":\"\(name)\"\(versionField)}".utf8)
+        let warningsField = warnings.map { ",\"warnings\":[" + $0.map(JSONText.quote).joined(separator: ",") + "]" } ?? ""
+        return Array("{\"deleted\":\(deleted),\"leader\":\(leader),\"log_index\":\(logIndex),\"name\":\"\(name)\"\(versionField)\(warningsField)}".utf8)
     }
 }
 

@@ -164,7 +164,7 @@ extension NodeAPI {
     /// `DenialLimiter.perSecond` records a second per node; the excess is
     /// folded into the next record's count, so a flood of bad requests
     /// cannot starve issuance. Recording does not delay the refusal.
-    private func auditingDenials(_ request: HTTPRequest, _ body: () async throws -> HTTPResponse) async throws -> HTTPResponse {
+    func auditingDenials(_ request: HTTPRequest, _ body: () async throws -> HTTPResponse) async throws -> HTTPResponse {
         do {
             return try await body()
         } catch let error as APIError where (400..<500).contains(Int(error.status.code)) && error.code != "not_leader" {
@@ -172,14 +172,14 @@ extension NodeAPI {
                 let driver = self.driver
                 let command = LedgerCommand(timeMillis: UInt64(Date().timeIntervalSince1970 * 1000), actor: Self.actor(of: request),
                                             requestID: UUID().uuidString,
-                                            operation: .recordDenial(reason: String("\(error.code): \(error.message)".prefix(512)), count: count))
+                                            operation: .recordDenial(reason: String(decoding: Array("\(error.code): \(error.message)".utf8.prefix(1_000)), as: UTF8.self), count: count))
                 Task { _ = try? await driver.write(command) }
             }
             throw error
         }
     }
 
-    private func requireKeys(fresh: Bool = false) throws -> AuthorityService.Keys {
+    func requireKeys(fresh: Bool = false) throws -> AuthorityService.Keys {
         guard let authority else { throw APIError.unavailable("no_authority", "this node runs without an authority") }
         if fresh { authority.invalidate() }
         let keys: AuthorityService.Keys?
@@ -278,8 +278,8 @@ extension NodeAPI {
 
     /// Proposes the issuance; the identity is returned only once its audit
     /// record is committed and applied.
-    private func record(_ issuance: Issuance, _ request: HTTPRequest) async throws -> (artifact: [UInt8], replayed: Bool) {
-        let actor = issuance.tokenHash.isEmpty ? Self.actor(of: request) : "token:\(issuance.tokenHash.prefix(16))"
+    private func record(_ issuance: Issuance, actor: String? = nil, _ request: HTTPRequest) async throws -> (artifact: [UInt8], replayed: Bool) {
+        let actor = actor ?? (issuance.tokenHash.isEmpty ? Self.actor(of: request) : "token:\(issuance.tokenHash.prefix(16))")
         let command = LedgerCommand(timeMillis: UInt64(Date().timeIntervalSince1970 * 1000), actor: actor,
                                     requestID: request.headers.first(name: "warrant-request-id") ?? UUID().uuidString, operation: .recordIssuance(issuance))
         if let reason = command.invalidReason { throw APIError.badRequest(reason) }
@@ -299,7 +299,7 @@ extension NodeAPI {
         let body = try Self.decodeBody(X509SVIDRequest.self, request, expected: "{\"token\", \"csr\" (PEM), \"ttl_seconds\"?, \"idempotency_key\"?}")
         let leadership = driver.leadership
         guard leadership.isLeader else { return try await forwardToLeader(request, leaderHint: leadership.leaderID) }
-        var keys = try requireKeys()
+        let keys = try requireKeys()
         let admitted = try await admit(token: body.token, idempotencyKey: body.idempotencyKey, ttlSeconds: body.ttlSeconds)
         if let earlier = admitted.earlier { return try x509Response(replaying: Array(earlier.artifact), keys: keys) }
         let publicKey = try Self.csrKey(body.csr)
@@ -310,18 +310,31 @@ extension NodeAPI {
         let serial = X509Authority.randomSerial()
         let attributes = ["evidence": "join_token", "token": String(admitted.hash.prefix(16)), "evidence_expires": String(evidenceExpires),
                           "lineage": Hex.encode(serial.bytes), "ttl_max": String(admitted.token.ttlMaxSeconds)]
-        // Signed by the active authority; if a rotation commits first, the
-        // ledger refuses it and it is signed again by the new one.
+        let template = Issuance(kind: .x509, spiffeID: spiffeID.description, serial: "", fingerprint: "", issuedAtMillis: 0, notAfterMillis: 0,
+                                ttlSeconds: admitted.ttl, tokenHash: admitted.hash, idempotencyKey: body.idempotencyKey.map(AuthorityService.hash) ?? "",
+                                node: id, authority: "", attributes: attributes, artifact: [])
+        return try await signAndRecordX509(template, spiffeID: spiffeID, publicKey: publicKey, serial: serial, keys: keys, actor: nil, request)
+    }
+
+    /// Signs an X509-SVID with the active authority and records it with
+    /// `template`'s evidence, SPIFFE ID, TTL, attributes and idempotency
+    /// key. If a rotation commits first, the ledger refuses it and it is
+    /// signed again by the new authority.
+    func signAndRecordX509(_ template: Issuance, spiffeID: SpiffeID, publicKey: Certificate.PublicKey, serial: Certificate.SerialNumber?,
+                           keys: AuthorityService.Keys, actor: String?, _ request: HTTPRequest) async throws -> HTTPResponse {
+        var keys = keys
         for attempt in 0..<2 {
-            let issued = try Self.signX509(keys, spiffeID: spiffeID, publicKey: publicKey, ttl: TimeInterval(admitted.ttl), attributes: attributes,
-                                           serial: serial)
-            let issuance = Issuance(kind: .x509, spiffeID: spiffeID.description, serial: issued.serialHex, fingerprint: issued.fingerprintSHA256,
-                                    issuedAtMillis: Self.millis(issued.certificate.notValidBefore) + UInt64(X509Authority.backdate * 1000),
-                                    notAfterMillis: Self.millis(issued.certificate.notValidAfter), ttlSeconds: admitted.ttl,
-                                    tokenHash: admitted.hash, idempotencyKey: body.idempotencyKey.map(AuthorityService.hash) ?? "", node: id,
-                                    authority: keys.active.id, attributes: attributes, artifact: issued.der)
+            let issued = try Self.signX509(keys, spiffeID: spiffeID, publicKey: publicKey, ttl: TimeInterval(template.ttlSeconds),
+                                           attributes: template.attributes, serial: serial)
+            var issuance = template
+            issuance.serial = issued.serialHex
+            issuance.fingerprint = issued.fingerprintSHA256
+            issuance.issuedAtMillis = Self.millis(issued.certificate.notValidBefore) + UInt64(X509Authority.backdate * 1000)
+            issuance.notAfterMillis = Self.millis(issued.certificate.notValidAfter)
+            issuance.authority = keys.active.id
+            issuance.artifact = issued.der
             do {
-                let (artifact, replayed) = try await record(issuance, request)
+                let (artifact, replayed) = try await record(issuance, actor: actor, request)
                 if replayed { return try x509Response(replaying: artifact, keys: keys) }
                 return x509Response(issued, spiffeID: spiffeID, keys: keys)
             } catch is AuthorityRotated where attempt == 0 {
@@ -360,7 +373,7 @@ extension NodeAPI {
                          headers: [("warrant-leader", String(id))])
     }
 
-    private func x509Response(replaying der: [UInt8], keys: AuthorityService.Keys) throws -> HTTPResponse {
+    func x509Response(replaying der: [UInt8], keys: AuthorityService.Keys) throws -> HTTPResponse {
         let certificate = try Certificate(derEncoded: der)
         let verified = try TrustBundle.checkLeaf(certificate, trustDomain: keys.x509.trustDomain)
         return APIJSON.response(X509SVIDBody(spiffeId: verified.spiffeID.description,
@@ -441,25 +454,12 @@ extension NodeAPI {
             }
             return try x509Response(replaying: Array(earlier.artifact), keys: keys)
         }
-        let lifetime = min(TimeInterval(ttl), remaining.rounded(.down))
-        for attempt in 0..<2 {
-            let issued = try Self.signX509(keys, spiffeID: current.spiffeID, publicKey: publicKey, ttl: lifetime, attributes: current.attributes)
-            let issuance = Issuance(kind: .x509, spiffeID: current.spiffeID.description, serial: issued.serialHex, fingerprint: issued.fingerprintSHA256,
-                                    issuedAtMillis: Self.millis(issued.certificate.notValidBefore) + UInt64(X509Authority.backdate * 1000),
-                                    notAfterMillis: Self.millis(issued.certificate.notValidAfter), ttlSeconds: UInt32(lifetime),
-                                    tokenHash: "", renewedFrom: current.serialHex,
-                                    renewedIssuedAtMillis: Self.millis(current.notBefore) + UInt64(X509Authority.backdate * 1000),
-                                    idempotencyKey: idempotencyKey, node: id, authority: keys.active.id, attributes: current.attributes,
-                                    artifact: issued.der)
-            do {
-                let (artifact, replayed) = try await record(issuance, request)
-                if replayed { return try x509Response(replaying: artifact, keys: keys) }
-                return x509Response(issued, spiffeID: current.spiffeID, keys: keys)
-            } catch is AuthorityRotated where attempt == 0 {
-                keys = try requireKeys(fresh: true)
-            }
-        }
-        throw APIError.unavailable("authority_rotated", "the authority rotated twice while issuing; retry")
+        let lifetime = UInt32(min(TimeInterval(ttl), remaining.rounded(.down)))
+        let template = Issuance(kind: .x509, spiffeID: current.spiffeID.description, serial: "", fingerprint: "", issuedAtMillis: 0, notAfterMillis: 0,
+                                ttlSeconds: lifetime, tokenHash: "", renewedFrom: current.serialHex,
+                                renewedIssuedAtMillis: Self.millis(current.notBefore) + UInt64(X509Authority.backdate * 1000),
+                                idempotencyKey: idempotencyKey, node: id, authority: "", attributes: current.attributes, artifact: [])
+        return try await signAndRecordX509(template, spiffeID: current.spiffeID, publicKey: publicKey, serial: nil, keys: keys, actor: nil, request)
     }
 
     private func issueJWT(_ request: HTTPRequest) async throws -> HTTPResponse {

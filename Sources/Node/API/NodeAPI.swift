@@ -33,7 +33,7 @@ public final class NodeAPI: Sendable {
         Route(method: .DELETE, template: "/v1/documents/{name}", access: .admin),
         Route(method: .GET, template: "/v1/audit", access: .admin),
         Route(method: .GET, template: "/v1/audit/verify", access: .admin),
-    ] + authorityRoutes
+    ] + authorityRoutes + joinRoutes
 
     /// Documents under this prefix hold cluster configuration (member
     /// addresses) and are written only through the membership endpoints.
@@ -48,11 +48,13 @@ public final class NodeAPI: Sendable {
     let forwarder: Forwarder?
     let metrics: NodeMetrics
     let authority: AuthorityService?
+    let joins: JoinService?
     let denials = DenialLimiter()
 
     public init(id: NodeID, driver: RaftDriver, store: RaftStore, members: MemberDirectory, forwarder: Forwarder?, metrics: NodeMetrics,
-                authority: AuthorityService? = nil) {
+                authority: AuthorityService? = nil, joins: JoinService? = nil) {
         self.authority = authority
+        self.joins = joins
         self.id = id
         self.driver = driver
         self.store = store
@@ -129,6 +131,7 @@ public final class NodeAPI: Sendable {
         case (.GET, "/v1/audit/verify"): return try auditVerify()
         default:
             if let response = try await dispatchAuthority(route, request) { return response }
+            if let response = try await dispatchJoin(route, request) { return response }
             return APIError.notFound("no endpoint \(request.path)").response
         }
     }
@@ -202,8 +205,10 @@ public final class NodeAPI: Sendable {
         try Self.checkUserName(name)
         let format = try Self.format(of: request)
         try Self.checkParses(request.body, format)
+        let warnings = try checkPolicyDocument(name, request.body)
         let expected = try Self.expectedVersion(request)
-        return try await write(.putDocument(name: name, format: format, content: request.body, expectedVersion: expected), name: name, request)
+        return try await write(.putDocument(name: name, format: format, content: request.body, expectedVersion: expected), name: name, request,
+                               warnings: warnings)
     }
 
     private func deleteDocument(_ name: String, _ request: HTTPRequest) async throws -> HTTPResponse {
@@ -213,7 +218,7 @@ public final class NodeAPI: Sendable {
 
     /// Proposes on the leader (here, or forwarded there) and answers with
     /// the outcome and which node led.
-    private func write(_ operation: LedgerCommand.Operation, name: String, _ request: HTTPRequest) async throws -> HTTPResponse {
+    private func write(_ operation: LedgerCommand.Operation, name: String, _ request: HTTPRequest, warnings: [String]? = nil) async throws -> HTTPResponse {
         let command = LedgerCommand(timeMillis: UInt64(Date().timeIntervalSince1970 * 1000), actor: Self.actor(of: request),
                                     requestID: request.headers.first(name: "warrant-request-id") ?? UUID().uuidString, operation: operation)
         if let reason = command.invalidReason { throw APIError.badRequest(reason) }
@@ -223,7 +228,8 @@ public final class NodeAPI: Sendable {
         switch outcome.result {
         case .written(let version):
             return HTTPResponse(status: .ok, headers: [("content-type", "application/json")] + leaderHeader,
-                                body: WriteResultBody(name: name, version: version, deleted: false, logIndex: outcome.logIndex, leader: leader).json)
+                                body: WriteResultBody(name: name, version: version, deleted: false, logIndex: outcome.logIndex, leader: leader,
+                                                      warnings: warnings).json)
         case .deleted:
             return HTTPResponse(status: .ok, headers: [("content-type", "application/json")] + leaderHeader,
                                 body: WriteResultBody(name: name, version: nil, deleted: true, logIndex: outcome.logIndex, leader: leader).json)

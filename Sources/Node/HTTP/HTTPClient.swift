@@ -27,7 +27,10 @@ public final class HTTPConnection: Sendable {
     private let pending: NIOLoopBoundBox<[EventLoopPromise<HTTPClientResponse>]>
 
     /// Connects with TLS (`tls` non-nil) or in the clear, within `timeout`.
-    public static func connect(to address: SocketAddress, tls: NIOSSLContext?, group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
+    /// `serverHostname` is sent as SNI and Host, and the server's
+    /// certificate must name it (with none, it must name the IP address).
+    public static func connect(to address: SocketAddress, tls: NIOSSLContext?, serverHostname: String? = nil,
+                               group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
                                timeout: TimeAmount = .seconds(3), responseBytesMax: Int = 64 << 20) async throws -> HTTPConnection {
         let channel = try await ClientBootstrap(group: group)
             .connectTimeout(timeout)
@@ -36,15 +39,18 @@ public final class HTTPConnection: Sendable {
         let box = try await channel.eventLoop.submit {
             let box = NIOLoopBoundBox<[EventLoopPromise<HTTPClientResponse>]>([], eventLoop: channel.eventLoop)
             let sync = channel.pipeline.syncOperations
-            if let tls { try sync.addHandler(try NIOSSLClientHandler(context: tls, serverHostname: nil)) }
+            if let tls { try sync.addHandler(try NIOSSLClientHandler(context: tls, serverHostname: serverHostname)) }
             try sync.addHTTPClientHandlers()
             try sync.addHandler(ResponseHandler(pending: box, responseBytesMax: responseBytesMax))
             return box
         }.get()
-        return HTTPConnection(address: address, channel: channel, pending: box)
+        return HTTPConnection(address: address, channel: channel, pending: box, host: serverHostname ?? address.ipAddress ?? "localhost")
     }
 
-    private init(address: SocketAddress, channel: any Channel, pending: NIOLoopBoundBox<[EventLoopPromise<HTTPClientResponse>]>) {
+    private let host: String
+
+    private init(address: SocketAddress, channel: any Channel, pending: NIOLoopBoundBox<[EventLoopPromise<HTTPClientResponse>]>, host: String) {
+        self.host = host
         self.address = address
         self.channel = channel
         self.pending = pending
@@ -63,7 +69,7 @@ public final class HTTPConnection: Sendable {
             let promise = channel.eventLoop.makePromise(of: HTTPClientResponse.self)
             pending.value.append(promise)
             var head = HTTPRequestHead(version: .http1_1, method: method, uri: uri)
-            head.headers.add(name: "host", value: "\(self.address.ipAddress ?? "localhost")")
+            head.headers.add(name: "host", value: self.host)
             for (name, value) in headers { head.headers.add(name: name, value: value) }
             head.headers.add(name: "content-length", value: String(body.count))
             channel.write(HTTPClientRequestPart.head(head), promise: nil)

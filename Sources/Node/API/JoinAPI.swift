@@ -1,0 +1,229 @@
+import Attestation
+import Authority
+import Foundation
+import Ledger
+import NIOHTTP1
+import NIOPosix
+import Policy
+
+// Attested join: a platform's ID token (GitHub Actions, GitLab CI,
+// Kubernetes, any OIDC issuer) for an X509-SVID, through the same audited
+// issuance path as join tokens (docs/openapi.yaml, docs/join-rules.md).
+
+struct JoinExplainRequest: Codable {
+    var token: String
+}
+
+struct RuleExplanationBody: Codable {
+    var rule: String
+    var matched: Bool
+    var failures: [String]
+    var spiffeId: String?
+}
+
+struct JoinExplainBody: Codable {
+    var issuer: String?
+    var method: String?
+    /// Whether the token's signature, audience and times checked out.
+    var verified: Bool
+    var error: APIError.ErrorBody.Detail?
+    var claims: [String: String]?
+    var rules: [RuleExplanationBody]
+    var decision: String
+}
+
+struct LintedRuleBody: Codable {
+    var rule: String
+    var issuer: String
+    var warnings: [String]
+}
+
+struct JoinLintBody: Codable {
+    var rules: [LintedRuleBody]
+    var broken: [String: String]
+}
+
+extension NodeAPI {
+    static let joinRoutes: [Route] = [
+        Route(method: .POST, template: "/v1/join", access: .open),
+        Route(method: .POST, template: "/v1/join/explain", access: .admin),
+        Route(method: .GET, template: "/v1/join/lint", access: .admin),
+    ]
+
+    func dispatchJoin(_ route: Route, _ request: HTTPRequest) async throws -> HTTPResponse? {
+        switch (route.method, route.template) {
+        case (.POST, "/v1/join"): return try await auditingDenials(request) { try await join(request) }
+        case (.POST, "/v1/join/explain"): return try await explainJoin(request)
+        case (.GET, "/v1/join/lint"): return try lintJoin()
+        default: return nil
+        }
+    }
+
+    private func requireJoins() throws -> JoinService {
+        guard let joins else { throw APIError.unavailable("no_authority", "this node runs without an authority") }
+        return joins
+    }
+
+    private func currentPolicy(_ joins: JoinService) async throws -> JoinPolicy {
+        // A second's cache; the re-read is a few SQLite reads, off the cooperative pool.
+        try await NIOThreadPool.singleton.runIfActive { try joins.policy() }
+    }
+
+    static func apiError(_ error: AttestationError) -> APIError {
+        let status: HTTPResponseStatus = error.code == "keys_unavailable" ? .serviceUnavailable : .unauthorized
+        return APIError(status: status, code: error.code, message: "the platform token was refused: \(error.message)")
+    }
+
+    /// A platform token for an X509-SVID: the token is verified, matched
+    /// against the join rules, and consumed in the issuance's Raft entry.
+    private func join(_ request: HTTPRequest) async throws -> HTTPResponse {
+        let body = try Self.decodeBody(X509SVIDRequest.self, request, expected: "{\"token\" (the platform's ID token), \"csr\" (PEM), \"ttl_seconds\"?, \"idempotency_key\"?}")
+        let leadership = driver.leadership
+        guard leadership.isLeader else { return try await forwardToLeader(request, leaderHint: leadership.leaderID) }
+        let joins = try requireJoins()
+        let keys = try requireKeys()
+        if let key = body.idempotencyKey {
+            guard !key.isEmpty, key.utf8.count <= 128 else { throw APIError.badRequest("idempotency_key must be 1 to 128 bytes") }
+        }
+        let policy = try await currentPolicy(joins)
+        let now = Int64(Date().timeIntervalSince1970)
+        let issuer: IssuerConfig, verified: VerifiedToken
+        do {
+            (issuer, verified) = try await joins.verify(body.token, policy: policy, now: now)
+        } catch {
+            throw Self.apiError(error)
+        }
+        let evidence = "platform:\(verified.replayKey)"
+        if let key = body.idempotencyKey, let authority,
+           let earlier = try await NIOThreadPool.singleton.runIfActive({ try authority.earlierAnswer(idempotencyKey: key) }) {
+            guard earlier.evidence == evidence else {
+                throw APIError(status: .conflict, code: "idempotency_conflict", message: "the idempotency key was used with other evidence")
+            }
+            return try x509Response(replaying: Array(earlier.artifact), keys: keys)
+        }
+        let decision = policy.evaluate(issuer: issuer, claims: verified.claims)
+        guard let grant = decision.grant else {
+            throw APIError(status: .forbidden, code: "join_denied", message: decision.denial)
+        }
+        let ttlCap = min(grant.rule.ttlMaxSeconds, AuthorityService.ttlMaxSeconds)
+        let ttl = body.ttlSeconds ?? ttlCap
+        guard ttl >= 1, ttl <= ttlCap else {
+            throw APIError(status: .badRequest, code: "bad_ttl", message: "ttl_seconds must be 1...\(ttlCap) under rule \(grant.rule.name)")
+        }
+        let publicKey = try Self.csrKey(body.csr)
+        let serial = X509Authority.randomSerial()
+        var attributes = grant.context
+        attributes["evidence"] = "platform_token"
+        attributes["method"] = issuer.method.rawValue
+        attributes["issuer"] = issuer.name
+        attributes["rule"] = grant.rule.name
+        attributes["evidence_expires"] = String(now + Int64(grant.rule.maxLifetimeSeconds))
+        attributes["lineage"] = Hex.encode(serial.bytes)
+        attributes["ttl_max"] = String(ttlCap)
+        var template = Issuance(kind: .x509, spiffeID: grant.spiffeID.description, serial: "", fingerprint: "", issuedAtMillis: 0, notAfterMillis: 0,
+                                ttlSeconds: ttl, tokenHash: "", idempotencyKey: body.idempotencyKey.map(AuthorityService.hash) ?? "", node: id,
+                                authority: "", attributes: attributes, artifact: [])
+        template.platformReplayKey = verified.replayKey
+        template.platformExpiresAtMillis = UInt64(verified.expiresAt) * 1000
+        let subject = verified.claims["sub"].map { String($0.utf8.prefix(160)) ?? "" } ?? ""
+        return try await signAndRecordX509(template, spiffeID: grant.spiffeID, publicKey: publicKey, serial: serial, keys: keys,
+                                           actor: "\(issuer.method.rawValue):\(issuer.name):\(subject)", request)
+    }
+
+    /// Why a token would (not) join, without consuming it: verification,
+    /// then every rule of its issuer with each failed condition and the
+    /// claim's value. A token that fails verification is still matched
+    /// (its claims marked unverified), so an expired token's rules can be
+    /// debugged too.
+    private func explainJoin(_ request: HTTPRequest) async throws -> HTTPResponse {
+        let body = try Self.decodeBody(JoinExplainRequest.self, request, expected: "{\"token\"}")
+        let joins = try requireJoins()
+        let policy = try await currentPolicy(joins)
+        let token: PlatformToken
+        do {
+            token = try PlatformToken(parsing: body.token)
+        } catch {
+            let failure = Self.apiError(error)
+            return APIJSON.response(JoinExplainBody(verified: false, error: APIError.ErrorBody.Detail(code: failure.code, message: failure.message), rules: [],
+                                                    decision: "refused before any rule: \(error.message)"))
+        }
+        guard let issuer = policy.issuer(for: token.issuer) else {
+            return APIJSON.response(JoinExplainBody(verified: false, error: APIError.ErrorBody.Detail(code: "unknown_issuer", message: "no issuer is configured for iss \"\(token.issuer)\""),
+                                                    rules: [], decision: "refused: no issuer is configured for this token's iss"))
+        }
+        var claims = TokenVerifier.flatten(token.claims, method: issuer.method)
+        var failure: APIError?
+        do {
+            claims = try await joins.verify(body.token, policy: policy, now: Int64(Date().timeIntervalSince1970)).1.claims
+        } catch {
+            failure = Self.apiError(error)
+        }
+        let decision = policy.evaluate(issuer: issuer, claims: claims)
+        let outcome: String
+        if let failure {
+            outcome = "refused: the token does not verify (\(failure.code)); the rules below were matched against its unverified claims"
+        } else if let grant = decision.grant {
+            outcome = "allowed by rule \(grant.rule.name): \(grant.spiffeID)"
+        } else {
+            outcome = "refused: " + decision.denial
+        }
+        return APIJSON.response(JoinExplainBody(
+            issuer: issuer.name, method: issuer.method.rawValue, verified: failure == nil,
+            error: failure.map { APIError.ErrorBody.Detail(code: $0.code, message: $0.message) }, claims: claims,
+            rules: decision.explanations.map { RuleExplanationBody(rule: $0.rule, matched: $0.matched, failures: $0.failures, spiffeId: $0.spiffeID) },
+            decision: outcome))
+    }
+
+    private func lintJoin() throws -> HTTPResponse {
+        let policy = try requireJoins().policy(maxAge: .zero)
+        let rules = policy.rules.map { rule in
+            LintedRuleBody(rule: rule.name, issuer: rule.issuer, warnings: Self.warnings(for: rule, in: policy))
+        }
+        return APIJSON.response(JoinLintBody(rules: rules, broken: policy.broken))
+    }
+
+    static func warnings(for rule: JoinRule, in policy: JoinPolicy) -> [String] {
+        guard let issuer = policy.issuers[rule.issuer] else {
+            return ["the issuer '\(rule.issuer)' is not configured (no \(IssuerConfig.documentPrefix)\(rule.issuer)): this rule admits nothing yet"]
+        }
+        return PolicyLint.warnings(for: rule, method: issuer.method)
+    }
+
+    /// Checks a document under `policy/` before it is written: an issuer
+    /// or a rule that does not read is refused with where and why; a rule
+    /// that reads is linted. Returns the warnings.
+    func checkPolicyDocument(_ name: String, _ content: [UInt8]) throws -> [String]? {
+        guard name.hasPrefix("policy/") else { return nil }
+        let joins = try requireJoins()
+        let text = String(decoding: content, as: UTF8.self)
+        func leaf(_ prefix: String) throws -> String {
+            let leaf = String(name.dropFirst(prefix.count))
+            guard !leaf.isEmpty, !leaf.contains("/") else {
+                throw APIError(status: .badRequest, code: "bad_policy", message: "\(name): name it \(prefix)<name>, one segment")
+            }
+            return leaf
+        }
+        do {
+            if name.hasPrefix(IssuerConfig.documentPrefix) {
+                _ = try IssuerConfig(name: try leaf(IssuerConfig.documentPrefix), document: text, defaultAudience: joins.trustDomain)
+                return []
+            }
+            if name.hasPrefix(JoinRule.documentPrefix) {
+                let policy = try joins.policy(maxAge: .zero)
+                let method = try JoinRule.issuerName(in: text).flatMap { policy.issuers[$0]?.method }
+                let rule = try JoinRule(name: try leaf(JoinRule.documentPrefix), document: text, method: method, trustDomain: joins.trustDomain)
+                return Self.warnings(for: rule, in: policy)
+            }
+        } catch let error as PolicyError {
+            throw APIError(status: .badRequest, code: "bad_policy", message: "\(name): \(error)")
+        }
+        throw APIError(status: .badRequest, code: "bad_policy", message: "documents under policy/ are \(IssuerConfig.documentPrefix)<name> and \(JoinRule.documentPrefix)<name>")
+    }
+}
+
+extension JoinExplainRequest: HandDecodedJSON {
+    init?(flat: [String: JSONText.Value]) {
+        guard let token = flat.string("token"), let token else { return nil }
+        self.init(token: token)
+    }
+}

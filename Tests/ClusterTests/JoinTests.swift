@@ -1,0 +1,187 @@
+import ClusterHarness
+import Foundation
+import NIOCore
+import NIOHTTP1
+import Node
+import Testing
+
+private let jsonHeaders: [(String, String)] = [("content-type", "application/json")]
+private let yamlHeaders: [(String, String)] = [("content-type", "application/yaml")]
+
+/// Writes a policy document through `admin` and returns the response.
+private func putPolicy(_ admin: HTTPConnection, _ name: String, _ yaml: String) async throws -> HTTPClientResponse {
+    try await admin.request(.PUT, "/v1/documents/\(name)", headers: yamlHeaders, body: Array(yaml.utf8))
+}
+
+private func githubIssuerYAML(_ provider: TestIssuer, issuer: String? = nil) -> String {
+    "method: github\nissuer: \(issuer ?? provider.issuer)\nca_pem: |\n" + provider.caPEM.split(separator: "\n").map { "  \($0)" }.joined(separator: "\n") + "\n"
+}
+
+private let deployRule = """
+    issuer: github
+    spiffe_id: spiffe://warrant.local/gh/{repository}/{workflow}
+    ttl_max_seconds: 600
+    conditions:
+      repository_owner_id: "1342004"
+      repository: acme/api
+      ref: {glob: "refs/heads/*"}
+      event_name: {not_one_of: [pull_request_target]}
+    """
+
+@Suite("Attested join on a running cluster", .serialized)
+struct JoinTests {
+    @Test("GitHub-style tokens join through a follower: verified against the issuer's JWKS over HTTPS, matched against rules, consumed once cluster-wide (also when raced on every node), explained when refused")
+    func join() async throws {
+        let provider = try TestIssuer(keys: [.rsa2048])
+        try await provider.serve()
+        defer { Task { await provider.stop() } }
+        try await InProcessCluster.withReadyFollower(extraConfig: "join:\n  jwks_refetch_seconds: 2\n") { cluster, _, follower, admin, open in
+            let dir = cluster.directory
+            let audience = "warrant.local"
+            // Bad policy documents are refused with where and why; nothing is written.
+            let badIssuer = try await putPolicy(admin, "policy/issuers/github", "method: github\nissuer: https://x\nalgorithms: [HS256]\n")
+            #expect(badIssuer.status == .badRequest && badIssuer.text.contains("bad_policy") && badIssuer.text.contains("algorithms"), "\(badIssuer.text)")
+            // A rule saved before its issuer is linted as admitting nothing yet.
+            let early = try await putPolicy(admin, "policy/join/deploy", deployRule)
+            #expect(early.status == .ok && early.text.contains("not configured"), "\(early.text)")
+            let issuer = try await putPolicy(admin, "policy/issuers/github", githubIssuerYAML(provider))
+            #expect(issuer.status == .ok, "\(issuer.text)")
+            // Claim names are checked against the issuer's platform.
+            let typo = try await putPolicy(admin, "policy/join/deploy", deployRule.replacingOccurrences(of: "repository_owner_id", with: "owner_id"))
+            #expect(typo.status == .badRequest && typo.text.contains("owner_id"), "\(typo.text)")
+            let saved = try await putPolicy(admin, "policy/join/deploy", deployRule)
+            #expect(saved.status == .ok && !saved.text.contains("warnings\":[\""), "a tight rule has no warnings: \(saved.text)")
+            let loose = try await putPolicy(admin, "policy/join/loose", "issuer: github\nspiffe_id: spiffe://warrant.local/any\nconditions:\n  ref: refs/heads/nothing\n")
+            #expect(loose.status == .ok && loose.text.contains("no repository owner") && loose.text.contains("pull_request_target"), "\(loose.text)")
+
+            let csr = try opensslCSR(in: dir, name: "job")
+            func join(_ token: String, via connection: HTTPConnection, ttl: Int? = nil, key: String? = nil) async throws -> HTTPClientResponse {
+                var body: [String: Any] = ["token": token, "csr": csr]
+                if let ttl { body["ttl_seconds"] = ttl }
+                if let key { body["idempotency_key"] = key }
+                return try await connection.request(.POST, "/v1/join", headers: jsonHeaders, body: json(body))
+            }
+
+            // Issued through a follower; the leader verified the token with keys it fetched once.
+            // (Policy changes reach every node within a second.)
+            try await Task.sleep(for: .seconds(1.1))
+            let token = try provider.mint(provider.githubClaims(audience: audience))
+            let issued = try await join(token, via: open, key: "job-1")
+            #expect(issued.status == .ok, "\(issued.text)")
+            #expect(object(issued)["spiffe_id"] as? String == "spiffe://warrant.local/gh/acme/api/deploy")
+            let certificate = try #require(object(issued)["certificate"] as? String)
+            try certificate.write(toFile: "\(dir)/job.pem", atomically: true, encoding: .utf8)
+            try (object(issued)["bundle"] as? String ?? "").write(toFile: "\(dir)/bundle.pem", atomically: true, encoding: .utf8)
+            let verified = try run(["openssl", "verify", "-CAfile", "\(dir)/bundle.pem", "\(dir)/job.pem"])
+            #expect(verified.status == 0, "\(verified.output)")
+            let text = try run(["openssl", "x509", "-in", "\(dir)/job.pem", "-noout", "-text", "-enddate"]).output
+            for fragment in ["URI:spiffe://warrant.local/gh/acme/api/deploy", "0123456789abcdef0123456789abcdef01234567", "acme/api", "refs/heads/main",
+                             "8110447001", "octocat", "\"rule\":\"deploy\""] {
+                #expect(text.contains(fragment), "the identity carries \(fragment)")
+            }
+            #expect(provider.jwksFetches == 1 && provider.discoveryFetches == 1)
+            // The same request again: the identity is replayed (same idempotency key), not issued twice.
+            let again = try await join(token, via: open, key: "job-1")
+            #expect(again.status == .ok && object(again)["replayed"] as? Bool == true && object(again)["certificate"] as? String == certificate)
+            // Without it, the token is spent.
+            let reused = try await join(token, via: open)
+            #expect(reused.status == .forbidden && reused.text.contains("token_used"), "\(reused.text)")
+
+            // The TTL is capped by the rule.
+            let long = try await join(try provider.mint(provider.githubClaims(audience: audience)), via: open, ttl: 601)
+            #expect(long.status == .badRequest && long.text.contains("bad_ttl"))
+
+            // One fresh token sent to all three nodes at the same moment joins once.
+            let raced = try provider.mint(provider.githubClaims(audience: audience))
+            let connections = [admin, try await cluster.connection(to: 1, admin: false), try await cluster.connection(to: 2, admin: false),
+                               try await cluster.connection(to: 3, admin: false)].suffix(3)
+            let statuses = try await withThrowingTaskGroup(of: UInt.self) { group in
+                for connection in connections {
+                    group.addTask { try await join(raced, via: connection).status.code }
+                }
+                return try await group.reduce(into: [UInt]()) { $0.append($1) }
+            }
+            #expect(statuses.sorted() == [200, 403, 403], "\(statuses)")
+            for connection in connections { await connection.close() }
+
+            // Refused: another repository. The error, the explanation and the audit say why, with the claim's value.
+            let stranger = try provider.mint(provider.githubClaims(audience: audience, repository: "evil/api", ownerID: "666"))
+            let denied = try await join(stranger, via: open)
+            #expect(denied.status == .forbidden && denied.text.contains("join_denied") && denied.text.contains("evil/api")
+                    && denied.text.contains("repository_owner_id equals"), "\(denied.text)")
+            let explained = object(try await admin.request(.POST, "/v1/join/explain", headers: jsonHeaders, body: json(["token": stranger])))
+            #expect(explained["verified"] as? Bool == true && explained["issuer"] as? String == "github")
+            let rules = explained["rules"] as? [[String: Any]] ?? []
+            #expect(rules.map { $0["rule"] as? String ?? "" } == ["deploy", "loose"])
+            #expect((rules.first?["failures"] as? [String])?.contains { $0.contains("\"666\"") } == true, "\(rules)")
+            #expect((explained["decision"] as? String)?.hasPrefix("refused") == true)
+            let allowedExplain = object(try await admin.request(.POST, "/v1/join/explain", headers: jsonHeaders,
+                                                               body: json(["token": try provider.mint(provider.githubClaims(audience: audience))])))
+            #expect(allowedExplain["decision"] as? String == "allowed by rule deploy: spiffe://warrant.local/gh/acme/api/deploy", "\(allowedExplain)")
+            // Explain is for operators only and consumes nothing.
+            #expect(try await open.request(.POST, "/v1/join/explain", headers: jsonHeaders, body: json(["token": stranger])).status == .unauthorized)
+            let expiredExplain = object(try await admin.request(.POST, "/v1/join/explain", headers: jsonHeaders,
+                                                               body: json(["token": try provider.mint(provider.githubClaims(audience: audience, now: Int64(Date().timeIntervalSince1970) - 1_000))])))
+            #expect(expiredExplain["verified"] as? Bool == false && (expiredExplain["error"] as? [String: Any])?["code"] as? String == "token_expired")
+            let audit = object(try await admin.request(.GET, "/v1/audit?limit=1000"))["records"] as? [[String: Any]] ?? []
+            #expect(audit.contains { ($0["action"] as? String) == "identity.deny" && ($0["result"] as? String ?? "").contains("evil/api") })
+            #expect(audit.contains { ($0["action"] as? String) == "identity.issue" && ($0["result"] as? String ?? "").contains("platform_token=")
+                    && ($0["actor"] as? String ?? "").hasPrefix("github:github:repo:acme/api") })
+            #expect(!audit.contains { ($0["result"] as? String ?? "").contains(token) }, "the token never reaches the audit")
+            // Another audience, and a token for a key the provider has not published.
+            let otherAudience = try await join(try provider.mint(provider.githubClaims(audience: "sts.amazonaws.com")), via: open)
+            #expect(otherAudience.status == .unauthorized && otherAudience.text.contains("wrong_audience"))
+            // The same, from the command line: explain says which condition failed and exits 1; lint lists the loose rule and exits 2.
+            let binary = try #require(warrantBinary())
+            try stranger.write(toFile: "\(dir)/stranger.jwt", atomically: true, encoding: .utf8)
+            let cli = try run(["join", "explain", "--dir", dir, "--token", "\(dir)/stranger.jwt"], executable: binary)
+            #expect(cli.status == 1 && cli.output.contains("rule deploy: does not match") && cli.output.contains("\"evil/api\""), "\(cli.output)")
+            let cliLint = try run(["join", "lint", "--dir", dir], executable: binary)
+            #expect(cliLint.status == 2 && cliLint.output.contains("rule loose (issuer github): 2 warning(s)"), "\(cliLint.output)")
+            let missing = try run(["join", "explain", "--dir", dir, "--token", "\(dir)/nope.jwt"], executable: binary)
+            #expect(missing.status != 0 && missing.output.contains("cannot read the token file"), "\(missing.output)")
+            let lint = object(try await admin.request(.GET, "/v1/join/lint"))
+            #expect(((lint["rules"] as? [[String: Any]])?.first { $0["rule"] as? String == "loose" }?["warnings"] as? [String])?.isEmpty == false)
+
+            // Keys: a new provider key is picked up by one refetch once the interval passed; unknown kids cannot force more.
+            let fetches = provider.jwksFetches
+            let rogue = try TestIssuer(keys: [.rsa2048])
+            let unknownKid = try rogue.mint(provider.githubClaims(audience: audience), header: [("kid", .string("key-9"))])
+            for _ in 0..<5 { #expect(try await join(unknownKid, via: open).text.contains("unknown_key")) }
+            #expect(provider.jwksFetches <= fetches + 1, "five unknown kids within the interval fetched \(provider.jwksFetches - fetches) times")
+            let newKid = try provider.addKey(.ecdsaP256)
+            try await Task.sleep(for: .seconds(2.2))
+            let rotated = try await join(try provider.mint(provider.githubClaims(audience: audience), kid: newKid), via: open)
+            #expect(rotated.status == .unauthorized && rotated.text.contains("algorithm_not_allowed"),
+                    "an ES256 key for an RS256-only issuer is left out: \(rotated.text)")
+            let rsaKid = try provider.addKey(.rsa2048)
+            try await Task.sleep(for: .seconds(2.2))
+            #expect(try await join(try provider.mint(provider.githubClaims(audience: audience), kid: rsaKid), via: open).status == .ok)
+
+            // A JWKS with duplicate kids is refused whole; the last good keys keep serving.
+            provider.overrideJWKS(Array(#"{"keys":[{"kty":"RSA","kid":"a","n":"AQAB","e":"AQAB"},{"kty":"RSA","kid":"a","n":"AQAB","e":"AQAB"}]}"#.utf8))
+            try await Task.sleep(for: .seconds(2.2))
+            #expect(try await join(unknownKid, via: open).text.contains("unknown_key"))
+            #expect(try await join(try provider.mint(provider.githubClaims(audience: audience), kid: rsaKid), via: open).status == .ok,
+                    "last known good keys after a bad JWKS")
+            provider.overrideJWKS(nil)
+
+            // Plain HTTP and redirects are refused.
+            let insecure = try await putPolicy(admin, "policy/issuers/github", githubIssuerYAML(provider, issuer: provider.issuer.replacingOccurrences(of: "https:", with: "http:")))
+            #expect(insecure.status == .ok)
+            try await Task.sleep(for: .seconds(1.1))
+            let insecureToken = try provider.mint(replacingIssuer(provider.githubClaims(audience: audience), provider.issuer.replacingOccurrences(of: "https:", with: "http:")))
+            let plain = try await join(insecureToken, via: open)
+            #expect(plain.status == .serviceUnavailable && plain.text.contains("plain HTTP"), "\(plain.text)")
+            _ = try await putPolicy(admin, "policy/issuers/github", githubIssuerYAML(provider, issuer: provider.issuer + "/redirect"))
+            try await Task.sleep(for: .seconds(1.1))
+            let redirected = try await join(try provider.mint(replacingIssuer(provider.githubClaims(audience: audience), provider.issuer + "/redirect")), via: open)
+            #expect(redirected.status == .serviceUnavailable && redirected.text.contains("redirect"), "\(redirected.text)")
+            _ = follower
+        }
+    }
+}
+
+private func replacingIssuer(_ claims: [(String, TestIssuer.Claim)], _ issuer: String) -> [(String, TestIssuer.Claim)] {
+    claims.map { $0.0 == "iss" ? ("iss", .string(issuer)) : $0 }
+}
