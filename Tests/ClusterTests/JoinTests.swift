@@ -87,6 +87,19 @@ struct JoinTests {
             let reused = try await join(token, via: open)
             #expect(reused.status == .forbidden && reused.text.contains("token_used"), "\(reused.text)")
 
+            // A JWT-SVID from a platform token: the job's context in its warrant claim, verified by a node; the token is then spent for X.509 too.
+            let jwtJoinToken = try provider.mint(provider.githubClaims(audience: audience))
+            let jwtJoin = try await open.request(.POST, "/v1/join/jwt", headers: jsonHeaders,
+                                                 body: json(["token": jwtJoinToken, "audience": ["sts.amazonaws.com"], "ttl_seconds": 300]))
+            #expect(jwtJoin.status == .ok, "\(jwtJoin.text)")
+            let jwtSVID = try #require(object(jwtJoin)["token"] as? String)
+            let jwtVerdict = object(try await open.request(.POST, "/v1/verify", headers: jsonHeaders, body: json(["jwt": jwtSVID, "audience": "sts.amazonaws.com"])))
+            #expect(jwtVerdict["valid"] as? Bool == true && jwtVerdict["spiffe_id"] as? String == "spiffe://warrant.local/gh/acme/api/deploy", "\(jwtVerdict)")
+            let jwtContext = jwtVerdict["attributes"] as? [String: String] ?? [:]
+            #expect(jwtContext["repository"] == "acme/api" && jwtContext["commit"] == "0123456789abcdef0123456789abcdef01234567" && jwtContext["rule"] == "deploy",
+                    "\(jwtContext)")
+            #expect(try await join(jwtJoinToken, via: open).text.contains("token_used"))
+
             // The TTL is capped by the rule.
             let long = try await join(try provider.mint(provider.githubClaims(audience: audience)), via: open, ttl: 601)
             #expect(long.status == .badRequest && long.text.contains("bad_ttl"))

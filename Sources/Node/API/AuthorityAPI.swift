@@ -466,27 +466,42 @@ extension NodeAPI {
         let body = try Self.decodeBody(JWTSVIDRequest.self, request, expected: "{\"token\", \"audience\": [..], \"ttl_seconds\"?, \"idempotency_key\"?}")
         let leadership = driver.leadership
         guard leadership.isLeader else { return try await forwardToLeader(request, leaderHint: leadership.leaderID) }
-        var keys = try requireKeys()
+        let keys = try requireKeys()
         let admitted = try await admit(token: body.token, idempotencyKey: body.idempotencyKey, ttlSeconds: body.ttlSeconds)
         if let earlier = admitted.earlier { return try jwtResponse(Array(earlier.artifact), replayed: true) }
         let spiffeID = try Self.spiffeID(admitted.token.spiffeID, trustDomain: keys.jwt.trustDomain)
         let attributes = ["evidence": "join_token", "token": String(admitted.hash.prefix(16))]
+        let template = Issuance(kind: .jwt, spiffeID: spiffeID.description, serial: "", fingerprint: "", issuedAtMillis: 0, notAfterMillis: 0,
+                                ttlSeconds: admitted.ttl, tokenHash: admitted.hash, idempotencyKey: body.idempotencyKey.map(AuthorityService.hash) ?? "",
+                                node: id, authority: "", attributes: attributes, artifact: [])
+        return try await signAndRecordJWT(template, spiffeID: spiffeID, audiences: body.audience, keys: keys, actor: nil, request)
+    }
+
+    /// Signs a JWT-SVID with the active authority and records it with
+    /// `template`'s evidence, TTL, attributes and idempotency key (signed
+    /// again by the new authority if a rotation commits first).
+    func signAndRecordJWT(_ template: Issuance, spiffeID: SpiffeID, audiences: [String], keys: AuthorityService.Keys, actor: String?,
+                          _ request: HTTPRequest) async throws -> HTTPResponse {
+        var keys = keys
         for attempt in 0..<2 {
             let now = Date(timeIntervalSince1970: Date().timeIntervalSince1970.rounded(.down))
             let issued: IssuedJWT
             do {
-                issued = try keys.jwt.issue(spiffeID: spiffeID, audiences: body.audience, ttl: TimeInterval(admitted.ttl),
-                                            attributes: attributes, now: now, notAfter: keys.x509.certificate.notValidAfter)
+                issued = try keys.jwt.issue(spiffeID: spiffeID, audiences: audiences, ttl: TimeInterval(template.ttlSeconds),
+                                            attributes: template.attributes, now: now, notAfter: keys.x509.certificate.notValidAfter)
             } catch let error as AuthorityError {
                 throw APIError(status: .badRequest, code: error.code, message: error.message)
             }
             let fingerprint = AuthorityService.hash(issued.token)
-            let issuance = Issuance(kind: .jwt, spiffeID: spiffeID.description, serial: String(fingerprint.prefix(32)), fingerprint: fingerprint,
-                                    issuedAtMillis: Self.millis(now), notAfterMillis: Self.millis(issued.expiry), ttlSeconds: admitted.ttl,
-                                    tokenHash: admitted.hash, idempotencyKey: body.idempotencyKey.map(AuthorityService.hash) ?? "", node: id,
-                                    authority: keys.active.id, attributes: attributes, artifact: Array(issued.token.utf8))
+            var issuance = template
+            issuance.serial = String(fingerprint.prefix(32))
+            issuance.fingerprint = fingerprint
+            issuance.issuedAtMillis = Self.millis(now)
+            issuance.notAfterMillis = Self.millis(issued.expiry)
+            issuance.authority = keys.active.id
+            issuance.artifact = Array(issued.token.utf8)
             do {
-                let (artifact, replayed) = try await record(issuance, request)
+                let (artifact, replayed) = try await record(issuance, actor: actor, request)
                 if replayed { return try jwtResponse(artifact, replayed: true) }
                 return APIJSON.response(JWTSVIDBody(spiffeId: spiffeID.description, token: issued.token, expiresAt: Self.iso(issued.expiry), replayed: false),
                                         headers: [("warrant-leader", String(id))])
@@ -497,7 +512,7 @@ extension NodeAPI {
         throw APIError.unavailable("authority_rotated", "the authority rotated twice while issuing; retry")
     }
 
-    private func jwtResponse(_ artifact: [UInt8], replayed: Bool) throws -> HTTPResponse {
+    func jwtResponse(_ artifact: [UInt8], replayed: Bool) throws -> HTTPResponse {
         let token = String(decoding: artifact, as: UTF8.self)
         let claims = token.split(separator: ".").dropFirst().first.flatMap { Base64URL.decode($0) }
             .flatMap { try? JSONSerialization.jsonObject(with: Data($0)) as? [String: Any] } ?? [:]

@@ -46,6 +46,7 @@ struct JoinLintBody: Codable {
 extension NodeAPI {
     static let joinRoutes: [Route] = [
         Route(method: .POST, template: "/v1/join", access: .open),
+        Route(method: .POST, template: "/v1/join/jwt", access: .open),
         Route(method: .POST, template: "/v1/join/explain", access: .admin),
         Route(method: .GET, template: "/v1/join/lint", access: .admin),
     ]
@@ -53,6 +54,7 @@ extension NodeAPI {
     func dispatchJoin(_ route: Route, _ request: HTTPRequest) async throws -> HTTPResponse? {
         switch (route.method, route.template) {
         case (.POST, "/v1/join"): return try await auditingDenials(request) { try await join(request) }
+        case (.POST, "/v1/join/jwt"): return try await auditingDenials(request) { try await joinJWT(request) }
         case (.POST, "/v1/join/explain"): return try await explainJoin(request)
         case (.GET, "/v1/join/lint"): return try lintJoin()
         default: return nil
@@ -74,60 +76,94 @@ extension NodeAPI {
         return APIError(status: status, code: error.code, message: "the platform token was refused: \(error.message)")
     }
 
-    /// A platform token for an X509-SVID: the token is verified, matched
-    /// against the join rules, and consumed in the issuance's Raft entry.
-    private func join(_ request: HTTPRequest) async throws -> HTTPResponse {
-        let body = try Self.decodeBody(X509SVIDRequest.self, request, expected: "{\"token\" (the platform's ID token), \"csr\" (PEM), \"ttl_seconds\"?, \"idempotency_key\"?}")
-        let leadership = driver.leadership
-        guard leadership.isLeader else { return try await forwardToLeader(request, leaderHint: leadership.leaderID) }
+    /// A verified platform token that a rule admits, ready to be signed.
+    struct AdmittedJoin {
+        var spiffeID: SpiffeID
+        var template: Issuance
+        var actor: String
+        var earlier: IdempotentAnswer?
+    }
+
+    /// Verifies the token, replays an earlier answer for the same
+    /// idempotency key, matches the rules, and settles the TTL and the
+    /// identity's context; nothing is signed or written yet.
+    private func admitJoin(token: String, idempotencyKey: String?, ttlSeconds: UInt32?, kind: Issuance.Kind) async throws -> AdmittedJoin {
         let joins = try requireJoins()
-        let keys = try requireKeys()
-        if let key = body.idempotencyKey {
+        if let key = idempotencyKey {
             guard !key.isEmpty, key.utf8.count <= 128 else { throw APIError.badRequest("idempotency_key must be 1 to 128 bytes") }
         }
         let policy = try await currentPolicy(joins)
         let now = Int64(Date().timeIntervalSince1970)
         let issuer: IssuerConfig, verified: VerifiedToken
         do {
-            (issuer, verified) = try await joins.verify(body.token, policy: policy, now: now)
+            (issuer, verified) = try await joins.verify(token, policy: policy, now: now)
         } catch {
             throw Self.apiError(error)
-        }
-        let evidence = "platform:\(verified.replayKey)"
-        if let key = body.idempotencyKey, let authority,
-           let earlier = try await NIOThreadPool.singleton.runIfActive({ try authority.earlierAnswer(idempotencyKey: key) }) {
-            guard earlier.evidence == evidence else {
-                throw APIError(status: .conflict, code: "idempotency_conflict", message: "the idempotency key was used with other evidence")
-            }
-            return try x509Response(replaying: Array(earlier.artifact), keys: keys)
         }
         let decision = policy.evaluate(issuer: issuer, claims: verified.claims)
         guard let grant = decision.grant else {
             throw APIError(status: .forbidden, code: "join_denied", message: decision.denial)
         }
+        let subject = verified.claims["sub"].map { String(decoding: Array($0.utf8.prefix(160)), as: UTF8.self) } ?? ""
+        let actor = "\(issuer.method.rawValue):\(issuer.name):\(subject)"
+        var template = Issuance(kind: kind, spiffeID: grant.spiffeID.description, serial: "", fingerprint: "", issuedAtMillis: 0, notAfterMillis: 0,
+                                ttlSeconds: 0, tokenHash: "", idempotencyKey: idempotencyKey.map(AuthorityService.hash) ?? "", node: id,
+                                authority: "", attributes: [:], artifact: [])
+        template.platformReplayKey = verified.replayKey
+        template.platformExpiresAtMillis = UInt64(verified.expiresAt) * 1000
+        if let key = idempotencyKey, let authority,
+           let earlier = try await NIOThreadPool.singleton.runIfActive({ try authority.earlierAnswer(idempotencyKey: key) }) {
+            guard earlier.evidence == template.evidence, earlier.kind == kind else {
+                throw APIError(status: .conflict, code: "idempotency_conflict", message: "the idempotency key was used with other evidence")
+            }
+            return AdmittedJoin(spiffeID: grant.spiffeID, template: template, actor: actor, earlier: earlier)
+        }
         let ttlCap = min(grant.rule.ttlMaxSeconds, AuthorityService.ttlMaxSeconds)
-        let ttl = body.ttlSeconds ?? ttlCap
+        let ttl = ttlSeconds ?? ttlCap
         guard ttl >= 1, ttl <= ttlCap else {
             throw APIError(status: .badRequest, code: "bad_ttl", message: "ttl_seconds must be 1...\(ttlCap) under rule \(grant.rule.name)")
         }
-        let publicKey = try Self.csrKey(body.csr)
-        let serial = X509Authority.randomSerial()
         var attributes = grant.context
         attributes["evidence"] = "platform_token"
         attributes["method"] = issuer.method.rawValue
         attributes["issuer"] = issuer.name
         attributes["rule"] = grant.rule.name
         attributes["evidence_expires"] = String(now + Int64(grant.rule.maxLifetimeSeconds))
-        attributes["lineage"] = Hex.encode(serial.bytes)
         attributes["ttl_max"] = String(ttlCap)
-        var template = Issuance(kind: .x509, spiffeID: grant.spiffeID.description, serial: "", fingerprint: "", issuedAtMillis: 0, notAfterMillis: 0,
-                                ttlSeconds: ttl, tokenHash: "", idempotencyKey: body.idempotencyKey.map(AuthorityService.hash) ?? "", node: id,
-                                authority: "", attributes: attributes, artifact: [])
-        template.platformReplayKey = verified.replayKey
-        template.platformExpiresAtMillis = UInt64(verified.expiresAt) * 1000
-        let subject = verified.claims["sub"].map { String($0.utf8.prefix(160)) ?? "" } ?? ""
-        return try await signAndRecordX509(template, spiffeID: grant.spiffeID, publicKey: publicKey, serial: serial, keys: keys,
-                                           actor: "\(issuer.method.rawValue):\(issuer.name):\(subject)", request)
+        template.ttlSeconds = ttl
+        template.attributes = attributes
+        return AdmittedJoin(spiffeID: grant.spiffeID, template: template, actor: actor, earlier: nil)
+    }
+
+    /// A platform token and a CSR for an X509-SVID: the token is verified,
+    /// matched against the join rules, and consumed in the issuance's Raft
+    /// entry.
+    private func join(_ request: HTTPRequest) async throws -> HTTPResponse {
+        let body = try Self.decodeBody(X509SVIDRequest.self, request, expected: "{\"token\" (the platform's ID token), \"csr\" (PEM), \"ttl_seconds\"?, \"idempotency_key\"?}")
+        let leadership = driver.leadership
+        guard leadership.isLeader else { return try await forwardToLeader(request, leaderHint: leadership.leaderID) }
+        let keys = try requireKeys()
+        var admitted = try await admitJoin(token: body.token, idempotencyKey: body.idempotencyKey, ttlSeconds: body.ttlSeconds, kind: .x509)
+        if let earlier = admitted.earlier { return try x509Response(replaying: Array(earlier.artifact), keys: keys) }
+        let publicKey = try Self.csrKey(body.csr)
+        // The first serial names the line its renewals continue.
+        let serial = X509Authority.randomSerial()
+        admitted.template.attributes["lineage"] = Hex.encode(serial.bytes)
+        return try await signAndRecordX509(admitted.template, spiffeID: admitted.spiffeID, publicKey: publicKey, serial: serial, keys: keys,
+                                           actor: admitted.actor, request)
+    }
+
+    /// A platform token for a JWT-SVID (for the given audiences), the job's
+    /// context in its `warrant` claim.
+    private func joinJWT(_ request: HTTPRequest) async throws -> HTTPResponse {
+        let body = try Self.decodeBody(JWTSVIDRequest.self, request, expected: "{\"token\" (the platform's ID token), \"audience\": [..], \"ttl_seconds\"?, \"idempotency_key\"?}")
+        let leadership = driver.leadership
+        guard leadership.isLeader else { return try await forwardToLeader(request, leaderHint: leadership.leaderID) }
+        let keys = try requireKeys()
+        let admitted = try await admitJoin(token: body.token, idempotencyKey: body.idempotencyKey, ttlSeconds: body.ttlSeconds, kind: .jwt)
+        if let earlier = admitted.earlier { return try jwtResponse(Array(earlier.artifact), replayed: true) }
+        return try await signAndRecordJWT(admitted.template, spiffeID: admitted.spiffeID, audiences: body.audience, keys: keys,
+                                          actor: admitted.actor, request)
     }
 
     /// Why a token would (not) join, without consuming it: verification,
