@@ -121,7 +121,8 @@ public enum TokenVerifier {
     /// Claims as text: strings as they are, integers in decimal, booleans
     /// as true/false; arrays and objects are left out, except what a method
     /// defines (Kubernetes: `namespace`, `service_account`,
-    /// `service_account_uid`, `pod`, `pod_uid`, `node` from `kubernetes.io`).
+    /// `service_account_uid`, `pod`, `pod_uid`, `node`, `node_uid` from
+    /// `kubernetes.io`).
     public static func flatten(_ claims: JSONValue, method: JoinMethod) -> [String: String] {
         guard case .object(let members) = claims else { return [:] }
         var flat: [String: String] = [:]

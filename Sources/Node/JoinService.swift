@@ -150,7 +150,8 @@ public final class KeySetCache: Sendable {
                 return .wait(task)
             }
             if let keys = entry.keys { return .ready(keys) } // unknown kid; the verifier says so
-            return .fail(entry.lastError ?? AttestationError("keys_unavailable", "no keys for \(issuer.name) yet"))
+            return .fail(AttestationError("keys_unavailable", "no keys for issuer \(issuer.name) yet; the last fetch failed: "
+                                          + (entry.lastError?.message ?? "unknown error") + " (retried at most every \(refetchInterval))"))
         }
         switch step {
         case .ready(let keys): return keys
@@ -205,6 +206,12 @@ public final class JoinService: Sendable {
         self.trustDomain = trustDomain
         self.store = store
         keySets = KeySetCache(fetcher: fetcher, refetchInterval: refetchInterval)
+    }
+
+    /// The cached policy if it was read less than a second ago (no I/O).
+    public func cachedPolicy() -> JoinPolicy? {
+        guard let cached = cache.withLock({ $0 }), ContinuousClock.now - cached.checked < .seconds(1) else { return nil }
+        return cached.policy
     }
 
     /// The current policy, as read at most `maxAge` ago: a change to the

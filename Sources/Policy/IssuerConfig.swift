@@ -8,7 +8,7 @@ import Attestation
 /// issuer: https://token.actions.githubusercontent.com   # the exact iss
 /// audience: warrant.example.com       # default: the trust domain
 /// algorithms: [RS256]                 # default per method
-/// max_token_age_seconds: 600
+/// max_token_age_seconds: 1800         # the default for CI methods
 /// max_token_lifetime_seconds: 3600
 /// jwks: '{"keys": [...]}'             # instead of discovery (Kubernetes)
 /// ca_pem: |                           # trust anchors for discovery/JWKS HTTPS
@@ -72,7 +72,7 @@ public struct IssuerConfig: Sendable, Hashable {
             throw PolicyError(path: "issuer", problem: "is missing: the exact 'iss' of the platform's tokens")
         }
         guard issuer.hasPrefix("https://") || issuer.hasPrefix("http://"), issuer.utf8.count <= 512, !issuer.contains("?"), !issuer.contains("#") else {
-            throw PolicyError(path: "issuer", problem: "must be an https URL of at most 512 bytes, without query or fragment")
+            throw PolicyError(path: "issuer", problem: "must be an https URL (http only for loopback test issuers) of at most 512 bytes, without query or fragment")
         }
         let audience = try section.optionalString("audience") ?? defaultAudience
         guard audience.utf8.count <= 256 else { throw PolicyError(path: "audience", problem: "is longer than 256 bytes") }

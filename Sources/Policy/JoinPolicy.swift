@@ -15,9 +15,9 @@ public enum Claims {
         ]),
         .gitlab: common.union([
             "namespace_id", "namespace_path", "project_id", "project_path", "user_id", "user_login", "user_email", "user_access_level",
-            "user_identities", "pipeline_id", "pipeline_source", "job_id", "ref", "ref_type", "ref_path", "ref_protected", "environment",
+            "pipeline_id", "pipeline_source", "job_id", "ref", "ref_type", "ref_path", "ref_protected", "environment",
             "environment_protected", "deployment_tier", "environment_action", "runner_id", "runner_environment", "sha", "ci_config_ref_uri",
-            "ci_config_sha", "project_visibility", "groups_direct", "job_project_id", "job_project_path", "job_namespace_id",
+            "ci_config_sha", "project_visibility", "job_project_id", "job_project_path", "job_namespace_id",
             "job_namespace_path",
         ]),
         .kubernetes: common.union(["namespace", "service_account", "service_account_uid", "pod", "pod_uid", "node", "node_uid"]),
@@ -127,8 +127,12 @@ public enum PolicyLint {
         func pinned(_ claims: String...) -> Bool {
             rule.conditions.contains { claims.contains($0.claim) && ($0.op == .equals || $0.op == .oneOf) }
         }
+        /// A glob on an owner/name claim whose owner or name part is a wildcard.
         func wildcard(_ claims: String...) -> Condition? {
-            rule.conditions.first { claims.contains($0.claim) && $0.op == .glob && $0.values.contains { $0.hasPrefix("*") } }
+            rule.conditions.first { condition in
+                claims.contains(condition.claim) && condition.op == .glob
+                    && condition.values.contains { $0.split(separator: "/", omittingEmptySubsequences: false).contains { $0.contains("*") } }
+            }
         }
         func allows(_ claim: String, _ value: String) -> Bool {
             rule.conditions.filter { $0.claim == claim }.allSatisfy { $0.holds(for: value) }
@@ -141,7 +145,7 @@ public enum PolicyLint {
                 warnings.append("the owner is pinned by name only: pin repository_owner_id or repository_id too, since names can be renamed and re-registered")
             }
             if let condition = wildcard("repository", "repository_owner") {
-                warnings.append("\(condition.summary) is an organization-wide wildcard: every repository of every matching owner could join")
+                warnings.append("\(condition.summary) is a wildcard over repositories: every repository it matches (today's and future ones) could join; list them with one_of")
             }
             if allows("event_name", "pull_request_target") {
                 warnings.append("pull_request_target events are allowed: they run with the base repository's permissions on code from forks; add event_name: {not_one_of: [pull_request_target]} or pin event_name")
@@ -161,7 +165,7 @@ public enum PolicyLint {
                 warnings.append("no namespace or project is pinned (equals/one_of on namespace_id, namespace_path, project_id or project_path): any project on the instance could join")
             }
             if let condition = wildcard("namespace_path", "project_path") {
-                warnings.append("\(condition.summary) is a group-wide wildcard")
+                warnings.append("\(condition.summary) is a wildcard over a group's projects: every project it matches (today's and future ones) could join; list them with one_of")
             }
         case .kubernetes?:
             if !pinned("namespace") {

@@ -491,11 +491,23 @@ struct JoinCommand: AsyncParsableCommand {
                 text = contents
             }
             let response = try await connection.client().post("/v1/join/explain", json: ["token": text.trimmingCharacters(in: .whitespacesAndNewlines)])
-            guard !json, response.status.code < 400,
-                  let answer = try? JSONSerialization.jsonObject(with: Data(response.body)) as? [String: Any] else { return try finish(response) }
-            let issuer = answer["issuer"] as? String
+            guard response.status.code < 400, let answer = try? JSONSerialization.jsonObject(with: Data(response.body)) as? [String: Any] else {
+                return try finish(response)
+            }
             let verified = answer["verified"] as? Bool == true
-            print(issuer.map { "issuer: \($0) (\(answer["method"] as? String ?? "?"))" } ?? "issuer: none configured for this token")
+            let allowed = verified && (answer["decision"] as? String ?? "").hasPrefix("allowed")
+            if json {
+                print(response.text)
+                if !allowed { throw ExitCode.failure }
+                return
+            }
+            if let issuer = answer["issuer"] as? String {
+                print("issuer: \(issuer) (\(answer["method"] as? String ?? "?"))")
+            } else if (answer["error"] as? [String: Any])?["code"] as? String == "unknown_issuer" {
+                print("issuer: none is configured for this token's iss")
+            } else {
+                print("issuer: unknown (the token was refused before its issuer was read)")
+            }
             if let error = answer["error"] as? [String: Any] {
                 print("token: not verified: \(error["code"] as? String ?? "?"): \(error["message"] as? String ?? "")")
             } else if verified {
@@ -511,7 +523,7 @@ struct JoinCommand: AsyncParsableCommand {
                 }
             }
             print("decision: \(answer["decision"] as? String ?? "?")")
-            if !(verified && (answer["decision"] as? String ?? "").hasPrefix("allowed")) { throw ExitCode.failure }
+            if !allowed { throw ExitCode.failure }
         }
     }
 

@@ -56,7 +56,8 @@ struct PolicyTests {
         #expect(allowed.grant?.context["commit"] == "0123abcd" && allowed.grant?.context["repository"] == "acme/api")
         for (claim, value) in [("repository_owner_id", "1342005"), ("repository", "acme/infra"), ("ref", "refs/heads/a/b"),
                                ("event_name", "pull_request_target"), ("environment", "staging"), ("workflow", "test-unit"),
-                               ("repository", "ACME/api"), ("repository", "acme/api ")] {
+                               ("repository", "ACME/api"), ("repository", "acme/api "), ("repository", "\u{430}cme/api"),
+                               ("repository", "acme\u{2215}api"), ("repository_owner_id", "１342004")] {
             var claims = jobClaims
             claims[claim] = value
             let decision = policy.evaluate(issuer: try githubIssuer(), claims: claims)
@@ -141,6 +142,8 @@ struct PolicyTests {
         #expect(try warnings("  ref: refs/heads/main\n").contains { $0.contains("no repository owner") })
         #expect(try warnings("  repository_owner: acme\n  event_name: push\n").contains { $0.contains("names can be renamed") })
         #expect(try warnings("  repository_owner_id: \"1\"\n  repository: {glob: \"*/api\"}\n").contains { $0.contains("wildcard") })
+        #expect(try warnings("  repository_owner_id: \"1\"\n  event_name: push\n  repository: {glob: \"acme/*\"}\n").contains { $0.contains("wildcard") })
+        #expect(try warnings("  repository_owner_id: \"1\"\n  event_name: push\n  repository: {glob: \"acme/api\"}\n").isEmpty)
         #expect(try warnings("  repository_owner_id: \"1\"\n").contains { $0.contains("pull_request_target") })
         #expect(try warnings("  repository_owner_id: \"1\"\n  event_name: {not_equals: pull_request}\n").contains { $0.contains("pull_request_target") })
         #expect(try warnings("  repository_owner_id: \"1\"\n  event_name: push\n  job_workflow_ref: {glob: \"acme/ci/.github/workflows/d.yml@*\"}\n")

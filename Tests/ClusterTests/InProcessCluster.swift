@@ -113,6 +113,12 @@ final class InProcessCluster: @unchecked Sendable {
             if all, leaders.count == 1, let leader = leaders.first { return leader }
             try? await Task.sleep(for: .milliseconds(50))
         }
+        // What each node says, for the failure's record.
+        for id in servers.keys.sorted() {
+            let status = await status(id)
+            print("waitForLeader: node \(id): " + (status.map { "role \($0.role), term \($0.term), leader \($0.leader), commit \($0.commitIndex), applied \($0.appliedIndex)" }
+                                                          ?? "no status answer"))
+        }
         return nil
     }
 

@@ -131,6 +131,9 @@ struct JoinTests {
             let allowedExplain = object(try await admin.request(.POST, "/v1/join/explain", headers: jsonHeaders,
                                                                body: json(["token": try provider.mint(provider.githubClaims(audience: audience))])))
             #expect(allowedExplain["decision"] as? String == "allowed by rule deploy: spiffe://warrant.local/gh/acme/api/deploy", "\(allowedExplain)")
+            // A spent token is explained as such.
+            let spentExplain = object(try await admin.request(.POST, "/v1/join/explain", headers: jsonHeaders, body: json(["token": token])))
+            #expect((spentExplain["decision"] as? String)?.contains("already used") == true, "\(spentExplain)")
             // Explain is for operators only and consumes nothing.
             #expect(try await open.request(.POST, "/v1/join/explain", headers: jsonHeaders, body: json(["token": stranger])).status == .unauthorized)
             let expiredExplain = object(try await admin.request(.POST, "/v1/join/explain", headers: jsonHeaders,

@@ -67,8 +67,9 @@ extension NodeAPI {
     }
 
     private func currentPolicy(_ joins: JoinService) async throws -> JoinPolicy {
-        // A second's cache; the re-read is a few SQLite reads, off the cooperative pool.
-        try await NIOThreadPool.singleton.runIfActive { try joins.policy() }
+        if let policy = joins.cachedPolicy() { return policy }
+        // The re-read (once a second) is a few SQLite reads: off the cooperative pool.
+        return try await NIOThreadPool.singleton.runIfActive { try joins.policy() }
     }
 
     static func apiError(_ error: AttestationError) -> APIError {
@@ -189,15 +190,22 @@ extension NodeAPI {
         }
         var claims = TokenVerifier.flatten(token.claims, method: issuer.method)
         var failure: APIError?
+        var used = false
         do {
-            claims = try await joins.verify(body.token, policy: policy, now: Int64(Date().timeIntervalSince1970)).1.claims
-        } catch {
+            let verified = try await joins.verify(body.token, policy: policy, now: Int64(Date().timeIntervalSince1970)).1
+            claims = verified.claims
+            let consumed = AuthorityDocuments.platformToken(expiresAtMillis: UInt64(verified.expiresAt) * 1000, replayKey: verified.replayKey)
+            let store = self.store
+            used = try await NIOThreadPool.singleton.runIfActive { try store.document(named: consumed) != nil }
+        } catch let error as AttestationError {
             failure = Self.apiError(error)
         }
         let decision = policy.evaluate(issuer: issuer, claims: claims)
         let outcome: String
         if let failure {
             outcome = "refused: the token does not verify (\(failure.code)); the rules below were matched against its unverified claims"
+        } else if used {
+            outcome = "refused: this token was already used (a token joins once); the rules below would " + (decision.grant == nil ? "not admit it either" : "admit a fresh one")
         } else if let grant = decision.grant {
             outcome = "allowed by rule \(grant.rule.name): \(grant.spiffeID)"
         } else {
