@@ -15,6 +15,7 @@ let package = Package(
         .executable(name: "warrant-sim", targets: ["warrant-sim"]),
         .executable(name: "warrant-bench", targets: ["warrant-bench"]),
         .executable(name: "warrant", targets: ["warrant"]),
+        .executable(name: "warrant-chaos", targets: ["warrant-chaos"]),
     ],
     dependencies: [
         .package(url: "https://github.com/groue/GRDB.swift", exact: "7.10.0"),
@@ -100,6 +101,19 @@ let package = Package(
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOSSL", package: "swift-nio-ssl"),
         ], swiftSettings: strict),
+        // Histories of client operations and the checkers that judge them
+        // (linearizability of versioned registers). No I/O.
+        .target(name: "Chaos", dependencies: ["Raft"], swiftSettings: strict),
+        // The chaos suite operators run locally: real node processes behind
+        // fault-injecting proxies, a seeded nemesis, workloads, checkers, a report.
+        .executableTarget(name: "warrant-chaos", dependencies: [
+            "Chaos", "ClusterHarness", "Node", "Authority",
+            .product(name: "Yams", package: "Yams"),
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "X509", package: "swift-certificates"),
+            .product(name: "Crypto", package: "swift-crypto"),
+        ], path: "chaos/Sources/warrant-chaos", swiftSettings: strict),
         // Benchmarks: storage, the running cluster against etcd, failover.
         .executableTarget(name: "warrant-bench", dependencies: ["Raft", "Storage", "Node", "ClusterHarness", "Transport", "Authority",
                                                                  .product(name: "Crypto", package: "swift-crypto"),
@@ -124,6 +138,10 @@ let package = Package(
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "_CryptoExtras", package: "swift-crypto"),
         ], swiftSettings: strict),
+        .testTarget(name: "ChaosTests", dependencies: ["Chaos", "ClusterHarness", "Node",
+                                                      .product(name: "NIOCore", package: "swift-nio"),
+                                                      .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                                                      .product(name: "NIOPosix", package: "swift-nio")], swiftSettings: strict),
         .testTarget(name: "ClusterTests", dependencies: [
             "Node", "ClusterHarness",
             .product(name: "NIOCore", package: "swift-nio"),

@@ -4,7 +4,7 @@
 # test.sh; may also be run on its own.
 set -euo pipefail
 
-apt_packages=(libsqlite3-dev libssl-dev openssl)
+apt_packages=(libsqlite3-dev libssl-dev openssl faketime)
 
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null 2>&1; then sudo "$@"; else

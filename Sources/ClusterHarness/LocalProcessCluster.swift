@@ -19,8 +19,10 @@ public final class LocalProcessCluster: Sendable {
 
     /// Writes a new cluster's files with ports from `basePort` (peer ports
     /// basePort+N-1, API ports basePort+100+N-1) and starts every node.
+    /// `configure` may change the written files (for example route peer
+    /// links through proxies) before any node starts.
     public init(binary: String, directory: String, nodes: Int = 3, basePort: Int, tickMilliseconds: Int = 10, electionTicks: Int = 20,
-                environment: [String: String] = [:]) throws {
+                environment: [String: String] = [:], configure: ((String) throws -> Void)? = nil) throws {
         self.binary = binary
         self.environment = environment
         self.directory = directory
@@ -33,6 +35,7 @@ public final class LocalProcessCluster: Sendable {
                                     members: members, tickIntervalMilliseconds: tickMilliseconds, electionTimeoutTicks: electionTicks)
         apiPorts = Dictionary(uniqueKeysWithValues: nodeIDs.map { ($0, basePort + 100 + Int($0) - 1) })
         client = try AdminClient(clusterDirectory: directory)
+        try configure?(directory)
         for id in nodeIDs { try start(id) }
     }
 
@@ -63,7 +66,9 @@ public final class LocalProcessCluster: Sendable {
         }
     }
 
-    public func start(_ id: UInt64) throws {
+    /// Starts (or restarts) node `id`; `extraEnvironment` is added for this
+    /// start only (for example libfaketime's settings).
+    public func start(_ id: UInt64, extraEnvironment: [String: String] = [:]) throws {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: binary)
         process.arguments = ["node", "start", "--config", "config.yaml"]
@@ -75,12 +80,24 @@ public final class LocalProcessCluster: Sendable {
         process.standardOutput = log
         process.standardError = log
         process.standardInput = FileHandle.nullDevice
-        if !environment.isEmpty { process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 } }
+        let added = environment.merging(extraEnvironment) { $1 }
+        if !added.isEmpty { process.environment = ProcessInfo.processInfo.environment.merging(added) { $1 } }
         try process.run()
         processes.withLock { $0[id] = process }
     }
 
     public func isRunning(_ id: UInt64) -> Bool { processes.withLock { $0[id]?.isRunning ?? false } }
+
+    /// SIGSTOP: the process is frozen (its connections stay open) until `resume`.
+    public func pause(_ id: UInt64) {
+        guard let process = processes.withLock({ $0[id] }), process.isRunning else { return }
+        kill(process.processIdentifier, SIGSTOP)
+    }
+
+    public func resume(_ id: UInt64) {
+        guard let process = processes.withLock({ $0[id] }), process.isRunning else { return }
+        kill(process.processIdentifier, SIGCONT)
+    }
 
     /// SIGKILL, and waits (bounded) for the process to be gone.
     public func kill9(_ id: UInt64) {
@@ -98,8 +115,9 @@ public final class LocalProcessCluster: Sendable {
         return process.isRunning ? nil : process.terminationStatus
     }
 
+    /// Kills every node started, including ones added after the founders.
     public func stopAll() {
-        for id in nodeIDs where isRunning(id) { kill9(id) }
+        for id in processes.withLock({ Array($0.keys) }) where isRunning(id) { kill9(id) }
     }
 
     public func endpointIndex(of id: UInt64) -> Int { nodeIDs.firstIndex(of: id) ?? 0 }

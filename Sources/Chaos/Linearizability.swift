@@ -1,0 +1,188 @@
+/// A linearizability checker for versioned registers (one per document),
+/// after Wing & Gong as improved by Lowe (the search Porcupine and Knossos
+/// use): walk the history's call and return events in time order, try to
+/// linearize each pending call as early as possible, backtrack when a
+/// return is reached whose call could not be placed, and prune states
+/// already explored (the set of linearized operations plus the register's
+/// state). An operation whose outcome is unknown has no return: it may be
+/// linearized at any point after its call, including never (at the end).
+public enum Linearizability {
+    public enum Verdict: Sendable, Equatable {
+        case linearizable
+        /// No order exists; the text names the operation that cannot be placed.
+        case violation(String)
+        /// The search ran out of time or steps.
+        case undecided(String)
+
+        public var name: String {
+            switch self {
+            case .linearizable: return "linearizable"
+            case .violation: return "violation"
+            case .undecided: return "undecided"
+            }
+        }
+    }
+
+    /// The register: its version (0: no document) and value.
+    public struct State: Hashable, Sendable {
+        public var version: UInt64
+        public var value: Int?
+        public init(version: UInt64 = 0, value: Int? = nil) {
+            self.version = version
+            self.value = value
+        }
+    }
+
+    /// The register's rules: the state after `operation`, or nil if the
+    /// operation could not have observed what it did from `state`.
+    static func step(_ state: State, _ operation: ClientOperation) -> State? {
+        switch (operation.kind, operation.outcome) {
+        case (.read, .ok):
+            return operation.observedVersion == state.version && operation.observedValue == state.value ? state : nil
+        case (.write, .ok):
+            let next = State(version: state.version + 1, value: operation.value)
+            return operation.observedVersion == nil || operation.observedVersion == next.version ? next : nil
+        case (.write, _):
+            // Unknown: if it happened here, it made the next version.
+            return State(version: state.version + 1, value: operation.value)
+        case (.cas, .ok) where operation.conflict == true:
+            return state.version != operation.expectedVersion ? state : nil
+        case (.cas, .ok):
+            guard state.version == operation.expectedVersion else { return nil }
+            let next = State(version: state.version + 1, value: operation.value)
+            return operation.observedVersion == nil || operation.observedVersion == next.version ? next : nil
+        case (.cas, .unknown):
+            return state.version == operation.expectedVersion ? State(version: state.version + 1, value: operation.value) : state
+        case (.read, _), (.cas, .fail):
+            return state
+        }
+    }
+
+    /// Checks each key's operations separately (registers are independent).
+    /// `stepsMax` bounds the search per key.
+    public static func check(_ history: [ClientOperation], stepsMax: Int = 5_000_000) -> [String: Verdict] {
+        var byKey: [String: [ClientOperation]] = [:]
+        for operation in history where relevant(operation) { byKey[operation.key, default: []].append(operation) }
+        return byKey.mapValues { checkKey($0, stepsMax: stepsMax) }
+    }
+
+    /// Reads that failed or whose outcome is unknown observed nothing, and
+    /// writes that certainly failed changed nothing: they are left out.
+    static func relevant(_ operation: ClientOperation) -> Bool {
+        switch (operation.kind, operation.outcome) {
+        case (.read, .ok), (.write, .ok), (.write, .unknown), (.cas, .ok), (.cas, .unknown): return true
+        default: return false
+        }
+    }
+
+    /// One event of the doubly linked list the search walks.
+    private struct Event {
+        var operation: Int       // index into the operations
+        var isCall: Bool
+        var match: Int           // the other event of the same operation
+        var previous: Int
+        var next: Int
+    }
+
+    static func checkKey(_ operations: [ClientOperation], stepsMax: Int) -> Verdict {
+        let unknownEnd = UInt64.max
+        // Events by time; at equal times calls come first (the operations
+        // then count as concurrent: the more permissive reading).
+        var times: [(time: UInt64, isCall: Bool, operation: Int)] = []
+        for (index, operation) in operations.enumerated() {
+            times.append((operation.invoked, true, index))
+            times.append((operation.outcome == .unknown ? unknownEnd : (operation.completed ?? unknownEnd), false, index))
+        }
+        times.sort { ($0.time, $0.isCall ? 0 : 1, $0.operation) < ($1.time, $1.isCall ? 0 : 1, $1.operation) }
+        // Event 0 is the head sentinel; events 1... follow in time order.
+        var events = [Event(operation: -1, isCall: false, match: -1, previous: -1, next: times.isEmpty ? -1 : 1)]
+        var callEvent = [Int](repeating: -1, count: operations.count)
+        var returnEvent = [Int](repeating: -1, count: operations.count)
+        for (position, item) in times.enumerated() {
+            let index = position + 1
+            events.append(Event(operation: item.operation, isCall: item.isCall, match: -1, previous: index - 1,
+                                next: position + 1 < times.count ? index + 1 : -1))
+            if item.isCall { callEvent[item.operation] = index } else { returnEvent[item.operation] = index }
+        }
+        for operation in operations.indices {
+            events[callEvent[operation]].match = returnEvent[operation]
+            events[returnEvent[operation]].match = callEvent[operation]
+        }
+        func lift(_ call: Int) {
+            for event in [call, events[call].match] {
+                let (previous, next) = (events[event].previous, events[event].next)
+                events[previous].next = next
+                if next >= 0 { events[next].previous = previous }
+            }
+        }
+        func unlift(_ call: Int) {
+            for event in [events[call].match, call] {
+                let (previous, next) = (events[event].previous, events[event].next)
+                events[previous].next = event
+                if next >= 0 { events[next].previous = event }
+            }
+        }
+        struct Seen: Hashable {
+            var linearized: [UInt64]
+            var state: State
+        }
+        var linearized = [UInt64](repeating: 0, count: (operations.count + 63) / 64)
+        var seen = Set<Seen>()
+        // Each choice remembers the phase it was made in: phase 1 tries the
+        // calls of operations with a known outcome, phase 2 (once phase 1
+        // reached a return) those whose outcome is unknown. An operation
+        // that may never have happened is thus placed as late as possible,
+        // which is what usually happened; the search stays complete.
+        var stack: [(call: Int, state: State, phase: Int)] = []
+        var state = State()
+        var entry = events[0].next
+        var phase = 1
+        var steps = 0
+        var longest = 0
+        var blocking = -1
+        while events[0].next >= 0 {
+            steps += 1
+            if steps > stepsMax {
+                return .undecided("gave up after \(stepsMax) search steps over \(operations.count) operations (\(operations.filter { $0.outcome == .unknown }.count) with unknown outcomes)")
+            }
+            let event = events[entry]
+            if event.isCall {
+                let operation = event.operation
+                let unknown = operations[operation].outcome == .unknown
+                if unknown == (phase == 2), let next = step(state, operations[operation]) {
+                    var candidate = linearized
+                    candidate[operation / 64] |= 1 << UInt64(operation % 64)
+                    if seen.insert(Seen(linearized: candidate, state: next)).inserted {
+                        stack.append((entry, state, phase))
+                        state = next
+                        linearized = candidate
+                        lift(entry)
+                        if stack.count > longest { longest = stack.count; blocking = -1 }
+                        entry = events[0].next
+                        phase = 1
+                        continue
+                    }
+                }
+                entry = event.next
+            } else if phase == 1 {
+                // Every known call before this return was tried: now the unknown ones.
+                phase = 2
+                entry = events[0].next
+            } else {
+                // A return whose call is not linearized yet: undo the last choice.
+                if stack.count == longest && blocking < 0 { blocking = event.operation }
+                guard let (call, previous, previousPhase) = stack.popLast() else {
+                    let culprit = blocking >= 0 ? operations[blocking].summary : operations[event.operation].summary
+                    return .violation("no order of the \(operations.count) operations on this key fits a register: after at most \(longest) of them, \(culprit) cannot be placed")
+                }
+                state = previous
+                let operation = events[call].operation
+                linearized[operation / 64] &= ~(1 << UInt64(operation % 64))
+                unlift(call)
+                entry = events[call].next
+                phase = previousPhase
+            }
+        }
+        return .linearizable
+    }
+}

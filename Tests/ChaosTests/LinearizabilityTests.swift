@@ -1,0 +1,109 @@
+import Chaos
+import Testing
+
+/// Builds histories by hand: times in milliseconds.
+private struct Builder {
+    var operations: [ClientOperation] = []
+
+    mutating func add(_ client: Int, _ kind: ClientOperation.Kind, value: Int? = nil, expect: UInt64? = nil, from: UInt64, to: UInt64?,
+                      _ outcome: ClientOperation.Outcome = .ok, version: UInt64? = nil, read: Int? = nil, conflict: Bool? = nil, key: String = "k") {
+        operations.append(ClientOperation(id: operations.count, client: client, key: key, kind: kind, value: value, expectedVersion: expect,
+                                          invoked: from * 1_000_000, completed: to.map { $0 * 1_000_000 }, outcome: outcome,
+                                          observedVersion: version, observedValue: read, conflict: conflict))
+    }
+
+    var verdict: Linearizability.Verdict { Linearizability.check(operations)["k"] ?? .linearizable }
+}
+
+@Suite("Linearizability checker")
+struct LinearizabilityTests {
+    @Test("Sequential and overlapping histories that a register allows are linearizable")
+    func good() {
+        var h = Builder()
+        h.add(0, .write, value: 1, from: 0, to: 10, version: 1)
+        h.add(1, .read, from: 20, to: 30, version: 1, read: 1)
+        // A read overlapping a write may see either side of it.
+        h.add(0, .write, value: 2, from: 40, to: 60, version: 2)
+        h.add(1, .read, from: 45, to: 50, version: 1, read: 1)
+        h.add(2, .read, from: 55, to: 58, version: 2, read: 2)
+        h.add(0, .cas, value: 3, expect: 2, from: 70, to: 80, version: 3)
+        h.add(1, .cas, value: 9, expect: 2, from: 75, to: 85, conflict: true)
+        // Refused before anything was proposed: observed nothing, changed nothing.
+        h.add(1, .write, value: 10, from: 86, to: 87, .fail)
+        h.add(1, .cas, value: 11, expect: 0, from: 86, to: 87, .fail)
+        h.add(2, .read, from: 90, to: 95, version: 3, read: 3)
+        #expect(h.verdict == .linearizable)
+    }
+
+    @Test("A stale read is flagged: a read that began after a write completed returns the old value")
+    func staleRead() {
+        var h = Builder()
+        h.add(0, .write, value: 1, from: 0, to: 10, version: 1)
+        h.add(0, .write, value: 2, from: 20, to: 30, version: 2)
+        h.add(1, .read, from: 40, to: 50, version: 1, read: 1)
+        guard case .violation(let why) = h.verdict else { Issue.record("not flagged: \(h.verdict)"); return }
+        #expect(why.contains("read"))
+    }
+
+    @Test("A lost write is flagged: an acknowledged write that no later read reflects")
+    func lostWrite() {
+        var h = Builder()
+        h.add(0, .write, value: 1, from: 0, to: 10, version: 1)
+        h.add(1, .write, value: 2, from: 20, to: 30, version: 2)
+        h.add(2, .read, from: 40, to: 50, version: 1, read: 1)
+        h.add(2, .read, from: 60, to: 70, version: 1, read: 1)
+        #expect(h.verdict.name == "violation")
+        // Two compare-and-sets on the same version cannot both succeed.
+        var cas = Builder()
+        cas.add(0, .cas, value: 1, expect: 0, from: 0, to: 10, version: 1)
+        cas.add(1, .cas, value: 2, expect: 0, from: 5, to: 15, version: 1)
+        #expect(cas.verdict.name == "violation")
+        // Versions must advance one at a time.
+        var skipped = Builder()
+        skipped.add(0, .write, value: 1, from: 0, to: 10, version: 2)
+        #expect(skipped.verdict.name == "violation")
+    }
+
+    @Test("Unknown outcomes: a write whose answer was lost may or may not have happened; a read may not see a value nobody wrote")
+    func unknown() {
+        var happened = Builder()
+        happened.add(0, .write, value: 7, from: 0, to: nil, .unknown)
+        happened.add(1, .read, from: 100, to: 110, version: 1, read: 7)
+        #expect(happened.verdict == .linearizable)
+        var didNot = Builder()
+        didNot.add(0, .write, value: 7, from: 0, to: nil, .unknown)
+        didNot.add(1, .read, from: 100, to: 110, version: 0, read: nil)
+        #expect(didNot.verdict == .linearizable)
+        var invented = Builder()
+        invented.add(0, .write, value: 7, from: 0, to: nil, .unknown)
+        invented.add(1, .read, from: 100, to: 110, version: 1, read: 8)
+        #expect(invented.verdict.name == "violation")
+        // A compare-and-set refused for a version conflict observed a different version.
+        var refused = Builder()
+        refused.add(0, .cas, value: 1, expect: 0, from: 0, to: 10, conflict: true)
+        #expect(refused.verdict.name == "violation", "version 0 matched, so the refusal is wrong")
+    }
+
+    @Test("Keys are judged separately, and the search gives up with 'undecided' when its step budget runs out")
+    func budget() {
+        var h = Builder()
+        // Many concurrent unknown writes and reads of values no one wrote:
+        // every order must be tried before the search can say no.
+        for client in 0..<14 { h.add(client, .write, value: client, from: 0, to: nil, .unknown) }
+        h.add(99, .read, from: 10, to: 20, version: 1, read: 1_000)
+        let verdict = Linearizability.check(h.operations, stepsMax: 2_000)["k"]
+        #expect(verdict?.name == "undecided")
+        var other = Builder()
+        other.add(0, .write, value: 1, from: 0, to: 10, version: 1, key: "a")
+        other.add(0, .write, value: 1, from: 0, to: 10, version: 1, key: "b")
+        #expect(Linearizability.check(other.operations).values.allSatisfy { $0 == .linearizable })
+    }
+
+    @Test("Histories round-trip through JSON lines")
+    func jsonLines() throws {
+        var h = Builder()
+        h.add(0, .cas, value: 3, expect: 2, from: 70, to: 80, version: 3)
+        h.add(1, .read, from: 1, to: nil, .unknown)
+        #expect(try HistoryFile.decode(HistoryFile.encode(h.operations)) == h.operations)
+    }
+}

@@ -1,0 +1,196 @@
+import Chaos
+import ClusterHarness
+import Crypto
+import Foundation
+import Node
+import X509
+
+// warrant-chaos: real node processes on loopback, every peer link through
+// a fault-injecting proxy, a seeded nemesis, workloads recorded as a
+// history, checkers, and a report directory. Exit 0: every checker passed;
+// 1: a violation; 2: the harness could not run.
+
+let usage = """
+warrant-chaos: the chaos suite (see chaos/README.md).
+
+USAGE
+  warrant-chaos --warrant-binary PATH [--scenario NAME|FILE] [--quick] [--nodes 3|5]
+                [--duration SECONDS] [--seed N] [--clients N] [--report DIR]
+                [--planted-bug acknowledge-before-commit]
+
+  --scenario   a file in chaos/scenarios/ (default: quick)
+  --quick      the quick scenario, as CI runs it (under 3 minutes)
+  --nodes      override the scenario's node count (3 or 5)
+  --duration   override how long faults are injected (seconds)
+  --seed       the seed of the fault schedule and the workloads (default: random, printed)
+  --report     the report directory (default: chaos/reports/<time>-<scenario>-seed<N>)
+  --planted-bug  run nodes with a deliberate bug (debug builds only) to see the harness catch it
+"""
+
+struct Options {
+    var binary = ""
+    var scenario = "quick"
+    var nodes: Int?
+    var duration: Double?
+    var seed = UInt64.random(in: 1...999_999)
+    var clients = 6
+    var report: String?
+    var plantedBug: String?
+
+    init(_ arguments: [String]) throws {
+        var rest = arguments[...]
+        while let option = rest.popFirst() {
+            if option == "--quick" { scenario = "quick"; continue }
+            if option == "--help" || option == "-h" { print(usage); exit(0) }
+            guard let value = rest.popFirst() else { throw ChaosError("\(option) needs a value") }
+            switch option {
+            case "--warrant-binary": binary = value
+            case "--scenario": scenario = value
+            case "--nodes":
+                guard let n = Int(value), [3, 5].contains(n) else { throw ChaosError("--nodes must be 3 or 5") }
+                nodes = n
+            case "--duration":
+                guard let seconds = Double(value), (5...7_200).contains(seconds) else { throw ChaosError("--duration must be 5...7200 seconds") }
+                duration = seconds
+            case "--seed":
+                guard let parsed = UInt64(value) else { throw ChaosError("--seed must be a non-negative integer") }
+                seed = parsed
+            case "--clients":
+                guard let n = Int(value), (1...64).contains(n) else { throw ChaosError("--clients must be 1...64") }
+                clients = n
+            case "--report": report = value
+            case "--planted-bug": plantedBug = value
+            default: throw ChaosError("unknown option \(option)")
+            }
+        }
+        guard FileManager.default.isExecutableFile(atPath: binary) else { throw ChaosError("--warrant-binary must name the built warrant executable") }
+    }
+}
+
+final class Log: @unchecked Sendable {
+    private let lock = NSLock()
+    private var lines: [String] = []
+    func callAsFunction(_ line: String) {
+        lock.lock()
+        lines.append(line)
+        lock.unlock()
+        FileHandle.standardOutput.write(Data((line + "\n").utf8))
+    }
+    var all: [String] { lock.lock(); defer { lock.unlock() }; return lines }
+}
+
+func makeCSR() throws -> String {
+    try CertificateSigningRequest(version: .v1, subject: try DistinguishedName { CommonName("chaos") },
+                                  privateKey: .init(P256.Signing.PrivateKey()), attributes: CertificateSigningRequest.Attributes())
+        .serializeAsPEM().pemString
+}
+
+func run(_ options: Options) async throws -> Int32 {
+    var scenario = try Scenario.load(options.scenario)
+    if let nodes = options.nodes { scenario.nodes = nodes }
+    if let duration = options.duration { scenario.durationSeconds = duration }
+    let stamp = ISO8601DateFormatter().string(from: Date()).replacingOccurrences(of: ":", with: "")
+    let reportDirectory = options.report ?? "chaos/reports/\(stamp)-\(scenario.name)-seed\(options.seed)"
+    let log = Log()
+    log("chaos: scenario \(scenario.name) (\(scenario.nodes) nodes, \(Int(scenario.durationSeconds)) s of faults: \(scenario.faults.map(\.rawValue).joined(separator: ", "))), seed \(options.seed)"
+        + (options.plantedBug.map { ", planted bug \($0)" } ?? ""))
+    let clusterDirectory = FileManager.default.temporaryDirectory.appendingPathComponent("warrant-chaos-\(UUID().uuidString.prefix(8))").path
+    defer { try? FileManager.default.removeItem(atPath: clusterDirectory) }
+    let environment = options.plantedBug.map { ["WARRANT_PLANTED_BUG": $0] } ?? [:]
+    let chaos = try await ChaosCluster.start(binary: options.binary, nodes: scenario.nodes, directory: clusterDirectory, environment: environment)
+    let cluster = chaos.cluster
+    guard await cluster.waitForLeader(seconds: 30) != nil, await cluster.waitUntilReady(seconds: 30) else {
+        await chaos.close()
+        throw ChaosError("the cluster did not become ready; node logs in \(clusterDirectory)")
+    }
+    let client = cluster.client
+    // Attested join needs an issuer: a local OIDC provider over HTTPS, and one rule.
+    let provider = try TestIssuer(keys: [.rsa2048])
+    try await provider.serve()
+    let issuerYAML = "method: github\nissuer: \(provider.issuer)\nca_pem: |\n" + provider.caPEM.split(separator: "\n").map { "  \($0)" }.joined(separator: "\n") + "\n"
+    let ruleYAML = "issuer: github\nspiffe_id: spiffe://warrant.local/gh/{repository}/{workflow}\nconditions:\n  repository_owner_id: \"1342004\"\n  event_name: push\n"
+    for (name, body) in [("policy/issuers/github", issuerYAML), ("policy/join/chaos", ruleYAML)] {
+        let response = try await client.request(.PUT, "/v1/documents/\(name)", headers: [("content-type", "application/yaml")], body: Array(body.utf8))
+        guard response.status == .ok else { throw ChaosError("writing \(name): \(response.text)") }
+    }
+    let csr = try makeCSR()
+    let issuanceTokens = try await IssuanceWorkload.makeTokens(client, count: min(800, Int(scenario.durationSeconds * 6)), prefix: "issue")
+    let raceTokens = try await IssuanceWorkload.makeTokens(client, count: Int(scenario.durationSeconds / 3) + 1, prefix: "race")
+    log("cluster ready in \(clusterDirectory); \(issuanceTokens.count + raceTokens.count) join tokens made; running workloads and faults")
+
+    let clock = RunClock()
+    let recorder = Recorder(clock: clock)
+    let deadline = ContinuousClock.now.advanced(by: .milliseconds(Int(scenario.durationSeconds * 1000)))
+    // The last fault may start just before the deadline: the clients keep going until it has healed.
+    let workloadDeadline = deadline.advanced(by: .milliseconds(Int((scenario.holdSeconds.upperBound + scenario.calmSeconds.upperBound) * 1000)))
+    let nemesis = Nemesis(chaos: chaos, scenario: scenario, seed: options.seed, clock: clock) { log($0) }
+    let issuance = IssuanceWorkload()
+    let replays = ReplayWorkload()
+    let nodes = scenario.nodes
+    async let registers: Void = RegisterWorkload.run(client: client, nodes: nodes, clients: options.clients, recorder: recorder, seed: options.seed,
+                                                     until: workloadDeadline)
+    async let issuing: Void = issuance.run(client: client, nodes: nodes, clients: 2, tokens: issuanceTokens, csr: csr, until: workloadDeadline)
+    async let racing: Void = {
+        var index = 0
+        while ContinuousClock.now < workloadDeadline {
+            if index % 2 == 0, index / 2 < raceTokens.count {
+                let body = (try? JSONSerialization.data(withJSONObject: ["token": raceTokens[index / 2], "csr": csr])) ?? Data()
+                await replays.race(client: client, nodes: nodes, kind: "join token", path: "/v1/svid/x509", body: Array(body))
+            } else if let token = try? provider.mint(provider.githubClaims(audience: "warrant.local", lifetime: 600)) {
+                let body = (try? JSONSerialization.data(withJSONObject: ["token": token, "csr": csr])) ?? Data()
+                await replays.race(client: client, nodes: nodes, kind: "platform token", path: "/v1/join", body: Array(body))
+            }
+            index += 1
+            try? await Task.sleep(for: .milliseconds(1_500))
+        }
+    }()
+    await nemesis.run(until: deadline)
+    _ = await (registers, issuing, racing)
+    let workloadEnd = clock.seconds
+    nemesis.healAll()
+    log(String(format: "%7.1fs  faults over; every link healed, every node running; waiting for the cluster to settle", clock.seconds))
+    guard await cluster.waitForLeader(seconds: 60) != nil, await cluster.waitUntilReady(seconds: 60) else {
+        throw ChaosError("the cluster did not recover after the faults healed; node logs in \(clusterDirectory)")
+    }
+    // Final reads of every register, once healed: a lost write shows here.
+    for k in 0..<RegisterWorkload.keys {
+        var operation = ClientOperation(id: recorder.newID(), client: -1, key: RegisterWorkload.key(k), kind: .read, invoked: clock.nanos, outcome: .unknown, node: 1)
+        for attempt in 0..<20 {
+            let answer = await send(client, at: attempt % nodes, .GET, "/v1/documents/\(RegisterWorkload.key(k))", timeout: .seconds(5))
+            RegisterWorkload.judge(&operation, answer, completed: clock.nanos)
+            if operation.outcome == .ok { break }
+            try? await Task.sleep(for: .milliseconds(250))
+        }
+        recorder.record(operation)
+    }
+    let history = recorder.history
+    var checks: [CheckResult] = [Checks.linearizability(history)]
+    checks.append(await Checks.issuance(client, nodes: nodes, acknowledged: issuance.acknowledged.withLock { $0 },
+                                        raced: replays.serials.withLock { $0 }))
+    checks.append(Checks.replays(replays.races.withLock { $0 }))
+    checks.append(await Checks.convergence(cluster))
+    checks.append(Checks.availability(history, timeline: nemesis.timeline, workloadEnd: workloadEnd).0)
+    await provider.stop()
+    await chaos.close()
+    for check in checks {
+        log("\(check.passed ? "pass" : "FAIL")  \(check.name): \(check.verdict)")
+        for detail in check.details { log("        \(detail)") }
+    }
+    let failed = checks.filter { !$0.passed }.map(\.name)
+    let verdict = failed.isEmpty ? (checks.contains { $0.verdict == "undecided" } ? "PASS (linearizability undecided for some keys)" : "PASS")
+        : "FAIL (\(failed.joined(separator: ", ")))"
+    try Report.write(to: reportDirectory, scenario: scenario, seed: options.seed, history: history, timeline: nemesis.timeline, checks: checks,
+                     verdict: verdict, log: log.all)
+    print("report: \(reportDirectory)/report.html")
+    print("chaos: \(verdict) scenario=\(scenario.name) seed=\(options.seed)")
+    return failed.isEmpty ? 0 : 1
+}
+
+do {
+    let options = try Options(Array(CommandLine.arguments.dropFirst()))
+    exit(try await run(options))
+} catch {
+    FileHandle.standardError.write(Data("warrant-chaos: \(error)\n".utf8))
+    print("chaos: ERROR (\(error))")
+    exit(2)
+}
