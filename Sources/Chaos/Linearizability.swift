@@ -59,11 +59,11 @@ public enum Linearizability {
     }
 
     /// Checks each key's operations separately (registers are independent).
-    /// `stepsMax` bounds the search per key.
-    public static func check(_ history: [ClientOperation], stepsMax: Int = 5_000_000) -> [String: Verdict] {
+    /// `stepsMax` and `timeLimit` bound the search per key.
+    public static func check(_ history: [ClientOperation], stepsMax: Int = 5_000_000, timeLimit: Duration = .seconds(60)) -> [String: Verdict] {
         var byKey: [String: [ClientOperation]] = [:]
         for operation in history where relevant(operation) { byKey[operation.key, default: []].append(operation) }
-        return byKey.mapValues { checkKey($0, stepsMax: stepsMax) }
+        return byKey.mapValues { checkKey($0, stepsMax: stepsMax, deadline: ContinuousClock.now.advanced(by: timeLimit)) }
     }
 
     /// Reads that failed or whose outcome is unknown observed nothing, and
@@ -84,7 +84,7 @@ public enum Linearizability {
         var next: Int
     }
 
-    static func checkKey(_ operations: [ClientOperation], stepsMax: Int) -> Verdict {
+    static func checkKey(_ operations: [ClientOperation], stepsMax: Int, deadline: ContinuousClock.Instant) -> Verdict {
         let unknownEnd = UInt64.max
         // Events by time; at equal times calls come first (the operations
         // then count as concurrent: the more permissive reading).
@@ -142,6 +142,9 @@ public enum Linearizability {
         var blocking = -1
         while events[0].next >= 0 {
             steps += 1
+            if steps % 16_384 == 0, ContinuousClock.now > deadline {
+                return .undecided("gave up at the time limit after \(steps) search steps over \(operations.count) operations")
+            }
             if steps > stepsMax {
                 return .undecided("gave up after \(stepsMax) search steps over \(operations.count) operations (\(operations.filter { $0.outcome == .unknown }.count) with unknown outcomes)")
             }

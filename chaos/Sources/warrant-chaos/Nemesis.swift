@@ -179,10 +179,20 @@ final class Nemesis: @unchecked Sendable {
             }
             let victim = pick(nodes)
             let offset = (Bool.random(using: &random) ? 1 : -1) * Int.random(in: 30...300, using: &random)
+            let jump = -offset / 2 + (offset > 0 ? -60 : 60)
+            // The offset lives in a file libfaketime re-reads (at most every
+            // second), so the clock can also jump while the node runs.
+            let file = "\(cluster.directory)/node-\(victim)/faketime"
+            try? String(format: "%+ds\n", offset).write(toFile: file, atomically: true, encoding: .utf8)
             cluster.kill9(victim)
-            try? cluster.start(victim, extraEnvironment: ["LD_PRELOAD": library, "FAKETIME": String(format: "%+ds", offset),
-                                                          "FAKETIME_DONT_FAKE_MONOTONIC": "1", "FAKETIME_NO_CACHE": "1"])
-            return ("node \(victim) restarted with its wall clock \(offset > 0 ? "+" : "")\(offset) s (libfaketime)", {
+            try? cluster.start(victim, extraEnvironment: ["LD_PRELOAD": library, "FAKETIME_TIMESTAMP_FILE": file, "FAKETIME_CACHE_DURATION": "1",
+                                                          "FAKETIME_DONT_FAKE_MONOTONIC": "1"])
+            let jumper = Task {
+                try? await Task.sleep(for: .milliseconds(Int(hold * 500)))
+                try? String(format: "%+ds\n", jump).write(toFile: file, atomically: true, encoding: .utf8)
+            }
+            return ("node \(victim) restarted with its wall clock \(offset > 0 ? "+" : "")\(offset) s, jumping to \(jump > 0 ? "+" : "")\(jump) s halfway (libfaketime)", {
+                jumper.cancel()
                 cluster.kill9(victim)
                 try? cluster.start(victim)
             })
