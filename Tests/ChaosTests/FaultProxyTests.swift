@@ -21,7 +21,8 @@ struct FaultProxyTests {
         configuration.trustRoots = .certificates(try NIOSSLCertificate.fromPEMBytes(Array(server.caPEM.utf8)))
         let tls = try NIOSSLContext(configuration: configuration)
         let address = try SocketAddress(ipAddress: "127.0.0.1", port: proxyPort)
-        func fetch(timeout: TimeAmount = .seconds(2)) async -> (ok: Bool, seconds: Double) {
+        // Generous timeouts: other suites may be keeping both cores busy.
+        func fetch(timeout: TimeAmount = .seconds(15)) async -> (ok: Bool, seconds: Double) {
             let start = ContinuousClock.now
             do {
                 let connection = try await HTTPConnection.connect(to: address, tls: tls, timeout: timeout)
@@ -34,7 +35,7 @@ struct FaultProxyTests {
         }
         #expect(await fetch().ok, "pass")
         proxy.set(.drop)
-        #expect(await !fetch().ok, "drop")
+        #expect(await !fetch(timeout: .seconds(3)).ok, "drop")
         proxy.set(.delay(milliseconds: 150))
         let delayed = await fetch()
         // The TLS handshake and the request cross the proxy several times.
@@ -46,7 +47,7 @@ struct FaultProxyTests {
         let connection = try await HTTPConnection.connect(to: address, tls: tls)
         #expect(try await connection.request(.GET, "/jwks").status == .ok)
         proxy.set(.stall)
-        let held = Task { try await connection.request(.GET, "/jwks", timeout: .seconds(5)) }
+        let held = Task { try await connection.request(.GET, "/jwks", timeout: .seconds(15)) }
         try await Task.sleep(for: .milliseconds(400))
         let before = server.jwksFetches
         proxy.set(.pass)

@@ -26,6 +26,21 @@ actor ClusterSlot {
     }
 }
 
+/// Runs `body` holding the slot: tests that start real node processes
+/// take turns with the in-process clusters, since two clusters at once on
+/// two cores made elections churn (and requests fail) in both.
+func withClusterSlot<T>(_ body: () async throws -> T) async rethrows -> T {
+    await ClusterSlot.shared.acquire()
+    do {
+        let result = try await body()
+        await ClusterSlot.shared.release()
+        return result
+    } catch {
+        await ClusterSlot.shared.release()
+        throw error
+    }
+}
+
 /// Node servers in this process (real TLS, HTTP, TCP and SQLite), on
 /// loopback ports picked at random. Make one with `start()`; `shutdown()`
 /// frees the slot for the next.

@@ -30,7 +30,9 @@ struct ProcessTests {
         let binary = try #require(warrantBinary(), "build the package first so the warrant executable exists")
         let seed = UInt64.random(in: 1...UInt64.max)
         let lines = Lines()
-        let result = try await KillLoop.run(binary: binary, kills: 50, leaderOnly: false, writers: 4, seed: seed, log: lines.add)
+        let result = try await withClusterSlot {
+            try await KillLoop.run(binary: binary, kills: 50, leaderOnly: false, writers: 4, seed: seed, log: lines.add)
+        }
         #expect(result.lost.isEmpty, "seed \(seed): lost \(result.lost.count) acknowledged writes\n\(lines.text)")
         #expect(result.chainsAgree, "seed \(seed): \(result.chains)\n\(lines.text)")
         #expect(result.acknowledged > 500, "seed \(seed): too little load to mean anything (\(result.acknowledged))")
@@ -40,8 +42,10 @@ struct ProcessTests {
     func harnessCatchesPlantedBug() async throws {
         let binary = try #require(warrantBinary(), "build the package first so the warrant executable exists")
         let lines = Lines()
-        let result = try await KillLoop.run(binary: binary, kills: 10, leaderOnly: true, writers: 8, seed: 1,
-                                            environment: ["WARRANT_PLANTED_BUG": "acknowledge-before-commit"], log: lines.add)
+        let result = try await withClusterSlot {
+            try await KillLoop.run(binary: binary, kills: 10, leaderOnly: true, writers: 8, seed: 1,
+                                   environment: ["WARRANT_PLANTED_BUG": "acknowledge-before-commit"], log: lines.add)
+        }
         #expect(!result.passed, "the planted bug went unnoticed\n\(lines.text)")
         #expect(!result.lost.isEmpty)
     }
