@@ -79,10 +79,20 @@ let package = Package(
             .product(name: "SwiftASN1", package: "swift-asn1"),
             .product(name: "Crypto", package: "swift-crypto"),
         ], swiftSettings: strict),
+        // What a job or agent uses: the cluster client (endpoints, pinned
+        // CA, failover, retries), platform token sources, identity files.
+        .target(name: "Client", dependencies: [
+            "Node",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "NIOSSL", package: "swift-nio-ssl"),
+        ], swiftSettings: strict),
         // The operator's command: node start, cluster init/status, documents,
         // audit, membership.
         .executableTarget(name: "warrant", dependencies: [
-            "Node", "Authority",
+            "Node", "Authority", "Client",
+            .product(name: "X509", package: "swift-certificates"),
+            .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),

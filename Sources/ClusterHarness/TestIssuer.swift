@@ -44,6 +44,10 @@ public final class TestIssuer: Sendable {
     private let server = Mutex<HTTPServer?>(nil)
     public let caPEM: String
     private let identity: NodeIdentity
+    /// What a simulated GitHub runner's ACTIONS_ID_TOKEN_REQUEST_TOKEN is.
+    public let actionsRequestToken = UUID().uuidString
+    /// The claims a simulated runner's token carries (besides iss, aud, times, jti).
+    public let actionsClaims = Mutex<(TestIssuer, String) -> [(String, Claim)]>({ issuer, audience in issuer.githubClaims(audience: audience) })
 
     public init(keys: [KeyAlgorithm] = [.rsa2048]) throws {
         let made = try keys.enumerated().map { index, algorithm in Key(kid: "key-\(index + 1)", key: try SigningKey.generate(algorithm)) }
@@ -178,6 +182,14 @@ public final class TestIssuer: Sendable {
                 served.withLock { $0.jwks += 1 }
                 let body = state.withLock { $0.jwksOverride } ?? jwks()
                 return HTTPResponse(status: .ok, headers: [("content-type", "application/json")], body: body)
+            case "/actions/token":
+                // A simulated GitHub runner's token endpoint: bearer request token, ?audience=.
+                guard request.headers.first(name: "authorization") == "bearer \(actionsRequestToken)" else { return HTTPResponse(status: .unauthorized) }
+                let audience = request.query["audience"] ?? "https://github.com/acme"
+                let claims = actionsClaims.withLock { $0 }(self, audience)
+                guard let token = try? mint(claims) else { return HTTPResponse(status: .internalServerError) }
+                return HTTPResponse(status: .ok, headers: [("content-type", "application/json")],
+                                    body: Array(JSONText.object(["value": token, "count": "1"]).utf8))
             case "/redirect/.well-known/openid-configuration":
                 return HTTPResponse(status: .found, headers: [("location", self.issuer + "/.well-known/openid-configuration")])
             default:

@@ -469,8 +469,8 @@ struct SVIDCommand: AsyncParsableCommand {
 struct JoinCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "join", abstract: "Attested join: platform tokens (GitHub Actions, GitLab CI, Kubernetes, OIDC) and the rules they meet.",
-        discussion: "Issuers and rules are documents: 'warrant doc put policy/issuers/<name> --file issuer.yaml' and 'warrant doc put policy/join/<name> --file rule.yaml' (see docs/join-rules.md).",
-        subcommands: [Explain.self, Lint.self])
+        discussion: "Inside a job, 'warrant join' obtains the job's identity (see 'warrant join obtain --help'). Issuers and rules are documents: 'warrant doc put policy/issuers/<name> --file issuer.yaml --yaml' and 'warrant doc put policy/join/<name> --file rule.yaml --yaml' (see docs/join-rules.md).",
+        subcommands: [JoinObtain.self, Explain.self, Lint.self], defaultSubcommand: JoinObtain.self)
 
     struct Explain: AsyncParsableCommand {
         static let configuration = CommandConfiguration(

@@ -173,10 +173,11 @@ struct IssuanceTests {
 /// Runs a program (found on PATH unless `executable` is given) to its end;
 /// stdout and stderr together.
 @discardableResult
-func run(_ arguments: [String], executable: String = "/usr/bin/env") throws -> (status: Int32, output: String) {
+func run(_ arguments: [String], executable: String = "/usr/bin/env", environment: [String: String]? = nil) throws -> (status: Int32, output: String) {
     let process = Process()
     process.executableURL = URL(fileURLWithPath: executable)
     process.arguments = arguments
+    if let environment { process.environment = environment }
     let pipe = Pipe()
     process.standardOutput = pipe
     process.standardError = pipe

@@ -198,6 +198,79 @@ struct JoinTests {
     }
 }
 
+extension JoinTests {
+    @Test("warrant join inside simulated GitHub Actions and GitLab CI jobs: the identity names the repository and commit; failover past a dead endpoint; bad input gets one clear line, exit 1, nothing written")
+    func joinCommand() async throws {
+        let github = try TestIssuer(keys: [.rsa2048])
+        try await github.serve()
+        let gitlab = try TestIssuer(keys: [.rsa2048])
+        try await gitlab.serve()
+        defer { Task { await github.stop(); await gitlab.stop() } }
+        try await InProcessCluster.withReadyFollower { cluster, _, follower, admin, _ in
+            let dir = cluster.directory
+            #expect(try await putPolicy(admin, "policy/issuers/github", githubIssuerYAML(github)).status == .ok)
+            #expect(try await putPolicy(admin, "policy/join/deploy", deployRule).status == .ok)
+            let gitlabIssuer = "method: gitlab\nissuer: \(gitlab.issuer)\nca_pem: |\n" + gitlab.caPEM.split(separator: "\n").map { "  \($0)" }.joined(separator: "\n") + "\n"
+            #expect(try await putPolicy(admin, "policy/issuers/gitlab", gitlabIssuer).status == .ok)
+            let gitlabRule = "issuer: gitlab\nspiffe_id: spiffe://warrant.local/gl/{project_path}\nconditions:\n  namespace_id: \"72\"\n  project_id: \"22\"\n"
+            #expect(try await putPolicy(admin, "policy/join/gitlab", gitlabRule).status == .ok)
+            try await Task.sleep(for: .seconds(1.1))
+            let binary = try #require(warrantBinary())
+            try github.caPEM.write(toFile: "\(dir)/github-ca.pem", atomically: true, encoding: .utf8)
+            let api = "127.0.0.1:\(cluster.basePort + 100 + Int(follower) - 1)"
+            let dead = "127.0.0.1:\(LocalProcessCluster.pickBasePort())"
+            /// `warrant join` with only PATH and `environment` in its environment.
+            func join(_ arguments: [String], environment: [String: String]) throws -> (status: Int32, output: String) {
+                try run(["join"] + arguments, executable: binary,
+                        environment: ["PATH": ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin"].merging(environment) { $1 })
+            }
+            let runner = ["GITHUB_ACTIONS": "true", "ACTIONS_ID_TOKEN_REQUEST_URL": "\(github.issuer)/actions/token?api-version=2.0",
+                          "ACTIONS_ID_TOKEN_REQUEST_TOKEN": github.actionsRequestToken]
+            // GitHub Actions: the token source is detected; the first endpoint is dead.
+            let out = "\(dir)/identity"
+            let ok = try join(["--endpoint", dead, "--endpoint", api, "--ca-file", "\(dir)/ca.pem", "--audience", "warrant.local",
+                               "--token-request-ca", "\(dir)/github-ca.pem", "--out", out], environment: runner)
+            #expect(ok.status == 0, "\(ok.output)")
+            #expect(ok.output.contains("getting the job's token from GitHub Actions") && ok.output.contains("spiffe://warrant.local/gh/acme/api/deploy"), "\(ok.output)")
+            let keyMode = try FileManager.default.attributesOfItem(atPath: "\(out)/svid.key")[.posixPermissions] as? Int
+            #expect(keyMode == 0o600)
+            #expect(try run(["openssl", "verify", "-CAfile", "\(out)/bundle.pem", "\(out)/svid.pem"]).status == 0)
+            let text = try run(["openssl", "x509", "-in", "\(out)/svid.pem", "-noout", "-text"]).output
+            #expect(text.contains("acme/api") && text.contains("0123456789abcdef0123456789abcdef01234567"), "the identity names the repository and commit")
+            let check = try run(["openssl", "pkey", "-in", "\(out)/svid.key", "-pubout"]).output
+            #expect(check.contains("PUBLIC KEY") && !FileManager.default.fileExists(atPath: "\(out)/.svid.key.tmp"))
+
+            // GitLab CI: the id_tokens variable.
+            let gitlabToken = try gitlab.mint(gitlab.gitlabClaims(audience: "warrant.local"))
+            let gl = try join(["--endpoint", api, "--ca-file", "\(dir)/ca.pem", "--out", "\(dir)/gl"],
+                              environment: ["GITLAB_CI": "true", "WARRANT_ID_TOKEN": gitlabToken])
+            #expect(gl.status == 0 && gl.output.contains("spiffe://warrant.local/gl/acme/platform/api"), "\(gl.output)")
+            let glText = try run(["openssl", "x509", "-in", "\(dir)/gl/svid.pem", "-noout", "-text"]).output
+            #expect(glText.contains("fedcba9876543210fedcba9876543210fedcba98"))
+
+            // Bad input: one line saying what is wrong, exit 1, nothing written.
+            try gitlab.mint(gitlab.gitlabClaims(audience: "sts.amazonaws.com")).write(toFile: "\(dir)/other.jwt", atomically: true, encoding: .utf8)
+            try "not a directory".write(toFile: "\(dir)/plain-file", atomically: true, encoding: .utf8)
+            let cases: [([String], [String: String], String)] = [
+                (["--token-source", "file", "--token-file", "\(dir)/missing.jwt"], [:], "does not exist"),
+                (["--token-source", "github", "--audience", "warrant.local"], [:], "id-token: write"),
+                (["--token-source", "gitlab"], [:], "WARRANT_ID_TOKEN is not set"),
+                (["--token-source", "file", "--token-file", "\(dir)/other.jwt"], [:], "wrong_audience"),
+                (["--token-source", "file", "--token-file", "\(dir)/other.jwt", "--out", "\(dir)/plain-file/identity"], [:], "is not a directory"),
+                (["--token-source", "carrier-pigeon"], [:], "unknown token source"),
+            ]
+            for (index, (arguments, environment, expected)) in cases.enumerated() {
+                let target = "\(dir)/bad-\(index)"
+                let result = try join(["--endpoint", api, "--ca-file", "\(dir)/ca.pem", "--out", target] + arguments, environment: environment)
+                #expect(result.status == 1 && result.output.contains("warrant join: ") && result.output.contains(expected), "\(arguments): \(result.output)")
+                #expect(!FileManager.default.fileExists(atPath: target), "\(arguments) left \(target) behind")
+            }
+            let noCA = try join(["--endpoint", api, "--ca-file", "\(dir)/nope.pem"], environment: runner)
+            #expect(noCA.status == 1 && noCA.output.contains("CA file"))
+        }
+    }
+}
+
 private func replacingIssuer(_ claims: [(String, TestIssuer.Claim)], _ issuer: String) -> [(String, TestIssuer.Claim)] {
     claims.map { $0.0 == "iss" ? ("iss", .string(issuer)) : $0 }
 }

@@ -1,0 +1,65 @@
+import Foundation
+
+/// Writes an identity into a directory: `svid.pem`, `svid.key` (mode
+/// 0600), `bundle.pem`, and `jwt-<audience>.token` per JWT-SVID. Each file
+/// is written to a temporary name beside it and renamed into place, so a
+/// reader never sees half a file; if any write fails, the temporary files
+/// are removed and the files already there are left as they were.
+public enum IdentityFiles {
+    public struct Problem: Error, CustomStringConvertible, Sendable {
+        public var description: String
+    }
+
+    /// Checks that `directory` can be written (or, if it does not exist
+    /// yet, made), without creating anything.
+    public static func checkWritable(directory: String) throws {
+        var isDirectory: ObjCBool = false
+        if FileManager.default.fileExists(atPath: directory, isDirectory: &isDirectory) {
+            guard isDirectory.boolValue else { throw Problem(description: "the output path \(directory) is a file, not a directory") }
+            guard FileManager.default.isWritableFile(atPath: directory) else { throw Problem(description: "the output directory \(directory) is not writable") }
+            return
+        }
+        let parent = URL(fileURLWithPath: directory).deletingLastPathComponent().path
+        guard FileManager.default.fileExists(atPath: parent, isDirectory: &isDirectory), isDirectory.boolValue else {
+            throw Problem(description: "the output directory \(directory) cannot be made: \(parent) is not a directory")
+        }
+        guard FileManager.default.isWritableFile(atPath: parent) else {
+            throw Problem(description: "the output directory \(directory) cannot be made: \(parent) is not writable")
+        }
+    }
+
+    public static func write(directory: String, certificatePEM: String, keyPEM: String, bundlePEM: String, jwts: [String: String] = [:]) throws {
+        try checkWritable(directory: directory)
+        if !FileManager.default.fileExists(atPath: directory) {
+            do {
+                try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: false, attributes: [.posixPermissions: 0o700])
+            } catch {
+                throw Problem(description: "cannot create the output directory \(directory): \(error.localizedDescription)")
+            }
+        }
+        var files: [(name: String, content: String, mode: Int)] = [("svid.key", keyPEM, 0o600), ("svid.pem", certificatePEM, 0o644),
+                                                                   ("bundle.pem", bundlePEM, 0o644)]
+        for (audience, token) in jwts.sorted(by: { $0.key < $1.key }) {
+            let safe = String(audience.map { $0.isLetter || $0.isNumber || $0 == "." || $0 == "-" ? $0 : "_" })
+            files.append(("jwt-\(safe).token", token, 0o600))
+        }
+        var temporary: [(String, String)] = []
+        do {
+            for file in files {
+                let final = "\(directory)/\(file.name)"
+                let path = "\(directory)/.\(file.name).\(UUID().uuidString.prefix(8)).tmp"
+                guard FileManager.default.createFile(atPath: path, contents: Data(file.content.utf8), attributes: [.posixPermissions: file.mode]) else {
+                    throw Problem(description: "cannot write \(path)")
+                }
+                temporary.append((path, final))
+            }
+            // Key first: a certificate is never in place without its key.
+            for (path, final) in temporary {
+                guard rename(path, final) == 0 else { throw Problem(description: "cannot move \(path) to \(final): \(String(cString: strerror(errno)))") }
+            }
+        } catch {
+            for (path, _) in temporary { try? FileManager.default.removeItem(atPath: path) }
+            throw error
+        }
+    }
+}

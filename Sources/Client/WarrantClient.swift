@@ -1,0 +1,93 @@
+import Foundation
+import NIOCore
+import NIOHTTP1
+import NIOSSL
+import Node
+import Synchronization
+
+/// What a job or agent uses to reach the cluster: several endpoints, TLS
+/// pinned to the cluster's CA (nothing else is trusted), the node that
+/// answered last tried first, an endpoint that failed set aside for a
+/// while, and every request retried on the next endpoint when its answer
+/// was lost or the node could not serve it. Requests that change state are
+/// retried only with the same body, so an idempotency key in it makes a
+/// retry return the same identity rather than a second one.
+public final class WarrantClient: Sendable {
+    public struct Failure: Error, CustomStringConvertible, Sendable {
+        /// What each endpoint said, in the order tried.
+        public var attempts: [String]
+        public var description: String {
+            "no cluster endpoint could answer: " + attempts.joined(separator: "; ")
+        }
+    }
+
+    public let endpoints: [HostPort]
+    private let pools: [HTTPConnectionPool]
+    private let state = Mutex<(preferred: Int, setAsideUntil: [ContinuousClock.Instant?])>((0, []))
+    public let timeout: TimeAmount
+    /// How long an endpoint that failed is tried only after the others.
+    static let setAside: Duration = .seconds(10)
+
+    public init(endpoints: [HostPort], caPEM: String, timeout: TimeAmount = .seconds(10)) throws {
+        guard !endpoints.isEmpty else { throw Failure(attempts: ["no cluster endpoints were given"]) }
+        var configuration = TLSConfiguration.makeClientConfiguration()
+        configuration.trustRoots = .certificates(try NIOSSLCertificate.fromPEMBytes(Array(caPEM.utf8)))
+        configuration.additionalTrustRoots = []
+        // Node certificates name the node (a URI) and its API addresses;
+        // the chain to the cluster CA is what is pinned.
+        configuration.certificateVerification = .noHostnameVerification
+        let tls = try NIOSSLContext(configuration: configuration)
+        self.endpoints = endpoints
+        pools = try endpoints.map { HTTPConnectionPool(address: try SocketAddress.makeAddressResolvingHost($0.host, port: $0.port), tls: tls, idleMax: 2) }
+        self.timeout = timeout
+        state.withLock { $0.setAsideUntil = Array(repeating: nil, count: endpoints.count) }
+    }
+
+    /// The endpoints in the order to try them: the preferred one, then the
+    /// rest, endpoints set aside last.
+    func order() -> [Int] {
+        let now = ContinuousClock.now
+        return state.withLock { state in
+            let rotated = (0..<pools.count).map { (state.preferred + $0) % pools.count }
+            let healthy = rotated.filter { state.setAsideUntil[$0].map { $0 <= now } ?? true }
+            return healthy + rotated.filter { !healthy.contains($0) }
+        }
+    }
+
+    /// Sends the request to each endpoint in turn until one gives an
+    /// answer that is not "unavailable" (503) and not a lost connection.
+    public func request(_ method: HTTPMethod, _ path: String, json body: [UInt8] = []) async throws -> HTTPClientResponse {
+        var attempts: [String] = []
+        for index in order() {
+            let endpoint = endpoints[index]
+            do {
+                let response = try await pools[index].request(method, path, headers: [("content-type", "application/json")], body: body, timeout: timeout)
+                if response.status == .serviceUnavailable {
+                    attempts.append("\(endpoint): \(Self.reason(response))")
+                    continue
+                }
+                // The node that answered is tried first next time (followers
+                // forward to the leader themselves).
+                state.withLock { state in
+                    state.setAsideUntil[index] = nil
+                    state.preferred = index
+                }
+                return response
+            } catch {
+                attempts.append("\(endpoint): \(error)")
+                let until = ContinuousClock.now.advanced(by: Self.setAside)
+                state.withLock { $0.setAsideUntil[index] = until }
+            }
+        }
+        throw Failure(attempts: attempts)
+    }
+
+    static func reason(_ response: HTTPClientResponse) -> String {
+        let object = (try? JSONSerialization.jsonObject(with: Data(response.body)) as? [String: Any])?["error"] as? [String: Any]
+        return "\(response.status.code) \(object?["code"] as? String ?? "")".trimmingCharacters(in: .whitespaces)
+    }
+
+    public func close() async {
+        for pool in pools { await pool.closeAll() }
+    }
+}
