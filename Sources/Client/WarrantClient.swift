@@ -28,7 +28,9 @@ public final class WarrantClient: Sendable {
     /// How long an endpoint that failed is tried only after the others.
     static let setAside: Duration = .seconds(10)
 
-    public init(endpoints: [HostPort], caPEM: String, timeout: TimeAmount = .seconds(10)) throws {
+    /// `certificatePEM`/`keyPEM`: a client certificate to present (a
+    /// workload's X509-SVID, for renewal over mutual TLS).
+    public init(endpoints: [HostPort], caPEM: String, certificatePEM: String? = nil, keyPEM: String? = nil, timeout: TimeAmount = .seconds(10)) throws {
         guard !endpoints.isEmpty else { throw Failure(attempts: ["no cluster endpoints were given"]) }
         var configuration = TLSConfiguration.makeClientConfiguration()
         configuration.trustRoots = .certificates(try NIOSSLCertificate.fromPEMBytes(Array(caPEM.utf8)))
@@ -36,6 +38,10 @@ public final class WarrantClient: Sendable {
         // Node certificates name the node (a URI) and its API addresses;
         // the chain to the cluster CA is what is pinned.
         configuration.certificateVerification = .noHostnameVerification
+        if let certificatePEM, let keyPEM {
+            configuration.certificateChain = try NIOSSLCertificate.fromPEMBytes(Array(certificatePEM.utf8)).map { .certificate($0) }
+            configuration.privateKey = .privateKey(try NIOSSLPrivateKey(bytes: Array(keyPEM.utf8), format: .pem))
+        }
         let tls = try NIOSSLContext(configuration: configuration)
         self.endpoints = endpoints
         pools = try endpoints.map { HTTPConnectionPool(address: try SocketAddress.makeAddressResolvingHost($0.host, port: $0.port), tls: tls, idleMax: 2) }

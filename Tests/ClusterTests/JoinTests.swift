@@ -267,6 +267,23 @@ extension JoinTests {
             }
             let noCA = try join(["--endpoint", api, "--ca-file", "\(dir)/nope.pem"], environment: runner)
             #expect(noCA.status == 1 && noCA.output.contains("CA file"))
+
+            // warrant exec: the command runs with the identity and its status is ours; the private directory is gone afterwards.
+            let common = ["--endpoint", dead, "--endpoint", api, "--ca-file", "\(dir)/ca.pem", "--audience", "warrant.local", "--token-request-ca", "\(dir)/github-ca.pem"]
+            let script = "echo \"$WARRANT_IDENTITY_DIR\" > \(dir)/exec-dir; openssl verify -CAfile \"$WARRANT_BUNDLE_FILE\" \"$WARRANT_SVID_FILE\" > /dev/null && test \"$WARRANT_SPIFFE_ID\" = spiffe://warrant.local/gh/acme/api/deploy && exit 7"
+            let exec = try run(["exec"] + common + ["--", "sh", "-c", script], executable: binary,
+                               environment: ["PATH": ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin"].merging(runner) { $1 })
+            #expect(exec.status == 7, "\(exec.output)")
+            let execDir = try String(contentsOfFile: "\(dir)/exec-dir", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+            #expect(!execDir.isEmpty && !FileManager.default.fileExists(atPath: execDir), "the private identity directory is removed")
+            // Renewed over mutual TLS at half its lifetime while the command runs.
+            let renewing = "a=$(openssl x509 -serial -noout -in \"$WARRANT_SVID_FILE\"); sleep 5; b=$(openssl x509 -serial -noout -in \"$WARRANT_SVID_FILE\"); "
+                + "test \"$a\" != \"$b\" && openssl verify -CAfile \"$WARRANT_BUNDLE_FILE\" \"$WARRANT_SVID_FILE\""
+            let renewed = try run(["exec"] + common + ["--ttl", "4", "--", "sh", "-c", renewing], executable: binary,
+                                  environment: ["PATH": ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin"].merging(runner) { $1 })
+            #expect(renewed.status == 0 && renewed.output.contains("renewed: spiffe://warrant.local/gh/acme/api/deploy"), "\(renewed.output)")
+            let noCommand = try run(["exec"] + common, executable: binary, environment: runner)
+            #expect(noCommand.status == 1 && noCommand.output.contains("give the command to run after --"), "\(noCommand.output)")
         }
     }
 }

@@ -1,0 +1,129 @@
+import ArgumentParser
+import Client
+import Crypto
+import Foundation
+
+/// `warrant exec -- CMD ARGS...`: obtain the job's identity, run CMD with
+/// it, keep it fresh while CMD runs, exit with CMD's status.
+struct ExecCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "exec",
+        abstract: "Inside a CI job: obtain the job's identity, run a command with it, renew it while the command runs, and exit with the command's status.",
+        discussion: """
+            The command gets WARRANT_SVID_FILE, WARRANT_KEY_FILE, WARRANT_BUNDLE_FILE (PEM files, rewritten atomically on renewal), \
+            WARRANT_IDENTITY_DIR and WARRANT_SPIFFE_ID. The identity is renewed at half its lifetime (with jitter); when renewal is \
+            refused, a fresh platform token is used to join again. Without --out the files live in a private temporary directory, \
+            removed when the command exits. SIGINT and SIGTERM are passed on to the command.
+
+            Examples:
+              warrant exec --endpoint warrant.example.com:8443 --ca-file warrant-ca.pem --audience warrant.example.com -- terraform apply
+              warrant exec --token-source gitlab -- ./deploy.sh production
+            """)
+
+    @OptionGroup var job: JobOptions
+    @Option(help: "Keep the identity in this directory (default: a private temporary one, removed at exit).") var out: String?
+    @Argument(parsing: .postTerminator, help: "The command to run, after --.") var command: [String] = []
+
+    func run() async throws {
+        var status: Int32 = 0
+        try await failingAsOneLine("exec") {
+            guard !command.isEmpty else { throw JobFailure(description: "give the command to run after --, for example: warrant exec -- terraform apply") }
+            let environment = ProcessInfo.processInfo.environment
+            let options = try job.resolve(environment)
+            var temporary: String?
+            let directory: String
+            if let out {
+                directory = out
+            } else {
+                var template = Array("\(NSTemporaryDirectory().hasSuffix("/") ? NSTemporaryDirectory() : NSTemporaryDirectory() + "/")warrant-exec-XXXXXX".utf8CString)
+                guard let made = mkdtemp(&template) else { throw JobFailure(description: "cannot make a private temporary directory") }
+                directory = String(cString: made)
+                temporary = directory
+            }
+            defer { if let temporary { try? FileManager.default.removeItem(atPath: temporary) } }
+            do {
+                try IdentityFiles.checkWritable(directory: directory)
+            } catch {
+                throw JobFailure(description: "\(error)")
+            }
+            let say: @Sendable (String) -> Void = { FileHandle.standardError.write(Data("warrant exec: \($0)\n".utf8)) }
+            let key = P256.Signing.PrivateKey(compactRepresentable: false)
+            let identity = try await JobIdentity.obtain(options, key: key, environment: environment, say: say)
+            try identity.write(to: directory)
+            say("\(identity.spiffeID) until \(identity.expiresAt.formatted(.iso8601)); running \(command[0])")
+
+            let child = Process()
+            child.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+            child.arguments = command
+            child.environment = environment.merging([
+                "WARRANT_IDENTITY_DIR": directory, "WARRANT_SVID_FILE": "\(directory)/svid.pem", "WARRANT_KEY_FILE": "\(directory)/svid.key",
+                "WARRANT_BUNDLE_FILE": "\(directory)/bundle.pem", "WARRANT_SPIFFE_ID": identity.spiffeID,
+            ]) { $1 }
+            let exited = AsyncStream<(Int32, Process.TerminationReason)>.makeStream()
+            child.terminationHandler = { process in
+                exited.continuation.yield((process.terminationStatus, process.terminationReason))
+                exited.continuation.finish()
+            }
+            do {
+                try child.run()
+            } catch {
+                throw JobFailure(description: "cannot run \(command[0]): \(error.localizedDescription)")
+            }
+            // Pass SIGINT and SIGTERM on to the command.
+            var sources: [any DispatchSourceSignal] = []
+            for signalNumber in [SIGINT, SIGTERM] {
+                signal(signalNumber, SIG_IGN)
+                let source = DispatchSource.makeSignalSource(signal: signalNumber)
+                let pid = child.processIdentifier
+                source.setEventHandler { kill(pid, signalNumber) }
+                source.resume()
+                sources.append(source)
+            }
+            let renewal = Task { await Self.keepFresh(identity, key: key, options: options, environment: environment, directory: directory, say: say) }
+            var result: (Int32, Process.TerminationReason) = (1, .exit)
+            for await value in exited.stream { result = value }
+            renewal.cancel()
+            for source in sources { source.cancel() }
+            status = result.1 == .uncaughtSignal ? 128 + result.0 : result.0
+        }
+        if status != 0 { throw ExitCode(status) }
+    }
+
+    /// Renews at half the lifetime (±10%); retries with backoff while the
+    /// cluster is unreachable; joins again with a fresh platform token when
+    /// renewal is refused. An identity past its expiry is removed rather
+    /// than left for the command to use.
+    static func keepFresh(_ first: JobIdentity, key: P256.Signing.PrivateKey, options: JobOptions.Resolved, environment: [String: String],
+                          directory: String, say: @escaping @Sendable (String) -> Void) async {
+        var current = first
+        while !Task.isCancelled {
+            let lifetime = max(1, current.expiresAt.timeIntervalSince(current.issuedAt))
+            let due = current.issuedAt.addingTimeInterval(lifetime * Double.random(in: 0.45...0.55))
+            try? await Task.sleep(for: .milliseconds(Int(max(0, due.timeIntervalSinceNow) * 1000)))
+            var backoff = 1.0
+            while !Task.isCancelled {
+                do {
+                    let renewed: JobIdentity
+                    do {
+                        renewed = try await current.renew(options, key: key)
+                    } catch let failure as JobFailure where failure.description.contains("the cluster refused") {
+                        say("renewal refused (\(failure.description)); joining again with a fresh platform token")
+                        renewed = try await JobIdentity.obtain(options, key: key, environment: environment, say: say)
+                    }
+                    try renewed.write(to: directory)
+                    say("renewed: \(renewed.spiffeID) until \(renewed.expiresAt.formatted(.iso8601))")
+                    current = renewed
+                    break
+                } catch {
+                    if current.expiresAt.timeIntervalSinceNow <= 0 {
+                        // Never leave an expired identity in place.
+                        for file in ["svid.pem", "svid.key"] { try? FileManager.default.removeItem(atPath: "\(directory)/\(file)") }
+                    }
+                    say("renewal failed (\(error)); retrying in \(Int(backoff)) s")
+                    try? await Task.sleep(for: .seconds(backoff))
+                    backoff = min(30, backoff * 2)
+                }
+            }
+        }
+    }
+}
