@@ -78,5 +78,38 @@ func runJoinBench(binary: String, clients: Int, seconds: Double) async throws {
                                          body: jsonBytes(["token": minted[0], "csr": csrPEM]))
     print("replaying the first token: \(replay.status.code) (\(replay.text.contains("token_used") ? "token_used" : replay.text))")
     print("target: at least 4000 joins/s with p99 under 30 ms")
+
+    // warrant exec -- true, as a whole process, in a simulated GitHub Actions job, against `true` alone.
+    let caFile = "\(directory)/provider-ca.pem"
+    try provider.caPEM.write(toFile: caFile, atomically: true, encoding: .utf8)
+    let environment = ["PATH": ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin", "GITHUB_ACTIONS": "true",
+                       "ACTIONS_ID_TOKEN_REQUEST_URL": "\(provider.issuer)/actions/token?api-version=2.0",
+                       "ACTIONS_ID_TOKEN_REQUEST_TOKEN": provider.actionsRequestToken]
+    let execArguments = ["exec", "--endpoint", "127.0.0.1:\(listing.members[leaderIndex].api.port)", "--ca-file", "\(directory)/ca.pem",
+                         "--audience", "warrant.local", "--token-request-ca", caFile, "--", "true"]
+    func timed(_ executable: String, _ arguments: [String]) throws -> (Double, Int32) {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: executable)
+        process.arguments = arguments
+        process.environment = environment
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        let start = ContinuousClock.now
+        try process.run()
+        process.waitUntilExit()
+        return (start.duration(to: .now).milliseconds, process.terminationStatus)
+    }
+    var plain: [Double] = [], exec: [Double] = []
+    var failures = 0
+    for _ in 0..<30 {
+        plain.append(try timed("/usr/bin/env", ["true"]).0)
+        let (ms, status) = try timed(binary, execArguments)
+        if status == 0 { exec.append(ms) } else { failures += 1 }
+    }
+    func median(_ values: [Double]) -> Double { values.isEmpty ? .nan : values.sorted()[values.count / 2] }
+    func p90(_ values: [Double]) -> Double { values.isEmpty ? .nan : values.sorted()[min(values.count - 1, values.count * 9 / 10)] }
+    print(String(format: "warrant exec -- true (token request, join, files, run, exit), 30 runs: median %.1f ms, p90 %.1f ms; `true` alone: median %.1f ms; added: median %.1f ms (%d failed)",
+                 median(exec), p90(exec), median(plain), median(exec) - median(plain), failures))
+    print("target: under 100 ms median added to a step")
     await cluster.close()
 }
