@@ -28,6 +28,11 @@ public enum IdentityFiles {
         }
     }
 
+    /// `jwt-<audience>.token`, with anything but letters, digits, '.' and '-' as '_'.
+    public static func jwtFileName(_ audience: String) -> String {
+        "jwt-" + String(audience.map { ($0.isASCII && ($0.isLetter || $0.isNumber)) || $0 == "." || $0 == "-" ? $0 : "_" }) + ".token"
+    }
+
     public static func write(directory: String, certificatePEM: String, keyPEM: String, bundlePEM: String, jwts: [String: String] = [:]) throws {
         try checkWritable(directory: directory)
         if !FileManager.default.fileExists(atPath: directory) {
@@ -40,8 +45,7 @@ public enum IdentityFiles {
         var files: [(name: String, content: String, mode: Int)] = [("svid.key", keyPEM, 0o600), ("svid.pem", certificatePEM, 0o644),
                                                                    ("bundle.pem", bundlePEM, 0o644)]
         for (audience, token) in jwts.sorted(by: { $0.key < $1.key }) {
-            let safe = String(audience.map { $0.isLetter || $0.isNumber || $0 == "." || $0 == "-" ? $0 : "_" })
-            files.append(("jwt-\(safe).token", token, 0o600))
+            files.append((jwtFileName(audience), token, 0o600))
         }
         var temporary: [(String, String)] = []
         do {

@@ -22,6 +22,10 @@ struct ExecCommand: AsyncParsableCommand {
 
     @OptionGroup var job: JobOptions
     @Option(help: "Keep the identity in this directory (default: a private temporary one, removed at exit).") var out: String?
+    @Option(name: .customLong("jwt-audience"), help: "Also keep a JWT-SVID for this audience (repeat for more): jwt-<audience>.token; the first is $WARRANT_JWT_FILE.")
+    var jwtAudiences: [String] = []
+    @Option(help: "Set AWS_ROLE_ARN to this and AWS_WEB_IDENTITY_TOKEN_FILE to a JWT-SVID for sts.amazonaws.com, so unchanged AWS SDKs and the AWS CLI use the job's identity.")
+    var awsRoleArn: String?
     @Argument(parsing: .postTerminator, help: "The command to run, after --.") var command: [String] = []
 
     func run() async throws {
@@ -48,17 +52,26 @@ struct ExecCommand: AsyncParsableCommand {
             }
             let say: @Sendable (String) -> Void = { FileHandle.standardError.write(Data("warrant exec: \($0)\n".utf8)) }
             let key = P256.Signing.PrivateKey(compactRepresentable: false)
-            let identity = try await JobIdentity.obtain(options, key: key, environment: environment, say: say)
+            var audiences = jwtAudiences
+            if awsRoleArn != nil && !audiences.contains("sts.amazonaws.com") { audiences.append("sts.amazonaws.com") }
+            let identity = try await JobIdentity.obtain(options, key: key, environment: environment, say: say).withJWTs(audiences, options)
             try identity.write(to: directory)
             say("\(identity.spiffeID) until \(identity.expiresAt.formatted(.iso8601)); running \(command[0])")
 
             let child = Process()
             child.executableURL = URL(fileURLWithPath: "/usr/bin/env")
             child.arguments = command
-            child.environment = environment.merging([
+            var added = [
                 "WARRANT_IDENTITY_DIR": directory, "WARRANT_SVID_FILE": "\(directory)/svid.pem", "WARRANT_KEY_FILE": "\(directory)/svid.key",
                 "WARRANT_BUNDLE_FILE": "\(directory)/bundle.pem", "WARRANT_SPIFFE_ID": identity.spiffeID,
-            ]) { $1 }
+            ]
+            if let first = audiences.first { added["WARRANT_JWT_FILE"] = "\(directory)/\(JobIdentity.jwtFileName(first))" }
+            if let awsRoleArn {
+                added["AWS_ROLE_ARN"] = awsRoleArn
+                added["AWS_WEB_IDENTITY_TOKEN_FILE"] = "\(directory)/\(JobIdentity.jwtFileName("sts.amazonaws.com"))"
+                added["AWS_ROLE_SESSION_NAME"] = "warrant-" + String(identity.spiffeID.split(separator: "/").last ?? "job").prefix(40)
+            }
+            child.environment = environment.merging(added) { $1 }
             let exited = AsyncStream<(Int32, Process.TerminationReason)>.makeStream()
             child.terminationHandler = { process in
                 exited.continuation.yield((process.terminationStatus, process.terminationReason))
@@ -79,7 +92,9 @@ struct ExecCommand: AsyncParsableCommand {
                 source.resume()
                 sources.append(source)
             }
-            let renewal = Task { await Self.keepFresh(identity, key: key, options: options, environment: environment, directory: directory, say: say) }
+            let renewal = Task {
+                await Self.keepFresh(identity, key: key, options: options, audiences: audiences, environment: environment, directory: directory, say: say)
+            }
             var result: (Int32, Process.TerminationReason) = (1, .exit)
             for await value in exited.stream { result = value }
             renewal.cancel()
@@ -93,7 +108,7 @@ struct ExecCommand: AsyncParsableCommand {
     /// cluster is unreachable; joins again with a fresh platform token when
     /// renewal is refused. An identity past its expiry is removed rather
     /// than left for the command to use.
-    static func keepFresh(_ first: JobIdentity, key: P256.Signing.PrivateKey, options: JobOptions.Resolved, environment: [String: String],
+    static func keepFresh(_ first: JobIdentity, key: P256.Signing.PrivateKey, options: JobOptions.Resolved, audiences: [String], environment: [String: String],
                           directory: String, say: @escaping @Sendable (String) -> Void) async {
         var current = first
         while !Task.isCancelled {
@@ -103,13 +118,14 @@ struct ExecCommand: AsyncParsableCommand {
             var backoff = 1.0
             while !Task.isCancelled {
                 do {
-                    let renewed: JobIdentity
+                    var renewed: JobIdentity
                     do {
                         renewed = try await current.renew(options, key: key)
                     } catch let failure as JobFailure where failure.description.contains("the cluster refused") {
                         say("renewal refused (\(failure.description)); joining again with a fresh platform token")
                         renewed = try await JobIdentity.obtain(options, key: key, environment: environment, say: say)
                     }
+                    renewed = try await renewed.withJWTs(audiences, options)
                     try renewed.write(to: directory)
                     say("renewed: \(renewed.spiffeID) until \(renewed.expiresAt.formatted(.iso8601))")
                     current = renewed
@@ -117,7 +133,9 @@ struct ExecCommand: AsyncParsableCommand {
                 } catch {
                     if current.expiresAt.timeIntervalSinceNow <= 0 {
                         // Never leave an expired identity in place.
-                        for file in ["svid.pem", "svid.key"] { try? FileManager.default.removeItem(atPath: "\(directory)/\(file)") }
+                        for file in ["svid.pem", "svid.key"] + audiences.map(JobIdentity.jwtFileName) {
+                            try? FileManager.default.removeItem(atPath: "\(directory)/\(file)")
+                        }
                     }
                     say("renewal failed (\(error)); retrying in \(Int(backoff)) s")
                     try? await Task.sleep(for: .seconds(backoff))

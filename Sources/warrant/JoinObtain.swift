@@ -93,6 +93,8 @@ struct JobIdentity {
     var spiffeID: String
     var expiresAt: Date
     var issuedAt: Date
+    /// JWT-SVIDs by audience, obtained with this X509-SVID.
+    var jwts: [String: String] = [:]
 
     /// Gets the platform token and exchanges it for an X509-SVID for `key`.
     static func obtain(_ options: JobOptions.Resolved, key: P256.Signing.PrivateKey, environment: [String: String], say: (String) -> Void) async throws -> JobIdentity {
@@ -144,9 +146,36 @@ struct JobIdentity {
                            expiresAt: expires, issuedAt: Date())
     }
 
+    /// Adds a JWT-SVID per audience, asked for over mutual TLS with this
+    /// X509-SVID (same SPIFFE ID and context, never outliving it).
+    func withJWTs(_ audiences: [String], _ options: JobOptions.Resolved) async throws -> JobIdentity {
+        guard !audiences.isEmpty else { return self }
+        let client = try WarrantClient(endpoints: options.endpoints, caPEM: options.caPEM, certificatePEM: certificatePEM, keyPEM: keyPEM)
+        defer { Task { await client.close() } }
+        var copy = self
+        for audience in audiences {
+            let body = Array(try JSONSerialization.data(withJSONObject: ["audience": [audience], "idempotency_key": UUID().uuidString]))
+            let response: HTTPClientResponse
+            do {
+                response = try await client.request(.POST, "/v1/svid/jwt/workload", json: body)
+            } catch {
+                throw JobFailure(description: "\(error)")
+            }
+            let object = (try? JSONSerialization.jsonObject(with: Data(response.body)) as? [String: Any]) ?? [:]
+            guard response.status == .ok, let token = object["token"] as? String else {
+                let error = object["error"] as? [String: Any]
+                throw JobFailure(description: "the cluster refused a JWT-SVID for \(audience): \(error?["code"] as? String ?? String(response.status.code)): \(error?["message"] as? String ?? "")")
+            }
+            copy.jwts[audience] = token
+        }
+        return copy
+    }
+
+    static func jwtFileName(_ audience: String) -> String { IdentityFiles.jwtFileName(audience) }
+
     func write(to directory: String) throws {
         do {
-            try IdentityFiles.write(directory: directory, certificatePEM: certificatePEM, keyPEM: keyPEM, bundlePEM: bundlePEM)
+            try IdentityFiles.write(directory: directory, certificatePEM: certificatePEM, keyPEM: keyPEM, bundlePEM: bundlePEM, jwts: jwts)
         } catch {
             throw JobFailure(description: "\(error)")
         }

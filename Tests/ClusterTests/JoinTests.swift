@@ -282,6 +282,20 @@ extension JoinTests {
             let renewed = try run(["exec"] + common + ["--ttl", "4", "--", "sh", "-c", renewing], executable: binary,
                                   environment: ["PATH": ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin"].merging(runner) { $1 })
             #expect(renewed.status == 0 && renewed.output.contains("renewed: spiffe://warrant.local/gh/acme/api/deploy"), "\(renewed.output)")
+            // JWT-SVIDs for the job over mutual TLS, handed to unchanged AWS tooling through its web-identity variables.
+            let aws = "test \"$AWS_ROLE_ARN\" = arn:aws:iam::123456789012:role/deploy && cp \"$AWS_WEB_IDENTITY_TOKEN_FILE\" \(dir)/aws.jwt && test \"$WARRANT_JWT_FILE\" = \"$AWS_WEB_IDENTITY_TOKEN_FILE\""
+            let awsRun = try run(["exec"] + common + ["--jwt-audience", "sts.amazonaws.com", "--aws-role-arn", "arn:aws:iam::123456789012:role/deploy",
+                                                      "--", "sh", "-c", aws], executable: binary,
+                                 environment: ["PATH": ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin"].merging(runner) { $1 })
+            #expect(awsRun.status == 0, "\(awsRun.output)")
+            let awsJWT = try String(contentsOfFile: "\(dir)/aws.jwt", encoding: .utf8)
+            let awsVerdict = object(try await admin.request(.POST, "/v1/verify", headers: jsonHeaders, body: json(["jwt": awsJWT, "audience": "sts.amazonaws.com"])))
+            #expect(awsVerdict["valid"] as? Bool == true && awsVerdict["spiffe_id"] as? String == "spiffe://warrant.local/gh/acme/api/deploy", "\(awsVerdict)")
+            #expect((awsVerdict["attributes"] as? [String: String])?["repository"] == "acme/api")
+            // Without a workload certificate there is no JWT-SVID.
+            let anonymous = try await cluster.connection(to: follower, admin: false)
+            #expect(try await anonymous.request(.POST, "/v1/svid/jwt/workload", headers: jsonHeaders, body: json(["audience": ["x"]])).status == .unauthorized)
+            await anonymous.close()
             let noCommand = try run(["exec"] + common, executable: binary, environment: runner)
             #expect(noCommand.status == 1 && noCommand.output.contains("give the command to run after --"), "\(noCommand.output)")
         }

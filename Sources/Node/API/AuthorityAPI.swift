@@ -31,6 +31,12 @@ struct RenewRequest: Codable {
     var idempotencyKey: String?
 }
 
+struct WorkloadJWTRequest: Codable {
+    var audience: [String]
+    var ttlSeconds: UInt32?
+    var idempotencyKey: String?
+}
+
 struct RotateRequest: Codable {
     var keyAlgorithm: String?
     var force: Bool?
@@ -131,6 +137,7 @@ extension NodeAPI {
         Route(method: .GET, template: "/v1/keys", access: .open),
         Route(method: .POST, template: "/v1/verify", access: .open),
         Route(method: .POST, template: "/v1/svid/x509/renew", access: .open),
+        Route(method: .POST, template: "/v1/svid/jwt/workload", access: .open),
         Route(method: .GET, template: "/v1/federation/bundle", access: .open),
         Route(method: .GET, template: "/v1/crl.pem", access: .open),
         Route(method: .GET, template: "/v1/ca", access: .admin),
@@ -150,6 +157,7 @@ extension NodeAPI {
         case (.GET, "/v1/keys"): return try bundleResponse { try $0.oidcJWKS() }
         case (.POST, "/v1/verify"): return try await verify(request)
         case (.POST, "/v1/svid/x509/renew"): return try await auditingDenials(request) { try await renewX509(request) }
+        case (.POST, "/v1/svid/jwt/workload"): return try await auditingDenials(request) { try await issueWorkloadJWT(request) }
         case (.GET, "/v1/federation/bundle"): return try bundleResponse { try $0.jwks() }
         case (.GET, "/v1/crl.pem"): return try crl()
         case (.GET, "/v1/ca"): return try authorities(action: nil, next: nil)
@@ -386,7 +394,10 @@ extension NodeAPI {
     /// presents must verify against the bundle and not be revoked; the new
     /// one has the same SPIFFE ID and attested context and never outlives
     /// the evidence the first one was issued on (`evidence_expires`).
-    private func renewX509(_ request: HTTPRequest) async throws -> HTTPResponse {
+    /// The workload behind a request: its X509-SVID (the TLS client
+    /// certificate, or from the node that forwarded it), verified against
+    /// the published authorities and the revocation rules.
+    func verifiedWorkload(_ request: HTTPRequest) async throws -> (VerifiedX509, AuthorityService.Keys) {
         let presented: [UInt8]
         switch request.caller {
         case .workload(_, let der): presented = der
@@ -397,10 +408,6 @@ extension NodeAPI {
             presented = Array(der)
         default:
             throw APIError(status: .unauthorized, code: "unauthenticated", message: "renewal needs the workload's X509-SVID as the TLS client certificate")
-        }
-        let body = try Self.decodeBody(RenewRequest.self, request, expected: "{\"csr\" (PEM), \"ttl_seconds\"?, \"idempotency_key\"?}")
-        if let key = body.idempotencyKey {
-            guard !key.isEmpty, key.utf8.count <= 128 else { throw APIError.badRequest("idempotency_key must be 1 to 128 bytes") }
         }
         var keys = try requireKeys()
         let current: VerifiedX509
@@ -427,6 +434,48 @@ extension NodeAPI {
         if let rule = keys.revocation(serial: current.serialHex, spiffeID: current.spiffeID.description, attributes: current.attributes,
                                       issuedAt: current.notBefore.addingTimeInterval(X509Authority.backdate)) {
             throw APIError(status: .forbidden, code: "revoked", message: "the presented X509-SVID was revoked (\(rule.kind.rawValue) \(rule.value)): \(rule.reason)")
+        }
+        return (current, keys)
+    }
+
+    /// A workload presenting its X509-SVID gets a JWT-SVID for the given
+    /// audiences: the same SPIFFE ID and context, living no longer than the
+    /// X509-SVID (nor its TTL cap), audited with the serial it came from.
+    private func issueWorkloadJWT(_ request: HTTPRequest) async throws -> HTTPResponse {
+        let (current, keys) = try await verifiedWorkload(request)
+        let body = try Self.decodeBody(WorkloadJWTRequest.self, request, expected: "{\"audience\": [..], \"ttl_seconds\"?, \"idempotency_key\"?}")
+        if let key = body.idempotencyKey {
+            guard !key.isEmpty, key.utf8.count <= 128 else { throw APIError.badRequest("idempotency_key must be 1 to 128 bytes") }
+        }
+        let remaining = current.notAfter.timeIntervalSinceNow.rounded(.down)
+        guard remaining >= 1 else { throw APIError(status: .forbidden, code: "expired", message: "the presented X509-SVID has expired") }
+        let ttlCap = UInt32(min(remaining, Double(current.attributes["ttl_max"].flatMap(UInt32.init) ?? AuthorityService.ttlMaxSeconds)))
+        let ttl = body.ttlSeconds ?? min(ttlCap, 3_600)
+        guard ttl >= 1, ttl <= ttlCap else {
+            throw APIError(status: .badRequest, code: "bad_ttl", message: "ttl_seconds must be 1...\(ttlCap) for this identity (it may not outlive the X509-SVID)")
+        }
+        let leadership = driver.leadership
+        guard leadership.isLeader else { return try await forwardToLeader(request, leaderHint: leadership.leaderID) }
+        if let key = body.idempotencyKey, let authority,
+           let earlier = try await NIOThreadPool.singleton.runIfActive({ try authority.earlierAnswer(idempotencyKey: key) }) {
+            guard earlier.evidence == "renew:\(current.serialHex)", earlier.kind == .jwt else {
+                throw APIError(status: .conflict, code: "idempotency_conflict", message: "the idempotency key was used with other evidence")
+            }
+            return try jwtResponse(Array(earlier.artifact), replayed: true)
+        }
+        let template = Issuance(kind: .jwt, spiffeID: current.spiffeID.description, serial: "", fingerprint: "", issuedAtMillis: 0, notAfterMillis: 0,
+                                ttlSeconds: ttl, tokenHash: "", renewedFrom: current.serialHex,
+                                renewedIssuedAtMillis: Self.millis(current.notBefore) + UInt64(X509Authority.backdate * 1000),
+                                idempotencyKey: body.idempotencyKey.map(AuthorityService.hash) ?? "", node: id, authority: "",
+                                attributes: current.attributes, artifact: [])
+        return try await signAndRecordJWT(template, spiffeID: current.spiffeID, audiences: body.audience, keys: keys, actor: nil, request)
+    }
+
+    private func renewX509(_ request: HTTPRequest) async throws -> HTTPResponse {
+        let (current, keys) = try await verifiedWorkload(request)
+        let body = try Self.decodeBody(RenewRequest.self, request, expected: "{\"csr\" (PEM), \"ttl_seconds\"?, \"idempotency_key\"?}")
+        if let key = body.idempotencyKey {
+            guard !key.isEmpty, key.utf8.count <= 128 else { throw APIError.badRequest("idempotency_key must be 1 to 128 bytes") }
         }
         guard let evidenceExpires = current.attributes["evidence_expires"].flatMap(TimeInterval.init) else {
             throw APIError(status: .forbidden, code: "not_renewable", message: "the presented X509-SVID carries no evidence lifetime")
@@ -766,6 +815,13 @@ extension JWTSVIDRequest: HandDecodedJSON {
         guard let token = flat.string("token"), let token, case .stringArray(let audience)? = flat["audience"],
               let ttl = flat.uint32("ttl_seconds"), let key = flat.string("idempotency_key") else { return nil }
         self.init(token: token, audience: audience, ttlSeconds: ttl, idempotencyKey: key)
+    }
+}
+
+extension WorkloadJWTRequest: HandDecodedJSON {
+    init?(flat: [String: JSONText.Value]) {
+        guard case .stringArray(let audience)? = flat["audience"], let ttl = flat.uint32("ttl_seconds"), let key = flat.string("idempotency_key") else { return nil }
+        self.init(audience: audience, ttlSeconds: ttl, idempotencyKey: key)
     }
 }
 
