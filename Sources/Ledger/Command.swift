@@ -42,6 +42,8 @@ public struct LedgerCommand: Sendable, Hashable {
         case activateAuthority(id: String)
         /// Records a revocation rule (stamped with the command's time).
         case revoke(Revocation)
+        /// A per-step identity's command ended: for the audit chain only.
+        case closeStep(spiffeID: String, serial: String, exitStatus: Int32)
     }
 
     public var timeMillis: UInt64
@@ -94,6 +96,8 @@ public struct LedgerCommand: Sendable, Hashable {
             guard !id.isEmpty, id.utf8.count <= 64 else { return "an authority id is 1 to 64 bytes" }
         case .revoke(let revocation):
             if let reason = revocation.invalidReason { return reason }
+        case .closeStep(let spiffeID, let serial, _):
+            guard spiffeID.utf8.count <= 2048, !serial.isEmpty, serial.utf8.count <= 64 else { return "a step is named by its SPIFFE ID and serial" }
         }
         return nil
     }
@@ -166,6 +170,11 @@ public struct LedgerCommand: Sendable, Hashable {
         case .revoke(let revocation):
             w.write(UInt8(9))
             w.writeBytes((try? CanonicalJSON.encode(revocation)) ?? [])
+        case .closeStep(let spiffeID, let serial, let exitStatus):
+            w.write(UInt8(11))
+            w.writeBytes(Array(spiffeID.utf8))
+            w.writeBytes(Array(serial.utf8))
+            w.write(UInt32(bitPattern: exitStatus))
         }
         return w.bytes
     }
@@ -224,6 +233,10 @@ public struct LedgerCommand: Sendable, Hashable {
                 throw .invalid(field: "revocation", reason: "not a revocation")
             }
             operation = .revoke(revocation)
+        case 11:
+            let spiffeID = try Self.readString(&r, "spiffe id", 2048)
+            let serial = try Self.readString(&r, "serial", 64)
+            operation = .closeStep(spiffeID: spiffeID, serial: serial, exitStatus: Int32(bitPattern: try r.readUInt32("exit status")))
         case let tag:
             throw .unknownTag(field: "operation", tag: tag)
         }

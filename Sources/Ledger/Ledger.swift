@@ -101,6 +101,7 @@ public enum Ledger {
             case .prepareAuthority(let entry): (action, target) = ("authority.prepare", entry.id)
             case .activateAuthority(let id): (action, target) = ("authority.activate", id)
             case .revoke(let rule): (action, target) = ("identity.revoke", "\(rule.kind.rawValue)=\(rule.value)")
+            case .closeStep(let spiffeID, _, _): (action, target) = ("step.close", spiffeID)
             }
             var resultText: String
             switch result {
@@ -117,6 +118,7 @@ public enum Ledger {
                     + (context.isEmpty ? "" : " context=\(context)")
             }
             if case .recordDenial(let reason, _) = command.operation { resultText = "denied: \(reason)" }
+            if case .closeStep(_, let serial, let status) = command.operation { resultText = "ok: serial=\(serial) exit_status=\(status)" }
             if case .revoke(let rule) = command.operation, case .written = result { resultText = "ok: \(rule.reason)" }
             try audit(&tables, entry, timeMillis: command.timeMillis, actor: command.actor, action: action, target: target, result: resultText)
             return LedgerOutcome(logIndex: entry.index, requestID: command.requestID, result: result)
@@ -158,7 +160,7 @@ public enum Ledger {
             return .written(version: 1)
         case .recordIssuance(let issuance):
             return try issue(issuance, command.timeMillis, index, &tables)
-        case .recordDenial:
+        case .recordDenial, .closeStep:
             return .written(version: 0) // only the audit record
         case .prepareAuthority(var entry):
             guard let (document, current) = try keyring(&tables) else { return .rejected("the authority is not initialized") }

@@ -22,6 +22,8 @@ struct ExecCommand: AsyncParsableCommand {
 
     @OptionGroup var job: JobOptions
     @Option(help: "Keep the identity in this directory (default: a private temporary one, removed at exit).") var out: String?
+    @Option(help: "Give the command an identity for this step only (<job's SPIFFE ID>/step/NAME), closed in the audit with its exit status.")
+    var step: String?
     @Option(name: .customLong("jwt-audience"), help: "Also keep a JWT-SVID for this audience (repeat for more): jwt-<audience>.token; the first is $WARRANT_JWT_FILE.")
     var jwtAudiences: [String] = []
     @Option(help: "Set AWS_ROLE_ARN to this and AWS_WEB_IDENTITY_TOKEN_FILE to a JWT-SVID for sts.amazonaws.com, so unchanged AWS SDKs and the AWS CLI use the job's identity.")
@@ -54,7 +56,15 @@ struct ExecCommand: AsyncParsableCommand {
             let key = P256.Signing.PrivateKey(compactRepresentable: false)
             var audiences = jwtAudiences
             if awsRoleArn != nil && !audiences.contains("sts.amazonaws.com") { audiences.append("sts.amazonaws.com") }
-            let identity = try await JobIdentity.obtain(options, key: key, environment: environment, say: say).withJWTs(audiences, options)
+            let step = self.step
+            // The job's identity, or one for this step derived from it.
+            let acquire: @Sendable () async throws -> JobIdentity = {
+                let job = try await JobIdentity.obtain(options, key: key, environment: environment, say: say)
+                guard let step else { return job }
+                say("asking for an identity for step \(step)")
+                return try await job.step(step, options, key: key)
+            }
+            let identity = try await acquire().withJWTs(audiences, options)
             try identity.write(to: directory)
             say("\(identity.spiffeID) until \(identity.expiresAt.formatted(.iso8601)); running \(command[0])")
 
@@ -93,13 +103,25 @@ struct ExecCommand: AsyncParsableCommand {
                 sources.append(source)
             }
             let renewal = Task {
-                await Self.keepFresh(identity, key: key, options: options, audiences: audiences, environment: environment, directory: directory, say: say)
+                await Self.keepFresh(identity, key: key, options: options, audiences: audiences, directory: directory, rejoin: acquire, say: say)
             }
             var result: (Int32, Process.TerminationReason) = (1, .exit)
             for await value in exited.stream { result = value }
             renewal.cancel()
             for source in sources { source.cancel() }
             status = result.1 == .uncaughtSignal ? 128 + result.0 : result.0
+            if step != nil {
+                // The step's identity as it is now (renewals rewrote the files).
+                let now = JobIdentity(certificatePEM: (try? String(contentsOfFile: "\(directory)/svid.pem", encoding: .utf8)) ?? identity.certificatePEM,
+                                      keyPEM: identity.keyPEM, bundlePEM: identity.bundlePEM, spiffeID: identity.spiffeID, expiresAt: identity.expiresAt,
+                                      issuedAt: identity.issuedAt)
+                do {
+                    try await now.closeStep(exitStatus: status, options)
+                    say("step \(step!) closed with exit status \(status)")
+                } catch {
+                    say("could not close step \(step!) in the audit: \(error)")
+                }
+            }
         }
         if status != 0 { throw ExitCode(status) }
     }
@@ -108,8 +130,8 @@ struct ExecCommand: AsyncParsableCommand {
     /// cluster is unreachable; joins again with a fresh platform token when
     /// renewal is refused. An identity past its expiry is removed rather
     /// than left for the command to use.
-    static func keepFresh(_ first: JobIdentity, key: P256.Signing.PrivateKey, options: JobOptions.Resolved, audiences: [String], environment: [String: String],
-                          directory: String, say: @escaping @Sendable (String) -> Void) async {
+    static func keepFresh(_ first: JobIdentity, key: P256.Signing.PrivateKey, options: JobOptions.Resolved, audiences: [String],
+                          directory: String, rejoin: @Sendable () async throws -> JobIdentity, say: @escaping @Sendable (String) -> Void) async {
         var current = first
         while !Task.isCancelled {
             let lifetime = max(1, current.expiresAt.timeIntervalSince(current.issuedAt))
@@ -123,7 +145,7 @@ struct ExecCommand: AsyncParsableCommand {
                         renewed = try await current.renew(options, key: key)
                     } catch let failure as JobFailure where failure.description.contains("the cluster refused") {
                         say("renewal refused (\(failure.description)); joining again with a fresh platform token")
-                        renewed = try await JobIdentity.obtain(options, key: key, environment: environment, say: say)
+                        renewed = try await rejoin()
                     }
                     renewed = try await renewed.withJWTs(audiences, options)
                     try renewed.write(to: directory)

@@ -122,6 +122,23 @@ struct JobIdentity {
         return try await Self.exchange(client, "/v1/svid/x509/renew", request, key: key)
     }
 
+    /// An identity for one step of the job, asked for with the job's.
+    func step(_ name: String, _ options: JobOptions.Resolved, key: P256.Signing.PrivateKey) async throws -> JobIdentity {
+        let client = try WarrantClient(endpoints: options.endpoints, caPEM: options.caPEM, certificatePEM: certificatePEM, keyPEM: keyPEM)
+        defer { Task { await client.close() } }
+        var request: [String: Any] = ["step": name, "csr": try Self.csr(key), "idempotency_key": UUID().uuidString]
+        if let ttl = options.ttl { request["ttl_seconds"] = ttl }
+        return try await Self.exchange(client, "/v1/svid/x509/step", request, key: key)
+    }
+
+    /// Closes this step's identity in the audit chain with the command's exit status.
+    func closeStep(exitStatus: Int32, _ options: JobOptions.Resolved) async throws {
+        let client = try WarrantClient(endpoints: options.endpoints, caPEM: options.caPEM, certificatePEM: certificatePEM, keyPEM: keyPEM)
+        defer { Task { await client.close() } }
+        let response = try await client.request(.POST, "/v1/steps/close", json: Array(try JSONSerialization.data(withJSONObject: ["exit_status": exitStatus])))
+        guard response.status == .ok else { throw JobFailure(description: "closing the step failed: \(response.status.code) \(response.text)") }
+    }
+
     static func csr(_ key: P256.Signing.PrivateKey) throws -> String {
         try CertificateSigningRequest(version: .v1, subject: try DistinguishedName { CommonName("warrant job") }, privateKey: .init(key),
                                       attributes: CertificateSigningRequest.Attributes()).serializeAsPEM().pemString

@@ -296,6 +296,22 @@ extension JoinTests {
             let anonymous = try await cluster.connection(to: follower, admin: false)
             #expect(try await anonymous.request(.POST, "/v1/svid/jwt/workload", headers: jsonHeaders, body: json(["audience": ["x"]])).status == .unauthorized)
             await anonymous.close()
+            // A per-step identity: the job's SPIFFE ID extended, audited as coming from the job's identity, closed with the exit status.
+            let stepScript = "test \"$WARRANT_SPIFFE_ID\" = spiffe://warrant.local/gh/acme/api/deploy/step/terraform-apply && "
+                + "openssl x509 -in \"$WARRANT_SVID_FILE\" -noout -text | grep -q '\"step\":\"terraform-apply\"' && exit 3"
+            let stepRun = try run(["exec"] + common + ["--step", "terraform-apply", "--", "sh", "-c", stepScript], executable: binary,
+                                  environment: ["PATH": ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin"].merging(runner) { $1 })
+            #expect(stepRun.status == 3 && stepRun.output.contains("step terraform-apply closed with exit status 3"), "\(stepRun.output)")
+            let records = object(try await admin.request(.GET, "/v1/audit?limit=1000"))["records"] as? [[String: Any]] ?? []
+            let stepIssue = records.last { ($0["action"] as? String) == "identity.issue" && ($0["target"] as? String ?? "").hasSuffix("/step/terraform-apply") }
+            let stepClose = records.last { ($0["action"] as? String) == "step.close" }
+            let stepIssueResult = stepIssue?["result"] as? String ?? ""
+            let stepCloseResult = stepClose?["result"] as? String ?? "", stepCloseTarget = stepClose?["target"] as? String ?? ""
+            #expect(stepIssueResult.contains("renewed_from="), "the step's record names the job identity it came from")
+            #expect(stepCloseResult.contains("exit_status=3") && stepCloseTarget.hasSuffix("/step/terraform-apply"), "\(String(describing: stepClose))")
+            let badStep = try run(["exec"] + common + ["--step", "Bad Name", "--", "true"], executable: binary,
+                                  environment: ["PATH": ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin"].merging(runner) { $1 })
+            #expect(badStep.status == 1 && badStep.output.contains("bad_step"), "\(badStep.output)")
             let noCommand = try run(["exec"] + common, executable: binary, environment: runner)
             #expect(noCommand.status == 1 && noCommand.output.contains("give the command to run after --"), "\(noCommand.output)")
         }

@@ -10,6 +10,23 @@ import Policy
 // Kubernetes, any OIDC issuer) for an X509-SVID, through the same audited
 // issuance path as join tokens (docs/openapi.yaml, docs/join-rules.md).
 
+struct StepRequest: Codable {
+    var step: String
+    var csr: String
+    var ttlSeconds: UInt32?
+    var idempotencyKey: String?
+}
+
+struct CloseStepRequest: Codable {
+    var exitStatus: Int32
+}
+
+struct CloseStepBody: Codable {
+    var spiffeId: String
+    var serial: String
+    var exitStatus: Int32
+}
+
 struct JoinExplainRequest: Codable {
     var token: String
 }
@@ -49,7 +66,12 @@ extension NodeAPI {
         Route(method: .POST, template: "/v1/join/jwt", access: .open),
         Route(method: .POST, template: "/v1/join/explain", access: .admin),
         Route(method: .GET, template: "/v1/join/lint", access: .admin),
+        Route(method: .POST, template: "/v1/svid/x509/step", access: .open),
+        Route(method: .POST, template: "/v1/steps/close", access: .open),
     ]
+
+    /// The longest a per-step identity lives, whatever its job's allows.
+    static let stepTTLMaxSeconds: UInt32 = 3_600
 
     func dispatchJoin(_ route: Route, _ request: HTTPRequest) async throws -> HTTPResponse? {
         switch (route.method, route.template) {
@@ -57,6 +79,8 @@ extension NodeAPI {
         case (.POST, "/v1/join/jwt"): return try await auditingDenials(request) { try await joinJWT(request) }
         case (.POST, "/v1/join/explain"): return try await explainJoin(request)
         case (.GET, "/v1/join/lint"): return try lintJoin()
+        case (.POST, "/v1/svid/x509/step"): return try await auditingDenials(request) { try await issueStep(request) }
+        case (.POST, "/v1/steps/close"): return try await closeStep(request)
         default: return nil
         }
     }
@@ -165,6 +189,76 @@ extension NodeAPI {
         if let earlier = admitted.earlier { return try jwtResponse(Array(earlier.artifact), replayed: true) }
         return try await signAndRecordJWT(admitted.template, spiffeID: admitted.spiffeID, audiences: body.audience, keys: keys,
                                           actor: admitted.actor, request)
+    }
+
+    /// A job presenting its X509-SVID gets one for a step of it: the SPIFFE
+    /// ID extends the job's (`<job>/step/<name>`), it lives no longer than
+    /// the job's identity (nor an hour), carries the job's context plus
+    /// `step` and `parent` (the job identity's serial), cannot be renewed
+    /// past its own end, and its audit record names the job identity it
+    /// came from. A step cannot start steps.
+    private func issueStep(_ request: HTTPRequest) async throws -> HTTPResponse {
+        let (current, keys) = try await verifiedWorkload(request)
+        let body = try Self.decodeBody(StepRequest.self, request, expected: "{\"step\", \"csr\" (PEM), \"ttl_seconds\"?, \"idempotency_key\"?}")
+        guard (1...64).contains(body.step.utf8.count),
+              body.step.utf8.allSatisfy({ (0x61...0x7A).contains($0) || (0x30...0x39).contains($0) || $0 == 0x2D || $0 == 0x5F || $0 == 0x2E }),
+              body.step != ".", body.step != ".." else {
+            throw APIError(status: .badRequest, code: "bad_step", message: "a step name is 1 to 64 of a-z, 0-9, '-', '_', '.'")
+        }
+        guard current.attributes["step"] == nil else {
+            throw APIError(status: .forbidden, code: "nested_step", message: "a step's identity cannot start another step")
+        }
+        if let key = body.idempotencyKey {
+            guard !key.isEmpty, key.utf8.count <= 128 else { throw APIError.badRequest("idempotency_key must be 1 to 128 bytes") }
+        }
+        let spiffeID = try Self.spiffeID(current.spiffeID.description + "/step/" + body.step, trustDomain: keys.x509.trustDomain)
+        let remaining = current.notAfter.timeIntervalSinceNow.rounded(.down)
+        guard remaining >= 1 else { throw APIError(status: .forbidden, code: "expired", message: "the job's X509-SVID has expired") }
+        let ttlCap = UInt32(min(remaining, Double(min(Self.stepTTLMaxSeconds, current.attributes["ttl_max"].flatMap(UInt32.init) ?? Self.stepTTLMaxSeconds))))
+        let ttl = body.ttlSeconds ?? ttlCap
+        guard ttl >= 1, ttl <= ttlCap else {
+            throw APIError(status: .badRequest, code: "bad_ttl", message: "ttl_seconds must be 1...\(ttlCap) for this step (never past the job's identity)")
+        }
+        let publicKey = try Self.csrKey(body.csr)
+        let leadership = driver.leadership
+        guard leadership.isLeader else { return try await forwardToLeader(request, leaderHint: leadership.leaderID) }
+        if let key = body.idempotencyKey, let authority,
+           let earlier = try await NIOThreadPool.singleton.runIfActive({ try authority.earlierAnswer(idempotencyKey: key) }) {
+            guard earlier.evidence == "renew:\(current.serialHex)", earlier.kind == .x509 else {
+                throw APIError(status: .conflict, code: "idempotency_conflict", message: "the idempotency key was used with other evidence")
+            }
+            return try x509Response(replaying: Array(earlier.artifact), keys: keys)
+        }
+        let serial = X509Authority.randomSerial()
+        var attributes = current.attributes
+        attributes["step"] = body.step
+        attributes["parent"] = current.serialHex
+        attributes["lineage"] = Hex.encode(serial.bytes)
+        attributes["ttl_max"] = String(ttlCap)
+        attributes["evidence_expires"] = String(Int64(Date().timeIntervalSince1970) + Int64(ttl))
+        let template = Issuance(kind: .x509, spiffeID: spiffeID.description, serial: "", fingerprint: "", issuedAtMillis: 0, notAfterMillis: 0,
+                                ttlSeconds: ttl, tokenHash: "", renewedFrom: current.serialHex,
+                                renewedIssuedAtMillis: Self.millis(current.notBefore) + UInt64(X509Authority.backdate * 1000),
+                                idempotencyKey: body.idempotencyKey.map(AuthorityService.hash) ?? "", node: id, authority: "",
+                                attributes: attributes, artifact: [])
+        return try await signAndRecordX509(template, spiffeID: spiffeID, publicKey: publicKey, serial: serial, keys: keys, actor: nil, request)
+    }
+
+    /// A step's command ended: its identity (presented) closes it in the
+    /// audit chain with the exit status.
+    private func closeStep(_ request: HTTPRequest) async throws -> HTTPResponse {
+        let (current, _) = try await verifiedWorkload(request)
+        guard current.attributes["step"] != nil else {
+            throw APIError(status: .forbidden, code: "not_a_step", message: "only a step's identity closes its step")
+        }
+        let body = try Self.decodeBody(CloseStepRequest.self, request, expected: "{\"exit_status\": N}")
+        let command = LedgerCommand(timeMillis: UInt64(Date().timeIntervalSince1970 * 1000), actor: String("workload:\(current.spiffeID)".utf8.prefix(250)) ?? "workload",
+                                    requestID: request.headers.first(name: "warrant-request-id") ?? UUID().uuidString,
+                                    operation: .closeStep(spiffeID: current.spiffeID.description, serial: current.serialHex, exitStatus: body.exitStatus))
+        if let reason = command.invalidReason { throw APIError.badRequest(reason) }
+        let (outcome, _) = try await driver.write(command)
+        if case .rejected(let reason) = outcome.result { throw APIError(status: .conflict, code: "rejected", message: reason) }
+        return APIJSON.response(CloseStepBody(spiffeId: current.spiffeID.description, serial: current.serialHex, exitStatus: body.exitStatus))
     }
 
     /// Why a token would (not) join, without consuming it: verification,
