@@ -318,6 +318,36 @@ extension JoinTests {
     }
 }
 
+extension JoinTests {
+    @Test("Killing the leader while warrant exec renews a 4-second identity: the command never sees an expired or missing identity")
+    func renewalAcrossLeaderLoss() async throws {
+        let github = try TestIssuer(keys: [.rsa2048])
+        try await github.serve()
+        defer { Task { await github.stop() } }
+        try await InProcessCluster.withReadyFollower { cluster, leader, _, admin, _ in
+            let dir = cluster.directory
+            #expect(try await putPolicy(admin, "policy/issuers/github", githubIssuerYAML(github)).status == .ok)
+            #expect(try await putPolicy(admin, "policy/join/deploy", deployRule).status == .ok)
+            try await Task.sleep(for: .seconds(1.1))
+            let binary = try #require(warrantBinary())
+            try github.caPEM.write(toFile: "\(dir)/github-ca.pem", atomically: true, encoding: .utf8)
+            var arguments = ["exec", "--ca-file", "\(dir)/ca.pem", "--audience", "warrant.local", "--token-request-ca", "\(dir)/github-ca.pem", "--ttl", "4"]
+            for id in [leader] + [UInt64(1), 2, 3].filter({ $0 != leader }) { arguments += ["--endpoint", "127.0.0.1:\(cluster.basePort + 100 + Int(id) - 1)"] }
+            // Every half second for 12 s: the certificate is unexpired and the key is there.
+            let watch = "for i in $(seq 1 24); do openssl x509 -checkend 0 -noout -in \"$WARRANT_SVID_FILE\" > /dev/null || exit 9; "
+                + "test -s \"$WARRANT_KEY_FILE\" || exit 8; sleep 0.5; done"
+            let environment = ["PATH": ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin", "GITHUB_ACTIONS": "true",
+                               "ACTIONS_ID_TOKEN_REQUEST_URL": "\(github.issuer)/actions/token", "ACTIONS_ID_TOKEN_REQUEST_TOKEN": github.actionsRequestToken]
+            let execution = Task.detached { try run(arguments + ["--", "sh", "-c", watch], executable: binary, environment: environment) }
+            try await Task.sleep(for: .seconds(3))
+            await cluster.stop(leader)
+            let result = try await execution.value
+            #expect(result.status == 0, "\(result.output)")
+            #expect(result.output.components(separatedBy: "renewed:").count - 1 >= 3, "renewed across the leader's loss: \(result.output)")
+        }
+    }
+}
+
 private func replacingIssuer(_ claims: [(String, TestIssuer.Claim)], _ issuer: String) -> [(String, TestIssuer.Claim)] {
     claims.map { $0.0 == "iss" ? ("iss", .string(issuer)) : $0 }
 }
