@@ -91,6 +91,7 @@ let package = Package(
         // audit, membership.
         .executableTarget(name: "warrant", dependencies: [
             "Node", "Authority", "Client",
+            .product(name: "Yams", package: "Yams"),
             .product(name: "X509", package: "swift-certificates"),
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),

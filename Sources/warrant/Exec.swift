@@ -38,7 +38,7 @@ struct ExecCommand: AsyncParsableCommand {
             let options = try job.resolve(environment)
             var temporary: String?
             let directory: String
-            if let out {
+            if let out = out ?? options.out {
                 directory = out
             } else {
                 var template = Array("\(NSTemporaryDirectory().hasSuffix("/") ? NSTemporaryDirectory() : NSTemporaryDirectory() + "/")warrant-exec-XXXXXX".utf8CString)

@@ -4,6 +4,7 @@ import Crypto
 import Foundation
 import Node
 import X509
+import Yams
 
 /// A one-line failure of a job-side command: printed to standard error,
 /// exit status 1.
@@ -24,6 +25,39 @@ struct JobOptions: ParsableArguments {
     @Option(help: "The variable holding the token for gitlab (default WARRANT_ID_TOKEN) or env.") var tokenEnv: String?
     @Option(help: "Extra CA certificates (PEM) for the GitHub token request (GitHub Enterprise Server with a private CA).") var tokenRequestCa: String?
     @Option(help: "Seconds the identity should live (at most the rule's cap).") var ttl: UInt32?
+    @Option(help: "A YAML file with any of: endpoints (a list), ca_file, token_source, audience, token_file, token_env, token_request_ca, ttl, out (or $WARRANT_CONFIG). Flags and the environment win over it.")
+    var config: String?
+
+    static let configKeys: Set<String> = ["endpoints", "ca_file", "token_source", "audience", "token_file", "token_env", "token_request_ca", "ttl", "out"]
+
+    /// The configuration file's settings, as text (endpoints joined by commas).
+    func fileSettings(_ environment: [String: String]) throws -> [String: String] {
+        guard let path = config ?? environment["WARRANT_CONFIG"] else { return [:] }
+        guard let text = try? String(contentsOfFile: path, encoding: .utf8), text.utf8.count <= 64 << 10 else {
+            throw JobFailure(description: "cannot read the configuration file \(path)")
+        }
+        let root: Yams.Node?
+        do {
+            root = try Yams.compose(yaml: text)
+        } catch {
+            throw JobFailure(description: "the configuration file \(path) is not valid YAML: \(error)")
+        }
+        guard let mapping = root?.mapping else { throw JobFailure(description: "the configuration file \(path) must be a mapping of keys to values") }
+        var settings: [String: String] = [:]
+        for (key, value) in mapping {
+            guard let name = key.string, Self.configKeys.contains(name) else {
+                throw JobFailure(description: "\(path): unknown key '\(key.string ?? "?")' (expected one of: \(Self.configKeys.sorted().joined(separator: ", ")))")
+            }
+            if name == "endpoints" {
+                guard let list = value.sequence?.compactMap(\.string), !list.isEmpty else { throw JobFailure(description: "\(path): endpoints must be a list of host:port") }
+                settings[name] = list.joined(separator: ",")
+            } else {
+                guard let text = value.string else { throw JobFailure(description: "\(path): \(name) must be a single value") }
+                settings[name] = text
+            }
+        }
+        return settings
+    }
 
     /// The parts of the options, checked, with one clear line for what is wrong.
     struct Resolved {
@@ -32,10 +66,13 @@ struct JobOptions: ParsableArguments {
         var source: TokenSource
         var extraRootsPEM: String?
         var ttl: UInt32?
+        /// The configuration file's output directory, if it names one.
+        var out: String?
     }
 
     func resolve(_ environment: [String: String]) throws -> Resolved {
-        let texts = endpoints.isEmpty ? (environment["WARRANT_ENDPOINTS"] ?? "").split(separator: ",").map(String.init) : endpoints
+        let file = try fileSettings(environment)
+        let texts = endpoints.isEmpty ? (environment["WARRANT_ENDPOINTS"] ?? file["endpoints"] ?? "").split(separator: ",").map(String.init) : endpoints
         guard !texts.isEmpty else { throw JobFailure(description: "say where the cluster is: --endpoint host:port (or WARRANT_ENDPOINTS)") }
         let hostPorts: [HostPort]
         do {
@@ -43,16 +80,17 @@ struct JobOptions: ParsableArguments {
         } catch {
             throw JobFailure(description: "\(error)")
         }
-        guard let caPath = caFile ?? environment["WARRANT_CA_FILE"] else {
+        guard let caPath = caFile ?? environment["WARRANT_CA_FILE"] ?? file["ca_file"] else {
             throw JobFailure(description: "give the cluster's CA certificate: --ca-file FILE (or WARRANT_CA_FILE)")
         }
         guard let caPEM = try? String(contentsOfFile: caPath, encoding: .utf8), caPEM.contains("BEGIN CERTIFICATE") else {
             throw JobFailure(description: "cannot read a PEM certificate from the CA file \(caPath)")
         }
         let source: TokenSource
-        switch tokenSource ?? environment["WARRANT_TOKEN_SOURCE"] ?? Self.detect(environment) {
+        let tokenFile = self.tokenFile ?? file["token_file"], tokenEnv = self.tokenEnv ?? file["token_env"]
+        switch tokenSource ?? environment["WARRANT_TOKEN_SOURCE"] ?? file["token_source"] ?? Self.detect(environment) {
         case "github":
-            guard let audience = audience ?? environment["WARRANT_AUDIENCE"] else {
+            guard let audience = audience ?? environment["WARRANT_AUDIENCE"] ?? file["audience"] else {
                 throw JobFailure(description: "a GitHub token is requested for an audience: --audience (this cluster's, or WARRANT_AUDIENCE)")
             }
             source = .github(audience: audience)
@@ -70,11 +108,16 @@ struct JobOptions: ParsableArguments {
             throw JobFailure(description: "unknown token source '\(other)' (github, gitlab, kubernetes, file or env)")
         }
         var extraRoots: String?
-        if let tokenRequestCa {
+        if let tokenRequestCa = tokenRequestCa ?? file["token_request_ca"] {
             guard let text = try? String(contentsOfFile: tokenRequestCa, encoding: .utf8) else { throw JobFailure(description: "cannot read \(tokenRequestCa)") }
             extraRoots = text
         }
-        return Resolved(endpoints: hostPorts, caPEM: caPEM, source: source, extraRootsPEM: extraRoots, ttl: ttl)
+        var ttl = self.ttl
+        if ttl == nil, let text = file["ttl"] {
+            guard let value = UInt32(text), value > 0 else { throw JobFailure(description: "ttl in the configuration file must be a positive number of seconds") }
+            ttl = value
+        }
+        return Resolved(endpoints: hostPorts, caPEM: caPEM, source: source, extraRootsPEM: extraRoots, ttl: ttl, out: file["out"])
     }
 
     static func detect(_ environment: [String: String]) -> String {
@@ -236,7 +279,7 @@ struct JoinObtain: AsyncParsableCommand {
         try await failingAsOneLine("join") {
             let environment = ProcessInfo.processInfo.environment
             let options = try job.resolve(environment)
-            let directory = out ?? environment["WARRANT_OUT"] ?? "warrant-identity"
+            let directory = out ?? environment["WARRANT_OUT"] ?? options.out ?? "warrant-identity"
             // Check the output directory before asking for anything.
             do {
                 try IdentityFiles.checkWritable(directory: directory)

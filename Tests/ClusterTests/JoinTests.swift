@@ -240,6 +240,15 @@ extension JoinTests {
             let check = try run(["openssl", "pkey", "-in", "\(out)/svid.key", "-pubout"]).output
             #expect(check.contains("PUBLIC KEY") && !FileManager.default.fileExists(atPath: "\(out)/.svid.key.tmp"))
 
+            // The same from a configuration file; a key it does not know is refused by name.
+            try "endpoints: [\"\(dead)\", \"\(api)\"]\nca_file: \(dir)/ca.pem\naudience: warrant.local\ntoken_request_ca: \(dir)/github-ca.pem\nout: \(dir)/from-config\n"
+                .write(toFile: "\(dir)/join.yaml", atomically: true, encoding: .utf8)
+            let configured = try join(["--config", "\(dir)/join.yaml"], environment: runner)
+            #expect(configured.status == 0 && FileManager.default.fileExists(atPath: "\(dir)/from-config/svid.pem"), "\(configured.output)")
+            try "endpoint: x\n".write(toFile: "\(dir)/bad.yaml", atomically: true, encoding: .utf8)
+            let badConfig = try join(["--config", "\(dir)/bad.yaml"], environment: runner)
+            #expect(badConfig.status == 1 && badConfig.output.contains("unknown key 'endpoint'"), "\(badConfig.output)")
+
             // GitLab CI: the id_tokens variable.
             let gitlabToken = try gitlab.mint(gitlab.gitlabClaims(audience: "warrant.local"))
             let gl = try join(["--endpoint", api, "--ca-file", "\(dir)/ca.pem", "--out", "\(dir)/gl"],
