@@ -2,6 +2,7 @@ import ArgumentParser
 import Client
 import Crypto
 import Foundation
+import WorkloadAPI
 
 /// `warrant exec -- CMD ARGS...`: obtain the job's identity, run CMD with
 /// it, keep it fresh while CMD runs, exit with CMD's status.
@@ -66,6 +67,11 @@ struct ExecCommand: AsyncParsableCommand {
             }
             let identity = try await acquire().withJWTs(audiences, options)
             try identity.write(to: directory)
+            // The SPIFFE Workload API for the command, on a socket beside the files.
+            let agent = AgentIdentity(options: options)
+            await agent.update(identity, key: key)
+            let socketPath = "\(directory)/agent.sock"
+            let workloadAPI = try? WorkloadAPIServer(path: socketPath, feed: agent.feed, source: agent)
             say("\(identity.spiffeID) until \(identity.expiresAt.formatted(.iso8601)); running \(command[0])")
 
             let child = Process()
@@ -76,6 +82,7 @@ struct ExecCommand: AsyncParsableCommand {
                 "WARRANT_BUNDLE_FILE": "\(directory)/bundle.pem", "WARRANT_SPIFFE_ID": identity.spiffeID,
             ]
             if let first = audiences.first { added["WARRANT_JWT_FILE"] = "\(directory)/\(JobIdentity.jwtFileName(first))" }
+            if workloadAPI != nil { added["SPIFFE_ENDPOINT_SOCKET"] = "unix://\(socketPath)" }
             if let awsRoleArn {
                 added["AWS_ROLE_ARN"] = awsRoleArn
                 added["AWS_WEB_IDENTITY_TOKEN_FILE"] = "\(directory)/\(JobIdentity.jwtFileName("sts.amazonaws.com"))"
@@ -103,12 +110,15 @@ struct ExecCommand: AsyncParsableCommand {
                 sources.append(source)
             }
             let renewal = Task {
-                await Self.keepFresh(identity, key: key, options: options, audiences: audiences, directory: directory, rejoin: acquire, say: say)
+                await Self.keepFresh(identity, key: key, options: options, audiences: audiences, directory: directory, rejoin: acquire, say: say) { renewed in
+                    await agent.update(renewed, key: key)
+                }
             }
             var result: (Int32, Process.TerminationReason) = (1, .exit)
             for await value in exited.stream { result = value }
             renewal.cancel()
             for source in sources { source.cancel() }
+            await workloadAPI?.stop()
             status = result.1 == .uncaughtSignal ? 128 + result.0 : result.0
             if step != nil {
                 // The step's identity as it is now (renewals rewrote the files).
@@ -131,7 +141,8 @@ struct ExecCommand: AsyncParsableCommand {
     /// renewal is refused. An identity past its expiry is removed rather
     /// than left for the command to use.
     static func keepFresh(_ first: JobIdentity, key: P256.Signing.PrivateKey, options: JobOptions.Resolved, audiences: [String],
-                          directory: String, rejoin: @Sendable () async throws -> JobIdentity, say: @escaping @Sendable (String) -> Void) async {
+                          directory: String?, rejoin: @Sendable () async throws -> JobIdentity, say: @escaping @Sendable (String) -> Void,
+                          onRenewed: @Sendable (JobIdentity) async -> Void = { _ in }) async {
         var current = first
         while !Task.isCancelled {
             let lifetime = max(1, current.expiresAt.timeIntervalSince(current.issuedAt))
@@ -148,12 +159,13 @@ struct ExecCommand: AsyncParsableCommand {
                         renewed = try await rejoin()
                     }
                     renewed = try await renewed.withJWTs(audiences, options)
-                    try renewed.write(to: directory)
+                    if let directory { try renewed.write(to: directory) }
+                    await onRenewed(renewed)
                     say("renewed: \(renewed.spiffeID) until \(renewed.expiresAt.formatted(.iso8601))")
                     current = renewed
                     break
                 } catch {
-                    if current.expiresAt.timeIntervalSinceNow <= 0 {
+                    if current.expiresAt.timeIntervalSinceNow <= 0, let directory {
                         // Never leave an expired identity in place.
                         for file in ["svid.pem", "svid.key"] + audiences.map(JobIdentity.jwtFileName) {
                             try? FileManager.default.removeItem(atPath: "\(directory)/\(file)")

@@ -11,7 +11,7 @@ struct Warrant: AsyncParsableCommand {
         commandName: "warrant",
         abstract: "Short-lived machine identity, issued by a replicated cluster.",
         subcommands: [NodeCommand.self, ClusterCommand.self, DocumentCommand.self, AuditCommand.self, MemberCommand.self, LeaderCommand.self,
-                      TokenCommand.self, SVIDCommand.self, BundleCommand.self, CACommand.self, RevokeCommand.self, CRLCommand.self, JoinCommand.self, ExecCommand.self])
+                      TokenCommand.self, SVIDCommand.self, BundleCommand.self, CACommand.self, RevokeCommand.self, CRLCommand.self, JoinCommand.self, ExecCommand.self, AgentCommand.self])
 }
 
 /// How the CLI reaches the cluster: the directory `cluster init` wrote

@@ -335,18 +335,12 @@ extension JoinTests {
         defer { Task { await github.stop() } }
         try await InProcessCluster.withReadyFollower { cluster, leader, _, admin, _ in
             let dir = cluster.directory
-            #expect(try await putPolicy(admin, "policy/issuers/github", githubIssuerYAML(github)).status == .ok)
-            #expect(try await putPolicy(admin, "policy/join/deploy", deployRule).status == .ok)
-            try await Task.sleep(for: .seconds(1.1))
-            let binary = try #require(warrantBinary())
-            try github.caPEM.write(toFile: "\(dir)/github-ca.pem", atomically: true, encoding: .utf8)
+            let (binary, environment) = try await simulatedGitHubJob(admin, github, directory: dir)
             var arguments = ["exec", "--ca-file", "\(dir)/ca.pem", "--audience", "warrant.local", "--token-request-ca", "\(dir)/github-ca.pem", "--ttl", "4"]
             for id in [leader] + [UInt64(1), 2, 3].filter({ $0 != leader }) { arguments += ["--endpoint", "127.0.0.1:\(cluster.basePort + 100 + Int(id) - 1)"] }
             // Every half second for 12 s: the certificate is unexpired and the key is there.
             let watch = "for i in $(seq 1 24); do openssl x509 -checkend 0 -noout -in \"$WARRANT_SVID_FILE\" > /dev/null || exit 9; "
                 + "test -s \"$WARRANT_KEY_FILE\" || exit 8; sleep 0.5; done"
-            let environment = ["PATH": ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin", "GITHUB_ACTIONS": "true",
-                               "ACTIONS_ID_TOKEN_REQUEST_URL": "\(github.issuer)/actions/token", "ACTIONS_ID_TOKEN_REQUEST_TOKEN": github.actionsRequestToken]
             let execution = Task.detached { try run(arguments + ["--", "sh", "-c", watch], executable: binary, environment: environment) }
             try await Task.sleep(for: .seconds(3))
             await cluster.stop(leader)
@@ -355,6 +349,56 @@ extension JoinTests {
             #expect(result.output.components(separatedBy: "renewed:").count - 1 >= 3, "renewed across the leader's loss: \(result.output)")
         }
     }
+}
+
+extension JoinTests {
+    @Test("warrant agent serves the SPIFFE Workload API: py-spiffe fetches X.509 and JWT SVIDs and bundles and validates a JWT-SVID; a call without the header gets INVALID_ARGUMENT; a socket in use is refused")
+    func workloadAPI() async throws {
+        let github = try TestIssuer(keys: [.rsa2048])
+        try await github.serve()
+        defer { Task { await github.stop() } }
+        try await InProcessCluster.withReadyFollower { cluster, _, follower, admin, _ in
+            let dir = cluster.directory
+            let (binary, environment) = try await simulatedGitHubJob(admin, github, directory: dir)
+            let socket = "\(dir)/agent.sock"
+            let arguments = ["agent", "--endpoint", "127.0.0.1:\(cluster.basePort + 100 + Int(follower) - 1)", "--ca-file", "\(dir)/ca.pem",
+                             "--audience", "warrant.local", "--token-request-ca", "\(dir)/github-ca.pem", "--socket", socket, "--exit-after", "40"]
+            let agent = Process()
+            agent.executableURL = URL(fileURLWithPath: binary)
+            agent.arguments = arguments
+            agent.environment = environment
+            let log = Pipe()
+            agent.standardError = log
+            agent.standardOutput = log
+            try agent.run()
+            defer { if agent.isRunning { kill(agent.processIdentifier, SIGTERM) } }
+            #expect(await eventually(seconds: 30) { FileManager.default.fileExists(atPath: socket) }, "the agent makes its socket")
+            let mode = try FileManager.default.attributesOfItem(atPath: socket)[.posixPermissions] as? Int
+            #expect(mode == 0o600, "only the agent's user may connect")
+            let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("python/workload_api_client.py").path
+            let python = try run(["python3", script, socket, "spiffe://warrant.local/gh/acme/api/deploy"])
+            #expect(python.status == 0 && python.output.contains("py-spiffe ok") && python.output.contains("INVALID_ARGUMENT"), "\(python.output)")
+            // A second agent on the same socket is refused with a clear line.
+            let second = try run(arguments, executable: binary, environment: environment)
+            #expect(second.status == 1 && second.output.contains("already in use"), "\(second.output)")
+            kill(agent.processIdentifier, SIGTERM)
+            agent.waitUntilExit()
+            #expect(agent.terminationStatus == 0 && !FileManager.default.fileExists(atPath: socket), "SIGTERM stops the agent and removes its socket")
+        }
+    }
+}
+
+/// Configures the GitHub issuer (backed by `github`) and the deploy rule,
+/// writes the provider's CA to `directory/github-ca.pem`, and returns the
+/// warrant binary and a simulated GitHub Actions runner's environment.
+private func simulatedGitHubJob(_ admin: HTTPConnection, _ github: TestIssuer, directory: String) async throws -> (String, [String: String]) {
+    #expect(try await putPolicy(admin, "policy/issuers/github", githubIssuerYAML(github)).status == .ok)
+    #expect(try await putPolicy(admin, "policy/join/deploy", deployRule).status == .ok)
+    try await Task.sleep(for: .seconds(1.1))
+    let binary = try #require(warrantBinary())
+    try github.caPEM.write(toFile: "\(directory)/github-ca.pem", atomically: true, encoding: .utf8)
+    return (binary, ["PATH": ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin", "GITHUB_ACTIONS": "true",
+                     "ACTIONS_ID_TOKEN_REQUEST_URL": "\(github.issuer)/actions/token", "ACTIONS_ID_TOKEN_REQUEST_TOKEN": github.actionsRequestToken])
 }
 
 private func replacingIssuer(_ claims: [(String, TestIssuer.Claim)], _ issuer: String) -> [(String, TestIssuer.Claim)] {

@@ -1,0 +1,228 @@
+import Foundation
+import GRPCCore
+import GRPCNIOTransportHTTP2
+import SwiftProtobuf
+import Synchronization
+
+/// The identity a Workload API serves, as its messages carry it (DER).
+public struct WorkloadIdentity: Sendable {
+    public var spiffeID: String
+    public var trustDomain: String
+    /// The X509-SVID's certificate chain, DER, concatenated.
+    public var certificateChainDER: [UInt8]
+    /// The private key, PKCS#8 DER.
+    public var keyDER: [UInt8]
+    /// The trust domain's X.509 authorities, DER, concatenated.
+    public var bundleDER: [UInt8]
+    /// The trust domain's JWT authorities, as a JWKS document.
+    public var jwks: [UInt8]
+
+    public init(spiffeID: String, trustDomain: String, certificateChainDER: [UInt8], keyDER: [UInt8], bundleDER: [UInt8], jwks: [UInt8]) {
+        self.spiffeID = spiffeID
+        self.trustDomain = trustDomain
+        self.certificateChainDER = certificateChainDER
+        self.keyDER = keyDER
+        self.bundleDER = bundleDER
+        self.jwks = jwks
+    }
+}
+
+/// What the server asks of whoever holds the identity (the agent).
+public protocol WorkloadIdentitySource: Sendable {
+    /// A JWT-SVID for these audiences.
+    func jwtSVID(audiences: [String]) async throws -> String
+    /// The SPIFFE ID and claims of a JWT-SVID valid for `audience`, or an error.
+    func validate(jwt: String, audience: String) async throws -> (spiffeID: String, claims: [String: String])
+}
+
+/// Holds the current identity and hands every change to each open stream.
+public final class WorkloadIdentityFeed: Sendable {
+    private let state = Mutex<(identity: WorkloadIdentity?, subscribers: [UUID: AsyncStream<WorkloadIdentity>.Continuation])>((nil, [:]))
+
+    public init() {}
+
+    public var current: WorkloadIdentity? { state.withLock { $0.identity } }
+
+    public func publish(_ identity: WorkloadIdentity) {
+        let subscribers = state.withLock { state in
+            state.identity = identity
+            return Array(state.subscribers.values)
+        }
+        for subscriber in subscribers { subscriber.yield(identity) }
+    }
+
+    /// The current identity (if any) and every later one.
+    func subscribe() -> AsyncStream<WorkloadIdentity> {
+        let (stream, continuation) = AsyncStream<WorkloadIdentity>.makeStream(bufferingPolicy: .bufferingNewest(1))
+        let id = UUID()
+        let current = state.withLock { state in
+            state.subscribers[id] = continuation
+            return state.identity
+        }
+        if let current { continuation.yield(current) }
+        continuation.onTermination = { [weak self] _ in _ = self?.state.withLock { $0.subscribers.removeValue(forKey: id) } }
+        return stream
+    }
+}
+
+/// Refuses any call without the `workload.spiffe.io: true` header
+/// (SPIFFE Workload Endpoint, section 4.3) with InvalidArgument.
+struct SecurityHeaderInterceptor: ServerInterceptor {
+    func intercept<Input: Sendable, Output: Sendable>(
+        request: StreamingServerRequest<Input>, context: ServerContext,
+        next: @Sendable (StreamingServerRequest<Input>, ServerContext) async throws -> StreamingServerResponse<Output>
+    ) async throws -> StreamingServerResponse<Output> {
+        guard request.metadata[stringValues: "workload.spiffe.io"].contains("true") else {
+            throw RPCError(code: .invalidArgument, message: "the workload.spiffe.io: true header is required")
+        }
+        return try await next(request, context)
+    }
+}
+
+/// The SPIFFE Workload API (workloadapi.proto): X.509 and JWT SVIDs and
+/// bundles, streamed again on every renewal; the streams never end with OK.
+final class WorkloadAPIService: SpiffeWorkloadAPI.SimpleServiceProtocol {
+    let feed: WorkloadIdentityFeed
+    let source: any WorkloadIdentitySource
+
+    init(feed: WorkloadIdentityFeed, source: any WorkloadIdentitySource) {
+        self.feed = feed
+        self.source = source
+    }
+
+    private func identity() throws -> WorkloadIdentity {
+        guard let identity = feed.current else { throw RPCError(code: .permissionDenied, message: "no identity is available to this caller") }
+        return identity
+    }
+
+    func fetchX509SVID(request: X509SVIDRequest, response: RPCWriter<X509SVIDResponse>, context: ServerContext) async throws {
+        _ = try identity()
+        for await identity in feed.subscribe() {
+            var svid = X509SVID()
+            svid.spiffeID = identity.spiffeID
+            svid.x509Svid = Data(identity.certificateChainDER)
+            svid.x509SvidKey = Data(identity.keyDER)
+            svid.bundle = Data(identity.bundleDER)
+            var message = X509SVIDResponse()
+            message.svids = [svid]
+            try await response.write(message)
+        }
+        throw RPCError(code: .unavailable, message: "the agent is shutting down")
+    }
+
+    func fetchX509Bundles(request: X509BundlesRequest, response: RPCWriter<X509BundlesResponse>, context: ServerContext) async throws {
+        _ = try identity()
+        for await identity in feed.subscribe() {
+            var message = X509BundlesResponse()
+            message.bundles = [identity.trustDomain: Data(identity.bundleDER)]
+            try await response.write(message)
+        }
+        throw RPCError(code: .unavailable, message: "the agent is shutting down")
+    }
+
+    func fetchJWTSVID(request: JWTSVIDRequest, context: ServerContext) async throws -> JWTSVIDResponse {
+        let identity = try identity()
+        guard !request.audience.isEmpty else { throw RPCError(code: .invalidArgument, message: "at least one audience is required") }
+        if !request.spiffeID.isEmpty, request.spiffeID != identity.spiffeID {
+            throw RPCError(code: .permissionDenied, message: "this caller has no identity \(request.spiffeID)")
+        }
+        let token: String
+        do {
+            token = try await source.jwtSVID(audiences: request.audience)
+        } catch {
+            throw RPCError(code: .unavailable, message: "the cluster did not issue a JWT-SVID: \(error)")
+        }
+        var svid = JWTSVID()
+        svid.spiffeID = identity.spiffeID
+        svid.svid = token
+        var message = JWTSVIDResponse()
+        message.svids = [svid]
+        return message
+    }
+
+    func fetchJWTBundles(request: JWTBundlesRequest, response: RPCWriter<JWTBundlesResponse>, context: ServerContext) async throws {
+        _ = try identity()
+        for await identity in feed.subscribe() {
+            var message = JWTBundlesResponse()
+            message.bundles = [identity.trustDomain: Data(identity.jwks)]
+            try await response.write(message)
+        }
+        throw RPCError(code: .unavailable, message: "the agent is shutting down")
+    }
+
+    func validateJWTSVID(request: ValidateJWTSVIDRequest, context: ServerContext) async throws -> ValidateJWTSVIDResponse {
+        _ = try identity()
+        guard !request.audience.isEmpty, !request.svid.isEmpty else { throw RPCError(code: .invalidArgument, message: "audience and svid are required") }
+        let (spiffeID, claims): (String, [String: String])
+        do {
+            (spiffeID, claims) = try await source.validate(jwt: request.svid, audience: request.audience)
+        } catch {
+            throw RPCError(code: .invalidArgument, message: "the JWT-SVID is not valid: \(error)")
+        }
+        var message = ValidateJWTSVIDResponse()
+        message.spiffeID = spiffeID
+        var structure = Google_Protobuf_Struct()
+        for (name, value) in claims { structure.fields[name] = Google_Protobuf_Value(stringValue: value) }
+        message.claims = structure
+        return message
+    }
+
+    func fetchWITSVID(request: WITSVIDRequest, response: RPCWriter<WITSVIDResponse>, context: ServerContext) async throws {
+        throw RPCError(code: .unimplemented, message: "WIT-SVIDs are not issued by Warrant")
+    }
+
+    func fetchWITBundles(request: WITBundlesRequest, response: RPCWriter<WITBundlesResponse>, context: ServerContext) async throws {
+        throw RPCError(code: .unimplemented, message: "WIT-SVIDs are not issued by Warrant")
+    }
+}
+
+/// The Workload API on a Unix socket the server makes itself: mode 0600,
+/// so only the agent's own user (and root) can connect, which is the
+/// default attestation rule. A path already in use is refused.
+public final class WorkloadAPIServer: Sendable {
+    public struct Problem: Error, CustomStringConvertible, Sendable {
+        public var description: String
+    }
+
+    public let path: String
+    private let server: GRPCServer<HTTP2ServerTransport.Posix>
+    private let task: Task<Void, Never>
+
+    public init(path: String, feed: WorkloadIdentityFeed, source: any WorkloadIdentitySource) throws {
+        guard path.utf8.count < 104 else { throw Problem(description: "the socket path \(path) is too long for a Unix socket (at most 103 bytes)") }
+        if FileManager.default.fileExists(atPath: path) {
+            throw Problem(description: "the socket path \(path) is already in use (another agent? remove it if it is stale)")
+        }
+        let descriptor = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        guard descriptor >= 0 else { throw Problem(description: "cannot make a Unix socket: \(String(cString: strerror(errno)))") }
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &address.sun_path) { buffer in
+            for (index, byte) in path.utf8.enumerated() { buffer[index] = byte }
+        }
+        let bound = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(descriptor, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard bound == 0 else {
+            let reason = String(cString: strerror(errno))
+            close(descriptor)
+            throw Problem(description: "cannot bind the socket \(path): \(reason)")
+        }
+        chmod(path, 0o600)
+        guard listen(descriptor, 128) == 0 else {
+            close(descriptor)
+            throw Problem(description: "cannot listen on \(path): \(String(cString: strerror(errno)))")
+        }
+        self.path = path
+        let transport = HTTP2ServerTransport.Posix(listeningSocketDescriptor: Int(descriptor), transportSecurity: .plaintext)
+        let server = GRPCServer(transport: transport, services: [WorkloadAPIService(feed: feed, source: source)], interceptors: [SecurityHeaderInterceptor()])
+        self.server = server
+        task = Task { try? await server.serve() }
+    }
+
+    public func stop() async {
+        server.beginGracefulShutdown()
+        task.cancel()
+        try? FileManager.default.removeItem(atPath: path)
+    }
+}

@@ -1,0 +1,136 @@
+import ArgumentParser
+import Authority
+import Client
+import Crypto
+import Foundation
+import Synchronization
+import WorkloadAPI
+
+/// What the Workload API serves, kept current by renewals.
+final class AgentIdentity: WorkloadIdentitySource {
+    let options: JobOptions.Resolved
+    let feed = WorkloadIdentityFeed()
+    private let job = Mutex<JobIdentity?>(nil)
+
+    init(options: JobOptions.Resolved) {
+        self.options = options
+    }
+
+    /// Takes a new identity: the Workload API streams push it.
+    func update(_ identity: JobIdentity, key: P256.Signing.PrivateKey) async {
+        job.withLock { $0 = identity }
+        let client = try? WarrantClient(endpoints: options.endpoints, caPEM: options.caPEM)
+        let jwks = (try? await client?.request(.GET, "/v1/keys"))?.body ?? Array(#"{"keys":[]}"#.utf8)
+        await client?.close()
+        let trustDomain = identity.spiffeID.dropFirst("spiffe://".count).split(separator: "/").first.map(String.init) ?? ""
+        feed.publish(WorkloadIdentity(spiffeID: identity.spiffeID, trustDomain: trustDomain,
+                                      certificateChainDER: Self.certificates(identity.certificatePEM), keyDER: Array(key.derRepresentation),
+                                      bundleDER: Self.certificates(identity.bundlePEM), jwks: jwks))
+    }
+
+    /// Every CERTIFICATE block of a PEM text, DER, concatenated.
+    static func certificates(_ pem: String) -> [UInt8] {
+        pem.components(separatedBy: "-----END CERTIFICATE-----").compactMap { block -> [UInt8]? in
+            guard block.contains("-----BEGIN CERTIFICATE-----") else { return nil }
+            return PEMText.decode(block + "-----END CERTIFICATE-----", label: "CERTIFICATE")
+        }.flatMap { $0 }
+    }
+
+    func jwtSVID(audiences: [String]) async throws -> String {
+        guard let current = job.withLock({ $0 }) else { throw JobFailure(description: "no identity yet") }
+        let client = try WarrantClient(endpoints: options.endpoints, caPEM: options.caPEM, certificatePEM: current.certificatePEM, keyPEM: current.keyPEM)
+        defer { Task { await client.close() } }
+        let response = try await client.request(.POST, "/v1/svid/jwt/workload",
+                                                 json: Array(try JSONSerialization.data(withJSONObject: ["audience": audiences])))
+        guard response.status == .ok, let token = (try? JSONSerialization.jsonObject(with: Data(response.body)) as? [String: Any])?["token"] as? String else {
+            throw JobFailure(description: "\(response.status.code) \(response.text)")
+        }
+        return token
+    }
+
+    func validate(jwt: String, audience: String) async throws -> (spiffeID: String, claims: [String: String]) {
+        let client = try WarrantClient(endpoints: options.endpoints, caPEM: options.caPEM)
+        defer { Task { await client.close() } }
+        let response = try await client.request(.POST, "/v1/verify", json: Array(try JSONSerialization.data(withJSONObject: ["jwt": jwt, "audience": audience])))
+        let body = (try? JSONSerialization.jsonObject(with: Data(response.body)) as? [String: Any]) ?? [:]
+        guard body["valid"] as? Bool == true, let spiffeID = body["spiffe_id"] as? String else {
+            throw JobFailure(description: "\(body["code"] as? String ?? "invalid"): \(body["reason"] as? String ?? response.text)")
+        }
+        var claims = (body["attributes"] as? [String: String]) ?? [:]
+        claims["sub"] = spiffeID
+        claims["aud"] = audience
+        if let expires = body["expires_at"] as? String { claims["exp"] = expires }
+        return (spiffeID, claims)
+    }
+}
+
+/// `warrant agent`: keeps an identity fresh and serves it over the SPIFFE
+/// Workload API until SIGINT or SIGTERM.
+struct AgentCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "agent",
+        abstract: "Keep this machine's or job's identity fresh and serve it over the SPIFFE Workload API (a Unix socket) until stopped.",
+        discussion: """
+            The socket is made with mode 0600: only this user (and root) can fetch the identity. Workloads find it through \
+            SPIFFE_ENDPOINT_SOCKET=unix://PATH. Renewal works as for 'warrant exec'.
+
+            Example (a service's unit runs): warrant agent --endpoint warrant.example.com:8443 --ca-file /etc/warrant/ca.pem \\
+                --token-source kubernetes --socket /run/warrant/agent.sock
+            """)
+
+    @OptionGroup var job: JobOptions
+    @Option(help: "The Workload API socket (or $WARRANT_AGENT_SOCKET).") var socket: String?
+    @Option(help: "Also keep the identity as files in this directory.") var out: String?
+    @Option(help: "Stop after this many seconds (for tests and one-off use).") var exitAfter: Double?
+
+    func run() async throws {
+        try await failingAsOneLine("agent") {
+            let environment = ProcessInfo.processInfo.environment
+            let options = try job.resolve(environment)
+            let path = socket ?? environment["WARRANT_AGENT_SOCKET"] ?? "/tmp/warrant-agent.sock"
+            let say: @Sendable (String) -> Void = { FileHandle.standardError.write(Data("warrant agent: \($0)\n".utf8)) }
+            // Before spending a token: is the socket path free?
+            if FileManager.default.fileExists(atPath: path) {
+                throw JobFailure(description: "the socket path \(path) is already in use (another agent? remove it if it is stale)")
+            }
+            let key = P256.Signing.PrivateKey(compactRepresentable: false)
+            let identity = try await JobIdentity.obtain(options, key: key, environment: environment, say: say)
+            if let out { try identity.write(to: out) }
+            let agent = AgentIdentity(options: options)
+            await agent.update(identity, key: key)
+            let server: WorkloadAPIServer
+            do {
+                server = try WorkloadAPIServer(path: path, feed: agent.feed, source: agent)
+            } catch {
+                throw JobFailure(description: "\(error)")
+            }
+            say("serving \(identity.spiffeID) at unix://\(path)")
+            let stop = AsyncStream<Void>.makeStream()
+            var sources: [any DispatchSourceSignal] = []
+            for signalNumber in [SIGINT, SIGTERM] {
+                signal(signalNumber, SIG_IGN)
+                let source = DispatchSource.makeSignalSource(signal: signalNumber)
+                source.setEventHandler { stop.continuation.finish() }
+                source.resume()
+                sources.append(source)
+            }
+            if let exitAfter {
+                Task {
+                    try? await Task.sleep(for: .milliseconds(Int(exitAfter * 1000)))
+                    stop.continuation.finish()
+                }
+            }
+            let acquire: @Sendable () async throws -> JobIdentity = { try await JobIdentity.obtain(options, key: key, environment: environment, say: say) }
+            let renewal = Task {
+                await ExecCommand.keepFresh(identity, key: key, options: options, audiences: [], directory: out, rejoin: acquire, say: say) { renewed in
+                    await agent.update(renewed, key: key)
+                }
+            }
+            for await _ in stop.stream {}
+            renewal.cancel()
+            for source in sources { source.cancel() }
+            await server.stop()
+            say("stopped")
+        }
+    }
+}

@@ -1,0 +1,39 @@
+"""Talks to a Warrant agent's SPIFFE Workload API with py-spiffe (a real
+SPIFFE client), then makes a raw gRPC call without the security header.
+Usage: workload_api_client.py SOCKET_PATH EXPECTED_SPIFFE_ID"""
+import sys
+
+import grpc
+from spiffe import WorkloadApiClient
+
+socket_path, expected = sys.argv[1], sys.argv[2]
+with WorkloadApiClient(socket_path="unix://" + socket_path, default_timeout=10) as client:
+    svid = client.fetch_x509_svid()
+    assert str(svid.spiffe_id) == expected, f"x509 svid is {svid.spiffe_id}"
+    assert svid.leaf.not_valid_after_utc > svid.leaf.not_valid_before_utc
+    bundles = client.fetch_x509_bundles()
+    bundle = bundles.get_bundle_for_trust_domain(svid.spiffe_id.trust_domain)
+    assert bundle is not None and len(bundle.x509_authorities) >= 1, "no X.509 bundle for the trust domain"
+    jwt = client.fetch_jwt_svid(audience={"sts.amazonaws.com"})
+    assert str(jwt.spiffe_id) == expected, f"jwt svid is {jwt.spiffe_id}"
+    validated = client.validate_jwt_svid(jwt.token, "sts.amazonaws.com")
+    assert str(validated.spiffe_id) == expected
+    jwt_bundles = client.fetch_jwt_bundles()
+    assert jwt_bundles.get_bundle_for_trust_domain(svid.spiffe_id.trust_domain) is not None, "no JWT bundle"
+    try:
+        client.validate_jwt_svid(jwt.token, "someone-else")
+        print("validated a token for another audience")
+        sys.exit(1)
+    except Exception:
+        pass
+print("py-spiffe ok", svid.spiffe_id)
+
+channel = grpc.insecure_channel("unix:" + socket_path)
+call = channel.unary_unary("/SpiffeWorkloadAPI/FetchJWTSVID", request_serializer=lambda x: x, response_deserializer=lambda x: x)
+try:
+    call(b"", timeout=10)
+    print("a call without the workload.spiffe.io header was answered")
+    sys.exit(1)
+except grpc.RpcError as error:
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.code()
+print("no header: INVALID_ARGUMENT")
