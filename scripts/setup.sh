@@ -41,3 +41,13 @@ if ! python3 -c 'import cryptography, jwt' >/dev/null 2>&1; then
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-cryptography python3-jwt >/dev/null
   fi
 fi
+
+# py-spiffe and grpcio, for the Workload API interoperability test (PyPI
+# only; Debian's Python may need --break-system-packages for a user-level tool).
+if ! python3 -c 'import spiffe, grpc' >/dev/null 2>&1; then
+  echo "setup: installing Python spiffe and grpcio"
+  python3 -m pip install --quiet spiffe grpcio >/dev/null 2>&1 \
+    || python3 -m pip install --quiet --break-system-packages spiffe grpcio >/dev/null 2>&1 \
+    || { as_root apt-get update -qq; as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip >/dev/null;
+         python3 -m pip install --quiet --break-system-packages spiffe grpcio >/dev/null; }
+fi
