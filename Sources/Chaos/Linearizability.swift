@@ -60,7 +60,7 @@ public enum Linearizability {
 
     /// Checks each key's operations separately (registers are independent).
     /// `stepsMax` and `timeLimit` bound the search per key.
-    public static func check(_ history: [ClientOperation], stepsMax: Int = 5_000_000, timeLimit: Duration = .seconds(60)) -> [String: Verdict] {
+    public static func check(_ history: [ClientOperation], stepsMax: Int = 40_000_000, timeLimit: Duration = .seconds(30)) -> [String: Verdict] {
         var byKey: [String: [ClientOperation]] = [:]
         for operation in history where relevant(operation) { byKey[operation.key, default: []].append(operation) }
         return byKey.mapValues { checkKey($0, stepsMax: stepsMax, deadline: ContinuousClock.now.advanced(by: timeLimit)) }

@@ -16,8 +16,12 @@ public struct WorkloadIdentity: Sendable {
     public var bundleDER: [UInt8]
     /// The trust domain's JWT authorities, as a JWKS document.
     public var jwks: [UInt8]
+    /// When the X509-SVID expires: after it, nothing is handed out.
+    public var notAfter: Date
 
-    public init(spiffeID: String, trustDomain: String, certificateChainDER: [UInt8], keyDER: [UInt8], bundleDER: [UInt8], jwks: [UInt8]) {
+    public init(spiffeID: String, trustDomain: String, certificateChainDER: [UInt8], keyDER: [UInt8], bundleDER: [UInt8], jwks: [UInt8],
+                notAfter: Date = .distantFuture) {
+        self.notAfter = notAfter
         self.spiffeID = spiffeID
         self.trustDomain = trustDomain
         self.certificateChainDER = certificateChainDER
@@ -92,12 +96,13 @@ final class WorkloadAPIService: SpiffeWorkloadAPI.SimpleServiceProtocol {
 
     private func identity() throws -> WorkloadIdentity {
         guard let identity = feed.current else { throw RPCError(code: .permissionDenied, message: "no identity is available to this caller") }
+        guard identity.notAfter > Date() else { throw RPCError(code: .unavailable, message: "the identity expired and has not been renewed yet") }
         return identity
     }
 
     func fetchX509SVID(request: X509SVIDRequest, response: RPCWriter<X509SVIDResponse>, context: ServerContext) async throws {
         _ = try identity()
-        for await identity in feed.subscribe() {
+        for await identity in feed.subscribe() where identity.notAfter > Date() {
             var svid = X509SVID()
             svid.spiffeID = identity.spiffeID
             svid.x509Svid = Data(identity.certificateChainDER)
@@ -176,9 +181,11 @@ final class WorkloadAPIService: SpiffeWorkloadAPI.SimpleServiceProtocol {
     }
 }
 
-/// The Workload API on a Unix socket the server makes itself: mode 0600,
-/// so only the agent's own user (and root) can connect, which is the
-/// default attestation rule. A path already in use is refused.
+/// The Workload API on a Unix socket the server makes itself. Each caller
+/// is identified by the kernel (pid, uid, gid from SO_PEERCRED, and the
+/// executable's path and SHA-256) and must match one of the rules (default:
+/// the agent's own user). The socket is mode 0666 when a rule admits
+/// other users, else 0600. A path already in use is refused.
 public final class WorkloadAPIServer: Sendable {
     public struct Problem: Error, CustomStringConvertible, Sendable {
         public var description: String
@@ -188,7 +195,8 @@ public final class WorkloadAPIServer: Sendable {
     private let server: GRPCServer<HTTP2ServerTransport.Posix>
     private let task: Task<Void, Never>
 
-    public init(path: String, feed: WorkloadIdentityFeed, source: any WorkloadIdentitySource) throws {
+    /// `rules`: which local processes may fetch the identity (default: this user's).
+    public init(path: String, feed: WorkloadIdentityFeed, source: any WorkloadIdentitySource, rules: [PeerRule] = [.ownUser]) throws {
         guard path.utf8.count < 104 else { throw Problem(description: "the socket path \(path) is too long for a Unix socket (at most 103 bytes)") }
         if FileManager.default.fileExists(atPath: path) {
             throw Problem(description: "the socket path \(path) is already in use (another agent? remove it if it is stale)")
@@ -208,14 +216,20 @@ public final class WorkloadAPIServer: Sendable {
             close(descriptor)
             throw Problem(description: "cannot bind the socket \(path): \(reason)")
         }
-        chmod(path, 0o600)
+        chmod(path, rules.allSatisfy { $0 == .ownUser } ? 0o600 : 0o666)
         guard listen(descriptor, 128) == 0 else {
             close(descriptor)
             throw Problem(description: "cannot listen on \(path): \(String(cString: strerror(errno)))")
         }
         self.path = path
-        let transport = HTTP2ServerTransport.Posix(listeningSocketDescriptor: Int(descriptor), transportSecurity: .plaintext)
-        let server = GRPCServer(transport: transport, services: [WorkloadAPIService(feed: feed, source: source)], interceptors: [SecurityHeaderInterceptor()])
+        // The kernel's word on each caller (SO_PEERCRED), stamped on its streams for the rules.
+        let stamper = PeerStamper()
+        var config = HTTP2ServerTransport.Posix.Config.defaults
+        config.channelDebuggingCallbacks = .init(onBindTCPListener: nil, onAcceptTCPConnection: { stamper.accepted($0) },
+                                                 onAcceptHTTP2Stream: { stamper.stream($0) })
+        let transport = HTTP2ServerTransport.Posix(listeningSocketDescriptor: Int(descriptor), transportSecurity: .plaintext, config: config)
+        let server = GRPCServer(transport: transport, services: [WorkloadAPIService(feed: feed, source: source)],
+                                interceptors: [SecurityHeaderInterceptor(), PeerRuleInterceptor(rules: rules)])
         self.server = server
         task = Task { try? await server.serve() }
     }

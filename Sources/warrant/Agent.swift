@@ -25,7 +25,7 @@ final class AgentIdentity: WorkloadIdentitySource {
         let trustDomain = identity.spiffeID.dropFirst("spiffe://".count).split(separator: "/").first.map(String.init) ?? ""
         feed.publish(WorkloadIdentity(spiffeID: identity.spiffeID, trustDomain: trustDomain,
                                       certificateChainDER: Self.certificates(identity.certificatePEM), keyDER: Array(key.derRepresentation),
-                                      bundleDER: Self.certificates(identity.bundlePEM), jwks: jwks))
+                                      bundleDER: Self.certificates(identity.bundlePEM), jwks: jwks, notAfter: identity.expiresAt))
     }
 
     /// Every CERTIFICATE block of a PEM text, DER, concatenated.
@@ -82,6 +82,8 @@ struct AgentCommand: AsyncParsableCommand {
     @Option(help: "The Workload API socket (or $WARRANT_AGENT_SOCKET).") var socket: String?
     @Option(help: "Also keep the identity as files in this directory.") var out: String?
     @Option(help: "Stop after this many seconds (for tests and one-off use).") var exitAfter: Double?
+    @Option(name: .customLong("allow"), help: "Which local processes may fetch the identity: uid=N, gid=N, exe=PATH, sha256=HEX, combined with commas (repeat for more rules; default: this user).")
+    var allow: [String] = []
 
     func run() async throws {
         try await failingAsOneLine("agent") {
@@ -89,6 +91,15 @@ struct AgentCommand: AsyncParsableCommand {
             let options = try job.resolve(environment)
             let path = socket ?? environment["WARRANT_AGENT_SOCKET"] ?? "/tmp/warrant-agent.sock"
             let say: @Sendable (String) -> Void = { FileHandle.standardError.write(Data("warrant agent: \($0)\n".utf8)) }
+            var rules: [PeerRule] = []
+            for text in allow {
+                do {
+                    rules.append(try PeerRule(parsing: text))
+                } catch {
+                    throw JobFailure(description: "--allow \(text): \(error)")
+                }
+            }
+            if rules.isEmpty { rules = [.ownUser] }
             // Before spending a token: is the socket path free?
             if FileManager.default.fileExists(atPath: path) {
                 throw JobFailure(description: "the socket path \(path) is already in use (another agent? remove it if it is stale)")
@@ -100,11 +111,11 @@ struct AgentCommand: AsyncParsableCommand {
             await agent.update(identity, key: key)
             let server: WorkloadAPIServer
             do {
-                server = try WorkloadAPIServer(path: path, feed: agent.feed, source: agent)
+                server = try WorkloadAPIServer(path: path, feed: agent.feed, source: agent, rules: rules)
             } catch {
                 throw JobFailure(description: "\(error)")
             }
-            say("serving \(identity.spiffeID) at unix://\(path)")
+            say("serving \(identity.spiffeID) at unix://\(path) to processes matching \(rules.map(\.description).joined(separator: " or "))")
             let stop = AsyncStream<Void>.makeStream()
             var sources: [any DispatchSourceSignal] = []
             for signalNumber in [SIGINT, SIGTERM] {

@@ -378,12 +378,51 @@ extension JoinTests {
             let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("python/workload_api_client.py").path
             let python = try run(["python3", script, socket, "spiffe://warrant.local/gh/acme/api/deploy"])
             #expect(python.status == 0 && python.output.contains("py-spiffe ok") && python.output.contains("INVALID_ARGUMENT"), "\(python.output)")
+            // A raw call claiming to be another process in its own metadata is judged on the kernel's word.
+            let forged = try run(["python3", "-c", """
+                import grpc, sys
+                channel = grpc.insecure_channel("unix:\(socket)")
+                call = channel.unary_stream("/SpiffeWorkloadAPI/FetchJWTBundles", request_serializer=lambda x: x, response_deserializer=lambda x: x)
+                try:
+                    next(iter(call(b"", timeout=10, metadata=[("workload.spiffe.io", "true"), ("x-warrant-peer", "pid=1,uid=4242,gid=0")])))
+                    print("ANSWERED")
+                except grpc.RpcError as error:
+                    print(error.code())
+                """])
+            #expect(forged.output.contains("ANSWERED"), "the caller's real uid is allowed whatever it claims: \(forged.output)")
             // A second agent on the same socket is refused with a clear line.
             let second = try run(arguments, executable: binary, environment: environment)
             #expect(second.status == 1 && second.output.contains("already in use"), "\(second.output)")
             kill(agent.processIdentifier, SIGTERM)
             agent.waitUntilExit()
             #expect(agent.terminationStatus == 0 && !FileManager.default.fileExists(atPath: socket), "SIGTERM stops the agent and removes its socket")
+
+            // An agent whose rules admit only another user refuses this process, even when it claims that user.
+            let strict = "\(dir)/strict.sock"
+            let strictArguments = arguments.map { $0 == socket ? strict : $0 } + ["--allow", "uid=4242", "--allow", "uid=4243,exe=/bin/false"]
+            let strictAgent = Process()
+            strictAgent.executableURL = URL(fileURLWithPath: binary)
+            strictAgent.arguments = strictArguments
+            strictAgent.environment = environment
+            strictAgent.standardError = FileHandle.nullDevice
+            strictAgent.standardOutput = FileHandle.nullDevice
+            try strictAgent.run()
+            defer { if strictAgent.isRunning { kill(strictAgent.processIdentifier, SIGTERM) } }
+            #expect(await eventually(seconds: 30) { FileManager.default.fileExists(atPath: strict) })
+            let refused = try run(["python3", "-c", """
+                import grpc
+                channel = grpc.insecure_channel("unix:\(strict)")
+                for claimed in [None, "pid=1,uid=4242,gid=0"]:
+                    metadata = [("workload.spiffe.io", "true")] + ([("x-warrant-peer", claimed)] if claimed else [])
+                    try:
+                        next(iter(channel.unary_stream("/SpiffeWorkloadAPI/FetchJWTBundles", request_serializer=lambda x: x, response_deserializer=lambda x: x)(b"", timeout=10, metadata=metadata)))
+                        print("ANSWERED")
+                    except grpc.RpcError as error:
+                        print(error.code())
+                """])
+            #expect(refused.output.components(separatedBy: "PERMISSION_DENIED").count - 1 == 2 && !refused.output.contains("ANSWERED"), "\(refused.output)")
+            let badRule = try run(arguments.map { $0 == socket ? "\(dir)/other.sock" : $0 } + ["--allow", "uid=me"], executable: binary, environment: environment)
+            #expect(badRule.status == 1 && badRule.output.contains("--allow uid=me"), "\(badRule.output)")
         }
     }
 }

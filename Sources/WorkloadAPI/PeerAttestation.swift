@@ -1,0 +1,189 @@
+import Crypto
+import Foundation
+import GRPCCore
+import NIOCore
+import NIOHPACK
+import NIOHTTP2
+import Synchronization
+
+/// Who is calling, as the kernel says (SO_PEERCRED on the Unix socket),
+/// with the executable /proc names for the pid and its SHA-256.
+public struct PeerCredentials: Sendable, Hashable, CustomStringConvertible {
+    public var pid: Int32
+    public var uid: UInt32
+    public var gid: UInt32
+    public var executable: String?
+    public var sha256: String?
+
+    public var description: String {
+        "pid=\(pid),uid=\(uid),gid=\(gid)" + (executable.map { ",exe=\($0)" } ?? "") + (sha256.map { ",sha256=\($0)" } ?? "")
+    }
+
+    /// The header the server sets on every stream (a client's own value is dropped).
+    static let header = "x-warrant-peer"
+
+    init(pid: Int32, uid: UInt32, gid: UInt32) {
+        self.pid = pid
+        self.uid = uid
+        self.gid = gid
+        let link = "/proc/\(pid)/exe"
+        if let path = try? FileManager.default.destinationOfSymbolicLink(atPath: link) {
+            executable = path
+            sha256 = Self.digest(of: link)
+        }
+    }
+
+    init?(header: String) {
+        var fields: [String: String] = [:]
+        for part in header.split(separator: ",") {
+            guard let equals = part.firstIndex(of: "=") else { return nil }
+            fields[String(part[..<equals])] = String(part[part.index(after: equals)...])
+        }
+        guard let pid = fields["pid"].flatMap(Int32.init), let uid = fields["uid"].flatMap(UInt32.init), let gid = fields["gid"].flatMap(UInt32.init) else {
+            return nil
+        }
+        self.pid = pid
+        self.uid = uid
+        self.gid = gid
+        executable = fields["exe"]
+        sha256 = fields["sha256"]
+    }
+
+    /// Executables are hashed once per path, size and modification time.
+    private static let digests = Mutex<[String: String]>([:])
+
+    static func digest(of path: String) -> String? {
+        guard let attributes = try? FileManager.default.attributesOfItem(atPath: path),
+              let size = attributes[.size] as? Int, size <= 512 << 20 else { return nil }
+        let key = "\(path)|\(size)|\((attributes[.modificationDate] as? Date)?.timeIntervalSince1970 ?? 0)"
+        if let known = digests.withLock({ $0[key] }) { return known }
+        guard let handle = FileHandle(forReadingAtPath: path) else { return nil }
+        defer { try? handle.close() }
+        var hasher = SHA256()
+        while let chunk = try? handle.read(upToCount: 1 << 20), !chunk.isEmpty { hasher.update(data: chunk) }
+        let hex = hasher.finalize().map { String(format: "%02x", $0) }.joined()
+        digests.withLock { $0[key] = hex }
+        return hex
+    }
+}
+
+/// Which local processes may have the identity: any rule whose every
+/// field matches admits a caller. `uid=1000`, `gid=100`,
+/// `exe=/usr/bin/python3.11`, `sha256=<hex>`, combined with commas.
+public struct PeerRule: Sendable, Hashable, CustomStringConvertible {
+    public var uid: UInt32?
+    public var gid: UInt32?
+    public var executable: String?
+    public var sha256: String?
+
+    public init(uid: UInt32? = nil, gid: UInt32? = nil, executable: String? = nil, sha256: String? = nil) {
+        self.uid = uid
+        self.gid = gid
+        self.executable = executable
+        self.sha256 = sha256
+    }
+
+    public struct Problem: Error, CustomStringConvertible, Sendable {
+        public var description: String
+    }
+
+    public init(parsing text: String) throws(Problem) {
+        for part in text.split(separator: ",") {
+            guard let equals = part.firstIndex(of: "=") else { throw Problem(description: "'\(part)' is not name=value (uid, gid, exe or sha256)") }
+            let name = part[..<equals], value = String(part[part.index(after: equals)...])
+            switch name {
+            case "uid": guard let parsed = UInt32(value) else { throw Problem(description: "uid must be a number") }; uid = parsed
+            case "gid": guard let parsed = UInt32(value) else { throw Problem(description: "gid must be a number") }; gid = parsed
+            case "exe": guard value.hasPrefix("/") else { throw Problem(description: "exe must be an absolute path") }; executable = value
+            case "sha256":
+                guard value.count == 64, value.allSatisfy(\.isHexDigit) else { throw Problem(description: "sha256 must be 64 hex digits") }
+                sha256 = value.lowercased()
+            default: throw Problem(description: "unknown field '\(name)' (uid, gid, exe or sha256)")
+            }
+        }
+        guard uid != nil || gid != nil || executable != nil || sha256 != nil else { throw Problem(description: "a rule names at least one field") }
+    }
+
+    public func admits(_ peer: PeerCredentials) -> Bool {
+        (uid == nil || uid == peer.uid) && (gid == nil || gid == peer.gid)
+            && (executable == nil || executable == peer.executable) && (sha256 == nil || sha256 == peer.sha256)
+    }
+
+    public var description: String {
+        [uid.map { "uid=\($0)" }, gid.map { "gid=\($0)" }, executable.map { "exe=\($0)" }, sha256.map { "sha256=\($0)" }]
+            .compactMap { $0 }.joined(separator: ",")
+    }
+
+    /// The default: the agent's own user.
+    public static var ownUser: PeerRule { PeerRule(uid: getuid()) }
+}
+
+/// `struct ucred` of <sys/socket.h> (Linux), which Swift's Glibc module
+/// leaves out: pid, uid, gid.
+struct KernelPeerCredentials: Sendable {
+    var pid: Int32 = 0
+    var uid: UInt32 = 0
+    var gid: UInt32 = 0
+}
+
+/// Reads SO_PEERCRED when a connection is accepted and stamps every HTTP/2
+/// stream's request headers with it, replacing anything the client sent
+/// under that name: the interceptor then judges the real caller.
+final class PeerStamper: Sendable {
+    private let peers = Mutex<[ObjectIdentifier: PeerCredentials]>([:])
+
+    func accepted(_ channel: any Channel) -> EventLoopFuture<Void> {
+        guard let provider = channel as? any SocketOptionProvider else { return channel.eventLoop.makeSucceededVoidFuture() }
+        let id = ObjectIdentifier(channel)
+        return provider.unsafeGetSocketOption(level: SocketOptionLevel(SOL_SOCKET), name: SocketOptionName(SO_PEERCRED))
+            .map { [self] (credentials: KernelPeerCredentials) in
+                let peer = PeerCredentials(pid: credentials.pid, uid: credentials.uid, gid: credentials.gid)
+                self.peers.withLock { $0[id] = peer }
+                channel.closeFuture.whenComplete { [self] _ in _ = self.peers.withLock { $0.removeValue(forKey: id) } }
+            }
+    }
+
+    func stream(_ channel: any Channel) -> EventLoopFuture<Void> {
+        let peer = channel.parent.flatMap { parent in peers.withLock { $0[ObjectIdentifier(parent)] } }
+        return channel.eventLoop.makeCompletedFuture {
+            try channel.pipeline.syncOperations.addHandler(PeerHeaderHandler(peer: peer), position: .first)
+        }
+    }
+}
+
+private final class PeerHeaderHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTP2Frame.FramePayload
+    typealias InboundOut = HTTP2Frame.FramePayload
+    let peer: PeerCredentials?
+
+    init(peer: PeerCredentials?) { self.peer = peer }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var payload = unwrapInboundIn(data)
+        if case .headers(var headers) = payload {
+            headers.headers.remove(name: PeerCredentials.header)
+            if let peer { headers.headers.add(name: PeerCredentials.header, value: peer.description) }
+            payload = .headers(headers)
+        }
+        context.fireChannelRead(wrapInboundOut(payload))
+    }
+}
+
+/// Admits a call only if a rule admits its caller (PermissionDenied otherwise).
+struct PeerRuleInterceptor: ServerInterceptor {
+    let rules: [PeerRule]
+
+    func intercept<Input: Sendable, Output: Sendable>(
+        request: StreamingServerRequest<Input>, context: ServerContext,
+        next: @Sendable (StreamingServerRequest<Input>, ServerContext) async throws -> StreamingServerResponse<Output>
+    ) async throws -> StreamingServerResponse<Output> {
+        guard let text = request.metadata[stringValues: PeerCredentials.header].first(where: { _ in true }),
+              let peer = PeerCredentials(header: text) else {
+            throw RPCError(code: .permissionDenied, message: "the caller's process could not be identified")
+        }
+        guard rules.contains(where: { $0.admits(peer) }) else {
+            throw RPCError(code: .permissionDenied, message: "no rule gives an identity to this process (\(peer))")
+        }
+        return try await next(request, context)
+    }
+}
