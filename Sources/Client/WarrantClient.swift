@@ -23,7 +23,7 @@ public final class WarrantClient: Sendable {
 
     public let endpoints: [HostPort]
     private let pools: [HTTPConnectionPool]
-    private let state = Mutex<(preferred: Int, setAsideUntil: [ContinuousClock.Instant?])>((0, []))
+    private let state = Mutex<(preferred: Int, setAsideUntil: [ContinuousClock.Instant?], nodeAt: [Int: UInt64])>((0, [], [:]))
     public let timeout: TimeAmount
     /// How long an endpoint that failed is tried only after the others.
     static let setAside: Duration = .seconds(10)
@@ -72,12 +72,7 @@ public final class WarrantClient: Sendable {
                     attempts.append("\(endpoint): \(Self.reason(response))")
                     continue
                 }
-                // The node that answered is tried first next time (followers
-                // forward to the leader themselves).
-                state.withLock { state in
-                    state.setAsideUntil[index] = nil
-                    state.preferred = index
-                }
+                learn(from: response, at: index)
                 return response
             } catch {
                 attempts.append("\(endpoint): \(error)")
@@ -87,6 +82,35 @@ public final class WarrantClient: Sendable {
         }
         throw Failure(attempts: attempts)
     }
+
+    /// Follows the leader: a direct answer from the leader (`warrant-leader`
+    /// alone) names the endpoint's node; a forwarded one names the follower
+    /// (`warrant-forwarded-by`) and the leader. The leader's endpoint is
+    /// preferred once known; until then, a forwarded answer moves the
+    /// preference to an endpoint whose node is not known yet, so the
+    /// client finds the leader within a few requests.
+    private func learn(from response: HTTPClientResponse, at index: Int) {
+        let leader = response.headers.first(name: "warrant-leader").flatMap(UInt64.init)
+        let forwardedBy = response.headers.first(name: "warrant-forwarded-by").flatMap(UInt64.init)
+        state.withLock { state in
+            state.setAsideUntil[index] = nil
+            if let forwardedBy { state.nodeAt[index] = forwardedBy } else if let leader { state.nodeAt[index] = leader }
+            guard let leader, forwardedBy != nil else {
+                state.preferred = index
+                return
+            }
+            if let known = state.nodeAt.first(where: { $0.value == leader })?.key {
+                state.preferred = known
+            } else if let unknown = (1..<pools.count).map({ (index + $0) % pools.count }).first(where: { state.nodeAt[$0] == nil }) {
+                state.preferred = unknown
+            } else {
+                state.preferred = index
+            }
+        }
+    }
+
+    /// The endpoint tried first next (the leader's, once found).
+    public var preferredEndpoint: HostPort { endpoints[state.withLock { $0.preferred }] }
 
     static func reason(_ response: HTTPClientResponse) -> String {
         let object = (try? JSONSerialization.jsonObject(with: Data(response.body)) as? [String: Any])?["error"] as? [String: Any]

@@ -274,6 +274,8 @@ struct JoinObtain: AsyncParsableCommand {
 
     @OptionGroup var job: JobOptions
     @Option(help: "Where to write the identity (or $WARRANT_OUT).") var out: String?
+    @Option(name: .customLong("jwt-audience"), help: "Also write a JWT-SVID for this audience (repeat for more): jwt-<audience>.token, mode 0600.")
+    var jwtAudiences: [String] = []
 
     func run() async throws {
         try await failingAsOneLine("join") {
@@ -287,8 +289,10 @@ struct JoinObtain: AsyncParsableCommand {
                 throw JobFailure(description: "\(error)")
             }
             let identity = try await JobIdentity.obtain(options, key: P256.Signing.PrivateKey(compactRepresentable: false), environment: environment) { print($0) }
+                .withJWTs(jwtAudiences, options)
             try identity.write(to: directory)
-            print("wrote \(directory)/svid.pem, svid.key and bundle.pem: \(identity.spiffeID), expires \(identity.expiresAt.formatted(.iso8601))")
+            let jwtFiles = jwtAudiences.map { ", " + JobIdentity.jwtFileName($0) }.joined()
+            print("wrote \(directory)/svid.pem, svid.key, bundle.pem\(jwtFiles): \(identity.spiffeID), expires \(identity.expiresAt.formatted(.iso8601))")
         }
     }
 }

@@ -1,3 +1,4 @@
+import Client
 import ClusterHarness
 import Foundation
 import NIOCore
@@ -243,8 +244,10 @@ extension JoinTests {
             // The same from a configuration file; a key it does not know is refused by name.
             try "endpoints: [\"\(dead)\", \"\(api)\"]\nca_file: \(dir)/ca.pem\naudience: warrant.local\ntoken_request_ca: \(dir)/github-ca.pem\nout: \(dir)/from-config\n"
                 .write(toFile: "\(dir)/join.yaml", atomically: true, encoding: .utf8)
-            let configured = try join(["--config", "\(dir)/join.yaml"], environment: runner)
+            let configured = try join(["--config", "\(dir)/join.yaml", "--jwt-audience", "sts.amazonaws.com"], environment: runner)
             #expect(configured.status == 0 && FileManager.default.fileExists(atPath: "\(dir)/from-config/svid.pem"), "\(configured.output)")
+            let jwtMode = try FileManager.default.attributesOfItem(atPath: "\(dir)/from-config/jwt-sts.amazonaws.com.token")[.posixPermissions] as? Int
+            #expect(jwtMode == 0o600, "one JWT-SVID file per audience, private")
             try "endpoint: x\n".write(toFile: "\(dir)/bad.yaml", atomically: true, encoding: .utf8)
             let badConfig = try join(["--config", "\(dir)/bad.yaml"], environment: runner)
             #expect(badConfig.status == 1 && badConfig.output.contains("unknown key 'endpoint'"), "\(badConfig.output)")
@@ -438,6 +441,33 @@ private func simulatedGitHubJob(_ admin: HTTPConnection, _ github: TestIssuer, d
     try github.caPEM.write(toFile: "\(directory)/github-ca.pem", atomically: true, encoding: .utf8)
     return (binary, ["PATH": ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin", "GITHUB_ACTIONS": "true",
                      "ACTIONS_ID_TOKEN_REQUEST_URL": "\(github.issuer)/actions/token", "ACTIONS_ID_TOKEN_REQUEST_TOKEN": github.actionsRequestToken])
+}
+
+extension JoinTests {
+    @Test("The job-side client follows the leader: starting on a follower, it finds and then prefers the leader's endpoint")
+    func clientFollowsLeader() async throws {
+        let github = try TestIssuer(keys: [.rsa2048])
+        try await github.serve()
+        defer { Task { await github.stop() } }
+        try await InProcessCluster.withReadyFollower { cluster, leader, _, admin, _ in
+            _ = try await simulatedGitHubJob(admin, github, directory: cluster.directory)
+            let followers = [UInt64(1), 2, 3].filter { $0 != leader }
+            let order = followers + [leader]
+            let endpoints = try order.map { try HostPort(parsing: "127.0.0.1:\(cluster.basePort + 100 + Int($0) - 1)", at: "test") }
+            let client = try WarrantClient(endpoints: endpoints, caPEM: try String(contentsOfFile: "\(cluster.directory)/ca.pem", encoding: .utf8))
+            let csr = try opensslCSR(in: cluster.directory, name: "follow")
+            var forwarded: [Bool] = []
+            for _ in 0..<4 {
+                let token = try github.mint(github.githubClaims(audience: "warrant.local"))
+                let response = try await client.request(.POST, "/v1/join", json: json(["token": token, "csr": csr]))
+                #expect(response.status == .ok, "\(response.text)")
+                forwarded.append(response.headers.first(name: "warrant-forwarded-by") != nil)
+            }
+            #expect(forwarded.first == true && forwarded.last == false, "\(forwarded)")
+            #expect(client.preferredEndpoint == endpoints[2], "the leader's endpoint is preferred")
+            await client.close()
+        }
+    }
 }
 
 private func replacingIssuer(_ claims: [(String, TestIssuer.Claim)], _ issuer: String) -> [(String, TestIssuer.Claim)] {
