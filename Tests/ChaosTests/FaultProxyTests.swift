@@ -41,8 +41,8 @@ struct FaultProxyTests {
         // The TLS handshake and the request cross the proxy several times.
         #expect(delayed.ok && delayed.seconds >= 0.3, "delay: \(delayed)")
         proxy.set(.pass)
-        let fast = await fetch()
-        #expect(fast.ok && fast.seconds < delayed.seconds)
+        // (Only correctness here: on a loaded machine a passing fetch may take as long as a delayed one.)
+        #expect(await fetch().ok, "pass again after delay")
         // A stalled connection moves nothing; switching back releases what was held.
         let connection = try await HTTPConnection.connect(to: address, tls: tls)
         #expect(try await connection.request(.GET, "/jwks").status == .ok)
