@@ -100,9 +100,18 @@ final class WorkloadAPIService: SpiffeWorkloadAPI.SimpleServiceProtocol {
         return identity
     }
 
-    func fetchX509SVID(request: X509SVIDRequest, response: RPCWriter<X509SVIDResponse>, context: ServerContext) async throws {
+    /// A stream: a message for the current identity at once and one for
+    /// every renewal (never for an expired one); it never ends with OK.
+    private func stream<Message: Sendable>(_ response: RPCWriter<Message>, _ message: (WorkloadIdentity) -> Message) async throws {
         _ = try identity()
         for await identity in feed.subscribe() where identity.notAfter > Date() {
+            try await response.write(message(identity))
+        }
+        throw RPCError(code: .unavailable, message: "the agent is shutting down")
+    }
+
+    func fetchX509SVID(request: X509SVIDRequest, response: RPCWriter<X509SVIDResponse>, context: ServerContext) async throws {
+        try await stream(response) { identity in
             var svid = X509SVID()
             svid.spiffeID = identity.spiffeID
             svid.x509Svid = Data(identity.certificateChainDER)
@@ -110,19 +119,24 @@ final class WorkloadAPIService: SpiffeWorkloadAPI.SimpleServiceProtocol {
             svid.bundle = Data(identity.bundleDER)
             var message = X509SVIDResponse()
             message.svids = [svid]
-            try await response.write(message)
+            return message
         }
-        throw RPCError(code: .unavailable, message: "the agent is shutting down")
     }
 
     func fetchX509Bundles(request: X509BundlesRequest, response: RPCWriter<X509BundlesResponse>, context: ServerContext) async throws {
-        _ = try identity()
-        for await identity in feed.subscribe() {
+        try await stream(response) { identity in
             var message = X509BundlesResponse()
             message.bundles = [identity.trustDomain: Data(identity.bundleDER)]
-            try await response.write(message)
+            return message
         }
-        throw RPCError(code: .unavailable, message: "the agent is shutting down")
+    }
+
+    func fetchJWTBundles(request: JWTBundlesRequest, response: RPCWriter<JWTBundlesResponse>, context: ServerContext) async throws {
+        try await stream(response) { identity in
+            var message = JWTBundlesResponse()
+            message.bundles = [identity.trustDomain: Data(identity.jwks)]
+            return message
+        }
     }
 
     func fetchJWTSVID(request: JWTSVIDRequest, context: ServerContext) async throws -> JWTSVIDResponse {
@@ -143,16 +157,6 @@ final class WorkloadAPIService: SpiffeWorkloadAPI.SimpleServiceProtocol {
         var message = JWTSVIDResponse()
         message.svids = [svid]
         return message
-    }
-
-    func fetchJWTBundles(request: JWTBundlesRequest, response: RPCWriter<JWTBundlesResponse>, context: ServerContext) async throws {
-        _ = try identity()
-        for await identity in feed.subscribe() {
-            var message = JWTBundlesResponse()
-            message.bundles = [identity.trustDomain: Data(identity.jwks)]
-            try await response.write(message)
-        }
-        throw RPCError(code: .unavailable, message: "the agent is shutting down")
     }
 
     func validateJWTSVID(request: ValidateJWTSVIDRequest, context: ServerContext) async throws -> ValidateJWTSVIDResponse {
