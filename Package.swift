@@ -38,7 +38,7 @@ let package = Package(
         .target(name: "Raft", swiftSettings: strict),
         // Durable state in SQLite (the system library): the Raft log, hard
         // state and snapshot metadata, with checksums verified on read.
-        .target(name: "Storage", dependencies: ["Raft", "Ledger", .product(name: "GRDB", package: "GRDB.swift")], swiftSettings: strict),
+        .target(name: "Storage", dependencies: ["Raft", "Ledger", .product(name: "GRDB", package: "GRDB.swift"), .product(name: "GRDBSQLite", package: "GRDB.swift")], swiftSettings: strict),
         // The replicated state machine: documents and the audit chain.
         // apply() is deterministic: time and actors come stamped in commands.
         .target(name: "Ledger", dependencies: ["Raft", "Encoding", .product(name: "Crypto", package: "swift-crypto")], swiftSettings: strict),
@@ -144,7 +144,7 @@ let package = Package(
             .product(name: "Crypto", package: "swift-crypto"),
         ], path: "chaos/Sources/warrant-chaos", swiftSettings: strict),
         // Benchmarks: storage, the running cluster against etcd, failover.
-        .executableTarget(name: "warrant-bench", dependencies: ["Raft", "Storage", "Node", "ClusterHarness", "Transport", "Authority",
+        .executableTarget(name: "warrant-bench", dependencies: ["Raft", "Storage", "Ledger", "Node", "ClusterHarness", "Transport", "Authority",
                                                                  .product(name: "Crypto", package: "swift-crypto"),
                                                                  .product(name: "SwiftASN1", package: "swift-asn1"),
                                                                  .product(name: "NIOHTTP1", package: "swift-nio"),

@@ -88,6 +88,9 @@ public final class LocalProcessCluster: Sendable {
 
     public func isRunning(_ id: UInt64) -> Bool { processes.withLock { $0[id]?.isRunning ?? false } }
 
+    /// The process id of node `id`, while it runs.
+    public func processID(of id: UInt64) -> Int32? { processes.withLock { $0[id].flatMap { $0.isRunning ? $0.processIdentifier : nil } } }
+
     /// SIGSTOP: the process is frozen (its connections stay open) until `resume`.
     public func pause(_ id: UInt64) {
         guard let process = processes.withLock({ $0[id] }), process.isRunning else { return }

@@ -18,12 +18,33 @@ public enum PEMText {
     }
 
     /// The DER inside exactly one PEM block with this label (text around it
-    /// is allowed, other blocks are not); nil for anything else.
+    /// is allowed, other blocks are not); nil for anything else. Byte-wise:
+    /// the base64 between the markers may be broken by ASCII whitespace.
     public static func decode(_ text: String, label: String) -> [UInt8]? {
-        let begin = "-----BEGIN \(label)-----", end = "-----END \(label)-----"
-        guard let start = text.firstRange(of: begin), let stop = text[start.upperBound...].firstRange(of: end),
-              !text[stop.upperBound...].contains("-----BEGIN"), !text[..<start.lowerBound].contains("-----BEGIN") else { return nil }
-        return Base64.decode(text[start.upperBound..<stop.lowerBound].filter { !$0.isWhitespace })
+        var text = text
+        return text.withUTF8 { bytes -> [UInt8]? in
+            let begin = Array("-----BEGIN \(label)-----".utf8), end = Array("-----END \(label)-----".utf8)
+            let anyBegin = Array("-----BEGIN".utf8)
+            guard let start = firstIndex(of: begin, in: bytes, from: 0),
+                  let stop = firstIndex(of: end, in: bytes, from: start + begin.count),
+                  firstIndex(of: anyBegin, in: bytes, from: stop + end.count) == nil,
+                  firstIndex(of: anyBegin, in: UnsafeBufferPointer(rebasing: bytes[..<start]), from: 0) == nil else { return nil }
+            return Base64.decode(UnsafeBufferPointer(rebasing: bytes[(start + begin.count)..<stop]), skippingWhitespace: true)
+        }
+    }
+
+    private static func firstIndex(of needle: [UInt8], in haystack: UnsafeBufferPointer<UInt8>, from: Int) -> Int? {
+        guard let first = needle.first, haystack.count >= needle.count else { return nil }
+        var i = from
+        while i + needle.count <= haystack.count {
+            if haystack[i] == first {
+                var j = 1
+                while j < needle.count && haystack[i + j] == needle[j] { j += 1 }
+                if j == needle.count { return i }
+            }
+            i += 1
+        }
+        return nil
     }
 }
 
@@ -61,8 +82,19 @@ private struct Base64Codec {
     /// Nil for a length that cannot occur, another character, padding
     /// where there should be none (or none where there should be), or
     /// non-zero bits left over in the last character.
-    func decode(_ text: some StringProtocol) -> [UInt8]? {
-        var input = Array(text.utf8)
+    func decode(_ text: some StringProtocol) -> [UInt8]? { decode(Array(text.utf8)) }
+
+    /// The same over bytes; with `skippingWhitespace`, ASCII space, tab,
+    /// CR, LF, FF and VT are left out first (PEM's line breaks).
+    func decode(_ bytes: some Collection<UInt8>, skippingWhitespace: Bool = false) -> [UInt8]? {
+        var input: [UInt8]
+        if skippingWhitespace {
+            input = []
+            input.reserveCapacity(bytes.count)
+            for byte in bytes where !(byte == 0x20 || (byte >= 0x09 && byte <= 0x0D)) { input.append(byte) }
+        } else {
+            input = Array(bytes)
+        }
         if padded {
             guard input.count % 4 == 0 else { return nil }
             if input.last == 0x3D { input.removeLast() }
@@ -92,6 +124,9 @@ public enum Base64 {
     private static let codec = Base64Codec("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/", padded: true)
     public static func encode(_ bytes: some Collection<UInt8>) -> String { codec.encode(bytes) }
     public static func decode(_ text: some StringProtocol) -> [UInt8]? { codec.decode(text) }
+    public static func decode(_ bytes: some Collection<UInt8>, skippingWhitespace: Bool) -> [UInt8]? {
+        codec.decode(bytes, skippingWhitespace: skippingWhitespace)
+    }
 }
 
 /// Unpadded base64url (RFC 4648 section 5), as JOSE uses it.

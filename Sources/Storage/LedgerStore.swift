@@ -13,36 +13,70 @@ struct SQLiteLedgerTables: LedgerTables {
     private var applied: LogIndex?
     private var appliedChanged = false
 
+    /// Documents every issuance reads (the active authority's id), kept
+    /// for the rest of the transaction once read; writes through.
+    private final class HotDocuments {
+        static let names: Set<String> = [AuthorityDocuments.active]
+        var documents: [String: Document?] = [:]
+    }
+    private let hot = HotDocuments()
+
     init(db: Database) {
         self.db = db
     }
 
     func document(named name: String) throws -> Document? {
-        let statement = try db.cachedStatement(sql: "SELECT format, content, version, log_index FROM ledger_document WHERE name = ?")
-        guard let row = try Row.fetchOne(statement, arguments: [name]) else { return nil }
-        let rawFormat = UInt8(truncatingIfNeeded: row["format"] as Int64)
+        guard HotDocuments.names.contains(name) else { return try read(name) }
+        if let cached = hot.documents[name] { return cached }
+        let document = try read(name)
+        hot.documents[name] = .some(document)
+        return document
+    }
+
+    private func read(_ name: String) throws -> Document? {
+        let statement = try RawStatement(db, "SELECT format, content, version, log_index FROM ledger_document WHERE name = ?")
+        try statement.bind(1, name)
+        defer { statement.reset() }
+        guard try statement.step() else { return nil }
+        let rawFormat = UInt8(truncatingIfNeeded: statement.int64(0))
         guard let format = DocumentFormat(rawValue: rawFormat) else {
             throw StorageError(code: .corruptState, reason: "document '\(name)' has unknown format \(rawFormat)")
         }
-        return Document(name: name, format: format, content: [UInt8](row["content"] as Data),
-                        version: UInt64(row["version"] as Int64), logIndex: UInt64(row["log_index"] as Int64))
+        return Document(name: name, format: format, content: statement.bytes(1), version: UInt64(bitPattern: statement.int64(2)),
+                        logIndex: UInt64(bitPattern: statement.int64(3)))
     }
 
     func put(_ document: Document) throws {
-        try db.cachedStatement(sql: """
+        let statement = try RawStatement(db, """
             INSERT INTO ledger_document (name, format, content, version, log_index) VALUES (?, ?, ?, ?, ?)
             ON CONFLICT(name) DO UPDATE SET format = excluded.format, content = excluded.content,
                 version = excluded.version, log_index = excluded.log_index
-            """).execute(arguments: [document.name, Int64(document.format.rawValue), Data(document.content), Int64(document.version), Int64(document.logIndex)])
+            """)
+        try statement.bind(1, document.name)
+        try statement.bind(2, Int64(document.format.rawValue))
+        try statement.bind(3, document.content)
+        try statement.bind(4, Int64(bitPattern: document.version))
+        try statement.bind(5, Int64(bitPattern: document.logIndex))
+        try statement.run()
+        if HotDocuments.names.contains(document.name) { hot.documents[document.name] = .some(document) }
     }
 
     func deleteDocument(named name: String) throws {
-        try db.cachedStatement(sql: "DELETE FROM ledger_document WHERE name = ?").execute(arguments: [name])
+        let statement = try RawStatement(db, "DELETE FROM ledger_document WHERE name = ?")
+        try statement.bind(1, name)
+        try statement.run()
+        if HotDocuments.names.contains(name) { hot.documents[name] = .some(nil) }
     }
 
     func documentNames(from: String, to: String, limit: Int, reverse: Bool) throws -> [String] {
-        let sql = "SELECT name FROM ledger_document WHERE name >= ? AND name < ? ORDER BY name \(reverse ? "DESC" : "ASC") LIMIT ?"
-        return try String.fetchAll(db.cachedStatement(sql: sql), arguments: [from, to, limit])
+        let statement = try RawStatement(db, "SELECT name FROM ledger_document WHERE name >= ? AND name < ? ORDER BY name \(reverse ? "DESC" : "ASC") LIMIT ?")
+        try statement.bind(1, from)
+        try statement.bind(2, to)
+        try statement.bind(3, Int64(limit))
+        defer { statement.reset() }
+        var names: [String] = []
+        while try statement.step() { names.append(statement.text(0)) }
+        return names
     }
 
     func auditHead() throws -> (sequence: UInt64, hash: [UInt8]) {
@@ -53,11 +87,20 @@ struct SQLiteLedgerTables: LedgerTables {
     }
 
     mutating func append(_ record: AuditRecord) throws {
-        try db.cachedStatement(sql: """
+        let statement = try RawStatement(db, """
             INSERT INTO ledger_audit (sequence, log_index, time_millis, actor, action, target, result, previous_hash, hash)
             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
-            """).execute(arguments: [Int64(record.sequence), Int64(record.logIndex), Int64(record.timeMillis), record.actor, record.action,
-                                     record.target, record.result, Data(record.previousHash), Data(record.hash)])
+            """)
+        try statement.bind(1, Int64(bitPattern: record.sequence))
+        try statement.bind(2, Int64(bitPattern: record.logIndex))
+        try statement.bind(3, Int64(bitPattern: record.timeMillis))
+        try statement.bind(4, record.actor)
+        try statement.bind(5, record.action)
+        try statement.bind(6, record.target)
+        try statement.bind(7, record.result)
+        try statement.bind(8, record.previousHash)
+        try statement.bind(9, record.hash)
+        try statement.run()
         head = (record.sequence, record.hash)
     }
 

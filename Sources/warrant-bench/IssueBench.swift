@@ -146,10 +146,14 @@ func runIssueBench(binary: String, clients: Int, seconds: Double) async throws {
     let listing = try ClusterListing(directory: directory)
     let endpoints = try listing.members.map { try SocketAddress(ipAddress: "127.0.0.1", port: $0.api.port) }
 
-    guard let leaderID = await cluster.waitForLeader(), let leaderIndex = listing.members.firstIndex(where: { $0.id == leaderID }) else {
-        throw BenchFailure(description: "no leader")
+    /// The leader now (it can change under load: the phases on the leader
+    /// look it up when they start, and a change during one is reported).
+    func leader() async throws -> (id: UInt64, endpoint: [SocketAddress]) {
+        guard let id = await cluster.waitForLeader(), let index = listing.members.firstIndex(where: { $0.id == id }) else {
+            throw BenchFailure(description: "no leader")
+        }
+        return (id, [endpoints[index]])
     }
-    let leaderEndpoint = [endpoints[leaderIndex]]
 
     // Tokens, made beforehand (not timed): one per issuance, for three
     // timed phases.
@@ -181,12 +185,31 @@ func runIssueBench(binary: String, clients: Int, seconds: Double) async throws {
                                                     privateKey: .init(P256.Signing.PrivateKey()), attributes: CertificateSigningRequest.Attributes())
         return try request.serializeAsPEM().pemString
     }()
-    print("timing X509-SVID issuance...")
-    let x509Tokens = queues["x509-all"]!
-    let x509All = try await drive(endpoints: endpoints, tls: tls, clients: clients, seconds: seconds, path: "/v1/svid/x509") {
-        x509Tokens.take().map { jsonBytes(["token": $0, "csr": csrPEM]) }
+    // Request bodies, made beforehand too: the client shares the machine.
+    func bodies(_ phase: String, _ body: (String) -> [String: Any]) -> Queue<[UInt8]> {
+        var tokens: [String] = []
+        while let token = queues[phase]!.take() { tokens.append(token) }
+        return Queue(tokens.map { jsonBytes(body($0)) })
     }
-    print(x509All.line("X509-SVID, clients on all nodes"))
+    let x509Bodies = bodies("x509-all") { ["token": $0, "csr": csrPEM] }
+    let x509LeaderBodies = bodies("x509-leader") { ["token": $0, "csr": csrPEM] }
+    let jwtBodies = bodies("jwt-leader") { ["token": $0, "audience": ["bench"]] }
+    print("timing X509-SVID issuance...")
+    let meter = CPUMeter(cluster: cluster)
+    /// Drives a phase and prints its figures with the CPU each operation took.
+    func phase(_ name: String, _ run: ([SocketAddress]) async throws -> Timed) async throws -> Timed {
+        let (leaderID, leaderEndpoint) = try await leader()
+        let before = meter.sample()
+        let timed = try await run(leaderEndpoint)
+        let after = meter.sample()
+        print(timed.line(name))
+        print(meter.line(from: before, to: after, operations: timed.ok, leader: leaderID))
+        if let now = try? await leader().id, now != leaderID { print("  (the leader changed during this phase: node \(leaderID), then node \(now))") }
+        return timed
+    }
+    _ = try await phase("X509-SVID, clients on all nodes") { _ in
+        try await drive(endpoints: endpoints, tls: tls, clients: clients, seconds: seconds, path: "/v1/svid/x509") { x509Bodies.take() }
+    }
     /// Storage transactions and Raft messages so far, per node (from /metrics).
     func counters() async -> [(transactions: Double, messages: Double)] {
         var result: [(Double, Double)] = []
@@ -199,25 +222,22 @@ func runIssueBench(binary: String, clients: Int, seconds: Double) async throws {
         }
         return result
     }
-    let x509LeaderTokens = queues["x509-leader"]!
     let before = await counters()
-    let x509 = try await drive(endpoints: leaderEndpoint, tls: tls, clients: clients, seconds: seconds, path: "/v1/svid/x509") {
-        x509LeaderTokens.take().map { jsonBytes(["token": $0, "csr": csrPEM]) }
+    let x509LeaderID = try await leader().id
+    let x509 = try await phase("X509-SVID, clients on the leader") { leaderEndpoint in
+        try await drive(endpoints: leaderEndpoint, tls: tls, clients: clients, seconds: seconds, path: "/v1/svid/x509") { x509LeaderBodies.take() }
     }
-    print(x509.line("X509-SVID, clients on the leader"))
     let after = await counters()
     for (index, member) in listing.members.enumerated() {
         let transactions = after[index].transactions - before[index].transactions
         let messages = after[index].messages - before[index].messages
         print(String(format: "  node %d%@: %.0f storage transactions/s (%.1f issuances each), %.0f Raft messages sent/s", Int(member.id),
-                     member.id == leaderID ? " (leader)" : "", transactions / x509.seconds, Double(x509.ok) / max(transactions, 1),
+                     member.id == x509LeaderID ? " (leader)" : "", transactions / x509.seconds, Double(x509.ok) / max(transactions, 1),
                      messages / x509.seconds))
     }
-    let jwtTokens = queues["jwt-leader"]!
-    let jwt = try await drive(endpoints: leaderEndpoint, tls: tls, clients: clients, seconds: seconds, path: "/v1/svid/jwt") {
-        jwtTokens.take().map { jsonBytes(["token": $0, "audience": ["bench"]]) }
+    _ = try await phase("JWT-SVID, clients on the leader") { leaderEndpoint in
+        try await drive(endpoints: leaderEndpoint, tls: tls, clients: clients, seconds: seconds, path: "/v1/svid/jwt") { jwtBodies.take() }
     }
-    print(jwt.line("JWT-SVID, clients on the leader"))
 
     // Verification on one follower.
     guard let leader = await cluster.waitForLeader(), let followerIndex = listing.members.firstIndex(where: { $0.id != leader }) else {
@@ -229,16 +249,54 @@ func runIssueBench(binary: String, clients: Int, seconds: Double) async throws {
     let svid = try await admin.request(.POST, "/v1/svid/x509", headers: [("content-type", "application/json")], body: jsonBytes(["token": secret, "csr": csrPEM]))
     let certificate = (try JSONSerialization.jsonObject(with: Data(svid.body)) as? [String: Any])?["certificate"] as? String ?? ""
     let x509Verify = jsonBytes(["x509_chain": certificate])
-    let verifyX509 = try await drive(endpoints: [endpoints[followerIndex]], tls: tls, clients: clients, seconds: seconds / 2, path: "/v1/verify") { x509Verify }
-    print(verifyX509.line("verify X509-SVID on a follower"))
+    _ = try await phase("verify X509-SVID on a follower") { _ in
+        try await drive(endpoints: [endpoints[followerIndex]], tls: tls, clients: clients, seconds: seconds / 2, path: "/v1/verify") { x509Verify }
+    }
     let jwtToken = try await admin.request(.POST, "/v1/tokens", headers: [("content-type", "application/json")],
                                            body: jsonBytes(["spiffe_id": "spiffe://warrant.local/bench/verify-jwt"]))
     let jwtSecret = (try JSONSerialization.jsonObject(with: Data(jwtToken.body)) as? [String: Any])?["token"] as? String ?? ""
     let jwtSVID = try await admin.request(.POST, "/v1/svid/jwt", headers: [("content-type", "application/json")], body: jsonBytes(["token": jwtSecret, "audience": ["bench"]]))
     let jwtValue = (try JSONSerialization.jsonObject(with: Data(jwtSVID.body)) as? [String: Any])?["token"] as? String ?? ""
     let jwtVerifyBody = jsonBytes(["jwt": jwtValue, "audience": "bench"])
-    let verifyJWT = try await drive(endpoints: [endpoints[followerIndex]], tls: tls, clients: clients, seconds: seconds / 2, path: "/v1/verify") { jwtVerifyBody }
-    print(verifyJWT.line("verify JWT-SVID on a follower"))
+    _ = try await phase("verify JWT-SVID on a follower") { _ in
+        try await drive(endpoints: [endpoints[followerIndex]], tls: tls, clients: clients, seconds: seconds / 2, path: "/v1/verify") { jwtVerifyBody }
+    }
     print(String(format: "audited X509-SVID issuance / raw single-thread signing: %.2f", Double(x509.ok) / x509.seconds / rawSign))
     await cluster.close()
+}
+
+/// CPU time (user + system) of processes, read from /proc: where each
+/// operation's cost goes when clients and nodes share the machine.
+struct CPUMeter {
+    /// A label and a process id per process; the bench itself is "client".
+    let processes: [(label: String, pid: Int32)]
+
+    let nodeIDs: [UInt64?]
+
+    init(cluster: LocalProcessCluster) {
+        var processes = cluster.nodeIDs.compactMap { id in cluster.processID(of: id).map { (label: "node \(id)", pid: $0) } }
+        nodeIDs = cluster.nodeIDs.filter { cluster.processID(of: $0) != nil } + [nil]
+        processes.append(("client", getpid()))
+        self.processes = processes
+    }
+
+    static func seconds(of pid: Int32) -> Double {
+        guard let text = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+              let close = text.lastIndex(of: ")") else { return 0 }
+        let fields = text[text.index(after: close)...].split(separator: " ")
+        // After the command: state is field 3, utime 14 and stime 15.
+        guard fields.count > 12, let user = Double(fields[11]), let system = Double(fields[12]) else { return 0 }
+        return (user + system) / Double(sysconf(Int32(_SC_CLK_TCK)))
+    }
+
+    func sample() -> [Double] { processes.map { Self.seconds(of: $0.pid) } }
+
+    /// Microseconds of CPU per operation, per process and in all.
+    func line(from before: [Double], to after: [Double], operations: Int, leader: UInt64? = nil) -> String {
+        let perOperation = zip(before, after).map { ($1 - $0) / Double(max(operations, 1)) * 1e6 }
+        let parts = zip(zip(processes, nodeIDs), perOperation).map { process, cpu in
+            String(format: "%@%@ %.0f", process.0.label, process.1 != nil && process.1 == leader ? " (leader)" : "", cpu)
+        }
+        return "  CPU per operation (µs): " + parts.joined(separator: ", ") + String(format: "; all %.0f", perOperation.reduce(0, +))
+    }
 }

@@ -33,6 +33,10 @@ USAGE
       Attested join on a 3-node cluster: GitHub-style RS256 tokens from a local
       OIDC provider (HTTPS, minted beforehand, one per join) exchanged for
       X509-SVIDs, with the provider's JWKS fetches counted.
+  warrant-bench apply [--count N] [--batches 1,10,100] [--directory DIR]
+      The ledger's share of an audited issuance: N X509 issuance commands
+      (each consuming a join token) applied through a single-voter core, B
+      per transaction, as a node persists and applies them.
   warrant-bench storage [--seconds S] [--batches 1,10,100] [--directory DIR]
       Fsynced group commit: a single-voter core persisting each Ready to
       SQLite (WAL, synchronous=FULL), 256-byte entries, B entries per Ready.
@@ -42,18 +46,26 @@ func seconds(_ duration: Duration) -> Double {
     Double(duration.components.seconds) + Double(duration.components.attoseconds) / 1e18
 }
 
+/// A fresh store at `path` and a single-voter core that leads it.
+func singleVoter(path: String) throws -> (RaftStore, RaftNode) {
+    let store = try RaftStore(path: path, synchronous: .full)
+    try store.initialize(with: .bootstrap(voters: [1]))
+    var node = try RaftNode(configuration: Configuration(id: 1, randomSeed: 1), durable: try store.loadDurableState())
+    node.campaign()
+    return (store, node)
+}
+
+func removeDatabase(_ path: String) {
+    for suffix in ["", "-wal", "-shm"] { try? FileManager.default.removeItem(atPath: path + suffix) }
+}
+
 func runStorage(secondsEach: Double, batches: [Int], directory: URL) throws {
     print("storage: single-voter core + SQLite (WAL, synchronous=FULL), 256-byte entries, \(secondsEach) s per batch size")
     print("batch  cycles/s  entries/s  p50 ms  p99 ms  max ms")
     for batch in batches {
         let path = directory.appendingPathComponent("bench-\(batch)-\(UUID().uuidString).sqlite").path
-        defer {
-            for suffix in ["", "-wal", "-shm"] { try? FileManager.default.removeItem(atPath: path + suffix) }
-        }
-        let store = try RaftStore(path: path, synchronous: .full)
-        try store.initialize(with: .bootstrap(voters: [1]))
-        var node = try RaftNode(configuration: Configuration(id: 1, randomSeed: 1), durable: try store.loadDurableState())
-        node.campaign()
+        defer { removeDatabase(path) }
+        var (store, node) = try singleVoter(path: path)
         func drain() throws {
             while node.hasReady {
                 let ready = node.ready()
@@ -136,13 +148,14 @@ if arguments.first == "crash-writer" {
 if let command = arguments.first, ["cluster", "failover", "crash", "issue", "join"].contains(command) {
     exit(await runClusterCommand(Array(arguments)))
 }
-guard let command = arguments.popFirst(), command == "storage" else {
+guard let command = arguments.popFirst(), command == "storage" || command == "apply" else {
     print(usage)
     exit(CommandLine.arguments.count > 1 && !["--help", "-h"].contains(CommandLine.arguments[1]) ? 2 : 0)
 }
 var secondsEach = 3.0
 var batches = [1, 10, 100]
 var directory = FileManager.default.temporaryDirectory
+var count = 20_000
 while let option = arguments.popFirst() {
     guard let value = arguments.popFirst() else {
         FileHandle.standardError.write(Data("warrant-bench: \(option) needs a value\n".utf8))
@@ -162,6 +175,12 @@ while let option = arguments.popFirst() {
             exit(2)
         }
         batches = parsed
+    case "--count" where command == "apply":
+        guard let parsed = Int(value), (1...1_000_000).contains(parsed) else {
+            FileHandle.standardError.write(Data("warrant-bench: --count must be in 1...1000000, got '\(value)'\n".utf8))
+            exit(2)
+        }
+        count = parsed
     case "--directory":
         directory = URL(fileURLWithPath: value)
     default:
@@ -170,7 +189,11 @@ while let option = arguments.popFirst() {
     }
 }
 do {
-    try runStorage(secondsEach: secondsEach, batches: batches, directory: directory)
+    if command == "apply" {
+        try runApply(count: count, batches: batches, directory: directory)
+    } else {
+        try runStorage(secondsEach: secondsEach, batches: batches, directory: directory)
+    }
 } catch {
     FileHandle.standardError.write(Data("warrant-bench: \(error)\n".utf8))
     exit(1)

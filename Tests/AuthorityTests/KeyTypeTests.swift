@@ -109,7 +109,13 @@ struct EncodingTests {
             let ours = PEMText.encode(der, label: "CERTIFICATE")
             #expect(ours == PEMDocument(type: "CERTIFICATE", derBytes: der).pemString + "\n")
             #expect(PEMText.decode("junk before\n" + ours + "after", label: "CERTIFICATE") == der)
+            #expect(PEMText.decode(ours.replacingOccurrences(of: "\n", with: "\r\n"), label: "CERTIFICATE") == der, "CRLF line breaks")
         }
+        let spaced = "-----BEGIN CERTIFICATE-----\n AQ\tID \n-----END CERTIFICATE-----"
+        #expect(PEMText.decode(spaced, label: "CERTIFICATE") == [1, 2, 3], "ASCII whitespace inside the base64 is skipped")
+        #expect(PEMText.decode(spaced.replacingOccurrences(of: "\t", with: "\u{00A0}"), label: "CERTIFICATE") == nil, "non-ASCII space is not base64")
+        #expect(PEMText.decode("-----BEGIN CERTIFICATE-----\nAQID\n", label: "CERTIFICATE") == nil, "no END line")
+        #expect(PEMText.decode("-----END CERTIFICATE-----\n-----BEGIN CERTIFICATE-----\nAQID\n", label: "CERTIFICATE") == nil, "END before BEGIN")
         let one = PEMText.encode([1, 2, 3], label: "CERTIFICATE REQUEST")
         #expect(PEMText.decode(one, label: "CERTIFICATE") == nil, "another label")
         #expect(PEMText.decode(one + one, label: "CERTIFICATE REQUEST") == nil, "two blocks")

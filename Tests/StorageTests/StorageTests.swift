@@ -164,5 +164,31 @@ struct RaftStoreTests {
         var crc = CRC32C()
         crc.update(Array("123456789".utf8))
         #expect(crc.value == 0xE306_9283)
+        // Eight bytes a step agrees with the definition, bit by bit, at
+        // every length and alignment, and across split updates.
+        func bitwise(_ bytes: [UInt8]) -> UInt32 {
+            var crc: UInt32 = 0xFFFF_FFFF
+            for byte in bytes {
+                crc ^= UInt32(byte)
+                for _ in 0..<8 { crc = (crc & 1) != 0 ? (crc >> 1) ^ 0x82F6_3B78 : crc >> 1 }
+            }
+            return crc ^ 0xFFFF_FFFF
+        }
+        var random = SeededGenerator(seed: 3)
+        for length in [0, 1, 7, 8, 9, 15, 16, 17, 63, 64, 65, 1_000] {
+            let bytes = (0..<(length + 3)).map { _ in UInt8.random(in: 0...255, using: &random) }
+            for offset in 0..<3 {
+                var whole = CRC32C()
+                whole.update(bytes[offset..<(offset + length)])
+                #expect(whole.value == bitwise(Array(bytes[offset..<(offset + length)])), "length \(length), offset \(offset)")
+            }
+            var split = CRC32C()
+            split.update(bytes.prefix(length / 3))
+            split.update(bytes[(length / 3)..<length])
+            #expect(split.value == bitwise(Array(bytes.prefix(length))))
+        }
+        var number = CRC32C()
+        number.update(UInt64(0x0807_0605_0403_0201))
+        #expect(number.value == bitwise([1, 2, 3, 4, 5, 6, 7, 8]), "a UInt64 is its eight little-endian bytes")
     }
 }

@@ -1,0 +1,79 @@
+import Crypto
+import Foundation
+import Ledger
+import Raft
+import Storage
+
+// warrant-bench apply: the ledger's cost of one audited issuance, without
+// the network: a single-voter core proposes X509 issuance commands (each
+// consuming a join token made beforehand), and every Ready is persisted and
+// applied in one SQLite transaction, as on a node. B issuances per Ready.
+
+func runApply(count: Int, batches: [Int], directory: URL) throws {
+    print("apply: single-voter core + SQLite (WAL, synchronous=FULL), issuance commands with 700-byte certificates, \(count) per batch size")
+    print("batch  issuances/s  µs each (wall)  transactions/s  bytes written each")
+    /// Bytes this process passed to write(2) and pwrite(2) so far.
+    func writtenBytes() -> Double {
+        let text = (try? String(contentsOfFile: "/proc/self/io", encoding: .utf8)) ?? ""
+        return text.split(separator: "\n").first { $0.hasPrefix("wchar:") }.flatMap { Double($0.dropFirst(6).trimmingCharacters(in: .whitespaces)) } ?? 0
+    }
+    for batch in batches {
+        let path = directory.appendingPathComponent("apply-\(batch)-\(UUID().uuidString).sqlite").path
+        defer { removeDatabase(path) }
+        var (store, node) = try singleVoter(path: path)
+        var outcomes: [LedgerOutcome] = []
+        func drain() throws {
+            while node.hasReady {
+                let ready = node.ready()
+                outcomes += try store.persistAndApply(ready)
+                node.advance()
+            }
+        }
+        try drain()
+        let now = UInt64(Date().timeIntervalSince1970 * 1000)
+        func command(_ operation: LedgerCommand.Operation) -> [UInt8] {
+            LedgerCommand(timeMillis: now, actor: "bench", requestID: UUID().uuidString, operation: operation).encoded
+        }
+        let entry = AuthorityKeyring.Entry(id: "a1", state: .active, algorithm: "ES256", x509Certificate: "c", x509Key: "k", jwtKeyID: "j",
+                                           jwtKey: "k", createdAtMillis: now)
+        let keyring = AuthorityKeyring(trustDomain: "bench.local", kekID: "kek", authorities: [entry])
+        try node.propose(batch: [command(.initializeAuthority(keyring: Array(try JSONEncoder().encode(keyring))))])
+        try drain()
+        // The tokens, not timed.
+        let hashes = (0..<count).map { n in SHA256.hash(data: Array("token \(n) \(batch)".utf8)).map { String(format: "%02x", $0) }.joined() }
+        for start in stride(from: 0, to: count, by: 500) {
+            try node.propose(batch: hashes[start..<min(count, start + 500)].map { hash in
+                command(.createJoinToken(JoinToken(hash: hash, spiffeID: "spiffe://bench.local/job", ttlMaxSeconds: 600,
+                                                   expiresAtMillis: now + 3_600_000)))
+            })
+            try drain()
+        }
+        outcomes = []
+        let certificate = (0..<700).map { UInt8(truncatingIfNeeded: $0 &* 31) }
+        let commands = hashes.enumerated().map { n, hash in
+            let serial = String(format: "%032x", n)
+            let issuance = Issuance(kind: .x509, spiffeID: "spiffe://bench.local/job", serial: serial, fingerprint: hash, issuedAtMillis: now,
+                                    notAfterMillis: now + 600_000, ttlSeconds: 600, tokenHash: hash, idempotencyKey: "", node: 1, authority: "a1",
+                                    attributes: ["evidence": "join_token", "token": String(hash.prefix(16)), "evidence_expires": "1800000000",
+                                                 "lineage": serial, "ttl_max": "600"],
+                                    artifact: certificate)
+            return LedgerCommand(timeMillis: now, actor: "token:\(hash.prefix(16))", requestID: UUID().uuidString,
+                                 operation: .recordIssuance(issuance)).encoded
+        }
+        let clock = ContinuousClock()
+        let started = clock.now
+        let writtenBefore = writtenBytes()
+        var transactions = 0
+        for start in stride(from: 0, to: count, by: batch) {
+            try node.propose(batch: Array(commands[start..<min(count, start + batch)]))
+            try drain()
+            transactions += 1
+        }
+        let elapsed = seconds(clock.now - started)
+        let written = (writtenBytes() - writtenBefore) / Double(count)
+        let issued = outcomes.filter { if case .issued = $0.result { return true } else { return false } }.count
+        guard issued == count else { throw BenchFailure(description: "only \(issued) of \(count) issuances applied: \(outcomes.first { if case .issued = $0.result { return false } else { return true } }.map { "\($0.result)" } ?? "")") }
+        print(String(format: "%5d  %11.0f  %14.1f  %14.0f  %17.0f", batch, Double(count) / elapsed, elapsed / Double(count) * 1e6,
+                     Double(transactions) / elapsed, written))
+    }
+}
