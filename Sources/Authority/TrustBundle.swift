@@ -114,10 +114,13 @@ public struct TrustBundle: Sendable {
             throw AuthorityError("bad_svid", "a leaf must carry KeyUsage with digitalSignature and without keyCertSign or cRLSign")
         }
         var attributes: Attributes = [:]
-        if let ext = extensions[oid: X509Authority.attributesExtensionOID],
-           let text = try? ASN1UTF8String(derEncoded: ext.value),
-           let decoded = try? JSONDecoder().decode(Attributes.self, from: Data(text.bytes)) {
-            attributes = decoded
+        if let ext = extensions[oid: X509Authority.attributesExtensionOID], let text = try? ASN1UTF8String(derEncoded: ext.value) {
+            // Read by hand (flat strings, as written); JSONDecoder for anything else.
+            var strings: Attributes? = [:]
+            for (name, value) in JSONText.parseFlatObject(Array(text.bytes), membersMax: 256) ?? [:] {
+                if case .string(let string) = value { strings?[name] = string } else { strings = nil }
+            }
+            if let strings, !strings.isEmpty { attributes = strings } else if let decoded = try? JSONDecoder().decode(Attributes.self, from: Data(text.bytes)) { attributes = decoded }
         }
         return VerifiedX509(spiffeID: spiffeID, serialHex: Hex.encode(leaf.serialNumber.bytes), notBefore: leaf.notValidBefore,
                             notAfter: leaf.notValidAfter, attributes: attributes)

@@ -39,6 +39,8 @@ public struct X509Authority: Sendable {
     public static let attributesOIDText = "1.3.6.1.4.1.32473.1.1"
     public static let backdate: TimeInterval = 30
     public static let attributesBytesMax = 8 << 10
+    /// Every X509-SVID's subject (the SPIFFE ID is the URI SAN).
+    static let leafSubject = try! DistinguishedName { OrganizationName("Warrant") }
 
     public static func create(trustDomain: String, algorithm: KeyAlgorithm = .ecdsaP256, now: Date = Date(),
                               validity: TimeInterval = 365 * 86_400) throws -> X509Authority {
@@ -81,7 +83,9 @@ public struct X509Authority: Sendable {
     /// Positive, 16 random bytes (128 bits) with the top bit cleared, never
     /// zero: at most 16 octets in DER.
     public static func randomSerial() -> Certificate.SerialNumber {
-        var bytes = (0..<16).map { _ in UInt8.random(in: 0...255) }
+        // Two draws of the system generator (one getrandom(2) each), not sixteen.
+        var generator = SystemRandomNumberGenerator()
+        var bytes = withUnsafeBytes(of: (generator.next() as UInt64, generator.next() as UInt64)) { Array($0) }
         bytes[0] &= 0x7F
         if bytes.allSatisfy({ $0 == 0 }) { bytes[15] = 1 }
         return Certificate.SerialNumber(bytes: bytes)
@@ -163,7 +167,7 @@ public struct X509Authority: Sendable {
             version: .v3, serialNumber: serial, publicKey: publicKey,
             notValidBefore: now.addingTimeInterval(-Self.backdate), notValidAfter: notAfter,
             issuer: certificate.subject,
-            subject: try DistinguishedName { OrganizationName("Warrant") },
+            subject: Self.leafSubject,
             signatureAlgorithm: key.certificateSignatureAlgorithm,
             extensions: try Certificate.Extensions {
                 Critical(BasicConstraints.notCertificateAuthority)
@@ -234,11 +238,7 @@ public struct X509Authority: Sendable {
     }
 
     /// Sorted-key JSON of string pairs (deterministic bytes).
-    static func canonicalJSON(_ attributes: Attributes) throws -> [UInt8] {
-        let encoder = JSONEncoder()
-        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
-        return Array(try encoder.encode(attributes))
-    }
+    static func canonicalJSON(_ attributes: Attributes) throws -> [UInt8] { Array(JSONText.object(attributes).utf8) }
 }
 
 /// One issued X509-SVID.

@@ -335,7 +335,9 @@ extension JoinToken {
         return Array((text + "}").utf8)
     }
 
-    init?(canonical bytes: [UInt8]) {
+    /// Reads the ledger's token document (written by `canonicalJSON`, or
+    /// by JSONEncoder before it).
+    public init?(canonical bytes: [UInt8]) {
         guard let object = JSONText.parseFlatObject(bytes, membersMax: 16) else {
             guard let decoded = CanonicalJSON.decode(JoinToken.self, bytes) else { return nil }
             self = decoded

@@ -178,7 +178,7 @@ public final class AuthorityService: Sendable {
     public func token(secret: String) throws -> (hash: String, token: JoinToken?) {
         let hash = Self.hash(secret)
         guard let document = try store.document(named: AuthorityDocuments.token(hash)) else { return (hash, nil) }
-        return (hash, try? JSONDecoder().decode(JoinToken.self, from: Data(document.content)))
+        return (hash, JoinToken(canonical: document.content))
     }
 
     /// The answer already recorded for an idempotency key, if any.

@@ -200,6 +200,10 @@ public final class JoinService: Sendable {
     public let keySets: KeySetCache
     private let store: RaftStore
     private let cache = Mutex<(checked: ContinuousClock.Instant, versions: [String: UInt64], policy: JoinPolicy)?>(nil)
+    /// When a caller of `cachedPolicy()` began re-reading the policy: for
+    /// up to 5 s the others keep using the one read a moment before,
+    /// instead of all reading the same documents at once.
+    private let refreshStarted = Mutex<ContinuousClock.Instant?>(nil)
     static let documentsMax = 1_000
 
     public init(trustDomain: String, store: RaftStore, fetcher: KeySetFetcher, refetchInterval: Duration = .seconds(30)) {
@@ -209,14 +213,24 @@ public final class JoinService: Sendable {
     }
 
     /// The cached policy if it was read less than a second ago (no I/O).
+    /// When it is older, one caller gets nil and re-reads it (`policy()`);
+    /// until that is done, the others get the older one.
     public func cachedPolicy() -> JoinPolicy? {
-        guard let cached = cache.withLock({ $0 }), ContinuousClock.now - cached.checked < .seconds(1) else { return nil }
-        return cached.policy
+        guard let cached = cache.withLock({ $0 }) else { return nil }
+        let now = ContinuousClock.now
+        if now - cached.checked < .seconds(1) { return cached.policy }
+        let someoneElse = refreshStarted.withLock { started in
+            if let started, now - started < .seconds(5) { return true }
+            started = now
+            return false
+        }
+        return someoneElse ? cached.policy : nil
     }
 
     /// The current policy, as read at most `maxAge` ago: a change to the
     /// issuers or rules takes effect on every node within a second.
     public func policy(maxAge: Duration = .seconds(1)) throws -> JoinPolicy {
+        defer { refreshStarted.withLock { $0 = nil } }
         let now = ContinuousClock.now
         if let cached = cache.withLock({ $0 }), now - cached.checked < maxAge { return cached.policy }
         let issuerDocuments = try store.documents(prefix: IssuerConfig.documentPrefix, limit: Self.documentsMax)

@@ -250,7 +250,7 @@ public actor RaftDriver {
         }
         guard let outcome = try await withCheckedThrowingContinuation({ continuation in
             queuedProposals.append(QueuedProposal(bytes: bytes, startedAt: .now, continuation: continuation))
-            scheduleFlush()
+            scheduleFlush(proposal: true)
         }) else {
             throw DriverError.lostLeadership
         }
@@ -419,11 +419,24 @@ public actor RaftDriver {
 
     /// Handles the core's Ready once, after every input already queued on
     /// this actor: they all share one transaction.
-    private func scheduleFlush() {
+    ///
+    /// Under load (many writes already waiting on this leader) a new
+    /// proposal waits up to `batchingDelay` for others to share its
+    /// transaction, fsync and messages; the followers' answers, arriving
+    /// meanwhile, take the queued proposals along at once. With few
+    /// writes waiting, the flush is immediate.
+    private func scheduleFlush(proposal: Bool = false) {
         guard !flushScheduled else { return }
         flushScheduled = true
-        Task { self.flush() }
+        if proposal && pendingWrites.count >= Self.batchingThreshold {
+            loop.scheduleTask(in: Self.batchingDelay) { self.assumeIsolated { $0.flush() } }
+        } else {
+            Task { self.flush() }
+        }
     }
+
+    static let batchingThreshold = 16
+    static let batchingDelay = TimeAmount.microseconds(1_000)
 
     private func flush() {
         flushScheduled = false

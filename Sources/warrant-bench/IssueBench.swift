@@ -146,14 +146,9 @@ func runIssueBench(binary: String, clients: Int, seconds: Double) async throws {
     let listing = try ClusterListing(directory: directory)
     let endpoints = try listing.members.map { try SocketAddress(ipAddress: "127.0.0.1", port: $0.api.port) }
 
-    /// The leader now (it can change under load: the phases on the leader
-    /// look it up when they start, and a change during one is reported).
-    func leader() async throws -> (id: UInt64, endpoint: [SocketAddress]) {
-        guard let id = await cluster.waitForLeader(), let index = listing.members.firstIndex(where: { $0.id == id }) else {
-            throw BenchFailure(description: "no leader")
-        }
-        return (id, [endpoints[index]])
-    }
+    let phases = Phases(cluster: cluster, listing: listing, endpoints: endpoints)
+    let leader = phases.leader
+    let phase = phases.run
 
     // Tokens, made beforehand (not timed): one per issuance, for three
     // timed phases.
@@ -195,18 +190,6 @@ func runIssueBench(binary: String, clients: Int, seconds: Double) async throws {
     let x509LeaderBodies = bodies("x509-leader") { ["token": $0, "csr": csrPEM] }
     let jwtBodies = bodies("jwt-leader") { ["token": $0, "audience": ["bench"]] }
     print("timing X509-SVID issuance...")
-    let meter = CPUMeter(cluster: cluster)
-    /// Drives a phase and prints its figures with the CPU each operation took.
-    func phase(_ name: String, _ run: ([SocketAddress]) async throws -> Timed) async throws -> Timed {
-        let (leaderID, leaderEndpoint) = try await leader()
-        let before = meter.sample()
-        let timed = try await run(leaderEndpoint)
-        let after = meter.sample()
-        print(timed.line(name))
-        print(meter.line(from: before, to: after, operations: timed.ok, leader: leaderID))
-        if let now = try? await leader().id, now != leaderID { print("  (the leader changed during this phase: node \(leaderID), then node \(now))") }
-        return timed
-    }
     _ = try await phase("X509-SVID, clients on all nodes") { _ in
         try await drive(endpoints: endpoints, tls: tls, clients: clients, seconds: seconds, path: "/v1/svid/x509") { x509Bodies.take() }
     }
@@ -263,6 +246,43 @@ func runIssueBench(binary: String, clients: Int, seconds: Double) async throws {
     }
     print(String(format: "audited X509-SVID issuance / raw single-thread signing: %.2f", Double(x509.ok) / x509.seconds / rawSign))
     await cluster.close()
+}
+
+/// Timed phases on a cluster: each prints its figures and the CPU time
+/// each operation took in every process.
+struct Phases {
+    let cluster: LocalProcessCluster
+    let listing: ClusterListing
+    let endpoints: [SocketAddress]
+    let meter: CPUMeter
+
+    init(cluster: LocalProcessCluster, listing: ClusterListing, endpoints: [SocketAddress]) {
+        self.cluster = cluster
+        self.listing = listing
+        self.endpoints = endpoints
+        meter = CPUMeter(cluster: cluster)
+    }
+
+    /// The leader now (it can change under load: the phases on the leader
+    /// look it up when they start, and a change during one is reported).
+    func leader() async throws -> (id: UInt64, endpoint: [SocketAddress]) {
+        guard let id = await cluster.waitForLeader(), let index = listing.members.firstIndex(where: { $0.id == id }) else {
+            throw BenchFailure(description: "no leader")
+        }
+        return (id, [endpoints[index]])
+    }
+
+    /// Drives a phase (given the leader's endpoint) and prints its figures.
+    func run(_ name: String, _ body: ([SocketAddress]) async throws -> Timed) async throws -> Timed {
+        let (leaderID, leaderEndpoint) = try await leader()
+        let before = meter.sample()
+        let timed = try await body(leaderEndpoint)
+        let after = meter.sample()
+        print(timed.line(name))
+        print(meter.line(from: before, to: after, operations: timed.ok, leader: leaderID))
+        if let now = try? await leader().id, now != leaderID { print("  (the leader changed during this phase: node \(leaderID), then node \(now))") }
+        return timed
+    }
 }
 
 /// CPU time (user + system) of processes, read from /proc: where each

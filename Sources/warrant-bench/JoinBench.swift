@@ -39,9 +39,7 @@ func runJoinBench(binary: String, clients: Int, seconds: Double) async throws {
     let tls = try AdminClient.tlsContext(clusterDirectory: directory)
     let listing = try ClusterListing(directory: directory)
     let endpoints = try listing.members.map { try SocketAddress(ipAddress: "127.0.0.1", port: $0.api.port) }
-    guard let leaderID = await cluster.waitForLeader(), let leaderIndex = listing.members.firstIndex(where: { $0.id == leaderID }) else {
-        throw BenchFailure(description: "no leader")
-    }
+    let phases = Phases(cluster: cluster, listing: listing, endpoints: endpoints)
     let csrPEM = try CertificateSigningRequest(version: .v1, subject: try DistinguishedName { CommonName("bench") },
                                                privateKey: .init(P256.Signing.PrivateKey()), attributes: CertificateSigningRequest.Attributes())
         .serializeAsPEM().pemString
@@ -67,11 +65,13 @@ func runJoinBench(binary: String, clients: Int, seconds: Double) async throws {
     // Request bodies are encoded beforehand too: the client shares the machine with the cluster.
     let bodies = minted.map { jsonBytes(["token": $0, "csr": csrPEM]) }
     let allTokens = Queue(Array(bodies[1...perRun]))
-    let all = try await drive(endpoints: endpoints, tls: tls, clients: clients, seconds: seconds, path: "/v1/join") { allTokens.take() }
-    print(all.line("join -> X509-SVID, clients on all nodes"))
+    _ = try await phases.run("join -> X509-SVID, clients on all nodes") { _ in
+        try await drive(endpoints: endpoints, tls: tls, clients: clients, seconds: seconds, path: "/v1/join") { allTokens.take() }
+    }
     let leaderTokens = Queue(Array(bodies[(perRun + 1)...]))
-    let leader = try await drive(endpoints: [endpoints[leaderIndex]], tls: tls, clients: clients, seconds: seconds, path: "/v1/join") { leaderTokens.take() }
-    print(leader.line("join -> X509-SVID, clients on the leader"))
+    _ = try await phases.run("join -> X509-SVID, clients on the leader") { leaderEndpoint in
+        try await drive(endpoints: leaderEndpoint, tls: tls, clients: clients, seconds: seconds, path: "/v1/join") { leaderTokens.take() }
+    }
     print("JWKS and discovery fetches during the timed runs: \(provider.jwksFetches + provider.discoveryFetches - fetchesBefore)")
     // Replays are refused: a token already used gets 403 on every node.
     let replay = try await admin.request(.POST, "/v1/join", headers: [("content-type", "application/json")],
@@ -85,19 +85,29 @@ func runJoinBench(binary: String, clients: Int, seconds: Double) async throws {
     let environment = ["PATH": ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin", "GITHUB_ACTIONS": "true",
                        "ACTIONS_ID_TOKEN_REQUEST_URL": "\(provider.issuer)/actions/token?api-version=2.0",
                        "ACTIONS_ID_TOKEN_REQUEST_TOKEN": provider.actionsRequestToken]
-    let execArguments = ["exec", "--endpoint", "127.0.0.1:\(listing.members[leaderIndex].api.port)", "--ca-file", "\(directory)/ca.pem",
+    let leaderPort = try await phases.leader().endpoint[0].port ?? 0
+    let execArguments = ["exec", "--endpoint", "127.0.0.1:\(leaderPort)", "--ca-file", "\(directory)/ca.pem",
                          "--audience", "warrant.local", "--token-request-ca", caFile, "--", "true"]
+    /// Runs a process to its end: posix_spawn and waitpid (Foundation's
+    /// Process polls its exit every 50 ms off the main thread), output to
+    /// /dev/null; the wall time in ms and the exit status.
     func timed(_ executable: String, _ arguments: [String]) throws -> (Double, Int32) {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: executable)
-        process.arguments = arguments
-        process.environment = environment
-        process.standardOutput = FileHandle.nullDevice
-        process.standardError = FileHandle.nullDevice
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0)
+        let argv = ([executable] + arguments).map { strdup($0) } + [nil]
+        let envp = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
+        defer { (argv + envp).forEach { free($0) } }
+        var pid: pid_t = 0
         let start = ContinuousClock.now
-        try process.run()
-        process.waitUntilExit()
-        return (start.duration(to: .now).milliseconds, process.terminationStatus)
+        let spawned = posix_spawn(&pid, executable, &actions, nil, argv, envp)
+        guard spawned == 0 else { throw BenchFailure(description: "could not start \(executable): error \(spawned)") }
+        var status: Int32 = 0
+        while waitpid(pid, &status, 0) == -1 && errno == EINTR {}
+        let exited = status & 0x7F == 0 ? (status >> 8) & 0xFF : 128 + (status & 0x7F)
+        return (start.duration(to: .now).milliseconds, exited)
     }
     var plain: [Double] = [], exec: [Double] = []
     var failures = 0

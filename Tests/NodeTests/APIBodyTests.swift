@@ -52,3 +52,16 @@ struct APIBodyTests {
         #expect(JWTSVIDRequest(flat: flat(#"{"token":"t","audience":"a"}"#)) == nil)
     }
 }
+
+@Suite("Times in answers")
+struct TimeTextTests {
+    @Test("ISO 8601 times written by hand are what Foundation's formatter writes")
+    func sameAsFormatter() {
+        var random = SystemRandomNumberGenerator()
+        let dates = [Date(timeIntervalSince1970: 0), Date(timeIntervalSince1970: 951_782_400.75), Date(timeIntervalSince1970: 4_102_444_799.999)]
+            + (0..<200).map { _ in Date(timeIntervalSince1970: Double(random.next() % 4_000_000_000) + Double(random.next() % 1000) / 1000) }
+        for date in dates {
+            #expect(NodeAPI.iso(date) == date.formatted(.iso8601), "\(date.timeIntervalSince1970)")
+        }
+    }
+}

@@ -735,7 +735,18 @@ extension NodeAPI {
         return id
     }
 
-    static func iso(_ date: Date) -> String { date.formatted(.iso8601) }
+    /// RFC 3339 in UTC, whole seconds ("2026-11-23T07:31:53Z"), as
+    /// `date.formatted(.iso8601)` writes it, without its formatter (it
+    /// was a visible cost of every issuance answer).
+    static func iso(_ date: Date) -> String {
+        var seconds = time_t(date.timeIntervalSince1970.rounded(.down))
+        var parts = tm()
+        guard gmtime_r(&seconds, &parts) != nil else { return date.formatted(.iso8601) }
+        func two(_ value: Int32) -> String { value < 10 ? "0\(value)" : String(value) }
+        let year = String(parts.tm_year + 1900)
+        return String(repeating: "0", count: max(0, 4 - year.count)) + year + "-" + two(parts.tm_mon + 1) + "-" + two(parts.tm_mday)
+            + "T" + two(parts.tm_hour) + ":" + two(parts.tm_min) + ":" + two(parts.tm_sec) + "Z"
+    }
 }
 
 /// The ledger refused an issuance because another authority became active
