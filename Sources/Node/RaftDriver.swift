@@ -250,7 +250,7 @@ public actor RaftDriver {
         }
         guard let outcome = try await withCheckedThrowingContinuation({ continuation in
             queuedProposals.append(QueuedProposal(bytes: bytes, startedAt: .now, continuation: continuation))
-            scheduleFlush(proposal: true)
+            scheduleFlush()
         }) else {
             throw DriverError.lostLeadership
         }
@@ -419,24 +419,11 @@ public actor RaftDriver {
 
     /// Handles the core's Ready once, after every input already queued on
     /// this actor: they all share one transaction.
-    ///
-    /// Under load (many writes already waiting on this leader) a new
-    /// proposal waits up to `batchingDelay` for others to share its
-    /// transaction, fsync and messages; the followers' answers, arriving
-    /// meanwhile, take the queued proposals along at once. With few
-    /// writes waiting, the flush is immediate.
-    private func scheduleFlush(proposal: Bool = false) {
+    private func scheduleFlush() {
         guard !flushScheduled else { return }
         flushScheduled = true
-        if proposal && pendingWrites.count >= Self.batchingThreshold {
-            loop.scheduleTask(in: Self.batchingDelay) { self.assumeIsolated { $0.flush() } }
-        } else {
-            Task { self.flush() }
-        }
+        Task { self.flush() }
     }
-
-    static let batchingThreshold = 16
-    static let batchingDelay = TimeAmount.microseconds(1_000)
 
     private func flush() {
         flushScheduled = false
