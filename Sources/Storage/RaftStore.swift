@@ -124,23 +124,6 @@ public final class RaftStore: Sendable {
                 INSERT INTO ledger_meta (id, applied_index) VALUES (1, 0);
                 """)
         }
-        migrator.registerMigration("ledger-v2") { db in
-            // One B-tree keyed by name instead of a rowid table plus an
-            // index on name: every document write touches half the pages.
-            try db.execute(sql: """
-                CREATE TABLE ledger_document_v2 (
-                    name TEXT PRIMARY KEY,
-                    format INTEGER NOT NULL,
-                    content BLOB NOT NULL,
-                    version INTEGER NOT NULL,
-                    log_index INTEGER NOT NULL
-                ) WITHOUT ROWID;
-                INSERT INTO ledger_document_v2 (name, format, content, version, log_index)
-                    SELECT name, format, content, version, log_index FROM ledger_document;
-                DROP TABLE ledger_document;
-                ALTER TABLE ledger_document_v2 RENAME TO ledger_document;
-                """)
-        }
         return migrator
     }
 

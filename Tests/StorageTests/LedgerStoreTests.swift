@@ -1,5 +1,4 @@
 import Foundation
-import GRDB
 import Ledger
 import Raft
 import Testing
@@ -68,38 +67,6 @@ struct LedgerStoreTests {
         #expect(ready.committedEntries.isEmpty, "nothing already applied is handed out again")
         restarted.advance()
         #expect(try reopened.auditRecords(limit: 1000).count == 41, "the bootstrap membership and forty commands, each once")
-    }
-
-    @Test("A database from before ledger-v2 keeps its documents when its document table becomes one B-tree")
-    func migratesDocumentTable() throws {
-        let temporary = try TemporaryStore()
-        // The first schema of the document table, as an older node wrote it.
-        try temporary.tamper("""
-            CREATE TABLE grdb_migrations (identifier TEXT NOT NULL PRIMARY KEY);
-            CREATE TABLE raft_entry (log_index INTEGER PRIMARY KEY, term INTEGER NOT NULL, payload BLOB NOT NULL, checksum INTEGER NOT NULL);
-            CREATE TABLE raft_hard_state (id INTEGER PRIMARY KEY CHECK (id = 1), term INTEGER NOT NULL, voted_for INTEGER NOT NULL, commit_index INTEGER NOT NULL);
-            CREATE TABLE raft_snapshot (id INTEGER PRIMARY KEY CHECK (id = 1), log_index INTEGER NOT NULL, term INTEGER NOT NULL,
-                membership BLOB NOT NULL, data BLOB NOT NULL, checksum INTEGER NOT NULL);
-            CREATE TABLE ledger_document (name TEXT PRIMARY KEY, format INTEGER NOT NULL, content BLOB NOT NULL, version INTEGER NOT NULL,
-                log_index INTEGER NOT NULL);
-            CREATE TABLE ledger_audit (sequence INTEGER PRIMARY KEY, log_index INTEGER NOT NULL, time_millis INTEGER NOT NULL, actor TEXT NOT NULL,
-                action TEXT NOT NULL, target TEXT NOT NULL, result TEXT NOT NULL, previous_hash BLOB NOT NULL, hash BLOB NOT NULL);
-            CREATE TABLE ledger_meta (id INTEGER PRIMARY KEY CHECK (id = 1), applied_index INTEGER NOT NULL);
-            INSERT INTO ledger_meta (id, applied_index) VALUES (1, 7);
-            INSERT INTO grdb_migrations VALUES ('raft-v1'), ('ledger-v1');
-            INSERT INTO ledger_document VALUES ('docs/a', 1, x'7b7d', 3, 7), ('docs/b', 2, x'613a2031', 1, 5);
-            """)
-        let store = try temporary.open()
-        #expect(try store.document(named: "docs/a") == Document(name: "docs/a", format: .json, content: Array("{}".utf8), version: 3, logIndex: 7))
-        #expect(try store.document(named: "docs/b")?.content == Array("a: 1".utf8))
-        #expect(try store.ledgerAppliedIndex() == 7)
-        let schema = try DatabaseQueue(path: temporary.path).read { db in
-            try String.fetchOne(db, sql: "SELECT sql FROM sqlite_master WHERE name = 'ledger_document'")
-        }
-        #expect(schema?.contains("WITHOUT ROWID") == true, "\(schema ?? "no table")")
-        _ = try store.apply([Entry(term: 1, index: 8, payload: .command(LedgerCommand(timeMillis: 1, actor: "a", requestID: "r",
-            operation: .putDocument(name: "docs/a", format: .json, content: Array("[]".utf8), expectedVersion: 3)).encoded))])
-        #expect(try store.document(named: "docs/a")?.version == 4, "writes go on from the migrated version")
     }
 
     @Test("A tampered audit record in the database is found by verification")
