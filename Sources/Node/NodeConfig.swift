@@ -69,6 +69,10 @@ public struct NodeConfig: Sendable, Hashable {
     public var heartbeatIntervalTicks: Int
     /// The log is compacted behind a ledger snapshot this often (entries).
     public var snapshotEveryEntries: Int
+    /// AppendEntries messages a leader keeps unanswered per follower
+    /// (`raft.inflight_messages_max`). Few means larger messages: entries
+    /// that arrive while two are in flight wait and travel together.
+    public var inflightMessagesMax: Int
     /// Lets issuers' keys be fetched over plain HTTP from loopback
     /// addresses (`join.allow_http_loopback_issuers`; tests only).
     public var allowHTTPLoopbackIssuers: Bool
@@ -81,6 +85,7 @@ public struct NodeConfig: Sendable, Hashable {
     public static let electionTimeoutTicks = 2...1_000
     public static let fileBytesMax = 64 << 10
     public static let snapshotEveryEntries = 100...10_000_000
+    public static let inflightMessagesMax = 1...1_024
 
     public init(yaml text: String) throws(NodeConfigError) {
         guard text.utf8.count <= Self.fileBytesMax else {
@@ -141,7 +146,9 @@ public struct NodeConfig: Sendable, Hashable {
         allowHTTPLoopbackIssuers = try join.boolean("allow_http_loopback_issuers", default: false)
         jwksRefetchSeconds = try join.integer("jwks_refetch_seconds", in: 1...3_600, default: 30)
 
-        let raft = try top.section("raft", keys: ["tick_interval_ms", "election_timeout_ticks", "heartbeat_interval_ticks", "snapshot_every_entries"], optional: true)
+        let raft = try top.section("raft", keys: ["tick_interval_ms", "election_timeout_ticks", "heartbeat_interval_ticks", "snapshot_every_entries",
+                                                  "inflight_messages_max"], optional: true)
+        inflightMessagesMax = try raft.integer("inflight_messages_max", in: Self.inflightMessagesMax, default: 2)
         snapshotEveryEntries = try raft.integer("snapshot_every_entries", in: Self.snapshotEveryEntries, default: 50_000)
         tickIntervalMilliseconds = try raft.integer("tick_interval_ms", in: Self.tickIntervalMilliseconds, default: 10)
         electionTimeoutTicks = try raft.integer("election_timeout_ticks", in: Self.electionTimeoutTicks, default: 10)

@@ -117,6 +117,7 @@ public final class NodeServer: Sendable {
         var configuration = Configuration(id: config.id, randomSeed: UInt64.random(in: 1...UInt64.max))
         configuration.electionTimeoutTicks = config.electionTimeoutTicks
         configuration.heartbeatIntervalTicks = config.heartbeatIntervalTicks
+        configuration.inflightMessagesMax = config.inflightMessagesMax
         // The core requires it above the election timeout, which operators set.
         configuration.snapshotTimeoutTicks = max(configuration.snapshotTimeoutTicks, 2 * config.electionTimeoutTicks)
         let metrics = NodeMetrics()

@@ -43,8 +43,11 @@ struct NodeConfigTests {
         #expect(config.tickIntervalMilliseconds == 20)
         #expect(config.electionTimeoutTicks == 10)
         #expect(config.heartbeatIntervalTicks == 1)
+        #expect(config.inflightMessagesMax == 2)
         #expect(config.peers[0].api.description == "127.0.0.1:8402")
         #expect(config.joinsExistingCluster == false)
+        let wide = try NodeConfig(yaml: valid.replacingOccurrences(of: "  tick_interval_ms: 20", with: "  tick_interval_ms: 20\n  inflight_messages_max: 256"))
+        #expect(wide.inflightMessagesMax == 256)
     }
 
     @Test("Each kind of mistake gets a specific error naming where it is", arguments: [
@@ -58,6 +61,7 @@ struct NodeConfigTests {
         ("  tick_interval_ms: 20", "  tick_interval_ms: 5000", "raft.tick_interval_ms: 5000 is outside 1...1000"),
         ("  tick_interval_ms: 20", "  tick_interval_ms: 20\n  election_timeout_ticks: 1", "raft.election_timeout_ticks: 1 is outside 2...1000"),
         ("  tick_interval_ms: 20", "  heartbeat_interval_ticks: 10", "raft.election_timeout_ticks: must exceed heartbeat_interval_ticks (10)"),
+        ("  tick_interval_ms: 20", "  tick_interval_ms: 20\n  inflight_messages_max: 0", "raft.inflight_messages_max: 0 is outside 1...1024"),
         ("key_encryption_key_file: kek.bin", "", "key_encryption_key_file: is missing"),
         ("    api: \"[::1]:8401\"", "    api: 127.0.0.1:7401", "node.listen.api: must differ from node.listen.peer"),
         ("    api: 127.0.0.1:8403", "    apı: 127.0.0.1:8403", "peers[1]: unknown key"),
