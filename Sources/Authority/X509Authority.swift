@@ -157,7 +157,7 @@ public struct X509Authority: Sendable {
         let notAfter = min(now.addingTimeInterval(ttl.rounded(.down)), certificate.notValidAfter)
         guard notAfter > now else { throw AuthorityError("ca_expired", "the CA expires before the identity could be valid") }
         let serial = chosen ?? Self.randomSerial()
-        let attributesJSON = try Self.canonicalJSON(attributes)
+        let attributesJSON = Self.canonicalJSON(attributes)
         guard attributesJSON.count <= Self.attributesBytesMax else {
             throw AuthorityError("attributes_too_large", "the attested context is \(attributesJSON.count) bytes; at most \(Self.attributesBytesMax)")
         }
@@ -238,7 +238,7 @@ public struct X509Authority: Sendable {
     }
 
     /// Sorted-key JSON of string pairs (deterministic bytes).
-    static func canonicalJSON(_ attributes: Attributes) throws -> [UInt8] { Array(JSONText.object(attributes).utf8) }
+    static func canonicalJSON(_ attributes: Attributes) -> [UInt8] { Array(JSONText.object(attributes).utf8) }
 }
 
 /// One issued X509-SVID.
