@@ -79,22 +79,14 @@ public final class NodeServer: Sendable {
 
         let dataDirectory = ClusterFiles.resolve(config.dataDirectory, relativeTo: configPath)
         try FileManager.default.createDirectory(atPath: dataDirectory, withIntermediateDirectories: true)
-        store = try RaftStore(path: "\(dataDirectory)/raft.sqlite")
-        if try !store.hasState {
+        store = try RaftStore(directory: dataDirectory)
+        if !store.hasState {
             let voters = [config.id] + config.peers.map(\.id)
             try store.initialize(with: config.joinsExistingCluster ? .empty : .bootstrap(voters: voters.sorted()))
         }
 
         var initial: [NodeID: MemberDirectory.Addresses] = [config.id: .init(peer: config.peerListen, api: config.apiListen)]
         for peer in config.peers { initial[peer.id] = .init(peer: peer.address, api: peer.api) }
-        // Members added after the configuration was written.
-        for document in try store.documents(prefix: "\(NodeAPI.reservedPrefix)members/", limit: 1_000) {
-            guard let full = try store.document(named: document.name),
-                  let id = NodeID(document.name.dropFirst("\(NodeAPI.reservedPrefix)members/".count)),
-                  let body = try? APIJSON.decode(MemberAddressesBody.self, from: full.content),
-                  let peer = try? HostPort(parsing: body.peerAddress, at: ""), let api = try? HostPort(parsing: body.apiAddress, at: "") else { continue }
-            initial[id] = .init(peer: peer, api: api)
-        }
         let members = MemberDirectory(initial)
         self.members = members
 
@@ -137,6 +129,17 @@ public final class NodeServer: Sendable {
                     }
                 }
             })
+        // Members added after the configuration was written: those in the
+        // checkpoint the driver loaded now; later ones as their entries apply.
+        for document in try store.documents(prefix: "\(NodeAPI.reservedPrefix)members/", limit: 1_000) {
+            guard let full = try store.document(named: document.name),
+                  let id = NodeID(document.name.dropFirst("\(NodeAPI.reservedPrefix)members/".count)), id != config.id,
+                  let body = try? APIJSON.decode(MemberAddressesBody.self, from: full.content),
+                  let peer = try? HostPort(parsing: body.peerAddress, at: ""), let api = try? HostPort(parsing: body.apiAddress, at: "") else { continue }
+            let addresses = MemberDirectory.Addresses(peer: peer, api: api)
+            members.set(id, addresses)
+            transport.addPeer(id, address: try? SocketAddress.makeAddressResolvingHost(peer.host, port: peer.port))
+        }
         authority = AuthorityService(trustDomain: config.trustDomain, keyAlgorithm: config.keyAlgorithm,
                                      kek: try KeyEncryptionKey.load(path: ClusterFiles.resolve(config.keyEncryptionKeyFile, relativeTo: configPath)),
                                      store: store)

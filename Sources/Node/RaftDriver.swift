@@ -107,17 +107,11 @@ public actor RaftDriver {
         self.onApplied = onApplied
         self.compactEveryEntries = compactEveryEntries
         id = configuration.id
+        // The ledger comes back at its newest checkpoint; the committed
+        // entries after it are applied again.
         let durable = try store.loadDurableState()
         raft = try RaftNode(configuration: configuration, durable: durable)
         appliedIndex = durable.appliedIndex
-        // The stored snapshot's ledger bytes are made from the tables; if
-        // more was applied after it, snapshot at the applied index instead.
-        if store.snapshotsHoldLedger, let snapshot = durable.snapshot, snapshot.metadata.index > 0, snapshot.data.isEmpty,
-           durable.appliedIndex > snapshot.metadata.index {
-            let (index, data) = try store.takeLedgerSnapshot()
-            let metadata = try raft.compactLog(through: index, snapshotData: data)
-            try store.compact(through: metadata, data: data)
-        }
         self.store = store
         self.sender = sender
         self.requestTimeoutTicks = requestTimeoutTicks
@@ -199,6 +193,7 @@ public actor RaftDriver {
         raft.tick()
         expireRequests()
         try processReadies()
+        try store.writeAuditIfDue()
     }
 
     /// Ticks every `interval` on the driver's own thread (not Swift's
@@ -506,31 +501,31 @@ public actor RaftDriver {
     private var rowsAtLastSnapshot: LogIndex = 0
 
     private func compactIfDue() throws {
-        guard !compactionInProgress, appliedIndex >= raft.snapshotIndex + max(compactEveryEntries, rowsAtLastSnapshot) else { return }
-        let capture = try store.beginLedgerSnapshot()
+        guard !compactionInProgress, appliedIndex >= raft.snapshotIndex + max(compactEveryEntries, rowsAtLastSnapshot),
+              let metadata = raft.snapshotMetadata(at: appliedIndex) else { return }
+        let checkpoint = try store.beginCheckpoint(metadata)
         compactionInProgress = true
-        let index = appliedIndex
         // On a thread of its own at a lower scheduling priority: encoding a
         // large ledger takes a core for a while, and requests come first.
         Thread.detachNewThread { [self] in
             #if os(Linux)
             _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, 10) // this thread only, on Linux
             #endif
-            let result = Result { try capture.take() }
-            Task { await self.finishCompaction(expected: index, result) }
+            let result = Result { try checkpoint.write() }
+            Task { await self.finishCompaction(metadata, result) }
         }
     }
 
-    private func finishCompaction(expected: LogIndex, _ result: Result<(index: LogIndex, data: [UInt8], records: Int), any Error>) {
+    private func finishCompaction(_ metadata: SnapshotMetadata, _ result: Result<(data: [UInt8], records: Int), any Error>) {
         compactionInProgress = false
         guard !stopped else { return }
         do {
-            let (index, data, records) = try result.get()
+            let (data, records) = try result.get()
             rowsAtLastSnapshot = LogIndex(records)
-            precondition(index == expected, "the pinned ledger is at \(index), not the applied index \(expected) it was pinned at")
             // A snapshot from the leader may have replaced the log meanwhile.
-            guard index > raft.snapshotIndex, index <= appliedIndex else { return }
-            let metadata = try raft.compactLog(through: index, snapshotData: data)
+            guard metadata.index > raft.snapshotIndex, metadata.index <= appliedIndex else { return }
+            let compacted = try raft.compactLog(through: metadata.index, snapshotData: data)
+            precondition(compacted == metadata, "the core compacted to \(compacted), not the checkpoint's \(metadata)")
             try store.compact(through: metadata, data: data)
             metrics.snapshotsTaken.add(1)
         } catch {

@@ -917,13 +917,22 @@ public struct RaftNode: Sendable {
         guard index > log.snapshotIndex else {
             throw .invalidCompaction("index \(index) is already covered by the snapshot at \(log.snapshotIndex)")
         }
-        let membershipAtIndex = membershipHistory.last(where: { $0.index <= index })?.membership ?? snapshotMembership
-        let metadata = SnapshotMetadata(index: index, term: log.term(at: index)!, membership: membershipAtIndex)
+        let metadata = snapshotMetadata(at: index)!
+        let membershipAtIndex = metadata.membership
         log.compact(through: index)
         latestSnapshot = Snapshot(metadata: metadata, data: snapshotData)
         snapshotMembership = membershipAtIndex
         membershipHistory.removeAll { $0.index <= index }
         return metadata
+    }
+
+    /// What a snapshot taken at `index` would record (its term and the
+    /// membership in force there), for an applied index after the last
+    /// snapshot; nil otherwise. Changes nothing.
+    public func snapshotMetadata(at index: LogIndex) -> SnapshotMetadata? {
+        guard index <= log.appliedIndex, index > log.snapshotIndex, let term = log.term(at: index) else { return nil }
+        let membership = membershipHistory.last(where: { $0.index <= index })?.membership ?? snapshotMembership
+        return SnapshotMetadata(index: index, term: term, membership: membership)
     }
 
     /// The driver could not deliver a snapshot to `peer`: probe again.

@@ -1,62 +1,80 @@
-import Foundation
-import GRDB
 import Ledger
 import Raft
 
-/// A consistent copy of the ledger's tables (documents, the audit chain,
-/// the applied index), taken inside one read transaction and encoded with
-/// the `Raft` codec; installing it replaces the tables in the caller's
-/// transaction.
+/// The encodings of the ledger's state, with the `Raft` codec.
+///
+/// A ledger snapshot (what a Raft snapshot carries to a follower): version,
+/// applied index, every document in name order, the whole audit chain.
+///
+/// A checkpoint (what a node keeps on disk so it need not replay the whole
+/// log): magic, the Raft snapshot metadata (index, term, membership), the
+/// audit chain's head at that index, every document in name order, and a
+/// CRC-32C of everything before it. The audit records themselves are in
+/// the audit table.
 enum LedgerSnapshot {
     static let encodingVersion: UInt8 = 1
 
-    static func take(_ db: Database) throws -> (index: LogIndex, data: [UInt8]) {
-        let (index, data, _) = try takeCounting(db)
-        return (index, data)
+    static func encodeDocuments(_ memory: LedgerMemory, into w: inout BinaryWriter) {
+        w.write(UInt32(memory.documents.count))
+        memory.forEachInOrder { document in
+            w.writeBytes(document.name.utf8)
+            w.write(document.format.rawValue)
+            w.writeBytes(document.content)
+            w.write(document.version)
+            w.write(document.logIndex)
+        }
     }
 
-    /// Also says how many rows (documents and audit records) it holds.
-    static func takeCounting(_ db: Database) throws -> (index: LogIndex, data: [UInt8], records: Int) {
-        let tables = SQLiteLedgerTables(db: db)
-        let applied = try tables.appliedIndex()
-        var w = BinaryWriter(capacity: 4096)
-        w.write(encodingVersion)
-        w.write(applied)
-        // Sized up front, read through cursors with columns by position:
-        // a snapshot copies the whole ledger, so this loop is the cost.
-        let size = try Int.fetchOne(db, sql: """
-            SELECT (SELECT COALESCE(SUM(LENGTH(name) + LENGTH(content) + 32), 0) FROM ledger_document)
-                 + (SELECT COALESCE(SUM(LENGTH(actor) + LENGTH(action) + LENGTH(target) + LENGTH(result) + 100), 0) FROM ledger_audit)
-            """) ?? 0
-        w.reserve(size + 64)
-        let documentCount = try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM ledger_document") ?? 0
-        w.write(UInt32(documentCount))
-        var written = 0
-        let documents = try Row.fetchCursor(db, sql: "SELECT name, format, content, version, log_index FROM ledger_document ORDER BY name")
-        while let row = try documents.next() {
-            try row.withUnsafeData(atIndex: 0) { w.writeBytes($0 ?? Data()) }
-            w.write(UInt8(truncatingIfNeeded: row[1] as Int64))
-            try row.withUnsafeData(atIndex: 2) { w.writeBytes($0 ?? Data()) }
-            w.write(UInt64(row[3] as Int64))
-            w.write(UInt64(row[4] as Int64))
-            written += 1
+    static func decodeDocuments(_ r: inout BinaryReader) throws -> [Document] {
+        let count = Int(try r.readUInt32("document count"))
+        guard count <= r.remaining else { throw CodecError.invalid(field: "document count", reason: "impossible count \(count)") }
+        var documents: [Document] = []
+        documents.reserveCapacity(count)
+        var previous: String?
+        for _ in 0..<count {
+            let name = try text(&r, "name")
+            if let previous, previous >= name { throw CodecError.invalid(field: "documents", reason: "not in name order at '\(name)'") }
+            previous = name
+            let rawFormat = try r.readUInt8("format")
+            guard let format = DocumentFormat(rawValue: rawFormat) else { throw CodecError.invalid(field: "format", reason: "unknown format \(rawFormat)") }
+            let content = try r.readBytes("content", limit: LedgerLimits.documentContentBytesMax)
+            documents.append(Document(name: name, format: format, content: content, version: try r.readUInt64("version"),
+                                      logIndex: try r.readUInt64("log index")))
         }
-        precondition(written == documentCount, "the document count changed inside one read transaction")
-        let auditCount = try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM ledger_audit") ?? 0
-        w.write(UInt32(auditCount))
-        let audit = try Row.fetchCursor(db, sql: """
-            SELECT sequence, log_index, time_millis, actor, action, target, result, previous_hash, hash FROM ledger_audit ORDER BY sequence
-            """)
-        while let row = try audit.next() {
-            w.write(UInt64(row[0] as Int64))
-            w.write(UInt64(row[1] as Int64))
-            w.write(UInt64(row[2] as Int64))
-            for column in 3...8 { try row.withUnsafeData(atIndex: column) { w.writeBytes($0 ?? Data()) } }
-        }
-        return (applied, w.bytes, documentCount + auditCount)
+        return documents
     }
 
-    static func install(_ data: [UInt8], at index: LogIndex, _ db: Database, path: String) throws {
+    static func encode(_ record: AuditRecord, into w: inout BinaryWriter) {
+        w.write(record.sequence)
+        w.write(record.logIndex)
+        w.write(record.timeMillis)
+        for text in [record.actor, record.action, record.target, record.result] { w.writeBytes(text.utf8) }
+        w.writeBytes(record.previousHash)
+        w.writeBytes(record.hash)
+    }
+
+    /// Reads one record as stored (its hash kept as read, not recomputed).
+    static func decodeRecord(_ r: inout BinaryReader) throws -> AuditRecord {
+        let sequence = try r.readUInt64("sequence")
+        let logIndex = try r.readUInt64("log index")
+        let time = try r.readUInt64("time")
+        let actor = try text(&r, "actor"), action = try text(&r, "action"), target = try text(&r, "target"), result = try text(&r, "result")
+        let previousHash = try r.readBytes("previous hash", limit: 64)
+        let hash = try r.readBytes("hash", limit: 64)
+        var record = AuditRecord(sequence: sequence, logIndex: logIndex, timeMillis: time, actor: actor, action: action,
+                                 target: target, result: result, previousHash: previousHash)
+        record.hash = hash
+        return record
+    }
+
+    static func text(_ r: inout BinaryReader, _ field: String) throws -> String {
+        let bytes = try r.readBytes(field, limit: 1 << 20)
+        guard let value = String(validating: bytes, as: UTF8.self) else { throw CodecError.invalid(field: field, reason: "not UTF-8") }
+        return value
+    }
+
+    /// A snapshot's documents and audit chain, every link checked.
+    static func decode(_ data: [UInt8], at index: LogIndex, path: String) throws -> (documents: [Document], audit: [AuditRecord]) {
         func damaged(_ reason: String) -> StorageError {
             StorageError(code: .corruptState, reason: "\(path): the ledger snapshot at index \(index) is unusable (\(reason)); nothing was installed")
         }
@@ -65,79 +83,81 @@ enum LedgerSnapshot {
             guard try r.readUInt8("version") == encodingVersion else { throw damaged("unknown version") }
             let applied = try r.readUInt64("applied index")
             guard applied == index else { throw damaged("it was taken at \(applied), not \(index)") }
-            try db.execute(sql: "DELETE FROM ledger_document")
-            try db.execute(sql: "DELETE FROM ledger_audit")
-            var tables = SQLiteLedgerTables(db: db)
-            let documentCount = Int(try r.readUInt32("document count"))
-            guard documentCount <= r.remaining else { throw damaged("impossible document count") }
-            for _ in 0..<documentCount {
-                let name = try text(&r, "name")
-                let rawFormat = try r.readUInt8("format")
-                guard let format = DocumentFormat(rawValue: rawFormat) else { throw damaged("unknown document format \(rawFormat)") }
-                let content = try r.readBytes("content", limit: LedgerLimits.documentContentBytesMax)
-                let version = try r.readUInt64("version")
-                let logIndex = try r.readUInt64("log index")
-                try tables.put(Document(name: name, format: format, content: content, version: version, logIndex: logIndex))
-            }
+            let documents = try decodeDocuments(&r)
             let auditCount = Int(try r.readUInt32("audit count"))
             guard auditCount <= r.remaining else { throw damaged("impossible audit count") }
+            var audit: [AuditRecord] = []
+            audit.reserveCapacity(auditCount)
             var previous = AuditRecord.genesisHash
-            for _ in 0..<auditCount {
-                let sequence = try r.readUInt64("sequence")
-                let logIndex = try r.readUInt64("log index")
-                let time = try r.readUInt64("time")
-                let actor = try text(&r, "actor"), action = try text(&r, "action"), target = try text(&r, "target"), result = try text(&r, "result")
-                let previousHash = try r.readBytes("previous hash", limit: 64)
-                let hash = try r.readBytes("hash", limit: 64)
-                var record = AuditRecord(sequence: sequence, logIndex: logIndex, timeMillis: time, actor: actor, action: action,
-                                         target: target, result: result, previousHash: previousHash)
+            for position in 0..<auditCount {
+                let record = try decodeRecord(&r)
                 // A snapshot must carry an intact chain: check every link.
-                guard previousHash == previous, record.hash == hash else { throw damaged("audit record \(sequence) does not verify") }
-                record.hash = hash
-                try tables.append(record)
-                previous = hash
+                guard record.sequence == UInt64(position + 1), record.previousHash == previous, record.computedHash == record.hash,
+                      record.logIndex <= index else {
+                    throw damaged("audit record \(record.sequence) does not verify")
+                }
+                previous = record.hash
+                audit.append(record)
             }
             try r.expectEnd()
-            try tables.setAppliedIndex(index)
-            try tables.finish()
+            return (documents, audit)
         } catch let error as CodecError {
             throw damaged("\(error)")
         }
     }
+}
 
-    private static func text(_ r: inout BinaryReader, _ field: String) throws -> String {
-        let bytes = try r.readBytes(field, limit: 1 << 20)
-        guard let value = String(validating: bytes, as: UTF8.self) else { throw CodecError.invalid(field: field, reason: "not UTF-8") }
-        return value
+/// A checkpoint file's contents.
+struct Checkpoint {
+    static let magic: [UInt8] = Array("WRNTCKP1".utf8)
+    var metadata: SnapshotMetadata
+    var head: (sequence: UInt64, hash: [UInt8])
+    var documents: [Document]
+
+    static func fileName(_ index: LogIndex) -> String {
+        let digits = String(index)
+        return "checkpoint-" + String(repeating: "0", count: max(0, 20 - digits.count)) + digits + ".ledger"
+    }
+
+    static func index(ofFile name: String) -> LogIndex? {
+        guard name.hasPrefix("checkpoint-"), name.hasSuffix(".ledger"), name.utf8.count == 38 else { return nil }
+        return LogIndex(name.dropFirst(11).prefix(20))
+    }
+
+    static func encode(_ memory: LedgerMemory, metadata: SnapshotMetadata) -> [UInt8] {
+        FileSystem.seal(magic: magic, { w in
+            w.write(metadata)
+            w.write(memory.head.sequence)
+            w.writeBytes(memory.head.hash)
+            LedgerSnapshot.encodeDocuments(memory, into: &w)
+        }, capacity: memory.contentBytes + memory.documents.count * 96 + 256)
+    }
+
+    static func decode(_ bytes: [UInt8], path: String) throws -> Checkpoint {
+        try FileSystem.unseal(bytes, magic: magic, damaged: { reason in
+            StorageError(code: .corruptState, reason: "\(path): the ledger checkpoint is unusable (\(reason)). \(StorageError.rejoinAdvice)")
+        }) { r in
+            let metadata = try r.readSnapshotMetadata()
+            let sequence = try r.readUInt64("audit sequence")
+            let hash = try r.readBytes("audit hash", limit: 64)
+            return Checkpoint(metadata: metadata, head: (sequence, hash), documents: try LedgerSnapshot.decodeDocuments(&r))
+        }
     }
 }
 
-extension RaftStore {
-    /// A consistent copy of the ledger at its applied index.
-    public func takeLedgerSnapshot() throws -> (index: LogIndex, data: [UInt8]) {
-        try read { db in try LedgerSnapshot.take(db) }
+extension BinaryWriter {
+    /// Index, term, membership.
+    mutating func write(_ metadata: SnapshotMetadata) {
+        write(metadata.index)
+        write(metadata.term)
+        writeBytes(metadata.membership.encoded)
     }
 }
 
-/// A ledger snapshot being taken away from the writer: the read view is
-/// pinned when this is made (so it holds exactly what was applied then),
-/// and `take()` may run on any thread while the node keeps writing.
-public final class LedgerSnapshotCapture: Sendable {
-    private let snapshot: DatabaseSnapshot
-
-    init(_ snapshot: DatabaseSnapshot) {
-        self.snapshot = snapshot
-    }
-
-    /// The snapshot, and how many rows it holds.
-    public func take() throws -> (index: LogIndex, data: [UInt8], records: Int) {
-        try snapshot.read { db in try LedgerSnapshot.takeCounting(db) }
-    }
-}
-
-extension RaftStore {
-    /// Pins the current committed state for a snapshot taken later.
-    public func beginLedgerSnapshot() throws -> LedgerSnapshotCapture {
-        LedgerSnapshotCapture(try makeSnapshot())
+extension BinaryReader {
+    mutating func readSnapshotMetadata() throws -> SnapshotMetadata {
+        let index = try readUInt64("index")
+        let term = try readUInt64("term")
+        return SnapshotMetadata(index: index, term: term, membership: try Membership(decoding: try readBytes("membership", limit: 1 << 20)))
     }
 }

@@ -2,160 +2,298 @@ import Foundation
 import GRDB
 import Ledger
 import Raft
+import Synchronization
 
-/// The ledger's tables inside one SQLite transaction. Statements are
-/// prepared once per connection (cached); the audit head and the applied
-/// index are read once and kept here while a batch applies, and the
-/// applied index is written once at the end (`finish()`).
-struct SQLiteLedgerTables: LedgerTables {
-    let db: Database
-    private var head: (sequence: UInt64, hash: [UInt8])?
-    private var applied: LogIndex?
-    private var appliedChanged = false
+/// The replicated ledger of one node. Applied state lives in memory
+/// (`LedgerMemory`): applying an issuance is a few dictionary updates, not
+/// B-tree writes. What makes it durable:
+/// - the Raft log (`WriteAheadLog`) holds every entry after the newest
+///   checkpoint, so a restart replays them;
+/// - a checkpoint file (`checkpoint-<index>.ledger`) holds every document
+///   at its index, written off the driver's thread at compaction time
+///   (atomically: temporary file, fsync, rename);
+/// - the audit chain is appended to the `ledger_audit` table of
+///   `ledger.sqlite` in batches (every `auditBatchMax` records or
+///   `auditBatchMillis`), without an fsync of its own: records after the
+///   checkpoint are made again by the replay. Before a checkpoint counts,
+///   the table is synced through it.
+///
+/// Reads from any thread see the applied state: documents from memory,
+/// audit records from the table plus those not yet written.
+public final class LedgerStore: Sendable {
+    public let directory: String
+    private let database: DatabasePool
+    private let memory: Mutex<LedgerMemory>
+    /// When the oldest unwritten audit record was applied (driver thread).
+    private let unwrittenSince = Mutex<ContinuousClock.Instant?>(nil)
+    let batching: AuditBatching
 
-    /// Documents every issuance reads (the active authority's id), kept
-    /// for the rest of the transaction once read; writes through.
-    private final class HotDocuments {
-        static let names: Set<String> = [AuthorityDocuments.active]
-        var documents: [String: Document?] = [:]
-    }
-    private let hot = HotDocuments()
-
-    init(db: Database) {
-        self.db = db
-    }
-
-    func document(named name: String) throws -> Document? {
-        guard HotDocuments.names.contains(name) else { return try read(name) }
-        if let cached = hot.documents[name] { return cached }
-        let document = try read(name)
-        hot.documents[name] = .some(document)
-        return document
-    }
-
-    private func read(_ name: String) throws -> Document? {
-        let statement = try RawStatement(db, "SELECT format, content, version, log_index FROM ledger_document WHERE name = ?")
-        try statement.bind(1, name)
-        defer { statement.reset() }
-        guard try statement.step() else { return nil }
-        let rawFormat = UInt8(truncatingIfNeeded: statement.int64(0))
-        guard let format = DocumentFormat(rawValue: rawFormat) else {
-            throw StorageError(code: .corruptState, reason: "document '\(name)' has unknown format \(rawFormat)")
+    init(directory: String, batching: AuditBatching = AuditBatching()) throws {
+        self.directory = directory
+        self.batching = batching
+        var configuration = GRDB.Configuration()
+        configuration.label = "ledger"
+        configuration.prepareDatabase { db in
+            // Commits are not synced: the audit records after the last
+            // checkpoint are made again from the Raft log after a crash.
+            try db.execute(sql: "PRAGMA synchronous = NORMAL")
         }
-        return Document(name: name, format: format, content: statement.bytes(1), version: UInt64(bitPattern: statement.int64(2)),
-                        logIndex: UInt64(bitPattern: statement.int64(3)))
+        configuration.maximumReaderCount = 4
+        database = try DatabasePool(path: "\(directory)/ledger.sqlite", configuration: configuration)
+        var migrator = DatabaseMigrator()
+        migrator.registerMigration("audit-v1") { db in
+            try db.execute(sql: """
+                CREATE TABLE ledger_audit (
+                    sequence INTEGER PRIMARY KEY,
+                    log_index INTEGER NOT NULL,
+                    time_millis INTEGER NOT NULL,
+                    actor TEXT NOT NULL,
+                    action TEXT NOT NULL,
+                    target TEXT NOT NULL,
+                    result TEXT NOT NULL,
+                    previous_hash BLOB NOT NULL,
+                    hash BLOB NOT NULL
+                );
+                """)
+        }
+        try migrator.migrate(database)
+        memory = Mutex(LedgerMemory())
     }
 
-    func put(_ document: Document) throws {
-        let statement = try RawStatement(db, """
-            INSERT INTO ledger_document (name, format, content, version, log_index) VALUES (?, ?, ?, ?, ?)
-            ON CONFLICT(name) DO UPDATE SET format = excluded.format, content = excluded.content,
-                version = excluded.version, log_index = excluded.log_index
-            """)
-        try statement.bind(1, document.name)
-        try statement.bind(2, Int64(document.format.rawValue))
-        try statement.bind(3, document.content)
-        try statement.bind(4, Int64(bitPattern: document.version))
-        try statement.bind(5, Int64(bitPattern: document.logIndex))
-        try statement.run()
-        if HotDocuments.names.contains(document.name) { hot.documents[document.name] = .some(document) }
+    // MARK: - Opening
+
+    /// The newest checkpoint on disk, loaded into memory; the audit table
+    /// cut back to it (later records are made again by the replay) and
+    /// checked to end where the checkpoint says. Nil when there is none
+    /// (the ledger starts empty, at index 0).
+    func loadCheckpoint() throws -> Checkpoint? {
+        let files = try FileSystem.list(directory).compactMap { name in Checkpoint.index(ofFile: name).map { ($0, name) } }.sorted { $0.0 < $1.0 }
+        for (_, name) in files.dropLast() { try FileSystem.remove("\(directory)/\(name)") }
+        var checkpoint: Checkpoint?
+        if let (_, name) = files.last {
+            let path = "\(directory)/\(name)"
+            checkpoint = try Checkpoint.decode(try FileSystem.read(path), path: path)
+        }
+        let index = checkpoint?.metadata.index ?? 0
+        let head: (sequence: UInt64, hash: [UInt8]) = checkpoint?.head ?? (0, AuditRecord.genesisHash)
+        let stored = try database.write { db -> (UInt64, [UInt8])? in
+            try db.execute(sql: "DELETE FROM ledger_audit WHERE log_index > ? OR sequence > ?", arguments: [Int64(index), Int64(head.sequence)])
+            guard let row = try Row.fetchOne(db, sql: "SELECT sequence, hash FROM ledger_audit ORDER BY sequence DESC LIMIT 1") else { return nil }
+            return (UInt64(row[0] as Int64), [UInt8](row[1] as Data))
+        }
+        let path = "\(directory)/ledger.sqlite"
+        if let stored {
+            guard stored.0 == head.sequence, stored.1 == head.hash else {
+                throw StorageError(code: .corruptState, reason: "\(path): the audit chain ends at record \(stored.0), but the checkpoint at index \(index) was taken at record \(head.sequence) with another hash. \(StorageError.rejoinAdvice)")
+            }
+        } else if head.sequence != 0 {
+            throw StorageError(code: .corruptState, reason: "\(path): the audit chain is missing the \(head.sequence) records the checkpoint at index \(index) follows. \(StorageError.rejoinAdvice)")
+        }
+        memory.withLock { $0 = LedgerMemory(documents: checkpoint?.documents ?? [], head: head, applied: index) }
+        unwrittenSince.withLock { $0 = nil }
+        return checkpoint
     }
 
-    func deleteDocument(named name: String) throws {
-        let statement = try RawStatement(db, "DELETE FROM ledger_document WHERE name = ?")
-        try statement.bind(1, name)
-        try statement.run()
-        if HotDocuments.names.contains(name) { hot.documents[name] = .some(nil) }
+    // MARK: - Applying (the driver's thread)
+
+    /// Applies committed entries in order; their audit records are
+    /// written to the table in batches.
+    func apply(_ entries: [Entry]) throws -> [LedgerOutcome] {
+        guard !entries.isEmpty else { return [] }
+        let (outcomes, unwritten) = try memory.withLock { memory -> ([LedgerOutcome], Int) in
+            var outcomes: [LedgerOutcome] = []
+            for entry in entries {
+                if let outcome = try Ledger.apply(entry, to: &memory) { outcomes.append(outcome) }
+            }
+            return (outcomes, memory.unwrittenAudit.count)
+        }
+        if unwritten > 0 { unwrittenSince.withLock { $0 = $0 ?? .now } }
+        try writeAuditIfDue(unwritten: unwritten)
+        return outcomes
     }
 
-    func documentNames(from: String, to: String, limit: Int, reverse: Bool) throws -> [String] {
-        let statement = try RawStatement(db, "SELECT name FROM ledger_document WHERE name >= ? AND name < ? ORDER BY name \(reverse ? "DESC" : "ASC") LIMIT ?")
-        try statement.bind(1, from)
-        try statement.bind(2, to)
-        try statement.bind(3, Int64(limit))
-        defer { statement.reset() }
-        var names: [String] = []
-        while try statement.step() { names.append(statement.text(0)) }
-        return names
+    /// Writes the unwritten audit records once there are enough of them or
+    /// the oldest has waited long enough.
+    func writeAuditIfDue(unwritten: Int? = nil) throws {
+        let count = unwritten ?? memory.withLock { $0.unwrittenAudit.count }
+        guard count > 0 else { return }
+        let due = count >= batching.records
+            || unwrittenSince.withLock { $0 }.map { $0.duration(to: .now) >= .milliseconds(batching.millis) } ?? false
+        if due { try writeAudit() }
     }
 
-    func auditHead() throws -> (sequence: UInt64, hash: [UInt8]) {
-        if let head { return head }
-        let statement = try db.cachedStatement(sql: "SELECT sequence, hash FROM ledger_audit ORDER BY sequence DESC LIMIT 1")
-        guard let row = try Row.fetchOne(statement) else { return (0, AuditRecord.genesisHash) }
-        return (UInt64(row["sequence"] as Int64), [UInt8](row["hash"] as Data))
+    /// Writes every unwritten audit record to the table (one transaction).
+    /// They stay readable from memory until the transaction has committed.
+    func writeAudit() throws {
+        let records = memory.withLock { $0.unwrittenAudit }
+        guard let last = records.last else { return }
+        try database.write { db in try Self.insert(records, db) }
+        memory.withLock { memory in memory.unwrittenAudit.removeFirst(memory.unwrittenAudit.prefix { $0.sequence <= last.sequence }.count) }
+        unwrittenSince.withLock { $0 = nil }
     }
 
-    mutating func append(_ record: AuditRecord) throws {
+    private static func insert(_ records: [AuditRecord], _ db: Database) throws {
         let statement = try RawStatement(db, """
             INSERT INTO ledger_audit (sequence, log_index, time_millis, actor, action, target, result, previous_hash, hash)
             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
             """)
-        try statement.bind(1, Int64(bitPattern: record.sequence))
-        try statement.bind(2, Int64(bitPattern: record.logIndex))
-        try statement.bind(3, Int64(bitPattern: record.timeMillis))
-        try statement.bind(4, record.actor)
-        try statement.bind(5, record.action)
-        try statement.bind(6, record.target)
-        try statement.bind(7, record.result)
-        try statement.bind(8, record.previousHash)
-        try statement.bind(9, record.hash)
-        try statement.run()
-        head = (record.sequence, record.hash)
-    }
-
-    func appliedIndex() throws -> LogIndex {
-        if let applied { return applied }
-        return UInt64(try Int64.fetchOne(db.cachedStatement(sql: "SELECT applied_index FROM ledger_meta WHERE id = 1")) ?? 0)
-    }
-
-    mutating func setAppliedIndex(_ index: LogIndex) throws {
-        applied = index
-        appliedChanged = true
-    }
-
-    /// Writes what was kept in memory; call before the transaction ends.
-    mutating func finish() throws {
-        guard appliedChanged, let applied else { return }
-        try db.cachedStatement(sql: "UPDATE ledger_meta SET applied_index = ? WHERE id = 1").execute(arguments: [Int64(applied)])
-        appliedChanged = false
-    }
-}
-
-extension RaftStore {
-    /// Applies committed entries to the ledger and records the applied
-    /// index, all in one transaction: after a crash either all of them or
-    /// none are applied, and a restart resumes right after the last.
-    public func apply(_ entries: [Entry]) throws -> [LedgerOutcome] {
-        guard !entries.isEmpty else { return [] }
-        return try write { db in try Self.apply(entries, db) }
-    }
-
-    static func apply(_ entries: [Entry], _ db: Database) throws -> [LedgerOutcome] {
-        var tables = SQLiteLedgerTables(db: db)
-        var outcomes: [LedgerOutcome] = []
-        for entry in entries {
-            if let outcome = try Ledger.apply(entry, to: &tables) { outcomes.append(outcome) }
+        for record in records {
+            try statement.bind(1, Int64(bitPattern: record.sequence))
+            try statement.bind(2, Int64(bitPattern: record.logIndex))
+            try statement.bind(3, Int64(bitPattern: record.timeMillis))
+            try statement.bind(4, record.actor)
+            try statement.bind(5, record.action)
+            try statement.bind(6, record.target)
+            try statement.bind(7, record.result)
+            try statement.bind(8, record.previousHash)
+            try statement.bind(9, record.hash)
+            try statement.run()
         }
-        try tables.finish()
-        return outcomes
     }
 
-    public func document(named name: String) throws -> Document? {
-        try read { db in try SQLiteLedgerTables(db: db).document(named: name) }
+    /// Makes every audit record written so far durable (an fsync of the
+    /// table's log).
+    func syncAudit() throws {
+        try database.writeWithoutTransaction { db in
+            try db.execute(sql: "PRAGMA synchronous = FULL")
+            defer { try? db.execute(sql: "PRAGMA synchronous = NORMAL") }
+            try db.inTransaction {
+                try db.execute(sql: "CREATE TABLE IF NOT EXISTS ledger_sync (id INTEGER PRIMARY KEY CHECK (id = 1), at INTEGER NOT NULL)")
+                try db.execute(sql: "INSERT INTO ledger_sync (id, at) VALUES (1, 1) ON CONFLICT(id) DO UPDATE SET at = at + 1")
+                return .commit
+            }
+        }
     }
 
-    public func ledgerAppliedIndex() throws -> LogIndex {
-        try read { db in try SQLiteLedgerTables(db: db).appliedIndex() }
+    // MARK: - Checkpoints and snapshots
+
+    /// Pins the applied state at `metadata.index` (which must be the
+    /// applied index) for a checkpoint written later on another thread.
+    func beginCheckpoint(_ metadata: SnapshotMetadata) throws -> LedgerCheckpoint {
+        try writeAudit()
+        let copy = memory.withLock { $0 }
+        precondition(copy.applied == metadata.index, "a checkpoint at \(metadata.index) of a ledger applied to \(copy.applied)")
+        return LedgerCheckpoint(store: self, memory: copy, metadata: metadata)
+    }
+
+    /// The ledger snapshot for a Raft snapshot: `memory`'s documents and
+    /// the audit chain through its head (from the table).
+    func snapshotBytes(of memory: LedgerMemory) throws -> [UInt8] {
+        let head = memory.head.sequence
+        return try database.read { db in
+            let auditBytes = try Int.fetchOne(db, sql: """
+                SELECT COALESCE(SUM(LENGTH(actor) + LENGTH(action) + LENGTH(target) + LENGTH(result) + 120), 0) FROM ledger_audit WHERE sequence <= ?
+                """, arguments: [Int64(head)]) ?? 0
+            var w = BinaryWriter(capacity: memory.contentBytes + memory.documents.count * 96 + auditBytes + 64)
+            w.write(LedgerSnapshot.encodingVersion)
+            w.write(memory.applied)
+            LedgerSnapshot.encodeDocuments(memory, into: &w)
+            w.write(UInt32(head))
+            var count: UInt64 = 0
+            let rows = try Row.fetchCursor(db, sql: """
+                SELECT sequence, log_index, time_millis, actor, action, target, result, previous_hash, hash
+                FROM ledger_audit WHERE sequence <= ? ORDER BY sequence
+                """, arguments: [Int64(head)])
+            while let row = try rows.next() {
+                w.write(UInt64(row[0] as Int64))
+                w.write(UInt64(row[1] as Int64))
+                w.write(UInt64(row[2] as Int64))
+                for column in 3...8 { try row.withUnsafeData(atIndex: column) { w.writeBytes($0 ?? Data()) } }
+                count += 1
+            }
+            guard count == head else {
+                throw StorageError(code: .corruptState, reason: "\(directory)/ledger.sqlite: the audit table holds \(count) records, not the \(head) of the chain")
+            }
+            return w.bytes
+        }
+    }
+
+    /// The ledger snapshot of the state loaded from the checkpoint (at start).
+    func currentSnapshotBytes() throws -> [UInt8] {
+        try snapshotBytes(of: memory.withLock { $0 })
+    }
+
+    /// Replaces the whole ledger with a snapshot from the leader: checked
+    /// entirely first (nothing changes if it is damaged), then the audit
+    /// table replaced and synced, then the checkpoint file written, then
+    /// memory.
+    func install(_ snapshot: Snapshot) throws {
+        let path = "\(directory)/ledger.sqlite"
+        let (documents, audit) = try LedgerSnapshot.decode(snapshot.data, at: snapshot.metadata.index, path: path)
+        let head: (sequence: UInt64, hash: [UInt8]) = audit.last.map { ($0.sequence, $0.hash) } ?? (0, AuditRecord.genesisHash)
+        let installed = LedgerMemory(documents: documents, head: head, applied: snapshot.metadata.index)
+        try database.write { db in
+            try db.execute(sql: "DELETE FROM ledger_audit")
+            try Self.insert(audit, db)
+        }
+        try syncAudit()
+        try writeCheckpoint(installed, metadata: snapshot.metadata)
+        memory.withLock { $0 = installed }
+        unwrittenSince.withLock { $0 = nil }
+    }
+
+    /// Writes the checkpoint file for `memory` (atomically) and removes
+    /// older ones. The audit table must already be durable through it.
+    func writeCheckpoint(_ memory: LedgerMemory, metadata: SnapshotMetadata) throws {
+        let name = Checkpoint.fileName(metadata.index)
+        try FileSystem.writeAtomically(Checkpoint.encode(memory, metadata: metadata), to: "\(directory)/\(name)", directory: directory)
+        for other in try FileSystem.list(directory) where other != name && (Checkpoint.index(ofFile: other) != nil || other.hasSuffix(".ledger.tmp")) {
+            try FileSystem.remove("\(directory)/\(other)")
+        }
+    }
+
+    // MARK: - Reading (any thread)
+
+    public var appliedIndex: LogIndex { memory.withLock { $0.applied } }
+
+    public func document(named name: String) -> Document? {
+        memory.withLock { $0.documents[name] }
+    }
+
+    /// Documents whose names start with `prefix` and come after `after`,
+    /// by name, at most `limit` (content left out).
+    public func documents(prefix: String, after: String = "", limit: Int) -> [Document] {
+        let limit = min(max(limit, 0), 10_000)
+        return memory.withLock { memory in
+            var result: [Document] = []
+            memory.names.forEach(from: max(prefix, after)) { name in
+                guard name.hasPrefix(prefix) else { return false }
+                if name > after, var document = memory.documents[name] {
+                    document.content = []
+                    result.append(document)
+                }
+                return result.count < limit
+            }
+            return result
+        }
+    }
+
+    /// Every document under `prefix` with its content, in name order, as
+    /// they were at one moment.
+    public func forEachDocument(prefix: String, _ body: (Document) throws -> Void) rethrows {
+        let documents = memory.withLock { memory in
+            var documents: [Document] = []
+            memory.names.forEach(from: prefix) { name in
+                guard name.hasPrefix(prefix) else { return false }
+                documents.append(memory.documents[name]!)
+                return true
+            }
+            return documents
+        }
+        for document in documents { try body(document) }
     }
 
     /// Audit records after `sequence`, oldest first, at most `limit`.
     public func auditRecords(after sequence: UInt64 = 0, limit: Int = 1000) throws -> [AuditRecord] {
-        try read { db in
+        let limit = min(max(limit, 0), 100_000)
+        // Memory first, then the table: a record leaves memory only after
+        // its transaction committed, so nothing falls between the two.
+        let unwritten = memory.withLock { $0.unwrittenAudit.filter { $0.sequence > sequence }.prefix(limit) }
+        let stored = try database.read { db in
             try Row.fetchAll(db, sql: """
                 SELECT sequence, log_index, time_millis, actor, action, target, result, previous_hash, hash
                 FROM ledger_audit WHERE sequence > ? ORDER BY sequence LIMIT ?
-                """, arguments: [Int64(sequence), min(max(limit, 0), 100_000)]).map { row in
+                """, arguments: [Int64(sequence), limit]).map { row in
                 var record = AuditRecord(sequence: UInt64(row["sequence"] as Int64), logIndex: UInt64(row["log_index"] as Int64),
                                          timeMillis: UInt64(row["time_millis"] as Int64), actor: row["actor"], action: row["action"],
                                          target: row["target"], result: row["result"], previousHash: [UInt8](row["previous_hash"] as Data))
@@ -163,9 +301,13 @@ extension RaftStore {
                 return record
             }
         }
+        var records = stored
+        let storedThrough = stored.last?.sequence ?? sequence
+        records.append(contentsOf: unwritten.filter { $0.sequence > storedThrough })
+        return Array(records.prefix(limit))
     }
 
-    /// Recomputes the whole stored audit chain.
+    /// Recomputes the whole audit chain.
     public func verifyAudit() throws -> AuditVerification {
         var records: [AuditRecord] = []
         var after: UInt64 = 0
@@ -177,38 +319,41 @@ extension RaftStore {
         }
         return AuditChain.verify(records)
     }
+
+    /// Audit records applied and not yet in the table (tests).
+    var auditRecordsInMemory: [AuditRecord] { memory.withLock { $0.unwrittenAudit } }
 }
 
-extension RaftStore {
-    /// Documents whose names start with `prefix`, by name, at most `limit`
-    /// (content left out).
-    public func documents(prefix: String, after: String = "", limit: Int) throws -> [Document] {
-        try read { db in
-            try Row.fetchAll(db, sql: """
-                SELECT name, format, version, log_index FROM ledger_document
-                WHERE substr(name, 1, ?) = ? AND name > ? AND name >= ? ORDER BY name LIMIT ?
-                """, arguments: [prefix.utf8.count, prefix, after, prefix, min(max(limit, 0), 10_000)]).map { row in
-                Document(name: row["name"], format: DocumentFormat(rawValue: UInt8(truncatingIfNeeded: row["format"] as Int64)) ?? .json,
-                         content: [], version: UInt64(row["version"] as Int64), logIndex: UInt64(row["log_index"] as Int64))
-            }
-        }
+/// When the ledger writes the audit records it applied to its table: once
+/// this many wait, or the oldest has waited this long.
+public struct AuditBatching: Sendable {
+    public var records: Int
+    public var millis: Int
+    public init(records: Int = 2_048, millis: Int = 200) {
+        self.records = records
+        self.millis = millis
     }
 }
 
-extension RaftStore {
-    /// Every document under `prefix` with its content, in name order, read
-    /// in one transaction and handed to `body` one at a time (for scans
-    /// such as building a CRL; nothing is held in memory but one row).
-    public func forEachDocument(prefix: String, _ body: (Document) throws -> Void) throws {
-        try read { db in
-            let rows = try Row.fetchCursor(db, sql: """
-                SELECT name, format, content, version, log_index FROM ledger_document WHERE name >= ? AND substr(name, 1, ?) = ? ORDER BY name
-                """, arguments: [prefix, prefix.utf8.count, prefix])
-            while let row = try rows.next() {
-                try body(Document(name: row["name"], format: DocumentFormat(rawValue: UInt8(truncatingIfNeeded: row["format"] as Int64)) ?? .json,
-                                  content: [UInt8](row["content"] as Data), version: UInt64(row["version"] as Int64),
-                                  logIndex: UInt64(row["log_index"] as Int64)))
-            }
-        }
+/// The ledger as it was at one applied index, being made into a
+/// checkpoint away from the driver's thread.
+public final class LedgerCheckpoint: Sendable {
+    private let store: LedgerStore
+    private let memory: LedgerMemory
+    public let metadata: SnapshotMetadata
+
+    init(store: LedgerStore, memory: LedgerMemory, metadata: SnapshotMetadata) {
+        self.store = store
+        self.memory = memory
+        self.metadata = metadata
+    }
+
+    /// Syncs the audit table, writes the checkpoint file, and returns the
+    /// ledger snapshot bytes (for followers that need one) and how many
+    /// documents and audit records they hold.
+    public func write() throws -> (data: [UInt8], records: Int) {
+        try store.syncAudit()
+        try store.writeCheckpoint(memory, metadata: metadata)
+        return (try store.snapshotBytes(of: memory), memory.documents.count + Int(memory.head.sequence))
     }
 }

@@ -1,14 +1,14 @@
 import Foundation
-import GRDB
 import Ledger
 import Raft
+import Synchronization
 
-/// How hard SQLite syncs. `.full` (the default) fsyncs every commit, so an
-/// acknowledged write survives power loss; `.normal` in WAL mode may lose
-/// the last transactions on power loss (never on a process crash).
+/// How hard the log syncs. `.full` (the default) fdatasyncs every write a
+/// Ready needs durable, so an acknowledged write survives power loss;
+/// `.none` never syncs (tests and simulations that kill no machines).
 public enum SynchronousMode: String, Sendable {
     case full = "FULL"
-    case normal = "NORMAL"
+    case none = "NONE"
 }
 
 /// A storage failure with a code and a reason an operator can act on.
@@ -18,12 +18,14 @@ public struct StorageError: Error, Sendable, CustomStringConvertible {
         case corruptEntry
         /// The log has a hole, or does not start right after the snapshot.
         case logGap
-        /// The hard state or snapshot record is unreadable or inconsistent.
+        /// The hard state, snapshot or checkpoint is unreadable or inconsistent.
         case corruptState
-        /// The data is from an incompatible schema version.
+        /// The data is from an incompatible format.
         case schemaMismatch
         /// A call the store refuses (it changes nothing).
         case invalidRequest
+        /// The operating system refused a file operation (a full disk, say).
+        case ioFailure
     }
 
     public var code: Code
@@ -34,296 +36,257 @@ public struct StorageError: Error, Sendable, CustomStringConvertible {
     static let rejoinAdvice = "This node must not run with a damaged log: remove it from the cluster, delete its data directory, and add it back as a new member (it will receive a snapshot)."
 }
 
-/// The Raft log, hard state and latest snapshot of one node, in SQLite
-/// (WAL mode, synchronous FULL by default). One `persist(_:)` is one
-/// transaction and one fsync, whatever the Ready holds: group commit.
-/// Every entry carries a CRC-32C of its index, term and payload, verified
-/// whenever the log is loaded.
-public final class RaftStore: Sendable {
-    public let path: String
-    /// A pool: one writer, and readers (API reads, status) that see the
-    /// last committed state without waiting for the writer's fsync.
-    private let database: DatabasePool
+/// One node's durable state in a directory:
+/// - `wal/`: the Raft log and hard state (`WriteAheadLog`): one write and
+///   one fdatasync per Ready that needs durability (new entries, a new
+///   term or vote, a snapshot); a Ready that only advances the commit
+///   index writes nothing until the next one that syncs;
+/// - the ledger (`LedgerStore`): applied state in memory, checkpoint files,
+///   the audit table in `ledger.sqlite`;
+/// - `snapshot.raft` instead of a ledger when snapshots are opaque bytes
+///   (the simulator's tests).
+///
+/// Loading verifies every checksum, that the log is contiguous after the
+/// snapshot and that terms never decrease; any damage is a `StorageError`
+/// naming the file and what to do, and nothing is repaired silently but a
+/// torn tail (a write a crash cut short, never acknowledged).
+public final class RaftStore: @unchecked Sendable {
+    public let directory: String
     /// Whether snapshot data is a ledger snapshot to install into the
-    /// ledger tables (a node), or opaque bytes (the simulator's tests).
-    /// A ledger snapshot's bytes are not stored: the ledger tables are the
-    /// snapshot, and its bytes are made again from them after a restart
-    /// (storing them cost a copy of the whole ledger on the driver thread
-    /// at every compaction).
+    /// ledger (a node), or opaque bytes to keep (the simulator's tests).
     public let snapshotsHoldLedger: Bool
+    public let synchronous: SynchronousMode
+    /// The ledger (nil when snapshots are opaque).
+    public let ledger: LedgerStore?
+    private let lock = NSLock()
+    private var log: WriteAheadLog?
+    private var durableHardState = HardState()
 
-    public init(path: String, synchronous: SynchronousMode = .full, snapshotsHoldLedger: Bool = true) throws {
-        self.path = path
+    /// Opens (creating if needed) the store in `directory`.
+    public init(directory: String, synchronous: SynchronousMode = .full, snapshotsHoldLedger: Bool = true,
+                segmentBytesMax: Int = 64 << 20, auditBatching: AuditBatching = AuditBatching()) throws {
+        self.directory = directory
+        self.synchronous = synchronous
         self.snapshotsHoldLedger = snapshotsHoldLedger
-        var configuration = GRDB.Configuration()
-        configuration.label = "raft-store"
-        configuration.prepareDatabase { db in
-            try db.execute(sql: "PRAGMA synchronous = \(synchronous.rawValue)")
-            // A 16 MiB page cache per connection (the default is 2 MiB):
-            // join tokens and issued records are looked up all over the
-            // ledger. (Rarer WAL checkpoints were tried: the checkpoint
-            // runs in the committing writer, and 8,000 pages of it stalled
-            // commits for ~90 ms.)
-            try db.execute(sql: "PRAGMA cache_size = -16384")
+        self.segmentBytesMax = segmentBytesMax
+        try FileSystem.makeDirectory(directory)
+        if FileSystem.exists("\(directory)/raft.sqlite") {
+            throw StorageError(code: .schemaMismatch, reason: "\(directory) was written by an older Warrant that kept its log in SQLite (raft.sqlite); this one keeps it in \(directory)/wal. Remove the node from the cluster, delete its data directory and add it back (for the local cluster: bash cluster/down --wipe, then bash cluster/up).")
         }
-        configuration.maximumReaderCount = 4
-        database = try DatabasePool(path: path, configuration: configuration) // WAL mode
-        try Self.migrator.migrate(database)
+        ledger = snapshotsHoldLedger ? try LedgerStore(directory: directory, batching: auditBatching) : nil
     }
 
-    private static var migrator: DatabaseMigrator {
-        var migrator = DatabaseMigrator()
-        migrator.registerMigration("raft-v1") { db in
-            try db.execute(sql: """
-                CREATE TABLE raft_entry (
-                    log_index INTEGER PRIMARY KEY,
-                    term INTEGER NOT NULL,
-                    payload BLOB NOT NULL,
-                    checksum INTEGER NOT NULL
-                );
-                CREATE TABLE raft_hard_state (
-                    id INTEGER PRIMARY KEY CHECK (id = 1),
-                    term INTEGER NOT NULL,
-                    voted_for INTEGER NOT NULL,
-                    commit_index INTEGER NOT NULL
-                );
-                CREATE TABLE raft_snapshot (
-                    id INTEGER PRIMARY KEY CHECK (id = 1),
-                    log_index INTEGER NOT NULL,
-                    term INTEGER NOT NULL,
-                    membership BLOB NOT NULL,
-                    data BLOB NOT NULL,
-                    checksum INTEGER NOT NULL
-                );
-                """)
+    private let segmentBytesMax: Int
+    private var walDirectory: String { "\(directory)/wal" }
+    private var snapshotPath: String { "\(directory)/snapshot.raft" }
+
+    /// Whether this store was initialized (holds a log).
+    public var hasState: Bool { WriteAheadLog.exists(in: walDirectory) }
+
+    /// Writes a brand-new node's starting state (bootstrap or empty).
+    public func initialize(with state: DurableState) throws {
+        try lock.withLock {
+            guard !hasState else {
+                throw StorageError(code: .invalidRequest, reason: "\(directory) already holds Raft state; refusing to overwrite it")
+            }
+            // A snapshot is checked and installed before the log exists, so
+            // a damaged one leaves the store as it was: uninitialized.
+            if let snapshot = state.snapshot { try installSnapshot(snapshot) }
+            let (log, _) = try WriteAheadLog.open(directory: walDirectory, segmentBytesMax: segmentBytesMax, fdatasyncs: synchronous == .full, create: true)
+            self.log = log
+            var records: [WriteAheadLog.Record] = state.snapshot.map { [.reset(index: $0.metadata.index, term: $0.metadata.term)] } ?? []
+            records.append(.hardState(state.hardState))
+            try log.append(records + state.entries.map { .entry($0) }, sync: true)
+            durableHardState = state.hardState
         }
-        migrator.registerMigration("ledger-v1") { db in
-            try db.execute(sql: """
-                CREATE TABLE ledger_document (
-                    name TEXT PRIMARY KEY,
-                    format INTEGER NOT NULL,
-                    content BLOB NOT NULL,
-                    version INTEGER NOT NULL,
-                    log_index INTEGER NOT NULL
-                );
-                CREATE TABLE ledger_audit (
-                    sequence INTEGER PRIMARY KEY,
-                    log_index INTEGER NOT NULL,
-                    time_millis INTEGER NOT NULL,
-                    actor TEXT NOT NULL,
-                    action TEXT NOT NULL,
-                    target TEXT NOT NULL,
-                    result TEXT NOT NULL,
-                    previous_hash BLOB NOT NULL,
-                    hash BLOB NOT NULL
-                );
-                CREATE TABLE ledger_meta (
-                    id INTEGER PRIMARY KEY CHECK (id = 1),
-                    applied_index INTEGER NOT NULL
-                );
-                INSERT INTO ledger_meta (id, applied_index) VALUES (1, 0);
-                """)
+    }
+
+    // MARK: - Reading back
+
+    /// Everything a node needs to restart, verified. In a node, this also
+    /// loads the ledger from its checkpoint (call it once, before applying
+    /// anything): committed entries after the checkpoint are handed out
+    /// again and applied anew.
+    public func loadDurableState() throws -> DurableState {
+        try lock.withLock {
+            let (log, contents) = try WriteAheadLog.open(directory: walDirectory, segmentBytesMax: segmentBytesMax, fdatasyncs: synchronous == .full, create: false)
+            self.log = log
+            var snapshot: Snapshot?
+            if let ledger {
+                if let checkpoint = try ledger.loadCheckpoint(), checkpoint.metadata.index > 0 {
+                    snapshot = Snapshot(metadata: checkpoint.metadata, data: [])
+                }
+            } else if FileSystem.exists(snapshotPath) {
+                snapshot = try Self.decodeSnapshotFile(try FileSystem.read(snapshotPath), path: snapshotPath)
+            }
+            if let reset = contents.lastReset, reset.index > (snapshot?.metadata.index ?? 0) {
+                throw StorageError(code: .corruptState, reason: "\(walDirectory): the log was reset for a snapshot at index \(reset.index), but the newest snapshot kept is at \(snapshot?.metadata.index ?? 0). \(StorageError.rejoinAdvice)")
+            }
+            var entries = contents.entries
+            let snapshotIndex = snapshot?.metadata.index ?? 0
+            if let snapshot, let first = entries.first {
+                let position = snapshot.metadata.index >= first.index ? Int(snapshot.metadata.index - first.index) : -1
+                if position >= entries.count || (position >= 0 && entries[position].term != snapshot.metadata.term) {
+                    // The snapshot replaced this log (a crash came before the
+                    // log recorded it): nothing of the old log stays.
+                    entries.removeAll()
+                } else if position >= 0 {
+                    entries.removeFirst(position + 1)
+                }
+            }
+            var previousTerm = snapshot?.metadata.term ?? 0
+            if let first = entries.first, first.index != snapshotIndex + 1 {
+                throw StorageError(code: .logGap, reason: "\(walDirectory): the Raft log starts at index \(first.index), not right after the snapshot at \(snapshotIndex) (entries were lost). \(StorageError.rejoinAdvice)")
+            }
+            for entry in entries {
+                guard entry.term >= previousTerm else {
+                    throw StorageError(code: .corruptEntry, reason: "\(walDirectory): Raft log entry \(entry.index) has term \(entry.term), below the term \(previousTerm) before it. \(StorageError.rejoinAdvice)")
+                }
+                previousTerm = entry.term
+            }
+            var hardState = contents.hardState ?? HardState()
+            guard previousTerm <= hardState.term else {
+                throw StorageError(code: .corruptState, reason: "\(walDirectory): the log holds entries of term \(previousTerm), past the stored term \(hardState.term). \(StorageError.rejoinAdvice)")
+            }
+            let lastIndex = entries.last?.index ?? snapshotIndex
+            // Commit-only changes are not synced: the stored commit index
+            // may be behind, never ahead of what a torn tail left.
+            hardState.commitIndex = max(min(hardState.commitIndex, lastIndex), snapshotIndex)
+            durableHardState = hardState
+            if let ledger, let metadata = snapshot?.metadata {
+                snapshot = Snapshot(metadata: metadata, data: try ledger.currentSnapshotBytes())
+            }
+            return DurableState(hardState: hardState, snapshot: snapshot, entries: entries, appliedIndex: snapshotIndex)
         }
-        return migrator
     }
 
     // MARK: - Writing
 
-    /// Makes durable everything `ready` asks to persist, in one transaction:
-    /// the snapshot (replacing the log), then the entries (replacing any
-    /// stored suffix from the first new index on), then the hard state.
+    /// Makes durable everything `ready` asks to persist: the snapshot
+    /// (replacing the log and, in a node, the ledger), then the hard state
+    /// and the entries (replacing any stored suffix from the first new
+    /// index on), in one write and one fdatasync.
     public func persist(_ ready: Ready) throws {
-        try persist(snapshot: ready.snapshot, entries: ready.entries, hardState: ready.hardState)
+        try lock.withLock { try persistLocked(ready) }
     }
 
-    /// `persist(_:)` and then `apply(_:)` of the Ready's committed entries,
-    /// in one transaction and so one fsync. The entries to apply are
-    /// committed, so applying them before the transaction's end is safe;
-    /// a crash loses both or neither.
+    /// `persist(_:)`, then applies the Ready's committed entries to the
+    /// ledger (in memory) and returns their outcomes.
     public func persistAndApply(_ ready: Ready) throws -> [LedgerOutcome] {
-        guard ready.snapshot != nil || !ready.entries.isEmpty || ready.hardState != nil || !ready.committedEntries.isEmpty else { return [] }
-        return try database.write { db in
-            try persist(snapshot: ready.snapshot, entries: ready.entries, hardState: ready.hardState, db)
-            return try Self.apply(ready.committedEntries, db)
+        try lock.withLock {
+            try persistLocked(ready)
+            guard let ledger else { return [] }
+            return try ledger.apply(ready.committedEntries)
         }
     }
 
-    private func persist(snapshot: Snapshot?, entries: [Entry], hardState: HardState?) throws {
-        guard snapshot != nil || !entries.isEmpty || hardState != nil else { return }
-        try database.write { db in try persist(snapshot: snapshot, entries: entries, hardState: hardState, db) }
+    /// Makes every later write fail, as a failing disk would (tests of
+    /// the driver's fail-stop).
+    package func breakForTesting() { lock.withLock { broken = true } }
+    private var broken = false
+
+    private func persistLocked(_ ready: Ready) throws {
+        guard let log else { throw StorageError(code: .invalidRequest, reason: "\(directory): the store was not loaded or initialized") }
+        if broken { throw StorageError(code: .ioFailure, reason: "write \(walDirectory): input/output error (broken for a test)") }
+        if let snapshot = ready.snapshot { try persistSnapshot(snapshot, log) }
+        guard ready.hardState != nil || !ready.entries.isEmpty || ready.snapshot != nil else { return }
+        var records: [WriteAheadLog.Record] = []
+        records.reserveCapacity(ready.entries.count + 1)
+        // The hard state goes first: whatever part of this write survives
+        // a crash, a newer term never lands after entries of that term.
+        var sync = ready.snapshot != nil || !ready.entries.isEmpty
+        if let hardState = ready.hardState {
+            records.append(.hardState(hardState))
+            if hardState.term != durableHardState.term || hardState.votedFor != durableHardState.votedFor { sync = true }
+            durableHardState = hardState
+        }
+        for entry in ready.entries { records.append(.entry(entry)) }
+        try log.append(records, sync: sync)
     }
 
-    private func persist(snapshot: Snapshot?, entries: [Entry], hardState: HardState?, _ db: Database) throws {
-        if let snapshot {
-            try db.execute(sql: "DELETE FROM raft_entry")
-            try writeSnapshot(snapshot, db)
-            // The state machine is replaced in the same transaction, so
-            // a crash never leaves a snapshot without its ledger.
-            if snapshotsHoldLedger && snapshot.metadata.index > 0 {
-                try LedgerSnapshot.install(snapshot.data, at: snapshot.metadata.index, db, path: path)
-            }
-        }
-        if let first = entries.first {
-            try db.execute(sql: "DELETE FROM raft_entry WHERE log_index >= ?", arguments: [Int64(first.index)])
-            let statement = try RawStatement(db, "INSERT INTO raft_entry (log_index, term, payload, checksum) VALUES (?, ?, ?, ?)")
-            for entry in entries {
-                let payload = entry.payload.encoded
-                try statement.bind(1, Int64(entry.index))
-                try statement.bind(2, Int64(entry.term))
-                try statement.bind(3, payload)
-                try statement.bind(4, Int64(Self.checksum(index: entry.index, term: entry.term, payload: payload)))
-                try statement.run()
-            }
-        }
-        if let hardState {
-            try db.execute(sql: """
-                INSERT INTO raft_hard_state (id, term, voted_for, commit_index) VALUES (1, ?, ?, ?)
-                ON CONFLICT(id) DO UPDATE SET term = excluded.term, voted_for = excluded.voted_for, commit_index = excluded.commit_index
-                """, arguments: [Int64(hardState.term), Int64(bitPattern: hardState.votedFor), Int64(hardState.commitIndex)])
-        }
+    /// A snapshot from the leader replaces the ledger (checkpoint first)
+    /// or the kept snapshot file, then the log records the reset.
+    private func persistSnapshot(_ snapshot: Snapshot, _ log: WriteAheadLog) throws {
+        try installSnapshot(snapshot)
+        try log.append([.reset(index: snapshot.metadata.index, term: snapshot.metadata.term)], sync: true)
+        try log.removeSegments(through: snapshot.metadata.index)
     }
 
-    /// Whether this store was initialized (holds a hard state).
-    public var hasState: Bool {
-        get throws { try database.read { db in try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM raft_hard_state") ?? 0 } > 0 }
-    }
-
-    /// Writes a brand-new node's starting state (bootstrap or empty).
-    public func initialize(with state: DurableState) throws {
-        let existing = try database.read { db in try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM raft_hard_state") ?? 0 }
-        guard existing == 0 else {
-            throw StorageError(code: .invalidRequest, reason: "\(path) already holds Raft state; refusing to overwrite it")
+    private func installSnapshot(_ snapshot: Snapshot) throws {
+        if let ledger {
+            try ledger.install(snapshot)
+        } else {
+            try FileSystem.writeAtomically(Self.encodeSnapshotFile(snapshot), to: snapshotPath, directory: directory)
         }
-        try persist(snapshot: state.snapshot, entries: state.entries, hardState: state.hardState)
     }
 
     /// Records a snapshot the node took at `metadata.index` and drops the
-    /// entries it covers, in one transaction.
+    /// log files it covers. In a node the checkpoint was written already
+    /// (`LedgerCheckpoint.write()`); with opaque snapshots the bytes are
+    /// kept in the snapshot file.
     public func compact(through metadata: SnapshotMetadata, data: [UInt8]) throws {
-        try database.write { db in
-            try writeSnapshot(Snapshot(metadata: metadata, data: data), db)
-            try db.execute(sql: "DELETE FROM raft_entry WHERE log_index <= ?", arguments: [Int64(metadata.index)])
-        }
-    }
-
-    private func writeSnapshot(_ snapshot: Snapshot, _ db: Database) throws {
-        let membership = snapshot.metadata.membership.encoded
-        let data = snapshotsHoldLedger ? [] : snapshot.data
-        try db.execute(sql: """
-            INSERT INTO raft_snapshot (id, log_index, term, membership, data, checksum) VALUES (1, ?, ?, ?, ?, ?)
-            ON CONFLICT(id) DO UPDATE SET log_index = excluded.log_index, term = excluded.term,
-                membership = excluded.membership, data = excluded.data, checksum = excluded.checksum
-            """, arguments: [Int64(snapshot.metadata.index), Int64(snapshot.metadata.term), Data(membership), Data(data),
-                             Int64(Self.snapshotChecksum(snapshot.metadata, membership: membership, data: data))])
-    }
-
-    // MARK: - Reading
-
-    /// Everything a node needs to restart, verified: every checksum, the
-    /// log contiguous after the snapshot, terms never decreasing, and the
-    /// commit index within the log. Any damage is a `StorageError` naming
-    /// the file, the index and what to do; nothing is repaired silently.
-    public func loadDurableState() throws -> DurableState {
-        try database.read { db in
-            var hardState = HardState()
-            if let row = try Row.fetchOne(db, sql: "SELECT term, voted_for, commit_index FROM raft_hard_state WHERE id = 1") {
-                hardState = HardState(term: UInt64(row["term"] as Int64), votedFor: UInt64(bitPattern: row["voted_for"] as Int64),
-                                      commitIndex: UInt64(row["commit_index"] as Int64))
+        try lock.withLock {
+            guard let log else { throw StorageError(code: .invalidRequest, reason: "\(directory): the store was not loaded or initialized") }
+            if ledger == nil {
+                try FileSystem.writeAtomically(Self.encodeSnapshotFile(Snapshot(metadata: metadata, data: data)), to: snapshotPath, directory: directory)
             }
-            let snapshot = try loadSnapshot(db)
-            var entries: [Entry] = []
-            var expected = (snapshot?.metadata.index ?? 0) + 1
-            var previousTerm = snapshot?.metadata.term ?? 0
-            let rows = try Row.fetchCursor(db, sql: "SELECT log_index, term, payload, checksum FROM raft_entry ORDER BY log_index")
-            while let row = try rows.next() {
-                let index = UInt64(row["log_index"] as Int64)
-                let term = UInt64(row["term"] as Int64)
-                let payloadBytes = [UInt8](row["payload"] as Data)
-                let stored = UInt32(truncatingIfNeeded: row["checksum"] as Int64)
-                guard index == expected else {
-                    throw StorageError(code: .logGap, reason: "\(path): the Raft log jumps from index \(expected - 1) to \(index) (truncated or damaged). \(StorageError.rejoinAdvice)")
-                }
-                guard Self.checksum(index: index, term: term, payload: payloadBytes) == stored else {
-                    throw StorageError(code: .corruptEntry, reason: "\(path): Raft log entry \(index) fails its checksum (the file is damaged). \(StorageError.rejoinAdvice)")
-                }
-                guard term >= previousTerm else {
-                    throw StorageError(code: .corruptEntry, reason: "\(path): Raft log entry \(index) has term \(term), below the term \(previousTerm) before it. \(StorageError.rejoinAdvice)")
-                }
-                let payload: EntryPayload
-                do {
-                    payload = try EntryPayload(decoding: payloadBytes)
-                } catch {
-                    throw StorageError(code: .corruptEntry, reason: "\(path): Raft log entry \(index) cannot be decoded (\(error)). \(StorageError.rejoinAdvice)")
-                }
-                entries.append(Entry(term: term, index: index, payload: payload))
-                expected += 1
-                previousTerm = term
-            }
-            let lastIndex = expected - 1
-            guard hardState.commitIndex <= lastIndex else {
-                throw StorageError(code: .logGap, reason: "\(path): the commit index \(hardState.commitIndex) is past the last stored entry \(lastIndex) (entries were lost). \(StorageError.rejoinAdvice)")
-            }
-            // The ledger applied committed entries durably up to here: a
-            // restart resumes after it instead of replaying from zero.
-            let applied = UInt64(try Int64.fetchOne(db, sql: "SELECT applied_index FROM ledger_meta WHERE id = 1") ?? 0)
-            return DurableState(hardState: hardState, snapshot: snapshot, entries: entries,
-                                appliedIndex: max(applied, snapshot?.metadata.index ?? 0))
+            try log.removeSegments(through: metadata.index)
         }
     }
 
-    private func loadSnapshot(_ db: Database) throws -> Snapshot? {
-        guard let row = try Row.fetchOne(db, sql: "SELECT log_index, term, membership, data, checksum FROM raft_snapshot WHERE id = 1") else {
-            return nil
-        }
-        let index = UInt64(row["log_index"] as Int64)
-        let term = UInt64(row["term"] as Int64)
-        let membershipBytes = [UInt8](row["membership"] as Data)
-        let data = [UInt8](row["data"] as Data)
-        let stored = UInt32(truncatingIfNeeded: row["checksum"] as Int64)
-        let membership: Membership
-        do {
-            membership = try Membership(decoding: membershipBytes)
-        } catch {
-            throw StorageError(code: .corruptState, reason: "\(path): the snapshot record at index \(index) cannot be decoded (\(error)). \(StorageError.rejoinAdvice)")
-        }
-        let metadata = SnapshotMetadata(index: index, term: term, membership: membership)
-        guard Self.snapshotChecksum(metadata, membership: membershipBytes, data: data) == stored else {
-            throw StorageError(code: .corruptState, reason: "\(path): the snapshot record at index \(index) fails its checksum. \(StorageError.rejoinAdvice)")
-        }
-        // The ledger's bytes are made from its tables when they hold
-        // exactly the snapshot's state; when more was applied since, they
-        // stay empty and the driver compacts at the applied index at once.
-        if snapshotsHoldLedger, index > 0, try SQLiteLedgerTables(db: db).appliedIndex() == index {
-            return Snapshot(metadata: metadata, data: try LedgerSnapshot.take(db).data)
-        }
-        return Snapshot(metadata: metadata, data: data)
+    /// Pins the ledger at the applied index for a checkpoint (the driver's
+    /// thread); `write()` it on another.
+    public func beginCheckpoint(_ metadata: SnapshotMetadata) throws -> LedgerCheckpoint {
+        guard let ledger else { throw StorageError(code: .invalidRequest, reason: "\(directory): opaque snapshots have no ledger checkpoint") }
+        return try lock.withLock { try ledger.beginCheckpoint(metadata) }
     }
 
-    func write<T>(_ body: (Database) throws -> T) throws -> T { try database.write(body) }
-    func read<T>(_ body: (Database) throws -> T) throws -> T { try database.read(body) }
-    func makeSnapshot() throws -> DatabaseSnapshot { try database.makeSnapshot() }
-
-    /// Entries stored now (for tests and status).
-    public func storedEntryCount() throws -> Int {
-        try database.read { db in try Int.fetchOne(db, sql: "SELECT COUNT(*) FROM raft_entry") ?? 0 }
+    /// Writes the ledger's audit records waiting in memory if they are due
+    /// (the driver calls this on every tick).
+    public func writeAuditIfDue() throws {
+        guard let ledger else { return }
+        try lock.withLock { try ledger.writeAuditIfDue() }
     }
 
-    // MARK: - Checksums
+    /// How many files the log spans (tests, status).
+    public var logFileCount: Int { lock.withLock { log?.segmentCount ?? 0 } }
 
-    static func checksum(index: LogIndex, term: Term, payload: [UInt8]) -> UInt32 {
-        var crc = CRC32C()
-        crc.update(index)
-        crc.update(term)
-        crc.update(payload)
-        return crc.value
+    // MARK: - Opaque snapshot file
+
+    private static let snapshotMagic: [UInt8] = Array("WRNTSNP1".utf8)
+
+    static func encodeSnapshotFile(_ snapshot: Snapshot) -> [UInt8] {
+        FileSystem.seal(magic: snapshotMagic, { w in
+            w.write(snapshot.metadata)
+            w.writeBytes(snapshot.data)
+        }, capacity: snapshot.data.count + 128)
     }
 
-    static func snapshotChecksum(_ metadata: SnapshotMetadata, membership: [UInt8], data: [UInt8]) -> UInt32 {
-        var crc = CRC32C()
-        crc.update(metadata.index)
-        crc.update(metadata.term)
-        crc.update(membership)
-        crc.update(data)
-        return crc.value
+    static func decodeSnapshotFile(_ bytes: [UInt8], path: String) throws -> Snapshot {
+        try FileSystem.unseal(bytes, magic: snapshotMagic, damaged: { reason in
+            StorageError(code: .corruptState, reason: "\(path): the snapshot record is unusable (\(reason)). \(StorageError.rejoinAdvice)")
+        }) { r in
+            Snapshot(metadata: try r.readSnapshotMetadata(), data: try r.readBytes("data", limit: Int(UInt32.max)))
+        }
     }
+
+    // MARK: - The ledger, for readers
+
+    private func requireLedger() throws -> LedgerStore {
+        guard let ledger else { throw StorageError(code: .invalidRequest, reason: "\(directory): this store keeps no ledger") }
+        return ledger
+    }
+
+    public func document(named name: String) throws -> Document? { try requireLedger().document(named: name) }
+    public func documents(prefix: String, after: String = "", limit: Int) throws -> [Document] {
+        try requireLedger().documents(prefix: prefix, after: after, limit: limit)
+    }
+    public func forEachDocument(prefix: String, _ body: (Document) throws -> Void) throws {
+        try requireLedger().forEachDocument(prefix: prefix, body)
+    }
+    public func auditRecords(after sequence: UInt64 = 0, limit: Int = 1000) throws -> [AuditRecord] {
+        try requireLedger().auditRecords(after: sequence, limit: limit)
+    }
+    public func verifyAudit() throws -> AuditVerification { try requireLedger().verifyAudit() }
+    public func ledgerAppliedIndex() throws -> LogIndex { try requireLedger().appliedIndex }
 }

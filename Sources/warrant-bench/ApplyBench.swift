@@ -6,11 +6,12 @@ import Storage
 
 // warrant-bench apply: the ledger's cost of one audited issuance, without
 // the network: a single-voter core proposes X509 issuance commands (each
-// consuming a join token made beforehand), and every Ready is persisted and
-// applied in one SQLite transaction, as on a node. B issuances per Ready.
+// consuming a join token made beforehand), and every Ready is persisted
+// (write-ahead log, fdatasync) and applied (in memory, the audit records
+// written to SQLite in batches), as on a node. B issuances per Ready.
 
 func runApply(count: Int, batches: [Int], directory: URL) throws {
-    print("apply: single-voter core + SQLite (WAL, synchronous=FULL), issuance commands with 700-byte certificates, \(count) per batch size")
+    print("apply: single-voter core + write-ahead log (fdatasync) + ledger, issuance commands with 700-byte certificates, \(count) per batch size")
     print("batch  issuances/s  µs each (wall)  transactions/s  bytes written each")
     /// Bytes this process passed to write(2) and pwrite(2) so far.
     func writtenBytes() -> Double {
@@ -18,8 +19,8 @@ func runApply(count: Int, batches: [Int], directory: URL) throws {
         return text.split(separator: "\n").first { $0.hasPrefix("wchar:") }.flatMap { Double($0.dropFirst(6).trimmingCharacters(in: .whitespaces)) } ?? 0
     }
     for batch in batches {
-        let path = directory.appendingPathComponent("apply-\(batch)-\(UUID().uuidString).sqlite").path
-        defer { removeDatabase(path) }
+        let path = directory.appendingPathComponent("apply-\(batch)-\(UUID().uuidString)").path
+        defer { removeStore(path) }
         var (store, node) = try singleVoter(path: path)
         var outcomes: [LedgerOutcome] = []
         func drain() throws {

@@ -4,7 +4,7 @@ import Storage
 
 // warrant-bench storage: fsynced group commit through the real core.
 // A single-voter node proposes B entries of 256 bytes per cycle; every
-// Ready is persisted to a RaftStore (WAL, synchronous=FULL) before advance.
+// Ready is persisted to a RaftStore (its write-ahead log, fdatasync) before advance.
 // Prints cycles/s (one transaction and fsync each), entries/s and the
 // per-cycle latency percentiles, for several batch sizes in one run.
 
@@ -12,7 +12,7 @@ let usage = """
 warrant-bench: measures parts of Warrant below the node.
 
 USAGE
-  warrant-bench crash-writer --path FILE
+  warrant-bench crash-writer --path DIRECTORY
       Writes until killed, printing "acked N" once commit index N is durable
       (used by the SIGKILL crash test).
   warrant-bench cluster --warrant-binary PATH [--clients 1,64] [--seconds 10] [--etcd-script scripts/etcd-cluster.sh]
@@ -39,32 +39,32 @@ USAGE
       per transaction, as a node persists and applies them.
   warrant-bench storage [--seconds S] [--batches 1,10,100] [--directory DIR]
       Fsynced group commit: a single-voter core persisting each Ready to
-      SQLite (WAL, synchronous=FULL), 256-byte entries, B entries per Ready.
+      its write-ahead log (fdatasync), 256-byte entries, B entries per Ready.
 """
 
 func seconds(_ duration: Duration) -> Double {
     Double(duration.components.seconds) + Double(duration.components.attoseconds) / 1e18
 }
 
-/// A fresh store at `path` and a single-voter core that leads it.
+/// A fresh store in `path` and a single-voter core that leads it.
 func singleVoter(path: String) throws -> (RaftStore, RaftNode) {
-    let store = try RaftStore(path: path, synchronous: .full)
+    let store = try RaftStore(directory: path, synchronous: .full)
     try store.initialize(with: .bootstrap(voters: [1]))
     var node = try RaftNode(configuration: Configuration(id: 1, randomSeed: 1), durable: try store.loadDurableState())
     node.campaign()
     return (store, node)
 }
 
-func removeDatabase(_ path: String) {
-    for suffix in ["", "-wal", "-shm"] { try? FileManager.default.removeItem(atPath: path + suffix) }
+func removeStore(_ path: String) {
+    try? FileManager.default.removeItem(atPath: path)
 }
 
 func runStorage(secondsEach: Double, batches: [Int], directory: URL) throws {
-    print("storage: single-voter core + SQLite (WAL, synchronous=FULL), 256-byte entries, \(secondsEach) s per batch size")
+    print("storage: single-voter core + write-ahead log (fdatasync), 256-byte entries, \(secondsEach) s per batch size")
     print("batch  cycles/s  entries/s  p50 ms  p99 ms  max ms")
     for batch in batches {
-        let path = directory.appendingPathComponent("bench-\(batch)-\(UUID().uuidString).sqlite").path
-        defer { removeDatabase(path) }
+        let path = directory.appendingPathComponent("bench-\(batch)-\(UUID().uuidString)").path
+        defer { removeStore(path) }
         var (store, node) = try singleVoter(path: path)
         func drain() throws {
             while node.hasReady {
@@ -104,12 +104,9 @@ func runStorage(secondsEach: Double, batches: [Int], directory: URL) throws {
 /// "acked N" after each Ready whose commit index N is durable. For the
 /// SIGKILL crash test: whatever was printed must survive the kill.
 func crashWriter(path: String) throws -> Never {
-    let store = try RaftStore(path: path, synchronous: .full)
-    var durable = try store.loadDurableState()
-    if durable.entries.isEmpty && durable.snapshot == nil {
-        try store.initialize(with: .bootstrap(voters: [1]))
-        durable = try store.loadDurableState()
-    }
+    let store = try RaftStore(directory: path, synchronous: .full)
+    if !store.hasState { try store.initialize(with: .bootstrap(voters: [1])) }
+    let durable = try store.loadDurableState()
     var node = try RaftNode(configuration: Configuration(id: 1, randomSeed: UInt64(getpid())), durable: durable)
     node.campaign()
     var counter: UInt64 = 0
@@ -135,7 +132,7 @@ func crashWriter(path: String) throws -> Never {
 var arguments = CommandLine.arguments.dropFirst()
 if arguments.first == "crash-writer" {
     guard arguments.count == 3, arguments[arguments.startIndex + 1] == "--path" else {
-        FileHandle.standardError.write(Data("warrant-bench: crash-writer --path FILE\n".utf8))
+        FileHandle.standardError.write(Data("warrant-bench: crash-writer --path DIRECTORY\n".utf8))
         exit(2)
     }
     do {

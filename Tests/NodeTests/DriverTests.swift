@@ -57,7 +57,7 @@ final class LocalCluster {
         directory = FileManager.default.temporaryDirectory.appendingPathComponent("warrant-driver-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         for id in voters {
-            let store = try RaftStore(path: directory.appendingPathComponent("node-\(id).sqlite").path, synchronous: .normal)
+            let store = try RaftStore(directory: directory.appendingPathComponent("node-\(id)").path, synchronous: .none)
             try store.initialize(with: .bootstrap(voters: voters))
             var configuration = Configuration(id: id, randomSeed: UInt64.random(in: 1...UInt64.max))
             configuration.electionTimeoutTicks = 10

@@ -1,5 +1,4 @@
 import Foundation
-import GRDB
 import Ledger
 import Node
 import Raft
@@ -17,17 +16,15 @@ struct FailStopTests {
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("warrant-failstop-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(at: directory) }
-        let path = directory.appendingPathComponent("node.sqlite").path
-        let store = try RaftStore(path: path)
+        let store = try RaftStore(directory: directory.path)
         try store.initialize(with: .bootstrap(voters: [1]))
         let driver = try RaftDriver(configuration: Configuration(id: 1, randomSeed: 1), store: store, sender: NoNetwork())
         try await driver.campaign()
         let command = LedgerCommand(timeMillis: 1, actor: "t", requestID: "a", operation: .putDocument(name: "a", format: .json, content: [], expectedVersion: nil))
         #expect(try await driver.propose(command).result == .written(version: 1))
 
-        // Break the database from outside, as a failing disk would.
-        let vandal = try DatabaseQueue(path: path)
-        try await vandal.write { db in try db.execute(sql: "DROP TABLE raft_entry") }
+        // The disk fails.
+        store.breakForTesting()
 
         await #expect(throws: (any Error).self) { _ = try await driver.propose(command) }
         try await driver.tick() // ignored, and no precondition trips

@@ -12,7 +12,7 @@ struct JoinServiceTests {
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("warrant-joins-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(at: directory) }
-        let store = try RaftStore(path: directory.appendingPathComponent("raft.sqlite").path)
+        let store = try RaftStore(directory: directory.path)
         let joins = JoinService(trustDomain: "example.org", store: store, fetcher: KeySetFetcher(allowHTTPLoopback: false))
         #expect(joins.cachedPolicy() == nil, "nothing read yet")
         _ = try joins.policy()

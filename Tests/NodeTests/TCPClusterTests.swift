@@ -30,7 +30,7 @@ struct TCPClusterTests {
         for id in ids {
             let transport = try TCPTransport(id: id, peers: Dictionary(uniqueKeysWithValues: ids.filter { $0 != id }.map { ($0, nil) }), group: group,
                                              identity: try ca.issueNodeIdentity(id))
-            let store = try RaftStore(path: directory.appendingPathComponent("node-\(id).sqlite").path, synchronous: .normal)
+            let store = try RaftStore(directory: directory.appendingPathComponent("node-\(id)").path, synchronous: .none)
             try store.initialize(with: .bootstrap(voters: ids))
             var configuration = Configuration(id: id, randomSeed: UInt64.random(in: 1...UInt64.max))
             configuration.electionTimeoutTicks = 10

@@ -6,10 +6,10 @@ import Testing
 
 /// A mixed sequence of commands (creates, stale and fresh compare-and-sets,
 /// deletes, bad names) drawn from a seed.
-private func commands(seed: UInt64, count: Int) -> [LedgerCommand] {
+private func commands(seed: UInt64, count: Int, documents: Int = 6) -> [LedgerCommand] {
     var random = SeededGenerator(seed: seed)
     return (0..<count).map { i in
-        let name = random.chance(0.05) ? "Bad Name" : "docs/\(random.below(6))"
+        let name = random.chance(0.05) ? "Bad Name" : "docs/\(random.below(documents))"
         let expected: UInt64? = random.chance(0.3) ? nil : UInt64(random.below(4))
         let operation: LedgerCommand.Operation = random.chance(0.2)
             ? .deleteDocument(name: name, expectedVersion: expected)
@@ -18,112 +18,202 @@ private func commands(seed: UInt64, count: Int) -> [LedgerCommand] {
     }
 }
 
-@Suite("Ledger tables in SQLite")
+private func entries(_ commands: [LedgerCommand], term: Term = 2, from first: LogIndex = 1) -> [Entry] {
+    commands.enumerated().map { Entry(term: term, index: first + LogIndex($0.offset), payload: .command($0.element.encoded)) }
+}
+
+/// A single-voter node on `store`, every Ready persisted and applied.
+private func driveApplying(_ node: inout RaftNode, _ store: RaftStore) throws {
+    while node.hasReady {
+        let ready = node.ready()
+        _ = try store.persistAndApply(ready)
+        node.advance()
+    }
+}
+
+/// A single-voter leader on a fresh store that applied `commands`.
+private func leaderThatApplied(_ commands: [LedgerCommand]) throws -> (TemporaryStore, RaftStore, RaftNode) {
+    let temporary = try TemporaryStore()
+    let store = try temporary.open()
+    try store.initialize(with: .bootstrap(voters: [1]))
+    var node = try RaftNode(configuration: Configuration(id: 1, randomSeed: 1), durable: try store.loadDurableState())
+    node.campaign()
+    for command in commands { try node.propose(command.encoded) }
+    try driveApplying(&node, store)
+    return (temporary, store, node)
+}
+
+/// Takes a checkpoint as the driver does: pinned, written, then the log compacted.
+@discardableResult
+private func checkpoint(_ node: inout RaftNode, _ store: RaftStore) throws -> (metadata: SnapshotMetadata, data: [UInt8]) {
+    let metadata = try #require(node.snapshotMetadata(at: node.appliedIndex))
+    let (data, _) = try store.beginCheckpoint(metadata).write()
+    _ = try node.compactLog(through: metadata.index, snapshotData: data)
+    try store.compact(through: metadata, data: data)
+    return (metadata, data)
+}
+
+@Suite("The ledger store")
 struct LedgerStoreTests {
-    @Test("SQLite and in-memory tables reach the same documents, outcomes and audit chain")
+    @Test("The store and in-memory tables reach the same documents, outcomes and audit chain")
     func sameAsInMemory() throws {
         let temporary = try TemporaryStore()
-        let store = try temporary.open()
+        let store = try RaftStore(directory: temporary.path, auditBatching: AuditBatching(records: 2_048, millis: 3_600_000))
+        let ledger = try #require(store.ledger)
         var memory = InMemoryLedgerTables()
-        let entries = commands(seed: 5, count: 300).enumerated().map { Entry(term: 2, index: LogIndex($0.offset + 1), payload: .command($0.element.encoded)) }
+        let all = entries(commands(seed: 5, count: 3_000, documents: 40))
         var memoryOutcomes: [LedgerOutcome] = []
-        for entry in entries { if let outcome = try Ledger.apply(entry, to: &memory) { memoryOutcomes.append(outcome) } }
+        for entry in all { if let outcome = try Ledger.apply(entry, to: &memory) { memoryOutcomes.append(outcome) } }
         var storeOutcomes: [LedgerOutcome] = []
-        for batch in stride(from: 0, to: entries.count, by: 37) {
-            storeOutcomes += try store.apply(Array(entries[batch..<min(entries.count, batch + 37)]))
+        for batch in stride(from: 0, to: all.count, by: 37) {
+            storeOutcomes += try ledger.apply(Array(all[batch..<min(all.count, batch + 37)]))
         }
         #expect(storeOutcomes == memoryOutcomes)
         #expect(storeOutcomes.contains { if case .rejected = $0.result { return true } else { return false } })
-        for name in Set(memory.documents.keys).union((0..<6).map { "docs/\($0)" }) {
+        for name in Set(memory.documents.keys).union((0..<40).map { "docs/\($0)" }) {
             #expect(try store.document(named: name) == memory.documents[name], "\(name)")
         }
-        #expect(try store.auditRecords(limit: 10_000) == memory.audit)
+        #expect(try store.documents(prefix: "docs/", limit: 1_000).map(\.name) == memory.documents.keys.filter { $0.hasPrefix("docs/") }.sorted())
+        // Part of the chain is still in memory, part in the table: readers see one chain.
+        #expect(!ledger.auditRecordsInMemory.isEmpty)
+        #expect(try store.auditRecords(limit: 100_000) == memory.audit)
+        #expect(try store.auditRecords(after: 2_990, limit: 5).map(\.sequence) == [2_991, 2_992, 2_993, 2_994, 2_995])
         #expect(try store.verifyAudit() == AuditChain.verify(memory.audit))
-        #expect(try store.ledgerAppliedIndex() == 300)
+        try ledger.writeAudit()
+        #expect(ledger.auditRecordsInMemory.isEmpty)
+        #expect(try store.auditRecords(limit: 100_000) == memory.audit)
+        #expect(try store.ledgerAppliedIndex() == 3_000)
     }
 
-    @Test("A restarted node resumes after the last applied entry instead of replaying")
-    func restartResumes() throws {
-        let temporary = try TemporaryStore()
-        let store = try temporary.open()
-        try store.initialize(with: .bootstrap(voters: [1]))
-        var node = try RaftNode(configuration: Configuration(id: 1, randomSeed: 1), durable: try store.loadDurableState())
-        node.campaign()
-        for command in commands(seed: 9, count: 40) { try node.propose(command.encoded) }
-        while node.hasReady {
-            let ready = node.ready()
-            try store.persist(ready)
-            _ = try store.apply(ready.committedEntries)
-            node.advance()
+    @Test("A restarted node loads its checkpoint and replays the log after it to the same state")
+    func restartReplaysFromCheckpoint() throws {
+        var (temporary, store, node) = try leaderThatApplied(commands(seed: 9, count: 40))
+        try checkpoint(&node, store)
+        let checkpointIndex = node.snapshotIndex
+        for command in commands(seed: 10, count: 25) {
+            try node.propose(command.encoded)
+            try driveApplying(&node, store)
         }
         let applied = try store.ledgerAppliedIndex()
-        #expect(applied == node.commitIndex)
+        #expect(applied == node.commitIndex && applied > checkpointIndex)
+        let documents = try store.documents(prefix: "", limit: 1_000).map { try store.document(named: $0.name) }
+        let audit = try store.auditRecords(limit: 1_000)
+        try store.ledger!.writeAudit() // some of the records after the checkpoint reach the table before the "crash"
 
-        let reopened = try temporary.open()
-        let durable = try reopened.loadDurableState()
-        #expect(durable.appliedIndex == applied)
+        store = try temporary.open()
+        let durable = try store.loadDurableState()
+        #expect(durable.appliedIndex == checkpointIndex)
+        #expect(durable.snapshot?.metadata.index == checkpointIndex)
+        #expect(try store.ledgerAppliedIndex() == checkpointIndex)
+        #expect(try store.auditRecords(limit: 1_000).count < audit.count, "records after the checkpoint are made again, not kept")
         var restarted = try RaftNode(configuration: Configuration(id: 1, randomSeed: 2), durable: durable)
-        let ready = restarted.ready()
-        #expect(ready.committedEntries.isEmpty, "nothing already applied is handed out again")
-        restarted.advance()
-        #expect(try reopened.auditRecords(limit: 1000).count == 41, "the bootstrap membership and forty commands, each once")
+        try driveApplying(&restarted, store)
+        // The commit index may come back behind (commit-only Readys are not
+        // synced); leading again commits the rest of the log.
+        restarted.campaign()
+        try driveApplying(&restarted, store)
+        #expect(try store.ledgerAppliedIndex() == applied + 1, "everything, and the new leader's no-op")
+        #expect(try store.documents(prefix: "", limit: 1_000).map { try store.document(named: $0.name) } == documents)
+        #expect(try store.auditRecords(limit: 1_000) == audit, "each record once, identical")
+        guard case .intact = try store.verifyAudit() else { Issue.record("the chain must verify"); return }
     }
 
     @Test("A tampered audit record in the database is found by verification")
     func tamperedAuditIsFound() throws {
         let temporary = try TemporaryStore()
         let store = try temporary.open()
-        let entries = commands(seed: 1, count: 10).enumerated().map { Entry(term: 1, index: LogIndex($0.offset + 1), payload: .command($0.element.encoded)) }
-        _ = try store.apply(entries)
+        _ = try store.ledger!.apply(entries(commands(seed: 1, count: 10), term: 1))
+        try store.ledger!.writeAudit()
         guard case .intact(count: 10, _) = try store.verifyAudit() else {
             Issue.record("the untouched chain should verify")
             return
         }
-        try temporary.tamper("UPDATE ledger_audit SET actor = 'mallory' WHERE sequence = 6")
-        #expect(try temporary.open().verifyAudit() == .broken(sequence: 6, reason: "its contents do not match its hash"))
+        try temporary.tamperLedger("UPDATE ledger_audit SET actor = 'mallory' WHERE sequence = 6")
+        #expect(try store.verifyAudit() == .broken(sequence: 6, reason: "its contents do not match its hash"))
     }
 
-    @Test("A ledger snapshot installs on another node atomically with the Raft snapshot")
+    @Test("A checkpoint whose audit chain was changed underneath is refused at start")
+    func checkpointAndAuditMustAgree() throws {
+        var (temporary, store, node) = try leaderThatApplied(commands(seed: 2, count: 30))
+        try checkpoint(&node, store)
+        try temporary.tamperLedger("DELETE FROM ledger_audit WHERE sequence = (SELECT MAX(sequence) FROM ledger_audit)")
+        let error = try #require(throws: StorageError.self) { try temporary.open().loadDurableState() }
+        #expect(error.code == .corruptState)
+        #expect(error.reason.contains("audit chain ends at record"))
+
+        let name = try #require(try FileManager.default.contentsOfDirectory(atPath: temporary.path).first { $0.hasPrefix("checkpoint-") })
+        try temporary.modify("\(temporary.path)/\(name)") { $0[40] ^= 1 }
+        let damaged = try #require(throws: StorageError.self) { try temporary.open().loadDurableState() }
+        #expect(damaged.code == .corruptState)
+        #expect(damaged.reason.contains("checksum"))
+    }
+
+    @Test("A ledger snapshot installs on another node, and comes back the same after a restart")
     func ledgerSnapshotInstalls() throws {
-        let source = try TemporaryStore()
-        let leader = try source.open()
-        let entries = commands(seed: 3, count: 60).enumerated().map { Entry(term: 2, index: LogIndex($0.offset + 1), payload: .command($0.element.encoded)) }
-        _ = try leader.apply(entries)
-        let (index, data) = try leader.takeLedgerSnapshot()
-        #expect(index == 60)
+        var (source, leader, node) = try leaderThatApplied(commands(seed: 3, count: 60))
+        let (metadata, data) = try checkpoint(&node, leader)
+        _ = source
 
         let target = try TemporaryStore()
         let follower = try target.open()
-        let snapshot = Snapshot(metadata: SnapshotMetadata(index: 60, term: 2, membership: Membership(voters: [1, 2, 3])), data: data)
-        try follower.initialize(with: DurableState(hardState: HardState(term: 2, votedFor: 0, commitIndex: 60), snapshot: snapshot, entries: []))
-        #expect(try follower.ledgerAppliedIndex() == 60)
+        let snapshot = Snapshot(metadata: metadata, data: data)
+        try follower.initialize(with: DurableState(hardState: HardState(term: metadata.term, votedFor: 0, commitIndex: metadata.index), snapshot: snapshot, entries: []))
+        #expect(try follower.ledgerAppliedIndex() == metadata.index)
         #expect(try follower.auditRecords(limit: 10_000) == leader.auditRecords(limit: 10_000))
         #expect(try follower.verifyAudit() == leader.verifyAudit())
         for name in (0..<6).map({ "docs/\($0)" }) { #expect(try follower.document(named: name) == leader.document(named: name)) }
-        #expect(try follower.loadDurableState().appliedIndex == 60)
-        // Its bytes are not stored: after a restart they are made again
-        // from the tables, identical to what was installed.
-        let reloaded = try target.open().loadDurableState().snapshot
-        #expect(reloaded?.metadata == snapshot.metadata)
-        #expect(reloaded?.data == data)
+        let reloaded = try target.open().loadDurableState()
+        #expect(reloaded.appliedIndex == metadata.index)
+        #expect(reloaded.snapshot?.metadata == snapshot.metadata)
+        #expect(reloaded.snapshot?.data == data, "made again from the checkpoint and the table, identical")
     }
 
     @Test("A damaged ledger snapshot is refused and nothing of it is installed")
     func damagedLedgerSnapshotIsRefused() throws {
-        let source = try TemporaryStore()
-        let leader = try source.open()
-        _ = try leader.apply(commands(seed: 4, count: 20).enumerated().map { Entry(term: 1, index: LogIndex($0.offset + 1), payload: .command($0.element.encoded)) })
-        var (_, data) = try leader.takeLedgerSnapshot()
+        var (source, leader, node) = try leaderThatApplied(commands(seed: 4, count: 20))
+        var (metadata, data) = try checkpoint(&node, leader)
+        _ = source
         data[data.count - 5] ^= 0xFF // inside the last audit record's hash
         let target = try TemporaryStore()
         let follower = try target.open()
-        let snapshot = Snapshot(metadata: SnapshotMetadata(index: 20, term: 1, membership: Membership(voters: [1])), data: data)
+        let snapshot = Snapshot(metadata: metadata, data: data)
         let error = try #require(throws: StorageError.self) {
             try follower.initialize(with: DurableState(hardState: HardState(term: 1, votedFor: 0, commitIndex: 20), snapshot: snapshot, entries: []))
         }
         #expect(error.reason.contains("does not verify"))
         #expect(try follower.ledgerAppliedIndex() == 0)
         #expect(try follower.auditRecords().isEmpty)
-        #expect(try follower.loadDurableState().snapshot == nil, "the Raft snapshot rolled back with it")
+        #expect(!follower.hasState, "no log was started either")
+    }
+
+    @Test("Sorted names agree with a sorted array under random inserts, removals and range scans")
+    func sortedNamesMatchReference() {
+        var random = SeededGenerator(seed: 77)
+        var names = SortedNames()
+        var reference: [String] = []
+        func name() -> String { "n/\(random.below(4_000))" }
+        for step in 0..<20_000 {
+            let candidate = name()
+            if random.chance(0.35) {
+                let removed = names.remove(candidate)
+                #expect(removed == reference.contains(candidate))
+                reference.removeAll { $0 == candidate }
+            } else {
+                let inserted = names.insert(candidate)
+                #expect(inserted == !reference.contains(candidate))
+                if inserted { reference.append(candidate); reference.sort() }
+            }
+            if step % 500 == 0 {
+                #expect(names.count == reference.count)
+                let from = name(), to = name(), limit = Int(random.below(50)) + 1
+                let expected = reference.filter { $0 >= from && $0 < to }
+                #expect(names.names(from: from, to: to, limit: limit) == Array(expected.prefix(limit)), "step \(step)")
+                #expect(names.names(from: from, to: to, limit: limit, reverse: true) == Array(expected.reversed().prefix(limit)), "step \(step)")
+                var all: [String] = []
+                names.forEach(from: "") { all.append($0); return true }
+                #expect(all == reference)
+            }
+        }
+        #expect(reference.count > 1_000, "enough names for many chunks")
     }
 }

@@ -4,22 +4,36 @@ import Raft
 import Testing
 @testable import Storage
 
-/// A fresh database file in a directory of its own, removed afterwards.
+/// A fresh store directory, removed afterwards.
 final class TemporaryStore {
     let directory: URL
-    let path: String
+    var path: String { directory.path }
+    var walDirectory: String { directory.appendingPathComponent("wal").path }
 
     init() throws {
         directory = FileManager.default.temporaryDirectory.appendingPathComponent("warrant-storage-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
-        path = directory.appendingPathComponent("raft.sqlite").path
     }
 
-    func open(snapshotsHoldLedger: Bool = true) throws -> RaftStore { try RaftStore(path: path, snapshotsHoldLedger: snapshotsHoldLedger) }
+    func open(snapshotsHoldLedger: Bool = true, segmentBytesMax: Int = 64 << 20) throws -> RaftStore {
+        try RaftStore(directory: path, snapshotsHoldLedger: snapshotsHoldLedger, segmentBytesMax: segmentBytesMax)
+    }
 
-    /// Runs raw SQL against the file, as damage from outside would.
-    func tamper(_ sql: String) throws {
-        let queue = try DatabaseQueue(path: path)
+    /// The log's files, oldest first.
+    func logFiles() throws -> [String] {
+        try FileManager.default.contentsOfDirectory(atPath: walDirectory).filter { $0.hasSuffix(".wal") }.sorted().map { "\(walDirectory)/\($0)" }
+    }
+
+    /// Changes bytes of a file from outside, as damage would.
+    func modify(_ file: String, _ change: (inout [UInt8]) -> Void) throws {
+        var bytes = [UInt8](try Data(contentsOf: URL(fileURLWithPath: file)))
+        change(&bytes)
+        try Data(bytes).write(to: URL(fileURLWithPath: file))
+    }
+
+    /// Runs raw SQL against the ledger's database, as damage from outside would.
+    func tamperLedger(_ sql: String) throws {
+        let queue = try DatabaseQueue(path: directory.appendingPathComponent("ledger.sqlite").path)
         try queue.write { db in try db.execute(sql: sql) }
     }
 
@@ -36,18 +50,34 @@ func drive(_ node: inout RaftNode, _ store: RaftStore) throws {
 }
 
 /// A fresh store holding a single-voter node that led and wrote `commands`.
-func storeWithCommands(_ commands: [[UInt8]], snapshotsHoldLedger: Bool = true) throws -> (TemporaryStore, RaftStore, RaftNode) {
+func storeWithCommands(_ commands: [[UInt8]], snapshotsHoldLedger: Bool = true, segmentBytesMax: Int = 64 << 20) throws -> (TemporaryStore, RaftStore, RaftNode) {
     let temporary = try TemporaryStore()
-    let store = try temporary.open(snapshotsHoldLedger: snapshotsHoldLedger)
+    let store = try temporary.open(snapshotsHoldLedger: snapshotsHoldLedger, segmentBytesMax: segmentBytesMax)
     try store.initialize(with: .bootstrap(voters: [1]))
     var node = try RaftNode(configuration: Configuration(id: 1, randomSeed: 1), durable: try store.loadDurableState())
     node.campaign()
-    for command in commands { try node.propose(command) }
+    for command in commands {
+        try node.propose(command)
+        try drive(&node, store)
+    }
     try drive(&node, store)
     return (temporary, store, node)
 }
 
-@Suite("SQLite Raft store")
+/// Where each batch of a log file starts, and how long it is (header included).
+func batches(in file: String) throws -> [(offset: Int, length: Int)] {
+    let bytes = [UInt8](try Data(contentsOf: URL(fileURLWithPath: file)))
+    var result: [(Int, Int)] = []
+    var offset = WriteAheadLog.fileHeaderBytes
+    while offset + WriteAheadLog.batchHeaderBytes <= bytes.count {
+        let length = bytes[(offset + 4)..<(offset + 8)].enumerated().reduce(0) { $0 | Int($1.element) << ($1.offset * 8) }
+        result.append((offset, WriteAheadLog.batchHeaderBytes + length))
+        offset += WriteAheadLog.batchHeaderBytes + length
+    }
+    return result
+}
+
+@Suite("Raft store: the write-ahead log")
 struct RaftStoreTests {
     @Test("A node restarts from the store exactly where it stopped")
     func restartFromStore() throws {
@@ -62,19 +92,47 @@ struct RaftStoreTests {
         let before = (node.term, node.lastIndex, node.commitIndex)
         #expect(before.1 == 52)
 
-        store = try temporary.open() // as after a crash: only the file remains
+        store = try temporary.open() // as after a crash: only the files remain
         let durable = try store.loadDurableState()
         #expect(durable.entries.count == 52)
         #expect(durable.hardState.term == before.0)
         #expect(durable.hardState.votedFor == 1)
         var restarted = try RaftNode(configuration: Configuration(id: 1, randomSeed: 2), durable: durable)
-        #expect((restarted.term, restarted.lastIndex, restarted.commitIndex) == before)
+        #expect((restarted.term, restarted.lastIndex) == (before.0, before.1))
+        #expect(restarted.commitIndex <= before.2, "a commit index only ever comes back behind, never ahead")
         #expect(restarted.entries(from: 1, through: 52) == node.entries(from: 1, through: 52))
         restarted.campaign()
         try drive(&restarted, store)
         try restarted.propose(Array("after".utf8))
         try drive(&restarted, store)
-        #expect(try store.loadDurableState().entries.last?.payload == .command(Array("after".utf8)))
+        #expect(try temporary.open().loadDurableState().entries.last?.payload == .command(Array("after".utf8)))
+    }
+
+    @Test("A Ready that only advances the commit index writes nothing; new entries or a new term are synced at once")
+    func commitOnlyReadysWriteNothing() throws {
+        let temporary = try TemporaryStore()
+        let store = try temporary.open()
+        try store.initialize(with: .bootstrap(voters: [1, 2, 3]))
+        var follower = try RaftNode(configuration: Configuration(id: 1, randomSeed: 1), durable: try store.loadDurableState())
+        let entries = (2...5).map { Entry(term: 2, index: $0, payload: .command([UInt8($0)])) }
+        follower.step(Message(from: 2, to: 1, term: 2, body: .appendEntries(AppendEntries(prevLogIndex: 1, prevLogTerm: 1, entries: entries, leaderCommit: 1))))
+        try drive(&follower, store)
+        let file = try #require(try temporary.logFiles().last)
+        let size = try FileSystem.fileLength(file)
+        follower.step(Message(from: 2, to: 1, term: 2, body: .appendEntries(AppendEntries(prevLogIndex: 5, prevLogTerm: 2, entries: [], leaderCommit: 5))))
+        #expect(follower.hasReady)
+        let ready = follower.ready()
+        #expect(ready.hardState?.commitIndex == 5 && ready.entries.isEmpty)
+        try store.persist(ready)
+        follower.advance()
+        #expect(try FileSystem.fileLength(file) == size, "the commit index waits for the next synced write")
+        follower.step(Message(from: 2, to: 1, term: 2, body: .appendEntries(AppendEntries(prevLogIndex: 5, prevLogTerm: 2,
+            entries: [Entry(term: 2, index: 6, payload: .command([6]))], leaderCommit: 5))))
+        try drive(&follower, store)
+        #expect(try FileSystem.fileLength(file) > size)
+        let durable = try temporary.open().loadDurableState()
+        #expect(durable.hardState.commitIndex == 5, "it went out with the entry")
+        #expect(durable.entries.last?.index == 6)
     }
 
     @Test("Entries from a new leader replace the stored suffix from their first index on")
@@ -89,24 +147,31 @@ struct RaftStoreTests {
         let replacement = [Entry(term: 3, index: 3, payload: .command([33]))]
         follower.step(Message(from: 3, to: 1, term: 3, body: .appendEntries(AppendEntries(prevLogIndex: 2, prevLogTerm: 2, entries: replacement, leaderCommit: 1))))
         try drive(&follower, store)
-        let stored = try store.loadDurableState().entries
+        let stored = try temporary.open().loadDurableState().entries
         #expect(stored.map(\.index) == [1, 2, 3])
         #expect(stored.last == replacement.first)
     }
 
-    @Test("Compaction keeps the entries after the snapshot and the snapshot itself")
+    @Test("Compaction keeps the entries after the snapshot and the snapshot itself, and deletes the files it covers")
     func compaction() throws {
-        let (temporary, store, written) = try storeWithCommands((0..<10).map { i in [UInt8(i)] }, snapshotsHoldLedger: false)
+        let payload = [UInt8](repeating: 7, count: 300)
+        let (temporary, store, written) = try storeWithCommands((0..<40).map { i in [UInt8(i)] + payload }, snapshotsHoldLedger: false,
+                                                                segmentBytesMax: 2_000)
         var node = written
-        let metadata = try node.compactLog(through: 7, snapshotData: Array("state at 7".utf8))
-        try store.compact(through: metadata, data: Array("state at 7".utf8))
-        let durable = try temporary.open(snapshotsHoldLedger: false).loadDurableState()
+        let filesBefore = try temporary.logFiles()
+        #expect(filesBefore.count > 4, "small files: the log spans several")
+        let metadata = try node.compactLog(through: 30, snapshotData: Array("state at 30".utf8))
+        try store.compact(through: metadata, data: Array("state at 30".utf8))
+        let filesAfter = try temporary.logFiles()
+        #expect(filesAfter.count < filesBefore.count)
+        #expect(filesAfter.last == filesBefore.last)
+        let durable = try temporary.open(snapshotsHoldLedger: false, segmentBytesMax: 2_000).loadDurableState()
         #expect(durable.snapshot?.metadata == metadata)
-        #expect(durable.snapshot?.data == Array("state at 7".utf8))
-        #expect(durable.entries.map(\.index) == Array(8...12))
+        #expect(durable.snapshot?.data == Array("state at 30".utf8))
+        #expect(durable.entries.map(\.index) == Array(31...42))
         let restarted = try RaftNode(configuration: Configuration(id: 1, randomSeed: 3), durable: durable)
-        #expect(restarted.snapshotIndex == 7)
-        #expect(restarted.lastIndex == 12)
+        #expect(restarted.snapshotIndex == 30)
+        #expect(restarted.lastIndex == 42)
         #expect(restarted.membership.voters == [1])
     }
 
@@ -123,31 +188,67 @@ struct RaftStoreTests {
         #expect(durable.snapshot == snapshot)
         #expect(durable.entries.isEmpty)
         #expect(durable.hardState.commitIndex == 40)
+        #expect(durable.hardState.term == 3)
     }
 
-    @Test("A damaged entry stops the node with the file, the index and what to do")
-    func corruptEntryIsRefused() throws {
+    @Test("A write a crash cut short at the end of the newest file is dropped; nothing synced before it is")
+    func tornTailIsDropped() throws {
+        let (temporary, _, node) = try storeWithCommands((0..<5).map { i in Array("v\(i)".utf8) })
+        let file = try #require(try temporary.logFiles().last)
+        let last = try #require(try batches(in: file).last)
+        // Half of the last batch made it to the disk.
+        try temporary.modify(file) { $0.removeLast(last.length / 2) }
+        let durable = try temporary.open().loadDurableState()
+        #expect(durable.entries.count < Int(node.lastIndex))
+        #expect(try FileSystem.fileLength(file) == last.offset, "the torn batch is cut off the file")
+        // Garbage where the next batch would start is a torn write too.
+        try temporary.modify(file) { $0 += [0x57, 0x41, 0x42, 0x31, 0xFF, 0, 0, 0, 1, 2, 3] }
+        let again = try temporary.open().loadDurableState()
+        #expect(again.entries == durable.entries)
+    }
+
+    @Test("A damaged batch anywhere else stops the node with the file, where, and what to do")
+    func corruptBatchIsRefused() throws {
         let (temporary, _, _) = try storeWithCommands((0..<5).map { i in Array("v\(i)".utf8) })
-        try temporary.tamper("UPDATE raft_entry SET payload = X'01020000007639' WHERE log_index = 4")
+        let file = try #require(try temporary.logFiles().last)
+        let all = try batches(in: file)
+        #expect(all.count > 3)
+        let victim = all[all.count - 3] // valid batches follow it
+        try temporary.modify(file) { $0[victim.offset + WriteAheadLog.batchHeaderBytes + 2] ^= 0x40 }
         let error = try #require(throws: StorageError.self) { try temporary.open().loadDurableState() }
         #expect(error.code == .corruptEntry)
-        #expect(error.reason.contains(temporary.path))
-        #expect(error.reason.contains("entry 4"))
+        #expect(error.reason.contains(file))
+        #expect(error.reason.contains("byte \(victim.offset)"))
         #expect(error.reason.contains("new member"))
     }
 
-    @Test("A hole in the log or a commit index past its end is refused, never skipped")
-    func truncatedLogIsRefused() throws {
-        let (temporary, _, _) = try storeWithCommands((0..<5).map { i in [UInt8(i)] })
-        try temporary.tamper("DELETE FROM raft_entry WHERE log_index = 3")
-        let gap = try #require(throws: StorageError.self) { try temporary.open().loadDurableState() }
-        #expect(gap.code == .logGap)
-        #expect(gap.reason.contains("from index 2 to 4"))
+    @Test("Damage in an older file is refused even at its end")
+    func corruptOlderFileIsRefused() throws {
+        let (temporary, _, _) = try storeWithCommands((0..<30).map { i in [UInt8(i)] + [UInt8](repeating: 1, count: 200) }, segmentBytesMax: 1_500)
+        let files = try temporary.logFiles()
+        #expect(files.count >= 3)
+        let victim = try #require(try batches(in: files[0]).last)
+        try temporary.modify(files[0]) { $0.removeLast(victim.length / 2) }
+        let error = try #require(throws: StorageError.self) { try temporary.open(segmentBytesMax: 1_500).loadDurableState() }
+        #expect(error.code == .corruptEntry)
+        #expect(error.reason.contains(files[0]))
+    }
 
-        try temporary.tamper("DELETE FROM raft_entry WHERE log_index >= 3")
-        let lost = try #require(throws: StorageError.self) { try temporary.open().loadDurableState() }
-        #expect(lost.code == .logGap)
-        #expect(lost.reason.contains("commit index"))
+    @Test("A missing file or a hole in the log is refused, never skipped")
+    func holesAreRefused() throws {
+        let (temporary, _, _) = try storeWithCommands((0..<30).map { i in [UInt8(i)] + [UInt8](repeating: 1, count: 200) }, segmentBytesMax: 1_500)
+        let files = try temporary.logFiles()
+        try FileManager.default.removeItem(atPath: files[1])
+        let missing = try #require(throws: StorageError.self) { try temporary.open(segmentBytesMax: 1_500).loadDurableState() }
+        #expect(missing.code == .logGap)
+        #expect(missing.reason.contains("is missing"))
+
+        // The oldest file gone: the log no longer starts at its beginning.
+        let (other, _, _) = try storeWithCommands((0..<30).map { i in [UInt8(i)] + [UInt8](repeating: 1, count: 200) }, segmentBytesMax: 1_500)
+        try FileManager.default.removeItem(atPath: try other.logFiles()[0])
+        let gap = try #require(throws: StorageError.self) { try other.open(segmentBytesMax: 1_500).loadDurableState() }
+        #expect(gap.code == .logGap)
+        #expect(gap.reason.contains("not right after the snapshot at 0"))
     }
 
     @Test("Initializing a store that already holds state is refused and changes nothing")
@@ -157,6 +258,15 @@ struct RaftStoreTests {
         try store.initialize(with: .bootstrap(voters: [1, 2, 3]))
         #expect(throws: StorageError.self) { try store.initialize(with: .bootstrap(voters: [7])) }
         #expect(try store.loadDurableState().entries.first?.payload == .configChange(.bootstrap(voters: [1, 2, 3])))
+    }
+
+    @Test("A data directory of the SQLite-log format is refused with what to do")
+    func olderFormatIsRefused() throws {
+        let temporary = try TemporaryStore()
+        try Data("SQLite format 3".utf8).write(to: temporary.directory.appendingPathComponent("raft.sqlite"))
+        let error = try #require(throws: StorageError.self) { try temporary.open() }
+        #expect(error.code == .schemaMismatch)
+        #expect(error.reason.contains("cluster/down --wipe"))
     }
 
     @Test("CRC-32C matches the standard check value")

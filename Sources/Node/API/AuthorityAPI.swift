@@ -263,11 +263,9 @@ extension NodeAPI {
         if let key = idempotencyKey {
             guard !key.isEmpty, key.utf8.count <= 128 else { throw APIError.badRequest("idempotency_key must be 1 to 128 bytes") }
         }
-        // SQLite reads block their thread: keep them off Swift's cooperative pool.
-        let (hash, token, earlierAnswer) = try await NIOThreadPool.singleton.runIfActive {
-            let (hash, token) = try authority.token(secret: secret)
-            return (hash, token, try idempotencyKey.flatMap { try authority.earlierAnswer(idempotencyKey: $0) })
-        }
+        // The ledger is in memory: these reads do not block.
+        let (hash, token) = try authority.token(secret: secret)
+        let earlierAnswer = try idempotencyKey.flatMap { try authority.earlierAnswer(idempotencyKey: $0) }
         guard let token else { throw APIError(status: .unauthorized, code: "invalid_token", message: "unknown join token") }
         if let earlier = earlierAnswer {
             guard earlier.evidence == hash else { throw APIError(status: .conflict, code: "idempotency_conflict", message: "the idempotency key was used with another token") }
@@ -457,7 +455,7 @@ extension NodeAPI {
         let leadership = driver.leadership
         guard leadership.isLeader else { return try await forwardToLeader(request, leaderHint: leadership.leaderID) }
         if let key = body.idempotencyKey, let authority,
-           let earlier = try await NIOThreadPool.singleton.runIfActive({ try authority.earlierAnswer(idempotencyKey: key) }) {
+           let earlier = try authority.earlierAnswer(idempotencyKey: key) {
             guard earlier.evidence == "renew:\(current.serialHex)", earlier.kind == .jwt else {
                 throw APIError(status: .conflict, code: "idempotency_conflict", message: "the idempotency key was used with other evidence")
             }
@@ -497,7 +495,7 @@ extension NodeAPI {
         let leadership = driver.leadership
         guard leadership.isLeader else { return try await forwardToLeader(request, leaderHint: leadership.leaderID) }
         let idempotencyKey = body.idempotencyKey.map(AuthorityService.hash) ?? ""
-        if let key = body.idempotencyKey, let authority, let earlier = try await NIOThreadPool.singleton.runIfActive({ try authority.earlierAnswer(idempotencyKey: key) }) {
+        if let key = body.idempotencyKey, let authority, let earlier = try authority.earlierAnswer(idempotencyKey: key) {
             guard earlier.evidence == "renew:\(current.serialHex)" else {
                 throw APIError(status: .conflict, code: "idempotency_conflict", message: "the idempotency key was used with other evidence")
             }

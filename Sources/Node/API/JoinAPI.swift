@@ -92,8 +92,7 @@ extension NodeAPI {
 
     private func currentPolicy(_ joins: JoinService) async throws -> JoinPolicy {
         if let policy = joins.cachedPolicy() { return policy }
-        // The re-read (once a second) is a few SQLite reads: off the cooperative pool.
-        return try await NIOThreadPool.singleton.runIfActive { try joins.policy() }
+        return try joins.policy() // the ledger is in memory: a few map reads
     }
 
     static func apiError(_ error: AttestationError) -> APIError {
@@ -137,7 +136,7 @@ extension NodeAPI {
         template.platformReplayKey = verified.replayKey
         template.platformExpiresAtMillis = UInt64(verified.expiresAt) * 1000
         if let key = idempotencyKey, let authority,
-           let earlier = try await NIOThreadPool.singleton.runIfActive({ try authority.earlierAnswer(idempotencyKey: key) }) {
+           let earlier = try authority.earlierAnswer(idempotencyKey: key) {
             guard earlier.evidence == template.evidence, earlier.kind == kind else {
                 throw APIError(status: .conflict, code: "idempotency_conflict", message: "the idempotency key was used with other evidence")
             }
@@ -223,7 +222,7 @@ extension NodeAPI {
         let leadership = driver.leadership
         guard leadership.isLeader else { return try await forwardToLeader(request, leaderHint: leadership.leaderID) }
         if let key = body.idempotencyKey, let authority,
-           let earlier = try await NIOThreadPool.singleton.runIfActive({ try authority.earlierAnswer(idempotencyKey: key) }) {
+           let earlier = try authority.earlierAnswer(idempotencyKey: key) {
             guard earlier.evidence == "renew:\(current.serialHex)", earlier.kind == .x509 else {
                 throw APIError(status: .conflict, code: "idempotency_conflict", message: "the idempotency key was used with other evidence")
             }
@@ -289,8 +288,7 @@ extension NodeAPI {
             let verified = try await joins.verify(body.token, policy: policy, now: Int64(Date().timeIntervalSince1970)).1
             claims = verified.claims
             let consumed = AuthorityDocuments.platformToken(expiresAtMillis: UInt64(verified.expiresAt) * 1000, replayKey: verified.replayKey)
-            let store = self.store
-            used = try await NIOThreadPool.singleton.runIfActive { try store.document(named: consumed) != nil }
+            used = try store.document(named: consumed) != nil
         } catch let error as AttestationError {
             failure = Self.apiError(error)
         }

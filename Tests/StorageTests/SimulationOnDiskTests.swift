@@ -4,9 +4,9 @@ import RaftSimulator
 import Storage
 import Testing
 
-/// A simulated node's disk backed by a real SQLite file: a crash drops the
-/// core, a restart reopens the file.
-final class SQLiteDisk: SimulatedDisk {
+/// A simulated node's disk backed by a real store directory (the
+/// write-ahead log): a crash drops the core, a restart reopens the files.
+final class StoreDisk: SimulatedDisk {
     let path: String
     private var store: RaftStore
     private(set) var loads = 0
@@ -14,9 +14,9 @@ final class SQLiteDisk: SimulatedDisk {
 
     init(path: String, initial: DurableState) throws {
         self.path = path
-        // NORMAL: the simulator's crashes are process crashes, which WAL
-        // survives without an fsync per commit; FULL would only slow the test.
-        store = try RaftStore(path: path, synchronous: .normal, snapshotsHoldLedger: false)
+        // No fdatasync: the simulator's crashes are process crashes, which
+        // written files survive; syncing would only slow the test.
+        store = try RaftStore(directory: path, synchronous: .none, snapshotsHoldLedger: false)
         try store.initialize(with: initial)
     }
 
@@ -28,21 +28,21 @@ final class SQLiteDisk: SimulatedDisk {
 
     func load() throws -> DurableState {
         loads += 1
-        store = try RaftStore(path: path, synchronous: .normal, snapshotsHoldLedger: false) // what a restarted process would do
+        store = try RaftStore(directory: path, synchronous: .none, snapshotsHoldLedger: false) // what a restarted process would do
         return try store.loadDurableState()
     }
 }
 
 /// The disks a run made, to look at afterwards.
 final class DiskRegistry {
-    var disks: [SQLiteDisk] = []
+    var disks: [StoreDisk] = []
 }
 
-@Suite("The simulator on SQLite")
-struct SimulationOnSQLiteTests {
-    @Test("Seeded runs on real SQLite files are clean and identical to the in-memory runs", arguments: [UInt64(2), 19, 22])
-    func sameRunOnSQLite(seed: UInt64) throws {
-        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("warrant-sim-sqlite-\(UUID().uuidString)")
+@Suite("The simulator on the write-ahead log")
+struct SimulationOnDiskTests {
+    @Test("Seeded runs on real log files are clean and identical to the in-memory runs", arguments: [UInt64(2), 19, 22])
+    func sameRunOnDisk(seed: UInt64) throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("warrant-sim-disk-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(at: directory) }
         var options = SimulationOptions()
@@ -50,13 +50,13 @@ struct SimulationOnSQLiteTests {
         let inMemory = Simulation(seed: seed, options: options, tracing: true).run()
         let registry = DiskRegistry()
         let onDisk = Simulation(seed: seed, options: options, tracing: true) { id, initial in
-            let disk = try SQLiteDisk(path: directory.appendingPathComponent("node-\(id).sqlite").path, initial: initial)
+            let disk = try StoreDisk(path: directory.appendingPathComponent("node-\(id)").path, initial: initial)
             registry.disks.append(disk)
             return disk
         }.run()
         let persists = registry.disks.reduce(0) { $0 + $1.persists }
         let loads = registry.disks.reduce(0) { $0 + $1.loads }
-        #expect(persists > 100, "every Ready went to SQLite")
+        #expect(persists > 100, "every Ready went to the store")
         #expect(loads > registry.disks.count, "restarts reopened their files")
         #expect(onDisk.violation == nil, "\(onDisk.violation.map(String.init(describing:)) ?? "")")
         #expect(onDisk.trace == inMemory.trace, "the store returned exactly what was persisted, so the run is the same")

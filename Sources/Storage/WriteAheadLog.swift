@@ -1,0 +1,486 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import Raft
+
+/// The Raft log and hard state of one node as append-only segment files:
+/// `<dir>/<sequence, 16 hex digits>.wal`. Each file starts with a 16-byte
+/// header (magic, sequence) and holds batches; one batch is what one
+/// `append` wrote: magic, body length, CRC-32C of the body, then records
+/// (an entry, a hard state, or a reset that drops the whole log after a
+/// snapshot was installed). Nothing is ever rewritten in place: an entry
+/// whose index is at or below the last one replaces the stored suffix
+/// from that index on when the log is read back, which is how a follower
+/// takes a new leader's log.
+///
+/// A batch is durable once `append(sync: true)` returns (one write, one
+/// fdatasync). A crash can only tear the batches written after the last
+/// sync, at the end of the newest file: such a torn tail is cut off when
+/// the log is opened. A batch that fails its checksum anywhere else, or
+/// that is followed by a valid batch, is damage, and opening refuses.
+final class WriteAheadLog {
+    static let fileMagic: [UInt8] = Array("WRNTWAL1".utf8)
+    static let fileHeaderBytes = 16
+    static let batchMagic: UInt32 = 0x3142_4157 // "WAB1", little-endian
+    static let batchHeaderBytes = 12
+    /// A batch body larger than this is damage, not data (a Ready carries at most a few MiB).
+    static let batchBytesMax = 1 << 30
+
+    enum Record: Equatable {
+        case entry(Entry)
+        case hardState(HardState)
+        /// A snapshot at `index` (of `term`) replaced the log: every entry
+        /// before this record is gone, and the log goes on at `index + 1`.
+        case reset(index: LogIndex, term: Term)
+    }
+
+    /// What the files held, replayed in order.
+    struct Contents {
+        var hardState: HardState?
+        /// Contiguous, after every replacement and reset.
+        var entries: [Entry] = []
+        var lastReset: (index: LogIndex, term: Term)?
+        /// Bytes of a torn tail cut off when opening (0 normally).
+        var tornBytesRemoved = 0
+    }
+
+    private struct Segment {
+        var sequence: UInt64
+        var path: String
+        /// The highest entry index the file holds (0 when none).
+        var maxIndex: LogIndex
+    }
+
+    let directory: String
+    /// A new file is started once the current one is this large.
+    let segmentBytesMax: Int
+    /// Whether a synced append calls fdatasync (tests that kill no
+    /// machines may skip it; the bytes are still written).
+    let fdatasyncs: Bool
+    private var segments: [Segment] = []
+    private var descriptor: Int32 = -1
+    private var size = 0
+    /// Batches appended without a sync, written with the next synced one.
+    private var unwritten: [UInt8] = []
+    private var unwrittenMaxIndex: LogIndex = 0
+    private var lastHardState = HardState()
+
+    private init(directory: String, segmentBytesMax: Int, fdatasyncs: Bool) {
+        self.directory = directory
+        self.segmentBytesMax = segmentBytesMax
+        self.fdatasyncs = fdatasyncs
+    }
+
+    deinit {
+        if descriptor >= 0 { close(descriptor) }
+    }
+
+    /// Whether `directory` holds a log.
+    static func exists(in directory: String) -> Bool {
+        (try? segmentFiles(in: directory))?.isEmpty == false
+    }
+
+    /// Opens (or, when `create`, starts) the log in `directory` and
+    /// replays it.
+    static func open(directory: String, segmentBytesMax: Int = 64 << 20, fdatasyncs: Bool = true, create: Bool) throws -> (WriteAheadLog, Contents) {
+        let log = WriteAheadLog(directory: directory, segmentBytesMax: segmentBytesMax, fdatasyncs: fdatasyncs)
+        try FileSystem.makeDirectory(directory)
+        var files = try segmentFiles(in: directory)
+        // A crash while a new file was being started can leave it without
+        // its whole header: nothing was ever written after it, so it goes.
+        if let last = files.last, try FileSystem.fileLength(last.path) < fileHeaderBytes {
+            try FileSystem.remove(last.path)
+            files.removeLast()
+        }
+        if files.isEmpty {
+            guard create else {
+                throw StorageError(code: .invalidRequest, reason: "\(directory) holds no write-ahead log")
+            }
+            try log.startSegment(sequence: 1)
+            return (log, Contents())
+        }
+        var contents = Contents()
+        for (position, file) in files.enumerated() {
+            if position > 0, file.sequence != files[position - 1].sequence + 1 {
+                throw StorageError(code: .logGap, reason: "\(directory): write-ahead log file \(hex(files[position - 1].sequence + 1)).wal is missing (the files go from \(hex(files[position - 1].sequence)) to \(hex(file.sequence))). \(StorageError.rejoinAdvice)")
+            }
+            let isLast = position == files.count - 1
+            let (maxIndex, validBytes) = try replay(file.path, sequence: file.sequence, isLast: isLast, into: &contents)
+            log.segments.append(Segment(sequence: file.sequence, path: file.path, maxIndex: maxIndex))
+            if isLast {
+                let descriptor = Glibc.open(file.path, O_WRONLY | O_CLOEXEC)
+                guard descriptor >= 0 else { throw FileSystem.error("open", file.path) }
+                log.descriptor = descriptor
+                let length = try FileSystem.length(of: descriptor, file.path)
+                if length > validBytes {
+                    contents.tornBytesRemoved = length - validBytes
+                    guard ftruncate(descriptor, off_t(validBytes)) == 0, fsync(descriptor) == 0 else { throw FileSystem.error("truncate", file.path) }
+                }
+                guard lseek(descriptor, off_t(validBytes), SEEK_SET) >= 0 else { throw FileSystem.error("seek", file.path) }
+                log.size = validBytes
+            }
+        }
+        log.lastHardState = contents.hardState ?? HardState()
+        return (log, contents)
+    }
+
+    // MARK: - Writing
+
+    /// Appends one batch of records. With `sync`, it and every batch
+    /// appended before it are durable when this returns; without, they
+    /// wait for the next synced append (a crash may lose them).
+    func append(_ records: [Record], sync: Bool) throws {
+        if !records.isEmpty {
+            var body = BinaryWriter(capacity: records.count * 64)
+            for record in records {
+                Self.encode(record, into: &body)
+                switch record {
+                case .entry(let entry): unwrittenMaxIndex = max(unwrittenMaxIndex, entry.index)
+                case .hardState(let state): lastHardState = state
+                case .reset: break
+                }
+            }
+            Self.frame(body.bytes, into: &unwritten)
+        }
+        guard sync, !unwritten.isEmpty else { return }
+        try writeAll(unwritten)
+        if fdatasyncs {
+            guard fdatasync(descriptor) == 0 else { throw FileSystem.error("fdatasync", segments.last!.path) }
+        }
+        size += unwritten.count
+        segments[segments.count - 1].maxIndex = max(segments[segments.count - 1].maxIndex, unwrittenMaxIndex)
+        unwritten.removeAll(keepingCapacity: unwritten.capacity <= 1 << 20)
+        unwrittenMaxIndex = 0
+        if size >= segmentBytesMax {
+            try startSegment(sequence: segments.last!.sequence + 1)
+        }
+    }
+
+    /// Deletes the files whose entries all lie at or before `index` (a
+    /// durable snapshot covers them), never the one being written.
+    func removeSegments(through index: LogIndex) throws {
+        while segments.count > 1, segments[0].maxIndex <= index {
+            guard unlink(segments[0].path) == 0 || errno == ENOENT else { throw FileSystem.error("unlink", segments[0].path) }
+            segments.removeFirst()
+        }
+    }
+
+    /// How many files the log spans now.
+    var segmentCount: Int { segments.count }
+
+    /// A new file, begun with the current hard state so that older files
+    /// can be deleted without losing it.
+    private func startSegment(sequence: UInt64) throws {
+        let path = "\(directory)/\(Self.hex(sequence)).wal"
+        let descriptor = Glibc.open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+        guard descriptor >= 0 else { throw FileSystem.error("create", path) }
+        var header = Self.fileMagic
+        withUnsafeBytes(of: sequence.littleEndian) { header.append(contentsOf: $0) }
+        var body = BinaryWriter(capacity: 32)
+        Self.encode(.hardState(lastHardState), into: &body)
+        Self.frame(body.bytes, into: &header)
+        if self.descriptor >= 0 { close(self.descriptor) }
+        self.descriptor = descriptor
+        segments.append(Segment(sequence: sequence, path: path, maxIndex: 0))
+        try writeAll(header)
+        guard fsync(descriptor) == 0 else { throw FileSystem.error("fsync", path) }
+        try FileSystem.syncDirectory(directory)
+        size = header.count
+    }
+
+    private func writeAll(_ bytes: [UInt8]) throws {
+        try FileSystem.writeAll(bytes, to: descriptor, segments.last!.path)
+    }
+
+    // MARK: - Encoding
+
+    private static func encode(_ record: Record, into w: inout BinaryWriter) {
+        switch record {
+        case .entry(let entry):
+            w.write(UInt8(1))
+            w.write(entry.index)
+            w.write(entry.term)
+            entry.payload.encode(into: &w)
+        case .hardState(let state):
+            w.write(UInt8(2))
+            w.write(state.term)
+            w.write(state.votedFor)
+            w.write(state.commitIndex)
+        case .reset(let index, let term):
+            w.write(UInt8(3))
+            w.write(index)
+            w.write(term)
+        }
+    }
+
+    private static func frame(_ body: [UInt8], into out: inout [UInt8]) {
+        var crc = CRC32C()
+        crc.update(body)
+        withUnsafeBytes(of: batchMagic.littleEndian) { out.append(contentsOf: $0) }
+        withUnsafeBytes(of: UInt32(body.count).littleEndian) { out.append(contentsOf: $0) }
+        withUnsafeBytes(of: crc.value.littleEndian) { out.append(contentsOf: $0) }
+        out.append(contentsOf: body)
+    }
+
+    // MARK: - Reading
+
+    private static func segmentFiles(in directory: String) throws -> [(sequence: UInt64, path: String)] {
+        try FileSystem.list(directory).compactMap { name -> (UInt64, String)? in
+            guard name.utf8.count == 20, name.hasSuffix(".wal"), let sequence = UInt64(name.prefix(16), radix: 16) else { return nil }
+            return (sequence, "\(directory)/\(name)")
+        }.sorted { $0.0 < $1.0 }
+    }
+
+    static func hex(_ value: UInt64) -> String {
+        let digits = String(value, radix: 16)
+        return String(repeating: "0", count: max(0, 16 - digits.count)) + digits
+    }
+
+    /// Where a batch starting at `offset` ends, if a whole, valid batch
+    /// starts there.
+    private static func validBatch(_ bytes: UnsafeRawBufferPointer, at offset: Int) -> (body: Range<Int>, end: Int)? {
+        guard bytes.count - offset >= batchHeaderBytes,
+              UInt32(littleEndian: bytes.loadUnaligned(fromByteOffset: offset, as: UInt32.self)) == batchMagic else { return nil }
+        let length = Int(UInt32(littleEndian: bytes.loadUnaligned(fromByteOffset: offset + 4, as: UInt32.self)))
+        let stored = UInt32(littleEndian: bytes.loadUnaligned(fromByteOffset: offset + 8, as: UInt32.self))
+        let start = offset + batchHeaderBytes
+        guard length <= batchBytesMax, length <= bytes.count - start else { return nil }
+        var crc = CRC32C()
+        crc.update(UnsafeRawBufferPointer(rebasing: bytes[start..<(start + length)]))
+        guard crc.value == stored else { return nil }
+        return (start..<(start + length), start + length)
+    }
+
+    /// Replays one file into `contents`; returns the highest entry index
+    /// in it and how many of its bytes are valid (less than its length
+    /// only for a torn tail of the last file).
+    private static func replay(_ path: String, sequence: UInt64, isLast: Bool, into contents: inout Contents) throws -> (LogIndex, Int) {
+        let data = try FileSystem.read(path)
+        func damaged(_ what: String) -> StorageError {
+            StorageError(code: .corruptEntry, reason: "\(path): \(what) (the file is damaged). \(StorageError.rejoinAdvice)")
+        }
+        guard data.count >= fileHeaderBytes, Array(data[0..<8]) == fileMagic else {
+            throw damaged("not a Warrant write-ahead log file (bad header)")
+        }
+        let storedSequence = data.withUnsafeBytes { UInt64(littleEndian: $0.loadUnaligned(fromByteOffset: 8, as: UInt64.self)) }
+        guard storedSequence == sequence else { throw damaged("its header names sequence \(storedSequence), not \(sequence)") }
+        var maxIndex: LogIndex = 0
+        var offset = fileHeaderBytes
+        var bodies: [Range<Int>] = []
+        try data.withUnsafeBytes { bytes in
+            while offset < bytes.count {
+                if let batch = validBatch(bytes, at: offset) {
+                    bodies.append(batch.body)
+                    offset = batch.end
+                    continue
+                }
+                // Not a valid batch. At the end of the newest file that is
+                // a write a crash cut short; anywhere else, damage.
+                guard isLast else { throw damaged("the batch at byte \(offset) fails its checksum") }
+                var claimedEnd = bytes.count
+                if bytes.count - offset >= batchHeaderBytes {
+                    let length = Int(UInt32(littleEndian: bytes.loadUnaligned(fromByteOffset: offset + 4, as: UInt32.self)))
+                    claimedEnd = min(bytes.count, offset + batchHeaderBytes + min(length, batchBytesMax))
+                }
+                if claimedEnd < bytes.count, validBatch(bytes, at: claimedEnd) != nil {
+                    throw damaged("the batch at byte \(offset) fails its checksum and valid batches follow it")
+                }
+                break
+            }
+        }
+        for body in bodies {
+            var reader = BinaryReader(Array(data[body]))
+            do {
+                while reader.remaining > 0 {
+                    switch try reader.readUInt8("record kind") {
+                    case 1:
+                        let index = try reader.readUInt64("index")
+                        let term = try reader.readUInt64("term")
+                        let payload = try EntryPayload.decode(from: &reader)
+                        try add(Entry(term: term, index: index, payload: payload), to: &contents, path: path)
+                        maxIndex = max(maxIndex, index)
+                    case 2:
+                        contents.hardState = HardState(term: try reader.readUInt64("term"), votedFor: try reader.readUInt64("vote"),
+                                                       commitIndex: try reader.readUInt64("commit index"))
+                    case 3:
+                        let index = try reader.readUInt64("index")
+                        let term = try reader.readUInt64("term")
+                        contents.entries.removeAll()
+                        contents.lastReset = (index, term)
+                    case let kind:
+                        throw CodecError.unknownTag(field: "record kind", tag: kind)
+                    }
+                }
+            } catch let error as CodecError {
+                throw damaged("a record at byte \(body.lowerBound) does not decode (\(error))")
+            }
+        }
+        return (maxIndex, offset)
+    }
+
+    /// An entry continues the log, or replaces the suffix from its index on.
+    private static func add(_ entry: Entry, to contents: inout Contents, path: String) throws {
+        if let last = contents.entries.last {
+            if entry.index == last.index + 1 {
+                contents.entries.append(entry)
+                return
+            }
+            guard entry.index <= last.index else {
+                throw StorageError(code: .logGap, reason: "\(path): the Raft log jumps from index \(last.index) to \(entry.index) (truncated or damaged). \(StorageError.rejoinAdvice)")
+            }
+            let first = contents.entries[0].index
+            if entry.index >= first {
+                contents.entries.removeSubrange(Int(entry.index - first)...)
+            } else {
+                contents.entries.removeAll()
+            }
+            contents.entries.append(entry)
+            return
+        }
+        if let reset = contents.lastReset, entry.index != reset.index + 1 {
+            throw StorageError(code: .logGap, reason: "\(path): after a snapshot at index \(reset.index) the log goes on at \(entry.index), not \(reset.index + 1). \(StorageError.rejoinAdvice)")
+        }
+        contents.entries.append(entry)
+    }
+}
+
+/// The few file operations storage needs, with errors that name the file.
+enum FileSystem {
+    static func error(_ operation: String, _ path: String) -> StorageError {
+        let code = errno
+        return StorageError(code: .ioFailure, reason: "\(operation) \(path): \(String(cString: strerror(code))) (errno \(code))")
+    }
+
+    static func makeDirectory(_ path: String) throws {
+        if mkdir(path, 0o700) != 0 && errno != EEXIST { throw error("mkdir", path) }
+    }
+
+    static func list(_ directory: String) throws -> [String] {
+        guard let handle = opendir(directory) else { throw error("opendir", directory) }
+        defer { closedir(handle) }
+        var names: [String] = []
+        while let entry = readdir(handle) {
+            let name = withUnsafePointer(to: entry.pointee.d_name) { pointer in
+                pointer.withMemoryRebound(to: CChar.self, capacity: Int(NAME_MAX) + 1) { String(cString: $0) }
+            }
+            if name != "." && name != ".." { names.append(name) }
+        }
+        return names
+    }
+
+    static func length(of descriptor: Int32, _ path: String) throws -> Int {
+        var info = stat()
+        guard fstat(descriptor, &info) == 0 else { throw error("stat", path) }
+        return Int(info.st_size)
+    }
+
+    static func fileLength(_ path: String) throws -> Int {
+        var info = stat()
+        guard stat(path, &info) == 0 else { throw error("stat", path) }
+        return Int(info.st_size)
+    }
+
+    static func exists(_ path: String) -> Bool {
+        var info = stat()
+        return stat(path, &info) == 0
+    }
+
+    static func read(_ path: String) throws -> [UInt8] {
+        let descriptor = open(path, O_RDONLY | O_CLOEXEC)
+        guard descriptor >= 0 else { throw error("open", path) }
+        defer { close(descriptor) }
+        let length = try length(of: descriptor, path)
+        var bytes = [UInt8](repeating: 0, count: length)
+        var offset = 0
+        try bytes.withUnsafeMutableBytes { buffer in
+            while offset < length {
+                let count = pread(descriptor, buffer.baseAddress! + offset, length - offset, off_t(offset))
+                if count < 0 {
+                    if errno == EINTR { continue }
+                    throw error("read", path)
+                }
+                if count == 0 { break }
+                offset += count
+            }
+        }
+        return offset == length ? bytes : Array(bytes[0..<offset])
+    }
+
+    /// Writes `bytes` to `path` so that a crash leaves either the old file
+    /// or the whole new one: a temporary file, fsync, rename, fsync of the
+    /// directory.
+    static func writeAtomically(_ bytes: [UInt8], to path: String, directory: String) throws {
+        let temporary = path + ".tmp"
+        let descriptor = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard descriptor >= 0 else { throw error("create", temporary) }
+        var closed = false
+        defer { if !closed { close(descriptor) } }
+        try writeAll(bytes, to: descriptor, temporary)
+        guard fsync(descriptor) == 0 else { throw error("fsync", temporary) }
+        closed = true
+        close(descriptor)
+        guard rename(temporary, path) == 0 else { throw error("rename", temporary) }
+        try syncDirectory(directory)
+    }
+
+    /// Writes all of `bytes` at the descriptor's position.
+    static func writeAll(_ bytes: [UInt8], to descriptor: Int32, _ path: String) throws {
+        try bytes.withUnsafeBytes { buffer in
+            var offset = 0
+            while offset < buffer.count {
+                let written = write(descriptor, buffer.baseAddress! + offset, buffer.count - offset)
+                if written < 0 {
+                    if errno == EINTR { continue }
+                    throw error("write", path)
+                }
+                offset += written
+            }
+        }
+    }
+
+    /// Bytes written by `seal`: `magic`, the body, a CRC-32C of both.
+    static func seal(magic: [UInt8], _ body: (inout BinaryWriter) -> Void, capacity: Int = 256) -> [UInt8] {
+        var w = BinaryWriter(capacity: capacity)
+        for byte in magic { w.write(byte) }
+        body(&w)
+        var crc = CRC32C()
+        crc.update(w.bytes)
+        w.write(crc.value)
+        return w.bytes
+    }
+
+    /// The body of bytes made by `seal`, once its magic and checksum are
+    /// checked; `damaged` makes the error for what is wrong.
+    static func unseal<T>(_ bytes: [UInt8], magic: [UInt8], damaged: (String) -> StorageError, _ body: (inout BinaryReader) throws -> T) throws -> T {
+        guard bytes.count >= magic.count + 4, Array(bytes[0..<magic.count]) == magic else { throw damaged("not a Warrant file of this kind (bad header)") }
+        var crc = CRC32C()
+        crc.update(bytes[0..<(bytes.count - 4)])
+        let stored = bytes.withUnsafeBytes { UInt32(littleEndian: $0.loadUnaligned(fromByteOffset: bytes.count - 4, as: UInt32.self)) }
+        guard crc.value == stored else { throw damaged("it fails its checksum") }
+        var r = BinaryReader(Array(bytes[magic.count..<(bytes.count - 4)]))
+        do {
+            let value = try body(&r)
+            try r.expectEnd()
+            return value
+        } catch let error as StorageError {
+            throw error
+        } catch {
+            throw damaged("\(error)")
+        }
+    }
+
+    static func syncDirectory(_ path: String) throws {
+        let descriptor = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard descriptor >= 0 else { throw error("open", path) }
+        defer { close(descriptor) }
+        guard fsync(descriptor) == 0 else { throw error("fsync", path) }
+    }
+
+    static func remove(_ path: String) throws {
+        guard unlink(path) == 0 || errno == ENOENT else { throw error("unlink", path) }
+    }
+}
