@@ -109,23 +109,11 @@ func writeEtcdCertificates(to directory: String) throws -> NIOSSLContext {
     return try NIOSSLContext(configuration: configuration)
 }
 
-/// Runs a shell script and waits for it (posix_spawn and waitpid: the
+/// Runs a shell script and waits for it (posix_spawn and wait4: the
 /// script leaves daemons behind, which Foundation's Process waits on).
 func runScript(_ script: String, _ arguments: [String]) throws {
-    let argv = ["/bin/bash", script] + arguments
-    var cArguments = argv.map { strdup($0) } + [nil]
-    defer { for pointer in cArguments { free(pointer) } }
-    var pid: pid_t = 0
-    var actions = posix_spawn_file_actions_t()
-    posix_spawn_file_actions_init(&actions)
-    defer { posix_spawn_file_actions_destroy(&actions) }
-    posix_spawn_file_actions_adddup2(&actions, 2, 1) // its output to our stderr
-    guard posix_spawn(&pid, "/bin/bash", &actions, nil, &cArguments, environ) == 0 else {
-        throw BenchFailure(description: "could not run \(script)")
-    }
-    var status: Int32 = 0
-    while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
-    guard status == 0 else { throw BenchFailure(description: "\(script) \(arguments.joined(separator: " ")) failed (status \(status))") }
+    let run = try Spawned.run("/bin/bash", [script] + arguments, inheritErrors: true)
+    guard run.status == 0 else { throw BenchFailure(description: "\(script) \(arguments.joined(separator: " ")) failed (status \(run.status))") }
 }
 
 /// Parses and runs `cluster`, `failover` or `crash`; returns the exit status.

@@ -35,6 +35,8 @@ struct Timed: Sendable {
     var failed = 0
     var latencies: [Duration] = []
     var seconds = 0.0
+    /// The load generator's CPU time when it ran in processes of its own (wrk).
+    var clientCPUSeconds: Double?
 
     func line(_ name: String) -> String {
         let sorted = latencies.sorted()
@@ -93,6 +95,39 @@ func drive(endpoints: [SocketAddress], tls: NIOSSLContext, clients: Int, seconds
     return timed
 }
 
+/// What a phase sends: each body once, or one body over and over.
+enum Bodies {
+    case each([[UInt8]])
+    case repeating([UInt8])
+}
+
+/// Whether phases use wrk (installed, and WARRANT_BENCH_CLIENT is not
+/// "swift") or the Swift client (`drive`).
+let usesWrk = Wrk.available && ProcessInfo.processInfo.environment["WARRANT_BENCH_CLIENT"] != "swift"
+
+/// Sends `bodies` to `path` on `endpoints` with `clients` connections for at
+/// most `seconds`: with wrk when it is there, else with the Swift client.
+func load(_ bodies: Bodies, to endpoints: [SocketAddress], path: String, tls: NIOSSLContext, clients: Int, seconds: Double,
+          directory: String) async throws -> Timed {
+    if usesWrk {
+        let targets = endpoints.map { (host: "127.0.0.1", port: $0.port ?? 0) }
+        switch bodies {
+        case .each(let list):
+            return try await Wrk.post(endpoints: targets, path: path, bodies: list, connections: clients, seconds: seconds, directory: directory)
+        case .repeating(let body):
+            return try await Wrk.post(endpoints: targets, path: path, bodies: [body], repeating: true, checkVerdicts: path == "/v1/verify",
+                                      connections: clients, seconds: seconds, directory: directory)
+        }
+    }
+    switch bodies {
+    case .each(let list):
+        let queue = Queue(list)
+        return try await drive(endpoints: endpoints, tls: tls, clients: clients, seconds: seconds, path: path) { queue.take() }
+    case .repeating(let body):
+        return try await drive(endpoints: endpoints, tls: tls, clients: clients, seconds: seconds, path: path) { body }
+    }
+}
+
 /// A 3-node cluster of real processes in `directory`, once it has a leader
 /// and every node is ready.
 func startReadyCluster(binary: String, directory: String) async throws -> LocalProcessCluster {
@@ -116,7 +151,7 @@ func contains(_ haystack: [UInt8], _ needle: [UInt8]) -> Bool {
 func jsonBytes(_ object: [String: Any]) -> [UInt8] { Array((try? JSONSerialization.data(withJSONObject: object)) ?? Data()) }
 
 func runIssueBench(binary: String, clients: Int, seconds: Double) async throws {
-    print("issue: 3 nodes on loopback, \(clients) clients, \(seconds) s per run; spread over all nodes (followers forward to the leader) or on the leader (as a leader-aware client)")
+    print("issue: 3 nodes on loopback, \(clients) clients (\(usesWrk ? "wrk" : "the Swift client")), \(seconds) s per run; spread over all nodes (followers forward to the leader) or on the leader (as a leader-aware client)")
     // The machine's raw signing rate, one thread, with the same code the leader signs with.
     let key = P256.Signing.PrivateKey(compactRepresentable: false)
     var signatures = 0
@@ -181,17 +216,17 @@ func runIssueBench(binary: String, clients: Int, seconds: Double) async throws {
         return try request.serializeAsPEM().pemString
     }()
     // Request bodies, made beforehand too: the client shares the machine.
-    func bodies(_ phase: String, _ body: (String) -> [String: Any]) -> Queue<[UInt8]> {
+    func bodies(_ phase: String, _ body: (String) -> [String: Any]) -> Bodies {
         var tokens: [String] = []
         while let token = queues[phase]!.take() { tokens.append(token) }
-        return Queue(tokens.map { jsonBytes(body($0)) })
+        return .each(tokens.map { jsonBytes(body($0)) })
     }
     let x509Bodies = bodies("x509-all") { ["token": $0, "csr": csrPEM] }
     let x509LeaderBodies = bodies("x509-leader") { ["token": $0, "csr": csrPEM] }
     let jwtBodies = bodies("jwt-leader") { ["token": $0, "audience": ["bench"]] }
     print("timing X509-SVID issuance...")
     _ = try await phase("X509-SVID, clients on all nodes") { _ in
-        try await drive(endpoints: endpoints, tls: tls, clients: clients, seconds: seconds, path: "/v1/svid/x509") { x509Bodies.take() }
+        try await load(x509Bodies, to: endpoints, path: "/v1/svid/x509", tls: tls, clients: clients, seconds: seconds, directory: directory)
     }
     /// Storage transactions and Raft messages so far, per node (from /metrics).
     func counters() async -> [(transactions: Double, messages: Double)] {
@@ -208,7 +243,7 @@ func runIssueBench(binary: String, clients: Int, seconds: Double) async throws {
     let before = await counters()
     let x509LeaderID = try await leader().id
     let x509 = try await phase("X509-SVID, clients on the leader") { leaderEndpoint in
-        try await drive(endpoints: leaderEndpoint, tls: tls, clients: clients, seconds: seconds, path: "/v1/svid/x509") { x509LeaderBodies.take() }
+        try await load(x509LeaderBodies, to: leaderEndpoint, path: "/v1/svid/x509", tls: tls, clients: clients, seconds: seconds, directory: directory)
     }
     let after = await counters()
     for (index, member) in listing.members.enumerated() {
@@ -219,7 +254,7 @@ func runIssueBench(binary: String, clients: Int, seconds: Double) async throws {
                      messages / x509.seconds))
     }
     _ = try await phase("JWT-SVID, clients on the leader") { leaderEndpoint in
-        try await drive(endpoints: leaderEndpoint, tls: tls, clients: clients, seconds: seconds, path: "/v1/svid/jwt") { jwtBodies.take() }
+        try await load(jwtBodies, to: leaderEndpoint, path: "/v1/svid/jwt", tls: tls, clients: clients, seconds: seconds, directory: directory)
     }
 
     // Verification on one follower.
@@ -233,7 +268,8 @@ func runIssueBench(binary: String, clients: Int, seconds: Double) async throws {
     let certificate = (try JSONSerialization.jsonObject(with: Data(svid.body)) as? [String: Any])?["certificate"] as? String ?? ""
     let x509Verify = jsonBytes(["x509_chain": certificate])
     _ = try await phase("verify X509-SVID on a follower") { _ in
-        try await drive(endpoints: [endpoints[followerIndex]], tls: tls, clients: clients, seconds: seconds / 2, path: "/v1/verify") { x509Verify }
+        try await load(.repeating(x509Verify), to: [endpoints[followerIndex]], path: "/v1/verify", tls: tls, clients: clients, seconds: seconds / 2,
+                       directory: directory)
     }
     let jwtToken = try await admin.request(.POST, "/v1/tokens", headers: [("content-type", "application/json")],
                                            body: jsonBytes(["spiffe_id": "spiffe://warrant.local/bench/verify-jwt"]))
@@ -242,7 +278,8 @@ func runIssueBench(binary: String, clients: Int, seconds: Double) async throws {
     let jwtValue = (try JSONSerialization.jsonObject(with: Data(jwtSVID.body)) as? [String: Any])?["token"] as? String ?? ""
     let jwtVerifyBody = jsonBytes(["jwt": jwtValue, "audience": "bench"])
     _ = try await phase("verify JWT-SVID on a follower") { _ in
-        try await drive(endpoints: [endpoints[followerIndex]], tls: tls, clients: clients, seconds: seconds / 2, path: "/v1/verify") { jwtVerifyBody }
+        try await load(.repeating(jwtVerifyBody), to: [endpoints[followerIndex]], path: "/v1/verify", tls: tls, clients: clients, seconds: seconds / 2,
+                       directory: directory)
     }
     print(String(format: "audited X509-SVID issuance / raw single-thread signing: %.2f", Double(x509.ok) / x509.seconds / rawSign))
     await cluster.close()
@@ -277,7 +314,8 @@ struct Phases {
         let (leaderID, leaderEndpoint) = try await leader()
         let before = meter.sample()
         let timed = try await body(leaderEndpoint)
-        let after = meter.sample()
+        var after = meter.sample()
+        after[after.count - 1] += timed.clientCPUSeconds ?? 0 // wrk's processes, beside this one's
         print(timed.line(name))
         print(meter.line(from: before, to: after, operations: timed.ok, leader: leaderID))
         if let now = try? await leader().id, now != leaderID { print("  (the leader changed during this phase: node \(leaderID), then node \(now))") }

@@ -12,7 +12,7 @@ import X509
 // from each node's cache (the benchmark counts the provider's fetches).
 
 func runJoinBench(binary: String, clients: Int, seconds: Double) async throws {
-    print("join: 3 nodes on loopback, \(clients) clients, \(seconds) s per run; GitHub-style RS256 tokens from a local OIDC provider over HTTPS")
+    print("join: 3 nodes on loopback, \(clients) clients (\(usesWrk ? "wrk" : "the Swift client")), \(seconds) s per run; GitHub-style RS256 tokens from a local OIDC provider over HTTPS")
     let provider = try TestIssuer(keys: [.rsa2048])
     try await provider.serve()
     defer { Task { await provider.stop() } }
@@ -64,13 +64,12 @@ func runJoinBench(binary: String, clients: Int, seconds: Double) async throws {
     let fetchesBefore = provider.jwksFetches + provider.discoveryFetches
     // Request bodies are encoded beforehand too: the client shares the machine with the cluster.
     let bodies = minted.map { jsonBytes(["token": $0, "csr": csrPEM]) }
-    let allTokens = Queue(Array(bodies[1...perRun]))
     _ = try await phases.run("join -> X509-SVID, clients on all nodes") { _ in
-        try await drive(endpoints: endpoints, tls: tls, clients: clients, seconds: seconds, path: "/v1/join") { allTokens.take() }
+        try await load(.each(Array(bodies[1...perRun])), to: endpoints, path: "/v1/join", tls: tls, clients: clients, seconds: seconds, directory: directory)
     }
-    let leaderTokens = Queue(Array(bodies[(perRun + 1)...]))
     _ = try await phases.run("join -> X509-SVID, clients on the leader") { leaderEndpoint in
-        try await drive(endpoints: leaderEndpoint, tls: tls, clients: clients, seconds: seconds, path: "/v1/join") { leaderTokens.take() }
+        try await load(.each(Array(bodies[(perRun + 1)...])), to: leaderEndpoint, path: "/v1/join", tls: tls, clients: clients, seconds: seconds,
+                       directory: directory)
     }
     print("JWKS and discovery fetches during the timed runs: \(provider.jwksFetches + provider.discoveryFetches - fetchesBefore)")
     // Replays are refused: a token already used gets 403 on every node.
@@ -88,26 +87,9 @@ func runJoinBench(binary: String, clients: Int, seconds: Double) async throws {
     let leaderPort = try await phases.leader().endpoint[0].port ?? 0
     let execArguments = ["exec", "--endpoint", "127.0.0.1:\(leaderPort)", "--ca-file", "\(directory)/ca.pem",
                          "--audience", "warrant.local", "--token-request-ca", caFile, "--", "true"]
-    /// Runs a process to its end: posix_spawn and waitpid (Foundation's
-    /// Process polls its exit every 50 ms off the main thread), output to
-    /// /dev/null; the wall time in ms and the exit status.
     func timed(_ executable: String, _ arguments: [String]) throws -> (Double, Int32) {
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0)
-        let argv = ([executable] + arguments).map { strdup($0) } + [nil]
-        let envp = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
-        defer { (argv + envp).forEach { free($0) } }
-        var pid: pid_t = 0
-        let start = ContinuousClock.now
-        let spawned = posix_spawn(&pid, executable, &actions, nil, argv, envp)
-        guard spawned == 0 else { throw BenchFailure(description: "could not start \(executable): error \(spawned)") }
-        var status: Int32 = 0
-        while waitpid(pid, &status, 0) == -1 && errno == EINTR {}
-        let exited = status & 0x7F == 0 ? (status >> 8) & 0xFF : 128 + (status & 0x7F)
-        return (start.duration(to: .now).milliseconds, exited)
+        let run = try Spawned.run(executable, arguments, environment: environment)
+        return (run.wallMilliseconds, run.status)
     }
     var plain: [Double] = [], exec: [Double] = []
     var failures = 0
