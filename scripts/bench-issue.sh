@@ -6,5 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
+# wrk is the load generator (the benchmark falls back to its Swift client without it).
+command -v wrk >/dev/null 2>&1 || { as_root apt-get update -qq; as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
 source scripts/release-build.sh
 "$bin/warrant-bench" issue --warrant-binary "$bin/warrant" --clients 64 --seconds "${SECONDS_PER_RUN:-8}"

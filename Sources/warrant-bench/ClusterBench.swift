@@ -127,7 +127,7 @@ func runClusterCommand(_ arguments: [String]) async -> Int32 {
         }
         options[String(option.dropFirst(2))] = value
     }
-    let known: Set<String> = ["warrant-binary", "clients", "seconds", "etcd-script", "kills", "writers", "seed", "only", "also-leader-only"]
+    let known: Set<String> = ["warrant-binary", "clients", "seconds", "etcd-script", "kills", "writers", "seed", "only", "also-leader-only", "phases"]
     if let unknown = options.keys.first(where: { !known.contains($0) }) {
         FileHandle.standardError.write(Data("warrant-bench: unknown option --\(unknown)\n".utf8))
         return 2
@@ -153,7 +153,12 @@ func runClusterCommand(_ arguments: [String]) async -> Int32 {
                 return 2
             }
             if arguments[0] == "issue" {
-                try await runIssueBench(binary: binary, clients: clients, seconds: seconds)
+                let phases = (options["phases"] ?? issuePhases.joined(separator: ",")).split(separator: ",").map(String.init)
+                guard !phases.isEmpty, phases.allSatisfy(issuePhases.contains) else {
+                    FileHandle.standardError.write(Data("warrant-bench: --phases takes some of \(issuePhases.joined(separator: ","))\n".utf8))
+                    return 2
+                }
+                try await runIssueBench(binary: binary, clients: clients, seconds: seconds, phases: Set(phases))
             } else {
                 try await runJoinBench(binary: binary, clients: clients, seconds: seconds)
             }

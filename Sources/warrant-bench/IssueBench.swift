@@ -150,7 +150,10 @@ func contains(_ haystack: [UInt8], _ needle: [UInt8]) -> Bool {
 
 func jsonBytes(_ object: [String: Any]) -> [UInt8] { Array((try? JSONSerialization.data(withJSONObject: object)) ?? Data()) }
 
-func runIssueBench(binary: String, clients: Int, seconds: Double) async throws {
+/// The issuance benchmark's phases, in the order they run.
+let issuePhases = ["x509-all", "x509-leader", "jwt-leader", "verify"]
+
+func runIssueBench(binary: String, clients: Int, seconds: Double, phases selected: Set<String> = Set(issuePhases)) async throws {
     print("issue: 3 nodes on loopback, \(clients) clients (\(usesWrk ? "wrk" : "the Swift client")), \(seconds) s per run; spread over all nodes (followers forward to the leader) or on the leader (as a leader-aware client)")
     // The machine's raw signing rate, one thread, with the same code the leader signs with.
     let key = P256.Signing.PrivateKey(compactRepresentable: false)
@@ -187,7 +190,8 @@ func runIssueBench(binary: String, clients: Int, seconds: Double) async throws {
 
     // Tokens, made beforehand (not timed): one per issuance, for three
     // timed phases.
-    let perPhase = [("x509-all", 6_000.0), ("x509-leader", 6_000.0), ("jwt-leader", 12_000.0)].map { ($0.0, Int(seconds * $0.1)) }
+    let perPhase = [("x509-all", 6_000.0), ("x509-leader", 6_000.0), ("jwt-leader", 12_000.0)].filter { selected.contains($0.0) }
+        .map { ($0.0, Int(seconds * $0.1)) }
     print("making \(perPhase.map(\.1).reduce(0, +)) join tokens (not timed)...")
     var queues: [String: Queue<String>] = [:]
     for (phase, count) in perPhase {
@@ -221,12 +225,12 @@ func runIssueBench(binary: String, clients: Int, seconds: Double) async throws {
         while let token = queues[phase]!.take() { tokens.append(token) }
         return .each(tokens.map { jsonBytes(body($0)) })
     }
-    let x509Bodies = bodies("x509-all") { ["token": $0, "csr": csrPEM] }
-    let x509LeaderBodies = bodies("x509-leader") { ["token": $0, "csr": csrPEM] }
-    let jwtBodies = bodies("jwt-leader") { ["token": $0, "audience": ["bench"]] }
-    print("timing X509-SVID issuance...")
-    _ = try await phase("X509-SVID, clients on all nodes") { _ in
-        try await load(x509Bodies, to: endpoints, path: "/v1/svid/x509", tls: tls, clients: clients, seconds: seconds, directory: directory)
+    print("timing...")
+    if selected.contains("x509-all") {
+        let x509Bodies = bodies("x509-all") { ["token": $0, "csr": csrPEM] }
+        _ = try await phase("X509-SVID, clients on all nodes") { _ in
+            try await load(x509Bodies, to: endpoints, path: "/v1/svid/x509", tls: tls, clients: clients, seconds: seconds, directory: directory)
+        }
     }
     /// Storage transactions and Raft messages so far, per node (from /metrics).
     func counters() async -> [(transactions: Double, messages: Double)] {
@@ -240,24 +244,40 @@ func runIssueBench(binary: String, clients: Int, seconds: Double) async throws {
         }
         return result
     }
+    var x509: Timed?
+    if selected.contains("x509-leader") {
+        let x509LeaderBodies = bodies("x509-leader") { ["token": $0, "csr": csrPEM] }
     let before = await counters()
     let x509LeaderID = try await leader().id
-    let x509 = try await phase("X509-SVID, clients on the leader") { leaderEndpoint in
+    let timed = try await phase("X509-SVID, clients on the leader") { leaderEndpoint in
         try await load(x509LeaderBodies, to: leaderEndpoint, path: "/v1/svid/x509", tls: tls, clients: clients, seconds: seconds, directory: directory)
     }
-    let after = await counters()
-    for (index, member) in listing.members.enumerated() {
-        let transactions = after[index].transactions - before[index].transactions
-        let messages = after[index].messages - before[index].messages
-        print(String(format: "  node %d%@: %.0f storage transactions/s (%.1f issuances each), %.0f Raft messages sent/s", Int(member.id),
-                     member.id == x509LeaderID ? " (leader)" : "", transactions / x509.seconds, Double(x509.ok) / max(transactions, 1),
-                     messages / x509.seconds))
+        x509 = timed
+        let after = await counters()
+        for (index, member) in listing.members.enumerated() {
+            let transactions = after[index].transactions - before[index].transactions
+            let messages = after[index].messages - before[index].messages
+            print(String(format: "  node %d%@: %.0f storage writes/s (%.1f issuances each), %.0f Raft messages sent/s", Int(member.id),
+                         member.id == x509LeaderID ? " (leader)" : "", transactions / timed.seconds, Double(timed.ok) / max(transactions, 1),
+                         messages / timed.seconds))
+        }
     }
-    _ = try await phase("JWT-SVID, clients on the leader") { leaderEndpoint in
-        try await load(jwtBodies, to: leaderEndpoint, path: "/v1/svid/jwt", tls: tls, clients: clients, seconds: seconds, directory: directory)
+    if selected.contains("jwt-leader") {
+        let jwtBodies = bodies("jwt-leader") { ["token": $0, "audience": ["bench"]] }
+        _ = try await phase("JWT-SVID, clients on the leader") { leaderEndpoint in
+            try await load(jwtBodies, to: leaderEndpoint, path: "/v1/svid/jwt", tls: tls, clients: clients, seconds: seconds, directory: directory)
+        }
     }
+    if selected.contains("verify") {
+        try await verifyPhases()
+    }
+    if let x509 {
+        print(String(format: "audited X509-SVID issuance / raw single-thread signing: %.2f", Double(x509.ok) / x509.seconds / rawSign))
+    }
+    await cluster.close()
 
     // Verification on one follower.
+    func verifyPhases() async throws {
     guard let leader = await cluster.waitForLeader(), let followerIndex = listing.members.firstIndex(where: { $0.id != leader }) else {
         throw BenchFailure(description: "no leader")
     }
@@ -281,8 +301,7 @@ func runIssueBench(binary: String, clients: Int, seconds: Double) async throws {
         try await load(.repeating(jwtVerifyBody), to: [endpoints[followerIndex]], path: "/v1/verify", tls: tls, clients: clients, seconds: seconds / 2,
                        directory: directory)
     }
-    print(String(format: "audited X509-SVID issuance / raw single-thread signing: %.2f", Double(x509.ok) / x509.seconds / rawSign))
-    await cluster.close()
+    }
 }
 
 /// Timed phases on a cluster: each prints its figures and the CPU time

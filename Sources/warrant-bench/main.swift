@@ -25,10 +25,12 @@ USAGE
   warrant-bench crash --warrant-binary PATH [--kills 50] [--writers 4] [--seed S]
       SIGKILLs random nodes at random moments under write load, restarting
       them; checks no acknowledged write was lost and the audit chains agree.
-  warrant-bench issue --warrant-binary PATH [--clients 64] [--seconds 5]
+  warrant-bench issue --warrant-binary PATH [--clients 64] [--seconds 5] [--phases x509-all,x509-leader,jwt-leader,verify]
       Audited issuance on a 3-node cluster: X509-SVIDs from CSRs and JWT-SVIDs
       (one join token each, made beforehand), verification on a follower, and
-      this machine's raw signing rate measured in the same run.
+      this machine's raw signing rate measured in the same run. The load
+      comes from wrk when it is installed (WARRANT_BENCH_CLIENT=swift: the
+      Swift client).
   warrant-bench join --warrant-binary PATH [--clients 64] [--seconds 5]
       Attested join on a 3-node cluster: GitHub-style RS256 tokens from a local
       OIDC provider (HTTPS, minted beforehand, one per join) exchanged for
