@@ -2,6 +2,7 @@ import Authority
 import Foundation
 import Ledger
 import NIOHTTP1
+import NIOPosix
 import Raft
 import Storage
 import Yams
@@ -127,8 +128,8 @@ public final class NodeAPI: Sendable {
         case (.GET, "/v1/documents/{name}"): return try await readDocument(parameter ?? "", request)
         case (.PUT, "/v1/documents/{name}"): return try await putDocument(parameter ?? "", request)
         case (.DELETE, "/v1/documents/{name}"): return try await deleteDocument(parameter ?? "", request)
-        case (.GET, "/v1/audit"): return try auditTail(request)
-        case (.GET, "/v1/audit/verify"): return try auditVerify()
+        case (.GET, "/v1/audit"): return try await auditTail(request)
+        case (.GET, "/v1/audit/verify"): return try await auditVerify()
         default:
             if let response = try await dispatchAuthority(route, request) { return response }
             if let response = try await dispatchJoin(route, request) { return response }
@@ -263,15 +264,18 @@ public final class NodeAPI: Sendable {
 
     // MARK: - Audit
 
-    private func auditTail(_ request: HTTPRequest) throws -> HTTPResponse {
+    private func auditTail(_ request: HTTPRequest) async throws -> HTTPResponse {
         let after = try Self.integer(request.query["after"], "after", default: 0, range: 0...Int.max)
         let limit = try Self.integer(request.query["limit"], "limit", default: 100, range: 1...Self.auditPageMax)
-        let records = try store.auditRecords(after: UInt64(after), limit: limit)
+        let store = self.store
+        // SQLite reads block their thread: off the event loop.
+        let records = try await NIOThreadPool.singleton.runIfActive { try store.auditRecords(after: UInt64(after), limit: limit) }
         return APIJSON.response(AuditPageBody(records: records.map(Self.body)))
     }
 
-    private func auditVerify() throws -> HTTPResponse {
-        switch try store.verifyAudit() {
+    private func auditVerify() async throws -> HTTPResponse {
+        let store = self.store
+        switch try await NIOThreadPool.singleton.runIfActive({ try store.verifyAudit() }) {
         case .intact(let count, let head):
             return APIJSON.response(AuditVerifyBody(node: id, intact: true, records: count, headHash: Hex.encode(head)))
         case .broken(let sequence, let reason):

@@ -204,6 +204,20 @@ private final class RequestHandler: ChannelInboundHandler {
     private var body: [UInt8] = []
     private var tooLarge = false
     private var caller: APICaller?
+    private var executorOfLoop: EventLoopTaskExecutor?
+
+    /// Tasks started for this connection's requests run on its event loop.
+    private var executor: EventLoopTaskExecutor {
+        if let executorOfLoop { return executorOfLoop }
+        let made = EventLoopTaskExecutor(loop: loopOfConnection!)
+        executorOfLoop = made
+        return made
+    }
+    private var loopOfConnection: (any EventLoop)?
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        loopOfConnection = context.eventLoop
+    }
 
     init(clusterID: String, clusterCA: DistinguishedName, bodyBytesMax: Int, handler: @escaping HTTPServer.Handler) {
         self.clusterID = clusterID
@@ -237,7 +251,12 @@ private final class RequestHandler: ChannelInboundHandler {
             let keepAlive = head.isKeepAlive
             let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
             let handler = self.handler
-            context.eventLoop.makeFutureWithTask { await handler(request) }.whenSuccess { response in
+            // The handler runs on this connection's event loop (its awaits
+            // hop to the driver and back here), not on Swift's cooperative
+            // pool: two thread hops fewer per request. Handlers do not block.
+            let answered = context.eventLoop.makePromise(of: HTTPResponse.self)
+            Task(executorPreference: executor) { answered.succeed(await handler(request)) }
+            answered.futureResult.whenSuccess { response in
                 let (this, context) = loopBound.value
                 this.write(response, keepAlive: keepAlive, context: context)
             }
@@ -296,6 +315,21 @@ private final class RequestHandler: ChannelInboundHandler {
             }
         }
         return (path, query)
+    }
+}
+
+/// Runs Swift tasks on an event loop's thread: an async handler started
+/// from a channel stays on that channel's loop between its awaits.
+final class EventLoopTaskExecutor: TaskExecutor, @unchecked Sendable {
+    let loop: any EventLoop
+
+    init(loop: any EventLoop) {
+        self.loop = loop
+    }
+
+    func enqueue(_ job: consuming ExecutorJob) {
+        let job = UnownedJob(job)
+        loop.execute { job.runSynchronously(on: self.asUnownedTaskExecutor()) }
     }
 }
 
