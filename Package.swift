@@ -31,14 +31,18 @@ let package = Package(
         .package(url: "https://github.com/grpc/grpc-swift-protobuf", exact: "2.4.1"),
         .package(url: "https://github.com/apple/swift-protobuf", exact: "1.39.0"),
         .package(url: "https://github.com/apple/swift-nio-http2", exact: "1.46.0"),
+        .package(url: "https://github.com/apple/swift-collections", exact: "1.6.0"),
     ],
     targets: [
         // The pure consensus core: messages in, Ready out. No I/O, no clock,
         // no global randomness, no dependencies at all.
         .target(name: "Raft", swiftSettings: strict),
-        // Durable state in SQLite (the system library): the Raft log, hard
-        // state and snapshot metadata, with checksums verified on read.
-        .target(name: "Storage", dependencies: ["Raft", "Ledger", .product(name: "GRDB", package: "GRDB.swift"), .product(name: "GRDBSQLite", package: "GRDB.swift")], swiftSettings: strict),
+        // Durable state: the Raft log and hard state in write-ahead log
+        // files, the ledger in memory (a persistent map, so a checkpoint's
+        // copy costs nothing) with checkpoint files, the audit chain in
+        // SQLite (the system library); checksums verified on read.
+        .target(name: "Storage", dependencies: ["Raft", "Ledger", .product(name: "GRDB", package: "GRDB.swift"), .product(name: "GRDBSQLite", package: "GRDB.swift"),
+                                                .product(name: "HashTreeCollections", package: "swift-collections")], swiftSettings: strict),
         // The replicated state machine: documents and the audit chain.
         // apply() is deterministic: time and actors come stamped in commands.
         .target(name: "Ledger", dependencies: ["Raft", "Encoding", .product(name: "Crypto", package: "swift-crypto")], swiftSettings: strict),

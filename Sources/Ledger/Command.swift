@@ -184,6 +184,18 @@ public struct LedgerCommand: Sendable, Hashable {
         w.write(version ?? 0)
     }
 
+    /// The operation's tag in encoded command bytes, without decoding the
+    /// rest (1: put a document); nil if the bytes are too short.
+    public static func operationTag(in bytes: [UInt8]) -> UInt8? {
+        var position = 1 + 8 // version, time
+        for _ in 0..<2 { // actor, request id: a 32-bit length, then the bytes
+            guard position + 4 <= bytes.count else { return nil }
+            let length = Int(bytes[position]) | Int(bytes[position + 1]) << 8 | Int(bytes[position + 2]) << 16 | Int(bytes[position + 3]) << 24
+            position += 4 + length
+        }
+        return position < bytes.count ? bytes[position] : nil
+    }
+
     public init(decoding bytes: [UInt8]) throws(CodecError) {
         var r = BinaryReader(bytes)
         let version = try r.readUInt8("ledger command version")

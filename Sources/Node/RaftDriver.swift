@@ -446,7 +446,7 @@ public actor RaftDriver {
             rounds += 1
             precondition(rounds <= 10_000, "the core never runs out of work")
             let ready = raft.ready()
-            sender.send(ready.messagesToSendNow)
+            send(ready.messagesToSendNow)
             let writeStart = ContinuousClock.now
             // Persisting and applying share one transaction (one fsync):
             // committed entries may be applied before it ends. (Committing
@@ -457,7 +457,7 @@ public actor RaftDriver {
                 metrics.storageWriteSeconds.observe(writeStart.duration(to: .now))
             }
             metrics.messagesSent.add(ready.messagesToSendNow.count + ready.messagesAfterPersist.count)
-            sender.send(ready.messagesAfterPersist)
+            send(ready.messagesAfterPersist)
             if let snapshot = ready.snapshot {
                 metrics.snapshotsInstalled.add(1)
                 // persist() installed the ledger from it in the same transaction.
@@ -516,22 +516,65 @@ public actor RaftDriver {
         }
     }
 
-    private func finishCompaction(_ metadata: SnapshotMetadata, _ result: Result<(data: [UInt8], records: Int), any Error>) {
+    private func finishCompaction(_ metadata: SnapshotMetadata, _ result: Result<Int, any Error>) {
         compactionInProgress = false
         guard !stopped else { return }
         do {
-            let (data, records) = try result.get()
-            rowsAtLastSnapshot = LogIndex(records)
+            rowsAtLastSnapshot = LogIndex(try result.get())
             // A snapshot from the leader may have replaced the log meanwhile.
             guard metadata.index > raft.snapshotIndex, metadata.index <= appliedIndex else { return }
-            let compacted = try raft.compactLog(through: metadata.index, snapshotData: data)
+            // The core keeps the snapshot without its bytes: `send` makes
+            // them from the checkpoint when a follower needs them.
+            let compacted = try raft.compactLog(through: metadata.index, snapshotData: [])
             precondition(compacted == metadata, "the core compacted to \(compacted), not the checkpoint's \(metadata)")
-            try store.compact(through: metadata, data: data)
+            try store.compact(through: metadata, data: [])
             metrics.snapshotsTaken.add(1)
         } catch {
             // Compaction is an optimisation: the log simply stays longer.
             metrics.compactionFailures.add(1)
         }
+    }
+
+    /// Followers being sent a snapshot whose bytes are being made.
+    private var snapshotsBeingMade: Set<NodeID> = []
+
+    /// Sends messages; a snapshot the core holds without its bytes (a
+    /// checkpoint) gets them from the store first, on a thread of its own,
+    /// one at a time per follower (the core sends it again if it is lost).
+    private func send(_ messages: [Message]) {
+        guard messages.contains(where: { if case .installSnapshot(let snapshot) = $0.body { return snapshot.data.isEmpty } else { return false } }) else {
+            return sender.send(messages)
+        }
+        var now: [Message] = []
+        for message in messages {
+            guard case .installSnapshot(let snapshot) = message.body, snapshot.data.isEmpty, store.snapshotsHoldLedger else {
+                now.append(message)
+                continue
+            }
+            guard snapshotsBeingMade.insert(message.to).inserted else { continue }
+            let store = self.store, sender = self.sender
+            Thread.detachNewThread { [self] in
+                #if os(Linux)
+                _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, 10)
+                #endif
+                let made = Result { try store.snapshotData(for: snapshot.metadata) }
+                if case .success(let data) = made {
+                    var filled = message
+                    filled.body = .installSnapshot(Snapshot(metadata: snapshot.metadata, data: data))
+                    sender.send([filled])
+                }
+                Task { await self.snapshotSent(to: message.to, failed: (try? made.get()) == nil) }
+            }
+        }
+        sender.send(now)
+    }
+
+    private func snapshotSent(to peer: NodeID, failed: Bool) {
+        snapshotsBeingMade.remove(peer)
+        guard failed, !stopped else { return }
+        // A newer checkpoint replaced it: the core probes again and sends that one.
+        raft.reportSnapshotFailure(to: peer)
+        scheduleFlush()
     }
 
     private func settleWrite(at entry: Entry, outcomes: [LedgerOutcome]) {

@@ -1,3 +1,4 @@
+import HashTreeCollections
 import Ledger
 import Raft
 
@@ -7,7 +8,7 @@ import Raft
 /// it for a checkpoint is cheap, and the copy stays as it was while the
 /// original moves on.
 struct LedgerMemory: LedgerTables, Sendable {
-    private(set) var documents: [String: Document] = [:]
+    private(set) var documents = TreeDictionary<String, Document>()
     private(set) var names = SortedNames()
     private(set) var head: (sequence: UInt64, hash: [UInt8]) = (0, AuditRecord.genesisHash)
     /// Audit records after the last one written to the audit table, oldest first.
@@ -19,7 +20,6 @@ struct LedgerMemory: LedgerTables, Sendable {
     init() {}
 
     init(documents: [Document], head: (sequence: UInt64, hash: [UInt8]), applied: LogIndex) {
-        self.documents.reserveCapacity(documents.count)
         for document in documents { put(document) }
         self.head = head
         self.applied = applied

@@ -14,18 +14,23 @@ import Raft
 enum LedgerSnapshot {
     static let encodingVersion: UInt8 = 1
 
+    /// Every document, in name order.
     static func encodeDocuments(_ memory: LedgerMemory, into w: inout BinaryWriter) {
         w.write(UInt32(memory.documents.count))
-        memory.forEachInOrder { document in
-            w.writeBytes(document.name.utf8)
-            w.write(document.format.rawValue)
-            w.writeBytes(document.content)
-            w.write(document.version)
-            w.write(document.logIndex)
-        }
+        memory.forEachInOrder { encode($0, into: &w) }
     }
 
-    static func decodeDocuments(_ r: inout BinaryReader) throws -> [Document] {
+    static func encode(_ document: Document, into w: inout BinaryWriter) {
+        w.writeBytes(document.name.utf8)
+        w.write(document.format.rawValue)
+        w.writeBytes(document.content)
+        w.write(document.version)
+        w.write(document.logIndex)
+    }
+
+    /// Documents as `encodeDocuments` wrote them (in name order unless
+    /// `ordered` is false).
+    static func decodeDocuments(_ r: inout BinaryReader, ordered: Bool = true) throws -> [Document] {
         let count = Int(try r.readUInt32("document count"))
         guard count <= r.remaining else { throw CodecError.invalid(field: "document count", reason: "impossible count \(count)") }
         var documents: [Document] = []
@@ -33,8 +38,10 @@ enum LedgerSnapshot {
         var previous: String?
         for _ in 0..<count {
             let name = try text(&r, "name")
-            if let previous, previous >= name { throw CodecError.invalid(field: "documents", reason: "not in name order at '\(name)'") }
-            previous = name
+            if ordered {
+                if let previous, previous >= name { throw CodecError.invalid(field: "documents", reason: "not in name order at '\(name)'") }
+                previous = name
+            }
             let rawFormat = try r.readUInt8("format")
             guard let format = DocumentFormat(rawValue: rawFormat) else { throw CodecError.invalid(field: "format", reason: "unknown format \(rawFormat)") }
             let content = try r.readBytes("content", limit: LedgerLimits.documentContentBytesMax)
@@ -124,13 +131,20 @@ struct Checkpoint {
         return LogIndex(name.dropFirst(11).prefix(20))
     }
 
-    static func encode(_ memory: LedgerMemory, metadata: SnapshotMetadata) -> [UInt8] {
-        FileSystem.seal(magic: magic, { w in
-            w.write(metadata)
-            w.write(memory.head.sequence)
-            w.writeBytes(memory.head.hash)
-            LedgerSnapshot.encodeDocuments(memory, into: &w)
-        }, capacity: memory.contentBytes + memory.documents.count * 96 + 256)
+    /// Writes the checkpoint file for `memory` at `path`, a megabyte at a
+    /// time, the documents in the map's own order (the name order costs a
+    /// lookup each).
+    static func write(_ memory: LedgerMemory, metadata: SnapshotMetadata, to path: String, directory: String) throws {
+        try FileSystem.writeSealed(to: path, directory: directory, magic: magic) { file in
+            file.buffer.write(metadata)
+            file.buffer.write(memory.head.sequence)
+            file.buffer.writeBytes(memory.head.hash)
+            file.buffer.write(UInt32(memory.documents.count))
+            for (_, document) in memory.documents {
+                LedgerSnapshot.encode(document, into: &file.buffer)
+                try file.flushIfFull()
+            }
+        }
     }
 
     static func decode(_ bytes: [UInt8], path: String) throws -> Checkpoint {
@@ -140,7 +154,7 @@ struct Checkpoint {
             let metadata = try r.readSnapshotMetadata()
             let sequence = try r.readUInt64("audit sequence")
             let hash = try r.readBytes("audit hash", limit: 64)
-            return Checkpoint(metadata: metadata, head: (sequence, hash), documents: try LedgerSnapshot.decodeDocuments(&r))
+            return Checkpoint(metadata: metadata, head: (sequence, hash), documents: try LedgerSnapshot.decodeDocuments(&r, ordered: false))
         }
     }
 }

@@ -208,9 +208,20 @@ public final class LedgerStore: Sendable {
         }
     }
 
-    /// The ledger snapshot of the state loaded from the checkpoint (at start).
-    func currentSnapshotBytes() throws -> [UInt8] {
-        try snapshotBytes(of: memory.withLock { $0 })
+    /// The ledger snapshot for a Raft snapshot at `metadata`, made from
+    /// its checkpoint file and the audit table (when a follower needs one:
+    /// the core keeps snapshots without their bytes). Fails if a newer
+    /// checkpoint replaced that one meanwhile.
+    func snapshotBytes(for metadata: SnapshotMetadata) throws -> [UInt8] {
+        let path = "\(directory)/\(Checkpoint.fileName(metadata.index))"
+        guard FileSystem.exists(path) else {
+            throw StorageError(code: .invalidRequest, reason: "\(directory) holds no checkpoint at index \(metadata.index) any more (a newer one replaced it)")
+        }
+        let checkpoint = try Checkpoint.decode(try FileSystem.read(path), path: path)
+        guard checkpoint.metadata == metadata else {
+            throw StorageError(code: .corruptState, reason: "\(path): the checkpoint records \(checkpoint.metadata), not \(metadata)")
+        }
+        return try snapshotBytes(of: LedgerMemory(documents: checkpoint.documents, head: checkpoint.head, applied: metadata.index))
     }
 
     /// Replaces the whole ledger with a snapshot from the leader: checked
@@ -236,7 +247,7 @@ public final class LedgerStore: Sendable {
     /// older ones. The audit table must already be durable through it.
     func writeCheckpoint(_ memory: LedgerMemory, metadata: SnapshotMetadata) throws {
         let name = Checkpoint.fileName(metadata.index)
-        try FileSystem.writeAtomically(Checkpoint.encode(memory, metadata: metadata), to: "\(directory)/\(name)", directory: directory)
+        try Checkpoint.write(memory, metadata: metadata, to: "\(directory)/\(name)", directory: directory)
         for other in try FileSystem.list(directory) where other != name && (Checkpoint.index(ofFile: other) != nil || other.hasSuffix(".ledger.tmp")) {
             try FileSystem.remove("\(directory)/\(other)")
         }
@@ -348,12 +359,11 @@ public final class LedgerCheckpoint: Sendable {
         self.metadata = metadata
     }
 
-    /// Syncs the audit table, writes the checkpoint file, and returns the
-    /// ledger snapshot bytes (for followers that need one) and how many
-    /// documents and audit records they hold.
-    public func write() throws -> (data: [UInt8], records: Int) {
+    /// Syncs the audit table and writes the checkpoint file; returns how
+    /// many documents and audit records the ledger holds.
+    public func write() throws -> Int {
         try store.syncAudit()
         try store.writeCheckpoint(memory, metadata: metadata)
-        return (try store.snapshotBytes(of: memory), memory.documents.count + Int(memory.head.sequence))
+        return memory.documents.count + Int(memory.head.sequence)
     }
 }

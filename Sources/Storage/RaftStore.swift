@@ -106,7 +106,8 @@ public final class RaftStore: @unchecked Sendable {
     /// Everything a node needs to restart, verified. In a node, this also
     /// loads the ledger from its checkpoint (call it once, before applying
     /// anything): committed entries after the checkpoint are handed out
-    /// again and applied anew.
+    /// again and applied anew; the snapshot comes back without its bytes
+    /// (`snapshotData(for:)` makes them when a follower needs them).
     public func loadDurableState() throws -> DurableState {
         try lock.withLock {
             let (log, contents) = try WriteAheadLog.open(directory: walDirectory, segmentBytesMax: segmentBytesMax, fdatasyncs: synchronous == .full, create: false)
@@ -153,9 +154,6 @@ public final class RaftStore: @unchecked Sendable {
             // may be behind, never ahead of what a torn tail left.
             hardState.commitIndex = max(min(hardState.commitIndex, lastIndex), snapshotIndex)
             durableHardState = hardState
-            if let ledger, let metadata = snapshot?.metadata {
-                snapshot = Snapshot(metadata: metadata, data: try ledger.currentSnapshotBytes())
-            }
             return DurableState(hardState: hardState, snapshot: snapshot, entries: entries, appliedIndex: snapshotIndex)
         }
     }
@@ -216,7 +214,7 @@ public final class RaftStore: @unchecked Sendable {
         if let ledger {
             try ledger.install(snapshot)
         } else {
-            try FileSystem.writeAtomically(Self.encodeSnapshotFile(snapshot), to: snapshotPath, directory: directory)
+            try writeSnapshotFile(snapshot)
         }
     }
 
@@ -228,7 +226,7 @@ public final class RaftStore: @unchecked Sendable {
         try lock.withLock {
             guard let log else { throw StorageError(code: .invalidRequest, reason: "\(directory): the store was not loaded or initialized") }
             if ledger == nil {
-                try FileSystem.writeAtomically(Self.encodeSnapshotFile(Snapshot(metadata: metadata, data: data)), to: snapshotPath, directory: directory)
+                try writeSnapshotFile(Snapshot(metadata: metadata, data: data))
             }
             try log.removeSegments(through: metadata.index)
         }
@@ -239,6 +237,13 @@ public final class RaftStore: @unchecked Sendable {
     public func beginCheckpoint(_ metadata: SnapshotMetadata) throws -> LedgerCheckpoint {
         guard let ledger else { throw StorageError(code: .invalidRequest, reason: "\(directory): opaque snapshots have no ledger checkpoint") }
         return try lock.withLock { try ledger.beginCheckpoint(metadata) }
+    }
+
+    /// The bytes of a snapshot the core keeps without them (in a node, its
+    /// snapshots are the checkpoints: made from the checkpoint file and
+    /// the audit table when a follower needs one).
+    public func snapshotData(for metadata: SnapshotMetadata) throws -> [UInt8] {
+        try requireLedger().snapshotBytes(for: metadata)
     }
 
     /// Writes the ledger's audit records waiting in memory if they are due
@@ -255,11 +260,11 @@ public final class RaftStore: @unchecked Sendable {
 
     private static let snapshotMagic: [UInt8] = Array("WRNTSNP1".utf8)
 
-    static func encodeSnapshotFile(_ snapshot: Snapshot) -> [UInt8] {
-        FileSystem.seal(magic: snapshotMagic, { w in
-            w.write(snapshot.metadata)
-            w.writeBytes(snapshot.data)
-        }, capacity: snapshot.data.count + 128)
+    private func writeSnapshotFile(_ snapshot: Snapshot) throws {
+        try FileSystem.writeSealed(to: snapshotPath, directory: directory, magic: Self.snapshotMagic) { file in
+            file.buffer.write(snapshot.metadata)
+            file.buffer.writeBytes(snapshot.data)
+        }
     }
 
     static func decodeSnapshotFile(_ bytes: [UInt8], path: String) throws -> Snapshot {

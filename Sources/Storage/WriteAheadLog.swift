@@ -410,16 +410,20 @@ enum FileSystem {
         return offset == length ? bytes : Array(bytes[0..<offset])
     }
 
-    /// Writes `bytes` to `path` so that a crash leaves either the old file
-    /// or the whole new one: a temporary file, fsync, rename, fsync of the
-    /// directory.
-    static func writeAtomically(_ bytes: [UInt8], to path: String, directory: String) throws {
+    /// Writes a sealed file (`magic`, what `body` writes, a CRC-32C of
+    /// both) to `path` so that a crash leaves either the old file or the
+    /// whole new one: a temporary file written a megabyte at a time, fsync,
+    /// rename, fsync of the directory.
+    static func writeSealed(to path: String, directory: String, magic: [UInt8], _ body: (inout SealedFile) throws -> Void) throws {
         let temporary = path + ".tmp"
         let descriptor = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
         guard descriptor >= 0 else { throw error("create", temporary) }
         var closed = false
         defer { if !closed { close(descriptor) } }
-        try writeAll(bytes, to: descriptor, temporary)
+        var file = SealedFile(descriptor: descriptor, path: temporary)
+        for byte in magic { file.buffer.write(byte) }
+        try body(&file)
+        try file.finish()
         guard fsync(descriptor) == 0 else { throw error("fsync", temporary) }
         closed = true
         close(descriptor)
@@ -442,19 +446,8 @@ enum FileSystem {
         }
     }
 
-    /// Bytes written by `seal`: `magic`, the body, a CRC-32C of both.
-    static func seal(magic: [UInt8], _ body: (inout BinaryWriter) -> Void, capacity: Int = 256) -> [UInt8] {
-        var w = BinaryWriter(capacity: capacity)
-        for byte in magic { w.write(byte) }
-        body(&w)
-        var crc = CRC32C()
-        crc.update(w.bytes)
-        w.write(crc.value)
-        return w.bytes
-    }
-
-    /// The body of bytes made by `seal`, once its magic and checksum are
-    /// checked; `damaged` makes the error for what is wrong.
+    /// The body of a file written by `writeSealed`, once its magic and
+    /// checksum are checked; `damaged` makes the error for what is wrong.
     static func unseal<T>(_ bytes: [UInt8], magic: [UInt8], damaged: (String) -> StorageError, _ body: (inout BinaryReader) throws -> T) throws -> T {
         guard bytes.count >= magic.count + 4, Array(bytes[0..<magic.count]) == magic else { throw damaged("not a Warrant file of this kind (bad header)") }
         var crc = CRC32C()
@@ -482,5 +475,36 @@ enum FileSystem {
 
     static func remove(_ path: String) throws {
         guard unlink(path) == 0 || errno == ENOENT else { throw error("unlink", path) }
+    }
+}
+
+/// A file being written by `FileSystem.writeSealed`: write into `buffer`
+/// and call `flushIfFull()` now and then; the checksum follows along.
+struct SealedFile {
+    static let chunkBytes = 1 << 20
+    fileprivate let descriptor: Int32
+    fileprivate let path: String
+    private var crc = CRC32C()
+    var buffer = BinaryWriter(capacity: SealedFile.chunkBytes + 4096)
+
+    fileprivate init(descriptor: Int32, path: String) {
+        self.descriptor = descriptor
+        self.path = path
+    }
+
+    mutating func flushIfFull() throws {
+        if buffer.bytes.count >= Self.chunkBytes { try flush() }
+    }
+
+    private mutating func flush() throws {
+        crc.update(buffer.bytes)
+        try FileSystem.writeAll(buffer.bytes, to: descriptor, path)
+        buffer = BinaryWriter(capacity: Self.chunkBytes + 4096)
+    }
+
+    fileprivate mutating func finish() throws {
+        try flush()
+        buffer.write(crc.value)
+        try FileSystem.writeAll(buffer.bytes, to: descriptor, path)
     }
 }

@@ -80,6 +80,12 @@ struct DocumentTests {
             LedgerCommand(timeMillis: 42, actor: "ci", requestID: "r", operation: .deleteDocument(name: "y/z", expectedVersion: 0)),
         ]
         for command in commands { #expect(try LedgerCommand(decoding: command.encoded) == command) }
+        // The operation's tag can be read without decoding the rest, whatever the actor and request id.
+        let long = LedgerCommand(timeMillis: 1, actor: String(repeating: "a", count: 200), requestID: String(repeating: "r", count: 100),
+                                 operation: .deleteDocument(name: "q", expectedVersion: nil))
+        #expect((commands + [long]).map { LedgerCommand.operationTag(in: $0.encoded) } == [1, 1, 2, 2])
+        #expect(LedgerCommand.operationTag(in: Array(long.encoded.prefix(60))) == nil, "cut inside the actor")
+        #expect(LedgerCommand.operationTag(in: []) == nil)
         var damaged = commands[0].encoded
         damaged[damaged.count - 9] = 5
         #expect(throws: CodecError.self) { try LedgerCommand(decoding: damaged) }

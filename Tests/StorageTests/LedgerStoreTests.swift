@@ -47,10 +47,10 @@ private func leaderThatApplied(_ commands: [LedgerCommand]) throws -> (Temporary
 @discardableResult
 private func checkpoint(_ node: inout RaftNode, _ store: RaftStore) throws -> (metadata: SnapshotMetadata, data: [UInt8]) {
     let metadata = try #require(node.snapshotMetadata(at: node.appliedIndex))
-    let (data, _) = try store.beginCheckpoint(metadata).write()
-    _ = try node.compactLog(through: metadata.index, snapshotData: data)
-    try store.compact(through: metadata, data: data)
-    return (metadata, data)
+    _ = try store.beginCheckpoint(metadata).write()
+    _ = try node.compactLog(through: metadata.index, snapshotData: [])
+    try store.compact(through: metadata, data: [])
+    return (metadata, try store.snapshotData(for: metadata))
 }
 
 @Suite("The ledger store")
@@ -162,10 +162,14 @@ struct LedgerStoreTests {
         #expect(try follower.auditRecords(limit: 10_000) == leader.auditRecords(limit: 10_000))
         #expect(try follower.verifyAudit() == leader.verifyAudit())
         for name in (0..<6).map({ "docs/\($0)" }) { #expect(try follower.document(named: name) == leader.document(named: name)) }
-        let reloaded = try target.open().loadDurableState()
+        let reopened = try target.open()
+        let reloaded = try reopened.loadDurableState()
         #expect(reloaded.appliedIndex == metadata.index)
         #expect(reloaded.snapshot?.metadata == snapshot.metadata)
-        #expect(reloaded.snapshot?.data == data, "made again from the checkpoint and the table, identical")
+        #expect(reloaded.snapshot?.data.isEmpty == true, "the core keeps it without its bytes")
+        #expect(try reopened.snapshotData(for: metadata) == data, "made again from the checkpoint and the table, identical")
+        let older = SnapshotMetadata(index: metadata.index - 1, term: metadata.term, membership: metadata.membership)
+        #expect(throws: StorageError.self, "no checkpoint at another index") { try reopened.snapshotData(for: older) }
     }
 
     @Test("A damaged ledger snapshot is refused and nothing of it is installed")

@@ -31,7 +31,8 @@ public final class MemberDirectory: Sendable {
     /// The member a `cluster/members/<id>` write names and its addresses,
     /// if `entry` is one.
     public static func addresses(in entry: Entry) -> (NodeID, Addresses)? {
-        guard case .command(let bytes) = entry.payload, let command = try? LedgerCommand(decoding: bytes),
+        // Every applied entry comes here: only document puts are decoded.
+        guard case .command(let bytes) = entry.payload, LedgerCommand.operationTag(in: bytes) == 1, let command = try? LedgerCommand(decoding: bytes),
               case .putDocument(let name, _, let content, _) = command.operation,
               name.hasPrefix("\(NodeAPI.reservedPrefix)members/"),
               let id = NodeID(name.dropFirst("\(NodeAPI.reservedPrefix)members/".count)),
