@@ -7,39 +7,85 @@ public enum JSONText {
     /// A JSON string literal for `text`: `"`, `\` and control characters
     /// escaped, everything else as is.
     public static func quote(_ text: String) -> String {
-        var text = text
-        return text.withUTF8 { bytes in
-            guard bytes.contains(where: { $0 < 0x20 || $0 == 0x22 || $0 == 0x5C }) else {
-                var out = [UInt8]()
-                out.reserveCapacity(bytes.count + 2)
-                out.append(0x22)
-                out.append(contentsOf: bytes)
-                out.append(0x22)
-                return String(decoding: out, as: UTF8.self)
-            }
-            var out = [UInt8]()
-            out.reserveCapacity(bytes.count + 16)
-            out.append(0x22)
-            let hex = Array("0123456789abcdef".utf8)
-            for byte in bytes {
-                switch byte {
-                case 0x22: out += [0x5C, 0x22]
-                case 0x5C: out += [0x5C, 0x5C]
-                case 0x0A: out += [0x5C, 0x6E]
-                case 0x0D: out += [0x5C, 0x72]
-                case 0x09: out += [0x5C, 0x74]
-                case ..<0x20: out += [0x5C, 0x75, 0x30, 0x30, hex[Int(byte >> 4)], hex[Int(byte & 0x0F)]]
-                default: out.append(byte)
-                }
-            }
-            out.append(0x22)
-            return String(decoding: out, as: UTF8.self)
-        }
+        var builder = Builder(capacity: text.utf8.count + 2)
+        builder.quoted(text)
+        return String(decoding: builder.bytes, as: UTF8.self)
     }
 
     /// An object of string members, keys sorted.
     public static func object(_ members: [String: String]) -> String {
-        "{" + members.sorted { $0.key < $1.key }.map { quote($0.key) + ":" + quote($0.value) }.joined(separator: ",") + "}"
+        var builder = Builder(capacity: 64)
+        builder.object(members)
+        return String(decoding: builder.bytes, as: UTF8.self)
+    }
+
+    /// JSON written into bytes, piece by piece, with no intermediate strings.
+    public struct Builder: Sendable {
+        public private(set) var bytes: [UInt8] = []
+
+        public init(capacity: Int) {
+            bytes.reserveCapacity(capacity)
+        }
+
+        /// Bytes written as they are (punctuation, keys known to need no escaping).
+        public mutating func raw(_ text: StaticString) {
+            text.withUTF8Buffer { bytes.append(contentsOf: $0) }
+        }
+
+        /// A string literal, escaped as `quote` does.
+        public mutating func quoted(_ text: String) {
+            var text = text
+            text.withUTF8 { utf8 in
+                bytes.append(0x22)
+                guard utf8.contains(where: { $0 < 0x20 || $0 == 0x22 || $0 == 0x5C }) else {
+                    bytes.append(contentsOf: utf8)
+                    bytes.append(0x22)
+                    return
+                }
+                for byte in utf8 {
+                    switch byte {
+                    case 0x22: bytes += [0x5C, 0x22]
+                    case 0x5C: bytes += [0x5C, 0x5C]
+                    case 0x0A: bytes += [0x5C, 0x6E]
+                    case 0x0D: bytes += [0x5C, 0x72]
+                    case 0x09: bytes += [0x5C, 0x74]
+                    case ..<0x20: bytes += [0x5C, 0x75, 0x30, 0x30, Self.hex[Int(byte >> 4)], Self.hex[Int(byte & 0x0F)]]
+                    default: bytes.append(byte)
+                    }
+                }
+                bytes.append(0x22)
+            }
+        }
+
+        private static let hex: [UInt8] = Array("0123456789abcdef".utf8)
+
+        public mutating func integer(_ value: UInt64) {
+            guard value > 0 else { return bytes.append(0x30) }
+            var digits: (UInt64, Int) = (value, 0)
+            var buffer = [UInt8](repeating: 0, count: 20)
+            while digits.0 > 0 {
+                buffer[19 - digits.1] = 0x30 + UInt8(digits.0 % 10)
+                digits.0 /= 10
+                digits.1 += 1
+            }
+            bytes.append(contentsOf: buffer[(20 - digits.1)...])
+        }
+
+        public mutating func bool(_ value: Bool) {
+            value ? raw("true") : raw("false")
+        }
+
+        /// An object of string members, keys sorted.
+        public mutating func object(_ members: [String: String]) {
+            bytes.append(0x7B)
+            for (position, member) in members.sorted(by: { $0.key < $1.key }).enumerated() {
+                if position > 0 { bytes.append(0x2C) }
+                quoted(member.key)
+                bytes.append(0x3A)
+                quoted(member.value)
+            }
+            bytes.append(0x7D)
+        }
     }
 
     /// A value of a flat JSON object.

@@ -39,7 +39,7 @@ public struct AuditRecord: Sendable, Hashable {
         w.write(sequence)
         w.write(logIndex)
         w.write(timeMillis)
-        for text in [actor, action, target, result] { w.writeBytes(Array(text.utf8)) }
+        for text in [actor, action, target, result] { w.writeBytes(text.utf8) }
         w.writeBytes(previousHash)
         return Array(SHA256.hash(data: w.bytes))
     }

@@ -96,19 +96,19 @@ public struct Issuance: Sendable, Hashable {
     // applying an issuance).
     func encode(_ w: inout BinaryWriter) {
         w.write(kind.rawValue)
-        for text in [spiffeID, serial, fingerprint] { w.writeBytes(Array(text.utf8)) }
+        for text in [spiffeID, serial, fingerprint] { w.writeBytes(text.utf8) }
         w.write(issuedAtMillis)
         w.write(notAfterMillis)
         w.write(ttlSeconds)
-        for text in [tokenHash, renewedFrom] { w.writeBytes(Array(text.utf8)) }
+        for text in [tokenHash, renewedFrom] { w.writeBytes(text.utf8) }
         w.write(renewedIssuedAtMillis)
-        w.writeBytes(Array(idempotencyKey.utf8))
+        w.writeBytes(idempotencyKey.utf8)
         w.write(node)
-        w.writeBytes(Array(authority.utf8))
+        w.writeBytes(authority.utf8)
         w.write(UInt32(attributes.count))
         for (key, value) in attributes.sorted(by: { $0.key < $1.key }) {
-            w.writeBytes(Array(key.utf8))
-            w.writeBytes(Array(value.utf8))
+            w.writeBytes(key.utf8)
+            w.writeBytes(value.utf8)
         }
         w.writeBytes(artifact)
     }
@@ -329,15 +329,34 @@ public enum AuthorityDocuments {
 // the members are those Codable gives, so JSONDecoder reads them too.
 extension JoinToken {
     var canonicalJSON: [UInt8] {
-        var text = "{\"expiresAtMillis\":\(expiresAtMillis),\"hash\":\(JSONText.quote(hash)),\"maxLifetimeSeconds\":\(maxLifetimeSeconds)"
-        text += ",\"spiffeID\":\(JSONText.quote(spiffeID)),\"ttlMaxSeconds\":\(ttlMaxSeconds),\"used\":\(used)"
-        if let usedBySerial { text += ",\"usedBySerial\":\(JSONText.quote(usedBySerial))" }
-        return Array((text + "}").utf8)
+        var json = JSONText.Builder(capacity: 160 + spiffeID.utf8.count)
+        json.raw("{\"expiresAtMillis\":")
+        json.integer(expiresAtMillis)
+        json.raw(",\"hash\":")
+        json.quoted(hash)
+        json.raw(",\"maxLifetimeSeconds\":")
+        json.integer(UInt64(maxLifetimeSeconds))
+        json.raw(",\"spiffeID\":")
+        json.quoted(spiffeID)
+        json.raw(",\"ttlMaxSeconds\":")
+        json.integer(UInt64(ttlMaxSeconds))
+        json.raw(",\"used\":")
+        json.bool(used)
+        if let usedBySerial {
+            json.raw(",\"usedBySerial\":")
+            json.quoted(usedBySerial)
+        }
+        json.raw("}")
+        return json.bytes
     }
 
     /// Reads the ledger's token document (written by `canonicalJSON`, or
     /// by JSONEncoder before it).
     public init?(canonical bytes: [UInt8]) {
+        if let token = Self(exactlyCanonical: bytes) {
+            self = token
+            return
+        }
         guard let object = JSONText.parseFlatObject(bytes, membersMax: 16) else {
             guard let decoded = CanonicalJSON.decode(JoinToken.self, bytes) else { return nil }
             self = decoded
@@ -355,12 +374,103 @@ extension JoinToken {
     }
 }
 
+extension JoinToken {
+    /// The fast path for what `canonicalJSON` writes, member by member in
+    /// its order, strings without escapes; nil for anything else (the
+    /// general parser reads that).
+    init?(exactlyCanonical bytes: [UInt8]) {
+        var scan = CanonicalScan(bytes)
+        guard scan.expect("{\"expiresAtMillis\":"), let expires = scan.integer(),
+              scan.expect(",\"hash\":"), let hash = scan.plainString(),
+              scan.expect(",\"maxLifetimeSeconds\":"), let lifetime = scan.integer(), let maxLifetime = UInt32(exactly: lifetime),
+              scan.expect(",\"spiffeID\":"), let spiffeID = scan.plainString(),
+              scan.expect(",\"ttlMaxSeconds\":"), let ttl = scan.integer(), let ttlMax = UInt32(exactly: ttl),
+              scan.expect(",\"used\":") else { return nil }
+        let used: Bool
+        if scan.expect("true") { used = true } else if scan.expect("false") { used = false } else { return nil }
+        var serial: String?
+        if scan.expect(",\"usedBySerial\":") {
+            guard let text = scan.plainString() else { return nil }
+            serial = text
+        }
+        guard scan.expect("}"), scan.atEnd else { return nil }
+        self.init(hash: hash, spiffeID: spiffeID, ttlMaxSeconds: ttlMax, expiresAtMillis: expires, maxLifetimeSeconds: maxLifetime)
+        self.used = used
+        usedBySerial = serial
+    }
+}
+
+/// Reads JSON the ledger wrote itself, in its exact layout.
+private struct CanonicalScan {
+    let bytes: [UInt8]
+    var position = 0
+
+    init(_ bytes: [UInt8]) { self.bytes = bytes }
+
+    var atEnd: Bool { position == bytes.count }
+
+    mutating func expect(_ literal: StaticString) -> Bool {
+        let count = literal.utf8CodeUnitCount
+        guard bytes.count - position >= count else { return false }
+        let matches = literal.withUTF8Buffer { expected in
+            bytes.withUnsafeBufferPointer { all in
+                memcmp(all.baseAddress! + position, expected.baseAddress!, count) == 0
+            }
+        }
+        if matches { position += count }
+        return matches
+    }
+
+    /// A non-negative integer without leading zeros (as written).
+    mutating func integer() -> UInt64? {
+        let start = position
+        var value: UInt64 = 0
+        while position < bytes.count, bytes[position] >= 0x30, bytes[position] <= 0x39 {
+            let (times, overflow) = value.multipliedReportingOverflow(by: 10)
+            guard !overflow else { return nil }
+            let (sum, carry) = times.addingReportingOverflow(UInt64(bytes[position] - 0x30))
+            guard !carry else { return nil }
+            value = sum
+            position += 1
+        }
+        guard position > start, position - start == 1 || bytes[start] != 0x30 else { return nil }
+        return value
+    }
+
+    /// A string with no escapes and no control characters.
+    mutating func plainString() -> String? {
+        guard position < bytes.count, bytes[position] == 0x22 else { return nil }
+        let start = position + 1
+        var end = start
+        while end < bytes.count, bytes[end] != 0x22 {
+            guard bytes[end] >= 0x20, bytes[end] != 0x5C else { return nil }
+            end += 1
+        }
+        guard end < bytes.count else { return nil }
+        position = end + 1
+        return bytes.withUnsafeBufferPointer { String(validating: UnsafeBufferPointer(rebasing: $0[start..<end]), as: UTF8.self) }
+    }
+}
+
 extension IssuedRecord {
     var canonicalJSON: [UInt8] {
-        var text = "{\"attributes\":\(JSONText.object(attributes)),\"authority\":\(JSONText.quote(authority)),\"issuedAtMillis\":\(issuedAtMillis)"
-        text += ",\"kind\":\(kind.rawValue),\"notAfterMillis\":\(notAfterMillis),\"serial\":\(JSONText.quote(serial))"
-        text += ",\"spiffeID\":\(JSONText.quote(spiffeID))}"
-        return Array(text.utf8)
+        var json = JSONText.Builder(capacity: 256 + spiffeID.utf8.count)
+        json.raw("{\"attributes\":")
+        json.object(attributes)
+        json.raw(",\"authority\":")
+        json.quoted(authority)
+        json.raw(",\"issuedAtMillis\":")
+        json.integer(issuedAtMillis)
+        json.raw(",\"kind\":")
+        json.integer(UInt64(kind.rawValue))
+        json.raw(",\"notAfterMillis\":")
+        json.integer(notAfterMillis)
+        json.raw(",\"serial\":")
+        json.quoted(serial)
+        json.raw(",\"spiffeID\":")
+        json.quoted(spiffeID)
+        json.raw("}")
+        return json.bytes
     }
 }
 

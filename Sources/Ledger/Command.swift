@@ -130,22 +130,22 @@ public struct LedgerCommand: Sendable, Hashable {
         var w = BinaryWriter()
         w.write(Self.encodingVersion)
         w.write(timeMillis)
-        w.writeBytes(Array(actor.utf8))
-        w.writeBytes(Array(requestID.utf8))
+        w.writeBytes(actor.utf8)
+        w.writeBytes(requestID.utf8)
         switch operation {
         case .putDocument(let name, let format, let content, let expected):
             w.write(UInt8(1))
-            w.writeBytes(Array(name.utf8))
+            w.writeBytes(name.utf8)
             w.write(format.rawValue)
             w.writeBytes(content)
             Self.write(expected, &w)
         case .deleteDocument(let name, let expected):
             w.write(UInt8(2))
-            w.writeBytes(Array(name.utf8))
+            w.writeBytes(name.utf8)
             Self.write(expected, &w)
         case .createJoinToken(let token):
             w.write(UInt8(3))
-            w.writeBytes((try? CanonicalJSON.encode(token)) ?? [])
+            w.writeBytes(token.canonicalJSON)
         case .initializeAuthority(let keyring):
             w.write(UInt8(4))
             w.writeBytes(keyring)
@@ -154,26 +154,26 @@ public struct LedgerCommand: Sendable, Hashable {
             w.write(UInt8(issuance.platformReplayKey.isEmpty ? 5 : 10))
             issuance.encode(&w)
             if !issuance.platformReplayKey.isEmpty {
-                w.writeBytes(Array(issuance.platformReplayKey.utf8))
+                w.writeBytes(issuance.platformReplayKey.utf8)
                 w.write(issuance.platformExpiresAtMillis)
             }
         case .recordDenial(let reason, let count):
             w.write(UInt8(6))
-            w.writeBytes(Array(reason.utf8))
+            w.writeBytes(reason.utf8)
             w.write(count)
         case .prepareAuthority(let entry):
             w.write(UInt8(7))
             w.writeBytes((try? CanonicalJSON.encode(entry)) ?? [])
         case .activateAuthority(let id):
             w.write(UInt8(8))
-            w.writeBytes(Array(id.utf8))
+            w.writeBytes(id.utf8)
         case .revoke(let revocation):
             w.write(UInt8(9))
             w.writeBytes((try? CanonicalJSON.encode(revocation)) ?? [])
         case .closeStep(let spiffeID, let serial, let exitStatus):
             w.write(UInt8(11))
-            w.writeBytes(Array(spiffeID.utf8))
-            w.writeBytes(Array(serial.utf8))
+            w.writeBytes(spiffeID.utf8)
+            w.writeBytes(serial.utf8)
             w.write(UInt32(bitPattern: exitStatus))
         }
         return w.bytes
@@ -216,7 +216,7 @@ public struct LedgerCommand: Sendable, Hashable {
             let name = try Self.readString(&r, "document name", LedgerLimits.documentNameBytesMax)
             operation = .deleteDocument(name: name, expectedVersion: try Self.readVersion(&r))
         case 3:
-            guard let token = CanonicalJSON.decode(JoinToken.self, try r.readBytes("join token", limit: 16 << 10)) else {
+            guard let token = JoinToken(canonical: try r.readBytes("join token", limit: 16 << 10)) else {
                 throw .invalid(field: "join token", reason: "not a join token")
             }
             operation = .createJoinToken(token)
@@ -256,9 +256,7 @@ public struct LedgerCommand: Sendable, Hashable {
     }
 
     static func readString(_ r: inout BinaryReader, _ field: String, _ limit: Int) throws(CodecError) -> String {
-        let bytes = try r.readBytes(field, limit: limit)
-        guard let text = String(validating: bytes, as: UTF8.self) else { throw .invalid(field: field, reason: "not UTF-8") }
-        return text
+        try r.readString(field, limit: limit)
     }
 
     private static func readVersion(_ r: inout BinaryReader) throws(CodecError) -> UInt64? {

@@ -110,12 +110,7 @@ public enum Ledger {
             case .rejected(let reason): resultText = "rejected: \(reason)"
             case .issued(_, let replayed):
                 guard case .recordIssuance(let i) = command.operation else { resultText = "ok"; break }
-                let evidence = !i.platformReplayKey.isEmpty ? "platform_token=\(i.platformReplayKey.prefix(16))"
-                    : i.tokenHash.isEmpty ? "renewed_from=\(i.renewedFrom)" : "token=\(i.tokenHash.prefix(16))"
-                let context = i.attributes.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ",")
-                resultText = (replayed ? "replayed" : "ok") + ": \(i.kind == .x509 ? "x509" : "jwt") serial=\(i.serial) sha256=\(i.fingerprint) ttl=\(i.ttlSeconds)s"
-                    + " not_after=\(i.notAfterMillis) \(evidence) authority=\(i.authority) node=\(i.node) request=\(command.requestID)"
-                    + (context.isEmpty ? "" : " context=\(context)")
+                resultText = issuedText(i, replayed: replayed, requestID: command.requestID)
             }
             if case .recordDenial(let reason, _) = command.operation { resultText = "denied: \(reason)" }
             if case .closeStep(_, let serial, let status) = command.operation { resultText = "ok: serial=\(serial) exit_status=\(status)" }
@@ -123,6 +118,51 @@ public enum Ledger {
             try audit(&tables, entry, timeMillis: command.timeMillis, actor: command.actor, action: action, target: target, result: resultText)
             return LedgerOutcome(logIndex: entry.index, requestID: command.requestID, result: result)
         }
+    }
+
+    /// The result of an `identity.issue` record: `ok: x509 serial=... sha256=...
+    /// ttl=...s not_after=... token=... authority=... node=... request=...
+    /// context=k=v,...` (appended piece by piece: interpolation was a tenth
+    /// of applying an issuance).
+    static func issuedText(_ i: Issuance, replayed: Bool, requestID: String) -> String {
+        var text = ""
+        text.reserveCapacity(320 + i.attributes.count * 48)
+        text += replayed ? "replayed: " : "ok: "
+        text += i.kind == .x509 ? "x509" : "jwt"
+        text += " serial="
+        text += i.serial
+        text += " sha256="
+        text += i.fingerprint
+        text += " ttl="
+        text += String(i.ttlSeconds)
+        text += "s not_after="
+        text += String(i.notAfterMillis)
+        if !i.platformReplayKey.isEmpty {
+            text += " platform_token="
+            text += i.platformReplayKey.prefix(16)
+        } else if i.tokenHash.isEmpty {
+            text += " renewed_from="
+            text += i.renewedFrom
+        } else {
+            text += " token="
+            text += i.tokenHash.prefix(16)
+        }
+        text += " authority="
+        text += i.authority
+        text += " node="
+        text += String(i.node)
+        text += " request="
+        text += requestID
+        if !i.attributes.isEmpty {
+            text += " context="
+            for (position, attribute) in i.attributes.sorted(by: { $0.key < $1.key }).enumerated() {
+                if position > 0 { text += "," }
+                text += attribute.key
+                text += "="
+                text += attribute.value
+            }
+        }
+        return text
     }
 
     private static func execute(_ command: LedgerCommand, _ index: LogIndex, _ tables: inout some LedgerTables) throws -> LedgerOutcome.Result {

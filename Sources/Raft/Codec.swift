@@ -79,15 +79,28 @@ public struct BinaryReader: Sendable {
     }
 
     public mutating func readUInt32(_ field: String) throws(CodecError) -> UInt32 {
-        var value: UInt32 = 0
-        for (offset, byte) in try take(4, field).enumerated() { value |= UInt32(byte) << UInt32(offset * 8) }
-        return value
+        guard remaining >= 4 else { throw .truncated(field: field, needed: 4, remaining: remaining) }
+        defer { position += 4 }
+        return bytes.withUnsafeBytes { UInt32(littleEndian: $0.loadUnaligned(fromByteOffset: position, as: UInt32.self)) }
     }
 
     public mutating func readUInt64(_ field: String) throws(CodecError) -> UInt64 {
-        var value: UInt64 = 0
-        for (offset, byte) in try take(8, field).enumerated() { value |= UInt64(byte) << UInt64(offset * 8) }
-        return value
+        guard remaining >= 8 else { throw .truncated(field: field, needed: 8, remaining: remaining) }
+        defer { position += 8 }
+        return bytes.withUnsafeBytes { UInt64(littleEndian: $0.loadUnaligned(fromByteOffset: position, as: UInt64.self)) }
+    }
+
+    /// A length-prefixed string of at most `limit` bytes that must be UTF-8
+    /// (read without an intermediate array).
+    public mutating func readString(_ field: String, limit: Int) throws(CodecError) -> String {
+        let length = Int(try readUInt32(field + " length"))
+        guard length <= limit else { throw .tooLarge(field: field, length: length, limit: limit) }
+        guard length <= remaining else { throw .truncated(field: field, needed: length, remaining: remaining) }
+        let start = position
+        let text = bytes.withUnsafeBufferPointer { String(validating: UnsafeBufferPointer(rebasing: $0[start..<(start + length)]), as: UTF8.self) }
+        guard let text else { throw .invalid(field: field, reason: "not UTF-8") }
+        position += length
+        return text
     }
 
     /// A length-prefixed byte string of at most `limit` bytes; the length is

@@ -334,9 +334,9 @@ struct Phases {
         let before = meter.sample()
         let timed = try await body(leaderEndpoint)
         var after = meter.sample()
-        after[after.count - 1] += timed.clientCPUSeconds ?? 0 // wrk's processes, beside this one's
+        after[after.count - 2] += timed.clientCPUSeconds ?? 0 // wrk's processes, beside this one's
         print(timed.line(name))
-        print(meter.line(from: before, to: after, operations: timed.ok, leader: leaderID))
+        print(meter.line(from: before, to: after, operations: timed.ok, leader: leaderID, seconds: timed.seconds))
         if let now = try? await leader().id, now != leaderID { print("  (the leader changed during this phase: node \(leaderID), then node \(now))") }
         return timed
     }
@@ -366,14 +366,26 @@ struct CPUMeter {
         return (user + system) / Double(sysconf(Int32(_SC_CLK_TCK)))
     }
 
-    func sample() -> [Double] { processes.map { Self.seconds(of: $0.pid) } }
+    /// CPU time of each process, then (last) the machine's stolen time:
+    /// what the hypervisor gave other guests while this one wanted to run.
+    func sample() -> [Double] { processes.map { Self.seconds(of: $0.pid) } + [Self.stolenSeconds()] }
+
+    static func stolenSeconds() -> Double {
+        guard let text = try? String(contentsOfFile: "/proc/stat", encoding: .utf8), let line = text.split(separator: "\n").first else { return 0 }
+        let fields = line.split(separator: " ")
+        // cpu user nice system idle iowait irq softirq steal ...
+        guard fields.count > 8, let steal = Double(fields[8]) else { return 0 }
+        return steal / Double(sysconf(Int32(_SC_CLK_TCK)))
+    }
 
     /// Microseconds of CPU per operation, per process and in all.
-    func line(from before: [Double], to after: [Double], operations: Int, leader: UInt64? = nil) -> String {
-        let perOperation = zip(before, after).map { ($1 - $0) / Double(max(operations, 1)) * 1e6 }
+    func line(from before: [Double], to after: [Double], operations: Int, leader: UInt64? = nil, seconds: Double = 0) -> String {
+        let stolen = (after.last ?? 0) - (before.last ?? 0)
+        let perOperation = zip(before.dropLast(), after.dropLast()).map { ($1 - $0) / Double(max(operations, 1)) * 1e6 }
         let parts = zip(zip(processes, nodeIDs), perOperation).map { process, cpu in
             String(format: "%@%@ %.0f", process.0.label, process.1 != nil && process.1 == leader ? " (leader)" : "", cpu)
         }
-        return "  CPU per operation (µs): " + parts.joined(separator: ", ") + String(format: "; all %.0f", perOperation.reduce(0, +))
+        let steal = seconds > 0 ? String(format: "; stolen by the hypervisor: %.0f%% of the machine", stolen / (seconds * Double(ProcessInfo.processInfo.activeProcessorCount)) * 100) : ""
+        return "  CPU per operation (µs): " + parts.joined(separator: ", ") + String(format: "; all %.0f", perOperation.reduce(0, +)) + steal
     }
 }

@@ -22,6 +22,74 @@ struct LedgerEncodingTests {
         #expect(try JSONDecoder().decode(IssuedRecord.self, from: Data(record.canonicalJSON)) == record)
     }
 
+    @Test("The fast reading of a token document takes exactly what canonicalJSON writes, and leaves anything else to the general parser")
+    func tokenFastPath() throws {
+        var token = JoinToken(hash: String(repeating: "b", count: 64), spiffeID: "spiffe://example.org/ci/build", ttlMaxSeconds: 600,
+                              expiresAtMillis: 1_795_000_000_000, maxLifetimeSeconds: 86_400)
+        for used in [false, true] {
+            token.used = used
+            token.usedBySerial = used ? "0a0b" : nil
+            #expect(JoinToken(exactlyCanonical: token.canonicalJSON) == token)
+        }
+        let escaped = JoinToken(hash: "c", spiffeID: "spiffe://example.org/\"q\"", ttlMaxSeconds: 1, expiresAtMillis: 0)
+        #expect(JoinToken(exactlyCanonical: escaped.canonicalJSON) == nil, "escapes: the general parser's work")
+        #expect(JoinToken(canonical: escaped.canonicalJSON) == escaped)
+        let text = String(decoding: token.canonicalJSON, as: UTF8.self)
+        for variant in [text.replacingOccurrences(of: "\":", with: "\" : "), text.replacingOccurrences(of: "\"ttlMaxSeconds\":600", with: "\"ttlMaxSeconds\":0600"),
+                        text + " ", text.replacingOccurrences(of: "true", with: "True"), String(text.dropLast())] {
+            #expect(JoinToken(exactlyCanonical: Array(variant.utf8)) == nil, "\(variant)")
+        }
+        #expect(JoinToken(canonical: Array(text.replacingOccurrences(of: "\":", with: "\" : ").utf8)) == token, "spaces: still read by the general parser")
+        var large = token
+        large.expiresAtMillis = .max
+        #expect(JoinToken(exactlyCanonical: large.canonicalJSON) == large)
+        #expect(JoinToken(exactlyCanonical: Array(String(decoding: large.canonicalJSON, as: UTF8.self)
+            .replacingOccurrences(of: "\(UInt64.max)", with: "18446744073709551616").utf8)) == nil, "one past UInt64.max")
+    }
+
+    @Test("An issuance's audit text is written piece by piece exactly as the interpolated form it replaced")
+    func issuedText() {
+        func reference(_ i: Issuance, _ replayed: Bool, _ requestID: String) -> String {
+            let evidence = !i.platformReplayKey.isEmpty ? "platform_token=\(i.platformReplayKey.prefix(16))"
+                : i.tokenHash.isEmpty ? "renewed_from=\(i.renewedFrom)" : "token=\(i.tokenHash.prefix(16))"
+            let context = i.attributes.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ",")
+            return (replayed ? "replayed" : "ok") + ": \(i.kind == .x509 ? "x509" : "jwt") serial=\(i.serial) sha256=\(i.fingerprint) ttl=\(i.ttlSeconds)s"
+                + " not_after=\(i.notAfterMillis) \(evidence) authority=\(i.authority) node=\(i.node) request=\(requestID)"
+                + (context.isEmpty ? "" : " context=\(context)")
+        }
+        var issuance = Issuance(kind: .x509, spiffeID: "spiffe://example.org/a", serial: "0aff", fingerprint: String(repeating: "e", count: 64),
+                                issuedAtMillis: 1, notAfterMillis: 1_795_000_000_123, ttlSeconds: 600, tokenHash: String(repeating: "9", count: 64),
+                                idempotencyKey: "", node: 3, authority: "ca-1", attributes: ["repository": "acme/api", "évent": "push", "a": ""], artifact: [1])
+        var cases = [issuance]
+        issuance.kind = .jwt
+        issuance.tokenHash = ""
+        issuance.renewedFrom = "0aff"
+        issuance.attributes = [:]
+        cases.append(issuance)
+        issuance.platformReplayKey = String(repeating: "7", count: 64)
+        issuance.attributes = ["sha": "abc"]
+        cases.append(issuance)
+        for i in cases {
+            for replayed in [false, true] {
+                #expect(Ledger.issuedText(i, replayed: replayed, requestID: "req-1") == reference(i, replayed, "req-1"))
+            }
+        }
+    }
+
+    @Test("The JSON builder writes what JSONSerialization reads back, numbers and escapes included")
+    func builder() throws {
+        for number in [UInt64(0), 1, 9, 10, 99, 1_000_000_007, .max] {
+            var json = JSONText.Builder(capacity: 8)
+            json.integer(number)
+            #expect(String(decoding: json.bytes, as: UTF8.self) == String(number))
+        }
+        let members = ["b": "tab\there \"quoted\" \\ back", "a": "é\u{1}", "": "empty key"]
+        var json = JSONText.Builder(capacity: 8)
+        json.object(members)
+        #expect(try JSONSerialization.jsonObject(with: Data(json.bytes)) as? [String: String] == members)
+        #expect(JSONText.object(members) == String(decoding: json.bytes, as: UTF8.self))
+    }
+
     @Test("The flat-object parser agrees with JSONSerialization on what it accepts and refuses the rest")
     func parser() throws {
         let accepted = [
