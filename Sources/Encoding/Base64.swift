@@ -134,4 +134,5 @@ public enum Base64URL {
     private static let codec = Base64Codec("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_", padded: false)
     public static func encode(_ bytes: some Collection<UInt8>) -> String { codec.encode(bytes) }
     public static func decode(_ text: some StringProtocol) -> [UInt8]? { codec.decode(text) }
+    public static func decode(_ bytes: some Collection<UInt8>) -> [UInt8]? { codec.decode(bytes) }
 }
