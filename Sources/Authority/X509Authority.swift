@@ -29,6 +29,11 @@ public struct X509Authority: Sendable {
     public let trustDomain: String
     public let certificate: Certificate
     private let key: SigningKey
+    /// DER made once for every leaf: the issuer (this CA's subject), the
+    /// leaf subject, the signature algorithm, and the authority key
+    /// identifier extension.
+    private let issuerDER: [UInt8]
+    private let authorityKeyIdentifierExtension: [UInt8]
 
     /// The OID of the attested-context extension (content: a UTF8String
     /// holding sorted JSON). Warrant has no registered enterprise number
@@ -75,6 +80,12 @@ public struct X509Authority: Sendable {
         self.trustDomain = trustDomain
         self.certificate = certificate
         self.key = key
+        var issuer = DER.Serializer()
+        try! issuer.serialize(certificate.subject) // a parsed certificate's name serializes
+        issuerDER = issuer.serializedBytes
+        let keyID = (try? certificate.extensions.subjectKeyIdentifier)??.keyIdentifier
+        let aki = DERWriter.sequence(keyID.map { DERWriter.element(0x80, Array($0)) } ?? [])
+        authorityKeyIdentifierExtension = DERWriter.sequence([0x06, 0x03, 0x55, 0x1D, 0x23] + DERWriter.element(0x04, aki))
     }
 
     public var privateKeyPEM: String { key.pemRepresentation }
@@ -161,56 +172,65 @@ public struct X509Authority: Sendable {
         guard attributesJSON.count <= Self.attributesBytesMax else {
             throw AuthorityError("attributes_too_large", "the attested context is \(attributesJSON.count) bytes; at most \(Self.attributesBytesMax)")
         }
-        var serializer = DER.Serializer()
-        try serializer.serialize(ASN1UTF8String(contentBytes: ArraySlice(attributesJSON)))
-        let leaf = try Certificate(
-            version: .v3, serialNumber: serial, publicKey: publicKey,
-            notValidBefore: now.addingTimeInterval(-Self.backdate), notValidAfter: notAfter,
-            issuer: certificate.subject,
-            subject: Self.leafSubject,
-            signatureAlgorithm: key.certificateSignatureAlgorithm,
-            extensions: try Certificate.Extensions {
-                Critical(BasicConstraints.notCertificateAuthority)
-                Critical(KeyUsage(digitalSignature: true))
-                try ExtendedKeyUsage([.serverAuth, .clientAuth])
-                SubjectAlternativeNames([.uniformResourceIdentifier(spiffeID.description)])
-                try AuthorityKeyIdentifier(keyIdentifier: certificate.extensions.subjectKeyIdentifier?.keyIdentifier)
-                Certificate.Extension(oid: Self.attributesExtensionOID, critical: false, value: ArraySlice(serializer.serializedBytes))
-            },
-            issuerPrivateKey: key.certificateKey)
-        var der = DER.Serializer()
-        try der.serialize(leaf)
-        return IssuedX509(certificate: leaf, der: der.serializedBytes)
+        // The leaf is written as DER by hand (the same bytes the
+        // swift-certificates builder wrote, which a test checks, at a
+        // fraction of the cost): the profile never changes, only the
+        // serial, the times, the key, the SPIFFE ID and the context do.
+        var publicKeyDER = DER.Serializer()
+        try publicKeyDER.serialize(publicKey)
+        let notBefore = now.addingTimeInterval(-Self.backdate)
+        var extensions = Self.leafConstantExtensions
+        extensions += DERWriter.sequence([0x06, 0x03, 0x55, 0x1D, 0x11]
+            + DERWriter.element(0x04, DERWriter.sequence(DERWriter.element(0x86, Array(spiffeID.description.utf8)))))
+        extensions += authorityKeyIdentifierExtension
+        extensions += DERWriter.sequence(Self.attributesOIDDER + DERWriter.element(0x04, DERWriter.element(0x0C, attributesJSON)))
+        var tbs: [UInt8] = [0xA0, 0x03, 0x02, 0x01, 0x02]
+        tbs += DERWriter.unsignedInteger(Array(serial.bytes))
+        tbs += key.algorithmIdentifierDER
+        tbs += issuerDER
+        tbs += DERWriter.sequence(DERWriter.time(notBefore) + DERWriter.time(notAfter))
+        tbs += Self.leafSubjectDER
+        tbs += publicKeyDER.serializedBytes
+        tbs += DERWriter.element(0xA3, DERWriter.sequence(extensions))
+        let tbsDER = DERWriter.sequence(tbs)
+        let signature = try key.x509Signature(for: tbsDER)
+        let der = DERWriter.sequence(tbsDER + key.algorithmIdentifierDER + DERWriter.element(0x03, [0] + signature))
+        return IssuedX509(der: der, serialBytes: Array(serial.bytes), notValidBefore: notBefore, notValidAfter: notAfter)
     }
+
+    /// Every leaf's BasicConstraints (critical, not a CA), KeyUsage
+    /// (critical, digitalSignature) and ExtendedKeyUsage (serverAuth,
+    /// clientAuth), in that order.
+    static let leafConstantExtensions: [UInt8] = [
+        0x30, 0x0C, 0x06, 0x03, 0x55, 0x1D, 0x13, 0x01, 0x01, 0xFF, 0x04, 0x02, 0x30, 0x00,
+        0x30, 0x0E, 0x06, 0x03, 0x55, 0x1D, 0x0F, 0x01, 0x01, 0xFF, 0x04, 0x04, 0x03, 0x02, 0x07, 0x80,
+        0x30, 0x1D, 0x06, 0x03, 0x55, 0x1D, 0x25, 0x04, 0x16, 0x30, 0x14,
+        0x06, 0x08, 0x2B, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x01, 0x06, 0x08, 0x2B, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x02,
+    ]
+    static let leafSubjectDER: [UInt8] = {
+        var serializer = DER.Serializer()
+        try! serializer.serialize(leafSubject)
+        return serializer.serializedBytes
+    }()
+    static let attributesOIDDER: [UInt8] = {
+        var serializer = DER.Serializer()
+        try! serializer.serialize(attributesExtensionOID)
+        return serializer.serializedBytes
+    }()
 
     /// A CRL (RFC 5280 section 5, version 2) signed by this authority,
     /// listing `revoked` (serial bytes and revocation time), valid from
     /// `now` until `nextUpdate`, with CRL number `number` and the
     /// authority's key identifier.
     public func crl(revoked: [(serial: [UInt8], at: Date)], number: UInt64, now: Date = Date(), nextUpdate: Date) throws -> [UInt8] {
-        func time(_ date: Date) throws -> [UInt8] {
-            let c = Calendar(identifier: .gregorian).dateComponents(in: TimeZone(identifier: "UTC")!, from: date)
-            var s = DER.Serializer()
-            // RFC 5280 section 5.1.2.4: UTCTime through 2049, GeneralizedTime after.
-            if c.year! < 2050 {
-                try s.serialize(try UTCTime(year: c.year!, month: c.month!, day: c.day!, hours: c.hour!, minutes: c.minute!, seconds: c.second!))
-            } else {
-                try s.serialize(try GeneralizedTime(year: c.year!, month: c.month!, day: c.day!, hours: c.hour!, minutes: c.minute!, seconds: c.second!,
-                                                    fractionalSeconds: 0))
-            }
-            return s.serializedBytes
-        }
-        func sequence(_ content: [UInt8], tag: UInt8 = 0x30) -> [UInt8] { [tag] + Self.derLength(content.count) + content }
-        func integer(_ bytes: [UInt8]) -> [UInt8] {
-            var value = Array(bytes.drop { $0 == 0 })
-            if value.isEmpty || value[0] & 0x80 != 0 { value.insert(0, at: 0) }
-            return [0x02] + Self.derLength(value.count) + value
-        }
+        func time(_ date: Date) -> [UInt8] { DERWriter.time(date) }
+        func sequence(_ content: [UInt8], tag: UInt8 = 0x30) -> [UInt8] { DERWriter.element(tag, content) }
+        func integer(_ bytes: [UInt8]) -> [UInt8] { DERWriter.unsignedInteger(bytes) }
         var issuer = DER.Serializer()
         try issuer.serialize(certificate.subject)
         var entries: [UInt8] = []
         for entry in revoked.sorted(by: { $0.serial.lexicographicallyPrecedes($1.serial) }) {
-            entries += sequence(integer(entry.serial) + (try time(entry.at)))
+            entries += sequence(integer(entry.serial) + time(entry.at))
         }
         var numberBytes = withUnsafeBytes(of: number.bigEndian) { Array($0) }
         numberBytes = Array(numberBytes.drop { $0 == 0 })
@@ -223,7 +243,7 @@ public struct X509Authority: Sendable {
         // cRLNumber INTEGER
         let crlNumber = integer(numberBytes)
         extensions += sequence([0x06, 0x03, 0x55, 0x1D, 0x14] + [0x04] + Self.derLength(crlNumber.count) + crlNumber)
-        var tbs: [UInt8] = [0x02, 0x01, 0x01] + key.algorithmIdentifierDER + issuer.serializedBytes + (try time(now)) + (try time(nextUpdate))
+        var tbs: [UInt8] = [0x02, 0x01, 0x01] + key.algorithmIdentifierDER + issuer.serializedBytes + time(now) + time(nextUpdate)
         if !entries.isEmpty { tbs += sequence(entries) }
         tbs += sequence(sequence(extensions), tag: 0xA0)
         let tbsDER = sequence(tbs)
@@ -231,22 +251,67 @@ public struct X509Authority: Sendable {
         return sequence(tbsDER + key.algorithmIdentifierDER + [0x03] + Self.derLength(signature.count + 1) + [0] + signature)
     }
 
-    static func derLength(_ count: Int) -> [UInt8] {
-        if count < 0x80 { return [UInt8(count)] }
-        let bytes = withUnsafeBytes(of: UInt64(count).bigEndian) { Array($0) }.drop { $0 == 0 }
-        return [0x80 | UInt8(bytes.count)] + bytes
-    }
+    static func derLength(_ count: Int) -> [UInt8] { DERWriter.length(count) }
 
     /// Sorted-key JSON of string pairs (deterministic bytes).
     static func canonicalJSON(_ attributes: Attributes) -> [UInt8] { Array(JSONText.object(attributes).utf8) }
 }
 
+/// DER written by hand: tag, definite length, content.
+enum DERWriter {
+    static func length(_ count: Int) -> [UInt8] {
+        if count < 0x80 { return [UInt8(count)] }
+        let bytes = withUnsafeBytes(of: UInt64(count).bigEndian) { Array($0) }.drop { $0 == 0 }
+        return [0x80 | UInt8(bytes.count)] + bytes
+    }
+
+    static func element(_ tag: UInt8, _ content: [UInt8]) -> [UInt8] {
+        var out: [UInt8] = [tag]
+        out.reserveCapacity(content.count + 5)
+        out += length(content.count)
+        out += content
+        return out
+    }
+
+    static func sequence(_ content: [UInt8]) -> [UInt8] { element(0x30, content) }
+
+    /// An INTEGER holding the non-negative big-endian number `bytes`:
+    /// leading zeros dropped, and one put back when the top bit is set
+    /// (else it would read as negative).
+    static func unsignedInteger(_ bytes: [UInt8]) -> [UInt8] {
+        var value = Array(bytes.drop { $0 == 0 })
+        if value.isEmpty || value[0] & 0x80 != 0 { value.insert(0, at: 0) }
+        return element(0x02, value)
+    }
+
+    /// RFC 5280 section 4.1.2.5: UTCTime (YYMMDDHHMMSSZ) through 2049,
+    /// GeneralizedTime (YYYYMMDDHHMMSSZ) from 2050, whole seconds, UTC.
+    static func time(_ date: Date) -> [UInt8] {
+        var seconds = time_t(date.timeIntervalSince1970.rounded(.down))
+        var parts = tm()
+        gmtime_r(&seconds, &parts)
+        let year = Int(parts.tm_year) + 1900
+        func two(_ value: Int32) -> [UInt8] { [0x30 + UInt8(value / 10 % 10), 0x30 + UInt8(value % 10)] }
+        let rest = two(parts.tm_mon + 1) + two(parts.tm_mday) + two(parts.tm_hour) + two(parts.tm_min) + two(parts.tm_sec) + [0x5A]
+        if (1950..<2050).contains(year) { return element(0x17, two(Int32(year % 100)) + rest) }
+        return element(0x18, two(Int32(year / 100)) + two(Int32(year % 100)) + rest)
+    }
+}
+
 /// One issued X509-SVID.
 public struct IssuedX509: Sendable {
-    public let certificate: Certificate
     public let der: [UInt8]
+    public let serialBytes: [UInt8]
+    public let notValidBefore: Date
+    public let notValidAfter: Date
 
-    public var serialHex: String { Hex.encode(certificate.serialNumber.bytes) }
+    /// The certificate, parsed from `der` (for callers that need more
+    /// than the DER and the fields above).
+    public var certificate: Certificate {
+        get throws { try Certificate(derEncoded: der) }
+    }
+
+    public var serialHex: String { Hex.encode(serialBytes) }
     public var fingerprintSHA256: String { Hex.encode(SHA256.hash(data: der)) }
     public var pem: String { PEMText.encode(der, label: "CERTIFICATE") }
 }

@@ -1,4 +1,5 @@
-import Authority
+@testable import Authority
+import Encoding
 import Crypto
 import Foundation
 import SwiftASN1
@@ -64,7 +65,7 @@ struct X509SVIDTests {
         let publicKey = try X509Authority.publicKey(fromCSR: try csr(for: key, commonName: "ignored.example"))
         let now = Date()
         let issued = try ca.issue(spiffeID: id, publicKey: publicKey, ttl: 600, attributes: ["repository": "acme/build", "sha": "abc123"], now: now)
-        let cert = issued.certificate
+        let cert = try issued.certificate
         #expect(cert.publicKey == Certificate.PublicKey(key.publicKey))
         let uris = try #require(try cert.extensions.subjectAlternativeNames).compactMap { if case .uniformResourceIdentifier(let u) = $0 { u } else { nil } }
         #expect(uris == [id.description])
@@ -84,13 +85,50 @@ struct X509SVIDTests {
         #expect(verified.spiffeID == id && verified.attributes == ["repository": "acme/build", "sha": "abc123"])
     }
 
+    @Test("The leaf written by hand is the certificate the swift-certificates builder makes: the same to-be-signed bytes, for every key type and either time encoding",
+          arguments: [KeyAlgorithm.ecdsaP256, .ecdsaP384, .rsa2048], [false, true])
+    func handWrittenLeaf(algorithm: KeyAlgorithm, after2049: Bool) throws {
+        // 2049-12-31T23:59:00Z: notAfter falls in 2050. Whole seconds, as certificates hold them.
+        let now = Date(timeIntervalSince1970: after2049 ? 2_524_607_940 : Date().timeIntervalSince1970.rounded(.down))
+        let authority = try X509Authority.create(trustDomain: "example.org", algorithm: algorithm, now: now, validity: 2 * 86_400)
+        let subjectKey = Certificate.PublicKey(P384.Signing.PrivateKey().publicKey)
+        let attributes = ["repository": "acme/api", "note": "tab\there \"q\""]
+        // One serial in 256 starts with a zero byte and then a byte with its top bit set.
+        let serial = after2049 ? Certificate.SerialNumber(bytes: [0x00, 0x80] + [UInt8](repeating: 7, count: 14)) : nil
+        let issued = try authority.issue(spiffeID: id, publicKey: subjectKey, ttl: 3_600, attributes: attributes, serial: serial, now: now)
+        let ours = try issued.certificate
+        // The same certificate through the builder, signed by any key of the same kind.
+        var json = DER.Serializer()
+        try json.serialize(ASN1UTF8String(contentBytes: ArraySlice(Array(JSONText.object(attributes).utf8))))
+        let otherKey = try SigningKey.generate(algorithm)
+        let reference = try Certificate(
+            version: .v3, serialNumber: ours.serialNumber, publicKey: subjectKey, notValidBefore: ours.notValidBefore, notValidAfter: ours.notValidAfter,
+            issuer: authority.certificate.subject, subject: try DistinguishedName { OrganizationName("Warrant") },
+            signatureAlgorithm: ours.signatureAlgorithm,
+            extensions: try Certificate.Extensions {
+                Critical(BasicConstraints.notCertificateAuthority)
+                Critical(KeyUsage(digitalSignature: true))
+                try ExtendedKeyUsage([.serverAuth, .clientAuth])
+                SubjectAlternativeNames([.uniformResourceIdentifier(id.description)])
+                try AuthorityKeyIdentifier(keyIdentifier: authority.certificate.extensions.subjectKeyIdentifier?.keyIdentifier)
+                Certificate.Extension(oid: X509Authority.attributesExtensionOID, critical: false, value: ArraySlice(json.serializedBytes))
+            },
+            issuerPrivateKey: otherKey.certificateKey)
+        #expect(Array(ours.tbsCertificateBytes) == Array(reference.tbsCertificateBytes))
+        #expect(issued.notValidAfter == ours.notValidAfter && issued.notValidBefore == ours.notValidBefore)
+        #expect(issued.serialBytes == Array(ours.serialNumber.bytes))
+        #expect(ours.notValidAfter.timeIntervalSince(now) == 3_600)
+        // And its signature verifies with its authority's key.
+        #expect(authority.certificate.publicKey.isValidSignature(ours.signature, for: ours))
+    }
+
     @Test("Lifetimes stop at the CA's end; other trust domains are refused")
     func limits() throws {
         let now = Date()
         let shortCA = try X509Authority.create(trustDomain: "example.org", now: now, validity: 300)
         let key = Certificate.PublicKey(P256.Signing.PrivateKey().publicKey)
         let issued = try shortCA.issue(spiffeID: id, publicKey: key, ttl: 3_600, attributes: [:], now: now)
-        #expect(issued.certificate.notValidAfter == shortCA.certificate.notValidAfter)
+        #expect(issued.notValidAfter == shortCA.certificate.notValidAfter)
         #expect(throws: AuthorityError.self) { try ca.issue(spiffeID: try SpiffeID(parsing: "spiffe://other.org/x"), publicKey: key, ttl: 60, attributes: [:]) }
     }
 
@@ -117,12 +155,12 @@ struct X509SVIDTests {
         let issued = try ca.issue(spiffeID: id, publicKey: key, ttl: 60, attributes: [:])
         let other = try X509Authority.create(trustDomain: "example.org")
         let wrongBundle = TrustBundle(trustDomain: "example.org", x509Authorities: [other.certificate], jwtKeys: [:], sequence: 1)
-        await #expect(throws: AuthorityError.self) { _ = try await wrongBundle.verifyX509(chain: [issued.certificate]) }
+        await #expect(throws: AuthorityError.self) { _ = try await wrongBundle.verifyX509(chain: [try issued.certificate]) }
         let bundle = TrustBundle(trustDomain: "example.org", x509Authorities: [ca.certificate], jwtKeys: [:], sequence: 1)
-        await #expect(throws: AuthorityError.self) { _ = try await bundle.verifyX509(chain: [issued.certificate], now: Date().addingTimeInterval(120)) }
+        await #expect(throws: AuthorityError.self) { _ = try await bundle.verifyX509(chain: [try issued.certificate], now: Date().addingTimeInterval(120)) }
         #expect(throws: AuthorityError.self) { _ = try TrustBundle.checkLeaf(ca.certificate, trustDomain: "example.org") }
         let empty = TrustBundle(trustDomain: "example.org", x509Authorities: [], jwtKeys: [:], sequence: 1)
-        await #expect(throws: AuthorityError.self) { _ = try await empty.verifyX509(chain: [issued.certificate]) }
+        await #expect(throws: AuthorityError.self) { _ = try await empty.verifyX509(chain: [try issued.certificate]) }
     }
 }
 

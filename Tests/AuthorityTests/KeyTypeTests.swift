@@ -15,7 +15,7 @@ struct KeyTypeTests {
         #expect(ca.algorithm == algorithm)
         let issued = try ca.issue(spiffeID: id, publicKey: .init(P256.Signing.PrivateKey().publicKey), ttl: 600, attributes: ["a": "b"])
         let bundle = TrustBundle(trustDomain: "example.org", x509Authorities: [ca.certificate], jwtKeys: [:], sequence: 1)
-        let verified = try await bundle.verifyX509(chain: [issued.certificate])
+        let verified = try await bundle.verifyX509(chain: [try issued.certificate])
         #expect(verified.spiffeID == id && verified.attributes == ["a": "b"])
         let scratch = try Scratch()
         let result = try run("openssl", ["verify", "-CAfile", try scratch.write("bundle.pem", try bundle.pem()), try scratch.write("svid.pem", issued.pem)])

@@ -335,8 +335,8 @@ extension NodeAPI {
             var issuance = template
             issuance.serial = issued.serialHex
             issuance.fingerprint = issued.fingerprintSHA256
-            issuance.issuedAtMillis = Self.millis(issued.certificate.notValidBefore) + UInt64(X509Authority.backdate * 1000)
-            issuance.notAfterMillis = Self.millis(issued.certificate.notValidAfter)
+            issuance.issuedAtMillis = Self.millis(issued.notValidBefore) + UInt64(X509Authority.backdate * 1000)
+            issuance.notAfterMillis = Self.millis(issued.notValidAfter)
             issuance.authority = keys.active.id
             issuance.artifact = issued.der
             do {
@@ -375,7 +375,7 @@ extension NodeAPI {
 
     private func x509Response(_ issued: IssuedX509, spiffeID: SpiffeID, keys: AuthorityService.Keys) -> HTTPResponse {
         APIJSON.response(X509SVIDBody(spiffeId: spiffeID.description, certificate: issued.pem, bundle: keys.bundlePEM, serial: issued.serialHex,
-                                      expiresAt: Self.iso(issued.certificate.notValidAfter), replayed: false),
+                                      expiresAt: Self.iso(issued.notValidAfter), replayed: false),
                          headers: [("warrant-leader", String(id))])
     }
 
