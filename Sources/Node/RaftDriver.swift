@@ -448,12 +448,11 @@ public actor RaftDriver {
             let ready = raft.ready()
             send(ready.messagesToSendNow)
             let writeStart = ContinuousClock.now
-            // Persisting and applying share one transaction (one fsync):
-            // committed entries may be applied before it ends. (Committing
-            // apply-only Readys without the fsync was tried: switching
-            // SQLite's synchronous mode per transaction cost more than it saved.)
+            let syncedBefore = store.syncedWrites
+            // The write (synced when the Ready needs durability), then the
+            // committed entries applied to the ledger in memory.
             let outcomes = try store.persistAndApply(ready)
-            if ready.snapshot != nil || !ready.entries.isEmpty || ready.hardState != nil || !ready.committedEntries.isEmpty {
+            if store.syncedWrites != syncedBefore {
                 metrics.storageWriteSeconds.observe(writeStart.duration(to: .now))
             }
             metrics.messagesSent.add(ready.messagesToSendNow.count + ready.messagesAfterPersist.count)

@@ -60,6 +60,8 @@ public final class RaftStore: @unchecked Sendable {
     public let ledger: LedgerStore?
     private let lock = NSLock()
     private var log: WriteAheadLog?
+    /// Writes made durable (one write and one fdatasync each) so far.
+    public private(set) var syncedWrites = 0
     private var durableHardState = HardState()
 
     /// Opens (creating if needed) the store in `directory`.
@@ -200,6 +202,7 @@ public final class RaftStore: @unchecked Sendable {
         }
         for entry in ready.entries { records.append(.entry(entry)) }
         try log.append(records, sync: sync)
+        if sync { syncedWrites += 1 }
     }
 
     /// A snapshot from the leader replaces the ledger (checkpoint first)

@@ -257,7 +257,7 @@ func runIssueBench(binary: String, clients: Int, seconds: Double, phases selecte
         for (index, member) in listing.members.enumerated() {
             let transactions = after[index].transactions - before[index].transactions
             let messages = after[index].messages - before[index].messages
-            print(String(format: "  node %d%@: %.0f storage writes/s (%.1f issuances each), %.0f Raft messages sent/s", Int(member.id),
+            print(String(format: "  node %d%@: %.0f synced log writes/s (%.1f issuances each), %.0f Raft messages sent/s", Int(member.id),
                          member.id == x509LeaderID ? " (leader)" : "", transactions / timed.seconds, Double(timed.ok) / max(transactions, 1),
                          messages / timed.seconds))
         }
@@ -334,7 +334,9 @@ struct Phases {
         let before = meter.sample()
         let timed = try await body(leaderEndpoint)
         var after = meter.sample()
-        after[after.count - 2] += timed.clientCPUSeconds ?? 0 // wrk's processes, beside this one's
+        // With wrk the client is its processes: this one only wrote their
+        // request files beforehand and read their results afterwards.
+        if let wrk = timed.clientCPUSeconds { after[after.count - 2] = before[before.count - 2] + wrk }
         print(timed.line(name))
         print(meter.line(from: before, to: after, operations: timed.ok, leader: leaderID, seconds: timed.seconds))
         if let now = try? await leader().id, now != leaderID { print("  (the leader changed during this phase: node \(leaderID), then node \(now))") }
