@@ -1,4 +1,5 @@
 import Foundation
+import NIOPosix
 import Ledger
 import Node
 import Raft
@@ -52,8 +53,12 @@ final class LocalCluster {
     var drivers: [NodeID: RaftDriver] = [:]
     var stores: [NodeID: RaftStore] = [:]
     var tasks: [Task<Void, Never>] = []
+    /// A thread per driver, as in a node: work elsewhere in the test process
+    /// (HTTP handlers, TLS) runs on NIO's shared threads, not these.
+    let group: MultiThreadedEventLoopGroup
 
     init(voters: [NodeID] = [1, 2, 3], compactEveryEntries: LogIndex = 10_000) throws {
+        group = MultiThreadedEventLoopGroup(numberOfThreads: voters.count)
         directory = FileManager.default.temporaryDirectory.appendingPathComponent("warrant-driver-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         for id in voters {
@@ -62,7 +67,7 @@ final class LocalCluster {
             var configuration = Configuration(id: id, randomSeed: UInt64.random(in: 1...UInt64.max))
             configuration.electionTimeoutTicks = 10
             let driver = try RaftDriver(configuration: configuration, store: store, sender: network.sender(), requestTimeoutTicks: 2_000,
-                                         compactEveryEntries: compactEveryEntries)
+                                         compactEveryEntries: compactEveryEntries, loop: group.next())
             drivers[id] = driver
             stores[id] = store
             tasks.append(network.attach(id, driver))
@@ -110,6 +115,7 @@ final class LocalCluster {
         for task in tasks { task.cancel() }
         network.close()
         for driver in drivers.values { await driver.stop() }
+        try? await group.shutdownGracefully()
         try? FileManager.default.removeItem(at: directory)
     }
 }

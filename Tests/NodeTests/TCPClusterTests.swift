@@ -21,6 +21,8 @@ struct TCPClusterTests {
     func replicateOverTCP() async throws {
         let ids: [NodeID] = [1, 2, 3]
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        // The drivers on threads of their own, as in a node.
+        let driverGroup = MultiThreadedEventLoopGroup(numberOfThreads: ids.count)
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("warrant-tcp-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         let ca = try ClusterCA.create(clusterID: "test-\(UUID().uuidString.prefix(8))")
@@ -36,7 +38,8 @@ struct TCPClusterTests {
             configuration.electionTimeoutTicks = 10
             transports[id] = transport
             stores[id] = store
-            drivers[id] = try RaftDriver(configuration: configuration, store: store, sender: transport, requestTimeoutTicks: 2_000)
+            drivers[id] = try RaftDriver(configuration: configuration, store: store, sender: transport, requestTimeoutTicks: 2_000,
+                                         loop: driverGroup.next())
         }
         let bound = BoundAddresses()
         let loopback = try SocketAddress(ipAddress: "127.0.0.1", port: 0)
@@ -85,5 +88,6 @@ struct TCPClusterTests {
         for task in tasks { await task.value }
         for driver in drivers.values { await driver.stop() }
         try await group.shutdownGracefully()
+        try await driverGroup.shutdownGracefully()
     }
 }
