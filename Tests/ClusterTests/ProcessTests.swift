@@ -111,6 +111,8 @@ struct ProcessTests {
         #expect(!output.contains("PRIVATE KEY"), "a key reached the output")
         try realKEK.write(toFile: kek, atomically: true, encoding: .utf8)
         try FileManager.default.setAttributes([.posixPermissions: 0o600], ofItemAtPath: kek)
-        #expect(!FileManager.default.fileExists(atPath: "\(directory)/node-1/data/raft.sqlite"), "a refused start created state")
+        for stored in ["wal", "ledger.sqlite"] {
+            #expect(!FileManager.default.fileExists(atPath: "\(directory)/node-1/data/\(stored)"), "a refused start created state (\(stored))")
+        }
     }
 }
