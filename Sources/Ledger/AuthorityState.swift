@@ -299,6 +299,19 @@ public enum AuthorityDocuments {
     public static let issuedPrefix = "authority/issued/"
     public static func token(_ hash: String) -> String { "authority/tokens/\(hash)" }
     public static func idempotency(_ key: String) -> String { "authority/idempotency/\(key)" }
+    /// When a join token (`<time>/<hash>`) or an idempotency answer
+    /// (`<time>/<key>`) is forgotten, in time order: a day after the token
+    /// expires or the identity it answered with does. Each command that
+    /// creates one forgets up to two whose time has passed, so the ledger
+    /// (held in memory) keeps only what is still of use, and a token that
+    /// just expired is still refused as expired rather than unknown.
+    public static let tokenForgetPrefix = "authority/forget/tokens/"
+    public static let idempotencyForgetPrefix = "authority/forget/idempotency/"
+    public static let forgetAfterMillis: UInt64 = 86_400_000
+    /// Times in names have 13 digits: later ones count as this (in 2286).
+    static let latestMillis: UInt64 = 9_999_999_999_999 - 86_400_000
+    public static func tokenForget(atMillis: UInt64, hash: String) -> String { tokenForgetPrefix + padded(atMillis) + "/" + hash }
+    public static func idempotencyForget(atMillis: UInt64, key: String) -> String { idempotencyForgetPrefix + padded(atMillis) + "/" + key }
     /// Platform tokens already used, by expiry then replay key: a token
     /// always maps to the same name (its exp is signed), and names whose
     /// time has passed are forgotten, since an expired token cannot join.

@@ -189,6 +189,10 @@ public enum Ledger {
             let name = AuthorityDocuments.token(token.hash)
             guard try tables.document(named: name) == nil else { return .rejected("a token with this hash already exists") }
             try tables.put(Document(name: name, format: .json, content: token.canonicalJSON, version: 1, logIndex: index))
+            let forgetAt = min(token.expiresAtMillis, AuthorityDocuments.latestMillis) + AuthorityDocuments.forgetAfterMillis
+            try tables.put(Document(name: AuthorityDocuments.tokenForget(atMillis: forgetAt, hash: token.hash),
+                                    format: .json, content: Self.emptyObject, version: 1, logIndex: index))
+            try forget(AuthorityDocuments.tokenForgetPrefix, before: command.timeMillis, record: AuthorityDocuments.token, &tables)
             return .written(version: 1)
         case .initializeAuthority(let keyring):
             guard try tables.document(named: AuthorityDocuments.keyring) == nil else { return .rejected("the authority is already initialized") }
@@ -329,7 +333,12 @@ public enum Ledger {
             let answer = IdempotentAnswer(evidence: issuance.evidence, kind: issuance.kind, artifact: Data(issuance.artifact))
             try tables.put(Document(name: AuthorityDocuments.idempotency(issuance.idempotencyKey), format: .json,
                                     content: try CanonicalJSON.encode(answer), version: 1, logIndex: index))
+            let forgetAt = min(issuance.notAfterMillis, AuthorityDocuments.latestMillis) + AuthorityDocuments.forgetAfterMillis
+            try tables.put(Document(name: AuthorityDocuments.idempotencyForget(atMillis: forgetAt, key: issuance.idempotencyKey),
+                                    format: .json, content: Self.emptyObject, version: 1, logIndex: index))
         }
+        try forget(AuthorityDocuments.tokenForgetPrefix, before: now, record: AuthorityDocuments.token, &tables)
+        try forget(AuthorityDocuments.idempotencyForgetPrefix, before: now, record: AuthorityDocuments.idempotency, &tables)
         let record = IssuedRecord(kind: issuance.kind, spiffeID: issuance.spiffeID, serial: issuance.serial, authority: issuance.authority,
                                   issuedAtMillis: issuance.issuedAtMillis, notAfterMillis: issuance.notAfterMillis, attributes: issuance.attributes)
         try tables.put(Document(name: AuthorityDocuments.issued(notAfterMillis: issuance.notAfterMillis, serial: issuance.serial), format: .json,
@@ -341,6 +350,18 @@ public enum Ledger {
             try tables.deleteDocument(named: name)
         }
         return .issued(artifact: issuance.artifact, replayed: false)
+    }
+
+    private static let emptyObject: [UInt8] = Array("{}".utf8)
+
+    /// Forgets up to two records whose time under `prefix` (names
+    /// `<prefix><13-digit time>/<id>`) is before `now`: the marker and the
+    /// record `record(id)` it stands for.
+    private static func forget(_ prefix: String, before now: UInt64, record: (String) -> String, _ tables: inout some LedgerTables) throws {
+        for name in try tables.documentNames(from: prefix, to: prefix + AuthorityDocuments.padded(now) + "/", limit: 2, reverse: false) {
+            try tables.deleteDocument(named: record(String(name.dropFirst(prefix.count + 14))))
+            try tables.deleteDocument(named: name)
+        }
     }
 
     private static func audit(_ tables: inout some LedgerTables, _ entry: Entry, timeMillis: UInt64, actor: String,

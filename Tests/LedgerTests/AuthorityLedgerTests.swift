@@ -122,6 +122,44 @@ struct AuthorityLedgerTests {
         #expect(pruned.rules.map(\.value) == ["ab"])
     }
 
+    @Test("Join tokens and idempotency answers are forgotten a day after they expire, two at a time as new ones come, and refused as expired before that")
+    func tokensAndAnswersAreForgotten() throws {
+        var book = try initialized()
+        let day: UInt64 = 86_400_000
+        func tokenExpiring(_ n: Int, at expires: UInt64) -> JoinToken {
+            JoinToken(hash: String(format: "%064x", n), spiffeID: "spiffe://example.org/job", ttlMaxSeconds: 600, expiresAtMillis: expires)
+        }
+        for n in 1...3 { #expect(book.apply(.createJoinToken(tokenExpiring(n, at: 10_000)), at: 2_000) == .written(version: 1)) }
+        var answered = issuance(50, authority: "old", issuedAt: 2_000, notAfter: 60_000)
+        answered.tokenHash = tokenExpiring(1, at: 10_000).hash
+        answered.idempotencyKey = String(repeating: "a", count: 64)
+        #expect(book.apply(.recordIssuance(answered), at: 2_000) == .issued(artifact: [1, 2, 3], replayed: false))
+        // Expired, not yet forgotten: refused as expired.
+        var late = issuance(51, authority: "old", issuedAt: 20_000, notAfter: 90_000)
+        late.tokenHash = tokenExpiring(2, at: 10_000).hash
+        #expect(book.apply(.recordIssuance(late), at: 20_000) == .rejected("the join token expired"))
+        let tokenNames = { book.tables.documents.keys.filter { $0.hasPrefix("authority/tokens/") }.count }
+        #expect(tokenNames() == 3)
+        // A day later, each new token forgets two old ones (and their markers).
+        #expect(book.apply(.createJoinToken(tokenExpiring(4, at: 10_000 + 2 * day)), at: 10_000 + day + 1) == .written(version: 1))
+        #expect(tokenNames() == 2, "three old, one new, two forgotten")
+        #expect(book.apply(.createJoinToken(tokenExpiring(5, at: 10_000 + 2 * day)), at: 10_000 + day + 2) == .written(version: 1))
+        #expect(tokenNames() == 2, "the last old one forgotten; the two new stay")
+        #expect(book.tables.document(named: AuthorityDocuments.token(tokenExpiring(4, at: 0).hash)) != nil)
+        #expect(book.tables.documents.keys.filter { $0.hasPrefix(AuthorityDocuments.tokenForgetPrefix) }.count == 2)
+        // Unknown now, not expired: it is gone.
+        var gone = issuance(52, authority: "old", issuedAt: 10_000 + day + 3, notAfter: 90_000 + 2 * day)
+        gone.tokenHash = tokenExpiring(3, at: 10_000).hash
+        #expect(book.apply(.recordIssuance(gone), at: 10_000 + day + 3) == .rejected("unknown join token"))
+        // The idempotency answer stays until a day after its identity expired, then an issuance forgets it.
+        #expect(book.tables.document(named: AuthorityDocuments.idempotency(answered.idempotencyKey)) != nil)
+        var next = issuance(53, authority: "old", issuedAt: 60_000 + day + 1, notAfter: 120_000 + day)
+        next.tokenHash = tokenExpiring(4, at: 0).hash
+        #expect(book.apply(.recordIssuance(next), at: 60_000 + day + 1) == .issued(artifact: [1, 2, 3], replayed: false))
+        #expect(book.tables.document(named: AuthorityDocuments.idempotency(answered.idempotencyKey)) == nil)
+        #expect(!book.tables.documents.keys.contains { $0.hasPrefix(AuthorityDocuments.idempotencyForgetPrefix) })
+    }
+
     @Test("Issued identities are recorded by expiry and forgotten once expired")
     func issuedRecords() throws {
         var book = try initialized()
