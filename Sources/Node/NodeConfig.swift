@@ -78,6 +78,11 @@ public struct NodeConfig: Sendable, Hashable {
     public var allowHTTPLoopbackIssuers: Bool
     /// An unknown kid fetches an issuer's keys again at most this often.
     public var jwksRefetchSeconds: Int
+    /// Writes are not synced to disk (`storage.unsafe_no_fsync`): a crash
+    /// of the machine, not only of the process, can lose acknowledged
+    /// writes. For tests whose subject is not durability, so that their
+    /// elections do not wait on a disk other suites keep busy.
+    public var unsafeNoFsync: Bool
 
     /// Limits checked at load time.
     public static let peersMax = 8
@@ -100,7 +105,7 @@ public struct NodeConfig: Sendable, Hashable {
         } catch {
             throw NodeConfigError(path: "", problem: "not valid YAML: \(error)")
         }
-        let top = try Section(root, "", keys: ["node", "peers", "tls", "key_encryption_key_file", "raft", "trust_domain", "key_algorithm", "join"])
+        let top = try Section(root, "", keys: ["node", "peers", "tls", "key_encryption_key_file", "raft", "trust_domain", "key_algorithm", "join", "storage"])
         let node = try top.section("node", keys: ["id", "data_dir", "listen", "join"])
         id = try node.integer("id", in: 1...Int.max).asNodeID
         dataDirectory = try node.string("data_dir")
@@ -145,6 +150,9 @@ public struct NodeConfig: Sendable, Hashable {
         let join = try top.section("join", keys: ["allow_http_loopback_issuers", "jwks_refetch_seconds"], optional: true)
         allowHTTPLoopbackIssuers = try join.boolean("allow_http_loopback_issuers", default: false)
         jwksRefetchSeconds = try join.integer("jwks_refetch_seconds", in: 1...3_600, default: 30)
+
+        let storage = try top.section("storage", keys: ["unsafe_no_fsync"], optional: true)
+        unsafeNoFsync = try storage.boolean("unsafe_no_fsync", default: false)
 
         let raft = try top.section("raft", keys: ["tick_interval_ms", "election_timeout_ticks", "heartbeat_interval_ticks", "snapshot_every_entries",
                                                   "inflight_messages_max"], optional: true)

@@ -79,7 +79,10 @@ public final class NodeServer: Sendable {
 
         let dataDirectory = ClusterFiles.resolve(config.dataDirectory, relativeTo: configPath)
         try FileManager.default.createDirectory(atPath: dataDirectory, withIntermediateDirectories: true)
-        store = try RaftStore(directory: dataDirectory)
+        store = try RaftStore(directory: dataDirectory, synchronous: config.unsafeNoFsync ? .none : .full)
+        if config.unsafeNoFsync {
+            log.warning("storage.unsafe_no_fsync: writes are not synced; a machine crash can lose acknowledged writes (tests only)")
+        }
         if !store.hasState {
             let voters = [config.id] + config.peers.map(\.id)
             try store.initialize(with: config.joinsExistingCluster ? .empty : .bootstrap(voters: voters.sorted()))

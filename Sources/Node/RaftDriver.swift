@@ -71,6 +71,8 @@ public actor RaftDriver {
     private let sender: any MessageSender
     /// A caller gets an answer or an error within this many ticks.
     public nonisolated let requestTimeoutTicks: Int
+    /// A request that finds no leader known waits this long for one.
+    public nonisolated let leaderWaitTicks: Int
     /// The log is compacted behind a ledger snapshot every this many
     /// applied entries.
     public nonisolated let compactEveryEntries: LogIndex
@@ -115,6 +117,9 @@ public actor RaftDriver {
         self.store = store
         self.sender = sender
         self.requestTimeoutTicks = requestTimeoutTicks
+        // Two election rounds at their longest (a split vote, then a
+        // second round), and never more than half a request's time.
+        leaderWaitTicks = max(1, min(requestTimeoutTicks / 2, 4 * configuration.electionTimeoutTicks))
     }
 
     public var status: Status { raft.status }
@@ -233,6 +238,8 @@ public actor RaftDriver {
     public func write(_ command: LedgerCommand) async throws -> (outcome: LedgerOutcome, leader: NodeID) {
         guard !stopped else { throw DriverError.stopped }
         if let reason = command.invalidReason { throw DriverError.invalidCommand(reason) }
+        if raft.leaderID == noNode { await waitForLeader() }
+        guard !stopped else { throw DriverError.stopped }
         if raft.role != .leader {
             return try await forward(command)
         }
@@ -263,6 +270,7 @@ public actor RaftDriver {
 
     private func forward(_ command: LedgerCommand) async throws -> (outcome: LedgerOutcome, leader: NodeID) {
         guard raft.leaderID != noNode else { throw DriverError.notLeader(leaderHint: noNode) }
+        guard !stopped else { throw DriverError.stopped }
         guard !command.requestID.isEmpty, forwardedWrites[command.requestID] == nil else {
             throw DriverError.invalidCommand("request id '\(command.requestID)' is empty or already in flight on this node")
         }
@@ -484,6 +492,48 @@ public actor RaftDriver {
         }
         let view = (raft.role == .leader, raft.leaderID)
         leadershipView.withLock { $0 = view }
+        if view.1 != noNode { releaseLeaderWaiters() }
+    }
+
+    // MARK: - Waiting out an election
+
+    private struct LeaderWaiter {
+        var deadlineTick: Int
+        var continuation: CheckedContinuation<Void, Never>
+    }
+    private var leaderWaiters: [LeaderWaiter] = []
+    /// Callers waiting for a leader, at most this many (more are answered
+    /// at once with whatever is known).
+    public static let leaderWaitersMax = 10_000
+
+    /// Whether this node leads and whom it believes leads; while no leader
+    /// is known (an election), waits for one for up to `leaderWaitTicks`,
+    /// so a request arriving mid-election is served a moment later instead
+    /// of refused. Known leadership is answered without a hop to the
+    /// driver's thread.
+    public nonisolated func awaitLeadership() async -> (isLeader: Bool, leaderID: NodeID) {
+        let known = leadership
+        guard known.leaderID == noNode else { return known }
+        await waitForLeader()
+        return leadership
+    }
+
+    private func waitForLeader() async {
+        guard !stopped, raft.leaderID == noNode, leaderWaiters.count < Self.leaderWaitersMax else { return }
+        await withCheckedContinuation { continuation in
+            leaderWaiters.append(LeaderWaiter(deadlineTick: ticks + leaderWaitTicks, continuation: continuation))
+        }
+    }
+
+    /// Resumes every waiter (a leader is known, or the node stops), or,
+    /// with `expiredOnly`, those whose wait is over.
+    private func releaseLeaderWaiters(expiredOnly: Bool = false) {
+        guard !leaderWaiters.isEmpty else { return }
+        var kept: [LeaderWaiter] = []
+        for waiter in leaderWaiters {
+            if expiredOnly && waiter.deadlineTick > ticks { kept.append(waiter) } else { waiter.continuation.resume() }
+        }
+        leaderWaiters = kept
     }
 
     /// Every `compactEveryEntries` applied entries, pins the ledger's state
@@ -599,6 +649,7 @@ public actor RaftDriver {
     }
 
     private func expireRequests() {
+        releaseLeaderWaiters(expiredOnly: true)
         for (requestID, write) in forwardedWrites where write.deadlineTick <= ticks {
             forwardedWrites.removeValue(forKey: requestID)
             write.continuation.resume(throwing: DriverError.timedOut(ticks: requestTimeoutTicks))
@@ -614,6 +665,7 @@ public actor RaftDriver {
     }
 
     private func failAll(_ error: any Error) {
+        releaseLeaderWaiters()
         for (_, write) in forwardedWrites { write.continuation.resume(throwing: error) }
         forwardedWrites.removeAll()
         for proposal in queuedProposals { proposal.continuation.resume(throwing: error) }

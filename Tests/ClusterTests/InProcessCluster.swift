@@ -78,9 +78,13 @@ final class InProcessCluster: @unchecked Sendable {
         try ClusterFiles.initialize(directory: directory, clusterID: "test" + String(UInt16.random(in: 0...UInt16.max), radix: 16), members: members,
                                     electionTimeoutTicks: Self.electionTimeoutTicks, snapshotEveryEntries: snapshotEveryEntries)
         client = try AdminClient(clusterDirectory: directory)
-        for member in members where !extraConfig.isEmpty {
+        // These tests are about the API, not durability (the SIGKILL and
+        // chaos tests sync every write): unsynced, their elections do not
+        // stall behind other suites' fsyncs on a shared disk.
+        for member in members {
             let path = "\(directory)/node-\(member.id)/config.yaml"
-            try (try String(contentsOfFile: path, encoding: .utf8) + extraConfig).write(toFile: path, atomically: true, encoding: .utf8)
+            try (try String(contentsOfFile: path, encoding: .utf8) + "storage:\n  unsafe_no_fsync: true\n" + extraConfig)
+                .write(toFile: path, atomically: true, encoding: .utf8)
         }
         for member in members { try start(member.id) }
     }

@@ -179,6 +179,30 @@ struct DriverTests {
         }
     }
 
+    @Test("A write arriving while no leader is known waits for the election (bounded) instead of being refused at once")
+    func writeWaitsOutElection() async throws {
+        try await LocalCluster.running { cluster in
+            #expect(await cluster.eventually { await cluster.leader() != nil })
+            let leader = try #require(await cluster.leader())
+            let follower = try #require(cluster.drivers[[NodeID(1), 2, 3].first { $0 != leader }!])
+            // Nobody hears anybody: the follower forgets the leader and campaigns in vain.
+            for id in cluster.drivers.keys { cluster.network.isolate(id) }
+            #expect(await cluster.eventually { follower.leadership.leaderID == noNode })
+            // With no leader to come, the wait ends in a refusal naming none.
+            let started = ContinuousClock.now
+            await #expect(throws: DriverError.notLeader(leaderHint: noNode)) { _ = try await follower.write(write("docs/refused", "{}")) }
+            #expect(started.duration(to: .now) >= .milliseconds(5 * follower.leaderWaitTicks / 2), "it waited (ticks of 5 ms) before refusing")
+            // A write made mid-election is served once the network heals and a leader is elected.
+            #expect(follower.leadership.leaderID == noNode)
+            let waiting = Task { try await follower.write(write("docs/waited", "{}")) }
+            try await Task.sleep(for: .milliseconds(20))
+            cluster.network.heal()
+            let outcome = try await waiting.value
+            #expect(outcome.outcome.result == .written(version: 1))
+            #expect(await follower.awaitLeadership().leaderID == outcome.leader)
+        }
+    }
+
     @Test("A follower cut off while the log was compacted is caught up by a ledger snapshot")
     func snapshotCatchUp() async throws {
         try await LocalCluster.running(compactEveryEntries: 10) { try await catchUp($0) }

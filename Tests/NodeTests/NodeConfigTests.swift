@@ -48,6 +48,8 @@ struct NodeConfigTests {
         #expect(config.joinsExistingCluster == false)
         let wide = try NodeConfig(yaml: valid.replacingOccurrences(of: "  tick_interval_ms: 20", with: "  tick_interval_ms: 20\n  inflight_messages_max: 256"))
         #expect(wide.inflightMessagesMax == 256)
+        #expect(config.unsafeNoFsync == false, "writes are synced unless a file says otherwise")
+        #expect(try NodeConfig(yaml: valid + "\nstorage:\n  unsafe_no_fsync: true\n").unsafeNoFsync)
     }
 
     @Test("Each kind of mistake gets a specific error naming where it is", arguments: [
@@ -67,6 +69,8 @@ struct NodeConfigTests {
         ("    api: 127.0.0.1:8403", "    apı: 127.0.0.1:8403", "peers[1]: unknown key"),
         ("    api: 127.0.0.1:8402", "    api: 8402", "peers[0].api: '8402' is not host:port"),
         ("    api: \"[::1]:8401\"", "    api: \"[::1]:8401\"\n  join: yes", "node.join: must be true or false"),
+        ("key_encryption_key_file: kek.bin", "key_encryption_key_file: kek.bin\nstorage:\n  fsync: false", "storage: unknown key 'fsync'"),
+        ("key_encryption_key_file: kek.bin", "key_encryption_key_file: kek.bin\nstorage:\n  unsafe_no_fsync: 1", "storage.unsafe_no_fsync: must be true or false"),
     ])
     func mistakes(line: String, replacement: String, expected: String) {
         do {

@@ -303,7 +303,7 @@ extension NodeAPI {
 
     private func issueX509(_ request: HTTPRequest) async throws -> HTTPResponse {
         let body = try Self.decodeBody(X509SVIDRequest.self, request, expected: "{\"token\", \"csr\" (PEM), \"ttl_seconds\"?, \"idempotency_key\"?}")
-        let leadership = driver.leadership
+        let leadership = await driver.awaitLeadership()
         guard leadership.isLeader else { return try await forwardToLeader(request, leaderHint: leadership.leaderID) }
         let keys = try requireKeys()
         let admitted = try await admit(token: body.token, idempotencyKey: body.idempotencyKey, ttlSeconds: body.ttlSeconds)
@@ -452,7 +452,7 @@ extension NodeAPI {
         guard ttl >= 1, ttl <= ttlCap else {
             throw APIError(status: .badRequest, code: "bad_ttl", message: "ttl_seconds must be 1...\(ttlCap) for this identity (it may not outlive the X509-SVID)")
         }
-        let leadership = driver.leadership
+        let leadership = await driver.awaitLeadership()
         guard leadership.isLeader else { return try await forwardToLeader(request, leaderHint: leadership.leaderID) }
         if let key = body.idempotencyKey, let authority,
            let earlier = try authority.earlierAnswer(idempotencyKey: key) {
@@ -492,7 +492,7 @@ extension NodeAPI {
             throw APIError(status: .badRequest, code: "bad_ttl", message: "ttl_seconds must be 1...\(ttlCap) for this identity")
         }
         let publicKey = try Self.csrKey(body.csr)
-        let leadership = driver.leadership
+        let leadership = await driver.awaitLeadership()
         guard leadership.isLeader else { return try await forwardToLeader(request, leaderHint: leadership.leaderID) }
         let idempotencyKey = body.idempotencyKey.map(AuthorityService.hash) ?? ""
         if let key = body.idempotencyKey, let authority, let earlier = try authority.earlierAnswer(idempotencyKey: key) {
@@ -511,7 +511,7 @@ extension NodeAPI {
 
     private func issueJWT(_ request: HTTPRequest) async throws -> HTTPResponse {
         let body = try Self.decodeBody(JWTSVIDRequest.self, request, expected: "{\"token\", \"audience\": [..], \"ttl_seconds\"?, \"idempotency_key\"?}")
-        let leadership = driver.leadership
+        let leadership = await driver.awaitLeadership()
         guard leadership.isLeader else { return try await forwardToLeader(request, leaderHint: leadership.leaderID) }
         let keys = try requireKeys()
         let admitted = try await admit(token: body.token, idempotencyKey: body.idempotencyKey, ttlSeconds: body.ttlSeconds)
@@ -659,7 +659,7 @@ extension NodeAPI {
             guard let known = KeyAlgorithm(rawValue: name) else { throw APIError(status: .badRequest, code: "bad_key_algorithm", message: "key_algorithm must be one of \(KeyAlgorithm.names)") }
             algorithm = known
         }
-        let leadership = driver.leadership
+        let leadership = await driver.awaitLeadership()
         guard leadership.isLeader else { return try await forwardToLeader(request, leaderHint: leadership.leaderID) }
         let keys = try requireKeys(fresh: true)
         guard let keyring = try authority.keyring() else { throw APIError.unavailable("no_authority", "the trust domain's keys are not made yet") }

@@ -164,7 +164,7 @@ extension NodeAPI {
     /// entry.
     private func join(_ request: HTTPRequest) async throws -> HTTPResponse {
         let body = try Self.decodeBody(X509SVIDRequest.self, request, expected: "{\"token\" (the platform's ID token), \"csr\" (PEM), \"ttl_seconds\"?, \"idempotency_key\"?}")
-        let leadership = driver.leadership
+        let leadership = await driver.awaitLeadership()
         guard leadership.isLeader else { return try await forwardToLeader(request, leaderHint: leadership.leaderID) }
         let keys = try requireKeys()
         var admitted = try await admitJoin(token: body.token, idempotencyKey: body.idempotencyKey, ttlSeconds: body.ttlSeconds, kind: .x509)
@@ -181,7 +181,7 @@ extension NodeAPI {
     /// context in its `warrant` claim.
     private func joinJWT(_ request: HTTPRequest) async throws -> HTTPResponse {
         let body = try Self.decodeBody(JWTSVIDRequest.self, request, expected: "{\"token\" (the platform's ID token), \"audience\": [..], \"ttl_seconds\"?, \"idempotency_key\"?}")
-        let leadership = driver.leadership
+        let leadership = await driver.awaitLeadership()
         guard leadership.isLeader else { return try await forwardToLeader(request, leaderHint: leadership.leaderID) }
         let keys = try requireKeys()
         let admitted = try await admitJoin(token: body.token, idempotencyKey: body.idempotencyKey, ttlSeconds: body.ttlSeconds, kind: .jwt)
@@ -219,7 +219,7 @@ extension NodeAPI {
             throw APIError(status: .badRequest, code: "bad_ttl", message: "ttl_seconds must be 1...\(ttlCap) for this step (never past the job's identity)")
         }
         let publicKey = try Self.csrKey(body.csr)
-        let leadership = driver.leadership
+        let leadership = await driver.awaitLeadership()
         guard leadership.isLeader else { return try await forwardToLeader(request, leaderHint: leadership.leaderID) }
         if let key = body.idempotencyKey, let authority,
            let earlier = try authority.earlierAnswer(idempotencyKey: key) {
