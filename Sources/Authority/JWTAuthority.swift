@@ -81,10 +81,13 @@ public struct VerifiedJWT: Sendable {
 public struct JWTVerifier: Sendable {
     public let trustDomain: String
     public let keys: [String: VerificationKey]
+    /// Signatures already checked under `keys` (see `SignatureMemo`).
+    public let memo: SignatureMemo?
 
-    public init(trustDomain: String, keys: [String: VerificationKey]) {
+    public init(trustDomain: String, keys: [String: VerificationKey], memo: SignatureMemo? = nil) {
         self.trustDomain = trustDomain
         self.keys = keys
+        self.memo = memo
     }
 
     public func verify(_ token: String, audience: String, now: Date = Date()) throws(AuthorityError) -> VerifiedJWT {
@@ -112,8 +115,13 @@ public struct JWTVerifier: Sendable {
         guard header["alg"] as? String == key.jwsAlgorithm else {
             throw AuthorityError("bad_algorithm", "the key '\(kid)' accepts only \(key.jwsAlgorithm)")
         }
-        guard key.isValidJWS(message: Array(bytes[..<parts[2].startIndex].dropLast()), signature: signatureBytes) else {
-            throw AuthorityError("bad_signature", "the signature does not verify")
+        let digest = SHA256.hash(data: bytes)
+        let memoized = SignatureMemo.Digest(digest)
+        if memo?.contains(memoized) != true {
+            guard key.isValidJWS(message: Array(bytes[..<parts[2].startIndex].dropLast()), signature: signatureBytes) else {
+                throw AuthorityError("bad_signature", "the signature does not verify")
+            }
+            memo?.insert(memoized)
         }
         guard let claims = Self.jsonObject(claimBytes) else {
             throw AuthorityError("malformed_token", "the claims are not a JSON object")
@@ -136,7 +144,7 @@ public struct JWTVerifier: Sendable {
         return VerifiedJWT(spiffeID: spiffeID, audiences: audiences, expiry: Date(timeIntervalSince1970: exp),
                            issuedAt: (claims["iat"] as? NSNumber).map { Date(timeIntervalSince1970: $0.doubleValue) },
                            attributes: claims["warrant"] as? [String: String] ?? [:],
-                           fingerprint: Hex.encode(SHA256.hash(data: bytes)))
+                           fingerprint: Hex.encode(digest))
     }
 }
 

@@ -29,6 +29,9 @@ public final class AuthorityService: Sendable {
         public let bundle: TrustBundle
         public let bundlePEM: String
         public let revocations: RevocationList
+        /// JWT-SVIDs whose signature verified under `bundle`'s keys: a
+        /// relying service presents the same token on every call.
+        public let jwtSignatures = SignatureMemo()
         public var x509: X509Authority { active.x509 }
         public var jwt: JWTAuthority { active.jwt }
 

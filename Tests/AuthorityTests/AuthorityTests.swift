@@ -225,6 +225,37 @@ struct JWTSVIDTests {
         #expect(throws: AuthorityError.self) { try verifier.verify("\(parts[0]).\(otherClaims).\(parts[2])", audience: "x") }
         #expect(try verifier.verify(parts.joined(separator: "."), audience: "x").spiffeID == id)
     }
+
+    @Test("The signature memo: a token's signature is checked once, its claims every time; bad signatures are never kept; a full memo starts over")
+    func signatureMemo() throws {
+        let memo = SignatureMemo(capacity: 3)
+        let remembering = JWTVerifier(trustDomain: "example.org", keys: [signer.keyID: signer.publicKey], memo: memo)
+        let issued = try signer.issue(spiffeID: id, audiences: ["x"], ttl: 60, attributes: [:])
+        #expect(try remembering.verify(issued.token, audience: "x").spiffeID == id)
+        #expect(memo.count == 1)
+        #expect(try remembering.verify(issued.token, audience: "x").fingerprint == (try verifier.verify(issued.token, audience: "x").fingerprint))
+        #expect(memo.count == 1, "the same token is kept once")
+        // A memoized token is still read in full: audience and expiry are checked again.
+        #expect(throws: AuthorityError("wrong_audience", "the token is not for 'y'")) { try remembering.verify(issued.token, audience: "y") }
+        #expect(throws: AuthorityError.self) { try remembering.verify(issued.token, audience: "x", now: Date().addingTimeInterval(120)) }
+        // And under other keys (a new key set gets a new memo, but even a shared one): the kid must be trusted.
+        let rotated = JWTVerifier(trustDomain: "example.org", keys: [:], memo: memo)
+        #expect(throws: AuthorityError.self) { try rotated.verify(issued.token, audience: "x") }
+        // A bad signature is refused and not kept.
+        let parts = issued.token.split(separator: ".").map(String.init)
+        var signature = Array(parts[2].utf8)
+        signature[4] = signature[4] == UInt8(ascii: "A") ? UInt8(ascii: "B") : UInt8(ascii: "A")
+        let tampered = "\(parts[0]).\(parts[1]).\(String(decoding: signature, as: UTF8.self))"
+        #expect(throws: AuthorityError.self) { try remembering.verify(tampered, audience: "x") }
+        #expect(memo.count == 1)
+        // The memo is what is consulted: a digest planted in it passes a forged signature (which is why only the verifier writes it).
+        memo.insert(SignatureMemo.Digest(SHA256.hash(data: Array(tampered.utf8))))
+        #expect(try remembering.verify(tampered, audience: "x").spiffeID == id)
+        #expect(throws: AuthorityError.self) { try verifier.verify(tampered, audience: "x") }
+        // Bounded: the fourth token starts it over.
+        for _ in 0..<2 { _ = try remembering.verify(try signer.issue(spiffeID: id, audiences: ["x"], ttl: 60, attributes: [:]).token, audience: "x") }
+        #expect(memo.count == 1, "three held, then the fourth started over")
+    }
 }
 
 @Suite("Trust bundles")

@@ -594,7 +594,8 @@ extension NodeAPI {
                                   attributes: verified.attributes, expiresAt: Self.iso(verified.notAfter))
             }
             if let jwt = body.jwt, let audience = body.audience, body.x509Chain == nil {
-                let verified = try JWTVerifier(trustDomain: keys.jwt.trustDomain, keys: keys.bundle.jwtKeys).verify(jwt, audience: audience)
+                let verified = try JWTVerifier(trustDomain: keys.jwt.trustDomain, keys: keys.bundle.jwtKeys, memo: keys.jwtSignatures)
+                    .verify(jwt, audience: audience)
                 let serial = String(verified.fingerprint.prefix(32))
                 try Self.checkNotRevoked(keys, serial: serial, spiffeID: verified.spiffeID, attributes: verified.attributes,
                                          issuedAt: verified.issuedAt ?? Date(timeIntervalSince1970: 0))
