@@ -114,6 +114,8 @@ final class LocalCluster {
     func shutdown() async {
         for task in tasks { task.cancel() }
         network.close()
+        // Nothing may hop onto a driver's thread once its group is gone.
+        for task in tasks { await task.value }
         for driver in drivers.values { await driver.stop() }
         try? await group.shutdownGracefully()
         try? FileManager.default.removeItem(at: directory)
