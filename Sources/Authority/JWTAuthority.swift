@@ -116,12 +116,12 @@ public struct JWTVerifier: Sendable {
             throw AuthorityError("bad_algorithm", "the key '\(kid)' accepts only \(key.jwsAlgorithm)")
         }
         let digest = SHA256.hash(data: bytes)
-        let memoized = SignatureMemo.Digest(digest)
-        if memo?.contains(memoized) != true {
+        let memoized = MemoDigest(digest)
+        if memo?.value(for: memoized) != true {
             guard key.isValidJWS(message: Array(bytes[..<parts[2].startIndex].dropLast()), signature: signatureBytes) else {
                 throw AuthorityError("bad_signature", "the signature does not verify")
             }
-            memo?.insert(memoized)
+            memo?.remember(true, for: memoized)
         }
         guard let claims = Self.jsonObject(claimBytes) else {
             throw AuthorityError("malformed_token", "the claims are not a JSON object")

@@ -70,19 +70,60 @@ public struct TrustBundle: Sendable {
     /// against this bundle's authorities: RFC 5280 path validation at
     /// `now`, then the X509-SVID rules on the leaf.
     public func verifyX509(chain: [Certificate], now: Date = Date()) async throws(AuthorityError) -> VerifiedX509 {
+        try await validate(chain: chain, now: now).verified
+    }
+
+    /// A verified chain and when its path is valid (the latest notBefore
+    /// and the earliest notAfter along it): all of RFC 5280 that depends
+    /// on the time.
+    public struct MemoizedX509: Sendable {
+        public let verified: VerifiedX509
+        public let validFrom: Date
+        public let validUntil: Date
+    }
+
+    /// Chains in PEM at most this long (eight certificates of a few KiB).
+    public static let chainPEMBytesMax = 64 << 10
+
+    /// Verifies a chain given in PEM (leaf first). With a memo, a chain
+    /// whose PEM verified before under this bundle is answered from it:
+    /// nothing is parsed or checked again but the time, against the
+    /// validity of the whole path it was validated on. Revocation is the
+    /// caller's to check every time.
+    public func verifyX509(chainPEM: String, memo: VerificationMemo<MemoizedX509>?, now: Date = Date()) async throws -> VerifiedX509 {
+        guard chainPEM.utf8.count <= Self.chainPEMBytesMax else {
+            throw AuthorityError("bad_chain", "the chain is larger than \(Self.chainPEMBytesMax) bytes")
+        }
+        let digest = MemoDigest(SHA256.hash(data: Array(chainPEM.utf8)))
+        if let known = memo?.value(for: digest) {
+            guard now >= known.validFrom else { throw AuthorityError("untrusted", "the chain is not valid yet") }
+            guard now <= known.validUntil else { throw AuthorityError("untrusted", "the chain has expired") }
+            return known.verified
+        }
+        let documents = try PEMDocument.parseMultiple(pemString: chainPEM)
+        guard !documents.isEmpty, documents.count <= 8 else { throw AuthorityError("bad_chain", "give 1 to 8 PEM certificates") }
+        let chain = try documents.map { try Certificate(derEncoded: $0.derBytes) }
+        let validated = try await validate(chain: chain, now: now)
+        memo?.remember(validated, for: digest)
+        return validated.verified
+    }
+
+    private func validate(chain: [Certificate], now: Date) async throws(AuthorityError) -> MemoizedX509 {
         guard let leaf = chain.first else { throw AuthorityError("empty_chain", "no certificate was given") }
         guard !x509Authorities.isEmpty else { throw AuthorityError("untrusted", "the bundle trusts no X.509 authority") }
         var verifier = Verifier(rootCertificates: CertificateStore(x509Authorities)) {
             RFC5280Policy(fixedExpiryValidationTime: now)
         }
         let result = await verifier.validate(leaf: leaf, intermediates: CertificateStore(Array(chain.dropFirst())))
-        guard case .validCertificate = result else {
+        guard case .validCertificate(let path) = result else {
             if case .couldNotValidate(let failures) = result {
                 throw AuthorityError("untrusted", "the chain does not lead to a trusted authority: \(failures.first.map { "\($0.policyFailureReason)" } ?? "no path")")
             }
             throw AuthorityError("untrusted", "the chain does not verify")
         }
-        return try Self.checkLeaf(leaf, trustDomain: trustDomain)
+        let verified = try Self.checkLeaf(leaf, trustDomain: trustDomain)
+        return MemoizedX509(verified: verified, validFrom: path.map(\.notValidBefore).max() ?? leaf.notValidBefore,
+                            validUntil: path.map(\.notValidAfter).min() ?? leaf.notValidAfter)
     }
 
     /// The X509-SVID rules: one URI SAN naming a SPIFFE ID of this trust

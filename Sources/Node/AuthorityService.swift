@@ -32,6 +32,8 @@ public final class AuthorityService: Sendable {
         /// JWT-SVIDs whose signature verified under `bundle`'s keys: a
         /// relying service presents the same token on every call.
         public let jwtSignatures = SignatureMemo()
+        /// X.509 chains (as PEM) verified under `bundle`'s authorities.
+        public let x509Chains = VerificationMemo<TrustBundle.MemoizedX509>()
         public var x509: X509Authority { active.x509 }
         public var jwt: JWTAuthority { active.jwt }
 

@@ -162,6 +162,39 @@ struct X509SVIDTests {
         let empty = TrustBundle(trustDomain: "example.org", x509Authorities: [], jwtKeys: [:], sequence: 1)
         await #expect(throws: AuthorityError.self) { _ = try await empty.verifyX509(chain: [try issued.certificate]) }
     }
+
+    @Test("The chain memo: a PEM chain verified once is answered from the memo while its path is valid, never past it; refusals are not kept")
+    func chainMemo() async throws {
+        let memo = VerificationMemo<TrustBundle.MemoizedX509>(capacity: 4)
+        let bundle = TrustBundle(trustDomain: "example.org", x509Authorities: [ca.certificate], jwtKeys: [:], sequence: 1)
+        let issued = try ca.issue(spiffeID: id, publicKey: Certificate.PublicKey(P256.Signing.PrivateKey().publicKey), ttl: 60, attributes: ["repository": "acme/deploy"])
+        let pem = try issued.certificate.serializeAsPEM().pemString
+        let first = try await bundle.verifyX509(chainPEM: pem, memo: memo)
+        #expect(first.spiffeID == id && first.attributes["repository"] == "acme/deploy" && memo.count == 1)
+        #expect(try await bundle.verifyX509(chainPEM: pem, memo: memo).serialHex == first.serialHex)
+        #expect(memo.count == 1)
+        // The time is checked on every hit, against the whole path's validity.
+        await #expect(throws: AuthorityError("untrusted", "the chain has expired")) {
+            _ = try await bundle.verifyX509(chainPEM: pem, memo: memo, now: Date().addingTimeInterval(120))
+        }
+        await #expect(throws: AuthorityError("untrusted", "the chain is not valid yet")) {
+            _ = try await bundle.verifyX509(chainPEM: pem, memo: memo, now: Date().addingTimeInterval(-3_600))
+        }
+        // Another CA's leaf is refused and not kept; neither is an oversized chain.
+        let other = try X509Authority.create(trustDomain: "example.org")
+        let foreign = try other.issue(spiffeID: id, publicKey: Certificate.PublicKey(P256.Signing.PrivateKey().publicKey), ttl: 60, attributes: [:])
+        await #expect(throws: AuthorityError.self) { _ = try await bundle.verifyX509(chainPEM: try foreign.certificate.serializeAsPEM().pemString, memo: memo) }
+        await #expect(throws: AuthorityError.self) {
+            _ = try await bundle.verifyX509(chainPEM: String(repeating: "A", count: TrustBundle.chainPEMBytesMax + 1), memo: memo)
+        }
+        #expect(memo.count == 1)
+        // The memo is what answers: a planted entry is returned without parsing (so only the verifier writes it).
+        let planted = "not PEM at all"
+        memo.remember(TrustBundle.MemoizedX509(verified: first, validFrom: Date().addingTimeInterval(-10), validUntil: Date().addingTimeInterval(60)),
+                      for: MemoDigest(SHA256.hash(data: Array(planted.utf8))))
+        #expect(try await bundle.verifyX509(chainPEM: planted, memo: memo).spiffeID == id)
+        await #expect(throws: (any Error).self) { _ = try await bundle.verifyX509(chainPEM: planted, memo: nil) }
+    }
 }
 
 @Suite("JWT-SVIDs")
@@ -249,7 +282,7 @@ struct JWTSVIDTests {
         #expect(throws: AuthorityError.self) { try remembering.verify(tampered, audience: "x") }
         #expect(memo.count == 1)
         // The memo is what is consulted: a digest planted in it passes a forged signature (which is why only the verifier writes it).
-        memo.insert(SignatureMemo.Digest(SHA256.hash(data: Array(tampered.utf8))))
+        memo.remember(true, for: MemoDigest(SHA256.hash(data: Array(tampered.utf8))))
         #expect(try remembering.verify(tampered, audience: "x").spiffeID == id)
         #expect(throws: AuthorityError.self) { try verifier.verify(tampered, audience: "x") }
         // Bounded: the fourth token starts it over.

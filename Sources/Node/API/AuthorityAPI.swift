@@ -584,10 +584,7 @@ extension NodeAPI {
     private func verify(_ body: VerifyRequest, _ keys: AuthorityService.Keys) async throws -> VerifyBody {
         do {
             if let chainPEM = body.x509Chain, body.jwt == nil {
-                let documents = try PEMDocument.parseMultiple(pemString: chainPEM)
-                guard !documents.isEmpty, documents.count <= 8 else { throw AuthorityError("bad_chain", "give 1 to 8 PEM certificates") }
-                let chain = try documents.map { try Certificate(derEncoded: $0.derBytes) }
-                let verified = try await keys.bundle.verifyX509(chain: chain)
+                let verified = try await keys.bundle.verifyX509(chainPEM: chainPEM, memo: keys.x509Chains)
                 try Self.checkNotRevoked(keys, serial: verified.serialHex, spiffeID: verified.spiffeID, attributes: verified.attributes,
                                          issuedAt: verified.notBefore.addingTimeInterval(X509Authority.backdate))
                 return VerifyBody(valid: true, spiffeId: verified.spiffeID.description, serial: verified.serialHex,
