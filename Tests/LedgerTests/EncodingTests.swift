@@ -5,16 +5,23 @@ import Testing
 
 @Suite("Hand-written JSON of the ledger's records")
 struct LedgerEncodingTests {
+    /// The token as made, and as used by a serial.
+    static func unusedAndUsed(_ token: JoinToken) -> [JoinToken] {
+        var used = token
+        used.used = true
+        used.usedBySerial = "0a0b"
+        return [token, used]
+    }
+
     @Test("Join tokens and issued records written by hand read back, by hand and by JSONDecoder, as the same values")
     func roundTrip() throws {
-        var token = JoinToken(hash: String(repeating: "a", count: 64), spiffeID: "spiffe://example.org/ci/\"odd\"\\path", ttlMaxSeconds: 600,
-                              expiresAtMillis: 1_795_000_000_000, maxLifetimeSeconds: 86_400)
-        for used in [false, true] {
-            token.used = used
-            token.usedBySerial = used ? "0a0b" : nil
-            #expect(JoinToken(canonical: token.canonicalJSON) == token)
-            #expect(try JSONDecoder().decode(JoinToken.self, from: Data(token.canonicalJSON)) == token)
+        let states = Self.unusedAndUsed(JoinToken(hash: String(repeating: "a", count: 64), spiffeID: "spiffe://example.org/ci/\"odd\"\\path",
+                                                  ttlMaxSeconds: 600, expiresAtMillis: 1_795_000_000_000, maxLifetimeSeconds: 86_400))
+        for state in states {
+            #expect(JoinToken(canonical: state.canonicalJSON) == state)
+            #expect(try JSONDecoder().decode(JoinToken.self, from: Data(state.canonicalJSON)) == state)
         }
+        let token = states[1]
         // Written by JSONEncoder (older records): still read.
         #expect(JoinToken(canonical: try CanonicalJSON.encode(token)) == token)
         let record = IssuedRecord(kind: .jwt, spiffeID: "spiffe://example.org/a", serial: "ff", authority: "ca1", issuedAtMillis: 5,
@@ -24,13 +31,10 @@ struct LedgerEncodingTests {
 
     @Test("The fast reading of a token document takes exactly what canonicalJSON writes, and leaves anything else to the general parser")
     func tokenFastPath() throws {
-        var token = JoinToken(hash: String(repeating: "b", count: 64), spiffeID: "spiffe://example.org/ci/build", ttlMaxSeconds: 600,
-                              expiresAtMillis: 1_795_000_000_000, maxLifetimeSeconds: 86_400)
-        for used in [false, true] {
-            token.used = used
-            token.usedBySerial = used ? "0a0b" : nil
-            #expect(JoinToken(exactlyCanonical: token.canonicalJSON) == token)
-        }
+        let states = Self.unusedAndUsed(JoinToken(hash: String(repeating: "b", count: 64), spiffeID: "spiffe://example.org/ci/build", ttlMaxSeconds: 600,
+                                                  expiresAtMillis: 1_795_000_000_000, maxLifetimeSeconds: 86_400))
+        for state in states { #expect(JoinToken(exactlyCanonical: state.canonicalJSON) == state) }
+        let token = states[1]
         let escaped = JoinToken(hash: "c", spiffeID: "spiffe://example.org/\"q\"", ttlMaxSeconds: 1, expiresAtMillis: 0)
         #expect(JoinToken(exactlyCanonical: escaped.canonicalJSON) == nil, "escapes: the general parser's work")
         #expect(JoinToken(canonical: escaped.canonicalJSON) == escaped)
