@@ -305,10 +305,7 @@ public enum Ledger {
             guard try tables.document(named: name) == nil else { return .rejected("the platform token was already used") }
             try tables.put(Document(name: name, format: .json, content: Array(JSONText.object(["serial": issuance.serial]).utf8), version: 1,
                                     logIndex: index))
-            for name in try tables.documentNames(from: AuthorityDocuments.platformTokensPrefix,
-                                                 to: AuthorityDocuments.platformToken(expiresAtMillis: now, replayKey: ""), limit: 2, reverse: false) {
-                try tables.deleteDocument(named: name)
-            }
+            try forget(AuthorityDocuments.platformTokensPrefix, before: now, &tables)
         } else if issuance.tokenHash.isEmpty {
             let document = try tables.document(named: AuthorityDocuments.revocations)
             let rules = document.flatMap { CanonicalJSON.decode(RevocationList.self, $0.content) }
@@ -345,21 +342,19 @@ public enum Ledger {
                                 content: record.canonicalJSON, version: 1, logIndex: index))
         // Forget up to two identities that have expired (as many as are
         // issued, so the records stay bounded by what is alive).
-        for name in try tables.documentNames(from: AuthorityDocuments.issuedPrefix,
-                                             to: AuthorityDocuments.issued(notAfterMillis: now, serial: ""), limit: 2, reverse: false) {
-            try tables.deleteDocument(named: name)
-        }
+        try forget(AuthorityDocuments.issuedPrefix, before: now, &tables)
         return .issued(artifact: issuance.artifact, replayed: false)
     }
 
     private static let emptyObject: [UInt8] = Array("{}".utf8)
 
-    /// Forgets up to two records whose time under `prefix` (names
-    /// `<prefix><13-digit time>/<id>`) is before `now`: the marker and the
-    /// record `record(id)` it stands for.
-    private static func forget(_ prefix: String, before now: UInt64, record: (String) -> String, _ tables: inout some LedgerTables) throws {
+    /// Forgets up to two documents named `<prefix><13-digit time>/<id>`
+    /// whose time is before `now` (as many as one command adds, so they
+    /// stay bounded by what is still of use), and with each the record
+    /// `record(id)` it stands for, if any.
+    private static func forget(_ prefix: String, before now: UInt64, record: ((String) -> String)? = nil, _ tables: inout some LedgerTables) throws {
         for name in try tables.documentNames(from: prefix, to: prefix + AuthorityDocuments.padded(now) + "/", limit: 2, reverse: false) {
-            try tables.deleteDocument(named: record(String(name.dropFirst(prefix.count + 14))))
+            if let record { try tables.deleteDocument(named: record(String(name.dropFirst(prefix.count + 14)))) }
             try tables.deleteDocument(named: name)
         }
     }

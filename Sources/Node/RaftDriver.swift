@@ -270,7 +270,6 @@ public actor RaftDriver {
 
     private func forward(_ command: LedgerCommand) async throws -> (outcome: LedgerOutcome, leader: NodeID) {
         guard raft.leaderID != noNode else { throw DriverError.notLeader(leaderHint: noNode) }
-        guard !stopped else { throw DriverError.stopped }
         guard !command.requestID.isEmpty, forwardedWrites[command.requestID] == nil else {
             throw DriverError.invalidCommand("request id '\(command.requestID)' is empty or already in flight on this node")
         }
