@@ -223,35 +223,22 @@ public struct X509Authority: Sendable {
     /// `now` until `nextUpdate`, with CRL number `number` and the
     /// authority's key identifier.
     public func crl(revoked: [(serial: [UInt8], at: Date)], number: UInt64, now: Date = Date(), nextUpdate: Date) throws -> [UInt8] {
-        func time(_ date: Date) -> [UInt8] { DERWriter.time(date) }
-        func sequence(_ content: [UInt8], tag: UInt8 = 0x30) -> [UInt8] { DERWriter.element(tag, content) }
-        func integer(_ bytes: [UInt8]) -> [UInt8] { DERWriter.unsignedInteger(bytes) }
-        var issuer = DER.Serializer()
-        try issuer.serialize(certificate.subject)
         var entries: [UInt8] = []
         for entry in revoked.sorted(by: { $0.serial.lexicographicallyPrecedes($1.serial) }) {
-            entries += sequence(integer(entry.serial) + time(entry.at))
+            entries += DERWriter.sequence(DERWriter.unsignedInteger(entry.serial) + DERWriter.time(entry.at))
         }
-        var numberBytes = withUnsafeBytes(of: number.bigEndian) { Array($0) }
-        numberBytes = Array(numberBytes.drop { $0 == 0 })
         var extensions: [UInt8] = []
-        if let keyID = try certificate.extensions.subjectKeyIdentifier?.keyIdentifier {
-            // authorityKeyIdentifier { [0] keyIdentifier }
-            let aki = sequence([0x80] + Self.derLength(keyID.count) + Array(keyID))
-            extensions += sequence([0x06, 0x03, 0x55, 0x1D, 0x23] + [0x04] + Self.derLength(aki.count) + aki)
-        }
+        if try certificate.extensions.subjectKeyIdentifier != nil { extensions += authorityKeyIdentifierExtension }
         // cRLNumber INTEGER
-        let crlNumber = integer(numberBytes)
-        extensions += sequence([0x06, 0x03, 0x55, 0x1D, 0x14] + [0x04] + Self.derLength(crlNumber.count) + crlNumber)
-        var tbs: [UInt8] = [0x02, 0x01, 0x01] + key.algorithmIdentifierDER + issuer.serializedBytes + time(now) + time(nextUpdate)
-        if !entries.isEmpty { tbs += sequence(entries) }
-        tbs += sequence(sequence(extensions), tag: 0xA0)
-        let tbsDER = sequence(tbs)
+        let crlNumber = DERWriter.unsignedInteger(withUnsafeBytes(of: number.bigEndian) { Array($0) })
+        extensions += DERWriter.sequence([0x06, 0x03, 0x55, 0x1D, 0x14] + DERWriter.element(0x04, crlNumber))
+        var tbs: [UInt8] = [0x02, 0x01, 0x01] + key.algorithmIdentifierDER + issuerDER + DERWriter.time(now) + DERWriter.time(nextUpdate)
+        if !entries.isEmpty { tbs += DERWriter.sequence(entries) }
+        tbs += DERWriter.element(0xA0, DERWriter.sequence(extensions))
+        let tbsDER = DERWriter.sequence(tbs)
         let signature = try key.x509Signature(for: tbsDER)
-        return sequence(tbsDER + key.algorithmIdentifierDER + [0x03] + Self.derLength(signature.count + 1) + [0] + signature)
+        return DERWriter.sequence(tbsDER + key.algorithmIdentifierDER + DERWriter.element(0x03, [0] + signature))
     }
-
-    static func derLength(_ count: Int) -> [UInt8] { DERWriter.length(count) }
 
     /// Sorted-key JSON of string pairs (deterministic bytes).
     static func canonicalJSON(_ attributes: Attributes) -> [UInt8] { Array(JSONText.object(attributes).utf8) }
