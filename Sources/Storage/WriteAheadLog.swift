@@ -135,7 +135,14 @@ final class WriteAheadLog {
     /// wait for the next synced append (a crash may lose them).
     func append(_ records: [Record], sync: Bool) throws {
         if !records.isEmpty {
-            var body = BinaryWriter(capacity: records.count * 64)
+            // Sized up front: entries carry whole commands (a kilobyte and
+            // more each), and growing the buffer copies it every time.
+            var capacity = 0
+            for record in records {
+                if case .entry(let entry) = record { capacity += entry.payload.byteCount }
+                capacity += 64
+            }
+            var body = BinaryWriter(capacity: capacity)
             for record in records {
                 Self.encode(record, into: &body)
                 switch record {
