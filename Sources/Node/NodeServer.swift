@@ -115,6 +115,11 @@ public final class NodeServer: Sendable {
         configuration.inflightMessagesMax = config.inflightMessagesMax
         // The core requires it above the election timeout, which operators set.
         configuration.snapshotTimeoutTicks = max(configuration.snapshotTimeoutTicks, 2 * config.electionTimeoutTicks)
+        // A member's addresses, as the cluster learns them.
+        let learn = { @Sendable (id: NodeID, addresses: MemberDirectory.Addresses) in
+            members.set(id, addresses)
+            transport.addPeer(id, address: try? SocketAddress.makeAddressResolvingHost(addresses.peer.host, port: addresses.peer.port))
+        }
         let metrics = NodeMetrics()
         driver = try RaftDriver(
             configuration: configuration, store: store, sender: transport,
@@ -122,10 +127,7 @@ public final class NodeServer: Sendable {
             compactEveryEntries: LogIndex(config.snapshotEveryEntries), loop: driverGroup.next(), metrics: metrics,
             onApplied: { entries in
                 for entry in entries {
-                    if let (id, addresses) = MemberDirectory.addresses(in: entry) {
-                        members.set(id, addresses)
-                        transport.addPeer(id, address: try? SocketAddress.makeAddressResolvingHost(addresses.peer.host, port: addresses.peer.port))
-                    }
+                    if let (id, addresses) = MemberDirectory.addresses(in: entry) { learn(id, addresses) }
                     if case .configChange(let change) = entry.payload {
                         log.info("membership change applied", ["change": "\(change)", "index": "\(entry.index)"])
                         if case .addLearner(let id) = change { transport.addPeer(id) }
@@ -136,12 +138,8 @@ public final class NodeServer: Sendable {
         // checkpoint the driver loaded now; later ones as their entries apply.
         for document in try store.documents(prefix: "\(NodeAPI.reservedPrefix)members/", limit: 1_000) {
             guard let full = try store.document(named: document.name),
-                  let id = NodeID(document.name.dropFirst("\(NodeAPI.reservedPrefix)members/".count)), id != config.id,
-                  let body = try? APIJSON.decode(MemberAddressesBody.self, from: full.content),
-                  let peer = try? HostPort(parsing: body.peerAddress, at: ""), let api = try? HostPort(parsing: body.apiAddress, at: "") else { continue }
-            let addresses = MemberDirectory.Addresses(peer: peer, api: api)
-            members.set(id, addresses)
-            transport.addPeer(id, address: try? SocketAddress.makeAddressResolvingHost(peer.host, port: peer.port))
+                  let (id, addresses) = MemberDirectory.addresses(name: full.name, content: full.content), id != config.id else { continue }
+            learn(id, addresses)
         }
         authority = AuthorityService(trustDomain: config.trustDomain, keyAlgorithm: config.keyAlgorithm,
                                      kek: try KeyEncryptionKey.load(path: ClusterFiles.resolve(config.keyEncryptionKeyFile, relativeTo: configPath)),

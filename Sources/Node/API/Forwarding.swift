@@ -33,8 +33,14 @@ public final class MemberDirectory: Sendable {
     public static func addresses(in entry: Entry) -> (NodeID, Addresses)? {
         // Every applied entry comes here: only document puts are decoded.
         guard case .command(let bytes) = entry.payload, LedgerCommand.operationTag(in: bytes) == 1, let command = try? LedgerCommand(decoding: bytes),
-              case .putDocument(let name, _, let content, _) = command.operation,
-              name.hasPrefix("\(NodeAPI.reservedPrefix)members/"),
+              case .putDocument(let name, _, let content, _) = command.operation else { return nil }
+        return addresses(name: name, content: content)
+    }
+
+    /// The member a `cluster/members/<id>` document names and its
+    /// addresses, if it is one and reads.
+    public static func addresses(name: String, content: [UInt8]) -> (NodeID, Addresses)? {
+        guard name.hasPrefix("\(NodeAPI.reservedPrefix)members/"),
               let id = NodeID(name.dropFirst("\(NodeAPI.reservedPrefix)members/".count)),
               let body = try? APIJSON.decode(MemberAddressesBody.self, from: content),
               let peer = try? HostPort(parsing: body.peerAddress, at: "peer_address"),
