@@ -99,9 +99,17 @@ func run(_ options: Options) async throws -> Int32 {
     let environment = options.plantedBug.map { ["WARRANT_PLANTED_BUG": $0] } ?? [:]
     let chaos = try await ChaosCluster.start(binary: options.binary, nodes: scenario.nodes, directory: clusterDirectory, environment: environment)
     let cluster = chaos.cluster
-    guard await cluster.waitForLeader(seconds: 30) != nil, await cluster.waitUntilReady(seconds: 30) else {
+    // Generous: a test run may start this while other suites keep both
+    // cores and the disk busy.
+    guard await cluster.waitForLeader(seconds: 60) != nil, await cluster.waitUntilReady(seconds: 30) else {
         await chaos.close()
-        throw ChaosError("the cluster did not become ready; node logs in \(clusterDirectory)")
+        // The directory goes with this process: what the nodes said, here.
+        for id in 1...scenario.nodes {
+            let lines = ((try? String(contentsOfFile: "\(clusterDirectory)/node-\(id)/log", encoding: .utf8)) ?? "").split(separator: "\n")
+            log("  node \(id), last \(min(lines.count, 25)) of \(lines.count) log lines:")
+            for line in lines.suffix(25) { log("    " + line) }
+        }
+        throw ChaosError("the cluster did not become ready (no leader within 60 s, or not ready 30 s after)")
     }
     let client = cluster.client
     // Attested join needs an issuer: a local OIDC provider over HTTPS, and one rule.
