@@ -78,6 +78,8 @@ public enum Ledger {
         switch entry.payload {
         case .noop:
             return nil
+        case .released:
+            preconditionFailure("entry \(entry.index) reached the ledger without its payload (only applied entries are released)")
         case .configChange(let change):
             try audit(&tables, entry, timeMillis: 0, actor: "raft", action: "membership.change", target: describe(change), result: "ok")
             return nil

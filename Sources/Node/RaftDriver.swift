@@ -76,6 +76,11 @@ public actor RaftDriver {
     /// The log is compacted behind a ledger snapshot every this many
     /// applied entries.
     public nonisolated let compactEveryEntries: LogIndex
+    /// The payloads of this many newest applied entries stay in memory;
+    /// older ones are released (they are in the write-ahead log, and read
+    /// back for a peer that lags), so memory does not grow with every
+    /// command between compactions.
+    public nonisolated let keepPayloadsEntries: LogIndex
     private var ticks = 0
     private var stopped = false
 
@@ -101,9 +106,11 @@ public actor RaftDriver {
     /// `loop` should be a thread of its own in a node (a blocking fsync
     /// runs on it); tests may share one.
     public init(configuration: Configuration, store: RaftStore, sender: any MessageSender, requestTimeoutTicks: Int = 100,
-                compactEveryEntries: LogIndex = 10_000, loop: any EventLoop = MultiThreadedEventLoopGroup.singleton.next(),
+                compactEveryEntries: LogIndex = 10_000, keepPayloadsEntries: LogIndex = 4_096,
+                loop: any EventLoop = MultiThreadedEventLoopGroup.singleton.next(),
                 metrics: NodeMetrics = NodeMetrics(), onApplied: (@Sendable ([Entry]) -> Void)? = nil) throws {
         precondition(requestTimeoutTicks > 0 && compactEveryEntries > 0)
+        self.keepPayloadsEntries = keepPayloadsEntries
         self.loop = loop
         self.metrics = metrics
         self.onApplied = onApplied
@@ -482,6 +489,7 @@ public actor RaftDriver {
                 pendingReads.removeValue(forKey: requestID)?.continuation.resume(throwing: DriverError.notLeader(leaderHint: ready.leaderID))
             }
             raft.advance()
+            releasePayloadsIfDue()
             answerReads()
             try compactIfDue()
             // What arrived during the write joins the next Ready (group
@@ -590,6 +598,8 @@ public actor RaftDriver {
     /// checkpoint) gets them from the store first, on a thread of its own,
     /// one at a time per follower (the core sends it again if it is lost).
     private func send(_ messages: [Message]) {
+        var messages = messages
+        fillReleasedEntries(&messages)
         guard messages.contains(where: { if case .installSnapshot(let snapshot) = $0.body { return snapshot.data.isEmpty } else { return false } }) else {
             return sender.send(messages)
         }
@@ -616,6 +626,41 @@ public actor RaftDriver {
         }
         sender.send(now)
     }
+
+    /// Released entries in batches of at least this many (one pass over
+    /// the log's tail each).
+    private static let releaseStep: LogIndex = 256
+
+    private func releasePayloadsIfDue() {
+        guard appliedIndex >= raft.payloadsReleasedThrough + keepPayloadsEntries + Self.releaseStep else { return }
+        raft.releasePayloads(through: appliedIndex - keepPayloadsEntries)
+    }
+
+    /// Entries whose payloads the core released go out with their bytes,
+    /// read back from the write-ahead log (checked against its checksums,
+    /// and against the entries' terms and sizes here). If that fails the
+    /// message is dropped: the peer is probed again, and is sent a
+    /// snapshot once a compaction covers what it lacks.
+    private func fillReleasedEntries(_ messages: inout [Message]) {
+        guard messages.contains(where: { if case .appendEntries(let append) = $0.body { append.entries.contains { $0.payload.isReleased } } else { false } }) else { return }
+        messages = messages.compactMap { message in
+            guard case .appendEntries(var append) = message.body, append.entries.contains(where: { $0.payload.isReleased }) else { return message }
+            do {
+                let read = try store.fillReleased(&append.entries)
+                metrics.releasedEntriesRead.add(read)
+                var filled = message
+                filled.body = .appendEntries(append)
+                return filled
+            } catch {
+                metrics.releasedEntryReadFailures.add(1)
+                releasedReadError = "\(error)"
+                return nil
+            }
+        }
+    }
+
+    /// The last failure to read released entries back (status, tests).
+    public private(set) var releasedReadError: String?
 
     private func snapshotSent(to peer: NodeID, failed: Bool) {
         snapshotsBeingMade.remove(peer)

@@ -150,6 +150,8 @@ extension EntryPayload {
                 writer.write(UInt8(3))
                 writer.write(id)
             }
+        case .released:
+            preconditionFailure("a released payload was encoded: the driver reads released entries back before they leave the node")
         }
     }
 

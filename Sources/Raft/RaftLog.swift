@@ -13,6 +13,8 @@ struct RaftLog {
     private(set) var appliedIndex: LogIndex
     /// A received snapshot not yet handed to the driver to persist.
     private(set) var pendingSnapshot: Snapshot?
+    /// Commands up to here (and after the snapshot) are `.released`.
+    private(set) var releasedThrough: LogIndex = 0
 
     init(snapshot: SnapshotMetadata?, entries: [Entry], commitIndex: LogIndex, appliedIndex: LogIndex) {
         snapshotIndex = snapshot?.index ?? 0
@@ -150,6 +152,25 @@ struct RaftLog {
         commitIndex = snapshotIndex
         appliedIndex = snapshotIndex
         pendingSnapshot = snapshot
+    }
+
+    /// Drops from memory the command bytes of entries up to `index`,
+    /// clamped to what is both applied and stable (the driver can read
+    /// those back from storage). Returns how many were released.
+    mutating func releasePayloads(through index: LogIndex) -> Int {
+        let limit = min(index, appliedIndex, stableIndex, lastIndex)
+        var released = 0
+        var next = max(releasedThrough, snapshotIndex) + 1
+        while next <= limit {
+            let position = Int(next - snapshotIndex - 1)
+            if case .command(let bytes) = entries[position].payload {
+                entries[position].payload = .released(byteCount: bytes.count)
+                released += 1
+            }
+            next += 1
+        }
+        releasedThrough = max(releasedThrough, limit)
+        return released
     }
 
     mutating func takePendingSnapshot() -> Snapshot? {

@@ -111,7 +111,23 @@ public struct RaftNode: Sendable {
 
     public func term(at index: LogIndex) -> Term? { log.term(at: index) }
 
-    /// Entries in [from, through] still in the log (not compacted).
+    /// Commands up to this index are `.released` (see `releasePayloads`).
+    public var payloadsReleasedThrough: LogIndex { log.releasedThrough }
+
+    /// Drops from memory the command bytes of log entries up to `index`
+    /// that are already applied and durable, leaving `.released` in their
+    /// place: between compactions the log would otherwise hold every
+    /// command since the last snapshot. Messages in later Readies may then
+    /// carry released entries (to a peer that lags); the driver must fill
+    /// them from stable storage before sending. Returns how many were
+    /// released.
+    @discardableResult
+    public mutating func releasePayloads(through index: LogIndex) -> Int {
+        log.releasePayloads(through: index)
+    }
+
+    /// Entries in [from, through] still in the log (not compacted); some
+    /// may be `.released`.
     public func entries(from: LogIndex, through: LogIndex) -> [Entry] {
         Array(log.entries(from: max(from, log.firstIndex), through: min(through, log.lastIndex), bytesMax: .max))
     }

@@ -14,6 +14,16 @@ public enum EntryPayload: Sendable, Hashable {
     case noop
     case command([UInt8])
     case configChange(ConfigChange)
+    /// A command the log no longer keeps in memory (`RaftNode.releasePayloads`):
+    /// the entry is durable and applied, and its bytes are on stable
+    /// storage. It never leaves the node like this: the driver reads the
+    /// bytes back before sending the entry to a peer that lags.
+    case released(byteCount: Int)
+
+    public var isReleased: Bool {
+        if case .released = self { return true }
+        return false
+    }
 
     /// Bytes counted against flow-control limits.
     @inlinable
@@ -22,6 +32,7 @@ public enum EntryPayload: Sendable, Hashable {
         case .noop: return 0
         case .command(let bytes): return bytes.count
         case .configChange: return 16
+        case .released(let byteCount): return byteCount
         }
     }
 }

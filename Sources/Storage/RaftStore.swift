@@ -249,6 +249,36 @@ public final class RaftStore: @unchecked Sendable {
         try requireLedger().snapshotBytes(for: metadata)
     }
 
+    /// Log entries `from...through` read back from the write-ahead log.
+    public func logEntries(from: LogIndex, through: LogIndex) throws -> [Entry] {
+        try lock.withLock {
+            guard let log else { throw StorageError(code: .invalidRequest, reason: "\(directory): the log is not open") }
+            return try log.entries(from: from, through: through)
+        }
+    }
+
+    /// `entries` (contiguous) with the payloads the core released from
+    /// memory read back from the write-ahead log, for a peer that lags
+    /// (see `RaftNode.releasePayloads`). What is read must match each
+    /// entry's index, term and size. Returns how many were filled.
+    public func fillReleased(_ entries: inout [Entry]) throws -> Int {
+        guard let first = entries.first?.index, let last = entries.last?.index else { return 0 }
+        let stored = try logEntries(from: first, through: last)
+        guard stored.count == entries.count else {
+            throw StorageError(code: .corruptEntry, reason: "\(directory): the write-ahead log gave \(stored.count) entries for \(first)...\(last)")
+        }
+        var filled = 0
+        for slot in entries.indices where entries[slot].payload.isReleased {
+            let entry = entries[slot], found = stored[slot]
+            guard found.index == entry.index, found.term == entry.term, found.byteCount == entry.byteCount else {
+                throw StorageError(code: .corruptEntry, reason: "\(directory): entry \(entry.index) (term \(entry.term), \(entry.byteCount) bytes) reads back as \(found.index) (term \(found.term), \(found.byteCount) bytes). \(StorageError.rejoinAdvice)")
+            }
+            entries[slot].payload = found.payload
+            filled += 1
+        }
+        return filled
+    }
+
     /// Writes the ledger's audit records waiting in memory if they are due
     /// (the driver calls this on every tick).
     public func writeAuditIfDue() throws {

@@ -46,6 +46,21 @@ final class WriteAheadLog {
         var lastReset: (index: LogIndex, term: Term)?
         /// Bytes of a torn tail cut off when opening (0 normally).
         var tornBytesRemoved = 0
+        /// Where the entries are (see `WriteAheadLog.located`).
+        var located: [Located] = []
+    }
+
+    /// The entries one batch holds, and where the batch is. Kept for every
+    /// batch with entries, sorted by index and without overlap: a batch
+    /// that replaces a suffix clips or drops the ones it replaces, and a
+    /// reset drops them all. This is how entries whose payloads the log
+    /// released from memory are read back (a peer that lags needs them).
+    struct Located: Equatable {
+        var sequence: UInt64
+        /// Byte offset of the batch header in its file.
+        var offset: Int
+        var first: LogIndex
+        var last: LogIndex
     }
 
     private struct Segment {
@@ -68,6 +83,7 @@ final class WriteAheadLog {
     private var unwritten: [UInt8] = []
     private var unwrittenMaxIndex: LogIndex = 0
     private var lastHardState = HardState()
+    private var located: [Located] = []
 
     private init(directory: String, segmentBytesMax: Int, fdatasyncs: Bool) {
         self.directory = directory
@@ -125,6 +141,8 @@ final class WriteAheadLog {
             }
         }
         log.lastHardState = contents.hardState ?? HardState()
+        log.located = contents.located
+        contents.located = []
         return (log, contents)
     }
 
@@ -143,14 +161,17 @@ final class WriteAheadLog {
                 capacity += 64
             }
             var body = BinaryWriter(capacity: capacity)
+            var span = BatchSpan()
             for record in records {
                 Self.encode(record, into: &body)
+                span.add(record)
                 switch record {
                 case .entry(let entry): unwrittenMaxIndex = max(unwrittenMaxIndex, entry.index)
                 case .hardState(let state): lastHardState = state
                 case .reset: break
                 }
             }
+            span.place(sequence: segments[segments.count - 1].sequence, offset: size + unwritten.count, into: &located)
             Self.frame(body.bytes, into: &unwritten)
         }
         guard sync, !unwritten.isEmpty else { return }
@@ -172,7 +193,72 @@ final class WriteAheadLog {
     func removeSegments(through index: LogIndex) throws {
         while segments.count > 1, segments[0].maxIndex <= index {
             guard unlink(segments[0].path) == 0 || errno == ENOENT else { throw FileSystem.error("unlink", segments[0].path) }
-            segments.removeFirst()
+            let removed = segments.removeFirst().sequence
+            let gone = located.prefix { $0.sequence <= removed }.count
+            located.removeFirst(gone)
+        }
+    }
+
+    /// Entries `from...through` read back from the files (for payloads the
+    /// in-memory log released). Every batch read is checked against its
+    /// checksum; an entry that is not there, or damage, throws.
+    func entries(from: LogIndex, through: LogIndex) throws -> [Entry] {
+        guard from <= through else { return [] }
+        // The first batch that ends at or after `from` (they are sorted).
+        var low = 0, high = located.count
+        while low < high {
+            let middle = (low + high) / 2
+            if located[middle].last < from { low = middle + 1 } else { high = middle }
+        }
+        var result: [Entry] = []
+        var next = from
+        var position = low
+        while next <= through, position < located.count, located[position].first <= next {
+            let batch = located[position]
+            let upper = min(batch.last, through)
+            var picked: [Entry] = []
+            for record in try readBatch(batch) {
+                // Later records replace earlier ones from their index on,
+                // as when the log is replayed.
+                guard case .entry(let entry) = record, entry.index >= next, entry.index <= upper else { continue }
+                let slot = Int(entry.index - next)
+                guard slot <= picked.count else { continue }
+                picked.removeSubrange(slot...)
+                picked.append(entry)
+            }
+            guard picked.count == Int(upper - next + 1) else { break }
+            result.append(contentsOf: picked)
+            next = upper + 1
+            position += 1
+        }
+        guard next > through else {
+            throw StorageError(code: .corruptEntry, reason: "\(directory): entry \(next) is not where the write-ahead log put it (wanted \(from)...\(through)). \(StorageError.rejoinAdvice)")
+        }
+        return result
+    }
+
+    private func readBatch(_ batch: Located) throws -> [Record] {
+        guard let segment = segments.first(where: { $0.sequence == batch.sequence }) else {
+            throw StorageError(code: .corruptEntry, reason: "\(directory): write-ahead log file \(Self.hex(batch.sequence)).wal is gone but still holds entries \(batch.first)...\(batch.last)")
+        }
+        let descriptor = Glibc.open(segment.path, O_RDONLY | O_CLOEXEC)
+        guard descriptor >= 0 else { throw FileSystem.error("open", segment.path) }
+        defer { close(descriptor) }
+        var header = [UInt8](repeating: 0, count: Self.batchHeaderBytes)
+        try FileSystem.readExactly(&header, from: descriptor, at: batch.offset, segment.path)
+        let length = header.withUnsafeBytes { Int(UInt32(littleEndian: $0.loadUnaligned(fromByteOffset: 4, as: UInt32.self))) }
+        guard length <= Self.batchBytesMax else {
+            throw StorageError(code: .corruptEntry, reason: "\(segment.path): the batch at byte \(batch.offset) claims \(length) bytes. \(StorageError.rejoinAdvice)")
+        }
+        var bytes = header + [UInt8](repeating: 0, count: length)
+        try FileSystem.readExactly(&bytes, from: descriptor, at: batch.offset, segment.path)
+        guard let valid = bytes.withUnsafeBytes({ Self.validBatch($0, at: 0) }) else {
+            throw StorageError(code: .corruptEntry, reason: "\(segment.path): the batch at byte \(batch.offset) fails its checksum. \(StorageError.rejoinAdvice)")
+        }
+        do {
+            return try Self.decodeRecords(Array(bytes[valid.body]))
+        } catch {
+            throw StorageError(code: .corruptEntry, reason: "\(segment.path): a record of the batch at byte \(batch.offset) does not decode (\(error)). \(StorageError.rejoinAdvice)")
         }
     }
 
@@ -221,6 +307,61 @@ final class WriteAheadLog {
             w.write(UInt8(3))
             w.write(index)
             w.write(term)
+        }
+    }
+
+    static func decodeRecords(_ body: [UInt8]) throws(CodecError) -> [Record] {
+        var reader = BinaryReader(body)
+        var records: [Record] = []
+        while reader.remaining > 0 {
+            switch try reader.readUInt8("record kind") {
+            case 1:
+                let index = try reader.readUInt64("index")
+                let term = try reader.readUInt64("term")
+                records.append(.entry(Entry(term: term, index: index, payload: try EntryPayload.decode(from: &reader))))
+            case 2:
+                records.append(.hardState(HardState(term: try reader.readUInt64("term"), votedFor: try reader.readUInt64("vote"),
+                                                    commitIndex: try reader.readUInt64("commit index"))))
+            case 3:
+                records.append(.reset(index: try reader.readUInt64("index"), term: try reader.readUInt64("term")))
+            case let kind:
+                throw CodecError.unknownTag(field: "record kind", tag: kind)
+            }
+        }
+        return records
+    }
+
+    /// The entries of one batch after its last reset, to place it in `located`.
+    private struct BatchSpan {
+        var first: LogIndex?
+        var last: LogIndex = 0
+        var reset = false
+
+        mutating func add(_ record: Record) {
+            switch record {
+            case .entry(let entry):
+                if first == nil || entry.index < first! { first = entry.index }
+                last = entry.index
+            case .reset:
+                reset = true
+                first = nil
+            case .hardState:
+                break
+            }
+        }
+
+        func place(sequence: UInt64, offset: Int, into located: inout [Located]) {
+            if reset { located.removeAll() }
+            guard let first else { return }
+            while let previous = located.last, previous.last >= first {
+                if previous.first >= first {
+                    located.removeLast()
+                } else {
+                    located[located.count - 1].last = first - 1
+                    break
+                }
+            }
+            located.append(Located(sequence: sequence, offset: offset, first: first, last: last))
         }
     }
 
@@ -300,31 +441,27 @@ final class WriteAheadLog {
             }
         }
         for body in bodies {
-            var reader = BinaryReader(Array(data[body]))
+            let records: [Record]
             do {
-                while reader.remaining > 0 {
-                    switch try reader.readUInt8("record kind") {
-                    case 1:
-                        let index = try reader.readUInt64("index")
-                        let term = try reader.readUInt64("term")
-                        let payload = try EntryPayload.decode(from: &reader)
-                        try add(Entry(term: term, index: index, payload: payload), to: &contents, path: path)
-                        maxIndex = max(maxIndex, index)
-                    case 2:
-                        contents.hardState = HardState(term: try reader.readUInt64("term"), votedFor: try reader.readUInt64("vote"),
-                                                       commitIndex: try reader.readUInt64("commit index"))
-                    case 3:
-                        let index = try reader.readUInt64("index")
-                        let term = try reader.readUInt64("term")
-                        contents.entries.removeAll()
-                        contents.lastReset = (index, term)
-                    case let kind:
-                        throw CodecError.unknownTag(field: "record kind", tag: kind)
-                    }
-                }
-            } catch let error as CodecError {
+                records = try decodeRecords(Array(data[body]))
+            } catch {
                 throw damaged("a record at byte \(body.lowerBound) does not decode (\(error))")
             }
+            var span = BatchSpan()
+            for record in records {
+                span.add(record)
+                switch record {
+                case .entry(let entry):
+                    try add(entry, to: &contents, path: path)
+                    maxIndex = max(maxIndex, entry.index)
+                case .hardState(let state):
+                    contents.hardState = state
+                case .reset(let index, let term):
+                    contents.entries.removeAll()
+                    contents.lastReset = (index, term)
+                }
+            }
+            span.place(sequence: sequence, offset: body.lowerBound - batchHeaderBytes, into: &contents.located)
         }
         return (maxIndex, offset)
     }
@@ -394,6 +531,25 @@ enum FileSystem {
     static func exists(_ path: String) -> Bool {
         var info = stat()
         return stat(path, &info) == 0
+    }
+
+    /// Fills `bytes` from `offset` of an open file; a short file throws.
+    static func readExactly(_ bytes: inout [UInt8], from descriptor: Int32, at offset: Int, _ path: String) throws {
+        var done = 0
+        let count = bytes.count
+        try bytes.withUnsafeMutableBytes { buffer in
+            while done < count {
+                let read = pread(descriptor, buffer.baseAddress! + done, count - done, off_t(offset + done))
+                if read < 0 {
+                    if errno == EINTR { continue }
+                    throw error("read", path)
+                }
+                guard read > 0 else {
+                    throw StorageError(code: .corruptEntry, reason: "\(path) ends before byte \(offset + count) (a batch the log located there). \(StorageError.rejoinAdvice)")
+                }
+                done += read
+            }
+        }
     }
 
     static func read(_ path: String) throws -> [UInt8] {

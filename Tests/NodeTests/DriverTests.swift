@@ -52,12 +52,13 @@ final class LocalCluster {
     let network = LoopbackNetwork()
     var drivers: [NodeID: RaftDriver] = [:]
     var stores: [NodeID: RaftStore] = [:]
+    var metrics: [NodeID: NodeMetrics] = [:]
     var tasks: [Task<Void, Never>] = []
     /// A thread per driver, as in a node: work elsewhere in the test process
     /// (HTTP handlers, TLS) runs on NIO's shared threads, not these.
     let group: MultiThreadedEventLoopGroup
 
-    init(voters: [NodeID] = [1, 2, 3], compactEveryEntries: LogIndex = 10_000) throws {
+    init(voters: [NodeID] = [1, 2, 3], compactEveryEntries: LogIndex = 10_000, keepPayloadsEntries: LogIndex = 4_096) throws {
         group = MultiThreadedEventLoopGroup(numberOfThreads: voters.count)
         directory = FileManager.default.temporaryDirectory.appendingPathComponent("warrant-driver-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
@@ -66,8 +67,11 @@ final class LocalCluster {
             try store.initialize(with: .bootstrap(voters: voters))
             var configuration = Configuration(id: id, randomSeed: UInt64.random(in: 1...UInt64.max))
             configuration.electionTimeoutTicks = 10
+            let nodeMetrics = NodeMetrics()
             let driver = try RaftDriver(configuration: configuration, store: store, sender: network.sender(), requestTimeoutTicks: 2_000,
-                                         compactEveryEntries: compactEveryEntries, loop: group.next())
+                                         compactEveryEntries: compactEveryEntries, keepPayloadsEntries: keepPayloadsEntries,
+                                         loop: group.next(), metrics: nodeMetrics)
+            metrics[id] = nodeMetrics
             drivers[id] = driver
             stores[id] = store
             tasks.append(network.attach(id, driver))
@@ -100,8 +104,9 @@ final class LocalCluster {
     }
 
     /// Runs `body` against a fresh cluster and always shuts it down.
-    static func running(compactEveryEntries: LogIndex = 10_000, _ body: (LocalCluster) async throws -> Void) async throws {
-        let cluster = try LocalCluster(compactEveryEntries: compactEveryEntries)
+    static func running(compactEveryEntries: LogIndex = 10_000, keepPayloadsEntries: LogIndex = 4_096,
+                        _ body: (LocalCluster) async throws -> Void) async throws {
+        let cluster = try LocalCluster(compactEveryEntries: compactEveryEntries, keepPayloadsEntries: keepPayloadsEntries)
         do {
             try await body(cluster)
         } catch {
@@ -208,6 +213,34 @@ struct DriverTests {
     @Test("A follower cut off while the log was compacted is caught up by a ledger snapshot")
     func snapshotCatchUp() async throws {
         try await LocalCluster.running(compactEveryEntries: 10) { try await catchUp($0) }
+    }
+
+    @Test("A follower cut off for longer than the payloads kept in memory catches up entry by entry, from the leader's write-ahead log")
+    func releasedPayloadsCatchUp() async throws {
+        try await LocalCluster.running(keepPayloadsEntries: 8) { cluster in
+            #expect(await cluster.eventually { await cluster.leader() != nil })
+            let leader = try #require(await cluster.leader())
+            let lagging = [NodeID(1), 2, 3].first { $0 != leader }!
+            cluster.network.isolate(lagging)
+            // Payloads are released 256 at a time, 8 behind the applied index.
+            for i in 0..<300 {
+                _ = try await cluster.drivers[leader]!.propose(write("docs/\(i)", "{\"i\":\(i)}"))
+            }
+            #expect(cluster.metrics[leader]!.releasedEntriesRead.current == 0)
+            cluster.network.heal()
+            let caughtUp = try await cluster.eventually {
+                try cluster.stores[lagging]!.verifyAudit() == cluster.stores[leader]!.verifyAudit()
+            }
+            #expect(caughtUp)
+            #expect(await cluster.drivers[lagging]!.status.snapshotIndex == 0, "entry by entry: no snapshot was taken")
+            #expect(cluster.metrics[leader]!.releasedEntriesRead.current >= 250, "what it lacked was read back from the leader's log")
+            #expect(cluster.metrics[leader]!.releasedEntryReadFailures.current == 0)
+            for i in [0, 1, 150, 299] {
+                let document = try cluster.stores[lagging]!.document(named: "docs/\(i)")
+                let original = try cluster.stores[leader]!.document(named: "docs/\(i)")
+                #expect(document != nil && document == original)
+            }
+        }
     }
 
     private func catchUp(_ cluster: LocalCluster) async throws {
