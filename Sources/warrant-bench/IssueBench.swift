@@ -365,14 +365,17 @@ struct Phases {
     /// Drives a phase (given the leader's endpoint) and prints its figures.
     func run(_ name: String, _ body: ([SocketAddress]) async throws -> Timed) async throws -> Timed {
         let (leaderID, leaderEndpoint) = try await leader()
+        let faultsBefore = meter.nodeFaults()
         let before = meter.sample()
         let timed = try await body(leaderEndpoint)
         var after = meter.sample()
+        let faultsAfter = meter.nodeFaults()
         // With wrk the client is its processes: this one only wrote their
         // request files beforehand and read their results afterwards.
         if let wrk = timed.clientCPUSeconds { after[after.count - 2] = before[before.count - 2] + wrk }
         print(timed.line(name))
         print(meter.line(from: before, to: after, operations: timed.ok, leader: leaderID, seconds: timed.seconds))
+        print(meter.faultLine(from: faultsBefore, to: faultsAfter, operations: timed.ok, leader: leaderID))
         if let now = try? await leader().id, now != leaderID { print("  (the leader changed during this phase: node \(leaderID), then node \(now))") }
         return timed
     }
@@ -393,13 +396,35 @@ struct CPUMeter {
         self.processes = processes
     }
 
-    static func seconds(of pid: Int32) -> Double {
+    /// The fields of /proc/PID/stat after the command, from field 3 (state) on.
+    static func statFields(of pid: Int32) -> [Substring] {
         guard let text = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
-              let close = text.lastIndex(of: ")") else { return 0 }
-        let fields = text[text.index(after: close)...].split(separator: " ")
-        // After the command: state is field 3, utime 14 and stime 15.
+              let close = text.lastIndex(of: ")") else { return [] }
+        return text[text.index(after: close)...].split(separator: " ")
+    }
+
+    static func seconds(of pid: Int32) -> Double {
+        let fields = statFields(of: pid)
+        // utime is field 14 and stime 15.
         guard fields.count > 12, let user = Double(fields[11]), let system = Double(fields[12]) else { return 0 }
         return (user + system) / Double(sysconf(Int32(_SC_CLK_TCK)))
+    }
+
+    /// Minor page faults of each node so far (field 10): pages of new
+    /// memory touched, each a host fault on a virtual machine that gives
+    /// freed pages back to its host.
+    func nodeFaults() -> [Double] {
+        processes.dropLast().map { process in
+            let fields = Self.statFields(of: process.pid)
+            return fields.count > 7 ? Double(fields[7]) ?? 0 : 0
+        }
+    }
+
+    func faultLine(from before: [Double], to after: [Double], operations: Int, leader: UInt64?) -> String {
+        let parts = zip(zip(processes, nodeIDs), zip(before, after)).map { process, faults in
+            String(format: "%@%@ %.2f", process.0.label, process.1 != nil && process.1 == leader ? " (leader)" : "", (faults.1 - faults.0) / Double(max(operations, 1)))
+        }
+        return "  page faults per operation: " + parts.joined(separator: ", ")
     }
 
     /// CPU time of each process, then (last) the machine's stolen time:
