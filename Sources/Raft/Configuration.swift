@@ -19,6 +19,10 @@ package enum PlantedBug: Sendable, Hashable {
     /// Let votes and acknowledgements go out before the state they promise
     /// is durable (the lost-write bug of acknowledging before fsync).
     case acknowledgeBeforePersist
+    /// Fill an entry released from memory with the payload of the entry
+    /// before it when reading it back for a peer that lags (an off-by-one
+    /// in the read-back path). The simulator's driver plants it.
+    case fillReleasedFromPreviousEntry
 }
 
 /// Everything that shapes one node's core. Times are in ticks; the driver

@@ -11,6 +11,11 @@ public struct NodeOptions: Sendable {
     public var inflightMessagesMax = 256
     public var uncommittedBytesMax = 64 << 20
     public var promotionLagEntriesMax: LogIndex = 64
+    /// Release the payloads of commands applied more than this many
+    /// entries ago (`RaftNode.releasePayloads`), reading them back from
+    /// the disk when a message needs them, as a node's driver does; nil
+    /// keeps every payload in memory.
+    public var keepPayloadsEntries: LogIndex?
     package var plantedBug: PlantedBug?
 
     public init() {}
@@ -39,6 +44,14 @@ public protocol SimulatedDisk: AnyObject {
     func persist(_ ready: Ready) throws
     func compact(through metadata: SnapshotMetadata, data: [UInt8]) throws
     func load() throws -> DurableState
+    /// Fills entries the core released from memory (contiguous) from what
+    /// was persisted, checking each one's index, term and size.
+    func fillReleased(_ entries: inout [Entry]) throws
+}
+
+/// A released entry the in-memory disk does not hold as the core says.
+public struct SimulatedDiskError: Error, CustomStringConvertible {
+    public var description: String
 }
 
 /// Makes the disk of a node, holding `initial` (bootstrap or empty).
@@ -55,6 +68,18 @@ public final class MemoryDisk: SimulatedDisk {
     public func persist(_ ready: Ready) { storage.persist(ready) }
     public func compact(through metadata: SnapshotMetadata, data: [UInt8]) { storage.compact(through: metadata, data: data) }
     public func load() -> DurableState { storage.durableState }
+
+    public func fillReleased(_ entries: inout [Entry]) throws {
+        for slot in entries.indices where entries[slot].payload.isReleased {
+            let entry = entries[slot]
+            guard let first = storage.entries.first?.index, entry.index >= first,
+                  case let stored = storage.entries[Int(entry.index - first)],
+                  stored.index == entry.index, stored.term == entry.term, stored.byteCount == entry.byteCount else {
+                throw SimulatedDiskError(description: "entry \(entry.index) (term \(entry.term)) is not on the disk as released")
+            }
+            entries[slot].payload = stored.payload
+        }
+    }
 }
 
 /// The in-memory disk's contents.
@@ -288,7 +313,7 @@ public final class SimulatedCluster {
             let wasLeader = node.raft!.role == .leader
             let ready = node.raft!.ready()
             // 1. Leader traffic may go before persisting.
-            outgoing.append(contentsOf: ready.messagesToSendNow)
+            outgoing.append(contentsOf: filledReleased(ready.messagesToSendNow, node))
             if node.crashDuringNextReady {
                 crash(id)
                 return
@@ -308,7 +333,7 @@ public final class SimulatedCluster {
                 node.digest = digest
             }
             // 3. Then what depends on it.
-            outgoing.append(contentsOf: ready.messagesAfterPersist)
+            outgoing.append(contentsOf: filledReleased(ready.messagesAfterPersist, node))
             // 4. Apply.
             for entry in ready.committedEntries {
                 precondition(entry.index == node.appliedIndex + 1, "node \(id) applies \(entry.index) after \(node.appliedIndex)")
@@ -325,7 +350,30 @@ public final class SimulatedCluster {
                 onReadState?(id, state)
             }
             node.raft!.advance()
+            if let keep = options.keepPayloadsEntries, node.appliedIndex > keep {
+                node.raft!.releasePayloads(through: node.appliedIndex - keep)
+            }
             checker.observe(node.raft!, wasLeader: wasLeader)
+        }
+    }
+
+    /// Messages with the entries their core released filled from the disk.
+    private func filledReleased(_ messages: [Message], _ node: SimulatedNode) -> [Message] {
+        guard options.keepPayloadsEntries != nil else { return messages }
+        return messages.map { message in
+            guard case .appendEntries(var append) = message.body, append.entries.contains(where: { $0.payload.isReleased }) else { return message }
+            let released = append.entries.indices.filter { append.entries[$0].payload.isReleased }
+            do {
+                try node.disk.fillReleased(&append.entries)
+            } catch {
+                preconditionFailure("node \(node.id) could not read back released entries: \(error)")
+            }
+            if options.plantedBug == .fillReleasedFromPreviousEntry {
+                for slot in released where slot > 0 { append.entries[slot].payload = append.entries[slot - 1].payload }
+            }
+            var filled = message
+            filled.body = .appendEntries(append)
+            return filled
         }
     }
 

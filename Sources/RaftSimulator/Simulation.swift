@@ -33,6 +33,7 @@ extension PlantedBug {
         case .grantVoteWithoutLogCheck: return "vote-without-log-check"
         case .readIndexWithoutQuorumCheck: return "read-without-quorum"
         case .acknowledgeBeforePersist: return "ack-before-persist"
+        case .fillReleasedFromPreviousEntry: return "fill-released-off-by-one"
         }
     }
 
@@ -42,6 +43,7 @@ extension PlantedBug {
         case "vote-without-log-check": self = .grantVoteWithoutLogCheck
         case "read-without-quorum": self = .readIndexWithoutQuorumCheck
         case "ack-before-persist": self = .acknowledgeBeforePersist
+        case "fill-released-off-by-one": self = .fillReleasedFromPreviousEntry
         default: return nil
         }
     }
@@ -147,6 +149,12 @@ public final class Simulation {
         // Safety must not rest on PreVote or CheckQuorum: some runs go without.
         nodeOptions.preVote = random.chance(0.75)
         nodeOptions.checkQuorum = random.chance(0.75)
+        // As a node's driver does, but keeping only 0 to 7 payloads, so
+        // that lagging followers are sent entries read back from the disk.
+        // Drawn from the seed, not the generator: it changes no other draw,
+        // and a run behaves the same with it or without (the bytes read
+        // back are the bytes released) unless reading back is wrong.
+        nodeOptions.keepPayloadsEntries = seed % 8
         cluster = SimulatedCluster(voters: (1...NodeID(nodeCount)).map { $0 }, options: nodeOptions, seed: random.next(), disk: disk)
         cluster.recordAppliedCommands = false
         churnLeaders = random.chance(0.5)

@@ -65,6 +65,7 @@ struct SimulatorTests {
         (.grantVoteWithoutLogCheck, 200),     // first found at seed 4
         (.readIndexWithoutQuorumCheck, 600),  // first found at seed 15
         (.acknowledgeBeforePersist, 1500),    // first found at seed 357
+        (.fillReleasedFromPreviousEntry, 400), // first found at seed 1
     ]
 
     @Test("A planted safety bug is found within a bounded number of seeds", arguments: plantedBugs.indices)
