@@ -65,7 +65,7 @@ public final class NodeMetrics: Sendable {
     public let snapshotsInstalled = Counter("warrant_raft_snapshots_installed_total", "Snapshots received from a leader and installed.")
     public let compactionFailures = Counter("warrant_raft_compaction_failures_total", "Log compactions abandoned (the log stays longer).")
     public let releasedEntriesRead = Counter("warrant_raft_released_entries_read_total", "Log entries whose payloads were released from memory, read back from the write-ahead log for a peer that lags.")
-    public let releasedEntryReadFailures = Counter("warrant_raft_released_entry_read_failures_total", "Messages to a lagging peer dropped because released entries could not be read back (the log is damaged; see the node's error).")
+    public let releasedEntryReadFailures = Counter("warrant_raft_released_entry_read_failures_total", "Messages to a lagging peer dropped because released entries could not be read back (the log is damaged; the node logs why).")
     public let forwardedWrites = Counter("warrant_api_forwarded_writes_total", "Writes this node forwarded to the leader.")
     public let storageWriteSeconds = Histogram("warrant_storage_write_seconds", "One synced write of a Ready (the write-ahead log: one write, one fdatasync) and the apply that follows it.")
     public let commitSeconds = Histogram("warrant_raft_commit_seconds", "From proposal to applied outcome, on the leader.")

@@ -133,6 +133,9 @@ public final class NodeServer: Sendable {
                         if case .addLearner(let id) = change { transport.addPeer(id) }
                     }
                 }
+            },
+            onReadBackFailure: { reason in
+                log.error("log entries for a lagging peer could not be read back; it waits for a snapshot", ["error": reason])
             })
         // Members added after the configuration was written: those in the
         // checkpoint the driver loaded now; later ones as their entries apply.

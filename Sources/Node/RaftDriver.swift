@@ -81,6 +81,8 @@ public actor RaftDriver {
     /// back for a peer that lags), so memory does not grow with every
     /// command between compactions.
     public nonisolated let keepPayloadsEntries: LogIndex
+    /// Told why released entries could not be read back (the node logs it).
+    private let onReadBackFailure: (@Sendable (String) -> Void)?
     private var ticks = 0
     private var stopped = false
 
@@ -108,9 +110,11 @@ public actor RaftDriver {
     public init(configuration: Configuration, store: RaftStore, sender: any MessageSender, requestTimeoutTicks: Int = 100,
                 compactEveryEntries: LogIndex = 10_000, keepPayloadsEntries: LogIndex = 4_096,
                 loop: any EventLoop = MultiThreadedEventLoopGroup.singleton.next(),
-                metrics: NodeMetrics = NodeMetrics(), onApplied: (@Sendable ([Entry]) -> Void)? = nil) throws {
+                metrics: NodeMetrics = NodeMetrics(), onApplied: (@Sendable ([Entry]) -> Void)? = nil,
+                onReadBackFailure: (@Sendable (String) -> Void)? = nil) throws {
         precondition(requestTimeoutTicks > 0 && compactEveryEntries > 0)
         self.keepPayloadsEntries = keepPayloadsEntries
+        self.onReadBackFailure = onReadBackFailure
         self.loop = loop
         self.metrics = metrics
         self.onApplied = onApplied
@@ -642,25 +646,17 @@ public actor RaftDriver {
     /// message is dropped: the peer is probed again, and is sent a
     /// snapshot once a compaction covers what it lacks.
     private func fillReleasedEntries(_ messages: inout [Message]) {
-        guard messages.contains(where: { if case .appendEntries(let append) = $0.body { append.entries.contains { $0.payload.isReleased } } else { false } }) else { return }
+        guard messages.contains(where: \.carriesReleasedEntries) else { return }
         messages = messages.compactMap { message in
-            guard case .appendEntries(var append) = message.body, append.entries.contains(where: { $0.payload.isReleased }) else { return message }
             do {
-                let read = try store.fillReleased(&append.entries)
-                metrics.releasedEntriesRead.add(read)
-                var filled = message
-                filled.body = .appendEntries(append)
-                return filled
+                return try message.fillingReleased { entries in metrics.releasedEntriesRead.add(try store.fillReleased(&entries)) }
             } catch {
                 metrics.releasedEntryReadFailures.add(1)
-                releasedReadError = "\(error)"
+                onReadBackFailure?("\(error)")
                 return nil
             }
         }
     }
-
-    /// The last failure to read released entries back (status, tests).
-    public private(set) var releasedReadError: String?
 
     private func snapshotSent(to peer: NodeID, failed: Bool) {
         snapshotsBeingMade.remove(peer)

@@ -22,6 +22,23 @@ public struct Message: Sendable, Hashable {
         default: return 48
         }
     }
+
+    /// Whether this message carries entries whose payloads the core
+    /// released from memory (`RaftNode.releasePayloads`).
+    public var carriesReleasedEntries: Bool {
+        guard case .appendEntries(let append) = body else { return false }
+        return append.entries.contains { $0.payload.isReleased }
+    }
+
+    /// This message with its released entries filled by `read` (which
+    /// reads them back from stable storage, see `Entry.fillReleased`).
+    public func fillingReleased(_ read: (inout [Entry]) throws -> Void) rethrows -> Message {
+        guard case .appendEntries(var append) = body, carriesReleasedEntries else { return self }
+        try read(&append.entries)
+        var filled = self
+        filled.body = .appendEntries(append)
+        return filled
+    }
 }
 
 public enum MessageBody: Sendable, Hashable {

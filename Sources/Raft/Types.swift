@@ -53,6 +53,36 @@ public struct Entry: Sendable, Hashable {
     public var byteCount: Int { payload.byteCount + Entry.overheadBytes }
 
     public static let overheadBytes = 24
+
+    /// Gives each released entry of `entries` the payload of the entry at
+    /// the same place in `stored`: the same entries read back from stable
+    /// storage, which must match each one's index, term and size. Returns
+    /// how many were filled.
+    public static func fillReleased(_ entries: inout [Entry], from stored: [Entry]) throws(ReleasedEntryMismatch) -> Int {
+        var filled = 0
+        for slot in entries.indices where entries[slot].payload.isReleased {
+            let entry = entries[slot]
+            let found = slot < stored.count ? stored[slot] : nil
+            guard let found, found.index == entry.index, found.term == entry.term, found.byteCount == entry.byteCount else {
+                throw ReleasedEntryMismatch(released: entry, found: found)
+            }
+            entries[slot].payload = found.payload
+            filled += 1
+        }
+        return filled
+    }
+}
+
+/// A released entry that stable storage does not hold as the log says.
+public struct ReleasedEntryMismatch: Error, Sendable, CustomStringConvertible {
+    public let released: Entry
+    public let found: Entry?
+
+    public var description: String {
+        let wanted = "entry \(released.index) (term \(released.term), \(released.byteCount) bytes)"
+        guard let found else { return "\(wanted) is not in stable storage" }
+        return "\(wanted) reads back as \(found.index) (term \(found.term), \(found.byteCount) bytes)"
+    }
 }
 
 /// A single-server membership change. Only one may be in flight at a time,

@@ -49,11 +49,6 @@ public protocol SimulatedDisk: AnyObject {
     func fillReleased(_ entries: inout [Entry]) throws
 }
 
-/// A released entry the in-memory disk does not hold as the core says.
-public struct SimulatedDiskError: Error, CustomStringConvertible {
-    public var description: String
-}
-
 /// Makes the disk of a node, holding `initial` (bootstrap or empty).
 public typealias DiskFactory = (_ id: NodeID, _ initial: DurableState) throws -> any SimulatedDisk
 
@@ -70,15 +65,11 @@ public final class MemoryDisk: SimulatedDisk {
     public func load() -> DurableState { storage.durableState }
 
     public func fillReleased(_ entries: inout [Entry]) throws {
-        for slot in entries.indices where entries[slot].payload.isReleased {
-            let entry = entries[slot]
-            guard let first = storage.entries.first?.index, entry.index >= first,
-                  case let stored = storage.entries[Int(entry.index - first)],
-                  stored.index == entry.index, stored.term == entry.term, stored.byteCount == entry.byteCount else {
-                throw SimulatedDiskError(description: "entry \(entry.index) (term \(entry.term)) is not on the disk as released")
-            }
-            entries[slot].payload = stored.payload
-        }
+        // The stored entries at the same indices (none if they are not here:
+        // every released one then fails to match).
+        let offset = Int(entries.first?.index ?? 0) - Int(storage.entries.first?.index ?? 0)
+        let stored = offset >= 0 ? Array(storage.entries.dropFirst(offset).prefix(entries.count)) : []
+        _ = try Entry.fillReleased(&entries, from: stored)
     }
 }
 
@@ -361,19 +352,17 @@ public final class SimulatedCluster {
     private func filledReleased(_ messages: [Message], _ node: SimulatedNode) -> [Message] {
         guard options.keepPayloadsEntries != nil else { return messages }
         return messages.map { message in
-            guard case .appendEntries(var append) = message.body, append.entries.contains(where: { $0.payload.isReleased }) else { return message }
-            let released = append.entries.indices.filter { append.entries[$0].payload.isReleased }
             do {
-                try node.disk.fillReleased(&append.entries)
+                return try message.fillingReleased { entries in
+                    let released = entries.indices.filter { entries[$0].payload.isReleased }
+                    try node.disk.fillReleased(&entries)
+                    if options.plantedBug == .fillReleasedFromPreviousEntry {
+                        for slot in released where slot > 0 { entries[slot].payload = entries[slot - 1].payload }
+                    }
+                }
             } catch {
                 preconditionFailure("node \(node.id) could not read back released entries: \(error)")
             }
-            if options.plantedBug == .fillReleasedFromPreviousEntry {
-                for slot in released where slot > 0 { append.entries[slot].payload = append.entries[slot - 1].payload }
-            }
-            var filled = message
-            filled.body = .appendEntries(append)
-            return filled
         }
     }
 

@@ -264,19 +264,11 @@ public final class RaftStore: @unchecked Sendable {
     public func fillReleased(_ entries: inout [Entry]) throws -> Int {
         guard let first = entries.first?.index, let last = entries.last?.index else { return 0 }
         let stored = try logEntries(from: first, through: last)
-        guard stored.count == entries.count else {
-            throw StorageError(code: .corruptEntry, reason: "\(directory): the write-ahead log gave \(stored.count) entries for \(first)...\(last)")
+        do {
+            return try Entry.fillReleased(&entries, from: stored)
+        } catch {
+            throw StorageError(code: .corruptEntry, reason: "\(directory): \(error). \(StorageError.rejoinAdvice)")
         }
-        var filled = 0
-        for slot in entries.indices where entries[slot].payload.isReleased {
-            let entry = entries[slot], found = stored[slot]
-            guard found.index == entry.index, found.term == entry.term, found.byteCount == entry.byteCount else {
-                throw StorageError(code: .corruptEntry, reason: "\(directory): entry \(entry.index) (term \(entry.term), \(entry.byteCount) bytes) reads back as \(found.index) (term \(found.term), \(found.byteCount) bytes). \(StorageError.rejoinAdvice)")
-            }
-            entries[slot].payload = found.payload
-            filled += 1
-        }
-        return filled
     }
 
     /// Writes the ledger's audit records waiting in memory if they are due
