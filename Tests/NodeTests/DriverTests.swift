@@ -13,8 +13,13 @@ final class LoopbackNetwork: Sendable {
     private struct State {
         var inboxes: [NodeID: AsyncStream<Message>.Continuation] = [:]
         var isolated: Set<NodeID> = []
+        /// Delivered to an inbox and not yet handed to its driver.
+        var inFlight = 0
     }
     private let state = Mutex(State())
+
+    /// Whether every message delivered so far has reached its driver.
+    var isDrained: Bool { state.withLock { $0.inFlight == 0 } }
 
     struct Sender: MessageSender {
         let network: LoopbackNetwork
@@ -28,7 +33,10 @@ final class LoopbackNetwork: Sendable {
         let (stream, continuation) = AsyncStream<Message>.makeStream(bufferingPolicy: .bufferingNewest(100_000))
         state.withLock { $0.inboxes[id] = continuation }
         return Task {
-            for await message in stream { await driver.receive(message) }
+            for await message in stream {
+                await driver.receive(message)
+                state.withLock { $0.inFlight -= 1 }
+            }
         }
     }
 
@@ -38,7 +46,7 @@ final class LoopbackNetwork: Sendable {
     private func deliver(_ messages: [Message]) {
         state.withLock { state in
             for message in messages where !state.isolated.contains(message.from) && !state.isolated.contains(message.to) {
-                state.inboxes[message.to]?.yield(message)
+                if case .enqueued = state.inboxes[message.to]?.yield(message) { state.inFlight += 1 }
             }
         }
     }
@@ -114,6 +122,21 @@ final class LocalCluster {
             throw error
         }
         await cluster.shutdown()
+    }
+
+    /// Elects a leader and cuts one follower off from it.
+    func isolateAFollower() async throws -> (leader: NodeID, lagging: NodeID) {
+        #expect(await eventually { await leader() != nil })
+        let elected = try #require(await leader())
+        let lagging = drivers.keys.sorted().first { $0 != elected }!
+        network.isolate(lagging)
+        return (elected, lagging)
+    }
+
+    /// Heals the network; whether `lagging` then holds the same audit chain as `leader`.
+    func healAndCatchUp(_ lagging: NodeID, to leader: NodeID) async throws -> Bool {
+        network.heal()
+        return try await eventually { try stores[lagging]!.verifyAudit() == stores[leader]!.verifyAudit() }
     }
 
     func shutdown() async {
@@ -193,7 +216,10 @@ struct DriverTests {
             let leader = try #require(await cluster.leader())
             let follower = try #require(cluster.drivers[[NodeID(1), 2, 3].first { $0 != leader }!])
             // Nobody hears anybody: the follower forgets the leader and campaigns in vain.
+            // (Messages sent before the cut still arrive, and one from the
+            // leader would make the follower know it again: wait them out.)
             for id in cluster.drivers.keys { cluster.network.isolate(id) }
+            #expect(await cluster.eventually { cluster.network.isDrained })
             #expect(await cluster.eventually { follower.leadership.leaderID == noNode })
             // With no leader to come, the wait ends in a refusal naming none.
             let started = ContinuousClock.now
@@ -218,20 +244,13 @@ struct DriverTests {
     @Test("A follower cut off for longer than the payloads kept in memory catches up entry by entry, from the leader's write-ahead log")
     func releasedPayloadsCatchUp() async throws {
         try await LocalCluster.running(keepPayloadsEntries: 8) { cluster in
-            #expect(await cluster.eventually { await cluster.leader() != nil })
-            let leader = try #require(await cluster.leader())
-            let lagging = [NodeID(1), 2, 3].first { $0 != leader }!
-            cluster.network.isolate(lagging)
+            let (leader, lagging) = try await cluster.isolateAFollower()
             // Payloads are released 256 at a time, 8 behind the applied index.
             for i in 0..<300 {
                 _ = try await cluster.drivers[leader]!.propose(write("docs/\(i)", "{\"i\":\(i)}"))
             }
             #expect(cluster.metrics[leader]!.releasedEntriesRead.current == 0)
-            cluster.network.heal()
-            let caughtUp = try await cluster.eventually {
-                try cluster.stores[lagging]!.verifyAudit() == cluster.stores[leader]!.verifyAudit()
-            }
-            #expect(caughtUp)
+            #expect(try await cluster.healAndCatchUp(lagging, to: leader))
             #expect(await cluster.drivers[lagging]!.status.snapshotIndex == 0, "entry by entry: no snapshot was taken")
             #expect(cluster.metrics[leader]!.releasedEntriesRead.current >= 250, "what it lacked was read back from the leader's log")
             #expect(cluster.metrics[leader]!.releasedEntryReadFailures.current == 0)
@@ -244,21 +263,14 @@ struct DriverTests {
     }
 
     private func catchUp(_ cluster: LocalCluster) async throws {
-        #expect(await cluster.eventually { await cluster.leader() != nil })
-        let leader = try #require(await cluster.leader())
-        let lagging = [NodeID(1), 2, 3].first { $0 != leader }!
-        cluster.network.isolate(lagging)
+        let (leader, lagging) = try await cluster.isolateAFollower()
         // The compaction interval grows with the ledger (10 entries, then
         // as many as the last snapshot's rows), so 80 writes compact twice or more.
         for i in 0..<80 {
             _ = try await cluster.drivers[leader]!.propose(write("docs/\(i % 5)", "{\"i\":\(i)}"))
         }
         #expect(await cluster.eventually { await cluster.drivers[leader]!.status.snapshotIndex >= 30 }, "the leader compacted its log")
-        cluster.network.heal()
-        let caughtUp = try await cluster.eventually {
-            try cluster.stores[lagging]!.verifyAudit() == cluster.stores[leader]!.verifyAudit()
-        }
-        #expect(caughtUp)
+        #expect(try await cluster.healAndCatchUp(lagging, to: leader))
         #expect(await cluster.drivers[lagging]!.status.snapshotIndex >= 30, "it was brought up by a snapshot, not entry by entry")
         for i in 0..<5 {
             #expect(try cluster.stores[lagging]!.document(named: "docs/\(i)") == cluster.stores[leader]!.document(named: "docs/\(i)"))
