@@ -52,6 +52,30 @@ public struct BinaryWriter: Sendable {
         bytes.append(contentsOf: value)
     }
 
+    // The two kinds every encoder writes, without the generic path (a
+    // call from another module is not specialized).
+    public mutating func writeBytes(_ value: [UInt8]) {
+        write(UInt32(value.count))
+        bytes.append(contentsOf: value)
+    }
+
+    public mutating func writeBytes(_ value: String.UTF8View) {
+        write(UInt32(value.count))
+        let copied: Void? = value.withContiguousStorageIfAvailable { bytes.append(contentsOf: $0) }
+        if copied == nil { bytes.append(contentsOf: value) }
+    }
+
+    /// Empties the buffer, keeping its memory for the next use unless it
+    /// grew past `keepingAtMost` bytes.
+    public mutating func removeAll(keepingAtMost limit: Int) {
+        bytes.removeAll(keepingCapacity: bytes.capacity <= limit)
+    }
+
+    /// Drops the first `count` bytes (those already written out).
+    public mutating func removeFirst(_ count: Int) {
+        bytes.removeFirst(count)
+    }
+
     public mutating func writeIDs(_ ids: some Collection<NodeID>) {
         write(UInt32(ids.count))
         for id in ids { write(id) }

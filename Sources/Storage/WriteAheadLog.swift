@@ -85,6 +85,11 @@ final class WriteAheadLog {
     private var lastHardState = HardState()
     private var located: [Located] = []
 
+    /// A batch's encoding, kept between appends.
+    private var body = BinaryWriter(capacity: 64 << 10)
+    /// Buffers kept for reuse up to this size.
+    private static let keptBufferBytes = 1 << 20
+
     private init(directory: String, segmentBytesMax: Int, fdatasyncs: Bool) {
         self.directory = directory
         self.segmentBytesMax = segmentBytesMax
@@ -160,7 +165,10 @@ final class WriteAheadLog {
                 if case .entry(let entry) = record { capacity += entry.payload.byteCount }
                 capacity += 64
             }
-            var body = BinaryWriter(capacity: capacity)
+            // The same memory every time: fresh pages cost a fault each
+            // (and a host fault on a VM that hands freed memory back).
+            body.removeAll(keepingAtMost: Self.keptBufferBytes)
+            body.reserve(capacity)
             var span = BatchSpan()
             for record in records {
                 Self.encode(record, into: &body)
@@ -181,7 +189,7 @@ final class WriteAheadLog {
         }
         size += unwritten.count
         segments[segments.count - 1].maxIndex = max(segments[segments.count - 1].maxIndex, unwrittenMaxIndex)
-        unwritten.removeAll(keepingCapacity: unwritten.capacity <= 1 << 20)
+        unwritten.removeAll(keepingCapacity: unwritten.capacity <= Self.keptBufferBytes)
         unwrittenMaxIndex = 0
         if size >= segmentBytesMax {
             try startSegment(sequence: segments.last!.sequence + 1)
@@ -577,13 +585,27 @@ enum FileSystem {
     /// both) to `path` so that a crash leaves either the old file or the
     /// whole new one: a temporary file written a megabyte at a time, fsync,
     /// rename, fsync of the directory.
+    ///
+    /// The file is written around the page cache (O_DIRECT) where the file
+    /// system allows it. A checkpoint is tens of megabytes written once and
+    /// read only after a restart or for a lagging follower; through the
+    /// cache, every one of its pages was new memory, and on a VM that hands
+    /// freed memory back to its host each such page costs a host fault (a
+    /// 24 MB file took 175 ms of CPU that way here, and 2 ms direct).
     static func writeSealed(to path: String, directory: String, magic: [UInt8], _ body: (inout SealedFile) throws -> Void) throws {
         let temporary = path + ".tmp"
-        let descriptor = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        let flags = O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC
+        var direct = SealedFile.directFlag != 0
+        var descriptor = direct ? open(temporary, flags | SealedFile.directFlag, 0o600) : -1
+        if descriptor < 0 {
+            // EINVAL: this file system does not do direct I/O.
+            direct = false
+            descriptor = open(temporary, flags, 0o600)
+        }
         guard descriptor >= 0 else { throw error("create", temporary) }
         var closed = false
         defer { if !closed { close(descriptor) } }
-        var file = SealedFile(descriptor: descriptor, path: temporary)
+        var file = SealedFile(descriptor: descriptor, path: temporary, direct: direct)
         for byte in magic { file.buffer.write(byte) }
         try body(&file)
         try file.finish()
@@ -643,31 +665,105 @@ enum FileSystem {
 
 /// A file being written by `FileSystem.writeSealed`: write into `buffer`
 /// and call `flushIfFull()` now and then; the checksum follows along.
+///
+/// Written directly (O_DIRECT), only whole blocks leave the buffer, from
+/// memory aligned for the device; the last partial block and the checksum
+/// go through the page cache once direct writing is switched off. A direct
+/// write the file system refuses falls back to the cache.
 struct SealedFile {
     static let chunkBytes = 1 << 20
+    /// What O_DIRECT needs: offsets, lengths and memory in whole blocks.
+    static let blockBytes = 4096
+    #if os(Linux) && arch(x86_64)
+    static let directFlag: Int32 = 0o40000
+    #elseif os(Linux) && arch(arm64)
+    static let directFlag: Int32 = 0o200000
+    #else
+    static let directFlag: Int32 = 0
+    #endif
+
     fileprivate let descriptor: Int32
     fileprivate let path: String
     private var crc = CRC32C()
-    var buffer = BinaryWriter(capacity: SealedFile.chunkBytes + 4096)
+    var buffer = BinaryWriter(capacity: SealedFile.chunkBytes + 64 << 10)
+    /// Aligned memory the direct writes copy each chunk into; nil once the
+    /// file is written through the page cache.
+    private var aligned: AlignedMemory?
 
-    fileprivate init(descriptor: Int32, path: String) {
+    fileprivate init(descriptor: Int32, path: String, direct: Bool) {
         self.descriptor = descriptor
         self.path = path
+        if direct { aligned = AlignedMemory(byteCount: Self.chunkBytes + 64 << 10, alignment: Self.blockBytes) }
+        if direct && aligned == nil { try? stopDirect() }
     }
 
     mutating func flushIfFull() throws {
         if buffer.bytes.count >= Self.chunkBytes { try flush() }
     }
 
+    /// Writes out what the buffer holds: all of it through the cache, or
+    /// its whole blocks directly.
     private mutating func flush() throws {
-        crc.update(buffer.bytes)
-        try FileSystem.writeAll(buffer.bytes, to: descriptor, path)
-        buffer = BinaryWriter(capacity: Self.chunkBytes + 4096)
+        guard let memory = aligned else {
+            crc.update(buffer.bytes)
+            try FileSystem.writeAll(buffer.bytes, to: descriptor, path)
+            buffer.removeAll(keepingAtMost: Self.chunkBytes * 2)
+            return
+        }
+        let blocks = buffer.bytes.count - buffer.bytes.count % Self.blockBytes
+        var done = 0
+        while done < blocks {
+            let count = min(blocks - done, memory.byteCount)
+            buffer.bytes.withUnsafeBytes { memory.pointer.copyMemory(from: $0.baseAddress! + done, byteCount: count) }
+            let written = write(descriptor, memory.pointer, count)
+            if written < 0 && errno == EINTR { continue }
+            if written < 0 && errno == EINVAL {
+                // Not for this file after all: the rest through the cache.
+                wroteOut(done)
+                try stopDirect()
+                return try flush()
+            }
+            guard written > 0 else { throw FileSystem.error("write", path) }
+            // A short direct write still ends on a block boundary.
+            done += written
+        }
+        wroteOut(done)
+    }
+
+    private mutating func wroteOut(_ count: Int) {
+        crc.update(buffer.bytes[0..<count])
+        buffer.removeFirst(count)
+    }
+
+    private mutating func stopDirect() throws {
+        aligned = nil
+        let flags = fcntl(descriptor, F_GETFL)
+        guard flags >= 0, fcntl(descriptor, F_SETFL, flags & ~Self.directFlag) == 0 else { throw FileSystem.error("fcntl", path) }
     }
 
     fileprivate mutating func finish() throws {
         try flush()
+        if aligned != nil {
+            try stopDirect()
+            try flush()
+        }
         buffer.write(crc.value)
         try FileSystem.writeAll(buffer.bytes, to: descriptor, path)
     }
+}
+
+/// Memory at an alignment Swift's allocator does not promise, freed with
+/// its owner.
+final class AlignedMemory {
+    let pointer: UnsafeMutableRawPointer
+    let byteCount: Int
+
+    init?(byteCount: Int, alignment: Int) {
+        var memory: UnsafeMutableRawPointer?
+        guard posix_memalign(&memory, alignment, byteCount) == 0, let memory else { return nil }
+        pointer = memory
+        self.byteCount = byteCount
+    }
+
+    deinit { free(pointer) }
 }

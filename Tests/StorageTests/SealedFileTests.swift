@@ -1,0 +1,99 @@
+import Foundation
+import Raft
+import Testing
+@testable import Storage
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Bytes that differ at every position (a misplaced chunk shows).
+private func pattern(_ count: Int, seed: UInt64) -> [UInt8] {
+    var generator = SeededGenerator(seed: seed)
+    return (0..<count).map { _ in UInt8.random(in: 0...255, using: &generator) }
+}
+
+/// Writes `parts` as a sealed file the way the checkpoint writer does (a
+/// length-prefixed part, then `flushIfFull`), and returns its path.
+private func writeParts(_ parts: [[UInt8]], in temporary: TemporaryStore) throws -> String {
+    let path = temporary.path + "/sealed.bin"
+    try FileSystem.writeSealed(to: path, directory: temporary.path, magic: Array("TESTSEAL".utf8)) { file in
+        for part in parts {
+            file.buffer.writeBytes(part)
+            try file.flushIfFull()
+        }
+    }
+    return path
+}
+
+private func readParts(_ path: String, count: Int) throws -> [[UInt8]] {
+    try FileSystem.unseal(try FileSystem.read(path), magic: Array("TESTSEAL".utf8),
+                          damaged: { StorageError(code: .corruptState, reason: $0) }) { r in
+        try (0..<count).map { _ in try r.readBytes("part", limit: 1 << 26) }
+    }
+}
+
+/// Whether the file system under the temporary directory takes O_DIRECT.
+private let directIOWorks: Bool = {
+    guard SealedFile.directFlag != 0, let temporary = try? TemporaryStore() else { return false }
+    let descriptor = open(temporary.path + "/probe", O_WRONLY | O_CREAT | O_CLOEXEC | SealedFile.directFlag, 0o600)
+    guard descriptor >= 0 else { return false }
+    defer { close(descriptor) }
+    guard let memory = AlignedMemory(byteCount: SealedFile.blockBytes, alignment: SealedFile.blockBytes) else { return false }
+    return write(descriptor, memory.pointer, SealedFile.blockBytes) == SealedFile.blockBytes
+}()
+
+/// How many of the file's pages are in the page cache.
+private func residentPages(_ path: String) throws -> (resident: Int, total: Int) {
+    let descriptor = open(path, O_RDONLY | O_CLOEXEC)
+    try #require(descriptor >= 0)
+    defer { close(descriptor) }
+    let size = Int(lseek(descriptor, 0, SEEK_END))
+    let mapped = try #require(mmap(nil, size, PROT_READ, MAP_SHARED, descriptor, 0))
+    try #require(mapped != MAP_FAILED)
+    defer { munmap(mapped, size) }
+    let pageBytes = Int(sysconf(Int32(_SC_PAGESIZE)))
+    var vector = [UInt8](repeating: 0, count: (size + pageBytes - 1) / pageBytes)
+    try #require(mincore(mapped, size, &vector) == 0)
+    return (vector.filter { $0 & 1 == 1 }.count, vector.count)
+}
+
+@Suite("Sealed files (checkpoints and snapshots)")
+struct SealedFileTests {
+    @Test("Parts of every size, across chunk boundaries and one larger than a chunk, read back intact and checked")
+    func roundTrip() throws {
+        let temporary = try TemporaryStore()
+        // Sizes that end nowhere near a block: many small parts, one that
+        // crosses several chunks, and a tail of 1 byte.
+        var parts = (0..<700).map { pattern(1_000 + $0 * 7, seed: UInt64($0)) }
+        parts.append(pattern(SealedFile.chunkBytes * 3 + 12_345, seed: 9_999))
+        parts.append([42])
+        let path = try writeParts(parts, in: temporary)
+        #expect(try readParts(path, count: parts.count) == parts)
+        #expect(!FileManager.default.fileExists(atPath: path + ".tmp"))
+
+        // One flipped byte anywhere fails the checksum.
+        try temporary.modify(path) { $0[$0.count / 2] ^= 0x10 }
+        #expect(throws: StorageError.self) { try readParts(path, count: parts.count) }
+    }
+
+    @Test("An empty body and a body smaller than a block are sealed too")
+    func small() throws {
+        let temporary = try TemporaryStore()
+        for parts in [[], [[UInt8]()], [pattern(100, seed: 1)]] {
+            let path = try writeParts(parts, in: temporary)
+            #expect(try readParts(path, count: parts.count) == parts)
+        }
+    }
+
+    @Test("Where the file system takes direct I/O, a sealed file's whole blocks bypass the page cache",
+          .enabled(if: directIOWorks, "the temporary directory's file system refuses O_DIRECT"))
+    func bypassesPageCache() throws {
+        let temporary = try TemporaryStore()
+        let path = try writeParts((0..<40).map { pattern(100_000, seed: UInt64($0)) }, in: temporary)
+        let (resident, total) = try residentPages(path)
+        #expect(total > 900)
+        // Only the last partial block and the checksum went through the cache.
+        #expect(resident <= 2, "\(resident) of \(total) pages are cached")
+    }
+}
