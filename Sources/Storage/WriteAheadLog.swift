@@ -85,6 +85,18 @@ final class WriteAheadLog {
     private var lastHardState = HardState()
     private var located: [Located] = []
 
+    /// Whether the file being written takes direct I/O (O_DIRECT). Each
+    /// synced append then rewrites the file's last partial block with
+    /// what follows it, zero-padded to a whole block, from `staging`:
+    /// nothing goes through the page cache, whose every page was new
+    /// memory (the log only grows), a host fault each on a VM that hands
+    /// freed memory back. Past `size` the file may hold up to a block of
+    /// zeros; a file is cut to `size` before the next one starts.
+    private var direct = false
+    private var staging: AlignedMemory?
+    /// The file's bytes from the last block boundary up to `size`.
+    private var tailBlock: [UInt8] = []
+
     /// A batch's encoding, kept between appends.
     private var body = BinaryWriter(capacity: 64 << 10)
     /// Buffers kept for reuse up to this size.
@@ -133,16 +145,21 @@ final class WriteAheadLog {
             let (maxIndex, validBytes) = try replay(file.path, sequence: file.sequence, isLast: isLast, into: &contents)
             log.segments.append(Segment(sequence: file.sequence, path: file.path, maxIndex: maxIndex))
             if isLast {
-                let descriptor = Glibc.open(file.path, O_WRONLY | O_CLOEXEC)
+                let descriptor = Glibc.open(file.path, O_RDWR | O_CLOEXEC)
                 guard descriptor >= 0 else { throw FileSystem.error("open", file.path) }
                 log.descriptor = descriptor
                 let length = try FileSystem.length(of: descriptor, file.path)
                 if length > validBytes {
-                    contents.tornBytesRemoved = length - validBytes
+                    // Zeros short of a block past the last batch are the
+                    // padding of a direct write, not a torn one.
+                    var rest = [UInt8](repeating: 0, count: min(length - validBytes, SealedFile.blockBytes))
+                    try FileSystem.readExactly(&rest, from: descriptor, at: validBytes, file.path)
+                    let padding = length - validBytes < SealedFile.blockBytes && rest.allSatisfy { $0 == 0 }
+                    contents.tornBytesRemoved = padding ? 0 : length - validBytes
                     guard ftruncate(descriptor, off_t(validBytes)) == 0, fsync(descriptor) == 0 else { throw FileSystem.error("truncate", file.path) }
                 }
-                guard lseek(descriptor, off_t(validBytes), SEEK_SET) >= 0 else { throw FileSystem.error("seek", file.path) }
                 log.size = validBytes
+                try log.startDirect(existingBytes: validBytes)
             }
         }
         log.lastHardState = contents.hardState ?? HardState()
@@ -183,7 +200,7 @@ final class WriteAheadLog {
             Self.frame(body.bytes, into: &unwritten)
         }
         guard sync, !unwritten.isEmpty else { return }
-        try writeAll(unwritten)
+        try writeOut(unwritten)
         if fdatasyncs {
             guard fdatasync(descriptor) == 0 else { throw FileSystem.error("fdatasync", segments.last!.path) }
         }
@@ -284,17 +301,77 @@ final class WriteAheadLog {
         var body = BinaryWriter(capacity: 32)
         Self.encode(.hardState(lastHardState), into: &body)
         Self.frame(body.bytes, into: &header)
-        if self.descriptor >= 0 { close(self.descriptor) }
+        if self.descriptor >= 0 {
+            try cutPadding()
+            close(self.descriptor)
+        }
         self.descriptor = descriptor
         segments.append(Segment(sequence: sequence, path: path, maxIndex: 0))
-        try writeAll(header)
+        size = 0
+        try startDirect(existingBytes: 0)
+        try writeOut(header)
         guard fsync(descriptor) == 0 else { throw FileSystem.error("fsync", path) }
         try FileSystem.syncDirectory(directory)
         size = header.count
     }
 
-    private func writeAll(_ bytes: [UInt8]) throws {
-        try FileSystem.writeAll(bytes, to: descriptor, segments.last!.path)
+    /// Switches the open file to direct I/O where the file system allows,
+    /// keeping its last partial block for the next write.
+    private func startDirect(existingBytes: Int) throws {
+        direct = false
+        tailBlock = []
+        guard SealedFile.directFlag != 0 else { return }
+        let flags = fcntl(descriptor, F_GETFL)
+        guard flags >= 0, fcntl(descriptor, F_SETFL, flags | SealedFile.directFlag) == 0 else { return }
+        var tail = [UInt8](repeating: 0, count: existingBytes % SealedFile.blockBytes)
+        if !tail.isEmpty {
+            try FileSystem.readExactly(&tail, from: Glibc.open(segments.last!.path, O_RDONLY | O_CLOEXEC), closing: true,
+                                       at: existingBytes - tail.count, segments.last!.path)
+        }
+        tailBlock = tail
+        direct = true
+    }
+
+    /// Writes `bytes` at `size`: directly, the last partial block and
+    /// `bytes` zero-padded to whole blocks, or else through the cache.
+    private func writeOut(_ bytes: [UInt8]) throws {
+        let path = segments.last!.path
+        let block = SealedFile.blockBytes
+        if direct {
+            let start = size - tailBlock.count
+            let total = tailBlock.count + bytes.count
+            let padded = (total + block - 1) / block * block
+            if (staging?.byteCount ?? 0) < padded {
+                staging = AlignedMemory(byteCount: max(padded, 256 << 10), alignment: block)
+            }
+            if let memory = staging {
+                tailBlock.withUnsafeBytes { memory.pointer.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+                bytes.withUnsafeBytes { (memory.pointer + tailBlock.count).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+                (memory.pointer + total).initializeMemory(as: UInt8.self, repeating: 0, count: padded - total)
+                if try FileSystem.writeAll(UnsafeRawBufferPointer(start: memory.pointer, count: padded), to: descriptor, at: start, path,
+                                           refusedAsFalse: true) {
+                    let end = size + bytes.count
+                    let boundary = end - end % block
+                    tailBlock = Array(UnsafeRawBufferPointer(start: memory.pointer + (boundary - start), count: end - boundary))
+                    return
+                }
+            }
+            // Refused after all: this file goes through the cache.
+            let flags = fcntl(descriptor, F_GETFL)
+            guard flags >= 0, fcntl(descriptor, F_SETFL, flags & ~SealedFile.directFlag) == 0 else { throw FileSystem.error("fcntl", path) }
+            direct = false
+            tailBlock = []
+        }
+        _ = try bytes.withUnsafeBytes { try FileSystem.writeAll($0, to: descriptor, at: size, path, refusedAsFalse: false) }
+    }
+
+    /// Cuts a direct write's zero padding off the file being closed, so
+    /// that it ends with its last batch (only the newest file may end in
+    /// anything else).
+    private func cutPadding() throws {
+        let path = segments.last!.path
+        guard try FileSystem.length(of: descriptor, path) > size else { return }
+        guard ftruncate(descriptor, off_t(size)) == 0, fsync(descriptor) == 0 else { throw FileSystem.error("truncate", path) }
     }
 
     // MARK: - Encoding
@@ -541,6 +618,14 @@ enum FileSystem {
         return stat(path, &info) == 0
     }
 
+    /// `readExactly` on a descriptor just opened (a negative one is the
+    /// open's error), closed afterwards when `closing`.
+    static func readExactly(_ bytes: inout [UInt8], from descriptor: Int32, closing: Bool, at offset: Int, _ path: String) throws {
+        guard descriptor >= 0 else { throw error("open", path) }
+        defer { if closing { close(descriptor) } }
+        try readExactly(&bytes, from: descriptor, at: offset, path)
+    }
+
     /// Fills `bytes` from `offset` of an open file; a short file throws.
     static func readExactly(_ bytes: inout [UInt8], from descriptor: Int32, at offset: Int, _ path: String) throws {
         var done = 0
@@ -614,6 +699,22 @@ enum FileSystem {
         close(descriptor)
         guard rename(temporary, path) == 0 else { throw error("rename", temporary) }
         try syncDirectory(directory)
+    }
+
+    /// Writes all of `bytes` at `offset`. With `refusedAsFalse`, EINVAL
+    /// (direct I/O the file system will not do) returns false instead.
+    static func writeAll(_ bytes: UnsafeRawBufferPointer, to descriptor: Int32, at offset: Int, _ path: String, refusedAsFalse: Bool) throws -> Bool {
+        var done = 0
+        while done < bytes.count {
+            let written = pwrite(descriptor, bytes.baseAddress! + done, bytes.count - done, off_t(offset + done))
+            if written < 0 {
+                if errno == EINTR { continue }
+                if errno == EINVAL && refusedAsFalse { return false }
+                throw error("write", path)
+            }
+            done += written
+        }
+        return true
     }
 
     /// Writes all of `bytes` at the descriptor's position.

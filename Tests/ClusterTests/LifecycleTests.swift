@@ -283,9 +283,9 @@ struct RotationUnderLoadTests {
             // Tokens first, then 6 clients on the leader issue while the rotation activates.
             var tokens: [String] = []
             for n in 0..<120 {
-                let body = object(try await admin.request(.POST, "/v1/tokens", headers: [("content-type", "application/json")],
-                                                          body: json(["spiffe_id": "spiffe://warrant.local/load/\(n)", "ttl_seconds": 120])))
-                tokens.append(try #require(body["token"] as? String))
+                let response = try await admin.request(.POST, "/v1/tokens", headers: [("content-type", "application/json")],
+                                                       body: json(["spiffe_id": "spiffe://warrant.local/load/\(n)", "ttl_seconds": 120]))
+                tokens.append(try #require(object(response)["token"] as? String, "token \(n): \(response.status) \(response.text)"))
             }
             let queue = SharedTokens(tokens)
             let results = try await withThrowingTaskGroup(of: [(Int, String)].self) { group in

@@ -34,7 +34,7 @@ private func readParts(_ path: String, count: Int) throws -> [[UInt8]] {
 }
 
 /// Whether the file system under the temporary directory takes O_DIRECT.
-private let directIOWorks: Bool = {
+let directIOWorks: Bool = {
     guard SealedFile.directFlag != 0, let temporary = try? TemporaryStore() else { return false }
     let descriptor = open(temporary.path + "/probe", O_WRONLY | O_CREAT | O_CLOEXEC | SealedFile.directFlag, 0o600)
     guard descriptor >= 0 else { return false }
@@ -95,5 +95,53 @@ struct SealedFileTests {
         #expect(total > 900)
         // Only the last partial block and the checksum went through the cache.
         #expect(resident <= 2, "\(resident) of \(total) pages are cached")
+    }
+}
+
+@Suite("The write-ahead log with direct I/O")
+struct DirectLogTests {
+    @Test("Where the file system takes direct I/O, the log bypasses the page cache, pads only its newest file, and reopens with nothing taken for torn",
+          .enabled(if: directIOWorks, "the temporary directory's file system refuses O_DIRECT"))
+    func directLog() throws {
+        let temporary = try TemporaryStore()
+        var entries: [Entry] = []
+        func entry(_ index: Int) -> Entry {
+            Entry(term: 1, index: LogIndex(index), payload: .command(pattern(100 + index * 37 % 700, seed: UInt64(index))))
+        }
+        do {
+            let (log, _) = try WriteAheadLog.open(directory: temporary.walDirectory, segmentBytesMax: 32 << 10, create: true)
+            for index in 1...300 {
+                entries.append(entry(index))
+                // Some appends wait for a later synced one, as a Ready's do.
+                try log.append([.entry(entries.last!)], sync: index % 3 == 0)
+            }
+            let files = try temporary.logFiles()
+            #expect(files.count > 3)
+            // Before anything here reads the files (that fills the cache).
+            let resident = try files.map { try residentPages($0).resident }.reduce(0, +)
+            #expect(resident == 0, "\(resident) pages of the log went through the page cache")
+            for file in files.dropLast() {
+                #expect(try FileSystem.fileLength(file) == logicalLength(file), "a finished file ends with its last batch")
+            }
+            let newest = try #require(files.last)
+            let length = try FileSystem.fileLength(newest), logical = try logicalLength(newest)
+            #expect(length % SealedFile.blockBytes == 0 && length >= logical && length - logical < SealedFile.blockBytes,
+                    "the newest file is written in whole blocks (\(length) bytes, \(logical) of them batches)")
+            #expect(try log.entries(from: 1, through: 300) == entries, "read back from the files as written")
+        }
+        // Reopened: the padding is not a torn write, and appends go on
+        // from the partial block.
+        do {
+            let (log, contents) = try WriteAheadLog.open(directory: temporary.walDirectory, segmentBytesMax: 32 << 10, create: false)
+            #expect(contents.entries == entries)
+            #expect(contents.tornBytesRemoved == 0)
+            for index in 301...310 {
+                entries.append(entry(index))
+                try log.append([.entry(entries.last!)], sync: true)
+            }
+        }
+        let (_, contents) = try WriteAheadLog.open(directory: temporary.walDirectory, segmentBytesMax: 32 << 10, create: false)
+        #expect(contents.entries == entries)
+        #expect(contents.tornBytesRemoved == 0)
     }
 }
