@@ -37,22 +37,27 @@ public enum JSONText {
             var text = text
             text.withUTF8 { utf8 in
                 bytes.append(0x22)
-                guard utf8.contains(where: { $0 < 0x20 || $0 == 0x22 || $0 == 0x5C }) else {
-                    bytes.append(contentsOf: utf8)
-                    bytes.append(0x22)
-                    return
-                }
-                for byte in utf8 {
+                // Runs that need no escaping are copied whole (a PEM block
+                // is 64 characters between newlines).
+                var start = 0
+                for (position, byte) in utf8.enumerated() where byte < 0x20 || byte == 0x22 || byte == 0x5C {
+                    bytes.append(contentsOf: UnsafeBufferPointer(rebasing: utf8[start..<position]))
+                    start = position + 1
+                    bytes.append(0x5C)
                     switch byte {
-                    case 0x22: bytes += [0x5C, 0x22]
-                    case 0x5C: bytes += [0x5C, 0x5C]
-                    case 0x0A: bytes += [0x5C, 0x6E]
-                    case 0x0D: bytes += [0x5C, 0x72]
-                    case 0x09: bytes += [0x5C, 0x74]
-                    case ..<0x20: bytes += [0x5C, 0x75, 0x30, 0x30, Self.hex[Int(byte >> 4)], Self.hex[Int(byte & 0x0F)]]
-                    default: bytes.append(byte)
+                    case 0x22, 0x5C: bytes.append(byte)
+                    case 0x0A: bytes.append(0x6E)
+                    case 0x0D: bytes.append(0x72)
+                    case 0x09: bytes.append(0x74)
+                    default:
+                        bytes.append(0x75)
+                        bytes.append(0x30)
+                        bytes.append(0x30)
+                        bytes.append(Self.hex[Int(byte >> 4)])
+                        bytes.append(Self.hex[Int(byte & 0x0F)])
                     }
                 }
+                bytes.append(contentsOf: UnsafeBufferPointer(rebasing: utf8[start...]))
                 bytes.append(0x22)
             }
         }

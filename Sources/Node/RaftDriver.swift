@@ -422,10 +422,12 @@ public actor RaftDriver {
         }
     }
 
-    /// Fails every waiting caller and ignores further input.
+    /// Fails every waiting caller and ignores further input; returns once
+    /// no audit batch is being written.
     public func stop() {
         stopped = true
         failAll(DriverError.stopped)
+        store.finishAuditWrites()
     }
 
     // MARK: - The loop

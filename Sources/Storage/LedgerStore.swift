@@ -27,6 +27,15 @@ public final class LedgerStore: Sendable {
     /// When the oldest unwritten audit record was applied (driver thread).
     private let unwrittenSince = Mutex<ContinuousClock.Instant?>(nil)
     let batching: AuditBatching
+    /// Where due audit records are written, one batch at a time and in
+    /// order, off the driver's thread: a batch of 2,048 is tens of
+    /// milliseconds of SQLite work, and every request waiting on the
+    /// driver waited with it (p99 issuance latency halved without it).
+    private let auditWriter = DispatchQueue(label: "warrant.ledger.audit")
+    /// Whether a batch is queued or being written, and the error of a
+    /// batch that failed: the next apply throws it, and the node stops as
+    /// on any storage failure.
+    private let auditWrites = Mutex<(queued: Bool, failure: (any Error)?)>((false, nil))
 
     init(directory: String, batching: AuditBatching = AuditBatching()) throws {
         self.directory = directory
@@ -112,24 +121,52 @@ public final class LedgerStore: Sendable {
         return outcomes
     }
 
-    /// Writes the unwritten audit records once there are enough of them or
-    /// the oldest has waited long enough.
+    /// Queues the unwritten audit records for the table once there are
+    /// enough of them or the oldest has waited long enough (unless a batch
+    /// is still being written), and throws the error of one that failed.
     func writeAuditIfDue(unwritten: Int? = nil) throws {
+        if let failure = auditWrites.withLock({ $0.failure }) { throw failure }
         let count = unwritten ?? memory.withLock { $0.unwrittenAudit.count }
         guard count > 0 else { return }
         let due = count >= batching.records
             || unwrittenSince.withLock { $0 }.map { $0.duration(to: .now) >= .milliseconds(batching.millis) } ?? false
-        if due { try writeAudit() }
+        guard due, auditWrites.withLock({ state in
+            defer { state.queued = true }
+            return !state.queued
+        }) else { return }
+        // The records due now; those applied meanwhile wait for the next batch.
+        let records = memory.withLock { $0.unwrittenAudit }
+        unwrittenSince.withLock { $0 = nil }
+        auditWriter.async { [self] in
+            let result = Result { try write(records) }
+            auditWrites.withLock { state in
+                state.queued = false
+                if case .failure(let error) = result { state.failure = state.failure ?? error }
+            }
+        }
     }
 
-    /// Writes every unwritten audit record to the table (one transaction).
-    /// They stay readable from memory until the transaction has committed.
+    /// Writes every unwritten audit record to the table now, after any
+    /// batch already queued.
     func writeAudit() throws {
-        let records = memory.withLock { $0.unwrittenAudit }
+        try auditWriter.sync {
+            if let failure = auditWrites.withLock({ $0.failure }) { throw failure }
+            try write(memory.withLock { $0.unwrittenAudit })
+        }
+        unwrittenSince.withLock { $0 = nil }
+    }
+
+    /// Waits for the batch being written, if any (tests).
+    func waitForAuditWrites() {
+        auditWriter.sync {}
+    }
+
+    /// Writes `records` to the table (one transaction). They stay readable
+    /// from memory until the transaction has committed.
+    private func write(_ records: [AuditRecord]) throws {
         guard let last = records.last else { return }
         try database.write { db in try Self.insert(records, db) }
         memory.withLock { memory in memory.unwrittenAudit.removeFirst(memory.unwrittenAudit.prefix { $0.sequence <= last.sequence }.count) }
-        unwrittenSince.withLock { $0 = nil }
     }
 
     private static func insert(_ records: [AuditRecord], _ db: Database) throws {
@@ -233,11 +270,14 @@ public final class LedgerStore: Sendable {
         let (documents, audit) = try LedgerSnapshot.decode(snapshot.data, at: snapshot.metadata.index, path: path)
         let head: (sequence: UInt64, hash: [UInt8]) = audit.last.map { ($0.sequence, $0.hash) } ?? (0, AuditRecord.genesisHash)
         let installed = LedgerMemory(documents: documents, head: head, applied: snapshot.metadata.index)
-        try database.write { db in
-            try db.execute(sql: "DELETE FROM ledger_audit")
-            try Self.insert(audit, db)
+        // On the writer's queue: no batch of the old chain lands after this.
+        try auditWriter.sync {
+            try database.write { db in
+                try db.execute(sql: "DELETE FROM ledger_audit")
+                try Self.insert(audit, db)
+            }
+            try syncAudit()
         }
-        try syncAudit()
         try writeCheckpoint(installed, metadata: snapshot.metadata)
         memory.withLock { $0 = installed }
         unwrittenSince.withLock { $0 = nil }

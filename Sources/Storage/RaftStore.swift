@@ -273,6 +273,12 @@ public final class RaftStore: @unchecked Sendable {
 
     /// Writes the ledger's audit records waiting in memory if they are due
     /// (the driver calls this on every tick).
+    /// Waits until no audit batch is being written (a node that stops
+    /// leaves nothing writing to its files).
+    public func finishAuditWrites() {
+        ledger?.waitForAuditWrites()
+    }
+
     public func writeAuditIfDue() throws {
         guard let ledger else { return }
         try lock.withLock { try ledger.writeAuditIfDue() }

@@ -87,7 +87,9 @@ struct LedgerEncodingTests {
             json.integer(number)
             #expect(String(decoding: json.bytes, as: UTF8.self) == String(number))
         }
-        let members = ["b": "tab\there \"quoted\" \\ back", "a": "é\u{1}", "": "empty key"]
+        let members = ["b": "tab\there \"quoted\" \\ back", "a": "é\u{1}", "": "empty key",
+                       "pem": "-----BEGIN CERTIFICATE-----\nMIIB\r\nAAAA\n-----END CERTIFICATE-----\n",
+                       "edges": "\"both ends\\", "controls": "\u{0}\u{1f}\u{7f}", "plain": "no escapes at all", "e": ""]
         var json = JSONText.Builder(capacity: 8)
         json.object(members)
         #expect(try JSONSerialization.jsonObject(with: Data(json.bytes)) as? [String: String] == members)

@@ -75,7 +75,9 @@ struct LedgerStoreTests {
         }
         #expect(try store.documents(prefix: "docs/", limit: 1_000).map(\.name) == memory.documents.keys.filter { $0.hasPrefix("docs/") }.sorted())
         // Part of the chain is still in memory, part in the table: readers see one chain.
+        ledger.waitForAuditWrites()
         #expect(!ledger.auditRecordsInMemory.isEmpty)
+        #expect(ledger.auditRecordsInMemory.count < 2_048, "the batch due at 2,048 went to the table")
         #expect(try store.auditRecords(limit: 100_000) == memory.audit)
         #expect(try store.auditRecords(after: 2_990, limit: 5).map(\.sequence) == [2_991, 2_992, 2_993, 2_994, 2_995])
         #expect(try store.verifyAudit() == AuditChain.verify(memory.audit))
@@ -83,6 +85,33 @@ struct LedgerStoreTests {
         #expect(ledger.auditRecordsInMemory.isEmpty)
         #expect(try store.auditRecords(limit: 100_000) == memory.audit)
         #expect(try store.ledgerAppliedIndex() == 3_000)
+    }
+
+    @Test("Due audit batches are written off the applying thread, in order; one that fails stops the next apply with its error")
+    func auditWrittenInBackground() throws {
+        let temporary = try TemporaryStore()
+        let store = try RaftStore(directory: temporary.path, auditBatching: AuditBatching(records: 10, millis: 3_600_000))
+        let ledger = try #require(store.ledger)
+        let all = entries(commands(seed: 3, count: 200, documents: 5))
+        var memory = InMemoryLedgerTables()
+        for entry in all[..<150] { _ = try Ledger.apply(entry, to: &memory) }
+        for batch in stride(from: 0, to: 150, by: 7) { _ = try ledger.apply(Array(all[batch..<min(150, batch + 7)])) }
+        ledger.waitForAuditWrites()
+        try ledger.writeAuditIfDue() // as the driver's tick does (due while a batch was being written: waits for it)
+        ledger.waitForAuditWrites()
+        #expect(ledger.auditRecordsInMemory.count < 10, "fewer than a batch wait in memory")
+        #expect(try store.auditRecords(limit: 10_000) == memory.audit)
+        #expect(try store.verifyAudit() == AuditChain.verify(memory.audit))
+
+        // The table is gone: the apply that makes the next batch due still
+        // returns (the batch is written elsewhere, and fails there) ...
+        try temporary.tamperLedger("DROP TABLE ledger_audit")
+        _ = try ledger.apply(Array(all[150..<170]))
+        ledger.waitForAuditWrites()
+        // ... and the next one stops with its error, as a failed disk does.
+        let error = try #require(throws: (any Error).self) { try ledger.apply(Array(all[170..<171])) }
+        #expect("\(error)".contains("ledger_audit"), "\(error)")
+        #expect(throws: (any Error).self) { try ledger.writeAudit() }
     }
 
     @Test("A restarted node loads its checkpoint and replays the log after it to the same state")
