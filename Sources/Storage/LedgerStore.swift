@@ -135,10 +135,10 @@ public final class LedgerStore: Sendable {
             return !state.queued
         }) else { return }
         // The records due now; those applied meanwhile wait for the next batch.
-        let records = memory.withLock { $0.unwrittenAudit }
+        let through = memory.withLock { $0.unwrittenAudit.last?.sequence ?? 0 }
         unwrittenSince.withLock { $0 = nil }
         auditWriter.async { [self] in
-            let result = Result { try write(records) }
+            let result = Result { try write(through: through) }
             auditWrites.withLock { state in
                 state.queued = false
                 if case .failure(let error) = result { state.failure = state.failure ?? error }
@@ -151,7 +151,7 @@ public final class LedgerStore: Sendable {
     func writeAudit() throws {
         try auditWriter.sync {
             if let failure = auditWrites.withLock({ $0.failure }) { throw failure }
-            try write(memory.withLock { $0.unwrittenAudit })
+            try write(through: .max)
         }
         unwrittenSince.withLock { $0 = nil }
     }
@@ -161,9 +161,13 @@ public final class LedgerStore: Sendable {
         auditWriter.sync {}
     }
 
-    /// Writes `records` to the table (one transaction). They stay readable
-    /// from memory until the transaction has committed.
-    private func write(_ records: [AuditRecord]) throws {
+    /// Writes the unwritten records through sequence `through` to the
+    /// table (one transaction). They stay readable from memory until the
+    /// transaction has committed. They are copied out here, on the
+    /// writer's thread: an array shared with the driver's would make the
+    /// driver's next append copy all of it.
+    private func write(through: UInt64) throws {
+        let records = memory.withLock { Array($0.unwrittenAudit.prefix { $0.sequence <= through }) }
         guard let last = records.last else { return }
         try database.write { db in try Self.insert(records, db) }
         memory.withLock { memory in memory.unwrittenAudit.removeFirst(memory.unwrittenAudit.prefix { $0.sequence <= last.sequence }.count) }

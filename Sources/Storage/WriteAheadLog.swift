@@ -318,18 +318,11 @@ final class WriteAheadLog {
     /// Switches the open file to direct I/O where the file system allows,
     /// keeping its last partial block for the next write.
     private func startDirect(existingBytes: Int) throws {
-        direct = false
-        tailBlock = []
-        guard SealedFile.directFlag != 0 else { return }
-        let flags = fcntl(descriptor, F_GETFL)
-        guard flags >= 0, fcntl(descriptor, F_SETFL, flags | SealedFile.directFlag) == 0 else { return }
+        // Read before direct I/O is on: then reads must be whole blocks too.
         var tail = [UInt8](repeating: 0, count: existingBytes % SealedFile.blockBytes)
-        if !tail.isEmpty {
-            try FileSystem.readExactly(&tail, from: Glibc.open(segments.last!.path, O_RDONLY | O_CLOEXEC), closing: true,
-                                       at: existingBytes - tail.count, segments.last!.path)
-        }
-        tailBlock = tail
-        direct = true
+        try FileSystem.readExactly(&tail, from: descriptor, at: existingBytes - tail.count, segments.last!.path)
+        direct = try FileSystem.setDirectIO(descriptor, true, segments.last!.path)
+        tailBlock = direct ? tail : []
     }
 
     /// Writes `bytes` at `size`: directly, the last partial block and
@@ -357,9 +350,7 @@ final class WriteAheadLog {
                 }
             }
             // Refused after all: this file goes through the cache.
-            let flags = fcntl(descriptor, F_GETFL)
-            guard flags >= 0, fcntl(descriptor, F_SETFL, flags & ~SealedFile.directFlag) == 0 else { throw FileSystem.error("fcntl", path) }
-            direct = false
+            direct = try FileSystem.setDirectIO(descriptor, false, path)
             tailBlock = []
         }
         _ = try bytes.withUnsafeBytes { try FileSystem.writeAll($0, to: descriptor, at: size, path, refusedAsFalse: false) }
@@ -618,14 +609,6 @@ enum FileSystem {
         return stat(path, &info) == 0
     }
 
-    /// `readExactly` on a descriptor just opened (a negative one is the
-    /// open's error), closed afterwards when `closing`.
-    static func readExactly(_ bytes: inout [UInt8], from descriptor: Int32, closing: Bool, at offset: Int, _ path: String) throws {
-        guard descriptor >= 0 else { throw error("open", path) }
-        defer { if closing { close(descriptor) } }
-        try readExactly(&bytes, from: descriptor, at: offset, path)
-    }
-
     /// Fills `bytes` from `offset` of an open file; a short file throws.
     static func readExactly(_ bytes: inout [UInt8], from descriptor: Int32, at offset: Int, _ path: String) throws {
         var done = 0
@@ -679,18 +662,11 @@ enum FileSystem {
     /// 24 MB file took 175 ms of CPU that way here, and 2 ms direct).
     static func writeSealed(to path: String, directory: String, magic: [UInt8], _ body: (inout SealedFile) throws -> Void) throws {
         let temporary = path + ".tmp"
-        let flags = O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC
-        var direct = SealedFile.directFlag != 0
-        var descriptor = direct ? open(temporary, flags | SealedFile.directFlag, 0o600) : -1
-        if descriptor < 0 {
-            // EINVAL: this file system does not do direct I/O.
-            direct = false
-            descriptor = open(temporary, flags, 0o600)
-        }
+        let descriptor = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
         guard descriptor >= 0 else { throw error("create", temporary) }
         var closed = false
         defer { if !closed { close(descriptor) } }
-        var file = SealedFile(descriptor: descriptor, path: temporary, direct: direct)
+        var file = try SealedFile(descriptor: descriptor, path: temporary)
         for byte in magic { file.buffer.write(byte) }
         try body(&file)
         try file.finish()
@@ -717,19 +693,16 @@ enum FileSystem {
         return true
     }
 
-    /// Writes all of `bytes` at the descriptor's position.
-    static func writeAll(_ bytes: [UInt8], to descriptor: Int32, _ path: String) throws {
-        try bytes.withUnsafeBytes { buffer in
-            var offset = 0
-            while offset < buffer.count {
-                let written = write(descriptor, buffer.baseAddress! + offset, buffer.count - offset)
-                if written < 0 {
-                    if errno == EINTR { continue }
-                    throw error("write", path)
-                }
-                offset += written
-            }
-        }
+    /// Turns direct I/O (O_DIRECT) on or off for an open file; whether it
+    /// is on afterwards. Turning it on where the platform or the file
+    /// system does not do it leaves it off; failing to turn it off throws.
+    static func setDirectIO(_ descriptor: Int32, _ on: Bool, _ path: String) throws -> Bool {
+        guard SealedFile.directFlag != 0 else { return false }
+        let flags = fcntl(descriptor, F_GETFL)
+        guard flags >= 0 else { throw error("fcntl", path) }
+        if fcntl(descriptor, F_SETFL, on ? flags | SealedFile.directFlag : flags & ~SealedFile.directFlag) == 0 { return on }
+        guard on else { throw error("fcntl", path) }
+        return false
     }
 
     /// The body of a file written by `writeSealed`, once its magic and
@@ -786,16 +759,20 @@ struct SealedFile {
     fileprivate let descriptor: Int32
     fileprivate let path: String
     private var crc = CRC32C()
+    /// Bytes written to the file so far.
+    private var offset = 0
     var buffer = BinaryWriter(capacity: SealedFile.chunkBytes + 64 << 10)
-    /// Aligned memory the direct writes copy each chunk into; nil once the
+    /// Aligned memory the direct writes copy each chunk into; nil when the
     /// file is written through the page cache.
     private var aligned: AlignedMemory?
 
-    fileprivate init(descriptor: Int32, path: String, direct: Bool) {
+    fileprivate init(descriptor: Int32, path: String) throws {
         self.descriptor = descriptor
         self.path = path
-        if direct { aligned = AlignedMemory(byteCount: Self.chunkBytes + 64 << 10, alignment: Self.blockBytes) }
-        if direct && aligned == nil { try? stopDirect() }
+        if let memory = AlignedMemory(byteCount: Self.chunkBytes + 64 << 10, alignment: Self.blockBytes),
+           try FileSystem.setDirectIO(descriptor, true, path) {
+            aligned = memory
+        }
     }
 
     mutating func flushIfFull() throws {
@@ -806,40 +783,37 @@ struct SealedFile {
     /// its whole blocks directly.
     private mutating func flush() throws {
         guard let memory = aligned else {
-            crc.update(buffer.bytes)
-            try FileSystem.writeAll(buffer.bytes, to: descriptor, path)
-            buffer.removeAll(keepingAtMost: Self.chunkBytes * 2)
-            return
+            _ = try buffer.bytes.withUnsafeBytes { try FileSystem.writeAll($0, to: descriptor, at: offset, path, refusedAsFalse: false) }
+            return wroteOut(buffer.bytes.count)
         }
         let blocks = buffer.bytes.count - buffer.bytes.count % Self.blockBytes
         var done = 0
         while done < blocks {
             let count = min(blocks - done, memory.byteCount)
             buffer.bytes.withUnsafeBytes { memory.pointer.copyMemory(from: $0.baseAddress! + done, byteCount: count) }
-            let written = write(descriptor, memory.pointer, count)
-            if written < 0 && errno == EINTR { continue }
-            if written < 0 && errno == EINVAL {
+            guard try FileSystem.writeAll(UnsafeRawBufferPointer(start: memory.pointer, count: count), to: descriptor, at: offset + done, path,
+                                          refusedAsFalse: true) else {
                 // Not for this file after all: the rest through the cache.
                 wroteOut(done)
                 try stopDirect()
                 return try flush()
             }
-            guard written > 0 else { throw FileSystem.error("write", path) }
-            // A short direct write still ends on a block boundary.
-            done += written
+            done += count
         }
         wroteOut(done)
     }
 
     private mutating func wroteOut(_ count: Int) {
         crc.update(buffer.bytes[0..<count])
+        offset += count
         buffer.removeFirst(count)
+        // A part far larger than a chunk (a snapshot's bytes) is not kept.
+        if buffer.bytes.isEmpty { buffer.removeAll(keepingAtMost: Self.chunkBytes * 2) }
     }
 
     private mutating func stopDirect() throws {
         aligned = nil
-        let flags = fcntl(descriptor, F_GETFL)
-        guard flags >= 0, fcntl(descriptor, F_SETFL, flags & ~Self.directFlag) == 0 else { throw FileSystem.error("fcntl", path) }
+        _ = try FileSystem.setDirectIO(descriptor, false, path)
     }
 
     fileprivate mutating func finish() throws {
@@ -849,7 +823,7 @@ struct SealedFile {
             try flush()
         }
         buffer.write(crc.value)
-        try FileSystem.writeAll(buffer.bytes, to: descriptor, path)
+        _ = try buffer.bytes.withUnsafeBytes { try FileSystem.writeAll($0, to: descriptor, at: offset, path, refusedAsFalse: false) }
     }
 }
 

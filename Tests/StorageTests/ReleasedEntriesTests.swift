@@ -26,12 +26,8 @@ struct ReleasedEntriesTests {
     @Test("After a new leader replaced a suffix, the replacement is what reads back; the replaced entries are gone")
     func readBackAfterSuffixReplacement() throws {
         let temporary = try TemporaryStore()
-        let store = try temporary.open()
-        try store.initialize(with: .bootstrap(voters: [1, 2, 3]))
-        var follower = try RaftNode(configuration: Configuration(id: 1, randomSeed: 1), durable: try store.loadDurableState())
-        let first = (2...9).map { Entry(term: 2, index: $0, payload: .command([UInt8($0)])) }
-        follower.step(Message(from: 2, to: 1, term: 2, body: .appendEntries(AppendEntries(prevLogIndex: 1, prevLogTerm: 1, entries: first, leaderCommit: 1))))
-        try drive(&follower, store)
+        var (store, follower) = try followerHolding(through: 9, temporary)
+        let first = follower.entries(from: 2, through: 9)
         let replacement = (5...6).map { Entry(term: 3, index: $0, payload: .command([UInt8(50 + $0)])) }
         follower.step(Message(from: 3, to: 1, term: 3, body: .appendEntries(AppendEntries(prevLogIndex: 4, prevLogTerm: 2, entries: replacement, leaderCommit: 1))))
         try drive(&follower, store)

@@ -80,6 +80,18 @@ func batches(in file: String) throws -> [(offset: Int, length: Int)] {
     return result
 }
 
+/// A follower (node 1 of three) that stored entries 2...`last` of term 2
+/// from leader 2 (entry N's command is the byte N).
+func followerHolding(through last: LogIndex, _ temporary: TemporaryStore) throws -> (RaftStore, RaftNode) {
+    let store = try temporary.open()
+    try store.initialize(with: .bootstrap(voters: [1, 2, 3]))
+    var follower = try RaftNode(configuration: Configuration(id: 1, randomSeed: 1), durable: try store.loadDurableState())
+    let entries = (2...last).map { Entry(term: 2, index: $0, payload: .command([UInt8($0)])) }
+    follower.step(Message(from: 2, to: 1, term: 2, body: .appendEntries(AppendEntries(prevLogIndex: 1, prevLogTerm: 1, entries: entries, leaderCommit: 1))))
+    try drive(&follower, store)
+    return (store, follower)
+}
+
 /// Where a log file's last batch ends (its length less any padding).
 func logicalLength(_ file: String) throws -> Int {
     try batches(in: file).last.map { $0.offset + $0.length } ?? WriteAheadLog.fileHeaderBytes
@@ -116,21 +128,11 @@ struct RaftStoreTests {
         #expect(try temporary.open().loadDurableState().entries.last?.payload == .command(Array("after".utf8)))
     }
 
-    /// A follower (node 1 of three) that stored entries 2...5 of term 2 from leader 2.
-    private func followerHolding2to5(_ temporary: TemporaryStore) throws -> (RaftStore, RaftNode) {
-        let store = try temporary.open()
-        try store.initialize(with: .bootstrap(voters: [1, 2, 3]))
-        var follower = try RaftNode(configuration: Configuration(id: 1, randomSeed: 1), durable: try store.loadDurableState())
-        let entries = (2...5).map { Entry(term: 2, index: $0, payload: .command([UInt8($0)])) }
-        follower.step(Message(from: 2, to: 1, term: 2, body: .appendEntries(AppendEntries(prevLogIndex: 1, prevLogTerm: 1, entries: entries, leaderCommit: 1))))
-        try drive(&follower, store)
-        return (store, follower)
-    }
 
     @Test("A Ready that only advances the commit index writes nothing; new entries or a new term are synced at once")
     func commitOnlyReadysWriteNothing() throws {
         let temporary = try TemporaryStore()
-        let (store, follower0) = try followerHolding2to5(temporary)
+        let (store, follower0) = try followerHolding(through: 5, temporary)
         var follower = follower0
         let file = try #require(try temporary.logFiles().last)
         let size = try logicalLength(file)
@@ -153,7 +155,7 @@ struct RaftStoreTests {
     @Test("Entries from a new leader replace the stored suffix from their first index on")
     func conflictingSuffixIsReplaced() throws {
         let temporary = try TemporaryStore()
-        let (store, follower0) = try followerHolding2to5(temporary)
+        let (store, follower0) = try followerHolding(through: 5, temporary)
         var follower = follower0
         let replacement = [Entry(term: 3, index: 3, payload: .command([33]))]
         follower.step(Message(from: 3, to: 1, term: 3, body: .appendEntries(AppendEntries(prevLogIndex: 2, prevLogTerm: 2, entries: replacement, leaderCommit: 1))))
