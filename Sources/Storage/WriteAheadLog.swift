@@ -20,7 +20,8 @@ import Raft
 /// A batch is durable once `append(sync: true)` returns (one write, one
 /// fdatasync). A crash can only tear the batches written after the last
 /// sync, at the end of the newest file: such a torn tail is cut off when
-/// the log is opened. A batch that fails its checksum anywhere else, or
+/// the log is opened. Zeros after the newest file's last batch are not
+/// torn: direct writes pad with them and write them ahead. A batch that fails its checksum anywhere else, or
 /// that is followed by a valid batch, is damage, and opening refuses.
 final class WriteAheadLog {
     static let fileMagic: [UInt8] = Array("WRNTWAL1".utf8)
@@ -44,7 +45,8 @@ final class WriteAheadLog {
         /// Contiguous, after every replacement and reset.
         var entries: [Entry] = []
         var lastReset: (index: LogIndex, term: Term)?
-        /// Bytes of a torn tail cut off when opening (0 normally).
+        /// Bytes of a torn tail cut off when opening, up to its last
+        /// byte that is not zero (0 normally).
         var tornBytesRemoved = 0
         /// Where the entries are (see `WriteAheadLog.located`).
         var located: [Located] = []
@@ -90,12 +92,23 @@ final class WriteAheadLog {
     /// what follows it, zero-padded to a whole block, from `staging`:
     /// nothing goes through the page cache, whose every page was new
     /// memory (the log only grows), a host fault each on a VM that hands
-    /// freed memory back. Past `size` the file may hold up to a block of
-    /// zeros; a file is cut to `size` before the next one starts.
+    /// freed memory back. Past `size` the file holds zeros (the padding,
+    /// and the zeros written ahead: see `fileLength`); a file is cut to
+    /// `size` before the next one starts.
     private var direct = false
     private var staging: AlignedMemory?
     /// The file's bytes from the last block boundary up to `size`.
     private var tailBlock: [UInt8] = []
+    /// How long the file being written is: past `size` it holds zeros.
+    /// A direct write that would go past it writes up to
+    /// `zeroAheadBytes` of zeros after its batches (never past the file's
+    /// `segmentBytesMax`), so that most synced writes overwrite blocks the
+    /// file already has: a write that grows the file makes fdatasync
+    /// commit its new length through the file system's journal too
+    /// (measured here: 80 µs of CPU and 170 µs of wall time per synced
+    /// 4 KiB append, against 45 and 105 into written zeros).
+    private var fileLength = 0
+    static let zeroAheadBytes = 1 << 20
 
     /// A batch's encoding, kept between appends.
     private var body = BinaryWriter(capacity: 64 << 10)
@@ -148,17 +161,21 @@ final class WriteAheadLog {
                 let descriptor = Glibc.open(file.path, O_RDWR | O_CLOEXEC)
                 guard descriptor >= 0 else { throw FileSystem.error("open", file.path) }
                 log.descriptor = descriptor
-                let length = try FileSystem.length(of: descriptor, file.path)
+                var length = try FileSystem.length(of: descriptor, file.path)
                 if length > validBytes {
-                    // Zeros short of a block past the last batch are the
-                    // padding of a direct write, not a torn one.
-                    var rest = [UInt8](repeating: 0, count: min(length - validBytes, SealedFile.blockBytes))
+                    // Zeros past the last batch are the padding and the
+                    // zeros ahead of direct writes, kept. Anything else
+                    // there is a write a crash cut short: cut off.
+                    var rest = [UInt8](repeating: 0, count: length - validBytes)
                     try FileSystem.readExactly(&rest, from: descriptor, at: validBytes, file.path)
-                    let padding = length - validBytes < SealedFile.blockBytes && rest.allSatisfy { $0 == 0 }
-                    contents.tornBytesRemoved = padding ? 0 : length - validBytes
-                    guard ftruncate(descriptor, off_t(validBytes)) == 0, fsync(descriptor) == 0 else { throw FileSystem.error("truncate", file.path) }
+                    if let last = rest.lastIndex(where: { $0 != 0 }) {
+                        contents.tornBytesRemoved = last + 1
+                        guard ftruncate(descriptor, off_t(validBytes)) == 0, fsync(descriptor) == 0 else { throw FileSystem.error("truncate", file.path) }
+                        length = validBytes
+                    }
                 }
                 log.size = validBytes
+                log.fileLength = length
                 try log.startDirect(existingBytes: validBytes)
             }
         }
@@ -308,6 +325,7 @@ final class WriteAheadLog {
         self.descriptor = descriptor
         segments.append(Segment(sequence: sequence, path: path, maxIndex: 0))
         size = 0
+        fileLength = 0
         try startDirect(existingBytes: 0)
         try writeOut(header)
         guard fsync(descriptor) == 0 else { throw FileSystem.error("fsync", path) }
@@ -333,9 +351,14 @@ final class WriteAheadLog {
         if direct {
             let start = size - tailBlock.count
             let total = tailBlock.count + bytes.count
-            let padded = (total + block - 1) / block * block
+            var padded = (total + block - 1) / block * block
+            if start + padded > fileLength {
+                // Zeros ahead, up to the size at which the next file starts.
+                let limit = (segmentBytesMax + block - 1) / block * block
+                padded = max(padded, min(padded + Self.zeroAheadBytes, limit - start))
+            }
             if (staging?.byteCount ?? 0) < padded {
-                staging = AlignedMemory(byteCount: max(padded, 256 << 10), alignment: block)
+                staging = AlignedMemory(byteCount: max(padded, Self.zeroAheadBytes + (256 << 10)), alignment: block)
             }
             if let memory = staging {
                 tailBlock.withUnsafeBytes { memory.pointer.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
@@ -346,6 +369,7 @@ final class WriteAheadLog {
                     let end = size + bytes.count
                     let boundary = end - end % block
                     tailBlock = Array(UnsafeRawBufferPointer(start: memory.pointer + (boundary - start), count: end - boundary))
+                    fileLength = max(fileLength, start + padded)
                     return
                 }
             }
@@ -354,6 +378,7 @@ final class WriteAheadLog {
             tailBlock = []
         }
         _ = try bytes.withUnsafeBytes { try FileSystem.writeAll($0, to: descriptor, at: size, path, refusedAsFalse: false) }
+        fileLength = max(fileLength, size + bytes.count)
     }
 
     /// Cuts a direct write's zero padding off the file being closed, so

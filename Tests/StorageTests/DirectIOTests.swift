@@ -100,7 +100,7 @@ struct SealedFileTests {
 
 @Suite("The write-ahead log with direct I/O")
 struct DirectLogTests {
-    @Test("Where the file system takes direct I/O, the log bypasses the page cache, pads only its newest file, and reopens with nothing taken for torn",
+    @Test("Where the file system takes direct I/O, the log bypasses the page cache, writes zeros ahead only in its newest file, and reopens with nothing taken for torn",
           .enabled(if: directIOWorks, "the temporary directory's file system refuses O_DIRECT"))
     func directLog() throws {
         let temporary = try TemporaryStore()
@@ -125,8 +125,9 @@ struct DirectLogTests {
             }
             let newest = try #require(files.last)
             let length = try FileSystem.fileLength(newest), logical = try logicalLength(newest)
-            #expect(length % SealedFile.blockBytes == 0 && length >= logical && length - logical < SealedFile.blockBytes,
-                    "the newest file is written in whole blocks (\(length) bytes, \(logical) of them batches)")
+            // Zeros written ahead up to the size at which a file ends.
+            #expect(length == max(32 << 10, roundedUp(logical)), "the newest file is \(length) bytes, \(logical) of them batches")
+            #expect(try zerosAfter(logical, in: newest))
             #expect(try log.entries(from: 1, through: 300) == entries, "read back from the files as written")
         }
         // Reopened: the padding is not a torn write, and appends go on
@@ -144,4 +145,63 @@ struct DirectLogTests {
         #expect(contents.entries == entries)
         #expect(contents.tornBytesRemoved == 0)
     }
+
+    @Test("Synced appends land in zeros written ahead instead of growing the file; a crash's bytes among those zeros are cut off, zeros alone are kept",
+          .enabled(if: directIOWorks, "the temporary directory's file system refuses O_DIRECT"))
+    func zerosAhead() throws {
+        let temporary = try TemporaryStore()
+        var entries: [Entry] = []
+        func append(_ log: WriteAheadLog, _ range: ClosedRange<Int>) throws {
+            for index in range {
+                entries.append(Entry(term: 1, index: LogIndex(index), payload: .command(pattern(300, seed: UInt64(index)))))
+                try log.append([.entry(entries.last!)], sync: true)
+            }
+        }
+        let file: String
+        let zeroed: Int
+        do {
+            let (log, _) = try WriteAheadLog.open(directory: temporary.walDirectory, create: true)
+            try append(log, 1...1)
+            file = try #require(try temporary.logFiles().last)
+            zeroed = try FileSystem.fileLength(file)
+            #expect(zeroed >= WriteAheadLog.zeroAheadBytes, "the first write wrote zeros ahead (\(zeroed) bytes)")
+            try append(log, 2...100)
+            #expect(try FileSystem.fileLength(file) == zeroed, "99 synced appends wrote into those zeros without growing the file")
+            #expect(try logicalLength(file) > 100 * 300)
+        }
+        // Reopened: the zeros are not torn, and stay.
+        do {
+            let (log, contents) = try WriteAheadLog.open(directory: temporary.walDirectory, create: false)
+            #expect(contents.entries == entries)
+            #expect(contents.tornBytesRemoved == 0)
+            #expect(try FileSystem.fileLength(file) == zeroed)
+            try append(log, 101...110)
+        }
+        // Part of a write a crash cut short: bytes that are not zero, with
+        // zeros before and after them.
+        let logical = try logicalLength(file)
+        try #require(try FileSystem.fileLength(file) >= logical + 5_100)
+        try temporary.modify(file) { bytes in
+            for offset in (logical + 5_000)..<(logical + 5_100) { bytes[offset] = 0x5A }
+        }
+        do {
+            let (log, contents) = try WriteAheadLog.open(directory: temporary.walDirectory, create: false)
+            #expect(contents.entries == entries, "nothing synced is lost")
+            #expect(contents.tornBytesRemoved == 5_100)
+            #expect(try FileSystem.fileLength(file) == logical, "the torn tail is cut off with the zeros after it")
+            try append(log, 111...120)
+        }
+        let (_, contents) = try WriteAheadLog.open(directory: temporary.walDirectory, create: false)
+        #expect(contents.entries == entries)
+        #expect(contents.tornBytesRemoved == 0)
+    }
+}
+
+private func roundedUp(_ count: Int) -> Int {
+    (count + SealedFile.blockBytes - 1) / SealedFile.blockBytes * SealedFile.blockBytes
+}
+
+/// Whether every byte of `file` from `offset` on is zero.
+private func zerosAfter(_ offset: Int, in file: String) throws -> Bool {
+    try FileSystem.read(file)[offset...].allSatisfy { $0 == 0 }
 }
