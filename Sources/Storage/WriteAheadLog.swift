@@ -21,8 +21,9 @@ import Raft
 /// fdatasync). A crash can only tear the batches written after the last
 /// sync, at the end of the newest file: such a torn tail is cut off when
 /// the log is opened. Zeros after the newest file's last batch are not
-/// torn: direct writes pad with them and write them ahead. A batch that fails its checksum anywhere else, or
-/// that is followed by a valid batch, is damage, and opening refuses.
+/// torn: direct writes pad with them and write them ahead. A batch that
+/// fails its checksum anywhere else, or that is followed by a valid
+/// batch, is damage, and opening refuses.
 final class WriteAheadLog {
     static let fileMagic: [UInt8] = Array("WRNTWAL1".utf8)
     static let fileHeaderBytes = 16
@@ -155,27 +156,20 @@ final class WriteAheadLog {
                 throw StorageError(code: .logGap, reason: "\(directory): write-ahead log file \(hex(files[position - 1].sequence + 1)).wal is missing (the files go from \(hex(files[position - 1].sequence)) to \(hex(file.sequence))). \(StorageError.rejoinAdvice)")
             }
             let isLast = position == files.count - 1
-            let (maxIndex, validBytes) = try replay(file.path, sequence: file.sequence, isLast: isLast, into: &contents)
+            let (maxIndex, validBytes, tornBytes) = try replay(file.path, sequence: file.sequence, isLast: isLast, into: &contents)
             log.segments.append(Segment(sequence: file.sequence, path: file.path, maxIndex: maxIndex))
             if isLast {
                 let descriptor = Glibc.open(file.path, O_RDWR | O_CLOEXEC)
                 guard descriptor >= 0 else { throw FileSystem.error("open", file.path) }
                 log.descriptor = descriptor
-                var length = try FileSystem.length(of: descriptor, file.path)
-                if length > validBytes {
-                    // Zeros past the last batch are the padding and the
-                    // zeros ahead of direct writes, kept. Anything else
-                    // there is a write a crash cut short: cut off.
-                    var rest = [UInt8](repeating: 0, count: length - validBytes)
-                    try FileSystem.readExactly(&rest, from: descriptor, at: validBytes, file.path)
-                    if let last = rest.lastIndex(where: { $0 != 0 }) {
-                        contents.tornBytesRemoved = last + 1
-                        guard ftruncate(descriptor, off_t(validBytes)) == 0, fsync(descriptor) == 0 else { throw FileSystem.error("truncate", file.path) }
-                        length = validBytes
-                    }
+                // Zeros after the last batch (padding, and zeros written
+                // ahead) stay; a torn write is cut off with them.
+                if tornBytes > 0 {
+                    contents.tornBytesRemoved = tornBytes
+                    guard ftruncate(descriptor, off_t(validBytes)) == 0, fsync(descriptor) == 0 else { throw FileSystem.error("truncate", file.path) }
                 }
                 log.size = validBytes
-                log.fileLength = length
+                log.fileLength = try FileSystem.length(of: descriptor, file.path)
                 try log.startDirect(existingBytes: validBytes)
             }
         }
@@ -505,9 +499,10 @@ final class WriteAheadLog {
     }
 
     /// Replays one file into `contents`; returns the highest entry index
-    /// in it and how many of its bytes are valid (less than its length
-    /// only for a torn tail of the last file).
-    private static func replay(_ path: String, sequence: UInt64, isLast: Bool, into contents: inout Contents) throws -> (LogIndex, Int) {
+    /// in it, how many of its bytes are valid, and how long a torn tail
+    /// follows them (up to its last byte that is not zero: only the last
+    /// file may have one, and zeros alone are not torn).
+    private static func replay(_ path: String, sequence: UInt64, isLast: Bool, into contents: inout Contents) throws -> (LogIndex, Int, Int) {
         let data = try FileSystem.read(path)
         func damaged(_ what: String) -> StorageError {
             StorageError(code: .corruptEntry, reason: "\(path): \(what) (the file is damaged). \(StorageError.rejoinAdvice)")
@@ -564,7 +559,8 @@ final class WriteAheadLog {
             }
             span.place(sequence: sequence, offset: body.lowerBound - batchHeaderBytes, into: &contents.located)
         }
-        return (maxIndex, offset)
+        let torn = data[offset...].lastIndex { $0 != 0 }.map { $0 + 1 - offset } ?? 0
+        return (maxIndex, offset, torn)
     }
 
     /// An entry continues the log, or replaces the suffix from its index on.
