@@ -44,6 +44,13 @@ final class LogRateLimit: Sendable {
     }
 }
 
+/// Why a node could not start serving (a port it cannot bind, say); it
+/// stopped without joining the cluster.
+public struct NodeStartError: Error, Sendable, CustomStringConvertible {
+    public let message: String
+    public var description: String { message }
+}
+
 /// `warrant node start`: storage, driver, transport, API, ticker and
 /// shutdown, wired together.
 public final class NodeServer: Sendable {
@@ -170,8 +177,34 @@ public final class NodeServer: Sendable {
         let apiAddress = try SocketAddress.makeAddressResolvingHost(config.apiListen.host, port: config.apiListen.port)
         if handleSignals { Self.watchSignals(stopRequests.continuation) }
         let transport = self.transport, driver = self.driver
-        let transportTask = Task { try await transport.run(listeningOn: peerAddress) { message in driver.enqueue(message) } }
-        let boundAPI = try await http.start(at: apiAddress)
+        // The API opens only once the peer listener is bound: a node that
+        // cannot hear its peers must not serve as if it were in the cluster.
+        let listening = AsyncStream<(any Error)?>.makeStream()
+        let transportTask = Task {
+            defer { listening.continuation.finish() }
+            do {
+                try await transport.run(listeningOn: peerAddress, ready: { _ in listening.continuation.yield(nil) }) { message in driver.enqueue(message) }
+            } catch {
+                listening.continuation.yield(error)
+                throw error
+            }
+        }
+        var failure: String? = "the listener stopped before it was bound"
+        for await outcome in listening.stream {
+            failure = outcome.map { "\($0)" }
+            break
+        }
+        if let reason = failure {
+            await abandonStart(transportTask)
+            throw NodeStartError(message: "cannot listen for peers on \(config.peerListen): \(reason)")
+        }
+        let boundAPI: SocketAddress
+        do {
+            boundAPI = try await http.start(at: apiAddress)
+        } catch {
+            await abandonStart(transportTask)
+            throw NodeStartError(message: "cannot serve the API on \(config.apiListen): \(error)")
+        }
         log.info("node started", ["cluster": identity.clusterID, "peer": "\(config.peerListen)", "api": boundAPI.hostPort,
                                   "term": "\(await driver.status.term)", "applied": "\(await driver.status.appliedIndex)"])
         #if DEBUG
@@ -198,6 +231,18 @@ public final class NodeServer: Sendable {
         try? await networkGroup.shutdownGracefully()
         try? await driverGroup.shutdownGracefully()
         log.info("stopped")
+    }
+
+    /// Undoes a start that failed before serving: nothing was written, so
+    /// the driver stops and the threads end.
+    private func abandonStart(_ transportTask: Task<Void, any Error>) async {
+        stopping.store(true, ordering: .relaxed)
+        await driver.stop()
+        transport.finish()
+        transportTask.cancel()
+        _ = await transportTask.result
+        try? await networkGroup.shutdownGracefully()
+        try? await driverGroup.shutdownGracefully()
     }
 
     /// Ends `run()` as a signal would.

@@ -81,7 +81,12 @@ struct NodeCommand: AsyncParsableCommand {
                 FileHandle.standardError.write(Data("warrant: cannot start: \(error)\n".utf8))
                 throw ExitCode.failure
             }
-            try await server.run()
+            do {
+                try await server.run()
+            } catch let error as NodeStartError {
+                FileHandle.standardError.write(Data("warrant: cannot start: \(error)\n".utf8))
+                throw ExitCode.failure
+            }
         }
     }
 }

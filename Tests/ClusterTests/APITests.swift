@@ -1,6 +1,8 @@
+import ClusterHarness
 import Foundation
 import NIOCore
 import NIOHTTP1
+import NIOPosix
 import Node
 import Testing
 import Yams
@@ -206,6 +208,48 @@ struct APITests {
             Issue.record(error)
         }
         await cluster.shutdown()
+    }
+
+    @Test("A node whose peer or API port is taken stops with an error naming the address, and never serves", arguments: ["peer", "api"])
+    func portTaken(which: String) async throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("warrant-port-\(UUID().uuidString.prefix(8))").path
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let basePort = LocalProcessCluster.pickBasePort()
+        let peer = try HostPort(parsing: "127.0.0.1:\(basePort)", at: "peer"), api = try HostPort(parsing: "127.0.0.1:\(basePort + 100)", at: "api")
+        try ClusterFiles.initialize(directory: directory, clusterID: "porttest", members: [ClusterFiles.Member(id: 1, peer: peer, api: api)])
+        let taken = which == "peer" ? peer : api
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let holder = try await ServerBootstrap(group: group).bind(host: taken.host, port: taken.port).get()
+        let server = try NodeServer(configPath: "\(directory)/node-1/config.yaml")
+        let run = Task { try await server.run(handleSignals: false) }
+        let outcome = await withTaskGroup(of: Result<Void, any Error>?.self) { group in
+            group.addTask { await run.result }
+            group.addTask {
+                // A node that starts anyway is stopped, so the test ends.
+                try? await Task.sleep(for: .seconds(20))
+                server.stop()
+                return nil
+            }
+            let first = await group.next()!
+            group.cancelAll()
+            return first
+        }
+        switch outcome {
+        case .failure(let error as NodeStartError):
+            let expected = which == "peer" ? "cannot listen for peers on \(peer)" : "cannot serve the API on \(api)"
+            #expect(error.message.hasPrefix(expected), "\(error.message)")
+        default:
+            Issue.record("run() should have thrown a NodeStartError, got \(String(describing: outcome))")
+        }
+        if which == "peer" {
+            // The API was never opened: nothing answers on its port.
+            await #expect(throws: (any Error).self) {
+                let channel = try await ClientBootstrap(group: group).connect(host: api.host, port: api.port).get()
+                try await channel.close()
+            }
+        }
+        try await holder.close()
+        try await group.shutdownGracefully()
     }
 }
 
