@@ -36,6 +36,11 @@ public final class LedgerStore: Sendable {
     /// batch that failed: the next apply throws it, and the node stops as
     /// on any storage failure.
     private let auditWrites = Mutex<(queued: Bool, failure: (any Error)?)>((false, nil))
+    /// The index of the newest checkpoint written; held while a checkpoint
+    /// file is written, by a checkpoint (on its own thread) or by an
+    /// installed snapshot (the driver's): a checkpoint of the state before
+    /// an install must not land after it.
+    private let checkpointWriting = Mutex<LogIndex>(0)
 
     init(directory: String, batching: AuditBatching = AuditBatching()) throws {
         self.directory = directory
@@ -84,6 +89,7 @@ public final class LedgerStore: Sendable {
             checkpoint = try Checkpoint.decode(try FileSystem.read(path), path: path)
         }
         let index = checkpoint?.metadata.index ?? 0
+        checkpointWriting.withLock { $0 = index }
         let head: (sequence: UInt64, hash: [UInt8]) = checkpoint?.head ?? (0, AuditRecord.genesisHash)
         let stored = try database.write { db -> (UInt64, [UInt8])? in
             try db.execute(sql: "DELETE FROM ledger_audit WHERE log_index > ? OR sequence > ?", arguments: [Int64(index), Int64(head.sequence)])
@@ -152,14 +158,14 @@ public final class LedgerStore: Sendable {
         }
     }
 
-    /// Writes every unwritten audit record to the table now, after any
-    /// batch already queued.
-    func writeAudit() throws {
+    /// Writes the unwritten audit records (through sequence `through`) to
+    /// the table now, after any batch already queued.
+    func writeAudit(through: UInt64 = .max) throws {
         try auditWriter.sync {
             if let failure = auditWrites.withLock({ $0.failure }) { throw failure }
-            try write(through: .max)
+            try write(through: through)
         }
-        unwrittenSince.withLock { $0 = nil }
+        if through == .max { unwrittenSince.withLock { $0 = nil } }
     }
 
     /// Waits for the batch being written, if any (tests).
@@ -222,9 +228,10 @@ public final class LedgerStore: Sendable {
     // MARK: - Checkpoints and snapshots
 
     /// Pins the applied state at `metadata.index` (which must be the
-    /// applied index) for a checkpoint written later on another thread.
+    /// applied index) for a checkpoint written later on another thread
+    /// (which also writes the audit records it needs in the table: here,
+    /// on the driver's thread, that took up to 6 ms).
     func beginCheckpoint(_ metadata: SnapshotMetadata) throws -> LedgerCheckpoint {
-        try writeAudit()
         let copy = memory.withLock { $0 }
         precondition(copy.applied == metadata.index, "a checkpoint at \(metadata.index) of a ledger applied to \(copy.applied)")
         return LedgerCheckpoint(store: self, memory: copy, metadata: metadata)
@@ -287,26 +294,46 @@ public final class LedgerStore: Sendable {
         let (documents, audit) = try LedgerSnapshot.decode(snapshot.data, at: snapshot.metadata.index, path: path)
         let head: (sequence: UInt64, hash: [UInt8]) = audit.last.map { ($0.sequence, $0.hash) } ?? (0, AuditRecord.genesisHash)
         let installed = LedgerMemory(documents: documents, head: head, applied: snapshot.metadata.index)
-        // On the writer's queue: no batch of the old chain lands after this.
-        try auditWriter.sync {
-            try database.write { db in
-                try db.execute(sql: "DELETE FROM ledger_audit")
-                try Self.insert(audit, db)
+        // After a checkpoint being written, if any; one begun before this
+        // is refused afterwards.
+        try checkpointWriting.withLock { newest in
+            // On the writer's queue: no batch of the old chain lands after this.
+            try auditWriter.sync {
+                try database.write { db in
+                    try db.execute(sql: "DELETE FROM ledger_audit")
+                    try Self.insert(audit, db)
+                }
+                try syncAudit()
             }
-            try syncAudit()
+            try writeCheckpoint(installed, metadata: snapshot.metadata, newest: &newest)
+            memory.withLock { $0 = installed }
         }
-        try writeCheckpoint(installed, metadata: snapshot.metadata)
-        memory.withLock { $0 = installed }
         unwrittenSince.withLock { $0 = nil }
     }
 
     /// Writes the checkpoint file for `memory` (atomically) and removes
     /// older ones. The audit table must already be durable through it.
-    func writeCheckpoint(_ memory: LedgerMemory, metadata: SnapshotMetadata) throws {
+    /// Holding `checkpointWriting` (its value is `newest`).
+    private func writeCheckpoint(_ memory: LedgerMemory, metadata: SnapshotMetadata, newest: inout LogIndex) throws {
         let name = Checkpoint.fileName(metadata.index)
         try Checkpoint.write(memory, metadata: metadata, to: "\(directory)/\(name)", directory: directory)
-        for other in try FileSystem.list(directory) where other != name && (Checkpoint.index(ofFile: other) != nil || other.hasSuffix(".ledger.tmp")) {
+        newest = metadata.index
+        for other in try FileSystem.list(directory) where other != name && (Checkpoint.index(ofFile: other).map { $0 < metadata.index } ?? other.hasSuffix(".ledger.tmp")) {
             try FileSystem.remove("\(directory)/\(other)")
+        }
+    }
+
+    /// Writes the audit table through `memory`'s head, syncs it, and writes
+    /// the checkpoint, unless a snapshot installed meanwhile made one at
+    /// `metadata.index` or later (then it throws and nothing is written).
+    fileprivate func checkpoint(_ memory: LedgerMemory, metadata: SnapshotMetadata) throws {
+        try checkpointWriting.withLock { newest in
+            guard newest < metadata.index else {
+                throw StorageError(code: .invalidRequest, reason: "\(directory): a checkpoint at \(newest) replaced the one at \(metadata.index) being written")
+            }
+            try writeAudit(through: memory.head.sequence)
+            try syncAudit()
+            try writeCheckpoint(memory, metadata: metadata, newest: &newest)
         }
     }
 
@@ -416,11 +443,11 @@ public final class LedgerCheckpoint: Sendable {
         self.metadata = metadata
     }
 
-    /// Syncs the audit table and writes the checkpoint file; returns how
-    /// many documents and audit records the ledger holds.
+    /// Writes the audit table through the checkpoint's head and syncs it,
+    /// then writes the checkpoint file; returns how many documents and
+    /// audit records the ledger holds.
     public func write() throws -> Int {
-        try store.syncAudit()
-        try store.writeCheckpoint(memory, metadata: metadata)
+        try store.checkpoint(memory, metadata: metadata)
         return memory.documents.count + Int(memory.head.sequence)
     }
 }

@@ -210,7 +210,7 @@ public final class RaftStore: @unchecked Sendable {
     private func persistSnapshot(_ snapshot: Snapshot, _ log: WriteAheadLog) throws {
         try installSnapshot(snapshot)
         try log.append([.reset(index: snapshot.metadata.index, term: snapshot.metadata.term)], sync: true)
-        try log.removeSegments(through: snapshot.metadata.index)
+        log.removeSegments(through: snapshot.metadata.index)
     }
 
     private func installSnapshot(_ snapshot: Snapshot) throws {
@@ -231,8 +231,14 @@ public final class RaftStore: @unchecked Sendable {
             if ledger == nil {
                 try writeSnapshotFile(Snapshot(metadata: metadata, data: data))
             }
-            try log.removeSegments(through: metadata.index)
+            log.removeSegments(through: metadata.index)
         }
+    }
+
+    /// Waits until the log files compaction let go of are unlinked (they
+    /// go on a queue of their own).
+    package func waitForLogFileRemovals() {
+        WriteAheadLog.waitForRemovals()
     }
 
     /// Pins the ledger at the applied index for a checkpoint (the driver's

@@ -201,6 +201,28 @@ struct LedgerStoreTests {
         #expect(throws: StorageError.self, "no checkpoint at another index") { try reopened.snapshotData(for: older) }
     }
 
+    @Test("A checkpoint begun before a snapshot was installed is refused when written; the installed state is what a restart finds")
+    func checkpointAfterInstallIsRefused() throws {
+        let (target, follower, followerNode) = try leaderThatApplied(commands(seed: 5, count: 30))
+        var node = followerNode
+        let pending = try follower.beginCheckpoint(try #require(node.snapshotMetadata(at: node.appliedIndex)))
+        var (source, leader, leaderNode) = try leaderThatApplied(commands(seed: 6, count: 80))
+        let (metadata, data) = try checkpoint(&leaderNode, leader)
+        _ = source
+        #expect(metadata.index > pending.metadata.index)
+        // The leader's snapshot arrives while the checkpoint is still being made.
+        node.step(Message(from: 2, to: 1, term: 10, body: .installSnapshot(Snapshot(metadata: metadata, data: data))))
+        try driveApplying(&node, follower)
+        #expect(try follower.ledgerAppliedIndex() == metadata.index)
+        let error = try #require(throws: StorageError.self) { try pending.write() }
+        #expect(error.reason.contains("replaced the one at \(pending.metadata.index)"), "\(error.reason)")
+        let reopened = try target.open()
+        let durable = try reopened.loadDurableState()
+        #expect(durable.snapshot?.metadata == metadata)
+        #expect(try reopened.auditRecords(limit: 10_000) == leader.auditRecords(limit: 10_000))
+        for name in (0..<6).map({ "docs/\($0)" }) { #expect(try reopened.document(named: name) == leader.document(named: name)) }
+    }
+
     @Test("A damaged ledger snapshot is refused and nothing of it is installed")
     func damagedLedgerSnapshotIsRefused() throws {
         var (source, leader, node) = try leaderThatApplied(commands(seed: 4, count: 20))

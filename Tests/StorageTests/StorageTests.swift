@@ -175,6 +175,7 @@ struct RaftStoreTests {
         #expect(filesBefore.count > 4, "small files: the log spans several")
         let metadata = try node.compactLog(through: 30, snapshotData: Array("state at 30".utf8))
         try store.compact(through: metadata, data: Array("state at 30".utf8))
+        store.waitForLogFileRemovals()
         let filesAfter = try temporary.logFiles()
         #expect(filesAfter.count < filesBefore.count)
         #expect(filesAfter.last == filesBefore.last)
