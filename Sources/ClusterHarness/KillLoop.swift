@@ -36,7 +36,7 @@ public enum KillLoop {
                                               environment: environment)
         guard await cluster.waitForLeader(seconds: 20) != nil, await cluster.waitUntilReady() else {
             await cluster.close()
-            throw HarnessFailure(description: "the cluster did not become ready; logs in \(directory)")
+            throw HarnessFailure(description: "the cluster did not become ready (logs in \(directory)): \(cluster.notReadyReason())")
         }
         let load = AckedWriters(client: cluster.client)
         let stop = StopFlag()
@@ -70,7 +70,7 @@ public enum KillLoop {
                 }
                 try cluster.start(victim)
                 guard await cluster.waitUntilReady(seconds: 20) else {
-                    throw HarnessFailure(description: "the cluster did not recover after kill \(kill); logs in \(directory)")
+                    throw HarnessFailure(description: "the cluster did not recover after kill \(kill) (logs in \(directory)): \(cluster.notReadyReason())")
                 }
             }
             try await Task.sleep(for: .milliseconds(300))

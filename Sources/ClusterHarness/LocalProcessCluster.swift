@@ -14,6 +14,8 @@ public final class LocalProcessCluster: Sendable {
     public let client: AdminClient
     public let apiPorts: [UInt64: Int]
     private let processes = Mutex<[UInt64: Process]>([:])
+    /// Nodes stopped through `kill9` or `terminate` (until started again).
+    private let stoppedOnPurpose = Mutex<Set<UInt64>>([])
     /// Added to each node process's environment.
     public let environment: [String: String]
 
@@ -86,8 +88,20 @@ public final class LocalProcessCluster: Sendable {
         process.standardInput = FileHandle.nullDevice
         let added = environment.merging(extraEnvironment) { $1 }
         if !added.isEmpty { process.environment = ProcessInfo.processInfo.environment.merging(added) { $1 } }
+        stoppedOnPurpose.withLock { _ = $0.remove(id) }
         try process.run()
         processes.withLock { $0[id] = process }
+    }
+
+    /// Nodes whose process ended without `kill9` or `terminate` (a node
+    /// that could not start, say), each with the end of its log.
+    public func exitedOnTheirOwn() -> [(id: UInt64, logTail: String)] {
+        let stopped = stoppedOnPurpose.withLock { $0 }
+        let ended = processes.withLock { $0.filter { !$0.value.isRunning && !stopped.contains($0.key) }.map(\.key) }.sorted()
+        return ended.map { id in
+            let log = (try? String(contentsOfFile: "\(directory)/node-\(id)/log", encoding: .utf8)) ?? ""
+            return (id, log.split(separator: "\n").suffix(5).joined(separator: "\n"))
+        }
     }
 
     public func isRunning(_ id: UInt64) -> Bool { processes.withLock { $0[id]?.isRunning ?? false } }
@@ -109,6 +123,7 @@ public final class LocalProcessCluster: Sendable {
     /// SIGKILL, and waits (bounded) for the process to be gone.
     public func kill9(_ id: UInt64) {
         guard let process = processes.withLock({ $0[id] }) else { return }
+        stoppedOnPurpose.withLock { _ = $0.insert(id) }
         kill(process.processIdentifier, SIGKILL)
         process.waitUntilExit()
     }
@@ -116,6 +131,7 @@ public final class LocalProcessCluster: Sendable {
     /// SIGTERM; returns the exit status, or nil if it did not exit within `seconds`.
     public func terminate(_ id: UInt64, seconds: Double = 10) async -> Int32? {
         guard let process = processes.withLock({ $0[id] }) else { return nil }
+        stoppedOnPurpose.withLock { _ = $0.insert(id) }
         process.terminate()
         let deadline = Date().addingTimeInterval(seconds)
         while process.isRunning && Date() < deadline { try? await Task.sleep(for: .milliseconds(20)) }
@@ -148,10 +164,20 @@ public final class LocalProcessCluster: Sendable {
         return nil
     }
 
-    /// Waits until every running node answers /readyz with 200.
+    /// Why the cluster is not ready, for an error message: the nodes that
+    /// ended on their own, with their logs' last lines.
+    public func notReadyReason() -> String {
+        let ended = exitedOnTheirOwn()
+        guard !ended.isEmpty else { return "no leader, or a node not answering /readyz in time" }
+        return ended.map { "node \($0.id) exited:\n\($0.logTail)" }.joined(separator: "\n")
+    }
+
+    /// Waits until every running node answers /readyz with 200; false at
+    /// once if a node's process ended on its own (see `exitedOnTheirOwn`).
     public func waitUntilReady(seconds: Double = 20) async -> Bool {
         let deadline = Date().addingTimeInterval(seconds)
         while Date() < deadline {
+            guard exitedOnTheirOwn().isEmpty else { return false }
             var all = true
             for id in nodeIDs where isRunning(id) {
                 let response = try? await client.request(at: endpointIndex(of: id), .GET, "/readyz", timeout: .milliseconds(500))

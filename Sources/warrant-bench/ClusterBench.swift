@@ -29,7 +29,7 @@ func runClusterBench(binary: String, clientCounts: [Int], seconds: Double, etcdS
     let cluster = try LocalProcessCluster(binary: binary, directory: directory, basePort: LocalProcessCluster.pickBasePort())
     guard await cluster.waitForLeader(seconds: 20) != nil, await cluster.waitUntilReady() else {
         await cluster.close()
-        throw BenchFailure(description: "the Warrant cluster did not become ready; logs in \(directory)")
+        throw BenchFailure(description: "the Warrant cluster did not become ready: \(cluster.notReadyReason())")
     }
     for clients in clientCounts {
         let report = try await LoadGenerator.run(.warrant(clusterDirectory: directory, leaderOnly: false), clients: clients, seconds: seconds)

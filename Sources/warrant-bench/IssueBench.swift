@@ -135,7 +135,7 @@ func startReadyCluster(binary: String, directory: String) async throws -> LocalP
     let cluster = try LocalProcessCluster(binary: binary, directory: directory, basePort: LocalProcessCluster.pickBasePort())
     guard await cluster.waitForLeader(seconds: 20) != nil, await cluster.waitUntilReady() else {
         await cluster.close()
-        throw BenchFailure(description: "the cluster did not become ready; logs in \(directory)")
+        throw BenchFailure(description: "the cluster did not become ready: \(cluster.notReadyReason())")
     }
     return cluster
 }

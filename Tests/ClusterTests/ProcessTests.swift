@@ -1,6 +1,7 @@
 import ClusterHarness
 import Foundation
 import NIOCore
+import NIOPosix
 import Node
 import Testing
 
@@ -57,7 +58,7 @@ struct ProcessTests {
         let cluster = try LocalProcessCluster(binary: binary, directory: directory, basePort: LocalProcessCluster.pickBasePort())
         defer { try? FileManager.default.removeItem(atPath: directory) }
         let leader = try #require(await cluster.waitForLeader(seconds: 20))
-        #expect(await cluster.waitUntilReady())
+        #expect(await cluster.waitUntilReady(), "\(cluster.notReadyReason())")
         for i in 0..<10 {
             let response = try await cluster.client.request(.PUT, "/v1/documents/before/\(i)", headers: [("content-type", "application/json")], body: Array("{}".utf8))
             #expect(response.status == .ok)
@@ -74,10 +75,31 @@ struct ProcessTests {
         let during = try await cluster.client.request(.PUT, "/v1/documents/during", headers: [("content-type", "application/json")], body: Array("{}".utf8))
         #expect(during.status == .ok, "\(during.text)")
         try cluster.start(leader)
-        #expect(await cluster.waitUntilReady())
+        #expect(await cluster.waitUntilReady(), "\(cluster.notReadyReason())")
         let (agree, chains) = await cluster.auditChainsAgree()
         #expect(agree, "\(chains)")
         await cluster.close()
+    }
+
+    @Test("A node process whose peer port is taken exits saying so, and the harness reports it at once instead of carrying on with two nodes")
+    func peerPortTaken() async throws {
+        let binary = try #require(warrantBinary(), "build the package first so the warrant executable exists")
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("warrant-port-\(UUID().uuidString.prefix(8))").path
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let basePort = LocalProcessCluster.pickBasePort()
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let holder = try await ServerBootstrap(group: group).bind(host: "127.0.0.1", port: basePort + 1).get() // node 2's peer port
+        let cluster = try LocalProcessCluster(binary: binary, directory: directory, basePort: basePort)
+        let started = ContinuousClock.now
+        #expect(await cluster.waitUntilReady(seconds: 20) == false)
+        #expect(started.duration(to: .now) < .seconds(15), "it should not wait out the whole timeout")
+        let ended = cluster.exitedOnTheirOwn()
+        #expect(ended.map(\.id) == [2])
+        #expect(ended.first?.logTail.contains("cannot start: cannot listen for peers on 127.0.0.1:\(basePort + 1)") == true, "\(ended)")
+        #expect(cluster.notReadyReason().contains("node 2 exited"))
+        await cluster.close()
+        try await holder.close()
+        try await group.shutdownGracefully()
     }
 
     @Test("A node refuses to start on a bad configuration, a wrong key-encryption key or a loose KEK file, saying which file and why")
