@@ -12,23 +12,23 @@ import Synchronization
 /// - a checkpoint file (`checkpoint-<index>.ledger`) holds every document
 ///   at its index, written off the driver's thread at compaction time
 ///   (atomically: temporary file, fsync, rename);
-/// - the audit chain is appended to the `ledger_audit` table of
-///   `ledger.sqlite` in batches (every `auditBatchMax` records or
+/// - the audit chain is appended to the audit log (`audit/`, see
+///   `AuditLog`) in batches (every `auditBatchMax` records or
 ///   `auditBatchMillis`), without an fsync of its own: records after the
 ///   checkpoint are made again by the replay. Before a checkpoint counts,
-///   the table is synced through it.
+///   the log is synced through it.
 ///
 /// Reads from any thread see the applied state: documents from memory,
-/// audit records from the table plus those not yet written.
+/// audit records from the log plus those not yet written.
 public final class LedgerStore: Sendable {
     public let directory: String
-    private let database: DatabasePool
+    let audit: AuditLog
     private let memory: Mutex<LedgerMemory>
     /// When the oldest unwritten audit record was applied (driver thread).
     private let unwrittenSince = Mutex<ContinuousClock.Instant?>(nil)
     let batching: AuditBatching
     /// Where due audit records are written, one batch at a time and in
-    /// order, off the driver's thread: a batch of 2,048 is tens of
+    /// order, off the driver's thread: a batch of 2,048 was tens of
     /// milliseconds of SQLite work, and every request waiting on the
     /// driver waited with it (p99 issuance latency halved without it).
     private let auditWriter = DispatchQueue(label: "warrant.ledger.audit")
@@ -45,38 +45,14 @@ public final class LedgerStore: Sendable {
     init(directory: String, batching: AuditBatching = AuditBatching()) throws {
         self.directory = directory
         self.batching = batching
-        var configuration = GRDB.Configuration()
-        configuration.label = "ledger"
-        configuration.prepareDatabase { db in
-            // Commits are not synced: the audit records after the last
-            // checkpoint are made again from the Raft log after a crash.
-            try db.execute(sql: "PRAGMA synchronous = NORMAL")
-        }
-        configuration.maximumReaderCount = 4
-        database = try DatabasePool(path: "\(directory)/ledger.sqlite", configuration: configuration)
-        var migrator = DatabaseMigrator()
-        migrator.registerMigration("audit-v1") { db in
-            try db.execute(sql: """
-                CREATE TABLE ledger_audit (
-                    sequence INTEGER PRIMARY KEY,
-                    log_index INTEGER NOT NULL,
-                    time_millis INTEGER NOT NULL,
-                    actor TEXT NOT NULL,
-                    action TEXT NOT NULL,
-                    target TEXT NOT NULL,
-                    result TEXT NOT NULL,
-                    previous_hash BLOB NOT NULL,
-                    hash BLOB NOT NULL
-                );
-                """)
-        }
-        try migrator.migrate(database)
+        audit = try AuditLog.open(directory: "\(directory)/audit")
+        try Self.migrateAuditTable(directory: directory, into: audit)
         memory = Mutex(LedgerMemory())
     }
 
     // MARK: - Opening
 
-    /// The newest checkpoint on disk, loaded into memory; the audit table
+    /// The newest checkpoint on disk, loaded into memory; the audit log
     /// cut back to it (later records are made again by the replay) and
     /// checked to end where the checkpoint says. Nil when there is none
     /// (the ledger starts empty, at index 0).
@@ -91,15 +67,13 @@ public final class LedgerStore: Sendable {
         let index = checkpoint?.metadata.index ?? 0
         checkpointWriting.withLock { $0 = index }
         let head: (sequence: UInt64, hash: [UInt8]) = checkpoint?.head ?? (0, AuditRecord.genesisHash)
-        let stored = try database.write { db -> (UInt64, [UInt8])? in
-            try db.execute(sql: "DELETE FROM ledger_audit WHERE log_index > ? OR sequence > ?", arguments: [Int64(index), Int64(head.sequence)])
-            guard let row = try Row.fetchOne(db, sql: "SELECT sequence, hash FROM ledger_audit ORDER BY sequence DESC LIMIT 1") else { return nil }
-            return (UInt64(row[0] as Int64), [UInt8](row[1] as Data))
-        }
-        let path = "\(directory)/ledger.sqlite"
-        if let stored {
-            guard stored.0 == head.sequence, stored.1 == head.hash else {
-                throw StorageError(code: .corruptState, reason: "\(path): the audit chain ends at record \(stored.0), but the checkpoint at index \(index) was taken at record \(head.sequence) with another hash. \(StorageError.rejoinAdvice)")
+        // Records after the head (they belong to entries after the
+        // checkpoint) are made again by the replay.
+        try audit.truncate(after: head.sequence)
+        let path = audit.directory
+        if let stored = try audit.lastRecord() {
+            guard stored.sequence == head.sequence, stored.hash == head.hash else {
+                throw StorageError(code: .corruptState, reason: "\(path): the audit chain ends at record \(stored.sequence), but the checkpoint at index \(index) was taken at record \(head.sequence) with another hash. \(StorageError.rejoinAdvice)")
             }
         } else if head.sequence != 0 {
             throw StorageError(code: .corruptState, reason: "\(path): the audit chain is missing the \(head.sequence) records the checkpoint at index \(index) follows. \(StorageError.rejoinAdvice)")
@@ -112,7 +86,7 @@ public final class LedgerStore: Sendable {
     // MARK: - Applying (the driver's thread)
 
     /// Applies committed entries in order; their audit records are
-    /// written to the table in batches.
+    /// written to the audit log in batches.
     func apply(_ entries: [Entry]) throws -> [LedgerOutcome] {
         guard !entries.isEmpty else { return [] }
         // The lock is taken per entry, not per batch: readers on the API's
@@ -133,7 +107,7 @@ public final class LedgerStore: Sendable {
         return outcomes
     }
 
-    /// Queues the unwritten audit records for the table once there are
+    /// Queues the unwritten audit records for the audit log once there are
     /// enough of them or the oldest has waited long enough (unless a batch
     /// is still being written), and throws the error of one that failed.
     func writeAuditIfDue(unwritten: Int? = nil) throws {
@@ -159,7 +133,7 @@ public final class LedgerStore: Sendable {
     }
 
     /// Writes the unwritten audit records (through sequence `through`) to
-    /// the table now, after any batch already queued.
+    /// the audit log now, after any batch already queued.
     func writeAudit(through: UInt64 = .max) throws {
         try auditWriter.sync {
             if let failure = auditWrites.withLock({ $0.failure }) { throw failure }
@@ -174,8 +148,8 @@ public final class LedgerStore: Sendable {
     }
 
     /// Writes the unwritten records through sequence `through` to the
-    /// table (one transaction). They stay readable from memory until the
-    /// transaction has committed. They are copied out here, on the
+    /// audit log (one batch). They stay readable from memory until that
+    /// write returned. They are copied out here, on the
     /// writer's thread, into an array of their own.
     private func write(through: UInt64) throws {
         // A new buffer, not `Array(prefix)`: that shares the whole array's
@@ -188,48 +162,47 @@ public final class LedgerStore: Sendable {
             records.append(contentsOf: due)
         }
         guard let last = records.last else { return }
-        try database.write { db in try Self.insert(records, db) }
+        try audit.append(records)
         memory.withLock { memory in memory.unwrittenAudit.removeFirst(memory.unwrittenAudit.prefix { $0.sequence <= last.sequence }.count) }
     }
 
-    private static func insert(_ records: [AuditRecord], _ db: Database) throws {
-        let statement = try RawStatement(db, """
-            INSERT INTO ledger_audit (sequence, log_index, time_millis, actor, action, target, result, previous_hash, hash)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
-            """)
-        for record in records {
-            try statement.bind(1, Int64(bitPattern: record.sequence))
-            try statement.bind(2, Int64(bitPattern: record.logIndex))
-            try statement.bind(3, Int64(bitPattern: record.timeMillis))
-            try statement.bind(4, record.actor)
-            try statement.bind(5, record.action)
-            try statement.bind(6, record.target)
-            try statement.bind(7, record.result)
-            try statement.bind(8, record.previousHash)
-            try statement.bind(9, record.hash)
-            try statement.run()
-        }
+    /// Makes every audit record written so far durable.
+    func syncAudit() throws {
+        try audit.sync()
     }
 
-    /// Makes every audit record written so far durable (an fsync of the
-    /// table's log).
-    func syncAudit() throws {
-        try database.writeWithoutTransaction { db in
-            try db.execute(sql: "PRAGMA synchronous = FULL")
-            defer { try? db.execute(sql: "PRAGMA synchronous = NORMAL") }
-            try db.inTransaction {
-                try db.execute(sql: "CREATE TABLE IF NOT EXISTS ledger_sync (id INTEGER PRIMARY KEY CHECK (id = 1), at INTEGER NOT NULL)")
-                try db.execute(sql: "INSERT INTO ledger_sync (id, at) VALUES (1, 1) ON CONFLICT(id) DO UPDATE SET at = at + 1")
-                return .commit
+    /// Moves the audit chain of a node made before the audit log (an
+    /// SQLite table, `ledger_audit` in `ledger.sqlite`) into the log, once:
+    /// the database goes only after the log holds every record durably.
+    private static func migrateAuditTable(directory: String, into audit: AuditLog) throws {
+        let path = "\(directory)/ledger.sqlite"
+        guard FileSystem.exists(path) else { return }
+        if audit.lastSequence == 0 {
+            let queue = try DatabaseQueue(path: path)
+            let records = try queue.read { db -> [AuditRecord] in
+                guard try db.tableExists("ledger_audit") else { return [] }
+                return try Row.fetchAll(db, sql: """
+                    SELECT sequence, log_index, time_millis, actor, action, target, result, previous_hash, hash
+                    FROM ledger_audit ORDER BY sequence
+                    """).map { row in
+                    var record = AuditRecord(sequence: UInt64(row[0] as Int64), logIndex: UInt64(row[1] as Int64),
+                                             timeMillis: UInt64(row[2] as Int64), actor: row[3], action: row[4],
+                                             target: row[5], result: row[6], previousHash: [UInt8](row[7] as Data))
+                    record.hash = [UInt8](row[8] as Data)
+                    return record
+                }
             }
+            try queue.close()
+            if !records.isEmpty { try audit.replaceAll(records) }
         }
+        for suffix in ["", "-wal", "-shm"] { try FileSystem.remove(path + suffix) }
     }
 
     // MARK: - Checkpoints and snapshots
 
     /// Pins the applied state at `metadata.index` (which must be the
     /// applied index) for a checkpoint written later on another thread
-    /// (which also writes the audit records it needs in the table: here,
+    /// (which also writes the audit records it needs in the audit log: here,
     /// on the driver's thread, that took up to 6 ms).
     func beginCheckpoint(_ metadata: SnapshotMetadata) throws -> LedgerCheckpoint {
         let copy = memory.withLock { $0 }
@@ -238,39 +211,29 @@ public final class LedgerStore: Sendable {
     }
 
     /// The ledger snapshot for a Raft snapshot: `memory`'s documents and
-    /// the audit chain through its head (from the table).
+    /// the audit chain through its head (from the audit log).
     func snapshotBytes(of memory: LedgerMemory) throws -> [UInt8] {
         let head = memory.head.sequence
-        return try database.read { db in
-            let auditBytes = try Int.fetchOne(db, sql: """
-                SELECT COALESCE(SUM(LENGTH(actor) + LENGTH(action) + LENGTH(target) + LENGTH(result) + 120), 0) FROM ledger_audit WHERE sequence <= ?
-                """, arguments: [Int64(head)]) ?? 0
-            var w = BinaryWriter(capacity: memory.contentBytes + memory.documents.count * 96 + auditBytes + 64)
-            w.write(LedgerSnapshot.encodingVersion)
-            w.write(memory.applied)
-            LedgerSnapshot.encodeDocuments(memory, into: &w)
-            w.write(UInt32(head))
-            var count: UInt64 = 0
-            let rows = try Row.fetchCursor(db, sql: """
-                SELECT sequence, log_index, time_millis, actor, action, target, result, previous_hash, hash
-                FROM ledger_audit WHERE sequence <= ? ORDER BY sequence
-                """, arguments: [Int64(head)])
-            while let row = try rows.next() {
-                w.write(UInt64(row[0] as Int64))
-                w.write(UInt64(row[1] as Int64))
-                w.write(UInt64(row[2] as Int64))
-                for column in 3...8 { try row.withUnsafeData(atIndex: column) { w.writeBytes($0 ?? Data()) } }
-                count += 1
-            }
-            guard count == head else {
-                throw StorageError(code: .corruptState, reason: "\(directory)/ledger.sqlite: the audit table holds \(count) records, not the \(head) of the chain")
-            }
-            return w.bytes
+        var w = BinaryWriter(capacity: memory.contentBytes + memory.documents.count * 96 + Int(head) * 400 + 64)
+        w.write(LedgerSnapshot.encodingVersion)
+        w.write(memory.applied)
+        LedgerSnapshot.encodeDocuments(memory, into: &w)
+        w.write(UInt32(head))
+        var after: UInt64 = 0
+        while after < head {
+            let page = try audit.records(after: after, limit: Int(min(head - after, 10_000)))
+            guard let last = page.last else { break }
+            for record in page { LedgerSnapshot.encode(record, into: &w) }
+            after = last.sequence
         }
+        guard after == head else {
+            throw StorageError(code: .corruptState, reason: "\(audit.directory): the audit log holds \(after) records, not the \(head) of the chain")
+        }
+        return w.bytes
     }
 
     /// The ledger snapshot for a Raft snapshot at `metadata`, made from
-    /// its checkpoint file and the audit table (when a follower needs one:
+    /// its checkpoint file and the audit log (when a follower needs one:
     /// the core keeps snapshots without their bytes). Fails if a newer
     /// checkpoint replaced that one meanwhile.
     func snapshotBytes(for metadata: SnapshotMetadata) throws -> [UInt8] {
@@ -287,24 +250,17 @@ public final class LedgerStore: Sendable {
 
     /// Replaces the whole ledger with a snapshot from the leader: checked
     /// entirely first (nothing changes if it is damaged), then the audit
-    /// table replaced and synced, then the checkpoint file written, then
+    /// log replaced and synced, then the checkpoint file written, then
     /// memory.
     func install(_ snapshot: Snapshot) throws {
-        let path = "\(directory)/ledger.sqlite"
-        let (documents, audit) = try LedgerSnapshot.decode(snapshot.data, at: snapshot.metadata.index, path: path)
-        let head: (sequence: UInt64, hash: [UInt8]) = audit.last.map { ($0.sequence, $0.hash) } ?? (0, AuditRecord.genesisHash)
+        let (documents, records) = try LedgerSnapshot.decode(snapshot.data, at: snapshot.metadata.index, path: audit.directory)
+        let head: (sequence: UInt64, hash: [UInt8]) = records.last.map { ($0.sequence, $0.hash) } ?? (0, AuditRecord.genesisHash)
         let installed = LedgerMemory(documents: documents, head: head, applied: snapshot.metadata.index)
         // After a checkpoint being written, if any; one begun before this
         // is refused afterwards.
         try checkpointWriting.withLock { newest in
             // On the writer's queue: no batch of the old chain lands after this.
-            try auditWriter.sync {
-                try database.write { db in
-                    try db.execute(sql: "DELETE FROM ledger_audit")
-                    try Self.insert(audit, db)
-                }
-                try syncAudit()
-            }
+            try auditWriter.sync { try audit.replaceAll(records) }
             try writeCheckpoint(installed, metadata: snapshot.metadata, newest: &newest)
             memory.withLock { $0 = installed }
         }
@@ -312,7 +268,7 @@ public final class LedgerStore: Sendable {
     }
 
     /// Writes the checkpoint file for `memory` (atomically) and removes
-    /// older ones. The audit table must already be durable through it.
+    /// older ones. The audit log must already be durable through it.
     /// Holding `checkpointWriting` (its value is `newest`).
     private func writeCheckpoint(_ memory: LedgerMemory, metadata: SnapshotMetadata, newest: inout LogIndex) throws {
         let name = Checkpoint.fileName(metadata.index)
@@ -323,7 +279,7 @@ public final class LedgerStore: Sendable {
         }
     }
 
-    /// Writes the audit table through `memory`'s head, syncs it, and writes
+    /// Writes the audit log through `memory`'s head, syncs it, and writes
     /// the checkpoint, unless a snapshot installed meanwhile made one at
     /// `metadata.index` or later (then it throws and nothing is written).
     fileprivate func checkpoint(_ memory: LedgerMemory, metadata: SnapshotMetadata) throws {
@@ -381,21 +337,11 @@ public final class LedgerStore: Sendable {
     /// Audit records after `sequence`, oldest first, at most `limit`.
     public func auditRecords(after sequence: UInt64 = 0, limit: Int = 1000) throws -> [AuditRecord] {
         let limit = min(max(limit, 0), 100_000)
-        // Memory first, then the table: a record leaves memory only after
-        // its transaction committed, so nothing falls between the two.
+        // Memory first, then the log: a record leaves memory only after
+        // it was written there, so nothing falls between the two.
         let unwritten = memory.withLock { $0.unwrittenAudit.filter { $0.sequence > sequence }.prefix(limit) }
-        let stored = try database.read { db in
-            try Row.fetchAll(db, sql: """
-                SELECT sequence, log_index, time_millis, actor, action, target, result, previous_hash, hash
-                FROM ledger_audit WHERE sequence > ? ORDER BY sequence LIMIT ?
-                """, arguments: [Int64(sequence), limit]).map { row in
-                var record = AuditRecord(sequence: UInt64(row["sequence"] as Int64), logIndex: UInt64(row["log_index"] as Int64),
-                                         timeMillis: UInt64(row["time_millis"] as Int64), actor: row["actor"], action: row["action"],
-                                         target: row["target"], result: row["result"], previousHash: [UInt8](row["previous_hash"] as Data))
-                record.hash = [UInt8](row["hash"] as Data) // as stored, so verification sees tampering
-                return record
-            }
-        }
+        // Hashes as stored, so verification sees tampering.
+        let stored = try audit.records(after: sequence, limit: limit)
         var records = stored
         let storedThrough = stored.last?.sequence ?? sequence
         records.append(contentsOf: unwritten.filter { $0.sequence > storedThrough })
@@ -415,11 +361,11 @@ public final class LedgerStore: Sendable {
         return AuditChain.verify(records)
     }
 
-    /// Audit records applied and not yet in the table (tests).
+    /// Audit records applied and not yet in the audit log (tests).
     var auditRecordsInMemory: [AuditRecord] { memory.withLock { $0.unwrittenAudit } }
 }
 
-/// When the ledger writes the audit records it applied to its table: once
+/// When the ledger writes the audit records it applied to its audit log: once
 /// this many wait, or the oldest has waited this long.
 public struct AuditBatching: Sendable {
     public var records: Int
@@ -443,7 +389,7 @@ public final class LedgerCheckpoint: Sendable {
         self.metadata = metadata
     }
 
-    /// Writes the audit table through the checkpoint's head and syncs it,
+    /// Writes the audit log through the checkpoint's head and syncs it,
     /// then writes the checkpoint file; returns how many documents and
     /// audit records the ledger holds.
     public func write() throws -> Int {

@@ -42,7 +42,7 @@ public struct StorageError: Error, Sendable, CustomStringConvertible {
 ///   term or vote, a snapshot); a Ready that only advances the commit
 ///   index writes nothing until the next one that syncs;
 /// - the ledger (`LedgerStore`): applied state in memory, checkpoint files,
-///   the audit table in `ledger.sqlite`;
+///   the audit chain in `audit/` (`AuditLog`);
 /// - `snapshot.raft` instead of a ledger when snapshots are opaque bytes
 ///   (the simulator's tests).
 ///

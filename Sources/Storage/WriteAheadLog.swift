@@ -29,9 +29,8 @@ final class WriteAheadLog {
     static let fileMagic: [UInt8] = Array("WRNTWAL1".utf8)
     static let fileHeaderBytes = 16
     static let batchMagic: UInt32 = 0x3142_4157 // "WAB1", little-endian
-    static let batchHeaderBytes = 12
-    /// A batch body larger than this is damage, not data (a Ready carries at most a few MiB).
-    static let batchBytesMax = 1 << 30
+    static let batchHeaderBytes = BatchFraming.headerBytes
+    static let batches = BatchFraming(magic: batchMagic)
 
     enum Record: Equatable {
         case entry(Entry)
@@ -81,36 +80,13 @@ final class WriteAheadLog {
     /// machines may skip it; the bytes are still written).
     let fdatasyncs: Bool
     private var segments: [Segment] = []
-    private var descriptor: Int32 = -1
-    private var size = 0
+    /// The newest file, being appended to (see `AppendFile`).
+    private var file: AppendFile?
     /// Batches appended without a sync, written with the next synced one.
     private var unwritten: [UInt8] = []
     private var unwrittenMaxIndex: LogIndex = 0
     private var lastHardState = HardState()
     private var located: [Located] = []
-
-    /// Whether the file being written takes direct I/O (O_DIRECT). Each
-    /// synced append then rewrites the file's last partial block with
-    /// what follows it, zero-padded to a whole block, from `staging`:
-    /// nothing goes through the page cache, whose every page was new
-    /// memory (the log only grows), a host fault each on a VM that hands
-    /// freed memory back. Past `size` the file holds zeros (the padding,
-    /// and the zeros written ahead: see `fileLength`); a file is cut to
-    /// `size` before the next one starts.
-    private var direct = false
-    private var staging: AlignedMemory?
-    /// The file's bytes from the last block boundary up to `size`.
-    private var tailBlock: [UInt8] = []
-    /// How long the file being written is: past `size` it holds zeros.
-    /// A direct write that would go past it writes up to
-    /// `zeroAheadBytes` of zeros after its batches (never past the file's
-    /// `segmentBytesMax`), so that most synced writes overwrite blocks the
-    /// file already has: a write that grows the file makes fdatasync
-    /// commit its new length through the file system's journal too
-    /// (measured here: 80 µs of CPU and 170 µs of wall time per synced
-    /// 4 KiB append, against 45 and 105 into written zeros).
-    private var fileLength = 0
-    static let zeroAheadBytes = 1 << 20
 
     /// A batch's encoding, kept between appends.
     private var body = BinaryWriter(capacity: 64 << 10)
@@ -124,7 +100,7 @@ final class WriteAheadLog {
     }
 
     deinit {
-        if descriptor >= 0 { close(descriptor) }
+        file?.closeDescriptor()
     }
 
     /// Whether `directory` holds a log.
@@ -161,18 +137,10 @@ final class WriteAheadLog {
             let (maxIndex, validBytes, tornBytes) = try replay(file.path, sequence: file.sequence, isLast: isLast, into: &contents)
             log.segments.append(Segment(sequence: file.sequence, path: file.path, maxIndex: maxIndex))
             if isLast {
-                let descriptor = Glibc.open(file.path, O_RDWR | O_CLOEXEC)
-                guard descriptor >= 0 else { throw FileSystem.error("open", file.path) }
-                log.descriptor = descriptor
                 // Zeros after the last batch (padding, and zeros written
                 // ahead) stay; a torn write is cut off with them.
-                if tornBytes > 0 {
-                    contents.tornBytesRemoved = tornBytes
-                    guard ftruncate(descriptor, off_t(validBytes)) == 0, fsync(descriptor) == 0 else { throw FileSystem.error("truncate", file.path) }
-                }
-                log.size = validBytes
-                log.fileLength = try FileSystem.length(of: descriptor, file.path)
-                try log.startDirect(existingBytes: validBytes)
+                contents.tornBytesRemoved = tornBytes
+                log.file = try AppendFile.reopen(path: file.path, validBytes: validBytes, tornBytes: tornBytes, lengthMax: segmentBytesMax)
             }
         }
         log.lastHardState = contents.hardState ?? HardState()
@@ -209,19 +177,16 @@ final class WriteAheadLog {
                 case .reset: break
                 }
             }
-            span.place(sequence: segments[segments.count - 1].sequence, offset: size + unwritten.count, into: &located)
-            Self.frame(body.bytes, into: &unwritten)
+            span.place(sequence: segments[segments.count - 1].sequence, offset: file!.size + unwritten.count, into: &located)
+            Self.batches.frame(body.bytes, into: &unwritten)
         }
         guard sync, !unwritten.isEmpty else { return }
-        try writeOut(unwritten)
-        if fdatasyncs {
-            guard fdatasync(descriptor) == 0 else { throw FileSystem.error("fdatasync", segments.last!.path) }
-        }
-        size += unwritten.count
+        try file!.write(unwritten)
+        if fdatasyncs { try file!.sync() }
         segments[segments.count - 1].maxIndex = max(segments[segments.count - 1].maxIndex, unwrittenMaxIndex)
         unwritten.removeAll(keepingCapacity: unwritten.capacity <= Self.keptBufferBytes)
         unwrittenMaxIndex = 0
-        if size >= segmentBytesMax {
+        if file!.size >= segmentBytesMax {
             try startSegment(sequence: segments.last!.sequence + 1)
         }
     }
@@ -304,12 +269,12 @@ final class WriteAheadLog {
         var header = [UInt8](repeating: 0, count: Self.batchHeaderBytes)
         try FileSystem.readExactly(&header, from: descriptor, at: batch.offset, segment.path)
         let length = header.withUnsafeBytes { Int(UInt32(littleEndian: $0.loadUnaligned(fromByteOffset: 4, as: UInt32.self))) }
-        guard length <= Self.batchBytesMax else {
+        guard length <= BatchFraming.bodyBytesMax else {
             throw StorageError(code: .corruptEntry, reason: "\(segment.path): the batch at byte \(batch.offset) claims \(length) bytes. \(StorageError.rejoinAdvice)")
         }
         var bytes = header + [UInt8](repeating: 0, count: length)
         try FileSystem.readExactly(&bytes, from: descriptor, at: batch.offset, segment.path)
-        guard let valid = bytes.withUnsafeBytes({ Self.validBatch($0, at: 0) }) else {
+        guard let valid = bytes.withUnsafeBytes({ Self.batches.validBatch($0, at: 0) }) else {
             throw StorageError(code: .corruptEntry, reason: "\(segment.path): the batch at byte \(batch.offset) fails its checksum. \(StorageError.rejoinAdvice)")
         }
         do {
@@ -326,83 +291,15 @@ final class WriteAheadLog {
     /// can be deleted without losing it.
     private func startSegment(sequence: UInt64) throws {
         let path = "\(directory)/\(Self.hex(sequence)).wal"
-        let descriptor = Glibc.open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
-        guard descriptor >= 0 else { throw FileSystem.error("create", path) }
         var header = Self.fileMagic
         withUnsafeBytes(of: sequence.littleEndian) { header.append(contentsOf: $0) }
         var body = BinaryWriter(capacity: 32)
         Self.encode(.hardState(lastHardState), into: &body)
-        Self.frame(body.bytes, into: &header)
-        if self.descriptor >= 0 {
-            try cutPadding()
-            close(self.descriptor)
-        }
-        self.descriptor = descriptor
+        Self.batches.frame(body.bytes, into: &header)
+        let next = try AppendFile.create(path: path, directory: directory, lengthMax: segmentBytesMax, header: header)
+        try file?.close(cuttingPadding: true)
+        file = next
         segments.append(Segment(sequence: sequence, path: path, maxIndex: 0))
-        size = 0
-        fileLength = 0
-        try startDirect(existingBytes: 0)
-        try writeOut(header)
-        guard fsync(descriptor) == 0 else { throw FileSystem.error("fsync", path) }
-        try FileSystem.syncDirectory(directory)
-        size = header.count
-    }
-
-    /// Switches the open file to direct I/O where the file system allows,
-    /// keeping its last partial block for the next write.
-    private func startDirect(existingBytes: Int) throws {
-        // Read before direct I/O is on: then reads must be whole blocks too.
-        var tail = [UInt8](repeating: 0, count: existingBytes % SealedFile.blockBytes)
-        try FileSystem.readExactly(&tail, from: descriptor, at: existingBytes - tail.count, segments.last!.path)
-        direct = try FileSystem.setDirectIO(descriptor, true, segments.last!.path)
-        tailBlock = direct ? tail : []
-    }
-
-    /// Writes `bytes` at `size`: directly, the last partial block and
-    /// `bytes` zero-padded to whole blocks, or else through the cache.
-    private func writeOut(_ bytes: [UInt8]) throws {
-        let path = segments.last!.path
-        let block = SealedFile.blockBytes
-        if direct {
-            let start = size - tailBlock.count
-            let total = tailBlock.count + bytes.count
-            var padded = (total + block - 1) / block * block
-            if start + padded > fileLength {
-                // Zeros ahead, up to the size at which the next file starts.
-                let limit = (segmentBytesMax + block - 1) / block * block
-                padded = max(padded, min(padded + Self.zeroAheadBytes, limit - start))
-            }
-            if (staging?.byteCount ?? 0) < padded {
-                staging = AlignedMemory(byteCount: max(padded, Self.zeroAheadBytes + (256 << 10)), alignment: block)
-            }
-            if let memory = staging {
-                tailBlock.withUnsafeBytes { memory.pointer.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
-                bytes.withUnsafeBytes { (memory.pointer + tailBlock.count).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
-                (memory.pointer + total).initializeMemory(as: UInt8.self, repeating: 0, count: padded - total)
-                if try FileSystem.writeAll(UnsafeRawBufferPointer(start: memory.pointer, count: padded), to: descriptor, at: start, path,
-                                           refusedAsFalse: true) {
-                    let end = size + bytes.count
-                    let boundary = end - end % block
-                    tailBlock = Array(UnsafeRawBufferPointer(start: memory.pointer + (boundary - start), count: end - boundary))
-                    fileLength = max(fileLength, start + padded)
-                    return
-                }
-            }
-            // Refused after all: this file goes through the cache.
-            direct = try FileSystem.setDirectIO(descriptor, false, path)
-            tailBlock = []
-        }
-        _ = try bytes.withUnsafeBytes { try FileSystem.writeAll($0, to: descriptor, at: size, path, refusedAsFalse: false) }
-        fileLength = max(fileLength, size + bytes.count)
-    }
-
-    /// Cuts a direct write's zero padding off the file being closed, so
-    /// that it ends with its last batch (only the newest file may end in
-    /// anything else).
-    private func cutPadding() throws {
-        let path = segments.last!.path
-        guard try FileSystem.length(of: descriptor, path) > size else { return }
-        guard ftruncate(descriptor, off_t(size)) == 0, fsync(descriptor) == 0 else { throw FileSystem.error("truncate", path) }
     }
 
     // MARK: - Encoding
@@ -481,15 +378,6 @@ final class WriteAheadLog {
         }
     }
 
-    private static func frame(_ body: [UInt8], into out: inout [UInt8]) {
-        var crc = CRC32C()
-        crc.update(body)
-        withUnsafeBytes(of: batchMagic.littleEndian) { out.append(contentsOf: $0) }
-        withUnsafeBytes(of: UInt32(body.count).littleEndian) { out.append(contentsOf: $0) }
-        withUnsafeBytes(of: crc.value.littleEndian) { out.append(contentsOf: $0) }
-        out.append(contentsOf: body)
-    }
-
     // MARK: - Reading
 
     private static func segmentFiles(in directory: String) throws -> [(sequence: UInt64, path: String)] {
@@ -502,21 +390,6 @@ final class WriteAheadLog {
     static func hex(_ value: UInt64) -> String {
         let digits = String(value, radix: 16)
         return String(repeating: "0", count: max(0, 16 - digits.count)) + digits
-    }
-
-    /// Where a batch starting at `offset` ends, if a whole, valid batch
-    /// starts there.
-    private static func validBatch(_ bytes: UnsafeRawBufferPointer, at offset: Int) -> (body: Range<Int>, end: Int)? {
-        guard bytes.count - offset >= batchHeaderBytes,
-              UInt32(littleEndian: bytes.loadUnaligned(fromByteOffset: offset, as: UInt32.self)) == batchMagic else { return nil }
-        let length = Int(UInt32(littleEndian: bytes.loadUnaligned(fromByteOffset: offset + 4, as: UInt32.self)))
-        let stored = UInt32(littleEndian: bytes.loadUnaligned(fromByteOffset: offset + 8, as: UInt32.self))
-        let start = offset + batchHeaderBytes
-        guard length <= batchBytesMax, length <= bytes.count - start else { return nil }
-        var crc = CRC32C()
-        crc.update(UnsafeRawBufferPointer(rebasing: bytes[start..<(start + length)]))
-        guard crc.value == stored else { return nil }
-        return (start..<(start + length), start + length)
     }
 
     /// Replays one file into `contents`; returns the highest entry index
@@ -534,29 +407,7 @@ final class WriteAheadLog {
         let storedSequence = data.withUnsafeBytes { UInt64(littleEndian: $0.loadUnaligned(fromByteOffset: 8, as: UInt64.self)) }
         guard storedSequence == sequence else { throw damaged("its header names sequence \(storedSequence), not \(sequence)") }
         var maxIndex: LogIndex = 0
-        var offset = fileHeaderBytes
-        var bodies: [Range<Int>] = []
-        try data.withUnsafeBytes { bytes in
-            while offset < bytes.count {
-                if let batch = validBatch(bytes, at: offset) {
-                    bodies.append(batch.body)
-                    offset = batch.end
-                    continue
-                }
-                // Not a valid batch. At the end of the newest file that is
-                // a write a crash cut short; anywhere else, damage.
-                guard isLast else { throw damaged("the batch at byte \(offset) fails its checksum") }
-                var claimedEnd = bytes.count
-                if bytes.count - offset >= batchHeaderBytes {
-                    let length = Int(UInt32(littleEndian: bytes.loadUnaligned(fromByteOffset: offset + 4, as: UInt32.self)))
-                    claimedEnd = min(bytes.count, offset + batchHeaderBytes + min(length, batchBytesMax))
-                }
-                if claimedEnd < bytes.count, validBatch(bytes, at: claimedEnd) != nil {
-                    throw damaged("the batch at byte \(offset) fails its checksum and valid batches follow it")
-                }
-                break
-            }
-        }
+        let (bodies, validBytes, torn) = try batches.walk(data, from: fileHeaderBytes, isLast: isLast, damaged: damaged)
         for body in bodies {
             let records: [Record]
             do {
@@ -580,8 +431,7 @@ final class WriteAheadLog {
             }
             span.place(sequence: sequence, offset: body.lowerBound - batchHeaderBytes, into: &contents.located)
         }
-        let torn = data[offset...].lastIndex { $0 != 0 }.map { $0 + 1 - offset } ?? 0
-        return (maxIndex, offset, torn)
+        return (maxIndex, validBytes, torn)
     }
 
     /// An entry continues the log, or replaces the suffix from its index on.

@@ -133,7 +133,7 @@ struct ProcessTests {
         #expect(!output.contains("PRIVATE KEY"), "a key reached the output")
         try realKEK.write(toFile: kek, atomically: true, encoding: .utf8)
         try FileManager.default.setAttributes([.posixPermissions: 0o600], ofItemAtPath: kek)
-        for stored in ["wal", "ledger.sqlite"] {
+        for stored in ["wal", "audit"] {
             #expect(!FileManager.default.fileExists(atPath: "\(directory)/node-1/data/\(stored)"), "a refused start created state (\(stored))")
         }
     }

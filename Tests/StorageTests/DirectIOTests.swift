@@ -44,7 +44,7 @@ let directIOWorks: Bool = {
 }()
 
 /// How many of the file's pages are in the page cache.
-private func residentPages(_ path: String) throws -> (resident: Int, total: Int) {
+func residentPages(_ path: String) throws -> (resident: Int, total: Int) {
     let descriptor = open(path, O_RDONLY | O_CLOEXEC)
     try #require(descriptor >= 0)
     defer { close(descriptor) }
@@ -164,7 +164,7 @@ struct DirectLogTests {
             try append(log, 1...1)
             file = try #require(try temporary.logFiles().last)
             zeroed = try FileSystem.fileLength(file)
-            #expect(zeroed >= WriteAheadLog.zeroAheadBytes, "the first write wrote zeros ahead (\(zeroed) bytes)")
+            #expect(zeroed >= AppendFile.zeroAheadBytes, "the first write wrote zeros ahead (\(zeroed) bytes)")
             try append(log, 2...100)
             #expect(try FileSystem.fileLength(file) == zeroed, "99 synced appends wrote into those zeros without growing the file")
             #expect(try logicalLength(file) > 100 * 300)

@@ -103,14 +103,14 @@ struct LedgerStoreTests {
         #expect(try store.auditRecords(limit: 10_000) == memory.audit)
         #expect(try store.verifyAudit() == AuditChain.verify(memory.audit))
 
-        // The table is gone: the apply that makes the next batch due still
+        // The disk fails: the apply that makes the next batch due still
         // returns (the batch is written elsewhere, and fails there) ...
-        try temporary.tamperLedger("DROP TABLE ledger_audit")
+        ledger.audit.failWrites()
         _ = try ledger.apply(Array(all[150..<170]))
         ledger.waitForAuditWrites()
         // ... and the next one stops with its error, as a failed disk does.
         let error = try #require(throws: (any Error).self) { try ledger.apply(Array(all[170..<171])) }
-        #expect("\(error)".contains("ledger_audit"), "\(error)")
+        #expect("\(error)".contains("write \(temporary.auditDirectory)/"), "\(error)")
         #expect(throws: (any Error).self) { try ledger.writeAudit() }
     }
 
@@ -147,7 +147,7 @@ struct LedgerStoreTests {
         guard case .intact = try store.verifyAudit() else { Issue.record("the chain must verify"); return }
     }
 
-    @Test("A tampered audit record in the database is found by verification")
+    @Test("A tampered audit record in the audit log's files is found by verification")
     func tamperedAuditIsFound() throws {
         let temporary = try TemporaryStore()
         let store = try temporary.open()
@@ -157,7 +157,7 @@ struct LedgerStoreTests {
             Issue.record("the untouched chain should verify")
             return
         }
-        try temporary.tamperLedger("UPDATE ledger_audit SET actor = 'mallory' WHERE sequence = 6")
+        try temporary.tamperAudit(sequence: 6) { $0.actor = String(repeating: "m", count: $0.actor.utf8.count) }
         #expect(try store.verifyAudit() == .broken(sequence: 6, reason: "its contents do not match its hash"))
     }
 
@@ -165,7 +165,7 @@ struct LedgerStoreTests {
     func checkpointAndAuditMustAgree() throws {
         var (temporary, store, node) = try leaderThatApplied(commands(seed: 2, count: 30))
         try checkpoint(&node, store)
-        try temporary.tamperLedger("DELETE FROM ledger_audit WHERE sequence = (SELECT MAX(sequence) FROM ledger_audit)")
+        try temporary.rewriteAudit { $0.removeLast() }
         let error = try #require(throws: StorageError.self) { try temporary.open().loadDurableState() }
         #expect(error.code == .corruptState)
         #expect(error.reason.contains("audit chain ends at record"))

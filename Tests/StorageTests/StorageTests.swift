@@ -1,5 +1,5 @@
 import Foundation
-import GRDB
+import Ledger
 import Raft
 import Testing
 @testable import Storage
@@ -31,10 +31,47 @@ final class TemporaryStore {
         try Data(bytes).write(to: URL(fileURLWithPath: file))
     }
 
-    /// Runs raw SQL against the ledger's database, as damage from outside would.
-    func tamperLedger(_ sql: String) throws {
-        let queue = try DatabaseQueue(path: directory.appendingPathComponent("ledger.sqlite").path)
-        try queue.write { db in try db.execute(sql: sql) }
+    var auditDirectory: String { directory.appendingPathComponent("audit").path }
+
+    /// Changes audit record `sequence` where it lies in the audit log's
+    /// files, as a tamperer who knows the format would: the batch's
+    /// checksum is made again. The change must keep the record's length.
+    func tamperAudit(sequence: UInt64, _ change: (inout AuditRecord) -> Void) throws {
+        let files = try FileManager.default.contentsOfDirectory(atPath: auditDirectory).filter { $0.hasSuffix(".audit") }.sorted()
+        for name in files {
+            let path = "\(auditDirectory)/\(name)"
+            var bytes = [UInt8](try Data(contentsOf: URL(fileURLWithPath: path)))
+            let (bodies, _, _) = try AuditLog.batches.walk(bytes, from: AuditLog.fileHeaderBytes, isLast: true) { StorageError(code: .corruptState, reason: $0) }
+            for body in bodies {
+                var reader = BinaryReader(Array(bytes[body]))
+                let first = try reader.readUInt64("first")
+                let count = try reader.readUInt32("count")
+                guard sequence >= first, sequence < first + UInt64(count) else { continue }
+                var records: [AuditRecord] = []
+                for _ in 0..<count { records.append(try LedgerSnapshot.decodeRecord(&reader)) }
+                change(&records[Int(sequence - first)])
+                var w = BinaryWriter(capacity: body.count)
+                w.write(first)
+                w.write(count)
+                for record in records { LedgerSnapshot.encode(record, into: &w) }
+                precondition(w.bytes.count == body.count, "a tampered record must keep its length")
+                var framed: [UInt8] = []
+                AuditLog.batches.frame(w.bytes, into: &framed)
+                bytes.replaceSubrange((body.lowerBound - BatchFraming.headerBytes)..<body.upperBound, with: framed)
+                try Data(bytes).write(to: URL(fileURLWithPath: path))
+                return
+            }
+        }
+        Issue.record("audit record \(sequence) is in no file")
+    }
+
+    /// Rewrites the whole audit log (a closed store's) with `change` made
+    /// to its records, valid checksums and all.
+    func rewriteAudit(_ change: (inout [AuditRecord]) -> Void) throws {
+        let log = try AuditLog.open(directory: auditDirectory)
+        var records = try log.records(after: 0, limit: .max)
+        change(&records)
+        try log.replaceAll(records)
     }
 
     deinit { try? FileManager.default.removeItem(at: directory) }
