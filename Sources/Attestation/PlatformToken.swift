@@ -92,7 +92,7 @@ public struct CompactJWS: Sendable {
         for (index, segment) in segments.enumerated() {
             let name = ["header", "payload", "signature"][index]
             guard !segment.isEmpty else { throw AttestationError("malformed_token", "the \(name) segment is empty") }
-            guard let value = Base64URL.decode(String(decoding: segment, as: UTF8.self)) else {
+            guard let value = Base64URL.decode(segment) else {
                 throw AttestationError("malformed_token", "the \(name) segment is not base64url without padding")
             }
             decoded.append(value)

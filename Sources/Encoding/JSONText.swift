@@ -235,7 +235,21 @@ struct JSONScanner {
         skipSpace()
         guard i < bytes.count, bytes[i] == 0x22 else { return nil }
         i += 1
-        var out: [UInt8] = []
+        // Most strings hold no escape: their bytes are the text, validated
+        // once (byte by byte into a growing array was most of parsing a
+        // platform token's claims).
+        let start = i
+        while i < bytes.count {
+            let byte = bytes[i]
+            if byte == 0x22 {
+                let text = bytes.withUnsafeBufferPointer { String(validating: UnsafeBufferPointer(rebasing: $0[start..<i]), as: UTF8.self) }
+                i += 1
+                return text
+            }
+            if byte == 0x5C || byte < 0x20 { break }
+            i += 1
+        }
+        var out = Array(bytes[start..<i])
         while i < bytes.count {
             let byte = bytes[i]
             i += 1

@@ -107,12 +107,21 @@ private struct StrictParser {
             guard depth <= limits.depthMax else { throw error("JSON nested deeper than \(limits.depthMax)") }
             scanner.i += 1
             var members: [(String, JSONValue)] = []
-            var keys = Set<[UInt8]>()
+            // Duplicates: the few members of most objects are compared in
+            // turn; past 16, a set of their bytes (made then) takes over.
+            var keys: Set<[UInt8]>?
             if scanner.expect(0x7D) { return .object(members) }
             repeat {
                 guard scanner.peek() == 0x22 else { throw error("expected a member name") }
                 guard let key = scanner.string() else { throw error("malformed string") }
-                guard keys.insert(Array(key.utf8)).inserted else { throw error("duplicate key \"\(key.prefix(64))\"") }
+                let duplicate: Bool
+                if members.count < 16 {
+                    duplicate = members.contains { $0.0.utf8.elementsEqual(key.utf8) }
+                } else {
+                    if keys == nil { keys = Set(members.map { Array($0.0.utf8) }) }
+                    duplicate = !keys!.insert(Array(key.utf8)).inserted
+                }
+                guard !duplicate else { throw error("duplicate key \"\(key.prefix(64))\"") }
                 guard scanner.expect(0x3A) else { throw error("expected ':'") }
                 members.append((key, try value(depth: depth + 1)))
             } while scanner.expect(0x2C)
