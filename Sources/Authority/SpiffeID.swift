@@ -1,3 +1,5 @@
+import Crypto
+
 /// A SPIFFE ID in canonical form (SPIFFE-ID.md): `spiffe://<trust domain>`
 /// followed by an optional path. Parsing refuses anything non-canonical
 /// rather than normalising it, so two spellings never name one identity.
@@ -92,14 +94,27 @@ public enum SpiffeIDError: Error, Sendable, Hashable, CustomStringConvertible {
 /// Lower-case hexadecimal, two digits a byte (serials, fingerprints, hashes).
 public enum Hex {
     public static func encode(_ bytes: some Sequence<UInt8>) -> String {
-        let digits = Array("0123456789abcdef".utf8)
-        var out: [UInt8] = []
-        for byte in bytes {
-            out.append(digits[Int(byte >> 4)])
-            out.append(digits[Int(byte & 0x0F)])
-        }
-        return String(decoding: out, as: UTF8.self)
+        if let text = bytes.withContiguousStorageIfAvailable({ encode(UnsafeRawBufferPointer($0)) }) { return text }
+        return Array(bytes).withUnsafeBytes { encode($0) }
     }
+
+    /// A digest's bytes, read in place (every join token's and platform
+    /// token's hash is written this way).
+    public static func encode(_ digest: some Digest) -> String {
+        digest.withUnsafeBytes { encode($0) }
+    }
+
+    public static func encode(_ bytes: UnsafeRawBufferPointer) -> String {
+        String(unsafeUninitializedCapacity: bytes.count * 2) { out in
+            for (i, byte) in bytes.enumerated() {
+                out[2 * i] = digit(byte >> 4)
+                out[2 * i + 1] = digit(byte & 0x0F)
+            }
+            return bytes.count * 2
+        }
+    }
+
+    private static func digit(_ value: UInt8) -> UInt8 { value < 10 ? 0x30 + value : 0x57 + value }
 
     /// Bytes from hex digits (either case); nil for an odd count or a non-digit.
     public static func decode(_ text: String) -> [UInt8]? {

@@ -461,7 +461,7 @@ private struct CanonicalScan {
         }
         guard end < bytes.count else { return nil }
         position = end + 1
-        return bytes.withUnsafeBufferPointer { String(validating: UnsafeBufferPointer(rebasing: $0[start..<end]), as: UTF8.self) }
+        return bytes.withUnsafeBufferPointer { UTF8Text.string(UnsafeBufferPointer(rebasing: $0[start..<end])) }
     }
 }
 

@@ -82,6 +82,34 @@ public struct BinaryWriter: Sendable {
     }
 }
 
+/// Text from bytes that must be UTF-8.
+public enum UTF8Text {
+    /// `bytes` as a string, or nil if they are not valid UTF-8. ASCII (the
+    /// names, identifiers and paths the ledger decodes, nearly all of
+    /// them) is checked eight bytes at a time and taken as it is; anything
+    /// else goes through the standard library's validation, which is
+    /// generic and costs over twice as much for short ASCII strings.
+    public static func string(_ bytes: UnsafeBufferPointer<UInt8>) -> String? {
+        guard isASCII(bytes) else { return String(validating: bytes, as: UTF8.self) }
+        return String(decoding: bytes, as: UTF8.self)
+    }
+
+    static func isASCII(_ bytes: UnsafeBufferPointer<UInt8>) -> Bool {
+        guard let base = bytes.baseAddress else { return true }
+        let raw = UnsafeRawPointer(base)
+        var i = 0
+        while i + 8 <= bytes.count {
+            if raw.loadUnaligned(fromByteOffset: i, as: UInt64.self) & 0x8080_8080_8080_8080 != 0 { return false }
+            i += 8
+        }
+        while i < bytes.count {
+            if bytes[i] >= 0x80 { return false }
+            i += 1
+        }
+        return true
+    }
+}
+
 public struct BinaryReader: Sendable {
     private let bytes: [UInt8]
     private var position = 0
@@ -103,7 +131,13 @@ public struct BinaryReader: Sendable {
     }
 
     public mutating func readUInt32(_ field: String) throws(CodecError) -> UInt32 {
-        guard remaining >= 4 else { throw .truncated(field: field, needed: 4, remaining: remaining) }
+        try readUInt32(named: { field })
+    }
+
+    /// The field's name is made only for an error (a length before every
+    /// string would otherwise build "<field> length" each time).
+    private mutating func readUInt32(named field: () -> String) throws(CodecError) -> UInt32 {
+        guard remaining >= 4 else { throw .truncated(field: field(), needed: 4, remaining: remaining) }
         defer { position += 4 }
         return bytes.withUnsafeBytes { UInt32(littleEndian: $0.loadUnaligned(fromByteOffset: position, as: UInt32.self)) }
     }
@@ -117,11 +151,11 @@ public struct BinaryReader: Sendable {
     /// A length-prefixed string of at most `limit` bytes that must be UTF-8
     /// (read without an intermediate array).
     public mutating func readString(_ field: String, limit: Int) throws(CodecError) -> String {
-        let length = Int(try readUInt32(field + " length"))
+        let length = Int(try readUInt32(named: { field + " length" }))
         guard length <= limit else { throw .tooLarge(field: field, length: length, limit: limit) }
         guard length <= remaining else { throw .truncated(field: field, needed: length, remaining: remaining) }
         let start = position
-        let text = bytes.withUnsafeBufferPointer { String(validating: UnsafeBufferPointer(rebasing: $0[start..<(start + length)]), as: UTF8.self) }
+        let text = bytes.withUnsafeBufferPointer { UTF8Text.string(UnsafeBufferPointer(rebasing: $0[start..<(start + length)])) }
         guard let text else { throw .invalid(field: field, reason: "not UTF-8") }
         position += length
         return text
@@ -130,13 +164,13 @@ public struct BinaryReader: Sendable {
     /// A length-prefixed byte string of at most `limit` bytes; the length is
     /// checked before anything is allocated.
     public mutating func readBytes(_ field: String, limit: Int) throws(CodecError) -> [UInt8] {
-        let length = Int(try readUInt32(field + " length"))
+        let length = Int(try readUInt32(named: { field + " length" }))
         guard length <= limit else { throw .tooLarge(field: field, length: length, limit: limit) }
         return Array(try take(length, field))
     }
 
     public mutating func readIDs(_ field: String) throws(CodecError) -> [NodeID] {
-        let count = Int(try readUInt32(field + " count"))
+        let count = Int(try readUInt32(named: { field + " count" }))
         guard count <= CodecLimits.nodeIDsMax else { throw .tooLarge(field: field, length: count, limit: CodecLimits.nodeIDsMax) }
         guard count * 8 <= remaining else { throw .truncated(field: field, needed: count * 8, remaining: remaining) }
         var ids: [NodeID] = []
@@ -259,7 +293,7 @@ extension BinaryReader {
     }
 
     mutating func readCount(_ field: String, limit: Int, bytesEachMin: Int) throws(CodecError) -> Int {
-        let count = Int(try readUInt32(field + " count"))
+        let count = Int(try readUInt32(named: { field + " count" }))
         guard count <= limit else { throw .tooLarge(field: field, length: count, limit: limit) }
         // Refuse counts the remaining bytes cannot hold before allocating.
         guard count * bytesEachMin <= remaining else { throw .truncated(field: field, needed: count * bytesEachMin, remaining: remaining) }

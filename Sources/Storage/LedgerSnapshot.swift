@@ -75,9 +75,7 @@ enum LedgerSnapshot {
     }
 
     static func text(_ r: inout BinaryReader, _ field: String) throws -> String {
-        let bytes = try r.readBytes(field, limit: 1 << 20)
-        guard let value = String(validating: bytes, as: UTF8.self) else { throw CodecError.invalid(field: field, reason: "not UTF-8") }
-        return value
+        try r.readString(field, limit: 1 << 20)
     }
 
     /// A snapshot's documents and audit chain, every link checked.

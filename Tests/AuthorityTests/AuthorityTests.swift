@@ -49,6 +49,25 @@ struct SpiffeIDTests {
     }
 }
 
+@Suite("Hex")
+struct HexTests {
+    /// Every byte value, from an array, a digest read in place and a
+    /// sequence without contiguous storage, against String(format:), and
+    /// back through decode.
+    @Test("Lower-case hex of arrays, digests and other sequences, and back")
+    func encodeDecode() {
+        let all = (0...255).map { UInt8($0) }
+        let expected = all.map { String(format: "%02x", $0) }.joined()
+        #expect(Hex.encode(all) == expected)
+        #expect(Hex.encode(all.lazy.map { $0 }) == expected)
+        #expect(Hex.decode(expected) == all)
+        let digest = SHA256.hash(data: Array("abc".utf8))
+        #expect(Hex.encode(digest) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+        #expect(Hex.encode(Array(digest)) == Hex.encode(digest))
+        #expect(Hex.encode([UInt8]()) == "")
+    }
+}
+
 @Suite("X509-SVIDs")
 struct X509SVIDTests {
     let ca: X509Authority

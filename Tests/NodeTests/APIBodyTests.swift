@@ -64,4 +64,19 @@ struct TimeTextTests {
             #expect(NodeAPI.iso(date) == date.formatted(.iso8601), "\(date.timeIntervalSince1970)")
         }
     }
+
+    /// Ids made on many threads at once are all different, share this
+    /// process's prefix and read back as UUIDs.
+    @Test("Request ids a node makes are unique across threads and UUID-shaped")
+    func requestIDs() async {
+        let ids = await withTaskGroup(of: [String].self) { group in
+            for _ in 0..<8 { group.addTask { (0..<5_000).map { _ in RequestID.make() } } }
+            var all: [String] = []
+            for await part in group { all += part }
+            return all
+        }
+        #expect(Set(ids).count == ids.count)
+        #expect(ids.allSatisfy { UUID(uuidString: $0) != nil })
+        #expect(Set(ids.map { $0.prefix(18) }).count == 1, "one prefix per process")
+    }
 }

@@ -146,4 +146,40 @@ struct CodecTests {
         }
         #expect(decoded > 1000, "the mutations also produce valid inputs, so both paths are exercised")
     }
+
+    /// The ASCII fast path must agree with the standard library's
+    /// validation on every input: non-ASCII bytes at each position of an
+    /// eight-byte word and in the tail, truncated, overlong and surrogate
+    /// sequences, and random bytes.
+    @Test("Strings read from bytes: ASCII fast path agrees with full UTF-8 validation")
+    func utf8Strings() {
+        func check(_ bytes: [UInt8]) {
+            let fast = bytes.withUnsafeBufferPointer { UTF8Text.string($0) }
+            #expect(fast == String(validating: bytes, as: UTF8.self), "bytes \(bytes)")
+        }
+        let ascii = Array("spiffe://example.org/ci/job".utf8)
+        check([])
+        check(ascii)
+        let bad: [[UInt8]] = [[0x80], [0xC0, 0x80], [0xE2, 0x82], [0xED, 0xA0, 0x80], [0xF0, 0x9F, 0x98], [0xFF]]
+        let good: [[UInt8]] = [Array("é".utf8), Array("€".utf8), Array("😀".utf8)]
+        for position in 0...17 {
+            for insert in bad + good {
+                var bytes = Array(ascii.prefix(position))
+                bytes += insert
+                bytes += ascii.prefix(5)
+                check(bytes)
+            }
+        }
+        var random = SeededGenerator(seed: 7)
+        for _ in 0..<20_000 {
+            check((0..<random.below(24)).map { _ in random.chance(0.9) ? UInt8(random.below(0x80)) : UInt8(truncatingIfNeeded: random.next()) })
+        }
+        // A reader refuses what is not UTF-8, naming the field.
+        var writer = BinaryWriter()
+        writer.writeBytes([0x61, 0x62, 0x63, 0x64, 0x65, 0x66, 0x67, 0xC3])
+        var reader = BinaryReader(writer.bytes)
+        #expect(throws: CodecError.invalid(field: "name", reason: "not UTF-8")) { try reader.readString("name", limit: 100) }
+        var short = BinaryReader([1, 0])
+        #expect(throws: CodecError.truncated(field: "name length", needed: 4, remaining: 2)) { try short.readString("name", limit: 100) }
+    }
 }

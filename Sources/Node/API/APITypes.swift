@@ -1,6 +1,7 @@
 import Authority
 import Foundation
 import NIOHTTP1
+import Synchronization
 
 /// An API failure: an HTTP status, a stable machine-readable code and a
 /// sentence for the operator. Rendered as {"error": {"code", "message"}}.
@@ -230,4 +231,23 @@ public struct TransferResultBody: Codable, Sendable {
 public struct MemberAddressesBody: Codable, Sendable, Hashable {
     public var peerAddress: String
     public var apiAddress: String
+}
+
+/// Request ids for the commands a node proposes itself (when the caller
+/// sent no `warrant-request-id`): a random 64-bit prefix drawn once per
+/// process, then a counter, written as a UUID. Unique without a system
+/// call each: Foundation's UUID() opened, read and closed /dev/urandom for
+/// every one, ~1% of the leader's CPU under issuance load.
+enum RequestID {
+    private static let prefix = UInt64.random(in: .min ... .max)
+    private static let counter = Atomic<UInt64>(0)
+
+    static func make() -> String {
+        let count = counter.add(1, ordering: .relaxed).newValue
+        let p = prefix.bigEndian, c = count.bigEndian
+        return withUnsafeBytes(of: (p, c)) { raw in
+            let b = Array(raw)
+            return UUID(uuid: (b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15])).uuidString
+        }
+    }
 }

@@ -179,7 +179,7 @@ extension NodeAPI {
             if let count = denials.admit() {
                 let driver = self.driver
                 let command = LedgerCommand(timeMillis: UInt64(Date().timeIntervalSince1970 * 1000), actor: Self.actor(of: request),
-                                            requestID: UUID().uuidString,
+                                            requestID: RequestID.make(),
                                             operation: .recordDenial(reason: String(decoding: Array("\(error.code): \(error.message)".utf8.prefix(1_000)), as: UTF8.self), count: count))
                 Task { _ = try? await driver.write(command) }
             }
@@ -248,7 +248,7 @@ extension NodeAPI {
         let token = JoinToken(hash: AuthorityService.hash(secret), spiffeID: spiffeID.description, ttlMaxSeconds: ttl,
                               expiresAtMillis: UInt64(expires.timeIntervalSince1970 * 1000), maxLifetimeSeconds: maxLifetime)
         let (outcome, _) = try await driver.write(LedgerCommand(timeMillis: UInt64(now.timeIntervalSince1970 * 1000), actor: Self.actor(of: request),
-                                                                requestID: UUID().uuidString, operation: .createJoinToken(token)))
+                                                                requestID: RequestID.make(), operation: .createJoinToken(token)))
         if case .rejected(let reason) = outcome.result { throw APIError(status: .conflict, code: "rejected", message: reason) }
         // The secret is returned once and never stored or logged.
         return APIJSON.response(TokenBody(token: secret, spiffeId: spiffeID.description, ttlSeconds: ttl, maxLifetimeSeconds: maxLifetime,
@@ -287,7 +287,7 @@ extension NodeAPI {
     private func record(_ issuance: Issuance, actor: String? = nil, _ request: HTTPRequest) async throws -> (artifact: [UInt8], replayed: Bool) {
         let actor = actor ?? (issuance.tokenHash.isEmpty ? Self.actor(of: request) : "token:\(issuance.tokenHash.prefix(16))")
         let command = LedgerCommand(timeMillis: UInt64(Date().timeIntervalSince1970 * 1000), actor: actor,
-                                    requestID: request.headers.first(name: "warrant-request-id") ?? UUID().uuidString, operation: .recordIssuance(issuance))
+                                    requestID: request.headers.first(name: "warrant-request-id") ?? RequestID.make(), operation: .recordIssuance(issuance))
         if let reason = command.invalidReason { throw APIError.badRequest(reason) }
         let (outcome, _) = try await driver.write(command)
         switch outcome.result {
@@ -685,7 +685,7 @@ extension NodeAPI {
             next = "run rotate again after \(keys.bundle.refreshHintSeconds) s (a bundle refresh) to activate it"
         }
         let (outcome, _) = try await driver.write(LedgerCommand(timeMillis: Self.millis(now), actor: Self.actor(of: request),
-                                                                requestID: UUID().uuidString, operation: operation))
+                                                                requestID: RequestID.make(), operation: operation))
         if case .rejected(let reason) = outcome.result { throw APIError(status: .conflict, code: "rejected", message: reason) }
         authority.invalidate()
         return try authorities(action: action, next: next)
@@ -712,7 +712,7 @@ extension NodeAPI {
         let rule = Revocation(kind: kind, value: value, reason: body.reason ?? "")
         if let reason = rule.invalidReason { throw APIError(status: .badRequest, code: "bad_revocation", message: reason) }
         let (outcome, _) = try await driver.write(LedgerCommand(timeMillis: Self.millis(Date()), actor: Self.actor(of: request),
-                                                                requestID: UUID().uuidString, operation: .revoke(rule)))
+                                                                requestID: RequestID.make(), operation: .revoke(rule)))
         if case .rejected(let reason) = outcome.result { throw APIError(status: .conflict, code: "rejected", message: reason) }
         authority?.invalidate()
         return try revocations()

@@ -252,7 +252,7 @@ extension NodeAPI {
         }
         let body = try Self.decodeBody(CloseStepRequest.self, request, expected: "{\"exit_status\": N}")
         let command = LedgerCommand(timeMillis: UInt64(Date().timeIntervalSince1970 * 1000), actor: String("workload:\(current.spiffeID)".utf8.prefix(250)) ?? "workload",
-                                    requestID: request.headers.first(name: "warrant-request-id") ?? UUID().uuidString,
+                                    requestID: request.headers.first(name: "warrant-request-id") ?? RequestID.make(),
                                     operation: .closeStep(spiffeID: current.spiffeID.description, serial: current.serialHex, exitStatus: body.exitStatus))
         if let reason = command.invalidReason { throw APIError.badRequest(reason) }
         let (outcome, _) = try await driver.write(command)

@@ -221,7 +221,7 @@ public final class NodeAPI: Sendable {
     /// the outcome and which node led.
     private func write(_ operation: LedgerCommand.Operation, name: String, _ request: HTTPRequest, warnings: [String]? = nil) async throws -> HTTPResponse {
         let command = LedgerCommand(timeMillis: UInt64(Date().timeIntervalSince1970 * 1000), actor: Self.actor(of: request),
-                                    requestID: request.headers.first(name: "warrant-request-id") ?? UUID().uuidString, operation: operation)
+                                    requestID: request.headers.first(name: "warrant-request-id") ?? RequestID.make(), operation: operation)
         if let reason = command.invalidReason { throw APIError.badRequest(reason) }
         let (outcome, leader) = try await driver.write(command)
         var leaderHeader = [("warrant-leader", String(leader))]
@@ -301,7 +301,7 @@ public final class NodeAPI: Sendable {
         // The addresses first, so every node can reach the learner once it is added.
         let addresses = Array(String(decoding: APIJSON.encode(MemberAddressesBody(peerAddress: peer.description, apiAddress: api.description)), as: UTF8.self).utf8)
         _ = try await driver.propose(LedgerCommand(timeMillis: UInt64(Date().timeIntervalSince1970 * 1000), actor: Self.actor(of: request),
-                                                   requestID: UUID().uuidString,
+                                                   requestID: RequestID.make(),
                                                    operation: .putDocument(name: MemberDirectory.documentName(body.id), format: .json, content: addresses, expectedVersion: nil)))
         let index = try await driver.proposeConfigChange(.addLearner(body.id))
         return APIJSON.response(MemberChangeBody(id: body.id, change: "added as learner; promoted to voter once caught up", logIndex: index, leader: id),
