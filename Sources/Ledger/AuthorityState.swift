@@ -310,22 +310,41 @@ public enum AuthorityDocuments {
     public static let forgetAfterMillis: UInt64 = 86_400_000
     /// Times in names have 13 digits: later ones count as this (in 2286).
     static let latestMillis: UInt64 = 9_999_999_999_999 - 86_400_000
-    public static func tokenForget(atMillis: UInt64, hash: String) -> String { tokenForgetPrefix + padded(atMillis) + "/" + hash }
-    public static func idempotencyForget(atMillis: UInt64, key: String) -> String { idempotencyForgetPrefix + padded(atMillis) + "/" + key }
+    public static func tokenForget(atMillis: UInt64, hash: String) -> String { timed(tokenForgetPrefix, atMillis, hash) }
+    public static func idempotencyForget(atMillis: UInt64, key: String) -> String { timed(idempotencyForgetPrefix, atMillis, key) }
     /// Platform tokens already used, by expiry then replay key: a token
     /// always maps to the same name (its exp is signed), and names whose
     /// time has passed are forgotten, since an expired token cannot join.
     public static let platformTokensPrefix = "authority/joins/"
     public static func platformToken(expiresAtMillis: UInt64, replayKey: String) -> String {
-        platformTokensPrefix + padded(expiresAtMillis) + "/" + replayKey
+        timed(platformTokensPrefix, expiresAtMillis, replayKey)
     }
 
-    static func padded(_ millis: UInt64) -> String {
-        let digits = String(millis)
-        return String(repeating: "0", count: max(0, 13 - digits.count)) + digits
+    /// `<prefix><time in 13 digits>/<id>` (zero-padded, so names sort by
+    /// time; a later time keeps all its digits), made in one allocation:
+    /// several are made for every issuance, and each forget scan bounds
+    /// its range with one (`id` empty).
+    static func timed(_ prefix: String, _ millis: UInt64, _ id: String) -> String {
+        var width = 1
+        var rest = millis
+        while rest >= 10 { rest /= 10; width += 1 }
+        width = max(13, width)
+        let prefixBytes = prefix.utf8.count
+        let total = prefixBytes + width + 1 + id.utf8.count
+        return String(unsafeUninitializedCapacity: total) { out in
+            _ = UnsafeMutableBufferPointer(rebasing: out[0..<prefixBytes]).initialize(from: prefix.utf8)
+            var value = millis
+            for k in stride(from: prefixBytes + width - 1, through: prefixBytes, by: -1) {
+                out[k] = 0x30 + UInt8(value % 10)
+                value /= 10
+            }
+            out[prefixBytes + width] = 0x2F
+            _ = UnsafeMutableBufferPointer(rebasing: out[(prefixBytes + width + 1)...]).initialize(from: id.utf8)
+            return total
+        }
     }
     public static func issued(notAfterMillis: UInt64, serial: String) -> String {
-        issuedPrefix + padded(notAfterMillis) + "/" + serial
+        timed(issuedPrefix, notAfterMillis, serial)
     }
 
     /// The longest any identity may live, whatever a token allows; a

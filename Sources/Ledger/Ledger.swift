@@ -35,6 +35,16 @@ public protocol LedgerTables {
     mutating func setAppliedIndex(_ index: LogIndex) throws
     /// Names `from <= name < to`, in order (or from the end when `reverse`), at most `limit`.
     func documentNames(from: String, to: String, limit: Int, reverse: Bool) throws -> [String]
+    /// `documentNames` in order, for a scan repeated from the same `from`
+    /// on every command (what is due to be forgotten): tables may remember
+    /// where it starts.
+    mutating func namesFromRepeatedBound(_ from: String, to: String, limit: Int) throws -> [String]
+}
+
+extension LedgerTables {
+    public mutating func namesFromRepeatedBound(_ from: String, to: String, limit: Int) throws -> [String] {
+        try documentNames(from: from, to: to, limit: limit, reverse: false)
+    }
 }
 
 /// What applying one command did, for the caller waiting on it.
@@ -355,7 +365,7 @@ public enum Ledger {
     /// stay bounded by what is still of use), and with each the record
     /// `record(id)` it stands for, if any.
     private static func forget(_ prefix: String, before now: UInt64, record: ((String) -> String)? = nil, _ tables: inout some LedgerTables) throws {
-        for name in try tables.documentNames(from: prefix, to: prefix + AuthorityDocuments.padded(now) + "/", limit: 2, reverse: false) {
+        for name in try tables.namesFromRepeatedBound(prefix, to: AuthorityDocuments.timed(prefix, now, ""), limit: 2) {
             if let record { try tables.deleteDocument(named: record(String(name.dropFirst(prefix.count + 14)))) }
             try tables.deleteDocument(named: name)
         }

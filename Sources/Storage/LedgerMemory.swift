@@ -57,6 +57,10 @@ struct LedgerMemory: LedgerTables, Sendable {
         names.names(from: from, to: to, limit: limit, reverse: reverse)
     }
 
+    mutating func namesFromRepeatedBound(_ from: String, to: String, limit: Int) -> [String] {
+        names.namesRemembering(from: from, to: to, limit: limit)
+    }
+
     /// Every document in name order.
     func forEachInOrder(_ body: (Document) throws -> Void) rethrows {
         try names.forEach(from: "") { name in

@@ -8,6 +8,23 @@ struct SortedNames: Sendable {
     static let chunkMax = 512
     private var chunks: [[String]] = []
     private(set) var count = 0
+    /// The first name at or after each of the last few lower bounds
+    /// scanned from (nil: none), kept exact through inserts and removals.
+    /// The ledger asks the same few prefixes on every issuance whether
+    /// anything under them is due to be forgotten, and nearly always
+    /// nothing is: the memo answers without a binary search, each step of
+    /// which costs a cache miss on a name stored elsewhere.
+    private var firsts: [(from: String, first: String?)] = []
+    static let firstsMax = 8
+    /// The chunks the last few names were inserted into. Names made in
+    /// time order (issued records, used platform tokens) land in the same
+    /// chunk as the previous ones of their kind: checking its bounds takes
+    /// two or three comparisons, where finding the chunk by binary search
+    /// takes ten or more, each a likely cache miss, and the search inside
+    /// it then runs over names still in the cache. Dropped when chunks
+    /// split or go (their indexes move).
+    private var recentChunks: [Int] = []
+    static let recentMax = 4
 
     init() {}
 
@@ -45,18 +62,41 @@ struct SortedNames: Sendable {
             count = 1
             return true
         }
-        var c = chunkIndex(for: name)
-        if c == chunks.count { c -= 1 } // after every name: the last chunk
+        var c: Int
+        if let recent = recentChunk(for: name) {
+            c = recent
+        } else {
+            c = chunkIndex(for: name)
+            if c == chunks.count { c -= 1 } // after every name: the last chunk
+            if recentChunks.count == Self.recentMax { recentChunks.removeFirst() }
+            recentChunks.append(c)
+        }
         let p = Self.position(of: name, in: chunks[c])
         if p < chunks[c].count && chunks[c][p] == name { return false }
         chunks[c].insert(name, at: p)
         count += 1
+        for i in firsts.indices where firsts[i].from <= name {
+            if let first = firsts[i].first, first <= name { continue }
+            firsts[i].first = name
+        }
         if chunks[c].count > Self.chunkMax {
             let upper = Array(chunks[c][(Self.chunkMax / 2)...])
             chunks[c].removeSubrange((Self.chunkMax / 2)...)
             chunks.insert(upper, at: c + 1)
+            recentChunks.removeAll()
         }
         return true
+    }
+
+    /// A recently used chunk where `name` belongs: within its names, or
+    /// after its last and before the next chunk's first.
+    private func recentChunk(for name: String) -> Int? {
+        for c in recentChunks where c < chunks.count {
+            let chunk = chunks[c]
+            guard let first = chunk.first, let last = chunk.last, first <= name else { continue }
+            if name <= last || c + 1 == chunks.count || name < chunks[c + 1][0] { return c }
+        }
+        return nil
     }
 
     /// Removes `name`; false if it was not there.
@@ -68,7 +108,15 @@ struct SortedNames: Sendable {
         guard p < chunks[c].count && chunks[c][p] == name else { return false }
         chunks[c].remove(at: p)
         count -= 1
-        if chunks[c].isEmpty { chunks.remove(at: c) }
+        if chunks[c].isEmpty {
+            chunks.remove(at: c)
+            recentChunks.removeAll()
+        }
+        if firsts.contains(where: { $0.first == name }) {
+            // The removed name's successor: what now stands at its place.
+            let next = c < chunks.count ? (p < chunks[c].count ? chunks[c][p] : (c + 1 < chunks.count ? chunks[c + 1][0] : nil)) : nil
+            for i in firsts.indices where firsts[i].first == name { firsts[i].first = next }
+        }
         return true
     }
 
@@ -92,12 +140,26 @@ struct SortedNames: Sendable {
                 if c >= 0 { p = chunks[c].count - 1 }
             }
         } else {
+            if let memo = firsts.first(where: { $0.from == from }), memo.first.map({ $0 >= to }) ?? true { return result }
             forEach(from: from, to: to) { name in
                 result.append(name)
                 return result.count < limit
             }
         }
         return result
+    }
+
+    /// `names(from:to:limit:)`, remembering the first name at or after
+    /// `from` for the next scan from the same bound (a memo kept for the
+    /// few most recent bounds).
+    mutating func namesRemembering(from: String, to: String, limit: Int) -> [String] {
+        if !firsts.contains(where: { $0.from == from }) {
+            var first: String?
+            forEach(from: from) { first = $0; return false }
+            if firsts.count == Self.firstsMax { firsts.removeFirst() }
+            firsts.append((from, first))
+        }
+        return names(from: from, to: to, limit: limit)
     }
 
     /// Calls `body` with each name `from <= name < to` in order until it

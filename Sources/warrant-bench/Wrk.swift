@@ -132,15 +132,21 @@ enum Wrk {
         return timed
     }
 
-    /// Sends the bodies in order, once each; stops the thread when they
+    /// Sends the bodies in order, once each (each made into its whole
+    /// request when the script loads); stops the thread when they
     /// run out; at the end writes a summary line and the latency histogram
     /// (microseconds and count per line).
     static let luaScript = """
         local bodies = {}
-        for line in io.lines(os.getenv("WARRANT_WRK_BODIES")) do bodies[#bodies + 1] = line end
         local path = os.getenv("WARRANT_WRK_PATH")
         local repeating = os.getenv("WARRANT_WRK_REPEAT") ~= nil
         local headers = {["Content-Type"] = "application/json"}
+        -- Whole requests are made before the clock starts (wrk.format
+        -- builds one from a table of pieces each time it is called), in
+        -- init, once wrk has set the Host header.
+        init = function(args)
+          for line in io.lines(os.getenv("WARRANT_WRK_BODIES")) do bodies[#bodies + 1] = wrk.format("POST", path, headers, line) end
+        end
         local next = 0
         request = function()
           next = next + 1
@@ -152,7 +158,7 @@ enum Wrk {
               next = #bodies
             end
           end
-          return wrk.format("POST", path, headers, bodies[next])
+          return bodies[next]
         end
         if os.getenv("WARRANT_WRK_CHECK") ~= nil then
           -- Verification answers 200 with the verdict inside.

@@ -160,6 +160,19 @@ struct AuthorityLedgerTests {
         #expect(!book.tables.documents.keys.contains { $0.hasPrefix(AuthorityDocuments.idempotencyForgetPrefix) })
     }
 
+    @Test("Time-ordered names: 13 zero-padded digits (more kept whole), then the id; they sort by time")
+    func timedNames() {
+        #expect(AuthorityDocuments.issued(notAfterMillis: 10_000, serial: "ab") == "authority/issued/0000000010000/ab")
+        #expect(AuthorityDocuments.issued(notAfterMillis: 0, serial: "") == "authority/issued/0000000000000/")
+        #expect(AuthorityDocuments.platformToken(expiresAtMillis: 1_733_300_000_123, replayKey: "k") == "authority/joins/1733300000123/k")
+        #expect(AuthorityDocuments.tokenForget(atMillis: 12_345_678_901_234_567, hash: "h") == "authority/forget/tokens/12345678901234567/h")
+        #expect(AuthorityDocuments.idempotencyForget(atMillis: 7, key: "é") == "authority/forget/idempotency/0000000000007/é")
+        var random = SeededGenerator(seed: 11)
+        let times = (0..<500).map { _ in UInt64(random.below(10_000_000_000_000)) }
+        let names = times.map { AuthorityDocuments.issued(notAfterMillis: $0, serial: "s") }
+        #expect(names.sorted() == times.sorted().map { AuthorityDocuments.issued(notAfterMillis: $0, serial: "s") })
+    }
+
     @Test("Issued identities are recorded by expiry and forgotten once expired")
     func issuedRecords() throws {
         var book = try initialized()

@@ -241,7 +241,44 @@ struct LedgerStoreTests {
         #expect(!follower.hasState, "no log was started either")
     }
 
-    @Test("Sorted names agree with a sorted array under random inserts, removals and range scans")
+    /// Two streams of names in increasing order (as issued records and
+    /// used platform tokens are made) interleaved with random names and
+    /// removals, through many chunk splits: the places remembered from
+    /// earlier inserts never put a name out of order.
+    @Test("Sorted names stay in order when inserts follow earlier ones in time order")
+    func sortedNamesInTimeOrder() {
+        var random = SeededGenerator(seed: 78)
+        var names = SortedNames()
+        var reference: Set<String> = []
+        var clocks = [0, 0]
+        for step in 0..<12_000 {
+            let roll = random.below(10)
+            var candidate: String
+            if roll < 6 {
+                let stream = roll % 2
+                clocks[stream] += 1 + random.below(3)
+                candidate = "\(stream == 0 ? "a" : "j")/\(String(format: "%08d", clocks[stream]))"
+            } else {
+                candidate = "\(["a", "j", "m"][random.below(3)])/\(String(format: "%08d", random.below(20_000)))"
+            }
+            if roll == 9, let victim = reference.randomElement(using: &random) {
+                let removed = names.remove(victim)
+                #expect(removed)
+                reference.remove(victim)
+                continue
+            }
+            let inserted = names.insert(candidate), expected = reference.insert(candidate).inserted
+            #expect(inserted == expected, "step \(step): \(candidate)")
+            if step % 1_000 == 0 || step == 11_999 {
+                var all: [String] = []
+                names.forEach(from: "") { all.append($0); return true }
+                #expect(all == reference.sorted(), "step \(step)")
+            }
+        }
+        #expect(reference.count > 2 * SortedNames.chunkMax, "enough names for splits")
+    }
+
+    @Test("Sorted names agree with a sorted array under random inserts, removals and range scans, with and without the first-name memo")
     func sortedNamesMatchReference() {
         var random = SeededGenerator(seed: 77)
         var names = SortedNames()
@@ -257,6 +294,13 @@ struct LedgerStoreTests {
                 let inserted = names.insert(candidate)
                 #expect(inserted == !reference.contains(candidate))
                 if inserted { reference.append(candidate); reference.sort() }
+            }
+            if step % 20 == 0 {
+                // Scans from a few repeated bounds (more than the memo
+                // keeps), answered from the memo once it has them.
+                let from = "n/\(random.below(10))", to = name()
+                let expected = reference.filter { $0 >= from && $0 < to }
+                #expect(names.namesRemembering(from: from, to: to, limit: 2) == Array(expected.prefix(2)), "step \(step) from \(from)")
             }
             if step % 500 == 0 {
                 #expect(names.count == reference.count)
