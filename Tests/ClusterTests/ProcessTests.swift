@@ -59,6 +59,9 @@ struct ProcessTests {
         defer { try? FileManager.default.removeItem(atPath: directory) }
         let leader = try #require(await cluster.waitForLeader(seconds: 20))
         #expect(await cluster.waitUntilReady(), "\(cluster.notReadyReason())")
+        // The node runs on tcmalloc, linked into the binary (Package.swift).
+        let maps = (try? String(contentsOfFile: "/proc/\(cluster.processID(of: leader) ?? 0)/maps", encoding: .utf8)) ?? ""
+        #expect(maps.contains("libtcmalloc_minimal"), "the node process should have tcmalloc mapped")
         for i in 0..<10 {
             let response = try await cluster.client.request(.PUT, "/v1/documents/before/\(i)", headers: [("content-type", "application/json")], body: Array("{}".utf8))
             #expect(response.status == .ok)
