@@ -54,7 +54,8 @@ public struct PlatformToken: Sendable {
         guard (1...128).contains(bytes.count) else { return false }
         guard bytes.allSatisfy({ (0x30...0x39).contains($0) || (0x41...0x5A).contains($0) || (0x61...0x7A).contains($0) || $0 == 0x2D || $0 == 0x5F || $0 == 0x2E })
         else { return false }
-        return !kid.contains("..")
+        // (By bytes: Foundation's contains(_:) was a tenth of parsing a token.)
+        return !zip(bytes, bytes.dropFirst()).contains { $0 == 0x2E && $1 == 0x2E }
     }
 
     /// `text` for an error message: at most 64 bytes, control characters

@@ -87,35 +87,49 @@ private struct Base64Codec {
     /// The same over bytes; with `skippingWhitespace`, ASCII space, tab,
     /// CR, LF, FF and VT are left out first (PEM's line breaks).
     func decode(_ bytes: some Collection<UInt8>, skippingWhitespace: Bool = false) -> [UInt8]? {
-        var input: [UInt8]
         if skippingWhitespace {
-            input = []
+            var input: [UInt8] = []
             input.reserveCapacity(bytes.count)
             for byte in bytes where !(byte == 0x20 || (byte >= 0x09 && byte <= 0x0D)) { input.append(byte) }
-        } else {
-            input = Array(bytes)
+            return input.withUnsafeBufferPointer { decode(contiguous: $0) }
         }
+        if let decoded = bytes.withContiguousStorageIfAvailable({ decode(contiguous: $0) }) { return decoded }
+        return Array(bytes).withUnsafeBufferPointer { decode(contiguous: $0) }
+    }
+
+    /// The decoder itself, over bytes in place (a token's segments are
+    /// slices of it): output sized once, read through raw pointers.
+    private func decode(contiguous buffer: UnsafeBufferPointer<UInt8>) -> [UInt8]? {
+        var count = buffer.count
         if padded {
-            guard input.count % 4 == 0 else { return nil }
-            if input.last == 0x3D { input.removeLast() }
-            if input.last == 0x3D { input.removeLast() }
+            guard count % 4 == 0 else { return nil }
+            if count > 0 && buffer[count - 1] == 0x3D { count -= 1 }
+            if count > 0 && buffer[count - 1] == 0x3D { count -= 1 }
         }
-        guard input.count % 4 != 1 else { return nil }
-        var out = [UInt8]()
-        out.reserveCapacity(input.count * 3 / 4)
-        var accumulator: UInt32 = 0
-        var bits = 0
-        for character in input {
-            let value = values[Int(character)]
-            guard value != 0xFF else { return nil }
-            accumulator = accumulator << 6 | UInt32(value)
-            bits += 6
-            if bits >= 8 {
-                bits -= 8
-                out.append(UInt8(truncatingIfNeeded: accumulator >> UInt32(bits)))
+        guard count % 4 != 1 else { return nil }
+        let outCount = count * 3 / 4
+        var valid = true
+        let out = values.withUnsafeBufferPointer { table in
+            [UInt8](unsafeUninitializedCapacity: outCount) { out, initialized in
+                var accumulator: UInt32 = 0
+                var bits = 0
+                var written = 0
+                for i in 0..<count {
+                    let value = table[Int(buffer[i])]
+                    guard value != 0xFF else { valid = false; break }
+                    accumulator = accumulator << 6 | UInt32(value)
+                    bits += 6
+                    if bits >= 8 {
+                        bits -= 8
+                        out[written] = UInt8(truncatingIfNeeded: accumulator >> UInt32(bits))
+                        written += 1
+                    }
+                }
+                if valid && accumulator & ((1 << UInt32(bits)) - 1) != 0 { valid = false }
+                initialized = written
             }
         }
-        return accumulator & ((1 << UInt32(bits)) - 1) == 0 ? out : nil
+        return valid ? out : nil
     }
 }
 

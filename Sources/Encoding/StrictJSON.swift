@@ -107,16 +107,18 @@ private struct StrictParser {
             guard depth <= limits.depthMax else { throw error("JSON nested deeper than \(limits.depthMax)") }
             scanner.i += 1
             var members: [(String, JSONValue)] = []
-            // Duplicates: the few members of most objects are compared in
-            // turn; past 16, a set of their bytes (made then) takes over.
+            // Duplicates: the members of most objects (a platform token's
+            // claims are about 30) are compared in turn, lengths first;
+            // past 64, a set of their bytes (made then) takes over.
             var keys: Set<[UInt8]>?
             if scanner.expect(0x7D) { return .object(members) }
             repeat {
                 guard scanner.peek() == 0x22 else { throw error("expected a member name") }
                 guard let key = scanner.string() else { throw error("malformed string") }
                 let duplicate: Bool
-                if members.count < 16 {
-                    duplicate = members.contains { $0.0.utf8.elementsEqual(key.utf8) }
+                if members.count < 64 {
+                    let length = key.utf8.count
+                    duplicate = members.contains { $0.0.utf8.count == length && $0.0.utf8.elementsEqual(key.utf8) }
                 } else {
                     if keys == nil { keys = Set(members.map { Array($0.0.utf8) }) }
                     duplicate = !keys!.insert(Array(key.utf8)).inserted

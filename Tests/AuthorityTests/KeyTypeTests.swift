@@ -95,7 +95,10 @@ struct EncodingTests {
                 .replacingOccurrences(of: "=", with: "")
             #expect(Base64URL.encode(bytes) == foundation)
             #expect(Base64URL.decode(foundation) == bytes)
+            #expect(Base64URL.decode(Array(foundation.utf8)[...]) == bytes, "from a slice, in place")
+            #expect(Base64URL.decode(foundation.utf8.lazy.map { $0 }) == bytes, "from a collection without contiguous storage")
         }
+        #expect(Base64URL.decode("AB*C") == nil && Base64URL.decode("ABC\u{e9}") == nil)
         #expect(Base64URL.decode("AA==") == nil && Base64URL.decode("A+") == nil && Base64URL.decode("A") == nil)
         #expect(Base64URL.decode("AB") == nil, "leftover bits must be zero")
     }
