@@ -54,10 +54,14 @@ public final class LocalProcessCluster: Sendable {
         for _ in 0..<50 {
             let base = Int.random(in: 100...320) * 100
             let ports = (0..<8).flatMap { [base + $0, base + 100 + $0] }
-            if ports.allSatisfy(isFree) { return base }
+            // A base is handed out once per process: tests running side by
+            // side both found 20000 free before either bound it.
+            if ports.allSatisfy(isFree), handedOut.withLock({ $0.insert(base).inserted }) { return base }
         }
         return Int.random(in: 100...320) * 100
     }
+
+    private static let handedOut = Mutex<Set<Int>>([])
 
     private static func isFree(_ port: Int) -> Bool {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
