@@ -52,13 +52,22 @@ public final class LocalProcessCluster: Sendable {
     /// listener, isolated for a whole test.
     public static func pickBasePort() -> Int {
         for _ in 0..<50 {
-            let base = Int.random(in: 100...320) * 100
-            let ports = (0..<8).flatMap { [base + $0, base + 100 + $0] }
-            // A base is handed out once per process: tests running side by
-            // side both found 20000 free before either bound it.
-            if ports.allSatisfy(isFree), handedOut.withLock({ $0.insert(base).inserted }) { return base }
+            // Each base is handed out once per process: tests running side
+            // by side both found 20000 free before either bound it.
+            let base = candidateBases.randomElement()!
+            if ports(ofBase: base).allSatisfy(isFree), handedOut.withLock({ $0.insert(base).inserted }) { return base }
         }
-        return Int.random(in: 100...320) * 100
+        return candidateBases.randomElement()!
+    }
+
+    /// Multiples of 200, so no two bases share a port: with multiples of
+    /// 100, base 25900 put its API on 26000, the peer ports of base 26000.
+    public static let candidateBases = Array(stride(from: 10_000, through: 32_000, by: 200))
+
+    /// The ports a cluster from `base` may use: peers from `base`, APIs
+    /// from `base + 100`, eight nodes each.
+    public static func ports(ofBase base: Int) -> [Int] {
+        (0..<8).flatMap { [base + $0, base + 100 + $0] }
     }
 
     private static let handedOut = Mutex<Set<Int>>([])

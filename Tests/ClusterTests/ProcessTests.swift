@@ -84,6 +84,20 @@ struct ProcessTests {
         await cluster.close()
     }
 
+    @Test("No two base ports the harness can hand out share a port, and each lies below the ephemeral range")
+    func basePortsDisjoint() {
+        var owner: [Int: Int] = [:]
+        for base in LocalProcessCluster.candidateBases {
+            for port in LocalProcessCluster.ports(ofBase: base) {
+                #expect(port < 32768, "\(port) of base \(base)")
+                if let other = owner.updateValue(base, forKey: port) { Issue.record("port \(port) belongs to bases \(other) and \(base)") }
+            }
+        }
+        #expect(LocalProcessCluster.candidateBases.count >= 100)
+        let picked = LocalProcessCluster.pickBasePort()
+        #expect(LocalProcessCluster.candidateBases.contains(picked))
+    }
+
     @Test("A node process whose peer port is taken exits saying so, and the harness reports it at once instead of carrying on with two nodes")
     func peerPortTaken() async throws {
         let binary = try #require(warrantBinary(), "build the package first so the warrant executable exists")
