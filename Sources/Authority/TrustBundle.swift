@@ -84,6 +84,8 @@ public struct TrustBundle: Sendable {
 
     /// Chains in PEM at most this long (eight certificates of a few KiB).
     public static let chainPEMBytesMax = 64 << 10
+    /// Certificates in a chain at most (the leaf and its intermediates).
+    public static let chainCertificatesMax = 8
 
     /// Verifies a chain given in PEM (leaf first). With a memo, a chain
     /// whose PEM verified before under this bundle is answered from it:
@@ -100,9 +102,14 @@ public struct TrustBundle: Sendable {
             guard now <= known.validUntil else { throw AuthorityError("untrusted", "the chain has expired") }
             return known.verified
         }
-        let documents = try PEMDocument.parseMultiple(pemString: chainPEM)
-        guard !documents.isEmpty, documents.count <= 8 else { throw AuthorityError("bad_chain", "give 1 to 8 PEM certificates") }
-        let chain = try documents.map { try Certificate(derEncoded: $0.derBytes) }
+        let blocks: [[UInt8]]
+        do {
+            blocks = try PEMText.decodeAll(chainPEM, label: "CERTIFICATE", limit: Self.chainCertificatesMax)
+        } catch {
+            throw AuthorityError("bad_chain", "the chain is not PEM certificates: \(error)")
+        }
+        guard !blocks.isEmpty else { throw AuthorityError("bad_chain", "give 1 to \(Self.chainCertificatesMax) PEM certificates") }
+        let chain = try blocks.map { try Certificate(derEncoded: $0) }
         let validated = try await validate(chain: chain, now: now)
         memo?.remember(validated, for: digest)
         return validated.verified

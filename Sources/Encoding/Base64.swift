@@ -21,16 +21,44 @@ public enum PEMText {
     /// is allowed, other blocks are not); nil for anything else. Byte-wise:
     /// the base64 between the markers may be broken by ASCII whitespace.
     public static func decode(_ text: String, label: String) -> [UInt8]? {
+        guard let blocks = try? decodeAll(text, label: label, limit: 1), blocks.count == 1 else { return nil }
+        return blocks[0]
+    }
+
+    /// The DER inside each PEM block with this label, in order (a chain:
+    /// leaf first), at most `limit` of them. Text between and around the
+    /// blocks is allowed (RFC 7468's explanatory text), a block with
+    /// another label is not; the base64 may be broken by ASCII whitespace.
+    public static func decodeAll(_ text: String, label: String, limit: Int) throws(PEMError) -> [[UInt8]] {
         var text = text
-        return text.withUTF8 { bytes -> [UInt8]? in
-            let begin = Array("-----BEGIN \(label)-----".utf8), end = Array("-----END \(label)-----".utf8)
-            let anyBegin = Array("-----BEGIN".utf8)
-            guard let start = firstIndex(of: begin, in: bytes, from: 0),
-                  let stop = firstIndex(of: end, in: bytes, from: start + begin.count),
-                  firstIndex(of: anyBegin, in: bytes, from: stop + end.count) == nil,
-                  firstIndex(of: anyBegin, in: UnsafeBufferPointer(rebasing: bytes[..<start]), from: 0) == nil else { return nil }
-            return Base64.decode(UnsafeBufferPointer(rebasing: bytes[(start + begin.count)..<stop]), skippingWhitespace: true)
+        return try text.withUTF8 { bytes in Result { () throws(PEMError) in try decodeAll(bytes, label: label, limit: limit) } }.get()
+    }
+
+    private static func decodeAll(_ bytes: UnsafeBufferPointer<UInt8>, label: String, limit: Int) throws(PEMError) -> [[UInt8]] {
+        let begin = Array("-----BEGIN \(label)-----".utf8), end = Array("-----END \(label)-----".utf8)
+        let anyBegin = Array("-----BEGIN".utf8)
+        var blocks: [[UInt8]] = []
+        var position = 0
+        while let start = firstIndex(of: anyBegin, in: bytes, from: position) {
+            guard firstIndex(of: end, in: UnsafeBufferPointer(rebasing: bytes[..<start]), from: position) == nil else { throw .noBegin(label: label) }
+            guard start + begin.count <= bytes.count, bytes[start..<(start + begin.count)].elementsEqual(begin) else {
+                throw .otherLabel(expected: label)
+            }
+            guard blocks.count < limit else { throw .tooMany(limit: limit) }
+            let body = start + begin.count
+            guard let stop = firstIndex(of: end, in: bytes, from: body) else { throw .noEnd(block: blocks.count + 1, label: label) }
+            guard firstIndex(of: anyBegin, in: UnsafeBufferPointer(rebasing: bytes[..<stop]), from: body) == nil else {
+                throw .noEnd(block: blocks.count + 1, label: label)
+            }
+            guard let der = Base64.decode(UnsafeBufferPointer(rebasing: bytes[body..<stop]), skippingWhitespace: true) else {
+                throw .badBase64(block: blocks.count + 1)
+            }
+            blocks.append(der)
+            position = stop + end.count
         }
+        // An END line with no BEGIN before it is a torn block.
+        guard firstIndex(of: end, in: bytes, from: position) == nil else { throw .noBegin(label: label) }
+        return blocks
     }
 
     private static func firstIndex(of needle: [UInt8], in haystack: UnsafeBufferPointer<UInt8>, from: Int) -> Int? {
@@ -45,6 +73,25 @@ public enum PEMText {
             i += 1
         }
         return nil
+    }
+}
+
+/// Why text is not the PEM blocks asked for.
+public enum PEMError: Error, Sendable, Equatable, CustomStringConvertible {
+    case otherLabel(expected: String)
+    case tooMany(limit: Int)
+    case noEnd(block: Int, label: String)
+    case noBegin(label: String)
+    case badBase64(block: Int)
+
+    public var description: String {
+        switch self {
+        case .otherLabel(let label): return "a PEM block is not a \(label)"
+        case .tooMany(let limit): return "more than \(limit) PEM blocks"
+        case .noEnd(let block, let label): return "PEM block \(block) has no -----END \(label)----- line"
+        case .noBegin(let label): return "an -----END \(label)----- line has no BEGIN line before it"
+        case .badBase64(let block): return "PEM block \(block) is not base64"
+        }
     }
 }
 

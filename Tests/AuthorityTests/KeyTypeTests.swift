@@ -126,6 +126,27 @@ struct EncodingTests {
         #expect(Base64.decode("AQI=") != nil && Base64.decode("AQJ=") == nil && Base64.decode("A=AA") == nil && Base64.decode("AQI") == nil)
     }
 
+    @Test("A PEM chain reads back block by block, as SwiftASN1 reads it, with text between blocks; other labels, torn blocks and too many are refused, saying which")
+    func pemChain() throws {
+        let ders: [[UInt8]] = [[1, 2, 3], (0..<300).map { UInt8($0 % 251) }, [9]]
+        let blocks: [String] = ders.map { PEMText.encode($0, label: "CERTIFICATE") }
+        let chain: String = "subject=leaf\n" + blocks[0] + "issuer: an intermediate\n" + blocks[1] + blocks[2] + "trailing text"
+        #expect(try PEMText.decodeAll(chain, label: "CERTIFICATE", limit: 8) == ders)
+        #expect(try PEMDocument.parseMultiple(pemString: blocks.joined()).map(\.derBytes) == ders)
+        #expect(try PEMText.decodeAll("no blocks at all", label: "CERTIFICATE", limit: 8) == [])
+        func refusal(_ text: String, limit: Int = 8) -> PEMError? {
+            do { _ = try PEMText.decodeAll(text, label: "CERTIFICATE", limit: limit); return nil } catch { return error }
+        }
+        #expect(refusal(chain, limit: 2) == .tooMany(limit: 2))
+        #expect(refusal(blocks[0] + PEMText.encode([1], label: "PRIVATE KEY")) == .otherLabel(expected: "CERTIFICATE"))
+        #expect(refusal(blocks[0] + "-----BEGIN CERTIFICATE-----\nAQID\n") == .noEnd(block: 2, label: "CERTIFICATE"))
+        #expect(refusal("-----BEGIN CERTIFICATE-----\nAQID\n" + blocks[0]) == .noEnd(block: 1, label: "CERTIFICATE"), "a BEGIN inside a block")
+        #expect(refusal(blocks[0] + "-----END CERTIFICATE-----\n") == .noBegin(label: "CERTIFICATE"))
+        #expect(refusal("-----END CERTIFICATE-----\n" + blocks[0]) == .noBegin(label: "CERTIFICATE"))
+        #expect(refusal(blocks[0] + blocks[1].replacingOccurrences(of: "AAEC", with: "AA*C")) == .badBase64(block: 2))
+        #expect(PEMError.noEnd(block: 2, label: "CERTIFICATE").description == "PEM block 2 has no -----END CERTIFICATE----- line")
+    }
+
     @Test("JSON text escapes what RFC 8259 requires and parses back to the same strings")
     func jsonText() throws {
         let tricky = ["q\"uote": "back\\slash", "control": "\u{01}\n\t\r", "unicode": "é✓𝄞", "slash": "a/b"]

@@ -101,6 +101,9 @@ struct LedgerEncodingTests {
         let accepted = [
             #"{}"#, #"{"a":"b"}"#, #" { "a" : 1 , "b" : -20 , "c" : true , "d" : false , "e" : null } "#,
             #"{"s":"\u00e9\ud834\udd1e\n\"\\\/"}"#, #"{"o":{"x":"y"},"n":0}"#, #"{"a":["x","y"],"e":[]}"#,
+            // Runs of plain bytes between escapes (a PEM in a request).
+            #"{"pem":"-----BEGIN X-----\nAAAA\nBBBB\n-----END X-----\n","t":"a\tb\u00e9c\"d\\","u":"\n"}"#,
+            "{\"e\":\"\\n\u{e9}\u{1D11E}x\"}",
         ]
         for text in accepted {
             let ours = try #require(JSONText.parseFlatObject(Array(text.utf8)), "refused \(text)")
@@ -119,9 +122,12 @@ struct LedgerEncodingTests {
         }
         let refused = [
             "", "[]", #"{"a":1.5}"#, #"{"a":01}"#, #"{"a":"b",}"#, #"{"a":"b""#, #"{"a":{"b":{"c":"d"}}}"#, #"{"a":[1]}"#, #"{"a":[["x"]]}"#, #"{"a":["x",]}"#,
-            #"{"a":"\x"}"#, "{\"a\":\"\u{01}\"}", #"{"a":"\ud834"}"#, #"{"a":1,"a":2}"#, #"{"a":99999999999999999999}"#, #"{"a":1} x"#,
+            #"{"a":"\x"}"#, "{\"a\":\"\u{01}\"}", "{\"a\":\"\\nab\u{01}cd\"}", "{\"a\":\"\\nab\ncd\"}", #"{"a":"\nabc"#, #"{"a":"\nab\"#,
+            #"{"a":"\ud834"}"#, #"{"a":1,"a":2}"#, #"{"a":99999999999999999999}"#, #"{"a":1} x"#,
         ]
         for text in refused { #expect(JSONText.parseFlatObject(Array(text.utf8)) == nil, "accepted \(text)") }
+        // Bytes that are not UTF-8, in a run after an escape.
+        #expect(JSONText.parseFlatObject(Array(#"{"a":"\nab"#.utf8) + [0xFF] + Array(#"c"}"#.utf8)) == nil)
         // Random bytes never crash it, and what it accepts JSONSerialization accepts too.
         var generator = SystemRandomNumberGenerator()
         let alphabet = Array(#"{}":,\ab01-tfnlrue.[] "#.utf8)
