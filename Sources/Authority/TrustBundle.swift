@@ -8,7 +8,12 @@ import SwiftASN1
 /// and JWT keys for JWT-SVIDs, with a sequence number and refresh hint.
 public struct TrustBundle: Sendable {
     public var trustDomain: String
-    public var x509Authorities: [Certificate]
+    public var x509Authorities: [Certificate] {
+        didSet { roots = CertificateStore(x509Authorities) }
+    }
+    /// The authorities as path validation's roots, made once per bundle
+    /// (grouping them by subject was ~1% of verifying a chain).
+    private var roots: CertificateStore
     public var jwtKeys: [String: VerificationKey]
     public var sequence: UInt64
     public var refreshHintSeconds: Int
@@ -17,6 +22,7 @@ public struct TrustBundle: Sendable {
                 refreshHintSeconds: Int = 300) {
         self.trustDomain = trustDomain
         self.x509Authorities = x509Authorities
+        roots = CertificateStore(x509Authorities)
         self.jwtKeys = jwtKeys
         self.sequence = sequence
         self.refreshHintSeconds = refreshHintSeconds
@@ -118,7 +124,7 @@ public struct TrustBundle: Sendable {
     private func validate(chain: [Certificate], now: Date) async throws(AuthorityError) -> MemoizedX509 {
         guard let leaf = chain.first else { throw AuthorityError("empty_chain", "no certificate was given") }
         guard !x509Authorities.isEmpty else { throw AuthorityError("untrusted", "the bundle trusts no X.509 authority") }
-        var verifier = Verifier(rootCertificates: CertificateStore(x509Authorities)) {
+        var verifier = Verifier(rootCertificates: roots) {
             RFC5280Policy(fixedExpiryValidationTime: now)
         }
         let result = await verifier.validate(leaf: leaf, intermediates: CertificateStore(Array(chain.dropFirst())))

@@ -180,6 +180,12 @@ struct X509SVIDTests {
         #expect(throws: AuthorityError.self) { _ = try TrustBundle.checkLeaf(ca.certificate, trustDomain: "example.org") }
         let empty = TrustBundle(trustDomain: "example.org", x509Authorities: [], jwtKeys: [:], sequence: 1)
         await #expect(throws: AuthorityError.self) { _ = try await empty.verifyX509(chain: [try issued.certificate]) }
+        // A bundle whose authorities change validates against the new ones.
+        var changing = wrongBundle
+        changing.x509Authorities = [ca.certificate]
+        #expect(try await changing.verifyX509(chain: [try issued.certificate]).spiffeID == id)
+        changing.x509Authorities = [other.certificate]
+        await #expect(throws: AuthorityError.self) { _ = try await changing.verifyX509(chain: [try issued.certificate]) }
     }
 
     @Test("The chain memo: a PEM chain verified once is answered from the memo while its path is valid, never past it; refusals are not kept")
