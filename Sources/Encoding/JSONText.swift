@@ -242,7 +242,7 @@ struct JSONScanner {
         while i < bytes.count {
             let byte = bytes[i]
             if byte == 0x22 {
-                let text = bytes.withUnsafeBufferPointer { String(validating: UnsafeBufferPointer(rebasing: $0[start..<i]), as: UTF8.self) }
+                let text = bytes.withUnsafeBufferPointer { UTF8Text.string(UnsafeBufferPointer(rebasing: $0[start..<i])) }
                 i += 1
                 return text
             }
@@ -255,7 +255,7 @@ struct JSONScanner {
             i += 1
             switch byte {
             case 0x22:
-                return String(validating: out, as: UTF8.self)
+                return out.withUnsafeBufferPointer { UTF8Text.string($0) }
             case 0x5C:
                 guard i < bytes.count else { return nil }
                 let escape = bytes[i]

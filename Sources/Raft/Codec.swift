@@ -1,3 +1,5 @@
+import Encoding
+
 /// The one binary encoding of the core's values, shared by storage and (in
 /// time) the transport: little-endian fixed-width integers and
 /// length-prefixed byte strings. Decoding is bounded and total: malformed
@@ -79,34 +81,6 @@ public struct BinaryWriter: Sendable {
     public mutating func writeIDs(_ ids: some Collection<NodeID>) {
         write(UInt32(ids.count))
         for id in ids { write(id) }
-    }
-}
-
-/// Text from bytes that must be UTF-8.
-public enum UTF8Text {
-    /// `bytes` as a string, or nil if they are not valid UTF-8. ASCII (the
-    /// names, identifiers and paths the ledger decodes, nearly all of
-    /// them) is checked eight bytes at a time and taken as it is; anything
-    /// else goes through the standard library's validation, which is
-    /// generic and costs over twice as much for short ASCII strings.
-    public static func string(_ bytes: UnsafeBufferPointer<UInt8>) -> String? {
-        guard isASCII(bytes) else { return String(validating: bytes, as: UTF8.self) }
-        return String(decoding: bytes, as: UTF8.self)
-    }
-
-    static func isASCII(_ bytes: UnsafeBufferPointer<UInt8>) -> Bool {
-        guard let base = bytes.baseAddress else { return true }
-        let raw = UnsafeRawPointer(base)
-        var i = 0
-        while i + 8 <= bytes.count {
-            if raw.loadUnaligned(fromByteOffset: i, as: UInt64.self) & 0x8080_8080_8080_8080 != 0 { return false }
-            i += 8
-        }
-        while i < bytes.count {
-            if bytes[i] >= 0x80 { return false }
-            i += 1
-        }
-        return true
     }
 }
 

@@ -128,6 +128,10 @@ struct LedgerEncodingTests {
         for text in refused { #expect(JSONText.parseFlatObject(Array(text.utf8)) == nil, "accepted \(text)") }
         // Bytes that are not UTF-8, in a run after an escape.
         #expect(JSONText.parseFlatObject(Array(#"{"a":"\nab"#.utf8) + [0xFF] + Array(#"c"}"#.utf8)) == nil)
+        // and in a string without escapes (a multi-byte sequence cut short, a lone continuation byte).
+        #expect(JSONText.parseFlatObject(Array(#"{"a":"abcdefgh"#.utf8) + [0xC3] + Array(#""}"#.utf8)) == nil)
+        #expect(JSONText.parseFlatObject(Array(#"{"a":"x"#.utf8) + [0x80] + Array(#"yz"}"#.utf8)) == nil)
+        #expect(JSONText.parseFlatObject(Array(#"{"a":"abcdefgh"#.utf8) + [0xC3, 0xA9] + Array(#""}"#.utf8)).flatMap { if case .string(let s) = $0["a"] { s } else { nil } } == "abcdefgh\u{e9}")
         // Random bytes never crash it, and what it accepts JSONSerialization accepts too.
         var generator = SystemRandomNumberGenerator()
         let alphabet = Array(#"{}":,\ab01-tfnlrue.[] "#.utf8)

@@ -1,3 +1,4 @@
+import Encoding
 import Raft
 import RaftSimulator
 import Testing

@@ -1,0 +1,28 @@
+/// Text from bytes that must be UTF-8 (the Raft codec's and the JSON
+/// parsers' strings).
+public enum UTF8Text {
+    /// `bytes` as a string, or nil if they are not valid UTF-8. ASCII (the
+    /// names, identifiers and paths the ledger decodes, nearly all of
+    /// them) is checked eight bytes at a time and taken as it is; anything
+    /// else goes through the standard library's validation, which is
+    /// generic and costs over twice as much for short ASCII strings.
+    public static func string(_ bytes: UnsafeBufferPointer<UInt8>) -> String? {
+        guard isASCII(bytes) else { return String(validating: bytes, as: UTF8.self) }
+        return String(decoding: bytes, as: UTF8.self)
+    }
+
+    public static func isASCII(_ bytes: UnsafeBufferPointer<UInt8>) -> Bool {
+        guard let base = bytes.baseAddress else { return true }
+        let raw = UnsafeRawPointer(base)
+        var i = 0
+        while i + 8 <= bytes.count {
+            if raw.loadUnaligned(fromByteOffset: i, as: UInt64.self) & 0x8080_8080_8080_8080 != 0 { return false }
+            i += 8
+        }
+        while i < bytes.count {
+            if bytes[i] >= 0x80 { return false }
+            i += 1
+        }
+        return true
+    }
+}
