@@ -103,16 +103,16 @@ public struct JWTVerifier: Sendable {
               let signatureBytes = Base64URL.decode(parts[2]) else {
             throw AuthorityError("malformed_token", "a part is not base64url")
         }
-        guard let header = Self.jsonObject(headerBytes) else {
+        guard let header = Self.claims(headerBytes) else {
             throw AuthorityError("malformed_token", "the header is not a JSON object")
         }
-        guard Set(header.keys).isSubset(of: ["alg", "kid", "typ"]) else {
+        guard header.keys.allSatisfy({ $0 == "alg" || $0 == "kid" || $0 == "typ" }) else {
             throw AuthorityError("bad_header", "the header may hold only alg, kid and typ")
         }
-        if let typ = header["typ"] { guard typ as? String == "JWT" || typ as? String == "JOSE" else { throw AuthorityError("bad_header", "typ must be JWT or JOSE") } }
-        guard let kid = header["kid"] as? String else { throw AuthorityError("missing_kid", "the header has no kid") }
+        if let typ = header["typ"] { guard typ.string == "JWT" || typ.string == "JOSE" else { throw AuthorityError("bad_header", "typ must be JWT or JOSE") } }
+        guard let kid = header["kid"]?.string else { throw AuthorityError("missing_kid", "the header has no kid") }
         guard let key = keys[kid] else { throw AuthorityError("unknown_key", "no key with kid '\(kid)' in the bundle") }
-        guard header["alg"] as? String == key.jwsAlgorithm else {
+        guard header["alg"]?.string == key.jwsAlgorithm else {
             throw AuthorityError("bad_algorithm", "the key '\(kid)' accepts only \(key.jwsAlgorithm)")
         }
         let digest = SHA256.hash(data: bytes)
@@ -123,10 +123,10 @@ public struct JWTVerifier: Sendable {
             }
             memo?.remember(true, for: memoized)
         }
-        guard let claims = Self.jsonObject(claimBytes) else {
+        guard let claims = Self.claims(claimBytes) else {
             throw AuthorityError("malformed_token", "the claims are not a JSON object")
         }
-        guard let sub = claims["sub"] as? String else { throw AuthorityError("bad_subject", "sub is missing") }
+        guard let sub = claims["sub"]?.string else { throw AuthorityError("bad_subject", "sub is missing") }
         let spiffeID: SpiffeID
         do {
             spiffeID = try SpiffeID(parsing: sub)
@@ -135,39 +135,60 @@ public struct JWTVerifier: Sendable {
         }
         guard spiffeID.trustDomain == trustDomain else { throw AuthorityError("wrong_trust_domain", "\(sub) is not in \(trustDomain)") }
         let audiences: [String]
-        if let one = claims["aud"] as? String { audiences = [one] } else if let many = claims["aud"] as? [String] { audiences = many } else {
-            throw AuthorityError("bad_audience", "aud is missing")
+        switch claims["aud"] {
+        case .string(let one): audiences = [one]
+        case .strings(let many): audiences = many
+        default: throw AuthorityError("bad_audience", "aud is missing")
         }
         guard audiences.contains(audience) else { throw AuthorityError("wrong_audience", "the token is not for '\(audience)'") }
-        guard let exp = (claims["exp"] as? NSNumber)?.doubleValue else { throw AuthorityError("missing_expiry", "exp is missing") }
+        guard let exp = claims["exp"]?.number else { throw AuthorityError("missing_expiry", "exp is missing") }
         guard exp > now.timeIntervalSince1970 else { throw AuthorityError("expired", "the token expired at \(Date(timeIntervalSince1970: exp))") }
         return VerifiedJWT(spiffeID: spiffeID, audiences: audiences, expiry: Date(timeIntervalSince1970: exp),
-                           issuedAt: (claims["iat"] as? NSNumber).map { Date(timeIntervalSince1970: $0.doubleValue) },
-                           attributes: claims["warrant"] as? [String: String] ?? [:],
+                           issuedAt: claims["iat"]?.number.map { Date(timeIntervalSince1970: $0) },
+                           attributes: claims["warrant"]?.map ?? [:],
                            fingerprint: Hex.encode(digest))
     }
 }
 
 extension JWTVerifier {
-    /// A JSON object as JSONSerialization gives it, read by the hand parser
-    /// when it can (JWTs Warrant writes always are) and by JSONSerialization
-    /// otherwise.
-    static func jsonObject(_ bytes: [UInt8]) -> [String: Any]? {
-        guard let flat = JSONText.parseFlatObject(bytes, membersMax: 128) else {
-            return try? JSONSerialization.jsonObject(with: Data(bytes)) as? [String: Any]
-        }
-        var object: [String: Any] = [:]
-        for (key, value) in flat {
-            switch value {
-            case .string(let text): object[key] = text
-            case .integer(let number): object[key] = NSNumber(value: number)
-            case .bool(let flag): object[key] = NSNumber(value: flag)
-            case .null: object[key] = NSNull()
-            case .strings(let members): object[key] = members
-            case .stringArray(let items): object[key] = items
+    /// A header's or claim's value, as verification reads it.
+    enum ClaimValue: Equatable {
+        case string(String)
+        /// A JSON number (true and false read as 1 and 0, as NSNumber has them).
+        case number(Double)
+        case strings([String])
+        case map([String: String])
+        case other
+
+        var string: String? { if case .string(let text) = self { text } else { nil } }
+        var number: Double? { if case .number(let value) = self { value } else { nil } }
+        var map: [String: String]? { if case .map(let members) = self { members } else { nil } }
+    }
+
+    /// A JSON object's members, read by the hand parser when it can (JWTs
+    /// Warrant writes always are: no boxing into NSNumber and Any) and by
+    /// JSONSerialization otherwise.
+    static func claims(_ bytes: [UInt8]) -> [String: ClaimValue]? {
+        if let flat = JSONText.parseFlatObject(bytes, membersMax: 128) {
+            return flat.mapValues { value in
+                switch value {
+                case .string(let text): .string(text)
+                case .integer(let number): .number(Double(number))
+                case .bool(let flag): .number(flag ? 1 : 0)
+                case .null: .other
+                case .strings(let members): .map(members)
+                case .stringArray(let items): .strings(items)
+                }
             }
         }
-        return object
+        guard let object = try? JSONSerialization.jsonObject(with: Data(bytes)) as? [String: Any] else { return nil }
+        return object.mapValues { value in
+            if let text = value as? String { return .string(text) }
+            if let number = value as? NSNumber { return .number(number.doubleValue) }
+            if let items = value as? [String] { return .strings(items) }
+            if let members = value as? [String: String] { return .map(members) }
+            return .other
+        }
     }
 
     /// ES256 as JWS uses it: r and s, 32 bytes each (IEEE P1363), over

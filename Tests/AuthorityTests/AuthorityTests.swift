@@ -284,6 +284,28 @@ struct JWTSVIDTests {
         #expect(try verifier.verify(parts.joined(separator: "."), audience: "x").spiffeID == id)
     }
 
+    @Test("Claims the hand parser leaves to JSONSerialization (a fractional exp, nested objects) read as the flat ones do; a typ that is not a string is refused")
+    func claimsBothWays() throws {
+        let foreign = P256.Signing.PrivateKey()
+        let other = JWTVerifier(trustDomain: "example.org", keys: ["f": .p256(foreign.publicKey)])
+        let now = Int(Date().timeIntervalSince1970)
+        let flat: [String: Any] = ["sub": id.description, "aud": ["x", "y"], "exp": now + 300, "iat": now, "warrant": ["repository": "acme/deploy"]]
+        var nested = flat
+        nested["exp"] = Double(now + 300) + 0.5
+        nested["extra"] = ["deeper": ["level": 1]]
+        for (claims, expiry) in [(flat, Double(now + 300)), (nested, Double(now + 300) + 0.5)] {
+            let verified = try other.verify(try forge(["alg": "ES256", "kid": "f", "typ": "JWT"], claims, key: foreign), audience: "y")
+            #expect(verified.spiffeID == id && verified.audiences == ["x", "y"] && verified.attributes == ["repository": "acme/deploy"])
+            #expect(verified.expiry.timeIntervalSince1970 == expiry && verified.issuedAt?.timeIntervalSince1970 == Double(now))
+        }
+        #expect(throws: AuthorityError("bad_header", "typ must be JWT or JOSE")) {
+            try other.verify(try forge(["alg": "ES256", "kid": "f", "typ": 5], flat, key: foreign), audience: "x")
+        }
+        var stale = nested
+        stale["exp"] = 17.5
+        #expect(throws: AuthorityError.self) { try other.verify(try forge(["alg": "ES256", "kid": "f"], stale, key: foreign), audience: "x") }
+    }
+
     @Test("The signature memo: a token's signature is checked once, its claims every time; bad signatures are never kept; a full memo starts over")
     func signatureMemo() throws {
         let memo = SignatureMemo(capacity: 3)
