@@ -1,6 +1,22 @@
 @testable import Raft
 @testable import RaftSimulator
+import Foundation
 import Testing
+
+/// Runs `work` on a thread of its own and waits for it. A simulation runs
+/// for a fifth of a second or more without a suspension point; on Swift's
+/// cooperative pool (two threads here, shared by every test in the
+/// process) eight of them side by side held both threads, and the
+/// in-process clusters of other suites, whose peer messages hop through
+/// that pool, missed heartbeats and re-elected for seconds (a CI run saw
+/// a cluster not ready within 20 s).
+func offThePool<T: Sendable>(_ work: @escaping @Sendable () -> T) async -> T {
+    await withCheckedContinuation { continuation in
+        let thread = Thread { continuation.resume(returning: work()) }
+        thread.stackSize = 8 << 20
+        thread.start()
+    }
+}
 
 /// The simulator's bounded CI run and the proof that its checks bite.
 @Suite("Deterministic simulator")
@@ -11,8 +27,7 @@ struct SimulatorTests {
     @Test("Seeds run clean: safety after every step, recovery after healing", arguments: slices)
     func seedsRunClean(firstSeed: Int) async {
         for seed in UInt64(firstSeed)..<UInt64(firstSeed + 50) {
-            await Task.yield() // long and CPU-bound: let other tests' tasks run
-            let result = Simulation(seed: seed).run()
+            let result = await offThePool { Simulation(seed: seed).run() }
             #expect(result.violation == nil, "seed \(seed): \(result.violation.map(String.init(describing:)) ?? "") — replay: \(result.replayCommand) --trace")
             if result.violation != nil { return }
             #expect(result.stats.commandsApplied > 0, "seed \(seed) applied nothing: the workload is not running")
@@ -33,8 +48,7 @@ struct SimulatorTests {
         var totals = SimulationStats()
         var nodeCounts: Set<Int> = []
         for seed in UInt64(0)..<40 {
-            await Task.yield()
-            let result = Simulation(seed: seed).run()
+            let result = await offThePool { Simulation(seed: seed).run() }
             nodeCounts.insert(result.nodeCount)
             totals.add(result.stats)
         }
@@ -75,8 +89,7 @@ struct SimulatorTests {
         options.plantedBug = bug
         var found: SimulationResult?
         for seed in 0..<seedsMax {
-            await Task.yield()
-            let result = Simulation(seed: seed, options: options).run()
+            let result = await offThePool { [options] in Simulation(seed: seed, options: options).run() }
             if result.violation != nil {
                 found = result
                 break
