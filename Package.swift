@@ -35,7 +35,7 @@ let package = Package(
     ],
     targets: [
         // The pure consensus core: messages in, Ready out. No I/O, no clock,
-        // no global randomness, no dependencies at all.
+        // no global randomness; only Encoding, for its codec's UTF-8 text.
         .target(name: "Raft", dependencies: ["Encoding"], swiftSettings: strict),
         // Durable state: the Raft log and hard state in write-ahead log
         // files, the ledger in memory (a persistent map, so a checkpoint's

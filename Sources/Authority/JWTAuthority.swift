@@ -152,7 +152,7 @@ public struct JWTVerifier: Sendable {
 
 extension JWTVerifier {
     /// A header's or claim's value, as verification reads it.
-    enum ClaimValue: Equatable {
+    enum ClaimValue {
         case string(String)
         /// A JSON number (true and false read as 1 and 0, as NSNumber has them).
         case number(Double)

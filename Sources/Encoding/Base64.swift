@@ -39,7 +39,8 @@ public enum PEMText {
         let anyBegin = Array("-----BEGIN".utf8)
         var blocks: [[UInt8]] = []
         var position = 0
-        while let start = firstIndex(of: anyBegin, in: bytes, from: position) {
+        var next = firstIndex(of: anyBegin, in: bytes, from: 0)
+        while let start = next {
             guard firstIndex(of: end, in: UnsafeBufferPointer(rebasing: bytes[..<start]), from: position) == nil else { throw .noBegin(label: label) }
             guard start + begin.count <= bytes.count, bytes[start..<(start + begin.count)].elementsEqual(begin) else {
                 throw .otherLabel(expected: label)
@@ -47,9 +48,9 @@ public enum PEMText {
             guard blocks.count < limit else { throw .tooMany(limit: limit) }
             let body = start + begin.count
             guard let stop = firstIndex(of: end, in: bytes, from: body) else { throw .noEnd(block: blocks.count + 1, label: label) }
-            guard firstIndex(of: anyBegin, in: UnsafeBufferPointer(rebasing: bytes[..<stop]), from: body) == nil else {
-                throw .noEnd(block: blocks.count + 1, label: label)
-            }
+            // The next BEGIN, found once: inside this block it tears it.
+            next = firstIndex(of: anyBegin, in: bytes, from: body)
+            if let inside = next, inside < stop { throw .noEnd(block: blocks.count + 1, label: label) }
             guard let der = Base64.decode(UnsafeBufferPointer(rebasing: bytes[body..<stop]), skippingWhitespace: true) else {
                 throw .badBase64(block: blocks.count + 1)
             }
