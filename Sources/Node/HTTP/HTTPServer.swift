@@ -169,7 +169,7 @@ public final class HTTPServer: Sendable {
                     let sync = channel.pipeline.syncOperations
                     try sync.addHandler(NIOSSLServerHandler(context: tls))
                     try sync.addHandler(IdleStateHandler(allTimeout: limits.idleTimeout))
-                    try sync.configureHTTPServerPipeline(withErrorHandling: true)
+                    try sync.addHandler(ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes)))
                     try sync.addHandler(RequestHandler(clusterID: clusterID, clusterCA: clusterCA, bodyBytesMax: limits.requestBodyBytesMax, handler: handler))
                 }
             }
@@ -191,18 +191,39 @@ private final class ConnectionCount: Sendable {
 }
 
 /// Collects one request, runs the handler, writes the response; requests
-/// on a connection are answered in order, one at a time.
-private final class RequestHandler: ChannelInboundHandler {
+/// on a connection are answered in order, one at a time: a request that
+/// arrives (pipelined) while another is being answered waits, and the
+/// socket is not read again until both are answered. Responses are written
+/// here as bytes, in one write each (NIO's HTTP/1 response encoder, header
+/// validator and pipelining handler took four handler passes and three
+/// writes per response).
+private final class RequestHandler: ChannelDuplexHandler {
     typealias InboundIn = HTTPServerRequestPart
-    typealias OutboundOut = HTTPServerResponsePart
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    private struct Received {
+        var head: HTTPRequestHead
+        var body: [UInt8] = []
+        var tooLarge = false
+    }
 
     private let clusterID: String
     private let clusterCA: DistinguishedName
     private let bodyBytesMax: Int
     private let handler: HTTPServer.Handler
-    private var head: HTTPRequestHead?
-    private var body: [UInt8] = []
-    private var tooLarge = false
+    /// The request being received.
+    private var receiving: Received?
+    /// Requests received whole, not yet started (pipelined behind `answering`).
+    private var waiting = CircularBuffer<Received>(initialCapacity: 2)
+    /// A request's handler is running.
+    private var answering = false
+    /// The channel asked to read while requests were waiting or being
+    /// answered: the read is made once they are done.
+    private var readHeld = false
+    /// No more requests are taken (a response said close, or the bytes
+    /// were not HTTP/1.1); the connection closes after the one being answered.
+    private var closing = false
     private var caller: APICaller?
     private var executorOfLoop: EventLoopTaskExecutor?
 
@@ -227,43 +248,69 @@ private final class RequestHandler: ChannelInboundHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !closing else { return }
         switch unwrapInboundIn(data) {
         case .head(let head):
-            self.head = head
-            body = []
-            tooLarge = false
-        case .body(var buffer):
-            if body.count + buffer.readableBytes > bodyBytesMax {
-                tooLarge = true
-                body = []
-            } else if !tooLarge {
-                body += buffer.readBytes(length: buffer.readableBytes) ?? []
+            receiving = Received(head: head)
+        case .body(let buffer):
+            guard receiving != nil, !receiving!.tooLarge else { return }
+            if receiving!.body.count + buffer.readableBytes > bodyBytesMax {
+                receiving!.tooLarge = true
+                receiving!.body = []
+            } else {
+                receiving!.body.append(contentsOf: buffer.readableBytesView)
             }
         case .end:
-            guard let head else { return }
-            self.head = nil
-            if tooLarge {
-                let response = APIError.payloadTooLarge("the request body is larger than \(bodyBytesMax) bytes").response
-                write(response, keepAlive: false, context: context)
-                return
-            }
-            let request = makeRequest(head, context: context)
-            let keepAlive = head.isKeepAlive
-            let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
-            let handler = self.handler
-            // The handler runs on this connection's event loop (its awaits
-            // hop to the driver and back here), not on Swift's cooperative
-            // pool: two thread hops fewer per request. Handlers do not block.
-            let answered = context.eventLoop.makePromise(of: HTTPResponse.self)
-            Task(executorPreference: executor) { answered.succeed(await handler(request)) }
-            answered.futureResult.whenSuccess { response in
-                let (this, context) = loopBound.value
-                this.write(response, keepAlive: keepAlive, context: context)
-            }
+            guard let received = receiving else { return }
+            receiving = nil
+            waiting.append(received)
+            answerNext(context: context)
         }
     }
 
-    private func makeRequest(_ head: HTTPRequestHead, context: ChannelHandlerContext) -> HTTPRequest {
+    /// Starts the first waiting request unless one is being answered; reads
+    /// again when nothing is left to answer.
+    private func answerNext(context: ChannelHandlerContext) {
+        guard !answering else { return }
+        guard !closing, let received = waiting.popFirst() else {
+            if readHeld && !closing {
+                readHeld = false
+                context.read()
+            }
+            return
+        }
+        if received.tooLarge {
+            let response = APIError.payloadTooLarge("the request body is larger than \(bodyBytesMax) bytes").response
+            write(response, keepAlive: false, bodyless: false, context: context)
+            return
+        }
+        answering = true
+        let request = makeRequest(received.head, body: received.body, context: context)
+        let keepAlive = received.head.isKeepAlive, bodyless = received.head.method == .HEAD
+        let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
+        let handler = self.handler
+        // The handler runs on this connection's event loop (its awaits
+        // hop to the driver and back here), not on Swift's cooperative
+        // pool: two thread hops fewer per request. Handlers do not block.
+        let answered = context.eventLoop.makePromise(of: HTTPResponse.self)
+        Task(executorPreference: executor) { answered.succeed(await handler(request)) }
+        answered.futureResult.whenSuccess { response in
+            let (this, context) = loopBound.value
+            this.answering = false
+            this.write(response, keepAlive: keepAlive && !this.closing, bodyless: bodyless, context: context)
+            this.answerNext(context: context)
+        }
+    }
+
+    func read(context: ChannelHandlerContext) {
+        if answering || !waiting.isEmpty {
+            readHeld = true
+        } else {
+            context.read()
+        }
+    }
+
+    private func makeRequest(_ head: HTTPRequestHead, body: [UInt8], context: ChannelHandlerContext) -> HTTPRequest {
         if caller == nil {
             let certificate = try? context.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self).peerCertificate
             if let der = try? certificate?.toDERBytes() {
@@ -276,19 +323,23 @@ private final class RequestHandler: ChannelInboundHandler {
         return HTTPRequest(method: head.method, path: path, query: query, headers: head.headers, body: body, caller: caller ?? .anonymous)
     }
 
-    private func write(_ response: HTTPResponse, keepAlive: Bool, context: ChannelHandlerContext) {
-        var headers = HTTPHeaders(response.headers)
-        headers.replaceOrAdd(name: "content-length", value: String(response.body.count))
-        if !keepAlive { headers.replaceOrAdd(name: "connection", value: "close") }
-        context.write(wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: response.status, headers: headers))), promise: nil)
-        if !response.body.isEmpty {
-            context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(bytes: response.body)))), promise: nil)
+    /// Writes the response in one write; without keep-alive, closes once it is written.
+    private func write(_ response: HTTPResponse, keepAlive: Bool, bodyless: Bool, context: ChannelHandlerContext) {
+        var buffer = context.channel.allocator.buffer(capacity: 160 + response.headers.count * 48 + (bodyless ? 0 : response.body.count))
+        if !HTTPResponseWriter.write(response, keepAlive: keepAlive, bodyless: bodyless, into: &buffer) {
+            buffer.clear()
+            let refusal = APIError(status: .internalServerError, code: "internal", message: "the response had a header that cannot be sent").response
+            _ = HTTPResponseWriter.write(refusal, keepAlive: keepAlive, bodyless: bodyless, into: &buffer)
         }
-        let done = context.writeAndFlushWithPromise(wrapOutboundOut(.end(nil)))
-        if !keepAlive {
-            let channel = context.channel
-            done.whenComplete { _ in channel.close(promise: nil) }
+        guard !keepAlive else {
+            context.writeAndFlush(wrapOutboundOut(buffer), promise: nil)
+            return
         }
+        closing = true
+        let promise = context.eventLoop.makePromise(of: Void.self)
+        context.writeAndFlush(wrapOutboundOut(buffer), promise: promise)
+        let channel = context.channel
+        promise.futureResult.whenComplete { _ in channel.close(promise: nil) }
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
@@ -300,7 +351,20 @@ private final class RequestHandler: ChannelInboundHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        context.close(promise: nil)
+        // Bytes that are not HTTP/1.1 get a 400 (after the response being
+        // answered, if any, which then closes the connection); anything else closes it.
+        guard error is HTTPParserError, !closing else {
+            context.close(promise: nil)
+            return
+        }
+        waiting.removeAll()
+        receiving = nil
+        if answering {
+            closing = true
+        } else {
+            let response = APIError(status: .badRequest, code: "bad_http", message: "the request is not valid HTTP/1.1 (\(error))").response
+            write(response, keepAlive: false, bodyless: false, context: context)
+        }
     }
 
     /// "/a%2Fb?x=1&y" → ("/a/b", ["x": "1", "y": ""]).
@@ -318,6 +382,51 @@ private final class RequestHandler: ChannelInboundHandler {
     }
 }
 
+/// An HTTP/1.1 response as bytes: status line, the response's headers,
+/// content-length (and `connection: close` without keep-alive), the body.
+enum HTTPResponseWriter {
+    /// False, with nothing useful written, when a header name is not an
+    /// RFC 9110 token or a value holds CR, LF or NUL (a header of the
+    /// response's own named content-length, connection or
+    /// transfer-encoding is dropped: this writer sets framing). A `bodyless`
+    /// response (to HEAD) keeps its content-length and leaves out its body.
+    static func write(_ response: HTTPResponse, keepAlive: Bool, bodyless: Bool, into buffer: inout ByteBuffer) -> Bool {
+        buffer.writeString("HTTP/1.1 ")
+        buffer.writeString(String(response.status.code))
+        buffer.writeInteger(UInt8(ascii: " "))
+        buffer.writeString(response.status.reasonPhrase)
+        buffer.writeStaticString("\r\n")
+        for (name, value) in response.headers {
+            guard !name.isEmpty, name.utf8.allSatisfy(isTokenByte), !value.utf8.contains(where: { $0 == 0x0D || $0 == 0x0A || $0 == 0 }) else {
+                return false
+            }
+            if isFraming(name) { continue }
+            buffer.writeString(name)
+            buffer.writeStaticString(": ")
+            buffer.writeString(value)
+            buffer.writeStaticString("\r\n")
+        }
+        buffer.writeStaticString("content-length: ")
+        buffer.writeString(String(response.body.count))
+        buffer.writeStaticString(keepAlive ? "\r\n\r\n" : "\r\nconnection: close\r\n\r\n")
+        if !bodyless { buffer.writeBytes(response.body) }
+        return true
+    }
+
+    private static func isTokenByte(_ byte: UInt8) -> Bool {
+        switch byte {
+        case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "0")...UInt8(ascii: "9"): return true
+        default: return "!#$%&'*+-.^_`|~".utf8.contains(byte)
+        }
+    }
+
+    private static func isFraming(_ name: String) -> Bool {
+        guard name.utf8.count >= 10 else { return false }
+        let lower = name.lowercased()
+        return lower == "content-length" || lower == "connection" || lower == "transfer-encoding"
+    }
+}
+
 /// Runs Swift tasks on an event loop's thread: an async handler started
 /// from a channel stays on that channel's loop between its awaits.
 final class EventLoopTaskExecutor: TaskExecutor, @unchecked Sendable {
@@ -330,14 +439,6 @@ final class EventLoopTaskExecutor: TaskExecutor, @unchecked Sendable {
     func enqueue(_ job: consuming ExecutorJob) {
         let job = UnownedJob(job)
         loop.execute { job.runSynchronously(on: self.asUnownedTaskExecutor()) }
-    }
-}
-
-private extension ChannelHandlerContext {
-    func writeAndFlushWithPromise(_ data: NIOAny) -> EventLoopFuture<Void> {
-        let promise = eventLoop.makePromise(of: Void.self)
-        writeAndFlush(data, promise: promise)
-        return promise.futureResult
     }
 }
 

@@ -1,0 +1,212 @@
+import Foundation
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import NIOSSL
+@testable import Node
+import Synchronization
+import Testing
+import Transport
+
+/// The API's HTTP/1.1 layer, spoken to byte for byte over TLS: pipelined
+/// requests, bytes that are not HTTP, HEAD, HTTP/1.0 and oversized bodies.
+@Suite("HTTP server")
+struct HTTPServerTests {
+    /// Reads everything a TLS connection receives until it closes or `until` holds.
+    private final class Collector: ChannelInboundHandler, Sendable {
+        typealias InboundIn = ByteBuffer
+        let received = Mutex<[UInt8]>([])
+        let closed = Mutex(false)
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            let buffer = unwrapInboundIn(data)
+            received.withLock { $0 += buffer.readableBytesView }
+        }
+        func channelInactive(context: ChannelHandlerContext) {
+            closed.withLock { $0 = true }
+        }
+        func errorCaught(context: ChannelHandlerContext, error: any Error) {
+            context.close(promise: nil)
+        }
+    }
+
+    private struct Exchange {
+        var text: String
+        var closed: Bool
+    }
+
+    private struct Server {
+        let group: MultiThreadedEventLoopGroup
+        let server: HTTPServer
+        let address: SocketAddress
+        let identity: NodeIdentity
+    }
+
+    /// A server whose handler echoes the body, after `delay` ms from the
+    /// query (so a later request could finish first), counting how many run at once.
+    private static func withServer(_ body: (Server) async throws -> Void) async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let ca = try ClusterCA.create(clusterID: "http-test")
+        let identity = try ca.issueNodeIdentity(1, hosts: ["127.0.0.1"])
+        let counters = Counters()
+        let server = try HTTPServer(group: group, identity: identity, limits: { var l = HTTPServerLimits(); l.requestBodyBytesMax = 1_000; return l }()) { request in
+            let now = counters.running.wrappingAdd(1, ordering: .relaxed).newValue
+            counters.mostAtOnce.max(now)
+            if let delay = request.query["delay"].flatMap(Int.init) { try? await Task.sleep(for: .milliseconds(delay)) }
+            counters.running.wrappingSubtract(1, ordering: .relaxed)
+            return HTTPResponse(status: .ok, headers: [("content-type", "text/plain"), ("Content-Length", "999")],
+                                body: Array("\(request.method.rawValue) \(request.path) ".utf8) + request.body)
+        }
+        let address = try await server.start(at: try SocketAddress(ipAddress: "127.0.0.1", port: 0))
+        do {
+            try await body(Server(group: group, server: server, address: address, identity: identity))
+            #expect(counters.mostAtOnce.load() <= 1, "requests on one connection ran at once")
+        } catch {
+            await server.stop()
+            try await group.shutdownGracefully()
+            throw error
+        }
+        await server.stop()
+        try await group.shutdownGracefully()
+    }
+
+    private final class Counters: Sendable {
+        let running = Atomic<Int>(0)
+        let mostAtOnce = MaxCounter()
+    }
+
+    final class MaxCounter: Sendable {
+        private let value = Atomic<Int>(0)
+        func max(_ candidate: Int) {
+            var seen = value.load(ordering: .relaxed)
+            while candidate > seen {
+                let (exchanged, original) = value.compareExchange(expected: seen, desired: candidate, ordering: .relaxed)
+                if exchanged { return }
+                seen = original
+            }
+        }
+        func load() -> Int { value.load(ordering: .relaxed) }
+    }
+
+    /// Sends `bytes` in one write and collects the answer until the server
+    /// closes, `expectedResponses` status lines have arrived, or 5 s pass.
+    private static func exchange(_ server: Server, _ bytes: String, expectedResponses: Int) async throws -> Exchange {
+        var configuration = TLSConfiguration.makeClientConfiguration()
+        configuration.trustRoots = .certificates([try server.identity.nioCACertificate])
+        configuration.certificateVerification = .noHostnameVerification
+        let tls = try NIOSSLContext(configuration: configuration)
+        let collector = Collector()
+        let channel = try await ClientBootstrap(group: server.group)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(try NIOSSLClientHandler(context: tls, serverHostname: nil))
+                    try channel.pipeline.syncOperations.addHandler(collector)
+                }
+            }
+            .connect(to: server.address).get()
+        try await channel.writeAndFlush(ByteBuffer(string: bytes))
+        let deadline = ContinuousClock.now + .seconds(5)
+        func statusLines() -> Int {
+            let text = String(decoding: collector.received.withLock { $0 }, as: UTF8.self)
+            return text.components(separatedBy: "HTTP/1.1 ").count - 1
+        }
+        while ContinuousClock.now < deadline, !collector.closed.withLock({ $0 }) {
+            // Waits a little past the last response for a close that should come.
+            if statusLines() >= expectedResponses {
+                try await Task.sleep(for: .milliseconds(150))
+                break
+            }
+            try await Task.sleep(for: .milliseconds(10))
+        }
+        let closed = collector.closed.withLock { $0 }
+        try? await channel.close()
+        return Exchange(text: String(decoding: collector.received.withLock { $0 }, as: UTF8.self), closed: closed)
+    }
+
+    @Test("Pipelined requests are answered in order, one at a time, the slow first one before the quick second")
+    func pipelined() async throws {
+        try await Self.withServer { server in
+            let requests = "POST /slow?delay=150 HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nfirst"
+                + "POST /quick HTTP/1.1\r\nhost: x\r\ncontent-length: 6\r\n\r\nsecond"
+                + "GET /third HTTP/1.1\r\nhost: x\r\n\r\n"
+            let answer = try await Self.exchange(server, requests, expectedResponses: 3)
+            let first = try #require(answer.text.range(of: "POST /slow first"))
+            let second = try #require(answer.text.range(of: "POST /quick second"))
+            let third = try #require(answer.text.range(of: "GET /third "))
+            #expect(first.lowerBound < second.lowerBound && second.lowerBound < third.lowerBound)
+            #expect(!answer.closed)
+            // The handler's own content-length is replaced by the true one.
+            #expect(answer.text.components(separatedBy: "content-length: 16\r\n").count == 2)
+            #expect(!answer.text.contains("999"))
+        }
+    }
+
+    @Test("Bytes that are not HTTP/1.1 get 400 bad_http and the connection closes")
+    func notHTTP() async throws {
+        try await Self.withServer { server in
+            let answer = try await Self.exchange(server, "HELLO THERE\r\n\r\n", expectedResponses: 1)
+            #expect(answer.text.hasPrefix("HTTP/1.1 400 Bad Request\r\n"))
+            #expect(answer.text.contains("\"code\":\"bad_http\""))
+            #expect(answer.text.contains("connection: close\r\n"))
+            #expect(answer.closed)
+            // Smuggling-shaped framing (both content-length and chunked) is refused the same way.
+            let smuggled = try await Self.exchange(server, "POST /a HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+                                                   expectedResponses: 1)
+            #expect(smuggled.text.hasPrefix("HTTP/1.1 400 "))
+            #expect(smuggled.closed)
+        }
+    }
+
+    @Test("A request after a bad one on the same connection is not answered, and the good one before it is")
+    func goodThenBad() async throws {
+        try await Self.withServer { server in
+            let answer = try await Self.exchange(server, "GET /ok?delay=100 HTTP/1.1\r\nhost: x\r\n\r\nNOT HTTP\r\n\r\nGET /never HTTP/1.1\r\n\r\n",
+                                                 expectedResponses: 2)
+            #expect(answer.text.hasPrefix("HTTP/1.1 200 OK\r\n"))
+            #expect(answer.text.contains("GET /ok "))
+            #expect(!answer.text.contains("/never"))
+            #expect(answer.closed)
+        }
+    }
+
+    @Test("HEAD gets the headers with the body's length and no body; HTTP/1.0 without keep-alive is closed after its answer")
+    func headAndHTTP10() async throws {
+        try await Self.withServer { server in
+            let head = try await Self.exchange(server, "HEAD /h HTTP/1.1\r\nhost: x\r\n\r\nGET /after HTTP/1.1\r\nhost: x\r\n\r\n", expectedResponses: 2)
+            let parts = head.text.components(separatedBy: "\r\n\r\n")
+            #expect(parts.count == 3, "\(head.text)")
+            #expect(parts.first?.contains("content-length: 8") == true)
+            #expect(parts.dropFirst().first?.hasPrefix("HTTP/1.1 200 OK") == true, "the HEAD answer carried a body")
+            let old = try await Self.exchange(server, "GET /old HTTP/1.0\r\n\r\n", expectedResponses: 1)
+            #expect(old.text.contains("connection: close\r\n"))
+            #expect(old.text.hasSuffix("GET /old "))
+            #expect(old.closed)
+        }
+    }
+
+    @Test("A body over the limit gets 413 too_large, the handler never sees it, and the connection closes")
+    func oversized() async throws {
+        try await Self.withServer { server in
+            let body = String(repeating: "x", count: 1_001)
+            let answer = try await Self.exchange(server, "POST /big HTTP/1.1\r\nhost: x\r\ncontent-length: 1001\r\n\r\n\(body)GET /next HTTP/1.1\r\n\r\n",
+                                                 expectedResponses: 1)
+            #expect(answer.text.hasPrefix("HTTP/1.1 413 Payload Too Large\r\n"))
+            #expect(answer.text.contains("too_large"))
+            #expect(!answer.text.contains("/big"))
+            #expect(!answer.text.contains("/next"))
+            #expect(answer.closed)
+        }
+    }
+
+    @Test("Response headers that could split a response are refused, framing headers are the writer's own")
+    func writerRefusesInjection() {
+        var buffer = ByteBufferAllocator().buffer(capacity: 64)
+        #expect(HTTPResponseWriter.write(HTTPResponse(status: .ok, headers: [("x", "a\r\nset-cookie: b")]), keepAlive: true, bodyless: false, into: &buffer) == false)
+        #expect(HTTPResponseWriter.write(HTTPResponse(status: .ok, headers: [("bad name", "a")]), keepAlive: true, bodyless: false, into: &buffer) == false)
+        #expect(HTTPResponseWriter.write(HTTPResponse(status: .ok, headers: [("x", "a\u{0}")]), keepAlive: true, bodyless: false, into: &buffer) == false)
+        buffer.clear()
+        let ok = HTTPResponseWriter.write(HTTPResponse(status: .created, headers: [("x-a", "1"), ("Transfer-Encoding", "chunked"), ("connection", "upgrade")],
+                                                       body: Array("abc".utf8)), keepAlive: true, bodyless: false, into: &buffer)
+        #expect(ok)
+        #expect(String(buffer: buffer) == "HTTP/1.1 201 Created\r\nx-a: 1\r\ncontent-length: 3\r\n\r\nabc")
+    }
+}
