@@ -20,7 +20,7 @@ struct APIBodyTests {
             VerifyBody(valid: false, spiffeId: nil, serial: nil, attributes: nil, expiresAt: nil, code: "revoked", reason: "by serial ff: \"leak\""),
         ]
         for body in bodies {
-            #expect(try parsed(Array(body.json.utf8)) == parsed(APIJSON.encode(body)), "\(body.json)")
+            #expect(try parsed(body.json) == parsed(APIJSON.encode(body)), "\(String(decoding: body.json, as: UTF8.self))")
         }
     }
 

@@ -39,7 +39,7 @@ public struct APIError: Error, Sendable, CustomStringConvertible {
 /// case, keys sorted, as `APIJSON.encode` would; JSONEncoder was a large
 /// share of answering an issuance or a verification).
 protocol HandEncodedJSON {
-    var json: String { get }
+    var json: [UInt8] { get }
 }
 
 /// A request body on a hot path that can be read from a flat JSON object:
@@ -67,13 +67,38 @@ extension [String: JSONText.Value] {
     }
 }
 
-/// Builds a JSON object member by member, keys in the order given (sorted by the caller).
+/// Builds a JSON object member by member into bytes, keys in the order
+/// given (sorted by the caller); nil members are left out.
 struct JSONObjectWriter {
-    private var members: [String] = []
-    mutating func add(_ key: String, _ value: String?) { if let value { members.append(JSONText.quote(key) + ":" + JSONText.quote(value)) } }
-    mutating func add(_ key: String, _ value: Bool?) { if let value { members.append(JSONText.quote(key) + ":" + (value ? "true" : "false")) } }
-    mutating func add(_ key: String, _ value: [String: String]?) { if let value { members.append(JSONText.quote(key) + ":" + JSONText.object(value)) } }
-    var text: String { "{" + members.joined(separator: ",") + "}" }
+    private var builder = JSONText.Builder(capacity: 256)
+    private var first = true
+
+    private mutating func key(_ key: StaticString) {
+        builder.raw(first ? "{\"" : ",\"")
+        first = false
+        builder.raw(key)
+        builder.raw("\":")
+    }
+    mutating func add(_ name: StaticString, _ value: String?) {
+        guard let value else { return }
+        key(name)
+        builder.quoted(value)
+    }
+    mutating func add(_ name: StaticString, _ value: Bool?) {
+        guard let value else { return }
+        key(name)
+        builder.bool(value)
+    }
+    mutating func add(_ name: StaticString, _ value: [String: String]?) {
+        guard let value else { return }
+        key(name)
+        builder.object(value)
+    }
+    var bytes: [UInt8] {
+        var done = builder
+        done.raw(first ? "{}" : "}")
+        return done.bytes
+    }
 }
 
 public enum APIJSON {
@@ -97,7 +122,7 @@ public enum APIJSON {
     }
 
     public static func response(_ value: some Encodable, status: HTTPResponseStatus = .ok, headers: [(String, String)] = []) -> HTTPResponse {
-        let body = (value as? any HandEncodedJSON).map { Array($0.json.utf8) } ?? encode(value)
+        let body = (value as? any HandEncodedJSON)?.json ?? encode(value)
         return HTTPResponse(status: status, headers: [("content-type", "application/json")] + headers, body: body)
     }
 }

@@ -193,7 +193,7 @@ private final class ConnectionCount: Sendable {
 /// Collects one request, runs the handler, writes the response; requests
 /// on a connection are answered in order, one at a time: a request that
 /// arrives (pipelined) while another is being answered waits, and the
-/// socket is not read again until both are answered. Responses are written
+/// socket is not read again until it is started. Responses are written
 /// here as bytes, in one write each (NIO's HTTP/1 response encoder, header
 /// validator and pipelining handler took four handler passes and three
 /// writes per response).
@@ -271,13 +271,10 @@ private final class RequestHandler: ChannelDuplexHandler {
     /// Starts the first waiting request unless one is being answered; reads
     /// again when nothing is left to answer.
     private func answerNext(context: ChannelHandlerContext) {
-        guard !answering else { return }
-        guard !closing, let received = waiting.popFirst() else {
-            if readHeld && !closing {
-                readHeld = false
-                context.read()
-            }
-            return
+        guard !answering, !closing, let received = waiting.popFirst() else { return }
+        if waiting.isEmpty && readHeld {
+            readHeld = false
+            context.read()
         }
         if received.tooLarge {
             let response = APIError.payloadTooLarge("the request body is larger than \(bodyBytesMax) bytes").response
@@ -302,8 +299,12 @@ private final class RequestHandler: ChannelDuplexHandler {
         }
     }
 
+    /// Reads go on while one request is being answered (a client that does
+    /// not pipeline sends nothing more meanwhile, and holding the read would
+    /// cost two epoll_ctl calls per request); they stop while a whole
+    /// request waits behind it.
     func read(context: ChannelHandlerContext) {
-        if answering || !waiting.isEmpty {
+        if !waiting.isEmpty {
             readHeld = true
         } else {
             context.read()
