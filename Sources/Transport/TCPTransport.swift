@@ -27,13 +27,6 @@ struct FrameByteDecoder: ByteToMessageDecoder {
     }
 }
 
-struct FrameByteEncoder: MessageToByteEncoder {
-    typealias OutboundIn = Frame
-    func encode(data: Frame, out: inout ByteBuffer) throws {
-        out.writeBytes(data.encoded)
-    }
-}
-
 /// Each peer has two links: bulk traffic (entries, snapshots, forwarded
 /// proposals) and everything else, so heartbeats, votes and
 /// acknowledgements never wait behind a large append or snapshot.
@@ -82,7 +75,7 @@ public struct TransportLimits: Sendable {
 /// outbound connection per peer fed from a bounded queue and re-established
 /// with exponential backoff. Every message travels as a `Frame`. Bad
 /// inbound streams close their connection; the transport carries on.
-/// (Mutual TLS is added on top of this with issue 3.)
+/// With an identity, every connection is mutual TLS 1.3.
 public final class TCPTransport: Sendable {
     public let id: NodeID
     public let limits: TransportLimits
@@ -145,7 +138,7 @@ public final class TCPTransport: Sendable {
         queues.withLock { queues in
             guard queues[LinkKey(peer: peer, lane: .control)] == nil else { return }
             for lane in [Lane.control, .bulk] {
-                let queue = LinkQueue(limit: limits.queuedMessagesPerPeerMax)
+                let queue = LinkQueue(limit: limits.queuedMessagesPerPeerMax, chunkBytes: limits.chunkBytes, messageIDs: messageIDs)
                 queues[LinkKey(peer: peer, lane: lane)] = queue
                 newLinksContinuation.yield((LinkKey(peer: peer, lane: lane), queue))
             }
@@ -164,101 +157,70 @@ public final class TCPTransport: Sendable {
         for (queue, batch) in targets { queue.push(batch) }
     }
 
+    /// Messages waiting for a link to `peer` to be up and take writes.
+    public func waitingMessages(to peer: NodeID) -> Int {
+        queues.withLock { queues in queues.filter { $0.key.peer == peer }.values.map(\.waiting).reduce(0, +) }
+    }
+
     /// Why inbound connections were closed, most recent last (for logs and tests).
     public var rejectedConnections: [String] { rejected.withLock { $0 } }
 
-    /// Listens on `address` and delivers every inbound message to `deliver`,
-    /// and keeps the outbound links, until the task is cancelled. Calls
-    /// `ready` with the bound address once listening.
+    /// Listens on `address` and delivers every inbound message to `deliver`
+    /// (called on the connection's event loop: it must not block), and
+    /// keeps the outbound links, until the task is cancelled. Calls `ready`
+    /// with the bound address once listening.
+    ///
+    /// Messages go straight between NIO's event loops and the caller: an
+    /// inbound frame is decoded and delivered by a channel handler, and an
+    /// outbound batch is written by the loop of its link's channel. (They
+    /// went through Swift tasks on the cooperative pool, NIO's async
+    /// channels, one more thread hop each way per message batch.)
     public func run(listeningOn address: SocketAddress, ready: @Sendable (SocketAddress) -> Void = { _ in },
-                    deliver: @escaping @Sendable (Message) async -> Void) async throws {
-        let frameBytesMax = limits.frameBytesMax
-        let serverTLS = tls?.server
-        let server = try await ServerBootstrap(group: group)
-            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-            .bind(to: address) { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    if let serverTLS { try channel.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: serverTLS)) }
-                    try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(FrameByteDecoder(frameBytesMax: frameBytesMax)))
-                    return try NIOAsyncChannel<Frame, Never>(wrappingChannelSynchronously: channel)
-                }
-            }
-        if let local = server.channel.localAddress { ready(local) }
-        let newLinks = self.newLinks
-        try await withThrowingDiscardingTaskGroup { group in
-            group.addTask {
-                await withDiscardingTaskGroup { links in
-                    for await (key, queue) in newLinks {
-                        links.addTask { await self.maintainLink(to: key.peer, queue) }
-                    }
-                }
-            }
-            try await server.executeThenClose { connections in
-                for try await connection in connections {
-                    group.addTask { await self.serve(connection, deliver) }
-                }
-            }
-        }
-    }
-
-    private func serve(_ connection: NIOAsyncChannel<Frame, Never>, _ deliver: @Sendable (Message) async -> Void) async {
-        do {
-            try await connection.executeThenClose { inbound, _ in
-                var certifiedPeer: NodeID?
-                var assembler = ChunkAssembler(messageBytesMax: limits.chunkedMessageBytesMax)
-                for try await frame in inbound {
-                    let message: Message
-                    switch frame {
-                    case .raftMessage(let whole):
-                        message = whole
-                    case .chunk(let chunk):
-                        guard let whole = try assembler.add(chunk) else { continue }
-                        message = whole
-                    }
-                    if let tls {
-                        // The handshake is done once a frame arrives.
-                        if certifiedPeer == nil { certifiedPeer = try await self.certifiedNode(of: connection.channel, tls.identity.clusterID) }
-                        guard message.from == certifiedPeer else {
-                            throw PeerIdentityError(reason: "message claims node \(message.from) but the certificate names node \(certifiedPeer.map(String.init) ?? "none")")
-                        }
-                    }
-                    await deliver(message)
-                }
-            }
-        } catch is CancellationError {
-            return // shutting down
-        } catch {
-            let peer = connection.channel.remoteAddress.map { "\($0)" } ?? "unknown peer"
-            let reason = "closed connection from \(peer): \(error)"
+                    deliver: @escaping @Sendable (Message) -> Void) async throws {
+        let frameBytesMax = limits.frameBytesMax, chunkedMessageBytesMax = limits.chunkedMessageBytesMax
+        let serverTLS = tls?.server, clusterID = tls?.identity.clusterID
+        let inbound = OpenChannels()
+        let record: @Sendable (String) -> Void = { [self] reason in
             rejected.withLock { log in
                 log.append(reason)
                 if log.count > 100 { log.removeFirst(log.count - 100) }
             }
             onRejected?(reason)
         }
-    }
-
-    /// The node the peer's (already verified) certificate names.
-    private func certifiedNode(of channel: any Channel, _ clusterID: String) async throws -> NodeID {
-        let der = try await channel.eventLoop.submit { () throws -> [UInt8] in
-            guard let certificate = try channel.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self).peerCertificate else {
-                throw PeerIdentityError(reason: "the peer presented no certificate")
+        let server = try await ServerBootstrap(group: group)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelInitializer { channel in
+                guard inbound.add(channel) else { return channel.close() }
+                return channel.eventLoop.makeCompletedFuture {
+                    let sync = channel.pipeline.syncOperations
+                    if let serverTLS { try sync.addHandler(NIOSSLServerHandler(context: serverTLS)) }
+                    try sync.addHandler(ByteToMessageHandler(FrameByteDecoder(frameBytesMax: frameBytesMax)))
+                    try sync.addHandler(FrameReceiver(clusterID: clusterID, chunkedMessageBytesMax: chunkedMessageBytesMax,
+                                                      deliver: deliver, reject: record))
+                }
             }
-            return try certificate.toDERBytes()
-        }.get()
-        guard let node = NodeIdentity.nodeID(inCertificateDER: der, clusterID: clusterID) else {
-            throw PeerIdentityError(reason: "the peer certificate names no node of cluster \(clusterID)")
+            .bind(to: address).get()
+        if let local = server.localAddress { ready(local) }
+        let newLinks = self.newLinks
+        await withDiscardingTaskGroup { links in
+            for await (key, queue) in newLinks {
+                links.addTask { await self.maintainLink(to: key.peer, queue) }
+            }
         }
-        return node
+        // The links end with cancellation or `finish()`; inbound traffic is
+        // served until cancellation.
+        while !Task.isCancelled { try? await Task.sleep(for: .seconds(3600)) }
+        try? await server.close()
+        for channel in inbound.closeAll() { try? await channel.close() }
     }
 
-    /// Connects to one peer and writes its queued messages, reconnecting
-    /// with exponential backoff after any failure, until cancelled.
+    /// Connects to one peer and hands its queue the connection, reconnecting
+    /// with exponential backoff after any failure, until cancelled or the
+    /// queue closes.
     private func maintainLink(to peer: NodeID, _ queue: LinkQueue) async {
         var backoff = limits.reconnectBackoffMin
-        var carried: [Message] = []
         let clientTLS = tls?.client
-        while !Task.isCancelled {
+        while !Task.isCancelled && !queue.isClosed {
             guard let address = peerAddresses.withLock({ $0[peer] }) else {
                 guard (try? await Task.sleep(for: backoff)) != nil else { return }
                 continue
@@ -267,48 +229,33 @@ public final class TCPTransport: Sendable {
                 let channel = try await ClientBootstrap(group: group)
                     .connectTimeout(limits.connectTimeout)
                     .channelOption(.socketOption(.tcp_nodelay), value: 1)
-                    .connect(to: address) { channel in
+                    .channelInitializer { channel in
                         channel.eventLoop.makeCompletedFuture {
                             if let clientTLS {
                                 try channel.pipeline.syncOperations.addHandler(try NIOSSLClientHandler(context: clientTLS, serverHostname: nil))
                             }
-                            try channel.pipeline.syncOperations.addHandler(MessageToByteHandler(FrameByteEncoder()))
-                            return try NIOAsyncChannel<Never, Frame>(wrappingChannelSynchronously: channel)
+                            try channel.pipeline.syncOperations.addHandler(WritabilityRelay(queue: queue))
                         }
                     }
+                    .connect(to: address).get()
                 backoff = limits.reconnectBackoffMin
-                try await channel.executeThenClose { _, outbound in
-                    // Everything queued goes out in one write and one flush.
-                    if !carried.isEmpty {
-                        try await outbound.write(contentsOf: self.frames(carried))
-                        carried = []
-                    }
-                    while let batch = await queue.next() {
-                        carried = batch
-                        try await outbound.write(contentsOf: self.frames(batch))
-                        carried = []
-                    }
+                queue.attach(channel)
+                await withTaskCancellationHandler {
+                    try? await channel.closeFuture.get()
+                } onCancel: {
+                    channel.close(promise: nil)
                 }
-                return // the queue closed: the transport is shutting down
-            } catch {
-                guard (try? await Task.sleep(for: backoff)) != nil else { return }
-                backoff = min(backoff * 2, limits.reconnectBackoffMax)
-            }
+                queue.detach(channel)
+            } catch {}
+            guard !Task.isCancelled, !queue.isClosed, (try? await Task.sleep(for: backoff)) != nil else { return }
+            backoff = min(backoff * 2, limits.reconnectBackoffMax)
         }
     }
 
-    private let nextMessageID = Atomic<UInt64>(1)
+    private let messageIDs = MessageIDs()
 
-    /// Frames for a batch: large messages (snapshots) in pieces of
-    /// `limits.chunkBytes`, so no frame nears the frame limit.
-    private func frames(_ messages: [Message]) -> [Frame] {
-        messages.flatMap { message in
-            Frame.frames(for: message, chunkBytes: limits.chunkBytes,
-                         messageID: nextMessageID.wrappingAdd(1, ordering: .relaxed).oldValue)
-        }
-    }
-
-    /// Ends every outbound queue; `run` returns once its task is cancelled.
+    /// Ends every outbound queue (closing its connection); `run` returns
+    /// once its task is cancelled.
     public func finish() {
         newLinksContinuation.finish()
         queues.withLock { queues in
@@ -317,66 +264,214 @@ public final class TCPTransport: Sendable {
     }
 }
 
-/// One link's outbound messages: pushes never block (the oldest are dropped
-/// beyond `limit`; Raft resends what matters), and the link takes
-/// everything queued at once.
+/// One inbound connection's end: each whole message (pieces of a large one
+/// put back together) goes to `deliver` on the connection's event loop,
+/// once the peer's certificate (with TLS) is seen to name its sender. A bad
+/// stream, a sender other than the certified node, or a failed handshake
+/// closes the connection, and `reject` is told why.
+final class FrameReceiver: ChannelInboundHandler {
+    typealias InboundIn = Frame
+
+    private let clusterID: String?
+    private var assembler: ChunkAssembler
+    private var certifiedPeer: NodeID?
+    private let deliver: @Sendable (Message) -> Void
+    private let reject: @Sendable (String) -> Void
+    private var failed = false
+
+    init(clusterID: String?, chunkedMessageBytesMax: Int, deliver: @escaping @Sendable (Message) -> Void,
+         reject: @escaping @Sendable (String) -> Void) {
+        self.clusterID = clusterID
+        assembler = ChunkAssembler(messageBytesMax: chunkedMessageBytesMax)
+        self.deliver = deliver
+        self.reject = reject
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !failed else { return }
+        do {
+            let message: Message
+            switch unwrapInboundIn(data) {
+            case .raftMessage(let whole):
+                message = whole
+            case .chunk(let chunk):
+                guard let whole = try assembler.add(chunk) else { return }
+                message = whole
+            }
+            if let clusterID {
+                // The handshake is done once a frame arrives.
+                if certifiedPeer == nil { certifiedPeer = try Self.certifiedNode(context, clusterID) }
+                guard message.from == certifiedPeer else {
+                    throw PeerIdentityError(reason: "message claims node \(message.from) but the certificate names node \(certifiedPeer.map(String.init) ?? "none")")
+                }
+            }
+            deliver(message)
+        } catch {
+            fail(context, error)
+        }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        fail(context, error)
+    }
+
+    private func fail(_ context: ChannelHandlerContext, _ error: any Error) {
+        guard !failed else { return }
+        failed = true
+        let peer = context.channel.remoteAddress.map { "\($0)" } ?? "unknown peer"
+        reject("closed connection from \(peer): \(error)")
+        context.close(promise: nil)
+    }
+
+    /// The node the peer's (already verified) certificate names.
+    private static func certifiedNode(_ context: ChannelHandlerContext, _ clusterID: String) throws -> NodeID {
+        guard let certificate = try context.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self).peerCertificate else {
+            throw PeerIdentityError(reason: "the peer presented no certificate")
+        }
+        guard let node = NodeIdentity.nodeID(inCertificateDER: try certificate.toDERBytes(), clusterID: clusterID) else {
+            throw PeerIdentityError(reason: "the peer certificate names no node of cluster \(clusterID)")
+        }
+        return node
+    }
+}
+
+/// Ids for messages sent in pieces, unique across a transport's links.
+final class MessageIDs: Sendable {
+    private let last = Atomic<UInt64>(0)
+    func next() -> UInt64 { last.wrappingAdd(1, ordering: .relaxed).newValue }
+}
+
+/// The inbound connections open now, to close when the transport stops.
+private final class OpenChannels: Sendable {
+    private let state = Mutex<(channels: [ObjectIdentifier: any Channel], closed: Bool)>(([:], false))
+
+    /// False once closed (the connection is to be refused).
+    func add(_ channel: any Channel) -> Bool {
+        let key = ObjectIdentifier(channel)
+        let added = state.withLock { state in
+            guard !state.closed else { return false }
+            state.channels[key] = channel
+            return true
+        }
+        if added { channel.closeFuture.whenComplete { [self] _ in _ = state.withLock { $0.channels.removeValue(forKey: key) } } }
+        return added
+    }
+
+    func closeAll() -> [any Channel] {
+        state.withLock { state in
+            state.closed = true
+            return Array(state.channels.values)
+        }
+    }
+}
+
+/// Tells a link's queue when its connection can take writes again.
+private final class WritabilityRelay: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    let queue: LinkQueue
+
+    init(queue: LinkQueue) {
+        self.queue = queue
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable { queue.drainLater(context.channel) }
+        context.fireChannelWritabilityChanged()
+    }
+}
+
+/// One link's outbound messages. A batch pushed while the link's connection
+/// is up and takes writes is written at once, by the connection's event
+/// loop; otherwise it waits here (the oldest dropped beyond `limit`: Raft
+/// resends what matters) until the connection is up and writable again.
+/// Batches reach the connection in the order they were pushed: every write
+/// is a task on its loop, queued under this queue's lock.
 final class LinkQueue: Sendable {
     private struct State {
         var messages: [Message] = []
-        var waiter: CheckedContinuation<[Message]?, Never>?
+        var channel: (any Channel)?
         var closed = false
     }
     private let state = Mutex(State())
     let limit: Int
+    private let chunkBytes: Int
+    private let messageIDs: MessageIDs
 
-    init(limit: Int) {
+    init(limit: Int, chunkBytes: Int, messageIDs: MessageIDs) {
         self.limit = limit
+        self.chunkBytes = chunkBytes
+        self.messageIDs = messageIDs
     }
 
+    var isClosed: Bool { state.withLock { $0.closed } }
+
+    /// Messages waiting for a connection (for tests).
+    var waiting: Int { state.withLock { $0.messages.count } }
+
     func push(_ batch: [Message]) {
-        let (waiter, handed): (CheckedContinuation<[Message]?, Never>?, [Message]) = state.withLock { state in
-            guard !state.closed else { return (nil, []) }
-            if let waiter = state.waiter {
-                state.waiter = nil
-                return (waiter, Array(batch.suffix(limit)))
+        state.withLock { state in
+            guard !state.closed else { return }
+            if let channel = state.channel, state.messages.isEmpty, channel.isWritable {
+                let bytes = framed(batch, channel.allocator)
+                channel.eventLoop.execute { channel.writeAndFlush(bytes, promise: nil) }
+                return
             }
             state.messages.append(contentsOf: batch)
             if state.messages.count > limit { state.messages.removeFirst(state.messages.count - limit) }
-            return (nil, [])
-        }
-        waiter?.resume(returning: handed)
-    }
-
-    /// Everything queued, waiting for something if empty; nil once closed.
-    func next() async -> [Message]? {
-        await withTaskCancellationHandler {
-            await take()
-        } onCancel: {
-            close()
         }
     }
 
-    private func take() async -> [Message]? {
-        await withCheckedContinuation { continuation in
-            let ready: [Message]?? = state.withLock { state in
-                if !state.messages.isEmpty {
-                    defer { state.messages.removeAll(keepingCapacity: true) }
-                    return .some(state.messages)
-                }
-                if state.closed { return .some(nil) }
-                state.waiter = continuation
-                return nil
-            }
-            if let ready { continuation.resume(returning: ready) }
+    /// The link's new connection: what waited is written first.
+    func attach(_ channel: any Channel) {
+        let refused = state.withLock { state in
+            guard !state.closed else { return true }
+            state.channel = channel
+            if !state.messages.isEmpty { channel.eventLoop.execute { self.drain(channel) } }
+            return false
         }
+        if refused { channel.close(promise: nil) }
+    }
+
+    /// The connection closed; batches wait again until the next one.
+    func detach(_ channel: any Channel) {
+        state.withLock { state in
+            if state.channel === channel { state.channel = nil }
+        }
+    }
+
+    /// Writes what waits, behind every write already queued on the loop.
+    func drainLater(_ channel: any Channel) {
+        channel.eventLoop.execute { self.drain(channel) }
+    }
+
+    /// On the channel's loop: writes what waits if the channel is still
+    /// this link's and takes writes.
+    private func drain(_ channel: any Channel) {
+        state.withLock { state in
+            guard state.channel === channel, !state.messages.isEmpty, channel.isWritable else { return }
+            channel.writeAndFlush(framed(state.messages, channel.allocator), promise: nil)
+            state.messages.removeAll(keepingCapacity: true)
+        }
+    }
+
+    /// Frames for a batch, as the bytes of one write: large messages
+    /// (snapshots) in pieces of `chunkBytes`, so no frame nears the frame limit.
+    private func framed(_ messages: [Message], _ allocator: ByteBufferAllocator) -> ByteBuffer {
+        let encoded = messages.flatMap { message in
+            Frame.frames(for: message, chunkBytes: chunkBytes, messageID: messageIDs.next()).map(\.encoded)
+        }
+        var buffer = allocator.buffer(capacity: encoded.reduce(0) { $0 + $1.count })
+        for bytes in encoded { buffer.writeBytes(bytes) }
+        return buffer
     }
 
     func close() {
-        let waiter = state.withLock { state in
+        let channel = state.withLock { state in
             state.closed = true
-            defer { state.waiter = nil }
-            return state.waiter
+            state.messages = []
+            defer { state.channel = nil }
+            return state.channel
         }
-        waiter?.resume(returning: nil)
+        channel?.close(promise: nil)
     }
 }

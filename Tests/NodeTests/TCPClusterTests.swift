@@ -46,7 +46,7 @@ struct TCPClusterTests {
         var tasks: [Task<Void, Never>] = []
         for id in ids {
             let transport = transports[id]!, driver = drivers[id]!
-            tasks.append(Task { try? await transport.run(listeningOn: loopback, ready: { bound.set(id, $0) }) { await driver.receive($0) } })
+            tasks.append(Task { try? await transport.run(listeningOn: loopback, ready: { bound.set(id, $0) }) { driver.enqueue($0) } })
             tasks.append(Task {
                 for _ in 0..<20_000 {
                     guard (try? await Task.sleep(for: .milliseconds(5))) != nil else { return }
