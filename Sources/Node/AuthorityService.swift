@@ -20,7 +20,9 @@ public final class AuthorityService: Sendable {
         public var id: String { entry.id }
     }
 
-    public struct Keys: Sendable {
+    /// A class: a request takes it out of the cache, and copying a struct
+    /// of this many references cost a retain and a release each.
+    public final class Keys: Sendable {
         /// The authority that signs.
         public let active: Authority
         /// Every authority bundles publish now (prepared, active, retired
@@ -36,6 +38,14 @@ public final class AuthorityService: Sendable {
         public let x509Chains = VerificationMemo<TrustBundle.MemoizedX509>()
         public var x509: X509Authority { active.x509 }
         public var jwt: JWTAuthority { active.jwt }
+
+        init(active: Authority, published: [Authority], bundle: TrustBundle, bundlePEM: String, revocations: RevocationList) {
+            self.active = active
+            self.published = published
+            self.bundle = bundle
+            self.bundlePEM = bundlePEM
+            self.revocations = revocations
+        }
 
         /// The rule that revokes an identity, if any.
         public func revocation(serial: String, spiffeID: String, attributes: Attributes, issuedAt: Date) -> Revocation? {

@@ -140,6 +140,19 @@ struct HTTPServerTests {
         }
     }
 
+    @Test("Thousands of small requests pipelined in one write are all answered, in order")
+    func manyPipelined() async throws {
+        try await Self.withServer { server in
+            let count = 3_000
+            let requests = (0..<count).map { "GET /n\($0) HTTP/1.1\r\nhost: x\r\n\r\n" }.joined()
+            let answer = try await Self.exchange(server, requests, expectedResponses: count)
+            let bodies = answer.text.components(separatedBy: "\r\n\r\n").dropFirst().map { $0.components(separatedBy: "HTTP/1.1").first ?? "" }
+            #expect(bodies.count == count)
+            #expect(bodies == (0..<count).map { "GET /n\($0) " })
+            #expect(!answer.closed)
+        }
+    }
+
     @Test("Bytes that are not HTTP/1.1 get 400 bad_http and the connection closes")
     func notHTTP() async throws {
         try await Self.withServer { server in
