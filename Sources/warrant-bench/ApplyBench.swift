@@ -76,7 +76,20 @@ func runApply(count: Int, batches: [Int], directory: URL) throws {
         guard issued == count else { throw BenchFailure(description: "only \(issued) of \(count) issuances applied: \(outcomes.first { if case .issued = $0.result { return false } else { return true } }.map { "\($0.result)" } ?? "")") }
         print(String(format: "%5d  %11.0f  %14.1f  %14.0f  %17.0f", batch, Double(count) / elapsed, elapsed / Double(count) * 1e6,
                      Double(transactions) / elapsed, written))
-        if batch == batches.last { try measureCheckpoint(store: store, node: node, path: path) }
+        if batch == batches.last {
+            // Each checkpoint is taken at a new index (a store refuses one
+            // at or before the newest it wrote): one more command first.
+            var round = 0
+            try measureCheckpoint(path: path, store: store) {
+                if round > 0 {
+                    try node.propose(batch: [command(.putDocument(name: "bench/checkpoint", format: .json, content: Array("{\"round\":\(round)}".utf8),
+                                                                  expectedVersion: nil))])
+                    try drain()
+                }
+                round += 1
+                return node.snapshotMetadata(at: node.appliedIndex)
+            }
+        }
     }
 }
 
@@ -91,14 +104,14 @@ private func threadCPUMilliseconds() -> Double {
 /// The CPU a checkpoint of the ledger costs, as a node writes it (around
 /// the page cache where the file system allows), against the same bytes
 /// written through the page cache, alternating three times.
-private func measureCheckpoint(store: RaftStore, node: RaftNode, path: String) throws {
-    guard let metadata = node.snapshotMetadata(at: node.appliedIndex) else { return }
+private func measureCheckpoint(path: String, store: RaftStore, nextMetadata: () throws -> SnapshotMetadata?) throws {
     func checkpointFile() throws -> String? {
         let files = FileManager.default.enumerator(atPath: path)?.compactMap { $0 as? String } ?? []
         return files.first { ($0 as NSString).lastPathComponent.hasPrefix("checkpoint-") && $0.hasSuffix(".ledger") }.map { path + "/" + $0 }
     }
     var direct: [Double] = [], cached: [Double] = [], megabytes = 0.0, documents = 0
     for _ in 0..<3 {
+        guard let metadata = try nextMetadata() else { return }
         let checkpoint = try store.beginCheckpoint(metadata)
         let before = threadCPUMilliseconds()
         documents = try checkpoint.write()
