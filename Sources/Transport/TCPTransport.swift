@@ -1,6 +1,7 @@
 import NIOCore
 import NIOPosix
 import NIOSSL
+import NIOTLS
 import Raft
 import Synchronization
 
@@ -226,7 +227,14 @@ public final class TCPTransport: Sendable {
                 continue
             }
             do {
-                let channel = try await ClientBootstrap(group: group)
+                // The link takes messages once the connection is ready: TCP
+                // up and, with TLS, the handshake done (NIOSSL would hold
+                // every write until then, whatever the queue's bound), within
+                // the connect timeout.
+                let ready = LinkReadiness(group.any().makePromise(of: Void.self))
+                let connected: any Channel
+                do {
+                    connected = try await ClientBootstrap(group: group)
                     .connectTimeout(limits.connectTimeout)
                     .channelOption(.socketOption(.tcp_nodelay), value: 1)
                     .channelInitializer { channel in
@@ -234,10 +242,24 @@ public final class TCPTransport: Sendable {
                             if let clientTLS {
                                 try channel.pipeline.syncOperations.addHandler(try NIOSSLClientHandler(context: clientTLS, serverHostname: nil))
                             }
-                            try channel.pipeline.syncOperations.addHandler(WritabilityRelay(queue: queue))
+                            try channel.pipeline.syncOperations.addHandler(LinkWatcher(queue: queue, ready: ready, waitsForHandshake: clientTLS != nil))
                         }
                     }
                     .connect(to: address).get()
+                } catch {
+                    ready.settle(.failure(error))
+                    throw error
+                }
+                let channel = connected
+                let deadline = channel.eventLoop.scheduleTask(in: limits.connectTimeout) { channel.close(promise: nil) }
+                do {
+                    try await ready.future.get()
+                } catch {
+                    deadline.cancel()
+                    channel.close(promise: nil)
+                    throw error
+                }
+                deadline.cancel()
                 backoff = limits.reconnectBackoffMin
                 queue.attach(channel)
                 await withTaskCancellationHandler {
@@ -290,6 +312,9 @@ final class FrameReceiver: ChannelInboundHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard !failed else { return }
         do {
+            // The handshake is done once a frame arrives: only a node of
+            // this cluster gets pieces of a large message held for it.
+            if let clusterID, certifiedPeer == nil { certifiedPeer = try Self.certifiedNode(context, clusterID) }
             let message: Message
             switch unwrapInboundIn(data) {
             case .raftMessage(let whole):
@@ -298,9 +323,7 @@ final class FrameReceiver: ChannelInboundHandler {
                 guard let whole = try assembler.add(chunk) else { return }
                 message = whole
             }
-            if let clusterID {
-                // The handshake is done once a frame arrives.
-                if certifiedPeer == nil { certifiedPeer = try Self.certifiedNode(context, clusterID) }
+            if clusterID != nil {
                 guard message.from == certifiedPeer else {
                     throw PeerIdentityError(reason: "message claims node \(message.from) but the certificate names node \(certifiedPeer.map(String.init) ?? "none")")
                 }
@@ -365,13 +388,60 @@ private final class OpenChannels: Sendable {
     }
 }
 
-/// Tells a link's queue when its connection can take writes again.
-private final class WritabilityRelay: ChannelInboundHandler {
+/// Whether a link's new connection became ready, settled once by whichever
+/// learns first (the connection's watcher, or a connect that failed).
+final class LinkReadiness: Sendable {
+    private let promise: EventLoopPromise<Void>
+    private let settled = Atomic(false)
+    init(_ promise: EventLoopPromise<Void>) { self.promise = promise }
+    var future: EventLoopFuture<Void> { promise.futureResult }
+    func settle(_ result: Result<Void, any Error>) {
+        guard !settled.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        promise.completeWith(result)
+    }
+}
+
+/// Watches a link's outbound connection: says when it is ready (TCP up,
+/// and the TLS handshake done when there is TLS), or that it closed before
+/// that; tells the queue when the connection takes writes again.
+private final class LinkWatcher: ChannelInboundHandler {
     typealias InboundIn = ByteBuffer
     let queue: LinkQueue
+    private let ready: LinkReadiness
+    private let waitsForHandshake: Bool
 
-    init(queue: LinkQueue) {
+    init(queue: LinkQueue, ready: LinkReadiness, waitsForHandshake: Bool) {
         self.queue = queue
+        self.ready = ready
+        self.waitsForHandshake = waitsForHandshake
+    }
+
+    private func settle(_ result: Result<Void, any Error>) {
+        ready.settle(result)
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        if !waitsForHandshake { settle(.success(())) }
+        context.fireChannelActive()
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        if !waitsForHandshake && context.channel.isActive { settle(.success(())) }
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case .handshakeCompleted? = event as? TLSUserEvent { settle(.success(())) }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        settle(.failure(ChannelError.ioOnClosedChannel))
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        settle(.failure(error))
+        context.close(promise: nil)
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
@@ -409,10 +479,12 @@ final class LinkQueue: Sendable {
     var waiting: Int { state.withLock { $0.messages.count } }
 
     func push(_ batch: [Message]) {
+        // Framed before the lock is taken (a large batch is slow to frame);
+        // used only if the batch goes straight to the connection.
+        let bytes = framed(batch, ByteBufferAllocator())
         state.withLock { state in
             guard !state.closed else { return }
             if let channel = state.channel, state.messages.isEmpty, channel.isWritable {
-                let bytes = framed(batch, channel.allocator)
                 channel.eventLoop.execute { channel.writeAndFlush(bytes, promise: nil) }
                 return
             }
@@ -447,11 +519,16 @@ final class LinkQueue: Sendable {
     /// On the channel's loop: writes what waits if the channel is still
     /// this link's and takes writes.
     private func drain(_ channel: any Channel) {
-        state.withLock { state in
-            guard state.channel === channel, !state.messages.isEmpty, channel.isWritable else { return }
-            channel.writeAndFlush(framed(state.messages, channel.allocator), promise: nil)
-            state.messages.removeAll(keepingCapacity: true)
+        // Taken under the lock, written after it: a push meanwhile that
+        // goes straight to the connection queues its write on this loop,
+        // behind this task.
+        let batch: [Message] = state.withLock { state in
+            guard state.channel === channel, !state.messages.isEmpty, channel.isWritable else { return [] }
+            defer { state.messages.removeAll(keepingCapacity: true) }
+            return state.messages
         }
+        guard !batch.isEmpty else { return }
+        channel.writeAndFlush(framed(batch, channel.allocator), promise: nil)
     }
 
     /// Frames for a batch, as the bytes of one write: large messages

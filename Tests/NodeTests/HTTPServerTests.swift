@@ -39,6 +39,8 @@ struct HTTPServerTests {
         let server: HTTPServer
         let address: SocketAddress
         let identity: NodeIdentity
+        let counters: Counters
+        var handled: Int { counters.handled.load(ordering: .relaxed) }
     }
 
     /// A server whose handler echoes the body, after `delay` ms from the
@@ -53,12 +55,14 @@ struct HTTPServerTests {
             counters.mostAtOnce.max(now)
             if let delay = request.query["delay"].flatMap(Int.init) { try? await Task.sleep(for: .milliseconds(delay)) }
             counters.running.wrappingSubtract(1, ordering: .relaxed)
+            counters.handled.wrappingAdd(1, ordering: .relaxed)
+            if let size = request.query["size"].flatMap(Int.init) { return HTTPResponse(status: .ok, body: [UInt8](repeating: 0x61, count: size)) }
             return HTTPResponse(status: .ok, headers: [("content-type", "text/plain"), ("Content-Length", "999")],
                                 body: Array("\(request.method.rawValue) \(request.path) ".utf8) + request.body)
         }
         let address = try await server.start(at: try SocketAddress(ipAddress: "127.0.0.1", port: 0))
         do {
-            try await body(Server(group: group, server: server, address: address, identity: identity))
+            try await body(Server(group: group, server: server, address: address, identity: identity, counters: counters))
             #expect(counters.mostAtOnce.load() <= 1, "requests on one connection ran at once")
         } catch {
             await server.stop()
@@ -71,6 +75,7 @@ struct HTTPServerTests {
 
     private final class Counters: Sendable {
         let running = Atomic<Int>(0)
+        let handled = Atomic<Int>(0)
         let mostAtOnce = MaxCounter()
     }
 
@@ -90,12 +95,16 @@ struct HTTPServerTests {
     /// Sends `bytes` in one write and collects the answer until the server
     /// closes, `expectedResponses` status lines have arrived, or 5 s pass.
     private static func exchange(_ server: Server, _ bytes: String, expectedResponses: Int) async throws -> Exchange {
+        try await exchange(server, [bytes], expectedResponses: expectedResponses)
+    }
+
+    /// Connects over TLS (the client's channel, unread after `stopReading`).
+    private static func connect(_ server: Server, _ collector: Collector) async throws -> any Channel {
         var configuration = TLSConfiguration.makeClientConfiguration()
         configuration.trustRoots = .certificates([try server.identity.nioCACertificate])
         configuration.certificateVerification = .noHostnameVerification
         let tls = try NIOSSLContext(configuration: configuration)
-        let collector = Collector()
-        let channel = try await ClientBootstrap(group: server.group)
+        return try await ClientBootstrap(group: server.group)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(try NIOSSLClientHandler(context: tls, serverHostname: nil))
@@ -103,7 +112,16 @@ struct HTTPServerTests {
                 }
             }
             .connect(to: server.address).get()
-        try await channel.writeAndFlush(ByteBuffer(string: bytes))
+    }
+
+    /// Sends each part in a write of its own, 50 ms apart, and collects as `exchange` does.
+    private static func exchange(_ server: Server, _ parts: [String], expectedResponses: Int) async throws -> Exchange {
+        let collector = Collector()
+        let channel = try await connect(server, collector)
+        for (index, part) in parts.enumerated() {
+            if index > 0 { try await Task.sleep(for: .milliseconds(50)) }
+            try? await channel.writeAndFlush(ByteBuffer(string: part))
+        }
         let deadline = ContinuousClock.now + .seconds(5)
         func statusLines() -> Int {
             let text = String(decoding: collector.received.withLock { $0 }, as: UTF8.self)
@@ -150,6 +168,58 @@ struct HTTPServerTests {
             #expect(bodies.count == count)
             #expect(bodies == (0..<count).map { "GET /n\($0) " })
             #expect(!answer.closed)
+        }
+    }
+
+    @Test("Bad bytes after a request being answered: its answer still arrives, then the connection closes")
+    func answerBeforeBadBytes() async throws {
+        try await Self.withServer { server in
+            let answer = try await Self.exchange(server, ["POST /slow?delay=2000 HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\nok",
+                                                          "NOT HTTP\r\n\r\n", "more bytes after the bad ones\r\n"], expectedResponses: 1)
+            #expect(answer.text.hasPrefix("HTTP/1.1 200 OK\r\n"))
+            #expect(answer.text.contains("connection: close\r\n"))
+            #expect(answer.text.hasSuffix("POST /slow ok"))
+            #expect(answer.closed)
+        }
+    }
+
+    @Test("An upgrade or CONNECT request is answered with connection: close, nothing is upgraded, and nothing after it is read")
+    func upgradeCloses() async throws {
+        try await Self.withServer { server in
+            for first in ["GET /u HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
+                          "CONNECT example.com:443 HTTP/1.1\r\nhost: example.com:443\r\n\r\n"] {
+                let answer = try await Self.exchange(server, first + "GET /after HTTP/1.1\r\nhost: x\r\n\r\n", expectedResponses: 1)
+                #expect(answer.text.hasPrefix("HTTP/1.1 200 OK\r\n"), "\(answer.text)")
+                #expect(answer.text.contains("connection: close\r\n"))
+                #expect(!answer.text.contains("/after"))
+                #expect(answer.closed)
+            }
+        }
+    }
+
+    @Test("A client that pipelines and stops reading stops being answered once its connection is full")
+    func unreadAnswersAreBounded() async throws {
+        try await Self.withServer { server in
+            let collector = Collector()
+            let channel = try await Self.connect(server, collector)
+            // One answer read (the handshake is done), then nothing more is read.
+            try await channel.writeAndFlush(ByteBuffer(string: "GET /first HTTP/1.1\r\nhost: x\r\n\r\n"))
+            for _ in 0..<500 where !String(decoding: collector.received.withLock { $0 }, as: UTF8.self).contains("GET /first ") {
+                try await Task.sleep(for: .milliseconds(10))
+            }
+            try await channel.setOption(.autoRead, value: false).get()
+            let requests = String(repeating: "GET /big?size=262144 HTTP/1.1\r\nhost: x\r\n\r\n", count: 400)
+            try await channel.writeAndFlush(ByteBuffer(string: requests))
+            // Waits until the server stops answering (bounded: 5 s).
+            var last = -1
+            for _ in 0..<50 where server.handled != last {
+                last = server.handled
+                try await Task.sleep(for: .milliseconds(100))
+            }
+            // What fits in the sockets' buffers and the channel's write
+            // watermark, not the 400 answers of 256 KiB (100 MiB) asked for.
+            #expect(server.handled < 150, "\(server.handled) answers made for a client reading nothing")
+            try await channel.close()
         }
     }
 

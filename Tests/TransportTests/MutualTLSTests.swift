@@ -51,6 +51,30 @@ struct MutualTLSTests {
         }
     }
 
+    @Test("A link takes messages only once its TLS handshake is done: to a peer that accepts and never answers, they wait, the queue's limit at most")
+    func linkWaitsForHandshake() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        // Accepts TCP connections and never speaks TLS.
+        let mute = try await ServerBootstrap(group: group).bind(host: "127.0.0.1", port: 0).get()
+        let ca = try ClusterCA.create(clusterID: "c1")
+        var limits = TransportLimits()
+        limits.queuedMessagesPerPeerMax = 8
+        limits.connectTimeout = .milliseconds(300)
+        let one = try TCPTransport(id: 1, peers: [2: mute.localAddress!], group: group, limits: limits, identity: try ca.issueNodeIdentity(1))
+        let runOne = Task { try? await one.run(listeningOn: try SocketAddress(ipAddress: "127.0.0.1", port: 0)) { _ in } }
+        try await Task.sleep(for: .milliseconds(100)) // the TCP connection is up by now
+        for round in UInt64(1)...20 { one.send([ping(1, round)]) }
+        #expect(one.waitingMessages(to: 2) == 8, "messages went to a connection whose handshake never finished")
+        // Past the handshake timeout the link reconnects; the messages still wait.
+        try await Task.sleep(for: .milliseconds(700))
+        #expect(one.waitingMessages(to: 2) == 8)
+        runOne.cancel()
+        one.finish()
+        await runOne.value
+        try await mute.close()
+        try await group.shutdownGracefully()
+    }
+
     @Test("A peer from another cluster is refused at the handshake, and the refusal is recorded")
     func otherClusterIsRefused() async throws {
         let ours = try ClusterCA.create(clusterID: "ours")

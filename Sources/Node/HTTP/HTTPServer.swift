@@ -169,7 +169,8 @@ public final class HTTPServer: Sendable {
                     let sync = channel.pipeline.syncOperations
                     try sync.addHandler(NIOSSLServerHandler(context: tls))
                     try sync.addHandler(IdleStateHandler(allTimeout: limits.idleTimeout))
-                    try sync.addHandler(ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes)))
+                    // Bytes the decoder has not consumed, at most 1 MiB (it consumes as it parses).
+                    try sync.addHandler(ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes), maximumBufferSize: 1 << 20))
                     try sync.addHandler(RequestHandler(clusterID: clusterID, clusterCA: clusterCA, bodyBytesMax: limits.requestBodyBytesMax, handler: handler))
                 }
             }
@@ -206,6 +207,8 @@ private final class RequestHandler: ChannelDuplexHandler {
         var head: HTTPRequestHead
         var body: [UInt8] = []
         var tooLarge = false
+        /// Answered with `connection: close`, and nothing after it.
+        var lastOnConnection = false
     }
 
     private let clusterID: String
@@ -254,6 +257,9 @@ private final class RequestHandler: ChannelDuplexHandler {
         switch unwrapInboundIn(data) {
         case .head(let head):
             receiving = Received(head: head)
+            // The decoder reads nothing after a CONNECT or an upgrade
+            // request: it is answered (nothing is upgraded), then closed.
+            if head.method == .CONNECT || head.headers.contains(name: "upgrade") { receiving!.lastOnConnection = true }
         case .body(let buffer):
             guard receiving != nil, !receiving!.tooLarge else { return }
             if receiving!.body.count + buffer.readableBytes > bodyBytesMax {
@@ -278,12 +284,12 @@ private final class RequestHandler: ChannelDuplexHandler {
         guard !startingNext else { return }
         startingNext = true
         defer { startingNext = false }
-        while !answering, !closing, let received = waiting.popFirst() {
-            if waiting.isEmpty && readHeld {
-                readHeld = false
-                context.read()
-            }
+        while !answering, !closing, context.channel.isWritable, let received = waiting.popFirst() {
             start(received, context: context)
+        }
+        if readHeld, waiting.isEmpty, !closing, context.channel.isWritable {
+            readHeld = false
+            context.read()
         }
     }
 
@@ -295,7 +301,8 @@ private final class RequestHandler: ChannelDuplexHandler {
         }
         answering = true
         let request = makeRequest(received.head, body: received.body, context: context)
-        let keepAlive = received.head.isKeepAlive, bodyless = received.head.method == .HEAD
+        let keepAlive = received.head.isKeepAlive && !received.lastOnConnection, bodyless = received.head.method == .HEAD
+        if !keepAlive { closing = true }
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
         let handler = self.handler
         // The handler starts at once, here on this connection's event loop,
@@ -316,9 +323,11 @@ private final class RequestHandler: ChannelDuplexHandler {
     /// Reads go on while one request is being answered (a client that does
     /// not pipeline sends nothing more meanwhile, and holding the read would
     /// cost two epoll_ctl calls per request); they stop while a whole
-    /// request waits behind it.
+    /// request waits behind it, and while the connection takes no more
+    /// writes (a client that pipelines and never reads would otherwise
+    /// pile up answers here without end).
     func read(context: ChannelHandlerContext) {
-        if !waiting.isEmpty {
+        if !waiting.isEmpty || !context.channel.isWritable {
             readHeld = true
         } else {
             context.read()
@@ -357,6 +366,18 @@ private final class RequestHandler: ChannelDuplexHandler {
         promise.futureResult.whenComplete { _ in channel.close(promise: nil) }
     }
 
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable { answerNext(context: context) }
+        context.fireChannelWritabilityChanged()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        closing = true
+        waiting.removeAll()
+        receiving = nil
+        context.fireChannelInactive()
+    }
+
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if event is IdleStateHandler.IdleStateEvent {
             context.close(promise: nil)
@@ -366,9 +387,13 @@ private final class RequestHandler: ChannelDuplexHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        // Bytes that are not HTTP/1.1 get a 400 (after the response being
-        // answered, if any, which then closes the connection); anything else closes it.
-        guard error is HTTPParserError, !closing else {
+        // Bytes that are not HTTP/1.1 get a 400 and the connection closes;
+        // if a request is being answered, its answer goes out first, then
+        // the connection closes (without the 400: the client is still
+        // reading that answer). Anything else closes it at once.
+        let undecodable = error is HTTPParserError || error is ByteToMessageDecoderError
+        if closing && undecodable { return } // more bytes after the bad ones: the close is on its way
+        guard undecodable else {
             context.close(promise: nil)
             return
         }
