@@ -292,4 +292,15 @@ struct HTTPServerTests {
         #expect(ok)
         #expect(String(buffer: buffer) == "HTTP/1.1 201 Created\r\nx-a: 1\r\ncontent-length: 3\r\n\r\nabc")
     }
+
+    @Test("A request target's path and query are percent-decoded; malformed escapes stay as they are")
+    func requestTarget() {
+        #expect(RequestTarget.split("/v1/documents/a%2Fb") == ("/v1/documents/a/b", [:]))
+        #expect(RequestTarget.split("/plain/path") == ("/plain/path", [:]))
+        let (path, query) = RequestTarget.split("/v1/audit?after=10&kind=identity%2Eissue&flag&x%3D=%zz&pct=100%")
+        #expect(path == "/v1/audit")
+        #expect(query == ["after": "10", "kind": "identity.issue", "flag": "", "x=": "%zz", "pct": "100%"])
+        #expect(RequestTarget.split("/a%41%4a?") == ("/aAJ", [:]))
+        #expect(RequestTarget.split("/%E2%9C%93") == ("/\u{2713}", [:]))
+    }
 }

@@ -310,13 +310,18 @@ private final class RequestHandler: ChannelDuplexHandler {
         // and back here), not on Swift's cooperative pool: two thread hops
         // fewer per request, and a handler that never suspends (a
         // verification) answers within this read. Handlers do not block.
-        let answered = context.eventLoop.makePromise(of: HTTPResponse.self)
-        Task.immediate(executorPreference: executor) { answered.succeed(await handler(request)) }
-        answered.futureResult.whenSuccess { response in
+        // The answer is written from the task itself (no promise and
+        // future in between): after its last await it is back on this loop.
+        let loop = context.eventLoop
+        let finish: @Sendable (HTTPResponse) -> Void = { response in
             let (this, context) = loopBound.value
             this.answering = false
             this.write(response, keepAlive: keepAlive && !this.closing, bodyless: bodyless, context: context)
             this.answerNext(context: context)
+        }
+        Task.immediate(executorPreference: executor) {
+            let response = await handler(request)
+            if loop.inEventLoop { finish(response) } else { loop.execute { finish(response) } }
         }
     }
 
@@ -343,7 +348,7 @@ private final class RequestHandler: ChannelDuplexHandler {
                 caller = .anonymous
             }
         }
-        let (path, query) = Self.split(head.uri)
+        let (path, query) = RequestTarget.split(head.uri)
         return HTTPRequest(method: head.method, path: path, query: query, headers: head.headers, body: body, caller: caller ?? .anonymous)
     }
 
@@ -406,7 +411,10 @@ private final class RequestHandler: ChannelDuplexHandler {
             write(response, keepAlive: false, bodyless: false, context: context)
         }
     }
+}
 
+/// A request's target: its path and query, percent-decoded.
+enum RequestTarget {
     /// "/a%2Fb?x=1&y" → ("/a/b", ["x": "1", "y": ""]).
     static func split(_ uri: String) -> (String, [String: String]) {
         let parts = uri.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false)
@@ -485,7 +493,9 @@ final class EventLoopTaskExecutor: TaskExecutor, @unchecked Sendable {
 extension String {
     /// Percent-decoding that leaves malformed escapes as they are.
     var removingPercentEncodingSafely: String {
-        guard contains("%") else { return self }
+        // Looked for as a byte: `contains("%")` is Foundation's substring
+        // search (NSString range(of:)), 1% of a leader issuing JWT-SVIDs.
+        guard utf8.contains(UInt8(ascii: "%")) else { return self }
         var bytes: [UInt8] = []
         var iterator = Array(utf8)[...]
         while let byte = iterator.popFirst() {
