@@ -237,12 +237,13 @@ public final class TCPTransport: Sendable {
                     connected = try await ClientBootstrap(group: group)
                     .connectTimeout(limits.connectTimeout)
                     .channelOption(.socketOption(.tcp_nodelay), value: 1)
-                    .channelInitializer { channel in
+                    .channelInitializer { [limits] channel in
                         channel.eventLoop.makeCompletedFuture {
                             if let clientTLS {
                                 try channel.pipeline.syncOperations.addHandler(try NIOSSLClientHandler(context: clientTLS, serverHostname: nil))
                             }
-                            try channel.pipeline.syncOperations.addHandler(LinkWatcher(queue: queue, ready: ready, waitsForHandshake: clientTLS != nil))
+                            try channel.pipeline.syncOperations.addHandler(LinkWatcher(queue: queue, ready: ready, waitsForHandshake: clientTLS != nil,
+                                                                                     handshakeTimeout: limits.connectTimeout))
                         }
                     }
                     .connect(to: address).get()
@@ -251,15 +252,16 @@ public final class TCPTransport: Sendable {
                     throw error
                 }
                 let channel = connected
-                let deadline = channel.eventLoop.scheduleTask(in: limits.connectTimeout) { channel.close(promise: nil) }
+                // The handshake's deadline is the watcher's, on the
+                // connection's loop: one kept here would also count the
+                // time this task waits for a thread (a busy cooperative
+                // pool held links down, closing each connection it made).
                 do {
                     try await ready.future.get()
                 } catch {
-                    deadline.cancel()
                     channel.close(promise: nil)
                     throw error
                 }
-                deadline.cancel()
                 backoff = limits.reconnectBackoffMin
                 queue.attach(channel)
                 await withTaskCancellationHandler {
@@ -388,6 +390,12 @@ private final class OpenChannels: Sendable {
     }
 }
 
+/// A link's TLS handshake did not finish within the connect timeout.
+struct LinkHandshakeTimeout: Error, CustomStringConvertible {
+    let timeout: TimeAmount
+    var description: String { "the TLS handshake did not finish within \(timeout.nanoseconds / 1_000_000) ms" }
+}
+
 /// Whether a link's new connection became ready, settled once by whichever
 /// learns first (the connection's watcher, or a connect that failed).
 final class LinkReadiness: Sendable {
@@ -409,19 +417,33 @@ private final class LinkWatcher: ChannelInboundHandler {
     let queue: LinkQueue
     private let ready: LinkReadiness
     private let waitsForHandshake: Bool
+    private let handshakeTimeout: TimeAmount
+    private var handshakeDeadline: Scheduled<Void>?
 
-    init(queue: LinkQueue, ready: LinkReadiness, waitsForHandshake: Bool) {
+    init(queue: LinkQueue, ready: LinkReadiness, waitsForHandshake: Bool, handshakeTimeout: TimeAmount) {
         self.queue = queue
         self.ready = ready
         self.waitsForHandshake = waitsForHandshake
+        self.handshakeTimeout = handshakeTimeout
     }
 
     private func settle(_ result: Result<Void, any Error>) {
+        handshakeDeadline?.cancel()
+        handshakeDeadline = nil
         ready.settle(result)
     }
 
     func channelActive(context: ChannelHandlerContext) {
-        if !waitsForHandshake { settle(.success(())) }
+        if waitsForHandshake {
+            // TCP is up; the TLS handshake has until the deadline.
+            let ready = self.ready, channel = context.channel, timeout = handshakeTimeout
+            handshakeDeadline = context.eventLoop.scheduleTask(in: timeout) {
+                ready.settle(.failure(LinkHandshakeTimeout(timeout: timeout)))
+                channel.close(promise: nil)
+            }
+        } else {
+            settle(.success(()))
+        }
         context.fireChannelActive()
     }
 
@@ -523,7 +545,8 @@ final class LinkQueue: Sendable {
         // goes straight to the connection queues its write on this loop,
         // behind this task.
         let batch: [Message] = state.withLock { state in
-            guard state.channel === channel, !state.messages.isEmpty, channel.isWritable else { return [] }
+            // A connection that closed keeps nothing: what waits stays for the next.
+            guard state.channel === channel, !state.messages.isEmpty, channel.isActive, channel.isWritable else { return [] }
             defer { state.messages.removeAll(keepingCapacity: true) }
             return state.messages
         }

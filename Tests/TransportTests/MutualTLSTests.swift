@@ -1,6 +1,8 @@
+import Foundation
 import NIOCore
 import NIOPosix
 import Raft
+import Synchronization
 import Testing
 import Transport
 import X509
@@ -75,6 +77,60 @@ struct MutualTLSTests {
         try await group.shutdownGracefully()
     }
 
+    @Test("A link whose task waits for a thread past the connect timeout keeps the connection its handshake finished")
+    func busyPoolKeepsTheLink() async throws {
+        let ca = try ClusterCA.create(clusterID: "c1")
+        let groupOne = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let groupTwo = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        var limits = TransportLimits()
+        limits.connectTimeout = .milliseconds(600)
+        let one = try TCPTransport(id: 1, peers: [2: nil], group: groupOne, limits: limits, identity: try ca.issueNodeIdentity(1))
+        let two = try TCPTransport(id: 2, peers: [1: nil], group: groupTwo, identity: try ca.issueNodeIdentity(2))
+        let inbox = Inbox(), bound = AddressBook()
+        let loopback = try SocketAddress(ipAddress: "127.0.0.1", port: 0)
+        let runners = Task {
+            await withTaskGroup(of: Void.self) { tasks in
+                tasks.addTask { try? await one.run(listeningOn: loopback) { _ in } }
+                tasks.addTask { try? await two.run(listeningOn: loopback, ready: { bound.set(2, $0) }) { inbox.append($0) } }
+            }
+        }
+        #expect(await eventually { !bound.all.isEmpty })
+        let relay = try await CountingRelay.start(to: bound.all[2]!, group: groupOne)
+
+        // Node 2's loop is held, so the handshake stops half-way: TCP is
+        // up (the kernel accepts), and the link's task waits for it.
+        let serverHeld = DispatchSemaphore(value: 0)
+        groupTwo.next().execute { serverHeld.wait() }
+        one.setAddress(relay.address, of: 2)
+        one.send((1...20).map { ping(1, $0) })
+        try await Task.sleep(for: .milliseconds(200))
+        #expect(relay.accepted == 2, "one connection for each of the link's two lanes")
+
+        // Every thread of the cooperative pool is kept busy for twice the
+        // connect timeout; node 2's loop is let go once they all are, so
+        // the handshake finishes while the link's task cannot run.
+        let width = ProcessInfo.processInfo.activeProcessorCount
+        let busy = BusyThreads()
+        for _ in 0..<width {
+            Task.detached {
+                busy.count.wrappingAdd(1, ordering: .relaxed)
+                usleep(1_200_000) // blocks the thread, as a long synchronous job would
+            }
+        }
+        Thread.detachNewThread {
+            for _ in 0..<500 where busy.count.load(ordering: .relaxed) < width { Thread.sleep(forTimeInterval: 0.002) }
+            serverHeld.signal()
+        }
+        #expect(await eventually { inbox.all.count == 20 })
+        #expect(inbox.all == (1...20).map { ping(1, $0) })
+        #expect(relay.accepted == 2, "a connection was closed after its handshake finished, and another one made")
+
+        runners.cancel(); one.finish(); two.finish(); await runners.value
+        try await relay.stop()
+        try await groupOne.shutdownGracefully()
+        try await groupTwo.shutdownGracefully()
+    }
+
     @Test("A peer from another cluster is refused at the handshake, and the refusal is recorded")
     func otherClusterIsRefused() async throws {
         let ours = try ClusterCA.create(clusterID: "ours")
@@ -112,5 +168,53 @@ struct MutualTLSTests {
         let serial = identity.certificate.serialNumber.bytes
         #expect(serial.count <= 16 && serial.first.map { $0 & 0x80 == 0 } == true)
         #expect(try ClusterCA.create(clusterID: "c9").certificate.subject != ca.certificate.subject, "every CA has a unique subject")
+    }
+}
+
+final class BusyThreads: Sendable { let count = Atomic(0) }
+
+/// Relays TCP connections to `target` byte for byte, counting those it accepts.
+final class CountingRelay: Sendable {
+    private let server: any Channel
+    private let counter: Counter
+    var address: SocketAddress { server.localAddress! }
+    var accepted: Int { counter.value.load(ordering: .relaxed) }
+
+    private init(server: any Channel, counter: Counter) {
+        self.server = server
+        self.counter = counter
+    }
+
+    static func start(to target: SocketAddress, group: any EventLoopGroup) async throws -> CountingRelay {
+        let counter = Counter()
+        let server = try await ServerBootstrap(group: group)
+            .childChannelOption(.autoRead, value: false)
+            .childChannelInitializer { inbound in
+                counter.value.wrappingAdd(1, ordering: .relaxed)
+                return ClientBootstrap(group: inbound.eventLoop).connect(to: target).flatMap { outbound in
+                    let (a, b) = (Pipe(partner: outbound), Pipe(partner: inbound))
+                    return inbound.pipeline.addHandler(a).flatMap { outbound.pipeline.addHandler(b) }.flatMap { inbound.setOption(.autoRead, value: true) }
+                }
+            }
+            .bind(host: "127.0.0.1", port: 0).get()
+        return CountingRelay(server: server, counter: counter)
+    }
+
+    func stop() async throws { try await server.close() }
+
+    private final class Counter: Sendable { let value = Atomic(0) }
+
+    /// Writes what one side reads to the other; closes both together.
+    private final class Pipe: ChannelInboundHandler, Sendable {
+        typealias InboundIn = ByteBuffer
+        let partner: any Channel
+        init(partner: any Channel) { self.partner = partner }
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            partner.writeAndFlush(unwrapInboundIn(data), promise: nil)
+        }
+        func channelInactive(context: ChannelHandlerContext) {
+            partner.close(promise: nil)
+            context.fireChannelInactive()
+        }
     }
 }
