@@ -83,7 +83,7 @@ struct MutualTLSTests {
         let groupOne = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let groupTwo = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         var limits = TransportLimits()
-        limits.connectTimeout = .milliseconds(600)
+        limits.connectTimeout = .seconds(3)
         let one = try TCPTransport(id: 1, peers: [2: nil], group: groupOne, limits: limits, identity: try ca.issueNodeIdentity(1))
         let two = try TCPTransport(id: 2, peers: [1: nil], group: groupTwo, identity: try ca.issueNodeIdentity(2))
         let inbox = Inbox(), bound = AddressBook()
@@ -106,19 +106,21 @@ struct MutualTLSTests {
         try await Task.sleep(for: .milliseconds(200))
         #expect(relay.accepted == 2, "one connection for each of the link's two lanes")
 
-        // Every thread of the cooperative pool is kept busy for twice the
-        // connect timeout; node 2's loop is let go once they all are, so
-        // the handshake finishes while the link's task cannot run.
+        // Every thread of the cooperative pool is kept busy for longer than
+        // the connect timeout; node 2's loop is let go once they all are
+        // (or after 300 ms: other tests may hold the pool already), so the
+        // handshake finishes, well within its timeout, while the link's
+        // task cannot run.
         let width = ProcessInfo.processInfo.activeProcessorCount
         let busy = BusyThreads()
         for _ in 0..<width {
             Task.detached {
                 busy.count.wrappingAdd(1, ordering: .relaxed)
-                usleep(1_200_000) // blocks the thread, as a long synchronous job would
+                usleep(5_000_000) // blocks the thread, as a long synchronous job would
             }
         }
         Thread.detachNewThread {
-            for _ in 0..<500 where busy.count.load(ordering: .relaxed) < width { Thread.sleep(forTimeInterval: 0.002) }
+            for _ in 0..<150 where busy.count.load(ordering: .relaxed) < width { Thread.sleep(forTimeInterval: 0.002) }
             serverHeld.signal()
         }
         #expect(await eventually { inbox.all.count == 20 })
