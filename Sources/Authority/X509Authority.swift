@@ -123,6 +123,57 @@ public struct X509Authority: Sendable {
         return csr.publicKey
     }
 
+    /// `publicKey(fromCSR:)`, and the request's SubjectPublicKeyInfo bytes
+    /// when they are what the certificate would carry anyway (an
+    /// uncompressed P-256 point): the certificate then copies them instead
+    /// of writing the key out again (swift-crypto's conversion of the point
+    /// was a fifth of building a leaf).
+    public static func requestedKey(fromCSR der: [UInt8]) throws(AuthorityError) -> RequestedKey {
+        let key = try publicKey(fromCSR: der)
+        return RequestedKey(publicKey: key, spkiDER: canonicalP256SPKI(inCSR: der))
+    }
+
+    /// The SubjectPublicKeyInfo of a CSR that swift-certificates has
+    /// already parsed and checked as DER (CertificationRequestInfo's third
+    /// member), if it is exactly the canonical P-256 form. DER has one
+    /// encoding for each value, so walking its headers finds the bytes the
+    /// parser read the key from (DER.parse of the whole request cost more
+    /// than the conversion this saves).
+    static func canonicalP256SPKI(inCSR der: [UInt8]) -> [UInt8]? {
+        /// The element at `start`: its tag, where its content starts, where it ends.
+        func element(at start: Int, end limit: Int) -> (tag: UInt8, content: Int, end: Int)? {
+            guard start + 2 <= limit else { return nil }
+            let first = der[start + 1]
+            var length = Int(first), content = start + 2
+            if first >= 0x80 {
+                let count = Int(first & 0x7F)
+                guard (1...3).contains(count), content + count <= limit else { return nil }
+                length = 0
+                for k in 0..<count { length = length << 8 | Int(der[content + k]) }
+                content += count
+            }
+            guard content + length <= limit else { return nil }
+            return (der[start], content, content + length)
+        }
+        guard let request = element(at: 0, end: der.count), request.tag == 0x30,
+              let info = element(at: request.content, end: request.end), info.tag == 0x30,
+              let version = element(at: info.content, end: info.end), version.tag == 0x02,
+              let subject = element(at: version.end, end: info.end), subject.tag == 0x30,
+              let spki = element(at: subject.end, end: info.end), spki.tag == 0x30 else { return nil }
+        let bytes = Array(der[subject.end..<spki.end])
+        guard bytes.count == p256SPKIPrefix.count + 64, bytes.starts(with: p256SPKIPrefix) else { return nil }
+        return bytes
+    }
+
+    /// Everything before the point's coordinates in a P-256 key's
+    /// SubjectPublicKeyInfo as swift-certificates writes it (algorithm,
+    /// curve, bit string header, and the uncompressed-point marker 04).
+    static let p256SPKIPrefix: [UInt8] = {
+        var serializer = DER.Serializer()
+        try! serializer.serialize(Certificate.PublicKey(P256.Signing.PrivateKey().publicKey))
+        return Array(serializer.serializedBytes.dropLast(64))
+    }()
+
     /// The RSA modulus size of a CSR's key, read from the raw DER
     /// (CertificationRequestInfo -> SubjectPublicKeyInfo -> RSAPublicKey).
     static func rsaModulusBits(inCSR der: [UInt8]) -> Int? {
@@ -158,6 +209,12 @@ public struct X509Authority: Sendable {
     /// `now` for `ttl` seconds but never past this CA.
     public func issue(spiffeID: SpiffeID, publicKey: Certificate.PublicKey, ttl: TimeInterval, attributes: Attributes,
                       serial chosen: Certificate.SerialNumber? = nil, now: Date = Date()) throws -> IssuedX509 {
+        try issue(spiffeID: spiffeID, key: RequestedKey(publicKey), ttl: ttl, attributes: attributes, serial: chosen, now: now)
+    }
+
+    /// `issue(spiffeID:publicKey:...)` for a key a CSR asked for.
+    public func issue(spiffeID: SpiffeID, key requested: RequestedKey, ttl: TimeInterval, attributes: Attributes,
+                      serial chosen: Certificate.SerialNumber? = nil, now: Date = Date()) throws -> IssuedX509 {
         guard spiffeID.trustDomain == trustDomain else {
             throw AuthorityError("wrong_trust_domain", "\(spiffeID) is not in trust domain \(trustDomain)")
         }
@@ -176,8 +233,14 @@ public struct X509Authority: Sendable {
         // swift-certificates builder wrote, which a test checks, at a
         // fraction of the cost): the profile never changes, only the
         // serial, the times, the key, the SPIFFE ID and the context do.
-        var publicKeyDER = DER.Serializer()
-        try publicKeyDER.serialize(publicKey)
+        let publicKeyDER: [UInt8]
+        if let spki = requested.spkiDER {
+            publicKeyDER = spki
+        } else {
+            var serializer = DER.Serializer()
+            try serializer.serialize(requested.publicKey)
+            publicKeyDER = serializer.serializedBytes
+        }
         let notBefore = now.addingTimeInterval(-Self.backdate)
         var extensions = Self.leafConstantExtensions
         extensions += DERWriter.sequence([0x06, 0x03, 0x55, 0x1D, 0x11]
@@ -190,7 +253,7 @@ public struct X509Authority: Sendable {
         tbs += issuerDER
         tbs += DERWriter.sequence(DERWriter.time(notBefore) + DERWriter.time(notAfter))
         tbs += Self.leafSubjectDER
-        tbs += publicKeyDER.serializedBytes
+        tbs += publicKeyDER
         tbs += DERWriter.element(0xA3, DERWriter.sequence(extensions))
         let tbsDER = DERWriter.sequence(tbs)
         let signature = try key.x509Signature(for: tbsDER)
@@ -241,7 +304,11 @@ public struct X509Authority: Sendable {
     }
 
     /// Sorted-key JSON of string pairs (deterministic bytes).
-    static func canonicalJSON(_ attributes: Attributes) -> [UInt8] { Array(JSONText.object(attributes).utf8) }
+    static func canonicalJSON(_ attributes: Attributes) -> [UInt8] {
+        var json = JSONText.Builder(capacity: 64 + attributes.count * 48)
+        json.object(attributes)
+        return json.bytes
+    }
 }
 
 /// DER written by hand: tag, definite length, content.
@@ -301,4 +368,22 @@ public struct IssuedX509: Sendable {
     public var serialHex: String { Hex.encode(serialBytes) }
     public var fingerprintSHA256: String { Hex.encode(SHA256.hash(data: der)) }
     public var pem: String { PEMText.encode(der, label: "CERTIFICATE") }
+}
+
+/// A key to certify: a public key, and for one a CSR asked for, the
+/// SubjectPublicKeyInfo bytes it came in when the certificate can carry
+/// them as they are (made only by `X509Authority.requestedKey(fromCSR:)`).
+public struct RequestedKey: Sendable {
+    public let publicKey: Certificate.PublicKey
+    let spkiDER: [UInt8]?
+
+    public init(_ publicKey: Certificate.PublicKey) {
+        self.publicKey = publicKey
+        spkiDER = nil
+    }
+
+    init(publicKey: Certificate.PublicKey, spkiDER: [UInt8]?) {
+        self.publicKey = publicKey
+        self.spkiDER = spkiDER
+    }
 }

@@ -104,6 +104,30 @@ struct X509SVIDTests {
         #expect(verified.spiffeID == id && verified.attributes == ["repository": "acme/build", "sha": "abc123"])
     }
 
+    @Test("A P-256 CSR's own key bytes go into the leaf as they are: the same certificate as writing the key out; other keys are written out")
+    func requestedKeyBytes() throws {
+        let key = P256.Signing.PrivateKey()
+        let der = try csr(for: key)
+        let requested = try X509Authority.requestedKey(fromCSR: der)
+        let spki = try #require(requested.spkiDER, "an uncompressed P-256 key is carried as it came")
+        var written = DER.Serializer()
+        try written.serialize(Certificate.PublicKey(key.publicKey))
+        #expect(spki == written.serializedBytes)
+        #expect(requested.publicKey == Certificate.PublicKey(key.publicKey))
+        let serial = X509Authority.randomSerial(), now = Date(timeIntervalSince1970: 1_790_000_000)
+        let copied = try ca.issue(spiffeID: id, key: requested, ttl: 600, attributes: ["sha": "abc"], serial: serial, now: now)
+        let rewritten = try ca.issue(spiffeID: id, publicKey: requested.publicKey, ttl: 600, attributes: ["sha": "abc"], serial: serial, now: now)
+        // ECDSA signatures differ per signing: the to-be-signed bytes must not.
+        #expect(try copied.certificate.tbsCertificateBytes == rewritten.certificate.tbsCertificateBytes)
+        #expect(try copied.certificate.publicKey == Certificate.PublicKey(key.publicKey))
+        // P-384 and RSA keys are written out as before.
+        let p384 = try CertificateSigningRequest(version: .v1, subject: try DistinguishedName { CommonName("x") },
+                                                 privateKey: .init(P384.Signing.PrivateKey()), attributes: CertificateSigningRequest.Attributes())
+        var p384DER = DER.Serializer()
+        try p384DER.serialize(p384)
+        #expect(try X509Authority.requestedKey(fromCSR: p384DER.serializedBytes).spkiDER == nil)
+    }
+
     @Test("The leaf written by hand is the certificate the swift-certificates builder makes: the same to-be-signed bytes, for every key type and either time encoding",
           arguments: [KeyAlgorithm.ecdsaP256, .ecdsaP384, .rsa2048], [false, true])
     func handWrittenLeaf(algorithm: KeyAlgorithm, after2049: Bool) throws {

@@ -326,7 +326,7 @@ extension NodeAPI {
     /// `template`'s evidence, SPIFFE ID, TTL, attributes and idempotency
     /// key. If a rotation commits first, the ledger refuses it and it is
     /// signed again by the new authority.
-    func signAndRecordX509(_ template: Issuance, spiffeID: SpiffeID, publicKey: Certificate.PublicKey, serial: Certificate.SerialNumber?,
+    func signAndRecordX509(_ template: Issuance, spiffeID: SpiffeID, publicKey: RequestedKey, serial: Certificate.SerialNumber?,
                            keys: AuthorityService.Keys, actor: String?, _ request: HTTPRequest) async throws -> HTTPResponse {
         var keys = keys
         for attempt in 0..<2 {
@@ -351,21 +351,21 @@ extension NodeAPI {
     }
 
     /// The public key of a PEM CSR whose signature verifies (proof of possession).
-    static func csrKey(_ pem: String) throws -> Certificate.PublicKey {
+    static func csrKey(_ pem: String) throws -> RequestedKey {
         guard pem.utf8.count <= 64 << 10, let csrDER = PEMText.decode(pem, label: "CERTIFICATE REQUEST") else {
             throw APIError(status: .badRequest, code: "bad_csr", message: "csr must be one PEM CERTIFICATE REQUEST")
         }
         do {
-            return try X509Authority.publicKey(fromCSR: csrDER)
+            return try X509Authority.requestedKey(fromCSR: csrDER)
         } catch {
             throw APIError(status: .badRequest, code: error.code, message: error.message)
         }
     }
 
-    static func signX509(_ keys: AuthorityService.Keys, spiffeID: SpiffeID, publicKey: Certificate.PublicKey, ttl: TimeInterval,
+    static func signX509(_ keys: AuthorityService.Keys, spiffeID: SpiffeID, publicKey: RequestedKey, ttl: TimeInterval,
                          attributes: Attributes, serial: Certificate.SerialNumber? = nil) throws -> IssuedX509 {
         do {
-            return try keys.x509.issue(spiffeID: spiffeID, publicKey: publicKey, ttl: ttl, attributes: attributes, serial: serial)
+            return try keys.x509.issue(spiffeID: spiffeID, key: publicKey, ttl: ttl, attributes: attributes, serial: serial)
         } catch let error as AuthorityError {
             throw APIError(status: .badRequest, code: error.code, message: error.message)
         }
