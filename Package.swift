@@ -181,7 +181,7 @@ let package = Package(
                                                       .product(name: "NIOSSL", package: "swift-nio-ssl"),
                                                       .product(name: "NIOPosix", package: "swift-nio")], swiftSettings: strict),
         .testTarget(name: "ClusterTests", dependencies: [
-            "Node", "ClusterHarness", "Client",
+            "Node", "ClusterHarness", "Client", "Ledger", "Raft",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),

@@ -27,7 +27,7 @@ public struct JoinToken: Sendable, Hashable, Codable {
 }
 
 /// One identity the leader signed, proposed with its audit facts. The
-/// caller gets `artifact` (certificate DER or JWT) only once this applied.
+/// caller gets the identity only once this applied.
 public struct Issuance: Sendable, Hashable {
     public enum Kind: UInt8, Sendable, Codable { case x509 = 1, jwt = 2 }
     public var kind: Kind
@@ -59,6 +59,10 @@ public struct Issuance: Sendable, Hashable {
     public var authority: String
     /// The attested context embedded in the identity.
     public var attributes: [String: String]
+    /// The certificate DER or JWT, carried only when an idempotency key
+    /// asks for the answer to be kept (a retry gets it back); otherwise
+    /// empty: the audit facts above name the identity (serial and
+    /// fingerprint), and the leader answers with its own copy.
     public var artifact: [UInt8]
 
     public init(kind: Kind, spiffeID: String, serial: String, fingerprint: String, issuedAtMillis: UInt64, notAfterMillis: UInt64,

@@ -338,7 +338,7 @@ extension NodeAPI {
             issuance.issuedAtMillis = Self.millis(issued.notValidBefore) + UInt64(X509Authority.backdate * 1000)
             issuance.notAfterMillis = Self.millis(issued.notValidAfter)
             issuance.authority = keys.active.id
-            issuance.artifact = issued.der
+            issuance.artifact = issuance.idempotencyKey.isEmpty ? [] : issued.der
             do {
                 let (artifact, replayed) = try await record(issuance, actor: actor, request)
                 if replayed { return try x509Response(replaying: artifact, keys: keys) }
@@ -546,7 +546,7 @@ extension NodeAPI {
             issuance.issuedAtMillis = Self.millis(now)
             issuance.notAfterMillis = Self.millis(issued.expiry)
             issuance.authority = keys.active.id
-            issuance.artifact = Array(issued.token.utf8)
+            issuance.artifact = issuance.idempotencyKey.isEmpty ? [] : Array(issued.token.utf8)
             do {
                 let (artifact, replayed) = try await record(issuance, actor: actor, request)
                 if replayed { return try jwtResponse(artifact, replayed: true) }
