@@ -1,3 +1,9 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
 /// PEM (RFC 7468) written and read by hand on hot paths: one certificate
 /// per issuance, one CSR per request.
 public enum PEMText {
@@ -63,14 +69,17 @@ public enum PEMText {
     }
 
     private static func firstIndex(of needle: [UInt8], in haystack: UnsafeBufferPointer<UInt8>, from: Int) -> Int? {
-        guard let first = needle.first, haystack.count >= needle.count else { return nil }
+        guard let first = needle.first, haystack.count >= needle.count, let base = haystack.baseAddress else { return nil }
         var i = from
         while i + needle.count <= haystack.count {
-            if haystack[i] == first {
-                var j = 1
-                while j < needle.count && haystack[i + j] == needle[j] { j += 1 }
-                if j == needle.count { return i }
-            }
+            // The needle's first byte ('-') by memchr: base64 has none, so
+            // the search skips a block's body in one call (byte by byte it
+            // was 0.7% of a follower verifying chains).
+            guard let hit = memchr(base + i, Int32(first), haystack.count - needle.count + 1 - i) else { return nil }
+            i = base.distance(to: hit.assumingMemoryBound(to: UInt8.self))
+            var j = 1
+            while j < needle.count && haystack[i + j] == needle[j] { j += 1 }
+            if j == needle.count { return i }
             i += 1
         }
         return nil

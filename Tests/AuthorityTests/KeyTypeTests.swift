@@ -116,6 +116,9 @@ struct EncodingTests {
         }
         let spaced = "-----BEGIN CERTIFICATE-----\n AQ\tID \n-----END CERTIFICATE-----"
         #expect(PEMText.decode(spaced, label: "CERTIFICATE") == [1, 2, 3], "ASCII whitespace inside the base64 is skipped")
+        let dashes = "a - b -- c ----- d ----BEGIN x ---\n" + spaced + "\n-- e -----END -"
+        #expect(PEMText.decode(dashes, label: "CERTIFICATE") == [1, 2, 3], "dashes around the block are only text")
+        #expect(PEMText.decode(String(spaced.dropLast()), label: "CERTIFICATE") == nil, "an END line cut short is no END line")
         #expect(PEMText.decode(spaced.replacingOccurrences(of: "\t", with: "\u{00A0}"), label: "CERTIFICATE") == nil, "non-ASCII space is not base64")
         #expect(PEMText.decode("-----BEGIN CERTIFICATE-----\nAQID\n", label: "CERTIFICATE") == nil, "no END line")
         #expect(PEMText.decode("-----END CERTIFICATE-----\n-----BEGIN CERTIFICATE-----\nAQID\n", label: "CERTIFICATE") == nil, "END before BEGIN")
