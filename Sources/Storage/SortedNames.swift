@@ -63,15 +63,18 @@ struct SortedNames: Sendable {
             return true
         }
         var c: Int
+        var afterLast = false
         if let recent = recentChunk(for: name) {
-            c = recent
+            (c, afterLast) = recent
         } else {
             c = chunkIndex(for: name)
             if c == chunks.count { c -= 1 } // after every name: the last chunk
             if recentChunks.count == Self.recentMax { recentChunks.removeFirst() }
             recentChunks.append(c)
         }
-        let p = Self.position(of: name, in: chunks[c])
+        // After the chunk's last name (the usual case for names made in
+        // time order): its place is known without a search.
+        let p = afterLast ? chunks[c].count : Self.position(of: name, in: chunks[c])
         if p < chunks[c].count && chunks[c][p] == name { return false }
         chunks[c].insert(name, at: p)
         count += 1
@@ -89,12 +92,13 @@ struct SortedNames: Sendable {
     }
 
     /// A recently used chunk where `name` belongs: within its names, or
-    /// after its last and before the next chunk's first.
-    private func recentChunk(for name: String) -> Int? {
+    /// after its last (`afterLast`) and before the next chunk's first.
+    private func recentChunk(for name: String) -> (chunk: Int, afterLast: Bool)? {
         for c in recentChunks where c < chunks.count {
             let chunk = chunks[c]
             guard let first = chunk.first, let last = chunk.last, first <= name else { continue }
-            if name <= last || c + 1 == chunks.count || name < chunks[c + 1][0] { return c }
+            if name <= last { return (c, false) }
+            if c + 1 == chunks.count || name < chunks[c + 1][0] { return (c, true) }
         }
         return nil
     }
