@@ -134,12 +134,19 @@ public struct X509Authority: Sendable {
     }
 
     /// The SubjectPublicKeyInfo of a CSR that swift-certificates has
-    /// already parsed and checked as DER (CertificationRequestInfo's third
-    /// member), if it is exactly the canonical P-256 form. DER has one
-    /// encoding for each value, so walking its headers finds the bytes the
-    /// parser read the key from (DER.parse of the whole request cost more
-    /// than the conversion this saves).
+    /// already parsed and checked as DER, if it is exactly the canonical
+    /// P-256 form.
     static func canonicalP256SPKI(inCSR der: [UInt8]) -> [UInt8]? {
+        guard let spki = spkiDER(inCSR: der), spki.count == p256SPKIPrefix.count + 64, spki.starts(with: p256SPKIPrefix) else { return nil }
+        return Array(spki)
+    }
+
+    /// A CSR's SubjectPublicKeyInfo, whole (CertificationRequestInfo's
+    /// third member), found by walking element headers: DER has one
+    /// encoding for each value, so these are the bytes a DER parser reads
+    /// the key from (DER.parse of the whole request cost more than the
+    /// key conversion the copy saves).
+    static func spkiDER(inCSR der: [UInt8]) -> ArraySlice<UInt8>? {
         /// The element at `start`: its tag, where its content starts, where it ends.
         func element(at start: Int, end limit: Int) -> (tag: UInt8, content: Int, end: Int)? {
             guard start + 2 <= limit else { return nil }
@@ -160,9 +167,7 @@ public struct X509Authority: Sendable {
               let version = element(at: info.content, end: info.end), version.tag == 0x02,
               let subject = element(at: version.end, end: info.end), subject.tag == 0x30,
               let spki = element(at: subject.end, end: info.end), spki.tag == 0x30 else { return nil }
-        let bytes = Array(der[subject.end..<spki.end])
-        guard bytes.count == p256SPKIPrefix.count + 64, bytes.starts(with: p256SPKIPrefix) else { return nil }
-        return bytes
+        return der[subject.end..<spki.end]
     }
 
     /// Everything before the point's coordinates in a P-256 key's
@@ -177,10 +182,8 @@ public struct X509Authority: Sendable {
     /// The RSA modulus size of a CSR's key, read from the raw DER
     /// (CertificationRequestInfo -> SubjectPublicKeyInfo -> RSAPublicKey).
     static func rsaModulusBits(inCSR der: [UInt8]) -> Int? {
-        guard let root = try? DER.parse(der), case .constructed(let request) = root.content,
-              let info = request.first(where: { _ in true }), case .constructed(let infoNodes) = info.content else { return nil }
-        let fields = Array(infoNodes)
-        guard fields.count >= 3, case .constructed(let spki) = fields[2].content else { return nil }
+        guard let spkiBytes = spkiDER(inCSR: der), let spkiNode = try? DER.parse(spkiBytes),
+              case .constructed(let spki) = spkiNode.content else { return nil }
         let spkiNodes = Array(spki)
         guard spkiNodes.count == 2, case .constructed(let algorithm) = spkiNodes[0].content,
               let oidNode = algorithm.first(where: { _ in true }),

@@ -37,6 +37,23 @@ func withPair(one oneIdentity: NodeIdentity?, two twoIdentity: NodeIdentity?, on
     try await group.shutdownGracefully()
 }
 
+/// Runs transport 1 with a link to `peer` (a server the test made on
+/// `group`, which does something unhelpful), hands it to `body`, then shuts
+/// the transport, the peer and the group down.
+func withLink(to peer: any Channel, group: MultiThreadedEventLoopGroup, limits: TransportLimits, identity: NodeIdentity? = nil,
+              _ body: (_ one: TCPTransport) async throws -> Void) async throws {
+    let one = try TCPTransport(id: 1, peers: [2: peer.localAddress!], group: group, limits: limits, identity: identity)
+    let runOne = Task { try? await one.run(listeningOn: try SocketAddress(ipAddress: "127.0.0.1", port: 0)) { _ in } }
+    var failure: (any Error)?
+    do { try await body(one) } catch { failure = error }
+    runOne.cancel()
+    one.finish()
+    await runOne.value
+    try? await peer.close()
+    try await group.shutdownGracefully()
+    if let failure { throw failure }
+}
+
 private func ping(_ from: NodeID, _ round: UInt64) -> Message {
     Message(from: from, to: 2, term: 1, body: .heartbeat(Heartbeat(commit: 0, readRound: round)))
 }
@@ -62,19 +79,14 @@ struct MutualTLSTests {
         var limits = TransportLimits()
         limits.queuedMessagesPerPeerMax = 8
         limits.connectTimeout = .milliseconds(300)
-        let one = try TCPTransport(id: 1, peers: [2: mute.localAddress!], group: group, limits: limits, identity: try ca.issueNodeIdentity(1))
-        let runOne = Task { try? await one.run(listeningOn: try SocketAddress(ipAddress: "127.0.0.1", port: 0)) { _ in } }
-        try await Task.sleep(for: .milliseconds(100)) // the TCP connection is up by now
-        for round in UInt64(1)...20 { one.send([ping(1, round)]) }
-        #expect(one.waitingMessages(to: 2) == 8, "messages went to a connection whose handshake never finished")
-        // Past the handshake timeout the link reconnects; the messages still wait.
-        try await Task.sleep(for: .milliseconds(700))
-        #expect(one.waitingMessages(to: 2) == 8)
-        runOne.cancel()
-        one.finish()
-        await runOne.value
-        try await mute.close()
-        try await group.shutdownGracefully()
+        try await withLink(to: mute, group: group, limits: limits, identity: try ca.issueNodeIdentity(1)) { one in
+            try await Task.sleep(for: .milliseconds(100)) // the TCP connection is up by now
+            for round in UInt64(1)...20 { one.send([ping(1, round)]) }
+            #expect(one.waitingMessages(to: 2) == 8, "messages went to a connection whose handshake never finished")
+            // Past the handshake timeout the link reconnects; the messages still wait.
+            try await Task.sleep(for: .milliseconds(700))
+            #expect(one.waitingMessages(to: 2) == 8)
+        }
     }
 
     @Test("A link whose task waits for a thread past the connect timeout keeps the connection its handshake finished")

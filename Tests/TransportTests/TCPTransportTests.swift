@@ -129,26 +129,21 @@ struct TCPTransportTests {
             .bind(host: "127.0.0.1", port: 0).get()
         var limits = TransportLimits()
         limits.queuedMessagesPerPeerMax = 8
-        let one = try TCPTransport(id: 1, peers: [2: silent.localAddress!], group: group, limits: limits)
-        let runOne = Task { try? await one.run(listeningOn: try SocketAddress(ipAddress: "127.0.0.1", port: 0)) { _ in } }
-        let snapshot = Snapshot(metadata: SnapshotMetadata(index: 9, term: 1, membership: Membership(voters: [1, 2])),
-                                data: [UInt8](repeating: 7, count: 256 << 10))
-        var sent = 0
-        // Sends until the link stops taking writes and messages pile up to the limit (bounded: 400 sends, 40 s).
-        for _ in 0..<400 where one.waitingMessages(to: 2) < 8 {
-            one.send([Message(from: 1, to: 2, term: 1, body: .installSnapshot(snapshot))])
-            sent += 1
-            try await Task.sleep(for: .milliseconds(100))
+        try await withLink(to: silent, group: group, limits: limits) { one in
+            let snapshot = Snapshot(metadata: SnapshotMetadata(index: 9, term: 1, membership: Membership(voters: [1, 2])),
+                                    data: [UInt8](repeating: 7, count: 256 << 10))
+            var sent = 0
+            // Sends until the link stops taking writes and messages pile up to the limit (bounded: 400 sends, 40 s).
+            for _ in 0..<400 where one.waitingMessages(to: 2) < 8 {
+                one.send([Message(from: 1, to: 2, term: 1, body: .installSnapshot(snapshot))])
+                sent += 1
+                try await Task.sleep(for: .milliseconds(100))
+            }
+            #expect(one.waitingMessages(to: 2) == 8, "after \(sent) sends of 256 KiB to a peer that reads nothing")
+            for _ in 0..<20 { one.send([Message(from: 1, to: 2, term: 1, body: .installSnapshot(snapshot))]) }
+            #expect(one.waitingMessages(to: 2) == 8)
+            #expect(sent < 400)
         }
-        #expect(one.waitingMessages(to: 2) == 8, "after \(sent) sends of 256 KiB to a peer that reads nothing")
-        for _ in 0..<20 { one.send([Message(from: 1, to: 2, term: 1, body: .installSnapshot(snapshot))]) }
-        #expect(one.waitingMessages(to: 2) == 8)
-        #expect(sent < 400)
-        runOne.cancel()
-        one.finish()
-        await runOne.value
-        try await silent.close()
-        try await group.shutdownGracefully()
     }
 
     @Test("A heartbeat overtakes a queue of large snapshots to the same peer")

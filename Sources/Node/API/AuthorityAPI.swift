@@ -283,8 +283,11 @@ extension NodeAPI {
     }
 
     /// Proposes the issuance; the identity is returned only once its audit
-    /// record is committed and applied.
+    /// record is committed and applied. The artifact itself goes into the
+    /// log only when an idempotency key asks for the answer to be kept.
     private func record(_ issuance: Issuance, actor: String? = nil, _ request: HTTPRequest) async throws -> (artifact: [UInt8], replayed: Bool) {
+        var issuance = issuance
+        if issuance.idempotencyKey.isEmpty { issuance.artifact = [] }
         let actor = actor ?? (issuance.tokenHash.isEmpty ? Self.actor(of: request) : "token:\(issuance.tokenHash.prefix(16))")
         let command = LedgerCommand(timeMillis: UInt64(Date().timeIntervalSince1970 * 1000), actor: actor,
                                     requestID: request.headers.first(name: "warrant-request-id") ?? RequestID.make(), operation: .recordIssuance(issuance))
@@ -338,7 +341,7 @@ extension NodeAPI {
             issuance.issuedAtMillis = Self.millis(issued.notValidBefore) + UInt64(X509Authority.backdate * 1000)
             issuance.notAfterMillis = Self.millis(issued.notValidAfter)
             issuance.authority = keys.active.id
-            issuance.artifact = issuance.idempotencyKey.isEmpty ? [] : issued.der
+            issuance.artifact = issued.der
             do {
                 let (artifact, replayed) = try await record(issuance, actor: actor, request)
                 if replayed { return try x509Response(replaying: artifact, keys: keys) }
@@ -546,7 +549,7 @@ extension NodeAPI {
             issuance.issuedAtMillis = Self.millis(now)
             issuance.notAfterMillis = Self.millis(issued.expiry)
             issuance.authority = keys.active.id
-            issuance.artifact = issuance.idempotencyKey.isEmpty ? [] : Array(issued.token.utf8)
+            issuance.artifact = Array(issued.token.utf8)
             do {
                 let (artifact, replayed) = try await record(issuance, actor: actor, request)
                 if replayed { return try jwtResponse(artifact, replayed: true) }
