@@ -1,4 +1,5 @@
 import Foundation
+import NIOCore
 import NIOPosix
 import Ledger
 import Node
@@ -7,19 +8,16 @@ import Storage
 import Synchronization
 import Testing
 
-/// An in-process network between drivers: one ordered inbox per node, and
-/// nodes that can be cut off.
+/// An in-process network between drivers that can cut nodes off. Like a
+/// node's transport, it hands each message to its driver's inbox at once
+/// (`enqueue`), so it is stepped on the driver's own thread: nothing on the
+/// way waits for Swift's cooperative pool, which other tests keep busy.
 final class LoopbackNetwork: Sendable {
     private struct State {
-        var inboxes: [NodeID: AsyncStream<Message>.Continuation] = [:]
+        var drivers: [NodeID: RaftDriver] = [:]
         var isolated: Set<NodeID> = []
-        /// Delivered to an inbox and not yet handed to its driver.
-        var inFlight = 0
     }
     private let state = Mutex(State())
-
-    /// Whether every message delivered so far has reached its driver.
-    var isDrained: Bool { state.withLock { $0.inFlight == 0 } }
 
     struct Sender: MessageSender {
         let network: LoopbackNetwork
@@ -28,30 +26,23 @@ final class LoopbackNetwork: Sendable {
 
     func sender() -> Sender { Sender(network: self) }
 
-    /// Starts delivering `id`'s inbox to `driver`; returns the task doing it.
-    func attach(_ id: NodeID, _ driver: RaftDriver) -> Task<Void, Never> {
-        let (stream, continuation) = AsyncStream<Message>.makeStream(bufferingPolicy: .bufferingNewest(100_000))
-        state.withLock { $0.inboxes[id] = continuation }
-        return Task {
-            for await message in stream {
-                await driver.receive(message)
-                state.withLock { $0.inFlight -= 1 }
-            }
-        }
-    }
+    func attach(_ id: NodeID, _ driver: RaftDriver) { state.withLock { $0.drivers[id] = driver } }
 
     func isolate(_ id: NodeID) { state.withLock { _ = $0.isolated.insert(id) } }
     func heal() { state.withLock { $0.isolated.removeAll() } }
 
     private func deliver(_ messages: [Message]) {
-        state.withLock { state in
-            for message in messages where !state.isolated.contains(message.from) && !state.isolated.contains(message.to) {
-                if case .enqueued = state.inboxes[message.to]?.yield(message) { state.inFlight += 1 }
+        let routed = state.withLock { state in
+            messages.compactMap { message -> (RaftDriver, Message)? in
+                guard !state.isolated.contains(message.from), !state.isolated.contains(message.to),
+                      let driver = state.drivers[message.to] else { return nil }
+                return (driver, message)
             }
         }
+        for (driver, message) in routed { driver.enqueue(message) }
     }
 
-    func close() { state.withLock { $0.inboxes.values.forEach { $0.finish() } } }
+    func close() { state.withLock { $0.drivers.removeAll() } }
 }
 
 /// Three drivers on SQLite files, ticking every few milliseconds.
@@ -61,7 +52,7 @@ final class LocalCluster {
     var drivers: [NodeID: RaftDriver] = [:]
     var stores: [NodeID: RaftStore] = [:]
     var metrics: [NodeID: NodeMetrics] = [:]
-    var tasks: [Task<Void, Never>] = []
+    var tickers: [RepeatedTask] = []
     /// A thread per driver, as in a node: work elsewhere in the test process
     /// (HTTP handlers, TLS) runs on NIO's shared threads, not these.
     let group: MultiThreadedEventLoopGroup
@@ -82,14 +73,9 @@ final class LocalCluster {
             metrics[id] = nodeMetrics
             drivers[id] = driver
             stores[id] = store
-            tasks.append(network.attach(id, driver))
-            // A bounded ticker: at most 20,000 ticks of 5 ms.
-            tasks.append(Task {
-                for _ in 0..<20_000 {
-                    guard (try? await Task.sleep(for: .milliseconds(5))) != nil else { return }
-                    try? await driver.tick()
-                }
-            })
+            network.attach(id, driver)
+            // Ticks of 5 ms on the driver's thread, as in a node; they stop at shutdown.
+            tickers.append(driver.startTicking(every: .milliseconds(5)) { error in Issue.record("storage failed: \(error)") })
         }
     }
 
@@ -102,6 +88,13 @@ final class LocalCluster {
             try? await Task.sleep(for: .milliseconds(10))
         }
         return try await condition()
+    }
+
+    /// Returns once every message already handed to a driver has been
+    /// stepped: a call on each driver's thread runs after the inbox drains
+    /// queued before it.
+    func drainInboxes() async {
+        for driver in drivers.values { _ = await driver.status }
     }
 
     func leader(excluding excluded: Set<NodeID> = []) async -> NodeID? {
@@ -140,10 +133,13 @@ final class LocalCluster {
     }
 
     func shutdown() async {
-        for task in tasks { task.cancel() }
         network.close()
-        // Nothing may hop onto a driver's thread once its group is gone.
-        for task in tasks { await task.value }
+        // Nothing may run on a driver's thread once its group is gone.
+        for ticker in tickers {
+            let cancelled = group.next().makePromise(of: Void.self)
+            ticker.cancel(promise: cancelled)
+            try? await cancelled.futureResult.get()
+        }
         for driver in drivers.values { await driver.stop() }
         try? await group.shutdownGracefully()
         try? FileManager.default.removeItem(at: directory)
@@ -219,7 +215,7 @@ struct DriverTests {
             // (Messages sent before the cut still arrive, and one from the
             // leader would make the follower know it again: wait them out.)
             for id in cluster.drivers.keys { cluster.network.isolate(id) }
-            #expect(await cluster.eventually { cluster.network.isDrained })
+            await cluster.drainInboxes()
             #expect(await cluster.eventually { follower.leadership.leaderID == noNode })
             // With no leader to come, the wait ends in a refusal naming none.
             let started = ContinuousClock.now

@@ -44,15 +44,11 @@ struct TCPClusterTests {
         let bound = BoundAddresses()
         let loopback = try SocketAddress(ipAddress: "127.0.0.1", port: 0)
         var tasks: [Task<Void, Never>] = []
+        var tickers: [RepeatedTask] = [] // on the drivers' threads, as in a node
         for id in ids {
             let transport = transports[id]!, driver = drivers[id]!
             tasks.append(Task { try? await transport.run(listeningOn: loopback, ready: { bound.set(id, $0) }) { driver.enqueue($0) } })
-            tasks.append(Task {
-                for _ in 0..<20_000 {
-                    guard (try? await Task.sleep(for: .milliseconds(5))) != nil else { return }
-                    try? await driver.tick()
-                }
-            })
+            tickers.append(driver.startTicking(every: .milliseconds(5)) { error in Issue.record("storage failed: \(error)") })
         }
         defer { try? FileManager.default.removeItem(at: directory) }
         func eventually(_ condition: () async throws -> Bool) async rethrows -> Bool {
@@ -82,6 +78,11 @@ struct TCPClusterTests {
                 return Set(chains).count == 1 && chains.first.map { if case .intact(31, _) = $0 { true } else { false } } == true
             }
             #expect(converged, "all three stores hold the bootstrap record and thirty writes, identically chained")
+        }
+        for ticker in tickers {
+            let cancelled = driverGroup.next().makePromise(of: Void.self)
+            ticker.cancel(promise: cancelled)
+            try? await cancelled.futureResult.get()
         }
         for task in tasks { task.cancel() }
         for transport in transports.values { transport.finish() }
