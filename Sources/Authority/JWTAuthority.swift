@@ -72,7 +72,29 @@ public struct VerifiedJWT: Sendable {
     public let attributes: Attributes
     /// SHA-256 of the token, hex (what the audit records as its fingerprint).
     public let fingerprint: String
+    /// How its signature was known to be good.
+    public let signature: SignatureCheck
 }
+
+/// How a verification knew an identity's signature was good.
+public enum SignatureCheck: String, Sendable {
+    /// Checked (ECDSA or RSA) just now.
+    case checked
+    /// Checked before under the same keys (`VerificationMemo`).
+    case remembered
+    /// Its SHA-256 is in the replicated issuance records: these are the
+    /// bytes the leader signed, so checking the signature would only
+    /// repeat what the leader did (see `IssuedLookup`).
+    case recorded
+}
+
+/// Whether the trust domain's issuance records, which every node holds
+/// (replicated through the log), name an identity of this kind with this
+/// serial, expiry (milliseconds) and SHA-256 (hex). A yes must come only
+/// from records the leader committed: it stands in for the signature.
+public typealias IssuedLookup = @Sendable (_ kind: IssuedKind, _ serial: String, _ notAfterMillis: UInt64, _ fingerprint: String) -> Bool
+
+public enum IssuedKind: Sendable { case x509, jwt }
 
 /// Checks JWT-SVIDs against a set of keys (by kid). Each key accepts only
 /// the algorithm its type is pinned to, whatever the header asks for; only
@@ -83,11 +105,16 @@ public struct JWTVerifier: Sendable {
     public let keys: [String: VerificationKey]
     /// Signatures already checked under `keys` (see `SignatureMemo`).
     public let memo: SignatureMemo?
+    /// The issuance records, consulted before a signature is checked: a
+    /// JWT-SVID's serial is the first 32 hex digits of its SHA-256 and its
+    /// record expires with it.
+    public let issued: IssuedLookup?
 
-    public init(trustDomain: String, keys: [String: VerificationKey], memo: SignatureMemo? = nil) {
+    public init(trustDomain: String, keys: [String: VerificationKey], memo: SignatureMemo? = nil, issued: IssuedLookup? = nil) {
         self.trustDomain = trustDomain
         self.keys = keys
         self.memo = memo
+        self.issued = issued
     }
 
     public func verify(_ token: String, audience: String, now: Date = Date()) throws(AuthorityError) -> VerifiedJWT {
@@ -116,14 +143,24 @@ public struct JWTVerifier: Sendable {
             throw AuthorityError("bad_algorithm", "the key '\(kid)' accepts only \(key.jwsAlgorithm)")
         }
         let digest = SHA256.hash(data: bytes)
+        let fingerprint = Hex.encode(digest)
         let memoized = MemoDigest(digest)
+        // Parsed here, refused (if it does not parse) only once the signature is known good.
+        let parsedClaims = Self.claims(claimBytes)
+        var signature = SignatureCheck.remembered
         if memo?.value(for: memoized) != true {
-            guard key.isValidJWS(message: Array(bytes[..<parts[2].startIndex].dropLast()), signature: signatureBytes) else {
-                throw AuthorityError("bad_signature", "the signature does not verify")
+            if let issued, let exp = parsedClaims?["exp"]?.number, exp > 0, exp < 1e12, exp.rounded(.down) == exp,
+               issued(.jwt, String(fingerprint.prefix(32)), UInt64(exp) * 1000, fingerprint) {
+                signature = .recorded
+            } else {
+                guard key.isValidJWS(message: Array(bytes[..<parts[2].startIndex].dropLast()), signature: signatureBytes) else {
+                    throw AuthorityError("bad_signature", "the signature does not verify")
+                }
+                memo?.remember(true, for: memoized)
+                signature = .checked
             }
-            memo?.remember(true, for: memoized)
         }
-        guard let claims = Self.claims(claimBytes) else {
+        guard let claims = parsedClaims else {
             throw AuthorityError("malformed_token", "the claims are not a JSON object")
         }
         guard let sub = claims["sub"]?.string else { throw AuthorityError("bad_subject", "sub is missing") }
@@ -146,7 +183,7 @@ public struct JWTVerifier: Sendable {
         return VerifiedJWT(spiffeID: spiffeID, audiences: audiences, expiry: Date(timeIntervalSince1970: exp),
                            issuedAt: claims["iat"]?.number.map { Date(timeIntervalSince1970: $0) },
                            attributes: claims["warrant"]?.map ?? [:],
-                           fingerprint: Hex.encode(digest))
+                           fingerprint: fingerprint, signature: signature)
     }
 }
 

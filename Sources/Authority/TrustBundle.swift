@@ -96,17 +96,20 @@ public struct TrustBundle: Sendable {
     /// Verifies a chain given in PEM (leaf first). With a memo, a chain
     /// whose PEM verified before under this bundle is answered from it:
     /// nothing is parsed or checked again but the time, against the
-    /// validity of the whole path it was validated on. Revocation is the
-    /// caller's to check every time.
-    public func verifyX509(chainPEM: String, memo: VerificationMemo<MemoizedX509>?, now: Date = Date()) async throws -> VerifiedX509 {
+    /// validity of the whole path it was validated on. With the issuance
+    /// records, a leaf they hold is not path-validated (see
+    /// `recordedPath`). Revocation is the caller's to check every time.
+    public func verifyX509(chainPEM: String, memo: VerificationMemo<MemoizedX509>?, issued: IssuedLookup? = nil,
+                           now: Date = Date()) async throws -> VerifiedX509 {
         guard chainPEM.utf8.count <= Self.chainPEMBytesMax else {
             throw AuthorityError("bad_chain", "the chain is larger than \(Self.chainPEMBytesMax) bytes")
         }
         let digest = MemoDigest(SHA256.hash(data: Array(chainPEM.utf8)))
         if let known = memo?.value(for: digest) {
-            guard now >= known.validFrom else { throw AuthorityError("untrusted", "the chain is not valid yet") }
-            guard now <= known.validUntil else { throw AuthorityError("untrusted", "the chain has expired") }
-            return known.verified
+            try Self.checkTime(known, now)
+            var verified = known.verified
+            verified.signature = .remembered
+            return verified
         }
         let blocks: [[UInt8]]
         do {
@@ -116,9 +119,37 @@ public struct TrustBundle: Sendable {
         }
         guard !blocks.isEmpty else { throw AuthorityError("bad_chain", "give 1 to \(Self.chainCertificatesMax) PEM certificates") }
         let chain = try blocks.map { try Certificate(derEncoded: $0) }
-        let validated = try await validate(chain: chain, now: now)
+        let validated: MemoizedX509
+        if let issued, let recorded = try recordedPath(chain[0], der: blocks[0], issued) {
+            try Self.checkTime(recorded, now)
+            validated = recorded
+        } else {
+            validated = try await validate(chain: chain, now: now)
+        }
         memo?.remember(validated, for: digest)
         return validated.verified
+    }
+
+    private static func checkTime(_ path: MemoizedX509, _ now: Date) throws(AuthorityError) {
+        guard now >= path.validFrom else { throw AuthorityError("untrusted", "the chain is not valid yet") }
+        guard now <= path.validUntil else { throw AuthorityError("untrusted", "the chain has expired") }
+    }
+
+    /// A leaf whose SHA-256 the issuance records hold (under its serial and
+    /// expiry) is bytes the leader built and signed with the authority its
+    /// issuer names (every authority has a subject of its own): validating
+    /// its path would repeat the leader's work. What is left to check: that
+    /// authority is still in this bundle, the time (against the leaf's and
+    /// the authority's validity), and the X509-SVID rules, which also read
+    /// its SPIFFE ID and attributes. Nil when the records do not hold it.
+    private func recordedPath(_ leaf: Certificate, der: [UInt8], _ issued: IssuedLookup) throws(AuthorityError) -> MemoizedX509? {
+        guard let authority = x509Authorities.first(where: { $0.subject == leaf.issuer }),
+              issued(.x509, Hex.encode(leaf.serialNumber.bytes), UInt64(max(0, leaf.notValidAfter.timeIntervalSince1970 * 1000)),
+                     Hex.encode(SHA256.hash(data: der))) else { return nil }
+        var verified = try Self.checkLeaf(leaf, trustDomain: trustDomain)
+        verified.signature = .recorded
+        return MemoizedX509(verified: verified, validFrom: max(leaf.notValidBefore, authority.notValidBefore),
+                            validUntil: min(leaf.notValidAfter, authority.notValidAfter))
     }
 
     private func validate(chain: [Certificate], now: Date) async throws(AuthorityError) -> MemoizedX509 {
@@ -187,4 +218,6 @@ public struct VerifiedX509: Sendable {
     public let notBefore: Date
     public let notAfter: Date
     public let attributes: Attributes
+    /// How its signatures were known to be good.
+    public internal(set) var signature: SignatureCheck = .checked
 }

@@ -163,6 +163,11 @@ public struct IssuedRecord: Sendable, Hashable, Codable {
     public var spiffeID: String
     public var serial: String
     public var authority: String
+    /// SHA-256 of the certificate DER or the JWT, hex: a node that finds
+    /// a presented identity's hash here knows its bytes are what the
+    /// leader signed (see `IssuedRecord.fingerprint(in:)`). Nil in records
+    /// written before it was kept.
+    public var fingerprint: String?
     public var issuedAtMillis: UInt64
     public var notAfterMillis: UInt64
     public var attributes: [String: String]
@@ -489,12 +494,25 @@ private struct CanonicalScan {
 }
 
 extension IssuedRecord {
+    /// The kind and fingerprint in a record's stored form, read without
+    /// decoding the rest; nil if it has no fingerprint or does not parse.
+    public static func fingerprint(in content: [UInt8]) -> (kind: Issuance.Kind, fingerprint: String)? {
+        guard let members = JSONText.parseFlatObject(content, membersMax: Issuance.attributesMax + 16),
+              case .string(let fingerprint) = members["fingerprint"], case .integer(let rawKind) = members["kind"],
+              let kind = UInt8(exactly: rawKind).flatMap(Issuance.Kind.init(rawValue:)) else { return nil }
+        return (kind, fingerprint)
+    }
+
     var canonicalJSON: [UInt8] {
         var json = JSONText.Builder(capacity: 256 + spiffeID.utf8.count)
         json.raw("{\"attributes\":")
         json.object(attributes)
         json.raw(",\"authority\":")
         json.quoted(authority)
+        if let fingerprint {
+            json.raw(",\"fingerprint\":")
+            json.quoted(fingerprint)
+        }
         json.raw(",\"issuedAtMillis\":")
         json.integer(issuedAtMillis)
         json.raw(",\"kind\":")

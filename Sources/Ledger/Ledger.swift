@@ -349,6 +349,7 @@ public enum Ledger {
         try forget(AuthorityDocuments.tokenForgetPrefix, before: now, record: AuthorityDocuments.token, &tables)
         try forget(AuthorityDocuments.idempotencyForgetPrefix, before: now, record: AuthorityDocuments.idempotency, &tables)
         let record = IssuedRecord(kind: issuance.kind, spiffeID: issuance.spiffeID, serial: issuance.serial, authority: issuance.authority,
+                                  fingerprint: issuance.fingerprint.isEmpty ? nil : issuance.fingerprint,
                                   issuedAtMillis: issuance.issuedAtMillis, notAfterMillis: issuance.notAfterMillis, attributes: issuance.attributes)
         try tables.put(Document(name: AuthorityDocuments.issued(notAfterMillis: issuance.notAfterMillis, serial: issuance.serial), format: .json,
                                 content: record.canonicalJSON, version: 1, logIndex: index))

@@ -90,6 +90,11 @@ public final class AuthorityService: Sendable {
         self.keyAlgorithm = keyAlgorithm
         self.kek = kek
         self.store = store
+        issuedLookup = { kind, serial, notAfterMillis, fingerprint in
+            guard let document = try? store.document(named: AuthorityDocuments.issued(notAfterMillis: notAfterMillis, serial: serial)),
+                  let recorded = IssuedRecord.fingerprint(in: document.content) else { return false }
+            return recorded.fingerprint == fingerprint && recorded.kind == (kind == .jwt ? .jwt : .x509)
+        }
     }
 
     /// The first 8 bytes of the KEK's SHA-256, hex: names the KEK without revealing it.
@@ -241,6 +246,12 @@ public final class AuthorityService: Sendable {
     }
 
     /// SHA-256, lower-case hex.
+    /// The issuance records this node holds, as verifiers consult them
+    /// before checking a signature: the record named by the serial and
+    /// expiry must carry the same kind and SHA-256. The ledger is in
+    /// memory: one map read and a parse of one small record.
+    public let issuedLookup: IssuedLookup
+
     public static func hash(_ text: String) -> String {
         Hex.encode(SHA256.hash(data: Array(text.utf8)))
     }

@@ -67,6 +67,9 @@ public final class NodeMetrics: Sendable {
     public let releasedEntriesRead = Counter("warrant_raft_released_entries_read_total", "Log entries whose payloads were released from memory, read back from the write-ahead log for a peer that lags.")
     public let releasedEntryReadFailures = Counter("warrant_raft_released_entry_read_failures_total", "Messages to a lagging peer dropped because released entries could not be read back (the log is damaged; the node logs why).")
     public let forwardedWrites = Counter("warrant_api_forwarded_writes_total", "Writes this node forwarded to the leader.")
+    public let signaturesChecked = Counter("warrant_verify_signatures_checked_total", "Identities verified here whose signature was checked (ECDSA or RSA).")
+    public let signaturesRemembered = Counter("warrant_verify_signatures_remembered_total", "Identities verified here whose signature was checked before under the same keys.")
+    public let signaturesRecorded = Counter("warrant_verify_recorded_total", "Identities verified here whose SHA-256 is in the replicated issuance records (the bytes the leader signed; no signature check needed).")
     public let storageWriteSeconds = Histogram("warrant_storage_write_seconds", "One synced write of a Ready (the write-ahead log: one write, one fdatasync) and the apply that follows it.")
     public let commitSeconds = Histogram("warrant_raft_commit_seconds", "From proposal to applied outcome, on the leader.")
 
@@ -88,7 +91,8 @@ public final class NodeMetrics: Sendable {
         gauge("warrant_raft_applied_index", "Highest log index applied to the ledger.", status.appliedIndex)
         gauge("warrant_raft_last_index", "Last index in this node's log.", status.lastIndex)
         gauge("warrant_raft_snapshot_index", "Index of the latest snapshot.", status.snapshotIndex)
-        for counter in [proposals, messagesSent, messagesReceived, snapshotsTaken, snapshotsInstalled, compactionFailures, releasedEntriesRead, releasedEntryReadFailures, forwardedWrites] {
+        for counter in [proposals, messagesSent, messagesReceived, snapshotsTaken, snapshotsInstalled, compactionFailures, releasedEntriesRead, releasedEntryReadFailures, forwardedWrites,
+                        signaturesChecked, signaturesRemembered, signaturesRecorded] {
             text += "# HELP \(counter.name) \(counter.help)\n# TYPE \(counter.name) counter\n\(counter.name) \(counter.current)\n"
         }
         storageWriteSeconds.render(into: &text)

@@ -3,6 +3,7 @@ import Encoding
 import Crypto
 import Foundation
 import SwiftASN1
+import Synchronization
 import Testing
 import X509
 
@@ -244,6 +245,51 @@ struct X509SVIDTests {
         #expect(try await bundle.verifyX509(chainPEM: planted, memo: memo).spiffeID == id)
         await #expect(throws: (any Error).self) { _ = try await bundle.verifyX509(chainPEM: planted, memo: nil) }
     }
+
+    @Test("The issuance records: a leaf whose SHA-256 they hold is not path-validated, but its authority must still be in the bundle, the time and the SVID rules still hold; one they do not hold is validated")
+    func chainRecords() async throws {
+        let bundle = TrustBundle(trustDomain: "example.org", x509Authorities: [ca.certificate], jwtKeys: [:], sequence: 1)
+        func make(_ authority: X509Authority) throws -> IssuedX509 {
+            try authority.issue(spiffeID: id, publicKey: Certificate.PublicKey(P256.Signing.PrivateKey().publicKey), ttl: 60,
+                                attributes: ["repository": "acme/deploy"])
+        }
+        let issued = try make(ca)
+        var broken = issued.der
+        broken[broken.count - 3] ^= 0x01 // inside the signature
+        let other = try X509Authority.create(trustDomain: "example.org")
+        let foreign = try make(other)
+        // The records as the ledger names them: kind, serial, not after (ms), SHA-256.
+        func key(_ der: [UInt8], serial: String, notAfter: Date) -> String {
+            "x509 \(serial) \(UInt64(notAfter.timeIntervalSince1970 * 1000)) \(Hex.encode(SHA256.hash(data: der)))"
+        }
+        let records = Set([key(issued.der, serial: issued.serialHex, notAfter: issued.notValidAfter),
+                           key(broken, serial: issued.serialHex, notAfter: issued.notValidAfter),
+                           key(foreign.der, serial: foreign.serialHex, notAfter: foreign.notValidAfter)])
+        let lookup: IssuedLookup = { kind, serial, notAfter, fingerprint in
+            kind == .x509 && records.contains("x509 \(serial) \(notAfter) \(fingerprint)")
+        }
+        func verify(_ der: [UInt8], _ lookup: IssuedLookup?, now: Date = Date()) async throws -> VerifiedX509 {
+            try await bundle.verifyX509(chainPEM: PEMText.encode(der, label: "CERTIFICATE"), memo: nil, issued: lookup, now: now)
+        }
+        let recorded = try await verify(issued.der, lookup)
+        #expect(recorded.signature == .recorded && recorded.spiffeID == id && recorded.attributes["repository"] == "acme/deploy")
+        #expect(recorded.serialHex == issued.serialHex)
+        #expect(try await verify(issued.der, nil).signature == .checked)
+        #expect(try await verify(issued.der, { _, _, _, _ in false }).signature == .checked)
+        // The time: past the leaf's end, or before its start.
+        await #expect(throws: AuthorityError("untrusted", "the chain has expired")) { _ = try await verify(issued.der, lookup, now: Date().addingTimeInterval(120)) }
+        await #expect(throws: AuthorityError("untrusted", "the chain is not valid yet")) { _ = try await verify(issued.der, lookup, now: Date().addingTimeInterval(-3_600)) }
+        // An authority that left the bundle is not trusted, whatever the records say.
+        await #expect(throws: AuthorityError.self) { _ = try await verify(foreign.der, lookup) }
+        // What the records say stands in for the signature (so only records the leader committed may say yes).
+        #expect(try await verify(broken, lookup).signature == .recorded)
+        await #expect(throws: AuthorityError.self) { _ = try await verify(broken, nil) }
+        // Remembered afterwards, and said so.
+        let memo = VerificationMemo<TrustBundle.MemoizedX509>()
+        let pem = PEMText.encode(issued.der, label: "CERTIFICATE")
+        #expect(try await bundle.verifyX509(chainPEM: pem, memo: memo, issued: lookup).signature == .recorded)
+        #expect(try await bundle.verifyX509(chainPEM: pem, memo: memo, issued: lookup).signature == .remembered)
+    }
 }
 
 @Suite("JWT-SVIDs")
@@ -359,6 +405,47 @@ struct JWTSVIDTests {
         // Bounded: the fourth token starts it over.
         for _ in 0..<2 { _ = try remembering.verify(try signer.issue(spiffeID: id, audiences: ["x"], ttl: 60, attributes: [:]).token, audience: "x") }
         #expect(memo.count == 1, "three held, then the fourth started over")
+    }
+
+    @Test("The issuance records: a token whose SHA-256 they hold needs no signature check, its claims are still checked; one they do not hold gets its signature checked")
+    func issuanceRecords() throws {
+        let issued = try signer.issue(spiffeID: id, audiences: ["x"], ttl: 60, attributes: [:])
+        let parts = issued.token.split(separator: ".").map(String.init)
+        var signature = Array(parts[2].utf8)
+        signature[4] = signature[4] == UInt8(ascii: "A") ? UInt8(ascii: "B") : UInt8(ascii: "A")
+        let tampered = "\(parts[0]).\(parts[1]).\(String(decoding: signature, as: UTF8.self))"
+        // The records as a set of (kind, serial, not after, fingerprint), as the ledger names them.
+        func hex(_ token: String) -> String { Hex.encode(SHA256.hash(data: Array(token.utf8))) }
+        let asked = Mutex<[String]>([])
+        func verifier(recording tokens: [String], memo: SignatureMemo? = nil) -> JWTVerifier {
+            let records = Set(tokens.map { "jwt \(hex($0).prefix(32)) \(Int(issued.expiry.timeIntervalSince1970) * 1000) \(hex($0))" })
+            return JWTVerifier(trustDomain: "example.org", keys: [signer.keyID: signer.publicKey], memo: memo) { kind, serial, notAfter, fingerprint in
+                let key = "\(kind == .jwt ? "jwt" : "x509") \(serial) \(notAfter) \(fingerprint)"
+                asked.withLock { $0.append(key) }
+                return records.contains(key)
+            }
+        }
+        let recorded = verifier(recording: [issued.token])
+        let verified = try recorded.verify(issued.token, audience: "x")
+        #expect(verified.signature == .recorded && verified.spiffeID == id && verified.fingerprint == hex(issued.token))
+        #expect(asked.withLock { $0.count } == 1)
+        // The claims are read and checked as ever.
+        #expect(throws: AuthorityError("wrong_audience", "the token is not for 'y'")) { try recorded.verify(issued.token, audience: "y") }
+        #expect(throws: AuthorityError.self) { try recorded.verify(issued.token, audience: "x", now: Date().addingTimeInterval(120)) }
+        // Other bytes have another SHA-256: the tampered token is not in the records, and its signature fails.
+        #expect(throws: AuthorityError("bad_signature", "the signature does not verify")) { try recorded.verify(tampered, audience: "x") }
+        // Not recorded (issued outside the ledger, or not yet applied here): the signature is checked.
+        #expect(try verifier(recording: []).verify(issued.token, audience: "x").signature == .checked)
+        // What the records say stands in for the signature (so only records the leader committed may say yes).
+        #expect(try verifier(recording: [tampered]).verify(tampered, audience: "x").signature == .recorded)
+        // A remembered signature is not looked up.
+        let memo = SignatureMemo()
+        let remembering = verifier(recording: [], memo: memo)
+        #expect(try remembering.verify(issued.token, audience: "x").signature == .checked)
+        let before = asked.withLock { $0.count }
+        #expect(try remembering.verify(issued.token, audience: "x").signature == .remembered)
+        #expect(asked.withLock { $0.count } == before)
+        #expect(try self.verifier.verify(issued.token, audience: "x").signature == .checked, "no records: every signature is checked")
     }
 }
 

@@ -1,8 +1,11 @@
+import Authority
+import Crypto
 import Foundation
 import Ledger
 @testable import Node
 import Raft
 import Testing
+import X509
 
 @Suite("What an issuance writes to the log", .serialized)
 struct IssuanceLogTests {
@@ -38,6 +41,53 @@ struct IssuanceLogTests {
             let withoutKey = issuances.filter { $0.idempotencyKey.isEmpty }
             #expect(withoutKey.count == 2 && withoutKey.allSatisfy { $0.artifact.isEmpty && !$0.fingerprint.isEmpty && !$0.serial.isEmpty })
             #expect(issuances.filter { !$0.idempotencyKey.isEmpty }.map(\.artifact) == [Array(jwt.utf8)])
+        }
+    }
+
+    @Test("A follower verifies an identity the cluster issued by its record (the SHA-256 the log carried), without checking its signature; one the same key signed outside the records gets its signature checked")
+    func verifiedByRecord() async throws {
+        try await InProcessCluster.withReadyFollower { cluster, leader, follower, admin, open in
+            var tokens: [String] = []
+            for _ in 0..<2 {
+                tokens.append(try #require(object(try await admin.request(.POST, "/v1/tokens", headers: [("content-type", "application/json")],
+                                                                          body: json(["spiffe_id": "spiffe://warrant.local/ci/recorded"])))["token"] as? String))
+            }
+            let issued = try await open.request(.POST, "/v1/svid/jwt", headers: [("content-type", "application/json")],
+                                                body: json(["token": tokens[0], "audience": ["a"]]))
+            let jwt = try #require(object(issued)["token"] as? String)
+            let issuedX509 = try await open.request(.POST, "/v1/svid/x509", headers: [("content-type", "application/json")],
+                                                    body: json(["token": tokens[1], "csr": try opensslCSR(in: cluster.directory, name: "recorded")]))
+            let certificate = try #require(object(issuedX509)["certificate"] as? String)
+            // The follower has the record once it applied what the leader did.
+            let leaderApplied = try #require(cluster.servers[leader]).store.ledgerAppliedIndex()
+            let followerStore = try #require(cluster.servers[follower]).store
+            #expect(await eventually { (try? followerStore.ledgerAppliedIndex()) ?? 0 >= leaderApplied })
+
+            func counters() async throws -> (checked: Int, recorded: Int) {
+                let text = (try await open.request(.GET, "/metrics")).text
+                func value(_ name: String) -> Int {
+                    text.split(separator: "\n").first { $0.hasPrefix(name + " ") }.flatMap { Int($0.split(separator: " ").last ?? "") } ?? -1
+                }
+                return (value("warrant_verify_signatures_checked_total"), value("warrant_verify_recorded_total"))
+            }
+            func verify(_ body: [String: Any]) async throws -> [String: Any] {
+                object(try await open.request(.POST, "/v1/verify", headers: [("content-type", "application/json")], body: json(body)))
+            }
+            let before = try await counters()
+            #expect(try await verify(["jwt": jwt, "audience": "a"])["spiffe_id"] as? String == "spiffe://warrant.local/ci/recorded")
+            #expect(try await verify(["x509_chain": certificate])["spiffe_id"] as? String == "spiffe://warrant.local/ci/recorded")
+            let afterRecorded = try await counters()
+            #expect(afterRecorded.recorded == before.recorded + 2 && afterRecorded.checked == before.checked, "\(before) -> \(afterRecorded)")
+
+            // Signed by the active keys, never recorded: valid, by their signatures.
+            let keys = try #require(try cluster.servers[follower]!.authority.keys())
+            let outsideID = try SpiffeID(parsing: "spiffe://warrant.local/ci/outside")
+            let outsideJWT = try keys.jwt.issue(spiffeID: outsideID, audiences: ["a"], ttl: 60, attributes: [:])
+            let outsideX509 = try keys.x509.issue(spiffeID: outsideID, publicKey: .init(P256.Signing.PrivateKey().publicKey), ttl: 60, attributes: [:])
+            #expect(try await verify(["jwt": outsideJWT.token, "audience": "a"])["valid"] as? Bool == true)
+            #expect(try await verify(["x509_chain": outsideX509.pem])["valid"] as? Bool == true)
+            let afterOutside = try await counters()
+            #expect(afterOutside.checked == afterRecorded.checked + 2 && afterOutside.recorded == afterRecorded.recorded, "\(afterRecorded) -> \(afterOutside)")
         }
     }
 }

@@ -189,6 +189,7 @@ struct AuthorityLedgerTests {
                              AuthorityDocuments.issued(notAfterMillis: 90_000, serial: String(format: "%032x", 4))])
         let record = try JSONDecoder().decode(IssuedRecord.self, from: Data(book.tables.document(named: issued()[1])!.content))
         #expect(record.authority == "old" && record.issuedAtMillis == 25_000 && record.notAfterMillis == 90_000)
+        #expect(record.fingerprint == String(repeating: "f", count: 64), "the record keeps the identity's SHA-256")
     }
 }
 

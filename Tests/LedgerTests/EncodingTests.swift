@@ -27,6 +27,22 @@ struct LedgerEncodingTests {
         let record = IssuedRecord(kind: .jwt, spiffeID: "spiffe://example.org/a", serial: "ff", authority: "ca1", issuedAtMillis: 5,
                                   notAfterMillis: 9, attributes: ["repository": "acme/api", "note": "tab\there"])
         #expect(try JSONDecoder().decode(IssuedRecord.self, from: Data(record.canonicalJSON)) == record)
+        var fingerprinted = record
+        fingerprinted.fingerprint = String(repeating: "ab", count: 32)
+        #expect(try JSONDecoder().decode(IssuedRecord.self, from: Data(fingerprinted.canonicalJSON)) == fingerprinted)
+    }
+
+    @Test("A record's kind and fingerprint are read without decoding the rest; a record without one (or with one only among its attributes) has none")
+    func recordFingerprint() throws {
+        var record = IssuedRecord(kind: .x509, spiffeID: "spiffe://example.org/a", serial: "0c", authority: "ca1", issuedAtMillis: 5,
+                                  notAfterMillis: 9, attributes: ["fingerprint": String(repeating: "1", count: 64), "quote": "a\"b"])
+        #expect(IssuedRecord.fingerprint(in: record.canonicalJSON) == nil)
+        record.fingerprint = String(repeating: "2", count: 64)
+        let read = try #require(IssuedRecord.fingerprint(in: record.canonicalJSON))
+        #expect(read.kind == .x509 && read.fingerprint == String(repeating: "2", count: 64))
+        record.kind = .jwt
+        #expect(IssuedRecord.fingerprint(in: record.canonicalJSON)?.kind == .jwt)
+        #expect(IssuedRecord.fingerprint(in: Array("{\"fingerprint\":\"22\",\"kind\":7}".utf8)) == nil, "an unknown kind")
     }
 
     @Test("The fast reading of a token document takes exactly what canonicalJSON writes, and leaves anything else to the general parser")

@@ -587,15 +587,17 @@ extension NodeAPI {
     private func verify(_ body: VerifyRequest, _ keys: AuthorityService.Keys) async throws -> VerifyBody {
         do {
             if let chainPEM = body.x509Chain, body.jwt == nil {
-                let verified = try await keys.bundle.verifyX509(chainPEM: chainPEM, memo: keys.x509Chains)
+                let verified = try await keys.bundle.verifyX509(chainPEM: chainPEM, memo: keys.x509Chains, issued: authority?.issuedLookup)
+                metrics.count(verified.signature)
                 try Self.checkNotRevoked(keys, serial: verified.serialHex, spiffeID: verified.spiffeID, attributes: verified.attributes,
                                          issuedAt: verified.notBefore.addingTimeInterval(X509Authority.backdate))
                 return VerifyBody(valid: true, spiffeId: verified.spiffeID.description, serial: verified.serialHex,
                                   attributes: verified.attributes, expiresAt: Self.iso(verified.notAfter))
             }
             if let jwt = body.jwt, let audience = body.audience, body.x509Chain == nil {
-                let verified = try JWTVerifier(trustDomain: keys.jwt.trustDomain, keys: keys.bundle.jwtKeys, memo: keys.jwtSignatures)
-                    .verify(jwt, audience: audience)
+                let verified = try JWTVerifier(trustDomain: keys.jwt.trustDomain, keys: keys.bundle.jwtKeys, memo: keys.jwtSignatures,
+                                               issued: authority?.issuedLookup).verify(jwt, audience: audience)
+                metrics.count(verified.signature)
                 let serial = String(verified.fingerprint.prefix(32))
                 try Self.checkNotRevoked(keys, serial: serial, spiffeID: verified.spiffeID, attributes: verified.attributes,
                                          issuedAt: verified.issuedAt ?? Date(timeIntervalSince1970: 0))
@@ -856,5 +858,16 @@ extension VerifyRequest: HandDecodedJSON {
     init?(flat: [String: JSONText.Value]) {
         guard let chain = flat.string("x509_chain"), let jwt = flat.string("jwt"), let audience = flat.string("audience") else { return nil }
         self.init(x509Chain: chain, jwt: jwt, audience: audience)
+    }
+}
+
+extension NodeMetrics {
+    /// Counts a verification by how its signature was known good.
+    func count(_ signature: SignatureCheck) {
+        switch signature {
+        case .checked: signaturesChecked.add(1)
+        case .remembered: signaturesRemembered.add(1)
+        case .recorded: signaturesRecorded.add(1)
+        }
     }
 }
