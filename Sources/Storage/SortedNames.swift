@@ -16,14 +16,17 @@ struct SortedNames: Sendable {
     /// which costs a cache miss on a name stored elsewhere.
     private var firsts: [(from: String, first: String?)] = []
     static let firstsMax = 8
-    /// The chunks the last few names were inserted into. Names made in
-    /// time order (issued records, used platform tokens) land in the same
-    /// chunk as the previous ones of their kind: checking its bounds takes
-    /// two or three comparisons, where finding the chunk by binary search
-    /// takes ten or more, each a likely cache miss, and the search inside
-    /// it then runs over names still in the cache. Dropped when chunks
-    /// split or go (their indexes move).
-    private var recentChunks: [Int] = []
+    /// The chunks the last few names were inserted into, and where in
+    /// each the last one went. Names made in time order (issued records,
+    /// used platform tokens) land in the same chunk as the previous ones
+    /// of their kind, right after the previous one (names of other kinds
+    /// may follow it in the chunk): two comparisons, with names still in
+    /// the cache, confirm that place, where finding the chunk and the
+    /// place by binary search takes nineteen or so, each a likely cache
+    /// miss. A position is only a guess, checked against the names on
+    /// each side; the chunks are dropped when chunks split or go (their
+    /// indexes move).
+    private var recent: [(chunk: Int, position: Int)] = []
     static let recentMax = 4
 
     init() {}
@@ -62,19 +65,20 @@ struct SortedNames: Sendable {
             count = 1
             return true
         }
-        var c: Int
-        var afterLast = false
-        if let recent = recentChunk(for: name) {
-            (c, afterLast) = recent
+        let c: Int, p: Int, slot: Int
+        if let found = recentPlace(for: name) {
+            c = recent[found.slot].chunk
+            p = found.position ?? Self.position(of: name, in: chunks[c])
+            slot = found.slot
         } else {
-            c = chunkIndex(for: name)
-            if c == chunks.count { c -= 1 } // after every name: the last chunk
-            if recentChunks.count == Self.recentMax { recentChunks.removeFirst() }
-            recentChunks.append(c)
+            let index = chunkIndex(for: name)
+            c = index == chunks.count ? index - 1 : index // after every name: the last chunk
+            p = Self.position(of: name, in: chunks[c])
+            if recent.count == Self.recentMax { recent.removeFirst() }
+            recent.append((c, p))
+            slot = recent.count - 1
         }
-        // After the chunk's last name (the usual case for names made in
-        // time order): its place is known without a search.
-        let p = afterLast ? chunks[c].count : Self.position(of: name, in: chunks[c])
+        recent[slot].position = p
         if p < chunks[c].count && chunks[c][p] == name { return false }
         chunks[c].insert(name, at: p)
         count += 1
@@ -86,19 +90,28 @@ struct SortedNames: Sendable {
             let upper = Array(chunks[c][(Self.chunkMax / 2)...])
             chunks[c].removeSubrange((Self.chunkMax / 2)...)
             chunks.insert(upper, at: c + 1)
-            recentChunks.removeAll()
+            recent.removeAll()
         }
         return true
     }
 
-    /// A recently used chunk where `name` belongs: within its names, or
-    /// after its last (`afterLast`) and before the next chunk's first.
-    private func recentChunk(for name: String) -> (chunk: Int, afterLast: Bool)? {
-        for c in recentChunks where c < chunks.count {
-            let chunk = chunks[c]
+    /// A recently used chunk where `name` belongs (its slot in `recent`),
+    /// and its place there when known without a search: right after the
+    /// name last inserted there, or after the chunk's last name.
+    private func recentPlace(for name: String) -> (slot: Int, position: Int?)? {
+        for slot in recent.indices where recent[slot].chunk < chunks.count {
+            let c = recent[slot].chunk, chunk = chunks[c]
+            let after = recent[slot].position
+            if after < chunk.count, chunk[after] < name {
+                if after + 1 < chunk.count {
+                    if name < chunk[after + 1] { return (slot, after + 1) }
+                } else if c + 1 == chunks.count || name < chunks[c + 1][0] {
+                    return (slot, after + 1)
+                }
+            }
             guard let first = chunk.first, let last = chunk.last, first <= name else { continue }
-            if name <= last { return (c, false) }
-            if c + 1 == chunks.count || name < chunks[c + 1][0] { return (c, true) }
+            if name <= last { return (slot, nil) }
+            if c + 1 == chunks.count || name < chunks[c + 1][0] { return (slot, chunk.count) }
         }
         return nil
     }
@@ -114,7 +127,7 @@ struct SortedNames: Sendable {
         count -= 1
         if chunks[c].isEmpty {
             chunks.remove(at: c)
-            recentChunks.removeAll()
+            recent.removeAll()
         }
         if firsts.contains(where: { $0.first == name }) {
             // The removed name's successor: what now stands at its place.

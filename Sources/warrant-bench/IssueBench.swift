@@ -237,29 +237,30 @@ func runIssueBench(binary: String, clients: Int, seconds: Double, phases selecte
         }
         return result
     }
-    var x509: Timed?
-    if selected.contains("x509-leader") {
-        let x509LeaderBodies = bodies("x509-leader") { ["token": $0, "csr": csrPEM] }
-    let before = await counters()
-    let x509LeaderID = try await leader().id
-    let timed = try await phase("X509-SVID, clients on the leader") { leaderEndpoint in
-        try await load(x509LeaderBodies, to: leaderEndpoint, path: "/v1/svid/x509", tls: tls, clients: clients, seconds: seconds, directory: directory)
-    }
-        x509 = timed
+    /// Runs a phase on the leader and prints each node's synced log
+    /// writes and Raft messages during it.
+    func onLeader(_ name: String, _ requests: Bodies, path: String) async throws -> Timed {
+        let before = await counters()
+        let leaderID = try await leader().id
+        let timed = try await phase(name) { leaderEndpoint in
+            try await load(requests, to: leaderEndpoint, path: path, tls: tls, clients: clients, seconds: seconds, directory: directory)
+        }
         let after = await counters()
         for (index, member) in listing.members.enumerated() {
             let transactions = after[index].transactions - before[index].transactions
             let messages = after[index].messages - before[index].messages
             print(String(format: "  node %d%@: %.0f synced log writes/s (%.1f issuances each), %.0f Raft messages sent/s", Int(member.id),
-                         member.id == x509LeaderID ? " (leader)" : "", transactions / timed.seconds, Double(timed.ok) / max(transactions, 1),
+                         member.id == leaderID ? " (leader)" : "", transactions / timed.seconds, Double(timed.ok) / max(transactions, 1),
                          messages / timed.seconds))
         }
+        return timed
+    }
+    var x509: Timed?
+    if selected.contains("x509-leader") {
+        x509 = try await onLeader("X509-SVID, clients on the leader", bodies("x509-leader") { ["token": $0, "csr": csrPEM] }, path: "/v1/svid/x509")
     }
     if selected.contains("jwt-leader") {
-        let jwtBodies = bodies("jwt-leader") { ["token": $0, "audience": ["bench"]] }
-        _ = try await phase("JWT-SVID, clients on the leader") { leaderEndpoint in
-            try await load(jwtBodies, to: leaderEndpoint, path: "/v1/svid/jwt", tls: tls, clients: clients, seconds: seconds, directory: directory)
-        }
+        _ = try await onLeader("JWT-SVID, clients on the leader", bodies("jwt-leader") { ["token": $0, "audience": ["bench"]] }, path: "/v1/svid/jwt")
     }
     if selected.contains("verify") {
         try await verifyPhases()
