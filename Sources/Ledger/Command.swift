@@ -59,17 +59,26 @@ public struct LedgerCommand: Sendable, Hashable {
     }
 
     /// Why the command may not be proposed, or nil if it may.
+    /// Documents under `authority/` are written only by the authority's
+    /// own operations, as they check them: a node trusts an issued
+    /// record's SHA-256 in place of a signature, so no plain document
+    /// write may make or change one, even one a node proposes.
+    static func reservedReason(_ name: String) -> String? {
+        name.utf8.starts(with: AuthorityDocuments.prefix.utf8)
+            ? "names under '\(AuthorityDocuments.prefix)' are written only by the authority's operations" : nil
+    }
+
     public var invalidReason: String? {
         if actor.utf8.count > LedgerLimits.actorBytesMax { return "actor is longer than \(LedgerLimits.actorBytesMax) bytes" }
         if requestID.utf8.count > LedgerLimits.requestIDBytesMax { return "request id is longer than \(LedgerLimits.requestIDBytesMax) bytes" }
         switch operation {
         case .putDocument(let name, _, let content, _):
-            if let reason = Self.invalidName(name) { return reason }
+            if let reason = Self.invalidName(name) ?? Self.reservedReason(name) { return reason }
             if content.count > LedgerLimits.documentContentBytesMax {
                 return "document content is \(content.count) bytes; the limit is \(LedgerLimits.documentContentBytesMax)"
             }
         case .deleteDocument(let name, _):
-            if let reason = Self.invalidName(name) { return reason }
+            if let reason = Self.invalidName(name) ?? Self.reservedReason(name) { return reason }
         case .createJoinToken(let token):
             guard AuthorityDocuments.isHex(token.hash, count: 64) else { return "a token hash is 64 lower-case hex digits" }
             guard token.spiffeID.utf8.count <= 2048 else { return "the SPIFFE ID is longer than 2048 bytes" }

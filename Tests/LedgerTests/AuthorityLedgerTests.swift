@@ -76,6 +76,23 @@ struct AuthorityLedgerTests {
         #expect(book.keyring().authorities.map(\.id) == ["new", "third"])
     }
 
+    @Test("Plain document writes cannot make, change or remove the authority's documents (an issued record stands in for a signature)")
+    func authorityNamesAreReserved() throws {
+        var book = try initialized()
+        _ = book.apply(.createJoinToken(token(1)), at: 2_000)
+        #expect(book.apply(.recordIssuance(issuance(1, authority: "old", issuedAt: 2_000, notAfter: 90_000)), at: 2_000) == .issued(artifact: [1, 2, 3], replayed: false))
+        let issued = AuthorityDocuments.issued(notAfterMillis: 90_000, serial: String(format: "%032x", 1))
+        let before = try #require(book.tables.document(named: issued))
+        let refusal = LedgerOutcome.Result.rejected("names under 'authority/' are written only by the authority's operations")
+        let forged = AuthorityDocuments.issued(notAfterMillis: 90_000, serial: String(format: "%032x", 2))
+        #expect(book.apply(.putDocument(name: forged, format: .json, content: Array("{}".utf8), expectedVersion: nil), at: 3_000) == refusal)
+        #expect(book.apply(.putDocument(name: issued, format: .json, content: Array("{}".utf8), expectedVersion: nil), at: 3_000) == refusal)
+        #expect(book.apply(.deleteDocument(name: AuthorityDocuments.keyring, expectedVersion: nil), at: 3_000) == refusal)
+        #expect(book.tables.document(named: forged) == nil && book.tables.document(named: issued) == before)
+        #expect(book.tables.document(named: AuthorityDocuments.keyring) != nil)
+        #expect(book.apply(.putDocument(name: "authorityx/ok", format: .json, content: Array("{}".utf8), expectedVersion: nil), at: 3_000) == .written(version: 1))
+    }
+
     @Test("Revocation rules match by serial, SPIFFE ID or attribute, only identities issued at or before them, and block renewal of what they cover")
     func revocation() throws {
         let rule = Revocation(kind: .attribute, value: "repository=acme/api", reason: "", revokedAtMillis: 5_000)
