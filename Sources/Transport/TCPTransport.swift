@@ -7,6 +7,17 @@ import Synchronization
 
 /// Turns inbound bytes into frames with `FrameDecoder`; a bad stream
 /// closes the connection (the error travels to the reader, which logs it).
+/// Makes the type metadata of `handlers` (made by the caller) on this
+/// thread, once. The Swift runtime can crash when two threads make the
+/// metadata of the same generic class for the first time at once (races of
+/// this kind were fixed in the runtime before; one more crashed a node here
+/// that had just restarted, on two connections accepted together): a server
+/// calls this with the generic handlers its connections get, before it
+/// accepts any.
+public func prepareTypes(of handlers: [any ChannelHandler]) {
+    for handler in handlers { _ = String(reflecting: type(of: handler)) }
+}
+
 struct FrameByteDecoder: ByteToMessageDecoder {
     typealias InboundOut = Frame
     private var decoder: FrameDecoder
@@ -188,6 +199,7 @@ public final class TCPTransport: Sendable {
             }
             onRejected?(reason)
         }
+        prepareTypes(of: [ByteToMessageHandler(FrameByteDecoder(frameBytesMax: frameBytesMax))])
         let server = try await ServerBootstrap(group: group)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { channel in

@@ -154,6 +154,10 @@ public final class HTTPServer: Sendable {
     /// Binds and starts serving; returns the bound address.
     public func start(at address: SocketAddress) async throws -> SocketAddress {
         let limits = self.limits, handler = self.handler, clusterID = self.clusterID, clusterCA = self.clusterCA
+        // The generic handlers of requests here and of the node's own
+        // connections to others (forwarding), made once before serving.
+        prepareTypes(of: [ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes), maximumBufferSize: 1 << 20),
+                          ByteToMessageHandler(HTTPResponseDecoder(leftOverBytesStrategy: .dropBytes))])
         let server = try await ServerBootstrap(group: group)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .serverChannelOption(.backlog, value: 256)
