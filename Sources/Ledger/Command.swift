@@ -58,7 +58,6 @@ public struct LedgerCommand: Sendable, Hashable {
         self.operation = operation
     }
 
-    /// Why the command may not be proposed, or nil if it may.
     /// Documents under `authority/` are written only by the authority's
     /// own operations, as they check them: a node trusts an issued
     /// record's SHA-256 in place of a signature, so no plain document
@@ -68,6 +67,7 @@ public struct LedgerCommand: Sendable, Hashable {
             ? "names under '\(AuthorityDocuments.prefix)' are written only by the authority's operations" : nil
     }
 
+    /// Why the command may not be proposed, or nil if it may.
     public var invalidReason: String? {
         if actor.utf8.count > LedgerLimits.actorBytesMax { return "actor is longer than \(LedgerLimits.actorBytesMax) bytes" }
         if requestID.utf8.count > LedgerLimits.requestIDBytesMax { return "request id is longer than \(LedgerLimits.requestIDBytesMax) bytes" }

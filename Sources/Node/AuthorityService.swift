@@ -245,13 +245,13 @@ public final class AuthorityService: Sendable {
         return pem
     }
 
-    /// SHA-256, lower-case hex.
     /// The issuance records this node holds, as verifiers consult them
     /// before checking a signature: the record named by the serial and
     /// expiry must carry the same kind and SHA-256. The ledger is in
     /// memory: one map read and a parse of one small record.
     public let issuedLookup: IssuedLookup
 
+    /// SHA-256, lower-case hex.
     public static func hash(_ text: String) -> String {
         Hex.encode(SHA256.hash(data: Array(text.utf8)))
     }

@@ -5,8 +5,6 @@ import NIOTLS
 import Raft
 import Synchronization
 
-/// Turns inbound bytes into frames with `FrameDecoder`; a bad stream
-/// closes the connection (the error travels to the reader, which logs it).
 /// Makes the type metadata of `handlers` (made by the caller) on this
 /// thread, once. The Swift runtime can crash when two threads make the
 /// metadata of the same generic class for the first time at once (races of
@@ -18,6 +16,8 @@ public func prepareTypes(of handlers: [any ChannelHandler]) {
     for handler in handlers { _ = String(reflecting: type(of: handler)) }
 }
 
+/// Turns inbound bytes into frames with `FrameDecoder`; a bad stream
+/// closes the connection (the error travels to the reader, which logs it).
 struct FrameByteDecoder: ByteToMessageDecoder {
     typealias InboundOut = Frame
     private var decoder: FrameDecoder

@@ -7,16 +7,22 @@ import Raft
 import Testing
 import X509
 
+/// `count` join token secrets for `spiffeID`, made by an admin.
+private func joinTokens(_ count: Int, for spiffeID: String, _ admin: HTTPConnection) async throws -> [String] {
+    var tokens: [String] = []
+    for _ in 0..<count {
+        tokens.append(try #require(object(try await admin.request(.POST, "/v1/tokens", headers: [("content-type", "application/json")],
+                                                                  body: json(["spiffe_id": spiffeID])))["token"] as? String))
+    }
+    return tokens
+}
+
 @Suite("What an issuance writes to the log", .serialized)
 struct IssuanceLogTests {
     @Test("The identity itself travels in the log only when an idempotency key asks for it to be kept; a retry with the key gets it back")
     func artifactOnlyWithIdempotencyKey() async throws {
         try await InProcessCluster.withReadyFollower { cluster, leader, _, admin, open in
-            var tokens: [String] = []
-            for _ in 0..<3 {
-                tokens.append(try #require(object(try await admin.request(.POST, "/v1/tokens", headers: [("content-type", "application/json")],
-                                                                          body: json(["spiffe_id": "spiffe://warrant.local/ci/log"])))["token"] as? String))
-            }
+            let tokens = try await joinTokens(3, for: "spiffe://warrant.local/ci/log", admin)
             let csr = try opensslCSR(in: cluster.directory, name: "log")
             let plain = try await open.request(.POST, "/v1/svid/x509", headers: [("content-type", "application/json")],
                                                body: json(["token": tokens[0], "csr": csr]))
@@ -47,11 +53,7 @@ struct IssuanceLogTests {
     @Test("A follower verifies an identity the cluster issued by its record (the SHA-256 the log carried), without checking its signature; one the same key signed outside the records gets its signature checked")
     func verifiedByRecord() async throws {
         try await InProcessCluster.withReadyFollower { cluster, leader, follower, admin, open in
-            var tokens: [String] = []
-            for _ in 0..<2 {
-                tokens.append(try #require(object(try await admin.request(.POST, "/v1/tokens", headers: [("content-type", "application/json")],
-                                                                          body: json(["spiffe_id": "spiffe://warrant.local/ci/recorded"])))["token"] as? String))
-            }
+            let tokens = try await joinTokens(2, for: "spiffe://warrant.local/ci/recorded", admin)
             let issued = try await open.request(.POST, "/v1/svid/jwt", headers: [("content-type", "application/json")],
                                                 body: json(["token": tokens[0], "audience": ["a"]]))
             let jwt = try #require(object(issued)["token"] as? String)
