@@ -59,6 +59,7 @@ public final class Histogram: Sendable {
 /// text format together with the gauges read from the Raft status.
 public final class NodeMetrics: Sendable {
     public let proposals = Counter("warrant_raft_proposals_total", "Ledger commands proposed on this node as leader.")
+    public let proposalBatches = Counter("warrant_raft_proposal_batches_total", "Batches of ledger commands this node appended as leader (one append each).")
     public let messagesSent = Counter("warrant_raft_messages_sent_total", "Raft messages handed to the transport.")
     public let messagesReceived = Counter("warrant_raft_messages_received_total", "Raft messages received from peers.")
     public let snapshotsTaken = Counter("warrant_raft_snapshots_taken_total", "Ledger snapshots taken (log compactions).")
@@ -91,7 +92,7 @@ public final class NodeMetrics: Sendable {
         gauge("warrant_raft_applied_index", "Highest log index applied to the ledger.", status.appliedIndex)
         gauge("warrant_raft_last_index", "Last index in this node's log.", status.lastIndex)
         gauge("warrant_raft_snapshot_index", "Index of the latest snapshot.", status.snapshotIndex)
-        for counter in [proposals, messagesSent, messagesReceived, snapshotsTaken, snapshotsInstalled, compactionFailures, releasedEntriesRead, releasedEntryReadFailures, forwardedWrites,
+        for counter in [proposals, proposalBatches, messagesSent, messagesReceived, snapshotsTaken, snapshotsInstalled, compactionFailures, releasedEntriesRead, releasedEntryReadFailures, forwardedWrites,
                         signaturesChecked, signaturesRemembered, signaturesRecorded] {
             text += "# HELP \(counter.name) \(counter.help)\n# TYPE \(counter.name) counter\n\(counter.name) \(counter.current)\n"
         }

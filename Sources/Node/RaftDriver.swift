@@ -83,6 +83,12 @@ public actor RaftDriver {
     public nonisolated let keepPayloadsEntries: LogIndex
     /// Told why released entries could not be read back (the node logs it).
     private let onReadBackFailure: (@Sendable (String) -> Void)?
+    /// How long the leader may hold new proposals while its previous batch
+    /// awaits commit (see `proposeQueued`); checked whenever the loop runs,
+    /// ticks included.
+    public nonisolated let proposalGatherMax: Duration
+    /// Held proposals beyond this many are proposed at once.
+    public static let proposalsGatheredMax = 256
     private var ticks = 0
     private var stopped = false
 
@@ -110,9 +116,11 @@ public actor RaftDriver {
     public init(configuration: Configuration, store: RaftStore, sender: any MessageSender, requestTimeoutTicks: Int = 100,
                 compactEveryEntries: LogIndex = 10_000, keepPayloadsEntries: LogIndex = 4_096,
                 loop: any EventLoop = MultiThreadedEventLoopGroup.singleton.next(),
-                metrics: NodeMetrics = NodeMetrics(), onApplied: (@Sendable ([Entry]) -> Void)? = nil,
+                metrics: NodeMetrics = NodeMetrics(), proposalGatherMax: Duration = .milliseconds(3),
+                onApplied: (@Sendable ([Entry]) -> Void)? = nil,
                 onReadBackFailure: (@Sendable (String) -> Void)? = nil) throws {
         precondition(requestTimeoutTicks > 0 && compactEveryEntries > 0)
+        self.proposalGatherMax = proposalGatherMax
         self.keepPayloadsEntries = keepPayloadsEntries
         self.onReadBackFailure = onReadBackFailure
         self.loop = loop
@@ -338,9 +346,25 @@ public actor RaftDriver {
     /// Commands waiting for the next flush, proposed to the core together
     /// (one append, one AppendEntries per follower).
     private var queuedProposals: [QueuedProposal] = []
+    /// The last index of the newest batch this node proposed as leader.
+    private var lastBatchEnd: LogIndex = 0
 
+    /// Proposes the queued commands as one batch, unless this leader's
+    /// previous batch is still waiting for its commit: then they wait for
+    /// it (up to `proposalGatherMax`, or `proposalsGatheredMax` commands),
+    /// and whatever arrived meanwhile goes in the next batch, proposed as
+    /// the previous one commits. A batch's commit waits for a follower's
+    /// synced write anyway, so holding the next one costs little latency,
+    /// and the leader makes one synced write and one AppendEntries per
+    /// follower per round where it made one for every few commands (a
+    /// JWT-SVID run: 1,500 -> 470 synced writes/s on the leader, 6% less
+    /// CPU per issuance in all processes).
     private func proposeQueued() {
         guard !queuedProposals.isEmpty else { return }
+        if raft.role == .leader, lastBatchEnd > raft.commitIndex, queuedProposals.count < Self.proposalsGatheredMax,
+           queuedProposals[0].startedAt.duration(to: .now) < proposalGatherMax {
+            return
+        }
         let queued = queuedProposals
         queuedProposals.removeAll(keepingCapacity: true)
         let receipt: ProposalReceipt
@@ -357,6 +381,8 @@ public actor RaftDriver {
             return
         }
         guard case .appended(let term, let first, _) = receipt else { return }
+        lastBatchEnd = first + LogIndex(queued.count) - 1
+        metrics.proposalBatches.add(1)
         for (offset, proposal) in queued.enumerated() {
             let index = first + LogIndex(offset)
             pendingWrites[index] = PendingWrite(term: term, deadlineTick: ticks + requestTimeoutTicks, startedAt: proposal.startedAt,

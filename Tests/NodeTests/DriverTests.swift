@@ -16,6 +16,9 @@ final class LoopbackNetwork: Sendable {
     private struct State {
         var drivers: [NodeID: RaftDriver] = [:]
         var isolated: Set<NodeID> = []
+        /// Messages to these nodes wait in `held` until `releaseHeld`.
+        var holding: Set<NodeID> = []
+        var held: [Message] = []
     }
     private let state = Mutex(State())
 
@@ -31,11 +34,26 @@ final class LoopbackNetwork: Sendable {
     func isolate(_ id: NodeID) { state.withLock { _ = $0.isolated.insert(id) } }
     func heal() { state.withLock { $0.isolated.removeAll() } }
 
+    /// Delays (without losing) every message to `id` until `releaseHeld`.
+    func hold(to id: NodeID) { state.withLock { _ = $0.holding.insert(id) } }
+
+    func releaseHeld() {
+        let held = state.withLock { state in
+            defer { state.holding.removeAll(); state.held.removeAll() }
+            return state.held
+        }
+        deliver(held)
+    }
+
     private func deliver(_ messages: [Message]) {
         let routed = state.withLock { state in
             messages.compactMap { message -> (RaftDriver, Message)? in
                 guard !state.isolated.contains(message.from), !state.isolated.contains(message.to),
                       let driver = state.drivers[message.to] else { return nil }
+                if state.holding.contains(message.to) {
+                    state.held.append(message)
+                    return nil
+                }
                 return (driver, message)
             }
         }
@@ -57,7 +75,8 @@ final class LocalCluster {
     /// (HTTP handlers, TLS) runs on NIO's shared threads, not these.
     let group: MultiThreadedEventLoopGroup
 
-    init(voters: [NodeID] = [1, 2, 3], compactEveryEntries: LogIndex = 10_000, keepPayloadsEntries: LogIndex = 4_096) throws {
+    init(voters: [NodeID] = [1, 2, 3], compactEveryEntries: LogIndex = 10_000, keepPayloadsEntries: LogIndex = 4_096,
+         checkQuorum: Bool = true, proposalGatherMax: Duration = .milliseconds(3)) throws {
         group = MultiThreadedEventLoopGroup(numberOfThreads: voters.count)
         directory = FileManager.default.temporaryDirectory.appendingPathComponent("warrant-driver-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
@@ -66,10 +85,11 @@ final class LocalCluster {
             try store.initialize(with: .bootstrap(voters: voters))
             var configuration = Configuration(id: id, randomSeed: UInt64.random(in: 1...UInt64.max))
             configuration.electionTimeoutTicks = 10
+            configuration.checkQuorum = checkQuorum
             let nodeMetrics = NodeMetrics()
             let driver = try RaftDriver(configuration: configuration, store: store, sender: network.sender(), requestTimeoutTicks: 2_000,
                                          compactEveryEntries: compactEveryEntries, keepPayloadsEntries: keepPayloadsEntries,
-                                         loop: group.next(), metrics: nodeMetrics)
+                                         loop: group.next(), metrics: nodeMetrics, proposalGatherMax: proposalGatherMax)
             metrics[id] = nodeMetrics
             drivers[id] = driver
             stores[id] = store
@@ -105,9 +125,10 @@ final class LocalCluster {
     }
 
     /// Runs `body` against a fresh cluster and always shuts it down.
-    static func running(compactEveryEntries: LogIndex = 10_000, keepPayloadsEntries: LogIndex = 4_096,
-                        _ body: (LocalCluster) async throws -> Void) async throws {
-        let cluster = try LocalCluster(compactEveryEntries: compactEveryEntries, keepPayloadsEntries: keepPayloadsEntries)
+    static func running(compactEveryEntries: LogIndex = 10_000, keepPayloadsEntries: LogIndex = 4_096, checkQuorum: Bool = true,
+                        proposalGatherMax: Duration = .milliseconds(3), _ body: (LocalCluster) async throws -> Void) async throws {
+        let cluster = try LocalCluster(compactEveryEntries: compactEveryEntries, keepPayloadsEntries: keepPayloadsEntries,
+                                       checkQuorum: checkQuorum, proposalGatherMax: proposalGatherMax)
         do {
             try await body(cluster)
         } catch {
@@ -235,6 +256,59 @@ struct DriverTests {
     @Test("A follower cut off while the log was compacted is caught up by a ledger snapshot")
     func snapshotCatchUp() async throws {
         try await LocalCluster.running(compactEveryEntries: 10) { try await catchUp($0) }
+    }
+
+    @Test("Proposals arriving while the leader's previous batch awaits its commit wait for it, and go together in the next batch")
+    func proposalsGatherBehindAnUncommittedBatch() async throws {
+        // Held answers keep the first batch uncommitted; the leader keeps
+        // leading (no check-quorum) and would hold the rest for 30 s.
+        try await LocalCluster.running(checkQuorum: false, proposalGatherMax: .seconds(30)) { cluster in
+            let (leader, metrics, before, first) = try await Self.firstBatchHeld(cluster)
+            let batches = metrics.proposalBatches.current
+            let rest = (0..<5).map { k in Task { try await leader.propose(write("next-\(k)", "1")) } }
+            try await Task.sleep(for: .milliseconds(300))
+            #expect(await leader.statusSnapshot.lastIndex == before + 1, "proposed while the first batch awaited its commit")
+            cluster.network.releaseHeld()
+            #expect(try await first.value.logIndex == before + 1)
+            var indexes: Set<LogIndex> = []
+            for task in rest { indexes.insert(try await task.value.logIndex) }
+            #expect(indexes == Set((before + 2)...(before + 6)))
+            #expect(metrics.proposalBatches.current == batches + 1, "the five waiting proposals went in one batch")
+        }
+    }
+
+    @Test("Proposals held behind a batch that does not commit are proposed once they have waited the bound")
+    func heldProposalsAreBounded() async throws {
+        try await LocalCluster.running(checkQuorum: false, proposalGatherMax: .milliseconds(100)) { cluster in
+            let (leader, _, before, first) = try await Self.firstBatchHeld(cluster)
+            let started = ContinuousClock.now
+            let second = Task { try await leader.propose(write("second", "1")) }
+            // Appended although the first batch never commits meanwhile,
+            // and not before the bound.
+            #expect(await cluster.eventually(within: 10) { await leader.statusSnapshot.lastIndex == before + 2 })
+            let waited = started.duration(to: .now)
+            #expect(waited >= .milliseconds(100), "proposed after \(waited)")
+            #expect(await leader.statusSnapshot.commitIndex <= before)
+            cluster.network.releaseHeld()
+            #expect(try await first.value.logIndex == before + 1)
+            #expect(try await second.value.logIndex == before + 2)
+        }
+    }
+
+    /// Elects a leader, commits a write, then holds every message to the
+    /// leader (the followers' answers) and proposes a first write: appended
+    /// at `before + 1`, it cannot commit until `releaseHeld`.
+    private static func firstBatchHeld(_ cluster: LocalCluster) async throws
+        -> (leader: RaftDriver, metrics: NodeMetrics, before: LogIndex, first: Task<LedgerOutcome, any Error>) {
+        #expect(await cluster.eventually { await cluster.leader() != nil })
+        let id = try #require(await cluster.leader())
+        let leader = cluster.drivers[id]!
+        _ = try await leader.propose(write("settle", "1"))
+        let before = await leader.statusSnapshot.lastIndex
+        cluster.network.hold(to: id)
+        let first = Task { try await leader.propose(write("first", "1")) }
+        #expect(await cluster.eventually { await leader.statusSnapshot.lastIndex == before + 1 })
+        return (leader, cluster.metrics[id]!, before, first)
     }
 
     @Test("A follower cut off for longer than the payloads kept in memory catches up entry by entry, from the leader's write-ahead log")
