@@ -65,15 +65,20 @@ public enum JSONText {
         private static let hex: [UInt8] = Array("0123456789abcdef".utf8)
 
         public mutating func integer(_ value: UInt64) {
-            guard value > 0 else { return bytes.append(0x30) }
-            var digits: (UInt64, Int) = (value, 0)
-            var buffer = [UInt8](repeating: 0, count: 20)
-            while digits.0 > 0 {
-                buffer[19 - digits.1] = 0x30 + UInt8(digits.0 % 10)
-                digits.0 /= 10
-                digits.1 += 1
+            // Digits written in place, most significant first (no buffer to allocate).
+            var count = 1
+            var power: UInt64 = 10
+            while count < 20 && value >= power {
+                count += 1
+                power = power &* 10
             }
-            bytes.append(contentsOf: buffer[(20 - digits.1)...])
+            let start = bytes.count
+            bytes.append(contentsOf: repeatElement(0x30, count: count))
+            var rest = value
+            for position in stride(from: start + count - 1, through: start, by: -1) {
+                bytes[position] = 0x30 + UInt8(rest % 10)
+                rest /= 10
+            }
         }
 
         public mutating func bool(_ value: Bool) {

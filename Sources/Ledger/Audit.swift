@@ -35,11 +35,14 @@ public struct AuditRecord: Sendable, Hashable {
     /// SHA-256 over every field but `hash`, length-prefixed so no two
     /// records share an encoding.
     public var computedHash: [UInt8] {
-        var w = BinaryWriter(capacity: 128)
+        var w = BinaryWriter(capacity: 48 + actor.utf8.count + action.utf8.count + target.utf8.count + result.utf8.count + previousHash.count)
         w.write(sequence)
         w.write(logIndex)
         w.write(timeMillis)
-        for text in [actor, action, target, result] { w.writeBytes(text.utf8) }
+        w.writeBytes(actor.utf8)
+        w.writeBytes(action.utf8)
+        w.writeBytes(target.utf8)
+        w.writeBytes(result.utf8)
         w.writeBytes(previousHash)
         return Array(SHA256.hash(data: w.bytes))
     }

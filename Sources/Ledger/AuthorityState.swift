@@ -92,7 +92,7 @@ public struct Issuance: Sendable, Hashable {
     }
 
     /// Which evidence it names; nil if not exactly one.
-    var evidenceCount: Int { [!tokenHash.isEmpty, !renewedFrom.isEmpty, !platformReplayKey.isEmpty].filter { $0 }.count }
+    var evidenceCount: Int { (tokenHash.isEmpty ? 0 : 1) + (renewedFrom.isEmpty ? 0 : 1) + (platformReplayKey.isEmpty ? 0 : 1) }
 
     static let attributesMax = 64
 
@@ -100,11 +100,14 @@ public struct Issuance: Sendable, Hashable {
     // applying an issuance).
     func encode(_ w: inout BinaryWriter) {
         w.write(kind.rawValue)
-        for text in [spiffeID, serial, fingerprint] { w.writeBytes(text.utf8) }
+        w.writeBytes(spiffeID.utf8)
+        w.writeBytes(serial.utf8)
+        w.writeBytes(fingerprint.utf8)
         w.write(issuedAtMillis)
         w.write(notAfterMillis)
         w.write(ttlSeconds)
-        for text in [tokenHash, renewedFrom] { w.writeBytes(text.utf8) }
+        w.writeBytes(tokenHash.utf8)
+        w.writeBytes(renewedFrom.utf8)
         w.write(renewedIssuedAtMillis)
         w.writeBytes(idempotencyKey.utf8)
         w.write(node)

@@ -98,7 +98,8 @@ struct LedgerEncodingTests {
 
     @Test("The JSON builder writes what JSONSerialization reads back, numbers and escapes included")
     func builder() throws {
-        for number in [UInt64(0), 1, 9, 10, 99, 1_000_000_007, .max] {
+        for number in [UInt64(0), 1, 9, 10, 99, 100, 1_000_000_007, 999_999_999_999_999_999, 1_000_000_000_000_000_000,
+                       9_999_999_999_999_999_999, 10_000_000_000_000_000_000, .max] {
             var json = JSONText.Builder(capacity: 8)
             json.integer(number)
             #expect(String(decoding: json.bytes, as: UTF8.self) == String(number))
