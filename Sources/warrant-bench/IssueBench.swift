@@ -190,8 +190,9 @@ func runIssueBench(binary: String, clients: Int, seconds: Double, phases selecte
     let phase = phases.run
 
     // Tokens, made beforehand (not timed): one per issuance, for three
-    // timed phases.
-    let perPhase = [("x509-all", 6_000.0), ("x509-leader", 6_000.0), ("jwt-leader", 12_000.0)].filter { selected.contains($0.0) }
+    // timed phases, more per second than a phase issues (a phase that ran
+    // out would show the token count, not the cluster's rate).
+    let perPhase = [("x509-all", 8_000.0), ("x509-leader", 8_000.0), ("jwt-leader", 14_000.0)].filter { selected.contains($0.0) }
         .map { ($0.0, Int(seconds * $0.1)) }
     print("making \(perPhase.map(\.1).reduce(0, +)) join tokens (not timed)...")
     var queues: [String: Queue<String>] = [:]
