@@ -12,6 +12,16 @@ public enum JSONText {
         return String(decoding: builder.bytes, as: UTF8.self)
     }
 
+    /// Whether `bytes` are `text` as a JSON string literal (what `quote`
+    /// writes), checked without making the literal when `text` needs no
+    /// escaping.
+    public static func isQuoted(_ bytes: [UInt8], _ text: String) -> Bool {
+        let utf8 = text.utf8
+        guard utf8.allSatisfy({ $0 >= 0x20 && $0 != 0x22 && $0 != 0x5C }) else { return bytes.elementsEqual(quote(text).utf8) }
+        guard bytes.count == utf8.count + 2, bytes.first == 0x22, bytes.last == 0x22 else { return false }
+        return bytes[1..<(bytes.count - 1)].elementsEqual(utf8)
+    }
+
     /// An object of string members, keys sorted.
     public static func object(_ members: [String: String]) -> String {
         var builder = Builder(capacity: 64)
@@ -30,6 +40,11 @@ public enum JSONText {
         /// Bytes written as they are (punctuation, keys known to need no escaping).
         public mutating func raw(_ text: StaticString) {
             text.withUTF8Buffer { bytes.append(contentsOf: $0) }
+        }
+
+        /// JSON already written (by a builder), copied as it is.
+        public mutating func raw(_ json: UnsafeBufferPointer<UInt8>) {
+            bytes.append(contentsOf: json)
         }
 
         /// A string literal, escaped as `quote` does.
@@ -88,13 +103,27 @@ public enum JSONText {
         /// An object of string members, keys sorted.
         public mutating func object(_ members: [String: String]) {
             bytes.append(0x7B)
-            for (position, member) in members.sorted(by: { $0.key < $1.key }).enumerated() {
-                if position > 0 { bytes.append(0x2C) }
-                quoted(member.key)
-                bytes.append(0x3A)
-                quoted(member.value)
+            if members.count == 2 {
+                // The usual size of an identity's context: ordered without
+                // making a sorted array.
+                let first = members.first!, second = members[members.index(after: members.startIndex)]
+                let (low, high) = first.key < second.key ? (first, second) : (second, first)
+                member(low.key, low.value)
+                bytes.append(0x2C)
+                member(high.key, high.value)
+            } else {
+                for (position, pair) in members.sorted(by: { $0.key < $1.key }).enumerated() {
+                    if position > 0 { bytes.append(0x2C) }
+                    member(pair.key, pair.value)
+                }
             }
             bytes.append(0x7D)
+        }
+
+        private mutating func member(_ key: String, _ value: String) {
+            quoted(key)
+            bytes.append(0x3A)
+            quoted(value)
         }
     }
 

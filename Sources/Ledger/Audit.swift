@@ -44,7 +44,7 @@ public struct AuditRecord: Sendable, Hashable {
         w.writeBytes(target.utf8)
         w.writeBytes(result.utf8)
         w.writeBytes(previousHash)
-        return Array(SHA256.hash(data: w.bytes))
+        return SHA256.hash(data: w.bytes).withUnsafeBytes { Array($0) }
     }
 }
 

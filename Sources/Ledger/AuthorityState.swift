@@ -419,6 +419,27 @@ extension JoinToken {
 }
 
 extension JoinToken {
+    /// The document of a token once `serial` used it, made from its unused
+    /// document exactly as `canonicalJSON` wrote it (`used` is its last
+    /// member): the same bytes `canonicalJSON` writes for the used token,
+    /// without writing the rest again. Nil when `canonical` does not end
+    /// as an unused token's does.
+    static func markingUsed(_ canonical: [UInt8], serial: String) -> [UInt8]? {
+        let unused: StaticString = ",\"used\":false}"
+        let kept = canonical.count - unused.utf8CodeUnitCount
+        guard kept > 0 else { return nil }
+        return canonical.withUnsafeBufferPointer { bytes -> [UInt8]? in
+            let ending = unused.withUTF8Buffer { UnsafeBufferPointer(rebasing: bytes[kept...]).elementsEqual($0) }
+            guard ending else { return nil }
+            var json = JSONText.Builder(capacity: canonical.count + serial.utf8.count + 24)
+            json.raw(UnsafeBufferPointer(rebasing: bytes[..<kept]))
+            json.raw(",\"used\":true,\"usedBySerial\":")
+            json.quoted(serial)
+            json.raw("}")
+            return json.bytes
+        }
+    }
+
     /// The fast path for what `canonicalJSON` writes, member by member in
     /// its order, strings without escapes; nil for anything else (the
     /// general parser reads that).

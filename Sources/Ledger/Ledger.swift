@@ -306,7 +306,7 @@ public enum Ledger {
             guard recorded.evidence == issuance.evidence else { return .rejected("the idempotency key was used with other evidence") }
             return .issued(artifact: Array(recorded.artifact), replayed: true)
         }
-        guard let active = try tables.document(named: AuthorityDocuments.active), active.content.elementsEqual(JSONText.quote(issuance.authority).utf8) else {
+        guard let active = try tables.document(named: AuthorityDocuments.active), JSONText.isQuoted(active.content, issuance.authority) else {
             return .rejected("authority rotated: \(issuance.authority) is no longer the active authority")
         }
         if !issuance.platformReplayKey.isEmpty {
@@ -328,15 +328,17 @@ public enum Ledger {
             }
         } else {
             let tokenName = AuthorityDocuments.token(issuance.tokenHash)
-            guard let document = try tables.document(named: tokenName), var token = JoinToken(canonical: document.content) else {
-                return .rejected("unknown join token")
-            }
+            guard let document = try tables.document(named: tokenName) else { return .rejected("unknown join token") }
+            let canonical = JoinToken(exactlyCanonical: document.content)
+            guard var token = canonical ?? JoinToken(canonical: document.content) else { return .rejected("unknown join token") }
             guard !token.used else { return .rejected("the join token was already used") }
             guard token.expiresAtMillis > now else { return .rejected("the join token expired") }
             guard token.spiffeID == issuance.spiffeID else { return .rejected("the join token is for another SPIFFE ID") }
             token.used = true
             token.usedBySerial = issuance.serial
-            try tables.put(Document(name: tokenName, format: .json, content: token.canonicalJSON, version: document.version + 1, logIndex: index))
+            // A canonical document changes only at its end.
+            let content = canonical.flatMap { _ in JoinToken.markingUsed(document.content, serial: issuance.serial) } ?? token.canonicalJSON
+            try tables.put(Document(name: tokenName, format: .json, content: content, version: document.version + 1, logIndex: index))
         }
         if !issuance.idempotencyKey.isEmpty {
             let answer = IdempotentAnswer(evidence: issuance.evidence, kind: issuance.kind, artifact: Data(issuance.artifact))

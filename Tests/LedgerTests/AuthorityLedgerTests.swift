@@ -1,5 +1,5 @@
 import Foundation
-import Ledger
+@testable import Ledger
 import Raft
 import Testing
 
@@ -74,6 +74,28 @@ struct AuthorityLedgerTests {
         // Once its identities expired, preparing the next drops it from the keyring.
         #expect(book.apply(.prepareAuthority(authority("third", .prepared)), at: 95_000) == .written(version: 4))
         #expect(book.keyring().authorities.map(\.id) == ["new", "third"])
+    }
+
+    @Test("An issuance marks its join token used by its serial: the token's canonical document, whether the token was written canonically or by JSONEncoder (older ledgers)")
+    func tokenMarkedUsed() throws {
+        var book = try initialized()
+        _ = book.apply(.createJoinToken(token(1)), at: 2_000)
+        let older = token(2)
+        let name = AuthorityDocuments.token(older.hash)
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = .sortedKeys // escapes the SPIFFE ID's slashes: not canonical, still ends in "used":false}
+        let olderDocument = Array(try encoder.encode(older))
+        #expect(String(decoding: olderDocument, as: UTF8.self).hasSuffix(",\"used\":false}") && olderDocument != older.canonicalJSON)
+        book.tables.put(Document(name: name, format: .json, content: olderDocument, version: 1, logIndex: book.index))
+        for (n, expected) in [(1, token(1)), (2, older)] {
+            #expect(book.apply(.recordIssuance(issuance(n, authority: "old", issuedAt: 2_000, notAfter: 90_000)), at: 2_000) == .issued(artifact: [1, 2, 3], replayed: false))
+            var used = expected
+            used.used = true
+            used.usedBySerial = String(format: "%032x", n)
+            #expect(book.tables.document(named: AuthorityDocuments.token(expected.hash))?.content == used.canonicalJSON)
+            #expect(book.apply(.recordIssuance(issuance(n, authority: "old", issuedAt: 2_001, notAfter: 90_000)), at: 2_001) == .rejected("the join token was already used"))
+        }
+        #expect(book.tables.document(named: name)?.version == 2)
     }
 
     @Test("Plain document writes cannot make, change or remove the authority's documents (an issued record stands in for a signature)")

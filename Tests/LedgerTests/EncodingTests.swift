@@ -67,6 +67,37 @@ struct LedgerEncodingTests {
             .replacingOccurrences(of: "\(UInt64.max)", with: "18446744073709551616").utf8)) == nil, "one past UInt64.max")
     }
 
+    @Test("Marking a token used changes only the end of its canonical document: the bytes canonicalJSON writes for the used token")
+    func tokenMarkedUsed() throws {
+        var generator = SystemRandomNumberGenerator()
+        for n in 0..<200 {
+            let digits = "0123456789abcdef"
+            let serial = String((0..<(1 + n % 40)).map { _ in digits.randomElement(using: &generator)! })
+            let token = JoinToken(hash: String(repeating: "d", count: 64), spiffeID: "spiffe://example.org/ci/job-\(n)",
+                                  ttlMaxSeconds: UInt32.random(in: 1...86_400), expiresAtMillis: UInt64.random(in: 0...UInt64.max),
+                                  maxLifetimeSeconds: n % 3 == 0 ? nil : UInt32.random(in: 1...UInt32.max))
+            var used = token
+            used.used = true
+            used.usedBySerial = n == 7 ? "odd\"serial\\" : serial
+            #expect(JoinToken.markingUsed(token.canonicalJSON, serial: used.usedBySerial!) == used.canonicalJSON)
+        }
+        let token = Self.unusedAndUsed(JoinToken(hash: "e", spiffeID: "spiffe://example.org/a", ttlMaxSeconds: 1, expiresAtMillis: 2))
+        #expect(JoinToken.markingUsed(token[1].canonicalJSON, serial: "ff") == nil, "already used")
+        #expect(JoinToken.markingUsed(Array("{\"used\":false}".utf8), serial: "ff") == nil, "only the used member")
+        #expect(JoinToken.markingUsed(Array("false}".utf8), serial: "ff") == nil, "too short to be a token")
+    }
+
+    @Test("isQuoted agrees with quote: the literal of the same text and no other")
+    func quotedComparison() {
+        let texts = ["", "ca-1", "a\"b", "back\\slash", "tab\t", "é", "\u{1}", "plain text"]
+        for text in texts {
+            for other in texts {
+                #expect(JSONText.isQuoted(Array(JSONText.quote(other).utf8), text) == (text == other), "\(text) / \(other)")
+            }
+            #expect(!JSONText.isQuoted(Array(text.utf8), text), "unquoted: \(text)")
+        }
+    }
+
     @Test("An issuance's audit text is written piece by piece exactly as the interpolated form it replaced")
     func issuedText() {
         func reference(_ i: Issuance, _ replayed: Bool, _ requestID: String) -> String {
