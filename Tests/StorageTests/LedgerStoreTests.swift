@@ -281,11 +281,36 @@ struct LedgerStoreTests {
     @Test("Sorted names agree with a sorted array under random inserts, removals and range scans, with and without the first-name memo")
     func sortedNamesMatchReference() {
         var random = SeededGenerator(seed: 77)
+        let reference = Self.checkSortedNames(steps: 20_000, bounds: (0..<10).map { "n/\($0)" }, random: &random) { random in "n/\(random.below(4_000))" }
+        #expect(reference > 1_000, "enough names for many chunks")
+    }
+
+    /// Names of every shape: prefixes shared for a few bytes or for many,
+    /// names that are prefixes of others, NUL bytes, and names that are not
+    /// ASCII (none canonically equivalent to another: String's == takes
+    /// "é" and "e\u{301}" as one name, and the first-name memo can then
+    /// answer for the other spelling; document names are ASCII).
+    @Test("Sorted names agree with a sorted array for names of every shape: long shared prefixes, prefixes of each other, NUL bytes, non-ASCII")
+    func sortedNamesOfEveryShape() {
+        var random = SeededGenerator(seed: 79)
+        let stems = ["authority/issued/1796000000000/", "authority/issued/179600000", "authority/tokens/", "a", "", "ab\u{0}", "é/", "ü", "z"]
+        let reference = Self.checkSortedNames(steps: 20_000, bounds: stems + ["authority/", "b"], random: &random) { random in
+            let stem = stems[random.below(stems.count)]
+            let tail = random.below(4) == 0 ? "" : String(random.below(3_000), radix: 16)
+            return stem + (random.below(5) == 0 ? String(tail.prefix(1)) : tail)
+        }
+        #expect(reference > 2 * SortedNames.chunkMax, "enough names for splits")
+    }
+
+    /// Random inserts and removals of `name()`s checked against a sorted
+    /// array, with lookups, range scans (from a few repeated `bounds`,
+    /// which the first-name memo keeps, and from any name) and full walks
+    /// along the way; returns how many names were left.
+    static func checkSortedNames(steps: Int, bounds: [String], random: inout SeededGenerator, _ name: (inout SeededGenerator) -> String) -> Int {
         var names = SortedNames()
         var reference: [String] = []
-        func name() -> String { "n/\(random.below(4_000))" }
-        for step in 0..<20_000 {
-            let candidate = name()
+        for step in 0..<steps {
+            let candidate = name(&random)
             if random.chance(0.35) {
                 let removed = names.remove(candidate)
                 #expect(removed == reference.contains(candidate))
@@ -295,24 +320,29 @@ struct LedgerStoreTests {
                 #expect(inserted == !reference.contains(candidate))
                 if inserted { reference.append(candidate); reference.sort() }
             }
+            if step % 5 == 0 {
+                let probe = name(&random)
+                #expect(names.contains(probe) == reference.contains(probe), "step \(step): \(probe)")
+            }
             if step % 20 == 0 {
                 // Scans from a few repeated bounds (more than the memo
                 // keeps), answered from the memo once it has them.
-                let from = "n/\(random.below(10))", to = name()
+                let from = bounds[random.below(bounds.count)], to = name(&random)
                 let expected = reference.filter { $0 >= from && $0 < to }
                 #expect(names.namesRemembering(from: from, to: to, limit: 2) == Array(expected.prefix(2)), "step \(step) from \(from)")
             }
             if step % 500 == 0 {
                 #expect(names.count == reference.count)
-                let from = name(), to = name(), limit = Int(random.below(50)) + 1
+                let from = name(&random), to = name(&random), limit = Int(random.below(50)) + 1
                 let expected = reference.filter { $0 >= from && $0 < to }
                 #expect(names.names(from: from, to: to, limit: limit) == Array(expected.prefix(limit)), "step \(step)")
                 #expect(names.names(from: from, to: to, limit: limit, reverse: true) == Array(expected.reversed().prefix(limit)), "step \(step)")
                 var all: [String] = []
                 names.forEach(from: "") { all.append($0); return true }
                 #expect(all == reference)
+                for probe in reference.prefix(50) { #expect(names.contains(probe), "\(probe)") }
             }
         }
-        #expect(reference.count > 1_000, "enough names for many chunks")
+        return reference.count
     }
 }
