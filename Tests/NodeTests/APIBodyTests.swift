@@ -78,5 +78,12 @@ struct TimeTextTests {
         #expect(Set(ids).count == ids.count)
         #expect(ids.allSatisfy { UUID(uuidString: $0) != nil })
         #expect(Set(ids.map { $0.prefix(18) }).count == 1, "one prefix per process")
+        // Written by hand as UUID.uuidString writes the same sixteen bytes.
+        var random = SystemRandomNumberGenerator()
+        for (prefix, count) in [(UInt64(0), UInt64(0)), (.max, .max), (0x0123_4567_89AB_CDEF, 1)] + (0..<100).map({ _ in (random.next(), random.next()) }) {
+            let b = withUnsafeBytes(of: (prefix.bigEndian, count.bigEndian)) { Array($0) }
+            let uuid = UUID(uuid: (b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]))
+            #expect(RequestID.format(prefix: prefix, count: count) == uuid.uuidString)
+        }
     }
 }

@@ -268,11 +268,28 @@ enum RequestID {
     private static let counter = Atomic<UInt64>(0)
 
     static func make() -> String {
-        let count = counter.add(1, ordering: .relaxed).newValue
-        let p = prefix.bigEndian, c = count.bigEndian
-        return withUnsafeBytes(of: (p, c)) { raw in
-            let b = Array(raw)
-            return UUID(uuid: (b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15])).uuidString
+        format(prefix: prefix, count: counter.add(1, ordering: .relaxed).newValue)
+    }
+
+    /// The sixteen bytes (prefix then count, big-endian) as UUID text,
+    /// 8-4-4-4-12 uppercase hex digits as `UUID.uuidString` writes them
+    /// (which formats through sprintf: a hundredth of answering an issuance).
+    static func format(prefix: UInt64, count: UInt64) -> String {
+        let digits = Array("0123456789ABCDEF".utf8)
+        return String(unsafeUninitializedCapacity: 36) { out in
+            var position = 0
+            for (half, value) in [prefix, count].enumerated() {
+                for nibble in 0..<16 {
+                    let digit = nibble + 16 * half
+                    if digit == 8 || digit == 12 || digit == 16 || digit == 20 {
+                        out[position] = UInt8(ascii: "-")
+                        position += 1
+                    }
+                    out[position] = digits[Int((value >> UInt64(60 - 4 * nibble)) & 0xF)]
+                    position += 1
+                }
+            }
+            return position
         }
     }
 }
