@@ -111,10 +111,13 @@ public final class LocalProcessCluster: Sendable {
     public func exitedOnTheirOwn() -> [(id: UInt64, logTail: String)] {
         let stopped = stoppedOnPurpose.withLock { $0 }
         let ended = processes.withLock { $0.filter { !$0.value.isRunning && !stopped.contains($0.key) }.map(\.key) }.sorted()
-        return ended.map { id in
-            let log = (try? String(contentsOfFile: "\(directory)/node-\(id)/log", encoding: .utf8)) ?? ""
-            return (id, log.split(separator: "\n").suffix(5).joined(separator: "\n"))
-        }
+        return ended.map { id in (id, logTail(of: id, lines: 5)) }
+    }
+
+    /// The last `lines` lines of node `id`'s log.
+    public func logTail(of id: UInt64, lines: Int) -> String {
+        let log = (try? String(contentsOfFile: "\(directory)/node-\(id)/log", encoding: .utf8)) ?? ""
+        return log.split(separator: "\n").suffix(lines).joined(separator: "\n")
     }
 
     public func isRunning(_ id: UInt64) -> Bool { processes.withLock { $0[id]?.isRunning ?? false } }
@@ -178,10 +181,15 @@ public final class LocalProcessCluster: Sendable {
     }
 
     /// Why the cluster is not ready, for an error message: the nodes that
-    /// ended on their own, with their logs' last lines.
+    /// ended on their own, with their logs' last lines; or, when none did,
+    /// the last lines of every node's log (the directory may be gone by
+    /// the time anyone reads the message).
     public func notReadyReason() -> String {
         let ended = exitedOnTheirOwn()
-        guard !ended.isEmpty else { return "no leader, or a node not answering /readyz in time" }
+        guard !ended.isEmpty else {
+            return "no leader, or a node not answering /readyz in time; the end of each node's log:\n"
+                + nodeIDs.map { "node \($0)\(isRunning($0) ? "" : " (not running)"):\n\(logTail(of: $0, lines: 8))" }.joined(separator: "\n")
+        }
         return ended.map { "node \($0.id) exited:\n\($0.logTail)" }.joined(separator: "\n")
     }
 

@@ -158,7 +158,7 @@ func run(_ options: Options) async throws -> Int32 {
     nemesis.healAll()
     log(String(format: "%7.1fs  faults over; every link healed, every node running; waiting for the cluster to settle", clock.seconds))
     guard await cluster.waitForLeader(seconds: 60) != nil, await cluster.waitUntilReady(seconds: 60) else {
-        throw ChaosError("the cluster did not recover after the faults healed (node logs in \(clusterDirectory)): \(cluster.notReadyReason())")
+        throw ChaosError("the cluster did not recover after the faults healed: \(cluster.notReadyReason())")
     }
     // Final reads of every register, once healed: a lost write shows here.
     for k in 0..<RegisterWorkload.keys {
