@@ -337,7 +337,7 @@ public enum Ledger {
             token.used = true
             token.usedBySerial = issuance.serial
             // A canonical document changes only at its end.
-            let content = canonical.flatMap { _ in JoinToken.markingUsed(document.content, serial: issuance.serial) } ?? token.canonicalJSON
+            let content = (canonical == nil ? nil : JoinToken.markingUsed(document.content, serial: issuance.serial)) ?? token.canonicalJSON
             try tables.put(Document(name: tokenName, format: .json, content: content, version: document.version + 1, logIndex: index))
         }
         if !issuance.idempotencyKey.isEmpty {

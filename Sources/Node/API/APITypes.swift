@@ -275,19 +275,17 @@ enum RequestID {
     /// 8-4-4-4-12 uppercase hex digits as `UUID.uuidString` writes them
     /// (which formats through sprintf: a hundredth of answering an issuance).
     static func format(prefix: UInt64, count: UInt64) -> String {
-        let digits = Array("0123456789ABCDEF".utf8)
-        return String(unsafeUninitializedCapacity: 36) { out in
+        String(unsafeUninitializedCapacity: 36) { out in
             var position = 0
-            for (half, value) in [prefix, count].enumerated() {
-                for nibble in 0..<16 {
-                    let digit = nibble + 16 * half
-                    if digit == 8 || digit == 12 || digit == 16 || digit == 20 {
-                        out[position] = UInt8(ascii: "-")
-                        position += 1
-                    }
-                    out[position] = digits[Int((value >> UInt64(60 - 4 * nibble)) & 0xF)]
+            for digit in 0..<32 {
+                if digit == 8 || digit == 12 || digit == 16 || digit == 20 {
+                    out[position] = UInt8(ascii: "-")
                     position += 1
                 }
+                let value = digit < 16 ? prefix : count
+                let nibble = UInt8(truncatingIfNeeded: value >> UInt64(60 - 4 * (digit % 16))) & 0xF
+                out[position] = nibble < 10 ? UInt8(ascii: "0") + nibble : UInt8(ascii: "A") + nibble - 10
+                position += 1
             }
             return position
         }
