@@ -268,7 +268,10 @@ public final class RaftStore: @unchecked Sendable {
     /// (see `RaftNode.releasePayloads`). What is read must match each
     /// entry's index, term and size. Returns how many were filled.
     public func fillReleased(_ entries: inout [Entry]) throws -> Int {
-        guard let first = entries.first?.index, let last = entries.last?.index else { return 0 }
+        // Read only through the last released entry: the entries after it
+        // are in memory, and may not be written yet (a leader sends its new
+        // entries before its own write).
+        guard let first = entries.first?.index, let last = entries.last(where: { $0.payload.isReleased })?.index else { return 0 }
         let stored = try logEntries(from: first, through: last)
         do {
             return try Entry.fillReleased(&entries, from: stored)

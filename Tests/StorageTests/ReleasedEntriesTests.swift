@@ -68,6 +68,26 @@ struct ReleasedEntriesTests {
         _ = temporary
     }
 
+    /// A leader sends its new entries before writing them (in parallel with
+    /// replication), so an AppendEntries to a peer that lags can run from
+    /// released entries to ones the log does not hold yet: only the
+    /// released ones are read back.
+    @Test("Released entries are filled in a message that also carries entries not written yet")
+    func fillBeforeTheTailIsWritten() throws {
+        let (temporary, store, written) = try storeWithCommands((0..<40).map { i in [UInt8(i)] + Self.payload }, segmentBytesMax: 2_000)
+        var node = written
+        let original = node.entries(from: 1, through: node.lastIndex)
+        #expect(node.releasePayloads(through: 1_000) == 40)
+        try node.propose([9, 9, 9])
+        let ready = node.ready() // not persisted: the new entry is only in memory
+        #expect(ready.entries.count == 1)
+        var entries = node.entries(from: 20, through: node.lastIndex)
+        #expect(entries.last?.payload == .command([9, 9, 9]))
+        #expect(try store.fillReleased(&entries) == entries.count - 1)
+        #expect(Array(entries.dropLast()) == Array(original[19...]) && entries.last?.payload == .command([9, 9, 9]))
+        _ = temporary
+    }
+
     @Test("Damage found when reading back is an error naming the file, never wrong bytes")
     func damageOnReadBack() throws {
         let (temporary, store, node) = try storeWithCommands((0..<40).map { i in [UInt8(i)] + Self.payload }, segmentBytesMax: 2_000)
