@@ -71,7 +71,8 @@ public final class NodeMetrics: Sendable {
     public let signaturesChecked = Counter("warrant_verify_signatures_checked_total", "Identities verified here whose signature was checked (ECDSA or RSA).")
     public let signaturesRemembered = Counter("warrant_verify_signatures_remembered_total", "Identities verified here whose signature was checked before under the same keys.")
     public let signaturesRecorded = Counter("warrant_verify_recorded_total", "Identities verified here whose SHA-256 is in the replicated issuance records (the bytes the leader signed; no signature check needed).")
-    public let storageWriteSeconds = Histogram("warrant_storage_write_seconds", "One synced write of a Ready (the write-ahead log: one write, one fdatasync) and the apply that follows it.")
+    public let storageWriteSeconds = Histogram("warrant_storage_write_seconds", "One synced write of a Ready (the write-ahead log: one write, one fdatasync).")
+    public let applySeconds = Histogram("warrant_ledger_apply_seconds", "Applying one Ready's committed entries to the ledger in memory.")
     public let commitSeconds = Histogram("warrant_raft_commit_seconds", "From proposal to applied outcome, on the leader.")
 
     public init() {}
@@ -97,6 +98,7 @@ public final class NodeMetrics: Sendable {
             text += "# HELP \(counter.name) \(counter.help)\n# TYPE \(counter.name) counter\n\(counter.name) \(counter.current)\n"
         }
         storageWriteSeconds.render(into: &text)
+        applySeconds.render(into: &text)
         commitSeconds.render(into: &text)
         return text
     }

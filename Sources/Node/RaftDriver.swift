@@ -193,8 +193,7 @@ public actor RaftDriver {
 
     private func drainInbox() {
         guard !stopped else { return }
-        stepInbox()
-        try? processReadies() // a failure stops the node and fails every caller
+        try? processReadies() // steps the inbox first; a failure stops the node and fails every caller
     }
 
     /// Steps every message queued so far.
@@ -486,18 +485,29 @@ public actor RaftDriver {
     }
 
     private func runLoop() throws {
-        proposeQueued()
+        takeInput()
         var rounds = 0
         while raft.hasReady {
             rounds += 1
             precondition(rounds <= 10_000, "the core never runs out of work")
             let ready = raft.ready()
             send(ready.messagesToSendNow)
+            // Committed entries this node has made durable already (a
+            // leader's always are: it counts itself only for what it has
+            // written) are applied and answered before the write of the new
+            // entries, unless messages wait for that write: their callers
+            // do not wait for a synced write that is not theirs. Otherwise
+            // the write comes first, then what waited for it goes out, then
+            // the apply: a follower's acknowledgement of new entries does
+            // not wait for it to apply the entries committed before them
+            // (that apply was on every round's critical path: the leader
+            // commits on the acknowledgement).
+            let applyFirst = ready.snapshot == nil && ready.messagesAfterPersist.isEmpty
+                && (ready.committedEntries.last?.index ?? 0) <= raft.stableIndex
+            if applyFirst { try apply(ready) }
             let writeStart = ContinuousClock.now
             let syncedBefore = store.syncedWrites
-            // The write (synced when the Ready needs durability), then the
-            // committed entries applied to the ledger in memory.
-            let outcomes = try store.persistAndApply(ready)
+            try store.persist(ready)
             if store.syncedWrites != syncedBefore {
                 metrics.storageWriteSeconds.observe(writeStart.duration(to: .now))
             }
@@ -512,10 +522,7 @@ public actor RaftDriver {
                     write.continuation.resume(throwing: DriverError.outcomeUnknown)
                 }
             }
-            for entry in ready.committedEntries { settleWrite(at: entry, outcomes: outcomes) }
-            settleForwarded(outcomes)
-            if let last = ready.committedEntries.last { appliedIndex = last.index }
-            if !ready.committedEntries.isEmpty { onApplied?(ready.committedEntries) }
+            if !applyFirst { try apply(ready) }
             for state in ready.readStates { pendingReads[state.requestID]?.index = state.index }
             for requestID in ready.abandonedReads {
                 pendingReads.removeValue(forKey: requestID)?.continuation.resume(throwing: DriverError.notLeader(leaderHint: ready.leaderID))
@@ -525,13 +532,33 @@ public actor RaftDriver {
             answerReads()
             try compactIfDue()
             // What arrived during the write joins the next Ready (group
-            // commit: one transaction for all of it).
-            proposeQueued()
-            stepInbox()
+            // commit: one write for all of it).
+            takeInput()
         }
         let view = (raft.role == .leader, raft.leaderID)
         leadershipView.withLock { $0 = view }
         if view.1 != noNode { releaseLeaderWaiters() }
+    }
+
+    /// Steps the peers' messages that arrived, then proposes what is
+    /// queued: proposals held behind a batch that an acknowledgement just
+    /// committed go out in the next Ready, before that batch is applied.
+    private func takeInput() {
+        stepInbox()
+        proposeQueued()
+    }
+
+    /// Applies a Ready's committed entries to the ledger and settles
+    /// their callers.
+    private func apply(_ ready: Ready) throws {
+        guard !ready.committedEntries.isEmpty else { return }
+        let applyStart = ContinuousClock.now
+        let outcomes = try store.apply(ready.committedEntries)
+        metrics.applySeconds.observe(applyStart.duration(to: .now))
+        for entry in ready.committedEntries { settleWrite(at: entry, outcomes: outcomes) }
+        settleForwarded(outcomes)
+        appliedIndex = ready.committedEntries.last!.index
+        onApplied?(ready.committedEntries)
     }
 
     // MARK: - Waiting out an election

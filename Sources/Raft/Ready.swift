@@ -16,7 +16,10 @@
 ///    acknowledgements promise that the state above is durable.
 /// 4. Apply `committedEntries` in order (they may include entries from
 ///    step 2), then answer `readStates` once the applied index reaches them;
-///    fail the callers of `abandonedReads`.
+///    fail the callers of `abandonedReads`. Committed entries that are all
+///    durable here already (at or below `stableIndex` when the Ready was
+///    taken, as a leader's always are: it counts itself only for what it
+///    has written) may be applied before step 2 instead.
 /// 5. Call `advance()`.
 public struct Ready: Sendable {
     public var role: Role

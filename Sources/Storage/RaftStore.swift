@@ -170,13 +170,23 @@ public final class RaftStore: @unchecked Sendable {
         try lock.withLock { try persistLocked(ready) }
     }
 
-    /// `persist(_:)`, then applies the Ready's committed entries to the
-    /// ledger (in memory) and returns their outcomes.
+    /// `persist(_:)`, then `apply(_:)` of the Ready's committed entries.
     public func persistAndApply(_ ready: Ready) throws -> [LedgerOutcome] {
         try lock.withLock {
             try persistLocked(ready)
             guard let ledger else { return [] }
             return try ledger.apply(ready.committedEntries)
+        }
+    }
+
+    /// Applies committed entries to the ledger (in memory) and returns
+    /// their outcomes; none without a ledger. They must be persisted
+    /// already (an earlier or the same Ready's `persist(_:)`).
+    public func apply(_ committed: [Entry]) throws -> [LedgerOutcome] {
+        guard !committed.isEmpty else { return [] }
+        return try lock.withLock {
+            guard let ledger else { return [] }
+            return try ledger.apply(committed)
         }
     }
 

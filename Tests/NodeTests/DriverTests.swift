@@ -21,6 +21,8 @@ final class LoopbackNetwork: Sendable {
         var held: [Message] = []
     }
     private let state = Mutex(State())
+    /// Every message handed to the network, in the order it was sent.
+    let timeline = Timeline()
 
     struct Sender: MessageSender {
         let network: LoopbackNetwork
@@ -42,10 +44,11 @@ final class LoopbackNetwork: Sendable {
             defer { state.holding.removeAll(); state.held.removeAll() }
             return state.held
         }
-        deliver(held)
+        deliver(held, recording: false)
     }
 
-    private func deliver(_ messages: [Message]) {
+    private func deliver(_ messages: [Message], recording: Bool = true) {
+        if recording { for message in messages { timeline.record(.sent(message)) } }
         let routed = state.withLock { state in
             messages.compactMap { message -> (RaftDriver, Message)? in
                 guard !state.isolated.contains(message.from), !state.isolated.contains(message.to),
@@ -61,6 +64,36 @@ final class LoopbackNetwork: Sendable {
     }
 
     func close() { state.withLock { $0.drivers.removeAll() } }
+}
+
+/// What the drivers of a `LocalCluster` did, in order: messages sent, and
+/// entries applied (with the last index then in the node's write-ahead
+/// log), for tests of the order of a driver's steps.
+final class Timeline: Sendable {
+    enum Event: Sendable {
+        case sent(Message)
+        case applied(node: NodeID, through: LogIndex, lastWritten: LogIndex)
+    }
+    private let events = Mutex<[Event]>([])
+
+    func record(_ event: Event) { events.withLock { $0.append(event) } }
+    var all: [Event] { events.withLock { $0 } }
+
+    /// Where `node` first applied `index`.
+    func firstApplied(_ index: LogIndex, on node: NodeID) -> (position: Int, lastWritten: LogIndex)? {
+        for (position, event) in all.enumerated() {
+            if case .applied(node, let through, let lastWritten) = event, through >= index { return (position, lastWritten) }
+        }
+        return nil
+    }
+
+    /// Where `node` first sent a message matching `matches`.
+    func firstSent(by node: NodeID, _ matches: (Message) -> Bool) -> Int? {
+        all.firstIndex { event in
+            if case .sent(let message) = event { return message.from == node && matches(message) }
+            return false
+        }
+    }
 }
 
 /// Three drivers on SQLite files, ticking every few milliseconds.
@@ -87,9 +120,16 @@ final class LocalCluster {
             configuration.electionTimeoutTicks = 10
             configuration.checkQuorum = checkQuorum
             let nodeMetrics = NodeMetrics()
+            let timeline = network.timeline
             let driver = try RaftDriver(configuration: configuration, store: store, sender: network.sender(), requestTimeoutTicks: 2_000,
                                          compactEveryEntries: compactEveryEntries, keepPayloadsEntries: keepPayloadsEntries,
-                                         loop: group.next(), metrics: nodeMetrics, proposalGatherMax: proposalGatherMax)
+                                         loop: group.next(), metrics: nodeMetrics, proposalGatherMax: proposalGatherMax,
+                                         onApplied: { entries in
+                                             // On the driver's thread, right after the apply.
+                                             var written: LogIndex = entries.last!.index
+                                             while (try? store.logEntries(from: written + 1, through: written + 1))?.isEmpty == false { written += 1 }
+                                             timeline.record(.applied(node: id, through: entries.last!.index, lastWritten: written))
+                                         })
             metrics[id] = nodeMetrics
             drivers[id] = driver
             stores[id] = store
@@ -292,6 +332,54 @@ struct DriverTests {
             cluster.network.releaseHeld()
             #expect(try await first.value.logIndex == before + 1)
             #expect(try await second.value.logIndex == before + 2)
+        }
+    }
+
+    @Test("A follower answers the append that tells it of a commit before it applies what committed")
+    func followersAnswerBeforeApplying() async throws {
+        try await LocalCluster.running { cluster in
+            #expect(await cluster.eventually { await cluster.leader() != nil })
+            let leaderID = try #require(await cluster.leader())
+            let leader = cluster.drivers[leaderID]!
+            var committed: [LogIndex] = []
+            for k in 0..<5 { committed.append(try await leader.propose(write("docs/\(k)", "1")).logIndex) }
+            for follower in cluster.drivers.keys where follower != leaderID {
+                for index in committed {
+                    #expect(await cluster.eventually { cluster.network.timeline.firstApplied(index, on: follower) != nil })
+                    let applied = try #require(cluster.network.timeline.firstApplied(index, on: follower)).position
+                    // Its answer saying it knows the commit (an append's or a heartbeat's).
+                    let answered = try #require(cluster.network.timeline.firstSent(by: follower) { message in
+                        switch message.body {
+                        case .appendEntriesResponse(let response): return response.commitIndex >= index
+                        case .heartbeatResponse(let response): return response.commitIndex >= index
+                        default: return false
+                        }
+                    })
+                    #expect(answered < applied, "node \(follower) applied \(index) before answering")
+                }
+            }
+        }
+    }
+
+    @Test("When a batch commits, the leader sends the proposals held behind it, then answers the batch before its own write of them")
+    func leaderAnswersBeforeWritingTheNextBatch() async throws {
+        try await LocalCluster.running(checkQuorum: false, proposalGatherMax: .seconds(30)) { cluster in
+            let (leader, _, before, first) = try await Self.firstBatchHeld(cluster)
+            let leaderID = await leader.status.id
+            let second = Task { try await leader.propose(write("second", "1")) }
+            try await Task.sleep(for: .milliseconds(100))
+            #expect(await leader.statusSnapshot.lastIndex == before + 1, "held behind the first batch")
+            cluster.network.releaseHeld()
+            #expect(try await first.value.logIndex == before + 1)
+            #expect(try await second.value.logIndex == before + 2)
+            let timeline = cluster.network.timeline
+            let applied = try #require(timeline.firstApplied(before + 1, on: leaderID))
+            let sentSecond = try #require(timeline.firstSent(by: leaderID) { message in
+                if case .appendEntries(let append) = message.body { return append.entries.contains { $0.index == before + 2 } }
+                return false
+            })
+            #expect(sentSecond < applied.position, "the second batch went out when the first committed, before the first was applied")
+            #expect(applied.lastWritten == before + 1, "the first batch was answered before the leader wrote the second")
         }
     }
 
