@@ -174,6 +174,12 @@ public final class TCPTransport: Sendable {
         queues.withLock { queues in queues.filter { $0.key.peer == peer }.values.map(\.waiting).reduce(0, +) }
     }
 
+    /// Whether a write to `peer` is under way: queued on its connection's
+    /// loop, or partly written with pieces to come (for tests).
+    public func writing(to peer: NodeID) -> Bool {
+        queues.withLock { queues in queues.filter { $0.key.peer == peer }.values.contains { $0.isWriting } }
+    }
+
     /// Why inbound connections were closed, most recent last (for logs and tests).
     public var rejectedConnections: [String] { rejected.withLock { $0 } }
 
@@ -485,21 +491,31 @@ private final class LinkWatcher: ChannelInboundHandler {
 }
 
 /// One link's outbound messages. A batch pushed while the link's connection
-/// is up and takes writes is written at once, by the connection's event
-/// loop; otherwise it waits here (the oldest dropped beyond `limit`: Raft
-/// resends what matters) until the connection is up and writable again.
-/// Batches reach the connection in the order they were pushed: every write
-/// is a task on its loop, queued under this queue's lock.
+/// is up, takes writes and has no earlier write of this link still to make
+/// is written at once: right there when pushed on the connection's event
+/// loop (in a node, the driver's thread), else by a task on it. Otherwise
+/// it waits here (the oldest dropped beyond `limit`: Raft resends what
+/// matters) and is written after that write, or once the connection is up
+/// and writable again. A write larger than `pieceBytes` (snapshots) goes a
+/// piece per loop task, so the loop's other work (the driver's) runs
+/// between its pieces instead of waiting until all of it is encrypted and
+/// written. Batches reach the connection in the order they were pushed:
+/// one write of a link is under way at a time (`writing`).
 final class LinkQueue: Sendable {
     private struct State {
         var messages: [Message] = []
         var channel: (any Channel)?
         var closed = false
+        /// A write of this link's is queued on the connection's loop or
+        /// under way there (in pieces); batches wait in `messages` behind it.
+        var writing = false
     }
     private let state = Mutex(State())
     let limit: Int
     private let chunkBytes: Int
     private let messageIDs: MessageIDs
+    /// The most one loop task writes.
+    static let pieceBytes = 1 << 20
 
     init(limit: Int, chunkBytes: Int, messageIDs: MessageIDs) {
         self.limit = limit
@@ -512,18 +528,28 @@ final class LinkQueue: Sendable {
     /// Messages waiting for a connection (for tests).
     var waiting: Int { state.withLock { $0.messages.count } }
 
+    /// Whether a write is under way, in pieces or queued on the loop (for tests).
+    var isWriting: Bool { state.withLock { $0.writing } }
+
     func push(_ batch: [Message]) {
         // Framed before the lock is taken (a large batch is slow to frame);
         // used only if the batch goes straight to the connection.
         let bytes = framed(batch, ByteBufferAllocator())
-        state.withLock { state in
-            guard !state.closed else { return }
-            if let channel = state.channel, state.messages.isEmpty, channel.isWritable {
-                channel.eventLoop.execute { channel.writeAndFlush(bytes, promise: nil) }
-                return
+        let direct: (any Channel)? = state.withLock { state in
+            guard !state.closed else { return nil }
+            if let channel = state.channel, state.messages.isEmpty, !state.writing, channel.isWritable {
+                state.writing = true
+                return channel
             }
             state.messages.append(contentsOf: batch)
             if state.messages.count > limit { state.messages.removeFirst(state.messages.count - limit) }
+            return nil
+        }
+        guard let channel = direct else { return }
+        if channel.eventLoop.inEventLoop {
+            write(bytes, to: channel)
+        } else {
+            channel.eventLoop.execute { self.write(bytes, to: channel) }
         }
     }
 
@@ -550,20 +576,49 @@ final class LinkQueue: Sendable {
         channel.eventLoop.execute { self.drain(channel) }
     }
 
-    /// On the channel's loop: writes what waits if the channel is still
-    /// this link's and takes writes.
+    /// On the channel's loop: writes what waits if no write is under way,
+    /// the channel is still this link's and it takes writes.
     private func drain(_ channel: any Channel) {
-        // Taken under the lock, written after it: a push meanwhile that
-        // goes straight to the connection queues its write on this loop,
-        // behind this task.
-        let batch: [Message] = state.withLock { state in
-            // A connection that closed keeps nothing: what waits stays for the next.
-            guard state.channel === channel, !state.messages.isEmpty, channel.isActive, channel.isWritable else { return [] }
-            defer { state.messages.removeAll(keepingCapacity: true) }
-            return state.messages
+        guard let bytes = takeWaiting(for: channel, continuing: false) else { return }
+        write(bytes, to: channel)
+    }
+
+    /// On the channel's loop, as the link's one write under way: writes
+    /// `bytes`, at most `pieceBytes` now and the rest in later tasks; then
+    /// what waited meanwhile, the same way.
+    private func write(_ bytes: ByteBuffer, to channel: any Channel) {
+        var next: ByteBuffer? = bytes
+        while var rest = next {
+            let piece = rest.readSlice(length: min(Self.pieceBytes, rest.readableBytes))!
+            channel.writeAndFlush(piece, promise: nil)
+            if rest.readableBytes > 0 && channel.isActive {
+                let remaining = rest
+                channel.eventLoop.execute { self.write(remaining, to: channel) }
+                return
+            }
+            // Done (or the connection closed: the rest is lost, as on any network).
+            next = takeWaiting(for: channel, continuing: true)
         }
-        guard !batch.isEmpty else { return }
-        channel.writeAndFlush(framed(batch, channel.allocator), promise: nil)
+    }
+
+    /// The bytes of what waits, if they are to be written to `channel` now;
+    /// the caller then makes the link's write. `continuing`: the caller's
+    /// write just ended (if nothing follows it, the link has none under
+    /// way, and what waits for a newer connection is drained there).
+    private func takeWaiting(for channel: any Channel, continuing: Bool) -> ByteBuffer? {
+        let (batch, newer): ([Message], (any Channel)?) = state.withLock { state in
+            guard continuing || !state.writing else { return ([], nil) }
+            guard state.channel === channel, !state.messages.isEmpty, channel.isActive, channel.isWritable else {
+                state.writing = false
+                let newer = state.channel.flatMap { $0 === channel || state.messages.isEmpty ? nil : $0 }
+                return ([], newer)
+            }
+            state.writing = true
+            defer { state.messages.removeAll(keepingCapacity: true) }
+            return (state.messages, nil)
+        }
+        if let newer { drainLater(newer) }
+        return batch.isEmpty ? nil : framed(batch, channel.allocator)
     }
 
     /// Frames for a batch, as the bytes of one write: large messages

@@ -11,8 +11,8 @@ import X509
 /// wires their addresses, and hands back both and node 2's inbox; shuts
 /// everything down afterwards.
 func withPair(one oneIdentity: NodeIdentity?, two twoIdentity: NodeIdentity?, oneID: NodeID = 1,
-                      _ body: (_ one: TCPTransport, _ two: TCPTransport, _ inbox: Inbox) async throws -> Void) async throws {
-    let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+              group: MultiThreadedEventLoopGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1),
+              _ body: (_ one: TCPTransport, _ two: TCPTransport, _ inbox: Inbox) async throws -> Void) async throws {
     let one = try TCPTransport(id: oneID, peers: [2: nil], group: group, identity: oneIdentity)
     let two = try TCPTransport(id: 2, peers: [oneID: nil], group: group, identity: twoIdentity)
     let inbox = Inbox()

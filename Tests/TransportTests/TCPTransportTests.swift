@@ -153,6 +153,40 @@ struct TCPTransportTests {
         }
     }
 
+    @Test("A large write goes a piece per loop task: work queued on the loop behind it runs before it is all written; every message arrives whole, in order")
+    func largeWritesLetTheLoopRun() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let loop = group.next()
+        try await withPair(one: nil, two: nil, group: group) { one, _, inbox in
+            @Sendable func append(_ k: UInt64) -> Message {
+                Message(from: 1, to: 2, term: 1, body: .appendEntries(AppendEntries(prevLogIndex: k, prevLogTerm: 1,
+                    entries: [Entry(term: 1, index: k + 1, payload: .command(Array("entry \(k)".utf8)))], leaderCommit: k)))
+            }
+            @Sendable func snapshot(_ k: UInt64) -> Message {
+                Message(from: 1, to: 2, term: 1, body: .installSnapshot(Snapshot(
+                    metadata: SnapshotMetadata(index: k, term: 1, membership: Membership(voters: [1, 2])),
+                    data: [UInt8](repeating: UInt8(truncatingIfNeeded: k), count: 6 << 20))))
+            }
+            one.send([append(0)])
+            #expect(await eventually { inbox.all.count == 1 }, "the link is up")
+            // Sent on the connection's loop (as a node's driver does): the
+            // first piece is written at once, the rest in later tasks.
+            loop.execute { one.send([snapshot(1)]) }
+            let midway = try await loop.submit { one.writing(to: 2) }.get()
+            #expect(midway, "a task queued behind the 6 MiB write ran before it was all written")
+            // More, from the loop and from elsewhere, behind and between large ones.
+            var expected = [append(0), snapshot(1)]
+            for k in UInt64(2)...9 {
+                let message = k % 3 == 0 ? snapshot(k) : append(k)
+                expected.append(message)
+                if k % 2 == 0 { try await loop.submit { one.send([message]) }.get() } else { one.send([message]) }
+            }
+            #expect(await eventually(60) { inbox.all.count == expected.count })
+            #expect(inbox.all == expected, "every message arrived once, whole, in the order sent")
+            #expect(!one.writing(to: 2))
+        }
+    }
+
     private func overtake(_ one: TCPTransport, _ inbox: Inbox) async throws {
         let big = Snapshot(metadata: SnapshotMetadata(index: 9, term: 1, membership: Membership(voters: [1, 2])),
                            data: [UInt8](repeating: 7, count: 4 << 20))
