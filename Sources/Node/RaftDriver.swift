@@ -207,7 +207,19 @@ public actor RaftDriver {
         }
         guard !messages.isEmpty else { return }
         metrics.messagesReceived.add(messages.count)
-        for message in messages { raft.step(restamp(message)) }
+        for message in messages {
+            let message = restamp(message)
+            // Commands a follower forwarded join this leader's own queue:
+            // they wait at the same gate and go in the same batches (stepped
+            // into the core, each message was a batch of its own).
+            if raft.role == .leader, case .forwardedProposal(let payloads) = message.body {
+                for case .command(let bytes) in payloads {
+                    queuedProposals.append(QueuedProposal(bytes: bytes, startedAt: .now, continuation: nil))
+                }
+                continue
+            }
+            raft.step(message)
+        }
     }
 
     public func tick() throws {
@@ -340,7 +352,9 @@ public actor RaftDriver {
     private struct QueuedProposal {
         var bytes: [UInt8]
         var startedAt: ContinuousClock.Instant
-        var continuation: CheckedContinuation<LedgerOutcome?, any Error>
+        /// Nil for a command a follower forwarded (its caller is answered
+        /// there, when the follower applies the entry).
+        var continuation: CheckedContinuation<LedgerOutcome?, any Error>?
     }
     /// Commands waiting for the next flush, proposed to the core together
     /// (one append, one AppendEntries per follower).
@@ -376,16 +390,17 @@ public actor RaftDriver {
             }
             guard case .appended = receipt else { throw DriverError.notLeader(leaderHint: raft.leaderID) }
         } catch {
-            for proposal in queued { proposal.continuation.resume(throwing: error) }
+            for proposal in queued { proposal.continuation?.resume(throwing: error) }
             return
         }
         guard case .appended(let term, let first, _) = receipt else { return }
         lastBatchEnd = first + LogIndex(queued.count) - 1
         metrics.proposalBatches.add(1)
         for (offset, proposal) in queued.enumerated() {
+            guard let continuation = proposal.continuation else { continue }
             let index = first + LogIndex(offset)
             pendingWrites[index] = PendingWrite(term: term, deadlineTick: ticks + requestTimeoutTicks, startedAt: proposal.startedAt,
-                                                continuation: proposal.continuation)
+                                                continuation: continuation)
         }
     }
 
@@ -763,7 +778,7 @@ public actor RaftDriver {
         releaseLeaderWaiters()
         for (_, write) in forwardedWrites { write.continuation.resume(throwing: error) }
         forwardedWrites.removeAll()
-        for proposal in queuedProposals { proposal.continuation.resume(throwing: error) }
+        for proposal in queuedProposals { proposal.continuation?.resume(throwing: error) }
         queuedProposals.removeAll()
         for (_, write) in pendingWrites { write.continuation.resume(throwing: error) }
         pendingWrites.removeAll()

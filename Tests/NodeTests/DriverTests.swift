@@ -39,6 +39,15 @@ final class LoopbackNetwork: Sendable {
     /// Delays (without losing) every message to `id` until `releaseHeld`.
     func hold(to id: NodeID) { state.withLock { _ = $0.holding.insert(id) } }
 
+    /// Delivers the held messages that match, holding the rest as before.
+    func releaseHeld(where matches: (Message) -> Bool) {
+        let released = state.withLock { state in
+            defer { state.held.removeAll(where: matches) }
+            return state.held.filter(matches)
+        }
+        deliver(released, recording: false, holding: false)
+    }
+
     func releaseHeld() {
         let held = state.withLock { state in
             defer { state.holding.removeAll(); state.held.removeAll() }
@@ -47,13 +56,13 @@ final class LoopbackNetwork: Sendable {
         deliver(held, recording: false)
     }
 
-    private func deliver(_ messages: [Message], recording: Bool = true) {
+    private func deliver(_ messages: [Message], recording: Bool = true, holding: Bool = true) {
         if recording { for message in messages { timeline.record(.sent(message)) } }
         let routed = state.withLock { state in
             messages.compactMap { message -> (RaftDriver, Message)? in
                 guard !state.isolated.contains(message.from), !state.isolated.contains(message.to),
                       let driver = state.drivers[message.to] else { return nil }
-                if state.holding.contains(message.to) {
+                if holding && state.holding.contains(message.to) {
                     state.held.append(message)
                     return nil
                 }
@@ -62,6 +71,9 @@ final class LoopbackNetwork: Sendable {
         }
         for (driver, message) in routed { driver.enqueue(message) }
     }
+
+    /// The messages held so far.
+    var held: [Message] { state.withLock { $0.held } }
 
     func close() { state.withLock { $0.drivers.removeAll() } }
 }
@@ -332,6 +344,40 @@ struct DriverTests {
             cluster.network.releaseHeld()
             #expect(try await first.value.logIndex == before + 1)
             #expect(try await second.value.logIndex == before + 2)
+        }
+    }
+
+    @Test("Writes a follower forwards wait at the leader's gate behind an uncommitted batch and go in one batch with the leader's own")
+    func forwardedWritesJoinTheLeadersBatches() async throws {
+        try await LocalCluster.running(checkQuorum: false, proposalGatherMax: .seconds(30)) { cluster in
+            let (leader, metrics, before, first) = try await Self.firstBatchHeld(cluster)
+            let leaderID = await leader.status.id
+            let follower = try #require(cluster.drivers.first { $0.key != leaderID }?.value)
+            let batches = metrics.proposalBatches.current
+            let forwarded = (0..<4).map { k in Task { try await follower.write(write("forwarded-\(k)", "1")) } }
+            let local = Task { try await leader.propose(write("local", "1")) }
+            #expect(await cluster.eventually { await leader.pendingRequestCount == 2 }, "the first write and the local one wait")
+            // The forwarded commands reach the leader; the answers that would
+            // commit its first batch stay held.
+            #expect(await cluster.eventually {
+                let commands = cluster.network.held.map { message -> Int in
+                    if case .forwardedProposal(let payloads) = message.body { return payloads.count } else { return 0 }
+                }
+                return commands.reduce(0, +) == 4
+            })
+            cluster.network.releaseHeld { if case .forwardedProposal = $0.body { return true } else { return false } }
+            try await Task.sleep(for: .milliseconds(300))
+            #expect(await leader.statusSnapshot.lastIndex == before + 1, "nothing appended while the first batch awaits its commit")
+            cluster.network.releaseHeld()
+            #expect(try await first.value.logIndex == before + 1)
+            var indexes: Set<LogIndex> = [try await local.value.logIndex]
+            for task in forwarded {
+                let outcome = try await task.value
+                #expect(outcome.outcome.result == .written(version: 1))
+                indexes.insert(outcome.outcome.logIndex)
+            }
+            #expect(indexes == Set((before + 2)...(before + 6)))
+            #expect(metrics.proposalBatches.current == batches + 1, "the local and the four forwarded writes went in one batch")
         }
     }
 
