@@ -493,11 +493,11 @@ private final class LinkWatcher: ChannelInboundHandler {
 /// One link's outbound messages. A batch pushed while the link's connection
 /// is up, takes writes and has no earlier write of this link still to make
 /// is written at once: right there when pushed on the connection's event
-/// loop (in a node, the driver's thread), else by a task on it. Otherwise
+/// loop, else by a task on it. Otherwise
 /// it waits here (the oldest dropped beyond `limit`: Raft resends what
 /// matters) and is written after that write, or once the connection is up
 /// and writable again. A write larger than `pieceBytes` (snapshots) goes a
-/// piece per loop task, so the loop's other work (the driver's) runs
+/// piece per loop task, so the loop's other work runs
 /// between its pieces instead of waiting until all of it is encrypted and
 /// written. Batches reach the connection in the order they were pushed:
 /// one write of a link is under way at a time (`writing`).
