@@ -172,11 +172,8 @@ public final class RaftStore: @unchecked Sendable {
 
     /// `persist(_:)`, then `apply(_:)` of the Ready's committed entries.
     public func persistAndApply(_ ready: Ready) throws -> [LedgerOutcome] {
-        try lock.withLock {
-            try persistLocked(ready)
-            guard let ledger else { return [] }
-            return try ledger.apply(ready.committedEntries)
-        }
+        try persist(ready)
+        return try apply(ready.committedEntries)
     }
 
     /// Applies committed entries to the ledger (in memory) and returns
