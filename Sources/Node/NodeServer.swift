@@ -104,11 +104,18 @@ public final class NodeServer: Sendable {
         // machine with three nodes, gave about 5% more issuances but a
         // slower single client: 1.65 ms instead of 1.42 ms per write.)
         networkGroup = MultiThreadedEventLoopGroup(numberOfThreads: 2)
-        // The driver's thread. (Serving the peer connections on it too
-        // made JWT-SVID issuance ~8% faster, no thread hop and no queueing
-        // behind API work, but the driver then did the TLS of all
-        // replication and joins' p99 on the leader went from 26-28 to
-        // 29-35 ms: tried and left out.)
+        // The driver's thread, which also serves the peer connections this
+        // node accepts: what peers send it (acknowledgements on a leader,
+        // AppendEntries on a follower) is read, decrypted and handed to the
+        // core there, with no thread hop and no queueing behind the API's
+        // HTTP, TLS and signing work. Its own sends go out on the network
+        // threads: serving those on the driver's thread too (tried) had it
+        // encrypt all of a leader's replication, and joins' p99 lost what
+        // JWT-SVIDs gained. Interleaved runs, accepted connections here
+        // against on the network threads: JWT-SVIDs 10,411 / 10,635 /
+        // 10,164 against 9,677 / 10,242 / 9,705 per second; joins on the
+        // leader 4,299 / 4,566 per second p99 25.8 / 25.2 ms against
+        // 3,805 / 3,886 p99 30.0 / 30.9 ms.
         driverGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         var peers: [NodeID: SocketAddress?] = [:]
         for (id, addresses) in initial where id != config.id {
@@ -116,7 +123,8 @@ public final class NodeServer: Sendable {
         }
         let log = self.log
         let refusals = LogRateLimit(perSecond: 10)
-        let transport = try TCPTransport(id: config.id, peers: peers, group: networkGroup, identity: identity, onRejected: { reason in
+        let transport = try TCPTransport(id: config.id, peers: peers, group: networkGroup, inboundGroup: driverGroup, identity: identity,
+                                         onRejected: { reason in
             if refusals.allow() { log.warning("peer connection closed", ["reason": reason]) }
         })
         self.transport = transport

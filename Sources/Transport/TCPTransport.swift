@@ -92,6 +92,8 @@ public final class TCPTransport: Sendable {
     public let id: NodeID
     public let limits: TransportLimits
     private let group: any EventLoopGroup
+    /// Where accepted (inbound) connections are served; `group` otherwise.
+    private let inboundGroup: any EventLoopGroup
     private let peerAddresses: Mutex<[NodeID: SocketAddress]>
     private let queues: Mutex<[LinkKey: LinkQueue]>
     /// Outbound links to start: the initial peers', then members added later.
@@ -106,9 +108,12 @@ public final class TCPTransport: Sendable {
     /// `setAddress(_:of:)` (a link waits, backing off, until it has one).
     /// With `identity`, every connection is mutual TLS 1.3: both ends show
     /// a certificate from the cluster CA, and a peer's messages must come
-    /// from the node its certificate names.
-    public init(id: NodeID, peers: [NodeID: SocketAddress?], group: any EventLoopGroup, limits: TransportLimits = TransportLimits(),
-                identity: NodeIdentity? = nil, onRejected: (@Sendable (String) -> Void)? = nil) throws {
+    /// from the node its certificate names. Links to peers run on
+    /// `group`; the connections peers open to this node, where their
+    /// messages arrive and `deliver` is called, run on `inboundGroup`
+    /// (`group` when nil).
+    public init(id: NodeID, peers: [NodeID: SocketAddress?], group: any EventLoopGroup, inboundGroup: (any EventLoopGroup)? = nil,
+                limits: TransportLimits = TransportLimits(), identity: NodeIdentity? = nil, onRejected: (@Sendable (String) -> Void)? = nil) throws {
         self.id = id
         self.onRejected = onRejected
         if let identity {
@@ -132,6 +137,7 @@ public final class TCPTransport: Sendable {
         }
         peerAddresses = Mutex(peers.compactMapValues { $0 })
         self.group = group
+        self.inboundGroup = inboundGroup ?? group
         self.limits = limits
         queues = Mutex([:])
         (newLinks, newLinksContinuation) = AsyncStream.makeStream()
@@ -206,7 +212,7 @@ public final class TCPTransport: Sendable {
             onRejected?(reason)
         }
         prepareTypes(of: [ByteToMessageHandler(FrameByteDecoder(frameBytesMax: frameBytesMax))])
-        let server = try await ServerBootstrap(group: group)
+        let server = try await ServerBootstrap(group: inboundGroup)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { channel in
                 guard inbound.add(channel) else { return channel.close() }

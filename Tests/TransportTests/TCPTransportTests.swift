@@ -77,6 +77,42 @@ struct TCPTransportTests {
         try await group.shutdownGracefully()
     }
 
+    @Test("Accepted connections are served on the inbound group: messages are delivered on its thread, the links' traffic stays on the other group")
+    func inboundGroupServesAcceptedConnections() async throws {
+        let links = MultiThreadedEventLoopGroup(numberOfThreads: 1), accepted = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let linksLoop = links.next(), acceptedLoop = accepted.next()
+        let ca = try ClusterCA.create(clusterID: "c1")
+        let one = try TCPTransport(id: 1, peers: [2: nil], group: links, inboundGroup: accepted, identity: try ca.issueNodeIdentity(1))
+        let two = try TCPTransport(id: 2, peers: [1: nil], group: links, inboundGroup: accepted, identity: try ca.issueNodeIdentity(2))
+        // Where each delivery ran: on the accepted group's loop, on the links' loop.
+        final class Places: Sendable { let seen = Mutex<[(accepted: Bool, links: Bool)]>([]) }
+        let places = Places()
+        let inboxTwo = Inbox(), bound = AddressBook()
+        let loopback = try SocketAddress(ipAddress: "127.0.0.1", port: 0)
+        let runners = Task {
+            await withTaskGroup(of: Void.self) { tasks in
+                tasks.addTask { try? await one.run(listeningOn: loopback, ready: { bound.set(1, $0) }) { _ in } }
+                tasks.addTask {
+                    try? await two.run(listeningOn: loopback, ready: { bound.set(2, $0) }) { message in
+                        places.seen.withLock { $0.append((acceptedLoop.inEventLoop, linksLoop.inEventLoop)) }
+                        inboxTwo.append(message)
+                    }
+                }
+            }
+        }
+        #expect(await eventually { bound.all.count == 2 })
+        one.setAddress(bound.all[2]!, of: 2)
+        let sent = (1...50).map { heartbeat(1, 2, $0) }
+        one.send(sent)
+        #expect(await eventually { inboxTwo.all.count == 50 })
+        #expect(inboxTwo.all == sent)
+        let seen = places.seen.withLock { $0 }
+        #expect(seen.count == 50 && seen.allSatisfy { $0.accepted && !$0.links }, "every message was delivered on the inbound group's thread")
+        runners.cancel(); one.finish(); two.finish(); await runners.value
+        try await links.shutdownGracefully()
+        try await accepted.shutdownGracefully()
+    }
+
     @Test("A link waits for its peer to come up and reconnects after it restarts")
     func reconnects() async throws {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
