@@ -76,7 +76,17 @@ public struct TransportLimits: Sendable {
     /// Messages queued for one peer; past this the oldest are dropped
     /// (Raft retransmits what matters).
     public var queuedMessagesPerPeerMax = 4096
+    /// Also the time an accepted connection has to finish its TLS
+    /// handshake before it is closed.
     public var connectTimeout: TimeAmount = .seconds(2)
+    /// Accepted connections open at once (a node keeps one from each
+    /// peer); past this a new one is closed unread.
+    public var inboundConnectionsMax = 32
+    /// Connections accepted per second (bursts of as many): past this a
+    /// new one is closed unread, before any TLS work. Accepted connections
+    /// are served on the driver's thread in a node, so a flood of
+    /// handshakes must not take that thread from replication.
+    public var inboundConnectionsPerSecond = 20
     public var reconnectBackoffMin: Duration = .milliseconds(20)
     public var reconnectBackoffMax: Duration = .seconds(2)
 
@@ -203,7 +213,8 @@ public final class TCPTransport: Sendable {
                     deliver: @escaping @Sendable (Message) -> Void) async throws {
         let frameBytesMax = limits.frameBytesMax, chunkedMessageBytesMax = limits.chunkedMessageBytesMax
         let serverTLS = tls?.server, clusterID = tls?.identity.clusterID
-        let inbound = OpenChannels()
+        let inbound = OpenChannels(max: limits.inboundConnectionsMax, perSecond: limits.inboundConnectionsPerSecond)
+        let handshakeTimeout = limits.connectTimeout
         let record: @Sendable (String) -> Void = { [self] reason in
             rejected.withLock { log in
                 log.append(reason)
@@ -215,10 +226,16 @@ public final class TCPTransport: Sendable {
         let server = try await ServerBootstrap(group: inboundGroup)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { channel in
-                guard inbound.add(channel) else { return channel.close() }
+                if let refusal = inbound.add(channel) {
+                    if let refusal = refusal.reason { record("refused connection from \(channel.remoteAddress.map { "\($0)" } ?? "unknown peer"): \(refusal)") }
+                    return channel.close()
+                }
                 return channel.eventLoop.makeCompletedFuture {
                     let sync = channel.pipeline.syncOperations
-                    if let serverTLS { try sync.addHandler(NIOSSLServerHandler(context: serverTLS)) }
+                    if let serverTLS {
+                        try sync.addHandler(NIOSSLServerHandler(context: serverTLS))
+                        try sync.addHandler(InboundHandshakeDeadline(timeout: handshakeTimeout, reject: record))
+                    }
                     try sync.addHandler(ByteToMessageHandler(FrameByteDecoder(frameBytesMax: frameBytesMax)))
                     try sync.addHandler(FrameReceiver(clusterID: clusterID, chunkedMessageBytesMax: chunkedMessageBytesMax,
                                                       deliver: deliver, reject: record))
@@ -390,20 +407,55 @@ final class MessageIDs: Sendable {
     func next() -> UInt64 { last.wrappingAdd(1, ordering: .relaxed).newValue }
 }
 
-/// The inbound connections open now, to close when the transport stops.
+/// The accepted connections open now (to close when the transport stops),
+/// kept within a count and a rate of accepts.
 private final class OpenChannels: Sendable {
-    private let state = Mutex<(channels: [ObjectIdentifier: any Channel], closed: Bool)>(([:], false))
-
-    /// False once closed (the connection is to be refused).
-    func add(_ channel: any Channel) -> Bool {
-        let key = ObjectIdentifier(channel)
-        let added = state.withLock { state in
-            guard !state.closed else { return false }
-            state.channels[key] = channel
-            return true
+    enum Refusal {
+        case closing, full, tooFast
+        /// Why, for the log (nil: the transport is shutting down).
+        var reason: String? {
+            switch self {
+            case .closing: nil
+            case .full: "too many inbound connections open"
+            case .tooFast: "too many inbound connections a second"
+            }
         }
-        if added { channel.closeFuture.whenComplete { [self] _ in _ = state.withLock { $0.channels.removeValue(forKey: key) } } }
-        return added
+    }
+    private struct State {
+        var channels: [ObjectIdentifier: any Channel] = [:]
+        var closed = false
+        /// Accepts allowed now (a bucket refilled at `perSecond`).
+        var allowance: Double
+        var refilledAt = ContinuousClock.now
+    }
+    private let state: Mutex<State>
+    private let max: Int
+    private let perSecond: Int
+
+    init(max: Int, perSecond: Int) {
+        self.max = max
+        self.perSecond = perSecond
+        state = Mutex(State(allowance: Double(perSecond)))
+    }
+
+    /// Nil if `channel` is taken in; otherwise why it is to be refused.
+    func add(_ channel: any Channel) -> Refusal? {
+        let key = ObjectIdentifier(channel)
+        let refusal: Refusal? = state.withLock { state in
+            guard !state.closed else { return .closing }
+            let now = ContinuousClock.now
+            let elapsed = state.refilledAt.duration(to: now)
+            state.refilledAt = now
+            let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+            state.allowance = min(Double(perSecond), state.allowance + seconds * Double(perSecond))
+            guard state.channels.count < max else { return .full }
+            guard state.allowance >= 1 else { return .tooFast }
+            state.allowance -= 1
+            state.channels[key] = channel
+            return nil
+        }
+        if refusal == nil { channel.closeFuture.whenComplete { [self] _ in _ = state.withLock { $0.channels.removeValue(forKey: key) } } }
+        return refusal
     }
 
     func closeAll() -> [any Channel] {
@@ -411,6 +463,49 @@ private final class OpenChannels: Sendable {
             state.closed = true
             return Array(state.channels.values)
         }
+    }
+}
+
+/// Closes an accepted connection whose TLS handshake is not done in time
+/// (a connection that never speaks would otherwise be held forever).
+private final class InboundHandshakeDeadline: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    private let timeout: TimeAmount
+    private let reject: @Sendable (String) -> Void
+    private var deadline: Scheduled<Void>?
+
+    init(timeout: TimeAmount, reject: @escaping @Sendable (String) -> Void) {
+        self.timeout = timeout
+        self.reject = reject
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        let channel = context.channel, timeout = timeout, reject = reject
+        deadline = context.eventLoop.scheduleTask(in: timeout) {
+            reject("closed connection from \(channel.remoteAddress.map { "\($0)" } ?? "unknown peer"): TLS handshake not done within \(timeout)")
+            channel.close(promise: nil)
+        }
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        deadline?.cancel()
+        deadline = nil
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        context.fireUserInboundEventTriggered(event)
+        if case .handshakeCompleted? = event as? TLSUserEvent {
+            deadline?.cancel()
+            deadline = nil
+            // Done: out of the way of every later read.
+            context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        deadline?.cancel()
+        deadline = nil
+        context.fireChannelInactive()
     }
 }
 

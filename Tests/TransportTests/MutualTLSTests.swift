@@ -16,16 +16,8 @@ func withPair(one oneIdentity: NodeIdentity?, two twoIdentity: NodeIdentity?, on
     let one = try TCPTransport(id: oneID, peers: [2: nil], group: group, identity: oneIdentity)
     let two = try TCPTransport(id: 2, peers: [oneID: nil], group: group, identity: twoIdentity)
     let inbox = Inbox()
-    let bound = AddressBook()
-    let loopback = try SocketAddress(ipAddress: "127.0.0.1", port: 0)
-    let runners = Task {
-        await withTaskGroup(of: Void.self) { tasks in
-            tasks.addTask { try? await one.run(listeningOn: loopback) { _ in } }
-            tasks.addTask { try? await two.run(listeningOn: loopback, ready: { bound.set(2, $0) }) { inbox.append($0) } }
-        }
-    }
-    for _ in 0..<2_000 where bound.all.isEmpty { try await Task.sleep(for: .milliseconds(10)) }
-    one.setAddress(bound.all[2]!, of: 2)
+    let (runners, address) = try await runPair(one, two, into: inbox)
+    one.setAddress(address, of: 2)
     do {
         try await body(one, two, inbox)
     } catch {
@@ -35,6 +27,27 @@ func withPair(one oneIdentity: NodeIdentity?, two twoIdentity: NodeIdentity?, on
     }
     runners.cancel(); one.finish(); two.finish(); await runners.value
     try await group.shutdownGracefully()
+}
+
+struct NotListening: Error {}
+
+/// Runs both transports on loopback, node 2's deliveries going to `inbox`;
+/// returns their task and node 2's address once it listens.
+func runPair(_ one: TCPTransport, _ two: TCPTransport, into inbox: Inbox) async throws -> (runners: Task<Void, Never>, address: SocketAddress) {
+    let bound = AddressBook()
+    let loopback = try SocketAddress(ipAddress: "127.0.0.1", port: 0)
+    let runners = Task {
+        await withTaskGroup(of: Void.self) { tasks in
+            tasks.addTask { try? await one.run(listeningOn: loopback) { _ in } }
+            tasks.addTask { try? await two.run(listeningOn: loopback, ready: { bound.set(2, $0) }) { inbox.append($0) } }
+        }
+    }
+    for _ in 0..<2_000 where bound.all.isEmpty { try await Task.sleep(for: .milliseconds(10)) }
+    guard let address = bound.all[2] else {
+        runners.cancel()
+        throw NotListening()
+    }
+    return (runners, address)
 }
 
 /// Runs transport 1 with a link to `peer` (a server the test made on
@@ -89,6 +102,33 @@ struct MutualTLSTests {
         }
     }
 
+    @Test("An accepted connection that never finishes its TLS handshake is closed at the deadline; a peer's stays open past it")
+    func inboundHandshakeDeadline() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let ca = try ClusterCA.create(clusterID: "c1")
+        var limits = TransportLimits()
+        limits.connectTimeout = .milliseconds(300)
+        let one = try TCPTransport(id: 1, peers: [2: nil], group: group, limits: limits, identity: try ca.issueNodeIdentity(1))
+        let two = try TCPTransport(id: 2, peers: [1: nil], group: group, limits: limits, identity: try ca.issueNodeIdentity(2))
+        let inbox = Inbox()
+        let (runners, address) = try await runPair(one, two, into: inbox)
+        one.setAddress(address, of: 2)
+        // Connects and never speaks TLS.
+        let mute = try await ClientBootstrap(group: group).connect(to: address).get()
+        one.send([ping(1, 1)])
+        #expect(await eventually { inbox.all.count == 1 })
+        #expect(await eventually(5) { !mute.isActive }, "the silent connection is closed at its handshake deadline")
+        let timedOut = { two.rejectedConnections.filter { $0.contains("TLS handshake not done") }.count }
+        #expect(timedOut() == 1, "\(two.rejectedConnections)")
+        // Well past the deadline, the peer's connection still carries messages.
+        try await Task.sleep(for: .milliseconds(700))
+        one.send([ping(1, 2)])
+        #expect(await eventually { inbox.all.count == 2 })
+        #expect(timedOut() == 1, "\(two.rejectedConnections)")
+        runners.cancel(); one.finish(); two.finish(); await runners.value
+        try await group.shutdownGracefully()
+    }
+
     @Test("A link whose task waits for a thread past the connect timeout keeps the connection its handshake finished")
     func busyPoolKeepsTheLink() async throws {
         let ca = try ClusterCA.create(clusterID: "c1")
@@ -98,16 +138,9 @@ struct MutualTLSTests {
         limits.connectTimeout = .seconds(3)
         let one = try TCPTransport(id: 1, peers: [2: nil], group: groupOne, limits: limits, identity: try ca.issueNodeIdentity(1))
         let two = try TCPTransport(id: 2, peers: [1: nil], group: groupTwo, identity: try ca.issueNodeIdentity(2))
-        let inbox = Inbox(), bound = AddressBook()
-        let loopback = try SocketAddress(ipAddress: "127.0.0.1", port: 0)
-        let runners = Task {
-            await withTaskGroup(of: Void.self) { tasks in
-                tasks.addTask { try? await one.run(listeningOn: loopback) { _ in } }
-                tasks.addTask { try? await two.run(listeningOn: loopback, ready: { bound.set(2, $0) }) { inbox.append($0) } }
-            }
-        }
-        #expect(await eventually { !bound.all.isEmpty })
-        let relay = try await CountingRelay.start(to: bound.all[2]!, group: groupOne)
+        let inbox = Inbox()
+        let (runners, address) = try await runPair(one, two, into: inbox)
+        let relay = try await CountingRelay.start(to: address, group: groupOne)
 
         // Node 2's loop is held, so the handshake stops half-way: TCP is
         // up (the kernel accepts), and the link's task waits for it.

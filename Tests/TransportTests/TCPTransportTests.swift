@@ -113,6 +113,41 @@ struct TCPTransportTests {
         try await accepted.shutdownGracefully()
     }
 
+    @Test("Accepted connections past the open limit or the accept rate are closed unread, each refusal recorded")
+    func inboundConnectionLimits() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let loopback = try SocketAddress(ipAddress: "127.0.0.1", port: 0)
+        /// Runs a transport with `limits`, opens `count` plain connections
+        /// to it, and returns how many it closed and its refusals.
+        func flood(_ limits: TransportLimits, count: Int) async throws -> (closed: Int, refusals: [String]) {
+            let transport = try TCPTransport(id: 2, peers: [:], group: group, limits: limits)
+            let bound = AddressBook()
+            let runner = Task { try? await transport.run(listeningOn: loopback, ready: { bound.set(2, $0) }) { _ in } }
+            #expect(await eventually { !bound.all.isEmpty })
+            var clients: [any Channel] = []
+            for _ in 0..<count { clients.append(try await ClientBootstrap(group: group).connect(to: bound.all[2]!).get()) }
+            _ = await eventually(1) { false } // the refusals close their connections meanwhile
+            let closed = clients.filter { !$0.isActive }.count
+            for client in clients { try? await client.close() }
+            runner.cancel(); transport.finish(); await runner.value
+            return (closed, transport.rejectedConnections)
+        }
+        var limits = TransportLimits()
+        limits.inboundConnectionsMax = 3
+        limits.inboundConnectionsPerSecond = 1000
+        let full = try await flood(limits, count: 5)
+        #expect(full.closed == 2)
+        #expect(full.refusals.filter { $0.contains("too many inbound connections open") }.count == 2)
+
+        limits.inboundConnectionsMax = 100
+        limits.inboundConnectionsPerSecond = 3
+        let fast = try await flood(limits, count: 8)
+        // Three at once, then about three a second: five or four refused.
+        #expect(fast.closed >= 4 && fast.closed <= 5, "\(fast.closed) closed")
+        #expect(fast.refusals.filter { $0.contains("too many inbound connections a second") }.count == fast.closed)
+        try await group.shutdownGracefully()
+    }
+
     @Test("A link waits for its peer to come up and reconnects after it restarts")
     func reconnects() async throws {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
