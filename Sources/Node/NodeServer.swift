@@ -24,26 +24,6 @@ public struct NodeLog: Sendable {
     }
 }
 
-/// At most `perSecond` lines a second from one source (a peer hammering the
-/// port must not flood the log).
-final class LogRateLimit: Sendable {
-    private let state = Mutex<(second: Int, count: Int)>((0, 0))
-    let perSecond: Int
-
-    init(perSecond: Int) {
-        self.perSecond = perSecond
-    }
-
-    func allow() -> Bool {
-        let second = Int(Date().timeIntervalSince1970)
-        return state.withLock { state in
-            if state.second != second { state = (second, 0) }
-            state.count += 1
-            return state.count <= perSecond
-        }
-    }
-}
-
 /// Why a node could not start serving (a port it cannot bind, say); it
 /// stopped without joining the cluster.
 public struct NodeStartError: Error, Sendable, CustomStringConvertible {
@@ -122,7 +102,7 @@ public final class NodeServer: Sendable {
             peers[id] = try? SocketAddress.makeAddressResolvingHost(addresses.peer.host, port: addresses.peer.port)
         }
         let log = self.log
-        let refusals = LogRateLimit(perSecond: 10)
+        let refusals = PerSecondLimit(10) // a peer hammering the port must not flood the log
         let transport = try TCPTransport(id: config.id, peers: peers, group: networkGroup, inboundGroup: driverGroup, identity: identity,
                                          onRejected: { reason in
             if refusals.allow() { log.warning("peer connection closed", ["reason": reason]) }

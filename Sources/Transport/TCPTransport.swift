@@ -82,7 +82,7 @@ public struct TransportLimits: Sendable {
     /// Accepted connections open at once (a node keeps one from each
     /// peer); past this a new one is closed unread.
     public var inboundConnectionsMax = 32
-    /// Connections accepted per second (bursts of as many): past this a
+    /// Connections accepted in a second of the clock: past this a
     /// new one is closed unread, before any TLS work. Accepted connections
     /// are served on the driver's thread in a node, so a flood of
     /// handshakes must not take that thread from replication.
@@ -407,6 +407,28 @@ final class MessageIDs: Sendable {
     func next() -> UInt64 { last.wrappingAdd(1, ordering: .relaxed).newValue }
 }
 
+/// At most `perSecond` events in each second of the clock (a fixed window:
+/// a burst across a second's end may take up to twice as many).
+public final class PerSecondLimit: Sendable {
+    private let state = Mutex<(second: Int64, count: Int)>((0, 0))
+    public let perSecond: Int
+
+    public init(_ perSecond: Int) {
+        self.perSecond = perSecond
+    }
+
+    /// Whether one more event fits in this second (counting it if so).
+    public func allow() -> Bool {
+        let second = Int64(NIODeadline.now().uptimeNanoseconds / 1_000_000_000)
+        return state.withLock { state in
+            if state.second != second { state = (second, 0) }
+            guard state.count < perSecond else { return false }
+            state.count += 1
+            return true
+        }
+    }
+}
+
 /// The accepted connections open now (to close when the transport stops),
 /// kept within a count and a rate of accepts.
 private final class OpenChannels: Sendable {
@@ -421,21 +443,13 @@ private final class OpenChannels: Sendable {
             }
         }
     }
-    private struct State {
-        var channels: [ObjectIdentifier: any Channel] = [:]
-        var closed = false
-        /// Accepts allowed now (a bucket refilled at `perSecond`).
-        var allowance: Double
-        var refilledAt = ContinuousClock.now
-    }
-    private let state: Mutex<State>
+    private let state = Mutex<(channels: [ObjectIdentifier: any Channel], closed: Bool)>(([:], false))
     private let max: Int
-    private let perSecond: Int
+    private let accepts: PerSecondLimit
 
     init(max: Int, perSecond: Int) {
         self.max = max
-        self.perSecond = perSecond
-        state = Mutex(State(allowance: Double(perSecond)))
+        accepts = PerSecondLimit(perSecond)
     }
 
     /// Nil if `channel` is taken in; otherwise why it is to be refused.
@@ -443,14 +457,8 @@ private final class OpenChannels: Sendable {
         let key = ObjectIdentifier(channel)
         let refusal: Refusal? = state.withLock { state in
             guard !state.closed else { return .closing }
-            let now = ContinuousClock.now
-            let elapsed = state.refilledAt.duration(to: now)
-            state.refilledAt = now
-            let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
-            state.allowance = min(Double(perSecond), state.allowance + seconds * Double(perSecond))
             guard state.channels.count < max else { return .full }
-            guard state.allowance >= 1 else { return .tooFast }
-            state.allowance -= 1
+            guard accepts.allow() else { return .tooFast }
             state.channels[key] = channel
             return nil
         }
@@ -487,6 +495,7 @@ private final class InboundHandshakeDeadline: ChannelInboundHandler, RemovableCh
         }
     }
 
+    /// Also when the connection closes (its handlers are removed then).
     func handlerRemoved(context: ChannelHandlerContext) {
         deadline?.cancel()
         deadline = nil
@@ -502,11 +511,6 @@ private final class InboundHandshakeDeadline: ChannelInboundHandler, RemovableCh
         }
     }
 
-    func channelInactive(context: ChannelHandlerContext) {
-        deadline?.cancel()
-        deadline = nil
-        context.fireChannelInactive()
-    }
 }
 
 /// A link's TLS handshake did not finish within the connect timeout.

@@ -142,8 +142,9 @@ struct TCPTransportTests {
         limits.inboundConnectionsMax = 100
         limits.inboundConnectionsPerSecond = 3
         let fast = try await flood(limits, count: 8)
-        // Three at once, then about three a second: five or four refused.
-        #expect(fast.closed >= 4 && fast.closed <= 5, "\(fast.closed) closed")
+        // Three in a second of the clock: at least two refused (the eight
+        // may fall in two seconds), at most five.
+        #expect(fast.closed >= 2 && fast.closed <= 5, "\(fast.closed) closed")
         #expect(fast.refusals.filter { $0.contains("too many inbound connections a second") }.count == fast.closed)
         try await group.shutdownGracefully()
     }
