@@ -121,7 +121,7 @@ final class LocalCluster {
     let group: MultiThreadedEventLoopGroup
 
     init(voters: [NodeID] = [1, 2, 3], compactEveryEntries: LogIndex = 10_000, keepPayloadsEntries: LogIndex = 4_096,
-         checkQuorum: Bool = true, proposalGatherMax: Duration = .milliseconds(3)) throws {
+         checkQuorum: Bool = true, proposalGatherMax: Duration = .milliseconds(3), inboxProposalsMax: Int = 16_384) throws {
         group = MultiThreadedEventLoopGroup(numberOfThreads: voters.count)
         directory = FileManager.default.temporaryDirectory.appendingPathComponent("warrant-driver-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
@@ -136,6 +136,7 @@ final class LocalCluster {
             let driver = try RaftDriver(configuration: configuration, store: store, sender: network.sender(), requestTimeoutTicks: 2_000,
                                          compactEveryEntries: compactEveryEntries, keepPayloadsEntries: keepPayloadsEntries,
                                          loop: group.next(), metrics: nodeMetrics, proposalGatherMax: proposalGatherMax,
+                                         inboxProposalsMax: inboxProposalsMax,
                                          onApplied: { entries in
                                              // On the driver's thread, right after the apply.
                                              var written: LogIndex = entries.last!.index
@@ -178,9 +179,10 @@ final class LocalCluster {
 
     /// Runs `body` against a fresh cluster and always shuts it down.
     static func running(compactEveryEntries: LogIndex = 10_000, keepPayloadsEntries: LogIndex = 4_096, checkQuorum: Bool = true,
-                        proposalGatherMax: Duration = .milliseconds(3), _ body: (LocalCluster) async throws -> Void) async throws {
+                        proposalGatherMax: Duration = .milliseconds(3), inboxProposalsMax: Int = 16_384,
+                        _ body: (LocalCluster) async throws -> Void) async throws {
         let cluster = try LocalCluster(compactEveryEntries: compactEveryEntries, keepPayloadsEntries: keepPayloadsEntries,
-                                       checkQuorum: checkQuorum, proposalGatherMax: proposalGatherMax)
+                                       checkQuorum: checkQuorum, proposalGatherMax: proposalGatherMax, inboxProposalsMax: inboxProposalsMax)
         do {
             try await body(cluster)
         } catch {
@@ -205,6 +207,23 @@ final class LocalCluster {
         return try await eventually { try stores[lagging]!.verifyAudit() == stores[leader]!.verifyAudit() }
     }
 
+    /// Holds every driver's thread until the returned closure is called
+    /// (at the latest after 20 s): once it returns, what was queued for
+    /// them before has run and new work waits in their queues.
+    func holdDriverThreads() async -> @Sendable () -> Void {
+        let gate = DispatchSemaphore(value: 0)
+        let held = Count()
+        let loops = Array(group.makeIterator())
+        for loop in loops {
+            loop.execute {
+                held.add()
+                _ = gate.wait(timeout: .now() + 20)
+            }
+        }
+        #expect(await eventually(within: 10) { held.value == loops.count }, "every driver's thread is held")
+        return { for _ in loops { gate.signal() } }
+    }
+
     func shutdown() async {
         network.close()
         // Nothing may run on a driver's thread once its group is gone.
@@ -217,6 +236,13 @@ final class LocalCluster {
         try? await group.shutdownGracefully()
         try? FileManager.default.removeItem(at: directory)
     }
+}
+
+/// A count shared with tasks.
+final class Count: Sendable {
+    private let count = Mutex(0)
+    var value: Int { count.withLock { $0 } }
+    func add() { count.withLock { $0 += 1 } }
 }
 
 private func write(_ name: String, _ text: String) -> LedgerCommand {
@@ -443,6 +469,82 @@ struct DriverTests {
         let first = Task { try await leader.propose(write("first", "1")) }
         #expect(await cluster.eventually { await leader.statusSnapshot.lastIndex == before + 1 })
         return (leader, cluster.metrics[id]!, before, first)
+    }
+
+    @Test("A leader's own writes queue from their callers' threads while its thread is busy, go in one batch, and past the inbox's bound are refused at once")
+    func proposalsQueueWithoutTheDriversThread() async throws {
+        try await LocalCluster.running(inboxProposalsMax: 8) { cluster in
+            #expect(await cluster.eventually { await cluster.leader() != nil })
+            let id = try #require(await cluster.leader())
+            let leader = cluster.drivers[id]!
+            _ = try await leader.write(write("settle", "1"))
+            let batches = cluster.metrics[id]!.proposalBatches.current
+            let release = await cluster.holdDriverThreads()
+            let refused = Count()
+            let writes = (0..<9).map { k in
+                Task {
+                    do {
+                        return try await leader.write(write("queued-\(k)", "1")).outcome
+                    } catch DriverError.overloaded(let waiting) {
+                        refused.add()
+                        #expect(waiting == 8)
+                        throw DriverError.overloaded(waiting: waiting)
+                    }
+                }
+            }
+            // The ninth is refused while the driver's thread is still held.
+            let refusedInTime = await cluster.eventually(within: 10) { refused.value == 1 }
+            release()
+            #expect(refusedInTime, "a proposal past the inbox's bound was refused without the driver's thread")
+            var indexes: Set<LogIndex> = []
+            for task in writes {
+                if let outcome = try? await task.value {
+                    #expect(outcome.result == .written(version: 1))
+                    indexes.insert(outcome.logIndex)
+                }
+            }
+            #expect(indexes.count == 8 && refused.value == 1)
+            #expect(cluster.metrics[id]!.proposalBatches.current == batches + 1, "the eight queued writes went in one batch")
+        }
+    }
+
+    @Test("Writes waiting in a stopping leader's inbox, and every write after it stops, are refused: none waits forever")
+    func stoppedDriverRefusesQueuedProposals() async throws {
+        try await LocalCluster.running { cluster in
+            #expect(await cluster.eventually { await cluster.leader() != nil })
+            let id = try #require(await cluster.leader())
+            let leader = cluster.drivers[id]!
+            _ = try await leader.write(write("settle", "1"))
+            // Nothing else may drain the leader's inbox first: no messages
+            // (cut off, those on their way stepped), no ticks.
+            cluster.network.isolate(id)
+            let cancelled = cluster.group.next().makePromise(of: Void.self)
+            cluster.tickers[Int(id) - 1].cancel(promise: cancelled)
+            try await cancelled.futureResult.get()
+            await cluster.drainInboxes()
+            let release = await cluster.holdDriverThreads()
+            // The stop reaches the driver's thread before the inbox's drain.
+            leader.onDriversThread { $0.stop() }
+            let finished = Count()
+            let writes = (0..<5).map { k in
+                Task.immediate {
+                    defer { finished.add() }
+                    _ = try await leader.write(write("late-\(k)", "1"))
+                }
+            }
+            try await Task.sleep(for: .milliseconds(100))
+            release()
+            // (A write left waiting would hang the test: its value is read only once all have finished.)
+            try #require(await cluster.eventually(within: 10) { finished.value == 5 }, "every queued write was answered")
+            for task in writes { await #expect(throws: DriverError.stopped) { try await task.value } }
+            #expect(leader.leadership.isLeader, "the view still says leader: the next write takes the inbox's way")
+            let after = Task {
+                defer { finished.add() }
+                _ = try await leader.write(write("after", "1"))
+            }
+            try #require(await cluster.eventually(within: 10) { finished.value == 6 }, "a write after the stop was answered")
+            await #expect(throws: DriverError.stopped) { try await after.value }
+        }
     }
 
     @Test("A follower cut off for longer than the payloads kept in memory catches up entry by entry, from the leader's write-ahead log")

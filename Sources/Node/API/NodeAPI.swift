@@ -447,6 +447,7 @@ public final class NodeAPI: Sendable {
                     return APIError.unavailable("raft_refused", raft.description)
                 }
             case .stopped: return APIError.unavailable("stopping", error.description)
+            case .overloaded: return APIError.unavailable("overloaded", error.description)
             }
         case let error as NodeConfigError:
             return APIError.badRequest(error.description)
