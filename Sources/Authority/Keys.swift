@@ -104,8 +104,8 @@ public enum SigningKey: Sendable {
     /// PKCS#1 v1.5 with SHA-256.
     func x509Signature(for message: [UInt8]) throws -> [UInt8] {
         switch self {
-        case .p256(let key): return Array(try key.signature(for: message).derRepresentation)
-        case .p384(let key): return Array(try key.signature(for: message).derRepresentation)
+        case .p256(let key): return Array(try key.signature(for: message.withUnsafeBytes { SHA256.digest($0) }).derRepresentation)
+        case .p384(let key): return Array(try key.signature(for: message.withUnsafeBytes { SHA384.digest($0) }).derRepresentation)
         case .rsa(let key): return Array(try key.signature(for: SHA256.hash(data: message), padding: .insecurePKCS1v1_5).rawRepresentation)
         }
     }
@@ -114,8 +114,10 @@ public enum SigningKey: Sendable {
     /// r || s for ECDSA (RFC 7518 3.4), PKCS#1 v1.5 for RS256.
     public func jwsSignature(for message: [UInt8]) throws -> [UInt8] {
         switch self {
-        case .p256(let key): return Array(try key.signature(for: message).rawRepresentation)
-        case .p384(let key): return Array(try key.signature(for: message).rawRepresentation)
+        // The digest from the bytes in one call: hashing through the
+        // generic DataProtocol path cost about as much as the digest.
+        case .p256(let key): return Array(try key.signature(for: message.withUnsafeBytes { SHA256.digest($0) }).rawRepresentation)
+        case .p384(let key): return Array(try key.signature(for: message.withUnsafeBytes { SHA384.digest($0) }).rawRepresentation)
         case .rsa(let key): return Array(try key.signature(for: SHA256.hash(data: message), padding: .insecurePKCS1v1_5).rawRepresentation)
         }
     }
@@ -182,10 +184,10 @@ public enum VerificationKey: Sendable {
         switch self {
         case .p256(let key):
             guard signature.count == 64, let parsed = try? P256.Signing.ECDSASignature(rawRepresentation: signature) else { return false }
-            return key.isValidSignature(parsed, for: message)
+            return key.isValidSignature(parsed, for: message.withUnsafeBytes { SHA256.digest($0) })
         case .p384(let key):
             guard signature.count == 96, let parsed = try? P384.Signing.ECDSASignature(rawRepresentation: signature) else { return false }
-            return key.isValidSignature(parsed, for: message)
+            return key.isValidSignature(parsed, for: message.withUnsafeBytes { SHA384.digest($0) })
         case .rsa(let key):
             guard signature.count == key.keySizeInBits / 8 else { return false }
             return key.isValidSignature(_RSA.Signing.RSASignature(rawRepresentation: signature), for: SHA256.hash(data: message),
@@ -240,5 +242,16 @@ public enum VerificationKey: Sendable {
             guard alg as? String == key.jwsAlgorithm else { throw AuthorityError("bad_algorithm", "the key is for \(alg), but a key of this type is pinned to \(key.jwsAlgorithm)") }
         }
         return key
+    }
+}
+
+extension HashFunction {
+    /// The digest of `bytes` in one pass: `hash(data:)` of an array walks it
+    /// through the generic DataProtocol path (regions, closures), which
+    /// cost about as much as hashing a JWT's signing input.
+    public static func digest(_ bytes: UnsafeRawBufferPointer) -> Digest {
+        var hasher = Self()
+        hasher.update(bufferPointer: bytes)
+        return hasher.finalize()
     }
 }

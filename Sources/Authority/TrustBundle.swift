@@ -104,7 +104,8 @@ public struct TrustBundle: Sendable {
         guard chainPEM.utf8.count <= Self.chainPEMBytesMax else {
             throw AuthorityError("bad_chain", "the chain is larger than \(Self.chainPEMBytesMax) bytes")
         }
-        let digest = MemoDigest(SHA256.hash(data: Array(chainPEM.utf8)))
+        var pemText = chainPEM
+        let digest = MemoDigest(pemText.withUTF8 { SHA256.digest(UnsafeRawBufferPointer($0)) })
         if let known = memo?.value(for: digest) {
             try Self.checkTime(known, now)
             var verified = known.verified

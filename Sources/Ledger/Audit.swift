@@ -44,7 +44,11 @@ public struct AuditRecord: Sendable, Hashable {
         w.writeBytes(target.utf8)
         w.writeBytes(result.utf8)
         w.writeBytes(previousHash)
-        return SHA256.hash(data: w.bytes).withUnsafeBytes { Array($0) }
+        return w.bytes.withUnsafeBytes { bytes in
+            var hasher = SHA256() // in one pass, not hash(data:)'s generic walk
+            hasher.update(bufferPointer: bytes)
+            return hasher.finalize()
+        }.withUnsafeBytes { Array($0) }
     }
 }
 

@@ -253,7 +253,8 @@ public final class AuthorityService: Sendable {
 
     /// SHA-256, lower-case hex.
     public static func hash(_ text: String) -> String {
-        Hex.encode(SHA256.hash(data: Array(text.utf8)))
+        var text = text
+        return Hex.encode(text.withUTF8 { SHA256.digest(UnsafeRawBufferPointer($0)) })
     }
 
     /// A new join token secret: "wjt." and 32 random bytes in base64url.
