@@ -201,7 +201,14 @@ public final class WorkloadAPIServer: Sendable {
 
     /// `rules`: which local processes may fetch the identity (default: this user's).
     public init(path: String, feed: WorkloadIdentityFeed, source: any WorkloadIdentitySource, rules: [PeerRule] = [.ownUser]) throws {
-        guard path.utf8.count < 104 else { throw Problem(description: "the socket path \(path) is too long for a Unix socket (at most 103 bytes)") }
+        // Bound under a temporary name, given its mode, then linked to
+        // `path`: the socket never stands at `path` with the umask's mode
+        // (a caller connecting in that moment would pass the file's check),
+        // and the link fails if the path is taken meanwhile.
+        let temporary = path + "~" + String(UInt16.random(in: 0x1000...0xFFFF), radix: 16)
+        guard temporary.utf8.count < 104 else {
+            throw Problem(description: "the socket path \(path) is too long for a Unix socket (at most \(103 - temporary.utf8.count + path.utf8.count) bytes)")
+        }
         if FileManager.default.fileExists(atPath: path) {
             throw Problem(description: "the socket path \(path) is already in use (another agent? remove it if it is stale)")
         }
@@ -210,7 +217,7 @@ public final class WorkloadAPIServer: Sendable {
         var address = sockaddr_un()
         address.sun_family = sa_family_t(AF_UNIX)
         withUnsafeMutableBytes(of: &address.sun_path) { buffer in
-            for (index, byte) in path.utf8.enumerated() { buffer[index] = byte }
+            for (index, byte) in temporary.utf8.enumerated() { buffer[index] = byte }
         }
         let bound = withUnsafePointer(to: &address) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(descriptor, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
@@ -220,10 +227,16 @@ public final class WorkloadAPIServer: Sendable {
             close(descriptor)
             throw Problem(description: "cannot bind the socket \(path): \(reason)")
         }
-        chmod(path, rules.allSatisfy { $0 == .ownUser } ? 0o600 : 0o666)
-        guard listen(descriptor, 128) == 0 else {
+        defer { unlink(temporary) }
+        guard chmod(temporary, rules.allSatisfy { $0 == .ownUser } ? 0o600 : 0o666) == 0, listen(descriptor, 128) == 0 else {
+            let reason = String(cString: strerror(errno))
             close(descriptor)
-            throw Problem(description: "cannot listen on \(path): \(String(cString: strerror(errno)))")
+            throw Problem(description: "cannot listen on \(path): \(reason)")
+        }
+        guard link(temporary, path) == 0 else {
+            let reason = errno == EEXIST ? "it is already in use (another agent? remove it if it is stale)" : String(cString: strerror(errno))
+            close(descriptor)
+            throw Problem(description: "cannot make the socket \(path): \(reason)")
         }
         self.path = path
         // The kernel's word on each caller (SO_PEERCRED), stamped on its streams for the rules.

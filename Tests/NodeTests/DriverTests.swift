@@ -320,11 +320,14 @@ struct DriverTests {
             let started = ContinuousClock.now
             await #expect(throws: DriverError.notLeader(leaderHint: noNode)) { _ = try await follower.write(write("docs/refused", "{}")) }
             #expect(started.duration(to: .now) >= .milliseconds(5 * follower.leaderWaitTicks / 2), "it waited (ticks of 5 ms) before refusing")
-            // A write made mid-election is served once the network heals and a leader is elected.
+            // A write made mid-election is served once the network heals and
+            // a leader is elected. Made right after the heal (no election
+            // ends within microseconds), so the whole bounded wait is left
+            // for the election: under full-suite load a write made 20 ms
+            // before the heal once saw it take longer than the rest.
             #expect(follower.leadership.leaderID == noNode)
-            let waiting = Task { try await follower.write(write("docs/waited", "{}")) }
-            try await Task.sleep(for: .milliseconds(20))
             cluster.network.heal()
+            let waiting = Task.immediate { try await follower.write(write("docs/waited", "{}")) }
             let outcome = try await waiting.value
             #expect(outcome.outcome.result == .written(version: 1))
             #expect(await follower.awaitLeadership().leaderID == outcome.leader)
