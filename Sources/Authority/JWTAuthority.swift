@@ -142,7 +142,7 @@ public struct JWTVerifier: Sendable {
         guard header["alg"]?.string == key.jwsAlgorithm else {
             throw AuthorityError("bad_algorithm", "the key '\(kid)' accepts only \(key.jwsAlgorithm)")
         }
-        let digest = bytes.withUnsafeBytes { SHA256.digest($0) }
+        let digest = SHA256.digest(bytes)
         let fingerprint = Hex.encode(digest)
         let memoized = MemoDigest(digest)
         // Parsed here, refused (if it does not parse) only once the signature is known good.

@@ -104,9 +104,9 @@ public enum SigningKey: Sendable {
     /// PKCS#1 v1.5 with SHA-256.
     func x509Signature(for message: [UInt8]) throws -> [UInt8] {
         switch self {
-        case .p256(let key): return Array(try key.signature(for: message.withUnsafeBytes { SHA256.digest($0) }).derRepresentation)
-        case .p384(let key): return Array(try key.signature(for: message.withUnsafeBytes { SHA384.digest($0) }).derRepresentation)
-        case .rsa(let key): return Array(try key.signature(for: SHA256.hash(data: message), padding: .insecurePKCS1v1_5).rawRepresentation)
+        case .p256(let key): return Array(try key.signature(for: SHA256.digest(message)).derRepresentation)
+        case .p384(let key): return Array(try key.signature(for: SHA384.digest(message)).derRepresentation)
+        case .rsa(let key): return Array(try key.signature(for: SHA256.digest(message), padding: .insecurePKCS1v1_5).rawRepresentation)
         }
     }
 
@@ -114,11 +114,9 @@ public enum SigningKey: Sendable {
     /// r || s for ECDSA (RFC 7518 3.4), PKCS#1 v1.5 for RS256.
     public func jwsSignature(for message: [UInt8]) throws -> [UInt8] {
         switch self {
-        // The digest from the bytes in one call: hashing through the
-        // generic DataProtocol path cost about as much as the digest.
-        case .p256(let key): return Array(try key.signature(for: message.withUnsafeBytes { SHA256.digest($0) }).rawRepresentation)
-        case .p384(let key): return Array(try key.signature(for: message.withUnsafeBytes { SHA384.digest($0) }).rawRepresentation)
-        case .rsa(let key): return Array(try key.signature(for: SHA256.hash(data: message), padding: .insecurePKCS1v1_5).rawRepresentation)
+        case .p256(let key): return Array(try key.signature(for: SHA256.digest(message)).rawRepresentation)
+        case .p384(let key): return Array(try key.signature(for: SHA384.digest(message)).rawRepresentation)
+        case .rsa(let key): return Array(try key.signature(for: SHA256.digest(message), padding: .insecurePKCS1v1_5).rawRepresentation)
         }
     }
 }
@@ -184,13 +182,13 @@ public enum VerificationKey: Sendable {
         switch self {
         case .p256(let key):
             guard signature.count == 64, let parsed = try? P256.Signing.ECDSASignature(rawRepresentation: signature) else { return false }
-            return key.isValidSignature(parsed, for: message.withUnsafeBytes { SHA256.digest($0) })
+            return key.isValidSignature(parsed, for: SHA256.digest(message))
         case .p384(let key):
             guard signature.count == 96, let parsed = try? P384.Signing.ECDSASignature(rawRepresentation: signature) else { return false }
-            return key.isValidSignature(parsed, for: message.withUnsafeBytes { SHA384.digest($0) })
+            return key.isValidSignature(parsed, for: SHA384.digest(message))
         case .rsa(let key):
             guard signature.count == key.keySizeInBits / 8 else { return false }
-            return key.isValidSignature(_RSA.Signing.RSASignature(rawRepresentation: signature), for: SHA256.hash(data: message),
+            return key.isValidSignature(_RSA.Signing.RSASignature(rawRepresentation: signature), for: SHA256.digest(message),
                                         padding: .insecurePKCS1v1_5)
         }
     }
@@ -253,5 +251,9 @@ extension HashFunction {
         var hasher = Self()
         hasher.update(bufferPointer: bytes)
         return hasher.finalize()
+    }
+
+    public static func digest(_ bytes: [UInt8]) -> Digest {
+        bytes.withUnsafeBytes { digest($0) }
     }
 }

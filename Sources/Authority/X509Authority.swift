@@ -369,7 +369,7 @@ public struct IssuedX509: Sendable {
     }
 
     public var serialHex: String { Hex.encode(serialBytes) }
-    public var fingerprintSHA256: String { Hex.encode(der.withUnsafeBytes { SHA256.digest($0) }) }
+    public var fingerprintSHA256: String { Hex.encode(SHA256.digest(der)) }
     public var pem: String { PEMText.encode(der, label: "CERTIFICATE") }
 }
 

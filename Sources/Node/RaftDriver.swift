@@ -66,15 +66,12 @@ public actor RaftDriver {
     /// appends them in memory (persisted, sent and committed at the next
     /// tick), or as soon as a follower sends them on.
     /// Only debug builds let a node turn it on (WARRANT_PLANTED_BUG).
-    private var acknowledgeBeforeCommit = false
-    /// The same, readable off the driver's thread (writes then take the
-    /// driver's own path, where the bug lives).
+    /// Read off the driver's thread too: writes then take the driver's own
+    /// path, where the bug lives.
     private nonisolated let bugPlanted = Atomic<Bool>(false)
+    private nonisolated var acknowledgeBeforeCommit: Bool { bugPlanted.load(ordering: .acquiring) }
 
-    package func plantAcknowledgeBeforeCommit() {
-        acknowledgeBeforeCommit = true
-        bugPlanted.store(true, ordering: .releasing)
-    }
+    package func plantAcknowledgeBeforeCommit() { bugPlanted.store(true, ordering: .releasing) }
     private var raft: RaftNode
     private let store: RaftStore
     private let sender: any MessageSender
@@ -331,7 +328,7 @@ public actor RaftDriver {
     /// before the driver took the command, it goes the driver's way.
     public nonisolated func write(_ command: LedgerCommand) async throws -> (outcome: LedgerOutcome, leader: NodeID) {
         if let reason = command.invalidReason { throw DriverError.invalidCommand(reason) }
-        guard leadership.isLeader, !bugPlanted.load(ordering: .acquiring) else { return try await writeOnDriver(command) }
+        guard leadership.isLeader, !acknowledgeBeforeCommit else { return try await writeOnDriver(command) }
         let bytes = command.encoded
         let outcome: LedgerOutcome?
         do {

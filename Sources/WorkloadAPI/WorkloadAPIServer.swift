@@ -205,12 +205,9 @@ public final class WorkloadAPIServer: Sendable {
         // `path`: the socket never stands at `path` with the umask's mode
         // (a caller connecting in that moment would pass the file's check),
         // and the link fails if the path is taken meanwhile.
-        let temporary = path + "~" + String(UInt16.random(in: 0x1000...0xFFFF), radix: 16)
+        let temporary = path + "~" + String(UInt16.random(in: 0x1000...0xFFFF), radix: 16) // 5 bytes more
         guard temporary.utf8.count < 104 else {
-            throw Problem(description: "the socket path \(path) is too long for a Unix socket (at most \(103 - temporary.utf8.count + path.utf8.count) bytes)")
-        }
-        if FileManager.default.fileExists(atPath: path) {
-            throw Problem(description: "the socket path \(path) is already in use (another agent? remove it if it is stale)")
+            throw Problem(description: "the socket path \(path) is too long for a Unix socket (at most 98 bytes)")
         }
         let descriptor = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
         guard descriptor >= 0 else { throw Problem(description: "cannot make a Unix socket: \(String(cString: strerror(errno)))") }

@@ -170,6 +170,13 @@ final class LocalCluster {
         for driver in drivers.values { _ = await driver.status }
     }
 
+    /// Waits for a leader; its id and driver.
+    func electedLeader() async throws -> (id: NodeID, driver: RaftDriver) {
+        #expect(await eventually { await leader() != nil })
+        let id = try #require(await leader())
+        return (id, drivers[id]!)
+    }
+
     func leader(excluding excluded: Set<NodeID> = []) async -> NodeID? {
         for (id, driver) in drivers.sorted(by: { $0.key < $1.key }) where !excluded.contains(id) {
             if await driver.status.role == .leader { return id }
@@ -413,9 +420,7 @@ struct DriverTests {
     @Test("A follower answers the append that tells it of a commit before it applies what committed")
     func followersAnswerBeforeApplying() async throws {
         try await LocalCluster.running { cluster in
-            #expect(await cluster.eventually { await cluster.leader() != nil })
-            let leaderID = try #require(await cluster.leader())
-            let leader = cluster.drivers[leaderID]!
+            let (leaderID, leader) = try await cluster.electedLeader()
             var committed: [LogIndex] = []
             for k in 0..<5 { committed.append(try await leader.propose(write("docs/\(k)", "1")).logIndex) }
             for follower in cluster.drivers.keys where follower != leaderID {
@@ -477,9 +482,7 @@ struct DriverTests {
     @Test("A leader's own writes queue from their callers' threads while its thread is busy, go in one batch, and past the inbox's bound are refused at once")
     func proposalsQueueWithoutTheDriversThread() async throws {
         try await LocalCluster.running(inboxProposalsMax: 8) { cluster in
-            #expect(await cluster.eventually { await cluster.leader() != nil })
-            let id = try #require(await cluster.leader())
-            let leader = cluster.drivers[id]!
+            let (id, leader) = try await cluster.electedLeader()
             _ = try await leader.write(write("settle", "1"))
             let batches = cluster.metrics[id]!.proposalBatches.current
             let release = await cluster.holdDriverThreads()
@@ -514,9 +517,7 @@ struct DriverTests {
     @Test("Writes waiting in a stopping leader's inbox, and every write after it stops, are refused: none waits forever")
     func stoppedDriverRefusesQueuedProposals() async throws {
         try await LocalCluster.running { cluster in
-            #expect(await cluster.eventually { await cluster.leader() != nil })
-            let id = try #require(await cluster.leader())
-            let leader = cluster.drivers[id]!
+            let (id, leader) = try await cluster.electedLeader()
             _ = try await leader.write(write("settle", "1"))
             // Nothing else may drain the leader's inbox first: no messages
             // (cut off, those on their way stepped), no ticks.
