@@ -161,11 +161,37 @@ public final class LocalProcessCluster: Sendable {
 
     public func endpointIndex(of id: UInt64) -> Int { nodeIDs.firstIndex(of: id) ?? 0 }
 
-    /// The node's status, or nil if it does not answer.
-    public func status(of id: UInt64, timeout: TimeAmount = .milliseconds(500)) async -> ClusterStatusBody? {
-        guard let response = try? await client.request(at: endpointIndex(of: id), .GET, "/v1/cluster/status", timeout: timeout),
-              response.status == .ok else { return nil }
+    /// The node's status, or nil if it does not answer (within the node's
+    /// probe timeout when `timeout` is nil).
+    public func status(of id: UInt64, timeout: TimeAmount? = nil) async -> ClusterStatusBody? {
+        guard case .success(let response) = await probe(id, "/v1/cluster/status", timeout: timeout), response.status == .ok else { return nil }
         return try? APIJSON.decode(ClusterStatusBody.self, from: response.body)
+    }
+
+    /// How long the next probe of each node may wait: 500 ms, doubled (up
+    /// to 4 s) after each probe that got no answer, back to 500 ms after
+    /// one that did. A probe that times out closes its connection, and the
+    /// next one starts with a new TLS handshake: under a full test suite a
+    /// debug build's handshake took longer than a fixed 500 ms, so every
+    /// probe of a healthy node was cut short and a CI run waited 20 s for
+    /// readiness that was there.
+    private let probeTimeouts = Mutex<[UInt64: TimeAmount]>([:])
+    static let probeTimeoutFirst = TimeAmount.milliseconds(500)
+    static let probeTimeoutMax = TimeAmount.seconds(4)
+    /// What each node's last readiness probe got, for `notReadyReason`.
+    private let lastReadiness = Mutex<[UInt64: String]>([:])
+
+    /// GET `path` on node `id`, within `timeout` or the node's probe timeout.
+    func probe(_ id: UInt64, _ path: String, timeout: TimeAmount? = nil) async -> Result<HTTPClientResponse, any Error> {
+        let bound = timeout ?? probeTimeouts.withLock { $0[id] } ?? Self.probeTimeoutFirst
+        do {
+            let response = try await client.request(at: endpointIndex(of: id), .GET, path, timeout: bound)
+            probeTimeouts.withLock { $0[id] = nil }
+            return .success(response)
+        } catch {
+            probeTimeouts.withLock { $0[id] = min(bound * 2, Self.probeTimeoutMax) }
+            return .failure(error)
+        }
     }
 
     /// The leader every running node agrees on, waiting at most `seconds`.
@@ -187,8 +213,11 @@ public final class LocalProcessCluster: Sendable {
     public func notReadyReason() -> String {
         let ended = exitedOnTheirOwn()
         guard !ended.isEmpty else {
+            let answers = lastReadiness.withLock { $0 }
             return "no leader, or a node not answering /readyz in time; the end of each node's log:\n"
-                + nodeIDs.map { "node \($0)\(isRunning($0) ? "" : " (not running)"):\n\(logTail(of: $0, lines: 8))" }.joined(separator: "\n")
+                + nodeIDs.map { id in
+                    "node \(id)\(isRunning(id) ? "" : " (not running)")\(answers[id].map { ", its last /readyz answer: \($0)" } ?? ""):\n\(logTail(of: id, lines: 8))"
+                }.joined(separator: "\n")
         }
         return ended.map { "node \($0.id) exited:\n\($0.logTail)" }.joined(separator: "\n")
     }
@@ -197,12 +226,19 @@ public final class LocalProcessCluster: Sendable {
     /// once if a node's process ended on its own (see `exitedOnTheirOwn`).
     public func waitUntilReady(seconds: Double = 20) async -> Bool {
         let deadline = Date().addingTimeInterval(seconds)
+        lastReadiness.withLock { $0.removeAll() }
         while Date() < deadline {
             guard exitedOnTheirOwn().isEmpty else { return false }
             var all = true
             for id in nodeIDs where isRunning(id) {
-                let response = try? await client.request(at: endpointIndex(of: id), .GET, "/readyz", timeout: .milliseconds(500))
-                if response?.status != .ok { all = false }
+                let answer: String
+                switch await probe(id, "/readyz") {
+                case .success(let response) where response.status == .ok: continue
+                case .success(let response): answer = "\(response.status.code) \(response.text.prefix(300))"
+                case .failure(let error): answer = "\(error)"
+                }
+                all = false
+                lastReadiness.withLock { $0[id] = answer }
             }
             if all { return true }
             try? await Task.sleep(for: .milliseconds(50))
