@@ -40,9 +40,12 @@ let package = Package(
         // Durable state: the Raft log and hard state in write-ahead log
         // files, the ledger in memory (a persistent map, so a checkpoint's
         // copy costs nothing) with checkpoint files, the audit chain in
-        // SQLite (the system library); checksums verified on read.
-        .target(name: "Storage", dependencies: ["Raft", "Ledger", .product(name: "GRDB", package: "GRDB.swift"), .product(name: "GRDBSQLite", package: "GRDB.swift"),
+        // its own append-only files (SQLite only to move an older node's
+        // audit table over); CRC-32C checksums verified on read.
+        .target(name: "Storage", dependencies: ["Raft", "Ledger", "CCRC32C", .product(name: "GRDB", package: "GRDB.swift"), .product(name: "GRDBSQLite", package: "GRDB.swift"),
                                                 .product(name: "HashTreeCollections", package: "swift-collections")], swiftSettings: strict),
+        // CRC-32C with the CPU's instruction (SSE4.2, AArch64 CRC), for Storage.
+        .target(name: "CCRC32C"),
         // The replicated state machine: documents and the audit chain.
         // apply() is deterministic: time and actors come stamped in commands.
         .target(name: "Ledger", dependencies: ["Raft", "Encoding", .product(name: "Crypto", package: "swift-crypto")], swiftSettings: strict),

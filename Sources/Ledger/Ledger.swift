@@ -39,9 +39,17 @@ public protocol LedgerTables {
     /// on every command (what is due to be forgotten): tables may remember
     /// where it starts.
     mutating func namesFromRepeatedBound(_ from: String, to: String, limit: Int) throws -> [String]
+    /// The content of the active authority's document (its id, a JSON
+    /// string), if there is one: every issuance asks, and tables may keep
+    /// it at hand.
+    func activeAuthority() throws -> [UInt8]?
 }
 
 extension LedgerTables {
+    public func activeAuthority() throws -> [UInt8]? {
+        try document(named: AuthorityDocuments.active)?.content
+    }
+
     public mutating func namesFromRepeatedBound(_ from: String, to: String, limit: Int) throws -> [String] {
         try documentNames(from: from, to: to, limit: limit, reverse: false)
     }
@@ -306,7 +314,7 @@ public enum Ledger {
             guard recorded.evidence == issuance.evidence else { return .rejected("the idempotency key was used with other evidence") }
             return .issued(artifact: Array(recorded.artifact), replayed: true)
         }
-        guard let active = try tables.document(named: AuthorityDocuments.active), JSONText.isQuoted(active.content, issuance.authority) else {
+        guard let active = try tables.activeAuthority(), JSONText.isQuoted(active, issuance.authority) else {
             return .rejected("authority rotated: \(issuance.authority) is no longer the active authority")
         }
         if !issuance.platformReplayKey.isEmpty {

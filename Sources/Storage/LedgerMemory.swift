@@ -16,6 +16,10 @@ struct LedgerMemory: LedgerTables, Sendable {
     private(set) var applied: LogIndex = 0
     /// Content bytes of every document, for sizing encodings.
     private(set) var contentBytes = 0
+    /// The active authority document's content, kept out of the map's
+    /// lookups (every issuance on every node checks it; each lookup in a
+    /// map of a few hundred thousand documents is a few cache misses).
+    private(set) var activeAuthorityContent: [UInt8]?
 
     init() {}
 
@@ -27,7 +31,10 @@ struct LedgerMemory: LedgerTables, Sendable {
 
     func document(named name: String) -> Document? { documents[name] }
 
+    func activeAuthority() -> [UInt8]? { activeAuthorityContent }
+
     mutating func put(_ document: Document) {
+        if document.name == AuthorityDocuments.active { activeAuthorityContent = document.content }
         if let old = documents.updateValue(document, forKey: document.name) {
             contentBytes -= old.content.count
         } else {
@@ -38,6 +45,7 @@ struct LedgerMemory: LedgerTables, Sendable {
 
     mutating func deleteDocument(named name: String) {
         guard let old = documents.removeValue(forKey: name) else { return }
+        if name == AuthorityDocuments.active { activeAuthorityContent = nil }
         contentBytes -= old.content.count
         names.remove(name)
     }

@@ -87,6 +87,46 @@ struct LedgerStoreTests {
         #expect(try store.ledgerAppliedIndex() == 3_000)
     }
 
+    @Test("The active authority the store keeps at hand follows rotations and restarts: issuances signed by a retired one are refused as in memory")
+    func activeAuthorityFollowsRotations() throws {
+        func keyring(_ entries: [(String, AuthorityKeyring.Entry.State)]) throws -> [UInt8] {
+            Array(try JSONEncoder().encode(AuthorityKeyring(trustDomain: "example.org", kekID: "k", authorities: entries.map { id, state in
+                AuthorityKeyring.Entry(id: id, state: state, algorithm: "ecdsa-p256", x509Certificate: "pem-\(id)", x509Key: "sealed",
+                                       jwtKeyID: "kid-\(id)", jwtKey: "sealed", createdAtMillis: 0)
+            })))
+        }
+        func token(_ n: Int) -> JoinToken {
+            JoinToken(hash: String(repeating: String(n % 10), count: 64), spiffeID: "spiffe://example.org/job", ttlMaxSeconds: 600,
+                      expiresAtMillis: 1_000_000_000)
+        }
+        func issue(_ n: Int, by authority: String) -> LedgerCommand.Operation {
+            .recordIssuance(Issuance(kind: .jwt, spiffeID: "spiffe://example.org/job", serial: String(format: "%032x", n),
+                                     fingerprint: String(repeating: "f", count: 64), issuedAtMillis: 2_000, notAfterMillis: 900_000, ttlSeconds: 60,
+                                     tokenHash: token(n).hash, idempotencyKey: "", node: 1, authority: authority, attributes: [:], artifact: []))
+        }
+        let before: [LedgerCommand.Operation] = try [.initializeAuthority(keyring: keyring([("old", .active)]))]
+            + (1...6).map { .createJoinToken(token($0)) }
+            + [issue(1, by: "old"), issue(2, by: "new")]
+        let rotation: [LedgerCommand.Operation] = try [.prepareAuthority(JSONDecoder().decode(AuthorityKeyring.self, from: Data(keyring([("new", .prepared)]))).authorities[0]),
+                                                       issue(3, by: "new"), .activateAuthority(id: "new"), issue(4, by: "old"), issue(5, by: "new")]
+        let commands = (before + rotation).enumerated().map { LedgerCommand(timeMillis: 2_000 + UInt64($0.offset), actor: "test", requestID: "r\($0.offset)", operation: $0.element) }
+        var memory = InMemoryLedgerTables()
+        let expected = try entries(commands).compactMap { try Ledger.apply($0, to: &memory)?.result }
+        #expect(expected.filter { if case .rejected(let reason) = $0 { reason.hasPrefix("authority rotated") } else { false } }.count == 3,
+                "new before it was active, old twice after: \(expected)")
+        var (temporary, store, node) = try leaderThatApplied(Array(commands[..<before.count]))
+        try checkpoint(&node, store)
+        store = try temporary.open() // restarted from the checkpoint: the active authority comes back with the documents
+        var restarted = try RaftNode(configuration: Configuration(id: 1, randomSeed: 2), durable: try store.loadDurableState())
+        restarted.campaign()
+        try driveApplying(&restarted, store)
+        let ledger = try #require(store.ledger)
+        let after = try ledger.apply(entries(Array(commands[before.count...]), term: restarted.term, from: restarted.lastIndex + 1)).map(\.result)
+        let expectedAfter = Array(expected.suffix(rotation.count))
+        #expect(after == expectedAfter)
+        #expect(try store.document(named: AuthorityDocuments.active)?.content == Array("\"new\"".utf8))
+    }
+
     @Test("Due audit batches are written off the applying thread, in order; one that fails stops the next apply with its error")
     func auditWrittenInBackground() throws {
         let temporary = try TemporaryStore()
