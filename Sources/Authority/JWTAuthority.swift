@@ -23,11 +23,11 @@ public struct JWTAuthority: Sendable {
         self.key = key
         publicKey = key.publicKey
         keyID = publicKey.keyID
-        headerPart = Base64URL.encode(Array(JSONText.object(["alg": publicKey.jwsAlgorithm, "kid": keyID, "typ": "JWT"]).utf8))
+        headerPart = Array(Base64URL.encode(Array(JSONText.object(["alg": publicKey.jwsAlgorithm, "kid": keyID, "typ": "JWT"]).utf8)).utf8)
     }
 
     /// The encoded header, the same for every token of this key.
-    private let headerPart: String
+    private let headerPart: [UInt8]
 
     public var privateKeyPEM: String { key.pemRepresentation }
 
@@ -46,21 +46,50 @@ public struct JWTAuthority: Sendable {
         if let notAfter { expiry = min(expiry, Int(notAfter.timeIntervalSince1970)) }
         guard expiry > issuedAt else { throw AuthorityError("bad_ttl", "the token would expire at once") }
         // Written by hand (keys sorted): JSONSerialization was most of the cost of issuing one.
-        let audience = audiences.count == 1 ? JSONText.quote(audiences[0]) : "[" + audiences.map(JSONText.quote).joined(separator: ",") + "]"
-        var claims = "{\"aud\":\(audience),\"exp\":\(expiry),\"iat\":\(issuedAt),\"sub\":\(JSONText.quote(spiffeID.description))"
-        if !attributes.isEmpty { claims += ",\"warrant\":" + JSONText.object(attributes) }
-        claims += "}"
-        let signingInput = "\(headerPart).\(Base64URL.encode(Array(claims.utf8)))"
-        let signature = try key.jwsSignature(for: Array(signingInput.utf8))
-        let token = "\(signingInput).\(Base64URL.encode(signature))"
-        return IssuedJWT(token: token, spiffeID: spiffeID, expiry: Date(timeIntervalSince1970: TimeInterval(expiry)))
+        var claims = JSONText.Builder(capacity: 160 + spiffeID.description.utf8.count + attributes.count * 48)
+        claims.raw("{\"aud\":")
+        if audiences.count == 1 {
+            claims.quoted(audiences[0])
+        } else {
+            claims.raw("[")
+            for (position, audience) in audiences.enumerated() {
+                if position > 0 { claims.raw(",") }
+                claims.quoted(audience)
+            }
+            claims.raw("]")
+        }
+        claims.raw(",\"exp\":")
+        claims.number(expiry)
+        claims.raw(",\"iat\":")
+        claims.number(issuedAt)
+        claims.raw(",\"sub\":")
+        claims.quoted(spiffeID.description)
+        if !attributes.isEmpty {
+            claims.raw(",\"warrant\":")
+            claims.object(attributes)
+        }
+        claims.raw("}")
+        // The token is built in one buffer: header, claims, then the
+        // signature over what precedes it.
+        var token: [UInt8] = []
+        token.reserveCapacity(headerPart.count + (claims.bytes.count + 2) / 3 * 4 + 2 + 2 * 128)
+        token.append(contentsOf: headerPart)
+        token.append(UInt8(ascii: "."))
+        Base64URL.encode(claims.bytes, into: &token)
+        let signature = try key.jwsSignature(for: token)
+        token.append(UInt8(ascii: "."))
+        Base64URL.encode(signature, into: &token)
+        return IssuedJWT(bytes: token, spiffeID: spiffeID, expiry: Date(timeIntervalSince1970: TimeInterval(expiry)))
     }
 }
 
 public struct IssuedJWT: Sendable {
-    public let token: String
+    /// The compact JWS, as bytes (what is hashed for its fingerprint and kept as the artifact).
+    public let bytes: [UInt8]
     public let spiffeID: SpiffeID
     public let expiry: Date
+
+    public var token: String { String(decoding: bytes, as: UTF8.self) }
 }
 
 /// What verifying a JWT-SVID found.

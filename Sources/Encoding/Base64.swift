@@ -120,20 +120,42 @@ private struct Base64Codec {
     }
 
     func encode(_ bytes: some Collection<UInt8>) -> String {
-        let input = Array(bytes)
         var out = [UInt8]()
-        out.reserveCapacity((input.count + 2) / 3 * 4)
-        var i = 0
-        while i < input.count {
-            let b1 = i + 1 < input.count ? UInt32(input[i + 1]) : 0, b2 = i + 2 < input.count ? UInt32(input[i + 2]) : 0
-            let n = UInt32(input[i]) << 16 | b1 << 8 | b2
-            out.append(alphabet[Int(n >> 18 & 63)])
-            out.append(alphabet[Int(n >> 12 & 63)])
-            if i + 1 < input.count { out.append(alphabet[Int(n >> 6 & 63)]) } else if padded { out.append(0x3D) }
-            if i + 2 < input.count { out.append(alphabet[Int(n & 63)]) } else if padded { out.append(0x3D) }
-            i += 3
-        }
+        encode(bytes, into: &out)
         return String(decoding: out, as: UTF8.self)
+    }
+
+    /// Appends the encoding of `bytes` to `out`.
+    func encode(_ bytes: some Collection<UInt8>, into out: inout [UInt8]) {
+        if let done: Void = bytes.withContiguousStorageIfAvailable({ encode(contiguous: $0, into: &out) }) { return done }
+        Array(bytes).withUnsafeBufferPointer { encode(contiguous: $0, into: &out) }
+    }
+
+    private func encode(contiguous input: UnsafeBufferPointer<UInt8>, into out: inout [UInt8]) {
+        let full = input.count / 3, rest = input.count % 3
+        let count = full * 4 + (rest == 0 ? 0 : padded ? 4 : rest + 1)
+        let start = out.count
+        out.append(contentsOf: repeatElement(0, count: count))
+        alphabet.withUnsafeBufferPointer { alphabet in
+            out.withUnsafeMutableBufferPointer { all in
+                var o = start, i = 0
+                for _ in 0..<full {
+                    let n = UInt32(input[i]) << 16 | UInt32(input[i + 1]) << 8 | UInt32(input[i + 2])
+                    all[o] = alphabet[Int(n >> 18 & 63)]
+                    all[o + 1] = alphabet[Int(n >> 12 & 63)]
+                    all[o + 2] = alphabet[Int(n >> 6 & 63)]
+                    all[o + 3] = alphabet[Int(n & 63)]
+                    i += 3
+                    o += 4
+                }
+                guard rest > 0 else { return }
+                let n = UInt32(input[i]) << 16 | (rest == 2 ? UInt32(input[i + 1]) << 8 : 0)
+                all[o] = alphabet[Int(n >> 18 & 63)]
+                all[o + 1] = alphabet[Int(n >> 12 & 63)]
+                if rest == 2 { all[o + 2] = alphabet[Int(n >> 6 & 63)] } else if padded { all[o + 2] = 0x3D }
+                if padded { all[o + 3] = 0x3D }
+            }
+        }
     }
 
     /// Nil for a length that cannot occur, another character, padding
@@ -204,6 +226,8 @@ public enum Base64 {
 public enum Base64URL {
     private static let codec = Base64Codec("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_", padded: false)
     public static func encode(_ bytes: some Collection<UInt8>) -> String { codec.encode(bytes) }
+    /// Appends the encoding of `bytes` to `out` (a token built in one buffer).
+    public static func encode(_ bytes: some Collection<UInt8>, into out: inout [UInt8]) { codec.encode(bytes, into: &out) }
     public static func decode(_ text: some StringProtocol) -> [UInt8]? { codec.decode(text) }
     public static func decode(_ bytes: some Collection<UInt8>) -> [UInt8]? { codec.decode(bytes) }
 }

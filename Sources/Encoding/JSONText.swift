@@ -79,6 +79,16 @@ public enum JSONText {
 
         private static let hex: [UInt8] = Array("0123456789abcdef".utf8)
 
+        /// A signed integer (JWT times).
+        public mutating func number(_ value: Int) {
+            if value < 0 {
+                bytes.append(UInt8(ascii: "-"))
+                integer(UInt64(value.magnitude))
+            } else {
+                integer(UInt64(value))
+            }
+        }
+
         public mutating func integer(_ value: UInt64) {
             // Digits written in place, most significant first (no buffer to allocate).
             var count = 1

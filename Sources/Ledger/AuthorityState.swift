@@ -364,7 +364,9 @@ public enum AuthorityDocuments {
     public static let identityLifetimeMaxSeconds: UInt32 = 86_400
 
     static func isHex(_ text: String, count: Int) -> Bool {
-        text.utf8.count == count && text.utf8.allSatisfy { ($0 >= 0x30 && $0 <= 0x39) || ($0 >= 0x61 && $0 <= 0x66) }
+        guard text.utf8.count == count else { return false }
+        var text = text
+        return text.withUTF8 { $0.allSatisfy { ($0 >= 0x30 && $0 <= 0x39) || ($0 >= 0x61 && $0 <= 0x66) } }
     }
 }
 

@@ -257,6 +257,8 @@ public final class AuthorityService: Sendable {
         return Hex.encode(text.withUTF8 { SHA256.digest(UnsafeRawBufferPointer($0)) })
     }
 
+    public static func hash(_ bytes: [UInt8]) -> String { Hex.encode(SHA256.digest(bytes)) }
+
     /// A new join token secret: "wjt." and 32 random bytes in base64url.
     public static func newTokenSecret() -> String {
         "wjt." + Base64URL.encode((0..<32).map { _ in UInt8.random(in: 0...255) })

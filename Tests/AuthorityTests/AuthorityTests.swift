@@ -310,6 +310,20 @@ struct JWTSVIDTests {
         #expect(object == ["alg": "ES256", "kid": signer.keyID, "typ": "JWT"])
     }
 
+    @Test("Claims are written exactly: keys sorted, one audience a string, several an array, strings escaped; the token's bytes are its text")
+    func claimsText() throws {
+        let now = Date(timeIntervalSince1970: 1_790_000_000.7)
+        func claims(_ issued: IssuedJWT) throws -> String {
+            #expect(issued.bytes == Array(issued.token.utf8) && issued.token.split(separator: ".").count == 3)
+            #expect(try verifier.verify(issued.token, audience: "a", now: now).spiffeID == id)
+            return String(decoding: try #require(Base64URL.decode(issued.token.split(separator: ".")[1])), as: UTF8.self)
+        }
+        #expect(try claims(signer.issue(spiffeID: id, audiences: ["a"], ttl: 300, attributes: [:], now: now))
+                == #"{"aud":"a","exp":1790000300,"iat":1790000000,"sub":"spiffe://example.org/ci/acme/deploy"}"#)
+        #expect(try claims(signer.issue(spiffeID: id, audiences: ["a", "b\"c"], ttl: 300, attributes: ["z": "1", "k": "t\tq"], now: now))
+                == #"{"aud":["a","b\"c"],"exp":1790000300,"iat":1790000000,"sub":"spiffe://example.org/ci/acme/deploy","warrant":{"k":"t\tq","z":"1"}}"#)
+    }
+
     /// A token with `header` and `claims`, signed by the real key.
     func forge(_ header: [String: Any], _ claims: [String: Any], key: P256.Signing.PrivateKey? = nil) throws -> String {
         let h = Base64URL.encode(Array(try JSONSerialization.data(withJSONObject: header)))

@@ -87,13 +87,18 @@ struct KeyTypeTests {
 
 @Suite("Hand-written encodings")
 struct EncodingTests {
-    @Test("base64url agrees with Foundation for every length and refuses padding, other characters and leftover bits")
+    @Test("base64 and base64url agree with Foundation for every length; base64url refuses padding, other characters and leftover bits")
     func base64url() {
         for length in 0..<70 {
             let bytes = (0..<length).map { _ in UInt8.random(in: 0...255) }
             let foundation = Data(bytes).base64EncodedString().replacingOccurrences(of: "+", with: "-").replacingOccurrences(of: "/", with: "_")
                 .replacingOccurrences(of: "=", with: "")
             #expect(Base64URL.encode(bytes) == foundation)
+            #expect(Base64URL.encode(bytes.lazy.map { $0 }) == foundation, "from a collection without contiguous storage")
+            #expect(Base64.encode(bytes) == Data(bytes).base64EncodedString(), "padded")
+            var appended = Array("x.".utf8)
+            Base64URL.encode(bytes, into: &appended)
+            #expect(appended == Array("x.\(foundation)".utf8), "appended after what is there")
             #expect(Base64URL.decode(foundation) == bytes)
             #expect(Base64URL.decode(Array(foundation.utf8)[...]) == bytes, "from a slice, in place")
             #expect(Base64URL.decode(foundation.utf8.lazy.map { $0 }) == bytes, "from a collection without contiguous storage")

@@ -50,6 +50,11 @@ struct IssuanceTests {
             let unknown = try await anonymous.request(.POST, "/v1/svid/x509", headers: [("content-type", "application/json")],
                                                       body: json(["token": "wjt.nope", "csr": csr]))
             #expect(unknown.status == .unauthorized && unknown.text.contains("invalid_token"))
+            // A request id the log would not take: refused, audited, and the token still unused (issued below).
+            let longID = try await anonymous.request(.POST, "/v1/svid/x509", headers: [("content-type", "application/json"),
+                                                                                       ("warrant-request-id", String(repeating: "r", count: 129))],
+                                                     body: json(["token": token, "csr": csr]))
+            #expect(longID.status == .badRequest && longID.text.contains("request id is longer than 128 bytes"), "\(longID.text)")
 
             // Issued through a follower; the leader signed it.
             let request = json(["token": token, "csr": csr, "idempotency_key": "build-42"])
@@ -87,9 +92,9 @@ struct IssuanceTests {
                 guard let response = try? await admin.request(.GET, "/v1/audit?limit=1000") else { return false }
                 let records = object(response)["records"] as? [[String: Any]] ?? []
                 denials = records.filter { $0["action"] as? String == "identity.deny" }
-                return denials.count >= 4
+                return denials.count >= 5
             }, "denials: \(denials)")
-            for code in ["bad_csr", "bad_ttl", "invalid_token", "token_used"] {
+            for code in ["bad_csr", "bad_ttl", "invalid_token", "token_used", "bad_request: request id"] {
                 #expect(denials.contains { ($0["result"] as? String ?? "").contains(code) }, "no denial record for \(code): \(denials)")
             }
             let audit = object(try await admin.request(.GET, "/v1/audit?limit=1000"))

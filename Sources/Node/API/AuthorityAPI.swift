@@ -291,8 +291,13 @@ extension NodeAPI {
         let actor = actor ?? (issuance.tokenHash.isEmpty ? Self.actor(of: request) : "token:\(issuance.tokenHash.prefix(16))")
         let command = LedgerCommand(timeMillis: UInt64(Date().timeIntervalSince1970 * 1000), actor: actor,
                                     requestID: request.headers.first(name: "warrant-request-id") ?? RequestID.make(), operation: .recordIssuance(issuance))
-        if let reason = command.invalidReason { throw APIError.badRequest(reason) }
-        let (outcome, _) = try await driver.write(command)
+        // The driver's write checks the command (a request id too long, say): a 400, audited as a denial.
+        let outcome: LedgerOutcome
+        do {
+            (outcome, _) = try await driver.write(command)
+        } catch DriverError.invalidCommand(let reason) {
+            throw APIError.badRequest(reason)
+        }
         switch outcome.result {
         case .issued(let artifact, let replayed): return (artifact, replayed)
         case .rejected(let reason):
@@ -542,14 +547,14 @@ extension NodeAPI {
             } catch let error as AuthorityError {
                 throw APIError(status: .badRequest, code: error.code, message: error.message)
             }
-            let fingerprint = AuthorityService.hash(issued.token)
+            let fingerprint = AuthorityService.hash(issued.bytes)
             var issuance = template
             issuance.serial = String(fingerprint.prefix(32))
             issuance.fingerprint = fingerprint
             issuance.issuedAtMillis = Self.millis(now)
             issuance.notAfterMillis = Self.millis(issued.expiry)
             issuance.authority = keys.active.id
-            issuance.artifact = Array(issued.token.utf8)
+            issuance.artifact = issued.bytes
             do {
                 let (artifact, replayed) = try await record(issuance, actor: actor, request)
                 if replayed { return try jwtResponse(artifact, replayed: true) }
