@@ -4,6 +4,8 @@ import Crypto
 /// followed by an optional path. Parsing refuses anything non-canonical
 /// rather than normalising it, so two spellings never name one identity.
 public struct SpiffeID: Sendable, Hashable, CustomStringConvertible {
+    /// The whole ID as parsed (kept: every issuance writes it several times).
+    public let description: String
     public let trustDomain: String
     /// "" or "/segment/segment".
     public let path: String
@@ -11,37 +13,52 @@ public struct SpiffeID: Sendable, Hashable, CustomStringConvertible {
     public static let bytesMax = 2048
     public static let trustDomainBytesMax = 255
 
-    public var description: String { "spiffe://\(trustDomain)\(path)" }
-
-    /// Why `text` is not a canonical SPIFFE ID, or the ID.
+    /// Why `text` is not a canonical SPIFFE ID, or the ID. One pass over
+    /// the bytes in place; the first fault from the left is reported
+    /// (scheme, trust domain: empty, too long, a character; then the path:
+    /// a trailing slash, then segment by segment).
     public init(parsing text: String) throws(SpiffeIDError) {
-        let bytes = Array(text.utf8)
-        guard bytes.count <= Self.bytesMax else { throw .tooLong(bytes.count) }
-        let scheme = Array("spiffe://".utf8)
-        guard bytes.starts(with: scheme) else { throw .badScheme }
-        let rest = bytes[scheme.count...]
-        let slash = rest.firstIndex(of: UInt8(ascii: "/")) ?? rest.endIndex
-        let domain = rest[rest.startIndex..<slash]
-        let pathBytes = rest[slash...]
-        guard !domain.isEmpty else { throw .emptyTrustDomain }
-        guard domain.count <= Self.trustDomainBytesMax else { throw .trustDomainTooLong(domain.count) }
-        for byte in domain where !Self.isTrustDomainByte(byte) {
-            throw .badTrustDomainCharacter(Character(Unicode.Scalar(byte)))
-        }
-        if !pathBytes.isEmpty {
-            guard pathBytes.last != UInt8(ascii: "/") else { throw .trailingSlash }
-            for segment in pathBytes.dropFirst().split(separator: UInt8(ascii: "/"), omittingEmptySubsequences: false) {
-                guard !segment.isEmpty else { throw .emptySegment }
-                guard !(segment.elementsEqual([UInt8(ascii: ".")]) || segment.elementsEqual([UInt8(ascii: "."), UInt8(ascii: ".")])) else {
-                    throw .dotSegment
+        var text = text
+        let count = text.utf8.count
+        guard count <= Self.bytesMax else { throw .tooLong(count) }
+        let slash: Result<Int, SpiffeIDError> = text.withUTF8 { bytes in
+            let scheme: StaticString = "spiffe://"
+            let schemeCount = scheme.utf8CodeUnitCount
+            guard bytes.count >= schemeCount,
+                  scheme.withUTF8Buffer({ prefix in prefix.indices.allSatisfy { prefix[$0] == bytes[$0] } }) else { return .failure(.badScheme) }
+            var slash = schemeCount
+            while slash < bytes.count && bytes[slash] != UInt8(ascii: "/") { slash += 1 }
+            let domainCount = slash - schemeCount
+            guard domainCount > 0 else { return .failure(.emptyTrustDomain) }
+            guard domainCount <= Self.trustDomainBytesMax else { return .failure(.trustDomainTooLong(domainCount)) }
+            for index in schemeCount..<slash where !Self.isTrustDomainByte(bytes[index]) {
+                return .failure(.badTrustDomainCharacter(Character(Unicode.Scalar(bytes[index]))))
+            }
+            guard slash < bytes.count else { return .success(slash) }
+            guard bytes[bytes.count - 1] != UInt8(ascii: "/") else { return .failure(.trailingSlash) }
+            var segmentStart = slash + 1
+            for index in (slash + 1)...bytes.count {
+                guard index < bytes.count, bytes[index] != UInt8(ascii: "/") else {
+                    let length = index - segmentStart
+                    guard length > 0 else { return .failure(.emptySegment) }
+                    if bytes[segmentStart] == UInt8(ascii: "."), length == 1 || (length == 2 && bytes[segmentStart + 1] == UInt8(ascii: ".")) {
+                        return .failure(.dotSegment)
+                    }
+                    segmentStart = index + 1
+                    continue
                 }
-                for byte in segment where !Self.isPathByte(byte) {
-                    throw byte == UInt8(ascii: "%") ? .percentEncoded : .badPathCharacter(Character(Unicode.Scalar(byte)))
+                let byte = bytes[index]
+                if !Self.isPathByte(byte) {
+                    return .failure(byte == UInt8(ascii: "%") ? .percentEncoded : .badPathCharacter(Character(Unicode.Scalar(byte))))
                 }
             }
+            return .success(slash)
         }
-        trustDomain = String(decoding: domain, as: UTF8.self)
-        path = String(decoding: pathBytes, as: UTF8.self)
+        let utf8 = text.utf8
+        let pathStart = utf8.index(utf8.startIndex, offsetBy: try slash.get())
+        description = text
+        trustDomain = String(text[utf8.index(utf8.startIndex, offsetBy: 9)..<pathStart])
+        path = String(text[pathStart...])
     }
 
     /// An ID in `trustDomain` with `path` (which must start with '/').

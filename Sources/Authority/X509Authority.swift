@@ -28,6 +28,9 @@ public typealias Attributes = [String: String]
 public struct X509Authority: Sendable {
     public let trustDomain: String
     public let certificate: Certificate
+    /// The CA certificate's end, which no identity it signs (nor a JWT-SVID
+    /// of the same authority) outlives; read on every issuance.
+    public let notValidAfter: Date
     private let key: SigningKey
     /// DER made once for every leaf: the issuer (this CA's subject), the
     /// leaf subject, the signature algorithm, and the authority key
@@ -79,6 +82,7 @@ public struct X509Authority: Sendable {
     private init(trustDomain: String, certificate: Certificate, key: SigningKey) {
         self.trustDomain = trustDomain
         self.certificate = certificate
+        notValidAfter = certificate.notValidAfter
         self.key = key
         var issuer = DER.Serializer()
         try! issuer.serialize(certificate.subject) // a parsed certificate's name serializes

@@ -41,6 +41,63 @@ struct SpiffeIDTests {
         #expect(throws: error) { try SpiffeID(parsing: text) }
     }
 
+    /// The parser as first written (bytes copied, segments split apart),
+    /// kept here as the reference the one-pass parser must agree with.
+    private static func reference(_ text: String) -> Result<(String, String), SpiffeIDError> {
+        let bytes = Array(text.utf8)
+        guard bytes.count <= SpiffeID.bytesMax else { return .failure(.tooLong(bytes.count)) }
+        let scheme = Array("spiffe://".utf8)
+        guard bytes.starts(with: scheme) else { return .failure(.badScheme) }
+        let rest = bytes[scheme.count...]
+        let slash = rest.firstIndex(of: UInt8(ascii: "/")) ?? rest.endIndex
+        let domain = rest[rest.startIndex..<slash], pathBytes = rest[slash...]
+        guard !domain.isEmpty else { return .failure(.emptyTrustDomain) }
+        guard domain.count <= SpiffeID.trustDomainBytesMax else { return .failure(.trustDomainTooLong(domain.count)) }
+        for byte in domain where !SpiffeID.isTrustDomainByte(byte) { return .failure(.badTrustDomainCharacter(Character(Unicode.Scalar(byte)))) }
+        if !pathBytes.isEmpty {
+            guard pathBytes.last != UInt8(ascii: "/") else { return .failure(.trailingSlash) }
+            for segment in pathBytes.dropFirst().split(separator: UInt8(ascii: "/"), omittingEmptySubsequences: false) {
+                guard !segment.isEmpty else { return .failure(.emptySegment) }
+                guard !(segment.elementsEqual([UInt8(ascii: ".")]) || segment.elementsEqual([UInt8(ascii: "."), UInt8(ascii: ".")])) else {
+                    return .failure(.dotSegment)
+                }
+                for byte in segment where !SpiffeID.isPathByte(byte) {
+                    return .failure(byte == UInt8(ascii: "%") ? .percentEncoded : .badPathCharacter(Character(Unicode.Scalar(byte))))
+                }
+            }
+        }
+        return .success((String(decoding: domain, as: UTF8.self), String(decoding: pathBytes, as: UTF8.self)))
+    }
+
+    @Test("The one-pass parser agrees with the reference on 20,000 strings drawn from the characters that matter (seed 11)")
+    func agreesWithReference() {
+        var state: UInt64 = 11 // splitmix64
+        func below(_ bound: Int) -> Int {
+            state &+= 0x9E37_79B9_7F4A_7C15
+            var z = state
+            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+            return Int((z ^ (z >> 31)) % UInt64(bound))
+        }
+        let pieces = ["spiffe://", "spiffe:/", "SPIFFE://", "/", "//", ".", "..", "a", "Z", "9", "-", "_", "%", "?", "é", ":", "@", "example.org", "x"]
+        var seen: Set<String> = []
+        for _ in 0..<20_000 {
+            var text = below(5) > 0 ? "spiffe://" : ""
+            for _ in 0..<below(9) { text += pieces[below(pieces.count)] }
+            switch (Result { () throws(SpiffeIDError) in try SpiffeID(parsing: text) }, Self.reference(text)) {
+            case (.success(let id), .success(let parts)):
+                seen.insert("valid")
+                #expect(id.trustDomain == parts.0 && id.path == parts.1 && id.description == text, "\(text)")
+            case (.failure(let error), .failure(let expected)):
+                seen.insert("\(error)".prefix(20).description)
+                #expect(error == expected, "\(text)")
+            case (let ours, let reference):
+                Issue.record("\(text): \(ours) but the reference gives \(reference)")
+            }
+        }
+        #expect(seen.count >= 9, "valid IDs and most kinds of refusal were drawn: \(seen.sorted())")
+    }
+
     @Test("Length limits: 2048 bytes in all, 255 for the trust domain")
     func lengths() throws {
         let longPath = "spiffe://example.org/" + String(repeating: "a", count: 2048 - 21)

@@ -285,12 +285,11 @@ extension NodeAPI {
     /// Proposes the issuance; the identity is returned only once its audit
     /// record is committed and applied. The artifact itself goes into the
     /// log only when an idempotency key asks for the answer to be kept.
-    private func record(_ issuance: Issuance, actor: String? = nil, _ request: HTTPRequest) async throws -> (artifact: [UInt8], replayed: Bool) {
-        var issuance = issuance
+    private func record(_ issuance: consuming Issuance, actor: String? = nil, _ request: HTTPRequest) async throws -> (artifact: [UInt8], replayed: Bool) {
         if issuance.idempotencyKey.isEmpty { issuance.artifact = [] }
         let actor = actor ?? (issuance.tokenHash.isEmpty ? Self.actor(of: request) : "token:\(issuance.tokenHash.prefix(16))")
         let command = LedgerCommand(timeMillis: UInt64(Date().timeIntervalSince1970 * 1000), actor: actor,
-                                    requestID: request.headers.first(name: "warrant-request-id") ?? RequestID.make(), operation: .recordIssuance(issuance))
+                                    requestID: request.headers.first(name: "warrant-request-id") ?? RequestID.make(), operation: .recordIssuance(consume issuance))
         // The driver's write checks the command (a request id too long, say): a 400, audited as a denial.
         let outcome: LedgerOutcome
         do {
@@ -543,7 +542,7 @@ extension NodeAPI {
             let issued: IssuedJWT
             do {
                 issued = try keys.jwt.issue(spiffeID: spiffeID, audiences: audiences, ttl: TimeInterval(template.ttlSeconds),
-                                            attributes: template.attributes, now: now, notAfter: keys.x509.certificate.notValidAfter)
+                                            attributes: template.attributes, now: now, notAfter: keys.x509.notValidAfter)
             } catch let error as AuthorityError {
                 throw APIError(status: .badRequest, code: error.code, message: error.message)
             }

@@ -421,6 +421,8 @@ private final class RequestHandler: ChannelDuplexHandler {
 enum RequestTarget {
     /// "/a%2Fb?x=1&y" → ("/a/b", ["x": "1", "y": ""]).
     static func split(_ uri: String) -> (String, [String: String]) {
+        // Most targets are a plain path: no query, nothing escaped.
+        if !uri.utf8.contains(where: { $0 == UInt8(ascii: "?") || $0 == UInt8(ascii: "%") }) { return (uri, [:]) }
         let parts = uri.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false)
         let path = String(parts[0]).removingPercentEncodingSafely
         var query: [String: String] = [:]
