@@ -514,6 +514,38 @@ struct DriverTests {
         }
     }
 
+    @Test("Writes queued while the driver is in its loop schedule no drain of their own and are taken before the loop ends")
+    func writesDuringTheLoopNeedNoDrain() async throws {
+        try await LocalCluster.running { cluster in
+            let (_, leader) = try await cluster.electedLeader()
+            _ = try await leader.write(write("settle", "1"))
+            // The next loop (a tick starts one soon) waits, just after
+            // taking its input, until four writes from other threads are
+            // in its inbox, counting the drains scheduled meanwhile.
+            let window = Mutex<(entered: Bool, scheduled: Int?, leftAtEnd: Int?)>((false, nil, nil))
+            await withCheckedContinuation { (installed: CheckedContinuation<Void, Never>) in
+                leader.onDriversThread { driver in
+                    driver.loopHook = (afterInput: {
+                        let before = driver.drainsScheduled
+                        window.withLock { $0.entered = true }
+                        let deadline = ContinuousClock.now + .seconds(10)
+                        while driver.inboxProposalCount < 4 && ContinuousClock.now < deadline { usleep(200) }
+                        window.withLock { $0.scheduled = driver.drainsScheduled - before }
+                    }, atEnd: {
+                        window.withLock { $0.leftAtEnd = driver.inboxProposalCount }
+                    })
+                    installed.resume()
+                }
+            }
+            #expect(await cluster.eventually(within: 10) { window.withLock { $0.entered } })
+            let writes = (0..<4).map { k in Task { try await leader.write(write("during-\(k)", "1")).outcome } }
+            for task in writes { #expect(try await task.value.result == .written(version: 1)) }
+            #expect(window.withLock { $0.scheduled } == 0, "no drain was scheduled while the loop ran")
+            #expect(await cluster.eventually(within: 10) { window.withLock { $0.leftAtEnd } != nil })
+            #expect(window.withLock { $0.leftAtEnd } == 0, "the loop took the writes before it ended")
+        }
+    }
+
     @Test("Writes waiting in a stopping leader's inbox, and every write after it stops, are refused: none waits forever")
     func stoppedDriverRefusesQueuedProposals() async throws {
         try await LocalCluster.running { cluster in
