@@ -195,13 +195,15 @@ public actor RaftDriver {
         /// a wake-up to find its input already taken: ~2% of a JWT-SVID
         /// issuance's CPU, on the leader's request threads.
         mutating func scheduleDrain() -> Bool {
-            defer { scheduled = true }
-            return !scheduled && !running
+            guard !scheduled && !running else { return false }
+            scheduled = true
+            return true
         }
     }
     /// Rounds of input a loop takes before it leaves the rest to a drain of
-    /// its own, so ticks and other work on the driver's thread run between.
-    static let loopInputRoundsMax = 8
+    /// its own, so ticks and other work on the driver's thread run between
+    /// (settable for tests).
+    package var loopInputRoundsMax = 8
     private nonisolated let inbox = Mutex(Inbox())
     /// Messages beyond this many waiting are dropped (Raft resends).
     public static let inboxMessagesMax = 16_384
@@ -246,10 +248,11 @@ public actor RaftDriver {
     private nonisolated let drainsScheduledCount = Atomic<Int>(0)
     /// Proposals waiting in the inbox (tests).
     package nonisolated var inboxProposalCount: Int { inbox.withLock { $0.proposals.count } }
-    /// Run once on the driver's thread, inside the loop right after it took
-    /// its input, and once as that loop ends (tests: work queued meanwhile
-    /// meets a running loop, which must take it before it ends).
-    package var loopHook: (afterInput: @Sendable () -> Void, atEnd: @Sendable () -> Void)?
+    /// Run once on the driver's thread, in the next loop just before it
+    /// first looks whether it may leave, and once as that loop ends (tests:
+    /// work queued meanwhile meets a running loop, which must take it, or
+    /// leave it a drain).
+    package var loopHook: (beforeLeaving: @Sendable () -> Void, atEnd: @Sendable () -> Void)?
 
     /// Runs `body` on the driver's thread, in order with the inbox's
     /// drains (tests order work against them this way).
@@ -602,14 +605,15 @@ public actor RaftDriver {
 
     private func runLoop() throws {
         takeInput()
-        let hook = loopHook
+        var hook = loopHook
         loopHook = nil
-        hook?.afterInput()
         defer { hook?.atEnd() }
         var rounds = 0
         var inputRounds = 1
         while true {
             try runReadies(&rounds)
+            hook?.beforeLeaving()
+            hook?.beforeLeaving = {}
             // Leave only with the inbox empty: what arrived since it was
             // last taken (its senders scheduled nothing) is taken now.
             if leaveLoop(inputRounds: inputRounds) { break }
@@ -625,13 +629,12 @@ public actor RaftDriver {
     /// drains again), or the loop took its rounds of input (a drain is
     /// scheduled for what waits). False: take the input and go on.
     private func leaveLoop(inputRounds: Int) -> Bool {
+        let roundsTaken = inputRounds >= loopInputRoundsMax
         let (leave, schedule) = inbox.withLock { inbox -> (Bool, Bool) in
             let empty = inbox.messages.isEmpty && inbox.proposals.isEmpty
-            guard empty || inputRounds >= Self.loopInputRoundsMax else { return (false, false) }
+            guard empty || roundsTaken else { return (false, false) }
             inbox.running = false
-            if empty { return (true, false) }
-            defer { inbox.scheduled = true }
-            return (true, !inbox.scheduled)
+            return (true, !empty && inbox.scheduleDrain())
         }
         if schedule { scheduleDrain() }
         return leave
