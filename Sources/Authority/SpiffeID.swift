@@ -10,6 +10,7 @@ public struct SpiffeID: Sendable, Hashable, CustomStringConvertible {
     /// "" or "/segment/segment".
     public let path: String
 
+    static let scheme = "spiffe://"
     public static let bytesMax = 2048
     public static let trustDomainBytesMax = 255
 
@@ -21,11 +22,9 @@ public struct SpiffeID: Sendable, Hashable, CustomStringConvertible {
         var text = text
         let count = text.utf8.count
         guard count <= Self.bytesMax else { throw .tooLong(count) }
+        let schemeCount = Self.scheme.utf8.count
         let slash: Result<Int, SpiffeIDError> = text.withUTF8 { bytes in
-            let scheme: StaticString = "spiffe://"
-            let schemeCount = scheme.utf8CodeUnitCount
-            guard bytes.count >= schemeCount,
-                  scheme.withUTF8Buffer({ prefix in prefix.indices.allSatisfy { prefix[$0] == bytes[$0] } }) else { return .failure(.badScheme) }
+            guard bytes.starts(with: Self.scheme.utf8) else { return .failure(.badScheme) }
             var slash = schemeCount
             while slash < bytes.count && bytes[slash] != UInt8(ascii: "/") { slash += 1 }
             let domainCount = slash - schemeCount
@@ -57,7 +56,7 @@ public struct SpiffeID: Sendable, Hashable, CustomStringConvertible {
         let utf8 = text.utf8
         let pathStart = utf8.index(utf8.startIndex, offsetBy: try slash.get())
         description = text
-        trustDomain = String(text[utf8.index(utf8.startIndex, offsetBy: 9)..<pathStart])
+        trustDomain = String(text[utf8.index(utf8.startIndex, offsetBy: schemeCount)..<pathStart])
         path = String(text[pathStart...])
     }
 

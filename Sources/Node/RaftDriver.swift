@@ -605,15 +605,16 @@ public actor RaftDriver {
 
     private func runLoop() throws {
         takeInput()
-        var hook = loopHook
+        let hook = loopHook
         loopHook = nil
         defer { hook?.atEnd() }
+        var beforeLeaving = hook?.beforeLeaving
         var rounds = 0
         var inputRounds = 1
         while true {
             try runReadies(&rounds)
-            hook?.beforeLeaving()
-            hook?.beforeLeaving = {}
+            beforeLeaving?()
+            beforeLeaving = nil
             // Leave only with the inbox empty: what arrived since it was
             // last taken (its senders scheduled nothing) is taken now.
             if leaveLoop(inputRounds: inputRounds) { break }

@@ -172,10 +172,15 @@ extension NodeAPI {
     /// `DenialLimiter.perSecond` records a second per node; the excess is
     /// folded into the next record's count, so a flood of bad requests
     /// cannot starve issuance. Recording does not delay the refusal.
+    /// Errors are judged as the answer will show them (`apiError(for:)`):
+    /// a command the driver refuses (a request id too long, say) is a 400
+    /// and a denial like any other.
     func auditingDenials(_ request: HTTPRequest, _ body: () async throws -> HTTPResponse) async throws -> HTTPResponse {
         do {
             return try await body()
-        } catch let error as APIError where (400..<500).contains(Int(error.status.code)) && error.code != "not_leader" {
+        } catch {
+            let error = error as? APIError ?? Self.apiError(for: error)
+            guard (400..<500).contains(Int(error.status.code)), error.code != "not_leader" else { throw error }
             if let count = denials.admit() {
                 let driver = self.driver
                 let command = LedgerCommand(timeMillis: UInt64(Date().timeIntervalSince1970 * 1000), actor: Self.actor(of: request),
@@ -290,13 +295,8 @@ extension NodeAPI {
         let actor = actor ?? (issuance.tokenHash.isEmpty ? Self.actor(of: request) : "token:\(issuance.tokenHash.prefix(16))")
         let command = LedgerCommand(timeMillis: UInt64(Date().timeIntervalSince1970 * 1000), actor: actor,
                                     requestID: request.headers.first(name: "warrant-request-id") ?? RequestID.make(), operation: .recordIssuance(consume issuance))
-        // The driver's write checks the command (a request id too long, say): a 400, audited as a denial.
-        let outcome: LedgerOutcome
-        do {
-            (outcome, _) = try await driver.write(command)
-        } catch DriverError.invalidCommand(let reason) {
-            throw APIError.badRequest(reason)
-        }
+        // The driver's write checks the command (a request id too long, say).
+        let (outcome, _) = try await driver.write(command)
         switch outcome.result {
         case .issued(let artifact, let replayed): return (artifact, replayed)
         case .rejected(let reason):
