@@ -160,12 +160,6 @@ struct Inflight {
         if count == 0 { start = 0 }
     }
 
-    /// Frees the oldest message, when it may have been lost.
-    mutating func freeFirst() {
-        guard count > 0 else { return }
-        free(through: lastIndices[start])
-    }
-
     mutating func reset() {
         start = 0
         count = 0

@@ -594,12 +594,13 @@ public struct RaftNode: Sendable {
         defer { maybeHandOverAfterRemoval() }
         maybeSendTimeoutNow(to: peer)
         if progress[peer]!.state == .probe { progress[peer]!.probeSent = false }
-        if progress[peer]!.state == .replicate && progress[peer]!.inflight.isFull {
-            // Appends may have been lost; let one more through so a gap shows.
-            progress[peer]!.inflight.freeFirst()
-        }
         if progress[peer]!.matchIndex < log.lastIndex {
-            _ = sendAppend(to: peer, allowEmpty: true)
+            if progress[peer]!.state == .replicate && progress[peer]!.inflight.isFull {
+                // Appends may have been lost: ask, without sending entries again.
+                sendWindowCheck(to: peer)
+            } else {
+                _ = sendAppend(to: peer, allowEmpty: true)
+            }
         }
         if response.readRound > progress[peer]!.readRoundAcknowledged {
             progress[peer]!.readRoundAcknowledged = response.readRound
@@ -626,7 +627,13 @@ public struct RaftNode: Sendable {
             sendSnapshot(to: peer)
             return false
         }
-        let slice = log.entries(from: p.nextIndex, through: log.lastIndex, bytesMax: configuration.messageBytesMax)
+        // A probe carries at most one entry: it is sent again on every
+        // heartbeat answer until one comes back, so a follower far behind
+        // would otherwise get the same full message every heartbeat (a
+        // flood a slow follower never worked through). Once the logs agree,
+        // full messages stream within the window.
+        let through = p.state == .probe ? min(p.nextIndex, log.lastIndex) : log.lastIndex
+        let slice = log.entries(from: p.nextIndex, through: through, bytesMax: configuration.messageBytesMax)
         if slice.isEmpty && !allowEmpty { return false }
         var bytes = 0
         for entry in slice { bytes += entry.byteCount }
@@ -634,6 +641,25 @@ public struct RaftNode: Sendable {
         outbox.append(Message(from: id, to: peer, term: term, body: .appendEntries(append)))
         progress[peer]!.sent(lastIndex: prevIndex + LogIndex(slice.count), bytes: bytes, entryCount: slice.count)
         return !slice.isEmpty
+    }
+
+    /// The window to `peer` is full and a heartbeat answer came back: an
+    /// AppendEntries without entries, after the last one sent. Appends
+    /// travel on one ordered link, so it arrives behind the entries in
+    /// flight: the follower acknowledges it once they are all in (which
+    /// frees the window), or rejects it if one was lost (which starts
+    /// probing). Nothing is sent twice while the follower is merely slow.
+    /// If the entry before them was compacted meanwhile, the follower is
+    /// probed again (and sent a snapshot if it needs one).
+    private mutating func sendWindowCheck(to peer: NodeID) {
+        guard let p = progress[peer] else { return }
+        guard let prevTerm = log.term(at: p.nextIndex - 1) else {
+            progress[peer]!.becomeProbe()
+            _ = sendAppend(to: peer, allowEmpty: true)
+            return
+        }
+        let append = AppendEntries(prevLogIndex: p.nextIndex - 1, prevLogTerm: prevTerm, entries: [], leaderCommit: log.commitIndex)
+        outbox.append(Message(from: id, to: peer, term: term, body: .appendEntries(append)))
     }
 
     private mutating func sendSnapshot(to peer: NodeID) {

@@ -39,17 +39,20 @@ struct FrameByteDecoder: ByteToMessageDecoder {
     }
 }
 
-/// Each peer has two links: bulk traffic (entries, snapshots, forwarded
-/// proposals) and everything else, so heartbeats, votes and
-/// acknowledgements never wait behind a large append or snapshot.
+/// Each peer has two links: bulk traffic (AppendEntries, snapshots,
+/// forwarded proposals) and everything else, so heartbeats, votes and
+/// acknowledgements never wait behind a large append or snapshot. Every
+/// AppendEntries takes the bulk link, even one without entries: one sent
+/// after entries must not overtake them (the follower would reject it for
+/// a gap that is only entries still on the way, and the leader would
+/// start over from the last acknowledged index).
 public enum Lane: Sendable, Hashable {
     case control
     case bulk
 
     public init(_ message: Message) {
         switch message.body {
-        case .appendEntries(let append) where !append.entries.isEmpty: self = .bulk
-        case .installSnapshot, .forwardedProposal: self = .bulk
+        case .appendEntries, .installSnapshot, .forwardedProposal: self = .bulk
         default: self = .control
         }
     }
@@ -637,9 +640,6 @@ final class LinkQueue: Sendable {
     var isWriting: Bool { state.withLock { $0.writing } }
 
     func push(_ batch: [Message]) {
-        // Framed before the lock is taken (a large batch is slow to frame);
-        // used only if the batch goes straight to the connection.
-        let bytes = framed(batch, ByteBufferAllocator())
         let direct: (any Channel)? = state.withLock { state in
             guard !state.closed else { return nil }
             if let channel = state.channel, state.messages.isEmpty, !state.writing, channel.isWritable {
@@ -651,6 +651,9 @@ final class LinkQueue: Sendable {
             return nil
         }
         guard let channel = direct else { return }
+        // Framed once the write is this batch's (outside the lock: a large
+        // batch is slow to frame); a batch that waits is framed when taken.
+        let bytes = framed(batch, channel.allocator)
         if channel.eventLoop.inEventLoop {
             write(bytes, to: channel)
         } else {

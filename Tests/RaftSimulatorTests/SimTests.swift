@@ -37,7 +37,11 @@ struct SimulatorTests {
     /// Seeds that once failed, kept so they stay fixed.
     /// 36542: a clogged candidate won term 4 after term 5 had committed an
     /// entry; the checker wrongly demanded that entry of the term-4 leader.
-    @Test("Regression seeds stay clean", arguments: [UInt64(36542)])
+    /// 103 (and 89, 238): a leader asked a follower whose window was full
+    /// with an entry-less append, but the entry before it had been
+    /// compacted, so it sent nothing, ever; now it probes (and sends a
+    /// snapshot).
+    @Test("Regression seeds stay clean", arguments: [UInt64(36542), 103])
     func regressionSeed(seed: UInt64) {
         let result = Simulation(seed: seed).run()
         #expect(result.violation == nil, "\(result.violation.map(String.init(describing:)) ?? "")")

@@ -332,6 +332,77 @@ struct TrapTests {
         #expect(leader.status.followers[2]?.state == .replicate)
     }
 
+    /// A leader of [1, 2] whose window to node 2 (two messages) is full:
+    /// ten proposals, two appends sent and not answered.
+    private func leaderWithFullWindow() throws -> (leader: RaftNode, sentThrough: LogIndex, matched: LogIndex) {
+        var leader = try makeLeader(1, voters: [1, 2], acknowledgedBy: [2]) {
+            $0.inflightMessagesMax = 2
+            $0.messageBytesMax = 64
+        }
+        let matched = leader.lastIndex
+        var sentThrough: LogIndex = 0
+        for i in 0..<10 {
+            try leader.propose(Array("p\(i)".utf8))
+            for append in leader.sentMessages().compactMap(\.appendRequest) where !append.entries.isEmpty {
+                sentThrough = append.entries.last!.index
+            }
+        }
+        #expect(leader.status.followers[2]?.state == .replicate)
+        #expect(sentThrough > matched && sentThrough < leader.lastIndex, "the window filled before the log was sent")
+        return (leader, sentThrough, matched)
+    }
+
+    private func heartbeatAnswer(_ leader: RaftNode) -> Message {
+        message(from: 2, to: 1, term: leader.term, .heartbeatResponse(HeartbeatResponse(readRound: 0, commitIndex: 0)))
+    }
+
+    @Test("Flow control: with the window full, heartbeat answers bring entry-less appends, never entries sent again; their acknowledgement reopens the window")
+    func fullWindowAsksWithoutResending() throws {
+        var (leader, sentThrough, _) = try leaderWithFullWindow()
+        // A slow follower: it answers heartbeats while the entries are on their way.
+        for _ in 0..<20 {
+            leader.step(heartbeatAnswer(leader))
+            let appends = leader.sentMessages().compactMap(\.appendRequest)
+            #expect(appends.count == 1)
+            #expect(appends.allSatisfy { $0.entries.isEmpty && $0.prevLogIndex == sentThrough },
+                    "an append after the last one sent, without entries: \(appends)")
+        }
+        // The follower got everything and acknowledges the check: the rest goes out.
+        leader.step(message(from: 2, to: 1, term: leader.term,
+                            .appendEntriesResponse(AppendEntriesResponse(index: sentThrough, rejected: false, hintIndex: 0, hintTerm: 0))))
+        let resumed = leader.sentMessages().compactMap(\.appendRequest).filter { !$0.entries.isEmpty }
+        #expect(resumed.count == 2, "a window's worth")
+        #expect(resumed.first?.prevLogIndex == sentThrough)
+        #expect(resumed.count == 2 && resumed[1].prevLogIndex == resumed[0].entries.last?.index)
+        #expect(leader.status.followers[2]?.matchIndex == sentThrough)
+    }
+
+    @Test("Flow control: appends lost with the window full: the check is rejected, and the follower is probed from its last acknowledged index, one entry per probe, until it answers")
+    func lostAppendsAreFoundByTheCheck() throws {
+        var (leader, sentThrough, matched) = try leaderWithFullWindow()
+        leader.step(heartbeatAnswer(leader))
+        let check = try #require(leader.sentMessages().compactMap(\.appendRequest).first)
+        // The follower never got the entries: it holds the log up to `matched`.
+        leader.step(message(from: 2, to: 1, term: leader.term, .appendEntriesResponse(AppendEntriesResponse(
+            index: check.prevLogIndex, rejected: true, hintIndex: matched, hintTerm: leader.term))))
+        #expect(leader.status.followers[2]?.state == .probe)
+        var probes = leader.sentMessages().compactMap(\.appendRequest)
+        // Unanswered, the probe goes again at each heartbeat answer: small each time.
+        for _ in 0..<10 {
+            leader.step(heartbeatAnswer(leader))
+            probes += leader.sentMessages().compactMap(\.appendRequest)
+        }
+        #expect(probes.count == 11)
+        #expect(probes.allSatisfy { $0.prevLogIndex == matched && $0.entries.count == 1 }, "\(probes.map { ($0.prevLogIndex, $0.entries.count) })")
+        // It answers: streaming resumes within the window.
+        leader.step(message(from: 2, to: 1, term: leader.term,
+                            .appendEntriesResponse(AppendEntriesResponse(index: matched + 1, rejected: false, hintIndex: 0, hintTerm: 0))))
+        #expect(leader.status.followers[2]?.state == .replicate)
+        let streamed = leader.sentMessages().compactMap(\.appendRequest)
+        #expect(streamed.count == 2 && streamed.allSatisfy { $0.entries.count > 1 }, "two full messages: \(streamed.map(\.entries.count))")
+        #expect(sentThrough > matched + 1)
+    }
+
     @Test("Flow control: proposals past uncommittedBytesMax are refused until replication catches up")
     func uncommittedBytesAreBounded() throws {
         var leader = try makeLeader(1, voters: [1, 2, 3]) {

@@ -230,6 +230,36 @@ struct TCPTransportTests {
         }
     }
 
+    @Test("An AppendEntries without entries stays behind the entries sent before it; a heartbeat sent after both overtakes them")
+    func emptyAppendKeepsItsPlace() async throws {
+        try await withPair(one: nil, two: nil) { one, _, inbox in
+            // Twelve appends of a 4 MiB entry each, then one without entries
+            // (a leader asking whether they all arrived), then a heartbeat.
+            let big = [UInt8](repeating: 3, count: 4 << 20)
+            let appends = (UInt64(0)..<12).map { k in
+                Message(from: 1, to: 2, term: 1, body: .appendEntries(AppendEntries(prevLogIndex: k, prevLogTerm: 1,
+                    entries: [Entry(term: 1, index: k + 1, payload: .command(big))], leaderCommit: 0)))
+            }
+            let check = Message(from: 1, to: 2, term: 1, body: .appendEntries(AppendEntries(prevLogIndex: 12, prevLogTerm: 1, entries: [], leaderCommit: 0)))
+            one.send(appends)
+            one.send([check])
+            one.send([heartbeat(1, 2, 7)])
+            #expect(await eventually(60) { inbox.all.count == 14 })
+            let received = inbox.all
+            // Compared by summary: a failure printing 48 MiB of entries takes minutes.
+            func summary(_ messages: [Message]) -> [String] {
+                messages.compactMap { message in
+                    guard case .appendEntries(let append) = message.body else { return nil }
+                    return "after \(append.prevLogIndex): \(append.entries.count) entries of \(append.entries.map(\.byteCount).reduce(0, +)) bytes"
+                }
+            }
+            #expect(summary(received) == summary(appends + [check]), "the entry-less append arrived after every entry sent before it")
+            let whole = received.filter { $0.body != heartbeat(1, 2, 7).body } == appends + [check]
+            #expect(whole, "every append arrived whole")
+            #expect((received.firstIndex(of: heartbeat(1, 2, 7)) ?? 99) < 12, "the heartbeat did not wait for the appends")
+        }
+    }
+
     @Test("A large write goes a piece per loop task: work queued on the loop behind it runs before it is all written; every message arrives whole, in order")
     func largeWritesLetTheLoopRun() async throws {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
