@@ -12,6 +12,20 @@ struct Warrant: AsyncParsableCommand {
         abstract: "Short-lived machine identity, issued by a replicated cluster.",
         subcommands: [NodeCommand.self, ClusterCommand.self, DocumentCommand.self, AuditCommand.self, MemberCommand.self, LeaderCommand.self,
                       TokenCommand.self, SVIDCommand.self, BundleCommand.self, CACommand.self, RevokeCommand.self, CRLCommand.self, JoinCommand.self, ExecCommand.self, AgentCommand.self])
+
+    static func main() async {
+        await main(arguments())
+    }
+
+    /// The command line. Under some preloaded libraries (libfaketime
+    /// 0.9.10, which the chaos suite's clock-skew fault uses) Swift sees
+    /// no arguments at all: then they are read back from the kernel.
+    static func arguments() -> [String] {
+        if !CommandLine.arguments.isEmpty { return Array(CommandLine.arguments.dropFirst()) }
+        guard let bytes = FileManager.default.contents(atPath: "/proc/self/cmdline"), !bytes.isEmpty else { return [] }
+        return Array(bytes.split(separator: 0, omittingEmptySubsequences: false).dropFirst().dropLast(bytes.last == 0 ? 1 : 0)
+            .map { String(decoding: $0, as: UTF8.self) })
+    }
 }
 
 /// How the CLI reaches the cluster: the directory `cluster init` wrote
