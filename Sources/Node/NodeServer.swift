@@ -7,8 +7,9 @@ import Storage
 import Synchronization
 import Transport
 
-/// One line per event on standard error: time, level, message, fields.
-/// Nothing secret is ever passed here (keys and certificates stay out).
+/// One line per event on standard error: time (UTC, milliseconds), level,
+/// message, fields. Nothing secret is ever passed here (keys and
+/// certificates stay out).
 public struct NodeLog: Sendable {
     let nodeID: NodeID
     public init(nodeID: NodeID) { self.nodeID = nodeID }
@@ -17,8 +18,11 @@ public struct NodeLog: Sendable {
     public func warning(_ message: String, _ fields: KeyValuePairs<String, String> = [:]) { emit("warn", message, fields) }
     public func error(_ message: String, _ fields: KeyValuePairs<String, String> = [:]) { emit("error", message, fields) }
 
+    /// Milliseconds: elections and faults are told apart by less than a second.
+    static let timeFormat = Date.ISO8601FormatStyle(includingFractionalSeconds: true)
+
     private func emit(_ level: String, _ message: String, _ fields: KeyValuePairs<String, String>) {
-        var line = "\(Date().formatted(.iso8601)) \(level) node=\(nodeID) \(message)"
+        var line = "\(Date().formatted(Self.timeFormat)) \(level) node=\(nodeID) \(message)"
         for (key, value) in fields { line += " \(key)=\(value.contains(" ") ? "\"\(value)\"" : value)" }
         FileHandle.standardError.write(Data((line + "\n").utf8))
     }

@@ -3,6 +3,7 @@ import ClusterHarness
 import Crypto
 import Foundation
 import Node
+import Synchronization
 import X509
 
 // warrant-chaos: real node processes on loopback, every peer link through
@@ -16,7 +17,7 @@ warrant-chaos: the chaos suite (see chaos/README.md).
 USAGE
   warrant-chaos --warrant-binary PATH [--scenario NAME|FILE] [--quick] [--nodes 3|5]
                 [--duration SECONDS] [--seed N] [--clients N] [--report DIR]
-                [--planted-bug acknowledge-before-commit]
+                [--planted-bug acknowledge-before-commit|node-crash[,...]]
 
   --scenario   a file in chaos/scenarios/ (default: quick)
   --quick      the quick scenario, as CI runs it (under 3 minutes)
@@ -24,7 +25,8 @@ USAGE
   --duration   override how long faults are injected (seconds)
   --seed       the seed of the fault schedule and the workloads (default: random, printed)
   --report     the report directory (default: chaos/reports/<time>-<scenario>-seed<N>)
-  --planted-bug  run nodes with a deliberate bug (debug builds only) to see the harness catch it
+  --planted-bug  run nodes with a deliberate bug (debug builds only) to see the harness catch it;
+               node-crash: the harness kills the last node 2 s in, as a crash would
 """
 
 struct Options {
@@ -96,7 +98,11 @@ func run(_ options: Options) async throws -> Int32 {
         + (options.plantedBug.map { ", planted bug \($0)" } ?? ""))
     let clusterDirectory = FileManager.default.temporaryDirectory.appendingPathComponent("warrant-chaos-\(UUID().uuidString.prefix(8))").path
     defer { try? FileManager.default.removeItem(atPath: clusterDirectory) }
-    let environment = options.plantedBug.map { ["WARRANT_PLANTED_BUG": $0] } ?? [:]
+    // "node-crash" is the harness's own: a node killed behind the nemesis's
+    // back (the processes check must see it); the others go to the nodes.
+    let plantedBugs = Set((options.plantedBug ?? "").split(separator: ",").map(String.init))
+    let nodeBugs = plantedBugs.subtracting(["node-crash"]).sorted()
+    let environment = nodeBugs.isEmpty ? [:] : ["WARRANT_PLANTED_BUG": nodeBugs.joined(separator: ",")]
     let chaos = try await ChaosCluster.start(binary: options.binary, nodes: scenario.nodes, directory: clusterDirectory, environment: environment)
     let cluster = chaos.cluster
     // Generous: a test run may start this while other suites keep both
@@ -127,6 +133,7 @@ func run(_ options: Options) async throws -> Int32 {
     log("cluster ready in \(clusterDirectory); \(issuanceTokens.count + raceTokens.count) join tokens made; running workloads and faults")
 
     let clock = RunClock()
+    log("time 0 of this run is \(Date().formatted(Date.ISO8601FormatStyle(includingFractionalSeconds: true))) (node logs are in wall-clock UTC)")
     let recorder = Recorder(clock: clock)
     let deadline = ContinuousClock.now.advanced(by: .milliseconds(Int(scenario.durationSeconds * 1000)))
     // The last fault may start just before the deadline: the clients keep going until it has healed.
@@ -152,32 +159,71 @@ func run(_ options: Options) async throws -> Int32 {
             try? await Task.sleep(for: .milliseconds(1_500))
         }
     }()
+    // A node process that ends without the nemesis ending it (a crash, or a
+    // node that could not start under a fault's settings) fails the run.
+    let exits = Mutex<[String]>([])
+    let watcher = Task {
+        var ended: Set<UInt64> = []
+        while !Task.isCancelled {
+            let now = Dictionary(cluster.exitedOnTheirOwn().map { ($0.id, $0.logTail) }) { first, _ in first }
+            for (id, tail) in now where !ended.contains(id) {
+                let line = String(format: "%7.1fs  node %llu ended on its own; its log ends: ", clock.seconds, id)
+                    + tail.split(separator: "\n").suffix(3).joined(separator: " | ")
+                exits.withLock { $0.append(line) }
+                log(line)
+            }
+            ended = Set(now.keys)
+            try? await Task.sleep(for: .milliseconds(250))
+        }
+    }
+    if plantedBugs.contains("node-crash") {
+        Task {
+            try? await Task.sleep(for: .seconds(2))
+            if let pid = cluster.processID(of: UInt64(nodes)) { kill(pid, SIGKILL) }
+        }
+    }
     await nemesis.run(until: deadline)
     _ = await (registers, issuing, racing)
     let workloadEnd = clock.seconds
     nemesis.healAll()
     log(String(format: "%7.1fs  faults over; every link healed, every node running; waiting for the cluster to settle", clock.seconds))
-    guard await cluster.waitForLeader(seconds: 60) != nil, await cluster.waitUntilReady(seconds: 60) else {
-        throw ChaosError("the cluster did not recover after the faults healed: \(cluster.notReadyReason())")
-    }
-    // Final reads of every register, once healed: a lost write shows here.
-    for k in 0..<RegisterWorkload.keys {
-        var operation = ClientOperation(id: recorder.newID(), client: -1, key: RegisterWorkload.key(k), kind: .read, invoked: clock.nanos, outcome: .unknown, node: 1)
-        for attempt in 0..<20 {
-            let answer = await send(client, at: attempt % nodes, .GET, "/v1/documents/\(RegisterWorkload.key(k))", timeout: .seconds(5))
-            RegisterWorkload.judge(&operation, answer, completed: clock.nanos)
-            if operation.outcome == .ok { break }
-            try? await Task.sleep(for: .milliseconds(250))
+    // Recovery is judged: with every fault healed, a leader and every node
+    // ready within a minute. Without it, the checks that need the cluster
+    // cannot run; the history is still checked and the report written.
+    let led = await cluster.waitForLeader(seconds: 60) != nil
+    let recovered = led ? await cluster.waitUntilReady(seconds: 60) : false
+    if recovered {
+        // Final reads of every register, once healed: a lost write shows here.
+        for k in 0..<RegisterWorkload.keys {
+            var operation = ClientOperation(id: recorder.newID(), client: -1, key: RegisterWorkload.key(k), kind: .read, invoked: clock.nanos, outcome: .unknown, node: 1)
+            for attempt in 0..<20 {
+                let answer = await send(client, at: attempt % nodes, .GET, "/v1/documents/\(RegisterWorkload.key(k))", timeout: .seconds(5))
+                RegisterWorkload.judge(&operation, answer, completed: clock.nanos)
+                if operation.outcome == .ok { break }
+                try? await Task.sleep(for: .milliseconds(250))
+            }
+            recorder.record(operation)
         }
-        recorder.record(operation)
     }
     let history = recorder.history
-    var checks: [CheckResult] = [Checks.linearizability(history)]
-    checks.append(await Checks.issuance(client, nodes: nodes, acknowledged: issuance.acknowledged.withLock { $0 },
-                                        raced: replays.serials.withLock { $0 }))
+    var checks: [CheckResult] = []
+    if !recovered {
+        checks.append(CheckResult(name: "recovery", passed: false, verdict: "the cluster did not recover within 60 s of the heal",
+                                  details: cluster.notReadyReason().split(separator: "\n").map(String.init)))
+    }
+    checks.append(Checks.linearizability(history))
+    if recovered {
+        checks.append(await Checks.issuance(client, nodes: nodes, acknowledged: issuance.acknowledged.withLock { $0 },
+                                            raced: replays.serials.withLock { $0 }))
+    }
     checks.append(Checks.replays(replays.races.withLock { $0 }))
-    checks.append(await Checks.convergence(cluster))
+    if recovered { checks.append(await Checks.convergence(cluster)) }
     checks.append(Checks.availability(history, timeline: nemesis.timeline, workloadEnd: workloadEnd).0)
+    watcher.cancel()
+    let ownExits = exits.withLock { $0 }
+    checks.append(CheckResult(name: "processes", passed: ownExits.isEmpty,
+                              verdict: ownExits.isEmpty ? "no node process ended on its own" : "\(ownExits.count) node process(es) ended on their own",
+                              details: ownExits))
     await provider.stop()
     await chaos.close()
     for check in checks {
@@ -189,6 +235,10 @@ func run(_ options: Options) async throws -> Int32 {
         : "FAIL (\(failed.joined(separator: ", ")))"
     try Report.write(to: reportDirectory, scenario: scenario, seed: options.seed, history: history, timeline: nemesis.timeline, checks: checks,
                      verdict: verdict, log: log.all)
+    // The cluster directory goes with this process; what the nodes said stays with the report.
+    for node in ((try? FileManager.default.contentsOfDirectory(atPath: clusterDirectory)) ?? []) where node.hasPrefix("node-") {
+        try? FileManager.default.copyItem(atPath: "\(clusterDirectory)/\(node)/log", toPath: "\(reportDirectory)/\(node).log")
+    }
     print("report: \(reportDirectory)/report.html")
     print("chaos: \(verdict) scenario=\(scenario.name) seed=\(options.seed)")
     return failed.isEmpty ? 0 : 1
