@@ -14,6 +14,12 @@ public struct ClusterCA: Sendable {
     public let certificate: Certificate
     private let key: P256.Signing.PrivateKey
 
+    /// How far before its issue each cluster-internal certificate is valid:
+    /// a node whose clock is behind by less still accepts its peers (with a
+    /// minute, a node a few minutes behind could not join a cluster made
+    /// moments before, as the chaos suite's clock-skew fault showed).
+    public static let backdate: TimeInterval = 3_600
+
     public static func create(clusterID: String, now: Date = Date(), validity: TimeInterval = 10 * 365 * 86_400) throws -> ClusterCA {
         let key = P256.Signing.PrivateKey(compactRepresentable: false)
         let serial = randomSerial()
@@ -24,7 +30,7 @@ public struct ClusterCA: Sendable {
         }
         let certificate = try Certificate(
             version: .v3, serialNumber: serial, publicKey: .init(key.publicKey),
-            notValidBefore: now.addingTimeInterval(-60), notValidAfter: now.addingTimeInterval(validity),
+            notValidBefore: now.addingTimeInterval(-Self.backdate), notValidAfter: now.addingTimeInterval(validity),
             issuer: name, subject: name, signatureAlgorithm: .ecdsaWithSHA256,
             extensions: try Certificate.Extensions {
                 Critical(BasicConstraints.isCertificateAuthority(maxPathLength: 0))
@@ -41,7 +47,7 @@ public struct ClusterCA: Sendable {
         let key = P256.Signing.PrivateKey(compactRepresentable: false)
         let certificate = try Certificate(
             version: .v3, serialNumber: Self.randomSerial(), publicKey: .init(key.publicKey),
-            notValidBefore: now.addingTimeInterval(-60), notValidAfter: min(now.addingTimeInterval(validity), self.certificate.notValidAfter),
+            notValidBefore: now.addingTimeInterval(-Self.backdate), notValidAfter: min(now.addingTimeInterval(validity), self.certificate.notValidAfter),
             issuer: self.certificate.subject,
             subject: try DistinguishedName { CommonName("warrant node \(id)") },
             signatureAlgorithm: .ecdsaWithSHA256,
@@ -62,7 +68,7 @@ public struct ClusterCA: Sendable {
         let key = P256.Signing.PrivateKey(compactRepresentable: false)
         let certificate = try Certificate(
             version: .v3, serialNumber: Self.randomSerial(), publicKey: .init(key.publicKey),
-            notValidBefore: now.addingTimeInterval(-60), notValidAfter: min(now.addingTimeInterval(validity), self.certificate.notValidAfter),
+            notValidBefore: now.addingTimeInterval(-Self.backdate), notValidAfter: min(now.addingTimeInterval(validity), self.certificate.notValidAfter),
             issuer: self.certificate.subject,
             subject: try DistinguishedName { CommonName("warrant admin \(name)") },
             signatureAlgorithm: .ecdsaWithSHA256,

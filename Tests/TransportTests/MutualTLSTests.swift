@@ -83,6 +83,16 @@ struct MutualTLSTests {
         }
     }
 
+    @Test("Certificates made where the clock ran 30 minutes ahead still work with nodes on time: cluster certificates are backdated an hour")
+    func skewedIssuerIsAccepted() async throws {
+        let ahead = Date().addingTimeInterval(30 * 60)
+        let ca = try ClusterCA.create(clusterID: "c1", now: ahead)
+        try await withPair(one: try ca.issueNodeIdentity(1, now: ahead), two: try ca.issueNodeIdentity(2, now: ahead)) { one, _, inbox in
+            one.send((1...5).map { ping(1, $0) })
+            #expect(await eventually(10) { inbox.all.count == 5 })
+        }
+    }
+
     @Test("A link takes messages only once its TLS handshake is done: to a peer that accepts and never answers, they wait, the queue's limit at most")
     func linkWaitsForHandshake() async throws {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
