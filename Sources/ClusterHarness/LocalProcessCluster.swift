@@ -101,9 +101,11 @@ public final class LocalProcessCluster: Sendable {
         process.standardInput = FileHandle.nullDevice
         let added = environment.merging(extraEnvironment) { $1 }
         if !added.isEmpty { process.environment = ProcessInfo.processInfo.environment.merging(added) { $1 } }
-        stoppedOnPurpose.withLock { _ = $0.remove(id) }
         try process.run()
+        // The new process first, then the mark: in between, a look at
+        // `exitedOnTheirOwn` would take the killed one for a crash.
         processes.withLock { $0[id] = process }
+        stoppedOnPurpose.withLock { _ = $0.remove(id) }
     }
 
     /// Nodes whose process ended without `kill9` or `terminate` (a node

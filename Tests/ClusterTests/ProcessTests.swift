@@ -119,6 +119,41 @@ struct ProcessTests {
         try await group.shutdownGracefully()
     }
 
+    @Test("Restarts the harness makes are never taken for a process ending on its own; a process killed behind its back is")
+    func exitsOnTheirOwn() async throws {
+        // Stand-ins for nodes: a script that ignores its arguments and waits.
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("warrant-exits-\(UUID().uuidString.prefix(8))").path
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        let script = "\(directory)/stand-in"
+        try "#!/bin/sh\nexec sleep 60\n".write(toFile: script, atomically: true, encoding: .utf8)
+        try FileManager.default.setAttributes([.posixPermissions: 0o755], ofItemAtPath: script)
+        let cluster = try LocalProcessCluster(binary: script, directory: "\(directory)/cluster", nodes: 2, basePort: LocalProcessCluster.pickBasePort())
+        let watching = Task.detached {
+            var seen: [UInt64] = []
+            while !Task.isCancelled {
+                seen += cluster.exitedOnTheirOwn().map(\.id)
+                try? await Task.sleep(for: .milliseconds(1))
+            }
+            return seen
+        }
+        for _ in 0..<100 {
+            cluster.kill9(1)
+            try cluster.start(1)
+        }
+        watching.cancel()
+        #expect(await watching.value == [], "a restart was reported as an exit")
+        let pid = try #require(cluster.processID(of: 2))
+        kill(pid, SIGKILL)
+        var reported: [UInt64] = []
+        for _ in 0..<100 where reported.isEmpty {
+            reported = cluster.exitedOnTheirOwn().map(\.id)
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        #expect(reported == [2])
+        await cluster.close()
+    }
+
     @Test("A node refuses to start on a bad configuration, a wrong key-encryption key or a loose KEK file, saying which file and why")
     func refusesBadFiles() async throws {
         let binary = try #require(warrantBinary(), "build the package first so the warrant executable exists")
