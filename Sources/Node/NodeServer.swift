@@ -19,7 +19,7 @@ public struct NodeLog: Sendable {
     public func error(_ message: String, _ fields: KeyValuePairs<String, String> = [:]) { emit("error", message, fields) }
 
     /// Milliseconds: elections and faults are told apart by less than a second.
-    static let timeFormat = Date.ISO8601FormatStyle(includingFractionalSeconds: true)
+    public static let timeFormat = Date.ISO8601FormatStyle(includingFractionalSeconds: true)
 
     private func emit(_ level: String, _ message: String, _ fields: KeyValuePairs<String, String>) {
         var line = "\(Date().formatted(Self.timeFormat)) \(level) node=\(nodeID) \(message)"

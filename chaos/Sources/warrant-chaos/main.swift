@@ -3,7 +3,6 @@ import ClusterHarness
 import Crypto
 import Foundation
 import Node
-import Synchronization
 import X509
 
 // warrant-chaos: real node processes on loopback, every peer link through
@@ -26,7 +25,7 @@ USAGE
   --seed       the seed of the fault schedule and the workloads (default: random, printed)
   --report     the report directory (default: chaos/reports/<time>-<scenario>-seed<N>)
   --planted-bug  run nodes with a deliberate bug (debug builds only) to see the harness catch it;
-               node-crash: the harness kills the last node 2 s in, as a crash would
+               node-crash: the harness kills a running node 2 s in, as a crash would
 """
 
 struct Options {
@@ -133,7 +132,7 @@ func run(_ options: Options) async throws -> Int32 {
     log("cluster ready in \(clusterDirectory); \(issuanceTokens.count + raceTokens.count) join tokens made; running workloads and faults")
 
     let clock = RunClock()
-    log("time 0 of this run is \(Date().formatted(Date.ISO8601FormatStyle(includingFractionalSeconds: true))) (node logs are in wall-clock UTC)")
+    log("time 0 of this run is \(Date().formatted(NodeLog.timeFormat)) (node logs are in wall-clock UTC)")
     let recorder = Recorder(clock: clock)
     let deadline = ContinuousClock.now.advanced(by: .milliseconds(Int(scenario.durationSeconds * 1000)))
     // The last fault may start just before the deadline: the clients keep going until it has healed.
@@ -161,25 +160,34 @@ func run(_ options: Options) async throws -> Int32 {
     }()
     // A node process that ends without the nemesis ending it (a crash, or a
     // node that could not start under a fault's settings) fails the run.
-    let exits = Mutex<[String]>([])
     let watcher = Task {
+        var exits: [String] = []
         var ended: Set<UInt64> = []
         while !Task.isCancelled {
-            let now = Dictionary(cluster.exitedOnTheirOwn().map { ($0.id, $0.logTail) }) { first, _ in first }
+            let now = cluster.exitedOnTheirOwn()
             for (id, tail) in now where !ended.contains(id) {
                 let line = String(format: "%7.1fs  node %llu ended on its own; its log ends: ", clock.seconds, id)
                     + tail.split(separator: "\n").suffix(3).joined(separator: " | ")
-                exits.withLock { $0.append(line) }
+                exits.append(line)
                 log(line)
             }
-            ended = Set(now.keys)
+            ended = Set(now.map(\.id))
             try? await Task.sleep(for: .milliseconds(250))
         }
+        return exits
     }
     if plantedBugs.contains("node-crash") {
         Task {
+            // A running node: the nemesis may have just killed the one picked first.
             try? await Task.sleep(for: .seconds(2))
-            if let pid = cluster.processID(of: UInt64(nodes)) { kill(pid, SIGKILL) }
+            for _ in 0..<50 {
+                if let id = chaos.nodes.reversed().first(where: { cluster.processID(of: $0) != nil }), let pid = cluster.processID(of: id) {
+                    kill(pid, SIGKILL)
+                    log(String(format: "%7.1fs  planted node-crash: node %llu SIGKILLed behind the nemesis's back", clock.seconds, id))
+                    return
+                }
+                try? await Task.sleep(for: .milliseconds(100))
+            }
         }
     }
     await nemesis.run(until: deadline)
@@ -220,7 +228,7 @@ func run(_ options: Options) async throws -> Int32 {
     if recovered { checks.append(await Checks.convergence(cluster)) }
     checks.append(Checks.availability(history, timeline: nemesis.timeline, workloadEnd: workloadEnd).0)
     watcher.cancel()
-    let ownExits = exits.withLock { $0 }
+    let ownExits = await watcher.value
     checks.append(CheckResult(name: "processes", passed: ownExits.isEmpty,
                               verdict: ownExits.isEmpty ? "no node process ended on its own" : "\(ownExits.count) node process(es) ended on their own",
                               details: ownExits))
