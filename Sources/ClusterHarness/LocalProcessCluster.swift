@@ -85,6 +85,12 @@ public final class LocalProcessCluster: Sendable {
         }
     }
 
+    /// Debian's libfaketime (package faketime), if installed: preloaded, it
+    /// shifts a process's wall clock (FAKETIME, or FAKETIME_TIMESTAMP_FILE).
+    public static let fakeTimeLibrary: String? = ["/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+                                                  "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+                                                  "/usr/lib/faketime/libfaketime.so.1"].first { FileManager.default.fileExists(atPath: $0) }
+
     /// Starts (or restarts) node `id`; `extraEnvironment` is added for this
     /// start only (for example libfaketime's settings).
     public func start(_ id: UInt64, extraEnvironment: [String: String] = [:]) throws {

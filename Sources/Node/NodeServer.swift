@@ -48,6 +48,8 @@ public final class NodeServer: Sendable {
     let api: NodeAPI
     let http: HTTPServer
     let authority: AuthorityService
+    /// This node's clock against the cluster's (judged in the watcher).
+    let clock = ClockCheck()
     let networkGroup: MultiThreadedEventLoopGroup
     let driverGroup: MultiThreadedEventLoopGroup
     private let stopping = Atomic<Bool>(false)
@@ -155,7 +157,7 @@ public final class NodeServer: Sendable {
                                 fetcher: KeySetFetcher(allowHTTPLoopback: config.allowHTTPLoopbackIssuers),
                                 refetchInterval: .seconds(config.jwksRefetchSeconds))
         api = NodeAPI(id: config.id, driver: driver, store: store, members: members, forwarder: try Forwarder(identity: identity), metrics: metrics,
-                      authority: authority, joins: joins)
+                      authority: authority, joins: joins, clock: clock)
         let api = self.api
         let authority = self.authority
         // Workloads renewing present X509-SVIDs: their TLS roots are the
@@ -247,23 +249,60 @@ public final class NodeServer: Sendable {
         stopRequests.continuation.yield("stop")
     }
 
-    /// Logs role changes and, on the leader, promotes caught-up learners,
-    /// every 10 ticks (the ticks themselves run on the driver's thread).
+    /// Logs role changes, judges this node's clock against its peers' and,
+    /// on the leader, promotes caught-up learners, every 10 ticks (the
+    /// ticks themselves run on the driver's thread).
     private func watchUntilStopped() async {
         var lastRole: Role = .follower
         var lastLeader: NodeID = noNode
+        var lastHandOver: ContinuousClock.Instant?
         while !Task.isCancelled && !stopping.load(ordering: .relaxed) {
-            try? await Task.sleep(for: .milliseconds(10 * config.tickIntervalMilliseconds))
+            try? await sleep(for: .milliseconds(10 * config.tickIntervalMilliseconds), on: driverGroup.any())
             let status = await driver.status
             if status.role != lastRole || status.leaderID != lastLeader {
                 log.info("role changed", ["role": status.role.rawValue, "term": "\(status.term)", "leader": "\(status.leaderID)"])
                 lastRole = status.role
                 lastLeader = status.leaderID
             }
+            let offsets = transport.peerClocks.offsets(maxAge: ClockCheck.readingMaxAge)
+            if clock.update(own: config.id, voters: status.membership.voters, offsets: offsets) {
+                let verdict = clock.verdict
+                if verdict.disagreeing.isEmpty {
+                    log.info("clock agrees with the cluster again; signing identities", ["offsets": "\(offsets)"])
+                } else {
+                    log.error("clock disagrees with the cluster; signing no identities until it agrees", ["clock": verdict.description, "offsets": "\(offsets)"])
+                }
+            }
             if status.role == .leader {
+                if !clock.verdict.disagreeing.isEmpty, lastHandOver.map({ $0.duration(to: .now) >= .seconds(2) }) ?? true {
+                    lastHandOver = .now
+                    await handOverForClock(status)
+                }
                 await promoteCaughtUpLearners(status)
                 await initializeAuthorityIfMissing()
             }
+        }
+    }
+
+    /// A leader whose clock disagrees with the cluster's hands leadership
+    /// to the most caught-up voter whose clock agrees with a quorum of the
+    /// voters (by this node's readings); if none does, it keeps leading
+    /// and signs nothing.
+    private func handOverForClock(_ status: Status) async {
+        let offsets = clock.offsets
+        let candidates = status.membership.voters.filter { candidate in
+            guard candidate != config.id, let own = offsets[candidate], status.followers[candidate] != nil else { return false }
+            let agreeing = status.membership.voters.filter { other in
+                other == config.id ? abs(own) <= ClockCheck.boundMillis : offsets[other].map { abs($0 - own) <= ClockCheck.boundMillis } ?? false
+            }
+            return agreeing.count >= status.membership.quorum
+        }
+        guard let target = candidates.max(by: { status.followers[$0]!.matchIndex < status.followers[$1]!.matchIndex }) else { return }
+        log.error("handing leadership over: this node's clock disagrees with the cluster's", ["clock": clock.verdict.description, "to": "\(target)"])
+        do {
+            try await driver.transferLeadership(to: target)
+        } catch {
+            log.warning("could not hand leadership over", ["to": "\(target)", "error": "\(error)"])
         }
     }
 
@@ -310,7 +349,7 @@ public final class NodeServer: Sendable {
             let (pending, role) = (await driver.pendingRequestCount, await driver.status.role)
             if pending == 0 && role != .leader { break }
             try? await driver.tick()
-            try? await Task.sleep(for: .milliseconds(config.tickIntervalMilliseconds))
+            try? await sleep(for: .milliseconds(config.tickIntervalMilliseconds), on: driverGroup.any())
         }
         await driver.stop()
         transport.finish()

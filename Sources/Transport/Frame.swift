@@ -8,10 +8,14 @@ public enum Frame: Sendable, Hashable {
     /// One piece of a message too large for one frame (a snapshot): the
     /// pieces of one message travel in order on one connection.
     case chunk(MessageChunk)
+    /// The sender's wall clock as the frame was made: peers compare clocks
+    /// with it (`PeerClocks`), the Raft core never sees it.
+    case clock(ClockStamp)
 
     public enum Kind: UInt8, Sendable {
         case raftMessage = 1
         case chunk = 2
+        case clock = 3
     }
 
     /// The frames that carry `message`: one, or pieces of at most
@@ -43,6 +47,12 @@ public enum Frame: Sendable, Hashable {
             w.write(chunk.offset)
             body = w.bytes
             body.append(contentsOf: chunk.bytes)
+        case .clock(let stamp):
+            var w = BinaryWriter(capacity: 17)
+            w.write(Kind.clock.rawValue)
+            w.write(stamp.from)
+            w.write(stamp.wallMillis)
+            body = w.bytes
         }
         var writer = BinaryWriter(capacity: body.count + Frame.headerBytes)
         writer.write(UInt32(body.count))
@@ -148,9 +158,29 @@ public struct FrameDecoder: Sendable {
             } catch {
                 throw .malformed(kind: kind, error)
             }
+        case .clock:
+            do throws(CodecError) {
+                guard body.count == 16 else { throw CodecError.invalid(field: "clock", reason: "\(body.count) bytes, not 16") }
+                var r = BinaryReader(body)
+                return .clock(ClockStamp(from: try r.readUInt64("from"), wallMillis: try r.readUInt64("wall clock")))
+            } catch {
+                throw .malformed(kind: kind, error)
+            }
         case nil:
             throw .unknownKind(kind)
         }
+    }
+}
+
+/// A node's wall clock (milliseconds since 1970) at the moment it framed
+/// this stamp.
+public struct ClockStamp: Sendable, Hashable {
+    public var from: NodeID
+    public var wallMillis: UInt64
+
+    public init(from: NodeID, wallMillis: UInt64) {
+        self.from = from
+        self.wallMillis = wallMillis
     }
 }
 

@@ -4,6 +4,11 @@ import NIOSSL
 import NIOTLS
 import Raft
 import Synchronization
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
 
 /// Makes the type metadata of `handlers` (made by the caller) on this
 /// thread, once. The Swift runtime can crash when two threads make the
@@ -92,6 +97,9 @@ public struct TransportLimits: Sendable {
     public var inboundConnectionsPerSecond = 20
     public var reconnectBackoffMin: Duration = .milliseconds(20)
     public var reconnectBackoffMax: Duration = .seconds(2)
+    /// How often each peer is sent this node's clock (on the control link,
+    /// with whatever else goes, or alone).
+    public var clockStampInterval: Duration = .seconds(1)
 
     public init() {}
 }
@@ -116,6 +124,18 @@ public final class TCPTransport: Sendable {
     /// Told why each inbound connection was closed (the node logs it).
     private let onRejected: (@Sendable (String) -> Void)?
     private let tls: (identity: NodeIdentity, server: NIOSSLContext, client: NIOSSLContext)?
+    /// This node's wall clock, milliseconds since 1970 (a test may shift it).
+    private let wallClock: @Sendable () -> UInt64
+    /// How far each peer's clock is from `wallClock`, from their clock frames.
+    public let peerClocks = PeerClocks()
+    private let finished = Atomic<Bool>(false)
+
+    /// The system's wall clock in milliseconds since 1970.
+    public static let systemWallClock: @Sendable () -> UInt64 = {
+        var now = timespec()
+        clock_gettime(CLOCK_REALTIME, &now)
+        return UInt64(now.tv_sec) * 1000 + UInt64(now.tv_nsec / 1_000_000)
+    }
 
     /// `peers` names every other member; addresses may come later through
     /// `setAddress(_:of:)` (a link waits, backing off, until it has one).
@@ -126,8 +146,10 @@ public final class TCPTransport: Sendable {
     /// messages arrive and `deliver` is called, run on `inboundGroup`
     /// (`group` when nil).
     public init(id: NodeID, peers: [NodeID: SocketAddress?], group: any EventLoopGroup, inboundGroup: (any EventLoopGroup)? = nil,
-                limits: TransportLimits = TransportLimits(), identity: NodeIdentity? = nil, onRejected: (@Sendable (String) -> Void)? = nil) throws {
+                limits: TransportLimits = TransportLimits(), identity: NodeIdentity? = nil, wallClock: @escaping @Sendable () -> UInt64 = TCPTransport.systemWallClock,
+                onRejected: (@Sendable (String) -> Void)? = nil) throws {
         self.id = id
+        self.wallClock = wallClock
         self.onRejected = onRejected
         if let identity {
             precondition(identity.nodeID == id, "the identity names node \(identity.nodeID), not \(id)")
@@ -166,10 +188,14 @@ public final class TCPTransport: Sendable {
     public func addPeer(_ peer: NodeID, address: SocketAddress? = nil) {
         guard peer != id else { return }
         if let address { setAddress(address, of: peer) }
+        let id = self.id, wallClock = self.wallClock
+        let makeStamp: @Sendable () -> ClockStamp = { ClockStamp(from: id, wallMillis: wallClock()) }
         queues.withLock { queues in
             guard queues[LinkKey(peer: peer, lane: .control)] == nil else { return }
             for lane in [Lane.control, .bulk] {
-                let queue = LinkQueue(limit: limits.queuedMessagesPerPeerMax, chunkBytes: limits.chunkBytes, messageIDs: messageIDs)
+                // Clock stamps travel on the control lane, never behind a snapshot.
+                let stamp: (@Sendable () -> ClockStamp)? = lane == .control ? makeStamp : nil
+                let queue = LinkQueue(limit: limits.queuedMessagesPerPeerMax, chunkBytes: limits.chunkBytes, messageIDs: messageIDs, stamp: stamp)
                 queues[LinkKey(peer: peer, lane: lane)] = queue
                 newLinksContinuation.yield((LinkKey(peer: peer, lane: lane), queue))
             }
@@ -225,6 +251,9 @@ public final class TCPTransport: Sendable {
             }
             onRejected?(reason)
         }
+        let observe: @Sendable (ClockStamp) -> Void = { [peerClocks, wallClock] stamp in
+            peerClocks.record(stamp.from, offsetMillis: Int64(truncatingIfNeeded: stamp.wallMillis) - Int64(truncatingIfNeeded: wallClock()))
+        }
         prepareTypes(of: [ByteToMessageHandler(FrameByteDecoder(frameBytesMax: frameBytesMax))])
         let server = try await ServerBootstrap(group: inboundGroup)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -241,13 +270,22 @@ public final class TCPTransport: Sendable {
                     }
                     try sync.addHandler(ByteToMessageHandler(FrameByteDecoder(frameBytesMax: frameBytesMax)))
                     try sync.addHandler(FrameReceiver(clusterID: clusterID, chunkedMessageBytesMax: chunkedMessageBytesMax,
-                                                      deliver: deliver, reject: record))
+                                                      deliver: deliver, clock: observe, reject: record))
                 }
             }
             .bind(to: address).get()
         if let local = server.localAddress { ready(local) }
         let newLinks = self.newLinks
         await withDiscardingTaskGroup { links in
+            // Every peer gets this node's clock at least every
+            // `clockStampInterval`, with Raft traffic or without.
+            links.addTask { [self] in
+                while !Task.isCancelled && !finished.load(ordering: .relaxed) {
+                    let control = queues.withLock { queues in queues.filter { $0.key.lane == .control }.map(\.value) }
+                    for queue in control { queue.pushClock() }
+                    guard (try? await sleep(for: limits.clockStampInterval, on: group.any())) != nil else { return }
+                }
+            }
             for await (key, queue) in newLinks {
                 links.addTask { await self.maintainLink(to: key.peer, queue) }
             }
@@ -267,7 +305,7 @@ public final class TCPTransport: Sendable {
         let clientTLS = tls?.client
         while !Task.isCancelled && !queue.isClosed {
             guard let address = peerAddresses.withLock({ $0[peer] }) else {
-                guard (try? await Task.sleep(for: backoff)) != nil else { return }
+                guard (try? await sleep(for: backoff, on: group.any())) != nil else { return }
                 continue
             }
             do {
@@ -315,7 +353,7 @@ public final class TCPTransport: Sendable {
                 }
                 queue.detach(channel)
             } catch {}
-            guard !Task.isCancelled, !queue.isClosed, (try? await Task.sleep(for: backoff)) != nil else { return }
+            guard !Task.isCancelled, !queue.isClosed, (try? await sleep(for: backoff, on: group.any())) != nil else { return }
             backoff = min(backoff * 2, limits.reconnectBackoffMax)
         }
     }
@@ -325,6 +363,7 @@ public final class TCPTransport: Sendable {
     /// Ends every outbound queue (closing its connection); `run` returns
     /// once its task is cancelled.
     public func finish() {
+        finished.store(true, ordering: .relaxed)
         newLinksContinuation.finish()
         queues.withLock { queues in
             for queue in queues.values { queue.close() }
@@ -344,14 +383,16 @@ final class FrameReceiver: ChannelInboundHandler {
     private var assembler: ChunkAssembler
     private var certifiedPeer: NodeID?
     private let deliver: @Sendable (Message) -> Void
+    private let clock: @Sendable (ClockStamp) -> Void
     private let reject: @Sendable (String) -> Void
     private var failed = false
 
     init(clusterID: String?, chunkedMessageBytesMax: Int, deliver: @escaping @Sendable (Message) -> Void,
-         reject: @escaping @Sendable (String) -> Void) {
+         clock: @escaping @Sendable (ClockStamp) -> Void = { _ in }, reject: @escaping @Sendable (String) -> Void) {
         self.clusterID = clusterID
         assembler = ChunkAssembler(messageBytesMax: chunkedMessageBytesMax)
         self.deliver = deliver
+        self.clock = clock
         self.reject = reject
     }
 
@@ -368,16 +409,22 @@ final class FrameReceiver: ChannelInboundHandler {
             case .chunk(let chunk):
                 guard let whole = try assembler.add(chunk) else { return }
                 message = whole
+            case .clock(let stamp):
+                try checkSender(stamp.from, "clock stamp")
+                clock(stamp)
+                return
             }
-            if clusterID != nil {
-                guard message.from == certifiedPeer else {
-                    throw PeerIdentityError(reason: "message claims node \(message.from) but the certificate names node \(certifiedPeer.map(String.init) ?? "none")")
-                }
-            }
+            try checkSender(message.from, "message")
             deliver(message)
         } catch {
             fail(context, error)
         }
+    }
+
+    /// With TLS, what arrives must come from the node the certificate names.
+    private func checkSender(_ sender: NodeID, _ what: String) throws {
+        guard clusterID != nil, sender != certifiedPeer else { return }
+        throw PeerIdentityError(reason: "\(what) claims node \(sender) but the certificate names node \(certifiedPeer.map(String.init) ?? "none")")
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
@@ -617,18 +664,23 @@ final class LinkQueue: Sendable {
         /// A write of this link's is queued on the connection's loop or
         /// under way there (in pieces); batches wait in `messages` behind it.
         var writing = false
+        /// The next write starts with a clock stamp.
+        var stampWanted = false
     }
     private let state = Mutex(State())
     let limit: Int
     private let chunkBytes: Int
     private let messageIDs: MessageIDs
+    /// Makes this node's clock stamp (control lanes only).
+    private let stamp: (@Sendable () -> ClockStamp)?
     /// The most one loop task writes.
     static let pieceBytes = 1 << 20
 
-    init(limit: Int, chunkBytes: Int, messageIDs: MessageIDs) {
+    init(limit: Int, chunkBytes: Int, messageIDs: MessageIDs, stamp: (@Sendable () -> ClockStamp)? = nil) {
         self.limit = limit
         self.chunkBytes = chunkBytes
         self.messageIDs = messageIDs
+        self.stamp = stamp
     }
 
     var isClosed: Bool { state.withLock { $0.closed } }
@@ -653,7 +705,10 @@ final class LinkQueue: Sendable {
         guard let channel = direct else { return }
         // Framed once the write is this batch's (outside the lock: a large
         // batch is slow to frame); a batch that waits is framed when taken.
-        let bytes = framed(batch, channel.allocator)
+        writeNow(framed(batch, channel.allocator), to: channel)
+    }
+
+    private func writeNow(_ bytes: ByteBuffer, to channel: any Channel) {
         if channel.eventLoop.inEventLoop {
             write(bytes, to: channel)
         } else {
@@ -661,11 +716,27 @@ final class LinkQueue: Sendable {
         }
     }
 
+    /// Sends this node's clock stamp: now if the link is idle, else at the
+    /// start of its next write.
+    func pushClock() {
+        guard stamp != nil else { return }
+        let direct: (any Channel)? = state.withLock { state in
+            guard !state.closed else { return nil }
+            state.stampWanted = true
+            guard let channel = state.channel, state.messages.isEmpty, !state.writing, channel.isWritable else { return nil }
+            state.writing = true
+            return channel
+        }
+        guard let channel = direct else { return }
+        writeNow(framed([], channel.allocator), to: channel)
+    }
+
     /// The link's new connection: what waited is written first.
     func attach(_ channel: any Channel) {
         let refused = state.withLock { state in
             guard !state.closed else { return true }
             state.channel = channel
+            state.stampWanted = stamp != nil
             if !state.messages.isEmpty { channel.eventLoop.execute { self.drain(channel) } }
             return false
         }
@@ -732,8 +803,11 @@ final class LinkQueue: Sendable {
     /// Frames for a batch, as the bytes of one write: large messages
     /// (snapshots) in pieces of `chunkBytes`, so no frame nears the frame limit.
     private func framed(_ messages: [Message], _ allocator: ByteBufferAllocator) -> ByteBuffer {
-        let encoded = messages.flatMap { message in
+        var encoded = messages.flatMap { message in
             Frame.frames(for: message, chunkBytes: chunkBytes, messageID: messageIDs.next()).map(\.encoded)
+        }
+        if let stamp, state.withLock({ state in defer { state.stampWanted = false }; return state.stampWanted }) {
+            encoded.insert(Frame.clock(stamp()).encoded, at: 0)
         }
         var buffer = allocator.buffer(capacity: encoded.reduce(0) { $0 + $1.count })
         for bytes in encoded { buffer.writeBytes(bytes) }

@@ -1,3 +1,4 @@
+import ClusterHarness
 import Foundation
 import Testing
 
@@ -34,9 +35,7 @@ struct ChaosHarnessTests {
     @Test("Under libfaketime the warrant binary still reads its arguments")
     func argumentsUnderFakeTime() throws {
         let warrant = try #require(warrantBinary())
-        let library = ["/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1", "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
-                       "/usr/lib/faketime/libfaketime.so.1"].first { FileManager.default.fileExists(atPath: $0) }
-        let preload = try #require(library, "libfaketime is not installed (scripts/setup.sh installs faketime)")
+        let preload = try #require(LocalProcessCluster.fakeTimeLibrary, "libfaketime is not installed (scripts/setup.sh installs faketime)")
         var environment = ProcessInfo.processInfo.environment
         environment["LD_PRELOAD"] = preload
         environment["FAKETIME"] = "@2031-01-02 03:04:05"

@@ -67,6 +67,13 @@ func withLink(to peer: any Channel, group: MultiThreadedEventLoopGroup, limits: 
     if let failure { throw failure }
 }
 
+/// Node 1 holding node 3's certificate and key.
+func impostor(_ ca: ClusterCA) throws -> NodeIdentity {
+    let stolen = try ca.issueNodeIdentity(3)
+    return NodeIdentity(clusterID: stolen.clusterID, nodeID: 1, certificate: stolen.certificate,
+                        privateKey: stolen.privateKey, caCertificate: stolen.caCertificate)
+}
+
 private func ping(_ from: NodeID, _ round: UInt64) -> Message {
     Message(from: from, to: 2, term: 1, body: .heartbeat(Heartbeat(commit: 0, readRound: round)))
 }
@@ -205,10 +212,7 @@ struct MutualTLSTests {
     func impersonationIsRefused() async throws {
         let ca = try ClusterCA.create(clusterID: "c1")
         // Transport 1 runs with node 3's certificate but sends messages from 1.
-        let stolen = try ca.issueNodeIdentity(3)
-        let impostor = NodeIdentity(clusterID: stolen.clusterID, nodeID: 1, certificate: stolen.certificate,
-                                    privateKey: stolen.privateKey, caCertificate: stolen.caCertificate)
-        try await withPair(one: impostor, two: try ca.issueNodeIdentity(2)) { one, two, inbox in
+        try await withPair(one: try impostor(ca), two: try ca.issueNodeIdentity(2)) { one, two, inbox in
             one.send([ping(1, 1)])
             #expect(await eventually { two.rejectedConnections.contains { $0.contains("claims node 1 but the certificate names node 3") } })
             #expect(inbox.all.isEmpty)

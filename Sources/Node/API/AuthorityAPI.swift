@@ -335,6 +335,7 @@ extension NodeAPI {
     /// signed again by the new authority.
     func signAndRecordX509(_ template: Issuance, spiffeID: SpiffeID, publicKey: RequestedKey, serial: Certificate.SerialNumber?,
                            keys: AuthorityService.Keys, actor: String?, _ request: HTTPRequest) async throws -> HTTPResponse {
+        try clock.requireAgreement()
         var keys = keys
         for attempt in 0..<2 {
             let issued = try Self.signX509(keys, spiffeID: spiffeID, publicKey: publicKey, ttl: TimeInterval(template.ttlSeconds),
@@ -536,6 +537,7 @@ extension NodeAPI {
     /// again by the new authority if a rotation commits first).
     func signAndRecordJWT(_ template: Issuance, spiffeID: SpiffeID, audiences: [String], keys: AuthorityService.Keys, actor: String?,
                           _ request: HTTPRequest) async throws -> HTTPResponse {
+        try clock.requireAgreement()
         var keys = keys
         for attempt in 0..<2 {
             let now = Date(timeIntervalSince1970: Date().timeIntervalSince1970.rounded(.down))

@@ -50,11 +50,13 @@ public final class NodeAPI: Sendable {
     let metrics: NodeMetrics
     let authority: AuthorityService?
     let joins: JoinService?
+    let clock: ClockCheck
     let denials = DenialLimiter()
 
     public init(id: NodeID, driver: RaftDriver, store: RaftStore, members: MemberDirectory, forwarder: Forwarder?, metrics: NodeMetrics,
-                authority: AuthorityService? = nil, joins: JoinService? = nil) {
+                authority: AuthorityService? = nil, joins: JoinService? = nil, clock: ClockCheck = ClockCheck()) {
         self.authority = authority
+        self.clock = clock
         self.joins = joins
         self.id = id
         self.driver = driver
@@ -119,7 +121,7 @@ public final class NodeAPI: Sendable {
         case (.GET, "/readyz"): return await readiness()
         case (.GET, "/metrics"):
             return HTTPResponse(status: .ok, headers: [("content-type", "text/plain; version=0.0.4")],
-                                body: Array(metrics.render(status: await driver.statusSnapshot).utf8))
+                                body: Array((metrics.render(status: await driver.statusSnapshot) + clock.metricsText).utf8))
         case (.GET, "/v1/cluster/status"): return APIJSON.response(await clusterStatus())
         case (.POST, "/v1/cluster/members"): return try await addMember(request)
         case (.DELETE, "/v1/cluster/members/{id}"): return try await removeMember(parameter ?? "", request)

@@ -90,8 +90,7 @@ final class Nemesis: @unchecked Sendable {
         self.log = log
         random = ChaosRandom(seed: seed ^ 0x6E656D65)
         nextMemberID = UInt64(chaos.nodes.count + 1)
-        fakeTimeLibrary = ["/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1", "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
-                           "/usr/lib/faketime/libfaketime.so.1"].first { FileManager.default.fileExists(atPath: $0) }
+        fakeTimeLibrary = LocalProcessCluster.fakeTimeLibrary
     }
 
     private func seconds(_ range: ClosedRange<Double>) -> Double { Double.random(in: range, using: &random) }
