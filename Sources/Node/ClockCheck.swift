@@ -8,16 +8,31 @@ import Transport
 /// voters, this node signs no identity (`clock_skew`, 503), and as leader
 /// it hands leadership to a voter whose clock the majority shares.
 public final class ClockCheck: Sendable {
-    /// Clocks further apart than this disagree. Identities are backdated
-    /// by 30 s (`X509Authority.backdate`), so one issued by a leader within
-    /// the bound is valid at once for every relying party on the
-    /// cluster's time.
+    /// Clocks further apart than this disagree. An X509-SVID's notBefore
+    /// is 30 s before its issue (`X509Authority.backdate`), so one issued
+    /// by a leader within the bound is valid at once for every relying
+    /// party on the cluster's time; a JWT-SVID's iat is at most this far
+    /// ahead of theirs.
     public static let boundMillis: Int64 = 10_000
+    /// Once it disagrees, the clock agrees again only within this (a clock
+    /// near the bound does not flap between the two).
+    public static let agreeAgainMillis: Int64 = 8_000
+    /// A disagreement counts once it has lasted this long. Stamps that were
+    /// held up (this node paused, a stalled link) make the peers look
+    /// behind by the delay until their next stamps come, within a second;
+    /// a clock that is really off stays off.
+    public static let sustainedFor: Duration = .seconds(2)
     /// Readings older than this are not counted (a peer that stopped
     /// sending is not known to agree or disagree).
     public static let readingMaxAge: Duration = .seconds(5)
 
-    private let state = Mutex<(verdict: ClockAgreement, offsets: [NodeID: Int64])>((.agrees, [:]))
+    private struct State {
+        var verdict = ClockAgreement.agrees
+        /// Since when the readings have said it disagrees.
+        var disagreeingSince: ContinuousClock.Instant?
+        var offsets: [NodeID: Int64] = [:]
+    }
+    private let state = Mutex(State())
 
     public init() {}
 
@@ -29,10 +44,19 @@ public final class ClockCheck: Sendable {
     /// Judges the clock again from `offsets`; true if it went from
     /// agreeing to disagreeing or back, or other voters now disagree.
     @discardableResult
-    public func update(own: NodeID, voters: Set<NodeID>, offsets: [NodeID: Int64]) -> Bool {
-        let verdict = ClockAgreement.judge(own: own, voters: voters, offsets: offsets, boundMillis: Self.boundMillis)
-        return state.withLock { state in
-            defer { state = (verdict, offsets) }
+    public func update(own: NodeID, voters: Set<NodeID>, offsets: [NodeID: Int64], now: ContinuousClock.Instant = .now) -> Bool {
+        state.withLock { state in
+            let bound = state.verdict.disagreeing.isEmpty ? Self.boundMillis : Self.agreeAgainMillis
+            let readings = ClockAgreement.judge(own: own, voters: voters, offsets: offsets, boundMillis: bound)
+            state.offsets = offsets
+            if readings.disagreeing.isEmpty {
+                state.disagreeingSince = nil
+            } else if state.disagreeingSince == nil {
+                state.disagreeingSince = now
+            }
+            let sustained = state.disagreeingSince.map { now - $0 >= Self.sustainedFor } ?? false
+            let verdict = sustained ? readings : .agrees
+            defer { state.verdict = verdict }
             return state.verdict.disagreeing != verdict.disagreeing
         }
     }
@@ -50,11 +74,19 @@ public final class ClockCheck: Sendable {
         return text
     }
 
-    /// Throws `clock_skew` (503) while this node's clock disagrees.
-    func requireAgreement() throws {
+    /// Throws `clock_skew` (503) while this node's clock disagrees: it
+    /// does not do `what` (which stamps this clock's time on something
+    /// others rely on).
+    func requireAgreement(_ what: Stamped = .identity) throws {
         let verdict = self.verdict
         guard case .disagrees = verdict else { return }
-        throw APIError.unavailable("clock_skew", "this node's clock is \(verdict.description); it signs no identity until its clock agrees with "
-            + "the cluster's (relying parties on time would take it for not yet valid, or already partly spent)")
+        throw APIError.unavailable("clock_skew", "this node's clock is \(verdict.description); it \(what.rawValue) until its clock agrees with the cluster's")
+    }
+
+    /// What a clock that disagrees must not make.
+    enum Stamped: String {
+        case identity = "signs no identity (relying parties on time would take it for not yet valid, or already partly spent)"
+        case revocation = "records no revocation or rotation (the rule's or the authority's time would come from this clock)"
+        case crl = "signs no CRL (its thisUpdate and nextUpdate would be off for relying parties)"
     }
 }

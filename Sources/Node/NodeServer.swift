@@ -257,7 +257,7 @@ public final class NodeServer: Sendable {
         var lastLeader: NodeID = noNode
         var lastHandOver: ContinuousClock.Instant?
         while !Task.isCancelled && !stopping.load(ordering: .relaxed) {
-            try? await sleep(for: .milliseconds(10 * config.tickIntervalMilliseconds), on: driverGroup.any())
+            try? await driver.sleep(for: .milliseconds(10 * config.tickIntervalMilliseconds))
             let status = await driver.status
             if status.role != lastRole || status.leaderID != lastLeader {
                 log.info("role changed", ["role": status.role.rawValue, "term": "\(status.term)", "leader": "\(status.leaderID)"])
@@ -310,7 +310,8 @@ public final class NodeServer: Sendable {
     /// KEK) and commits them; the ledger keeps the first that commits.
     private func initializeAuthorityIfMissing() async {
         do {
-            guard try store.document(named: AuthorityDocuments.keyring) == nil else { return }
+            // The CA certificate's validity comes from this clock.
+            guard try store.document(named: AuthorityDocuments.keyring) == nil, clock.verdict.disagreeing.isEmpty else { return }
             let keyring = try authority.makeKeyring()
             let (outcome, _) = try await driver.write(LedgerCommand(timeMillis: UInt64(Date().timeIntervalSince1970 * 1000), actor: "node:\(config.id)",
                                                                     requestID: "authority-init-\(UUID().uuidString)",
@@ -349,7 +350,7 @@ public final class NodeServer: Sendable {
             let (pending, role) = (await driver.pendingRequestCount, await driver.status.role)
             if pending == 0 && role != .leader { break }
             try? await driver.tick()
-            try? await sleep(for: .milliseconds(config.tickIntervalMilliseconds), on: driverGroup.any())
+            try? await driver.sleep(for: .milliseconds(config.tickIntervalMilliseconds))
         }
         await driver.stop()
         transport.finish()

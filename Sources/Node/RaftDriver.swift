@@ -56,6 +56,11 @@ public actor RaftDriver {
     public nonisolated let id: NodeID
     private nonisolated let loop: any EventLoop
     public nonisolated var unownedExecutor: UnownedSerialExecutor { loop.executor.asUnownedSerialExecutor() }
+
+    /// Waits on the driver's event-loop timer (monotonic; see `Transport.sleep(for:on:)`).
+    public nonisolated func sleep(for duration: Duration) async throws {
+        try await Transport.sleep(for: duration, on: loop)
+    }
     public nonisolated let metrics: NodeMetrics
     /// Called on the driver's thread with each batch of applied entries
     /// (the node watches membership and member addresses this way).

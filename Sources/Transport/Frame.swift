@@ -162,7 +162,11 @@ public struct FrameDecoder: Sendable {
             do throws(CodecError) {
                 guard body.count == 16 else { throw CodecError.invalid(field: "clock", reason: "\(body.count) bytes, not 16") }
                 var r = BinaryReader(body)
-                return .clock(ClockStamp(from: try r.readUInt64("from"), wallMillis: try r.readUInt64("wall clock")))
+                let stamp = ClockStamp(from: try r.readUInt64("from"), wallMillis: try r.readUInt64("wall clock"))
+                guard stamp.wallMillis <= ClockStamp.wallMillisMax else {
+                    throw CodecError.invalid(field: "clock", reason: "wall clock \(stamp.wallMillis) ms is past any plausible time")
+                }
+                return .clock(stamp)
             } catch {
                 throw .malformed(kind: kind, error)
             }
@@ -177,6 +181,9 @@ public struct FrameDecoder: Sendable {
 public struct ClockStamp: Sendable, Hashable {
     public var from: NodeID
     public var wallMillis: UInt64
+    /// 2^53 ms, some 285,000 years: larger stamps are refused, so offsets
+    /// (differences of two stamps) never overflow.
+    public static let wallMillisMax: UInt64 = 1 << 53
 
     public init(from: NodeID, wallMillis: UInt64) {
         self.from = from

@@ -219,10 +219,10 @@ public final class TCPTransport: Sendable {
         queues.withLock { queues in queues.filter { $0.key.peer == peer }.values.map(\.waiting).reduce(0, +) }
     }
 
-    /// Whether a write to `peer` is under way: queued on its connection's
-    /// loop, or partly written with pieces to come (for tests).
-    public func writing(to peer: NodeID) -> Bool {
-        queues.withLock { queues in queues.filter { $0.key.peer == peer }.values.contains { $0.isWriting } }
+    /// Whether a write to `peer` (on `lane`, or either) is under way: queued
+    /// on its connection's loop, or partly written with pieces to come (for tests).
+    public func writing(to peer: NodeID, lane: Lane? = nil) -> Bool {
+        queues.withLock { queues in queues.filter { $0.key.peer == peer && (lane == nil || $0.key.lane == lane) }.values.contains { $0.isWriting } }
     }
 
     /// Why inbound connections were closed, most recent last (for logs and tests).
@@ -252,7 +252,8 @@ public final class TCPTransport: Sendable {
             onRejected?(reason)
         }
         let observe: @Sendable (ClockStamp) -> Void = { [peerClocks, wallClock] stamp in
-            peerClocks.record(stamp.from, offsetMillis: Int64(truncatingIfNeeded: stamp.wallMillis) - Int64(truncatingIfNeeded: wallClock()))
+            // Both below 2^53 (the decoder refuses larger stamps): no overflow.
+            peerClocks.record(stamp.from, offsetMillis: Int64(stamp.wallMillis) - Int64(min(wallClock(), ClockStamp.wallMillisMax)))
         }
         prepareTypes(of: [ByteToMessageHandler(FrameByteDecoder(frameBytesMax: frameBytesMax))])
         let server = try await ServerBootstrap(group: inboundGroup)

@@ -92,8 +92,11 @@ struct ClockSkewTests {
                 }
             }
             #expect(handedOver, "node \(victim) never led and handed over:\n\(cluster.logTail(of: victim, lines: 40))")
-            let next = await cluster.waitForLeader(seconds: 20)
-            #expect(next != nil && next != victim, "leader \(String(describing: next))")
+            var next: UInt64?
+            #expect(await eventually(seconds: 20) {
+                next = await cluster.waitForLeader(seconds: 5)
+                return next != nil && next != victim
+            }, "leader \(String(describing: next))")
 
             // Asked at the skewed node, the JWT-SVID comes from the leader on time.
             let secret = try await token(cluster)
@@ -110,7 +113,7 @@ struct ClockSkewTests {
         }
     }
 
-    @Test("When no two clocks agree, no node signs: issuance answers 503 clock_skew naming how far off the clock is")
+    @Test("When no two clocks agree, no node signs: issuance, CRLs and revocations answer 503 clock_skew naming how far off the clock is")
     func noAgreementNoSigning() async throws {
         try await withCluster { cluster, library in
             let secret = try await token(cluster)
@@ -124,9 +127,18 @@ struct ClockSkewTests {
                                                           headers: [("content-type", "application/json")], body: jwtRequest(secret))
             #expect(answer.status == .serviceUnavailable, "\(answer.status) \(answer.text)")
             #expect(answer.text.contains("\"clock_skew\"") && answer.text.contains(" s ") && answer.text.contains("signs no identity"), "\(answer.text)")
-            // Nothing was signed: the token is still unused, the audit has no issuance.
+            // Nor a CRL, nor a revocation rule stamped with a clock nobody shares.
+            let crl = try await cluster.client.request(at: cluster.endpointIndex(of: leader), .GET, "/v1/crl.pem")
+            #expect(crl.status == .serviceUnavailable && crl.text.contains("signs no CRL"), "\(crl.status) \(crl.text.prefix(300))")
+            let revocation = try await cluster.client.request(at: cluster.endpointIndex(of: leader), .POST, "/v1/revocations",
+                                                              headers: [("content-type", "application/json")],
+                                                              body: Array(#"{"spiffe_id": "spiffe://warrant.local/ci/clock"}"#.utf8))
+            #expect(revocation.status == .serviceUnavailable && revocation.text.contains("records no revocation"),
+                    "\(revocation.status) \(revocation.text.prefix(300))")
+            // Nothing was signed or recorded: the audit has no issuance and no revocation.
             let audit = try await cluster.client.request(.GET, "/v1/audit?limit=50")
-            #expect(!audit.text.contains("identity.issue"), "\(audit.text.prefix(600))")
+            #expect(audit.status == .ok && audit.text.contains("token.create"), "\(audit.status) \(audit.text.prefix(300))")
+            #expect(!audit.text.contains("identity.issue") && !audit.text.contains("identity.revoke"), "\(audit.text.prefix(600))")
         }
     }
 }

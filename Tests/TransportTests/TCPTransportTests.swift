@@ -279,7 +279,7 @@ struct TCPTransportTests {
             // Sent on the connection's loop (as a node's driver does): the
             // first piece is written at once, the rest in later tasks.
             loop.execute { one.send([snapshot(1)]) }
-            let midway = try await loop.submit { one.writing(to: 2) }.get()
+            let midway = try await loop.submit { one.writing(to: 2, lane: .bulk) }.get()
             #expect(midway, "a task queued behind the 6 MiB write ran before it was all written")
             // More, from the loop and from elsewhere, behind and between large ones.
             var expected = [append(0), snapshot(1)]
@@ -290,7 +290,7 @@ struct TCPTransportTests {
             }
             #expect(await eventually(60) { inbox.all.count == expected.count })
             #expect(inbox.all == expected, "every message arrived once, whole, in the order sent")
-            #expect(!one.writing(to: 2))
+            #expect(!one.writing(to: 2, lane: .bulk))
         }
     }
 

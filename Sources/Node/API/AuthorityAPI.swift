@@ -631,6 +631,7 @@ extension NodeAPI {
 
     private func crl() throws -> HTTPResponse {
         guard let authority else { throw APIError.unavailable("no_authority", "this node runs without an authority") }
+        try clock.requireAgreement(.crl)
         do {
             return HTTPResponse(status: .ok, headers: [("content-type", "application/x-pem-file"), ("cache-control", "max-age=300")],
                                 body: Array(try authority.crlPEM().utf8))
@@ -670,6 +671,7 @@ extension NodeAPI {
         }
         let leadership = await driver.awaitLeadership()
         guard leadership.isLeader else { return try await forwardToLeader(request, leaderHint: leadership.leaderID) }
+        try clock.requireAgreement(.revocation)
         let keys = try requireKeys(fresh: true)
         guard let keyring = try authority.keyring() else { throw APIError.unavailable("no_authority", "the trust domain's keys are not made yet") }
         let now = Date()
@@ -722,6 +724,7 @@ extension NodeAPI {
         }
         let rule = Revocation(kind: kind, value: value, reason: body.reason ?? "")
         if let reason = rule.invalidReason { throw APIError(status: .badRequest, code: "bad_revocation", message: reason) }
+        try clock.requireAgreement(.revocation)
         let (outcome, _) = try await driver.write(LedgerCommand(timeMillis: Self.millis(Date()), actor: Self.actor(of: request),
                                                                 requestID: RequestID.make(), operation: .revoke(rule)))
         if case .rejected(let reason) = outcome.result { throw APIError(status: .conflict, code: "rejected", message: reason) }

@@ -331,7 +331,7 @@ public final class NodeAPI: Sendable {
         if body.to == id { return APIJSON.response(TransferResultBody(leader: id)) }
         try await driver.transferLeadership(to: body.to)
         for _ in 0..<300 { // at most about 3 s
-            try await Task.sleep(for: .milliseconds(10))
+            try await driver.sleep(for: .milliseconds(10))
             let now = await driver.status
             if now.leaderID == body.to { return APIJSON.response(TransferResultBody(leader: body.to)) }
         }
