@@ -18,6 +18,11 @@ struct ClockTests {
         short.append([16, 0, 0, 0, 3] + [UInt8](repeating: 0, count: 15))
         #expect(throws: FrameError.self) { try short.next() }
         #expect(short.failed?.description.contains("clock") == true, "\(String(describing: short.failed))")
+        // A time no clock shows (the offset subtraction would overflow).
+        var far = FrameDecoder()
+        far.append(Frame.clock(ClockStamp(from: 3, wallMillis: UInt64.max)).encoded)
+        #expect(throws: FrameError.self) { try far.next() }
+        #expect(far.failed?.description.contains("past any plausible time") == true, "\(String(describing: far.failed))")
     }
 
     @Test("Each node learns how far the other's clock is from its own, with no Raft traffic at all")
