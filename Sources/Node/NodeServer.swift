@@ -156,6 +156,8 @@ public final class NodeServer: Sendable {
         let joins = JoinService(trustDomain: config.trustDomain, store: store,
                                 fetcher: KeySetFetcher(allowHTTPLoopback: config.allowHTTPLoopbackIssuers),
                                 refetchInterval: .seconds(config.jwksRefetchSeconds))
+        let clock = self.clock
+        driver.setClockCheck { clock.verdict.disagreeing.isEmpty }
         api = NodeAPI(id: config.id, driver: driver, store: store, members: members, forwarder: try Forwarder(identity: identity), metrics: metrics,
                       authority: authority, joins: joins, clock: clock)
         let api = self.api

@@ -445,9 +445,23 @@ public actor RaftDriver {
         }
     }
 
-    /// Forwarded commands get the leader's time, as the leader's own do.
+    /// Whether this node's wall clock agrees with the cluster's (the
+    /// node's `ClockCheck`; always, unless set).
+    private nonisolated let clockAgrees = Mutex<@Sendable () -> Bool>({ true })
+
+    /// Tells the driver how to ask whether this node's clock agrees with
+    /// the cluster's: while it does not, forwarded commands keep the time
+    /// the node they came through gave them.
+    public nonisolated func setClockCheck(_ agrees: @escaping @Sendable () -> Bool) {
+        clockAgrees.withLock { $0 = agrees }
+    }
+
+    /// Forwarded commands get the leader's time, as the leader's own do,
+    /// unless the leader's clock disagrees with the cluster's (a
+    /// revocation's rule would carry it): then they keep the time stamped
+    /// where they came in, by a node whose own clock check let them through.
     private func restamp(_ message: Message) -> Message {
-        guard raft.role == .leader, case .forwardedProposal(let payloads) = message.body else { return message }
+        guard raft.role == .leader, case .forwardedProposal(let payloads) = message.body, clockAgrees.withLock({ $0 })() else { return message }
         let now = UInt64(Date().timeIntervalSince1970 * 1000)
         var restamped = message
         restamped.body = .forwardedProposal(payloads.map { payload in

@@ -311,6 +311,24 @@ struct DriverTests {
         }
     }
 
+    @Test("Forwarded commands get the leader's time, unless the leader's clock disagrees with the cluster's: then they keep the forwarding node's")
+    func forwardedTimeFollowsTheClockCheck() async throws {
+        try await LocalCluster.running { cluster in
+            #expect(await cluster.eventually { await cluster.leader() != nil })
+            let leader = try #require(await cluster.leader())
+            let follower = try #require([NodeID(1), 2, 3].first { $0 != leader })
+            func recordedTime(_ name: String) throws -> UInt64? {
+                try cluster.stores[leader]!.auditRecords(limit: 1_000).last { $0.target == name }?.timeMillis
+            }
+            let before = UInt64(Date().timeIntervalSince1970 * 1000)
+            _ = try await cluster.drivers[follower]!.write(write("docs/on-time", "{}")) // stamped 1 by the follower
+            #expect(try recordedTime("docs/on-time").map { $0 >= before } == true, "restamped with the leader's time")
+            cluster.drivers[leader]!.setClockCheck { false }
+            _ = try await cluster.drivers[follower]!.write(write("docs/leader-off", "{}"))
+            #expect(try recordedTime("docs/leader-off") == 1, "kept the forwarding node's time")
+        }
+    }
+
     @Test("A write arriving while no leader is known waits for the election (bounded) instead of being refused at once")
     func writeWaitsOutElection() async throws {
         try await LocalCluster.running { cluster in
