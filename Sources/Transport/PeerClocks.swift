@@ -70,7 +70,8 @@ public enum ClockAgreement: Sendable, Equatable {
 
 /// Waits `duration` on `loop`'s timer, which runs on the monotonic clock.
 /// Swift's `Task.sleep` was seen never to return in a process whose wall
-/// clock was set back (libfaketime, two minutes behind), so the node's
+/// clock was set back by libfaketime (two minutes behind; a real backward
+/// step of the system clock did not do it), so the node's
 /// periodic work (clock stamps, reconnect backoff, the watcher) waits here:
 /// a node with a wrong clock must still notice it.
 public func sleep(for duration: Duration, on loop: any EventLoop) async throws {
