@@ -293,11 +293,9 @@ public final class NodeServer: Sendable {
     private func handOverForClock(_ status: Status) async {
         let offsets = clock.offsets
         let candidates = status.membership.voters.filter { candidate in
-            guard candidate != config.id, let own = offsets[candidate], status.followers[candidate] != nil else { return false }
-            let agreeing = status.membership.voters.filter { other in
-                other == config.id ? abs(own) <= ClockCheck.boundMillis : offsets[other].map { abs($0 - own) <= ClockCheck.boundMillis } ?? false
-            }
-            return agreeing.count >= status.membership.quorum
+            candidate != config.id && status.followers[candidate] != nil
+                && ClockAgreement.agreeing(with: candidate, own: config.id, voters: status.membership.voters, offsets: offsets,
+                                           boundMillis: ClockCheck.boundMillis) >= status.membership.quorum
         }
         guard let target = candidates.max(by: { status.followers[$0]!.matchIndex < status.followers[$1]!.matchIndex }) else { return }
         log.error("handing leadership over: this node's clock disagrees with the cluster's", ["clock": clock.verdict.description, "to": "\(target)"])

@@ -43,12 +43,20 @@ public enum ClockAgreement: Sendable, Equatable {
     case disagrees(voters: [NodeID], medianOffsetMillis: Int64)
 
     public static func judge(own: NodeID, voters: Set<NodeID>, offsets: [NodeID: Int64], boundMillis: Int64) -> ClockAgreement {
-        let peers = voters.subtracting([own]).sorted()
-        let agreeing = peers.filter { offsets[$0].map { abs($0) <= boundMillis } ?? false }.count + (voters.contains(own) ? 1 : 0)
-        let disagreeing = peers.filter { offsets[$0].map { abs($0) > boundMillis } ?? false }
-        guard !disagreeing.isEmpty, agreeing < voters.count / 2 + 1 else { return .agrees }
+        let disagreeing = voters.subtracting([own]).sorted().filter { offsets[$0].map { abs($0) > boundMillis } ?? false }
+        guard !disagreeing.isEmpty,
+              agreeing(with: own, own: own, voters: voters, offsets: offsets, boundMillis: boundMillis) < voters.count / 2 + 1 else { return .agrees }
         let sorted = disagreeing.map { offsets[$0]! }.sorted()
         return .disagrees(voters: disagreeing, medianOffsetMillis: sorted[sorted.count / 2])
+    }
+
+    /// How many voters' clocks are within `boundMillis` of `node`'s, by
+    /// `own`'s readings (`offsets` are from `own`'s clock, which reads 0);
+    /// a voter without a reading does not count.
+    public static func agreeing(with node: NodeID, own: NodeID, voters: Set<NodeID>, offsets: [NodeID: Int64], boundMillis: Int64) -> Int {
+        func offset(_ id: NodeID) -> Int64? { id == own ? 0 : offsets[id] }
+        guard let base = offset(node) else { return 0 }
+        return voters.filter { offset($0).map { abs($0 - base) <= boundMillis } ?? false }.count
     }
 
     /// The voters whose clocks disagree (none when it agrees).

@@ -667,6 +667,13 @@ final class LinkQueue: Sendable {
         var writing = false
         /// The next write starts with a clock stamp.
         var stampWanted = false
+
+        /// Whether the write being taken starts with a stamp (then the
+        /// next one need not).
+        mutating func takeStamp() -> Bool {
+            defer { stampWanted = false }
+            return stampWanted
+        }
     }
     private let state = Mutex(State())
     let limit: Int
@@ -692,21 +699,25 @@ final class LinkQueue: Sendable {
     /// Whether a write is under way, in pieces or queued on the loop (for tests).
     var isWriting: Bool { state.withLock { $0.writing } }
 
-    func push(_ batch: [Message]) {
-        let direct: (any Channel)? = state.withLock { state in
+    /// Queues `batch` (with `clock`, and nothing else, this node's clock
+    /// stamp): written at once if the link is idle, else after what is
+    /// under way.
+    func push(_ batch: [Message], clock: Bool = false) {
+        let direct: (channel: any Channel, stamped: Bool)? = state.withLock { state in
             guard !state.closed else { return nil }
+            if clock { state.stampWanted = true }
             if let channel = state.channel, state.messages.isEmpty, !state.writing, channel.isWritable {
                 state.writing = true
-                return channel
+                return (channel, state.takeStamp())
             }
             state.messages.append(contentsOf: batch)
             if state.messages.count > limit { state.messages.removeFirst(state.messages.count - limit) }
             return nil
         }
-        guard let channel = direct else { return }
+        guard let (channel, stamped) = direct else { return }
         // Framed once the write is this batch's (outside the lock: a large
         // batch is slow to frame); a batch that waits is framed when taken.
-        writeNow(framed(batch, channel.allocator), to: channel)
+        writeNow(framed(batch, stamped: stamped, channel.allocator), to: channel)
     }
 
     private func writeNow(_ bytes: ByteBuffer, to channel: any Channel) {
@@ -720,16 +731,7 @@ final class LinkQueue: Sendable {
     /// Sends this node's clock stamp: now if the link is idle, else at the
     /// start of its next write.
     func pushClock() {
-        guard stamp != nil else { return }
-        let direct: (any Channel)? = state.withLock { state in
-            guard !state.closed else { return nil }
-            state.stampWanted = true
-            guard let channel = state.channel, state.messages.isEmpty, !state.writing, channel.isWritable else { return nil }
-            state.writing = true
-            return channel
-        }
-        guard let channel = direct else { return }
-        writeNow(framed([], channel.allocator), to: channel)
+        if stamp != nil { push([], clock: true) }
     }
 
     /// The link's new connection: what waited is written first.
@@ -786,29 +788,28 @@ final class LinkQueue: Sendable {
     /// write just ended (if nothing follows it, the link has none under
     /// way, and what waits for a newer connection is drained there).
     private func takeWaiting(for channel: any Channel, continuing: Bool) -> ByteBuffer? {
-        let (batch, newer): ([Message], (any Channel)?) = state.withLock { state in
-            guard continuing || !state.writing else { return ([], nil) }
+        let (batch, stamped, newer): ([Message], Bool, (any Channel)?) = state.withLock { state in
+            guard continuing || !state.writing else { return ([], false, nil) }
             guard state.channel === channel, !state.messages.isEmpty, channel.isActive, channel.isWritable else {
                 state.writing = false
                 let newer = state.channel.flatMap { $0 === channel || state.messages.isEmpty ? nil : $0 }
-                return ([], newer)
+                return ([], false, newer)
             }
             state.writing = true
             defer { state.messages.removeAll(keepingCapacity: true) }
-            return (state.messages, nil)
+            return (state.messages, state.takeStamp(), nil)
         }
         if let newer { drainLater(newer) }
-        return batch.isEmpty ? nil : framed(batch, channel.allocator)
+        return batch.isEmpty ? nil : framed(batch, stamped: stamped, channel.allocator)
     }
 
-    /// Frames for a batch, as the bytes of one write: large messages
-    /// (snapshots) in pieces of `chunkBytes`, so no frame nears the frame limit.
-    private func framed(_ messages: [Message], _ allocator: ByteBufferAllocator) -> ByteBuffer {
-        var encoded = messages.flatMap { message in
+    /// Frames for a batch, as the bytes of one write (after this node's
+    /// clock stamp, made now, if `stamped`): large messages (snapshots) in
+    /// pieces of `chunkBytes`, so no frame nears the frame limit.
+    private func framed(_ messages: [Message], stamped: Bool, _ allocator: ByteBufferAllocator) -> ByteBuffer {
+        var encoded = stamped ? [stamp.map { Frame.clock($0()).encoded } ?? []] : []
+        encoded += messages.flatMap { message in
             Frame.frames(for: message, chunkBytes: chunkBytes, messageID: messageIDs.next()).map(\.encoded)
-        }
-        if let stamp, state.withLock({ state in defer { state.stampWanted = false }; return state.stampWanted }) {
-            encoded.insert(Frame.clock(stamp()).encoded, at: 0)
         }
         var buffer = allocator.buffer(capacity: encoded.reduce(0) { $0 + $1.count })
         for bytes in encoded { buffer.writeBytes(bytes) }

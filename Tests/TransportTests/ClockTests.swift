@@ -90,6 +90,13 @@ struct ClockTests {
         // Five voters: two off is a minority, three off a majority.
         #expect(judge(1, [1, 2, 3, 4, 5], [2: 60_000, 3: 61_000, 4: 0, 5: 5]) == .agrees)
         #expect(judge(1, [1, 2, 3, 4, 5], [2: 60_000, 3: 61_000, 4: 62_000, 5: 5]) == .disagrees(voters: [2, 3, 4], medianOffsetMillis: 61_000))
+        // Hand-over candidates: by node 2's readings (it is 5 minutes ahead),
+        // nodes 1 and 3 agree with each other, so each has a quorum; node 2
+        // has only itself. With 1 and 3 off in opposite directions, no two clocks agree.
+        #expect(ClockAgreement.agreeing(with: 1, own: 2, voters: [1, 2, 3], offsets: [1: -300_000, 3: -299_950], boundMillis: bound) == 2)
+        #expect(ClockAgreement.agreeing(with: 2, own: 2, voters: [1, 2, 3], offsets: [1: -300_000, 3: -299_950], boundMillis: bound) == 1)
+        #expect(ClockAgreement.agreeing(with: 1, own: 2, voters: [1, 2, 3], offsets: [1: -300_000, 3: 300_000], boundMillis: bound) == 1)
+        #expect(ClockAgreement.agreeing(with: 4, own: 2, voters: [1, 2, 3], offsets: [1: 0], boundMillis: bound) == 0, "no reading of node 4")
         // A learner's (non-voter's) clock is not counted.
         #expect(judge(1, [1, 2, 3], [2: 0, 3: 0, 4: 600_000]) == .agrees)
         #expect(judge(1, [1, 2, 3], [2: 600_000, 3: 600_000, 4: 0]).disagreeing == [2, 3])
