@@ -193,6 +193,13 @@ public actor RaftDriver {
         var running = false
         /// The driver stopped: proposals are refused from then on.
         var closed = false
+        /// The driver holds new proposals anyway (its previous batch awaits
+        /// its commit) and looks here when that ends: the commit comes as
+        /// a peer's message, which schedules a drain, and the driver's own
+        /// timer wakes it at the gathering bound. A proposal arriving
+        /// meanwhile needs no drain of its own: each had cost the caller an
+        /// eventfd write and the driver a wake-up only to hold it.
+        var holdingProposals = false
 
         /// Whether the caller must schedule a drain (none is scheduled and
         /// the driver is not in its loop). A drain scheduled while the
@@ -237,6 +244,7 @@ public actor RaftDriver {
             if inbox.closed { return (.stopped, false) }
             guard inbox.proposals.count < inboxProposalsMax else { return (.overloaded(waiting: inbox.proposals.count), false) }
             inbox.proposals.append(proposal)
+            if inbox.holdingProposals && inbox.proposals.count < Self.proposalsGatheredMax { return (nil, false) }
             return (nil, inbox.scheduleDrain())
         }
         if let refusal { proposal.continuation?.resume(throwing: refusal) }
@@ -484,6 +492,8 @@ public actor RaftDriver {
     private var queuedProposals: [QueuedProposal] = []
     /// The last index of the newest batch this node proposed as leader.
     private var lastBatchEnd: LogIndex = 0
+    /// The loop's run scheduled for the end of a hold.
+    private var holdWake: (at: ContinuousClock.Instant, task: Scheduled<Void>)?
 
     /// Proposes the queued commands as one batch, unless this leader's
     /// previous batch is still waiting for its commit: then they wait for
@@ -497,10 +507,7 @@ public actor RaftDriver {
     /// CPU per issuance in all processes).
     private func proposeQueued() {
         guard !queuedProposals.isEmpty else { return }
-        if raft.role == .leader, lastBatchEnd > raft.commitIndex, queuedProposals.count < Self.proposalsGatheredMax,
-           queuedProposals[0].startedAt.duration(to: .now) < proposalGatherMax {
-            return
-        }
+        if proposalsHeldUntil() != nil { return }
         let queued = queuedProposals
         queuedProposals.removeAll(keepingCapacity: true)
         let receipt: ProposalReceipt
@@ -650,14 +657,51 @@ public actor RaftDriver {
     /// scheduled for what waits). False: take the input and go on.
     private func leaveLoop(inputRounds: Int) -> Bool {
         let roundsTaken = inputRounds >= loopInputRoundsMax
+        let wake = proposalsHeldUntil()
         let (leave, schedule) = inbox.withLock { inbox -> (Bool, Bool) in
             let empty = inbox.messages.isEmpty && inbox.proposals.isEmpty
             guard empty || roundsTaken else { return (false, false) }
             inbox.running = false
+            inbox.holdingProposals = wake != nil
             return (true, !empty && inbox.scheduleDrain())
         }
         if schedule { scheduleDrain() }
+        if leave { setHoldWake(wake) }
         return leave
+    }
+
+    /// While new proposals are held (`proposeQueued`), when the driver
+    /// must look at them again if the commit it waits for has not brought
+    /// it back first: the oldest one's gathering bound (for proposals not
+    /// yet taken from the inbox, at least a bound from now). Nil when a
+    /// proposal would go at once.
+    private func proposalsHeldUntil() -> ContinuousClock.Instant? {
+        guard raft.role == .leader, !stopped, lastBatchEnd > raft.commitIndex, queuedProposals.count < Self.proposalsGatheredMax else {
+            return nil
+        }
+        let now = ContinuousClock.now
+        let bound = (queuedProposals.first?.startedAt ?? now) + proposalGatherMax
+        return now < bound ? bound : nil
+    }
+
+    /// Schedules the driver's loop for `instant` (nil: cancels it), unless
+    /// one is scheduled no later.
+    private func setHoldWake(_ instant: ContinuousClock.Instant?) {
+        guard let instant else {
+            holdWake?.task.cancel()
+            holdWake = nil
+            return
+        }
+        if let holdWake, holdWake.at <= instant { return }
+        holdWake?.task.cancel()
+        let delay = ContinuousClock.now.duration(to: instant)
+        let nanoseconds = max(0, delay.components.seconds * 1_000_000_000 + delay.components.attoseconds / 1_000_000_000)
+        holdWake = (instant, loop.scheduleTask(in: .nanoseconds(nanoseconds)) { [self] in
+            assumeIsolated { driver in
+                driver.holdWake = nil
+                driver.drainInbox()
+            }
+        })
     }
 
     private func runReadies(_ rounds: inout Int) throws {

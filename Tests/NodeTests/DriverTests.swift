@@ -321,11 +321,18 @@ struct DriverTests {
                 try cluster.stores[leader]!.auditRecords(limit: 1_000).last { $0.target == name }?.timeMillis
             }
             let before = UInt64(Date().timeIntervalSince1970 * 1000)
+            // The follower answers once it applied the write; the leader may
+            // apply it a moment later (it sends the commit before applying).
+            func appliedOnLeader(_ name: String) async throws -> UInt64? {
+                _ = try await cluster.eventually { try recordedTime(name) != nil }
+                return try recordedTime(name)
+            }
             _ = try await cluster.drivers[follower]!.write(write("docs/on-time", "{}")) // stamped 1 by the follower
-            #expect(try recordedTime("docs/on-time").map { $0 >= before } == true, "restamped with the leader's time")
+            #expect(try await appliedOnLeader("docs/on-time").map { $0 >= before } == true, "restamped with the leader's time")
             cluster.drivers[leader]!.setClockCheck { false }
             _ = try await cluster.drivers[follower]!.write(write("docs/leader-off", "{}"))
-            #expect(try recordedTime("docs/leader-off") == 1, "kept the forwarding node's time")
+            let kept = try await appliedOnLeader("docs/leader-off")
+            #expect(kept == 1, "kept the forwarding node's time, not \(kept.map(String.init) ?? "none")")
         }
     }
 
@@ -395,6 +402,51 @@ struct DriverTests {
             let waited = started.duration(to: .now)
             #expect(waited >= .milliseconds(100), "proposed after \(waited)")
             #expect(await leader.statusSnapshot.commitIndex <= before)
+            cluster.network.releaseHeld()
+            #expect(try await first.value.logIndex == before + 1)
+            #expect(try await second.value.logIndex == before + 2)
+        }
+    }
+
+    @Test("Proposals arriving while the leader holds them behind an uncommitted batch schedule no drain of their own; the commit brings them in")
+    func heldProposalsWakeNoDriver() async throws {
+        try await LocalCluster.running(checkQuorum: false, proposalGatherMax: .seconds(30)) { cluster in
+            let (leader, metrics, before, first) = try await Self.firstBatchHeld(cluster)
+            // The loop that proposed the first batch has left, holding.
+            await cluster.drainInboxes()
+            let drains = leader.drainsScheduled
+            let batches = metrics.proposalBatches.current
+            let rest = (0..<5).map { k in Task { try await leader.propose(write("held-\(k)", "1")) } }
+            #expect(await cluster.eventually { await leader.pendingRequestCount == 6 })
+            try await Task.sleep(for: .milliseconds(200))
+            #expect(leader.drainsScheduled == drains, "\(leader.drainsScheduled - drains) drains scheduled for held proposals")
+            #expect(await leader.statusSnapshot.lastIndex == before + 1)
+            // The answers that commit the first batch schedule the drain that proposes the rest.
+            cluster.network.releaseHeld()
+            #expect(try await first.value.logIndex == before + 1)
+            var indexes: Set<LogIndex> = []
+            for task in rest { indexes.insert(try await task.value.logIndex) }
+            #expect(indexes == Set((before + 2)...(before + 6)))
+            #expect(metrics.proposalBatches.current == batches + 1, "the five held proposals went in one batch")
+        }
+    }
+
+    @Test("A proposal held behind a batch that does not commit is proposed at its bound by the driver's own timer, with no tick and no message to wake it")
+    func heldProposalWakesItsDriverAtTheBound() async throws {
+        try await LocalCluster.running(checkQuorum: false, proposalGatherMax: .milliseconds(200)) { cluster in
+            let (leader, _, before, first) = try await Self.firstBatchHeld(cluster)
+            // No node ticks from here (none campaigns either).
+            for ticker in cluster.tickers {
+                let cancelled = cluster.group.next().makePromise(of: Void.self)
+                ticker.cancel(promise: cancelled)
+                try await cancelled.futureResult.get()
+            }
+            await cluster.drainInboxes()
+            let started = ContinuousClock.now
+            let second = Task { try await leader.propose(write("second", "1")) }
+            #expect(await cluster.eventually(within: 10) { await leader.statusSnapshot.lastIndex == before + 2 })
+            let waited = started.duration(to: .now)
+            #expect(waited >= .milliseconds(200) && waited < .seconds(3), "proposed after \(waited)")
             cluster.network.releaseHeld()
             #expect(try await first.value.logIndex == before + 1)
             #expect(try await second.value.logIndex == before + 2)
