@@ -33,6 +33,12 @@ public struct Configuration: Sendable {
     /// actual timeout is drawn from [electionTimeoutTicks, 2 x electionTimeoutTicks).
     public var electionTimeoutTicks: Int = 10
     public var heartbeatIntervalTicks: Int = 1
+    /// A follower sent an AppendEntries since the last heartbeat (one
+    /// streaming entries, with no read waiting for a round) gets no
+    /// heartbeat: the append did what it would (reset its election timer,
+    /// carried the commit, asks an answer that counts for check-quorum).
+    /// Off: every follower gets one every interval.
+    public var heartbeatsOnlyWhenIdle: Bool = true
     public var preVote: Bool = true
     public var checkQuorum: Bool = true
     public var followerProposals: FollowerProposalPolicy = .forwardToLeader

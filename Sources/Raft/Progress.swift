@@ -18,6 +18,8 @@ struct Progress {
     var state: State = .probe
     /// In the probe state, a message was sent since the last heartbeat.
     var probeSent = false
+    /// An AppendEntries was sent since the last heartbeat interval.
+    var appendedSinceHeartbeat = false
     /// Heard from since the last check-quorum round.
     var recentlyActive = false
     var isLearner: Bool

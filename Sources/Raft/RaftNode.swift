@@ -193,7 +193,7 @@ public struct RaftNode: Sendable {
         }
         if heartbeatElapsedTicks >= configuration.heartbeatIntervalTicks {
             heartbeatElapsedTicks = 0
-            broadcastHeartbeat()
+            broadcastHeartbeat(skippingStreamed: configuration.heartbeatsOnlyWhenIdle)
         }
     }
 
@@ -640,6 +640,7 @@ public struct RaftNode: Sendable {
         let append = AppendEntries(prevLogIndex: prevIndex, prevLogTerm: prevTerm, entries: Array(slice), leaderCommit: log.commitIndex)
         outbox.append(Message(from: id, to: peer, term: term, body: .appendEntries(append)))
         progress[peer]!.sent(lastIndex: prevIndex + LogIndex(slice.count), bytes: bytes, entryCount: slice.count)
+        progress[peer]!.appendedSinceHeartbeat = true
         return !slice.isEmpty
     }
 
@@ -677,9 +678,14 @@ public struct RaftNode: Sendable {
         }
     }
 
-    private mutating func broadcastHeartbeat() {
+    /// A heartbeat to every follower; with `skippingStreamed`, not to one in
+    /// the replicate state sent an AppendEntries since the last interval,
+    /// unless reads wait (their rounds are confirmed by heartbeat answers).
+    private mutating func broadcastHeartbeat(skippingStreamed: Bool = false) {
         for peer in peers {
             guard let p = progress[peer] else { continue }
+            progress[peer]!.appendedSinceHeartbeat = false
+            if skippingStreamed, p.appendedSinceHeartbeat, p.state == .replicate, pendingReads.isEmpty { continue }
             let heartbeat = Heartbeat(commit: min(p.matchIndex, log.commitIndex), readRound: readRound)
             outbox.append(Message(from: id, to: peer, term: term, body: .heartbeat(heartbeat)))
         }

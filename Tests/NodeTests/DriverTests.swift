@@ -121,7 +121,8 @@ final class LocalCluster {
     let group: MultiThreadedEventLoopGroup
 
     init(voters: [NodeID] = [1, 2, 3], compactEveryEntries: LogIndex = 10_000, keepPayloadsEntries: LogIndex = 4_096,
-         checkQuorum: Bool = true, proposalGatherMax: Duration = .milliseconds(3), inboxProposalsMax: Int = 16_384) throws {
+         checkQuorum: Bool = true, proposalGatherMax: Duration = .milliseconds(3), inboxProposalsMax: Int = 16_384,
+         electionTimeoutTicks: Int = 10) throws {
         group = MultiThreadedEventLoopGroup(numberOfThreads: voters.count)
         directory = FileManager.default.temporaryDirectory.appendingPathComponent("warrant-driver-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
@@ -129,7 +130,8 @@ final class LocalCluster {
             let store = try RaftStore(directory: directory.appendingPathComponent("node-\(id)").path, synchronous: .none)
             try store.initialize(with: .bootstrap(voters: voters))
             var configuration = Configuration(id: id, randomSeed: UInt64.random(in: 1...UInt64.max))
-            configuration.electionTimeoutTicks = 10
+            configuration.electionTimeoutTicks = electionTimeoutTicks
+            configuration.snapshotTimeoutTicks = max(configuration.snapshotTimeoutTicks, 2 * electionTimeoutTicks)
             configuration.checkQuorum = checkQuorum
             let nodeMetrics = NodeMetrics()
             let timeline = network.timeline
@@ -186,10 +188,11 @@ final class LocalCluster {
 
     /// Runs `body` against a fresh cluster and always shuts it down.
     static func running(compactEveryEntries: LogIndex = 10_000, keepPayloadsEntries: LogIndex = 4_096, checkQuorum: Bool = true,
-                        proposalGatherMax: Duration = .milliseconds(3), inboxProposalsMax: Int = 16_384,
+                        proposalGatherMax: Duration = .milliseconds(3), inboxProposalsMax: Int = 16_384, electionTimeoutTicks: Int = 10,
                         _ body: (LocalCluster) async throws -> Void) async throws {
         let cluster = try LocalCluster(compactEveryEntries: compactEveryEntries, keepPayloadsEntries: keepPayloadsEntries,
-                                       checkQuorum: checkQuorum, proposalGatherMax: proposalGatherMax, inboxProposalsMax: inboxProposalsMax)
+                                       checkQuorum: checkQuorum, proposalGatherMax: proposalGatherMax, inboxProposalsMax: inboxProposalsMax,
+                                       electionTimeoutTicks: electionTimeoutTicks)
         do {
             try await body(cluster)
         } catch {
@@ -433,9 +436,12 @@ struct DriverTests {
 
     @Test("A proposal held behind a batch that does not commit is proposed at its bound by the driver's own timer, with no tick and no message to wake it")
     func heldProposalWakesItsDriverAtTheBound() async throws {
-        try await LocalCluster.running(checkQuorum: false, proposalGatherMax: .milliseconds(200)) { cluster in
+        // Elections only when asked (a stall under load must not elect
+        // another leader while nothing ticks: the writes would wait forever).
+        try await LocalCluster.running(checkQuorum: false, proposalGatherMax: .milliseconds(200), electionTimeoutTicks: 100_000) { cluster in
+            try await cluster.drivers[1]!.campaign()
             let (leader, _, before, first) = try await Self.firstBatchHeld(cluster)
-            // No node ticks from here (none campaigns either).
+            // No node ticks from here.
             for ticker in cluster.tickers {
                 let cancelled = cluster.group.next().makePromise(of: Void.self)
                 ticker.cancel(promise: cancelled)

@@ -142,6 +142,29 @@ struct Figure2Tests {
         #expect(beats.map(\.to).sorted() == [2, 3])
     }
 
+    @Test("A follower streaming entries gets no heartbeat for an interval it was sent an append in; an idle one, or any while a read waits, gets one", arguments: [true, false])
+    func heartbeatsOnlyToIdleFollowers(onlyWhenIdle: Bool) throws {
+        var leader = try makeLeader(acknowledgedBy: [2, 3]) { $0.heartbeatsOnlyWhenIdle = onlyWhenIdle }
+        func heartbeatsOfNextTick() -> [NodeID] {
+            leader.tick()
+            return leader.sentMessages().compactMap { if case .heartbeat = $0.body { return $0.to } else { return nil } }.sorted()
+        }
+        _ = heartbeatsOfNextTick() // the interval in which the no-op went out
+        // An interval with an append to both followers, then one with nothing.
+        _ = try leader.propose(Array("a".utf8))
+        let appended = leader.sentMessages().compactMap { if case .appendEntries = $0.body { return $0.to } else { return nil } }
+        #expect(appended.sorted() == [2, 3])
+        #expect(heartbeatsOfNextTick() == (onlyWhenIdle ? [] : [2, 3]), "both were sent the append this interval")
+        #expect(heartbeatsOfNextTick() == [2, 3], "nothing was sent to either since")
+        // A read waiting for its round (unanswered): heartbeats go to every
+        // follower, appends or not.
+        try leader.readIndex(requestID: 1)
+        _ = leader.sentMessages()
+        _ = try leader.propose(Array("b".utf8))
+        #expect(leader.sentMessages().filter { if case .appendEntries = $0.body { return true } else { return false } }.count == 2)
+        #expect(heartbeatsOfNextTick() == [2, 3])
+    }
+
     @Test("On a command the leader appends to its log and replicates; a follower's rejection moves nextIndex back")
     func leaderBacktracksToWhereLogsAgree() throws {
         // Node 2 holds a long suffix from term 2 that the leader never had.

@@ -533,6 +533,8 @@ struct MembershipEdgeTests {
         let match = try #require(net.cluster.raft(1).status.followers[3]?.matchIndex)
         #expect(match < leaderCommit)
         net.heal()
+        // Two intervals: in the first, the appends sent (and lost) stand in for a heartbeat.
+        net.cluster.tick(1)
         net.cluster.tick(1)
         let beats = net.cluster.outgoing.compactMap { message -> Heartbeat? in
             if message.to == 3, case .heartbeat(let heartbeat) = message.body { return heartbeat }

@@ -42,7 +42,7 @@ final class DiskRegistry {
 
 @Suite("The simulator on the write-ahead log")
 struct SimulationOnDiskTests {
-    @Test("Seeded runs on real log files are clean and identical to the in-memory runs", arguments: [UInt64(19), 23, 24])
+    @Test("Seeded runs on real log files are clean and identical to the in-memory runs", arguments: [UInt64(2), 13, 16])
     func sameRunOnDisk(seed: UInt64) throws {
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("warrant-sim-disk-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
