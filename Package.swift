@@ -82,7 +82,7 @@ let package = Package(
         // Wires it all: the driver loop, the node process, the HTTPS API
         // (forwarding, metrics), the cluster's files and the admin client.
         .target(name: "Node", dependencies: [
-            "Raft", "Ledger", "Storage", "Transport", "Authority", "Attestation", "Policy",
+            "Raft", "Ledger", "Storage", "Transport", "Authority", "Attestation", "Policy", "Encoding",
             .product(name: "Yams", package: "Yams"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),

@@ -11,6 +11,14 @@ public enum UTF8Text {
         return String(decoding: bytes, as: UTF8.self)
     }
 
+    /// The first `count` bytes of `text`, which is ASCII (a hex digest, an
+    /// id), cut by bytes: `String.prefix` walks characters, which showed
+    /// on the issuance path (serials, token and actor names).
+    public static func prefix(_ text: String, bytes count: Int) -> String {
+        var text = text
+        return text.withUTF8 { String(decoding: UnsafeBufferPointer(rebasing: $0.prefix(count)), as: UTF8.self) }
+    }
+
     public static func isASCII(_ bytes: UnsafeBufferPointer<UInt8>) -> Bool {
         guard let base = bytes.baseAddress else { return true }
         let raw = UnsafeRawPointer(base)

@@ -159,13 +159,13 @@ public enum Ledger {
         text += String(i.notAfterMillis)
         if !i.platformReplayKey.isEmpty {
             text += " platform_token="
-            text += i.platformReplayKey.prefix(16)
+            text += UTF8Text.prefix(i.platformReplayKey, bytes: 16)
         } else if i.tokenHash.isEmpty {
             text += " renewed_from="
             text += i.renewedFrom
         } else {
             text += " token="
-            text += i.tokenHash.prefix(16)
+            text += UTF8Text.prefix(i.tokenHash, bytes: 16)
         }
         text += " authority="
         text += i.authority

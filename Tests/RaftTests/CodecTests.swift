@@ -152,6 +152,15 @@ struct CodecTests {
     /// validation on every input: non-ASCII bytes at each position of an
     /// eight-byte word and in the tail, truncated, overlong and surrogate
     /// sequences, and random bytes.
+    @Test("An ASCII text's byte prefix is its character prefix, whole when shorter")
+    func asciiPrefix() {
+        let digest = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+        for count in [0, 1, 16, 32, 63, 64, 65, 1_000] {
+            #expect(UTF8Text.prefix(digest, bytes: count) == String(digest.prefix(count)), "\(count) bytes")
+        }
+        #expect(UTF8Text.prefix("", bytes: 16) == "")
+    }
+
     @Test("Strings read from bytes: ASCII fast path agrees with full UTF-8 validation")
     func utf8Strings() {
         func check(_ bytes: [UInt8]) {

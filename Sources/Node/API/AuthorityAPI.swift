@@ -1,4 +1,5 @@
 import Authority
+import Encoding
 import Foundation
 import Ledger
 import NIOHTTP1
@@ -292,7 +293,7 @@ extension NodeAPI {
     /// log only when an idempotency key asks for the answer to be kept.
     private func record(_ issuance: consuming Issuance, actor: String? = nil, _ request: HTTPRequest) async throws -> (artifact: [UInt8], replayed: Bool) {
         if issuance.idempotencyKey.isEmpty { issuance.artifact = [] }
-        let actor = actor ?? (issuance.tokenHash.isEmpty ? Self.actor(of: request) : "token:\(issuance.tokenHash.prefix(16))")
+        let actor = actor ?? (issuance.tokenHash.isEmpty ? Self.actor(of: request) : "token:" + UTF8Text.prefix(issuance.tokenHash, bytes: 16))
         let command = LedgerCommand(timeMillis: UInt64(Date().timeIntervalSince1970 * 1000), actor: actor,
                                     requestID: request.headers.first(name: "warrant-request-id") ?? RequestID.make(), operation: .recordIssuance(consume issuance))
         // The driver's write checks the command (a request id too long, say).
@@ -321,7 +322,7 @@ extension NodeAPI {
         // The first serial names the line its renewals continue (a serial
         // rule covers them too); renewals keep the token's TTL cap.
         let serial = X509Authority.randomSerial()
-        let attributes = ["evidence": "join_token", "token": String(admitted.hash.prefix(16)), "evidence_expires": String(evidenceExpires),
+        let attributes = ["evidence": "join_token", "token": UTF8Text.prefix(admitted.hash, bytes: 16), "evidence_expires": String(evidenceExpires),
                           "lineage": Hex.encode(serial.bytes), "ttl_max": String(admitted.token.ttlMaxSeconds)]
         let template = Issuance(kind: .x509, spiffeID: spiffeID.description, serial: "", fingerprint: "", issuedAtMillis: 0, notAfterMillis: 0,
                                 ttlSeconds: admitted.ttl, tokenHash: admitted.hash, idempotencyKey: body.idempotencyKey.map(AuthorityService.hash) ?? "",
@@ -525,7 +526,7 @@ extension NodeAPI {
         let admitted = try await admit(token: body.token, idempotencyKey: body.idempotencyKey, ttlSeconds: body.ttlSeconds)
         if let earlier = admitted.earlier { return try jwtResponse(Array(earlier.artifact), replayed: true) }
         let spiffeID = try Self.spiffeID(admitted.token.spiffeID, trustDomain: keys.jwt.trustDomain)
-        let attributes = ["evidence": "join_token", "token": String(admitted.hash.prefix(16))]
+        let attributes = ["evidence": "join_token", "token": UTF8Text.prefix(admitted.hash, bytes: 16)]
         let template = Issuance(kind: .jwt, spiffeID: spiffeID.description, serial: "", fingerprint: "", issuedAtMillis: 0, notAfterMillis: 0,
                                 ttlSeconds: admitted.ttl, tokenHash: admitted.hash, idempotencyKey: body.idempotencyKey.map(AuthorityService.hash) ?? "",
                                 node: id, authority: "", attributes: attributes, artifact: [])
@@ -550,7 +551,7 @@ extension NodeAPI {
             }
             let fingerprint = AuthorityService.hash(issued.bytes)
             var issuance = template
-            issuance.serial = String(fingerprint.prefix(32))
+            issuance.serial = UTF8Text.prefix(fingerprint, bytes: 32)
             issuance.fingerprint = fingerprint
             issuance.issuedAtMillis = Self.millis(now)
             issuance.notAfterMillis = Self.millis(issued.expiry)
