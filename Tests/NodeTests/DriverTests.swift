@@ -339,6 +339,19 @@ struct DriverTests {
         }
     }
 
+    @Test("The clock check answers the same after a million reads (read from a Mutex directly, each read had wrapped it once more, until calling it overflowed the stack)")
+    func clockCheckSurvivesManyReads() async throws {
+        try await LocalCluster.running { cluster in
+            let driver = cluster.drivers[1]!
+            let answer = Count()
+            driver.setClockCheck { answer.value == 0 }
+            for _ in 0..<1_000_000 { _ = driver.clockAgreesNow() }
+            #expect(driver.clockAgreesNow())
+            answer.add()
+            #expect(!driver.clockAgreesNow())
+        }
+    }
+
     @Test("A write arriving while no leader is known waits for the election (bounded) instead of being refused at once")
     func writeWaitsOutElection() async throws {
         try await LocalCluster.running { cluster in
