@@ -46,8 +46,6 @@ public final class TestIssuer: Sendable {
     private let identity: NodeIdentity
     /// What a simulated GitHub runner's ACTIONS_ID_TOKEN_REQUEST_TOKEN is.
     public let actionsRequestToken = UUID().uuidString
-    /// The claims a simulated runner's token carries (besides iss, aud, times, jti).
-    public let actionsClaims = Mutex<(TestIssuer, String) -> [(String, Claim)]>({ issuer, audience in issuer.githubClaims(audience: audience) })
 
     public init(keys: [KeyAlgorithm] = [.rsa2048]) throws {
         let made = try keys.enumerated().map { index, algorithm in Key(kid: "key-\(index + 1)", key: try SigningKey.generate(algorithm)) }
@@ -186,7 +184,8 @@ public final class TestIssuer: Sendable {
                 // A simulated GitHub runner's token endpoint: bearer request token, ?audience=.
                 guard request.headers.first(name: "authorization") == "bearer \(actionsRequestToken)" else { return HTTPResponse(status: .unauthorized) }
                 let audience = request.query["audience"] ?? "https://github.com/acme"
-                let claims = actionsClaims.withLock { $0 }(self, audience)
+                // A simulated runner's token carries GitHub's claims for its audience.
+                let claims = githubClaims(audience: audience)
                 guard let token = try? mint(claims) else { return HTTPResponse(status: .internalServerError) }
                 return HTTPResponse(status: .ok, headers: [("content-type", "application/json")],
                                     body: Array(JSONText.object(["value": token, "count": "1"]).utf8))
