@@ -707,9 +707,7 @@ public actor RaftDriver {
         }
         if let holdWake, holdWake.at <= instant { return }
         holdWake?.task.cancel()
-        let delay = ContinuousClock.now.duration(to: instant)
-        let nanoseconds = max(0, delay.components.seconds * 1_000_000_000 + delay.components.attoseconds / 1_000_000_000)
-        holdWake = (instant, loop.scheduleTask(in: .nanoseconds(nanoseconds)) { [self] in
+        holdWake = (instant, loop.scheduleTask(in: TimeAmount(max(.zero, ContinuousClock.now.duration(to: instant)))) { [self] in
             assumeIsolated { driver in
                 driver.holdWake = nil
                 driver.drainInbox()

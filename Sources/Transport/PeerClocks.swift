@@ -83,8 +83,7 @@ public enum ClockAgreement: Sendable, Equatable {
 /// periodic work (clock stamps, reconnect backoff, the watcher) waits here:
 /// a node with a wrong clock must still notice it.
 public func sleep(for duration: Duration, on loop: any EventLoop) async throws {
-    let (seconds, attoseconds) = duration.components
-    let scheduled = loop.scheduleTask(in: .nanoseconds(seconds * 1_000_000_000 + attoseconds / 1_000_000_000)) {}
+    let scheduled = loop.scheduleTask(in: TimeAmount(duration)) {}
     try await withTaskCancellationHandler {
         try await scheduled.futureResult.get()
     } onCancel: {
