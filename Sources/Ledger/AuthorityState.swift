@@ -138,7 +138,7 @@ public struct Issuance: Sendable, Hashable {
         authority = try LedgerCommand.readString(&r, "authority", 128)
         let count = Int(try r.readUInt32("attribute count"))
         guard count <= Self.attributesMax else { throw .invalid(field: "attribute count", reason: "\(count) is over \(Self.attributesMax)") }
-        var attributes: [String: String] = [:]
+        var attributes = [String: String](minimumCapacity: count) // no growing and rehashing as members arrive
         for _ in 0..<count {
             let key = try LedgerCommand.readString(&r, "attribute name", 256)
             attributes[key] = try LedgerCommand.readString(&r, "attribute value", 4096)

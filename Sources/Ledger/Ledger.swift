@@ -142,47 +142,51 @@ public enum Ledger {
 
     /// The result of an `identity.issue` record: `ok: x509 serial=... sha256=...
     /// ttl=...s not_after=... token=... authority=... node=... request=...
-    /// context=k=v,...` (appended piece by piece: interpolation was a tenth
-    /// of applying an issuance).
+    /// context=k=v,...`, written piece by piece as bytes and made a string
+    /// once (interpolation was a tenth of applying an issuance; appending
+    /// to a String, half as much again as bytes).
     static func issuedText(_ i: Issuance, replayed: Bool, requestID: String) -> String {
-        var text = ""
+        var text: [UInt8] = []
         text.reserveCapacity(320 + i.attributes.count * 48)
-        text += replayed ? "replayed: " : "ok: "
-        text += i.kind == .x509 ? "x509" : "jwt"
-        text += " serial="
-        text += i.serial
-        text += " sha256="
-        text += i.fingerprint
-        text += " ttl="
-        text += String(i.ttlSeconds)
-        text += "s not_after="
-        text += String(i.notAfterMillis)
+        func put(_ piece: StaticString) { piece.withUTF8Buffer { text.append(contentsOf: $0) } }
+        func put(_ piece: String) { text.append(contentsOf: piece.utf8) }
+        func put(_ number: UInt64) { text.append(contentsOf: String(number).utf8) }
+        put(replayed ? "replayed: " : "ok: ")
+        put(i.kind == .x509 ? "x509" : "jwt")
+        put(" serial=")
+        put(i.serial)
+        put(" sha256=")
+        put(i.fingerprint)
+        put(" ttl=")
+        put(UInt64(i.ttlSeconds))
+        put("s not_after=")
+        put(i.notAfterMillis)
         if !i.platformReplayKey.isEmpty {
-            text += " platform_token="
-            text += UTF8Text.prefix(i.platformReplayKey, bytes: 16)
+            put(" platform_token=")
+            text.append(contentsOf: i.platformReplayKey.utf8.prefix(16))
         } else if i.tokenHash.isEmpty {
-            text += " renewed_from="
-            text += i.renewedFrom
+            put(" renewed_from=")
+            put(i.renewedFrom)
         } else {
-            text += " token="
-            text += UTF8Text.prefix(i.tokenHash, bytes: 16)
+            put(" token=")
+            text.append(contentsOf: i.tokenHash.utf8.prefix(16))
         }
-        text += " authority="
-        text += i.authority
-        text += " node="
-        text += String(i.node)
-        text += " request="
-        text += requestID
+        put(" authority=")
+        put(i.authority)
+        put(" node=")
+        put(i.node)
+        put(" request=")
+        put(requestID)
         if !i.attributes.isEmpty {
-            text += " context="
+            put(" context=")
             for (position, attribute) in i.attributes.sorted(by: { $0.key < $1.key }).enumerated() {
-                if position > 0 { text += "," }
-                text += attribute.key
-                text += "="
-                text += attribute.value
+                if position > 0 { text.append(UInt8(ascii: ",")) }
+                put(attribute.key)
+                text.append(UInt8(ascii: "="))
+                put(attribute.value)
             }
         }
-        return text
+        return String(decoding: text, as: UTF8.self)
     }
 
     private static func execute(_ command: LedgerCommand, _ index: LogIndex, _ tables: inout some LedgerTables) throws -> LedgerOutcome.Result {
