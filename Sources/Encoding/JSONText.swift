@@ -6,6 +6,10 @@
 public enum JSONText {
     /// A JSON string literal for `text`: `"`, `\` and control characters
     /// escaped, everything else as is.
+    /// Whether a string literal must escape this byte (control
+    /// characters, quote, backslash).
+    static func needsEscape(_ byte: UInt8) -> Bool { byte < 0x20 || byte == 0x22 || byte == 0x5C }
+
     public static func quote(_ text: String) -> String {
         var builder = Builder(capacity: text.utf8.count + 2)
         builder.quoted(text)
@@ -17,7 +21,7 @@ public enum JSONText {
     /// escaping.
     public static func isQuoted(_ bytes: [UInt8], _ text: String) -> Bool {
         let utf8 = text.utf8
-        guard utf8.allSatisfy({ $0 >= 0x20 && $0 != 0x22 && $0 != 0x5C }) else { return bytes.elementsEqual(quote(text).utf8) }
+        guard !utf8.contains(where: needsEscape) else { return bytes.elementsEqual(quote(text).utf8) }
         guard bytes.count == utf8.count + 2, bytes.first == 0x22, bytes.last == 0x22 else { return false }
         return bytes[1..<(bytes.count - 1)].elementsEqual(utf8)
     }
@@ -47,34 +51,52 @@ public enum JSONText {
             bytes.append(contentsOf: json)
         }
 
+        /// Text copied as it is, at most its first `limit` bytes: for text
+        /// known to need no escaping, or output that is not JSON (an audit
+        /// record's result is built here too).
+        public mutating func unescaped(_ text: String, bytes limit: Int = .max) {
+            var text = text
+            text.withUTF8 { bytes.append(contentsOf: UnsafeBufferPointer(rebasing: $0.prefix(limit))) }
+        }
+
         /// A string literal, escaped as `quote` does.
         public mutating func quoted(_ text: String) {
             var text = text
             text.withUTF8 { utf8 in
                 bytes.append(0x22)
-                // Runs that need no escaping are copied whole (a PEM block
-                // is 64 characters between newlines).
-                var start = 0
-                for (position, byte) in utf8.enumerated() where byte < 0x20 || byte == 0x22 || byte == 0x5C {
-                    bytes.append(contentsOf: UnsafeBufferPointer(rebasing: utf8[start..<position]))
-                    start = position + 1
-                    bytes.append(0x5C)
-                    switch byte {
-                    case 0x22, 0x5C: bytes.append(byte)
-                    case 0x0A: bytes.append(0x6E)
-                    case 0x0D: bytes.append(0x72)
-                    case 0x09: bytes.append(0x74)
-                    default:
-                        bytes.append(0x75)
-                        bytes.append(0x30)
-                        bytes.append(0x30)
-                        bytes.append(Self.hex[Int(byte >> 4)])
-                        bytes.append(Self.hex[Int(byte & 0x0F)])
-                    }
+                // Most strings here (ids, digests, names) need no escaping:
+                // one pass to find out, then one copy.
+                if utf8.contains(where: JSONText.needsEscape) {
+                    escaping(utf8)
+                } else {
+                    bytes.append(contentsOf: utf8)
                 }
-                bytes.append(contentsOf: UnsafeBufferPointer(rebasing: utf8[start...]))
                 bytes.append(0x22)
             }
+        }
+
+        /// `utf8` with what JSON requires escaped; runs that need nothing
+        /// are copied whole (a PEM block is 64 characters between newlines).
+        private mutating func escaping(_ utf8: UnsafeBufferPointer<UInt8>) {
+            var start = 0
+            for (position, byte) in utf8.enumerated() where JSONText.needsEscape(byte) {
+                bytes.append(contentsOf: UnsafeBufferPointer(rebasing: utf8[start..<position]))
+                start = position + 1
+                bytes.append(0x5C)
+                switch byte {
+                case 0x22, 0x5C: bytes.append(byte)
+                case 0x0A: bytes.append(0x6E)
+                case 0x0D: bytes.append(0x72)
+                case 0x09: bytes.append(0x74)
+                default:
+                    bytes.append(0x75)
+                    bytes.append(0x30)
+                    bytes.append(0x30)
+                    bytes.append(Self.hex[Int(byte >> 4)])
+                    bytes.append(Self.hex[Int(byte & 0x0F)])
+                }
+            }
+            bytes.append(contentsOf: UnsafeBufferPointer(rebasing: utf8[start...]))
         }
 
         private static let hex: [UInt8] = Array("0123456789abcdef".utf8)

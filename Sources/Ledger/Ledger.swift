@@ -142,51 +142,49 @@ public enum Ledger {
 
     /// The result of an `identity.issue` record: `ok: x509 serial=... sha256=...
     /// ttl=...s not_after=... token=... authority=... node=... request=...
-    /// context=k=v,...`, written piece by piece as bytes and made a string
-    /// once (interpolation was a tenth of applying an issuance; appending
-    /// to a String, half as much again as bytes).
+    /// context=k=v,...`, written piece by piece as bytes (from each
+    /// string's contiguous UTF-8, numbers' digits in place) and made a
+    /// string once: interpolation was a tenth of applying an issuance, and
+    /// appending to a String, or a String's UTF8View to an array, half
+    /// as much again.
     static func issuedText(_ i: Issuance, replayed: Bool, requestID: String) -> String {
-        var text: [UInt8] = []
-        text.reserveCapacity(320 + i.attributes.count * 48)
-        func put(_ piece: StaticString) { piece.withUTF8Buffer { text.append(contentsOf: $0) } }
-        func put(_ piece: String) { text.append(contentsOf: piece.utf8) }
-        func put(_ number: UInt64) { text.append(contentsOf: String(number).utf8) }
-        put(replayed ? "replayed: " : "ok: ")
-        put(i.kind == .x509 ? "x509" : "jwt")
-        put(" serial=")
-        put(i.serial)
-        put(" sha256=")
-        put(i.fingerprint)
-        put(" ttl=")
-        put(UInt64(i.ttlSeconds))
-        put("s not_after=")
-        put(i.notAfterMillis)
+        var text = JSONText.Builder(capacity: 320 + i.attributes.count * 48)
+        text.raw(replayed ? "replayed: " : "ok: ")
+        text.raw(i.kind == .x509 ? "x509" : "jwt")
+        text.raw(" serial=")
+        text.unescaped(i.serial)
+        text.raw(" sha256=")
+        text.unescaped(i.fingerprint)
+        text.raw(" ttl=")
+        text.integer(UInt64(i.ttlSeconds))
+        text.raw("s not_after=")
+        text.integer(i.notAfterMillis)
         if !i.platformReplayKey.isEmpty {
-            put(" platform_token=")
-            text.append(contentsOf: i.platformReplayKey.utf8.prefix(16))
+            text.raw(" platform_token=")
+            text.unescaped(i.platformReplayKey, bytes: 16)
         } else if i.tokenHash.isEmpty {
-            put(" renewed_from=")
-            put(i.renewedFrom)
+            text.raw(" renewed_from=")
+            text.unescaped(i.renewedFrom)
         } else {
-            put(" token=")
-            text.append(contentsOf: i.tokenHash.utf8.prefix(16))
+            text.raw(" token=")
+            text.unescaped(i.tokenHash, bytes: 16)
         }
-        put(" authority=")
-        put(i.authority)
-        put(" node=")
-        put(i.node)
-        put(" request=")
-        put(requestID)
+        text.raw(" authority=")
+        text.unescaped(i.authority)
+        text.raw(" node=")
+        text.integer(i.node)
+        text.raw(" request=")
+        text.unescaped(requestID)
         if !i.attributes.isEmpty {
-            put(" context=")
+            text.raw(" context=")
             for (position, attribute) in i.attributes.sorted(by: { $0.key < $1.key }).enumerated() {
-                if position > 0 { text.append(UInt8(ascii: ",")) }
-                put(attribute.key)
-                text.append(UInt8(ascii: "="))
-                put(attribute.value)
+                if position > 0 { text.raw(",") }
+                text.unescaped(attribute.key)
+                text.raw("=")
+                text.unescaped(attribute.value)
             }
         }
-        return String(decoding: text, as: UTF8.self)
+        return String(decoding: text.bytes, as: UTF8.self)
     }
 
     private static func execute(_ command: LedgerCommand, _ index: LogIndex, _ tables: inout some LedgerTables) throws -> LedgerOutcome.Result {

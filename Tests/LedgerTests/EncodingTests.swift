@@ -87,6 +87,21 @@ struct LedgerEncodingTests {
         #expect(JoinToken.markingUsed(Array("false}".utf8), serial: "ff") == nil, "too short to be a token")
     }
 
+    @Test("quote writes literals JSONSerialization reads back as the same text, and copies text needing no escaping as it is")
+    func quotedRoundTrip() throws {
+        var texts = ["", "plain", "spiffe://example.org/ci/job", String(repeating: "ab01", count: 16), "a\"b", "back\\slash", "line\nbreak",
+                     "tab\t", "cr\r", "\u{1}start", "end\u{1F}", "é and 😀", "-----BEGIN X-----\nMIIB\n-----END X-----\n"]
+        texts += (0..<32).map { "x\(Character(Unicode.Scalar(UInt8($0))))y" }
+        for text in texts {
+            let literal = JSONText.quote(text)
+            let decoded = try JSONSerialization.jsonObject(with: Data(literal.utf8), options: .fragmentsAllowed) as? String
+            #expect(decoded == text, "\(text.debugDescription) -> \(literal)")
+            if text.utf8.allSatisfy({ $0 >= 0x20 && $0 != 0x22 && $0 != 0x5C }) {
+                #expect(literal == "\"\(text)\"", "\(text.debugDescription) needs no escaping")
+            }
+        }
+    }
+
     @Test("isQuoted agrees with quote: the literal of the same text and no other")
     func quotedComparison() {
         let texts = ["", "ca-1", "a\"b", "back\\slash", "tab\t", "é", "\u{1}", "plain text"]
