@@ -325,6 +325,30 @@ struct LedgerStoreTests {
         #expect(reference > 1_000, "enough names for many chunks")
     }
 
+    /// Names as issued records make them on a node: the expiry's
+    /// millisecond advances every few names and serials within one are
+    /// random, so a name often belongs a few places before the one
+    /// inserted last, not right after it (the remembered place is then
+    /// only a hint); now and then one of the last few again (already
+    /// there) or one much older, among others.
+    @Test("Sorted names agree with a sorted array when names arrive nearly, not exactly, in order, with repeats of recent ones")
+    func sortedNamesNearlyInOrder() {
+        var random = SeededGenerator(seed: 81)
+        var millis = 1_796_000_000_000
+        var recent: [String] = []
+        let reference = Self.checkSortedNames(steps: 20_000, bounds: ["authority/issued/", "authority/tokens/", "authority/"], random: &random) { random in
+            let roll = random.below(20)
+            if roll < 2, !recent.isEmpty { return recent[random.below(recent.count)] }
+            if roll == 2 { return "authority/tokens/\(String(random.below(1 << 20), radix: 16))" }
+            if roll == 3 { return "authority/issued/\(millis - 1 - random.below(200))/\(String(random.below(1 << 16), radix: 16))" }
+            if random.below(9) == 0 { millis += 1 }
+            let name = "authority/issued/\(millis)/\(String(random.below(1 << 16), radix: 16))"
+            recent = Array((recent + [name]).suffix(12))
+            return name
+        }
+        #expect(reference > 2 * SortedNames.chunkMax, "enough names for splits")
+    }
+
     /// Names of every shape: prefixes shared for a few bytes or for many,
     /// names that are prefixes of others, NUL bytes, and names that are not
     /// ASCII (none canonically equivalent to another: String's == takes
