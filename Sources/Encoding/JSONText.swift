@@ -4,12 +4,12 @@
 /// with keys in the order given (callers sort them), so every node writes
 /// the same bytes.
 public enum JSONText {
-    /// A JSON string literal for `text`: `"`, `\` and control characters
-    /// escaped, everything else as is.
     /// Whether a string literal must escape this byte (control
     /// characters, quote, backslash).
     static func needsEscape(_ byte: UInt8) -> Bool { byte < 0x20 || byte == 0x22 || byte == 0x5C }
 
+    /// A JSON string literal for `text`: `"`, `\` and control characters
+    /// escaped, everything else as is.
     public static func quote(_ text: String) -> String {
         var builder = Builder(capacity: text.utf8.count + 2)
         builder.quoted(text)
