@@ -63,6 +63,7 @@ public final class NodeMetrics: Sendable {
     public let messagesSent = Counter("warrant_raft_messages_sent_total", "Raft messages handed to the transport.")
     public let messagesReceived = Counter("warrant_raft_messages_received_total", "Raft messages received from peers.")
     public let snapshotsTaken = Counter("warrant_raft_snapshots_taken_total", "Ledger snapshots taken (log compactions).")
+    public let checkpointsBegun = Counter("warrant_ledger_checkpoints_begun_total", "Ledger checkpoints begun (each written on a thread of its own, then taken as the snapshot).")
     public let snapshotsInstalled = Counter("warrant_raft_snapshots_installed_total", "Snapshots received from a leader and installed.")
     public let compactionFailures = Counter("warrant_raft_compaction_failures_total", "Log compactions abandoned (the log stays longer).")
     public let releasedEntriesRead = Counter("warrant_raft_released_entries_read_total", "Log entries whose payloads were released from memory, read back from the write-ahead log for a peer that lags.")
@@ -93,7 +94,7 @@ public final class NodeMetrics: Sendable {
         gauge("warrant_raft_applied_index", "Highest log index applied to the ledger.", status.appliedIndex)
         gauge("warrant_raft_last_index", "Last index in this node's log.", status.lastIndex)
         gauge("warrant_raft_snapshot_index", "Index of the latest snapshot.", status.snapshotIndex)
-        for counter in [proposals, proposalBatches, messagesSent, messagesReceived, snapshotsTaken, snapshotsInstalled, compactionFailures, releasedEntriesRead, releasedEntryReadFailures, forwardedWrites,
+        for counter in [proposals, proposalBatches, messagesSent, messagesReceived, snapshotsTaken, checkpointsBegun, snapshotsInstalled, compactionFailures, releasedEntriesRead, releasedEntryReadFailures, forwardedWrites,
                         signaturesChecked, signaturesRemembered, signaturesRecorded] {
             text += "# HELP \(counter.name) \(counter.help)\n# TYPE \(counter.name) counter\n\(counter.name) \(counter.current)\n"
         }

@@ -846,6 +846,7 @@ public actor RaftDriver {
               let metadata = raft.snapshotMetadata(at: appliedIndex) else { return }
         let checkpoint = try store.beginCheckpoint(metadata)
         compactionInProgress = true
+        metrics.checkpointsBegun.add(1)
         // On a thread of its own at a lower scheduling priority: encoding a
         // large ledger takes a core for a while, and requests come first.
         Thread.detachNewThread { [self] in

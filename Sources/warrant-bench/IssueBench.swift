@@ -222,18 +222,11 @@ func runIssueBench(binary: String, clients: Int, seconds: Double, phases selecte
             try await load(x509Bodies, to: endpoints, path: "/v1/svid/x509", tls: tls, clients: clients, seconds: seconds, directory: directory)
         }
     }
-    /// The values of `names` on the node at `index` (from /metrics; 0 if absent).
-    func metrics(_ names: [String], at index: Int) async -> [Double] {
-        let text = (try? await admin.request(at: index, .GET, "/metrics"))?.text ?? ""
-        return names.map { name in
-            text.split(separator: "\n").first { $0.hasPrefix(name + " ") }.flatMap { Double($0.split(separator: " ").last ?? "") } ?? 0
-        }
-    }
     /// Storage transactions and Raft messages so far, per node.
     func counters() async -> [(transactions: Double, messages: Double)] {
         var result: [(Double, Double)] = []
         for index in listing.members.indices {
-            let values = await metrics(["warrant_storage_write_seconds_count", "warrant_raft_messages_sent_total"], at: index)
+            let values = await phases.metrics(["warrant_storage_write_seconds_count", "warrant_raft_messages_sent_total"], at: index)
             result.append((values[0], values[1]))
         }
         return result
@@ -318,12 +311,12 @@ func runIssueBench(binary: String, clients: Int, seconds: Double, phases selecte
         }
         let bodies = identities.map { kind == "JWT-SVID" ? jsonBytes(["jwt": $0, "audience": "bench"]) : jsonBytes(["x509_chain": $0]) }
         let ways = ["warrant_verify_recorded_total", "warrant_verify_signatures_checked_total"]
-        let before = await metrics(ways, at: followerIndex)
+        let before = await phases.metrics(ways, at: followerIndex)
         let each = try await phase("verify \(kind) on a follower, each once (\(identities.count))") { _ in
             try await load(.each(bodies), to: [endpoints[followerIndex]], path: "/v1/verify", tls: tls, clients: clients, seconds: eachSeconds,
                            directory: directory)
         }
-        let after = await metrics(ways, at: followerIndex)
+        let after = await phases.metrics(ways, at: followerIndex)
         print(String(format: "  the follower knew %.0f by their issuance record (no signature check) and checked %.0f signatures",
                      after[0] - before[0], after[1] - before[1]))
         if each.ok + each.failed >= identities.count * 99 / 100 {
@@ -378,11 +371,13 @@ struct Phases {
     /// Drives a phase (given the leader's endpoint) and prints its figures.
     func run(_ name: String, _ body: ([SocketAddress]) async throws -> Timed) async throws -> Timed {
         let (leaderID, leaderEndpoint) = try await leader()
+        let checkpointsBefore = await checkpoints()
         let faultsBefore = meter.nodeFaults()
         let before = meter.sample()
         let timed = try await body(leaderEndpoint)
         var after = meter.sample()
         let faultsAfter = meter.nodeFaults()
+        let checkpointsAfter = await checkpoints()
         // With wrk the client is its processes: this one only wrote their
         // request files beforehand and read their results afterwards.
         if let wrk = timed.clientCPUSeconds { after[after.count - 2] = before[before.count - 2] + wrk }
@@ -390,7 +385,35 @@ struct Phases {
         print(meter.line(from: before, to: after, operations: timed.ok, leader: leaderID, seconds: timed.seconds))
         print(meter.faultLine(from: faultsBefore, to: faultsAfter, operations: timed.ok, leader: leaderID))
         if let now = try? await leader().id, now != leaderID { print("  (the leader changed during this phase: node \(leaderID), then node \(now))") }
+        // A checkpoint writes the whole ledger (on every node at about the
+        // same index): a phase that holds one pays for it, where a long
+        // run pays one per ledger-size of entries.
+        let overlapping = listing.members.indices.compactMap { index -> String? in
+            let begun = checkpointsAfter[index].begun - checkpointsBefore[index].begun
+            let running = checkpointsBefore[index].begun > checkpointsBefore[index].taken
+            guard begun > 0 || running else { return nil }
+            return "node \(listing.members[index].id) " + [running ? "one from before" : nil, begun > 0 ? "\(Int(begun)) begun" : nil].compactMap { $0 }.joined(separator: " + ")
+        }
+        if !overlapping.isEmpty { print("  ledger checkpoints written while timed: " + overlapping.joined(separator: ", ")) }
         return timed
+    }
+
+    /// Ledger checkpoints begun and finished so far, per node (from /metrics).
+    func checkpoints() async -> [(begun: Double, taken: Double)] {
+        var result: [(Double, Double)] = []
+        for index in listing.members.indices {
+            let values = await metrics(["warrant_ledger_checkpoints_begun_total", "warrant_raft_snapshots_taken_total"], at: index)
+            result.append((values[0], values[1]))
+        }
+        return result
+    }
+
+    /// The values of `names` on the node at `index` (from /metrics; 0 if absent).
+    func metrics(_ names: [String], at index: Int) async -> [Double] {
+        let text = (try? await cluster.client.request(at: index, .GET, "/metrics"))?.text ?? ""
+        return names.map { name in
+            text.split(separator: "\n").first { $0.hasPrefix(name + " ") }.flatMap { Double($0.split(separator: " ").last ?? "") } ?? 0
+        }
     }
 }
 

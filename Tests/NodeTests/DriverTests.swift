@@ -709,6 +709,9 @@ struct DriverTests {
             _ = try await cluster.drivers[leader]!.propose(write("docs/\(i % 5)", "{\"i\":\(i)}"))
         }
         #expect(await cluster.eventually { await cluster.drivers[leader]!.status.snapshotIndex >= 30 }, "the leader compacted its log")
+        let counted = cluster.metrics[leader]!
+        let (begun, taken) = (counted.checkpointsBegun.current, counted.snapshotsTaken.current)
+        #expect(taken >= 1 && begun >= taken && begun <= taken + 1, "each snapshot taken was a checkpoint begun (one may still be being written): \(begun) begun, \(taken) taken")
         #expect(try await cluster.healAndCatchUp(lagging, to: leader))
         #expect(await cluster.drivers[lagging]!.status.snapshotIndex >= 30, "it was brought up by a snapshot, not entry by entry")
         for i in 0..<5 {
