@@ -5,20 +5,22 @@ import Raft
 import Storage
 
 // warrant-bench apply: the ledger's cost of one audited issuance, without
-// the network: a single-voter core proposes X509 issuance commands (each
+// the network: a single-voter core proposes issuance commands (each
 // consuming a join token made beforehand), and every Ready is persisted
 // (write-ahead log, fdatasync) and applied (in memory, the audit records
 // written to the audit log in batches), as on a node. B issuances per Ready.
+// X509-SVIDs and JWT-SVIDs apart: their issued records' names differ in
+// order (see below).
 
-func runApply(count: Int, batches: [Int], directory: URL) throws {
-    print("apply: single-voter core + write-ahead log (fdatasync) + ledger, issuance commands with 700-byte certificates, \(count) per batch size")
-    print("batch  issuances/s  µs each (wall)  apply CPU µs each  transactions/s  bytes written each")
+func runApply(count: Int, batches: [Int], kinds: [Issuance.Kind], directory: URL) throws {
+    print("apply: single-voter core + write-ahead log (fdatasync) + ledger, issuance commands with 700-byte certificates or tokens, \(count) per kind and batch size")
+    print("kind  batch  issuances/s  µs each (wall)  apply CPU µs each  transactions/s  bytes written each")
     /// Bytes this process passed to write(2) and pwrite(2) so far.
     func writtenBytes() -> Double {
         let text = (try? String(contentsOfFile: "/proc/self/io", encoding: .utf8)) ?? ""
         return text.split(separator: "\n").first { $0.hasPrefix("wchar:") }.flatMap { Double($0.dropFirst(6).trimmingCharacters(in: .whitespaces)) } ?? 0
     }
-    for batch in batches {
+    for kind in kinds { for batch in batches {
         let path = directory.appendingPathComponent("apply-\(batch)-\(UUID().uuidString)").path
         defer { removeStore(path) }
         var (store, node) = try singleVoter(path: path)
@@ -61,12 +63,14 @@ func runApply(count: Int, batches: [Int], directory: URL) throws {
         // As a node sees them: random serials, and times that advance a
         // millisecond every nine issuances (about 9,000 a second), so the
         // issued records' names (by expiry, then serial) arrive nearly,
-        // not exactly, in order.
+        // not exactly, in order; a JWT-SVID's expiry is in whole seconds,
+        // so a second's names share it and arrive in random order.
         let commands = hashes.enumerated().map { n, hash in
             let serial = String(hash.suffix(32))
             let issuedAt = now + UInt64(n / 9)
-            let issuance = Issuance(kind: .x509, spiffeID: "spiffe://bench.local/job", serial: serial, fingerprint: hash, issuedAtMillis: issuedAt,
-                                    notAfterMillis: issuedAt + 600_000, ttlSeconds: 600, tokenHash: hash, idempotencyKey: "", node: 1, authority: "a1",
+            let notAfter = kind == .x509 ? issuedAt + 600_000 : (issuedAt / 1000 + 600) * 1000
+            let issuance = Issuance(kind: kind, spiffeID: "spiffe://bench.local/job", serial: serial, fingerprint: hash, issuedAtMillis: issuedAt,
+                                    notAfterMillis: notAfter, ttlSeconds: 600, tokenHash: hash, idempotencyKey: "", node: 1, authority: "a1",
                                     attributes: ["evidence": "join_token", "token": String(hash.prefix(16)), "evidence_expires": "1800000000",
                                                  "lineage": serial, "ttl_max": "600"],
                                     artifact: certificate)
@@ -86,9 +90,9 @@ func runApply(count: Int, batches: [Int], directory: URL) throws {
         let written = (writtenBytes() - writtenBefore) / Double(count)
         let issued = outcomes.filter { if case .issued = $0.result { return true } else { return false } }.count
         guard issued == count else { throw BenchFailure(description: "only \(issued) of \(count) issuances applied: \(outcomes.first { if case .issued = $0.result { return false } else { return true } }.map { "\($0.result)" } ?? "")") }
-        print(String(format: "%5d  %11.0f  %14.1f  %17.1f  %14.0f  %17.0f", batch, Double(count) / elapsed, elapsed / Double(count) * 1e6,
+        print(String(format: "%4@  %5d  %11.0f  %14.1f  %17.1f  %14.0f  %17.0f", kind == .x509 ? "x509" : "jwt", batch, Double(count) / elapsed, elapsed / Double(count) * 1e6,
                      applyMilliseconds * 1000 / Double(count), Double(transactions) / elapsed, written))
-        if batch == batches.last {
+        if batch == batches.last && kind == kinds.last {
             // Each checkpoint is taken at a new index (a store refuses one
             // at or before the newest it wrote): one more command first.
             var round = 0
@@ -102,7 +106,7 @@ func runApply(count: Int, batches: [Int], directory: URL) throws {
                 return node.snapshotMetadata(at: node.appliedIndex)
             }
         }
-    }
+    } }
 }
 
 /// CPU time of this thread so far, in milliseconds (system time included:

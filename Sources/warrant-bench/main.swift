@@ -1,4 +1,5 @@
 import Foundation
+import Ledger
 import Raft
 import Storage
 
@@ -35,10 +36,10 @@ USAGE
       Attested join on a 3-node cluster: GitHub-style RS256 tokens from a local
       OIDC provider (HTTPS, minted beforehand, one per join) exchanged for
       X509-SVIDs, with the provider's JWKS fetches counted.
-  warrant-bench apply [--count N] [--batches 1,10,100] [--directory DIR]
-      The ledger's share of an audited issuance: N X509 issuance commands
-      (each consuming a join token) applied through a single-voter core, B
-      per transaction, as a node persists and applies them.
+  warrant-bench apply [--count N] [--batches 1,10,100] [--kinds x509,jwt] [--directory DIR]
+      The ledger's share of an audited issuance: N issuance commands of
+      each kind (each consuming a join token) applied through a single-voter
+      core, B per transaction, as a node persists and applies them.
   warrant-bench storage [--seconds S] [--batches 1,10,100] [--directory DIR]
       Fsynced group commit: a single-voter core persisting each Ready to
       its write-ahead log (fdatasync), 256-byte entries, B entries per Ready.
@@ -155,6 +156,7 @@ var secondsEach = 3.0
 var batches = [1, 10, 100]
 var directory = FileManager.default.temporaryDirectory
 var count = 20_000
+var kinds: [Issuance.Kind] = [.x509, .jwt]
 while let option = arguments.popFirst() {
     guard let value = arguments.popFirst() else {
         FileHandle.standardError.write(Data("warrant-bench: \(option) needs a value\n".utf8))
@@ -174,6 +176,13 @@ while let option = arguments.popFirst() {
             exit(2)
         }
         batches = parsed
+    case "--kinds" where command == "apply":
+        let parsed = value.split(separator: ",").map { $0 == "x509" ? Issuance.Kind.x509 : $0 == "jwt" ? .jwt : nil }
+        guard !parsed.isEmpty, !parsed.contains(nil) else {
+            FileHandle.standardError.write(Data("warrant-bench: --kinds takes x509, jwt or both (x509,jwt), got '\(value)'\n".utf8))
+            exit(2)
+        }
+        kinds = parsed.compactMap { $0 }
     case "--count" where command == "apply":
         guard let parsed = Int(value), (1...1_000_000).contains(parsed) else {
             FileHandle.standardError.write(Data("warrant-bench: --count must be in 1...1000000, got '\(value)'\n".utf8))
@@ -189,7 +198,7 @@ while let option = arguments.popFirst() {
 }
 do {
     if command == "apply" {
-        try runApply(count: count, batches: batches, directory: directory)
+        try runApply(count: count, batches: batches, kinds: kinds, directory: directory)
     } else {
         try runStorage(secondsEach: secondsEach, batches: batches, directory: directory)
     }
