@@ -42,7 +42,7 @@ let package = Package(
         // copy costs nothing) with checkpoint files, the audit chain in
         // its own append-only files (SQLite only to move an older node's
         // audit table over); CRC-32C checksums verified on read.
-        .target(name: "Storage", dependencies: ["Raft", "Ledger", "CCRC32C", .product(name: "GRDB", package: "GRDB.swift"), .product(name: "GRDBSQLite", package: "GRDB.swift"),
+        .target(name: "Storage", dependencies: ["Raft", "Ledger", "Encoding", "CCRC32C", .product(name: "GRDB", package: "GRDB.swift"), .product(name: "GRDBSQLite", package: "GRDB.swift"),
                                                 .product(name: "HashTreeCollections", package: "swift-collections")], swiftSettings: strict),
         // CRC-32C with the CPU's instruction (SSE4.2, AArch64 CRC), for Storage.
         .target(name: "CCRC32C"),

@@ -349,6 +349,28 @@ struct LedgerStoreTests {
         #expect(reference > 2 * SortedNames.chunkMax, "enough names for splits")
     }
 
+    /// Names as JWT-SVIDs' issued records make them: thousands share one
+    /// expiry (in whole seconds) and arrive in random order; and names
+    /// whose bytes after a long shared run differ only beyond the 8 a
+    /// chunk keeps per name (keys tie, and the names decide).
+    @Test("Sorted names agree with a sorted array when thousands of names share a long prefix, in random order, and when their keys tie")
+    func sortedNamesSharingLongPrefixes() {
+        var random = SeededGenerator(seed: 83)
+        var second = 1_796_000_000
+        func hex(_ random: inout SeededGenerator, _ digits: Int) -> String {
+            String((0..<digits).map { _ in "0123456789abcdef".randomElement(using: &random)! })
+        }
+        let issued = Self.checkSortedNames(steps: 10_000, bounds: ["authority/issued/", "authority/"], random: &random) { random in
+            if random.below(2_000) == 0 { second += 1 }
+            return "authority/issued/\(second)000/\(hex(&random, 32))"
+        }
+        #expect(issued > 2 * SortedNames.chunkMax, "enough names for splits")
+        let tied = Self.checkSortedNames(steps: 10_000, bounds: ["p/", "p/a", "q"], random: &random) { random in
+            "p/" + String(repeating: "a", count: random.below(20)) + hex(&random, random.below(3))
+        }
+        #expect(tied > 2 * SortedNames.chunkMax, "enough names for splits")
+    }
+
     /// Names of every shape: prefixes shared for a few bytes or for many,
     /// names that are prefixes of others, NUL bytes, and names that are not
     /// ASCII (none canonically equivalent to another: String's == takes
