@@ -337,24 +337,53 @@ public enum AuthorityDocuments {
     /// several are made for every issuance, and each forget scan bounds
     /// its range with one (`id` empty).
     static func timed(_ prefix: String, _ millis: UInt64, _ id: String) -> String {
-        var width = 1
-        var rest = millis
-        while rest >= 10 { rest /= 10; width += 1 }
-        width = max(13, width)
+        let width = timeWidth(millis)
         let prefixBytes = prefix.utf8.count
         let total = prefixBytes + width + 1 + id.utf8.count
         return String(unsafeUninitializedCapacity: total) { out in
             _ = UnsafeMutableBufferPointer(rebasing: out[0..<prefixBytes]).initialize(from: prefix.utf8)
-            var value = millis
-            for k in stride(from: prefixBytes + width - 1, through: prefixBytes, by: -1) {
-                out[k] = 0x30 + UInt8(value % 10)
-                value /= 10
-            }
-            out[prefixBytes + width] = 0x2F
+            writeTime(millis, width: width, into: UnsafeMutableBufferPointer(rebasing: out[prefixBytes...]))
             _ = UnsafeMutableBufferPointer(rebasing: out[(prefixBytes + width + 1)...]).initialize(from: id.utf8)
             return total
         }
     }
+
+    /// Digits a time takes in a name: 13, or all of a later one's.
+    private static func timeWidth(_ millis: UInt64) -> Int {
+        var width = 1
+        var rest = millis
+        while rest >= 10 { rest /= 10; width += 1 }
+        return max(13, width)
+    }
+
+    /// The time's `width` digits, zero-padded, then '/', at the start of `out`.
+    private static func writeTime(_ millis: UInt64, width: Int, into out: UnsafeMutableBufferPointer<UInt8>) {
+        var value = millis
+        for k in stride(from: width - 1, through: 0, by: -1) {
+            out[k] = 0x30 + UInt8(value % 10)
+            value /= 10
+        }
+        out[width] = 0x2F
+    }
+    /// Whether `name` (which begins with `prefix`) sorts before
+    /// `timed(prefix, millis, "")`, the bound of a scan for what is due,
+    /// compared byte by byte without making the bound.
+    static func timedName(_ name: String, prefix: String, isBefore millis: UInt64) -> Bool {
+        let width = timeWidth(millis)
+        let start = prefix.utf8.count
+        return withUnsafeTemporaryAllocation(of: UInt8.self, capacity: width + 1) { bound in
+            writeTime(millis, width: width, into: bound)
+            var name = name
+            return name.withUTF8 { bytes in
+                for k in 0...width {
+                    guard start + k < bytes.count else { return true } // a proper prefix of the bound
+                    if bytes[start + k] != bound[k] { return bytes[start + k] < bound[k] }
+                }
+                return false // the bound itself begins it: not before
+            }
+        }
+    }
+
     public static func issued(notAfterMillis: UInt64, serial: String) -> String {
         timed(issuedPrefix, notAfterMillis, serial)
     }

@@ -39,6 +39,10 @@ public protocol LedgerTables {
     /// on every command (what is due to be forgotten): tables may remember
     /// where it starts.
     mutating func namesFromRepeatedBound(_ from: String, to: String, limit: Int) throws -> [String]
+    /// The first name that begins with `prefix` (nil: none), for the few
+    /// prefixes every command asks (whether anything is due to be
+    /// forgotten, which nearly always nothing is): tables may remember it.
+    mutating func firstName(under prefix: String) throws -> String?
     /// The content of the active authority's document (its id, a JSON
     /// string), if there is one: every issuance asks, and tables may keep
     /// it at hand.
@@ -52,6 +56,10 @@ extension LedgerTables {
 
     public mutating func namesFromRepeatedBound(_ from: String, to: String, limit: Int) throws -> [String] {
         try documentNames(from: from, to: to, limit: limit, reverse: false)
+    }
+
+    public mutating func firstName(under prefix: String) throws -> String? {
+        try documentNames(from: prefix, to: prefix + "\u{10FFFF}", limit: 1, reverse: false).first.flatMap { $0.hasPrefix(prefix) ? $0 : nil }
     }
 }
 
@@ -378,6 +386,9 @@ public enum Ledger {
     /// stay bounded by what is still of use), and with each the record
     /// `record(id)` it stands for, if any.
     private static func forget(_ prefix: String, before now: UInt64, record: ((String) -> String)? = nil, _ tables: inout some LedgerTables) throws {
+        // Names sort by time: none is due unless the first is (asked
+        // without making the scan's bound, on every command).
+        guard let first = try tables.firstName(under: prefix), AuthorityDocuments.timedName(first, prefix: prefix, isBefore: now) else { return }
         for name in try tables.namesFromRepeatedBound(prefix, to: AuthorityDocuments.timed(prefix, now, ""), limit: 2) {
             if let record { try tables.deleteDocument(named: record(String(name.dropFirst(prefix.count + 14)))) }
             try tables.deleteDocument(named: name)

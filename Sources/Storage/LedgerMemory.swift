@@ -69,6 +69,10 @@ struct LedgerMemory: LedgerTables, Sendable {
         names.namesRemembering(from: from, to: to, limit: limit)
     }
 
+    mutating func firstName(under prefix: String) -> String? {
+        names.firstRemembering(from: prefix).flatMap { $0.hasPrefix(prefix) ? $0 : nil }
+    }
+
     /// Every document in name order.
     func forEachInOrder(_ body: (Document) throws -> Void) rethrows {
         try names.forEach(from: "") { name in

@@ -372,13 +372,19 @@ struct SortedNames: Sendable {
     /// `from` for the next scan from the same bound (a memo kept for the
     /// few most recent bounds).
     mutating func namesRemembering(from: String, to: String, limit: Int) -> [String] {
-        if !firsts.contains(where: { $0.from == from }) {
-            var first: String?
-            forEach(from: from) { first = $0; return false }
-            if firsts.count == Self.firstsMax { firsts.removeFirst() }
-            firsts.append((from, first))
-        }
+        _ = firstRemembering(from: from)
         return names(from: from, to: to, limit: limit)
+    }
+
+    /// The first name at or after `from` (nil: none), remembered for the
+    /// next time (a memo kept for the few most recent bounds).
+    mutating func firstRemembering(from: String) -> String? {
+        if let memo = firsts.first(where: { $0.from == from }) { return memo.first }
+        var first: String?
+        forEach(from: from) { first = $0; return false }
+        if firsts.count == Self.firstsMax { firsts.removeFirst() }
+        firsts.append((from, first))
+        return first
     }
 
     /// Calls `body` with each name `from <= name < to` in order until it

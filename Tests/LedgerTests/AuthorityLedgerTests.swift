@@ -212,6 +212,24 @@ struct AuthorityLedgerTests {
         #expect(names.sorted() == times.sorted().map { AuthorityDocuments.issued(notAfterMillis: $0, serial: "s") })
     }
 
+    @Test("Whether a time-ordered name is due (before a scan's bound) agrees with comparing it to the bound as a string")
+    func timedNameBeforeBound() {
+        var random = SeededGenerator(seed: 12)
+        let prefix = AuthorityDocuments.tokenForgetPrefix
+        for step in 0..<5_000 {
+            let now = UInt64(random.below(3)) == 0 ? UInt64(random.below(100)) : UInt64(random.below(20_000_000_000_000))
+            let bound = AuthorityDocuments.timed(prefix, now, "")
+            let name: String
+            switch random.below(5) {
+            case 0: name = bound // the bound itself: not before it
+            case 1: name = String(bound.dropLast(random.below(bound.utf8.count - prefix.utf8.count) + 1)) // a proper prefix of it: before
+            case 2: name = AuthorityDocuments.timed(prefix, now + UInt64(random.below(3)) &- 1, random.chance(0.5) ? "" : "ab")
+            default: name = AuthorityDocuments.timed(prefix, UInt64(random.below(20_000_000_000_000)), String(random.below(1_000), radix: 16))
+            }
+            #expect(AuthorityDocuments.timedName(name, prefix: prefix, isBefore: now) == (name < bound), "step \(step): \(name) against \(bound)")
+        }
+    }
+
     @Test("Issued identities are recorded by expiry and forgotten once expired")
     func issuedRecords() throws {
         var book = try initialized()
