@@ -136,19 +136,23 @@ struct SortedNames: Sendable {
         /// Splits off the upper half. The halves keep the keys (and the
         /// shared bytes) unless their names now share 4 bytes or more
         /// beyond them: then the keys begin alike, and are made anew,
-        /// which reads every name.
+        /// which reads every name. A chunk without keys (a name that is not
+        /// ASCII came) looks at its names again.
         mutating func splitUpper() -> Chunk {
             let half = names.count / 2
+            guard keyed else {
+                let upper = Chunk(Array(names[half...]))
+                self = Chunk(Array(names[..<half]))
+                return upper
+            }
             var upper = self
             upper.names = Array(names[half...])
             names.removeSubrange(half...)
-            if keyed {
-                upper.keys = Array(keys[half...])
-                keys.removeSubrange(half...)
-                let lower = Self.commonPrefix(first, last), higher = Self.commonPrefix(upper.first, upper.last)
-                if lower >= common + 4 { rekey(common: lower) }
-                if higher >= upper.common + 4 { upper.rekey(common: higher) }
-            }
+            upper.keys = Array(keys[half...])
+            keys.removeSubrange(half...)
+            let lower = Self.commonPrefix(first, last), higher = Self.commonPrefix(upper.first, upper.last)
+            if lower >= common + 4 { rekey(common: lower) }
+            if higher >= upper.common + 4 { upper.rekey(common: higher) }
             return upper
         }
 
