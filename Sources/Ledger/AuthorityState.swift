@@ -365,6 +365,7 @@ public enum AuthorityDocuments {
         }
         out[width] = 0x2F
     }
+
     /// Whether `name` (which begins with `prefix`) sorts before
     /// `timed(prefix, millis, "")`, the bound of a scan for what is due,
     /// compared byte by byte without making the bound.

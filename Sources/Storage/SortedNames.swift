@@ -73,7 +73,7 @@ struct SortedNames: Sendable {
             keys = names.map { Self.key($0, from: common) }
             prefix = (0, 0, 0, 0)
             if common <= Self.prefixBytesMax {
-                names[0].utf8.withContiguousStorageIfAvailable { bytes in
+                Self.withBytes(of: names[0]) { bytes in
                     withUnsafeMutableBytes(of: &prefix) { $0.copyMemory(from: UnsafeRawBufferPointer(rebasing: UnsafeRawBufferPointer(bytes)[..<common])) }
                 }
             }
@@ -158,15 +158,13 @@ struct SortedNames: Sendable {
 
         /// `name`'s key, if it begins with the `common` bytes every name here begins with.
         private func key(of name: String) -> UInt64? {
-            let shares = name.utf8.withContiguousStorageIfAvailable { name -> Bool in
-                guard name.count >= common else { return false }
-                if common <= Self.prefixBytesMax {
-                    return withUnsafeBytes(of: prefix) { memcmp(name.baseAddress!, $0.baseAddress!, common) == 0 }
-                }
-                return names[0].utf8.withContiguousStorageIfAvailable { memcmp(name.baseAddress!, $0.baseAddress!, common) == 0 }
-                    ?? (Self.commonPrefix(String(decoding: name, as: UTF8.self), names[0]) >= common)
-            } ?? (Self.commonPrefix(name, names[0]) >= common)
-            return shares ? Self.key(name, from: common) : nil
+            Self.withBytes(of: name) { bytes -> UInt64? in
+                guard bytes.count >= common else { return nil }
+                let shares = common <= Self.prefixBytesMax
+                    ? withUnsafeBytes(of: prefix) { memcmp(bytes.baseAddress!, $0.baseAddress!, common) == 0 }
+                    : Self.withBytes(of: names[0]) { memcmp(bytes.baseAddress!, $0.baseAddress!, common) == 0 }
+                return shares ? Self.key(UnsafeRawBufferPointer(bytes), from: common) : nil
+            }
         }
 
         enum Placement { case inside, after, elsewhere, unknown }
@@ -185,8 +183,12 @@ struct SortedNames: Sendable {
             return .inside
         }
 
-        static func isASCII(_ name: String) -> Bool {
-            name.utf8.withContiguousStorageIfAvailable(UTF8Text.isASCII) ?? name.utf8.allSatisfy { $0 < 0x80 }
+        static func isASCII(_ name: String) -> Bool { withBytes(of: name, UTF8Text.isASCII) }
+
+        /// `body` over `name`'s UTF-8 (a native string's own storage).
+        static func withBytes<T>(of name: String, _ body: (UnsafeBufferPointer<UInt8>) -> T) -> T {
+            var name = name
+            return name.withUTF8(body)
         }
 
         /// How many leading bytes `a` and `b` share.
@@ -196,15 +198,12 @@ struct SortedNames: Sendable {
                 while n < a.count && n < b.count && a[n] == b[n] { n += 1 }
                 return n
             }
-            if let outer = a.utf8.withContiguousStorageIfAvailable({ a in b.utf8.withContiguousStorageIfAvailable { b in shared(a, b) } }), let n = outer {
-                return n
-            }
-            return Array(a.utf8).withUnsafeBufferPointer { a in Array(b.utf8).withUnsafeBufferPointer { b in shared(a, b) } }
+            return withBytes(of: a) { a in withBytes(of: b) { b in shared(a, b) } }
         }
 
         /// `name`'s 8 bytes from `offset` on, big-endian, zero after its end.
         static func key(_ name: String, from offset: Int) -> UInt64 {
-            name.utf8.withContiguousStorageIfAvailable { key(UnsafeRawBufferPointer($0), from: offset) } ?? Array(name.utf8).withUnsafeBytes { key($0, from: offset) }
+            withBytes(of: name) { key(UnsafeRawBufferPointer($0), from: offset) }
         }
 
         private static func key(_ bytes: UnsafeRawBufferPointer, from offset: Int) -> UInt64 {
