@@ -34,7 +34,10 @@ public enum KillLoop {
             .appendingPathComponent("warrant-\(leaderOnly ? "failover" : "crash")-\(UUID().uuidString.prefix(8))").path
         let cluster = try LocalProcessCluster(binary: binary, directory: directory, basePort: LocalProcessCluster.pickBasePort(),
                                               environment: environment)
-        guard await cluster.waitForLeader(seconds: 20) != nil, await cluster.waitUntilReady() else {
+        // A first election and every node's first TLS handshake: on a CI
+        // machine shared with other suites, a debug build's handshakes
+        // alone have taken seconds.
+        guard await cluster.waitForLeader(seconds: 60) != nil, await cluster.waitUntilReady(seconds: 60) else {
             await cluster.close()
             throw HarnessFailure(description: "the cluster did not become ready (logs in \(directory)): \(cluster.notReadyReason())")
         }

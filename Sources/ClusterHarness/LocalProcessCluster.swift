@@ -202,14 +202,35 @@ public final class LocalProcessCluster: Sendable {
         }
     }
 
-    /// The leader every running node agrees on, waiting at most `seconds`.
+    /// A running node that says it leads, waiting at most `seconds`.
     public func waitForLeader(seconds: Double = 10) async -> UInt64? {
         let deadline = Date().addingTimeInterval(seconds)
         while Date() < deadline {
-            for id in nodeIDs where isRunning(id) {
-                if let status = await status(of: id), status.role == "leader" { return id }
-            }
+            if let leader = await firstLeaderAmongRunning() { return leader }
             try? await Task.sleep(for: .milliseconds(20))
+        }
+        return nil
+    }
+
+    /// Asks every running node side by side and returns the first that
+    /// says it leads, or nil once all have answered otherwise. Asked one
+    /// after another, a node slow to answer (its probe may wait 4 s) held
+    /// up the nodes behind it: on a loaded CI machine a start-up wait of
+    /// 20 s ran out while the leader had been elected in the first second.
+    /// Probes still under way when the answer is known finish on their
+    /// own, each within its timeout.
+    func firstLeaderAmongRunning() async -> UInt64? {
+        let running = nodeIDs.filter(isRunning)
+        guard !running.isEmpty else { return nil }
+        let (answers, sink) = AsyncStream.makeStream(of: UInt64?.self)
+        for id in running {
+            Task { sink.yield(await self.status(of: id)?.role == "leader" ? id : nil) }
+        }
+        var heard = 0
+        for await answer in answers {
+            if let answer { return answer }
+            heard += 1
+            if heard == running.count { break }
         }
         return nil
     }
@@ -237,18 +258,24 @@ public final class LocalProcessCluster: Sendable {
         lastReadiness.withLock { $0.removeAll() }
         while Date() < deadline {
             guard exitedOnTheirOwn().isEmpty else { return false }
-            var all = true
-            for id in nodeIDs where isRunning(id) {
-                let answer: String
-                switch await probe(id, "/readyz") {
-                case .success(let response) where response.status == .ok: continue
-                case .success(let response): answer = "\(response.status.code) \(response.text.prefix(300))"
-                case .failure(let error): answer = "\(error)"
+            // Side by side, as in `firstLeaderAmongRunning`; here every
+            // answer is needed.
+            let notReady = await withTaskGroup(of: (UInt64, String?).self) { group in
+                for id in nodeIDs where isRunning(id) {
+                    group.addTask {
+                        switch await self.probe(id, "/readyz") {
+                        case .success(let response) where response.status == .ok: return (id, nil)
+                        case .success(let response): return (id, "\(response.status.code) \(response.text.prefix(300))")
+                        case .failure(let error): return (id, "\(error)")
+                        }
+                    }
                 }
-                all = false
-                lastReadiness.withLock { $0[id] = answer }
+                var notReady: [UInt64: String] = [:]
+                for await (id, answer) in group { if let answer { notReady[id] = answer } }
+                return notReady
             }
-            if all { return true }
+            lastReadiness.withLock { $0.merge(notReady) { $1 } }
+            if notReady.isEmpty { return true }
             try? await Task.sleep(for: .milliseconds(50))
         }
         return false

@@ -84,6 +84,31 @@ struct ProcessTests {
         await cluster.close()
     }
 
+    @Test("A node that does not answer holds up neither the harness's search for the leader nor the nodes asked after it")
+    func frozenNodeDoesNotHoldUpLeaderSearch() async throws {
+        let binary = try #require(warrantBinary(), "build the package first so the warrant executable exists")
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("warrant-frozen-\(UUID().uuidString.prefix(8))").path
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        try await withClusterSlot {
+            let cluster = try LocalProcessCluster(binary: binary, directory: directory, basePort: LocalProcessCluster.pickBasePort())
+            _ = try #require(await cluster.waitForLeader(seconds: 60))
+            #expect(await cluster.waitUntilReady(seconds: 60), "\(cluster.notReadyReason())")
+            // Node 1, the first asked, frozen: its socket accepts, nothing answers.
+            cluster.pause(1)
+            let leader = await cluster.waitForLeader(seconds: 30)
+            #expect(leader != nil && leader != 1)
+            // One probe timing out raises node 1's next probe to the 4 s maximum.
+            #expect(await cluster.status(of: 1, timeout: .seconds(2)) == nil)
+            let started = ContinuousClock.now
+            let again = await cluster.waitForLeader(seconds: 30)
+            let took = started.duration(to: .now)
+            #expect(again != nil && again != 1)
+            #expect(took < .seconds(2), "finding the leader took \(took): the frozen node's probe held it up")
+            cluster.resume(1)
+            await cluster.close()
+        }
+    }
+
     @Test("No two base ports the harness can hand out share a port, and each lies below the ephemeral range")
     func basePortsDisjoint() {
         var owner: [Int: Int] = [:]
