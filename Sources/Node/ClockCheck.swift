@@ -88,5 +88,24 @@ public final class ClockCheck: Sendable {
         case identity = "signs no identity (relying parties on time would take it for not yet valid, or already partly spent)"
         case revocation = "records no revocation or rotation (the rule's or the authority's time would come from this clock)"
         case crl = "signs no CRL (its thisUpdate and nextUpdate would be off for relying parties)"
+        case joinToken = "makes no join token (the token's expiry would come from this clock)"
+    }
+}
+
+extension ClockCheck {
+    /// Whom a leader hands leadership to: the most caught-up voter it
+    /// tracks (`matchIndexes`, by follower) whose clock agrees with a
+    /// quorum of the voters by this node's readings (`offsets`), the lower
+    /// id on a tie. With `orAnyClock` (a leader that is stopping: any
+    /// leader is sooner than an election) the most caught-up voter when no
+    /// clock agrees; without it, nil then.
+    public static func handOverTarget(own: NodeID, membership: Membership, matchIndexes: [NodeID: LogIndex], offsets: [NodeID: Int64],
+                                      orAnyClock: Bool) -> NodeID? {
+        let voters = membership.voters.filter { $0 != own && matchIndexes[$0] != nil }
+        let agreeing = voters.filter {
+            ClockAgreement.agreeing(with: $0, own: own, voters: membership.voters, offsets: offsets, boundMillis: boundMillis) >= membership.quorum
+        }
+        let candidates = agreeing.isEmpty && orAnyClock ? voters : agreeing
+        return candidates.max { (matchIndexes[$0]!, $1) < (matchIndexes[$1]!, $0) }
     }
 }

@@ -291,19 +291,18 @@ public final class NodeServer: Sendable {
     /// voters (by this node's readings); if none does, it keeps leading
     /// and signs nothing.
     private func handOverForClock(_ status: Status) async {
-        let offsets = clock.offsets
-        let candidates = status.membership.voters.filter { candidate in
-            candidate != config.id && status.followers[candidate] != nil
-                && ClockAgreement.agreeing(with: candidate, own: config.id, voters: status.membership.voters, offsets: offsets,
-                                           boundMillis: ClockCheck.boundMillis) >= status.membership.quorum
-        }
-        guard let target = candidates.max(by: { status.followers[$0]!.matchIndex < status.followers[$1]!.matchIndex }) else { return }
+        guard let target = handOverTarget(status, orAnyClock: false) else { return }
         log.error("handing leadership over: this node's clock disagrees with the cluster's", ["clock": clock.verdict.description, "to": "\(target)"])
         do {
             try await driver.transferLeadership(to: target)
         } catch {
             log.warning("could not hand leadership over", ["to": "\(target)", "error": "\(error)"])
         }
+    }
+
+    private func handOverTarget(_ status: Status, orAnyClock: Bool) -> NodeID? {
+        ClockCheck.handOverTarget(own: config.id, membership: status.membership, matchIndexes: status.followers.mapValues(\.matchIndex),
+                                  offsets: clock.offsets, orAnyClock: orAnyClock)
     }
 
     /// The first leader makes the trust domain's keys (sealed with the
@@ -340,9 +339,11 @@ public final class NodeServer: Sendable {
     private func shutdown() async {
         stopping.store(true, ordering: .relaxed)
         await http.stop()
-        // A leader hands over first, so the cluster need not wait for an election.
+        // A leader hands over first, so the cluster need not wait for an
+        // election: to a voter whose clock agrees, if one does (one that
+        // disagrees would sign nothing and hand over again).
         let status = await driver.status
-        if status.role == .leader, let target = status.followers.filter({ !$0.value.isLearner }).max(by: { $0.value.matchIndex < $1.value.matchIndex })?.key {
+        if status.role == .leader, let target = handOverTarget(status, orAnyClock: true) {
             try? await driver.transferLeadership(to: target)
         }
         let deadline = ContinuousClock.now.advanced(by: Self.drainTimeout)

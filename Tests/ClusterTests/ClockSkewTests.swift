@@ -53,7 +53,7 @@ struct ClockSkewTests {
         [UInt64(1), 2, 3].map { "node \($0):\n" + cluster.logTail(of: $0, lines: 30) }.joined(separator: "\n")
     }
 
-    /// A join token for a JWT-SVID (made through any node: no signing).
+    /// A join token for a JWT-SVID (made through any node whose clock agrees).
     private func token(_ cluster: LocalProcessCluster) async throws -> String {
         let made = try await cluster.client.request(.POST, "/v1/tokens", headers: [("content-type", "application/json")],
                                                     body: Array(#"{"spiffe_id": "spiffe://warrant.local/ci/clock"}"#.utf8))
@@ -113,7 +113,7 @@ struct ClockSkewTests {
         }
     }
 
-    @Test("When no two clocks agree, no node signs: issuance, CRLs and revocations answer 503 clock_skew naming how far off the clock is")
+    @Test("When no two clocks agree, no node signs: issuance, CRLs, revocations and join tokens answer 503 clock_skew naming how far off the clock is")
     func noAgreementNoSigning() async throws {
         try await withCluster { cluster, library in
             let secret = try await token(cluster)
@@ -135,10 +135,16 @@ struct ClockSkewTests {
                                                               body: Array(#"{"spiffe_id": "spiffe://warrant.local/ci/clock"}"#.utf8))
             #expect(revocation.status == .serviceUnavailable && revocation.text.contains("records no revocation"),
                     "\(revocation.status) \(revocation.text.prefix(300))")
+            // Nor a join token, whose expiry would come from this clock.
+            let made = try await cluster.client.request(at: cluster.endpointIndex(of: leader), .POST, "/v1/tokens",
+                                                        headers: [("content-type", "application/json")],
+                                                        body: Array(#"{"spiffe_id": "spiffe://warrant.local/ci/clock-late"}"#.utf8))
+            #expect(made.status == .serviceUnavailable && made.text.contains("makes no join token"), "\(made.status) \(made.text.prefix(300))")
             // Nothing was signed or recorded: the audit has no issuance and no revocation.
             let audit = try await cluster.client.request(.GET, "/v1/audit?limit=50")
             #expect(audit.status == .ok && audit.text.contains("token.create"), "\(audit.status) \(audit.text.prefix(300))")
-            #expect(!audit.text.contains("identity.issue") && !audit.text.contains("identity.revoke"), "\(audit.text.prefix(600))")
+            #expect(!audit.text.contains("identity.issue") && !audit.text.contains("identity.revoke") && !audit.text.contains("clock-late"),
+                    "\(audit.text.prefix(600))")
         }
     }
 }

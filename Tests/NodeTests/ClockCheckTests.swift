@@ -1,4 +1,5 @@
 import Node
+import Raft
 import Testing
 import Transport
 
@@ -29,5 +30,25 @@ struct ClockCheckTests {
         check.update(own: 1, voters: [1, 2, 3], offsets: [2: -9_000, 3: -9_000], now: at(20.0))
         check.update(own: 1, voters: [1, 2, 3], offsets: [2: -9_000, 3: -9_000], now: at(30.0))
         #expect(check.verdict == .agrees)
+    }
+
+    @Test("Leadership goes to the most caught-up voter whose clock agrees; a stopping leader falls back to the most caught-up when none does, a skewed leader keeps it")
+    func handOverTarget() {
+        let membership = Membership(voters: [1, 2, 3, 4, 5], learners: [6])
+        // Node 1 leads; node 2 is the most caught up but 60 s off; node 6 is a learner.
+        let matches: [NodeID: LogIndex] = [2: 90, 3: 70, 4: 80, 5: 80, 6: 95]
+        let offsets: [NodeID: Int64] = [2: 60_000, 3: 10, 4: -20, 5: 5, 6: 0]
+        for stopping in [false, true] {
+            let target = ClockCheck.handOverTarget(own: 1, membership: membership, matchIndexes: matches, offsets: offsets, orAnyClock: stopping)
+            #expect(target == 4, "stopping \(stopping): the most caught-up agreeing voter, the lower id of 4 and 5")
+        }
+        // This leader is the one that is off: the other four agree with one another, so the most caught up of them.
+        let skewedLeader: [NodeID: Int64] = [2: -60_000, 3: -60_010, 4: -59_990, 5: -60_005]
+        #expect(ClockCheck.handOverTarget(own: 1, membership: membership, matchIndexes: matches, offsets: skewedLeader, orAnyClock: false) == 2)
+        // Readings missing (no stamps yet): no clock is known to agree.
+        #expect(ClockCheck.handOverTarget(own: 1, membership: membership, matchIndexes: matches, offsets: [:], orAnyClock: false) == nil)
+        #expect(ClockCheck.handOverTarget(own: 1, membership: membership, matchIndexes: matches, offsets: [:], orAnyClock: true) == 2)
+        // A voter this leader does not track is not a candidate.
+        #expect(ClockCheck.handOverTarget(own: 1, membership: Membership(voters: [1, 7]), matchIndexes: matches, offsets: [:], orAnyClock: true) == nil)
     }
 }

@@ -248,6 +248,7 @@ extension NodeAPI {
         guard (ttl...AuthorityService.evidenceLifetimeMaxSeconds).contains(maxLifetime) else {
             throw APIError(status: .badRequest, code: "bad_ttl", message: "max_lifetime_seconds must be \(ttl)...\(AuthorityService.evidenceLifetimeMaxSeconds) (at least ttl_seconds)")
         }
+        try clock.requireAgreement(.joinToken)
         let secret = AuthorityService.newTokenSecret()
         let now = Date()
         let expires = now.addingTimeInterval(TimeInterval(validFor))
