@@ -202,35 +202,38 @@ public final class LocalProcessCluster: Sendable {
         }
     }
 
-    /// A running node that says it leads, waiting at most `seconds`.
+    /// A running node that says it leads, waiting at most `seconds` (nil
+    /// at once if the caller is cancelled).
+    ///
+    /// Each node is asked in a loop of its own and the first that says it
+    /// leads is the answer. Asked one after another, a node slow to answer
+    /// (its probe may wait 4 s) held up the nodes behind it: on a loaded
+    /// CI machine a start-up wait of 20 s ran out while the leader had
+    /// been elected in the first second. A loop still in a probe when the
+    /// answer is known ends with that probe (within its timeout).
     public func waitForLeader(seconds: Double = 10) async -> UInt64? {
-        let deadline = Date().addingTimeInterval(seconds)
-        while Date() < deadline {
-            if let leader = await firstLeaderAmongRunning() { return leader }
-            try? await Task.sleep(for: .milliseconds(20))
-        }
-        return nil
-    }
-
-    /// Asks every running node side by side and returns the first that
-    /// says it leads, or nil once all have answered otherwise. Asked one
-    /// after another, a node slow to answer (its probe may wait 4 s) held
-    /// up the nodes behind it: on a loaded CI machine a start-up wait of
-    /// 20 s ran out while the leader had been elected in the first second.
-    /// Probes still under way when the answer is known finish on their
-    /// own, each within its timeout.
-    func firstLeaderAmongRunning() async -> UInt64? {
-        let running = nodeIDs.filter(isRunning)
-        guard !running.isEmpty else { return nil }
+        let deadline = ContinuousClock.now.advanced(by: .milliseconds(Int64(seconds * 1000)))
+        let found = StopFlag()
+        defer { found.set() }
         let (answers, sink) = AsyncStream.makeStream(of: UInt64?.self)
-        for id in running {
-            Task { sink.yield(await self.status(of: id)?.role == "leader" ? id : nil) }
+        for id in nodeIDs {
+            Task {
+                while !found.isSet && ContinuousClock.now < deadline {
+                    if self.isRunning(id), await self.status(of: id)?.role == "leader" {
+                        sink.yield(id)
+                        return
+                    }
+                    try? await Task.sleep(for: .milliseconds(20))
+                }
+                sink.yield(nil)
+            }
         }
-        var heard = 0
+        var ended = 0
+        // The stream ends early if the caller is cancelled.
         for await answer in answers {
             if let answer { return answer }
-            heard += 1
-            if heard == running.count { break }
+            ended += 1
+            if ended == nodeIDs.count { break }
         }
         return nil
     }
@@ -256,10 +259,9 @@ public final class LocalProcessCluster: Sendable {
     public func waitUntilReady(seconds: Double = 20) async -> Bool {
         let deadline = Date().addingTimeInterval(seconds)
         lastReadiness.withLock { $0.removeAll() }
-        while Date() < deadline {
+        while Date() < deadline && !Task.isCancelled {
             guard exitedOnTheirOwn().isEmpty else { return false }
-            // Side by side, as in `firstLeaderAmongRunning`; here every
-            // answer is needed.
+            // Side by side (see `waitForLeader`); here every answer is needed.
             let notReady = await withTaskGroup(of: (UInt64, String?).self) { group in
                 for id in nodeIDs where isRunning(id) {
                     group.addTask {

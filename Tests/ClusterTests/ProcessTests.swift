@@ -84,7 +84,7 @@ struct ProcessTests {
         await cluster.close()
     }
 
-    @Test("A node that does not answer holds up neither the harness's search for the leader nor the nodes asked after it")
+    @Test("A node that does not answer holds up neither the harness's search for the leader nor the nodes asked after it, before or after an election")
     func frozenNodeDoesNotHoldUpLeaderSearch() async throws {
         let binary = try #require(warrantBinary(), "build the package first so the warrant executable exists")
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("warrant-frozen-\(UUID().uuidString.prefix(8))").path
@@ -104,6 +104,20 @@ struct ProcessTests {
             let took = started.duration(to: .now)
             #expect(again != nil && again != 1)
             #expect(took < .seconds(2), "finding the leader took \(took): the frozen node's probe held it up")
+            // No leader for half a second (two of three nodes frozen), then
+            // one: found soon after, not after node 1's 4 s probe.
+            let second = try #require(again)
+            cluster.pause(second)
+            let thaw = Task {
+                try? await Task.sleep(for: .milliseconds(500))
+                cluster.resume(second)
+            }
+            let waitStarted = ContinuousClock.now
+            let afterThaw = await cluster.waitForLeader(seconds: 30)
+            let waited = waitStarted.duration(to: .now)
+            await thaw.value
+            #expect(afterThaw != nil && afterThaw != 1)
+            #expect(waited < .seconds(3), "finding the leader after the thaw took \(waited): the frozen node's probe held it up")
             cluster.resume(1)
             await cluster.close()
         }
