@@ -1,4 +1,5 @@
 import Crypto
+import Encoding
 import Foundation
 import SwiftASN1
 @_spi(FixedExpiryValidationTime) import X509
@@ -104,8 +105,7 @@ public struct TrustBundle: Sendable {
         guard chainPEM.utf8.count <= Self.chainPEMBytesMax else {
             throw AuthorityError("bad_chain", "the chain is larger than \(Self.chainPEMBytesMax) bytes")
         }
-        var pemText = chainPEM
-        let digest = MemoDigest(pemText.withUTF8 { SHA256.digest(UnsafeRawBufferPointer($0)) })
+        let digest = MemoDigest(UTF8Text.withBytes(of: chainPEM) { SHA256.digest(UnsafeRawBufferPointer($0)) })
         if let known = memo?.value(for: digest) {
             try Self.checkTime(known, now)
             var verified = known.verified

@@ -36,8 +36,7 @@ public enum PEMText {
     /// blocks is allowed (RFC 7468's explanatory text), a block with
     /// another label is not; the base64 may be broken by ASCII whitespace.
     public static func decodeAll(_ text: String, label: String, limit: Int) throws(PEMError) -> [[UInt8]] {
-        var text = text
-        return try text.withUTF8 { bytes in Result { () throws(PEMError) in try decodeAll(bytes, label: label, limit: limit) } }.get()
+        return try UTF8Text.withBytes(of: text) { bytes in Result { () throws(PEMError) in try decodeAll(bytes, label: label, limit: limit) } }.get()
     }
 
     private static func decodeAll(_ bytes: UnsafeBufferPointer<UInt8>, label: String, limit: Int) throws(PEMError) -> [[UInt8]] {

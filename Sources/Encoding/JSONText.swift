@@ -55,14 +55,12 @@ public enum JSONText {
         /// known to need no escaping, or output that is not JSON (an audit
         /// record's result is built here too).
         public mutating func unescaped(_ text: String, bytes limit: Int = .max) {
-            var text = text
-            text.withUTF8 { bytes.append(contentsOf: UnsafeBufferPointer(rebasing: $0.prefix(limit))) }
+            UTF8Text.withBytes(of: text) { bytes.append(contentsOf: UnsafeBufferPointer(rebasing: $0.prefix(limit))) }
         }
 
         /// A string literal, escaped as `quote` does.
         public mutating func quoted(_ text: String) {
-            var text = text
-            text.withUTF8 { utf8 in
+            UTF8Text.withBytes(of: text) { utf8 in
                 bytes.append(0x22)
                 // Most strings here (ids, digests, names) need no escaping:
                 // one pass to find out, then one copy.

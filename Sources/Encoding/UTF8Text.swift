@@ -15,8 +15,20 @@ public enum UTF8Text {
     /// id), cut by bytes: `String.prefix` walks characters, which showed
     /// on the issuance path (serials, token and actor names).
     public static func prefix(_ text: String, bytes count: Int) -> String {
+        withBytes(of: text) { String(decoding: UnsafeBufferPointer(rebasing: $0.prefix(count)), as: UTF8.self) }
+    }
+
+    /// `body` over `text`'s UTF-8, read where it lies (a native or small
+    /// string, nearly all of them) without copying the string: the copy
+    /// `String.withUTF8` needs (it is mutating) was a retain and a release
+    /// each time, on every name compared and every field written while
+    /// applying an issuance. A bridged string is copied into native
+    /// storage first.
+    @inlinable
+    public static func withBytes<T>(of text: String, _ body: (UnsafeBufferPointer<UInt8>) throws -> T) rethrows -> T {
+        if let result = try text.utf8.withContiguousStorageIfAvailable(body) { return result }
         var text = text
-        return text.withUTF8 { String(decoding: UnsafeBufferPointer(rebasing: $0.prefix(count)), as: UTF8.self) }
+        return try text.withUTF8(body)
     }
 
     public static func isASCII(_ bytes: UnsafeBufferPointer<UInt8>) -> Bool {

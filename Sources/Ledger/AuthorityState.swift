@@ -374,8 +374,7 @@ public enum AuthorityDocuments {
         let start = prefix.utf8.count
         return withUnsafeTemporaryAllocation(of: UInt8.self, capacity: width + 1) { bound in
             writeTime(millis, width: width, into: bound)
-            var name = name
-            return name.withUTF8 { bytes in
+            return UTF8Text.withBytes(of: name) { bytes in
                 for k in 0...width {
                     guard start + k < bytes.count else { return true } // a proper prefix of the bound
                     if bytes[start + k] != bound[k] { return bytes[start + k] < bound[k] }
@@ -395,8 +394,7 @@ public enum AuthorityDocuments {
 
     static func isHex(_ text: String, count: Int) -> Bool {
         guard text.utf8.count == count else { return false }
-        var text = text
-        return text.withUTF8 { $0.allSatisfy { ($0 >= 0x30 && $0 <= 0x39) || ($0 >= 0x61 && $0 <= 0x66) } }
+        return UTF8Text.withBytes(of: text) { $0.allSatisfy { ($0 >= 0x30 && $0 <= 0x39) || ($0 >= 0x61 && $0 <= 0x66) } }
     }
 }
 

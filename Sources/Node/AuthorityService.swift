@@ -1,5 +1,6 @@
 import Authority
 import Crypto
+import Encoding
 import Foundation
 import Ledger
 import Storage
@@ -253,8 +254,7 @@ public final class AuthorityService: Sendable {
 
     /// SHA-256, lower-case hex.
     public static func hash(_ text: String) -> String {
-        var text = text
-        return Hex.encode(text.withUTF8 { SHA256.digest(UnsafeRawBufferPointer($0)) })
+        Hex.encode(UTF8Text.withBytes(of: text) { SHA256.digest(UnsafeRawBufferPointer($0)) })
     }
 
     public static func hash(_ bytes: [UInt8]) -> String { Hex.encode(SHA256.digest(bytes)) }

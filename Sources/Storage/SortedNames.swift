@@ -187,8 +187,7 @@ struct SortedNames: Sendable {
 
         /// `body` over `name`'s UTF-8 (a native string's own storage).
         static func withBytes<T>(of name: String, _ body: (UnsafeBufferPointer<UInt8>) -> T) -> T {
-            var name = name
-            return name.withUTF8(body)
+            UTF8Text.withBytes(of: name, body)
         }
 
         /// How many leading bytes `a` and `b` share.

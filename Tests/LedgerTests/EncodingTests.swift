@@ -87,6 +87,19 @@ struct LedgerEncodingTests {
         #expect(JoinToken.markingUsed(Array("false}".utf8), serial: "ff") == nil, "too short to be a token")
     }
 
+    @Test("UTF8Text.withBytes lends a string's UTF-8 as it is: empty, small, large, not ASCII, cut from another string, made from bytes")
+    func withBytesLendsTheUTF8() {
+        let large = String(repeating: "authority/issued/1767225600/", count: 9)
+        var samples = ["", "a", "fifteen bytes!!", "sixteen bytes!!!", large, "spiffe://warrant.local/é/ü/\u{1F600}", "a\u{0}b"]
+        samples.append(String(large.dropFirst(17).prefix(40)))
+        samples.append(String(decoding: Array(large.utf8.reversed()), as: UTF8.self))
+        for text in samples {
+            let lent = UTF8Text.withBytes(of: text) { Array($0) }
+            #expect(lent == Array(text.utf8), "\(text.debugDescription)")
+            #expect(UTF8Text.prefix(text, bytes: 5) == String(decoding: Array(text.utf8.prefix(5)), as: UTF8.self))
+        }
+    }
+
     @Test("quote writes literals JSONSerialization reads back as the same text, and copies text needing no escaping as it is")
     func quotedRoundTrip() throws {
         var texts = ["", "plain", "spiffe://example.org/ci/job", String(repeating: "ab01", count: 16), "a\"b", "back\\slash", "line\nbreak",
