@@ -73,7 +73,7 @@ struct SortedNames: Sendable {
             keys = names.map { Self.key($0, from: common) }
             prefix = (0, 0, 0, 0)
             if common <= Self.prefixBytesMax {
-                Self.withBytes(of: names[0]) { bytes in
+                UTF8Text.withBytes(of: names[0]) { bytes in
                     withUnsafeMutableBytes(of: &prefix) { $0.copyMemory(from: UnsafeRawBufferPointer(rebasing: UnsafeRawBufferPointer(bytes)[..<common])) }
                 }
             }
@@ -158,11 +158,11 @@ struct SortedNames: Sendable {
 
         /// `name`'s key, if it begins with the `common` bytes every name here begins with.
         private func key(of name: String) -> UInt64? {
-            Self.withBytes(of: name) { bytes -> UInt64? in
+            UTF8Text.withBytes(of: name) { bytes -> UInt64? in
                 guard bytes.count >= common else { return nil }
                 let shares = common <= Self.prefixBytesMax
                     ? withUnsafeBytes(of: prefix) { memcmp(bytes.baseAddress!, $0.baseAddress!, common) == 0 }
-                    : Self.withBytes(of: names[0]) { memcmp(bytes.baseAddress!, $0.baseAddress!, common) == 0 }
+                    : UTF8Text.withBytes(of: names[0]) { memcmp(bytes.baseAddress!, $0.baseAddress!, common) == 0 }
                 return shares ? Self.key(UnsafeRawBufferPointer(bytes), from: common) : nil
             }
         }
@@ -183,12 +183,7 @@ struct SortedNames: Sendable {
             return .inside
         }
 
-        static func isASCII(_ name: String) -> Bool { withBytes(of: name, UTF8Text.isASCII) }
-
-        /// `body` over `name`'s UTF-8 (a native string's own storage).
-        static func withBytes<T>(of name: String, _ body: (UnsafeBufferPointer<UInt8>) -> T) -> T {
-            UTF8Text.withBytes(of: name, body)
-        }
+        static func isASCII(_ name: String) -> Bool { UTF8Text.withBytes(of: name, UTF8Text.isASCII) }
 
         /// How many leading bytes `a` and `b` share.
         static func commonPrefix(_ a: String, _ b: String) -> Int {
@@ -197,12 +192,12 @@ struct SortedNames: Sendable {
                 while n < a.count && n < b.count && a[n] == b[n] { n += 1 }
                 return n
             }
-            return withBytes(of: a) { a in withBytes(of: b) { b in shared(a, b) } }
+            return UTF8Text.withBytes(of: a) { a in UTF8Text.withBytes(of: b) { b in shared(a, b) } }
         }
 
         /// `name`'s 8 bytes from `offset` on, big-endian, zero after its end.
         static func key(_ name: String, from offset: Int) -> UInt64 {
-            withBytes(of: name) { key(UnsafeRawBufferPointer($0), from: offset) }
+            UTF8Text.withBytes(of: name) { key(UnsafeRawBufferPointer($0), from: offset) }
         }
 
         private static func key(_ bytes: UnsafeRawBufferPointer, from offset: Int) -> UInt64 {
