@@ -366,6 +366,23 @@ public enum AuthorityDocuments {
         out[width] = 0x2F
     }
 
+    /// The time in a name made by `timed` under `prefix` (the digits up to
+    /// the next `/`), or nil when it holds none.
+    public static func time(inTimedName name: String, prefix: String) -> UInt64? {
+        guard name.hasPrefix(prefix) else { return nil }
+        let start = prefix.utf8.count
+        return UTF8Text.withBytes(of: name) { bytes -> UInt64? in
+            var value: UInt64 = 0, digits = 0
+            for byte in bytes[start...] {
+                if byte == 0x2F { break }
+                guard byte >= 0x30 && byte <= 0x39, digits < 19 else { return nil }
+                value = value * 10 + UInt64(byte - 0x30)
+                digits += 1
+            }
+            return digits >= 13 ? value : nil
+        }
+    }
+
     /// Whether `name` (which begins with `prefix`) sorts before
     /// `timed(prefix, millis, "")`, the bound of a scan for what is due,
     /// compared byte by byte without making the bound.

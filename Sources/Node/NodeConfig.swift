@@ -83,6 +83,11 @@ public struct NodeConfig: Sendable, Hashable {
     /// writes. For tests whose subject is not durability, so that their
     /// elections do not wait on a disk other suites keep busy.
     public var unsafeNoFsync: Bool
+    /// Identity records the ledger may keep (`storage.identity_records_max`):
+    /// every node holds each in memory until the identity expires (about
+    /// 1.2 KB apiece), so past this the leader signs nothing new until
+    /// some expire, instead of every node running out of memory at once.
+    public var identityRecordsMax: Int
 
     /// Limits checked at load time.
     public static let peersMax = 8
@@ -91,6 +96,7 @@ public struct NodeConfig: Sendable, Hashable {
     public static let fileBytesMax = 64 << 10
     public static let snapshotEveryEntries = 100...10_000_000
     public static let inflightMessagesMax = 1...1_024
+    public static let identityRecordsMax = 1...100_000_000
 
     public init(yaml text: String) throws(NodeConfigError) {
         guard text.utf8.count <= Self.fileBytesMax else {
@@ -151,8 +157,9 @@ public struct NodeConfig: Sendable, Hashable {
         allowHTTPLoopbackIssuers = try join.boolean("allow_http_loopback_issuers", default: false)
         jwksRefetchSeconds = try join.integer("jwks_refetch_seconds", in: 1...3_600, default: 30)
 
-        let storage = try top.section("storage", keys: ["unsafe_no_fsync"], optional: true)
+        let storage = try top.section("storage", keys: ["unsafe_no_fsync", "identity_records_max"], optional: true)
         unsafeNoFsync = try storage.boolean("unsafe_no_fsync", default: false)
+        identityRecordsMax = try storage.integer("identity_records_max", in: Self.identityRecordsMax, default: 2_000_000)
 
         let raft = try top.section("raft", keys: ["tick_interval_ms", "election_timeout_ticks", "heartbeat_interval_ticks", "snapshot_every_entries",
                                                   "inflight_messages_max"], optional: true)

@@ -20,6 +20,10 @@ struct LedgerMemory: LedgerTables, Sendable {
     /// lookups (every issuance on every node checks it; each lookup in a
     /// map of a few hundred thousand documents is a few cache misses).
     private(set) var activeAuthorityContent: [UInt8]?
+    /// Documents under `AuthorityDocuments.issuedPrefix`: the identities
+    /// whose records are kept (those not yet expired, and expired ones not
+    /// yet forgotten). The node refuses to sign past its limit of them.
+    private(set) var issuedCount = 0
 
     init() {}
 
@@ -39,6 +43,7 @@ struct LedgerMemory: LedgerTables, Sendable {
             contentBytes -= old.content.count
         } else {
             names.insert(document.name)
+            if document.name.hasPrefix(AuthorityDocuments.issuedPrefix) { issuedCount += 1 }
         }
         contentBytes += document.content.count
     }
@@ -48,6 +53,7 @@ struct LedgerMemory: LedgerTables, Sendable {
         if name == AuthorityDocuments.active { activeAuthorityContent = nil }
         contentBytes -= old.content.count
         names.remove(name)
+        if name.hasPrefix(AuthorityDocuments.issuedPrefix) { issuedCount -= 1 }
     }
 
     func auditHead() -> (sequence: UInt64, hash: [UInt8]) { head }

@@ -26,6 +26,8 @@ public final class LedgerStore: Sendable {
     private let memory: Mutex<LedgerMemory>
     /// When the oldest unwritten audit record was applied (driver thread).
     private let unwrittenSince = Mutex<ContinuousClock.Instant?>(nil)
+    /// `LedgerMemory.issuedCount`, published after each applied batch.
+    private let issuedRecords = Atomic<Int>(0)
     let batching: AuditBatching
     /// Where due audit records are written, one batch at a time and in
     /// order, off the driver's thread: a batch of 2,048 was tens of
@@ -78,7 +80,9 @@ public final class LedgerStore: Sendable {
         } else if head.sequence != 0 {
             throw StorageError(code: .corruptState, reason: "\(path): the audit chain is missing the \(head.sequence) records the checkpoint at index \(index) follows. \(StorageError.rejoinAdvice)")
         }
-        memory.withLock { $0 = LedgerMemory(documents: checkpoint?.documents ?? [], head: head, applied: index) }
+        let loaded = LedgerMemory(documents: checkpoint?.documents ?? [], head: head, applied: index)
+        memory.withLock { $0 = loaded }
+        issuedRecords.store(loaded.issuedCount, ordering: .relaxed)
         unwrittenSince.withLock { $0 = nil }
         return checkpoint
     }
@@ -94,14 +98,15 @@ public final class LedgerStore: Sendable {
         // whole batch (a tenth of a millisecond or more on the leader).
         var outcomes: [LedgerOutcome] = []
         outcomes.reserveCapacity(entries.count)
-        var unwritten = 0
+        var unwritten = 0, issued = 0
         for entry in entries {
             let outcome = try memory.withLock { memory in
-                defer { unwritten = memory.unwrittenAudit.count }
+                defer { (unwritten, issued) = (memory.unwrittenAudit.count, memory.issuedCount) }
                 return try Ledger.apply(entry, to: &memory)
             }
             if let outcome { outcomes.append(outcome) }
         }
+        issuedRecords.store(issued, ordering: .relaxed)
         if unwritten > 0 { unwrittenSince.withLock { $0 = $0 ?? .now } }
         try writeAuditIfDue(unwritten: unwritten)
         return outcomes
@@ -263,6 +268,7 @@ public final class LedgerStore: Sendable {
             try auditWriter.sync { try audit.replaceAll(records) }
             try writeCheckpoint(installed, metadata: snapshot.metadata, newest: &newest)
             memory.withLock { $0 = installed }
+            issuedRecords.store(installed.issuedCount, ordering: .relaxed)
         }
         unwrittenSince.withLock { $0 = nil }
     }
@@ -296,6 +302,25 @@ public final class LedgerStore: Sendable {
     // MARK: - Reading (any thread)
 
     public var appliedIndex: LogIndex { memory.withLock { $0.applied } }
+
+    /// Identity records kept (`authority/issued/`) as of the last batch
+    /// applied, read without the ledger's lock (every issuance asks).
+    public var issuedRecordCount: Int { issuedRecords.load(ordering: .relaxed) }
+
+    /// When the first identity record kept expires (its name's time):
+    /// the next issuance after it forgets it. Nil when none is kept.
+    public func earliestIssuedExpiryMillis() -> UInt64? {
+        let prefix = AuthorityDocuments.issuedPrefix
+        let first = memory.withLock { memory in
+            var first: String?
+            memory.names.forEach(from: prefix) { name in
+                if name.hasPrefix(prefix) { first = name }
+                return false
+            }
+            return first
+        }
+        return first.flatMap { AuthorityDocuments.time(inTimedName: $0, prefix: prefix) }
+    }
 
     public func document(named name: String) -> Document? {
         memory.withLock { $0.documents[name] }

@@ -341,4 +341,6 @@ public final class RaftStore: @unchecked Sendable {
     }
     public func verifyAudit() throws -> AuditVerification { try requireLedger().verifyAudit() }
     public func ledgerAppliedIndex() throws -> LogIndex { try requireLedger().appliedIndex }
+    public func issuedRecordCount() throws -> Int { try requireLedger().issuedRecordCount }
+    public func earliestIssuedExpiryMillis() throws -> UInt64? { try requireLedger().earliestIssuedExpiryMillis() }
 }

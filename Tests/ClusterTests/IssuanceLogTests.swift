@@ -92,4 +92,40 @@ struct IssuanceLogTests {
             #expect(afterOutside.checked == afterRecorded.checked + 2 && afterOutside.recorded == afterRecorded.recorded, "\(afterRecorded) -> \(afterOutside)")
         }
     }
+
+    @Test("Past storage.identity_records_max kept records the leader signs nothing (503 ledger_full, the token left unused) until the first expires; then an issuance forgets expired records and goes ahead")
+    func identityRecordsLimit() async throws {
+        // Indented: it continues the storage section the test cluster's configuration ends with.
+        try await InProcessCluster.withReadyFollower(extraConfig: "  identity_records_max: 2\n") { cluster, leader, follower, admin, open in
+            let tokens = try await joinTokens(4, for: "spiffe://warrant.local/ci/full", admin)
+            func issue(_ token: String) async throws -> HTTPClientResponse {
+                try await open.request(.POST, "/v1/svid/jwt", headers: [("content-type", "application/json")],
+                                       body: json(["token": token, "audience": ["a"], "ttl_seconds": 1]))
+            }
+            for token in tokens[..<2] {
+                let issued = try await issue(token)
+                #expect(issued.status == .ok, "\(issued.text)")
+            }
+            let store = try #require(cluster.servers[leader]).store
+            #expect(try store.issuedRecordCount() == 2)
+            let applied = try store.ledgerAppliedIndex()
+            let refused = try await issue(tokens[2])
+            #expect(refused.status == .serviceUnavailable && refused.text.contains("\"ledger_full\"") && refused.text.contains("identity_records_max"),
+                    "\(refused.text)")
+            #expect(refused.headers.first(name: "retry-after").flatMap(Int.init).map { (1...2).contains($0) } == true)
+            #expect(await eventually {
+                let metrics = (try? await admin.request(.GET, "/metrics").text) ?? ""
+                return metrics.contains("warrant_ledger_identity_records 2\n") && metrics.contains("warrant_ledger_identity_records_max 2\n")
+            }, "a follower counts the records it applied too")
+            #expect(try store.ledgerAppliedIndex() == applied, "nothing was proposed")
+            // The refused token was not used: once the first record has
+            // expired it is accepted, and the expired records go.
+            #expect(await eventually(seconds: 10) { (try? await issue(tokens[2]))?.status == .ok })
+            #expect(try store.issuedRecordCount() <= 2)
+            #expect(await eventually(seconds: 10) { (try? await issue(tokens[3]))?.status == .ok })
+            #expect(try store.issuedRecordCount() <= 2, "the limit holds")
+            let followerStore = try #require(cluster.servers[follower]).store
+            #expect(await eventually { (try? followerStore.issuedRecordCount()) == (try? store.issuedRecordCount()) })
+        }
+    }
 }

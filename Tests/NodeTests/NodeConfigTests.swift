@@ -50,6 +50,8 @@ struct NodeConfigTests {
         #expect(wide.inflightMessagesMax == 256)
         #expect(config.unsafeNoFsync == false, "writes are synced unless a file says otherwise")
         #expect(try NodeConfig(yaml: valid + "\nstorage:\n  unsafe_no_fsync: true\n").unsafeNoFsync)
+        #expect(config.identityRecordsMax == 2_000_000)
+        #expect(try NodeConfig(yaml: valid + "\nstorage:\n  identity_records_max: 5000\n").identityRecordsMax == 5_000)
     }
 
     @Test("Each kind of mistake gets a specific error naming where it is", arguments: [
@@ -71,6 +73,7 @@ struct NodeConfigTests {
         ("    api: \"[::1]:8401\"", "    api: \"[::1]:8401\"\n  join: yes", "node.join: must be true or false"),
         ("key_encryption_key_file: kek.bin", "key_encryption_key_file: kek.bin\nstorage:\n  fsync: false", "storage: unknown key 'fsync'"),
         ("key_encryption_key_file: kek.bin", "key_encryption_key_file: kek.bin\nstorage:\n  unsafe_no_fsync: 1", "storage.unsafe_no_fsync: must be true or false"),
+        ("key_encryption_key_file: kek.bin", "key_encryption_key_file: kek.bin\nstorage:\n  identity_records_max: 0", "storage.identity_records_max: 0 is outside 1...100000000"),
     ])
     func mistakes(line: String, replacement: String, expected: String) {
         do {

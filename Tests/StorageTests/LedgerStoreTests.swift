@@ -127,6 +127,47 @@ struct LedgerStoreTests {
         #expect(try store.document(named: AuthorityDocuments.active)?.content == Array("\"new\"".utf8))
     }
 
+    @Test("The store counts the identity records it keeps through issuances, forgetting, a checkpoint and a restart, and knows when the first expires")
+    func identityRecordsCounted() throws {
+        let keyring = Array(try JSONEncoder().encode(AuthorityKeyring(trustDomain: "example.org", kekID: "k", authorities: [
+            AuthorityKeyring.Entry(id: "a1", state: .active, algorithm: "ecdsa-p256", x509Certificate: "pem", x509Key: "sealed",
+                                   jwtKeyID: "kid", jwtKey: "sealed", createdAtMillis: 0)])))
+        func token(_ n: Int) -> JoinToken {
+            JoinToken(hash: String(repeating: String(n % 10), count: 64), spiffeID: "spiffe://example.org/job", ttlMaxSeconds: 600,
+                      expiresAtMillis: 1_000_000_000)
+        }
+        func issue(_ n: Int, notAfter: UInt64) -> LedgerCommand.Operation {
+            .recordIssuance(Issuance(kind: .jwt, spiffeID: "spiffe://example.org/job", serial: String(format: "%032x", n),
+                                     fingerprint: String(repeating: "f", count: 64), issuedAtMillis: 2_000, notAfterMillis: notAfter, ttlSeconds: 60,
+                                     tokenHash: token(n).hash, idempotencyKey: "", node: 1, authority: "a1", attributes: [:], artifact: []))
+        }
+        func commands(_ operations: [LedgerCommand.Operation], at time: UInt64) -> [LedgerCommand] {
+            operations.enumerated().map { LedgerCommand(timeMillis: time, actor: "test", requestID: "r\(time)-\($0.offset)", operation: $0.element) }
+        }
+        let first = commands([.initializeAuthority(keyring: keyring)] + (1...4).map { .createJoinToken(token($0)) }
+            + [issue(1, notAfter: 5_000_000), issue(2, notAfter: 9_000_000), issue(3, notAfter: 7_000_000)], at: 2_000)
+        var (temporary, store, node) = try leaderThatApplied(first)
+        #expect(try store.issuedRecordCount() == 3, "tokens and the keyring are not identity records")
+        #expect(try store.earliestIssuedExpiryMillis() == 5_000_000)
+        try checkpoint(&node, store)
+
+        store = try temporary.open()
+        var restarted = try RaftNode(configuration: Configuration(id: 1, randomSeed: 2), durable: try store.loadDurableState())
+        #expect(try store.issuedRecordCount() == 3, "counted again as the checkpoint loads")
+        restarted.campaign()
+        try driveApplying(&restarted, store)
+        // Applied at 8,000 s: the records expiring at 5,000 s and 7,000 s
+        // are forgotten as the new one is kept.
+        let ledger = try #require(store.ledger)
+        let later = commands([issue(4, notAfter: 20_000_000)], at: 8_000_000)
+        let outcomes = try ledger.apply(entries(later, term: restarted.term, from: restarted.lastIndex + 1)).map(\.result)
+        #expect(outcomes == [.issued(artifact: [], replayed: false)])
+        #expect(try store.issuedRecordCount() == 2)
+        #expect(try store.earliestIssuedExpiryMillis() == 9_000_000)
+        #expect(AuthorityDocuments.time(inTimedName: AuthorityDocuments.issued(notAfterMillis: 42, serial: "ab"), prefix: AuthorityDocuments.issuedPrefix) == 42)
+        #expect(AuthorityDocuments.time(inTimedName: "authority/issued/12/ab", prefix: AuthorityDocuments.issuedPrefix) == nil, "fewer than 13 digits")
+    }
+
     @Test("Due audit batches are written off the applying thread, in order; one that fails stops the next apply with its error")
     func auditWrittenInBackground() throws {
         let temporary = try TemporaryStore()

@@ -206,6 +206,22 @@ extension NodeAPI {
         return keys
     }
 
+    /// Refuses to sign while the ledger keeps `identityRecordsMax` identity
+    /// records and the first of them has not expired; once it has, an
+    /// issuance goes ahead (applying it forgets that record and one more,
+    /// so the records shrink back under the limit).
+    func requireRoomForIdentity() throws {
+        let count = try store.issuedRecordCount()
+        guard count >= identityRecordsMax else { return }
+        let now = UInt64(Date().timeIntervalSince1970 * 1000)
+        guard let earliest = try store.earliestIssuedExpiryMillis(), earliest >= now else { return }
+        let wait = min(3_600, (earliest - now) / 1000 + 1)
+        throw APIError(status: .serviceUnavailable, code: "ledger_full",
+                       message: "the ledger keeps \(count) identity records, its limit (storage.identity_records_max); "
+                           + "nothing new is signed until they expire, the first at \(Self.iso(Date(timeIntervalSince1970: Double(earliest) / 1000)))",
+                       headers: [("retry-after", String(wait))])
+    }
+
     private func bundleResponse(type: String = "application/json", _ body: (TrustBundle) throws -> [UInt8]) throws -> HTTPResponse {
         let keys = try requireKeys()
         return HTTPResponse(status: .ok, headers: [("content-type", type), ("cache-control", "max-age=\(keys.bundle.refreshHintSeconds)")],
@@ -338,6 +354,7 @@ extension NodeAPI {
     func signAndRecordX509(_ template: Issuance, spiffeID: SpiffeID, publicKey: RequestedKey, serial: Certificate.SerialNumber?,
                            keys: AuthorityService.Keys, actor: String?, _ request: HTTPRequest) async throws -> HTTPResponse {
         try clock.requireAgreement()
+        try requireRoomForIdentity()
         var keys = keys
         for attempt in 0..<2 {
             let issued = try Self.signX509(keys, spiffeID: spiffeID, publicKey: publicKey, ttl: TimeInterval(template.ttlSeconds),
@@ -540,6 +557,7 @@ extension NodeAPI {
     func signAndRecordJWT(_ template: Issuance, spiffeID: SpiffeID, audiences: [String], keys: AuthorityService.Keys, actor: String?,
                           _ request: HTTPRequest) async throws -> HTTPResponse {
         try clock.requireAgreement()
+        try requireRoomForIdentity()
         var keys = keys
         for attempt in 0..<2 {
             let now = Date(timeIntervalSince1970: Date().timeIntervalSince1970.rounded(.down))

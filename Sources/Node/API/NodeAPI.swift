@@ -52,9 +52,13 @@ public final class NodeAPI: Sendable {
     let joins: JoinService?
     let clock: ClockCheck
     let denials = DenialLimiter()
+    /// `storage.identity_records_max`.
+    let identityRecordsMax: Int
 
     public init(id: NodeID, driver: RaftDriver, store: RaftStore, members: MemberDirectory, forwarder: Forwarder?, metrics: NodeMetrics,
-                authority: AuthorityService? = nil, joins: JoinService? = nil, clock: ClockCheck = ClockCheck()) {
+                authority: AuthorityService? = nil, joins: JoinService? = nil, clock: ClockCheck = ClockCheck(),
+                identityRecordsMax: Int = 2_000_000) {
+        self.identityRecordsMax = identityRecordsMax
         self.authority = authority
         self.clock = clock
         self.joins = joins
@@ -64,6 +68,15 @@ public final class NodeAPI: Sendable {
         self.members = members
         self.forwarder = forwarder
         self.metrics = metrics
+    }
+
+    /// The identity records the ledger keeps, against their limit.
+    private var identityRecordsMetricsText: String {
+        guard let count = try? store.issuedRecordCount() else { return "" }
+        return "# HELP warrant_ledger_identity_records Identity records the ledger keeps (each until its identity expires).\n"
+            + "# TYPE warrant_ledger_identity_records gauge\nwarrant_ledger_identity_records \(count)\n"
+            + "# HELP warrant_ledger_identity_records_max The leader signs nothing new while this many are kept and none has expired.\n"
+            + "# TYPE warrant_ledger_identity_records_max gauge\nwarrant_ledger_identity_records_max \(identityRecordsMax)\n"
     }
 
     // MARK: - Routing
@@ -121,7 +134,7 @@ public final class NodeAPI: Sendable {
         case (.GET, "/readyz"): return await readiness()
         case (.GET, "/metrics"):
             return HTTPResponse(status: .ok, headers: [("content-type", "text/plain; version=0.0.4")],
-                                body: Array((metrics.render(status: await driver.statusSnapshot) + clock.metricsText).utf8))
+                                body: Array((metrics.render(status: await driver.statusSnapshot) + clock.metricsText + identityRecordsMetricsText).utf8))
         case (.GET, "/v1/cluster/status"): return APIJSON.response(await clusterStatus())
         case (.POST, "/v1/cluster/members"): return try await addMember(request)
         case (.DELETE, "/v1/cluster/members/{id}"): return try await removeMember(parameter ?? "", request)
