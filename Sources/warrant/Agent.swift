@@ -11,6 +11,12 @@ final class AgentIdentity: WorkloadIdentitySource {
     let options: JobOptions.Resolved
     let feed = WorkloadIdentityFeed()
     private let job = Mutex<JobIdentity?>(nil)
+    /// JWT-SVIDs issued, by audience set, handed out again until half their
+    /// lifetime has passed (as SPIRE's agent does): a workload that asks on
+    /// every call makes no issuance each time (the cluster allows one
+    /// identity line 100 at once and 20 a second).
+    private let jwtCache = Mutex<[String: (token: String, reuseUntil: Date)]>([:])
+    static let jwtCacheMax = 1_000
 
     init(options: JobOptions.Resolved) {
         self.options = options
@@ -38,12 +44,23 @@ final class AgentIdentity: WorkloadIdentitySource {
 
     func jwtSVID(audiences: [String]) async throws -> String {
         guard let current = job.withLock({ $0 }) else { throw JobFailure(description: "no identity yet") }
+        let key = Set(audiences).sorted().joined(separator: "\n")
+        let now = Date()
+        if let cached = jwtCache.withLock({ $0[key] }), cached.reuseUntil > now { return cached.token }
         let client = try WarrantClient(endpoints: options.endpoints, caPEM: options.caPEM, certificatePEM: current.certificatePEM, keyPEM: current.keyPEM)
         defer { Task { await client.close() } }
         let response = try await client.request(.POST, "/v1/svid/jwt/workload",
                                                  json: Array(try JSONSerialization.data(withJSONObject: ["audience": audiences])))
-        guard response.status == .ok, let token = (try? JSONSerialization.jsonObject(with: Data(response.body)) as? [String: Any])?["token"] as? String else {
+        let body = (try? JSONSerialization.jsonObject(with: Data(response.body)) as? [String: Any]) ?? [:]
+        guard response.status == .ok, let token = body["token"] as? String else {
             throw JobFailure(description: "\(response.status.code) \(response.text)")
+        }
+        if let expires = (body["expires_at"] as? String).flatMap({ ISO8601DateFormatter().date(from: $0) }), expires > now {
+            jwtCache.withLock { cache in
+                if cache.count >= Self.jwtCacheMax { cache = cache.filter { $0.value.reuseUntil > now } }
+                if cache.count >= Self.jwtCacheMax { cache.removeAll() }
+                cache[key] = (token, now.addingTimeInterval(expires.timeIntervalSince(now) / 2))
+            }
         }
         return token
     }

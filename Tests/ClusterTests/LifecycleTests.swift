@@ -262,6 +262,43 @@ struct LifecycleTests {
             await elsewhere.close()
         }
     }
+
+    @Test("One identity line asking in a loop (JWT-SVIDs and renewals, one budget) is refused past its burst (429 rate_limited, with Retry-After, audited) while another line is not")
+    func workloadIssuanceIsRateLimited() async throws {
+        try await InProcessCluster.withReadyFollower { cluster, leader, _, admin, open in
+            let dir = cluster.directory
+            _ = try await issue(cluster, admin: admin, via: open, spiffeID: "spiffe://warrant.local/ci/loop", ttl: 600, name: "loop")
+            _ = try await issue(cluster, admin: admin, via: open, spiffeID: "spiffe://warrant.local/ci/calm", ttl: 600, name: "calm")
+            let looping = try await workloadConnection(cluster, to: leader, certificate: "\(dir)/loop.pem", key: "\(dir)/loop.key")
+            let calm = try await workloadConnection(cluster, to: leader, certificate: "\(dir)/calm.pem", key: "\(dir)/calm.key")
+            let jwtBody = json(["audience": ["x"], "ttl_seconds": 60])
+            let renewBody = json(["csr": try opensslCSR(in: dir, name: "loop-next")])
+            var issued: [String: Int] = [:]
+            var refused: HTTPClientResponse?
+            let started = Date()
+            for n in 0..<400 {
+                let path = n % 2 == 0 ? "/v1/svid/jwt/workload" : "/v1/svid/x509/renew"
+                let answer = try await looping.request(.POST, path, headers: jsonHeaders, body: n % 2 == 0 ? jwtBody : renewBody)
+                guard answer.status == .ok else { refused = answer; break }
+                issued[path, default: 0] += 1
+            }
+            let elapsed = Date().timeIntervalSince(started)
+            let answer = try #require(refused, "refused within 400 requests")
+            #expect(answer.status == .tooManyRequests && answer.text.contains("\"rate_limited\""), "\(answer.text)")
+            #expect(answer.headers.first(name: "retry-after") == "1")
+            let (burst, perSecond) = (100.0, 20.0) // IssuanceRateLimiter's
+            let total = issued.values.reduce(0, +)
+            #expect(issued.count == 2 && total >= Int(burst) && Double(total) <= burst + perSecond * elapsed + 1,
+                    "one budget for both kinds: \(issued) in \(elapsed) s")
+            #expect(try await calm.request(.POST, "/v1/svid/jwt/workload", headers: jsonHeaders, body: jwtBody).status == .ok, "another line is not held back")
+            #expect(await eventually {
+                let records = (try? object(await admin.request(.GET, "/v1/audit?limit=1000")))?["records"] as? [[String: Any]] ?? []
+                return records.contains { $0["action"] as? String == "identity.deny" && ($0["result"] as? String ?? "").contains("rate_limited") }
+            }, "the refusal is audited")
+            await looping.close()
+            await calm.close()
+        }
+    }
 }
 
 /// Tokens handed out to concurrent clients, and how many were answered.

@@ -87,3 +87,33 @@ struct TimeTextTests {
         }
     }
 }
+
+@Suite("Issuance on a presented X509-SVID, per identity line")
+struct IssuanceRateLimiterTests {
+    @Test("A line gets its burst at once, then one per 1/perSecond; lines are counted apart; the wait said is the time to the next")
+    func tokenBucket() {
+        let limiter = IssuanceRateLimiter(perSecond: 2, burst: 3)
+        #expect((0..<3).map { _ in limiter.admit("a", now: 100) } == [nil, nil, nil])
+        #expect(limiter.admit("a", now: 100) == 0.5)
+        #expect(limiter.admit("b", now: 100) == nil, "another line has its own budget")
+        #expect(limiter.admit("a", now: 100.25) == 0.25, "a refusal takes nothing")
+        #expect(limiter.admit("a", now: 100.5) == nil)
+        #expect(limiter.admit("a", now: 100.5) == 0.5)
+        #expect(limiter.admit("a", now: 90) == 0.5, "a clock that steps back gives nothing")
+        #expect(limiter.admit("a", now: 100.75) == 0.25, "nor counts the time twice once it is back")
+        // Idle long enough, a line is back to its burst and no more.
+        #expect((0..<4).map { _ in limiter.admit("a", now: 200) } == [nil, nil, nil, 0.5])
+    }
+
+    @Test("Past linesMax lines, refilled ones are dropped; if none has refilled, a new line goes untracked (allowed)")
+    func boundedLines() {
+        let limiter = IssuanceRateLimiter(perSecond: 1, burst: 2, linesMax: 2)
+        _ = limiter.admit("a", now: 0)
+        _ = limiter.admit("b", now: 0)
+        #expect(limiter.admit("c", now: 0.5) == nil && limiter.linesTracked == 2, "a and b have not refilled: c is not tracked")
+        #expect(limiter.admit("c", now: 0.5) == nil, "so it is not limited either")
+        #expect(limiter.admit("d", now: 5) == nil && limiter.linesTracked == 1, "a and b refilled and went; d is tracked")
+        _ = limiter.admit("d", now: 5)
+        #expect(limiter.admit("d", now: 5) == 1, "d's budget is spent")
+    }
+}

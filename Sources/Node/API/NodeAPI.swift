@@ -52,6 +52,8 @@ public final class NodeAPI: Sendable {
     let joins: JoinService?
     let clock: ClockCheck
     let denials = DenialLimiter()
+    /// Issuance on the strength of a presented X509-SVID, per identity line.
+    let workloadIssuance = IssuanceRateLimiter()
     /// `storage.identity_records_max`.
     let identityRecordsMax: Int
 

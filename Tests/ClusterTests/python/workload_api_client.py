@@ -18,6 +18,14 @@ with WorkloadApiClient(socket_path="unix://" + socket_path, default_timeout=10) 
     assert str(jwt.spiffe_id) == expected, f"jwt svid is {jwt.spiffe_id}"
     validated = client.validate_jwt_svid(jwt.token, "sts.amazonaws.com")
     assert str(validated.spiffe_id) == expected
+    # Asked again and again (past the 100 at once one identity line may be
+    # issued), the agent hands out the JWT-SVID it holds until half its
+    # lifetime has passed; other audiences get another.
+    for _ in range(150):
+        again = client.fetch_jwt_svid(audience={"sts.amazonaws.com"})
+        assert again.token == jwt.token, "a second JWT-SVID for the same audience within its first half-life"
+    other = client.fetch_jwt_svid(audience={"vault"})
+    assert other.token != jwt.token and other.audience == {"vault"}, f"audience {other.audience}"
     jwt_bundles = client.fetch_jwt_bundles()
     assert jwt_bundles.get_bundle_for_trust_domain(svid.spiffe_id.trust_domain) is not None, "no JWT bundle"
     try:
