@@ -11,10 +11,11 @@ final class AgentIdentity: WorkloadIdentitySource {
     let options: JobOptions.Resolved
     let feed = WorkloadIdentityFeed()
     private let job = Mutex<JobIdentity?>(nil)
-    /// JWT-SVIDs issued, by audience set, handed out again until half their
-    /// lifetime has passed (as SPIRE's agent does): a workload that asks on
-    /// every call makes no issuance each time (the cluster allows one
-    /// identity line 100 at once and 20 a second).
+    /// JWT-SVIDs issued for the current identity, by audience set, handed
+    /// out again until half their lifetime has passed (as SPIRE's agent
+    /// does): a workload that asks on every call makes no issuance each
+    /// time (the cluster allows one identity line 100 at once and 20 a
+    /// second). Emptied when the identity is replaced.
     private let jwtCache = Mutex<[String: (token: String, reuseUntil: Date)]>([:])
     static let jwtCacheMax = 1_000
 
@@ -25,6 +26,9 @@ final class AgentIdentity: WorkloadIdentitySource {
     /// Takes a new identity: the Workload API streams push it.
     func update(_ identity: JobIdentity, key: P256.Signing.PrivateKey) async {
         job.withLock { $0 = identity }
+        // Tokens of the identity before (another line, after a join again)
+        // are not handed out for this one.
+        jwtCache.withLock { $0.removeAll() }
         let client = try? WarrantClient(endpoints: options.endpoints, caPEM: options.caPEM)
         let jwks = (try? await client?.request(.GET, "/v1/keys"))?.body ?? Array(#"{"keys":[]}"#.utf8)
         await client?.close()
@@ -44,7 +48,7 @@ final class AgentIdentity: WorkloadIdentitySource {
 
     func jwtSVID(audiences: [String]) async throws -> String {
         guard let current = job.withLock({ $0 }) else { throw JobFailure(description: "no identity yet") }
-        let key = Set(audiences).sorted().joined(separator: "\n")
+        let key = String(decoding: try JSONSerialization.data(withJSONObject: Set(audiences).sorted()), as: UTF8.self)
         let now = Date()
         if let cached = jwtCache.withLock({ $0[key] }), cached.reuseUntil > now { return cached.token }
         let client = try WarrantClient(endpoints: options.endpoints, caPEM: options.caPEM, certificatePEM: current.certificatePEM, keyPEM: current.keyPEM)

@@ -115,5 +115,9 @@ struct IssuanceRateLimiterTests {
         #expect(limiter.admit("d", now: 5) == nil && limiter.linesTracked == 1, "a and b refilled and went; d is tracked")
         _ = limiter.admit("d", now: 5)
         #expect(limiter.admit("d", now: 5) == 1, "d's budget is spent")
+        #expect(limiter.admit("e", now: 5) == nil && limiter.linesTracked == 2)
+        #expect(limiter.admit("f", now: 5.5) == nil && limiter.linesTracked == 2, "no second pruning within a second: f goes untracked")
+        #expect(limiter.admit("g", now: 6.5) == nil && limiter.linesTracked == 2, "a second later e (refilled) goes and g is tracked")
+        #expect(limiter.admit("g", now: 6.5) == nil && limiter.admit("g", now: 6.5) == 1)
     }
 }

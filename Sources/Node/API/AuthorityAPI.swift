@@ -422,7 +422,9 @@ extension NodeAPI {
     /// The workload behind a request: its X509-SVID (the TLS client
     /// certificate, or from the node that forwarded it), verified against
     /// the published authorities and the revocation rules.
-    func verifiedWorkload(_ request: HTTPRequest) async throws -> (VerifiedX509, AuthorityService.Keys) {
+    /// The presented X509-SVID, verified and not revoked; `limited`: taken
+    /// from its line's issuance budget (`workloadIssuance`).
+    func verifiedWorkload(_ request: HTTPRequest, limited: Bool = true) async throws -> (VerifiedX509, AuthorityService.Keys) {
         let presented: [UInt8]
         switch request.caller {
         case .workload(_, let der): presented = der
@@ -460,8 +462,8 @@ extension NodeAPI {
                                       issuedAt: current.notBefore.addingTimeInterval(X509Authority.backdate)) {
             throw APIError(status: .forbidden, code: "revoked", message: "the presented X509-SVID was revoked (\(rule.kind.rawValue) \(rule.value)): \(rule.reason)")
         }
-        let line = current.attributes["lineage"] ?? current.serialHex
-        if let wait = workloadIssuance.admit(line, now: Date().timeIntervalSince1970) {
+        let line = current.attributes["job_lineage"] ?? current.attributes["lineage"] ?? current.serialHex
+        if limited, let wait = workloadIssuance.admit(line, now: Date().timeIntervalSince1970) {
             throw APIError(status: .tooManyRequests, code: "rate_limited",
                            message: "this identity's line (\(UTF8Text.prefix(line, bytes: 16))) may be issued \(Int(workloadIssuance.burst)) at once and "
                                + "\(Int(workloadIssuance.perSecond)) a second after; retry in \(String(format: "%.2f", wait)) s",
@@ -808,20 +810,27 @@ extension NodeAPI {
 struct AuthorityRotated: Error {}
 
 /// How often one identity line (an X509-SVID and its renewals, by their
-/// `lineage`, else its serial) may be issued something on the strength of
-/// its X509-SVID (renewals, JWT-SVIDs, steps): a token bucket per line,
-/// `burst` at once and `perSecond` after. One workload in a loop can then
-/// neither starve the others nor fill the ledger's identity records (which
-/// would stall everyone's issuance). Kept per node: each node that takes
-/// such a request counts it (a forwarded one on the leader too).
+/// `lineage`, else its serial; a step's identity counts as its job's line,
+/// `job_lineage`) may be issued something on the strength of its X509-SVID
+/// (renewals, JWT-SVIDs, steps): a token bucket per line, `burst` at once
+/// and `perSecond` after. A workload asking in a loop is held to that
+/// instead of taking the leader's whole rate and filling the ledger's
+/// identity records (which would stall everyone's issuance). Kept per
+/// node: each node that takes such a request counts it (a forwarded one
+/// on the leader too).
 final class IssuanceRateLimiter: Sendable {
     let perSecond: Double
     let burst: Double
     /// Lines tracked at most; past it, lines whose bucket has refilled
-    /// (the same as untracked) are dropped, and if none has, a new line
-    /// goes untracked (each needs an X509-SVID of its own).
+    /// (the same as untracked) are dropped, at most once a second, and
+    /// meanwhile a new line goes untracked (each needs an X509-SVID of its
+    /// own, so there are few).
     let linesMax: Int
-    private let buckets = Mutex<[String: (tokens: Double, at: Double)]>([:])
+    private struct State {
+        var buckets: [String: (tokens: Double, at: Double)] = [:]
+        var prunedAt = -Double.infinity
+    }
+    private let state = Mutex(State())
 
     init(perSecond: Double = 20, burst: Double = 100, linesMax: Int = 100_000) {
         precondition(perSecond > 0 && burst >= 1 && linesMax > 0)
@@ -831,25 +840,28 @@ final class IssuanceRateLimiter: Sendable {
     /// Takes one issuance from `line`'s budget at `now` (seconds): nil if
     /// allowed, else the seconds until one more will be.
     func admit(_ line: String, now: Double) -> Double? {
-        buckets.withLock { buckets in
-            var bucket = buckets[line] ?? (burst, now)
+        state.withLock { state in
+            var bucket = state.buckets[line] ?? (burst, now)
             bucket.tokens = min(burst, bucket.tokens + max(0, now - bucket.at) * perSecond)
             bucket.at = max(bucket.at, now) // a clock stepping back gives nothing, now or later
             guard bucket.tokens >= 1 else {
-                buckets[line] = bucket
+                state.buckets[line] = bucket
                 return (1 - bucket.tokens) / perSecond
             }
             bucket.tokens -= 1
-            if buckets[line] == nil && buckets.count >= linesMax {
-                buckets = buckets.filter { $0.value.tokens + max(0, now - $0.value.at) * perSecond < burst }
-                guard buckets.count < linesMax else { return nil }
+            if state.buckets[line] == nil && state.buckets.count >= linesMax {
+                guard now - state.prunedAt >= 1 || now < state.prunedAt else { return nil }
+                state.prunedAt = now
+                let (burst, perSecond) = (burst, perSecond)
+                state.buckets = state.buckets.filter { $0.value.tokens + max(0, now - $0.value.at) * perSecond < burst }
+                guard state.buckets.count < linesMax else { return nil }
             }
-            buckets[line] = bucket
+            state.buckets[line] = bucket
             return nil
         }
     }
 
-    var linesTracked: Int { buckets.withLock { $0.count } }
+    var linesTracked: Int { state.withLock { $0.buckets.count } }
 }
 
 /// A per-second budget for denial records; what is over it is counted and

@@ -232,6 +232,9 @@ extension NodeAPI {
         var attributes = current.attributes
         attributes["step"] = body.step
         attributes["parent"] = current.serialHex
+        // The step's own line (its renewals), and its job's: whose budget
+        // for issuance on a presented X509-SVID the step's requests share.
+        attributes["job_lineage"] = current.attributes["lineage"] ?? current.serialHex
         attributes["lineage"] = Hex.encode(serial.bytes)
         attributes["ttl_max"] = String(ttlCap)
         attributes["evidence_expires"] = String(Int64(Date().timeIntervalSince1970) + Int64(ttl))
@@ -246,7 +249,9 @@ extension NodeAPI {
     /// A step's command ended: its identity (presented) closes it in the
     /// audit chain with the exit status.
     private func closeStep(_ request: HTTPRequest) async throws -> HTTPResponse {
-        let (current, _) = try await verifiedWorkload(request)
+        // Not limited: one close per step, and each step was (a lost close
+        // would lose its exit status from the audit chain).
+        let (current, _) = try await verifiedWorkload(request, limited: false)
         guard current.attributes["step"] != nil else {
             throw APIError(status: .forbidden, code: "not_a_step", message: "only a step's identity closes its step")
         }
