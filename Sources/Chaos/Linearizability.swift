@@ -122,11 +122,34 @@ public enum Linearizability {
                 if next >= 0 { events[next].previous = event }
             }
         }
+        // A state explored is the set of operations linearized and the
+        // register's state. The set is kept as a 128-bit Zobrist hash (two
+        // random words per operation, XORed in and out), so remembering and
+        // finding a state costs the same however long the history: keeping
+        // the set itself, a bitset hashed whole at each step, made each step
+        // cost the history's length (a 16,600-operation key gave up at 30 s
+        // after 11 million steps). Two sets sharing both words, which would
+        // wrongly prune a path, are 2^-128 likely per pair.
         struct Seen: Hashable {
-            var linearized: [UInt64]
+            var linearized: (UInt64, UInt64)
             var state: State
+            static func == (a: Seen, b: Seen) -> Bool { a.linearized == b.linearized && a.state == b.state }
+            func hash(into hasher: inout Hasher) {
+                hasher.combine(linearized.0)
+                hasher.combine(linearized.1)
+                hasher.combine(state)
+            }
         }
-        var linearized = [UInt64](repeating: 0, count: (operations.count + 63) / 64)
+        var mix: UInt64 = 0x5EED_0F_C4A0_5EED
+        func splitmix() -> UInt64 {
+            mix &+= 0x9E37_79B9_7F4A_7C15
+            var z = mix
+            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+            return z ^ (z >> 31)
+        }
+        let keys: [(UInt64, UInt64)] = operations.indices.map { _ in (splitmix(), splitmix()) }
+        var linearized: (UInt64, UInt64) = (0, 0)
         var seen = Set<Seen>()
         // Each choice remembers the phase it was made in: phase 1 tries the
         // calls of operations with a known outcome, phase 2 (once phase 1
@@ -153,8 +176,7 @@ public enum Linearizability {
                 let operation = event.operation
                 let unknown = operations[operation].outcome == .unknown
                 if unknown == (phase == 2), let next = step(state, operations[operation]) {
-                    var candidate = linearized
-                    candidate[operation / 64] |= 1 << UInt64(operation % 64)
+                    let candidate = (linearized.0 ^ keys[operation].0, linearized.1 ^ keys[operation].1)
                     if seen.insert(Seen(linearized: candidate, state: next)).inserted {
                         stack.append((entry, state, phase))
                         state = next
@@ -180,7 +202,7 @@ public enum Linearizability {
                 }
                 state = previous
                 let operation = events[call].operation
-                linearized[operation / 64] &= ~(1 << UInt64(operation % 64))
+                linearized = (linearized.0 ^ keys[operation].0, linearized.1 ^ keys[operation].1)
                 unlift(call)
                 entry = events[call].next
                 phase = previousPhase

@@ -24,6 +24,8 @@ USAGE
   --duration   override how long faults are injected (seconds)
   --seed       the seed of the fault schedule and the workloads (default: random, printed)
   --report     the report directory (default: chaos/reports/<time>-<scenario>-seed<N>)
+  --check-history FILE  check a history a run wrote (its report's history.jsonl) for
+               linearizability again, and nothing else (no cluster, no binary needed)
   --planted-bug  run nodes with a deliberate bug (debug builds only) to see the harness catch it;
                node-crash: the harness kills a running node 2 s in, as a crash would
 """
@@ -37,6 +39,7 @@ struct Options {
     var clients = 6
     var report: String?
     var plantedBug: String?
+    var checkHistory: String?
 
     init(_ arguments: [String]) throws {
         var rest = arguments[...]
@@ -61,9 +64,11 @@ struct Options {
                 clients = n
             case "--report": report = value
             case "--planted-bug": plantedBug = value
+            case "--check-history": checkHistory = value
             default: throw ChaosError("unknown option \(option)")
             }
         }
+        if checkHistory != nil { return }
         guard FileManager.default.isExecutableFile(atPath: binary) else { throw ChaosError("--warrant-binary must name the built warrant executable") }
     }
 }
@@ -252,8 +257,27 @@ func run(_ options: Options) async throws -> Int32 {
     return failed.isEmpty ? 0 : 1
 }
 
+/// `--check-history`: the linearizability checker alone, on a saved history.
+func checkHistory(_ path: String) throws -> Int32 {
+    let data = try Data(contentsOf: URL(fileURLWithPath: path))
+    guard data.count <= 1 << 30 else { throw ChaosError("\(path) is larger than 1 GiB") }
+    var history: [ClientOperation] = []
+    for (number, line) in String(decoding: data, as: UTF8.self).split(separator: "\n", omittingEmptySubsequences: false).enumerated() where !line.isEmpty {
+        do {
+            history += try HistoryFile.decode(String(line))
+        } catch {
+            throw ChaosError("\(path):\(number + 1): not an operation of a history (\(error))")
+        }
+    }
+    let check = Checks.linearizability(history)
+    print("\(check.passed ? "pass" : "FAIL")  \(check.name): \(check.verdict)")
+    for detail in check.details { print("        \(detail)") }
+    return check.passed ? 0 : 1
+}
+
 do {
     let options = try Options(Array(CommandLine.arguments.dropFirst()))
+    if let path = options.checkHistory { exit(try checkHistory(path)) }
     exit(try await run(options))
 } catch {
     FileHandle.standardError.write(Data("warrant-chaos: \(error)\n".utf8))
