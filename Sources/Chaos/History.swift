@@ -78,10 +78,27 @@ public enum HistoryFile {
         return operations.map { String(decoding: (try? encoder.encode($0)) ?? Data(), as: UTF8.self) }.joined(separator: "\n") + "\n"
     }
 
+    /// One operation per line (blank lines skipped); a line that is not
+    /// one is named in the error.
     public static func decode(_ text: String) throws -> [ClientOperation] {
         let decoder = JSONDecoder()
-        return try text.split(separator: "\n").map { try decoder.decode(ClientOperation.self, from: Data($0.utf8)) }
+        var operations: [ClientOperation] = []
+        for (number, line) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() where !line.isEmpty {
+            do {
+                operations.append(try decoder.decode(ClientOperation.self, from: Data(line.utf8)))
+            } catch {
+                throw HistoryError(line: number + 1, reason: "\(error)")
+            }
+        }
+        return operations
     }
+}
+
+/// A history file's line that is not an operation.
+public struct HistoryError: Error, CustomStringConvertible, Equatable {
+    public var line: Int
+    public var reason: String
+    public var description: String { "line \(line): not an operation of a history (\(reason))" }
 }
 
 /// The seeded generator of the fault schedule and the clients' choices:

@@ -97,6 +97,7 @@ public struct NodeConfig: Sendable, Hashable {
     public static let snapshotEveryEntries = 100...10_000_000
     public static let inflightMessagesMax = 1...1_024
     public static let identityRecordsMax = 1...100_000_000
+    public static let identityRecordsMaxDefault = 2_000_000
 
     public init(yaml text: String) throws(NodeConfigError) {
         guard text.utf8.count <= Self.fileBytesMax else {
@@ -159,7 +160,7 @@ public struct NodeConfig: Sendable, Hashable {
 
         let storage = try top.section("storage", keys: ["unsafe_no_fsync", "identity_records_max"], optional: true)
         unsafeNoFsync = try storage.boolean("unsafe_no_fsync", default: false)
-        identityRecordsMax = try storage.integer("identity_records_max", in: Self.identityRecordsMax, default: 2_000_000)
+        identityRecordsMax = try storage.integer("identity_records_max", in: Self.identityRecordsMax, default: Self.identityRecordsMaxDefault)
 
         let raft = try top.section("raft", keys: ["tick_interval_ms", "election_timeout_ticks", "heartbeat_interval_ticks", "snapshot_every_entries",
                                                   "inflight_messages_max"], optional: true)

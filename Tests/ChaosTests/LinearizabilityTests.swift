@@ -105,5 +105,8 @@ struct LinearizabilityTests {
         h.add(0, .cas, value: 3, expect: 2, from: 70, to: 80, version: 3)
         h.add(1, .read, from: 1, to: nil, .unknown)
         #expect(try HistoryFile.decode(HistoryFile.encode(h.operations)) == h.operations)
+        let damaged = HistoryFile.encode(h.operations) + "\n{\"id\": 1\n"
+        let error = #expect(throws: HistoryError.self) { try HistoryFile.decode(damaged) }
+        #expect(error?.line == h.operations.count + 2, "the damaged line is named (after a blank one)")
     }
 }

@@ -421,9 +421,8 @@ extension NodeAPI {
     /// the evidence the first one was issued on (`evidence_expires`).
     /// The workload behind a request: its X509-SVID (the TLS client
     /// certificate, or from the node that forwarded it), verified against
-    /// the published authorities and the revocation rules.
-    /// The presented X509-SVID, verified and not revoked; `limited`: taken
-    /// from its line's issuance budget (`workloadIssuance`).
+    /// the published authorities and the revocation rules, and (`limited`)
+    /// taken from its line's issuance budget (`workloadIssuance`).
     func verifiedWorkload(_ request: HTTPRequest, limited: Bool = true) async throws -> (VerifiedX509, AuthorityService.Keys) {
         let presented: [UInt8]
         switch request.caller {

@@ -59,7 +59,7 @@ public final class NodeAPI: Sendable {
 
     public init(id: NodeID, driver: RaftDriver, store: RaftStore, members: MemberDirectory, forwarder: Forwarder?, metrics: NodeMetrics,
                 authority: AuthorityService? = nil, joins: JoinService? = nil, clock: ClockCheck = ClockCheck(),
-                identityRecordsMax: Int = 2_000_000) {
+                identityRecordsMax: Int = NodeConfig.identityRecordsMaxDefault) {
         self.identityRecordsMax = identityRecordsMax
         self.authority = authority
         self.clock = clock

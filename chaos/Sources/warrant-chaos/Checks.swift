@@ -10,6 +10,9 @@ struct CheckResult: Codable, Sendable {
     var passed: Bool
     var verdict: String
     var details: [String]
+
+    /// As the run prints it: the verdict, then each detail indented.
+    var lines: [String] { ["\(passed ? "pass" : "FAIL")  \(name): \(verdict)"] + details.map { "        " + $0 } }
 }
 
 enum Checks {

@@ -239,10 +239,7 @@ func run(_ options: Options) async throws -> Int32 {
                               details: ownExits))
     await provider.stop()
     await chaos.close()
-    for check in checks {
-        log("\(check.passed ? "pass" : "FAIL")  \(check.name): \(check.verdict)")
-        for detail in check.details { log("        \(detail)") }
-    }
+    for check in checks { for line in check.lines { log(line) } }
     let failed = checks.filter { !$0.passed }.map(\.name)
     let verdict = failed.isEmpty ? (checks.contains { $0.verdict == "undecided" } ? "PASS (linearizability undecided for some keys)" : "PASS")
         : "FAIL (\(failed.joined(separator: ", ")))"
@@ -259,19 +256,16 @@ func run(_ options: Options) async throws -> Int32 {
 
 /// `--check-history`: the linearizability checker alone, on a saved history.
 func checkHistory(_ path: String) throws -> Int32 {
-    let data = try Data(contentsOf: URL(fileURLWithPath: path))
-    guard data.count <= 1 << 30 else { throw ChaosError("\(path) is larger than 1 GiB") }
-    var history: [ClientOperation] = []
-    for (number, line) in String(decoding: data, as: UTF8.self).split(separator: "\n", omittingEmptySubsequences: false).enumerated() where !line.isEmpty {
-        do {
-            history += try HistoryFile.decode(String(line))
-        } catch {
-            throw ChaosError("\(path):\(number + 1): not an operation of a history (\(error))")
-        }
+    let size = (try? FileManager.default.attributesOfItem(atPath: path)[.size] as? Int) ?? 0
+    guard size <= 1 << 30 else { throw ChaosError("\(path) is larger than 1 GiB") }
+    let history: [ClientOperation]
+    do {
+        history = try HistoryFile.decode(String(decoding: try Data(contentsOf: URL(fileURLWithPath: path)), as: UTF8.self))
+    } catch let error as HistoryError {
+        throw ChaosError("\(path): \(error)")
     }
     let check = Checks.linearizability(history)
-    print("\(check.passed ? "pass" : "FAIL")  \(check.name): \(check.verdict)")
-    for detail in check.details { print("        \(detail)") }
+    check.lines.forEach { print($0) }
     return check.passed ? 0 : 1
 }
 
