@@ -11,13 +11,9 @@ final class AgentIdentity: WorkloadIdentitySource {
     let options: JobOptions.Resolved
     let feed = WorkloadIdentityFeed()
     private let job = Mutex<JobIdentity?>(nil)
-    /// JWT-SVIDs issued for the current identity, by audience set, handed
-    /// out again until half their lifetime has passed (as SPIRE's agent
-    /// does): a workload that asks on every call makes no issuance each
-    /// time (the cluster allows one identity line 100 at once and 20 a
-    /// second). Emptied when the identity is replaced.
-    private let jwtCache = Mutex<[String: (token: String, reuseUntil: Date)]>([:])
-    static let jwtCacheMax = 1_000
+    /// JWT-SVIDs issued for the current identity, handed out again until
+    /// half their lifetime has passed; emptied when the identity is replaced.
+    private let jwtCache = JWTSVIDCache()
 
     init(options: JobOptions.Resolved) {
         self.options = options
@@ -28,7 +24,7 @@ final class AgentIdentity: WorkloadIdentitySource {
         job.withLock { $0 = identity }
         // Tokens of the identity before (another line, after a join again)
         // are not handed out for this one.
-        jwtCache.withLock { $0.removeAll() }
+        jwtCache.replaceIdentity()
         let client = try? WarrantClient(endpoints: options.endpoints, caPEM: options.caPEM)
         let jwks = (try? await client?.request(.GET, "/v1/keys"))?.body ?? Array(#"{"keys":[]}"#.utf8)
         await client?.close()
@@ -47,10 +43,11 @@ final class AgentIdentity: WorkloadIdentitySource {
     }
 
     func jwtSVID(audiences: [String]) async throws -> String {
+        // The generation is read before the identity: a replacement after
+        // this point makes `keep` drop the answer.
+        let generation = jwtCache.generation
         guard let current = job.withLock({ $0 }) else { throw JobFailure(description: "no identity yet") }
-        let key = String(decoding: try JSONSerialization.data(withJSONObject: Set(audiences).sorted()), as: UTF8.self)
-        let now = Date()
-        if let cached = jwtCache.withLock({ $0[key] }), cached.reuseUntil > now { return cached.token }
+        if let cached = jwtCache.token(for: audiences, at: Date()) { return cached }
         let client = try WarrantClient(endpoints: options.endpoints, caPEM: options.caPEM, certificatePEM: current.certificatePEM, keyPEM: current.keyPEM)
         defer { Task { await client.close() } }
         let response = try await client.request(.POST, "/v1/svid/jwt/workload",
@@ -59,12 +56,8 @@ final class AgentIdentity: WorkloadIdentitySource {
         guard response.status == .ok, let token = body["token"] as? String else {
             throw JobFailure(description: "\(response.status.code) \(response.text)")
         }
-        if let expires = (body["expires_at"] as? String).flatMap({ ISO8601DateFormatter().date(from: $0) }), expires > now {
-            jwtCache.withLock { cache in
-                if cache.count >= Self.jwtCacheMax { cache = cache.filter { $0.value.reuseUntil > now } }
-                if cache.count >= Self.jwtCacheMax { cache.removeAll() }
-                cache[key] = (token, now.addingTimeInterval(expires.timeIntervalSince(now) / 2))
-            }
+        if let expires = (body["expires_at"] as? String).flatMap({ ISO8601DateFormatter().date(from: $0) }) {
+            jwtCache.keep(token, for: audiences, expiresAt: expires, now: Date(), generation: generation)
         }
         return token
     }

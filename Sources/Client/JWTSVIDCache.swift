@@ -1,0 +1,79 @@
+import Foundation
+import Synchronization
+
+/// JWT-SVIDs an agent holds for the identity it serves, by audience set,
+/// handed out again until half their lifetime has passed (as SPIRE's
+/// agent does): a workload that asks on every call then makes no issuance
+/// each time (the cluster allows one identity line 100 at once and 20 a
+/// second).
+///
+/// Each identity the agent takes starts a new generation and empties the
+/// cache. A token asked for under one generation and answered after the
+/// next has begun is not kept: a request in flight across a join again
+/// must not leave the old line's token to be handed out for the new one.
+public final class JWTSVIDCache: Sendable {
+    private struct State {
+        var generation: UInt64 = 0
+        var entries: [String: (token: String, reuseUntil: Date)] = [:]
+    }
+    private let state = Mutex(State())
+    /// The most audience sets held; past it, those no longer reusable are
+    /// dropped, and if that is not enough, all of them.
+    public let entriesMax: Int
+
+    public init(entriesMax: Int = 1_000) {
+        precondition(entriesMax >= 1, "a cache holds at least one entry")
+        self.entriesMax = entriesMax
+    }
+
+    /// The generation a request about to be made belongs to (pass it to
+    /// `keep`).
+    public var generation: UInt64 { state.withLock { $0.generation } }
+
+    /// Audience sets held (for tests and metrics).
+    public var count: Int { state.withLock { $0.entries.count } }
+
+    /// Starts a new generation for a new identity: nothing held before is
+    /// handed out again.
+    public func replaceIdentity() {
+        state.withLock { state in
+            state.generation &+= 1
+            state.entries.removeAll()
+        }
+    }
+
+    /// A token held for `audiences` (order and repeats do not matter) that
+    /// may still be handed out at `now`.
+    public func token(for audiences: [String], at now: Date) -> String? {
+        let key = Self.key(audiences)
+        return state.withLock { state in
+            guard let held = state.entries[key], held.reuseUntil > now else { return nil }
+            return held.token
+        }
+    }
+
+    /// Holds `token`, issued for `audiences` and expiring at `expiresAt`,
+    /// until half its remaining lifetime from `now` has passed, unless the
+    /// identity was replaced since `generation` was read or it has
+    /// expired. Returns whether it was kept.
+    @discardableResult
+    public func keep(_ token: String, for audiences: [String], expiresAt: Date, now: Date, generation: UInt64) -> Bool {
+        guard expiresAt > now else { return false }
+        let key = Self.key(audiences)
+        return state.withLock { state in
+            guard state.generation == generation else { return false }
+            if state.entries[key] == nil && state.entries.count >= entriesMax {
+                state.entries = state.entries.filter { $0.value.reuseUntil > now }
+                if state.entries.count >= entriesMax { state.entries.removeAll() }
+            }
+            state.entries[key] = (token, now.addingTimeInterval(expiresAt.timeIntervalSince(now) / 2))
+            return true
+        }
+    }
+
+    /// The audience set as one string: sorted, without repeats, each
+    /// length-prefixed so no two sets share a key.
+    static func key(_ audiences: [String]) -> String {
+        Set(audiences).sorted().map { "\($0.utf8.count):\($0)" }.joined(separator: ",")
+    }
+}
