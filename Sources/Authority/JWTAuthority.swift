@@ -3,8 +3,11 @@ import Foundation
 
 /// The trust domain's JWT-SVID signer (JWT-SVID.md): ES256 (or ES384,
 /// RS256 for those key types) with a `kid`, `typ: JWT`, `sub` the SPIFFE
-/// ID, `aud` and `exp` always present. The attested context goes in a
-/// `warrant` claim.
+/// ID, `aud` and `exp` always present, and `jti` its serial: 32 hex digits
+/// chosen at random before signing, so that the serial (what revocation
+/// and the issuance records name it by) does not hang on the signature's
+/// bytes, which anyone may rewrite (an ECDSA signature (r, s) verifies
+/// as (r, n - s) too). The attested context goes in a `warrant` claim.
 public struct JWTAuthority: Sendable {
     public let trustDomain: String
     public let keyID: String
@@ -32,9 +35,10 @@ public struct JWTAuthority: Sendable {
     public var privateKeyPEM: String { key.pemRepresentation }
 
     /// A JWT-SVID for `spiffeID`, for `audiences`, expiring `ttl` seconds
-    /// after `now` (never past `notAfter`, the CA's end).
+    /// after `now` (never past `notAfter`, the CA's end), with `serial` (32
+    /// lower-case hex digits; by default a random one) as its `jti`.
     public func issue(spiffeID: SpiffeID, audiences: [String], ttl: TimeInterval, attributes: Attributes, now: Date = Date(),
-                      notAfter: Date? = nil) throws -> IssuedJWT {
+                      notAfter: Date? = nil, serial: String = JWTAuthority.randomSerial()) throws -> IssuedJWT {
         guard spiffeID.trustDomain == trustDomain else {
             throw AuthorityError("wrong_trust_domain", "\(spiffeID) is not in trust domain \(trustDomain)")
         }
@@ -45,6 +49,7 @@ public struct JWTAuthority: Sendable {
         var expiry = Int(now.addingTimeInterval(ttl).timeIntervalSince1970)
         if let notAfter { expiry = min(expiry, Int(notAfter.timeIntervalSince1970)) }
         guard expiry > issuedAt else { throw AuthorityError("bad_ttl", "the token would expire at once") }
+        guard Self.isSerial(serial) else { throw AuthorityError("bad_serial", "a JWT-SVID's serial is 32 lower-case hex digits") }
         // Written by hand (keys sorted): JSONSerialization was most of the cost of issuing one.
         var claims = JSONText.Builder(capacity: 160 + spiffeID.description.utf8.count + attributes.count * 48)
         claims.raw("{\"aud\":")
@@ -62,6 +67,8 @@ public struct JWTAuthority: Sendable {
         claims.number(expiry)
         claims.raw(",\"iat\":")
         claims.number(issuedAt)
+        claims.raw(",\"jti\":")
+        claims.quoted(serial)
         claims.raw(",\"sub\":")
         claims.quoted(spiffeID.description)
         if !attributes.isEmpty {
@@ -79,13 +86,29 @@ public struct JWTAuthority: Sendable {
         let signature = try key.jwsSignature(for: token)
         token.append(UInt8(ascii: "."))
         Base64URL.encode(signature, into: &token)
-        return IssuedJWT(bytes: token, spiffeID: spiffeID, expiry: Date(timeIntervalSince1970: TimeInterval(expiry)))
+        return IssuedJWT(bytes: token, serial: serial, spiffeID: spiffeID, expiry: Date(timeIntervalSince1970: TimeInterval(expiry)))
     }
+
+    /// 128 random bits (the first cleared, as in X.509 serials), as 32 hex digits.
+    public static func randomSerial() -> String {
+        Hex.encode(X509Authority.randomSerialBytes())
+    }
+
+    /// Whether `text` is a JWT-SVID serial: 32 lower-case hex digits.
+    public static func isSerial(_ text: String) -> Bool {
+        text.utf8.count == 32 && text.utf8.allSatisfy { ($0 >= 0x30 && $0 <= 0x39) || ($0 >= 0x61 && $0 <= 0x66) }
+    }
+
+    /// The serial of a JWT-SVID made before `jti` was written: the first
+    /// 32 hex digits of its SHA-256 (hex).
+    public static func legacySerial(fingerprint: String) -> String { String(fingerprint.prefix(32)) }
 }
 
 public struct IssuedJWT: Sendable {
     /// The compact JWS, as bytes (what is hashed for its fingerprint and kept as the artifact).
     public let bytes: [UInt8]
+    /// Its `jti`: 32 hex digits.
+    public let serial: String
     public let spiffeID: SpiffeID
     public let expiry: Date
 
@@ -99,6 +122,9 @@ public struct VerifiedJWT: Sendable {
     public let expiry: Date
     public let issuedAt: Date?
     public let attributes: Attributes
+    /// Its `jti` (or, for a token made before `jti` was written, the first
+    /// 32 hex digits of its SHA-256): what revocation names it by.
+    public let serial: String
     /// SHA-256 of the token, hex (what the audit records as its fingerprint).
     public let fingerprint: String
     /// How its signature was known to be good.
@@ -135,8 +161,7 @@ public struct JWTVerifier: Sendable {
     /// Signatures already checked under `keys` (see `SignatureMemo`).
     public let memo: SignatureMemo?
     /// The issuance records, consulted before a signature is checked: a
-    /// JWT-SVID's serial is the first 32 hex digits of its SHA-256 and its
-    /// record expires with it.
+    /// JWT-SVID's record is under its serial (`jti`) and expires with it.
     public let issued: IssuedLookup?
 
     public init(trustDomain: String, keys: [String: VerificationKey], memo: SignatureMemo? = nil, issued: IssuedLookup? = nil) {
@@ -176,10 +201,12 @@ public struct JWTVerifier: Sendable {
         let memoized = MemoDigest(digest)
         // Parsed here, refused (if it does not parse) only once the signature is known good.
         let parsedClaims = Self.claims(claimBytes)
+        // A jti that is not a serial is refused below, once the signature is known good.
+        let serial = parsedClaims?["jti"] == nil ? JWTAuthority.legacySerial(fingerprint: fingerprint) : parsedClaims?["jti"]?.string ?? ""
         var signature = SignatureCheck.remembered
         if memo?.value(for: memoized) != true {
-            if let issued, let exp = parsedClaims?["exp"]?.number, exp > 0, exp < 1e12, exp.rounded(.down) == exp,
-               issued(.jwt, String(fingerprint.prefix(32)), UInt64(exp) * 1000, fingerprint) {
+            if let issued, let exp = parsedClaims?["exp"]?.number, exp > 0, exp < 1e12, exp.rounded(.down) == exp, JWTAuthority.isSerial(serial),
+               issued(.jwt, serial, UInt64(exp) * 1000, fingerprint) {
                 signature = .recorded
             } else {
                 guard key.isValidJWS(message: Array(bytes[..<parts[2].startIndex].dropLast()), signature: signatureBytes) else {
@@ -192,6 +219,7 @@ public struct JWTVerifier: Sendable {
         guard let claims = parsedClaims else {
             throw AuthorityError("malformed_token", "the claims are not a JSON object")
         }
+        guard JWTAuthority.isSerial(serial) else { throw AuthorityError("malformed_token", "jti is not a serial (32 lower-case hex digits)") }
         guard let sub = claims["sub"]?.string else { throw AuthorityError("bad_subject", "sub is missing") }
         let spiffeID: SpiffeID
         do {
@@ -212,7 +240,7 @@ public struct JWTVerifier: Sendable {
         return VerifiedJWT(spiffeID: spiffeID, audiences: audiences, expiry: Date(timeIntervalSince1970: exp),
                            issuedAt: claims["iat"]?.number.map { Date(timeIntervalSince1970: $0) },
                            attributes: claims["warrant"]?.map ?? [:],
-                           fingerprint: fingerprint, signature: signature)
+                           serial: serial, fingerprint: fingerprint, signature: signature)
     }
 }
 
@@ -232,8 +260,8 @@ extension JWTVerifier {
     }
 
     /// A JSON object's members, read by the hand parser when it can (JWTs
-    /// Warrant writes always are: no boxing into NSNumber and Any) and by
-    /// JSONSerialization otherwise.
+    /// Warrant writes always are) and by the strict parser otherwise, which
+    /// refuses a duplicate member instead of letting the last one win.
     static func claims(_ bytes: [UInt8]) -> [String: ClaimValue]? {
         if let flat = JSONText.parseFlatObject(bytes, membersMax: 128) {
             return flat.mapValues { value in
@@ -247,14 +275,24 @@ extension JWTVerifier {
                 }
             }
         }
-        guard let object = try? JSONSerialization.jsonObject(with: Data(bytes)) as? [String: Any] else { return nil }
-        return object.mapValues { value in
-            if let text = value as? String { return .string(text) }
-            if let number = value as? NSNumber { return .number(number.doubleValue) }
-            if let items = value as? [String] { return .strings(items) }
-            if let members = value as? [String: String] { return .map(members) }
-            return .other
+        guard case .object(let members)? = try? StrictJSON.parseObject(bytes, limits: .init(bytesMax: JWTAuthority.tokenBytesMax)) else { return nil }
+        var claims: [String: ClaimValue] = [:]
+        for (name, value) in members {
+            switch value {
+            case .string(let text): claims[name] = .string(text)
+            case .integer(let number): claims[name] = .number(Double(number))
+            case .number(let text): claims[name] = Double(text).map(ClaimValue.number) ?? .other
+            case .bool(let flag): claims[name] = .number(flag ? 1 : 0)
+            case .array(let items):
+                let texts = items.compactMap(\.stringValue)
+                claims[name] = texts.count == items.count ? .strings(texts) : .other
+            case .object(let inner):
+                let texts = inner.compactMap { member in member.1.stringValue.map { (member.0, $0) } }
+                claims[name] = texts.count == inner.count ? .map(Dictionary(texts, uniquingKeysWith: { first, _ in first })) : .other
+            case .null: claims[name] = .other
+            }
         }
+        return claims
     }
 
     /// ES256 as JWS uses it: r and s, 32 bytes each (IEEE P1363), over

@@ -132,8 +132,15 @@ public struct TrustBundle: Sendable {
     }
 
     private static func checkTime(_ path: MemoizedX509, _ now: Date) throws(AuthorityError) {
-        guard now >= path.validFrom else { throw AuthorityError("untrusted", "the chain is not valid yet") }
-        guard now <= path.validUntil else { throw AuthorityError("untrusted", "the chain has expired") }
+        try checkTime(validFrom: path.validFrom, validUntil: path.validUntil, now, "the chain")
+    }
+
+    /// `expired` or `not_yet_valid` (not `untrusted`: the relying party
+    /// learns what is wrong, and the caller does not look for a newer
+    /// bundle that could not help).
+    private static func checkTime(validFrom: Date, validUntil: Date, _ now: Date, _ what: String) throws(AuthorityError) {
+        guard now >= validFrom else { throw AuthorityError("not_yet_valid", "\(what) is not valid until \(validFrom)") }
+        guard now <= validUntil else { throw AuthorityError("expired", "\(what) expired at \(validUntil)") }
     }
 
     /// A leaf whose SHA-256 the issuance records hold (under its serial and
@@ -156,6 +163,8 @@ public struct TrustBundle: Sendable {
     private func validate(chain: [Certificate], now: Date) async throws(AuthorityError) -> MemoizedX509 {
         guard let leaf = chain.first else { throw AuthorityError("empty_chain", "no certificate was given") }
         guard !x509Authorities.isEmpty else { throw AuthorityError("untrusted", "the bundle trusts no X.509 authority") }
+        // Path validation would refuse it too, but only as untrusted.
+        try Self.checkTime(validFrom: leaf.notValidBefore, validUntil: leaf.notValidAfter, now, "the leaf")
         var verifier = Verifier(rootCertificates: roots) {
             RFC5280Policy(fixedExpiryValidationTime: now)
         }

@@ -98,12 +98,17 @@ public struct X509Authority: Sendable {
     /// Positive, 16 random bytes (128 bits) with the top bit cleared, never
     /// zero: at most 16 octets in DER.
     public static func randomSerial() -> Certificate.SerialNumber {
+        Certificate.SerialNumber(bytes: randomSerialBytes())
+    }
+
+    /// 16 random bytes, the first bit clear (a positive serial), never all zero.
+    static func randomSerialBytes() -> [UInt8] {
         // Two draws of the system generator (one getrandom(2) each), not sixteen.
         var generator = SystemRandomNumberGenerator()
         var bytes = withUnsafeBytes(of: (generator.next() as UInt64, generator.next() as UInt64)) { Array($0) }
         bytes[0] &= 0x7F
         if bytes.allSatisfy({ $0 == 0 }) { bytes[15] = 1 }
-        return Certificate.SerialNumber(bytes: bytes)
+        return bytes
     }
 
     /// Checks a PKCS#10 request: it parses, its signature verifies with its

@@ -32,8 +32,8 @@ public struct Issuance: Sendable, Hashable {
     public enum Kind: UInt8, Sendable, Codable { case x509 = 1, jwt = 2 }
     public var kind: Kind
     public var spiffeID: String
-    /// Hex certificate serial, or the first 32 hex digits of the JWT's
-    /// SHA-256 for a JWT-SVID.
+    /// Hex certificate serial, or a JWT-SVID's `jti` (32 random hex digits;
+    /// before `jti` was written, the first 32 hex digits of its SHA-256).
     public var serial: String
     /// SHA-256 of the certificate DER or of the JWT, hex.
     public var fingerprint: String
@@ -250,19 +250,26 @@ public struct Revocation: Sendable, Hashable, Codable {
     }
 
     /// A serial rule also covers every renewal of that serial's line
-    /// (renewals carry the first serial as the `lineage` attribute).
+    /// (renewals carry the first serial as the `lineage` attribute), and
+    /// the steps of a job it names: a step's identity carries the job's
+    /// line as `job_lineage` and the job SVID it was made from as `parent`
+    /// (so revoking the job's first serial reaches its steps, and revoking
+    /// one of its SVIDs reaches the steps made from that one).
     public func matches(serial: String, spiffeID: String, attributes: [String: String], issuedAtMillis: UInt64) -> Bool {
         guard issuedAtMillis <= revokedAtMillis else { return false }
         switch kind {
         case .serial:
             let wanted = Self.canonicalSerial(value)
-            return Self.canonicalSerial(serial) == wanted || attributes["lineage"].map(Self.canonicalSerial) == wanted
+            return Self.canonicalSerial(serial) == wanted || Self.serialAttributes.contains { attributes[$0].map(Self.canonicalSerial) == wanted }
         case .spiffeID: return spiffeID == value
         case .attribute:
             guard let equals = value.firstIndex(of: "=") else { return false }
             return attributes[String(value[..<equals])] == String(value[value.index(after: equals)...])
         }
     }
+
+    /// The attributes naming serials an identity descends from.
+    static let serialAttributes = ["lineage", "job_lineage", "parent"]
 
     /// Hex digits without leading zeros, lower case: "0A1B", "a1b" and
     /// "00a1b" name the same serial.

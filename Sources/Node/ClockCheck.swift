@@ -89,6 +89,7 @@ public final class ClockCheck: Sendable {
         case revocation = "records no revocation or rotation (the rule's or the authority's time would come from this clock)"
         case crl = "signs no CRL (its thisUpdate and nextUpdate would be off for relying parties)"
         case joinToken = "makes no join token (the token's expiry would come from this clock)"
+        case verdict = "gives no verdict on an identity (its expiry, and whether its authority is still trusted, are judged by this clock)"
     }
 }
 

@@ -7,6 +7,18 @@ import Synchronization
 import Testing
 import X509
 
+/// The code of the AuthorityError `body` throws ("none" if it returns, "other" for another error).
+func authorityCode(_ body: () async throws -> Void) async -> String {
+    do {
+        try await body()
+        return "none"
+    } catch let error as AuthorityError {
+        return error.code
+    } catch {
+        return "other"
+    }
+}
+
 func csr(for key: P256.Signing.PrivateKey, commonName: String = "anything") throws -> [UInt8] {
     let request = try CertificateSigningRequest(version: .v1, subject: try DistinguishedName { CommonName(commonName) },
                                                 privateKey: .init(key), attributes: CertificateSigningRequest.Attributes())
@@ -263,7 +275,12 @@ struct X509SVIDTests {
         let wrongBundle = TrustBundle(trustDomain: "example.org", x509Authorities: [other.certificate], jwtKeys: [:], sequence: 1)
         await #expect(throws: AuthorityError.self) { _ = try await wrongBundle.verifyX509(chain: [try issued.certificate]) }
         let bundle = TrustBundle(trustDomain: "example.org", x509Authorities: [ca.certificate], jwtKeys: [:], sequence: 1)
-        await #expect(throws: AuthorityError.self) { _ = try await bundle.verifyX509(chain: [try issued.certificate], now: Date().addingTimeInterval(120)) }
+        // Out of its time: said so, not "untrusted".
+        #expect(await authorityCode { _ = try await bundle.verifyX509(chain: [try issued.certificate], now: Date().addingTimeInterval(120)) } == "expired")
+        #expect(await authorityCode { _ = try await bundle.verifyX509(chain: [try issued.certificate], now: Date().addingTimeInterval(-3_600)) } == "not_yet_valid")
+        // Expired and from another authority: expired too (either way it is refused).
+        #expect(await authorityCode { _ = try await wrongBundle.verifyX509(chain: [try issued.certificate], now: Date().addingTimeInterval(120)) } == "expired")
+        #expect(await authorityCode { _ = try await wrongBundle.verifyX509(chain: [try issued.certificate]) } == "untrusted")
         #expect(throws: AuthorityError.self) { _ = try TrustBundle.checkLeaf(ca.certificate, trustDomain: "example.org") }
         let empty = TrustBundle(trustDomain: "example.org", x509Authorities: [], jwtKeys: [:], sequence: 1)
         await #expect(throws: AuthorityError.self) { _ = try await empty.verifyX509(chain: [try issued.certificate]) }
@@ -286,12 +303,8 @@ struct X509SVIDTests {
         #expect(try await bundle.verifyX509(chainPEM: pem, memo: memo).serialHex == first.serialHex)
         #expect(memo.count == 1)
         // The time is checked on every hit, against the whole path's validity.
-        await #expect(throws: AuthorityError("untrusted", "the chain has expired")) {
-            _ = try await bundle.verifyX509(chainPEM: pem, memo: memo, now: Date().addingTimeInterval(120))
-        }
-        await #expect(throws: AuthorityError("untrusted", "the chain is not valid yet")) {
-            _ = try await bundle.verifyX509(chainPEM: pem, memo: memo, now: Date().addingTimeInterval(-3_600))
-        }
+        #expect(await authorityCode { _ = try await bundle.verifyX509(chainPEM: pem, memo: memo, now: Date().addingTimeInterval(120)) } == "expired")
+        #expect(await authorityCode { _ = try await bundle.verifyX509(chainPEM: pem, memo: memo, now: Date().addingTimeInterval(-3_600)) } == "not_yet_valid")
         // Another CA's leaf is refused and not kept; neither is an oversized chain.
         let other = try X509Authority.create(trustDomain: "example.org")
         let foreign = try other.issue(spiffeID: id, publicKey: Certificate.PublicKey(P256.Signing.PrivateKey().publicKey), ttl: 60, attributes: [:])
@@ -339,8 +352,8 @@ struct X509SVIDTests {
         #expect(try await verify(issued.der, nil).signature == .checked)
         #expect(try await verify(issued.der, { _, _, _, _ in false }).signature == .checked)
         // The time: past the leaf's end, or before its start.
-        await #expect(throws: AuthorityError("untrusted", "the chain has expired")) { _ = try await verify(issued.der, lookup, now: Date().addingTimeInterval(120)) }
-        await #expect(throws: AuthorityError("untrusted", "the chain is not valid yet")) { _ = try await verify(issued.der, lookup, now: Date().addingTimeInterval(-3_600)) }
+        #expect(await authorityCode { _ = try await verify(issued.der, lookup, now: Date().addingTimeInterval(120)) } == "expired")
+        #expect(await authorityCode { _ = try await verify(issued.der, lookup, now: Date().addingTimeInterval(-3_600)) } == "not_yet_valid")
         // An authority that left the bundle is not trusted, whatever the records say.
         await #expect(throws: AuthorityError.self) { _ = try await verify(foreign.der, lookup) }
         // What the records say stands in for the signature (so only records the leader committed may say yes).
@@ -380,10 +393,60 @@ struct JWTSVIDTests {
             #expect(try verifier.verify(issued.token, audience: "a", now: now).spiffeID == id)
             return String(decoding: try #require(Base64URL.decode(issued.token.split(separator: ".")[1])), as: UTF8.self)
         }
-        #expect(try claims(signer.issue(spiffeID: id, audiences: ["a"], ttl: 300, attributes: [:], now: now))
-                == #"{"aud":"a","exp":1790000300,"iat":1790000000,"sub":"spiffe://example.org/ci/acme/deploy"}"#)
-        #expect(try claims(signer.issue(spiffeID: id, audiences: ["a", "b\"c"], ttl: 300, attributes: ["z": "1", "k": "t\tq"], now: now))
-                == #"{"aud":["a","b\"c"],"exp":1790000300,"iat":1790000000,"sub":"spiffe://example.org/ci/acme/deploy","warrant":{"k":"t\tq","z":"1"}}"#)
+        let serial = "0123456789abcdef0123456789abcdef"
+        #expect(try claims(signer.issue(spiffeID: id, audiences: ["a"], ttl: 300, attributes: [:], now: now, serial: serial))
+                == #"{"aud":"a","exp":1790000300,"iat":1790000000,"jti":"0123456789abcdef0123456789abcdef","sub":"spiffe://example.org/ci/acme/deploy"}"#)
+        #expect(try claims(signer.issue(spiffeID: id, audiences: ["a", "b\"c"], ttl: 300, attributes: ["z": "1", "k": "t\tq"], now: now, serial: serial))
+                == #"{"aud":["a","b\"c"],"exp":1790000300,"iat":1790000000,"jti":"0123456789abcdef0123456789abcdef","sub":"spiffe://example.org/ci/acme/deploy","warrant":{"k":"t\tq","z":"1"}}"#)
+        // By default a random serial; one that is not 32 lower-case hex digits is refused.
+        let first = try signer.issue(spiffeID: id, audiences: ["a"], ttl: 300, attributes: [:], now: now)
+        let second = try signer.issue(spiffeID: id, audiences: ["a"], ttl: 300, attributes: [:], now: now)
+        #expect(JWTAuthority.isSerial(first.serial) && first.serial != second.serial)
+        #expect(try claims(first).contains(#""jti":"\#(first.serial)""#))
+        for bad in ["0123456789ABCDEF0123456789abcdef", "0123", String(repeating: "g", count: 32)] {
+            #expect(throws: AuthorityError.self) { try signer.issue(spiffeID: id, audiences: ["a"], ttl: 300, attributes: [:], serial: bad) }
+        }
+    }
+
+    /// `signature` with s replaced by n - s (P-256's order n): as valid as
+    /// the original, other bytes.
+    static func malleated(_ signature: [UInt8]) -> [UInt8] {
+        let order: [UInt8] = [0xFF, 0xFF, 0xFF, 0xFF, 0x00, 0x00, 0x00, 0x00, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF,
+                              0xBC, 0xE6, 0xFA, 0xAD, 0xA7, 0x17, 0x9E, 0x84, 0xF3, 0xB9, 0xCA, 0xC2, 0xFC, 0x63, 0x25, 0x51]
+        var s = Array(signature[32...])
+        var borrow = 0
+        for i in stride(from: 31, through: 0, by: -1) {
+            let difference = Int(order[i]) - Int(s[i]) - borrow
+            s[i] = UInt8((difference + 256) % 256)
+            borrow = difference < 0 ? 1 : 0
+        }
+        return Array(signature[..<32]) + s
+    }
+
+    @Test("A JWT-SVID's serial is its jti: a signature rewritten as (r, n - s) still verifies, under the same serial, so revocation by serial holds; a jti that is not a serial is refused; a token without jti keeps the old serial (its SHA-256's first 32 hex digits)")
+    func serialIsJTI() throws {
+        let issued = try signer.issue(spiffeID: id, audiences: ["x"], ttl: 60, attributes: [:])
+        let parts = issued.token.split(separator: ".").map(String.init)
+        let signature = try #require(Base64URL.decode(parts[2]))
+        let rewritten = "\(parts[0]).\(parts[1]).\(Base64URL.encode(Self.malleated(signature)))"
+        #expect(rewritten != issued.token)
+        let original = try verifier.verify(issued.token, audience: "x")
+        let other = try verifier.verify(rewritten, audience: "x")
+        #expect(original.serial == issued.serial && other.serial == issued.serial)
+        #expect(original.fingerprint != other.fingerprint)
+        // Issued by a key that writes no jti: the old serial. With a jti that is not a serial: refused.
+        let foreign = P256.Signing.PrivateKey()
+        let keys: [String: VerificationKey] = ["f": .p256(foreign.publicKey)]
+        let exp = Int(Date().timeIntervalSince1970) + 300
+        let legacy = try forge(["alg": "ES256", "kid": "f"], ["sub": id.description, "aud": "x", "exp": exp], key: foreign)
+        let verified = try JWTVerifier(trustDomain: "example.org", keys: keys).verify(legacy, audience: "x")
+        #expect(verified.serial == JWTAuthority.legacySerial(fingerprint: verified.fingerprint) && verified.serial.count == 32)
+        for jti: Any in ["0123", "0123456789ABCDEF0123456789ABCDEF", 5] {
+            let token = try forge(["alg": "ES256", "kid": "f"], ["sub": id.description, "aud": "x", "exp": exp, "jti": jti], key: foreign)
+            #expect(throws: AuthorityError("malformed_token", "jti is not a serial (32 lower-case hex digits)")) {
+                try JWTVerifier(trustDomain: "example.org", keys: keys).verify(token, audience: "x")
+            }
+        }
     }
 
     /// A token with `header` and `claims`, signed by the real key.
@@ -430,8 +493,8 @@ struct JWTSVIDTests {
         #expect(try verifier.verify(parts.joined(separator: "."), audience: "x").spiffeID == id)
     }
 
-    @Test("Claims the hand parser leaves to JSONSerialization (a fractional exp, nested objects) read as the flat ones do; a typ that is not a string is refused")
-    func claimsBothWays() throws {
+    @Test("Claims the hand parser leaves to the strict parser (a fractional exp, nested objects) read as the flat ones do; a typ that is not a string is refused; a duplicate member is refused, not read as the last one")
+    func claimsBothWays() async throws {
         let foreign = P256.Signing.PrivateKey()
         let other = JWTVerifier(trustDomain: "example.org", keys: ["f": .p256(foreign.publicKey)])
         let now = Int(Date().timeIntervalSince1970)
@@ -450,6 +513,21 @@ struct JWTSVIDTests {
         var stale = nested
         stale["exp"] = 17.5
         #expect(throws: AuthorityError.self) { try other.verify(try forge(["alg": "ES256", "kid": "f"], stale, key: foreign), audience: "x") }
+        // A duplicate member, in the header or the claims, flat or nested.
+        func signed(_ header: String, _ claims: String) throws -> String {
+            let input = "\(Base64URL.encode(Array(header.utf8))).\(Base64URL.encode(Array(claims.utf8)))"
+            return "\(input).\(Base64URL.encode(Array(try foreign.signature(for: Array(input.utf8)).rawRepresentation)))"
+        }
+        let claims = #"{"sub":"\#(id)","aud":"x","exp":\#(now + 300),"extra":{"a":[1]}}"#
+        #expect(try other.verify(try signed(#"{"alg":"ES256","kid":"f"}"#, claims), audience: "x").spiffeID == id)
+        let duplicated = [
+            try signed(#"{"alg":"ES256","kid":"f"}"#, #"{"sub":"\#(id)","aud":"x","exp":\#(now + 300),"extra":{"a":[1]},"sub":"spiffe://example.org/admin"}"#),
+            try signed(#"{"alg":"ES256","kid":"f"}"#, #"{"sub":"\#(id)","aud":"x","exp":\#(now + 300),"sub":"spiffe://example.org/admin"}"#),
+            try signed(#"{"alg":"ES256","kid":"f","kid":"g","x":{"y":[1]}}"#, claims),
+        ]
+        for token in duplicated {
+            #expect(await authorityCode { _ = try other.verify(token, audience: "x") } == "malformed_token", "\(token)")
+        }
     }
 
     @Test("The signature memo: a token's signature is checked once, its claims every time; bad signatures are never kept; a full memo starts over")
@@ -494,7 +572,7 @@ struct JWTSVIDTests {
         func hex(_ token: String) -> String { Hex.encode(SHA256.hash(data: Array(token.utf8))) }
         let asked = Mutex<[String]>([])
         func verifier(recording tokens: [String], memo: SignatureMemo? = nil) -> JWTVerifier {
-            let records = Set(tokens.map { "jwt \(hex($0).prefix(32)) \(Int(issued.expiry.timeIntervalSince1970) * 1000) \(hex($0))" })
+            let records = Set(tokens.map { "jwt \(issued.serial) \(Int(issued.expiry.timeIntervalSince1970) * 1000) \(hex($0))" })
             return JWTVerifier(trustDomain: "example.org", keys: [signer.keyID: signer.publicKey], memo: memo) { kind, serial, notAfter, fingerprint in
                 let key = "\(kind == .jwt ? "jwt" : "x509") \(serial) \(notAfter) \(fingerprint)"
                 asked.withLock { $0.append(key) }

@@ -113,7 +113,7 @@ struct ClockSkewTests {
         }
     }
 
-    @Test("When no two clocks agree, no node signs: issuance, CRLs, revocations and join tokens answer 503 clock_skew naming how far off the clock is")
+    @Test("When no two clocks agree, no node signs or judges: issuance, CRLs, revocations, join tokens and verification answer 503 clock_skew naming how far off the clock is")
     func noAgreementNoSigning() async throws {
         try await withCluster { cluster, library in
             let secret = try await token(cluster)
@@ -140,6 +140,11 @@ struct ClockSkewTests {
                                                         headers: [("content-type", "application/json")],
                                                         body: Array(#"{"spiffe_id": "spiffe://warrant.local/ci/clock-late"}"#.utf8))
             #expect(made.status == .serviceUnavailable && made.text.contains("makes no join token"), "\(made.status) \(made.text.prefix(300))")
+            // Nor a verdict: an identity's expiry, and its authority's retirement, would be judged by this clock.
+            let verdict = try await cluster.client.request(at: cluster.endpointIndex(of: leader), .POST, "/v1/verify",
+                                                           headers: [("content-type", "application/json")],
+                                                           body: Array(#"{"jwt": "a.b.c", "audience": "x"}"#.utf8))
+            #expect(verdict.status == .serviceUnavailable && verdict.text.contains("gives no verdict"), "\(verdict.status) \(verdict.text.prefix(300))")
             // Nothing was signed or recorded: the audit has no issuance and no revocation.
             let audit = try await cluster.client.request(.GET, "/v1/audit?limit=50")
             #expect(audit.status == .ok && audit.text.contains("token.create"), "\(audit.status) \(audit.text.prefix(300))")

@@ -1,3 +1,4 @@
+import Authority
 import Foundation
 import NIOCore
 import NIOHTTP1
@@ -190,6 +191,17 @@ struct LifecycleTests {
             let r1b = object(try await r1Holder.request(.POST, "/v1/svid/x509/renew", headers: jsonHeaders, body: json(["csr": csr2])))
             #expect(r1b["certificate"] is String, "\(r1b)")
             await r1Holder.close()
+            // A step of the job, made from its renewal r1b: revoking the job's first serial reaches it (its job_lineage).
+            func step(from certificate: String, key: String, named name: String) async throws -> String {
+                try certificate.write(toFile: "\(dir)/\(name)-parent.pem", atomically: true, encoding: .utf8)
+                let holder = try await workloadConnection(cluster, to: follower, certificate: "\(dir)/\(name)-parent.pem", key: key)
+                defer { Task { await holder.close() } }
+                let answer = try await holder.request(.POST, "/v1/svid/x509/step", headers: jsonHeaders,
+                                                      body: json(["step": name, "csr": try opensslCSR(in: dir, name: "step-\(name)")]))
+                #expect(answer.status == .ok, "\(answer.text)")
+                return object(answer)["certificate"] as? String ?? ""
+            }
+            let r1bStep = try await step(from: r1b["certificate"] as? String ?? "", key: "\(dir)/r1-next.key", named: "build")
 
             // Revoke r1 by serial (as openssl prints it: upper case): every node refuses it and its renewal within a second or so; r2 stays valid.
             let r1Serial = try #require(r1["serial"] as? String)
@@ -211,6 +223,8 @@ struct LifecycleTests {
                 })
                 let line = try await verdict(connection, ["x509_chain": r1b["certificate"] as? String ?? ""])
                 #expect(line["code"] as? String == "revoked", "a renewal of a revoked serial is revoked with it: \(line)")
+                let jobStep = try await verdict(connection, ["x509_chain": r1bStep])
+                #expect(jobStep["code"] as? String == "revoked", "a step of a revoked job is revoked with it: \(jobStep)")
                 let fine = try await verdict(connection, ["x509_chain": r2["certificate"] as? String ?? ""])
                 #expect(fine["valid"] as? Bool == true, "\(fine)")
             }
@@ -229,6 +243,20 @@ struct LifecycleTests {
             let r2Check = try run(["openssl", "verify", "-crl_check", "-CAfile", "\(dir)/bundle.pem", "-CRLfile", "\(dir)/crl.pem", "\(dir)/r2.pem"])
             #expect(r2Check.status == 0, "\(r2Check.output)")
             _ = r1Cert
+
+            // Revoking one renewal of a job (r2b, not r2's first serial) reaches the steps made from it (their parent), not the rest of its line.
+            let r2Holder = try await workloadConnection(cluster, to: follower, certificate: "\(dir)/r2.pem", key: "\(dir)/r2.key")
+            let r2b = object(try await r2Holder.request(.POST, "/v1/svid/x509/renew", headers: jsonHeaders,
+                                                        body: json(["csr": try opensslCSR(in: dir, name: "r2-next")])))
+            await r2Holder.close()
+            let r2bStep = try await step(from: r2b["certificate"] as? String ?? "", key: "\(dir)/r2-next.key", named: "test")
+            #expect(try await verdict(elsewhere, ["x509_chain": r2bStep])["valid"] as? Bool == true)
+            #expect(try await admin.request(.POST, "/v1/revocations", headers: jsonHeaders,
+                                            body: json(["serial": r2b["serial"] as? String ?? "-"])).status == .ok)
+            #expect(await eventually(seconds: 5) {
+                ((try? await verdict(elsewhere, ["x509_chain": r2bStep])) ?? [:])["code"] as? String == "revoked"
+            })
+            #expect(try await verdict(elsewhere, ["x509_chain": r2["certificate"] as? String ?? ""])["valid"] as? Bool == true)
 
             // By attribute: every identity whose context names r2's token.
             let r2Context = try await verdict(open, ["x509_chain": r2["certificate"] as? String ?? ""])
@@ -255,9 +283,17 @@ struct LifecycleTests {
                 ((try? await verdict(elsewhere, ["jwt": oldJWT, "audience": "x"])) ?? [:])["code"] as? String == "revoked"
             })
             #expect(try await verdict(elsewhere, ["jwt": newJWT, "audience": "x"])["valid"] as? Bool == true)
+            // By serial, for a JWT-SVID: its serial is its jti (verify reports it), which no rewriting of the signature changes.
+            let payload = try #require(Base64URL.decode(newJWT.split(separator: ".")[1]))
+            let jti = try #require((try JSONSerialization.jsonObject(with: Data(payload)) as? [String: Any])?["jti"] as? String)
+            #expect(try await verdict(elsewhere, ["jwt": newJWT, "audience": "x"])["serial"] as? String == jti)
+            #expect(try await admin.request(.POST, "/v1/revocations", headers: jsonHeaders, body: json(["serial": jti])).status == .ok)
+            #expect(await eventually(seconds: 5) {
+                ((try? await verdict(elsewhere, ["jwt": newJWT, "audience": "x"])) ?? [:])["code"] as? String == "revoked"
+            })
 
             let audit = object(try await admin.request(.GET, "/v1/audit?limit=1000"))["records"] as? [[String: Any]] ?? []
-            #expect(audit.filter { $0["action"] as? String == "identity.revoke" }.count == 3)
+            #expect(audit.filter { $0["action"] as? String == "identity.revoke" }.count == 5)
             #expect(audit.contains { ($0["result"] as? String ?? "").contains("renewed_from=\(shortLived["serial"] as? String ?? "-")") })
             await elsewhere.close()
         }

@@ -578,7 +578,7 @@ extension NodeAPI {
             }
             let fingerprint = AuthorityService.hash(issued.bytes)
             var issuance = template
-            issuance.serial = UTF8Text.prefix(fingerprint, bytes: 32)
+            issuance.serial = issued.serial
             issuance.fingerprint = fingerprint
             issuance.issuedAtMillis = Self.millis(now)
             issuance.notAfterMillis = Self.millis(issued.expiry)
@@ -607,6 +607,7 @@ extension NodeAPI {
 
     private func verify(_ request: HTTPRequest) async throws -> HTTPResponse {
         let body = try Self.decodeBody(VerifyRequest.self, request, expected: "{\"x509_chain\": PEM} or {\"jwt\", \"audience\"}")
+        try clock.requireAgreement(.verdict)
         let keys = try requireKeys()
         let answer = try await verify(body, keys)
         // An authority activated a moment ago may not be in the cached
@@ -632,10 +633,9 @@ extension NodeAPI {
                 let verified = try JWTVerifier(trustDomain: keys.jwt.trustDomain, keys: keys.bundle.jwtKeys, memo: keys.jwtSignatures,
                                                issued: authority?.issuedLookup).verify(jwt, audience: audience)
                 metrics.count(verified.signature)
-                let serial = String(verified.fingerprint.prefix(32))
-                try Self.checkNotRevoked(keys, serial: serial, spiffeID: verified.spiffeID, attributes: verified.attributes,
+                try Self.checkNotRevoked(keys, serial: verified.serial, spiffeID: verified.spiffeID, attributes: verified.attributes,
                                          issuedAt: verified.issuedAt ?? Date(timeIntervalSince1970: 0))
-                return VerifyBody(valid: true, spiffeId: verified.spiffeID.description, serial: serial,
+                return VerifyBody(valid: true, spiffeId: verified.spiffeID.description, serial: verified.serial,
                                   attributes: verified.attributes, expiresAt: Self.iso(verified.expiry))
             }
             throw APIError.badRequest("give either x509_chain, or jwt with audience")
