@@ -36,9 +36,10 @@ public struct JWTAuthority: Sendable {
 
     /// A JWT-SVID for `spiffeID`, for `audiences`, expiring `ttl` seconds
     /// after `now` (never past `notAfter`, the CA's end), with `serial` (32
-    /// lower-case hex digits; by default a random one) as its `jti`.
+    /// lower-case hex digits; by default a random one) as its `jti` and
+    /// `issuer`, if given, as its `iss`.
     public func issue(spiffeID: SpiffeID, audiences: [String], ttl: TimeInterval, attributes: Attributes, now: Date = Date(),
-                      notAfter: Date? = nil, serial: String = JWTAuthority.randomSerial()) throws -> IssuedJWT {
+                      notAfter: Date? = nil, serial: String = JWTAuthority.randomSerial(), issuer: String? = nil) throws -> IssuedJWT {
         guard spiffeID.trustDomain == trustDomain else {
             throw AuthorityError("wrong_trust_domain", "\(spiffeID) is not in trust domain \(trustDomain)")
         }
@@ -51,7 +52,7 @@ public struct JWTAuthority: Sendable {
         guard expiry > issuedAt else { throw AuthorityError("bad_ttl", "the token would expire at once") }
         guard Self.isSerial(serial) else { throw AuthorityError("bad_serial", "a JWT-SVID's serial is 32 lower-case hex digits") }
         // Written by hand (keys sorted): JSONSerialization was most of the cost of issuing one.
-        var claims = JSONText.Builder(capacity: 160 + spiffeID.description.utf8.count + attributes.count * 48)
+        var claims = JSONText.Builder(capacity: 200 + spiffeID.description.utf8.count + (issuer?.utf8.count ?? 0) + attributes.count * 48)
         claims.raw("{\"aud\":")
         if audiences.count == 1 {
             claims.quoted(audiences[0])
@@ -67,6 +68,10 @@ public struct JWTAuthority: Sendable {
         claims.number(expiry)
         claims.raw(",\"iat\":")
         claims.number(issuedAt)
+        if let issuer {
+            claims.raw(",\"iss\":")
+            claims.quoted(issuer)
+        }
         claims.raw(",\"jti\":")
         claims.quoted(serial)
         claims.raw(",\"sub\":")

@@ -1,3 +1,4 @@
+import Foundation
 import Authority
 import Raft
 import Policy
@@ -88,6 +89,13 @@ public struct NodeConfig: Sendable, Hashable {
     /// 1.2 KB apiece), so past this the leader signs nothing new until
     /// some expire, instead of every node running out of memory at once.
     public var identityRecordsMax: Int
+    /// The URL relying parties know the cluster's JWT-SVIDs by
+    /// (`jwt_issuer`): written as every JWT-SVID's `iss` and served as the
+    /// discovery document's `issuer` (its `jwks_uri` under it). Cloud
+    /// providers federating with JWT-SVIDs require both. Every node of a
+    /// cluster is given the same one. Nil: no `iss`, and discovery names
+    /// the address the client used.
+    public var jwtIssuer: String?
 
     /// Limits checked at load time.
     public static let peersMax = 8
@@ -112,7 +120,8 @@ public struct NodeConfig: Sendable, Hashable {
         } catch {
             throw NodeConfigError(path: "", problem: "not valid YAML: \(error)")
         }
-        let top = try Section(root, "", keys: ["node", "peers", "tls", "key_encryption_key_file", "raft", "trust_domain", "key_algorithm", "join", "storage"])
+        let top = try Section(root, "", keys: ["node", "peers", "tls", "key_encryption_key_file", "raft", "trust_domain", "key_algorithm", "join", "storage",
+                                               "jwt_issuer"])
         let node = try top.section("node", keys: ["id", "data_dir", "listen", "join"])
         id = try node.integer("id", in: 1...Int.max).asNodeID
         dataDirectory = try node.string("data_dir")
@@ -153,6 +162,10 @@ public struct NodeConfig: Sendable, Hashable {
             throw NodeConfigError(path: "key_algorithm", problem: "'\(algorithm)' is not one of \(KeyAlgorithm.names)")
         }
         self.keyAlgorithm = keyAlgorithm
+        jwtIssuer = try top.optionalString("jwt_issuer")
+        if let issuer = jwtIssuer, let problem = Self.issuerProblem(issuer) {
+            throw NodeConfigError(path: "jwt_issuer", problem: "'\(issuer.prefix(300))' \(problem)")
+        }
 
         let join = try top.section("join", keys: ["allow_http_loopback_issuers", "jwks_refetch_seconds"], optional: true)
         allowHTTPLoopbackIssuers = try join.boolean("allow_http_loopback_issuers", default: false)
@@ -173,6 +186,26 @@ public struct NodeConfig: Sendable, Hashable {
             throw NodeConfigError(path: raft.path("election_timeout_ticks"),
                                   problem: "must exceed heartbeat_interval_ticks (\(heartbeatIntervalTicks))")
         }
+    }
+}
+
+extension NodeConfig {
+    public static let issuerBytesMax = 255
+
+    /// What is wrong with `text` as a JWT issuer URL, or nil: https, a
+    /// host, no query, fragment, user info or trailing slash (relying
+    /// parties compare `iss` as a string, and cloud providers take the
+    /// discovery document from `<iss>/.well-known/openid-configuration`).
+    static func issuerProblem(_ text: String) -> String? {
+        guard text.utf8.count <= issuerBytesMax else { return "is longer than \(issuerBytesMax) bytes" }
+        guard text.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F }) else { return "may hold only printable ASCII without spaces" }
+        guard text.hasPrefix("https://"), let url = URLComponents(string: text), url.scheme == "https",
+              let host = url.host, !host.isEmpty else { return "is not an https URL with a host" }
+        guard url.query == nil, url.fragment == nil, url.user == nil, url.password == nil else {
+            return "may not have a query, fragment or user info"
+        }
+        guard !text.hasSuffix("/") else { return "may not end in '/'" }
+        return nil
     }
 }
 

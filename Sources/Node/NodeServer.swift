@@ -159,7 +159,8 @@ public final class NodeServer: Sendable {
         let clock = self.clock
         driver.setClockCheck { clock.verdict.disagreeing.isEmpty }
         api = NodeAPI(id: config.id, driver: driver, store: store, members: members, forwarder: try Forwarder(identity: identity), metrics: metrics,
-                      authority: authority, joins: joins, clock: clock, identityRecordsMax: config.identityRecordsMax)
+                      authority: authority, joins: joins, clock: clock, identityRecordsMax: config.identityRecordsMax,
+                      jwtIssuer: config.jwtIssuer)
         let api = self.api
         let authority = self.authority
         // Workloads renewing present X509-SVIDs: their TLS roots are the

@@ -398,6 +398,9 @@ struct JWTSVIDTests {
                 == #"{"aud":"a","exp":1790000300,"iat":1790000000,"jti":"0123456789abcdef0123456789abcdef","sub":"spiffe://example.org/ci/acme/deploy"}"#)
         #expect(try claims(signer.issue(spiffeID: id, audiences: ["a", "b\"c"], ttl: 300, attributes: ["z": "1", "k": "t\tq"], now: now, serial: serial))
                 == #"{"aud":["a","b\"c"],"exp":1790000300,"iat":1790000000,"jti":"0123456789abcdef0123456789abcdef","sub":"spiffe://example.org/ci/acme/deploy","warrant":{"k":"t\tq","z":"1"}}"#)
+        // An issuer, when given, is iss (between iat and jti: keys stay sorted).
+        #expect(try claims(signer.issue(spiffeID: id, audiences: ["a"], ttl: 300, attributes: [:], now: now, serial: serial, issuer: "https://w.example/t"))
+                == #"{"aud":"a","exp":1790000300,"iat":1790000000,"iss":"https://w.example/t","jti":"0123456789abcdef0123456789abcdef","sub":"spiffe://example.org/ci/acme/deploy"}"#)
         // By default a random serial; one that is not 32 lower-case hex digits is refused.
         let first = try signer.issue(spiffeID: id, audiences: ["a"], ttl: 300, attributes: [:], now: now)
         let second = try signer.issue(spiffeID: id, audiences: ["a"], ttl: 300, attributes: [:], now: now)

@@ -143,9 +143,10 @@ struct IssuanceTests {
         await cluster.shutdown()
     }
 
-    @Test("JWT-SVIDs, the bundle, OIDC discovery and verification, from a follower")
+    @Test("JWT-SVIDs, the bundle, OIDC discovery and verification, from a follower; the configured issuer is every token's iss and discovery's issuer, and PyJWT checks it")
     func jwtAndBundles() async throws {
-        try await InProcessCluster.withReadyFollower { _, _, _, admin, open in
+        let issuer = "https://warrant.example.com/trust"
+        try await InProcessCluster.withReadyFollower(extraConfig: "jwt_issuer: \(issuer)\n") { cluster, _, follower, admin, open in
             let token = try #require(object(try await admin.request(.POST, "/v1/tokens", headers: [("content-type", "application/json")],
                                                                     body: json(["spiffe_id": "spiffe://warrant.local/deploy"])))["token"] as? String)
             let issued = try await open.request(.POST, "/v1/svid/jwt", headers: [("content-type", "application/json")],
@@ -164,7 +165,28 @@ struct IssuanceTests {
             #expect(keys.contains { $0["use"] as? String == "x509-svid" } && keys.contains { $0["use"] as? String == "jwt-svid" })
             #expect(bundle["spiffe_sequence"] as? Int != nil)
             let discovery = object(try await open.request(.GET, "/.well-known/openid-configuration"))
-            #expect((discovery["jwks_uri"] as? String)?.hasSuffix("/v1/keys") == true)
+            #expect(discovery["issuer"] as? String == issuer && discovery["jwks_uri"] as? String == "\(issuer)/v1/keys", "\(discovery)")
+            #expect((discovery["claims_supported"] as? [String])?.contains("iss") == true)
+            // The token says who issued it, as a cloud provider's token exchange requires; PyJWT holds it to that.
+            let script = """
+                import json, ssl, sys, urllib.request, jwt
+                base, token, ca, issuer = sys.argv[1:5]
+                context = ssl.create_default_context(cafile=ca)
+                context.check_hostname = False
+                keys = jwt.PyJWKSet.from_dict(json.load(urllib.request.urlopen(base + "/v1/keys", context=context)))
+                key = next(k for k in keys.keys if k.key_id == jwt.get_unverified_header(token)["kid"])
+                claims = jwt.decode(token, key.key, algorithms=["ES256"], audience="sts.amazonaws.com", issuer=issuer)
+                assert claims["iss"] == issuer and len(claims["jti"]) == 32, claims
+                try:
+                    jwt.decode(token, key.key, algorithms=["ES256"], audience="sts.amazonaws.com", issuer="https://someone.else")
+                    print("accepted another issuer"); sys.exit(1)
+                except jwt.InvalidIssuerError:
+                    pass
+                print("ok")
+                """
+            let python = try run(["python3", "-c", script, "https://127.0.0.1:\(cluster.basePort + 100 + Int(follower) - 1)", jwt,
+                                  "\(cluster.directory)/ca.pem", issuer])
+            #expect(python.status == 0 && python.output.contains("ok"), "\(python.output)")
             let oidc = object(try await open.request(.GET, "/v1/keys"))
             #expect((oidc["keys"] as? [[String: Any]])?.first?["alg"] as? String == "ES256")
             let pem = try await open.request(.GET, "/v1/bundle.pem")

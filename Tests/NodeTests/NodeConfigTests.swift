@@ -52,6 +52,9 @@ struct NodeConfigTests {
         #expect(try NodeConfig(yaml: valid + "\nstorage:\n  unsafe_no_fsync: true\n").unsafeNoFsync)
         #expect(config.identityRecordsMax == 2_000_000)
         #expect(try NodeConfig(yaml: valid + "\nstorage:\n  identity_records_max: 5000\n").identityRecordsMax == 5_000)
+        #expect(config.jwtIssuer == nil)
+        #expect(try NodeConfig(yaml: valid + "\njwt_issuer: https://warrant.example.com/trust\n").jwtIssuer == "https://warrant.example.com/trust")
+        #expect(try NodeConfig(yaml: valid + "\njwt_issuer: https://warrant.example.com:8443\n").jwtIssuer == "https://warrant.example.com:8443")
     }
 
     @Test("Each kind of mistake gets a specific error naming where it is", arguments: [
@@ -74,6 +77,14 @@ struct NodeConfigTests {
         ("key_encryption_key_file: kek.bin", "key_encryption_key_file: kek.bin\nstorage:\n  fsync: false", "storage: unknown key 'fsync'"),
         ("key_encryption_key_file: kek.bin", "key_encryption_key_file: kek.bin\nstorage:\n  unsafe_no_fsync: 1", "storage.unsafe_no_fsync: must be true or false"),
         ("key_encryption_key_file: kek.bin", "key_encryption_key_file: kek.bin\nstorage:\n  identity_records_max: 0", "storage.identity_records_max: 0 is outside 1...100000000"),
+        ("key_encryption_key_file: kek.bin", "key_encryption_key_file: kek.bin\njwt_issuer: http://warrant.example.com", "jwt_issuer: 'http://warrant.example.com' is not an https URL with a host"),
+        ("key_encryption_key_file: kek.bin", "key_encryption_key_file: kek.bin\njwt_issuer: https://", "jwt_issuer: 'https://' is not an https URL with a host"),
+        ("key_encryption_key_file: kek.bin", "key_encryption_key_file: kek.bin\njwt_issuer: https://warrant.example.com/", "jwt_issuer: 'https://warrant.example.com/' may not end in '/'"),
+        ("key_encryption_key_file: kek.bin", "key_encryption_key_file: kek.bin\njwt_issuer: https://warrant.example.com/?x=1", "may not have a query, fragment or user info"),
+        ("key_encryption_key_file: kek.bin", "key_encryption_key_file: kek.bin\njwt_issuer: https://warrant.example.com#f", "may not have a query, fragment or user info"),
+        ("key_encryption_key_file: kek.bin", "key_encryption_key_file: kek.bin\njwt_issuer: https://me@warrant.example.com", "may not have a query, fragment or user info"),
+        ("key_encryption_key_file: kek.bin", "key_encryption_key_file: kek.bin\njwt_issuer: \"https://warrant example.com\"", "may hold only printable ASCII without spaces"),
+        ("key_encryption_key_file: kek.bin", "key_encryption_key_file: kek.bin\njwt_issuer: https://\(String(repeating: "a", count: 250)).com", "is longer than 255 bytes"),
     ])
     func mistakes(line: String, replacement: String, expected: String) {
         do {

@@ -230,11 +230,13 @@ extension NodeAPI {
 
     private func discovery(_ request: HTTPRequest) throws -> HTTPResponse {
         let keys = try requireKeys()
-        let host = request.headers.first(name: "host") ?? "localhost"
-        let issuer = "https://\(host)"
+        // Without a configured issuer, the address the client used (its
+        // tokens then carry no iss for a relying party to compare).
+        let issuer = jwtIssuer ?? "https://\(request.headers.first(name: "host") ?? "localhost")"
         let document: [String: Any] = [
             "issuer": issuer, "jwks_uri": "\(issuer)/v1/keys", "id_token_signing_alg_values_supported": keys.bundle.jwtAlgorithms,
-            "response_types_supported": ["id_token"], "subject_types_supported": ["public"], "claims_supported": ["sub", "aud", "exp", "iat"],
+            "response_types_supported": ["id_token"], "subject_types_supported": ["public"],
+            "claims_supported": ["sub", "aud", "exp", "iat", "jti"] + (jwtIssuer == nil ? [] : ["iss"]),
         ]
         return HTTPResponse(status: .ok, headers: [("content-type", "application/json")],
                             body: Array(try JSONSerialization.data(withJSONObject: document, options: [.sortedKeys, .withoutEscapingSlashes])))
@@ -572,7 +574,7 @@ extension NodeAPI {
             let issued: IssuedJWT
             do {
                 issued = try keys.jwt.issue(spiffeID: spiffeID, audiences: audiences, ttl: TimeInterval(template.ttlSeconds),
-                                            attributes: template.attributes, now: now, notAfter: keys.x509.notValidAfter)
+                                            attributes: template.attributes, now: now, notAfter: keys.x509.notValidAfter, issuer: jwtIssuer)
             } catch let error as AuthorityError {
                 throw APIError(status: .badRequest, code: error.code, message: error.message)
             }

@@ -56,11 +56,14 @@ public final class NodeAPI: Sendable {
     let workloadIssuance = IssuanceRateLimiter()
     /// `storage.identity_records_max`.
     let identityRecordsMax: Int
+    /// `jwt_issuer`: JWT-SVIDs' `iss` and the discovery document's issuer.
+    let jwtIssuer: String?
 
     public init(id: NodeID, driver: RaftDriver, store: RaftStore, members: MemberDirectory, forwarder: Forwarder?, metrics: NodeMetrics,
                 authority: AuthorityService? = nil, joins: JoinService? = nil, clock: ClockCheck = ClockCheck(),
-                identityRecordsMax: Int = NodeConfig.identityRecordsMaxDefault) {
+                identityRecordsMax: Int = NodeConfig.identityRecordsMaxDefault, jwtIssuer: String? = nil) {
         self.identityRecordsMax = identityRecordsMax
+        self.jwtIssuer = jwtIssuer
         self.authority = authority
         self.clock = clock
         self.joins = joins
