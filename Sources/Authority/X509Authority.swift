@@ -295,9 +295,10 @@ public struct X509Authority: Sendable {
 
     /// A CRL (RFC 5280 section 5, version 2) signed by this authority,
     /// listing `revoked` (serial bytes and revocation time), valid from
-    /// `now` until `nextUpdate`, with CRL number `number` and the
-    /// authority's key identifier.
-    public func crl(revoked: [(serial: [UInt8], at: Date)], number: UInt64, now: Date = Date(), nextUpdate: Date) throws -> [UInt8] {
+    /// `now` until `nextUpdate`, with CRL number `number` (unsigned,
+    /// big-endian, 1 to 20 bytes) and the authority's key identifier.
+    public func crl(revoked: [(serial: [UInt8], at: Date)], number: [UInt8], now: Date = Date(), nextUpdate: Date) throws -> [UInt8] {
+        guard (1...20).contains(number.count) else { throw AuthorityError("bad_crl_number", "a CRL number is 1 to 20 bytes") }
         var entries: [UInt8] = []
         for entry in revoked.sorted(by: { $0.serial.lexicographicallyPrecedes($1.serial) }) {
             entries += DERWriter.sequence(DERWriter.unsignedInteger(entry.serial) + DERWriter.time(entry.at))
@@ -305,7 +306,7 @@ public struct X509Authority: Sendable {
         var extensions: [UInt8] = []
         if try certificate.extensions.subjectKeyIdentifier != nil { extensions += authorityKeyIdentifierExtension }
         // cRLNumber INTEGER
-        let crlNumber = DERWriter.unsignedInteger(withUnsafeBytes(of: number.bigEndian) { Array($0) })
+        let crlNumber = DERWriter.unsignedInteger(number)
         extensions += DERWriter.sequence([0x06, 0x03, 0x55, 0x1D, 0x14] + DERWriter.element(0x04, crlNumber))
         var tbs: [UInt8] = [0x02, 0x01, 0x01] + key.algorithmIdentifierDER + issuerDER + DERWriter.time(now) + DERWriter.time(nextUpdate)
         if !entries.isEmpty { tbs += DERWriter.sequence(entries) }

@@ -32,6 +32,8 @@ public final class AuthorityService: Sendable {
         public let bundle: TrustBundle
         public let bundlePEM: String
         public let revocations: RevocationList
+        /// The revocation list document's version (0 without one).
+        public let revocationsVersion: UInt64
         /// JWT-SVIDs whose signature verified under `bundle`'s keys: a
         /// relying service presents the same token on every call.
         public let jwtSignatures = SignatureMemo()
@@ -40,7 +42,9 @@ public final class AuthorityService: Sendable {
         public var x509: X509Authority { active.x509 }
         public var jwt: JWTAuthority { active.jwt }
 
-        init(active: Authority, published: [Authority], bundle: TrustBundle, bundlePEM: String, revocations: RevocationList) {
+        init(active: Authority, published: [Authority], bundle: TrustBundle, bundlePEM: String, revocations: RevocationList,
+             revocationsVersion: UInt64) {
+            self.revocationsVersion = revocationsVersion
             self.active = active
             self.published = published
             self.bundle = bundle
@@ -177,7 +181,8 @@ public final class AuthorityService: Sendable {
                                  sequence: document.version * 16 + UInt64(dropped))
         // An unreadable list fails closed: no keys, so nothing verifies or issues.
         let revocations = try revocationsDocument.map { try JSONDecoder().decode(RevocationList.self, from: Data($0.content)) } ?? RevocationList()
-        let keys = Keys(active: active, published: published, bundle: bundle, bundlePEM: try bundle.pem(), revocations: revocations)
+        let keys = Keys(active: active, published: published, bundle: bundle, bundlePEM: try bundle.pem(), revocations: revocations,
+                        revocationsVersion: revocationsVersion)
         let nextDrop = published.compactMap { $0.entry.state == .retired ? $0.entry.keepUntilMillis : nil }.min() ?? .max
         cache.withLock {
             $0 = Cache(keyringVersion: document.version, revocationsVersion: revocationsVersion, keys: keys, checked: .now,
@@ -238,12 +243,24 @@ public final class AuthorityService: Sendable {
         let now = Date()
         var pem = ""
         for authority in keys.published {
-            let der = try authority.x509.crl(revoked: revoked[authority.id] ?? [], number: UInt64(now.timeIntervalSince1970), now: now,
+            let number = Self.crlNumber(contentVersion: keys.bundle.sequence &+ keys.revocationsVersion, now: now)
+            let der = try authority.x509.crl(revoked: revoked[authority.id] ?? [], number: number, now: now,
                                              nextUpdate: now.addingTimeInterval(Self.crlLifetime))
             pem += PEMDocument(type: "X509 CRL", derBytes: der).pemString + "\n"
         }
         crls.withLock { $0 = (key, .now, UInt64(now.timeIntervalSince1970 * 1000), pem) }
         return pem
+    }
+
+    /// A CRL's number (16 bytes): first what it was made from, the
+    /// keyring's and revocation list's versions (the same on every node
+    /// once applied, and growing with every change), then the time in
+    /// seconds. A CRL with a new rule outnumbers every CRL made before the
+    /// rule, on any node, whatever their clocks; CRLs of the same content
+    /// are ordered by when they were signed.
+    static func crlNumber(contentVersion: UInt64, now: Date) -> [UInt8] {
+        withUnsafeBytes(of: contentVersion.bigEndian) { Array($0) }
+            + withUnsafeBytes(of: UInt64(max(0, now.timeIntervalSince1970)).bigEndian) { Array($0) }
     }
 
     /// The issuance records this node holds, as verifiers consult them

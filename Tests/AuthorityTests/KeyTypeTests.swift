@@ -65,12 +65,17 @@ struct KeyTypeTests {
         let ca = try X509Authority.create(trustDomain: "example.org", algorithm: algorithm)
         let revoked = try ca.issue(spiffeID: id, publicKey: .init(P256.Signing.PrivateKey().publicKey), ttl: 600, attributes: [:])
         let kept = try ca.issue(spiffeID: id, publicKey: .init(P256.Signing.PrivateKey().publicKey), ttl: 600, attributes: [:])
-        let der = try ca.crl(revoked: [(Array(revoked.certificate.serialNumber.bytes), Date())], number: 7, nextUpdate: Date().addingTimeInterval(3_600))
+        // A 16-byte number (content version, then seconds) as openssl reads it.
+        let number: [UInt8] = [0, 0, 0, 0, 0, 0, 0, 0x2A] + [0, 0, 0, 0, 0x69, 0x2F, 0x8E, 0x01]
+        let der = try ca.crl(revoked: [(Array(revoked.certificate.serialNumber.bytes), Date())], number: number, nextUpdate: Date().addingTimeInterval(3_600))
         let scratch = try Scratch()
         let crlPath = try scratch.write("crl.pem", PEMDocument(type: "X509 CRL", derBytes: der).pemString + "\n")
         let bundlePath = try scratch.write("bundle.pem", try TrustBundle(trustDomain: "example.org", x509Authorities: [ca.certificate], jwtKeys: [:], sequence: 1).pem())
         let text = try run("openssl", ["crl", "-in", crlPath, "-noout", "-text", "-CAfile", bundlePath])
         #expect(text.status == 0 && text.output.contains("verify OK") && text.output.contains("CRL Number"), "\(text.output)")
+        #expect(text.output.contains("774763251097565892097"), "42 * 2^64 + 0x692F8E01: \(text.output)")
+        #expect(throws: AuthorityError.self) { try ca.crl(revoked: [], number: [], nextUpdate: Date()) }
+        #expect(throws: AuthorityError.self) { try ca.crl(revoked: [], number: Array(repeating: 1, count: 21), nextUpdate: Date()) }
         #expect(text.output.uppercased().contains(revoked.serialHex.uppercased()) && !text.output.uppercased().contains(kept.serialHex.uppercased()))
         let refused = try run("openssl", ["verify", "-crl_check", "-CAfile", bundlePath, "-CRLfile", crlPath, try scratch.write("r.pem", revoked.pem)])
         #expect(refused.status != 0 && refused.output.contains("revoked"), "\(refused.output)")
@@ -78,7 +83,7 @@ struct KeyTypeTests {
         #expect(accepted.status == 0, "\(accepted.output)")
         // Signed by another CA, the CRL does not count.
         let other = try X509Authority.create(trustDomain: "example.org", algorithm: algorithm)
-        let forged = try other.crl(revoked: [(Array(kept.certificate.serialNumber.bytes), Date())], number: 8, nextUpdate: Date().addingTimeInterval(3_600))
+        let forged = try other.crl(revoked: [(Array(kept.certificate.serialNumber.bytes), Date())], number: [8], nextUpdate: Date().addingTimeInterval(3_600))
         let forgedPath = try scratch.write("forged.pem", PEMDocument(type: "X509 CRL", derBytes: forged).pemString + "\n")
         let notFooled = try run("openssl", ["verify", "-crl_check", "-CAfile", bundlePath, "-CRLfile", forgedPath, try scratch.write("k2.pem", kept.pem)])
         #expect(!notFooled.output.contains("revoked"), "\(notFooled.output)")

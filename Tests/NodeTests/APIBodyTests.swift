@@ -121,3 +121,21 @@ struct IssuanceRateLimiterTests {
         #expect(limiter.admit("g", now: 6.5) == nil && limiter.admit("g", now: 6.5) == 1)
     }
 }
+
+@Suite("CRL numbers")
+struct CRLNumberTests {
+    /// The number as an unsigned integer's bytes compare: same length, so lexicographically.
+    func greater(_ a: [UInt8], _ b: [UInt8]) -> Bool { a.count == b.count && b.lexicographicallyPrecedes(a) }
+
+    @Test("A CRL made from newer content outnumbers one made before it on any node, even by a clock seconds ahead; same content orders by time")
+    func ordering() {
+        let now = Date(timeIntervalSince1970: 1_800_000_000)
+        let before = AuthorityService.crlNumber(contentVersion: 41, now: now)
+        // A rule was added (content version 42), signed by a node whose clock is 9 s behind.
+        let after = AuthorityService.crlNumber(contentVersion: 42, now: now.addingTimeInterval(-9))
+        #expect(greater(after, before))
+        #expect(greater(AuthorityService.crlNumber(contentVersion: 41, now: now.addingTimeInterval(1)), before))
+        #expect(before.count == 16 && before.first == 0)
+        #expect(Array(before[8...]) == withUnsafeBytes(of: UInt64(1_800_000_000).bigEndian) { Array($0) })
+    }
+}
