@@ -123,6 +123,10 @@ public struct X509Authority: Sendable {
             if let bits = rsaModulusBits(inCSR: der), bits < 2048 {
                 throw AuthorityError("weak_key", "RSA keys must have at least 2048 bits; this one has \(bits)")
             }
+            // And keys on curves it does not know (secp256k1, brainpool).
+            if let spki = spkiDER(inCSR: der), spki.count < 1_024, contains(spki, idECPublicKey) {
+                throw AuthorityError("unsupported_key", "the CSR's key is on a curve not accepted here: use P-256 or P-384 (or RSA of 2048 bits or more)")
+            }
             throw AuthorityError("bad_csr", "the CSR is not a DER PKCS#10 request: \(error)")
         }
         guard csr.publicKey.isValidSignature(csr.signature, for: csr) else {
@@ -130,6 +134,14 @@ public struct X509Authority: Sendable {
         }
         try checkStrength(csr.publicKey)
         return csr.publicKey
+    }
+
+    /// id-ecPublicKey (1.2.840.10045.2.1), as an encoded OID.
+    static let idECPublicKey: [UInt8] = [0x06, 0x07, 0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x02, 0x01]
+
+    static func contains(_ bytes: ArraySlice<UInt8>, _ pattern: [UInt8]) -> Bool {
+        guard bytes.count >= pattern.count else { return false }
+        return bytes.indices.dropLast(pattern.count - 1).contains { bytes[$0..<($0 + pattern.count)].elementsEqual(pattern) }
     }
 
     /// `publicKey(fromCSR:)`, and the request's SubjectPublicKeyInfo bytes

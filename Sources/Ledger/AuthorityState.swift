@@ -231,10 +231,10 @@ public struct AuthorityKeyring: Sendable, Hashable, Codable {
 }
 
 /// A revocation rule (kept in the document `authority/revocations`). It
-/// covers identities issued at or before `revokedAtMillis` that match:
-/// one serial, every identity of one SPIFFE ID, or every identity whose
-/// attested context has `name=value` (say, every identity of one
-/// repository). Identities issued later are not affected.
+/// covers one serial (whenever issued), or identities issued at or
+/// before `revokedAtMillis` of one SPIFFE ID or whose attested context has
+/// `name=value` (say, every identity of one repository): identities of
+/// those issued later are not affected.
 public struct Revocation: Sendable, Hashable, Codable {
     public enum Kind: String, Sendable, Codable { case serial, spiffeID = "spiffe_id", attribute }
     public var kind: Kind
@@ -255,8 +255,14 @@ public struct Revocation: Sendable, Hashable, Codable {
     /// line as `job_lineage` and the job SVID it was made from as `parent`
     /// (so revoking the job's first serial reaches its steps, and revoking
     /// one of its SVIDs reaches the steps made from that one).
+    ///
+    /// A serial rule has no time condition: it names identities that
+    /// exist, and their descendants cannot be made once it is in (renewals
+    /// and steps of a revoked identity are refused), so a rule stamped by
+    /// a clock a little behind the one that signed still covers what it
+    /// names.
     public func matches(serial: String, spiffeID: String, attributes: [String: String], issuedAtMillis: UInt64) -> Bool {
-        guard issuedAtMillis <= revokedAtMillis else { return false }
+        guard kind == .serial || issuedAtMillis <= revokedAtMillis else { return false }
         switch kind {
         case .serial:
             let wanted = Self.canonicalSerial(value)
@@ -317,7 +323,10 @@ public enum AuthorityDocuments {
     public static let revocations = "authority/revocations"
     public static let issuedPrefix = "authority/issued/"
     public static func token(_ hash: String) -> String { "authority/tokens/\(hash)" }
-    public static func idempotency(_ key: String) -> String { "authority/idempotency/\(key)" }
+    public static func idempotency(_ key: String) -> String { idempotencyPrefix + key }
+    /// Idempotency answers: the artifact kept for a retry, a live JWT-SVID
+    /// (a bearer token) among them.
+    public static let idempotencyPrefix = "authority/idempotency/"
     /// When a join token (`<time>/<hash>`) or an idempotency answer
     /// (`<time>/<key>`) is forgotten, in time order: a day after the token
     /// expires or the identity it answered with does. Each command that
@@ -327,6 +336,9 @@ public enum AuthorityDocuments {
     public static let tokenForgetPrefix = "authority/forget/tokens/"
     public static let idempotencyForgetPrefix = "authority/forget/idempotency/"
     public static let forgetAfterMillis: UInt64 = 86_400_000
+    /// How long a used platform token's record outlives the token: six
+    /// times the clock bound (10 s) a leader may be off by and still sign.
+    public static let platformTokenKeptMillis: UInt64 = 60_000
     /// Times in names have 13 digits: later ones count as this (in 2286).
     static let latestMillis: UInt64 = 9_999_999_999_999 - 86_400_000
     public static func tokenForget(atMillis: UInt64, hash: String) -> String { timed(tokenForgetPrefix, atMillis, hash) }

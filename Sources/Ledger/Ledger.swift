@@ -187,13 +187,33 @@ public enum Ledger {
             text.raw(" context=")
             for (position, attribute) in i.attributes.sorted(by: { $0.key < $1.key }).enumerated() {
                 if position > 0 { text.raw(",") }
-                text.unescaped(attribute.key)
+                contextField(attribute.key, &text)
                 text.raw("=")
-                text.unescaped(attribute.value)
+                contextField(attribute.value, &text)
             }
         }
         return String(decoding: text.bytes, as: UTF8.self)
     }
+
+    /// A context name or value in the audit text: a space, ',', '=', '%'
+    /// or control character is written as '%' and two hex digits, so that
+    /// a value (a platform claim, say a workflow's name) cannot pass for
+    /// more fields of the record.
+    static func contextField(_ field: String, _ text: inout JSONText.Builder) {
+        func plain(_ byte: UInt8) -> Bool { byte > 0x20 && byte != 0x7F && byte != 0x2C && byte != 0x3D && byte != 0x25 }
+        guard !field.utf8.allSatisfy(plain) else { return text.unescaped(field) }
+        var escaped: [UInt8] = []
+        for byte in field.utf8 {
+            if plain(byte) {
+                escaped.append(byte)
+            } else {
+                escaped += [0x25, hexDigit(byte >> 4), hexDigit(byte & 0x0F)]
+            }
+        }
+        text.unescaped(String(decoding: escaped, as: UTF8.self))
+    }
+
+    private static func hexDigit(_ value: UInt8) -> UInt8 { value < 10 ? 0x30 + value : 0x41 + value - 10 }
 
     private static func execute(_ command: LedgerCommand, _ index: LogIndex, _ tables: inout some LedgerTables) throws -> LedgerOutcome.Result {
         if let reason = command.invalidReason { return .rejected(reason) }
@@ -321,7 +341,9 @@ public enum Ledger {
     private static func issue(_ issuance: Issuance, _ now: UInt64, _ index: LogIndex, _ tables: inout some LedgerTables) throws -> LedgerOutcome.Result {
         if !issuance.idempotencyKey.isEmpty, let earlier = try tables.document(named: AuthorityDocuments.idempotency(issuance.idempotencyKey)),
            let recorded = CanonicalJSON.decode(IdempotentAnswer.self, earlier.content) {
-            guard recorded.evidence == issuance.evidence else { return .rejected("the idempotency key was used with other evidence") }
+            guard recorded.evidence == issuance.evidence, recorded.kind == issuance.kind else {
+                return .rejected("the idempotency key was used with other evidence or for the other kind of identity")
+            }
             return .issued(artifact: Array(recorded.artifact), replayed: true)
         }
         guard let active = try tables.activeAuthority(), JSONText.isQuoted(active, issuance.authority) else {
@@ -335,7 +357,11 @@ public enum Ledger {
             guard try tables.document(named: name) == nil else { return .rejected("the platform token was already used") }
             try tables.put(Document(name: name, format: .json, content: Array(JSONText.object(["serial": issuance.serial]).utf8), version: 1,
                                     logIndex: index))
-            try forget(AuthorityDocuments.platformTokensPrefix, before: now, &tables)
+            // Kept a while past their expiry: commands' times come from
+            // whichever node leads, and one whose clock is behind would
+            // take a token forgotten at a later time for unexpired.
+            try forget(AuthorityDocuments.platformTokensPrefix, before: now > AuthorityDocuments.platformTokenKeptMillis ? now - AuthorityDocuments.platformTokenKeptMillis : 0,
+                       &tables)
         } else if issuance.tokenHash.isEmpty {
             let document = try tables.document(named: AuthorityDocuments.revocations)
             let rules = document.flatMap { CanonicalJSON.decode(RevocationList.self, $0.content) }

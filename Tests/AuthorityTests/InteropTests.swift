@@ -90,7 +90,10 @@ struct InteropTests {
         _ = try X509Authority.publicKey(fromCSR: try makeCSR("p384", ["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-384"]))
         _ = try X509Authority.publicKey(fromCSR: try makeCSR("rsa2048", ["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"]))
         for (name, arguments, code) in [("rsa1024", ["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:1024"], "weak_key"),
-                                        ("ed25519", ["-algorithm", "ED25519"], "unsupported_key")] {
+                                        ("ed25519", ["-algorithm", "ED25519"], "unsupported_key"),
+                                        ("p521", ["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-521"], "unsupported_key"),
+                                        ("secp256k1", ["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:secp256k1"], "unsupported_key"),
+                                        ("brainpool", ["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:brainpoolP256r1"], "unsupported_key")] {
             do {
                 _ = try X509Authority.publicKey(fromCSR: try makeCSR(name, arguments))
                 Issue.record("\(name) was accepted")

@@ -110,6 +110,15 @@ struct ClockSkewTests {
             let claims = Data(base64Encoded: base64).flatMap { try? JSONSerialization.jsonObject(with: $0) as? [String: Any] }
             let issuedAt = (claims?["iat"] as? NSNumber)?.doubleValue ?? 0
             #expect(abs(issuedAt - Date().timeIntervalSince1970) < 30, "iat \(issuedAt) is not the cluster's time")
+            // A revocation asked at the skewed node is passed to the leader and stamped with its time, not the skewed one.
+            let revoked = try await cluster.client.request(at: cluster.endpointIndex(of: victim), .POST, "/v1/revocations",
+                                                           headers: [("content-type", "application/json")],
+                                                           body: Array(#"{"spiffe_id": "spiffe://warrant.local/ci/clock", "reason": "skew test"}"#.utf8))
+            #expect(revoked.status == .ok, "\(revoked.status) \(revoked.text.prefix(300))")
+            let rules = (try? JSONSerialization.jsonObject(with: Data(revoked.body)) as? [String: Any])?["revocations"] as? [[String: Any]] ?? []
+            let stamped = rules.first { $0["value"] as? String == "spiffe://warrant.local/ci/clock" }?["revoked_at"] as? String ?? ""
+            let stampedAt = ISO8601DateFormatter().date(from: stamped)?.timeIntervalSince1970 ?? 0
+            #expect(abs(stampedAt - Date().timeIntervalSince1970) < 30, "the rule is stamped \(stamped), not the cluster's time")
         }
     }
 

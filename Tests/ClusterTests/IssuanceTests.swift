@@ -54,11 +54,17 @@ struct IssuanceTests {
             let longID = try await anonymous.request(.POST, "/v1/svid/x509", headers: [("content-type", "application/json"),
                                                                                        ("warrant-request-id", String(repeating: "r", count: 129))],
                                                      body: json(["token": token, "csr": csr]))
-            #expect(longID.status == .badRequest && longID.text.contains("request id is longer than 128 bytes"), "\(longID.text)")
+            #expect(longID.status == .badRequest && longID.text.contains("bad_request_id"), "\(longID.text)")
+            // Nor one that would put separators into the audit text.
+            let forgedID = try await anonymous.request(.POST, "/v1/svid/x509", headers: [("content-type", "application/json"),
+                                                                                         ("warrant-request-id", "x context=repository=acme/prod")],
+                                                       body: json(["token": token, "csr": csr]))
+            #expect(forgedID.status == .badRequest && forgedID.text.contains("bad_request_id"), "\(forgedID.text)")
 
             // Issued through a follower; the leader signed it.
             let request = json(["token": token, "csr": csr, "idempotency_key": "build-42"])
-            let issued = try await anonymous.request(.POST, "/v1/svid/x509", headers: [("content-type", "application/json")], body: request)
+            let issued = try await anonymous.request(.POST, "/v1/svid/x509", headers: [("content-type", "application/json"), ("warrant-request-id", "ci-run.42:a_b")],
+                                                     body: request)
             #expect(issued.status == .ok, "\(issued.text)")
             #expect(issued.headers.first(name: "warrant-leader") == String(leader))
             let body = object(issued)
@@ -73,6 +79,15 @@ struct IssuanceTests {
             // Retried with the same key: the same certificate, not a second one.
             let again = try await anonymous.request(.POST, "/v1/svid/x509", headers: [("content-type", "application/json")], body: request)
             #expect(again.status == .ok && object(again)["serial"] as? String == serial && object(again)["replayed"] as? Bool == true)
+            // The same token and key asking for a JWT-SVID: a conflict, not the certificate's bytes as a token.
+            let otherKind = try await anonymous.request(.POST, "/v1/svid/jwt", headers: [("content-type", "application/json")],
+                                                        body: json(["token": token, "audience": ["x"], "idempotency_key": "build-42"]))
+            #expect(otherKind.status == .conflict && otherKind.text.contains("idempotency_conflict"), "\(otherKind.status) \(otherKind.text)")
+            // What the answer keeps for a retry is listed but not served, even to an admin.
+            let kept = object(try await admin.request(.GET, "/v1/documents?prefix=authority/idempotency/"))["documents"] as? [[String: Any]] ?? []
+            let keptName = try #require(kept.first?["name"] as? String, "\(kept)")
+            let withheld = try await admin.request(.GET, "/v1/documents/\(keptName)")
+            #expect(withheld.status == .forbidden && withheld.text.contains("withheld"), "\(withheld.status) \(withheld.text)")
             // Without the key the token is spent.
             let reuse = try await anonymous.request(.POST, "/v1/svid/x509", headers: [("content-type", "application/json")],
                                                     body: json(["token": token, "csr": csr]))
@@ -94,13 +109,16 @@ struct IssuanceTests {
                 denials = records.filter { $0["action"] as? String == "identity.deny" }
                 return denials.count >= 5
             }, "denials: \(denials)")
-            for code in ["bad_csr", "bad_ttl", "invalid_token", "token_used", "bad_request: request id"] {
+            for code in ["bad_csr", "bad_ttl", "invalid_token", "token_used", "bad_request_id"] {
                 #expect(denials.contains { ($0["result"] as? String ?? "").contains(code) }, "no denial record for \(code): \(denials)")
             }
             let audit = object(try await admin.request(.GET, "/v1/audit?limit=1000"))
             let records = audit["records"] as? [[String: Any]] ?? []
             let issuances = records.filter { $0["action"] as? String == "identity.issue" }
             #expect(issuances.count == 1 && (issuances.first?["result"] as? String)?.contains("serial=\(serial)") == true, "\(issuances)")
+            // The client's request id, and the node's own after it (so that no other request shares it).
+            let requestField = (issuances.first?["result"] as? String ?? "").split(separator: " ").first { $0.hasPrefix("request=") } ?? ""
+            #expect(requestField.hasPrefix("request=ci-run.42:a_b/") && requestField.count == "request=ci-run.42:a_b/".count + 36, "\(requestField)")
             #expect(!records.contains { ($0["result"] as? String ?? "").contains(token) }, "the token secret reached the audit log")
         }
     }

@@ -115,7 +115,7 @@ struct AuthorityLedgerTests {
         #expect(book.apply(.putDocument(name: "authorityx/ok", format: .json, content: Array("{}".utf8), expectedVersion: nil), at: 3_000) == .written(version: 1))
     }
 
-    @Test("Revocation rules match by serial, SPIFFE ID or attribute, only identities issued at or before them, and block renewal of what they cover")
+    @Test("Revocation rules match by serial (whenever issued), SPIFFE ID or attribute (only identities issued at or before them), and block renewal of what they cover")
     func revocation() throws {
         let rule = Revocation(kind: .attribute, value: "repository=acme/api", reason: "", revokedAtMillis: 5_000)
         #expect(rule.matches(serial: "aa", spiffeID: "spiffe://x/y", attributes: ["repository": "acme/api"], issuedAtMillis: 5_000))
@@ -127,6 +127,11 @@ struct AuthorityLedgerTests {
         #expect(serialRule.matches(serial: "A1B", spiffeID: "spiffe://x/y", attributes: [:], issuedAtMillis: 1))
         #expect(serialRule.matches(serial: "ff", spiffeID: "spiffe://x/y", attributes: ["lineage": "00a1b"], issuedAtMillis: 1))
         #expect(!serialRule.matches(serial: "ff", spiffeID: "spiffe://x/y", attributes: ["lineage": "a1c"], issuedAtMillis: 1))
+        // Stamped by a clock behind the signer's: the serial it names is covered all the same (an ID or attribute rule is not).
+        #expect(serialRule.matches(serial: "a1b", spiffeID: "spiffe://x/y", attributes: [:], issuedAtMillis: 9_000))
+        #expect(serialRule.matches(serial: "ff", spiffeID: "spiffe://x/y", attributes: ["parent": "a1b"], issuedAtMillis: 9_000))
+        #expect(!Revocation(kind: .spiffeID, value: "spiffe://x/y", reason: "", revokedAtMillis: 5_000)
+            .matches(serial: "a1b", spiffeID: "spiffe://x/y", attributes: [:], issuedAtMillis: 9_000))
         #expect(Revocation(kind: .attribute, value: "novalue", reason: "").invalidReason != nil)
 
         var book = try initialized()
@@ -173,6 +178,11 @@ struct AuthorityLedgerTests {
         answered.tokenHash = tokenExpiring(1, at: 10_000).hash
         answered.idempotencyKey = String(repeating: "a", count: 64)
         #expect(book.apply(.recordIssuance(answered), at: 2_000) == .issued(artifact: [1, 2, 3], replayed: false))
+        // The same key and evidence asking for the other kind of identity: refused, not answered with this one.
+        var otherKind = answered
+        otherKind.kind = .jwt
+        #expect(book.apply(.recordIssuance(otherKind), at: 2_001) == .rejected("the idempotency key was used with other evidence or for the other kind of identity"))
+        #expect(book.apply(.recordIssuance(answered), at: 2_001) == .issued(artifact: [1, 2, 3], replayed: true))
         // Expired, not yet forgotten: refused as expired.
         var late = issuance(51, authority: "old", issuedAt: 20_000, notAfter: 90_000)
         late.tokenHash = tokenExpiring(2, at: 10_000).hash
@@ -281,6 +291,13 @@ struct PlatformTokenLedgerTests {
         // Once both tokens expired, issuing forgets them (two per issuance).
         #expect(book.apply(.recordIssuance(platform(5, key: String(repeating: "c", count: 64), expires: 900_000)), at: 500_000) == .issued(artifact: [5], replayed: false))
         #expect(consumed() == [AuthorityDocuments.platformToken(expiresAtMillis: 900_000, replayKey: String(repeating: "c", count: 64))])
+        // A used token is remembered for a minute past its expiry: a leader whose clock is seconds behind the one
+        // that last forgot tokens must still find it used.
+        let e = String(repeating: "e", count: 64)
+        #expect(book.apply(.recordIssuance(platform(8, key: e, expires: 600_000)), at: 500_001) == .issued(artifact: [8], replayed: false))
+        #expect(book.apply(.recordIssuance(platform(9, key: String(repeating: "f", count: 64), expires: 900_000)), at: 600_001)
+                == .issued(artifact: [9], replayed: false))
+        #expect(book.apply(.recordIssuance(platform(10, key: e, expires: 600_000)), at: 599_000) == .rejected("the platform token was already used"))
         // Two kinds of evidence, or a malformed key, are refused before anything is read.
         var both = platform(6, key: String(repeating: "d", count: 64), expires: 900_000)
         both.tokenHash = String(repeating: "1", count: 64)

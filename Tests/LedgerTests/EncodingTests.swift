@@ -131,7 +131,12 @@ struct LedgerEncodingTests {
         func reference(_ i: Issuance, _ replayed: Bool, _ requestID: String) -> String {
             let evidence = !i.platformReplayKey.isEmpty ? "platform_token=\(i.platformReplayKey.prefix(16))"
                 : i.tokenHash.isEmpty ? "renewed_from=\(i.renewedFrom)" : "token=\(i.tokenHash.prefix(16))"
-            let context = i.attributes.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ",")
+            // Separators and spaces in names and values percent-encoded (upper-case hex), everything else as it is.
+            func field(_ text: String) -> String {
+                text.unicodeScalars.map { " ,=%\u{7F}".unicodeScalars.contains($0) || $0.value < 0x20
+                    ? String(format: "%%%02X", $0.value) : String($0) }.joined()
+            }
+            let context = i.attributes.sorted { $0.key < $1.key }.map { "\(field($0.key))=\(field($0.value))" }.joined(separator: ",")
             return (replayed ? "replayed" : "ok") + ": \(i.kind == .x509 ? "x509" : "jwt") serial=\(i.serial) sha256=\(i.fingerprint) ttl=\(i.ttlSeconds)s"
                 + " not_after=\(i.notAfterMillis) \(evidence) authority=\(i.authority) node=\(i.node) request=\(requestID)"
                 + (context.isEmpty ? "" : " context=\(context)")
@@ -148,6 +153,11 @@ struct LedgerEncodingTests {
         issuance.platformReplayKey = String(repeating: "7", count: 64)
         issuance.attributes = ["sha": "abc"]
         cases.append(issuance)
+        // A value that would pass for more fields, and other separators.
+        issuance.attributes = ["workflow": "deploy context=repository=acme/prod", "a,b": "x=y", "pct": "50%", "tab": "a\tb", "é": "ü ü"]
+        cases.append(issuance)
+        #expect(Ledger.issuedText(issuance, replayed: false, requestID: "r").hasSuffix(
+            " context=a%2Cb=x%3Dy,pct=50%25,tab=a%09b,workflow=deploy%20context%3Drepository%3Dacme/prod,é=ü%20ü"))
         for i in cases {
             for replayed in [false, true] {
                 #expect(Ledger.issuedText(i, replayed: replayed, requestID: "req-1") == reference(i, replayed, "req-1"))

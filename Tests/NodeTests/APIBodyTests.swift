@@ -139,3 +139,23 @@ struct CRLNumberTests {
         #expect(Array(before[8...]) == withUnsafeBytes(of: UInt64(1_800_000_000).bigEndian) { Array($0) })
     }
 }
+
+@Suite("Lifetimes bounded at signing")
+struct LifetimeTests {
+    @Test("An identity deriving from one that ends is cut to end with it when signed, and refused when under a second is left")
+    func cut() throws {
+        let now = Date(timeIntervalSince1970: 1_800_000_000.25)
+        #expect(try NodeAPI.lifetime(600, until: nil, now: now) == 600)
+        #expect(try NodeAPI.lifetime(600, until: now.addingTimeInterval(30.9), now: now) == 30)
+        #expect(try NodeAPI.lifetime(20, until: now.addingTimeInterval(30.9), now: now) == 20)
+        #expect(try NodeAPI.lifetime(600, until: now.addingTimeInterval(1), now: now) == 1)
+        for late in [0.5, 0, -10] {
+            do {
+                _ = try NodeAPI.lifetime(600, until: now.addingTimeInterval(late), now: now)
+                Issue.record("signed past its end (\(late) s left)")
+            } catch let error as APIError {
+                #expect(error.status == .forbidden && error.code == "expired", "\(error)")
+            }
+        }
+    }
+}

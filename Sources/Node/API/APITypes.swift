@@ -271,6 +271,27 @@ enum RequestID {
         format(prefix: prefix, count: counter.add(1, ordering: .relaxed).newValue)
     }
 
+    /// The longest `warrant-request-id` a client may send.
+    static let clientBytesMax = 64
+
+    /// A command's request id for `request`: the client's
+    /// `warrant-request-id` (1 to 64 letters, digits, '.', '_', ':' or
+    /// '-'), then '/' and an id of this node's own. Never the client's
+    /// alone: a follower that hands a write to the leader through Raft
+    /// knows its outcome by this id, so no other request (another client
+    /// sending the same header, to any node) may share it; and the audit
+    /// text, which shows it, must not take spaces or separators from a
+    /// client.
+    static func forCommand(_ request: HTTPRequest) throws -> String {
+        guard let client = request.headers.first(name: "warrant-request-id") else { return make() }
+        guard (1...clientBytesMax).contains(client.utf8.count),
+              client.utf8.allSatisfy({ (0x30...0x39).contains($0) || (0x41...0x5A).contains($0) || (0x61...0x7A).contains($0) || ".-_:".utf8.contains($0) }) else {
+            throw APIError(status: .badRequest, code: "bad_request_id",
+                           message: "warrant-request-id must be 1 to \(clientBytesMax) letters, digits, '.', '_', ':' or '-'")
+        }
+        return client + "/" + make()
+    }
+
     /// The sixteen bytes (prefix then count, big-endian) as UUID text,
     /// 8-4-4-4-12 uppercase hex digits as `UUID.uuidString` writes them
     /// (which formats through sprintf: a hundredth of answering an issuance).

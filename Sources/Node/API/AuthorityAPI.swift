@@ -282,7 +282,8 @@ extension NodeAPI {
 
     /// Checks the token (and replays an earlier answer for the same
     /// idempotency key) before anything is signed.
-    private func admit(token secret: String, idempotencyKey: String?, ttlSeconds: UInt32?) async throws -> (hash: String, token: JoinToken, ttl: UInt32, earlier: IdempotentAnswer?) {
+    private func admit(token secret: String, idempotencyKey: String?, ttlSeconds: UInt32?,
+                       kind: Issuance.Kind) async throws -> (hash: String, token: JoinToken, ttl: UInt32, earlier: IdempotentAnswer?) {
         guard let authority else { throw APIError.unavailable("no_authority", "this node runs without an authority") }
         guard !secret.isEmpty, secret.utf8.count <= 256 else { throw APIError(status: .unauthorized, code: "invalid_token", message: "the join token is missing or malformed") }
         if let key = idempotencyKey {
@@ -294,6 +295,10 @@ extension NodeAPI {
         guard let token else { throw APIError(status: .unauthorized, code: "invalid_token", message: "unknown join token") }
         if let earlier = earlierAnswer {
             guard earlier.evidence == hash else { throw APIError(status: .conflict, code: "idempotency_conflict", message: "the idempotency key was used with another token") }
+            guard earlier.kind == kind else {
+                throw APIError(status: .conflict, code: "idempotency_conflict",
+                               message: "the idempotency key was used for \(earlier.kind == .x509 ? "an X509-SVID" : "a JWT-SVID")")
+            }
             return (hash, token, token.ttlMaxSeconds, earlier)
         }
         guard !token.used else { throw APIError(status: .forbidden, code: "token_used", message: "the join token was already used") }
@@ -314,7 +319,7 @@ extension NodeAPI {
         if issuance.idempotencyKey.isEmpty { issuance.artifact = [] }
         let actor = actor ?? (issuance.tokenHash.isEmpty ? Self.actor(of: request) : "token:" + UTF8Text.prefix(issuance.tokenHash, bytes: 16))
         let command = LedgerCommand(timeMillis: UInt64(Date().timeIntervalSince1970 * 1000), actor: actor,
-                                    requestID: request.headers.first(name: "warrant-request-id") ?? RequestID.make(), operation: .recordIssuance(consume issuance))
+                                    requestID: try RequestID.forCommand(request), operation: .recordIssuance(consume issuance))
         // The driver's write checks the command (a request id too long, say).
         let (outcome, _) = try await driver.write(command)
         switch outcome.result {
@@ -333,7 +338,7 @@ extension NodeAPI {
         let leadership = await driver.awaitLeadership()
         guard leadership.isLeader else { return try await forwardToLeader(request, leaderHint: leadership.leaderID) }
         let keys = try requireKeys()
-        let admitted = try await admit(token: body.token, idempotencyKey: body.idempotencyKey, ttlSeconds: body.ttlSeconds)
+        let admitted = try await admit(token: body.token, idempotencyKey: body.idempotencyKey, ttlSeconds: body.ttlSeconds, kind: .x509)
         if let earlier = admitted.earlier { return try x509Response(replaying: Array(earlier.artifact), keys: keys) }
         let publicKey = try Self.csrKey(body.csr)
         let spiffeID = try Self.spiffeID(admitted.token.spiffeID, trustDomain: keys.x509.trustDomain)
@@ -353,15 +358,21 @@ extension NodeAPI {
     /// `template`'s evidence, SPIFFE ID, TTL, attributes and idempotency
     /// key. If a rotation commits first, the ledger refuses it and it is
     /// signed again by the new authority.
+    ///
+    /// `until` bounds it when it derives from an identity or evidence that
+    /// ends (a renewal, a step): checked when it is signed, after any wait
+    /// for a leader or a signing again, not only when the request came.
     func signAndRecordX509(_ template: Issuance, spiffeID: SpiffeID, publicKey: RequestedKey, serial: Certificate.SerialNumber?,
-                           keys: AuthorityService.Keys, actor: String?, _ request: HTTPRequest) async throws -> HTTPResponse {
+                           keys: AuthorityService.Keys, actor: String?, until: Date? = nil, _ request: HTTPRequest) async throws -> HTTPResponse {
         try clock.requireAgreement()
         try requireRoomForIdentity()
         var keys = keys
         for attempt in 0..<2 {
-            let issued = try Self.signX509(keys, spiffeID: spiffeID, publicKey: publicKey, ttl: TimeInterval(template.ttlSeconds),
+            let ttl = try Self.lifetime(template.ttlSeconds, until: until)
+            let issued = try Self.signX509(keys, spiffeID: spiffeID, publicKey: publicKey, ttl: TimeInterval(ttl),
                                            attributes: template.attributes, serial: serial)
             var issuance = template
+            issuance.ttlSeconds = ttl
             issuance.serial = issued.serialHex
             issuance.fingerprint = issued.fingerprintSHA256
             issuance.issuedAtMillis = Self.millis(issued.notValidBefore) + UInt64(X509Authority.backdate * 1000)
@@ -377,6 +388,17 @@ extension NodeAPI {
             }
         }
         throw APIError.unavailable("authority_rotated", "the authority rotated twice while issuing; retry")
+    }
+
+    /// `ttl`, cut to end by `until` (whole seconds from `now`); refused
+    /// (403 `expired`) when less than a second is left.
+    static func lifetime(_ ttl: UInt32, until: Date?, now: Date = Date()) throws -> UInt32 {
+        guard let until else { return ttl }
+        let left = until.timeIntervalSince(now).rounded(.down)
+        guard left >= 1 else {
+            throw APIError(status: .forbidden, code: "expired", message: "what this identity derives from ended at \(iso(until)), before it could be signed")
+        }
+        return UInt32(min(Double(ttl), left))
     }
 
     /// The public key of a PEM CSR whose signature verifies (proof of possession).
@@ -503,7 +525,8 @@ extension NodeAPI {
                                 renewedIssuedAtMillis: Self.millis(current.notBefore) + UInt64(X509Authority.backdate * 1000),
                                 idempotencyKey: body.idempotencyKey.map(AuthorityService.hash) ?? "", node: id, authority: "",
                                 attributes: current.attributes, artifact: [])
-        return try await signAndRecordJWT(template, spiffeID: current.spiffeID, audiences: body.audience, keys: keys, actor: nil, request)
+        return try await signAndRecordJWT(template, spiffeID: current.spiffeID, audiences: body.audience, keys: keys, actor: nil, until: current.notAfter,
+                                          request)
     }
 
     private func renewX509(_ request: HTTPRequest) async throws -> HTTPResponse {
@@ -533,7 +556,7 @@ extension NodeAPI {
         guard leadership.isLeader else { return try await forwardToLeader(request, leaderHint: leadership.leaderID) }
         let idempotencyKey = body.idempotencyKey.map(AuthorityService.hash) ?? ""
         if let key = body.idempotencyKey, let authority, let earlier = try authority.earlierAnswer(idempotencyKey: key) {
-            guard earlier.evidence == "renew:\(current.serialHex)" else {
+            guard earlier.evidence == "renew:\(current.serialHex)", earlier.kind == .x509 else {
                 throw APIError(status: .conflict, code: "idempotency_conflict", message: "the idempotency key was used with other evidence")
             }
             return try x509Response(replaying: Array(earlier.artifact), keys: keys)
@@ -543,7 +566,8 @@ extension NodeAPI {
                                 ttlSeconds: lifetime, tokenHash: "", renewedFrom: current.serialHex,
                                 renewedIssuedAtMillis: Self.millis(current.notBefore) + UInt64(X509Authority.backdate * 1000),
                                 idempotencyKey: idempotencyKey, node: id, authority: "", attributes: current.attributes, artifact: [])
-        return try await signAndRecordX509(template, spiffeID: current.spiffeID, publicKey: publicKey, serial: nil, keys: keys, actor: nil, request)
+        return try await signAndRecordX509(template, spiffeID: current.spiffeID, publicKey: publicKey, serial: nil, keys: keys, actor: nil,
+                                           until: Date(timeIntervalSince1970: evidenceExpires), request)
     }
 
     private func issueJWT(_ request: HTTPRequest) async throws -> HTTPResponse {
@@ -551,7 +575,7 @@ extension NodeAPI {
         let leadership = await driver.awaitLeadership()
         guard leadership.isLeader else { return try await forwardToLeader(request, leaderHint: leadership.leaderID) }
         let keys = try requireKeys()
-        let admitted = try await admit(token: body.token, idempotencyKey: body.idempotencyKey, ttlSeconds: body.ttlSeconds)
+        let admitted = try await admit(token: body.token, idempotencyKey: body.idempotencyKey, ttlSeconds: body.ttlSeconds, kind: .jwt)
         if let earlier = admitted.earlier { return try jwtResponse(Array(earlier.artifact), replayed: true) }
         let spiffeID = try Self.spiffeID(admitted.token.spiffeID, trustDomain: keys.jwt.trustDomain)
         let attributes = ["evidence": "join_token", "token": UTF8Text.prefix(admitted.hash, bytes: 16)]
@@ -563,23 +587,26 @@ extension NodeAPI {
 
     /// Signs a JWT-SVID with the active authority and records it with
     /// `template`'s evidence, TTL, attributes and idempotency key (signed
-    /// again by the new authority if a rotation commits first).
+    /// again by the new authority if a rotation commits first); never
+    /// past `until` (see `signAndRecordX509`).
     func signAndRecordJWT(_ template: Issuance, spiffeID: SpiffeID, audiences: [String], keys: AuthorityService.Keys, actor: String?,
-                          _ request: HTTPRequest) async throws -> HTTPResponse {
+                          until: Date? = nil, _ request: HTTPRequest) async throws -> HTTPResponse {
         try clock.requireAgreement()
         try requireRoomForIdentity()
         var keys = keys
         for attempt in 0..<2 {
             let now = Date(timeIntervalSince1970: Date().timeIntervalSince1970.rounded(.down))
+            let ttl = try Self.lifetime(template.ttlSeconds, until: until, now: now)
             let issued: IssuedJWT
             do {
-                issued = try keys.jwt.issue(spiffeID: spiffeID, audiences: audiences, ttl: TimeInterval(template.ttlSeconds),
+                issued = try keys.jwt.issue(spiffeID: spiffeID, audiences: audiences, ttl: TimeInterval(ttl),
                                             attributes: template.attributes, now: now, notAfter: keys.x509.notValidAfter, issuer: jwtIssuer)
             } catch let error as AuthorityError {
                 throw APIError(status: .badRequest, code: error.code, message: error.message)
             }
             let fingerprint = AuthorityService.hash(issued.bytes)
             var issuance = template
+            issuance.ttlSeconds = ttl
             issuance.serial = issued.serial
             issuance.fingerprint = fingerprint
             issuance.issuedAtMillis = Self.millis(now)
@@ -754,6 +781,12 @@ extension NodeAPI {
         }
         let rule = Revocation(kind: kind, value: value, reason: body.reason ?? "")
         if let reason = rule.invalidReason { throw APIError(status: .badRequest, code: "bad_revocation", message: reason) }
+        // Stamped by the leader, whose clock also stamps what it issues: a
+        // follower's clock, up to the skew bound behind, would leave the
+        // leader's last seconds of identities outside a SPIFFE ID or
+        // attribute rule.
+        let leadership = await driver.awaitLeadership()
+        guard leadership.isLeader else { return try await forwardToLeader(request, leaderHint: leadership.leaderID) }
         try clock.requireAgreement(.revocation)
         let (outcome, _) = try await driver.write(LedgerCommand(timeMillis: Self.millis(Date()), actor: Self.actor(of: request),
                                                                 requestID: RequestID.make(), operation: .revoke(rule)))

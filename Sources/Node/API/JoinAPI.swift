@@ -243,7 +243,8 @@ extension NodeAPI {
                                 renewedIssuedAtMillis: Self.millis(current.notBefore) + UInt64(X509Authority.backdate * 1000),
                                 idempotencyKey: body.idempotencyKey.map(AuthorityService.hash) ?? "", node: id, authority: "",
                                 attributes: attributes, artifact: [])
-        return try await signAndRecordX509(template, spiffeID: spiffeID, publicKey: publicKey, serial: serial, keys: keys, actor: nil, request)
+        return try await signAndRecordX509(template, spiffeID: spiffeID, publicKey: publicKey, serial: serial, keys: keys, actor: nil,
+                                           until: current.notAfter, request)
     }
 
     /// A step's command ended: its identity (presented) closes it in the
@@ -257,7 +258,7 @@ extension NodeAPI {
         }
         let body = try Self.decodeBody(CloseStepRequest.self, request, expected: "{\"exit_status\": N}")
         let command = LedgerCommand(timeMillis: UInt64(Date().timeIntervalSince1970 * 1000), actor: String("workload:\(current.spiffeID)".utf8.prefix(250)) ?? "workload",
-                                    requestID: request.headers.first(name: "warrant-request-id") ?? RequestID.make(),
+                                    requestID: try RequestID.forCommand(request),
                                     operation: .closeStep(spiffeID: current.spiffeID.description, serial: current.serialHex, exitStatus: body.exitStatus))
         if let reason = command.invalidReason { throw APIError.badRequest(reason) }
         let (outcome, _) = try await driver.write(command)

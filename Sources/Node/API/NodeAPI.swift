@@ -206,6 +206,11 @@ public final class NodeAPI: Sendable {
 
     private func readDocument(_ name: String, _ request: HTTPRequest) async throws -> HTTPResponse {
         if let reason = LedgerCommand.invalidName(name) { throw APIError.badRequest(reason) }
+        // What an idempotency answer keeps for the client that asked (a
+        // JWT-SVID is a bearer token) is not handed to anyone else.
+        guard !name.hasPrefix(AuthorityDocuments.idempotencyPrefix) else {
+            throw APIError(status: .forbidden, code: "withheld", message: "idempotency answers hold live identities (JWT-SVIDs are bearer tokens) and are not served")
+        }
         try await waitForConsistency(request)
         guard let document = try store.document(named: name) else { throw APIError.notFound("document '\(name)' does not exist") }
         return APIJSON.response(Self.body(document, withContent: true))
@@ -241,7 +246,7 @@ public final class NodeAPI: Sendable {
     /// the outcome and which node led.
     private func write(_ operation: LedgerCommand.Operation, name: String, _ request: HTTPRequest, warnings: [String]? = nil) async throws -> HTTPResponse {
         let command = LedgerCommand(timeMillis: UInt64(Date().timeIntervalSince1970 * 1000), actor: Self.actor(of: request),
-                                    requestID: request.headers.first(name: "warrant-request-id") ?? RequestID.make(), operation: operation)
+                                    requestID: try RequestID.forCommand(request), operation: operation)
         if let reason = command.invalidReason { throw APIError.badRequest(reason) }
         let (outcome, leader) = try await driver.write(command)
         var leaderHeader = [("warrant-leader", String(leader))]
