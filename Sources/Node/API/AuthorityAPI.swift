@@ -781,10 +781,9 @@ extension NodeAPI {
         }
         let rule = Revocation(kind: kind, value: value, reason: body.reason ?? "")
         if let reason = rule.invalidReason { throw APIError(status: .badRequest, code: "bad_revocation", message: reason) }
-        // Stamped by the leader, whose clock also stamps what it issues: a
-        // follower's clock, up to the skew bound behind, would leave the
-        // leader's last seconds of identities outside a SPIFFE ID or
-        // attribute rule.
+        // Passed to the leader, whose clock stamps the rule (as it stamps
+        // what it issues): a revocation is urgent, and is not refused
+        // because the node it reached has a clock that disagrees.
         let leadership = await driver.awaitLeadership()
         guard leadership.isLeader else { return try await forwardToLeader(request, leaderHint: leadership.leaderID) }
         try clock.requireAgreement(.revocation)
