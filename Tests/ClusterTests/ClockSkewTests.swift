@@ -16,7 +16,11 @@ struct ClockSkewTests {
             let directory = FileManager.default.temporaryDirectory.appendingPathComponent("warrant-clock-\(UUID().uuidString.prefix(8))").path
             defer { try? FileManager.default.removeItem(atPath: directory) }
             let cluster = try LocalProcessCluster(binary: binary, directory: directory, basePort: LocalProcessCluster.pickBasePort())
-            #expect(await cluster.waitForLeader(seconds: 20) != nil)
+            // A minute: at the start of a test run, suites of CPU-bound unit
+            // tests share the two cores with these three processes (a CI run
+            // saw an in-process cluster take 50 s to elect then, and this
+            // one not elect within 20 s).
+            #expect(await cluster.waitForLeader(seconds: 60) != nil)
             #expect(await cluster.waitUntilReady(), "\(cluster.notReadyReason())")
             do {
                 try await body(cluster, library)
