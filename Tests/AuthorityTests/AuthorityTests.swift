@@ -138,6 +138,27 @@ struct HexTests {
     }
 }
 
+@Suite("Serials")
+struct SerialTests {
+    @Test("Serials are 16 bytes, positive, never repeated, across many refills of the entropy pool; JWT serials are 32 hex digits")
+    func distinct() {
+        var seen = Set<[UInt8]>()
+        for _ in 0..<5_000 {
+            let bytes = X509Authority.randomSerialBytes()
+            #expect(bytes.count == 16 && bytes[0] & 0x80 == 0)
+            seen.insert(bytes)
+        }
+        #expect(seen.count == 5_000)
+        // Every bit position takes both values (the bytes are not stuck, zeroed or copied).
+        for bit in 1..<128 {
+            let ones = seen.filter { $0[bit / 8] & (0x80 >> UInt8(bit % 8)) != 0 }.count
+            #expect((2_000...3_000).contains(ones), "bit \(bit) set in \(ones) of 5,000")
+        }
+        let jti = JWTAuthority.randomSerial()
+        #expect(JWTAuthority.isSerial(jti) && jti != JWTAuthority.randomSerial())
+    }
+}
+
 @Suite("X509-SVIDs")
 struct X509SVIDTests {
     let ca: X509Authority
