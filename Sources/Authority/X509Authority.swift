@@ -123,7 +123,7 @@ public struct X509Authority: Sendable {
                 throw AuthorityError("weak_key", "RSA keys must have at least 2048 bits; this one has \(bits)")
             }
             // And keys on curves it does not know (secp256k1, brainpool).
-            if let spki = spkiDER(inCSR: der), spki.count < 1_024, contains(spki, idECPublicKey) {
+            if let spki = spkiDER(inCSR: der), spki.count < 1_024, contains(spki, idECPublicKey), !contains(spki, p256CurveOID), !contains(spki, p384CurveOID) {
                 throw AuthorityError("unsupported_key", "the CSR's key is on a curve not accepted here: use P-256 or P-384 (or RSA of 2048 bits or more)")
             }
             throw AuthorityError("bad_csr", "the CSR is not a DER PKCS#10 request: \(error)")
@@ -137,6 +137,10 @@ public struct X509Authority: Sendable {
 
     /// id-ecPublicKey (1.2.840.10045.2.1), as an encoded OID.
     static let idECPublicKey: [UInt8] = [0x06, 0x07, 0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x02, 0x01]
+    /// prime256v1 (1.2.840.10045.3.1.7) and secp384r1 (1.3.132.0.34): a CSR
+    /// on these that does not parse is malformed, not on another curve.
+    static let p256CurveOID: [UInt8] = [0x06, 0x08, 0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x03, 0x01, 0x07]
+    static let p384CurveOID: [UInt8] = [0x06, 0x05, 0x2B, 0x81, 0x04, 0x00, 0x22]
 
     static func contains(_ bytes: ArraySlice<UInt8>, _ pattern: [UInt8]) -> Bool {
         guard bytes.count >= pattern.count else { return false }

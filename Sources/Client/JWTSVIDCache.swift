@@ -7,13 +7,16 @@ import Synchronization
 /// each time (the cluster allows one identity line 100 at once and 20 a
 /// second).
 ///
-/// Each identity the agent takes starts a new generation and empties the
-/// cache. A token asked for under one generation and answered after the
-/// next has begun is not kept: a request in flight across a join again
-/// must not leave the old line's token to be handed out for the new one.
-public final class JWTSVIDCache: Sendable {
+/// It also holds the identity itself: each one the agent takes starts a
+/// new generation and empties the cache, in one step, and a caller reads
+/// the identity and its generation together. A token asked for under one
+/// generation and answered after the next has begun is not kept: a
+/// request in flight across a join again must not leave the old line's
+/// token to be handed out for the new one.
+public final class JWTSVIDCache<Identity: Sendable>: Sendable {
     private struct State {
         var generation: UInt64 = 0
+        var identity: Identity?
         var entries: [String: (token: String, reuseUntil: Date)] = [:]
     }
     private let state = Mutex(State())
@@ -26,18 +29,19 @@ public final class JWTSVIDCache: Sendable {
         self.entriesMax = entriesMax
     }
 
-    /// The generation a request about to be made belongs to (pass it to
-    /// `keep`).
-    public var generation: UInt64 { state.withLock { $0.generation } }
+    /// The identity held and its generation, read together (pass the
+    /// generation to `keep` for a token asked for with this identity).
+    public var current: (identity: Identity?, generation: UInt64) { state.withLock { ($0.identity, $0.generation) } }
 
     /// Audience sets held (for tests and metrics).
     public var count: Int { state.withLock { $0.entries.count } }
 
-    /// Starts a new generation for a new identity: nothing held before is
+    /// Takes `identity` in a new generation: nothing held before is
     /// handed out again.
-    public func replaceIdentity() {
+    public func replaceIdentity(_ identity: Identity) {
         state.withLock { state in
             state.generation &+= 1
+            state.identity = identity
             state.entries.removeAll()
         }
     }

@@ -32,7 +32,11 @@ public final class AuthorityService: Sendable {
         public let bundle: TrustBundle
         public let bundlePEM: String
         public let revocations: RevocationList
-        /// The revocation list document's version (0 without one).
+        /// The keyring document's version and the revocation list's (0
+        /// without one): replicated, the same on every node that applied
+        /// them (unlike the bundle's sequence, which also counts retired
+        /// authorities each node's clock has dropped).
+        public let keyringVersion: UInt64
         public let revocationsVersion: UInt64
         /// JWT-SVIDs whose signature verified under `bundle`'s keys: a
         /// relying service presents the same token on every call.
@@ -43,7 +47,8 @@ public final class AuthorityService: Sendable {
         public var jwt: JWTAuthority { active.jwt }
 
         init(active: Authority, published: [Authority], bundle: TrustBundle, bundlePEM: String, revocations: RevocationList,
-             revocationsVersion: UInt64) {
+             keyringVersion: UInt64, revocationsVersion: UInt64) {
+            self.keyringVersion = keyringVersion
             self.revocationsVersion = revocationsVersion
             self.active = active
             self.published = published
@@ -182,7 +187,7 @@ public final class AuthorityService: Sendable {
         // An unreadable list fails closed: no keys, so nothing verifies or issues.
         let revocations = try revocationsDocument.map { try JSONDecoder().decode(RevocationList.self, from: Data($0.content)) } ?? RevocationList()
         let keys = Keys(active: active, published: published, bundle: bundle, bundlePEM: try bundle.pem(), revocations: revocations,
-                        revocationsVersion: revocationsVersion)
+                        keyringVersion: document.version, revocationsVersion: revocationsVersion)
         let nextDrop = published.compactMap { $0.entry.state == .retired ? $0.entry.keepUntilMillis : nil }.min() ?? .max
         cache.withLock {
             $0 = Cache(keyringVersion: document.version, revocationsVersion: revocationsVersion, keys: keys, checked: .now,
@@ -243,7 +248,7 @@ public final class AuthorityService: Sendable {
         let now = Date()
         var pem = ""
         for authority in keys.published {
-            let number = Self.crlNumber(contentVersion: keys.bundle.sequence &+ keys.revocationsVersion, now: now)
+            let number = Self.crlNumber(contentVersion: keys.keyringVersion &+ keys.revocationsVersion, now: now)
             let der = try authority.x509.crl(revoked: revoked[authority.id] ?? [], number: number, now: now,
                                              nextUpdate: now.addingTimeInterval(Self.crlLifetime))
             pem += PEMDocument(type: "X509 CRL", derBytes: der).pemString + "\n"

@@ -3,17 +3,15 @@ import Authority
 import Client
 import Crypto
 import Foundation
-import Synchronization
 import WorkloadAPI
 
 /// What the Workload API serves, kept current by renewals.
 final class AgentIdentity: WorkloadIdentitySource {
     let options: JobOptions.Resolved
     let feed = WorkloadIdentityFeed()
-    private let job = Mutex<JobIdentity?>(nil)
     /// JWT-SVIDs issued for the current identity, handed out again until
     /// half their lifetime has passed; emptied when the identity is replaced.
-    private let jwtCache = JWTSVIDCache()
+    private let jwtCache = JWTSVIDCache<JobIdentity>()
 
     init(options: JobOptions.Resolved) {
         self.options = options
@@ -21,10 +19,9 @@ final class AgentIdentity: WorkloadIdentitySource {
 
     /// Takes a new identity: the Workload API streams push it.
     func update(_ identity: JobIdentity, key: P256.Signing.PrivateKey) async {
-        job.withLock { $0 = identity }
         // Tokens of the identity before (another line, after a join again)
         // are not handed out for this one.
-        jwtCache.replaceIdentity()
+        jwtCache.replaceIdentity(identity)
         let client = try? WarrantClient(endpoints: options.endpoints, caPEM: options.caPEM)
         let jwks = (try? await client?.request(.GET, "/v1/keys"))?.body ?? Array(#"{"keys":[]}"#.utf8)
         await client?.close()
@@ -43,10 +40,9 @@ final class AgentIdentity: WorkloadIdentitySource {
     }
 
     func jwtSVID(audiences: [String]) async throws -> String {
-        // The generation is read before the identity: a replacement after
-        // this point makes `keep` drop the answer.
-        let generation = jwtCache.generation
-        guard let current = job.withLock({ $0 }) else { throw JobFailure(description: "no identity yet") }
+        // Read together: a replacement after this point makes `keep` drop the answer.
+        let (held, generation) = jwtCache.current
+        guard let current = held else { throw JobFailure(description: "no identity yet") }
         if let cached = jwtCache.token(for: audiences, at: Date()) { return cached }
         let client = try WarrantClient(endpoints: options.endpoints, caPEM: options.caPEM, certificatePEM: current.certificatePEM, keyPEM: current.keyPEM)
         defer { Task { await client.close() } }

@@ -88,6 +88,18 @@ struct InteropTests {
         #expect(try issued.certificate.extensions.keyUsage == KeyUsage(digitalSignature: true))
         #expect(try !issued.certificate.subject.description.contains("evil"))
         _ = try X509Authority.publicKey(fromCSR: try makeCSR("p384", ["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-384"]))
+        // A P-256 request that does not parse (its signature's BIT STRING tag changed) is malformed, not on another curve.
+        var broken = try makeCSR("p256-broken", ["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"])
+        let signatureAlgorithm: [UInt8] = [0x30, 0x0A, 0x06, 0x08, 0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x04, 0x03, 0x02]
+        let at = try #require((0...(broken.count - signatureAlgorithm.count)).last { broken[$0..<($0 + signatureAlgorithm.count)].elementsEqual(signatureAlgorithm) })
+        #expect(broken[at + signatureAlgorithm.count] == 0x03)
+        broken[at + signatureAlgorithm.count] = 0x04
+        do {
+            _ = try X509Authority.publicKey(fromCSR: broken)
+            Issue.record("a request that does not parse was accepted")
+        } catch {
+            #expect(error.code == "bad_csr", "\(error)")
+        }
         _ = try X509Authority.publicKey(fromCSR: try makeCSR("rsa2048", ["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"]))
         for (name, arguments, code) in [("rsa1024", ["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:1024"], "weak_key"),
                                         ("ed25519", ["-algorithm", "ED25519"], "unsupported_key"),

@@ -9,8 +9,8 @@ import Testing
     let start = Date(timeIntervalSince1970: 1_800_000_000)
 
     @Test func reusedUntilHalfItsLifetime() {
-        let cache = JWTSVIDCache()
-        let generation = cache.generation
+        let cache = JWTSVIDCache<String>()
+        let generation = cache.current.generation
         #expect(cache.keep("t1", for: ["b", "a"], expiresAt: start + 600, now: start, generation: generation))
         // Order and repeats of the audiences do not matter; another set does.
         #expect(cache.token(for: ["a", "b"], at: start + 1) == "t1")
@@ -29,25 +29,29 @@ import Testing
     }
 
     @Test func nothingCarriedAcrossAnIdentity() {
-        let cache = JWTSVIDCache()
-        let first = cache.generation
+        let cache = JWTSVIDCache<String>()
+        cache.replaceIdentity("first")
+        let first = cache.current.generation
+        #expect(cache.current.identity == "first")
         cache.keep("old", for: ["aud"], expiresAt: start + 600, now: start, generation: first)
         // A request made for the first identity, answered after the second
         // was taken: its token is not kept for the second.
-        let inFlight = cache.generation
-        cache.replaceIdentity()
+        let inFlight = cache.current.generation
+        cache.replaceIdentity("second")
+        // The identity and its generation move together.
+        #expect(cache.current.identity == "second" && cache.current.generation != inFlight)
         #expect(cache.token(for: ["aud"], at: start + 1) == nil)
         #expect(cache.count == 0)
         #expect(!cache.keep("late", for: ["aud"], expiresAt: start + 600, now: start + 1, generation: inFlight))
         #expect(cache.token(for: ["aud"], at: start + 2) == nil)
         // A request made for the second identity is kept.
-        #expect(cache.keep("new", for: ["aud"], expiresAt: start + 600, now: start + 2, generation: cache.generation))
+        #expect(cache.keep("new", for: ["aud"], expiresAt: start + 600, now: start + 2, generation: cache.current.generation))
         #expect(cache.token(for: ["aud"], at: start + 3) == "new")
     }
 
     @Test func bounded() {
-        let cache = JWTSVIDCache(entriesMax: 3)
-        let generation = cache.generation
+        let cache = JWTSVIDCache<String>(entriesMax: 3)
+        let generation = cache.current.generation
         cache.keep("short", for: ["s"], expiresAt: start + 10, now: start, generation: generation)
         cache.keep("a", for: ["a"], expiresAt: start + 600, now: start, generation: generation)
         cache.keep("b", for: ["b"], expiresAt: start + 600, now: start, generation: generation)

@@ -216,6 +216,9 @@ struct LifecycleTests {
             let revoked = try await admin.request(.POST, "/v1/revocations", headers: jsonHeaders,
                                                   body: json(["serial": r1Serial.uppercased(), "reason": "key leaked in a build log"]))
             #expect(revoked.status == .ok, "\(revoked.text)")
+            // The node that took it (a follower, which passed it to the leader) reflects it before answering.
+            let immediate = try await verdict(open, ["x509_chain": r1["certificate"] as? String ?? ""])
+            #expect(immediate["code"] as? String == "revoked", "read your writes where the revocation was asked: \(immediate)")
             for connection in [open, elsewhere] {
                 #expect(await eventually(seconds: 5) {
                     let answer = (try? await verdict(connection, ["x509_chain": r1["certificate"] as? String ?? ""])) ?? [:]

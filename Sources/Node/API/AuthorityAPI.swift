@@ -178,6 +178,8 @@ extension NodeAPI {
     /// and a denial like any other.
     func auditingDenials(_ request: HTTPRequest, _ body: () async throws -> HTTPResponse) async throws -> HTTPResponse {
         do {
+            // A malformed request id is refused before anything is signed.
+            _ = try RequestID.forCommand(request)
             return try await body()
         } catch {
             let error = error as? APIError ?? Self.apiError(for: error)
@@ -785,7 +787,17 @@ extension NodeAPI {
         // what it issues): a revocation is urgent, and is not refused
         // because the node it reached has a clock that disagrees.
         let leadership = await driver.awaitLeadership()
-        guard leadership.isLeader else { return try await forwardToLeader(request, leaderHint: leadership.leaderID) }
+        guard leadership.isLeader else {
+            let answer = try await forwardToLeader(request, leaderHint: leadership.leaderID)
+            // Read your writes here too: the leader answered once it
+            // applied the rule; this node's verification reflects it
+            // before the caller hears back.
+            if answer.status == .ok {
+                _ = try? await driver.linearizableReadIndex()
+                authority?.invalidate()
+            }
+            return answer
+        }
         try clock.requireAgreement(.revocation)
         let (outcome, _) = try await driver.write(LedgerCommand(timeMillis: Self.millis(Date()), actor: Self.actor(of: request),
                                                                 requestID: RequestID.make(), operation: .revoke(rule)))
