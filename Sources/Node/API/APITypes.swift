@@ -283,13 +283,19 @@ enum RequestID {
     /// text, which shows it, must not take spaces or separators from a
     /// client.
     static func forCommand(_ request: HTTPRequest) throws -> String {
-        guard let client = request.headers.first(name: "warrant-request-id") else { return make() }
+        guard let client = try client(request) else { return make() }
+        return client + "/" + make()
+    }
+
+    /// The client's `warrant-request-id`, if it sent one; refused if malformed.
+    static func client(_ request: HTTPRequest) throws -> String? {
+        guard let client = request.headers.first(name: "warrant-request-id") else { return nil }
         guard (1...clientBytesMax).contains(client.utf8.count),
               client.utf8.allSatisfy({ (0x30...0x39).contains($0) || (0x41...0x5A).contains($0) || (0x61...0x7A).contains($0) || ".-_:".utf8.contains($0) }) else {
             throw APIError(status: .badRequest, code: "bad_request_id",
                            message: "warrant-request-id must be 1 to \(clientBytesMax) letters, digits, '.', '_', ':' or '-'")
         }
-        return client + "/" + make()
+        return client
     }
 
     /// The sixteen bytes (prefix then count, big-endian) as UUID text,

@@ -179,7 +179,7 @@ extension NodeAPI {
     func auditingDenials(_ request: HTTPRequest, _ body: () async throws -> HTTPResponse) async throws -> HTTPResponse {
         do {
             // A malformed request id is refused before anything is signed.
-            _ = try RequestID.forCommand(request)
+            _ = try RequestID.client(request)
             return try await body()
         } catch {
             let error = error as? APIError ?? Self.apiError(for: error)
