@@ -293,14 +293,8 @@ extension NodeAPI {
         }
         // The ledger is in memory: these reads do not block.
         let (hash, token) = try authority.token(secret: secret)
-        let earlierAnswer = try idempotencyKey.flatMap { try authority.earlierAnswer(idempotencyKey: $0) }
         guard let token else { throw APIError(status: .unauthorized, code: "invalid_token", message: "unknown join token") }
-        if let earlier = earlierAnswer {
-            guard earlier.evidence == hash else { throw APIError(status: .conflict, code: "idempotency_conflict", message: "the idempotency key was used with another token") }
-            guard earlier.kind == kind else {
-                throw APIError(status: .conflict, code: "idempotency_conflict",
-                               message: "the idempotency key was used for \(earlier.kind == .x509 ? "an X509-SVID" : "a JWT-SVID")")
-            }
+        if let earlier = try earlierAnswer(idempotencyKey, evidence: hash, kind: kind) {
             return (hash, token, token.ttlMaxSeconds, earlier)
         }
         guard !token.used else { throw APIError(status: .forbidden, code: "token_used", message: "the join token was already used") }
@@ -390,6 +384,18 @@ extension NodeAPI {
             }
         }
         throw APIError.unavailable("authority_rotated", "the authority rotated twice while issuing; retry")
+    }
+
+    /// The answer kept under `idempotencyKey` (the caller's key, unhashed)
+    /// for the same evidence and kind of identity, to be replayed; nil
+    /// without a key or an answer; a 409 if the key was used otherwise.
+    func earlierAnswer(_ idempotencyKey: String?, evidence: String, kind: Issuance.Kind) throws -> IdempotentAnswer? {
+        guard let idempotencyKey, let authority, let earlier = try authority.earlierAnswer(idempotencyKey: idempotencyKey) else { return nil }
+        guard earlier.evidence == evidence, earlier.kind == kind else {
+            throw APIError(status: .conflict, code: "idempotency_conflict",
+                           message: "the idempotency key was used with other evidence or for the other kind of identity")
+        }
+        return earlier
     }
 
     /// `ttl`, cut to end by `until` (whole seconds from `now`); refused
@@ -515,11 +521,7 @@ extension NodeAPI {
         }
         let leadership = await driver.awaitLeadership()
         guard leadership.isLeader else { return try await forwardToLeader(request, leaderHint: leadership.leaderID) }
-        if let key = body.idempotencyKey, let authority,
-           let earlier = try authority.earlierAnswer(idempotencyKey: key) {
-            guard earlier.evidence == "renew:\(current.serialHex)", earlier.kind == .jwt else {
-                throw APIError(status: .conflict, code: "idempotency_conflict", message: "the idempotency key was used with other evidence")
-            }
+        if let earlier = try earlierAnswer(body.idempotencyKey, evidence: "renew:\(current.serialHex)", kind: .jwt) {
             return try jwtResponse(Array(earlier.artifact), replayed: true)
         }
         let template = Issuance(kind: .jwt, spiffeID: current.spiffeID.description, serial: "", fingerprint: "", issuedAtMillis: 0, notAfterMillis: 0,
@@ -557,10 +559,7 @@ extension NodeAPI {
         let leadership = await driver.awaitLeadership()
         guard leadership.isLeader else { return try await forwardToLeader(request, leaderHint: leadership.leaderID) }
         let idempotencyKey = body.idempotencyKey.map(AuthorityService.hash) ?? ""
-        if let key = body.idempotencyKey, let authority, let earlier = try authority.earlierAnswer(idempotencyKey: key) {
-            guard earlier.evidence == "renew:\(current.serialHex)", earlier.kind == .x509 else {
-                throw APIError(status: .conflict, code: "idempotency_conflict", message: "the idempotency key was used with other evidence")
-            }
+        if let earlier = try earlierAnswer(body.idempotencyKey, evidence: "renew:\(current.serialHex)", kind: .x509) {
             return try x509Response(replaying: Array(earlier.artifact), keys: keys)
         }
         let lifetime = UInt32(min(TimeInterval(ttl), remaining.rounded(.down)))

@@ -135,11 +135,7 @@ extension NodeAPI {
                                 authority: "", attributes: [:], artifact: [])
         template.platformReplayKey = verified.replayKey
         template.platformExpiresAtMillis = UInt64(verified.expiresAt) * 1000
-        if let key = idempotencyKey, let authority,
-           let earlier = try authority.earlierAnswer(idempotencyKey: key) {
-            guard earlier.evidence == template.evidence, earlier.kind == kind else {
-                throw APIError(status: .conflict, code: "idempotency_conflict", message: "the idempotency key was used with other evidence")
-            }
+        if let earlier = try earlierAnswer(idempotencyKey, evidence: template.evidence, kind: kind) {
             return AdmittedJoin(spiffeID: grant.spiffeID, template: template, actor: actor, earlier: earlier)
         }
         let ttlCap = min(grant.rule.ttlMaxSeconds, AuthorityService.ttlMaxSeconds)
@@ -221,11 +217,7 @@ extension NodeAPI {
         let publicKey = try Self.csrKey(body.csr)
         let leadership = await driver.awaitLeadership()
         guard leadership.isLeader else { return try await forwardToLeader(request, leaderHint: leadership.leaderID) }
-        if let key = body.idempotencyKey, let authority,
-           let earlier = try authority.earlierAnswer(idempotencyKey: key) {
-            guard earlier.evidence == "renew:\(current.serialHex)", earlier.kind == .x509 else {
-                throw APIError(status: .conflict, code: "idempotency_conflict", message: "the idempotency key was used with other evidence")
-            }
+        if let earlier = try earlierAnswer(body.idempotencyKey, evidence: "renew:\(current.serialHex)", kind: .x509) {
             return try x509Response(replaying: Array(earlier.artifact), keys: keys)
         }
         let serial = X509Authority.randomSerial()
