@@ -277,9 +277,14 @@ struct TCPTransportTests {
             one.send([append(0)])
             #expect(await eventually { inbox.all.count == 1 }, "the link is up")
             // Sent on the connection's loop (as a node's driver does): the
-            // first piece is written at once, the rest in later tasks.
-            loop.execute { one.send([snapshot(1)]) }
-            let midway = try await loop.submit { one.writing(to: 2, lane: .bulk) }.get()
+            // first piece is written at once, the rest in later tasks. The
+            // probe is queued by the same task, right behind the write: queued
+            // from this thread instead, it could land after the last piece
+            // when this thread is descheduled (a CI run saw that).
+            let midway = try await loop.flatSubmit {
+                one.send([snapshot(1)])
+                return loop.submit { one.writing(to: 2, lane: .bulk) }
+            }.get()
             #expect(midway, "a task queued behind the 6 MiB write ran before it was all written")
             // More, from the loop and from elsewhere, behind and between large ones.
             var expected = [append(0), snapshot(1)]
