@@ -168,7 +168,7 @@ public final class NodeServer: Sendable {
         http = try HTTPServer(group: networkGroup, identity: identity, clientRoots: {
             guard let keys = try? authority.keys() else { return nil }
             return (keys.bundle.sequence, keys.bundle.x509Authorities)
-        }) { request in await api.handle(request) }
+        }, refused: { request, refusal in api.refusedByServer(request, refusal) }) { request in await api.handle(request) }
     }
 
     /// Serves until SIGTERM or SIGINT (or `stop()`), then shuts down

@@ -60,6 +60,13 @@ struct IssuanceTests {
                                                                                          ("warrant-request-id", "x context=repository=acme/prod")],
                                                        body: json(["token": token, "csr": csr]))
             #expect(forgedID.status == .badRequest && forgedID.text.contains("bad_request_id"), "\(forgedID.text)")
+            // A body over the API's limit: refused by the HTTP server before
+            // any handler runs (the connection then closes), and audited too.
+            let fresh = try await cluster.connection(to: leader, admin: false)
+            let oversized = try await fresh.request(.POST, "/v1/svid/jwt", headers: [("content-type", "application/json")],
+                                                    body: [UInt8](repeating: UInt8(ascii: " "), count: (512 << 10) + 1))
+            await fresh.close()
+            #expect(oversized.status == .payloadTooLarge && oversized.text.contains("too_large"), "\(oversized.status) \(oversized.text)")
 
             // Issued through a follower; the leader signed it.
             let request = json(["token": token, "csr": csr, "idempotency_key": "build-42"])
@@ -107,9 +114,9 @@ struct IssuanceTests {
                 guard let response = try? await admin.request(.GET, "/v1/audit?limit=1000") else { return false }
                 let records = object(response)["records"] as? [[String: Any]] ?? []
                 denials = records.filter { $0["action"] as? String == "identity.deny" }
-                return denials.count >= 5
+                return denials.count >= 6
             }, "denials: \(denials)")
-            for code in ["bad_csr", "bad_ttl", "invalid_token", "token_used", "bad_request_id"] {
+            for code in ["bad_csr", "bad_ttl", "invalid_token", "token_used", "bad_request_id", "too_large"] {
                 #expect(denials.contains { ($0["result"] as? String ?? "").contains(code) }, "no denial record for \(code): \(denials)")
             }
             let audit = object(try await admin.request(.GET, "/v1/audit?limit=1000"))

@@ -50,7 +50,10 @@ struct HTTPServerTests {
         let ca = try ClusterCA.create(clusterID: "http-test")
         let identity = try ca.issueNodeIdentity(1, hosts: ["127.0.0.1"])
         let counters = Counters()
-        let server = try HTTPServer(group: group, identity: identity, limits: { var l = HTTPServerLimits(); l.requestBodyBytesMax = 1_000; return l }()) { request in
+        let server = try HTTPServer(group: group, identity: identity, limits: { var l = HTTPServerLimits(); l.requestBodyBytesMax = 1_000; return l }(),
+                                    refused: { request, error in
+                                        counters.refused.withLock { $0.append("\(request.method.rawValue) \(request.path) \(request.body.count) \(error.code)") }
+                                    }) { request in
             let now = counters.running.wrappingAdd(1, ordering: .relaxed).newValue
             counters.mostAtOnce.max(now)
             if let delay = request.query["delay"].flatMap(Int.init) { try? await Task.sleep(for: .milliseconds(delay)) }
@@ -77,6 +80,8 @@ struct HTTPServerTests {
         let running = Atomic<Int>(0)
         let handled = Atomic<Int>(0)
         let mostAtOnce = MaxCounter()
+        /// What the server refused itself: method, path, body size, error code.
+        let refused = Mutex<[String]>([])
     }
 
     final class MaxCounter: Sendable {
@@ -266,7 +271,7 @@ struct HTTPServerTests {
         }
     }
 
-    @Test("A body over the limit gets 413 too_large, the handler never sees it, and the connection closes")
+    @Test("A body over the limit gets 413 too_large, the handler never sees it (the refusal hook does, without the body), and the connection closes")
     func oversized() async throws {
         try await Self.withServer { server in
             let body = String(repeating: "x", count: 1_001)
@@ -277,6 +282,8 @@ struct HTTPServerTests {
             #expect(!answer.text.contains("/big"))
             #expect(!answer.text.contains("/next"))
             #expect(answer.closed)
+            #expect(server.handled == 0)
+            #expect(server.counters.refused.withLock { $0 } == ["POST /big 0 too_large"])
         }
     }
 

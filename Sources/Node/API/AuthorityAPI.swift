@@ -130,15 +130,15 @@ struct VerifyBody: Codable {
 extension NodeAPI {
     static let authorityRoutes: [Route] = [
         Route(method: .POST, template: "/v1/tokens", access: .admin),
-        Route(method: .POST, template: "/v1/svid/x509", access: .open),
-        Route(method: .POST, template: "/v1/svid/jwt", access: .open),
+        Route(method: .POST, template: "/v1/svid/x509", access: .open, auditsDenials: true),
+        Route(method: .POST, template: "/v1/svid/jwt", access: .open, auditsDenials: true),
         Route(method: .GET, template: "/v1/bundle", access: .open),
         Route(method: .GET, template: "/v1/bundle.pem", access: .open),
         Route(method: .GET, template: "/.well-known/openid-configuration", access: .open),
         Route(method: .GET, template: "/v1/keys", access: .open),
         Route(method: .POST, template: "/v1/verify", access: .open),
-        Route(method: .POST, template: "/v1/svid/x509/renew", access: .open),
-        Route(method: .POST, template: "/v1/svid/jwt/workload", access: .open),
+        Route(method: .POST, template: "/v1/svid/x509/renew", access: .open, auditsDenials: true),
+        Route(method: .POST, template: "/v1/svid/jwt/workload", access: .open, auditsDenials: true),
         Route(method: .GET, template: "/v1/federation/bundle", access: .open),
         Route(method: .GET, template: "/v1/crl.pem", access: .open),
         Route(method: .GET, template: "/v1/ca", access: .admin),
@@ -150,15 +150,15 @@ extension NodeAPI {
     func dispatchAuthority(_ route: Route, _ request: HTTPRequest) async throws -> HTTPResponse? {
         switch (route.method, route.template) {
         case (.POST, "/v1/tokens"): return try await createToken(request)
-        case (.POST, "/v1/svid/x509"): return try await auditingDenials(request) { try await issueX509(request) }
-        case (.POST, "/v1/svid/jwt"): return try await auditingDenials(request) { try await issueJWT(request) }
+        case (.POST, "/v1/svid/x509"): return try await issueX509(request)
+        case (.POST, "/v1/svid/jwt"): return try await issueJWT(request)
         case (.GET, "/v1/bundle"): return try bundleResponse { try $0.jwks() }
         case (.GET, "/v1/bundle.pem"): return try bundleResponse(type: "application/x-pem-file") { Array(try $0.pem().utf8) }
         case (.GET, "/.well-known/openid-configuration"): return try discovery(request)
         case (.GET, "/v1/keys"): return try bundleResponse { try $0.oidcJWKS() }
         case (.POST, "/v1/verify"): return try await verify(request)
-        case (.POST, "/v1/svid/x509/renew"): return try await auditingDenials(request) { try await renewX509(request) }
-        case (.POST, "/v1/svid/jwt/workload"): return try await auditingDenials(request) { try await issueWorkloadJWT(request) }
+        case (.POST, "/v1/svid/x509/renew"): return try await renewX509(request)
+        case (.POST, "/v1/svid/jwt/workload"): return try await issueWorkloadJWT(request)
         case (.GET, "/v1/federation/bundle"): return try bundleResponse { try $0.jwks() }
         case (.GET, "/v1/crl.pem"): return try crl()
         case (.GET, "/v1/ca"): return try authorities(action: nil, next: nil)
@@ -183,16 +183,27 @@ extension NodeAPI {
             return try await body()
         } catch {
             let error = error as? APIError ?? Self.apiError(for: error)
-            guard (400..<500).contains(Int(error.status.code)), error.code != "not_leader" else { throw error }
-            if let count = denials.admit() {
-                let driver = self.driver
-                let command = LedgerCommand(timeMillis: UInt64(Date().timeIntervalSince1970 * 1000), actor: Self.actor(of: request),
-                                            requestID: RequestID.make(),
-                                            operation: .recordDenial(reason: String(decoding: Array("\(error.code): \(error.message)".utf8.prefix(1_000)), as: UTF8.self), count: count))
-                Task { _ = try? await driver.write(command) }
-            }
+            recordDenial(error, of: request)
             throw error
         }
+    }
+
+    /// The HTTP server answered `request` itself with `error` (a body over
+    /// the limit, the body not kept): audited if the route's refusals are.
+    public func refusedByServer(_ request: HTTPRequest, _ error: APIError) {
+        guard let route = Self.match(request.method, request.path).route, route.auditsDenials else { return }
+        recordDenial(error, of: request)
+    }
+
+    /// Records a refusal (4xx, not a redirect to the leader) in the
+    /// background, within the denial limiter's rate.
+    private func recordDenial(_ error: APIError, of request: HTTPRequest) {
+        guard (400..<500).contains(Int(error.status.code)), error.code != "not_leader", let count = denials.admit() else { return }
+        let driver = self.driver
+        let command = LedgerCommand(timeMillis: UInt64(Date().timeIntervalSince1970 * 1000), actor: Self.actor(of: request),
+                                    requestID: RequestID.make(),
+                                    operation: .recordDenial(reason: String(decoding: Array("\(error.code): \(error.message)".utf8.prefix(1_000)), as: UTF8.self), count: count))
+        Task { _ = try? await driver.write(command) }
     }
 
     func requireKeys(fresh: Bool = false) throws -> AuthorityService.Keys {

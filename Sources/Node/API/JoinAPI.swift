@@ -62,11 +62,11 @@ struct JoinLintBody: Codable {
 
 extension NodeAPI {
     static let joinRoutes: [Route] = [
-        Route(method: .POST, template: "/v1/join", access: .open),
-        Route(method: .POST, template: "/v1/join/jwt", access: .open),
+        Route(method: .POST, template: "/v1/join", access: .open, auditsDenials: true),
+        Route(method: .POST, template: "/v1/join/jwt", access: .open, auditsDenials: true),
         Route(method: .POST, template: "/v1/join/explain", access: .admin),
         Route(method: .GET, template: "/v1/join/lint", access: .admin),
-        Route(method: .POST, template: "/v1/svid/x509/step", access: .open),
+        Route(method: .POST, template: "/v1/svid/x509/step", access: .open, auditsDenials: true),
         Route(method: .POST, template: "/v1/steps/close", access: .open),
     ]
 
@@ -75,11 +75,11 @@ extension NodeAPI {
 
     func dispatchJoin(_ route: Route, _ request: HTTPRequest) async throws -> HTTPResponse? {
         switch (route.method, route.template) {
-        case (.POST, "/v1/join"): return try await auditingDenials(request) { try await join(request) }
-        case (.POST, "/v1/join/jwt"): return try await auditingDenials(request) { try await joinJWT(request) }
+        case (.POST, "/v1/join"): return try await join(request)
+        case (.POST, "/v1/join/jwt"): return try await joinJWT(request)
         case (.POST, "/v1/join/explain"): return try await explainJoin(request)
         case (.GET, "/v1/join/lint"): return try lintJoin()
-        case (.POST, "/v1/svid/x509/step"): return try await auditingDenials(request) { try await issueStep(request) }
+        case (.POST, "/v1/svid/x509/step"): return try await issueStep(request)
         case (.POST, "/v1/steps/close"): return try await closeStep(request)
         default: return nil
         }

@@ -15,6 +15,9 @@ public struct Route: Sendable {
     /// Segments; `{name}` as the last one takes the rest of the path.
     public var template: String
     public var access: Access
+    /// An identity request: its refusals are audited (`identity.deny`),
+    /// those the HTTP server answers itself (a body over the limit) too.
+    public var auditsDenials = false
 }
 
 /// The node's HTTPS API: health, status, metrics, documents, audit,
@@ -125,7 +128,8 @@ public final class NodeAPI: Sendable {
                             message: "\(route.template) needs a client certificate from this cluster's CA (an admin certificate)").response
         }
         do {
-            return try await dispatch(route, parameter, request)
+            guard route.auditsDenials else { return try await dispatch(route, parameter, request) }
+            return try await auditingDenials(request) { try await dispatch(route, parameter, request) }
         } catch let error as APIError {
             return error.response
         } catch {

@@ -96,6 +96,9 @@ public struct HTTPServerLimits: Sendable {
 /// connection count.
 public final class HTTPServer: Sendable {
     public typealias Handler = @Sendable (HTTPRequest) async -> HTTPResponse
+    /// Told of a request the server refused itself, without its body (a
+    /// body over the limit), with the refusal, as it is answered.
+    public typealias Refused = @Sendable (HTTPRequest, APIError) -> Void
     /// More roots client certificates may chain to (the trust domain's
     /// published authorities, for workloads renewing), and a version that
     /// changes when they do.
@@ -110,17 +113,19 @@ public final class HTTPServer: Sendable {
     private let clusterID: String
     private let limits: HTTPServerLimits
     private let handler: Handler
+    private let refused: Refused?
     private let openConnections = ConnectionCount()
     private let channel = Mutex<(any Channel)?>(nil)
 
     public init(group: any EventLoopGroup, identity: NodeIdentity, limits: HTTPServerLimits = HTTPServerLimits(),
-                clientRoots: ClientRoots? = nil, handler: @escaping Handler) throws {
+                clientRoots: ClientRoots? = nil, refused: Refused? = nil, handler: @escaping Handler) throws {
         self.group = group
         self.identity = identity
         self.clusterID = identity.clusterID
         self.clusterCA = identity.caCertificate.subject
         self.limits = limits
         self.handler = handler
+        self.refused = refused
         self.clientRoots = clientRoots
         tls = try Self.context(identity, extraRoots: [])
     }
@@ -153,7 +158,7 @@ public final class HTTPServer: Sendable {
 
     /// Binds and starts serving; returns the bound address.
     public func start(at address: SocketAddress) async throws -> SocketAddress {
-        let limits = self.limits, handler = self.handler, clusterID = self.clusterID, clusterCA = self.clusterCA
+        let limits = self.limits, handler = self.handler, refused = self.refused, clusterID = self.clusterID, clusterCA = self.clusterCA
         // The generic handlers of requests here and of the node's own
         // connections to others (forwarding), made once before serving.
         prepareTypes(of: [ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes), maximumBufferSize: 1 << 20),
@@ -175,7 +180,8 @@ public final class HTTPServer: Sendable {
                     try sync.addHandler(IdleStateHandler(allTimeout: limits.idleTimeout))
                     // Bytes the decoder has not consumed, at most 1 MiB (it consumes as it parses).
                     try sync.addHandler(ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes), maximumBufferSize: 1 << 20))
-                    try sync.addHandler(RequestHandler(clusterID: clusterID, clusterCA: clusterCA, bodyBytesMax: limits.requestBodyBytesMax, handler: handler))
+                    try sync.addHandler(RequestHandler(clusterID: clusterID, clusterCA: clusterCA, bodyBytesMax: limits.requestBodyBytesMax,
+                                                         refused: refused, handler: handler))
                 }
             }
             .bind(to: address).get()
@@ -219,6 +225,7 @@ private final class RequestHandler: ChannelDuplexHandler {
     private let clusterCA: DistinguishedName
     private let bodyBytesMax: Int
     private let handler: HTTPServer.Handler
+    private let refused: HTTPServer.Refused?
     /// The request being received.
     private var receiving: Received?
     /// Requests received whole, not yet started (pipelined behind `answering`).
@@ -249,10 +256,11 @@ private final class RequestHandler: ChannelDuplexHandler {
         loopOfConnection = context.eventLoop
     }
 
-    init(clusterID: String, clusterCA: DistinguishedName, bodyBytesMax: Int, handler: @escaping HTTPServer.Handler) {
+    init(clusterID: String, clusterCA: DistinguishedName, bodyBytesMax: Int, refused: HTTPServer.Refused?, handler: @escaping HTTPServer.Handler) {
         self.clusterID = clusterID
         self.clusterCA = clusterCA
         self.bodyBytesMax = bodyBytesMax
+        self.refused = refused
         self.handler = handler
     }
 
@@ -299,8 +307,9 @@ private final class RequestHandler: ChannelDuplexHandler {
 
     private func start(_ received: Received, context: ChannelHandlerContext) {
         if received.tooLarge {
-            let response = APIError.payloadTooLarge("the request body is larger than \(bodyBytesMax) bytes").response
-            write(response, keepAlive: false, bodyless: false, context: context)
+            let refusal = APIError.payloadTooLarge("the request body is larger than \(bodyBytesMax) bytes")
+            refused?(makeRequest(received.head, body: [], context: context), refusal)
+            write(refusal.response, keepAlive: false, bodyless: false, context: context)
             return
         }
         answering = true
