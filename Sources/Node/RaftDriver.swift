@@ -29,6 +29,16 @@ public enum DriverError: Error, Sendable, Hashable, CustomStringConvertible {
     /// Too many proposals wait for the driver already.
     case overloaded(waiting: Int)
 
+    /// The write was never applied and never will be (no leader took it,
+    /// the core refused it, or the entry was replaced): trying it again
+    /// cannot apply it twice.
+    public var surelyNotApplied: Bool {
+        switch self {
+        case .notLeader, .lostLeadership, .overloaded, .raft: return true
+        case .invalidCommand, .timedOut, .outcomeUnknown, .stopped: return false
+        }
+    }
+
     public var description: String {
         switch self {
         case .notLeader(let hint): return hint == noNode ? "this node is not the leader and knows of none" : "this node is not the leader; node \(hint) is"

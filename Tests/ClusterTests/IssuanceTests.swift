@@ -130,6 +130,28 @@ struct IssuanceTests {
         }
     }
 
+    @Test("A refusal on a node that knows of no leader is still audited, once, when a leader is back: its record's write is tried again")
+    func denialOutlivesAnElection() async throws {
+        try await InProcessCluster.withReadyFollower { cluster, leader, follower, admin, anonymous in
+            for other in [UInt64(1), 2, 3] where other != follower { await cluster.stop(other) }
+            #expect(await eventually { await cluster.status(follower)?.leader == 0 }, "the follower still names a leader")
+            let refused = try await anonymous.request(.POST, "/v1/svid/jwt", headers: [("content-type", "application/json")], body: Array("{".utf8))
+            #expect(refused.status == .badRequest, "\(refused.status) \(refused.text)")
+            // The record's first write waits 2 s for a leader, then fails:
+            // the others come back only after that.
+            try await Task.sleep(for: .seconds(3))
+            for other in [UInt64(1), 2, 3] where other != follower { try cluster.start(other) }
+            var denials: [[String: Any]] = []
+            #expect(await eventually(seconds: 30) {
+                guard let response = try? await admin.request(.GET, "/v1/audit?limit=1000"), response.status == .ok else { return false }
+                denials = (object(response)["records"] as? [[String: Any]] ?? []).filter { $0["action"] as? String == "identity.deny" }
+                return !denials.isEmpty
+            }, "no denial record")
+            #expect(denials.count == 1 && (denials.first?["result"] as? String ?? "").contains("bad_request"), "\(denials)")
+            _ = leader
+        }
+    }
+
     @Test("One token presented to two nodes at the same moment yields exactly one identity")
     func tokenWorksOnceClusterWide() async throws {
         let cluster = try await InProcessCluster.start()

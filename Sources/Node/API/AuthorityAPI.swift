@@ -196,14 +196,32 @@ extension NodeAPI {
     }
 
     /// Records a refusal (4xx, not a redirect to the leader) in the
-    /// background, within the denial limiter's rate.
+    /// background, within the denial limiter's rate. A write that surely
+    /// did not happen (no leader known, leadership lost before it
+    /// committed, too many waiting) is tried again, up to
+    /// `DenialLimiter.writeTries` times in all, half a second apart and
+    /// doubling; one whose outcome is unknown (timed out) is not, since the
+    /// refusals would then count twice. A record never written carries its
+    /// count into the next one.
     private func recordDenial(_ error: APIError, of request: HTTPRequest) {
         guard (400..<500).contains(Int(error.status.code)), error.code != "not_leader", let count = denials.admit() else { return }
-        let driver = self.driver
+        let driver = self.driver, denials = self.denials
         let command = LedgerCommand(timeMillis: UInt64(Date().timeIntervalSince1970 * 1000), actor: Self.actor(of: request),
                                     requestID: RequestID.make(),
                                     operation: .recordDenial(reason: String(decoding: Array("\(error.code): \(error.message)".utf8.prefix(1_000)), as: UTF8.self), count: count))
-        Task { _ = try? await driver.write(command) }
+        Task {
+            for attempt in 0..<DenialLimiter.writeTries {
+                do {
+                    _ = try await driver.write(command)
+                    return
+                } catch let error as DriverError where error.surelyNotApplied {
+                    if attempt + 1 < DenialLimiter.writeTries { try? await Task.sleep(for: .milliseconds(500 << attempt)) }
+                } catch {
+                    return
+                }
+            }
+            denials.carry(count)
+        }
     }
 
     func requireKeys(fresh: Bool = false) throws -> AuthorityService.Keys {
@@ -923,6 +941,8 @@ final class IssuanceRateLimiter: Sendable {
 /// carried into the next record.
 final class DenialLimiter: Sendable {
     static let perSecond = 20
+    /// Tries to write one record (see `NodeAPI.recordDenial`): over 15 s.
+    static let writeTries = 5
     private let state = Mutex<(second: Int, used: Int, suppressed: UInt32)>((0, 0, 0))
 
     /// The count the next record stands for, or nil if over budget.
@@ -938,6 +958,11 @@ final class DenialLimiter: Sendable {
             defer { state.suppressed = 0 }
             return state.suppressed + 1
         }
+    }
+
+    /// A record of `count` refusals could not be written: the next one counts them.
+    func carry(_ count: UInt32) {
+        state.withLock { $0.suppressed &+= count }
     }
 }
 
