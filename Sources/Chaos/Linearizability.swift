@@ -6,6 +6,20 @@
 /// already explored (the set of linearized operations plus the register's
 /// state). An operation whose outcome is unknown has no return: it may be
 /// linearized at any point after its call, including never (at the end).
+///
+/// Two reductions keep unknown outcomes from multiplying the states:
+/// - An unknown operation is never placed where it would change nothing
+///   (a compare-and-set whose version does not match): having no return,
+///   it constrains nothing while it waits, so placing it is the same as not.
+/// - An unknown write whose value no read observed (a filler: all it can do
+///   is take a version) is interchangeable with any other such write whose
+///   call came earlier: swapping two of them in an order changes no
+///   observation (their values are never read; writes and compare-and-sets
+///   look at versions only), and neither has a return to respect. So where
+///   a filler may be placed, only the earliest-called one still pending is
+///   tried. The fillers placed are then always the first k by call time:
+///   k + 1 sets instead of 2^n. (Unknown writes cannot simply be dropped:
+///   a later version observed may need some of them to have happened.)
 public enum Linearizability {
     public enum Verdict: Sendable, Equatable {
         case linearizable
@@ -153,6 +167,9 @@ public enum Linearizability {
             return z ^ (z >> 31)
         }
         let keys: [(UInt64, UInt64)] = operations.indices.map { _ in (splitmix(), splitmix()) }
+        var observed = Set<Int?>()
+        for operation in operations where operation.kind == .read && operation.outcome == .ok { observed.insert(operation.observedValue) }
+        let filler = operations.map { $0.kind == .write && $0.outcome == .unknown && !observed.contains($0.value) }
         var linearized: (UInt64, UInt64) = (0, 0)
         var seen = Set<Seen>()
         // Each choice remembers the phase it was made in: phase 1 tries the
@@ -160,14 +177,20 @@ public enum Linearizability {
         // reached a return) those whose outcome is unknown. An operation
         // that may never have happened is thus placed as late as possible,
         // which is what usually happened; the search stays complete.
-        var stack: [(call: Int, state: State, phase: Int)] = []
+        // `fillerPassed`: this pass of phase 2 has reached a filler (tried
+        // it, or found its state explored): later ones are not tried here.
+        var stack: [(call: Int, state: State, phase: Int, fillerPassed: Bool)] = []
+        var fillerPassed = false
         var state = State()
         var entry = events[0].next
         var phase = 1
         var steps = 0
         var longest = 0
         var blocking = -1
-        while events[0].next >= 0 {
+        // Once every operation with a known outcome is placed, those left
+        // (unknown outcomes) may never have happened: done.
+        var knownLeft = operations.count { $0.outcome != .unknown }
+        while knownLeft > 0 {
             steps += 1
             if steps % 16_384 == 0, ContinuousClock.now > deadline {
                 return .undecided("gave up at the time limit after \(steps) search steps over \(operations.count) operations")
@@ -179,37 +202,44 @@ public enum Linearizability {
             if event.isCall {
                 let operation = event.operation
                 let unknown = operations[operation].outcome == .unknown
-                if unknown == (phase == 2), let next = step(state, operations[operation]) {
+                if unknown == (phase == 2), !(filler[operation] && fillerPassed), let next = step(state, operations[operation]),
+                   !(unknown && next == state) {
                     let candidate = (linearized.0 ^ keys[operation].0, linearized.1 ^ keys[operation].1)
                     if seen.insert(Seen(linearized: candidate, state: next)).inserted {
-                        stack.append((entry, state, phase))
+                        stack.append((entry, state, phase, fillerPassed))
                         state = next
                         linearized = candidate
                         lift(entry)
+                        if !unknown { knownLeft -= 1 }
                         if stack.count > longest { longest = stack.count; blocking = -1 }
                         entry = events[0].next
                         phase = 1
+                        fillerPassed = false
                         continue
                     }
                 }
+                if phase == 2 && filler[operation] { fillerPassed = true }
                 entry = event.next
             } else if phase == 1 {
                 // Every known call before this return was tried: now the unknown ones.
                 phase = 2
+                fillerPassed = false
                 entry = events[0].next
             } else {
                 // A return whose call is not linearized yet: undo the last choice.
                 if stack.count == longest && blocking < 0 { blocking = event.operation }
-                guard let (call, previous, previousPhase) = stack.popLast() else {
+                guard let (call, previous, previousPhase, previousFillerPassed) = stack.popLast() else {
                     let culprit = blocking >= 0 ? operations[blocking].summary : operations[event.operation].summary
                     return .violation("no order of the \(operations.count) operations on this key fits a register: after at most \(longest) of them, \(culprit) cannot be placed")
                 }
                 state = previous
                 let operation = events[call].operation
                 linearized = (linearized.0 ^ keys[operation].0, linearized.1 ^ keys[operation].1)
+                if operations[operation].outcome != .unknown { knownLeft += 1 }
                 unlift(call)
                 entry = events[call].next
                 phase = previousPhase
+                fillerPassed = previousFillerPassed || filler[operation]
             }
         }
         return .linearizable

@@ -88,15 +88,37 @@ struct LinearizabilityTests {
     func budget() {
         var h = Builder()
         // Many concurrent unknown writes and reads of values no one wrote:
-        // every order must be tried before the search can say no.
+        // every order must be tried before the search can say no. (Later
+        // reads observed each write's value, so none is a mere filler of
+        // versions, interchangeable with the others.)
         for client in 0..<14 { h.add(client, .write, value: client, from: 0, to: nil, .unknown) }
         h.add(99, .read, from: 10, to: 20, version: 1, read: 1_000)
+        for client in 0..<14 { h.add(100 + client, .read, from: 30, to: 40, version: 1, read: client) }
         let verdict = Linearizability.check(h.operations, stepsMax: 2_000)["k"]
         #expect(verdict?.name == "undecided")
         var other = Builder()
         other.add(0, .write, value: 1, from: 0, to: 10, version: 1, key: "a")
         other.add(0, .write, value: 1, from: 0, to: 10, version: 1, key: "b")
         #expect(Linearizability.check(other.operations).values.allSatisfy { $0 == .linearizable })
+    }
+
+    @Test("Twenty unknown writes whose values no one read count only by how many happened: a history needing some of them, and one no order fits, are decided within 20,000 steps")
+    func fillers() {
+        func history(staleEnd: Bool) -> Builder {
+            var h = Builder()
+            for client in 0..<20 { h.add(client, .write, value: 100 + client, from: UInt64(client), to: nil, .unknown) }
+            // Version 6: five of them happened before this write.
+            h.add(30, .write, value: 1, from: 30, to: 40, version: 6)
+            h.add(31, .read, from: 50, to: 60, version: 6, read: 1)
+            // Two more before this one.
+            h.add(30, .write, value: 2, from: 70, to: 80, version: 9)
+            h.add(31, .read, from: 90, to: 100, version: 9, read: 2)
+            if staleEnd { h.add(32, .read, from: 110, to: 120, version: 9, read: 1) }
+            return h
+        }
+        #expect(Linearizability.check(history(staleEnd: false).operations, stepsMax: 20_000)["k"] == .linearizable)
+        let stale = Linearizability.check(history(staleEnd: true).operations, stepsMax: 20_000)["k"]
+        #expect(stale?.name == "violation", "\(String(describing: stale))")
     }
 
     @Test("Histories round-trip through JSON lines")
