@@ -231,22 +231,35 @@ public struct AuthorityKeyring: Sendable, Hashable, Codable {
 }
 
 /// A revocation rule (kept in the document `authority/revocations`). It
-/// covers one serial (whenever issued), or identities issued at or
-/// before `revokedAtMillis` of one SPIFFE ID or whose attested context has
-/// `name=value` (say, every identity of one repository): identities of
-/// those issued later are not affected.
+/// covers one serial (whenever issued), or the identities issued before
+/// it of one SPIFFE ID or whose attested context has `name=value` (say,
+/// every identity of one repository): identities of those issued later
+/// are not affected.
+///
+/// "Before" is the log's order where it is known: the rule's index
+/// (`revokedAtIndex`, set when it is applied) against the index of the
+/// identity's issuance record. Both are exact, whichever leaders' clocks
+/// stamped them: by time alone, an identity signed by a leader whose
+/// clock ran a few seconds ahead could escape a rule made after it, and
+/// one issued just after a rule, within its second, would start out
+/// revoked. Where either index is unknown (rules from before it was
+/// kept; a record forgotten, or not yet applied on a node behind), the
+/// times decide: issued at or before `revokedAtMillis`.
 public struct Revocation: Sendable, Hashable, Codable {
     public enum Kind: String, Sendable, Codable { case serial, spiffeID = "spiffe_id", attribute }
     public var kind: Kind
     public var value: String
     public var reason: String
     public var revokedAtMillis: UInt64
+    /// The log index of the command that added the rule.
+    public var revokedAtIndex: UInt64?
 
-    public init(kind: Kind, value: String, reason: String, revokedAtMillis: UInt64 = 0) {
+    public init(kind: Kind, value: String, reason: String, revokedAtMillis: UInt64 = 0, revokedAtIndex: UInt64? = nil) {
         self.kind = kind
         self.value = value
         self.reason = reason
         self.revokedAtMillis = revokedAtMillis
+        self.revokedAtIndex = revokedAtIndex
     }
 
     /// A serial rule also covers every renewal of that serial's line
@@ -261,17 +274,24 @@ public struct Revocation: Sendable, Hashable, Codable {
     /// and steps of a revoked identity are refused), so a rule stamped by
     /// a clock a little behind the one that signed still covers what it
     /// names.
-    public func matches(serial: String, spiffeID: String, attributes: [String: String], issuedAtMillis: UInt64) -> Bool {
-        guard kind == .serial || issuedAtMillis <= revokedAtMillis else { return false }
+    ///
+    /// `recordIndex` gives the log index of the identity's issuance record,
+    /// if known; it is asked only when an ID or attribute rule names the
+    /// identity.
+    public func matches(serial: String, spiffeID: String, attributes: [String: String], issuedAtMillis: UInt64,
+                        recordIndex: () -> UInt64? = { nil }) -> Bool {
         switch kind {
         case .serial:
             let wanted = Self.canonicalSerial(value)
             return Self.canonicalSerial(serial) == wanted || Self.serialAttributes.contains { attributes[$0].map(Self.canonicalSerial) == wanted }
-        case .spiffeID: return spiffeID == value
+        case .spiffeID:
+            guard spiffeID == value else { return false }
         case .attribute:
-            guard let equals = value.firstIndex(of: "=") else { return false }
-            return attributes[String(value[..<equals])] == String(value[value.index(after: equals)...])
+            guard let equals = value.firstIndex(of: "="),
+                  attributes[String(value[..<equals])] == String(value[value.index(after: equals)...]) else { return false }
         }
+        if let revokedAtIndex, let issued = recordIndex() { return issued < revokedAtIndex }
+        return issuedAtMillis <= revokedAtMillis
     }
 
     /// The attributes naming serials an identity descends from.
@@ -306,8 +326,9 @@ public struct RevocationList: Sendable, Hashable, Codable {
     public var rules: [Revocation]
     public init(rules: [Revocation] = []) { self.rules = rules }
 
-    public func revoking(serial: String, spiffeID: String, attributes: [String: String], issuedAtMillis: UInt64) -> Revocation? {
-        rules.first { $0.matches(serial: serial, spiffeID: spiffeID, attributes: attributes, issuedAtMillis: issuedAtMillis) }
+    public func revoking(serial: String, spiffeID: String, attributes: [String: String], issuedAtMillis: UInt64,
+                         recordIndex: () -> UInt64? = { nil }) -> Revocation? {
+        rules.first { $0.matches(serial: serial, spiffeID: spiffeID, attributes: attributes, issuedAtMillis: issuedAtMillis, recordIndex: recordIndex) }
     }
 
     public static let rulesMax = 10_000

@@ -308,6 +308,7 @@ public enum Ledger {
             list.rules.removeAll { $0.revokedAtMillis + keepMillis < command.timeMillis || ($0.kind == rule.kind && $0.value == rule.value) }
             guard list.rules.count < RevocationList.rulesMax else { return .rejected("\(list.rules.count) revocation rules are in force; the limit is \(RevocationList.rulesMax)") }
             rule.revokedAtMillis = command.timeMillis
+            rule.revokedAtIndex = index
             list.rules.append(rule)
             let content = try CanonicalJSON.encode(list)
             // Every document must fit what a snapshot may carry.

@@ -57,10 +57,12 @@ public final class AuthorityService: Sendable {
             self.revocations = revocations
         }
 
-        /// The rule that revokes an identity, if any.
-        public func revocation(serial: String, spiffeID: String, attributes: Attributes, issuedAt: Date) -> Revocation? {
+        /// The rule that revokes an identity, if any; `recordIndex` gives
+        /// the log index of its issuance record (see `Revocation`).
+        public func revocation(serial: String, spiffeID: String, attributes: Attributes, issuedAt: Date,
+                               recordIndex: () -> UInt64? = { nil }) -> Revocation? {
             revocations.revoking(serial: serial, spiffeID: spiffeID, attributes: attributes,
-                                 issuedAtMillis: UInt64(max(0, issuedAt.timeIntervalSince1970 * 1000)))
+                                 issuedAtMillis: UInt64(max(0, issuedAt.timeIntervalSince1970 * 1000)), recordIndex: recordIndex)
         }
     }
 
@@ -105,6 +107,13 @@ public final class AuthorityService: Sendable {
                   let recorded = IssuedRecord.fingerprint(in: document.content) else { return false }
             return recorded.fingerprint == fingerprint && recorded.kind == (kind == .jwt ? .jwt : .x509)
         }
+    }
+
+    /// The log index that wrote an identity's issuance record, if this
+    /// node holds it (named by the identity's serial and expiry).
+    public func issuedRecordIndex(serial: String, notAfter: Date) -> UInt64? {
+        let notAfterMillis = UInt64(max(0, notAfter.timeIntervalSince1970 * 1000))
+        return (try? store.document(named: AuthorityDocuments.issued(notAfterMillis: notAfterMillis, serial: serial)))??.logIndex
     }
 
     /// The first 8 bytes of the KEK's SHA-256, hex: names the KEK without revealing it.
@@ -240,7 +249,7 @@ public final class AuthorityService: Sendable {
             try store.forEachDocument(prefix: AuthorityDocuments.issuedPrefix) { document in
                 guard let record = try? JSONDecoder().decode(IssuedRecord.self, from: Data(document.content)), record.kind == .x509,
                       let rule = keys.revocations.revoking(serial: record.serial, spiffeID: record.spiffeID, attributes: record.attributes,
-                                                           issuedAtMillis: record.issuedAtMillis),
+                                                           issuedAtMillis: record.issuedAtMillis, recordIndex: { document.logIndex }),
                       let serial = Hex.decode(record.serial) else { return }
                 revoked[record.authority, default: []].append((serial, Date(timeIntervalSince1970: TimeInterval(rule.revokedAtMillis) / 1000)))
             }

@@ -143,6 +143,7 @@ struct AuthorityLedgerTests {
         #expect(book.apply(.revoke(Revocation(kind: .attribute, value: "repository=acme/api", reason: "again")), at: 6_500) == .written(version: 2))
         let list = try JSONDecoder().decode(RevocationList.self, from: Data(book.tables.document(named: AuthorityDocuments.revocations)!.content))
         #expect(list.rules.count == 1 && list.rules[0].revokedAtMillis == 6_500)
+        #expect(list.rules[0].revokedAtIndex == book.index, "the rule keeps the log index that added it")
         // A renewal of an identity issued after the rule goes through.
         var fresh = renewing
         fresh.renewedIssuedAtMillis = 6_600
@@ -164,6 +165,27 @@ struct AuthorityLedgerTests {
         _ = book.apply(.revoke(Revocation(kind: .serial, value: "ab", reason: "")), at: later)
         let pruned = try JSONDecoder().decode(RevocationList.self, from: Data(book.tables.document(named: AuthorityDocuments.revocations)!.content))
         #expect(pruned.rules.map(\.value) == ["ab"])
+    }
+
+    @Test("ID and attribute rules cover what the log holds before them, whatever the clocks said; the times decide only where an index is unknown")
+    func revocationFollowsTheLog() {
+        let rule = Revocation(kind: .spiffeID, value: "spiffe://x/y", reason: "", revokedAtMillis: 5_000, revokedAtIndex: 100)
+        func covers(issuedAt: UInt64, index: UInt64?, id: String = "spiffe://x/y") -> Bool {
+            rule.matches(serial: "aa", spiffeID: id, attributes: [:], issuedAtMillis: issuedAt, recordIndex: { index })
+        }
+        // Signed before the rule by a leader whose clock ran 4 s ahead.
+        #expect(covers(issuedAt: 9_000, index: 60), "an identity recorded before the rule escaped it")
+        // Signed after the rule, within its second (or by a clock behind).
+        #expect(!covers(issuedAt: 5_000, index: 101), "an identity recorded after the rule started out revoked")
+        // No record at hand (forgotten, or not applied here yet): the times decide.
+        #expect(covers(issuedAt: 5_000, index: nil) && !covers(issuedAt: 5_001, index: nil))
+        // A rule from before indexes were kept: the times decide.
+        let old = Revocation(kind: .attribute, value: "repository=acme/api", reason: "", revokedAtMillis: 5_000)
+        #expect(!old.matches(serial: "aa", spiffeID: "spiffe://x/y", attributes: ["repository": "acme/api"], issuedAtMillis: 9_000, recordIndex: { 60 }))
+        // The record is looked up only for an identity the rule names.
+        var asked = 0
+        #expect(!rule.matches(serial: "aa", spiffeID: "spiffe://x/z", attributes: [:], issuedAtMillis: 1, recordIndex: { asked += 1; return 1 }))
+        #expect(asked == 0)
     }
 
     @Test("Join tokens and idempotency answers are forgotten a day after they expire, two at a time as new ones come, and refused as expired before that")

@@ -519,7 +519,8 @@ extension NodeAPI {
             throw APIError(status: .unauthorized, code: error.code, message: "the presented X509-SVID does not verify: \(error.message)")
         }
         if let rule = keys.revocation(serial: current.serialHex, spiffeID: current.spiffeID.description, attributes: current.attributes,
-                                      issuedAt: current.notBefore.addingTimeInterval(X509Authority.backdate)) {
+                                      issuedAt: current.notBefore.addingTimeInterval(X509Authority.backdate),
+                                      recordIndex: { authority?.issuedRecordIndex(serial: current.serialHex, notAfter: current.notAfter) }) {
             throw APIError(status: .forbidden, code: "revoked", message: "the presented X509-SVID was revoked (\(rule.kind.rawValue) \(rule.value)): \(rule.reason)")
         }
         let line = current.attributes["job_lineage"] ?? current.attributes["lineage"] ?? current.serialHex
@@ -683,8 +684,8 @@ extension NodeAPI {
             if let chainPEM = body.x509Chain, body.jwt == nil {
                 let verified = try await keys.bundle.verifyX509(chainPEM: chainPEM, memo: keys.x509Chains, issued: authority?.issuedLookup)
                 metrics.count(verified.signature)
-                try Self.checkNotRevoked(keys, serial: verified.serialHex, spiffeID: verified.spiffeID, attributes: verified.attributes,
-                                         issuedAt: verified.notBefore.addingTimeInterval(X509Authority.backdate))
+                try checkNotRevoked(keys, serial: verified.serialHex, spiffeID: verified.spiffeID, attributes: verified.attributes,
+                                    issuedAt: verified.notBefore.addingTimeInterval(X509Authority.backdate), notAfter: verified.notAfter)
                 return VerifyBody(valid: true, spiffeId: verified.spiffeID.description, serial: verified.serialHex,
                                   attributes: verified.attributes, expiresAt: Self.iso(verified.notAfter))
             }
@@ -692,8 +693,8 @@ extension NodeAPI {
                 let verified = try JWTVerifier(trustDomain: keys.jwt.trustDomain, keys: keys.bundle.jwtKeys, memo: keys.jwtSignatures,
                                                issued: authority?.issuedLookup).verify(jwt, audience: audience)
                 metrics.count(verified.signature)
-                try Self.checkNotRevoked(keys, serial: verified.serial, spiffeID: verified.spiffeID, attributes: verified.attributes,
-                                         issuedAt: verified.issuedAt ?? Date(timeIntervalSince1970: 0))
+                try checkNotRevoked(keys, serial: verified.serial, spiffeID: verified.spiffeID, attributes: verified.attributes,
+                                    issuedAt: verified.issuedAt ?? Date(timeIntervalSince1970: 0), notAfter: verified.expiry)
                 return VerifyBody(valid: true, spiffeId: verified.spiffeID.description, serial: verified.serial,
                                   attributes: verified.attributes, expiresAt: Self.iso(verified.expiry))
             }
@@ -707,9 +708,11 @@ extension NodeAPI {
         }
     }
 
-    static func checkNotRevoked(_ keys: AuthorityService.Keys, serial: String, spiffeID: SpiffeID, attributes: Attributes, issuedAt: Date) throws(AuthorityError) {
-        if let rule = keys.revocation(serial: serial, spiffeID: spiffeID.description, attributes: attributes, issuedAt: issuedAt) {
-            throw AuthorityError("revoked", "revoked at \(iso(Date(timeIntervalSince1970: TimeInterval(rule.revokedAtMillis) / 1000))) by \(rule.kind.rawValue) \(rule.value)"
+    func checkNotRevoked(_ keys: AuthorityService.Keys, serial: String, spiffeID: SpiffeID, attributes: Attributes, issuedAt: Date,
+                         notAfter: Date) throws(AuthorityError) {
+        if let rule = keys.revocation(serial: serial, spiffeID: spiffeID.description, attributes: attributes, issuedAt: issuedAt,
+                                      recordIndex: { authority?.issuedRecordIndex(serial: serial, notAfter: notAfter) }) {
+            throw AuthorityError("revoked", "revoked at \(Self.iso(Date(timeIntervalSince1970: TimeInterval(rule.revokedAtMillis) / 1000))) by \(rule.kind.rawValue) \(rule.value)"
                                  + (rule.reason.isEmpty ? "" : ": \(rule.reason)"))
         }
     }
