@@ -43,13 +43,16 @@ public struct Issuance: Sendable, Hashable {
     public var notAfterMillis: UInt64
     public var ttlSeconds: UInt32
     /// The evidence, exactly one of: a join token's hash (hex); for a
-    /// renewal, `renewedFrom` naming the serial renewed and
-    /// `renewedIssuedAtMillis` when that one was issued; for a platform
+    /// renewal, `renewedFrom` naming the serial renewed,
+    /// `renewedIssuedAtMillis` when that one was issued and
+    /// `renewedNotAfterMillis` when it expires (with the serial, the name
+    /// of its issuance record; 0 in older entries); for a platform
     /// token, `platformReplayKey` (hex SHA-256 of its issuer and jti) and
     /// `platformExpiresAtMillis` (its exp), consumed once.
     public var tokenHash: String
     public var renewedFrom: String
     public var renewedIssuedAtMillis: UInt64
+    public var renewedNotAfterMillis: UInt64 = 0
     public var platformReplayKey: String = ""
     public var platformExpiresAtMillis: UInt64 = 0
     /// SHA-256 of the caller's idempotency key, hex, or "".

@@ -159,12 +159,20 @@ public struct LedgerCommand: Sendable, Hashable {
             w.write(UInt8(4))
             w.writeBytes(keyring)
         case .recordIssuance(let issuance):
-            // Tag 10 adds the platform token's evidence; older entries keep tag 5.
-            w.write(UInt8(issuance.platformReplayKey.isEmpty ? 5 : 10))
-            issuance.encode(&w)
+            // Tag 10 adds the platform token's evidence, tag 12 a renewal's
+            // expiry of what it renews; older entries keep tag 5.
             if !issuance.platformReplayKey.isEmpty {
+                w.write(UInt8(10))
+                issuance.encode(&w)
                 w.writeBytes(issuance.platformReplayKey.utf8)
                 w.write(issuance.platformExpiresAtMillis)
+            } else if issuance.renewedNotAfterMillis != 0 {
+                w.write(UInt8(12))
+                issuance.encode(&w)
+                w.write(issuance.renewedNotAfterMillis)
+            } else {
+                w.write(UInt8(5))
+                issuance.encode(&w)
             }
         case .recordDenial(let reason, let count):
             w.write(UInt8(6))
@@ -238,6 +246,13 @@ public struct LedgerCommand: Sendable, Hashable {
             issuance.platformReplayKey = try Self.readString(&r, "platform token key", 64)
             issuance.platformExpiresAtMillis = try r.readUInt64("platform token expiry")
             guard !issuance.platformReplayKey.isEmpty else { throw .invalid(field: "platform token key", reason: "empty") }
+            operation = .recordIssuance(issuance)
+        case 12:
+            var issuance = try Issuance(decoding: &r)
+            issuance.renewedNotAfterMillis = try r.readUInt64("renewed not after")
+            guard !issuance.renewedFrom.isEmpty, issuance.renewedNotAfterMillis != 0 else {
+                throw .invalid(field: "renewed not after", reason: "given without a renewal, or zero")
+            }
             operation = .recordIssuance(issuance)
         case 6:
             let reason = try Self.readString(&r, "denial reason", 1024)

@@ -188,6 +188,33 @@ struct AuthorityLedgerTests {
         #expect(asked == 0)
     }
 
+    @Test("A renewal is checked against ID and attribute rules by the log too: the command names the renewed identity's record (tag 12, which round-trips)")
+    func renewalFollowsTheLog() throws {
+        var book = try initialized()
+        let id = "spiffe://example.org/svc"
+        for n in 1...2 { _ = book.apply(.createJoinToken(token(n, spiffeID: id)), at: 2_000) }
+        // A signed by a leader whose clock ran ahead (9 s), then the rule (6 s), then B by one whose clock is behind (5 s).
+        #expect(book.apply(.recordIssuance(issuance(1, authority: "old", issuedAt: 9_000, notAfter: 90_000, spiffeID: id)), at: 9_000)
+                == .issued(artifact: [1, 2, 3], replayed: false))
+        #expect(book.apply(.revoke(Revocation(kind: .spiffeID, value: id, reason: "")), at: 6_000) == .written(version: 1))
+        #expect(book.apply(.recordIssuance(issuance(2, authority: "old", issuedAt: 5_000, notAfter: 90_000, spiffeID: id)), at: 5_000)
+                == .issued(artifact: [1, 2, 3], replayed: false))
+        func renewal(of n: Int, issuedAt: UInt64, named: Bool) -> Issuance {
+            var renewal = issuance(10 + n, authority: "old", issuedAt: 10_000, notAfter: 60_000, spiffeID: id,
+                                   renewing: (String(format: "%032x", n), issuedAt))
+            if named { renewal.renewedNotAfterMillis = 90_000 }
+            return renewal
+        }
+        let command = LedgerCommand(timeMillis: 10_000, actor: "a", requestID: "r", operation: .recordIssuance(renewal(of: 1, issuedAt: 9_000, named: true)))
+        #expect(try LedgerCommand(decoding: command.encoded) == command, "tag 12 carries the renewed identity's expiry")
+        #expect(book.apply(.recordIssuance(renewal(of: 1, issuedAt: 9_000, named: true)), at: 10_000)
+                == .rejected("revoked: the identity being renewed was revoked (spiffe_id \(id))"), "A was recorded before the rule")
+        #expect(book.apply(.recordIssuance(renewal(of: 2, issuedAt: 5_000, named: true)), at: 10_000) == .issued(artifact: [1, 2, 3], replayed: false),
+                "B was recorded after the rule")
+        // Without the name (entries from before it was carried), the times decide.
+        #expect(book.apply(.recordIssuance(renewal(of: 1, issuedAt: 9_000, named: false)), at: 10_000) == .issued(artifact: [1, 2, 3], replayed: false))
+    }
+
     @Test("Join tokens and idempotency answers are forgotten a day after they expire, two at a time as new ones come, and refused as expired before that")
     func tokensAndAnswersAreForgotten() throws {
         var book = try initialized()

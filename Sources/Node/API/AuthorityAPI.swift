@@ -461,6 +461,20 @@ extension NodeAPI {
 
     static func millis(_ date: Date) -> UInt64 { UInt64(max(0, date.timeIntervalSince1970 * 1000)) }
 
+    /// An issuance made from a presented X509-SVID (a renewal, a workload
+    /// JWT-SVID, a step): `current` is its evidence; the rest is filled in
+    /// at signing.
+    func issuance(from current: VerifiedX509, kind: Issuance.Kind, spiffeID: String, ttlSeconds: UInt32, idempotencyKey: String?,
+                  attributes: [String: String]) -> Issuance {
+        var issuance = Issuance(kind: kind, spiffeID: spiffeID, serial: "", fingerprint: "", issuedAtMillis: 0, notAfterMillis: 0,
+                                ttlSeconds: ttlSeconds, tokenHash: "", renewedFrom: current.serialHex,
+                                renewedIssuedAtMillis: Self.millis(current.notBefore) + UInt64(X509Authority.backdate * 1000),
+                                idempotencyKey: idempotencyKey.map(AuthorityService.hash) ?? "", node: id, authority: "",
+                                attributes: attributes, artifact: [])
+        issuance.renewedNotAfterMillis = Self.millis(current.notAfter)
+        return issuance
+    }
+
     private func x509Response(_ issued: IssuedX509, spiffeID: SpiffeID, keys: AuthorityService.Keys) -> HTTPResponse {
         APIJSON.response(X509SVIDBody(spiffeId: spiffeID.description, certificate: issued.pem, bundle: keys.bundlePEM, serial: issued.serialHex,
                                       expiresAt: Self.iso(issued.notValidAfter), replayed: false),
@@ -554,11 +568,8 @@ extension NodeAPI {
         if let earlier = try earlierAnswer(body.idempotencyKey, evidence: "renew:\(current.serialHex)", kind: .jwt) {
             return try jwtResponse(Array(earlier.artifact), replayed: true)
         }
-        let template = Issuance(kind: .jwt, spiffeID: current.spiffeID.description, serial: "", fingerprint: "", issuedAtMillis: 0, notAfterMillis: 0,
-                                ttlSeconds: ttl, tokenHash: "", renewedFrom: current.serialHex,
-                                renewedIssuedAtMillis: Self.millis(current.notBefore) + UInt64(X509Authority.backdate * 1000),
-                                idempotencyKey: body.idempotencyKey.map(AuthorityService.hash) ?? "", node: id, authority: "",
-                                attributes: current.attributes, artifact: [])
+        let template = issuance(from: current, kind: .jwt, spiffeID: current.spiffeID.description, ttlSeconds: ttl,
+                                idempotencyKey: body.idempotencyKey, attributes: current.attributes)
         return try await signAndRecordJWT(template, spiffeID: current.spiffeID, audiences: body.audience, keys: keys, actor: nil, until: current.notAfter,
                                           request)
     }
@@ -588,15 +599,12 @@ extension NodeAPI {
         let publicKey = try Self.csrKey(body.csr)
         let leadership = await driver.awaitLeadership()
         guard leadership.isLeader else { return try await forwardToLeader(request, leaderHint: leadership.leaderID) }
-        let idempotencyKey = body.idempotencyKey.map(AuthorityService.hash) ?? ""
         if let earlier = try earlierAnswer(body.idempotencyKey, evidence: "renew:\(current.serialHex)", kind: .x509) {
             return try x509Response(replaying: Array(earlier.artifact), keys: keys)
         }
         let lifetime = UInt32(min(TimeInterval(ttl), remaining.rounded(.down)))
-        let template = Issuance(kind: .x509, spiffeID: current.spiffeID.description, serial: "", fingerprint: "", issuedAtMillis: 0, notAfterMillis: 0,
-                                ttlSeconds: lifetime, tokenHash: "", renewedFrom: current.serialHex,
-                                renewedIssuedAtMillis: Self.millis(current.notBefore) + UInt64(X509Authority.backdate * 1000),
-                                idempotencyKey: idempotencyKey, node: id, authority: "", attributes: current.attributes, artifact: [])
+        let template = issuance(from: current, kind: .x509, spiffeID: current.spiffeID.description, ttlSeconds: lifetime,
+                                idempotencyKey: body.idempotencyKey, attributes: current.attributes)
         return try await signAndRecordX509(template, spiffeID: current.spiffeID, publicKey: publicKey, serial: nil, keys: keys, actor: nil,
                                            until: Date(timeIntervalSince1970: evidenceExpires), request)
     }

@@ -230,11 +230,8 @@ extension NodeAPI {
         attributes["lineage"] = Hex.encode(serial.bytes)
         attributes["ttl_max"] = String(ttlCap)
         attributes["evidence_expires"] = String(Int64(Date().timeIntervalSince1970) + Int64(ttl))
-        let template = Issuance(kind: .x509, spiffeID: spiffeID.description, serial: "", fingerprint: "", issuedAtMillis: 0, notAfterMillis: 0,
-                                ttlSeconds: ttl, tokenHash: "", renewedFrom: current.serialHex,
-                                renewedIssuedAtMillis: Self.millis(current.notBefore) + UInt64(X509Authority.backdate * 1000),
-                                idempotencyKey: body.idempotencyKey.map(AuthorityService.hash) ?? "", node: id, authority: "",
-                                attributes: attributes, artifact: [])
+        let template = issuance(from: current, kind: .x509, spiffeID: spiffeID.description, ttlSeconds: ttl,
+                                idempotencyKey: body.idempotencyKey, attributes: attributes)
         return try await signAndRecordX509(template, spiffeID: spiffeID, publicKey: publicKey, serial: serial, keys: keys, actor: nil,
                                            until: current.notAfter, request)
     }
