@@ -331,7 +331,13 @@ public struct RevocationList: Sendable, Hashable, Codable {
 
     public func revoking(serial: String, spiffeID: String, attributes: [String: String], issuedAtMillis: UInt64,
                          recordIndex: () -> UInt64? = { nil }) -> Revocation? {
-        rules.first { $0.matches(serial: serial, spiffeID: spiffeID, attributes: attributes, issuedAtMillis: issuedAtMillis, recordIndex: recordIndex) }
+        // Asked once, however many rules name the identity.
+        var known: UInt64??
+        func once() -> UInt64? {
+            if known == nil { known = .some(recordIndex()) }
+            return known!
+        }
+        return rules.first { $0.matches(serial: serial, spiffeID: spiffeID, attributes: attributes, issuedAtMillis: issuedAtMillis, recordIndex: once) }
     }
 
     public static let rulesMax = 10_000

@@ -235,9 +235,12 @@ public final class AuthorityService: Sendable {
     public func crlPEM() throws -> String {
         guard let keys = try keys() else { throw AuthorityError("no_authority", "the trust domain's keys are not made yet") }
         let key = "\(keys.bundle.sequence)/\(keys.revocations.rules.count)/\(keys.revocations.rules.last?.revokedAtMillis ?? 0)"
-        // Also signed again once more after a rule's first seconds: an
-        // identity signed just before the rule but applied just after it is
-        // covered by the rule and must reach the CRL too.
+        // Also signed again once more after a rule's first seconds, for
+        // rules kept without their log index (older ones), which go by the
+        // times: an identity signed just before such a rule but applied
+        // just after it is covered by it and must reach the CRL too. (An
+        // indexed rule covers what was recorded before it, all applied here
+        // by the time the rule is.)
         let settled = (keys.revocations.rules.map(\.revokedAtMillis).max() ?? 0) + 5_000
         // (At most once a second meanwhile.)
         if let cached = crls.withLock({ $0 }), cached.key == key, cached.made.duration(to: .now) < Self.crlRefresh,

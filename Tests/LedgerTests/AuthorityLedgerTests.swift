@@ -186,6 +186,12 @@ struct AuthorityLedgerTests {
         var asked = 0
         #expect(!rule.matches(serial: "aa", spiffeID: "spiffe://x/z", attributes: [:], issuedAtMillis: 1, recordIndex: { asked += 1; return 1 }))
         #expect(asked == 0)
+        // And once, however many rules name it (here the first is later than its record, the second not).
+        let earlier = Revocation(kind: .attribute, value: "repository=acme/api", reason: "", revokedAtMillis: 5_000, revokedAtIndex: 50)
+        let list = RevocationList(rules: [earlier, rule])
+        #expect(list.revoking(serial: "aa", spiffeID: "spiffe://x/y", attributes: ["repository": "acme/api"], issuedAtMillis: 1,
+                              recordIndex: { asked += 1; return 70 }) == rule)
+        #expect(asked == 1)
     }
 
     @Test("A renewal is checked against ID and attribute rules by the log too: the command names the renewed identity's record (tag 12, which round-trips)")

@@ -532,9 +532,8 @@ extension NodeAPI {
         case .failure(let error):
             throw APIError(status: .unauthorized, code: error.code, message: "the presented X509-SVID does not verify: \(error.message)")
         }
-        if let rule = keys.revocation(serial: current.serialHex, spiffeID: current.spiffeID.description, attributes: current.attributes,
-                                      issuedAt: current.notBefore.addingTimeInterval(X509Authority.backdate),
-                                      recordIndex: { authority?.issuedRecordIndex(serial: current.serialHex, notAfter: current.notAfter) }) {
+        if let rule = await revocation(keys, serial: current.serialHex, spiffeID: current.spiffeID.description, attributes: current.attributes,
+                                       issuedAt: current.notBefore.addingTimeInterval(X509Authority.backdate), notAfter: current.notAfter) {
             throw APIError(status: .forbidden, code: "revoked", message: "the presented X509-SVID was revoked (\(rule.kind.rawValue) \(rule.value)): \(rule.reason)")
         }
         let line = current.attributes["job_lineage"] ?? current.attributes["lineage"] ?? current.serialHex
@@ -692,8 +691,8 @@ extension NodeAPI {
             if let chainPEM = body.x509Chain, body.jwt == nil {
                 let verified = try await keys.bundle.verifyX509(chainPEM: chainPEM, memo: keys.x509Chains, issued: authority?.issuedLookup)
                 metrics.count(verified.signature)
-                try checkNotRevoked(keys, serial: verified.serialHex, spiffeID: verified.spiffeID, attributes: verified.attributes,
-                                    issuedAt: verified.notBefore.addingTimeInterval(X509Authority.backdate), notAfter: verified.notAfter)
+                try await checkNotRevoked(keys, serial: verified.serialHex, spiffeID: verified.spiffeID, attributes: verified.attributes,
+                                          issuedAt: verified.notBefore.addingTimeInterval(X509Authority.backdate), notAfter: verified.notAfter)
                 return VerifyBody(valid: true, spiffeId: verified.spiffeID.description, serial: verified.serialHex,
                                   attributes: verified.attributes, expiresAt: Self.iso(verified.notAfter))
             }
@@ -701,8 +700,8 @@ extension NodeAPI {
                 let verified = try JWTVerifier(trustDomain: keys.jwt.trustDomain, keys: keys.bundle.jwtKeys, memo: keys.jwtSignatures,
                                                issued: authority?.issuedLookup).verify(jwt, audience: audience)
                 metrics.count(verified.signature)
-                try checkNotRevoked(keys, serial: verified.serial, spiffeID: verified.spiffeID, attributes: verified.attributes,
-                                    issuedAt: verified.issuedAt ?? Date(timeIntervalSince1970: 0), notAfter: verified.expiry)
+                try await checkNotRevoked(keys, serial: verified.serial, spiffeID: verified.spiffeID, attributes: verified.attributes,
+                                          issuedAt: verified.issuedAt ?? Date(timeIntervalSince1970: 0), notAfter: verified.expiry)
                 return VerifyBody(valid: true, spiffeId: verified.spiffeID.description, serial: verified.serial,
                                   attributes: verified.attributes, expiresAt: Self.iso(verified.expiry))
             }
@@ -716,10 +715,27 @@ extension NodeAPI {
         }
     }
 
+    /// The rule revoking an identity, if any (see `Revocation`). A rule
+    /// kept with its log index that covers the identity only by the times,
+    /// this node holding no issuance record for it, is looked at again
+    /// once this node has caught up (ReadIndex): the identity may have been
+    /// recorded after the rule and not have reached this node yet. (A
+    /// node holding the rule holds every record written before it, unless
+    /// forgotten: expired.) Without a leader to confirm, the times decide.
+    func revocation(_ keys: AuthorityService.Keys, serial: String, spiffeID: String, attributes: Attributes, issuedAt: Date,
+                    notAfter: Date) async -> Revocation? {
+        let record = { self.authority?.issuedRecordIndex(serial: serial, notAfter: notAfter) }
+        guard let rule = keys.revocation(serial: serial, spiffeID: spiffeID, attributes: attributes, issuedAt: issuedAt, recordIndex: record) else {
+            return nil
+        }
+        guard rule.kind != .serial, rule.revokedAtIndex != nil, record() == nil, (try? await driver.linearizableReadIndex()) != nil else { return rule }
+        return keys.revocation(serial: serial, spiffeID: spiffeID, attributes: attributes, issuedAt: issuedAt, recordIndex: record)
+    }
+
     func checkNotRevoked(_ keys: AuthorityService.Keys, serial: String, spiffeID: SpiffeID, attributes: Attributes, issuedAt: Date,
-                         notAfter: Date) throws(AuthorityError) {
-        if let rule = keys.revocation(serial: serial, spiffeID: spiffeID.description, attributes: attributes, issuedAt: issuedAt,
-                                      recordIndex: { authority?.issuedRecordIndex(serial: serial, notAfter: notAfter) }) {
+                         notAfter: Date) async throws(AuthorityError) {
+        if let rule = await revocation(keys, serial: serial, spiffeID: spiffeID.description, attributes: attributes, issuedAt: issuedAt,
+                                       notAfter: notAfter) {
             throw AuthorityError("revoked", "revoked at \(Self.iso(Date(timeIntervalSince1970: TimeInterval(rule.revokedAtMillis) / 1000))) by \(rule.kind.rawValue) \(rule.value)"
                                  + (rule.reason.isEmpty ? "" : ": \(rule.reason)"))
         }
