@@ -96,6 +96,12 @@ public struct NodeConfig: Sendable, Hashable {
     /// cluster is given the same one. Nil: no `iss`, and discovery names
     /// the address the client used.
     public var jwtIssuer: String?
+    /// Issuance on the strength of a presented X509-SVID (renewals,
+    /// workload JWT-SVIDs, steps), per identity line: at most this many at
+    /// once (`limits.workload_issuance_burst`) and this many a second after
+    /// (`limits.workload_issuance_per_second`).
+    public var workloadIssuanceBurst: Int
+    public var workloadIssuancePerSecond: Int
 
     /// Limits checked at load time.
     public static let peersMax = 8
@@ -106,6 +112,8 @@ public struct NodeConfig: Sendable, Hashable {
     public static let inflightMessagesMax = 1...1_024
     public static let identityRecordsMax = 1...100_000_000
     public static let identityRecordsMaxDefault = 2_000_000
+    public static let workloadIssuanceBurst = 1...100_000
+    public static let workloadIssuancePerSecond = 1...100_000
 
     public init(yaml text: String) throws(NodeConfigError) {
         guard text.utf8.count <= Self.fileBytesMax else {
@@ -121,7 +129,7 @@ public struct NodeConfig: Sendable, Hashable {
             throw NodeConfigError(path: "", problem: "not valid YAML: \(error)")
         }
         let top = try Section(root, "", keys: ["node", "peers", "tls", "key_encryption_key_file", "raft", "trust_domain", "key_algorithm", "join", "storage",
-                                               "jwt_issuer"])
+                                               "jwt_issuer", "limits"])
         let node = try top.section("node", keys: ["id", "data_dir", "listen", "join"])
         id = try node.integer("id", in: 1...Int.max).asNodeID
         dataDirectory = try node.string("data_dir")
@@ -174,6 +182,10 @@ public struct NodeConfig: Sendable, Hashable {
         let storage = try top.section("storage", keys: ["unsafe_no_fsync", "identity_records_max"], optional: true)
         unsafeNoFsync = try storage.boolean("unsafe_no_fsync", default: false)
         identityRecordsMax = try storage.integer("identity_records_max", in: Self.identityRecordsMax, default: Self.identityRecordsMaxDefault)
+
+        let limits = try top.section("limits", keys: ["workload_issuance_burst", "workload_issuance_per_second"], optional: true)
+        workloadIssuanceBurst = try limits.integer("workload_issuance_burst", in: Self.workloadIssuanceBurst, default: 100)
+        workloadIssuancePerSecond = try limits.integer("workload_issuance_per_second", in: Self.workloadIssuancePerSecond, default: 20)
 
         let raft = try top.section("raft", keys: ["tick_interval_ms", "election_timeout_ticks", "heartbeat_interval_ticks", "snapshot_every_entries",
                                                   "inflight_messages_max"], optional: true)

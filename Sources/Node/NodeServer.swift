@@ -160,7 +160,8 @@ public final class NodeServer: Sendable {
         driver.setClockCheck { clock.verdict.disagreeing.isEmpty }
         api = NodeAPI(id: config.id, driver: driver, store: store, members: members, forwarder: try Forwarder(identity: identity), metrics: metrics,
                       authority: authority, joins: joins, clock: clock, identityRecordsMax: config.identityRecordsMax,
-                      jwtIssuer: config.jwtIssuer)
+                      jwtIssuer: config.jwtIssuer,
+                      workloadIssuanceBurst: config.workloadIssuanceBurst, workloadIssuancePerSecond: config.workloadIssuancePerSecond)
         let api = self.api
         let authority = self.authority
         // Workloads renewing present X509-SVIDs: their TLS roots are the

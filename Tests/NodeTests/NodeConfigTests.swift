@@ -52,6 +52,9 @@ struct NodeConfigTests {
         #expect(try NodeConfig(yaml: valid + "\nstorage:\n  unsafe_no_fsync: true\n").unsafeNoFsync)
         #expect(config.identityRecordsMax == 2_000_000)
         #expect(try NodeConfig(yaml: valid + "\nstorage:\n  identity_records_max: 5000\n").identityRecordsMax == 5_000)
+        #expect(config.workloadIssuanceBurst == 100 && config.workloadIssuancePerSecond == 20)
+        let limited = try NodeConfig(yaml: valid + "\nlimits:\n  workload_issuance_burst: 5\n  workload_issuance_per_second: 2\n")
+        #expect(limited.workloadIssuanceBurst == 5 && limited.workloadIssuancePerSecond == 2)
         #expect(config.jwtIssuer == nil)
         #expect(try NodeConfig(yaml: valid + "\njwt_issuer: https://warrant.example.com/trust\n").jwtIssuer == "https://warrant.example.com/trust")
         #expect(try NodeConfig(yaml: valid + "\njwt_issuer: https://warrant.example.com:8443\n").jwtIssuer == "https://warrant.example.com:8443")
@@ -77,6 +80,9 @@ struct NodeConfigTests {
         ("key_encryption_key_file: kek.bin", "key_encryption_key_file: kek.bin\nstorage:\n  fsync: false", "storage: unknown key 'fsync'"),
         ("key_encryption_key_file: kek.bin", "key_encryption_key_file: kek.bin\nstorage:\n  unsafe_no_fsync: 1", "storage.unsafe_no_fsync: must be true or false"),
         ("key_encryption_key_file: kek.bin", "key_encryption_key_file: kek.bin\nstorage:\n  identity_records_max: 0", "storage.identity_records_max: 0 is outside 1...100000000"),
+        ("key_encryption_key_file: kek.bin", "key_encryption_key_file: kek.bin\nlimits:\n  workload_issuance_burst: 0", "limits.workload_issuance_burst: 0 is outside 1...100000"),
+        ("key_encryption_key_file: kek.bin", "key_encryption_key_file: kek.bin\nlimits:\n  workload_issuance_per_second: 100001", "limits.workload_issuance_per_second: 100001 is outside 1...100000"),
+        ("key_encryption_key_file: kek.bin", "key_encryption_key_file: kek.bin\nlimits:\n  issuance_rate: 5", "limits: unknown key 'issuance_rate'"),
         ("key_encryption_key_file: kek.bin", "key_encryption_key_file: kek.bin\njwt_issuer: http://warrant.example.com", "jwt_issuer: 'http://warrant.example.com' is not an https URL with a host"),
         ("key_encryption_key_file: kek.bin", "key_encryption_key_file: kek.bin\njwt_issuer: https://", "jwt_issuer: 'https://' is not an https URL with a host"),
         ("key_encryption_key_file: kek.bin", "key_encryption_key_file: kek.bin\njwt_issuer: https://warrant.example.com/", "jwt_issuer: 'https://warrant.example.com/' may not end in '/'"),

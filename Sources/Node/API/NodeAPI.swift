@@ -56,7 +56,7 @@ public final class NodeAPI: Sendable {
     let clock: ClockCheck
     let denials = DenialLimiter()
     /// Issuance on the strength of a presented X509-SVID, per identity line.
-    let workloadIssuance = IssuanceRateLimiter()
+    let workloadIssuance: IssuanceRateLimiter
     /// `storage.identity_records_max`.
     let identityRecordsMax: Int
     /// `jwt_issuer`: JWT-SVIDs' `iss` and the discovery document's issuer.
@@ -64,8 +64,10 @@ public final class NodeAPI: Sendable {
 
     public init(id: NodeID, driver: RaftDriver, store: RaftStore, members: MemberDirectory, forwarder: Forwarder?, metrics: NodeMetrics,
                 authority: AuthorityService? = nil, joins: JoinService? = nil, clock: ClockCheck = ClockCheck(),
-                identityRecordsMax: Int = NodeConfig.identityRecordsMaxDefault, jwtIssuer: String? = nil) {
+                identityRecordsMax: Int = NodeConfig.identityRecordsMaxDefault, jwtIssuer: String? = nil,
+                workloadIssuanceBurst: Int = 100, workloadIssuancePerSecond: Int = 20) {
         self.identityRecordsMax = identityRecordsMax
+        workloadIssuance = IssuanceRateLimiter(perSecond: Double(workloadIssuancePerSecond), burst: Double(workloadIssuanceBurst))
         self.jwtIssuer = jwtIssuer
         self.authority = authority
         self.clock = clock
