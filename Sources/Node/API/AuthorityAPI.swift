@@ -968,7 +968,7 @@ final class IssuanceRateLimiter: Sendable {
 /// carried into the next record.
 final class DenialLimiter: Sendable {
     static let perSecond = 20
-    /// Tries to write one record (see `NodeAPI.recordDenial`): over 15 s.
+    /// Tries to write one record (see `NodeAPI.recordDenial`): 7.5 s of waits between them, and up to 2 s each waiting for a leader.
     static let writeTries = 5
     private let state = Mutex<(second: Int, used: Int, suppressed: UInt32)>((0, 0, 0))
 
