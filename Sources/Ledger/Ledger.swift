@@ -367,14 +367,18 @@ public enum Ledger {
             let document = try tables.document(named: AuthorityDocuments.revocations)
             let rules = document.flatMap { CanonicalJSON.decode(RevocationList.self, $0.content) }
             if document != nil && rules == nil { return .rejected("the revocation list in the ledger does not decode; renewal refused") }
-            // By the log where the renewed identity's record is at hand (see `Revocation`).
+            // By the log where the renewed identity's record is at hand (see
+            // `Revocation`): looked up only once a rule names the identity.
             let recordName = issuance.renewedNotAfterMillis == 0 ? nil
                 : AuthorityDocuments.issued(notAfterMillis: issuance.renewedNotAfterMillis, serial: issuance.renewedFrom)
-            let recordIndex = try recordName.flatMap { try tables.document(named: $0)?.logIndex }
-            if let rules, let rule = rules.revoking(serial: issuance.renewedFrom, spiffeID: issuance.spiffeID, attributes: issuance.attributes,
-                                                    issuedAtMillis: issuance.renewedIssuedAtMillis, recordIndex: { recordIndex }) {
-                return .rejected("revoked: the identity being renewed was revoked (\(rule.kind.rawValue) \(rule.value))")
+            var lookupError: (any Error)?
+            let rule = rules?.revoking(serial: issuance.renewedFrom, spiffeID: issuance.spiffeID, attributes: issuance.attributes,
+                                       issuedAtMillis: issuance.renewedIssuedAtMillis) {
+                guard let recordName else { return nil }
+                do { return try tables.document(named: recordName)?.logIndex } catch { lookupError = error; return nil }
             }
+            if let lookupError { throw lookupError }
+            if let rule { return .rejected("revoked: the identity being renewed was revoked (\(rule.kind.rawValue) \(rule.value))") }
         } else {
             let tokenName = AuthorityDocuments.token(issuance.tokenHash)
             guard let document = try tables.document(named: tokenName) else { return .rejected("unknown join token") }
