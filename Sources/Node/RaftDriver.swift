@@ -189,9 +189,18 @@ public actor RaftDriver {
     public func receive(_ message: Message) {
         guard !stopped else { return }
         metrics.messagesReceived.add(1)
+        if let dropIncoming, dropIncoming(message) { return }
         raft.step(restamp(message))
         scheduleFlush()
     }
+
+    /// Tests: peers' messages for which this returns true are dropped
+    /// before the core sees them (a one-sided partition of some kinds of
+    /// message, for example a follower that stops getting entries but
+    /// still answers heartbeats). Nil in service.
+    package private(set) var dropIncoming: (@Sendable (Message) -> Bool)?
+
+    package func setDropIncoming(_ drop: (@Sendable (Message) -> Bool)?) { dropIncoming = drop }
 
     private struct Inbox {
         var messages: [Message] = []
@@ -303,6 +312,7 @@ public actor RaftDriver {
         }
         if !messages.isEmpty { metrics.messagesReceived.add(messages.count) }
         for message in messages {
+            if let dropIncoming, dropIncoming(message) { continue }
             let message = restamp(message)
             // Commands a follower forwarded join this leader's own queue:
             // they wait at the same gate and go in the same batches (stepped
@@ -600,7 +610,9 @@ public actor RaftDriver {
 
     /// A linearizable read point: returns once this node has applied every
     /// write acknowledged before the call, confirmed through ReadIndex.
-    public func linearizableReadIndex() async throws -> LogIndex {
+    /// Fails after `timeoutTicks` (at most the request timeout, which is
+    /// also the default).
+    public func linearizableReadIndex(timeoutTicks: Int? = nil) async throws -> LogIndex {
         guard !stopped else { throw DriverError.stopped }
         let requestID = nextReadID
         nextReadID += 1
@@ -610,7 +622,8 @@ public actor RaftDriver {
             throw DriverError.raft(error)
         }
         return try await withCheckedThrowingContinuation { continuation in
-            pendingReads[requestID] = PendingRead(deadlineTick: ticks + requestTimeoutTicks, index: nil, continuation: continuation)
+            pendingReads[requestID] = PendingRead(deadlineTick: ticks + max(1, min(timeoutTicks ?? requestTimeoutTicks, requestTimeoutTicks)),
+                                                  index: nil, continuation: continuation)
             scheduleFlush()
         }
     }

@@ -3,7 +3,8 @@ import Foundation
 import NIOCore
 import NIOHTTP1
 import NIOSSL
-import Node
+@testable import Node
+import Raft
 import Synchronization
 import Testing
 import X509
@@ -219,6 +220,18 @@ struct LifecycleTests {
             // The node that took it (a follower, which passed it to the leader) reflects it before answering.
             let immediate = try await verdict(open, ["x509_chain": r1["certificate"] as? String ?? ""])
             #expect(immediate["code"] as? String == "revoked", "read your writes where the revocation was asked: \(immediate)")
+            // The rule's reason (free text that may tell of an incident) is for operators only.
+            let leaked = "key leaked in a build log"
+            #expect(!(immediate["reason"] as? String ?? leaked).contains(leaked), "an anonymous verdict tells no reason: \(immediate)")
+            let toOperator = try await verdict(admin, ["x509_chain": r1["certificate"] as? String ?? ""])
+            #expect((toOperator["reason"] as? String ?? "").contains(leaked), "an operator's verdict tells the reason: \(toOperator)")
+            func rule(_ connection: HTTPConnection) async throws -> [String: Any]? {
+                (object(try await connection.request(.GET, "/v1/revocations"))["revocations"] as? [[String: Any]] ?? [])
+                    .first { ($0["value"] as? String)?.uppercased() == r1Serial.uppercased() }
+            }
+            let publicRule = try #require(try await rule(open)), operatorRule = try #require(try await rule(admin))
+            #expect(publicRule["reason"] == nil && publicRule["revoked_at"] != nil, "\(publicRule)")
+            #expect(operatorRule["reason"] as? String == leaked, "\(operatorRule)")
             for connection in [open, elsewhere] {
                 #expect(await eventually(seconds: 5) {
                     let answer = (try? await verdict(connection, ["x509_chain": r1["certificate"] as? String ?? ""])) ?? [:]
@@ -235,6 +248,7 @@ struct LifecycleTests {
             let holder = try await workloadConnection(cluster, to: follower, certificate: "\(dir)/r1.pem", key: "\(dir)/r1.key")
             let refusedRenewal = try await holder.request(.POST, "/v1/svid/x509/renew", headers: jsonHeaders, body: json(["csr": csr2]))
             #expect(refusedRenewal.status == .forbidden && refusedRenewal.text.contains("revoked"), "\(refusedRenewal.text)")
+            #expect(!refusedRenewal.text.contains(leaked), "the holder is not told why: \(refusedRenewal.text)")
             await holder.close()
 
             // The CRL lists r1: openssl refuses it with -crl_check and accepts r2.
@@ -315,6 +329,55 @@ struct LifecycleTests {
             #expect(audit.filter { $0["action"] as? String == "identity.revoke" }.count == 4 + spiffeIDRules)
             #expect(audit.contains { ($0["result"] as? String ?? "").contains("renewed_from=\(shortLived["serial"] as? String ?? "-")") })
             await elsewhere.close()
+        }
+    }
+
+    @Test("A node behind the log (getting no entries), holding an ID rule but not the record of an identity issued after it in the rule's second, catches up before it judges: valid, where by the times it would be revoked")
+    func laggingNodeCatchesUpBeforeJudging() async throws {
+        try await InProcessCluster.withReadyFollower { cluster, leader, follower, admin, open in
+            let lagging = try #require([UInt64(1), 2, 3].first { $0 != leader && $0 != follower })
+            let laggingNode = try #require(cluster.servers[lagging]), leaderNode = try #require(cluster.servers[leader])
+            let behind = try await cluster.connection(to: lagging, admin: false)
+            defer { Task { await behind.close() } }
+            let spiffeID = "spiffe://warrant.local/lagging"
+            var checked = false
+            // Tried until the identity is issued in its rule's second (whole
+            // seconds for a JWT's iat): only then do the times alone revoke it.
+            for _ in 0..<6 where !checked {
+                await laggingNode.driver.setDropIncoming(nil)
+                let token = try #require(object(try await admin.request(.POST, "/v1/tokens", headers: jsonHeaders,
+                                                                        body: json(["spiffe_id": spiffeID])))["token"] as? String)
+                let rule = try await admin.request(.POST, "/v1/revocations", headers: jsonHeaders, body: json(["spiffe_id": spiffeID]))
+                #expect(rule.status == .ok, "\(rule.text)")
+                let ruleIndex = try leaderNode.store.ledgerAppliedIndex()
+                #expect(await eventually(seconds: 10) { ((try? laggingNode.store.ledgerAppliedIndex()) ?? 0) >= ruleIndex }, "the lagging node holds the rule")
+                laggingNode.authority.invalidate() // its cached rules (up to a second old) have it too
+                // From now on it gets no entries; heartbeats and ReadIndex answers still reach it.
+                await laggingNode.driver.setDropIncoming { message in
+                    if case .appendEntries = message.body { return true }
+                    return false
+                }
+                let issued = try await open.request(.POST, "/v1/svid/jwt", headers: jsonHeaders, body: json(["token": token, "audience": ["x"]]))
+                let jwt = try #require(object(issued)["token"] as? String, "\(issued.text)")
+                let claims = Base64URL.decode(jwt.split(separator: ".").dropFirst().first ?? "")
+                    .flatMap { try? JSONSerialization.jsonObject(with: Data($0)) as? [String: Any] }
+                let rules = object(try await admin.request(.GET, "/v1/revocations"))["revocations"] as? [[String: Any]] ?? []
+                let revokedAt = (rules.last { $0["value"] as? String == spiffeID }?["revoked_at"] as? String).flatMap { try? Date($0, strategy: .iso8601) }
+                guard let iat = (claims?["iat"] as? NSNumber)?.doubleValue, let revokedAt, iat <= revokedAt.timeIntervalSince1970 else { continue }
+                checked = true
+                #expect(try laggingNode.store.ledgerAppliedIndex() < leaderNode.store.ledgerAppliedIndex(), "the lagging node lacks the record")
+                // Asked while it lags; the entries flow again 200 ms later.
+                let started = ContinuousClock.now
+                let body = json(["jwt": jwt, "audience": "x"])
+                let asked = Task { try await behind.request(.POST, "/v1/verify", headers: jsonHeaders, body: body).text }
+                try await Task.sleep(for: .milliseconds(200))
+                await laggingNode.driver.setDropIncoming(nil)
+                let answer = (try JSONSerialization.jsonObject(with: Data(try await asked.value.utf8)) as? [String: Any]) ?? [:]
+                #expect(answer["valid"] as? Bool == true, "issued after the rule, judged once caught up: \(answer)")
+                #expect(started.duration(to: .now) >= .milliseconds(150), "the answer waited for the catch-up")
+            }
+            await laggingNode.driver.setDropIncoming(nil)
+            #expect(checked, "no identity was issued in its rule's second in six tries")
         }
     }
 

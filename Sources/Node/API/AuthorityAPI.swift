@@ -73,7 +73,7 @@ struct RevokeRequest: Codable {
 struct RevocationBody: Codable {
     var kind: String
     var value: String
-    var reason: String
+    var reason: String?
     var revokedAt: String
 }
 
@@ -163,7 +163,7 @@ extension NodeAPI {
         case (.GET, "/v1/crl.pem"): return try crl()
         case (.GET, "/v1/ca"): return try authorities(action: nil, next: nil)
         case (.POST, "/v1/ca/rotate"): return try await rotate(request)
-        case (.GET, "/v1/revocations"): return try revocations()
+        case (.GET, "/v1/revocations"): return try revocations(reasons: request.caller.isOperator)
         case (.POST, "/v1/revocations"): return try await revoke(request)
         default: return nil
         }
@@ -534,7 +534,8 @@ extension NodeAPI {
         }
         if let rule = await revocation(keys, serial: current.serialHex, spiffeID: current.spiffeID.description, attributes: current.attributes,
                                        issuedAt: current.notBefore.addingTimeInterval(X509Authority.backdate), notAfter: current.notAfter) {
-            throw APIError(status: .forbidden, code: "revoked", message: "the presented X509-SVID was revoked (\(rule.kind.rawValue) \(rule.value)): \(rule.reason)")
+            // The rule's reason is for operators (`revocations(reasons:)`), not for the holder.
+            throw APIError(status: .forbidden, code: "revoked", message: "the presented X509-SVID was revoked (\(rule.kind.rawValue) \(rule.value))")
         }
         let line = current.attributes["job_lineage"] ?? current.attributes["lineage"] ?? current.serialHex
         if limited, let wait = workloadIssuance.admit(line, now: Date().timeIntervalSince1970) {
@@ -676,23 +677,25 @@ extension NodeAPI {
         let body = try Self.decodeBody(VerifyRequest.self, request, expected: "{\"x509_chain\": PEM} or {\"jwt\", \"audience\"}")
         try clock.requireAgreement(.verdict)
         let keys = try requireKeys()
-        let answer = try await verify(body, keys)
+        let reasons = request.caller.isOperator
+        let answer = try await verify(body, keys, reasons: reasons)
         // An authority activated a moment ago may not be in the cached
         // bundle yet: look again (at most every 100 ms) before saying no.
         guard let code = answer.code, code == "untrusted" || code == "unknown_key", let authority,
               let fresh = try authority.keys(maxAge: .milliseconds(100)), fresh.bundle.sequence != keys.bundle.sequence else {
             return APIJSON.response(answer)
         }
-        return APIJSON.response(try await verify(body, fresh))
+        return APIJSON.response(try await verify(body, fresh, reasons: reasons))
     }
 
-    private func verify(_ body: VerifyRequest, _ keys: AuthorityService.Keys) async throws -> VerifyBody {
+    /// `reasons`: whether a `revoked` verdict gives the rule's reason (to operators only).
+    private func verify(_ body: VerifyRequest, _ keys: AuthorityService.Keys, reasons: Bool) async throws -> VerifyBody {
         do {
             if let chainPEM = body.x509Chain, body.jwt == nil {
                 let verified = try await keys.bundle.verifyX509(chainPEM: chainPEM, memo: keys.x509Chains, issued: authority?.issuedLookup)
                 metrics.count(verified.signature)
                 try await checkNotRevoked(keys, serial: verified.serialHex, spiffeID: verified.spiffeID, attributes: verified.attributes,
-                                          issuedAt: verified.notBefore.addingTimeInterval(X509Authority.backdate), notAfter: verified.notAfter)
+                                          issuedAt: verified.notBefore.addingTimeInterval(X509Authority.backdate), notAfter: verified.notAfter, reason: reasons)
                 return VerifyBody(valid: true, spiffeId: verified.spiffeID.description, serial: verified.serialHex,
                                   attributes: verified.attributes, expiresAt: Self.iso(verified.notAfter))
             }
@@ -701,7 +704,7 @@ extension NodeAPI {
                                                issued: authority?.issuedLookup).verify(jwt, audience: audience)
                 metrics.count(verified.signature)
                 try await checkNotRevoked(keys, serial: verified.serial, spiffeID: verified.spiffeID, attributes: verified.attributes,
-                                          issuedAt: verified.issuedAt ?? Date(timeIntervalSince1970: 0), notAfter: verified.expiry)
+                                          issuedAt: verified.issuedAt ?? Date(timeIntervalSince1970: 0), notAfter: verified.expiry, reason: reasons)
                 return VerifyBody(valid: true, spiffeId: verified.spiffeID.description, serial: verified.serial,
                                   attributes: verified.attributes, expiresAt: Self.iso(verified.expiry))
             }
@@ -721,23 +724,29 @@ extension NodeAPI {
     /// once this node has caught up (ReadIndex): the identity may have been
     /// recorded after the rule and not have reached this node yet. (A
     /// node holding the rule holds every record written before it, unless
-    /// forgotten: expired.) Without a leader to confirm, the times decide.
+    /// forgotten: expired.) Without a leader to confirm, or not caught up
+    /// within a fifth of the request timeout (1 s by default: a partition
+    /// would otherwise hold the caller for all of it), the times decide.
     func revocation(_ keys: AuthorityService.Keys, serial: String, spiffeID: String, attributes: Attributes, issuedAt: Date,
                     notAfter: Date) async -> Revocation? {
         let record = { self.authority?.issuedRecordIndex(serial: serial, notAfter: notAfter) }
         guard let rule = keys.revocation(serial: serial, spiffeID: spiffeID, attributes: attributes, issuedAt: issuedAt, recordIndex: record) else {
             return nil
         }
-        guard rule.kind != .serial, rule.revokedAtIndex != nil, record() == nil, (try? await driver.linearizableReadIndex()) != nil else { return rule }
+        guard rule.kind != .serial, rule.revokedAtIndex != nil, record() == nil,
+              (try? await driver.linearizableReadIndex(timeoutTicks: Self.catchUpTicks(driver))) != nil else { return rule }
         return keys.revocation(serial: serial, spiffeID: spiffeID, attributes: attributes, issuedAt: issuedAt, recordIndex: record)
     }
 
+    /// Throws `revoked` if a rule covers the identity; with its reason when `reason`.
+    static func catchUpTicks(_ driver: RaftDriver) -> Int { max(1, driver.requestTimeoutTicks / 5) }
+
     func checkNotRevoked(_ keys: AuthorityService.Keys, serial: String, spiffeID: SpiffeID, attributes: Attributes, issuedAt: Date,
-                         notAfter: Date) async throws(AuthorityError) {
+                         notAfter: Date, reason: Bool) async throws(AuthorityError) {
         if let rule = await revocation(keys, serial: serial, spiffeID: spiffeID.description, attributes: attributes, issuedAt: issuedAt,
                                        notAfter: notAfter) {
             throw AuthorityError("revoked", "revoked at \(Self.iso(Date(timeIntervalSince1970: TimeInterval(rule.revokedAtMillis) / 1000))) by \(rule.kind.rawValue) \(rule.value)"
-                                 + (rule.reason.isEmpty ? "" : ": \(rule.reason)"))
+                                 + (rule.reason.isEmpty || !reason ? "" : ": \(rule.reason)"))
         }
     }
 
@@ -818,10 +827,12 @@ extension NodeAPI {
         return try authorities(action: action, next: next)
     }
 
-    private func revocations() throws -> HTTPResponse {
+    /// The rules in force; their reasons (free text, which may tell of an
+    /// incident) only when `reasons` (operators).
+    private func revocations(reasons: Bool) throws -> HTTPResponse {
         let keys = try requireKeys()
         return APIJSON.response(RevocationsBody(revocations: keys.revocations.rules.map {
-            RevocationBody(kind: $0.kind.rawValue, value: $0.value, reason: $0.reason,
+            RevocationBody(kind: $0.kind.rawValue, value: $0.value, reason: reasons ? $0.reason : nil,
                            revokedAt: Self.iso(Date(timeIntervalSince1970: TimeInterval($0.revokedAtMillis) / 1000)))
         }))
     }
@@ -858,7 +869,7 @@ extension NodeAPI {
                                                                 requestID: RequestID.make(), operation: .revoke(rule)))
         if case .rejected(let reason) = outcome.result { throw APIError(status: .conflict, code: "rejected", message: reason) }
         authority?.invalidate()
-        return try revocations()
+        return try revocations(reasons: true)
     }
 
     static func spiffeID(_ text: String, trustDomain: String) throws -> SpiffeID {
