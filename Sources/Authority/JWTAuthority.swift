@@ -43,6 +43,7 @@ public struct JWTAuthority: Sendable {
         guard spiffeID.trustDomain == trustDomain else {
             throw AuthorityError("wrong_trust_domain", "\(spiffeID) is not in trust domain \(trustDomain)")
         }
+        guard spiffeID.namesWorkload else { throw AuthorityError("bad_spiffe_id", SpiffeID.workloadPathMessage) }
         guard !audiences.isEmpty, audiences.count <= Self.audiencesMax, audiences.allSatisfy({ !$0.isEmpty && $0.utf8.count <= 256 }) else {
             throw AuthorityError("bad_audience", "give 1 to \(Self.audiencesMax) audiences, each 1 to 256 bytes")
         }
@@ -242,6 +243,14 @@ public struct JWTVerifier: Sendable {
         guard audiences.contains(audience) else { throw AuthorityError("wrong_audience", "the token is not for '\(audience)'") }
         guard let exp = claims["exp"]?.number else { throw AuthorityError("missing_expiry", "exp is missing") }
         guard exp > now.timeIntervalSince1970 else { throw AuthorityError("expired", "the token expired at \(Date(timeIntervalSince1970: exp))") }
+        // Warrant writes no nbf; a token that has one is not taken before it
+        // (RFC 7519 4.1.5), with the leeway X.509 notBefore gets (`backdate`).
+        if let nbf = claims["nbf"] {
+            guard case .number(let at) = nbf else { throw AuthorityError("malformed_token", "nbf is not a number") }
+            guard at <= now.timeIntervalSince1970 + X509Authority.backdate else {
+                throw AuthorityError("not_yet_valid", "the token is not valid until \(Date(timeIntervalSince1970: at))")
+            }
+        }
         return VerifiedJWT(spiffeID: spiffeID, audiences: audiences, expiry: Date(timeIntervalSince1970: exp),
                            issuedAt: claims["iat"]?.number.map { Date(timeIntervalSince1970: $0) },
                            attributes: claims["warrant"]?.map ?? [:],

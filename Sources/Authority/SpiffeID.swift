@@ -68,6 +68,12 @@ public struct SpiffeID: Sendable, Hashable, CustomStringConvertible {
     /// The trust domain's own ID (`spiffe://<td>`), used for bundles.
     public var trustDomainID: String { "spiffe://\(trustDomain)" }
 
+    /// Whether it can name a workload: a leaf X509-SVID's ID has a path
+    /// (X509-SVID 3.1); the bare `spiffe://<td>` names the trust domain.
+    public var namesWorkload: Bool { !path.isEmpty }
+
+    public static let workloadPathMessage = "a workload's SPIFFE ID has a path (spiffe://<trust domain>/...); the bare trust domain ID names the trust domain itself"
+
     /// Lower-case letters, digits, '-', '.', '_'.
     static func isTrustDomainByte(_ byte: UInt8) -> Bool {
         (byte >= 0x61 && byte <= 0x7A) || (byte >= 0x30 && byte <= 0x39) || byte == 0x2D || byte == 0x2E || byte == 0x5F

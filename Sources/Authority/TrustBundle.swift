@@ -18,9 +18,14 @@ public struct TrustBundle: Sendable {
     public var jwtKeys: [String: VerificationKey]
     public var sequence: UInt64
     public var refreshHintSeconds: Int
+    /// How often relying parties are told to fetch the bundle again.
+    public static let refreshHintDefault = 60
+    /// Refresh intervals a prepared authority is published before it may
+    /// sign (SPIFFE federation recommends 3 to 5): 300 s at the default hint.
+    public static let refreshesBeforeActivation = 5
 
     public init(trustDomain: String, x509Authorities: [Certificate], jwtKeys: [String: VerificationKey], sequence: UInt64,
-                refreshHintSeconds: Int = 300) {
+                refreshHintSeconds: Int = TrustBundle.refreshHintDefault) {
         self.trustDomain = trustDomain
         self.x509Authorities = x509Authorities
         roots = CertificateStore(x509Authorities)
@@ -202,6 +207,7 @@ public struct TrustBundle: Sendable {
             throw AuthorityError("bad_svid", "the URI SAN is not a SPIFFE ID: \(error)")
         }
         guard spiffeID.trustDomain == trustDomain else { throw AuthorityError("wrong_trust_domain", "\(spiffeID) is not in \(trustDomain)") }
+        guard spiffeID.namesWorkload else { throw AuthorityError("bad_svid", "a leaf's SPIFFE ID has a path (X509-SVID 3.1); this one is the bare trust domain ID") }
         guard let constraints = try? extensions.basicConstraints, case .notCertificateAuthority = constraints else {
             throw AuthorityError("bad_svid", "a leaf must carry BasicConstraints with CA false")
         }

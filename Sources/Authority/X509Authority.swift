@@ -245,6 +245,7 @@ public struct X509Authority: Sendable {
         guard spiffeID.trustDomain == trustDomain else {
             throw AuthorityError("wrong_trust_domain", "\(spiffeID) is not in trust domain \(trustDomain)")
         }
+        guard spiffeID.namesWorkload else { throw AuthorityError("bad_spiffe_id", SpiffeID.workloadPathMessage) }
         // Whole seconds, as the certificate encodes them: notBefore +
         // backdate is then exactly when it was signed (revocation rules
         // compare that with their own time).

@@ -256,6 +256,14 @@ public struct Revocation: Sendable, Hashable, Codable {
     public var revokedAtMillis: UInt64
     /// The log index of the command that added the rule.
     public var revokedAtIndex: UInt64?
+    /// A serial rule naming a renewal: its line (the first serial), and
+    /// where the renewal stands in it (its issuance record's log index, and
+    /// its issue time where an index is unknown). What its line issued from
+    /// then on is covered too: the renewals after it, their steps and the
+    /// JWT-SVIDs they minted. Set by the leader from the renewal's record.
+    public var lineage: String?
+    public var lineageFromIndex: UInt64?
+    public var lineageFromMillis: UInt64?
 
     public init(kind: Kind, value: String, reason: String, revokedAtMillis: UInt64 = 0, revokedAtIndex: UInt64? = nil) {
         self.kind = kind
@@ -272,29 +280,52 @@ public struct Revocation: Sendable, Hashable, Codable {
     /// (so revoking the job's first serial reaches its steps, and revoking
     /// one of its SVIDs reaches the steps made from that one).
     ///
-    /// A serial rule has no time condition: it names identities that
-    /// exist, and their descendants cannot be made once it is in (renewals
-    /// and steps of a revoked identity are refused), so a rule stamped by
-    /// a clock a little behind the one that signed still covers what it
-    /// names.
+    /// A serial rule naming a renewal also covers what its line issued from
+    /// that renewal on (`lineage`): a renewal made from it, then renewed
+    /// again before the rule, carries only the line's first serial.
+    ///
+    /// A serial rule has no time condition otherwise: it names identities
+    /// that exist, and their descendants cannot be made once it is in
+    /// (renewals and steps of a revoked identity are refused), so a rule
+    /// stamped by a clock a little behind the one that signed still covers
+    /// what it names.
     ///
     /// `recordIndex` gives the log index of the identity's issuance record,
-    /// if known; it is asked only when an ID or attribute rule names the
-    /// identity.
+    /// if known; it is asked only when an ID or attribute rule, or a serial
+    /// rule's line, names the identity.
     public func matches(serial: String, spiffeID: String, attributes: [String: String], issuedAtMillis: UInt64,
                         recordIndex: () -> UInt64? = { nil }) -> Bool {
         switch kind {
         case .serial:
             let wanted = Self.canonicalSerial(value)
-            return Self.canonicalSerial(serial) == wanted || Self.serialAttributes.contains { attributes[$0].map(Self.canonicalSerial) == wanted }
+            if Self.canonicalSerial(serial) == wanted || Self.serialAttributes.contains(where: { attributes[$0].map(Self.canonicalSerial) == wanted }) {
+                return true
+            }
+            guard let lineage, let lineageFromMillis else { return false }
+            let line = Self.canonicalSerial(lineage)
+            guard attributes["lineage"].map(Self.canonicalSerial) == line || attributes["job_lineage"].map(Self.canonicalSerial) == line else { return false }
+            if let lineageFromIndex, let issued = recordIndex() { return issued >= lineageFromIndex }
+            return issuedAtMillis >= lineageFromMillis
         case .spiffeID:
-            guard spiffeID == value else { return false }
+            guard spiffeID == value || Self.isStep(spiffeID, attributes, of: value) else { return false }
         case .attribute:
             guard let equals = value.firstIndex(of: "="),
                   attributes[String(value[..<equals])] == String(value[value.index(after: equals)...]) else { return false }
         }
         if let revokedAtIndex, let issued = recordIndex() { return issued < revokedAtIndex }
         return issuedAtMillis <= revokedAtMillis
+    }
+
+    /// Whether the identity is a step of the job `jobID`: steps are named
+    /// `<job>/step/<name>` and carry `step=<name>` (both set by the node
+    /// that signs, never by the caller), so an ID rule for a job reaches
+    /// its steps, their renewals and the JWT-SVIDs they mint. (The ledger
+    /// checks a step's issuance with the job SVID's times and record, so a
+    /// step of a job revoked by ID is refused even where a node's cached
+    /// rules are a second old.)
+    static func isStep(_ spiffeID: String, _ attributes: [String: String], of jobID: String) -> Bool {
+        guard let step = attributes["step"], spiffeID.utf8.count == jobID.utf8.count + 6 + step.utf8.count else { return false }
+        return spiffeID.hasPrefix(jobID) && spiffeID.hasSuffix("/step/" + step)
     }
 
     /// The attributes naming serials an identity descends from.
@@ -310,6 +341,12 @@ public struct Revocation: Sendable, Hashable, Codable {
     /// Why the rule may not be recorded, or nil.
     public var invalidReason: String? {
         guard !value.isEmpty, value.utf8.count <= 2048 else { return "the revoked value must be 1 to 2048 bytes" }
+        if let lineage {
+            guard kind == .serial, lineageFromMillis != nil, !lineage.isEmpty, lineage.utf8.count <= 64,
+                  lineage.utf8.allSatisfy({ ($0 >= 0x30 && $0 <= 0x39) || ($0 >= 0x61 && $0 <= 0x66) }) else {
+                return "a rule's line is a serial rule's, lower-case hex, with the time it starts from"
+            }
+        }
         guard reason.utf8.count <= 512 else { return "the reason is longer than 512 bytes" }
         switch kind {
         case .serial:
@@ -452,6 +489,13 @@ public enum AuthorityDocuments {
 
     public static func issued(notAfterMillis: UInt64, serial: String) -> String {
         timed(issuedPrefix, notAfterMillis, serial)
+    }
+
+    /// Steps closed, by the step SVID's expiry then serial: a step closes
+    /// once (see `LedgerCommand.Operation.closeStep`).
+    public static let closedStepsPrefix = "authority/closed/"
+    public static func closedStep(notAfterMillis: UInt64, serial: String) -> String {
+        timed(closedStepsPrefix, notAfterMillis, serial)
     }
 
     /// The longest any identity may live, whatever a token allows; a

@@ -42,8 +42,11 @@ public struct LedgerCommand: Sendable, Hashable {
         case activateAuthority(id: String)
         /// Records a revocation rule (stamped with the command's time).
         case revoke(Revocation)
-        /// A per-step identity's command ended: for the audit chain only.
-        case closeStep(spiffeID: String, serial: String, exitStatus: Int32)
+        /// A per-step identity's command ended, with its exit status in the
+        /// audit chain. With the step SVID's expiry (tag 13), a step closes
+        /// once: a marker kept until then refuses a second close (entries
+        /// of tag 11, without it, only write the audit record).
+        case closeStep(spiffeID: String, serial: String, exitStatus: Int32, notAfterMillis: UInt64 = 0)
     }
 
     public var timeMillis: UInt64
@@ -105,7 +108,7 @@ public struct LedgerCommand: Sendable, Hashable {
             guard !id.isEmpty, id.utf8.count <= 64 else { return "an authority id is 1 to 64 bytes" }
         case .revoke(let revocation):
             if let reason = revocation.invalidReason { return reason }
-        case .closeStep(let spiffeID, let serial, _):
+        case .closeStep(let spiffeID, let serial, _, _):
             guard spiffeID.utf8.count <= 2048, !serial.isEmpty, serial.utf8.count <= 64 else { return "a step is named by its SPIFFE ID and serial" }
         }
         return nil
@@ -187,11 +190,12 @@ public struct LedgerCommand: Sendable, Hashable {
         case .revoke(let revocation):
             w.write(UInt8(9))
             w.writeBytes((try? CanonicalJSON.encode(revocation)) ?? [])
-        case .closeStep(let spiffeID, let serial, let exitStatus):
-            w.write(UInt8(11))
+        case .closeStep(let spiffeID, let serial, let exitStatus, let notAfterMillis):
+            w.write(UInt8(notAfterMillis == 0 ? 11 : 13))
             w.writeBytes(spiffeID.utf8)
             w.writeBytes(serial.utf8)
             w.write(UInt32(bitPattern: exitStatus))
+            if notAfterMillis != 0 { w.write(notAfterMillis) }
         }
         return w.bytes
     }
@@ -222,7 +226,8 @@ public struct LedgerCommand: Sendable, Hashable {
         timeMillis = try r.readUInt64("time")
         actor = try Self.readString(&r, "actor", LedgerLimits.actorBytesMax)
         requestID = try Self.readString(&r, "request id", LedgerLimits.requestIDBytesMax)
-        switch try r.readUInt8("operation") {
+        let operationTag = try r.readUInt8("operation")
+        switch operationTag {
         case 1:
             let name = try Self.readString(&r, "document name", LedgerLimits.documentNameBytesMax)
             let rawFormat = try r.readUInt8("format")
@@ -269,10 +274,13 @@ public struct LedgerCommand: Sendable, Hashable {
                 throw .invalid(field: "revocation", reason: "not a revocation")
             }
             operation = .revoke(revocation)
-        case 11:
+        case 11, 13:
             let spiffeID = try Self.readString(&r, "spiffe id", 2048)
             let serial = try Self.readString(&r, "serial", 64)
-            operation = .closeStep(spiffeID: spiffeID, serial: serial, exitStatus: Int32(bitPattern: try r.readUInt32("exit status")))
+            let exitStatus = Int32(bitPattern: try r.readUInt32("exit status"))
+            let notAfterMillis = operationTag == 13 ? try r.readUInt64("step expiry") : 0
+            if operationTag == 13 && notAfterMillis == 0 { throw .invalid(field: "step expiry", reason: "zero") }
+            operation = .closeStep(spiffeID: spiffeID, serial: serial, exitStatus: exitStatus, notAfterMillis: notAfterMillis)
         case let tag:
             throw .unknownTag(field: "operation", tag: tag)
         }

@@ -129,7 +129,7 @@ public enum Ledger {
             case .prepareAuthority(let entry): (action, target) = ("authority.prepare", entry.id)
             case .activateAuthority(let id): (action, target) = ("authority.activate", id)
             case .revoke(let rule): (action, target) = ("identity.revoke", "\(rule.kind.rawValue)=\(rule.value)")
-            case .closeStep(let spiffeID, _, _): (action, target) = ("step.close", spiffeID)
+            case .closeStep(let spiffeID, _, _, _): (action, target) = ("step.close", spiffeID)
             }
             var resultText: String
             switch result {
@@ -141,7 +141,7 @@ public enum Ledger {
                 resultText = issuedText(i, replayed: replayed, requestID: command.requestID)
             }
             if case .recordDenial(let reason, _) = command.operation { resultText = "denied: \(reason)" }
-            if case .closeStep(_, let serial, let status) = command.operation { resultText = "ok: serial=\(serial) exit_status=\(status)" }
+            if case .closeStep(_, let serial, let status, _) = command.operation, case .written = result { resultText = "ok: serial=\(serial) exit_status=\(status)" }
             if case .revoke(let rule) = command.operation, case .written = result { resultText = "ok: \(rule.reason)" }
             try audit(&tables, entry, timeMillis: command.timeMillis, actor: command.actor, action: action, target: target, result: resultText)
             return LedgerOutcome(logIndex: entry.index, requestID: command.requestID, result: result)
@@ -254,8 +254,16 @@ public enum Ledger {
             return .written(version: 1)
         case .recordIssuance(let issuance):
             return try issue(issuance, command.timeMillis, index, &tables)
-        case .recordDenial, .closeStep:
+        case .recordDenial, .closeStep(_, _, _, 0):
             return .written(version: 0) // only the audit record
+        case .closeStep(_, let serial, let exitStatus, let notAfterMillis):
+            let name = AuthorityDocuments.closedStep(notAfterMillis: notAfterMillis, serial: serial)
+            guard try tables.document(named: name) == nil else { return .rejected("the step was closed already") }
+            try tables.put(Document(name: name, format: .json, content: Array(JSONText.object(["exit_status": String(exitStatus)]).utf8), version: 1,
+                                    logIndex: index))
+            // Kept while the step's SVID lives (a close needs it); up to two gone ones forgotten per close.
+            try forget(AuthorityDocuments.closedStepsPrefix, before: command.timeMillis, &tables)
+            return .written(version: 1)
         case .prepareAuthority(var entry):
             guard let (document, current) = try keyring(&tables) else { return .rejected("the authority is not initialized") }
             var keyring = current

@@ -116,6 +116,20 @@ public final class AuthorityService: Sendable {
         return (try? store.document(named: AuthorityDocuments.issued(notAfterMillis: notAfterMillis, serial: serial)))??.logIndex
     }
 
+    /// The issuance record of the identity with `serial` (any case, leading
+    /// zeros or not) and the log index that wrote it, if this node holds it:
+    /// found by a scan of the records' names (a revocation by serial).
+    public func issuedRecord(serial: String) throws -> (record: IssuedRecord, logIndex: UInt64)? {
+        let wanted = Revocation.canonicalSerial(serial)
+        // Records name serials in lower-case hex: the wanted digits, after zeros.
+        guard let name = try store.firstName(under: AuthorityDocuments.issuedPrefix, where: { name in
+            guard name.hasSuffix(wanted), let slash = name.lastIndex(of: "/") else { return false }
+            return name[name.index(after: slash)...].dropLast(wanted.count).allSatisfy { $0 == "0" }
+        }), let document = try store.document(named: name),
+              let record = try? JSONDecoder().decode(IssuedRecord.self, from: Data(document.content)) else { return nil }
+        return (record, document.logIndex)
+    }
+
     /// The first 8 bytes of the KEK's SHA-256, hex: names the KEK without revealing it.
     var kekID: String { Hex.encode(kek.withUnsafeBytes { SHA256.hash(data: Array($0)) }.prefix(8)) }
 

@@ -155,6 +155,8 @@ public actor RaftDriver {
         // entries after it are applied again.
         let durable = try store.loadDurableState()
         raft = try RaftNode(configuration: configuration, durable: durable)
+        publishedMembership = raft.membership
+        membersView = Mutex(raft.membership.members)
         appliedIndex = durable.appliedIndex
         self.store = store
         self.sender = sender
@@ -171,6 +173,13 @@ public actor RaftDriver {
     /// issuance asks, to decide whether to forward).
     public nonisolated var leadership: (isLeader: Bool, leaderID: NodeID) { leadershipView.withLock { $0 } }
     private nonisolated let leadershipView = Mutex<(isLeader: Bool, leaderID: NodeID)>((false, 0))
+
+    /// Whether `id` is a voter or learner of the membership this node
+    /// holds, as of the last Ready handled (read from any thread: the API
+    /// asks for every request a node's certificate makes).
+    public nonisolated func isMember(_ id: NodeID) -> Bool { membersView.withLock { $0.contains(id) } }
+    private nonisolated let membersView: Mutex<Set<NodeID>>
+    private var publishedMembership: Membership
 
     public var statusSnapshot: NodeStatusSnapshot {
         NodeStatusSnapshot(term: raft.term, role: raft.role.rawValue, leaderID: raft.leaderID, commitIndex: raft.commitIndex,
@@ -685,6 +694,11 @@ public actor RaftDriver {
         }
         let view = (raft.role == .leader, raft.leaderID)
         leadershipView.withLock { $0 = view }
+        if raft.membership != publishedMembership {
+            publishedMembership = raft.membership
+            let members = publishedMembership.members
+            membersView.withLock { $0 = members }
+        }
         if view.1 != noNode { releaseLeaderWaiters() }
     }
 

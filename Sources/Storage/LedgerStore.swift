@@ -346,6 +346,21 @@ public final class LedgerStore: Sendable {
 
     /// Every document under `prefix` with its content, in name order, as
     /// they were at one moment.
+    /// The first name under `prefix` that `matches`, names only, in order:
+    /// for rare scans (a revocation looking for a serial's record), which
+    /// hold applying up for a few milliseconds per hundred thousand names.
+    public func firstName(under prefix: String, where matches: (String) -> Bool) -> String? {
+        memory.withLock { memory in
+            var found: String?
+            memory.names.forEach(from: prefix) { name in
+                guard name.hasPrefix(prefix) else { return false }
+                if matches(name) { found = name }
+                return found == nil
+            }
+            return found
+        }
+    }
+
     public func forEachDocument(prefix: String, _ body: (Document) throws -> Void) rethrows {
         let documents = memory.withLock { memory in
             var documents: [Document] = []

@@ -333,6 +333,9 @@ public final class RaftStore: @unchecked Sendable {
     public func documents(prefix: String, after: String = "", limit: Int) throws -> [Document] {
         try requireLedger().documents(prefix: prefix, after: after, limit: limit)
     }
+    public func firstName(under prefix: String, where matches: (String) -> Bool) throws -> String? {
+        try requireLedger().firstName(under: prefix, where: matches)
+    }
     public func forEachDocument(prefix: String, _ body: (Document) throws -> Void) throws {
         try requireLedger().forEachDocument(prefix: prefix, body)
     }

@@ -600,7 +600,7 @@ struct CACommand: AsyncParsableCommand {
             discussion: "Activation waits until the prepared authority has been in bundles for one refresh interval, so relying parties trust it before it signs; --force skips the wait. A retired authority stays in bundles until the last identity it signed expires.")
         @OptionGroup var connection: ConnectionOptions
         @Option(help: "Key type of the new authority: \(KeyAlgorithm.names) (default: the cluster's).") var keyAlgorithm: String?
-        @Flag(help: "Activate without waiting for a bundle refresh interval.") var force = false
+        @Flag(help: "Activate without waiting five bundle refresh intervals (300 s).") var force = false
 
         func validate() throws {
             if let keyAlgorithm, KeyAlgorithm(rawValue: keyAlgorithm) == nil { throw ValidationError("--key-algorithm must be one of \(KeyAlgorithm.names)") }

@@ -262,13 +262,32 @@ struct X509SVIDTests {
     }
 
     @Test("Lifetimes stop at the CA's end; other trust domains are refused")
-    func limits() throws {
+    func limits() async throws {
         let now = Date()
         let shortCA = try X509Authority.create(trustDomain: "example.org", now: now, validity: 300)
         let key = Certificate.PublicKey(P256.Signing.PrivateKey().publicKey)
         let issued = try shortCA.issue(spiffeID: id, publicKey: key, ttl: 3_600, attributes: [:], now: now)
         #expect(issued.notValidAfter == shortCA.certificate.notValidAfter)
         #expect(throws: AuthorityError.self) { try ca.issue(spiffeID: try SpiffeID(parsing: "spiffe://other.org/x"), publicKey: key, ttl: 60, attributes: [:]) }
+        // The bare trust domain ID names no workload (X509-SVID 3.1): neither signed nor taken as a leaf.
+        let bare = try SpiffeID(parsing: "spiffe://example.org")
+        #expect(await authorityCode { _ = try ca.issue(spiffeID: bare, publicKey: key, ttl: 60, attributes: [:]) } == "bad_spiffe_id")
+        #expect(await authorityCode { _ = try JWTAuthority.create(trustDomain: "example.org").issue(spiffeID: bare, audiences: ["x"], ttl: 60, attributes: [:]) } == "bad_spiffe_id")
+        let leafKey = P256.Signing.PrivateKey()
+        func leaf(_ uri: String) throws -> Certificate {
+            try Certificate(version: .v3, serialNumber: .init(), publicKey: .init(leafKey.publicKey), notValidBefore: now - 60,
+                            notValidAfter: now + 60, issuer: try DistinguishedName { CommonName("x") },
+                            subject: try DistinguishedName { CommonName("x") }, signatureAlgorithm: .ecdsaWithSHA256,
+                            extensions: try Certificate.Extensions {
+                                Critical(BasicConstraints.notCertificateAuthority)
+                                Critical(KeyUsage(digitalSignature: true))
+                                SubjectAlternativeNames([.uniformResourceIdentifier(uri)])
+                            }, issuerPrivateKey: .init(leafKey))
+        }
+        let bareLeaf = try leaf("spiffe://example.org"), pathLeaf = try leaf("spiffe://example.org/w")
+        #expect(await authorityCode { _ = try TrustBundle.checkLeaf(bareLeaf, trustDomain: "example.org") } == "bad_svid")
+        // The same leaf with a path is taken (so the refusal is the path's).
+        #expect(await authorityCode { _ = try TrustBundle.checkLeaf(pathLeaf, trustDomain: "example.org") } == "none")
     }
 
     @Test("A CSR whose signature does not match its key, or that is not a CSR, is refused")
@@ -499,6 +518,8 @@ struct JWTSVIDTests {
             (try forge(["alg": "ES256", "kid": "f"], ["sub": id.description, "aud": "x", "exp": 1], key: foreign), "expired"),
             (try forge(["alg": "ES256", "kid": "f"], ["sub": "spiffe://other.org/x", "aud": "x", "exp": exp], key: foreign), "wrong_trust_domain"),
             (try forge(["alg": "ES256", "kid": "f"], ["sub": id.description, "exp": exp], key: foreign), "bad_audience"),
+            (try forge(["alg": "ES256", "kid": "f"], ["sub": id.description, "aud": "x", "exp": exp, "nbf": exp - 200], key: foreign), "not_yet_valid"),
+            (try forge(["alg": "ES256", "kid": "f"], ["sub": id.description, "aud": "x", "exp": exp, "nbf": "now"], key: foreign), "malformed_token"),
             ("a.b", "malformed_token"),
             (String(repeating: "a", count: 20_000), "token_too_large"),
         ]
@@ -515,6 +536,9 @@ struct JWTSVIDTests {
         let otherClaims = Base64URL.encode(Array(try JSONSerialization.data(withJSONObject: ["sub": "spiffe://example.org/admin", "aud": "x", "exp": exp])))
         #expect(throws: AuthorityError.self) { try verifier.verify("\(parts[0]).\(otherClaims).\(parts[2])", audience: "x") }
         #expect(try verifier.verify(parts.joined(separator: "."), audience: "x").spiffeID == id)
+        // An nbf within the leeway X.509 notBefore gets is taken.
+        let soon = try forge(["alg": "ES256", "kid": "f"], ["sub": id.description, "aud": "x", "exp": exp, "nbf": exp - 290], key: foreign)
+        #expect(try other.verify(soon, audience: "x").spiffeID == id)
     }
 
     @Test("Claims the hand parser leaves to the strict parser (a fractional exp, nested objects) read as the flat ones do; a typ that is not a string is refused; a duplicate member is refused, not read as the last one")
@@ -635,7 +659,7 @@ struct BundleTests {
         let signer = try JWTAuthority.create(trustDomain: "example.org")
         let bundle = TrustBundle(trustDomain: "example.org", x509Authorities: [ca.certificate], jwtKeys: [signer.keyID: signer.publicKey], sequence: 7)
         let object = try #require(try JSONSerialization.jsonObject(with: Data(try bundle.jwks())) as? [String: Any])
-        #expect(object["spiffe_sequence"] as? Int == 7 && object["spiffe_refresh_hint"] as? Int == 300)
+        #expect(object["spiffe_sequence"] as? Int == 7 && object["spiffe_refresh_hint"] as? Int == 60)
         let keys = try #require(object["keys"] as? [[String: Any]])
         let x509 = try #require(keys.first { $0["use"] as? String == "x509-svid" })
         #expect(x509["kid"] == nil && (x509["x5c"] as? [String])?.count == 1 && x509["kty"] as? String == "EC")

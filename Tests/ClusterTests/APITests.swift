@@ -3,6 +3,7 @@ import Foundation
 import NIOCore
 import NIOHTTP1
 import NIOPosix
+import NIOSSL
 import Node
 import Testing
 import Yams
@@ -197,10 +198,25 @@ struct APITests {
                                                             body: APIJSON.encode(TransferRequest(to: 4)), startingAt: Int(currentLeader) - 1)
             #expect(transfer.status == .ok, "\(transfer.text)")
             #expect(await eventually { await cluster.status(4)?.role == "leader" })
+            // Node 1's certificate speaks for a node while node 1 is a member, and for no one once it is removed.
+            let nodeOne = try #require(cluster.servers[1]).identity
+            var asNodeOne = TLSConfiguration.makeClientConfiguration()
+            asNodeOne.trustRoots = .certificates(try NIOSSLCertificate.fromPEMFile("\(cluster.directory)/ca.pem"))
+            asNodeOne.additionalTrustRoots = []
+            asNodeOne.certificateVerification = .noHostnameVerification
+            asNodeOne.certificateChain = [.certificate(try nodeOne.nioCertificate)]
+            asNodeOne.privateKey = .privateKey(try nodeOne.nioPrivateKey)
+            func auditAsNodeOne() async throws -> HTTPResponseStatus {
+                let connection = try await HTTPConnection.connect(to: try cluster.apiAddress(4), tls: try NIOSSLContext(configuration: asNodeOne))
+                defer { Task { await connection.close() } }
+                return try await connection.request(.GET, "/v1/audit?limit=1").status
+            }
+            #expect(try await auditAsNodeOne() == .ok, "a member's certificate")
             // Remove founding node 1; the cluster keeps working without it.
             let remove = try await toFour.request(.DELETE, "/v1/cluster/members/1")
             #expect(remove.status == .ok, "\(remove.text)")
             #expect(await eventually { await cluster.status(4)?.members.map(\.id) == [2, 3, 4] })
+            #expect(try await auditAsNodeOne() == .unauthorized, "a removed node's certificate")
             let write = try await toFour.request(.PUT, "/v1/documents/after/removal", headers: [("content-type", "application/json")], body: Array("{}".utf8))
             #expect(write.status == .ok, "\(write.text)")
             await toFour.close()

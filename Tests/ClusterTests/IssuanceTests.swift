@@ -27,7 +27,7 @@ struct IssuanceTests {
                                                            body: json(["spiffe_id": "spiffe://warrant.local/x"]))
             #expect(refusedToken.status == .unauthorized)
             for (id, code) in [("spiffe://Warrant.local/x", "bad_spiffe_id"), ("spiffe://other.org/x", "wrong_trust_domain"),
-                               ("spiffe://warrant.local/a/../b", "bad_spiffe_id")] {
+                               ("spiffe://warrant.local/a/../b", "bad_spiffe_id"), ("spiffe://warrant.local", "bad_spiffe_id")] {
                 let response = try await admin.request(.POST, "/v1/tokens", headers: [("content-type", "application/json")], body: json(["spiffe_id": id]))
                 #expect(response.status == .badRequest && response.text.contains(code), "\(id): \(response.text)")
             }
@@ -90,6 +90,19 @@ struct IssuanceTests {
             let otherKind = try await anonymous.request(.POST, "/v1/svid/jwt", headers: [("content-type", "application/json")],
                                                         body: json(["token": token, "audience": ["x"], "idempotency_key": "build-42"]))
             #expect(otherKind.status == .conflict && otherKind.text.contains("idempotency_conflict"), "\(otherKind.status) \(otherKind.text)")
+            // A JWT-SVID's key asked again for other audiences: a conflict, not the token for the first ones.
+            let jwtToken = try #require(object(try await admin.request(.POST, "/v1/tokens", headers: [("content-type", "application/json")],
+                                                                       body: json(["spiffe_id": "spiffe://warrant.local/ci/acme/deploy"])))["token"] as? String)
+            func jwt(_ audiences: [String]) async throws -> HTTPClientResponse {
+                try await anonymous.request(.POST, "/v1/svid/jwt", headers: [("content-type", "application/json")],
+                                            body: json(["token": jwtToken, "audience": audiences, "idempotency_key": "deploy-1"]))
+            }
+            let firstJWT = try await jwt(["a", "b"])
+            #expect(firstJWT.status == .ok, "\(firstJWT.text)")
+            let otherAudiences = try await jwt(["c"])
+            #expect(otherAudiences.status == .conflict && otherAudiences.text.contains("other audiences (a, b)"), "\(otherAudiences.text)")
+            let sameAudiences = try await jwt(["b", "a"])
+            #expect(object(sameAudiences)["token"] as? String == object(firstJWT)["token"] as? String && object(sameAudiences)["replayed"] as? Bool == true)
             // What the answer keeps for a retry is listed but not served, even to an admin.
             let kept = object(try await admin.request(.GET, "/v1/documents?prefix=authority/idempotency/"))["documents"] as? [[String: Any]] ?? []
             let keptName = try #require(kept.first?["name"] as? String, "\(kept)")
@@ -121,7 +134,7 @@ struct IssuanceTests {
             }
             let audit = object(try await admin.request(.GET, "/v1/audit?limit=1000"))
             let records = audit["records"] as? [[String: Any]] ?? []
-            let issuances = records.filter { $0["action"] as? String == "identity.issue" }
+            let issuances = records.filter { $0["action"] as? String == "identity.issue" && $0["target"] as? String == "spiffe://warrant.local/ci/acme/build" }
             #expect(issuances.count == 1 && (issuances.first?["result"] as? String)?.contains("serial=\(serial)") == true, "\(issuances)")
             // The client's request id, and the node's own after it (so that no other request shares it).
             let requestField = (issuances.first?["result"] as? String ?? "").split(separator: " ").first { $0.hasPrefix("request=") } ?? ""
@@ -183,6 +196,17 @@ struct IssuanceTests {
                 successes += statuses.filter { $0 == .ok }.count
             }
             #expect(successes == 5)
+            // Each refusal is in the audit chain once: a denial record, or the ledger's own rejected issuance (a loser whose
+            // command reached the log), not both.
+            func refusals() async throws -> (denied: Int, rejected: Int) {
+                let records = object(try await admin.request(.GET, "/v1/audit?limit=1000"))["records"] as? [[String: Any]] ?? []
+                return (records.filter { $0["action"] as? String == "identity.deny" && ($0["result"] as? String ?? "").contains("token_used") }.count,
+                        records.filter { $0["action"] as? String == "identity.issue" && ($0["result"] as? String ?? "").hasPrefix("rejected") }.count)
+            }
+            #expect(await eventually { let (denied, rejected) = (try? await refusals()) ?? (0, 0); return denied + rejected >= 10 })
+            try await Task.sleep(for: .seconds(1)) // denial records are written in the background
+            let (denied, rejected) = try await refusals()
+            #expect(denied + rejected == 10, "10 refusals: \(denied) denial records and \(rejected) rejected issuances")
             await admin.close()
         } catch {
             Issue.record(error)

@@ -185,7 +185,27 @@ struct LifecycleTests {
             let renewedVerdict = try await verdict(elsewhere, ["x509_chain": object(renewedShort)["certificate"] as? String ?? ""])
             #expect(renewedVerdict["valid"] as? Bool == true && renewedVerdict["spiffe_id"] as? String == "spiffe://warrant.local/ci/acme/web"
                     && (renewedVerdict["attributes"] as? [String: String])?["evidence"] == "join_token", "\(renewedVerdict)")
+            // An idempotency key used for a renewal, then for a step (the same presented SVID, so the same evidence): a
+            // conflict, not the renewal's certificate as the step's identity; the renewal asked again is replayed.
+            let keyedRenewal = json(["csr": csr2, "idempotency_key": "s-1"])
+            let keyed = try await shortHolder.request(.POST, "/v1/svid/x509/renew", headers: jsonHeaders, body: keyedRenewal)
+            #expect(keyed.status == .ok, "\(keyed.text)")
+            let stepWithIt = try await shortHolder.request(.POST, "/v1/svid/x509/step", headers: jsonHeaders,
+                                                           body: json(["step": "lint", "csr": csr2, "idempotency_key": "s-1"]))
+            #expect(stepWithIt.status == .conflict && stepWithIt.text.contains("idempotency_conflict"), "\(stepWithIt.status) \(stepWithIt.text)")
+            let keyedAgain = try await shortHolder.request(.POST, "/v1/svid/x509/renew", headers: jsonHeaders, body: keyedRenewal)
+            #expect(object(keyedAgain)["serial"] as? String == object(keyed)["serial"] as? String && object(keyedAgain)["replayed"] as? Bool == true)
             await shortHolder.close()
+            // A SPIFFE ID longer than an audit actor may be (256 bytes) renews all the same: the actor keeps its beginning and a hash.
+            let longID = "spiffe://warrant.local/ci/" + String(repeating: "segment-", count: 40) + "end"
+            _ = try await issue(cluster, admin: admin, via: open, spiffeID: longID, ttl: 600, name: "long")
+            let longHolder = try await workloadConnection(cluster, to: follower, certificate: "\(dir)/long.pem", key: "\(dir)/long.key")
+            let longRenewal = try await longHolder.request(.POST, "/v1/svid/x509/renew", headers: jsonHeaders, body: json(["csr": csr2]))
+            await longHolder.close()
+            #expect(longRenewal.status == .ok && object(longRenewal)["spiffe_id"] as? String == longID, "\(longRenewal.text)")
+            let longActors = (object(try await admin.request(.GET, "/v1/audit?limit=1000"))["records"] as? [[String: Any]] ?? [])
+                .compactMap { $0["actor"] as? String }.filter { $0.hasPrefix("spiffe://warrant.local/ci/segment-") }
+            #expect(longActors.count == 1 && longActors[0].utf8.count <= 256 && longActors[0].contains("...sha256:"), "\(longActors)")
 
             // r1 renews itself into r1b before the revocation.
             let r1Holder = try await workloadConnection(cluster, to: follower, certificate: "\(dir)/r1.pem", key: "\(dir)/r1.key")
@@ -203,6 +223,17 @@ struct LifecycleTests {
                 return object(answer)["certificate"] as? String ?? ""
             }
             let r1bStep = try await step(from: r1b["certificate"] as? String ?? "", key: "\(dir)/r1-next.key", named: "build")
+            // A step closes once: the second close is refused and writes nothing.
+            try r1bStep.write(toFile: "\(dir)/r1b-step.pem", atomically: true, encoding: .utf8)
+            let stepHolder = try await workloadConnection(cluster, to: follower, certificate: "\(dir)/r1b-step.pem", key: "\(dir)/step-build.key")
+            let firstClose = try await stepHolder.request(.POST, "/v1/steps/close", headers: jsonHeaders, body: json(["exit_status": 3]))
+            #expect(firstClose.status == .ok, "\(firstClose.text)")
+            let secondClose = try await stepHolder.request(.POST, "/v1/steps/close", headers: jsonHeaders, body: json(["exit_status": 0]))
+            #expect(secondClose.status == .conflict && secondClose.text.contains("already_closed"), "\(secondClose.status) \(secondClose.text)")
+            await stepHolder.close()
+            let closes = (object(try await admin.request(.GET, "/v1/audit?limit=1000"))["records"] as? [[String: Any]] ?? [])
+                .filter { $0["action"] as? String == "step.close" }
+            #expect(closes.count == 1 && (closes.first?["result"] as? String ?? "").contains("exit_status=3"), "\(closes)")
 
             // Revoke r1 by serial (as openssl prints it: upper case): every node refuses it and its renewal within a second or so; r2 stays valid.
             let r1Serial = try #require(r1["serial"] as? String)
@@ -261,18 +292,34 @@ struct LifecycleTests {
             #expect(r2Check.status == 0, "\(r2Check.output)")
             _ = r1Cert
 
-            // Revoking one renewal of a job (r2b, not r2's first serial) reaches the steps made from it (their parent), not the rest of its line.
+            // Revoking one renewal of a job (r2b, not r2's first serial) reaches the steps made from it (their parent) and what its line
+            // issued from it on (r2c, renewed from r2b before the rule, carries only the line's first serial), not what came before (r2).
             let r2Holder = try await workloadConnection(cluster, to: follower, certificate: "\(dir)/r2.pem", key: "\(dir)/r2.key")
             let r2b = object(try await r2Holder.request(.POST, "/v1/svid/x509/renew", headers: jsonHeaders,
                                                         body: json(["csr": try opensslCSR(in: dir, name: "r2-next")])))
             await r2Holder.close()
             let r2bStep = try await step(from: r2b["certificate"] as? String ?? "", key: "\(dir)/r2-next.key", named: "test")
+            try (r2b["certificate"] as? String ?? "").write(toFile: "\(dir)/r2b.pem", atomically: true, encoding: .utf8)
+            let r2bHolder = try await workloadConnection(cluster, to: follower, certificate: "\(dir)/r2b.pem", key: "\(dir)/r2-next.key")
+            let r2c = object(try await r2bHolder.request(.POST, "/v1/svid/x509/renew", headers: jsonHeaders,
+                                                         body: json(["csr": try opensslCSR(in: dir, name: "r2-third")])))
+            await r2bHolder.close()
+            let r2cCertificate = try #require(r2c["certificate"] as? String, "\(r2c)")
             #expect(try await verdict(elsewhere, ["x509_chain": r2bStep])["valid"] as? Bool == true)
+            #expect(try await verdict(elsewhere, ["x509_chain": r2cCertificate])["valid"] as? Bool == true)
             #expect(try await admin.request(.POST, "/v1/revocations", headers: jsonHeaders,
                                             body: json(["serial": r2b["serial"] as? String ?? "-"])).status == .ok)
             #expect(await eventually(seconds: 5) {
                 ((try? await verdict(elsewhere, ["x509_chain": r2bStep])) ?? [:])["code"] as? String == "revoked"
             })
+            let r2cVerdict = try await verdict(elsewhere, ["x509_chain": r2cCertificate])
+            #expect(r2cVerdict["code"] as? String == "revoked", "renewed from the revoked renewal: \(r2cVerdict)")
+            try r2cCertificate.write(toFile: "\(dir)/r2c.pem", atomically: true, encoding: .utf8)
+            let r2cHolder = try await workloadConnection(cluster, to: follower, certificate: "\(dir)/r2c.pem", key: "\(dir)/r2-third.key")
+            let r2cRenewal = try await r2cHolder.request(.POST, "/v1/svid/x509/renew", headers: jsonHeaders,
+                                                         body: json(["csr": try opensslCSR(in: dir, name: "r2-fourth")]))
+            await r2cHolder.close()
+            #expect(r2cRenewal.status == .forbidden && r2cRenewal.text.contains("revoked"), "\(r2cRenewal.text)")
             #expect(try await verdict(elsewhere, ["x509_chain": r2["certificate"] as? String ?? ""])["valid"] as? Bool == true)
 
             // By attribute: every identity whose context names r2's token.

@@ -221,6 +221,106 @@ struct AuthorityLedgerTests {
         #expect(book.apply(.recordIssuance(renewal(of: 1, issuedAt: 9_000, named: false)), at: 10_000) == .issued(artifact: [1, 2, 3], replayed: false))
     }
 
+    @Test("An ID rule for a job reaches its steps (`<job>/step/<name>` carrying step=<name>), not an ID that only looks like one nor another job's; a step made from a job SVID recorded before the rule is refused at apply")
+    func idRuleReachesSteps() throws {
+        let job = "spiffe://example.org/ci/build"
+        let rule = Revocation(kind: .spiffeID, value: job, reason: "", revokedAtMillis: 5_000)
+        func covers(_ id: String, _ attributes: [String: String], issuedAt: UInt64 = 4_000) -> Bool {
+            rule.matches(serial: "aa", spiffeID: id, attributes: attributes, issuedAtMillis: issuedAt)
+        }
+        #expect(covers(job + "/step/test", ["step": "test"]))
+        #expect(!covers(job + "/step/test", [:]), "a token's ID that only looks like a step's")
+        #expect(!covers(job + "/step/test", ["step": "lint"]))
+        #expect(!covers("spiffe://example.org/ci/build2/step/test", ["step": "test"]))
+        #expect(!covers("spiffe://example.org/ci/buil/step/test", ["step": "test"]))
+        #expect(!covers(job + "/step/test", ["step": "test"], issuedAt: 6_000), "issued after the rule")
+
+        var book = try initialized()
+        _ = book.apply(.createJoinToken(token(1, spiffeID: job)), at: 2_000)
+        #expect(book.apply(.recordIssuance(issuance(1, authority: "old", issuedAt: 2_000, notAfter: 90_000, spiffeID: job)), at: 2_000)
+                == .issued(artifact: [1, 2, 3], replayed: false))
+        #expect(book.apply(.revoke(Revocation(kind: .spiffeID, value: job, reason: "")), at: 3_000) == .written(version: 1))
+        let jobSerial = String(format: "%032x", 1)
+        var step = issuance(2, authority: "old", issuedAt: 4_000, notAfter: 60_000, spiffeID: job + "/step/test",
+                            attributes: ["step": "test", "parent": jobSerial], renewing: (jobSerial, 2_000))
+        step.renewedNotAfterMillis = 90_000
+        #expect(book.apply(.recordIssuance(step), at: 4_000) == .rejected("revoked: the identity being renewed was revoked (spiffe_id \(job))"))
+    }
+
+    @Test("A serial rule naming a renewal covers what its line issued from it on (by the log where known, else the times): later renewals, their steps and JWT-SVIDs; not what came before it, nor other lines; the renewal of a later one is refused at apply")
+    func serialRuleFollowsItsLine() throws {
+        var rule = Revocation(kind: .serial, value: "b2", reason: "", revokedAtMillis: 9_000)
+        rule.lineage = "a1"
+        rule.lineageFromIndex = 20
+        rule.lineageFromMillis = 5_000
+        #expect(rule.invalidReason == nil)
+        func covers(_ attributes: [String: String], issuedAt: UInt64, index: UInt64?) -> Bool {
+            rule.matches(serial: "cc", spiffeID: "spiffe://x/y", attributes: attributes, issuedAtMillis: issuedAt, recordIndex: { index })
+        }
+        #expect(covers(["lineage": "a1"], issuedAt: 4_000, index: 25), "renewed after it (by the log, whatever the clock said)")
+        #expect(!covers(["lineage": "a1"], issuedAt: 6_000, index: 15), "before it in the log")
+        #expect(covers(["lineage": "00A1"], issuedAt: 6_000, index: nil) && !covers(["lineage": "a1"], issuedAt: 4_000, index: nil), "no record: the times")
+        #expect(covers(["job_lineage": "a1", "lineage": "d4"], issuedAt: 6_000, index: 30), "a step of a later renewal")
+        #expect(!covers(["lineage": "e5"], issuedAt: 6_000, index: 30), "another line")
+        var without = rule
+        without.lineageFromMillis = nil
+        #expect(without.invalidReason != nil, "a line needs where it starts")
+        var onID = Revocation(kind: .spiffeID, value: "spiffe://x/y", reason: "")
+        onID.lineage = "a1"
+        onID.lineageFromMillis = 1
+        #expect(onID.invalidReason != nil, "only a serial rule has a line")
+
+        // At apply: the renewal of a later renewal of the line (recorded after the one named) is refused.
+        var book = try initialized()
+        let id = "spiffe://example.org/svc"
+        _ = book.apply(.createJoinToken(token(1, spiffeID: id)), at: 2_000)
+        let first = String(format: "%032x", 1)
+        #expect(book.apply(.recordIssuance(issuance(1, authority: "old", issuedAt: 2_000, notAfter: 90_000, spiffeID: id, attributes: ["lineage": first])),
+                           at: 2_000) == .issued(artifact: [1, 2, 3], replayed: false))
+        func renewal(_ n: Int, of parent: Int, at time: UInt64, parentIssuedAt: UInt64) -> Issuance {
+            var renewal = issuance(n, authority: "old", issuedAt: time, notAfter: 90_000 + UInt64(n), spiffeID: id, attributes: ["lineage": first],
+                                   renewing: (String(format: "%032x", parent), parentIssuedAt))
+            renewal.renewedNotAfterMillis = 90_000 + (parent == 1 ? 0 : UInt64(parent))
+            return renewal
+        }
+        #expect(book.apply(.recordIssuance(renewal(2, of: 1, at: 3_000, parentIssuedAt: 2_000)), at: 3_000) == .issued(artifact: [1, 2, 3], replayed: false))
+        let secondIndex = book.index
+        #expect(book.apply(.recordIssuance(renewal(3, of: 2, at: 4_000, parentIssuedAt: 3_000)), at: 4_000) == .issued(artifact: [1, 2, 3], replayed: false))
+        var second = Revocation(kind: .serial, value: "2", reason: "key leaked")
+        second.lineage = "1"
+        second.lineageFromIndex = secondIndex
+        second.lineageFromMillis = 3_000
+        #expect(book.apply(.revoke(second), at: 5_000) == .written(version: 1))
+        #expect(book.apply(.recordIssuance(renewal(4, of: 3, at: 6_000, parentIssuedAt: 4_000)), at: 6_000)
+                == .rejected("revoked: the identity being renewed was revoked (serial 2)"), "renewed from the one named, then again")
+        #expect(book.apply(.recordIssuance(renewal(5, of: 1, at: 6_000, parentIssuedAt: 2_000)), at: 6_000)
+                == .issued(artifact: [1, 2, 3], replayed: false), "the line's first, recorded before the one named, renews")
+    }
+
+    @Test("A step closes once (tag 13, which round-trips): a second close is refused, the marker is forgotten once the step's SVID expired; tag 11 closes only audit")
+    func stepClosesOnce() throws {
+        var book = try initialized()
+        let step = "spiffe://example.org/job/step/test"
+        let close = LedgerCommand.Operation.closeStep(spiffeID: step, serial: "ab", exitStatus: 2, notAfterMillis: 50_000)
+        let command = LedgerCommand(timeMillis: 1, actor: "a", requestID: "r", operation: close)
+        #expect(try LedgerCommand(decoding: command.encoded) == command)
+        #expect(book.apply(close, at: 10_000) == .written(version: 1))
+        #expect(book.apply(.closeStep(spiffeID: step, serial: "ab", exitStatus: 0, notAfterMillis: 50_000), at: 11_000)
+                == .rejected("the step was closed already"))
+        #expect(book.tables.document(named: AuthorityDocuments.closedStep(notAfterMillis: 50_000, serial: "ab")) != nil)
+        // Another step's close, after the first one's SVID expired, forgets its marker.
+        #expect(book.apply(.closeStep(spiffeID: step, serial: "cd", exitStatus: 0, notAfterMillis: 90_000), at: 60_000) == .written(version: 1))
+        #expect(book.tables.document(named: AuthorityDocuments.closedStep(notAfterMillis: 50_000, serial: "ab")) == nil)
+        // Without the expiry (entries from before it was carried): audited each time, nothing kept.
+        let legacy = LedgerCommand.Operation.closeStep(spiffeID: step, serial: "ef", exitStatus: 1)
+        let legacyCommand = LedgerCommand(timeMillis: 1, actor: "a", requestID: "r", operation: legacy)
+        #expect(try LedgerCommand(decoding: legacyCommand.encoded) == legacyCommand && legacyCommand.encoded.count == command.encoded.count - 8)
+        #expect(book.apply(legacy, at: 61_000) == .written(version: 0) && book.apply(legacy, at: 62_000) == .written(version: 0))
+        let audit = book.tables.audit.filter { $0.action == "step.close" }.map(\.result)
+        #expect(audit == ["ok: serial=ab exit_status=2", "rejected: the step was closed already", "ok: serial=cd exit_status=0",
+                          "ok: serial=ef exit_status=1", "ok: serial=ef exit_status=1"], "\(audit)")
+    }
+
     @Test("Join tokens and idempotency answers are forgotten a day after they expire, two at a time as new ones come, and refused as expired before that")
     func tokensAndAnswersAreForgotten() throws {
         var book = try initialized()

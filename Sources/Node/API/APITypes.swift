@@ -10,6 +10,9 @@ public struct APIError: Error, Sendable, CustomStringConvertible {
     public var code: String
     public var message: String
     public var headers: [(String, String)] = []
+    /// The refusal is in the audit chain already (the ledger refused the
+    /// command and audited that): no denial record is written for it.
+    public var audited = false
 
     public var description: String { "\(status.code) \(code): \(message)" }
 

@@ -204,7 +204,7 @@ extension NodeAPI {
     /// refusals would then count twice. A record never written carries its
     /// count into the next one.
     private func recordDenial(_ error: APIError, of request: HTTPRequest) {
-        guard (400..<500).contains(Int(error.status.code)), error.code != "not_leader", let count = denials.admit() else { return }
+        guard (400..<500).contains(Int(error.status.code)), error.code != "not_leader", !error.audited, let count = denials.admit() else { return }
         let driver = self.driver, denials = self.denials
         let command = LedgerCommand(timeMillis: UInt64(Date().timeIntervalSince1970 * 1000), actor: Self.actor(of: request),
                                     requestID: RequestID.make(),
@@ -317,9 +317,6 @@ extension NodeAPI {
                        kind: Issuance.Kind) async throws -> (hash: String, token: JoinToken, ttl: UInt32, earlier: IdempotentAnswer?) {
         guard let authority else { throw APIError.unavailable("no_authority", "this node runs without an authority") }
         guard !secret.isEmpty, secret.utf8.count <= 256 else { throw APIError(status: .unauthorized, code: "invalid_token", message: "the join token is missing or malformed") }
-        if let key = idempotencyKey {
-            guard !key.isEmpty, key.utf8.count <= 128 else { throw APIError.badRequest("idempotency_key must be 1 to 128 bytes") }
-        }
         // The ledger is in memory: these reads do not block.
         let (hash, token) = try authority.token(secret: secret)
         guard let token else { throw APIError(status: .unauthorized, code: "invalid_token", message: "unknown join token") }
@@ -353,7 +350,7 @@ extension NodeAPI {
             if reason.hasPrefix("authority rotated") { throw AuthorityRotated() }
             let code = reason.contains("already used") ? "token_used" : reason.contains("expired") ? "token_expired"
                 : reason.hasPrefix("revoked") ? "revoked" : reason.contains("idempotency") ? "idempotency_conflict" : "rejected"
-            throw APIError(status: code == "idempotency_conflict" ? .conflict : .forbidden, code: code, message: reason)
+            throw APIError(status: code == "idempotency_conflict" ? .conflict : .forbidden, code: code, message: reason, audited: true)
         default: throw APIError(status: .internalServerError, code: "internal", message: "unexpected outcome \(outcome.result)")
         }
     }
@@ -363,8 +360,9 @@ extension NodeAPI {
         let leadership = await driver.awaitLeadership()
         guard leadership.isLeader else { return try await forwardToLeader(request, leaderHint: leadership.leaderID) }
         let keys = try requireKeys()
-        let admitted = try await admit(token: body.token, idempotencyKey: body.idempotencyKey, ttlSeconds: body.ttlSeconds, kind: .x509)
-        if let earlier = admitted.earlier { return try x509Response(replaying: Array(earlier.artifact), keys: keys) }
+        let key = try Self.idempotencyKey(body.idempotencyKey)
+        let admitted = try await admit(token: body.token, idempotencyKey: key, ttlSeconds: body.ttlSeconds, kind: .x509)
+        if let earlier = admitted.earlier { return try x509Response(replaying: Array(earlier.artifact), keys: keys, spiffeID: admitted.token.spiffeID) }
         let publicKey = try Self.csrKey(body.csr)
         let spiffeID = try Self.spiffeID(admitted.token.spiffeID, trustDomain: keys.x509.trustDomain)
         let evidenceExpires = Int(Date().timeIntervalSince1970) + Int(admitted.token.maxLifetimeSeconds)
@@ -374,7 +372,7 @@ extension NodeAPI {
         let attributes = ["evidence": "join_token", "token": UTF8Text.prefix(admitted.hash, bytes: 16), "evidence_expires": String(evidenceExpires),
                           "lineage": Hex.encode(serial.bytes), "ttl_max": String(admitted.token.ttlMaxSeconds)]
         let template = Issuance(kind: .x509, spiffeID: spiffeID.description, serial: "", fingerprint: "", issuedAtMillis: 0, notAfterMillis: 0,
-                                ttlSeconds: admitted.ttl, tokenHash: admitted.hash, idempotencyKey: body.idempotencyKey.map(AuthorityService.hash) ?? "",
+                                ttlSeconds: admitted.ttl, tokenHash: admitted.hash, idempotencyKey: key.map(AuthorityService.hash) ?? "",
                                 node: id, authority: "", attributes: attributes, artifact: [])
         return try await signAndRecordX509(template, spiffeID: spiffeID, publicKey: publicKey, serial: serial, keys: keys, actor: nil, request)
     }
@@ -406,7 +404,7 @@ extension NodeAPI {
             issuance.artifact = issued.der
             do {
                 let (artifact, replayed) = try await record(issuance, actor: actor, request)
-                if replayed { return try x509Response(replaying: artifact, keys: keys) }
+                if replayed { return try x509Response(replaying: artifact, keys: keys, spiffeID: spiffeID.description) }
                 return x509Response(issued, spiffeID: spiffeID, keys: keys)
             } catch is AuthorityRotated where attempt == 0 {
                 keys = try requireKeys(fresh: true)
@@ -415,14 +413,20 @@ extension NodeAPI {
         throw APIError.unavailable("authority_rotated", "the authority rotated twice while issuing; retry")
     }
 
+    /// The caller's idempotency key, checked: 1 to 128 bytes.
+    static func idempotencyKey(_ key: String?) throws -> String? {
+        guard let key else { return nil }
+        guard !key.isEmpty, key.utf8.count <= 128 else { throw APIError.badRequest("idempotency_key must be 1 to 128 bytes") }
+        return key
+    }
+
     /// The answer kept under `idempotencyKey` (the caller's key, unhashed)
     /// for the same evidence and kind of identity, to be replayed; nil
     /// without a key or an answer; a 409 if the key was used otherwise.
     func earlierAnswer(_ idempotencyKey: String?, evidence: String, kind: Issuance.Kind) throws -> IdempotentAnswer? {
         guard let idempotencyKey, let authority, let earlier = try authority.earlierAnswer(idempotencyKey: idempotencyKey) else { return nil }
         guard earlier.evidence == evidence, earlier.kind == kind else {
-            throw APIError(status: .conflict, code: "idempotency_conflict",
-                           message: "the idempotency key was used with other evidence or for the other kind of identity")
+            throw Self.idempotencyConflict("was used with other evidence or for the other kind of identity")
         }
         return earlier
     }
@@ -481,9 +485,16 @@ extension NodeAPI {
                          headers: [("warrant-leader", String(id))])
     }
 
-    func x509Response(replaying der: [UInt8], keys: AuthorityService.Keys) throws -> HTTPResponse {
+    /// The answer kept for an idempotency key, replayed: refused (409) if it
+    /// is not what this request asks for, `spiffeID`'s (the key used for a
+    /// renewal, then for a step, by the same workload: the evidence is the
+    /// same presented SVID).
+    func x509Response(replaying der: [UInt8], keys: AuthorityService.Keys, spiffeID: String) throws -> HTTPResponse {
         let certificate = try Certificate(derEncoded: der)
         let verified = try TrustBundle.checkLeaf(certificate, trustDomain: keys.x509.trustDomain)
+        guard verified.spiffeID.description == spiffeID else {
+            throw Self.idempotencyConflict("was used for an identity for \(verified.spiffeID), not \(spiffeID)")
+        }
         return APIJSON.response(X509SVIDBody(spiffeId: verified.spiffeID.description,
                                              certificate: PEMText.encode(der, label: "CERTIFICATE"),
                                              bundle: keys.bundlePEM, serial: verified.serialHex, expiresAt: Self.iso(certificate.notValidAfter),
@@ -553,9 +564,7 @@ extension NodeAPI {
     private func issueWorkloadJWT(_ request: HTTPRequest) async throws -> HTTPResponse {
         let (current, keys) = try await verifiedWorkload(request)
         let body = try Self.decodeBody(WorkloadJWTRequest.self, request, expected: "{\"audience\": [..], \"ttl_seconds\"?, \"idempotency_key\"?}")
-        if let key = body.idempotencyKey {
-            guard !key.isEmpty, key.utf8.count <= 128 else { throw APIError.badRequest("idempotency_key must be 1 to 128 bytes") }
-        }
+        let key = try Self.idempotencyKey(body.idempotencyKey)
         let remaining = current.notAfter.timeIntervalSinceNow.rounded(.down)
         guard remaining >= 1 else { throw APIError(status: .forbidden, code: "expired", message: "the presented X509-SVID has expired") }
         let ttlCap = UInt32(min(remaining, Double(current.attributes["ttl_max"].flatMap(UInt32.init) ?? AuthorityService.ttlMaxSeconds)))
@@ -565,11 +574,11 @@ extension NodeAPI {
         }
         let leadership = await driver.awaitLeadership()
         guard leadership.isLeader else { return try await forwardToLeader(request, leaderHint: leadership.leaderID) }
-        if let earlier = try earlierAnswer(body.idempotencyKey, evidence: "renew:\(current.serialHex)", kind: .jwt) {
-            return try jwtResponse(Array(earlier.artifact), replayed: true)
+        if let earlier = try earlierAnswer(key, evidence: "renew:\(current.serialHex)", kind: .jwt) {
+            return try jwtResponse(replaying: Array(earlier.artifact), audiences: body.audience)
         }
         let template = issuance(from: current, kind: .jwt, spiffeID: current.spiffeID.description, ttlSeconds: ttl,
-                                idempotencyKey: body.idempotencyKey, attributes: current.attributes)
+                                idempotencyKey: key, attributes: current.attributes)
         return try await signAndRecordJWT(template, spiffeID: current.spiffeID, audiences: body.audience, keys: keys, actor: nil, until: current.notAfter,
                                           request)
     }
@@ -577,9 +586,7 @@ extension NodeAPI {
     private func renewX509(_ request: HTTPRequest) async throws -> HTTPResponse {
         let (current, keys) = try await verifiedWorkload(request)
         let body = try Self.decodeBody(RenewRequest.self, request, expected: "{\"csr\" (PEM), \"ttl_seconds\"?, \"idempotency_key\"?}")
-        if let key = body.idempotencyKey {
-            guard !key.isEmpty, key.utf8.count <= 128 else { throw APIError.badRequest("idempotency_key must be 1 to 128 bytes") }
-        }
+        let key = try Self.idempotencyKey(body.idempotencyKey)
         guard let evidenceExpires = current.attributes["evidence_expires"].flatMap(TimeInterval.init) else {
             throw APIError(status: .forbidden, code: "not_renewable", message: "the presented X509-SVID carries no evidence lifetime")
         }
@@ -599,12 +606,12 @@ extension NodeAPI {
         let publicKey = try Self.csrKey(body.csr)
         let leadership = await driver.awaitLeadership()
         guard leadership.isLeader else { return try await forwardToLeader(request, leaderHint: leadership.leaderID) }
-        if let earlier = try earlierAnswer(body.idempotencyKey, evidence: "renew:\(current.serialHex)", kind: .x509) {
-            return try x509Response(replaying: Array(earlier.artifact), keys: keys)
+        if let earlier = try earlierAnswer(key, evidence: "renew:\(current.serialHex)", kind: .x509) {
+            return try x509Response(replaying: Array(earlier.artifact), keys: keys, spiffeID: current.spiffeID.description)
         }
         let lifetime = UInt32(min(TimeInterval(ttl), remaining.rounded(.down)))
         let template = issuance(from: current, kind: .x509, spiffeID: current.spiffeID.description, ttlSeconds: lifetime,
-                                idempotencyKey: body.idempotencyKey, attributes: current.attributes)
+                                idempotencyKey: key, attributes: current.attributes)
         return try await signAndRecordX509(template, spiffeID: current.spiffeID, publicKey: publicKey, serial: nil, keys: keys, actor: nil,
                                            until: Date(timeIntervalSince1970: evidenceExpires), request)
     }
@@ -614,12 +621,13 @@ extension NodeAPI {
         let leadership = await driver.awaitLeadership()
         guard leadership.isLeader else { return try await forwardToLeader(request, leaderHint: leadership.leaderID) }
         let keys = try requireKeys()
-        let admitted = try await admit(token: body.token, idempotencyKey: body.idempotencyKey, ttlSeconds: body.ttlSeconds, kind: .jwt)
-        if let earlier = admitted.earlier { return try jwtResponse(Array(earlier.artifact), replayed: true) }
+        let key = try Self.idempotencyKey(body.idempotencyKey)
+        let admitted = try await admit(token: body.token, idempotencyKey: key, ttlSeconds: body.ttlSeconds, kind: .jwt)
+        if let earlier = admitted.earlier { return try jwtResponse(replaying: Array(earlier.artifact), audiences: body.audience) }
         let spiffeID = try Self.spiffeID(admitted.token.spiffeID, trustDomain: keys.jwt.trustDomain)
         let attributes = ["evidence": "join_token", "token": UTF8Text.prefix(admitted.hash, bytes: 16)]
         let template = Issuance(kind: .jwt, spiffeID: spiffeID.description, serial: "", fingerprint: "", issuedAtMillis: 0, notAfterMillis: 0,
-                                ttlSeconds: admitted.ttl, tokenHash: admitted.hash, idempotencyKey: body.idempotencyKey.map(AuthorityService.hash) ?? "",
+                                ttlSeconds: admitted.ttl, tokenHash: admitted.hash, idempotencyKey: key.map(AuthorityService.hash) ?? "",
                                 node: id, authority: "", attributes: attributes, artifact: [])
         return try await signAndRecordJWT(template, spiffeID: spiffeID, audiences: body.audience, keys: keys, actor: nil, request)
     }
@@ -654,7 +662,7 @@ extension NodeAPI {
             issuance.artifact = issued.bytes
             do {
                 let (artifact, replayed) = try await record(issuance, actor: actor, request)
-                if replayed { return try jwtResponse(artifact, replayed: true) }
+                if replayed { return try jwtResponse(replaying: artifact, audiences: audiences) }
                 return APIJSON.response(JWTSVIDBody(spiffeId: spiffeID.description, token: issued.token, expiresAt: Self.iso(issued.expiry), replayed: false),
                                         headers: [("warrant-leader", String(id))])
             } catch is AuthorityRotated where attempt == 0 {
@@ -664,13 +672,23 @@ extension NodeAPI {
         throw APIError.unavailable("authority_rotated", "the authority rotated twice while issuing; retry")
     }
 
-    func jwtResponse(_ artifact: [UInt8], replayed: Bool) throws -> HTTPResponse {
+    /// The JWT-SVID kept for an idempotency key, replayed: refused (409) if
+    /// it is not for the audiences this request asks for.
+    func jwtResponse(replaying artifact: [UInt8], audiences: [String]) throws -> HTTPResponse {
         let token = String(decoding: artifact, as: UTF8.self)
         let claims = token.split(separator: ".").dropFirst().first.flatMap { Base64URL.decode($0) }
             .flatMap { try? JSONSerialization.jsonObject(with: Data($0)) as? [String: Any] } ?? [:]
+        let kept = (claims["aud"] as? String).map { [$0] } ?? claims["aud"] as? [String] ?? []
+        guard Set(kept) == Set(audiences) else {
+            throw Self.idempotencyConflict("was used for a JWT-SVID for other audiences (\(kept.joined(separator: ", ")))")
+        }
         let expiry = (claims["exp"] as? NSNumber).map { Date(timeIntervalSince1970: $0.doubleValue) } ?? Date()
-        return APIJSON.response(JWTSVIDBody(spiffeId: claims["sub"] as? String ?? "", token: token, expiresAt: Self.iso(expiry), replayed: replayed),
+        return APIJSON.response(JWTSVIDBody(spiffeId: claims["sub"] as? String ?? "", token: token, expiresAt: Self.iso(expiry), replayed: true),
                                 headers: [("warrant-leader", String(id))])
+    }
+
+    static func idempotencyConflict(_ what: String) -> APIError {
+        APIError(status: .conflict, code: "idempotency_conflict", message: "the idempotency key \(what)")
     }
 
     private func verify(_ request: HTTPRequest) async throws -> HTTPResponse {
@@ -805,10 +823,10 @@ extension NodeAPI {
                 throw APIError(status: .conflict, code: "rotation_in_progress", message: "authority \(prepared.id) is prepared; activate it before preparing one with another key type")
             }
             let published = now.timeIntervalSince1970 - TimeInterval(prepared.createdAtMillis) / 1000
-            let wait = TimeInterval(keys.bundle.refreshHintSeconds)
+            let wait = TimeInterval(keys.bundle.refreshHintSeconds * TrustBundle.refreshesBeforeActivation)
             guard published >= wait || body.force == true else {
                 throw APIError(status: .conflict, code: "too_early",
-                               message: "authority \(prepared.id) has been published for \(Int(published)) s; relying parties refresh bundles every \(Int(wait)) s. Run again after that, or with force")
+                               message: "authority \(prepared.id) has been published for \(Int(published)) s; relying parties refresh bundles every \(keys.bundle.refreshHintSeconds) s and it is published for \(TrustBundle.refreshesBeforeActivation) refreshes (\(Int(wait)) s) before it signs. Run again after that, or with force")
             }
             operation = .activateAuthority(id: prepared.id)
             action = "activated \(prepared.id); \(keyring.active?.id ?? "the previous authority") retired (published until its identities expire)"
@@ -818,7 +836,7 @@ extension NodeAPI {
             let entry = try await NIOThreadPool.singleton.runIfActive { try authority.makeAuthority(chosen, state: .prepared, now: now) }
             operation = .prepareAuthority(entry)
             action = "prepared \(entry.id) (\(entry.algorithm)): published in bundles, not signing yet"
-            next = "run rotate again after \(keys.bundle.refreshHintSeconds) s (a bundle refresh) to activate it"
+            next = "run rotate again after \(keys.bundle.refreshHintSeconds * TrustBundle.refreshesBeforeActivation) s (\(TrustBundle.refreshesBeforeActivation) bundle refreshes) to activate it"
         }
         let (outcome, _) = try await driver.write(LedgerCommand(timeMillis: Self.millis(now), actor: Self.actor(of: request),
                                                                 requestID: RequestID.make(), operation: operation))
@@ -845,9 +863,10 @@ extension NodeAPI {
         if kind == .serial { value = Revocation.canonicalSerial(value.replacingOccurrences(of: ":", with: "")) }
         if kind == .spiffeID {
             guard let authority else { throw APIError.unavailable("no_authority", "this node runs without an authority") }
-            value = try Self.spiffeID(value, trustDomain: authority.trustDomain).description
+            // The bare trust domain ID too: identities issued with it before it was refused.
+            value = try Self.spiffeID(value, trustDomain: authority.trustDomain, trustDomainItself: true).description
         }
-        let rule = Revocation(kind: kind, value: value, reason: body.reason ?? "")
+        var rule = Revocation(kind: kind, value: value, reason: body.reason ?? "")
         if let reason = rule.invalidReason { throw APIError(status: .badRequest, code: "bad_revocation", message: reason) }
         // Passed to the leader, whose clock stamps the rule (as it stamps
         // what it issues): a revocation is urgent, and is not refused
@@ -865,6 +884,14 @@ extension NodeAPI {
             return answer
         }
         try clock.requireAgreement(.revocation)
+        // A renewal named by serial: what its line issued from it on is
+        // covered too (see `Revocation.lineage`).
+        if kind == .serial, let (record, logIndex) = try authority?.issuedRecord(serial: value),
+           let lineage = record.attributes["lineage"].map(Revocation.canonicalSerial), lineage != value {
+            rule.lineage = lineage
+            rule.lineageFromIndex = logIndex
+            rule.lineageFromMillis = record.issuedAtMillis
+        }
         let (outcome, _) = try await driver.write(LedgerCommand(timeMillis: Self.millis(Date()), actor: Self.actor(of: request),
                                                                 requestID: RequestID.make(), operation: .revoke(rule)))
         if case .rejected(let reason) = outcome.result { throw APIError(status: .conflict, code: "rejected", message: reason) }
@@ -872,7 +899,9 @@ extension NodeAPI {
         return try revocations(reasons: true)
     }
 
-    static func spiffeID(_ text: String, trustDomain: String) throws -> SpiffeID {
+    /// `text` as a SPIFFE ID in `trustDomain`; unless `trustDomainItself`
+    /// is allowed, one that names a workload (with a path).
+    static func spiffeID(_ text: String, trustDomain: String, trustDomainItself: Bool = false) throws -> SpiffeID {
         let id: SpiffeID
         do {
             id = try SpiffeID(parsing: text)
@@ -881,6 +910,9 @@ extension NodeAPI {
         }
         guard id.trustDomain == trustDomain else {
             throw APIError(status: .badRequest, code: "wrong_trust_domain", message: "\(id) is not in this cluster's trust domain \(trustDomain)")
+        }
+        guard trustDomainItself || id.namesWorkload else {
+            throw APIError(status: .badRequest, code: "bad_spiffe_id", message: "\(id): \(SpiffeID.workloadPathMessage)")
         }
         return id
     }

@@ -113,9 +113,6 @@ extension NodeAPI {
     /// identity's context; nothing is signed or written yet.
     private func admitJoin(token: String, idempotencyKey: String?, ttlSeconds: UInt32?, kind: Issuance.Kind) async throws -> AdmittedJoin {
         let joins = try requireJoins()
-        if let key = idempotencyKey {
-            guard !key.isEmpty, key.utf8.count <= 128 else { throw APIError.badRequest("idempotency_key must be 1 to 128 bytes") }
-        }
         let policy = try await currentPolicy(joins)
         let now = Int64(Date().timeIntervalSince1970)
         let issuer: IssuerConfig, verified: VerifiedToken
@@ -163,8 +160,9 @@ extension NodeAPI {
         let leadership = await driver.awaitLeadership()
         guard leadership.isLeader else { return try await forwardToLeader(request, leaderHint: leadership.leaderID) }
         let keys = try requireKeys()
-        var admitted = try await admitJoin(token: body.token, idempotencyKey: body.idempotencyKey, ttlSeconds: body.ttlSeconds, kind: .x509)
-        if let earlier = admitted.earlier { return try x509Response(replaying: Array(earlier.artifact), keys: keys) }
+        var admitted = try await admitJoin(token: body.token, idempotencyKey: try Self.idempotencyKey(body.idempotencyKey), ttlSeconds: body.ttlSeconds,
+                                           kind: .x509)
+        if let earlier = admitted.earlier { return try x509Response(replaying: Array(earlier.artifact), keys: keys, spiffeID: admitted.spiffeID.description) }
         let publicKey = try Self.csrKey(body.csr)
         // The first serial names the line its renewals continue.
         let serial = X509Authority.randomSerial()
@@ -180,8 +178,9 @@ extension NodeAPI {
         let leadership = await driver.awaitLeadership()
         guard leadership.isLeader else { return try await forwardToLeader(request, leaderHint: leadership.leaderID) }
         let keys = try requireKeys()
-        let admitted = try await admitJoin(token: body.token, idempotencyKey: body.idempotencyKey, ttlSeconds: body.ttlSeconds, kind: .jwt)
-        if let earlier = admitted.earlier { return try jwtResponse(Array(earlier.artifact), replayed: true) }
+        let admitted = try await admitJoin(token: body.token, idempotencyKey: try Self.idempotencyKey(body.idempotencyKey),
+                                           ttlSeconds: body.ttlSeconds, kind: .jwt)
+        if let earlier = admitted.earlier { return try jwtResponse(replaying: Array(earlier.artifact), audiences: body.audience) }
         return try await signAndRecordJWT(admitted.template, spiffeID: admitted.spiffeID, audiences: body.audience, keys: keys,
                                           actor: admitted.actor, request)
     }
@@ -203,9 +202,7 @@ extension NodeAPI {
         guard current.attributes["step"] == nil else {
             throw APIError(status: .forbidden, code: "nested_step", message: "a step's identity cannot start another step")
         }
-        if let key = body.idempotencyKey {
-            guard !key.isEmpty, key.utf8.count <= 128 else { throw APIError.badRequest("idempotency_key must be 1 to 128 bytes") }
-        }
+        let key = try Self.idempotencyKey(body.idempotencyKey)
         let spiffeID = try Self.spiffeID(current.spiffeID.description + "/step/" + body.step, trustDomain: keys.x509.trustDomain)
         let remaining = current.notAfter.timeIntervalSinceNow.rounded(.down)
         guard remaining >= 1 else { throw APIError(status: .forbidden, code: "expired", message: "the job's X509-SVID has expired") }
@@ -217,8 +214,8 @@ extension NodeAPI {
         let publicKey = try Self.csrKey(body.csr)
         let leadership = await driver.awaitLeadership()
         guard leadership.isLeader else { return try await forwardToLeader(request, leaderHint: leadership.leaderID) }
-        if let earlier = try earlierAnswer(body.idempotencyKey, evidence: "renew:\(current.serialHex)", kind: .x509) {
-            return try x509Response(replaying: Array(earlier.artifact), keys: keys)
+        if let earlier = try earlierAnswer(key, evidence: "renew:\(current.serialHex)", kind: .x509) {
+            return try x509Response(replaying: Array(earlier.artifact), keys: keys, spiffeID: spiffeID.description)
         }
         let serial = X509Authority.randomSerial()
         var attributes = current.attributes
@@ -231,7 +228,7 @@ extension NodeAPI {
         attributes["ttl_max"] = String(ttlCap)
         attributes["evidence_expires"] = String(Int64(Date().timeIntervalSince1970) + Int64(ttl))
         let template = issuance(from: current, kind: .x509, spiffeID: spiffeID.description, ttlSeconds: ttl,
-                                idempotencyKey: body.idempotencyKey, attributes: attributes)
+                                idempotencyKey: key, attributes: attributes)
         return try await signAndRecordX509(template, spiffeID: spiffeID, publicKey: publicKey, serial: serial, keys: keys, actor: nil,
                                            until: current.notAfter, request)
     }
@@ -239,19 +236,30 @@ extension NodeAPI {
     /// A step's command ended: its identity (presented) closes it in the
     /// audit chain with the exit status.
     private func closeStep(_ request: HTTPRequest) async throws -> HTTPResponse {
-        // Not limited: one close per step, and each step was (a lost close
-        // would lose its exit status from the audit chain).
+        // Not limited by the line's budget (a lost close would lose its exit
+        // status from the audit chain): a step closes once, the ledger keeps
+        // a marker until the step's SVID expires, and a second close is
+        // refused here, before anything is written, where this node has it.
         let (current, _) = try await verifiedWorkload(request, limited: false)
         guard current.attributes["step"] != nil else {
             throw APIError(status: .forbidden, code: "not_a_step", message: "only a step's identity closes its step")
         }
         let body = try Self.decodeBody(CloseStepRequest.self, request, expected: "{\"exit_status\": N}")
-        let command = LedgerCommand(timeMillis: UInt64(Date().timeIntervalSince1970 * 1000), actor: String("workload:\(current.spiffeID)".utf8.prefix(250)) ?? "workload",
+        let notAfterMillis = max(1, Self.millis(current.notAfter))
+        let closed = APIError(status: .conflict, code: "already_closed", message: "the step \(current.spiffeID) (serial \(current.serialHex)) was closed already")
+        guard try store.document(named: AuthorityDocuments.closedStep(notAfterMillis: notAfterMillis, serial: current.serialHex)) == nil else { throw closed }
+        let command = LedgerCommand(timeMillis: UInt64(Date().timeIntervalSince1970 * 1000), actor: Self.bounded(actor: "workload:\(current.spiffeID)"),
                                     requestID: try RequestID.forCommand(request),
-                                    operation: .closeStep(spiffeID: current.spiffeID.description, serial: current.serialHex, exitStatus: body.exitStatus))
+                                    operation: .closeStep(spiffeID: current.spiffeID.description, serial: current.serialHex, exitStatus: body.exitStatus,
+                                                          notAfterMillis: notAfterMillis))
         if let reason = command.invalidReason { throw APIError.badRequest(reason) }
         let (outcome, _) = try await driver.write(command)
-        if case .rejected(let reason) = outcome.result { throw APIError(status: .conflict, code: "rejected", message: reason) }
+        if case .rejected(let reason) = outcome.result {
+            // Two closes at once: the ledger refused (and audited) the second.
+            var error = reason.contains("closed already") ? closed : APIError(status: .conflict, code: "rejected", message: reason)
+            error.audited = true
+            throw error
+        }
         return APIJSON.response(CloseStepBody(spiffeId: current.spiffeID.description, serial: current.serialHex, exitStatus: body.exitStatus))
     }
 

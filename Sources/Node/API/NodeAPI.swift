@@ -119,6 +119,12 @@ public final class NodeAPI: Sendable {
     }
 
     public func handle(_ request: HTTPRequest) async -> HTTPResponse {
+        var request = request
+        // A node's certificate speaks for it only while it is a member: one
+        // removed from the cluster (its certificate still chains to the
+        // cluster CA) is an anonymous caller, and its forwarded actor and
+        // workload headers are not believed.
+        if case .node(let id) = request.caller, !driver.isMember(id) { request.caller = .anonymous }
         let (route, parameter, pathKnown) = Self.match(request.method, request.path)
         guard let route else {
             return pathKnown
@@ -380,9 +386,19 @@ public final class NodeAPI: Sendable {
 
     static func actor(of request: HTTPRequest) -> String {
         if case .node = request.caller, let forwarded = request.headers.first(name: "warrant-actor"), !forwarded.isEmpty {
-            return forwarded
+            return bounded(actor: forwarded)
         }
-        return request.caller.actor
+        return bounded(actor: request.caller.actor)
+    }
+
+    /// An actor as a command may carry it (`LedgerLimits.actorBytesMax`):
+    /// a longer one (a workload's SPIFFE ID may have 2,048 bytes) keeps its
+    /// beginning and the SHA-256 of the whole, so it stays distinct.
+    static func bounded(actor: String) -> String {
+        guard actor.utf8.count > LedgerLimits.actorBytesMax else { return actor }
+        let digest = "...sha256:" + UTF8Text.prefix(AuthorityService.hash(actor), bytes: 32)
+        // 3 bytes spare: a character cut in two decodes as U+FFFD.
+        return UTF8Text.prefix(actor, bytes: LedgerLimits.actorBytesMax - digest.utf8.count - 3) + digest
     }
 
     static func checkUserName(_ name: String) throws {
