@@ -256,11 +256,16 @@ public struct Revocation: Sendable, Hashable, Codable {
     public var revokedAtMillis: UInt64
     /// The log index of the command that added the rule.
     public var revokedAtIndex: UInt64?
-    /// A serial rule naming a renewal: its line (the first serial), and
-    /// where the renewal stands in it (its issuance record's log index, and
-    /// its issue time where an index is unknown). What its line issued from
-    /// then on is covered too: the renewals after it, their steps and the
-    /// JWT-SVIDs they minted. Set by the leader from the renewal's record.
+    /// A serial rule naming an X.509 renewal: its line (the first serial),
+    /// and where the renewal stands in it (its issuance record's log index,
+    /// and its issue time where an index is unknown). What its line issued
+    /// from then until the rule is covered too: the renewals after it,
+    /// their steps and the JWT-SVIDs they minted. Not what the line issues
+    /// after the rule: the ledger lets the line renew again only from an
+    /// identity the rule does not cover (one from before the renewal), and
+    /// judges it as verification does, so the two agree, and what a rule
+    /// covers is settled when it is applied (as the CRL's cache assumes).
+    /// Set by the leader from the renewal's record.
     public var lineage: String?
     public var lineageFromIndex: UInt64?
     public var lineageFromMillis: UInt64?
@@ -281,8 +286,8 @@ public struct Revocation: Sendable, Hashable, Codable {
     /// one of its SVIDs reaches the steps made from that one).
     ///
     /// A serial rule naming a renewal also covers what its line issued from
-    /// that renewal on (`lineage`): a renewal made from it, then renewed
-    /// again before the rule, carries only the line's first serial.
+    /// that renewal until the rule (`lineage`): a renewal made from it, then
+    /// renewed again before the rule, carries only the line's first serial.
     ///
     /// A serial rule has no time condition otherwise: it names identities
     /// that exist, and their descendants cannot be made once it is in
@@ -304,8 +309,8 @@ public struct Revocation: Sendable, Hashable, Codable {
             guard let lineage, let lineageFromMillis else { return false }
             let line = Self.canonicalSerial(lineage)
             guard attributes["lineage"].map(Self.canonicalSerial) == line || attributes["job_lineage"].map(Self.canonicalSerial) == line else { return false }
-            if let lineageFromIndex, let issued = recordIndex() { return issued >= lineageFromIndex }
-            return issuedAtMillis >= lineageFromMillis
+            if let lineageFromIndex, let revokedAtIndex, let issued = recordIndex() { return issued >= lineageFromIndex && issued < revokedAtIndex }
+            return issuedAtMillis >= lineageFromMillis && issuedAtMillis <= revokedAtMillis
         case .spiffeID:
             guard spiffeID == value || Self.isStep(spiffeID, attributes, of: value) else { return false }
         case .attribute:

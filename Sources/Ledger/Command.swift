@@ -43,9 +43,11 @@ public struct LedgerCommand: Sendable, Hashable {
         /// Records a revocation rule (stamped with the command's time).
         case revoke(Revocation)
         /// A per-step identity's command ended, with its exit status in the
-        /// audit chain. With the step SVID's expiry (tag 13), a step closes
-        /// once: a marker kept until then refuses a second close (entries
-        /// of tag 11, without it, only write the audit record).
+        /// audit chain. `serial` names the step (its line's first serial).
+        /// With the step's end (`notAfterMillis`, its evidence's expiry: no
+        /// renewal of it outlives that; tag 13), a step closes once: a
+        /// marker kept until then refuses a second close (entries of tag 11,
+        /// without it, only write the audit record).
         case closeStep(spiffeID: String, serial: String, exitStatus: Int32, notAfterMillis: UInt64 = 0)
     }
 

@@ -313,6 +313,11 @@ public enum Ledger {
             }
             // A rule outlives everything it covers by then.
             let keepMillis = UInt64(AuthorityDocuments.identityLifetimeMaxSeconds) * 1000 + 60_000
+            // The same thing revoked again replaces its rule, keeping the
+            // line the first found (the renewal's record may be gone since).
+            if rule.lineage == nil, let earlier = list.rules.first(where: { $0.kind == rule.kind && $0.value == rule.value }), earlier.lineage != nil {
+                (rule.lineage, rule.lineageFromIndex, rule.lineageFromMillis) = (earlier.lineage, earlier.lineageFromIndex, earlier.lineageFromMillis)
+            }
             list.rules.removeAll { $0.revokedAtMillis + keepMillis < command.timeMillis || ($0.kind == rule.kind && $0.value == rule.value) }
             guard list.rules.count < RevocationList.rulesMax else { return .rejected("\(list.rules.count) revocation rules are in force; the limit is \(RevocationList.rulesMax)") }
             rule.revokedAtMillis = command.timeMillis

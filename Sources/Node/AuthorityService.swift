@@ -263,7 +263,7 @@ public final class AuthorityService: Sendable {
         }
         var revoked: [String: [(serial: [UInt8], at: Date)]] = [:]
         if !keys.revocations.rules.isEmpty {
-            try store.forEachDocument(prefix: AuthorityDocuments.issuedPrefix) { document in
+            try store.forEachDocumentInChunks(prefix: AuthorityDocuments.issuedPrefix) { document in
                 guard let record = try? JSONDecoder().decode(IssuedRecord.self, from: Data(document.content)), record.kind == .x509,
                       let rule = keys.revocations.revoking(serial: record.serial, spiffeID: record.spiffeID, attributes: record.attributes,
                                                            issuedAtMillis: record.issuedAtMillis, recordIndex: { document.logIndex }),

@@ -336,6 +336,9 @@ public final class RaftStore: @unchecked Sendable {
     public func firstName(under prefix: String, where matches: (String) -> Bool) throws -> String? {
         try requireLedger().firstName(under: prefix, where: matches)
     }
+    public func forEachDocumentInChunks(prefix: String, chunk: Int = 2_048, _ body: (Document) throws -> Void) throws {
+        try requireLedger().forEachDocumentInChunks(prefix: prefix, chunk: chunk, body)
+    }
     public func forEachDocument(prefix: String, _ body: (Document) throws -> Void) throws {
         try requireLedger().forEachDocument(prefix: prefix, body)
     }

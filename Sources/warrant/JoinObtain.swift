@@ -179,7 +179,10 @@ struct JobIdentity {
         let client = try WarrantClient(endpoints: options.endpoints, caPEM: options.caPEM, certificatePEM: certificatePEM, keyPEM: keyPEM)
         defer { Task { await client.close() } }
         let response = try await client.request(.POST, "/v1/steps/close", json: Array(try JSONSerialization.data(withJSONObject: ["exit_status": exitStatus])))
-        guard response.status == .ok else { throw JobFailure(description: "closing the step failed: \(response.status.code) \(response.text)") }
+        // Closed already: a retry whose first answer was lost.
+        guard response.status == .ok || (response.status == .conflict && response.text.contains("already_closed")) else {
+            throw JobFailure(description: "closing the step failed: \(response.status.code) \(response.text)")
+        }
     }
 
     static func csr(_ key: P256.Signing.PrivateKey) throws -> String {

@@ -223,11 +223,18 @@ struct LifecycleTests {
                 return object(answer)["certificate"] as? String ?? ""
             }
             let r1bStep = try await step(from: r1b["certificate"] as? String ?? "", key: "\(dir)/r1-next.key", named: "build")
-            // A step closes once: the second close is refused and writes nothing.
+            // A step closes once, whichever of its SVIDs closes it: renewed, then closed with the renewal, the first one's
+            // close is refused and writes nothing.
             try r1bStep.write(toFile: "\(dir)/r1b-step.pem", atomically: true, encoding: .utf8)
             let stepHolder = try await workloadConnection(cluster, to: follower, certificate: "\(dir)/r1b-step.pem", key: "\(dir)/step-build.key")
-            let firstClose = try await stepHolder.request(.POST, "/v1/steps/close", headers: jsonHeaders, body: json(["exit_status": 3]))
+            let renewedStep = object(try await stepHolder.request(.POST, "/v1/svid/x509/renew", headers: jsonHeaders,
+                                                                  body: json(["csr": try opensslCSR(in: dir, name: "step-build-next")])))
+            try (renewedStep["certificate"] as? String ?? "").write(toFile: "\(dir)/r1b-step-next.pem", atomically: true, encoding: .utf8)
+            let renewedStepHolder = try await workloadConnection(cluster, to: follower, certificate: "\(dir)/r1b-step-next.pem",
+                                                                 key: "\(dir)/step-build-next.key")
+            let firstClose = try await renewedStepHolder.request(.POST, "/v1/steps/close", headers: jsonHeaders, body: json(["exit_status": 3]))
             #expect(firstClose.status == .ok, "\(firstClose.text)")
+            await renewedStepHolder.close()
             let secondClose = try await stepHolder.request(.POST, "/v1/steps/close", headers: jsonHeaders, body: json(["exit_status": 0]))
             #expect(secondClose.status == .conflict && secondClose.text.contains("already_closed"), "\(secondClose.status) \(secondClose.text)")
             await stepHolder.close()
@@ -321,6 +328,22 @@ struct LifecycleTests {
             await r2cHolder.close()
             #expect(r2cRenewal.status == .forbidden && r2cRenewal.text.contains("revoked"), "\(r2cRenewal.text)")
             #expect(try await verdict(elsewhere, ["x509_chain": r2["certificate"] as? String ?? ""])["valid"] as? Bool == true)
+            // Revoking a JWT-SVID a workload minted reaches that token only, not the renewals its line made after it.
+            let r3 = try await issue(cluster, admin: admin, via: open, spiffeID: "spiffe://warrant.local/ci/third/api", ttl: 600, name: "r3")
+            let r3Holder = try await workloadConnection(cluster, to: follower, certificate: "\(dir)/r3.pem", key: "\(dir)/r3.key")
+            let minted = object(try await r3Holder.request(.POST, "/v1/svid/jwt/workload", headers: jsonHeaders, body: json(["audience": ["x"]])))
+            let mintedJWT = try #require(minted["token"] as? String, "\(minted)")
+            let r3b = object(try await r3Holder.request(.POST, "/v1/svid/x509/renew", headers: jsonHeaders,
+                                                        body: json(["csr": try opensslCSR(in: dir, name: "r3-next")])))
+            await r3Holder.close()
+            let mintedSerial = try #require(try await verdict(elsewhere, ["jwt": mintedJWT, "audience": "x"])["serial"] as? String)
+            #expect(try await admin.request(.POST, "/v1/revocations", headers: jsonHeaders, body: json(["serial": mintedSerial])).status == .ok)
+            #expect(await eventually(seconds: 5) {
+                ((try? await verdict(elsewhere, ["jwt": mintedJWT, "audience": "x"])) ?? [:])["code"] as? String == "revoked"
+            })
+            let r3bVerdict = try await verdict(elsewhere, ["x509_chain": r3b["certificate"] as? String ?? ""])
+            #expect(r3bVerdict["valid"] as? Bool == true, "renewed after the token, not from it: \(r3bVerdict)")
+            #expect(try await verdict(elsewhere, ["x509_chain": r3["certificate"] as? String ?? ""])["valid"] as? Bool == true)
 
             // By attribute: every identity whose context names r2's token.
             let r2Context = try await verdict(open, ["x509_chain": r2["certificate"] as? String ?? ""])
@@ -373,7 +396,7 @@ struct LifecycleTests {
             })
 
             let audit = object(try await admin.request(.GET, "/v1/audit?limit=1000"))["records"] as? [[String: Any]] ?? []
-            #expect(audit.filter { $0["action"] as? String == "identity.revoke" }.count == 4 + spiffeIDRules)
+            #expect(audit.filter { $0["action"] as? String == "identity.revoke" }.count == 5 + spiffeIDRules)
             #expect(audit.contains { ($0["result"] as? String ?? "").contains("renewed_from=\(shortLived["serial"] as? String ?? "-")") })
             await elsewhere.close()
         }

@@ -247,9 +247,9 @@ struct AuthorityLedgerTests {
         #expect(book.apply(.recordIssuance(step), at: 4_000) == .rejected("revoked: the identity being renewed was revoked (spiffe_id \(job))"))
     }
 
-    @Test("A serial rule naming a renewal covers what its line issued from it on (by the log where known, else the times): later renewals, their steps and JWT-SVIDs; not what came before it, nor other lines; the renewal of a later one is refused at apply")
+    @Test("A serial rule naming a renewal covers what its line issued from it until the rule (by the log where known, else the times): later renewals, their steps and JWT-SVIDs; not what came before it or after the rule, nor other lines; apply and verification agree")
     func serialRuleFollowsItsLine() throws {
-        var rule = Revocation(kind: .serial, value: "b2", reason: "", revokedAtMillis: 9_000)
+        var rule = Revocation(kind: .serial, value: "b2", reason: "", revokedAtMillis: 9_000, revokedAtIndex: 40)
         rule.lineage = "a1"
         rule.lineageFromIndex = 20
         rule.lineageFromMillis = 5_000
@@ -259,7 +259,9 @@ struct AuthorityLedgerTests {
         }
         #expect(covers(["lineage": "a1"], issuedAt: 4_000, index: 25), "renewed after it (by the log, whatever the clock said)")
         #expect(!covers(["lineage": "a1"], issuedAt: 6_000, index: 15), "before it in the log")
-        #expect(covers(["lineage": "00A1"], issuedAt: 6_000, index: nil) && !covers(["lineage": "a1"], issuedAt: 4_000, index: nil), "no record: the times")
+        #expect(!covers(["lineage": "a1"], issuedAt: 6_000, index: 45), "after the rule in the log")
+        #expect(covers(["lineage": "00A1"], issuedAt: 6_000, index: nil) && !covers(["lineage": "a1"], issuedAt: 4_000, index: nil)
+                && !covers(["lineage": "a1"], issuedAt: 9_500, index: nil), "no record: the times")
         #expect(covers(["job_lineage": "a1", "lineage": "d4"], issuedAt: 6_000, index: 30), "a step of a later renewal")
         #expect(!covers(["lineage": "e5"], issuedAt: 6_000, index: 30), "another line")
         var without = rule
@@ -295,6 +297,19 @@ struct AuthorityLedgerTests {
                 == .rejected("revoked: the identity being renewed was revoked (serial 2)"), "renewed from the one named, then again")
         #expect(book.apply(.recordIssuance(renewal(5, of: 1, at: 6_000, parentIssuedAt: 2_000)), at: 6_000)
                 == .issued(artifact: [1, 2, 3], replayed: false), "the line's first, recorded before the one named, renews")
+        // Verification agrees: the renewal just issued is not covered, the one renewed from the named one is.
+        let rules = try JSONDecoder().decode(RevocationList.self, from: Data(book.tables.document(named: AuthorityDocuments.revocations)!.content))
+        func recordIndex(_ n: Int) -> UInt64? {
+            book.tables.document(named: AuthorityDocuments.issued(notAfterMillis: 90_000 + UInt64(n), serial: String(format: "%032x", n)))?.logIndex
+        }
+        #expect(rules.revoking(serial: String(format: "%032x", 5), spiffeID: id, attributes: ["lineage": first], issuedAtMillis: 6_000,
+                               recordIndex: { recordIndex(5) }) == nil)
+        #expect(rules.revoking(serial: String(format: "%032x", 3), spiffeID: id, attributes: ["lineage": first], issuedAtMillis: 4_000,
+                               recordIndex: { recordIndex(3) }) != nil)
+        // Revoked again (its record gone by then, say): the rule keeps the line it had.
+        #expect(book.apply(.revoke(Revocation(kind: .serial, value: "2", reason: "again")), at: 7_000) == .written(version: 2))
+        let again = try JSONDecoder().decode(RevocationList.self, from: Data(book.tables.document(named: AuthorityDocuments.revocations)!.content))
+        #expect(again.rules.count == 1 && again.rules[0].lineage == "1" && again.rules[0].lineageFromIndex == secondIndex)
     }
 
     @Test("A step closes once (tag 13, which round-trips): a second close is refused, the marker is forgotten once the step's SVID expired; tag 11 closes only audit")

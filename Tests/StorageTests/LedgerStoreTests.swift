@@ -74,6 +74,16 @@ struct LedgerStoreTests {
             #expect(try store.document(named: name) == memory.documents[name], "\(name)")
         }
         #expect(try store.documents(prefix: "docs/", limit: 1_000).map(\.name) == memory.documents.keys.filter { $0.hasPrefix("docs/") }.sorted())
+        // Read a chunk at a time: every document under the prefix, in order, with its content, whatever the chunk size.
+        let expected = memory.documents.filter { $0.key.hasPrefix("docs/") }.sorted { $0.key < $1.key }.map(\.value)
+        for chunk in [1, 3, expected.count, expected.count + 1, 2_048] {
+            var read: [Document] = []
+            try store.forEachDocumentInChunks(prefix: "docs/", chunk: chunk) { read.append($0) }
+            #expect(read == expected, "chunk \(chunk)")
+        }
+        var none = 0
+        try store.forEachDocumentInChunks(prefix: "docs/none/", chunk: 3) { _ in none += 1 }
+        #expect(none == 0 && expected.count > 5)
         // Part of the chain is still in memory, part in the table: readers see one chain.
         ledger.waitForAuditWrites()
         #expect(!ledger.auditRecordsInMemory.isEmpty)

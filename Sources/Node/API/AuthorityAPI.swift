@@ -886,7 +886,9 @@ extension NodeAPI {
         try clock.requireAgreement(.revocation)
         // A renewal named by serial: what its line issued from it on is
         // covered too (see `Revocation.lineage`).
-        if kind == .serial, let (record, logIndex) = try authority?.issuedRecord(serial: value),
+        // (An X.509 renewal only: a JWT-SVID's record carries the line of
+        // the SVID it was minted from, which its revocation must not reach.)
+        if kind == .serial, let (record, logIndex) = try authority?.issuedRecord(serial: value), record.kind == .x509,
            let lineage = record.attributes["lineage"].map(Revocation.canonicalSerial), lineage != value {
             rule.lineage = lineage
             rule.lineageFromIndex = logIndex

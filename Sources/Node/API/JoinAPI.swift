@@ -245,12 +245,16 @@ extension NodeAPI {
             throw APIError(status: .forbidden, code: "not_a_step", message: "only a step's identity closes its step")
         }
         let body = try Self.decodeBody(CloseStepRequest.self, request, expected: "{\"exit_status\": N}")
-        let notAfterMillis = max(1, Self.millis(current.notAfter))
-        let closed = APIError(status: .conflict, code: "already_closed", message: "the step \(current.spiffeID) (serial \(current.serialHex)) was closed already")
-        guard try store.document(named: AuthorityDocuments.closedStep(notAfterMillis: notAfterMillis, serial: current.serialHex)) == nil else { throw closed }
+        // The step is its line (its first serial), whichever of its renewals
+        // closes it, and lives until its evidence does (no renewal of it
+        // outlives that): the marker is named by both.
+        let step = current.attributes["lineage"] ?? current.serialHex
+        let notAfterMillis = max(1, current.attributes["evidence_expires"].flatMap(UInt64.init).map { $0 * 1000 } ?? Self.millis(current.notAfter))
+        let closed = APIError(status: .conflict, code: "already_closed", message: "the step \(current.spiffeID) (serial \(step)) was closed already")
+        guard try store.document(named: AuthorityDocuments.closedStep(notAfterMillis: notAfterMillis, serial: step)) == nil else { throw closed }
         let command = LedgerCommand(timeMillis: UInt64(Date().timeIntervalSince1970 * 1000), actor: Self.bounded(actor: "workload:\(current.spiffeID)"),
                                     requestID: try RequestID.forCommand(request),
-                                    operation: .closeStep(spiffeID: current.spiffeID.description, serial: current.serialHex, exitStatus: body.exitStatus,
+                                    operation: .closeStep(spiffeID: current.spiffeID.description, serial: step, exitStatus: body.exitStatus,
                                                           notAfterMillis: notAfterMillis))
         if let reason = command.invalidReason { throw APIError.badRequest(reason) }
         let (outcome, _) = try await driver.write(command)
