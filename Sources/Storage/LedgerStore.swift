@@ -395,7 +395,7 @@ public final class LedgerStore: Sendable {
                 return documents
             }
             for document in documents { try body(document) }
-            guard documents.count == chunk, let last = documents.last else { return }
+            guard documents.count == chunk, let last = documents.last, last.name != after else { return }
             after = last.name
         }
     }

@@ -254,7 +254,10 @@ struct LifecycleTests {
             #expect(try await open.request(.POST, "/v1/revocations", headers: jsonHeaders, body: json(["serial": r1Serial])).status == .unauthorized)
             let revoked = try await admin.request(.POST, "/v1/revocations", headers: jsonHeaders,
                                                   body: json(["serial": r1Serial.uppercased(), "reason": "key leaked in a build log"]))
-            #expect(revoked.status == .ok, "\(revoked.text)")
+            #expect(revoked.status == .ok && object(revoked)["note"] == nil, "\(revoked.text)")
+            // A serial with no record here: taken, with a note of what its rule does not reach.
+            let unknown = try await admin.request(.POST, "/v1/revocations", headers: jsonHeaders, body: json(["serial": "abcdef0123"]))
+            #expect(unknown.status == .ok && (object(unknown)["note"] as? String ?? "").contains("no issuance record"), "\(unknown.text)")
             // The node that took it (a follower, which passed it to the leader) reflects it before answering.
             let immediate = try await verdict(open, ["x509_chain": r1["certificate"] as? String ?? ""])
             #expect(immediate["code"] as? String == "revoked", "read your writes where the revocation was asked: \(immediate)")
@@ -396,7 +399,7 @@ struct LifecycleTests {
             })
 
             let audit = object(try await admin.request(.GET, "/v1/audit?limit=1000"))["records"] as? [[String: Any]] ?? []
-            #expect(audit.filter { $0["action"] as? String == "identity.revoke" }.count == 5 + spiffeIDRules)
+            #expect(audit.filter { $0["action"] as? String == "identity.revoke" }.count == 6 + spiffeIDRules)
             #expect(audit.contains { ($0["result"] as? String ?? "").contains("renewed_from=\(shortLived["serial"] as? String ?? "-")") })
             await elsewhere.close()
         }

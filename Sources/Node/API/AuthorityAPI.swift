@@ -79,6 +79,8 @@ struct RevocationBody: Codable {
 
 struct RevocationsBody: Codable {
     var revocations: [RevocationBody]
+    /// What the rule just added does not reach, when it is worth saying.
+    var note: String?
 }
 
 struct X509SVIDRequest: Codable {
@@ -847,12 +849,12 @@ extension NodeAPI {
 
     /// The rules in force; their reasons (free text, which may tell of an
     /// incident) only when `reasons` (operators).
-    private func revocations(reasons: Bool) throws -> HTTPResponse {
+    private func revocations(reasons: Bool, note: String? = nil) throws -> HTTPResponse {
         let keys = try requireKeys()
         return APIJSON.response(RevocationsBody(revocations: keys.revocations.rules.map {
             RevocationBody(kind: $0.kind.rawValue, value: $0.value, reason: reasons ? $0.reason : nil,
                            revokedAt: Self.iso(Date(timeIntervalSince1970: TimeInterval($0.revokedAtMillis) / 1000)))
-        }))
+        }, note: note))
     }
 
     private func revoke(_ request: HTTPRequest) async throws -> HTTPResponse {
@@ -888,17 +890,24 @@ extension NodeAPI {
         // covered too (see `Revocation.lineage`).
         // (An X.509 renewal only: a JWT-SVID's record carries the line of
         // the SVID it was minted from, which its revocation must not reach.)
-        if kind == .serial, let (record, logIndex) = try authority?.issuedRecord(serial: value), record.kind == .x509,
-           let lineage = record.attributes["lineage"].map(Revocation.canonicalSerial), lineage != value {
-            rule.lineage = lineage
-            rule.lineageFromIndex = logIndex
-            rule.lineageFromMillis = record.issuedAtMillis
+        var note: String?
+        if kind == .serial {
+            let found = try authority?.issuedRecord(serial: value)
+            if let (record, logIndex) = found, record.kind == .x509,
+               let lineage = record.attributes["lineage"].map(Revocation.canonicalSerial), lineage != value {
+                rule.lineage = lineage
+                rule.lineageFromIndex = logIndex
+                rule.lineageFromMillis = record.issuedAtMillis
+            } else if found == nil {
+                note = "serial \(value) has no issuance record here (expired and forgotten, or not issued by this cluster): the rule covers it "
+                    + "and what names it as its line or parent, not renewals made from it; to reach those, revoke its line's first serial or its SPIFFE ID"
+            }
         }
         let (outcome, _) = try await driver.write(LedgerCommand(timeMillis: Self.millis(Date()), actor: Self.actor(of: request),
                                                                 requestID: RequestID.make(), operation: .revoke(rule)))
         if case .rejected(let reason) = outcome.result { throw APIError(status: .conflict, code: "rejected", message: reason) }
         authority?.invalidate()
-        return try revocations(reasons: true)
+        return try revocations(reasons: true, note: note)
     }
 
     /// `text` as a SPIFFE ID in `trustDomain`; unless `trustDomainItself`
