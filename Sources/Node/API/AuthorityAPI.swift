@@ -739,8 +739,9 @@ extension NodeAPI {
     }
 
     /// The rule revoking an identity, if any (see `Revocation`). A rule
-    /// kept with its log index that covers the identity only by the times,
-    /// this node holding no issuance record for it, is looked at again
+    /// that asked for the identity's issuance record (an ID or attribute
+    /// rule kept with its log index, a serial rule's line) and covers it
+    /// only by the times, this node holding no record, is looked at again
     /// once this node has caught up (ReadIndex): the identity may have been
     /// recorded after the rule and not have reached this node yet. (A
     /// node holding the rule holds every record written before it, unless
@@ -750,16 +751,21 @@ extension NodeAPI {
     func revocation(_ keys: AuthorityService.Keys, serial: String, spiffeID: String, attributes: Attributes, issuedAt: Date,
                     notAfter: Date) async -> Revocation? {
         let record = { self.authority?.issuedRecordIndex(serial: serial, notAfter: notAfter) }
-        guard let rule = keys.revocation(serial: serial, spiffeID: spiffeID, attributes: attributes, issuedAt: issuedAt, recordIndex: record) else {
+        var missing = false
+        guard let rule = keys.revocation(serial: serial, spiffeID: spiffeID, attributes: attributes, issuedAt: issuedAt, recordIndex: {
+            let index = record()
+            missing = index == nil
+            return index
+        }) else {
             return nil
         }
-        guard rule.kind != .serial, rule.revokedAtIndex != nil, record() == nil,
-              (try? await driver.linearizableReadIndex(timeoutTicks: Self.catchUpTicks(driver))) != nil else { return rule }
+        guard missing, (try? await driver.linearizableReadIndex(timeoutTicks: Self.catchUpTicks(driver))) != nil else { return rule }
         return keys.revocation(serial: serial, spiffeID: spiffeID, attributes: attributes, issuedAt: issuedAt, recordIndex: record)
     }
 
-    /// Throws `revoked` if a rule covers the identity; with its reason when `reason`.
     static func catchUpTicks(_ driver: RaftDriver) -> Int { max(1, driver.requestTimeoutTicks / 5) }
+
+    /// Throws `revoked` if a rule covers the identity; with its reason when `reason`.
 
     func checkNotRevoked(_ keys: AuthorityService.Keys, serial: String, spiffeID: SpiffeID, attributes: Attributes, issuedAt: Date,
                          notAfter: Date, reason: Bool) async throws(AuthorityError) {
@@ -886,8 +892,8 @@ extension NodeAPI {
             return answer
         }
         try clock.requireAgreement(.revocation)
-        // A renewal named by serial: what its line issued from it on is
-        // covered too (see `Revocation.lineage`).
+        // A renewal named by serial: what its line issued from it until the
+        // rule is covered too (see `Revocation.lineage`).
         // (An X.509 renewal only: a JWT-SVID's record carries the line of
         // the SVID it was minted from, which its revocation must not reach.)
         var note: String?

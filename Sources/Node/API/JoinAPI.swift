@@ -238,7 +238,7 @@ extension NodeAPI {
     private func closeStep(_ request: HTTPRequest) async throws -> HTTPResponse {
         // Not limited by the line's budget (a lost close would lose its exit
         // status from the audit chain): a step closes once, the ledger keeps
-        // a marker until the step's SVID expires, and a second close is
+        // a marker until the step's evidence expires, and a second close is
         // refused here, before anything is written, where this node has it.
         let (current, _) = try await verifiedWorkload(request, limited: false)
         guard current.attributes["step"] != nil else {
@@ -260,9 +260,7 @@ extension NodeAPI {
         let (outcome, _) = try await driver.write(command)
         if case .rejected(let reason) = outcome.result {
             // Two closes at once: the ledger refused (and audited) the second.
-            var error = reason.contains("closed already") ? closed : APIError(status: .conflict, code: "rejected", message: reason)
-            error.audited = true
-            throw error
+            throw reason.contains("closed already") ? closed : APIError(status: .conflict, code: "rejected", message: reason)
         }
         return APIJSON.response(CloseStepBody(spiffeId: current.spiffeID.description, serial: current.serialHex, exitStatus: body.exitStatus))
     }
