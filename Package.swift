@@ -116,7 +116,7 @@ let package = Package(
         // The operator's command: node start, cluster init/status, documents,
         // audit, membership.
         .executableTarget(name: "warrant", dependencies: [
-            "Node", "Authority", "Client", "WorkloadAPI",
+            "Node", "Authority", "Client", "WorkloadAPI", "Transport",
             .product(name: "Yams", package: "Yams"),
             .product(name: "X509", package: "swift-certificates"),
             .product(name: "Crypto", package: "swift-crypto"),
@@ -165,7 +165,7 @@ let package = Package(
                                                                  .product(name: "X509", package: "swift-certificates")], swiftSettings: strict),
         .testTarget(name: "RaftTests", dependencies: ["Raft", "RaftSimulator"], swiftSettings: strict),
         .testTarget(name: "RaftSimulatorTests", dependencies: ["Raft", "RaftSimulator"], swiftSettings: strict),
-        .testTarget(name: "NodeTests", dependencies: ["Raft", "Ledger", "Storage", "Node", "Transport", "Encoding", .product(name: "GRDB", package: "GRDB.swift"), .product(name: "NIOPosix", package: "swift-nio"), .product(name: "NIOCore", package: "swift-nio")], swiftSettings: strict),
+        .testTarget(name: "NodeTests", dependencies: ["Raft", "Ledger", "Storage", "Node", "Transport", "Encoding", "Authority", .product(name: "X509", package: "swift-certificates"), .product(name: "GRDB", package: "GRDB.swift"), .product(name: "NIOPosix", package: "swift-nio"), .product(name: "NIOCore", package: "swift-nio")], swiftSettings: strict),
         .testTarget(name: "LedgerTests", dependencies: ["Raft", "Ledger", "RaftSimulator", "Encoding"], swiftSettings: strict),
         .testTarget(name: "TransportTests", dependencies: ["Raft", "Transport", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"), .product(name: "X509", package: "swift-certificates")], swiftSettings: strict),
         .testTarget(name: "AuthorityTests", dependencies: [
@@ -184,7 +184,7 @@ let package = Package(
                                                       .product(name: "NIOSSL", package: "swift-nio-ssl"),
                                                       .product(name: "NIOPosix", package: "swift-nio")], swiftSettings: strict),
         .testTarget(name: "ClusterTests", dependencies: [
-            "Node", "ClusterHarness", "Client", "Ledger", "Raft",
+            "Node", "ClusterHarness", "Client", "Ledger", "Raft", "Authority", "Transport",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),

@@ -100,7 +100,7 @@ public enum ClusterFiles {
 
     public static let fileBytesMax = 1 << 20
 
-    static func read(_ path: String, bytesMax: Int = fileBytesMax) throws -> String {
+    public static func read(_ path: String, bytesMax: Int = fileBytesMax) throws -> String {
         guard let data = FileManager.default.contents(atPath: path) else { throw FileProblem(path: path, problem: "cannot be read") }
         guard data.count <= bytesMax else { throw FileProblem(path: path, problem: "is larger than \(bytesMax) bytes") }
         return String(decoding: data, as: UTF8.self)
@@ -149,17 +149,39 @@ public enum ClusterFiles {
     /// `directory` (made by `initialize`).
     public static func addNode(directory: String, member: Member, peers: [Member], tickIntervalMilliseconds: Int = 10,
                                electionTimeoutTicks: Int = 20, snapshotEveryEntries: Int? = nil) throws {
-        let listing = try ClusterListing(directory: directory)
-        let kek = try KeyEncryptionKey.load(path: "\(directory)/kek")
-        let caKey = try SealedKey.open(read("\(directory)/ca.key.sealed"), purpose: "warrant ca key", with: kek, path: "\(directory)/ca.key.sealed")
-        let ca = try ClusterCA(clusterID: listing.clusterID, certificate: Certificate(pemEncoded: read("\(directory)/ca.pem")),
-                               privateKey: P256.Signing.PrivateKey(pemRepresentation: caKey))
+        let (listing, kek, ca) = try openCA(directory: directory)
         if FileManager.default.fileExists(atPath: "\(directory)/node-\(member.id)") {
             throw FileProblem(path: "\(directory)/node-\(member.id)", problem: "already exists; node ids are never reused")
         }
         try writeNode(member, peers: peers, ca: ca, kek: kek, directory: directory, joining: true,
                       tickIntervalMilliseconds: tickIntervalMilliseconds, electionTimeoutTicks: electionTimeoutTicks,
                       snapshotEveryEntries: snapshotEveryEntries, trustDomain: listing.trustDomain, keyAlgorithm: listing.keyAlgorithm)
+    }
+
+    /// The cluster CA in `directory`, its key opened with the KEK there.
+    private static func openCA(directory: String) throws -> (ClusterListing, SymmetricKey, ClusterCA) {
+        let listing = try ClusterListing(directory: directory)
+        let kek = try KeyEncryptionKey.load(path: "\(directory)/kek")
+        let caKey = try SealedKey.open(read("\(directory)/ca.key.sealed"), purpose: "warrant ca key", with: kek, path: "\(directory)/ca.key.sealed")
+        let ca = try ClusterCA(clusterID: listing.clusterID, certificate: Certificate(pemEncoded: read("\(directory)/ca.pem")),
+                               privateKey: P256.Signing.PrivateKey(pemRepresentation: caKey))
+        return (listing, kek, ca)
+    }
+
+    /// Makes an admin certificate and key for `name` from the cluster CA in
+    /// `directory`, valid for `validity` seconds, and writes them to
+    /// `<out>/admin-<name>.pem` and `.key` (refusing to overwrite either).
+    /// Returns the certificate.
+    public static func issueAdmin(directory: String, name: String, validity: TimeInterval, out: String, now: Date = Date()) throws -> Certificate {
+        let (_, _, ca) = try openCA(directory: directory)
+        let paths = ("\(out)/admin-\(name).pem", "\(out)/admin-\(name).key")
+        for path in [paths.0, paths.1] where FileManager.default.fileExists(atPath: path) {
+            throw FileProblem(path: path, problem: "already exists; refusing to overwrite an admin's credentials")
+        }
+        let admin = try ca.issueAdminIdentity(name: name, now: now, validity: validity)
+        try write(admin.privateKey.pemRepresentation + "\n", to: paths.1, mode: 0o600)
+        try write(pem(admin.certificate), to: paths.0)
+        return admin.certificate
     }
 
     private static func writeNode(_ member: Member, peers: [Member], ca: ClusterCA, kek: SymmetricKey, directory: String, joining: Bool,

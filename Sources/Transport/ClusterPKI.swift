@@ -61,10 +61,33 @@ public struct ClusterCA: Sendable {
         return NodeIdentity(clusterID: clusterID, nodeID: id, certificate: certificate, privateKey: key, caCertificate: self.certificate)
     }
 
+    /// The longest an admin certificate may be valid (a rule revoking
+    /// admin certificates by name is kept this long: by then everything it
+    /// covers has expired).
+    public static let adminValidityMax: TimeInterval = 365 * 86_400
+    public static let adminNameBytesMax = 64
+
+    /// Why `name` cannot name an admin, or nil: 1 to 64 printable ASCII
+    /// characters, no '/' and no space.
+    public static func invalidAdminName(_ name: String) -> String? {
+        guard !name.isEmpty, name.utf8.count <= adminNameBytesMax, name.utf8.allSatisfy({ $0 > 0x20 && $0 < 0x7F && $0 != UInt8(ascii: "/") }) else {
+            return "an admin name is 1 to \(adminNameBytesMax) printable ASCII characters without spaces or '/'"
+        }
+        return nil
+    }
+
     /// A client certificate for an operator: it names `name` in a URI SAN
     /// `warrant-admin://<cluster id>/<name>` and is good only for clientAuth.
-    public func issueAdminIdentity(name: String, now: Date = Date(), validity: TimeInterval = 365 * 86_400) throws -> (certificate: Certificate, privateKey: P256.Signing.PrivateKey) {
-        precondition(!name.isEmpty && name.utf8.allSatisfy { $0 > 0x20 && $0 < 0x7F && $0 != UInt8(ascii: "/") }, "admin names are printable ASCII without '/'")
+    public func issueAdminIdentity(name: String, now: Date = Date(), validity: TimeInterval = ClusterCA.adminValidityMax) throws -> (certificate: Certificate, privateKey: P256.Signing.PrivateKey) {
+        if let reason = Self.invalidAdminName(name) { throw PeerIdentityError(reason: reason) }
+        guard validity > 0, validity <= Self.adminValidityMax else {
+            throw PeerIdentityError(reason: "an admin certificate is valid for 1 second to \(Int(Self.adminValidityMax) / 86_400) days")
+        }
+        // Whole seconds, down: a certificate's times are whole seconds, and
+        // a rule revoking an admin's certificates by name goes by its
+        // notBefore (rounded to the nearest second, one made just before
+        // the rule could look made after it).
+        let now = Date(timeIntervalSince1970: now.timeIntervalSince1970.rounded(.down))
         let key = P256.Signing.PrivateKey(compactRepresentable: false)
         let certificate = try Certificate(
             version: .v3, serialNumber: Self.randomSerial(), publicKey: .init(key.publicKey),
@@ -87,7 +110,7 @@ public struct ClusterCA: Sendable {
         let prefix = "warrant-admin://\(clusterID)/"
         guard uri.hasPrefix(prefix) else { return nil }
         let name = String(uri.dropFirst(prefix.count))
-        return name.isEmpty || name.contains("/") ? nil : name
+        return invalidAdminName(name) == nil ? name : nil
     }
 
     /// The CA's key in PEM (to be stored encrypted).

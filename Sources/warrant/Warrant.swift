@@ -4,6 +4,8 @@ import Foundation
 import NIOCore
 import NIOHTTP1
 import Node
+import Transport
+import X509
 
 @main
 struct Warrant: AsyncParsableCommand {
@@ -11,7 +13,7 @@ struct Warrant: AsyncParsableCommand {
         commandName: "warrant",
         abstract: "Short-lived machine identity, issued by a replicated cluster.",
         subcommands: [NodeCommand.self, ClusterCommand.self, DocumentCommand.self, AuditCommand.self, MemberCommand.self, LeaderCommand.self,
-                      TokenCommand.self, SVIDCommand.self, BundleCommand.self, CACommand.self, RevokeCommand.self, CRLCommand.self, JoinCommand.self, ExecCommand.self, AgentCommand.self])
+                      TokenCommand.self, SVIDCommand.self, BundleCommand.self, CACommand.self, RevokeCommand.self, AdminCommand.self, CRLCommand.self, JoinCommand.self, ExecCommand.self, AgentCommand.self])
 
     static func main() async {
         await main(arguments())
@@ -37,6 +39,12 @@ struct ConnectionOptions: ParsableArguments {
     @Option(help: "Comma-separated API addresses (host:port) to try in order; default: every member in the cluster directory.")
     var endpoints: String?
 
+    @Option(help: "The admin certificate to present (PEM; or $WARRANT_ADMIN_CERT); default: admin.pem in the cluster directory.")
+    var adminCert: String?
+
+    @Option(help: "Its private key (PEM; or $WARRANT_ADMIN_KEY); default: admin.key in the cluster directory.")
+    var adminKey: String?
+
     var clusterDirectory: String {
         get throws {
             guard let directory = directory ?? ProcessInfo.processInfo.environment["WARRANT_DIR"] else {
@@ -55,7 +63,9 @@ struct ConnectionOptions: ParsableArguments {
                 return try SocketAddress.makeAddressResolvingHost(hostPort.host, port: hostPort.port)
             }
         }
-        return try AdminClient(clusterDirectory: directory, endpoints: addresses)
+        let environment = ProcessInfo.processInfo.environment
+        return try AdminClient(clusterDirectory: directory, endpoints: addresses, certificatePath: adminCert ?? environment["WARRANT_ADMIN_CERT"],
+                               keyPath: adminKey ?? environment["WARRANT_ADMIN_KEY"])
     }
 }
 
@@ -634,6 +644,68 @@ struct RevokeCommand: AsyncParsableCommand {
         if let spiffeId { request["spiffe_id"] = spiffeId }
         if let attribute { request["attribute"] = attribute }
         try finish(try await connection.client().post("/v1/revocations", json: request))
+    }
+}
+
+struct AdminCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "admin", abstract: "Operators' certificates: make them, revoke them.",
+                                                    subcommands: [Issue.self, Revoke.self, Revocations.self])
+
+    struct Issue: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Make an admin certificate and key from the cluster CA (offline: needs the cluster directory's ca.key.sealed and kek).")
+        @Option(name: .customLong("dir"), help: "The cluster directory written by 'warrant cluster init' (or $WARRANT_DIR).") var directory: String?
+        @Option(help: "The admin's name (1 to 64 printable ASCII characters, no spaces or '/'); audit records name it admin:<name>.") var name: String
+        @Option(help: "How long the certificate is valid, in seconds (at most 365 days).") var ttl: UInt32 = 43_200
+        @Option(help: "Where to write admin-<name>.pem and admin-<name>.key; default: the cluster directory.") var out: String?
+
+        func run() throws {
+            guard let directory = directory ?? ProcessInfo.processInfo.environment["WARRANT_DIR"] else {
+                throw ValidationError("say where the cluster's files are: --dir DIR or WARRANT_DIR")
+            }
+            if let reason = ClusterCA.invalidAdminName(name) { throw ValidationError(reason) }
+            guard ttl > 0, TimeInterval(ttl) <= ClusterCA.adminValidityMax else {
+                throw ValidationError("--ttl must be 1 to \(Int(ClusterCA.adminValidityMax)) seconds")
+            }
+            let out = self.out ?? directory
+            let certificate = try ClusterFiles.issueAdmin(directory: directory, name: name, validity: TimeInterval(ttl), out: out)
+            print("admin \(name): serial \(Hex.encode(certificate.serialNumber.bytes)) until \(certificate.notValidAfter.formatted(.iso8601)); "
+                + "wrote \(out)/admin-\(name).pem and \(out)/admin-\(name).key (use with --admin-cert and --admin-key)")
+        }
+    }
+
+    struct Revoke: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Refuse admin certificates from now on, on every node: one by serial (or its PEM file), or every one of a name issued until now.")
+        @OptionGroup var connection: ConnectionOptions
+        @Option(help: "The certificate's serial (hex).") var serial: String?
+        @Option(help: "The certificate itself (PEM file): its serial is revoked.") var pem: String?
+        @Option(help: "Every admin certificate with this name issued until now (a new one may be issued after).") var name: String?
+        @Option(help: "Why (kept with the rule, shown to admins).") var reason: String = ""
+
+        func validate() throws {
+            guard [serial, pem, name].compactMap({ $0 }).count == 1 else { throw ValidationError("give exactly one of --serial, --pem, --name") }
+        }
+
+        func run() async throws {
+            var request: [String: Any] = ["reason": reason]
+            if let serial { request["serial"] = serial }
+            if let name { request["name"] = name }
+            if let pem {
+                let certificate = try Certificate(pemEncoded: ClusterFiles.read(pem))
+                request["serial"] = Hex.encode(certificate.serialNumber.bytes)
+            }
+            try finish(try await connection.client().post("/v1/cluster/admin-revocations", json: request))
+        }
+    }
+
+    struct Revocations: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "List the rules revoking admin certificates.")
+        @OptionGroup var connection: ConnectionOptions
+
+        func run() async throws {
+            try finish(try await connection.client().request(.GET, "/v1/cluster/admin-revocations"))
+        }
     }
 }
 

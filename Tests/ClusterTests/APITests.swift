@@ -199,15 +199,8 @@ struct APITests {
             #expect(transfer.status == .ok, "\(transfer.text)")
             #expect(await eventually { await cluster.status(4)?.role == "leader" })
             // Node 1's certificate speaks for a node while node 1 is a member, and for no one once it is removed.
-            let nodeOne = try #require(cluster.servers[1]).identity
-            var asNodeOne = TLSConfiguration.makeClientConfiguration()
-            asNodeOne.trustRoots = .certificates(try NIOSSLCertificate.fromPEMFile("\(cluster.directory)/ca.pem"))
-            asNodeOne.additionalTrustRoots = []
-            asNodeOne.certificateVerification = .noHostnameVerification
-            asNodeOne.certificateChain = [.certificate(try nodeOne.nioCertificate)]
-            asNodeOne.privateKey = .privateKey(try nodeOne.nioPrivateKey)
             func auditAsNodeOne() async throws -> HTTPResponseStatus {
-                let connection = try await HTTPConnection.connect(to: try cluster.apiAddress(4), tls: try NIOSSLContext(configuration: asNodeOne))
+                let connection = try await cluster.connection(to: 4, asNode: 1)
                 defer { Task { await connection.close() } }
                 return try await connection.request(.GET, "/v1/audit?limit=1").status
             }

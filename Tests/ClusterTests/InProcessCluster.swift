@@ -100,15 +100,31 @@ final class InProcessCluster: @unchecked Sendable {
     }
 
     /// A client for one node's API, with the admin certificate (or none).
-    func connection(to id: UInt64, admin: Bool = true) async throws -> HTTPConnection {
+    /// A connection presenting the admin certificate `cluster init` made,
+    /// another one's (`credentials`: its PEM files), or none.
+    func connection(to id: UInt64, admin: Bool = true, credentials: (certificate: String, key: String)? = nil) async throws -> HTTPConnection {
         var configuration = TLSConfiguration.makeClientConfiguration()
         configuration.trustRoots = .certificates(try NIOSSLCertificate.fromPEMFile("\(directory)/ca.pem"))
         configuration.additionalTrustRoots = []
         configuration.certificateVerification = .noHostnameVerification
         if admin {
-            configuration.certificateChain = try NIOSSLCertificate.fromPEMFile("\(directory)/admin.pem").map { .certificate($0) }
-            configuration.privateKey = .privateKey(try NIOSSLPrivateKey(file: "\(directory)/admin.key", format: .pem))
+            let (certificate, key) = credentials ?? ("\(directory)/admin.pem", "\(directory)/admin.key")
+            configuration.certificateChain = try NIOSSLCertificate.fromPEMFile(certificate).map { .certificate($0) }
+            configuration.privateKey = .privateKey(try NIOSSLPrivateKey(file: key, format: .pem))
         }
+        return try await HTTPConnection.connect(to: try apiAddress(id), tls: try NIOSSLContext(configuration: configuration))
+    }
+
+    /// A connection to node `id` presenting node `node`'s certificate, as a
+    /// follower forwarding a write would.
+    func connection(to id: UInt64, asNode node: UInt64) async throws -> HTTPConnection {
+        let identity = try #require(servers[node]).identity
+        var configuration = TLSConfiguration.makeClientConfiguration()
+        configuration.trustRoots = .certificates(try NIOSSLCertificate.fromPEMFile("\(directory)/ca.pem"))
+        configuration.additionalTrustRoots = []
+        configuration.certificateVerification = .noHostnameVerification
+        configuration.certificateChain = [.certificate(try identity.nioCertificate)]
+        configuration.privateKey = .privateKey(try identity.nioPrivateKey)
         return try await HTTPConnection.connect(to: try apiAddress(id), tls: try NIOSSLContext(configuration: configuration))
     }
 

@@ -26,6 +26,42 @@ final class Lines: @unchecked Sendable {
 
 @Suite("Real node processes", .serialized)
 struct ProcessTests {
+    @Test("Every command's options parse (each command's help prints), and 'admin issue' writes an admin's credentials offline, refusing bad input")
+    func commandLine() throws {
+        let binary = try #require(warrantBinary(), "build the package first so the warrant executable exists")
+        // Every command path, from the SUBCOMMANDS sections of the help.
+        var pending: [[String]] = [[]], seen: [[String]] = []
+        while let path = pending.popLast(), seen.count < 200 {
+            seen.append(path)
+            let (status, output) = try run(path + ["--help"], executable: binary)
+            #expect(status == 0 && output.contains("USAGE:"), "warrant \(path.joined(separator: " ")) --help: \(output)")
+            guard let section = output.range(of: "SUBCOMMANDS:\n") else { continue }
+            for line in output[section.upperBound...].split(separator: "\n", omittingEmptySubsequences: false) {
+                guard line.hasPrefix("  "), !line.hasPrefix("  See ") else { break }
+                // (A wrapped description goes on further in.)
+                if line.hasPrefix("   ") { continue }
+                if let name = line.split(separator: " ").first { pending.append(path + [String(name)]) }
+            }
+        }
+        #expect(seen.contains(["admin", "issue"]) && seen.contains(["svid", "renew"]) && seen.count > 30, "\(seen)")
+
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("warrant-cli-\(UUID().uuidString.prefix(8))").path
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        try ClusterFiles.initialize(directory: directory, clusterID: "cli", members: [
+            .init(id: 1, peer: try HostPort(parsing: "127.0.0.1:1", at: ""), api: try HostPort(parsing: "127.0.0.1:2", at: "")),
+        ])
+        var (status, output) = try run(["admin", "issue", "--dir", directory, "--name", "alice", "--ttl", "600"], executable: binary)
+        #expect(status == 0 && output.contains("admin alice: serial "), "\(output)")
+        let key = try FileManager.default.attributesOfItem(atPath: "\(directory)/admin-alice.key")[.posixPermissions] as? Int
+        #expect(key == 0o600 && FileManager.default.fileExists(atPath: "\(directory)/admin-alice.pem"))
+        for (arguments, message) in [(["--name", "alice"], "already exists"), (["--name", "a/b"], "admin name"),
+                                     (["--name", "bob", "--ttl", "0"], "--ttl must be"), (["--name", "bob", "--ttl", "40000000"], "--ttl must be")] {
+            (status, output) = try run(["admin", "issue", "--dir", directory] + arguments, executable: binary)
+            #expect(status != 0 && output.contains(message), "\(arguments): \(output)")
+        }
+        #expect(!FileManager.default.fileExists(atPath: "\(directory)/admin-bob.pem"), "a refused issue wrote nothing")
+    }
+
     @Test("SIGKILL at 50 random moments under write load, any node: no acknowledged write is lost and every node ends with the same audit chain")
     func crashLoop() async throws {
         let binary = try #require(warrantBinary(), "build the package first so the warrant executable exists")

@@ -766,7 +766,6 @@ extension NodeAPI {
     static func catchUpTicks(_ driver: RaftDriver) -> Int { max(1, driver.requestTimeoutTicks / 5) }
 
     /// Throws `revoked` if a rule covers the identity; with its reason when `reason`.
-
     func checkNotRevoked(_ keys: AuthorityService.Keys, serial: String, spiffeID: SpiffeID, attributes: Attributes, issuedAt: Date,
                          notAfter: Date, reason: Bool) async throws(AuthorityError) {
         if let rule = await revocation(keys, serial: serial, spiffeID: spiffeID.description, attributes: attributes, issuedAt: issuedAt,

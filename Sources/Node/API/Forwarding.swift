@@ -90,6 +90,8 @@ public final class Forwarder: Sendable {
         if case .workload(_, let der) = request.caller {
             headers.append(("warrant-workload-certificate", Data(der).base64EncodedString()))
         }
+        // An admin's certificate, which the leader checks against its own revocation list.
+        if let header = NodeAPI.adminCertificateHeader(request.caller) { headers.append(header) }
         var uri = request.path.addingPercentEncoding(withAllowedCharacters: .urlPathAllowed) ?? request.path
         if !request.query.isEmpty {
             let unreserved = CharacterSet.alphanumerics.union(CharacterSet(charactersIn: "-._~"))

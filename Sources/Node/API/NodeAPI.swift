@@ -37,10 +37,11 @@ public final class NodeAPI: Sendable {
         Route(method: .DELETE, template: "/v1/documents/{name}", access: .admin),
         Route(method: .GET, template: "/v1/audit", access: .admin),
         Route(method: .GET, template: "/v1/audit/verify", access: .admin),
-    ] + authorityRoutes + joinRoutes
+    ] + adminRoutes + authorityRoutes + joinRoutes
 
     /// Documents under this prefix hold cluster configuration (member
-    /// addresses) and are written only through the membership endpoints.
+    /// addresses, admin revocations) and are written only through their
+    /// endpoints.
     public static let reservedPrefix = "cluster/"
     public static let auditPageMax = 1_000
     public static let listPageMax = 1_000
@@ -55,6 +56,7 @@ public final class NodeAPI: Sendable {
     let joins: JoinService?
     let clock: ClockCheck
     let denials = DenialLimiter()
+    let adminRevocationCache = AdminRevocationCache()
     /// Issuance on the strength of a presented X509-SVID, per identity line.
     let workloadIssuance: IssuanceRateLimiter
     /// `storage.identity_records_max`.
@@ -131,6 +133,13 @@ public final class NodeAPI: Sendable {
                 ? APIError(status: .methodNotAllowed, code: "method_not_allowed", message: "\(request.method) is not allowed on \(request.path)").response
                 : APIError.notFound("no endpoint \(request.path)").response
         }
+        do {
+            if let refusal = try await adminRefusal(&request, route: route) { return refusal.response }
+        } catch let error as APIError {
+            return error.response
+        } catch {
+            return Self.apiError(for: error).response
+        }
         if route.access == .admin && !request.caller.isOperator {
             return APIError(status: .unauthorized, code: "unauthenticated",
                             message: "\(route.template) needs a client certificate from this cluster's CA (an admin certificate)").response
@@ -163,6 +172,7 @@ public final class NodeAPI: Sendable {
         case (.GET, "/v1/audit"): return try await auditTail(request)
         case (.GET, "/v1/audit/verify"): return try await auditVerify()
         default:
+            if let response = try await dispatchAdmin(route, request) { return response }
             if let response = try await dispatchAuthority(route, request) { return response }
             if let response = try await dispatchJoin(route, request) { return response }
             return APIError.notFound("no endpoint \(request.path)").response
@@ -208,7 +218,7 @@ public final class NodeAPI: Sendable {
 
     /// Linearizable (the default) waits for a ReadIndex confirmation and
     /// this node's apply; serializable reads what this node has applied.
-    private func waitForConsistency(_ request: HTTPRequest) async throws {
+    func waitForConsistency(_ request: HTTPRequest) async throws {
         switch request.query["consistency"] ?? "linearizable" {
         case "linearizable": _ = try await driver.linearizableReadIndex()
         case "serializable": break
@@ -404,7 +414,7 @@ public final class NodeAPI: Sendable {
     static func checkUserName(_ name: String) throws {
         if let reason = LedgerCommand.invalidName(name) { throw APIError.badRequest(reason) }
         if name.hasPrefix(reservedPrefix) {
-            throw APIError(status: .forbidden, code: "reserved_name", message: "names under '\(reservedPrefix)' are written only by the membership endpoints")
+            throw APIError(status: .forbidden, code: "reserved_name", message: "names under '\(reservedPrefix)' are written only by the cluster endpoints (membership, admin revocations)")
         }
         if name.hasPrefix(AuthorityDocuments.prefix) {
             throw APIError(status: .forbidden, code: "reserved_name", message: "names under '\(AuthorityDocuments.prefix)' are written only by the authority")

@@ -35,12 +35,16 @@ public final class AdminClient: Sendable {
         return try NIOSSLContext(configuration: configuration)
     }
 
-    /// A client for the cluster whose files `cluster init` wrote to `directory`.
-    public convenience init(clusterDirectory directory: String, endpoints: [SocketAddress]? = nil) throws {
+    /// A client for the cluster whose files `cluster init` wrote to
+    /// `directory`, with the admin certificate and key there (`admin.pem`,
+    /// `admin.key`) or at the paths given.
+    public convenience init(clusterDirectory directory: String, endpoints: [SocketAddress]? = nil,
+                            certificatePath: String? = nil, keyPath: String? = nil) throws {
         let listing = try ClusterListing(directory: directory)
         let addresses = try endpoints ?? listing.members.map { try SocketAddress.makeAddressResolvingHost($0.api.host, port: $0.api.port) }
         try self.init(endpoints: addresses, caPEM: ClusterFiles.read("\(directory)/ca.pem"),
-                      certificatePEM: ClusterFiles.read("\(directory)/admin.pem"), keyPEM: ClusterFiles.read("\(directory)/admin.key"))
+                      certificatePEM: ClusterFiles.read(certificatePath ?? "\(directory)/admin.pem"),
+                      keyPEM: ClusterFiles.read(keyPath ?? "\(directory)/admin.key"))
     }
 
     /// Sends to one endpoint.

@@ -1,3 +1,5 @@
+import Authority
+import Ledger
 import NIOCore
 import NIOHTTP1
 import NIOPosix
@@ -13,8 +15,10 @@ import X509
 public enum APICaller: Sendable, Hashable {
     /// No client certificate: only the public endpoints answer.
     case anonymous
-    /// An operator with an admin certificate (`warrant-admin://<cluster>/<name>`).
-    case admin(name: String)
+    /// An operator with an admin certificate (`warrant-admin://<cluster>/<name>`),
+    /// its serial (canonical hex) and when it was issued (what a rule
+    /// revoking admin certificates goes by: `AdminRevocationList`).
+    case admin(name: String, serial: String, issuedAtMillis: UInt64)
     /// Another node of this cluster (forwarding a caller's write).
     case node(id: UInt64)
     /// A workload holding an X509-SVID of this trust domain (renewal).
@@ -24,7 +28,7 @@ public enum APICaller: Sendable, Hashable {
     public var actor: String {
         switch self {
         case .anonymous: return "anonymous"
-        case .admin(let name): return "admin:\(name)"
+        case .admin(let name, _, _): return "admin:\(name)"
         case .node(let id): return "node:\(id)"
         case .workload(let spiffeID, _): return spiffeID
         }
@@ -48,7 +52,11 @@ public enum APICaller: Sendable, Hashable {
         }
         if certificate.issuer == clusterCA {
             for uri in uris {
-                if let admin = ClusterCA.adminName(inURI: uri, clusterID: clusterID) { return .admin(name: admin) }
+                if let admin = ClusterCA.adminName(inURI: uri, clusterID: clusterID) {
+                    let issued = certificate.notValidBefore.addingTimeInterval(ClusterCA.backdate).timeIntervalSince1970
+                    return .admin(name: admin, serial: Revocation.canonicalSerial(Hex.encode(certificate.serialNumber.bytes)),
+                                  issuedAtMillis: UInt64(max(0, issued * 1000)))
+                }
             }
             if let id = NodeIdentity.nodeID(inCertificateDER: der, clusterID: clusterID) { return .node(id: id) }
             return .anonymous
