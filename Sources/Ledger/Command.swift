@@ -49,6 +49,10 @@ public struct LedgerCommand: Sendable, Hashable {
         /// marker kept until then refuses a second close (entries of tag 11,
         /// without it, only write the audit record).
         case closeStep(spiffeID: String, serial: String, exitStatus: Int32, notAfterMillis: UInt64 = 0)
+        /// From this entry on, entries apply by rules `version`
+        /// (`LedgerRules`; tag 14). A node whose build does not know it
+        /// stops here.
+        case adoptRules(version: UInt32)
     }
 
     public var timeMillis: UInt64
@@ -112,6 +116,8 @@ public struct LedgerCommand: Sendable, Hashable {
             if let reason = revocation.invalidReason { return reason }
         case .closeStep(let spiffeID, let serial, _, _):
             guard spiffeID.utf8.count <= 2048, !serial.isEmpty, serial.utf8.count <= 64 else { return "a step is named by its SPIFFE ID and serial" }
+        case .adoptRules(let version):
+            guard version > LedgerRules.initial else { return "a rules version to adopt is above \(LedgerRules.initial)" }
         }
         return nil
     }
@@ -198,6 +204,9 @@ public struct LedgerCommand: Sendable, Hashable {
             w.writeBytes(serial.utf8)
             w.write(UInt32(bitPattern: exitStatus))
             if notAfterMillis != 0 { w.write(notAfterMillis) }
+        case .adoptRules(let version):
+            w.write(UInt8(14))
+            w.write(version)
         }
         return w.bytes
     }
@@ -283,6 +292,8 @@ public struct LedgerCommand: Sendable, Hashable {
             let notAfterMillis = operationTag == 13 ? try r.readUInt64("step expiry") : 0
             if operationTag == 13 && notAfterMillis == 0 { throw .invalid(field: "step expiry", reason: "zero") }
             operation = .closeStep(spiffeID: spiffeID, serial: serial, exitStatus: exitStatus, notAfterMillis: notAfterMillis)
+        case 14:
+            operation = .adoptRules(version: try r.readUInt32("rules version"))
         case let tag:
             throw .unknownTag(field: "operation", tag: tag)
         }

@@ -92,15 +92,18 @@ public enum Ledger {
     /// Applies one committed entry. Every change, accepted or refused,
     /// appends an audit record; a no-op changes nothing.
     @discardableResult
-    public static func apply(_ entry: Entry, to tables: inout some LedgerTables) throws -> LedgerOutcome? {
+    /// `rulesKnown`: the newest rules (`LedgerRules`) the caller's build
+    /// applies by; an entry adopting newer ones throws `LedgerRulesError`
+    /// and changes nothing (the node must stop).
+    public static func apply(_ entry: Entry, to tables: inout some LedgerTables, rulesKnown: UInt32 = LedgerRules.known) throws -> LedgerOutcome? {
         let applied = try tables.appliedIndex()
         precondition(entry.index > applied, "entry \(entry.index) applied twice (applied index \(applied))")
-        let outcome = try outcome(of: entry, &tables)
+        let outcome = try outcome(of: entry, rulesKnown: rulesKnown, &tables)
         try tables.setAppliedIndex(entry.index)
         return outcome
     }
 
-    private static func outcome(of entry: Entry, _ tables: inout some LedgerTables) throws -> LedgerOutcome? {
+    private static func outcome(of entry: Entry, rulesKnown: UInt32, _ tables: inout some LedgerTables) throws -> LedgerOutcome? {
         switch entry.payload {
         case .noop:
             return nil
@@ -117,6 +120,7 @@ public enum Ledger {
                 try audit(&tables, entry, timeMillis: 0, actor: "unknown", action: "invalid", target: "", result: "rejected: \(error)")
                 return LedgerOutcome(logIndex: entry.index, requestID: "", result: .rejected("malformed command: \(error)"))
             }
+            if case .adoptRules(let version) = command.operation { try LedgerRules.check(version, known: rulesKnown, at: entry.index) }
             let result = try execute(command, entry.index, &tables)
             let (action, target): (String, String)
             switch command.operation {
@@ -130,6 +134,7 @@ public enum Ledger {
             case .activateAuthority(let id): (action, target) = ("authority.activate", id)
             case .revoke(let rule): (action, target) = ("identity.revoke", "\(rule.kind.rawValue)=\(rule.value)")
             case .closeStep(let spiffeID, _, _, _): (action, target) = ("step.close", spiffeID)
+            case .adoptRules(let version): (action, target) = ("ledger.rules", "version \(version)")
             }
             var resultText: String
             switch result {
@@ -256,6 +261,14 @@ public enum Ledger {
             return try issue(issuance, command.timeMillis, index, &tables)
         case .recordDenial, .closeStep(_, _, _, 0):
             return .written(version: 0) // only the audit record
+        case .adoptRules(let version):
+            // (A version this build does not know stopped the node before.)
+            let current = try tables.document(named: LedgerRules.document)
+            let inForce = try LedgerRules.version(of: current)
+            guard version > inForce else { return .rejected("the ledger applies rules version \(inForce) already; versions only move forward") }
+            let next = (current?.version ?? 0) + 1
+            try tables.put(Document(name: LedgerRules.document, format: .json, content: LedgerRules.content(version), version: next, logIndex: index))
+            return .written(version: next)
         case .closeStep(_, let serial, let exitStatus, let notAfterMillis):
             let name = AuthorityDocuments.closedStep(notAfterMillis: notAfterMillis, serial: serial)
             guard try tables.document(named: name) == nil else { return .rejected("the step was closed already") }

@@ -43,6 +43,9 @@ public final class LedgerStore: Sendable {
     /// installed snapshot (the driver's): a checkpoint of the state before
     /// an install must not land after it.
     private let checkpointWriting = Mutex<LogIndex>(0)
+    /// The newest ledger rules this node applies by (`LedgerRules.known`;
+    /// tests lower it to stand for an older build).
+    private let rulesKnown = Atomic<UInt32>(LedgerRules.known)
 
     init(directory: String, batching: AuditBatching = AuditBatching()) throws {
         self.directory = directory
@@ -81,11 +84,21 @@ public final class LedgerStore: Sendable {
             throw StorageError(code: .corruptState, reason: "\(path): the audit chain is missing the \(head.sequence) records the checkpoint at index \(index) follows. \(StorageError.rejoinAdvice)")
         }
         let loaded = LedgerMemory(documents: checkpoint?.documents ?? [], head: head, applied: index)
+        try LedgerRules.check(try LedgerRules.version(in: loaded), known: rulesKnown.load(ordering: .relaxed), at: index)
         memory.withLock { $0 = loaded }
         issuedRecords.store(loaded.issuedCount, ordering: .relaxed)
         unwrittenSince.withLock { $0 = nil }
         return checkpoint
     }
+
+    /// The newest ledger rules this node applies by, and the rules in force.
+    public var rules: (known: UInt32, inForce: UInt32) {
+        get throws { (rulesKnown.load(ordering: .relaxed), try memory.withLock { try LedgerRules.version(in: $0) }) }
+    }
+
+    /// Makes this node apply as a build that knows rules up to `version`
+    /// would (tests: an older build in the same process).
+    package func setRulesKnownForTesting(_ version: UInt32) { rulesKnown.store(version, ordering: .relaxed) }
 
     // MARK: - Applying (the driver's thread)
 
@@ -102,7 +115,7 @@ public final class LedgerStore: Sendable {
         for entry in entries {
             let outcome = try memory.withLock { memory in
                 defer { (unwritten, issued) = (memory.unwrittenAudit.count, memory.issuedCount) }
-                return try Ledger.apply(entry, to: &memory)
+                return try Ledger.apply(entry, to: &memory, rulesKnown: rulesKnown.load(ordering: .relaxed))
             }
             if let outcome { outcomes.append(outcome) }
         }
@@ -261,6 +274,7 @@ public final class LedgerStore: Sendable {
         let (documents, records) = try LedgerSnapshot.decode(snapshot.data, at: snapshot.metadata.index, path: audit.directory)
         let head: (sequence: UInt64, hash: [UInt8]) = records.last.map { ($0.sequence, $0.hash) } ?? (0, AuditRecord.genesisHash)
         let installed = LedgerMemory(documents: documents, head: head, applied: snapshot.metadata.index)
+        try LedgerRules.check(try LedgerRules.version(in: installed), known: rulesKnown.load(ordering: .relaxed), at: snapshot.metadata.index)
         // After a checkpoint being written, if any; one begun before this
         // is refused afterwards.
         try checkpointWriting.withLock { newest in

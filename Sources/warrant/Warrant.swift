@@ -117,7 +117,7 @@ struct NodeCommand: AsyncParsableCommand {
 
 struct ClusterCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "cluster", abstract: "Create and inspect a cluster.",
-                                                    subcommands: [Init.self, AddNode.self, Status.self])
+                                                    subcommands: [Init.self, AddNode.self, Status.self, AdoptRules.self])
 
     struct Init: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Write a new cluster's CA, certificates, key-encryption key and node configurations.")
@@ -201,24 +201,39 @@ struct ClusterCommand: AsyncParsableCommand {
     }
 }
 
+extension ClusterCommand {
+    struct AdoptRules: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "adopt-rules",
+            abstract: "Finish an upgrade: apply the ledger by newer rules from now on, once every member runs a build that knows them (see 'cluster status', RULES).")
+        @OptionGroup var connection: ConnectionOptions
+        @Option(help: "The rules version to adopt.") var version: UInt32
+
+        func run() async throws {
+            try finish(try await connection.client().post("/v1/cluster/rules", json: ["version": version]))
+        }
+    }
+}
+
 enum StatusTable {
     static func render(_ rows: [(String, ClusterStatusBody?, String)]) -> String {
-        var lines = [["NODE", "API", "ROLE", "TERM", "LEADER", "COMMIT", "APPLIED", "MATCH", "LAG", "HEALTH"]]
+        var lines = [["NODE", "API", "ROLE", "TERM", "LEADER", "COMMIT", "APPLIED", "MATCH", "LAG", "RULES", "HEALTH"]]
         let leader = rows.compactMap(\.1).first { $0.role == "leader" }
         for (endpoint, status, health) in rows {
             guard let status else {
-                lines.append(["?", endpoint, "-", "-", "-", "-", "-", "-", "-", health])
+                lines.append(["?", endpoint, "-", "-", "-", "-", "-", "-", "-", "-", health])
                 continue
             }
             let member = leader?.members.first { $0.id == status.id }
             lines.append(["\(status.id)", endpoint, status.role, "\(status.term)", "\(status.leader)", "\(status.commitIndex)", "\(status.appliedIndex)",
-                          member?.matchIndex.map(String.init) ?? "-", member?.lag.map(String.init) ?? "-", health])
+                          member?.matchIndex.map(String.init) ?? "-", member?.lag.map(String.init) ?? "-",
+                          "\(status.rulesInForce.map(String.init) ?? "?")/\(status.rulesKnown.map(String.init) ?? "?")", health])
         }
         if let leader {
             let shown = Set(rows.compactMap { $0.1?.id })
             for member in leader.members where !shown.contains(member.id) {
                 lines.append(["\(member.id)", member.apiAddress ?? "?", member.role, "-", "-", "-", "-",
-                              member.matchIndex.map(String.init) ?? "-", member.lag.map(String.init) ?? "-", "not asked"])
+                              member.matchIndex.map(String.init) ?? "-", member.lag.map(String.init) ?? "-", "-", "not asked"])
             }
         }
         let widths = lines[0].indices.map { column in lines.map { $0[column].count }.max() ?? 0 }

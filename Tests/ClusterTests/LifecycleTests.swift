@@ -1,5 +1,6 @@
 import Authority
 import Foundation
+import Ledger
 import NIOCore
 import NIOHTTP1
 import NIOSSL
@@ -266,9 +267,10 @@ struct LifecycleTests {
             #expect(!(immediate["reason"] as? String ?? leaked).contains(leaked), "an anonymous verdict tells no reason: \(immediate)")
             let toOperator = try await verdict(admin, ["x509_chain": r1["certificate"] as? String ?? ""])
             #expect((toOperator["reason"] as? String ?? "").contains(leaked), "an operator's verdict tells the reason: \(toOperator)")
+            // (Rules keep serials canonical: lower case, without leading zeros.)
             func rule(_ connection: HTTPConnection) async throws -> [String: Any]? {
                 (object(try await connection.request(.GET, "/v1/revocations"))["revocations"] as? [[String: Any]] ?? [])
-                    .first { ($0["value"] as? String)?.uppercased() == r1Serial.uppercased() }
+                    .first { ($0["value"] as? String).map(Revocation.canonicalSerial) == Revocation.canonicalSerial(r1Serial) }
             }
             let publicRule = try #require(try await rule(open)), operatorRule = try #require(try await rule(admin))
             #expect(publicRule["reason"] == nil && publicRule["revoked_at"] != nil, "\(publicRule)")

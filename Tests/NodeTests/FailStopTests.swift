@@ -2,7 +2,7 @@ import Foundation
 import Ledger
 import Node
 import Raft
-import Storage
+@testable import Storage
 import Testing
 
 private struct NoNetwork: MessageSender {
@@ -30,5 +30,49 @@ struct FailStopTests {
         try await driver.tick() // ignored, and no precondition trips
         await #expect(throws: DriverError.stopped) { _ = try await driver.propose(command) }
         await #expect(throws: DriverError.stopped) { _ = try await driver.linearizableReadIndex() }
+    }
+
+    @Test("A node whose build does not know the ledger rules an entry adopts stops there, and again after a restart, until its build knows them")
+    func unknownRulesStopTheNode() async throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("warrant-rules-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: directory) }
+        func open(knowing known: UInt32, initialize: Bool = false) async throws -> (RaftStore, RaftDriver) {
+            let store = try RaftStore(directory: directory.path)
+            store.ledger?.setRulesKnownForTesting(known)
+            if initialize { try store.initialize(with: .bootstrap(voters: [1])) }
+            // A checkpoint after every few entries.
+            let driver = try RaftDriver(configuration: Configuration(id: 1, randomSeed: 1), store: store, sender: NoNetwork(), compactEveryEntries: 2)
+            try await driver.campaign()
+            return (store, driver)
+        }
+        let put = LedgerCommand(timeMillis: 1, actor: "t", requestID: "a", operation: .putDocument(name: "a", format: .json, content: [], expectedVersion: nil))
+        let adopt = LedgerCommand(timeMillis: 1, actor: "t", requestID: "b", operation: .adoptRules(version: 2))
+        var (store, driver) = try await open(knowing: 1, initialize: true)
+        #expect(try await driver.propose(put).result == .written(version: 1))
+        await #expect(throws: (any Error).self) { _ = try await driver.propose(adopt) }
+        await #expect(throws: DriverError.stopped) { _ = try await driver.propose(put) }
+        #expect(try store.ledger?.rules.inForce == 1, "the entry changed nothing")
+
+        // The entry is committed: a restart with the old build reaches it again and refuses to go on.
+        await #expect(throws: LedgerRulesError.self) { _ = try await open(knowing: 1) }
+
+        (store, driver) = try await open(knowing: 2)
+        #expect(try await driver.propose(put).result == .written(version: 2))
+        let rules = try #require(try store.ledger?.rules)
+        #expect(rules.known == 2 && rules.inForce == 2)
+        // Once a checkpoint holds the adopted rules, the old build refuses it too (no entry left to stop at).
+        func checkpointed() -> LogIndex {
+            let files = FileManager.default.enumerator(atPath: directory.path)?.compactMap { ($0 as? String).map { ($0 as NSString).lastPathComponent } } ?? []
+            return files.compactMap(Checkpoint.index(ofFile:)).max() ?? 0
+        }
+        for n in 0..<20 where checkpointed() <= 5 {
+            _ = try await driver.propose(LedgerCommand(timeMillis: 1, actor: "t", requestID: "c\(n)",
+                                                       operation: .putDocument(name: "c", format: .json, content: [], expectedVersion: nil)))
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        #expect(checkpointed() > 5, "a checkpoint after the adopting entry was written")
+        await driver.stop()
+        await #expect(throws: LedgerRulesError.self) { _ = try await open(knowing: 1) }
     }
 }

@@ -219,6 +219,9 @@ public struct ClusterStatusBody: Codable, Sendable {
     public var lastIndex: UInt64
     public var snapshotIndex: UInt64
     public var members: [MemberBody]
+    /// The ledger rules in force (`LedgerRules`), and the newest this node's build applies by.
+    public var rulesInForce: UInt32?
+    public var rulesKnown: UInt32?
 }
 
 public struct ReadinessBody: Codable, Sendable {

@@ -69,15 +69,24 @@ public final class Forwarder: Sendable {
         nodeID = identity.nodeID
     }
 
+    private func pool(_ address: HostPort) throws -> HTTPConnectionPool {
+        try pools.withLock { pools in
+            if let pool = pools[address] { return pool }
+            let pool = HTTPConnectionPool(address: try SocketAddress.makeAddressResolvingHost(address.host, port: address.port), tls: tls)
+            pools[address] = pool
+            return pool
+        }
+    }
+
+    /// Asks another member's API, as this node (`GET`).
+    func get(_ path: String, at address: HostPort, timeout: TimeAmount) async throws -> HTTPClientResponse {
+        try await pool(address).request(.GET, path, headers: [("warrant-forwarded-by", String(nodeID))], body: [], timeout: timeout)
+    }
+
     func forward(_ request: HTTPRequest, to leader: NodeID, at address: HostPort, actor: String) async throws -> HTTPResponse {
         let pool: HTTPConnectionPool
         do {
-            pool = try pools.withLock { pools in
-                if let pool = pools[address] { return pool }
-                let pool = HTTPConnectionPool(address: try SocketAddress.makeAddressResolvingHost(address.host, port: address.port), tls: tls)
-                pools[address] = pool
-                return pool
-            }
+            pool = try self.pool(address)
         } catch {
             throw APIError.unavailable("not_leader", "node \(leader) leads but its API address \(address) does not resolve: \(error)")
         }

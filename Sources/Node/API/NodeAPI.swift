@@ -37,7 +37,7 @@ public final class NodeAPI: Sendable {
         Route(method: .DELETE, template: "/v1/documents/{name}", access: .admin),
         Route(method: .GET, template: "/v1/audit", access: .admin),
         Route(method: .GET, template: "/v1/audit/verify", access: .admin),
-    ] + adminRoutes + authorityRoutes + joinRoutes
+    ] + adminRoutes + rulesRoutes + authorityRoutes + joinRoutes
 
     /// Documents under this prefix hold cluster configuration (member
     /// addresses, admin revocations) and are written only through their
@@ -173,6 +173,7 @@ public final class NodeAPI: Sendable {
         case (.GET, "/v1/audit/verify"): return try await auditVerify()
         default:
             if let response = try await dispatchAdmin(route, request) { return response }
+            if let response = try await dispatchRules(route, request) { return response }
             if let response = try await dispatchAuthority(route, request) { return response }
             if let response = try await dispatchJoin(route, request) { return response }
             return APIError.notFound("no endpoint \(request.path)").response
@@ -209,9 +210,10 @@ public final class NodeAPI: Sendable {
                 lag: status.role == .leader ? match.map { status.lastIndex - min($0, status.lastIndex) } : nil,
                 replication: member == id ? (status.role == .leader ? "leader" : nil) : follower?.state.rawValue))
         }
+        let rules = try? store.ledger?.rules
         return ClusterStatusBody(id: id, role: status.role.rawValue, term: status.term, leader: status.leaderID,
                                  commitIndex: status.commitIndex, appliedIndex: status.appliedIndex, lastIndex: status.lastIndex,
-                                 snapshotIndex: status.snapshotIndex, members: rows)
+                                 snapshotIndex: status.snapshotIndex, members: rows, rulesInForce: rules?.inForce, rulesKnown: rules?.known)
     }
 
     // MARK: - Documents
