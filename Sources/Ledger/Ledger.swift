@@ -120,7 +120,10 @@ public enum Ledger {
                 try audit(&tables, entry, timeMillis: 0, actor: "unknown", action: "invalid", target: "", result: "rejected: \(error)")
                 return LedgerOutcome(logIndex: entry.index, requestID: "", result: .rejected("malformed command: \(error)"))
             }
-            if case .adoptRules(let version) = command.operation { try LedgerRules.check(version, known: rulesKnown, at: entry.index) }
+            // (An invalid one is refused alike by every build.)
+            if case .adoptRules(let version) = command.operation, command.invalidReason == nil {
+                try LedgerRules.check(version, known: rulesKnown, at: entry.index)
+            }
             let result = try execute(command, entry.index, &tables)
             let (action, target): (String, String)
             switch command.operation {

@@ -218,7 +218,12 @@ public final class NodeServer: Sendable {
         #endif
         let log = self.log
         let ticking = driver.startTicking(every: .milliseconds(Int64(config.tickIntervalMilliseconds))) { error in
-            log.error("the node stopped after a storage failure; it will not serve until restarted", ["error": "\(error)"])
+            if error is LedgerRulesError {
+                log.error("the node stopped: the ledger adopted rules its build does not know; it answers 503 until started with a build that does",
+                          ["error": "\(error)"])
+            } else {
+                log.error("the node stopped after a storage failure; it answers 503 until restarted", ["error": "\(error)"])
+            }
         }
         let tickerTask = Task { await self.watchUntilStopped() }
         for await signal in stopRequests.stream {

@@ -344,7 +344,11 @@ public actor RaftDriver {
     }
 
     public func tick() throws {
-        guard !stopped else { return }
+        guard !stopped else {
+            // A failure on another path (a message's drain) is reported here, once: the ticking stops at it.
+            if let failure { throw failure }
+            return
+        }
         ticks += 1
         raft.tick()
         expireRequests()
@@ -354,7 +358,8 @@ public actor RaftDriver {
 
     /// Ticks every `interval` on the driver's own thread (not Swift's
     /// cooperative pool, so busy tasks elsewhere cannot delay elections).
-    /// A storage failure stops the ticking and is reported once.
+    /// A failure that stops the node (storage, or ledger rules its build
+    /// does not know; on any path) stops the ticking and is reported once.
     public nonisolated func startTicking(every interval: TimeAmount, onStorageFailure: @escaping @Sendable (any Error) -> Void) -> RepeatedTask {
         loop.scheduleRepeatedTask(initialDelay: interval, delay: interval) { task in
             self.assumeIsolated { driver in
@@ -669,9 +674,27 @@ public actor RaftDriver {
             try runLoop()
         } catch {
             stopped = true
+            if failure == nil {
+                failure = error
+                failureView.withLock { $0 = "\(error)" }
+                failed.store(true, ordering: .releasing)
+            }
             failAll(error)
             throw error
         }
+    }
+
+    /// What stopped the node (a storage failure, or ledger rules its build
+    /// does not know), if anything did.
+    private var failure: (any Error)?
+    private nonisolated let failureView = Mutex<String?>(nil)
+    private nonisolated let failed = Atomic<Bool>(false)
+
+    /// Why the node stopped, if a failure stopped it (not `stop()`): read
+    /// on every request, so without a lock until one has.
+    public nonisolated var failureDescription: String? {
+        guard failed.load(ordering: .acquiring) else { return nil }
+        return failureView.withLock { $0 }
     }
 
     private func runLoop() throws {

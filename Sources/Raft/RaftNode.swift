@@ -145,7 +145,7 @@ public struct RaftNode: Sendable {
         }
         return Status(id: id, role: role, term: term, votedFor: votedFor, leaderID: leaderID, commitIndex: log.commitIndex,
                       appliedIndex: log.appliedIndex, lastIndex: log.lastIndex, snapshotIndex: log.snapshotIndex,
-                      membership: membership, followers: followers)
+                      membership: membership, followers: followers, configChangePending: role == .leader && pendingConfigIndex > log.commitIndex)
     }
 
     // MARK: - Input: time

@@ -58,6 +58,9 @@ public struct Status: Sendable {
     public var membership: Membership
     /// The leader's view of each follower: match index and replication state.
     public var followers: [NodeID: FollowerStatus]
+    /// A leader's membership change is appended but not yet committed
+    /// (`membership` does not show it yet).
+    public var configChangePending = false
 }
 
 public struct FollowerStatus: Sendable, Hashable {

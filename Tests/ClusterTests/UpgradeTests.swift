@@ -73,6 +73,15 @@ struct UpgradeTests {
                 }
             }, "node \(other) stopped")
             #expect(try cluster.servers[other]?.store.ledger?.rules.inForce == 2, "node \(other) did not apply the entry")
+            // It serves nothing from its frozen state, and says why.
+            let stopped = try await cluster.connection(to: other, admin: false)
+            defer { Task { await stopped.close() } }
+            for path in ["/healthz", "/readyz", "/v1/bundle"] {
+                let answer = try await stopped.request(.GET, path)
+                #expect(answer.status == .serviceUnavailable && answer.text.contains("node_stopped") && answer.text.contains("rules version 3"),
+                        "\(path): \(answer.text)")
+            }
+            #expect(try await stopped.request(.GET, "/metrics").status == .ok)
             #expect(await eventually { await rules(follower) == [3, 3] })
         } catch {
             Issue.record(error)

@@ -27,7 +27,9 @@ struct FailStopTests {
         store.breakForTesting()
 
         await #expect(throws: (any Error).self) { _ = try await driver.propose(command) }
-        try await driver.tick() // ignored, and no precondition trips
+        // The tick reports the failure (the ticker logs it and stops), and no precondition trips.
+        await #expect(throws: (any Error).self) { try await driver.tick() }
+        #expect(driver.failureDescription != nil)
         await #expect(throws: DriverError.stopped) { _ = try await driver.propose(command) }
         await #expect(throws: DriverError.stopped) { _ = try await driver.linearizableReadIndex() }
     }
@@ -50,7 +52,8 @@ struct FailStopTests {
         let adopt = LedgerCommand(timeMillis: 1, actor: "t", requestID: "b", operation: .adoptRules(version: 2))
         var (store, driver) = try await open(knowing: 1, initialize: true)
         #expect(try await driver.propose(put).result == .written(version: 1))
-        await #expect(throws: (any Error).self) { _ = try await driver.propose(adopt) }
+        await #expect(throws: LedgerRulesError.self) { _ = try await driver.propose(adopt) }
+        #expect(driver.failureDescription?.contains("rules version 2") == true)
         await #expect(throws: DriverError.stopped) { _ = try await driver.propose(put) }
         #expect(try store.ledger?.rules.inForce == 1, "the entry changed nothing")
 

@@ -193,14 +193,13 @@ extension NodeAPI {
     /// nil. Checked on every request an admin certificate makes, on every
     /// node; a revoked certificate is an anonymous caller on open routes.
     ///
-    /// On an admin route the node first catches up with the leader's
-    /// commit (a ReadIndex, waited for at most `catchUpTicks`): a follower
-    /// passes most writes on as Raft commands, which carry only the actor's
-    /// name, and a new leader may not have applied what its predecessor
-    /// committed, so a rule made a moment ago must be applied here before
-    /// the certificate is judged. If it cannot catch up (no leader, or cut
-    /// off) it refuses writes (503 `rules_unconfirmed`) and judges reads
-    /// by the rules it has.
+    /// For a write on an admin route the node first catches up with the
+    /// leader's commit (a ReadIndex, waited for at most `catchUpTicks`): a
+    /// follower passes most writes on as Raft commands, which carry only
+    /// the actor's name, and a new leader may not have applied what its
+    /// predecessor committed, so a rule made a moment ago must be applied
+    /// here before the certificate is judged. If it cannot catch up (no
+    /// leader, or cut off) it refuses the write (503 `rules_unconfirmed`).
     func adminRefusal(_ request: inout HTTPRequest, route: Route) async throws -> APIError? {
         guard let certificate = Self.adminCertificate(of: request) else { return nil }
         func rule() throws -> AdminRevocation? {
@@ -208,15 +207,17 @@ extension NodeAPI {
         }
         // (A rule this node has already applied settles it: rules are only added, until what they cover has expired.)
         var found = try rule()
-        if found == nil, case .admin = request.caller, route.access == .admin {
-            if (try? await driver.linearizableReadIndex(timeoutTicks: Self.catchUpTicks(driver))) != nil {
-                found = try rule()
-            } else if request.method != .GET {
+        // Writes only: a read is judged by the rules this node has applied
+        // (behind the leader by the replication lag at most; a round trip
+        // on every read too was a visible cost of an admin's load).
+        if found == nil, case .admin = request.caller, route.access == .admin, request.method != .GET {
+            guard (try? await driver.linearizableReadIndex(timeoutTicks: Self.catchUpTicks(driver))) != nil else {
                 return APIError(status: .serviceUnavailable, code: "rules_unconfirmed",
                                 message: "node \(id) could not catch up with the leader to confirm that no rule revokes this admin certificate "
                                     + "(no leader known, or this node is cut off); retry, or ask another node",
                                 headers: [("retry-after", "1")])
             }
+            found = try rule()
         }
         guard let rule = found else { return nil }
         request.caller = .anonymous
@@ -252,8 +253,12 @@ extension NodeAPI {
         // The leader's clock stamps the rule, as it stamps the identity
         // revocations (a name rule covers what was issued until then).
         let leadership = await driver.awaitLeadership()
-        // (The next request of a certificate it covers catches up with it, on any node.)
-        guard leadership.isLeader else { return try await forwardToLeader(request, leaderHint: leadership.leaderID) }
+        guard leadership.isLeader else {
+            let answer = try await forwardToLeader(request, leaderHint: leadership.leaderID)
+            // Read your writes here (elsewhere a covered certificate's next write catches up with the rule).
+            if answer.status == .ok { _ = try? await driver.linearizableReadIndex() }
+            return answer
+        }
         try clock.requireAgreement(.revocation)
         let actor = Self.actor(of: request)
         // Compare-and-set on the list, again if another revocation won the race.

@@ -122,6 +122,11 @@ public final class NodeAPI: Sendable {
 
     public func handle(_ request: HTTPRequest) async -> HTTPResponse {
         var request = request
+        // A node stopped by a failure serves nothing from its frozen state
+        // (its metrics still answer, for whoever looks into why).
+        if let failure = driver.failureDescription, request.path != "/metrics" {
+            return APIError(status: .serviceUnavailable, code: "node_stopped", message: "node \(id) stopped: \(failure)").response
+        }
         // A node's certificate speaks for it only while it is a member: one
         // removed from the cluster (its certificate still chains to the
         // cluster CA) is an anonymous caller, and its forwarded actor and
@@ -508,6 +513,9 @@ public final class NodeAPI: Sendable {
             case .stopped: return APIError.unavailable("stopping", error.description)
             case .overloaded: return APIError.unavailable("overloaded", error.description)
             }
+        case let error as LedgerRulesError:
+            return APIError(status: .serviceUnavailable, code: "node_stopped",
+                            message: "this node stopped (\(error)); a write it was applying may have committed: check elsewhere")
         case let error as NodeConfigError:
             return APIError.badRequest(error.description)
         case let error as StorageError:

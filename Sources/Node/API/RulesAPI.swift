@@ -46,8 +46,12 @@ extension NodeAPI {
         guard body.version > rules.inForce else {
             throw APIError(status: .conflict, code: "rules_in_force", message: "the ledger applies rules version \(rules.inForce) already; versions only move forward")
         }
-        // Every member, learners too: each applies every entry.
+        // Every member, learners too: each applies every entry. (One being
+        // added is not in the membership until its change commits.)
         let status = await driver.status
+        guard !status.configChangePending else {
+            throw APIError(status: .conflict, code: "membership_changing", message: "a membership change is under way; retry once it has committed")
+        }
         var know: [String: UInt32] = [String(id): rules.known]
         for member in status.membership.members.sorted() where member != id {
             let answer: ClusterStatusBody
@@ -56,6 +60,8 @@ extension NodeAPI {
                 let response = try await forwarder.get("/v1/cluster/status", at: address, timeout: Self.rulesAskTimeout)
                 guard response.status == .ok else { throw APIError(status: response.status, code: "status", message: response.text) }
                 answer = try APIJSON.decode(ClusterStatusBody.self, from: response.body)
+                // (Any node's certificate passes TLS: the answer must be the member's own.)
+                guard answer.id == member else { throw APIError.notFound("node \(answer.id) answered at its address") }
             } catch {
                 throw APIError.unavailable("member_unreachable", "node \(member) did not say which rules its build knows (\(error)); every member must, "
                     + "so that none is left applying by older ones")
