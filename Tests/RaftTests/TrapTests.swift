@@ -79,7 +79,7 @@ struct TrapTests {
         #expect([.leaderCompleteness, .stateMachineSafety].contains(violation.property), "\(violation)")
     }
 
-    @Test("A leader proposes a membership change only after committing an entry of its own term, one at a time")
+    @Test("A leader proposes a membership change only after committing an entry of its own term, one at a time, and its status says one is pending")
     func singleServerChangeWaitsForOwnTermCommit() throws {
         var node = try makeLeader(1, voters: [1, 2, 3])
         #expect(node.role == .leader)
@@ -87,8 +87,15 @@ struct TrapTests {
         node.step(message(from: 2, to: 1, term: 2, .appendEntriesResponse(AppendEntriesResponse(index: 2, rejected: false, hintIndex: 0, hintTerm: 0))))
         _ = node.drain()
         #expect(node.commitIndex == 2)
+        #expect(!node.status.configChangePending)
         try node.proposeConfigChange(.addLearner(4))
         #expect(throws: RaftError.configChangePending(pendingIndex: 3)) { try node.proposeConfigChange(.addLearner(5)) }
+        // The status says so (the membership shows the change only once it commits).
+        #expect(node.status.configChangePending && !node.status.membership.members.contains(4))
+        _ = node.drain()
+        node.step(message(from: 2, to: 1, term: 2, .appendEntriesResponse(AppendEntriesResponse(index: 3, rejected: false, hintIndex: 0, hintTerm: 0))))
+        _ = node.drain()
+        #expect(node.commitIndex == 3 && !node.status.configChangePending && node.status.membership.members.contains(4))
     }
 
     @Test("Membership changes: a learner catches up before promotion; ids are never reused")
