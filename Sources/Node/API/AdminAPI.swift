@@ -208,8 +208,8 @@ extension NodeAPI {
         // (A rule this node has already applied settles it: rules are only added, until what they cover has expired.)
         var found = try rule()
         // Writes only: a read is judged by the rules this node has applied
-        // (behind the leader by the replication lag at most; a round trip
-        // on every read too was a visible cost of an admin's load).
+        // (behind the leader by the replication lag at most), sparing every
+        // admin read a round trip to the leader.
         if found == nil, case .admin = request.caller, route.access == .admin, request.method != .GET {
             guard (try? await driver.linearizableReadIndex(timeoutTicks: Self.catchUpTicks(driver))) != nil else {
                 return APIError(status: .serviceUnavailable, code: "rules_unconfirmed",
