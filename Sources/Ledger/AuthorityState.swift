@@ -336,6 +336,17 @@ public struct Revocation: Sendable, Hashable, Codable {
     /// The attributes naming serials an identity descends from.
     static let serialAttributes = ["lineage", "job_lineage", "parent"]
 
+    /// A serial as an operator gives it (hex, either case, colons allowed
+    /// between bytes as openssl prints them), canonical; nil unless it is
+    /// 1 to 64 hex digits.
+    public static func serial(parsing text: String) -> String? {
+        let digits = text.replacingOccurrences(of: ":", with: "")
+        guard (1...64).contains(digits.utf8.count), digits.utf8.allSatisfy({ $0 < 0x80 && Character(Unicode.Scalar($0)).isHexDigit }) else { return nil }
+        return canonicalSerial(digits)
+    }
+
+    public static let serialParsingMessage = "a serial is 1 to 64 hex digits (colons allowed between bytes)"
+
     /// Hex digits without leading zeros, lower case: "0A1B", "a1b" and
     /// "00a1b" name the same serial.
     public static func canonicalSerial(_ text: String) -> String {

@@ -46,12 +46,15 @@ struct ConnectionOptions: ParsableArguments {
     var adminKey: String?
 
     var clusterDirectory: String {
-        get throws {
-            guard let directory = directory ?? ProcessInfo.processInfo.environment["WARRANT_DIR"] else {
-                throw ValidationError("say where the cluster's files are: --dir DIR or WARRANT_DIR")
-            }
-            return directory
+        get throws { try Self.clusterDirectory(directory) }
+    }
+
+    /// `given`, else $WARRANT_DIR.
+    static func clusterDirectory(_ given: String?) throws -> String {
+        guard let directory = given ?? ProcessInfo.processInfo.environment["WARRANT_DIR"] else {
+            throw ValidationError("say where the cluster's files are: --dir DIR or WARRANT_DIR")
         }
+        return directory
     }
 
     func client() throws -> AdminClient {
@@ -675,9 +678,7 @@ struct AdminCommand: AsyncParsableCommand {
         @Option(help: "Where to write admin-<name>.pem and admin-<name>.key; default: the cluster directory.") var out: String?
 
         func run() throws {
-            guard let directory = directory ?? ProcessInfo.processInfo.environment["WARRANT_DIR"] else {
-                throw ValidationError("say where the cluster's files are: --dir DIR or WARRANT_DIR")
-            }
+            let directory = try ConnectionOptions.clusterDirectory(directory)
             if let reason = ClusterCA.invalidAdminName(name) { throw ValidationError(reason) }
             guard ttl > 0, TimeInterval(ttl) <= ClusterCA.adminValidityMax else {
                 throw ValidationError("--ttl must be 1 to \(Int(ClusterCA.adminValidityMax)) seconds")

@@ -246,7 +246,8 @@ struct LifecycleTests {
             // Revoke r1 by serial (as openssl prints it: upper case): every node refuses it and its renewal within a second or so; r2 stays valid.
             let r1Serial = try #require(r1["serial"] as? String)
             let before = (object(try await open.request(.GET, "/v1/revocations"))["revocations"] as? [Any] ?? []).count
-            for bad in [[:], ["serial": r1Serial, "spiffe_id": "spiffe://warrant.local/x"], ["serial": "xyz"], ["spiffe_id": "spiffe://other.org/x"],
+            for bad in [[:], ["serial": r1Serial, "spiffe_id": "spiffe://warrant.local/x"], ["serial": "xyz"], ["serial": ""], ["serial": ":"],
+                        ["spiffe_id": "spiffe://other.org/x"],
                         ["attribute": "=x"]] as [[String: String]] {
                 let response = try await admin.request(.POST, "/v1/revocations", headers: jsonHeaders, body: json(bad))
                 #expect(response.status == .badRequest, "\(bad): \(response.text)")

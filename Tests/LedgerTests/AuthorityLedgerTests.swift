@@ -39,6 +39,15 @@ private func issuance(_ n: Int, authority: String, issuedAt: UInt64, notAfter: U
 
 @Suite("Ledger: the authority")
 struct AuthorityLedgerTests {
+    @Test("A serial as an operator gives it (either case, colons, leading zeros) reads as the canonical one; anything but 1 to 64 hex digits does not")
+    func serialParsing() {
+        #expect(Revocation.serial(parsing: "0A:1B:C2") == "a1bc2" && Revocation.serial(parsing: "00a1bc2") == "a1bc2")
+        #expect(Revocation.serial(parsing: "0") == "0" && Revocation.serial(parsing: String(repeating: "f", count: 64)) != nil)
+        for bad in ["", ":", "::", "xyz", "0g", "a b", String(repeating: "f", count: 65), "\u{0661}", "-1"] {
+            #expect(Revocation.serial(parsing: bad) == nil, "\(bad)")
+        }
+    }
+
     private func initialized() throws -> Book {
         var book = Book()
         let keyring = AuthorityKeyring(trustDomain: "example.org", kekID: "k", authorities: [authority("old", .active)])

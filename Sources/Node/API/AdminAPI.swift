@@ -224,7 +224,7 @@ extension NodeAPI {
         guard route.access == .admin else { return nil }
         let covered = rule.kind == AdminRevocation.kindName ? "admin certificates named '\(certificate.name)' issued until then" : "its \(rule.kind) \(rule.value)"
         return APIError(status: .unauthorized, code: "certificate_revoked",
-                        message: "this admin certificate was revoked at \(Self.iso(Self.date(rule.revokedAtMillis))) (a rule for \(covered)); "
+                        message: "this admin certificate was revoked at \(Self.iso(millis: rule.revokedAtMillis)) (a rule for \(covered)); "
                             + "get a new one from whoever holds the cluster CA ('warrant admin issue')")
     }
 
@@ -234,11 +234,10 @@ extension NodeAPI {
         let value: String
         switch (body.serial, body.name) {
         case (let serial?, nil):
-            let digits = serial.replacingOccurrences(of: ":", with: "")
-            guard (1...64).contains(digits.utf8.count), digits.utf8.allSatisfy({ $0 < 0x80 && Character(Unicode.Scalar($0)).isHexDigit }) else {
-                throw APIError(status: .badRequest, code: "bad_revocation", message: "serial must be 1 to 64 hex digits (colons allowed between bytes)")
+            guard let serial = Revocation.serial(parsing: serial) else {
+                throw APIError(status: .badRequest, code: "bad_revocation", message: Revocation.serialParsingMessage)
             }
-            (kind, value) = (AdminRevocation.kindSerial, Revocation.canonicalSerial(digits))
+            (kind, value) = (AdminRevocation.kindSerial, serial)
         case (nil, let name?):
             if let reason = ClusterCA.invalidAdminName(name) { throw APIError(status: .badRequest, code: "bad_revocation", message: reason) }
             (kind, value) = (AdminRevocation.kindName, name)
@@ -261,9 +260,11 @@ extension NodeAPI {
         }
         try clock.requireAgreement(.revocation)
         let actor = Self.actor(of: request)
-        // Compare-and-set on the list, again if another revocation won the race.
+        // Compare-and-set on the list, again if another revocation won the
+        // race (its entry applied here before ours was refused). A new
+        // leader first applies what its predecessor committed.
+        _ = try await driver.linearizableReadIndex()
         for _ in 0..<5 {
-            _ = try await driver.linearizableReadIndex()
             let document = try store.document(named: AdminRevocationList.documentName)
             let now = Self.millis(Date())
             let rule = AdminRevocation(kind: kind, value: value, revokedAtMillis: now, keepUntilMillis: now + AdminRevocationList.keptMillis,
@@ -292,9 +293,7 @@ extension NodeAPI {
     static func body(_ list: AdminRevocationList) -> AdminRevocationsBody {
         AdminRevocationsBody(revocations: list.rules.map {
             AdminRevocationBody(kind: $0.kind, value: $0.value, reason: $0.reason, actor: $0.actor,
-                                revokedAt: iso(date($0.revokedAtMillis)), keptUntil: iso(date($0.keepUntilMillis)))
+                                revokedAt: iso(millis: $0.revokedAtMillis), keptUntil: iso(millis: $0.keepUntilMillis))
         })
     }
-
-    static func date(_ millis: UInt64) -> Date { Date(timeIntervalSince1970: Double(millis) / 1000) }
 }

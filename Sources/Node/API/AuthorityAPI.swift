@@ -251,7 +251,7 @@ extension NodeAPI {
         let wait = min(3_600, (earliest - now) / 1000 + 1)
         throw APIError(status: .serviceUnavailable, code: "ledger_full",
                        message: "the ledger keeps \(count) identity records, its limit (storage.identity_records_max); "
-                           + "nothing new is signed until they expire, the first at \(Self.iso(Date(timeIntervalSince1970: Double(earliest) / 1000)))",
+                           + "nothing new is signed until they expire, the first at \(Self.iso(millis: earliest))",
                        headers: [("retry-after", String(wait))])
     }
 
@@ -770,7 +770,7 @@ extension NodeAPI {
                          notAfter: Date, reason: Bool) async throws(AuthorityError) {
         if let rule = await revocation(keys, serial: serial, spiffeID: spiffeID.description, attributes: attributes, issuedAt: issuedAt,
                                        notAfter: notAfter) {
-            throw AuthorityError("revoked", "revoked at \(Self.iso(Date(timeIntervalSince1970: TimeInterval(rule.revokedAtMillis) / 1000))) by \(rule.kind.rawValue) \(rule.value)"
+            throw AuthorityError("revoked", "revoked at \(Self.iso(millis: rule.revokedAtMillis)) by \(rule.kind.rawValue) \(rule.value)"
                                  + (rule.reason.isEmpty || !reason ? "" : ": \(rule.reason)"))
         }
     }
@@ -793,7 +793,7 @@ extension NodeAPI {
         guard let keyring = try authority.keyring() else {
             throw APIError.unavailable("no_authority", "the trust domain's keys are not made yet (the first leader makes them); retry")
         }
-        func date(_ millis: UInt64?) -> String? { millis.map { Self.iso(Date(timeIntervalSince1970: TimeInterval($0) / 1000)) } }
+        func date(_ millis: UInt64?) -> String? { millis.map { Self.iso(millis: $0) } }
         let now = Self.millis(Date())
         let bodies = try keyring.authorities.filter { $0.isPublished(at: now) }.map { entry -> AuthorityBody in
             let certificate = try Certificate(pemEncoded: entry.x509Certificate)
@@ -858,7 +858,7 @@ extension NodeAPI {
         let keys = try requireKeys()
         return APIJSON.response(RevocationsBody(revocations: keys.revocations.rules.map {
             RevocationBody(kind: $0.kind.rawValue, value: $0.value, reason: reasons ? $0.reason : nil,
-                           revokedAt: Self.iso(Date(timeIntervalSince1970: TimeInterval($0.revokedAtMillis) / 1000)))
+                           revokedAt: Self.iso(millis: $0.revokedAtMillis))
         }, note: note))
     }
 
@@ -867,7 +867,12 @@ extension NodeAPI {
         let given = [(Revocation.Kind.serial, body.serial), (.spiffeID, body.spiffeId), (.attribute, body.attribute)].compactMap { kind, value in value.map { (kind, $0) } }
         guard given.count == 1, let (kind, rawValue) = given.first else { throw APIError.badRequest("give exactly one of serial, spiffe_id or attribute") }
         var value = rawValue
-        if kind == .serial { value = Revocation.canonicalSerial(value.replacingOccurrences(of: ":", with: "")) }
+        if kind == .serial {
+            guard let serial = Revocation.serial(parsing: value) else {
+                throw APIError(status: .badRequest, code: "bad_revocation", message: Revocation.serialParsingMessage)
+            }
+            value = serial
+        }
         if kind == .spiffeID {
             guard let authority else { throw APIError.unavailable("no_authority", "this node runs without an authority") }
             // The bare trust domain ID too: identities issued with it before it was refused.
@@ -932,6 +937,9 @@ extension NodeAPI {
         }
         return id
     }
+
+    /// `iso(_:)` of a time in milliseconds since 1970.
+    static func iso(millis: UInt64) -> String { iso(Date(timeIntervalSince1970: TimeInterval(millis) / 1000)) }
 
     /// RFC 3339 in UTC, whole seconds ("2026-11-23T07:31:53Z"), as
     /// `date.formatted(.iso8601)` writes it, without its formatter (it
