@@ -55,9 +55,36 @@ struct UpgradeTests {
             let audit = try await admin.request(.GET, "/v1/audit?limit=1000").text
             #expect(audit.contains("ledger.rules") && audit.contains("version 2"), "the adoption is audited")
 
+            // A node added now must have a build that knows version 2: asked
+            // at its API address (before it is a member, so through the open
+            // /readyz), it must answer as itself, within 3 s.
+            func address(_ port: Int) throws -> HostPort { try HostPort(parsing: "127.0.0.1:\(port)", at: "address") }
+            let four = ClusterFiles.Member(id: 4, peer: try address(cluster.basePort + 3), api: try address(cluster.basePort + 103))
+            try ClusterFiles.addNode(directory: cluster.directory, member: four, peers: try ClusterListing(directory: cluster.directory).members,
+                                     electionTimeoutTicks: InProcessCluster.electionTimeoutTicks)
+            try cluster.start(4)
+            try setKnown([4: 1])
+            func add(_ id: UInt64, api: HostPort) async throws -> HTTPClientResponse {
+                try await admin.request(.POST, "/v1/cluster/members", headers: [("content-type", "application/json")],
+                                        body: APIJSON.encode(AddMemberRequest(id: id, peerAddress: four.peer.description, apiAddress: api.description)))
+            }
+            let olderBuild = try await add(4, api: four.api)
+            #expect(olderBuild.status == .conflict && olderBuild.text.contains("member_behind") && olderBuild.text.contains("node 4's build applies ledger rules up to version 1"),
+                    "\(olderBuild.text)")
+            let impostor = try await add(5, api: try address(cluster.basePort + 100 + Int(other) - 1))
+            #expect(impostor.status == .serviceUnavailable && impostor.text.contains("member_unreachable") && impostor.text.contains("node \(other) answered"),
+                    "\(impostor.text)")
+            let silent = try await add(5, api: try address(cluster.basePort + 104))
+            #expect(silent.status == .serviceUnavailable && silent.text.contains("member_unreachable"), "\(silent.text)")
+            #expect(await cluster.status(leader)?.members.map(\.id) == [1, 2, 3], "no one was added")
+            try setKnown([4: 2])
+            let added = try await add(4, api: four.api)
+            #expect(added.status == .accepted, "\(added.text)")
+            #expect(await eventually { await rules(4) == [2, 2] }, "node 4 applies by version 2")
+
             // A node left on an older build (the member check bypassed, as a
             // node downgraded after it would be) stops at the entry.
-            try setKnown([leader: 3, follower: 3, other: 2])
+            try setKnown([leader: 3, follower: 3, 4: 3, other: 2])
             let leaderDriver = try #require(cluster.servers[leader]).driver
             let (outcome, _) = try await leaderDriver.write(LedgerCommand(timeMillis: 1, actor: "test", requestID: "adopt-3", operation: .adoptRules(version: 3)))
             #expect(outcome.result == .written(version: 2))

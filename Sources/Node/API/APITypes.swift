@@ -228,6 +228,10 @@ public struct ReadinessBody: Codable, Sendable {
     public var ready: Bool
     public var leader: UInt64
     public var reason: String?
+    /// The node answering, and the newest ledger rules its build applies by
+    /// (absent from builds before they were reported here).
+    public var node: UInt64?
+    public var rulesKnown: UInt32?
 }
 
 public struct AddMemberRequest: Codable, Sendable {

@@ -197,7 +197,8 @@ public final class NodeAPI: Sendable {
         } else if let authority, (try? authority.keys()) == nil {
             reason = "the trust domain's keys are not made yet (or cannot be opened with this node's key-encryption key)"
         }
-        return APIJSON.response(ReadinessBody(ready: reason == nil, leader: status.leaderID, reason: reason),
+        return APIJSON.response(ReadinessBody(ready: reason == nil, leader: status.leaderID, reason: reason, node: id,
+                                              rulesKnown: (try? store.ledger?.rules)?.known),
                                 status: reason == nil ? .ok : .serviceUnavailable)
     }
 
@@ -352,6 +353,17 @@ public final class NodeAPI: Sendable {
         let status = await driver.status
         guard status.role == .leader else { return try await forward(request, leaderHint: status.leaderID) }
         if let reason = Self.membershipRefusal(.addLearner(body.id), status.membership) { throw reason }
+        // A node whose build does not know the ledger rules in force would
+        // stop at the first entry it applied: refused here instead. (Every
+        // build knows the first rules, so a new cluster's node is not asked,
+        // and may be started after it is added.)
+        if let ledger = store.ledger, case let inForce = try ledger.rules.inForce, inForce > LedgerRules.initial {
+            let known = try await buildsRules(of: [body.id: api])[body.id]?.get() ?? LedgerRules.initial
+            guard known >= inForce else {
+                throw APIError(status: .conflict, code: "member_behind",
+                               message: "node \(body.id)'s build applies ledger rules up to version \(known), and the cluster applies version \(inForce): upgrade it first")
+            }
+        }
         // The addresses first, so every node can reach the learner once it is added.
         let addresses = Array(String(decoding: APIJSON.encode(MemberAddressesBody(peerAddress: peer.description, apiAddress: api.description)), as: UTF8.self).utf8)
         _ = try await driver.propose(LedgerCommand(timeMillis: UInt64(Date().timeIntervalSince1970 * 1000), actor: Self.actor(of: request),

@@ -1,3 +1,4 @@
+import Encoding
 import Foundation
 import Ledger
 import NIOCore
@@ -29,8 +30,39 @@ extension NodeAPI {
         }
     }
 
-    /// How long the leader waits for each member's answer about its build.
+    /// How long the leader waits for the members' answers about their builds.
     static let rulesAskTimeout: TimeAmount = .seconds(3)
+
+    /// Asks each node, all at once, which ledger rules its build knows:
+    /// its `/readyz` answer, which anyone may read (a node not yet a member
+    /// counts this one's certificate as no one's). A node that does not
+    /// answer within `rulesAskTimeout`, or answers as another node (any
+    /// node's certificate passes TLS), fails with 503 `member_unreachable`.
+    /// A build from before `/readyz` named the node knows only the first
+    /// rules, and is taken at that.
+    func buildsRules(of nodes: [NodeID: HostPort?]) async -> [NodeID: Result<UInt32, APIError>] {
+        await withTaskGroup(of: (NodeID, Result<UInt32, APIError>).self) { group in
+            for (node, address) in nodes {
+                group.addTask { [forwarder] in
+                    do {
+                        guard let forwarder, let address else { throw APIError.notFound("no API address is known for it") }
+                        let response = try await forwarder.get("/readyz", at: address, timeout: Self.rulesAskTimeout)
+                        guard let answer = try? APIJSON.decode(ReadinessBody.self, from: response.body) else {
+                            throw APIError(status: response.status, code: "readyz", message: "\(response.status.code) \(UTF8Text.prefix(response.text, bytes: 300))")
+                        }
+                        if let answering = answer.node, answering != node { throw APIError.notFound("node \(answering) answered at its address \(address)") }
+                        return (node, .success(answer.node == nil ? LedgerRules.initial : answer.rulesKnown ?? LedgerRules.initial))
+                    } catch {
+                        return (node, .failure(APIError.unavailable("member_unreachable", "node \(node) did not say which ledger rules its build knows (\(error)); "
+                            + "every member must, so that none is left applying by older ones")))
+                    }
+                }
+            }
+            var answers: [NodeID: Result<UInt32, APIError>] = [:]
+            for await (node, answer) in group { answers[node] = answer }
+            return answers
+        }
+    }
 
     private func adoptRules(_ request: HTTPRequest) async throws -> HTTPResponse {
         let body = try Self.decodeBody(AdoptRulesRequest.self, request, expected: "{\"version\": N}")
@@ -53,25 +85,20 @@ extension NodeAPI {
             throw APIError(status: .conflict, code: "membership_changing", message: "a membership change is under way; retry once it has committed")
         }
         var know: [String: UInt32] = [String(id): rules.known]
-        for member in status.membership.members.sorted() where member != id {
-            let answer: ClusterStatusBody
-            do {
-                guard let forwarder, let address = members.all[member]?.api else { throw APIError.notFound("no API address is known for it") }
-                let response = try await forwarder.get("/v1/cluster/status", at: address, timeout: Self.rulesAskTimeout)
-                guard response.status == .ok else { throw APIError(status: response.status, code: "status", message: response.text) }
-                answer = try APIJSON.decode(ClusterStatusBody.self, from: response.body)
-                // (Any node's certificate passes TLS: the answer must be the member's own.)
-                guard answer.id == member else { throw APIError.notFound("node \(answer.id) answered at its address") }
-            } catch {
-                throw APIError.unavailable("member_unreachable", "node \(member) did not say which rules its build knows (\(error)); every member must, "
-                    + "so that none is left applying by older ones")
-            }
-            let known = answer.rulesKnown ?? LedgerRules.initial
+        let addresses = members.all
+        let others = status.membership.members.filter { $0 != id }.map { ($0, addresses[$0]?.api) }
+        for (member, answer) in await buildsRules(of: Dictionary(uniqueKeysWithValues: others)).sorted(by: { $0.key < $1.key }) {
+            let known = try answer.get()
             know[String(member)] = known
             guard known >= body.version else {
                 throw APIError(status: .conflict, code: "member_behind",
                                message: "node \(member)'s build applies ledger rules up to version \(known): upgrade it before adopting \(body.version)")
             }
+        }
+        // A member added while they were asked was not asked.
+        let now = await driver.status
+        guard !now.configChangePending, now.membership.members == status.membership.members else {
+            throw APIError(status: .conflict, code: "membership_changing", message: "the membership changed while the members were asked; retry")
         }
         let (outcome, _) = try await driver.write(LedgerCommand(timeMillis: Self.millis(Date()), actor: Self.actor(of: request),
                                                                 requestID: try RequestID.forCommand(request), operation: .adoptRules(version: body.version)))
