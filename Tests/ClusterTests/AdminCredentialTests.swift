@@ -48,6 +48,8 @@ struct AdminCredentialTests {
             // Bad input: a specific 4xx, and no list is written.
             let root = try await cluster.connection(to: follower)
             defer { Task { await root.close() } }
+            // (The identity revocation below needs the trust domain's keys, which the first leader makes.)
+            #expect(await eventually { (try? await root.request(.GET, "/readyz"))?.status == .ok }, "ready once the trust domain's keys exist")
             func revoke(_ body: String, on connection: HTTPConnection) async throws -> HTTPClientResponse {
                 try await connection.request(.POST, "/v1/cluster/admin-revocations", headers: [("content-type", "application/json")], body: Array(body.utf8))
             }
