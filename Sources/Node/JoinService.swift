@@ -235,8 +235,10 @@ public final class JoinService: Sendable {
         if let cached = cache.withLock({ $0 }), now - cached.checked < maxAge { return cached.policy }
         let issuerDocuments = try store.documents(prefix: IssuerConfig.documentPrefix, limit: Self.documentsMax)
         let ruleDocuments = try store.documents(prefix: JoinRule.documentPrefix, limit: Self.documentsMax)
+        // By the entry that wrote each (a version starts again at 1 when a
+        // document is deleted and made again).
         var versions: [String: UInt64] = [:]
-        for document in issuerDocuments + ruleDocuments { versions[document.name] = document.version }
+        for document in issuerDocuments + ruleDocuments { versions[document.name] = document.logIndex }
         if let cached = cache.withLock({ $0 }), cached.versions == versions {
             cache.withLock { $0?.checked = now }
             return cached.policy

@@ -182,7 +182,8 @@ public struct JoinRule: Sendable, Hashable {
         // Fill every placeholder with a plain value to check the shape.
         let sample: [String: String]
         do {
-            sample = Dictionary(uniqueKeysWithValues: try Template.placeholders(template).map { ($0, "x") })
+            // (A claim may be used more than once.)
+            sample = Dictionary(try Template.placeholders(template).map { ($0, "x") }, uniquingKeysWith: { first, _ in first })
         } catch {
             throw PolicyError(path: "spiffe_id", problem: error.message)
         }

@@ -98,6 +98,9 @@ struct PolicyTests {
         #expect(throws: PolicyError.self) { try rule("issuer: github\nspiffe_id: spiffe://other.org/{repository}\nconditions:\n  repository: a/b\n") }
         #expect(throws: PolicyError.self) { try rule("issuer: github\nspiffe_id: spiffe://example.org/{repo}\nconditions:\n  repository: a/b\n") }
         #expect(throws: PolicyError.self) { try rule("issuer: github\nspiffe_id: spiffe://example.org/{Repository\nconditions:\n  repository: a/b\n") }
+        // A claim used twice reads (it once stopped the process, on the node that checked the document).
+        let twice = try rule("issuer: github\nspiffe_id: spiffe://example.org/{repository}/x/{repository}\nconditions:\n  repository: acme/api\n")
+        #expect(try Template.fill(twice.spiffeIDTemplate, claims: jobClaims).description == "spiffe://example.org/acme/api/x/acme/api")
     }
 
     @Test("Documents that do not read are refused with where and why: unknown keys and operators, typos in claim names, duplicates, empty conditions")

@@ -1,6 +1,7 @@
 import Foundation
 import Ledger
 @testable import Node
+import Policy
 import Raft
 import Storage
 import Testing
@@ -24,5 +25,28 @@ struct JoinServiceTests {
         #expect(joins.cachedPolicy() != nil)
         try await Task.sleep(for: .milliseconds(1_100))
         #expect(joins.cachedPolicy() == nil, "after the re-read, the next expiry again lets one caller through")
+    }
+
+    @Test("A rule deleted and made again (its version starts again at 1) is read afresh, not taken for the one cached")
+    func remadeDocument() throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("warrant-joins-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let store = try RaftStore(directory: directory.path)
+        let joins = JoinService(trustDomain: "example.org", store: store, fetcher: KeySetFetcher(allowHTTPLoopback: false))
+        var index: UInt64 = 0
+        func apply(_ operation: LedgerCommand.Operation) throws {
+            index += 1
+            let command = LedgerCommand(timeMillis: 1, actor: "test", requestID: "r\(index)", operation: operation)
+            _ = try store.apply([Entry(term: 1, index: index, payload: .command(command.encoded))])
+        }
+        func rule(_ path: String) -> [UInt8] { Array("issuer: github\nspiffe_id: spiffe://example.org/\(path)\nconditions:\n  repository: acme/api\n".utf8) }
+        let name = JoinRule.documentPrefix + "ci"
+        try apply(.putDocument(name: name, format: .yaml, content: rule("loose"), expectedVersion: nil))
+        #expect(try joins.policy(maxAge: .zero).rules.map(\.spiffeIDTemplate) == ["spiffe://example.org/loose"])
+        try apply(.deleteDocument(name: name, expectedVersion: nil))
+        try apply(.putDocument(name: name, format: .yaml, content: rule("tight"), expectedVersion: nil))
+        #expect(try store.document(named: name)?.version == 1, "the version started again")
+        #expect(try joins.policy(maxAge: .zero).rules.map(\.spiffeIDTemplate) == ["spiffe://example.org/tight"])
     }
 }
