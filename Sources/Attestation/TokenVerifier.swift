@@ -82,7 +82,10 @@ public enum TokenVerifier {
             guard let text = jti.stringValue, (1...256).contains(text.utf8.count) else { throw AttestationError("bad_claim", "'jti' must be a string of 1 to 256 bytes") }
             replaySource += Array("jti\0".utf8) + Array(token.issuer.utf8) + [0] + Array(text.utf8)
         } else {
-            replaySource += Array("token\0".utf8) + token.signingInput + [0x2E] + token.signature
+            // What was signed, not the signature: an ECDSA signature (r, s)
+            // has a twin (r, n - s) that verifies too, which anyone can
+            // make from a used token.
+            replaySource += Array("token\0".utf8) + token.signingInput
         }
         return VerifiedToken(claims: flatten(claims, method: method), replayKey: Hex.encode(Array(SHA256.hash(data: replaySource))),
                              issuedAt: iat, expiresAt: exp)

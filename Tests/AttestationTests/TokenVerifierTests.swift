@@ -182,7 +182,7 @@ struct TokenVerifierTests {
         }
     }
 
-    @Test("Replay keys: the same jti from the same issuer gives the same key; another jti or issuer another; without jti, the token's own hash")
+    @Test("Replay keys: the same jti from the same issuer gives the same key; another jti or issuer another; without jti, the hash of what was signed (an ECDSA signature's twin is the same token)")
     func replayKeys() throws {
         let f = try Fixture()
         let a = try f.verify(try f.provider.mint(replacing(f.github(), "jti", with: .string("j-1")))).replayKey
@@ -192,6 +192,23 @@ struct TokenVerifierTests {
         let noJTI = try f.provider.mint(replacing(f.github(), "jti", with: nil))
         #expect(try f.verify(noJTI).replayKey == f.verify(noJTI).replayKey)
         #expect(try f.verify(noJTI).replayKey != f.verify(try f.provider.mint(replacing(f.github(now: f.now - 1), "jti", with: nil))).replayKey)
+        // An ES256 signature's twin (r, n - s), which anyone holding the
+        // token can make, verifies too: it is the same token.
+        let es256 = try f.provider.mint(replacing(f.github(), "jti", with: nil), kid: "key-2")
+        let parts = es256.split(separator: ".").map(String.init)
+        var signature = try #require(Base64URL.decode(parts[2]))
+        #expect(signature.count == 64)
+        let order: [UInt8] = [0xFF, 0xFF, 0xFF, 0xFF, 0x00, 0x00, 0x00, 0x00, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF,
+                              0xBC, 0xE6, 0xFA, 0xAD, 0xA7, 0x17, 0x9E, 0x84, 0xF3, 0xB9, 0xCA, 0xC2, 0xFC, 0x63, 0x25, 0x51]
+        var borrow = 0
+        for i in (0..<32).reversed() {
+            let difference = Int(order[i]) - Int(signature[32 + i]) - borrow
+            signature[32 + i] = UInt8((difference + 256) % 256)
+            borrow = difference < 0 ? 1 : 0
+        }
+        let twin = parts[0] + "." + parts[1] + "." + Base64URL.encode(signature)
+        #expect(twin != es256)
+        #expect(try f.verify(twin).replayKey == f.verify(es256).replayKey, "the twin signature verifies, and is the same token")
     }
 
     @Test("Key sets: duplicate kids refuse the whole set; weak, symmetric, encryption and disallowed keys are left out; oversized and malformed sets are refused")
