@@ -184,7 +184,7 @@ let package = Package(
                                                       .product(name: "NIOSSL", package: "swift-nio-ssl"),
                                                       .product(name: "NIOPosix", package: "swift-nio")], swiftSettings: strict),
         .testTarget(name: "ClusterTests", dependencies: [
-            "Node", "ClusterHarness", "Client", "Ledger", "Raft", "Authority", "Transport",
+            "Node", "ClusterHarness", "Client", "Ledger", "Raft", "Authority", "Transport", "WorkloadAPI",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),

@@ -15,56 +15,101 @@ public struct PeerCredentials: Sendable, Hashable, CustomStringConvertible {
     public var executable: String?
     public var sha256: String?
 
+    /// `pid=..,uid=..,gid=..[,exe=..][,sha256=..]`. The path is the
+    /// caller's to choose (a file named `/tmp/x,uid=0`, say), so every byte
+    /// of it outside printable ASCII, and ',', '=' and '%', is written as
+    /// '%' and two hex digits, and reading refuses a field twice.
     public var description: String {
-        "pid=\(pid),uid=\(uid),gid=\(gid)" + (executable.map { ",exe=\($0)" } ?? "") + (sha256.map { ",sha256=\($0)" } ?? "")
+        "pid=\(pid),uid=\(uid),gid=\(gid)" + (executable.map { ",exe=\(Self.escaped($0))" } ?? "") + (sha256.map { ",sha256=\($0)" } ?? "")
     }
 
     /// The header the server sets on every stream (a client's own value is dropped).
     static let header = "x-warrant-peer"
 
+    init(pid: Int32, uid: UInt32, gid: UInt32, executable: String?, sha256: String?) {
+        (self.pid, self.uid, self.gid, self.executable, self.sha256) = (pid, uid, gid, executable, sha256)
+    }
+
     init(pid: Int32, uid: UInt32, gid: UInt32) {
-        self.pid = pid
-        self.uid = uid
-        self.gid = gid
         let link = "/proc/\(pid)/exe"
-        if let path = try? FileManager.default.destinationOfSymbolicLink(atPath: link) {
-            executable = path
-            sha256 = Self.digest(of: link)
-        }
+        let path = try? FileManager.default.destinationOfSymbolicLink(atPath: link)
+        self.init(pid: pid, uid: uid, gid: gid, executable: path, sha256: path == nil ? nil : Self.digest(of: link))
     }
 
     init?(header: String) {
         var fields: [String: String] = [:]
-        for part in header.split(separator: ",") {
+        for part in header.split(separator: ",", omittingEmptySubsequences: false) {
             guard let equals = part.firstIndex(of: "=") else { return nil }
-            fields[String(part[..<equals])] = String(part[part.index(after: equals)...])
+            let name = String(part[..<equals])
+            guard ["pid", "uid", "gid", "exe", "sha256"].contains(name), fields[name] == nil else { return nil }
+            fields[name] = String(part[part.index(after: equals)...])
         }
         guard let pid = fields["pid"].flatMap(Int32.init), let uid = fields["uid"].flatMap(UInt32.init), let gid = fields["gid"].flatMap(UInt32.init) else {
             return nil
         }
-        self.pid = pid
-        self.uid = uid
-        self.gid = gid
-        executable = fields["exe"]
-        sha256 = fields["sha256"]
+        var executable: String?
+        if let text = fields["exe"] {
+            guard let path = Self.unescaped(text) else { return nil }
+            executable = path
+        }
+        self.init(pid: pid, uid: uid, gid: gid, executable: executable, sha256: fields["sha256"])
     }
 
-    /// Executables are hashed once per path, size and modification time.
+    private static func escaped(_ path: String) -> String {
+        var out = ""
+        for byte in path.utf8 {
+            if byte > 0x20 && byte < 0x7F && byte != 0x2C && byte != 0x3D && byte != 0x25 {
+                out.unicodeScalars.append(Unicode.Scalar(byte))
+            } else {
+                out += String(format: "%%%02X", byte)
+            }
+        }
+        return out
+    }
+
+    private static func unescaped(_ text: String) -> String? {
+        var bytes: [UInt8] = []
+        var rest = Array(text.utf8)[...]
+        while let byte = rest.popFirst() {
+            guard byte == 0x25 else { bytes.append(byte); continue }
+            guard rest.count >= 2, let value = UInt8(String(decoding: rest.prefix(2), as: UTF8.self), radix: 16) else { return nil }
+            bytes.append(value)
+            rest = rest.dropFirst(2)
+        }
+        return String(decoding: bytes, as: UTF8.self)
+    }
+
+    /// Executables are hashed once per file (device, inode), size and
+    /// modification time, as stat(2) says of the file the link names; at
+    /// most `digestsMax` are remembered.
     private static let digests = Mutex<[String: String]>([:])
+    static let digestsMax = 1_024
+    static let hashedBytesMax = 512 << 20
 
     static func digest(of path: String) -> String? {
-        guard let attributes = try? FileManager.default.attributesOfItem(atPath: path),
-              let size = attributes[.size] as? Int, size <= 512 << 20 else { return nil }
-        let key = "\(path)|\(size)|\((attributes[.modificationDate] as? Date)?.timeIntervalSince1970 ?? 0)"
+        var info = stat()
+        guard stat(path, &info) == 0, info.st_size <= hashedBytesMax else { return nil }
+        let key = "\(info.st_dev)|\(info.st_ino)|\(info.st_size)|\(info.st_mtim.tv_sec).\(info.st_mtim.tv_nsec)"
         if let known = digests.withLock({ $0[key] }) { return known }
         guard let handle = FileHandle(forReadingAtPath: path) else { return nil }
         defer { try? handle.close() }
         var hasher = SHA256()
-        while let chunk = try? handle.read(upToCount: 1 << 20), !chunk.isEmpty { hasher.update(data: chunk) }
+        var read = 0
+        while read <= hashedBytesMax, let chunk = try? handle.read(upToCount: 1 << 20), !chunk.isEmpty {
+            hasher.update(data: chunk)
+            read += chunk.count
+        }
+        guard read <= hashedBytesMax else { return nil }
         let hex = hasher.finalize().map { String(format: "%02x", $0) }.joined()
-        digests.withLock { $0[key] = hex }
+        digests.withLock {
+            if $0.count >= digestsMax { $0.removeAll() }
+            $0[key] = hex
+        }
         return hex
     }
+
+    /// How many executables' digests are remembered (tests).
+    static var digestsKept: Int { digests.withLock { $0.count } }
 }
 
 /// Which local processes may have the identity: any rule whose every
