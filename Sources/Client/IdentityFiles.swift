@@ -33,6 +33,29 @@ public enum IdentityFiles {
         "jwt-" + String(audience.map { ($0.isASCII && ($0.isLetter || $0.isNumber)) || $0 == "." || $0 == "-" ? $0 : "_" }) + ".token"
     }
 
+    /// Creates `path` (which must not exist) with `mode` from the start,
+    /// whatever the umask, and writes and syncs `bytes`: a private key is
+    /// never readable by others, not even for a moment.
+    static func writeNew(_ path: String, _ bytes: [UInt8], mode: mode_t) throws {
+        let descriptor = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, mode)
+        guard descriptor >= 0 else { throw Problem(description: "cannot create \(path): \(String(cString: strerror(errno)))") }
+        var failure: String?
+        if fchmod(descriptor, mode) != 0 { failure = "cannot set the mode of \(path): \(String(cString: strerror(errno)))" }
+        var written = 0
+        while failure == nil, written < bytes.count {
+            let count = bytes[written...].withUnsafeBytes { Glibc.write(descriptor, $0.baseAddress, $0.count) }
+            if count < 0 && errno == EINTR { continue }
+            guard count > 0 else { failure = "cannot write \(path): \(String(cString: strerror(errno)))"; break }
+            written += count
+        }
+        if failure == nil, fsync(descriptor) != 0 { failure = "cannot sync \(path): \(String(cString: strerror(errno)))" }
+        close(descriptor)
+        if let failure {
+            unlink(path)
+            throw Problem(description: failure)
+        }
+    }
+
     public static func write(directory: String, certificatePEM: String, keyPEM: String, bundlePEM: String, jwts: [String: String] = [:]) throws {
         try checkWritable(directory: directory)
         if !FileManager.default.fileExists(atPath: directory) {
@@ -52,9 +75,7 @@ public enum IdentityFiles {
             for file in files {
                 let final = "\(directory)/\(file.name)"
                 let path = "\(directory)/.\(file.name).\(UUID().uuidString.prefix(8)).tmp"
-                guard FileManager.default.createFile(atPath: path, contents: Data(file.content.utf8), attributes: [.posixPermissions: file.mode]) else {
-                    throw Problem(description: "cannot write \(path)")
-                }
+                try writeNew(path, Array(file.content.utf8), mode: mode_t(file.mode))
                 temporary.append((path, final))
             }
             // Key first: a certificate is never in place without its key.

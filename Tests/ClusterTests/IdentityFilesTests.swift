@@ -1,0 +1,31 @@
+@testable import Client
+import Foundation
+import Testing
+
+/// What `warrant join`, `exec` and `agent` leave on disk.
+@Suite("Identity files")
+struct IdentityFilesTests {
+    @Test("Each file has its mode from creation (key and tokens 0600, certificates 0644), is renamed into place whole, leaves no temporary file; a file is never created through a name already there, a symbolic link included")
+    func modes() throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("warrant-identity-\(UUID().uuidString.prefix(8))").path
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        try IdentityFiles.write(directory: directory, certificatePEM: "CERT\n", keyPEM: "KEY\n", bundlePEM: "BUNDLE\n", jwts: ["sts.amazonaws.com": "a.b.c"])
+        func mode(_ name: String) throws -> Int { try FileManager.default.attributesOfItem(atPath: "\(directory)/\(name)")[.posixPermissions] as? Int ?? -1 }
+        #expect(try mode("svid.key") == 0o600 && mode("jwt-sts.amazonaws.com.token") == 0o600)
+        #expect(try mode("svid.pem") == 0o644 && mode("bundle.pem") == 0o644)
+        #expect(try mode("") == 0o700, "the directory it made")
+        #expect(try String(contentsOfFile: "\(directory)/svid.key", encoding: .utf8) == "KEY\n")
+        #expect(try FileManager.default.contentsOfDirectory(atPath: directory).sorted() == ["bundle.pem", "jwt-sts.amazonaws.com.token", "svid.key", "svid.pem"])
+
+        // Written again over the old ones: replaced whole.
+        try IdentityFiles.write(directory: directory, certificatePEM: "CERT2\n", keyPEM: "KEY2\n", bundlePEM: "BUNDLE2\n")
+        #expect(try String(contentsOfFile: "\(directory)/svid.key", encoding: .utf8) == "KEY2\n" && mode("svid.key") == 0o600)
+
+        let target = "\(directory)/target"
+        try IdentityFiles.writeNew(target, Array("kept".utf8), mode: 0o644)
+        #expect(throws: IdentityFiles.Problem.self) { try IdentityFiles.writeNew(target, Array("secret".utf8), mode: 0o600) }
+        try FileManager.default.createSymbolicLink(atPath: "\(directory)/link", withDestinationPath: target)
+        #expect(throws: IdentityFiles.Problem.self) { try IdentityFiles.writeNew("\(directory)/link", Array("secret".utf8), mode: 0o600) }
+        #expect(try String(contentsOfFile: target, encoding: .utf8) == "kept", "nothing written through the name or the link")
+    }
+}
