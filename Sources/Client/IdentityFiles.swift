@@ -56,9 +56,12 @@ public enum IdentityFiles {
         }
     }
 
-    public static func write(directory: String, certificatePEM: String, keyPEM: String, bundlePEM: String, jwts: [String: String] = [:]) throws {
+    /// `createDirectory` false: a directory that is not there is an error.
+    public static func write(directory: String, certificatePEM: String, keyPEM: String, bundlePEM: String, jwts: [String: String] = [:],
+                             createDirectory: Bool = true) throws {
         try checkWritable(directory: directory)
         if !FileManager.default.fileExists(atPath: directory) {
+            guard createDirectory else { throw Problem(description: "the output directory \(directory) is gone") }
             do {
                 try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: false, attributes: [.posixPermissions: 0o700])
             } catch {

@@ -3,6 +3,7 @@ import Authority
 import Client
 import Crypto
 import Foundation
+import Synchronization
 import WorkloadAPI
 
 /// What the Workload API serves, kept current by renewals.
@@ -12,6 +13,7 @@ final class AgentIdentity: WorkloadIdentitySource {
     /// JWT-SVIDs issued for the current identity, handed out again until
     /// half their lifetime has passed; emptied when the identity is replaced.
     private let jwtCache = JWTSVIDCache<JobIdentity>()
+    private let lastJWKS = Mutex<[UInt8]?>(nil)
 
     init(options: JobOptions.Resolved) {
         self.options = options
@@ -22,13 +24,30 @@ final class AgentIdentity: WorkloadIdentitySource {
         // Tokens of the identity before (another line, after a join again)
         // are not handed out for this one.
         jwtCache.replaceIdentity(identity)
+        // The trust domain's keys as the cluster serves them now; if it
+        // cannot say, the last ones it said (an empty or error body would
+        // make every workload refuse every JWT-SVID until the next renewal).
         let client = try? WarrantClient(endpoints: options.endpoints, caPEM: options.caPEM)
-        let jwks = (try? await client?.request(.GET, "/v1/keys"))?.body ?? Array(#"{"keys":[]}"#.utf8)
+        var jwks = lastJWKS.withLock { $0 } ?? Array(#"{"keys":[]}"#.utf8)
+        if let response = try? await client?.request(.GET, "/v1/keys"), response.status == .ok,
+           (try? JSONSerialization.jsonObject(with: Data(response.body)) as? [String: Any])?["keys"] is [Any] {
+            jwks = response.body
+            lastJWKS.withLock { $0 = jwks }
+        }
         await client?.close()
         let trustDomain = identity.spiffeID.dropFirst("spiffe://".count).split(separator: "/").first.map(String.init) ?? ""
         feed.publish(WorkloadIdentity(spiffeID: identity.spiffeID, trustDomain: trustDomain,
                                       certificateChainDER: Self.certificates(identity.certificatePEM), keyDER: Array(key.derRepresentation),
                                       bundleDER: Self.certificates(identity.bundlePEM), jwks: jwks, notAfter: identity.expiresAt))
+    }
+
+    /// exp - iat of a JWT's claims.
+    static func lifetime(ofJWT token: String) -> TimeInterval? {
+        let parts = token.split(separator: ".")
+        guard parts.count == 3, let payload = Base64URL.decode(parts[1]),
+              let claims = try? JSONSerialization.jsonObject(with: Data(payload)) as? [String: Any],
+              let exp = (claims["exp"] as? NSNumber)?.doubleValue, let iat = (claims["iat"] as? NSNumber)?.doubleValue, exp > iat else { return nil }
+        return exp - iat
     }
 
     /// Every CERTIFICATE block of a PEM text, DER, concatenated.
@@ -46,14 +65,20 @@ final class AgentIdentity: WorkloadIdentitySource {
         if let cached = jwtCache.token(for: audiences, at: Date()) { return cached }
         let client = try WarrantClient(endpoints: options.endpoints, caPEM: options.caPEM, certificatePEM: current.certificatePEM, keyPEM: current.keyPEM)
         defer { Task { await client.close() } }
+        // With an idempotency key: the client resends the same body to the
+        // next endpoint when an answer is lost, and gets the same token.
         let response = try await client.request(.POST, "/v1/svid/jwt/workload",
-                                                 json: Array(try JSONSerialization.data(withJSONObject: ["audience": audiences])))
+                                                 json: Array(try JSONSerialization.data(withJSONObject: ["audience": audiences,
+                                                                                                         "idempotency_key": UUID().uuidString])))
         let body = (try? JSONSerialization.jsonObject(with: Data(response.body)) as? [String: Any]) ?? [:]
         guard response.status == .ok, let token = body["token"] as? String else {
             throw JobFailure(description: "\(response.status.code) \(response.text)")
         }
-        if let expires = (body["expires_at"] as? String).flatMap({ ISO8601DateFormatter().date(from: $0) }) {
-            jwtCache.keep(token, for: audiences, expiresAt: expires, now: Date(), generation: generation)
+        // Kept for half its lifetime by this machine's clock: the lifetime
+        // from the token's own iat and exp (the cluster's clock).
+        if let lifetime = Self.lifetime(ofJWT: token) {
+            let now = Date()
+            jwtCache.keep(token, for: audiences, expiresAt: now.addingTimeInterval(lifetime), now: now, generation: generation)
         }
         return token
     }

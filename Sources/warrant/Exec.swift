@@ -109,8 +109,11 @@ struct ExecCommand: AsyncParsableCommand {
                 source.resume()
                 sources.append(source)
             }
+            // (A temporary directory is removed on exit: a renewal still under way then writes nothing.)
+            let remakeDirectory = temporary == nil
             let renewal = Task {
-                await Self.keepFresh(identity, key: key, options: options, audiences: audiences, directory: directory, rejoin: acquire, say: say) { renewed in
+                await Self.keepFresh(identity, key: key, options: options, audiences: audiences, directory: directory, remakeDirectory: remakeDirectory,
+                                     rejoin: acquire, say: say) { renewed in
                     await agent.update(renewed, key: key)
                 }
             }
@@ -124,7 +127,7 @@ struct ExecCommand: AsyncParsableCommand {
                 // The step's identity as it is now (renewals rewrote the files).
                 let now = JobIdentity(certificatePEM: (try? String(contentsOfFile: "\(directory)/svid.pem", encoding: .utf8)) ?? identity.certificatePEM,
                                       keyPEM: identity.keyPEM, bundlePEM: identity.bundlePEM, spiffeID: identity.spiffeID, expiresAt: identity.expiresAt,
-                                      issuedAt: identity.issuedAt)
+                                      issuedAt: identity.issuedAt, lifetime: identity.lifetime)
                 do {
                     try await now.closeStep(exitStatus: status, options)
                     say("step \(step!) closed with exit status \(status)")
@@ -136,17 +139,21 @@ struct ExecCommand: AsyncParsableCommand {
         if status != 0 { throw ExitCode(status) }
     }
 
-    /// Renews at half the lifetime (±10%); retries with backoff while the
-    /// cluster is unreachable; joins again with a fresh platform token when
-    /// renewal is refused. An identity past its expiry is removed rather
-    /// than left for the command to use.
+    /// Renews at half the lifetime (±10%, timed by this machine's clock from
+    /// when the identity arrived, for the lifetime the certificate says);
+    /// retries with backoff (1 to 30 s, jittered) while the cluster is
+    /// unreachable or busy; joins again with a fresh platform token when
+    /// renewal is refused (401, 403) or cannot work any more (the identity
+    /// expired: the cluster's TLS refuses it). An identity past its expiry
+    /// is removed rather than left for the command to use. With
+    /// `remakeDirectory` false, a renewal does not make the output directory
+    /// again once it is gone.
     static func keepFresh(_ first: JobIdentity, key: P256.Signing.PrivateKey, options: JobOptions.Resolved, audiences: [String],
-                          directory: String?, rejoin: @Sendable () async throws -> JobIdentity, say: @escaping @Sendable (String) -> Void,
+                          directory: String?, remakeDirectory: Bool = true, rejoin: @Sendable () async throws -> JobIdentity, say: @escaping @Sendable (String) -> Void,
                           onRenewed: @Sendable (JobIdentity) async -> Void = { _ in }) async {
         var current = first
         while !Task.isCancelled {
-            let lifetime = max(1, current.expiresAt.timeIntervalSince(current.issuedAt))
-            let due = current.issuedAt.addingTimeInterval(lifetime * Double.random(in: 0.45...0.55))
+            let due = current.issuedAt.addingTimeInterval(max(1, current.lifetime) * Double.random(in: 0.45...0.55))
             try? await Task.sleep(for: .milliseconds(Int(max(0, due.timeIntervalSinceNow) * 1000)))
             var backoff = 1.0
             while !Task.isCancelled {
@@ -154,28 +161,39 @@ struct ExecCommand: AsyncParsableCommand {
                     var renewed: JobIdentity
                     do {
                         renewed = try await current.renew(options, key: key)
-                    } catch let failure as JobFailure where failure.description.contains("the cluster refused") {
-                        say("renewal refused (\(failure.description)); joining again with a fresh platform token")
+                    } catch let failure as JobFailure where joinAgain(after: failure, current) {
+                        say("renewal \(failure.status == nil ? "impossible, the identity expired" : "refused") (\(failure.description)); "
+                            + "joining again with a fresh platform token")
                         renewed = try await rejoin()
                     }
                     renewed = try await renewed.withJWTs(audiences, options)
-                    if let directory { try renewed.write(to: directory) }
+                    if let directory { try renewed.write(to: directory, createDirectory: remakeDirectory) }
                     await onRenewed(renewed)
                     say("renewed: \(renewed.spiffeID) until \(renewed.expiresAt.formatted(.iso8601))")
                     current = renewed
                     break
                 } catch {
-                    if current.expiresAt.timeIntervalSinceNow <= 0, let directory {
+                    if current.localExpiry.timeIntervalSinceNow <= 0, let directory {
                         // Never leave an expired identity in place.
                         for file in ["svid.pem", "svid.key"] + audiences.map(JobIdentity.jwtFileName) {
                             try? FileManager.default.removeItem(atPath: "\(directory)/\(file)")
                         }
                     }
-                    say("renewal failed (\(error)); retrying in \(Int(backoff)) s")
-                    try? await Task.sleep(for: .seconds(backoff))
+                    let wait = backoff * Double.random(in: 0.5...1)
+                    say("renewal failed (\(error)); retrying in \(String(format: "%.1f", wait)) s")
+                    try? await Task.sleep(for: .seconds(wait))
                     backoff = min(30, backoff * 2)
                 }
             }
         }
+    }
+
+    /// Whether a failed renewal calls for a fresh platform token: the
+    /// cluster refused it as not allowed (401, 403; not a busy or failing
+    /// cluster, where a platform token, usable once, would be spent for
+    /// nothing), or the identity has expired, so no renewal can work.
+    static func joinAgain(after failure: JobFailure, _ current: JobIdentity, now: Date = Date()) -> Bool {
+        if let status = failure.status { return status == 401 || status == 403 }
+        return current.localExpiry <= now
     }
 }

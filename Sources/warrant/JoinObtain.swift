@@ -1,4 +1,5 @@
 import ArgumentParser
+import Authority
 import Client
 import Crypto
 import Foundation
@@ -10,6 +11,8 @@ import Yams
 /// exit status 1.
 struct JobFailure: Error, CustomStringConvertible {
     var description: String
+    /// The HTTP status of the cluster's refusal, if it answered.
+    var status: UInt? = nil
 }
 
 /// How a job reaches the cluster and where its platform token comes from
@@ -135,7 +138,13 @@ struct JobIdentity {
     var bundlePEM: String
     var spiffeID: String
     var expiresAt: Date
+    /// When this machine received it.
     var issuedAt: Date
+    /// How long it lives from then, by the certificate's own times (the
+    /// cluster's clock, never compared with this machine's, which may be off).
+    var lifetime: TimeInterval
+    /// When it expires, by this machine's clock.
+    var localExpiry: Date { issuedAt.addingTimeInterval(lifetime) }
     /// JWT-SVIDs by audience, obtained with this X509-SVID.
     var jwts: [String: String] = [:]
 
@@ -202,11 +211,19 @@ struct JobIdentity {
         guard response.status == .ok, let certificate = body["certificate"] as? String, let bundle = body["bundle"] as? String else {
             let error = body["error"] as? [String: Any]
             throw JobFailure(description: "the cluster refused: \(error?["code"] as? String ?? String(response.status.code)): \(error?["message"] as? String ?? response.text)"
-                             + (path == "/v1/join" ? " (an operator can run 'warrant join explain' on the token to see why)" : ""))
+                             + (path == "/v1/join" ? " (an operator can run 'warrant join explain' on the token to see why)" : ""), status: response.status.code)
         }
-        let expires = (body["expires_at"] as? String).flatMap { try? Date($0, strategy: .iso8601) } ?? Date()
+        let received = Date()
+        let expires = (body["expires_at"] as? String).flatMap { try? Date($0, strategy: .iso8601) } ?? received
         return JobIdentity(certificatePEM: certificate, keyPEM: key.pemRepresentation, bundlePEM: bundle, spiffeID: body["spiffe_id"] as? String ?? "?",
-                           expiresAt: expires, issuedAt: Date())
+                           expiresAt: expires, issuedAt: received, lifetime: lifetime(ofCertificate: certificate) ?? expires.timeIntervalSince(received))
+    }
+
+    /// From signing to notAfter: the certificate's notBefore is set
+    /// `X509Authority.backdate` before it was signed.
+    static func lifetime(ofCertificate pem: String) -> TimeInterval? {
+        guard let certificate = try? Certificate(pemEncoded: pem) else { return nil }
+        return max(0, certificate.notValidAfter.timeIntervalSince(certificate.notValidBefore) - X509Authority.backdate)
     }
 
     /// Adds a JWT-SVID per audience, asked for over mutual TLS with this
@@ -236,9 +253,12 @@ struct JobIdentity {
 
     static func jwtFileName(_ audience: String) -> String { IdentityFiles.jwtFileName(audience) }
 
-    func write(to directory: String) throws {
+    /// `createDirectory` false: the directory must still be there (a
+    /// renewal's write after `exec` removed it leaves nothing behind).
+    func write(to directory: String, createDirectory: Bool = true) throws {
         do {
-            try IdentityFiles.write(directory: directory, certificatePEM: certificatePEM, keyPEM: keyPEM, bundlePEM: bundlePEM, jwts: jwts)
+            try IdentityFiles.write(directory: directory, certificatePEM: certificatePEM, keyPEM: keyPEM, bundlePEM: bundlePEM, jwts: jwts,
+                                    createDirectory: createDirectory)
         } catch {
             throw JobFailure(description: "\(error)")
         }

@@ -335,8 +335,10 @@ extension JoinTests {
 }
 
 extension JoinTests {
-    @Test("Killing the leader while warrant exec renews a 4-second identity: the command never sees an expired or missing identity")
-    func renewalAcrossLeaderLoss() async throws {
+    /// A ready cluster, a simulated GitHub job, and the arguments of
+    /// `warrant exec` for a 4-second identity with every node as an
+    /// endpoint, the leader first.
+    func withFourSecondExec(_ body: (InProcessCluster, _ leader: UInt64, _ binary: String, _ environment: [String: String], _ arguments: [String]) async throws -> Void) async throws {
         let github = try TestIssuer(keys: [.rsa2048])
         try await github.serve()
         defer { Task { await github.stop() } }
@@ -345,6 +347,13 @@ extension JoinTests {
             let (binary, environment) = try await simulatedGitHubJob(admin, github, directory: dir)
             var arguments = ["exec", "--ca-file", "\(dir)/ca.pem", "--audience", "warrant.local", "--token-request-ca", "\(dir)/github-ca.pem", "--ttl", "4"]
             for id in [leader] + [UInt64(1), 2, 3].filter({ $0 != leader }) { arguments += ["--endpoint", "127.0.0.1:\(cluster.basePort + 100 + Int(id) - 1)"] }
+            try await body(cluster, leader, binary, environment, arguments)
+        }
+    }
+
+    @Test("Killing the leader while warrant exec renews a 4-second identity: the command never sees an expired or missing identity")
+    func renewalAcrossLeaderLoss() async throws {
+        try await withFourSecondExec { cluster, leader, binary, environment, arguments in
             // Every half second for 12 s: the certificate is unexpired and the key is there.
             let watch = "for i in $(seq 1 24); do openssl x509 -checkend 0 -noout -in \"$WARRANT_SVID_FILE\" > /dev/null || exit 9; "
                 + "test -s \"$WARRANT_KEY_FILE\" || exit 8; sleep 0.5; done"
@@ -354,6 +363,25 @@ extension JoinTests {
             let result = try await execution.value
             #expect(result.status == 0, "\(result.output)")
             #expect(result.output.components(separatedBy: "renewed:").count - 1 >= 3, "renewed across the leader's loss: \(result.output)")
+        }
+    }
+
+    @Test("warrant exec joins again, with a fresh platform token, once its identity expired while every node was down (no renewal can work then): the command gets a valid identity back")
+    func joinAgainAfterExpiry() async throws {
+        try await withFourSecondExec { cluster, _, binary, environment, arguments in
+            let dir = cluster.directory
+            // Says it runs (the job has joined); waits (20 s at most) until the expired identity is removed, then (40 s at most) for a valid one.
+            let started = "\(dir)/exec-started"
+            let watch = "touch \(started); for i in $(seq 1 80); do test -s \"$WARRANT_SVID_FILE\" || break; sleep 0.25; done; test -s \"$WARRANT_SVID_FILE\" && exit 5; "
+                + "for i in $(seq 1 160); do openssl x509 -checkend 0 -noout -in \"$WARRANT_SVID_FILE\" > /dev/null 2>&1 && exit 0; sleep 0.25; done; exit 9"
+            let execution = Task.detached { try run(arguments + ["--", "sh", "-c", watch], executable: binary, environment: environment) }
+            #expect(await eventually(seconds: 30) { FileManager.default.fileExists(atPath: started) }, "the job joined")
+            for id in [UInt64(1), 2, 3] { await cluster.stop(id) }
+            try await Task.sleep(for: .seconds(6))
+            for id in [UInt64(1), 2, 3] { try cluster.start(id) }
+            let result = try await execution.value
+            #expect(result.status == 0, "\(result.output)")
+            #expect(result.output.contains("renewal impossible, the identity expired") && result.output.contains("joining again"), "\(result.output)")
         }
     }
 }
