@@ -47,24 +47,25 @@ public final class WorkloadIdentityFeed: Sendable {
 
     public var current: WorkloadIdentity? { state.withLock { $0.identity } }
 
+    /// Yields under the lock (a yield only buffers), so that every stream
+    /// gets the identities in the order they were published, and a new
+    /// one never gets the identity before last after the last.
     public func publish(_ identity: WorkloadIdentity) {
-        let subscribers = state.withLock { state in
+        state.withLock { state in
             state.identity = identity
-            return Array(state.subscribers.values)
+            for subscriber in state.subscribers.values { subscriber.yield(identity) }
         }
-        for subscriber in subscribers { subscriber.yield(identity) }
     }
 
     /// The current identity (if any) and every later one.
     func subscribe() -> AsyncStream<WorkloadIdentity> {
         let (stream, continuation) = AsyncStream<WorkloadIdentity>.makeStream(bufferingPolicy: .bufferingNewest(1))
         let id = UUID()
-        let current = state.withLock { state in
-            state.subscribers[id] = continuation
-            return state.identity
-        }
-        if let current { continuation.yield(current) }
         continuation.onTermination = { [weak self] _ in _ = self?.state.withLock { $0.subscribers.removeValue(forKey: id) } }
+        state.withLock { state in
+            state.subscribers[id] = continuation
+            if let current = state.identity { continuation.yield(current) }
+        }
         return stream
     }
 }
