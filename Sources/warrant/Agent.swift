@@ -114,17 +114,29 @@ struct AgentCommand: AsyncParsableCommand {
             """)
 
     @OptionGroup var job: JobOptions
-    @Option(help: "The Workload API socket (or $WARRANT_AGENT_SOCKET).") var socket: String?
+    @Option(help: "The Workload API socket (or $WARRANT_AGENT_SOCKET; default $XDG_RUNTIME_DIR/warrant-agent.sock, or /run/warrant-agent.sock for root).")
+    var socket: String?
     @Option(help: "Also keep the identity as files in this directory.") var out: String?
     @Option(help: "Stop after this many seconds (for tests and one-off use).") var exitAfter: Double?
     @Option(name: .customLong("allow"), help: "Which local processes may fetch the identity: uid=N, gid=N, exe=PATH, sha256=HEX, combined with commas (repeat for more rules; default: this user).")
     var allow: [String] = []
 
+    /// Where the socket goes unless told: in a directory only this user
+    /// can write, so no other user can put a socket of their own there
+    /// first for workloads to trust.
+    static func defaultSocket(_ environment: [String: String]) -> String? {
+        if let runtime = environment["XDG_RUNTIME_DIR"], runtime.hasPrefix("/") { return runtime + "/warrant-agent.sock" }
+        return getuid() == 0 ? "/run/warrant-agent.sock" : nil
+    }
+
     func run() async throws {
         try await failingAsOneLine("agent") {
             let environment = ProcessInfo.processInfo.environment
             let options = try job.resolve(environment)
-            let path = socket ?? environment["WARRANT_AGENT_SOCKET"] ?? "/tmp/warrant-agent.sock"
+            guard let path = socket ?? environment["WARRANT_AGENT_SOCKET"] ?? Self.defaultSocket(environment) else {
+                throw JobFailure(description: "give the socket's path with --socket or $WARRANT_AGENT_SOCKET: without $XDG_RUNTIME_DIR, "
+                    + "a user other than root has no directory only it can write, and a socket in a shared one (/tmp) could be put there first by another user")
+            }
             let say: @Sendable (String) -> Void = { FileHandle.standardError.write(Data("warrant agent: \($0)\n".utf8)) }
             var rules: [PeerRule] = []
             for text in allow {
