@@ -210,6 +210,21 @@ struct APITests {
             #expect(remove.status == .ok, "\(remove.text)")
             #expect(await eventually { await cluster.status(4)?.members.map(\.id) == [2, 3, 4] })
             #expect(try await auditAsNodeOne() == .unauthorized, "a removed node's certificate")
+            // Nor does its actor header reach the audit through a refusal the HTTP layer makes itself (a body over the limit).
+            let asRemoved = try await cluster.connection(to: 4, asNode: 1)
+            let oversized = try await asRemoved.request(.POST, "/v1/join", headers: [("content-type", "application/json"), ("warrant-actor", "admin:alice")],
+                                                        body: [UInt8](repeating: 0x20, count: 600_000))
+            #expect(oversized.status == .payloadTooLarge)
+            await asRemoved.close()
+            func denials() async throws -> [String] {
+                let page = try await toFour.request(.GET, "/v1/audit?limit=1000")
+                let records = (try? JSONSerialization.jsonObject(with: Data(page.body)) as? [String: Any])?["records"] as? [[String: Any]] ?? []
+                return records.filter { $0["action"] as? String == "identity.deny" && ($0["result"] as? String ?? "").contains("too_large") }
+                    .map { $0["actor"] as? String ?? "" }
+            }
+            let denied = try await eventually { try await denials() == ["anonymous"] }
+            let actors = try await denials()
+            #expect(denied, "\(actors)")
             let write = try await toFour.request(.PUT, "/v1/documents/after/removal", headers: [("content-type", "application/json")], body: Array("{}".utf8))
             #expect(write.status == .ok, "\(write.text)")
             await toFour.close()

@@ -193,4 +193,23 @@ struct AdminCredentialTests {
         }
         await cluster.shutdown()
     }
+
+    @Test("An admin certificate that expires while its connection is kept alive stops counting then: the next request on that connection is anonymous")
+    func expiresOnOpenConnection() async throws {
+        let cluster = try await InProcessCluster.start()
+        do {
+            let leader = try #require(await cluster.waitForLeader())
+            let directory = cluster.directory
+            _ = try ClusterFiles.issueAdmin(directory: directory, name: "brief", validity: 3, out: directory)
+            let connection = try await cluster.connection(to: leader, credentials: ("\(directory)/admin-brief.pem", "\(directory)/admin-brief.key"))
+            defer { Task { await connection.close() } }
+            #expect(try await connection.request(.GET, "/v1/cluster/status").status == .ok)
+            try await Task.sleep(for: .seconds(4))
+            let after = try await connection.request(.GET, "/v1/cluster/status")
+            #expect(after.status == .unauthorized, "\(after.text)")
+        } catch {
+            Issue.record(error)
+        }
+        await cluster.shutdown()
+    }
 }

@@ -45,12 +45,12 @@ struct HTTPServerTests {
 
     /// A server whose handler echoes the body, after `delay` ms from the
     /// query (so a later request could finish first), counting how many run at once.
-    private static func withServer(_ body: (Server) async throws -> Void) async throws {
+    private static func withServer(limits change: (inout HTTPServerLimits) -> Void = { _ in }, _ body: (Server) async throws -> Void) async throws {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let ca = try ClusterCA.create(clusterID: "http-test")
         let identity = try ca.issueNodeIdentity(1, hosts: ["127.0.0.1"])
         let counters = Counters()
-        let server = try HTTPServer(group: group, identity: identity, limits: { var l = HTTPServerLimits(); l.requestBodyBytesMax = 1_000; return l }(),
+        let server = try HTTPServer(group: group, identity: identity, limits: { var l = HTTPServerLimits(); l.requestBodyBytesMax = 1_000; change(&l); return l }(),
                                     refused: { request, error in
                                         counters.refused.withLock { $0.append("\(request.method.rawValue) \(request.path) \(request.body.count) \(error.code)") }
                                     }) { request in
@@ -309,5 +309,93 @@ struct HTTPServerTests {
         #expect(query == ["after": "10", "kind": "identity.issue", "flag": "", "x=": "%zz", "pct": "100%"])
         #expect(RequestTarget.split("/a%41%4a?") == ("/aAJ", [:]))
         #expect(RequestTarget.split("/%E2%9C%93") == ("/\u{2713}", [:]))
+        #expect(RequestTarget.split("/a%+A%-0%0") == ("/a%+A%-0%0", [:]), "a sign is not a hex digit")
+    }
+
+    @Test("A body announced larger than the limit is refused with 413 as soon as the limit is passed, not once the rest arrives, and nothing more is read")
+    func oversizedEarly() async throws {
+        try await Self.withServer { server in
+            let answer = try await Self.exchange(server, "POST /big HTTP/1.1\r\nhost: x\r\ncontent-length: 100000000000\r\n\r\n" + String(repeating: "x", count: 2_000),
+                                                 expectedResponses: 1)
+            #expect(answer.text.hasPrefix("HTTP/1.1 413 Payload Too Large\r\n"), "\(answer.text)")
+            #expect(answer.closed)
+            #expect(server.handled == 0)
+        }
+    }
+
+    @Test("A request must arrive whole within the receive timeout of its first byte (the first one, of the connection's opening): a trickle or a connection that never says anything is closed; an idle kept-alive connection is not")
+    func receiveTimeout() async throws {
+        try await Self.withServer(limits: { $0.requestReceiveTimeout = .milliseconds(500) }) { server in
+            let trickle = try await Self.exchange(server, ["GET /slow HTTP/1.1\r\n", "ho"], expectedResponses: 1)
+            #expect(trickle.text.isEmpty && trickle.closed, "\(trickle.text)")
+            #expect(server.handled == 0)
+
+            // Bare TCP, no TLS handshake.
+            let collector = Collector()
+            let bare = try await ClientBootstrap(group: server.group)
+                .channelInitializer { channel in channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(collector) } }
+                .connect(to: server.address).get()
+            for _ in 0..<300 where !collector.closed.withLock({ $0 }) { try await Task.sleep(for: .milliseconds(10)) }
+            #expect(collector.closed.withLock { $0 }, "a connection that never shook hands is closed")
+            try? await bare.close()
+
+            // Requests each sent at once, with idle time between them longer than the timeout.
+            let kept = try await Self.exchange(server, ["GET /one HTTP/1.1\r\nhost: x\r\n\r\n", "", "", "", "", "", "", "", "", "", "", "", "", "", "", "", "", "", "", "",
+                                                        "GET /two HTTP/1.1\r\nhost: x\r\n\r\n"], expectedResponses: 2)
+            #expect(kept.text.contains("GET /one ") && kept.text.contains("GET /two ") && !kept.closed, "\(kept.text)")
+        }
+    }
+
+    @Test("No address gets more than its share of connections: the one over it is closed, and a slot freed is taken again")
+    func connectionsPerAddress() async throws {
+        try await Self.withServer(limits: { $0.connectionsPerAddressMax = 2 }) { server in
+            var open: [(Collector, any Channel)] = []
+            for _ in 0..<3 {
+                let collector = Collector()
+                open.append((collector, try await Self.connect(server, collector)))
+            }
+            for (collector, channel) in open { try? await channel.writeAndFlush(ByteBuffer(string: "GET /x HTTP/1.1\r\nhost: x\r\n\r\n")); _ = collector }
+            for _ in 0..<300 where open.filter({ !$0.0.received.withLock { $0 }.isEmpty }).count < 2 { try await Task.sleep(for: .milliseconds(10)) }
+            for _ in 0..<50 { try await Task.sleep(for: .milliseconds(10)) }
+            let answered = open.filter { !$0.0.received.withLock { $0 }.isEmpty }.count
+            let closed = open.filter { $0.0.closed.withLock { $0 } }.count
+            #expect(answered == 2 && closed == 1, "answered \(answered), closed \(closed)")
+            for (_, channel) in open { try? await channel.close() }
+            try await Task.sleep(for: .milliseconds(100))
+            let again = try await Self.exchange(server, "GET /again HTTP/1.1\r\nhost: x\r\n\r\n", expectedResponses: 1)
+            #expect(again.text.contains("GET /again "))
+        }
+    }
+
+    @Test("The API routes HEAD as GET (the server then leaves the body out), and no other method a route does not take")
+    func headRouting() {
+        #expect(NodeAPI.match(.HEAD, "/healthz").route?.template == "/healthz")
+        #expect(NodeAPI.match(.HEAD, "/v1/documents/a/b").route?.template == "/v1/documents/{name}")
+        #expect(NodeAPI.match(.HEAD, "/v1/documents/a/b").parameter == "a/b")
+        #expect(NodeAPI.match(.PATCH, "/healthz").route == nil && NodeAPI.match(.PATCH, "/healthz").pathKnown)
+    }
+
+    @Test("A client request that was sent and got no answer fails as sent (its outcome unknown); one that could not be sent fails as not sent")
+    func clientSentOrNot() async throws {
+        try await Self.withServer { server in
+            var configuration = TLSConfiguration.makeClientConfiguration()
+            configuration.trustRoots = .certificates([try server.identity.nioCACertificate])
+            configuration.certificateVerification = .noHostnameVerification
+            let tls = try NIOSSLContext(configuration: configuration)
+            let connection = try await HTTPConnection.connect(to: server.address, tls: tls)
+            do {
+                _ = try await connection.request(.POST, "/slow?delay=2000", body: Array("x".utf8), timeout: .milliseconds(300))
+                Issue.record("answered within 300 ms")
+            } catch let error as HTTPClientError {
+                #expect(error.requestSent, "\(error)")
+            }
+            for _ in 0..<200 where connection.isActive { try await Task.sleep(for: .milliseconds(10)) }
+            do {
+                _ = try await connection.request(.GET, "/after")
+                Issue.record("a timed-out connection is closed")
+            } catch let error as HTTPClientError {
+                #expect(!error.requestSent, "\(error)")
+            }
+        }
     }
 }

@@ -194,6 +194,8 @@ extension NodeAPI {
     /// the limit, the body not kept): audited if the route's refusals are.
     public func refusedByServer(_ request: HTTPRequest, _ error: APIError) {
         guard let route = Self.match(request.method, request.path).route, route.auditsDenials else { return }
+        var request = request
+        believeCaller(&request)
         recordDenial(error, of: request)
     }
 

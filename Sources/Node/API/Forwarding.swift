@@ -110,6 +110,11 @@ public final class Forwarder: Sendable {
         let response: HTTPClientResponse
         do {
             response = try await pool.request(request.method, uri, headers: headers, body: request.body)
+        } catch let error as HTTPClientError where error.requestSent {
+            // Sent, and no answer: the leader may have made the change.
+            // Not a 503, which clients retry as surely not done.
+            throw APIError(status: .gatewayTimeout, code: "outcome_unknown",
+                           message: "forwarded to the leader, node \(leader) at \(address), but no answer came (\(error)): the request may or may not have taken effect; read before retrying")
         } catch {
             throw APIError.unavailable("leader_unreachable", "could not forward to the leader, node \(leader) at \(address): \(error)")
         }

@@ -98,6 +98,8 @@ public final class NodeAPI: Sendable {
     private static let literalRoutes: [String: [Route]] = Dictionary(grouping: routes.filter { !$0.template.contains("{") }, by: \.template)
 
     static func match(_ method: HTTPMethod, _ path: String) -> (route: Route?, parameter: String?, pathKnown: Bool) {
+        // HEAD is GET without the body (which the server leaves out).
+        let method = method == .HEAD ? .GET : method
         if let candidates = literalRoutes[path] {
             return (candidates.first { $0.method == method }, nil, true)
         }
@@ -120,6 +122,14 @@ public final class NodeAPI: Sendable {
         return rest.contains("/") ? nil : rest
     }
 
+    /// A node's certificate speaks for it only while it is a member: one
+    /// removed from the cluster (its certificate still chains to the
+    /// cluster CA) is an anonymous caller, and its forwarded actor and
+    /// workload headers are not believed.
+    func believeCaller(_ request: inout HTTPRequest) {
+        if case .node(let id) = request.caller, !driver.isMember(id) { request.caller = .anonymous }
+    }
+
     public func handle(_ request: HTTPRequest) async -> HTTPResponse {
         var request = request
         // A node stopped by a failure serves nothing from its frozen state
@@ -127,11 +137,7 @@ public final class NodeAPI: Sendable {
         if let failure = driver.failureDescription, request.path != "/metrics" {
             return APIError(status: .serviceUnavailable, code: "node_stopped", message: "node \(id) stopped: \(failure)").response
         }
-        // A node's certificate speaks for it only while it is a member: one
-        // removed from the cluster (its certificate still chains to the
-        // cluster CA) is an anonymous caller, and its forwarded actor and
-        // workload headers are not believed.
-        if case .node(let id) = request.caller, !driver.isMember(id) { request.caller = .anonymous }
+        believeCaller(&request)
         let (route, parameter, pathKnown) = Self.match(request.method, request.path)
         guard let route else {
             return pathKnown
@@ -306,7 +312,11 @@ public final class NodeAPI: Sendable {
 
     /// Sends a write this follower cannot make to the leader, once.
     private func forward(_ request: HTTPRequest, leaderHint: NodeID) async throws -> HTTPResponse {
-        if case .node = request.caller {
+        // Never forwarded twice: one that came from a node (even if its
+        // caller is no longer believed, a revoked admin's say) stops here.
+        var fromNode = request.headers.first(name: "warrant-forwarded-by") != nil
+        if case .node = request.caller { fromNode = true }
+        if fromNode {
             throw APIError.unavailable("not_leader", "node \(id) is not the leader (it believes node \(leaderHint) is); retry")
         }
         guard leaderHint != noNode else { throw APIError.unavailable("no_leader", "no leader is known right now (an election may be under way); retry") }

@@ -15,6 +15,13 @@ public struct HTTPClientResponse: Sendable {
 
 public struct HTTPClientError: Error, Sendable, CustomStringConvertible {
     public var description: String
+    /// The request was written before it failed: the server may have acted on it.
+    public var requestSent = false
+
+    public init(description: String, requestSent: Bool = false) {
+        self.description = description
+        self.requestSent = requestSent
+    }
 }
 
 /// One keep-alive HTTPS/1.1 connection: requests go one at a time, in
@@ -76,7 +83,7 @@ public final class HTTPConnection: Sendable {
             if !body.isEmpty { channel.write(HTTPClientRequestPart.body(.byteBuffer(channel.allocator.buffer(bytes: body))), promise: nil) }
             channel.writeAndFlush(HTTPClientRequestPart.end(nil), promise: nil)
             let deadline = channel.eventLoop.scheduleTask(in: timeout) {
-                promise.fail(HTTPClientError(description: "no response from \(self.address) within \(timeout.nanoseconds / 1_000_000) ms"))
+                promise.fail(HTTPClientError(description: "no response from \(self.address) within \(timeout.nanoseconds / 1_000_000) ms", requestSent: true))
                 channel.close(promise: nil)
             }
             promise.futureResult.whenComplete { _ in deadline.cancel() }
@@ -110,7 +117,7 @@ private final class ResponseHandler: ChannelInboundHandler {
             body = []
         case .body(var buffer):
             guard body.count + buffer.readableBytes <= responseBytesMax else {
-                failAll(HTTPClientError(description: "the response is larger than \(responseBytesMax) bytes"))
+                failAll(HTTPClientError(description: "the response is larger than \(responseBytesMax) bytes", requestSent: true))
                 context.close(promise: nil)
                 return
             }
@@ -125,12 +132,12 @@ private final class ResponseHandler: ChannelInboundHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        failAll(HTTPClientError(description: "the server closed the connection"))
+        failAll(HTTPClientError(description: "the server closed the connection", requestSent: true))
         context.fireChannelInactive()
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        failAll(HTTPClientError(description: "connection failed: \(error)"))
+        failAll(HTTPClientError(description: "connection failed: \(error)", requestSent: true))
         context.close(promise: nil)
     }
 

@@ -1,4 +1,5 @@
 import Authority
+import Foundation
 import Ledger
 import NIOCore
 import NIOHTTP1
@@ -93,8 +94,16 @@ public struct HTTPServerLimits: Sendable {
     /// Larger bodies get 413 and the connection is closed.
     public var requestBodyBytesMax = 512 << 10
     public var connectionsMax = 1_024
+    /// Connections from one address (one IP address) at most: no single
+    /// client can take every slot.
+    public var connectionsPerAddressMax = 256
     /// Connections idle this long are closed.
     public var idleTimeout: TimeAmount = .seconds(60)
+    /// A request must be received whole this long after its first byte (the
+    /// first request: after the connection opened, its TLS handshake
+    /// included), or the connection is closed: a client sending a byte now
+    /// and then cannot hold a connection.
+    public var requestReceiveTimeout: TimeAmount = .seconds(30)
     public init() {}
 }
 
@@ -180,16 +189,34 @@ public final class HTTPServer: Sendable {
                     openConnections.value.wrappingSubtract(1, ordering: .relaxed)
                     return channel.close()
                 }
-                channel.closeFuture.whenComplete { _ in openConnections.value.wrappingSubtract(1, ordering: .relaxed) }
+                let address = channel.remoteAddress?.ipAddress ?? ""
+                let admitted = openConnections.byAddress.withLock { counts in
+                    guard counts[address, default: 0] < limits.connectionsPerAddressMax else { return false }
+                    counts[address, default: 0] += 1
+                    return true
+                }
+                guard admitted else {
+                    openConnections.value.wrappingSubtract(1, ordering: .relaxed)
+                    return channel.close()
+                }
+                channel.closeFuture.whenComplete { _ in
+                    openConnections.value.wrappingSubtract(1, ordering: .relaxed)
+                    openConnections.byAddress.withLock { counts in
+                        counts[address, default: 1] -= 1
+                        if counts[address] == 0 { counts[address] = nil }
+                    }
+                }
                 let tls = self.currentContext()
                 return channel.eventLoop.makeCompletedFuture {
                     let sync = channel.pipeline.syncOperations
                     try sync.addHandler(NIOSSLServerHandler(context: tls))
                     try sync.addHandler(IdleStateHandler(allTimeout: limits.idleTimeout))
+                    let deadline = RequestDeadline(timeout: limits.requestReceiveTimeout)
+                    try sync.addHandler(RequestStartWatch(deadline: deadline))
                     // Bytes the decoder has not consumed, at most 1 MiB (it consumes as it parses).
                     try sync.addHandler(ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes), maximumBufferSize: 1 << 20))
                     try sync.addHandler(RequestHandler(clusterID: clusterID, clusterCA: clusterCA, bodyBytesMax: limits.requestBodyBytesMax,
-                                                         refused: refused, handler: handler))
+                                                         deadline: deadline, refused: refused, handler: handler))
                 }
             }
             .bind(to: address).get()
@@ -207,6 +234,63 @@ public final class HTTPServer: Sendable {
 
 private final class ConnectionCount: Sendable {
     let value = Atomic<Int>(0)
+    let byAddress = Mutex<[String: Int]>([:])
+}
+
+/// The time limit on receiving one request, shared by the handler that
+/// sees its first bytes (`RequestStartWatch`, before the HTTP decoder) and
+/// the one that sees its end (`RequestHandler`); used on the connection's
+/// event loop only.
+private final class RequestDeadline {
+    let timeout: TimeAmount
+    private var timer: Scheduled<Void>?
+    /// Bytes of a request not yet received whole have arrived (or the
+    /// connection is new: its first request is due).
+    private(set) var receiving = false
+
+    init(timeout: TimeAmount) { self.timeout = timeout }
+
+    func start(_ context: ChannelHandlerContext) {
+        guard !receiving else { return }
+        receiving = true
+        let channel = context.channel
+        timer = context.eventLoop.scheduleTask(in: timeout) { channel.close(promise: nil) }
+    }
+
+    func received() {
+        receiving = false
+        timer?.cancel()
+        timer = nil
+    }
+}
+
+/// Starts the clock on a request when its first (decrypted) bytes arrive,
+/// and on the first request when the connection opens.
+private final class RequestStartWatch: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    typealias InboundOut = ByteBuffer
+    private let deadline: RequestDeadline
+
+    init(deadline: RequestDeadline) { self.deadline = deadline }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        if context.channel.isActive { deadline.start(context) }
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        deadline.start(context)
+        context.fireChannelActive()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        deadline.start(context)
+        context.fireChannelRead(data)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        deadline.received()
+        context.fireChannelInactive()
+    }
 }
 
 /// Collects one request, runs the handler, writes the response; requests
@@ -232,6 +316,9 @@ private final class RequestHandler: ChannelDuplexHandler {
     private let clusterID: String
     private let clusterCA: DistinguishedName
     private let bodyBytesMax: Int
+    private let deadline: RequestDeadline
+    /// A body over the limit was refused: nothing more is read as a request.
+    private var discarding = false
     private let handler: HTTPServer.Handler
     private let refused: HTTPServer.Refused?
     /// The request being received.
@@ -249,6 +336,9 @@ private final class RequestHandler: ChannelDuplexHandler {
     /// were not HTTP/1.1); the connection closes after the one being answered.
     private var closing = false
     private var caller: APICaller?
+    /// When the client certificate expires: from then on the connection's
+    /// requests are anonymous (it was checked once, at the handshake).
+    private var callerNotAfter: Date?
     private var executorOfLoop: EventLoopTaskExecutor?
 
     /// Tasks started for this connection's requests run on its event loop.
@@ -264,16 +354,18 @@ private final class RequestHandler: ChannelDuplexHandler {
         loopOfConnection = context.eventLoop
     }
 
-    init(clusterID: String, clusterCA: DistinguishedName, bodyBytesMax: Int, refused: HTTPServer.Refused?, handler: @escaping HTTPServer.Handler) {
+    init(clusterID: String, clusterCA: DistinguishedName, bodyBytesMax: Int, deadline: RequestDeadline, refused: HTTPServer.Refused?,
+         handler: @escaping HTTPServer.Handler) {
         self.clusterID = clusterID
         self.clusterCA = clusterCA
         self.bodyBytesMax = bodyBytesMax
+        self.deadline = deadline
         self.refused = refused
         self.handler = handler
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        guard !closing else { return }
+        guard !closing, !discarding else { return }
         switch unwrapInboundIn(data) {
         case .head(let head):
             receiving = Received(head: head)
@@ -283,14 +375,23 @@ private final class RequestHandler: ChannelDuplexHandler {
         case .body(let buffer):
             guard receiving != nil, !receiving!.tooLarge else { return }
             if receiving!.body.count + buffer.readableBytes > bodyBytesMax {
+                // Refused now (in turn, after any request before it), not
+                // once the rest has been read: the connection closes with
+                // the answer, and nothing more is read from it.
                 receiving!.tooLarge = true
                 receiving!.body = []
+                waiting.append(receiving!)
+                receiving = nil
+                discarding = true
+                deadline.received()
+                answerNext(context: context)
             } else {
                 receiving!.body.append(contentsOf: buffer.readableBytesView)
             }
         case .end:
             guard let received = receiving else { return }
             receiving = nil
+            deadline.received()
             waiting.append(received)
             answerNext(context: context)
         }
@@ -307,7 +408,7 @@ private final class RequestHandler: ChannelDuplexHandler {
         while !answering, !closing, context.channel.isWritable, let received = waiting.popFirst() {
             start(received, context: context)
         }
-        if readHeld, waiting.isEmpty, !closing, context.channel.isWritable {
+        if readHeld, waiting.isEmpty, !closing, !discarding, context.channel.isWritable {
             readHeld = false
             context.read()
         }
@@ -353,7 +454,7 @@ private final class RequestHandler: ChannelDuplexHandler {
     /// writes (a client that pipelines and never reads would otherwise
     /// pile up answers here without end).
     func read(context: ChannelHandlerContext) {
-        if !waiting.isEmpty || !context.channel.isWritable {
+        if !waiting.isEmpty || !context.channel.isWritable || discarding {
             readHeld = true
         } else {
             context.read()
@@ -365,12 +466,15 @@ private final class RequestHandler: ChannelDuplexHandler {
             let certificate = try? context.pipeline.syncOperations.handler(type: NIOSSLServerHandler.self).peerCertificate
             if let der = try? certificate?.toDERBytes() {
                 caller = APICaller.from(certificateDER: der, clusterID: clusterID, clusterCA: clusterCA)
+                callerNotAfter = (try? Certificate(derEncoded: der))?.notValidAfter
             } else {
                 caller = .anonymous
             }
         }
         let (path, query) = RequestTarget.split(head.uri)
-        return HTTPRequest(method: head.method, path: path, query: query, headers: head.headers, body: body, caller: caller ?? .anonymous)
+        var current = caller ?? .anonymous
+        if let callerNotAfter, Date() > callerNotAfter { current = .anonymous }
+        return HTTPRequest(method: head.method, path: path, query: query, headers: head.headers, body: body, caller: current)
     }
 
     /// Writes the response in one write; without keep-alive, closes once it is written.
@@ -521,10 +625,19 @@ extension String {
         guard utf8.contains(UInt8(ascii: "%")) else { return self }
         var bytes: [UInt8] = []
         var iterator = Array(utf8)[...]
+        func hex(_ byte: UInt8) -> UInt8? {
+            switch byte {
+            case UInt8(ascii: "0")...UInt8(ascii: "9"): return byte - UInt8(ascii: "0")
+            case UInt8(ascii: "a")...UInt8(ascii: "f"): return byte - UInt8(ascii: "a") + 10
+            case UInt8(ascii: "A")...UInt8(ascii: "F"): return byte - UInt8(ascii: "A") + 10
+            default: return nil
+            }
+        }
         while let byte = iterator.popFirst() {
-            if byte == UInt8(ascii: "%"), iterator.count >= 2,
-               let value = UInt8(String(decoding: iterator.prefix(2), as: UTF8.self), radix: 16) {
-                bytes.append(value)
+            // Two hex digits exactly (UInt8(_:radix:) would take "+A" too).
+            if byte == UInt8(ascii: "%"), iterator.count >= 2, let high = hex(iterator[iterator.startIndex]),
+               let low = hex(iterator[iterator.startIndex + 1]) {
+                bytes.append(high << 4 | low)
                 iterator = iterator.dropFirst(2)
             } else {
                 bytes.append(byte)
