@@ -234,6 +234,8 @@ public struct JWTVerifier: Sendable {
             throw AuthorityError("bad_subject", "sub is not a SPIFFE ID: \(error)")
         }
         guard spiffeID.trustDomain == trustDomain else { throw AuthorityError("wrong_trust_domain", "\(sub) is not in \(trustDomain)") }
+        // A workload's ID, as X.509 verification requires of a leaf.
+        guard spiffeID.namesWorkload else { throw AuthorityError("bad_subject", "sub is the bare trust domain ID; \(SpiffeID.workloadPathMessage)") }
         let audiences: [String]
         switch claims["aud"] {
         case .string(let one): audiences = [one]

@@ -187,7 +187,8 @@ public enum VerificationKey: Sendable {
             guard signature.count == 96, let parsed = try? P384.Signing.ECDSASignature(rawRepresentation: signature) else { return false }
             return key.isValidSignature(parsed, for: SHA384.digest(message))
         case .rsa(let key):
-            guard signature.count == key.keySizeInBits / 8 else { return false }
+            // The modulus's length in whole bytes (a 3071-bit key signs in 384).
+            guard signature.count == (key.keySizeInBits + 7) / 8 else { return false }
             return key.isValidSignature(_RSA.Signing.RSASignature(rawRepresentation: signature), for: SHA256.digest(message),
                                         padding: .insecurePKCS1v1_5)
         }
@@ -232,6 +233,9 @@ public enum VerificationKey: Sendable {
                 throw AuthorityError("bad_key", "n and e are not an RSA public key")
             }
             guard rsa.keySizeInBits >= 2048 else { throw AuthorityError("weak_key", "RSA keys must have at least 2048 bits; this one has \(rsa.keySizeInBits)") }
+            guard !RSAFingerprint.isROCA(modulus: n) else {
+                throw AuthorityError("weak_key", "the RSA key has the ROCA fingerprint (CVE-2017-15361): its private key can be computed from it")
+            }
             key = .rsa(rsa)
         default:
             throw AuthorityError("unsupported_key", "only EC P-256, EC P-384 and RSA keys are accepted")
@@ -255,5 +259,33 @@ extension HashFunction {
 
     public static func digest(_ bytes: [UInt8]) -> Digest {
         bytes.withUnsafeBytes { digest($0) }
+    }
+}
+
+/// Keys made by the flawed RSA generator of CVE-2017-15361 (ROCA, Infineon
+/// RSALib): their modulus is, modulo each small prime p below, a power of
+/// 65537, which a random modulus is for all of them with a chance of
+/// about 2^-155. Such keys' private halves can be computed.
+enum RSAFingerprint {
+    static let primes: [UInt32] = [3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67, 71, 73, 79, 83, 89, 97, 101, 103, 107,
+                                   109, 113, 127, 131, 137, 139, 149, 151, 157, 163, 167]
+
+    /// For each prime, the residues 65537^k mod p.
+    static let powers: [Set<UInt32>] = primes.map { p in
+        var seen: Set<UInt32> = [], value: UInt32 = 1
+        repeat {
+            seen.insert(value)
+            value = value * (65_537 % p) % p
+        } while !seen.contains(value)
+        return seen
+    }
+
+    static func isROCA(modulus: [UInt8]) -> Bool {
+        for (index, p) in primes.enumerated() {
+            var remainder: UInt32 = 0
+            for byte in modulus { remainder = (remainder << 8 | UInt32(byte)) % p }
+            if !powers[index].contains(remainder) { return false }
+        }
+        return true
     }
 }

@@ -518,6 +518,7 @@ struct JWTSVIDTests {
             (try forge(["alg": "ES256", "kid": "f"], ["sub": id.description, "aud": "x", "exp": 1], key: foreign), "expired"),
             (try forge(["alg": "ES256", "kid": "f"], ["sub": "spiffe://other.org/x", "aud": "x", "exp": exp], key: foreign), "wrong_trust_domain"),
             (try forge(["alg": "ES256", "kid": "f"], ["sub": id.description, "exp": exp], key: foreign), "bad_audience"),
+            (try forge(["alg": "ES256", "kid": "f"], ["sub": "spiffe://example.org", "aud": "x", "exp": exp], key: foreign), "bad_subject"),
             (try forge(["alg": "ES256", "kid": "f"], ["sub": id.description, "aud": "x", "exp": exp, "nbf": exp - 200], key: foreign), "not_yet_valid"),
             (try forge(["alg": "ES256", "kid": "f"], ["sub": id.description, "aud": "x", "exp": exp, "nbf": "now"], key: foreign), "malformed_token"),
             ("a.b", "malformed_token"),
