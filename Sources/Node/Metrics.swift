@@ -62,6 +62,8 @@ public final class NodeMetrics: Sendable {
     public let proposalBatches = Counter("warrant_raft_proposal_batches_total", "Batches of ledger commands this node appended as leader (one append each).")
     public let messagesSent = Counter("warrant_raft_messages_sent_total", "Raft messages handed to the transport.")
     public let messagesReceived = Counter("warrant_raft_messages_received_total", "Raft messages received from peers.")
+    public let messagesFromRemoved = Counter("warrant_raft_messages_refused_total",
+                                             "Raft messages dropped: from a node removed from the cluster, or proposals forwarded by a non-member or to another node.")
     public let snapshotsTaken = Counter("warrant_raft_snapshots_taken_total", "Ledger snapshots taken (log compactions).")
     public let checkpointsBegun = Counter("warrant_ledger_checkpoints_begun_total", "Ledger checkpoints begun (each written on a thread of its own, then taken as the snapshot).")
     public let snapshotsInstalled = Counter("warrant_raft_snapshots_installed_total", "Snapshots received from a leader and installed.")
@@ -94,7 +96,7 @@ public final class NodeMetrics: Sendable {
         gauge("warrant_raft_applied_index", "Highest log index applied to the ledger.", status.appliedIndex)
         gauge("warrant_raft_last_index", "Last index in this node's log.", status.lastIndex)
         gauge("warrant_raft_snapshot_index", "Index of the latest snapshot.", status.snapshotIndex)
-        for counter in [proposals, proposalBatches, messagesSent, messagesReceived, snapshotsTaken, checkpointsBegun, snapshotsInstalled, compactionFailures, releasedEntriesRead, releasedEntryReadFailures, forwardedWrites,
+        for counter in [proposals, proposalBatches, messagesSent, messagesReceived, messagesFromRemoved, snapshotsTaken, checkpointsBegun, snapshotsInstalled, compactionFailures, releasedEntriesRead, releasedEntryReadFailures, forwardedWrites,
                         signaturesChecked, signaturesRemembered, signaturesRecorded] {
             text += "# HELP \(counter.name) \(counter.help)\n# TYPE \(counter.name) counter\n\(counter.name) \(counter.current)\n"
         }

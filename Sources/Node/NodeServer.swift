@@ -258,7 +258,8 @@ public final class NodeServer: Sendable {
         stopRequests.continuation.yield("stop")
     }
 
-    /// Logs role changes, judges this node's clock against its peers' and,
+    /// Tells the transport which nodes were removed (their connections are
+    /// closed), logs role changes, judges this node's clock against its peers' and,
     /// on the leader, promotes caught-up learners, every 10 ticks (the
     /// ticks themselves run on the driver's thread).
     private func watchUntilStopped() async {
@@ -268,6 +269,7 @@ public final class NodeServer: Sendable {
         while !Task.isCancelled && !stopping.load(ordering: .relaxed) {
             try? await driver.sleep(for: .milliseconds(10 * config.tickIntervalMilliseconds))
             let status = await driver.status
+            transport.refuse(status.membership.removed)
             if status.role != lastRole || status.leaderID != lastLeader {
                 log.info("role changed", ["role": status.role.rawValue, "term": "\(status.term)", "leader": "\(status.leaderID)"])
                 lastRole = status.role

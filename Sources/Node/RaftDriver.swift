@@ -157,6 +157,7 @@ public actor RaftDriver {
         raft = try RaftNode(configuration: configuration, durable: durable)
         publishedMembership = raft.membership
         membersView = Mutex(raft.membership.members)
+        removedView = Mutex(raft.membership.removed)
         appliedIndex = durable.appliedIndex
         self.store = store
         self.sender = sender
@@ -179,6 +180,9 @@ public actor RaftDriver {
     /// asks for every request a node's certificate makes).
     public nonisolated func isMember(_ id: NodeID) -> Bool { membersView.withLock { $0.contains(id) } }
     private nonisolated let membersView: Mutex<Set<NodeID>>
+    /// The nodes removed from the cluster (for ever: ids are never reused).
+    public nonisolated var removedNodes: Set<NodeID> { removedView.withLock { $0 } }
+    private nonisolated let removedView: Mutex<Set<NodeID>>
     private var publishedMembership: Membership
 
     public var statusSnapshot: NodeStatusSnapshot {
@@ -322,11 +326,23 @@ public actor RaftDriver {
         if !messages.isEmpty { metrics.messagesReceived.add(messages.count) }
         for message in messages {
             if let dropIncoming, dropIncoming(message) { continue }
+            // A removed node's certificate still chains to the cluster CA:
+            // what it sends counts for nothing (the transport also closes
+            // its connections).
+            if raft.membership.removed.contains(message.from) {
+                metrics.messagesFromRemoved.add(1)
+                continue
+            }
             let message = restamp(message)
             // Commands a follower forwarded join this leader's own queue:
             // they wait at the same gate and go in the same batches (stepped
-            // into the core, each message was a batch of its own).
+            // into the core, each message was a batch of its own). Only a
+            // member's, addressed to this node.
             if raft.role == .leader, case .forwardedProposal(let payloads) = message.body {
+                guard message.to == id, raft.membership.members.contains(message.from) else {
+                    metrics.messagesFromRemoved.add(1)
+                    continue
+                }
                 for case .command(let bytes) in payloads {
                     queuedProposals.append(QueuedProposal(bytes: bytes, startedAt: .now, continuation: nil))
                 }
@@ -719,8 +735,9 @@ public actor RaftDriver {
         leadershipView.withLock { $0 = view }
         if raft.membership != publishedMembership {
             publishedMembership = raft.membership
-            let members = publishedMembership.members
+            let members = publishedMembership.members, removed = publishedMembership.removed
             membersView.withLock { $0 = members }
+            removedView.withLock { $0 = removed }
         }
         if view.1 != noNode { releaseLeaderWaiters() }
     }

@@ -123,6 +123,9 @@ public final class TCPTransport: Sendable {
     private let rejected = Mutex<[String]>([])
     /// Told why each inbound connection was closed (the node logs it).
     private let onRejected: (@Sendable (String) -> Void)?
+    /// Nodes whose certificates open no connection here any more (removed
+    /// from the cluster: their certificates still chain to the cluster CA).
+    private let refusedPeers = RefusedPeers()
     private let tls: (identity: NodeIdentity, server: NIOSSLContext, client: NIOSSLContext)?
     /// This node's wall clock, milliseconds since 1970 (a test may shift it).
     private let wallClock: @Sendable () -> UInt64
@@ -238,10 +241,14 @@ public final class TCPTransport: Sendable {
     /// outbound batch is written by the loop of its link's channel. (They
     /// went through Swift tasks on the cooperative pool, NIO's async
     /// channels, one more thread hop each way per message batch.)
+    /// From now on, connections whose certificate names one of `nodes`
+    /// are closed at their next frame (nodes removed from the cluster).
+    public func refuse(_ nodes: Set<NodeID>) { refusedPeers.set(nodes) }
+
     public func run(listeningOn address: SocketAddress, ready: @Sendable (SocketAddress) -> Void = { _ in },
                     deliver: @escaping @Sendable (Message) -> Void) async throws {
         let frameBytesMax = limits.frameBytesMax, chunkedMessageBytesMax = limits.chunkedMessageBytesMax
-        let serverTLS = tls?.server, clusterID = tls?.identity.clusterID
+        let serverTLS = tls?.server, clusterID = tls?.identity.clusterID, refusedPeers = self.refusedPeers
         let inbound = OpenChannels(max: limits.inboundConnectionsMax, perSecond: limits.inboundConnectionsPerSecond)
         let handshakeTimeout = limits.connectTimeout
         let record: @Sendable (String) -> Void = { [self] reason in
@@ -271,7 +278,7 @@ public final class TCPTransport: Sendable {
                     }
                     try sync.addHandler(ByteToMessageHandler(FrameByteDecoder(frameBytesMax: frameBytesMax)))
                     try sync.addHandler(FrameReceiver(clusterID: clusterID, chunkedMessageBytesMax: chunkedMessageBytesMax,
-                                                      deliver: deliver, clock: observe, reject: record))
+                                                      deliver: deliver, clock: observe, reject: record, refused: refusedPeers.contains))
                 }
             }
             .bind(to: address).get()
@@ -345,14 +352,19 @@ public final class TCPTransport: Sendable {
                     channel.close(promise: nil)
                     throw error
                 }
-                backoff = limits.reconnectBackoffMin
                 queue.attach(channel)
+                let attached = ContinuousClock.now
                 await withTaskCancellationHandler {
                     try? await channel.closeFuture.get()
                 } onCancel: {
                     channel.close(promise: nil)
                 }
                 queue.detach(channel)
+                // Backoff starts again only after a connection that lasted:
+                // one the peer closes at once (it refuses this node, say)
+                // is retried ever more slowly, not every few milliseconds,
+                // which would spend the peer's accept budget for everyone.
+                if attached.duration(to: .now) >= .seconds(1) { backoff = limits.reconnectBackoffMin }
             } catch {}
             guard !Task.isCancelled, !queue.isClosed, (try? await sleep(for: backoff, on: group.any())) != nil else { return }
             backoff = min(backoff * 2, limits.reconnectBackoffMax)
@@ -386,15 +398,18 @@ final class FrameReceiver: ChannelInboundHandler {
     private let deliver: @Sendable (Message) -> Void
     private let clock: @Sendable (ClockStamp) -> Void
     private let reject: @Sendable (String) -> Void
+    private let refused: @Sendable (NodeID) -> Bool
     private var failed = false
 
     init(clusterID: String?, chunkedMessageBytesMax: Int, deliver: @escaping @Sendable (Message) -> Void,
-         clock: @escaping @Sendable (ClockStamp) -> Void = { _ in }, reject: @escaping @Sendable (String) -> Void) {
+         clock: @escaping @Sendable (ClockStamp) -> Void = { _ in }, reject: @escaping @Sendable (String) -> Void,
+         refused: @escaping @Sendable (NodeID) -> Bool = { _ in false }) {
         self.clusterID = clusterID
         assembler = ChunkAssembler(messageBytesMax: chunkedMessageBytesMax)
         self.deliver = deliver
         self.clock = clock
         self.reject = reject
+        self.refused = refused
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -403,6 +418,10 @@ final class FrameReceiver: ChannelInboundHandler {
             // The handshake is done once a frame arrives: only a node of
             // this cluster gets pieces of a large message held for it.
             if let clusterID, certifiedPeer == nil { certifiedPeer = try Self.certifiedNode(context, clusterID) }
+            // Checked on every frame: a node removed while connected is cut off too.
+            if let certifiedPeer, refused(certifiedPeer) {
+                throw PeerIdentityError(reason: "node \(certifiedPeer) was removed from the cluster; its certificate opens nothing here")
+            }
             let message: Message
             switch unwrapInboundIn(data) {
             case .raftMessage(let whole):
@@ -450,6 +469,13 @@ final class FrameReceiver: ChannelInboundHandler {
         }
         return node
     }
+}
+
+/// The nodes a transport refuses (`TCPTransport.refuse`).
+final class RefusedPeers: Sendable {
+    private let ids = Mutex<Set<NodeID>>([])
+    func set(_ refused: Set<NodeID>) { ids.withLock { $0 = refused } }
+    @Sendable func contains(_ id: NodeID) -> Bool { ids.withLock { $0.contains(id) } }
 }
 
 /// Ids for messages sent in pieces, unique across a transport's links.

@@ -314,6 +314,32 @@ struct DriverTests {
         }
     }
 
+    @Test("A removed node's messages count for nothing (its certificate still chains to the cluster CA): commands it forwards are not proposed, nor a non-member's, nor ones addressed to another node; a member's are")
+    func removedNodesAreIgnored() async throws {
+        try await LocalCluster.running { cluster in
+            let (leader, driver) = try await cluster.electedLeader()
+            let removed = try #require([NodeID(1), 2, 3].first { $0 != leader })
+            let member = try #require([NodeID(1), 2, 3].first { $0 != leader && $0 != removed })
+            _ = try await driver.proposeConfigChange(.removeNode(removed))
+            #expect(await cluster.eventually { await driver.status.membership.removed.contains(removed) })
+            let term = await driver.status.term
+            func forwarded(from: NodeID, to: NodeID, _ name: String) -> Message {
+                Message(from: from, to: to, term: term, body: .forwardedProposal([.command(write(name, "{}").encoded)]))
+            }
+            driver.enqueue(forwarded(from: removed, to: leader, "docs/from-removed"))
+            driver.enqueue(forwarded(from: 9, to: leader, "docs/from-stranger"))
+            driver.enqueue(forwarded(from: member, to: 7, "docs/misaddressed"))
+            driver.enqueue(forwarded(from: member, to: leader, "docs/from-member"))
+            #expect(await cluster.eventually { (try? cluster.stores[leader]!.document(named: "docs/from-member")) != nil }, "a member's is proposed")
+            try await Task.sleep(for: .milliseconds(200))
+            for name in ["docs/from-removed", "docs/from-stranger", "docs/misaddressed"] {
+                #expect(try cluster.stores[leader]!.document(named: name) == nil, "\(name) was written")
+            }
+            #expect(cluster.metrics[leader]!.messagesFromRemoved.current >= 3, "the three (and whatever else the removed node sent)")
+            #expect(driver.removedNodes == [removed])
+        }
+    }
+
     @Test("Forwarded commands get the leader's time, unless the leader's clock disagrees with the cluster's: then they keep the forwarding node's")
     func forwardedTimeFollowsTheClockCheck() async throws {
         try await LocalCluster.running { cluster in

@@ -220,6 +220,17 @@ struct MutualTLSTests {
         }
     }
 
+    @Test("A node refused (removed from the cluster) gets nothing through, though its certificate still chains to the cluster CA")
+    func refusedNode() async throws {
+        let ca = try ClusterCA.create(clusterID: "c1")
+        try await withPair(one: try ca.issueNodeIdentity(1), two: try ca.issueNodeIdentity(2)) { one, two, inbox in
+            two.refuse([1])
+            one.send([ping(1, 1)])
+            #expect(await eventually { two.rejectedConnections.contains { $0.contains("node 1 was removed from the cluster") } }, "\(two.rejectedConnections)")
+            #expect(inbox.all.isEmpty)
+        }
+    }
+
     @Test("Node certificates carry what clients and verifiers expect")
     func certificateShape() throws {
         let ca = try ClusterCA.create(clusterID: "c9")
