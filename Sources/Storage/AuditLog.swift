@@ -97,6 +97,13 @@ final class AuditLog: Sendable {
         numbers.sort()
         // The newest file that starts at 1 starts the chain: older ones
         // are what a replacement left behind.
+        // A newest file without its whole header was being made when the
+        // process stopped (its header is written and synced before any
+        // record): it holds nothing.
+        if let newest = numbers.last, try log.isHeaderless(newest) {
+            try FileSystem.remove(log.path(of: newest))
+            numbers.removeLast()
+        }
         var headers: [(number: UInt64, first: UInt64)] = []
         for number in numbers { headers.append((number, try log.header(of: number))) }
         if let start = headers.lastIndex(where: { $0.first == 1 }) {
@@ -131,6 +138,15 @@ final class AuditLog: Sendable {
             if state.file == nil { try log.startFile(number: 1, first: 1, &state) }
         }
         return log
+    }
+
+    /// Whether a file is shorter than its header.
+    private func isHeaderless(_ number: UInt64) throws -> Bool {
+        let path = path(of: number)
+        let descriptor = Glibc.open(path, O_RDONLY | O_CLOEXEC)
+        guard descriptor >= 0 else { throw FileSystem.error("open", path) }
+        defer { close(descriptor) }
+        return try FileSystem.length(of: descriptor, path) < Self.fileHeaderBytes
     }
 
     /// The first sequence a file's header names.
@@ -254,11 +270,13 @@ final class AuditLog: Sendable {
         }
     }
 
-    /// A new file after the current one (which is cut to its last batch and synced).
+    /// A new file after the current one, which is first cut to its last
+    /// batch and synced: a crash between the two leaves no older file
+    /// ending in padding, and no newer file that records it does not hold.
     private func startFile(number: UInt64, first: UInt64, _ state: inout State) throws {
+        try state.file?.close(cuttingPadding: true)
         let next = try AppendFile.create(path: path(of: number), directory: directory, lengthMax: segmentBytesMax,
                                          header: Self.header(number: number, first: first))
-        try state.file?.close(cuttingPadding: true)
         state.file = next
         state.files.append(number)
     }

@@ -296,8 +296,10 @@ final class WriteAheadLog {
         var body = BinaryWriter(capacity: 32)
         Self.encode(.hardState(lastHardState), into: &body)
         Self.batches.frame(body.bytes, into: &header)
-        let next = try AppendFile.create(path: path, directory: directory, lengthMax: segmentBytesMax, header: header)
+        // The current file is cut and synced first: a crash before the next
+        // exists leaves it whole, as the newest file.
         try file?.close(cuttingPadding: true)
+        let next = try AppendFile.create(path: path, directory: directory, lengthMax: segmentBytesMax, header: header)
         file = next
         segments.append(Segment(sequence: sequence, path: path, maxIndex: 0))
     }

@@ -104,6 +104,31 @@ struct AuditLogTests {
         #expect(gap.reason.contains("starts at record"), "\(gap)")
     }
 
+    @Test("A newest file left without its whole header (the process stopped while making it, before any record went in) is dropped at opening; the file before it goes on")
+    func headerlessNewestFile() throws {
+        let temporary = try TemporaryStore()
+        let directory = temporary.path + "/audit"
+        let records = chain(300)
+        do {
+            let log = try AuditLog.open(directory: directory, segmentBytesMax: 32 << 10)
+            for start in stride(from: 0, to: 300, by: 50) { try log.append(Array(records[start..<(start + 50)])) }
+            try log.sync()
+        }
+        let files = try auditFiles(directory)
+        let newest = try #require(files.last)
+        let next = try #require(UInt64(newest.prefix(16), radix: 16)) + 1
+        for bytes in [0, 10] {
+            let path = "\(directory)/\(WriteAheadLog.hex(next)).audit"
+            #expect(FileManager.default.createFile(atPath: path, contents: Data(repeating: 0x57, count: bytes)))
+            let reopened = try AuditLog.open(directory: directory, segmentBytesMax: 32 << 10)
+            #expect(try reopened.records(after: 0, limit: .max) == records, "with a \(bytes)-byte newest file")
+            #expect(try auditFiles(directory) == files, "the headerless file was dropped")
+        }
+        let log = try AuditLog.open(directory: directory, segmentBytesMax: 32 << 10)
+        try log.append(chain(400).suffix(100))
+        #expect(try AuditLog.open(directory: directory, segmentBytesMax: 32 << 10).records(after: 0, limit: .max) == chain(400))
+    }
+
     @Test("Truncation keeps exactly the records through a sequence, inside a batch or at its edge, across files, and survives reopening")
     func truncation() throws {
         let temporary = try TemporaryStore()
