@@ -398,4 +398,28 @@ struct HTTPServerTests {
             }
         }
     }
+
+    @Test("A client's check of the server's certificate runs once the handshake is done and before anything is sent: refused, nothing reaches the server")
+    func peerCheck() async throws {
+        try await Self.withServer { server in
+            var configuration = TLSConfiguration.makeClientConfiguration()
+            configuration.trustRoots = .certificates([try server.identity.nioCACertificate])
+            configuration.certificateVerification = .noHostnameVerification
+            let tls = try NIOSSLContext(configuration: configuration)
+            let seen = Mutex<[UInt8]>([])
+            await #expect(throws: HTTPClientError.self) {
+                _ = try await HTTPConnection.connect(to: server.address, tls: tls, peerCheck: { der in
+                    seen.withLock { $0 = der }
+                    return "not the node asked"
+                })
+            }
+            #expect(seen.withLock { $0 } == (try server.identity.certificateDER), "the check saw the server's certificate")
+            let pool = HTTPConnectionPool(address: server.address, tls: tls) { _ in "never" }
+            await #expect(throws: HTTPClientError.self) { _ = try await pool.request(.POST, "/secret", body: Array("token".utf8)) }
+            #expect(server.handled == 0, "nothing was sent to a server the check refused")
+            let accepted = try await HTTPConnection.connect(to: server.address, tls: tls, peerCheck: { _ in nil })
+            #expect(try await accepted.request(.GET, "/ok").status == .ok)
+            await accepted.close()
+        }
+    }
 }

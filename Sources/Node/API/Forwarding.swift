@@ -55,7 +55,13 @@ public final class MemberDirectory: Sendable {
 public final class Forwarder: Sendable {
     private let tls: NIOSSLContext
     private let nodeID: NodeID
-    private let pools = Mutex<[HostPort: HTTPConnectionPool]>([:])
+    private let pools = Mutex<[PoolKey: HTTPConnectionPool]>([:])
+    private let clusterID: String
+
+    private struct PoolKey: Hashable {
+        var address: HostPort
+        var node: NodeID
+    }
 
     public init(identity: NodeIdentity) throws {
         var configuration = TLSConfiguration.makeClientConfiguration()
@@ -67,26 +73,36 @@ public final class Forwarder: Sendable {
         configuration.minimumTLSVersion = .tlsv12
         tls = try NIOSSLContext(configuration: configuration)
         nodeID = identity.nodeID
+        clusterID = identity.clusterID
     }
 
-    private func pool(_ address: HostPort) throws -> HTTPConnectionPool {
+    /// Connections to `node`'s API at `address`: the server must show that
+    /// node's certificate (any certificate of the cluster CA passes TLS,
+    /// another node's or a removed one's too), checked before anything,
+    /// a caller's token say, is sent.
+    private func pool(_ address: HostPort, node: NodeID) throws -> HTTPConnectionPool {
         try pools.withLock { pools in
-            if let pool = pools[address] { return pool }
-            let pool = HTTPConnectionPool(address: try SocketAddress.makeAddressResolvingHost(address.host, port: address.port), tls: tls)
-            pools[address] = pool
+            let key = PoolKey(address: address, node: node)
+            if let pool = pools[key] { return pool }
+            let clusterID = self.clusterID
+            let pool = HTTPConnectionPool(address: try SocketAddress.makeAddressResolvingHost(address.host, port: address.port), tls: tls) { der in
+                let named = NodeIdentity.nodeID(inCertificateDER: der, clusterID: clusterID)
+                return named == node ? nil : "its certificate names \(named.map { "node \($0)" } ?? "no node of this cluster"), not node \(node)"
+            }
+            pools[key] = pool
             return pool
         }
     }
 
     /// Asks another member's API, as this node (`GET`).
-    func get(_ path: String, at address: HostPort, timeout: TimeAmount) async throws -> HTTPClientResponse {
-        try await pool(address).request(.GET, path, headers: [("warrant-forwarded-by", String(nodeID))], body: [], timeout: timeout)
+    func get(_ path: String, of node: NodeID, at address: HostPort, timeout: TimeAmount) async throws -> HTTPClientResponse {
+        try await pool(address, node: node).request(.GET, path, headers: [("warrant-forwarded-by", String(nodeID))], body: [], timeout: timeout)
     }
 
     func forward(_ request: HTTPRequest, to leader: NodeID, at address: HostPort, actor: String) async throws -> HTTPResponse {
         let pool: HTTPConnectionPool
         do {
-            pool = try self.pool(address)
+            pool = try self.pool(address, node: leader)
         } catch {
             throw APIError.unavailable("not_leader", "node \(leader) leads but its API address \(address) does not resolve: \(error)")
         }

@@ -46,7 +46,7 @@ extension NodeAPI {
                 group.addTask { [forwarder] in
                     do {
                         guard let forwarder, let address else { throw APIError.notFound("no API address is known for it") }
-                        let response = try await forwarder.get("/readyz", at: address, timeout: Self.rulesAskTimeout)
+                        let response = try await forwarder.get("/readyz", of: node, at: address, timeout: Self.rulesAskTimeout)
                         guard let answer = try? APIJSON.decode(ReadinessBody.self, from: response.body) else {
                             throw APIError(status: response.status, code: "readyz", message: "\(response.status.code) \(UTF8Text.prefix(response.text, bytes: 300))")
                         }

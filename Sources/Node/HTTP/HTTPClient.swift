@@ -2,6 +2,7 @@ import NIOCore
 import NIOHTTP1
 import NIOPosix
 import NIOSSL
+import NIOTLS
 import Synchronization
 
 /// A response as the client received it.
@@ -36,21 +37,48 @@ public final class HTTPConnection: Sendable {
     /// Connects with TLS (`tls` non-nil) or in the clear, within `timeout`.
     /// `serverHostname` is sent as SNI and Host, and the server's
     /// certificate must name it (with none, it must name the IP address).
+    /// `peerCheck` (with TLS): given the server's certificate (DER) once
+    /// the handshake is done, and before anything is sent, a reason to
+    /// refuse it, or nil.
     public static func connect(to address: SocketAddress, tls: NIOSSLContext?, serverHostname: String? = nil,
                                group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
-                               timeout: TimeAmount = .seconds(3), responseBytesMax: Int = 64 << 20) async throws -> HTTPConnection {
+                               timeout: TimeAmount = .seconds(3), responseBytesMax: Int = 64 << 20,
+                               peerCheck: (@Sendable ([UInt8]) -> String?)? = nil) async throws -> HTTPConnection {
         let channel = try await ClientBootstrap(group: group)
             .connectTimeout(timeout)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
             .connect(to: address).get()
-        let box = try await channel.eventLoop.submit {
-            let box = NIOLoopBoundBox<[EventLoopPromise<HTTPClientResponse>]>([], eventLoop: channel.eventLoop)
-            let sync = channel.pipeline.syncOperations
-            if let tls { try sync.addHandler(try NIOSSLClientHandler(context: tls, serverHostname: serverHostname)) }
-            try sync.addHTTPClientHandlers()
-            try sync.addHandler(ResponseHandler(pending: box, responseBytesMax: responseBytesMax))
-            return box
-        }.get()
+        let handshake: EventLoopPromise<Void>? = tls != nil && peerCheck != nil ? channel.eventLoop.makePromise(of: Void.self) : nil
+        let box: NIOLoopBoundBox<[EventLoopPromise<HTTPClientResponse>]>
+        do {
+            box = try await channel.eventLoop.submit {
+                let box = NIOLoopBoundBox<[EventLoopPromise<HTTPClientResponse>]>([], eventLoop: channel.eventLoop)
+                let sync = channel.pipeline.syncOperations
+                if let tls {
+                    try sync.addHandler(try NIOSSLClientHandler(context: tls, serverHostname: serverHostname))
+                    if let handshake { try sync.addHandler(HandshakeWatcher(done: handshake)) }
+                }
+                try sync.addHTTPClientHandlers()
+                try sync.addHandler(ResponseHandler(pending: box, responseBytesMax: responseBytesMax))
+                return box
+            }.get()
+            if let handshake, let peerCheck {
+                let deadline = channel.eventLoop.scheduleTask(in: timeout) {
+                    handshake.fail(HTTPClientError(description: "no TLS handshake with \(address) within \(timeout.nanoseconds / 1_000_000) ms"))
+                }
+                defer { deadline.cancel() }
+                try await handshake.futureResult.get()
+                let certificate = try await channel.eventLoop.submit {
+                    try channel.pipeline.syncOperations.handler(type: NIOSSLClientHandler.self).peerCertificate?.toDERBytes()
+                }.get()
+                guard let certificate else { throw HTTPClientError(description: "\(address) presented no certificate") }
+                if let refusal = peerCheck(certificate) { throw HTTPClientError(description: "\(address) refused: \(refusal)") }
+            }
+        } catch {
+            handshake?.fail(error)
+            try? await channel.close()
+            throw error
+        }
         return HTTPConnection(address: address, channel: channel, pending: box, host: serverHostname ?? address.ipAddress ?? "localhost")
     }
 
@@ -94,6 +122,29 @@ public final class HTTPConnection: Sendable {
 
     public func close() async {
         try? await channel.close()
+    }
+}
+
+/// Tells when the TLS handshake is done (or the connection fails first).
+private final class HandshakeWatcher: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = NIOAny
+    private let done: EventLoopPromise<Void>
+
+    init(done: EventLoopPromise<Void>) { self.done = done }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case .handshakeCompleted? = event as? TLSUserEvent { done.succeed() }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        done.fail(error)
+        context.fireErrorCaught(error)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        done.fail(HTTPClientError(description: "the connection closed before its TLS handshake was done"))
+        context.fireChannelInactive()
     }
 }
 
@@ -154,11 +205,14 @@ public final class HTTPConnectionPool: Sendable {
     private let tls: NIOSSLContext?
     private let idle = Mutex<[HTTPConnection]>([])
     private let idleMax: Int
+    private let peerCheck: (@Sendable ([UInt8]) -> String?)?
 
-    public init(address: SocketAddress, tls: NIOSSLContext?, idleMax: Int = 32) {
+    /// `peerCheck`: see `HTTPConnection.connect`; every new connection is checked.
+    public init(address: SocketAddress, tls: NIOSSLContext?, idleMax: Int = 32, peerCheck: (@Sendable ([UInt8]) -> String?)? = nil) {
         self.address = address
         self.tls = tls
         self.idleMax = idleMax
+        self.peerCheck = peerCheck
     }
 
     public func request(_ method: HTTPMethod, _ uri: String, headers: [(String, String)] = [], body: [UInt8] = [],
@@ -168,7 +222,7 @@ public final class HTTPConnectionPool: Sendable {
         if let reused, reused.isActive {
             connection = reused
         } else {
-            connection = try await HTTPConnection.connect(to: address, tls: tls)
+            connection = try await HTTPConnection.connect(to: address, tls: tls, peerCheck: peerCheck)
         }
         let response = try await connection.request(method, uri, headers: headers, body: body, timeout: timeout)
         let kept = idle.withLock { idle in
