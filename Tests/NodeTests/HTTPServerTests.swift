@@ -103,6 +103,14 @@ struct HTTPServerTests {
         try await exchange(server, [bytes], expectedResponses: expectedResponses)
     }
 
+    /// A client's TLS, trusting the server's CA.
+    private static func clientTLS(_ server: Server) throws -> NIOSSLContext {
+        var configuration = TLSConfiguration.makeClientConfiguration()
+        configuration.trustRoots = .certificates([try server.identity.nioCACertificate])
+        configuration.certificateVerification = .noHostnameVerification
+        return try NIOSSLContext(configuration: configuration)
+    }
+
     /// Connects over TLS (the client's channel, unread after `stopReading`).
     private static func connect(_ server: Server, _ collector: Collector) async throws -> any Channel {
         var configuration = TLSConfiguration.makeClientConfiguration()
@@ -378,10 +386,7 @@ struct HTTPServerTests {
     @Test("A client request that was sent and got no answer fails as sent (its outcome unknown); one that could not be sent fails as not sent")
     func clientSentOrNot() async throws {
         try await Self.withServer { server in
-            var configuration = TLSConfiguration.makeClientConfiguration()
-            configuration.trustRoots = .certificates([try server.identity.nioCACertificate])
-            configuration.certificateVerification = .noHostnameVerification
-            let tls = try NIOSSLContext(configuration: configuration)
+            let tls = try Self.clientTLS(server)
             let connection = try await HTTPConnection.connect(to: server.address, tls: tls)
             do {
                 _ = try await connection.request(.POST, "/slow?delay=2000", body: Array("x".utf8), timeout: .milliseconds(300))
@@ -402,10 +407,7 @@ struct HTTPServerTests {
     @Test("A client's check of the server's certificate runs once the handshake is done and before anything is sent: refused, nothing reaches the server")
     func peerCheck() async throws {
         try await Self.withServer { server in
-            var configuration = TLSConfiguration.makeClientConfiguration()
-            configuration.trustRoots = .certificates([try server.identity.nioCACertificate])
-            configuration.certificateVerification = .noHostnameVerification
-            let tls = try NIOSSLContext(configuration: configuration)
+            let tls = try Self.clientTLS(server)
             let seen = Mutex<[UInt8]>([])
             await #expect(throws: HTTPClientError.self) {
                 _ = try await HTTPConnection.connect(to: server.address, tls: tls, peerCheck: { der in
