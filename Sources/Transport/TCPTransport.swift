@@ -310,7 +310,7 @@ public final class TCPTransport: Sendable {
     /// queue closes.
     private func maintainLink(to peer: NodeID, _ queue: LinkQueue) async {
         var backoff = limits.reconnectBackoffMin
-        let clientTLS = tls?.client
+        let clientTLS = tls?.client, clusterID = tls?.identity.clusterID
         while !Task.isCancelled && !queue.isClosed {
             guard let address = peerAddresses.withLock({ $0[peer] }) else {
                 guard (try? await sleep(for: backoff, on: group.any())) != nil else { return }
@@ -333,7 +333,8 @@ public final class TCPTransport: Sendable {
                                 try channel.pipeline.syncOperations.addHandler(try NIOSSLClientHandler(context: clientTLS, serverHostname: nil))
                             }
                             try channel.pipeline.syncOperations.addHandler(LinkWatcher(queue: queue, ready: ready, waitsForHandshake: clientTLS != nil,
-                                                                                     handshakeTimeout: limits.connectTimeout))
+                                                                                     handshakeTimeout: limits.connectTimeout,
+                                                                                     expected: clusterID.map { (peer, $0) }))
                         }
                     }
                     .connect(to: address).get()
@@ -619,12 +620,18 @@ private final class LinkWatcher: ChannelInboundHandler {
     private let waitsForHandshake: Bool
     private let handshakeTimeout: TimeAmount
     private var handshakeDeadline: Scheduled<Void>?
+    /// With TLS: the node the link is for, and its cluster. The server's
+    /// certificate must name that node (any node certificate of the
+    /// cluster passes the handshake), or nothing is sent on the connection.
+    private let expected: (node: NodeID, clusterID: String)?
 
-    init(queue: LinkQueue, ready: LinkReadiness, waitsForHandshake: Bool, handshakeTimeout: TimeAmount) {
+    init(queue: LinkQueue, ready: LinkReadiness, waitsForHandshake: Bool, handshakeTimeout: TimeAmount,
+         expected: (node: NodeID, clusterID: String)? = nil) {
         self.queue = queue
         self.ready = ready
         self.waitsForHandshake = waitsForHandshake
         self.handshakeTimeout = handshakeTimeout
+        self.expected = expected
     }
 
     private func settle(_ result: Result<Void, any Error>) {
@@ -652,7 +659,18 @@ private final class LinkWatcher: ChannelInboundHandler {
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if case .handshakeCompleted? = event as? TLSUserEvent { settle(.success(())) }
+        if case .handshakeCompleted? = event as? TLSUserEvent {
+            if let expected {
+                let der = try? context.pipeline.syncOperations.handler(type: NIOSSLClientHandler.self).peerCertificate?.toDERBytes()
+                let named = der.flatMap { NodeIdentity.nodeID(inCertificateDER: $0, clusterID: expected.clusterID) }
+                guard named == expected.node else {
+                    settle(.failure(PeerIdentityError(reason: "the link to node \(expected.node) reached \(named.map { "node \($0)" } ?? "no node of the cluster")")))
+                    context.close(promise: nil)
+                    return
+                }
+            }
+            settle(.success(()))
+        }
         context.fireUserInboundEventTriggered(event)
     }
 

@@ -220,6 +220,22 @@ struct MutualTLSTests {
         }
     }
 
+    @Test("A link sends nothing to a server whose certificate names another node than the one it is for (any node certificate of the cluster passes TLS)")
+    func linkChecksItsPeer() async throws {
+        let ca = try ClusterCA.create(clusterID: "c1")
+        let third = try ca.issueNodeIdentity(3)
+        // Listening where node 2 should be, with node 3's certificate.
+        let elsewhere = NodeIdentity(clusterID: third.clusterID, nodeID: 2, certificate: third.certificate, privateKey: third.privateKey,
+                                     caCertificate: third.caCertificate)
+        try await withPair(one: try ca.issueNodeIdentity(1), two: elsewhere) { one, _, inbox in
+            for round in 1...5 {
+                one.send([ping(1, UInt64(round))])
+                try await Task.sleep(for: .milliseconds(100))
+            }
+            #expect(inbox.all.isEmpty, "\(inbox.all.count) messages reached node 3's server")
+        }
+    }
+
     @Test("A node refused (removed from the cluster) gets nothing through, though its certificate still chains to the cluster CA")
     func refusedNode() async throws {
         let ca = try ClusterCA.create(clusterID: "c1")
