@@ -10,7 +10,7 @@ import Transport
 
 /// The API's HTTP/1.1 layer, spoken to byte for byte over TLS: pipelined
 /// requests, bytes that are not HTTP, HEAD, HTTP/1.0 and oversized bodies.
-@Suite("HTTP server")
+@Suite("HTTP server", .serialized)
 struct HTTPServerTests {
     /// Reads everything a TLS connection receives until it closes or `until` holds.
     private final class Collector: ChannelInboundHandler, Sendable {
@@ -333,7 +333,7 @@ struct HTTPServerTests {
 
     @Test("A request must arrive whole within the receive timeout of its first byte (the first one, of the connection's opening): a trickle or a connection that never says anything is closed; an idle kept-alive connection is not")
     func receiveTimeout() async throws {
-        try await Self.withServer(limits: { $0.requestReceiveTimeout = .milliseconds(500) }) { server in
+        try await Self.withServer(limits: { $0.requestReceiveTimeout = .seconds(2) }) { server in
             let trickle = try await Self.exchange(server, ["GET /slow HTTP/1.1\r\n", "ho"], expectedResponses: 1)
             #expect(trickle.text.isEmpty && trickle.closed, "\(trickle.text)")
             #expect(server.handled == 0)
@@ -343,13 +343,14 @@ struct HTTPServerTests {
             let bare = try await ClientBootstrap(group: server.group)
                 .channelInitializer { channel in channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(collector) } }
                 .connect(to: server.address).get()
-            for _ in 0..<300 where !collector.closed.withLock({ $0 }) { try await Task.sleep(for: .milliseconds(10)) }
+            for _ in 0..<800 where !collector.closed.withLock({ $0 }) { try await Task.sleep(for: .milliseconds(10)) }
             #expect(collector.closed.withLock { $0 }, "a connection that never shook hands is closed")
             try? await bare.close()
 
             // Requests each sent at once, with idle time between them longer than the timeout.
-            let kept = try await Self.exchange(server, ["GET /one HTTP/1.1\r\nhost: x\r\n\r\n", "", "", "", "", "", "", "", "", "", "", "", "", "", "", "", "", "", "", "",
-                                                        "GET /two HTTP/1.1\r\nhost: x\r\n\r\n"], expectedResponses: 2)
+            // (2.5 s idle between them.)
+            let kept = try await Self.exchange(server, ["GET /one HTTP/1.1\r\nhost: x\r\n\r\n"] + Array(repeating: "", count: 50)
+                                                        + ["GET /two HTTP/1.1\r\nhost: x\r\n\r\n"], expectedResponses: 2)
             #expect(kept.text.contains("GET /one ") && kept.text.contains("GET /two ") && !kept.closed, "\(kept.text)")
         }
     }
