@@ -64,6 +64,11 @@ struct UpgradeTests {
                                      electionTimeoutTicks: InProcessCluster.electionTimeoutTicks)
             try cluster.start(4)
             try setKnown([4: 1])
+            #expect(await eventually {
+                guard let open = try? await cluster.connection(to: 4, admin: false) else { return false }
+                defer { Task { await open.close() } }
+                return (try? await open.request(.GET, "/readyz")) != nil
+            }, "node 4's API listens")
             func add(_ id: UInt64, api: HostPort) async throws -> HTTPClientResponse {
                 try await admin.request(.POST, "/v1/cluster/members", headers: [("content-type", "application/json")],
                                         body: APIJSON.encode(AddMemberRequest(id: id, peerAddress: four.peer.description, apiAddress: api.description)))
