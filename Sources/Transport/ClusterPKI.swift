@@ -218,6 +218,14 @@ public struct NodeIdentity: Sendable {
         get throws { try NIOSSLPrivateKey(bytes: Array(privateKey.pemRepresentation.utf8), format: .pem) }
     }
 
+    /// Why a server's certificate (DER, nil if none) is not `node`'s of
+    /// this cluster, or nil if it is: any node certificate the cluster CA
+    /// signed passes TLS, so a client reaching a given node checks this.
+    public static func refusal(ofServer der: [UInt8]?, expecting node: NodeID, clusterID: String) -> String? {
+        let named = der.flatMap { nodeID(inCertificateDER: $0, clusterID: clusterID) }
+        return named == node ? nil : "its certificate names \(named.map { "node \($0)" } ?? "no node of cluster \(clusterID)"), not node \(node)"
+    }
+
     /// The node a peer certificate (DER) names in this cluster, if any.
     public static func nodeID(inCertificateDER der: [UInt8], clusterID: String) -> NodeID? {
         guard let certificate = try? Certificate(derEncoded: der),

@@ -662,9 +662,8 @@ private final class LinkWatcher: ChannelInboundHandler {
         if case .handshakeCompleted? = event as? TLSUserEvent {
             if let expected {
                 let der = try? context.pipeline.syncOperations.handler(type: NIOSSLClientHandler.self).peerCertificate?.toDERBytes()
-                let named = der.flatMap { NodeIdentity.nodeID(inCertificateDER: $0, clusterID: expected.clusterID) }
-                guard named == expected.node else {
-                    settle(.failure(PeerIdentityError(reason: "the link to node \(expected.node) reached \(named.map { "node \($0)" } ?? "no node of the cluster")")))
+                if let refusal = NodeIdentity.refusal(ofServer: der, expecting: expected.node, clusterID: expected.clusterID) {
+                    settle(.failure(PeerIdentityError(reason: "the link to node \(expected.node) reached a server: \(refusal)")))
                     context.close(promise: nil)
                     return
                 }

@@ -22,6 +22,13 @@ private func chain(_ count: Int, from: UInt64 = 1, previous: [UInt8] = AuditReco
     }
 }
 
+/// `records` in batches of 50, in files of 32 KiB, synced.
+private func writeInBatches(_ records: [AuditRecord], to directory: String) throws {
+    let log = try AuditLog.open(directory: directory, segmentBytesMax: 32 << 10)
+    for start in stride(from: 0, to: records.count, by: 50) { try log.append(Array(records[start..<min(start + 50, records.count)])) }
+    try log.sync()
+}
+
 private func auditFiles(_ directory: String) throws -> [String] {
     try FileManager.default.contentsOfDirectory(atPath: directory).filter { $0.hasSuffix(".audit") }.sorted()
 }
@@ -67,11 +74,7 @@ struct AuditLogTests {
         let temporary = try TemporaryStore()
         let directory = temporary.path + "/audit"
         let records = chain(600)
-        do {
-            let log = try AuditLog.open(directory: directory, segmentBytesMax: 32 << 10)
-            for start in stride(from: 0, to: 600, by: 50) { try log.append(Array(records[start..<(start + 50)])) }
-            try log.sync()
-        }
+        try writeInBatches(records, to: directory)
         let files = try auditFiles(directory).map { "\(directory)/\($0)" }
         #expect(files.count >= 3)
         // Half a batch's worth of bytes after the newest file's last batch.
@@ -109,11 +112,7 @@ struct AuditLogTests {
         let temporary = try TemporaryStore()
         let directory = temporary.path + "/audit"
         let records = chain(300)
-        do {
-            let log = try AuditLog.open(directory: directory, segmentBytesMax: 32 << 10)
-            for start in stride(from: 0, to: 300, by: 50) { try log.append(Array(records[start..<(start + 50)])) }
-            try log.sync()
-        }
+        try writeInBatches(records, to: directory)
         let files = try auditFiles(directory)
         let newest = try #require(files.last)
         let next = try #require(UInt64(newest.prefix(16), radix: 16)) + 1

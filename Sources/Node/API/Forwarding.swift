@@ -86,8 +86,7 @@ public final class Forwarder: Sendable {
             if let pool = pools[key] { return pool }
             let clusterID = self.clusterID
             let pool = HTTPConnectionPool(address: try SocketAddress.makeAddressResolvingHost(address.host, port: address.port), tls: tls) { der in
-                let named = NodeIdentity.nodeID(inCertificateDER: der, clusterID: clusterID)
-                return named == node ? nil : "its certificate names \(named.map { "node \($0)" } ?? "no node of this cluster"), not node \(node)"
+                NodeIdentity.refusal(ofServer: der, expecting: node, clusterID: clusterID)
             }
             pools[key] = pool
             return pool
