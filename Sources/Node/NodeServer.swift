@@ -140,8 +140,8 @@ public final class NodeServer: Sendable {
                     }
                 }
             },
-            onReadBackFailure: { reason in
-                log.error("log entries for a lagging peer could not be read back; it waits for a snapshot", ["error": reason])
+            onReplicationTrouble: { reason in
+                log.error("replication trouble", ["error": reason])
             })
         // Members added after the configuration was written: those in the
         // checkpoint the driver loaded now; later ones as their entries apply.

@@ -102,8 +102,9 @@ public actor RaftDriver {
     /// back for a peer that lags), so memory does not grow with every
     /// command between compactions.
     public nonisolated let keepPayloadsEntries: LogIndex
-    /// Told why released entries could not be read back (the node logs it).
-    private let onReadBackFailure: (@Sendable (String) -> Void)?
+    /// Told why released entries could not be read back, or a snapshot's
+    /// stream could not be made, read or staged (the node logs it).
+    private let onReplicationTrouble: (@Sendable (String) -> Void)?
     /// How long the leader may hold new proposals while its previous batch
     /// awaits commit (see `proposeQueued`); checked whenever the loop runs,
     /// ticks included.
@@ -140,12 +141,12 @@ public actor RaftDriver {
                 metrics: NodeMetrics = NodeMetrics(), proposalGatherMax: Duration = .milliseconds(3),
                 inboxProposalsMax: Int = 16_384,
                 onApplied: (@Sendable ([Entry]) -> Void)? = nil,
-                onReadBackFailure: (@Sendable (String) -> Void)? = nil) throws {
+                onReplicationTrouble: (@Sendable (String) -> Void)? = nil) throws {
         precondition(requestTimeoutTicks > 0 && compactEveryEntries > 0 && inboxProposalsMax > 0)
         self.inboxProposalsMax = inboxProposalsMax
         self.proposalGatherMax = proposalGatherMax
         self.keepPayloadsEntries = keepPayloadsEntries
-        self.onReadBackFailure = onReadBackFailure
+        self.onReplicationTrouble = onReplicationTrouble
         self.loop = loop
         self.metrics = metrics
         self.onApplied = onApplied
@@ -196,16 +197,6 @@ public actor RaftDriver {
     }
 
     // MARK: - Input
-
-    /// Steps the message; the resulting Ready is handled by a flush
-    /// shared with whatever else arrives meanwhile.
-    public func receive(_ message: Message) {
-        guard !stopped else { return }
-        metrics.messagesReceived.add(1)
-        if let dropIncoming, dropIncoming(message) { return }
-        raft.step(restamp(message))
-        scheduleFlush()
-    }
 
     /// Tests: peers' messages for which this returns true are dropped
     /// before the core sees them (a one-sided partition of some kinds of
@@ -333,6 +324,7 @@ public actor RaftDriver {
                 metrics.messagesFromRemoved.add(1)
                 continue
             }
+            if handleSnapshotStream(message) { continue }
             let message = restamp(message)
             // Commands a follower forwarded join this leader's own queue:
             // they wait at the same gate and go in the same batches (stepped
@@ -368,6 +360,7 @@ public actor RaftDriver {
         ticks += 1
         raft.tick()
         expireRequests()
+        checkSnapshotTransfers()
         try processReadies()
         try store.writeAuditIfDue()
     }
@@ -954,12 +947,12 @@ public actor RaftDriver {
         }
     }
 
-    /// Followers being sent a snapshot whose bytes are being made.
+    /// Followers whose snapshot stream is being made.
     private var snapshotsBeingMade: Set<NodeID> = []
 
     /// Sends messages; a snapshot the core holds without its bytes (a
-    /// checkpoint) gets them from the store first, on a thread of its own,
-    /// one at a time per follower (the core sends it again if it is lost).
+    /// checkpoint) goes as a stream (`startSnapshotTransfer`), one at a
+    /// time per follower (the core asks again if it is lost).
     private func send(_ messages: [Message]) {
         var messages = messages
         fillReleasedEntries(&messages)
@@ -972,22 +965,186 @@ public actor RaftDriver {
                 now.append(message)
                 continue
             }
-            guard snapshotsBeingMade.insert(message.to).inserted else { continue }
-            let store = self.store, sender = self.sender
-            Thread.detachNewThread { [self] in
-                #if os(Linux)
-                _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, 10)
-                #endif
-                let made = Result { try store.snapshotData(for: snapshot.metadata) }
-                if case .success(let data) = made {
-                    var filled = message
-                    filled.body = .installSnapshot(Snapshot(metadata: snapshot.metadata, data: data))
-                    sender.send([filled])
-                }
-                Task { await self.snapshotSent(to: message.to, failed: (try? made.get()) == nil) }
-            }
+            startSnapshotTransfer(to: message.to, snapshot.metadata)
         }
         sender.send(now)
+    }
+
+    // MARK: - Snapshot streams
+
+    /// A snapshot stream being sent to one follower: pieces go out while
+    /// fewer than `snapshotChunksInFlight` are unacknowledged; with no
+    /// progress for `snapshotStallLimit`, they go again from the last
+    /// acknowledged byte, and after `snapshotResendsMax` such rounds the
+    /// transfer is given up (the core probes the follower again and asks
+    /// for a snapshot anew).
+    private struct SnapshotTransfer {
+        var source: OutgoingSnapshot
+        var acknowledged: UInt64 = 0
+        var sentThrough: UInt64 = 0
+        var lastProgress: ContinuousClock.Instant = .now
+        var resends = 0
+    }
+    private var snapshotTransfers: [NodeID: SnapshotTransfer] = [:]
+    /// Bytes in one piece of a snapshot stream (settable for tests).
+    private var snapshotChunkBytes = 1 << 20
+    static let snapshotChunksInFlight: UInt64 = 4
+    private var snapshotStallLimit: Duration = .seconds(2)
+
+    /// Tests: smaller pieces, and a shorter wait before sending again.
+    package func setSnapshotStreaming(chunkBytes: Int, stallLimit: Duration) {
+        snapshotChunkBytes = chunkBytes
+        snapshotStallLimit = stallLimit
+    }
+    static let snapshotResendsMax = 5
+
+    /// Starts streaming the snapshot at `metadata` to `peer`, unless that
+    /// stream is under way or being made already: the stream's file is
+    /// made on a thread of its own at a lower priority (reading the
+    /// checkpoint and the whole audit chain takes a while).
+    private func startSnapshotTransfer(to peer: NodeID, _ metadata: SnapshotMetadata) {
+        if snapshotTransfers[peer]?.source.metadata == metadata { return }
+        guard snapshotsBeingMade.insert(peer).inserted else { return }
+        let store = self.store
+        Thread.detachNewThread { [self] in
+            #if os(Linux)
+            _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, 10)
+            #endif
+            let made = Result { try store.outgoingSnapshot(for: metadata) }
+            Task { await self.snapshotMade(for: peer, made) }
+        }
+    }
+
+    private func snapshotMade(for peer: NodeID, _ made: Result<OutgoingSnapshot, any Error>) {
+        snapshotsBeingMade.remove(peer)
+        guard !stopped else { return }
+        guard raft.role == .leader else { return }
+        guard case .success(let source) = made else {
+            // A newer checkpoint replaced it: the core probes again and asks for that one.
+            if case .failure(let error) = made { onReplicationTrouble?("the snapshot stream for node \(peer) could not be made: \(error)") }
+            abandonSnapshotTransfer(to: peer)
+            return
+        }
+        snapshotTransfers[peer] = SnapshotTransfer(source: source)
+        sendSnapshotChunks(to: peer)
+    }
+
+    /// Sends pieces of `peer`'s stream while few enough are unacknowledged.
+    private func sendSnapshotChunks(to peer: NodeID) {
+        guard var transfer = snapshotTransfers[peer] else { return }
+        let window = UInt64(snapshotChunkBytes) * Self.snapshotChunksInFlight
+        var chunks: [Message] = []
+        while transfer.sentThrough < transfer.source.byteCount && transfer.sentThrough < transfer.acknowledged + window {
+            do {
+                let chunk = try transfer.source.chunk(at: transfer.sentThrough, count: snapshotChunkBytes)
+                transfer.sentThrough += UInt64(chunk.bytes.count)
+                metrics.snapshotBytesSent.add(chunk.bytes.count)
+                chunks.append(Message(from: id, to: peer, term: raft.term, body: .snapshotChunk(chunk)))
+            } catch {
+                onReplicationTrouble?("the snapshot stream for node \(peer) could not be read: \(error)")
+                return abandonSnapshotTransfer(to: peer)
+            }
+        }
+        snapshotTransfers[peer] = transfer
+        sender.send(chunks)
+    }
+
+    private func abandonSnapshotTransfer(to peer: NodeID) {
+        snapshotTransfers[peer] = nil
+        metrics.snapshotTransfersAbandoned.add(1)
+        raft.reportSnapshotFailure(to: peer)
+        scheduleFlush()
+    }
+
+    /// Takes what belongs to snapshot streams (pieces on a follower,
+    /// receipts on the leader); false for any other message.
+    private func handleSnapshotStream(_ message: Message) -> Bool {
+        switch message.body {
+        case .snapshotChunk(let chunk):
+            // From a leader of this term or a later one (its own core
+            // decides, once the whole has arrived, whether to install it).
+            guard message.term >= raft.term, store.snapshotsHoldLedger else { return true }
+            var receipt = (received: UInt64(0), complete: false)
+            if chunk.metadata.index <= raft.commitIndex {
+                receipt.received = chunk.totalBytes // installed already, or caught up otherwise: nothing more is needed
+            } else {
+                do {
+                    let staged = try store.receiveSnapshotChunk(chunk, from: message.from)
+                    receipt = (staged.received, staged.complete)
+                    metrics.snapshotBytesStaged.add(staged.added)
+                } catch {
+                    metrics.snapshotStagingFailures.add(1)
+                    onReplicationTrouble?("a piece of the snapshot from node \(message.from) could not be staged: \(error)")
+                }
+            }
+            sender.send([Message(from: id, to: message.from, term: raft.term,
+                                 body: .snapshotChunkAck(index: chunk.metadata.index, snapshotTerm: chunk.metadata.term, received: receipt.received))])
+            if receipt.complete {
+                raft.step(Message(from: message.from, to: id, term: message.term,
+                                  body: .installSnapshot(Snapshot(metadata: chunk.metadata, data: []))))
+            }
+            return true
+        case .snapshotChunkAck(let index, let snapshotTerm, let received):
+            let peer = message.from
+            guard var transfer = snapshotTransfers[peer], transfer.source.metadata.index == index,
+                  transfer.source.metadata.term == snapshotTerm else { return true }
+            if received > transfer.acknowledged {
+                transfer.acknowledged = min(received, transfer.source.byteCount)
+                transfer.lastProgress = .now
+                transfer.resends = 0
+            } else if received < transfer.acknowledged {
+                // The follower started over (it dropped what it had staged).
+                transfer.acknowledged = received
+                transfer.sentThrough = received
+                transfer.lastProgress = .now
+            }
+            transfer.sentThrough = max(transfer.sentThrough, transfer.acknowledged)
+            snapshotTransfers[peer] = transfer
+            // Once all of it arrived, the follower's core answers as for any
+            // snapshot; the transfer is kept until then (the core asks for
+            // the snapshot again meanwhile, and must not get it twice).
+            sendSnapshotChunks(to: peer)
+            return true
+        default:
+            return false
+        }
+    }
+
+    /// On every tick: streams to followers that stopped acknowledging go
+    /// again from their last receipt, or are given up; a node that no
+    /// longer leads, or a follower no longer a member, has none.
+    private func checkSnapshotTransfers() {
+        guard !snapshotTransfers.isEmpty else { return }
+        guard raft.role == .leader else {
+            snapshotTransfers.removeAll()
+            return
+        }
+        let now = ContinuousClock.now
+        let followers = raft.status.followers
+        for (peer, var transfer) in snapshotTransfers {
+            guard raft.membership.members.contains(peer), (followers[peer]?.matchIndex ?? 0) < transfer.source.metadata.index else {
+                snapshotTransfers[peer] = nil // gone, or caught up (installed)
+                continue
+            }
+            let stalled = transfer.lastProgress.duration(to: now)
+            if transfer.acknowledged == transfer.source.byteCount {
+                // Arrived whole; the follower installs it (a while, for a
+                // large one). If it never says so, the core's next request
+                // for a snapshot starts a new transfer.
+                if stalled >= snapshotStallLimit * 10 { snapshotTransfers[peer] = nil }
+                continue
+            }
+            guard stalled >= snapshotStallLimit else { continue }
+            guard transfer.resends < Self.snapshotResendsMax else {
+                abandonSnapshotTransfer(to: peer)
+                continue
+            }
+            transfer.resends += 1
+            transfer.sentThrough = transfer.acknowledged
+            transfer.lastProgress = now
+            snapshotTransfers[peer] = transfer
+            sendSnapshotChunks(to: peer)
+        }
     }
 
     /// Released entries in batches of at least this many (one pass over
@@ -1011,18 +1168,10 @@ public actor RaftDriver {
                 return try message.fillingReleased { entries in metrics.releasedEntriesRead.add(try store.fillReleased(&entries)) }
             } catch {
                 metrics.releasedEntryReadFailures.add(1)
-                onReadBackFailure?("\(error)")
+                onReplicationTrouble?("log entries for a lagging peer could not be read back; it waits for a snapshot: \(error)")
                 return nil
             }
         }
-    }
-
-    private func snapshotSent(to peer: NodeID, failed: Bool) {
-        snapshotsBeingMade.remove(peer)
-        guard failed, !stopped else { return }
-        // A newer checkpoint replaced it: the core probes again and sends that one.
-        raft.reportSnapshotFailure(to: peer)
-        scheduleFlush()
     }
 
     private func settleWrite(at entry: Entry, outcomes: [LedgerOutcome]) {

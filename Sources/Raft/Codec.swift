@@ -245,6 +245,11 @@ extension CodecLimits {
     public static let entriesPerMessageMax = 1 << 20
     /// Snapshot bytes carried inline in one message.
     public static let snapshotBytesMax = 256 << 20
+    /// Bytes in one piece of a streamed snapshot.
+    public static let snapshotChunkBytesMax = 16 << 20
+    /// The longest snapshot stream (1 TiB: a bound on what a follower
+    /// agrees to stage, not a size anyone expects).
+    public static let snapshotStreamBytesMax: UInt64 = 1 << 40
 }
 
 extension BinaryWriter {
@@ -257,7 +262,24 @@ extension BinaryWriter {
     }
 }
 
+extension BinaryWriter {
+    /// Index, term, membership.
+    public mutating func write(_ metadata: SnapshotMetadata) {
+        write(metadata.index)
+        write(metadata.term)
+        writeBytes(metadata.membership.encoded)
+    }
+}
+
 extension BinaryReader {
+    /// What `BinaryWriter.write(_: SnapshotMetadata)` wrote.
+    public mutating func readSnapshotMetadata() throws(CodecError) -> SnapshotMetadata {
+        let index = try readUInt64("snapshot index")
+        let term = try readUInt64("snapshot term")
+        let membership = try Membership(decoding: try readBytes("snapshot membership", limit: 16 * CodecLimits.nodeIDsMax))
+        return SnapshotMetadata(index: index, term: term, membership: membership)
+    }
+
     mutating func readBool(_ field: String) throws(CodecError) -> Bool {
         switch try readUInt8(field) {
         case 0: return false
@@ -328,9 +350,7 @@ extension Message {
             w.write(r.commitIndex)
         case .installSnapshot(let s):
             w.write(UInt8(6))
-            w.write(s.metadata.index)
-            w.write(s.metadata.term)
-            w.writeBytes(s.metadata.membership.encoded)
+            w.write(s.metadata)
             w.writeBytes(s.data)
         case .timeoutNow:
             w.write(UInt8(7))
@@ -348,6 +368,18 @@ extension Message {
         case .readIndexRefused(let requestID):
             w.write(UInt8(11))
             w.write(requestID)
+        case .snapshotChunk(let c):
+            w.write(UInt8(12))
+            w.write(c.metadata)
+            w.write(c.totalBytes)
+            w.write(c.checksum)
+            w.write(c.offset)
+            w.writeBytes(c.bytes)
+        case .snapshotChunkAck(let index, let snapshotTerm, let received):
+            w.write(UInt8(13))
+            w.write(index)
+            w.write(snapshotTerm)
+            w.write(received)
         }
         return w.bytes
     }
@@ -401,11 +433,9 @@ extension Message {
             let commitIndex = try r.readUInt64("commitIndex")
             body = .heartbeatResponse(HeartbeatResponse(readRound: readRound, commitIndex: commitIndex))
         case 6:
-            let index = try r.readUInt64("snapshot index")
-            let snapshotTerm = try r.readUInt64("snapshot term")
-            let membership = try Membership(decoding: try r.readBytes("snapshot membership", limit: 16 * CodecLimits.nodeIDsMax))
+            let metadata = try r.readSnapshotMetadata()
             let data = try r.readBytes("snapshot data", limit: CodecLimits.snapshotBytesMax)
-            body = .installSnapshot(Snapshot(metadata: SnapshotMetadata(index: index, term: snapshotTerm, membership: membership), data: data))
+            body = .installSnapshot(Snapshot(metadata: metadata, data: data))
         case 7:
             body = .timeoutNow
         case 8:
@@ -421,6 +451,23 @@ extension Message {
             body = .readIndexResponse(requestID: requestID, index: try r.readUInt64("index"))
         case 11:
             body = .readIndexRefused(requestID: try r.readUInt64("requestID"))
+        case 12:
+            let metadata = try r.readSnapshotMetadata()
+            let total = try r.readUInt64("snapshot stream length")
+            let checksum = try r.readUInt32("snapshot stream checksum")
+            let offset = try r.readUInt64("chunk offset")
+            let bytes = try r.readBytes("chunk bytes", limit: CodecLimits.snapshotChunkBytesMax)
+            guard total <= CodecLimits.snapshotStreamBytesMax else {
+                throw .tooLarge(field: "snapshot stream", length: Int(clamping: total), limit: Int(CodecLimits.snapshotStreamBytesMax))
+            }
+            guard offset <= total, UInt64(bytes.count) <= total - offset else {
+                throw .invalid(field: "chunk offset", reason: "bytes \(offset)..<\(offset + UInt64(bytes.count)) lie outside a stream of \(total)")
+            }
+            body = .snapshotChunk(SnapshotChunk(metadata: metadata, totalBytes: total, checksum: checksum, offset: offset, bytes: bytes))
+        case 13:
+            let index = try r.readUInt64("snapshot index")
+            let snapshotTerm = try r.readUInt64("snapshot term")
+            body = .snapshotChunkAck(index: index, snapshotTerm: snapshotTerm, received: try r.readUInt64("received"))
         case let tag:
             throw .unknownTag(field: "message", tag: tag)
         }

@@ -18,6 +18,7 @@ public struct Message: Sendable, Hashable {
         switch body {
         case .appendEntries(let append): return 48 + append.entries.reduce(0) { $0 + $1.byteCount }
         case .installSnapshot(let snapshot): return 64 + snapshot.data.count
+        case .snapshotChunk(let chunk): return 96 + chunk.bytes.count
         case .forwardedProposal(let payloads): return 32 + payloads.reduce(0) { $0 + $1.byteCount }
         default: return 48
         }
@@ -58,6 +59,13 @@ public enum MessageBody: Sendable, Hashable {
     case readIndexResponse(requestID: UInt64, index: LogIndex)
     /// The leader will not serve this forwarded read (too many pending).
     case readIndexRefused(requestID: UInt64)
+    /// A piece of a snapshot sent as a stream (a node's ledger snapshot,
+    /// which has no size bound). Drivers exchange these; the core ignores
+    /// them and is handed the whole snapshot once it has arrived.
+    case snapshotChunk(SnapshotChunk)
+    /// The follower holds the first `received` bytes of the stream of the
+    /// snapshot at `index` (taken in `snapshotTerm`).
+    case snapshotChunkAck(index: LogIndex, snapshotTerm: Term, received: UInt64)
 
     /// Messages a leader sends in its own (already durable) term; a driver
     /// may send these before persisting the Ready that carries them.
@@ -66,6 +74,25 @@ public enum MessageBody: Sendable, Hashable {
         case .appendEntries, .heartbeat, .installSnapshot, .timeoutNow, .readIndexResponse, .readIndexRefused: return true
         default: return false
         }
+    }
+}
+
+/// `bytes` of a snapshot's stream from `offset`. Every piece names the
+/// snapshot, the stream's length and its CRC-32C, so a follower can start
+/// over at any piece at offset 0 and check the whole when it ends.
+public struct SnapshotChunk: Sendable, Hashable {
+    public var metadata: SnapshotMetadata
+    public var totalBytes: UInt64
+    public var checksum: UInt32
+    public var offset: UInt64
+    public var bytes: [UInt8]
+
+    public init(metadata: SnapshotMetadata, totalBytes: UInt64, checksum: UInt32, offset: UInt64, bytes: [UInt8]) {
+        self.metadata = metadata
+        self.totalBytes = totalBytes
+        self.checksum = checksum
+        self.offset = offset
+        self.bytes = bytes
     }
 }
 

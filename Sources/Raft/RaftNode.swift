@@ -226,7 +226,12 @@ public struct RaftNode: Sendable {
     }
 
     private mutating func handle(_ message: Message) {
-
+        // A snapshot's stream is the drivers' business, terms included: the
+        // core is handed the snapshot once it has arrived whole.
+        switch message.body {
+        case .snapshotChunk, .snapshotChunkAck: return
+        default: break
+        }
         if message.term > term {
             switch message.body {
             case .requestVote(let request):
@@ -302,6 +307,8 @@ public struct RaftNode: Sendable {
             guard let position = forwardedReads.firstIndex(where: { $0.requestID == requestID && $0.leader == message.from }) else { return }
             forwardedReads.remove(at: position)
             abandonedReads.append(requestID)
+        case .snapshotChunk, .snapshotChunkAck:
+            break
         }
     }
 

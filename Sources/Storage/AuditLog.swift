@@ -333,10 +333,21 @@ final class AuditLog: Sendable {
         try sync()
     }
 
-    /// Replaces the whole chain with `records` (from sequence 1), durably:
-    /// a new file written beside the old ones appears by rename, and then
-    /// the old ones are removed.
+    /// Replaces the whole chain with `records` (from sequence 1), durably.
     func replaceAll(_ records: [AuditRecord]) throws {
+        var given = false
+        try replaceAll(pages: {
+            defer { given = true }
+            return given ? nil : records
+        })
+    }
+
+    /// Replaces the whole chain with the records `nextPage` gives, page
+    /// after page until it returns nil (from sequence 1, in order),
+    /// durably: a new file written beside the old ones a page at a time
+    /// appears by rename, and then the old ones are removed. Only a page
+    /// is in memory at once, however long the chain.
+    func replaceAll(pages nextPage: () throws -> [AuditRecord]?) throws {
         try state.withLock { state in
             let number = (state.files.last ?? 0) + 1
             let final = path(of: number)
@@ -346,27 +357,35 @@ final class AuditLog: Sendable {
             var closed = false
             defer { if !closed { close(descriptor) } }
             var bytes = Self.header(number: number, first: 1)
+            var written = 0
             var located: [Located] = []
-            var start = 0
-            while start < records.count {
-                let part = records[start..<min(records.count, start + Self.replaceBatchRecords)]
-                guard part.first!.sequence == UInt64(start + 1) else {
-                    throw StorageError(code: .invalidRequest, reason: "\(directory): audit record \(part.first!.sequence) where \(start + 1) belongs")
-                }
-                var body = BinaryWriter(capacity: part.count * 256)
-                body.write(UInt64(start + 1))
-                body.write(UInt32(part.count))
-                for (position, record) in part.enumerated() {
-                    guard record.sequence == UInt64(start + 1 + position) else {
-                        throw StorageError(code: .invalidRequest, reason: "\(directory): audit record \(record.sequence) where \(start + 1 + position) belongs")
+            var next: UInt64 = 1
+            while let page = try nextPage() {
+                var start = page.startIndex
+                while start < page.endIndex {
+                    let part = page[start..<min(page.endIndex, start + Self.replaceBatchRecords)]
+                    var body = BinaryWriter(capacity: part.count * 256)
+                    body.write(next)
+                    body.write(UInt32(part.count))
+                    for record in part {
+                        guard record.sequence == next else {
+                            throw StorageError(code: .invalidRequest, reason: "\(directory): audit record \(record.sequence) where \(next) belongs")
+                        }
+                        LedgerSnapshot.encode(record, into: &body)
+                        next += 1
                     }
-                    LedgerSnapshot.encode(record, into: &body)
+                    located.append(Located(file: number, offset: written + bytes.count, first: part.first!.sequence, last: next - 1))
+                    Self.batches.frame(body.bytes, into: &bytes)
+                    start = part.endIndex
                 }
-                located.append(Located(file: number, offset: bytes.count, first: UInt64(start + 1), last: UInt64(start + part.count)))
-                Self.batches.frame(body.bytes, into: &bytes)
-                start += part.count
+                if bytes.count >= 1 << 20 {
+                    _ = try bytes.withUnsafeBytes { try FileSystem.writeAll($0, to: descriptor, at: written, temporary, refusedAsFalse: false) }
+                    written += bytes.count
+                    bytes.removeAll(keepingCapacity: true)
+                }
             }
-            _ = try bytes.withUnsafeBytes { try FileSystem.writeAll($0, to: descriptor, at: 0, temporary, refusedAsFalse: false) }
+            _ = try bytes.withUnsafeBytes { try FileSystem.writeAll($0, to: descriptor, at: written, temporary, refusedAsFalse: false) }
+            written += bytes.count
             guard fsync(descriptor) == 0 else { throw FileSystem.error("fsync", temporary) }
             closed = true
             close(descriptor)
@@ -377,8 +396,8 @@ final class AuditLog: Sendable {
             for old in state.files { try FileSystem.remove(path(of: old)) }
             state.files = [number]
             state.located = located
-            state.last = UInt64(records.count)
-            state.file = try AppendFile.reopen(path: final, validBytes: bytes.count, tornBytes: 0, lengthMax: segmentBytesMax)
+            state.last = next - 1
+            state.file = try AppendFile.reopen(path: final, validBytes: written, tornBytes: 0, lengthMax: segmentBytesMax)
         }
     }
 

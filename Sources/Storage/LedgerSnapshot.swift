@@ -3,8 +3,8 @@ import Raft
 
 /// The encodings of the ledger's state, with the `Raft` codec.
 ///
-/// A ledger snapshot (what a Raft snapshot carries to a follower): version,
-/// applied index, every document in name order, the whole audit chain.
+/// A ledger snapshot (what a Raft snapshot carries to a follower) is a
+/// stream of documents and the audit chain: see `SnapshotStream`.
 ///
 /// A checkpoint (what a node keeps on disk so it need not replay the whole
 /// log): magic, the Raft snapshot metadata (index, term, membership), the
@@ -12,8 +12,6 @@ import Raft
 /// CRC-32C of everything before it. The audit records themselves are in
 /// the audit table.
 enum LedgerSnapshot {
-    static let encodingVersion: UInt8 = 1
-
     /// Every document, in name order.
     static func encodeDocuments(_ memory: LedgerMemory, into w: inout BinaryWriter) {
         w.write(UInt32(memory.documents.count))
@@ -77,39 +75,6 @@ enum LedgerSnapshot {
     static func text(_ r: inout BinaryReader, _ field: String) throws -> String {
         try r.readString(field, limit: 1 << 20)
     }
-
-    /// A snapshot's documents and audit chain, every link checked.
-    static func decode(_ data: [UInt8], at index: LogIndex, path: String) throws -> (documents: [Document], audit: [AuditRecord]) {
-        func damaged(_ reason: String) -> StorageError {
-            StorageError(code: .corruptState, reason: "\(path): the ledger snapshot at index \(index) is unusable (\(reason)); nothing was installed")
-        }
-        var r = BinaryReader(data)
-        do {
-            guard try r.readUInt8("version") == encodingVersion else { throw damaged("unknown version") }
-            let applied = try r.readUInt64("applied index")
-            guard applied == index else { throw damaged("it was taken at \(applied), not \(index)") }
-            let documents = try decodeDocuments(&r)
-            let auditCount = Int(try r.readUInt32("audit count"))
-            guard auditCount <= r.remaining else { throw damaged("impossible audit count") }
-            var audit: [AuditRecord] = []
-            audit.reserveCapacity(auditCount)
-            var previous = AuditRecord.genesisHash
-            for position in 0..<auditCount {
-                let record = try decodeRecord(&r)
-                // A snapshot must carry an intact chain: check every link.
-                guard record.sequence == UInt64(position + 1), record.previousHash == previous, record.computedHash == record.hash,
-                      record.logIndex <= index else {
-                    throw damaged("audit record \(record.sequence) does not verify")
-                }
-                previous = record.hash
-                audit.append(record)
-            }
-            try r.expectEnd()
-            return (documents, audit)
-        } catch let error as CodecError {
-            throw damaged("\(error)")
-        }
-    }
 }
 
 /// A checkpoint file's contents.
@@ -154,22 +119,5 @@ struct Checkpoint {
             let hash = try r.readBytes("audit hash", limit: 64)
             return Checkpoint(metadata: metadata, head: (sequence, hash), documents: try LedgerSnapshot.decodeDocuments(&r, ordered: false))
         }
-    }
-}
-
-extension BinaryWriter {
-    /// Index, term, membership.
-    mutating func write(_ metadata: SnapshotMetadata) {
-        write(metadata.index)
-        write(metadata.term)
-        writeBytes(metadata.membership.encoded)
-    }
-}
-
-extension BinaryReader {
-    mutating func readSnapshotMetadata() throws -> SnapshotMetadata {
-        let index = try readUInt64("index")
-        let term = try readUInt64("term")
-        return SnapshotMetadata(index: index, term: term, membership: try Membership(decoding: try readBytes("membership", limit: 1 << 20)))
     }
 }

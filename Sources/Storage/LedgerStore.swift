@@ -46,6 +46,12 @@ public final class LedgerStore: Sendable {
     /// The newest ledger rules this node applies by (`LedgerRules.known`;
     /// tests lower it to stand for an older build).
     private let rulesKnown = Atomic<UInt32>(LedgerRules.known)
+    /// The newest snapshot stream made for sending, while a transfer
+    /// holds it (its file, unlinked, goes with the last holder).
+    private struct WeakOutgoing { weak var snapshot: OutgoingSnapshot? }
+    private let outgoing = Mutex(WeakOutgoing())
+    /// The stream being received from the leader, if any.
+    private let incoming = Mutex<IncomingSnapshot?>(nil)
 
     init(directory: String, batching: AuditBatching = AuditBatching()) throws {
         self.directory = directory
@@ -228,59 +234,95 @@ public final class LedgerStore: Sendable {
         return LedgerCheckpoint(store: self, memory: copy, metadata: metadata)
     }
 
-    /// The ledger snapshot for a Raft snapshot: `memory`'s documents and
-    /// the audit chain through its head (from the audit log).
-    func snapshotBytes(of memory: LedgerMemory) throws -> [UInt8] {
-        let head = memory.head.sequence
-        var w = BinaryWriter(capacity: memory.contentBytes + memory.documents.count * 96 + Int(head) * 400 + 64)
-        w.write(LedgerSnapshot.encodingVersion)
-        w.write(memory.applied)
-        LedgerSnapshot.encodeDocuments(memory, into: &w)
-        w.write(UInt32(head))
-        var after: UInt64 = 0
-        while after < head {
-            let page = try audit.records(after: after, limit: Int(min(head - after, 10_000)))
-            guard let last = page.last else { break }
-            for record in page { LedgerSnapshot.encode(record, into: &w) }
-            after = last.sequence
+    /// The stream of the ledger snapshot at `metadata`, written to a file
+    /// of its own from the checkpoint file and the audit log (when a
+    /// follower needs one: the core keeps snapshots without their bytes),
+    /// or the one made already. Fails if a newer checkpoint replaced that
+    /// one meanwhile. Any thread; one is made at a time.
+    func outgoingSnapshot(for metadata: SnapshotMetadata) throws -> OutgoingSnapshot {
+        try outgoing.withLock { cached in
+            if let made = cached.snapshot, made.metadata == metadata { return made }
+            let path = "\(directory)/\(Checkpoint.fileName(metadata.index))"
+            guard FileSystem.exists(path) else {
+                throw StorageError(code: .invalidRequest, reason: "\(directory) holds no checkpoint at index \(metadata.index) any more (a newer one replaced it)")
+            }
+            let checkpoint = try Checkpoint.decode(try FileSystem.read(path), path: path)
+            guard checkpoint.metadata == metadata else {
+                throw StorageError(code: .corruptState, reason: "\(path): the checkpoint records \(checkpoint.metadata), not \(metadata)")
+            }
+            let memory = LedgerMemory(documents: checkpoint.documents, head: checkpoint.head, applied: metadata.index)
+            let file = try SnapshotFile(creating: "\(directory)/\(Self.outgoingFileName)")
+            var (length, crc, buffer) = (UInt64(0), CRC32C(), [UInt8]())
+            func flush() throws {
+                try file.write(buffer, at: length)
+                crc.update(buffer)
+                length += UInt64(buffer.count)
+                buffer.removeAll(keepingCapacity: true)
+            }
+            try SnapshotStream.write(memory, audit: audit) { bytes in
+                buffer.append(contentsOf: bytes)
+                if buffer.count >= 1 << 20 { try flush() }
+            }
+            try flush()
+            let made = OutgoingSnapshot(metadata: metadata, byteCount: length, checksum: crc.value, file: file)
+            cached.snapshot = made
+            return made
         }
-        guard after == head else {
-            throw StorageError(code: .corruptState, reason: "\(audit.directory): the audit log holds \(after) records, not the \(head) of the chain")
-        }
-        return w.bytes
     }
 
-    /// The ledger snapshot for a Raft snapshot at `metadata`, made from
-    /// its checkpoint file and the audit log (when a follower needs one:
-    /// the core keeps snapshots without their bytes). Fails if a newer
-    /// checkpoint replaced that one meanwhile.
-    func snapshotBytes(for metadata: SnapshotMetadata) throws -> [UInt8] {
-        let path = "\(directory)/\(Checkpoint.fileName(metadata.index))"
-        guard FileSystem.exists(path) else {
-            throw StorageError(code: .invalidRequest, reason: "\(directory) holds no checkpoint at index \(metadata.index) any more (a newer one replaced it)")
+    static let outgoingFileName = "snapshot-outgoing.tmp"
+    static let incomingFileName = "snapshot-incoming.tmp"
+
+    /// Stages a piece of the snapshot stream `leader` is sending (the
+    /// driver's thread). A piece at offset 0 of another stream starts
+    /// that one over the one staged.
+    func receive(_ chunk: SnapshotChunk, from leader: NodeID) throws -> SnapshotReceipt {
+        try incoming.withLock { staged in
+            if staged.map({ !$0.isSame(chunk, from: leader) }) ?? true {
+                guard chunk.offset == 0 else { return SnapshotReceipt(received: 0, complete: false) }
+                staged = nil
+                staged = IncomingSnapshot(leader: leader, metadata: chunk.metadata, totalBytes: chunk.totalBytes, checksum: chunk.checksum,
+                                          file: try SnapshotFile(creating: "\(directory)/\(Self.incomingFileName)"))
+            }
+            return try staged!.take(chunk)
         }
-        let checkpoint = try Checkpoint.decode(try FileSystem.read(path), path: path)
-        guard checkpoint.metadata == metadata else {
-            throw StorageError(code: .corruptState, reason: "\(path): the checkpoint records \(checkpoint.metadata), not \(metadata)")
-        }
-        return try snapshotBytes(of: LedgerMemory(documents: checkpoint.documents, head: checkpoint.head, applied: metadata.index))
     }
 
-    /// Replaces the whole ledger with a snapshot from the leader: checked
-    /// entirely first (nothing changes if it is damaged), then the audit
-    /// log replaced and synced, then the checkpoint file written, then
-    /// memory.
+    /// Replaces the whole ledger with a snapshot from the leader: its
+    /// bytes, or (none given) the stream staged whole for these metadata.
+    /// Checked entirely first (nothing changes if it is damaged), then the
+    /// audit log replaced and synced, then the checkpoint file written,
+    /// then memory.
     func install(_ snapshot: Snapshot) throws {
-        let (documents, records) = try LedgerSnapshot.decode(snapshot.data, at: snapshot.metadata.index, path: audit.directory)
-        let head: (sequence: UInt64, hash: [UInt8]) = records.last.map { ($0.sequence, $0.hash) } ?? (0, AuditRecord.genesisHash)
-        let installed = LedgerMemory(documents: documents, head: head, applied: snapshot.metadata.index)
-        try LedgerRules.check(try LedgerRules.version(in: installed), known: rulesKnown.load(ordering: .relaxed), at: snapshot.metadata.index)
+        let metadata = snapshot.metadata
+        if !snapshot.data.isEmpty {
+            return try install(metadata, from: BytesSource(bytes: snapshot.data))
+        }
+        let staged = incoming.withLock { staged in
+            defer { staged = nil }
+            return staged
+        }
+        guard let staged, staged.complete, staged.metadata == metadata else {
+            throw StorageError(code: .corruptState, reason: "\(directory): no snapshot at index \(metadata.index) was received whole; nothing was installed")
+        }
+        try install(metadata, from: FileSource(file: staged.file, length: staged.totalBytes))
+    }
+
+    private func install<Source: SnapshotSource>(_ metadata: SnapshotMetadata, from source: Source) throws {
+        var reader = try SnapshotStreamReader(source, at: metadata.index, path: audit.directory)
+        let documents = try reader.documents()
+        let head = try reader.checkChain()
+        let installed = LedgerMemory(documents: documents, head: head, applied: metadata.index)
+        try LedgerRules.check(try LedgerRules.version(in: installed), known: rulesKnown.load(ordering: .relaxed), at: metadata.index)
         // After a checkpoint being written, if any; one begun before this
         // is refused afterwards.
         try checkpointWriting.withLock { newest in
+            // The chain again, a page at a time (checked above).
+            var again = try SnapshotStreamReader(source, at: metadata.index, path: audit.directory)
+            try again.skipDocuments()
             // On the writer's queue: no batch of the old chain lands after this.
-            try auditWriter.sync { try audit.replaceAll(records) }
-            try writeCheckpoint(installed, metadata: snapshot.metadata, newest: &newest)
+            try auditWriter.sync { try audit.replaceAll(pages: { try again.nextPage() }) }
+            try writeCheckpoint(installed, metadata: metadata, newest: &newest)
             memory.withLock { $0 = installed }
             issuedRecords.store(installed.issuedCount, ordering: .relaxed)
         }

@@ -259,7 +259,20 @@ public final class RaftStore: @unchecked Sendable {
     /// snapshots are the checkpoints: made from the checkpoint file and
     /// the audit table when a follower needs one).
     public func snapshotData(for metadata: SnapshotMetadata) throws -> [UInt8] {
-        try requireLedger().snapshotBytes(for: metadata)
+        try requireLedger().outgoingSnapshot(for: metadata).bytes()
+    }
+
+    /// The stream of the snapshot at `metadata`, to send in pieces (see
+    /// `SnapshotStream`); any thread.
+    public func outgoingSnapshot(for metadata: SnapshotMetadata) throws -> OutgoingSnapshot {
+        try requireLedger().outgoingSnapshot(for: metadata)
+    }
+
+    /// Stages a piece of the snapshot stream the leader is sending. Once
+    /// the receipt says complete, the core is handed the snapshot without
+    /// its bytes, and its Ready installs the staged stream.
+    public func receiveSnapshotChunk(_ chunk: SnapshotChunk, from leader: NodeID) throws -> SnapshotReceipt {
+        try requireLedger().receive(chunk, from: leader)
     }
 
     /// Log entries `from...through` read back from the write-ahead log.

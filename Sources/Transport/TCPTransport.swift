@@ -57,7 +57,7 @@ public enum Lane: Sendable, Hashable {
 
     public init(_ message: Message) {
         switch message.body {
-        case .appendEntries, .installSnapshot, .forwardedProposal: self = .bulk
+        case .appendEntries, .installSnapshot, .snapshotChunk, .forwardedProposal: self = .bulk
         default: self = .control
         }
     }

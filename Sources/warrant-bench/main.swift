@@ -40,6 +40,11 @@ USAGE
       The ledger's share of an audited issuance: N issuance commands of
       each kind (each consuming a join token) applied through a single-voter
       core, B per transaction, as a node persists and applies them.
+  warrant-bench snapshot [--count N] [--directory DIR]
+      A ledger snapshot of N audit records (default 1,200,000: past the
+      256 MiB one message could carry) made, streamed in 1 MiB pieces to a
+      second store and installed there, as between nodes; prints the
+      stream's size, each step's time and peak memory.
   warrant-bench storage [--seconds S] [--batches 1,10,100] [--directory DIR]
       Fsynced group commit: a single-voter core persisting each Ready to
       its write-ahead log (fdatasync), 256-byte entries, B entries per Ready.
@@ -148,7 +153,7 @@ if arguments.first == "crash-writer" {
 if let command = arguments.first, ["cluster", "failover", "crash", "issue", "join"].contains(command) {
     exit(await runClusterCommand(Array(arguments)))
 }
-guard let command = arguments.popFirst(), command == "storage" || command == "apply" else {
+guard let command = arguments.popFirst(), ["storage", "apply", "snapshot"].contains(command) else {
     print(usage)
     exit(CommandLine.arguments.count > 1 && !["--help", "-h"].contains(CommandLine.arguments[1]) ? 2 : 0)
 }
@@ -156,6 +161,7 @@ var secondsEach = 3.0
 var batches = [1, 10, 100]
 var directory = FileManager.default.temporaryDirectory
 var count = 20_000
+var countGiven = false
 var kinds: [Issuance.Kind] = [.x509, .jwt]
 while let option = arguments.popFirst() {
     guard let value = arguments.popFirst() else {
@@ -183,12 +189,14 @@ while let option = arguments.popFirst() {
             exit(2)
         }
         kinds = parsed.compactMap { $0 }
-    case "--count" where command == "apply":
-        guard let parsed = Int(value), (1...1_000_000).contains(parsed) else {
-            FileHandle.standardError.write(Data("warrant-bench: --count must be in 1...1000000, got '\(value)'\n".utf8))
+    case "--count" where command == "apply" || command == "snapshot":
+        let most = command == "apply" ? 1_000_000 : 20_000_000
+        guard let parsed = Int(value), (1...most).contains(parsed) else {
+            FileHandle.standardError.write(Data("warrant-bench: --count must be in 1...\(most), got '\(value)'\n".utf8))
             exit(2)
         }
         count = parsed
+        countGiven = true
     case "--directory":
         directory = URL(fileURLWithPath: value)
     default:
@@ -199,6 +207,8 @@ while let option = arguments.popFirst() {
 do {
     if command == "apply" {
         try runApply(count: count, batches: batches, kinds: kinds, directory: directory)
+    } else if command == "snapshot" {
+        try runSnapshotBench(records: countGiven ? count : 1_200_000, directory: directory)
     } else {
         try runStorage(secondsEach: secondsEach, batches: batches, directory: directory)
     }

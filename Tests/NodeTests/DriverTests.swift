@@ -413,6 +413,36 @@ struct DriverTests {
         try await LocalCluster.running(compactEveryEntries: 10) { try await catchUp($0) }
     }
 
+    @Test("A snapshot streamed in small pieces, some lost on the way, catches a follower up: what was lost is sent again, nothing is given up")
+    func snapshotStreamWithLostPieces() async throws {
+        try await LocalCluster.running(compactEveryEntries: 10) { cluster in
+            for driver in cluster.drivers.values { await driver.setSnapshotStreaming(chunkBytes: 256, stallLimit: .milliseconds(300)) }
+            let (leader, lagging) = try await cluster.isolateAFollower()
+            // Every fifth piece is lost the first time it is sent.
+            let lost = Mutex<Set<UInt64>>([])
+            await cluster.drivers[lagging]!.setDropIncoming { message in
+                guard case .snapshotChunk(let chunk) = message.body, (chunk.offset / 256) % 5 == 3 else { return false }
+                return lost.withLock { $0.insert(chunk.offset).inserted }
+            }
+            for i in 0..<80 {
+                _ = try await cluster.drivers[leader]!.propose(write("docs/\(i % 5)", "{\"i\":\(i)}"))
+            }
+            #expect(await cluster.eventually { await cluster.drivers[leader]!.status.snapshotIndex >= 30 }, "the leader compacted its log")
+            #expect(try await cluster.healAndCatchUp(lagging, to: leader))
+            #expect(await cluster.drivers[lagging]!.status.snapshotIndex >= 30, "it was brought up by a snapshot")
+            for i in 0..<5 {
+                #expect(try cluster.stores[lagging]!.document(named: "docs/\(i)") == cluster.stores[leader]!.document(named: "docs/\(i)"))
+            }
+            let (sent, staged) = (cluster.metrics[leader]!.snapshotBytesSent.current, cluster.metrics[lagging]!.snapshotBytesStaged.current)
+            let lostCount = lost.withLock { $0.count }
+            #expect(lostCount >= 3, "pieces were lost: \(lostCount)")
+            #expect(staged >= 256 * 20, "a stream of many pieces: \(staged) bytes staged")
+            #expect(sent > staged, "lost pieces were sent again: \(sent) bytes sent, \(staged) staged")
+            #expect(cluster.metrics[leader]!.snapshotTransfersAbandoned.current == 0, "the stream went on from where it stopped, not from the start")
+            #expect(cluster.metrics[lagging]!.snapshotsInstalled.current >= 1)
+        }
+    }
+
     @Test("Proposals arriving while the leader's previous batch awaits its commit wait for it, and go together in the next batch")
     func proposalsGatherBehindAnUncommittedBatch() async throws {
         // Held answers keep the first batch uncommitted; the leader keeps

@@ -36,6 +36,9 @@ struct CodecTests {
             .readIndexRefused(requestID: 7),
             .requestVote(RequestVote(lastLogIndex: 5, lastLogTerm: 2, preVote: true, leadershipTransfer: false)),
             .forwardedProposal([.noop, .command([1]), .configChange(.removeNode(3))]),
+            .snapshotChunk(SnapshotChunk(metadata: SnapshotMetadata(index: 9, term: 3, membership: Membership(voters: [1, 2], learners: [4])),
+                                         totalBytes: 10, checksum: 0xDEAD_BEEF, offset: 7, bytes: [1, 2, 3])),
+            .snapshotChunkAck(index: 9, snapshotTerm: 3, received: 10),
         ]
         for body in extra {
             let message = Message(from: 1, to: 2, term: 9, body: body)
@@ -48,7 +51,7 @@ struct CodecTests {
     }
 
     @Test("A message of another version, with a bad flag or trailing bytes is refused")
-    func malformedMessages() {
+    func malformedMessages() throws {
         let good = Message(from: 1, to: 2, term: 3, body: .requestVoteResponse(RequestVoteResponse(granted: true, preVote: false))).encoded
         var otherVersion = good
         otherVersion[0] = 2
@@ -62,6 +65,15 @@ struct CodecTests {
         #expect(throws: CodecError.tooLarge(field: "entries", length: 0x7FFF_FFFF, limit: CodecLimits.entriesPerMessageMax)) {
             try Message(decoding: hugeCount)
         }
+        // A piece of a snapshot stream must lie inside the stream it names.
+        let metadata = SnapshotMetadata(index: 9, term: 3, membership: Membership(voters: [1]))
+        for (total, offset, count) in [(10, 8, 3), (10, 11, 0), (UInt64.max, UInt64.max - 1, 3)] as [(UInt64, UInt64, Int)] {
+            let outside = Message(from: 1, to: 2, term: 3, body: .snapshotChunk(SnapshotChunk(metadata: metadata, totalBytes: total, checksum: 0, offset: offset,
+                                                                                              bytes: [UInt8](repeating: 1, count: count))))
+            #expect(throws: CodecError.self, "\(offset) + \(count) in \(total)") { try Message(decoding: outside.encoded) }
+        }
+        let inside = Message(from: 1, to: 2, term: 3, body: .snapshotChunk(SnapshotChunk(metadata: metadata, totalBytes: 10, checksum: 0, offset: 7, bytes: [1, 2, 3])))
+        #expect(try Message(decoding: inside.encoded) == inside)
     }
 
     @Test("100,000 random and mutated messages never crash the decoder")
@@ -73,6 +85,8 @@ struct CodecTests {
             Message(from: 1, to: 3, term: 3, body: .installSnapshot(Snapshot(metadata: SnapshotMetadata(index: 9, term: 3, membership: Membership(voters: [1, 2, 3])), data: [5, 5]))).encoded,
             Message(from: 1, to: 3, term: 3, body: .heartbeat(Heartbeat(commit: 4, readRound: 2))).encoded,
             Message(from: 3, to: 1, term: 3, body: .forwardedProposal([.command([9]), .configChange(.addLearner(4))])).encoded,
+            Message(from: 1, to: 3, term: 3, body: .snapshotChunk(SnapshotChunk(metadata: SnapshotMetadata(index: 9, term: 3, membership: Membership(voters: [1, 2, 3])),
+                                                                               totalBytes: 40, checksum: 7, offset: 30, bytes: [1, 2, 3, 4]))).encoded,
         ]
         var decoded = 0
         for round in 0..<100_000 {

@@ -292,6 +292,88 @@ struct LedgerStoreTests {
         #expect(throws: StorageError.self, "no checkpoint at another index") { try reopened.snapshotData(for: older) }
     }
 
+    @Test("A snapshot's stream staged piece by piece (again, past a gap, from another node) installs the same ledger as its bytes, an audit chain of several pages")
+    func streamedSnapshotInstalls() throws {
+        // More audit records than one page of the stream holds.
+        var (source, leader, node) = try leaderThatApplied(commands(seed: 8, count: SnapshotStream.pageRecordsMax + 50))
+        let (metadata, data) = try checkpoint(&node, leader)
+        _ = source
+        let outgoing = try leader.outgoingSnapshot(for: metadata)
+        #expect(outgoing.byteCount == UInt64(data.count))
+        #expect(try leader.outgoingSnapshot(for: metadata) === outgoing, "made once for every follower that needs it")
+
+        let target = try TemporaryStore()
+        let follower = try target.open()
+        try follower.initialize(with: .empty)
+        let piece = 4096
+        func chunk(_ offset: Int) throws -> SnapshotChunk { try outgoing.chunk(at: UInt64(offset), count: piece) }
+        #expect(try follower.receiveSnapshotChunk(chunk(0), from: 1) == SnapshotReceipt(received: 4096, complete: false, added: 4096))
+        #expect(try follower.receiveSnapshotChunk(chunk(0), from: 1) == SnapshotReceipt(received: 4096, complete: false, added: 0), "held already")
+        #expect(try follower.receiveSnapshotChunk(chunk(8192), from: 1).received == 4096, "past a gap: not taken")
+        #expect(try follower.receiveSnapshotChunk(chunk(8192), from: 3).received == 0, "another node's stream starts only at its start")
+        var offset = 4096
+        var receipt = SnapshotReceipt(received: 0, complete: false)
+        while offset < data.count {
+            receipt = try follower.receiveSnapshotChunk(chunk(offset), from: 1)
+            offset += piece
+        }
+        #expect(receipt == SnapshotReceipt(received: UInt64(data.count), complete: true, added: data.count - (offset - piece)))
+
+        var followerNode = try RaftNode(configuration: Configuration(id: 2, randomSeed: 2), durable: try follower.loadDurableState())
+        followerNode.step(Message(from: 1, to: 2, term: metadata.term, body: .installSnapshot(Snapshot(metadata: metadata, data: []))))
+        try driveApplying(&followerNode, follower)
+        #expect(try follower.ledgerAppliedIndex() == metadata.index)
+        let records = try follower.auditRecords(limit: 20_000)
+        #expect(records.count > SnapshotStream.pageRecordsMax)
+        #expect(records == (try leader.auditRecords(limit: 20_000)))
+        #expect(try follower.verifyAudit() == leader.verifyAudit())
+        for name in (0..<6).map({ "docs/\($0)" }) { #expect(try follower.document(named: name) == leader.document(named: name)) }
+        // What a restart finds.
+        let reopened = try target.open()
+        #expect(try reopened.loadDurableState().snapshot?.metadata == metadata)
+        #expect(try reopened.auditRecords(limit: 20_000) == records)
+    }
+
+    @Test("A streamed snapshot failing its checksum is dropped and taken again from the start; another node's stream from its start replaces the one staged; nothing is installed from a stream not received whole")
+    func streamedSnapshotRefusals() throws {
+        var (source, leader, node) = try leaderThatApplied(commands(seed: 9, count: 300))
+        let (metadata, data) = try checkpoint(&node, leader)
+        _ = source
+        let outgoing = try leader.outgoingSnapshot(for: metadata)
+        let target = try TemporaryStore()
+        let follower = try target.open()
+        try follower.initialize(with: .empty)
+        let piece = 1024
+        func chunk(_ offset: Int, checksum: UInt32? = nil) throws -> SnapshotChunk {
+            var chunk = try outgoing.chunk(at: UInt64(offset), count: piece)
+            if let checksum { chunk.checksum = checksum }
+            return chunk
+        }
+        let wrong = outgoing.checksum ^ 1
+        var offset = 0
+        while offset + piece < data.count {
+            #expect(try follower.receiveSnapshotChunk(chunk(offset, checksum: wrong), from: 1).received == UInt64(offset + piece))
+            offset += piece
+        }
+        let error = try #require(throws: StorageError.self) { try follower.receiveSnapshotChunk(chunk(offset, checksum: wrong), from: 1) }
+        #expect(error.reason.contains("fails its checksum"), "\(error.reason)")
+        #expect(try follower.receiveSnapshotChunk(chunk(piece, checksum: wrong), from: 1).received == 0, "dropped")
+        #expect(try follower.receiveSnapshotChunk(chunk(0, checksum: wrong), from: 1).received == UInt64(piece), "taken again from the start")
+
+        // Node 3's stream (the right one) from its start replaces it.
+        #expect(try follower.receiveSnapshotChunk(chunk(0), from: 3).received == UInt64(piece))
+        #expect(try follower.receiveSnapshotChunk(chunk(piece, checksum: wrong), from: 1).received == 0, "node 1's stream is gone")
+        #expect(try follower.receiveSnapshotChunk(chunk(piece), from: 3).received == UInt64(2 * piece))
+
+        // Asked to install it before it arrived whole: refused, nothing changes.
+        var followerNode = try RaftNode(configuration: Configuration(id: 2, randomSeed: 2), durable: try follower.loadDurableState())
+        followerNode.step(Message(from: 3, to: 2, term: metadata.term, body: .installSnapshot(Snapshot(metadata: metadata, data: []))))
+        let refused = try #require(throws: StorageError.self) { try driveApplying(&followerNode, follower) }
+        #expect(refused.reason.contains("received whole"), "\(refused.reason)")
+        #expect(try follower.ledgerAppliedIndex() == 0)
+        #expect(try follower.auditRecords().isEmpty)
+    }
+
     @Test("A checkpoint begun before a snapshot was installed is refused when written; the installed state is what a restart finds")
     func checkpointAfterInstallIsRefused() throws {
         let (target, follower, followerNode) = try leaderThatApplied(commands(seed: 5, count: 30))
