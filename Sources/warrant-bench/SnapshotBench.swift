@@ -45,7 +45,7 @@ func runSnapshotBench(records: Int, directory: URL) throws {
     _ = try leader.beginCheckpoint(metadata).write()
     _ = try node.compactLog(through: metadata.index, snapshotData: [])
     try leader.compact(through: metadata, data: [])
-    let residentBefore = residentMegabytes()
+    let residentBefore = resetPeakResident()
 
     started = clock.now
     let outgoing = try leader.outgoingSnapshot(for: metadata)
@@ -74,6 +74,7 @@ func runSnapshotBench(records: Int, directory: URL) throws {
         followerNode.advance()
     }
     let installed = seconds(clock.now - started)
+    let peak = residentPeakMegabytes()
     let (leaderHead, followerHead) = (try leader.verifyAudit(), try follower.verifyAudit())
     guard case .intact(let count, let head) = followerHead, leaderHead == followerHead, try follower.ledgerAppliedIndex() == metadata.index else {
         throw BenchFailure(description: "the installed ledger differs: audit \(followerHead) against \(leaderHead)")
@@ -82,7 +83,7 @@ func runSnapshotBench(records: Int, directory: URL) throws {
     print(String(format: "  made    %6.2f s  %7.1f MiB/s", made, mebibytes / made))
     print(String(format: "  staged  %6.2f s  %7.1f MiB/s", staged, mebibytes / staged))
     print(String(format: "  installed %4.2f s  %7.1f MiB/s (every audit link checked, then written and synced)", installed, mebibytes / installed))
-    print(String(format: "  peak resident memory %.0f MiB (%.0f MiB before the stream was made)", residentPeakMegabytes(), residentBefore))
+    print(String(format: "  peak resident memory while made, staged and installed: %.0f MiB (%.0f MiB before)", peak, residentBefore))
     print("  the follower's audit chain verifies: \(count) records, head \(head.prefix(8).map { String(format: "%02x", $0) }.joined())..., the leader's")
 }
 
@@ -100,5 +101,15 @@ private func statusMegabytes(_ field: String) -> Double {
     return (Double(line.split(separator: " ").dropFirst().first ?? "") ?? 0) / 1024
 }
 
-func residentMegabytes() -> Double { statusMegabytes("VmRSS") }
+/// Resets the peak (VmHWM) to what is resident now, and returns that.
+/// Freed heap memory goes back to the system first, so that what is
+/// allocated afterwards shows in the peak instead of reusing it.
+func resetPeakResident() -> Double {
+    // glibc's malloc_trim, which the Glibc module does not export.
+    if let symbol = dlsym(dlopen(nil, RTLD_NOW), "malloc_trim") {
+        _ = unsafeBitCast(symbol, to: (@convention(c) (Int) -> Int32).self)(0)
+    }
+    try? "5".write(toFile: "/proc/self/clear_refs", atomically: false, encoding: .utf8)
+    return statusMegabytes("VmRSS")
+}
 func residentPeakMegabytes() -> Double { statusMegabytes("VmHWM") }
