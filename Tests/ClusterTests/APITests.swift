@@ -162,13 +162,13 @@ struct APITests {
         await cluster.shutdown()
     }
 
-    @Test("Membership: a node joins as a learner through a chunked snapshot, is promoted once caught up, takes leadership, and a founding node is removed")
+    @Test("Membership: a node joins as a learner through a snapshot streamed in pieces, is promoted once caught up, takes leadership, and a founding node is removed")
     func membership() async throws {
         let cluster = try await InProcessCluster.start(snapshotEveryEntries: 100)
         do {
             let first = try #require(await cluster.waitForLeader())
-            // 10 KB documents, enough for a snapshot well over one 1 MiB piece.
-            let large = Array("{\"pad\":\"\(String(repeating: "x", count: 10_000))\"}".utf8)
+            // 20 KB documents, enough for a snapshot of more than one 1 MiB piece.
+            let large = Array("{\"pad\":\"\(String(repeating: "x", count: 20_000))\"}".utf8)
             for i in 0..<150 {
                 let response = try await cluster.client.request(.PUT, "/v1/documents/seed/\(i)", headers: [("content-type", "application/json")], body: large)
                 #expect(response.status == .ok)
@@ -193,6 +193,9 @@ struct APITests {
             #expect(seed.status == .ok && seed.body.count > 10_000)
             let metrics = try await toFour.request(.GET, "/metrics").text
             #expect(metrics.contains("warrant_raft_snapshots_installed_total 1"), "node 4 caught up through a snapshot")
+            let staged = metrics.split(separator: "\n").first { $0.hasPrefix("warrant_raft_snapshot_bytes_staged_total ") }
+                .flatMap { Int($0.split(separator: " ").last ?? "") } ?? 0
+            #expect(staged > 1 << 20, "streamed in more than one 1 MiB piece: \(staged) bytes staged")
             let currentLeader = try #require(await cluster.waitForLeader())
             let transfer = try await cluster.client.request(.POST, "/v1/cluster/leader", headers: [("content-type", "application/json")],
                                                             body: APIJSON.encode(TransferRequest(to: 4)), startingAt: Int(currentLeader) - 1)
