@@ -910,10 +910,24 @@ public actor RaftDriver {
     /// leader's CPU once the ledger held a few hundred thousand rows).
     private var compactionInProgress = false
     private var rowsAtLastSnapshot: LogIndex = 0
+    /// Since when a due compaction waits for a snapshot transfer.
+    private var compactionHeldSince: ContinuousClock.Instant?
+    static let compactionHoldMax: Duration = .seconds(300)
 
     private func compactIfDue() throws {
         guard !compactionInProgress, appliedIndex >= raft.snapshotIndex + max(compactEveryEntries, rowsAtLastSnapshot),
               let metadata = raft.snapshotMetadata(at: appliedIndex) else { return }
+        // Not while a follower is being sent the snapshot (or its stream is
+        // made): a new one would replace it, and the follower, which needs
+        // the entries after the old one, would start over, for ever if the
+        // stream takes longer than the writes between compactions. For
+        // `compactionHoldMax` at most: the log grows meanwhile.
+        if !snapshotTransfers.isEmpty || !snapshotsBeingMade.isEmpty {
+            let since = compactionHeldSince ?? .now
+            compactionHeldSince = since
+            if since.duration(to: .now) < Self.compactionHoldMax { return }
+        }
+        compactionHeldSince = nil
         let checkpoint = try store.beginCheckpoint(metadata)
         compactionInProgress = true
         metrics.checkpointsBegun.add(1)
@@ -980,6 +994,9 @@ public actor RaftDriver {
     /// for a snapshot anew).
     private struct SnapshotTransfer {
         var source: OutgoingSnapshot
+        /// The term this node leads in: the pieces carry it, and the
+        /// transfer ends with it.
+        var term: Term
         var acknowledged: UInt64 = 0
         var sentThrough: UInt64 = 0
         var lastProgress: ContinuousClock.Instant = .now
@@ -1025,7 +1042,7 @@ public actor RaftDriver {
             abandonSnapshotTransfer(to: peer)
             return
         }
-        snapshotTransfers[peer] = SnapshotTransfer(source: source)
+        snapshotTransfers[peer] = SnapshotTransfer(source: source, term: raft.term)
         sendSnapshotChunks(to: peer)
     }
 
@@ -1039,7 +1056,7 @@ public actor RaftDriver {
                 let chunk = try transfer.source.chunk(at: transfer.sentThrough, count: snapshotChunkBytes)
                 transfer.sentThrough += UInt64(chunk.bytes.count)
                 metrics.snapshotBytesSent.add(chunk.bytes.count)
-                chunks.append(Message(from: id, to: peer, term: raft.term, body: .snapshotChunk(chunk)))
+                chunks.append(Message(from: id, to: peer, term: transfer.term, body: .snapshotChunk(chunk)))
             } catch {
                 onReplicationTrouble?("the snapshot stream for node \(peer) could not be read: \(error)")
                 return abandonSnapshotTransfer(to: peer)
@@ -1063,7 +1080,10 @@ public actor RaftDriver {
         case .snapshotChunk(let chunk):
             // From a leader of this term or a later one (its own core
             // decides, once the whole has arrived, whether to install it).
-            guard message.term >= raft.term, store.snapshotsHoldLedger else { return true }
+            // From the leader of this term (or of a later one, which its own
+            // core then follows, as for any snapshot it is sent).
+            guard store.snapshotsHoldLedger, message.term > raft.term
+                    || (message.term == raft.term && raft.role == .follower && (raft.leaderID == noNode || raft.leaderID == message.from)) else { return true }
             var receipt = (received: UInt64(0), complete: false)
             if chunk.metadata.index <= raft.commitIndex {
                 receipt.received = chunk.totalBytes // installed already, or caught up otherwise: nothing more is needed
@@ -1073,8 +1093,10 @@ public actor RaftDriver {
                     receipt = (staged.received, staged.complete)
                     metrics.snapshotBytesStaged.add(staged.added)
                 } catch {
+                    // No receipt: the leader sends again from the last one.
                     metrics.snapshotStagingFailures.add(1)
                     onReplicationTrouble?("a piece of the snapshot from node \(message.from) could not be staged: \(error)")
+                    return true
                 }
             }
             sender.send([Message(from: id, to: message.from, term: raft.term,
@@ -1088,12 +1110,23 @@ public actor RaftDriver {
             let peer = message.from
             guard var transfer = snapshotTransfers[peer], transfer.source.metadata.index == index,
                   transfer.source.metadata.term == snapshotTerm else { return true }
+            guard raft.role == .leader, raft.term == transfer.term else {
+                snapshotTransfers.removeAll()
+                return true
+            }
             if received > transfer.acknowledged {
                 transfer.acknowledged = min(received, transfer.source.byteCount)
                 transfer.lastProgress = .now
                 transfer.resends = 0
             } else if received < transfer.acknowledged {
-                // The follower started over (it dropped what it had staged).
+                // The follower started over (it dropped what it had staged,
+                // a whole that failed its checksum for one): that counts as
+                // a round sent again.
+                transfer.resends += 1
+                guard transfer.resends <= Self.snapshotResendsMax else {
+                    abandonSnapshotTransfer(to: peer)
+                    return true
+                }
                 transfer.acknowledged = received
                 transfer.sentThrough = received
                 transfer.lastProgress = .now
@@ -1115,7 +1148,7 @@ public actor RaftDriver {
     /// longer leads, or a follower no longer a member, has none.
     private func checkSnapshotTransfers() {
         guard !snapshotTransfers.isEmpty else { return }
-        guard raft.role == .leader else {
+        guard raft.role == .leader, snapshotTransfers.values.allSatisfy({ $0.term == raft.term }) else {
             snapshotTransfers.removeAll()
             return
         }

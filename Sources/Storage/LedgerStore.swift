@@ -50,8 +50,11 @@ public final class LedgerStore: Sendable {
     /// holds it (its file, unlinked, goes with the last holder).
     private struct WeakOutgoing { weak var snapshot: OutgoingSnapshot? }
     private let outgoing = Mutex(WeakOutgoing())
-    /// The stream being received from the leader, if any.
-    private let incoming = Mutex<IncomingSnapshot?>(nil)
+    /// The stream being received from the leader, if any, and the newest
+    /// streams received whole, waiting for the core's Ready to install
+    /// one (a later piece of another stream cannot touch them).
+    private let incoming = Mutex<(staging: IncomingSnapshot?, whole: [IncomingSnapshot])>((nil, []))
+    static let wholeStreamsKept = 2
 
     init(directory: String, batching: AuditBatching = AuditBatching()) throws {
         self.directory = directory
@@ -277,14 +280,23 @@ public final class LedgerStore: Sendable {
     /// driver's thread). A piece at offset 0 of another stream starts
     /// that one over the one staged.
     func receive(_ chunk: SnapshotChunk, from leader: NodeID) throws -> SnapshotReceipt {
-        try incoming.withLock { staged in
-            if staged.map({ !$0.isSame(chunk, from: leader) }) ?? true {
-                guard chunk.offset == 0 else { return SnapshotReceipt(received: 0, complete: false) }
-                staged = nil
-                staged = IncomingSnapshot(leader: leader, metadata: chunk.metadata, totalBytes: chunk.totalBytes, checksum: chunk.checksum,
-                                          file: try SnapshotFile(creating: "\(directory)/\(Self.incomingFileName)"))
+        try incoming.withLock { incoming in
+            if let whole = incoming.whole.first(where: { $0.isSame(chunk, from: leader) }) {
+                return SnapshotReceipt(received: whole.totalBytes, complete: true)
             }
-            return try staged!.take(chunk)
+            if incoming.staging.map({ !$0.isSame(chunk, from: leader) }) ?? true {
+                guard chunk.offset == 0 else { return SnapshotReceipt(received: 0, complete: false) }
+                incoming.staging = nil
+                incoming.staging = IncomingSnapshot(leader: leader, metadata: chunk.metadata, totalBytes: chunk.totalBytes, checksum: chunk.checksum,
+                                                    file: try SnapshotFile(creating: "\(directory)/\(Self.incomingFileName)"))
+            }
+            let receipt = try incoming.staging!.take(chunk)
+            if receipt.complete {
+                incoming.whole.append(incoming.staging!)
+                incoming.whole.removeFirst(max(0, incoming.whole.count - Self.wholeStreamsKept))
+                incoming.staging = nil
+            }
+            return receipt
         }
     }
 
@@ -298,11 +310,11 @@ public final class LedgerStore: Sendable {
         if !snapshot.data.isEmpty {
             return try install(metadata, from: BytesSource(bytes: snapshot.data))
         }
-        let staged = incoming.withLock { staged in
-            defer { staged = nil }
-            return staged
+        let staged = incoming.withLock { incoming in
+            defer { incoming.whole.removeAll() }
+            return incoming.whole.last { $0.metadata == metadata }
         }
-        guard let staged, staged.complete, staged.metadata == metadata else {
+        guard let staged, staged.complete else {
             throw StorageError(code: .corruptState, reason: "\(directory): no snapshot at index \(metadata.index) was received whole; nothing was installed")
         }
         try install(metadata, from: FileSource(file: staged.file, length: staged.totalBytes))

@@ -19,8 +19,9 @@ enum SnapshotStream {
     /// A page is closed at this many records, or once it is this large.
     static let pageRecordsMax = 10_000
     static let pageBytesTarget = 4 << 20
-    /// What a reader accepts (a record's texts may be a MiB each).
-    static let pageBytesMax = 64 << 20
+    /// What a reader accepts: the target and one more record (its four
+    /// texts are read with a limit of a MiB each).
+    static let pageBytesMax = pageBytesTarget + (5 << 20)
     static let documentsBytesMax: UInt64 = 1 << 36
 
     /// Writes the stream of `memory` (its documents, and the audit chain
@@ -39,19 +40,28 @@ enum SnapshotStream {
         let head = memory.head.sequence
         var after: UInt64 = 0
         var page = BinaryWriter(capacity: pageBytesTarget + (64 << 10))
+        var inPage = 0
+        func closePage() throws {
+            guard inPage > 0 else { return }
+            var header = BinaryWriter(capacity: 8)
+            header.write(UInt32(page.bytes.count + 4))
+            header.write(UInt32(inPage))
+            try emit(header.bytes)
+            try emit(page.bytes)
+            page.removeAll(keepingAtMost: pageBytesTarget + (64 << 10))
+            inPage = 0
+        }
         while after < head {
             let records = try audit.records(after: after, limit: Int(min(head - after, UInt64(pageRecordsMax))))
             guard let last = records.last else { break }
-            page.removeAll(keepingAtMost: pageBytesTarget + (64 << 10))
-            page.write(UInt32(0)) // the length, filled below
-            page.write(UInt32(records.count))
-            for record in records { LedgerSnapshot.encode(record, into: &page) }
-            var bytes = page.bytes
-            let length = UInt32(bytes.count - 4)
-            withUnsafeBytes(of: length.littleEndian) { bytes.replaceSubrange(0..<4, with: $0) }
-            try emit(bytes)
+            for record in records {
+                LedgerSnapshot.encode(record, into: &page)
+                inPage += 1
+                if inPage == pageRecordsMax || page.bytes.count >= pageBytesTarget { try closePage() }
+            }
             after = last.sequence
         }
+        try closePage()
         guard after == head else {
             throw StorageError(code: .corruptState, reason: "\(audit.directory): the audit log holds \(after) records, not the \(head) of the chain")
         }

@@ -443,6 +443,34 @@ struct DriverTests {
         }
     }
 
+    @Test("The leader does not compact while a follower is being sent its snapshot (a newer one would start the follower over), and compacts again once it is caught up")
+    func compactionWaitsForSnapshotTransfer() async throws {
+        try await LocalCluster.running(compactEveryEntries: 10) { cluster in
+            for driver in cluster.drivers.values { await driver.setSnapshotStreaming(chunkBytes: 256, stallLimit: .milliseconds(500)) }
+            let (leader, lagging) = try await cluster.isolateAFollower()
+            let stalled = Mutex(true)
+            await cluster.drivers[lagging]!.setDropIncoming { message in
+                guard case .snapshotChunk = message.body else { return false }
+                return stalled.withLock { $0 }
+            }
+            for i in 0..<40 { _ = try await cluster.drivers[leader]!.propose(write("docs/\(i % 5)", "{\"i\":\(i)}")) }
+            #expect(await cluster.eventually { await cluster.drivers[leader]!.status.snapshotIndex >= 10 }, "the leader compacted its log")
+            cluster.network.heal()
+            #expect(await cluster.eventually { cluster.metrics[leader]!.snapshotBytesSent.current > 0 }, "the transfer began")
+            let held = await cluster.drivers[leader]!.status.snapshotIndex
+            // Far more than the compaction interval, while no piece arrives.
+            for i in 0..<120 { _ = try await cluster.drivers[leader]!.propose(write("docs/more-\(i % 5)", "{\"i\":\(i)}")) }
+            try await Task.sleep(for: .milliseconds(300))
+            #expect(await cluster.drivers[leader]!.status.snapshotIndex == held, "no compaction while the follower is being sent the snapshot")
+            stalled.withLock { $0 = false }
+            #expect(try await cluster.eventually { try cluster.stores[lagging]!.verifyAudit() == cluster.stores[leader]!.verifyAudit() })
+            #expect(cluster.metrics[lagging]!.snapshotsInstalled.current == 1, "caught up from that snapshot and the entries after it")
+            #expect(cluster.metrics[leader]!.snapshotTransfersAbandoned.current == 0)
+            _ = try await cluster.drivers[leader]!.propose(write("docs/last", "{}"))
+            #expect(await cluster.eventually { await cluster.drivers[leader]!.status.snapshotIndex > held }, "compaction goes on afterwards")
+        }
+    }
+
     @Test("Proposals arriving while the leader's previous batch awaits its commit wait for it, and go together in the next batch")
     func proposalsGatherBehindAnUncommittedBatch() async throws {
         // Held answers keep the first batch uncommitted; the leader keeps
