@@ -70,6 +70,7 @@ public final class NodeMetrics: Sendable {
     public let snapshotBytesSent = Counter("warrant_raft_snapshot_bytes_sent_total", "Bytes of snapshot streams sent to followers (pieces sent again included).")
     public let snapshotBytesStaged = Counter("warrant_raft_snapshot_bytes_staged_total", "Bytes of snapshot streams received from a leader and staged (each byte once).")
     public let snapshotTransfersAbandoned = Counter("warrant_raft_snapshot_transfers_abandoned_total", "Snapshot streams a leader gave up on (no progress after retries, or its file could not be made or read); the follower is probed again.")
+    public let snapshotsSentWhole = Counter("warrant_raft_snapshots_sent_whole_total", "Snapshots sent as one message in the encoding of builds before streams, to a follower that took no stream.")
     public let snapshotStagingFailures = Counter("warrant_raft_snapshot_staging_failures_total", "Pieces of a snapshot stream this node could not stage (a write failed, or the whole failed its checksum).")
     public let compactionFailures = Counter("warrant_raft_compaction_failures_total", "Log compactions abandoned (the log stays longer).")
     public let releasedEntriesRead = Counter("warrant_raft_released_entries_read_total", "Log entries whose payloads were released from memory, read back from the write-ahead log for a peer that lags.")
@@ -100,7 +101,7 @@ public final class NodeMetrics: Sendable {
         gauge("warrant_raft_applied_index", "Highest log index applied to the ledger.", status.appliedIndex)
         gauge("warrant_raft_last_index", "Last index in this node's log.", status.lastIndex)
         gauge("warrant_raft_snapshot_index", "Index of the latest snapshot.", status.snapshotIndex)
-        for counter in [proposals, proposalBatches, messagesSent, messagesReceived, messagesFromRemoved, snapshotsTaken, checkpointsBegun, snapshotsInstalled, snapshotBytesSent, snapshotBytesStaged, snapshotTransfersAbandoned, snapshotStagingFailures, compactionFailures, releasedEntriesRead, releasedEntryReadFailures, forwardedWrites,
+        for counter in [proposals, proposalBatches, messagesSent, messagesReceived, messagesFromRemoved, snapshotsTaken, checkpointsBegun, snapshotsInstalled, snapshotBytesSent, snapshotBytesStaged, snapshotTransfersAbandoned, snapshotsSentWhole, snapshotStagingFailures, compactionFailures, releasedEntriesRead, releasedEntryReadFailures, forwardedWrites,
                         signaturesChecked, signaturesRemembered, signaturesRecorded] {
             text += "# HELP \(counter.name) \(counter.help)\n# TYPE \(counter.name) counter\n\(counter.name) \(counter.current)\n"
         }

@@ -1001,7 +1001,15 @@ public actor RaftDriver {
         var sentThrough: UInt64 = 0
         var lastProgress: ContinuousClock.Instant = .now
         var resends = 0
+        /// Whether the follower sent any receipt (a build that takes streams).
+        var heard = false
     }
+    /// Followers that sent no receipt for a whole transfer (builds before
+    /// streams, which cannot read a piece): since when, and when they were
+    /// last sent their snapshot as one message, in the older encoding.
+    private var peersTakingNoStreams: [NodeID: (since: ContinuousClock.Instant, lastSent: ContinuousClock.Instant?)] = [:]
+    static let noStreamsRemembered: Duration = .seconds(60)
+    static let wholeSnapshotInterval: Duration = .seconds(10)
     private var snapshotTransfers: [NodeID: SnapshotTransfer] = [:]
     /// Bytes in one piece of a snapshot stream (settable for tests).
     private var snapshotChunkBytes = 1 << 20
@@ -1021,6 +1029,10 @@ public actor RaftDriver {
     /// checkpoint and the whole audit chain takes a while).
     private func startSnapshotTransfer(to peer: NodeID, _ metadata: SnapshotMetadata) {
         if snapshotTransfers[peer]?.source.metadata == metadata { return }
+        if let noStreams = peersTakingNoStreams[peer], noStreams.since.duration(to: .now) < Self.noStreamsRemembered {
+            return sendWholeSnapshot(to: peer, metadata)
+        }
+        peersTakingNoStreams[peer] = nil
         guard snapshotsBeingMade.insert(peer).inserted else { return }
         let store = self.store
         Thread.detachNewThread { [self] in
@@ -1066,7 +1078,38 @@ public actor RaftDriver {
         sender.send(chunks)
     }
 
+    /// Sends a follower that takes no streams its snapshot as one message
+    /// in the older encoding (if it fits: such a build could take no
+    /// larger one), at most every `wholeSnapshotInterval`.
+    private func sendWholeSnapshot(to peer: NodeID, _ metadata: SnapshotMetadata) {
+        let now = ContinuousClock.now
+        if let last = peersTakingNoStreams[peer]?.lastSent, last.duration(to: now) < Self.wholeSnapshotInterval { return }
+        guard snapshotsBeingMade.insert(peer).inserted else { return }
+        peersTakingNoStreams[peer]?.lastSent = now
+        let store = self.store, sender = self.sender, term = raft.term
+        Thread.detachNewThread { [self] in
+            #if os(Linux)
+            _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, 10)
+            #endif
+            let made = Result { try store.legacySnapshotData(for: metadata) }
+            if case .success(let data) = made {
+                sender.send([Message(from: id, to: peer, term: term, body: .installSnapshot(Snapshot(metadata: metadata, data: data)))])
+                metrics.snapshotsSentWhole.add(1)
+            }
+            Task { await self.wholeSnapshotSent(to: peer, made.map { _ in () }) }
+        }
+    }
+
+    private func wholeSnapshotSent(to peer: NodeID, _ result: Result<Void, any Error>) {
+        snapshotsBeingMade.remove(peer)
+        if case .failure(let error) = result {
+            onReplicationTrouble?("node \(peer) sent no receipt for a snapshot stream (a build before streams, or unreachable), and its snapshot cannot go as one message: \(error)")
+            if !stopped { abandonSnapshotTransfer(to: peer) }
+        }
+    }
+
     private func abandonSnapshotTransfer(to peer: NodeID) {
+        if let transfer = snapshotTransfers[peer], !transfer.heard { peersTakingNoStreams[peer] = (.now, nil) }
         snapshotTransfers[peer] = nil
         metrics.snapshotTransfersAbandoned.add(1)
         raft.reportSnapshotFailure(to: peer)
@@ -1114,6 +1157,7 @@ public actor RaftDriver {
                 snapshotTransfers.removeAll()
                 return true
             }
+            transfer.heard = true
             if received > transfer.acknowledged {
                 transfer.acknowledged = min(received, transfer.source.byteCount)
                 transfer.lastProgress = .now

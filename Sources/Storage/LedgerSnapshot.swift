@@ -18,6 +18,12 @@ enum LedgerSnapshot {
         memory.forEachInOrder { encode($0, into: &w) }
     }
 
+    /// `documents` (in name order) as `encodeDocuments` writes them.
+    static func encodeDocuments(of documents: [Document], into w: inout BinaryWriter) {
+        w.write(UInt32(documents.count))
+        for document in documents { encode(document, into: &w) }
+    }
+
     static func encode(_ document: Document, into w: inout BinaryWriter) {
         w.writeBytes(document.name.utf8)
         w.write(document.format.rawValue)

@@ -273,6 +273,15 @@ public final class LedgerStore: Sendable {
         }
     }
 
+    /// The snapshot at `metadata` in the encoding of builds before streams,
+    /// for a follower of such a build (see `RaftDriver`): one message, so
+    /// at most `limit` bytes.
+    func legacySnapshotBytes(for metadata: SnapshotMetadata, limit: Int) throws -> [UInt8] {
+        let stream = try outgoingSnapshot(for: metadata)
+        return try SnapshotStream.legacyBytes(of: FileSource(file: stream.file, length: stream.byteCount), at: metadata.index,
+                                              path: directory, limit: limit)
+    }
+
     static let outgoingFileName = "snapshot-outgoing.tmp"
     static let incomingFileName = "snapshot-incoming.tmp"
 
@@ -308,7 +317,8 @@ public final class LedgerStore: Sendable {
     func install(_ snapshot: Snapshot) throws {
         let metadata = snapshot.metadata
         if !snapshot.data.isEmpty {
-            return try install(metadata, from: BytesSource(bytes: snapshot.data))
+            let stream = try SnapshotStream.fromLegacy(snapshot.data, at: metadata.index, path: audit.directory)
+            return try install(metadata, from: BytesSource(bytes: stream))
         }
         let staged = incoming.withLock { incoming in
             defer { incoming.whole.removeAll() }

@@ -268,6 +268,13 @@ public final class RaftStore: @unchecked Sendable {
         try requireLedger().outgoingSnapshot(for: metadata)
     }
 
+    /// The snapshot at `metadata` encoded as builds before streams sent
+    /// it, one message of at most `limit` bytes (for a follower that
+    /// does not take streams).
+    public func legacySnapshotData(for metadata: SnapshotMetadata, limit: Int = CodecLimits.snapshotBytesMax - 4096) throws -> [UInt8] {
+        try requireLedger().legacySnapshotBytes(for: metadata, limit: limit)
+    }
+
     /// Stages a piece of the snapshot stream the leader is sending. Once
     /// the receipt says complete, the core is handed the snapshot without
     /// its bytes, and its Ready installs the staged stream.

@@ -30,44 +30,127 @@ enum SnapshotStream {
     static func write(_ memory: LedgerMemory, audit: AuditLog, to emit: ([UInt8]) throws -> Void) throws {
         var documents = BinaryWriter(capacity: memory.contentBytes + memory.documents.count * 96 + 32)
         LedgerSnapshot.encodeDocuments(memory, into: &documents)
-        var header = BinaryWriter(capacity: 32)
-        header.write(version)
-        header.write(memory.applied)
-        header.write(UInt64(documents.bytes.count))
-        try emit(header.bytes)
-        try emit(documents.bytes)
+        var stream = StreamWriter()
+        try stream.begin(applied: memory.applied, documents: documents.bytes, emit)
         documents = BinaryWriter(capacity: 0)
         let head = memory.head.sequence
         var after: UInt64 = 0
-        var page = BinaryWriter(capacity: pageBytesTarget + (64 << 10))
-        var inPage = 0
-        func closePage() throws {
+        while after < head {
+            let records = try audit.records(after: after, limit: Int(min(head - after, UInt64(pageRecordsMax))))
+            guard let last = records.last else { break }
+            for record in records { try stream.add(record, emit) }
+            after = last.sequence
+        }
+        guard after == head else {
+            throw StorageError(code: .corruptState, reason: "\(audit.directory): the audit log holds \(after) records, not the \(head) of the chain")
+        }
+        try stream.end(emit)
+    }
+
+    /// Writes a stream through the `emit` each call is given: the header
+    /// and documents, then records in pages.
+    struct StreamWriter {
+        private var page = BinaryWriter(capacity: SnapshotStream.pageBytesTarget + (64 << 10))
+        private var inPage = 0
+
+        func begin(applied: LogIndex, documents: [UInt8], _ emit: ([UInt8]) throws -> Void) throws {
+            var header = BinaryWriter(capacity: 32)
+            header.write(SnapshotStream.version)
+            header.write(applied)
+            header.write(UInt64(documents.count))
+            try emit(header.bytes)
+            try emit(documents)
+        }
+
+        mutating func add(_ record: AuditRecord, _ emit: ([UInt8]) throws -> Void) throws {
+            LedgerSnapshot.encode(record, into: &page)
+            inPage += 1
+            if inPage == SnapshotStream.pageRecordsMax || page.bytes.count >= SnapshotStream.pageBytesTarget { try closePage(emit) }
+        }
+
+        private mutating func closePage(_ emit: ([UInt8]) throws -> Void) throws {
             guard inPage > 0 else { return }
             var header = BinaryWriter(capacity: 8)
             header.write(UInt32(page.bytes.count + 4))
             header.write(UInt32(inPage))
             try emit(header.bytes)
             try emit(page.bytes)
-            page.removeAll(keepingAtMost: pageBytesTarget + (64 << 10))
+            page.removeAll(keepingAtMost: SnapshotStream.pageBytesTarget + (64 << 10))
             inPage = 0
         }
-        while after < head {
-            let records = try audit.records(after: after, limit: Int(min(head - after, UInt64(pageRecordsMax))))
-            guard let last = records.last else { break }
-            for record in records {
-                LedgerSnapshot.encode(record, into: &page)
-                inPage += 1
-                if inPage == pageRecordsMax || page.bytes.count >= pageBytesTarget { try closePage() }
+
+        mutating func end(_ emit: ([UInt8]) throws -> Void) throws {
+            try closePage(emit)
+            var end = BinaryWriter(capacity: 4)
+            end.write(UInt32(0))
+            try emit(end.bytes)
+        }
+    }
+
+    // MARK: - The encoding of builds before streams (version 1)
+
+    /// Builds before streams sent a snapshot as one message: version 1,
+    /// the applied index, the documents, the audit record count (UInt32)
+    /// and every record. A follower of such a build cannot read a stream;
+    /// one of this build reads either.
+    static let legacyVersion: UInt8 = 1
+
+    /// A stream (`source`, of the snapshot at `index`) in the older
+    /// encoding, whole in memory: at most `limit` bytes.
+    static func legacyBytes<Source: SnapshotSource>(of source: Source, at index: LogIndex, path: String, limit: Int) throws -> [UInt8] {
+        var reader = try SnapshotStreamReader(source, at: index, path: path)
+        var documents = BinaryWriter(capacity: 1 << 20)
+        documents.write(legacyVersion)
+        documents.write(index)
+        LedgerSnapshot.encodeDocuments(of: try reader.documents(), into: &documents)
+        var records = BinaryWriter(capacity: 1 << 20)
+        var count = 0
+        func checkSize() throws {
+            guard documents.bytes.count + records.bytes.count + 4 <= limit, count <= UInt32.max else {
+                throw StorageError(code: .invalidRequest, reason: "\(path): the snapshot at index \(index) is over the \(limit) bytes one message of the older encoding may carry")
             }
-            after = last.sequence
         }
-        try closePage()
-        guard after == head else {
-            throw StorageError(code: .corruptState, reason: "\(audit.directory): the audit log holds \(after) records, not the \(head) of the chain")
+        try checkSize()
+        while let page = try reader.nextPage() {
+            for record in page { LedgerSnapshot.encode(record, into: &records) }
+            count += page.count
+            try checkSize()
         }
-        var end = BinaryWriter(capacity: 4)
-        end.write(UInt32(0))
-        try emit(end.bytes)
+        var bytes = documents.bytes
+        bytes.reserveCapacity(bytes.count + 4 + records.bytes.count)
+        withUnsafeBytes(of: UInt32(count).littleEndian) { bytes.append(contentsOf: $0) }
+        bytes.append(contentsOf: records.bytes)
+        return bytes
+    }
+
+    /// Snapshot bytes in the older encoding as a stream (what an older
+    /// leader sends, read by this build); a stream as it is.
+    static func fromLegacy(_ bytes: [UInt8], at index: LogIndex, path: String) throws -> [UInt8] {
+        guard bytes.first == legacyVersion else { return bytes }
+        func damaged(_ reason: String) -> StorageError {
+            StorageError(code: .corruptState, reason: "\(path): the ledger snapshot at index \(index) is unusable (\(reason)); nothing was installed")
+        }
+        var r = BinaryReader(bytes)
+        var stream: [UInt8] = []
+        stream.reserveCapacity(bytes.count + bytes.count / 64 + 64)
+        var writer = StreamWriter()
+        let emit: ([UInt8]) throws -> Void = { stream.append(contentsOf: $0) }
+        do {
+            _ = try r.readUInt8("version")
+            let applied = try r.readUInt64("applied index")
+            guard applied == index else { throw damaged("it was taken at \(applied), not \(index)") }
+            var documents = BinaryWriter(capacity: 0)
+            LedgerSnapshot.encodeDocuments(of: try LedgerSnapshot.decodeDocuments(&r), into: &documents)
+            try writer.begin(applied: applied, documents: documents.bytes, emit)
+            let count = Int(try r.readUInt32("audit count"))
+            guard count <= r.remaining else { throw damaged("impossible audit count") }
+            for _ in 0..<count { try writer.add(try LedgerSnapshot.decodeRecord(&r), emit) }
+            try r.expectEnd()
+            try writer.end(emit)
+        } catch let error as CodecError {
+            throw damaged("\(error)")
+        }
+        return stream
     }
 }
 
@@ -253,7 +336,7 @@ public final class OutgoingSnapshot: Sendable {
     public let byteCount: UInt64
     /// CRC-32C of the whole stream.
     public let checksum: UInt32
-    private let file: SnapshotFile
+    let file: SnapshotFile
 
     init(metadata: SnapshotMetadata, byteCount: UInt64, checksum: UInt32, file: SnapshotFile) {
         self.metadata = metadata

@@ -443,6 +443,26 @@ struct DriverTests {
         }
     }
 
+    @Test("A follower that takes no snapshot streams (a build before them) is sent its snapshot as one message in the older encoding, and catches up")
+    func followerWithoutStreams() async throws {
+        try await LocalCluster.running(compactEveryEntries: 10) { cluster in
+            for driver in cluster.drivers.values { await driver.setSnapshotStreaming(chunkBytes: 256, stallLimit: .milliseconds(100)) }
+            let (leader, lagging) = try await cluster.isolateAFollower()
+            // What an older build does with a piece: it cannot read it.
+            await cluster.drivers[lagging]!.setDropIncoming { message in
+                if case .snapshotChunk = message.body { return true }
+                return false
+            }
+            for i in 0..<40 { _ = try await cluster.drivers[leader]!.propose(write("docs/\(i % 5)", "{\"i\":\(i)}")) }
+            #expect(await cluster.eventually { await cluster.drivers[leader]!.status.snapshotIndex >= 10 }, "the leader compacted its log")
+            #expect(try await cluster.healAndCatchUp(lagging, to: leader))
+            #expect(cluster.metrics[leader]!.snapshotTransfersAbandoned.current >= 1, "the stream was given up")
+            #expect(cluster.metrics[leader]!.snapshotsSentWhole.current >= 1)
+            #expect(cluster.metrics[lagging]!.snapshotsInstalled.current >= 1)
+            #expect(cluster.metrics[lagging]!.snapshotBytesStaged.current == 0)
+        }
+    }
+
     @Test("The leader does not compact while a follower is being sent its snapshot (a newer one would start the follower over), and compacts again once it is caught up")
     func compactionWaitsForSnapshotTransfer() async throws {
         try await LocalCluster.running(compactEveryEntries: 10) { cluster in

@@ -380,6 +380,34 @@ struct LedgerStoreTests {
         #expect(try follower.auditRecords().isEmpty)
     }
 
+    @Test("A snapshot in the encoding of builds before streams installs the same ledger, and a stream converts to it and back unchanged")
+    func legacySnapshotInstalls() throws {
+        var (source, leader, node) = try leaderThatApplied(commands(seed: 10, count: 120))
+        let (metadata, stream) = try checkpoint(&node, leader)
+        _ = source
+        let legacy = try leader.legacySnapshotData(for: metadata)
+        #expect(legacy.first == 1 && stream.first == 2)
+        #expect(try SnapshotStream.fromLegacy(legacy, at: metadata.index, path: "test") == stream)
+        let tooLarge = try #require(throws: StorageError.self) { try leader.legacySnapshotData(for: metadata, limit: legacy.count - 1) }
+        #expect(tooLarge.reason.contains("over the \(legacy.count - 1) bytes"), "\(tooLarge.reason)")
+
+        let target = try TemporaryStore()
+        let follower = try target.open()
+        try follower.initialize(with: DurableState(hardState: HardState(term: metadata.term, votedFor: 0, commitIndex: metadata.index),
+                                                   snapshot: Snapshot(metadata: metadata, data: legacy), entries: []))
+        #expect(try follower.ledgerAppliedIndex() == metadata.index)
+        #expect(try follower.auditRecords(limit: 10_000) == leader.auditRecords(limit: 10_000))
+        for name in (0..<6).map({ "docs/\($0)" }) { #expect(try follower.document(named: name) == leader.document(named: name)) }
+        var damaged = legacy
+        damaged[damaged.count - 1] ^= 0xFF // the last record's hash
+        let other = try TemporaryStore()
+        let refused = try #require(throws: StorageError.self) {
+            try other.open().initialize(with: DurableState(hardState: HardState(term: metadata.term, votedFor: 0, commitIndex: metadata.index),
+                                                           snapshot: Snapshot(metadata: metadata, data: damaged), entries: []))
+        }
+        #expect(refused.reason.contains("does not verify"), "\(refused.reason)")
+    }
+
     @Test("A checkpoint begun before a snapshot was installed is refused when written; the installed state is what a restart finds")
     func checkpointAfterInstallIsRefused() throws {
         let (target, follower, followerNode) = try leaderThatApplied(commands(seed: 5, count: 30))
