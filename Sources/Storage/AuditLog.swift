@@ -398,6 +398,10 @@ final class AuditLog: Sendable {
             state.located = located
             state.last = next - 1
             state.file = try AppendFile.reopen(path: final, validBytes: written, tornBytes: 0, lengthMax: segmentBytesMax)
+            // A long chain is followed by a file of its own at once, as an
+            // append would once the file is full: opening reads only the
+            // newest file whole, and this one may be gigabytes.
+            if written >= segmentBytesMax { try startFile(number: number + 1, first: next, &state) }
         }
     }
 
