@@ -216,6 +216,11 @@ public struct ChunkAssembler: Sendable {
         self.messageBytesMax = messageBytesMax
     }
 
+    static let reservedBytesMax = 16 << 20
+
+    /// The memory held for the message being put together (tests).
+    package var bufferedCapacity: Int { current?.bytes.capacity ?? 0 }
+
     /// The whole message once its last piece arrived, else nil.
     public mutating func add(_ chunk: MessageChunk) throws(FrameError) -> Message? {
         if chunk.offset == 0 {
@@ -224,7 +229,10 @@ public struct ChunkAssembler: Sendable {
                 throw .oversized(length: Int(chunk.totalBytes), limitBytes: messageBytesMax)
             }
             current = (chunk.messageID, Int(chunk.totalBytes), [])
-            current!.bytes.reserveCapacity(Int(chunk.totalBytes))
+            // What the first piece claims is reserved only up to a bound:
+            // the rest grows as pieces arrive, so a claim alone holds no
+            // memory.
+            current!.bytes.reserveCapacity(min(Int(chunk.totalBytes), Self.reservedBytesMax))
         }
         guard var assembling = current, assembling.id == chunk.messageID, Int(chunk.offset) == assembling.bytes.count,
               Int(chunk.totalBytes) == assembling.total else {

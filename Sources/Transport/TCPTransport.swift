@@ -79,8 +79,11 @@ public struct TransportLimits: Sendable {
     public var frameBytesMax = 16 << 20
     /// Messages larger than this (snapshots) travel in pieces this large.
     public var chunkBytes = 1 << 20
-    /// The largest message accepted in pieces (a snapshot).
-    public var chunkedMessageBytesMax = 1 << 30
+    /// The largest message accepted in pieces: a snapshot as one message
+    /// from a build before snapshot streams (at most the codec's 256 MiB),
+    /// with room for its header. A node's own snapshots go as streams of
+    /// 1 MiB pieces.
+    public var chunkedMessageBytesMax = 272 << 20
     /// Messages queued for one peer; past this the oldest are dropped
     /// (Raft retransmits what matters).
     public var queuedMessagesPerPeerMax = 4096

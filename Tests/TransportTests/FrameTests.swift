@@ -120,5 +120,9 @@ struct FrameTests {
         #expect(throws: FrameError.oversized(length: Int(parts[0].totalBytes), limitBytes: 100_000)) { _ = try small.add(parts[0]) }
         var orphan = ChunkAssembler(messageBytesMax: 1 << 20)
         #expect(throws: FrameError.self) { _ = try orphan.add(parts[1]) }
+        // A first piece claiming a huge message reserves a bounded buffer.
+        var claimed = ChunkAssembler(messageBytesMax: 1 << 30)
+        _ = try claimed.add(MessageChunk(messageID: 1, totalBytes: 1 << 30, offset: 0, bytes: [1, 2, 3]))
+        #expect(claimed.bufferedCapacity >= 3 && claimed.bufferedCapacity <= 17 << 20, "\(claimed.bufferedCapacity) bytes held")
     }
 }
