@@ -25,7 +25,11 @@ public enum DriverError: Error, Sendable, Hashable, CustomStringConvertible {
     /// request id once idempotency keys exist).
     case outcomeUnknown
     case raft(RaftError)
+    /// The node is stopping: the write was refused before it was proposed.
     case stopped
+    /// The node stopped while the write waited for its commit (proposed
+    /// here, or sent on to the leader): it may have committed.
+    case stoppedBeforeOutcome
     /// Too many proposals wait for the driver already.
     case overloaded(waiting: Int)
 
@@ -34,8 +38,8 @@ public enum DriverError: Error, Sendable, Hashable, CustomStringConvertible {
     /// cannot apply it twice.
     public var surelyNotApplied: Bool {
         switch self {
-        case .notLeader, .lostLeadership, .overloaded, .raft: return true
-        case .invalidCommand, .timedOut, .outcomeUnknown, .stopped: return false
+        case .notLeader, .lostLeadership, .overloaded, .raft, .stopped: return true
+        case .invalidCommand, .timedOut, .outcomeUnknown, .stoppedBeforeOutcome: return false
         }
     }
 
@@ -48,6 +52,7 @@ public enum DriverError: Error, Sendable, Hashable, CustomStringConvertible {
         case .outcomeUnknown: return "a snapshot replaced the log before this write's outcome was known here"
         case .raft(let error): return error.description
         case .stopped: return "the node is stopping"
+        case .stoppedBeforeOutcome: return "the node stopped before this write's outcome was known here; it may have committed: check elsewhere"
         case .overloaded(let waiting): return "\(waiting) proposals are waiting for this node already; retry shortly"
         }
     }
@@ -129,7 +134,9 @@ public actor RaftDriver {
         var continuation: CheckedContinuation<LogIndex, any Error>
     }
     private var pendingReads: [UInt64: PendingRead] = [:]
-    private var nextReadID: UInt64 = 1
+    /// Read ids start at random: an answer to a read of an earlier process
+    /// of this node, still queued for it, must not match a new read.
+    private var nextReadID = UInt64.random(in: 1...(UInt64.max >> 1))
     private var appliedIndex: LogIndex
 
     /// Opens the node from its store (which must be initialized).
@@ -362,7 +369,15 @@ public actor RaftDriver {
         expireRequests()
         checkSnapshotTransfers()
         try processReadies()
-        try store.writeAuditIfDue()
+        do {
+            try store.writeAuditIfDue()
+        } catch {
+            // A batch the audit writer failed: as on any storage failure
+            // (before, the ticking stopped but the node served on, its
+            // waiting callers never answered).
+            failStop(error)
+            throw error
+        }
     }
 
     /// Ticks every `interval` on the driver's own thread (not Swift's
@@ -585,8 +600,8 @@ public actor RaftDriver {
         for (offset, proposal) in queued.enumerated() {
             guard let continuation = proposal.continuation else { continue }
             let index = first + LogIndex(offset)
-            pendingWrites[index] = PendingWrite(term: term, deadlineTick: ticks + requestTimeoutTicks, startedAt: proposal.startedAt,
-                                                continuation: continuation)
+            awaitCommit(at: index, PendingWrite(term: term, deadlineTick: ticks + requestTimeoutTicks, startedAt: proposal.startedAt,
+                                                continuation: continuation))
         }
     }
 
@@ -626,7 +641,7 @@ public actor RaftDriver {
         guard case .appended(let term, let index, _) = receipt else { throw DriverError.notLeader(leaderHint: raft.leaderID) }
         let startedAt = ContinuousClock.now
         return try await withCheckedThrowingContinuation { continuation in
-            pendingWrites[index] = PendingWrite(term: term, deadlineTick: ticks + requestTimeoutTicks, startedAt: startedAt, continuation: continuation)
+            awaitCommit(at: index, PendingWrite(term: term, deadlineTick: ticks + requestTimeoutTicks, startedAt: startedAt, continuation: continuation))
             scheduleFlush()
         }
     }
@@ -682,15 +697,22 @@ public actor RaftDriver {
         do {
             try runLoop()
         } catch {
-            stopped = true
-            if failure == nil {
-                failure = error
-                failureView.withLock { $0 = "\(error)" }
-                failed.store(true, ordering: .releasing)
-            }
-            failAll(error)
+            failStop(error)
             throw error
         }
+    }
+
+    /// Stops the node for `error` (storage, or ledger rules its build does
+    /// not know): every waiting caller gets it, and every later input is
+    /// refused.
+    private func failStop(_ error: any Error) {
+        stopped = true
+        if failure == nil {
+            failure = error
+            failureView.withLock { $0 = "\(error)" }
+            failed.store(true, ordering: .releasing)
+        }
+        failAll(error)
     }
 
     /// What stopped the node (a storage failure, or ledger rules its build
@@ -1251,6 +1273,18 @@ public actor RaftDriver {
         }
     }
 
+    /// Waits for the write appended at `index`. A write of an earlier term
+    /// still waiting there (this node led before, lost its uncommitted
+    /// tail to another leader, and leads again before that index was
+    /// applied) is answered now: this leader's log holds another entry at
+    /// its index, so it never committed and never will. Overwritten, its
+    /// caller had waited for ever (no timeout finds what is not there).
+    private func awaitCommit(at index: LogIndex, _ write: PendingWrite) {
+        if let displaced = pendingWrites.updateValue(write, forKey: index) {
+            displaced.continuation.resume(throwing: DriverError.lostLeadership)
+        }
+    }
+
     private func settleWrite(at entry: Entry, outcomes: [LedgerOutcome]) {
         guard let pending = pendingWrites.removeValue(forKey: entry.index) else { return }
         metrics.commitSeconds.observe(pending.startedAt.duration(to: .now))
@@ -1291,7 +1325,9 @@ public actor RaftDriver {
 
     private func failAll(_ error: any Error) {
         releaseLeaderWaiters()
-        for (_, write) in forwardedWrites { write.continuation.resume(throwing: error) }
+        // Writes proposed, or sent on to the leader, may commit all the same.
+        let waitingError = (error as? DriverError) == .stopped ? DriverError.stoppedBeforeOutcome : error
+        for (_, write) in forwardedWrites { write.continuation.resume(throwing: waitingError) }
         forwardedWrites.removeAll()
         for proposal in queuedProposals { proposal.continuation?.resume(throwing: error) }
         queuedProposals.removeAll()
@@ -1301,7 +1337,7 @@ public actor RaftDriver {
             return inbox.proposals
         }
         for proposal in waiting { proposal.continuation?.resume(throwing: error) }
-        for (_, write) in pendingWrites { write.continuation.resume(throwing: error) }
+        for (_, write) in pendingWrites { write.continuation.resume(throwing: waitingError) }
         pendingWrites.removeAll()
         for (_, read) in pendingReads { read.continuation.resume(throwing: error) }
         pendingReads.removeAll()

@@ -255,6 +255,13 @@ final class Count: Sendable {
     func add() { count.withLock { $0 += 1 } }
 }
 
+/// Answers recorded by tasks, by key.
+final class Answers: Sendable {
+    private let answers = Mutex<[Int: String]>([:])
+    var value: [Int: String] { answers.withLock { $0 } }
+    func record(_ key: Int, _ answer: String) { answers.withLock { $0[key] = answer } }
+}
+
 private func write(_ name: String, _ text: String) -> LedgerCommand {
     LedgerCommand(timeMillis: 1, actor: "test", requestID: "\(name)=\(text)",
                   operation: .putDocument(name: name, format: .json, content: Array(text.utf8), expectedVersion: nil))
@@ -440,6 +447,45 @@ struct DriverTests {
             #expect(sent > staged, "lost pieces were sent again: \(sent) bytes sent, \(staged) staged")
             #expect(cluster.metrics[leader]!.snapshotTransfersAbandoned.current == 0, "the stream went on from where it stopped, not from the start")
             #expect(cluster.metrics[lagging]!.snapshotsInstalled.current >= 1)
+        }
+    }
+
+    @Test("Writes left waiting on a leader cut off, then overtaken by a later term, are answered lost leadership when it leads again and writes at their indices, not left waiting for ever")
+    func displacedWritesAreAnswered() async throws {
+        try await LocalCluster.running { cluster in
+            #expect(await cluster.eventually { await cluster.leader() != nil })
+            let first = try #require(await cluster.leader())
+            let old = cluster.drivers[first]!
+            _ = try await old.propose(write("docs/base", "{}"))
+            let before = await old.status.lastIndex
+            cluster.network.isolate(first)
+            // Appended on the cut-off leader alone: they wait.
+            let answers = Answers()
+            for i in 0..<3 {
+                Task {
+                    let answer: String
+                    do { _ = try await old.propose(write("docs/stranded-\(i)", "{}")); answer = "written" } catch { answer = "\(error)" }
+                    answers.record(i, answer)
+                }
+            }
+            #expect(await cluster.eventually { await old.status.lastIndex == before + 3 })
+            #expect(await cluster.eventually { await cluster.leader(excluding: [first]) != nil }, "the others elect a leader of a later term")
+            let second = try #require(await cluster.leader(excluding: [first]))
+            cluster.network.heal()
+            // The old leader follows it, its uncommitted tail replaced, and leads again at once.
+            let newLeader = cluster.drivers[second]!
+            #expect(await cluster.eventually {
+                let status = await old.status
+                let target = await newLeader.status.lastIndex
+                return status.leaderID == second && status.commitIndex >= target
+            })
+            try await cluster.drivers[second]!.transferLeadership(to: first)
+            #expect(await cluster.eventually { await old.status.role == .leader })
+            // New writes land on the indices the stranded ones waited at.
+            for i in 0..<5 { _ = try await old.propose(write("docs/new-\(i)", "{}")) }
+            // Each stranded write is answered, well before the 10 s request timeout.
+            #expect(await cluster.eventually(within: 8) { answers.value.count == 3 }, "answered: \(answers.value)")
+            #expect(answers.value == [0: "\(DriverError.lostLeadership)", 1: "\(DriverError.lostLeadership)", 2: "\(DriverError.lostLeadership)"])
         }
     }
 
@@ -744,6 +790,20 @@ struct DriverTests {
                 #expect(window.withLock { $0.leftAtEnd } == 4)
                 #expect((window.withLock { $0.scheduledAtEnd } ?? 0) >= 1, "a drain for the writes left in the inbox")
             }
+        }
+    }
+
+    @Test("A write proposed and waiting for its commit when the node stops is answered as of unknown outcome (it may still commit), not as refused")
+    func stopWhileWaitingIsOutcomeUnknown() async throws {
+        try await LocalCluster.running { cluster in
+            let (id, leader) = try await cluster.electedLeader()
+            let before = await leader.status.lastIndex
+            cluster.network.isolate(id)
+            let waiting = Task { try await leader.propose(write("in-flight", "1")) }
+            #expect(await cluster.eventually { await leader.status.lastIndex == before + 1 }, "proposed, not committed")
+            await leader.stop()
+            await #expect(throws: DriverError.stoppedBeforeOutcome) { _ = try await waiting.value }
+            #expect(!DriverError.stoppedBeforeOutcome.surelyNotApplied && DriverError.stopped.surelyNotApplied)
         }
     }
 

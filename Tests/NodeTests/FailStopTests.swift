@@ -13,6 +13,21 @@ private struct NoNetwork: MessageSender {
 struct FailStopTests {
     @Test("A storage failure stops the node cleanly: the caller gets the error, later input is refused, nothing crashes")
     func storageFailureStopsTheNode() async throws {
+        try await Self.withLeaderThatWrote { store, driver, command in
+            // The disk fails.
+            store.breakForTesting()
+
+            await #expect(throws: (any Error).self) { _ = try await driver.propose(command) }
+            // The tick reports the failure (the ticker logs it and stops), and no precondition trips.
+            await #expect(throws: (any Error).self) { try await driver.tick() }
+            #expect(driver.failureDescription != nil)
+            await #expect(throws: DriverError.stopped) { _ = try await driver.propose(command) }
+            await #expect(throws: DriverError.stopped) { _ = try await driver.linearizableReadIndex() }
+        }
+    }
+
+    /// A single-voter driver on a fresh store that leads and wrote `command`.
+    private static func withLeaderThatWrote(_ body: (RaftStore, RaftDriver, LedgerCommand) async throws -> Void) async throws {
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("warrant-failstop-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(at: directory) }
@@ -22,16 +37,28 @@ struct FailStopTests {
         try await driver.campaign()
         let command = LedgerCommand(timeMillis: 1, actor: "t", requestID: "a", operation: .putDocument(name: "a", format: .json, content: [], expectedVersion: nil))
         #expect(try await driver.propose(command).result == .written(version: 1))
+        try await body(store, driver, command)
+    }
 
-        // The disk fails.
-        store.breakForTesting()
-
-        await #expect(throws: (any Error).self) { _ = try await driver.propose(command) }
-        // The tick reports the failure (the ticker logs it and stops), and no precondition trips.
-        await #expect(throws: (any Error).self) { try await driver.tick() }
-        #expect(driver.failureDescription != nil)
-        await #expect(throws: DriverError.stopped) { _ = try await driver.propose(command) }
-        await #expect(throws: DriverError.stopped) { _ = try await driver.linearizableReadIndex() }
+    @Test("An audit batch the writer fails to write, found by a tick on an idle node, stops the node as any storage failure")
+    func auditWriteFailureStopsTheNode() async throws {
+        try await Self.withLeaderThatWrote { store, driver, command in
+            // The disk fails; then a write whose audit record waits in memory for its batch.
+            try #require(store.ledger).audit.failWrites()
+            var second = command
+            second.requestID = "b"
+            #expect(try await driver.propose(second).result == .written(version: 2))
+            var stoppedByTick = false
+            for _ in 0..<100 where !stoppedByTick {
+                try await Task.sleep(for: .milliseconds(20))
+                do { try await driver.tick() } catch { stoppedByTick = true }
+            }
+            #expect(stoppedByTick, "a tick found the failed batch")
+            // (Required: a node that did not stop would leave the read below waiting for ticks that no longer come.)
+            try #require(driver.failureDescription != nil, "the node counts as stopped (its API answers 503 node_stopped)")
+            await #expect(throws: DriverError.stopped) { _ = try await driver.linearizableReadIndex() }
+            await #expect(throws: DriverError.stopped) { _ = try await driver.propose(command) }
+        }
     }
 
     @Test("A node whose build does not know the ledger rules an entry adopts stops there, and again after a restart, until its build knows them")

@@ -533,6 +533,7 @@ public final class NodeAPI: Sendable {
                     return APIError.unavailable("raft_refused", raft.description)
                 }
             case .stopped: return APIError.unavailable("stopping", error.description)
+            case .stoppedBeforeOutcome: return APIError(status: .gatewayTimeout, code: "outcome_unknown", message: error.description)
             case .overloaded: return APIError.unavailable("overloaded", error.description)
             }
         case let error as LedgerRulesError:
