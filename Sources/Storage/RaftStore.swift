@@ -72,6 +72,9 @@ public final class RaftStore: @unchecked Sendable {
         self.snapshotsHoldLedger = snapshotsHoldLedger
         self.segmentBytesMax = segmentBytesMax
         try FileSystem.makeDirectory(directory)
+        // Before anything is read or changed: opening trims torn tails and
+        // old files, which would cut the files of a node already running here.
+        lockDescriptor = try Self.lockDirectory(directory)
         if FileSystem.exists("\(directory)/raft.sqlite") {
             throw StorageError(code: .schemaMismatch, reason: "\(directory) was written by an older Warrant that kept its log in SQLite (raft.sqlite); this one keeps it in \(directory)/wal. Remove the node from the cluster, delete its data directory and add it back (for the local cluster: bash cluster/down --wipe, then bash cluster/up).")
         }
@@ -80,6 +83,36 @@ public final class RaftStore: @unchecked Sendable {
 
     private let segmentBytesMax: Int
     private var walDirectory: String { "\(directory)/wal" }
+
+    /// Held (a POSIX record lock on `LOCK`) while the store is open, so a
+    /// second process cannot open the same directory; released by the
+    /// kernel if the process dies.
+    private let lockDescriptor: Int32
+
+    deinit { close(lockDescriptor) }
+
+    private static func lockDirectory(_ directory: String) throws -> Int32 {
+        let path = "\(directory)/LOCK"
+        let descriptor = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0o600)
+        guard descriptor >= 0 else { throw FileSystem.error("open", path) }
+        var request = flock()
+        request.l_type = Int16(F_WRLCK)
+        request.l_whence = Int16(SEEK_SET)
+        guard fcntl(descriptor, F_SETLK, &request) == 0 else {
+            let code = errno
+            var holder = flock()
+            holder.l_type = Int16(F_WRLCK)
+            holder.l_whence = Int16(SEEK_SET)
+            let pid = fcntl(descriptor, F_GETLK, &holder) == 0 && holder.l_type != Int16(F_UNLCK) ? " (process \(holder.l_pid))" : ""
+            close(descriptor)
+            guard code == EAGAIN || code == EACCES else {
+                errno = code
+                throw FileSystem.error("lock", path)
+            }
+            throw StorageError(code: .invalidRequest, reason: "\(directory) is in use by another process\(pid); two nodes must never share a data directory. Nothing was read or changed")
+        }
+        return descriptor
+    }
     private var snapshotPath: String { "\(directory)/snapshot.raft" }
 
     /// Whether this store was initialized (holds a log).

@@ -14,8 +14,41 @@ private func benchBinary() -> URL? {
     return nil
 }
 
+/// Starts `warrant-bench crash-writer` on `path`, its output on a pipe.
+private func startWriter(_ binary: URL, _ path: String) throws -> (Process, Pipe) {
+    let process = Process()
+    process.executableURL = binary
+    process.arguments = ["crash-writer", "--path", path]
+    let output = Pipe()
+    process.standardOutput = output
+    process.standardError = FileHandle.nullDevice
+    try process.run()
+    return (process, output)
+}
+
 @Suite("SIGKILL crash test", .serialized)
 struct CrashTests {
+    @Test("A data directory in use by a running process is refused, nothing read or changed; free again once that process is gone")
+    func directoryInUseIsRefused() async throws {
+        let binary = try #require(benchBinary(), "build the package first (swift build) so warrant-bench exists")
+        let temporary = try TemporaryStore()
+        let (process, output) = try startWriter(binary, temporary.path)
+        defer { if process.isRunning { kill(process.processIdentifier, SIGKILL) } }
+        // Wait for its first acknowledged write (the store is open then).
+        var first = Data()
+        while !String(decoding: first, as: UTF8.self).contains("acked"), first.count < 1_000 {
+            let more = output.fileHandleForReading.availableData
+            guard !more.isEmpty else { break }
+            first.append(more)
+        }
+        #expect(String(decoding: first, as: UTF8.self).contains("acked"))
+        let refused = try #require(throws: StorageError.self) { try temporary.open() }
+        #expect(refused.reason.contains("in use by another process (process \(process.processIdentifier))"), "\(refused.reason)")
+        kill(process.processIdentifier, SIGKILL)
+        process.waitUntilExit()
+        #expect(try temporary.open().loadDurableState().hardState.term >= 2, "opens once the writer is gone")
+    }
+
     @Test("A writer killed with SIGKILL at 50 random moments loses nothing it acknowledged, and its log always loads")
     func sigkillUnderWriteLoad() async throws {
         let binary = try #require(benchBinary(), "build the package first (swift build) so warrant-bench exists")
@@ -24,13 +57,7 @@ struct CrashTests {
         var acknowledgedMax: LogIndex = 0
         var kills = 0
         for round in 0..<50 {
-            let process = Process()
-            process.executableURL = binary
-            process.arguments = ["crash-writer", "--path", temporary.path]
-            let output = Pipe()
-            process.standardOutput = output
-            process.standardError = FileHandle.nullDevice
-            try process.run()
+            let (process, output) = try startWriter(binary, temporary.path)
             try await Task.sleep(for: .milliseconds(20 + random.below(120)))
             kill(process.processIdentifier, SIGKILL)
             process.waitUntilExit()
