@@ -1,4 +1,5 @@
 import Foundation
+import Node
 
 /// Writes an identity into a directory: `svid.pem`, `svid.key` (mode
 /// 0600), `bundle.pem`, and `jwt-<audience>.token` per JWT-SVID. Each file
@@ -33,29 +34,6 @@ public enum IdentityFiles {
         "jwt-" + String(audience.map { ($0.isASCII && ($0.isLetter || $0.isNumber)) || $0 == "." || $0 == "-" ? $0 : "_" }) + ".token"
     }
 
-    /// Creates `path` (which must not exist) with `mode` from the start,
-    /// whatever the umask, and writes and syncs `bytes`: a private key is
-    /// never readable by others, not even for a moment.
-    static func writeNew(_ path: String, _ bytes: [UInt8], mode: mode_t) throws {
-        let descriptor = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, mode)
-        guard descriptor >= 0 else { throw Problem(description: "cannot create \(path): \(String(cString: strerror(errno)))") }
-        var failure: String?
-        if fchmod(descriptor, mode) != 0 { failure = "cannot set the mode of \(path): \(String(cString: strerror(errno)))" }
-        var written = 0
-        while failure == nil, written < bytes.count {
-            let count = bytes[written...].withUnsafeBytes { Glibc.write(descriptor, $0.baseAddress, $0.count) }
-            if count < 0 && errno == EINTR { continue }
-            guard count > 0 else { failure = "cannot write \(path): \(String(cString: strerror(errno)))"; break }
-            written += count
-        }
-        if failure == nil, fsync(descriptor) != 0 { failure = "cannot sync \(path): \(String(cString: strerror(errno)))" }
-        close(descriptor)
-        if let failure {
-            unlink(path)
-            throw Problem(description: failure)
-        }
-    }
-
     /// `createDirectory` false: a directory that is not there is an error.
     public static func write(directory: String, certificatePEM: String, keyPEM: String, bundlePEM: String, jwts: [String: String] = [:],
                              createDirectory: Bool = true) throws {
@@ -78,7 +56,11 @@ public enum IdentityFiles {
             for file in files {
                 let final = "\(directory)/\(file.name)"
                 let path = "\(directory)/.\(file.name).\(UUID().uuidString.prefix(8)).tmp"
-                try writeNew(path, Array(file.content.utf8), mode: mode_t(file.mode))
+                do {
+                    try ClusterFiles.writeNew(path, Array(file.content.utf8), mode: mode_t(file.mode))
+                } catch {
+                    throw Problem(description: error.description)
+                }
                 temporary.append((path, final))
             }
             // Key first: a certificate is never in place without its key.

@@ -52,17 +52,28 @@ public enum SealedKey {
 public enum KeyEncryptionKey {
     /// Reads a KEK file: 32 random bytes in base64 on one line, readable
     /// only by its owner.
+    /// The file is opened first, and what is checked (mode, owner) is the
+    /// opened file's: through a symbolic link (a Kubernetes Secret volume's
+    /// files are links), that is the file linked to, and nothing can
+    /// change between the check and the read.
     public static func load(path: String) throws -> SymmetricKey {
-        let attributes: [FileAttributeKey: Any]
-        do {
-            attributes = try FileManager.default.attributesOfItem(atPath: path)
-        } catch {
-            throw FileProblem(path: path, problem: "cannot be read (\(error.localizedDescription))")
-        }
-        if let mode = attributes[.posixPermissions] as? Int, mode & 0o077 != 0 {
+        let descriptor = open(path, O_RDONLY | O_CLOEXEC)
+        guard descriptor >= 0 else { throw FileProblem(path: path, problem: "cannot be read (\(String(cString: strerror(errno))))") }
+        defer { close(descriptor) }
+        var info = stat()
+        guard fstat(descriptor, &info) == 0 else { throw FileProblem(path: path, problem: "cannot be read (\(String(cString: strerror(errno))))") }
+        let mode = Int(info.st_mode) & 0o777
+        if mode & 0o077 != 0 {
             throw FileProblem(path: path, problem: "is readable by others (mode \(String(mode, radix: 8))); run chmod 600 on it")
         }
-        let text = try ClusterFiles.read(path, bytesMax: 1024)
+        if info.st_uid != geteuid() && geteuid() != 0 {
+            throw FileProblem(path: path, problem: "belongs to user \(info.st_uid), not to the user this runs as (\(geteuid()))")
+        }
+        var bytes = [UInt8](repeating: 0, count: 1025)
+        let count = bytes.withUnsafeMutableBytes { Glibc.read(descriptor, $0.baseAddress, $0.count) }
+        guard count >= 0 else { throw FileProblem(path: path, problem: "cannot be read (\(String(cString: strerror(errno))))") }
+        guard count <= 1024 else { throw FileProblem(path: path, problem: "is larger than 1024 bytes") }
+        let text = String(decoding: bytes[0..<count], as: UTF8.self)
         guard let data = Data(base64Encoded: text.trimmingCharacters(in: .whitespacesAndNewlines)), data.count == 32 else {
             throw FileProblem(path: path, problem: "must hold 32 bytes in base64 (a key-encryption key)")
         }
@@ -106,9 +117,39 @@ public enum ClusterFiles {
         return String(decoding: data, as: UTF8.self)
     }
 
+    /// Writes `text` to `path` whole or not at all: a new file beside it
+    /// (its mode set from the start, synced), renamed into place.
     static func write(_ text: String, to path: String, mode: Int = 0o644) throws {
-        guard FileManager.default.createFile(atPath: path, contents: Data(text.utf8), attributes: [.posixPermissions: mode]) else {
-            throw FileProblem(path: path, problem: "cannot be written")
+        let temporary = (path as NSString).deletingLastPathComponent + "/." + (path as NSString).lastPathComponent + "." + UUID().uuidString.prefix(8) + ".tmp"
+        try writeNew(temporary, Array(text.utf8), mode: mode_t(mode))
+        guard rename(temporary, path) == 0 else {
+            let problem = "cannot be moved into place: \(String(cString: strerror(errno)))"
+            unlink(temporary)
+            throw FileProblem(path: path, problem: problem)
+        }
+    }
+
+    /// Creates `path` (which must not exist; a symbolic link there is
+    /// refused too) with `mode` from the start, whatever the umask, and
+    /// writes and syncs `bytes`: a private key is never readable by others,
+    /// not even for a moment. On failure nothing is left.
+    public static func writeNew(_ path: String, _ bytes: [UInt8], mode: mode_t) throws(FileProblem) {
+        let descriptor = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, mode)
+        guard descriptor >= 0 else { throw FileProblem(path: path, problem: "cannot be created: \(String(cString: strerror(errno)))") }
+        var failure: String?
+        if fchmod(descriptor, mode) != 0 { failure = "cannot have its mode set: \(String(cString: strerror(errno)))" }
+        var written = 0
+        while failure == nil, written < bytes.count {
+            let count = bytes[written...].withUnsafeBytes { Glibc.write(descriptor, $0.baseAddress, $0.count) }
+            if count < 0 && errno == EINTR { continue }
+            guard count > 0 else { failure = "cannot be written: \(String(cString: strerror(errno)))"; break }
+            written += count
+        }
+        if failure == nil, fsync(descriptor) != 0 { failure = "cannot be synced: \(String(cString: strerror(errno)))" }
+        close(descriptor)
+        if let failure {
+            unlink(path)
+            throw FileProblem(path: path, problem: failure)
         }
     }
 
@@ -139,7 +180,7 @@ public enum ClusterFiles {
         }
         try write(listing, to: "\(directory)/cluster.yaml")
         for member in members {
-            try writeNode(member, peers: members.filter { $0.id != member.id }, ca: ca, kek: kek, directory: directory, joining: false,
+            try writeNode(member, peers: members.filter { $0.id != member.id }, ca: ca, kek: kek, nodeDirectory: "\(directory)/node-\(member.id)", joining: false,
                           tickIntervalMilliseconds: tickIntervalMilliseconds, electionTimeoutTicks: electionTimeoutTicks,
                           snapshotEveryEntries: snapshotEveryEntries, trustDomain: trustDomain, keyAlgorithm: keyAlgorithm)
         }
@@ -150,12 +191,47 @@ public enum ClusterFiles {
     public static func addNode(directory: String, member: Member, peers: [Member], tickIntervalMilliseconds: Int = 10,
                                electionTimeoutTicks: Int = 20, snapshotEveryEntries: Int? = nil) throws {
         let (listing, kek, ca) = try openCA(directory: directory)
-        if FileManager.default.fileExists(atPath: "\(directory)/node-\(member.id)") {
-            throw FileProblem(path: "\(directory)/node-\(member.id)", problem: "already exists; node ids are never reused")
+        let final = "\(directory)/node-\(member.id)"
+        if FileManager.default.fileExists(atPath: final) {
+            throw FileProblem(path: final, problem: "already exists; node ids are never reused")
         }
-        try writeNode(member, peers: peers, ca: ca, kek: kek, directory: directory, joining: true,
-                      tickIntervalMilliseconds: tickIntervalMilliseconds, electionTimeoutTicks: electionTimeoutTicks,
-                      snapshotEveryEntries: snapshotEveryEntries, trustDomain: listing.trustDomain, keyAlgorithm: listing.keyAlgorithm)
+        // Written beside it and renamed into place: a failure halfway leaves
+        // nothing that would block the id.
+        let temporary = "\(directory)/.node-\(member.id).\(UUID().uuidString.prefix(8)).tmp"
+        do {
+            try writeNode(member, peers: peers, ca: ca, kek: kek, nodeDirectory: temporary, joining: true,
+                          tickIntervalMilliseconds: tickIntervalMilliseconds, electionTimeoutTicks: electionTimeoutTicks,
+                          snapshotEveryEntries: snapshotEveryEntries, trustDomain: listing.trustDomain, keyAlgorithm: listing.keyAlgorithm)
+            // The cluster's own settings (raft timing, limits, storage, the
+            // JWT issuer, ...) as a founding node has them, with this node's
+            // own section and peers.
+            if let founding = listing.members.lazy.map({ "\(directory)/node-\($0.id)/config.yaml" }).first(where: { FileManager.default.fileExists(atPath: $0) }) {
+                let own = try read("\(temporary)/config.yaml")
+                try write(try configLike(founding: try read(founding), own: own, path: founding), to: "\(temporary)/config.yaml")
+            }
+            guard rename(temporary, final) == 0 else {
+                throw FileProblem(path: final, problem: "cannot be moved into place: \(String(cString: strerror(errno)))")
+            }
+        } catch {
+            try? FileManager.default.removeItem(atPath: temporary)
+            throw error
+        }
+    }
+
+    /// A new node's configuration: a founding node's (`founding`), with the
+    /// `node` and `peers` sections of `own`. Both must parse.
+    static func configLike(founding: String, own: String, path: String) throws -> String {
+        guard var template = try Yams.load(yaml: founding) as? [String: Any], let mine = try Yams.load(yaml: own) as? [String: Any] else {
+            throw FileProblem(path: path, problem: "is not a YAML mapping")
+        }
+        for key in ["node", "peers"] { template[key] = mine[key] }
+        let text = try Yams.dump(object: template, sortKeys: true)
+        do {
+            _ = try NodeConfig(yaml: text)
+        } catch {
+            throw FileProblem(path: path, problem: "a configuration made from it does not load: \(error)")
+        }
+        return text
     }
 
     /// The cluster CA in `directory`, its key opened with the KEK there.
@@ -184,10 +260,9 @@ public enum ClusterFiles {
         return admin.certificate
     }
 
-    private static func writeNode(_ member: Member, peers: [Member], ca: ClusterCA, kek: SymmetricKey, directory: String, joining: Bool,
+    private static func writeNode(_ member: Member, peers: [Member], ca: ClusterCA, kek: SymmetricKey, nodeDirectory: String, joining: Bool,
                                   tickIntervalMilliseconds: Int, electionTimeoutTicks: Int, snapshotEveryEntries: Int?, trustDomain: String,
                                   keyAlgorithm: KeyAlgorithm) throws {
-        let nodeDirectory = "\(directory)/node-\(member.id)"
         try FileManager.default.createDirectory(atPath: nodeDirectory, withIntermediateDirectories: true)
         let identity = try ca.issueNodeIdentity(member.id, hosts: Array(Set([member.api.host, member.peer.host])).sorted())
         try write(pem(identity.certificate), to: "\(nodeDirectory)/node.pem")

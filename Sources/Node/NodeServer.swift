@@ -58,6 +58,42 @@ public final class NodeServer: Sendable {
     /// How long a graceful stop lets in-flight writes finish.
     public static let drainTimeout: Duration = .seconds(2)
 
+    /// Where a node records that it started with `dataDirectory`: beside
+    /// it (`<data_dir>.started`), outside a disk mounted there.
+    static func startMarker(of dataDirectory: String) -> String {
+        let directory = URL(fileURLWithPath: dataDirectory).standardizedFileURL
+        return directory.deletingLastPathComponent().appendingPathComponent(directory.lastPathComponent + ".started").path
+    }
+
+    /// Opens the node's store, starting its state the first time. That
+    /// first start is recorded beside the data directory (`startMarker`):
+    /// a node that held state once and finds its data directory empty (a
+    /// disk not mounted, or replaced) would start again from nothing and
+    /// vote as if it had never acknowledged anything, which can lose
+    /// committed entries. It refuses instead. A record that cannot be
+    /// written does not stop the start (the node warns).
+    package static func openStore(_ config: NodeConfig, configPath: String) throws -> RaftStore {
+        let dataDirectory = ClusterFiles.resolve(config.dataDirectory, relativeTo: configPath)
+        let marker = startMarker(of: dataDirectory)
+        try FileManager.default.createDirectory(atPath: dataDirectory, withIntermediateDirectories: true)
+        let store = try RaftStore(directory: dataDirectory, synchronous: config.unsafeNoFsync ? .none : .full)
+        let started = FileManager.default.fileExists(atPath: marker)
+        func record() {
+            try? Data("node \(config.id) first started with \(dataDirectory)\n".utf8).write(to: URL(fileURLWithPath: marker), options: .atomic)
+        }
+        if store.hasState {
+            if !started { record() } // a node started before the record was kept
+            return store
+        }
+        if started {
+            throw FileProblem(path: dataDirectory, problem: "this node started here before (\(marker)), but its data directory holds no Raft state now (a disk not mounted, or replaced?). Starting from nothing could lose committed entries, so the node refuses. If the data is truly gone, remove node \(config.id) from the cluster and add a new node in its place; to start a brand-new cluster's node anyway, delete \(marker)")
+        }
+        let voters = [config.id] + config.peers.map(\.id)
+        try store.initialize(with: config.joinsExistingCluster ? .empty : .bootstrap(voters: voters.sorted()))
+        record()
+        return store
+    }
+
     public init(configPath: String) throws {
         let text = try ClusterFiles.read(configPath, bytesMax: NodeConfig.fileBytesMax)
         let config: NodeConfig
@@ -70,15 +106,13 @@ public final class NodeServer: Sendable {
         log = NodeLog(nodeID: config.id)
         identity = try ClusterFiles.loadIdentity(config, configPath: configPath)
 
-        let dataDirectory = ClusterFiles.resolve(config.dataDirectory, relativeTo: configPath)
-        try FileManager.default.createDirectory(atPath: dataDirectory, withIntermediateDirectories: true)
-        store = try RaftStore(directory: dataDirectory, synchronous: config.unsafeNoFsync ? .none : .full)
+        store = try Self.openStore(config, configPath: configPath)
+        let marker = Self.startMarker(of: ClusterFiles.resolve(config.dataDirectory, relativeTo: configPath))
+        if !FileManager.default.fileExists(atPath: marker) {
+            log.warning("cannot record this node's first start; if its data directory is ever found empty, it will start again from nothing", ["file": marker])
+        }
         if config.unsafeNoFsync {
             log.warning("storage.unsafe_no_fsync: writes are not synced; a machine crash can lose acknowledged writes (tests only)")
-        }
-        if !store.hasState {
-            let voters = [config.id] + config.peers.map(\.id)
-            try store.initialize(with: config.joinsExistingCluster ? .empty : .bootstrap(voters: voters.sorted()))
         }
 
         var initial: [NodeID: MemberDirectory.Addresses] = [config.id: .init(peer: config.peerListen, api: config.apiListen)]
@@ -176,6 +210,7 @@ public final class NodeServer: Sendable {
     /// gracefully: no new requests, in-flight writes get `drainTimeout`
     /// to finish, leadership is handed over, then everything closes.
     public func run(handleSignals: Bool = true) async throws {
+        raiseOpenFileLimit()
         let peerAddress = try SocketAddress.makeAddressResolvingHost(config.peerListen.host, port: config.peerListen.port)
         let apiAddress = try SocketAddress.makeAddressResolvingHost(config.apiListen.host, port: config.apiListen.port)
         if handleSignals { Self.watchSignals(stopRequests.continuation) }
@@ -355,15 +390,43 @@ public final class NodeServer: Sendable {
         if status.role == .leader, let target = handOverTarget(status, orAnyClock: true) {
             try? await driver.transferLeadership(to: target)
         }
+        // The ticker keeps running meanwhile (ticking here too had run the
+        // node's clock twice as fast while it drained).
         let deadline = ContinuousClock.now.advanced(by: Self.drainTimeout)
         while ContinuousClock.now < deadline {
             let (pending, role) = (await driver.pendingRequestCount, await driver.status.role)
             if pending == 0 && role != .leader { break }
-            try? await driver.tick()
             try? await driver.sleep(for: .milliseconds(config.tickIntervalMilliseconds))
         }
         await driver.stop()
         transport.finish()
+    }
+
+    /// Files and sockets this node may need open at once: API connections,
+    /// peer connections and links, log, audit and checkpoint files, and room.
+    static let openFilesNeeded = HTTPServerLimits().connectionsMax + 2 * TransportLimits().inboundConnectionsMax + 256
+
+    /// Raises the soft limit on open files to the hard one: a soft limit of
+    /// 1,024 (a common default) is used up by API connections alone, and
+    /// the next log or audit file could then not be opened, which stops the
+    /// node. Below what the node may need, it says so.
+    private func raiseOpenFileLimit() {
+        #if os(Linux)
+        let resource = __rlimit_resource_t(RLIMIT_NOFILE.rawValue)
+        #else
+        let resource = RLIMIT_NOFILE
+        #endif
+        var limit = rlimit()
+        guard getrlimit(resource, &limit) == 0 else { return }
+        if limit.rlim_cur < limit.rlim_max {
+            var raised = limit
+            raised.rlim_cur = limit.rlim_max
+            if setrlimit(resource, &raised) == 0 { limit = raised }
+        }
+        if limit.rlim_cur < rlim_t(Self.openFilesNeeded) {
+            log.warning("the limit on open files is low: connections beyond it fail, and the node stops if it cannot open a log file; raise it (ulimit -n, or LimitNOFILE for systemd)",
+                        ["limit": "\(limit.rlim_cur)", "needed": "\(Self.openFilesNeeded)"])
+        }
     }
 
     // MARK: - Signals

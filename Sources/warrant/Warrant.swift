@@ -351,7 +351,9 @@ struct AuditCommand: AsyncParsableCommand {
                     print("node \(body.node): \(body.intact ? "intact" : "BROKEN at record \(body.brokenAt ?? 0): \(body.reason ?? "")"), \(body.records) records, head \(body.headHash?.prefix(16) ?? "-")")
                     if !body.intact { failed = true }
                 } catch {
-                    print("\(client.endpoints[index].hostPort): unreachable (\(error))")
+                    // A tamper check passes only if every node was checked.
+                    print("\(client.endpoints[index].hostPort): NOT VERIFIED, unreachable (\(error))")
+                    failed = true
                 }
             }
             // Nodes may be at different lengths: compare each at the shortest.

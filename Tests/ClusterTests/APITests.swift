@@ -237,6 +237,53 @@ struct APITests {
         await cluster.shutdown()
     }
 
+    @Test("'warrant audit verify' passes when every node's chain verifies and they agree, and fails when a node could not be checked")
+    func auditVerifyNeedsEveryNode() async throws {
+        let cluster = try await InProcessCluster.start()
+        do {
+            _ = try #require(await cluster.waitForLeader())
+            for i in 0..<3 {
+                let response = try await cluster.client.request(.PUT, "/v1/documents/verify/\(i)", headers: [("content-type", "application/json")], body: Array("{}".utf8))
+                #expect(response.status == .ok)
+            }
+            let binary = try #require(warrantBinary())
+            let apis = (1...3).map { "127.0.0.1:\(cluster.basePort + 100 + $0 - 1)" }
+            let verified = try run(["audit", "verify", "--dir", cluster.directory, "--endpoints", apis.joined(separator: ",")], executable: binary)
+            #expect(verified.status == 0 && verified.output.contains("all 3 nodes agree"), "\(verified.output)")
+            let dead = "127.0.0.1:\(LocalProcessCluster.pickBasePort())"
+            let partial = try run(["audit", "verify", "--dir", cluster.directory, "--endpoints", (apis + [dead]).joined(separator: ",")], executable: binary)
+            #expect(partial.status != 0 && partial.output.contains("\(dead): NOT VERIFIED"), "\(partial.output)")
+        } catch {
+            Issue.record(error)
+        }
+        await cluster.shutdown()
+    }
+
+    @Test("A node that started before and finds its data directory empty refuses to start from nothing; a node's first start, or one before the record was kept, is recorded")
+    func emptiedDataDirectoryIsRefused() throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("warrant-emptied-\(UUID().uuidString.prefix(8))").path
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let basePort = LocalProcessCluster.pickBasePort()
+        let peer = try HostPort(parsing: "127.0.0.1:\(basePort)", at: "peer"), api = try HostPort(parsing: "127.0.0.1:\(basePort + 100)", at: "api")
+        try ClusterFiles.initialize(directory: directory, clusterID: "emptied", members: [ClusterFiles.Member(id: 1, peer: peer, api: api)])
+        let configPath = "\(directory)/node-1/config.yaml"
+        let config = try NodeConfig(yaml: try String(contentsOfFile: configPath, encoding: .utf8))
+        let marker = "\(directory)/node-1/data.started"
+        #expect(try NodeServer.openStore(config, configPath: configPath).hasState)
+        #expect(FileManager.default.fileExists(atPath: marker), "the first start is recorded")
+        // The data disk is not there at the next start.
+        try FileManager.default.removeItem(atPath: "\(directory)/node-1/data")
+        let refused = try #require(throws: FileProblem.self) { try NodeServer.openStore(config, configPath: configPath) }
+        #expect(refused.problem.contains("started here before"), "\(refused.problem)")
+        #expect(!FileManager.default.fileExists(atPath: "\(directory)/node-1/data/wal"), "no Raft state was started")
+        // A node started before the record was kept gets one; a brand-new start once it is deleted.
+        try FileManager.default.removeItem(atPath: marker)
+        #expect(try NodeServer.openStore(config, configPath: configPath).hasState)
+        try FileManager.default.removeItem(atPath: marker)
+        #expect(try NodeServer.openStore(config, configPath: configPath).hasState)
+        #expect(FileManager.default.fileExists(atPath: marker))
+    }
+
     @Test("A node whose peer or API port is taken stops with an error naming the address, and never serves", arguments: ["peer", "api"])
     func portTaken(which: String) async throws {
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("warrant-port-\(UUID().uuidString.prefix(8))").path

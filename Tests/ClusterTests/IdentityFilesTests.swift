@@ -1,5 +1,6 @@
 @testable import Client
 import Foundation
+import Node
 import Testing
 
 /// What `warrant join`, `exec` and `agent` leave on disk.
@@ -22,10 +23,10 @@ struct IdentityFilesTests {
         #expect(try String(contentsOfFile: "\(directory)/svid.key", encoding: .utf8) == "KEY2\n" && mode("svid.key") == 0o600)
 
         let target = "\(directory)/target"
-        try IdentityFiles.writeNew(target, Array("kept".utf8), mode: 0o644)
-        #expect(throws: IdentityFiles.Problem.self) { try IdentityFiles.writeNew(target, Array("secret".utf8), mode: 0o600) }
+        try ClusterFiles.writeNew(target, Array("kept".utf8), mode: 0o644)
+        #expect(throws: FileProblem.self) { try ClusterFiles.writeNew(target, Array("secret".utf8), mode: 0o600) }
         try FileManager.default.createSymbolicLink(atPath: "\(directory)/link", withDestinationPath: target)
-        #expect(throws: IdentityFiles.Problem.self) { try IdentityFiles.writeNew("\(directory)/link", Array("secret".utf8), mode: 0o600) }
+        #expect(throws: FileProblem.self) { try ClusterFiles.writeNew("\(directory)/link", Array("secret".utf8), mode: 0o600) }
         #expect(try String(contentsOfFile: target, encoding: .utf8) == "kept", "nothing written through the name or the link")
     }
 }

@@ -229,6 +229,40 @@ struct ProcessTests {
         await cluster.close()
     }
 
+    @Test("A node started with a low soft limit on open files raises it to the hard limit")
+    func raisesOpenFileLimit() async throws {
+        let binary = try #require(warrantBinary(), "build the package first so the warrant executable exists")
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("warrant-nofile-\(UUID().uuidString.prefix(8))").path
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let base = LocalProcessCluster.pickBasePort()
+        try ClusterFiles.initialize(directory: directory, clusterID: "nofile", members: [
+            .init(id: 1, peer: try HostPort(parsing: "127.0.0.1:\(base)", at: ""), api: try HostPort(parsing: "127.0.0.1:\(base + 100)", at: "")),
+        ])
+        func limits(_ pid: Int32) -> (soft: String, hard: String)? {
+            guard let text = try? String(contentsOfFile: "/proc/\(pid)/limits", encoding: .utf8),
+                  let line = text.split(separator: "\n").first(where: { $0.hasPrefix("Max open files") }) else { return nil }
+            let fields = line.dropFirst("Max open files".count).split(separator: " ")
+            return fields.count >= 2 ? (String(fields[0]), String(fields[1])) : nil
+        }
+        let mine = try #require(limits(getpid()))
+        try #require(mine.hard != "unlimited" && Int(mine.hard) ?? 0 > 256, "this test needs a hard limit over 256, not \(mine.hard)")
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/bin/bash")
+        process.arguments = ["-c", "ulimit -Sn 256 && exec \"$0\" node start --config \"$1\"", binary, "\(directory)/node-1/config.yaml"]
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        defer { if process.isRunning { kill(process.processIdentifier, SIGKILL) } }
+        var raised = false
+        for _ in 0..<200 where !raised {
+            try await Task.sleep(for: .milliseconds(50))
+            if let now = limits(process.processIdentifier), now.soft == mine.hard { raised = true }
+        }
+        #expect(raised, "soft limit \(limits(process.processIdentifier).map { "\($0.soft)" } ?? "?"), hard \(mine.hard)")
+        kill(process.processIdentifier, SIGTERM)
+        process.waitUntilExit()
+    }
+
     @Test("A node refuses to start on a bad configuration, a wrong key-encryption key or a loose KEK file, saying which file and why")
     func refusesBadFiles() async throws {
         let binary = try #require(warrantBinary(), "build the package first so the warrant executable exists")

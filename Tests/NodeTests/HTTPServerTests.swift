@@ -45,9 +45,14 @@ struct HTTPServerTests {
 
     /// A server whose handler echoes the body, after `delay` ms from the
     /// query (so a later request could finish first), counting how many run at once.
-    private static func withServer(limits change: (inout HTTPServerLimits) -> Void = { _ in }, _ body: (Server) async throws -> Void) async throws {
+    /// `plain`: the query's delay and 503 are ignored (a node that answers at once).
+    /// `oneConnection`: the client uses one connection at a time, so no two
+    /// requests may run at once.
+    private static func withServer(ca given: ClusterCA? = nil, plain: Bool = false, oneConnection: Bool = true,
+                                   limits change: (inout HTTPServerLimits) -> Void = { _ in },
+                                   _ body: (Server) async throws -> Void) async throws {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        let ca = try ClusterCA.create(clusterID: "http-test")
+        let ca = try given ?? ClusterCA.create(clusterID: "http-test")
         let identity = try ca.issueNodeIdentity(1, hosts: ["127.0.0.1"])
         let counters = Counters()
         let server = try HTTPServer(group: group, identity: identity, limits: { var l = HTTPServerLimits(); l.requestBodyBytesMax = 1_000; change(&l); return l }(),
@@ -56,17 +61,18 @@ struct HTTPServerTests {
                                     }) { request in
             let now = counters.running.wrappingAdd(1, ordering: .relaxed).newValue
             counters.mostAtOnce.max(now)
-            if let delay = request.query["delay"].flatMap(Int.init) { try? await Task.sleep(for: .milliseconds(delay)) }
+            if !plain, let delay = request.query["delay"].flatMap(Int.init) { try? await Task.sleep(for: .milliseconds(delay)) }
             counters.running.wrappingSubtract(1, ordering: .relaxed)
             counters.handled.wrappingAdd(1, ordering: .relaxed)
             if let size = request.query["size"].flatMap(Int.init) { return HTTPResponse(status: .ok, body: [UInt8](repeating: 0x61, count: size)) }
+            if !plain, let code = request.query["unavailable"] { return APIError.unavailable(code, "unavailable for the test").response }
             return HTTPResponse(status: .ok, headers: [("content-type", "text/plain"), ("Content-Length", "999")],
                                 body: Array("\(request.method.rawValue) \(request.path) ".utf8) + request.body)
         }
         let address = try await server.start(at: try SocketAddress(ipAddress: "127.0.0.1", port: 0))
         do {
             try await body(Server(group: group, server: server, address: address, identity: identity, counters: counters))
-            #expect(counters.mostAtOnce.load() <= 1, "requests on one connection ran at once")
+            #expect(!oneConnection || counters.mostAtOnce.load() <= 1, "requests on one connection ran at once")
         } catch {
             await server.stop()
             try await group.shutdownGracefully()
@@ -401,6 +407,32 @@ struct HTTPServerTests {
                 Issue.record("a timed-out connection is closed")
             } catch let error as HTTPClientError {
                 #expect(!error.requestSent, "\(error)")
+            }
+        }
+    }
+
+    @Test("The operator's client tries the next node after any failure of a read, but after a write's only while it surely was not applied: not sent, or a 503 other than node_stopped")
+    func adminClientFailover() async throws {
+        let ca = try ClusterCA.create(clusterID: "http-test")
+        let admin = try ca.issueAdminIdentity(name: "alice")
+        try await Self.withServer(ca: ca, oneConnection: false) { first in
+            try await Self.withServer(ca: ca, plain: true, oneConnection: false) { second in
+                let client = try AdminClient(endpoints: [first.address, second.address], caPEM: try ca.certificate.serializeAsPEM().pemString,
+                                             certificatePEM: try admin.certificate.serializeAsPEM().pemString, keyPEM: admin.privateKey.pemRepresentation)
+                defer { Task { await client.closeAll() } }
+                // Sent, no answer in time: a read goes on, a write fails as sent.
+                #expect(try await client.request(.GET, "/x?delay=1500", timeout: .milliseconds(300)).status == .ok)
+                #expect(second.handled == 1)
+                await #expect(throws: HTTPClientError.self) { _ = try await client.request(.POST, "/x?delay=1500", body: [1], timeout: .milliseconds(300)) }
+                #expect(second.handled == 1, "a write sent without an answer is not sent again elsewhere")
+                // A 503 that surely did nothing: a write goes on too.
+                #expect(try await client.request(.POST, "/x?unavailable=no_leader", body: [1]).status == .ok)
+                #expect(second.handled == 2, "no_leader: the next node was asked")
+                // A node that stopped while applying may have applied it.
+                #expect(try await client.request(.POST, "/x?unavailable=node_stopped", body: [1]).status == .serviceUnavailable)
+                #expect(second.handled == 2, "node_stopped: a write is not sent again elsewhere")
+                #expect(try await client.request(.GET, "/x?unavailable=node_stopped").status == .ok)
+                #expect(second.handled == 3, "a read is")
             }
         }
     }

@@ -1,3 +1,5 @@
+import Crypto
+import Foundation
 import Node
 import Testing
 
@@ -28,6 +30,59 @@ raft:
 private func variant(_ line: String, with replacement: String) -> String {
     precondition(valid.contains(line), "the sample has no line '\(line)'")
     return valid.replacingOccurrences(of: line, with: replacement)
+}
+
+@Suite("Key-encryption key file")
+struct KeyEncryptionKeyFileTests {
+    @Test("The key is read through a symbolic link and the linked file's mode is what counts; readable by others, it is refused")
+    func modeOfTheFileLinkedTo() throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("warrant-kek-\(UUID().uuidString.prefix(8))").path
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let key = Data((0..<32).map { UInt8($0) })
+        try ClusterFiles.writeNew("\(directory)/kek-data", Array((key.base64EncodedString() + "\n").utf8), mode: 0o600)
+        try FileManager.default.createSymbolicLink(atPath: "\(directory)/kek", withDestinationPath: "\(directory)/kek-data")
+        let loaded = try KeyEncryptionKey.load(path: "\(directory)/kek")
+        #expect(loaded.withUnsafeBytes { Data($0) } == key, "read through the link (whose own mode is 777)")
+        try FileManager.default.setAttributes([.posixPermissions: 0o640], ofItemAtPath: "\(directory)/kek-data")
+        let refused = try #require(throws: FileProblem.self) { try KeyEncryptionKey.load(path: "\(directory)/kek") }
+        #expect(refused.problem.contains("is readable by others (mode 640)"), "\(refused.problem)")
+        try FileManager.default.setAttributes([.posixPermissions: 0o600], ofItemAtPath: "\(directory)/kek-data")
+        let handle = try #require(FileHandle(forWritingAtPath: "\(directory)/kek-data"))
+        handle.write(Data(repeating: 0x41, count: 2_000))
+        try handle.close()
+        let tooLarge = try #require(throws: FileProblem.self) { try KeyEncryptionKey.load(path: "\(directory)/kek") }
+        #expect(tooLarge.problem.contains("larger than 1024"), "\(tooLarge.problem)")
+    }
+}
+
+@Suite("Cluster files")
+struct ClusterFilesTests {
+    @Test("A node added later gets the cluster's settings as a founding node has them, with its own id, addresses and join; its files appear whole")
+    func addedNodeTakesTheClusterSettings() throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("warrant-add-\(UUID().uuidString.prefix(8))").path
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        func member(_ id: UInt64) throws -> ClusterFiles.Member {
+            .init(id: id, peer: try HostPort(parsing: "127.0.0.1:\(7400 + id)", at: "peer"), api: try HostPort(parsing: "127.0.0.1:\(8400 + id)", at: "api"))
+        }
+        let founders = try [member(1), member(2)]
+        try ClusterFiles.initialize(directory: directory, clusterID: "add", members: founders, tickIntervalMilliseconds: 7, electionTimeoutTicks: 30,
+                                    snapshotEveryEntries: 5_000)
+        // Settings an operator added to the founding nodes by hand.
+        for id in [1, 2] {
+            let path = "\(directory)/node-\(id)/config.yaml"
+            try (try String(contentsOfFile: path, encoding: .utf8) + "jwt_issuer: https://warrant.example.com\n").write(toFile: path, atomically: true, encoding: .utf8)
+        }
+        try ClusterFiles.addNode(directory: directory, member: try member(3), peers: founders)
+        let added = try NodeConfig(yaml: try String(contentsOfFile: "\(directory)/node-3/config.yaml", encoding: .utf8))
+        #expect(added.id == 3 && added.joinsExistingCluster && added.peerListen.port == 7403 && added.apiListen.port == 8403)
+        #expect(added.peers.map(\.id) == [1, 2])
+        #expect(added.tickIntervalMilliseconds == 7 && added.electionTimeoutTicks == 30 && added.snapshotEveryEntries == 5_000)
+        #expect(added.jwtIssuer == "https://warrant.example.com")
+        #expect(FileManager.default.fileExists(atPath: "\(directory)/node-3/node.key.sealed"))
+        #expect(try FileManager.default.contentsOfDirectory(atPath: directory).allSatisfy { !$0.hasSuffix(".tmp") }, "no temporary directory left")
+        #expect(throws: FileProblem.self) { try ClusterFiles.addNode(directory: directory, member: try member(3), peers: founders) }
+    }
 }
 
 @Suite("Node configuration")

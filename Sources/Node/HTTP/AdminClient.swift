@@ -53,10 +53,17 @@ public final class AdminClient: Sendable {
         try await pools[endpoint].request(method, uri, headers: headers, body: body, timeout: timeout)
     }
 
-    /// Sends to the first endpoint that answers with something other than
-    /// 503; returns the last answer or error if none does.
+    /// Sends to the first endpoint that takes the request; returns the last
+    /// answer or error if none does. A read (GET, HEAD) goes on to the next
+    /// endpoint after any failure or 503. Anything else goes on only while
+    /// it surely was not applied: it could not be sent, or the answer is a
+    /// 503 other than `node_stopped` (a node that stopped while applying
+    /// may have applied it). A write sent without an answer fails at once
+    /// (its outcome unknown): sent again elsewhere it could be applied
+    /// twice (`ca rotate --force` rotating twice, two tokens made).
     public func request(_ method: HTTPMethod, _ uri: String, headers: [(String, String)] = [], body: [UInt8] = [],
                         timeout: TimeAmount = .seconds(10), startingAt first: Int = 0) async throws -> HTTPClientResponse {
+        let reads = method == .GET || method == .HEAD
         var lastError: (any Error)?
         var lastResponse: HTTPClientResponse?
         for offset in pools.indices {
@@ -64,13 +71,21 @@ public final class AdminClient: Sendable {
             do {
                 let response = try await request(at: index, method, uri, headers: headers, body: body, timeout: timeout)
                 if response.status != .serviceUnavailable { return response }
+                if !reads && Self.errorCode(of: response) == "node_stopped" { return response }
                 lastResponse = response
             } catch {
+                if !reads, (error as? HTTPClientError)?.requestSent == true { throw error }
                 lastError = error
             }
         }
         if let lastResponse { return lastResponse }
         throw lastError ?? HTTPClientError(description: "no endpoint answered")
+    }
+
+    /// The `error.code` of an API error body, if it is one.
+    static func errorCode(of response: HTTPClientResponse) -> String? {
+        ((try? JSONSerialization.jsonObject(with: Data(response.body))) as? [String: Any])
+            .flatMap { $0["error"] as? [String: Any] }.flatMap { $0["code"] as? String }
     }
 
     public func closeAll() async {
