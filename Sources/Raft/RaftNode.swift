@@ -415,8 +415,17 @@ public struct RaftNode: Sendable {
 
     private mutating func leaveLeadership() {
         guard role == .leader else { return }
-        for read in pendingReads where read.origin == id { abandonedReads.append(read.requestID) }
-        for read in readsAwaitingFirstCommit where read.origin == id { abandonedReads.append(read.requestID) }
+        // Its own reads are abandoned; a follower's are refused, so that it
+        // need not wait for its timeout (a leader stepping down through
+        // CheckQuorum keeps its term, and the follower still takes it for
+        // the leader).
+        for read in pendingReads.map({ (origin: $0.origin, requestID: $0.requestID) }) + readsAwaitingFirstCommit {
+            if read.origin == id {
+                abandonedReads.append(read.requestID)
+            } else {
+                send(to: read.origin, .readIndexRefused(requestID: read.requestID))
+            }
+        }
         pendingReads.removeAll()
         readsAwaitingFirstCommit.removeAll()
         progress.removeAll()

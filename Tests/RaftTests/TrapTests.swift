@@ -199,6 +199,22 @@ struct TrapTests {
         #expect(ready.readStates.isEmpty)
     }
 
+    @Test("A leader that steps down through CheckQuorum, keeping its term, refuses the reads its followers forwarded instead of dropping them")
+    func steppingDownRefusesForwardedReads() throws {
+        var node = try makeLeader(1, checkQuorum: true, acknowledgedBy: [2])
+        node.step(message(from: 3, to: 1, term: node.term, .readIndexRequest(requestID: 7)))
+        _ = node.drain()
+        let term = node.term
+        var refused: [Message] = []
+        for _ in 0..<(4 * node.configuration.electionTimeoutTicks) where node.role == .leader {
+            node.tick()
+            let ready = node.drain()
+            refused += (ready.messagesToSendNow + ready.messagesAfterPersist).filter { if case .readIndexRefused = $0.body { return true } else { return false } }
+        }
+        #expect(node.role == .follower && node.term == term, "stepped down, same term")
+        #expect(refused.map(\.to) == [3] && refused.first?.body == .readIndexRefused(requestID: 7))
+    }
+
     @Test("A follower's read is confirmed by the leader and answered at the leader's commit index")
     func followerReadIndex() throws {
         let net = ScenarioNetwork(voters: [1, 2, 3], options: scenarioOptions())
