@@ -134,9 +134,21 @@ public final class LocalProcessCluster: Sendable {
     public func processID(of id: UInt64) -> Int32? { processes.withLock { $0[id].flatMap { $0.isRunning ? $0.processIdentifier : nil } } }
 
     /// SIGSTOP: the process is frozen (its connections stay open) until `resume`.
+    /// SIGSTOP, and waits (at most 2 s) until the process is seen stopped:
+    /// a request sent right after the signal could otherwise still be
+    /// answered (CI saw a paused leader answer "leader" once).
     public func pause(_ id: UInt64) {
         guard let process = processes.withLock({ $0[id] }), process.isRunning else { return }
         kill(process.processIdentifier, SIGSTOP)
+        let deadline = ContinuousClock.now.advanced(by: .seconds(2))
+        while ContinuousClock.now < deadline {
+            // The state follows the command's closing parenthesis in /proc/<pid>/stat.
+            let stat = (try? String(contentsOfFile: "/proc/\(process.processIdentifier)/stat", encoding: .utf8)) ?? ""
+            if let end = stat.lastIndex(of: ")"), stat[stat.index(after: end)...].trimmingCharacters(in: .whitespaces).first.map({ $0 == "T" || $0 == "t" }) ?? false {
+                return
+            }
+            usleep(1_000)
+        }
     }
 
     public func resume(_ id: UInt64) {
