@@ -152,6 +152,16 @@ struct ExecCommand: AsyncParsableCommand {
                           directory: String?, remakeDirectory: Bool = true, rejoin: @Sendable () async throws -> JobIdentity, say: @escaping @Sendable (String) -> Void,
                           onRenewed: @Sendable (JobIdentity) async -> Void = { _ in }) async {
         var current = first
+        // Never leave an expired identity in place: removed on the first
+        // failure past its expiry, and at its expiry during a wait.
+        func removeIfExpired() {
+            guard current.localExpiry.timeIntervalSinceNow <= 0, let directory else { return }
+            var removed = false
+            for file in ["svid.pem", "svid.key"] + audiences.map(JobIdentity.jwtFileName) {
+                removed = (try? FileManager.default.removeItem(atPath: "\(directory)/\(file)")) != nil || removed
+            }
+            if removed { say("the identity expired; its files are removed until a new one arrives") }
+        }
         while !Task.isCancelled {
             let due = current.issuedAt.addingTimeInterval(max(1, current.lifetime) * Double.random(in: 0.45...0.55))
             try? await Task.sleep(for: .milliseconds(Int(max(0, due.timeIntervalSinceNow) * 1000)))
@@ -162,6 +172,7 @@ struct ExecCommand: AsyncParsableCommand {
                     do {
                         renewed = try await current.renew(options, key: key)
                     } catch let failure as JobFailure where joinAgain(after: failure, current) {
+                        removeIfExpired()
                         say("renewal \(failure.status == nil ? "impossible, the identity expired" : "refused") (\(failure.description)); "
                             + "joining again with a fresh platform token")
                         renewed = try await rejoin()
@@ -173,15 +184,18 @@ struct ExecCommand: AsyncParsableCommand {
                     current = renewed
                     break
                 } catch {
-                    if current.localExpiry.timeIntervalSinceNow <= 0, let directory {
-                        // Never leave an expired identity in place.
-                        for file in ["svid.pem", "svid.key"] + audiences.map(JobIdentity.jwtFileName) {
-                            try? FileManager.default.removeItem(atPath: "\(directory)/\(file)")
-                        }
-                    }
+                    removeIfExpired()
                     let wait = backoff * Double.random(in: 0.5...1)
                     say("renewal failed (\(error)); retrying in \(String(format: "%.1f", wait)) s")
-                    try? await Task.sleep(for: .seconds(wait))
+                    // A wait across the expiry stops there to remove the identity.
+                    let untilExpiry = current.localExpiry.timeIntervalSinceNow
+                    if untilExpiry > 0, untilExpiry < wait {
+                        try? await Task.sleep(for: .milliseconds(Int(untilExpiry * 1000) + 1))
+                        removeIfExpired()
+                        try? await Task.sleep(for: .milliseconds(Int((wait - untilExpiry) * 1000)))
+                    } else {
+                        try? await Task.sleep(for: .seconds(wait))
+                    }
                     backoff = min(30, backoff * 2)
                 }
             }

@@ -382,6 +382,7 @@ extension JoinTests {
             let result = try await execution.value
             #expect(result.status == 0, "\(result.output)")
             #expect(result.output.contains("renewal impossible, the identity expired") && result.output.contains("joining again"), "\(result.output)")
+            #expect(result.output.contains("the identity expired; its files are removed"), "\(result.output)")
         }
     }
 }
