@@ -44,7 +44,9 @@ public final class WarrantClient: Sendable {
         }
         let tls = try NIOSSLContext(configuration: configuration)
         self.endpoints = endpoints
-        pools = try endpoints.map { HTTPConnectionPool(address: try SocketAddress.makeAddressResolvingHost($0.host, port: $0.port), tls: tls, idleMax: 2) }
+        // Names are looked up at each connection, without blocking: one
+        // that does not resolve is that endpoint's failure, not the client's.
+        pools = endpoints.map { HTTPConnectionPool(host: $0.host, port: $0.port, tls: tls, idleMax: 2) }
         self.timeout = timeout
         state.withLock { $0.setAsideUntil = Array(repeating: nil, count: endpoints.count) }
     }

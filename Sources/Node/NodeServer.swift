@@ -137,10 +137,11 @@ public final class NodeServer: Sendable {
         // leader 4,299 / 4,566 per second p99 25.8 / 25.2 ms against
         // 3,805 / 3,886 p99 30.0 / 30.9 ms.
         driverGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        // Peers' names are looked up at each connection attempt: a peer
+        // whose DNS name is not there yet (a pod still starting) is reached
+        // once it is.
         var peers: [NodeID: SocketAddress?] = [:]
-        for (id, addresses) in initial where id != config.id {
-            peers[id] = try? SocketAddress.makeAddressResolvingHost(addresses.peer.host, port: addresses.peer.port)
-        }
+        for (id, _) in initial where id != config.id { peers.updateValue(nil, forKey: id) }
         let log = self.log
         let refusals = PerSecondLimit(10) // a peer hammering the port must not flood the log
         let transport = try TCPTransport(id: config.id, peers: peers, group: networkGroup, inboundGroup: driverGroup, identity: identity,
@@ -148,6 +149,7 @@ public final class NodeServer: Sendable {
             if refusals.allow() { log.warning("peer connection closed", ["reason": reason]) }
         })
         self.transport = transport
+        for (id, addresses) in initial where id != config.id { transport.setAddress(host: addresses.peer.host, port: addresses.peer.port, of: id) }
 
         var configuration = Configuration(id: config.id, randomSeed: UInt64.random(in: 1...UInt64.max))
         configuration.electionTimeoutTicks = config.electionTimeoutTicks
@@ -158,7 +160,7 @@ public final class NodeServer: Sendable {
         // A member's addresses, as the cluster learns them.
         let learn = { @Sendable (id: NodeID, addresses: MemberDirectory.Addresses) in
             members.set(id, addresses)
-            transport.addPeer(id, address: try? SocketAddress.makeAddressResolvingHost(addresses.peer.host, port: addresses.peer.port))
+            transport.addPeer(id, host: addresses.peer.host, port: addresses.peer.port)
         }
         let metrics = NodeMetrics()
         driver = try RaftDriver(

@@ -107,6 +107,22 @@ public struct TransportLimits: Sendable {
     public init() {}
 }
 
+/// Where a peer is reached: an address, or a host name looked up at each
+/// connection attempt.
+public enum PeerAddress: Sendable, Equatable {
+    case resolved(SocketAddress)
+    case named(host: String, port: Int)
+
+    /// An IP literal becomes `.resolved`; anything else is a name.
+    public init(host: String, port: Int) {
+        if let address = try? SocketAddress(ipAddress: host, port: port) {
+            self = .resolved(address)
+        } else {
+            self = .named(host: host, port: port)
+        }
+    }
+}
+
 /// Node-to-node TCP: one listening socket for inbound connections, one
 /// outbound connection per peer fed from a bounded queue and re-established
 /// with exponential backoff. Every message travels as a `Frame`. Bad
@@ -118,7 +134,7 @@ public final class TCPTransport: Sendable {
     private let group: any EventLoopGroup
     /// Where accepted (inbound) connections are served; `group` otherwise.
     private let inboundGroup: any EventLoopGroup
-    private let peerAddresses: Mutex<[NodeID: SocketAddress]>
+    private let peerAddresses: Mutex<[NodeID: PeerAddress]>
     private let queues: Mutex<[LinkKey: LinkQueue]>
     /// Outbound links to start: the initial peers', then members added later.
     private let newLinks: AsyncStream<(LinkKey, LinkQueue)>
@@ -176,7 +192,7 @@ public final class TCPTransport: Sendable {
         } else {
             tls = nil
         }
-        peerAddresses = Mutex(peers.compactMapValues { $0 })
+        peerAddresses = Mutex(peers.compactMapValues { $0.map(PeerAddress.resolved) })
         self.group = group
         self.inboundGroup = inboundGroup ?? group
         self.limits = limits
@@ -186,7 +202,15 @@ public final class TCPTransport: Sendable {
     }
 
     public func setAddress(_ address: SocketAddress, of peer: NodeID) {
-        peerAddresses.withLock { $0[peer] = address }
+        peerAddresses.withLock { $0[peer] = .resolved(address) }
+    }
+
+    /// A peer's address by name: an IP literal is used as it is; a host
+    /// name is looked up again at every connection attempt (off the event
+    /// loops), so a peer whose DNS name appears, or moves, after this node
+    /// started is still reached.
+    public func setAddress(host: String, port: Int, of peer: NodeID) {
+        peerAddresses.withLock { $0[peer] = PeerAddress(host: host, port: port) }
     }
 
     /// Starts links to a peer (a member added after start); does nothing
@@ -194,6 +218,17 @@ public final class TCPTransport: Sendable {
     public func addPeer(_ peer: NodeID, address: SocketAddress? = nil) {
         guard peer != id else { return }
         if let address { setAddress(address, of: peer) }
+        startLinks(to: peer)
+    }
+
+    /// `addPeer` with the address by name (see `setAddress(host:port:of:)`).
+    public func addPeer(_ peer: NodeID, host: String, port: Int) {
+        guard peer != id else { return }
+        setAddress(host: host, port: port, of: peer)
+        startLinks(to: peer)
+    }
+
+    private func startLinks(to peer: NodeID) {
         let id = self.id, wallClock = self.wallClock
         let makeStamp: @Sendable () -> ClockStamp = { ClockStamp(from: id, wallMillis: wallClock()) }
         queues.withLock { queues in
@@ -327,7 +362,7 @@ public final class TCPTransport: Sendable {
                 let ready = LinkReadiness(group.any().makePromise(of: Void.self))
                 let connected: any Channel
                 do {
-                    connected = try await ClientBootstrap(group: group)
+                    let bootstrap = ClientBootstrap(group: group)
                     .connectTimeout(limits.connectTimeout)
                     .channelOption(.socketOption(.tcp_nodelay), value: 1)
                     .channelInitializer { [limits] channel in
@@ -340,7 +375,10 @@ public final class TCPTransport: Sendable {
                                                                                      expected: clusterID.map { (peer, $0) }))
                         }
                     }
-                    .connect(to: address).get()
+                    switch address {
+                    case .resolved(let socketAddress): connected = try await bootstrap.connect(to: socketAddress).get()
+                    case .named(let host, let port): connected = try await bootstrap.connect(host: host, port: port).get()
+                    }
                 } catch {
                     ready.settle(.failure(error))
                     throw error

@@ -77,6 +77,39 @@ struct TCPTransportTests {
         try await group.shutdownGracefully()
     }
 
+    @Test("A peer named by host name is looked up at each connection attempt: while the name does not resolve nothing goes and the link keeps trying; once it names the peer, messages arrive")
+    func peerByHostName() async throws {
+        #expect(PeerAddress(host: "127.0.0.1", port: 7) == .resolved(try SocketAddress(ipAddress: "127.0.0.1", port: 7)))
+        #expect(PeerAddress(host: "::1", port: 7) == .resolved(try SocketAddress(ipAddress: "::1", port: 7)))
+        #expect(PeerAddress(host: "node-2.warrant.internal", port: 7) == .named(host: "node-2.warrant.internal", port: 7))
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        var limits = TransportLimits()
+        limits.reconnectBackoffMax = .milliseconds(200)
+        let one = try TCPTransport(id: 1, peers: [2: nil], group: group, limits: limits)
+        let two = try TCPTransport(id: 2, peers: [1: nil], group: group)
+        let inboxTwo = Inbox(), bound = AddressBook()
+        let loopback = try SocketAddress(ipAddress: "127.0.0.1", port: 0)
+        let runners = Task {
+            await withTaskGroup(of: Void.self) { tasks in
+                tasks.addTask { try? await one.run(listeningOn: loopback, ready: { bound.set(1, $0) }) { _ in } }
+                tasks.addTask { try? await two.run(listeningOn: loopback, ready: { bound.set(2, $0) }) { inboxTwo.append($0) } }
+            }
+        }
+        #expect(await eventually { bound.all.count == 2 })
+        let port = try #require(bound.all[2]?.port)
+        // A name that cannot resolve (.invalid is reserved: RFC 6761).
+        one.setAddress(host: "warrant-peer-two.invalid", port: port, of: 2)
+        one.send([heartbeat(1, 2, 1)])
+        try await Task.sleep(for: .milliseconds(600))
+        #expect(inboxTwo.all.isEmpty)
+        one.setAddress(host: "localhost", port: port, of: 2)
+        #expect(await eventually { inboxTwo.all.count == 1 }, "the queued message arrives once the name resolves to the peer")
+        one.send([heartbeat(1, 2, 2)])
+        #expect(await eventually { inboxTwo.all == [heartbeat(1, 2, 1), heartbeat(1, 2, 2)] })
+        runners.cancel(); one.finish(); two.finish(); await runners.value
+        try await group.shutdownGracefully()
+    }
+
     @Test("Accepted connections are served on the inbound group: messages are delivered on its thread, the links' traffic stays on the other group")
     func inboundGroupServesAcceptedConnections() async throws {
         let links = MultiThreadedEventLoopGroup(numberOfThreads: 1), accepted = MultiThreadedEventLoopGroup(numberOfThreads: 1)

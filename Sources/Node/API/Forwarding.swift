@@ -81,11 +81,11 @@ public final class Forwarder: Sendable {
     /// another node's or a removed one's too), checked before anything,
     /// a caller's token say, is sent.
     private func pool(_ address: HostPort, node: NodeID) throws -> HTTPConnectionPool {
-        try pools.withLock { pools in
+        pools.withLock { pools in
             let key = PoolKey(address: address, node: node)
             if let pool = pools[key] { return pool }
             let clusterID = self.clusterID
-            let pool = HTTPConnectionPool(address: try SocketAddress.makeAddressResolvingHost(address.host, port: address.port), tls: tls) { der in
+            let pool = HTTPConnectionPool(host: address.host, port: address.port, tls: tls) { der in
                 NodeIdentity.refusal(ofServer: der, expecting: node, clusterID: clusterID)
             }
             pools[key] = pool

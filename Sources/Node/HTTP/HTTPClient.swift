@@ -3,6 +3,7 @@ import NIOHTTP1
 import NIOPosix
 import NIOSSL
 import NIOTLS
+import Transport
 import Synchronization
 
 /// A response as the client received it.
@@ -44,10 +45,32 @@ public final class HTTPConnection: Sendable {
                                group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
                                timeout: TimeAmount = .seconds(3), responseBytesMax: Int = 64 << 20,
                                peerCheck: (@Sendable ([UInt8]) -> String?)? = nil) async throws -> HTTPConnection {
-        let channel = try await ClientBootstrap(group: group)
+        try await connect(to: .resolved(address), tls: tls, serverHostname: serverHostname, group: group, timeout: timeout,
+                          responseBytesMax: responseBytesMax, peerCheck: peerCheck)
+    }
+
+    /// `connect(to:)` for an address or a host name, looked up now (off the event loops).
+    public static func connect(to target: PeerAddress, tls: NIOSSLContext?, serverHostname: String? = nil,
+                               group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
+                               timeout: TimeAmount = .seconds(3), responseBytesMax: Int = 64 << 20,
+                               peerCheck: (@Sendable ([UInt8]) -> String?)? = nil) async throws -> HTTPConnection {
+        let bootstrap = ClientBootstrap(group: group)
             .connectTimeout(timeout)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
-            .connect(to: address).get()
+        let channel: any Channel
+        let address: SocketAddress
+        switch target {
+        case .resolved(let resolved):
+            channel = try await bootstrap.connect(to: resolved).get()
+            address = resolved
+        case .named(let host, let port):
+            channel = try await bootstrap.connect(host: host, port: port).get()
+            guard let remote = channel.remoteAddress else {
+                try? await channel.close()
+                throw HTTPClientError(description: "the connection to \(host):\(port) closed at once")
+            }
+            address = remote
+        }
         let handshake: EventLoopPromise<Void>? = tls != nil && peerCheck != nil ? channel.eventLoop.makePromise(of: Void.self) : nil
         let box: NIOLoopBoundBox<[EventLoopPromise<HTTPClientResponse>]>
         do {
@@ -201,7 +224,8 @@ private final class ResponseHandler: ChannelInboundHandler {
 
 /// A few reusable connections to one address.
 public final class HTTPConnectionPool: Sendable {
-    public let address: SocketAddress
+    /// Where connections go: an address, or a name looked up for each new connection.
+    public let target: PeerAddress
     private let tls: NIOSSLContext?
     private let idle = Mutex<[HTTPConnection]>([])
     private let idleMax: Int
@@ -209,7 +233,17 @@ public final class HTTPConnectionPool: Sendable {
 
     /// `peerCheck`: see `HTTPConnection.connect`; every new connection is checked.
     public init(address: SocketAddress, tls: NIOSSLContext?, idleMax: Int = 32, peerCheck: (@Sendable ([UInt8]) -> String?)? = nil) {
-        self.address = address
+        self.target = .resolved(address)
+        self.tls = tls
+        self.idleMax = idleMax
+        self.peerCheck = peerCheck
+    }
+
+    /// Connections to `host` (an IP literal, or a name looked up again for
+    /// each new connection: a name that moves, or resolves only later, is
+    /// followed, and one that fails is that connection's failure).
+    public init(host: String, port: Int, tls: NIOSSLContext?, idleMax: Int = 32, peerCheck: (@Sendable ([UInt8]) -> String?)? = nil) {
+        self.target = PeerAddress(host: host, port: port)
         self.tls = tls
         self.idleMax = idleMax
         self.peerCheck = peerCheck
@@ -222,7 +256,7 @@ public final class HTTPConnectionPool: Sendable {
         if let reused, reused.isActive {
             connection = reused
         } else {
-            connection = try await HTTPConnection.connect(to: address, tls: tls, peerCheck: peerCheck)
+            connection = try await HTTPConnection.connect(to: target, tls: tls, peerCheck: peerCheck)
         }
         let response = try await connection.request(method, uri, headers: headers, body: body, timeout: timeout)
         let kept = idle.withLock { idle in
