@@ -60,7 +60,9 @@ public enum Linearizability {
             // Unknown: if it happened here, it made the next version.
             return State(version: state.version + 1, value: operation.value)
         case (.cas, .ok) where operation.conflict == true:
-            return state.version != operation.expectedVersion ? state : nil
+            // Refused: the version differed, and was the one it names (if it names one).
+            guard state.version != operation.expectedVersion else { return nil }
+            return operation.observedVersion == nil || operation.observedVersion == state.version ? state : nil
         case (.cas, .ok):
             guard state.version == operation.expectedVersion else { return nil }
             let next = State(version: state.version + 1, value: operation.value)

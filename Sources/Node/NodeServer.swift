@@ -248,9 +248,14 @@ public final class NodeServer: Sendable {
         log.info("node started", ["cluster": identity.clusterID, "peer": "\(config.peerListen)", "api": boundAPI.hostPort,
                                   "term": "\(await driver.status.term)", "applied": "\(await driver.status.appliedIndex)"])
         #if DEBUG
-        if ProcessInfo.processInfo.environment["WARRANT_PLANTED_BUG"] == "acknowledge-before-commit" {
+        let plantedBugs = Set((ProcessInfo.processInfo.environment["WARRANT_PLANTED_BUG"] ?? "").split(separator: ",").map(String.init))
+        if plantedBugs.contains("acknowledge-before-commit") {
             log.warning("PLANTED BUG: writes are acknowledged before they commit (test builds only)")
             await driver.plantAcknowledgeBeforeCommit()
+        }
+        if plantedBugs.contains("stale-reads") {
+            log.warning("PLANTED BUG: reads are served without confirming leadership (test builds only)")
+            await driver.plantStaleReads()
         }
         #endif
         let log = self.log

@@ -92,6 +92,12 @@ public actor RaftDriver {
     private nonisolated var acknowledgeBeforeCommit: Bool { bugPlanted.load(ordering: .acquiring) }
 
     package func plantAcknowledgeBeforeCommit() { bugPlanted.store(true, ordering: .releasing) }
+    /// A second deliberate bug, for the chaos harness's linearizability
+    /// checker: a read is served from whatever this node has applied,
+    /// without confirming leadership (no ReadIndex). A node cut off from
+    /// the majority, or behind it, answers stale reads.
+    private var staleReads = false
+    package func plantStaleReads() { staleReads = true }
     private var raft: RaftNode
     private let store: RaftStore
     private let sender: any MessageSender
@@ -652,6 +658,7 @@ public actor RaftDriver {
     /// also the default).
     public func linearizableReadIndex(timeoutTicks: Int? = nil) async throws -> LogIndex {
         guard !stopped else { throw DriverError.stopped }
+        if staleReads { return appliedIndex } // the planted bug
         let requestID = nextReadID
         nextReadID += 1
         do {

@@ -82,6 +82,15 @@ struct LinearizabilityTests {
         var refused = Builder()
         refused.add(0, .cas, value: 1, expect: 0, from: 0, to: 10, conflict: true)
         #expect(refused.verdict.name == "violation", "version 0 matched, so the refusal is wrong")
+        // A refusal naming the version it found: right if that was the version then, wrong otherwise.
+        var named = Builder()
+        named.add(0, .write, value: 1, from: 0, to: 10, version: 1)
+        named.add(1, .cas, value: 2, expect: 0, from: 20, to: 30, version: 1, conflict: true)
+        #expect(named.verdict == .linearizable)
+        var misnamed = Builder()
+        misnamed.add(0, .write, value: 1, from: 0, to: 10, version: 1)
+        misnamed.add(1, .cas, value: 2, expect: 0, from: 20, to: 30, version: 2, conflict: true)
+        #expect(misnamed.verdict.name == "violation", "the register was at version 1, not 2")
     }
 
     @Test("Keys are judged separately, and the search gives up with 'undecided' when its step budget runs out")

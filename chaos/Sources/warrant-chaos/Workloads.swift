@@ -80,10 +80,22 @@ struct RegisterWorkload {
         }
     }
 
-    /// A 503 that says no leader was known: the node refused before
-    /// proposing anything.
+    /// A 503 whose code says the write surely was not applied (the
+    /// driver's `surelyNotApplied`: no leader took it, leadership changed
+    /// before it committed, too many waiting, the core or a stopping node
+    /// refused it). Recorded as failed, so a node that says so of a write
+    /// it did apply is caught.
     static func definitelyNotProposed(_ body: [String: Any]) -> Bool {
-        ["not_leader", "no_leader"].contains((body["error"] as? [String: Any])?["code"] as? String ?? "")
+        ["not_leader", "no_leader", "leadership_changed", "overloaded", "stopping", "raft_refused"]
+            .contains((body["error"] as? [String: Any])?["code"] as? String ?? "")
+    }
+
+    /// The version a refused compare-and-set found: "is at version N", or
+    /// 0 for a document that "does not exist".
+    static func conflictVersion(_ body: [String: Any]) -> UInt64? {
+        let message = (body["error"] as? [String: Any])?["message"] as? String ?? ""
+        if let match = message.firstMatch(of: /is at version (\d+)/) { return UInt64(match.output.1) }
+        return message.contains("does not exist") ? 0 : nil
     }
 
     /// Turns an answer into an outcome: 200 is ok (with what it saw); a
@@ -117,6 +129,7 @@ struct RegisterWorkload {
         case (.cas, 409), (.cas, 404):
             operation.outcome = .ok
             operation.conflict = true
+            operation.observedVersion = conflictVersion(body)
         case (_, 503) where definitelyNotProposed(body):
             operation.outcome = .fail
             operation.error = "\(response.status.code) \(String(response.text.prefix(160)))"
