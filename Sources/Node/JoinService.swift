@@ -103,7 +103,10 @@ public struct KeySetFetcher: Sendable {
 /// once per issuer per `refetchInterval`, concurrent requests sharing that
 /// one fetch; a failed fetch keeps the last good keys; a new set replaces
 /// the old one whole. Keys older than `refreshInterval` are refreshed in
-/// the background while the old ones keep serving.
+/// the background while the old ones keep serving; keys older than
+/// `maxAge` are not used at all (a key the issuer withdrew, leaked say,
+/// stops being trusted within that time even if every refresh fails: an
+/// attacker able to block the fetches cannot keep it alive).
 public final class KeySetCache: Sendable {
     struct Entry {
         var issuer: IssuerConfig
@@ -118,12 +121,15 @@ public final class KeySetCache: Sendable {
     public let fetcher: KeySetFetcher
     public let refetchInterval: Duration
     public let refreshInterval: Duration
+    public let maxAge: Duration
     private let entries = Mutex<[String: Entry]>([:])
 
-    public init(fetcher: KeySetFetcher, refetchInterval: Duration = .seconds(30), refreshInterval: Duration = .seconds(3_600)) {
+    public init(fetcher: KeySetFetcher, refetchInterval: Duration = .seconds(30), refreshInterval: Duration = .seconds(3_600),
+                maxAge: Duration = .seconds(86_400)) {
         self.fetcher = fetcher
         self.refetchInterval = refetchInterval
         self.refreshInterval = refreshInterval
+        self.maxAge = max(maxAge, refreshInterval)
     }
 
     /// How many fetches (successful or not) this issuer has had.
@@ -139,6 +145,13 @@ public final class KeySetCache: Sendable {
             defer { entries[issuer.name] = entry }
             let stale = entry.fetchedAt.map { now - $0 > refreshInterval } ?? true
             let mayFetch = entry.lastAttempt.map { now - $0 >= refetchInterval } ?? true
+            if let fetchedAt = entry.fetchedAt, now - fetchedAt > maxAge {
+                // Too old to trust, whatever the refreshes say (once: fetchedAt goes too).
+                entry.keys = nil
+                entry.fetchedAt = nil
+                entry.lastError = AttestationError("keys_unavailable", "the keys last fetched are over \(maxAge.components.seconds) s old and no longer used"
+                                                   + (entry.lastError.map { "; refreshing them failed: \($0.message)" } ?? ""))
+            }
             if let keys = entry.keys, keys.keys[kid] != nil {
                 if stale && mayFetch && entry.inFlight == nil { entry.inFlight = startFetch(issuer, at: now, &entry) }
                 return .ready(keys)

@@ -207,12 +207,18 @@ extension NodeAPI {
     /// doubling; one whose outcome is unknown (timed out) is not, since the
     /// refusals would then count twice. A record never written carries its
     /// count into the next one.
+    /// Control characters as '?': a reason quotes the caller's claims,
+    /// and `warrant audit tail` prints each record on one line.
+    static func oneLine(_ text: String) -> String {
+        String(String.UnicodeScalarView(text.unicodeScalars.map { $0.value < 0x20 || (0x7F...0x9F).contains($0.value) ? "?" : $0 }))
+    }
+
     private func recordDenial(_ error: APIError, of request: HTTPRequest) {
         guard (400..<500).contains(Int(error.status.code)), error.code != "not_leader", !error.audited, let count = denials.admit() else { return }
         let driver = self.driver, denials = self.denials
         let command = LedgerCommand(timeMillis: UInt64(Date().timeIntervalSince1970 * 1000), actor: Self.actor(of: request),
                                     requestID: RequestID.make(),
-                                    operation: .recordDenial(reason: String(decoding: Array("\(error.code): \(error.message)".utf8.prefix(1_000)), as: UTF8.self), count: count))
+                                    operation: .recordDenial(reason: Self.oneLine(UTF8Text.prefix("\(error.code): \(error.message)", bytes: 1_000)), count: count))
         Task {
             for attempt in 0..<DenialLimiter.writeTries {
                 do {

@@ -1,5 +1,6 @@
 import Attestation
 import Authority
+import Encoding
 import Foundation
 import Ledger
 import NIOHTTP1
@@ -125,8 +126,8 @@ extension NodeAPI {
         guard let grant = decision.grant else {
             throw APIError(status: .forbidden, code: "join_denied", message: decision.denial)
         }
-        let subject = verified.claims["sub"].map { String(decoding: Array($0.utf8.prefix(160)), as: UTF8.self) } ?? ""
-        let actor = "\(issuer.method.rawValue):\(issuer.name):\(subject)"
+        let subject = verified.claims["sub"].map { Self.oneLine(UTF8Text.prefix($0, bytes: 160)) } ?? ""
+        let actor = Self.bounded(actor: "\(issuer.method.rawValue):\(issuer.name):\(subject)")
         var template = Issuance(kind: kind, spiffeID: grant.spiffeID.description, serial: "", fingerprint: "", issuedAtMillis: 0, notAfterMillis: 0,
                                 ttlSeconds: 0, tokenHash: "", idempotencyKey: idempotencyKey.map(AuthorityService.hash) ?? "", node: id,
                                 authority: "", attributes: [:], artifact: [])
