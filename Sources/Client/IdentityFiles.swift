@@ -29,9 +29,23 @@ public enum IdentityFiles {
         }
     }
 
-    /// `jwt-<audience>.token`, with anything but letters, digits, '.' and '-' as '_'.
+    /// `jwt-<audience>.token`: ASCII letters, digits, '.' and '-' as they
+    /// are, every other byte as '_' and two hex digits, so two audiences
+    /// never share a file (`a/b` is `jwt-a_2Fb.token`, `a_b` is
+    /// `jwt-a_5Fb.token`). A name that would pass 200 bytes keeps its first
+    /// 120 and ends with the audience's SHA-256 (a file name is at most 255).
     public static func jwtFileName(_ audience: String) -> String {
-        "jwt-" + String(audience.map { ($0.isASCII && ($0.isLetter || $0.isNumber)) || $0 == "." || $0 == "-" ? $0 : "_" }) + ".token"
+        var encoded = ""
+        for byte in audience.utf8 {
+            let scalar = Unicode.Scalar(byte)
+            if (byte < 0x80 && (Character(scalar).isLetter || Character(scalar).isNumber)) || byte == 0x2E || byte == 0x2D {
+                encoded.unicodeScalars.append(scalar)
+            } else {
+                encoded += String(format: "_%02X", byte)
+            }
+        }
+        if encoded.utf8.count > 200 { encoded = String(encoded.prefix(120)) + "-sha256-" + AuthorityService.hash(audience) }
+        return "jwt-" + encoded + ".token"
     }
 
     /// `createDirectory` false: a directory that is not there is an error.

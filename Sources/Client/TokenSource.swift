@@ -43,8 +43,13 @@ public enum TokenSource: Sendable, Equatable {
             guard FileManager.default.fileExists(atPath: path) else {
                 throw Problem("the token file \(path) does not exist" + (self == .kubernetes(path: path) ? " (mount a projected service-account token there, with this cluster's audience)" : ""))
             }
-            guard let data = FileManager.default.contents(atPath: path) else { throw Problem("the token file \(path) cannot be read (permissions?)") }
-            guard data.count <= Self.tokenBytesMax else { throw Problem("the token file \(path) is \(data.count) bytes; a token is at most \(Self.tokenBytesMax)") }
+            // At most one byte past the bound is read (a device such as /dev/zero never ends).
+            guard let handle = FileHandle(forReadingAtPath: path) else { throw Problem("the token file \(path) cannot be read (permissions?)") }
+            defer { try? handle.close() }
+            guard let data = try? handle.read(upToCount: Self.tokenBytesMax + 1) ?? Data() else {
+                throw Problem("the token file \(path) cannot be read")
+            }
+            guard data.count <= Self.tokenBytesMax else { throw Problem("the token file \(path) is over \(Self.tokenBytesMax) bytes; a token is at most that") }
             text = String(decoding: data, as: UTF8.self)
         }
         let token = text.trimmingCharacters(in: .whitespacesAndNewlines)

@@ -4,6 +4,7 @@ import GRPCCore
 import NIOCore
 import NIOHPACK
 import NIOHTTP2
+import NIOPosix
 import Synchronization
 
 /// Who is calling, as the kernel says (SO_PEERCRED on the Unix socket),
@@ -30,10 +31,12 @@ public struct PeerCredentials: Sendable, Hashable, CustomStringConvertible {
         (self.pid, self.uid, self.gid, self.executable, self.sha256) = (pid, uid, gid, executable, sha256)
     }
 
-    init(pid: Int32, uid: UInt32, gid: UInt32) {
+    /// `hashing`: whether the executable is hashed (only when a rule asks
+    /// for a digest: hashing can take a while for a large file).
+    init(pid: Int32, uid: UInt32, gid: UInt32, hashing: Bool = true) {
         let link = "/proc/\(pid)/exe"
         let path = try? FileManager.default.destinationOfSymbolicLink(atPath: link)
-        self.init(pid: pid, uid: uid, gid: gid, executable: path, sha256: path == nil ? nil : Self.digest(of: link))
+        self.init(pid: pid, uid: uid, gid: gid, executable: path, sha256: path == nil || !hashing ? nil : Self.digest(of: link))
     }
 
     init?(header: String) {
@@ -79,20 +82,23 @@ public struct PeerCredentials: Sendable, Hashable, CustomStringConvertible {
         return String(decoding: bytes, as: UTF8.self)
     }
 
-    /// Executables are hashed once per file (device, inode), size and
-    /// modification time, as stat(2) says of the file the link names; at
-    /// most `digestsMax` are remembered.
+    /// Executables are hashed once per file (device, inode), size,
+    /// modification time and change time, as fstat(2) says of the file
+    /// opened for hashing; at most `digestsMax` are remembered. The change
+    /// time is in the key because an owner can set a file's modification
+    /// time back after rewriting it in place, but not its change time.
     private static let digests = Mutex<[String: String]>([:])
     static let digestsMax = 1_024
     static let hashedBytesMax = 512 << 20
 
     static func digest(of path: String) -> String? {
+        let descriptor = open(path, O_RDONLY | O_CLOEXEC)
+        guard descriptor >= 0 else { return nil }
+        let handle = FileHandle(fileDescriptor: descriptor, closeOnDealloc: true)
         var info = stat()
-        guard stat(path, &info) == 0, info.st_size <= hashedBytesMax else { return nil }
-        let key = "\(info.st_dev)|\(info.st_ino)|\(info.st_size)|\(info.st_mtim.tv_sec).\(info.st_mtim.tv_nsec)"
+        guard fstat(descriptor, &info) == 0, info.st_size <= hashedBytesMax else { return nil }
+        let key = "\(info.st_dev)|\(info.st_ino)|\(info.st_size)|\(info.st_mtim.tv_sec).\(info.st_mtim.tv_nsec)|\(info.st_ctim.tv_sec).\(info.st_ctim.tv_nsec)"
         if let known = digests.withLock({ $0[key] }) { return known }
-        guard let handle = FileHandle(forReadingAtPath: path) else { return nil }
-        defer { try? handle.close() }
         var hasher = SHA256()
         var read = 0
         while read <= hashedBytesMax, let chunk = try? handle.read(upToCount: 1 << 20), !chunk.isEmpty {
@@ -174,15 +180,30 @@ struct KernelPeerCredentials: Sendable {
 /// Reads SO_PEERCRED when a connection is accepted and stamps every HTTP/2
 /// stream's request headers with it, replacing anything the client sent
 /// under that name: the interceptor then judges the real caller.
+///
+/// The executable is read from /proc when the connection is accepted, not
+/// when the caller connected: a process can connect, then hand the socket
+/// to a child and exec an admitted executable itself. `exe=` and
+/// `sha256=` rules therefore hold only together with a `uid=` (or `gid=`)
+/// that such a process cannot have (docs/jobs.md says so).
 final class PeerStamper: Sendable {
     private let peers = Mutex<[ObjectIdentifier: PeerCredentials]>([:])
+    /// Whether executables are hashed: only when a rule asks for a digest.
+    private let hashing: Bool
+
+    init(hashing: Bool) { self.hashing = hashing }
 
     func accepted(_ channel: any Channel) -> EventLoopFuture<Void> {
         guard let provider = channel as? any SocketOptionProvider else { return channel.eventLoop.makeSucceededVoidFuture() }
-        let id = ObjectIdentifier(channel)
+        let id = ObjectIdentifier(channel), hashing = self.hashing
         return provider.unsafeGetSocketOption(level: SocketOptionLevel(SOL_SOCKET), name: SocketOptionName(SO_PEERCRED))
-            .map { [self] (credentials: KernelPeerCredentials) in
-                let peer = PeerCredentials(pid: credentials.pid, uid: credentials.uid, gid: credentials.gid)
+            .flatMap { (credentials: KernelPeerCredentials) in
+                // Reading /proc and hashing block: off the event loop.
+                NIOThreadPool.singleton.runIfActive(eventLoop: channel.eventLoop) {
+                    PeerCredentials(pid: credentials.pid, uid: credentials.uid, gid: credentials.gid, hashing: hashing)
+                }
+            }
+            .map { [self] peer in
                 self.peers.withLock { $0[id] = peer }
                 channel.closeFuture.whenComplete { [self] _ in _ = self.peers.withLock { $0.removeValue(forKey: id) } }
             }

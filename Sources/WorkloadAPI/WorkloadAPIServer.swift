@@ -35,8 +35,9 @@ public struct WorkloadIdentity: Sendable {
 public protocol WorkloadIdentitySource: Sendable {
     /// A JWT-SVID for these audiences.
     func jwtSVID(audiences: [String]) async throws -> String
-    /// The SPIFFE ID and claims of a JWT-SVID valid for `audience`, or an error.
-    func validate(jwt: String, audience: String) async throws -> (spiffeID: String, claims: [String: String])
+    /// The SPIFFE ID and claims (the token's own, a JSON object in UTF-8)
+    /// of a JWT-SVID valid for `audience`, or an error.
+    func validate(jwt: String, audience: String) async throws -> (spiffeID: String, claimsJSON: [UInt8])
 }
 
 /// Holds the current identity and hands every change to each open stream.
@@ -163,7 +164,7 @@ final class WorkloadAPIService: SpiffeWorkloadAPI.SimpleServiceProtocol {
     func validateJWTSVID(request: ValidateJWTSVIDRequest, context: ServerContext) async throws -> ValidateJWTSVIDResponse {
         _ = try identity()
         guard !request.audience.isEmpty, !request.svid.isEmpty else { throw RPCError(code: .invalidArgument, message: "audience and svid are required") }
-        let (spiffeID, claims): (String, [String: String])
+        let (spiffeID, claims): (String, [UInt8])
         do {
             (spiffeID, claims) = try await source.validate(jwt: request.svid, audience: request.audience)
         } catch {
@@ -171,9 +172,12 @@ final class WorkloadAPIService: SpiffeWorkloadAPI.SimpleServiceProtocol {
         }
         var message = ValidateJWTSVIDResponse()
         message.spiffeID = spiffeID
-        var structure = Google_Protobuf_Struct()
-        for (name, value) in claims { structure.fields[name] = Google_Protobuf_Value(stringValue: value) }
-        message.claims = structure
+        // The claims with their JWT types (exp a number, aud a string or a list).
+        do {
+            message.claims = try Google_Protobuf_Struct(jsonUTF8Bytes: claims)
+        } catch {
+            throw RPCError(code: .internalError, message: "the JWT-SVID's claims could not be read: \(error)")
+        }
         return message
     }
 
@@ -238,7 +242,7 @@ public final class WorkloadAPIServer: Sendable {
         }
         self.path = path
         // The kernel's word on each caller (SO_PEERCRED), stamped on its streams for the rules.
-        let stamper = PeerStamper()
+        let stamper = PeerStamper(hashing: rules.contains { $0.sha256 != nil })
         var config = HTTP2ServerTransport.Posix.Config.defaults
         config.channelDebuggingCallbacks = .init(onBindTCPListener: nil, onAcceptTCPConnection: { stamper.accepted($0) },
                                                  onAcceptHTTP2Stream: { stamper.stream($0) })

@@ -14,6 +14,10 @@ final class AgentIdentity: WorkloadIdentitySource {
     /// half their lifetime has passed; emptied when the identity is replaced.
     private let jwtCache = JWTSVIDCache<JobIdentity>()
     private let lastJWKS = Mutex<[UInt8]?>(nil)
+    /// What was published last (the identity, its key, the X.509 bundle in
+    /// PEM) and how many times: a bundle refresh publishes only over the
+    /// identity it read.
+    private let published = Mutex<(identity: JobIdentity, key: P256.Signing.PrivateKey, bundlePEM: String, generation: Int)?>(nil)
 
     init(options: JobOptions.Resolved) {
         self.options = options
@@ -24,9 +28,17 @@ final class AgentIdentity: WorkloadIdentitySource {
         // Tokens of the identity before (another line, after a join again)
         // are not handed out for this one.
         jwtCache.replaceIdentity(identity)
-        // The trust domain's keys as the cluster serves them now; if it
-        // cannot say, the last ones it said (an empty or error body would
-        // make every workload refuse every JWT-SVID until the next renewal).
+        let jwks = await fetchJWKS()
+        published.withLock { published in
+            published = (identity, key, identity.bundlePEM, (published?.generation ?? 0) + 1)
+            publish(identity, key: key, bundlePEM: identity.bundlePEM, jwks: jwks)
+        }
+    }
+
+    /// The trust domain's keys as the cluster serves them now; if it
+    /// cannot say, the last ones it said (an empty or error body would
+    /// make every workload refuse every JWT-SVID until the next renewal).
+    private func fetchJWKS() async -> [UInt8] {
         let client = try? WarrantClient(endpoints: options.endpoints, caPEM: options.caPEM)
         var jwks = lastJWKS.withLock { $0 } ?? Array(#"{"keys":[]}"#.utf8)
         if let response = try? await client?.request(.GET, "/v1/keys"), response.status == .ok,
@@ -35,10 +47,41 @@ final class AgentIdentity: WorkloadIdentitySource {
             lastJWKS.withLock { $0 = jwks }
         }
         await client?.close()
+        return jwks
+    }
+
+    private func publish(_ identity: JobIdentity, key: P256.Signing.PrivateKey, bundlePEM: String, jwks: [UInt8]) {
         let trustDomain = identity.spiffeID.dropFirst("spiffe://".count).split(separator: "/").first.map(String.init) ?? ""
         feed.publish(WorkloadIdentity(spiffeID: identity.spiffeID, trustDomain: trustDomain,
                                       certificateChainDER: Self.certificates(identity.certificatePEM), keyDER: Array(key.derRepresentation),
-                                      bundleDER: Self.certificates(identity.bundlePEM), jwks: jwks, notAfter: identity.expiresAt))
+                                      bundleDER: Self.certificates(bundlePEM), jwks: jwks, notAfter: identity.expiresAt))
+    }
+
+    /// Asks the cluster for the trust bundle (PEM) and the JWT keys and,
+    /// if either changed, publishes them with the identity held: a CA
+    /// prepared or retired reaches the Workload API's streams within
+    /// `interval`, not at the next renewal. Until cancelled.
+    func keepBundlesFresh(every interval: Duration) async {
+        while !Task.isCancelled {
+            try? await Task.sleep(for: interval)
+            guard let held = published.withLock({ $0 }) else { continue }
+            let jwksBefore = lastJWKS.withLock { $0 }
+            let jwks = await fetchJWKS()
+            var bundlePEM = held.bundlePEM
+            if let client = try? WarrantClient(endpoints: options.endpoints, caPEM: options.caPEM) {
+                if let response = try? await client.request(.GET, "/v1/bundle.pem"), response.status == .ok,
+                   !Self.certificates(response.text).isEmpty {
+                    bundlePEM = response.text
+                }
+                await client.close()
+            }
+            guard bundlePEM != held.bundlePEM || jwks != jwksBefore else { continue }
+            published.withLock { published in
+                guard let current = published, current.generation == held.generation else { return } // renewed meanwhile
+                published = (current.identity, current.key, bundlePEM, current.generation + 1)
+                publish(current.identity, key: current.key, bundlePEM: bundlePEM, jwks: jwks)
+            }
+        }
     }
 
     /// exp - iat of a JWT's claims.
@@ -83,7 +126,7 @@ final class AgentIdentity: WorkloadIdentitySource {
         return token
     }
 
-    func validate(jwt: String, audience: String) async throws -> (spiffeID: String, claims: [String: String]) {
+    func validate(jwt: String, audience: String) async throws -> (spiffeID: String, claimsJSON: [UInt8]) {
         let client = try WarrantClient(endpoints: options.endpoints, caPEM: options.caPEM)
         defer { Task { await client.close() } }
         let response = try await client.request(.POST, "/v1/verify", json: Array(try JSONSerialization.data(withJSONObject: ["jwt": jwt, "audience": audience])))
@@ -91,11 +134,13 @@ final class AgentIdentity: WorkloadIdentitySource {
         guard body["valid"] as? Bool == true, let spiffeID = body["spiffe_id"] as? String else {
             throw JobFailure(description: "\(body["code"] as? String ?? "invalid"): \(body["reason"] as? String ?? response.text)")
         }
-        var claims = (body["attributes"] as? [String: String]) ?? [:]
-        claims["sub"] = spiffeID
-        claims["aud"] = audience
-        if let expires = body["expires_at"] as? String { claims["exp"] = expires }
-        return (spiffeID, claims)
+        // The cluster found it valid: its claims are the token's own.
+        let parts = jwt.split(separator: ".", omittingEmptySubsequences: false)
+        guard parts.count == 3, let payload = Base64URL.decode(parts[1]),
+              (try? JSONSerialization.jsonObject(with: Data(payload))) is [String: Any] else {
+            throw JobFailure(description: "the JWT-SVID's claims are not a JSON object")
+        }
+        return (spiffeID, payload)
     }
 }
 
@@ -118,6 +163,8 @@ struct AgentCommand: AsyncParsableCommand {
     var socket: String?
     @Option(help: "Also keep the identity as files in this directory.") var out: String?
     @Option(help: "Stop after this many seconds (for tests and one-off use).") var exitAfter: Double?
+    @Option(help: "How often to ask the cluster for its trust bundle and JWT keys, in seconds (streams are updated when they change).")
+    var bundleRefresh: Double = 60
     @Option(name: .customLong("allow"), help: "Which local processes may fetch the identity: uid=N, gid=N, exe=PATH, sha256=HEX, combined with commas (repeat for more rules; default: this user).")
     var allow: [String] = []
 
@@ -178,13 +225,17 @@ struct AgentCommand: AsyncParsableCommand {
                     stop.continuation.finish()
                 }
             }
-            let acquire: @Sendable () async throws -> JobIdentity = { try await JobIdentity.obtain(options, key: key, environment: environment, say: say) }
+            let acquire: @Sendable (P256.Signing.PrivateKey) async throws -> JobIdentity = { key in
+                try await JobIdentity.obtain(options, key: key, environment: environment, say: say)
+            }
             let renewal = Task {
-                await ExecCommand.keepFresh(identity, key: key, options: options, audiences: [], directory: out, rejoin: acquire, say: say) { renewed in
+                await ExecCommand.keepFresh(identity, key: key, options: options, audiences: [], directory: out, rejoin: acquire, say: say) { renewed, key in
                     await agent.update(renewed, key: key)
                 }
             }
+            let bundles = Task { [bundleRefresh] in await agent.keepBundlesFresh(every: .milliseconds(Int(max(1, min(bundleRefresh, 3_600)) * 1000))) }
             for await _ in stop.stream {}
+            bundles.cancel()
             renewal.cancel()
             for source in sources { source.cancel() }
             await server.stop()

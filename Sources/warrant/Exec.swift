@@ -27,6 +27,8 @@ struct ExecCommand: AsyncParsableCommand {
     var step: String?
     @Option(name: .customLong("jwt-audience"), help: "Also keep a JWT-SVID for this audience (repeat for more): jwt-<audience>.token; the first is $WARRANT_JWT_FILE.")
     var jwtAudiences: [String] = []
+    @Option(name: .customLong("jwt-ttl"), help: "The JWT-SVIDs' lifetime in seconds (default: the cluster's, at most an hour); each is fetched again at half of it.")
+    var jwtTTL: UInt32?
     @Option(help: "Set AWS_ROLE_ARN to this and AWS_WEB_IDENTITY_TOKEN_FILE to a JWT-SVID for sts.amazonaws.com, so unchanged AWS SDKs and the AWS CLI use the job's identity.")
     var awsRoleArn: String?
     @Argument(parsing: .postTerminator, help: "The command to run, after --.") var command: [String] = []
@@ -59,19 +61,27 @@ struct ExecCommand: AsyncParsableCommand {
             if awsRoleArn != nil && !audiences.contains("sts.amazonaws.com") { audiences.append("sts.amazonaws.com") }
             let step = self.step
             // The job's identity, or one for this step derived from it.
-            let acquire: @Sendable () async throws -> JobIdentity = {
+            let acquire: @Sendable (P256.Signing.PrivateKey) async throws -> JobIdentity = { key in
                 let job = try await JobIdentity.obtain(options, key: key, environment: environment, say: say)
                 guard let step else { return job }
                 say("asking for an identity for step \(step)")
                 return try await job.step(step, options, key: key)
             }
-            let identity = try await acquire().withJWTs(audiences, options)
+            let jwtTTL = self.jwtTTL
+            if jwtTTL == 0 { throw JobFailure(description: "--jwt-ttl must be a positive number of seconds") }
+            let identity = try await acquire(key).withJWTs(audiences, options, ttl: jwtTTL)
             try identity.write(to: directory)
             // The SPIFFE Workload API for the command, on a socket beside the files.
             let agent = AgentIdentity(options: options)
             await agent.update(identity, key: key)
             let socketPath = "\(directory)/agent.sock"
-            let workloadAPI = try? WorkloadAPIServer(path: socketPath, feed: agent.feed, source: agent)
+            let workloadAPI: WorkloadAPIServer?
+            do {
+                workloadAPI = try WorkloadAPIServer(path: socketPath, feed: agent.feed, source: agent)
+            } catch {
+                workloadAPI = nil
+                say("no SPIFFE Workload API for the command (SPIFFE_ENDPOINT_SOCKET is not set): \(error)")
+            }
             say("\(identity.spiffeID) until \(identity.expiresAt.formatted(.iso8601)); running \(command[0])")
 
             let child = Process()
@@ -112,14 +122,19 @@ struct ExecCommand: AsyncParsableCommand {
             // (A temporary directory is removed on exit: a renewal still under way then writes nothing.)
             let remakeDirectory = temporary == nil
             let renewal = Task {
-                await Self.keepFresh(identity, key: key, options: options, audiences: audiences, directory: directory, remakeDirectory: remakeDirectory,
-                                     rejoin: acquire, say: say) { renewed in
+                await Self.keepFresh(identity, key: key, options: options, audiences: audiences, jwtTTL: jwtTTL, directory: directory, remakeDirectory: remakeDirectory,
+                                     rejoin: acquire, say: say) { renewed, key in
                     await agent.update(renewed, key: key)
                 }
             }
+            let bundles = Task { await agent.keepBundlesFresh(every: .seconds(60)) }
             var result: (Int32, Process.TerminationReason) = (1, .exit)
             for await value in exited.stream { result = value }
+            bundles.cancel()
             renewal.cancel()
+            // Done before the directory goes: a renewal's write under way
+            // could otherwise leave a key file behind.
+            await renewal.value
             for source in sources { source.cancel() }
             await workloadAPI?.stop()
             status = result.1 == .uncaughtSignal ? 128 + result.0 : result.0
@@ -140,62 +155,100 @@ struct ExecCommand: AsyncParsableCommand {
     }
 
     /// Renews at half the lifetime (±10%, timed by this machine's clock from
-    /// when the identity arrived, for the lifetime the certificate says);
-    /// retries with backoff (1 to 30 s, jittered) while the cluster is
-    /// unreachable or busy; joins again with a fresh platform token when
-    /// renewal is refused (401, 403) or cannot work any more (the identity
-    /// expired: the cluster's TLS refuses it). An identity past its expiry
-    /// is removed rather than left for the command to use. With
-    /// `remakeDirectory` false, a renewal does not make the output directory
-    /// again once it is gone.
+    /// when the identity arrived, for the lifetime the certificate says),
+    /// for a new key each time (a leaked key, its identity revoked, is not
+    /// certified again); retries with backoff (1 to 30 s, jittered) while
+    /// the cluster is unreachable or busy; joins again with a fresh
+    /// platform token when renewal is refused (401, 403) or cannot work any
+    /// more (the identity expired: the cluster's TLS refuses it). An
+    /// identity obtained is kept even if what follows (its JWT-SVIDs, its
+    /// files) fails and is retried: a platform token is never spent twice
+    /// for one renewal. JWT-SVIDs living shorter than the X509-SVID (at
+    /// most an hour) are fetched again at half their own lifetime. An
+    /// identity or JWT-SVID past its expiry is removed rather than left for
+    /// the command to use. With `remakeDirectory` false, a renewal does not
+    /// make the output directory again once it is gone.
     static func keepFresh(_ first: JobIdentity, key: P256.Signing.PrivateKey, options: JobOptions.Resolved, audiences: [String],
-                          directory: String?, remakeDirectory: Bool = true, rejoin: @Sendable () async throws -> JobIdentity, say: @escaping @Sendable (String) -> Void,
-                          onRenewed: @Sendable (JobIdentity) async -> Void = { _ in }) async {
+                          jwtTTL: UInt32? = nil, directory: String?, remakeDirectory: Bool = true, rejoin: @Sendable (P256.Signing.PrivateKey) async throws -> JobIdentity,
+                          say: @escaping @Sendable (String) -> Void,
+                          onRenewed: @Sendable (JobIdentity, P256.Signing.PrivateKey) async -> Void = { _, _ in }) async {
         var current = first
         // Never leave an expired identity in place: removed on the first
         // failure past its expiry, and at its expiry during a wait.
         func removeIfExpired() {
-            guard current.localExpiry.timeIntervalSinceNow <= 0, let directory else { return }
-            var removed = false
-            for file in ["svid.pem", "svid.key"] + audiences.map(JobIdentity.jwtFileName) {
-                removed = (try? FileManager.default.removeItem(atPath: "\(directory)/\(file)")) != nil || removed
+            guard let directory else { return }
+            var files: [String] = []
+            if current.localExpiry.timeIntervalSinceNow <= 0 {
+                files = ["svid.pem", "svid.key"] + audiences.map(JobIdentity.jwtFileName)
+            } else if let jwtExpiry = current.jwtLocalExpiry, jwtExpiry.timeIntervalSinceNow <= 0 {
+                files = audiences.map(JobIdentity.jwtFileName)
             }
-            if removed { say("the identity expired; its files are removed until a new one arrives") }
+            var removed = false
+            for file in files { removed = (try? FileManager.default.removeItem(atPath: "\(directory)/\(file)")) != nil || removed }
+            if removed { say("the \(files.contains("svid.pem") ? "identity" : "JWT-SVIDs") expired; the files are removed until new ones arrive") }
+        }
+        /// Sleeps `seconds`, stopping at the next expiry on the way to remove what expired.
+        func wait(_ seconds: Double) async {
+            let deadline = Date().addingTimeInterval(seconds)
+            for expiry in [current.jwtLocalExpiry, current.localExpiry].compactMap({ $0 }).sorted() where expiry > Date() && expiry < deadline {
+                try? await Task.sleep(for: .milliseconds(Int(expiry.timeIntervalSinceNow * 1000) + 1))
+                removeIfExpired()
+            }
+            try? await Task.sleep(for: .milliseconds(Int(max(0, deadline.timeIntervalSinceNow) * 1000)))
+        }
+        func write(_ identity: JobIdentity) throws {
+            if let directory { try identity.write(to: directory, createDirectory: remakeDirectory) }
         }
         while !Task.isCancelled {
             let due = current.issuedAt.addingTimeInterval(max(1, current.lifetime) * Double.random(in: 0.45...0.55))
-            try? await Task.sleep(for: .milliseconds(Int(max(0, due.timeIntervalSinceNow) * 1000)))
+            // JWT-SVIDs due first: fetched again with this X509-SVID, retried until it is due.
+            if let jwtDue = current.jwtRefreshDue, jwtDue < due {
+                await wait(max(0, jwtDue.timeIntervalSinceNow))
+                var backoff = 1.0
+                while !Task.isCancelled, Date() < due {
+                    do {
+                        let refreshed = try await current.withJWTs(audiences, options, ttl: jwtTTL)
+                        try write(refreshed)
+                        current = refreshed
+                        break
+                    } catch {
+                        let pause = min(backoff * Double.random(in: 0.5...1), max(0, due.timeIntervalSinceNow))
+                        say("fetching JWT-SVIDs again failed (\(error)); retrying in \(String(format: "%.1f", pause)) s")
+                        await wait(pause)
+                        backoff = min(30, backoff * 2)
+                    }
+                }
+                continue
+            }
+            await wait(max(0, due.timeIntervalSinceNow))
             var backoff = 1.0
+            let newKey = P256.Signing.PrivateKey(compactRepresentable: false)
+            // Renewed (or joined again) but not yet delivered.
+            var obtained: JobIdentity?
             while !Task.isCancelled {
                 do {
-                    var renewed: JobIdentity
-                    do {
-                        renewed = try await current.renew(options, key: key)
-                    } catch let failure as JobFailure where joinAgain(after: failure, current) {
-                        removeIfExpired()
-                        say("renewal \(failure.status == nil ? "impossible, the identity expired" : "refused") (\(failure.description)); "
-                            + "joining again with a fresh platform token")
-                        renewed = try await rejoin()
+                    if let held = obtained, held.localExpiry.timeIntervalSinceNow <= 1 { obtained = nil }
+                    if obtained == nil {
+                        do {
+                            obtained = try await current.renew(options, key: newKey)
+                        } catch let failure as JobFailure where joinAgain(after: failure, current) {
+                            removeIfExpired()
+                            say("renewal \(failure.status == nil ? "impossible, the identity expired" : "refused") (\(failure.description)); "
+                                + "joining again with a fresh platform token")
+                            obtained = try await rejoin(newKey)
+                        }
                     }
-                    renewed = try await renewed.withJWTs(audiences, options)
-                    if let directory { try renewed.write(to: directory, createDirectory: remakeDirectory) }
-                    await onRenewed(renewed)
+                    let renewed = try await obtained!.withJWTs(audiences, options, ttl: jwtTTL)
+                    try write(renewed)
+                    await onRenewed(renewed, newKey)
                     say("renewed: \(renewed.spiffeID) until \(renewed.expiresAt.formatted(.iso8601))")
                     current = renewed
                     break
                 } catch {
                     removeIfExpired()
-                    let wait = backoff * Double.random(in: 0.5...1)
-                    say("renewal failed (\(error)); retrying in \(String(format: "%.1f", wait)) s")
-                    // A wait across the expiry stops there to remove the identity.
-                    let untilExpiry = current.localExpiry.timeIntervalSinceNow
-                    if untilExpiry > 0, untilExpiry < wait {
-                        try? await Task.sleep(for: .milliseconds(Int(untilExpiry * 1000) + 1))
-                        removeIfExpired()
-                        try? await Task.sleep(for: .milliseconds(Int((wait - untilExpiry) * 1000)))
-                    } else {
-                        try? await Task.sleep(for: .seconds(wait))
-                    }
+                    let pause = backoff * Double.random(in: 0.5...1)
+                    say("renewal failed (\(error)); retrying in \(String(format: "%.1f", pause)) s")
+                    await wait(pause)
                     backoff = min(30, backoff * 2)
                 }
             }

@@ -147,6 +147,15 @@ struct JobIdentity {
     var localExpiry: Date { issuedAt.addingTimeInterval(lifetime) }
     /// JWT-SVIDs by audience, obtained with this X509-SVID.
     var jwts: [String: String] = [:]
+    /// When this machine received `jwts`.
+    var jwtsReceived: Date?
+
+    /// The shortest JWT-SVID lifetime (exp - iat, the cluster's clock).
+    private var jwtLifetime: TimeInterval? { jwts.values.compactMap(AgentIdentity.lifetime(ofJWT:)).min() }
+    /// When the first of `jwts` expires, by this machine's clock.
+    var jwtLocalExpiry: Date? { jwtLifetime.flatMap { lifetime in jwtsReceived.map { $0.addingTimeInterval(lifetime) } } }
+    /// When `jwts` are fetched again: at half the shortest one's lifetime.
+    var jwtRefreshDue: Date? { jwtLifetime.flatMap { lifetime in jwtsReceived.map { $0.addingTimeInterval(max(1, lifetime) / 2) } } }
 
     /// Gets the platform token and exchanges it for an X509-SVID for `key`.
     static func obtain(_ options: JobOptions.Resolved, key: P256.Signing.PrivateKey, environment: [String: String], say: (String) -> Void) async throws -> JobIdentity {
@@ -228,13 +237,18 @@ struct JobIdentity {
 
     /// Adds a JWT-SVID per audience, asked for over mutual TLS with this
     /// X509-SVID (same SPIFFE ID and context, never outliving it).
-    func withJWTs(_ audiences: [String], _ options: JobOptions.Resolved) async throws -> JobIdentity {
+    /// `ttl`: their lifetime in seconds (default: the cluster's, at most an
+    /// hour and never past the X509-SVID).
+    func withJWTs(_ audiences: [String], _ options: JobOptions.Resolved, ttl: UInt32? = nil) async throws -> JobIdentity {
         guard !audiences.isEmpty else { return self }
         let client = try WarrantClient(endpoints: options.endpoints, caPEM: options.caPEM, certificatePEM: certificatePEM, keyPEM: keyPEM)
         defer { Task { await client.close() } }
         var copy = self
         for audience in audiences {
-            let body = Array(try JSONSerialization.data(withJSONObject: ["audience": [audience], "idempotency_key": UUID().uuidString]))
+            var request: [String: Any] = ["audience": [audience], "idempotency_key": UUID().uuidString]
+            // Never asked past the X509-SVID (the cluster would refuse).
+            if let ttl { request["ttl_seconds"] = min(ttl, UInt32(max(1, localExpiry.timeIntervalSinceNow.rounded(.down) - 1))) }
+            let body = Array(try JSONSerialization.data(withJSONObject: request))
             let response: HTTPClientResponse
             do {
                 response = try await client.request(.POST, "/v1/svid/jwt/workload", json: body)
@@ -248,6 +262,7 @@ struct JobIdentity {
             }
             copy.jwts[audience] = token
         }
+        copy.jwtsReceived = Date()
         return copy
     }
 

@@ -6,6 +6,17 @@ import Testing
 /// What `warrant join`, `exec` and `agent` leave on disk.
 @Suite("Identity files")
 struct IdentityFilesTests {
+    @Test("JWT-SVID file names: letters, digits, '.' and '-' kept, every other byte hex-escaped, so no two audiences share a file; long ones end with a hash and stay under 255 bytes")
+    func jwtFileNames() {
+        #expect(IdentityFiles.jwtFileName("sts.amazonaws.com") == "jwt-sts.amazonaws.com.token")
+        #expect(IdentityFiles.jwtFileName("https://vault.example.com/v1") == "jwt-https_3A_2F_2Fvault.example.com_2Fv1.token")
+        let colliding = ["a/b", "a_b", "a b", "a_2Fb", "é", "_C3_A9"]
+        #expect(Set(colliding.map(IdentityFiles.jwtFileName)).count == colliding.count, "\(colliding.map(IdentityFiles.jwtFileName))")
+        let long = String(repeating: "x/", count: 300), longer = long + "y"
+        #expect(IdentityFiles.jwtFileName(long).utf8.count < 255 && IdentityFiles.jwtFileName(long) != IdentityFiles.jwtFileName(longer))
+        #expect(!IdentityFiles.jwtFileName("../../etc/passwd").contains("/"))
+    }
+
     @Test("Each file has its mode from creation (key and tokens 0600, certificates 0644), is renamed into place whole, leaves no temporary file; a file is never created through a name already there, a symbolic link included")
     func modes() throws {
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("warrant-identity-\(UUID().uuidString.prefix(8))").path

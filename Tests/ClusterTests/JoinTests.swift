@@ -269,6 +269,8 @@ extension JoinTests {
             try "not a directory".write(toFile: "\(dir)/plain-file", atomically: true, encoding: .utf8)
             let cases: [([String], [String: String], String)] = [
                 (["--token-source", "file", "--token-file", "\(dir)/missing.jwt"], [:], "does not exist"),
+                // A file that never ends is read only past the bound.
+                (["--token-source", "file", "--token-file", "/dev/zero"], [:], "is over 16384 bytes"),
                 (["--token-source", "github", "--audience", "warrant.local"], [:], "id-token: write"),
                 (["--token-source", "gitlab"], [:], "WARRANT_ID_TOKEN is not set"),
                 (["--token-source", "file", "--token-file", "\(dir)/other.jwt"], [:], "wrong_audience"),
@@ -285,7 +287,8 @@ extension JoinTests {
             #expect(noCA.status == 1 && noCA.output.contains("CA file"))
 
             // warrant exec: the command runs with the identity and its status is ours; the private directory is gone afterwards.
-            let common = ["--endpoint", dead, "--endpoint", api, "--ca-file", "\(dir)/ca.pem", "--audience", "warrant.local", "--token-request-ca", "\(dir)/github-ca.pem"]
+            // An endpoint whose name does not resolve is that endpoint's failure only (it used to fail the client).
+            let common = ["--endpoint", dead, "--endpoint", api, "--endpoint", "warrant-gone.invalid:8443", "--ca-file", "\(dir)/ca.pem", "--audience", "warrant.local", "--token-request-ca", "\(dir)/github-ca.pem"]
             let script = "echo \"$WARRANT_IDENTITY_DIR\" > \(dir)/exec-dir; openssl verify -CAfile \"$WARRANT_BUNDLE_FILE\" \"$WARRANT_SVID_FILE\" > /dev/null && test \"$WARRANT_SPIFFE_ID\" = spiffe://warrant.local/gh/acme/api/deploy && exit 7"
             let exec = try run(["exec"] + common + ["--", "sh", "-c", script], executable: binary,
                                environment: ["PATH": ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin"].merging(runner) { $1 })
@@ -298,6 +301,11 @@ extension JoinTests {
             let renewed = try run(["exec"] + common + ["--ttl", "4", "--", "sh", "-c", renewing], executable: binary,
                                   environment: ["PATH": ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin"].merging(runner) { $1 })
             #expect(renewed.status == 0 && renewed.output.contains("renewed: spiffe://warrant.local/gh/acme/api/deploy"), "\(renewed.output)")
+            // JWT-SVIDs living shorter than the X509-SVID are fetched again at half their own lifetime.
+            let jwtRefresh = "a=$(cat \"$WARRANT_JWT_FILE\"); sleep 3; b=$(cat \"$WARRANT_JWT_FILE\"); test -n \"$a\" && test -n \"$b\" && test \"$a\" != \"$b\""
+            let jwtRefreshed = try run(["exec"] + common + ["--ttl", "60", "--jwt-audience", "svc", "--jwt-ttl", "2", "--", "sh", "-c", jwtRefresh], executable: binary,
+                                       environment: ["PATH": ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin"].merging(runner) { $1 })
+            #expect(jwtRefreshed.status == 0 && !jwtRefreshed.output.contains("renewed:"), "the JWT-SVID changed while the X509-SVID stayed: \(jwtRefreshed.output)")
             // JWT-SVIDs for the job over mutual TLS, handed to unchanged AWS tooling through its web-identity variables.
             let aws = "test \"$AWS_ROLE_ARN\" = arn:aws:iam::123456789012:role/deploy && cp \"$AWS_WEB_IDENTITY_TOKEN_FILE\" \(dir)/aws.jwt && test \"$WARRANT_JWT_FILE\" = \"$AWS_WEB_IDENTITY_TOKEN_FILE\""
             let awsRun = try run(["exec"] + common + ["--jwt-audience", "sts.amazonaws.com", "--aws-role-arn", "arn:aws:iam::123456789012:role/deploy",
@@ -382,7 +390,7 @@ extension JoinTests {
             let result = try await execution.value
             #expect(result.status == 0, "\(result.output)")
             #expect(result.output.contains("renewal impossible, the identity expired") && result.output.contains("joining again"), "\(result.output)")
-            #expect(result.output.contains("the identity expired; its files are removed"), "\(result.output)")
+            #expect(result.output.contains("the identity expired; the files are removed"), "\(result.output)")
         }
     }
 }
@@ -398,7 +406,8 @@ extension JoinTests {
             let (binary, environment) = try await simulatedGitHubJob(admin, github, directory: dir)
             let socket = "\(dir)/agent.sock"
             let arguments = ["agent", "--endpoint", "127.0.0.1:\(cluster.basePort + 100 + Int(follower) - 1)", "--ca-file", "\(dir)/ca.pem",
-                             "--audience", "warrant.local", "--token-request-ca", "\(dir)/github-ca.pem", "--socket", socket, "--exit-after", "40"]
+                             "--audience", "warrant.local", "--token-request-ca", "\(dir)/github-ca.pem", "--socket", socket, "--exit-after", "40",
+                             "--bundle-refresh", "1"]
             let agent = Process()
             agent.executableURL = URL(fileURLWithPath: binary)
             agent.arguments = arguments
@@ -414,6 +423,19 @@ extension JoinTests {
             let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("python/workload_api_client.py").path
             let python = try run(["python3", script, socket, "spiffe://warrant.local/gh/acme/api/deploy"])
             #expect(python.status == 0 && python.output.contains("py-spiffe ok") && python.output.contains("INVALID_ARGUMENT"), "\(python.output)")
+            // A CA prepared by a rotation reaches the Workload API's bundles within the refresh interval, not at the next renewal.
+            let countAuthorities = """
+                from spiffe import WorkloadApiClient, TrustDomain
+                with WorkloadApiClient(socket_path="unix://\(socket)", default_timeout=10) as client:
+                    print("authorities", len(client.fetch_x509_bundles().get_bundle_for_trust_domain(TrustDomain("warrant.local")).x509_authorities))
+                """
+            let before = try run(["python3", "-c", countAuthorities])
+            let authorities = try #require(before.output.firstMatch(of: /authorities (\d+)/).flatMap { Int($0.output.1) }, "\(before.output)")
+            let rotated = try await admin.request(.POST, "/v1/ca/rotate", headers: jsonHeaders, body: json([:]))
+            #expect(rotated.status == .ok, "\(rotated.text)")
+            #expect(await eventually(seconds: 15) {
+                (try? run(["python3", "-c", countAuthorities]))?.output.contains("authorities \(authorities + 1)") == true
+            }, "the prepared authority is served by the agent")
             // A raw call claiming to be another process in its own metadata is judged on the kernel's word.
             let forged = try run(["python3", "-c", """
                 import grpc, sys

@@ -26,6 +26,15 @@ with WorkloadApiClient(socket_path="unix://" + socket_path, default_timeout=10) 
         assert again.token == jwt.token, "a second JWT-SVID for the same audience within its first half-life"
     other = client.fetch_jwt_svid(audience={"vault"})
     assert other.token != jwt.token and other.audience == {"vault"}, f"audience {other.audience}"
+    # The claims ValidateJWTSVID returns are the token's own, with their JWT types.
+    from spiffe._proto import workload_pb2, workload_pb2_grpc
+    raw = workload_pb2_grpc.SpiffeWorkloadAPIStub(grpc.insecure_channel("unix:" + socket_path))
+    answer = raw.ValidateJWTSVID(workload_pb2.ValidateJWTSVIDRequest(audience="sts.amazonaws.com", svid=jwt.token),
+                                 metadata=[("workload.spiffe.io", "true")], timeout=10)
+    claims = dict(answer.claims)
+    assert claims["sub"] == expected, claims
+    assert isinstance(claims["exp"], float) and isinstance(claims["iat"], float) and claims["exp"] > claims["iat"], claims
+    assert claims["aud"] == "sts.amazonaws.com" or list(claims["aud"]) == ["sts.amazonaws.com"], claims
     jwt_bundles = client.fetch_jwt_bundles()
     assert jwt_bundles.get_bundle_for_trust_domain(svid.spiffe_id.trust_domain) is not None, "no JWT bundle"
     try:
