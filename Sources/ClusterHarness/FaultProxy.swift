@@ -74,7 +74,12 @@ public final class FaultProxy: Sendable {
                     .channelOption(.socketOption(.tcp_nodelay), value: 1)
                     .connectTimeout(.seconds(2))
                     .channelInitializer { outbound in
-                        outbound.eventLoop.makeCompletedFuture {
+                        // Known too, so what it held back (answers to the
+                        // connecting side) is released at a heal as well.
+                        let outboundID = ObjectIdentifier(outbound)
+                        self.state.withLock { $0.connections[outboundID] = outbound }
+                        outbound.closeFuture.whenComplete { [self] _ in _ = self.state.withLock { $0.connections.removeValue(forKey: outboundID) } }
+                        return outbound.eventLoop.makeCompletedFuture {
                             try outbound.pipeline.syncOperations.addHandler(ProxyHandler(peer: inbound, proxy: self))
                         }
                     }

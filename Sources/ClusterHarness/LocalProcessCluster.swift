@@ -94,6 +94,12 @@ public final class LocalProcessCluster: Sendable {
     /// Starts (or restarts) node `id`; `extraEnvironment` is added for this
     /// start only (for example libfaketime's settings).
     public func start(_ id: UInt64, extraEnvironment: [String: String] = [:]) throws {
+        // A process being replaced that ended on its own is remembered:
+        // a restart must not erase the evidence of a crash.
+        if let old = processes.withLock({ $0[id] }), !old.isRunning, !stoppedOnPurpose.withLock({ $0.contains(id) }) {
+            let tail = logTail(of: id, lines: 5)
+            endedBeforeRestart.withLock { $0.append((id, tail)) }
+        }
         let process = Process()
         process.executableURL = URL(fileURLWithPath: binary)
         process.arguments = ["node", "start", "--config", "config.yaml"]
@@ -113,6 +119,11 @@ public final class LocalProcessCluster: Sendable {
         processes.withLock { $0[id] = process }
         stoppedOnPurpose.withLock { _ = $0.remove(id) }
     }
+
+    /// Nodes whose process had ended on its own when `start` replaced it
+    /// (a crash a heal's restart would otherwise hide), with their logs' ends.
+    public var restartedAfterEndingOnTheirOwn: [(id: UInt64, logTail: String)] { endedBeforeRestart.withLock { $0 } }
+    private let endedBeforeRestart = Mutex<[(UInt64, String)]>([])
 
     /// Nodes whose process ended without `kill9` or `terminate` (a node
     /// that could not start, say), each with the end of its log.
@@ -137,18 +148,21 @@ public final class LocalProcessCluster: Sendable {
     /// SIGSTOP, and waits (at most 2 s) until the process is seen stopped:
     /// a request sent right after the signal could otherwise still be
     /// answered (CI saw a paused leader answer "leader" once).
-    public func pause(_ id: UInt64) {
-        guard let process = processes.withLock({ $0[id] }), process.isRunning else { return }
+    /// Whether the process was seen stopped within 2 s.
+    @discardableResult
+    public func pause(_ id: UInt64) -> Bool {
+        guard let process = processes.withLock({ $0[id] }), process.isRunning else { return false }
         kill(process.processIdentifier, SIGSTOP)
         let deadline = ContinuousClock.now.advanced(by: .seconds(2))
         while ContinuousClock.now < deadline {
             // The state follows the command's closing parenthesis in /proc/<pid>/stat.
             let stat = (try? String(contentsOfFile: "/proc/\(process.processIdentifier)/stat", encoding: .utf8)) ?? ""
             if let end = stat.lastIndex(of: ")"), stat[stat.index(after: end)...].trimmingCharacters(in: .whitespaces).first.map({ $0 == "T" || $0 == "t" }) ?? false {
-                return
+                return true
             }
             usleep(1_000)
         }
+        return false
     }
 
     public func resume(_ id: UInt64) {
@@ -156,12 +170,13 @@ public final class LocalProcessCluster: Sendable {
         kill(process.processIdentifier, SIGCONT)
     }
 
-    /// SIGKILL, and waits (bounded) for the process to be gone.
+    /// SIGKILL, and waits (at most 10 s) for the process to be gone.
     public func kill9(_ id: UInt64) {
         guard let process = processes.withLock({ $0[id] }) else { return }
         stoppedOnPurpose.withLock { _ = $0.insert(id) }
         kill(process.processIdentifier, SIGKILL)
-        process.waitUntilExit()
+        let deadline = ContinuousClock.now.advanced(by: .seconds(10))
+        while process.isRunning && ContinuousClock.now < deadline { usleep(2_000) }
     }
 
     /// SIGTERM; returns the exit status, or nil if it did not exit within `seconds`.

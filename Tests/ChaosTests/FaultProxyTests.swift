@@ -1,8 +1,10 @@
 import ClusterHarness
 import Foundation
 import NIOCore
+import NIOPosix
 import NIOSSL
 import Node
+import Synchronization
 import Testing
 
 @Suite("Fault-injecting proxy")
@@ -54,5 +56,59 @@ struct FaultProxyTests {
         #expect(try await held.value.status == .ok)
         #expect(server.jwksFetches == before + 1, "the held request reached the server only after the stall")
         await connection.close()
+    }
+
+    /// Notes each chunk it reads; answers "pong" when told to.
+    private final class PongOnCue: ChannelInboundHandler, @unchecked Sendable {
+        typealias InboundIn = ByteBuffer
+        let channel = Mutex<(any Channel)?>(nil)
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) { channel.withLock { $0 = context.channel } }
+        func pong() { channel.withLock { $0 }?.writeAndFlush(ByteBuffer(string: "pong"), promise: nil) }
+    }
+
+    /// Collects what a client connection reads.
+    private final class Collect: ChannelInboundHandler, @unchecked Sendable {
+        typealias InboundIn = ByteBuffer
+        let received = Mutex("")
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            let buffer = unwrapInboundIn(data)
+            received.withLock { $0 += String(buffer: buffer) }
+        }
+    }
+
+    @Test("A heal releases bytes held in both directions: an answer the server sent while the link was stalled arrives once it passes again")
+    func stallReleasesAnswers() async throws {
+        let cue = PongOnCue()
+        let server = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .childChannelInitializer { channel in channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(cue) } }
+            .bind(to: try SocketAddress(ipAddress: "127.0.0.1", port: 0)).get()
+        defer { server.close(promise: nil) }
+        let proxy = FaultProxy(target: try #require(server.localAddress))
+        let proxyPort = try await proxy.start()
+        defer { Task { await proxy.stop() } }
+        let collect = Collect()
+        let client = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .channelInitializer { channel in channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(collect) } }
+            .connect(to: try SocketAddress(ipAddress: "127.0.0.1", port: proxyPort)).get()
+        defer { client.close(promise: nil) }
+        try await client.writeAndFlush(ByteBuffer(string: "ping"))
+        // The ping has passed; the pong comes back while the link is stalled.
+        var pinged = false
+        for _ in 0..<1_000 where !pinged {
+            pinged = cue.channel.withLock { $0 } != nil
+            if !pinged { try await Task.sleep(for: .milliseconds(10)) }
+        }
+        try #require(pinged, "the ping reached the server")
+        proxy.set(.stall)
+        cue.pong()
+        try await Task.sleep(for: .milliseconds(300))
+        #expect(collect.received.withLock { $0 }.isEmpty, "held while stalled")
+        proxy.set(.pass)
+        var arrived = false
+        for _ in 0..<1_000 where !arrived {
+            arrived = collect.received.withLock { $0 } == "pong"
+            if !arrived { try await Task.sleep(for: .milliseconds(10)) }
+        }
+        #expect(arrived, "the held answer arrives at the heal, without waiting for more traffic")
     }
 }

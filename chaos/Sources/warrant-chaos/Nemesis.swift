@@ -96,8 +96,21 @@ final class Nemesis: @unchecked Sendable {
     private func seconds(_ range: ClosedRange<Double>) -> Double { Double.random(in: range, using: &random) }
     private func pick(_ nodes: [UInt64]) -> UInt64 { nodes[Int.random(in: 0..<nodes.count, using: &random)] }
 
+    /// The leader: of the nodes that say they lead, the one in the highest
+    /// term (just after a heal a deposed leader may still say so). With no
+    /// leader within 3 s, a node picked at random, and the log says so.
     private func leader() async -> UInt64 {
-        await chaos.cluster.waitForLeader(seconds: 3) ?? pick(chaos.nodes)
+        let cluster = chaos.cluster
+        guard let first = await cluster.waitForLeader(seconds: 3) else {
+            let picked = pick(chaos.nodes)
+            log(String(format: "%7.1fs  no leader found within 3 s: the next fault's \"leader\" is node %llu, picked at random", clock.seconds, picked))
+            return picked
+        }
+        var best = (id: first, term: await cluster.status(of: first, timeout: .seconds(1))?.term ?? 0)
+        for id in chaos.nodes where id != first && cluster.isRunning(id) {
+            if let status = await cluster.status(of: id, timeout: .seconds(1)), status.role == "leader", status.term > best.term { best = (id, status.term) }
+        }
+        return best.id
     }
 
     func run(until deadline: ContinuousClock.Instant) async {
@@ -168,7 +181,9 @@ final class Nemesis: @unchecked Sendable {
             return ("nodes \(victims) SIGKILLed together; restarted at heal", restartDead)
         case .pauseLeader:
             let leader = await leader()
-            cluster.pause(leader)
+            if !cluster.pause(leader) {
+                log(String(format: "%7.1fs  node %llu was not seen stopped within 2 s of SIGSTOP", clock.seconds, leader))
+            }
             return ("node \(leader) (leader) SIGSTOPped for \(String(format: "%.1f", hold)) s", { cluster.resume(leader) })
         case .membership:
             return await membershipChange()

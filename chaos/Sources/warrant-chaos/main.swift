@@ -236,7 +236,12 @@ func run(_ options: Options) async throws -> Int32 {
     if recovered { checks.append(await Checks.convergence(cluster)) }
     checks.append(Checks.availability(history, timeline: nemesis.timeline, workloadEnd: workloadEnd).0)
     watcher.cancel()
-    let ownExits = await watcher.value
+    var ownExits = await watcher.value
+    // Crashes a heal restarted before the watcher looked.
+    let seen = Set(ownExits.compactMap { $0.firstMatch(of: /node (\d+) ended on its own/).flatMap { UInt64($0.output.1) } })
+    for (id, tail) in cluster.restartedAfterEndingOnTheirOwn where !seen.contains(id) {
+        ownExits.append("node \(id) ended on its own and was restarted at a heal; its log then ended: " + tail.split(separator: "\n").suffix(3).joined(separator: " | "))
+    }
     checks.append(CheckResult(name: "processes", passed: ownExits.isEmpty,
                               verdict: ownExits.isEmpty ? "no node process ended on its own" : "\(ownExits.count) node process(es) ended on their own",
                               details: ownExits))
