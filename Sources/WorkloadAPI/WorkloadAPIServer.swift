@@ -150,6 +150,8 @@ final class WorkloadAPIService: SpiffeWorkloadAPI.SimpleServiceProtocol {
         let token: String
         do {
             token = try await source.jwtSVID(audiences: request.audience)
+        } catch let limited as WorkloadRateLimited {
+            throw RPCError(code: .resourceExhausted, message: limited.message)
         } catch {
             throw RPCError(code: .unavailable, message: "the cluster did not issue a JWT-SVID: \(error)")
         }
@@ -188,6 +190,13 @@ final class WorkloadAPIService: SpiffeWorkloadAPI.SimpleServiceProtocol {
     func fetchWITBundles(request: WITBundlesRequest, response: RPCWriter<WITBundlesResponse>, context: ServerContext) async throws {
         throw RPCError(code: .unimplemented, message: "WIT-SVIDs are not issued by Warrant")
     }
+}
+
+/// A source refusing a request for now because callers ask too fast
+/// (RESOURCE_EXHAUSTED to the caller).
+public struct WorkloadRateLimited: Error, Sendable {
+    public var message: String
+    public init(message: String) { self.message = message }
 }
 
 /// The Workload API on a Unix socket the server makes itself. Each caller

@@ -3,6 +3,7 @@ import Authority
 import Client
 import Crypto
 import Foundation
+import Node
 import Synchronization
 import WorkloadAPI
 
@@ -14,10 +15,11 @@ final class AgentIdentity: WorkloadIdentitySource {
     /// half their lifetime has passed; emptied when the identity is replaced.
     private let jwtCache = JWTSVIDCache<JobIdentity>()
     private let lastJWKS = Mutex<[UInt8]?>(nil)
+    private let issuanceBudget = IssuanceRateLimiter(perSecond: 10, burst: 50)
     /// What was published last (the identity, its key, the X.509 bundle in
     /// PEM) and how many times: a bundle refresh publishes only over the
     /// identity it read.
-    private let published = Mutex<(identity: JobIdentity, key: P256.Signing.PrivateKey, bundlePEM: String, generation: Int)?>(nil)
+    private let published = Mutex<(identity: JobIdentity, key: P256.Signing.PrivateKey, bundlePEM: String, jwks: [UInt8], generation: Int)?>(nil)
 
     init(options: JobOptions.Resolved) {
         self.options = options
@@ -30,7 +32,7 @@ final class AgentIdentity: WorkloadIdentitySource {
         jwtCache.replaceIdentity(identity)
         let jwks = await fetchJWKS()
         published.withLock { published in
-            published = (identity, key, identity.bundlePEM, (published?.generation ?? 0) + 1)
+            published = (identity, key, identity.bundlePEM, jwks, (published?.generation ?? 0) + 1)
             publish(identity, key: key, bundlePEM: identity.bundlePEM, jwks: jwks)
         }
     }
@@ -65,7 +67,6 @@ final class AgentIdentity: WorkloadIdentitySource {
         while !Task.isCancelled {
             try? await Task.sleep(for: interval)
             guard let held = published.withLock({ $0 }) else { continue }
-            let jwksBefore = lastJWKS.withLock { $0 }
             let jwks = await fetchJWKS()
             var bundlePEM = held.bundlePEM
             if let client = try? WarrantClient(endpoints: options.endpoints, caPEM: options.caPEM) {
@@ -75,10 +76,13 @@ final class AgentIdentity: WorkloadIdentitySource {
                 }
                 await client.close()
             }
-            guard bundlePEM != held.bundlePEM || jwks != jwksBefore else { continue }
+            // Compared with what was published (not with the last fetched:
+            // an update publishing older keys after this loop fetched newer
+            // ones is then corrected at the next round).
+            guard bundlePEM != held.bundlePEM || jwks != held.jwks else { continue }
             published.withLock { published in
                 guard let current = published, current.generation == held.generation else { return } // renewed meanwhile
-                published = (current.identity, current.key, bundlePEM, current.generation + 1)
+                published = (current.identity, current.key, bundlePEM, jwks, current.generation + 1)
                 publish(current.identity, key: current.key, bundlePEM: bundlePEM, jwks: jwks)
             }
         }
@@ -106,6 +110,12 @@ final class AgentIdentity: WorkloadIdentitySource {
         let (held, generation) = jwtCache.current
         guard let current = held else { throw JobFailure(description: "no identity yet") }
         if let cached = jwtCache.token(for: audiences, at: Date()) { return cached }
+        // New JWT-SVIDs take half the identity line's budget at most (the
+        // cluster allows 20 a second, 100 at once), so workloads asking for
+        // ever more audience sets cannot starve the renewals.
+        if let wait = issuanceBudget.admit("jwt", now: Date().timeIntervalSince1970) {
+            throw WorkloadRateLimited(message: "more JWT-SVIDs asked for than this agent asks the cluster for (10 a second, 50 at once); retry in \(String(format: "%.1f", wait)) s")
+        }
         let client = try WarrantClient(endpoints: options.endpoints, caPEM: options.caPEM, certificatePEM: current.certificatePEM, keyPEM: current.keyPEM)
         defer { Task { await client.close() } }
         // With an idempotency key: the client resends the same body to the

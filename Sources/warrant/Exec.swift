@@ -130,19 +130,17 @@ struct ExecCommand: AsyncParsableCommand {
             let bundles = Task { await agent.keepBundlesFresh(every: .seconds(60)) }
             var result: (Int32, Process.TerminationReason) = (1, .exit)
             for await value in exited.stream { result = value }
+            // The command is gone: its pid must not be signalled any more.
+            for source in sources { source.cancel() }
             bundles.cancel()
             renewal.cancel()
             // Done before the directory goes: a renewal's write under way
-            // could otherwise leave a key file behind.
-            await renewal.value
-            for source in sources { source.cancel() }
+            // could otherwise leave a key file behind. What it returns is
+            // the identity as it is now (certificate and key of one renewal).
+            let now = await renewal.value
             await workloadAPI?.stop()
             status = result.1 == .uncaughtSignal ? 128 + result.0 : result.0
             if step != nil {
-                // The step's identity as it is now (renewals rewrote the files).
-                let now = JobIdentity(certificatePEM: (try? String(contentsOfFile: "\(directory)/svid.pem", encoding: .utf8)) ?? identity.certificatePEM,
-                                      keyPEM: identity.keyPEM, bundlePEM: identity.bundlePEM, spiffeID: identity.spiffeID, expiresAt: identity.expiresAt,
-                                      issuedAt: identity.issuedAt, lifetime: identity.lifetime)
                 do {
                     try await now.closeStep(exitStatus: status, options)
                     say("step \(step!) closed with exit status \(status)")
@@ -168,10 +166,12 @@ struct ExecCommand: AsyncParsableCommand {
     /// identity or JWT-SVID past its expiry is removed rather than left for
     /// the command to use. With `remakeDirectory` false, a renewal does not
     /// make the output directory again once it is gone.
+    /// Returns the identity held when cancelled.
+    @discardableResult
     static func keepFresh(_ first: JobIdentity, key: P256.Signing.PrivateKey, options: JobOptions.Resolved, audiences: [String],
                           jwtTTL: UInt32? = nil, directory: String?, remakeDirectory: Bool = true, rejoin: @Sendable (P256.Signing.PrivateKey) async throws -> JobIdentity,
                           say: @escaping @Sendable (String) -> Void,
-                          onRenewed: @Sendable (JobIdentity, P256.Signing.PrivateKey) async -> Void = { _, _ in }) async {
+                          onRenewed: @Sendable (JobIdentity, P256.Signing.PrivateKey) async -> Void = { _, _ in }) async -> JobIdentity {
         var current = first
         // Never leave an expired identity in place: removed on the first
         // failure past its expiry, and at its expiry during a wait.
@@ -200,27 +200,33 @@ struct ExecCommand: AsyncParsableCommand {
             if let directory { try identity.write(to: directory, createDirectory: remakeDirectory) }
         }
         while !Task.isCancelled {
+            // Drawn once per identity: every JWT-SVID refresh below ends by it.
             let due = current.issuedAt.addingTimeInterval(max(1, current.lifetime) * Double.random(in: 0.45...0.55))
-            // JWT-SVIDs due first: fetched again with this X509-SVID, retried until it is due.
-            if let jwtDue = current.jwtRefreshDue, jwtDue < due {
+            // JWT-SVIDs due before it: fetched again with this X509-SVID,
+            // retried with backoff until it is due; refused (401, 403: the
+            // identity revoked, say), left to the renewal, which can join again.
+            var jwtBackoff = 1.0
+            var renewNow = false
+            while !Task.isCancelled, let jwtDue = current.jwtRefreshDue, jwtDue < due, Date() < due {
                 await wait(max(0, jwtDue.timeIntervalSinceNow))
-                var backoff = 1.0
-                while !Task.isCancelled, Date() < due {
-                    do {
-                        let refreshed = try await current.withJWTs(audiences, options, ttl: jwtTTL)
-                        try write(refreshed)
-                        current = refreshed
-                        break
-                    } catch {
-                        let pause = min(backoff * Double.random(in: 0.5...1), max(0, due.timeIntervalSinceNow))
-                        say("fetching JWT-SVIDs again failed (\(error)); retrying in \(String(format: "%.1f", pause)) s")
-                        await wait(pause)
-                        backoff = min(30, backoff * 2)
-                    }
+                guard !Task.isCancelled, Date() < due else { break }
+                do {
+                    let refreshed = try await current.withJWTs(audiences, options, ttl: jwtTTL)
+                    try write(refreshed)
+                    current = refreshed
+                    jwtBackoff = 1.0
+                } catch let failure as JobFailure where failure.status == 401 || failure.status == 403 {
+                    say("fetching JWT-SVIDs again was refused (\(failure.description)); renewing now")
+                    renewNow = true
+                    break
+                } catch {
+                    let pause = min(jwtBackoff * Double.random(in: 0.5...1), max(0, due.timeIntervalSinceNow))
+                    say("fetching JWT-SVIDs again failed (\(error)); retrying in \(String(format: "%.1f", pause)) s")
+                    await wait(pause)
+                    jwtBackoff = min(30, jwtBackoff * 2)
                 }
-                continue
             }
-            await wait(max(0, due.timeIntervalSinceNow))
+            if !renewNow { await wait(max(0, due.timeIntervalSinceNow)) }
             var backoff = 1.0
             let newKey = P256.Signing.PrivateKey(compactRepresentable: false)
             // Renewed (or joined again) but not yet delivered.
@@ -253,6 +259,7 @@ struct ExecCommand: AsyncParsableCommand {
                 }
             }
         }
+        return current
     }
 
     /// Whether a failed renewal calls for a fresh platform token: the

@@ -258,7 +258,8 @@ struct JobIdentity {
             let object = (try? JSONSerialization.jsonObject(with: Data(response.body)) as? [String: Any]) ?? [:]
             guard response.status == .ok, let token = object["token"] as? String else {
                 let error = object["error"] as? [String: Any]
-                throw JobFailure(description: "the cluster refused a JWT-SVID for \(audience): \(error?["code"] as? String ?? String(response.status.code)): \(error?["message"] as? String ?? "")")
+                throw JobFailure(description: "the cluster refused a JWT-SVID for \(audience): \(error?["code"] as? String ?? String(response.status.code)): \(error?["message"] as? String ?? "")",
+                                 status: response.status.code)
             }
             copy.jwts[audience] = token
         }

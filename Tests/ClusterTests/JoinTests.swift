@@ -306,6 +306,19 @@ extension JoinTests {
             let jwtRefreshed = try run(["exec"] + common + ["--ttl", "60", "--jwt-audience", "svc", "--jwt-ttl", "2", "--", "sh", "-c", jwtRefresh], executable: binary,
                                        environment: ["PATH": ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin"].merging(runner) { $1 })
             #expect(jwtRefreshed.status == 0 && !jwtRefreshed.output.contains("renewed:"), "the JWT-SVID changed while the X509-SVID stayed: \(jwtRefreshed.output)")
+            // Revoked while its JWT-SVIDs refresh: the refused refresh hands over to the renewal, which joins again (before, the loop spun without renewing).
+            let revokedScript = "openssl x509 -serial -noout -in \"$WARRANT_SVID_FILE\" | cut -d= -f2 > \(dir)/revoke-serial; a=$(cat \(dir)/revoke-serial); sleep 7; "
+                + "b=$(openssl x509 -serial -noout -in \"$WARRANT_SVID_FILE\" | cut -d= -f2); test \"$a\" != \"$b\" && openssl verify -CAfile \"$WARRANT_BUNDLE_FILE\" \"$WARRANT_SVID_FILE\""
+            let revokedRun = Task.detached {
+                try run(["exec"] + common + ["--ttl", "20", "--jwt-audience", "svc", "--jwt-ttl", "2", "--", "sh", "-c", revokedScript], executable: binary,
+                        environment: ["PATH": ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin"].merging(runner) { $1 })
+            }
+            #expect(await eventually(seconds: 30) { ((try? String(contentsOfFile: "\(dir)/revoke-serial", encoding: .utf8)) ?? "").count > 8 })
+            let serial = try String(contentsOfFile: "\(dir)/revoke-serial", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+            let revoked = try await admin.request(.POST, "/v1/revocations", headers: jsonHeaders, body: json(["serial": serial, "reason": "test"]))
+            #expect(revoked.status == .ok, "\(revoked.text)")
+            let revokedResult = try await revokedRun.value
+            #expect(revokedResult.status == 0 && revokedResult.output.contains("renewing now") && revokedResult.output.contains("joining again"), "\(revokedResult.output)")
             // JWT-SVIDs for the job over mutual TLS, handed to unchanged AWS tooling through its web-identity variables.
             let aws = "test \"$AWS_ROLE_ARN\" = arn:aws:iam::123456789012:role/deploy && cp \"$AWS_WEB_IDENTITY_TOKEN_FILE\" \(dir)/aws.jwt && test \"$WARRANT_JWT_FILE\" = \"$AWS_WEB_IDENTITY_TOKEN_FILE\""
             let awsRun = try run(["exec"] + common + ["--jwt-audience", "sts.amazonaws.com", "--aws-role-arn", "arn:aws:iam::123456789012:role/deploy",

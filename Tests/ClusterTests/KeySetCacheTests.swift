@@ -15,7 +15,7 @@ struct KeySetCacheTests {
         let document = "method: github\nissuer: \(provider.issuer)\nca_pem: |\n" + provider.caPEM.split(separator: "\n").map { "  \($0)" }.joined(separator: "\n") + "\n"
         let issuer = try IssuerConfig(name: "github", document: document, defaultAudience: "warrant.local")
         let cache = KeySetCache(fetcher: KeySetFetcher(allowHTTPLoopback: false), refetchInterval: .milliseconds(100),
-                                refreshInterval: .milliseconds(200), maxAge: .milliseconds(600))
+                                refreshInterval: .milliseconds(200), maxAge: .milliseconds(1_500))
         let kid = provider.keys[0].kid
         #expect(try await cache.keys(for: issuer, kid: kid).keys[kid] != nil)
         // Every fetch fails from now on (the issuer's answer is not a key set).
@@ -23,7 +23,7 @@ struct KeySetCacheTests {
         // Stale and refreshed in vain: the last good keys keep serving until the max age.
         try await Task.sleep(for: .milliseconds(300))
         #expect(try await cache.keys(for: issuer, kid: kid).keys[kid] != nil)
-        try await Task.sleep(for: .milliseconds(500))
+        try await Task.sleep(for: .milliseconds(1_400))
         do {
             let keys = try await cache.keys(for: issuer, kid: kid)
             Issue.record("keys past their max age were used: \(keys.keys.keys.sorted())")

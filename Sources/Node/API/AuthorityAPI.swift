@@ -993,7 +993,8 @@ struct AuthorityRotated: Error {}
 /// identity records (which would stall everyone's issuance). Kept per
 /// node: each node that takes such a request counts it (a forwarded one
 /// on the leader too).
-final class IssuanceRateLimiter: Sendable {
+/// Token buckets, one per identity line (also the agent's own budget).
+public final class IssuanceRateLimiter: Sendable {
     let perSecond: Double
     let burst: Double
     /// Lines tracked at most; past it, lines whose bucket has refilled
@@ -1007,14 +1008,14 @@ final class IssuanceRateLimiter: Sendable {
     }
     private let state = Mutex(State())
 
-    init(perSecond: Double = 20, burst: Double = 100, linesMax: Int = 100_000) {
+    public init(perSecond: Double = 20, burst: Double = 100, linesMax: Int = 100_000) {
         precondition(perSecond > 0 && burst >= 1 && linesMax > 0)
         (self.perSecond, self.burst, self.linesMax) = (perSecond, burst, linesMax)
     }
 
     /// Takes one issuance from `line`'s budget at `now` (seconds): nil if
     /// allowed, else the seconds until one more will be.
-    func admit(_ line: String, now: Double) -> Double? {
+    public func admit(_ line: String, now: Double) -> Double? {
         state.withLock { state in
             var bucket = state.buckets[line] ?? (burst, now)
             bucket.tokens = min(burst, bucket.tokens + max(0, now - bucket.at) * perSecond)

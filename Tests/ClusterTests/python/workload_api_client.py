@@ -35,6 +35,15 @@ with WorkloadApiClient(socket_path="unix://" + socket_path, default_timeout=10) 
     assert claims["sub"] == expected, claims
     assert isinstance(claims["exp"], float) and isinstance(claims["iat"], float) and claims["exp"] > claims["iat"], claims
     assert claims["aud"] == "sts.amazonaws.com" or list(claims["aud"]) == ["sts.amazonaws.com"], claims
+    # New audience sets past the agent's budget (10 a second, 50 at once) are refused for now.
+    exhausted = 0
+    for i in range(150):
+        try:
+            raw.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=[f"aud-{i}"]), metadata=[("workload.spiffe.io", "true")], timeout=10)
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+            exhausted += 1
+    assert exhausted > 0, "150 new audience sets at once were all issued"
     jwt_bundles = client.fetch_jwt_bundles()
     assert jwt_bundles.get_bundle_for_trust_domain(svid.spiffe_id.trust_domain) is not None, "no JWT bundle"
     try:
