@@ -260,6 +260,48 @@ public enum ClusterFiles {
         return admin.certificate
     }
 
+    /// Renews node `id`'s certificate in `directory`: a new key, the names
+    /// (addresses) of the certificate it replaces, valid for `validity`
+    /// seconds (never past the cluster CA). Both files are written beside
+    /// the old ones, then renamed into place, the key first: a renewal
+    /// stopped between the two renames leaves a key and certificate that
+    /// do not match, which the node refuses at start, saying so; renewing
+    /// again mends it. The node uses the new files from its next start.
+    /// Returns the new certificate.
+    public static func renewNodeCertificate(directory: String, id: NodeID, validity: TimeInterval = 365 * 86_400, now: Date = Date()) throws -> Certificate {
+        guard validity >= 86_400, validity <= 5 * 365 * 86_400 else {
+            throw FileProblem(path: directory, problem: "a node certificate lives from 1 to 1,825 days")
+        }
+        let (_, kek, ca) = try openCA(directory: directory)
+        let nodeDirectory = "\(directory)/node-\(id)"
+        let certificatePath = "\(nodeDirectory)/node.pem", keyPath = "\(nodeDirectory)/node.key.sealed"
+        let current: Certificate
+        do {
+            current = try Certificate(pemEncoded: read(certificatePath))
+        } catch let problem as FileProblem {
+            throw problem
+        } catch {
+            throw FileProblem(path: certificatePath, problem: "is not a certificate: \(error)")
+        }
+        let identity = try ca.issueNodeIdentity(id, hosts: NodeIdentity.hosts(in: current), now: now, validity: validity)
+        let suffix = UUID().uuidString.prefix(8)
+        let staged = [(keyPath, try SealedKey.seal(identity.privateKey.pemRepresentation, purpose: nodeKeyPurpose(id), with: kek), mode_t(0o600)),
+                      (certificatePath, try pem(identity.certificate), mode_t(0o644))]
+        var written: [(String, String)] = []
+        defer { for (temporary, _) in written { unlink(temporary) } }
+        for (path, text, mode) in staged {
+            let temporary = "\(path).\(suffix).tmp"
+            try writeNew(temporary, Array(text.utf8), mode: mode)
+            written.append((temporary, path))
+        }
+        for (temporary, path) in written {
+            guard rename(temporary, path) == 0 else {
+                throw FileProblem(path: path, problem: "cannot be replaced: \(String(cString: strerror(errno)))")
+            }
+        }
+        return identity.certificate
+    }
+
     private static func writeNode(_ member: Member, peers: [Member], ca: ClusterCA, kek: SymmetricKey, nodeDirectory: String, joining: Bool,
                                   tickIntervalMilliseconds: Int, electionTimeoutTicks: Int, snapshotEveryEntries: Int?, trustDomain: String,
                                   keyAlgorithm: KeyAlgorithm) throws {

@@ -83,6 +83,9 @@ public final class NodeMetrics: Sendable {
     public let applySeconds = Histogram("warrant_ledger_apply_seconds", "Applying one Ready's committed entries to the ledger in memory.")
     public let commitSeconds = Histogram("warrant_raft_commit_seconds", "From proposal to applied outcome, on the leader.")
 
+    /// When this node's certificate expires (seconds since 1970; 0: not known).
+    public let certificateNotAfter = Atomic<UInt64>(0)
+
     public init() {}
 
     /// The Prometheus exposition of these metrics and the status gauges.
@@ -101,6 +104,9 @@ public final class NodeMetrics: Sendable {
         gauge("warrant_raft_applied_index", "Highest log index applied to the ledger.", status.appliedIndex)
         gauge("warrant_raft_last_index", "Last index in this node's log.", status.lastIndex)
         gauge("warrant_raft_snapshot_index", "Index of the latest snapshot.", status.snapshotIndex)
+        gauge("warrant_node_certificate_expiry_timestamp_seconds",
+              "When this node's certificate (peer TLS and the API) expires, seconds since 1970; renew it before with 'warrant cluster renew-cert'.",
+              certificateNotAfter.load(ordering: .relaxed))
         for counter in [proposals, proposalBatches, messagesSent, messagesReceived, messagesFromRemoved, snapshotsTaken, checkpointsBegun, snapshotsInstalled, snapshotBytesSent, snapshotBytesStaged, snapshotTransfersAbandoned, snapshotsSentWhole, snapshotStagingFailures, compactionFailures, releasedEntriesRead, releasedEntryReadFailures, forwardedWrites,
                         signaturesChecked, signaturesRemembered, signaturesRecorded] {
             text += "# HELP \(counter.name) \(counter.help)\n# TYPE \(counter.name) counter\n\(counter.name) \(counter.current)\n"

@@ -163,6 +163,7 @@ public final class NodeServer: Sendable {
             transport.addPeer(id, host: addresses.peer.host, port: addresses.peer.port)
         }
         let metrics = NodeMetrics()
+        metrics.certificateNotAfter.store(UInt64(max(0, identity.certificate.notValidAfter.timeIntervalSince1970)), ordering: .relaxed)
         driver = try RaftDriver(
             configuration: configuration, store: store, sender: transport,
             requestTimeoutTicks: max(1, 5_000 / config.tickIntervalMilliseconds),
@@ -268,12 +269,23 @@ public final class NodeServer: Sendable {
             }
         }
         let tickerTask = Task { await self.watchUntilStopped() }
+        // A certificate that expires soon is said at start and twice a day:
+        // past its expiry, peer TLS and the API refuse this node.
+        let certificateWatch = Task { [identity, config] in
+            while !Task.isCancelled {
+                if let warning = Self.certificateWarning(identity.certificate.notValidAfter, node: config.id) {
+                    log.warning(warning.message, ["not_after": warning.notAfter, "days_left": String(warning.daysLeft), "renew": warning.renew])
+                }
+                try? await Task.sleep(for: .seconds(12 * 3_600))
+            }
+        }
         for await signal in stopRequests.stream {
             log.info("shutting down", ["signal": signal])
             break
         }
         await shutdown()
         ticking.cancel()
+        certificateWatch.cancel()
         tickerTask.cancel()
         transportTask.cancel()
         _ = await tickerTask.result
@@ -293,6 +305,16 @@ public final class NodeServer: Sendable {
         _ = await transportTask.result
         try? await networkGroup.shutdownGracefully()
         try? await driverGroup.shutdownGracefully()
+    }
+
+    /// What to log about a node certificate that expires within 30 days
+    /// (or has expired), or nil.
+    static func certificateWarning(_ notAfter: Date, node: UInt64, now: Date = Date()) -> (message: String, notAfter: String, daysLeft: Int, renew: String)? {
+        let remaining = notAfter.timeIntervalSince(now)
+        guard remaining < 30 * 86_400 else { return nil }
+        return (remaining <= 0 ? "this node's certificate has expired: peers and clients refuse it" : "this node's certificate expires within 30 days",
+                notAfter.formatted(.iso8601), max(0, Int(remaining / 86_400)),
+                "warrant cluster renew-cert --dir <cluster dir> --node \(node), then restart this node")
     }
 
     /// Ends `run()` as a signal would.

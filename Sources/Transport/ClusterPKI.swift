@@ -181,6 +181,24 @@ public struct NodeIdentity: Sendable {
 
     /// An identity read from PEM files: the cluster and node come from the
     /// certificate's `warrant-node://` URI, which must be the only one.
+    /// The DNS names and IP addresses a certificate's SAN lists (its
+    /// node URI left out), as `issueNodeIdentity` takes them.
+    public static func hosts(in certificate: Certificate) -> [String] {
+        let names = ((try? certificate.extensions.subjectAlternativeNames).flatMap { $0 }.map { Array($0) }) ?? []
+        return names.compactMap { name -> String? in
+            switch name {
+            case .dnsName(let host): return host
+            case .ipAddress(let bytes):
+                let raw = Array(bytes.bytes)
+                var text = [CChar](repeating: 0, count: Int(INET6_ADDRSTRLEN))
+                let family = raw.count == 4 ? AF_INET : (raw.count == 16 ? AF_INET6 : -1)
+                guard family != -1, inet_ntop(family, raw, &text, socklen_t(text.count)) != nil else { return nil }
+                return String(decoding: text.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+            default: return nil
+            }
+        }
+    }
+
     public init(certificatePEM: String, privateKeyPEM: String, caCertificatePEM: String) throws {
         let certificate = try Certificate(pemEncoded: certificatePEM)
         let key = try P256.Signing.PrivateKey(pemRepresentation: privateKeyPEM)

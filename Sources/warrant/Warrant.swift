@@ -120,7 +120,7 @@ struct NodeCommand: AsyncParsableCommand {
 
 struct ClusterCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "cluster", abstract: "Create and inspect a cluster.",
-                                                    subcommands: [Init.self, AddNode.self, Status.self, AdoptRules.self])
+                                                    subcommands: [Init.self, AddNode.self, RenewCert.self, Status.self, AdoptRules.self])
 
     struct Init: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Write a new cluster's CA, certificates, key-encryption key and node configurations.")
@@ -173,6 +173,26 @@ struct ClusterCommand: AsyncParsableCommand {
             guard id != 0, !listing.members.contains(where: { $0.id == id }) else { throw ValidationError("node \(id) is already a founding member") }
             try ClusterFiles.addNode(directory: directory, member: member, peers: listing.members)
             print("node \(id): \(directory)/node-\(id)/config.yaml written; start it, then: warrant member add --dir \(directory) --id \(id) --peer-address \(peerAddress) --api-address \(apiAddress)")
+        }
+    }
+
+    struct RenewCert: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "renew-cert",
+            abstract: "Give a node a new certificate and key from the cluster CA (same names); the node uses them from its next start.",
+            discussion: """
+                Node certificates last a year (warrant_node_certificate_expiry_timestamp_seconds says when; a node warns 30 days before). \
+                Renew and restart one node at a time: the cluster keeps its quorum, and old and new certificates chain to the same CA.
+                """)
+        @Option(name: .customLong("dir")) var directory: String
+        @Option(help: "The node's id.") var node: UInt64
+        @Option(help: "How long the new certificate lives, in days (1-1825; never past the cluster CA).") var days: Int = 365
+
+        func run() throws {
+            guard node != 0 else { throw ValidationError("--node must name a node (1 or more)") }
+            guard (1...1_825).contains(days) else { throw ValidationError("--days must be 1 to 1825") }
+            let certificate = try ClusterFiles.renewNodeCertificate(directory: directory, id: node, validity: TimeInterval(days) * 86_400)
+            print("node \(node): \(directory)/node-\(node)/node.pem renewed, valid until \(certificate.notValidAfter.formatted(.iso8601)); restart node \(node) to use it")
         }
     }
 

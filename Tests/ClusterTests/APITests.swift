@@ -151,6 +151,9 @@ struct APITests {
                          "warrant_raft_messages_received_total ", "warrant_api_forwarded_writes_total "] {
                 #expect(metrics.contains(name), "missing \(name)")
             }
+            // When this node's certificate expires: a year from the cluster's making.
+            let expiry = try #require(metrics.firstMatch(of: /warrant_node_certificate_expiry_timestamp_seconds (\d+)/).flatMap { Double($0.output.1) })
+            #expect(abs(expiry - Date().addingTimeInterval(365 * 86_400).timeIntervalSince1970) < 3_600, "\(expiry)")
             let leaderMetrics = try await call(toLeader, .GET, "/metrics", route: "/metrics", expect: 200).text
             #expect(leaderMetrics.contains("warrant_raft_role{role=\"leader\"} 1"))
             #expect(!leaderMetrics.contains("warrant_raft_commit_seconds_count 0\n"))

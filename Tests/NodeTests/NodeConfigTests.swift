@@ -1,7 +1,9 @@
 import Crypto
 import Foundation
-import Node
+@testable import Node
 import Testing
+import Transport
+import X509
 
 private let valid = """
 node:
@@ -82,6 +84,47 @@ struct ClusterFilesTests {
         #expect(FileManager.default.fileExists(atPath: "\(directory)/node-3/node.key.sealed"))
         #expect(try FileManager.default.contentsOfDirectory(atPath: directory).allSatisfy { !$0.hasSuffix(".tmp") }, "no temporary directory left")
         #expect(throws: FileProblem.self) { try ClusterFiles.addNode(directory: directory, member: try member(3), peers: founders) }
+    }
+
+    @Test("A node's certificate is renewed with a new key and the same names, for the days asked; the node loads it; a key and certificate that do not match are refused, saying so")
+    func renewNodeCertificate() throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("warrant-renew-\(UUID().uuidString.prefix(8))").path
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let members: [ClusterFiles.Member] = [
+            .init(id: 1, peer: try HostPort(parsing: "127.0.0.1:7401", at: "peer"), api: try HostPort(parsing: "127.0.0.1:8401", at: "api")),
+            .init(id: 2, peer: try HostPort(parsing: "node-2.warrant.internal:7402", at: "peer"), api: try HostPort(parsing: "[::1]:8402", at: "api")),
+        ]
+        try ClusterFiles.initialize(directory: directory, clusterID: "renew", members: members)
+        let configPath = "\(directory)/node-2/config.yaml"
+        let config = try NodeConfig(yaml: try String(contentsOfFile: configPath, encoding: .utf8))
+        let before = try ClusterFiles.loadIdentity(config, configPath: configPath)
+        #expect(Set(NodeIdentity.hosts(in: before.certificate)) == ["node-2.warrant.internal", "::1"])
+        let renewed = try ClusterFiles.renewNodeCertificate(directory: directory, id: 2, validity: 30 * 86_400)
+        let after = try ClusterFiles.loadIdentity(config, configPath: configPath)
+        #expect(after.certificate == renewed && after.certificate.serialNumber != before.certificate.serialNumber)
+        #expect(after.privateKey.publicKey.rawRepresentation != before.privateKey.publicKey.rawRepresentation, "a new key")
+        #expect(Set(NodeIdentity.hosts(in: after.certificate)) == ["node-2.warrant.internal", "::1"], "the same names")
+        #expect(abs(after.certificate.notValidAfter.timeIntervalSinceNow - 30 * 86_400) < 600)
+        #expect(after.nodeID == 2)
+        #expect(try FileManager.default.contentsOfDirectory(atPath: "\(directory)/node-2").allSatisfy { !$0.hasSuffix(".tmp") })
+        #expect(throws: FileProblem.self) { try ClusterFiles.renewNodeCertificate(directory: directory, id: 2, validity: 3_600) }
+        #expect(throws: FileProblem.self) { try ClusterFiles.renewNodeCertificate(directory: directory, id: 9) }
+        // A renewal stopped between its two renames: the old certificate with the new key.
+        try before.certificate.serializeAsPEM().pemString.write(toFile: "\(directory)/node-2/node.pem", atomically: true, encoding: .utf8)
+        do {
+            _ = try ClusterFiles.loadIdentity(config, configPath: configPath)
+            Issue.record("a certificate that does not match its key was loaded")
+        } catch let problem as FileProblem {
+            #expect(problem.description.contains("does not match"), "\(problem)")
+        }
+        // Renewing again mends it.
+        _ = try ClusterFiles.renewNodeCertificate(directory: directory, id: 2)
+        #expect(try ClusterFiles.loadIdentity(config, configPath: configPath).nodeID == 2)
+        // The node's warning: within 30 days, and past the expiry; nothing before.
+        let now = Date()
+        #expect(NodeServer.certificateWarning(now.addingTimeInterval(31 * 86_400), node: 2, now: now) == nil)
+        #expect(NodeServer.certificateWarning(now.addingTimeInterval(10 * 86_400), node: 2, now: now)?.daysLeft == 10)
+        #expect(NodeServer.certificateWarning(now.addingTimeInterval(-60), node: 2, now: now)?.message.contains("has expired") == true)
     }
 }
 
