@@ -279,6 +279,18 @@ public final class JoinService: Sendable {
                 broken[document.name] = error.description
             }
         }
+        // Issuers sharing one `iss`: tokens go to the first by name, so the
+        // others' rules never apply. Listed, as a document that did not read is.
+        let byIssuer = Dictionary(grouping: issuers.values, by: { $0.requirements.issuer })
+        for (iss, shared) in byIssuer where shared.count > 1 {
+            let sorted = shared.sorted { $0.name < $1.name }
+            for shadowed in sorted.dropFirst() {
+                broken[IssuerConfig.documentPrefix + shadowed.name] = "its issuer \(iss) is also issuer \(sorted[0].name)'s, which takes its tokens: rules naming \(shadowed.name) admit nothing"
+            }
+        }
+        if issuerDocuments.count >= documentsMax || ruleDocuments.count >= documentsMax {
+            broken["policy"] = "at least \(documentsMax) issuer or rule documents: any past the first \(documentsMax) by name are not read"
+        }
         var rules: [JoinRule] = []
         for document in ruleDocuments {
             let name = String(document.name.dropFirst(JoinRule.documentPrefix.count))

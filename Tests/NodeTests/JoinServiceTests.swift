@@ -8,6 +8,22 @@ import Testing
 
 @Suite("Join policy cache")
 struct JoinServiceTests {
+    @Test("Two issuers with the same iss: the one after the first by name is listed as not taking its tokens; a policy at the document limit says so")
+    func shadowedIssuer() {
+        func document(_ name: String, _ text: String) -> Document {
+            Document(name: name, format: .yaml, content: Array(text.utf8), version: 1, logIndex: 1)
+        }
+        let issuers = [document("policy/issuers/github", "method: github\nissuer: https://token.actions.githubusercontent.com\n"),
+                       document("policy/issuers/github-again", "method: github\nissuer: https://token.actions.githubusercontent.com\n"),
+                       document("policy/issuers/gitlab", "method: gitlab\nissuer: https://gitlab.com\n")]
+        let policy = JoinService.read(issuers: issuers, rules: [], trustDomain: "example.org")
+        #expect(Array(policy.broken.keys) == ["policy/issuers/github-again"], "\(policy.broken)")
+        #expect(policy.broken["policy/issuers/github-again"]?.contains("issuer github's") == true)
+        #expect(policy.issuer(for: "https://token.actions.githubusercontent.com")?.name == "github")
+        let many = (0..<JoinService.documentsMax).map { document("policy/issuers/i\($0)", "method: oidc\nissuer: https://issuer-\($0).example.com\n") }
+        #expect(JoinService.read(issuers: many, rules: [], trustDomain: "example.org").broken["policy"]?.contains("not read") == true)
+    }
+
     @Test("When the cached policy is a second old, one caller re-reads it and the others keep the older one meanwhile")
     func oneRefreshAtATime() async throws {
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("warrant-joins-\(UUID().uuidString)")

@@ -31,8 +31,13 @@ final class ChaosCluster: Sendable {
                 let path = "\(directory)/node-\(from)/config.yaml"
                 var text = try String(contentsOfFile: path, encoding: .utf8)
                 for to in nodes where to != from {
-                    text = text.replacingOccurrences(of: "address: \"127.0.0.1:\(basePort + Int(to) - 1)\"",
-                                                     with: "address: \"127.0.0.1:\(ports[link(from, to)]!)\"")
+                    let direct = "address: \"127.0.0.1:\(basePort + Int(to) - 1)\""
+                    // Exactly once: otherwise this link would bypass its
+                    // proxy, and every network fault on it would do nothing.
+                    guard text.components(separatedBy: direct).count == 2 else {
+                        throw ChaosError("\(path): node \(to)'s peer address (\(direct)) is not there exactly once; the link \(from)->\(to) could not be routed through its proxy")
+                    }
+                    text = text.replacingOccurrences(of: direct, with: "address: \"127.0.0.1:\(ports[link(from, to)]!)\"")
                 }
                 try text.write(toFile: path, atomically: true, encoding: .utf8)
             }
