@@ -260,7 +260,9 @@ public enum ClusterFiles {
         return admin.certificate
     }
 
-    /// Renews node `id`'s certificate in `directory`: a new key, the names
+    /// Renews node `id`'s certificate in `directory` (the files its
+    /// `node-N/config.yaml` names, the key sealed with the KEK it names,
+    /// each owned as the file it replaces): a new key, the names
     /// (addresses) of the certificate it replaces, valid for `validity`
     /// seconds (never past the cluster CA). Both files are written beside
     /// the old ones, then renamed into place, the key first: a renewal
@@ -272,18 +274,22 @@ public enum ClusterFiles {
         guard validity >= 86_400, validity <= 5 * 365 * 86_400 else {
             throw FileProblem(path: directory, problem: "a node certificate lives from 1 to 1,825 days")
         }
-        let (_, kek, ca) = try openCA(directory: directory)
-        let nodeDirectory = "\(directory)/node-\(id)"
-        let certificatePath = "\(nodeDirectory)/node.pem", keyPath = "\(nodeDirectory)/node.key.sealed"
-        let current: Certificate
+        let (_, _, ca) = try openCA(directory: directory)
+        // The files the node's configuration names, sealed with its KEK.
+        let configPath = "\(directory)/node-\(id)/config.yaml"
+        let config = try NodeConfig(yaml: read(configPath))
+        let certificatePath = resolve(config.tlsCertificateFile, relativeTo: configPath), keyPath = resolve(config.tlsKeyFile, relativeTo: configPath)
+        let kek = try KeyEncryptionKey.load(path: resolve(config.keyEncryptionKeyFile, relativeTo: configPath))
+        let current: Certificate, hosts: [String]
         do {
             current = try Certificate(pemEncoded: read(certificatePath))
+            hosts = try NodeIdentity.hosts(in: current)
         } catch let problem as FileProblem {
             throw problem
         } catch {
-            throw FileProblem(path: certificatePath, problem: "is not a certificate: \(error)")
+            throw FileProblem(path: certificatePath, problem: "is not a certificate whose names can be read: \(error)")
         }
-        let identity = try ca.issueNodeIdentity(id, hosts: NodeIdentity.hosts(in: current), now: now, validity: validity)
+        let identity = try ca.issueNodeIdentity(id, hosts: hosts, now: now, validity: validity)
         let suffix = UUID().uuidString.prefix(8)
         let staged = [(keyPath, try SealedKey.seal(identity.privateKey.pemRepresentation, purpose: nodeKeyPurpose(id), with: kek), mode_t(0o600)),
                       (certificatePath, try pem(identity.certificate), mode_t(0o644))]
@@ -293,6 +299,14 @@ public enum ClusterFiles {
             let temporary = "\(path).\(suffix).tmp"
             try writeNew(temporary, Array(text.utf8), mode: mode)
             written.append((temporary, path))
+            // Owned as the file it replaces (a renewal run with sudo for a
+            // node that runs as a service user must leave it readable).
+            var old = stat()
+            if stat(path, &old) == 0, old.st_uid != geteuid() || old.st_gid != getegid() {
+                guard chown(temporary, old.st_uid, old.st_gid) == 0 else {
+                    throw FileProblem(path: path, problem: "belongs to uid \(old.st_uid), gid \(old.st_gid), and its replacement cannot be given to them: \(String(cString: strerror(errno)))")
+                }
+            }
         }
         for (temporary, path) in written {
             guard rename(temporary, path) == 0 else {

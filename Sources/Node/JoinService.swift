@@ -281,11 +281,13 @@ public final class JoinService: Sendable {
         }
         // Issuers sharing one `iss`: tokens go to the first by name, so the
         // others' rules never apply. Listed, as a document that did not read is.
-        let byIssuer = Dictionary(grouping: issuers.values, by: { $0.requirements.issuer })
-        for (iss, shared) in byIssuer where shared.count > 1 {
+        // (Grouped by bytes, as tokens are matched: two spellings of one
+        // Unicode text are two issuers.)
+        let byIssuer = Dictionary(grouping: issuers.values, by: { Array($0.requirements.issuer.utf8) })
+        for shared in byIssuer.values where shared.count > 1 {
             let sorted = shared.sorted { $0.name < $1.name }
             for shadowed in sorted.dropFirst() {
-                broken[IssuerConfig.documentPrefix + shadowed.name] = "its issuer \(iss) is also issuer \(sorted[0].name)'s, which takes its tokens: rules naming \(shadowed.name) admit nothing"
+                broken[IssuerConfig.documentPrefix + shadowed.name] = "its issuer \(shadowed.requirements.issuer) is also issuer \(sorted[0].name)'s, which takes its tokens: rules naming \(shadowed.name) admit nothing"
             }
         }
         if issuerDocuments.count >= documentsMax || ruleDocuments.count >= documentsMax {

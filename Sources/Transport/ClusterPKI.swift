@@ -179,12 +179,11 @@ public struct NodeIdentity: Sendable {
         }
     }
 
-    /// An identity read from PEM files: the cluster and node come from the
-    /// certificate's `warrant-node://` URI, which must be the only one.
     /// The DNS names and IP addresses a certificate's SAN lists (its
-    /// node URI left out), as `issueNodeIdentity` takes them.
-    public static func hosts(in certificate: Certificate) -> [String] {
-        let names = ((try? certificate.extensions.subjectAlternativeNames).flatMap { $0 }.map { Array($0) }) ?? []
+    /// node URI left out), as `issueNodeIdentity` takes them; throws if the
+    /// extension does not parse.
+    public static func hosts(in certificate: Certificate) throws -> [String] {
+        let names = try certificate.extensions.subjectAlternativeNames.map { Array($0) } ?? []
         return names.compactMap { name -> String? in
             switch name {
             case .dnsName(let host): return host
@@ -199,6 +198,8 @@ public struct NodeIdentity: Sendable {
         }
     }
 
+    /// An identity read from PEM files: the cluster and node come from the
+    /// certificate's `warrant-node://` URI, which must be the only one.
     public init(certificatePEM: String, privateKeyPEM: String, caCertificatePEM: String) throws {
         let certificate = try Certificate(pemEncoded: certificatePEM)
         let key = try P256.Signing.PrivateKey(pemRepresentation: privateKeyPEM)
