@@ -21,8 +21,13 @@ final class AgentIdentity: WorkloadIdentitySource {
     /// identity it read.
     private let published = Mutex<(identity: JobIdentity, key: P256.Signing.PrivateKey, bundlePEM: String, jwks: [UInt8], generation: Int)?>(nil)
 
+    /// Without a client certificate, for the keys, the bundle and
+    /// verification: one for the agent's life, its connections kept.
+    private let plainClient: WarrantClient?
+
     init(options: JobOptions.Resolved) {
         self.options = options
+        plainClient = try? WarrantClient(endpoints: options.endpoints, caPEM: options.caPEM)
     }
 
     /// Takes a new identity: the Workload API streams push it.
@@ -41,14 +46,12 @@ final class AgentIdentity: WorkloadIdentitySource {
     /// cannot say, the last ones it said (an empty or error body would
     /// make every workload refuse every JWT-SVID until the next renewal).
     private func fetchJWKS() async -> [UInt8] {
-        let client = try? WarrantClient(endpoints: options.endpoints, caPEM: options.caPEM)
         var jwks = lastJWKS.withLock { $0 } ?? Array(#"{"keys":[]}"#.utf8)
-        if let response = try? await client?.request(.GET, "/v1/keys"), response.status == .ok,
+        if let response = try? await plainClient?.request(.GET, "/v1/keys"), response.status == .ok,
            (try? JSONSerialization.jsonObject(with: Data(response.body)) as? [String: Any])?["keys"] is [Any] {
             jwks = response.body
             lastJWKS.withLock { $0 = jwks }
         }
-        await client?.close()
         return jwks
     }
 
@@ -69,12 +72,9 @@ final class AgentIdentity: WorkloadIdentitySource {
             guard let held = published.withLock({ $0 }) else { continue }
             let jwks = await fetchJWKS()
             var bundlePEM = held.bundlePEM
-            if let client = try? WarrantClient(endpoints: options.endpoints, caPEM: options.caPEM) {
-                if let response = try? await client.request(.GET, "/v1/bundle.pem"), response.status == .ok,
-                   !Self.certificates(response.text).isEmpty {
-                    bundlePEM = response.text
-                }
-                await client.close()
+            if let response = try? await plainClient?.request(.GET, "/v1/bundle.pem"), response.status == .ok,
+               !Self.certificates(response.text).isEmpty {
+                bundlePEM = response.text
             }
             // Compared with what was published (not with the last fetched:
             // an update publishing older keys after this loop fetched newer
@@ -137,8 +137,7 @@ final class AgentIdentity: WorkloadIdentitySource {
     }
 
     func validate(jwt: String, audience: String) async throws -> (spiffeID: String, claimsJSON: [UInt8]) {
-        let client = try WarrantClient(endpoints: options.endpoints, caPEM: options.caPEM)
-        defer { Task { await client.close() } }
+        guard let client = plainClient else { throw JobFailure(description: "no client for the cluster's endpoints (bad CA file?)") }
         let response = try await client.request(.POST, "/v1/verify", json: Array(try JSONSerialization.data(withJSONObject: ["jwt": jwt, "audience": audience])))
         let body = (try? JSONSerialization.jsonObject(with: Data(response.body)) as? [String: Any]) ?? [:]
         guard body["valid"] as? Bool == true, let spiffeID = body["spiffe_id"] as? String else {

@@ -14,7 +14,8 @@ private func putPolicy(_ admin: HTTPConnection, _ name: String, _ yaml: String) 
     try await admin.request(.PUT, "/v1/documents/\(name)", headers: yamlHeaders, body: Array(yaml.utf8))
 }
 
-private func githubIssuerYAML(_ provider: TestIssuer, issuer: String? = nil) -> String {
+/// An issuer document for `provider` (GitHub method, its CA pinned).
+func githubIssuerYAML(_ provider: TestIssuer, issuer: String? = nil) -> String {
     "method: github\nissuer: \(issuer ?? provider.issuer)\nca_pem: |\n" + provider.caPEM.split(separator: "\n").map { "  \($0)" }.joined(separator: "\n") + "\n"
 }
 

@@ -12,8 +12,7 @@ struct KeySetCacheTests {
         let provider = try TestIssuer(keys: [.rsa2048])
         try await provider.serve()
         defer { Task { await provider.stop() } }
-        let document = "method: github\nissuer: \(provider.issuer)\nca_pem: |\n" + provider.caPEM.split(separator: "\n").map { "  \($0)" }.joined(separator: "\n") + "\n"
-        let issuer = try IssuerConfig(name: "github", document: document, defaultAudience: "warrant.local")
+        let issuer = try IssuerConfig(name: "github", document: githubIssuerYAML(provider), defaultAudience: "warrant.local")
         let cache = KeySetCache(fetcher: KeySetFetcher(allowHTTPLoopback: false), refetchInterval: .milliseconds(100),
                                 refreshInterval: .milliseconds(200), maxAge: .milliseconds(1_500))
         let kid = provider.keys[0].kid
