@@ -242,25 +242,38 @@ public struct JWTVerifier: Sendable {
         case .strings(let many): audiences = many
         default: throw AuthorityError("bad_audience", "aud is missing")
         }
-        guard audiences.contains(audience) else { throw AuthorityError("wrong_audience", "the token is not for '\(audience)'") }
+        // Byte for byte: String's == takes canonically equivalent spellings
+        // (é and e with a combining accent, the Kelvin sign and K) as one.
+        guard audiences.contains(where: { $0.utf8.elementsEqual(audience.utf8) }) else {
+            throw AuthorityError("wrong_audience", "the token is not for '\(audience)'")
+        }
         guard let exp = claims["exp"]?.number else { throw AuthorityError("missing_expiry", "exp is missing") }
+        guard Self.isTime(exp) else { throw AuthorityError("malformed_token", "exp is not a time (seconds since 1970, below 2^40)") }
         guard exp > now.timeIntervalSince1970 else { throw AuthorityError("expired", "the token expired at \(Date(timeIntervalSince1970: exp))") }
         // Warrant writes no nbf; a token that has one is not taken before it
         // (RFC 7519 4.1.5), with the leeway X.509 notBefore gets (`backdate`).
         if let nbf = claims["nbf"] {
-            guard case .number(let at) = nbf else { throw AuthorityError("malformed_token", "nbf is not a number") }
+            guard case .number(let at) = nbf, Self.isTime(at) else { throw AuthorityError("malformed_token", "nbf is not a time (seconds since 1970, below 2^40)") }
             guard at <= now.timeIntervalSince1970 + X509Authority.backdate else {
                 throw AuthorityError("not_yet_valid", "the token is not valid until \(Date(timeIntervalSince1970: at))")
             }
         }
+        let iat = claims["iat"]?.number
+        if let iat, !Self.isTime(iat) { throw AuthorityError("malformed_token", "iat is not a time (seconds since 1970, below 2^40)") }
         return VerifiedJWT(spiffeID: spiffeID, audiences: audiences, expiry: Date(timeIntervalSince1970: exp),
-                           issuedAt: claims["iat"]?.number.map { Date(timeIntervalSince1970: $0) },
+                           issuedAt: iat.map { Date(timeIntervalSince1970: $0) },
                            attributes: claims["warrant"]?.map ?? [:],
                            serial: serial, fingerprint: fingerprint, signature: signature)
     }
 }
 
 extension JWTVerifier {
+    /// A NumericDate this verifier takes: finite, from 1970 on, below 2^40
+    /// seconds (as platform tokens' times are bounded); fractions allowed
+    /// (RFC 7519 section 2). Beyond it (1e400 reads as infinity) a time
+    /// could not be written as a date.
+    static func isTime(_ seconds: Double) -> Bool { seconds.isFinite && seconds >= 0 && seconds < 1_099_511_627_776 }
+
     /// A header's or claim's value, as verification reads it.
     enum ClaimValue {
         case string(String)

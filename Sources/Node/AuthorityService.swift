@@ -130,6 +130,29 @@ public final class AuthorityService: Sendable {
         return (record, document.logIndex)
     }
 
+    /// A JWT-SVID kept for an idempotency key is a bearer token, and what
+    /// is kept goes into the log and the ledger: every node's disk, its
+    /// checkpoints, snapshot streams to new members. It is sealed with the
+    /// KEK first, as the authorities' keys are (certificates are public
+    /// and are kept as they are).
+    static let keptMagic = Array("WSA1".utf8)
+    static let keptPurpose = "warrant kept jwt-svid"
+
+    /// `token` sealed for keeping (see `keptMagic`).
+    public func sealKept(_ token: [UInt8]) throws -> [UInt8] {
+        try SealedKey.sealBytes(token, magic: Self.keptMagic, purpose: Self.keptPurpose, with: kek)
+    }
+
+    /// A kept JWT-SVID opened: one kept before they were sealed is its own
+    /// bytes (a JWT begins `eyJ`, never the magic).
+    public func openKept(_ artifact: [UInt8]) throws -> [UInt8] {
+        guard artifact.starts(with: Self.keptMagic) else { return artifact }
+        guard let token = SealedKey.openBytes(artifact, purpose: Self.keptPurpose, with: kek) else {
+            throw AuthorityError("kept_answer_unreadable", "the JWT-SVID kept for this idempotency key cannot be opened with this node's key-encryption key")
+        }
+        return token
+    }
+
     /// The first 8 bytes of the KEK's SHA-256, hex: names the KEK without revealing it.
     var kekID: String { Hex.encode(kek.withUnsafeBytes { SHA256.hash(data: Array($0)) }.prefix(8)) }
 

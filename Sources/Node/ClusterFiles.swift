@@ -25,8 +25,7 @@ public enum SealedKey {
     static let end = "-----END WARRANT SEALED KEY-----"
 
     public static func seal(_ plaintext: String, purpose: String, with kek: SymmetricKey) throws -> String {
-        let box = try AES.GCM.seal(Array(plaintext.utf8), using: kek, authenticating: Array(purpose.utf8))
-        let bytes = magic + Array(box.nonce) + Array(box.ciphertext) + Array(box.tag)
+        let bytes = try sealBytes(Array(plaintext.utf8), magic: magic, purpose: purpose, with: kek)
         let lines = Data(bytes).base64EncodedString(options: [.lineLength64Characters, .endLineWithLineFeed])
         return "\(begin)\n\(lines)\n\(end)\n"
     }
@@ -34,18 +33,36 @@ public enum SealedKey {
     public static func open(_ text: String, purpose: String, with kek: SymmetricKey, path: String) throws -> String {
         let body = text.replacingOccurrences(of: begin, with: "").replacingOccurrences(of: end, with: "")
             .split(whereSeparator: \.isWhitespace).joined()
-        guard text.contains(begin), let data = Data(base64Encoded: body), data.count > magic.count + 12 + 16, Array(data.prefix(4)) == magic else {
+        guard text.contains(begin), let data = Data(base64Encoded: body), isSealed(Array(data), magic: magic) else {
             throw FileProblem(path: path, problem: "is not a Warrant sealed key (expected a \(begin) block)")
         }
-        let bytes = Array(data)
-        do {
-            let box = try AES.GCM.SealedBox(nonce: AES.GCM.Nonce(data: bytes[4..<16]), ciphertext: bytes[16..<(bytes.count - 16)],
-                                            tag: bytes[(bytes.count - 16)...])
-            let plaintext = try AES.GCM.open(box, using: kek, authenticating: Array(purpose.utf8))
-            return String(decoding: plaintext, as: UTF8.self)
-        } catch {
+        guard let plaintext = openBytes(Array(data), purpose: purpose, with: kek) else {
             throw FileProblem(path: path, problem: "cannot be opened with the key-encryption key (wrong key, or the file was altered)")
         }
+        return String(decoding: plaintext, as: UTF8.self)
+    }
+
+    /// `magic | nonce(12) | ciphertext | tag(16)`: AES-256-GCM under the
+    /// KEK, `purpose` bound as associated data.
+    static func sealBytes(_ plaintext: [UInt8], magic: [UInt8], purpose: String, with kek: SymmetricKey) throws -> [UInt8] {
+        let box = try AES.GCM.seal(plaintext, using: kek, authenticating: Array(purpose.utf8))
+        return magic + Array(box.nonce) + Array(box.ciphertext) + Array(box.tag)
+    }
+
+    /// Whether `bytes` could be what `sealBytes` made with `magic`.
+    static func isSealed(_ bytes: [UInt8], magic: [UInt8]) -> Bool {
+        bytes.count > magic.count + 12 + 16 && bytes.starts(with: magic)
+    }
+
+    /// What `sealBytes` sealed (its 4-byte magic not checked here), or nil
+    /// when the KEK or purpose is not the one it was sealed with, or the
+    /// bytes were altered.
+    static func openBytes(_ bytes: [UInt8], purpose: String, with kek: SymmetricKey) -> [UInt8]? {
+        guard bytes.count > 4 + 12 + 16,
+              let box = try? AES.GCM.SealedBox(nonce: AES.GCM.Nonce(data: bytes[4..<16]), ciphertext: bytes[16..<(bytes.count - 16)],
+                                               tag: bytes[(bytes.count - 16)...]),
+              let plaintext = try? AES.GCM.open(box, using: kek, authenticating: Array(purpose.utf8)) else { return nil }
+        return Array(plaintext)
     }
 }
 
@@ -111,10 +128,19 @@ public enum ClusterFiles {
 
     public static let fileBytesMax = 1 << 20
 
+    /// A file's text, at most one byte past `bytesMax` read (a device such
+    /// as /dev/zero never ends).
     public static func read(_ path: String, bytesMax: Int = fileBytesMax) throws -> String {
-        guard let data = FileManager.default.contents(atPath: path) else { throw FileProblem(path: path, problem: "cannot be read") }
+        String(decoding: try readBytes(path, bytesMax: bytesMax), as: UTF8.self)
+    }
+
+    /// A file's bytes, read as `read` reads.
+    public static func readBytes(_ path: String, bytesMax: Int = fileBytesMax) throws -> [UInt8] {
+        guard let handle = FileHandle(forReadingAtPath: path) else { throw FileProblem(path: path, problem: "cannot be read") }
+        defer { try? handle.close() }
+        guard let data = try? handle.read(upToCount: bytesMax + 1) ?? Data() else { throw FileProblem(path: path, problem: "cannot be read") }
         guard data.count <= bytesMax else { throw FileProblem(path: path, problem: "is larger than \(bytesMax) bytes") }
-        return String(decoding: data, as: UTF8.self)
+        return Array(data)
     }
 
     /// Writes `text` to `path` whole or not at all: a new file beside it

@@ -98,7 +98,20 @@ struct ExecCommand: AsyncParsableCommand {
                 added["AWS_WEB_IDENTITY_TOKEN_FILE"] = "\(directory)/\(JobIdentity.jwtFileName("sts.amazonaws.com"))"
                 added["AWS_ROLE_SESSION_NAME"] = "warrant-" + String(identity.spiffeID.split(separator: "/").last ?? "job").prefix(40)
             }
-            child.environment = environment.merging(added) { $1 }
+            var childEnvironment = environment.merging(added) { $1 }
+            if step != nil {
+                // A step's command gets the step's identity, not the means to
+                // the job's own: the platform token (or the runner's way to
+                // ask for one) would let it join as the whole job.
+                var platform = ["ACTIONS_ID_TOKEN_REQUEST_TOKEN", "ACTIONS_ID_TOKEN_REQUEST_URL"]
+                switch options.source {
+                case .gitlab(let variable), .environment(let variable): platform.append(variable)
+                default: break
+                }
+                let withheld = platform.filter { childEnvironment.removeValue(forKey: $0) != nil }
+                if !withheld.isEmpty { say("withheld from the step's command: \(withheld.joined(separator: ", ")) (the job's platform token)") }
+            }
+            child.environment = childEnvironment
             let exited = AsyncStream<(Int32, Process.TerminationReason)>.makeStream()
             child.terminationHandler = { process in
                 exited.continuation.yield((process.terminationStatus, process.terminationReason))

@@ -36,8 +36,8 @@ struct JobOptions: ParsableArguments {
     /// The configuration file's settings, as text (endpoints joined by commas).
     func fileSettings(_ environment: [String: String]) throws -> [String: String] {
         guard let path = config ?? environment["WARRANT_CONFIG"] else { return [:] }
-        guard let text = try? String(contentsOfFile: path, encoding: .utf8), text.utf8.count <= 64 << 10 else {
-            throw JobFailure(description: "cannot read the configuration file \(path)")
+        guard let text = try? ClusterFiles.read(path, bytesMax: 64 << 10) else {
+            throw JobFailure(description: "cannot read the configuration file \(path) (missing, unreadable, or over 64 KiB)")
         }
         let root: Yams.Node?
         do {
@@ -86,7 +86,7 @@ struct JobOptions: ParsableArguments {
         guard let caPath = caFile ?? environment["WARRANT_CA_FILE"] ?? file["ca_file"] else {
             throw JobFailure(description: "give the cluster's CA certificate: --ca-file FILE (or WARRANT_CA_FILE)")
         }
-        guard let caPEM = try? String(contentsOfFile: caPath, encoding: .utf8), caPEM.contains("BEGIN CERTIFICATE") else {
+        guard let caPEM = try? ClusterFiles.read(caPath), caPEM.contains("BEGIN CERTIFICATE") else {
             throw JobFailure(description: "cannot read a PEM certificate from the CA file \(caPath)")
         }
         let source: TokenSource
@@ -112,7 +112,7 @@ struct JobOptions: ParsableArguments {
         }
         var extraRoots: String?
         if let tokenRequestCa = tokenRequestCa ?? file["token_request_ca"] {
-            guard let text = try? String(contentsOfFile: tokenRequestCa, encoding: .utf8) else { throw JobFailure(description: "cannot read \(tokenRequestCa)") }
+            guard let text = try? ClusterFiles.read(tokenRequestCa) else { throw JobFailure(description: "cannot read \(tokenRequestCa) (missing, unreadable, or over 1 MiB)") }
             extraRoots = text
         }
         var ttl = self.ttl

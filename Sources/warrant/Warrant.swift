@@ -1,4 +1,5 @@
 import Authority
+import Client
 import ArgumentParser
 import Foundation
 import NIOCore
@@ -282,7 +283,7 @@ struct DocumentCommand: AsyncParsableCommand {
         func run() async throws {
             let content: [UInt8]
             switch (file, value) {
-            case (let file?, nil): content = file == "-" ? Array(FileHandle.standardInput.readDataToEndOfFile()) : Array(try Data(contentsOf: URL(fileURLWithPath: file)))
+            case (let file?, nil): content = try ClusterFiles.readBytes(file == "-" ? "/dev/stdin" : file)
             case (nil, let value?): content = Array(value.utf8)
             default: throw ValidationError("give exactly one of --file or --value")
             }
@@ -496,41 +497,81 @@ struct SVIDCommand: AsyncParsableCommand {
             let directory = try connection.clusterDirectory
             let listing = try ClusterListing(directory: directory)
             let addresses = try listing.members.map { try SocketAddress.makeAddressResolvingHost($0.api.host, port: $0.api.port) }
-            let client = try AdminClient(endpoints: addresses, caPEM: try String(contentsOfFile: "\(directory)/ca.pem", encoding: .utf8),
-                                         certificatePEM: try String(contentsOfFile: cert, encoding: .utf8),
-                                         keyPEM: try String(contentsOfFile: key, encoding: .utf8))
-            let request: [String: Any] = ["csr": try String(contentsOfFile: csr, encoding: .utf8)]
+            let client = try AdminClient(endpoints: addresses, caPEM: try ClusterFiles.read("\(directory)/ca.pem"),
+                                         certificatePEM: try ClusterFiles.read(cert), keyPEM: try ClusterFiles.read(key))
+            let request: [String: Any] = ["csr": try ClusterFiles.read(csr, bytesMax: 64 << 10)]
             try await requestX509SVID(client, "/v1/svid/x509/renew", request, out: out, bundleOut: bundleOut)
         }
     }
 
     struct X509: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Send a CSR and a join token; write the X509-SVID and the trust bundle as PEM.")
+        static let configuration = CommandConfiguration(abstract: "Send a CSR and a join token; write the X509-SVID and the trust bundle as PEM.",
+                                                        discussion: JoinTokenOptions.discussion)
         @OptionGroup var connection: ConnectionOptions
-        @Option(help: "The join token.") var token: String
+        @OptionGroup var joinToken: JoinTokenOptions
         @Option(help: "A PEM PKCS#10 request (its key is the only thing used).") var csr: String
         @Option(help: "Where to write the certificate.") var out: String = "svid.pem"
         @Option(help: "Where to write the trust bundle.") var bundleOut: String = "bundle.pem"
         @Option(help: "The same key returns the same identity when a request is retried.") var idempotencyKey: String?
 
         func run() async throws {
+            let token = try await joinToken.secret()
             let client = try connection.client()
-            var request: [String: Any] = ["token": token, "csr": try String(contentsOfFile: csr, encoding: .utf8)]
+            var request: [String: Any] = ["token": token, "csr": try ClusterFiles.read(csr, bytesMax: 64 << 10)]
             if let idempotencyKey { request["idempotency_key"] = idempotencyKey }
             try await requestX509SVID(client, "/v1/svid/x509", request, out: out, bundleOut: bundleOut)
         }
     }
 
     struct JWT: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Exchange a join token for a JWT-SVID for the given audiences.")
+        static let configuration = CommandConfiguration(abstract: "Exchange a join token for a JWT-SVID for the given audiences.",
+                                                        discussion: JoinTokenOptions.discussion)
         @OptionGroup var connection: ConnectionOptions
-        @Option(help: "The join token.") var token: String
+        @OptionGroup var joinToken: JoinTokenOptions
         @Option(help: "An audience (repeat for more).") var audience: [String]
 
         func run() async throws {
+            let token = try await joinToken.secret()
             let client = try connection.client()
             let request: [String: Any] = ["token": token, "audience": audience]
             try finish(try await client.post("/v1/svid/jwt", json: request))
+        }
+    }
+}
+
+/// Where a command finds a join token: a file, standard input, or
+/// WARRANT_JOIN_TOKEN; never the command line, where every local user
+/// reads it (/proc/PID/cmdline, ps) and a shell's history keeps it.
+struct JoinTokenOptions: ParsableArguments {
+    static let variable = "WARRANT_JOIN_TOKEN"
+    static let discussion = "The join token is read from --token-file (a file, or '-' for standard input) or from $WARRANT_JOIN_TOKEN, never from the command line."
+
+    @Option(help: "A file holding the join token ('-' for standard input); without it, $WARRANT_JOIN_TOKEN.") var tokenFile: String?
+    /// Refused: kept only to say why, without repeating its value.
+    @Option(help: .hidden) var token: String?
+
+    func validate() throws {
+        if token != nil {
+            throw ValidationError("--token is not taken: a join token on the command line is readable by every local user (/proc/PID/cmdline, ps) "
+                                  + "and stays in shell history; pass it with --token-file FILE, --token-file - (standard input) or \(Self.variable)")
+        }
+    }
+
+    func secret(environment: [String: String] = ProcessInfo.processInfo.environment) async throws -> String {
+        let source: TokenSource
+        switch tokenFile {
+        case "-": source = .file(path: "/dev/stdin")
+        case let path?: source = .file(path: path)
+        case nil:
+            guard environment[Self.variable] != nil else {
+                throw ValidationError("no join token: pass --token-file FILE, --token-file - (standard input) or set \(Self.variable)")
+            }
+            source = .environment(variable: Self.variable)
+        }
+        do {
+            return try await source.token(environment: environment)
+        } catch let problem as TokenSource.Problem {
+            throw ValidationError(problem.description)
         }
     }
 }
@@ -551,15 +592,12 @@ struct JoinCommand: AsyncParsableCommand {
 
         func run() async throws {
             let text: String
-            if token == "-" {
-                text = String(decoding: FileHandle.standardInput.readDataToEndOfFile(), as: UTF8.self)
-            } else {
-                guard let contents = try? String(contentsOfFile: token, encoding: .utf8) else {
-                    throw ValidationError("cannot read the token file \(token)")
-                }
-                text = contents
+            do {
+                text = try await TokenSource.file(path: token == "-" ? "/dev/stdin" : token).token()
+            } catch let problem as TokenSource.Problem {
+                throw ValidationError(problem.description)
             }
-            let response = try await connection.client().post("/v1/join/explain", json: ["token": text.trimmingCharacters(in: .whitespacesAndNewlines)])
+            let response = try await connection.client().post("/v1/join/explain", json: ["token": text])
             guard response.status.code < 400, let answer = try? JSONSerialization.jsonObject(with: Data(response.body)) as? [String: Any] else {
                 return try finish(response)
             }

@@ -579,6 +579,30 @@ struct JWTSVIDTests {
         }
     }
 
+    @Test("An audience matches byte for byte, not by Unicode equivalence; exp, nbf and iat past 2^40 s, infinite (1e400) or negative are refused, not trapped on")
+    func audienceBytesAndTimeBounds() async throws {
+        let foreign = P256.Signing.PrivateKey()
+        let other = JWTVerifier(trustDomain: "example.org", keys: ["f": .p256(foreign.publicKey)])
+        let now = Int(Date().timeIntervalSince1970)
+        func signed(_ claims: String) throws -> String {
+            let input = "\(Base64URL.encode(Array(#"{"alg":"ES256","kid":"f"}"#.utf8))).\(Base64URL.encode(Array(claims.utf8)))"
+            return "\(input).\(Base64URL.encode(Array(try foreign.signature(for: Array(input.utf8)).rawRepresentation)))"
+        }
+        // é precomposed against e + combining acute; the Kelvin sign against K: equal to String's ==.
+        for (tokenAudience, asked) in [("caf\u{E9}", "cafe\u{301}"), ("\u{212A}afka", "Kafka")] {
+            #expect(tokenAudience == asked, "the spellings are canonically equivalent")
+            let token = try signed(#"{"sub":"\#(id)","aud":"\#(tokenAudience)","exp":\#(now + 300)}"#)
+            #expect(try other.verify(token, audience: tokenAudience).spiffeID == id)
+            #expect(await authorityCode { _ = try other.verify(token, audience: asked) } == "wrong_audience", "\(asked)")
+        }
+        for claims in [#""exp":1e400"#, #""exp":1099511627776"#, #""exp":\#(now + 300),"nbf":-1"#, #""exp":\#(now + 300),"iat":1e300"#,
+                       #""exp":\#(now + 300),"nbf":-1e400"#] {
+            let token = try signed(#"{"sub":"\#(id)","aud":"x",\#(claims)}"#)
+            #expect(await authorityCode { _ = try other.verify(token, audience: "x") } == "malformed_token", "\(claims)")
+        }
+        #expect(try other.verify(try signed(#"{"sub":"\#(id)","aud":"x","exp":\#(now + 300),"iat":\#(now)}"#), audience: "x").spiffeID == id)
+    }
+
     @Test("The signature memo: a token's signature is checked once, its claims every time; bad signatures are never kept; a full memo starts over")
     func signatureMemo() throws {
         let memo = SignatureMemo(capacity: 3)

@@ -19,9 +19,9 @@ private func joinTokens(_ count: Int, for spiffeID: String, _ admin: HTTPConnect
 
 @Suite("What an issuance writes to the log", .serialized)
 struct IssuanceLogTests {
-    @Test("The identity itself travels in the log only when an idempotency key asks for it to be kept; a retry with the key gets it back")
+    @Test("The identity itself travels in the log only when an idempotency key asks for it to be kept, a JWT-SVID sealed with the KEK in the log and in every node's ledger; a retry with the key gets it back")
     func artifactOnlyWithIdempotencyKey() async throws {
-        try await InProcessCluster.withReadyFollower { cluster, leader, _, admin, open in
+        try await InProcessCluster.withReadyFollower { cluster, leader, follower, admin, open in
             let tokens = try await joinTokens(3, for: "spiffe://warrant.local/ci/log", admin)
             let csr = try opensslCSR(in: cluster.directory, name: "log")
             let plain = try await open.request(.POST, "/v1/svid/x509", headers: [("content-type", "application/json")],
@@ -46,7 +46,22 @@ struct IssuanceLogTests {
             #expect(issuances.count == 3, "one entry per identity issued; the retry wrote none")
             let withoutKey = issuances.filter { $0.idempotencyKey.isEmpty }
             #expect(withoutKey.count == 2 && withoutKey.allSatisfy { $0.artifact.isEmpty && !$0.fingerprint.isEmpty && !$0.serial.isEmpty })
-            #expect(issuances.filter { !$0.idempotencyKey.isEmpty }.map(\.artifact) == [Array(jwt.utf8)])
+            // The kept JWT-SVID is a bearer token: sealed, its claims nowhere in the clear, opened by any node's KEK.
+            let kept = issuances.filter { !$0.idempotencyKey.isEmpty }.map(\.artifact)
+            #expect(kept.count == 1 && kept[0].starts(with: Array("WSA1".utf8)), "the kept JWT-SVID is not sealed")
+            let claims = Array(jwt.split(separator: ".")[1].utf8)
+            #expect(!String(decoding: kept[0], as: UTF8.self).contains(String(decoding: claims, as: UTF8.self)))
+            #expect(try #require(cluster.servers[leader]).authority.openKept(kept[0]) == Array(jwt.utf8))
+            let followerServer = try #require(cluster.servers[follower])
+            #expect(await eventually { (try? followerServer.store.ledgerAppliedIndex()) ?? 0 >= applied })
+            let document = try #require(try followerServer.store.document(named: AuthorityDocuments.idempotency(AuthorityService.hash("deploy-7"))))
+            let answer = try JSONDecoder().decode(IdempotentAnswer.self, from: Data(document.content))
+            #expect(try followerServer.authority.openKept(Array(answer.artifact)) == Array(jwt.utf8), "a follower (a leader after a failover) opens it too")
+            // A JWT kept before sealing began is its own bytes, and opens as itself; a sealed one altered opens as nothing.
+            #expect(try followerServer.authority.openKept(Array(jwt.utf8)) == Array(jwt.utf8))
+            var altered = kept[0]
+            altered[altered.count - 1] ^= 1
+            #expect(throws: AuthorityError.self) { try followerServer.authority.openKept(altered) }
         }
     }
 

@@ -264,6 +264,29 @@ struct IssuanceTests {
             #expect(pem.text.hasPrefix("-----BEGIN CERTIFICATE-----"))
             let nonsense = try await open.request(.POST, "/v1/verify", headers: [("content-type", "application/json")], body: json(["jwt": "x"]))
             #expect(nonsense.status == .badRequest)
+
+            // The CLI takes a join token from a file, standard input or WARRANT_JOIN_TOKEN, never from its command line.
+            let binary = try #require(warrantBinary(), "build the package first so the warrant executable exists")
+            func cliToken() async throws -> String {
+                try #require(object(try await admin.request(.POST, "/v1/tokens", headers: [("content-type", "application/json")],
+                                                            body: json(["spiffe_id": "spiffe://warrant.local/cli"])))["token"] as? String)
+            }
+            let endpoint = "127.0.0.1:\(cluster.basePort + 100 + Int(follower) - 1)"
+            let common = ["svid", "jwt", "--dir", cluster.directory, "--endpoints", endpoint, "--audience", "a"]
+            let fileToken = try await cliToken()
+            try fileToken.write(toFile: "\(cluster.directory)/join-token.txt", atomically: true, encoding: .utf8)
+            let fromFile = try run(common + ["--token-file", "\(cluster.directory)/join-token.txt"], executable: binary)
+            #expect(fromFile.status == 0 && fromFile.output.contains("spiffe://warrant.local/cli"), "\(fromFile.output)")
+            let fromStdin = try run(["sh", "-c", "token=$1 bin=$2; shift 2; printf '%s\\n' \"$token\" | \"$bin\" \"$@\"", "sh", try await cliToken(), binary]
+                                    + common + ["--token-file", "-"])
+            #expect(fromStdin.status == 0 && fromStdin.output.contains("spiffe://warrant.local/cli"), "\(fromStdin.output)")
+            let fromEnvironment = try run(common, executable: binary, environment: ["WARRANT_JOIN_TOKEN": try await cliToken()])
+            #expect(fromEnvironment.status == 0 && fromEnvironment.output.contains("spiffe://warrant.local/cli"), "\(fromEnvironment.output)")
+            let onArgv = try await cliToken()
+            let refused = try run(common + ["--token", onArgv], executable: binary)
+            #expect(refused.status != 0 && refused.output.contains("--token is not taken") && !refused.output.contains(onArgv), "\(refused.output)")
+            let none = try run(common, executable: binary, environment: [:])
+            #expect(none.status != 0 && none.output.contains("no join token"), "\(none.output)")
         }
     }
 }

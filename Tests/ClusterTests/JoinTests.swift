@@ -157,7 +157,7 @@ struct JoinTests {
             let cliLint = try run(["join", "lint", "--dir", dir], executable: binary)
             #expect(cliLint.status == 2 && cliLint.output.contains("rule loose (issuer github): 2 warning(s)"), "\(cliLint.output)")
             let missing = try run(["join", "explain", "--dir", dir, "--token", "\(dir)/nope.jwt"], executable: binary)
-            #expect(missing.status != 0 && missing.output.contains("cannot read the token file"), "\(missing.output)")
+            #expect(missing.status != 0 && missing.output.contains("the token file \(dir)/nope.jwt does not exist"), "\(missing.output)")
             let lint = object(try await admin.request(.GET, "/v1/join/lint"))
             #expect(((lint["rules"] as? [[String: Any]])?.first { $0["rule"] as? String == "loose" }?["warnings"] as? [String])?.isEmpty == false)
 
@@ -193,12 +193,20 @@ struct JoinTests {
             #expect(insecure.status == .ok)
             try await Task.sleep(for: .seconds(1.1))
             let insecureToken = try provider.mint(replacingIssuer(provider.githubClaims(audience: audience), provider.issuer.replacingOccurrences(of: "https:", with: "http:")))
+            // The open endpoint says only that the keys cannot be had (no URL, no network error); an operator's explain says why.
             let plain = try await join(insecureToken, via: open)
-            #expect(plain.status == .serviceUnavailable && plain.text.contains("plain HTTP"), "\(plain.text)")
+            #expect(plain.status == .serviceUnavailable && plain.text.contains("keys_unavailable") && !plain.text.contains("plain HTTP")
+                    && !plain.text.contains("http://"), "\(plain.text)")
+            let plainExplained = try await admin.request(.POST, "/v1/join/explain", headers: jsonHeaders, body: json(["token": insecureToken]))
+            #expect(plainExplained.text.contains("plain HTTP"), "\(plainExplained.text)")
             _ = try await putPolicy(admin, "policy/issuers/github", githubIssuerYAML(provider, issuer: provider.issuer + "/redirect"))
             try await Task.sleep(for: .seconds(1.1))
             let redirected = try await join(try provider.mint(replacingIssuer(provider.githubClaims(audience: audience), provider.issuer + "/redirect")), via: open)
-            #expect(redirected.status == .serviceUnavailable && redirected.text.contains("redirect"), "\(redirected.text)")
+            #expect(redirected.status == .serviceUnavailable && redirected.text.contains("keys_unavailable") && !redirected.text.contains("/redirect"),
+                    "\(redirected.text)")
+            let redirectExplained = try await admin.request(.POST, "/v1/join/explain", headers: jsonHeaders,
+                                                            body: json(["token": try provider.mint(replacingIssuer(provider.githubClaims(audience: audience), provider.issuer + "/redirect"))]))
+            #expect(redirectExplained.text.contains("redirects are not followed"), "\(redirectExplained.text)")
             _ = follower
         }
     }
@@ -335,11 +343,15 @@ extension JoinTests {
             #expect(try await anonymous.request(.POST, "/v1/svid/jwt/workload", headers: jsonHeaders, body: json(["audience": ["x"]])).status == .unauthorized)
             await anonymous.close()
             // A per-step identity: the job's SPIFFE ID extended, audited as coming from the job's identity, closed with the exit status.
-            let stepScript = "test \"$WARRANT_SPIFFE_ID\" = spiffe://warrant.local/gh/acme/api/deploy/step/terraform-apply && "
+            // Nor the means to the job's own identity: the runner's token request variables are withheld.
+            #expect(runner["ACTIONS_ID_TOKEN_REQUEST_TOKEN"] != nil && runner["ACTIONS_ID_TOKEN_REQUEST_URL"] != nil)
+            let stepScript = "test -z \"$ACTIONS_ID_TOKEN_REQUEST_TOKEN$ACTIONS_ID_TOKEN_REQUEST_URL\" && "
+                + "test \"$WARRANT_SPIFFE_ID\" = spiffe://warrant.local/gh/acme/api/deploy/step/terraform-apply && "
                 + "openssl x509 -in \"$WARRANT_SVID_FILE\" -noout -text | grep -q '\"step\":\"terraform-apply\"' && exit 3"
             let stepRun = try run(["exec"] + common + ["--step", "terraform-apply", "--", "sh", "-c", stepScript], executable: binary,
                                   environment: ["PATH": ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin"].merging(runner) { $1 })
             #expect(stepRun.status == 3 && stepRun.output.contains("step terraform-apply closed with exit status 3"), "\(stepRun.output)")
+            #expect(stepRun.output.contains("withheld from the step's command: ACTIONS_ID_TOKEN_REQUEST_TOKEN, ACTIONS_ID_TOKEN_REQUEST_URL"), "\(stepRun.output)")
             let records = object(try await admin.request(.GET, "/v1/audit?limit=1000"))["records"] as? [[String: Any]] ?? []
             let stepIssue = records.last { ($0["action"] as? String) == "identity.issue" && ($0["target"] as? String ?? "").hasSuffix("/step/terraform-apply") }
             let stepClose = records.last { ($0["action"] as? String) == "step.close" }

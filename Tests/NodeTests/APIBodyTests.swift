@@ -51,6 +51,20 @@ struct APIBodyTests {
         }
         #expect(JWTSVIDRequest(flat: flat(#"{"token":"t","audience":"a"}"#)) == nil)
     }
+
+    @Test("A request body left to JSONDecoder is read as the hand decoder reads it: camelCase names no member, a duplicate member is refused")
+    func requestsBothWaysAlike() throws {
+        // A fractional member sends the body to JSONDecoder; its idempotencyKey is no member there either.
+        for text in [#"{"token":"t","csr":"c","idempotencyKey":"k"}"#, #"{"token":"t","csr":"c","idempotencyKey":"k","x":1.5}"#] {
+            let read = try APIJSON.decodeRequest(X509SVIDRequest.self, from: Array(text.utf8))
+            #expect(read.token == "t" && read.idempotencyKey == nil, "\(text)")
+        }
+        let slow = try APIJSON.decodeRequest(X509SVIDRequest.self, from: Array(#"{"token":"t","csr":"c","ttl_seconds":60,"idempotency_key":"k","x":1.5}"#.utf8))
+        #expect(slow.ttlSeconds == 60 && slow.idempotencyKey == "k")
+        #expect(try APIJSON.decodeRequest(VerifyRequest.self, from: Array(#"{"x509_chain":"pem","x":[1.5]}"#.utf8)).x509Chain == "pem")
+        #expect(throws: (any Error).self) { try APIJSON.decodeRequest(X509SVIDRequest.self, from: Array(#"{"token":"t","csr":"c","ttlSeconds":60,"x":1.5,"token":"u"}"#.utf8)) }
+        #expect(throws: (any Error).self) { try APIJSON.decodeRequest(X509SVIDRequest.self, from: Array(#"{"token":"t","token":"u","csr":"c"}"#.utf8)) }
+    }
 }
 
 @Suite("Times in answers")

@@ -1,4 +1,5 @@
 import Authority
+import Encoding
 import Foundation
 import NIOHTTP1
 import Synchronization
@@ -121,6 +122,22 @@ public enum APIJSON {
         }
         let decoder = JSONDecoder()
         decoder.keyDecodingStrategy = .convertFromSnakeCase
+        return try decoder.decode(type, from: Data(bytes))
+    }
+
+    /// A request body, read as the hand decoder reads one whichever way it
+    /// goes: a duplicate member is refused (not the last one taken), and
+    /// members are snake_case only (`idempotencyKey` is no name here, as
+    /// the hand decoder has it; JSONDecoder's snake-case conversion would
+    /// take it when some other member sent the body its way).
+    public static func decodeRequest<T: Decodable>(_ type: T.Type, from bytes: [UInt8]) throws -> T {
+        if let fast = type as? any HandDecodedJSON.Type, let flat = JSONText.parseFlatObject(bytes, membersMax: 64),
+           let value = fast.init(flat: flat) as? T {
+            return value
+        }
+        _ = try StrictJSON.parse(bytes, limits: .init(bytesMax: 1 << 20, depthMax: 16, valuesMax: 1 << 16))
+        let decoder = JSONDecoder()
+        decoder.keyDecodingStrategy = .custom { path in SnakeCaseKey(path.last!.stringValue) }
         return try decoder.decode(type, from: Data(bytes))
     }
 
@@ -327,4 +344,24 @@ enum RequestID {
             return position
         }
     }
+}
+
+/// A snake_case member name as the property it names (`ttl_seconds`:
+/// `ttlSeconds`); a name with an upper-case letter names no property.
+private struct SnakeCaseKey: CodingKey {
+    var stringValue: String
+    var intValue: Int? { nil }
+
+    init(_ name: String) {
+        guard !name.utf8.contains(where: { (UInt8(ascii: "A")...UInt8(ascii: "Z")).contains($0) }) else {
+            stringValue = "\u{0}" + name
+            return
+        }
+        let parts = name.split(separator: "_", omittingEmptySubsequences: false)
+        stringValue = parts.count < 2 || parts.contains(where: \.isEmpty) ? name
+            : String(parts[0]) + parts.dropFirst().map { $0.prefix(1).uppercased() + $0.dropFirst() }.joined()
+    }
+
+    init?(stringValue: String) { self.init(stringValue) }
+    init?(intValue: Int) { nil }
 }

@@ -285,7 +285,7 @@ extension NodeAPI {
 
     static func decodeBody<T: Decodable>(_ type: T.Type, _ request: HTTPRequest, expected: String) throws -> T {
         do {
-            return try APIJSON.decode(type, from: request.body)
+            return try APIJSON.decodeRequest(type, from: request.body)
         } catch {
             throw APIError.badRequest("expected \(expected): \(error)")
         }
@@ -669,7 +669,8 @@ extension NodeAPI {
             issuance.issuedAtMillis = Self.millis(now)
             issuance.notAfterMillis = Self.millis(issued.expiry)
             issuance.authority = keys.active.id
-            issuance.artifact = issued.bytes
+            // Kept (sealed) only for an idempotency key: see `record`.
+            issuance.artifact = template.idempotencyKey.isEmpty ? [] : try sealKept(issued.bytes)
             do {
                 let (artifact, replayed) = try await record(issuance, actor: actor, request)
                 if replayed { return try jwtResponse(replaying: artifact, audiences: audiences) }
@@ -685,7 +686,7 @@ extension NodeAPI {
     /// The JWT-SVID kept for an idempotency key, replayed: refused (409) if
     /// it is not for the audiences this request asks for.
     func jwtResponse(replaying artifact: [UInt8], audiences: [String]) throws -> HTTPResponse {
-        let token = String(decoding: artifact, as: UTF8.self)
+        let token = String(decoding: try openKept(artifact), as: UTF8.self)
         let claims = token.split(separator: ".").dropFirst().first.flatMap { Base64URL.decode($0) }
             .flatMap { try? JSONSerialization.jsonObject(with: Data($0)) as? [String: Any] } ?? [:]
         let kept = (claims["aud"] as? String).map { [$0] } ?? claims["aud"] as? [String] ?? []
@@ -695,6 +696,20 @@ extension NodeAPI {
         let expiry = (claims["exp"] as? NSNumber).map { Date(timeIntervalSince1970: $0.doubleValue) } ?? Date()
         return APIJSON.response(JWTSVIDBody(spiffeId: claims["sub"] as? String ?? "", token: token, expiresAt: Self.iso(expiry), replayed: true),
                                 headers: [("warrant-leader", String(id))])
+    }
+
+    private func sealKept(_ token: [UInt8]) throws -> [UInt8] {
+        guard let authority else { throw APIError.unavailable("no_authority", "this node runs without an authority") }
+        return try authority.sealKept(token)
+    }
+
+    private func openKept(_ artifact: [UInt8]) throws -> [UInt8] {
+        guard let authority else { throw APIError.unavailable("no_authority", "this node runs without an authority") }
+        do {
+            return try authority.openKept(artifact)
+        } catch let error as AuthorityError {
+            throw APIError(status: .internalServerError, code: error.code, message: error.message)
+        }
     }
 
     static func idempotencyConflict(_ what: String) -> APIError {

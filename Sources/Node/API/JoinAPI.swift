@@ -96,9 +96,16 @@ extension NodeAPI {
         return try joins.policy() // the ledger is in memory: a few map reads
     }
 
-    static func apiError(_ error: AttestationError) -> APIError {
-        let status: HTTPResponseStatus = error.code == "keys_unavailable" ? .serviceUnavailable : .unauthorized
-        return APIError(status: status, code: error.code, message: "the platform token was refused: \(error.message)")
+    /// `detailed`: say why keys are unavailable (the fetch URL, the network
+    /// error). Operators get that (`join explain`); a caller of the open
+    /// join endpoints learns only that the issuer's keys cannot be had now.
+    static func apiError(_ error: AttestationError, detailed: Bool = true) -> APIError {
+        guard error.code == "keys_unavailable" else {
+            return APIError(status: .unauthorized, code: error.code, message: "the platform token was refused: \(error.message)")
+        }
+        let message = detailed ? error.message
+            : "the keys of the token's issuer cannot be fetched just now; retry later (an operator sees why with warrant join explain)"
+        return APIError(status: .serviceUnavailable, code: error.code, message: "the platform token was refused: \(message)", headers: [("retry-after", "5")])
     }
 
     /// A verified platform token that a rule admits, ready to be signed.
@@ -120,7 +127,7 @@ extension NodeAPI {
         do {
             (issuer, verified) = try await joins.verify(token, policy: policy, now: now)
         } catch {
-            throw Self.apiError(error)
+            throw Self.apiError(error, detailed: false)
         }
         let decision = policy.evaluate(issuer: issuer, claims: verified.claims)
         guard let grant = decision.grant else {

@@ -353,7 +353,7 @@ public final class NodeAPI: Sendable {
     private func addMember(_ request: HTTPRequest) async throws -> HTTPResponse {
         let body: AddMemberRequest
         do {
-            body = try APIJSON.decode(AddMemberRequest.self, from: request.body)
+            body = try APIJSON.decodeRequest(AddMemberRequest.self, from: request.body)
         } catch {
             throw APIError.badRequest("expected {\"id\": N, \"peer_address\": \"host:port\", \"api_address\": \"host:port\"}: \(error)")
         }
@@ -396,7 +396,7 @@ public final class NodeAPI: Sendable {
     private func transferLeadership(_ request: HTTPRequest) async throws -> HTTPResponse {
         let body: TransferRequest
         do {
-            body = try APIJSON.decode(TransferRequest.self, from: request.body)
+            body = try APIJSON.decodeRequest(TransferRequest.self, from: request.body)
         } catch {
             throw APIError.badRequest("expected {\"to\": N}: \(error)")
         }
