@@ -169,7 +169,8 @@ let package = Package(
         .testTarget(name: "RaftSimulatorTests", dependencies: ["Raft", "RaftSimulator"], swiftSettings: strict),
         .testTarget(name: "NodeTests", dependencies: ["Raft", "Ledger", "Storage", "Node", "Policy", "Transport", "Encoding", "Authority", .product(name: "X509", package: "swift-certificates"), .product(name: "Crypto", package: "swift-crypto"), .product(name: "GRDB", package: "GRDB.swift"), .product(name: "NIOPosix", package: "swift-nio"), .product(name: "NIOCore", package: "swift-nio")], swiftSettings: strict),
         .testTarget(name: "LedgerTests", dependencies: ["Raft", "Ledger", "RaftSimulator", "Encoding"], swiftSettings: strict),
-        .testTarget(name: "TransportTests", dependencies: ["Raft", "Transport", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"), .product(name: "X509", package: "swift-certificates")], swiftSettings: strict),
+        .testTarget(name: "TransportTests", dependencies: ["Raft", "Transport", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
+                                                    .product(name: "NIOSSL", package: "swift-nio-ssl"), .product(name: "X509", package: "swift-certificates")], swiftSettings: strict),
         .testTarget(name: "AuthorityTests", dependencies: [
             "Authority",
             .product(name: "Crypto", package: "swift-crypto"),

@@ -303,6 +303,10 @@ public final class TCPTransport: Sendable {
         prepareTypes(of: [ByteToMessageHandler(FrameByteDecoder(frameBytesMax: frameBytesMax))])
         let server = try await ServerBootstrap(group: inboundGroup)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(.socketOption(.so_keepalive), value: 1)
+            .childChannelOption(Self.keepaliveIdle, value: Self.keepaliveSeconds.idle)
+            .childChannelOption(Self.keepaliveInterval, value: Self.keepaliveSeconds.interval)
+            .childChannelOption(Self.keepaliveProbes, value: Self.keepaliveSeconds.probes)
             .childChannelInitializer { channel in
                 if let refusal = inbound.add(channel) {
                     if let refusal = refusal.reason { record("refused connection from \(channel.remoteAddress.map { "\($0)" } ?? "unknown peer"): \(refusal)") }
@@ -365,6 +369,10 @@ public final class TCPTransport: Sendable {
                     let bootstrap = ClientBootstrap(group: group)
                     .connectTimeout(limits.connectTimeout)
                     .channelOption(.socketOption(.tcp_nodelay), value: 1)
+                    .channelOption(.socketOption(.so_keepalive), value: 1)
+                    .channelOption(Self.keepaliveIdle, value: Self.keepaliveSeconds.idle)
+                    .channelOption(Self.keepaliveInterval, value: Self.keepaliveSeconds.interval)
+                    .channelOption(Self.keepaliveProbes, value: Self.keepaliveSeconds.probes)
                     .channelInitializer { [limits] channel in
                         channel.eventLoop.makeCompletedFuture {
                             if let clientTLS {
@@ -414,6 +422,21 @@ public final class TCPTransport: Sendable {
     }
 
     private let messageIDs = MessageIDs()
+
+    /// TCP keepalive on every peer connection: an idle one whose far end
+    /// vanished without a word (its host lost power, a network dropped it)
+    /// is found dead within about a minute and closed, instead of holding
+    /// an inbound slot for ever (the receiving end never writes on it, so
+    /// nothing else would notice). A live peer answers the probes in its
+    /// kernel; nothing changes for it.
+    static let keepaliveSeconds: (idle: Int, interval: Int, probes: Int) = (30, 10, 3)
+    #if canImport(Glibc)
+    static let keepaliveIdle = ChannelOptions.Types.SocketOption(level: .tcp, name: NIOBSDSocket.Option(rawValue: TCP_KEEPIDLE))
+    #else
+    static let keepaliveIdle = ChannelOptions.Types.SocketOption(level: .tcp, name: NIOBSDSocket.Option(rawValue: TCP_KEEPALIVE))
+    #endif
+    static let keepaliveInterval = ChannelOptions.Types.SocketOption(level: .tcp, name: NIOBSDSocket.Option(rawValue: TCP_KEEPINTVL))
+    static let keepaliveProbes = ChannelOptions.Types.SocketOption(level: .tcp, name: NIOBSDSocket.Option(rawValue: TCP_KEEPCNT))
 
     /// Ends every outbound queue (closing its connection); `run` returns
     /// once its task is cancelled.
@@ -481,6 +504,26 @@ final class FrameReceiver: ChannelInboundHandler {
         } catch {
             fail(context, error)
         }
+    }
+
+    /// The peer is judged once its handshake is done, before it sends
+    /// anything: a certificate of the cluster CA that names no node (an
+    /// operator's), or a removed node's, would otherwise hold one of the
+    /// few inbound slots for as long as it stayed silent.
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let clusterID, certifiedPeer == nil, !failed, case .handshakeCompleted? = event as? TLSUserEvent {
+            do {
+                let node = try Self.certifiedNode(context, clusterID)
+                if refused(node) {
+                    throw PeerIdentityError(reason: "node \(node) was removed from the cluster; refused at its TLS handshake")
+                }
+                certifiedPeer = node
+            } catch {
+                fail(context, error)
+                return
+            }
+        }
+        context.fireUserInboundEventTriggered(event)
     }
 
     /// With TLS, what arrives must come from the node the certificate names.

@@ -190,10 +190,23 @@ final class PeerStamper: Sendable {
     private let peers = Mutex<[ObjectIdentifier: PeerCredentials]>([:])
     /// Whether executables are hashed: only when a rule asks for a digest.
     private let hashing: Bool
+    /// Connections open at once, at most: past it a new one is closed at
+    /// once (a socket other users may reach must not let one of them take
+    /// every file descriptor the agent has, its own renewals' included).
+    private let connectionsMax: Int
+    private let open = Atomic(0)
 
-    init(hashing: Bool) { self.hashing = hashing }
+    init(hashing: Bool, connectionsMax: Int) {
+        self.hashing = hashing
+        self.connectionsMax = connectionsMax
+    }
 
     func accepted(_ channel: any Channel) -> EventLoopFuture<Void> {
+        guard open.wrappingAdd(1, ordering: .relaxed).newValue <= connectionsMax else {
+            open.wrappingSubtract(1, ordering: .relaxed)
+            return channel.close()
+        }
+        channel.closeFuture.whenComplete { [self] _ in self.open.wrappingSubtract(1, ordering: .relaxed) }
         guard let provider = channel as? any SocketOptionProvider else { return channel.eventLoop.makeSucceededVoidFuture() }
         let id = ObjectIdentifier(channel), hashing = self.hashing
         return provider.unsafeGetSocketOption(level: SocketOptionLevel(SOL_SOCKET), name: SocketOptionName(SO_PEERCRED))

@@ -169,6 +169,8 @@ final class WorkloadAPIService: SpiffeWorkloadAPI.SimpleServiceProtocol {
         let (spiffeID, claims): (String, [UInt8])
         do {
             (spiffeID, claims) = try await source.validate(jwt: request.svid, audience: request.audience)
+        } catch let limited as WorkloadRateLimited {
+            throw RPCError(code: .resourceExhausted, message: limited.message)
         } catch {
             throw RPCError(code: .invalidArgument, message: "the JWT-SVID is not valid: \(error)")
         }
@@ -213,8 +215,16 @@ public final class WorkloadAPIServer: Sendable {
     private let server: GRPCServer<HTTP2ServerTransport.Posix>
     private let task: Task<Void, Never>
 
+    /// Connections open at once, at most (see `PeerStamper`).
+    public static let connectionsMax = 256
+    /// Streams open at once on one connection (watches of X509-SVIDs or bundles included).
+    public static let streamsPerConnectionMax = 32
+    /// A connection with no call under way this long is closed (a watch is a call under way).
+    public static let idleConnectionTimeout: Duration = .seconds(300)
+
     /// `rules`: which local processes may fetch the identity (default: this user's).
-    public init(path: String, feed: WorkloadIdentityFeed, source: any WorkloadIdentitySource, rules: [PeerRule] = [.ownUser]) throws {
+    public init(path: String, feed: WorkloadIdentityFeed, source: any WorkloadIdentitySource, rules: [PeerRule] = [.ownUser],
+                connectionsMax: Int = WorkloadAPIServer.connectionsMax) throws {
         // Bound under a temporary name, given its mode, then linked to
         // `path`: the socket never stands at `path` with the umask's mode
         // (a caller connecting in that moment would pass the file's check),
@@ -251,8 +261,10 @@ public final class WorkloadAPIServer: Sendable {
         }
         self.path = path
         // The kernel's word on each caller (SO_PEERCRED), stamped on its streams for the rules.
-        let stamper = PeerStamper(hashing: rules.contains { $0.sha256 != nil })
+        let stamper = PeerStamper(hashing: rules.contains { $0.sha256 != nil }, connectionsMax: connectionsMax)
         var config = HTTP2ServerTransport.Posix.Config.defaults
+        config.http2.maxConcurrentStreams = Self.streamsPerConnectionMax
+        config.connection.maxIdleTime = Self.idleConnectionTimeout
         config.channelDebuggingCallbacks = .init(onBindTCPListener: nil, onAcceptTCPConnection: { stamper.accepted($0) },
                                                  onAcceptHTTP2Stream: { stamper.stream($0) })
         let transport = HTTP2ServerTransport.Posix(listeningSocketDescriptor: Int(descriptor), transportSecurity: .plaintext, config: config)

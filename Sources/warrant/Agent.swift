@@ -16,6 +16,9 @@ final class AgentIdentity: WorkloadIdentitySource {
     private let jwtCache = JWTSVIDCache<JobIdentity>()
     private let lastJWKS = Mutex<[UInt8]?>(nil)
     private let issuanceBudget = IssuanceRateLimiter(perSecond: 10, burst: 50)
+    /// Each ValidateJWTSVID asks the cluster: bounded too, so one workload
+    /// cannot fill this host's share of a node's connections.
+    private let validationBudget = IssuanceRateLimiter(perSecond: 50, burst: 100)
     /// What was published last (the identity, its key, the X.509 bundle in
     /// PEM) and how many times: a bundle refresh publishes only over the
     /// identity it read.
@@ -138,6 +141,9 @@ final class AgentIdentity: WorkloadIdentitySource {
 
     func validate(jwt: String, audience: String) async throws -> (spiffeID: String, claimsJSON: [UInt8]) {
         guard let client = plainClient else { throw JobFailure(description: "no client for the cluster's endpoints (bad CA file?)") }
+        if let wait = validationBudget.admit("validate", now: Date().timeIntervalSince1970) {
+            throw WorkloadRateLimited(message: "more JWT-SVIDs to validate than this agent asks the cluster about (50 a second, 100 at once); retry in \(String(format: "%.1f", wait)) s")
+        }
         let response = try await client.request(.POST, "/v1/verify", json: Array(try JSONSerialization.data(withJSONObject: ["jwt": jwt, "audience": audience])))
         let body = (try? JSONSerialization.jsonObject(with: Data(response.body)) as? [String: Any]) ?? [:]
         guard body["valid"] as? Bool == true, let spiffeID = body["spiffe_id"] as? String else {

@@ -1,5 +1,8 @@
 import Crypto
 import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
 import Testing
 @testable import WorkloadAPI
 
@@ -43,5 +46,57 @@ struct PeerAttestationTests {
         #expect(PeerCredentials.digestsKept <= before + 1, "one file, one digest")
         let contents = try Data(contentsOf: URL(fileURLWithPath: "/proc/\(sleepers[0].processIdentifier)/exe"))
         #expect(first == SHA256.hash(data: contents).map { String(format: "%02x", $0) }.joined())
+    }
+
+    /// A source that is never asked: the test only connects.
+    private struct Unasked: WorkloadIdentitySource {
+        func jwtSVID(audiences: [String]) async throws -> String { throw WorkloadRateLimited(message: "unasked") }
+        func validate(jwt: String, audience: String) async throws -> (spiffeID: String, claimsJSON: [UInt8]) { throw WorkloadRateLimited(message: "unasked") }
+    }
+
+    @Test("Past its bound of open connections the Workload API closes a new one at once; those within it stay open")
+    func connectionBound() async throws {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("wl-\(UUID().uuidString.prefix(8)).sock").path
+        let server = try WorkloadAPIServer(path: path, feed: WorkloadIdentityFeed(), source: Unasked(), connectionsMax: 2)
+        defer { Task { await server.stop() } }
+        func connect() throws -> Int32 {
+            let descriptor = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+            var address = sockaddr_un()
+            address.sun_family = sa_family_t(AF_UNIX)
+            withUnsafeMutableBytes(of: &address.sun_path) { buffer in
+                for (index, byte) in path.utf8.enumerated() { buffer[index] = byte }
+            }
+            let connected = withUnsafePointer(to: &address) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(descriptor, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+            }
+            try #require(connected == 0, "connect: \(String(cString: strerror(errno)))")
+            return descriptor
+        }
+        /// Whether the server closed the connection within `seconds` (what it sent before, its HTTP/2 settings, is read past).
+        func closedByServer(_ descriptor: Int32, within seconds: Double) -> Bool {
+            let deadline = Date().addingTimeInterval(seconds)
+            var buffer = [UInt8](repeating: 0, count: 4096)
+            while Date() < deadline {
+                var poller = pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0)
+                guard poll(&poller, 1, 50) > 0 else { continue }
+                if read(descriptor, &buffer, buffer.count) <= 0 { return true }
+            }
+            return false
+        }
+        var kept = try (0..<2).map { _ in try connect() }
+        defer { for descriptor in kept where descriptor >= 0 { close(descriptor) } }
+        // Accepted ones are counted once the server has seen them.
+        try await Task.sleep(for: .milliseconds(300))
+        let extra = try connect()
+        defer { close(extra) }
+        #expect(closedByServer(extra, within: 3), "the third connection stayed open")
+        for descriptor in kept { #expect(!closedByServer(descriptor, within: 0.3), "a connection within the bound was closed") }
+        // One closed by its caller frees its place.
+        close(kept[0])
+        kept[0] = -1
+        try await Task.sleep(for: .milliseconds(300))
+        let again = try connect()
+        defer { close(again) }
+        #expect(!closedByServer(again, within: 0.5), "a place freed was not given again")
     }
 }

@@ -258,6 +258,23 @@ struct HTTPServerTests {
         }
     }
 
+    @Test("Past 100 header fields or 32 KiB of header a request gets 400 bad_http and the connection closes; at the limits it is answered")
+    func headerLimits() async throws {
+        try await Self.withServer { server in
+            func request(fields: Int, valueBytes: Int = 1) -> String {
+                "GET /ok HTTP/1.1\r\nhost: x\r\n" + (1..<fields).map { "x-\($0): \(String(repeating: "v", count: valueBytes))\r\n" }.joined() + "\r\n"
+            }
+            let atLimit = try await Self.exchange(server, request(fields: 100), expectedResponses: 1)
+            #expect(atLimit.text.hasPrefix("HTTP/1.1 200 OK\r\n"), "\(atLimit.text.prefix(200))")
+            for (name, text) in [("101 fields", request(fields: 101)), ("40 KiB in one field", request(fields: 2, valueBytes: 40 << 10)),
+                                 ("40 KiB in 20 fields", request(fields: 21, valueBytes: 2 << 10))] {
+                let answer = try await Self.exchange(server, text, expectedResponses: 1)
+                #expect(answer.text.hasPrefix("HTTP/1.1 400 Bad Request\r\n") && answer.text.contains("\"code\":\"bad_http\""), "\(name): \(answer.text.prefix(200))")
+                #expect(answer.closed, "\(name)")
+            }
+        }
+    }
+
     @Test("A request after a bad one on the same connection is not answered, and the good one before it is")
     func goodThenBad() async throws {
         try await Self.withServer { server in

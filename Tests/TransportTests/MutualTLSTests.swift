@@ -1,6 +1,7 @@
 import Foundation
 import NIOCore
 import NIOPosix
+import NIOSSL
 import Raft
 import Synchronization
 import Testing
@@ -245,6 +246,39 @@ struct MutualTLSTests {
             #expect(await eventually { two.rejectedConnections.contains { $0.contains("node 1 was removed from the cluster") } }, "\(two.rejectedConnections)")
             #expect(inbox.all.isEmpty)
         }
+    }
+
+    @Test("A removed node's connection that sends nothing is closed once its TLS handshake is done, not left holding an inbound slot")
+    func silentRefusedPeerIsClosed() async throws {
+        let ca = try ClusterCA.create(clusterID: "c1")
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let two = try TCPTransport(id: 2, peers: [:], group: group, identity: try ca.issueNodeIdentity(2))
+        two.refuse([1])
+        let listening = AddressBook()
+        let runner = Task { try? await two.run(listeningOn: try SocketAddress(ipAddress: "127.0.0.1", port: 0), ready: { listening.set(2, $0) }) { _ in } }
+        for _ in 0..<500 where listening.all.isEmpty { try await Task.sleep(for: .milliseconds(10)) }
+        let address = try #require(listening.all[2])
+
+        // Node 1's own certificate, a TLS handshake, then silence.
+        let one = try ca.issueNodeIdentity(1)
+        var configuration = TLSConfiguration.makeClientConfiguration()
+        configuration.certificateChain = [.certificate(try one.nioCertificate)]
+        configuration.privateKey = .privateKey(try one.nioPrivateKey)
+        configuration.trustRoots = .certificates([try one.nioCACertificate])
+        configuration.certificateVerification = .noHostnameVerification
+        let context = try NIOSSLContext(configuration: configuration)
+        let channel = try await ClientBootstrap(group: group)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(try NIOSSLClientHandler(context: context, serverHostname: nil)) }
+            }
+            .connect(to: address).get()
+        let closed = Atomic(false)
+        channel.closeFuture.whenComplete { _ in closed.store(true, ordering: .relaxed) }
+        #expect(await eventually(5) { closed.load(ordering: .relaxed) }, "the silent connection stayed open")
+        #expect(two.rejectedConnections.contains { $0.contains("node 1 was removed from the cluster; refused at its TLS handshake") }, "\(two.rejectedConnections)")
+        try? await channel.close()
+        runner.cancel(); two.finish(); await runner.value
+        try await group.shutdownGracefully()
     }
 
     @Test("Node certificates carry what clients and verifiers expect")

@@ -57,13 +57,21 @@ public final class Forwarder: Sendable {
     private let nodeID: NodeID
     private let pools = Mutex<[PoolKey: HTTPConnectionPool]>([:])
     private let clusterID: String
+    /// Requests being forwarded at once, at most: past it the follower
+    /// answers 503 overloaded and sends nothing, so callers cannot make one
+    /// follower open a connection to the leader each (the leader admits
+    /// 256 connections from one address, and then refuses the follower's
+    /// own).
+    let inFlightMax: Int
+    private let inFlight = Atomic(0)
 
     private struct PoolKey: Hashable {
         var address: HostPort
         var node: NodeID
     }
 
-    public init(identity: NodeIdentity) throws {
+    public init(identity: NodeIdentity, inFlightMax: Int = 192) throws {
+        self.inFlightMax = inFlightMax
         var configuration = TLSConfiguration.makeClientConfiguration()
         configuration.certificateChain = [.certificate(try identity.nioCertificate)]
         configuration.privateKey = .privateKey(try identity.nioPrivateKey)
@@ -99,6 +107,11 @@ public final class Forwarder: Sendable {
     }
 
     func forward(_ request: HTTPRequest, to leader: NodeID, at address: HostPort, actor: String) async throws -> HTTPResponse {
+        guard inFlight.wrappingAdd(1, ordering: .relaxed).newValue <= inFlightMax else {
+            inFlight.wrappingSubtract(1, ordering: .relaxed)
+            throw APIError.unavailable("overloaded", "this node is forwarding \(inFlightMax) requests to the leader already; retry, or send to the leader (node \(leader))")
+        }
+        defer { inFlight.wrappingSubtract(1, ordering: .relaxed) }
         let pool: HTTPConnectionPool
         do {
             pool = try self.pool(address, node: leader)

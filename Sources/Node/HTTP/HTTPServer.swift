@@ -104,6 +104,11 @@ public struct HTTPServerLimits: Sendable {
     /// included), or the connection is closed: a client sending a byte now
     /// and then cannot hold a connection.
     public var requestReceiveTimeout: TimeAmount = .seconds(30)
+    /// Header fields in one request at most (NIO's default, 65,534, let a
+    /// request of 80 KiB of `a:b` lines cost megabytes as strings).
+    public var headerFieldsMax = 100
+    /// The request line and header fields together, in bytes.
+    public var headerBytesMax = 32 << 10
     public init() {}
 }
 
@@ -214,7 +219,12 @@ public final class HTTPServer: Sendable {
                     let deadline = RequestDeadline(timeout: limits.requestReceiveTimeout)
                     try sync.addHandler(RequestStartWatch(deadline: deadline))
                     // Bytes the decoder has not consumed, at most 1 MiB (it consumes as it parses).
-                    try sync.addHandler(ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes), maximumBufferSize: 1 << 20))
+                    var decoderLimits = NIOHTTPDecoderLimitConfiguration()
+                    decoderLimits.maxHeaderFieldCount = limits.headerFieldsMax
+                    decoderLimits.maxHeaderListSize = limits.headerBytesMax
+                    decoderLimits.maxHeaderFieldSize = limits.headerBytesMax
+                    try sync.addHandler(ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes, limitConfiguration: decoderLimits),
+                                                             maximumBufferSize: 1 << 20))
                     try sync.addHandler(RequestHandler(clusterID: clusterID, clusterCA: clusterCA, bodyBytesMax: limits.requestBodyBytesMax,
                                                          deadline: deadline, refused: refused, handler: handler))
                 }

@@ -44,6 +44,17 @@ with WorkloadApiClient(socket_path="unix://" + socket_path, default_timeout=10) 
             assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
             exhausted += 1
     assert exhausted > 0, "150 new audience sets at once were all issued"
+    # Validations past the agent's budget (50 a second, 100 at once; each asks the cluster) too, asked all at once.
+    calls = [raw.ValidateJWTSVID.future(workload_pb2.ValidateJWTSVIDRequest(audience="sts.amazonaws.com", svid=jwt.token),
+                                        metadata=[("workload.spiffe.io", "true")], timeout=30) for _ in range(250)]
+    refused = 0
+    for call in calls:
+        try:
+            assert call.result().spiffe_id == expected
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+            refused += 1
+    assert 0 < refused < 250, f"{refused} of 250 validations at once refused"
     jwt_bundles = client.fetch_jwt_bundles()
     assert jwt_bundles.get_bundle_for_trust_domain(svid.spiffe_id.trust_domain) is not None, "no JWT bundle"
     try:

@@ -1,0 +1,60 @@
+import Foundation
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+@testable import Node
+import Synchronization
+import Testing
+import Transport
+
+@Suite("Forwarding to the leader")
+struct ForwardingTests {
+    @Test("Past its bound of requests in flight a follower answers 503 overloaded at once and sends nothing; the slot comes back when a forward ends")
+    func inFlightBound() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        // A "leader" that accepts TCP and never speaks TLS: a forward to it
+        // stays in flight until the client's 3 s handshake deadline.
+        let accepted = Atomic(0)
+        let silent = try await ServerBootstrap(group: group)
+            .childChannelInitializer { _ in
+                accepted.wrappingAdd(1, ordering: .relaxed)
+                return group.any().makeSucceededVoidFuture()
+            }
+            .bind(host: "127.0.0.1", port: 0).get()
+        let ca = try ClusterCA.create(clusterID: "forward")
+        let forwarder = try Forwarder(identity: try ca.issueNodeIdentity(2), inFlightMax: 1)
+        let address = try HostPort(parsing: "127.0.0.1:\(silent.localAddress!.port!)", at: "leader")
+        let request = HTTPRequest(method: .POST, path: "/v1/svid/jwt", query: [:], headers: HTTPHeaders([("content-type", "application/json")]),
+                                  body: Array(#"{"token":"t","audience":["a"]}"#.utf8), caller: .anonymous)
+        @Sendable func forwarded() async -> String? {
+            do {
+                _ = try await forwarder.forward(request, to: 1, at: address, actor: "anonymous")
+                return nil
+            } catch {
+                return (error as? APIError)?.code ?? "\(error)"
+            }
+        }
+
+        let first = Task { await forwarded() }
+        #expect(await eventuallyTrue { accepted.load(ordering: .relaxed) == 1 }, "the first forward connects")
+        let started = ContinuousClock.now
+        #expect(await forwarded() == "overloaded")
+        #expect(started.duration(to: .now) < .seconds(1), "refused at once, not after waiting")
+        #expect(accepted.load(ordering: .relaxed) == 1, "the refused forward opened no connection")
+        #expect(await first.value == "leader_unreachable", "the first ends at its handshake deadline")
+        // Its slot is free again: the next forward is tried (and fails the same way, not as overloaded).
+        #expect(await forwarded() == "leader_unreachable")
+        #expect(accepted.load(ordering: .relaxed) == 2)
+        try await silent.close()
+        try await group.shutdownGracefully()
+    }
+}
+
+private func eventuallyTrue(seconds: Double = 10, _ condition: () -> Bool) async -> Bool {
+    let deadline = ContinuousClock.now + .seconds(seconds)
+    while ContinuousClock.now < deadline {
+        if condition() { return true }
+        try? await Task.sleep(for: .milliseconds(10))
+    }
+    return condition()
+}
