@@ -7,6 +7,10 @@
 /// state). An operation whose outcome is unknown has no return: it may be
 /// linearized at any point after its call, including never (at the end).
 ///
+/// Known calls and returns, unknown calls, and fillers' calls (below) are
+/// kept in three lists, each in time order, so a walk steps only over what
+/// it may place.
+///
 /// Two reductions keep unknown outcomes from multiplying the states:
 /// - An unknown operation is never placed where it would change nothing
 ///   (a compare-and-set whose version does not match): having no return,
@@ -75,15 +79,22 @@ public enum Linearizability {
     }
 
     /// Checks each key's operations separately (registers are independent).
-    /// `stepsMax` and `timeLimit` bound the search per key. Steps cost the
-    /// same however long the history, so the time limit is the usual bound
-    /// in a debug build; the step bound keeps a faster build's memory in
-    /// check (the explored states: 556 MB at the peak of a check whose
-    /// hardest key, 16,589 operations, needed more than 40 million steps).
-    public static func check(_ history: [ClientOperation], stepsMax: Int = 150_000_000, timeLimit: Duration = .seconds(30)) -> [String: Verdict] {
+    /// `stepsMax` and `timeLimit` bound the search per key; by default they
+    /// grow with the key's operations (at least 150 million steps and 30 s;
+    /// 1,000 steps and 0.2 ms an operation), since a sound history needs
+    /// steps in proportion to its length: a 15-minute release run's keys
+    /// (393,000 operations, 100 unknown) needed 67-103 million, and gave up
+    /// as undecided under a fixed 150 million before the search walked only
+    /// what it may place. Steps cost the same however long the history; the
+    /// explored states (2.5-3.2 million for those keys) are what take memory.
+    public static func check(_ history: [ClientOperation], stepsMax: Int? = nil, timeLimit: Duration? = nil) -> [String: Verdict] {
         var byKey: [String: [ClientOperation]] = [:]
         for operation in history where relevant(operation) { byKey[operation.key, default: []].append(operation) }
-        return byKey.mapValues { checkKey($0, stepsMax: stepsMax, deadline: ContinuousClock.now.advanced(by: timeLimit)) }
+        return byKey.mapValues { operations in
+            let steps = stepsMax ?? max(150_000_000, 1_000 * operations.count)
+            let time = timeLimit ?? .milliseconds(max(30_000, operations.count / 5))
+            return checkKey(operations, stepsMax: steps, deadline: ContinuousClock.now.advanced(by: time))
+        }
     }
 
     /// Reads that failed or whose outcome is unknown observed nothing, and
@@ -95,52 +106,73 @@ public enum Linearizability {
         }
     }
 
-    /// One event of the doubly linked list the search walks.
+    /// One event of the doubly linked lists the search walks.
     private struct Event {
         var operation: Int       // index into the operations
         var isCall: Bool
-        var match: Int           // the other event of the same operation
+        var match: Int           // the other event of the same operation (-1: none, an unknown outcome's call)
         var previous: Int
         var next: Int
+        var rank: Int            // place in the time order of all events
     }
 
     static func checkKey(_ operations: [ClientOperation], stepsMax: Int, deadline: ContinuousClock.Instant) -> Verdict {
-        let unknownEnd = UInt64.max
+        var observed = Set<Int?>()
+        for operation in operations where operation.kind == .read && operation.outcome == .ok { observed.insert(operation.observedValue) }
+        let filler = operations.map { $0.kind == .write && $0.outcome == .unknown && !observed.contains($0.value) }
         // Events by time; at equal times calls come first (the operations
-        // then count as concurrent: the more permissive reading).
+        // then count as concurrent: the more permissive reading). An
+        // operation whose outcome is unknown has a call and no return.
         var times: [(time: UInt64, isCall: Bool, operation: Int)] = []
         for (index, operation) in operations.enumerated() {
             times.append((operation.invoked, true, index))
-            times.append((operation.outcome == .unknown ? unknownEnd : (operation.completed ?? unknownEnd), false, index))
+            if operation.outcome != .unknown { times.append((operation.completed ?? UInt64.max, false, index)) }
         }
         times.sort { ($0.time, $0.isCall ? 0 : 1, $0.operation) < ($1.time, $1.isCall ? 0 : 1, $1.operation) }
-        // Event 0 is the head sentinel; events 1... follow in time order.
-        var events = [Event(operation: -1, isCall: false, match: -1, previous: -1, next: times.isEmpty ? -1 : 1)]
+        // Three lists in time order, headed by events 0, 1 and 2: the calls
+        // and returns of operations with a known outcome; the calls of
+        // unknown ones that are not fillers; the calls of fillers. Kept
+        // apart, a walk looks only at what it may place: unknown calls stay
+        // pending to the end, and a single list had every walk step over
+        // them all (a 15-minute run, 390,000 operations a key and 100 of
+        // them unknown, took 300 million steps).
+        let known = 0, unknownList = 1, fillerList = 2
+        var events = (0..<3).map { _ in Event(operation: -1, isCall: false, match: -1, previous: -1, next: -1, rank: -1) }
         var callEvent = [Int](repeating: -1, count: operations.count)
         var returnEvent = [Int](repeating: -1, count: operations.count)
-        for (position, item) in times.enumerated() {
-            let index = position + 1
-            events.append(Event(operation: item.operation, isCall: item.isCall, match: -1, previous: index - 1,
-                                next: position + 1 < times.count ? index + 1 : -1))
+        var tails = [known, unknownList, fillerList]
+        for (rank, item) in times.enumerated() {
+            let list = operations[item.operation].outcome != .unknown ? known : filler[item.operation] ? fillerList : unknownList
+            let index = events.count
+            events.append(Event(operation: item.operation, isCall: item.isCall, match: -1, previous: tails[list], next: -1, rank: rank))
+            events[tails[list]].next = index
+            tails[list] = index
             if item.isCall { callEvent[item.operation] = index } else { returnEvent[item.operation] = index }
         }
-        for operation in operations.indices {
+        for operation in operations.indices where returnEvent[operation] >= 0 {
             events[callEvent[operation]].match = returnEvent[operation]
             events[returnEvent[operation]].match = callEvent[operation]
         }
         func lift(_ call: Int) {
-            for event in [call, events[call].match] {
+            for event in [call, events[call].match] where event >= 0 {
                 let (previous, next) = (events[event].previous, events[event].next)
                 events[previous].next = next
                 if next >= 0 { events[next].previous = previous }
             }
         }
         func unlift(_ call: Int) {
-            for event in [events[call].match, call] {
+            for event in [events[call].match, call] where event >= 0 {
                 let (previous, next) = (events[event].previous, events[event].next)
                 events[previous].next = event
                 if next >= 0 { events[next].previous = event }
             }
+        }
+        /// The first return among the known operations left (-1: none):
+        /// unknown calls before it are the ones phases 2 and 3 may place.
+        func firstReturn() -> Int {
+            var event = events[known].next
+            while event >= 0, events[event].isCall { event = events[event].next }
+            return event
         }
         // A state explored is the set of operations linearized and the
         // register's state. The set is kept as a 128-bit Zobrist hash (two
@@ -169,23 +201,22 @@ public enum Linearizability {
             return z ^ (z >> 31)
         }
         let keys: [(UInt64, UInt64)] = operations.indices.map { _ in (splitmix(), splitmix()) }
-        var observed = Set<Int?>()
-        for operation in operations where operation.kind == .read && operation.outcome == .ok { observed.insert(operation.observedValue) }
-        let filler = operations.map { $0.kind == .write && $0.outcome == .unknown && !observed.contains($0.value) }
         var linearized: (UInt64, UInt64) = (0, 0)
         var seen = Set<Seen>()
-        // Each choice remembers the phase it was made in: phase 1 tries the
-        // calls of operations with a known outcome, phase 2 (once phase 1
-        // reached a return) those whose outcome is unknown. An operation
-        // that may never have happened is thus placed as late as possible,
-        // which is what usually happened; the search stays complete.
-        // `fillerPassed`: this pass of phase 2 has reached a filler (tried
-        // it, or found its state explored): later ones are not tried here.
-        var stack: [(call: Int, state: State, phase: Int, fillerPassed: Bool)] = []
-        var fillerPassed = false
+        // Each choice remembers the phase it was made in. Phase 1 tries the
+        // calls of operations with a known outcome; once it reaches a return
+        // (every known call before it tried), phase 2 tries the unknown calls
+        // before that return that are not fillers, then phase 3 the first
+        // filler before it (fillers are interchangeable: the earliest-called
+        // stands for all of them). An operation that may never have happened
+        // is thus placed as late as possible, which is what usually
+        // happened; the search stays complete. Nothing left to try in phase
+        // 3: the last choice is undone.
+        var stack: [(call: Int, state: State, phase: Int)] = []
         var state = State()
-        var entry = events[0].next
+        var entry = events[known].next
         var phase = 1
+        var bound = Int.max // in phases 2 and 3, the rank of the first return
         var steps = 0
         var longest = 0
         var blocking = -1
@@ -200,48 +231,53 @@ public enum Linearizability {
             if steps > stepsMax {
                 return .undecided("gave up after \(stepsMax) search steps over \(operations.count) operations (\(operations.filter { $0.outcome == .unknown }.count) with unknown outcomes)")
             }
-            let event = events[entry]
-            if event.isCall {
-                let operation = event.operation
+            if entry >= 0, events[entry].isCall, phase == 1 || events[entry].rank < bound {
+                let operation = events[entry].operation
                 let unknown = operations[operation].outcome == .unknown
-                if unknown == (phase == 2), !(filler[operation] && fillerPassed), let next = step(state, operations[operation]),
-                   !(unknown && next == state) {
+                if let next = step(state, operations[operation]), !(unknown && next == state) {
                     let candidate = (linearized.0 ^ keys[operation].0, linearized.1 ^ keys[operation].1)
                     if seen.insert(Seen(linearized: candidate, state: next)).inserted {
-                        stack.append((entry, state, phase, fillerPassed))
+                        stack.append((entry, state, phase))
                         state = next
                         linearized = candidate
                         lift(entry)
                         if !unknown { knownLeft -= 1 }
                         if stack.count > longest { longest = stack.count; blocking = -1 }
-                        entry = events[0].next
+                        entry = events[known].next
                         phase = 1
-                        fillerPassed = false
                         continue
                     }
                 }
-                if phase == 2 && filler[operation] { fillerPassed = true }
-                entry = event.next
+                // Phase 3 tries one filler only.
+                entry = phase == 3 ? -1 : events[entry].next
             } else if phase == 1 {
-                // Every known call before this return was tried: now the unknown ones.
+                // Every known call before this return was tried: now the
+                // unknown ones called before it.
                 phase = 2
-                fillerPassed = false
-                entry = events[0].next
+                bound = entry >= 0 ? events[entry].rank : Int.max
+                entry = events[unknownList].next
+            } else if phase == 2 {
+                phase = 3
+                entry = events[fillerList].next
             } else {
-                // A return whose call is not linearized yet: undo the last choice.
-                if stack.count == longest && blocking < 0 { blocking = event.operation }
-                guard let (call, previous, previousPhase, previousFillerPassed) = stack.popLast() else {
-                    let culprit = blocking >= 0 ? operations[blocking].summary : operations[event.operation].summary
-                    return .violation("no order of the \(operations.count) operations on this key fits a register: after at most \(longest) of them, \(culprit) cannot be placed")
+                // Nothing called before the first return is left to try: undo the last choice.
+                let returning = firstReturn()
+                if stack.count == longest && blocking < 0, returning >= 0 { blocking = events[returning].operation }
+                guard let (call, previous, previousPhase) = stack.popLast() else {
+                    let culprit = blocking >= 0 ? blocking : returning >= 0 ? events[returning].operation : -1
+                    return .violation("no order of the \(operations.count) operations on this key fits a register: after at most \(longest) of them, "
+                                      + "\(culprit >= 0 ? operations[culprit].summary : "an operation") cannot be placed")
                 }
                 state = previous
                 let operation = events[call].operation
                 linearized = (linearized.0 ^ keys[operation].0, linearized.1 ^ keys[operation].1)
                 if operations[operation].outcome != .unknown { knownLeft += 1 }
                 unlift(call)
-                entry = events[call].next
                 phase = previousPhase
-                fillerPassed = previousFillerPassed || filler[operation]
+                entry = phase == 3 ? -1 : events[call].next
+                // The lists are as they were when the choice was made: the
+                // first return is the one that bounded it.
+                if phase > 1 { bound = firstReturn() >= 0 ? events[firstReturn()].rank : Int.max }
             }
         }
         return .linearizable

@@ -130,6 +130,36 @@ struct LinearizabilityTests {
         #expect(stale?.name == "violation", "\(String(describing: stale))")
     }
 
+    @Test("Unknown calls pending from the start cost a long history little: 40 of them (20 read at the very end) and 20,000 operations are decided within 300,000 steps; with the 40 never read, a stale read in the middle is found within 5 million")
+    func longHistoryWithPendingUnknowns() {
+        func history(staleAt stale: Int?, readAtEnd: Int) -> Builder {
+            var h = Builder()
+            // Writes whose answers were lost, called at the start.
+            for client in 0..<40 { h.add(100 + client, .write, value: 1_000_000 + client, from: UInt64(client), to: nil, .unknown) }
+            var version: UInt64 = 0
+            for step in 0..<20_000 {
+                let at = UInt64(100 + 4 * step)
+                if step % 2 == 0 {
+                    version += 1
+                    h.add(0, .write, value: step, from: at, to: at + 2, version: version)
+                } else {
+                    h.add(1, .read, from: at, to: at + 2, version: step == stale ? version - 1 : version, read: step == stale ? step - 3 : step - 1)
+                }
+            }
+            // The first `readAtEnd` unknown writes happened last, one before each of these reads.
+            for client in 0..<readAtEnd {
+                version += 1
+                h.add(2, .read, from: UInt64(100_000 + 10 * client), to: UInt64(100_005 + 10 * client), version: version, read: 1_000_000 + client)
+            }
+            return h
+        }
+        // A walk over every pending unknown call at each placement took more than 40 steps an operation (800,000 in all).
+        #expect(Linearizability.check(history(staleAt: nil, readAtEnd: 20).operations, stepsMax: 300_000)["k"] == .linearizable)
+        // To find that no order fits, each number of the unread ones is tried at each point before the stale read.
+        let stale = Linearizability.check(history(staleAt: 10_001, readAtEnd: 0).operations, stepsMax: 5_000_000)["k"]
+        #expect(stale?.name == "violation", "\(String(describing: stale))")
+    }
+
     @Test("Histories round-trip through JSON lines")
     func jsonLines() throws {
         var h = Builder()
