@@ -87,13 +87,16 @@ public enum Linearizability {
     /// as undecided under a fixed 150 million before the search walked only
     /// what it may place. Steps cost the same however long the history; the
     /// explored states (2.5-3.2 million for those keys) are what take memory.
-    public static func check(_ history: [ClientOperation], stepsMax: Int? = nil, timeLimit: Duration? = nil) -> [String: Verdict] {
+    /// `statesMax` bounds the memory: explored states are about 100 bytes
+    /// each, so 10 million is about a gigabyte.
+    public static func check(_ history: [ClientOperation], stepsMax: Int? = nil, timeLimit: Duration? = nil,
+                             statesMax: Int = 10_000_000) -> [String: Verdict] {
         var byKey: [String: [ClientOperation]] = [:]
         for operation in history where relevant(operation) { byKey[operation.key, default: []].append(operation) }
         return byKey.mapValues { operations in
             let steps = stepsMax ?? max(150_000_000, 1_000 * operations.count)
             let time = timeLimit ?? .milliseconds(max(30_000, operations.count / 5))
-            return checkKey(operations, stepsMax: steps, deadline: ContinuousClock.now.advanced(by: time))
+            return checkKey(operations, stepsMax: steps, statesMax: statesMax, deadline: ContinuousClock.now.advanced(by: time))
         }
     }
 
@@ -116,7 +119,7 @@ public enum Linearizability {
         var rank: Int            // place in the time order of all events
     }
 
-    static func checkKey(_ operations: [ClientOperation], stepsMax: Int, deadline: ContinuousClock.Instant) -> Verdict {
+    static func checkKey(_ operations: [ClientOperation], stepsMax: Int, statesMax: Int = 10_000_000, deadline: ContinuousClock.Instant) -> Verdict {
         var observed = Set<Int?>()
         for operation in operations where operation.kind == .read && operation.outcome == .ok { observed.insert(operation.observedValue) }
         let filler = operations.map { $0.kind == .write && $0.outcome == .unknown && !observed.contains($0.value) }
@@ -227,6 +230,9 @@ public enum Linearizability {
             steps += 1
             if steps % 16_384 == 0, ContinuousClock.now > deadline {
                 return .undecided("gave up at the time limit after \(steps) search steps over \(operations.count) operations")
+            }
+            if seen.count > statesMax {
+                return .undecided("gave up after exploring \(statesMax) states (\(steps) search steps) over \(operations.count) operations")
             }
             if steps > stepsMax {
                 return .undecided("gave up after \(stepsMax) search steps over \(operations.count) operations (\(operations.filter { $0.outcome == .unknown }.count) with unknown outcomes)")

@@ -15,6 +15,9 @@ public enum TokenSource: Sendable, Equatable {
     case kubernetes(path: String)
     case file(path: String)
     case environment(variable: String)
+    /// Read from this process's standard input (a pipe, a file or a
+    /// socket: the descriptor itself, not /dev/stdin reopened).
+    case standardInput
 
     public static let tokenBytesMax = 16 << 10
     public static let kubernetesDefaultPath = "/var/run/secrets/tokens/warrant"
@@ -51,6 +54,12 @@ public enum TokenSource: Sendable, Equatable {
             }
             guard data.count <= Self.tokenBytesMax else { throw Problem("the token file \(path) is over \(Self.tokenBytesMax) bytes; a token is at most that") }
             text = String(decoding: data, as: UTF8.self)
+        case .standardInput:
+            guard let data = try? FileHandle.standardInput.read(upToCount: Self.tokenBytesMax + 1) ?? Data() else {
+                throw Problem("standard input cannot be read")
+            }
+            guard data.count <= Self.tokenBytesMax else { throw Problem("standard input holds over \(Self.tokenBytesMax) bytes; a token is at most that") }
+            text = String(decoding: data, as: UTF8.self)
         }
         let token = text.trimmingCharacters(in: .whitespacesAndNewlines)
         guard !token.isEmpty, token.utf8.count <= Self.tokenBytesMax, !token.contains(where: \.isWhitespace) else {
@@ -66,6 +75,7 @@ public enum TokenSource: Sendable, Equatable {
         case .kubernetes(let path): return "Kubernetes (\(path))"
         case .file(let path): return "file \(path)"
         case .environment(let variable): return "$\(variable)"
+        case .standardInput: return "standard input"
         }
     }
 

@@ -134,10 +134,17 @@ public enum ClusterFiles {
         String(decoding: try readBytes(path, bytesMax: bytesMax), as: UTF8.self)
     }
 
-    /// A file's bytes, read as `read` reads.
+    /// A file's bytes, read as `read` reads; `-` is standard input (the
+    /// descriptor itself: /dev/stdin cannot be opened again when it is a socket).
     public static func readBytes(_ path: String, bytesMax: Int = fileBytesMax) throws -> [UInt8] {
-        guard let handle = FileHandle(forReadingAtPath: path) else { throw FileProblem(path: path, problem: "cannot be read") }
-        defer { try? handle.close() }
+        let handle: FileHandle
+        if path == "-" {
+            handle = FileHandle.standardInput
+        } else {
+            guard let opened = FileHandle(forReadingAtPath: path) else { throw FileProblem(path: path, problem: "cannot be read") }
+            handle = opened
+        }
+        defer { if path != "-" { try? handle.close() } }
         guard let data = try? handle.read(upToCount: bytesMax + 1) ?? Data() else { throw FileProblem(path: path, problem: "cannot be read") }
         guard data.count <= bytesMax else { throw FileProblem(path: path, problem: "is larger than \(bytesMax) bytes") }
         return Array(data)

@@ -123,13 +123,17 @@ public final class KeySetCache: Sendable {
     public let refreshInterval: Duration
     public let maxAge: Duration
     private let entries = Mutex<[String: Entry]>([:])
+    /// The clock the intervals and ages are measured by (a test's own, to
+    /// step through them without sleeping).
+    private let now: @Sendable () -> ContinuousClock.Instant
 
     public init(fetcher: KeySetFetcher, refetchInterval: Duration = .seconds(30), refreshInterval: Duration = .seconds(3_600),
-                maxAge: Duration = .seconds(86_400)) {
+                maxAge: Duration = .seconds(86_400), now: @escaping @Sendable () -> ContinuousClock.Instant = { .now }) {
         self.fetcher = fetcher
         self.refetchInterval = refetchInterval
         self.refreshInterval = refreshInterval
         self.maxAge = max(maxAge, refreshInterval)
+        self.now = now
     }
 
     /// How many fetches (successful or not) this issuer has had.
@@ -138,7 +142,7 @@ public final class KeySetCache: Sendable {
     /// The keys to check a token with key id `kid` from `issuer`.
     public func keys(for issuer: IssuerConfig, kid: String) async throws(AttestationError) -> PlatformKeySet {
         enum Step { case ready(PlatformKeySet), wait(Task<Void, Never>), fail(AttestationError) }
-        let now = ContinuousClock.now
+        let now = self.now()
         let step: Step = entries.withLock { entries in
             var entry = entries[issuer.name] ?? Entry(issuer: issuer)
             if entry.issuer != issuer { entry = Entry(issuer: issuer) } // configuration changed: start over
@@ -193,7 +197,7 @@ public final class KeySetCache: Sendable {
                 switch result {
                 case .success(let keys):
                     entry.keys = keys
-                    entry.fetchedAt = .now
+                    entry.fetchedAt = self.now()
                     entry.lastError = nil
                 case .failure(let error):
                     entry.lastError = error // the last good keys stay

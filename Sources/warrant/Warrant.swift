@@ -283,7 +283,7 @@ struct DocumentCommand: AsyncParsableCommand {
         func run() async throws {
             let content: [UInt8]
             switch (file, value) {
-            case (let file?, nil): content = try ClusterFiles.readBytes(file == "-" ? "/dev/stdin" : file)
+            case (let file?, nil): content = try ClusterFiles.readBytes(file)
             case (nil, let value?): content = Array(value.utf8)
             default: throw ValidationError("give exactly one of --file or --value")
             }
@@ -560,7 +560,7 @@ struct JoinTokenOptions: ParsableArguments {
     func secret(environment: [String: String] = ProcessInfo.processInfo.environment) async throws -> String {
         let source: TokenSource
         switch tokenFile {
-        case "-": source = .file(path: "/dev/stdin")
+        case "-": source = .standardInput
         case let path?: source = .file(path: path)
         case nil:
             guard environment[Self.variable] != nil else {
@@ -593,7 +593,7 @@ struct JoinCommand: AsyncParsableCommand {
         func run() async throws {
             let text: String
             do {
-                text = try await TokenSource.file(path: token == "-" ? "/dev/stdin" : token).token()
+                text = try await (token == "-" ? TokenSource.standardInput : .file(path: token)).token()
             } catch let problem as TokenSource.Problem {
                 throw ValidationError(problem.description)
             }

@@ -93,7 +93,7 @@ struct LinearizabilityTests {
         #expect(misnamed.verdict.name == "violation", "the register was at version 1, not 2")
     }
 
-    @Test("Keys are judged separately, and the search gives up with 'undecided' when its step budget runs out")
+    @Test("Keys are judged separately, and the search gives up with 'undecided' when its step budget or its bound on explored states runs out")
     func budget() {
         var h = Builder()
         // Many concurrent unknown writes and reads of values no one wrote:
@@ -105,6 +105,9 @@ struct LinearizabilityTests {
         for client in 0..<14 { h.add(100 + client, .read, from: 30, to: 40, version: 1, read: client) }
         let verdict = Linearizability.check(h.operations, stepsMax: 2_000)["k"]
         #expect(verdict?.name == "undecided")
+        // Memory is bounded too: the same search stopped by its explored states.
+        let bounded = Linearizability.check(h.operations, statesMax: 500)["k"]
+        #expect(bounded?.name == "undecided" && "\(String(describing: bounded))".contains("exploring 500 states"), "\(String(describing: bounded))")
         var other = Builder()
         other.add(0, .write, value: 1, from: 0, to: 10, version: 1, key: "a")
         other.add(0, .write, value: 1, from: 0, to: 10, version: 1, key: "b")

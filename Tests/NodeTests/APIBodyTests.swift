@@ -61,6 +61,9 @@ struct APIBodyTests {
         }
         let slow = try APIJSON.decodeRequest(X509SVIDRequest.self, from: Array(#"{"token":"t","csr":"c","ttl_seconds":60,"idempotency_key":"k","x":1.5}"#.utf8))
         #expect(slow.ttlSeconds == 60 && slow.idempotencyKey == "k")
+        // Unicode upper-cases the long s to S and the dotless i to I: such names are no members either way.
+        let unicode = try APIJSON.decodeRequest(X509SVIDRequest.self, from: Array(#"{"token":"t","csr":"c","ttl_\#u{17F}econds":10,"x":1.5}"#.utf8))
+        #expect(unicode.ttlSeconds == nil)
         #expect(try APIJSON.decodeRequest(VerifyRequest.self, from: Array(#"{"x509_chain":"pem","x":[1.5]}"#.utf8)).x509Chain == "pem")
         #expect(throws: (any Error).self) { try APIJSON.decodeRequest(X509SVIDRequest.self, from: Array(#"{"token":"t","csr":"c","ttlSeconds":60,"x":1.5,"token":"u"}"#.utf8)) }
         #expect(throws: (any Error).self) { try APIJSON.decodeRequest(X509SVIDRequest.self, from: Array(#"{"token":"t","token":"u","csr":"c"}"#.utf8)) }

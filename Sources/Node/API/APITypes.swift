@@ -347,13 +347,16 @@ enum RequestID {
 }
 
 /// A snake_case member name as the property it names (`ttl_seconds`:
-/// `ttlSeconds`); a name with an upper-case letter names no property.
+/// `ttlSeconds`); a name with anything but ASCII lower-case letters,
+/// digits and '_' names no property (Unicode's upper-casing would make
+/// `ttl_ſeconds` `ttlSeconds`, which the hand decoder does not read).
 private struct SnakeCaseKey: CodingKey {
     var stringValue: String
     var intValue: Int? { nil }
 
     init(_ name: String) {
-        guard !name.utf8.contains(where: { (UInt8(ascii: "A")...UInt8(ascii: "Z")).contains($0) }) else {
+        guard name.utf8.allSatisfy({ (UInt8(ascii: "a")...UInt8(ascii: "z")).contains($0) || (UInt8(ascii: "0")...UInt8(ascii: "9")).contains($0)
+                                     || $0 == UInt8(ascii: "_") }) else {
             stringValue = "\u{0}" + name
             return
         }

@@ -690,7 +690,8 @@ extension NodeAPI {
         let claims = token.split(separator: ".").dropFirst().first.flatMap { Base64URL.decode($0) }
             .flatMap { try? JSONSerialization.jsonObject(with: Data($0)) as? [String: Any] } ?? [:]
         let kept = (claims["aud"] as? String).map { [$0] } ?? claims["aud"] as? [String] ?? []
-        guard Set(kept) == Set(audiences) else {
+        // Byte for byte, as verification compares an audience.
+        guard Set(kept.map { Array($0.utf8) }) == Set(audiences.map { Array($0.utf8) }) else {
             throw Self.idempotencyConflict("was used for a JWT-SVID for other audiences (\(kept.joined(separator: ", ")))")
         }
         let expiry = (claims["exp"] as? NSNumber).map { Date(timeIntervalSince1970: $0.doubleValue) } ?? Date()

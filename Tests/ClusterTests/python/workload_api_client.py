@@ -45,8 +45,10 @@ with WorkloadApiClient(socket_path="unix://" + socket_path, default_timeout=10) 
             exhausted += 1
     assert exhausted > 0, "150 new audience sets at once were all issued"
     # Validations past the agent's budget (50 a second, 100 at once; each asks the cluster) too, asked all at once.
-    calls = [raw.ValidateJWTSVID.future(workload_pb2.ValidateJWTSVIDRequest(audience="sts.amazonaws.com", svid=jwt.token),
-                                        metadata=[("workload.spiffe.io", "true")], timeout=30) for _ in range(250)]
+    # (Eight connections: the agent takes 32 streams on one.)
+    stubs = [workload_pb2_grpc.SpiffeWorkloadAPIStub(grpc.insecure_channel("unix:" + socket_path)) for _ in range(8)]
+    calls = [stubs[i % 8].ValidateJWTSVID.future(workload_pb2.ValidateJWTSVIDRequest(audience="sts.amazonaws.com", svid=jwt.token),
+                                                 metadata=[("workload.spiffe.io", "true")], timeout=30) for i in range(250)]
     refused = 0
     for call in calls:
         try:
