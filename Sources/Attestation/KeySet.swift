@@ -7,6 +7,8 @@ import Encoding
 public struct PlatformKeySet: Sendable {
     public static let bytesMax = 64 << 10
     public static let keysMax = 100
+    /// JWK members that must be strings when present (RFC 7517, 7518).
+    static let stringMembers: Set<String> = ["kty", "use", "alg", "kid", "crv", "x", "y", "n", "e"]
     static let limits = StrictJSON.Limits(bytesMax: bytesMax, depthMax: 4, valuesMax: 4_096)
 
     public let keys: [String: VerificationKey]
@@ -43,13 +45,27 @@ public struct PlatformKeySet: Sendable {
             guard seen.insert(Array(kid.utf8)).inserted else {
                 throw AttestationError("duplicate_kid", "two keys share the kid '\(kid)'; the set is refused rather than guessing")
             }
+            // RFC 7517: these members are strings (key_ops a list of
+            // strings); one of another type is a malformed key, left out
+            // with a reason, not read as absent (a "use": 1 skipped the
+            // check on use).
             var jwk: [String: Any] = [:]
+            var malformed: String?
             for (name, value) in members {
                 switch value {
-                case .string(let text): jwk[name] = text
-                case .array(let items): jwk[name] = items.compactMap(\.stringValue)
-                default: break
+                case .string(let text) where name != "key_ops": jwk[name] = text
+                case .array(let items) where name == "key_ops" && items.allSatisfy({ $0.stringValue != nil }): jwk[name] = items.compactMap(\.stringValue)
+                default:
+                    if name == "key_ops" || Self.stringMembers.contains(name) {
+                        malformed = name == "key_ops" ? "key_ops is not a list of strings" : "'\(name)' is not a string"
+                    } else if case .array(let items) = value {
+                        jwk[name] = items.compactMap(\.stringValue)
+                    }
                 }
+            }
+            if let malformed {
+                skipped.append("\(kid): \(malformed)")
+                continue
             }
             let key: VerificationKey
             do {

@@ -60,7 +60,7 @@ public enum TokenVerifier {
         let claims = token.claims
         switch claims["aud"] {
         case .string(let audience)? where audience.utf8.elementsEqual(requirements.audience.utf8): break
-        case .array(let audiences)? where audiences.contains(.string(requirements.audience)): break
+        case .array(let audiences)? where audiences.contains(where: { $0.stringValue?.utf8.elementsEqual(requirements.audience.utf8) == true }): break
         case nil: throw AttestationError("wrong_audience", "the token has no 'aud'; it must name \(requirements.audience)")
         default: throw AttestationError("wrong_audience", "the token's audience does not include \(requirements.audience)")
         }
@@ -86,6 +86,12 @@ public enum TokenVerifier {
             // has a twin (r, n - s) that verifies too, which anyone can
             // make from a used token.
             replaySource += Array("token\0".utf8) + token.signingInput
+        }
+        // Names that differ in bytes but that String takes as one (a
+        // look-alike of another claim's name) would collapse when flattened,
+        // the last one winning, and a rule on one would match the other.
+        if case .object(let members) = claims, Set(members.map(\.0)).count != members.count {
+            throw AttestationError("bad_claim", "two claims have names that differ only in Unicode spelling; the token is refused")
         }
         return VerifiedToken(claims: flatten(claims, method: method), replayKey: Hex.encode(Array(SHA256.hash(data: replaySource))),
                              issuedAt: iat, expiresAt: exp)

@@ -180,6 +180,14 @@ struct TokenVerifierTests {
         #expect(throws: AttestationError.self) {
             try TokenVerifier.verify(try PlatformToken(parsing: decomposed), method: .github, requirements: requirements, keys: f.keys, now: f.now)
         }
+        // In a list of audiences too.
+        let decomposedInList = try f.provider.mint(replacing(f.github(), "aud", with: .raw("[\"cafe\u{301}\"]")))
+        #expect(throws: AttestationError.self) {
+            try TokenVerifier.verify(try PlatformToken(parsing: decomposedInList), method: .github, requirements: requirements, keys: f.keys, now: f.now)
+        }
+        // Two claims whose names String takes as one (K and the Kelvin sign): refused, not collapsed into one.
+        let kelvin = try f.provider.mint(f.github() + [("\u{212A}ind", .string("x")), ("Kind", .string("y"))])
+        #expect(f.refusal(kelvin) == "bad_claim")
     }
 
     @Test("Replay keys: the same jti from the same issuer gives the same key; another jti or issuer another; without jti, the hash of what was signed (an ECDSA signature's twin is the same token)")
@@ -232,6 +240,18 @@ struct TokenVerifierTests {
         #expect(throws: AttestationError.self) { try PlatformKeySet(jwks: [UInt8](repeating: 0x20, count: PlatformKeySet.bytesMax + 1), algorithms: ["RS256"]) }
         #expect(throws: AttestationError.self) {
             try PlatformKeySet(jwks: Array(entries.replacingOccurrences(of: "\"key-1\"", with: "\"../x\"").utf8), algorithms: ["RS256"])
+        }
+        // A member of the wrong type is a malformed key, left out with its reason, not read as absent.
+        let bads: [(String, Any)] = [("use", 1), ("alg", NSNull()), ("key_ops", ["verify", 7] as [Any]), ("use", ["sig"])]
+        for (member, bad) in bads {
+            var document = try #require(try JSONSerialization.jsonObject(with: Data(provider.jwks())) as? [String: Any])
+            var keys = try #require(document["keys"] as? [[String: Any]])
+            let index = try #require(keys.firstIndex { $0["kid"] as? String == "key-1" })
+            keys[index][member] = bad
+            document["keys"] = keys
+            let malformed = try PlatformKeySet(jwks: Array(try JSONSerialization.data(withJSONObject: document)), algorithms: ["RS256", "ES256"])
+            #expect(malformed.keys.keys.sorted() == ["key-2"] && malformed.skipped.contains { $0.hasPrefix("key-1:") && $0.contains(member) },
+                    "\(member) = \(bad): \(malformed.skipped)")
         }
         // Discovery must name the same issuer.
         #expect(try PlatformKeySet.jwksURI(discovery: Array(#"{"issuer":"https://a","jwks_uri":"https://a/k"}"#.utf8), issuer: "https://a") == "https://a/k")
