@@ -46,26 +46,25 @@ public enum TokenSource: Sendable, Equatable {
             guard FileManager.default.fileExists(atPath: path) else {
                 throw Problem("the token file \(path) does not exist" + (self == .kubernetes(path: path) ? " (mount a projected service-account token there, with this cluster's audience)" : ""))
             }
-            // At most one byte past the bound is read (a device such as /dev/zero never ends).
-            guard let handle = FileHandle(forReadingAtPath: path) else { throw Problem("the token file \(path) cannot be read (permissions?)") }
-            defer { try? handle.close() }
-            guard let data = try? handle.read(upToCount: Self.tokenBytesMax + 1) ?? Data() else {
-                throw Problem("the token file \(path) cannot be read")
-            }
-            guard data.count <= Self.tokenBytesMax else { throw Problem("the token file \(path) is over \(Self.tokenBytesMax) bytes; a token is at most that") }
-            text = String(decoding: data, as: UTF8.self)
+            text = try Self.read(path, what: "the token file \(path)")
         case .standardInput:
-            guard let data = try? FileHandle.standardInput.read(upToCount: Self.tokenBytesMax + 1) ?? Data() else {
-                throw Problem("standard input cannot be read")
-            }
-            guard data.count <= Self.tokenBytesMax else { throw Problem("standard input holds over \(Self.tokenBytesMax) bytes; a token is at most that") }
-            text = String(decoding: data, as: UTF8.self)
+            text = try Self.read("-", what: "standard input")
         }
         let token = text.trimmingCharacters(in: .whitespacesAndNewlines)
         guard !token.isEmpty, token.utf8.count <= Self.tokenBytesMax, !token.contains(where: \.isWhitespace) else {
             throw Problem("the token from \(self.name) is empty, too large, or not one compact token")
         }
         return token
+    }
+
+    /// A token's file (`-`: standard input), read as the cluster files are:
+    /// at most one byte past the bound (a device such as /dev/zero never ends).
+    private static func read(_ path: String, what: String) throws -> String {
+        do {
+            return String(decoding: try ClusterFiles.readBytes(path, bytesMax: tokenBytesMax), as: UTF8.self)
+        } catch let problem as FileProblem {
+            throw Problem("\(what) \(problem.problem)")
+        }
     }
 
     public var name: String {

@@ -279,7 +279,7 @@ extension JoinTests {
             let cases: [([String], [String: String], String)] = [
                 (["--token-source", "file", "--token-file", "\(dir)/missing.jwt"], [:], "does not exist"),
                 // A file that never ends is read only past the bound.
-                (["--token-source", "file", "--token-file", "/dev/zero"], [:], "is over 16384 bytes"),
+                (["--token-source", "file", "--token-file", "/dev/zero"], [:], "the token file /dev/zero is larger than 16384 bytes"),
                 (["--token-source", "github", "--audience", "warrant.local"], [:], "id-token: write"),
                 (["--token-source", "gitlab"], [:], "WARRANT_ID_TOKEN is not set"),
                 (["--token-source", "file", "--token-file", "\(dir)/other.jwt"], [:], "wrong_audience"),
