@@ -342,8 +342,12 @@ public actor RaftDriver {
             // Commands a follower forwarded join this leader's own queue:
             // they wait at the same gate and go in the same batches (stepped
             // into the core, each message was a batch of its own). Only a
-            // member's, addressed to this node.
-            if raft.role == .leader, case .forwardedProposal(let payloads) = message.body {
+            // member's, addressed to this node. One sent at a later term
+            // than this leader's goes to the core, which steps down on it
+            // (a newer leader exists; appending here could never commit);
+            // one from an earlier term is still a member's command, as
+            // good as any client's.
+            if raft.role == .leader, message.term <= raft.term, case .forwardedProposal(let payloads) = message.body {
                 guard message.to == id, raft.membership.members.contains(message.from) else {
                     metrics.messagesFromRemoved.add(1)
                     continue

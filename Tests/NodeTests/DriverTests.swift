@@ -347,6 +347,25 @@ struct DriverTests {
         }
     }
 
+    @Test("A command forwarded at a later term than the leader's makes it step down (the core's rule for any newer term) and is not appended; one from an earlier term is")
+    func forwardedAtLaterTermDeposes() async throws {
+        try await LocalCluster.running { cluster in
+            let (leader, driver) = try await cluster.electedLeader()
+            let member = try #require([NodeID(1), 2, 3].first { $0 != leader })
+            let term = await driver.status.term
+            driver.enqueue(Message(from: member, to: leader, term: term + 1, body: .forwardedProposal([.command(write("docs/later-term", "{}").encoded)])))
+            #expect(await cluster.eventually { await driver.status.term > term }, "the leader took the newer term")
+            // Whoever leads now takes a command forwarded at the old term.
+            let (newLeader, newDriver) = try await cluster.electedLeader()
+            let sender = try #require([NodeID(1), 2, 3].first { $0 != newLeader })
+            newDriver.enqueue(Message(from: sender, to: newLeader, term: term, body: .forwardedProposal([.command(write("docs/earlier-term", "{}").encoded)])))
+            #expect(await cluster.eventually { (try? cluster.stores[newLeader]!.document(named: "docs/earlier-term")) != nil })
+            for store in cluster.stores.values {
+                #expect(try store.document(named: "docs/later-term") == nil, "appended by a leader a newer term had deposed")
+            }
+        }
+    }
+
     @Test("Forwarded commands get the leader's time, unless the leader's clock disagrees with the cluster's: then they keep the forwarding node's")
     func forwardedTimeFollowsTheClockCheck() async throws {
         try await LocalCluster.running { cluster in
