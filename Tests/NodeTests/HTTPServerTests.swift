@@ -399,6 +399,57 @@ struct HTTPServerTests {
         }
     }
 
+    @Test("When every slot is taken, a new connection takes the slot of the one idle longest (past the idle bound): never a busy one, nor one idle a moment; with none to take, the new one is closed")
+    func fullServerEvictsTheLongestIdle() async throws {
+        try await Self.withServer(oneConnection: false, limits: { $0.connectionsMax = 2; $0.evictIdleAfter = .milliseconds(400) }) { server in
+            func open() async throws -> (Collector, any Channel) {
+                let collector = Collector()
+                return (collector, try await Self.connect(server, collector))
+            }
+            func answered(_ collector: Collector, _ count: Int = 1) async throws -> Bool {
+                for _ in 0..<300 {
+                    let text = String(decoding: collector.received.withLock { $0 }, as: UTF8.self)
+                    if text.components(separatedBy: "HTTP/1.1 200").count - 1 >= count { return true }
+                    try await Task.sleep(for: .milliseconds(10))
+                }
+                return false
+            }
+            func closed(_ collector: Collector) async throws -> Bool {
+                for _ in 0..<300 where !collector.closed.withLock({ $0 }) { try await Task.sleep(for: .milliseconds(10)) }
+                return collector.closed.withLock { $0 }
+            }
+            // b: opened first, a slow request under way (busy). a: answered, then idle.
+            let (b, bChannel) = try await open()
+            try await bChannel.writeAndFlush(ByteBuffer(string: "GET /b?delay=2500 HTTP/1.1\r\nhost: x\r\n\r\n"))
+            let (a, aChannel) = try await open()
+            try await aChannel.writeAndFlush(ByteBuffer(string: "GET /a HTTP/1.1\r\nhost: x\r\n\r\n"))
+            #expect(try await answered(a))
+            // a has been idle less than the bound: nothing to take.
+            let (c, _) = try await open()
+            #expect(try await closed(c), "a new connection is closed when no slot can be freed")
+            #expect(!a.closed.withLock { $0 })
+            // Past the bound, a (idle) gives its slot; b (busy) keeps it.
+            try await Task.sleep(for: .milliseconds(500))
+            let (d, dChannel) = try await open()
+            #expect(try await closed(a), "the idle connection was evicted")
+            try await dChannel.writeAndFlush(ByteBuffer(string: "GET /d HTTP/1.1\r\nhost: x\r\n\r\n"))
+            #expect(try await answered(d), "the new connection took its slot")
+            #expect(try await answered(b), "the busy connection was left to finish")
+            #expect(!b.closed.withLock { $0 } && !d.closed.withLock { $0 })
+            for channel in [aChannel, bChannel, dChannel] { try? await channel.close() }
+        }
+    }
+
+    @Test("Connections count by IPv4 address or IPv6 /64 (an IPv4-mapped address as IPv4)")
+    func addressKeys() throws {
+        func key(_ text: String) throws -> String { ConnectionTable.addressKey(try SocketAddress(ipAddress: text, port: 443)) }
+        #expect(try key("2001:db8::1") == key("2001:db8::ffff:1:2"))
+        #expect(try key("2001:db8::1") != key("2001:db8:0:1::1"))
+        #expect(try key("::ffff:10.1.2.3") == "10.1.2.3")
+        #expect(try key("127.0.0.1") == "127.0.0.1")
+        #expect(try key("127.0.0.1") != key("127.0.0.2"))
+    }
+
     @Test("The API routes HEAD as GET (the server then leaves the body out), and no other method a route does not take")
     func headRouting() {
         #expect(NodeAPI.match(.HEAD, "/healthz").route?.template == "/healthz")

@@ -94,9 +94,14 @@ public struct HTTPServerLimits: Sendable {
     /// Larger bodies get 413 and the connection is closed.
     public var requestBodyBytesMax = 512 << 10
     public var connectionsMax = 1_024
-    /// Connections from one address (one IP address) at most: no single
-    /// client can take every slot.
+    /// Connections from one address (an IPv4 address, or an IPv6 /64: one
+    /// host is given a whole /64) at most: no single client can take every slot.
     public var connectionsPerAddressMax = 256
+    /// When every slot is taken, a new connection takes the slot of the one
+    /// idle longest (no request being received or answered), if that one
+    /// has been idle this long; else it is closed. Held connections must
+    /// keep sending requests to keep their slots.
+    public var evictIdleAfter: TimeAmount = .seconds(2)
     /// Connections idle this long are closed.
     public var idleTimeout: TimeAmount = .seconds(60)
     /// A request must be received whole this long after its first byte (the
@@ -136,7 +141,7 @@ public final class HTTPServer: Sendable {
     private let limits: HTTPServerLimits
     private let handler: Handler
     private let refused: Refused?
-    private let openConnections = ConnectionCount()
+    private let connections = ConnectionTable()
     private let channel = Mutex<(any Channel)?>(nil)
 
     public init(group: any EventLoopGroup, identity: NodeIdentity, limits: HTTPServerLimits = HTTPServerLimits(),
@@ -189,35 +194,18 @@ public final class HTTPServer: Sendable {
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .serverChannelOption(.backlog, value: 256)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
-            .childChannelInitializer { [openConnections, self] channel in
-                guard openConnections.value.wrappingAdd(1, ordering: .relaxed).newValue <= limits.connectionsMax else {
-                    openConnections.value.wrappingSubtract(1, ordering: .relaxed)
-                    return channel.close()
-                }
-                let address = channel.remoteAddress?.ipAddress ?? ""
-                let admitted = openConnections.byAddress.withLock { counts in
-                    guard counts[address, default: 0] < limits.connectionsPerAddressMax else { return false }
-                    counts[address, default: 0] += 1
-                    return true
-                }
-                guard admitted else {
-                    openConnections.value.wrappingSubtract(1, ordering: .relaxed)
-                    return channel.close()
-                }
-                channel.closeFuture.whenComplete { _ in
-                    openConnections.value.wrappingSubtract(1, ordering: .relaxed)
-                    openConnections.byAddress.withLock { counts in
-                        counts[address, default: 1] -= 1
-                        if counts[address] == 0 { counts[address] = nil }
-                    }
-                }
+            .childChannelInitializer { [connections, self] channel in
+                let (admitted, evicted) = connections.admit(channel, limits: limits)
+                evicted?.close(promise: nil)
+                guard let activity = admitted else { return channel.close() }
+                channel.closeFuture.whenComplete { _ in connections.remove(activity) }
                 let tls = self.currentContext()
                 return channel.eventLoop.makeCompletedFuture {
                     let sync = channel.pipeline.syncOperations
                     try sync.addHandler(NIOSSLServerHandler(context: tls))
                     try sync.addHandler(IdleStateHandler(allTimeout: limits.idleTimeout))
                     let deadline = RequestDeadline(timeout: limits.requestReceiveTimeout)
-                    try sync.addHandler(RequestStartWatch(deadline: deadline))
+                    try sync.addHandler(RequestStartWatch(deadline: deadline, activity: activity))
                     // Bytes the decoder has not consumed, at most 1 MiB (it consumes as it parses).
                     var decoderLimits = NIOHTTPDecoderLimitConfiguration()
                     decoderLimits.maxHeaderFieldCount = limits.headerFieldsMax
@@ -226,7 +214,7 @@ public final class HTTPServer: Sendable {
                     try sync.addHandler(ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .dropBytes, limitConfiguration: decoderLimits),
                                                              maximumBufferSize: 1 << 20))
                     try sync.addHandler(RequestHandler(clusterID: clusterID, clusterCA: clusterCA, bodyBytesMax: limits.requestBodyBytesMax,
-                                                         deadline: deadline, refused: refused, handler: handler))
+                                                         deadline: deadline, activity: activity, refused: refused, handler: handler))
                 }
             }
             .bind(to: address).get()
@@ -242,9 +230,134 @@ public final class HTTPServer: Sendable {
     }
 }
 
-private final class ConnectionCount: Sendable {
-    let value = Atomic<Int>(0)
-    let byAddress = Mutex<[String: Int]>([:])
+/// The API's open connections: at most `connectionsMax`, at most
+/// `connectionsPerAddressMax` from one address; when all are taken, the
+/// connection idle longest (past `evictIdleAfter`) gives its slot to a new
+/// one. Each connection's handlers tell its `Activity` when a request
+/// begins and when it is done with.
+final class ConnectionTable: Sendable {
+    /// One connection's slot: idle since when (uptime nanoseconds), or busy
+    /// (0), or evicted (`UInt64.max`); changed only by compare-and-swap, so a
+    /// request that begins and an eviction cannot both win.
+    final class Activity: Sendable {
+        let id: UInt64
+        let address: String
+        let channel: any Channel
+        private let idleSince: Atomic<UInt64>
+        private static let busy: UInt64 = 0
+        fileprivate static let evicted = UInt64.max
+
+        init(id: UInt64, address: String, channel: any Channel, now: UInt64) {
+            self.id = id
+            self.address = address
+            self.channel = channel
+            // Idle from the start: a connection that never sends a request
+            // (or never finishes its handshake) holds a slot no better.
+            idleSince = Atomic(max(1, now))
+        }
+
+        /// Bytes of a request arrived; false if the connection was evicted
+        /// (it is being closed: they are not read).
+        func begin() -> Bool {
+            var seen = idleSince.load(ordering: .relaxed)
+            while true {
+                if seen == Self.busy { return true }
+                if seen == Self.evicted { return false }
+                let (exchanged, original) = idleSince.compareExchange(expected: seen, desired: Self.busy, ordering: .relaxed)
+                if exchanged { return true }
+                seen = original
+            }
+        }
+
+        /// Nothing is being received or answered on the connection now.
+        func end(now: UInt64 = NIODeadline.now().uptimeNanoseconds) {
+            _ = idleSince.compareExchange(expected: Self.busy, desired: max(1, now), ordering: .relaxed)
+        }
+
+        /// When it became idle, or nil (busy or evicted).
+        var idle: UInt64? {
+            let since = idleSince.load(ordering: .relaxed)
+            return since == Self.busy || since == Self.evicted ? nil : since
+        }
+
+        /// Evicts it if it is still idle since `since`.
+        fileprivate func evict(idleSince since: UInt64) -> Bool {
+            idleSince.compareExchange(expected: since, desired: Self.evicted, ordering: .relaxed).exchanged
+        }
+    }
+
+    private struct State {
+        var open: [UInt64: Activity] = [:]
+        var byAddress: [String: Int] = [:]
+        var nextID: UInt64 = 0
+        var evictions = 0
+    }
+
+    private let state = Mutex(State())
+
+    /// How many connections have given their slot to a new one.
+    var evictions: Int { state.withLock { $0.evictions } }
+    var count: Int { state.withLock { $0.open.count } }
+
+    /// A slot for `channel`, and the connection that gave it up (to be
+    /// closed); nil if its address has its share or no slot can be freed.
+    func admit(_ channel: any Channel, limits: HTTPServerLimits,
+               now: UInt64 = NIODeadline.now().uptimeNanoseconds) -> (admitted: Activity?, evicted: (any Channel)?) {
+        let address = Self.addressKey(channel.remoteAddress)
+        return state.withLock { state in
+            guard state.byAddress[address, default: 0] < limits.connectionsPerAddressMax else { return (nil, nil) }
+            var evicted: Activity?
+            if state.open.count >= limits.connectionsMax {
+                let cutoff = now >= UInt64(max(0, limits.evictIdleAfter.nanoseconds)) ? now - UInt64(max(0, limits.evictIdleAfter.nanoseconds)) : 0
+                var oldest: (activity: Activity, since: UInt64)?
+                for activity in state.open.values {
+                    guard let since = activity.idle, since <= cutoff else { continue }
+                    if oldest == nil || since < oldest!.since { oldest = (activity, since) }
+                }
+                guard let oldest, oldest.activity.evict(idleSince: oldest.since) else { return (nil, nil) }
+                Self.forget(oldest.activity, &state)
+                state.evictions += 1
+                evicted = oldest.activity
+            }
+            state.nextID += 1
+            let activity = Activity(id: state.nextID, address: address, channel: channel, now: now)
+            state.open[activity.id] = activity
+            state.byAddress[address, default: 0] += 1
+            return (activity, evicted?.channel)
+        }
+    }
+
+    /// The connection closed (a no-op if it was evicted: its slot is taken).
+    func remove(_ activity: Activity) {
+        state.withLock { state in
+            guard state.open[activity.id] === activity else { return }
+            Self.forget(activity, &state)
+        }
+    }
+
+    private static func forget(_ activity: Activity, _ state: inout State) {
+        state.open[activity.id] = nil
+        state.byAddress[activity.address, default: 1] -= 1
+        if state.byAddress[activity.address] == 0 { state.byAddress[activity.address] = nil }
+    }
+
+    /// What a connection's address counts under: an IPv4 address (an
+    /// IPv4-mapped IPv6 one as IPv4), or an IPv6 address's /64.
+    static func addressKey(_ address: SocketAddress?) -> String {
+        switch address {
+        case .v6(let v6):
+            var raw = v6.address.sin6_addr
+            let bytes = withUnsafeBytes(of: &raw) { Array($0) }
+            if bytes[0..<10].allSatisfy({ $0 == 0 }) && bytes[10] == 0xFF && bytes[11] == 0xFF {
+                return bytes[12..<16].map(String.init).joined(separator: ".")
+            }
+            return bytes[0..<8].map { String($0, radix: 16) }.joined(separator: ":") + "::/64"
+        case .some(let other):
+            return other.ipAddress ?? ""
+        case .none:
+            return ""
+        }
+    }
 }
 
 /// The time limit on receiving one request, shared by the handler that
@@ -280,8 +393,12 @@ private final class RequestStartWatch: ChannelInboundHandler, RemovableChannelHa
     typealias InboundIn = ByteBuffer
     typealias InboundOut = ByteBuffer
     private let deadline: RequestDeadline
+    private let activity: ConnectionTable.Activity
 
-    init(deadline: RequestDeadline) { self.deadline = deadline }
+    init(deadline: RequestDeadline, activity: ConnectionTable.Activity) {
+        self.deadline = deadline
+        self.activity = activity
+    }
 
     func handlerAdded(context: ChannelHandlerContext) {
         if context.channel.isActive { deadline.start(context) }
@@ -293,6 +410,8 @@ private final class RequestStartWatch: ChannelInboundHandler, RemovableChannelHa
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        // Evicted for a new connection: closing, nothing more is read.
+        guard activity.begin() else { return }
         deadline.start(context)
         context.fireChannelRead(data)
     }
@@ -327,6 +446,7 @@ private final class RequestHandler: ChannelDuplexHandler {
     private let clusterCA: DistinguishedName
     private let bodyBytesMax: Int
     private let deadline: RequestDeadline
+    private let activity: ConnectionTable.Activity
     /// A body over the limit was refused: nothing more is read as a request.
     private var discarding = false
     private let handler: HTTPServer.Handler
@@ -364,12 +484,13 @@ private final class RequestHandler: ChannelDuplexHandler {
         loopOfConnection = context.eventLoop
     }
 
-    init(clusterID: String, clusterCA: DistinguishedName, bodyBytesMax: Int, deadline: RequestDeadline, refused: HTTPServer.Refused?,
-         handler: @escaping HTTPServer.Handler) {
+    init(clusterID: String, clusterCA: DistinguishedName, bodyBytesMax: Int, deadline: RequestDeadline, activity: ConnectionTable.Activity,
+         refused: HTTPServer.Refused?, handler: @escaping HTTPServer.Handler) {
         self.clusterID = clusterID
         self.clusterCA = clusterCA
         self.bodyBytesMax = bodyBytesMax
         self.deadline = deadline
+        self.activity = activity
         self.refused = refused
         self.handler = handler
     }
@@ -450,6 +571,8 @@ private final class RequestHandler: ChannelDuplexHandler {
             this.answering = false
             this.write(response, keepAlive: keepAlive && !this.closing, bodyless: bodyless, context: context)
             this.answerNext(context: context)
+            // Nothing more arrived meanwhile: idle from now on.
+            if !this.answering, this.waiting.isEmpty, this.receiving == nil, !this.deadline.receiving { this.activity.end() }
         }
         Task.immediate(executorPreference: executor) {
             let response = await handler(request)
