@@ -91,13 +91,19 @@ public struct TransportLimits: Sendable {
     /// handshake before it is closed.
     public var connectTimeout: TimeAmount = .seconds(2)
     /// Accepted connections open at once (a node keeps one from each
-    /// peer); past this a new one is closed unread.
+    /// peer). When all are taken, a new one takes the slot of the oldest
+    /// whose TLS handshake is not done (bare connections cannot keep a
+    /// reconnecting peer out); with none, it is closed unread.
     public var inboundConnectionsMax = 32
-    /// Connections accepted in a second of the clock: past this a
-    /// new one is closed unread, before any TLS work. Accepted connections
-    /// are served on the driver's thread in a node, so a flood of
-    /// handshakes must not take that thread from replication.
+    /// Connections accepted from one address (an IPv4 address or an IPv6
+    /// /64) in a second of the clock: past this a new one is closed unread,
+    /// before any TLS work. Accepted connections are served on the
+    /// driver's thread in a node, so a flood of handshakes must not take
+    /// that thread from replication; counted per address, so one source's
+    /// flood does not spend the others' accepts.
     public var inboundConnectionsPerSecond = 20
+    /// Connections accepted from all addresses in a second of the clock.
+    public var inboundConnectionsPerSecondTotal = 100
     public var reconnectBackoffMin: Duration = .milliseconds(20)
     public var reconnectBackoffMax: Duration = .seconds(2)
     /// How often each peer is sent this node's clock (on the control link,
@@ -287,7 +293,8 @@ public final class TCPTransport: Sendable {
                     deliver: @escaping @Sendable (Message) -> Void) async throws {
         let frameBytesMax = limits.frameBytesMax, chunkedMessageBytesMax = limits.chunkedMessageBytesMax
         let serverTLS = tls?.server, clusterID = tls?.identity.clusterID, refusedPeers = self.refusedPeers
-        let inbound = OpenChannels(max: limits.inboundConnectionsMax, perSecond: limits.inboundConnectionsPerSecond)
+        let inbound = OpenChannels(max: limits.inboundConnectionsMax, perSecond: limits.inboundConnectionsPerSecond,
+                                   perSecondTotal: limits.inboundConnectionsPerSecondTotal, handshakes: serverTLS != nil)
         let handshakeTimeout = limits.connectTimeout
         let record: @Sendable (String) -> Void = { [self] reason in
             rejected.withLock { log in
@@ -308,7 +315,12 @@ public final class TCPTransport: Sendable {
             .childChannelOption(Self.keepaliveInterval, value: Self.keepaliveSeconds.interval)
             .childChannelOption(Self.keepaliveProbes, value: Self.keepaliveSeconds.probes)
             .childChannelInitializer { channel in
-                if let refusal = inbound.add(channel) {
+                let (refusal, evicted) = inbound.add(channel)
+                if let evicted {
+                    record("closed connection from \(evicted.remoteAddress.map { "\($0)" } ?? "unknown peer"): its TLS handshake was not done when every slot was taken")
+                    evicted.close(promise: nil)
+                }
+                if let refusal {
                     if let refusal = refusal.reason { record("refused connection from \(channel.remoteAddress.map { "\($0)" } ?? "unknown peer"): \(refusal)") }
                     return channel.close()
                 }
@@ -316,7 +328,7 @@ public final class TCPTransport: Sendable {
                     let sync = channel.pipeline.syncOperations
                     if let serverTLS {
                         try sync.addHandler(NIOSSLServerHandler(context: serverTLS))
-                        try sync.addHandler(InboundHandshakeDeadline(timeout: handshakeTimeout, reject: record))
+                        try sync.addHandler(InboundHandshakeDeadline(timeout: handshakeTimeout, reject: record) { inbound.handshakeDone(channel) })
                     }
                     try sync.addHandler(ByteToMessageHandler(FrameByteDecoder(frameBytesMax: frameBytesMax)))
                     try sync.addHandler(FrameReceiver(clusterID: clusterID, chunkedMessageBytesMax: chunkedMessageBytesMax,
@@ -592,46 +604,121 @@ public final class PerSecondLimit: Sendable {
 }
 
 /// The accepted connections open now (to close when the transport stops),
-/// kept within a count and a rate of accepts.
+/// kept within a count and a rate of accepts per address and in all.
 private final class OpenChannels: Sendable {
     enum Refusal {
-        case closing, full, tooFast
+        case closing, full, tooFast, tooFastInAll
         /// Why, for the log (nil: the transport is shutting down).
         var reason: String? {
             switch self {
             case .closing: nil
             case .full: "too many inbound connections open"
-            case .tooFast: "too many inbound connections a second"
+            case .tooFast: "too many inbound connections a second from its address"
+            case .tooFastInAll: "too many inbound connections a second"
             }
         }
     }
-    private let state = Mutex<(channels: [ObjectIdentifier: any Channel], closed: Bool)>(([:], false))
-    private let max: Int
-    private let accepts: PerSecondLimit
 
-    init(max: Int, perSecond: Int) {
-        self.max = max
-        accepts = PerSecondLimit(perSecond)
+    private struct Open {
+        let channel: any Channel
+        let order: UInt64
+        /// Its TLS handshake is done (or there is none): it keeps its slot.
+        var shaken: Bool
     }
 
-    /// Nil if `channel` is taken in; otherwise why it is to be refused.
-    func add(_ channel: any Channel) -> Refusal? {
+    private struct State {
+        var channels: [ObjectIdentifier: Open] = [:]
+        var closed = false
+        var opened: UInt64 = 0
+        /// The accept rate's window: its second, accepts in all and per address.
+        var second: Int64 = -1
+        var acceptsInAll = 0
+        var acceptsByAddress: [String: Int] = [:]
+    }
+
+    private let state = Mutex(State())
+    private let max: Int
+    private let perSecond: Int
+    private let perSecondTotal: Int
+    private let handshakes: Bool
+
+    init(max: Int, perSecond: Int, perSecondTotal: Int, handshakes: Bool) {
+        self.max = max
+        self.perSecond = perSecond
+        self.perSecondTotal = perSecondTotal
+        self.handshakes = handshakes
+    }
+
+    /// Nil if `channel` is taken in (with the connection that gave up its
+    /// slot for it, to close); otherwise why it is to be refused.
+    func add(_ channel: any Channel) -> (refusal: Refusal?, evicted: (any Channel)?) {
         let key = ObjectIdentifier(channel)
-        let refusal: Refusal? = state.withLock { state in
-            guard !state.closed else { return .closing }
-            guard state.channels.count < max else { return .full }
-            guard accepts.allow() else { return .tooFast }
-            state.channels[key] = channel
-            return nil
+        let address = SourceAddress.key(channel.remoteAddress)
+        let second = Int64(NIODeadline.now().uptimeNanoseconds / 1_000_000_000)
+        let (refusal, evicted): (Refusal?, (any Channel)?) = state.withLock { state in
+            guard !state.closed else { return (.closing, nil) }
+            if state.second != second {
+                state.second = second
+                state.acceptsInAll = 0
+                state.acceptsByAddress.removeAll(keepingCapacity: true)
+            }
+            guard state.acceptsInAll < perSecondTotal else { return (.tooFastInAll, nil) }
+            guard state.acceptsByAddress[address, default: 0] < perSecond else { return (.tooFast, nil) }
+            var evicted: (any Channel)?
+            if state.channels.count >= max {
+                guard let oldest = state.channels.filter({ !$0.value.shaken }).min(by: { $0.value.order < $1.value.order }) else { return (.full, nil) }
+                state.channels[oldest.key] = nil
+                evicted = oldest.value.channel
+            }
+            state.acceptsInAll += 1
+            state.acceptsByAddress[address, default: 0] += 1
+            state.opened += 1
+            state.channels[key] = Open(channel: channel, order: state.opened, shaken: !handshakes)
+            return (nil, evicted)
         }
-        if refusal == nil { channel.closeFuture.whenComplete { [self] _ in _ = state.withLock { $0.channels.removeValue(forKey: key) } } }
-        return refusal
+        if refusal == nil {
+            channel.closeFuture.whenComplete { [self] _ in
+                state.withLock { state in
+                    if state.channels[key]?.channel === channel { state.channels[key] = nil }
+                }
+            }
+        }
+        return (refusal, evicted)
+    }
+
+    /// `channel`'s TLS handshake is done: it keeps its slot from now on.
+    func handshakeDone(_ channel: any Channel) {
+        state.withLock { state in
+            let key = ObjectIdentifier(channel)
+            if state.channels[key]?.channel === channel { state.channels[key]!.shaken = true }
+        }
     }
 
     func closeAll() -> [any Channel] {
         state.withLock { state in
             state.closed = true
-            return Array(state.channels.values)
+            return state.channels.values.map(\.channel)
+        }
+    }
+}
+
+/// What a connection's source address counts under, for limits per
+/// address: an IPv4 address (an IPv4-mapped IPv6 one as IPv4), or an IPv6
+/// address's /64 (one host is often given a whole /64).
+public enum SourceAddress {
+    public static func key(_ address: SocketAddress?) -> String {
+        switch address {
+        case .v6(let v6):
+            var raw = v6.address.sin6_addr
+            let bytes = withUnsafeBytes(of: &raw) { Array($0) }
+            if bytes[0..<10].allSatisfy({ $0 == 0 }) && bytes[10] == 0xFF && bytes[11] == 0xFF {
+                return bytes[12..<16].map(String.init).joined(separator: ".")
+            }
+            return stride(from: 0, to: 8, by: 2).map { String(UInt16(bytes[$0]) << 8 | UInt16(bytes[$0 + 1]), radix: 16) }.joined(separator: ":") + "::/64"
+        case .some(let other):
+            return other.ipAddress ?? ""
+        case .none:
+            return ""
         }
     }
 }
@@ -642,11 +729,13 @@ private final class InboundHandshakeDeadline: ChannelInboundHandler, RemovableCh
     typealias InboundIn = ByteBuffer
     private let timeout: TimeAmount
     private let reject: @Sendable (String) -> Void
+    private let done: () -> Void
     private var deadline: Scheduled<Void>?
 
-    init(timeout: TimeAmount, reject: @escaping @Sendable (String) -> Void) {
+    init(timeout: TimeAmount, reject: @escaping @Sendable (String) -> Void, done: @escaping () -> Void) {
         self.timeout = timeout
         self.reject = reject
+        self.done = done
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
@@ -668,6 +757,7 @@ private final class InboundHandshakeDeadline: ChannelInboundHandler, RemovableCh
         if case .handshakeCompleted? = event as? TLSUserEvent {
             deadline?.cancel()
             deadline = nil
+            done()
             // Done: out of the way of every later read.
             context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
         }

@@ -442,7 +442,7 @@ struct HTTPServerTests {
 
     @Test("Connections count by IPv4 address or IPv6 /64 (an IPv4-mapped address as IPv4)")
     func addressKeys() throws {
-        func key(_ text: String) throws -> String { ConnectionTable.addressKey(try SocketAddress(ipAddress: text, port: 443)) }
+        func key(_ text: String) throws -> String { SourceAddress.key(try SocketAddress(ipAddress: text, port: 443)) }
         #expect(try key("2001:db8::1") == key("2001:db8::ffff:1:2"))
         #expect(try key("2001:db8::1") != key("2001:db8:0:1::1"))
         #expect(try key("::ffff:10.1.2.3") == "10.1.2.3")

@@ -19,6 +19,20 @@ final class AddressBook: Sendable {
     var all: [NodeID: SocketAddress] { addresses.withLock { $0 } }
 }
 
+/// Runs transports 1 and 2 on loopback (what 2 receives goes to `inbox`);
+/// their bound addresses appear in the book.
+private func runBoth(_ one: TCPTransport, _ two: TCPTransport, deliveringTo inbox: Inbox) throws -> (Task<Void, Never>, AddressBook) {
+    let bound = AddressBook()
+    let loopback = try SocketAddress(ipAddress: "127.0.0.1", port: 0)
+    let runners = Task {
+        await withTaskGroup(of: Void.self) { tasks in
+            tasks.addTask { try? await one.run(listeningOn: loopback, ready: { bound.set(1, $0) }) { _ in } }
+            tasks.addTask { try? await two.run(listeningOn: loopback, ready: { bound.set(2, $0) }) { inbox.append($0) } }
+        }
+    }
+    return (runners, bound)
+}
+
 private func heartbeat(_ from: NodeID, _ to: NodeID, _ round: UInt64) -> Message {
     Message(from: from, to: to, term: 1, body: .heartbeat(Heartbeat(commit: 0, readRound: round)))
 }
@@ -87,21 +101,15 @@ struct TCPTransportTests {
         limits.reconnectBackoffMax = .milliseconds(200)
         let one = try TCPTransport(id: 1, peers: [2: nil], group: group, limits: limits)
         let two = try TCPTransport(id: 2, peers: [1: nil], group: group)
-        let inboxTwo = Inbox(), bound = AddressBook()
-        let loopback = try SocketAddress(ipAddress: "127.0.0.1", port: 0)
-        let runners = Task {
-            await withTaskGroup(of: Void.self) { tasks in
-                tasks.addTask { try? await one.run(listeningOn: loopback, ready: { bound.set(1, $0) }) { _ in } }
-                tasks.addTask { try? await two.run(listeningOn: loopback, ready: { bound.set(2, $0) }) { inboxTwo.append($0) } }
-            }
-        }
+        let inboxTwo = Inbox()
+        let (runners, bound) = try runBoth(one, two, deliveringTo: inboxTwo)
         #expect(await eventually { bound.all.count == 2 })
         let port = try #require(bound.all[2]?.port)
         // The name, from /etc/hosts (no DNS), at a port where nothing
         // listens: attempts fail and go on. (Not a name that does not
         // resolve: without a reachable DNS server each lookup could take
         // seconds, and lookups queue one at a time.)
-        let closed = try await ServerBootstrap(group: group).bind(to: loopback).get()
+        let closed = try await ServerBootstrap(group: group).bind(to: try SocketAddress(ipAddress: "127.0.0.1", port: 0)).get()
         let closedPort = try #require(closed.localAddress?.port)
         try await closed.close()
         one.setAddress(host: "localhost", port: closedPort, of: 2)
@@ -189,7 +197,64 @@ struct TCPTransportTests {
         // Three in a second of the clock: at least eleven refused (the
         // twenty may fall in up to three seconds on a loaded machine), at most seventeen.
         #expect(fast.closed >= 11 && fast.closed <= 17, "\(fast.closed) closed")
-        #expect(fast.refusals.filter { $0.contains("too many inbound connections a second") }.count == fast.closed)
+        #expect(fast.refusals.filter { $0.contains("too many inbound connections a second from its address") }.count == fast.closed)
+        try await group.shutdownGracefully()
+    }
+
+    @Test("When every inbound slot is taken by bare connections, a peer's links take the slots of the oldest whose TLS handshake is not done")
+    func peerEvictsUnshakenConnections() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let ca = try ClusterCA.create(clusterID: "c1")
+        var limits = TransportLimits()
+        limits.inboundConnectionsMax = 3
+        // Bare connections would hold their slots this long.
+        limits.connectTimeout = .seconds(30)
+        let one = try TCPTransport(id: 1, peers: [2: nil], group: group, identity: try ca.issueNodeIdentity(1))
+        let two = try TCPTransport(id: 2, peers: [1: nil], group: group, limits: limits, identity: try ca.issueNodeIdentity(2))
+        let inboxTwo = Inbox()
+        let (runners, bound) = try runBoth(one, two, deliveringTo: inboxTwo)
+        #expect(await eventually { bound.all.count == 2 })
+        var bare: [any Channel] = []
+        for _ in 0..<3 { bare.append(try await ClientBootstrap(group: group).connect(to: bound.all[2]!).get()) }
+        _ = await eventually(0.3) { false }
+        #expect(bare.allSatisfy { $0.isActive }, "three bare connections hold every slot")
+        one.setAddress(bound.all[2]!, of: 2)
+        let sent = (1...20).map { heartbeat(1, 2, $0) }
+        one.send(sent)
+        #expect(await eventually(10) { inboxTwo.all.count == 20 }, "the peer got in while the bare connections held every slot")
+        #expect(bare.filter { !$0.isActive }.count >= 1)
+        #expect(two.rejectedConnections.contains { $0.contains("TLS handshake was not done when every slot was taken") })
+        for channel in bare { try? await channel.close() }
+        runners.cancel(); one.finish(); two.finish(); await runners.value
+        try await group.shutdownGracefully()
+    }
+
+    @Test("The accept rate is counted per address: a flood from 127.0.0.2 is cut at its share and leaves 127.0.0.3 its own")
+    func acceptRatePerAddress() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        var limits = TransportLimits()
+        limits.inboundConnectionsMax = 100
+        limits.inboundConnectionsPerSecond = 3
+        limits.inboundConnectionsPerSecondTotal = 1_000
+        let transport = try TCPTransport(id: 2, peers: [:], group: group, limits: limits)
+        let bound = AddressBook()
+        let runner = Task { try? await transport.run(listeningOn: try SocketAddress(ipAddress: "127.0.0.1", port: 0), ready: { bound.set(2, $0) }) { _ in } }
+        #expect(await eventually { !bound.all.isEmpty })
+        let address = bound.all[2]!
+        func connect(from source: String) async throws -> any Channel {
+            try await ClientBootstrap(group: group).bind(to: try SocketAddress(ipAddress: source, port: 0)).connect(to: address).get()
+        }
+        var flood: [any Channel] = []
+        for _ in 0..<20 { flood.append(try await connect(from: "127.0.0.2")) }
+        var other: [any Channel] = []
+        for _ in 0..<3 { other.append(try await connect(from: "127.0.0.3")) }
+        _ = await eventually(1) { false } // the refusals close their connections meanwhile
+        let floodClosed = flood.filter { !$0.isActive }.count
+        #expect(floodClosed >= 11, "\(floodClosed) of the flood closed")
+        #expect(other.allSatisfy { $0.isActive }, "127.0.0.3's three were refused: \(transport.rejectedConnections.suffix(3))")
+        #expect(transport.rejectedConnections.filter { $0.contains("from its address") }.count == floodClosed)
+        for channel in flood + other { try? await channel.close() }
+        runner.cancel(); transport.finish(); await runner.value
         try await group.shutdownGracefully()
     }
 

@@ -303,7 +303,7 @@ final class ConnectionTable: Sendable {
     /// closed); nil if its address has its share or no slot can be freed.
     func admit(_ channel: any Channel, limits: HTTPServerLimits,
                now: UInt64 = NIODeadline.now().uptimeNanoseconds) -> (admitted: Activity?, evicted: (any Channel)?) {
-        let address = Self.addressKey(channel.remoteAddress)
+        let address = SourceAddress.key(channel.remoteAddress)
         return state.withLock { state in
             guard state.byAddress[address, default: 0] < limits.connectionsPerAddressMax else { return (nil, nil) }
             var evicted: Activity?
@@ -339,24 +339,6 @@ final class ConnectionTable: Sendable {
         state.open[activity.id] = nil
         state.byAddress[activity.address, default: 1] -= 1
         if state.byAddress[activity.address] == 0 { state.byAddress[activity.address] = nil }
-    }
-
-    /// What a connection's address counts under: an IPv4 address (an
-    /// IPv4-mapped IPv6 one as IPv4), or an IPv6 address's /64.
-    static func addressKey(_ address: SocketAddress?) -> String {
-        switch address {
-        case .v6(let v6):
-            var raw = v6.address.sin6_addr
-            let bytes = withUnsafeBytes(of: &raw) { Array($0) }
-            if bytes[0..<10].allSatisfy({ $0 == 0 }) && bytes[10] == 0xFF && bytes[11] == 0xFF {
-                return bytes[12..<16].map(String.init).joined(separator: ".")
-            }
-            return bytes[0..<8].map { String($0, radix: 16) }.joined(separator: ":") + "::/64"
-        case .some(let other):
-            return other.ipAddress ?? ""
-        case .none:
-            return ""
-        }
     }
 }
 
