@@ -118,7 +118,7 @@ let package = Package(
         // The operator's command: node start, cluster init/status, documents,
         // audit, membership.
         .executableTarget(name: "warrant", dependencies: [
-            "Node", "Authority", "Client", "WorkloadAPI", "Transport",
+            "Node", "Authority", "Client", "WorkloadAPI", "Transport", "Encoding",
             .product(name: "Yams", package: "Yams"),
             .product(name: "X509", package: "swift-certificates"),
             .product(name: "Crypto", package: "swift-crypto"),

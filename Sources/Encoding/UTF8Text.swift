@@ -11,6 +11,35 @@ public enum UTF8Text {
         return String(decoding: bytes, as: UTF8.self)
     }
 
+    /// Whether `scalar` changes how a line reads where it is shown: C0
+    /// and C1 controls and DEL (terminal escapes, line breaks; U+009B is
+    /// a CSI to some terminals), Unicode's line and paragraph separators,
+    /// and the bidirectional controls (text shown in another order than
+    /// it is stored, as in "Trojan Source").
+    public static func altersDisplay(_ scalar: Unicode.Scalar) -> Bool {
+        switch scalar.value {
+        case 0..<0x20, 0x7F...0x9F, 0x061C, 0x200E, 0x200F, 0x2028, 0x2029, 0x202A...0x202E, 0x2066...0x2069: true
+        default: false
+        }
+    }
+
+    /// `text` to print on a terminal: each scalar that `altersDisplay`
+    /// written as `\u{XXXX}`, the rest as it is.
+    public static func forDisplay(_ text: String) -> String {
+        guard text.unicodeScalars.contains(where: altersDisplay) else { return text }
+        var shown = ""
+        shown.reserveCapacity(text.utf8.count + 16)
+        for scalar in text.unicodeScalars {
+            if altersDisplay(scalar) {
+                let hex = String(scalar.value, radix: 16, uppercase: true)
+                shown += "\\u{" + String(repeating: "0", count: max(0, 4 - hex.count)) + hex + "}"
+            } else {
+                shown.unicodeScalars.append(scalar)
+            }
+        }
+        return shown
+    }
+
     /// The first `count` bytes of `text`, which is ASCII (a hex digest, an
     /// id), cut by bytes: `String.prefix` walks characters, which showed
     /// on the issuance path (serials, token and actor names).

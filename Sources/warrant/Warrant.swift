@@ -2,6 +2,7 @@ import Authority
 import Client
 import ArgumentParser
 import Foundation
+import Encoding
 import NIOCore
 import NIOHTTP1
 import Node
@@ -75,7 +76,8 @@ struct ConnectionOptions: ParsableArguments {
 
 /// Prints a response body and fails (exit 1) on an error status.
 func finish(_ response: HTTPClientResponse) throws {
-    let text = response.text
+    // What the cluster says may quote a caller's text (claims, names).
+    let text = UTF8Text.forDisplay(response.text)
     if response.status.code >= 400 {
         FileHandle.standardError.write(Data("error: \(response.status.code) \(text)\n".utf8))
         throw ExitCode.failure
@@ -348,11 +350,7 @@ struct AuditCommand: AsyncParsableCommand {
             let total = try APIJSON.decode(AuditVerifyBody.self, from: verify.body).records
             let response = try await client.request(.GET, "/v1/audit?after=\(total > UInt64(count) ? total - UInt64(count) : 0)&limit=\(count)")
             guard response.status == .ok else { return try finish(response) }
-            for record in try APIJSON.decode(AuditPageBody.self, from: response.body).records {
-                // Membership changes carry no caller time (the core writes them).
-                let time = record.timeMillis == 0 ? "-" : Date(timeIntervalSince1970: Double(record.timeMillis) / 1000).formatted(.iso8601)
-                print("#\(record.sequence) idx=\(record.logIndex) \(time) \(record.actor) \(record.action) \(record.target) -> \(record.result) hash=\(record.hash.prefix(16))")
-            }
+            for record in try APIJSON.decode(AuditPageBody.self, from: response.body).records { print(record.line) }
         }
     }
 
@@ -369,7 +367,7 @@ struct AuditCommand: AsyncParsableCommand {
                     let response = try await client.request(at: index, .GET, "/v1/audit/verify")
                     let body = try APIJSON.decode(AuditVerifyBody.self, from: response.body)
                     results.append((index, body))
-                    print("node \(body.node): \(body.intact ? "intact" : "BROKEN at record \(body.brokenAt ?? 0): \(body.reason ?? "")"), \(body.records) records, head \(body.headHash?.prefix(16) ?? "-")")
+                    print("node \(body.node): \(body.intact ? "intact" : "BROKEN at record \(body.brokenAt ?? 0): \(UTF8Text.forDisplay(body.reason ?? ""))"), \(body.records) records, head \(body.headHash?.prefix(16) ?? "-")")
                     if !body.intact { failed = true }
                 } catch {
                     // A tamper check passes only if every node was checked.

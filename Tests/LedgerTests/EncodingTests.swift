@@ -87,6 +87,20 @@ struct LedgerEncodingTests {
         #expect(JoinToken.markingUsed(Array("false}".utf8), serial: "ff") == nil, "too short to be a token")
     }
 
+    @Test("Text for a terminal: C0 and C1 controls (U+009B is a CSI), DEL, line and paragraph separators and bidirectional controls are written as \\u{XXXX}; other text, accented or not, as it is")
+    func textForDisplay() {
+        for plain in ["", "plain", "é 東京 \u{1F642} e\u{301}", "spiffe://warrant.local/ci/repo"] {
+            #expect(UTF8Text.forDisplay(plain) == plain)
+        }
+        #expect(UTF8Text.forDisplay("a\u{1B}[2Jb") == "a\\u{001B}[2Jb")
+        #expect(UTF8Text.forDisplay("x\u{202E}gnp.exe") == "x\\u{202E}gnp.exe")
+        #expect(UTF8Text.forDisplay("l1\u{2028}l2\nl3\u{9B}\u{7F}\u{2066}") == "l1\\u{2028}l2\\u{000A}l3\\u{009B}\\u{007F}\\u{2066}")
+        let altering: [UInt32] = [0x0, 0x9, 0x1F, 0x7F, 0x80, 0x9F, 0x61C, 0x200E, 0x200F, 0x2028, 0x2029, 0x202A, 0x202E, 0x2066, 0x2069]
+        let keeping: [UInt32] = [0x20, 0x7E, 0xA0, 0xE9, 0x200D, 0x2027, 0x202F, 0x2065, 0x206A, 0x1F642]
+        #expect(altering.allSatisfy { UTF8Text.altersDisplay(Unicode.Scalar($0)!) })
+        #expect(!keeping.contains { UTF8Text.altersDisplay(Unicode.Scalar($0)!) })
+    }
+
     @Test("UTF8Text.withBytes lends a string's UTF-8 as it is: empty, small, large, not ASCII, cut from another string, made from bytes")
     func withBytesLendsTheUTF8() {
         let large = String(repeating: "authority/issued/1767225600/", count: 9)

@@ -9,6 +9,19 @@ struct APIBodyTests {
         try #require(try JSONSerialization.jsonObject(with: Data(bytes)) as? NSDictionary)
     }
 
+    @Test("A denial's reason is kept on one line, unreordered: controls, line separators and bidirectional controls become '?'")
+    func denialReasonsOnOneLine() {
+        #expect(NodeAPI.oneLine("sub a\u{202E}cod.exe\u{2029}b\nc\u{9B}d é") == "sub a?cod.exe?b?c?d é")
+    }
+
+    @Test("`warrant audit tail` prints a record on one line whatever its quoted text holds: a claim with a bidirectional override, a line separator or a CSI is shown escaped")
+    func auditTailLine() {
+        let record = AuditRecordBody(sequence: 7, logIndex: 42, timeMillis: 0, actor: "token:abcd", action: "issue",
+                                     target: "spiffe://warrant.local/ci", result: "ok: jwt context=workflow=a\u{202E}b\u{2028}c\u{9B}2J é",
+                                     previousHash: "00", hash: String(repeating: "f", count: 64))
+        #expect(record.line == "#7 idx=42 - token:abcd issue spiffe://warrant.local/ci -> ok: jwt context=workflow=a\\u{202E}b\\u{2028}c\\u{009B}2J é hash=ffffffffffffffff")
+    }
+
     @Test("Issuance and verification bodies written by hand say exactly what JSONEncoder would")
     func sameAsEncoder() throws {
         let bodies: [any Encodable & HandEncodedJSON] = [

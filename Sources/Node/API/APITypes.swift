@@ -200,6 +200,16 @@ public struct AuditRecordBody: Codable, Sendable, Equatable {
     public var result: String
     public var previousHash: String
     public var hash: String
+
+    /// The record on one line, as `warrant audit tail` prints it. Records
+    /// quote callers' text (claims, names): it is shown so that none can
+    /// end the line, move the cursor or reorder what follows
+    /// (`UTF8Text.forDisplay`).
+    public var line: String {
+        // Membership changes carry no caller time (the core writes them).
+        let time = timeMillis == 0 ? "-" : Date(timeIntervalSince1970: Double(timeMillis) / 1000).formatted(.iso8601)
+        return UTF8Text.forDisplay("#\(sequence) idx=\(logIndex) \(time) \(actor) \(action) \(target) -> \(result)") + " hash=\(hash.prefix(16))"
+    }
 }
 
 public struct AuditPageBody: Codable, Sendable {

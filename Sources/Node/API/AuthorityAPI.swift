@@ -207,10 +207,11 @@ extension NodeAPI {
     /// doubling; one whose outcome is unknown (timed out) is not, since the
     /// refusals would then count twice. A record never written carries its
     /// count into the next one.
-    /// Control characters as '?': a reason quotes the caller's claims,
-    /// and `warrant audit tail` prints each record on one line.
+    /// Control characters, line separators and bidirectional controls as
+    /// '?' (`UTF8Text.altersDisplay`): a reason quotes the caller's
+    /// claims, and `warrant audit tail` prints each record on one line.
     static func oneLine(_ text: String) -> String {
-        String(String.UnicodeScalarView(text.unicodeScalars.map { $0.value < 0x20 || (0x7F...0x9F).contains($0.value) ? "?" : $0 }))
+        String(String.UnicodeScalarView(text.unicodeScalars.map { UTF8Text.altersDisplay($0) ? "?" : $0 }))
     }
 
     private func recordDenial(_ error: APIError, of request: HTTPRequest) {
