@@ -95,14 +95,16 @@ public struct TransportLimits: Sendable {
     /// whose TLS handshake is not done (bare connections cannot keep a
     /// reconnecting peer out); with none, it is closed unread.
     public var inboundConnectionsMax = 32
-    /// Connections accepted from one address (an IPv4 address or an IPv6
-    /// /64) in a second of the clock: past this a new one is closed unread,
-    /// before any TLS work. Accepted connections are served on the
-    /// driver's thread in a node, so a flood of handshakes must not take
-    /// that thread from replication; counted per address, so one source's
-    /// flood does not spend the others' accepts.
+    /// Connections accepted from one IP address in a second of the clock:
+    /// past this a new one is closed unread, before any TLS work. Accepted
+    /// connections are served on the driver's thread in a node, so a flood
+    /// of handshakes must not take that thread from replication; counted
+    /// per address, so one source's flood does not spend the others' accepts.
     public var inboundConnectionsPerSecond = 20
-    /// Connections accepted from all addresses in a second of the clock.
+    /// Connections accepted in a second of the clock from all addresses
+    /// that have not finished a TLS handshake here in the last 10 minutes
+    /// (a peer that has is never refused for others' floods, only for its
+    /// own address's rate).
     public var inboundConnectionsPerSecondTotal = 100
     public var reconnectBackoffMin: Duration = .milliseconds(20)
     public var reconnectBackoffMax: Duration = .seconds(2)
@@ -621,6 +623,7 @@ private final class OpenChannels: Sendable {
 
     private struct Open {
         let channel: any Channel
+        let address: String
         let order: UInt64
         /// Its TLS handshake is done (or there is none): it keeps its slot.
         var shaken: Bool
@@ -630,11 +633,19 @@ private final class OpenChannels: Sendable {
         var channels: [ObjectIdentifier: Open] = [:]
         var closed = false
         var opened: UInt64 = 0
-        /// The accept rate's window: its second, accepts in all and per address.
+        /// The accept rate's window: its second, accepts in all (from
+        /// addresses not known) and per address.
         var second: Int64 = -1
         var acceptsInAll = 0
         var acceptsByAddress: [String: Int] = [:]
+        /// Addresses that finished a TLS handshake (a certificate of the
+        /// cluster's CA), with the second of the last; at most `knownMax`.
+        var known: [String: Int64] = [:]
     }
+
+    /// How long an address stays known after its last handshake, and how many are.
+    static let knownSeconds: Int64 = 600
+    static let knownMax = 64
 
     private let state = Mutex(State())
     private let max: Int
@@ -662,7 +673,8 @@ private final class OpenChannels: Sendable {
                 state.acceptsInAll = 0
                 state.acceptsByAddress.removeAll(keepingCapacity: true)
             }
-            guard state.acceptsInAll < perSecondTotal else { return (.tooFastInAll, nil) }
+            let known = state.known[address].map { second - $0 < Self.knownSeconds } ?? false
+            guard known || state.acceptsInAll < perSecondTotal else { return (.tooFastInAll, nil) }
             guard state.acceptsByAddress[address, default: 0] < perSecond else { return (.tooFast, nil) }
             var evicted: (any Channel)?
             if state.channels.count >= max {
@@ -670,10 +682,10 @@ private final class OpenChannels: Sendable {
                 state.channels[oldest.key] = nil
                 evicted = oldest.value.channel
             }
-            state.acceptsInAll += 1
+            if !known { state.acceptsInAll += 1 }
             state.acceptsByAddress[address, default: 0] += 1
             state.opened += 1
-            state.channels[key] = Open(channel: channel, order: state.opened, shaken: !handshakes)
+            state.channels[key] = Open(channel: channel, address: address, order: state.opened, shaken: !handshakes)
             return (nil, evicted)
         }
         if refusal == nil {
@@ -686,11 +698,18 @@ private final class OpenChannels: Sendable {
         return (refusal, evicted)
     }
 
-    /// `channel`'s TLS handshake is done: it keeps its slot from now on.
+    /// `channel`'s TLS handshake is done: it keeps its slot from now on,
+    /// and its address is known.
     func handshakeDone(_ channel: any Channel) {
+        let second = Int64(NIODeadline.now().uptimeNanoseconds / 1_000_000_000)
         state.withLock { state in
             let key = ObjectIdentifier(channel)
-            if state.channels[key]?.channel === channel { state.channels[key]!.shaken = true }
+            guard let open = state.channels[key], open.channel === channel else { return }
+            state.channels[key]!.shaken = true
+            state.known[open.address] = second
+            if state.known.count > Self.knownMax, let stalest = state.known.min(by: { $0.value < $1.value })?.key {
+                state.known[stalest] = nil
+            }
         }
     }
 
@@ -703,8 +722,8 @@ private final class OpenChannels: Sendable {
 }
 
 /// What a connection's source address counts under, for limits per
-/// address: an IPv4 address (an IPv4-mapped IPv6 one as IPv4), or an IPv6
-/// address's /64 (one host is often given a whole /64).
+/// address: its IP address, an IPv4-mapped IPv6 one as IPv4. (Not an IPv6
+/// /64: nodes and pods of one data centre often share one.)
 public enum SourceAddress {
     public static func key(_ address: SocketAddress?) -> String {
         switch address {
@@ -714,7 +733,7 @@ public enum SourceAddress {
             if bytes[0..<10].allSatisfy({ $0 == 0 }) && bytes[10] == 0xFF && bytes[11] == 0xFF {
                 return bytes[12..<16].map(String.init).joined(separator: ".")
             }
-            return stride(from: 0, to: 8, by: 2).map { String(UInt16(bytes[$0]) << 8 | UInt16(bytes[$0 + 1]), radix: 16) }.joined(separator: ":") + "::/64"
+            return address?.ipAddress ?? ""
         case .some(let other):
             return other.ipAddress ?? ""
         case .none:

@@ -440,11 +440,92 @@ struct HTTPServerTests {
         }
     }
 
-    @Test("Connections count by IPv4 address or IPv6 /64 (an IPv4-mapped address as IPv4)")
+    @Test("A connection stays busy while a request pipelined behind one answered at once is answered (not evictable); another node's connection is never taken; evictions are bounded per second")
+    func evictionSparesBusyAndNodes() async throws {
+        let ca = try ClusterCA.create(clusterID: "http-test")
+        try await Self.withServer(ca: ca, oneConnection: false, limits: { $0.connectionsMax = 2; $0.evictIdleAfter = .milliseconds(300) }) { server in
+            func open(_ tls: NIOSSLContext? = nil) async throws -> (Collector, any Channel) {
+                let collector = Collector()
+                let tls = try tls ?? Self.clientTLS(server)
+                let channel = try await ClientBootstrap(group: server.group)
+                    .channelInitializer { channel in
+                        channel.eventLoop.makeCompletedFuture {
+                            try channel.pipeline.syncOperations.addHandler(try NIOSSLClientHandler(context: tls, serverHostname: nil))
+                            try channel.pipeline.syncOperations.addHandler(collector)
+                        }
+                    }
+                    .connect(to: server.address).get()
+                return (collector, channel)
+            }
+            func count(_ collector: Collector) -> Int {
+                String(decoding: collector.received.withLock { $0 }, as: UTF8.self).components(separatedBy: "HTTP/1.1 200").count - 1
+            }
+            func settle(_ ms: Int) async throws { try await Task.sleep(for: .milliseconds(ms)) }
+            // A quick request answered at once, a slow one pipelined behind it in the same write.
+            let (a, aChannel) = try await open()
+            try await aChannel.writeAndFlush(ByteBuffer(string: "GET /quick HTTP/1.1\r\nhost: x\r\n\r\nGET /slow?delay=1500 HTTP/1.1\r\nhost: x\r\n\r\n"))
+            try await settle(600)
+            let (b, bChannel) = try await open()
+            let (c, cChannel) = try await open()
+            for _ in 0..<200 where !c.closed.withLock({ $0 }) || count(a) < 2 { try await settle(10) }
+            #expect(count(a) == 2 && !a.closed.withLock { $0 }, "the slow answer was cut: \(count(a)) answers")
+            #expect(c.closed.withLock { $0 }, "no slot could be freed: a was busy, b idle a moment")
+            for channel in [aChannel, bChannel, cChannel] { try? await channel.close() }
+            _ = b
+            try await settle(200)
+
+            // Another node's connection (its certificate) and a caller's, both idle past the bound.
+            var nodeTLS = TLSConfiguration.makeClientConfiguration()
+            let peer = try ca.issueNodeIdentity(2)
+            nodeTLS.trustRoots = .certificates([try server.identity.nioCACertificate])
+            nodeTLS.certificateVerification = .noHostnameVerification
+            nodeTLS.certificateChain = [.certificate(try peer.nioCertificate)]
+            nodeTLS.privateKey = .privateKey(try peer.nioPrivateKey)
+            let (n, nChannel) = try await open(try NIOSSLContext(configuration: nodeTLS))
+            try await nChannel.writeAndFlush(ByteBuffer(string: "GET /n HTTP/1.1\r\nhost: x\r\n\r\n"))
+            try await settle(100)
+            let (x, xChannel) = try await open()
+            try await xChannel.writeAndFlush(ByteBuffer(string: "GET /x HTTP/1.1\r\nhost: x\r\n\r\n"))
+            try await settle(500)
+            let (y, yChannel) = try await open()
+            for _ in 0..<200 where !x.closed.withLock({ $0 }) { try await settle(10) }
+            #expect(x.closed.withLock { $0 }, "the caller's idle connection gave its slot")
+            #expect(!n.closed.withLock { $0 } && count(n) == 1, "the node's connection, idle longer, was kept")
+            try await yChannel.writeAndFlush(ByteBuffer(string: "GET /y HTTP/1.1\r\nhost: x\r\n\r\n"))
+            for _ in 0..<200 where count(y) < 1 { try await settle(10) }
+            #expect(count(y) == 1)
+            for channel in [nChannel, xChannel, yChannel] { try? await channel.close() }
+        }
+    }
+
+    @Test("At most so many evictions a second: past them a new connection is closed even with idle ones to take")
+    func evictionsPerSecondBound() async throws {
+        try await Self.withServer(oneConnection: false, limits: { $0.connectionsMax = 3; $0.evictIdleAfter = .milliseconds(100); $0.evictionsPerSecondMax = 1 }) { server in
+            var held: [(Collector, any Channel)] = []
+            for _ in 0..<3 {
+                let collector = Collector()
+                held.append((collector, try await Self.connect(server, collector)))
+            }
+            try await Task.sleep(for: .milliseconds(300))
+            var fresh: [(Collector, any Channel)] = []
+            for _ in 0..<3 {
+                let collector = Collector()
+                fresh.append((collector, try await Self.connect(server, collector)))
+            }
+            try await Task.sleep(for: .milliseconds(300))
+            let evicted = held.filter { $0.0.closed.withLock { $0 } }.count
+            let refused = fresh.filter { $0.0.closed.withLock { $0 } }.count
+            // One a second: the three new ones may straddle a second's end.
+            #expect(evicted >= 1 && evicted <= 2 && refused == 3 - evicted, "evicted \(evicted), refused \(refused)")
+            for (_, channel) in held + fresh { try? await channel.close() }
+        }
+    }
+
+    @Test("Connections count by IP address (an IPv4-mapped one as IPv4)")
     func addressKeys() throws {
         func key(_ text: String) throws -> String { SourceAddress.key(try SocketAddress(ipAddress: text, port: 443)) }
-        #expect(try key("2001:db8::1") == key("2001:db8::ffff:1:2"))
-        #expect(try key("2001:db8::1") != key("2001:db8:0:1::1"))
+        #expect(try key("2001:db8::1") == key("2001:db8:0:0::1"))
+        #expect(try key("2001:db8::1") != key("2001:db8::2"))
         #expect(try key("::ffff:10.1.2.3") == "10.1.2.3")
         #expect(try key("127.0.0.1") == "127.0.0.1")
         #expect(try key("127.0.0.1") != key("127.0.0.2"))

@@ -33,6 +33,29 @@ private func runBoth(_ one: TCPTransport, _ two: TCPTransport, deliveringTo inbo
     return (runners, bound)
 }
 
+/// Transports 1 and 2 with mutual TLS on loopback (2 with `limits`), running
+/// and bound, 1 not yet told 2's address.
+private struct TLSPair {
+    let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+    let one: TCPTransport, two: TCPTransport
+    let inboxTwo = Inbox()
+    let runners: Task<Void, Never>
+    let bound: AddressBook
+
+    init(limitsOfTwo limits: TransportLimits) async throws {
+        let ca = try ClusterCA.create(clusterID: "c1")
+        one = try TCPTransport(id: 1, peers: [2: nil], group: group, identity: try ca.issueNodeIdentity(1))
+        two = try TCPTransport(id: 2, peers: [1: nil], group: group, limits: limits, identity: try ca.issueNodeIdentity(2))
+        (runners, bound) = try runBoth(one, two, deliveringTo: inboxTwo)
+        #expect(await eventually { bound.all.count == 2 })
+    }
+
+    func stop() async throws {
+        runners.cancel(); one.finish(); two.finish(); await runners.value
+        try await group.shutdownGracefully()
+    }
+}
+
 private func heartbeat(_ from: NodeID, _ to: NodeID, _ round: UInt64) -> Message {
     Message(from: from, to: to, term: 1, body: .heartbeat(Heartbeat(commit: 0, readRound: round)))
 }
@@ -203,30 +226,23 @@ struct TCPTransportTests {
 
     @Test("When every inbound slot is taken by bare connections, a peer's links take the slots of the oldest whose TLS handshake is not done")
     func peerEvictsUnshakenConnections() async throws {
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        let ca = try ClusterCA.create(clusterID: "c1")
         var limits = TransportLimits()
         limits.inboundConnectionsMax = 3
         // Bare connections would hold their slots this long.
         limits.connectTimeout = .seconds(30)
-        let one = try TCPTransport(id: 1, peers: [2: nil], group: group, identity: try ca.issueNodeIdentity(1))
-        let two = try TCPTransport(id: 2, peers: [1: nil], group: group, limits: limits, identity: try ca.issueNodeIdentity(2))
-        let inboxTwo = Inbox()
-        let (runners, bound) = try runBoth(one, two, deliveringTo: inboxTwo)
-        #expect(await eventually { bound.all.count == 2 })
+        let pair = try await TLSPair(limitsOfTwo: limits)
         var bare: [any Channel] = []
-        for _ in 0..<3 { bare.append(try await ClientBootstrap(group: group).connect(to: bound.all[2]!).get()) }
+        for _ in 0..<3 { bare.append(try await ClientBootstrap(group: pair.group).connect(to: pair.bound.all[2]!).get()) }
         _ = await eventually(0.3) { false }
         #expect(bare.allSatisfy { $0.isActive }, "three bare connections hold every slot")
-        one.setAddress(bound.all[2]!, of: 2)
+        pair.one.setAddress(pair.bound.all[2]!, of: 2)
         let sent = (1...20).map { heartbeat(1, 2, $0) }
-        one.send(sent)
-        #expect(await eventually(10) { inboxTwo.all.count == 20 }, "the peer got in while the bare connections held every slot")
+        pair.one.send(sent)
+        #expect(await eventually(10) { pair.inboxTwo.all.count == 20 }, "the peer got in while the bare connections held every slot")
         #expect(bare.filter { !$0.isActive }.count >= 1)
-        #expect(two.rejectedConnections.contains { $0.contains("TLS handshake was not done when every slot was taken") })
+        #expect(pair.two.rejectedConnections.contains { $0.contains("TLS handshake was not done when every slot was taken") })
         for channel in bare { try? await channel.close() }
-        runners.cancel(); one.finish(); two.finish(); await runners.value
-        try await group.shutdownGracefully()
+        try await pair.stop()
     }
 
     @Test("The accept rate is counted per address: a flood from 127.0.0.2 is cut at its share and leaves 127.0.0.3 its own")
@@ -256,6 +272,29 @@ struct TCPTransportTests {
         for channel in flood + other { try? await channel.close() }
         runner.cancel(); transport.finish(); await runner.value
         try await group.shutdownGracefully()
+    }
+
+    @Test("An address that finished a TLS handshake is not refused for others' floods: past the accept total, 127.0.0.1 (a peer's) still gets in")
+    func knownPeersPassTheTotal() async throws {
+        var limits = TransportLimits()
+        limits.inboundConnectionsMax = 100
+        limits.inboundConnectionsPerSecond = 1_000
+        limits.inboundConnectionsPerSecondTotal = 3
+        let pair = try await TLSPair(limitsOfTwo: limits)
+        pair.one.setAddress(pair.bound.all[2]!, of: 2)
+        pair.one.send([heartbeat(1, 2, 1)])
+        #expect(await eventually(10) { pair.inboxTwo.all.count == 1 }, "the peer's handshake made 127.0.0.1 known")
+        func connect(from source: String) async throws -> any Channel {
+            try await ClientBootstrap(group: pair.group).bind(to: try SocketAddress(ipAddress: source, port: 0)).connect(to: pair.bound.all[2]!).get()
+        }
+        var flood: [any Channel] = []
+        for _ in 0..<20 { flood.append(try await connect(from: "127.0.0.2")) }
+        let known = try await connect(from: "127.0.0.1")
+        _ = await eventually(1) { false }
+        #expect(flood.filter { !$0.isActive }.count >= 11, "the flood was cut at the total")
+        #expect(known.isActive, "the known address was refused: \(pair.two.rejectedConnections.suffix(2))")
+        for channel in flood + [known] { try? await channel.close() }
+        try await pair.stop()
     }
 
     @Test("A link waits for its peer to come up and reconnects after it restarts")

@@ -94,14 +94,18 @@ public struct HTTPServerLimits: Sendable {
     /// Larger bodies get 413 and the connection is closed.
     public var requestBodyBytesMax = 512 << 10
     public var connectionsMax = 1_024
-    /// Connections from one address (an IPv4 address, or an IPv6 /64: one
-    /// host is given a whole /64) at most: no single client can take every slot.
+    /// Connections from one IP address at most: no single client can take
+    /// every slot.
     public var connectionsPerAddressMax = 256
     /// When every slot is taken, a new connection takes the slot of the one
-    /// idle longest (no request being received or answered), if that one
-    /// has been idle this long; else it is closed. Held connections must
-    /// keep sending requests to keep their slots.
+    /// idle longest (no request being received or answered; never another
+    /// node's), if that one has been idle this long; else it is closed.
+    /// Held connections must keep sending requests to keep their slots.
     public var evictIdleAfter: TimeAmount = .seconds(2)
+    /// Evictions in a second of the clock at most: an evicted connection
+    /// may stay open a few seconds more while its TLS closes, and these
+    /// must stay within the descriptors the node reserves.
+    public var evictionsPerSecondMax = 32
     /// Connections idle this long are closed.
     public var idleTimeout: TimeAmount = .seconds(60)
     /// A request must be received whole this long after its first byte (the
@@ -244,6 +248,9 @@ final class ConnectionTable: Sendable {
         let address: String
         let channel: any Channel
         private let idleSince: Atomic<UInt64>
+        /// Another node's connection (it forwards callers' requests over
+        /// it): never evicted, so a forward is never cut unread.
+        private let pinned = Atomic<Bool>(false)
         private static let busy: UInt64 = 0
         fileprivate static let evicted = UInt64.max
 
@@ -274,11 +281,14 @@ final class ConnectionTable: Sendable {
             _ = idleSince.compareExchange(expected: Self.busy, desired: max(1, now), ordering: .relaxed)
         }
 
-        /// When it became idle, or nil (busy or evicted).
+        /// When it became idle, or nil (busy, evicted or pinned).
         var idle: UInt64? {
+            guard !pinned.load(ordering: .relaxed) else { return nil }
             let since = idleSince.load(ordering: .relaxed)
             return since == Self.busy || since == Self.evicted ? nil : since
         }
+
+        func pin() { pinned.store(true, ordering: .relaxed) }
 
         /// Evicts it if it is still idle since `since`.
         fileprivate func evict(idleSince since: UInt64) -> Bool {
@@ -291,6 +301,9 @@ final class ConnectionTable: Sendable {
         var byAddress: [String: Int] = [:]
         var nextID: UInt64 = 0
         var evictions = 0
+        /// Evictions in the current second of the clock.
+        var evictionSecond: UInt64 = 0
+        var evictionsThisSecond = 0
     }
 
     private let state = Mutex(State())
@@ -308,16 +321,19 @@ final class ConnectionTable: Sendable {
             guard state.byAddress[address, default: 0] < limits.connectionsPerAddressMax else { return (nil, nil) }
             var evicted: Activity?
             if state.open.count >= limits.connectionsMax {
-                let cutoff = now >= UInt64(max(0, limits.evictIdleAfter.nanoseconds)) ? now - UInt64(max(0, limits.evictIdleAfter.nanoseconds)) : 0
-                var oldest: (activity: Activity, since: UInt64)?
-                for activity in state.open.values {
-                    guard let since = activity.idle, since <= cutoff else { continue }
-                    if oldest == nil || since < oldest!.since { oldest = (activity, since) }
-                }
-                guard let oldest, oldest.activity.evict(idleSince: oldest.since) else { return (nil, nil) }
-                Self.forget(oldest.activity, &state)
+                let second = now / 1_000_000_000
+                if state.evictionSecond != second { (state.evictionSecond, state.evictionsThisSecond) = (second, 0) }
+                guard state.evictionsThisSecond < limits.evictionsPerSecondMax else { return (nil, nil) }
+                let bound = UInt64(max(0, limits.evictIdleAfter.nanoseconds))
+                let cutoff = now >= bound ? now - bound : 0
+                let candidates = state.open.values.compactMap { activity in activity.idle.flatMap { $0 <= cutoff ? (activity, $0) : nil } }
+                // The one idle longest that is still idle (one may begin a
+                // request meanwhile: then the next).
+                guard let oldest = candidates.sorted(by: { $0.1 < $1.1 }).first(where: { $0.0.evict(idleSince: $0.1) })?.0 else { return (nil, nil) }
+                Self.forget(oldest, &state)
                 state.evictions += 1
-                evicted = oldest.activity
+                state.evictionsThisSecond += 1
+                evicted = oldest
             }
             state.nextID += 1
             let activity = Activity(id: state.nextID, address: address, channel: channel, now: now)
@@ -481,6 +497,14 @@ private final class RequestHandler: ChannelDuplexHandler {
         guard !closing, !discarding else { return }
         switch unwrapInboundIn(data) {
         case .head(let head):
+            // A request begins (its bytes may have come in the read that
+            // ended the one before, which started no clock): busy until it
+            // is answered, and due whole within the receive timeout.
+            guard activity.begin() else {
+                closing = true
+                return
+            }
+            deadline.start(context)
             receiving = Received(head: head)
             // The decoder reads nothing after a CONNECT or an upgrade
             // request: it is answered (nothing is upgraded), then closed.
@@ -582,6 +606,7 @@ private final class RequestHandler: ChannelDuplexHandler {
             if let der = try? certificate?.toDERBytes() {
                 caller = APICaller.from(certificateDER: der, clusterID: clusterID, clusterCA: clusterCA)
                 callerNotAfter = (try? Certificate(derEncoded: der))?.notValidAfter
+                if case .node = caller { activity.pin() }
             } else {
                 caller = .anonymous
             }
