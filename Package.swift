@@ -68,7 +68,8 @@ let package = Package(
         ], swiftSettings: strict),
         // Issuers and join rules as documents: matching, SPIFFE ID
         // templates, explanations and lint. No I/O.
-        .target(name: "Policy", dependencies: ["Attestation", "Authority", .product(name: "Yams", package: "Yams")], swiftSettings: strict),
+        .target(name: "Policy", dependencies: ["Attestation", "Authority", .product(name: "Yams", package: "Yams"),
+                                              .product(name: "Crypto", package: "swift-crypto")], swiftSettings: strict),
         // Node-to-node framing (and, with issue 3, TCP and mutual TLS).
         .target(name: "Transport", dependencies: [
             "Raft",

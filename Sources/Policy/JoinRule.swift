@@ -1,5 +1,6 @@
 import Attestation
 import Authority
+import Crypto
 import Yams
 
 /// One claim condition of a join rule. Values are compared as bytes: no
@@ -128,6 +129,34 @@ public struct JoinRule: Sendable, Hashable {
         guard conditions.count <= Self.conditionsMax else { throw PolicyError(path: "conditions", problem: "at most \(Self.conditionsMax) conditions") }
         self.init(name: name, issuer: issuer, spiffeIDTemplate: template, ttlMaxSeconds: UInt32(ttl), maxLifetimeSeconds: UInt32(lifetime),
                   conditions: conditions)
+    }
+
+    /// What the rule admits, as 16 hex digits of a SHA-256 over its
+    /// issuer, SPIFFE ID template, TTL caps and conditions (sorted, and
+    /// their values; the description and the document's layout count for
+    /// nothing). An
+    /// identity carries its rule's (`rule_digest`); nothing derives from it
+    /// (renewals, JWT-SVIDs, steps) once the rule admits something else.
+    public var fingerprint: String {
+        var bytes: [UInt8] = []
+        func field(_ text: String) {
+            let utf8 = Array(text.utf8)
+            withUnsafeBytes(of: UInt32(utf8.count).bigEndian) { bytes += $0 }
+            bytes += utf8
+        }
+        field(issuer)
+        field(spiffeIDTemplate)
+        field(String(ttlMaxSeconds))
+        field(String(maxLifetimeSeconds))
+        // One condition per claim (they are a mapping's keys).
+        for condition in conditions.sorted(by: { $0.claim.utf8.lexicographicallyPrecedes($1.claim.utf8) }) {
+            field(condition.claim)
+            field(condition.op.rawValue)
+            field(String(condition.values.count))
+            // Any value may match, in any order.
+            condition.values.sorted { $0.utf8.lexicographicallyPrecedes($1.utf8) }.forEach(field)
+        }
+        return Hex.encode(Array(SHA256.hash(data: bytes).prefix(8)))
     }
 
     /// The `issuer` a rule document names, if it reads that far.

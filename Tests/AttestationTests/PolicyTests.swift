@@ -21,6 +21,29 @@ let jobClaims: [String: String] = [
 
 @Suite("Join rules")
 struct PolicyTests {
+    @Test("A rule's fingerprint follows what it admits: not its description, layout or the order of its conditions or values; any issuer, template, TTL cap, lifetime, operator or value changes it")
+    func ruleFingerprint() throws {
+        let base = "issuer: github\nspiffe_id: spiffe://example.org/gh/{repository}\nttl_max_seconds: 600\nconditions:\n  repository: acme/api\n  ref: {one_of: [refs/heads/main, refs/heads/dev]}\n"
+        let same = [
+            "description: deploys\n" + base,
+            "conditions:\n  ref: {one_of: [refs/heads/dev, refs/heads/main]}\n  repository: \"acme/api\"\nttl_max_seconds: 600\nspiffe_id: spiffe://example.org/gh/{repository}\nissuer: github\n",
+        ]
+        let different = [
+            base.replacingOccurrences(of: "issuer: github", with: "issuer: github2"),
+            base.replacingOccurrences(of: "gh/{repository}", with: "ci/{repository}"),
+            base.replacingOccurrences(of: "600", with: "601"),
+            base + "max_lifetime_seconds: 30000\n",
+            base.replacingOccurrences(of: "one_of", with: "not_one_of"),
+            base.replacingOccurrences(of: "refs/heads/dev]", with: "refs/heads/de]"),
+            base + "  event_name: push\n",
+        ]
+        let fingerprint = try rule(base).fingerprint
+        #expect(fingerprint.count == 16 && fingerprint.allSatisfy(\.isHexDigit))
+        for yaml in same { #expect(try rule(yaml).fingerprint == fingerprint, "\(yaml)") }
+        for yaml in different { #expect(try rule(yaml).fingerprint != fingerprint, "\(yaml)") }
+        #expect(Set(try different.map { try rule($0).fingerprint }).count == different.count)
+    }
+
     @Test("Globs are anchored to the whole value and '*' never crosses '/' or ':'")
     func globs() {
         #expect(Glob.matches(pattern: "refs/heads/*", "refs/heads/main"))

@@ -213,6 +213,61 @@ struct JoinTests {
 }
 
 extension JoinTests {
+    @Test("Nothing derives from a platform-token identity (renewals, JWT-SVIDs) once the rule that admitted it admits something else, is removed or loses its issuer: 403 policy_changed, so the holder joins again under the rules as they are; a new description, or the rule put back as it was, changes nothing")
+    func derivationFollowsTheRule() async throws {
+        let provider = try TestIssuer(keys: [.rsa2048])
+        try await provider.serve()
+        defer { Task { await provider.stop() } }
+        try await InProcessCluster.withReadyFollower { cluster, _, follower, admin, open in
+            let dir = cluster.directory
+            #expect(try await putPolicy(admin, "policy/issuers/github", githubIssuerYAML(provider)).status == .ok)
+            #expect(try await putPolicy(admin, "policy/join/deploy", deployRule).status == .ok)
+            try await Task.sleep(for: .seconds(1.1))
+            let joined = try await open.request(.POST, "/v1/join", headers: jsonHeaders,
+                                                body: json(["token": try provider.mint(provider.githubClaims(audience: "warrant.local")),
+                                                            "csr": try opensslCSR(in: dir, name: "held")]))
+            #expect(joined.status == .ok, "\(joined.text)")
+            try (object(joined)["certificate"] as? String ?? "").write(toFile: "\(dir)/held.pem", atomically: true, encoding: .utf8)
+            let holder = try await workloadConnection(cluster, to: follower, certificate: "\(dir)/held.pem", key: "\(dir)/held.key")
+            let next = try opensslCSR(in: dir, name: "held-next")
+            func renew() async throws -> HTTPClientResponse {
+                try await holder.request(.POST, "/v1/svid/x509/renew", headers: jsonHeaders, body: json(["csr": next]))
+            }
+            func jwt() async throws -> HTTPClientResponse {
+                try await holder.request(.POST, "/v1/svid/jwt/workload", headers: jsonHeaders, body: json(["audience": ["svc"]]))
+            }
+            /// Puts the rule (or deletes it, nil) and waits for every node to read it.
+            func rule(_ yaml: String?) async throws {
+                let response = if let yaml { try await putPolicy(admin, "policy/join/deploy", yaml) }
+                    else { try await admin.request(.DELETE, "/v1/documents/policy/join/deploy") }
+                #expect(response.status == .ok, "\(response.text)")
+                try await Task.sleep(for: .seconds(1.1))
+            }
+            func expectRefused(_ why: String) async throws {
+                for response in [try await renew(), try await jwt()] {
+                    #expect(response.status == .forbidden && response.text.contains("policy_changed") && response.text.contains(why), "\(response.text)")
+                }
+            }
+            #expect(try await renew().status == .ok)
+            try await rule("description: deploys from main\n" + deployRule)
+            #expect(try await renew().status == .ok, "a new description changes nothing")
+            #expect(try await jwt().status == .ok)
+            try await rule(deployRule.replacingOccurrences(of: "refs/heads/*", with: "refs/heads/main"))
+            try await expectRefused("changed since")
+            try await rule(deployRule)
+            #expect(try await renew().status == .ok, "the rule put back as it was admits it again")
+            try await rule(nil)
+            try await expectRefused("removed since")
+            try await rule(deployRule)
+            #expect(try await admin.request(.DELETE, "/v1/documents/policy/issuers/github").status == .ok)
+            try await Task.sleep(for: .seconds(1.1))
+            try await expectRefused("no longer configured")
+            let audit = object(try await admin.request(.GET, "/v1/audit?limit=1000"))["records"] as? [[String: Any]] ?? []
+            #expect(audit.contains { ($0["result"] as? String ?? "").contains("policy_changed") }, "the refusals are audited as denials")
+            await holder.close()
+        }
+    }
+
     @Test("warrant join inside simulated GitHub Actions and GitLab CI jobs: the identity names the repository and commit; failover past a dead endpoint; bad input gets one clear line, exit 1, nothing written")
     func joinCommand() async throws {
         let github = try TestIssuer(keys: [.rsa2048])

@@ -559,6 +559,8 @@ extension NodeAPI {
             // The rule's reason is for operators (`revocations(reasons:)`), not for the holder.
             throw APIError(status: .forbidden, code: "revoked", message: "the presented X509-SVID was revoked (\(rule.kind.rawValue) \(rule.value))")
         }
+        // Closing a step (`limited` false) issues nothing: its exit status is kept whatever the rules say now.
+        if limited { try requireAdmittingRule(current) }
         let line = current.attributes["job_lineage"] ?? current.attributes["lineage"] ?? current.serialHex
         if limited, let wait = workloadIssuance.admit(line, now: Date().timeIntervalSince1970) {
             throw APIError(status: .tooManyRequests, code: "rate_limited",
@@ -567,6 +569,35 @@ extension NodeAPI {
                            headers: [("retry-after", String(Int(wait.rounded(.up))))])
         }
         return (current, keys)
+    }
+
+    /// Refuses (403 `policy_changed`) an identity admitted by a join rule
+    /// that has since been removed, no longer reads, lost its issuer, or
+    /// admits something else (its `rule_digest`; an identity from before
+    /// digests were kept needs only the rule and its issuer): nothing more
+    /// derives from it, and the holder joins again with fresh evidence,
+    /// judged by the rules as they are now. Join tokens are not rules:
+    /// their identities are not affected.
+    func requireAdmittingRule(_ current: VerifiedX509) throws {
+        guard current.attributes["evidence"] == "platform_token", let name = current.attributes["rule"], let joins else { return }
+        let policy = try joins.policy()
+        let rule = policy.rules.first { $0.name.utf8.elementsEqual(name.utf8) }
+        let problem: String?
+        if let rule {
+            if policy.issuers[rule.issuer] == nil {
+                problem = "its issuer \(rule.issuer) is no longer configured"
+            } else if let digest = current.attributes["rule_digest"], digest != rule.fingerprint {
+                problem = "it was changed since"
+            } else {
+                problem = nil
+            }
+        } else {
+            problem = "it was removed since (or no longer reads)"
+        }
+        guard let problem else { return }
+        throw APIError(status: .forbidden, code: "policy_changed",
+                       message: "the join rule \(UTF8Text.prefix(Self.oneLine(name), bytes: 128)) that admitted this identity no longer admits it as it did: "
+                           + "\(problem); join again with fresh evidence")
     }
 
     /// A workload presenting its X509-SVID gets a JWT-SVID for the given

@@ -153,6 +153,7 @@ extension NodeAPI {
         attributes["method"] = issuer.method.rawValue
         attributes["issuer"] = issuer.name
         attributes["rule"] = grant.rule.name
+        attributes["rule_digest"] = grant.rule.fingerprint
         attributes["evidence_expires"] = String(now + Int64(grant.rule.maxLifetimeSeconds))
         attributes["ttl_max"] = String(ttlCap)
         template.ttlSeconds = ttl
