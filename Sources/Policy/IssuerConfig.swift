@@ -1,4 +1,6 @@
 import Attestation
+import Authority
+import Crypto
 
 /// A platform whose tokens the cluster accepts: the document
 /// `policy/issuers/<name>`, in YAML or JSON.
@@ -29,6 +31,18 @@ public struct IssuerConfig: Sendable, Hashable {
     /// PEM certificates trusted for the issuer's HTTPS endpoints instead of
     /// the system's (GitHub Enterprise Server, self-managed GitLab).
     public var caPEM: String?
+    /// Whose tokens it takes and how it knows their keys, as 16 hex digits
+    /// of a SHA-256 over its method, `iss`, inline JWKS and pinned CA (not
+    /// the checks made on a token at its join: audience, algorithms, ages).
+    public var fingerprint: String {
+        var bytes = Array("warrant-issuer-v1".utf8)
+        JoinRule.appendField(method.rawValue, to: &bytes)
+        JoinRule.appendField(requirements.issuer, to: &bytes)
+        JoinRule.appendField(staticJWKS.map { String(decoding: $0, as: UTF8.self) } ?? "-", to: &bytes)
+        JoinRule.appendField(caPEM ?? "-", to: &bytes)
+        return Hex.encode(Array(SHA256.hash(data: bytes).prefix(8)))
+    }
+
     /// Where the discovery document is: `<issuer>/.well-known/openid-configuration`.
     public var discoveryURL: String {
         (requirements.issuer.hasSuffix("/") ? String(requirements.issuer.dropLast()) : requirements.issuer) + "/.well-known/openid-configuration"

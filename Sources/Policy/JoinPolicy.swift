@@ -85,6 +85,15 @@ public struct JoinPolicy: Sendable {
     }
 
     /// The issuer whose configured `iss` is exactly `iss` (compared as bytes).
+    /// What an identity `rule` admits carries as `rule_digest`: the
+    /// rule's fingerprint and its issuer's; nil if the issuer is not
+    /// configured, or does not take its `iss`'s tokens (another issuer
+    /// sorting first has the same `iss`).
+    public func admissionDigest(_ rule: JoinRule) -> String? {
+        guard let issuer = issuers[rule.issuer], self.issuer(for: issuer.requirements.issuer)?.name == issuer.name else { return nil }
+        return rule.fingerprint + issuer.fingerprint
+    }
+
     public func issuer(for iss: String) -> IssuerConfig? {
         issuers.values.sorted { $0.name < $1.name }.first { $0.requirements.issuer.utf8.elementsEqual(iss.utf8) }
     }

@@ -132,31 +132,41 @@ public struct JoinRule: Sendable, Hashable {
     }
 
     /// What the rule admits, as 16 hex digits of a SHA-256 over its
-    /// issuer, SPIFFE ID template, TTL caps and conditions (sorted, and
-    /// their values; the description and the document's layout count for
-    /// nothing). An
-    /// identity carries its rule's (`rule_digest`); nothing derives from it
+    /// issuer, SPIFFE ID template, TTL caps and conditions, written in one
+    /// form whatever way the document says them: conditions sorted by
+    /// claim; values sorted and each once; `equals`, `one_of` and a `glob`
+    /// without `*` as one set of values, their negations as another. The
+    /// description and the document's layout count for nothing. An identity
+    /// carries it, with its issuer's, as `rule_digest`
+    /// (`JoinPolicy.admissionDigest`): nothing derives from the identity
     /// (renewals, JWT-SVIDs, steps) once the rule admits something else.
     public var fingerprint: String {
-        var bytes: [UInt8] = []
-        func field(_ text: String) {
-            let utf8 = Array(text.utf8)
-            withUnsafeBytes(of: UInt32(utf8.count).bigEndian) { bytes += $0 }
-            bytes += utf8
-        }
+        var bytes = Array("warrant-rule-v1".utf8)
+        func field(_ text: String) { JoinRule.appendField(text, to: &bytes) }
         field(issuer)
         field(spiffeIDTemplate)
         field(String(ttlMaxSeconds))
         field(String(maxLifetimeSeconds))
         // One condition per claim (they are a mapping's keys).
         for condition in conditions.sorted(by: { $0.claim.utf8.lexicographicallyPrecedes($1.claim.utf8) }) {
+            // Any value may match, in any order; a glob without '*' matches itself alone.
+            let exact = condition.op != .glob && condition.op != .notGlob || !condition.values.contains { $0.utf8.contains(0x2A) }
+            let kind = (exact ? "in" : "glob") + (condition.op.negated ? "-not" : "")
+            let values = Set(condition.values.map { Array($0.utf8) }).sorted { $0.lexicographicallyPrecedes($1) }
             field(condition.claim)
-            field(condition.op.rawValue)
-            field(String(condition.values.count))
-            // Any value may match, in any order.
-            condition.values.sorted { $0.utf8.lexicographicallyPrecedes($1.utf8) }.forEach(field)
+            field(kind)
+            field(String(values.count))
+            for value in values { field(String(decoding: value, as: UTF8.self)) }
         }
         return Hex.encode(Array(SHA256.hash(data: bytes).prefix(8)))
+    }
+
+    /// `text`'s UTF-8 after its length (4 bytes, big-endian): fields so
+    /// written cannot run into one another.
+    static func appendField(_ text: String, to bytes: inout [UInt8]) {
+        let utf8 = Array(text.utf8)
+        withUnsafeBytes(of: UInt32(utf8.count).bigEndian) { bytes += $0 }
+        bytes += utf8
     }
 
     /// The `issuer` a rule document names, if it reads that far.

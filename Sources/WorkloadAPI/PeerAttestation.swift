@@ -263,6 +263,13 @@ struct PeerRuleInterceptor: ServerInterceptor {
         guard rules.contains(where: { $0.admits(peer) }) else {
             throw RPCError(code: .permissionDenied, message: "no rule gives an identity to this process (\(peer))")
         }
-        return try await next(request, context)
+        // A unary call's handler runs within `next`: it sees its caller.
+        return try await WorkloadCaller.$current.withValue(peer) { try await next(request, context) }
     }
+}
+
+/// The process making the Workload API call being handled (unary calls),
+/// as the kernel named it: a source's budgets are kept per caller.
+public enum WorkloadCaller {
+    @TaskLocal public static var current: PeerCredentials?
 }

@@ -15,10 +15,16 @@ final class AgentIdentity: WorkloadIdentitySource {
     /// half their lifetime has passed; emptied when the identity is replaced.
     private let jwtCache = JWTSVIDCache<JobIdentity>()
     private let lastJWKS = Mutex<[UInt8]?>(nil)
-    private let issuanceBudget = IssuanceRateLimiter(perSecond: 10, burst: 50)
+    /// New JWT-SVIDs: 10 a second and 50 at once for the agent, and no
+    /// calling process more than half of that, so one that asks for ever
+    /// more audience sets leaves the others theirs.
+    private let issuanceBudget = FairShareLimiter(perSecond: 10, burst: 50, callerPerSecond: 5, callerBurst: 25)
     /// Each ValidateJWTSVID asks the cluster: bounded too, so one workload
-    /// cannot fill this host's share of a node's connections.
-    private let validationBudget = IssuanceRateLimiter(perSecond: 50, burst: 100)
+    /// cannot fill this host's share of a node's connections, nor take all of it from the others.
+    private let validationBudget = FairShareLimiter(perSecond: 50, burst: 100, callerPerSecond: 25, callerBurst: 50)
+
+    /// Whose budget a call takes from: its process (by pid, as the kernel says).
+    private static var caller: String { WorkloadCaller.current.map { "pid:\($0.pid)" } ?? "unknown" }
     /// What was published last (the identity, its key, the X.509 bundle in
     /// PEM) and how many times: a bundle refresh publishes only over the
     /// identity it read.
@@ -116,8 +122,9 @@ final class AgentIdentity: WorkloadIdentitySource {
         // New JWT-SVIDs take half the identity line's budget at most (the
         // cluster allows 20 a second, 100 at once), so workloads asking for
         // ever more audience sets cannot starve the renewals.
-        if let wait = issuanceBudget.admit("jwt", now: Date().timeIntervalSince1970) {
-            throw WorkloadRateLimited(message: "more JWT-SVIDs asked for than this agent asks the cluster for (10 a second, 50 at once); retry in \(String(format: "%.1f", wait)) s")
+        if let wait = issuanceBudget.admit(Self.caller, now: Date().timeIntervalSince1970) {
+            throw WorkloadRateLimited(message: "more JWT-SVIDs asked for than this agent asks the cluster for (10 a second and 50 at once, at most half of it for one process); "
+                + "retry in \(String(format: "%.1f", wait)) s")
         }
         let client = try WarrantClient(endpoints: options.endpoints, caPEM: options.caPEM, certificatePEM: current.certificatePEM, keyPEM: current.keyPEM)
         defer { Task { await client.close() } }
@@ -141,8 +148,9 @@ final class AgentIdentity: WorkloadIdentitySource {
 
     func validate(jwt: String, audience: String) async throws -> (spiffeID: String, claimsJSON: [UInt8]) {
         guard let client = plainClient else { throw JobFailure(description: "no client for the cluster's endpoints (bad CA file?)") }
-        if let wait = validationBudget.admit("validate", now: Date().timeIntervalSince1970) {
-            throw WorkloadRateLimited(message: "more JWT-SVIDs to validate than this agent asks the cluster about (50 a second, 100 at once); retry in \(String(format: "%.1f", wait)) s")
+        if let wait = validationBudget.admit(Self.caller, now: Date().timeIntervalSince1970) {
+            throw WorkloadRateLimited(message: "more JWT-SVIDs to validate than this agent asks the cluster about (50 a second and 100 at once, at most half of it for one process); "
+                + "retry in \(String(format: "%.1f", wait)) s")
         }
         let response = try await client.request(.POST, "/v1/verify", json: Array(try JSONSerialization.data(withJSONObject: ["jwt": jwt, "audience": audience])))
         let body = (try? JSONSerialization.jsonObject(with: Data(response.body)) as? [String: Any]) ?? [:]

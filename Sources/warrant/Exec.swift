@@ -244,6 +244,10 @@ struct ExecCommand: AsyncParsableCommand {
             let newKey = P256.Signing.PrivateKey(compactRepresentable: false)
             // Renewed (or joined again) but not yet delivered.
             var obtained: JobIdentity?
+            // The cluster refused the job's join again (its rules no longer
+            // admit it, or its platform token was spent): asked again only
+            // every few minutes, not every 30 s for as long as it runs.
+            var rejoinRefused = false
             while !Task.isCancelled {
                 do {
                     if let held = obtained, held.localExpiry.timeIntervalSinceNow <= 1 { obtained = nil }
@@ -254,7 +258,12 @@ struct ExecCommand: AsyncParsableCommand {
                             removeIfExpired()
                             say("renewal \(failure.status == nil ? "impossible, the identity expired" : "refused") (\(failure.description)); "
                                 + "joining again with a fresh platform token")
-                            obtained = try await rejoin(newKey)
+                            do {
+                                obtained = try await rejoin(newKey)
+                            } catch let refused as JobFailure where refused.status == 401 || refused.status == 403 {
+                                rejoinRefused = true
+                                throw refused
+                            }
                         }
                     }
                     let renewed = try await obtained!.withJWTs(audiences, options, ttl: jwtTTL)
@@ -265,10 +274,14 @@ struct ExecCommand: AsyncParsableCommand {
                     break
                 } catch {
                     removeIfExpired()
+                    if rejoinRefused { backoff = max(backoff, 60) }
                     let pause = backoff * Double.random(in: 0.5...1)
-                    say("renewal failed (\(error)); retrying in \(String(format: "%.1f", pause)) s")
+                    say(rejoinRefused
+                        ? "joining again was refused (\(error)); the identity held is kept until it expires; trying again in \(String(format: "%.0f", pause)) s"
+                        : "renewal failed (\(error)); retrying in \(String(format: "%.1f", pause)) s")
                     await wait(pause)
-                    backoff = min(30, backoff * 2)
+                    backoff = min(rejoinRefused ? 600 : 30, backoff * 2)
+                    rejoinRefused = false
                 }
             }
         }

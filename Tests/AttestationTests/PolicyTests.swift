@@ -21,6 +21,16 @@ let jobClaims: [String: String] = [
 
 @Suite("Join rules")
 struct PolicyTests {
+    @Test("An issuer's fingerprint follows whose tokens it takes and how it knows their keys (method, iss, inline JWKS, pinned CA), not the checks on a token at its join")
+    func issuerFingerprint() throws {
+        func issuer(_ yaml: String) throws -> IssuerConfig { try IssuerConfig(name: "ci", document: yaml, defaultAudience: trustDomain) }
+        let base = "method: oidc\nissuer: https://ci.example.com\n"
+        let fingerprint = try issuer(base).fingerprint
+        #expect(try issuer(base + "audience: other\nmax_token_age_seconds: 60\n").fingerprint == fingerprint)
+        #expect(try issuer("method: oidc\nissuer: https://ci2.example.com\n").fingerprint != fingerprint)
+        #expect(try issuer(base.replacingOccurrences(of: "oidc", with: "github")).fingerprint != fingerprint)
+    }
+
     @Test("A rule's fingerprint follows what it admits: not its description, layout or the order of its conditions or values; any issuer, template, TTL cap, lifetime, operator or value changes it")
     func ruleFingerprint() throws {
         let base = "issuer: github\nspiffe_id: spiffe://example.org/gh/{repository}\nttl_max_seconds: 600\nconditions:\n  repository: acme/api\n  ref: {one_of: [refs/heads/main, refs/heads/dev]}\n"
@@ -37,6 +47,13 @@ struct PolicyTests {
             base.replacingOccurrences(of: "refs/heads/dev]", with: "refs/heads/de]"),
             base + "  event_name: push\n",
         ]
+        let single = "issuer: github\nspiffe_id: spiffe://example.org/gh/{repository}\nconditions:\n  ref: refs/heads/main\n"
+        for yaml in ["ref: [refs/heads/main]", "ref: {one_of: [refs/heads/main, refs/heads/main]}", "ref: {glob: refs/heads/main}", "ref: {equals: refs/heads/main}"] {
+            #expect(try rule(single.replacingOccurrences(of: "ref: refs/heads/main", with: yaml)).fingerprint == rule(single).fingerprint, "\(yaml)")
+        }
+        #expect(try rule(single.replacingOccurrences(of: "ref: refs/heads/main", with: "ref: {glob: refs/heads/*}")).fingerprint != rule(single).fingerprint)
+        #expect(try rule(single.replacingOccurrences(of: "ref: refs/heads/main", with: "ref: {not_equals: refs/heads/main}")).fingerprint
+                != rule(single).fingerprint)
         let fingerprint = try rule(base).fingerprint
         #expect(fingerprint.count == 16 && fingerprint.allSatisfy(\.isHexDigit))
         for yaml in same { #expect(try rule(yaml).fingerprint == fingerprint, "\(yaml)") }

@@ -253,7 +253,7 @@ extension JoinTests {
             #expect(try await renew().status == .ok, "a new description changes nothing")
             #expect(try await jwt().status == .ok)
             try await rule(deployRule.replacingOccurrences(of: "refs/heads/*", with: "refs/heads/main"))
-            try await expectRefused("changed since")
+            try await expectRefused("admits something else since")
             try await rule(deployRule)
             #expect(try await renew().status == .ok, "the rule put back as it was admits it again")
             try await rule(nil)
@@ -262,6 +262,18 @@ extension JoinTests {
             #expect(try await admin.request(.DELETE, "/v1/documents/policy/issuers/github").status == .ok)
             try await Task.sleep(for: .seconds(1.1))
             try await expectRefused("no longer configured")
+            // Put back, then shadowed by another issuer with its iss (sorting first: it takes the tokens).
+            #expect(try await putPolicy(admin, "policy/issuers/github", githubIssuerYAML(provider)).status == .ok)
+            try await Task.sleep(for: .seconds(1.1))
+            #expect(try await renew().status == .ok, "the issuer put back as it was")
+            #expect(try await putPolicy(admin, "policy/issuers/a-github", githubIssuerYAML(provider)).status == .ok)
+            try await Task.sleep(for: .seconds(1.1))
+            try await expectRefused("takes no tokens")
+            #expect(try await admin.request(.DELETE, "/v1/documents/policy/issuers/a-github").status == .ok)
+            // The issuer taking another iss's tokens: its identities no longer derive.
+            #expect(try await putPolicy(admin, "policy/issuers/github", githubIssuerYAML(provider, issuer: provider.issuer + "/other")).status == .ok)
+            try await Task.sleep(for: .seconds(1.1))
+            try await expectRefused("admits something else since")
             let audit = object(try await admin.request(.GET, "/v1/audit?limit=1000"))["records"] as? [[String: Any]] ?? []
             #expect(audit.contains { ($0["result"] as? String ?? "").contains("policy_changed") }, "the refusals are audited as denials")
             await holder.close()

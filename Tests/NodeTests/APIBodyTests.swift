@@ -152,6 +152,30 @@ struct IssuanceRateLimiterTests {
     }
 }
 
+@Suite("A budget shared fairly by callers")
+struct FairShareLimiterTests {
+    @Test("No caller takes more than its part: one busy caller leaves the rest of the shared budget to others; a refusal takes nothing from either; the wait said is the nearer bucket's")
+    func fairShare() {
+        let limiter = FairShareLimiter(perSecond: 10, burst: 6, callerPerSecond: 5, callerBurst: 4)
+        #expect((0..<4).map { _ in limiter.admit("a", now: 0) } == [nil, nil, nil, nil])
+        #expect(limiter.admit("a", now: 0) == 0.2, "a's part is spent though the shared budget has two left")
+        #expect(limiter.admit("b", now: 0) == nil && limiter.admit("b", now: 0) == nil, "b gets the two left")
+        #expect(limiter.admit("b", now: 0) == 0.1, "then the shared budget refuses it")
+        #expect(limiter.admit("c", now: 0.1) == nil, "the refusals took nothing: the one token refilled is c's")
+        #expect(limiter.admit("c", now: 0.1) != nil)
+        #expect(limiter.admit("a", now: 0.2) == nil, "a's part refills at its own rate")
+    }
+
+    @Test("Past callersMax callers, refilled ones are dropped; if none has, new callers share one part")
+    func boundedCallers() {
+        let limiter = FairShareLimiter(perSecond: 100, burst: 100, callerPerSecond: 1, callerBurst: 1, callersMax: 2)
+        #expect(limiter.admit("x", now: 0) == nil && limiter.admit("y", now: 0) == nil)
+        #expect(limiter.admit("z", now: 0) == nil && limiter.callersTracked == 3, "z takes the shared part of callers past the bound")
+        #expect(limiter.admit("w", now: 0) == 1, "w shares it with z")
+        #expect(limiter.admit("w", now: 5) == nil && limiter.callersTracked == 1, "once the others refilled they went; w is tracked")
+    }
+}
+
 @Suite("CRL numbers")
 struct CRLNumberTests {
     /// The number as an unsigned integer's bytes compare: same length, so lexicographically.

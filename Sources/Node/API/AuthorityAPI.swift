@@ -572,24 +572,22 @@ extension NodeAPI {
     }
 
     /// Refuses (403 `policy_changed`) an identity admitted by a join rule
-    /// that has since been removed, no longer reads, lost its issuer, or
-    /// admits something else (its `rule_digest`; an identity from before
-    /// digests were kept needs only the rule and its issuer): nothing more
-    /// derives from it, and the holder joins again with fresh evidence,
-    /// judged by the rules as they are now. Join tokens are not rules:
-    /// their identities are not affected.
+    /// that has since been removed, no longer reads, lost its issuer (or the
+    /// issuer takes no tokens), or that with its issuer admits something
+    /// else (`rule_digest`, `JoinPolicy.admissionDigest`; an identity from
+    /// before digests were kept needs only the rule and its issuer):
+    /// nothing more derives from it, and the holder joins again with fresh
+    /// evidence, judged by the rules as they are now. Join tokens are not
+    /// rules: their identities are not affected.
     func requireAdmittingRule(_ current: VerifiedX509) throws {
         guard current.attributes["evidence"] == "platform_token", let name = current.attributes["rule"], let joins else { return }
-        let policy = try joins.policy()
-        let rule = policy.rules.first { $0.name.utf8.elementsEqual(name.utf8) }
+        let policy = try currentPolicy(joins)
         let problem: String?
-        if let rule {
-            if policy.issuers[rule.issuer] == nil {
-                problem = "its issuer \(rule.issuer) is no longer configured"
-            } else if let digest = current.attributes["rule_digest"], digest != rule.fingerprint {
-                problem = "it was changed since"
+        if let rule = policy.rules.first(where: { $0.name.utf8.elementsEqual(name.utf8) }) {
+            if let digest = policy.admissionDigest(rule) {
+                problem = current.attributes["rule_digest"].map { $0 == digest } ?? true ? nil : "it or its issuer admits something else since"
             } else {
-                problem = nil
+                problem = "its issuer \(rule.issuer) is no longer configured, or takes no tokens"
             }
         } else {
             problem = "it was removed since (or no longer reads)"
@@ -1086,6 +1084,57 @@ public final class IssuanceRateLimiter: Sendable {
     }
 
     var linesTracked: Int { state.withLock { $0.buckets.count } }
+}
+
+/// A budget shared by callers, none of whom may take more than its own
+/// part of it: a call is admitted only if both its caller's bucket and the
+/// shared one hold a token (then one is taken from each; none otherwise).
+/// One busy caller thus leaves the rest of the shared budget to others.
+public final class FairShareLimiter: Sendable {
+    private typealias Bucket = (tokens: Double, at: Double)
+    let perSecond: Double, burst: Double
+    let callerPerSecond: Double, callerBurst: Double
+    /// Callers tracked at most; past it, callers whose bucket has refilled
+    /// are dropped, and if none has, a new caller shares one bucket with
+    /// the others past the bound.
+    let callersMax: Int
+    private let state = Mutex<(shared: Bucket, callers: [String: Bucket])>(((0, -Double.infinity), [:]))
+
+    public init(perSecond: Double, burst: Double, callerPerSecond: Double, callerBurst: Double, callersMax: Int = 4_096) {
+        precondition(perSecond > 0 && burst >= 1 && callerPerSecond > 0 && callerBurst >= 1 && callersMax > 0)
+        (self.perSecond, self.burst, self.callerPerSecond, self.callerBurst, self.callersMax) = (perSecond, burst, callerPerSecond, callerBurst, callersMax)
+        state.withLock { $0.shared = (burst, -Double.infinity) }
+    }
+
+    private static func refill(_ bucket: inout Bucket, _ now: Double, perSecond: Double, burst: Double) {
+        bucket.tokens = min(burst, bucket.tokens + max(0, now - bucket.at) * perSecond)
+        bucket.at = max(bucket.at, now) // a clock stepping back gives nothing, now or later
+    }
+
+    /// Takes one call from `caller`'s part and the shared budget at `now`
+    /// (seconds): nil if allowed, else the seconds until one more may be.
+    public func admit(_ caller: String, now: Double) -> Double? {
+        state.withLock { state in
+            if state.shared.at == -Double.infinity { state.shared.at = now }
+            Self.refill(&state.shared, now, perSecond: perSecond, burst: burst)
+            var key = caller
+            if state.callers[key] == nil && state.callers.count >= callersMax {
+                let (callerBurst, callerPerSecond) = (callerBurst, callerPerSecond)
+                state.callers = state.callers.filter { $0.value.tokens + max(0, now - $0.value.at) * callerPerSecond < callerBurst }
+                if state.callers.count >= callersMax { key = "" }
+            }
+            var mine = state.callers[key] ?? (callerBurst, now)
+            Self.refill(&mine, now, perSecond: callerPerSecond, burst: callerBurst)
+            defer { state.callers[key] = mine }
+            guard mine.tokens >= 1 else { return (1 - mine.tokens) / callerPerSecond }
+            guard state.shared.tokens >= 1 else { return (1 - state.shared.tokens) / perSecond }
+            mine.tokens -= 1
+            state.shared.tokens -= 1
+            return nil
+        }
+    }
+
+    var callersTracked: Int { state.withLock { $0.callers.count } }
 }
 
 /// A per-second budget for denial records; what is over it is counted and

@@ -91,7 +91,7 @@ extension NodeAPI {
         return joins
     }
 
-    private func currentPolicy(_ joins: JoinService) async throws -> JoinPolicy {
+    func currentPolicy(_ joins: JoinService) throws -> JoinPolicy {
         if let policy = joins.cachedPolicy() { return policy }
         return try joins.policy() // the ledger is in memory: a few map reads
     }
@@ -121,7 +121,7 @@ extension NodeAPI {
     /// identity's context; nothing is signed or written yet.
     private func admitJoin(token: String, idempotencyKey: String?, ttlSeconds: UInt32?, kind: Issuance.Kind) async throws -> AdmittedJoin {
         let joins = try requireJoins()
-        let policy = try await currentPolicy(joins)
+        let policy = try currentPolicy(joins)
         let now = Int64(Date().timeIntervalSince1970)
         let issuer: IssuerConfig, verified: VerifiedToken
         do {
@@ -153,7 +153,7 @@ extension NodeAPI {
         attributes["method"] = issuer.method.rawValue
         attributes["issuer"] = issuer.name
         attributes["rule"] = grant.rule.name
-        attributes["rule_digest"] = grant.rule.fingerprint
+        attributes["rule_digest"] = policy.admissionDigest(grant.rule) ?? grant.rule.fingerprint + issuer.fingerprint
         attributes["evidence_expires"] = String(now + Int64(grant.rule.maxLifetimeSeconds))
         attributes["ttl_max"] = String(ttlCap)
         template.ttlSeconds = ttl
@@ -282,7 +282,7 @@ extension NodeAPI {
     private func explainJoin(_ request: HTTPRequest) async throws -> HTTPResponse {
         let body = try Self.decodeBody(JoinExplainRequest.self, request, expected: "{\"token\"}")
         let joins = try requireJoins()
-        let policy = try await currentPolicy(joins)
+        let policy = try currentPolicy(joins)
         let token: PlatformToken
         do {
             token = try PlatformToken(parsing: body.token)

@@ -1,10 +1,28 @@
 """Talks to a Warrant agent's SPIFFE Workload API with py-spiffe (a real
 SPIFFE client), then makes a raw gRPC call without the security header.
 Usage: workload_api_client.py SOCKET_PATH EXPECTED_SPIFFE_ID"""
+import subprocess
 import sys
 
 import grpc
 from spiffe import WorkloadApiClient
+
+# Another process: connects, says ready, and on a line from its standard
+# input asks for a new audience set once (argument: the socket).
+OTHER_CALLER = """
+import sys, grpc
+from spiffe._proto import workload_pb2, workload_pb2_grpc
+channel = grpc.insecure_channel("unix:" + sys.argv[1])
+grpc.channel_ready_future(channel).result(timeout=10)
+stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel)
+print("ready", flush=True)
+sys.stdin.readline()
+try:
+    answer = stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=["second-process"]), metadata=[("workload.spiffe.io", "true")], timeout=10)
+    print("issued" if answer.svids and answer.svids[0].svid else "empty", flush=True)
+except grpc.RpcError as error:
+    print(error.code(), error.details(), flush=True)
+"""
 
 socket_path, expected = sys.argv[1], sys.argv[2]
 with WorkloadApiClient(socket_path="unix://" + socket_path, default_timeout=10) as client:
@@ -36,6 +54,8 @@ with WorkloadApiClient(socket_path="unix://" + socket_path, default_timeout=10) 
     assert isinstance(claims["exp"], float) and isinstance(claims["iat"], float) and claims["exp"] > claims["iat"], claims
     assert claims["aud"] == "sts.amazonaws.com" or list(claims["aud"]) == ["sts.amazonaws.com"], claims
     # New audience sets past the agent's budget (10 a second, 50 at once) are refused for now.
+    second = subprocess.Popen([sys.executable, "-c", OTHER_CALLER, socket_path], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert second.stdout.readline().strip() == "ready"
     exhausted = 0
     for i in range(150):
         try:
@@ -44,6 +64,9 @@ with WorkloadApiClient(socket_path="unix://" + socket_path, default_timeout=10) 
             assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
             exhausted += 1
     assert exhausted > 0, "150 new audience sets at once were all issued"
+    # No process takes more than half the agent's budget: another one (its own pid), asking at once, still gets a new audience set.
+    said, _ = second.communicate("go\n", timeout=60)
+    assert second.returncode == 0 and said.strip() == "issued", said
     # Validations past the agent's budget (50 a second, 100 at once; each asks the cluster) too, asked all at once.
     # (Eight connections: the agent takes 32 streams on one.)
     stubs = [workload_pb2_grpc.SpiffeWorkloadAPIStub(grpc.insecure_channel("unix:" + socket_path)) for _ in range(8)]
