@@ -84,7 +84,6 @@ public struct JoinPolicy: Sendable {
         self.broken = broken
     }
 
-    /// The issuer whose configured `iss` is exactly `iss` (compared as bytes).
     /// What an identity `rule` admits carries as `rule_digest`: the
     /// rule's fingerprint and its issuer's; nil if the issuer is not
     /// configured, or does not take its `iss`'s tokens (another issuer
@@ -94,6 +93,7 @@ public struct JoinPolicy: Sendable {
         return rule.fingerprint + issuer.fingerprint
     }
 
+    /// The issuer whose configured `iss` is exactly `iss` (compared as bytes).
     public func issuer(for iss: String) -> IssuerConfig? {
         issuers.values.sorted { $0.name < $1.name }.first { $0.requirements.issuer.utf8.elementsEqual(iss.utf8) }
     }

@@ -23,8 +23,12 @@ final class AgentIdentity: WorkloadIdentitySource {
     /// cannot fill this host's share of a node's connections, nor take all of it from the others.
     private let validationBudget = FairShareLimiter(perSecond: 50, burst: 100, callerPerSecond: 25, callerBurst: 50)
 
-    /// Whose budget a call takes from: its process (by pid, as the kernel says).
-    private static var caller: String { WorkloadCaller.current.map { "pid:\($0.pid)" } ?? "unknown" }
+    /// Whose part of a budget a call takes from: its process (by pid, as the
+    /// kernel says). A caller in another pid namespace shows as pid 0: those
+    /// cannot be told apart, and take from the shared budget alone. (A
+    /// workload running many processes gets a part for each: this keeps one
+    /// busy process from starving the others, not a workload set on it.)
+    private static var caller: String? { WorkloadCaller.current.flatMap { $0.pid > 0 ? "pid:\($0.pid)" : nil } }
     /// What was published last (the identity, its key, the X.509 bundle in
     /// PEM) and how many times: a bundle refresh publishes only over the
     /// identity it read.
@@ -122,7 +126,7 @@ final class AgentIdentity: WorkloadIdentitySource {
         // New JWT-SVIDs take half the identity line's budget at most (the
         // cluster allows 20 a second, 100 at once), so workloads asking for
         // ever more audience sets cannot starve the renewals.
-        if let wait = issuanceBudget.admit(Self.caller, now: Date().timeIntervalSince1970) {
+        if let wait = issuanceBudget.admit(Self.caller, now: ProcessInfo.processInfo.systemUptime) {
             throw WorkloadRateLimited(message: "more JWT-SVIDs asked for than this agent asks the cluster for (10 a second and 50 at once, at most half of it for one process); "
                 + "retry in \(String(format: "%.1f", wait)) s")
         }
@@ -148,7 +152,7 @@ final class AgentIdentity: WorkloadIdentitySource {
 
     func validate(jwt: String, audience: String) async throws -> (spiffeID: String, claimsJSON: [UInt8]) {
         guard let client = plainClient else { throw JobFailure(description: "no client for the cluster's endpoints (bad CA file?)") }
-        if let wait = validationBudget.admit(Self.caller, now: Date().timeIntervalSince1970) {
+        if let wait = validationBudget.admit(Self.caller, now: ProcessInfo.processInfo.systemUptime) {
             throw WorkloadRateLimited(message: "more JWT-SVIDs to validate than this agent asks the cluster about (50 a second and 100 at once, at most half of it for one process); "
                 + "retry in \(String(format: "%.1f", wait)) s")
         }

@@ -164,6 +164,10 @@ struct FairShareLimiterTests {
         #expect(limiter.admit("c", now: 0.1) == nil, "the refusals took nothing: the one token refilled is c's")
         #expect(limiter.admit("c", now: 0.1) != nil)
         #expect(limiter.admit("a", now: 0.2) == nil, "a's part refills at its own rate")
+        // Callers that cannot be told apart take from the shared budget alone.
+        let shared = FairShareLimiter(perSecond: 1, burst: 3, callerPerSecond: 1, callerBurst: 1)
+        #expect((0..<4).map { _ in shared.admit(nil, now: 0) } == [nil, nil, nil, 1])
+        #expect(shared.admit("d", now: 0) == 1, "nothing left for a known caller either")
     }
 
     @Test("Past callersMax callers, refilled ones are dropped; if none has, new callers share one part")

@@ -562,7 +562,8 @@ extension NodeAPI {
         // Closing a step (`limited` false) issues nothing: its exit status is kept whatever the rules say now.
         if limited { try requireAdmittingRule(current) }
         let line = current.attributes["job_lineage"] ?? current.attributes["lineage"] ?? current.serialHex
-        if limited, let wait = workloadIssuance.admit(line, now: Date().timeIntervalSince1970) {
+        // By the monotonic clock: a wall clock stepped back would hold every budget until it caught up.
+        if limited, let wait = workloadIssuance.admit(line, now: ProcessInfo.processInfo.systemUptime) {
             throw APIError(status: .tooManyRequests, code: "rate_limited",
                            message: "this identity's line (\(UTF8Text.prefix(line, bytes: 16))) may be issued \(Int(workloadIssuance.burst)) at once and "
                                + "\(Int(workloadIssuance.perSecond)) a second after; retry in \(String(format: "%.2f", wait)) s",
@@ -1112,11 +1113,18 @@ public final class FairShareLimiter: Sendable {
     }
 
     /// Takes one call from `caller`'s part and the shared budget at `now`
-    /// (seconds): nil if allowed, else the seconds until one more may be.
-    public func admit(_ caller: String, now: Double) -> Double? {
+    /// (seconds, a monotonic clock): nil if allowed, else the seconds until
+    /// one more may be. A caller that cannot be told apart (nil) takes from
+    /// the shared budget alone.
+    public func admit(_ caller: String?, now: Double) -> Double? {
         state.withLock { state in
             if state.shared.at == -Double.infinity { state.shared.at = now }
             Self.refill(&state.shared, now, perSecond: perSecond, burst: burst)
+            guard let caller else {
+                guard state.shared.tokens >= 1 else { return (1 - state.shared.tokens) / perSecond }
+                state.shared.tokens -= 1
+                return nil
+            }
             var key = caller
             if state.callers[key] == nil && state.callers.count >= callersMax {
                 let (callerBurst, callerPerSecond) = (callerBurst, callerPerSecond)
