@@ -81,3 +81,18 @@ public final class JWTSVIDCache<Identity: Sendable>: Sendable {
         Set(audiences).sorted().map { "\($0.utf8.count):\($0)" }.joined(separator: ",")
     }
 }
+
+/// Trust bundles come with their `spiffe_sequence` (the
+/// `warrant-bundle-sequence` header, a renewal's `bundle_sequence`); a
+/// client refreshing its bundle from whichever node answers keeps the
+/// newest, so a node that is behind (a CA prepared a moment ago not yet
+/// applied there) cannot hand it an older one.
+public enum BundleSequence {
+    /// Whether a bundle said to be at `fetched` replaces one held at
+    /// `held`: not if it says it is older; one that says nothing (an older
+    /// build) does.
+    public static func takes(_ fetched: UInt64?, over held: UInt64) -> Bool {
+        guard let fetched else { return true }
+        return fetched >= held
+    }
+}

@@ -14,7 +14,8 @@ final class AgentIdentity: WorkloadIdentitySource {
     /// JWT-SVIDs issued for the current identity, handed out again until
     /// half their lifetime has passed; emptied when the identity is replaced.
     private let jwtCache = JWTSVIDCache<JobIdentity>()
-    private let lastJWKS = Mutex<[UInt8]?>(nil)
+    /// The newest key set fetched, with its bundle sequence (0: not said).
+    private let lastJWKS = Mutex<(jwks: [UInt8], sequence: UInt64)?>(nil)
     /// New JWT-SVIDs: 10 a second and 50 at once for the agent, and no
     /// calling process more than half of that, so one that asks for ever
     /// more audience sets leaves the others theirs.
@@ -32,7 +33,11 @@ final class AgentIdentity: WorkloadIdentitySource {
     /// What was published last (the identity, its key, the X.509 bundle in
     /// PEM) and how many times: a bundle refresh publishes only over the
     /// identity it read.
-    private let published = Mutex<(identity: JobIdentity, key: P256.Signing.PrivateKey, bundlePEM: String, jwks: [UInt8], generation: Int)?>(nil)
+    /// `sequence`: the published bundle's `spiffe_sequence` (0: not said);
+    /// a bundle or key set fetched from a node that is behind (a lower
+    /// one) is not published over it.
+    private let published = Mutex<(identity: JobIdentity, key: P256.Signing.PrivateKey, bundlePEM: String, jwks: [UInt8], generation: Int,
+                                   sequence: UInt64)?>(nil)
 
     /// Without a client certificate, for the keys, the bundle and
     /// verification: one for the agent's life, its connections kept.
@@ -50,22 +55,34 @@ final class AgentIdentity: WorkloadIdentitySource {
         jwtCache.replaceIdentity(identity)
         let jwks = await fetchJWKS()
         published.withLock { published in
-            published = (identity, key, identity.bundlePEM, jwks, (published?.generation ?? 0) + 1)
-            publish(identity, key: key, bundlePEM: identity.bundlePEM, jwks: jwks)
+            // A bundle fetched since from a node ahead of the one that
+            // answered the renewal stays.
+            var (bundlePEM, sequence) = (identity.bundlePEM, identity.bundleSequence ?? 0)
+            if let held = published, let said = identity.bundleSequence, held.sequence > said { (bundlePEM, sequence) = (held.bundlePEM, held.sequence) }
+            published = (identity, key, bundlePEM, jwks, (published?.generation ?? 0) + 1, sequence)
+            publish(identity, key: key, bundlePEM: bundlePEM, jwks: jwks)
         }
+    }
+
+    /// The sequence a bundle or key set answer says it has (nil: not said).
+    private static func sequence(of response: HTTPClientResponse) -> UInt64? {
+        response.headers.first(name: NodeAPI.bundleSequenceHeader).flatMap { UInt64($0) }
     }
 
     /// The trust domain's keys as the cluster serves them now; if it
     /// cannot say, the last ones it said (an empty or error body would
     /// make every workload refuse every JWT-SVID until the next renewal).
+    /// The cluster's JWT keys, or the last fetched if the cluster cannot say
+    /// or says an older set (a node that is behind: `BundleSequence`).
     private func fetchJWKS() async -> [UInt8] {
-        var jwks = lastJWKS.withLock { $0 } ?? Array(#"{"keys":[]}"#.utf8)
         if let response = try? await plainClient?.request(.GET, "/v1/keys"), response.status == .ok,
            (try? JSONSerialization.jsonObject(with: Data(response.body)) as? [String: Any])?["keys"] is [Any] {
-            jwks = response.body
-            lastJWKS.withLock { $0 = jwks }
+            let said = Self.sequence(of: response)
+            lastJWKS.withLock { last in
+                if BundleSequence.takes(said, over: last?.sequence ?? 0) { last = (response.body, said ?? last?.sequence ?? 0) }
+            }
         }
-        return jwks
+        return lastJWKS.withLock { $0?.jwks } ?? Array(#"{"keys":[]}"#.utf8)
     }
 
     private func publish(_ identity: JobIdentity, key: P256.Signing.PrivateKey, bundlePEM: String, jwks: [UInt8]) {
@@ -84,10 +101,10 @@ final class AgentIdentity: WorkloadIdentitySource {
             try? await Task.sleep(for: interval)
             guard let held = published.withLock({ $0 }) else { continue }
             let jwks = await fetchJWKS()
-            var bundlePEM = held.bundlePEM
+            var (bundlePEM, sequence) = (held.bundlePEM, held.sequence)
             if let response = try? await plainClient?.request(.GET, "/v1/bundle.pem"), response.status == .ok,
-               !Self.certificates(response.text).isEmpty {
-                bundlePEM = response.text
+               !Self.certificates(response.text).isEmpty, BundleSequence.takes(Self.sequence(of: response), over: held.sequence) {
+                (bundlePEM, sequence) = (response.text, Self.sequence(of: response) ?? held.sequence)
             }
             // Compared with what was published (not with the last fetched:
             // an update publishing older keys after this loop fetched newer
@@ -95,7 +112,7 @@ final class AgentIdentity: WorkloadIdentitySource {
             guard bundlePEM != held.bundlePEM || jwks != held.jwks else { continue }
             published.withLock { published in
                 guard let current = published, current.generation == held.generation else { return } // renewed meanwhile
-                published = (current.identity, current.key, bundlePEM, jwks, current.generation + 1)
+                published = (current.identity, current.key, bundlePEM, jwks, current.generation + 1, sequence)
                 publish(current.identity, key: current.key, bundlePEM: bundlePEM, jwks: jwks)
             }
         }

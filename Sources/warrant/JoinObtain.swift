@@ -136,6 +136,8 @@ struct JobIdentity {
     var certificatePEM: String
     var keyPEM: String
     var bundlePEM: String
+    /// The bundle's `spiffe_sequence` (nil from a cluster that does not say).
+    var bundleSequence: UInt64? = nil
     var spiffeID: String
     var expiresAt: Date
     /// When this machine received it.
@@ -224,7 +226,8 @@ struct JobIdentity {
         }
         let received = Date()
         let expires = (body["expires_at"] as? String).flatMap { try? Date($0, strategy: .iso8601) } ?? received
-        return JobIdentity(certificatePEM: certificate, keyPEM: key.pemRepresentation, bundlePEM: bundle, spiffeID: body["spiffe_id"] as? String ?? "?",
+        return JobIdentity(certificatePEM: certificate, keyPEM: key.pemRepresentation, bundlePEM: bundle,
+                           bundleSequence: (body["bundle_sequence"] as? NSNumber)?.uint64Value, spiffeID: body["spiffe_id"] as? String ?? "?",
                            expiresAt: expires, issuedAt: received, lifetime: lifetime(ofCertificate: certificate) ?? expires.timeIntervalSince(received))
     }
 

@@ -71,3 +71,13 @@ import Testing
         #expect(cache.token(for: ["a"], at: start + 9) == nil)
     }
 }
+
+@Suite("Bundle sequences")
+struct BundleSequenceTests {
+    @Test("A refreshed bundle replaces the one held unless it says it is older (a node behind); one that says nothing (an older build) does")
+    func newestKept() {
+        #expect(BundleSequence.takes(33, over: 32) && BundleSequence.takes(32, over: 32))
+        #expect(!BundleSequence.takes(31, over: 32))
+        #expect(BundleSequence.takes(nil, over: 32) && BundleSequence.takes(0, over: 0))
+    }
+}

@@ -57,6 +57,18 @@ struct LifecycleTests {
 
             let a = try await issue(cluster, admin: admin, via: open, spiffeID: "spiffe://warrant.local/svc/a", ttl: 15, name: "a")
             let aCert = try Certificate(pemEncoded: try #require(a["certificate"] as? String))
+            /// The sequence the bundle endpoints say in their header, and the SPIFFE bundle's own.
+            func sequences() async throws -> (headers: [UInt64?], spiffe: UInt64?) {
+                var headers: [UInt64?] = []
+                for path in ["/v1/bundle.pem", "/v1/keys", "/v1/bundle"] {
+                    headers.append(try await open.request(.GET, path).headers.first(name: "warrant-bundle-sequence").flatMap { UInt64($0) })
+                }
+                return (headers, (object(try await open.request(.GET, "/v1/bundle"))["spiffe_sequence"] as? NSNumber)?.uint64Value)
+            }
+            let sequencesBefore = try await sequences()
+            let aSequence = (a["bundle_sequence"] as? NSNumber)?.uint64Value
+            #expect(aSequence != nil && sequencesBefore.spiffe == aSequence && sequencesBefore.headers.allSatisfy { $0 == aSequence },
+                    "the issuance and every bundle endpoint say the bundle's sequence: \(String(describing: aSequence)), \(sequencesBefore)")
 
             // Prepare a P-384 authority: published in bundles, not signing.
             let bad = try await admin.request(.POST, "/v1/ca/rotate", headers: jsonHeaders, body: json(["key_algorithm": "dsa-1024"]))
@@ -77,6 +89,10 @@ struct LifecycleTests {
             #expect(jwks.contains { $0["crv"] as? String == "P-384" })
             let b = try await issue(cluster, admin: admin, via: open, spiffeID: "spiffe://warrant.local/svc/b", ttl: 15, name: "b")
             let bCert = try Certificate(pemEncoded: try #require(b["certificate"] as? String))
+            let prepared2 = try await sequences()
+            let bSequence = (b["bundle_sequence"] as? NSNumber)?.uint64Value
+            #expect(prepared2.spiffe.map { $0 > (aSequence ?? .max) } == true && bSequence == prepared2.spiffe && prepared2.headers.allSatisfy { $0 == prepared2.spiffe },
+                    "a prepared authority raises the sequence everywhere: \(sequencesBefore) -> \(prepared2), b \(String(describing: bSequence))")
             #expect(bCert.issuer == aCert.issuer, "a prepared authority does not sign")
 
             // Activation waits for a bundle refresh unless forced.

@@ -25,7 +25,7 @@ struct APIBodyTests {
     @Test("Issuance and verification bodies written by hand say exactly what JSONEncoder would")
     func sameAsEncoder() throws {
         let bodies: [any Encodable & HandEncodedJSON] = [
-            X509SVIDBody(spiffeId: "spiffe://a/b", certificate: "-----BEGIN CERTIFICATE-----\nMII\n", bundle: "x\"y\\z", serial: "0a",
+            X509SVIDBody(spiffeId: "spiffe://a/b", certificate: "-----BEGIN CERTIFICATE-----\nMII\n", bundle: "x\"y\\z", bundleSequence: 4_294_967_312, serial: "0a",
                          expiresAt: "2026-11-23T00:00:00Z", replayed: true),
             JWTSVIDBody(spiffeId: "spiffe://a/b", token: "h.c.s", expiresAt: "2026-11-23T00:00:00Z", replayed: false),
             VerifyBody(valid: true, spiffeId: "spiffe://a/b", serial: "ff", attributes: ["repo": "acme/api", "ctl": "\u{1}\t"], expiresAt: "t",

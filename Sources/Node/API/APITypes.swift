@@ -93,6 +93,11 @@ struct JSONObjectWriter {
         key(name)
         builder.bool(value)
     }
+    mutating func add(_ name: StaticString, _ value: UInt64?) {
+        guard let value else { return }
+        key(name)
+        builder.integer(value)
+    }
     mutating func add(_ name: StaticString, _ value: [String: String]?) {
         guard let value else { return }
         key(name)

@@ -94,6 +94,9 @@ struct X509SVIDBody: Codable {
     var spiffeId: String
     var certificate: String
     var bundle: String
+    /// The bundle's `spiffe_sequence`: a client refreshing its bundle
+    /// from a node that is behind can tell an older one.
+    var bundleSequence: UInt64
     var serial: String
     var expiresAt: String
     var replayed: Bool
@@ -264,9 +267,14 @@ extension NodeAPI {
                        headers: [("retry-after", String(wait))])
     }
 
+    public static let bundleSequenceHeader = "warrant-bundle-sequence"
+
     private func bundleResponse(type: String = "application/json", _ body: (TrustBundle) throws -> [UInt8]) throws -> HTTPResponse {
         let keys = try requireKeys()
-        return HTTPResponse(status: .ok, headers: [("content-type", type), ("cache-control", "max-age=\(keys.bundle.refreshHintSeconds)")],
+        // The sequence in a header too (the PEM and the OIDC key set have no
+        // place for it): a client can tell a node behind the one it asked before.
+        return HTTPResponse(status: .ok, headers: [("content-type", type), ("cache-control", "max-age=\(keys.bundle.refreshHintSeconds)"),
+                                                   (Self.bundleSequenceHeader, String(keys.bundle.sequence))],
                             body: try body(keys.bundle))
     }
 
@@ -491,7 +499,8 @@ extension NodeAPI {
     }
 
     private func x509Response(_ issued: IssuedX509, spiffeID: SpiffeID, keys: AuthorityService.Keys) -> HTTPResponse {
-        APIJSON.response(X509SVIDBody(spiffeId: spiffeID.description, certificate: issued.pem, bundle: keys.bundlePEM, serial: issued.serialHex,
+        APIJSON.response(X509SVIDBody(spiffeId: spiffeID.description, certificate: issued.pem, bundle: keys.bundlePEM, bundleSequence: keys.bundle.sequence,
+                                      serial: issued.serialHex,
                                       expiresAt: Self.iso(issued.notValidAfter), replayed: false),
                          headers: [("warrant-leader", String(id))])
     }
@@ -508,7 +517,7 @@ extension NodeAPI {
         }
         return APIJSON.response(X509SVIDBody(spiffeId: verified.spiffeID.description,
                                              certificate: PEMText.encode(der, label: "CERTIFICATE"),
-                                             bundle: keys.bundlePEM, serial: verified.serialHex, expiresAt: Self.iso(certificate.notValidAfter),
+                                             bundle: keys.bundlePEM, bundleSequence: keys.bundle.sequence, serial: verified.serialHex, expiresAt: Self.iso(certificate.notValidAfter),
                                              replayed: true), headers: [("warrant-leader", String(id))])
     }
 
@@ -1178,6 +1187,7 @@ extension X509SVIDBody: HandEncodedJSON {
     var json: [UInt8] {
         var w = JSONObjectWriter()
         w.add("bundle", bundle)
+        w.add("bundle_sequence", bundleSequence)
         w.add("certificate", certificate)
         w.add("expires_at", expiresAt)
         w.add("replayed", replayed)
