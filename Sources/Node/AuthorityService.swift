@@ -226,7 +226,10 @@ public final class AuthorityService: Sendable {
         guard let active = published.first(where: { $0.entry.state == .active }) else {
             throw AuthorityError("no_active_authority", "the keyring has no active authority")
         }
-        let dropped = keyring.authorities.count - published.count
+        // At most 7 (a keyring holds at most 8 authorities, one active): the
+        // version's part of the sequence is never reached, and the sequence
+        // never goes down for a newer keyring (agents keep the highest).
+        let dropped = min(15, keyring.authorities.count - published.count)
         let bundle = TrustBundle(trustDomain: keyring.trustDomain, x509Authorities: published.map(\.x509.certificate),
                                  jwtKeys: Dictionary(published.map { ($0.jwt.keyID, $0.jwt.publicKey) }, uniquingKeysWith: { a, _ in a }),
                                  sequence: document.version * 16 + UInt64(dropped))

@@ -57,7 +57,9 @@ final class AgentIdentity: WorkloadIdentitySource {
         published.withLock { published in
             // A bundle fetched since from a node ahead of the one that
             // answered the renewal stays.
-            var (bundlePEM, sequence) = (identity.bundlePEM, identity.bundleSequence ?? 0)
+            // One that says no sequence (an older build) is taken, as a
+            // refresh takes it, under the sequence held.
+            var (bundlePEM, sequence) = (identity.bundlePEM, identity.bundleSequence ?? published?.sequence ?? 0)
             if let held = published, let said = identity.bundleSequence, held.sequence > said { (bundlePEM, sequence) = (held.bundlePEM, held.sequence) }
             published = (identity, key, bundlePEM, jwks, (published?.generation ?? 0) + 1, sequence)
             publish(identity, key: key, bundlePEM: bundlePEM, jwks: jwks)
@@ -78,8 +80,11 @@ final class AgentIdentity: WorkloadIdentitySource {
         if let response = try? await plainClient?.request(.GET, "/v1/keys"), response.status == .ok,
            (try? JSONSerialization.jsonObject(with: Data(response.body)) as? [String: Any])?["keys"] is [Any] {
             let said = Self.sequence(of: response)
+            // Not older than the key set held, nor than the bundle published
+            // (whose keys it must have: a prepared authority's among them).
+            let floor = max(lastJWKS.withLock { $0?.sequence ?? 0 }, published.withLock { $0?.sequence ?? 0 })
             lastJWKS.withLock { last in
-                if BundleSequence.takes(said, over: last?.sequence ?? 0) { last = (response.body, said ?? last?.sequence ?? 0) }
+                if BundleSequence.takes(said, over: max(floor, last?.sequence ?? 0)) { last = (response.body, said ?? last?.sequence ?? 0) }
             }
         }
         return lastJWKS.withLock { $0?.jwks } ?? Array(#"{"keys":[]}"#.utf8)
