@@ -56,9 +56,8 @@ final class AgentIdentity: WorkloadIdentitySource {
         let jwks = await fetchJWKS()
         published.withLock { published in
             // A bundle fetched since from a node ahead of the one that
-            // answered the renewal stays.
-            // One that says no sequence (an older build) is taken, as a
-            // refresh takes it, under the sequence held.
+            // answered the renewal stays; one that says no sequence (an older
+            // build) is taken, as a refresh takes it, under the sequence held.
             var (bundlePEM, sequence) = (identity.bundlePEM, identity.bundleSequence ?? published?.sequence ?? 0)
             if let held = published, let said = identity.bundleSequence, held.sequence > said { (bundlePEM, sequence) = (held.bundlePEM, held.sequence) }
             published = (identity, key, bundlePEM, jwks, (published?.generation ?? 0) + 1, sequence)
@@ -72,19 +71,19 @@ final class AgentIdentity: WorkloadIdentitySource {
     }
 
     /// The trust domain's keys as the cluster serves them now; if it
-    /// cannot say, the last ones it said (an empty or error body would
-    /// make every workload refuse every JWT-SVID until the next renewal).
-    /// The cluster's JWT keys, or the last fetched if the cluster cannot say
-    /// or says an older set (a node that is behind: `BundleSequence`).
+    /// cannot say (an empty or error body would make every workload refuse
+    /// every JWT-SVID until the next renewal), or says an older set (a node
+    /// that is behind: `BundleSequence`), the last ones it said.
     private func fetchJWKS() async -> [UInt8] {
         if let response = try? await plainClient?.request(.GET, "/v1/keys"), response.status == .ok,
            (try? JSONSerialization.jsonObject(with: Data(response.body)) as? [String: Any])?["keys"] is [Any] {
             let said = Self.sequence(of: response)
             // Not older than the key set held, nor than the bundle published
             // (whose keys it must have: a prepared authority's among them).
-            let floor = max(lastJWKS.withLock { $0?.sequence ?? 0 }, published.withLock { $0?.sequence ?? 0 })
+            let bundleSequence = published.withLock { $0?.sequence ?? 0 }
             lastJWKS.withLock { last in
-                if BundleSequence.takes(said, over: max(floor, last?.sequence ?? 0)) { last = (response.body, said ?? last?.sequence ?? 0) }
+                let held = last?.sequence ?? 0
+                if BundleSequence.takes(said, over: max(held, bundleSequence)) { last = (response.body, said ?? held) }
             }
         }
         return lastJWKS.withLock { $0?.jwks } ?? Array(#"{"keys":[]}"#.utf8)
@@ -108,8 +107,9 @@ final class AgentIdentity: WorkloadIdentitySource {
             let jwks = await fetchJWKS()
             var (bundlePEM, sequence) = (held.bundlePEM, held.sequence)
             if let response = try? await plainClient?.request(.GET, "/v1/bundle.pem"), response.status == .ok,
-               !Self.certificates(response.text).isEmpty, BundleSequence.takes(Self.sequence(of: response), over: held.sequence) {
-                (bundlePEM, sequence) = (response.text, Self.sequence(of: response) ?? held.sequence)
+               !Self.certificates(response.text).isEmpty {
+                let said = Self.sequence(of: response)
+                if BundleSequence.takes(said, over: held.sequence) { (bundlePEM, sequence) = (response.text, said ?? held.sequence) }
             }
             // Compared with what was published (not with the last fetched:
             // an update publishing older keys after this loop fetched newer

@@ -1040,6 +1040,24 @@ extension NodeAPI {
 /// after it was signed.
 struct AuthorityRotated: Error {}
 
+/// A token bucket: `tokens` as of `at` (seconds, a monotonic clock).
+struct TokenBucket: Sendable {
+    var tokens: Double
+    var at: Double
+
+    /// Adds what `perSecond` gave since `at`, up to `burst`; a clock
+    /// stepping back gives nothing, now or later.
+    mutating func refill(_ now: Double, perSecond: Double, burst: Double) {
+        tokens = min(burst, tokens + max(0, now - at) * perSecond)
+        at = max(at, now)
+    }
+
+    /// Whether it is full again by `now` (the same as not tracked).
+    func refilled(by now: Double, perSecond: Double, burst: Double) -> Bool {
+        tokens + max(0, now - at) * perSecond >= burst
+    }
+}
+
 /// How often one identity line (an X509-SVID and its renewals, by their
 /// `lineage`, else its serial; a step's identity counts as its job's line,
 /// `job_lineage`) may be issued something on the strength of its X509-SVID
@@ -1059,7 +1077,7 @@ public final class IssuanceRateLimiter: Sendable {
     /// own, so there are few).
     let linesMax: Int
     private struct State {
-        var buckets: [String: (tokens: Double, at: Double)] = [:]
+        var buckets: [String: TokenBucket] = [:]
         var prunedAt = -Double.infinity
     }
     private let state = Mutex(State())
@@ -1073,9 +1091,8 @@ public final class IssuanceRateLimiter: Sendable {
     /// allowed, else the seconds until one more will be.
     public func admit(_ line: String, now: Double) -> Double? {
         state.withLock { state in
-            var bucket = state.buckets[line] ?? (burst, now)
-            bucket.tokens = min(burst, bucket.tokens + max(0, now - bucket.at) * perSecond)
-            bucket.at = max(bucket.at, now) // a clock stepping back gives nothing, now or later
+            var bucket = state.buckets[line] ?? TokenBucket(tokens: burst, at: now)
+            bucket.refill(now, perSecond: perSecond, burst: burst)
             guard bucket.tokens >= 1 else {
                 state.buckets[line] = bucket
                 return (1 - bucket.tokens) / perSecond
@@ -1085,7 +1102,7 @@ public final class IssuanceRateLimiter: Sendable {
                 guard now - state.prunedAt >= 1 || now < state.prunedAt else { return nil }
                 state.prunedAt = now
                 let (burst, perSecond) = (burst, perSecond)
-                state.buckets = state.buckets.filter { $0.value.tokens + max(0, now - $0.value.at) * perSecond < burst }
+                state.buckets = state.buckets.filter { !$0.value.refilled(by: now, perSecond: perSecond, burst: burst) }
                 guard state.buckets.count < linesMax else { return nil }
             }
             state.buckets[line] = bucket
@@ -1101,24 +1118,18 @@ public final class IssuanceRateLimiter: Sendable {
 /// shared one hold a token (then one is taken from each; none otherwise).
 /// One busy caller thus leaves the rest of the shared budget to others.
 public final class FairShareLimiter: Sendable {
-    private typealias Bucket = (tokens: Double, at: Double)
     let perSecond: Double, burst: Double
     let callerPerSecond: Double, callerBurst: Double
     /// Callers tracked at most; past it, callers whose bucket has refilled
     /// are dropped, and if none has, a new caller shares one bucket with
     /// the others past the bound.
     let callersMax: Int
-    private let state = Mutex<(shared: Bucket, callers: [String: Bucket])>(((0, -Double.infinity), [:]))
+    private let state = Mutex<(shared: TokenBucket, callers: [String: TokenBucket])>((TokenBucket(tokens: 0, at: -Double.infinity), [:]))
 
     public init(perSecond: Double, burst: Double, callerPerSecond: Double, callerBurst: Double, callersMax: Int = 4_096) {
         precondition(perSecond > 0 && burst >= 1 && callerPerSecond > 0 && callerBurst >= 1 && callersMax > 0)
         (self.perSecond, self.burst, self.callerPerSecond, self.callerBurst, self.callersMax) = (perSecond, burst, callerPerSecond, callerBurst, callersMax)
-        state.withLock { $0.shared = (burst, -Double.infinity) }
-    }
-
-    private static func refill(_ bucket: inout Bucket, _ now: Double, perSecond: Double, burst: Double) {
-        bucket.tokens = min(burst, bucket.tokens + max(0, now - bucket.at) * perSecond)
-        bucket.at = max(bucket.at, now) // a clock stepping back gives nothing, now or later
+        state.withLock { $0.shared = TokenBucket(tokens: burst, at: -Double.infinity) }
     }
 
     /// Takes one call from `caller`'s part and the shared budget at `now`
@@ -1128,7 +1139,7 @@ public final class FairShareLimiter: Sendable {
     public func admit(_ caller: String?, now: Double) -> Double? {
         state.withLock { state in
             if state.shared.at == -Double.infinity { state.shared.at = now }
-            Self.refill(&state.shared, now, perSecond: perSecond, burst: burst)
+            state.shared.refill(now, perSecond: perSecond, burst: burst)
             guard let caller else {
                 guard state.shared.tokens >= 1 else { return (1 - state.shared.tokens) / perSecond }
                 state.shared.tokens -= 1
@@ -1137,11 +1148,11 @@ public final class FairShareLimiter: Sendable {
             var key = caller
             if state.callers[key] == nil && state.callers.count >= callersMax {
                 let (callerBurst, callerPerSecond) = (callerBurst, callerPerSecond)
-                state.callers = state.callers.filter { $0.value.tokens + max(0, now - $0.value.at) * callerPerSecond < callerBurst }
+                state.callers = state.callers.filter { !$0.value.refilled(by: now, perSecond: callerPerSecond, burst: callerBurst) }
                 if state.callers.count >= callersMax { key = "" }
             }
-            var mine = state.callers[key] ?? (callerBurst, now)
-            Self.refill(&mine, now, perSecond: callerPerSecond, burst: callerBurst)
+            var mine = state.callers[key] ?? TokenBucket(tokens: callerBurst, at: now)
+            mine.refill(now, perSecond: callerPerSecond, burst: callerBurst)
             defer { state.callers[key] = mine }
             guard mine.tokens >= 1 else { return (1 - mine.tokens) / callerPerSecond }
             guard state.shared.tokens >= 1 else { return (1 - state.shared.tokens) / perSecond }
