@@ -1067,7 +1067,6 @@ struct TokenBucket: Sendable {
 /// identity records (which would stall everyone's issuance). Kept per
 /// node: each node that takes such a request counts it (a forwarded one
 /// on the leader too).
-/// Token buckets, one per identity line (also the agent's own budget).
 public final class IssuanceRateLimiter: Sendable {
     let perSecond: Double
     let burst: Double
