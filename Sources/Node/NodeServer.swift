@@ -195,7 +195,7 @@ public final class NodeServer: Sendable {
                                 refetchInterval: .seconds(config.jwksRefetchSeconds))
         let clock = self.clock
         driver.setClockCheck { clock.verdict.disagreeing.isEmpty }
-        api = NodeAPI(id: config.id, driver: driver, store: store, members: members, forwarder: try Forwarder(identity: identity), metrics: metrics,
+        api = NodeAPI(id: config.id, driver: driver, store: store, members: members, forwarder: try Forwarder(identity: identity, group: networkGroup), metrics: metrics,
                       authority: authority, joins: joins, clock: clock, identityRecordsMax: config.identityRecordsMax,
                       jwtIssuer: config.jwtIssuer,
                       workloadIssuanceBurst: config.workloadIssuanceBurst, workloadIssuancePerSecond: config.workloadIssuancePerSecond)

@@ -49,6 +49,65 @@ struct ForwardingTests {
         try await silent.close()
         try await group.shutdownGracefully()
     }
+
+    @Test("A path with nothing to encode is sent as it is; one with spaces, percent signs or non-ASCII is encoded as Foundation does")
+    func pathEncoding() {
+        for path in ["/v1/svid/x509", "/v1/documents/a-b_c.d~e/F9"] { #expect(Forwarder.encodedPath(path) == path) }
+        for path in ["/v1/documents/a b", "/v1/documents/50%", "/v1/documents/é", "/v1/documents/a?b#c"] {
+            #expect(Forwarder.encodedPath(path) == path.addingPercentEncoding(withAllowedCharacters: .urlPathAllowed))
+            #expect(Forwarder.encodedPath(path) != path)
+        }
+    }
+
+    @Test("A request made on one of the pool's loops goes over a connection of that loop; one made elsewhere takes any")
+    func connectionOnTheCallersLoop() async throws {
+        let serverGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let server = try await ServerBootstrap(group: serverGroup)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.configureHTTPServerPipeline()
+                    try channel.pipeline.syncOperations.addHandler(OKResponder())
+                }
+            }
+            .bind(host: "127.0.0.1", port: 0).get()
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+        let loops = Array(group.makeIterator())
+        let pool = HTTPConnectionPool(address: server.localAddress!, tls: nil, group: group)
+        func ask(on loop: (any EventLoop)?) async throws -> HTTPResponseStatus {
+            guard let loop else { return try await pool.request(.GET, "/").status }
+            return try await Task(executorPreference: EventLoopTaskExecutor(loop: loop)) {
+                #expect(loop.inEventLoop, "the task runs on the loop")
+                return try await pool.request(.GET, "/").status
+            }.value
+        }
+        #expect(try await ask(on: loops[1]) == .ok)
+        #expect(pool.idleEventLoops.map { ObjectIdentifier($0) } == [ObjectIdentifier(loops[1])])
+        // The idle connection is on the other loop: a new one is made on this one.
+        #expect(try await ask(on: loops[0]) == .ok)
+        #expect(Set(pool.idleEventLoops.map { ObjectIdentifier($0) }) == Set(loops.map { ObjectIdentifier($0) }))
+        #expect(try await ask(on: loops[1]) == .ok)
+        #expect(pool.idleEventLoops.count == 2, "reused, not a third")
+        // From outside the group: whichever is idle.
+        #expect(try await ask(on: nil) == .ok)
+        #expect(pool.idleEventLoops.count == 2)
+        await pool.closeAll()
+        try await server.close()
+        try await group.shutdownGracefully()
+        try await serverGroup.shutdownGracefully()
+    }
+}
+
+private final class OKResponder: ChannelInboundHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard case .end = unwrapInboundIn(data) else { return }
+        var head = HTTPResponseHead(version: .http1_1, status: .ok)
+        head.headers.add(name: "content-length", value: "0")
+        context.write(wrapOutboundOut(.head(head)), promise: nil)
+        context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+    }
 }
 
 private func eventuallyTrue(seconds: Double = 10, _ condition: () -> Bool) async -> Bool {
