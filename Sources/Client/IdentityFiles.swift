@@ -49,7 +49,9 @@ public enum IdentityFiles {
     }
 
     /// `createDirectory` false: a directory that is not there is an error.
-    public static func write(directory: String, certificatePEM: String, keyPEM: String, bundlePEM: String, jwts: [String: String] = [:],
+    /// `bundlePEM` nil: bundle.pem is left as it is (kept by whoever
+    /// follows the cluster's bundle, `writeBundle`).
+    public static func write(directory: String, certificatePEM: String, keyPEM: String, bundlePEM: String?, jwts: [String: String] = [:],
                              createDirectory: Bool = true) throws {
         try checkWritable(directory: directory)
         if !FileManager.default.fileExists(atPath: directory) {
@@ -60,11 +62,25 @@ public enum IdentityFiles {
                 throw Problem(description: "cannot create the output directory \(directory): \(error.localizedDescription)")
             }
         }
-        var files: [(name: String, content: String, mode: Int)] = [("svid.key", keyPEM, 0o600), ("svid.pem", certificatePEM, 0o644),
-                                                                   ("bundle.pem", bundlePEM, 0o644)]
+        var files: [(name: String, content: String, mode: Int)] = [("svid.key", keyPEM, 0o600), ("svid.pem", certificatePEM, 0o644)]
+        if let bundlePEM { files.append(("bundle.pem", bundlePEM, 0o644)) }
         for (audience, token) in jwts.sorted(by: { $0.key < $1.key }) {
             files.append((jwtFileName(audience), token, 0o600))
         }
+        try place(files, in: directory)
+    }
+
+    /// Replaces bundle.pem alone (a trust bundle refreshed between
+    /// renewals); a directory that is gone is an error, not made again.
+    public static func writeBundle(directory: String, bundlePEM: String) throws {
+        try checkWritable(directory: directory)
+        guard FileManager.default.fileExists(atPath: directory) else { throw Problem(description: "the output directory \(directory) is gone") }
+        try place([("bundle.pem", bundlePEM, 0o644)], in: directory)
+    }
+
+    /// Writes each file beside its place, then renames them into place in
+    /// order; on a failure, those not yet in place are removed.
+    private static func place(_ files: [(name: String, content: String, mode: Int)], in directory: String) throws {
         var temporary: [(String, String)] = []
         do {
             for file in files {

@@ -43,9 +43,28 @@ final class AgentIdentity: WorkloadIdentitySource {
     /// verification: one for the agent's life, its connections kept.
     private let plainClient: WarrantClient?
 
-    init(options: JobOptions.Resolved) {
+    /// Where the identity is also kept as files (`--out`, exec's
+    /// directory): bundle.pem there follows the bundle published.
+    private let directory: String?
+    private let say: @Sendable (String) -> Void
+
+    init(options: JobOptions.Resolved, directory: String? = nil, say: @escaping @Sendable (String) -> Void = { _ in }) {
         self.options = options
+        self.directory = directory
+        self.say = say
         plainClient = try? WarrantClient(endpoints: options.endpoints, caPEM: options.caPEM)
+    }
+
+    /// Puts a bundle published in bundle.pem, when the identity is kept as
+    /// files; called with `published` locked, so two writes cannot land
+    /// out of order (an older bundle last).
+    private func writeBundleFile(_ bundlePEM: String) {
+        guard let directory else { return }
+        do {
+            try IdentityFiles.writeBundle(directory: directory, bundlePEM: bundlePEM)
+        } catch {
+            say("could not write the refreshed trust bundle to \(directory)/bundle.pem: \(error)")
+        }
     }
 
     /// Takes a new identity: the Workload API streams push it.
@@ -62,6 +81,7 @@ final class AgentIdentity: WorkloadIdentitySource {
             if let held = published, let said = identity.bundleSequence, held.sequence > said { (bundlePEM, sequence) = (held.bundlePEM, held.sequence) }
             published = (identity, key, bundlePEM, jwks, (published?.generation ?? 0) + 1, sequence)
             publish(identity, key: key, bundlePEM: bundlePEM, jwks: jwks)
+            writeBundleFile(bundlePEM)
         }
     }
 
@@ -98,8 +118,9 @@ final class AgentIdentity: WorkloadIdentitySource {
 
     /// Asks the cluster for the trust bundle (PEM) and the JWT keys and,
     /// if either changed, publishes them with the identity held: a CA
-    /// prepared or retired reaches the Workload API's streams within
-    /// `interval`, not at the next renewal. Until cancelled.
+    /// prepared or retired reaches the Workload API's streams, and
+    /// bundle.pem when the identity is kept as files, within `interval`,
+    /// not at the next renewal. Until cancelled.
     func keepBundlesFresh(every interval: Duration) async {
         while !Task.isCancelled {
             try? await Task.sleep(for: interval)
@@ -119,6 +140,7 @@ final class AgentIdentity: WorkloadIdentitySource {
                 guard let current = published, current.generation == held.generation else { return } // renewed meanwhile
                 published = (current.identity, current.key, bundlePEM, jwks, current.generation + 1, sequence)
                 publish(current.identity, key: current.key, bundlePEM: bundlePEM, jwks: jwks)
+                if bundlePEM != current.bundlePEM { writeBundleFile(bundlePEM) }
             }
         }
     }
@@ -212,7 +234,7 @@ struct AgentCommand: AsyncParsableCommand {
     var socket: String?
     @Option(help: "Also keep the identity as files in this directory.") var out: String?
     @Option(help: "Stop after this many seconds (for tests and one-off use).") var exitAfter: Double?
-    @Option(help: "How often to ask the cluster for its trust bundle and JWT keys, in seconds (streams are updated when they change).")
+    @Option(help: "How often to ask the cluster for its trust bundle and JWT keys, in seconds, 1 to 3600 (streams, and bundle.pem with --out, are updated when they change).")
     var bundleRefresh: Double = 60
     @Option(name: .customLong("allow"), help: "Which local processes may fetch the identity: uid=N, gid=N, exe=PATH, sha256=HEX, combined with commas (repeat for more rules; default: this user).")
     var allow: [String] = []
@@ -234,6 +256,7 @@ struct AgentCommand: AsyncParsableCommand {
                     + "a user other than root has no directory only it can write, and a socket in a shared one (/tmp) could be put there first by another user")
             }
             let say: @Sendable (String) -> Void = { FileHandle.standardError.write(Data("warrant agent: \($0)\n".utf8)) }
+            try checkBundleRefresh(bundleRefresh)
             var rules: [PeerRule] = []
             for text in allow {
                 do {
@@ -250,7 +273,7 @@ struct AgentCommand: AsyncParsableCommand {
             let key = P256.Signing.PrivateKey(compactRepresentable: false)
             let identity = try await JobIdentity.obtain(options, key: key, environment: environment, say: say)
             if let out { try identity.write(to: out) }
-            let agent = AgentIdentity(options: options)
+            let agent = AgentIdentity(options: options, directory: out, say: say)
             await agent.update(identity, key: key)
             let server: WorkloadAPIServer
             do {
@@ -282,7 +305,7 @@ struct AgentCommand: AsyncParsableCommand {
                     await agent.update(renewed, key: key)
                 }
             }
-            let bundles = Task { [bundleRefresh] in await agent.keepBundlesFresh(every: .milliseconds(Int(max(1, min(bundleRefresh, 3_600)) * 1000))) }
+            let bundles = Task { [bundleRefresh] in await agent.keepBundlesFresh(every: .milliseconds(Int(bundleRefresh * 1000))) }
             for await _ in stop.stream {}
             bundles.cancel()
             renewal.cancel()
@@ -290,5 +313,12 @@ struct AgentCommand: AsyncParsableCommand {
             await server.stop()
             say("stopped")
         }
+    }
+}
+
+/// `--bundle-refresh`: 1 s to an hour.
+func checkBundleRefresh(_ seconds: Double) throws {
+    guard seconds >= 1, seconds <= 3_600 else {
+        throw JobFailure(description: "--bundle-refresh must be between 1 and 3600 seconds, not \(seconds)")
     }
 }

@@ -11,7 +11,8 @@ struct ExecCommand: AsyncParsableCommand {
         commandName: "exec",
         abstract: "Inside a CI job: obtain the job's identity, run a command with it, renew it while the command runs, and exit with the command's status.",
         discussion: """
-            The command gets WARRANT_SVID_FILE, WARRANT_KEY_FILE, WARRANT_BUNDLE_FILE (PEM files, rewritten atomically on renewal), \
+            The command gets WARRANT_SVID_FILE, WARRANT_KEY_FILE, WARRANT_BUNDLE_FILE (PEM files, rewritten atomically on renewal, \
+            and the bundle also when the cluster's changes), \
             WARRANT_IDENTITY_DIR and WARRANT_SPIFFE_ID. The identity is renewed at half its lifetime (with jitter); when renewal is \
             refused, a fresh platform token is used to join again. Without --out the files live in a private temporary directory, \
             removed when the command exits. SIGINT and SIGTERM are passed on to the command.
@@ -31,6 +32,8 @@ struct ExecCommand: AsyncParsableCommand {
     var jwtTTL: UInt32?
     @Option(help: "Set AWS_ROLE_ARN to this and AWS_WEB_IDENTITY_TOKEN_FILE to a JWT-SVID for sts.amazonaws.com, so unchanged AWS SDKs and the AWS CLI use the job's identity.")
     var awsRoleArn: String?
+    @Option(help: "How often to ask the cluster for its trust bundle and JWT keys, in seconds, 1 to 3600 (bundle.pem and the Workload API follow when they change).")
+    var bundleRefresh: Double = 60
     @Argument(parsing: .postTerminator, help: "The command to run, after --.") var command: [String] = []
 
     func run() async throws {
@@ -39,6 +42,7 @@ struct ExecCommand: AsyncParsableCommand {
             guard !command.isEmpty else { throw JobFailure(description: "give the command to run after --, for example: warrant exec -- terraform apply") }
             let environment = ProcessInfo.processInfo.environment
             let options = try job.resolve(environment)
+            try checkBundleRefresh(bundleRefresh)
             var temporary: String?
             let directory: String
             if let out = out ?? options.out {
@@ -62,7 +66,10 @@ struct ExecCommand: AsyncParsableCommand {
             let step = self.step
             // The job's identity, or one for this step derived from it.
             let acquire: @Sendable (P256.Signing.PrivateKey) async throws -> JobIdentity = { key in
-                let job = try await JobIdentity.obtain(options, key: key, environment: environment, say: say)
+                // For a step, the job's identity has a key of its own: the
+                // step's svid.key, which its command holds, signs for the step alone.
+                let jobKey = step == nil ? key : P256.Signing.PrivateKey(compactRepresentable: false)
+                let job = try await JobIdentity.obtain(options, key: jobKey, environment: environment, say: say)
                 guard let step else { return job }
                 say("asking for an identity for step \(step)")
                 return try await job.step(step, options, key: key)
@@ -72,7 +79,7 @@ struct ExecCommand: AsyncParsableCommand {
             let identity = try await acquire(key).withJWTs(audiences, options, ttl: jwtTTL)
             try identity.write(to: directory)
             // The SPIFFE Workload API for the command, on a socket beside the files.
-            let agent = AgentIdentity(options: options)
+            let agent = AgentIdentity(options: options, directory: directory, say: say)
             await agent.update(identity, key: key)
             let socketPath = "\(directory)/agent.sock"
             let workloadAPI: WorkloadAPIServer?
@@ -140,7 +147,7 @@ struct ExecCommand: AsyncParsableCommand {
                     await agent.update(renewed, key: key)
                 }
             }
-            let bundles = Task { await agent.keepBundlesFresh(every: .seconds(60)) }
+            let bundles = Task { [bundleRefresh] in await agent.keepBundlesFresh(every: .milliseconds(Int(bundleRefresh * 1000))) }
             var result: (Int32, Process.TerminationReason) = (1, .exit)
             for await value in exited.stream { result = value }
             // The command is gone: its pid must not be signalled any more.
@@ -209,8 +216,11 @@ struct ExecCommand: AsyncParsableCommand {
             }
             try? await Task.sleep(for: .milliseconds(Int(max(0, deadline.timeIntervalSinceNow) * 1000)))
         }
+        // bundle.pem is the agent's to write (`AgentIdentity`, given this
+        // directory): it keeps the newest bundle, which a renewal's or a
+        // JWT-SVID refresh's answer would otherwise put back to an older one.
         func write(_ identity: JobIdentity) throws {
-            if let directory { try identity.write(to: directory, createDirectory: remakeDirectory) }
+            if let directory { try identity.write(to: directory, createDirectory: remakeDirectory, bundle: false) }
         }
         while !Task.isCancelled {
             // Drawn once per identity: every JWT-SVID refresh below ends by it.
@@ -246,8 +256,9 @@ struct ExecCommand: AsyncParsableCommand {
             var obtained: JobIdentity?
             // The cluster refused the job's join again (its rules no longer
             // admit it, or its platform token was spent): asked again only
-            // every few minutes, not every 30 s for as long as it runs.
-            var rejoinRefused = false
+            // every few minutes, not every 30 s for as long as it runs,
+            // also after a failure of another kind in between.
+            var rejoinRefused = false, everRefused = false
             while !Task.isCancelled {
                 do {
                     if let held = obtained, held.localExpiry.timeIntervalSinceNow <= 1 { obtained = nil }
@@ -274,13 +285,13 @@ struct ExecCommand: AsyncParsableCommand {
                     break
                 } catch {
                     removeIfExpired()
-                    if rejoinRefused { backoff = max(backoff, 60) }
+                    if rejoinRefused { (backoff, everRefused) = (max(backoff, 60), true) }
                     let pause = backoff * Double.random(in: 0.5...1)
                     say(rejoinRefused
                         ? "joining again was refused (\(error)); the identity held is kept until it expires; trying again in \(String(format: "%.0f", pause)) s"
                         : "renewal failed (\(error)); retrying in \(String(format: "%.1f", pause)) s")
                     await wait(pause)
-                    backoff = min(rejoinRefused ? 600 : 30, backoff * 2)
+                    backoff = min(everRefused ? 600 : 30, backoff * 2)
                     rejoinRefused = false
                 }
             }

@@ -274,9 +274,11 @@ struct JobIdentity {
 
     /// `createDirectory` false: the directory must still be there (a
     /// renewal's write after `exec` removed it leaves nothing behind).
-    func write(to directory: String, createDirectory: Bool = true) throws {
+    /// `bundle` false: bundle.pem is left to `AgentIdentity`, which keeps
+    /// the newest the cluster said (a renewal's answer may be older).
+    func write(to directory: String, createDirectory: Bool = true, bundle: Bool = true) throws {
         do {
-            try IdentityFiles.write(directory: directory, certificatePEM: certificatePEM, keyPEM: keyPEM, bundlePEM: bundlePEM, jwts: jwts,
+            try IdentityFiles.write(directory: directory, certificatePEM: certificatePEM, keyPEM: keyPEM, bundlePEM: bundle ? bundlePEM : nil, jwts: jwts,
                                     createDirectory: createDirectory)
         } catch {
             throw JobFailure(description: "\(error)")

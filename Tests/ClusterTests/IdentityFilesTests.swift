@@ -40,4 +40,22 @@ struct IdentityFilesTests {
         #expect(throws: FileProblem.self) { try ClusterFiles.writeNew("\(directory)/link", Array("secret".utf8), mode: 0o600) }
         #expect(try String(contentsOfFile: target, encoding: .utf8) == "kept", "nothing written through the name or the link")
     }
+
+    @Test("A renewal written without a bundle leaves bundle.pem as it is; a refreshed bundle replaces bundle.pem alone, and not in a directory that is gone")
+    func bundleAlone() throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("warrant-identity-\(UUID().uuidString.prefix(8))").path
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        func read(_ name: String) throws -> String { try String(contentsOfFile: "\(directory)/\(name)", encoding: .utf8) }
+        try IdentityFiles.write(directory: directory, certificatePEM: "CERT\n", keyPEM: "KEY\n", bundlePEM: "NEWER\n")
+        try IdentityFiles.write(directory: directory, certificatePEM: "CERT2\n", keyPEM: "KEY2\n", bundlePEM: nil)
+        #expect(try read("svid.pem") == "CERT2\n" && read("svid.key") == "KEY2\n" && read("bundle.pem") == "NEWER\n")
+        try IdentityFiles.writeBundle(directory: directory, bundlePEM: "NEWEST\n")
+        #expect(try read("bundle.pem") == "NEWEST\n" && read("svid.pem") == "CERT2\n")
+        let mode = try FileManager.default.attributesOfItem(atPath: "\(directory)/bundle.pem")[.posixPermissions] as? Int
+        #expect(mode == 0o644)
+        #expect(try FileManager.default.contentsOfDirectory(atPath: directory).sorted() == ["bundle.pem", "svid.key", "svid.pem"], "no temporary file left")
+        try FileManager.default.removeItem(atPath: directory)
+        #expect(throws: (any Error).self) { try IdentityFiles.writeBundle(directory: directory, bundlePEM: "LATE\n") }
+        #expect(!FileManager.default.fileExists(atPath: directory), "not made again")
+    }
 }

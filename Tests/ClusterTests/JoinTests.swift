@@ -500,7 +500,7 @@ extension JoinTests {
             let socket = "\(dir)/agent.sock"
             let arguments = ["agent", "--endpoint", "127.0.0.1:\(cluster.basePort + 100 + Int(follower) - 1)", "--ca-file", "\(dir)/ca.pem",
                              "--audience", "warrant.local", "--token-request-ca", "\(dir)/github-ca.pem", "--socket", socket, "--exit-after", "40",
-                             "--bundle-refresh", "1"]
+                             "--bundle-refresh", "1", "--out", "\(dir)/agent-out"]
             let agent = Process()
             agent.executableURL = URL(fileURLWithPath: binary)
             agent.arguments = arguments
@@ -529,6 +529,10 @@ extension JoinTests {
             #expect(await eventually(seconds: 15) {
                 (try? run(["python3", "-c", countAuthorities]))?.output.contains("authorities \(authorities + 1)") == true
             }, "the prepared authority is served by the agent")
+            // And reaches bundle.pem, for programs that read the files.
+            #expect(await eventually(seconds: 15) {
+                ((try? String(contentsOfFile: "\(dir)/agent-out/bundle.pem", encoding: .utf8))?.components(separatedBy: "BEGIN CERTIFICATE").count ?? 0) - 1 == authorities + 1
+            }, "the prepared authority is in bundle.pem: \((try? String(contentsOfFile: "\(dir)/agent-out/bundle.pem", encoding: .utf8)) ?? "none")")
             // A raw call claiming to be another process in its own metadata is judged on the kernel's word.
             let forged = try run(["python3", "-c", """
                 import grpc, sys
@@ -574,6 +578,11 @@ extension JoinTests {
             #expect(refused.output.components(separatedBy: "PERMISSION_DENIED").count - 1 == 2 && !refused.output.contains("ANSWERED"), "\(refused.output)")
             let badRule = try run(arguments.map { $0 == socket ? "\(dir)/other.sock" : $0 } + ["--allow", "uid=me"], executable: binary, environment: environment)
             #expect(badRule.status == 1 && badRule.output.contains("--allow uid=me"), "\(badRule.output)")
+            var badRefresh = arguments.map { $0 == socket ? "\(dir)/other.sock" : $0 }
+            badRefresh[try #require(badRefresh.firstIndex(of: "--bundle-refresh")) + 1] = "0"
+            let refreshRefused = try run(badRefresh, executable: binary, environment: environment)
+            #expect(refreshRefused.status == 1 && refreshRefused.output.contains("--bundle-refresh must be between 1 and 3600"), "\(refreshRefused.output)")
+            #expect(!FileManager.default.fileExists(atPath: "\(dir)/other.sock"))
         }
     }
 }
