@@ -23,7 +23,9 @@ import Synchronization
 /// Appends are not synced (`sync()` is, before a checkpoint counts: the
 /// records after it are made again from the Raft log after a crash). A
 /// crash can tear only the unsynced batches at the end of the newest
-/// file; they are cut off when the log is opened. A whole chain written
+/// file (a power loss any of them, a later one kept where an earlier is
+/// lost); from the first bad batch on they are cut off when the log is
+/// opened. A whole chain written
 /// at once (`replaceAll`, a snapshot installed) goes to a new file that
 /// appears by rename, its first sequence 1: the newest such file starts
 /// the chain, and the files before it are what it replaced.
@@ -193,6 +195,7 @@ final class AuditLog: Sendable {
                  UInt64(UInt32(littleEndian: $0.loadUnaligned(fromByteOffset: BatchFraming.headerBytes + 8, as: UInt32.self))))
             }
             guard count > 0 else { throw damaged(path, "the batch at byte \(offset) holds no records") }
+            guard first >= 1, first <= UInt64.max - count else { throw damaged(path, "the batch at byte \(offset) has a bad header (first record \(first))") }
             located.append(Located(file: number, offset: offset, first: first, last: first + count - 1))
             offset += BatchFraming.headerBytes + bodyLength
         }
@@ -204,7 +207,11 @@ final class AuditLog: Sendable {
     private func readWhole(_ number: UInt64) throws -> ([Located], Int, Int) {
         let path = path(of: number)
         let data = try FileSystem.read(path)
-        let (bodies, validBytes, tornBytes) = try Self.batches.walk(data, from: Self.fileHeaderBytes, isLast: true) { damaged(path, $0) }
+        // Batches since the last sync are not ordered on the disk: all
+        // after the first bad one go (made again from the Raft log; the
+        // checkpoint's chain head, checked when loading it, says whether
+        // anything synced was lost).
+        let (bodies, validBytes, tornBytes) = try Self.batches.walk(data, from: Self.fileHeaderBytes, isLast: true, unsyncedTail: true) { damaged(path, $0) }
         var located: [Located] = []
         for body in bodies {
             let records = try decode(Array(data[body]), path: path, offset: body.lowerBound - BatchFraming.headerBytes)
@@ -245,6 +252,7 @@ final class AuditLog: Sendable {
     func append(_ records: [AuditRecord]) throws {
         guard let first = records.first else { return }
         try state.withLock { state in
+            guard state.file != nil else { throw noFile }
             guard first.sequence == state.last + 1 else {
                 throw StorageError(code: .invalidRequest, reason: "\(directory): audit record \(first.sequence) does not follow record \(state.last)")
             }
@@ -296,7 +304,16 @@ final class AuditLog: Sendable {
     /// Makes every record appended so far durable (older files were
     /// synced when the next one started).
     func sync() throws {
-        try state.withLock { state in try state.file!.sync() }
+        try state.withLock { state in
+            guard state.file != nil else { throw noFile }
+            try state.file!.sync()
+        }
+    }
+
+    /// A truncation or replacement failed between closing the file and
+    /// opening the next: nothing more is written (the node stops on it).
+    private var noFile: StorageError {
+        StorageError(code: .ioFailure, reason: "\(directory): the audit log has no file open (a truncation or replacement of it failed)")
     }
 
     /// Drops the records after `sequence` (durably): files after the one

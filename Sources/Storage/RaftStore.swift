@@ -74,11 +74,19 @@ public final class RaftStore: @unchecked Sendable {
         try FileSystem.makeDirectory(directory)
         // Before anything is read or changed: opening trims torn tails and
         // old files, which would cut the files of a node already running here.
-        lockDescriptor = try Self.lockDirectory(directory)
-        if FileSystem.exists("\(directory)/raft.sqlite") {
-            throw StorageError(code: .schemaMismatch, reason: "\(directory) was written by an older Warrant that kept its log in SQLite (raft.sqlite); this one keeps it in \(directory)/wal. Remove the node from the cluster, delete its data directory and add it back (for the local cluster: bash cluster/down --wipe, then bash cluster/up).")
+        let lockDescriptor = try Self.lockDirectory(directory)
+        self.lockDescriptor = lockDescriptor
+        do {
+            if FileSystem.exists("\(directory)/raft.sqlite") {
+                throw StorageError(code: .schemaMismatch, reason: "\(directory) was written by an older Warrant that kept its log in SQLite (raft.sqlite); this one keeps it in \(directory)/wal. Remove the node from the cluster, delete its data directory and add it back (for the local cluster: bash cluster/down --wipe, then bash cluster/up).")
+            }
+            ledger = snapshotsHoldLedger ? try LedgerStore(directory: directory, batching: auditBatching) : nil
+        } catch {
+            // deinit does not run for an initializer that failed: the lock
+            // (and its descriptor) would be held for the process's life.
+            close(lockDescriptor)
+            throw error
         }
-        ledger = snapshotsHoldLedger ? try LedgerStore(directory: directory, batching: auditBatching) : nil
     }
 
     private let segmentBytesMax: Int

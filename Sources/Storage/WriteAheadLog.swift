@@ -469,8 +469,18 @@ enum FileSystem {
         return StorageError(code: .ioFailure, reason: "\(operation) \(path): \(String(cString: strerror(code))) (errno \(code))")
     }
 
+    /// Makes `path` if it is not there; a directory made is synced into
+    /// its parent, so a power loss cannot take it (and the files made in
+    /// it, each synced into it) away.
     static func makeDirectory(_ path: String) throws {
-        if mkdir(path, 0o700) != 0 && errno != EEXIST { throw error("mkdir", path) }
+        if mkdir(path, 0o700) == 0 {
+            var trimmed = Substring(path)
+            while trimmed.count > 1, trimmed.hasSuffix("/") { trimmed.removeLast() }
+            let parent = trimmed.lastIndex(of: "/").map { $0 == trimmed.startIndex ? "/" : String(trimmed[..<$0]) } ?? "."
+            try syncDirectory(parent)
+        } else if errno != EEXIST {
+            throw error("mkdir", path)
+        }
     }
 
     static func list(_ directory: String) throws -> [String] {

@@ -107,6 +107,37 @@ struct AuditLogTests {
         #expect(gap.reason.contains("starts at record"), "\(gap)")
     }
 
+    @Test("A power loss can lose an unsynced batch and keep later ones: the newest file is cut at the first bad batch, not refused (what follows is made again from the Raft log)")
+    func lostMiddleBatch() throws {
+        let temporary = try TemporaryStore()
+        let directory = temporary.path + "/audit"
+        let records = chain(500)
+        do {
+            let log = try AuditLog.open(directory: directory, segmentBytesMax: 1 << 20)
+            for start in stride(from: 0, to: records.count, by: 50) { try log.append(Array(records[start..<(start + 50)])) }
+        }
+        let files = try auditFiles(directory)
+        #expect(files.count == 1, "ten batches in one file")
+        let path = "\(directory)/\(try #require(files.first))"
+        try temporary.modify(path) { bytes in
+            // The third batch: a byte of its body flipped, as a block lost.
+            var offset = AuditLog.fileHeaderBytes
+            for _ in 0..<2 {
+                let length = bytes[(offset + 4)..<(offset + 8)].withUnsafeBytes { Int(UInt32(littleEndian: $0.loadUnaligned(as: UInt32.self))) }
+                offset += BatchFraming.headerBytes + length
+            }
+            bytes[offset + BatchFraming.headerBytes + 40] ^= 0x20
+        }
+        let length = try FileSystem.fileLength(path)
+        let log = try AuditLog.open(directory: directory, segmentBytesMax: 1 << 20)
+        #expect(try log.records(after: 0, limit: .max) == Array(records.prefix(100)), "the two batches before it, nothing after")
+        #expect(log.lastSequence == 100)
+        #expect(try FileSystem.fileLength(path) < length, "the rest cut off the file")
+        // Appending goes on from there.
+        try log.append(Array(records[100..<150]))
+        #expect(try AuditLog.open(directory: directory, segmentBytesMax: 1 << 20).records(after: 0, limit: .max) == Array(records.prefix(150)))
+    }
+
     @Test("A newest file left without its whole header (the process stopped while making it, before any record went in) is dropped at opening; the file before it goes on")
     func headerlessNewestFile() throws {
         let temporary = try TemporaryStore()
