@@ -276,6 +276,17 @@ struct ExecCommand: AsyncParsableCommand {
                                 throw refused
                             }
                         }
+                        if !audiences.isEmpty {
+                            // The X509-SVID goes to the command at once, with
+                            // the JWT-SVIDs held (valid until their own
+                            // expiry): JWT-SVIDs that cannot be had now must
+                            // not leave it the old certificate until that expires.
+                            var delivered = obtained!
+                            (delivered.jwts, delivered.jwtsReceived) = (current.jwts, current.jwtsReceived)
+                            try write(delivered)
+                            await onRenewed(delivered, newKey)
+                            current = delivered
+                        }
                     }
                     let renewed = try await obtained!.withJWTs(audiences, options, ttl: jwtTTL)
                     try write(renewed)
