@@ -123,3 +123,17 @@ public final class WarrantClient: Sendable {
         for pool in pools { await pool.closeAll() }
     }
 }
+
+/// Idempotency keys for a job's identity requests: one per attempt (a
+/// `nonce` kept across the retries of one renewal) and per evidence
+/// presented (the platform token, or the certificate renewed from). A
+/// retry after an answer was lost (504 outcome_unknown, a timeout) is
+/// given the identity already issued, so a platform token usable once is
+/// not refused as spent; a new token or certificate gets a new key, never
+/// a conflict with the answer kept for the old one.
+public enum IdempotencyKey {
+    public static func derive(nonce: String, evidence: String) -> String {
+        // The nonce's length first: no two pairs hash the same text.
+        AuthorityService.hash("\(nonce.utf8.count):\(nonce)\(evidence)")
+    }
+}

@@ -297,8 +297,8 @@ struct AgentCommand: AsyncParsableCommand {
                     stop.continuation.finish()
                 }
             }
-            let acquire: @Sendable (P256.Signing.PrivateKey) async throws -> JobIdentity = { key in
-                try await JobIdentity.obtain(options, key: key, environment: environment, say: say)
+            let acquire: @Sendable (P256.Signing.PrivateKey, String) async throws -> JobIdentity = { key, attempt in
+                try await JobIdentity.obtain(options, key: key, environment: environment, attempt: attempt, say: say)
             }
             let renewal = Task {
                 await ExecCommand.keepFresh(identity, key: key, options: options, audiences: [], directory: out, rejoin: acquire, say: say) { renewed, key in

@@ -65,18 +65,18 @@ struct ExecCommand: AsyncParsableCommand {
             if awsRoleArn != nil && !audiences.contains("sts.amazonaws.com") { audiences.append("sts.amazonaws.com") }
             let step = self.step
             // The job's identity, or one for this step derived from it.
-            let acquire: @Sendable (P256.Signing.PrivateKey) async throws -> JobIdentity = { key in
+            let acquire: @Sendable (P256.Signing.PrivateKey, String) async throws -> JobIdentity = { key, attempt in
                 // For a step, the job's identity has a key of its own: the
                 // step's svid.key, which its command holds, signs for the step alone.
                 let jobKey = step == nil ? key : P256.Signing.PrivateKey(compactRepresentable: false)
-                let job = try await JobIdentity.obtain(options, key: jobKey, environment: environment, say: say)
+                let job = try await JobIdentity.obtain(options, key: jobKey, environment: environment, attempt: attempt, say: say)
                 guard let step else { return job }
                 say("asking for an identity for step \(step)")
-                return try await job.step(step, options, key: key)
+                return try await job.step(step, options, key: key, attempt: attempt)
             }
             let jwtTTL = self.jwtTTL
             if jwtTTL == 0 { throw JobFailure(description: "--jwt-ttl must be a positive number of seconds") }
-            let identity = try await acquire(key).withJWTs(audiences, options, ttl: jwtTTL)
+            let identity = try await acquire(key, UUID().uuidString).withJWTs(audiences, options, ttl: jwtTTL)
             try identity.write(to: directory)
             // The SPIFFE Workload API for the command, on a socket beside the files.
             let agent = AgentIdentity(options: options, directory: directory, say: say)
@@ -189,7 +189,7 @@ struct ExecCommand: AsyncParsableCommand {
     /// Returns the identity held when cancelled.
     @discardableResult
     static func keepFresh(_ first: JobIdentity, key: P256.Signing.PrivateKey, options: JobOptions.Resolved, audiences: [String],
-                          jwtTTL: UInt32? = nil, directory: String?, remakeDirectory: Bool = true, rejoin: @Sendable (P256.Signing.PrivateKey) async throws -> JobIdentity,
+                          jwtTTL: UInt32? = nil, directory: String?, remakeDirectory: Bool = true, rejoin: @Sendable (P256.Signing.PrivateKey, _ attempt: String) async throws -> JobIdentity,
                           say: @escaping @Sendable (String) -> Void,
                           onRenewed: @Sendable (JobIdentity, P256.Signing.PrivateKey) async -> Void = { _, _ in }) async -> JobIdentity {
         var current = first
@@ -252,6 +252,9 @@ struct ExecCommand: AsyncParsableCommand {
             if !renewNow { await wait(max(0, due.timeIntervalSinceNow)) }
             var backoff = 1.0
             let newKey = P256.Signing.PrivateKey(compactRepresentable: false)
+            // One idempotency nonce for the round's retries: one whose
+            // answer was lost gets the identity already issued.
+            let attempt = UUID().uuidString
             // Renewed (or joined again) but not yet delivered.
             var obtained: JobIdentity?
             // The cluster refused the job's join again (its rules no longer
@@ -264,13 +267,13 @@ struct ExecCommand: AsyncParsableCommand {
                     if let held = obtained, held.localExpiry.timeIntervalSinceNow <= 1 { obtained = nil }
                     if obtained == nil {
                         do {
-                            obtained = try await current.renew(options, key: newKey)
+                            obtained = try await current.renew(options, key: newKey, attempt: attempt)
                         } catch let failure as JobFailure where joinAgain(after: failure, current) {
                             removeIfExpired()
                             say("renewal \(failure.status == nil ? "impossible, the identity expired" : "refused") (\(failure.description)); "
                                 + "joining again with a fresh platform token")
                             do {
-                                obtained = try await rejoin(newKey)
+                                obtained = try await rejoin(newKey, attempt)
                             } catch let refused as JobFailure where refused.status == 401 || refused.status == 403 {
                                 rejoinRefused = true
                                 throw refused

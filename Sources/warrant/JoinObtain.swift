@@ -160,7 +160,9 @@ struct JobIdentity {
     var jwtRefreshDue: Date? { jwtLifetime.flatMap { lifetime in jwtsReceived.map { $0.addingTimeInterval(max(1, lifetime) / 2) } } }
 
     /// Gets the platform token and exchanges it for an X509-SVID for `key`.
-    static func obtain(_ options: JobOptions.Resolved, key: P256.Signing.PrivateKey, environment: [String: String], say: (String) -> Void) async throws -> JobIdentity {
+    /// `attempt`: the same across the retries of one join (`IdempotencyKey`).
+    static func obtain(_ options: JobOptions.Resolved, key: P256.Signing.PrivateKey, environment: [String: String], attempt: String = UUID().uuidString,
+                       say: (String) -> Void) async throws -> JobIdentity {
         say("getting the job's token from \(options.source.name)")
         let token: String
         do {
@@ -168,7 +170,7 @@ struct JobIdentity {
         } catch {
             throw JobFailure(description: "\(error)")
         }
-        var request: [String: Any] = ["token": token, "csr": try csr(key), "idempotency_key": UUID().uuidString]
+        var request: [String: Any] = ["token": token, "csr": try csr(key), "idempotency_key": IdempotencyKey.derive(nonce: attempt, evidence: token)]
         if let ttl = options.ttl { request["ttl_seconds"] = ttl }
         let client = try WarrantClient(endpoints: options.endpoints, caPEM: options.caPEM)
         defer { Task { await client.close() } }
@@ -176,20 +178,21 @@ struct JobIdentity {
         return try await exchange(client, "/v1/join", request, key: key)
     }
 
-    /// Renews over mutual TLS, presenting this identity, for the same key.
-    func renew(_ options: JobOptions.Resolved, key: P256.Signing.PrivateKey) async throws -> JobIdentity {
+    /// Renews over mutual TLS, presenting this identity, for `key`.
+    /// `attempt`: the same across the retries of one renewal (`IdempotencyKey`).
+    func renew(_ options: JobOptions.Resolved, key: P256.Signing.PrivateKey, attempt: String = UUID().uuidString) async throws -> JobIdentity {
         let client = try WarrantClient(endpoints: options.endpoints, caPEM: options.caPEM, certificatePEM: certificatePEM, keyPEM: keyPEM)
         defer { Task { await client.close() } }
-        var request: [String: Any] = ["csr": try Self.csr(key), "idempotency_key": UUID().uuidString]
+        var request: [String: Any] = ["csr": try Self.csr(key), "idempotency_key": IdempotencyKey.derive(nonce: attempt, evidence: certificatePEM)]
         if let ttl = options.ttl { request["ttl_seconds"] = ttl }
         return try await Self.exchange(client, "/v1/svid/x509/renew", request, key: key)
     }
 
     /// An identity for one step of the job, asked for with the job's.
-    func step(_ name: String, _ options: JobOptions.Resolved, key: P256.Signing.PrivateKey) async throws -> JobIdentity {
+    func step(_ name: String, _ options: JobOptions.Resolved, key: P256.Signing.PrivateKey, attempt: String = UUID().uuidString) async throws -> JobIdentity {
         let client = try WarrantClient(endpoints: options.endpoints, caPEM: options.caPEM, certificatePEM: certificatePEM, keyPEM: keyPEM)
         defer { Task { await client.close() } }
-        var request: [String: Any] = ["step": name, "csr": try Self.csr(key), "idempotency_key": UUID().uuidString]
+        var request: [String: Any] = ["step": name, "csr": try Self.csr(key), "idempotency_key": IdempotencyKey.derive(nonce: attempt, evidence: certificatePEM)]
         if let ttl = options.ttl { request["ttl_seconds"] = ttl }
         return try await Self.exchange(client, "/v1/svid/x509/step", request, key: key)
     }
