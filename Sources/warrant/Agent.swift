@@ -44,13 +44,14 @@ final class AgentIdentity: WorkloadIdentitySource {
     private let plainClient: WarrantClient?
 
     /// Where the identity is also kept as files (`--out`, exec's
-    /// directory): bundle.pem there follows the bundle published.
-    private let directory: String?
+    /// directory): bundle.pem there follows the bundle published. Nil once
+    /// `stopWritingFiles` (exec's directory is going).
+    private let directory: Mutex<String?>
     private let say: @Sendable (String) -> Void
 
     init(options: JobOptions.Resolved, directory: String? = nil, say: @escaping @Sendable (String) -> Void = { _ in }) {
         self.options = options
-        self.directory = directory
+        self.directory = Mutex(directory)
         self.say = say
         plainClient = try? WarrantClient(endpoints: options.endpoints, caPEM: options.caPEM)
     }
@@ -59,12 +60,28 @@ final class AgentIdentity: WorkloadIdentitySource {
     /// files; called with `published` locked, so two writes cannot land
     /// out of order (an older bundle last).
     private func writeBundleFile(_ bundlePEM: String) {
-        guard let directory else { return }
+        guard let directory = directory.withLock({ $0 }) else { return }
         do {
             try IdentityFiles.writeBundle(directory: directory, bundlePEM: bundlePEM)
         } catch {
             say("could not write the refreshed trust bundle to \(directory)/bundle.pem: \(error)")
         }
+    }
+
+    /// Writes bundle.pem again if it does not hold the bundle published (a
+    /// write that failed; the directory made again by a renewal, which
+    /// leaves bundle.pem to this).
+    private func repairBundleFile() {
+        published.withLock { published in
+            guard let current = published, let directory = directory.withLock({ $0 }), FileManager.default.fileExists(atPath: directory),
+                  (try? String(contentsOfFile: "\(directory)/bundle.pem", encoding: .utf8)) != current.bundlePEM else { return }
+            writeBundleFile(current.bundlePEM)
+        }
+    }
+
+    /// No file is written from now on; a write under way has finished.
+    func stopWritingFiles() {
+        published.withLock { _ in directory.withLock { $0 = nil } }
     }
 
     /// Takes a new identity: the Workload API streams push it.
@@ -135,7 +152,10 @@ final class AgentIdentity: WorkloadIdentitySource {
             // Compared with what was published (not with the last fetched:
             // an update publishing older keys after this loop fetched newer
             // ones is then corrected at the next round).
-            guard bundlePEM != held.bundlePEM || jwks != held.jwks else { continue }
+            guard bundlePEM != held.bundlePEM || jwks != held.jwks else {
+                repairBundleFile()
+                continue
+            }
             published.withLock { published in
                 guard let current = published, current.generation == held.generation else { return } // renewed meanwhile
                 published = (current.identity, current.key, bundlePEM, jwks, current.generation + 1, sequence)

@@ -2,6 +2,7 @@ import ArgumentParser
 import Client
 import Crypto
 import Foundation
+import Synchronization
 import WorkloadAPI
 
 /// `warrant exec -- CMD ARGS...`: obtain the job's identity, run CMD with
@@ -65,10 +66,18 @@ struct ExecCommand: AsyncParsableCommand {
             if awsRoleArn != nil && !audiences.contains("sts.amazonaws.com") { audiences.append("sts.amazonaws.com") }
             let step = self.step
             // The job's identity, or one for this step derived from it.
+            // For a step, the job's identity has a key of its own: the
+            // step's svid.key, which its command holds, signs for the step
+            // alone. One per attempt: a retry replaying the join's answer
+            // gets the certificate made for the first try's key.
+            let jobKeys = Mutex<(attempt: String, key: P256.Signing.PrivateKey)?>(nil)
             let acquire: @Sendable (P256.Signing.PrivateKey, String) async throws -> JobIdentity = { key, attempt in
-                // For a step, the job's identity has a key of its own: the
-                // step's svid.key, which its command holds, signs for the step alone.
-                let jobKey = step == nil ? key : P256.Signing.PrivateKey(compactRepresentable: false)
+                let jobKey = step == nil ? key : jobKeys.withLock { held in
+                    if let held, held.attempt == attempt { return held.key }
+                    let made = P256.Signing.PrivateKey(compactRepresentable: false)
+                    held = (attempt, made)
+                    return made
+                }
                 let job = try await JobIdentity.obtain(options, key: jobKey, environment: environment, attempt: attempt, say: say)
                 guard let step else { return job }
                 say("asking for an identity for step \(step)")
@@ -154,6 +163,8 @@ struct ExecCommand: AsyncParsableCommand {
             for source in sources { source.cancel() }
             bundles.cancel()
             renewal.cancel()
+            // A bundle refresh under way writes nothing into a directory about to go.
+            agent.stopWritingFiles()
             // Done before the directory goes: a renewal's write under way
             // could otherwise leave a key file behind. What it returns is
             // the identity as it is now (certificate and key of one renewal).
@@ -262,6 +273,8 @@ struct ExecCommand: AsyncParsableCommand {
             // every few minutes, not every 30 s for as long as it runs,
             // also after a failure of another kind in between.
             var rejoinRefused = false, everRefused = false
+            // `obtained` is in the files and served already (with the JWT-SVIDs held).
+            var deliveredEarly = false
             while !Task.isCancelled {
                 do {
                     if let held = obtained, held.localExpiry.timeIntervalSinceNow <= 1 { obtained = nil }
@@ -279,17 +292,21 @@ struct ExecCommand: AsyncParsableCommand {
                                 throw refused
                             }
                         }
-                        if !audiences.isEmpty {
-                            // The X509-SVID goes to the command at once, with
-                            // the JWT-SVIDs held (valid until their own
-                            // expiry): JWT-SVIDs that cannot be had now must
-                            // not leave it the old certificate until that expires.
-                            var delivered = obtained!
+                        deliveredEarly = false
+                    }
+                    if !audiences.isEmpty, !deliveredEarly {
+                        // The X509-SVID goes to the command at once, with
+                        // the JWT-SVIDs held while they last: JWT-SVIDs that
+                        // cannot be had now must not leave it the old
+                        // certificate until that expires.
+                        var delivered = obtained!
+                        if let jwtExpiry = current.jwtLocalExpiry, jwtExpiry > Date() {
                             (delivered.jwts, delivered.jwtsReceived) = (current.jwts, current.jwtsReceived)
-                            try write(delivered)
-                            await onRenewed(delivered, newKey)
-                            current = delivered
                         }
+                        try write(delivered)
+                        await onRenewed(delivered, newKey)
+                        current = delivered
+                        deliveredEarly = true
                     }
                     let renewed = try await obtained!.withJWTs(audiences, options, ttl: jwtTTL)
                     try write(renewed)

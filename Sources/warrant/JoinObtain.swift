@@ -227,6 +227,11 @@ struct JobIdentity {
             throw JobFailure(description: "the cluster refused: \(error?["code"] as? String ?? String(response.status.code)): \(error?["message"] as? String ?? response.text)"
                              + (path == "/v1/join" ? " (an operator can run 'warrant join explain' on the token to see why)" : ""), status: response.status.code)
         }
+        // An answer replayed for an idempotency key is the one first given:
+        // for another key than this one, it is of no use (and never written).
+        guard let parsed = try? Certificate(pemEncoded: certificate), parsed.publicKey == Certificate.PublicKey(key.publicKey) else {
+            throw JobFailure(description: "the cluster answered with a certificate that is not for this request's key (an earlier answer replayed for its idempotency key?)")
+        }
         let received = Date()
         let expires = (body["expires_at"] as? String).flatMap { try? Date($0, strategy: .iso8601) } ?? received
         return JobIdentity(certificatePEM: certificate, keyPEM: key.pemRepresentation, bundlePEM: bundle,

@@ -533,6 +533,11 @@ extension JoinTests {
             #expect(await eventually(seconds: 15) {
                 ((try? String(contentsOfFile: "\(dir)/agent-out/bundle.pem", encoding: .utf8))?.components(separatedBy: "BEGIN CERTIFICATE").count ?? 0) - 1 == authorities + 1
             }, "the prepared authority is in bundle.pem: \((try? String(contentsOfFile: "\(dir)/agent-out/bundle.pem", encoding: .utf8)) ?? "none")")
+            // A bundle.pem gone (or not as published) is put back at the next refresh.
+            let published = try String(contentsOfFile: "\(dir)/agent-out/bundle.pem", encoding: .utf8)
+            try FileManager.default.removeItem(atPath: "\(dir)/agent-out/bundle.pem")
+            #expect(await eventually(seconds: 15) { (try? String(contentsOfFile: "\(dir)/agent-out/bundle.pem", encoding: .utf8)) == published },
+                    "bundle.pem written again")
             // A raw call claiming to be another process in its own metadata is judged on the kernel's word.
             let forged = try run(["python3", "-c", """
                 import grpc, sys

@@ -91,6 +91,20 @@ struct ForwardingTests {
         #expect(try await ask(on: nil) == .ok)
         #expect(pool.idleEventLoops.count == 2)
         await pool.closeAll()
+
+        // Full of one loop's connections: another loop's returning one
+        // takes the place of one of them, not closed for want of room.
+        let small = HTTPConnectionPool(address: server.localAddress!, tls: nil, idleMax: 2, group: group)
+        func askSmall(on loop: any EventLoop) async throws -> HTTPResponseStatus {
+            try await Task(executorPreference: EventLoopTaskExecutor(loop: loop)) { try await small.request(.GET, "/").status }.value
+        }
+        async let first = askSmall(on: loops[0])
+        async let second = askSmall(on: loops[0])
+        #expect(try await [first, second] == [.ok, .ok])
+        #expect(small.idleEventLoops.map { ObjectIdentifier($0) } == [ObjectIdentifier(loops[0]), ObjectIdentifier(loops[0])], "two at once: two connections")
+        #expect(try await askSmall(on: loops[1]) == .ok)
+        #expect(Set(small.idleEventLoops.map { ObjectIdentifier($0) }) == Set(loops.map { ObjectIdentifier($0) }), "one of each loop kept")
+        await small.closeAll()
         try await server.close()
         try await group.shutdownGracefully()
         try await serverGroup.shutdownGracefully()

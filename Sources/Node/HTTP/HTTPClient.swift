@@ -286,11 +286,24 @@ public final class HTTPConnectionPool: Sendable {
             connection = try await HTTPConnection.connect(to: target, tls: tls, group: here ?? group, peerCheck: peerCheck)
         }
         let response = try await connection.request(method, uri, headers: headers, body: body, timeout: timeout)
-        let kept = idle.withLock { idle in
-            guard idle.count < idleMax, connection.isActive else { return false }
+        let (kept, dropped) = idle.withLock { idle -> (Bool, HTTPConnection?) in
+            guard connection.isActive else { return (false, nil) }
+            idle.removeAll { !$0.isActive }
+            var dropped: HTTPConnection?
+            // Full: one of the loop with the most makes room, so a burst on
+            // one loop cannot leave another none to reuse (each caller on a
+            // loop takes only that loop's).
+            if idle.count >= idleMax {
+                let counts = Dictionary(grouping: idle, by: { ObjectIdentifier($0.eventLoop) }).mapValues(\.count)
+                let mine = counts[ObjectIdentifier(connection.eventLoop), default: 0]
+                guard let (loop, most) = counts.max(by: { $0.value < $1.value }), most > mine + 1,
+                      let index = idle.firstIndex(where: { ObjectIdentifier($0.eventLoop) == loop }) else { return (false, nil) }
+                dropped = idle.remove(at: index)
+            }
             idle.append(connection)
-            return true
+            return (true, dropped)
         }
+        if let dropped { await dropped.close() }
         if !kept { await connection.close() }
         return response
     }
