@@ -16,7 +16,8 @@ struct ExecCommand: AsyncParsableCommand {
             and the bundle also when the cluster's changes), \
             WARRANT_IDENTITY_DIR and WARRANT_SPIFFE_ID. The identity is renewed at half its lifetime (with jitter); when renewal is \
             refused, a fresh platform token is used to join again. Without --out the files live in a private temporary directory, \
-            removed when the command exits. SIGINT and SIGTERM are passed on to the command.
+            removed when the command exits. SIGINT, SIGTERM, SIGHUP and SIGQUIT are passed on to the command's process group; \
+            in a terminal's foreground, the command has the terminal while it runs.
 
             Examples:
               warrant exec --endpoint warrant.example.com:8443 --ca-file warrant-ca.pem --audience warrant.example.com -- terraform apply
@@ -100,9 +101,6 @@ struct ExecCommand: AsyncParsableCommand {
             }
             say("\(identity.spiffeID) until \(identity.expiresAt.formatted(.iso8601)); running \(command[0])")
 
-            let child = Process()
-            child.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-            child.arguments = command
             var added = [
                 "WARRANT_IDENTITY_DIR": directory, "WARRANT_SVID_FILE": "\(directory)/svid.pem", "WARRANT_KEY_FILE": "\(directory)/svid.key",
                 "WARRANT_BUNDLE_FILE": "\(directory)/bundle.pem", "WARRANT_SPIFFE_ID": identity.spiffeID,
@@ -127,27 +125,40 @@ struct ExecCommand: AsyncParsableCommand {
                 let withheld = platform.filter { childEnvironment.removeValue(forKey: $0) != nil }
                 if !withheld.isEmpty { say("withheld from the step's command: \(withheld.joined(separator: ", ")) (the job's platform token)") }
             }
-            child.environment = childEnvironment
-            let exited = AsyncStream<(Int32, Process.TerminationReason)>.makeStream()
-            child.terminationHandler = { process in
-                exited.continuation.yield((process.terminationStatus, process.terminationReason))
-                exited.continuation.finish()
+            // Pass SIGINT, SIGTERM, SIGHUP and SIGQUIT on to the command's
+            // group (its own children too), or to the command alone if it
+            // left the group; one that comes before the command exists is
+            // passed on as soon as it does.
+            let commandPID = Atomic<Int32>(0), early = Atomic<Int32>(0)
+            @Sendable func pass(_ signalNumber: Int32) {
+                let pid = commandPID.load(ordering: .acquiring)
+                guard pid > 0 else { return early.store(signalNumber, ordering: .releasing) }
+                if kill(-pid, signalNumber) != 0 { kill(pid, signalNumber) }
             }
-            do {
-                try child.run()
-            } catch {
-                throw JobFailure(description: "cannot run \(command[0]): \(error.localizedDescription)")
-            }
-            // Pass SIGINT and SIGTERM on to the command.
             var sources: [any DispatchSourceSignal] = []
-            for signalNumber in [SIGINT, SIGTERM] {
+            for signalNumber in [SIGINT, SIGTERM, SIGHUP, SIGQUIT] {
                 signal(signalNumber, SIG_IGN)
                 let source = DispatchSource.makeSignalSource(signal: signalNumber)
-                let pid = child.processIdentifier
-                source.setEventHandler { kill(pid, signalNumber) }
+                source.setEventHandler { pass(signalNumber) }
                 source.resume()
                 sources.append(source)
             }
+            let pid: pid_t
+            do {
+                pid = try ChildCommand.spawn(["/usr/bin/env"] + command, environment: childEnvironment)
+            } catch {
+                for source in sources { source.cancel() }
+                throw JobFailure(description: "cannot run \(command[0]): \(error)")
+            }
+            let exited = Task { await ChildCommand.exitStatus(of: pid) }
+            // The command runs in a process group of its own (its id the
+            // command's pid). A terminal this runs in the foreground of is
+            // the command's while it runs: reading it from a background
+            // group (terraform asking for approval) would stop the command for good.
+            let terminal = ForegroundTerminal.handOver(to: pid)
+            commandPID.store(pid, ordering: .releasing)
+            let pending = early.exchange(0, ordering: .acquiringAndReleasing)
+            if pending != 0 { pass(pending) }
             // (A temporary directory is removed on exit: a renewal still under way then writes nothing.)
             let remakeDirectory = temporary == nil
             let renewal = Task {
@@ -157,10 +168,10 @@ struct ExecCommand: AsyncParsableCommand {
                 }
             }
             let bundles = Task { [bundleRefresh] in await agent.keepBundlesFresh(every: .milliseconds(Int(bundleRefresh * 1000))) }
-            var result: (Int32, Process.TerminationReason) = (1, .exit)
-            for await value in exited.stream { result = value }
+            let exitStatus = await exited.value
             // The command is gone: its pid must not be signalled any more.
             for source in sources { source.cancel() }
+            terminal?.giveBack()
             bundles.cancel()
             renewal.cancel()
             // A bundle refresh under way writes nothing into a directory about to go.
@@ -170,7 +181,7 @@ struct ExecCommand: AsyncParsableCommand {
             // the identity as it is now (certificate and key of one renewal).
             let now = await renewal.value
             await workloadAPI?.stop()
-            status = result.1 == .uncaughtSignal ? 128 + result.0 : result.0
+            status = exitStatus
             if step != nil {
                 do {
                     try await now.closeStep(exitStatus: status, options)
@@ -337,5 +348,87 @@ struct ExecCommand: AsyncParsableCommand {
     static func joinAgain(after failure: JobFailure, _ current: JobIdentity, now: Date = Date()) -> Bool {
         if let status = failure.status { return status == 401 || status == 403 }
         return current.localExpiry <= now
+    }
+}
+
+/// The controlling terminal, handed to a command's process group while it
+/// runs when this process is in the terminal's foreground, and given back
+/// after (as a shell does for a job).
+struct ForegroundTerminal {
+    private let descriptor: Int32
+    private let group: pid_t
+
+    static func handOver(to child: pid_t) -> ForegroundTerminal? {
+        let descriptor = open("/dev/tty", O_RDWR | O_CLOEXEC | O_NOCTTY)
+        guard descriptor >= 0 else { return nil }
+        let group = getpgrp()
+        guard tcgetpgrp(descriptor) == group else {
+            close(descriptor)
+            return nil
+        }
+        // Taking the terminal back from the background must not stop this process.
+        signal(SIGTTOU, SIG_IGN)
+        guard tcsetpgrp(descriptor, child) == 0 else {
+            close(descriptor)
+            return nil
+        }
+        // A command that read the terminal before it was its was stopped: it goes on.
+        kill(-child, SIGCONT)
+        return ForegroundTerminal(descriptor: descriptor, group: group)
+    }
+
+    func giveBack() {
+        _ = tcsetpgrp(descriptor, group)
+        close(descriptor)
+    }
+}
+
+/// The command `warrant exec` runs, started with posix_spawn rather than
+/// Foundation's Process, which hands the child the spawning thread's
+/// signal mask (a Swift concurrency thread blocks nearly every signal:
+/// the command could not be interrupted, measured) and this process's
+/// ignored SIGPIPE (NIO's).
+enum ChildCommand {
+    struct SpawnError: Error, CustomStringConvertible {
+        var code: Int32
+        var description: String { String(cString: strerror(code)) }
+    }
+
+    /// Starts `arguments` (the first a path) in a process group of its
+    /// own, with no signal blocked and SIGINT, SIGTERM, SIGHUP, SIGQUIT,
+    /// SIGPIPE, SIGTSTP, SIGTTIN and SIGTTOU at their defaults.
+    static func spawn(_ arguments: [String], environment: [String: String]) throws -> pid_t {
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        var none = sigset_t(), defaults = sigset_t()
+        sigemptyset(&none)
+        sigemptyset(&defaults)
+        for number in [SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGPIPE, SIGTSTP, SIGTTIN, SIGTTOU] { sigaddset(&defaults, number) }
+        posix_spawnattr_setsigmask(&attributes, &none)
+        posix_spawnattr_setsigdefault(&attributes, &defaults)
+        posix_spawnattr_setpgroup(&attributes, 0)
+        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETPGROUP))
+        let argv = arguments.map { strdup($0) } + [nil]
+        let envp = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
+        defer { (argv + envp).forEach { free($0) } }
+        var pid: pid_t = 0
+        let code = posix_spawn(&pid, arguments[0], nil, &attributes, argv, envp)
+        guard code == 0 else { throw SpawnError(code: code) }
+        return pid
+    }
+
+    /// Waits, on a thread of its own, for `pid` to end: its exit status,
+    /// or 128 + the signal that ended it.
+    static func exitStatus(of pid: pid_t) async -> Int32 {
+        await withCheckedContinuation { continuation in
+            Thread.detachNewThread {
+                var status: Int32 = 0
+                while waitpid(pid, &status, 0) == -1 {
+                    guard errno == EINTR else { return continuation.resume(returning: 1) }
+                }
+                continuation.resume(returning: status & 0x7F == 0 ? (status >> 8) & 0xFF : 128 + (status & 0x7F))
+            }
+        }
     }
 }

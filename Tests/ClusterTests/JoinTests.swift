@@ -635,3 +635,76 @@ extension JoinTests {
 private func replacingIssuer(_ claims: [(String, TestIssuer.Claim)], _ issuer: String) -> [(String, TestIssuer.Claim)] {
     claims.map { $0.0 == "iss" ? ("iss", .string(issuer)) : $0 }
 }
+
+extension JoinTests {
+    @Test("warrant exec in a terminal's foreground hands the terminal to the command, which reads an answer there (as terraform asks for approval); a SIGTERM to exec reaches the command's own children")
+    func execTerminalAndSignals() async throws {
+        let github = try TestIssuer(keys: [.rsa2048])
+        try await github.serve()
+        defer { Task { await github.stop() } }
+        try await InProcessCluster.withReadyFollower { cluster, leader, _, admin, _ in
+            let dir = cluster.directory
+            let (binary, environment) = try await simulatedGitHubJob(admin, github, directory: dir)
+            let exec = [binary, "exec", "--endpoint", "127.0.0.1:\(cluster.basePort + 100 + Int(leader) - 1)", "--ca-file", "\(dir)/ca.pem",
+                        "--audience", "warrant.local", "--token-request-ca", "\(dir)/github-ca.pem", "--"]
+            // In a pseudo-terminal, exec in its foreground: the command asks, the test answers.
+            let asking = exec + ["sh", "-c", "grep -E 'SigBlk|SigIgn' /proc/$$/status; yes | head -1 > /dev/null; printf 'apply? '; read answer; echo \"answered $answer\""]
+            let terminal = """
+                import json, os, pty, select, signal, sys, time
+                args, env = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+                pid, master = pty.fork()
+                if pid == 0:
+                    os.execve(args[0], args, env)
+                out, answered, deadline = b"", False, time.time() + 40
+                while time.time() < deadline:
+                    if select.select([master], [], [], 0.5)[0]:
+                        try:
+                            data = os.read(master, 4096)
+                        except OSError:
+                            break
+                        if not data:
+                            break
+                        out += data
+                        if not answered and b"apply?" in out:
+                            os.write(master, b"yes\\n")
+                            answered = True
+                else:
+                    os.kill(pid, signal.SIGKILL)
+                _, status = os.waitpid(pid, 0)
+                print(out.decode(errors="replace"))
+                print("status", os.waitstatus_to_exitcode(status))
+                """
+            func text(_ value: Any) throws -> String { String(decoding: try JSONSerialization.data(withJSONObject: value), as: UTF8.self) }
+            let answered = try run(["python3", "-c", terminal, try text(asking), try text(environment)])
+            #expect(answered.output.contains("answered yes") && answered.output.contains("status 0"), "\(answered.output)")
+            // Nothing blocked or ignored from exec's own threads (NIO ignores SIGPIPE): a pipeline ends as in any shell.
+            #expect(answered.output.contains("SigBlk:\t0000000000000000"), "\(answered.output)")
+            let ignored = try #require(answered.output.firstMatch(of: /SigIgn:\t([0-9a-f]+)/).flatMap { UInt64($0.output.1, radix: 16) }, "\(answered.output)")
+            for number in [SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGPIPE] { #expect(ignored & (1 << UInt64(number - 1)) == 0, "signal \(number) ignored: \(answered.output)") }
+            #expect(!answered.output.contains("Broken pipe"), "\(answered.output)")
+
+            // A command's child in the background: a SIGTERM to exec reaches it too.
+            let pidFile = "\(dir)/sleeper.pid"
+            let sleeper = Process()
+            sleeper.executableURL = URL(fileURLWithPath: binary)
+            sleeper.arguments = Array(exec.dropFirst()) + ["sh", "-c", "sleep 37 & echo $! > \(pidFile); wait"]
+            sleeper.environment = environment
+            sleeper.standardOutput = FileHandle.nullDevice
+            sleeper.standardError = FileHandle.nullDevice
+            try sleeper.run()
+            defer { if sleeper.isRunning { kill(sleeper.processIdentifier, SIGKILL) } }
+            #expect(await eventually(seconds: 30) { FileManager.default.fileExists(atPath: pidFile) && ((try? String(contentsOfFile: pidFile, encoding: .utf8)) ?? "").hasSuffix("\n") })
+            let sleeping = try #require(Int32(try String(contentsOfFile: pidFile, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)))
+            // Running: there, and not a zombie (whoever adopts it may not reap it).
+            func running(_ pid: Int32) -> Bool {
+                guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8), let close = stat.lastIndex(of: ")") else { return false }
+                return !stat[close...].hasPrefix(") Z")
+            }
+            #expect(running(sleeping), "the command's child runs")
+            kill(sleeper.processIdentifier, SIGTERM)
+            #expect(await eventually(seconds: 15) { !sleeper.isRunning }, "exec ends with its command")
+            #expect(await eventually(seconds: 10) { !running(sleeping) }, "the command's child got the SIGTERM too")
+            if running(sleeping) { kill(sleeping, SIGKILL) }
+        }
+    }
+}
