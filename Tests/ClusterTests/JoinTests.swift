@@ -440,12 +440,8 @@ extension JoinTests {
     /// `warrant exec` for a 4-second identity with every node as an
     /// endpoint, the leader first.
     func withFourSecondExec(_ body: (InProcessCluster, _ leader: UInt64, _ binary: String, _ environment: [String: String], _ arguments: [String]) async throws -> Void) async throws {
-        let github = try TestIssuer(keys: [.rsa2048])
-        try await github.serve()
-        defer { Task { await github.stop() } }
-        try await InProcessCluster.withReadyFollower { cluster, leader, _, admin, _ in
+        try await withGitHubJob { cluster, leader, _, _, _, binary, environment in
             let dir = cluster.directory
-            let (binary, environment) = try await simulatedGitHubJob(admin, github, directory: dir)
             var arguments = ["exec", "--ca-file", "\(dir)/ca.pem", "--audience", "warrant.local", "--token-request-ca", "\(dir)/github-ca.pem", "--ttl", "4"]
             for id in [leader] + [UInt64(1), 2, 3].filter({ $0 != leader }) { arguments += ["--endpoint", "127.0.0.1:\(cluster.basePort + 100 + Int(id) - 1)"] }
             try await body(cluster, leader, binary, environment, arguments)
@@ -491,12 +487,8 @@ extension JoinTests {
 extension JoinTests {
     @Test("warrant agent serves the SPIFFE Workload API: py-spiffe fetches X.509 and JWT SVIDs and bundles and validates a JWT-SVID; a call without the header gets INVALID_ARGUMENT; a socket in use is refused")
     func workloadAPI() async throws {
-        let github = try TestIssuer(keys: [.rsa2048])
-        try await github.serve()
-        defer { Task { await github.stop() } }
-        try await InProcessCluster.withReadyFollower { cluster, _, follower, admin, _ in
+        try await withGitHubJob { cluster, _, follower, admin, _, binary, environment in
             let dir = cluster.directory
-            let (binary, environment) = try await simulatedGitHubJob(admin, github, directory: dir)
             let socket = "\(dir)/agent.sock"
             let arguments = ["agent", "--endpoint", "127.0.0.1:\(cluster.basePort + 100 + Int(follower) - 1)", "--ca-file", "\(dir)/ca.pem",
                              "--audience", "warrant.local", "--token-request-ca", "\(dir)/github-ca.pem", "--socket", socket, "--exit-after", "40",
@@ -592,6 +584,20 @@ extension JoinTests {
     }
 }
 
+/// A ready cluster with a simulated GitHub job set up (`simulatedGitHubJob`):
+/// the cluster, its leader, a follower, an admin connection, the issuer,
+/// the warrant binary and the job's environment.
+func withGitHubJob(_ body: (InProcessCluster, _ leader: UInt64, _ follower: UInt64, HTTPConnection, TestIssuer, _ binary: String,
+                            _ environment: [String: String]) async throws -> Void) async throws {
+    let github = try TestIssuer(keys: [.rsa2048])
+    try await github.serve()
+    defer { Task { await github.stop() } }
+    try await InProcessCluster.withReadyFollower { cluster, leader, follower, admin, _ in
+        let (binary, environment) = try await simulatedGitHubJob(admin, github, directory: cluster.directory)
+        try await body(cluster, leader, follower, admin, github, binary, environment)
+    }
+}
+
 /// Configures the GitHub issuer (backed by `github`) and the deploy rule,
 /// writes the provider's CA to `directory/github-ca.pem`, and returns the
 /// warrant binary and a simulated GitHub Actions runner's environment.
@@ -608,11 +614,7 @@ private func simulatedGitHubJob(_ admin: HTTPConnection, _ github: TestIssuer, d
 extension JoinTests {
     @Test("The job-side client follows the leader: starting on a follower, it finds and then prefers the leader's endpoint")
     func clientFollowsLeader() async throws {
-        let github = try TestIssuer(keys: [.rsa2048])
-        try await github.serve()
-        defer { Task { await github.stop() } }
-        try await InProcessCluster.withReadyFollower { cluster, leader, _, admin, _ in
-            _ = try await simulatedGitHubJob(admin, github, directory: cluster.directory)
+        try await withGitHubJob { cluster, leader, _, _, github, _, _ in
             let followers = [UInt64(1), 2, 3].filter { $0 != leader }
             let order = followers + [leader]
             let endpoints = try order.map { try HostPort(parsing: "127.0.0.1:\(cluster.basePort + 100 + Int($0) - 1)", at: "test") }
@@ -639,12 +641,8 @@ private func replacingIssuer(_ claims: [(String, TestIssuer.Claim)], _ issuer: S
 extension JoinTests {
     @Test("warrant exec in a terminal's foreground hands the terminal to the command, which reads an answer there (as terraform asks for approval); a SIGTERM to exec reaches the command's own children")
     func execTerminalAndSignals() async throws {
-        let github = try TestIssuer(keys: [.rsa2048])
-        try await github.serve()
-        defer { Task { await github.stop() } }
-        try await InProcessCluster.withReadyFollower { cluster, leader, _, admin, _ in
+        try await withGitHubJob { cluster, leader, _, _, _, binary, environment in
             let dir = cluster.directory
-            let (binary, environment) = try await simulatedGitHubJob(admin, github, directory: dir)
             let exec = [binary, "exec", "--endpoint", "127.0.0.1:\(cluster.basePort + 100 + Int(leader) - 1)", "--ca-file", "\(dir)/ca.pem",
                         "--audience", "warrant.local", "--token-request-ca", "\(dir)/github-ca.pem", "--"]
             // In a pseudo-terminal, exec in its foreground: the command asks, the test answers.
