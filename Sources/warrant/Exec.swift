@@ -16,8 +16,7 @@ struct ExecCommand: AsyncParsableCommand {
             and the bundle also when the cluster's changes), \
             WARRANT_IDENTITY_DIR and WARRANT_SPIFFE_ID. The identity is renewed at half its lifetime (with jitter); when renewal is \
             refused, a fresh platform token is used to join again. Without --out the files live in a private temporary directory, \
-            removed when the command exits. SIGINT, SIGTERM, SIGHUP and SIGQUIT are passed on to the command's process group; \
-            in a terminal's foreground, the command has the terminal while it runs.
+            removed when the command exits. SIGINT, SIGTERM, SIGHUP and SIGQUIT are passed on to the command's process group.
 
             Examples:
               warrant exec --endpoint warrant.example.com:8443 --ca-file warrant-ca.pem --audience warrant.example.com -- terraform apply
@@ -126,39 +125,31 @@ struct ExecCommand: AsyncParsableCommand {
                 if !withheld.isEmpty { say("withheld from the step's command: \(withheld.joined(separator: ", ")) (the job's platform token)") }
             }
             // Pass SIGINT, SIGTERM, SIGHUP and SIGQUIT on to the command's
-            // group (its own children too), or to the command alone if it
-            // left the group; one that comes before the command exists is
-            // passed on as soon as it does.
-            let commandPID = Atomic<Int32>(0), early = Atomic<Int32>(0)
-            @Sendable func pass(_ signalNumber: Int32) {
-                let pid = commandPID.load(ordering: .acquiring)
-                guard pid > 0 else { return early.store(signalNumber, ordering: .releasing) }
-                if kill(-pid, signalNumber) != 0 { kill(pid, signalNumber) }
-            }
+            // group (its own children too), also one that comes before the
+            // command exists; not one this process was started ignoring
+            // (nohup's SIGHUP), which the command ignores as well.
+            let signals = CommandSignals()
             var sources: [any DispatchSourceSignal] = []
+            var inheritedIgnored: [Int32] = []
             for signalNumber in [SIGINT, SIGTERM, SIGHUP, SIGQUIT] {
-                signal(signalNumber, SIG_IGN)
+                if ChildCommand.isIgnore(signal(signalNumber, SIG_IGN)) {
+                    inheritedIgnored.append(signalNumber)
+                    continue
+                }
                 let source = DispatchSource.makeSignalSource(signal: signalNumber)
-                source.setEventHandler { pass(signalNumber) }
+                source.setEventHandler { signals.pass(signalNumber) }
                 source.resume()
                 sources.append(source)
             }
             let pid: pid_t
             do {
-                pid = try ChildCommand.spawn(["/usr/bin/env"] + command, environment: childEnvironment)
+                pid = try ChildCommand.spawn(["/usr/bin/env"] + command, environment: childEnvironment, keepIgnored: inheritedIgnored)
             } catch {
                 for source in sources { source.cancel() }
                 throw JobFailure(description: "cannot run \(command[0]): \(error)")
             }
-            let exited = Task { await ChildCommand.exitStatus(of: pid) }
-            // The command runs in a process group of its own (its id the
-            // command's pid). A terminal this runs in the foreground of is
-            // the command's while it runs: reading it from a background
-            // group (terraform asking for approval) would stop the command for good.
-            let terminal = ForegroundTerminal.handOver(to: pid)
-            commandPID.store(pid, ordering: .releasing)
-            let pending = early.exchange(0, ordering: .acquiringAndReleasing)
-            if pending != 0 { pass(pending) }
+            signals.started(pid)
+            let exited = Task { await ChildCommand.exitStatus(of: pid, signals: signals) }
             // (A temporary directory is removed on exit: a renewal still under way then writes nothing.)
             let remakeDirectory = temporary == nil
             let renewal = Task {
@@ -169,9 +160,8 @@ struct ExecCommand: AsyncParsableCommand {
             }
             let bundles = Task { [bundleRefresh] in await agent.keepBundlesFresh(every: .milliseconds(Int(bundleRefresh * 1000))) }
             let exitStatus = await exited.value
-            // The command is gone: its pid must not be signalled any more.
+            // The command is gone (and no signal goes to its pid any more).
             for source in sources { source.cancel() }
-            terminal?.giveBack()
             bundles.cancel()
             renewal.cancel()
             // A bundle refresh under way writes nothing into a directory about to go.
@@ -351,38 +341,6 @@ struct ExecCommand: AsyncParsableCommand {
     }
 }
 
-/// The controlling terminal, handed to a command's process group while it
-/// runs when this process is in the terminal's foreground, and given back
-/// after (as a shell does for a job).
-struct ForegroundTerminal {
-    private let descriptor: Int32
-    private let group: pid_t
-
-    static func handOver(to child: pid_t) -> ForegroundTerminal? {
-        let descriptor = open("/dev/tty", O_RDWR | O_CLOEXEC | O_NOCTTY)
-        guard descriptor >= 0 else { return nil }
-        let group = getpgrp()
-        guard tcgetpgrp(descriptor) == group else {
-            close(descriptor)
-            return nil
-        }
-        // Taking the terminal back from the background must not stop this process.
-        signal(SIGTTOU, SIG_IGN)
-        guard tcsetpgrp(descriptor, child) == 0 else {
-            close(descriptor)
-            return nil
-        }
-        // A command that read the terminal before it was its was stopped: it goes on.
-        kill(-child, SIGCONT)
-        return ForegroundTerminal(descriptor: descriptor, group: group)
-    }
-
-    func giveBack() {
-        _ = tcsetpgrp(descriptor, group)
-        close(descriptor)
-    }
-}
-
 /// The command `warrant exec` runs, started with posix_spawn rather than
 /// Foundation's Process, which hands the child the spawning thread's
 /// signal mask (a Swift concurrency thread blocks nearly every signal:
@@ -394,35 +352,68 @@ enum ChildCommand {
         var description: String { String(cString: strerror(code)) }
     }
 
-    /// Starts `arguments` (the first a path) in a process group of its
-    /// own, with no signal blocked and SIGINT, SIGTERM, SIGHUP, SIGQUIT,
-    /// SIGPIPE, SIGTSTP, SIGTTIN and SIGTTOU at their defaults.
-    static func spawn(_ arguments: [String], environment: [String: String]) throws -> pid_t {
+    static func isIgnore(_ handler: __sighandler_t?) -> Bool {
+        unsafeBitCast(handler, to: Int.self) == unsafeBitCast(SIG_IGN, to: Int.self)
+    }
+
+    /// Starts `arguments` (the first a path) in a process group of its own
+    /// (as Foundation did: the terminal's signals reach this process, which
+    /// passes them on once), with no signal blocked, SIGINT, SIGTERM,
+    /// SIGHUP, SIGQUIT and SIGPIPE at their defaults but for
+    /// `keepIgnored` (ignored when this process started), and no
+    /// descriptor but 0, 1 and 2 (NIO's sockets are not close-on-exec).
+    static func spawn(_ arguments: [String], environment: [String: String], keepIgnored: [Int32]) throws -> pid_t {
         var attributes = posix_spawnattr_t()
         posix_spawnattr_init(&attributes)
         defer { posix_spawnattr_destroy(&attributes) }
         var none = sigset_t(), defaults = sigset_t()
         sigemptyset(&none)
         sigemptyset(&defaults)
-        for number in [SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGPIPE, SIGTSTP, SIGTTIN, SIGTTOU] { sigaddset(&defaults, number) }
+        for number in [SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGPIPE] where !keepIgnored.contains(number) { sigaddset(&defaults, number) }
         posix_spawnattr_setsigmask(&attributes, &none)
         posix_spawnattr_setsigdefault(&attributes, &defaults)
         posix_spawnattr_setpgroup(&attributes, 0)
         posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETPGROUP))
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        try closeFromThree(&actions)
         let argv = arguments.map { strdup($0) } + [nil]
         let envp = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
         defer { (argv + envp).forEach { free($0) } }
         var pid: pid_t = 0
-        let code = posix_spawn(&pid, arguments[0], nil, &attributes, argv, envp)
+        let code = posix_spawn(&pid, arguments[0], &actions, &attributes, argv, envp)
         guard code == 0 else { throw SpawnError(code: code) }
         return pid
     }
 
+    /// Every descriptor from 3 up closed in the child: glibc's
+    /// posix_spawn_file_actions_addclosefrom_np (2.34 on, a GNU extension
+    /// Swift's Glibc does not declare, so looked up), else each one open now.
+    private static func closeFromThree(_ actions: inout posix_spawn_file_actions_t) throws {
+        typealias CloseFrom = @convention(c) (UnsafeMutablePointer<posix_spawn_file_actions_t>?, Int32) -> Int32
+        if let symbol = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "posix_spawn_file_actions_addclosefrom_np") {
+            let code = unsafeBitCast(symbol, to: CloseFrom.self)(&actions, 3)
+            guard code == 0 else { throw SpawnError(code: code) }
+            return
+        }
+        for name in (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? [] {
+            if let descriptor = Int32(name), descriptor > 2 { posix_spawn_file_actions_addclose(&actions, descriptor) }
+        }
+    }
+
     /// Waits, on a thread of its own, for `pid` to end: its exit status,
-    /// or 128 + the signal that ended it.
-    static func exitStatus(of pid: pid_t) async -> Int32 {
+    /// or 128 + the signal that ended it. The command is marked gone in
+    /// `signals` before it is reaped, so its pid, free for reuse once
+    /// reaped, is never signalled after.
+    static func exitStatus(of pid: pid_t, signals: CommandSignals) async -> Int32 {
         await withCheckedContinuation { continuation in
             Thread.detachNewThread {
+                var info = siginfo_t()
+                while waitid(P_PID, id_t(pid), &info, WEXITED | WNOWAIT) == -1 {
+                    guard errno == EINTR else { break }
+                }
+                signals.ended()
                 var status: Int32 = 0
                 while waitpid(pid, &status, 0) == -1 {
                     guard errno == EINTR else { return continuation.resume(returning: 1) }
@@ -430,5 +421,37 @@ enum ChildCommand {
                 continuation.resume(returning: status & 0x7F == 0 ? (status >> 8) & 0xFF : 128 + (status & 0x7F))
             }
         }
+    }
+}
+
+/// Signals for the command: passed to its process group once it exists
+/// (those that came before, in order, as soon as it does), never after it ended.
+final class CommandSignals: Sendable {
+    private let state = Mutex<(pid: pid_t, ended: Bool, early: [Int32])>((0, false, []))
+
+    func pass(_ signalNumber: Int32) {
+        state.withLock { state in
+            guard !state.ended else { return }
+            guard state.pid > 0 else {
+                if state.early.count < 8 { state.early.append(signalNumber) }
+                return
+            }
+            Self.send(signalNumber, to: state.pid)
+        }
+    }
+
+    func started(_ pid: pid_t) {
+        state.withLock { state in
+            state.pid = pid
+            for signalNumber in state.early { Self.send(signalNumber, to: pid) }
+            state.early = []
+        }
+    }
+
+    func ended() { state.withLock { $0.ended = true } }
+
+    /// To its group, or to the command alone if it left the group.
+    private static func send(_ signalNumber: Int32, to pid: pid_t) {
+        if kill(-pid, signalNumber) != 0 { kill(pid, signalNumber) }
     }
 }

@@ -639,47 +639,27 @@ private func replacingIssuer(_ claims: [(String, TestIssuer.Claim)], _ issuer: S
 }
 
 extension JoinTests {
-    @Test("warrant exec in a terminal's foreground hands the terminal to the command, which reads an answer there (as terraform asks for approval); a SIGTERM to exec reaches the command's own children")
-    func execTerminalAndSignals() async throws {
+    @Test("warrant exec's command starts with nothing blocked, SIGPIPE and the signals exec passes on at their defaults (but one exec was started ignoring, as under nohup) and no descriptor of exec's; a SIGTERM to exec reaches the command's own children")
+    func execSignalsAndDescriptors() async throws {
         try await withGitHubJob { cluster, leader, _, _, _, binary, environment in
             let dir = cluster.directory
             let exec = [binary, "exec", "--endpoint", "127.0.0.1:\(cluster.basePort + 100 + Int(leader) - 1)", "--ca-file", "\(dir)/ca.pem",
                         "--audience", "warrant.local", "--token-request-ca", "\(dir)/github-ca.pem", "--"]
-            // In a pseudo-terminal, exec in its foreground: the command asks, the test answers.
-            let asking = exec + ["sh", "-c", "grep -E 'SigBlk|SigIgn' /proc/$$/status; yes | head -1 > /dev/null; printf 'apply? '; read answer; echo \"answered $answer\""]
-            let terminal = """
-                import json, os, pty, select, signal, sys, time
-                args, env = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-                pid, master = pty.fork()
-                if pid == 0:
-                    os.execve(args[0], args, env)
-                out, answered, deadline = b"", False, time.time() + 40
-                while time.time() < deadline:
-                    if select.select([master], [], [], 0.5)[0]:
-                        try:
-                            data = os.read(master, 4096)
-                        except OSError:
-                            break
-                        if not data:
-                            break
-                        out += data
-                        if not answered and b"apply?" in out:
-                            os.write(master, b"yes\\n")
-                            answered = True
-                else:
-                    os.kill(pid, signal.SIGKILL)
-                _, status = os.waitpid(pid, 0)
-                print(out.decode(errors="replace"))
-                print("status", os.waitstatus_to_exitcode(status))
-                """
-            func text(_ value: Any) throws -> String { String(decoding: try JSONSerialization.data(withJSONObject: value), as: UTF8.self) }
-            let answered = try run(["python3", "-c", terminal, try text(asking), try text(environment)])
-            #expect(answered.output.contains("answered yes") && answered.output.contains("status 0"), "\(answered.output)")
-            // Nothing blocked or ignored from exec's own threads (NIO ignores SIGPIPE): a pipeline ends as in any shell.
-            #expect(answered.output.contains("SigBlk:\t0000000000000000"), "\(answered.output)")
-            let ignored = try #require(answered.output.firstMatch(of: /SigIgn:\t([0-9a-f]+)/).flatMap { UInt64($0.output.1, radix: 16) }, "\(answered.output)")
-            for number in [SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGPIPE] { #expect(ignored & (1 << UInt64(number - 1)) == 0, "signal \(number) ignored: \(answered.output)") }
-            #expect(!answered.output.contains("Broken pipe"), "\(answered.output)")
+            let probe = exec + ["sh", "-c", "grep -E 'SigBlk|SigIgn' /proc/$$/status; yes | head -1 > /dev/null; echo descriptors $(ls -1 /proc/self/fd | wc -l)"]
+            func ignoredSignals(_ output: String) throws -> UInt64 {
+                try #require(output.firstMatch(of: /SigIgn:\t([0-9a-f]+)/).flatMap { UInt64($0.output.1, radix: 16) }, "\(output)")
+            }
+            let probed = try run(probe, environment: environment)
+            #expect(probed.status == 0 && probed.output.contains("SigBlk:\t0000000000000000"), "\(probed.output)")
+            let ignored = try ignoredSignals(probed.output)
+            for number in [SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGPIPE] { #expect(ignored & (1 << UInt64(number - 1)) == 0, "signal \(number) ignored: \(probed.output)") }
+            // (yes ends by SIGPIPE when head is done, as in any shell.)
+            #expect(!probed.output.contains("Broken pipe"), "\(probed.output)")
+            // 0, 1, 2 and ls's own of the directory.
+            #expect(probed.output.contains("descriptors 4"), "\(probed.output)")
+            // Started ignoring SIGHUP (nohup): the command ignores it too.
+            let underNohup = try run(["sh", "-c", "trap '' HUP; exec \"$@\"", "sh"] + probe, environment: environment)
+            #expect(try ignoredSignals(underNohup.output) & (1 << UInt64(SIGHUP - 1)) != 0, "\(underNohup.output)")
 
             // A command's child in the background: a SIGTERM to exec reaches it too.
             let pidFile = "\(dir)/sleeper.pid"

@@ -261,12 +261,14 @@ struct TCPTransportTests {
             try await ClientBootstrap(group: group).bind(to: try SocketAddress(ipAddress: source, port: 0)).connect(to: address).get()
         }
         var flood: [any Channel] = []
+        let started = ContinuousClock.now
         for _ in 0..<20 { flood.append(try await connect(from: "127.0.0.2")) }
+        let windows = secondsSpanned(since: started)
         var other: [any Channel] = []
         for _ in 0..<3 { other.append(try await connect(from: "127.0.0.3")) }
         _ = await eventually(1) { false } // the refusals close their connections meanwhile
         let floodClosed = flood.filter { !$0.isActive }.count
-        #expect(floodClosed >= 11, "\(floodClosed) of the flood closed")
+        #expect(floodClosed >= 20 - 3 * windows && floodClosed > 0, "\(floodClosed) of the flood closed (over \(windows) seconds of the clock)")
         #expect(other.allSatisfy { $0.isActive }, "127.0.0.3's three were refused: \(transport.rejectedConnections.suffix(3))")
         #expect(transport.rejectedConnections.filter { $0.contains("from its address") }.count == floodClosed)
         for channel in flood + other { try? await channel.close() }
@@ -280,6 +282,9 @@ struct TCPTransportTests {
         limits.inboundConnectionsMax = 100
         limits.inboundConnectionsPerSecond = 1_000
         limits.inboundConnectionsPerSecondTotal = 3
+        // The bare connections never handshake: not closed for it while
+        // a busy machine holds this test between its steps.
+        limits.connectTimeout = .seconds(60)
         let pair = try await TLSPair(limitsOfTwo: limits)
         pair.one.setAddress(pair.bound.all[2]!, of: 2)
         pair.one.send([heartbeat(1, 2, 1)])
@@ -288,10 +293,13 @@ struct TCPTransportTests {
             try await ClientBootstrap(group: pair.group).bind(to: try SocketAddress(ipAddress: source, port: 0)).connect(to: pair.bound.all[2]!).get()
         }
         var flood: [any Channel] = []
+        let started = ContinuousClock.now
         for _ in 0..<20 { flood.append(try await connect(from: "127.0.0.2")) }
+        let windows = secondsSpanned(since: started)
         let known = try await connect(from: "127.0.0.1")
         _ = await eventually(1) { false }
-        #expect(flood.filter { !$0.isActive }.count >= 11, "the flood was cut at the total")
+        let floodClosed = flood.filter { !$0.isActive }.count
+        #expect(floodClosed >= 20 - 3 * windows && floodClosed > 0, "the flood was cut at the total: \(floodClosed) closed over \(windows) seconds of the clock")
         #expect(known.isActive, "the known address was refused: \(pair.two.rejectedConnections.suffix(2))")
         for channel in flood + [known] { try? await channel.close() }
         try await pair.stop()
@@ -453,4 +461,12 @@ struct TCPTransportTests {
         #expect(position != nil)
         #expect((position ?? 99) < 12, "the heartbeat did not wait for all twelve 4 MiB snapshots")
     }
+}
+
+/// How many seconds of the clock (the rate limits' fixed windows) the time
+/// since `started` touched, at most: on a busy machine a loop meant for one
+/// second spans several, each with its own allowance.
+private func secondsSpanned(since started: ContinuousClock.Instant) -> Int {
+    let elapsed = started.duration(to: .now)
+    return Int(elapsed.components.seconds) + 2
 }
