@@ -271,7 +271,10 @@ private func write(_ name: String, _ text: String) -> LedgerCommand {
 struct DriverTests {
     @Test("Three drivers elect a leader, commit writes, forward writes from followers, serve reads, survive losing the leader, and converge")
     func threeNodes() async throws {
-        try await LocalCluster.running { try await exercise($0) }
+        // Elections after 500 ms, not 50: a busy CI machine held the
+        // drivers' ticks long enough to elect again in the middle of the
+        // writes (leadership changed before a write committed).
+        try await LocalCluster.running(electionTimeoutTicks: 100) { try await exercise($0) }
     }
 
     private func exercise(_ cluster: LocalCluster) async throws {
