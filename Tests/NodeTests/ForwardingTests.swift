@@ -61,12 +61,14 @@ struct ForwardingTests {
 
     @Test("A request made on one of the pool's loops goes over a connection of that loop; one made elsewhere takes any")
     func connectionOnTheCallersLoop() async throws {
+        // One server thread: every connection's responder runs on it and shares the gate.
         let serverGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let gate = AnswerGate()
         let server = try await ServerBootstrap(group: serverGroup)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline()
-                    try channel.pipeline.syncOperations.addHandler(OKResponder())
+                    try channel.pipeline.syncOperations.addHandler(OKResponder(gate: gate))
                 }
             }
             .bind(host: "127.0.0.1", port: 0).get()
@@ -98,9 +100,13 @@ struct ForwardingTests {
         func askSmall(on loop: any EventLoop) async throws -> HTTPResponseStatus {
             try await Task(executorPreference: EventLoopTaskExecutor(loop: loop)) { try await small.request(.GET, "/").status }.value
         }
+        // The server holds its answers until both requests are in, so the
+        // second cannot reuse the first's connection however the two are scheduled.
+        try await serverGroup.next().submit { gate.needed = 2 }.get()
         async let first = askSmall(on: loops[0])
         async let second = askSmall(on: loops[0])
         #expect(try await [first, second] == [.ok, .ok])
+        try await serverGroup.next().submit { gate.needed = 1 }.get()
         #expect(small.idleEventLoops.map { ObjectIdentifier($0) } == [ObjectIdentifier(loops[0]), ObjectIdentifier(loops[0])], "two at once: two connections")
         #expect(try await askSmall(on: loops[1]) == .ok)
         #expect(Set(small.idleEventLoops.map { ObjectIdentifier($0) }) == Set(loops.map { ObjectIdentifier($0) }), "one of each loop kept")
@@ -111,16 +117,31 @@ struct ForwardingTests {
     }
 }
 
+/// Answers are held until `needed` requests are waiting, then all are
+/// answered. Touched only on the (single) server loop.
+private final class AnswerGate: @unchecked Sendable {
+    var needed = 1
+    var waiting: [ChannelHandlerContext] = []
+}
+
 private final class OKResponder: ChannelInboundHandler {
     typealias InboundIn = HTTPServerRequestPart
     typealias OutboundOut = HTTPServerResponsePart
+    let gate: AnswerGate
+
+    init(gate: AnswerGate) { self.gate = gate }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard case .end = unwrapInboundIn(data) else { return }
-        var head = HTTPResponseHead(version: .http1_1, status: .ok)
-        head.headers.add(name: "content-length", value: "0")
-        context.write(wrapOutboundOut(.head(head)), promise: nil)
-        context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+        gate.waiting.append(context)
+        guard gate.waiting.count >= gate.needed else { return }
+        for held in gate.waiting {
+            var head = HTTPResponseHead(version: .http1_1, status: .ok)
+            head.headers.add(name: "content-length", value: "0")
+            held.write(wrapOutboundOut(.head(head)), promise: nil)
+            held.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
+        }
+        gate.waiting.removeAll()
     }
 }
 
