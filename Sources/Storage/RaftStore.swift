@@ -123,6 +123,10 @@ public final class RaftStore: @unchecked Sendable {
     }
     private var snapshotPath: String { "\(directory)/snapshot.raft" }
 
+    /// Called by `initialize` once the new log's first file exists and
+    /// before anything is written to it (tests: a failure there).
+    var afterStagedLogStarted: (() throws -> Void)?
+
     /// Whether this store was initialized (holds a log).
     public var hasState: Bool { WriteAheadLog.exists(in: walDirectory) }
 
@@ -135,11 +139,25 @@ public final class RaftStore: @unchecked Sendable {
             // A snapshot is checked and installed before the log exists, so
             // a damaged one leaves the store as it was: uninitialized.
             if let snapshot = state.snapshot { try installSnapshot(snapshot) }
-            let (log, _) = try WriteAheadLog.open(directory: walDirectory, segmentBytesMax: segmentBytesMax, fdatasyncs: synchronous == .full, create: true)
-            self.log = log
+            // The log is written beside its place and renamed into it whole:
+            // a crash or failure part-way leaves the store uninitialized (and
+            // initialized again at the next start), never a log without its
+            // first state (a founder with no voters).
+            let staging = "\(walDirectory).new"
+            try FileSystem.removeFlatDirectory(staging)
+            let (staged, _) = try WriteAheadLog.open(directory: staging, segmentBytesMax: segmentBytesMax, fdatasyncs: synchronous == .full, create: true)
+            try afterStagedLogStarted?()
             var records: [WriteAheadLog.Record] = state.snapshot.map { [.reset(index: $0.metadata.index, term: $0.metadata.term)] } ?? []
             records.append(.hardState(state.hardState))
-            try log.append(records + state.entries.map { .entry($0) }, sync: true)
+            try staged.append(records + state.entries.map { .entry($0) }, sync: true)
+            try staged.closeFile()
+            // Nothing of a log is in its place (`hasState` was false): an
+            // empty directory there would refuse the rename.
+            try FileSystem.removeFlatDirectory(walDirectory)
+            guard rename(staging, walDirectory) == 0 else { throw FileSystem.error("rename", staging) }
+            try FileSystem.syncDirectory(directory)
+            let (log, _) = try WriteAheadLog.open(directory: walDirectory, segmentBytesMax: segmentBytesMax, fdatasyncs: synchronous == .full, create: false)
+            self.log = log
             durableHardState = state.hardState
         }
     }

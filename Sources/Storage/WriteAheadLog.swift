@@ -103,6 +103,12 @@ final class WriteAheadLog {
         file?.closeDescriptor()
     }
 
+    /// Syncs and closes the file being written; the log is not used after.
+    func closeFile() throws {
+        try file?.close(cuttingPadding: false)
+        file = nil
+    }
+
     /// Whether `directory` holds a log.
     static func exists(in directory: String) -> Bool {
         (try? segmentFiles(in: directory))?.isEmpty == false
@@ -638,6 +644,14 @@ enum FileSystem {
 
     static func remove(_ path: String) throws {
         guard unlink(path) == 0 || errno == ENOENT else { throw error("unlink", path) }
+    }
+
+    /// Removes a directory of plain files (no subdirectories) with its
+    /// files; one that is not there is not an error.
+    static func removeFlatDirectory(_ path: String) throws {
+        guard exists(path) else { return }
+        for name in try list(path) { try remove("\(path)/\(name)") }
+        guard rmdir(path) == 0 || errno == ENOENT else { throw error("rmdir", path) }
     }
 }
 

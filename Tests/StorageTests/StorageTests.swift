@@ -311,6 +311,23 @@ struct RaftStoreTests {
         #expect(try store.loadDurableState().entries.first?.payload == .configChange(.bootstrap(voters: [1, 2, 3])))
     }
 
+    @Test("Initializing that stops after the log's first file exists leaves the store uninitialized, and the next start initializes it whole")
+    func interruptedInitializeLeavesNoState() throws {
+        struct Interrupted: Error {}
+        let temporary = try TemporaryStore()
+        let store = try temporary.open()
+        store.afterStagedLogStarted = { throw Interrupted() }
+        #expect(throws: Interrupted.self) { try store.initialize(with: .bootstrap(voters: [1, 2, 3])) }
+        // As after a crash there: a new process opens the same directory.
+        let again = try temporary.open()
+        #expect(!again.hasState, "a log without its first state would start a founder with no voters")
+        try again.initialize(with: .bootstrap(voters: [1, 2, 3]))
+        #expect(!FileManager.default.fileExists(atPath: temporary.walDirectory + ".new"), "the staging directory was renamed into place")
+        let reopened = try temporary.open()
+        #expect(reopened.hasState)
+        #expect(try reopened.loadDurableState().entries.map(\.payload) == [.configChange(.bootstrap(voters: [1, 2, 3]))])
+    }
+
     @Test("A data directory of the SQLite-log format is refused with what to do")
     func olderFormatIsRefused() throws {
         let temporary = try TemporaryStore()
