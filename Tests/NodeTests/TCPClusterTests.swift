@@ -35,7 +35,8 @@ struct TCPClusterTests {
             let store = try RaftStore(directory: directory.appendingPathComponent("node-\(id)").path, synchronous: .none)
             try store.initialize(with: .bootstrap(voters: ids))
             var configuration = Configuration(id: id, randomSeed: UInt64.random(in: 1...UInt64.max))
-            configuration.electionTimeoutTicks = 10
+            configuration.electionTimeoutTicks = 100 // 0.5-1 s: a busy CI machine stalls threads for longer than 50 ms
+            configuration.snapshotTimeoutTicks = max(configuration.snapshotTimeoutTicks, 2 * configuration.electionTimeoutTicks)
             transports[id] = transport
             stores[id] = store
             drivers[id] = try RaftDriver(configuration: configuration, store: store, sender: transport, requestTimeoutTicks: 2_000,
