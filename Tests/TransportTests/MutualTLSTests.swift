@@ -133,16 +133,24 @@ struct MutualTLSTests {
         one.setAddress(address, of: 2)
         // Connects and never speaks TLS.
         let mute = try await ClientBootstrap(group: group).connect(to: address).get()
+        let mutePort = mute.localAddress?.port ?? -1 // (read while open)
         one.send([ping(1, 1)])
         #expect(await eventually { inbox.all.count == 1 })
-        #expect(await eventually(5) { !mute.isActive }, "the silent connection is closed at its handshake deadline")
-        let timedOut = { two.rejectedConnections.filter { $0.contains("TLS handshake not done") }.count }
+        #expect(await eventually(30) { !mute.isActive }, "the silent connection is closed at its handshake deadline")
+        // The mute connection's refusal names its port. (The peer's own
+        // handshake has the same 300 ms deadline: on a busy machine it may
+        // miss it once and connect again, which is not what this tests.)
+        let timedOut = { two.rejectedConnections.filter { $0.contains(":\(mutePort): TLS handshake not done") }.count }
         #expect(timedOut() == 1, "\(two.rejectedConnections)")
-        // Well past the deadline, the peer's connection still carries messages.
+        // Well past the deadline, the peer's connection still carries
+        // messages over the link it had: no refusal after the first message.
+        let peerRefusals = { two.rejectedConnections.filter { $0.contains("TLS handshake not done") }.count - timedOut() }
+        let refusalsBefore = peerRefusals()
         try await Task.sleep(for: .milliseconds(700))
         one.send([ping(1, 2)])
         #expect(await eventually { inbox.all.count == 2 })
         #expect(timedOut() == 1, "\(two.rejectedConnections)")
+        #expect(peerRefusals() == refusalsBefore, "the peer's established connection was closed: \(two.rejectedConnections)")
         runners.cancel(); one.finish(); two.finish(); await runners.value
         try await group.shutdownGracefully()
     }
@@ -153,7 +161,7 @@ struct MutualTLSTests {
         let groupOne = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let groupTwo = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         var limits = TransportLimits()
-        limits.connectTimeout = .seconds(3)
+        limits.connectTimeout = .seconds(2)
         let one = try TCPTransport(id: 1, peers: [2: nil], group: groupOne, limits: limits, identity: try ca.issueNodeIdentity(1))
         let two = try TCPTransport(id: 2, peers: [1: nil], group: groupTwo, identity: try ca.issueNodeIdentity(2))
         let inbox = Inbox()
@@ -166,28 +174,32 @@ struct MutualTLSTests {
         groupTwo.next().execute { serverHeld.wait() }
         one.setAddress(relay.address, of: 2)
         one.send((1...20).map { ping(1, $0) })
-        // (Waited for, not slept on: a loaded machine may take a while to
-        // run the link's task at all; the connect timeout is 3 s.)
-        #expect(await eventually(10) { relay.accepted == 2 }, "one connection for each of the link's two lanes")
 
-        // Every thread of the cooperative pool is kept busy for longer than
-        // the connect timeout; node 2's loop is let go once they all are
-        // (or after 300 ms: other tests may hold the pool already), so the
-        // handshake finishes, well within its timeout, while the link's
-        // task cannot run.
+        // On a thread of its own (the cooperative pool may be slow to run a
+        // test's task on a busy machine, and the connect timeout counts):
+        // once the link has connected, every thread of the pool is kept
+        // busy for longer than the connect timeout, and node 2's loop is
+        // let go once they all are (or after 300 ms: other tests may hold
+        // the pool already), so the handshake finishes, well within its
+        // timeout, while the link's task cannot run.
         let width = ProcessInfo.processInfo.activeProcessorCount
         let busy = BusyThreads()
-        for _ in 0..<width {
-            Task.detached {
-                busy.count.wrappingAdd(1, ordering: .relaxed)
-                usleep(5_000_000) // blocks the thread, as a long synchronous job would
-            }
-        }
+        let connected = Atomic(false)
         Thread.detachNewThread {
+            for _ in 0..<5_000 where relay.accepted < 2 { Thread.sleep(forTimeInterval: 0.002) }
+            connected.store(relay.accepted == 2, ordering: .relaxed)
+            for _ in 0..<width {
+                Task.detached {
+                    busy.count.wrappingAdd(1, ordering: .relaxed)
+                    usleep(3_000_000) // blocks the thread, as a long synchronous job would
+                }
+            }
             for _ in 0..<150 where busy.count.load(ordering: .relaxed) < width { Thread.sleep(forTimeInterval: 0.002) }
             serverHeld.signal()
         }
-        #expect(await eventually { inbox.all.count == 20 })
+        #expect(await eventually(30) { inbox.all.count == 20 })
+        let linkConnected = connected.load(ordering: .relaxed)
+        #expect(linkConnected, "one connection for each of the link's two lanes")
         #expect(inbox.all == (1...20).map { ping(1, $0) })
         #expect(relay.accepted == 2, "a connection was closed after its handshake finished, and another one made")
 

@@ -188,8 +188,10 @@ struct TCPTransportTests {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let loopback = try SocketAddress(ipAddress: "127.0.0.1", port: 0)
         /// Runs a transport with `limits`, opens `count` plain connections
-        /// to it, and returns how many it closed and its refusals.
-        func flood(_ limits: TransportLimits, count: Int) async throws -> (closed: Int, refusals: [String]) {
+        /// to it, and returns how many it closed, its refusals, and how many
+        /// seconds of the clock the connecting spanned. It waits (up to 30 s)
+        /// until at least `least(windows)` are closed, one for each refusal.
+        func flood(_ limits: TransportLimits, count: Int, least: (Int) -> Int) async throws -> (closed: Int, refusals: [String], windows: Int) {
             let transport = try TCPTransport(id: 2, peers: [:], group: group, limits: limits)
             let bound = AddressBook()
             let runner = Task { try? await transport.run(listeningOn: loopback, ready: { bound.set(2, $0) }) { _ in } }
@@ -197,29 +199,35 @@ struct TCPTransportTests {
             // All at once: under load, connections opened one after another
             // could spread over several seconds of the accept rate's clock.
             let address = bound.all[2]!
+            let started = ContinuousClock.now
             let clients = try await withThrowingTaskGroup(of: (any Channel).self) { connecting in
                 for _ in 0..<count { connecting.addTask { try await ClientBootstrap(group: group).connect(to: address).get() } }
                 return try await connecting.reduce(into: [any Channel]()) { $0.append($1) }
             }
-            _ = await eventually(1) { false } // the refusals close their connections meanwhile
+            let windows = secondsSpanned(since: started)
+            // The refusals close their connections meanwhile.
+            _ = await eventually(30) {
+                let closed = clients.filter { !$0.isActive }.count
+                return closed >= least(windows) && closed == transport.rejectedConnections.count
+            }
             let closed = clients.filter { !$0.isActive }.count
             for client in clients { try? await client.close() }
             runner.cancel(); transport.finish(); await runner.value
-            return (closed, transport.rejectedConnections)
+            return (closed, transport.rejectedConnections, windows)
         }
         var limits = TransportLimits()
         limits.inboundConnectionsMax = 3
         limits.inboundConnectionsPerSecond = 1000
-        let full = try await flood(limits, count: 5)
+        let full = try await flood(limits, count: 5) { _ in 2 }
         #expect(full.closed == 2)
         #expect(full.refusals.filter { $0.contains("too many inbound connections open") }.count == 2)
 
         limits.inboundConnectionsMax = 100
         limits.inboundConnectionsPerSecond = 3
-        let fast = try await flood(limits, count: 20)
-        // Three in a second of the clock: at least eleven refused (the
-        // twenty may fall in up to three seconds on a loaded machine), at most seventeen.
-        #expect(fast.closed >= 11 && fast.closed <= 17, "\(fast.closed) closed")
+        let fast = try await flood(limits, count: 20) { 20 - 3 * $0 }
+        // Three in a second of the clock: at most seventeen refused, and
+        // all but three for each second the twenty spanned.
+        #expect(fast.closed >= 20 - 3 * fast.windows && fast.closed <= 17 && fast.closed > 0, "\(fast.closed) closed over \(fast.windows) seconds of the clock")
         #expect(fast.refusals.filter { $0.contains("too many inbound connections a second from its address") }.count == fast.closed)
         try await group.shutdownGracefully()
     }
@@ -266,7 +274,12 @@ struct TCPTransportTests {
         let windows = secondsSpanned(since: started)
         var other: [any Channel] = []
         for _ in 0..<3 { other.append(try await connect(from: "127.0.0.3")) }
-        _ = await eventually(1) { false } // the refusals close their connections meanwhile
+        // The refusals close their connections meanwhile (a refused one of
+        // 127.0.0.3's would keep the counts apart until the wait ends).
+        _ = await eventually(30) {
+            let closed = flood.filter { !$0.isActive }.count
+            return closed >= max(1, 20 - 3 * windows) && closed == transport.rejectedConnections.count
+        }
         let floodClosed = flood.filter { !$0.isActive }.count
         #expect(floodClosed >= 20 - 3 * windows && floodClosed > 0, "\(floodClosed) of the flood closed (over \(windows) seconds of the clock)")
         #expect(other.allSatisfy { $0.isActive }, "127.0.0.3's three were refused: \(transport.rejectedConnections.suffix(3))")
@@ -297,7 +310,12 @@ struct TCPTransportTests {
         for _ in 0..<20 { flood.append(try await connect(from: "127.0.0.2")) }
         let windows = secondsSpanned(since: started)
         let known = try await connect(from: "127.0.0.1")
-        _ = await eventually(1) { false }
+        // The refusals close their connections meanwhile (the known one's,
+        // if refused, would keep the counts apart until the wait ends).
+        _ = await eventually(30) {
+            let closed = flood.filter { !$0.isActive }.count
+            return closed >= max(1, 20 - 3 * windows) && closed == pair.two.rejectedConnections.count
+        }
         let floodClosed = flood.filter { !$0.isActive }.count
         #expect(floodClosed >= 20 - 3 * windows && floodClosed > 0, "the flood was cut at the total: \(floodClosed) closed over \(windows) seconds of the clock")
         #expect(known.isActive, "the known address was refused: \(pair.two.rejectedConnections.suffix(2))")
