@@ -84,11 +84,11 @@ struct AdminCredentialTests {
                 // A write is refused at once anywhere (the node catches up first); a read once the node has applied the rule.
                 let (code, text) = try await status(id, as: credentials("alice"), .PUT, "/v1/documents/alice/write")
                 #expect(code == .unauthorized && text.contains("certificate_revoked"), "alice's write on node \(id): \(text)")
-                #expect(try await eventually(seconds: 5) { try await status(id, as: credentials("alice")).0 == .unauthorized }, "alice's read on node \(id)")
+                #expect(try await eventually(seconds: 30) { try await status(id, as: credentials("alice")).0 == .unauthorized }, "alice's read on node \(id)")
                 // On an open route a revoked certificate is an anonymous caller: no reasons.
                 // (The identity rules a node serves may be a second old.)
                 var openText = ""
-                #expect(try await eventually(seconds: 5) {
+                #expect(try await eventually(seconds: 30) {
                     openText = try await status(id, as: credentials("alice"), .GET, "/v1/revocations").1
                     return openText.contains("\"ab\"")
                 }, "node \(id) lists the identity rule")
