@@ -216,6 +216,13 @@ public final class LocalProcessCluster: Sendable {
     /// What each node's last readiness probe got, for `notReadyReason`.
     private let lastReadiness = Mutex<[UInt64: String]>([:])
 
+    /// Sets how long the next probe of `id` may wait, as probes that got
+    /// no answer would (tests: a frozen node whose probe would outlast any
+    /// stall of a busy machine).
+    public func setProbeTimeout(of id: UInt64, _ timeout: TimeAmount) {
+        probeTimeouts.withLock { $0[id] = timeout }
+    }
+
     /// GET `path` on node `id`, within `timeout` or the node's probe timeout.
     func probe(_ id: UInt64, _ path: String, timeout: TimeAmount? = nil) async -> Result<HTTPClientResponse, any Error> {
         let bound = timeout ?? probeTimeouts.withLock { $0[id] } ?? Self.probeTimeoutFirst

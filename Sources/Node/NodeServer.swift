@@ -416,16 +416,26 @@ public final class NodeServer: Sendable {
         // election: to a voter whose clock agrees, if one does (one that
         // disagrees would sign nothing and hand over again).
         let status = await driver.status
-        if status.role == .leader, let target = handOverTarget(status, orAnyClock: true) {
+        let wasLeader = status.role == .leader
+        if wasLeader, let target = handOverTarget(status, orAnyClock: true) {
             try? await driver.transferLeadership(to: target)
         }
         // The ticker keeps running meanwhile (ticking here too had run the
-        // node's clock twice as fast while it drained).
+        // node's clock twice as fast while it drained). A leader waits
+        // until it has heard from the one it handed over to.
         let deadline = ContinuousClock.now.advanced(by: Self.drainTimeout)
         while ContinuousClock.now < deadline {
-            let (pending, role) = (await driver.pendingRequestCount, await driver.status.role)
-            if pending == 0 && role != .leader { break }
+            let (pending, now) = (await driver.pendingRequestCount, await driver.status)
+            if pending == 0 && now.role != .leader && (!wasLeader || now.leaderID != noNode) { break }
             try? await driver.sleep(for: .milliseconds(config.tickIntervalMilliseconds))
+        }
+        if wasLeader {
+            let after = await driver.status
+            if after.role != .leader && after.leaderID != noNode {
+                log.info("leadership handed over", ["to": "\(after.leaderID)", "term": "\(after.term)"])
+            } else {
+                log.warning("stopping without having handed leadership over", ["role": after.role.rawValue, "term": "\(after.term)"])
+            }
         }
         await driver.stop()
         transport.finish()

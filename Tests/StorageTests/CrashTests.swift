@@ -58,12 +58,21 @@ struct CrashTests {
         var kills = 0
         for round in 0..<50 {
             let (process, output) = try startWriter(binary, temporary.path)
+            // Killed 20-140 ms after its first acknowledged write: counted
+            // from its start, a busy machine spent whole lives starting up.
+            var printedBytes = Data()
+            while !String(decoding: printedBytes, as: UTF8.self).contains("acked") {
+                let more = output.fileHandleForReading.availableData
+                guard !more.isEmpty else { break } // it ended
+                printedBytes.append(more)
+            }
             try await Task.sleep(for: .milliseconds(20 + random.below(120)))
             kill(process.processIdentifier, SIGKILL)
             process.waitUntilExit()
             #expect(process.terminationReason == .uncaughtSignal, "round \(round): the writer must die by the signal, not exit")
             if process.terminationReason == .uncaughtSignal { kills += 1 }
-            let printed = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            printedBytes.append(output.fileHandleForReading.readDataToEndOfFile())
+            let printed = String(decoding: printedBytes, as: UTF8.self)
             let acknowledged = printed.split(separator: "\n").compactMap { line in line.hasPrefix("acked ") ? LogIndex(line.dropFirst(6)) : nil }
             if let last = acknowledged.max() { acknowledgedMax = max(acknowledgedMax, last) }
 
