@@ -372,21 +372,28 @@ extension JoinTests {
             let execDir = try String(contentsOfFile: "\(dir)/exec-dir", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
             #expect(!execDir.isEmpty && !FileManager.default.fileExists(atPath: execDir), "the private identity directory is removed")
             // Renewed over mutual TLS at half its lifetime while the command runs.
-            let renewing = "a=$(openssl x509 -serial -noout -in \"$WARRANT_SVID_FILE\"); sleep 5; b=$(openssl x509 -serial -noout -in \"$WARRANT_SVID_FILE\"); "
+            // (Each script polls, 30 s at most, for the change it waits for: a
+            // busy machine can take longer than a fixed sleep.)
+            let renewing = "a=$(openssl x509 -serial -noout -in \"$WARRANT_SVID_FILE\"); for i in $(seq 1 120); do sleep 0.25; "
+                + "b=$(openssl x509 -serial -noout -in \"$WARRANT_SVID_FILE\"); test \"$a\" != \"$b\" && break; done; "
                 + "test \"$a\" != \"$b\" && openssl verify -CAfile \"$WARRANT_BUNDLE_FILE\" \"$WARRANT_SVID_FILE\""
             let renewed = try run(["exec"] + common + ["--ttl", "4", "--", "sh", "-c", renewing], executable: binary,
                                   environment: ["PATH": ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin"].merging(runner) { $1 })
             #expect(renewed.status == 0 && renewed.output.contains("renewed: spiffe://warrant.local/gh/acme/api/deploy"), "\(renewed.output)")
             // JWT-SVIDs living shorter than the X509-SVID are fetched again at half their own lifetime.
-            let jwtRefresh = "a=$(cat \"$WARRANT_JWT_FILE\"); sleep 3; b=$(cat \"$WARRANT_JWT_FILE\"); test -n \"$a\" && test -n \"$b\" && test \"$a\" != \"$b\""
+            let jwtRefresh = "a=$(cat \"$WARRANT_JWT_FILE\"); for i in $(seq 1 120); do sleep 0.25; b=$(cat \"$WARRANT_JWT_FILE\"); test -n \"$b\" && test \"$a\" != \"$b\" && break; done; "
+                + "test -n \"$a\" && test -n \"$b\" && test \"$a\" != \"$b\""
             let jwtRefreshed = try run(["exec"] + common + ["--ttl", "60", "--jwt-audience", "svc", "--jwt-ttl", "2", "--", "sh", "-c", jwtRefresh], executable: binary,
                                        environment: ["PATH": ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin"].merging(runner) { $1 })
             #expect(jwtRefreshed.status == 0 && !jwtRefreshed.output.contains("renewed:"), "the JWT-SVID changed while the X509-SVID stayed: \(jwtRefreshed.output)")
             // Revoked while its JWT-SVIDs refresh: the refused refresh hands over to the renewal, which joins again (before, the loop spun without renewing).
-            let revokedScript = "openssl x509 -serial -noout -in \"$WARRANT_SVID_FILE\" | cut -d= -f2 > \(dir)/revoke-serial; a=$(cat \(dir)/revoke-serial); sleep 7; "
-                + "b=$(openssl x509 -serial -noout -in \"$WARRANT_SVID_FILE\" | cut -d= -f2); test \"$a\" != \"$b\" && openssl verify -CAfile \"$WARRANT_BUNDLE_FILE\" \"$WARRANT_SVID_FILE\""
+            // (A 300 s identity: no renewal at half its life can stand in for
+            // the join again within the script's 45 s.)
+            let revokedScript = "openssl x509 -serial -noout -in \"$WARRANT_SVID_FILE\" | cut -d= -f2 > \(dir)/revoke-serial; a=$(cat \(dir)/revoke-serial); "
+                + "for i in $(seq 1 180); do sleep 0.25; b=$(openssl x509 -serial -noout -in \"$WARRANT_SVID_FILE\" | cut -d= -f2); test -n \"$b\" && test \"$a\" != \"$b\" && break; done; "
+                + "test \"$a\" != \"$b\" && openssl verify -CAfile \"$WARRANT_BUNDLE_FILE\" \"$WARRANT_SVID_FILE\""
             let revokedRun = Task.detached {
-                try run(["exec"] + common + ["--ttl", "20", "--jwt-audience", "svc", "--jwt-ttl", "2", "--", "sh", "-c", revokedScript], executable: binary,
+                try run(["exec"] + common + ["--ttl", "300", "--jwt-audience", "svc", "--jwt-ttl", "2", "--", "sh", "-c", revokedScript], executable: binary,
                         environment: ["PATH": ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin"].merging(runner) { $1 })
             }
             #expect(await eventually(seconds: 30) { ((try? String(contentsOfFile: "\(dir)/revoke-serial", encoding: .utf8)) ?? "").count > 8 })
@@ -448,14 +455,18 @@ extension JoinTests {
         }
     }
 
-    @Test("Killing the leader while warrant exec renews a 4-second identity: the command never sees an expired or missing identity")
+    @Test("Killing the leader while warrant exec renews a short-lived identity: the command never sees an expired or missing identity")
     func renewalAcrossLeaderLoss() async throws {
         try await withFourSecondExec { cluster, leader, binary, environment, arguments in
-            // Every half second for 12 s: the certificate is unexpired and the key is there.
-            let watch = "for i in $(seq 1 24); do openssl x509 -checkend 0 -noout -in \"$WARRANT_SVID_FILE\" > /dev/null || exit 9; "
+            // An 8-second identity here (renewed every 4 s), so that the
+            // election and a renewal after the loss fit in its life on a busy
+            // machine. Every half second for 24 s: the certificate is
+            // unexpired and the key is there.
+            let arguments = arguments.map { $0 == "4" ? "8" : $0 }
+            let watch = "for i in $(seq 1 48); do openssl x509 -checkend 0 -noout -in \"$WARRANT_SVID_FILE\" > /dev/null || exit 9; "
                 + "test -s \"$WARRANT_KEY_FILE\" || exit 8; sleep 0.5; done"
             let execution = Task.detached { try run(arguments + ["--", "sh", "-c", watch], executable: binary, environment: environment) }
-            try await Task.sleep(for: .seconds(3))
+            try await Task.sleep(for: .seconds(6))
             await cluster.stop(leader)
             let result = try await execution.value
             #expect(result.status == 0, "\(result.output)")
@@ -491,7 +502,7 @@ extension JoinTests {
             let dir = cluster.directory
             let socket = "\(dir)/agent.sock"
             let arguments = ["agent", "--endpoint", "127.0.0.1:\(cluster.basePort + 100 + Int(follower) - 1)", "--ca-file", "\(dir)/ca.pem",
-                             "--audience", "warrant.local", "--token-request-ca", "\(dir)/github-ca.pem", "--socket", socket, "--exit-after", "40",
+                             "--audience", "warrant.local", "--token-request-ca", "\(dir)/github-ca.pem", "--socket", socket, "--exit-after", "300",
                              "--bundle-refresh", "1", "--out", "\(dir)/agent-out"]
             let agent = Process()
             agent.executableURL = URL(fileURLWithPath: binary)
