@@ -416,20 +416,27 @@ public final class NodeServer: Sendable {
         // election: to a voter whose clock agrees, if one does (one that
         // disagrees would sign nothing and hand over again).
         let status = await driver.status
-        let wasLeader = status.role == .leader
-        if wasLeader, let target = handOverTarget(status, orAnyClock: true) {
-            try? await driver.transferLeadership(to: target)
-        }
+        let target = status.role == .leader ? handOverTarget(status, orAnyClock: true) : nil
+        if let target { try? await driver.transferLeadership(to: target) }
         // The ticker keeps running meanwhile (ticking here too had run the
-        // node's clock twice as fast while it drained). A leader waits
-        // until it has heard from the one it handed over to.
+        // node's clock twice as fast while it drained). A leader that handed
+        // over waits to hear from its successor, for up to an election
+        // timeout once it has stepped down (a successor that is down, or a
+        // step-down for want of a quorum, never answers).
         let deadline = ContinuousClock.now.advanced(by: Self.drainTimeout)
+        let successorWait = Duration.milliseconds(config.electionTimeoutTicks * config.tickIntervalMilliseconds)
+        var steppedDown: ContinuousClock.Instant?
         while ContinuousClock.now < deadline {
             let (pending, now) = (await driver.pendingRequestCount, await driver.status)
-            if pending == 0 && now.role != .leader && (!wasLeader || now.leaderID != noNode) { break }
+            if pending == 0 && now.role != .leader {
+                guard target != nil, now.leaderID == noNode else { break }
+                let since = steppedDown ?? .now
+                steppedDown = since
+                if since.duration(to: .now) >= successorWait { break }
+            }
             try? await driver.sleep(for: .milliseconds(config.tickIntervalMilliseconds))
         }
-        if wasLeader {
+        if target != nil {
             let after = await driver.status
             if after.role != .leader && after.leaderID != noNode {
                 log.info("leadership handed over", ["to": "\(after.leaderID)", "term": "\(after.term)"])

@@ -151,8 +151,8 @@ public final class RaftStore: @unchecked Sendable {
             records.append(.hardState(state.hardState))
             try staged.append(records + state.entries.map { .entry($0) }, sync: true)
             try staged.closeFile()
-            // Nothing of a log is in its place (`hasState` was false): an
-            // empty directory there would refuse the rename.
+            // Nothing of a log is in its place (`hasState` was false): a
+            // directory there holding stray files would refuse the rename.
             try FileSystem.removeFlatDirectory(walDirectory)
             guard rename(staging, walDirectory) == 0 else { throw FileSystem.error("rename", staging) }
             try FileSystem.syncDirectory(directory)
