@@ -149,7 +149,16 @@ struct ExecCommand: AsyncParsableCommand {
                 throw JobFailure(description: "cannot run \(command[0]): \(error)")
             }
             signals.started(pid)
-            let exited = Task { await ChildCommand.exitStatus(of: pid, signals: signals) }
+            // The command keeps a group of its own: a SIGKILL to the job's
+            // group would end this process and leave the command running.
+            let watchdog: ExecWatchdog?
+            do {
+                watchdog = try ExecWatchdog.start(for: pid)
+            } catch {
+                watchdog = nil
+                say("no watchdog for the command (it would outlive a SIGKILL of this process): \(error)")
+            }
+            let exited = Task { await ChildCommand.exitStatus(of: pid, signals: signals, watchdog: watchdog) }
             // (A temporary directory is removed on exit: a renewal still under way then writes nothing.)
             let remakeDirectory = temporary == nil
             let renewal = Task {
@@ -387,18 +396,18 @@ enum ChildCommand {
         return pid
     }
 
-    /// Every descriptor from 3 up closed in the child: glibc's
+    /// Every descriptor from `first` up closed in the child: glibc's
     /// posix_spawn_file_actions_addclosefrom_np (2.34 on, a GNU extension
     /// Swift's Glibc does not declare, so looked up), else each one open now.
-    private static func closeFromThree(_ actions: inout posix_spawn_file_actions_t) throws {
+    static func closeFromThree(_ actions: inout posix_spawn_file_actions_t, first: Int32 = 3) throws {
         typealias CloseFrom = @convention(c) (UnsafeMutablePointer<posix_spawn_file_actions_t>?, Int32) -> Int32
         if let symbol = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "posix_spawn_file_actions_addclosefrom_np") {
-            let code = unsafeBitCast(symbol, to: CloseFrom.self)(&actions, 3)
+            let code = unsafeBitCast(symbol, to: CloseFrom.self)(&actions, first)
             guard code == 0 else { throw SpawnError(code: code) }
             return
         }
         for name in (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? [] {
-            if let descriptor = Int32(name), descriptor > 2 { posix_spawn_file_actions_addclose(&actions, descriptor) }
+            if let descriptor = Int32(name), descriptor >= first { posix_spawn_file_actions_addclose(&actions, descriptor) }
         }
     }
 
@@ -406,7 +415,7 @@ enum ChildCommand {
     /// or 128 + the signal that ended it. The command is marked gone in
     /// `signals` before it is reaped, so its pid, free for reuse once
     /// reaped, is never signalled after.
-    static func exitStatus(of pid: pid_t, signals: CommandSignals) async -> Int32 {
+    static func exitStatus(of pid: pid_t, signals: CommandSignals, watchdog: ExecWatchdog?) async -> Int32 {
         await withCheckedContinuation { continuation in
             Thread.detachNewThread {
                 var info = siginfo_t()
@@ -414,6 +423,8 @@ enum ChildCommand {
                     guard errno == EINTR else { break }
                 }
                 signals.ended()
+                // Before the reaping: until then the group's number is not reused.
+                watchdog?.standDown()
                 var status: Int32 = 0
                 while waitpid(pid, &status, 0) == -1 {
                     guard errno == EINTR else { return continuation.resume(returning: 1) }
@@ -453,5 +464,84 @@ final class CommandSignals: Sendable {
     /// To its group, or to the command alone if it left the group.
     private static func send(_ signalNumber: Int32, to pid: pid_t) {
         if kill(-pid, signalNumber) != 0 { kill(pid, signalNumber) }
+    }
+}
+
+/// A small process of `warrant exec`'s own (this binary, started with
+/// `__exec-watchdog GROUP`, in a process group of its own) that ends the
+/// command's group with SIGKILL if exec dies without standing it down. A
+/// runner that kills the job's process group with SIGKILL ends exec, but
+/// the command, in a group of its own, would go on running (a terraform
+/// apply after the job was cancelled). The watchdog reads a pipe only exec
+/// holds the other end of: a byte means the command ended and nothing is
+/// to be done; the end of the pipe (exec gone, however) means kill.
+struct ExecWatchdog: Sendable {
+    static let argument = "__exec-watchdog"
+    let pid: pid_t
+    let standDownDescriptor: Int32
+
+    static func start(for group: pid_t) throws -> ExecWatchdog {
+        var ends: [Int32] = [-1, -1]
+        guard pipe(&ends) == 0 else { throw ChildCommand.SpawnError(code: errno) }
+        // (Nothing else is spawned meanwhile: the flag is set before any could inherit them.)
+        for end in ends { _ = fcntl(end, F_SETFD, FD_CLOEXEC) }
+        defer { close(ends[0]) }
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        var none = sigset_t()
+        sigemptyset(&none)
+        posix_spawnattr_setsigmask(&attributes, &none)
+        posix_spawnattr_setpgroup(&attributes, 0)
+        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETPGROUP))
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_adddup2(&actions, ends[0], 3)
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        // Not the job's output: a runner waits for every holder of it to go.
+        posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0)
+        do {
+            try ChildCommand.closeFromThree(&actions, first: 4)
+        } catch {
+            close(ends[1])
+            throw error
+        }
+        let words: [String] = ["/proc/self/exe", argument, String(group)]
+        let argv = words.map { strdup($0) } + [nil]
+        defer { argv.forEach { free($0) } }
+        var pid: pid_t = 0
+        let code = posix_spawn(&pid, "/proc/self/exe", &actions, &attributes, argv, environ)
+        guard code == 0 else {
+            close(ends[1])
+            throw ChildCommand.SpawnError(code: code)
+        }
+        return ExecWatchdog(pid: pid, standDownDescriptor: ends[1])
+    }
+
+    /// The command ended (and is not reaped yet): the watchdog leaves
+    /// without a signal, and is reaped.
+    func standDown() {
+        var byte: UInt8 = 1
+        _ = write(standDownDescriptor, &byte, 1)
+        close(standDownDescriptor)
+        var status: Int32 = 0
+        while waitpid(pid, &status, 0) == -1 && errno == EINTR {}
+    }
+
+    /// The watchdog's whole life (never returns): waits on descriptor 3,
+    /// then kills the group if exec went without a word.
+    static func watch(_ arguments: [String]) -> Never {
+        for number in [SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGPIPE] { signal(number, SIG_IGN) }
+        guard arguments.count == 2, let group = pid_t(arguments[1]), group > 1 else {
+            FileHandle.standardError.write(Data("warrant: \(argument) is for warrant exec's own use\n".utf8))
+            exit(2)
+        }
+        var byte: UInt8 = 0
+        var count = read(3, &byte, 1)
+        while count < 0 && errno == EINTR { count = read(3, &byte, 1) }
+        if count == 0 { kill(-group, SIGKILL) }
+        exit(0)
     }
 }

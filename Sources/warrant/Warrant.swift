@@ -18,7 +18,9 @@ struct Warrant: AsyncParsableCommand {
                       TokenCommand.self, SVIDCommand.self, BundleCommand.self, CACommand.self, RevokeCommand.self, AdminCommand.self, CRLCommand.self, JoinCommand.self, ExecCommand.self, AgentCommand.self])
 
     static func main() async {
-        await main(arguments())
+        let arguments = arguments()
+        if arguments.first == ExecWatchdog.argument { ExecWatchdog.watch(arguments) }
+        await main(arguments)
     }
 
     /// The command line. Under some preloaded libraries (libfaketime

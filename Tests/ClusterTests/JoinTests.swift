@@ -650,13 +650,16 @@ private func replacingIssuer(_ claims: [(String, TestIssuer.Claim)], _ issuer: S
 }
 
 extension JoinTests {
-    @Test("warrant exec's command starts with nothing blocked, SIGPIPE and the signals exec passes on at their defaults (but one exec was started ignoring, as under nohup) and no descriptor of exec's; a SIGTERM to exec reaches the command's own children")
+    @Test("warrant exec's command starts with nothing blocked, SIGPIPE and the signals exec passes on at their defaults (but one exec was started ignoring, as under nohup) and no descriptor of exec's; a SIGTERM to exec reaches the command's own children; a SIGKILL to exec ends them through its watchdog")
     func execSignalsAndDescriptors() async throws {
         try await withGitHubJob { cluster, leader, _, _, _, binary, environment in
             let dir = cluster.directory
             let exec = [binary, "exec", "--endpoint", "127.0.0.1:\(cluster.basePort + 100 + Int(leader) - 1)", "--ca-file", "\(dir)/ca.pem",
                         "--audience", "warrant.local", "--token-request-ca", "\(dir)/github-ca.pem", "--"]
-            let probe = exec + ["sh", "-c", "grep -E 'SigBlk|SigIgn' /proc/$$/status; yes | head -1 > /dev/null; echo descriptors $(ls -1 /proc/self/fd | wc -l)"]
+            // (grep reads its own status, inherited from the shell's at its
+            // fork: the shell's own, read while it waits for grep, may show
+            // every signal blocked, as dash's wait for a child blocks them.)
+            let probe = exec + ["sh", "-c", "grep -E 'SigBlk|SigIgn' /proc/self/status; yes | head -1 > /dev/null; echo descriptors $(ls -1 /proc/self/fd | wc -l)"]
             func ignoredSignals(_ output: String) throws -> UInt64 {
                 try #require(output.firstMatch(of: /SigIgn:\t([0-9a-f]+)/).flatMap { UInt64($0.output.1, radix: 16) }, "\(output)")
             }
@@ -673,14 +676,19 @@ extension JoinTests {
             #expect(try ignoredSignals(underNohup.output) & (1 << UInt64(SIGHUP - 1)) != 0, "\(underNohup.output)")
 
             // A command's child in the background: a SIGTERM to exec reaches it too.
+            /// exec running `script` in the background, its output discarded.
+            func startExec(_ script: String) throws -> Process {
+                let process = Process()
+                process.executableURL = URL(fileURLWithPath: binary)
+                process.arguments = Array(exec.dropFirst()) + ["sh", "-c", script]
+                process.environment = environment
+                process.standardOutput = FileHandle.nullDevice
+                process.standardError = FileHandle.nullDevice
+                try process.run()
+                return process
+            }
             let pidFile = "\(dir)/sleeper.pid"
-            let sleeper = Process()
-            sleeper.executableURL = URL(fileURLWithPath: binary)
-            sleeper.arguments = Array(exec.dropFirst()) + ["sh", "-c", "sleep 37 & echo $! > \(pidFile); wait"]
-            sleeper.environment = environment
-            sleeper.standardOutput = FileHandle.nullDevice
-            sleeper.standardError = FileHandle.nullDevice
-            try sleeper.run()
+            let sleeper = try startExec("sleep 37 & echo $! > \(pidFile); wait")
             defer { if sleeper.isRunning { kill(sleeper.processIdentifier, SIGKILL) } }
             #expect(await eventually(seconds: 30) { FileManager.default.fileExists(atPath: pidFile) && ((try? String(contentsOfFile: pidFile, encoding: .utf8)) ?? "").hasSuffix("\n") })
             let sleeping = try #require(Int32(try String(contentsOfFile: pidFile, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)))
@@ -694,6 +702,19 @@ extension JoinTests {
             #expect(await eventually(seconds: 15) { !sleeper.isRunning }, "exec ends with its command")
             #expect(await eventually(seconds: 10) { !running(sleeping) }, "the command's child got the SIGTERM too")
             if running(sleeping) { kill(sleeping, SIGKILL) }
+
+            // exec killed with SIGKILL (a runner ending the job's process
+            // group): its watchdog ends the command's group, child and all.
+            let killedFile = "\(dir)/killed.pids"
+            let killed = try startExec("sleep 41 & echo $$ $! > \(killedFile); wait")
+            defer { if killed.isRunning { kill(killed.processIdentifier, SIGKILL) } }
+            #expect(await eventually(seconds: 30) { ((try? String(contentsOfFile: killedFile, encoding: .utf8)) ?? "").hasSuffix("\n") })
+            let pids = try String(contentsOfFile: killedFile, encoding: .utf8).split(whereSeparator: \.isWhitespace).compactMap { Int32($0) }
+            try #require(pids.count == 2, "\(pids)")
+            #expect(pids.allSatisfy(running), "the command and its child run")
+            kill(killed.processIdentifier, SIGKILL)
+            #expect(await eventually(seconds: 15) { !pids.contains(where: running) }, "the command or its child outlived exec's SIGKILL")
+            for pid in pids where running(pid) { kill(pid, SIGKILL) }
         }
     }
 }
