@@ -429,6 +429,7 @@ enum ChildCommand {
                 while waitpid(pid, &status, 0) == -1 {
                     guard errno == EINTR else { return continuation.resume(returning: 1) }
                 }
+                watchdog?.reap()
                 continuation.resume(returning: status & 0x7F == 0 ? (status >> 8) & 0xFF : 128 + (status & 0x7F))
             }
         }
@@ -481,10 +482,19 @@ struct ExecWatchdog: Sendable {
     let standDownDescriptor: Int32
 
     static func start(for group: pid_t) throws -> ExecWatchdog {
+        // A watchdog gone early must not end this process at the stand-down's write (NIO ignores it too).
+        signal(SIGPIPE, SIG_IGN)
         var ends: [Int32] = [-1, -1]
         guard pipe(&ends) == 0 else { throw ChildCommand.SpawnError(code: errno) }
         // (Nothing else is spawned meanwhile: the flag is set before any could inherit them.)
         for end in ends { _ = fcntl(end, F_SETFD, FD_CLOEXEC) }
+        // Not already at 3, where the copy to 3 would be a no-op that
+        // leaves it close-on-exec (older glibc).
+        if ends[0] == 3 {
+            let moved = fcntl(3, F_DUPFD_CLOEXEC, 10)
+            close(3)
+            ends[0] = moved
+        }
         defer { close(ends[0]) }
         var attributes = posix_spawnattr_t()
         posix_spawnattr_init(&attributes)
@@ -512,7 +522,9 @@ struct ExecWatchdog: Sendable {
         let argv = words.map { strdup($0) } + [nil]
         defer { argv.forEach { free($0) } }
         var pid: pid_t = 0
-        let code = posix_spawn(&pid, "/proc/self/exe", &actions, &attributes, argv, environ)
+        // No environment: the job's token is none of its business.
+        var noEnvironment: [UnsafeMutablePointer<CChar>?] = [nil]
+        let code = posix_spawn(&pid, "/proc/self/exe", &actions, &attributes, argv, &noEnvironment)
         guard code == 0 else {
             close(ends[1])
             throw ChildCommand.SpawnError(code: code)
@@ -520,14 +532,21 @@ struct ExecWatchdog: Sendable {
         return ExecWatchdog(pid: pid, standDownDescriptor: ends[1])
     }
 
-    /// The command ended (and is not reaped yet): the watchdog leaves
-    /// without a signal, and is reaped.
+    /// The command ended (and is not reaped yet): told so, the watchdog
+    /// leaves without a signal (it reads the byte before any end of the pipe).
     func standDown() {
         var byte: UInt8 = 1
         _ = write(standDownDescriptor, &byte, 1)
         close(standDownDescriptor)
+    }
+
+    /// Reaps the watchdog if it has left already; never waits for it
+    /// (it starts as a whole Swift binary: a short command would wait for
+    /// that). One still there leaves on its own once it reads the byte,
+    /// and is reaped by whoever adopts it when exec exits.
+    func reap() {
         var status: Int32 = 0
-        while waitpid(pid, &status, 0) == -1 && errno == EINTR {}
+        _ = waitpid(pid, &status, WNOHANG)
     }
 
     /// The watchdog's whole life (never returns): waits on descriptor 3,
@@ -541,7 +560,8 @@ struct ExecWatchdog: Sendable {
         var byte: UInt8 = 0
         var count = read(3, &byte, 1)
         while count < 0 && errno == EINTR { count = read(3, &byte, 1) }
-        if count == 0 { kill(-group, SIGKILL) }
+        // The command alone, if its group is gone (it left it), as exec's signals go.
+        if count == 0, kill(-group, SIGKILL) != 0 { kill(group, SIGKILL) }
         exit(0)
     }
 }

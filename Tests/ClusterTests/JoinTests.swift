@@ -656,23 +656,24 @@ extension JoinTests {
             let dir = cluster.directory
             let exec = [binary, "exec", "--endpoint", "127.0.0.1:\(cluster.basePort + 100 + Int(leader) - 1)", "--ca-file", "\(dir)/ca.pem",
                         "--audience", "warrant.local", "--token-request-ca", "\(dir)/github-ca.pem", "--"]
-            // (grep reads its own status, inherited from the shell's at its
-            // fork: the shell's own, read while it waits for grep, may show
-            // every signal blocked, as dash's wait for a child blocks them.)
-            let probe = exec + ["sh", "-c", "grep -E 'SigBlk|SigIgn' /proc/self/status; yes | head -1 > /dev/null; echo descriptors $(ls -1 /proc/self/fd | wc -l)"]
+            // The command reads its own status: no shell between (dash
+            // clears its signal mask when it starts, which would hide a
+            // blocked one, and blocks every signal while it waits for a child).
+            let signalProbe = exec + ["grep", "-E", "SigBlk|SigIgn", "/proc/self/status"]
             func ignoredSignals(_ output: String) throws -> UInt64 {
                 try #require(output.firstMatch(of: /SigIgn:\t([0-9a-f]+)/).flatMap { UInt64($0.output.1, radix: 16) }, "\(output)")
             }
-            let probed = try run(probe, environment: environment)
+            let probed = try run(signalProbe, environment: environment)
             #expect(probed.status == 0 && probed.output.contains("SigBlk:\t0000000000000000"), "\(probed.output)")
             let ignored = try ignoredSignals(probed.output)
             for number in [SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGPIPE] { #expect(ignored & (1 << UInt64(number - 1)) == 0, "signal \(number) ignored: \(probed.output)") }
+            let shell = try run(exec + ["sh", "-c", "yes | head -1 > /dev/null; echo descriptors $(ls -1 /proc/self/fd | wc -l)"], environment: environment)
             // (yes ends by SIGPIPE when head is done, as in any shell.)
-            #expect(!probed.output.contains("Broken pipe"), "\(probed.output)")
+            #expect(shell.status == 0 && !shell.output.contains("Broken pipe"), "\(shell.output)")
             // 0, 1, 2 and ls's own of the directory.
-            #expect(probed.output.contains("descriptors 4"), "\(probed.output)")
+            #expect(shell.output.contains("descriptors 4"), "\(shell.output)")
             // Started ignoring SIGHUP (nohup): the command ignores it too.
-            let underNohup = try run(["sh", "-c", "trap '' HUP; exec \"$@\"", "sh"] + probe, environment: environment)
+            let underNohup = try run(["sh", "-c", "trap '' HUP; exec \"$@\"", "sh"] + signalProbe, environment: environment)
             #expect(try ignoredSignals(underNohup.output) & (1 << UInt64(SIGHUP - 1)) != 0, "\(underNohup.output)")
 
             // A command's child in the background: a SIGTERM to exec reaches it too.
@@ -688,20 +689,33 @@ extension JoinTests {
                 return process
             }
             let pidFile = "\(dir)/sleeper.pid"
-            let sleeper = try startExec("sleep 37 & echo $! > \(pidFile); wait")
+            let sleeper = try startExec("sleep 37 & echo $$ $! > \(pidFile); wait")
             defer { if sleeper.isRunning { kill(sleeper.processIdentifier, SIGKILL) } }
             #expect(await eventually(seconds: 30) { FileManager.default.fileExists(atPath: pidFile) && ((try? String(contentsOfFile: pidFile, encoding: .utf8)) ?? "").hasSuffix("\n") })
-            let sleeping = try #require(Int32(try String(contentsOfFile: pidFile, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)))
+            let sleeperPids = try String(contentsOfFile: pidFile, encoding: .utf8).split(whereSeparator: \.isWhitespace).compactMap { Int32($0) }
+            try #require(sleeperPids.count == 2, "\(sleeperPids)")
+            let (sleeperCommand, sleeping) = (sleeperPids[0], sleeperPids[1])
             // Running: there, and not a zombie (whoever adopts it may not reap it).
             func running(_ pid: Int32) -> Bool {
                 guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8), let close = stat.lastIndex(of: ")") else { return false }
                 return !stat[close...].hasPrefix(") Z")
             }
+            /// Whether exec's watchdog for the command's group `group` runs.
+            func watchdogRuns(for group: Int32) -> Bool {
+                for entry in (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? [] {
+                    guard let pid = Int32(entry), let bytes = FileManager.default.contents(atPath: "/proc/\(entry)/cmdline") else { continue }
+                    let words = bytes.split(separator: 0).map { String(decoding: $0, as: UTF8.self) }
+                    if words.count == 3, words[1] == "__exec-watchdog", words[2] == String(group), running(pid) { return true }
+                }
+                return false
+            }
             #expect(running(sleeping), "the command's child runs")
+            #expect(await eventually(seconds: 30) { watchdogRuns(for: sleeperCommand) }, "exec's watchdog runs beside the command")
             kill(sleeper.processIdentifier, SIGTERM)
             #expect(await eventually(seconds: 15) { !sleeper.isRunning }, "exec ends with its command")
             #expect(await eventually(seconds: 10) { !running(sleeping) }, "the command's child got the SIGTERM too")
             if running(sleeping) { kill(sleeping, SIGKILL) }
+            #expect(await eventually(seconds: 15) { !watchdogRuns(for: sleeperCommand) }, "the watchdog left once the command ended")
 
             // exec killed with SIGKILL (a runner ending the job's process
             // group): its watchdog ends the command's group, child and all.
@@ -712,6 +726,8 @@ extension JoinTests {
             let pids = try String(contentsOfFile: killedFile, encoding: .utf8).split(whereSeparator: \.isWhitespace).compactMap { Int32($0) }
             try #require(pids.count == 2, "\(pids)")
             #expect(pids.allSatisfy(running), "the command and its child run")
+            // (The command may write its pids before exec has started the watchdog.)
+            #expect(await eventually(seconds: 30) { watchdogRuns(for: pids[0]) }, "exec's watchdog runs beside the command")
             kill(killed.processIdentifier, SIGKILL)
             #expect(await eventually(seconds: 15) { !pids.contains(where: running) }, "the command or its child outlived exec's SIGKILL")
             for pid in pids where running(pid) { kill(pid, SIGKILL) }
