@@ -96,7 +96,8 @@ struct FailStopTests {
             let files = FileManager.default.enumerator(atPath: directory.path)?.compactMap { ($0 as? String).map { ($0 as NSString).lastPathComponent } } ?? []
             return files.compactMap(Checkpoint.index(ofFile:)).max() ?? 0
         }
-        for n in 0..<20 where checkpointed() <= 5 {
+        // (Written on a low-priority thread: up to 30 s on a busy machine.)
+        for n in 0..<600 where checkpointed() <= 5 {
             _ = try await driver.propose(LedgerCommand(timeMillis: 1, actor: "t", requestID: "c\(n)",
                                                        operation: .putDocument(name: "c", format: .json, content: [], expectedVersion: nil)))
             try await Task.sleep(for: .milliseconds(50))
