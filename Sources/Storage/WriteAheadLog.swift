@@ -111,7 +111,11 @@ final class WriteAheadLog {
 
     /// Whether `directory` holds a log.
     static func exists(in directory: String) -> Bool {
-        (try? segmentFiles(in: directory))?.isEmpty == false
+        guard let files = try? segmentFiles(in: directory), let first = files.first else { return false }
+        // A lone first file without its whole header: a log whose start
+        // never finished (an older build's crash), with nothing in it.
+        if files.count == 1, let length = try? FileSystem.fileLength(first.path), length < fileHeaderBytes { return false }
+        return true
     }
 
     /// Opens (or, when `create`, starts) the log in `directory` and

@@ -311,6 +311,21 @@ struct RaftStoreTests {
         #expect(try store.loadDurableState().entries.first?.payload == .configChange(.bootstrap(voters: [1, 2, 3])))
     }
 
+    @Test("A log that is only a first file cut short in its header (an older build's crash while starting it) is no state: the store is initialized over it")
+    func lonePartialFileIsNoState() throws {
+        let temporary = try TemporaryStore()
+        try FileManager.default.createDirectory(atPath: temporary.walDirectory, withIntermediateDirectories: true)
+        let partial = "\(temporary.walDirectory)/\(WriteAheadLog.hex(1)).wal"
+        try Data(WriteAheadLog.fileMagic.prefix(5)).write(to: URL(fileURLWithPath: partial))
+        let store = try temporary.open()
+        #expect(!store.hasState, "a start that wrote nothing holds nothing")
+        try store.initialize(with: .bootstrap(voters: [1, 2, 3]))
+        #expect(try temporary.open().loadDurableState().entries.map(\.payload) == [.configChange(.bootstrap(voters: [1, 2, 3]))])
+        // With a whole first file beside it, a short second one is a file being started: the log is there.
+        try Data(WriteAheadLog.fileMagic.prefix(5)).write(to: URL(fileURLWithPath: "\(temporary.walDirectory)/\(WriteAheadLog.hex(2)).wal"))
+        #expect(try temporary.open().hasState)
+    }
+
     @Test("Initializing that stops after the log's first file exists leaves the store uninitialized, and the next start initializes it whole")
     func interruptedInitializeLeavesNoState() throws {
         struct Interrupted: Error {}

@@ -132,8 +132,14 @@ struct MutualTLSTests {
         let (runners, address) = try await runPair(one, two, into: inbox)
         one.setAddress(address, of: 2)
         // Connects and never speaks TLS.
-        let mute = try await ClientBootstrap(group: group).connect(to: address).get()
-        let mutePort = mute.localAddress?.port ?? -1 // (read while open)
+        // (Its port recorded as it connects: read after, a busy machine
+        // had let the deadline close it first, and a closed channel has no address.)
+        let recorder = PortRecorder()
+        let mute = try await ClientBootstrap(group: group)
+            .channelInitializer { channel in channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(recorder) } }
+            .connect(to: address).get()
+        #expect(await eventually(30) { recorder.port.load(ordering: .relaxed) != -1 }, "the silent connection became active")
+        let mutePort = recorder.port.load(ordering: .relaxed)
         one.send([ping(1, 1)])
         #expect(await eventually { inbox.all.count == 1 })
         #expect(await eventually(30) { !mute.isActive }, "the silent connection is closed at its handshake deadline")
@@ -352,5 +358,16 @@ final class CountingRelay: Sendable {
             partner.close(promise: nil)
             context.fireChannelInactive()
         }
+    }
+}
+
+/// The local port of the channel it is in, as it becomes active.
+private final class PortRecorder: ChannelInboundHandler, Sendable {
+    typealias InboundIn = ByteBuffer
+    let port = Atomic<Int>(-1)
+
+    func channelActive(context: ChannelHandlerContext) {
+        port.store(context.localAddress?.port ?? -1, ordering: .relaxed)
+        context.fireChannelActive()
     }
 }
