@@ -543,9 +543,10 @@ struct DriverTests {
     @Test("The leader does not compact while a follower is being sent its snapshot (a newer one would start the follower over), and compacts again once it is caught up")
     func compactionWaitsForSnapshotTransfer() async throws {
         try await LocalCluster.running(compactEveryEntries: 10) { cluster in
-            // Given up only after five stalls of 2 s: a loaded machine took
-            // more than 2.5 s over the proposals below with stalls of 0.5 s.
-            for driver in cluster.drivers.values { await driver.setSnapshotStreaming(chunkBytes: 256, stallLimit: .seconds(2)) }
+            // Given up only after five stalls of 6 s: a loaded machine took
+            // more than 2.5 s over the proposals below with stalls of 0.5 s,
+            // and a CI run more than 10 s with stalls of 2 s.
+            for driver in cluster.drivers.values { await driver.setSnapshotStreaming(chunkBytes: 256, stallLimit: .seconds(6)) }
             let (leader, lagging) = try await cluster.isolateAFollower()
             let stalled = Mutex(true)
             await cluster.drivers[lagging]!.setDropIncoming { message in
