@@ -372,26 +372,37 @@ enum ChildCommand {
     /// `keepIgnored` (ignored when this process started), and no
     /// descriptor but 0, 1 and 2 (NIO's sockets are not close-on-exec).
     static func spawn(_ arguments: [String], environment: [String: String], keepIgnored: [Int32]) throws -> pid_t {
+        try spawnInOwnGroup(arguments[0], arguments, environment: environment,
+                            defaults: [SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGPIPE].filter { !keepIgnored.contains($0) })
+    }
+
+    /// posix_spawn of `path` with `arguments` (argv[0] first) in a process
+    /// group of its own, with no signal blocked, `defaults` at their
+    /// default actions, the file actions `prepare` adds, then every
+    /// descriptor from `closingFrom` up closed.
+    static func spawnInOwnGroup(_ path: String, _ arguments: [String], environment: [String: String], defaults: [Int32] = [],
+                                closingFrom first: Int32 = 3, prepare: (inout posix_spawn_file_actions_t) -> Void = { _ in }) throws -> pid_t {
         var attributes = posix_spawnattr_t()
         posix_spawnattr_init(&attributes)
         defer { posix_spawnattr_destroy(&attributes) }
-        var none = sigset_t(), defaults = sigset_t()
+        var none = sigset_t(), defaultSet = sigset_t()
         sigemptyset(&none)
-        sigemptyset(&defaults)
-        for number in [SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGPIPE] where !keepIgnored.contains(number) { sigaddset(&defaults, number) }
+        sigemptyset(&defaultSet)
+        for number in defaults { sigaddset(&defaultSet, number) }
         posix_spawnattr_setsigmask(&attributes, &none)
-        posix_spawnattr_setsigdefault(&attributes, &defaults)
+        posix_spawnattr_setsigdefault(&attributes, &defaultSet)
         posix_spawnattr_setpgroup(&attributes, 0)
         posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETPGROUP))
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
-        try closeFromThree(&actions)
+        prepare(&actions)
+        try closeFrom(first, &actions)
         let argv = arguments.map { strdup($0) } + [nil]
         let envp = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
         defer { (argv + envp).forEach { free($0) } }
         var pid: pid_t = 0
-        let code = posix_spawn(&pid, arguments[0], &actions, &attributes, argv, envp)
+        let code = posix_spawn(&pid, path, &actions, &attributes, argv, envp)
         guard code == 0 else { throw SpawnError(code: code) }
         return pid
     }
@@ -399,7 +410,7 @@ enum ChildCommand {
     /// Every descriptor from `first` up closed in the child: glibc's
     /// posix_spawn_file_actions_addclosefrom_np (2.34 on, a GNU extension
     /// Swift's Glibc does not declare, so looked up), else each one open now.
-    static func closeFromThree(_ actions: inout posix_spawn_file_actions_t, first: Int32 = 3) throws {
+    private static func closeFrom(_ first: Int32, _ actions: inout posix_spawn_file_actions_t) throws {
         typealias CloseFrom = @convention(c) (UnsafeMutablePointer<posix_spawn_file_actions_t>?, Int32) -> Int32
         if let symbol = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "posix_spawn_file_actions_addclosefrom_np") {
             let code = unsafeBitCast(symbol, to: CloseFrom.self)(&actions, first)
@@ -463,7 +474,7 @@ final class CommandSignals: Sendable {
     func ended() { state.withLock { $0.ended = true } }
 
     /// To its group, or to the command alone if it left the group.
-    private static func send(_ signalNumber: Int32, to pid: pid_t) {
+    static func send(_ signalNumber: Int32, to pid: pid_t) {
         if kill(-pid, signalNumber) != 0 { kill(pid, signalNumber) }
     }
 }
@@ -496,38 +507,19 @@ struct ExecWatchdog: Sendable {
             ends[0] = moved
         }
         defer { close(ends[0]) }
-        var attributes = posix_spawnattr_t()
-        posix_spawnattr_init(&attributes)
-        defer { posix_spawnattr_destroy(&attributes) }
-        var none = sigset_t()
-        sigemptyset(&none)
-        posix_spawnattr_setsigmask(&attributes, &none)
-        posix_spawnattr_setpgroup(&attributes, 0)
-        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETPGROUP))
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_adddup2(&actions, ends[0], 3)
-        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        // Not the job's output: a runner waits for every holder of it to go.
-        posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0)
+        let pid: pid_t
         do {
-            try ChildCommand.closeFromThree(&actions, first: 4)
+            // No environment: the job's token is none of its business.
+            pid = try ChildCommand.spawnInOwnGroup("/proc/self/exe", ["/proc/self/exe", argument, String(group)], environment: [:], closingFrom: 4) { actions in
+                posix_spawn_file_actions_adddup2(&actions, ends[0], 3)
+                posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+                // Not the job's output: a runner waits for every holder of it to go.
+                posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
+                posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0)
+            }
         } catch {
             close(ends[1])
             throw error
-        }
-        let words: [String] = ["/proc/self/exe", argument, String(group)]
-        let argv = words.map { strdup($0) } + [nil]
-        defer { argv.forEach { free($0) } }
-        var pid: pid_t = 0
-        // No environment: the job's token is none of its business.
-        var noEnvironment: [UnsafeMutablePointer<CChar>?] = [nil]
-        let code = posix_spawn(&pid, "/proc/self/exe", &actions, &attributes, argv, &noEnvironment)
-        guard code == 0 else {
-            close(ends[1])
-            throw ChildCommand.SpawnError(code: code)
         }
         return ExecWatchdog(pid: pid, standDownDescriptor: ends[1])
     }
@@ -560,8 +552,7 @@ struct ExecWatchdog: Sendable {
         var byte: UInt8 = 0
         var count = read(3, &byte, 1)
         while count < 0 && errno == EINTR { count = read(3, &byte, 1) }
-        // The command alone, if its group is gone (it left it), as exec's signals go.
-        if count == 0, kill(-group, SIGKILL) != 0 { kill(group, SIGKILL) }
+        if count == 0 { CommandSignals.send(SIGKILL, to: group) }
         exit(0)
     }
 }
