@@ -76,6 +76,9 @@ public final class WarrantClient: Sendable {
                 }
                 learn(from: response, at: index)
                 return response
+            } catch where Task.isCancelled {
+                // The caller gave up: no fault of the endpoint's, none tried after it.
+                throw CancellationError()
             } catch {
                 attempts.append("\(endpoint): \(error)")
                 let until = ContinuousClock.now.advanced(by: Self.setAside)

@@ -170,7 +170,7 @@ struct ExecCommand: AsyncParsableCommand {
             let bundles = Task { [bundleRefresh] in await agent.keepBundlesFresh(every: .milliseconds(Int(bundleRefresh * 1000))) }
             let exitStatus = await exited.value
             // The command is gone (and no signal goes to its pid any more).
-            for source in sources { source.cancel() }
+            // Cancelled, a renewal's request under way ends at once.
             bundles.cancel()
             renewal.cancel()
             // A bundle refresh under way writes nothing into a directory about to go.
@@ -181,14 +181,23 @@ struct ExecCommand: AsyncParsableCommand {
             let now = await renewal.value
             await workloadAPI?.stop()
             status = exitStatus
-            if step != nil {
+            if let step {
+                // A signal from now on (a second Ctrl-C, the runner's SIGTERM
+                // after the command ended) stops the closing at once
+                // instead of being ignored until its requests time out.
+                say("closing step \(step) in the audit")
+                let closing = Task { try await now.closeStep(exitStatus: exitStatus, options) }
+                signals.afterEnd { _ in closing.cancel() }
                 do {
-                    try await now.closeStep(exitStatus: status, options)
-                    say("step \(step!) closed with exit status \(status)")
+                    try await closing.value
+                    say("step \(step) closed with exit status \(status)")
+                } catch is CancellationError {
+                    say("closing step \(step) stopped by a signal: it may not be closed in the audit (its identity then ends at its expiry)")
                 } catch {
-                    say("could not close step \(step!) in the audit: \(error)")
+                    say("could not close step \(step) in the audit: \(error)")
                 }
             }
+            for source in sources { source.cancel() }
         }
         if status != 0 { throw ExitCode(status) }
     }
@@ -264,6 +273,8 @@ struct ExecCommand: AsyncParsableCommand {
                     renewNow = true
                     break
                 } catch {
+                    // Cancelled (the command ended): its request was cut short, not refused.
+                    if Task.isCancelled { break }
                     let pause = min(jwtBackoff * Double.random(in: 0.5...1), max(0, due.timeIntervalSinceNow))
                     say("fetching JWT-SVIDs again failed (\(error)); retrying in \(String(format: "%.1f", pause)) s")
                     await wait(pause)
@@ -291,7 +302,7 @@ struct ExecCommand: AsyncParsableCommand {
                     if obtained == nil {
                         do {
                             obtained = try await current.renew(options, key: newKey, attempt: attempt)
-                        } catch let failure as JobFailure where joinAgain(after: failure, current) {
+                        } catch let failure as JobFailure where !Task.isCancelled && joinAgain(after: failure, current) {
                             removeIfExpired()
                             say("renewal \(failure.status == nil ? "impossible, the identity expired" : "refused") (\(failure.description)); "
                                 + "joining again with a fresh platform token")
@@ -325,6 +336,7 @@ struct ExecCommand: AsyncParsableCommand {
                     current = renewed
                     break
                 } catch {
+                    if Task.isCancelled { break }
                     removeIfExpired()
                     if rejoinRefused { (backoff, everRefused) = (max(backoff, 60), true) }
                     let pause = backoff * Double.random(in: 0.5...1)
@@ -448,19 +460,43 @@ enum ChildCommand {
 }
 
 /// Signals for the command: passed to its process group once it exists
-/// (those that came before, in order, as soon as it does), never after it ended.
+/// (those that came before, in order, as soon as it does), never after it
+/// ended; then given to what `afterEnd` names (one that came before it was
+/// named, at once when it is).
 final class CommandSignals: Sendable {
-    private let state = Mutex<(pid: pid_t, ended: Bool, early: [Int32])>((0, false, []))
+    private struct State {
+        var pid: pid_t = 0
+        var ended = false
+        var early: [Int32] = []
+        var afterEnd: (@Sendable (Int32) -> Void)?
+        var late: Int32?
+    }
+    private let state = Mutex(State())
 
     func pass(_ signalNumber: Int32) {
-        state.withLock { state in
-            guard !state.ended else { return }
+        let afterEnd = state.withLock { state -> (@Sendable (Int32) -> Void)? in
+            guard !state.ended else {
+                if state.afterEnd == nil, state.late == nil { state.late = signalNumber }
+                return state.afterEnd
+            }
             guard state.pid > 0 else {
                 if state.early.count < 8 { state.early.append(signalNumber) }
-                return
+                return nil
             }
             Self.send(signalNumber, to: state.pid)
+            return nil
         }
+        afterEnd?(signalNumber)
+    }
+
+    /// What a signal does once the command ended.
+    func afterEnd(_ body: @escaping @Sendable (Int32) -> Void) {
+        let late = state.withLock { state -> Int32? in
+            state.afterEnd = body
+            defer { state.late = nil }
+            return state.late
+        }
+        if let late { body(late) }
     }
 
     func started(_ pid: pid_t) {

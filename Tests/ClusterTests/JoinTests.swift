@@ -623,6 +623,42 @@ private func simulatedGitHubJob(_ admin: HTTPConnection, _ github: TestIssuer, d
 }
 
 extension JoinTests {
+    @Test("A signal to warrant exec once its command ended stops the step's closing at once, instead of being ignored until a cluster that does not answer times out: exec says the step may not be closed and exits with the command's status")
+    func execSignalWhileClosing() async throws {
+        try await withGitHubJob { cluster, leader, _, _, _, binary, environment in
+            let dir = cluster.directory
+            // The cluster through a proxy that can stop answering.
+            let proxy = FaultProxy(target: try SocketAddress(ipAddress: "127.0.0.1", port: cluster.basePort + 100 + Int(leader) - 1))
+            let port = try await proxy.start()
+            defer { Task { await proxy.stop() } }
+            let (started, release, log) = ("\(dir)/closing.started", "\(dir)/closing.release", "\(dir)/closing.log")
+            #expect(FileManager.default.createFile(atPath: log, contents: nil))
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: binary)
+            process.arguments = ["exec", "--endpoint", "127.0.0.1:\(port)", "--ca-file", "\(dir)/ca.pem", "--audience", "warrant.local",
+                                 "--token-request-ca", "\(dir)/github-ca.pem", "--step", "closing", "--",
+                                 "sh", "-c", "touch \(started); for i in $(seq 1 240); do test -f \(release) && exit 5; sleep 0.25; done; exit 9"]
+            process.environment = environment
+            process.standardOutput = FileHandle.nullDevice
+            process.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
+            try process.run()
+            defer { if process.isRunning { kill(process.processIdentifier, SIGKILL) } }
+            func said() -> String { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" }
+            #expect(await eventually(seconds: 30) { FileManager.default.fileExists(atPath: started) }, "\(said())")
+            // From now on nothing the job sends gets an answer; the command then ends.
+            proxy.set(.stall)
+            #expect(FileManager.default.createFile(atPath: release, contents: nil))
+            #expect(await eventually(seconds: 30) { said().contains("closing step closing in the audit") }, "\(said())")
+            kill(process.processIdentifier, SIGTERM)
+            // Without the signal the close would wait out the client's 10 s timeout.
+            #expect(await eventually(seconds: 30) { !process.isRunning }, "\(said())")
+            process.waitUntilExit()
+            #expect(process.terminationStatus == 5, "\(said())")
+            #expect(said().contains("closing step closing stopped by a signal: it may not be closed in the audit"), "\(said())")
+            #expect(!said().contains("could not close step"), "\(said())")
+        }
+    }
+
     @Test("The job-side client follows the leader: starting on a follower, it finds and then prefers the leader's endpoint")
     func clientFollowsLeader() async throws {
         try await withGitHubJob { cluster, leader, _, _, github, _, _ in

@@ -152,7 +152,8 @@ private final class OKResponder: ChannelInboundHandler {
     }
 }
 
-private func eventuallyTrue(seconds: Double = 10, _ condition: () -> Bool) async -> Bool {
+/// Whether `condition` holds within `seconds` (polled every 10 ms).
+func eventuallyTrue(seconds: Double = 10, _ condition: () -> Bool) async -> Bool {
     let deadline = ContinuousClock.now + .seconds(seconds)
     while ContinuousClock.now < deadline {
         if condition() { return true }

@@ -47,8 +47,9 @@ struct HTTPServerTests {
     /// query (so a later request could finish first), counting how many run at once.
     /// `plain`: the query's delay and 503 are ignored (a node that answers at once).
     /// `oneConnection`: the client uses one connection at a time, so no two
-    /// requests may run at once.
-    private static func withServer(ca given: ClusterCA? = nil, plain: Bool = false, oneConnection: Bool = true,
+    /// requests may run at once. `unavailable`: every request is answered
+    /// 503 with this code at once (a node without a leader).
+    private static func withServer(ca given: ClusterCA? = nil, plain: Bool = false, unavailable: String? = nil, oneConnection: Bool = true,
                                    limits change: (inout HTTPServerLimits) -> Void = { _ in },
                                    _ body: (Server) async throws -> Void) async throws {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
@@ -59,6 +60,10 @@ struct HTTPServerTests {
                                     refused: { request, error in
                                         counters.refused.withLock { $0.append("\(request.method.rawValue) \(request.path) \(request.body.count) \(error.code)") }
                                     }) { request in
+            if let unavailable {
+                counters.handled.wrappingAdd(1, ordering: .relaxed)
+                return APIError.unavailable(unavailable, "unavailable for the test").response
+            }
             let now = counters.running.wrappingAdd(1, ordering: .relaxed).newValue
             counters.mostAtOnce.max(now)
             if !plain, let delay = request.query["delay"].flatMap(Int.init) { try? await Task.sleep(for: .milliseconds(delay)) }
@@ -569,6 +574,50 @@ struct HTTPServerTests {
                 Issue.record("a timed-out connection is closed")
             } catch let error as HTTPClientError {
                 #expect(!error.requestSent, "\(error)")
+            }
+        }
+    }
+
+    @Test("A client request whose task is cancelled ends at once with CancellationError, before its answer or its timeout, and closes its connection; one cancelled before it starts sends nothing; the operator's client gives the cancellation, not an earlier node's 503")
+    func cancelledRequest() async throws {
+        let ca = try ClusterCA.create(clusterID: "http-test")
+        try await Self.withServer(ca: ca) { server in
+            let tls = try Self.clientTLS(server)
+            let connection = try await HTTPConnection.connect(to: server.address, tls: tls)
+            let waiting = Task { try await connection.request(.POST, "/slow?delay=10000", body: [1], timeout: .seconds(60)) }
+            #expect(await eventuallyTrue(seconds: 30) { server.counters.running.load(ordering: .relaxed) == 1 }, "the server runs the request")
+            waiting.cancel()
+            await #expect(throws: CancellationError.self) { _ = try await waiting.value }
+            #expect(server.handled == 0, "it ended before the server answered")
+            #expect(await eventuallyTrue(seconds: 30) { !connection.isActive }, "the connection is closed")
+
+            let second = try await HTTPConnection.connect(to: server.address, tls: tls)
+            let early = Task {
+                withUnsafeCurrentTask { $0?.cancel() }
+                return try await second.request(.POST, "/early", body: [2])
+            }
+            await #expect(throws: CancellationError.self) { _ = try await early.value }
+            #expect(await eventuallyTrue(seconds: 30) { !second.isActive }, "its connection is closed")
+            // Once the slow one is answered (to nobody), nothing else came.
+            #expect(await eventuallyTrue(seconds: 30) { server.handled == 1 })
+            try await Task.sleep(for: .milliseconds(300))
+            #expect(server.handled == 1 && server.counters.running.load(ordering: .relaxed) == 0, "the request cancelled before it started was not sent")
+
+            // The operator's client, cancelled while the second node works on
+            // a read the first answered 503: the cancellation, not the 503, is
+            // what the caller gets.
+            let admin = try ca.issueAdminIdentity(name: "alice")
+            try await Self.withServer(ca: ca, unavailable: "no_leader") { first in
+                try await Self.withServer(ca: ca, oneConnection: false) { slow in
+                    let client = try AdminClient(endpoints: [first.address, slow.address], caPEM: try ca.certificate.serializeAsPEM().pemString,
+                                                 certificatePEM: try admin.certificate.serializeAsPEM().pemString, keyPEM: admin.privateKey.pemRepresentation)
+                    defer { Task { await client.closeAll() } }
+                    let read = Task { try await client.request(.GET, "/x?delay=10000", timeout: .seconds(60)) }
+                    #expect(await eventuallyTrue(seconds: 30) { slow.counters.running.load(ordering: .relaxed) == 1 })
+                    #expect(first.handled == 1)
+                    read.cancel()
+                    await #expect(throws: CancellationError.self) { _ = try await read.value }
+                }
             }
         }
     }

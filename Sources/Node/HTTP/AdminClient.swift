@@ -73,6 +73,9 @@ public final class AdminClient: Sendable {
                 if response.status != .serviceUnavailable { return response }
                 if !reads && Self.errorCode(of: response) == "node_stopped" { return response }
                 lastResponse = response
+            } catch where Task.isCancelled {
+                // The caller gave up: no other node is asked, no earlier answer stands for it.
+                throw CancellationError()
             } catch {
                 if !reads, (error as? HTTPClientError)?.requestSent == true { throw error }
                 lastError = error

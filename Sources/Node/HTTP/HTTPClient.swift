@@ -54,6 +54,7 @@ public final class HTTPConnection: Sendable {
                                group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
                                timeout: TimeAmount = .seconds(3), responseBytesMax: Int = 64 << 20,
                                peerCheck: (@Sendable ([UInt8]) -> String?)? = nil) async throws -> HTTPConnection {
+        try Task.checkCancellation()
         let bootstrap = ClientBootstrap(group: group)
             .connectTimeout(timeout)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
@@ -123,7 +124,13 @@ public final class HTTPConnection: Sendable {
     public func request(_ method: HTTPMethod, _ uri: String, headers: [(String, String)] = [], body: [UInt8] = [],
                         timeout: TimeAmount = .seconds(10)) async throws -> HTTPClientResponse {
         let channel = self.channel, pending = self.pending
+        // A task cancelled closes the connection (an answer would come on a
+        // connection nobody reads) and gets CancellationError: before the
+        // request is written (on the loop), it is not; once it was, the
+        // wait ends at once, not at the timeout.
+        let cancelled = Atomic<Bool>(false)
         let send: @Sendable () -> EventLoopFuture<HTTPClientResponse> = {
+            guard !cancelled.load(ordering: .acquiring) else { return channel.eventLoop.makeFailedFuture(CancellationError()) }
             guard channel.isActive else {
                 return channel.eventLoop.makeFailedFuture(HTTPClientError(description: "the connection to \(self.address) is closed"))
             }
@@ -143,11 +150,20 @@ public final class HTTPConnection: Sendable {
             promise.futureResult.whenComplete { _ in deadline.cancel() }
             return promise.futureResult
         }
-        // Called on the connection's own loop (a follower's forward from a
-        // handler running there), the request is written at once, with no
-        // task queued on the loop.
-        let future = channel.eventLoop.inEventLoop ? send() : channel.eventLoop.flatSubmit(send)
-        return try await future.get()
+        do {
+            return try await withTaskCancellationHandler {
+                // Called on the connection's own loop (a follower's forward
+                // from a handler running there), the request is written at
+                // once, with no task queued on the loop.
+                let future = channel.eventLoop.inEventLoop ? send() : channel.eventLoop.flatSubmit(send)
+                return try await future.get()
+            } onCancel: {
+                cancelled.store(true, ordering: .releasing)
+                channel.close(promise: nil)
+            }
+        } catch where Task.isCancelled {
+            throw CancellationError()
+        }
     }
 
     public func close() async {
@@ -287,7 +303,8 @@ public final class HTTPConnectionPool: Sendable {
         }
         let response = try await connection.request(method, uri, headers: headers, body: body, timeout: timeout)
         let (kept, dropped) = idle.withLock { idle -> (Bool, HTTPConnection?) in
-            guard connection.isActive else { return (false, nil) }
+            // (One whose task was cancelled as its answer came is closing.)
+            guard connection.isActive, !Task.isCancelled else { return (false, nil) }
             idle.removeAll { !$0.isActive }
             var dropped: HTTPConnection?
             // Full: one of the loop with the most makes room, so a burst on
