@@ -659,7 +659,7 @@ extension JoinTests {
         }
     }
 
-    @Test("The job-side client follows the leader: starting on a follower, it finds and then prefers the leader's endpoint")
+    @Test("The job-side client follows the leader: starting on a follower, it finds and then prefers the leader's endpoint; cancelled while a node holds its request, it stops there")
     func clientFollowsLeader() async throws {
         try await withGitHubJob { cluster, leader, _, _, github, _, _ in
             let followers = [UInt64(1), 2, 3].filter { $0 != leader }
@@ -677,6 +677,21 @@ extension JoinTests {
             #expect(forwarded.first == true && forwarded.last == false, "\(forwarded)")
             #expect(client.preferredEndpoint == endpoints[2], "the leader's endpoint is preferred")
             await client.close()
+
+            // Cancelled while a node that does not answer holds its request:
+            // the caller gets the cancellation, not a failure of every node
+            // (the next one is not asked).
+            let proxy = FaultProxy(target: try SocketAddress(ipAddress: "127.0.0.1", port: endpoints[2].port))
+            let port = try await proxy.start()
+            defer { Task { await proxy.stop() } }
+            proxy.set(.stall)
+            let stalledFirst = try WarrantClient(endpoints: [try HostPort(parsing: "127.0.0.1:\(port)", at: "test"), endpoints[2]],
+                                                 caPEM: try String(contentsOfFile: "\(cluster.directory)/ca.pem", encoding: .utf8))
+            let asked = Task { try await stalledFirst.request(.GET, "/healthz") }
+            try await Task.sleep(for: .milliseconds(300))
+            asked.cancel()
+            await #expect(throws: CancellationError.self) { _ = try await asked.value }
+            await stalledFirst.close()
         }
     }
 }
