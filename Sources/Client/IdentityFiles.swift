@@ -2,10 +2,22 @@ import Foundation
 import Node
 
 /// Writes an identity into a directory: `svid.pem`, `svid.key` (mode
-/// 0600), `bundle.pem`, and `jwt-<audience>.token` per JWT-SVID. Each file
-/// is written to a temporary name beside it and renamed into place, so a
-/// reader never sees half a file; if any write fails, the temporary files
-/// are removed and the files already there are left as they were.
+/// 0600), `bundle.pem`, and `jwt-<audience>.token` per JWT-SVID.
+///
+/// Every write makes a new version of the whole set, and one rename makes
+/// it current, so a reader never sees half a file, nor a certificate
+/// beside the key of another (the layout Kubernetes gives its volumes):
+/// the files are in a directory `..<random hex>`, the link `..data` names
+/// the current one, and each name (`svid.pem`, ...) is a link through
+/// `..data`. A write makes a new version directory (files written with
+/// their modes and synced; those not written hard-linked from the current
+/// version), points a new link at it and renames that over `..data`, then
+/// removes the older versions. One writer at a time, in one process or
+/// several (a lock on the directory). If a write fails before the rename,
+/// its version is removed and the files are as they were. A program that
+/// reads two files at different times can still read them from two
+/// versions: one that resolves `..data` once (or is told of a change
+/// after the write, by a signal say) reads a matching pair.
 public enum IdentityFiles {
     public struct Problem: Error, CustomStringConvertible, Sendable {
         public var description: String
@@ -67,7 +79,7 @@ public enum IdentityFiles {
         for (audience, token) in jwts.sorted(by: { $0.key < $1.key }) {
             files.append((jwtFileName(audience), token, 0o600))
         }
-        try place(files, in: directory)
+        try update(directory, writing: files)
     }
 
     /// Replaces bundle.pem alone (a trust bundle refreshed between
@@ -75,31 +87,143 @@ public enum IdentityFiles {
     public static func writeBundle(directory: String, bundlePEM: String) throws {
         try checkWritable(directory: directory)
         guard FileManager.default.fileExists(atPath: directory) else { throw Problem(description: "the output directory \(directory) is gone") }
-        try place([("bundle.pem", bundlePEM, 0o644)], in: directory)
+        try update(directory, writing: [("bundle.pem", bundlePEM, 0o644)])
     }
 
-    /// Writes each file beside its place, then renames them into place in
-    /// order; on a failure, those not yet in place are removed.
-    private static func place(_ files: [(name: String, content: String, mode: Int)], in directory: String) throws {
-        var temporary: [(String, String)] = []
+    /// Removes `names` (an identity that expired) at once; whether any was
+    /// there. Later writes do not bring them back.
+    @discardableResult
+    public static func remove(_ names: [String], from directory: String) throws -> Bool {
+        guard FileManager.default.fileExists(atPath: directory) else { return false }
+        return try update(directory, writing: [], removing: names)
+    }
+
+    /// Writes each given file into a new version of the directory's
+    /// contents and makes that version current at once (see the type's
+    /// comment); files not given are carried over, `removing` dropped.
+    /// Returns whether a name in `removing` was there.
+    @discardableResult
+    private static func update(_ directory: String, writing files: [(name: String, content: String, mode: Int)], removing: [String] = []) throws -> Bool {
+        let lock = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard lock >= 0 else { throw Problem(description: "cannot open the output directory \(directory): \(String(cString: strerror(errno)))") }
+        defer { close(lock) }
+        // One writer at a time (the agent's bundle and a renewal, say, in
+        // one process or two): each builds on the version the last left.
+        while flock(lock, LOCK_EX) != 0 {
+            guard errno == EINTR else { throw Problem(description: "cannot lock the output directory \(directory): \(String(cString: strerror(errno)))") }
+        }
+        defer { flock(lock, LOCK_UN) }
+        let current = currentVersion(directory)
+        let written = Set(files.map(\.name)), dropped = Set(removing)
+        let carried = (current.map { (try? FileManager.default.contentsOfDirectory(atPath: "\(directory)/\($0)")) ?? [] } ?? [])
+            .filter { !written.contains($0) && !dropped.contains($0) }
+        // A name removed is there in the current version, or as a file of
+        // an older build's layout (removed on its own).
+        let inVersion = current.map { version in removing.filter { FileManager.default.fileExists(atPath: "\(directory)/\(version)/\($0)") } } ?? []
+        var removedAny = !inVersion.isEmpty
+        for name in removing where isRegularFile("\(directory)/\(name)") {
+            removedAny = unlink("\(directory)/\(name)") == 0 || removedAny
+        }
+        guard !files.isEmpty || !inVersion.isEmpty else { return removedAny }
+
+        let version = "..\(randomHex())"
+        let path = "\(directory)/\(version)"
+        guard mkdir(path, 0o755) == 0 else { throw Problem(description: "cannot create \(path): \(String(cString: strerror(errno)))") }
         do {
-            for file in files {
-                let final = "\(directory)/\(file.name)"
-                let path = "\(directory)/.\(file.name).\(UUID().uuidString.prefix(8)).tmp"
-                do {
-                    try ClusterFiles.writeNew(path, Array(file.content.utf8), mode: mode_t(file.mode))
-                } catch {
-                    throw Problem(description: error.description)
+            for name in carried {
+                let source = "\(directory)/\(current!)/\(name)"
+                guard link(source, "\(path)/\(name)") != 0 else { continue }
+                // No hard links here: a copy, with the same mode.
+                var info = stat()
+                guard isRegularFile(source), lstat(source, &info) == 0,
+                      let bytes = FileManager.default.contents(atPath: source) else {
+                    throw Problem(description: "cannot carry \(source) over: \(String(cString: strerror(errno)))")
                 }
-                temporary.append((path, final))
+                try writeNew("\(path)/\(name)", Array(bytes), mode: Int(info.st_mode & 0o7777))
             }
-            // Key first: a certificate is never in place without its key.
-            for (path, final) in temporary {
-                guard rename(path, final) == 0 else { throw Problem(description: "cannot move \(path) to \(final): \(String(cString: strerror(errno)))") }
+            for file in files { try writeNew("\(path)/\(file.name)", Array(file.content.utf8), mode: file.mode) }
+            try syncDirectory(path)
+            // The switch: one rename makes every file of the new version current.
+            let temporary = "\(directory)/..data.\(randomHex()).tmp"
+            guard symlink(version, temporary) == 0 else { throw Problem(description: "cannot create \(temporary): \(String(cString: strerror(errno)))") }
+            guard rename(temporary, "\(directory)/\(dataLink)") == 0 else {
+                let reason = String(cString: strerror(errno))
+                unlink(temporary)
+                throw Problem(description: "cannot move \(temporary) to \(directory)/\(dataLink): \(reason)")
             }
         } catch {
-            for (path, _) in temporary { try? FileManager.default.removeItem(atPath: path) }
+            try? FileManager.default.removeItem(atPath: path)
             throw error
         }
+        // Each name written a link through `..data` (a file of an older
+        // build's layout replaced by one rename); removed names go. (A name
+        // carried over keeps its link, or its lack of one.)
+        for name in files.map(\.name) {
+            let visible = "\(directory)/\(name)", target = "\(dataLink)/\(name)"
+            if (try? FileManager.default.destinationOfSymbolicLink(atPath: visible)) == target { continue }
+            let temporary = "\(directory)/..link.\(randomHex()).tmp"
+            guard symlink(target, temporary) == 0, rename(temporary, visible) == 0 else {
+                let reason = String(cString: strerror(errno))
+                unlink(temporary)
+                throw Problem(description: "cannot link \(visible) to \(target): \(reason)")
+            }
+        }
+        for name in removing where (try? FileManager.default.destinationOfSymbolicLink(atPath: "\(directory)/\(name)")) == "\(dataLink)/\(name)" {
+            unlink("\(directory)/\(name)")
+        }
+        try syncDirectory(directory)
+        // Older versions (and anything a crash left half made) go; names of
+        // other shapes are not this type's and stay.
+        for entry in (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? [] where entry != version && isMadeHere(entry) {
+            try? FileManager.default.removeItem(atPath: "\(directory)/\(entry)")
+        }
+        return removedAny
+    }
+
+    /// The link every name goes through, to the current version's directory.
+    static let dataLink = "..data"
+
+    /// `..<16 hex>` (a version), `..data.<16 hex>.tmp` or `..link.<16 hex>.tmp`.
+    static func isMadeHere(_ name: String) -> Bool {
+        func hex(_ part: Substring) -> Bool { part.utf8.count == 16 && part.utf8.allSatisfy { (0x30...0x39).contains($0) || (0x61...0x66).contains($0) } }
+        guard name.hasPrefix("..") else { return false }
+        let rest = name.dropFirst(2)
+        if hex(rest) { return true }
+        for kind in ["data.", "link."] where rest.hasPrefix(kind) && rest.hasSuffix(".tmp") {
+            return hex(rest.dropFirst(kind.count).dropLast(4))
+        }
+        return false
+    }
+
+    private static func isRegularFile(_ path: String) -> Bool {
+        var info = stat()
+        return lstat(path, &info) == 0 && (info.st_mode & S_IFMT) == S_IFREG
+    }
+
+    /// The current version's directory name (`..` and hex), if any.
+    private static func currentVersion(_ directory: String) -> String? {
+        guard let target = try? FileManager.default.destinationOfSymbolicLink(atPath: "\(directory)/\(dataLink)"),
+              target.hasPrefix(".."), !target.contains("/"), target != dataLink else { return nil }
+        var info = stat()
+        guard lstat("\(directory)/\(target)", &info) == 0, (info.st_mode & S_IFMT) == S_IFDIR else { return nil }
+        return target
+    }
+
+    private static func writeNew(_ path: String, _ bytes: [UInt8], mode: Int) throws {
+        do {
+            try ClusterFiles.writeNew(path, bytes, mode: mode_t(mode))
+        } catch {
+            throw Problem(description: error.description)
+        }
+    }
+
+    private static func syncDirectory(_ path: String) throws {
+        let descriptor = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        defer { if descriptor >= 0 { close(descriptor) } }
+        guard descriptor >= 0, fsync(descriptor) == 0 else { throw Problem(description: "cannot sync \(path): \(String(cString: strerror(errno)))") }
+    }
+
+    private static func randomHex() -> String {
+        (0..<8).map { _ in String(format: "%02x", UInt8.random(in: 0...255)) }.joined()
     }
 }

@@ -234,7 +234,12 @@ struct ExecCommand: AsyncParsableCommand {
                 files = audiences.map(JobIdentity.jwtFileName)
             }
             var removed = false
-            for file in files { removed = (try? FileManager.default.removeItem(atPath: "\(directory)/\(file)")) != nil || removed }
+            do {
+                removed = try IdentityFiles.remove(files, from: directory)
+            } catch {
+                // The names go whatever failed (what they led to is not linked again).
+                for file in files { removed = (try? FileManager.default.removeItem(atPath: "\(directory)/\(file)")) != nil || removed }
+            }
             if removed { say("the \(files.contains("svid.pem") ? "identity" : "JWT-SVIDs") expired; the files are removed until new ones arrive") }
         }
         /// Sleeps `seconds`, stopping at the next expiry on the way to remove what expired.

@@ -312,7 +312,7 @@ struct JoinObtain: AsyncParsableCommand {
         commandName: "obtain",
         abstract: "Inside a CI job: exchange the job's platform token for an identity and write it to a directory (the default of 'warrant join').",
         discussion: """
-            Writes svid.pem, svid.key (mode 0600) and bundle.pem into --out, each atomically. Every option can also come from the environment.
+            Writes svid.pem, svid.key (mode 0600) and bundle.pem into --out, all replaced together (links through --out/..data). Every option can also come from the environment.
 
             Examples:
               # GitHub Actions (the workflow has `permissions: id-token: write`):
