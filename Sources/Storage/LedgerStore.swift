@@ -81,16 +81,25 @@ public final class LedgerStore: Sendable {
         let index = checkpoint?.metadata.index ?? 0
         checkpointWriting.withLock { $0 = index }
         let head: (sequence: UInt64, hash: [UInt8]) = checkpoint?.head ?? (0, AuditRecord.genesisHash)
+        // The chain must hold the checkpoint's head, checked before anything
+        // is cut: a chain that disagrees is left whole, for whoever looks
+        // into it.
+        let path = audit.directory
+        if head.sequence > 0, let atHead = try audit.records(after: head.sequence - 1, limit: 1).first, atHead.sequence == head.sequence {
+            guard atHead.hash == head.hash else {
+                throw StorageError(code: .corruptState, reason: "\(path): the audit chain's record \(head.sequence) has another hash than the checkpoint at index \(index) was taken at. \(StorageError.rejoinAdvice)")
+            }
+        } else if head.sequence > 0 {
+            guard let stored = try audit.lastRecord() else {
+                throw StorageError(code: .corruptState, reason: "\(path): the audit chain is missing the \(head.sequence) records the checkpoint at index \(index) follows. \(StorageError.rejoinAdvice)")
+            }
+            throw StorageError(code: .corruptState, reason: "\(path): the audit chain ends at record \(stored.sequence), but the checkpoint at index \(index) was taken at record \(head.sequence). \(StorageError.rejoinAdvice)")
+        }
         // Records after the head (they belong to entries after the
         // checkpoint) are made again by the replay.
         try audit.truncate(after: head.sequence)
-        let path = audit.directory
-        if let stored = try audit.lastRecord() {
-            guard stored.sequence == head.sequence, stored.hash == head.hash else {
-                throw StorageError(code: .corruptState, reason: "\(path): the audit chain ends at record \(stored.sequence), but the checkpoint at index \(index) was taken at record \(head.sequence) with another hash. \(StorageError.rejoinAdvice)")
-            }
-        } else if head.sequence != 0 {
-            throw StorageError(code: .corruptState, reason: "\(path): the audit chain is missing the \(head.sequence) records the checkpoint at index \(index) follows. \(StorageError.rejoinAdvice)")
+        if let stored = try audit.lastRecord(), stored.sequence != head.sequence || stored.hash != head.hash {
+            throw StorageError(code: .corruptState, reason: "\(path): the audit chain ends at record \(stored.sequence) once cut, not at the checkpoint's record \(head.sequence) (index \(index)). \(StorageError.rejoinAdvice)")
         }
         let loaded = LedgerMemory(documents: checkpoint?.documents ?? [], head: head, applied: index)
         try LedgerRules.check(try LedgerRules.version(in: loaded), known: rulesKnown.load(ordering: .relaxed), at: index)

@@ -261,6 +261,28 @@ struct LedgerStoreTests {
         #expect(error.code == .corruptState)
         #expect(error.reason.contains("audit chain ends at record"))
 
+        // The record at the checkpoint's head replaced, later ones there:
+        // refused, and nothing cut.
+        do {
+            var (temporary, store, node) = try leaderThatApplied(commands(seed: 4, count: 30))
+            try checkpoint(&node, store)
+            let head = try #require(try store.auditRecords(limit: 1_000).last)
+            for command in commands(seed: 5, count: 10) { try node.propose(command.encoded) }
+            try driveApplying(&node, store)
+            try store.ledger!.writeAudit()
+            let before = try store.auditRecords(limit: 1_000)
+            #expect(before.count > Int(head.sequence))
+            try temporary.rewriteAudit { records in
+                let old = records[Int(head.sequence) - 1]
+                records[Int(head.sequence) - 1] = AuditRecord(sequence: old.sequence, logIndex: old.logIndex, timeMillis: old.timeMillis, actor: "someone else",
+                                                              action: old.action, target: old.target, result: old.result, previousHash: old.previousHash)
+            }
+            let replaced = try #require(throws: StorageError.self) { try temporary.open().loadDurableState() }
+            #expect(replaced.code == .corruptState && replaced.reason.contains("record \(head.sequence) has another hash"), "\(replaced.reason)")
+            let kept = try AuditLog.open(directory: temporary.auditDirectory).records(after: 0, limit: .max)
+            #expect(kept.count == before.count, "the records after the head are still there")
+        }
+
         let name = try #require(try FileManager.default.contentsOfDirectory(atPath: temporary.path).first { $0.hasPrefix("checkpoint-") })
         try temporary.modify("\(temporary.path)/\(name)") { $0[40] ^= 1 }
         let damaged = try #require(throws: StorageError.self) { try temporary.open().loadDurableState() }
