@@ -67,8 +67,8 @@ public final class LedgerStore: Sendable {
     // MARK: - Opening
 
     /// The newest checkpoint on disk, loaded into memory; the audit log
-    /// cut back to it (later records are made again by the replay) and
-    /// checked to end where the checkpoint says. Nil when there is none
+    /// checked to hold the checkpoint's head record, then cut back to it
+    /// (later records are made again by the replay). Nil when there is none
     /// (the ledger starts empty, at index 0).
     func loadCheckpoint() throws -> Checkpoint? {
         let files = try FileSystem.list(directory).compactMap { name in Checkpoint.index(ofFile: name).map { ($0, name) } }.sorted { $0.0 < $1.0 }
