@@ -13,11 +13,15 @@ import Node
 /// their modes and synced; those not written hard-linked from the current
 /// version), points a new link at it and renames that over `..data`, then
 /// removes the older versions. One writer at a time, in one process or
-/// several (a lock on the directory). If a write fails before the rename,
-/// its version is removed and the files are as they were. A program that
-/// reads two files at different times can still read them from two
-/// versions: one that resolves `..data` once (or is told of a change
-/// after the write, by a signal say) reads a matching pair.
+/// several (`..lock`, waited for 10 s at most). If a write fails before
+/// the rename, its version is removed and the files are as they were
+/// (but that `remove` has unlinked plain files of the older layout). A
+/// program that reads two files at different times can still read them
+/// from two versions: one that resolves `..data`, reads both from the
+/// directory it names, and starts again if one is gone (the version was
+/// replaced meanwhile), or that is told of a change after the write (a
+/// signal, say), reads a matching pair. A file watcher sees `..data`
+/// renamed, not `svid.pem` changed.
 public enum IdentityFiles {
     public struct Problem: Error, CustomStringConvertible, Sendable {
         public var description: String
@@ -85,16 +89,20 @@ public enum IdentityFiles {
     /// Replaces bundle.pem alone (a trust bundle refreshed between
     /// renewals); a directory that is gone is an error, not made again.
     public static func writeBundle(directory: String, bundlePEM: String) throws {
+        try writeBundle(directory: directory, bundlePEM: bundlePEM, lockWait: lockWaitSeconds)
+    }
+
+    static func writeBundle(directory: String, bundlePEM: String, lockWait: Double) throws {
         try checkWritable(directory: directory)
         guard FileManager.default.fileExists(atPath: directory) else { throw Problem(description: "the output directory \(directory) is gone") }
-        try update(directory, writing: [("bundle.pem", bundlePEM, 0o644)])
+        try update(directory, writing: [("bundle.pem", bundlePEM, 0o644)], lockWait: lockWait)
     }
 
     /// Removes `names` (an identity that expired) at once; whether any was
     /// there. Later writes do not bring them back.
     @discardableResult
     public static func remove(_ names: [String], from directory: String) throws -> Bool {
-        guard FileManager.default.fileExists(atPath: directory) else { return false }
+        guard !names.isEmpty, FileManager.default.fileExists(atPath: directory) else { return false }
         return try update(directory, writing: [], removing: names)
     }
 
@@ -103,14 +111,23 @@ public enum IdentityFiles {
     /// comment); files not given are carried over, `removing` dropped.
     /// Returns whether a name in `removing` was there.
     @discardableResult
-    private static func update(_ directory: String, writing files: [(name: String, content: String, mode: Int)], removing: [String] = []) throws -> Bool {
-        let lock = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        guard lock >= 0 else { throw Problem(description: "cannot open the output directory \(directory): \(String(cString: strerror(errno)))") }
-        defer { close(lock) }
+    private static func update(_ directory: String, writing files: [(name: String, content: String, mode: Int)], removing: [String] = [],
+                               lockWait: Double = lockWaitSeconds) throws -> Bool {
         // One writer at a time (the agent's bundle and a renewal, say, in
         // one process or two): each builds on the version the last left.
-        while flock(lock, LOCK_EX) != 0 {
-            guard errno == EINTR else { throw Problem(description: "cannot lock the output directory \(directory): \(String(cString: strerror(errno)))") }
+        // The lock is a file of its own (mode 0600, opened for writing, as
+        // NFS needs), waited for `lockWaitSeconds` at most.
+        let lockPath = "\(directory)/\(lockFile)"
+        let lock = open(lockPath, O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0o600)
+        guard lock >= 0 else { throw Problem(description: "cannot open \(lockPath): \(String(cString: strerror(errno)))") }
+        defer { close(lock) }
+        let deadline = Date().addingTimeInterval(lockWait)
+        while flock(lock, LOCK_EX | LOCK_NB) != 0 {
+            guard errno == EINTR || errno == EWOULDBLOCK else { throw Problem(description: "cannot lock \(lockPath): \(String(cString: strerror(errno)))") }
+            guard Date() < deadline else {
+                throw Problem(description: "the output directory \(directory) is being written by another process (\(lockPath) is locked); gave up after \(lockWait) s")
+            }
+            usleep(5_000)
         }
         defer { flock(lock, LOCK_UN) }
         let current = currentVersion(directory)
@@ -118,7 +135,7 @@ public enum IdentityFiles {
         let carried = (current.map { (try? FileManager.default.contentsOfDirectory(atPath: "\(directory)/\($0)")) ?? [] } ?? [])
             .filter { !written.contains($0) && !dropped.contains($0) }
         // A name removed is there in the current version, or as a file of
-        // an older build's layout (removed on its own).
+        // an older build's layout (unlinked here, on its own).
         let inVersion = current.map { version in removing.filter { FileManager.default.fileExists(atPath: "\(directory)/\(version)/\($0)") } } ?? []
         var removedAny = !inVersion.isEmpty
         for name in removing where isRegularFile("\(directory)/\(name)") {
@@ -137,7 +154,7 @@ public enum IdentityFiles {
                 var info = stat()
                 guard isRegularFile(source), lstat(source, &info) == 0,
                       let bytes = FileManager.default.contents(atPath: source) else {
-                    throw Problem(description: "cannot carry \(source) over: \(String(cString: strerror(errno)))")
+                    throw Problem(description: "cannot carry \(source) over: it is not a plain file that can be read")
                 }
                 try writeNew("\(path)/\(name)", Array(bytes), mode: Int(info.st_mode & 0o7777))
             }
@@ -155,12 +172,15 @@ public enum IdentityFiles {
             try? FileManager.default.removeItem(atPath: path)
             throw error
         }
-        // Each name written a link through `..data` (a file of an older
-        // build's layout replaced by one rename); removed names go. (A name
-        // carried over keeps its link, or its lack of one.)
-        for name in files.map(\.name) {
+        // Each name written a link through `..data`; removed names go. (A
+        // name carried over keeps its link, or its lack of one.) Files of
+        // an older build's layout are unlinked first, all of them, then
+        // linked: a name is missing for a moment, but a new key is never
+        // beside an old plain certificate.
+        let unlinked = files.map(\.name).filter { (try? FileManager.default.destinationOfSymbolicLink(atPath: "\(directory)/\($0)")) != "\(dataLink)/\($0)" }
+        for name in unlinked where isRegularFile("\(directory)/\(name)") { unlink("\(directory)/\(name)") }
+        for name in unlinked {
             let visible = "\(directory)/\(name)", target = "\(dataLink)/\(name)"
-            if (try? FileManager.default.destinationOfSymbolicLink(atPath: visible)) == target { continue }
             let temporary = "\(directory)/..link.\(randomHex()).tmp"
             guard symlink(target, temporary) == 0, rename(temporary, visible) == 0 else {
                 let reason = String(cString: strerror(errno))
@@ -172,9 +192,10 @@ public enum IdentityFiles {
             unlink("\(directory)/\(name)")
         }
         try syncDirectory(directory)
-        // Older versions (and anything a crash left half made) go; names of
-        // other shapes are not this type's and stay.
-        for entry in (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? [] where entry != version && isMadeHere(entry) {
+        // Older versions (and anything a crash left half made, by this
+        // layout or the older one) go; names of other shapes are not this
+        // type's and stay.
+        for entry in (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? [] where entry != version && (isMadeHere(entry) || isOlderTemporary(entry)) {
             try? FileManager.default.removeItem(atPath: "\(directory)/\(entry)")
         }
         return removedAny
@@ -182,6 +203,18 @@ public enum IdentityFiles {
 
     /// The link every name goes through, to the current version's directory.
     static let dataLink = "..data"
+    /// The file writers lock, one at a time.
+    static let lockFile = "..lock"
+    /// How long a write waits for another writer, at most.
+    static let lockWaitSeconds: Double = 10
+
+    /// A temporary file of the older layout a crash left:
+    /// `.<name>.<8 hex digits or letters>.tmp`.
+    static func isOlderTemporary(_ name: String) -> Bool {
+        let parts = name.split(separator: ".", omittingEmptySubsequences: false)
+        return name.hasPrefix(".") && !name.hasPrefix("..") && parts.count >= 4 && parts.last == "tmp" && parts[parts.count - 2].utf8.count == 8
+            && parts[parts.count - 2].utf8.allSatisfy { (0x30...0x39).contains($0) || (0x41...0x46).contains($0) }
+    }
 
     /// `..<16 hex>` (a version), `..data.<16 hex>.tmp` or `..link.<16 hex>.tmp`.
     static func isMadeHere(_ name: String) -> Bool {
@@ -203,7 +236,7 @@ public enum IdentityFiles {
     /// The current version's directory name (`..` and hex), if any.
     private static func currentVersion(_ directory: String) -> String? {
         guard let target = try? FileManager.default.destinationOfSymbolicLink(atPath: "\(directory)/\(dataLink)"),
-              target.hasPrefix(".."), !target.contains("/"), target != dataLink else { return nil }
+              isMadeHere(target), !target.hasSuffix(".tmp") else { return nil }
         var info = stat()
         guard lstat("\(directory)/\(target)", &info) == 0, (info.st_mode & S_IFMT) == S_IFDIR else { return nil }
         return target

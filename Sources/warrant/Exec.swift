@@ -12,7 +12,7 @@ struct ExecCommand: AsyncParsableCommand {
         commandName: "exec",
         abstract: "Inside a CI job: obtain the job's identity, run a command with it, renew it while the command runs, and exit with the command's status.",
         discussion: """
-            The command gets WARRANT_SVID_FILE, WARRANT_KEY_FILE, WARRANT_BUNDLE_FILE (PEM files, rewritten atomically on renewal, \
+            The command gets WARRANT_SVID_FILE, WARRANT_KEY_FILE, WARRANT_BUNDLE_FILE (PEM files, replaced together on renewal, links through WARRANT_IDENTITY_DIR/..data, \
             and the bundle also when the cluster's changes), \
             WARRANT_IDENTITY_DIR and WARRANT_SPIFFE_ID. The identity is renewed at half its lifetime (with jitter); when renewal is \
             refused, a fresh platform token is used to join again. Without --out the files live in a private temporary directory, \
@@ -237,8 +237,12 @@ struct ExecCommand: AsyncParsableCommand {
             do {
                 removed = try IdentityFiles.remove(files, from: directory)
             } catch {
-                // The names go whatever failed (what they led to is not linked again).
-                for file in files { removed = (try? FileManager.default.removeItem(atPath: "\(directory)/\(file)")) != nil || removed }
+                // The names go whatever failed, and the files of the current
+                // version they led to (else carried into later versions).
+                for file in files {
+                    removed = (try? FileManager.default.removeItem(atPath: "\(directory)/\(file)")) != nil || removed
+                    try? FileManager.default.removeItem(atPath: "\(directory)/..data/\(file)")
+                }
             }
             if removed { say("the \(files.contains("svid.pem") ? "identity" : "JWT-SVIDs") expired; the files are removed until new ones arrive") }
         }

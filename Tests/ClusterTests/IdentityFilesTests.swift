@@ -43,7 +43,7 @@ struct IdentityFilesTests {
         try ClusterFiles.writeNew("\(directory)/..data.0123456789abcdeg.tmp", Array("mine".utf8), mode: 0o644)
         try FileManager.default.createDirectory(atPath: "\(directory)/..0123456789abcdef", withIntermediateDirectories: false)
         try IdentityFiles.writeBundle(directory: directory, bundlePEM: "BUNDLE3\n")
-        let left = try FileManager.default.contentsOfDirectory(atPath: directory).filter { $0.hasPrefix("..") && $0 != "..data" && !IdentityFiles.isMadeHere($0) }
+        let left = try FileManager.default.contentsOfDirectory(atPath: directory).filter { $0.hasPrefix("..") && $0 != "..data" && $0 != "..lock" && !IdentityFiles.isMadeHere($0) }
         #expect(left.sorted() == ["..0123456789abcdef.tmp", "..data.0123456789abcdeg.tmp", "..mine"])
         #expect(!FileManager.default.fileExists(atPath: "\(directory)/..0123456789abcdef"), "an older version's shape: removed")
 
@@ -156,7 +156,7 @@ struct IdentityFilesTests {
         #expect(throws: IdentityFiles.Problem.self) { try IdentityFiles.write(directory: directory, certificatePEM: "C4", keyPEM: "K4", bundlePEM: nil) }
         #expect(read("svid.pem") == "C3" && read("svid.key") == "K3")
         #expect(try FileManager.default.destinationOfSymbolicLink(atPath: "\(directory)/..data") == version)
-        #expect(try FileManager.default.contentsOfDirectory(atPath: directory).filter { $0.hasPrefix("..") }.sorted() == ["..data", version].sorted())
+        #expect(try FileManager.default.contentsOfDirectory(atPath: directory).filter { $0.hasPrefix("..") }.sorted() == ["..data", "..lock", version].sorted())
     }
 
     @Test("A renewal written without a bundle leaves bundle.pem as it is; a refreshed bundle replaces bundle.pem alone, and not in a directory that is gone")
@@ -176,6 +176,31 @@ struct IdentityFilesTests {
         #expect(!FileManager.default.fileExists(atPath: directory), "not made again")
     }
 
+    @Test("A name planted as a link elsewhere is replaced, its target left alone; a writer that holds the lock makes another wait, and give up with a clear error, nothing changed; temporary files an older build's crash left are removed")
+    func plantedLinksAndTheLock() throws {
+        let directory = Self.scratch(), outside = Self.scratch()
+        defer { try? FileManager.default.removeItem(atPath: directory); try? FileManager.default.removeItem(atPath: outside) }
+        func read(_ name: String) -> String? { try? String(contentsOfFile: "\(directory)/\(name)", encoding: .utf8) }
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: false)
+        try ClusterFiles.writeNew(outside, Array("not yours".utf8), mode: 0o644)
+        try FileManager.default.createSymbolicLink(atPath: "\(directory)/svid.key", withDestinationPath: outside)
+        try ClusterFiles.writeNew("\(directory)/.svid.key.1A2B3C4D.tmp", Array("KEY".utf8), mode: 0o600)
+        try IdentityFiles.write(directory: directory, certificatePEM: "C1", keyPEM: "K1", bundlePEM: "B1")
+        #expect(try String(contentsOfFile: outside, encoding: .utf8) == "not yours")
+        #expect(read("svid.key") == "K1" && Self.mode("\(directory)/svid.key") == 0o600)
+        #expect(try Self.layout(directory) == ["bundle.pem", "svid.key", "svid.pem"], "the older layout's temporary file removed")
+
+        let lock = open("\(directory)/..lock", O_RDWR | O_CLOEXEC)
+        #expect(lock >= 0 && flock(lock, LOCK_EX) == 0)
+        let refused = #expect(throws: IdentityFiles.Problem.self) { try IdentityFiles.writeBundle(directory: directory, bundlePEM: "B2", lockWait: 0.2) }
+        #expect(refused?.description.contains("is being written by another process") == true, "\(String(describing: refused))")
+        #expect(read("bundle.pem") == "B1")
+        flock(lock, LOCK_UN)
+        close(lock)
+        try IdentityFiles.writeBundle(directory: directory, bundlePEM: "B2", lockWait: 0.2)
+        #expect(read("bundle.pem") == "B2")
+    }
+
     static func scratch() -> String {
         FileManager.default.temporaryDirectory.appendingPathComponent("warrant-identity-\(UUID().uuidString.prefix(8))").path
     }
@@ -192,7 +217,7 @@ struct IdentityFilesTests {
     static func layout(_ directory: String) throws -> [String] {
         let entries = try FileManager.default.contentsOfDirectory(atPath: directory)
         let version = try FileManager.default.destinationOfSymbolicLink(atPath: "\(directory)/..data")
-        #expect(entries.filter { $0.hasPrefix("..") || $0.hasPrefix(".") }.sorted() == ["..data", version].sorted())
+        #expect(entries.filter { $0.hasPrefix("..") || $0.hasPrefix(".") }.sorted() == ["..data", "..lock", version].sorted())
         return entries.filter { !$0.hasPrefix(".") }.sorted()
     }
 }
