@@ -166,14 +166,17 @@ let package = Package(
                                                                  .product(name: "NIOCore", package: "swift-nio"),
                                                                  .product(name: "NIOSSL", package: "swift-nio-ssl"),
                                                                  .product(name: "X509", package: "swift-certificates")], swiftSettings: strict),
+        // What the test targets share: keeping blocking tests off Swift's
+        // cooperative pool (Tests/TestSupport).
+        .target(name: "TestSupport", path: "Tests/TestSupport", swiftSettings: strict),
         .testTarget(name: "RaftTests", dependencies: ["Raft", "RaftSimulator"], swiftSettings: strict),
-        .testTarget(name: "RaftSimulatorTests", dependencies: ["Raft", "RaftSimulator"], swiftSettings: strict),
-        .testTarget(name: "NodeTests", dependencies: ["Raft", "Ledger", "Storage", "Node", "Policy", "Transport", "Encoding", "Authority", .product(name: "X509", package: "swift-certificates"), .product(name: "Crypto", package: "swift-crypto"), .product(name: "GRDB", package: "GRDB.swift"), .product(name: "NIOPosix", package: "swift-nio"), .product(name: "NIOCore", package: "swift-nio")], swiftSettings: strict),
+        .testTarget(name: "RaftSimulatorTests", dependencies: ["TestSupport", "Raft", "RaftSimulator"], swiftSettings: strict),
+        .testTarget(name: "NodeTests", dependencies: ["TestSupport", "Raft", "Ledger", "Storage", "Node", "Policy", "Transport", "Encoding", "Authority", .product(name: "X509", package: "swift-certificates"), .product(name: "Crypto", package: "swift-crypto"), .product(name: "GRDB", package: "GRDB.swift"), .product(name: "NIOPosix", package: "swift-nio"), .product(name: "NIOCore", package: "swift-nio")], swiftSettings: strict),
         .testTarget(name: "LedgerTests", dependencies: ["Raft", "Ledger", "RaftSimulator", "Encoding"], swiftSettings: strict),
         .testTarget(name: "TransportTests", dependencies: ["Raft", "Transport", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
                                                     .product(name: "NIOSSL", package: "swift-nio-ssl"), .product(name: "X509", package: "swift-certificates")], swiftSettings: strict),
         .testTarget(name: "AuthorityTests", dependencies: [
-            "Authority",
+            "TestSupport", "Authority",
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "X509", package: "swift-certificates"),
             .product(name: "SwiftASN1", package: "swift-asn1"),
@@ -188,7 +191,7 @@ let package = Package(
                                                       .product(name: "NIOSSL", package: "swift-nio-ssl"),
                                                       .product(name: "NIOPosix", package: "swift-nio")], swiftSettings: strict),
         .testTarget(name: "ClusterTests", dependencies: [
-            "Node", "ClusterHarness", "Client", "Ledger", "Raft", "Authority", "Transport", "WorkloadAPI",
+            "TestSupport", "Node", "ClusterHarness", "Client", "Ledger", "Raft", "Authority", "Transport", "WorkloadAPI",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
@@ -196,7 +199,7 @@ let package = Package(
             .product(name: "Yams", package: "Yams"),
             .product(name: "X509", package: "swift-certificates"),
         ], exclude: ["python"], swiftSettings: strict),
-        .testTarget(name: "StorageTests", dependencies: ["Raft", "Storage", "Ledger", "RaftSimulator", .product(name: "GRDB", package: "GRDB.swift")], swiftSettings: strict),
+        .testTarget(name: "StorageTests", dependencies: ["TestSupport", "Raft", "Storage", "Ledger", "RaftSimulator", .product(name: "GRDB", package: "GRDB.swift")], swiftSettings: strict),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -3,6 +3,7 @@ import Crypto
 import Foundation
 import SwiftASN1
 import Testing
+import TestSupport
 import X509
 
 /// Runs a program; returns its exit status and combined output.
@@ -47,7 +48,7 @@ final class Scratch {
     func read(_ name: String) throws -> [UInt8] { Array(try Data(contentsOf: URL(fileURLWithPath: "\(directory)/\(name)"))) }
 }
 
-@Suite("Against real peers: openssl, Python cryptography, PyJWT", .serialized)
+@Suite("Against real peers: openssl, Python cryptography, PyJWT", .serialized, .onOwnThreads)
 struct InteropTests {
     let ca = try! X509Authority.create(trustDomain: "example.org")
     let id = try! SpiffeID(parsing: "spiffe://example.org/ci/acme/build")

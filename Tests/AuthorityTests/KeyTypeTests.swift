@@ -3,9 +3,10 @@ import Crypto
 import Foundation
 import SwiftASN1
 import Testing
+import TestSupport
 import X509
 
-@Suite("Authorities of every key type", .serialized)
+@Suite("Authorities of every key type", .serialized, .onOwnThreads)
 struct KeyTypeTests {
     let id = try! SpiffeID(parsing: "spiffe://example.org/ci/acme/build")
 

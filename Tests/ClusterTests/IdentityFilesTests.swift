@@ -3,9 +3,10 @@ import Foundation
 import Node
 import Synchronization
 import Testing
+import TestSupport
 
 /// What `warrant join`, `exec` and `agent` leave on disk.
-@Suite("Identity files")
+@Suite("Identity files", .onOwnThreads)
 struct IdentityFilesTests {
     @Test("JWT-SVID file names: letters, digits, '.' and '-' kept, every other byte hex-escaped, so no two audiences share a file; long ones end with a hash and stay under 255 bytes")
     func jwtFileNames() {

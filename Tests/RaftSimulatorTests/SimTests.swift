@@ -2,21 +2,7 @@
 @testable import RaftSimulator
 import Foundation
 import Testing
-
-/// Runs `work` on a thread of its own and waits for it. A simulation runs
-/// for a fifth of a second or more without a suspension point; on Swift's
-/// cooperative pool (two threads here, shared by every test in the
-/// process) eight of them side by side held both threads, and the
-/// in-process clusters of other suites, whose peer messages hop through
-/// that pool, missed heartbeats and re-elected for seconds (a CI run saw
-/// a cluster not ready within 20 s).
-func offThePool<T: Sendable>(_ work: @escaping @Sendable () -> T) async -> T {
-    await withCheckedContinuation { continuation in
-        let thread = Thread { continuation.resume(returning: work()) }
-        thread.stackSize = 8 << 20
-        thread.start()
-    }
-}
+import TestSupport
 
 /// The simulator's bounded CI run and the proof that its checks bite.
 @Suite("Deterministic simulator")

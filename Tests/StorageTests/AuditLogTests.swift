@@ -3,6 +3,7 @@ import GRDB
 import Ledger
 import Raft
 import Testing
+import TestSupport
 @testable import Storage
 
 
@@ -33,7 +34,7 @@ private func auditFiles(_ directory: String) throws -> [String] {
     try FileManager.default.contentsOfDirectory(atPath: directory).filter { $0.hasSuffix(".audit") }.sorted()
 }
 
-@Suite("Audit log files")
+@Suite("Audit log files", .onOwnThreads)
 struct AuditLogTests {
     @Test("Records appended across several files read back the same after reopening, in pages from any sequence")
     func appendAndReadBack() throws {

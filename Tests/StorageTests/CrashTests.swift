@@ -2,6 +2,7 @@ import Foundation
 import Raft
 import Storage
 import Testing
+import TestSupport
 
 /// The `warrant-bench` binary built beside the test bundle.
 private func benchBinary() -> URL? {
@@ -26,7 +27,7 @@ private func startWriter(_ binary: URL, _ path: String) throws -> (Process, Pipe
     return (process, output)
 }
 
-@Suite("SIGKILL crash test", .serialized)
+@Suite("SIGKILL crash test", .serialized, .onOwnThreads)
 struct CrashTests {
     @Test("A data directory in use by a running process is refused, nothing read or changed; free again once that process is gone")
     func directoryInUseIsRefused() async throws {

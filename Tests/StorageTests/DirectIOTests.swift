@@ -1,6 +1,7 @@
 import Foundation
 import Raft
 import Testing
+import TestSupport
 @testable import Storage
 
 #if canImport(Glibc)
@@ -58,7 +59,7 @@ func residentPages(_ path: String) throws -> (resident: Int, total: Int) {
     return (vector.filter { $0 & 1 == 1 }.count, vector.count)
 }
 
-@Suite("Sealed files (checkpoints and snapshots)")
+@Suite("Sealed files (checkpoints and snapshots)", .onOwnThreads)
 struct SealedFileTests {
     @Test("Parts of every size, across chunk boundaries and one larger than a chunk, read back intact and checked")
     func roundTrip() throws {
@@ -98,7 +99,7 @@ struct SealedFileTests {
     }
 }
 
-@Suite("The write-ahead log with direct I/O")
+@Suite("The write-ahead log with direct I/O", .onOwnThreads)
 struct DirectLogTests {
     @Test("Where the file system takes direct I/O, the log bypasses the page cache, writes zeros ahead only in its newest file, and reopens with nothing taken for torn",
           .enabled(if: directIOWorks, "the temporary directory's file system refuses O_DIRECT"))

@@ -2,6 +2,7 @@ import Foundation
 import Ledger
 import Raft
 import Testing
+import TestSupport
 @testable import Storage
 
 /// A mixed sequence of commands (creates, stale and fresh compare-and-sets,
@@ -53,7 +54,7 @@ private func checkpoint(_ node: inout RaftNode, _ store: RaftStore) throws -> (m
     return (metadata, try store.snapshotData(for: metadata))
 }
 
-@Suite("The ledger store")
+@Suite("The ledger store", .onOwnThreads)
 struct LedgerStoreTests {
     @Test("The store and in-memory tables reach the same documents, outcomes and audit chain")
     func sameAsInMemory() throws {
@@ -508,9 +509,9 @@ struct LedgerStoreTests {
     }
 
     @Test("Sorted names agree with a sorted array under random inserts, removals and range scans, with and without the first-name memo")
-    func sortedNamesMatchReference() {
+    func sortedNamesMatchReference() async {
         var random = SeededGenerator(seed: 77)
-        let reference = Self.checkSortedNames(steps: 20_000, bounds: (0..<10).map { "n/\($0)" }, random: &random) { random in "n/\(random.below(4_000))" }
+        let reference = await Self.checkSortedNames(steps: 20_000, bounds: (0..<10).map { "n/\($0)" }, random: &random) { random in "n/\(random.below(4_000))" }
         #expect(reference > 1_000, "enough names for many chunks")
     }
 
@@ -521,11 +522,11 @@ struct LedgerStoreTests {
     /// only a hint); now and then one of the last few again (already
     /// there) or one much older, among others.
     @Test("Sorted names agree with a sorted array when names arrive nearly, not exactly, in order, with repeats of recent ones")
-    func sortedNamesNearlyInOrder() {
+    func sortedNamesNearlyInOrder() async {
         var random = SeededGenerator(seed: 81)
         var millis = 1_796_000_000_000
         var recent: [String] = []
-        let reference = Self.checkSortedNames(steps: 20_000, bounds: ["authority/issued/", "authority/tokens/", "authority/"], random: &random) { random in
+        let reference = await Self.checkSortedNames(steps: 20_000, bounds: ["authority/issued/", "authority/tokens/", "authority/"], random: &random) { random in
             let roll = random.below(20)
             if roll < 2, !recent.isEmpty { return recent[random.below(recent.count)] }
             if roll == 2 { return "authority/tokens/\(String(random.below(1 << 20), radix: 16))" }
@@ -543,18 +544,18 @@ struct LedgerStoreTests {
     /// whose bytes after a long shared run differ only beyond the 8 a
     /// chunk keeps per name (keys tie, and the names decide).
     @Test("Sorted names agree with a sorted array when thousands of names share a long prefix, in random order, and when their keys tie")
-    func sortedNamesSharingLongPrefixes() {
+    func sortedNamesSharingLongPrefixes() async {
         var random = SeededGenerator(seed: 83)
         var second = 1_796_000_000
         func hex(_ random: inout SeededGenerator, _ digits: Int) -> String {
             String((0..<digits).map { _ in "0123456789abcdef".randomElement(using: &random)! })
         }
-        let issued = Self.checkSortedNames(steps: 10_000, bounds: ["authority/issued/", "authority/"], random: &random) { random in
+        let issued = await Self.checkSortedNames(steps: 10_000, bounds: ["authority/issued/", "authority/"], random: &random) { random in
             if random.below(2_000) == 0 { second += 1 }
             return "authority/issued/\(second)000/\(hex(&random, 32))"
         }
         #expect(issued > 2 * SortedNames.chunkMax, "enough names for splits")
-        let tied = Self.checkSortedNames(steps: 10_000, bounds: ["p/", "p/a", "q"], random: &random) { random in
+        let tied = await Self.checkSortedNames(steps: 10_000, bounds: ["p/", "p/a", "q"], random: &random) { random in
             "p/" + String(repeating: "a", count: random.below(20)) + hex(&random, random.below(3))
         }
         #expect(tied > 2 * SortedNames.chunkMax, "enough names for splits")
@@ -566,10 +567,10 @@ struct LedgerStoreTests {
     /// "é" and "e\u{301}" as one name, and the first-name memo can then
     /// answer for the other spelling; document names are ASCII).
     @Test("Sorted names agree with a sorted array for names of every shape: long shared prefixes, prefixes of each other, NUL bytes, non-ASCII")
-    func sortedNamesOfEveryShape() {
+    func sortedNamesOfEveryShape() async {
         var random = SeededGenerator(seed: 79)
         let stems = ["authority/issued/1796000000000/", "authority/issued/179600000", "authority/tokens/", "a", "", "ab\u{0}", "é/", "ü", "z"]
-        let reference = Self.checkSortedNames(steps: 20_000, bounds: stems + ["authority/", "b"], random: &random) { random in
+        let reference = await Self.checkSortedNames(steps: 20_000, bounds: stems + ["authority/", "b"], random: &random) { random in
             let stem = stems[random.below(stems.count)]
             let tail = random.below(4) == 0 ? "" : String(random.below(3_000), radix: 16)
             return stem + (random.below(5) == 0 ? String(tail.prefix(1)) : tail)
@@ -581,40 +582,62 @@ struct LedgerStoreTests {
     /// array, with lookups, range scans (from a few repeated `bounds`,
     /// which the first-name memo keeps, and from any name) and full walks
     /// along the way; returns how many names were left.
-    static func checkSortedNames(steps: Int, bounds: [String], random: inout SeededGenerator, _ name: (inout SeededGenerator) -> String) -> Int {
+    static func checkSortedNames(steps: Int, bounds: [String], random: inout SeededGenerator, _ name: (inout SeededGenerator) -> String) async -> Int {
         var names = SortedNames()
+        // The model: a sorted array, searched by bisection (a linear
+        // search and a sort per insert made these tests 30 s of CPU in a
+        // debug build, holding the test pool's threads from every other test).
         var reference: [String] = []
+        /// Where `name` is in `reference`, or would be inserted.
+        func place(_ name: String) -> (index: Int, found: Bool) {
+            var low = 0, high = reference.count
+            while low < high {
+                let middle = (low + high) / 2
+                if reference[middle] < name { low = middle + 1 } else { high = middle }
+            }
+            return (low, low < reference.count && reference[low] == name)
+        }
+        /// The names in [from, to), in order.
+        func range(_ from: String, _ to: String) -> ArraySlice<String> {
+            let low = place(from).index, high = place(to).index
+            return low < high ? reference[low..<high] : []
+        }
         for step in 0..<steps {
+            // CPU-bound: other tests' tasks (timers, network) run on this thread too.
+            if step % 250 == 0 { await Task.yield() }
             let candidate = name(&random)
+            let (index, found) = place(candidate)
             if random.chance(0.35) {
                 let removed = names.remove(candidate)
-                #expect(removed == reference.contains(candidate))
-                reference.removeAll { $0 == candidate }
+                #expect(removed == found)
+                if found { reference.remove(at: index) }
             } else {
                 let inserted = names.insert(candidate)
-                #expect(inserted == !reference.contains(candidate))
-                if inserted { reference.append(candidate); reference.sort() }
+                #expect(inserted == !found)
+                if !found { reference.insert(candidate, at: index) }
             }
             if step % 5 == 0 {
                 let probe = name(&random)
-                #expect(names.contains(probe) == reference.contains(probe), "step \(step): \(probe)")
+                let present = place(probe).found
+                #expect(names.contains(probe) == present, "step \(step): \(probe)")
             }
             if step % 20 == 0 {
                 // Scans from a few repeated bounds (more than the memo
                 // keeps), answered from the memo once it has them.
                 let from = bounds[random.below(bounds.count)], to = name(&random)
-                let expected = reference.filter { $0 >= from && $0 < to }
-                #expect(names.namesRemembering(from: from, to: to, limit: 2) == Array(expected.prefix(2)), "step \(step) from \(from)")
+                let expected = Array(range(from, to).prefix(2))
+                #expect(names.namesRemembering(from: from, to: to, limit: 2) == expected, "step \(step) from \(from)")
             }
             if step % 500 == 0 {
                 #expect(names.count == reference.count)
                 let from = name(&random), to = name(&random), limit = Int(random.below(50)) + 1
-                let expected = reference.filter { $0 >= from && $0 < to }
+                let expected = range(from, to)
                 #expect(names.names(from: from, to: to, limit: limit) == Array(expected.prefix(limit)), "step \(step)")
                 #expect(names.names(from: from, to: to, limit: limit, reverse: true) == Array(expected.reversed().prefix(limit)), "step \(step)")
                 var all: [String] = []
                 names.forEach(from: "") { all.append($0); return true }
                 #expect(all == reference)
+                #expect(reference == reference.sorted(), "the model itself stays sorted")
                 for probe in reference.prefix(50) { #expect(names.contains(probe), "\(probe)") }
             }
         }

@@ -1,11 +1,12 @@
 import Foundation
 import Raft
 import Testing
+import TestSupport
 @testable import Storage
 
 /// Between compactions a node keeps only the newest payloads in memory;
 /// older entries are read back from the write-ahead log for a peer that lags.
-@Suite("Raft store: entries read back from the write-ahead log")
+@Suite("Raft store: entries read back from the write-ahead log", .onOwnThreads)
 struct ReleasedEntriesTests {
     private static let payload = [UInt8](repeating: 7, count: 300)
 

@@ -3,6 +3,7 @@ import Raft
 import RaftSimulator
 import Storage
 import Testing
+import TestSupport
 
 /// A simulated node's disk backed by a real store directory (the
 /// write-ahead log): a crash drops the core, a restart reopens the files.
@@ -40,7 +41,7 @@ final class DiskRegistry {
     var disks: [StoreDisk] = []
 }
 
-@Suite("The simulator on the write-ahead log")
+@Suite("The simulator on the write-ahead log", .onOwnThreads)
 struct SimulationOnDiskTests {
     @Test("Seeded runs on real log files are clean and identical to the in-memory runs", arguments: [UInt64(2), 13, 16])
     func sameRunOnDisk(seed: UInt64) throws {

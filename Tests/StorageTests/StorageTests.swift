@@ -2,6 +2,7 @@ import Foundation
 import Ledger
 import Raft
 import Testing
+import TestSupport
 @testable import Storage
 
 /// A fresh store directory, removed afterwards.
@@ -134,7 +135,7 @@ func logicalLength(_ file: String) throws -> Int {
     try batches(in: file).last.map { $0.offset + $0.length } ?? WriteAheadLog.fileHeaderBytes
 }
 
-@Suite("Raft store: the write-ahead log")
+@Suite("Raft store: the write-ahead log", .onOwnThreads)
 struct RaftStoreTests {
     @Test("A node restarts from the store exactly where it stopped")
     func restartFromStore() throws {
