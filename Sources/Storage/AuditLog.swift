@@ -84,7 +84,8 @@ final class AuditLog: Sendable {
 
     /// Opens the log in `directory` (made if missing): every file's batch
     /// headers are read and checked to continue each other; the newest
-    /// file is read whole, and a torn tail cut off.
+    /// file is read whole, and a torn tail cut off. A truncation a crash
+    /// stopped part-way is finished (`truncate.pending`).
     static func open(directory: String, segmentBytesMax: Int = 64 << 20) throws -> AuditLog {
         let log = AuditLog(directory: directory, segmentBytesMax: segmentBytesMax)
         try FileSystem.makeDirectory(directory)
@@ -139,6 +140,7 @@ final class AuditLog: Sendable {
             state.last = next - 1
             if state.file == nil { try log.startFile(number: 1, first: 1, &state) }
         }
+        try log.finishTruncation()
         return log
     }
 
@@ -257,14 +259,7 @@ final class AuditLog: Sendable {
                 throw StorageError(code: .invalidRequest, reason: "\(directory): audit record \(first.sequence) does not follow record \(state.last)")
             }
             state.body.removeAll(keepingAtMost: 1 << 20)
-            state.body.write(first.sequence)
-            state.body.write(UInt32(records.count))
-            for (position, record) in records.enumerated() {
-                guard record.sequence == first.sequence + UInt64(position) else {
-                    throw StorageError(code: .invalidRequest, reason: "\(directory): audit record \(record.sequence) where \(first.sequence + UInt64(position)) belongs")
-                }
-                LedgerSnapshot.encode(record, into: &state.body)
-            }
+            try encodeBatch(records, into: &state.body)
             state.framed.removeAll(keepingCapacity: state.framed.capacity <= 1 << 20)
             Self.batches.frame(state.body.bytes, into: &state.framed)
             let offset = state.file!.size
@@ -275,6 +270,20 @@ final class AuditLog: Sendable {
             if state.file!.size >= segmentBytesMax {
                 try startFile(number: state.files[state.files.count - 1] + 1, first: last + 1, &state)
             }
+        }
+    }
+
+    /// A batch's body: its first sequence, a count, the records (which
+    /// must be contiguous).
+    private func encodeBatch(_ records: [AuditRecord], into body: inout BinaryWriter) throws {
+        let first = records[0].sequence
+        body.write(first)
+        body.write(UInt32(records.count))
+        for (position, record) in records.enumerated() {
+            guard record.sequence == first + UInt64(position) else {
+                throw StorageError(code: .invalidRequest, reason: "\(directory): audit record \(record.sequence) where \(first + UInt64(position)) belongs")
+            }
+            LedgerSnapshot.encode(record, into: &body)
         }
     }
 
@@ -319,14 +328,41 @@ final class AuditLog: Sendable {
     /// Drops the records after `sequence` (durably): files after the one
     /// that holds it go, and its file is cut after it. A batch holding
     /// records on both sides is cut whole and its records through
-    /// `sequence` written again (a crash in between leaves the chain short
-    /// of `sequence`, and the node then refuses to start, asking for a
-    /// rejoin: the other nodes hold the records).
+    /// `sequence` written again. Those are first sealed in a file of their
+    /// own (`truncate.pending`), removed once they are written again: a
+    /// crash in between finds it at `open`, which writes them again, so
+    /// the chain is never left short of `sequence`.
     func truncate(after sequence: UInt64) throws {
-        let kept = try state.withLock { state -> [AuditRecord] in
+        let kept = try cut(after: sequence)
+        guard !kept.isEmpty else { return }
+        try append(kept)
+        try sync()
+        try removePending()
+    }
+
+    /// Removes `truncate.pending`, durably (one that came back after a
+    /// power loss would be judged against a chain that moved on).
+    private func removePending() throws {
+        guard FileSystem.exists(pendingPath) else { return }
+        try FileSystem.remove(pendingPath)
+        try FileSystem.syncDirectory(directory)
+    }
+
+    /// The cut of `truncate`, without writing the kept records again (what
+    /// a crash right after it leaves, for tests; only `truncate` calls it
+    /// otherwise): those records. The chain is left short of `sequence`.
+    func cut(after sequence: UInt64) throws -> [AuditRecord] {
+        try state.withLock { state -> [AuditRecord] in
             guard sequence < state.last, let cut = state.located.firstIndex(where: { $0.last > sequence }) else { return [] }
             let batch = state.located[cut]
             let kept = batch.first <= sequence ? try read(batch).filter { $0.sequence <= sequence } : []
+            if !kept.isEmpty {
+                var body = BinaryWriter(capacity: kept.count * 256)
+                try encodeBatch(kept, into: &body)
+                try FileSystem.writeSealed(to: pendingPath, directory: directory, magic: Self.pendingMagic) { $0.buffer.writeBytes(body.bytes) }
+            } else {
+                try removePending()
+            }
             state.file?.closeDescriptor()
             state.file = nil
             // Newest first: a crash part-way leaves a chain that still continues.
@@ -334,6 +370,9 @@ final class AuditLog: Sendable {
                 try FileSystem.remove(path(of: number))
                 state.files.removeLast()
             }
+            // Their removal durable before the cut: a power loss must not
+            // keep the cut and bring back a file after it.
+            try FileSystem.syncDirectory(directory)
             let path = path(of: batch.file)
             let descriptor = Glibc.open(path, O_RDWR | O_CLOEXEC)
             guard descriptor >= 0 else { throw FileSystem.error("open", path) }
@@ -345,9 +384,42 @@ final class AuditLog: Sendable {
             state.last = batch.first - 1
             return kept
         }
-        guard !kept.isEmpty else { return }
-        try append(kept)
-        try sync()
+    }
+
+    /// Where a truncation keeps the records it writes again.
+    var pendingPath: String { "\(directory)/truncate.pending" }
+    static let pendingMagic: [UInt8] = Array("WRNTAUDT".utf8)
+
+    /// A truncation that stopped part-way (`truncate.pending` found at
+    /// open) is finished: its records are written again if the cut had
+    /// happened, and the file removed. Its temporary file (the cut had not
+    /// begun) is removed.
+    private func finishTruncation() throws {
+        let path = pendingPath
+        try FileSystem.remove(path + ".tmp")
+        guard FileSystem.exists(path) else { return }
+        let bytes = try FileSystem.read(path)
+        let body = try FileSystem.unseal(bytes, magic: Self.pendingMagic, damaged: { self.damaged(path, $0) }) { reader in
+            try reader.readBytes("records", limit: bytes.count)
+        }
+        let kept = try decode(body, path: path, offset: Self.pendingMagic.count)
+        let first = kept[0].sequence, last = kept[kept.count - 1].sequence
+        let chainLast = lastSequence
+        if chainLast >= last {
+            // Not cut yet, or written again: the chain must hold these very records.
+            guard let stored = try records(after: last - 1, limit: 1).first, stored.hash == kept[kept.count - 1].hash else {
+                throw damaged(path, "it holds records \(first)...\(last), and the chain (through record \(chainLast)) holds another record \(last)")
+            }
+        } else if chainLast == first - 1 {
+            guard try lastRecord()?.hash ?? AuditRecord.genesisHash == kept[0].previousHash else {
+                throw damaged(path, "it holds records \(first)...\(last), and they do not follow the chain's record \(chainLast)")
+            }
+            try append(kept)
+            try sync()
+        } else {
+            throw damaged(path, "it holds records \(first)...\(last), but the chain ends at record \(chainLast)")
+        }
+        try removePending()
     }
 
     /// Replaces the whole chain with `records` (from sequence 1), durably.
@@ -408,6 +480,8 @@ final class AuditLog: Sendable {
             close(descriptor)
             guard rename(temporary, final) == 0 else { throw FileSystem.error("rename", temporary) }
             try FileSystem.syncDirectory(directory)
+            // A truncation's records belong to the chain replaced.
+            try removePending()
             state.file?.closeDescriptor()
             state.file = nil
             for old in state.files { try FileSystem.remove(path(of: old)) }

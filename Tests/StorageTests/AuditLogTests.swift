@@ -171,6 +171,7 @@ struct AuditLogTests {
         for keep in [899, 840, 777, 400, 60, 1, 0] as [UInt64] {
             try log.truncate(after: keep)
             #expect(log.lastSequence == keep)
+            #expect(!FileManager.default.fileExists(atPath: log.pendingPath), "removed once the records are written again")
             #expect(try log.records(after: 0, limit: .max) == Array(records.prefix(Int(keep))), "through \(keep)")
             let again = try AuditLog.open(directory: directory, segmentBytesMax: 24 << 10)
             let lastRecord = try again.lastRecord()
@@ -180,6 +181,70 @@ struct AuditLogTests {
         // The chain goes on from where it was cut.
         try log.append(Array(records.prefix(100)))
         #expect(try AuditLog.open(directory: directory, segmentBytesMax: 24 << 10).records(after: 0, limit: .max) == Array(records.prefix(100)))
+    }
+
+    @Test("A truncation stopped part-way is finished at opening: after the cut the kept records are written again; before it nothing changes; a damaged redo file is refused")
+    func truncationStoppedPartWay() throws {
+        let temporary = try TemporaryStore()
+        let records = chain(600)
+        func fresh(_ name: String) throws -> (String, AuditLog) {
+            let directory = temporary.path + "/" + name
+            let log = try AuditLog.open(directory: directory, segmentBytesMax: 24 << 10)
+            for start in stride(from: 0, to: 600, by: 60) { try log.append(Array(records[start..<(start + 60)])) }
+            try log.sync()
+            return (directory, log)
+        }
+        // The process stops right after the cut: record 421 is inside a
+        // batch (421...480), so 421 went with it.
+        let (directory, log) = try fresh("after-cut")
+        let kept = try log.cut(after: 421)
+        #expect(kept.map(\.sequence) == [421] && log.lastSequence == 420, "the batch is cut whole")
+        #expect(FileManager.default.fileExists(atPath: log.pendingPath))
+        let reopened = try AuditLog.open(directory: directory, segmentBytesMax: 24 << 10)
+        #expect(reopened.lastSequence == 421)
+        #expect(try reopened.records(after: 0, limit: .max) == Array(records.prefix(421)))
+        #expect(!FileManager.default.fileExists(atPath: reopened.pendingPath), "removed once written again")
+        #expect(try AuditLog.open(directory: directory, segmentBytesMax: 24 << 10).records(after: 0, limit: .max) == Array(records.prefix(421)))
+
+        // Redo files planted in other directories, as a cut of the same
+        // chain (or of another) left it.
+        let (_, sourceLog) = try fresh("source")
+        _ = try sourceLog.cut(after: 421)
+        let redo = try Data(contentsOf: URL(fileURLWithPath: sourceLog.pendingPath))
+        func plant(_ bytes: Data, in directory: String) throws {
+            try bytes.write(to: URL(fileURLWithPath: directory + "/truncate.pending"))
+        }
+
+        // The process stops after the redo file is written, before the
+        // cut: the chain is whole, kept as it is, the file removed.
+        let (beforeCut, _) = try fresh("before-cut")
+        try plant(redo, in: beforeCut)
+        try Data("half".utf8).write(to: URL(fileURLWithPath: beforeCut + "/truncate.pending.tmp"))
+        let whole = try AuditLog.open(directory: beforeCut, segmentBytesMax: 24 << 10)
+        #expect(try whole.records(after: 0, limit: .max) == records)
+        #expect(try FileManager.default.contentsOfDirectory(atPath: beforeCut).filter { !$0.hasSuffix(".audit") } == [], "redo and temporary files removed")
+
+        // Refused, and left for whoever looks: a redo file that fails its
+        // checksum, one of another chain, one the chain does not reach.
+        var damaged = redo
+        damaged[damaged.count / 2] ^= 0x40
+        let otherRecords = chain(600, seed: 9)
+        let otherLog = try AuditLog.open(directory: temporary.path + "/other-chain", segmentBytesMax: 24 << 10)
+        try otherLog.append(otherRecords)
+        let otherShort = try AuditLog.open(directory: temporary.path + "/other-short", segmentBytesMax: 24 << 10)
+        try otherShort.append(Array(otherRecords.prefix(420)))
+        let (short, shortLog) = try fresh("short")
+        try shortLog.truncate(after: 300)
+        for (bytes, directory, reason) in [(damaged, beforeCut, "fails its checksum"),
+                                           (redo, temporary.path + "/other-chain", "the chain (through record 600) holds another record 421"),
+                                           (redo, temporary.path + "/other-short", "they do not follow the chain's record 420"),
+                                           (redo, short, "the chain ends at record 300")] {
+            try plant(bytes, in: directory)
+            #expect { try AuditLog.open(directory: directory, segmentBytesMax: 24 << 10) } throws: { error in
+                "\(error)".contains(reason) && "\(error)".contains("truncate.pending")
+            }
+            #expect(FileManager.default.fileExists(atPath: directory + "/truncate.pending"), "kept: \(reason)")
+        }
     }
 
     @Test("A whole chain replaces the old one by rename: an unfinished replacement is ignored, and files it replaced are dropped at opening")

@@ -44,6 +44,21 @@ private func leaderThatApplied(_ commands: [LedgerCommand]) throws -> (Temporary
     return (temporary, store, node)
 }
 
+/// A leader's store checkpointed after 30 commands, then 10 more applied
+/// and their audit records written: the store, the checkpoint's audit
+/// head, and the whole chain.
+private func checkpointedWithRecordsAfter(seed: UInt64) throws -> (TemporaryStore, head: AuditRecord, chain: [AuditRecord]) {
+    var (temporary, store, node) = try leaderThatApplied(commands(seed: seed, count: 30))
+    try checkpoint(&node, store)
+    let head = try #require(try store.auditRecords(limit: 1_000).last)
+    for command in commands(seed: seed + 1, count: 10) { try node.propose(command.encoded) }
+    try driveApplying(&node, store)
+    try store.ledger!.writeAudit()
+    let chain = try store.auditRecords(limit: 1_000)
+    #expect(chain.count > Int(head.sequence))
+    return (temporary, head, chain)
+}
+
 /// Takes a checkpoint as the driver does: pinned, written, then the log compacted.
 @discardableResult
 private func checkpoint(_ node: inout RaftNode, _ store: RaftStore) throws -> (metadata: SnapshotMetadata, data: [UInt8]) {
@@ -265,14 +280,7 @@ struct LedgerStoreTests {
         // The record at the checkpoint's head replaced, later ones there:
         // refused, and nothing cut.
         do {
-            var (temporary, store, node) = try leaderThatApplied(commands(seed: 4, count: 30))
-            try checkpoint(&node, store)
-            let head = try #require(try store.auditRecords(limit: 1_000).last)
-            for command in commands(seed: 5, count: 10) { try node.propose(command.encoded) }
-            try driveApplying(&node, store)
-            try store.ledger!.writeAudit()
-            let before = try store.auditRecords(limit: 1_000)
-            #expect(before.count > Int(head.sequence))
+            let (temporary, head, before) = try checkpointedWithRecordsAfter(seed: 4)
             try temporary.rewriteAudit { records in
                 let old = records[Int(head.sequence) - 1]
                 records[Int(head.sequence) - 1] = AuditRecord(sequence: old.sequence, logIndex: old.logIndex, timeMillis: old.timeMillis, actor: "someone else",
@@ -289,6 +297,28 @@ struct LedgerStoreTests {
         let damaged = try #require(throws: StorageError.self) { try temporary.open().loadDurableState() }
         #expect(damaged.code == .corruptState)
         #expect(damaged.reason.contains("checksum"))
+    }
+
+    @Test("A start stopped by a crash while cutting the audit chain back to the checkpoint (a batch across its head cut whole) starts the next time, the chain whole")
+    func startAfterCutStopped() throws {
+        let (temporary, head, before) = try checkpointedWithRecordsAfter(seed: 6)
+        // One batch holds the whole chain, the head inside it; the start's
+        // cut back to the head stops right after cutting that batch.
+        try temporary.rewriteAudit { _ in }
+        let kept = try AuditLog.open(directory: temporary.auditDirectory).cut(after: head.sequence)
+        #expect(kept.count == Int(head.sequence))
+        #expect(try AuditLog.open(directory: temporary.auditDirectory).records(after: 0, limit: .max) == Array(before.prefix(Int(head.sequence))),
+                "opened, the log finishes the cut's work: the chain through the head")
+
+        // The same state once more, now met by a node's start.
+        try temporary.rewriteAudit { records in records = before }
+        _ = try AuditLog.open(directory: temporary.auditDirectory).cut(after: head.sequence)
+        let restarted = try temporary.open()
+        var again = try RaftNode(configuration: Configuration(id: 1, randomSeed: 2), durable: try restarted.loadDurableState())
+        again.campaign()
+        try driveApplying(&again, restarted)
+        try restarted.ledger!.writeAudit()
+        #expect(try restarted.auditRecords(limit: 1_000) == before, "the chain through the head kept, the rest made again by the replay")
     }
 
     @Test("A ledger snapshot installs on another node, and comes back the same after a restart")
