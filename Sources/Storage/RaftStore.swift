@@ -139,23 +139,35 @@ public final class RaftStore: @unchecked Sendable {
             // A snapshot is checked and installed before the log exists, so
             // a damaged one leaves the store as it was: uninitialized.
             if let snapshot = state.snapshot { try installSnapshot(snapshot) }
-            // The log is written beside its place and renamed into it whole:
-            // a crash or failure part-way leaves the store uninitialized (and
-            // initialized again at the next start), never a log without its
-            // first state (a founder with no voters).
-            let staging = "\(walDirectory).new"
+            // The log is written in a directory of its own inside `wal` and
+            // its file renamed into `wal` whole: a crash or failure part-way
+            // leaves the store uninitialized (and initialized again at the
+            // next start), never a log without its first state (a founder
+            // with no voters). `wal` itself is never replaced: it may be a
+            // mount point or a symbolic link to another disk.
+            try FileSystem.makeDirectory(walDirectory)
+            let staging = "\(walDirectory)/.new"
             try FileSystem.removeFlatDirectory(staging)
+            try FileSystem.removeFlatDirectory("\(walDirectory).new") // an older build's staging, beside `wal`
             let (staged, _) = try WriteAheadLog.open(directory: staging, segmentBytesMax: segmentBytesMax, fdatasyncs: synchronous == .full, create: true)
             try afterStagedLogStarted?()
             var records: [WriteAheadLog.Record] = state.snapshot.map { [.reset(index: $0.metadata.index, term: $0.metadata.term)] } ?? []
             records.append(.hardState(state.hardState))
             try staged.append(records + state.entries.map { .entry($0) }, sync: true)
             try staged.closeFile()
-            // Nothing of a log is in its place (`hasState` was false): a
-            // directory there holding stray files would refuse the rename.
-            try FileSystem.removeFlatDirectory(walDirectory)
-            guard rename(staging, walDirectory) == 0 else { throw FileSystem.error("rename", staging) }
-            try FileSystem.syncDirectory(directory)
+            let files = try WriteAheadLog.segmentFiles(in: staging)
+            // A starting state is a membership and a few entries; a log file holds 64 MiB.
+            guard files.count == 1, let file = files.first else {
+                throw StorageError(code: .invalidRequest, reason: "\(directory): the starting state does not fit in one write-ahead log file (\(files.count) files); nothing was initialized")
+            }
+            // Nothing of a log is in `wal` (`hasState` was false) but
+            // perhaps a file with no whole header an older build's crash
+            // left: it goes, so that the file moved in is the only one.
+            for stray in try WriteAheadLog.segmentFiles(in: walDirectory) { try FileSystem.remove(stray.path) }
+            let name = String(file.path.split(separator: "/").last!)
+            guard rename(file.path, "\(walDirectory)/\(name)") == 0 else { throw FileSystem.error("rename", file.path) }
+            try FileSystem.syncDirectory(walDirectory)
+            try FileSystem.removeFlatDirectory(staging)
             let (log, _) = try WriteAheadLog.open(directory: walDirectory, segmentBytesMax: segmentBytesMax, fdatasyncs: synchronous == .full, create: false)
             self.log = log
             durableHardState = state.hardState
@@ -171,6 +183,8 @@ public final class RaftStore: @unchecked Sendable {
     /// (`snapshotData(for:)` makes them when a follower needs them).
     public func loadDurableState() throws -> DurableState {
         try lock.withLock {
+            // Initializing's staging directory, left empty by a crash after its file moved out.
+            try FileSystem.removeFlatDirectory("\(walDirectory)/.new")
             let (log, contents) = try WriteAheadLog.open(directory: walDirectory, segmentBytesMax: segmentBytesMax, fdatasyncs: synchronous == .full, create: false)
             self.log = log
             var snapshot: Snapshot?

@@ -392,7 +392,7 @@ final class WriteAheadLog {
 
     // MARK: - Reading
 
-    private static func segmentFiles(in directory: String) throws -> [(sequence: UInt64, path: String)] {
+    static func segmentFiles(in directory: String) throws -> [(sequence: UInt64, path: String)] {
         try FileSystem.list(directory).compactMap { name -> (UInt64, String)? in
             guard name.utf8.count == 20, name.hasSuffix(".wal"), let sequence = UInt64(name.prefix(16), radix: 16) else { return nil }
             return (sequence, "\(directory)/\(name)")

@@ -338,10 +338,39 @@ struct RaftStoreTests {
         let again = try temporary.open()
         #expect(!again.hasState, "a log without its first state would start a founder with no voters")
         try again.initialize(with: .bootstrap(voters: [1, 2, 3]))
-        #expect(!FileManager.default.fileExists(atPath: temporary.walDirectory + ".new"), "the staging directory was renamed into place")
+        #expect(!FileManager.default.fileExists(atPath: temporary.walDirectory + "/.new"), "the staging directory is gone, its file moved into place")
         let reopened = try temporary.open()
         #expect(reopened.hasState)
         #expect(try reopened.loadDurableState().entries.map(\.payload) == [.configChange(.bootstrap(voters: [1, 2, 3]))])
+    }
+
+    @Test("A wal that is a symbolic link to another disk's directory (with lost+found, as a mount point has) is initialized, written and read back through the link, which stays")
+    func walElsewhere() throws {
+        let temporary = try TemporaryStore()
+        let elsewhere = temporary.path + "-elsewhere"
+        defer { try? FileManager.default.removeItem(atPath: elsewhere) }
+        try FileManager.default.createDirectory(atPath: elsewhere + "/lost+found", withIntermediateDirectories: true)
+        try FileManager.default.createDirectory(atPath: temporary.path, withIntermediateDirectories: true)
+        try FileManager.default.createSymbolicLink(atPath: temporary.walDirectory, withDestinationPath: elsewhere)
+        let store = try temporary.open()
+        #expect(!store.hasState)
+        try store.initialize(with: .bootstrap(voters: [1]))
+        var node = try RaftNode(configuration: Configuration(id: 1, randomSeed: 1), durable: try store.loadDurableState())
+        node.campaign()
+        for value in 0..<5 { try node.propose([UInt8(value)]) }
+        try drive(&node, store)
+
+        let again = try temporary.open()
+        #expect(again.hasState)
+        let commands = try again.loadDurableState().entries.compactMap { entry -> [UInt8]? in
+            if case .command(let bytes) = entry.payload { return bytes }
+            return nil
+        }
+        #expect(commands == (0..<5).map { [UInt8($0)] })
+        #expect(try FileManager.default.destinationOfSymbolicLink(atPath: temporary.walDirectory) == elsewhere, "still a link")
+        let files = try FileManager.default.contentsOfDirectory(atPath: elsewhere).sorted()
+        #expect(files.contains("lost+found") && files.contains { $0.hasSuffix(".wal") }, "\(files)")
+        #expect(!files.contains(".new"))
     }
 
     @Test("A data directory of the SQLite-log format is refused with what to do")
