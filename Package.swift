@@ -182,11 +182,11 @@ let package = Package(
             .product(name: "SwiftASN1", package: "swift-asn1"),
         ], exclude: ["wycheproof"], swiftSettings: strict),
         .testTarget(name: "AttestationTests", dependencies: [
-            "Attestation", "Policy", "Authority", "Encoding", "ClusterHarness",
+            "TestSupport", "Attestation", "Policy", "Authority", "Encoding", "ClusterHarness",
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "_CryptoExtras", package: "swift-crypto"),
         ], swiftSettings: strict),
-        .testTarget(name: "ChaosTests", dependencies: ["Chaos", "ClusterHarness", "Node",
+        .testTarget(name: "ChaosTests", dependencies: ["TestSupport", "Chaos", "ClusterHarness", "Node",
                                                       .product(name: "NIOCore", package: "swift-nio"),
                                                       .product(name: "NIOSSL", package: "swift-nio-ssl"),
                                                       .product(name: "NIOPosix", package: "swift-nio")], swiftSettings: strict),

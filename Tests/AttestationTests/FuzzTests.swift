@@ -4,6 +4,7 @@ import ClusterHarness
 import Encoding
 import Foundation
 import Testing
+import TestSupport
 
 /// A small seeded generator (xorshift64*), so a failing case can be replayed.
 struct Xorshift: RandomNumberGenerator {
@@ -17,7 +18,7 @@ struct Xorshift: RandomNumberGenerator {
     }
 }
 
-@Suite("Platform token fuzzing")
+@Suite("Platform token fuzzing", .onOwnThreads)
 struct FuzzTests {
     static let iterations = 100_000
 

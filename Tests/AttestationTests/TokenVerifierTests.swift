@@ -5,6 +5,7 @@ import Encoding
 import Crypto
 import Foundation
 import Testing
+import TestSupport
 
 let audience = "warrant.example"
 
@@ -49,7 +50,7 @@ func replacing(_ claims: [(String, TestIssuer.Claim)], _ name: String, with valu
 
 func b64(_ text: String) -> String { Base64URL.encode(Array(text.utf8)) }
 
-@Suite("Platform token verification")
+@Suite("Platform token verification", .onOwnThreads)
 struct TokenVerifierTests {
     @Test("A GitHub Actions token (RS256) and a Kubernetes token (ES256) verify; their claims come out as text, Kubernetes' nested ones flattened")
     func accepts() throws {

@@ -3,6 +3,7 @@ import Authority
 import Encoding
 import Foundation
 import Testing
+import TestSupport
 
 /// The vectors live beside the Authority tests (with their licence).
 let vectors = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
@@ -35,7 +36,7 @@ func platformCheck(_ jws: String, keySet: [String: Any], algorithms: Set<String>
     }
 }
 
-@Suite("Wycheproof JOSE vectors through the platform-token verifier")
+@Suite("Wycheproof JOSE vectors through the platform-token verifier", .onOwnThreads)
 struct WycheproofJOSETests {
     static let asymmetric: Set<String> = ["RS256", "ES256", "ES384"]
 

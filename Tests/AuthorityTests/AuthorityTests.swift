@@ -5,6 +5,7 @@ import Foundation
 import SwiftASN1
 import Synchronization
 import Testing
+import TestSupport
 import X509
 
 /// The code of the AuthorityError `body` throws ("none" if it returns, "other" for another error).
@@ -159,7 +160,7 @@ struct SerialTests {
     }
 }
 
-@Suite("X509-SVIDs")
+@Suite("X509-SVIDs", .onOwnThreads)
 struct X509SVIDTests {
     let ca: X509Authority
     let id: SpiffeID

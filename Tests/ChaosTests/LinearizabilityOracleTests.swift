@@ -1,5 +1,6 @@
 @testable import Chaos
 import Testing
+import TestSupport
 
 /// Whether some order of `history` fits a register, found by trying every
 /// order the operations' times allow (an operation that completed before
@@ -78,7 +79,7 @@ private func randomHistory(_ random: inout ChaosRandom, distinctValues: Bool = f
     return history
 }
 
-@Suite("Linearizability checker against exhaustion")
+@Suite("Linearizability checker against exhaustion", .onOwnThreads)
 struct LinearizabilityOracleTests {
     @Test("On 4,000 random small histories (overlapping calls, lost outcomes, changed answers) the checker and a search of every order agree",
           arguments: [false, true])

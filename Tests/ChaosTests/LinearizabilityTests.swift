@@ -1,5 +1,6 @@
 import Chaos
 import Testing
+import TestSupport
 
 /// Builds histories by hand: times in milliseconds.
 private struct Builder {
@@ -15,7 +16,7 @@ private struct Builder {
     var verdict: Linearizability.Verdict { Linearizability.check(operations)["k"] ?? .linearizable }
 }
 
-@Suite("Linearizability checker")
+@Suite("Linearizability checker", .onOwnThreads)
 struct LinearizabilityTests {
     @Test("Sequential and overlapping histories that a register allows are linearizable")
     func good() {

@@ -89,7 +89,7 @@ struct SimulatorTests {
         if let found {
             #expect(found.replayCommand.contains("--planted-bug \(bug.flagName)"))
             // The failure replays from its seed.
-            let again = Simulation(seed: found.seed, options: options).run()
+            let again = await offThePool { [options] in Simulation(seed: found.seed, options: options).run() }
             #expect(again.violation?.description == found.violation?.description)
         }
     }
