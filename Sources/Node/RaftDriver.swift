@@ -1073,16 +1073,24 @@ public actor RaftDriver {
             _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, 10)
             #endif
             let made = Result { try store.outgoingSnapshot(for: metadata) }
-            Task { await self.snapshotMade(for: peer, made) }
+            Task { await self.snapshotMade(for: peer, metadata, made) }
         }
     }
 
-    private func snapshotMade(for peer: NodeID, _ made: Result<OutgoingSnapshot, any Error>) {
+    private func snapshotMade(for peer: NodeID, _ metadata: SnapshotMetadata, _ made: Result<OutgoingSnapshot, any Error>) {
         snapshotsBeingMade.remove(peer)
         guard !stopped else { return }
         guard raft.role == .leader else { return }
         guard case .success(let source) = made else {
-            // A newer checkpoint replaced it: the core probes again and asks for that one.
+            if raft.snapshotIndex > metadata.index {
+                // A compaction that had begun before the stream was asked
+                // for replaced its checkpoint meanwhile: the core probes
+                // again and asks for the newer one. Nothing was sent, and
+                // nothing is given up (no trouble, no abandoned transfer).
+                raft.reportSnapshotFailure(to: peer)
+                scheduleFlush()
+                return
+            }
             if case .failure(let error) = made { onReplicationTrouble?("the snapshot stream for node \(peer) could not be made: \(error)") }
             abandonSnapshotTransfer(to: peer)
             return
