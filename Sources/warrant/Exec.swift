@@ -153,7 +153,7 @@ struct ExecCommand: AsyncParsableCommand {
             // group would end this process and leave the command running.
             let watchdog: ExecWatchdog?
             do {
-                watchdog = try ExecWatchdog.start(for: pid)
+                watchdog = try ExecWatchdog.start(for: pid, removing: temporary)
             } catch {
                 watchdog = nil
                 say("no watchdog for the command (it would outlive a SIGKILL of this process): \(error)")
@@ -525,19 +525,23 @@ final class CommandSignals: Sendable {
 }
 
 /// A small process of `warrant exec`'s own (this binary, started with
-/// `__exec-watchdog GROUP`, in a process group of its own) that ends the
-/// command's group with SIGKILL if exec dies without standing it down. A
-/// runner that kills the job's process group with SIGKILL ends exec, but
-/// the command, in a group of its own, would go on running (a terraform
-/// apply after the job was cancelled). The watchdog reads a pipe only exec
-/// holds the other end of: a byte means the command ended and nothing is
-/// to be done; the end of the pipe (exec gone, however) means kill.
+/// `__exec-watchdog GROUP [DIRECTORY]`, in a process group of its own)
+/// that ends the command's group with SIGKILL if exec dies without
+/// standing it down. A runner that kills the job's process group with
+/// SIGKILL ends exec, but the command, in a group of its own, would go on
+/// running (a terraform apply after the job was cancelled). The watchdog
+/// reads a pipe only exec holds the other end of: a byte means the command
+/// ended and nothing is to be done; the end of the pipe (exec gone,
+/// however) means kill, and the removal of exec's private identity
+/// directory (made with mkdtemp when no --out was given), which exec
+/// removes itself when it exits but cannot after a SIGKILL: the
+/// identity's key would stay in the temporary directory.
 struct ExecWatchdog: Sendable {
     static let argument = "__exec-watchdog"
     let pid: pid_t
     let standDownDescriptor: Int32
 
-    static func start(for group: pid_t) throws -> ExecWatchdog {
+    static func start(for group: pid_t, removing directory: String?) throws -> ExecWatchdog {
         // A watchdog gone early must not end this process at the stand-down's write (NIO ignores it too).
         signal(SIGPIPE, SIG_IGN)
         var ends: [Int32] = [-1, -1]
@@ -555,7 +559,7 @@ struct ExecWatchdog: Sendable {
         let pid: pid_t
         do {
             // No environment: the job's token is none of its business.
-            pid = try ChildCommand.spawnInOwnGroup("/proc/self/exe", ["/proc/self/exe", argument, String(group)], environment: [:], closingFrom: 4) { actions in
+            pid = try ChildCommand.spawnInOwnGroup("/proc/self/exe", ["/proc/self/exe", argument, String(group)] + (directory.map { [$0] } ?? []), environment: [:], closingFrom: 4) { actions in
                 posix_spawn_file_actions_adddup2(&actions, ends[0], 3)
                 posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
                 // Not the job's output: a runner waits for every holder of it to go.
@@ -590,14 +594,28 @@ struct ExecWatchdog: Sendable {
     /// then kills the group if exec went without a word.
     static func watch(_ arguments: [String]) -> Never {
         for number in [SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGPIPE] { signal(number, SIG_IGN) }
-        guard arguments.count == 2, let group = pid_t(arguments[1]), group > 1 else {
+        guard arguments.count == 2 || arguments.count == 3, let group = pid_t(arguments[1]), group > 1,
+              arguments.count == 2 || isPrivateDirectory(arguments[2]) else {
             FileHandle.standardError.write(Data("warrant: \(argument) is for warrant exec's own use\n".utf8))
             exit(2)
         }
         var byte: UInt8 = 0
         var count = read(3, &byte, 1)
         while count < 0 && errno == EINTR { count = read(3, &byte, 1) }
-        if count == 0 { CommandSignals.send(SIGKILL, to: group) }
+        if count == 0 {
+            CommandSignals.send(SIGKILL, to: group)
+            if arguments.count == 3, isPrivateDirectory(arguments[2]) { try? FileManager.default.removeItem(atPath: arguments[2]) }
+        }
         exit(0)
+    }
+
+    /// A directory exec made for an identity: an absolute path whose last
+    /// part is `warrant-exec-` and six characters (mkdtemp's), a real
+    /// directory (not a link) of this user's. Nothing else is removed.
+    static func isPrivateDirectory(_ path: String) -> Bool {
+        let name = path.split(separator: "/").last.map(String.init) ?? ""
+        guard path.hasPrefix("/"), !path.contains("/../"), !path.hasSuffix("/.."), name.hasPrefix("warrant-exec-"), name.utf8.count == 19 else { return false }
+        var info = stat()
+        return lstat(path, &info) == 0 && info.st_mode & S_IFMT == S_IFDIR && info.st_uid == getuid()
     }
 }

@@ -757,7 +757,8 @@ extension JoinTests {
                 for entry in (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? [] {
                     guard let pid = Int32(entry), let bytes = FileManager.default.contents(atPath: "/proc/\(entry)/cmdline") else { continue }
                     let words = bytes.split(separator: 0).map { String(decoding: $0, as: UTF8.self) }
-                    if words.count == 3, words[1] == "__exec-watchdog", words[2] == String(group), running(pid) { return true }
+                    // (A fourth word: exec's private identity directory, removed if exec is killed.)
+                    if words.count == 3 || words.count == 4, words[1] == "__exec-watchdog", words[2] == String(group), running(pid) { return true }
                 }
                 return false
             }
@@ -771,8 +772,8 @@ extension JoinTests {
 
             // exec killed with SIGKILL (a runner ending the job's process
             // group): its watchdog ends the command's group, child and all.
-            let killedFile = "\(dir)/killed.pids"
-            let killed = try startExec("sleep 41 & echo $$ $! > \(killedFile); wait")
+            let killedFile = "\(dir)/killed.pids", killedDirectoryFile = "\(dir)/killed.directory"
+            let killed = try startExec("echo \"$WARRANT_IDENTITY_DIR\" > \(killedDirectoryFile); sleep 41 & echo $$ $! > \(killedFile); wait")
             defer { if killed.isRunning { kill(killed.processIdentifier, SIGKILL) } }
             #expect(await eventually(seconds: 30) { ((try? String(contentsOfFile: killedFile, encoding: .utf8)) ?? "").hasSuffix("\n") })
             let pids = try String(contentsOfFile: killedFile, encoding: .utf8).split(whereSeparator: \.isWhitespace).compactMap { Int32($0) }
@@ -780,9 +781,13 @@ extension JoinTests {
             #expect(pids.allSatisfy(running), "the command and its child run")
             // (The command may write its pids before exec has started the watchdog.)
             #expect(await eventually(seconds: 30) { watchdogRuns(for: pids[0]) }, "exec's watchdog runs beside the command")
+            let identityDirectory = try String(contentsOfFile: killedDirectoryFile, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+            #expect(FileManager.default.fileExists(atPath: "\(identityDirectory)/svid.key"), "exec's private directory: \(identityDirectory)")
             kill(killed.processIdentifier, SIGKILL)
             #expect(await eventually(seconds: 15) { !pids.contains(where: running) }, "the command or its child outlived exec's SIGKILL")
             for pid in pids where running(pid) { kill(pid, SIGKILL) }
+            // Nor does the identity's key outlive it in the temporary directory.
+            #expect(await eventually(seconds: 15) { !FileManager.default.fileExists(atPath: identityDirectory) }, "\(identityDirectory) left behind")
         }
     }
 }
