@@ -85,6 +85,8 @@ struct ProcessTests {
         }
         #expect(!result.passed, "the planted bug went unnoticed\n\(lines.text)")
         #expect(!result.lost.isEmpty)
+        // A failed run keeps its nodes' files for whoever looks; this failure was the point.
+        try? FileManager.default.removeItem(atPath: result.directory)
     }
 
     @Test("SIGTERM stops a node gracefully (exit 0, leadership handed over), and a restarted node catches up")
