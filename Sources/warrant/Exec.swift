@@ -51,7 +51,14 @@ struct ExecCommand: AsyncParsableCommand {
             } else {
                 var template = Array("\(NSTemporaryDirectory().hasSuffix("/") ? NSTemporaryDirectory() : NSTemporaryDirectory() + "/")warrant-exec-XXXXXX".utf8CString)
                 guard let made = mkdtemp(&template) else { throw JobFailure(description: "cannot make a private temporary directory") }
-                directory = String(cString: made)
+                // Resolved (a TMPDIR with `..` or links in it): the watchdog
+                // removes only a path of the plain shape.
+                if let resolved = realpath(made, nil) {
+                    directory = String(cString: resolved)
+                    free(resolved)
+                } else {
+                    directory = String(cString: made)
+                }
                 temporary = directory
             }
             defer { if let temporary { try? FileManager.default.removeItem(atPath: temporary) } }
@@ -532,10 +539,13 @@ final class CommandSignals: Sendable {
 /// running (a terraform apply after the job was cancelled). The watchdog
 /// reads a pipe only exec holds the other end of: a byte means the command
 /// ended and nothing is to be done; the end of the pipe (exec gone,
-/// however) means kill, and the removal of exec's private identity
-/// directory (made with mkdtemp when no --out was given), which exec
-/// removes itself when it exits but cannot after a SIGKILL: the
-/// identity's key would stay in the temporary directory.
+/// however) means kill. Given exec's private identity directory (made
+/// with mkdtemp when no --out was given), which exec removes itself when
+/// it exits but cannot after a SIGKILL (the identity's key would stay in
+/// the temporary directory), the watchdog also waits, after the byte, for
+/// the end of the pipe (exec gone, whether it exited or was killed while
+/// closing the step) and then removes that directory if it is still the
+/// one exec made.
 struct ExecWatchdog: Sendable {
     static let argument = "__exec-watchdog"
     let pid: pid_t
@@ -574,11 +584,12 @@ struct ExecWatchdog: Sendable {
     }
 
     /// The command ended (and is not reaped yet): told so, the watchdog
-    /// leaves without a signal (it reads the byte before any end of the pipe).
+    /// sends no signal (it reads the byte before any end of the pipe). The
+    /// pipe stays open until exec exits: a watchdog keeping exec's private
+    /// directory then removes it.
     func standDown() {
         var byte: UInt8 = 1
         _ = write(standDownDescriptor, &byte, 1)
-        close(standDownDescriptor)
     }
 
     /// Reaps the watchdog if it has left already; never waits for it
@@ -594,28 +605,44 @@ struct ExecWatchdog: Sendable {
     /// then kills the group if exec went without a word.
     static func watch(_ arguments: [String]) -> Never {
         for number in [SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGPIPE] { signal(number, SIG_IGN) }
-        guard arguments.count == 2 || arguments.count == 3, let group = pid_t(arguments[1]), group > 1,
-              arguments.count == 2 || isPrivateDirectory(arguments[2]) else {
+        guard arguments.count == 2 || arguments.count == 3, let group = pid_t(arguments[1]), group > 1 else {
             FileHandle.standardError.write(Data("warrant: \(argument) is for warrant exec's own use\n".utf8))
             exit(2)
         }
+        // A directory not of exec's shape is not removed; the group is still watched.
+        let directory = arguments.count == 3 ? privateDirectory(arguments[2]) : nil
         var byte: UInt8 = 0
-        var count = read(3, &byte, 1)
-        while count < 0 && errno == EINTR { count = read(3, &byte, 1) }
-        if count == 0 {
-            CommandSignals.send(SIGKILL, to: group)
-            if arguments.count == 3, isPrivateDirectory(arguments[2]) { try? FileManager.default.removeItem(atPath: arguments[2]) }
+        func next() -> Int {
+            var count = read(3, &byte, 1)
+            while count < 0 && errno == EINTR { count = read(3, &byte, 1) }
+            return count
         }
+        var count = next()
+        if count == 0 { CommandSignals.send(SIGKILL, to: group) }
+        guard let directory else { exit(0) }
+        // exec lives on after its command (closing the step): until it is
+        // gone (the end of the pipe, not a failed read).
+        while count > 0 { count = next() }
+        if count == 0, let now = privateDirectory(directory.path), now == directory { try? FileManager.default.removeItem(atPath: directory.path) }
         exit(0)
     }
 
-    /// A directory exec made for an identity: an absolute path whose last
-    /// part is `warrant-exec-` and six characters (mkdtemp's), a real
-    /// directory (not a link) of this user's. Nothing else is removed.
-    static func isPrivateDirectory(_ path: String) -> Bool {
-        let name = path.split(separator: "/").last.map(String.init) ?? ""
-        guard path.hasPrefix("/"), !path.contains("/../"), !path.hasSuffix("/.."), name.hasPrefix("warrant-exec-"), name.utf8.count == 19 else { return false }
+    /// A directory exec made for an identity, and which file it is: an
+    /// absolute path without `.` or `..` parts whose last part is
+    /// `warrant-exec-` and six characters (mkdtemp's), a real directory
+    /// (not a link) of this user's. Nothing else is removed.
+    struct PrivateDirectory: Equatable {
+        let path: String
+        let device: UInt64
+        let inode: UInt64
+    }
+
+    static func privateDirectory(_ path: String) -> PrivateDirectory? {
+        let parts = path.split(separator: "/", omittingEmptySubsequences: false)
+        guard path.hasPrefix("/"), !parts.dropFirst().contains(where: { $0.isEmpty || $0 == "." || $0 == ".." }),
+              let name = parts.last, name.hasPrefix("warrant-exec-"), name.utf8.count == 19 else { return nil }
         var info = stat()
-        return lstat(path, &info) == 0 && info.st_mode & S_IFMT == S_IFDIR && info.st_uid == getuid()
+        guard lstat(path, &info) == 0, info.st_mode & S_IFMT == S_IFDIR, info.st_uid == getuid() else { return nil }
+        return PrivateDirectory(path: path, device: UInt64(info.st_dev), inode: UInt64(info.st_ino))
     }
 }
