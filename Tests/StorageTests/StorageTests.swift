@@ -75,7 +75,14 @@ final class TemporaryStore {
         try log.replaceAll(records)
     }
 
-    deinit { try? FileManager.default.removeItem(at: directory) }
+    deinit {
+        // Old log files are unlinked on a queue of the process's: one
+        // unlinked there while the removal below walks the directory made
+        // it fail part-way, leaving the directory (a CI run left LOCK and
+        // the newest log file in /tmp).
+        WriteAheadLog.waitForRemovals()
+        try? FileManager.default.removeItem(at: directory)
+    }
 }
 
 /// Drives a single-voter core, persisting every Ready into `store`.
