@@ -182,6 +182,9 @@ public actor RaftDriver {
     }
 
     public var status: Status { raft.status }
+    /// A checkpoint is being written (tests: one begun before a snapshot
+    /// transfer may finish during it).
+    package var isCompacting: Bool { compactionInProgress }
 
     /// Whether this node leads, and whom it believes leads, as of the last
     /// Ready handled: read without a hop to the driver's thread (every
