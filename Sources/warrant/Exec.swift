@@ -62,12 +62,23 @@ struct ExecCommand: AsyncParsableCommand {
                 temporary = directory
             }
             defer { if let temporary { try? FileManager.default.removeItem(atPath: temporary) } }
+            let say: @Sendable (String) -> Void = { FileHandle.standardError.write(Data("warrant exec: \($0)\n".utf8)) }
+            // The watchdog starts now, before the join and the files: a
+            // SIGKILL of exec from here on leaves no private directory (nor
+            // the key written into it) behind. It learns the command's
+            // group once the command is spawned.
+            let watchdog: ExecWatchdog?
+            do {
+                watchdog = try ExecWatchdog.start(removing: temporary)
+            } catch {
+                watchdog = nil
+                say("no watchdog for the command (it would outlive a SIGKILL of this process): \(error)")
+            }
             do {
                 try IdentityFiles.checkWritable(directory: directory)
             } catch {
                 throw JobFailure(description: "\(error)")
             }
-            let say: @Sendable (String) -> Void = { FileHandle.standardError.write(Data("warrant exec: \($0)\n".utf8)) }
             let key = P256.Signing.PrivateKey(compactRepresentable: false)
             var audiences = jwtAudiences
             if awsRoleArn != nil && !audiences.contains("sts.amazonaws.com") { audiences.append("sts.amazonaws.com") }
@@ -158,13 +169,7 @@ struct ExecCommand: AsyncParsableCommand {
             signals.started(pid)
             // The command keeps a group of its own: a SIGKILL to the job's
             // group would end this process and leave the command running.
-            let watchdog: ExecWatchdog?
-            do {
-                watchdog = try ExecWatchdog.start(for: pid, removing: temporary)
-            } catch {
-                watchdog = nil
-                say("no watchdog for the command (it would outlive a SIGKILL of this process): \(error)")
-            }
+            watchdog?.watch(group: pid)
             let exited = Task { await ChildCommand.exitStatus(of: pid, signals: signals, watchdog: watchdog) }
             // (A temporary directory is removed on exit: a renewal still under way then writes nothing.)
             let remakeDirectory = temporary == nil
@@ -537,21 +542,25 @@ final class CommandSignals: Sendable {
 /// standing it down. A runner that kills the job's process group with
 /// SIGKILL ends exec, but the command, in a group of its own, would go on
 /// running (a terraform apply after the job was cancelled). The watchdog
-/// reads a pipe only exec holds the other end of: a byte means the command
-/// ended and nothing is to be done; the end of the pipe (exec gone,
-/// however) means kill. Given exec's private identity directory (made
-/// with mkdtemp when no --out was given), which exec removes itself when
-/// it exits but cannot after a SIGKILL (the identity's key would stay in
-/// the temporary directory), the watchdog also waits, after the byte, for
-/// the end of the pipe (exec gone, whether it exited or was killed while
-/// closing the step) and then removes that directory if it is still the
-/// one exec made.
+/// reads a pipe only exec holds the other end of: `G` and four bytes (a
+/// pid, little-endian) name the group to watch when GROUP was 0 (exec
+/// starts the watchdog before the command exists); a byte 1 means the
+/// command ended and nothing is to be done; the end of the pipe (exec
+/// gone, however) means kill, if a group was named. Given exec's private
+/// identity directory (made with mkdtemp when no --out was given), which
+/// exec removes itself when it exits but cannot after a SIGKILL (the
+/// identity's key would stay in the temporary directory), the watchdog
+/// also waits for the end of the pipe (exec gone, whether it exited,
+/// failed before its command, or was killed at any point) and then
+/// removes that directory if it is still the one exec made.
 struct ExecWatchdog: Sendable {
     static let argument = "__exec-watchdog"
     let pid: pid_t
     let standDownDescriptor: Int32
 
-    static func start(for group: pid_t, removing directory: String?) throws -> ExecWatchdog {
+    /// Starts the watchdog for `group`, or (0) for a group named later
+    /// with `watch(group:)`.
+    static func start(for group: pid_t = 0, removing directory: String?) throws -> ExecWatchdog {
         // A watchdog gone early must not end this process at the stand-down's write (NIO ignores it too).
         signal(SIGPIPE, SIG_IGN)
         var ends: [Int32] = [-1, -1]
@@ -583,6 +592,14 @@ struct ExecWatchdog: Sendable {
         return ExecWatchdog(pid: pid, standDownDescriptor: ends[1])
     }
 
+    /// Names the command's group (a watchdog started before the command).
+    func watch(group: pid_t) {
+        var message: [UInt8] = [UInt8(ascii: "G")]
+        for shift in stride(from: 0, to: 32, by: 8) { message.append(UInt8(truncatingIfNeeded: UInt32(bitPattern: group) >> UInt32(shift))) }
+        // Five bytes, less than PIPE_BUF: written whole or not at all.
+        _ = message.withUnsafeBytes { write(standDownDescriptor, $0.baseAddress, $0.count) }
+    }
+
     /// The command ended (and is not reaped yet): told so, the watchdog
     /// sends no signal (it reads the byte before any end of the pipe). The
     /// pipe stays open until exec exits: a watchdog keeping exec's private
@@ -605,7 +622,7 @@ struct ExecWatchdog: Sendable {
     /// then kills the group if exec went without a word.
     static func watch(_ arguments: [String]) -> Never {
         for number in [SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGPIPE] { signal(number, SIG_IGN) }
-        guard arguments.count == 2 || arguments.count == 3, let group = pid_t(arguments[1]), group > 1 else {
+        guard arguments.count == 2 || arguments.count == 3, var group = pid_t(arguments[1]), group > 1 || group == 0 else {
             FileHandle.standardError.write(Data("warrant: \(argument) is for warrant exec's own use\n".utf8))
             exit(2)
         }
@@ -618,10 +635,22 @@ struct ExecWatchdog: Sendable {
             return count
         }
         var count = next()
-        if count == 0 { CommandSignals.send(SIGKILL, to: group) }
+        // The group, when exec names it (once; a group given as an argument stays).
+        while count > 0 && byte == UInt8(ascii: "G") {
+            var named: UInt32 = 0
+            for shift in stride(from: 0, to: 32, by: 8) {
+                count = next()
+                guard count > 0 else { break }
+                named |= UInt32(byte) << UInt32(shift)
+            }
+            if count > 0, group == 0, Int32(bitPattern: named) > 1 { group = Int32(bitPattern: named) }
+            if count > 0 { count = next() }
+        }
+        // The end of the pipe before the stand-down byte: exec went without a word.
+        if count == 0 && group > 1 { CommandSignals.send(SIGKILL, to: group) }
         guard let directory else { exit(0) }
-        // exec lives on after its command (closing the step): until it is
-        // gone (the end of the pipe, not a failed read).
+        // exec lives on after its command (closing the step), or fails
+        // before it: until it is gone (the end of the pipe, not a failed read).
         while count > 0 { count = next() }
         if count == 0, let now = privateDirectory(directory.path), now == directory { try? FileManager.default.removeItem(atPath: directory.path) }
         exit(0)

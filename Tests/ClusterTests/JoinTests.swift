@@ -746,29 +746,35 @@ extension JoinTests {
             #expect(await eventually(seconds: 30) { FileManager.default.fileExists(atPath: pidFile) && ((try? String(contentsOfFile: pidFile, encoding: .utf8)) ?? "").hasSuffix("\n") })
             let sleeperPids = try String(contentsOfFile: pidFile, encoding: .utf8).split(whereSeparator: \.isWhitespace).compactMap { Int32($0) }
             try #require(sleeperPids.count == 2, "\(sleeperPids)")
-            let (sleeperCommand, sleeping) = (sleeperPids[0], sleeperPids[1])
+            let sleeping = sleeperPids[1]
             // Running: there, and not a zombie (whoever adopts it may not reap it).
             func running(_ pid: Int32) -> Bool {
                 guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8), let close = stat.lastIndex(of: ")") else { return false }
                 return !stat[close...].hasPrefix(") Z")
             }
-            /// Whether exec's watchdog for the command's group `group` runs.
-            func watchdogRuns(for group: Int32) -> Bool {
+            /// exec's watchdog (started by exec before the join, told the
+            /// command's group once it runs), if it runs.
+            func watchdog(of exec: Int32) -> Int32? {
                 for entry in (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? [] {
-                    guard let pid = Int32(entry), let bytes = FileManager.default.contents(atPath: "/proc/\(entry)/cmdline") else { continue }
+                    guard let pid = Int32(entry), let bytes = FileManager.default.contents(atPath: "/proc/\(entry)/cmdline"),
+                          let stat = try? String(contentsOfFile: "/proc/\(entry)/stat", encoding: .utf8), let close = stat.lastIndex(of: ")") else { continue }
                     let words = bytes.split(separator: 0).map { String(decoding: $0, as: UTF8.self) }
+                    // After the name: state, then the parent's pid.
+                    let fields = stat[stat.index(after: close)...].split(separator: " ")
                     // (A fourth word: exec's private identity directory, removed if exec is killed.)
-                    if words.count == 3 || words.count == 4, words[1] == "__exec-watchdog", words[2] == String(group), running(pid) { return true }
+                    if words.count == 3 || words.count == 4, words[1] == "__exec-watchdog", words[2] == "0", fields.count > 1,
+                       Int32(fields[1]) == exec, running(pid) { return pid }
                 }
-                return false
+                return nil
             }
             #expect(running(sleeping), "the command's child runs")
-            #expect(await eventually(seconds: 30) { watchdogRuns(for: sleeperCommand) }, "exec's watchdog runs beside the command")
+            #expect(await eventually(seconds: 30) { watchdog(of: sleeper.processIdentifier) != nil }, "exec's watchdog runs beside the command")
+            let sleeperWatchdog = watchdog(of: sleeper.processIdentifier)
             kill(sleeper.processIdentifier, SIGTERM)
             #expect(await eventually(seconds: 15) { !sleeper.isRunning }, "exec ends with its command")
             #expect(await eventually(seconds: 10) { !running(sleeping) }, "the command's child got the SIGTERM too")
             if running(sleeping) { kill(sleeping, SIGKILL) }
-            #expect(await eventually(seconds: 15) { !watchdogRuns(for: sleeperCommand) }, "the watchdog left once the command ended")
+            #expect(await eventually(seconds: 15) { sleeperWatchdog.map { !running($0) } ?? true }, "the watchdog left once exec ended")
 
             // exec killed with SIGKILL (a runner ending the job's process
             // group): its watchdog ends the command's group, child and all.
@@ -779,8 +785,7 @@ extension JoinTests {
             let pids = try String(contentsOfFile: killedFile, encoding: .utf8).split(whereSeparator: \.isWhitespace).compactMap { Int32($0) }
             try #require(pids.count == 2, "\(pids)")
             #expect(pids.allSatisfy(running), "the command and its child run")
-            // (The command may write its pids before exec has started the watchdog.)
-            #expect(await eventually(seconds: 30) { watchdogRuns(for: pids[0]) }, "exec's watchdog runs beside the command")
+            #expect(watchdog(of: killed.processIdentifier) != nil, "exec's watchdog runs beside the command")
             let identityDirectory = try String(contentsOfFile: killedDirectoryFile, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
             #expect(FileManager.default.fileExists(atPath: "\(identityDirectory)/svid.key"), "exec's private directory: \(identityDirectory)")
             kill(killed.processIdentifier, SIGKILL)
@@ -788,6 +793,41 @@ extension JoinTests {
             for pid in pids where running(pid) { kill(pid, SIGKILL) }
             // Nor does the identity's key outlive it in the temporary directory.
             #expect(await eventually(seconds: 15) { !FileManager.default.fileExists(atPath: identityDirectory) }, "\(identityDirectory) left behind")
+
+            // exec killed with SIGKILL during the join (a cluster that
+            // accepts connections and never answers): its directory, made
+            // first, is gone too (the watchdog starts right after it).
+            let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+            try #require(listener >= 0)
+            defer { close(listener) }
+            var address = sockaddr_in()
+            address.sin_family = sa_family_t(AF_INET)
+            address.sin_addr.s_addr = inet_addr("127.0.0.1")
+            var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+            let bound = withUnsafeMutablePointer(to: &address) { pointer in
+                pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(listener, $0, length) == 0 && listen(listener, 8) == 0 && getsockname(listener, $0, &length) == 0 }
+            }
+            try #require(bound, "a silent listener on loopback")
+            let silentPort = Int(UInt16(bigEndian: address.sin_port))
+            let temporaryDirectory = "\(dir)/exec-tmp"
+            try FileManager.default.createDirectory(atPath: temporaryDirectory, withIntermediateDirectories: true)
+            let joining = Process()
+            joining.executableURL = URL(fileURLWithPath: binary)
+            joining.arguments = ["exec", "--endpoint", "127.0.0.1:\(silentPort)", "--ca-file", "\(dir)/ca.pem", "--audience", "warrant.local",
+                                 "--token-request-ca", "\(dir)/github-ca.pem", "--", "true"]
+            joining.environment = environment.merging(["TMPDIR": temporaryDirectory]) { $1 }
+            joining.standardOutput = FileHandle.nullDevice
+            joining.standardError = FileHandle.nullDevice
+            try joining.run()
+            defer { if joining.isRunning { kill(joining.processIdentifier, SIGKILL) } }
+            func madeDirectories() -> [String] {
+                ((try? FileManager.default.contentsOfDirectory(atPath: temporaryDirectory)) ?? []).filter { $0.hasPrefix("warrant-exec-") }
+            }
+            #expect(await eventually(seconds: 30) { madeDirectories().count == 1 && watchdog(of: joining.processIdentifier) != nil },
+                    "exec made its directory and started its watchdog before joining")
+            #expect(joining.isRunning, "exec waits for the silent cluster")
+            kill(joining.processIdentifier, SIGKILL)
+            #expect(await eventually(seconds: 15) { madeDirectories().isEmpty }, "\(madeDirectories()) left behind by exec killed while joining")
         }
     }
 }
