@@ -47,8 +47,8 @@ struct ExecWatchdogTests {
             guard let stat = try? String(contentsOfFile: "/proc/\(group)/stat", encoding: .utf8), let close = stat.lastIndex(of: ")") else { return false }
             return !stat[close...].hasPrefix(") Z")
         }
-        // (Not killed: a short wait is enough, the watchdog has exited.)
-        for _ in 0..<(told == nil ? 1_000 : 100) where running() { usleep(10_000) }
+        // (Told: the watchdog has exited, so any SIGKILL it sent was sent; 3 s is enough.)
+        for _ in 0..<(told == nil ? 1_000 : 300) where running() { usleep(10_000) }
         let killed = !running()
         if !killed { kill(group, SIGKILL) }
         return (group, killed)
@@ -100,8 +100,7 @@ struct ExecWatchdogTests {
         defer { try? FileManager.default.removeItem(atPath: base) }
         for (told, kills, what) in [({ (group: Int32) in Self.named(group) }, true, "named, then exec gone"),
                                     ({ (group: Int32) in Self.named(group) + [1] }, false, "named, then stood down"),
-                                    ({ (_: Int32) in [] }, false, "exec gone before naming a group"),
-                                    ({ (_: Int32) in Self.named(1) }, false, "a group of 1 named (init's: refused)")] {
+                                    ({ (_: Int32) in [] }, false, "exec gone before naming a group")] {
             let mine = "\(base)/warrant-exec-\(String(UUID().uuidString.prefix(6)))"
             try FileManager.default.createDirectory(atPath: mine, withIntermediateDirectories: true)
             try Data("KEY".utf8).write(to: URL(fileURLWithPath: mine + "/svid.key"))

@@ -786,6 +786,10 @@ extension JoinTests {
             try #require(pids.count == 2, "\(pids)")
             #expect(pids.allSatisfy(running), "the command and its child run")
             #expect(watchdog(of: killed.processIdentifier) != nil, "exec's watchdog runs beside the command")
+            // exec tells the watchdog the command's group right after the
+            // spawn, microseconds before the command's own shell has even
+            // started; nothing shows it from outside, so a margin.
+            try await Task.sleep(for: .milliseconds(200))
             let identityDirectory = try String(contentsOfFile: killedDirectoryFile, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
             #expect(FileManager.default.fileExists(atPath: "\(identityDirectory)/svid.key"), "exec's private directory: \(identityDirectory)")
             kill(killed.processIdentifier, SIGKILL)
