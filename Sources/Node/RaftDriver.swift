@@ -185,6 +185,13 @@ public actor RaftDriver {
     /// A checkpoint is being written (tests: one begun before a snapshot
     /// transfer may finish during it).
     package var isCompacting: Bool { compactionInProgress }
+    /// A checkpoint written while a follower was sent an older snapshot,
+    /// whose log compaction waits for that follower (tests).
+    package var hasDeferredCompaction: Bool { deferredCompaction != nil }
+    /// Tests: run on the checkpoint's thread before it writes (to hold a
+    /// compaction in progress).
+    package func setBeforeCheckpointWrite(_ hook: (@Sendable () -> Void)?) { beforeCheckpointWrite = hook }
+    private var beforeCheckpointWrite: (@Sendable () -> Void)?
 
     /// Whether this node leads, and whom it believes leads, as of the last
     /// Ready handled: read without a hop to the driver's thread (every
@@ -951,7 +958,8 @@ public actor RaftDriver {
     static let compactionHoldMax: Duration = .seconds(300)
 
     private func compactIfDue() throws {
-        guard !compactionInProgress, appliedIndex >= raft.snapshotIndex + max(compactEveryEntries, rowsAtLastSnapshot),
+        finishDeferredCompaction()
+        guard !compactionInProgress, deferredCompaction == nil, appliedIndex >= raft.snapshotIndex + max(compactEveryEntries, rowsAtLastSnapshot),
               let metadata = raft.snapshotMetadata(at: appliedIndex) else { return }
         // Not while a follower is being sent the snapshot (or its stream is
         // made): a new one would replace it, and the follower, which needs
@@ -967,12 +975,14 @@ public actor RaftDriver {
         let checkpoint = try store.beginCheckpoint(metadata)
         compactionInProgress = true
         metrics.checkpointsBegun.add(1)
+        let beforeWrite = beforeCheckpointWrite
         // On a thread of its own at a lower scheduling priority: encoding a
         // large ledger takes a core for a while, and requests come first.
         Thread.detachNewThread { [self] in
             #if os(Linux)
             _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, 10) // this thread only, on Linux
             #endif
+            beforeWrite?()
             let result = Result { try checkpoint.write() }
             Task { await self.finishCompaction(metadata, result) }
         }
@@ -985,14 +995,52 @@ public actor RaftDriver {
             rowsAtLastSnapshot = LogIndex(try result.get())
             // A snapshot from the leader may have replaced the log meanwhile.
             guard metadata.index > raft.snapshotIndex, metadata.index <= appliedIndex else { return }
-            // The core keeps the snapshot without its bytes: `send` makes
-            // them from the checkpoint when a follower needs them.
-            let compacted = try raft.compactLog(through: metadata.index, snapshotData: [])
-            precondition(compacted == metadata, "the core compacted to \(compacted), not the checkpoint's \(metadata)")
-            try store.compact(through: metadata, data: [])
-            metrics.snapshotsTaken.add(1)
+            // Begun before a follower was sent an older snapshot: the log
+            // that follower needs after it stays until it caught up (else
+            // it would start over with this newer one once it had the old).
+            if !snapshotTransfers.isEmpty || !snapshotsBeingMade.isEmpty {
+                deferredCompaction = metadata
+                compactionHeldSince = compactionHeldSince ?? .now
+                return
+            }
+            try compactLog(through: metadata)
         } catch {
             // Compaction is an optimisation: the log simply stays longer.
+            metrics.compactionFailures.add(1)
+        }
+    }
+
+    private func compactLog(through metadata: SnapshotMetadata) throws {
+        // The core keeps the snapshot without its bytes: `send` makes
+        // them from the checkpoint when a follower needs them.
+        let compacted = try raft.compactLog(through: metadata.index, snapshotData: [])
+        precondition(compacted == metadata, "the core compacted to \(compacted), not the checkpoint's \(metadata)")
+        try store.compact(through: metadata, data: [])
+        metrics.snapshotsTaken.add(1)
+    }
+
+    /// A checkpoint written while a follower was being sent an older
+    /// snapshot: the core and the log keep what comes after that older
+    /// one until no transfer runs and every follower has caught up past
+    /// the checkpoint (or `compactionHoldMax` passed, or `now`).
+    private var deferredCompaction: SnapshotMetadata?
+
+    private func finishDeferredCompaction(now: Bool = false) {
+        guard let metadata = deferredCompaction else { return }
+        if !now && (compactionHeldSince ?? .now).duration(to: .now) < Self.compactionHoldMax {
+            guard snapshotTransfers.isEmpty, snapshotsBeingMade.isEmpty else { return }
+            if raft.role == .leader {
+                let followers = raft.status.followers
+                guard raft.membership.members.allSatisfy({ $0 == id || (followers[$0]?.matchIndex ?? 0) >= metadata.index }) else { return }
+            }
+        }
+        deferredCompaction = nil
+        compactionHeldSince = nil
+        // A snapshot from a leader may have replaced the log meanwhile.
+        guard metadata.index > raft.snapshotIndex, metadata.index <= appliedIndex else { return }
+        do {
+            try compactLog(through: metadata)
+        } catch {
             metrics.compactionFailures.add(1)
         }
     }
@@ -1085,11 +1133,14 @@ public actor RaftDriver {
         guard !stopped else { return }
         guard raft.role == .leader else { return }
         guard case .success(let source) = made else {
-            if raft.snapshotIndex > metadata.index {
+            if raft.snapshotIndex > metadata.index || (deferredCompaction?.index ?? 0) > metadata.index {
                 // A compaction that had begun before the stream was asked
                 // for replaced its checkpoint meanwhile: the core probes
-                // again and asks for the newer one. Nothing was sent, and
-                // nothing is given up (no trouble, no abandoned transfer).
+                // again and asks for the newer one (a compaction deferred
+                // for another follower's transfer is done now: this one
+                // needs its snapshot anyway). Nothing was sent, and nothing
+                // is given up (no trouble, no abandoned transfer).
+                finishDeferredCompaction(now: true)
                 raft.reportSnapshotFailure(to: peer)
                 scheduleFlush()
                 return
@@ -1140,12 +1191,19 @@ public actor RaftDriver {
                 sender.send([Message(from: id, to: peer, term: term, body: .installSnapshot(Snapshot(metadata: metadata, data: data)))])
                 metrics.snapshotsSentWhole.add(1)
             }
-            Task { await self.wholeSnapshotSent(to: peer, made.map { _ in () }) }
+            Task { await self.wholeSnapshotSent(to: peer, metadata, made.map { _ in () }) }
         }
     }
 
-    private func wholeSnapshotSent(to peer: NodeID, _ result: Result<Void, any Error>) {
+    private func wholeSnapshotSent(to peer: NodeID, _ metadata: SnapshotMetadata, _ result: Result<Void, any Error>) {
         snapshotsBeingMade.remove(peer)
+        if case .failure = result, !stopped, (deferredCompaction?.index ?? 0) > metadata.index {
+            // The checkpoint is newer than the core's snapshot (see snapshotMade).
+            finishDeferredCompaction(now: true)
+            raft.reportSnapshotFailure(to: peer)
+            scheduleFlush()
+            return
+        }
         if case .failure(let error) = result {
             onReplicationTrouble?("node \(peer) sent no receipt for a snapshot stream (a build before streams, or unreachable), and its snapshot cannot go as one message: \(error)")
             if !stopped { abandonSnapshotTransfer(to: peer) }
