@@ -955,10 +955,14 @@ public actor RaftDriver {
     private var rowsAtLastSnapshot: LogIndex = 0
     /// Since when a due compaction waits for a snapshot transfer.
     private var compactionHeldSince: ContinuousClock.Instant?
-    static let compactionHoldMax: Duration = .seconds(300)
+    private var compactionHoldMax: Duration = .seconds(300)
+    /// Tests: a shorter bound on how long snapshot transfers hold compaction.
+    package func setCompactionHoldMax(_ bound: Duration) { compactionHoldMax = bound }
 
     private func compactIfDue() throws {
         finishDeferredCompaction()
+        // The hold's clock runs while transfers follow one another, no longer.
+        if snapshotTransfers.isEmpty && snapshotsBeingMade.isEmpty && deferredCompaction == nil { compactionHeldSince = nil }
         guard !compactionInProgress, deferredCompaction == nil, appliedIndex >= raft.snapshotIndex + max(compactEveryEntries, rowsAtLastSnapshot),
               let metadata = raft.snapshotMetadata(at: appliedIndex) else { return }
         // Not while a follower is being sent the snapshot (or its stream is
@@ -966,12 +970,15 @@ public actor RaftDriver {
         // the entries after the old one, would start over, for ever if the
         // stream takes longer than the writes between compactions. For
         // `compactionHoldMax` at most: the log grows meanwhile.
+        var pastHold = false
         if !snapshotTransfers.isEmpty || !snapshotsBeingMade.isEmpty {
             let since = compactionHeldSince ?? .now
             compactionHeldSince = since
-            if since.duration(to: .now) < Self.compactionHoldMax { return }
+            if since.duration(to: .now) < compactionHoldMax { return }
+            pastHold = true
         }
         compactionHeldSince = nil
+        checkpointBegunPastHold = pastHold
         let checkpoint = try store.beginCheckpoint(metadata)
         compactionInProgress = true
         metrics.checkpointsBegun.add(1)
@@ -998,9 +1005,12 @@ public actor RaftDriver {
             // Begun before a follower was sent an older snapshot: the log
             // that follower needs after it stays until it caught up (else
             // it would start over with this newer one once it had the old).
-            if !snapshotTransfers.isEmpty || !snapshotsBeingMade.isEmpty {
-                deferredCompaction = metadata
-                compactionHeldSince = compactionHeldSince ?? .now
+            // Not once a transfer has held compaction its whole time.
+            let receiving = Set(snapshotTransfers.keys).union(snapshotsBeingMade)
+            if !receiving.isEmpty && !checkpointBegunPastHold {
+                deferredCompaction = (metadata, receiving)
+                metrics.compactionsDeferred.add(1)
+                compactionHeldSince = .now
                 return
             }
             try compactLog(through: metadata)
@@ -1019,23 +1029,32 @@ public actor RaftDriver {
         metrics.snapshotsTaken.add(1)
     }
 
-    /// A checkpoint written while a follower was being sent an older
-    /// snapshot: the core and the log keep what comes after that older
-    /// one until no transfer runs and every follower has caught up past
-    /// the checkpoint (or `compactionHoldMax` passed, or `now`).
-    private var deferredCompaction: SnapshotMetadata?
+    /// A checkpoint written while followers (`for`) were being sent an
+    /// older snapshot: the core and the log keep what comes after that
+    /// older one until no transfer runs and each of those followers has
+    /// caught up past the checkpoint (or is no longer a member), for
+    /// `compactionHoldMax` at most, or until a stream needs the checkpoint
+    /// (`now`).
+    private var deferredCompaction: (metadata: SnapshotMetadata, for: Set<NodeID>)?
+    /// Whether the checkpoint being written was begun after a transfer had
+    /// held compaction for `compactionHoldMax`: it is not deferred again.
+    private var checkpointBegunPastHold = false
 
     private func finishDeferredCompaction(now: Bool = false) {
-        guard let metadata = deferredCompaction else { return }
-        if !now && (compactionHeldSince ?? .now).duration(to: .now) < Self.compactionHoldMax {
+        guard let (metadata, receivers) = deferredCompaction else { return }
+        let timedOut = (compactionHeldSince ?? .now).duration(to: .now) >= compactionHoldMax
+        if !now && !timedOut {
             guard snapshotTransfers.isEmpty, snapshotsBeingMade.isEmpty else { return }
             if raft.role == .leader {
                 let followers = raft.status.followers
-                guard raft.membership.members.allSatisfy({ $0 == id || (followers[$0]?.matchIndex ?? 0) >= metadata.index }) else { return }
+                guard receivers.allSatisfy({ !raft.membership.members.contains($0) || (followers[$0]?.matchIndex ?? 0) >= metadata.index }) else { return }
             }
         }
         deferredCompaction = nil
-        compactionHeldSince = nil
+        // Timed out: a transfer still running holds the next compaction no
+        // longer (the hold's clock goes on), so the log is never kept more
+        // than `compactionHoldMax` for it.
+        if !timedOut { compactionHeldSince = nil }
         // A snapshot from a leader may have replaced the log meanwhile.
         guard metadata.index > raft.snapshotIndex, metadata.index <= appliedIndex else { return }
         do {
@@ -1133,7 +1152,7 @@ public actor RaftDriver {
         guard !stopped else { return }
         guard raft.role == .leader else { return }
         guard case .success(let source) = made else {
-            if raft.snapshotIndex > metadata.index || (deferredCompaction?.index ?? 0) > metadata.index {
+            if raft.snapshotIndex > metadata.index || (deferredCompaction?.metadata.index ?? 0) > metadata.index {
                 // A compaction that had begun before the stream was asked
                 // for replaced its checkpoint meanwhile: the core probes
                 // again and asks for the newer one (a compaction deferred
@@ -1197,7 +1216,7 @@ public actor RaftDriver {
 
     private func wholeSnapshotSent(to peer: NodeID, _ metadata: SnapshotMetadata, _ result: Result<Void, any Error>) {
         snapshotsBeingMade.remove(peer)
-        if case .failure = result, !stopped, (deferredCompaction?.index ?? 0) > metadata.index {
+        if case .failure = result, !stopped, (deferredCompaction?.metadata.index ?? 0) > metadata.index {
             // The checkpoint is newer than the core's snapshot (see snapshotMade).
             finishDeferredCompaction(now: true)
             raft.reportSnapshotFailure(to: peer)

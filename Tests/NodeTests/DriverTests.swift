@@ -612,10 +612,40 @@ struct DriverTests {
             #expect(await cluster.eventually { cluster.metrics[leader]!.snapshotBytesSent.current > 0 }, "the transfer of the snapshot before it began")
             gate.withLock { $0 = false }
             #expect(await cluster.eventually { await driver.hasDeferredCompaction }, "the checkpoint written during the transfer waits")
+            #expect(cluster.metrics[leader]!.compactionsDeferred.current == 1)
             for i in 0..<40 { _ = try await driver.propose(write("docs/more-\(i % 5)", "{\"i\":\(i)}")) }
             #expect(await driver.status.snapshotIndex == held, "the log after the snapshot being sent was kept")
             stalled.withLock { $0 = false }
             try await Self.expectCaughtUpFromOneSnapshot(cluster, leader: leader, lagging: lagging, held: held)
+        }
+    }
+
+    @Test("A snapshot transfer holds compaction for the hold's bound in all: once it has run out, the checkpoint begun is not deferred again, and the log is compacted under the stalled transfer")
+    func compactionHeldOnlyForTheBound() async throws {
+        try await LocalCluster.running(compactEveryEntries: 10) { cluster in
+            let (leader, _) = try await Self.followerCutOff(cluster) { true }
+            let driver = cluster.drivers[leader]!
+            await driver.setCompactionHoldMax(.seconds(1))
+            for i in 0..<40 { _ = try await driver.propose(write("docs/\(i % 5)", "{\"i\":\(i)}")) }
+            #expect(await cluster.eventually {
+                let compacting = await driver.isCompacting
+                return await driver.status.snapshotIndex >= 10 && !compacting
+            }, "the leader compacted its log")
+            let held = await driver.status.snapshotIndex
+            cluster.network.heal()
+            #expect(await cluster.eventually { cluster.metrics[leader]!.snapshotBytesSent.current > 0 }, "the transfer began (and stalls)")
+            let started = ContinuousClock.now
+            // Writes keep compaction due while the transfer stalls.
+            var i = 0
+            while started.duration(to: .now) < .seconds(20), await driver.status.snapshotIndex == held {
+                _ = try await driver.propose(write("docs/more-\(i % 5)", "{\"i\":\(i)}"))
+                i += 1
+                try await Task.sleep(for: .milliseconds(20))
+            }
+            let waited = started.duration(to: .now)
+            #expect(await driver.status.snapshotIndex > held, "compacted once the hold ran out")
+            #expect(waited >= .seconds(1), "compacted after \(waited), before the hold ran out")
+            #expect(cluster.metrics[leader]!.compactionsDeferred.current == 0, "the checkpoint begun past the hold was deferred")
         }
     }
 
