@@ -961,7 +961,7 @@ public actor RaftDriver {
 
     private func compactIfDue() throws {
         finishDeferredCompaction()
-        // The hold's clock runs while transfers follow one another, no longer.
+        // The hold's clock runs while transfers run, no longer.
         if snapshotTransfers.isEmpty && snapshotsBeingMade.isEmpty && deferredCompaction == nil { compactionHeldSince = nil }
         guard !compactionInProgress, deferredCompaction == nil, appliedIndex >= raft.snapshotIndex + max(compactEveryEntries, rowsAtLastSnapshot),
               let metadata = raft.snapshotMetadata(at: appliedIndex) else { return }
@@ -1034,7 +1034,9 @@ public actor RaftDriver {
     /// older one until no transfer runs and each of those followers has
     /// caught up past the checkpoint (or is no longer a member), for
     /// `compactionHoldMax` at most, or until a stream needs the checkpoint
-    /// (`now`).
+    /// (`now`). With the hold before the checkpoint, transfers keep the
+    /// log from compaction for twice `compactionHoldMax` at most (a
+    /// checkpoint begun once a hold ran its whole time is not deferred).
     private var deferredCompaction: (metadata: SnapshotMetadata, for: Set<NodeID>)?
     /// Whether the checkpoint being written was begun after a transfer had
     /// held compaction for `compactionHoldMax`: it is not deferred again.
@@ -1051,10 +1053,7 @@ public actor RaftDriver {
             }
         }
         deferredCompaction = nil
-        // Timed out: a transfer still running holds the next compaction no
-        // longer (the hold's clock goes on), so the log is never kept more
-        // than `compactionHoldMax` for it.
-        if !timedOut { compactionHeldSince = nil }
+        compactionHeldSince = nil
         // A snapshot from a leader may have replaced the log meanwhile.
         guard metadata.index > raft.snapshotIndex, metadata.index <= appliedIndex else { return }
         do {
