@@ -531,10 +531,17 @@ struct DriverTests {
                 return false
             }
             for i in 0..<40 { _ = try await cluster.drivers[leader]!.propose(write("docs/\(i % 5)", "{\"i\":\(i)}")) }
-            #expect(await cluster.eventually { await cluster.drivers[leader]!.status.snapshotIndex >= 10 }, "the leader compacted its log")
+            // Both nodes that have the entries compacted them: whichever
+            // leads when the follower is back (a loaded CI machine saw the
+            // other follower, its checkpoints behind, take over and send
+            // plain entries) has only a snapshot for it.
+            for other in cluster.drivers.keys where other != lagging {
+                #expect(await cluster.eventually { await cluster.drivers[other]!.status.snapshotIndex >= 10 }, "node \(other) compacted its log")
+            }
             #expect(try await cluster.healAndCatchUp(lagging, to: leader))
-            #expect(cluster.metrics[leader]!.snapshotTransfersAbandoned.current >= 1, "the stream was given up")
-            #expect(cluster.metrics[leader]!.snapshotsSentWhole.current >= 1)
+            let senders = cluster.metrics.filter { $0.key != lagging }.values
+            #expect(senders.map(\.snapshotTransfersAbandoned.current).reduce(0, +) >= 1, "the stream was given up")
+            #expect(senders.map(\.snapshotsSentWhole.current).reduce(0, +) >= 1)
             #expect(cluster.metrics[lagging]!.snapshotsInstalled.current >= 1)
             #expect(cluster.metrics[lagging]!.snapshotBytesStaged.current == 0)
         }
