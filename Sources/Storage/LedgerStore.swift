@@ -294,9 +294,25 @@ public final class LedgerStore: Sendable {
     static let outgoingFileName = "snapshot-outgoing.tmp"
     static let incomingFileName = "snapshot-incoming.tmp"
 
+    /// Room a staged stream must leave free on its disk, beyond its own bytes.
+    static let stagingMarginBytes: UInt64 = 64 << 20
+
+    /// Refuses a stream of `bytes` that the disk holding `directory`
+    /// cannot take (with `stagingMarginBytes` to spare), before anything
+    /// is written: it would fail part-way, round after round, at a full
+    /// disk. A disk whose free space cannot be read is not refused here.
+    static func requireRoom(forStream bytes: UInt64, from leader: NodeID, in directory: String) throws {
+        var info = statvfs()
+        guard statvfs(directory, &info) == 0 else { return }
+        let free = UInt64(info.f_bavail) &* UInt64(info.f_frsize)
+        let (needed, overflow) = bytes.addingReportingOverflow(stagingMarginBytes)
+        guard overflow || free < needed else { return }
+        throw StorageError(code: .ioFailure, reason: "\(directory): the snapshot stream from node \(leader) is \(bytes) bytes, and staging it needs \(overflow ? "more than any disk has" : "\(needed) bytes free (with \(stagingMarginBytes >> 20) MiB to spare)"); the disk has \(free) bytes free. Nothing was staged: free some space on it and the leader's next round is taken")
+    }
+
     /// Stages a piece of the snapshot stream `leader` is sending (the
     /// driver's thread). A piece at offset 0 of another stream starts
-    /// that one over the one staged.
+    /// that one over the one staged, if its disk has room for it.
     func receive(_ chunk: SnapshotChunk, from leader: NodeID) throws -> SnapshotReceipt {
         try incoming.withLock { incoming in
             if let whole = incoming.whole.first(where: { $0.isSame(chunk, from: leader) }) {
@@ -304,6 +320,7 @@ public final class LedgerStore: Sendable {
             }
             if incoming.staging.map({ !$0.isSame(chunk, from: leader) }) ?? true {
                 guard chunk.offset == 0 else { return SnapshotReceipt(received: 0, complete: false) }
+                try Self.requireRoom(forStream: chunk.totalBytes, from: leader, in: directory)
                 incoming.staging = nil
                 incoming.staging = IncomingSnapshot(leader: leader, metadata: chunk.metadata, totalBytes: chunk.totalBytes, checksum: chunk.checksum,
                                                     file: try SnapshotFile(creating: "\(directory)/\(Self.incomingFileName)"))

@@ -393,6 +393,29 @@ struct LedgerStoreTests {
         #expect(try reopened.auditRecords(limit: 20_000) == records)
     }
 
+    @Test("A stream its disk has no room for is refused at its first piece, the sizes said, and nothing changes: the stream being staged is kept and takes its next piece")
+    func streamWithoutRoomIsRefused() throws {
+        var (source, leader, node) = try leaderThatApplied(commands(seed: 10, count: 300))
+        let (metadata, data) = try checkpoint(&node, leader)
+        _ = source
+        let outgoing = try leader.outgoingSnapshot(for: metadata)
+        try #require(data.count > 8192)
+        let target = try TemporaryStore()
+        let follower = try target.open()
+        try follower.initialize(with: .empty)
+        let first = try outgoing.chunk(at: 0, count: 4096)
+        #expect(try follower.receiveSnapshotChunk(first, from: 1).received == 4096)
+        // Another node's stream claiming a pebibyte, past any disk here.
+        var huge = first
+        huge.totalBytes = 1 << 50
+        let error = #expect(throws: StorageError.self) { try follower.receiveSnapshotChunk(huge, from: 3) }
+        #expect(error?.reason.contains("is 1125899906842624 bytes") == true && error?.reason.contains("Nothing was staged") == true,
+                "\(String(describing: error))")
+        #expect(try follower.receiveSnapshotChunk(try outgoing.chunk(at: 4096, count: 4096), from: 1).received == 8192, "the staged stream was replaced")
+        // A stream that fits is taken as before.
+        #expect(throws: Never.self) { try LedgerStore.requireRoom(forStream: 4096, from: 1, in: target.path) }
+    }
+
     @Test("A streamed snapshot failing its checksum is dropped and taken again from the start; another node's stream from its start replaces the one staged; nothing is installed from a stream not received whole")
     func streamedSnapshotRefusals() throws {
         var (source, leader, node) = try leaderThatApplied(commands(seed: 9, count: 300))
