@@ -294,20 +294,33 @@ public final class LedgerStore: Sendable {
     static let outgoingFileName = "snapshot-outgoing.tmp"
     static let incomingFileName = "snapshot-incoming.tmp"
 
-    /// Room a staged stream must leave free on its disk, beyond its own bytes.
+    /// Room kept free beyond what a stream needs.
     static let stagingMarginBytes: UInt64 = 64 << 20
 
-    /// Refuses a stream of `bytes` that the disk holding `directory`
-    /// cannot take (with `stagingMarginBytes` to spare), before anything
-    /// is written: it would fail part-way, round after round, at a full
-    /// disk. A disk whose free space cannot be read is not refused here.
-    static func requireRoom(forStream bytes: UInt64, from leader: NodeID, in directory: String) throws {
+    /// Free bytes a stream of `bytes` needs on its disk: staged, then
+    /// installed beside it (the new audit file and checkpoint are about
+    /// as large again, written before the old ones and the staged file
+    /// go), with `stagingMarginBytes` to spare, less the `reclaimed` bytes
+    /// of a stream it replaces (staged in a file already unlinked, which
+    /// no listing shows); nil past any disk.
+    static func bytesNeeded(forStream bytes: UInt64, reclaiming reclaimed: UInt64) -> UInt64? {
+        let (twice, overflow) = bytes.multipliedReportingOverflow(by: 2)
+        let (needed, overflowAgain) = twice.addingReportingOverflow(stagingMarginBytes)
+        guard !overflow, !overflowAgain else { return nil }
+        return needed > reclaimed ? needed - reclaimed : 0
+    }
+
+    /// Refuses a stream the disk holding `directory` cannot take (see
+    /// `bytesNeeded`), before anything is written: it would fail part-way,
+    /// or stop the node at its install, round after round. A disk whose
+    /// free space cannot be read is not refused here.
+    static func requireRoom(forStream bytes: UInt64, reclaiming reclaimed: UInt64, from leader: NodeID, in directory: String) throws {
         var info = statvfs()
         guard statvfs(directory, &info) == 0 else { return }
         let free = UInt64(info.f_bavail) &* UInt64(info.f_frsize)
-        let (needed, overflow) = bytes.addingReportingOverflow(stagingMarginBytes)
-        guard overflow || free < needed else { return }
-        throw StorageError(code: .ioFailure, reason: "\(directory): the snapshot stream from node \(leader) is \(bytes) bytes, and staging it needs \(overflow ? "more than any disk has" : "\(needed) bytes free (with \(stagingMarginBytes >> 20) MiB to spare)"); the disk has \(free) bytes free. Nothing was staged: free some space on it and the leader's next round is taken")
+        let needed = bytesNeeded(forStream: bytes, reclaiming: reclaimed)
+        if let needed, free >= needed { return }
+        throw StorageError(code: .ioFailure, reason: "\(directory): the snapshot stream from node \(leader) is \(bytes) bytes; staging and installing it needs \(needed.map { "\($0) bytes free (twice the stream and \(stagingMarginBytes >> 20) MiB)" } ?? "more than any disk has"), and the disk has \(free) bytes free. Nothing was staged: free some space on it and the leader's next round is taken")
     }
 
     /// Stages a piece of the snapshot stream `leader` is sending (the
@@ -320,7 +333,7 @@ public final class LedgerStore: Sendable {
             }
             if incoming.staging.map({ !$0.isSame(chunk, from: leader) }) ?? true {
                 guard chunk.offset == 0 else { return SnapshotReceipt(received: 0, complete: false) }
-                try Self.requireRoom(forStream: chunk.totalBytes, from: leader, in: directory)
+                try Self.requireRoom(forStream: chunk.totalBytes, reclaiming: incoming.staging?.received ?? 0, from: leader, in: directory)
                 incoming.staging = nil
                 incoming.staging = IncomingSnapshot(leader: leader, metadata: chunk.metadata, totalBytes: chunk.totalBytes, checksum: chunk.checksum,
                                                     file: try SnapshotFile(creating: "\(directory)/\(Self.incomingFileName)"))

@@ -405,15 +405,22 @@ struct LedgerStoreTests {
         try follower.initialize(with: .empty)
         let first = try outgoing.chunk(at: 0, count: 4096)
         #expect(try follower.receiveSnapshotChunk(first, from: 1).received == 4096)
-        // Another node's stream claiming a pebibyte, past any disk here.
+        // Another node's stream claiming a pebibyte, past any disk here
+        // (needing twice that and the margin, less the 4096 bytes held).
         var huge = first
         huge.totalBytes = 1 << 50
         let error = #expect(throws: StorageError.self) { try follower.receiveSnapshotChunk(huge, from: 3) }
-        #expect(error?.reason.contains("is 1125899906842624 bytes") == true && error?.reason.contains("Nothing was staged") == true,
+        #expect(error?.reason.contains("is 1125899906842624 bytes") == true && error?.reason.contains("2251799880790016 bytes free") == true
+                    && error?.reason.contains("Nothing was staged") == true,
                 "\(String(describing: error))")
         #expect(try follower.receiveSnapshotChunk(try outgoing.chunk(at: 4096, count: 4096), from: 1).received == 8192, "the staged stream was replaced")
-        // A stream that fits is taken as before.
-        #expect(throws: Never.self) { try LedgerStore.requireRoom(forStream: 4096, from: 1, in: target.path) }
+        // Twice the stream (staged, then installed beside it) and the
+        // margin, less what a stream it replaces holds; past any disk, none.
+        let mebibyte: UInt64 = 1 << 20
+        #expect(LedgerStore.bytesNeeded(forStream: 100 * mebibyte, reclaiming: 0) == 264 * mebibyte)
+        #expect(LedgerStore.bytesNeeded(forStream: 100 * mebibyte, reclaiming: 50 * mebibyte) == 214 * mebibyte)
+        #expect(LedgerStore.bytesNeeded(forStream: mebibyte, reclaiming: 500 * mebibyte) == 0)
+        #expect(LedgerStore.bytesNeeded(forStream: 1 << 63, reclaiming: 0) == nil)
     }
 
     @Test("A streamed snapshot failing its checksum is dropped and taken again from the start; another node's stream from its start replaces the one staged; nothing is installed from a stream not received whole")
