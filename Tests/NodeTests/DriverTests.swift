@@ -246,6 +246,16 @@ final class LocalCluster {
             try? await cancelled.futureResult.get()
         }
         for driver in drivers.values { await driver.stop() }
+        // A checkpoint still being written (on a thread of its own) and log
+        // files still being unlinked would leave files behind the removal.
+        for driver in drivers.values {
+            var waited = 0
+            while await driver.isCompacting, waited < 1_000 {
+                try? await Task.sleep(for: .milliseconds(10))
+                waited += 1
+            }
+        }
+        stores.values.first?.waitForLogFileRemovals()
         try? await group.shutdownGracefully()
         try? FileManager.default.removeItem(at: directory)
     }
