@@ -73,7 +73,6 @@ public final class NodeMetrics: Sendable {
     public let snapshotsSentWhole = Counter("warrant_raft_snapshots_sent_whole_total", "Snapshots sent as one message in the encoding of builds before streams, to a follower that took no stream.")
     public let snapshotStagingFailures = Counter("warrant_raft_snapshot_staging_failures_total", "Pieces of a snapshot stream this node could not stage (a write failed, or the whole failed its checksum).")
     public let compactionFailures = Counter("warrant_raft_compaction_failures_total", "Log compactions abandoned (the log stays longer).")
-    public let compactionsDeferred = Counter("warrant_raft_compactions_deferred_total", "Log compactions whose checkpoint was written during a snapshot transfer, kept back until the follower caught up.")
     public let releasedEntriesRead = Counter("warrant_raft_released_entries_read_total", "Log entries whose payloads were released from memory, read back from the write-ahead log for a peer that lags.")
     public let releasedEntryReadFailures = Counter("warrant_raft_released_entry_read_failures_total", "Messages to a lagging peer dropped because released entries could not be read back (the log is damaged; the node logs why).")
     public let forwardedWrites = Counter("warrant_api_forwarded_writes_total", "Writes this node forwarded to the leader.")
@@ -108,7 +107,7 @@ public final class NodeMetrics: Sendable {
         gauge("warrant_node_certificate_expiry_timestamp_seconds",
               "When this node's certificate (peer TLS and the API) expires, seconds since 1970; renew it before with 'warrant cluster renew-cert'.",
               certificateNotAfter.load(ordering: .relaxed))
-        for counter in [proposals, proposalBatches, messagesSent, messagesReceived, messagesFromRemoved, snapshotsTaken, checkpointsBegun, snapshotsInstalled, snapshotBytesSent, snapshotBytesStaged, snapshotTransfersAbandoned, snapshotsSentWhole, snapshotStagingFailures, compactionFailures, compactionsDeferred, releasedEntriesRead, releasedEntryReadFailures, forwardedWrites,
+        for counter in [proposals, proposalBatches, messagesSent, messagesReceived, messagesFromRemoved, snapshotsTaken, checkpointsBegun, snapshotsInstalled, snapshotBytesSent, snapshotBytesStaged, snapshotTransfersAbandoned, snapshotsSentWhole, snapshotStagingFailures, compactionFailures, releasedEntriesRead, releasedEntryReadFailures, forwardedWrites,
                         signaturesChecked, signaturesRemembered, signaturesRecorded] {
             text += "# HELP \(counter.name) \(counter.help)\n# TYPE \(counter.name) counter\n\(counter.name) \(counter.current)\n"
         }

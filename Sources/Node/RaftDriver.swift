@@ -185,13 +185,6 @@ public actor RaftDriver {
     /// A checkpoint is being written (tests: one begun before a snapshot
     /// transfer may finish during it).
     package var isCompacting: Bool { compactionInProgress }
-    /// A checkpoint written while a follower was sent an older snapshot,
-    /// whose log compaction waits for that follower (tests).
-    package var hasDeferredCompaction: Bool { deferredCompaction != nil }
-    /// Tests: run on the checkpoint's thread before it writes (to hold a
-    /// compaction in progress).
-    package func setBeforeCheckpointWrite(_ hook: (@Sendable () -> Void)?) { beforeCheckpointWrite = hook }
-    private var beforeCheckpointWrite: (@Sendable () -> Void)?
 
     /// Whether this node leads, and whom it believes leads, as of the last
     /// Ready handled: read without a hop to the driver's thread (every
@@ -955,41 +948,31 @@ public actor RaftDriver {
     private var rowsAtLastSnapshot: LogIndex = 0
     /// Since when a due compaction waits for a snapshot transfer.
     private var compactionHeldSince: ContinuousClock.Instant?
-    private var compactionHoldMax: Duration = .seconds(300)
-    /// Tests: a shorter bound on how long snapshot transfers hold compaction.
-    package func setCompactionHoldMax(_ bound: Duration) { compactionHoldMax = bound }
+    static let compactionHoldMax: Duration = .seconds(300)
 
     private func compactIfDue() throws {
-        finishDeferredCompaction()
-        // The hold's clock runs while transfers run, no longer.
-        if snapshotTransfers.isEmpty && snapshotsBeingMade.isEmpty && deferredCompaction == nil { compactionHeldSince = nil }
-        guard !compactionInProgress, deferredCompaction == nil, appliedIndex >= raft.snapshotIndex + max(compactEveryEntries, rowsAtLastSnapshot),
+        guard !compactionInProgress, appliedIndex >= raft.snapshotIndex + max(compactEveryEntries, rowsAtLastSnapshot),
               let metadata = raft.snapshotMetadata(at: appliedIndex) else { return }
         // Not while a follower is being sent the snapshot (or its stream is
         // made): a new one would replace it, and the follower, which needs
         // the entries after the old one, would start over, for ever if the
         // stream takes longer than the writes between compactions. For
         // `compactionHoldMax` at most: the log grows meanwhile.
-        var pastHold = false
         if !snapshotTransfers.isEmpty || !snapshotsBeingMade.isEmpty {
             let since = compactionHeldSince ?? .now
             compactionHeldSince = since
-            if since.duration(to: .now) < compactionHoldMax { return }
-            pastHold = true
+            if since.duration(to: .now) < Self.compactionHoldMax { return }
         }
         compactionHeldSince = nil
-        checkpointBegunPastHold = pastHold
         let checkpoint = try store.beginCheckpoint(metadata)
         compactionInProgress = true
         metrics.checkpointsBegun.add(1)
-        let beforeWrite = beforeCheckpointWrite
         // On a thread of its own at a lower scheduling priority: encoding a
         // large ledger takes a core for a while, and requests come first.
         Thread.detachNewThread { [self] in
             #if os(Linux)
             _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, 10) // this thread only, on Linux
             #endif
-            beforeWrite?()
             let result = Result { try checkpoint.write() }
             Task { await self.finishCompaction(metadata, result) }
         }
@@ -1002,63 +985,14 @@ public actor RaftDriver {
             rowsAtLastSnapshot = LogIndex(try result.get())
             // A snapshot from the leader may have replaced the log meanwhile.
             guard metadata.index > raft.snapshotIndex, metadata.index <= appliedIndex else { return }
-            // Begun before a follower was sent an older snapshot: the log
-            // that follower needs after it stays until it caught up (else
-            // it would start over with this newer one once it had the old).
-            // Not once a transfer has held compaction its whole time.
-            let receiving = Set(snapshotTransfers.keys).union(snapshotsBeingMade)
-            if !receiving.isEmpty && !checkpointBegunPastHold {
-                deferredCompaction = (metadata, receiving)
-                metrics.compactionsDeferred.add(1)
-                compactionHeldSince = .now
-                return
-            }
-            try compactLog(through: metadata)
+            // The core keeps the snapshot without its bytes: `send` makes
+            // them from the checkpoint when a follower needs them.
+            let compacted = try raft.compactLog(through: metadata.index, snapshotData: [])
+            precondition(compacted == metadata, "the core compacted to \(compacted), not the checkpoint's \(metadata)")
+            try store.compact(through: metadata, data: [])
+            metrics.snapshotsTaken.add(1)
         } catch {
             // Compaction is an optimisation: the log simply stays longer.
-            metrics.compactionFailures.add(1)
-        }
-    }
-
-    private func compactLog(through metadata: SnapshotMetadata) throws {
-        // The core keeps the snapshot without its bytes: `send` makes
-        // them from the checkpoint when a follower needs them.
-        let compacted = try raft.compactLog(through: metadata.index, snapshotData: [])
-        precondition(compacted == metadata, "the core compacted to \(compacted), not the checkpoint's \(metadata)")
-        try store.compact(through: metadata, data: [])
-        metrics.snapshotsTaken.add(1)
-    }
-
-    /// A checkpoint written while followers (`for`) were being sent an
-    /// older snapshot: the core and the log keep what comes after that
-    /// older one until no transfer runs and each of those followers has
-    /// caught up past the checkpoint (or is no longer a member), for
-    /// `compactionHoldMax` at most, or until a stream needs the checkpoint
-    /// (`now`). With the hold before the checkpoint, transfers keep the
-    /// log from compaction for twice `compactionHoldMax` at most (a
-    /// checkpoint begun once a hold ran its whole time is not deferred).
-    private var deferredCompaction: (metadata: SnapshotMetadata, for: Set<NodeID>)?
-    /// Whether the checkpoint being written was begun after a transfer had
-    /// held compaction for `compactionHoldMax`: it is not deferred again.
-    private var checkpointBegunPastHold = false
-
-    private func finishDeferredCompaction(now: Bool = false) {
-        guard let (metadata, receivers) = deferredCompaction else { return }
-        let timedOut = (compactionHeldSince ?? .now).duration(to: .now) >= compactionHoldMax
-        if !now && !timedOut {
-            guard snapshotTransfers.isEmpty, snapshotsBeingMade.isEmpty else { return }
-            if raft.role == .leader {
-                let followers = raft.status.followers
-                guard receivers.allSatisfy({ !raft.membership.members.contains($0) || (followers[$0]?.matchIndex ?? 0) >= metadata.index }) else { return }
-            }
-        }
-        deferredCompaction = nil
-        compactionHeldSince = nil
-        // A snapshot from a leader may have replaced the log meanwhile.
-        guard metadata.index > raft.snapshotIndex, metadata.index <= appliedIndex else { return }
-        do {
-            try compactLog(through: metadata)
-        } catch {
             metrics.compactionFailures.add(1)
         }
     }
@@ -1151,14 +1085,11 @@ public actor RaftDriver {
         guard !stopped else { return }
         guard raft.role == .leader else { return }
         guard case .success(let source) = made else {
-            if raft.snapshotIndex > metadata.index || (deferredCompaction?.metadata.index ?? 0) > metadata.index {
+            if raft.snapshotIndex > metadata.index {
                 // A compaction that had begun before the stream was asked
                 // for replaced its checkpoint meanwhile: the core probes
-                // again and asks for the newer one (a compaction deferred
-                // for another follower's transfer is done now: this one
-                // needs its snapshot anyway). Nothing was sent, and nothing
-                // is given up (no trouble, no abandoned transfer).
-                finishDeferredCompaction(now: true)
+                // again and asks for the newer one. Nothing was sent, and
+                // nothing is given up (no trouble, no abandoned transfer).
                 raft.reportSnapshotFailure(to: peer)
                 scheduleFlush()
                 return
@@ -1209,19 +1140,12 @@ public actor RaftDriver {
                 sender.send([Message(from: id, to: peer, term: term, body: .installSnapshot(Snapshot(metadata: metadata, data: data)))])
                 metrics.snapshotsSentWhole.add(1)
             }
-            Task { await self.wholeSnapshotSent(to: peer, metadata, made.map { _ in () }) }
+            Task { await self.wholeSnapshotSent(to: peer, made.map { _ in () }) }
         }
     }
 
-    private func wholeSnapshotSent(to peer: NodeID, _ metadata: SnapshotMetadata, _ result: Result<Void, any Error>) {
+    private func wholeSnapshotSent(to peer: NodeID, _ result: Result<Void, any Error>) {
         snapshotsBeingMade.remove(peer)
-        if case .failure = result, !stopped, (deferredCompaction?.metadata.index ?? 0) > metadata.index {
-            // The checkpoint is newer than the core's snapshot (see snapshotMade).
-            finishDeferredCompaction(now: true)
-            raft.reportSnapshotFailure(to: peer)
-            scheduleFlush()
-            return
-        }
         if case .failure(let error) = result {
             onReplicationTrouble?("node \(peer) sent no receipt for a snapshot stream (a build before streams, or unreachable), and its snapshot cannot go as one message: \(error)")
             if !stopped { abandonSnapshotTransfer(to: peer) }
